@@ -1,0 +1,208 @@
+"""cpu backend: translated kernels compiled with the system C++ compiler, run by our fiber runtime.
+
+Compiled libraries are cached on disk by a hash of everything that affects them (translated
+source, prelude, runtime ABI, compiler and flags), so a second process pays nothing. Launches go
+to one queue thread that calls the runtime through ctypes, which releases the GIL: Python keeps
+preparing the next launch while the cores run this one, as on a GPU queue.
+"""
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import platform
+import queue
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+from typing import Any
+
+import numpy as np
+
+from .core import CPU_RT_DIR, KERNEL_DIR, PRELUDE_DIR, Buffer, Device, Kernel, Library, cache_dir
+from .errors import BackendUnavailable, CompileError
+from .msl import translate_file
+
+CXXFLAGS = ["-std=c++17", "-O2", "-fPIC", "-shared", "-fno-math-errno", "-fno-strict-aliasing"]
+
+
+def find_compiler() -> str:
+    """The C++ compiler: $CXX, else c++, g++ or clang++ on PATH."""
+    cxx = os.environ.get("CXX")
+    if cxx:
+        exe = shutil.which(cxx.split()[0])
+        if exe:
+            return cxx
+        raise BackendUnavailable(f"CXX={cxx!r} is not an executable")
+    for c in ("c++", "g++", "clang++"):
+        if shutil.which(c):
+            return c
+    raise BackendUnavailable("no C++17 compiler found (set CXX or install g++ or clang++)")
+
+
+def _platform_flags() -> list[str]:
+    if sys.platform == "darwin":
+        return ["-undefined", "dynamic_lookup"]
+    return ["-pthread"]
+
+
+def _hash(*parts: str | bytes) -> str:
+    h = hashlib.sha256()
+    for p in parts:
+        h.update(p.encode() if isinstance(p, str) else p)
+        h.update(b"\0")
+    return h.hexdigest()[:24]
+
+
+def _read(path: str) -> str:
+    with open(path, encoding="utf-8") as f:
+        return f.read()
+
+
+def _compile_shared(cxx: str, src_path: str, out: str, extra: list[str]) -> None:
+    tmp = out + f".tmp{os.getpid()}.{threading.get_ident()}"
+    cmd = [*cxx.split(), *CXXFLAGS, *_platform_flags(), "-I", PRELUDE_DIR, "-I", CPU_RT_DIR,
+           *extra, src_path, "-o", tmp]
+    r = subprocess.run(cmd, capture_output=True, text=True)
+    if r.returncode != 0:
+        raise CompileError(f"C++ compilation failed ({' '.join(cmd)}):\n{r.stderr}")
+    os.replace(tmp, out)  # atomic: concurrent processes never load a half-written library
+
+
+class _Runtime:
+    """The shared cpu runtime library (fibers, scheduler, worker pool), built once."""
+
+    _lock = threading.Lock()
+    _lib: ctypes.CDLL | None = None
+
+    @classmethod
+    def get(cls, cxx: str) -> ctypes.CDLL:
+        with cls._lock:
+            if cls._lib is None:
+                src = os.path.join(CPU_RT_DIR, "pmn_cpu_rt.cpp")
+                key = _hash(_read(src), _read(os.path.join(CPU_RT_DIR, "pmn_cpu_abi.h")), cxx,
+                            " ".join(CXXFLAGS), platform.machine())
+                out = os.path.join(cache_dir(), f"pmn_cpu_rt-{key}.so")
+                if not os.path.exists(out):
+                    _compile_shared(cxx, src, out, [])
+                lib = ctypes.CDLL(out, mode=ctypes.RTLD_GLOBAL)
+                lib.pmn_cpu_launch.restype = ctypes.c_int
+                lib.pmn_cpu_launch.argtypes = [ctypes.c_void_p, ctypes.c_uint32, ctypes.c_uint32,
+                                               ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p,
+                                               ctypes.c_char_p, ctypes.c_size_t]
+                lib.pmn_cpu_num_workers.restype = ctypes.c_int
+                cls._lib = lib
+            return cls._lib
+
+
+class CpuDevice(Device):
+    name = "cpu"
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.cxx = find_compiler()
+        self.rt = _Runtime.get(self.cxx)
+        self.num_workers = self.rt.pmn_cpu_num_workers()
+        self._queue: queue.Queue = queue.Queue()
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._worker, name="pymetalnn-cpu-queue", daemon=True)
+        self._thread.start()
+
+    # ---- queue
+    def _worker(self) -> None:
+        while True:
+            job = self._queue.get()
+            try:
+                if job is not None and self._error is None:
+                    job()
+            except BaseException as e:  # reported at the next synchronize
+                self._error = e
+            finally:
+                self._queue.task_done()
+
+    def synchronize(self) -> None:
+        self._queue.join()
+        if self._error is not None:
+            e, self._error = self._error, None
+            raise e
+
+    # ---- memory: 64-byte aligned host arrays
+    def _alloc(self, nbytes: int, zero: bool) -> np.ndarray:
+        raw = np.zeros(nbytes + 64, dtype=np.uint8)
+        off = (-raw.ctypes.data) % 64
+        return raw[off : off + nbytes]
+
+    def _read(self, buf: Buffer, offset: int, nbytes: int) -> np.ndarray:
+        self.synchronize()
+        return buf.handle[offset : offset + nbytes].copy()
+
+    def _write(self, buf: Buffer, offset: int, raw: np.ndarray) -> None:
+        self.synchronize()
+        buf.handle[offset : offset + raw.nbytes] = raw
+
+    # ---- compile
+    def _compile(self, path: str, defines: dict) -> Library:
+        tr = translate_file(path, "cpu", defines, [KERNEL_DIR])
+        prelude = _read(os.path.join(PRELUDE_DIR, "pmn_prelude.h"))
+        abi = _read(os.path.join(CPU_RT_DIR, "pmn_cpu_abi.h"))
+        key = _hash(tr.source, prelude, abi, self.cxx, " ".join(CXXFLAGS), platform.machine())
+        base = os.path.join(cache_dir(), f"{os.path.splitext(os.path.basename(path))[0]}-{key}")
+        so = base + ".so"
+        if not os.path.exists(so):
+            fd, src = tempfile.mkstemp(suffix=".cpp", dir=cache_dir())
+            with os.fdopen(fd, "w") as f:
+                f.write(tr.source)
+            try:
+                _compile_shared(self.cxx, src, so, [])
+            finally:
+                os.unlink(src)
+        lib = ctypes.CDLL(so)
+        kernels: dict[str, Kernel] = {}
+        library = Library(self, path, defines, kernels)
+        for name, info in tr.kernels.items():
+            thread_fn = ctypes.cast(getattr(lib, f"pmn_thread_{name}"), ctypes.c_void_p).value
+            loop_fn = ctypes.cast(getattr(lib, f"pmn_loop_{name}"), ctypes.c_void_p).value
+            argsize = getattr(lib, f"pmn_argsize_{name}")
+            argsize.restype = ctypes.c_uint
+            argsize.argtypes = [ctypes.c_uint]
+            sizes = [argsize(i) for i in range(len(info.args))]
+            kernels[name] = Kernel(library, info, (lib, thread_fn, loop_fn), sizes)
+        return library
+
+    # ---- launch
+    def _launch(self, kernel: Kernel, groups: int, args: list[Any]) -> None:
+        n = len(args)
+        ptrs = (ctypes.c_void_p * max(n, 1))()
+        keep: list[Any] = []
+        for i, a in enumerate(args):
+            if isinstance(a, Buffer):
+                ptrs[i] = a.handle.ctypes.data + a.offset
+                keep.append(a.handle)
+            else:
+                b = ctypes.create_string_buffer(a, len(a))
+                ptrs[i] = ctypes.addressof(b)
+                keep.append(b)
+        lib, thread_fn, loop_fn = kernel.handle
+        tg = kernel.threadgroup_size
+        fibers = 1 if kernel.uses_fibers else 0
+        rt = self.rt
+
+        def job() -> None:
+            err = ctypes.create_string_buffer(512)
+            rc = rt.pmn_cpu_launch(ptrs, groups, tg, fibers, thread_fn, loop_fn, err, 512)
+            del keep[:]
+            if rc != 0:
+                raise RuntimeError(f"kernel '{kernel.name}' failed: {err.value.decode()}")
+
+        self._queue.put(job)
+
+
+def probe() -> str | None:
+    """None when the cpu backend can run here, else the reason."""
+    try:
+        find_compiler()
+    except BackendUnavailable as e:
+        return str(e)
+    return None

@@ -1,0 +1,155 @@
+"""cuda backend: MSL translated to CUDA C++, compiled by NVRTC through CuPy, launched through the
+driver API.
+
+CuPy supplies NVRTC, module loading, its on-disk kernel cache and the memory pool. Launches skip
+CuPy's argument marshalling and call cuLaunchKernel through ctypes with a parameter block prepared
+once per kernel: a launch is then a handful of attribute stores and one foreign call, which keeps
+Python's share of a launch to a few microseconds. `constant T&` arguments travel by value in the
+kernel's parameter space, as Metal's setBytes does, so no upload precedes a launch.
+"""
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import os
+from typing import Any
+
+import numpy as np
+
+from .core import KERNEL_DIR, PRELUDE_DIR, Buffer, Device, Kernel, Library
+from .errors import BackendUnavailable, CompileError, DispatchError
+from .msl import translate_file
+
+NVRTC_OPTIONS = ("-std=c++17", "-default-device")
+
+
+def _import_cupy() -> Any:
+    try:
+        import cupy  # noqa: PLC0415
+    except Exception as e:  # ImportError, or a CUDA library load failure
+        raise BackendUnavailable(f"CuPy is not importable ({e.__class__.__name__}: {e}); "
+                                 "install pymetalnn[cuda]") from None
+    try:
+        n = cupy.cuda.runtime.getDeviceCount()
+    except Exception as e:
+        raise BackendUnavailable(f"no usable CUDA driver/GPU ({e})") from None
+    if n == 0:
+        raise BackendUnavailable("CuPy sees no CUDA GPU")
+    return cupy
+
+
+def _libcuda() -> ctypes.CDLL:
+    for name in ("libcuda.so.1", "libcuda.so", ctypes.util.find_library("cuda") or "", "nvcuda.dll"):
+        if not name:
+            continue
+        try:
+            return ctypes.CDLL(name)
+        except OSError:
+            continue
+    raise BackendUnavailable("the CUDA driver library (libcuda) cannot be loaded")
+
+
+class CudaDevice(Device):
+    name = "cuda"
+
+    def __init__(self, ordinal: int = 0) -> None:
+        super().__init__()
+        self.cp = _import_cupy()
+        self.ordinal = ordinal
+        self.cp.cuda.Device(ordinal).use()
+        self.props = self.cp.cuda.runtime.getDeviceProperties(ordinal)
+        self.gpu_name = self.props["name"].decode() if isinstance(self.props["name"], bytes) \
+            else str(self.props["name"])
+        self.cu = _libcuda()
+        self.cu.cuLaunchKernel.restype = ctypes.c_int
+        self.cu.cuLaunchKernel.argtypes = [ctypes.c_void_p] + [ctypes.c_uint] * 7 + [
+            ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p]
+        self.stream = 0  # the legacy default stream: ordered with CuPy's and PyTorch's defaults
+        with open(os.path.join(PRELUDE_DIR, "pmn_prelude.h"), encoding="utf-8") as f:
+            self._prelude = '#line 1 "pmn_prelude.h"\n' + f.read() + "\n"
+
+    def synchronize(self) -> None:
+        self.cp.cuda.runtime.deviceSynchronize()
+
+    # ---- memory (CuPy's pool)
+    def _alloc(self, nbytes: int, zero: bool) -> Any:
+        mem = self.cp.cuda.alloc(nbytes)
+        if zero:
+            mem.memset_async(0, nbytes)
+        return mem
+
+    def _read(self, buf: Buffer, offset: int, nbytes: int) -> np.ndarray:
+        out = np.empty(nbytes, dtype=np.uint8)
+        if nbytes:
+            self.synchronize()
+            (buf.handle + offset).copy_to_host(out.ctypes.data, nbytes)
+        return out
+
+    def _write(self, buf: Buffer, offset: int, raw: np.ndarray) -> None:
+        if raw.nbytes:
+            raw = np.ascontiguousarray(raw)
+            (buf.handle + offset).copy_from_host(raw.ctypes.data, raw.nbytes)
+
+    def pointer(self, buf: Buffer) -> int:
+        """Device address of a buffer or view (for interop with CuPy/PyTorch)."""
+        return int(buf.handle.ptr) + buf.offset
+
+    def as_cupy(self, buf: Buffer, dtype: Any, shape: tuple[int, ...]) -> Any:
+        """A CuPy array over the buffer's memory (no copy)."""
+        dtype = np.dtype(dtype)
+        count = int(np.prod(shape))
+        if count * dtype.itemsize > buf.nbytes:
+            raise ValueError(f"shape: {shape} of {dtype} does not fit {buf.nbytes} bytes")
+        return self.cp.ndarray(shape, dtype, buf.handle + buf.offset)
+
+    # ---- compile
+    def _compile(self, path: str, defines: dict) -> Library:
+        tr = translate_file(path, "cuda", defines, [KERNEL_DIR], prelude=self._prelude)
+        try:
+            mod = self.cp.RawModule(code=tr.source, options=NVRTC_OPTIONS, backend="nvrtc")
+            funcs = {name: mod.get_function(name) for name in tr.kernels}
+        except self.cp.cuda.compiler.CompileException as e:
+            raise CompileError(f"NVRTC failed on {os.path.basename(path)}:\n{e}") from None
+        kernels: dict[str, Kernel] = {}
+        library = Library(self, path, defines, kernels)
+        for name, info in tr.kernels.items():
+            n = len(info.args)
+            sizes = [0] * n
+            if n:
+                g = mod.get_global(f"pmn_argsizes_{name}")
+                host = np.empty(n, dtype=np.uint32)
+                g.copy_to_host(host.ctypes.data, 4 * n)
+                sizes = [int(s) for s in host]
+            stores: list[Any] = []
+            for a, sz in zip(sorted(info.args, key=lambda a: a.index), sizes):
+                stores.append(ctypes.c_void_p() if a.kind == "buffer" else
+                              ctypes.create_string_buffer(sz))
+            params = (ctypes.c_void_p * max(n, 1))(*[ctypes.addressof(s) for s in stores])
+            kernels[name] = Kernel(library, info, (funcs[name], funcs[name].ptr, stores, params),
+                                   sizes)
+        library._module = mod  # keeps the CUmodule alive
+        return library
+
+    # ---- launch
+    def _launch(self, kernel: Kernel, groups: int, args: list[Any]) -> None:
+        _, fptr, stores, params = kernel.handle
+        if groups > 2**31 - 1:
+            raise DispatchError(f"kernel '{kernel.name}': {groups} threadgroups exceed the grid limit")
+        for s, a in zip(stores, args):
+            if isinstance(a, Buffer):
+                s.value = int(a.handle.ptr) + a.offset
+            else:
+                ctypes.memmove(s, a, len(a))
+        rc = self.cu.cuLaunchKernel(fptr, groups, 1, 1, kernel.threadgroup_size, 1, 1, 0,
+                                    self.stream, params, None)
+        if rc != 0:
+            raise RuntimeError(f"cuLaunchKernel failed for '{kernel.name}' (CUresult {rc})")
+
+
+def probe() -> str | None:
+    try:
+        _import_cupy()
+        _libcuda()
+    except BackendUnavailable as e:
+        return str(e)
+    return None

@@ -1,0 +1,88 @@
+"""metal backend: the `.metal` source goes to Apple's compiler unchanged (local includes inlined,
+variant defines prepended), through `metalcompute`.
+
+metalcompute dispatches a 1-D grid of `count` threads with the pipeline's maximum threadgroup size,
+binds whole buffers only, and runs one command buffer per call; the dialect is shaped so kernels
+are correct under those rules (docs/dialect.md, "Dispatch model"). The front end still parses the
+source (for the argument table and to reject what the other backends cannot run), so a kernel
+that runs here runs everywhere.
+"""
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+import numpy as np
+
+from .core import KERNEL_DIR, Buffer, Device, Kernel, Library
+from .errors import BackendUnavailable, CompileError
+from .msl import translate_file
+from .preprocess import inline_includes
+
+
+def _import_mc() -> Any:
+    if sys.platform != "darwin":
+        raise BackendUnavailable("Metal needs macOS (this is " + sys.platform + ")")
+    try:
+        import metalcompute  # noqa: PLC0415
+    except ImportError as e:
+        raise BackendUnavailable(f"metalcompute is not importable ({e})") from None
+    return metalcompute
+
+
+class MetalDevice(Device):
+    name = "metal"
+    supports_views = False  # metalcompute binds whole buffers
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.mc = _import_mc()
+        try:
+            self.dev = self.mc.Device()
+        except Exception as e:
+            raise BackendUnavailable(f"no Metal device ({e})") from None
+        self._pending: list[Any] = []
+
+    def synchronize(self) -> None:
+        while self._pending:
+            h = self._pending.pop(0)
+            del h  # metalcompute waits for a call's command buffer when its handle is released
+
+    def _alloc(self, nbytes: int, zero: bool) -> Any:
+        return self.dev.buffer(nbytes)  # metalcompute zero-fills new buffers
+
+    def _read(self, buf: Buffer, offset: int, nbytes: int) -> np.ndarray:
+        self.synchronize()
+        return np.frombuffer(buf.handle, dtype=np.uint8)[offset : offset + nbytes].copy()
+
+    def _write(self, buf: Buffer, offset: int, raw: np.ndarray) -> None:
+        self.synchronize()
+        np.frombuffer(buf.handle, dtype=np.uint8)[offset : offset + raw.nbytes] = raw
+
+    def _compile(self, path: str, defines: dict) -> Library:
+        tr = translate_file(path, "cpu", defines, [KERNEL_DIR])  # checks the dialect, gets args
+        src = "".join(f"#define {k} {1 if v is True else v}\n" for k, v in defines.items())
+        src += inline_includes(path, [KERNEL_DIR])
+        try:
+            mod = self.dev.kernel(src)
+            funcs = {name: mod.function(name) for name in tr.kernels}
+        except Exception as e:
+            raise CompileError(f"Metal failed on {path}:\n{e}") from None
+        kernels: dict[str, Kernel] = {}
+        library = Library(self, path, defines, kernels)
+        for name, info in tr.kernels.items():
+            kernels[name] = Kernel(library, info, funcs[name], [0] * len(info.args))
+        return library
+
+    def _launch(self, kernel: Kernel, groups: int, args: list[Any]) -> None:
+        bound = [a.handle if isinstance(a, Buffer) else self.dev.buffer(a) for a in args]
+        count = groups * kernel.threadgroup_size
+        self._pending.append(kernel.handle(count, *bound))
+
+
+def probe() -> str | None:
+    try:
+        MetalDevice()
+    except BackendUnavailable as e:
+        return str(e)
+    return None

@@ -1,0 +1,291 @@
+"""Backend-independent half of the runtime: buffers, libraries, kernels and argument checking.
+
+A backend subclasses `Device` and supplies memory, compilation and launch; everything a user can
+get wrong is checked here, once, before any backend sees it, so all three backends raise the
+same errors with the same words.
+"""
+from __future__ import annotations
+
+import collections
+import ctypes
+import os
+from typing import Any
+
+import numpy as np
+
+from .errors import DispatchError
+from .msl import KernelArg, KernelInfo
+
+PACKAGE_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+KERNEL_DIR = os.path.join(os.path.dirname(PACKAGE_DIR), "kernels")
+PRELUDE_DIR = os.path.join(PACKAGE_DIR, "runtime", "prelude")
+CPU_RT_DIR = os.path.join(PACKAGE_DIR, "runtime", "cpu")
+
+# numpy dtype of an MSL scalar, for `constant T&` arguments given as Python numbers
+SCALAR_DTYPES = {
+    "float": np.float32, "half": np.float16, "int": np.int32, "uint": np.uint32,
+    "unsigned": np.uint32, "int32_t": np.int32, "uint32_t": np.uint32, "short": np.int16,
+    "ushort": np.uint16, "char": np.int8, "uchar": np.uint8, "bool": np.bool_,
+    "long": np.int64, "ulong": np.uint64,
+}
+MAX_GRID_THREADS = 2**32 - 1024  # gid is a 32-bit uint on every backend
+
+
+def cache_dir() -> str:
+    """Folder for compiled kernel libraries (PYMETALNN_CACHE, else ~/.cache/pymetalnn)."""
+    d = os.environ.get("PYMETALNN_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"),
+        "pymetalnn")
+    os.makedirs(d, exist_ok=True)
+    return d
+
+
+def resolve_source(path: str) -> str:
+    """A kernel source: absolute, then the package's kernels/ folder, then relative to cwd."""
+    if os.path.isabs(path):
+        cands = [path]
+    else:
+        cands = [os.path.join(KERNEL_DIR, path), os.path.abspath(path)]
+    for c in cands:
+        if os.path.isfile(c):
+            return os.path.abspath(c)
+    raise FileNotFoundError(f"kernel source {path!r} not found (looked in {', '.join(cands)})")
+
+
+class Buffer:
+    """Device memory. `numpy()` reads it back (waiting for queued kernels first)."""
+
+    def __init__(self, device: Device, nbytes: int, handle: Any):
+        self.device = device
+        self.nbytes = nbytes
+        self.handle = handle
+        self.offset = 0
+
+    @property
+    def base(self) -> Buffer:
+        return self
+
+    def view(self, offset: int, nbytes: int | None = None) -> BufferView:
+        """A byte range of this buffer, usable wherever a buffer is (cuda, cpu)."""
+        return BufferView(self, offset, self.nbytes - offset if nbytes is None else nbytes)
+
+    def numpy(self, dtype: Any = np.uint8, shape: tuple[int, ...] | None = None) -> np.ndarray:
+        """Copy of the contents as an array of `dtype` (and `shape`, if given)."""
+        dtype = np.dtype(dtype)
+        if self.nbytes % dtype.itemsize:
+            raise ValueError(f"dtype: buffer of {self.nbytes} bytes is not a whole number of "
+                             f"{dtype} items")
+        raw = self.device._read(self.base, self.offset, self.nbytes)
+        arr = raw.view(dtype)
+        return arr.reshape(shape) if shape is not None else arr
+
+    def write(self, data: Any, offset: int = 0) -> None:
+        """Copy `data` (array-like or bytes) into the buffer at byte `offset`."""
+        raw = _as_bytes_array(data)
+        if offset < 0 or offset + raw.nbytes > self.nbytes:
+            raise ValueError(f"data: {raw.nbytes} bytes at offset {offset} do not fit a buffer of "
+                             f"{self.nbytes} bytes")
+        self.device._write(self.base, self.offset + offset, raw)
+
+    def __repr__(self) -> str:
+        return f"<Buffer {self.nbytes} bytes on {self.device.name}>"
+
+
+class BufferView(Buffer):
+    """A byte range of a Buffer; passed to kernels as a pointer to its first byte."""
+
+    def __init__(self, buffer: Buffer, offset: int, nbytes: int):
+        if offset < 0 or nbytes < 0 or offset + nbytes > buffer.nbytes:
+            raise ValueError(f"view: bytes [{offset}, {offset + nbytes}) outside a buffer of "
+                             f"{buffer.nbytes} bytes")
+        if not buffer.device.supports_views:
+            raise DispatchError(f"the {buffer.device.name} backend binds whole buffers only: "
+                                "views are not available there")
+        self._buf = buffer.base
+        super().__init__(buffer.device, nbytes, self._buf.handle)
+        self.offset = buffer.offset + offset
+
+    @property
+    def base(self) -> Buffer:
+        return self._buf
+
+    def __repr__(self) -> str:
+        return f"<BufferView {self.nbytes} bytes at {self.offset} on {self.device.name}>"
+
+
+def _as_bytes_array(data: Any) -> np.ndarray:
+    if isinstance(data, (bytes, bytearray, memoryview)):
+        return np.frombuffer(bytes(data), dtype=np.uint8)
+    arr = np.ascontiguousarray(np.asarray(data))
+    return arr.reshape(-1).view(np.uint8)
+
+
+def value_bytes(arg: KernelArg, value: Any, kernel: str) -> bytes:
+    """Bytes of a `constant T&` argument from a ctypes struct, numpy scalar/record, bytes, or a
+    Python number (converted with the declared MSL type)."""
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        return bytes(value)
+    if isinstance(value, (ctypes.Structure, ctypes.Array, ctypes._SimpleCData)):
+        return ctypes.string_at(ctypes.addressof(value), ctypes.sizeof(value))
+    if isinstance(value, (np.generic, np.ndarray)):
+        return np.ascontiguousarray(value).tobytes()
+    if isinstance(value, (bool, int, float)) and not isinstance(value, Buffer):
+        dt = SCALAR_DTYPES.get(arg.type)
+        if dt is None:
+            raise DispatchError(f"kernel '{kernel}': argument '{arg.name}' (buffer {arg.index}) "
+                                f"is a {arg.type}; pass its bytes (a ctypes struct or bytes), "
+                                f"not a Python {type(value).__name__}")
+        info = np.iinfo(dt) if np.issubdtype(dt, np.integer) else None
+        if info is not None and not (info.min <= value <= info.max):
+            raise DispatchError(f"kernel '{kernel}': argument '{arg.name}' = {value} does not fit "
+                                f"{arg.type}")
+        return np.array(value, dtype=dt).tobytes()
+    raise DispatchError(f"kernel '{kernel}': argument '{arg.name}' (buffer {arg.index}) is "
+                        f"'constant {arg.type}&'; got {type(value).__name__}")
+
+
+class Kernel:
+    """One compiled kernel. `k(count, *args)` launches `count` threads (rounded up to whole
+    threadgroups) on the device's queue and returns at once."""
+
+    def __init__(self, library: Library, info: KernelInfo, handle: Any, arg_sizes: list[int]):
+        self.library = library
+        self.info = info
+        self.name = info.name
+        self.threadgroup_size = info.threadgroup_size
+        self.handle = handle
+        self.arg_sizes = arg_sizes
+        self.args = sorted(info.args, key=lambda a: a.index)
+
+    @property
+    def uses_fibers(self) -> bool:
+        return self.info.needs_fibers
+
+    def __call__(self, count: int, *args: Any) -> None:
+        dev = self.library.device
+        if not isinstance(count, (int, np.integer)) or isinstance(count, bool):
+            raise DispatchError(f"kernel '{self.name}': count must be an int, got "
+                                f"{type(count).__name__}")
+        count = int(count)
+        if count <= 0 or count > MAX_GRID_THREADS:
+            raise DispatchError(f"kernel '{self.name}': count must be in 1..{MAX_GRID_THREADS}, "
+                                f"got {count}")
+        if len(args) != len(self.args):
+            names = ", ".join(f"{a.name} [[buffer({a.index})]]" for a in self.args)
+            raise DispatchError(f"kernel '{self.name}' takes {len(self.args)} arguments ({names}), "
+                                f"{len(args)} given")
+        packed: list[Any] = []
+        for a, v in zip(self.args, args):
+            if a.kind == "buffer":
+                if not isinstance(v, Buffer):
+                    raise DispatchError(f"kernel '{self.name}': argument '{a.name}' (buffer "
+                                        f"{a.index}) expects a Buffer, got {type(v).__name__}")
+                if v.device is not dev:
+                    raise DispatchError(f"kernel '{self.name}': argument '{a.name}' lives on "
+                                        f"{v.device.name}, the kernel on {dev.name}")
+                packed.append(v)
+            else:
+                if isinstance(v, Buffer):
+                    raise DispatchError(f"kernel '{self.name}': argument '{a.name}' (buffer "
+                                        f"{a.index}) is 'constant {a.type}&': pass the value "
+                                        "(ctypes struct, numpy scalar, number or bytes)")
+                b = value_bytes(a, v, self.name)
+                want = self.arg_sizes[a.index]
+                if want and len(b) != want:
+                    raise DispatchError(f"kernel '{self.name}': argument '{a.name}' (buffer "
+                                        f"{a.index}) needs {want} bytes (sizeof {a.type}), got "
+                                        f"{len(b)}")
+                packed.append(b)
+        groups = -(-count // self.threadgroup_size)
+        dev._launch(self, groups, packed)
+        dev.dispatch_counts[self.name] += 1
+
+    def __repr__(self) -> str:
+        return f"<Kernel {self.name} tg={self.threadgroup_size} on {self.library.device.name}>"
+
+
+class Library:
+    """The kernels of one `.metal` source compiled for one device with one set of defines."""
+
+    def __init__(self, device: Device, path: str, defines: dict, kernels: dict[str, Kernel]):
+        self.device = device
+        self.path = path
+        self.defines = defines
+        self.kernels = kernels
+
+    @property
+    def names(self) -> list[str]:
+        return sorted(self.kernels)
+
+    def kernel(self, name: str) -> Kernel:
+        try:
+            return self.kernels[name]
+        except KeyError:
+            raise KeyError(f"no kernel named {name!r} in {os.path.basename(self.path)} "
+                           f"(it has: {', '.join(self.names)})") from None
+
+    def __getitem__(self, name: str) -> Kernel:
+        return self.kernel(name)
+
+
+class Device:
+    """A backend's device: memory, kernel libraries and one in-order queue."""
+
+    name = "?"
+    supports_views = True
+
+    def __init__(self) -> None:
+        self.dispatch_counts: collections.Counter[str] = collections.Counter()
+        self._libraries: dict[tuple, Library] = {}
+
+    # ---- public API
+    def buffer(self, data: Any = None, nbytes: int | None = None) -> Buffer:
+        """New buffer: from an array-like/bytes (copied), or `nbytes` zeroed bytes (an int)."""
+        if isinstance(data, (int, np.integer)) and not isinstance(data, bool):
+            nbytes, data = int(data), None
+        if data is None:
+            if nbytes is None or nbytes < 0:
+                raise ValueError(f"nbytes: need a size in bytes >= 0, got {nbytes}")
+            return Buffer(self, nbytes, self._alloc(max(nbytes, 1), zero=True))
+        raw = _as_bytes_array(data)
+        buf = Buffer(self, raw.nbytes, self._alloc(max(raw.nbytes, 1), zero=False))
+        self._write(buf, 0, raw)
+        return buf
+
+    def library(self, source: str, defines: dict | None = None) -> Library:
+        """Compile (or fetch from cache) the kernels of `source` with variant `defines`."""
+        path = resolve_source(source)
+        defines = dict(defines or {})
+        key = (path, tuple(sorted((k, str(v)) for k, v in defines.items())),
+               os.path.getmtime(path))
+        lib = self._libraries.get(key)
+        if lib is None:
+            lib = self._compile(path, defines)
+            self._libraries[key] = lib
+        return lib
+
+    def synchronize(self) -> None:
+        """Wait until every queued kernel has finished."""
+        raise NotImplementedError
+
+    def reset_counts(self) -> None:
+        self.dispatch_counts.clear()
+
+    def __repr__(self) -> str:
+        return f"<Device {self.name}>"
+
+    # ---- backend hooks
+    def _alloc(self, nbytes: int, zero: bool) -> Any:
+        raise NotImplementedError
+
+    def _read(self, buf: Buffer, offset: int, nbytes: int) -> np.ndarray:
+        raise NotImplementedError
+
+    def _write(self, buf: Buffer, offset: int, raw: np.ndarray) -> None:
+        raise NotImplementedError
+
+    def _compile(self, path: str, defines: dict) -> Library:
+        raise NotImplementedError
+
+    def _launch(self, kernel: Kernel, groups: int, args: list[Any]) -> None:
+        raise NotImplementedError

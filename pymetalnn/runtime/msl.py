@@ -1,0 +1,828 @@
+"""MSL front end: translate the supported Metal Shading Language subset to C++ for the cuda
+(NVRTC) and cpu (C++17) targets.
+
+Design: MSL is C++14 with address spaces, attributes and a standard library. Rather than parse
+C++, we rewrite the preprocessed token stream: types and built-in functions are renamed onto the
+prelude header (`prelude/pmn_prelude.h`), address spaces become plain C++, and each kernel becomes
+an ordinary (inlinable) function plus a generated entry point per host name. The only structure we
+recover is what the rewrite needs: top-level declarations, function bodies, kernel signatures and
+the call graph (to know which kernels need fibers on the cpu). Anything outside the dialect is
+rejected with the `.metal` file and line; everything else is left for the C++ compiler, whose
+messages point back to the `.metal` line through `#line`. The contract with the prelude is
+written down in docs/internals.md.
+"""
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass, field
+
+from .errors import MSLError
+from .preprocess import Preprocessor, Token
+
+SCALAR_MAP = {
+    "half": "pmn_half", "uint": "pmn_uint", "uchar": "pmn_uchar", "ushort": "pmn_ushort",
+    "long": "pmn_long", "ulong": "pmn_ulong",
+}
+TYPE_MAP = dict(SCALAR_MAP)
+for _b in ("bool", "char", "uchar", "short", "ushort", "int", "uint", "half", "float"):
+    for _n in (2, 3, 4):
+        TYPE_MAP[f"{_b}{_n}"] = f"pmn_{_b}{_n}"
+for _a in ("atomic_int", "atomic_uint", "atomic_float"):
+    TYPE_MAP[_a] = "pmn_" + _a
+
+MATH_FUNCS = set("""exp exp2 exp10 log log2 log10 sqrt rsqrt pow powr tanh sinh cosh sin cos tan asin
+acos atan atan2 abs fabs min max fmin fmax clamp fma mad mix select floor ceil round rint trunc fract
+fmod isnan isinf isfinite sign step smoothstep dot length normalize cross copysign saturate as_type""".split())
+SIMD_FUNCS = set("""simd_sum simd_product simd_max simd_min simd_prefix_exclusive_sum
+simd_prefix_inclusive_sum simd_prefix_exclusive_product simd_prefix_inclusive_product simd_shuffle
+simd_shuffle_xor simd_shuffle_up simd_shuffle_down simd_broadcast simd_broadcast_first simd_all
+simd_any simd_ballot simd_is_first simd_and simd_or simd_xor simdgroup_barrier""".split())
+ATOMIC_FUNCS = set("""atomic_load_explicit atomic_store_explicit atomic_exchange_explicit
+atomic_compare_exchange_weak_explicit atomic_fetch_add_explicit atomic_fetch_sub_explicit
+atomic_fetch_min_explicit atomic_fetch_max_explicit atomic_fetch_and_explicit
+atomic_fetch_or_explicit atomic_fetch_xor_explicit""".split())
+KNOWN_FUNCS = MATH_FUNCS | SIMD_FUNCS | ATOMIC_FUNCS | {"threadgroup_barrier"}
+MEMORY_ORDERS = {"memory_order_relaxed", "memory_order_acquire", "memory_order_release",
+                 "memory_order_acq_rel", "memory_order_seq_cst"}
+
+BUILTINS = {
+    "thread_position_in_grid": ("(blockIdx.x * blockDim.x + threadIdx.x)", "ti.gid"),
+    "thread_position_in_threadgroup": ("threadIdx.x", "ti.lid"),
+    "thread_index_in_threadgroup": ("threadIdx.x", "ti.lid"),
+    "threadgroup_position_in_grid": ("blockIdx.x", "ti.tgid"),
+    "threads_per_threadgroup": ("blockDim.x", "ti.tg_size"),
+    "threadgroups_per_grid": ("gridDim.x", "ti.n_groups"),
+    "thread_index_in_simdgroup": ("(threadIdx.x & 31u)", "ti.lane"),
+    "simdgroup_index_in_threadgroup": ("(threadIdx.x >> 5)", "ti.simd_id"),
+    "threads_per_simdgroup": ("32u", "32u"),
+    "simdgroups_per_threadgroup": ("((blockDim.x + 31u) >> 5)", "ti.n_simd"),
+}
+BUILTIN_TYPES = {"uint", "ushort", "uint32_t", "uint16_t", "unsigned", "int"}
+
+# Metal features outside the dialect, with the reason given to the user.
+_TEX = "textures and samplers are not in the dialect (buffers only)"
+REJECT_IDS: dict[str, str] = {
+    "double": "Metal has no double; use float",
+    "vertex": "only compute kernels are supported", "fragment": "only compute kernels are supported",
+    "sampler": _TEX, "imageblock": "imageblocks are not in the dialect",
+    "simdgroup_matrix": "simdgroup matrices are not in the dialect yet",
+    "simdgroup_float8x8": "simdgroup matrices are not in the dialect yet",
+    "simdgroup_half8x8": "simdgroup matrices are not in the dialect yet",
+    "simdgroup_load": "simdgroup matrices are not in the dialect yet",
+    "simdgroup_store": "simdgroup matrices are not in the dialect yet",
+    "simdgroup_multiply_accumulate": "simdgroup matrices are not in the dialect yet",
+    "bfloat": "bfloat is not in the dialect", "acceleration_structure": "ray tracing is not supported",
+    "visible_function_table": "function tables are not supported",
+    "intersection_function_table": "function tables are not supported",
+    "raster_order_group": "not a compute feature",
+}
+for _p in ("texture1d", "texture1d_array", "texture2d", "texture2d_array", "texture3d", "texturecube",
+           "texturecube_array", "texture2d_ms", "texture2d_ms_array", "texture_buffer", "depth2d",
+           "depth2d_array", "depthcube", "depthcube_array", "depth2d_ms", "depth2d_ms_array"):
+    REJECT_IDS[_p] = _TEX
+for _b in ("float", "half"):
+    for _r in (2, 3, 4):
+        for _c in (2, 3, 4):
+            REJECT_IDS[f"{_b}{_r}x{_c}"] = "matrix types are not in the dialect"
+for _b in ("float", "half", "int", "uint", "short", "ushort", "char", "uchar"):
+    for _n in (2, 3, 4):
+        REJECT_IDS[f"packed_{_b}{_n}"] = "packed vector types are not in the dialect; use scalars"
+for _q in ("quad_sum", "quad_shuffle", "quad_broadcast", "quad_max", "quad_min", "quad_all",
+           "quad_any", "quad_shuffle_xor", "quad_shuffle_up", "quad_shuffle_down", "quad_ballot"):
+    REJECT_IDS[_q] = "quad-group functions are not in the dialect; use simd_* functions"
+for _b in ("uint2", "uint3", "ushort2", "ushort3"):
+    pass  # vector built-ins are caught where the attribute is read (1-D grids only)
+ALLOWED_ATTRS = {"maybe_unused", "likely", "unlikely", "fallthrough", "nodiscard"}
+_FLOAT_RE = re.compile(r"^(?:\d+\.\d*|\.\d+|\d+(?=[eE]))(?:[eE][+-]?\d+)?([fFhH])?$")
+GENERATED = "<pymetalnn generated>"
+
+
+@dataclass
+class KernelArg:
+    """One `[[buffer(i)]]` argument of a kernel entry point."""
+
+    index: int
+    name: str
+    kind: str  # "buffer" (pointer) or "value" (constant T&, passed by value)
+    type: str  # MSL element type as written (after template substitution), e.g. "float"
+    const: bool
+    ctype: str = ""  # translated C++ type used in the entry point
+
+
+@dataclass
+class KernelInfo:
+    name: str  # host name
+    impl: str  # C++ expression naming the implementation, e.g. pmn_kimpl_f<float>
+    args: list[KernelArg]
+    builtins: list[tuple[int, str]]  # (parameter position, attribute) in declaration order
+    params_order: list[tuple[str, int]]  # ("arg", i) or ("builtin", j) per declared parameter
+    threadgroup_size: int
+    needs_fibers: bool = False
+    file: str = ""
+    line: int = 0
+    impl_name: str = ""
+
+
+@dataclass
+class Translation:
+    cuda_or_cpu: str
+    source: str
+    kernels: dict[str, KernelInfo]
+    files: list[str] = field(default_factory=list)
+
+
+def _tok(text: str, kind: str = "id", like: Token | None = None) -> Token:
+    if like is None:
+        return Token(kind, text, GENERATED, 1, True)
+    return Token(kind, text, like.file, like.line, True)
+
+
+def _match(toks: list[Token], i: int) -> int:
+    """Index of the bracket closing toks[i] ( '(' '[' '{' )."""
+    pairs = {"(": ")", "[": "]", "{": "}"}
+    open_, close = toks[i].text, pairs[toks[i].text]
+    depth = 0
+    for j in range(i, len(toks)):
+        if toks[j].kind != "punct":
+            continue
+        if toks[j].text == open_:
+            depth += 1
+        elif toks[j].text == close:
+            depth -= 1
+            if depth == 0:
+                return j
+    raise MSLError(toks[i].file, toks[i].line, f"unbalanced '{open_}'")
+
+
+def _match_angle(toks: list[Token], i: int) -> int:
+    depth = 0
+    for j in range(i, len(toks)):
+        t = toks[j].text
+        if t == "<":
+            depth += 1
+        elif t == ">":
+            depth -= 1
+        elif t == ">>":
+            depth -= 2
+        elif t in "({[":
+            continue
+        if depth <= 0 and t in (">", ">>"):
+            return j
+        if t in (";", "{"):
+            break
+    raise MSLError(toks[i].file, toks[i].line, "unbalanced '<'")
+
+
+def _split_commas(toks: list[Token]) -> list[list[Token]]:
+    parts: list[list[Token]] = [[]]
+    depth = 0
+    for t in toks:
+        if t.text in ("(", "[", "{", "<"):
+            depth += 1
+        elif t.text in (")", "]", "}", ">"):
+            depth -= 1
+        elif t.text == ">>":
+            depth -= 2
+        if t.text == "," and depth == 0:
+            parts.append([])
+        else:
+            parts[-1].append(t)
+    return [p for p in parts if p] if any(parts) else []
+
+
+def _is_attr(toks: list[Token], i: int) -> bool:
+    return i + 1 < len(toks) and toks[i].text == "[" and toks[i + 1].text == "["
+
+
+def _attr_end(toks: list[Token], i: int) -> int:
+    j = _match(toks, i)
+    return j
+
+
+def _int_value(toks: list[Token], where: Token) -> int:
+    s = "".join(t.text for t in toks).rstrip("uU")
+    try:
+        return int(s, 0)
+    except ValueError:
+        raise MSLError(where.file, where.line, f"expected an integer constant, got {s!r}") from None
+
+
+class Translator:
+    def __init__(self, target: str):
+        assert target in ("cuda", "cpu")
+        self.target = target
+        self.site = 0
+        self.templates: dict[str, tuple[list[str], list[list[Token]], Token, int]] = {}
+        self.kernels: dict[str, KernelInfo] = {}
+        self.user_funcs: set[str] = set()
+
+    # ---- entry
+    def translate(self, toks: list[Token]) -> tuple[list[Token], dict[str, KernelInfo]]:
+        for t in toks:
+            if t.kind == "id" and t.text in REJECT_IDS:
+                raise MSLError(t.file, t.line, f"'{t.text}': {REJECT_IDS[t.text]}")
+        self._collect_user_funcs(toks)
+        toks = self._extract_kernels(toks)
+        out, bodies = self._rewrite(toks, top=True)
+        self._mark_fibers(bodies)
+        return out, self.kernels
+
+    def _collect_user_funcs(self, toks: list[Token]) -> None:
+        depth = 0
+        for i, t in enumerate(toks):
+            if t.text == "{":
+                depth += 1
+            elif t.text == "}":
+                depth -= 1
+            elif depth == 0 and t.kind == "id" and i + 1 < len(toks) and toks[i + 1].text == "(" \
+                    and i > 0 and (toks[i - 1].kind == "id" or toks[i - 1].text in ("*", "&", ">")) \
+                    and toks[i - 1].text not in ("return", "kernel"):
+                if t.text in KNOWN_FUNCS:
+                    self.user_funcs.add(t.text)
+
+    # ---- kernels
+    def _extract_kernels(self, toks: list[Token]) -> list[Token]:
+        out: list[Token] = []
+        i = 0
+        decl_start = 0  # index in `out` where the current top-level declaration starts
+        depth = 0
+        paren = 0
+        while i < len(toks):
+            t = toks[i]
+            if depth == 0 and paren == 0 and (
+                (t.text == "kernel" and t.kind == "id")
+                or (_is_attr(toks, i) and toks[i + 2].text == "kernel")
+            ):
+                # back up to the declaration's start (template <...> and attributes before 'kernel')
+                head = out[decl_start:]
+                del out[decl_start:]
+                i = self._kernel_decl(head, toks, i, out)
+                decl_start = len(out)
+                continue
+            if t.text == "{":
+                depth += 1
+            elif t.text == "}":
+                depth -= 1
+                if depth == 0:
+                    out.append(t)
+                    i += 1
+                    decl_start = len(out)
+                    continue
+            elif t.text == "(":
+                paren += 1
+            elif t.text == ")":
+                paren -= 1
+            out.append(t)
+            i += 1
+            if depth == 0 and paren == 0 and t.text == ";":
+                decl_start = len(out)
+            if t.kind == "pragma" and depth == 0:
+                decl_start = len(out)
+        return out
+
+    def _kernel_decl(self, head: list[Token], toks: list[Token], i: int, out: list[Token]) -> int:
+        """Parse one kernel definition or explicit instantiation starting at toks[i]; append its
+        rewritten form to `out`; return the index after it."""
+        first = head[0] if head else toks[i]
+        tparams: list[str] | None = None
+        tparam_toks: list[Token] = []
+        explicit = False
+        h = 0
+        if h < len(head) and head[h].text == "template":
+            if h + 1 < len(head) and head[h + 1].text == "<":
+                e = _match_angle(head, h + 1)
+                tparam_toks = head[h : e + 1]
+                tparams = []
+                for p in _split_commas(head[h + 2 : e]):
+                    names = [x for x in p if x.kind == "id"]
+                    eq = [k for k, x in enumerate(p) if x.text == "="]
+                    if eq:
+                        names = [x for x in p[: eq[0]] if x.kind == "id"]
+                    tparams.append(names[-1].text)
+                h = e + 1
+            else:
+                explicit = True
+                h += 1
+        rest = head[h:] + toks[i:]
+        attrs: dict[str, list[Token]] = {}
+        j = 0
+        while True:
+            if _is_attr(rest, j):
+                e = _attr_end(rest, j)
+                inner = rest[j + 2 : e - 1]
+                if inner:
+                    attrs[inner[0].text] = inner
+                j = e + 1
+            elif rest[j].text == "kernel":
+                j += 1
+            else:
+                break
+        consumed_head = len(head) - h
+        tg = 256
+        if "max_total_threads_per_threadgroup" in attrs:
+            a = attrs["max_total_threads_per_threadgroup"]
+            tg = _int_value(a[2:-1], a[0])
+            if tg <= 0 or tg > 1024 or tg % 32:
+                raise MSLError(a[0].file, a[0].line, "max_total_threads_per_threadgroup must be a "
+                               f"multiple of 32 between 32 and 1024, got {tg}")
+        for k in attrs:
+            if k not in ("kernel", "host_name", "max_total_threads_per_threadgroup"):
+                a = attrs[k]
+                raise MSLError(a[0].file, a[0].line, f"attribute [[{k}]] on a kernel is not supported")
+        host_name = None
+        if "host_name" in attrs:
+            a = attrs["host_name"]
+            strs = [x for x in a if x.kind == "str"]
+            if not strs:
+                raise MSLError(a[0].file, a[0].line, "[[host_name]] needs a string")
+            host_name = strs[0].text[1:-1]
+
+        if explicit:
+            # template [[host_name("n")]] [[kernel]] void f<T>(params);   or   decltype(f<T>) f<T>;
+            if rest[j].text == "decltype":
+                j = _match(rest, j + 1) + 1
+            else:
+                while not (rest[j].kind == "id" and rest[j + 1].text in ("<", "(")):
+                    j += 1
+            name_tok = rest[j]
+            targs: list[list[Token]] = []
+            j += 1
+            if rest[j].text == "<":
+                e = _match_angle(rest, j)
+                targs = _split_commas(rest[j + 1 : e])
+                j = e + 1
+            if rest[j].text == "(":
+                j = _match(rest, j) + 1
+            if rest[j].text != ";":
+                raise MSLError(rest[j].file, rest[j].line, "expected ';' after kernel instantiation")
+            j += 1
+            if host_name is None:
+                raise MSLError(name_tok.file, name_tok.line,
+                               "an explicit kernel instantiation needs [[host_name(\"...\")]]")
+            if name_tok.text not in self.templates:
+                raise MSLError(name_tok.file, name_tok.line,
+                               f"'{name_tok.text}' is not a kernel template defined above")
+            self._add_entry(host_name, name_tok, targs, tg)
+            return i + (j - consumed_head)
+
+        # definition: return type, name, params, body
+        while not (rest[j].kind == "id" and rest[j + 1].text == "("):
+            j += 1
+        name_tok = rest[j]
+        po = j + 1
+        pc = _match(rest, po)
+        params = _split_commas(rest[po + 1 : pc])
+        if rest[pc + 1].text != "{":
+            raise MSLError(name_tok.file, name_tok.line, "a kernel declaration needs a body")
+        bc = _match(rest, pc + 1)
+        impl_name = "pmn_kimpl_" + name_tok.text
+        new: list[Token] = list(tparam_toks)
+        new.append(_tok("PMN_KERNEL_IMPL", like=name_tok))
+        new.extend(rest[j - 1 : j] if rest[j - 1].text == "void" else [_tok("void", like=name_tok)])
+        new.append(_tok(impl_name, like=name_tok))
+        new.append(rest[po])
+        for k, p in enumerate(params):
+            if k:
+                new.append(_tok(",", "punct", like=p[0]))
+            new.extend(self._strip_param_attr(p))
+        new.extend(rest[pc : bc + 1])
+        out.extend(new)
+        self.templates[name_tok.text] = (tparams or [], params, name_tok, tg)
+        if tparams is None:
+            self._add_entry(host_name or name_tok.text, name_tok, [], tg)
+        return i + (bc + 1 - consumed_head)
+
+    @staticmethod
+    def _strip_param_attr(p: list[Token]) -> list[Token]:
+        out = []
+        k = 0
+        while k < len(p):
+            if _is_attr(p, k):
+                k = _attr_end(p, k) + 1
+                continue
+            out.append(p[k])
+            k += 1
+        return out
+
+    def _add_entry(self, host: str, name_tok: Token, targs: list[list[Token]], tg_inst: int) -> None:
+        tparams, params, def_tok, tg_def = self.templates[name_tok.text]
+        if host in self.kernels:
+            raise MSLError(name_tok.file, name_tok.line, f"kernel name '{host}' defined twice")
+        if len(targs) != len(tparams):
+            raise MSLError(name_tok.file, name_tok.line,
+                           f"'{name_tok.text}' has {len(tparams)} template parameters, "
+                           f"{len(targs)} given")
+        sub = dict(zip(tparams, targs))
+        args: list[KernelArg] = []
+        builtins: list[tuple[int, str]] = []
+        order: list[tuple[str, int]] = []
+        for pos, p in enumerate(params):
+            attr = None
+            body = []
+            k = 0
+            while k < len(p):
+                if _is_attr(p, k):
+                    e = _attr_end(p, k)
+                    attr = p[k + 2 : e - 1]
+                    k = e + 1
+                    continue
+                body.append(p[k])
+                k += 1
+            where = p[0]
+            if not attr:
+                raise MSLError(where.file, where.line, "kernel argument needs [[buffer(i)]] or a "
+                               "built-in attribute such as [[thread_position_in_grid]]")
+            aname = attr[0].text
+            body = [x for t in body for x in (sub.get(t.text, [t]) if t.kind == "id" else [t])]
+            names = [t for t in body if t.kind == "id"]
+            pname = names[-1].text if names else f"arg{pos}"
+            tybody = body[:-1] if names and body[-1] is names[-1] else body
+            if aname == "buffer":
+                idx = _int_value(attr[2:-1], where)
+                words = [t.text for t in tybody]
+                is_ptr = "*" in words
+                is_ref = "&" in words
+                const = "const" in words or "constant" in words
+                if not (is_ptr or is_ref):
+                    raise MSLError(where.file, where.line, f"buffer argument '{pname}' must be a "
+                                   "pointer or a constant reference")
+                if is_ref and not const:
+                    raise MSLError(where.file, where.line, f"reference argument '{pname}' must be "
+                                   "'constant T&' (use a pointer for writable memory)")
+                elem = [t for t in tybody if t.text not in
+                        ("device", "constant", "const", "*", "&", "thread", "volatile")]
+                if "threadgroup" in words:
+                    raise MSLError(where.file, where.line, "threadgroup memory arguments are not "
+                                   "in the dialect; declare threadgroup arrays in the kernel body")
+                etype = " ".join(t.text for t in elem)
+                kind = "buffer" if is_ptr else "value"
+                ctoks, _ = self._rewrite(elem, top=False)
+                ctype = " ".join(t.text for t in ctoks)
+                if kind == "buffer":
+                    ctype = ("const " if const else "") + ctype + "*"
+                args.append(KernelArg(idx, pname, kind, etype, const, ctype))
+                order.append(("arg", len(args) - 1))
+            elif aname in BUILTINS:
+                ty = " ".join(t.text for t in tybody if t.text != "const")
+                if ty not in BUILTIN_TYPES:
+                    raise MSLError(where.file, where.line, f"[[{aname}]] must be a scalar uint "
+                                   f"(1-D grids only), got '{ty}'")
+                builtins.append((pos, aname))
+                order.append(("builtin", len(builtins) - 1))
+            elif aname in ("threadgroup", "texture", "sampler", "stage_in"):
+                raise MSLError(where.file, where.line, f"[[{aname}(...)]] kernel arguments are not "
+                               "in the dialect (buffers and built-ins only)")
+            else:
+                raise MSLError(where.file, where.line, f"unsupported kernel argument attribute "
+                               f"[[{aname}]]")
+        idxs = sorted(a.index for a in args)
+        if idxs != list(range(len(args))):
+            raise MSLError(def_tok.file, def_tok.line, f"kernel '{host}': buffer indices must be "
+                           f"0..{len(args) - 1} without gaps, got {idxs}")
+        impl = "pmn_kimpl_" + name_tok.text
+        if targs:
+            ttoks, _ = self._rewrite([t for a in targs for t in a + [_tok(",", "punct")]][:-1],
+                                     top=False)
+            impl += "<" + " ".join(t.text for t in ttoks) + ">"
+        tg = tg_inst if tg_inst != 256 else tg_def
+        self.kernels[host] = KernelInfo(host, impl, args, builtins, order, tg, False,
+                                        name_tok.file, name_tok.line, "pmn_kimpl_" + name_tok.text)
+
+    # ---- the general rewrite
+    def _rewrite(self, toks: list[Token], top: bool) -> tuple[list[Token], dict[str, dict]]:
+        """Rewrite MSL tokens into C++ tokens. Returns the tokens and, per function body found,
+        {'calls': set of called names, 'sync': uses a barrier or SIMD-group function}."""
+        out: list[Token] = []
+        bodies: dict[str, dict] = {}
+        stack: list[str] = []  # brace kinds: func, block, other
+        cur_func: list[str] = []
+        paren = 0
+        n = len(toks)
+        i = 0
+
+        def prev_sig(k: int = 1) -> Token | None:
+            return out[-k] if len(out) >= k else None
+
+        while i < n:
+            t = toks[i]
+            nxt = toks[i + 1] if i + 1 < n else None
+            in_func = "func" in stack
+            if t.kind == "pragma":
+                out.append(t)
+                i += 1
+                continue
+            if t.kind == "punct":
+                if t.text == "{":
+                    if in_func:
+                        stack.append("block")
+                    else:
+                        # a function body follows ')' (possibly ') const')
+                        p = len(out) - 1
+                        if p >= 0 and out[p].text == "const":
+                            p -= 1
+                        if p >= 0 and out[p].text == ")":
+                            # find the function name before the matching '('
+                            depth = 0
+                            q = p
+                            while q >= 0:
+                                if out[q].text == ")":
+                                    depth += 1
+                                elif out[q].text == "(":
+                                    depth -= 1
+                                    if depth == 0:
+                                        break
+                                q -= 1
+                            fname = out[q - 1].text if q > 0 else "?"
+                            stack.append("func")
+                            cur_func.append(fname)
+                            bodies.setdefault(fname, {"calls": set(), "sync": False})
+                        else:
+                            stack.append("other")
+                    out.append(t)
+                    i += 1
+                    continue
+                if t.text == "}":
+                    if stack:
+                        k = stack.pop()
+                        if k == "func":
+                            cur_func.pop()
+                    out.append(t)
+                    i += 1
+                    continue
+                if t.text == "(":
+                    paren += 1
+                elif t.text == ")":
+                    paren -= 1
+                if _is_attr(toks, i):
+                    e = _attr_end(toks, i)
+                    inner = toks[i + 2 : e - 1]
+                    name = inner[0].text if inner else ""
+                    if name not in ALLOWED_ATTRS:
+                        raise MSLError(t.file, t.line, f"attribute [[{name}]] is not supported here")
+                    out.extend(toks[i : e + 1])
+                    i = e + 1
+                    continue
+                out.append(t)
+                i += 1
+                continue
+            if t.kind == "num":
+                m = _FLOAT_RE.match(t.text)
+                if m:
+                    suffix = m.group(1)
+                    if suffix in ("h", "H"):
+                        out.extend([_tok("pmn_half", like=t), _tok("(", "punct", like=t),
+                                    Token("num", t.text[:-1] + "f", t.file, t.line),
+                                    _tok(")", "punct", like=t)])
+                    elif suffix is None:
+                        out.append(Token("num", t.text + "f", t.file, t.line, t.space))
+                    else:
+                        out.append(t)
+                else:
+                    out.append(t)
+                i += 1
+                continue
+            if t.kind != "id":
+                out.append(t)
+                i += 1
+                continue
+            s = t.text
+            # namespaces: metal::, precise::, fast::
+            if s in ("metal", "precise", "fast") and nxt is not None and nxt.text == "::":
+                j = i
+                ns = []
+                while j + 1 < n and toks[j].text in ("metal", "precise", "fast") \
+                        and toks[j + 1].text == "::":
+                    if toks[j].text != "metal":
+                        ns.append(toks[j].text)
+                    j += 2
+                fn = toks[j]
+                if fn.text in KNOWN_FUNCS or (not ns and fn.text in TYPE_MAP):
+                    if not ns and fn.text in TYPE_MAP:
+                        out.append(_tok(TYPE_MAP[fn.text], like=fn))
+                        i = j + 1
+                        continue
+                    i = self._emit_func(toks, j, out, ns, bodies, cur_func)
+                    continue
+                if fn.text in ("numeric_limits",):
+                    pass
+                raise MSLError(t.file, t.line, f"'{'::'.join(['metal', *ns, fn.text])}' is not in "
+                               "the supported dialect (docs/dialect.md lists what is)")
+            if s in TYPE_MAP:
+                out.append(_tok(TYPE_MAP[s], like=t))
+                i += 1
+                continue
+            if s == "vec" and nxt is not None and nxt.text == "<":
+                out.extend([_tok("pmn", like=t), _tok("::", "punct", like=t), _tok("vec", like=t)])
+                i += 1
+                continue
+            if s == "using" and nxt is not None and nxt.text == "namespace" and i + 2 < n \
+                    and toks[i + 2].text == "metal":
+                i += 4 if i + 3 < n and toks[i + 3].text == ";" else 3
+                continue
+            if s in ("device", "thread"):
+                i += 1
+                continue
+            if s == "constant":
+                file_scope = not stack and paren == 0
+                near_constexpr = (prev_sig() is not None and prev_sig().text == "constexpr") or \
+                    (nxt is not None and nxt.text == "constexpr")
+                if near_constexpr:
+                    pass
+                elif file_scope:
+                    out.append(_tok("PMN_CONSTANT", like=t))
+                else:
+                    out.append(_tok("const", like=t))
+                i += 1
+                continue
+            if s == "threadgroup":
+                if nxt is not None and nxt.text == "(":
+                    out.append(t)  # not the address space
+                    i += 1
+                    continue
+                stmt_start = prev_sig() is None or prev_sig().text in ("{", ";", "}")
+                if in_func and stmt_start and paren == 0:
+                    # storage declaration unless the declarator is a pointer or reference
+                    j = i + 1
+                    ptr = False
+                    while j < n and toks[j].text not in (";", "=", "["):
+                        if toks[j].text in ("*", "&"):
+                            ptr = True
+                        j += 1
+                    if not ptr:
+                        out.append(_tok("PMN_THREADGROUP", like=t))
+                i += 1
+                continue
+            if s == "kernel":
+                raise MSLError(t.file, t.line, "kernels must be declared at file scope")
+            if s in MEMORY_ORDERS:
+                out.extend([_tok("pmn", like=t), _tok("::", "punct", like=t), t])
+                i += 1
+                continue
+            if s == "mem_flags" and nxt is not None and nxt.text == "::":
+                out.extend([_tok("pmn", like=t), _tok("::", "punct", like=t), t])
+                i += 1
+                continue
+            p = prev_sig()
+            member = p is not None and p.text in (".", "->", "::")
+            if s in KNOWN_FUNCS and not member and s not in self.user_funcs and nxt is not None \
+                    and nxt.text in ("(", "<"):
+                i = self._emit_func(toks, i, out, [], bodies, cur_func)
+                continue
+            if cur_func and nxt is not None and nxt.text == "(" and not member:
+                bodies[cur_func[-1]]["calls"].add(s)
+            out.append(t)
+            i += 1
+        return out, bodies
+
+    def _emit_func(self, toks: list[Token], i: int, out: list[Token], ns: list[str],
+                   bodies: dict[str, dict], cur_func: list[str]) -> int:
+        """Emit pmn::[ns::]name for the known function at toks[i]; SIMD-group functions get their
+        call-site id as a first argument. Returns the index of the next token to read."""
+        t = toks[i]
+        name = t.text
+        out.extend([_tok("pmn", like=t), _tok("::", "punct", like=t)])
+        for s in ns:
+            out.extend([_tok(s, like=t), _tok("::", "punct", like=t)])
+        out.append(t)
+        if cur_func and (name in SIMD_FUNCS or name == "threadgroup_barrier"):
+            bodies[cur_func[-1]]["sync"] = True
+        if name not in SIMD_FUNCS:
+            return i + 1
+        if i + 1 >= len(toks) or toks[i + 1].text != "(":
+            raise MSLError(t.file, t.line, f"{name} must be called directly")
+        self.site += 1
+        out.append(toks[i + 1])
+        out.append(Token("id", f"pmn::site_t{{{self.site}u}}", t.file, t.line, True))
+        if i + 2 < len(toks) and toks[i + 2].text != ")":
+            out.append(Token("punct", ",", t.file, t.line))
+        return i + 2
+
+    def _mark_fibers(self, bodies: dict[str, dict]) -> None:
+        memo: dict[str, bool] = {}
+
+        def needs(fn: str, seen: frozenset) -> bool:
+            if fn in memo:
+                return memo[fn]
+            b = bodies.get(fn)
+            if b is None or fn in seen:
+                return False
+            r = b["sync"] or any(needs(c, seen | {fn}) for c in b["calls"])
+            memo[fn] = r
+            return r
+
+        for k in self.kernels.values():
+            k.needs_fibers = needs(k.impl_name, frozenset())
+
+
+# ---- output ---------------------------------------------------------------------------------
+
+def _emit(toks: list[Token]) -> str:
+    """Serialize tokens line by line, with #line whenever the origin jumps, so that the C++
+    compiler's line numbers are the `.metal` file's."""
+    lines: list[str] = []
+    cur: list[str] = []
+    cur_file: str | None = None
+    cur_line = 0
+    for t in toks:
+        if t.kind == "pragma":
+            lines.append(" ".join(cur))
+            cur = []
+            lines.append(f'#line {t.line} "{t.file}"')
+            lines.append("#pragma " + t.text)
+            cur_file = None  # force a #line before the next token
+            continue
+        if t.file != cur_file or t.line < cur_line or t.line > cur_line + 8:
+            lines.append(" ".join(cur))
+            cur = []
+            lines.append(f'#line {t.line} "{t.file}"')
+            cur_file, cur_line = t.file, t.line
+        while cur_line < t.line:
+            lines.append(" ".join(cur))
+            cur = []
+            cur_line += 1
+        cur.append(t.text)
+    lines.append(" ".join(cur))
+    return "\n".join(lines) + "\n"
+
+
+def _entry_points(k: KernelInfo, target: str) -> str:
+    call_args = []
+    for kind, j in k.params_order:
+        if kind == "arg":
+            a = k.args[j]
+            call_args.append(f"a{a.index}")
+        else:
+            attr = k.builtins[j][1]
+            call_args.append(BUILTINS[attr][0 if target == "cuda" else 1])
+    byidx = sorted(k.args, key=lambda a: a.index)
+    sizes = ", ".join("0u" if a.kind == "buffer" else f"(unsigned)sizeof({a.ctype})" for a in byidx) \
+        or "0u"
+    if target == "cuda":
+        params = ", ".join(f"{a.ctype} a{a.index}" for a in byidx)
+        return (
+            f'extern "C" __global__ void __launch_bounds__({k.threadgroup_size}) '
+            f"{k.name}({params}) {{ {k.impl}({', '.join(call_args)}); }}\n"
+            f'extern "C" __device__ unsigned pmn_argsizes_{k.name}[] = {{{sizes}}};\n'
+        )
+    unpack = []
+    for a in byidx:
+        if a.kind == "buffer":
+            unpack.append(f"({a.ctype})args[{a.index}]")
+        else:
+            unpack.append(f"*(const {a.ctype}*)args[{a.index}]")
+    call = []
+    for kind, j in k.params_order:
+        if kind == "arg":
+            call.append(unpack[k.args[j].index])
+        else:
+            call.append(BUILTINS[k.builtins[j][1]][1])
+    body = f"{k.impl}({', '.join(call)});"
+    return (
+        f"static inline __attribute__((always_inline)) void pmn_body_{k.name}(void* const* args, "
+        f"const pmn_tinfo& ti) {{ (void)args; (void)ti; {body} }}\n"
+        f'extern "C" void pmn_thread_{k.name}(void* const* args, const pmn_tinfo* ti) '
+        f"{{ pmn_body_{k.name}(args, *ti); }}\n"
+        f'extern "C" void pmn_loop_{k.name}(void* const* args, uint32_t tgid, uint32_t tg_size, '
+        f"uint32_t n_groups) {{ pmn_tinfo ti; ti.tgid = tgid; ti.tg_size = tg_size; "
+        f"ti.n_groups = n_groups; ti.n_simd = (tg_size + 31u) >> 5; "
+        f"for (uint32_t l = 0; l < tg_size; ++l) {{ ti.lid = l; ti.gid = tgid * tg_size + l; "
+        f"ti.lane = l & 31u; ti.simd_id = l >> 5; pmn_body_{k.name}(args, ti); }} }}\n"
+        f'extern "C" unsigned pmn_argsize_{k.name}(unsigned i) {{ static const unsigned s[] = '
+        f"{{{sizes}}}; return s[i]; }}\n"
+    )
+
+
+PREAMBLE = {
+    "cuda": "#define PMN_CUDA 1\n#define PMN_KERNEL_IMPL static __forceinline__\n"
+            "#define PMN_INFINITY __int_as_float(0x7f800000)\n"
+            "#define PMN_NAN __int_as_float(0x7fffffff)\n",
+    "cpu": "#define PMN_CPU 1\n#define PMN_KERNEL_IMPL static inline __attribute__((always_inline))\n"
+           "#define PMN_INFINITY __builtin_inff()\n#define PMN_NAN __builtin_nanf(\"\")\n",
+}
+
+
+def translate_file(path: str, target: str, defines: dict | None = None,
+                   include_dirs: list[str] | None = None, prelude: str | None = None) -> Translation:
+    """Translate one `.metal` file for `target` ("cuda" or "cpu").
+
+    `prelude`: text to paste in place of `#include "pmn_prelude.h"` (NVRTC gets everything in one
+    string); None emits the #include.
+    """
+    pp = Preprocessor(include_dirs or [], defines)
+    toks = pp.run_file(path)
+    tr = Translator(target)
+    out, kernels = tr.translate(toks)
+    if not kernels:
+        raise MSLError(path, 1, "no kernel functions found")
+    parts = [PREAMBLE[target]]
+    parts.append(prelude if prelude is not None else '#include "pmn_prelude.h"\n')
+    parts.append(_emit(out))
+    parts.append(f'#line 1 "{GENERATED}"\n')
+    for k in kernels.values():
+        parts.append(_entry_points(k, target))
+    return Translation(target, "".join(parts), kernels, pp.files)
+
+
+def relpath_for_messages(path: str) -> str:
+    return os.path.basename(path)

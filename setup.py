@@ -1,0 +1,21 @@
+"""pymetalnn: hand-written Metal compute kernels for neural networks, on metal, cuda and cpu."""
+from setuptools import find_packages, setup
+
+setup(
+    name="pymetalnn",
+    version="0.1.0",
+    description="Hand-written Metal compute kernels for training and running neural networks, "
+    "from Python, on Apple GPUs, NVIDIA GPUs (MSL translated to CUDA) and any CPU",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    packages=find_packages(include=["pymetalnn", "pymetalnn.*"]),
+    package_data={"pymetalnn": ["runtime/prelude/*.h", "runtime/cpu/*.h", "runtime/cpu/*.cpp"]},
+    python_requires=">=3.9",
+    install_requires=["numpy>=1.22", "metalcompute>=0.2.9; sys_platform == 'darwin'"],
+    extras_require={
+        "cuda": ["cupy-cuda12x"],
+        "test": ["pytest>=7", "hypothesis>=6"],
+        "dev": ["pytest>=7", "hypothesis>=6", "ruff"],
+    },
+    license="MIT",
+)
