@@ -125,7 +125,7 @@ class CudaDevice(Device):
                 stores.append(ctypes.c_void_p() if a.kind == "buffer" else
                               ctypes.create_string_buffer(sz))
             params = (ctypes.c_void_p * max(n, 1))(*[ctypes.addressof(s) for s in stores])
-            kernels[name] = Kernel(library, info, (funcs[name], funcs[name].ptr, stores, params),
+            kernels[name] = Kernel(library, info, (funcs[name], funcs[name].kernel.ptr, stores, params),
                                    sizes)
         library._module = mod  # keeps the CUmodule alive
         return library

@@ -14,15 +14,20 @@
 //   chunks shrink to one threadgroup.
 // * Every thread of a threadgroup runs on one OS thread, because translated kernels keep
 //   threadgroup memory in `static thread_local` arrays.
-// * Fibers. One fiber per kernel thread on a pooled mmap'd stack (guard page below it). A fiber
+// * Fibers. One fiber per kernel thread on a pooled mmap'd stack with a 64 KiB PROT_NONE guard
+//   below it (not one page: a kernel frame with a big local array would jump a one-page guard and
+//   silently corrupt the neighbouring fiber's stack; the guard costs address space only). A fiber
 //   start only writes a small initial frame into a pooled stack, so creating 1M fibers costs about
 //   as much as 1M small stores. The switch is ~20 instructions of our own asm (callee-saved
-//   registers + stack pointer, plus MXCSR/x87 CW on x86-64 because the SysV ABI makes those
-//   callee-saved); swapcontext would make a sigprocmask system call per switch. A blocking fiber
-//   switches straight to the next runnable fiber (one switch, not two via a scheduler stack), and
-//   since all fibers block from the same call sites the CPU's return-stack predictor stays right.
-//   Stack tops are staggered by a multiple of 64 bytes so 256+ fibers' hot frames do not all land
-//   in the same L1 cache set (the stacks are page-multiples apart).
+//   registers + stack pointer, plus the FP control state -- MXCSR/x87 CW, which the SysV ABI
+//   makes callee-saved, and FPCR on aarch64 -- so a kernel's fesetround stays in its own fiber;
+//   it is reloaded only when it differs, as those writes are slow). swapcontext would make a
+//   sigprocmask system call per switch (about 10x slower on the reduction benchmark). A blocking
+//   fiber switches straight to the next runnable fiber (one switch, not two via a scheduler
+//   stack), and since all fibers block from the same call sites the return-stack predictor
+//   stays right. Stack tops are staggered by multiples of 64 bytes so that 256+ fibers' hot
+//   frames, which would otherwise sit at the same offset in page-multiple-spaced stacks, do not
+//   all compete for one L1 cache set (cheap insurance; no effect measured on the test box).
 // * Scheduling. The scheduler only acts when no fiber is runnable: SIMD waits first, grouping in
 //   each simdgroup the lanes at the lowest call-site id (structured code then reconverges: lanes
 //   that skipped an `if` containing a SIMD call wait at a later site until the lanes inside the
@@ -148,10 +153,16 @@ __asm__(PMN_ASM_FN(pmn_cpu_rt_switch)
         "  subq $8, %rsp\n"
         "  stmxcsr (%rsp)\n"
         "  fnstcw 4(%rsp)\n"
+        "  movl (%rsp), %eax\n"
+        "  movzwl 4(%rsp), %edx\n"
         "  movq %rsp, (%rdi)\n"
         "  movq %rsi, %rsp\n"
-        "  ldmxcsr (%rsp)\n"
-        "  fldcw 4(%rsp)\n"
+        // Loading MXCSR/x87 CW is slow; they almost never differ between fibers.
+        "  cmpl (%rsp), %eax\n"
+        "  jne 1f\n"
+        "  cmpw 4(%rsp), %dx\n"
+        "  jne 1f\n"
+        "2:\n"
         "  addq $8, %rsp\n"
         "  popq %r15\n"
         "  popq %r14\n"
@@ -160,6 +171,10 @@ __asm__(PMN_ASM_FN(pmn_cpu_rt_switch)
         "  popq %rbx\n"
         "  popq %rbp\n"
         "  ret\n"
+        "1:\n"
+        "  ldmxcsr (%rsp)\n"
+        "  fldcw 4(%rsp)\n"
+        "  jmp 2b\n"
         PMN_ASM_END(pmn_cpu_rt_switch)
         // Entered by `ret` with rsp 16-byte aligned; r12 = Fiber*, rbx = entry function, which
         // never returns. The undefined return address ends debugger/unwinder backtraces here.
@@ -171,10 +186,10 @@ __asm__(PMN_ASM_FN(pmn_cpu_rt_switch)
         PMN_CFI("  .cfi_endproc\n")
         PMN_ASM_END(pmn_cpu_rt_fiber_start));
 #elif PMN_CTX_AARCH64
-// Frame at the saved sp (160 bytes): x19..x28, x29, x30(lr), d8..d15.
+// Frame at the saved sp (176 bytes): x19..x28, x29, x30(lr), d8..d15, fpcr, pad.
 __asm__(PMN_ASM_FN(pmn_cpu_rt_switch)
         "  hint #34\n"  // bti c (a NOP without BTI)
-        "  sub sp, sp, #160\n"
+        "  sub sp, sp, #176\n"
         "  stp x19, x20, [sp, #0]\n"
         "  stp x21, x22, [sp, #16]\n"
         "  stp x23, x24, [sp, #32]\n"
@@ -185,9 +200,16 @@ __asm__(PMN_ASM_FN(pmn_cpu_rt_switch)
         "  stp d10, d11, [sp, #112]\n"
         "  stp d12, d13, [sp, #128]\n"
         "  stp d14, d15, [sp, #144]\n"
-        "  mov x9, sp\n"
-        "  str x9, [x0]\n"
+        "  mrs x9, fpcr\n"
+        "  str x9, [sp, #160]\n"
+        "  mov x10, sp\n"
+        "  str x10, [x0]\n"
         "  mov sp, x1\n"
+        // Writing FPCR can be slow; it almost never differs between fibers.
+        "  ldr x10, [sp, #160]\n"
+        "  cmp x9, x10\n"
+        "  b.ne 1f\n"
+        "2:\n"
         "  ldp x19, x20, [sp, #0]\n"
         "  ldp x21, x22, [sp, #16]\n"
         "  ldp x23, x24, [sp, #32]\n"
@@ -198,8 +220,11 @@ __asm__(PMN_ASM_FN(pmn_cpu_rt_switch)
         "  ldp d10, d11, [sp, #112]\n"
         "  ldp d12, d13, [sp, #128]\n"
         "  ldp d14, d15, [sp, #144]\n"
-        "  add sp, sp, #160\n"
+        "  add sp, sp, #176\n"
         "  ret\n"
+        "1:\n"
+        "  msr fpcr, x10\n"
+        "  b 2b\n"
         PMN_ASM_END(pmn_cpu_rt_switch)
         // Entered by `ret`; x19 = Fiber*, x20 = entry function (never returns).
         PMN_ASM_FN(pmn_cpu_rt_fiber_start)
@@ -222,11 +247,9 @@ struct Fiber {
   uint32_t site;    // while F_SIMD
   uint8_t state;
   pmn_tinfo ti;
-  char* stack_lo;   // lowest usable byte (just above the guard page)
+  char* stack_lo;   // lowest usable byte (just above the guard)
   char* stack_top;  // 64-byte aligned initial stack pointer bound
 };
-
-struct Pool;
 
 // Per executing thread (slot 0 = whichever thread calls pmn_cpu_launch; launches are serialized).
 struct Worker {
@@ -261,13 +284,13 @@ size_t page_size() {
   return ps;
 }
 
-// Stack allocation: one mmap per growth step, each stack preceded by a PROT_NONE guard page.
+// Stack allocation: one mmap per growth step, each stack preceded by a PROT_NONE guard region.
 // Never freed (the pool lives as long as the process).
 bool grow_stacks(Worker* w, uint32_t need, char* err, size_t errlen) {
   if (w->n_stacks >= need) return true;
-  const size_t ps = page_size();
+  const size_t guard = page_size() > 65536 ? page_size() : 65536;
   const size_t ss = pmn_cpu_stack_size();
-  const size_t per = ss + ps;
+  const size_t per = ss + guard;
   const uint32_t cnt = need - w->n_stacks;
   const size_t len = per * cnt;
   int flags = MAP_PRIVATE | MAP_ANONYMOUS;
@@ -285,9 +308,9 @@ bool grow_stacks(Worker* w, uint32_t need, char* err, size_t errlen) {
   }
   char* base = (char*)mem;
   for (uint32_t i = 0; i < cnt; ++i) {
-    if (mprotect(base + i * per, ps, PROT_NONE) != 0) {
+    if (mprotect(base + i * per, guard, PROT_NONE) != 0) {
       set_err(err, errlen,
-              "cpu runtime: mprotect of a fiber stack guard page failed: %s (too many mappings? "
+              "cpu runtime: mprotect of a fiber stack guard failed: %s (too many mappings? "
               "see vm.max_map_count, or lower PYMETALNN_CPU_THREADS)",
               std::strerror(errno));
       munmap(mem, len);
@@ -297,7 +320,7 @@ bool grow_stacks(Worker* w, uint32_t need, char* err, size_t errlen) {
   for (uint32_t i = 0; i < cnt; ++i) {
     const uint32_t k = w->n_stacks + i;
     Fiber& f = w->fib[k];
-    f.stack_lo = base + i * per + ps;
+    f.stack_lo = base + i * per + guard;
     // Stagger the tops by 64-byte steps (cache-set coloring, see the design notes).
     f.stack_top = f.stack_lo + ss - (size_t)(k & 63) * 64;
   }
@@ -369,6 +392,10 @@ uint64_t read_fpctl() {
   __asm__ __volatile__("stmxcsr %0" : "=m"(mx));
   __asm__ __volatile__("fnstcw %0" : "=m"(cw));
   return (uint64_t)mx | ((uint64_t)cw << 32);
+#elif PMN_CTX_AARCH64
+  uint64_t v;
+  __asm__ __volatile__("mrs %0, fpcr" : "=r"(v));
+  return v;
 #else
   return 0;
 #endif
@@ -387,12 +414,12 @@ inline void ctx_init(Worker* w, Fiber* f) {
   sp[7] = (uint64_t)(uintptr_t)&pmn_cpu_rt_fiber_start;
   f->ctx.sp = sp;
 #elif PMN_CTX_AARCH64
-  (void)w;
-  uint64_t* sp = (uint64_t*)(f->stack_top - 16 - 160);
+  uint64_t* sp = (uint64_t*)(f->stack_top - 16 - 176);
   sp[0] = (uint64_t)(uintptr_t)f;              // x19
   sp[1] = (uint64_t)(uintptr_t)&fiber_main;    // x20
   for (int i = 2; i < 20; ++i) sp[i] = 0;      // x21..x29, d8..d15
   sp[11] = (uint64_t)(uintptr_t)&pmn_cpu_rt_fiber_start;  // x30
+  sp[20] = w->fpctl;                           // fpcr
   f->ctx.sp = sp;
 #else
   (void)w;
@@ -680,6 +707,11 @@ extern "C" int pmn_cpu_launch(void* const* args, uint32_t n_groups, uint32_t tg_
   if (use_fibers ? !thread_fn : !loop_fn) {
     set_err(err, errlen, "cpu runtime: no %s entry point given",
             use_fibers ? "thread_fn (fiber)" : "loop_fn");
+    return 1;
+  }
+  if ((uint64_t)n_groups * tg_size > ((uint64_t)1 << 32)) {
+    set_err(err, errlen, "cpu runtime: grid of %u x %u threads exceeds 2^32 (32-bit thread ids)",
+            n_groups, tg_size);
     return 1;
   }
   if (n_groups == 0) return 0;

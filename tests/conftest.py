@@ -1,0 +1,56 @@
+"""Shared fixtures: every test that takes `backend` (or `dev`) runs once per backend.
+
+A backend that cannot run here (`pymetalnn.availability()`) is skipped with its reason, which
+`pytest -ra` prints. `PYMETALNN_BACKEND=cuda` (or metal, cpu) restricts the run to that one.
+"""
+from __future__ import annotations
+
+import os
+
+import pytest
+
+import pymetalnn
+from pymetalnn.runtime import BACKENDS
+
+_AVAIL: dict[str, str | None] | None = None
+
+
+def availability() -> dict[str, str | None]:
+    """`pymetalnn.availability()`, probed once per session (the metal probe builds a device)."""
+    global _AVAIL
+    if _AVAIL is None:
+        _AVAIL = pymetalnn.availability()
+    return _AVAIL
+
+
+def selected_backends() -> list[str]:
+    only = os.environ.get("PYMETALNN_BACKEND") or None
+    if only is not None:
+        if only not in BACKENDS:
+            raise pytest.UsageError(f"PYMETALNN_BACKEND={only!r}: choose from {', '.join(BACKENDS)}")
+        return [only]
+    return list(BACKENDS)
+
+
+def get_device(name: str) -> pymetalnn.Device:
+    """The device of backend `name`, or skip the test saying why it cannot run here."""
+    reason = availability().get(name)
+    if reason:
+        pytest.skip(f"backend {name} unavailable: {reason}")
+    return pymetalnn.device(name)
+
+
+@pytest.fixture(params=selected_backends())
+def backend(request: pytest.FixtureRequest) -> str:
+    """Name of a backend that can run here (others are skipped with the reason)."""
+    name = request.param
+    reason = availability().get(name)
+    if reason:
+        pytest.skip(f"backend {name} unavailable: {reason}")
+    return name
+
+
+@pytest.fixture
+def dev(backend: str) -> pymetalnn.Device:
+    """The device of `backend`."""
+    return pymetalnn.device(backend)
