@@ -1,0 +1,1 @@
+"""Op wrappers: validate, pick the kernel variant, fill the params struct, dispatch."""
