@@ -5,11 +5,190 @@
 #pragma once
 
 // ---- conv / gemm (conv.metal, gemm.metal) -------------------------------------------------
+// Conv2dParams: one struct for every conv2d / conv_transpose2d kernel (conv.metal). Geometry is
+// always the conv's: x (N, C, H, W) -> y (N, K, OH, OW), weights (K, C/G, KH, KW), where
+// conv_transpose2d runs as the input gradient of the conv whose input is its output.
+struct Conv2dParams {
+    uint N, C, H, W;      // conv input
+    uint K, OH, OW;       // conv output channels and size
+    uint KH, KW;          // kernel size
+    uint SH, SW;          // stride
+    int PH, PW;           // top / left padding (bottom / right follow from OH, OW)
+    uint DH, DW;          // dilation
+    uint G, Cg, Kg;       // groups, C / G, K / G
+    uint has_bias;        // forward / input-gradient kernels: add b
+    uint splits, chunk;   // gradient reductions: partial sums, reduction elements per partial
+};
 // (structs of the convolution issue go here)
+
+// GemmParams (gemm.metal): C = alpha * op(A) op(B) + beta * C (+ bias[n]), op(X) = X or X^T,
+// batched; every matrix row-major with the given row pitch.
+struct GemmParams {
+    uint M, N, K;                       // op(A) is M x K, op(B) is K x N, C is M x N
+    uint lda, ldb, ldc;                 // row pitch (elements) of A, B, C as stored
+    uint batch;                         // matrices per operand
+    uint stride_a, stride_b, stride_c;  // batch strides in elements (0: one matrix for all)
+    uint reduce_batch;                  // 1: C = sum over the batch of op(A_i) op(B_i)
+    uint k_splits;                      // split-K factor (> 1: partial sums to the workspace)
+    uint tiles_m, tiles_n;              // output tiles per matrix (host-computed geometry)
+    uint flags;                         // GEMM_* bits (gemm.metal)
+    float alpha, beta;
+};
+// LinearBiasGradParams (gemm.metal): out[n] = sum over r < rows of x[r * cols + n].
+struct LinearBiasGradParams {
+    uint rows, cols;
+};
 
 // ---- other CNN ops (pool.metal, neuron.metal, softmax.metal, loss.metal, dropout.metal,
 //      norm.metal, arith.metal, copy.metal) --------------------------------------------------
 // (structs of the CNN-ops issue go here)
 
+// -- pool.metal / neuron.metal (pooling and activation family) --
+// NeuronParams (neuron.metal): y = f(x) over n elements; a, b are the op's scalars:
+// leaky_relu a = negative_slope; elu a = alpha; softplus a = beta, b = threshold;
+// hard_sigmoid y = clamp(a x + b, 0, 1); linear_neuron y = a x + b.
+struct NeuronParams {
+    uint n;
+    float a, b;
+};
+// Pool2dParams (pool.metal, max/avg pooling): x (N*C planes of IH x IW) -> (OH x OW) per plane.
+// Window of output (oh, ow): rows oh*SH - PH + r*DH for r < KH, likewise columns.
+struct Pool2dParams {
+    uint planes;          // N * C
+    uint IH, IW, OH, OW;
+    int KH, KW, SH, SW, PH, PW, DH, DW;
+    uint flags;           // POOL_* bits (pool.metal)
+    uint divisor;         // avg: divisor_override, 0 = none
+};
+// AdaptivePool2dParams (pool.metal): output cell (oh, ow) averages rows
+// [floor(oh*IH/OH), ceil((oh+1)*IH/OH)) and likewise columns.
+struct AdaptivePool2dParams {
+    uint planes, IH, IW, OH, OW;
+};
+
+// -- arith.metal / copy.metal / dropout.metal (arithmetic, shape and dropout family) --
+// Arrays of 8 hold per-dimension data of up to 8 merged dimensions (the host merges adjacent
+// dimensions that broadcast alike first, so real tensors need far fewer). Index 0 is outermost.
+// ArithParams (arith.metal, elementwise): out = op(x0, x1, x2) with broadcasting.
+struct ArithParams {
+    uint n;            // work items: output elements, or groups of 4 when vec == 4
+    uint ndim;         // merged output dimensions
+    uint vec;          // 4: the innermost dimension is a multiple of 4, 4 outputs per item
+    float alpha;       // factor of the scale op
+    uint shape[8];     // merged output dimensions
+    uint stride0[8];   // element strides of x0 per output dimension (0 = broadcast)
+    uint stride1[8];
+    uint stride2[8];
+};
+// ReduceParams (arith.metal): out[t] = alpha * sum over the reduced index space of op(x0, x1, x2).
+struct ReduceParams {
+    uint n_out;        // outputs (kept index space)
+    uint n_red;        // reduced elements per output (inner kernels: rows * inner)
+    uint inner;        // inner kernels: length of the contiguous innermost reduced dimension
+    uint splits;       // > 1: float partials [splits][n_out], a finish kernel adds them up
+    uint chunk;        // reduced elements per split
+    uint nk;           // kept dimensions
+    uint nr;           // reduced dimensions (inner kernels: excluding the innermost)
+    float alpha;       // factor applied to the sum (mean: 1 / count)
+    uint istride0, istride1, istride2;  // inner kernels: strides of the innermost reduced dim
+    uint ksize[8];
+    uint kstride0[8];
+    uint kstride1[8];
+    uint kstride2[8];
+    uint rsize[8];
+    uint rstride0[8];
+    uint rstride1[8];
+    uint rstride2[8];
+};
+// CopyParams (copy.metal): a block of rows x cols elements, src[src_off + r * src_pitch + c] ->
+// dst[dst_off + r * dst_pitch + c], converting the storage type.
+struct CopyParams {
+    uint n;            // work items: elements, or groups of 4 when vec == 4
+    uint rows, cols;
+    uint vec;          // 4: cols, pitches and offsets are multiples of 4
+    uint src_pitch, dst_pitch;
+    uint src_off, dst_off;
+};
+// PermuteParams (copy.metal): out[i] = x[offset of i's coordinates under the permuted strides].
+struct PermuteParams {
+    uint n;            // work items: elements, or groups of 4 when vec == 4
+    uint ndim;
+    uint vec;          // 4: the innermost output dimension is x's innermost and a multiple of 4
+    uint pad;
+    uint shape[8];     // output dimensions (merged)
+    uint stride[8];    // x's element stride of each output dimension
+};
+// TransposeParams (copy.metal): batched x (batch, rows, cols) -> out (batch, cols, rows).
+struct TransposeParams {
+    uint batch, rows, cols;
+    uint tiles_r, tiles_c;  // 32 x 32 tiles per matrix
+    uint n_tiles;           // batch * tiles_r * tiles_c
+};
+// DropoutParams (dropout.metal): Philox4x32-10, key = (key0, key1) = the seed, counter =
+// (block, 0, ctr2, ctr3) with (ctr2, ctr3) = the offset; drop where the draw < threshold.
+struct DropoutParams {
+    uint n;            // elements
+    uint key0, key1;
+    uint ctr2, ctr3;
+    uint threshold;    // round(p * 2^32), saturated
+    float scale;       // 1 / (1 - p)
+    uint inner;        // dropout2d: elements per channel (H * W); 1 otherwise
+    uint channels;     // dropout2d: N * C
+    uint items;        // work items (threads doing 4 elements each)
+};
+
 // ---- recurrent and optimizers (rnn.metal, optimizer.metal) ---------------------------------
 // (structs of the recurrent/optimizer issue go here)
+
+// -- optimizer.metal (pymetalnn.optim) --
+// OptimParams: what every update kernel (ours and a CustomOptimizer's) gets, one per parameter
+// tensor: MPS's optimizer descriptor plus torch's maximize. The gradient a rule sees is
+// g' = clamp(g * grad_rescale * clip_coef, clip_min, clip_max), negated if maximize, plus
+// reg_scale * sign(w) (L1) or reg_scale * w (L2); clip_coef = min(1, max_norm / (norm + 1e-6))
+// with norm = sqrt(gnorm[0]), the global norm over every rescaled gradient of the optimizer.
+struct OptimParams {
+    uint n;            // elements of this tensor
+    uint vec4;         // 1: every buffer is 16-byte aligned, 4-wide loads allowed
+    uint step;         // this tensor's step count, this step included (1 on the first)
+    float lr;
+    float grad_rescale;
+    uint clip_value;   // 1: clamp to [clip_min, clip_max]
+    float clip_min, clip_max;
+    uint clip_norm;    // 1: scale by clip_coef (gnorm[0] holds the sum of squares)
+    float max_norm;
+    uint reg_type;     // 0 none, 1 L1, 2 L2
+    float reg_scale;
+    uint maximize;
+};
+// OptimNormParams (optim_sumsq): gnorm[0] += sum over i < n of (scale * x[i])^2.
+struct OptimNormParams {
+    uint n;
+    float scale;
+};
+// SGDParams (sgd_step): torch.optim.SGD; host-side constants precomputed in double.
+struct SGDParams {
+    float momentum;
+    float one_minus_dampening;
+    uint nesterov;
+    uint first_step;   // 1: the momentum buffer starts as the gradient (torch's clone)
+    float weight_decay;
+};
+// AdamParams (adam_step): torch.optim.Adam / AdamW; bias corrections computed on the host.
+struct AdamParams {
+    float one_minus_beta1;  // lerp weight of exp_avg
+    float beta2, one_minus_beta2;
+    float eps;
+    float weight_decay;     // Adam's L2 term (0 for AdamW)
+    float decay;            // AdamW's w *= 1 - lr * weight_decay (1 for Adam)
+    float step_size;        // lr / (1 - beta1^t)
+    float bc2_sqrt;         // sqrt(1 - beta2^t)
+    uint amsgrad;
+};
+// RMSPropParams (rmsprop_step): torch.optim.RMSprop.
+struct RMSPropParams {
+    float alpha, one_minus_alpha;
+    float eps;
+    float momentum;
+    uint centered;
+    float weight_decay;
+};

@@ -50,6 +50,141 @@ def parse_header(path: str | None = None) -> dict[str, list[tuple[str, str]]]:
 
 # ---- conv / gemm --------------------------------------------------------------------------
 
+
+class Conv2dParams(Params):
+    """kernels/params.h Conv2dParams: conv geometry (conv_transpose2d uses its conv view)."""
+
+    _fields_ = [("N", U32), ("C", U32), ("H", U32), ("W", U32), ("K", U32), ("OH", U32),
+                ("OW", U32), ("KH", U32), ("KW", U32), ("SH", U32), ("SW", U32), ("PH", I32),
+                ("PW", I32), ("DH", U32), ("DW", U32), ("G", U32), ("Cg", U32), ("Kg", U32),
+                ("has_bias", U32), ("splits", U32), ("chunk", U32)]
+
+
+class GemmParams(Params):
+    """kernels/params.h GemmParams: C = alpha * op(A) op(B) + beta * C (+ bias), batched."""
+
+    _fields_ = [("M", U32), ("N", U32), ("K", U32), ("lda", U32), ("ldb", U32), ("ldc", U32),
+                ("batch", U32), ("stride_a", U32), ("stride_b", U32), ("stride_c", U32),
+                ("reduce_batch", U32), ("k_splits", U32), ("tiles_m", U32), ("tiles_n", U32),
+                ("flags", U32), ("alpha", F32), ("beta", F32)]
+
+
+class LinearBiasGradParams(Params):
+    """kernels/params.h LinearBiasGradParams: column sums of a rows x cols matrix."""
+
+    _fields_ = [("rows", U32), ("cols", U32)]
+
+
 # ---- other CNN ops ------------------------------------------------------------------------
 
+# -- pool / neuron --
+class NeuronParams(Params):
+    """kernels/params.h NeuronParams: y = f(x) over n elements with the op's scalars a, b."""
+
+    _fields_ = [("n", U32), ("a", F32), ("b", F32)]
+
+
+class Pool2dParams(Params):
+    """kernels/params.h Pool2dParams: max/avg pooling geometry per (N*C) plane."""
+
+    _fields_ = [("planes", U32), ("IH", U32), ("IW", U32), ("OH", U32), ("OW", U32),
+                ("KH", I32), ("KW", I32), ("SH", I32), ("SW", I32), ("PH", I32), ("PW", I32),
+                ("DH", I32), ("DW", I32), ("flags", U32), ("divisor", U32)]
+
+
+class AdaptivePool2dParams(Params):
+    """kernels/params.h AdaptivePool2dParams: adaptive average pooling geometry."""
+
+    _fields_ = [("planes", U32), ("IH", U32), ("IW", U32), ("OH", U32), ("OW", U32)]
+
+
+# -- arith / copy / dropout (arrays of 8: per merged dimension, outermost first) --
+MAXD = 8
+U32x8 = U32 * MAXD
+
+
+class ArithParams(Params):
+    """kernels/params.h ArithParams: elementwise out = op(x0, x1, x2) with broadcast strides."""
+
+    _fields_ = [("n", U32), ("ndim", U32), ("vec", U32), ("alpha", F32), ("shape", U32x8),
+                ("stride0", U32x8), ("stride1", U32x8), ("stride2", U32x8)]
+
+
+class ReduceParams(Params):
+    """kernels/params.h ReduceParams: out[t] = alpha * sum over reduced dims of op(x0, x1, x2)."""
+
+    _fields_ = [("n_out", U32), ("n_red", U32), ("inner", U32), ("splits", U32), ("chunk", U32),
+                ("nk", U32), ("nr", U32), ("alpha", F32), ("istride0", U32), ("istride1", U32),
+                ("istride2", U32), ("ksize", U32x8), ("kstride0", U32x8), ("kstride1", U32x8),
+                ("kstride2", U32x8), ("rsize", U32x8), ("rstride0", U32x8), ("rstride1", U32x8),
+                ("rstride2", U32x8)]
+
+
+class CopyParams(Params):
+    """kernels/params.h CopyParams: a rows x cols block copy with pitches, offsets, cast."""
+
+    _fields_ = [("n", U32), ("rows", U32), ("cols", U32), ("vec", U32), ("src_pitch", U32),
+                ("dst_pitch", U32), ("src_off", U32), ("dst_off", U32)]
+
+
+class PermuteParams(Params):
+    """kernels/params.h PermuteParams: gather through permuted strides."""
+
+    _fields_ = [("n", U32), ("ndim", U32), ("vec", U32), ("pad", U32), ("shape", U32x8),
+                ("stride", U32x8)]
+
+
+class TransposeParams(Params):
+    """kernels/params.h TransposeParams: batched (rows, cols) -> (cols, rows) in 32x32 tiles."""
+
+    _fields_ = [("batch", U32), ("rows", U32), ("cols", U32), ("tiles_r", U32), ("tiles_c", U32),
+                ("n_tiles", U32)]
+
+
+class DropoutParams(Params):
+    """kernels/params.h DropoutParams: Philox4x32-10 key/counter words, threshold, scale."""
+
+    _fields_ = [("n", U32), ("key0", U32), ("key1", U32), ("ctr2", U32), ("ctr3", U32),
+                ("threshold", U32), ("scale", F32), ("inner", U32), ("channels", U32),
+                ("items", U32)]
+
+
 # ---- recurrent and optimizers -------------------------------------------------------------
+
+# -- optimizer.metal (pymetalnn.optim) --
+
+
+class OptimParams(Params):
+    """kernels/params.h OptimParams: per-tensor size, step, lr and MPS gradient preprocessing."""
+
+    _fields_ = [("n", U32), ("vec4", U32), ("step", U32), ("lr", F32), ("grad_rescale", F32),
+                ("clip_value", U32), ("clip_min", F32), ("clip_max", F32), ("clip_norm", U32),
+                ("max_norm", F32), ("reg_type", U32), ("reg_scale", F32), ("maximize", U32)]
+
+
+class OptimNormParams(Params):
+    """kernels/params.h OptimNormParams: sum of squares of scale * x."""
+
+    _fields_ = [("n", U32), ("scale", F32)]
+
+
+class SGDParams(Params):
+    """kernels/params.h SGDParams: torch.optim.SGD hyperparameters."""
+
+    _fields_ = [("momentum", F32), ("one_minus_dampening", F32), ("nesterov", U32),
+                ("first_step", U32), ("weight_decay", F32)]
+
+
+class AdamParams(Params):
+    """kernels/params.h AdamParams: Adam/AdamW hyperparameters and host-side bias corrections."""
+
+    _fields_ = [("one_minus_beta1", F32), ("beta2", F32), ("one_minus_beta2", F32), ("eps", F32),
+                ("weight_decay", F32), ("decay", F32), ("step_size", F32), ("bc2_sqrt", F32),
+                ("amsgrad", U32)]
+
+
+class RMSPropParams(Params):
+    """kernels/params.h RMSPropParams: torch.optim.RMSprop hyperparameters."""
+
+    _fields_ = [("alpha", F32), ("one_minus_alpha", F32), ("eps", F32), ("momentum", F32),
+                ("centered", U32), ("weight_decay", F32)]

@@ -48,6 +48,14 @@ def _platform_flags() -> list[str]:
     return ["-pthread"]
 
 
+def _runtime_flags() -> list[str]:
+    # export only the ABI (PMN_CPU_API): see pmn_cpu_abi.h
+    flags = ["-fvisibility=hidden"]
+    if sys.platform.startswith("linux"):
+        flags.append("-Wl,--exclude-libs,ALL")
+    return flags
+
+
 def _hash(*parts: str | bytes) -> str:
     h = hashlib.sha256()
     for p in parts:
@@ -83,10 +91,10 @@ class _Runtime:
             if cls._lib is None:
                 src = os.path.join(CPU_RT_DIR, "pmn_cpu_rt.cpp")
                 key = _hash(_read(src), _read(os.path.join(CPU_RT_DIR, "pmn_cpu_abi.h")), cxx,
-                            " ".join(CXXFLAGS), platform.machine())
+                            " ".join(CXXFLAGS + _runtime_flags()), platform.machine())
                 out = os.path.join(cache_dir(), f"pmn_cpu_rt-{key}.so")
                 if not os.path.exists(out):
-                    _compile_shared(cxx, src, out, [])
+                    _compile_shared(cxx, src, out, _runtime_flags())
                 lib = ctypes.CDLL(out, mode=ctypes.RTLD_GLOBAL)
                 lib.pmn_cpu_launch.restype = ctypes.c_int
                 lib.pmn_cpu_launch.argtypes = [ctypes.c_void_p, ctypes.c_uint32, ctypes.c_uint32,

@@ -310,9 +310,8 @@ class Translator:
         while True:
             if _is_attr(rest, j):
                 e = _attr_end(rest, j)
-                inner = rest[j + 2 : e - 1]
-                if inner:
-                    attrs[inner[0].text] = inner
+                for part in _split_commas(rest[j + 2 : e - 1]):  # [[kernel, host_name("x")]]
+                    attrs[part[0].text] = part
                 j = e + 1
             elif rest[j].text == "kernel":
                 j += 1
@@ -336,7 +335,7 @@ class Translator:
             strs = [x for x in a if x.kind == "str"]
             if not strs:
                 raise MSLError(a[0].file, a[0].line, "[[host_name]] needs a string")
-            host_name = strs[0].text[1:-1]
+            host_name = "".join(x.text[1:-1] for x in strs)  # "a_" #T "_b" concatenates
 
         if explicit:
             # template [[host_name("n")]] [[kernel]] void f<T>(params);   or   decltype(f<T>) f<T>;
@@ -602,7 +601,9 @@ class Translator:
                         out.append(_tok(TYPE_MAP[fn.text], like=fn))
                         i = j + 1
                         continue
-                    i = self._emit_func(toks, j, out, ns, bodies, cur_func)
+                    j2 = self._emit_func(toks, j, out, ns, bodies, cur_func)
+                    paren += j2 - j - 1  # a SIMD call's '(' is consumed there
+                    i = j2
                     continue
                 if fn.text in ("numeric_limits",):
                     pass
@@ -667,7 +668,9 @@ class Translator:
             member = p is not None and p.text in (".", "->", "::")
             if s in KNOWN_FUNCS and not member and s not in self.user_funcs and nxt is not None \
                     and nxt.text in ("(", "<"):
-                i = self._emit_func(toks, i, out, [], bodies, cur_func)
+                j2 = self._emit_func(toks, i, out, [], bodies, cur_func)
+                paren += j2 - i - 1  # a SIMD call's '(' is consumed there
+                i = j2
                 continue
             if cur_func and nxt is not None and nxt.text == "(" and not member:
                 bodies[cur_func[-1]]["calls"].add(s)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import ctypes
 import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -19,13 +21,14 @@ class SimdParams(ctypes.Structure):
 @pytest.fixture(scope="module")
 def pair():
     only = os.environ.get("PYMETALNN_BACKEND")
-    if only and only not in ("cpu", "cuda"):
-        pytest.skip(f"PYMETALNN_BACKEND={only}")
+    if only:
+        pytest.skip(f"PYMETALNN_BACKEND={only}: one backend only")
     avail = pymetalnn.availability()
     missing = {b: avail[b] for b in ("cpu", "cuda") if avail[b]}
     if missing:
         pytest.skip("needs cpu and cuda: " + "; ".join(f"{b}: {r}" for b, r in missing.items()))
-    return pymetalnn.device("cpu"), pymetalnn.device("cuda")
+    cuda = pymetalnn.device("cuda")  # first: see test_cpu_device_then_cupy_import
+    return pymetalnn.device("cpu"), cuda
 
 
 def run_both(pair, fn):
@@ -124,3 +127,19 @@ def test_cpu_and_cuda_bit_identical(pair, case) -> None:
     assert cpu.keys() == cuda.keys()
     for key in cpu:
         assert_bits_equal(cuda[key], cpu[key], what=f"{case.__name__}: {key} (cuda vs cpu)")
+
+
+def test_cpu_device_then_cupy_import() -> None:
+    """Creating the cpu device first must not break importing CuPy (and its C++ extensions)
+    afterwards in the same process. Run in a subprocess: the failure mode is a crash."""
+    if os.environ.get("PYMETALNN_BACKEND"):
+        pytest.skip(f"PYMETALNN_BACKEND={os.environ['PYMETALNN_BACKEND']}: one backend only")
+    avail = pymetalnn.availability()
+    if avail["cuda"] or avail["cpu"]:
+        pytest.skip(f"needs cpu and cuda: cpu: {avail['cpu']}; cuda: {avail['cuda']}")
+    code = "import pymetalnn; pymetalnn.device('cpu'); import cupy; print('ok')"
+    root = os.path.dirname(os.path.dirname(os.path.abspath(pymetalnn.__file__)))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([root, os.environ.get("PYTHONPATH", "")]))
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                       env=env)
+    assert r.returncode == 0 and r.stdout.strip() == "ok", (r.returncode, r.stderr[-2000:])

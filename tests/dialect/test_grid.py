@@ -96,15 +96,17 @@ def test_threadgroup_tree_reduction(load, name, dtype, tg, ng, n) -> None:
         np.testing.assert_array_equal(got, want)
 
 
-@pytest.mark.parametrize("n", [1, 31, 255, 256, 257, 4097])
-def test_two_level_simd_reduction(load, n: int) -> None:
-    k = load("grid").kernel("reduce_simd_int")
+@pytest.mark.parametrize("tg,n", [(256, 1), (256, 31), (256, 255), (256, 256), (256, 257),
+                                  (256, 4097), (1024, 1000), (1024, 5000)])
+def test_two_level_simd_reduction(load, tg: int, n: int) -> None:
+    k = load("grid").kernel(f"reduce_simd_int_{tg}")
+    assert k.threadgroup_size == tg
     dev = k.library.device
     x = rng(n).integers(-10_000, 10_000, n, dtype=np.int32)
-    ng = groups(n, 256)
+    ng = groups(n, tg)
     part = dev.buffer(np.zeros(ng, dtype=np.int32))
     k(n, dev.buffer(x), part, n)
-    want = np.array([x[g * 256:(g + 1) * 256].sum() for g in range(ng)], dtype=np.int32)
+    want = np.array([x[g * tg:(g + 1) * tg].sum() for g in range(ng)], dtype=np.int32)
     np.testing.assert_array_equal(part.numpy(np.int32), want)
 
 

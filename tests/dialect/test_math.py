@@ -123,7 +123,7 @@ def misc_reference(a, b, c, p):
         want[:, 32] = np.hypot(a64, b64)
         want[:, 33] = np.linalg.norm(v4, axis=1)
         cl = np.clip(v4.astype(f), -1, 1)
-        want[:, 34] = cl[:, 0] + cl[:, 1] * f(10)
+        want[:, 34] = cl[:, 0] - cl[:, 1]
         want[:, 35] = np.maximum(a, c) - np.maximum(b, c)
         want[:, 36] = fract(-a)
         want[:, 37] = np.fmod(-a, b)

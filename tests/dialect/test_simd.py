@@ -208,6 +208,31 @@ def test_simd_in_divergent_branches_and_loops(load) -> None:
             np.testing.assert_array_equal(got[base + lane], want, err_msg=f"lane {lane}")
 
 
+def test_simd_lanes_returning_between_calls(load) -> None:
+    lib = load("simd")
+    dev = lib.device
+    n = 512
+    x = rng(26).integers(-500, 500, n, dtype=np.int32)
+    out = dev.buffer(np.zeros(n * 3, dtype=np.int32))
+    lib.kernel("simd_midreturn")(n, dev.buffer(x), out)
+    got = out.numpy(np.int32, (n, 3))
+    lanes = np.arange(32)
+    stay = lanes % 8 < 5             # lanes that pass the first return
+    stay2 = stay & (lanes < 20)      # ... and the second
+    for base in range(0, n, 32):
+        xs = x[base:base + 32].astype(np.int64)
+        for lane in range(32):
+            if not stay[lane]:
+                want = [xs.sum(), -1, -1]
+            elif not stay2[lane]:
+                want = [xs.sum(), xs[stay].sum(), -2]
+            else:
+                act = xs[stay2]
+                before = xs[stay2 & (lanes < lane)].sum()
+                want = [xs.sum(), xs[stay].sum(), before + act.max()]
+            np.testing.assert_array_equal(got[base + lane], want, err_msg=f"lane {lane}")
+
+
 def test_simd_in_helper_function(load) -> None:
     lib = load("simd")
     dev = lib.device

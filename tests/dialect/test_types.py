@@ -235,3 +235,30 @@ def test_vector_half4_bit_exact(load) -> None:
     assert_bits_equal(got[:, 5], np.stack([x[:, 3], y[:, 2], x[:, 0], np.full(n, 1.5, F16)], 1),
                       what="half4 components")
     assert_bits_equal(fout.numpy(F32, (n, 4)), x.astype(F32), what="float4(half4)")
+
+
+def _ftz(a: np.ndarray) -> np.ndarray:
+    """Flush float32 subnormals to signed zero, as CUDA's -ftz=true does."""
+    a = np.asarray(a, F32)
+    return np.where(np.abs(a) < F32(2.0**-126), np.copysign(F32(0), a), a).astype(F32)
+
+
+def test_float_denormals(load) -> None:
+    """cpu keeps subnormals (IEEE); cuda flushes them to zero (NVRTC through CuPy compiles with
+    -ftz=true, as Metal's fast math does). docs/dialect.md documents both."""
+    lib = load("types")
+    dev = lib.device
+    x = np.array([1e-40, -3e-39, 1.5e-38, 2.0**-126, -(2.0**-149), 0.0, 1.0, 2.0**-125], F32)
+    n = x.size
+    out = dev.buffer(np.zeros(n * 3, F32))
+    iout = dev.buffer(np.zeros(n * 2, np.int32))
+    lib.kernel("denormals")(n, dev.buffer(x), out, iout, n)
+    flush = dev.name == "cuda"
+    xe = _ftz(x) if flush else x
+    want = np.stack([xe * F32(1e20), xe + xe, xe * F32(0.5)], 1)
+    if flush:
+        want = _ftz(want)
+    assert_bits_equal(out.numpy(F32, (n, 3)), want, what="float arithmetic on/into denormals")
+    np.testing.assert_array_equal(iout.numpy(np.int32, (n, 2)),
+                                  np.stack([np.sign(xe), xe == 0], 1).astype(np.int32),
+                                  err_msg="comparisons of denormals with zero")

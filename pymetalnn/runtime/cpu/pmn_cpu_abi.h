@@ -11,6 +11,14 @@
 #include <stdint.h>
 #include <stddef.h>
 
+// The runtime library is built with hidden visibility and exports only these functions, so
+// loading it RTLD_GLOBAL cannot leak a (possibly static) C++ runtime into other extensions.
+#if defined(__GNUC__)
+#define PMN_CPU_API __attribute__((visibility("default")))
+#else
+#define PMN_CPU_API
+#endif
+
 #ifdef __cplusplus
 extern "C" {
 #endif
@@ -46,22 +54,22 @@ typedef void (*pmn_tg_loop_fn)(void* const* args, uint32_t tgid, uint32_t tg_siz
 // --- called by Python (ctypes) ---------------------------------------------------------------
 // Runs the whole grid and returns when it is done. use_fibers selects thread_fn (fibers) over
 // loop_fn. Returns 0, or non-zero with a message in err.
-int pmn_cpu_launch(void* const* args, uint32_t n_groups, uint32_t tg_size, int use_fibers,
+PMN_CPU_API int pmn_cpu_launch(void* const* args, uint32_t n_groups, uint32_t tg_size, int use_fibers,
                    pmn_thread_fn thread_fn, pmn_tg_loop_fn loop_fn, char* err, size_t errlen);
 // Number of worker threads (PYMETALNN_CPU_THREADS, else the number of cores).
-int pmn_cpu_num_workers(void);
+PMN_CPU_API int pmn_cpu_num_workers(void);
 // Fiber stack size in bytes (PYMETALNN_CPU_STACK, default 128 KiB).
-size_t pmn_cpu_stack_size(void);
+PMN_CPU_API size_t pmn_cpu_stack_size(void);
 
 // --- called by kernel code, only inside fiber-mode launches ----------------------------------
 // The calling lane's slot. Aborts with a message when called outside a fiber.
-pmn_simd_slot* pmn_cpu_lane_slot(void);
+PMN_CPU_API pmn_simd_slot* pmn_cpu_lane_slot(void);
 // Blocks the calling lane until every lane of its simdgroup that has not returned is blocked;
 // lanes waiting on the same `site` with the lowest site id are grouped, `fn` runs once for them,
 // and they resume. Lanes waiting at a threadgroup barrier are not part of the group.
-void pmn_cpu_simd_wait(uint32_t site, pmn_simd_fn fn);
+PMN_CPU_API void pmn_cpu_simd_wait(uint32_t site, pmn_simd_fn fn);
 // threadgroup_barrier: blocks until every thread of the threadgroup that has not returned waits here.
-void pmn_cpu_tg_barrier(void);
+PMN_CPU_API void pmn_cpu_tg_barrier(void);
 
 #ifdef __cplusplus
 }

@@ -97,31 +97,35 @@ REDUCE_KERNEL(uint, 1024)
 
 // Two-level reduction: simd_sum per simdgroup, partials in threadgroup memory, then simdgroup 0
 // reduces them (MLX's usual shape).
-[[max_total_threads_per_threadgroup(256)]]
-kernel void reduce_simd_int(device const int* x [[buffer(0)]],
-                            device int* partial [[buffer(1)]],
-                            constant uint& n [[buffer(2)]],
-                            uint gid [[thread_position_in_grid]],
-                            uint lid [[thread_position_in_threadgroup]],
-                            uint tgid [[threadgroup_position_in_grid]],
-                            uint lane [[thread_index_in_simdgroup]],
-                            uint sid [[simdgroup_index_in_threadgroup]],
-                            uint nsimd [[simdgroups_per_threadgroup]]) {
-    threadgroup int sums[32];
-    int v = gid < n ? x[gid] : 0;
-    v = simd_sum(v);
-    if (lane == 0) {
-        sums[sid] = v;
-    }
-    threadgroup_barrier(mem_flags::mem_threadgroup);
-    if (sid == 0) {
-        int w = lid < nsimd ? sums[lane] : 0;
-        w = simd_sum(w);
-        if (lid == 0) {
-            partial[tgid] = w;
-        }
-    }
+#define REDUCE_SIMD_KERNEL(TG)                                               \
+[[max_total_threads_per_threadgroup(TG)]]                                    \
+kernel void reduce_simd_int_##TG(device const int* x [[buffer(0)]],          \
+                                 device int* partial [[buffer(1)]],          \
+                                 constant uint& n [[buffer(2)]],             \
+                                 uint gid [[thread_position_in_grid]],       \
+                                 uint lid [[thread_position_in_threadgroup]],\
+                                 uint tgid [[threadgroup_position_in_grid]], \
+                                 uint lane [[thread_index_in_simdgroup]],    \
+                                 uint sid [[simdgroup_index_in_threadgroup]],\
+                                 uint nsimd [[simdgroups_per_threadgroup]]) {\
+    threadgroup int sums[32];                                                \
+    int v = gid < n ? x[gid] : 0;                                            \
+    v = simd_sum(v);                                                         \
+    if (lane == 0) {                                                         \
+        sums[sid] = v;                                                       \
+    }                                                                        \
+    threadgroup_barrier(mem_flags::mem_threadgroup);                         \
+    if (sid == 0) {                                                          \
+        int w = lid < nsimd ? sums[lane] : 0;                                \
+        w = simd_sum(w);                                                     \
+        if (lid == 0) {                                                      \
+            partial[tgid] = w;                                               \
+        }                                                                    \
+    }                                                                        \
 }
+
+REDUCE_SIMD_KERNEL(256)
+REDUCE_SIMD_KERNEL(1024)
 
 // Barrier ordering: each round every thread reads its right neighbour's value (written by
 // another thread in the previous round), waits, then overwrites its own slot.

@@ -108,7 +108,7 @@ kernel void math_misc(device const float* A [[buffer(0)]],
     o[32] = length(float2(a, b));
     o[33] = length(float4(a, b, c, p));
     float4 cl = clamp(v4, float4(-1.0f), float4(1.0f));
-    o[34] = cl.x + cl.y * 10.0f;
+    o[34] = cl.x - cl.y;  // no multiply: nothing to contract into an fma
     float2 mx = max(float2(a, b), float2(c));
     o[35] = mx.x - mx.y;
     o[36] = fract(-a);

@@ -114,6 +114,28 @@ kernel void simd_divergent(device const int* x [[buffer(0)]],
     out[gid * 3u + 2u] = b;
 }
 
+// Lanes that return between two SIMD-group calls leave the second one's active set.
+kernel void simd_midreturn(device const int* x [[buffer(0)]],
+                           device int* out [[buffer(1)]],
+                           uint gid [[thread_position_in_grid]],
+                           uint lane [[thread_index_in_simdgroup]]) {
+    int v = x[gid];
+    int s1 = simd_sum(v);
+    out[gid * 3u + 0u] = s1;
+    if (lane % 8u >= 5u) {
+        out[gid * 3u + 1u] = -1;
+        out[gid * 3u + 2u] = -1;
+        return;
+    }
+    int s2 = simd_sum(v);
+    out[gid * 3u + 1u] = s2;
+    if (lane >= 20u) {
+        out[gid * 3u + 2u] = -2;
+        return;
+    }
+    out[gid * 3u + 2u] = simd_prefix_exclusive_sum(v) + simd_max(v);
+}
+
 // simd functions in a helper function called from the kernel.
 template <typename T>
 T warp_scan(T v) {

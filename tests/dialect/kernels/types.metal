@@ -193,3 +193,18 @@ kernel void vec_half(device const half4* a [[buffer(0)]],
     out[gid * 6u + 5u] = w;
     fout[gid] = float4(x);
 }
+
+// float denormals (IEEE): kept, compared and produced, not flushed to zero.
+kernel void denormals(device const float* x [[buffer(0)]],
+                      device float* out [[buffer(1)]],
+                      device int* iout [[buffer(2)]],
+                      constant uint& n [[buffer(3)]],
+                      uint gid [[thread_position_in_grid]]) {
+    if (gid >= n) return;
+    float v = x[gid];
+    out[gid * 3u + 0u] = v * 1.0e20f;
+    out[gid * 3u + 1u] = v + v;
+    out[gid * 3u + 2u] = v * 0.5f;
+    iout[gid * 2u + 0u] = v > 0.0f ? 1 : (v < 0.0f ? -1 : 0);
+    iout[gid * 2u + 1u] = v == 0.0f ? 1 : 0;
+}

@@ -1,0 +1,335 @@
+// arith.metal -- add, sub, mul, div with numpy/torch broadcasting, and the reductions behind
+// sum / mean and the gradients of broadcast operands.
+//
+// Elementwise: the host merges adjacent dimensions that broadcast alike ((N,C,H,W) + (1,C,1,1)
+// becomes [N, C, H*W]; same-shape operands become one dimension) and passes, per operand, the
+// element stride of each merged output dimension (0 where it is broadcast). A thread maps its
+// output index to operand offsets with ndim - 1 divisions. When the innermost merged dimension is a
+// multiple of 4 a thread produces 4 outputs with one vector load per operand (a splat where the
+// operand is broadcast along it): the ops are memory-bound, and 128-bit fp32 accesses are what gets
+// them to copy bandwidth. The offsets of the vector loads are multiples of 4, so aligned.
+//
+// Reductions out[t] = alpha * sum_r op(x0, x1, x2) (op: identity, g * other, g / b, -g a / b^2)
+// come in two shapes, chosen by the host:
+//  - outer: one thread per (output, split) walks its reduced range with an odometer (no
+//    divisions in the loop). Used when the innermost merged dimension is kept (e.g. summing over
+//    the batch), where neighbouring threads then read neighbouring addresses.
+//  - inner: the innermost merged dimension is reduced (the bias gradient [N, C, H*W] -> C, a full
+//    sum): one simdgroup per (output, split), lanes read consecutive elements, simd_sum at the end.
+// With few outputs the reduced range is cut into splits that write float partials, and a finish
+// kernel adds the partials of each output in a fixed order: deterministic, no atomics. Every sum is
+// accumulated in float whatever the storage type.
+#include <metal_stdlib>
+#include "params.h"
+using namespace metal;
+
+#define OP_ADD 0
+#define OP_SUB 1
+#define OP_MUL 2
+#define OP_DIV 3
+#define OP_SCALE 4   // alpha * x0 (broadcast copy; identity in reductions)
+#define OP_DIVRHS 5  // -x0 * x1 / x2^2: the gradient of a / b with respect to b, x0 = g
+
+// V is float or float4; c is used by OP_DIVRHS only.
+template <int OP, typename V>
+inline V arith_apply(V a, V b, V c, float alpha) {
+    if (OP == OP_ADD) return a + b;
+    if (OP == OP_SUB) return a - b;
+    if (OP == OP_MUL) return a * b;
+    if (OP == OP_DIV) return a / b;
+    if (OP == OP_SCALE) return a * alpha;
+    return -(a * (b / c)) / c;  // divide before squaring: b * b overflows float for |b| > 1.8e19
+}
+
+// How many operands an op reads; the others are never loaded.
+template <int OP>
+inline int arith_arity() {
+    return OP == OP_SCALE ? 1 : (OP == OP_DIVRHS ? 3 : 2);
+}
+
+template <typename T>
+inline float4 load4(device const T* x, uint off, uint inner_stride) {
+    // inner_stride is 0 (broadcast along the innermost dim: splat) or 1 (4 consecutive elements)
+    if (inner_stride == 0) return float4(float(x[off]));
+    return float4(*((device const vec<T, 4>*)(x + off)));
+}
+
+// ---- elementwise (forward ops, broadcast copies and one-sided gradients) ----
+template <int OP, typename T>
+kernel void arith_ew(device const T* x0 [[buffer(0)]],
+                     device const T* x1 [[buffer(1)]],
+                     device const T* x2 [[buffer(2)]],
+                     device T* out [[buffer(3)]],
+                     constant ArithParams& p [[buffer(4)]],
+                     uint gid [[thread_position_in_grid]],
+                     uint tg_size [[threads_per_threadgroup]],
+                     uint n_groups [[threadgroups_per_grid]]) {
+    const uint grid = tg_size * n_groups;
+    const int last = int(p.ndim) - 1;
+    for (uint item = gid; item < p.n; item += grid) {
+        uint rest = item * p.vec;
+        const uint e = rest;
+        uint o0 = 0, o1 = 0, o2 = 0;
+        for (int d = last; d > 0; --d) {
+            const uint c = rest % p.shape[d];
+            rest /= p.shape[d];
+            o0 += c * p.stride0[d];
+            o1 += c * p.stride1[d];
+            o2 += c * p.stride2[d];
+        }
+        o0 += rest * p.stride0[0];
+        o1 += rest * p.stride1[0];
+        o2 += rest * p.stride2[0];
+        const int k = arith_arity<OP>();
+        if (p.vec == 4) {
+            const float4 a = load4(x0, o0, p.stride0[last]);
+            const float4 b = k >= 2 ? load4(x1, o1, p.stride1[last]) : float4(0.0f);
+            const float4 c = k >= 3 ? load4(x2, o2, p.stride2[last]) : float4(1.0f);
+            *((device vec<T, 4>*)(out + e)) = vec<T, 4>(arith_apply<OP>(a, b, c, p.alpha));
+        } else {
+            const float a = float(x0[o0]);
+            const float b = k >= 2 ? float(x1[o1]) : 0.0f;
+            const float c = k >= 3 ? float(x2[o2]) : 1.0f;
+            out[e] = T(arith_apply<OP>(a, b, c, p.alpha));
+        }
+    }
+}
+
+// ---- both gradients of a same-shape binary op in one pass: g, a, b read once ----
+// p.n is the element count here; a thread handles 4 consecutive elements.
+template <int OP, typename T>
+kernel void arith_bwd(device const T* g [[buffer(0)]],
+                      device const T* a [[buffer(1)]],
+                      device const T* b [[buffer(2)]],
+                      device T* ga [[buffer(3)]],
+                      device T* gb [[buffer(4)]],
+                      constant ArithParams& p [[buffer(5)]],
+                      uint gid [[thread_position_in_grid]],
+                      uint tg_size [[threads_per_threadgroup]],
+                      uint n_groups [[threadgroups_per_grid]]) {
+    const uint grid = tg_size * n_groups;
+    const uint items = (p.n + 3u) / 4u;
+    for (uint item = gid; item < items; item += grid) {
+        const uint e = item * 4u;
+        if (e + 4u <= p.n) {
+            const float4 gv = float4(*((device const vec<T, 4>*)(g + e)));
+            float4 ra, rb;
+            if (OP == OP_ADD || OP == OP_SUB) {
+                ra = gv;
+                rb = OP == OP_ADD ? gv : -gv;
+            } else {
+                const float4 av = float4(*((device const vec<T, 4>*)(a + e)));
+                const float4 bv = float4(*((device const vec<T, 4>*)(b + e)));
+                ra = OP == OP_MUL ? gv * bv : gv / bv;
+                rb = OP == OP_MUL ? gv * av : arith_apply<OP_DIVRHS>(gv, av, bv, 1.0f);
+            }
+            *((device vec<T, 4>*)(ga + e)) = vec<T, 4>(ra);
+            *((device vec<T, 4>*)(gb + e)) = vec<T, 4>(rb);
+        } else {
+            for (uint i = e; i < p.n; ++i) {
+                const float gv = float(g[i]);
+                float ra, rb;
+                if (OP == OP_ADD || OP == OP_SUB) {
+                    ra = gv;
+                    rb = OP == OP_ADD ? gv : -gv;
+                } else {
+                    const float av = float(a[i]);
+                    const float bv = float(b[i]);
+                    ra = OP == OP_MUL ? gv * bv : gv / bv;
+                    rb = OP == OP_MUL ? gv * av : arith_apply<OP_DIVRHS>(gv, av, bv, 1.0f);
+                }
+                ga[i] = T(ra);
+                gb[i] = T(rb);
+            }
+        }
+    }
+}
+
+// ---- reductions ----
+inline uint kept_offset(uint t, constant ReduceParams& p, thread uint& o1, thread uint& o2) {
+    uint o0 = 0;
+    o1 = 0;
+    o2 = 0;
+    for (int d = int(p.nk) - 1; d >= 0; --d) {
+        const uint c = t % p.ksize[d];
+        t /= p.ksize[d];
+        o0 += c * p.kstride0[d];
+        o1 += c * p.kstride1[d];
+        o2 += c * p.kstride2[d];
+    }
+    return o0;
+}
+
+template <int OP, typename T>
+inline float reduce_term(device const T* x0, device const T* x1, device const T* x2,
+                         uint o0, uint o1, uint o2) {
+    const int k = arith_arity<OP>();
+    const float a = float(x0[o0]);
+    const float b = k >= 2 ? float(x1[o1]) : 0.0f;
+    const float c = k >= 3 ? float(x2[o2]) : 1.0f;
+    return arith_apply<OP>(a, b, c, 1.0f);
+}
+
+// outer: one thread per (output t, split s); the odometer c[] walks the reduced dims.
+template <int OP, typename T>
+kernel void reduce_outer(device const T* x0 [[buffer(0)]],
+                         device const T* x1 [[buffer(1)]],
+                         device const T* x2 [[buffer(2)]],
+                         device T* out [[buffer(3)]],
+                         device float* partial [[buffer(4)]],
+                         constant ReduceParams& p [[buffer(5)]],
+                         uint gid [[thread_position_in_grid]],
+                         uint tg_size [[threads_per_threadgroup]],
+                         uint n_groups [[threadgroups_per_grid]]) {
+    const uint grid = tg_size * n_groups;
+    const uint total = p.n_out * p.splits;
+    for (uint item = gid; item < total; item += grid) {
+        const uint t = item % p.n_out;
+        const uint s = item / p.n_out;
+        uint o1, o2;
+        uint o0 = kept_offset(t, p, o1, o2);
+        const uint r0 = s * p.chunk;
+        const uint r1 = min(p.n_red, r0 + p.chunk);
+        uint c[8];
+        uint rest = r0;
+        for (int d = int(p.nr) - 1; d >= 0; --d) {
+            c[d] = rest % p.rsize[d];
+            rest /= p.rsize[d];
+            o0 += c[d] * p.rstride0[d];
+            o1 += c[d] * p.rstride1[d];
+            o2 += c[d] * p.rstride2[d];
+        }
+        float acc = 0.0f;
+        for (uint r = r0; r < r1; ++r) {
+            acc += reduce_term<OP>(x0, x1, x2, o0, o1, o2);
+            for (int d = int(p.nr) - 1; d >= 0; --d) {
+                o0 += p.rstride0[d];
+                o1 += p.rstride1[d];
+                o2 += p.rstride2[d];
+                if (++c[d] < p.rsize[d]) break;
+                c[d] = 0;
+                o0 -= p.rsize[d] * p.rstride0[d];
+                o1 -= p.rsize[d] * p.rstride1[d];
+                o2 -= p.rsize[d] * p.rstride2[d];
+            }
+        }
+        if (p.splits == 1) out[t] = T(acc * p.alpha);
+        else partial[item] = acc;
+    }
+}
+
+// inner: one simdgroup per (output t, split s). The split covers reduced elements
+// [s * chunk, (s + 1) * chunk) of the (rows, inner) space; lane l takes elements l, l + 32, ...
+// and tracks (row, col) incrementally, rows through the odometer c[] over the outer reduced dims.
+template <int OP, typename T>
+[[max_total_threads_per_threadgroup(256)]]
+kernel void reduce_inner(device const T* x0 [[buffer(0)]],
+                         device const T* x1 [[buffer(1)]],
+                         device const T* x2 [[buffer(2)]],
+                         device T* out [[buffer(3)]],
+                         device float* partial [[buffer(4)]],
+                         constant ReduceParams& p [[buffer(5)]],
+                         uint gid [[thread_position_in_grid]],
+                         uint lane [[thread_index_in_simdgroup]],
+                         uint tg_size [[threads_per_threadgroup]],
+                         uint n_groups [[threadgroups_per_grid]]) {
+    const uint n_sg = tg_size * n_groups / 32u;
+    const uint total = p.n_out * p.splits;
+    for (uint item = gid / 32u; item < total; item += n_sg) {
+        const uint t = item % p.n_out;
+        const uint s = item / p.n_out;
+        uint k1, k2;
+        const uint k0 = kept_offset(t, p, k1, k2);
+        const uint r0 = s * p.chunk;
+        const uint r1 = min(p.n_red, r0 + p.chunk);
+        float acc = 0.0f;
+        uint r = r0 + lane;
+        if (r < r1) {
+            uint col = r % p.inner;
+            uint row = r / p.inner;
+            uint c[8];
+            uint b0 = k0, b1 = k1, b2 = k2;  // offsets of the current row
+            for (int d = int(p.nr) - 1; d >= 0; --d) {
+                c[d] = row % p.rsize[d];
+                row /= p.rsize[d];
+                b0 += c[d] * p.rstride0[d];
+                b1 += c[d] * p.rstride1[d];
+                b2 += c[d] * p.rstride2[d];
+            }
+            for (; r < r1; r += 32u) {
+                acc += reduce_term<OP>(x0, x1, x2, b0 + col * p.istride0, b1 + col * p.istride1,
+                                       b2 + col * p.istride2);
+                col += 32u;
+                while (col >= p.inner && r + 32u < r1) {  // next row (inner >= 32: at most once)
+                    col -= p.inner;
+                    for (int d = int(p.nr) - 1; d >= 0; --d) {
+                        b0 += p.rstride0[d];
+                        b1 += p.rstride1[d];
+                        b2 += p.rstride2[d];
+                        if (++c[d] < p.rsize[d]) break;
+                        c[d] = 0;
+                        b0 -= p.rsize[d] * p.rstride0[d];
+                        b1 -= p.rsize[d] * p.rstride1[d];
+                        b2 -= p.rsize[d] * p.rstride2[d];
+                    }
+                }
+            }
+        }
+        acc = simd_sum(acc);
+        if (lane == 0) {
+            if (p.splits == 1) out[t] = T(acc * p.alpha);
+            else partial[item] = acc;
+        }
+    }
+}
+
+// finish: out[t] = alpha * sum_s partial[s][t], one simdgroup per output, fixed order per lane.
+template <typename T>
+[[max_total_threads_per_threadgroup(256)]]
+kernel void reduce_finish(device const float* partial [[buffer(0)]],
+                          device T* out [[buffer(1)]],
+                          constant ReduceParams& p [[buffer(2)]],
+                          uint gid [[thread_position_in_grid]],
+                          uint lane [[thread_index_in_simdgroup]],
+                          uint tg_size [[threads_per_threadgroup]],
+                          uint n_groups [[threadgroups_per_grid]]) {
+    const uint n_sg = tg_size * n_groups / 32u;
+    for (uint t = gid / 32u; t < p.n_out; t += n_sg) {
+        float acc = 0.0f;
+        for (uint s = lane; s < p.splits; s += 32u) acc += partial[s * p.n_out + t];
+        acc = simd_sum(acc);
+        if (lane == 0) out[t] = T(acc * p.alpha);
+    }
+}
+
+#define instantiate_ew(name, OP, T) \
+    template [[host_name(name)]] [[kernel]] decltype(arith_ew<OP, T>) arith_ew<OP, T>;
+#define instantiate_bwd(name, OP, T) \
+    template [[host_name(name)]] [[kernel]] decltype(arith_bwd<OP, T>) arith_bwd<OP, T>;
+#define instantiate_reduce(name, kind, OP, T) \
+    template [[host_name(name)]] [[kernel]] decltype(reduce_##kind<OP, T>) reduce_##kind<OP, T>;
+
+#define instantiate_all(T)                                                            \
+    instantiate_ew("add_fwd_" #T, OP_ADD, T)                                          \
+    instantiate_ew("sub_fwd_" #T, OP_SUB, T)                                          \
+    instantiate_ew("mul_fwd_" #T, OP_MUL, T)                                          \
+    instantiate_ew("div_fwd_" #T, OP_DIV, T)                                          \
+    instantiate_ew("scale_fwd_" #T, OP_SCALE, T)                                      \
+    instantiate_ew("div_bwd_rhs_" #T, OP_DIVRHS, T)                                   \
+    instantiate_bwd("add_bwd_" #T, OP_ADD, T)                                         \
+    instantiate_bwd("sub_bwd_" #T, OP_SUB, T)                                         \
+    instantiate_bwd("mul_bwd_" #T, OP_MUL, T)                                         \
+    instantiate_bwd("div_bwd_" #T, OP_DIV, T)                                         \
+    instantiate_reduce("sum_fwd_outer_" #T, outer, OP_SCALE, T)                       \
+    instantiate_reduce("sum_fwd_inner_" #T, inner, OP_SCALE, T)                       \
+    instantiate_reduce("mul_bwd_outer_" #T, outer, OP_MUL, T)                         \
+    instantiate_reduce("mul_bwd_inner_" #T, inner, OP_MUL, T)                         \
+    instantiate_reduce("div_bwd_lhs_outer_" #T, outer, OP_DIV, T)                     \
+    instantiate_reduce("div_bwd_lhs_inner_" #T, inner, OP_DIV, T)                     \
+    instantiate_reduce("div_bwd_rhs_outer_" #T, outer, OP_DIVRHS, T)                  \
+    instantiate_reduce("div_bwd_rhs_inner_" #T, inner, OP_DIVRHS, T)                  \
+    template [[host_name("sum_fwd_finish_" #T)]] [[kernel]] decltype(reduce_finish<T>) \
+        reduce_finish<T>;
+
+instantiate_all(float)
+instantiate_all(half)

@@ -1,0 +1,148 @@
+"""Plain numpy references for the convolution family, straight from the definitions, in float64.
+
+Design note: these are deliberately written the obvious way (a loop over the kernel taps with an
+einsum over channels per tap) and share nothing with pymetalnn, so a kernel bug cannot hide in a
+shared helper. conv_transpose2d is written from its own definition (scatter every input pixel
+through the kernel) rather than as a conv input gradient, so it checks that identity instead of
+assuming it. Padding is always explicit here: (top, bottom, left, right).
+
+    y[n, g*Kg + k, oh, ow] = b[g*Kg + k] + sum_{c < Cg, r, s} x[n, g*Cg + c, oh*sh - pt + r*dh,
+                                                                 ow*sw - pl + s*dw] * w[g*Kg + k, c, r, s]
+"""
+from __future__ import annotations
+
+import numpy as np
+
+
+def out_size(n: int, k: int, s: int, p0: int, p1: int, d: int) -> int:
+    return (n + p0 + p1 - d * (k - 1) - 1) // s + 1
+
+
+def _taps(xp: np.ndarray, r: int, s: int, oh: int, ow: int, st: tuple, dil: tuple) -> np.ndarray:
+    """xp[..., oh*sh + r*dh, ow*sw + s*dw] for all (oh, ow): the input pixels tap (r, s) sees."""
+    h0, w0 = r * dil[0], s * dil[1]
+    return xp[..., h0: h0 + st[0] * (oh - 1) + 1: st[0], w0: w0 + st[1] * (ow - 1) + 1: st[1]]
+
+
+def conv2d(x: np.ndarray, w: np.ndarray, b: np.ndarray | None = None, stride=(1, 1),
+           pad=(0, 0, 0, 0), dilation=(1, 1), groups: int = 1) -> np.ndarray:
+    x = np.asarray(x, np.float64)
+    w = np.asarray(w, np.float64)
+    n, c, h, wd = x.shape
+    k, cg, kh, kw = w.shape
+    g = groups
+    kg = k // g
+    oh = out_size(h, kh, stride[0], pad[0], pad[1], dilation[0])
+    ow = out_size(wd, kw, stride[1], pad[2], pad[3], dilation[1])
+    # pad with zeros; negative "padding" never occurs here
+    xp = np.zeros((n, c, h + pad[0] + pad[1], wd + pad[2] + pad[3]))
+    xp[:, :, pad[0]: pad[0] + h, pad[2]: pad[2] + wd] = x
+    xg = xp.reshape(n, g, cg, xp.shape[2], xp.shape[3])
+    wg = w.reshape(g, kg, cg, kh, kw)
+    y = np.zeros((n, g, kg, oh, ow))
+    for r in range(kh):
+        for s in range(kw):
+            y += np.einsum("ngchw,gkc->ngkhw", _taps(xg, r, s, oh, ow, stride, dilation),
+                           wg[:, :, :, r, s])
+    y = y.reshape(n, k, oh, ow)
+    if b is not None:
+        y += np.asarray(b, np.float64)[None, :, None, None]
+    return y
+
+
+def conv2d_backward(gy: np.ndarray, x: np.ndarray, w: np.ndarray, has_bias: bool, stride=(1, 1),
+                    pad=(0, 0, 0, 0), dilation=(1, 1), groups: int = 1):
+    """(dL/dx, dL/dw, dL/db or None) given dL/dy, by the chain rule on each tap."""
+    gy = np.asarray(gy, np.float64)
+    x = np.asarray(x, np.float64)
+    w = np.asarray(w, np.float64)
+    n, c, h, wd = x.shape
+    k, cg, kh, kw = w.shape
+    g = groups
+    kg = k // g
+    _, _, oh, ow = gy.shape
+    hp, wp = h + pad[0] + pad[1], wd + pad[2] + pad[3]
+    xp = np.zeros((n, c, hp, wp))
+    xp[:, :, pad[0]: pad[0] + h, pad[2]: pad[2] + wd] = x
+    xg = xp.reshape(n, g, cg, hp, wp)
+    wg = w.reshape(g, kg, cg, kh, kw)
+    gyg = gy.reshape(n, g, kg, oh, ow)
+    gxp = np.zeros((n, g, cg, hp, wp))
+    gw = np.zeros((g, kg, cg, kh, kw))
+    for r in range(kh):
+        for s in range(kw):
+            # y[.., oh, ow] used xp[.., oh*sh + r*dh, ow*sw + s*dw] with weight w[.., r, s]
+            _taps(gxp, r, s, oh, ow, stride, dilation)[...] += np.einsum(
+                "ngkhw,gkc->ngchw", gyg, wg[:, :, :, r, s])
+            gw[:, :, :, r, s] = np.einsum("ngkhw,ngchw->gkc", gyg,
+                                          _taps(xg, r, s, oh, ow, stride, dilation))
+    gx = gxp.reshape(n, c, hp, wp)[:, :, pad[0]: pad[0] + h, pad[2]: pad[2] + wd]
+    gb = gy.sum(axis=(0, 2, 3)) if has_bias else None
+    return gx, gw.reshape(k, cg, kh, kw), gb
+
+
+def conv_transpose2d(x: np.ndarray, w: np.ndarray, b: np.ndarray | None = None, stride=(1, 1),
+                     padding=(0, 0), output_padding=(0, 0), dilation=(1, 1), groups: int = 1
+                     ) -> np.ndarray:
+    """Each input pixel x[n, ci, i, j] adds x * w[ci, co, r, s] at output (i*sh - ph + r*dh,
+    j*sw - pw + s*dw) (torch semantics; weights (C_in, C_out/groups, kH, kW))."""
+    x = np.asarray(x, np.float64)
+    w = np.asarray(w, np.float64)
+    n, cin, h, wd = x.shape
+    _, cog, kh, kw = w.shape
+    g = groups
+    cig = cin // g
+    oh = (h - 1) * stride[0] - 2 * padding[0] + dilation[0] * (kh - 1) + output_padding[0] + 1
+    ow = (wd - 1) * stride[1] - 2 * padding[1] + dilation[1] * (kw - 1) + output_padding[1] + 1
+    # full (uncropped) canvas, big enough for every tap and the output padding
+    fh = max((h - 1) * stride[0] + dilation[0] * (kh - 1) + 1, padding[0] + oh)
+    fw = max((wd - 1) * stride[1] + dilation[1] * (kw - 1) + 1, padding[1] + ow)
+    full = np.zeros((n, g, cog, fh, fw))
+    xg = x.reshape(n, g, cig, h, wd)
+    wg = w.reshape(g, cig, cog, kh, kw)
+    for i in range(h):
+        for j in range(wd):
+            for r in range(kh):
+                for s in range(kw):
+                    full[:, :, :, i * stride[0] + r * dilation[0], j * stride[1] + s * dilation[1]] += \
+                        np.einsum("ngc,gco->ngo", xg[:, :, :, i, j], wg[:, :, :, r, s])
+    y = full[:, :, :, padding[0]: padding[0] + oh, padding[1]: padding[1] + ow].reshape(n, g * cog, oh, ow)
+    if b is not None:
+        y = y + np.asarray(b, np.float64)[None, :, None, None]
+    return y
+
+
+def conv_transpose2d_backward(gy: np.ndarray, x: np.ndarray, w: np.ndarray, has_bias: bool,
+                              stride=(1, 1), padding=(0, 0), output_padding=(0, 0),
+                              dilation=(1, 1), groups: int = 1):
+    """Gradients of conv_transpose2d: y[o] gathered x*w, so dx and dw gather gy at the same taps."""
+    gy = np.asarray(gy, np.float64)
+    x = np.asarray(x, np.float64)
+    w = np.asarray(w, np.float64)
+    n, cin, h, wd = x.shape
+    _, cog, kh, kw = w.shape
+    g = groups
+    cig = cin // g
+    _, _, oh, ow = gy.shape
+    fh = max((h - 1) * stride[0] + dilation[0] * (kh - 1) + 1, padding[0] + oh)
+    fw = max((wd - 1) * stride[1] + dilation[1] * (kw - 1) + 1, padding[1] + ow)
+    full = np.zeros((n, g, cog, fh, fw))
+    full[:, :, :, padding[0]: padding[0] + oh, padding[1]: padding[1] + ow] = gy.reshape(n, g, cog, oh, ow)
+    xg = x.reshape(n, g, cig, h, wd)
+    wg = w.reshape(g, cig, cog, kh, kw)
+    gx = np.zeros((n, g, cig, h, wd))
+    gw = np.zeros((g, cig, cog, kh, kw))
+    for i in range(h):
+        for j in range(wd):
+            for r in range(kh):
+                for s in range(kw):
+                    t = full[:, :, :, i * stride[0] + r * dilation[0], j * stride[1] + s * dilation[1]]
+                    gx[:, :, :, i, j] += np.einsum("ngo,gco->ngc", t, wg[:, :, :, r, s])
+                    gw[:, :, :, r, s] += np.einsum("ngc,ngo->gco", xg[:, :, :, i, j], t)
+    gb = gy.sum(axis=(0, 2, 3)) if has_bias else None
+    return gx.reshape(n, cin, h, wd), gw.reshape(cin, cog, kh, kw), gb
+
+
+def conv2d_abs(x: np.ndarray, w: np.ndarray, **kw) -> np.ndarray:
+    """sum of |x*w| over each output's terms: the scale that rounding errors are measured against."""
+    return conv2d(np.abs(x), np.abs(w), None, **kw)
