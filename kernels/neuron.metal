@@ -11,7 +11,7 @@
 //
 // Conventions follow torch.nn.functional, including its choices at kinks and for NaN: relu's
 // gradient at 0 is 0, hardsigmoid's gradient at +-3 is 0, NaN inputs give NaN outputs.
-// erf is not in the dialect's math list, so it is implemented here (nn_erf, nn_phi below).
+// erf is not in the dialect's math list, so the normal CDF is implemented here (nn_phi below).
 #include <metal_stdlib>
 #include "params.h"
 using namespace metal;
@@ -41,28 +41,27 @@ inline float nn_erf_small(float x) {  // |x| <= 1
     return fma(x, r, x);
 }
 
-inline float nn_erfc_large(float t) {  // t >= 1 (any t > 0 works, accuracy is fitted for t >= 1)
+// erfc(t) for t >= 1 (any t > 0 works; the fit is for t >= 1), given t^2 = k w^2 with k = 1 or
+// 1/2: the exponent is formed from w, split exactly, so nn_phi(x) = erfc(|x|/sqrt 2)/2 is not
+// hurt by the rounding of x/sqrt 2 (which would cost 2 t^2 * 2^-24 relative).
+inline float nn_erfc_large(float t, float w, float k) {
     float z = 1.0f / fma(0.5f, t, 1.0f);
     float s = ERFC_S[8];
     for (int i = 7; i >= 0; --i) s = fma(s, z, ERFC_S[i]);
-    float hi = as_type<float>(as_type<uint>(t) & 0xfffff000u);
-    float lo = t - hi;
-    // exp(-hi^2) underflows to 0 for huge t and exp(...) stays <= exp(S) < 1: no 0 * inf.
-    return z * precise::exp(-hi * hi) * precise::exp(fma(-lo, t + hi, s));
-}
-
-inline float nn_erf(float x) {
-    float t = fabs(x);
-    if (t < 1.0f) return nn_erf_small(x);
-    return copysign(1.0f - nn_erfc_large(t), x);  // copysign keeps NaN a NaN
+    float hi = as_type<float>(as_type<uint>(w) & 0xfffff000u);
+    float lo = w - hi;
+    // k hi^2 is exact. exp(-k hi^2) underflows to 0 for huge w while the second factor stays
+    // <= exp(s) < 1: no 0 * inf.
+    return z * precise::exp(-k * hi * hi) * precise::exp(fma(-k * lo, w + hi, s));
 }
 
 // Phi(x) = (1 + erf(x / sqrt 2)) / 2, without the cancellation of 1 + erf in the left tail.
 inline float nn_phi(float x) {
-    float u = x * M_SQRT1_2_F;
-    if (u < -1.0f) return 0.5f * nn_erfc_large(-u);
-    if (u > 1.0f) return 1.0f - 0.5f * nn_erfc_large(u);
-    return 0.5f + 0.5f * nn_erf_small(u);
+    float w = fabs(x);
+    float u = w * M_SQRT1_2_F;
+    if (u <= 1.0f) return 0.5f + 0.5f * nn_erf_small(x * M_SQRT1_2_F);
+    float tail = 0.5f * nn_erfc_large(u, w, 0.5f);
+    return x < 0.0f ? tail : 1.0f - tail;
 }
 
 // exp(x) - 1 and log(1 + x) accurate near 0 (Kahan's / Goldberg's tricks: the rounding error of
@@ -81,6 +80,9 @@ inline float nn_log1p(float x) {
     if (isinf(u)) return u;
     return precise::log(u) * x / (u - 1.0f);
 }
+
+// clamp(v, 0, hi) that keeps NaN (Metal's min/max would drop it, torch keeps it).
+inline float nn_clamp(float v, float hi) { return v <= 0.0f ? 0.0f : (v >= hi ? hi : v); }
 
 // ---- the ops: fwd(x, p) and bwd(g, x, p) = g * f'(x); p.a, p.b are documented per op ------------
 struct Relu {
@@ -153,7 +155,7 @@ struct GeluTanh {
 };
 // torch's hardsigmoid: relu6(x + 3) / 6, gradient 1/6 strictly inside (-3, 3).
 struct HardsigmoidTorch {
-    static float fwd(float x, NeuronParams p) { return min(max(x + 3.0f, 0.0f), 6.0f) / 6.0f; }
+    static float fwd(float x, NeuronParams p) { return nn_clamp(x + 3.0f, 6.0f) / 6.0f; }
     static float bwd(float g, float x, NeuronParams p) {
         return (x > -3.0f && x < 3.0f) ? g / 6.0f : 0.0f;
     }
@@ -161,7 +163,7 @@ struct HardsigmoidTorch {
 // MPS's hard sigmoid: clamp(a x + b, 0, 1), gradient a strictly inside. fma: one rounding on
 // every backend (a contracted a*x+b on one and not another would differ in the last bit).
 struct HardSigmoidAB {
-    static float fwd(float x, NeuronParams p) { return clamp(fma(p.a, x, p.b), 0.0f, 1.0f); }
+    static float fwd(float x, NeuronParams p) { return nn_clamp(fma(p.a, x, p.b), 1.0f); }
     static float bwd(float g, float x, NeuronParams p) {
         float v = fma(p.a, x, p.b);
         return (v > 0.0f && v < 1.0f) ? g * p.a : 0.0f;

@@ -135,6 +135,48 @@ struct DropoutParams {
     uint inner;        // dropout2d: elements per channel (H * W); 1 otherwise
     uint channels;     // dropout2d: N * C
     uint items;        // work items (threads doing 4 elements each)
+    uint vec;          // 1: the tensors' first elements are 16-byte aligned (vector accesses)
+};
+
+// -- softmax.metal / loss.metal / norm.metal (softmax, loss and normalization family) --
+// SoftmaxParams (softmax.metal; loss.metal's class-axis kernels): x viewed as (outer, len,
+// inner), reduced over len. Tiles of W inner positions x S = SW / W slices (tile_reduce.h).
+struct SoftmaxParams {
+    uint outer, len, inner;
+    uint W, SW;        // tile columns (power of two <= 32), threads per tile (W..256)
+    uint wblocks;      // ceil(inner / W)
+    uint ntiles;       // outer * wblocks
+    uint cached;       // 1: a tile's values stay in threadgroup memory between passes
+};
+// LossParams (loss.metal): input (N, ...) with N samples. Pointwise losses see M elements per
+// sample; class-axis losses (cross-entropy, categorical CE, cosine) M positions (H*W) per sample
+// and take the class axis's tile plan as a SoftmaxParams.
+struct LossParams {
+    uint N;            // samples (dim 0)
+    uint M;            // per sample: elements (pointwise) or positions (class-axis)
+    uint total;        // pointwise: N * M elements
+    uint chunk;        // pointwise forward: elements per threadgroup chunk
+    uint chunks;       // pointwise forward: chunks per segment
+    uint seglen;       // pointwise forward: elements per segment (M per sample, or total)
+    uint ngroups;      // pointwise forward: segments * chunks
+    uint reduce;       // forward: 1 = partial sums per chunk, 0 = per-term losses
+    uint gmode;        // backward: 0 = one coefficient g[0], 1 = per sample g[n], 2 = per term
+    uint has_weight;   // per-sample weights given
+    int ignore_index;  // class-axis kernels with integer labels
+    float smoothing;   // label smoothing
+    float a;           // huber: delta; log_loss: epsilon; cosine: eps; kl_div: 1 = log_target
+};
+// LossReduceParams (loss.metal): loss_reduce sums `seglen` partials per output; loss_scale
+// counts the terms behind a mean and writes g / count for the backward kernels.
+struct LossReduceParams {
+    uint nseg, seglen;
+    uint mode;         // 0 sum, 1 / valid terms, 2 / terms of nonzero weight, 3 / denom
+    float denom;
+    uint terms;        // loss_scale: positions scanned
+    uint per_sample;   // loss_scale: positions per sample (weight index = k / per_sample)
+    uint mult;         // loss_scale: terms each position stands for
+    uint has_labels, has_weight;
+    int ignore_index;
 };
 
 // ---- recurrent and optimizers (rnn.metal, optimizer.metal) ---------------------------------

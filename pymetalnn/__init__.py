@@ -16,13 +16,13 @@ from .runtime import (
     device,
 )
 
-from . import functional  # noqa: E402
+from . import functional, optim  # noqa: E402
 from .tensor import Tensor, as_tensor, empty, float16, float32, int32, tensor, zeros  # noqa: E402
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "Tensor", "as_tensor", "empty", "float16", "float32", "functional", "int32", "tensor", "zeros",
+    "Tensor", "as_tensor", "empty", "float16", "float32", "functional", "int32", "optim", "tensor", "zeros",
     "BackendUnavailable", "Buffer", "BufferView", "CompileError", "Device", "DispatchError",
     "Kernel", "Library", "MSLError", "availability", "device",
 ]

@@ -8,8 +8,98 @@ the gradients of f's tensor arguments in order (None for an absent bias).
 from __future__ import annotations
 
 # ---- conv / gemm (ops/conv.py, ops/gemm.py) ----
+from .ops.conv import (  # noqa: E402, F401, I001
+    conv1d, conv1d_backward, conv2d, conv2d_backward, conv_transpose2d, conv_transpose2d_backward,
+)
+from .ops.gemm import (  # noqa: E402, F401, I001
+    gemm, linear, linear_backward, matmul, matmul_backward,
+)
 
 # ---- other CNN ops (ops/pool.py, ops/neuron.py, ops/softmax.py, ops/loss.py, ops/dropout.py,
 #      ops/norm.py, ops/arith.py, ops/copy.py) ----
+from .ops.arith import (  # noqa: F401
+    add,
+    add_backward,
+    div,
+    div_backward,
+    mean,
+    mean_backward,
+    mul,
+    mul_backward,
+    sub,
+    sub_backward,
+    sum,
+    sum_backward,
+)
+from .ops.copy import (  # noqa: F401
+    cast,
+    cast_backward,
+    cat,
+    concat,
+    concat_backward,
+    copy,
+    image_to_matrix,
+    image_to_matrix_backward,
+    list_to_sequence,
+    list_to_sequence_backward,
+    matrix_to_image,
+    matrix_to_image_backward,
+    permute,
+    permute_backward,
+    sequence_to_list,
+    sequence_to_list_backward,
+    split,
+    split_backward,
+    stack,
+    stack_backward,
+    to_batch_first,
+    to_batch_first_backward,
+    to_time_major,
+    to_time_major_backward,
+    transpose,
+    transpose_backward,
+    unbind,
+    unbind_backward,
+)
+from .ops.dropout import (  # noqa: F401
+    dropout,
+    dropout2d,
+    dropout2d_backward,
+    dropout_backward,
+)
+from .ops.loss import (  # noqa: F401
+    binary_cross_entropy_with_logits,
+    binary_cross_entropy_with_logits_backward,
+    categorical_cross_entropy,
+    categorical_cross_entropy_backward,
+    cosine_distance,
+    cosine_distance_backward,
+    cross_entropy,
+    cross_entropy_backward,
+    hinge_loss,
+    hinge_loss_backward,
+    huber_loss,
+    huber_loss_backward,
+    kl_div,
+    kl_div_backward,
+    l1_loss,
+    l1_loss_backward,
+    log_loss,
+    log_loss_backward,
+    mse_loss,
+    mse_loss_backward,
+)
+from .ops.neuron import (  # noqa: E402, F401, I001
+    elu, elu_backward, gelu, gelu_backward, hard_sigmoid, hard_sigmoid_backward, hardsigmoid,
+    hardsigmoid_backward, leaky_relu, leaky_relu_backward, linear_neuron, linear_neuron_backward,
+    relu, relu_backward, sigmoid, sigmoid_backward, softplus, softplus_backward, tanh,
+    tanh_backward,
+)
+from .ops.softmax import (  # noqa: F401
+    log_softmax,
+    log_softmax_backward,
+    softmax,
+    softmax_backward,
+)
 
 # ---- recurrent (ops/rnn.py) ----

@@ -146,7 +146,31 @@ class DropoutParams(Params):
 
     _fields_ = [("n", U32), ("key0", U32), ("key1", U32), ("ctr2", U32), ("ctr3", U32),
                 ("threshold", U32), ("scale", F32), ("inner", U32), ("channels", U32),
-                ("items", U32)]
+                ("items", U32), ("vec", U32)]
+
+
+# -- softmax / loss / norm --
+class SoftmaxParams(Params):
+    """kernels/params.h SoftmaxParams: (outer, len, inner) view reduced over len, tile shape."""
+
+    _fields_ = [("outer", U32), ("len", U32), ("inner", U32), ("W", U32), ("SW", U32),
+                ("wblocks", U32), ("ntiles", U32), ("cached", U32)]
+
+
+class LossParams(Params):
+    """kernels/params.h LossParams: loss geometry, reduction/gradient mode and loss options."""
+
+    _fields_ = [("N", U32), ("M", U32), ("total", U32), ("chunk", U32), ("chunks", U32),
+                ("seglen", U32), ("ngroups", U32), ("reduce", U32), ("gmode", U32),
+                ("has_weight", U32), ("ignore_index", I32), ("smoothing", F32), ("a", F32)]
+
+
+class LossReduceParams(Params):
+    """kernels/params.h LossReduceParams: partial-sum reduction and gradient-scale counting."""
+
+    _fields_ = [("nseg", U32), ("seglen", U32), ("mode", U32), ("denom", F32), ("terms", U32),
+                ("per_sample", U32), ("mult", U32), ("has_labels", U32), ("has_weight", U32),
+                ("ignore_index", I32)]
 
 
 # ---- recurrent and optimizers -------------------------------------------------------------

@@ -41,8 +41,8 @@ NVRTC_CHECK = os.path.join(ROOT, "tools", "nvrtc_check.py")
 # ------------------------------------------------------------------------------------------------
 XK_SRC = r"""
 #define XK_TG 64
-#define XK_NOUT 224
-#define XK_SIMD0 96   /* index of the first SIMD-group output */
+#define XK_NOUT 256
+#define XK_SIMD0 128  /* index of the first SIMD-group output */
 #define XK_NSCEN 6
 #define XK_SITE pmn::site_t{__LINE__}  /* one SIMD call per line; NVRTC lacks __COUNTER__ */
 
@@ -157,10 +157,19 @@ PMN_FN void xk_body(unsigned tid, unsigned scen, unsigned* out_all, unsigned cha
   XK_PUT('f', pmn::mix(fa, fb, 0.375f)); XK_PUT('f', pmn::smoothstep(-1.0f, 2.0f, fa));
   XK_PUT('f', pmn::fma(fa, fb, fc)); XK_PUT('f', pmn::fmod(fa, fb)); XK_PUT('f', pmn::copysign(fa, fb));
   XK_PUT('f', pmn::sqrt(fa)); XK_PUT('f', fa / fb);
+  {
+    const float sub = pmn::as_type<float>(((tid & 4u) << 29) | (tid + 1u));  /* f32 subnormal */
+    XK_PUT('f', pmn::sign(sub)); XK_PUT('f', pmn::abs(sub));
+    XK_PUT('i', pmn::isfinite(sub) + 2 * pmn::isnan(sub) + 4 * pmn::isinf(sub) + 8 * pmn::signbit(sub));
+  }
   /* vectors */
   {
     pmn_half4 h4a(ha, hb, hc, ha), h4b(hc, ha, hb, pmn_half(0.5f));
-    XK_PUT4('h', h4a + h4b); XK_PUT4('h', h4a * h4b);
+    XK_PUT4('h', h4a + h4b); XK_PUT4('h', h4a * h4b); XK_PUT4('h', h4a - h4b);
+    XK_PUT4('h', pmn::fma(h4a, h4b, pmn_half4(hc, hb, ha, hc)));
+    pmn_half2 h2a(ha, hb), h2b(hc, ha);
+    pmn_half2 h2s = h2a * h2b + h2a; XK_PUT('h', h2s.x.bits); XK_PUT('h', h2s.y.bits);
+    h2s = pmn::fma(h2a, h2b, h2a) - 1.0f; XK_PUT('h', h2s.x.bits); XK_PUT('h', h2s.y.bits);
     pmn_float4 f4a(xk_sum_val(seed + 3u), xk_sum_val(seed + 4u), xk_sum_val(seed + 5u), fa);
     pmn_float3 f3a(f4a.x, f4a.y, f4a.z), f3b(f4a.w, f4a.z, xk_sum_val(seed + 6u));
     XK_PUT('f', pmn::dot(f3a, f3b)); XK_PUT('f', pmn::length(f3a));
@@ -177,7 +186,9 @@ PMN_FN void xk_body(unsigned tid, unsigned scen, unsigned* out_all, unsigned cha
     XK_PUT('b', (float)pmn::exp(pmn_half(pmn::clamp(fa, -8.0f, 8.0f))));
     XK_PUT('b', (float)pmn::log(pmn_half(pa)));
   }
+  const int used0 = xk.o;
   while (xk.o < XK_SIMD0) XK_PUT('i', 0u);
+  xk.out[XK_SIMD0 - 1] = (unsigned)used0;  /* layout check: must stay below XK_SIMD0 */
 
   /* ---- threadgroup barrier with some threads already returned (scenario-dependent) ---- */
   const bool act = xk_active(scen, tid);
@@ -282,7 +293,9 @@ PMN_FN void xk_body(unsigned tid, unsigned scen, unsigned* out_all, unsigned cha
     XK_PUT('f', pmn::simd_sum(XK_SITE, sf));
     XK_PUT('i', (unsigned)pmn::simd_ballot(XK_SITE, true));
   }
+  const int used1 = xk.o;
   while (xk.o < XK_NOUT) XK_PUT('i', 0u);
+  xk.out[XK_NOUT - 1] = (unsigned)used1;   /* layout check: must stay below XK_NOUT */
 }
 """
 
@@ -686,6 +699,7 @@ static void test_math() {
   CHECK(pmn::fmod(7.0f, 3.0f) == 1 && pmn::fmod(-7.0f, 3.0f) == -1);
   CHECK(pmn::isnan(NAN) && !pmn::isnan(1.0f) && pmn::isinf(-INFINITY) && pmn::isfinite(1e30f) && !pmn::isfinite(NAN));
   CHECK(pmn::sign(-3.0f) == -1 && pmn::sign(2.0f) == 1 && std::signbit(pmn::sign(-0.0f)) && pmn::sign(NAN) == 0);
+  CHECK(pmn::sign(1e-40f) == 1 && pmn::sign(-1e-40f) == -1 && pmn::sign(-INFINITY) == -1 && pmn::sign(0.0f) == 0);
   CHECK(pmn::step(1.0f, 0.5f) == 0 && pmn::step(1.0f, 1.0f) == 1);
   CHECK(pmn::smoothstep(0.0f, 1.0f, 0.5f) == 0.5f && pmn::smoothstep(0.0f, 1.0f, -1.0f) == 0 && pmn::smoothstep(0.0f, 1.0f, 2.0f) == 1);
   CHECK(pmn::copysign(1.0f, -0.0f) == -1 && pmn::saturate(1.5f) == 1 && pmn::saturate(-0.5f) == 0);
@@ -849,6 +863,10 @@ template <class T, class F> static std::vector<T> ref_scan(std::vector<T> v, F o
 
 static void check_xk(unsigned scen) {
   const unsigned* out = g_out[scen];
+  for (unsigned t = 0; t < XK_TG; ++t) {
+    CHECK_MSG(out[t * XK_NOUT + XK_SIMD0 - 1] < XK_SIMD0, "first block overflows XK_SIMD0");
+    if (xk_active(scen, t)) CHECK_MSG(out[t * XK_NOUT + XK_NOUT - 1] < XK_NOUT, "outputs overflow XK_NOUT");
+  }
   for (unsigned sg = 0; sg < XK_TG / 32; ++sg) {
     std::vector<unsigned> act;
     for (unsigned l = 0; l < 32; ++l) if (xk_active(scen, sg * 32 + l)) act.push_back(l);
@@ -1314,8 +1332,8 @@ def run_cuda_compile(work: str) -> bool:
 def _load_dump(path: str):
     import numpy as np
     raw = open(path, "rb").read()
-    kinds = np.frombuffer(raw[:224], dtype=np.uint8)
-    out = np.frombuffer(raw[224:], dtype=np.uint32)
+    kinds = np.frombuffer(raw[:256], dtype=np.uint8)
+    out = np.frombuffer(raw[256:], dtype=np.uint32)
     return kinds, out
 
 
@@ -1326,7 +1344,7 @@ def run_gpu(work: str, cpu_dump: str) -> bool:
     except ImportError:
         print("[gpu] CuPy not available: skipped")
         return True
-    nout, tg, nscen = 224, 64, 6
+    nout, tg, nscen = 256, 64, 6
     kinds_cpu, out_cpu = _load_dump(cpu_dump)
     out_cpu = out_cpu.reshape(nscen, tg, nout)
     mod = cp.RawModule(code=CUDA_XK, options=("-std=c++17", "-default-device", "-fmad=false",
@@ -1349,6 +1367,8 @@ def run_gpu(work: str, cpu_dump: str) -> bool:
     f32 = lambda u: np.array([u], dtype=np.uint32).view(np.float32)[0]
     stats = {"exact": 0, "nan_payload": 0, "approx": 0}
     bad = []
+    nan_idx: dict[int, int] = {}
+    nan_example: dict[int, tuple[int, int]] = {}
     for s in range(nscen):
         for t in range(tg):
             for j in range(nout):
@@ -1360,6 +1380,9 @@ def run_gpu(work: str, cpu_dump: str) -> bool:
                 fa, fb = f32(a), f32(b)
                 if k == "f" and np.isnan(fa) and np.isnan(fb):
                     stats["nan_payload"] += 1      # float NaN bit patterns differ by target
+                    nan_idx[j] = nan_idx.get(j, 0) + 1
+                    if j not in nan_example:
+                        nan_example[j] = (a, b)
                     continue
                 if k in "ab":
                     tol = 2e-6 if k == "a" else 2e-3
@@ -1370,6 +1393,10 @@ def run_gpu(work: str, cpu_dump: str) -> bool:
                 bad.append((s, t, j, k, a, b))
     print(f"[gpu] cross-check: {stats['exact']} outputs bit-identical, {stats['approx']} libm outputs "
           f"within tolerance, {stats['nan_payload']} float NaNs with target-specific payloads")
+    if nan_idx:
+        print("   float NaN payloads differ at output index (count, cpu/gpu example): " +
+              ", ".join(f"{j}:{n} {nan_example[j][0]:08x}/{nan_example[j][1]:08x}"
+                        for j, n in sorted(nan_idx.items())))
     if bad:
         ok = False
         print(f"[gpu] FAIL: {len(bad)} outputs differ between cpu and gpu:")

@@ -22,6 +22,9 @@
 //   pmn::fast::f uses CUDA's approximate intrinsics on cuda and equals precise on cpu.
 //   Functions built from + - * (mix, dot, smoothstep, ...) are plain C++ expressions, so they
 //   follow the build's contraction policy (NVRTC contracts a*b+c into fma unless -fmad=false).
+// * cuda may flush float subnormals (CuPy passes -ftz=true to NVRTC); the cpu keeps them. sign,
+//   fabs/abs and the classification functions (isnan, isinf, isfinite, signbit) work on the bits
+//   and agree across targets either way; half never meets an f32 subnormal (halves are >= 2^-24).
 // * Everything is header-only, inline, and trivially copyable with trivial default constructors,
 //   so the types work in __shared__ / __constant__ (cuda) and static thread_local (cpu) storage.
 //   Constructors and half conversions are constexpr so `PMN_CONSTANT pmn_half k = pmn_half(1.0f);`
@@ -255,6 +258,7 @@ PMN_FN constexpr float h2f(unsigned short h) {
   return h2f_soft(h);
 }
 struct bits_tag {};
+struct splat_tag {};
 }  // namespace detail
 
 // ============================================================================================
@@ -416,7 +420,7 @@ template <class T> struct alignas(2 * sizeof(T)) vec<T, 2> {
   T x, y;
   PMN_VEC_COMMON(2)
   template <class S, detail::if_scalar<S> = 0>
-  PMN_FN constexpr vec(S s) : x(T(s)), y(T(s)) {}
+  PMN_FN constexpr vec(S s) : vec(detail::splat_tag(), T(s)) {}
   template <class... A, detail::if_ctor_args<2, A...> = 0>
   PMN_FN constexpr vec(const A&... a) : x(detail::comp<T>(0, a...)), y(detail::comp<T>(1, a...)) {}
   PMN_FN constexpr T& operator[](int i) { return i == 0 ? x : y; }
@@ -424,13 +428,14 @@ template <class T> struct alignas(2 * sizeof(T)) vec<T, 2> {
 
  private:
   template <class U> PMN_FN constexpr vec(const vec<U, 2>& v, int) : x(T(v.x)), y(T(v.y)) {}
+  PMN_FN constexpr vec(detail::splat_tag, T s) : x(s), y(s) {}
 };
 
 template <class T> struct alignas(4 * sizeof(T)) vec<T, 3> {
   T x, y, z;
   PMN_VEC_COMMON(3)
   template <class S, detail::if_scalar<S> = 0>
-  PMN_FN constexpr vec(S s) : x(T(s)), y(T(s)), z(T(s)) {}
+  PMN_FN constexpr vec(S s) : vec(detail::splat_tag(), T(s)) {}
   template <class... A, detail::if_ctor_args<3, A...> = 0>
   PMN_FN constexpr vec(const A&... a)
       : x(detail::comp<T>(0, a...)), y(detail::comp<T>(1, a...)), z(detail::comp<T>(2, a...)) {}
@@ -440,13 +445,14 @@ template <class T> struct alignas(4 * sizeof(T)) vec<T, 3> {
  private:
   template <class U>
   PMN_FN constexpr vec(const vec<U, 3>& v, int) : x(T(v.x)), y(T(v.y)), z(T(v.z)) {}
+  PMN_FN constexpr vec(detail::splat_tag, T s) : x(s), y(s), z(s) {}
 };
 
 template <class T> struct alignas(4 * sizeof(T)) vec<T, 4> {
   T x, y, z, w;
   PMN_VEC_COMMON(4)
   template <class S, detail::if_scalar<S> = 0>
-  PMN_FN constexpr vec(S s) : x(T(s)), y(T(s)), z(T(s)), w(T(s)) {}
+  PMN_FN constexpr vec(S s) : vec(detail::splat_tag(), T(s)) {}
   template <class... A, detail::if_ctor_args<4, A...> = 0>
   PMN_FN constexpr vec(const A&... a)
       : x(detail::comp<T>(0, a...)), y(detail::comp<T>(1, a...)), z(detail::comp<T>(2, a...)),
@@ -460,6 +466,7 @@ template <class T> struct alignas(4 * sizeof(T)) vec<T, 4> {
   template <class U>
   PMN_FN constexpr vec(const vec<U, 4>& v, int)
       : x(T(v.x)), y(T(v.y)), z(T(v.z)), w(T(v.w)) {}
+  PMN_FN constexpr vec(detail::splat_tag, T s) : x(s), y(s), z(s), w(s) {}
 };
 #undef PMN_VEC_COMMON
 
@@ -560,6 +567,32 @@ template <class T, int N> PMN_FN vec<T, N> operator++(vec<T, N>& a, int) {
 template <class T, int N> PMN_FN vec<T, N> operator--(vec<T, N>& a, int) {
   vec<T, N> t = a; a -= T(1); return t;
 }
+
+#ifdef PMN_CUDA
+// half2 / half4 arithmetic on cuda: packed f16x2 instructions (same per-lane rounding as f16).
+// Non-template overloads, so they win over the element-wise templates above.
+namespace detail {
+struct h4w { unsigned lo, hi; };
+}
+#define PMN_H2_BIN(op, ins)                                                                   \
+  PMN_FN vec<half, 2> operator op(const vec<half, 2>& a, const vec<half, 2>& b) {            \
+    unsigned r;                                                                               \
+    asm(ins " %0, %1, %2;"                                                                    \
+        : "=r"(r)                                                                             \
+        : "r"(__builtin_bit_cast(unsigned, a)), "r"(__builtin_bit_cast(unsigned, b)));        \
+    return __builtin_bit_cast(vec<half, 2>, r);                                               \
+  }                                                                                           \
+  PMN_FN vec<half, 4> operator op(const vec<half, 4>& a, const vec<half, 4>& b) {            \
+    detail::h4w x = __builtin_bit_cast(detail::h4w, a), y = __builtin_bit_cast(detail::h4w, b), r; \
+    asm(ins " %0, %1, %2;" : "=r"(r.lo) : "r"(x.lo), "r"(y.lo));                              \
+    asm(ins " %0, %1, %2;" : "=r"(r.hi) : "r"(x.hi), "r"(y.hi));                              \
+    return __builtin_bit_cast(vec<half, 4>, r);                                               \
+  }
+PMN_H2_BIN(+, "add.rn.f16x2")
+PMN_H2_BIN(-, "sub.rn.f16x2")
+PMN_H2_BIN(*, "mul.rn.f16x2")
+#undef PMN_H2_BIN
+#endif
 
 }  // namespace pmn
 
@@ -669,8 +702,12 @@ PMN_UNARY_F(::pmn, fract,
             detail::isnan_f(x)   ? x
             : detail::isinf_f(x) ? detail::u2f(detail::f2u(x) & 0x80000000u)
                                  : detail::fmin_(x - ::pmn::floor(x), 0x1.fffffep-1f))
-// sign: 1 for x > 0, -1 for x < 0, x itself for +-0, +0 for NaN.
-PMN_UNARY_F(::pmn, sign, x > 0.0f ? 1.0f : x < 0.0f ? -1.0f : detail::isnan_f(x) ? 0.0f : x)
+// sign: 1 for x > 0, -1 for x < 0, x itself for +-0, +0 for NaN. Decided on the bits, so a
+// subnormal x gives +-1 even where the target flushes subnormals in comparisons (cuda -ftz).
+PMN_UNARY_F(::pmn, sign,
+            detail::isnan_f(x)                        ? 0.0f
+            : (detail::f2u(x) & 0x7fffffffu) == 0     ? x
+                                                      : detail::u2f((detail::f2u(x) & 0x80000000u) | 0x3f800000u))
 // saturate: clamp to [0, 1]; NaN -> 0 (fmin(fmax(NaN, 0), 1)).
 PMN_UNARY_F(::pmn, saturate, detail::fmin_(detail::fmax_(x, 0.0f), 1.0f))
 
@@ -783,6 +820,22 @@ PMN_FN float fma_(float a, float b, float c) { return ::fmaf(a, b, c); }
 PMN_FN float fma_(float a, float b, float c) { return std::fma(a, b, c); }
 #endif
 PMN_FN half fma_(half a, half b, half c) { return hfma(a, b, c); }
+#ifdef PMN_CUDA
+PMN_FN vec<half, 2> fma_(const vec<half, 2>& a, const vec<half, 2>& b, const vec<half, 2>& c) {
+  unsigned r;
+  asm("fma.rn.f16x2 %0, %1, %2, %3;"
+      : "=r"(r)
+      : "r"(__builtin_bit_cast(unsigned, a)), "r"(__builtin_bit_cast(unsigned, b)),
+        "r"(__builtin_bit_cast(unsigned, c)));
+  return __builtin_bit_cast(vec<half, 2>, r);
+}
+PMN_FN vec<half, 4> fma_(const vec<half, 4>& a, const vec<half, 4>& b, const vec<half, 4>& c) {
+  h4w x = __builtin_bit_cast(h4w, a), y = __builtin_bit_cast(h4w, b), z = __builtin_bit_cast(h4w, c), r;
+  asm("fma.rn.f16x2 %0, %1, %2, %3;" : "=r"(r.lo) : "r"(x.lo), "r"(y.lo), "r"(z.lo));
+  asm("fma.rn.f16x2 %0, %1, %2, %3;" : "=r"(r.hi) : "r"(x.hi), "r"(y.hi), "r"(z.hi));
+  return __builtin_bit_cast(vec<half, 4>, r);
+}
+#endif
 PMN_FN float mix_(float x, float y, float a) { return x + (y - x) * a; }
 PMN_FN half mix_(half x, half y, half a) { return half(mix_(float(x), float(y), float(a))); }
 PMN_FN float smoothstep_(float e0, float e1, float x) {
@@ -1077,6 +1130,14 @@ template <class T> PMN_FN T shfl_up(unsigned mask, const T& v, unsigned d) {
   memcpy(&r, w, sizeof(T));
   return r;
 }
+template <class T> PMN_FN T shfl_down(unsigned mask, const T& v, unsigned d) {
+  unsigned w[words<T>::n] = {};
+  memcpy(w, &v, sizeof(T));
+  for (int i = 0; i < words<T>::n; ++i) w[i] = __shfl_down_sync(mask, w[i], d);
+  T r;
+  memcpy(&r, w, sizeof(T));
+  return r;
+}
 
 // Tree reduction (see the definition above). Full warp: butterfly, each lane combining the
 // lower block first so every lane computes the same operations. Partial warp: rank r reads the
@@ -1151,6 +1212,13 @@ template <class Op, bool Excl, class T> PMN_FN T scan(T v) {
 
 template <shfl_mode M, class T> PMN_FN T shuffle(const T& v, unsigned a) {
   unsigned mask = __activemask();
+  // Full warp and a < 32: the hardware keeps the own value when the source is out of range,
+  // which is exactly the rule below, so a bare shuffle suffices.
+  if (mask == 0xffffffffu && a < 32u) {
+    if constexpr (M == SH_UP) return shfl_up(mask, v, a);
+    if constexpr (M == SH_DOWN) return shfl_down(mask, v, a);
+    if constexpr (M == SH_XOR) return shfl_xor(mask, v, a);
+  }
   unsigned me = lane_id();
   unsigned src;
   switch (M) {

@@ -1,0 +1,81 @@
+"""Harness of the memory-bound benchmarks (bench_arith.py, bench_copy.py, bench_dropout.py).
+
+Each case times one of our ops, counts the bytes it must read and write, and reports GB/s, the
+ratio to the device's copy bandwidth measured in the same run (cuda: CuPy's device-to-device
+copy; cpu: numpy.copyto, on a buffer of the op's size) and a peer's time for the same op (cuda:
+PyTorch on the same GPU; cpu: numpy), on the same data.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import common  # benchmarks/ is on sys.path: the scripts run from there
+import numpy as np
+
+import pymetalnn
+
+COLS = ["bench", "dtype", "shape", "seconds", "spread", "GB/s", "copy_GB/s", "ratio_vs_copy",
+        "peer", "peer_seconds", "ratio_vs_peer"]
+
+
+def timer(dev: pymetalnn.Device) -> Callable[[Callable[[], Any]], tuple[float, float]]:
+    if dev.name == "cuda":
+        return lambda fn: common.time_cuda(fn)
+    return lambda fn: common.time_host(fn, dev.synchronize, warmup=1, reps=5)
+
+
+def copy_bandwidth(dev: pymetalnn.Device, nbytes: int) -> float:
+    """GB/s (bytes read + written) of the device's reference copy of `nbytes`."""
+    if dev.name == "cuda":
+        import cupy as cp
+
+        a = cp.ones(nbytes // 4, cp.float32)
+        b = cp.empty_like(a)
+        med, _ = common.time_cuda(lambda: b.data.copy_from_device(a.data, a.nbytes))
+    else:
+        a = np.ones(nbytes // 4, np.float32)
+        b = np.empty_like(a)
+        med, _ = common.time_host(lambda: np.copyto(b, a), lambda: None, warmup=1, reps=5)
+    return 2 * (nbytes // 4) * 4 / med / 1e9
+
+
+def torch_view(dev: pymetalnn.Device, t: pymetalnn.Tensor) -> Any:
+    """A torch tensor over a cuda Tensor's memory (no copy)."""
+    import torch
+
+    return torch.as_tensor(dev.as_cupy(t.buffer, t.dtype, t.shape), device="cuda")
+
+
+def torch_available(dev: pymetalnn.Device) -> bool:
+    if dev.name != "cuda":
+        return False
+    try:
+        import torch
+
+        return bool(torch.cuda.is_available())
+    except ImportError:
+        return False
+
+
+def case(dev: pymetalnn.Device, name: str, dtype: Any, shape: tuple, nbytes: int, copy_gbs: float,
+         ours: Callable[[], Any], peer: Callable[[], Any] | None, peer_name: str) -> dict:
+    """Time `ours` (and `peer`), moving `nbytes` bytes; one result row."""
+    t = timer(dev)
+    med, spread = t(ours)
+    row = {"bench": name, "backend": common.device_label(dev), "dtype": np.dtype(dtype).name,
+           "shape": "x".join(map(str, shape)), "seconds": med, "spread": spread,
+           "GB/s": nbytes / med / 1e9, "copy_GB/s": copy_gbs,
+           "ratio_vs_copy": nbytes / med / 1e9 / copy_gbs, "target": "ratio_vs_copy >= 0.85"}
+    if peer is not None:
+        if dev.name == "cuda":
+            p_med, _ = common.time_cuda(peer)
+        else:
+            p_med, _ = common.time_host(peer, lambda: None, warmup=1, reps=5)
+        row.update({"peer": peer_name, "peer_seconds": p_med, "ratio_vs_peer": p_med / med})
+    return row
+
+
+def report(name: str, dev: pymetalnn.Device, rows: list[dict]) -> None:
+    print(f"# {name} on {common.device_label(dev)}")
+    common.print_table(rows, COLS)
+    print("results:", common.write_results(f"{name}_{dev.name}", rows))

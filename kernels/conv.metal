@@ -1,0 +1,632 @@
+// conv.metal -- conv2d forward, input gradient, weight gradient and bias gradient (NCHW).
+// conv_transpose2d reuses these kernels with the roles swapped (see pymetalnn/ops/conv.py).
+//
+// Design note
+// -----------
+// Every conv is an implicit GEMM: the im2col matrix is never built, each threadgroup gathers its
+// tile of it straight from the image into threadgroup memory.
+//   forward        y[M = N*OH*OW, Kg]    = X_col[M, Cg*KH*KW] . W^T          per group
+//   input grad     dx[N*H*W, Cg]         = dY_col[., Kg*KH*KW] . W           per group and phase
+//   weight grad    dW[Kg, Cg*KH*KW]      = dY^T[Kg, M] . X_col[M, .]        split over M
+// Tiles are BM x BN with BK-deep slices, 256 threads, each thread owning a TM x TN block of
+// outputs in registers (rows in groups of 4 so threadgroup reads are 4-wide vectors); slices are
+// double-buffered in threadgroup memory with the next slice's global loads in flight during the
+// FMAs, one barrier per slice. The reduction is ordered (kernel tap, channel) so that one slice
+// is one tap and BK consecutive channels: the bounds check and address of a tap are computed
+// once per slice and row, and the channel loop is a constant stride.
+// The input gradient with stride > 1 is split into SH*SW phases (output rows h with the same
+// h mod SH): inside a phase the taps that reach a row are the same for every row, so no slice is
+// spent on the zeros a stride inserts, and a phase's rows read dy contiguously.
+// The weight gradient reduces over N*OH*OW, which can be huge (batch >= 65536): it is split into
+// `splits` chunks of `chunk` elements, each threadgroup writes a float partial sum to a
+// workspace, and conv2d_bwd_reduce adds the partials in a fixed order (deterministic). The same
+// scheme serves the bias gradient.
+// Small GEMM widths (depthwise, Kg or Cg below 16) waste most of a 64-wide tile: the *_direct
+// kernels compute one output per thread instead.
+// Precision: T is the storage type, A the accumulation (and threadgroup tile) type:
+// float/float (_float), half/float (_half), half/half (_hacc_half: fp16 multiply-accumulate as
+// MPS's fp16 accumulation). Partial sums of the split reductions are float in every variant; the
+// half-accumulating weight gradient keeps each chunk short (the host caps `chunk`) so its fp16
+// partial sums stay meaningful. The bias gradient is bandwidth-bound and always sums in float.
+// Offsets are 32-bit: the host rejects tensors of 2^31 elements or more.
+#include <metal_stdlib>
+#include "params.h"
+using namespace metal;
+
+#define CONV_THREADS 256
+
+// ============================================================================================
+// Direct kernels: one output element per thread, grid-stride over the outputs.
+// ============================================================================================
+template <typename T, typename A>
+[[max_total_threads_per_threadgroup(256)]]
+kernel void conv2d_fwd_direct(device const T* x [[buffer(0)]],
+                              device const T* w [[buffer(1)]],
+                              device const T* b [[buffer(2)]],
+                              device T* y [[buffer(3)]],
+                              constant Conv2dParams& p [[buffer(4)]],
+                              uint gid [[thread_position_in_grid]],
+                              uint tpg [[threads_per_threadgroup]],
+                              uint ntg [[threadgroups_per_grid]]) {
+    const uint total = p.N * p.K * p.OH * p.OW;
+    const uint HW = p.H * p.W, KHW = p.KH * p.KW;
+    for (uint i = gid; i < total; i += tpg * ntg) {
+        uint ow = i % p.OW, t = i / p.OW;
+        uint oh = t % p.OH;
+        t /= p.OH;
+        uint k = t % p.K, n = t / p.K;
+        uint g = k / p.Kg;
+        int ih0 = int(oh * p.SH) - p.PH, iw0 = int(ow * p.SW) - p.PW;
+        device const T* xg = x + (n * p.C + g * p.Cg) * HW;
+        device const T* wk = w + k * p.Cg * KHW;
+        A acc = A(0);
+        for (uint c = 0; c < p.Cg; ++c) {
+            for (uint r = 0; r < p.KH; ++r) {
+                int ih = ih0 + int(r * p.DH);
+                if (uint(ih) >= p.H) continue;  // negative wraps to a huge uint
+                for (uint s = 0; s < p.KW; ++s) {
+                    int iw = iw0 + int(s * p.DW);
+                    if (uint(iw) >= p.W) continue;
+                    acc = fma(A(xg[c * HW + uint(ih) * p.W + uint(iw)]), A(wk[c * KHW + r * p.KW + s]), acc);
+                }
+            }
+        }
+        if (p.has_bias) acc += A(b[k]);
+        y[i] = T(acc);
+    }
+}
+
+// dx[n, c, h, w] = sum over (k in c's group, r, s) with h + PH - r*DH = oh*SH (and the same for
+// w) of dy[n, k, oh, ow] * w[k, c', r, s]  (+ b[c]: conv_transpose2d's bias).
+template <typename T, typename A>
+[[max_total_threads_per_threadgroup(256)]]
+kernel void conv2d_bwd_data_direct(device const T* dy [[buffer(0)]],
+                                   device const T* w [[buffer(1)]],
+                                   device const T* b [[buffer(2)]],
+                                   device T* dx [[buffer(3)]],
+                                   constant Conv2dParams& p [[buffer(4)]],
+                                   uint gid [[thread_position_in_grid]],
+                                   uint tpg [[threads_per_threadgroup]],
+                                   uint ntg [[threadgroups_per_grid]]) {
+    const uint total = p.N * p.C * p.H * p.W;
+    const uint OHW = p.OH * p.OW, KHW = p.KH * p.KW;
+    for (uint i = gid; i < total; i += tpg * ntg) {
+        uint iw = i % p.W, t = i / p.W;
+        uint ih = t % p.H;
+        t /= p.H;
+        uint c = t % p.C, n = t / p.C;
+        uint g = c / p.Cg, cc = c % p.Cg;
+        A acc = A(0);
+        for (uint kk = 0; kk < p.Kg; ++kk) {
+            uint k = g * p.Kg + kk;
+            device const T* dyk = dy + (n * p.K + k) * OHW;
+            device const T* wk = w + (k * p.Cg + cc) * KHW;
+            for (uint r = 0; r < p.KH; ++r) {
+                int th = int(ih) + p.PH - int(r * p.DH);
+                if (th < 0 || th % int(p.SH) != 0) continue;
+                uint oh = uint(th) / p.SH;
+                if (oh >= p.OH) continue;
+                for (uint s = 0; s < p.KW; ++s) {
+                    int tw = int(iw) + p.PW - int(s * p.DW);
+                    if (tw < 0 || tw % int(p.SW) != 0) continue;
+                    uint ow = uint(tw) / p.SW;
+                    if (ow >= p.OW) continue;
+                    acc = fma(A(dyk[oh * p.OW + ow]), A(wk[r * p.KW + s]), acc);
+                }
+            }
+        }
+        if (p.has_bias) acc += A(b[c]);
+        dx[i] = T(acc);
+    }
+}
+
+// ============================================================================================
+// Split reductions: weight and bias gradients write float partials ws[split][i]; this kernel
+// adds them in split order and stores T.
+// ============================================================================================
+template <typename T>
+[[max_total_threads_per_threadgroup(256)]]
+kernel void conv2d_bwd_reduce(device const float* ws [[buffer(0)]],
+                              device T* out [[buffer(1)]],
+                              constant uint& size [[buffer(2)]],
+                              constant uint& splits [[buffer(3)]],
+                              uint gid [[thread_position_in_grid]],
+                              uint tpg [[threads_per_threadgroup]],
+                              uint ntg [[threadgroups_per_grid]]) {
+    for (uint i = gid; i < size; i += tpg * ntg) {
+        float acc = 0.0f;
+        for (uint s = 0; s < splits; ++s) acc += ws[s * size + i];
+        out[i] = T(acc);
+    }
+}
+
+// db partials: one threadgroup per (split, k); ws[split * K + k] = sum of dy[n, k, :, :] over
+// the split's chunk of (n, oh, ow).
+template <typename T>
+[[max_total_threads_per_threadgroup(256)]]
+kernel void conv2d_bwd_bias(device const T* dy [[buffer(0)]],
+                            device float* ws [[buffer(1)]],
+                            constant Conv2dParams& p [[buffer(2)]],
+                            uint lid [[thread_position_in_threadgroup]],
+                            uint tgid [[threadgroup_position_in_grid]],
+                            uint ntg [[threadgroups_per_grid]],
+                            uint lane [[thread_index_in_simdgroup]],
+                            uint sid [[simdgroup_index_in_threadgroup]]) {
+    threadgroup float part[CONV_THREADS / 32];
+    const uint OHW = p.OH * p.OW, M = p.N * OHW;
+    for (uint job = tgid; job < p.splits * p.K; job += ntg) {
+        uint k = job % p.K, split = job / p.K;
+        uint m0 = split * p.chunk, m1 = min(m0 + p.chunk, M);
+        float acc = 0.0f;
+        for (uint m = m0 + lid; m < m1; m += CONV_THREADS) {
+            uint n = m / OHW;
+            acc += float(dy[(n * p.K + k) * OHW + (m - n * OHW)]);
+        }
+        acc = simd_sum(acc);
+        if (lane == 0) part[sid] = acc;
+        threadgroup_barrier(mem_flags::mem_threadgroup);
+        if (lid == 0) {
+            float s = 0.0f;
+            for (uint i = 0; i < CONV_THREADS / 32; ++i) s += part[i];
+            ws[job] = s;
+        }
+        threadgroup_barrier(mem_flags::mem_threadgroup);  // part[] is reused by the next job
+    }
+}
+
+// ============================================================================================
+// Tiled implicit GEMM. Thread t of the 256 owns output rows tm*4 + q + i*(BM/RM) (q < 4,
+// i < RM = TM/4) and columns tn*4 + u + j*(BN/RN), tm = t % (BM/TM), tn = t / (BM/TM): a warp
+// spans consecutive rows, so its stores are contiguous along the image row.
+// ============================================================================================
+
+// acc[TM][TN] += a-slice x b-slice for one BK-deep slice held in threadgroup memory
+// (As: BK rows of BM, Bs: BK rows of BN, both as 4-vectors; row strides SA, SB in vectors).
+template <typename A, int BM, int BN, int BK, int TM, int TN, int SA, int SB>
+inline void tile_fma(threadgroup const vec<A, 4>* As, threadgroup const vec<A, 4>* Bs,
+                     thread A (&acc)[TM][TN], uint tm, uint tn) {
+    constexpr int RM = TM / 4, RN = TN / 4;
+#pragma unroll
+    for (int kk = 0; kk < BK; ++kk) {
+        vec<A, 4> a[RM], b[RN];
+#pragma unroll
+        for (int i = 0; i < RM; ++i) a[i] = As[kk * SA + int(tm) + i * (BM / 4 / RM)];
+#pragma unroll
+        for (int j = 0; j < RN; ++j) b[j] = Bs[kk * SB + int(tn) + j * (BN / 4 / RN)];
+#pragma unroll
+        for (int i = 0; i < RM; ++i)
+#pragma unroll
+            for (int q = 0; q < 4; ++q)
+#pragma unroll
+                for (int j = 0; j < RN; ++j)
+#pragma unroll
+                    for (int u = 0; u < 4; ++u)
+                        acc[i * 4 + q][j * 4 + u] = fma(a[i][q], b[j][u], acc[i * 4 + q][j * 4 + u]);
+    }
+}
+
+// ---- forward ------------------------------------------------------------------------------
+// Slice (r, s, c0): As[kk][m] = x[n, g*Cg + c0 + kk, oh*SH - PH + r*DH, ow*SW - PW + s*DW],
+// Bs[kk][k] = w[g*Kg + k, c0 + kk, r, s]. Thread t loads row m = t % BM of As at depths
+// t / BM + j * (256 / BM), and column t % BN of Bs at depths t / BN + j * (256 / BN).
+template <typename T, typename A, int BM, int BN, int BK, int TM, int TN>
+[[max_total_threads_per_threadgroup(256)]]
+kernel void conv2d_fwd_tiled(device const T* x [[buffer(0)]],
+                             device const T* w [[buffer(1)]],
+                             device const T* b [[buffer(2)]],
+                             device T* y [[buffer(3)]],
+                             constant Conv2dParams& p [[buffer(4)]],
+                             uint lid [[thread_position_in_threadgroup]],
+                             uint tgid [[threadgroup_position_in_grid]],
+                             uint ntg [[threadgroups_per_grid]]) {
+    static_assert((BM / TM) * (BN / TN) == CONV_THREADS && BM * BK % CONV_THREADS == 0 &&
+                  BN * BK % CONV_THREADS == 0 && CONV_THREADS % BM == 0 && CONV_THREADS % BN == 0,
+                  "tile shape does not fit 256 threads");
+    constexpr int LA = BM * BK / CONV_THREADS, LB = BN * BK / CONV_THREADS;
+    constexpr int DA = CONV_THREADS / BM, DB = CONV_THREADS / BN;
+    constexpr int SA = BM / 4, SB = BN / 4;
+    threadgroup vec<A, 4> As4[2 * BK * SA];
+    threadgroup vec<A, 4> Bs4[2 * BK * SB];
+    threadgroup A* As = (threadgroup A*)As4;
+    threadgroup A* Bs = (threadgroup A*)Bs4;
+
+    const uint OHW = p.OH * p.OW, HW = p.H * p.W, KHW = p.KH * p.KW;
+    const uint M = p.N * OHW;
+    const uint tiles_m = (M + BM - 1) / BM, tiles_n = (p.Kg + BN - 1) / BN;
+    const uint csteps = (p.Cg + BK - 1) / BK, nsteps = KHW * csteps;
+    const uint tm = lid % (BM / TM), tn = lid / (BM / TM);
+    const uint am = lid % BM, ak = lid / BM, bn = lid % BN, bk = lid / BN;
+
+    for (uint tile = tgid; tile < p.G * tiles_m * tiles_n; tile += ntg) {
+        const uint tn_i = tile % tiles_n, tmp = tile / tiles_n;
+        const uint tm_i = tmp % tiles_m, g = tmp / tiles_m;
+        const uint m0 = tm_i * BM, n0 = tn_i * BN;
+        // this thread's gather row and weight column
+        const uint m = m0 + am;
+        const bool mok = m < M;
+        const uint mm = mok ? m : 0;
+        const uint img = mm / OHW, ohw = mm % OHW;
+        const int ih0 = int((ohw / p.OW) * p.SH) - p.PH, iw0 = int((ohw % p.OW) * p.SW) - p.PW;
+        device const T* xrow = x + (img * p.C + g * p.Cg) * HW;
+        const bool nok = n0 + bn < p.Kg;
+        device const T* wcol = w + (g * p.Kg + (nok ? n0 + bn : 0)) * p.Cg * KHW;
+
+        A acc[TM][TN];
+#pragma unroll
+        for (int i = 0; i < TM; ++i)
+#pragma unroll
+            for (int j = 0; j < TN; ++j) acc[i][j] = A(0);
+
+        A ra[LA], rb[LB];
+        uint r = 0, s = 0, c0 = 0;  // slice being loaded
+        for (uint kstep = 0; kstep <= nsteps; ++kstep) {
+            if (kstep < nsteps) {  // global -> registers for slice `kstep`
+                int ih = ih0 + int(r * p.DH), iw = iw0 + int(s * p.DW);
+                bool ok = mok && uint(ih) < p.H && uint(iw) < p.W;
+                device const T* xs = xrow + (ok ? uint(ih) * p.W + uint(iw) : 0);
+#pragma unroll
+                for (int j = 0; j < LA; ++j) {
+                    uint c = c0 + ak + j * DA;
+                    ra[j] = ok && c < p.Cg ? A(xs[c * HW]) : A(0);
+                }
+                device const T* ws = wcol + r * p.KW + s;
+#pragma unroll
+                for (int j = 0; j < LB; ++j) {
+                    uint c = c0 + bk + j * DB;
+                    rb[j] = nok && c < p.Cg ? A(ws[c * KHW]) : A(0);
+                }
+                c0 += BK;
+                if (c0 >= p.Cg) {
+                    c0 = 0;
+                    if (++s == p.KW) { s = 0; ++r; }
+                }
+            }
+            if (kstep > 0) {  // FMAs on slice kstep - 1 while the loads above are in flight
+                uint buf = (kstep - 1) & 1;
+                tile_fma<A, BM, BN, BK, TM, TN, SA, SB>(As4 + buf * BK * SA, Bs4 + buf * BK * SB, acc,
+                                                        tm, tn);
+            }
+            if (kstep < nsteps) {
+                uint buf = kstep & 1;
+#pragma unroll
+                for (int j = 0; j < LA; ++j) As[(buf * BK + ak + j * DA) * BM + am] = ra[j];
+#pragma unroll
+                for (int j = 0; j < LB; ++j) Bs[(buf * BK + bk + j * DB) * BN + bn] = rb[j];
+            }
+            threadgroup_barrier(mem_flags::mem_threadgroup);
+        }
+
+        constexpr int RM = TM / 4, RN = TN / 4;
+#pragma unroll
+        for (int i = 0; i < RM; ++i) {
+#pragma unroll
+            for (int q = 0; q < 4; ++q) {
+                uint mo = m0 + tm * 4 + q + i * (BM / RM);
+                if (mo >= M) continue;
+                uint oimg = mo / OHW, oo = mo % OHW;
+                device T* yrow = y + (oimg * p.K + g * p.Kg) * OHW + oo;
+#pragma unroll
+                for (int j = 0; j < RN; ++j) {
+#pragma unroll
+                    for (int u = 0; u < 4; ++u) {
+                        uint k = n0 + tn * 4 + u + j * (BN / RN);
+                        if (k >= p.Kg) continue;
+                        A v = acc[i * 4 + q][j * 4 + u];
+                        if (p.has_bias) v += A(b[g * p.Kg + k]);
+                        yrow[k * OHW] = T(v);
+                    }
+                }
+            }
+        }
+    }
+}
+
+// ---- input gradient -------------------------------------------------------------------------
+// Phase (ph, pw): rows h = ph + hq*SH, w = pw + wq*SW, m = (n*Hq + hq)*Wq + wq. The taps that
+// reach the phase are r = r0 + i*rstep (rstep = SH / gcd(SH, DH)), each at dy row
+// oh = hq + (ph + PH - r*DH) / SH. Slice (r, s, k0): As[kk][m] = dy[n, g*Kg + k0 + kk, oh, ow],
+// Bs[kk][c] = w[g*Kg + k0 + kk, c, r, s]; out dx[n, g*Cg + c, h, w] (+ b[g*Cg + c]).
+inline uint conv_gcd(uint a, uint b) {
+    while (b != 0) {
+        uint t = a % b;
+        a = b;
+        b = t;
+    }
+    return a;
+}
+
+// First tap index >= 0 whose offset lands on the phase, or `k` when none does.
+inline uint conv_first_tap(uint ph, int pad, uint d, uint st, uint k) {
+    for (uint r = 0; r < k && r < st; ++r) {
+        int t = int(ph) + pad - int(r * d);
+        if (((t % int(st)) + int(st)) % int(st) == 0) return r;
+    }
+    return k;
+}
+
+template <typename T, typename A, int BM, int BN, int BK, int TM, int TN>
+[[max_total_threads_per_threadgroup(256)]]
+kernel void conv2d_bwd_data_tiled(device const T* dy [[buffer(0)]],
+                                  device const T* w [[buffer(1)]],
+                                  device const T* b [[buffer(2)]],
+                                  device T* dx [[buffer(3)]],
+                                  constant Conv2dParams& p [[buffer(4)]],
+                                  uint lid [[thread_position_in_threadgroup]],
+                                  uint tgid [[threadgroup_position_in_grid]],
+                                  uint ntg [[threadgroups_per_grid]]) {
+    static_assert((BM / TM) * (BN / TN) == CONV_THREADS && BM * BK % CONV_THREADS == 0 &&
+                  BN * BK % CONV_THREADS == 0 && CONV_THREADS % BM == 0 && CONV_THREADS % BN == 0,
+                  "tile shape does not fit 256 threads");
+    constexpr int LA = BM * BK / CONV_THREADS, LB = BN * BK / CONV_THREADS;
+    constexpr int DA = CONV_THREADS / BM, DB = CONV_THREADS / BN;
+    constexpr int SA = BM / 4, SB = BN / 4;
+    threadgroup vec<A, 4> As4[2 * BK * SA];
+    threadgroup vec<A, 4> Bs4[2 * BK * SB];
+    threadgroup A* As = (threadgroup A*)As4;
+    threadgroup A* Bs = (threadgroup A*)Bs4;
+
+    const uint OHW = p.OH * p.OW, HW = p.H * p.W, KHW = p.KH * p.KW;
+    const uint Hq = (p.H + p.SH - 1) / p.SH, Wq = (p.W + p.SW - 1) / p.SW;
+    const uint M = p.N * Hq * Wq;
+    const uint tiles_m = (M + BM - 1) / BM, tiles_n = (p.Cg + BN - 1) / BN;
+    const uint phases = p.SH * p.SW;
+    const uint rstep = p.SH / conv_gcd(p.SH, p.DH), sstep = p.SW / conv_gcd(p.SW, p.DW);
+    const uint ksteps = (p.Kg + BK - 1) / BK;
+    const uint tm = lid % (BM / TM), tn = lid / (BM / TM);
+    const uint am = lid % BM, ak = lid / BM, bn = lid % BN, bk = lid / BN;
+
+    for (uint tile = tgid; tile < p.G * phases * tiles_m * tiles_n; tile += ntg) {
+        const uint tn_i = tile % tiles_n;
+        uint tmp = tile / tiles_n;
+        const uint tm_i = tmp % tiles_m;
+        tmp /= tiles_m;
+        const uint phase = tmp % phases, g = tmp / phases;
+        const uint ph = phase / p.SW, pw = phase % p.SW;
+        const uint m0 = tm_i * BM, n0 = tn_i * BN;
+        const uint r0 = conv_first_tap(ph, p.PH, p.DH, p.SH, p.KH);
+        const uint s0 = conv_first_tap(pw, p.PW, p.DW, p.SW, p.KW);
+        const uint nr = r0 < p.KH ? (p.KH - 1 - r0) / rstep + 1 : 0;
+        const uint ns = s0 < p.KW ? (p.KW - 1 - s0) / sstep + 1 : 0;
+        const uint nsteps = nr * ns * ksteps;
+
+        const uint m = m0 + am;
+        const bool mok = m < M;
+        const uint mm = mok ? m : 0;
+        const uint img = mm / (Hq * Wq), hw = mm % (Hq * Wq);
+        const int hq = int(hw / Wq), wq = int(hw % Wq);
+        device const T* dyrow = dy + (img * p.K + g * p.Kg) * OHW;
+        const bool nok = n0 + bn < p.Cg;
+        device const T* wcol = w + (g * p.Kg * p.Cg + (nok ? n0 + bn : 0)) * KHW;
+
+        A acc[TM][TN];
+#pragma unroll
+        for (int i = 0; i < TM; ++i)
+#pragma unroll
+            for (int j = 0; j < TN; ++j) acc[i][j] = A(0);
+
+        A ra[LA], rb[LB];
+        uint r = r0, s = s0, k0 = 0;
+        for (uint kstep = 0; kstep <= nsteps; ++kstep) {
+            if (kstep < nsteps) {
+                // exact divisions: r and s are taps of this phase
+                int oh = hq + (int(ph) + p.PH - int(r * p.DH)) / int(p.SH);
+                int ow = wq + (int(pw) + p.PW - int(s * p.DW)) / int(p.SW);
+                bool ok = mok && uint(oh) < p.OH && uint(ow) < p.OW;
+                device const T* ds = dyrow + (ok ? uint(oh) * p.OW + uint(ow) : 0);
+#pragma unroll
+                for (int j = 0; j < LA; ++j) {
+                    uint k = k0 + ak + j * DA;
+                    ra[j] = ok && k < p.Kg ? A(ds[k * OHW]) : A(0);
+                }
+                device const T* ws = wcol + r * p.KW + s;
+#pragma unroll
+                for (int j = 0; j < LB; ++j) {
+                    uint k = k0 + bk + j * DB;
+                    rb[j] = nok && k < p.Kg ? A(ws[k * p.Cg * KHW]) : A(0);
+                }
+                k0 += BK;
+                if (k0 >= p.Kg) {
+                    k0 = 0;
+                    s += sstep;
+                    if (s >= p.KW) { s = s0; r += rstep; }
+                }
+            }
+            if (kstep > 0) {
+                uint buf = (kstep - 1) & 1;
+                tile_fma<A, BM, BN, BK, TM, TN, SA, SB>(As4 + buf * BK * SA, Bs4 + buf * BK * SB, acc,
+                                                        tm, tn);
+            }
+            if (kstep < nsteps) {
+                uint buf = kstep & 1;
+#pragma unroll
+                for (int j = 0; j < LA; ++j) As[(buf * BK + ak + j * DA) * BM + am] = ra[j];
+#pragma unroll
+                for (int j = 0; j < LB; ++j) Bs[(buf * BK + bk + j * DB) * BN + bn] = rb[j];
+            }
+            threadgroup_barrier(mem_flags::mem_threadgroup);
+        }
+
+        constexpr int RM = TM / 4, RN = TN / 4;
+#pragma unroll
+        for (int i = 0; i < RM; ++i) {
+#pragma unroll
+            for (int q = 0; q < 4; ++q) {
+                uint mo = m0 + tm * 4 + q + i * (BM / RM);
+                if (mo >= M) continue;
+                uint oimg = mo / (Hq * Wq), ohw = mo % (Hq * Wq);
+                uint h = ph + (ohw / Wq) * p.SH, wd = pw + (ohw % Wq) * p.SW;
+                if (h >= p.H || wd >= p.W) continue;
+                device T* xrow = dx + (oimg * p.C + g * p.Cg) * HW + h * p.W + wd;
+#pragma unroll
+                for (int j = 0; j < RN; ++j) {
+#pragma unroll
+                    for (int u = 0; u < 4; ++u) {
+                        uint c = n0 + tn * 4 + u + j * (BN / RN);
+                        if (c >= p.Cg) continue;
+                        A v = acc[i * 4 + q][j * 4 + u];
+                        if (p.has_bias) v += A(b[g * p.Cg + c]);
+                        xrow[c * HW] = T(v);
+                    }
+                }
+            }
+        }
+    }
+}
+
+// ---- weight gradient ------------------------------------------------------------------------
+// Rows k < Kg, columns col = (c*KH + r)*KW + s < Cg*KH*KW, reduction over m = (n, oh, ow) in the
+// split's chunk. Slice m0..m0+BK: As[kk][k] = dy[n, g*Kg + k, oh, ow], Bs[kk][col] =
+// x[n, g*Cg + c, oh*SH - PH + r*DH, ow*SW - PW + s*DW] at m = m0 + kk. Thread t loads depth
+// t % BK (consecutive threads read consecutive pixels) of rows/columns t / BK + j * (256 / BK).
+// Threadgroup rows are padded by one vector so those column-wise stores do not all hit one bank.
+// Output: ws[split][g*Kg + k][col] (float partials, the layout of w).
+template <typename T, typename A, int BM, int BN, int BK, int TM, int TN>
+[[max_total_threads_per_threadgroup(256)]]
+kernel void conv2d_bwd_weight_tiled(device const T* dy [[buffer(0)]],
+                                    device const T* x [[buffer(1)]],
+                                    device float* wsum [[buffer(2)]],
+                                    constant Conv2dParams& p [[buffer(3)]],
+                                    uint lid [[thread_position_in_threadgroup]],
+                                    uint tgid [[threadgroup_position_in_grid]],
+                                    uint ntg [[threadgroups_per_grid]]) {
+    static_assert((BM / TM) * (BN / TN) == CONV_THREADS && CONV_THREADS % BK == 0 &&
+                  BM % (CONV_THREADS / BK) == 0 && BN % (CONV_THREADS / BK) == 0,
+                  "tile shape does not fit 256 threads");
+    constexpr int DL = CONV_THREADS / BK;  // rows/columns between one thread's loads
+    constexpr int LA = BM / DL, LB = BN / DL;
+    constexpr int SA = BM / 4 + 1, SB = BN / 4 + 1;
+    threadgroup vec<A, 4> As4[2 * BK * SA];
+    threadgroup vec<A, 4> Bs4[2 * BK * SB];
+    threadgroup A* As = (threadgroup A*)As4;
+    threadgroup A* Bs = (threadgroup A*)Bs4;
+
+    const uint OHW = p.OH * p.OW, HW = p.H * p.W, KHW = p.KH * p.KW;
+    const uint M = p.N * OHW, CRS = p.Cg * KHW;
+    const uint tiles_m = (p.Kg + BM - 1) / BM, tiles_n = (CRS + BN - 1) / BN;
+    const uint wsize = p.K * CRS;
+    const uint tm = lid % (BM / TM), tn = lid / (BM / TM);
+    const uint lk = lid % BK, lr = lid / BK;
+
+    for (uint tile = tgid; tile < p.splits * p.G * tiles_m * tiles_n; tile += ntg) {
+        const uint tn_i = tile % tiles_n;
+        uint tmp = tile / tiles_n;
+        const uint tm_i = tmp % tiles_m;
+        tmp /= tiles_m;
+        const uint g = tmp % p.G, split = tmp / p.G;
+        const uint k0 = tm_i * BM, n0 = tn_i * BN;
+        const uint mbeg = split * p.chunk, mend = min(mbeg + p.chunk, M);
+        const uint nsteps = mbeg < mend ? (mend - mbeg + BK - 1) / BK : 0;
+
+        // this thread's weight-gradient columns: offsets of (c, r, s) in x
+        uint coff[LB];
+        int roff[LB], soff[LB];
+        bool cok[LB];
+#pragma unroll
+        for (int j = 0; j < LB; ++j) {
+            uint col = n0 + lr + j * DL;
+            cok[j] = col < CRS;
+            uint cc = cok[j] ? col : 0;
+            uint c = cc / KHW, rs = cc % KHW;
+            coff[j] = (g * p.Cg + c) * HW;
+            roff[j] = int((rs / p.KW) * p.DH) - p.PH;
+            soff[j] = int((rs % p.KW) * p.DW) - p.PW;
+        }
+
+        A acc[TM][TN];
+#pragma unroll
+        for (int i = 0; i < TM; ++i)
+#pragma unroll
+            for (int j = 0; j < TN; ++j) acc[i][j] = A(0);
+
+        A ra[LA], rb[LB];
+        for (uint kstep = 0; kstep <= nsteps; ++kstep) {
+            if (kstep < nsteps) {
+                uint m = mbeg + kstep * BK + lk;
+                bool mok = m < mend;
+                uint mm = mok ? m : 0;
+                uint img = mm / OHW, ohw = mm % OHW;
+                int ih0 = int((ohw / p.OW) * p.SH), iw0 = int((ohw % p.OW) * p.SW);
+                device const T* dyp = dy + (img * p.K + g * p.Kg) * OHW + ohw;
+#pragma unroll
+                for (int j = 0; j < LA; ++j) {
+                    uint k = k0 + lr + j * DL;
+                    ra[j] = mok && k < p.Kg ? A(dyp[k * OHW]) : A(0);
+                }
+                device const T* xp = x + img * p.C * HW;
+#pragma unroll
+                for (int j = 0; j < LB; ++j) {
+                    int ih = ih0 + roff[j], iw = iw0 + soff[j];
+                    bool ok = mok && cok[j] && uint(ih) < p.H && uint(iw) < p.W;
+                    rb[j] = ok ? A(xp[coff[j] + uint(ih) * p.W + uint(iw)]) : A(0);
+                }
+            }
+            if (kstep > 0) {
+                uint buf = (kstep - 1) & 1;
+                tile_fma<A, BM, BN, BK, TM, TN, SA, SB>(As4 + buf * BK * SA, Bs4 + buf * BK * SB, acc,
+                                                        tm, tn);
+            }
+            if (kstep < nsteps) {
+                uint buf = kstep & 1;
+#pragma unroll
+                for (int j = 0; j < LA; ++j) As[(buf * BK + lk) * SA * 4 + lr + j * DL] = ra[j];
+#pragma unroll
+                for (int j = 0; j < LB; ++j) Bs[(buf * BK + lk) * SB * 4 + lr + j * DL] = rb[j];
+            }
+            threadgroup_barrier(mem_flags::mem_threadgroup);
+        }
+
+        constexpr int RM = TM / 4, RN = TN / 4;
+        device float* out = wsum + split * wsize + g * p.Kg * CRS;
+#pragma unroll
+        for (int i = 0; i < RM; ++i) {
+#pragma unroll
+            for (int q = 0; q < 4; ++q) {
+                uint k = k0 + tm * 4 + q + i * (BM / RM);
+                if (k >= p.Kg) continue;
+#pragma unroll
+                for (int j = 0; j < RN; ++j) {
+#pragma unroll
+                    for (int u = 0; u < 4; ++u) {
+                        uint col = n0 + tn * 4 + u + j * (BN / RN);
+                        if (col < CRS) out[k * CRS + col] = float(acc[i * 4 + q][j * 4 + u]);
+                    }
+                }
+            }
+        }
+    }
+}
+
+// ============================================================================================
+// Instantiations: conv2d_<op>[_<tile>]_<precision>. Tile names and shapes (BM x BN, BK, TM x TN)
+// must match TILES in pymetalnn/ops/conv.py. kernels/dev/ includes this file with
+// CONV_NO_INSTANCES to instantiate experimental shapes instead.
+// ============================================================================================
+#define CONV_INST(HOST, FN, ...) \
+    template [[host_name(HOST)]] [[kernel]] decltype(FN<__VA_ARGS__>) FN<__VA_ARGS__>;
+
+#define CONV_INST_PREC(NAME, T, A)                                                                 \
+    CONV_INST("conv2d_fwd_direct_" NAME, conv2d_fwd_direct, T, A)                                  \
+    CONV_INST("conv2d_bwd_data_direct_" NAME, conv2d_bwd_data_direct, T, A)                        \
+    CONV_INST("conv2d_fwd_t128x64_" NAME, conv2d_fwd_tiled, T, A, 128, 64, 8, 8, 4)                \
+    CONV_INST("conv2d_fwd_t128x128_" NAME, conv2d_fwd_tiled, T, A, 128, 128, 8, 8, 8)              \
+    CONV_INST("conv2d_fwd_t64x64_" NAME, conv2d_fwd_tiled, T, A, 64, 64, 8, 4, 4)                  \
+    CONV_INST("conv2d_fwd_t128x32_" NAME, conv2d_fwd_tiled, T, A, 128, 32, 8, 4, 4)                \
+    CONV_INST("conv2d_bwd_data_t128x64_" NAME, conv2d_bwd_data_tiled, T, A, 128, 64, 8, 8, 4)      \
+    CONV_INST("conv2d_bwd_data_t128x128_" NAME, conv2d_bwd_data_tiled, T, A, 128, 128, 8, 8, 8)    \
+    CONV_INST("conv2d_bwd_data_t64x64_" NAME, conv2d_bwd_data_tiled, T, A, 64, 64, 8, 4, 4)        \
+    CONV_INST("conv2d_bwd_data_t128x32_" NAME, conv2d_bwd_data_tiled, T, A, 128, 32, 8, 4, 4)      \
+    CONV_INST("conv2d_bwd_weight_t64x64_" NAME, conv2d_bwd_weight_tiled, T, A, 64, 64, 16, 4, 4)   \
+    CONV_INST("conv2d_bwd_weight_t64x128_" NAME, conv2d_bwd_weight_tiled, T, A, 64, 128, 16, 4, 8) \
+    CONV_INST("conv2d_bwd_weight_t128x128_" NAME, conv2d_bwd_weight_tiled, T, A, 128, 128, 8, 8, 8)
+
+#define CONV_INST_STORAGE(NAME, T)                                                                 \
+    CONV_INST("conv2d_bwd_reduce_" NAME, conv2d_bwd_reduce, T)                                     \
+    CONV_INST("conv2d_bwd_bias_" NAME, conv2d_bwd_bias, T)
+
+#ifndef CONV_NO_INSTANCES
+CONV_INST_PREC("float", float, float)
+CONV_INST_PREC("half", half, float)
+CONV_INST_PREC("hacc_half", half, half)
+CONV_INST_STORAGE("float", float)
+CONV_INST_STORAGE("half", half)
+#endif

@@ -1,0 +1,117 @@
+// dropout.metal -- dropout and spatial dropout (dropout2d) with a counter-based RNG, forward and
+// backward.
+//
+// The mask is never stored: it is a pure function of (seed, offset, element index) through
+// Philox4x32-10 (Salmon et al., "Parallel random numbers: as easy as 1, 2, 3", SC'11; the
+// Random123 constants), so the backward recomputes it, and any backend gives the same bits: the
+// keep decision compares a uint32 draw with an integer threshold (round(p * 2^32)), with no
+// floating point involved. Key = the 64-bit seed; counter = (block, 0, offset lo, offset hi).
+// One Philox call yields 4 words: the thread of block b handles elements 4b .. 4b+3 (word j for
+// element 4b + j) with one vector load and store; dropout2d uses word j % 4 of block j / 4 for
+// channel j and a thread handles 4 elements of one channel. The 32 x 32 -> 64-bit products use
+// ulong, which Metal, CUDA and C++ all have.
+// Forward and backward are the same computation (y = x * mask * scale, dx = dy * mask * scale),
+// instantiated under both names.
+#include <metal_stdlib>
+#include "params.h"
+using namespace metal;
+
+constant uint PHILOX_M0 = 0xD2511F53u;
+constant uint PHILOX_M1 = 0xCD9E8D57u;
+constant uint PHILOX_W0 = 0x9E3779B9u;
+constant uint PHILOX_W1 = 0xBB67AE85u;
+
+inline uint4 philox4x32_10(uint4 ctr, uint k0, uint k1) {
+    for (int i = 0; i < 10; ++i) {
+        if (i > 0) {
+            k0 += PHILOX_W0;
+            k1 += PHILOX_W1;
+        }
+        const ulong p0 = ulong(PHILOX_M0) * ulong(ctr.x);
+        const ulong p1 = ulong(PHILOX_M1) * ulong(ctr.z);
+        ctr = uint4(uint(p1 >> 32) ^ ctr.y ^ k0, uint(p1), uint(p0 >> 32) ^ ctr.w ^ k1, uint(p0));
+    }
+    return ctr;
+}
+
+inline uint4 dropout_draw(uint block, constant DropoutParams& p) {
+    return philox4x32_10(uint4(block, 0u, p.ctr2, p.ctr3), p.key0, p.key1);
+}
+
+// Philox of explicit counters under the key (key0, key1): the known-answer tests.
+kernel void philox_fwd_block_uint(device const uint4* ctr [[buffer(0)]],
+                                  device uint4* out [[buffer(1)]],
+                                  constant DropoutParams& p [[buffer(2)]],
+                                  uint gid [[thread_position_in_grid]]) {
+    if (gid < p.items) out[gid] = philox4x32_10(ctr[gid], p.key0, p.key1);
+}
+
+// The raw stream: out[4b + j] = word j of block b (tests compare it with a numpy Philox).
+kernel void philox_fwd_stream_uint(device uint* out [[buffer(0)]],
+                          constant DropoutParams& p [[buffer(1)]],
+                          uint gid [[thread_position_in_grid]],
+                          uint tg_size [[threads_per_threadgroup]],
+                          uint n_groups [[threadgroups_per_grid]]) {
+    const uint grid = tg_size * n_groups;
+    for (uint b = gid; b < p.items; b += grid) {
+        const uint4 r = dropout_draw(b, p);
+        for (uint j = 0; j < 4u; ++j) {
+            if (4u * b + j < p.n) out[4u * b + j] = r[j];
+        }
+    }
+}
+
+template <typename T>
+kernel void dropout_elem(device const T* x [[buffer(0)]],
+                         device T* y [[buffer(1)]],
+                         constant DropoutParams& p [[buffer(2)]],
+                         uint gid [[thread_position_in_grid]],
+                         uint tg_size [[threads_per_threadgroup]],
+                         uint n_groups [[threadgroups_per_grid]]) {
+    const uint grid = tg_size * n_groups;
+    for (uint b = gid; b < p.items; b += grid) {
+        const uint4 r = dropout_draw(b, p);
+        const float4 m = select(float4(0.0f), float4(p.scale), r >= uint4(p.threshold));
+        const uint e = 4u * b;
+        if (p.vec == 1 && e + 4u <= p.n) {
+            *((device vec<T, 4>*)(y + e)) = vec<T, 4>(float4(*((device const vec<T, 4>*)(x + e))) * m);
+        } else {
+            for (uint j = 0; j < 4u && e + j < p.n; ++j) y[e + j] = T(float(x[e + j]) * m[j]);
+        }
+    }
+}
+
+// item = (channel j, chunk c): elements j * inner + 4c .. + 3 of channel j.
+template <typename T>
+kernel void dropout_channel(device const T* x [[buffer(0)]],
+                            device T* y [[buffer(1)]],
+                            constant DropoutParams& p [[buffer(2)]],
+                            uint gid [[thread_position_in_grid]],
+                            uint tg_size [[threads_per_threadgroup]],
+                            uint n_groups [[threadgroups_per_grid]]) {
+    const uint grid = tg_size * n_groups;
+    const uint per_channel = (p.inner + 3u) / 4u;
+    for (uint item = gid; item < p.items; item += grid) {
+        const uint j = item / per_channel;
+        const uint c = 4u * (item - j * per_channel);
+        const uint r = dropout_draw(j / 4u, p)[j % 4u];
+        const float m = r >= p.threshold ? p.scale : 0.0f;
+        const uint e = j * p.inner + c;
+        if (p.vec == 1 && p.inner % 4u == 0u) {
+            *((device vec<T, 4>*)(y + e)) = vec<T, 4>(float4(*((device const vec<T, 4>*)(x + e))) * m);
+        } else {
+            for (uint k = 0; k < 4u && c + k < p.inner; ++k) y[e + k] = T(float(x[e + k]) * m);
+        }
+    }
+}
+
+#define instantiate_dropout(T)                                                                \
+    template [[host_name("dropout_fwd_" #T)]] [[kernel]] decltype(dropout_elem<T>) dropout_elem<T>; \
+    template [[host_name("dropout_bwd_" #T)]] [[kernel]] decltype(dropout_elem<T>) dropout_elem<T>; \
+    template [[host_name("dropout2d_fwd_" #T)]] [[kernel]] decltype(dropout_channel<T>)          \
+        dropout_channel<T>;                                                                    \
+    template [[host_name("dropout2d_bwd_" #T)]] [[kernel]] decltype(dropout_channel<T>)          \
+        dropout_channel<T>;
+
+instantiate_dropout(float)
+instantiate_dropout(half)

@@ -1,0 +1,472 @@
+// loss.metal -- MPS's loss set, forward (loss value) and fused backward (gradient w.r.t. the
+// network output), with per-sample weights and the reductions none / per-sample / sum / mean /
+// sum-by-nonzero-weights.
+//
+// Design. Two shapes of loss:
+//  * pointwise (MSE, L1, Huber, sigmoid CE with logits, hinge, KL, log loss): the loss of every
+//    element. Forward threadgroups each own a chunk of one segment (a sample, or the whole
+//    tensor) and write either the elements' losses (reduction none) or one partial sum and the
+//    chunk's term counts; loss_reduce then adds a segment's partials in a fixed order, so results
+//    are deterministic (no float atomics). Backward is element-wise.
+//  * class-axis (softmax cross-entropy, categorical cross-entropy, cosine distance): one term per
+//    (sample, position), reduced over the class axis (dim 1) with softmax.metal's tile plan
+//    (tile_reduce.h): the logits are read once into threadgroup memory when the tile fits, the
+//    max and the shifted sums come from two tile reductions, and the term's value, weight and
+//    counts are written per position (N*H*W values, 1/C of the input) for loss_reduce.
+// Softmax cross-entropy works from the max-shifted logits (log s - sum t' (x - m)), never from
+// lse * sum(t') - sum(t' x), which cancels catastrophically for large logits.
+// A term whose weight is 0 (or whose label is ignore_index) contributes exactly 0 to the loss and
+// the gradient, even where its unweighted loss is inf or NaN.
+// The backward kernels take their upstream coefficient from g: g[0] (a scalar reduction; the
+// host's loss_scale launch has already divided it by the count of a mean), g[n] (per sample) or
+// g[term] (reduction none).
+// Storage float or half; every sum and every loss is computed in float, losses are stored float.
+#include <metal_stdlib>
+#include "params.h"
+#include "tile_reduce.h"
+using namespace metal;
+
+#define LOSS_CACHE 4096  // floats of logit cache per threadgroup (16 KB), as SM_CACHE
+
+// pointwise kinds
+#define L_MSE 0
+#define L_L1 1
+#define L_HUBER 2
+#define L_BCE 3     // sigmoid cross-entropy with logits
+#define L_HINGE 4
+#define L_KL 5
+#define L_LOG 6
+// class-axis kinds
+#define L_CE 10     // softmax cross-entropy on logits
+#define L_CCE 11    // categorical cross-entropy on probabilities
+#define L_COS 12    // cosine distance
+
+// log(1 + u) for u in [0, 1], accurate for tiny u (Goldberg's correction), without log1p.
+inline float log1p_acc(float u) {
+    float v = 1.0f + u;
+    return v == 1.0f ? u : precise::log(v) * (u / (v - 1.0f));
+}
+
+inline float sigmoid_acc(float x) {
+    if (x >= 0.0f) return 1.0f / (1.0f + precise::exp(-x));
+    float e = precise::exp(x);
+    return e / (1.0f + e);
+}
+
+inline float pw_loss(int kind, float x, float t, constant LossParams& p) {
+    float d = x - t;
+    if (kind == L_MSE) return d * d;
+    if (kind == L_L1) return fabs(d);
+    if (kind == L_HUBER) {
+        float a = fabs(d);
+        return a < p.a ? 0.5f * d * d : p.a * (a - 0.5f * p.a);
+    }
+    if (kind == L_BCE) {
+        float ts = t * (1.0f - p.smoothing) + 0.5f * p.smoothing;
+        return max(x, 0.0f) - x * ts + log1p_acc(precise::exp(-fabs(x)));
+    }
+    if (kind == L_HINGE) return max(0.0f, 1.0f - (2.0f * t - 1.0f) * x);
+    if (kind == L_KL) {
+        if (p.a != 0.0f) return precise::exp(t) * (t - x);
+        return (t == 0.0f ? 0.0f : t * precise::log(t)) - t * x;  // torch's xlogy(t, t) - t x
+    }
+    // L_LOG
+    return -t * precise::log(x + p.a) - (1.0f - t) * precise::log(1.0f - x + p.a);
+}
+
+inline float pw_grad(int kind, float x, float t, constant LossParams& p) {
+    float d = x - t;
+    if (kind == L_MSE) return 2.0f * d;
+    if (kind == L_L1) return sign(d);
+    if (kind == L_HUBER) return clamp(d, -p.a, p.a);
+    if (kind == L_BCE) return sigmoid_acc(x) - (t * (1.0f - p.smoothing) + 0.5f * p.smoothing);
+    if (kind == L_HINGE) {
+        float y = 2.0f * t - 1.0f;
+        return 1.0f - y * x > 0.0f ? -y : 0.0f;
+    }
+    if (kind == L_KL) return p.a != 0.0f ? -precise::exp(t) : -t;
+    return -t / (x + p.a) + (1.0f - t) / (1.0f - x + p.a);
+}
+
+// ---- pointwise ------------------------------------------------------------------------------
+// out: the elements' weighted losses (reduce == 0), else one partial sum per chunk; cnt: the
+// chunk's (terms, terms of nonzero weight).
+template <typename T, int K>
+[[max_total_threads_per_threadgroup(256)]]
+kernel void loss_pw_fwd(device const T* x [[buffer(0)]],
+                        device const T* t [[buffer(1)]],
+                        device const float* sw [[buffer(2)]],
+                        device float* out [[buffer(3)]],
+                        device uint2* cnt [[buffer(4)]],
+                        constant LossParams& p [[buffer(5)]],
+                        uint tid [[thread_position_in_threadgroup]],
+                        uint tg [[threadgroup_position_in_grid]],
+                        uint ntg [[threadgroups_per_grid]],
+                        uint lane [[thread_index_in_simdgroup]],
+                        uint sg [[simdgroup_index_in_threadgroup]]) {
+    threadgroup float2 scratch[TR_TG];
+    for (uint g = tg; g < p.ngroups; g += ntg) {
+        uint seg = g / p.chunks, c = g % p.chunks;
+        uint lo = seg * p.seglen + c * p.chunk;
+        uint hi = seg * p.seglen + min((c + 1u) * p.chunk, p.seglen);
+        float2 acc = float2(0.0f);  // (sum, terms of nonzero weight); exact: a chunk < 2^24
+        for (uint i = lo + tid; i < hi; i += TR_TG) {
+            float w = p.has_weight ? sw[i / p.M] : 1.0f;
+            float l = w == 0.0f ? 0.0f : w * pw_loss(K, float(x[i]), float(t[i]), p);
+            if (p.reduce) {
+                acc += float2(l, w != 0.0f ? 1.0f : 0.0f);
+            } else {
+                out[i] = l;
+            }
+        }
+        if (p.reduce) {
+            acc = tile_reduce(acc, TR_SUM, 1u, TR_TG, lane, sg, scratch);
+            if (tid == 0) {
+                out[g] = acc.x;
+                cnt[g] = uint2(hi - lo, uint(acc.y));
+            }
+        }
+    }
+}
+
+template <typename T, int K>
+[[max_total_threads_per_threadgroup(256)]]
+kernel void loss_pw_bwd(device const float* g [[buffer(0)]],
+                        device const T* x [[buffer(1)]],
+                        device const T* t [[buffer(2)]],
+                        device const float* sw [[buffer(3)]],
+                        device T* dx [[buffer(4)]],
+                        constant LossParams& p [[buffer(5)]],
+                        uint gid [[thread_position_in_grid]],
+                        uint ntg [[threadgroups_per_grid]]) {
+    for (uint i = gid; i < p.total; i += ntg * TR_TG) {
+        uint n = i / p.M;
+        float w = p.has_weight ? sw[n] : 1.0f;
+        float r = 0.0f;
+        if (w != 0.0f) {
+            float c = p.gmode == 0u ? g[0] : (p.gmode == 1u ? g[n] : g[i]);
+            r = c * w * pw_grad(K, float(x[i]), float(t[i]), p);
+        }
+        dx[i] = T(r);
+    }
+}
+
+// ---- class-axis -----------------------------------------------------------------------------
+// Smoothed target of class c: labels give (1 - eps) [c == y] + eps / C, probabilities
+// t (1 - eps) + eps / C.
+inline float smooth_label(uint c, int y, float eps, float C) {
+    return (int(c) == y ? 1.0f - eps : 0.0f) + eps / C;
+}
+
+// LABELS: 1 = int labels (N, H*W), 0 = probability targets shaped like x. terms[k], cnt[k] per
+// position k = n * M + i: the weighted loss and (valid, valid with nonzero weight).
+template <typename T, int K, int LABELS>
+[[max_total_threads_per_threadgroup(256)]]
+kernel void loss_cls_fwd(device const T* x [[buffer(0)]],
+                         device const T* tp [[buffer(1)]],
+                         device const int* labels [[buffer(2)]],
+                         device const float* sw [[buffer(3)]],
+                         device float* terms [[buffer(4)]],
+                         device uint2* cnt [[buffer(5)]],
+                         constant LossParams& p [[buffer(6)]],
+                         constant SoftmaxParams& q [[buffer(7)]],
+                         uint tid [[thread_position_in_threadgroup]],
+                         uint tg [[threadgroup_position_in_grid]],
+                         uint ntg [[threadgroups_per_grid]],
+                         uint lane [[thread_index_in_simdgroup]],
+                         uint sg [[simdgroup_index_in_threadgroup]]) {
+    threadgroup float cache[LOSS_CACHE];
+    threadgroup float scratch[TR_TG];
+    threadgroup float4 scratch4[TR_TG];
+    TilePos t = tile_pos(q.W, q.SW, tid);
+    const uint C = q.len, inner = q.inner;
+    const float Cf = float(C), eps = p.smoothing;
+    threadgroup float* cp = cache + t.r * (C * q.W) + t.w;
+    for (uint base = tg * t.R; base < q.ntiles; base += ntg * t.R) {
+        uint tile = base + t.r;
+        uint o = tile / q.wblocks;
+        uint i = (tile % q.wblocks) * q.W + t.w;
+        bool col = tile < q.ntiles && i < inner;
+        uint off = o * C * inner + i;
+        uint k = o * inner + i;
+        int y = 0;
+        bool valid = col;
+        if (LABELS && col) {
+            y = labels[k];
+            valid = y != p.ignore_index;
+        }
+        float4 acc = float4(0.0f);
+        float m = 0.0f;
+        if (K == L_CE) {
+            m = -INFINITY;
+            if (col) {
+                for (uint l = t.s; l < C; l += t.S) {
+                    float v = float(x[off + l * inner]);
+                    if (q.cached) cp[l * q.W] = v;
+                    m = max(m, v);
+                }
+            }
+            m = tile_reduce(m, TR_MAX, q.W, q.SW, lane, sg, scratch);
+            if (col) {
+                for (uint l = t.s; l < C; l += t.S) {
+                    float v = (q.cached ? cp[l * q.W] : float(x[off + l * inner])) - m;
+                    acc.w += precise::exp(v);
+                    if (LABELS) {
+                        acc.x += v;                        // sum (x - m), for smoothing
+                    } else {
+                        float ts = float(tp[off + l * inner]) * (1.0f - eps) + eps / Cf;
+                        acc.x += ts;                       // sum t'
+                        acc.y += ts * v;                   // sum t' (x - m)
+                    }
+                }
+            }
+        } else if (col) {
+            for (uint l = t.s; l < C; l += t.S) {
+                float v = float(x[off + l * inner]);
+                if (K == L_CCE) {
+                    if (LABELS) {
+                        if (eps != 0.0f) acc.x += precise::log(v);
+                    } else {
+                        float ts = float(tp[off + l * inner]) * (1.0f - eps) + eps / Cf;
+                        acc.x += ts == 0.0f ? 0.0f : ts * precise::log(v);
+                    }
+                } else {  // L_COS
+                    float u = float(tp[off + l * inner]);
+                    acc.x += v * u;
+                    acc.y += v * v;
+                    acc.z += u * u;
+                }
+            }
+        }
+        acc = tile_reduce(acc, TR_SUM, q.W, q.SW, lane, sg, scratch4);
+        if (col && t.s == 0) {
+            float loss = 0.0f;
+            if (K == L_CE) {
+                float ls = precise::log(acc.w);
+                if (LABELS) {
+                    loss = valid ? ls - (1.0f - eps) * (float(x[off + uint(y) * inner]) - m) : 0.0f;
+                    if (valid && eps != 0.0f) loss -= eps / Cf * acc.x;
+                } else {
+                    loss = ls * acc.x - acc.y;
+                }
+            } else if (K == L_CCE) {
+                if (LABELS) {
+                    loss = valid ? -(1.0f - eps) * precise::log(float(x[off + uint(y) * inner])) : 0.0f;
+                    if (valid && eps != 0.0f) loss -= eps / Cf * acc.x;
+                } else {
+                    loss = -acc.x;
+                }
+            } else {
+                loss = 1.0f - acc.x / precise::sqrt(max(acc.y * acc.z, p.a * p.a));
+            }
+            float w = p.has_weight ? sw[o] : 1.0f;
+            bool nz = valid && w != 0.0f;
+            terms[k] = nz ? w * loss : 0.0f;
+            cnt[k] = uint2(valid ? 1u : 0u, nz ? 1u : 0u);
+        }
+    }
+}
+
+template <typename T, int K, int LABELS>
+[[max_total_threads_per_threadgroup(256)]]
+kernel void loss_cls_bwd(device const float* g [[buffer(0)]],
+                         device const T* x [[buffer(1)]],
+                         device const T* tp [[buffer(2)]],
+                         device const int* labels [[buffer(3)]],
+                         device const float* sw [[buffer(4)]],
+                         device T* dx [[buffer(5)]],
+                         constant LossParams& p [[buffer(6)]],
+                         constant SoftmaxParams& q [[buffer(7)]],
+                         uint tid [[thread_position_in_threadgroup]],
+                         uint tg [[threadgroup_position_in_grid]],
+                         uint ntg [[threadgroups_per_grid]],
+                         uint lane [[thread_index_in_simdgroup]],
+                         uint sg [[simdgroup_index_in_threadgroup]]) {
+    threadgroup float cache[LOSS_CACHE];
+    threadgroup float scratch[TR_TG];
+    threadgroup float4 scratch4[TR_TG];
+    TilePos t = tile_pos(q.W, q.SW, tid);
+    const uint C = q.len, inner = q.inner;
+    const float Cf = float(C), eps = p.smoothing;
+    threadgroup float* cp = cache + t.r * (C * q.W) + t.w;
+    for (uint base = tg * t.R; base < q.ntiles; base += ntg * t.R) {
+        uint tile = base + t.r;
+        uint o = tile / q.wblocks;
+        uint i = (tile % q.wblocks) * q.W + t.w;
+        bool col = tile < q.ntiles && i < inner;
+        uint off = o * C * inner + i;
+        uint k = o * inner + i;
+        int y = -1;
+        bool valid = col;
+        if (LABELS && col) {
+            y = labels[k];
+            valid = y != p.ignore_index;
+        }
+        float coef = 0.0f;
+        if (valid) {
+            float w = p.has_weight ? sw[o] : 1.0f;
+            if (w != 0.0f) coef = w * (p.gmode == 0u ? g[0] : (p.gmode == 1u ? g[o] : g[k]));
+        }
+        if (K == L_CE) {
+            float m = -INFINITY;
+            if (col) {
+                for (uint l = t.s; l < C; l += t.S) {
+                    float v = float(x[off + l * inner]);
+                    if (q.cached) cp[l * q.W] = v;
+                    m = max(m, v);
+                }
+            }
+            m = tile_reduce(m, TR_MAX, q.W, q.SW, lane, sg, scratch);
+            float4 acc = float4(0.0f);  // (sum exp(x - m), sum t')
+            if (col) {
+                for (uint l = t.s; l < C; l += t.S) {
+                    float v = q.cached ? cp[l * q.W] : float(x[off + l * inner]);
+                    acc.x += precise::exp(v - m);
+                    if (!LABELS) acc.y += float(tp[off + l * inner]) * (1.0f - eps) + eps / Cf;
+                }
+            }
+            acc = tile_reduce(acc, TR_SUM, q.W, q.SW, lane, sg, scratch4);
+            if (col) {
+                float inv = 1.0f / acc.x;
+                for (uint l = t.s; l < C; l += t.S) {
+                    float v = q.cached ? cp[l * q.W] : float(x[off + l * inner]);
+                    float pr = precise::exp(v - m) * inv;
+                    float r;
+                    if (LABELS) {
+                        r = pr - smooth_label(l, y, eps, Cf);
+                    } else {
+                        r = pr * acc.y - (float(tp[off + l * inner]) * (1.0f - eps) + eps / Cf);
+                    }
+                    dx[off + l * inner] = T(coef == 0.0f ? 0.0f : coef * r);
+                }
+            }
+        } else if (K == L_CCE) {
+            if (col) {
+                for (uint l = t.s; l < C; l += t.S) {
+                    float ts = LABELS ? smooth_label(l, y, eps, Cf)
+                                      : float(tp[off + l * inner]) * (1.0f - eps) + eps / Cf;
+                    float r = (coef == 0.0f || ts == 0.0f) ? 0.0f
+                                                            : -coef * ts / float(x[off + l * inner]);
+                    dx[off + l * inner] = T(r);
+                }
+            }
+        } else {  // L_COS: d(1 - cos)/dx = cos x / |x|^2 - t / D, or -t / eps when clamped
+            float4 acc = float4(0.0f);
+            if (col) {
+                for (uint l = t.s; l < C; l += t.S) {
+                    float v = float(x[off + l * inner]);
+                    float u = float(tp[off + l * inner]);
+                    if (q.cached) cp[l * q.W] = v;
+                    acc.x += v * u;
+                    acc.y += v * v;
+                    acc.z += u * u;
+                }
+            }
+            acc = tile_reduce(acc, TR_SUM, q.W, q.SW, lane, sg, scratch4);
+            if (col) {
+                float prod = acc.y * acc.z;
+                bool clamped = prod <= p.a * p.a;
+                float D = clamped ? p.a : precise::sqrt(prod);
+                float cs = acc.x / D;
+                for (uint l = t.s; l < C; l += t.S) {
+                    float v = q.cached ? cp[l * q.W] : float(x[off + l * inner]);
+                    float u = float(tp[off + l * inner]);
+                    float r = clamped ? -u / D : cs * v / acc.y - u / D;
+                    dx[off + l * inner] = T(coef == 0.0f ? 0.0f : coef * r);
+                }
+            }
+        }
+    }
+}
+
+// ---- reductions -----------------------------------------------------------------------------
+// out[s] = (sum of segment s's partials) / its count (mode 1: valid terms, mode 2: terms of
+// nonzero weight, 0 when there are none; mode 3: denom). One threadgroup per segment.
+[[max_total_threads_per_threadgroup(256)]]
+kernel void loss_reduce_fwd_float(device const float* part [[buffer(0)]],
+                                  device const uint2* cnt [[buffer(1)]],
+                                  device float* out [[buffer(2)]],
+                                  constant LossReduceParams& p [[buffer(3)]],
+                                  uint tid [[thread_position_in_threadgroup]],
+                                  uint tg [[threadgroup_position_in_grid]],
+                                  uint ntg [[threadgroups_per_grid]],
+                                  uint lane [[thread_index_in_simdgroup]],
+                                  uint sg [[simdgroup_index_in_threadgroup]]) {
+    threadgroup float scratch[TR_TG];
+    threadgroup uint2 scratch2[TR_TG];
+    for (uint s = tg; s < p.nseg; s += ntg) {
+        float acc = 0.0f;
+        uint2 c = uint2(0u);
+        for (uint j = tid; j < p.seglen; j += TR_TG) {
+            acc += part[s * p.seglen + j];
+            if (p.mode == 1u || p.mode == 2u) c += cnt[s * p.seglen + j];
+        }
+        acc = tile_reduce(acc, TR_SUM, 1u, TR_TG, lane, sg, scratch);
+        c = tile_reduce(c, TR_SUM, 1u, TR_TG, lane, sg, scratch2);
+        if (tid == 0) {
+            float r = acc;
+            if (p.mode == 1u) r = acc / float(c.x);
+            if (p.mode == 2u) r = c.y == 0u ? 0.0f : acc / float(c.y);
+            if (p.mode == 3u) r = acc / p.denom;
+            out[s] = r;
+        }
+    }
+}
+
+// scale[0] = g[0] / count for the backward of a scalar reduction, counting over positions like
+// loss_reduce_fwd_float's modes (mode 0: g[0]). One threadgroup.
+[[max_total_threads_per_threadgroup(256)]]
+kernel void loss_scale_bwd_float(device const int* labels [[buffer(0)]],
+                                 device const float* sw [[buffer(1)]],
+                                 device const float* g [[buffer(2)]],
+                                 device float* scale [[buffer(3)]],
+                                 constant LossReduceParams& p [[buffer(4)]],
+                                 uint tid [[thread_position_in_threadgroup]],
+                                 uint lane [[thread_index_in_simdgroup]],
+                                 uint sg [[simdgroup_index_in_threadgroup]]) {
+    threadgroup uint2 scratch2[TR_TG];
+    uint2 c = uint2(0u);
+    if (p.mode == 1u || p.mode == 2u) {
+        for (uint k = tid; k < p.terms; k += TR_TG) {
+            bool valid = p.has_labels ? labels[k] != p.ignore_index : true;
+            bool nz = valid && (p.has_weight ? sw[k / p.per_sample] != 0.0f : true);
+            c += uint2(valid ? 1u : 0u, nz ? 1u : 0u);
+        }
+    }
+    c = tile_reduce(c, TR_SUM, 1u, TR_TG, lane, sg, scratch2);
+    if (tid == 0) {
+        float r = g[0];
+        if (p.mode == 1u) r = g[0] / (float(c.x) * float(p.mult));
+        if (p.mode == 2u) r = c.y == 0u ? 0.0f : g[0] / (float(c.y) * float(p.mult));
+        if (p.mode == 3u) r = g[0] / p.denom;
+        scale[0] = r;
+    }
+}
+
+// ---- instantiations -------------------------------------------------------------------------
+#define LOSS_PW(NAME, K, T)                                                                    \
+    template [[host_name(#NAME "_fwd_" #T)]] [[kernel]] decltype(loss_pw_fwd<T, K>)             \
+        loss_pw_fwd<T, K>;                                                                     \
+    template [[host_name(#NAME "_bwd_" #T)]] [[kernel]] decltype(loss_pw_bwd<T, K>)             \
+        loss_pw_bwd<T, K>;
+#define LOSS_CLS(NAME, K, LB, VARIANT, T)                                                      \
+    template [[host_name(#NAME "_fwd_" VARIANT #T)]] [[kernel]]                                \
+        decltype(loss_cls_fwd<T, K, LB>) loss_cls_fwd<T, K, LB>;                               \
+    template [[host_name(#NAME "_bwd_" VARIANT #T)]] [[kernel]]                                \
+        decltype(loss_cls_bwd<T, K, LB>) loss_cls_bwd<T, K, LB>;
+#define LOSS_ALL(T)                                                                            \
+    LOSS_PW(mse_loss, L_MSE, T)                                                                \
+    LOSS_PW(l1_loss, L_L1, T)                                                                  \
+    LOSS_PW(huber_loss, L_HUBER, T)                                                            \
+    LOSS_PW(bce_with_logits, L_BCE, T)                                                         \
+    LOSS_PW(hinge_loss, L_HINGE, T)                                                            \
+    LOSS_PW(kl_div, L_KL, T)                                                                   \
+    LOSS_PW(log_loss, L_LOG, T)                                                                \
+    LOSS_CLS(cross_entropy, L_CE, 1, "labels_", T)                                             \
+    LOSS_CLS(cross_entropy, L_CE, 0, "probs_", T)                                              \
+    LOSS_CLS(categorical_cross_entropy, L_CCE, 1, "labels_", T)                                \
+    LOSS_CLS(categorical_cross_entropy, L_CCE, 0, "probs_", T)                                 \
+    LOSS_CLS(cosine_distance, L_COS, 0, "", T)
+
+LOSS_ALL(float)
+LOSS_ALL(half)

@@ -1,0 +1,294 @@
+// pool.metal -- max / average / adaptive-average pooling over NCHW planes, and their gradients.
+//
+// Design: forward kernels run one thread per output element; gradient kernels run one thread
+// per INPUT element and gather from the outputs whose windows contain it (a closed-form range of
+// at most ceil(K/S) rows times ceil(K/S) columns), so overlapping windows accumulate without
+// atomics, in a fixed order: deterministic, and each input written once. Everything is
+// memory-bound; consecutive threads take consecutive columns so loads and stores coalesce, and
+// re-reads of overlapping windows hit the cache.
+//
+// Max pooling follows torch exactly: the first maximum in row-major window order wins ties
+// (only a strictly greater value replaces it), a NaN wins over everything and a later NaN over
+// an earlier one, and a window entirely in padding gives -inf (index -1). The gradient goes to
+// that one element; max_pool2d_bwd either reads the forward's indices or recomputes each
+// candidate window's argmax from x (re-reads that stay in cache), so it needs no index buffer.
+// Average pooling uses torch's divisor: the window clipped to the padded input
+// (count_include_pad) or to the input, or divisor_override. Global average pooling (one output
+// per plane) is a reduction: one simdgroup per plane with vector loads and simd_sum.
+// Storage float or half; comparisons and sums in float.
+#include <metal_stdlib>
+#include "params.h"
+using namespace metal;
+
+constant uint POOL_WRITE_INDICES = 1u;  // max forward: also store the argmax (h * IW + w)
+constant uint POOL_COUNT_PAD = 2u;      // avg: count_include_pad
+
+// First tap index r >= 0 with start + r * d >= 0 (torch: `while (start < 0) start += d`).
+inline int first_tap(int start, int d) { return start < 0 ? (-start + d - 1) / d : 0; }
+
+// Outputs o whose window [o * s - p, o * s - p + (k - 1) * d] contains i: o in [lo, hi].
+inline int2 out_range(int i, int k, int s, int p, int d, int n_out) {
+    int num = i + p - (k - 1) * d;
+    int lo = num <= 0 ? 0 : (num + s - 1) / s;
+    int hi = min((i + p) / s, n_out - 1);  // i + p >= 0
+    return int2(lo, hi);
+}
+
+// Max over the window of output (oh, ow) of one plane; returns the flat index h * IW + w of the
+// winner (-1 if every tap is padding) and its value in `best`.
+template <typename T>
+inline int window_argmax(device const T* xp, int oh, int ow, Pool2dParams p, thread float& best) {
+    int h0 = oh * p.SH - p.PH, w0 = ow * p.SW - p.PW;
+    int r0 = first_tap(h0, p.DH), s0 = first_tap(w0, p.DW);
+    int ih = int(p.IH), iw = int(p.IW);
+    best = -INFINITY;
+    int arg = -1;
+    for (int r = r0; r < p.KH; ++r) {
+        int h = h0 + r * p.DH;
+        if (h >= ih) break;
+        for (int s = s0; s < p.KW; ++s) {
+            int w = w0 + s * p.DW;
+            if (w >= iw) break;
+            float v = float(xp[h * iw + w]);
+            if (arg < 0 || v > best || isnan(v)) {
+                best = v;
+                arg = h * iw + w;
+            }
+        }
+    }
+    return arg;
+}
+
+template <typename T>
+[[max_total_threads_per_threadgroup(256)]]
+kernel void max_pool2d_fwd(device const T* x [[buffer(0)]],
+                           device T* y [[buffer(1)]],
+                           device int* indices [[buffer(2)]],
+                           constant Pool2dParams& p [[buffer(3)]],
+                           uint gid [[thread_position_in_grid]]) {
+    Pool2dParams q = p;
+    uint plane_out = q.OH * q.OW;
+    if (gid >= q.planes * plane_out) return;
+    uint plane = gid / plane_out, o = gid - plane * plane_out;
+    float best;
+    int arg = window_argmax(x + plane * (q.IH * q.IW), int(o / q.OW), int(o % q.OW), q, best);
+    y[gid] = T(best);
+    if (q.flags & POOL_WRITE_INDICES) indices[gid] = arg;
+}
+
+// Gradient from the forward's indices: sum grad_out over candidate outputs whose index is me.
+template <typename T>
+[[max_total_threads_per_threadgroup(256)]]
+kernel void max_pool2d_bwd_idx(device const T* g [[buffer(0)]],
+                               device const int* indices [[buffer(1)]],
+                               device T* dx [[buffer(2)]],
+                               constant Pool2dParams& p [[buffer(3)]],
+                               uint gid [[thread_position_in_grid]]) {
+    Pool2dParams q = p;
+    uint plane_in = q.IH * q.IW;
+    if (gid >= q.planes * plane_in) return;
+    uint plane = gid / plane_in;
+    int me = int(gid - plane * plane_in);
+    int h = me / int(q.IW), w = me % int(q.IW);
+    int2 rh = out_range(h, q.KH, q.SH, q.PH, q.DH, int(q.OH));
+    int2 rw = out_range(w, q.KW, q.SW, q.PW, q.DW, int(q.OW));
+    uint base = plane * (q.OH * q.OW);
+    float acc = 0.0f;
+    for (int oh = rh.x; oh <= rh.y; ++oh) {
+        for (int ow = rw.x; ow <= rw.y; ++ow) {
+            uint o = base + uint(oh) * q.OW + uint(ow);
+            if (indices[o] == me) acc += float(g[o]);
+        }
+    }
+    dx[gid] = T(acc);
+}
+
+// Gradient from x alone: recompute the argmax of each candidate window.
+template <typename T>
+[[max_total_threads_per_threadgroup(256)]]
+kernel void max_pool2d_bwd(device const T* g [[buffer(0)]],
+                           device const T* x [[buffer(1)]],
+                           device T* dx [[buffer(2)]],
+                           constant Pool2dParams& p [[buffer(3)]],
+                           uint gid [[thread_position_in_grid]]) {
+    Pool2dParams q = p;
+    uint plane_in = q.IH * q.IW;
+    if (gid >= q.planes * plane_in) return;
+    uint plane = gid / plane_in;
+    int me = int(gid - plane * plane_in);
+    int h = me / int(q.IW), w = me % int(q.IW);
+    int2 rh = out_range(h, q.KH, q.SH, q.PH, q.DH, int(q.OH));
+    int2 rw = out_range(w, q.KW, q.SW, q.PW, q.DW, int(q.OW));
+    device const T* xp = x + plane * plane_in;
+    uint base = plane * (q.OH * q.OW);
+    float acc = 0.0f;
+    for (int oh = rh.x; oh <= rh.y; ++oh) {
+        if ((h + q.PH - oh * q.SH) % q.DH != 0) continue;  // h falls between taps: not a candidate
+        for (int ow = rw.x; ow <= rw.y; ++ow) {
+            if ((w + q.PW - ow * q.SW) % q.DW != 0) continue;
+            float best;
+            if (window_argmax(xp, oh, ow, q, best) == me) acc += float(g[base + uint(oh) * q.OW + uint(ow)]);
+        }
+    }
+    dx[gid] = T(acc);
+}
+
+// torch's avg_pool2d divisor for output (oh, ow); also the clipped row/column ranges.
+inline float avg_divisor(int oh, int ow, Pool2dParams p, thread int4& box) {
+    int h0 = oh * p.SH - p.PH, w0 = ow * p.SW - p.PW;
+    int h1 = min(h0 + p.KH, int(p.IH) + p.PH), w1 = min(w0 + p.KW, int(p.IW) + p.PW);
+    int padded = (h1 - h0) * (w1 - w0);
+    box = int4(max(h0, 0), min(h1, int(p.IH)), max(w0, 0), min(w1, int(p.IW)));
+    if (p.divisor != 0u) return float(p.divisor);
+    if (p.flags & POOL_COUNT_PAD) return float(padded);
+    return float((box.y - box.x) * (box.w - box.z));
+}
+
+template <typename T>
+[[max_total_threads_per_threadgroup(256)]]
+kernel void avg_pool2d_fwd(device const T* x [[buffer(0)]],
+                           device T* y [[buffer(1)]],
+                           constant Pool2dParams& p [[buffer(2)]],
+                           uint gid [[thread_position_in_grid]]) {
+    Pool2dParams q = p;
+    uint plane_out = q.OH * q.OW;
+    if (gid >= q.planes * plane_out) return;
+    uint plane = gid / plane_out, o = gid - plane * plane_out;
+    int4 box;
+    float div = avg_divisor(int(o / q.OW), int(o % q.OW), q, box);
+    if (box.x >= box.y || box.z >= box.w) {  // window wholly in padding (torch writes 0)
+        y[gid] = T(0.0f);
+        return;
+    }
+    device const T* xp = x + plane * (q.IH * q.IW);
+    float sum = 0.0f;
+    for (int h = box.x; h < box.y; ++h)
+        for (int w = box.z; w < box.w; ++w) sum += float(xp[h * int(q.IW) + w]);
+    y[gid] = T(sum / div);
+}
+
+template <typename T>
+[[max_total_threads_per_threadgroup(256)]]
+kernel void avg_pool2d_bwd(device const T* g [[buffer(0)]],
+                           device T* dx [[buffer(1)]],
+                           constant Pool2dParams& p [[buffer(2)]],
+                           uint gid [[thread_position_in_grid]]) {
+    Pool2dParams q = p;
+    uint plane_in = q.IH * q.IW;
+    if (gid >= q.planes * plane_in) return;
+    uint plane = gid / plane_in;
+    int me = int(gid - plane * plane_in);
+    int h = me / int(q.IW), w = me % int(q.IW);
+    int2 rh = out_range(h, q.KH, q.SH, q.PH, 1, int(q.OH));
+    int2 rw = out_range(w, q.KW, q.SW, q.PW, 1, int(q.OW));
+    uint base = plane * (q.OH * q.OW);
+    float acc = 0.0f;
+    for (int oh = rh.x; oh <= rh.y; ++oh) {
+        for (int ow = rw.x; ow <= rw.y; ++ow) {
+            int4 box;
+            float div = avg_divisor(oh, ow, q, box);
+            acc += float(g[base + uint(oh) * q.OW + uint(ow)]) / div;
+        }
+    }
+    dx[gid] = T(acc);
+}
+
+// Adaptive average: output cell o of n_out over n_in covers [floor(o n_in / n_out),
+// ceil((o + 1) n_in / n_out)).
+inline uint ad_start(uint o, uint n_in, uint n_out) { return (o * n_in) / n_out; }
+inline uint ad_end(uint o, uint n_in, uint n_out) { return ((o + 1u) * n_in + n_out - 1u) / n_out; }
+
+template <typename T>
+[[max_total_threads_per_threadgroup(256)]]
+kernel void adaptive_avg_pool2d_fwd(device const T* x [[buffer(0)]],
+                                    device T* y [[buffer(1)]],
+                                    constant AdaptivePool2dParams& p [[buffer(2)]],
+                                    uint gid [[thread_position_in_grid]]) {
+    AdaptivePool2dParams q = p;
+    uint plane_out = q.OH * q.OW;
+    if (gid >= q.planes * plane_out) return;
+    uint plane = gid / plane_out, o = gid - plane * plane_out;
+    uint oh = o / q.OW, ow = o % q.OW;
+    uint h0 = ad_start(oh, q.IH, q.OH), h1 = ad_end(oh, q.IH, q.OH);
+    uint w0 = ad_start(ow, q.IW, q.OW), w1 = ad_end(ow, q.IW, q.OW);
+    device const T* xp = x + plane * (q.IH * q.IW);
+    float sum = 0.0f;
+    for (uint h = h0; h < h1; ++h)
+        for (uint w = w0; w < w1; ++w) sum += float(xp[h * q.IW + w]);
+    y[gid] = T(sum / float((h1 - h0) * (w1 - w0)));
+}
+
+template <typename T>
+[[max_total_threads_per_threadgroup(256)]]
+kernel void adaptive_avg_pool2d_bwd(device const T* g [[buffer(0)]],
+                                    device T* dx [[buffer(1)]],
+                                    constant AdaptivePool2dParams& p [[buffer(2)]],
+                                    uint gid [[thread_position_in_grid]]) {
+    AdaptivePool2dParams q = p;
+    uint plane_in = q.IH * q.IW;
+    if (gid >= q.planes * plane_in) return;
+    uint plane = gid / plane_in, i = gid - plane * plane_in;
+    uint h = i / q.IW, w = i % q.IW;
+    // cells containing h: o in [floor(h OH / IH), ceil((h + 1) OH / IH) - 1]
+    uint oh0 = (h * q.OH) / q.IH, oh1 = ((h + 1u) * q.OH + q.IH - 1u) / q.IH;
+    uint ow0 = (w * q.OW) / q.IW, ow1 = ((w + 1u) * q.OW + q.IW - 1u) / q.IW;
+    uint base = plane * (q.OH * q.OW);
+    float acc = 0.0f;
+    for (uint oh = oh0; oh < oh1; ++oh) {
+        uint hs = ad_start(oh, q.IH, q.OH), he = ad_end(oh, q.IH, q.OH);
+        for (uint ow = ow0; ow < ow1; ++ow) {
+            uint ws = ad_start(ow, q.IW, q.OW), we = ad_end(ow, q.IW, q.OW);
+            acc += float(g[base + oh * q.OW + ow]) / float((he - hs) * (we - ws));
+        }
+    }
+    dx[gid] = T(acc);
+}
+
+// Global average: simdgroup gid / 32 reduces plane gid / 32. With IH * IW % 4 == 0 every plane
+// starts 4-element aligned and lanes take 4-vectors; otherwise scalars.
+template <typename T>
+[[max_total_threads_per_threadgroup(256)]]
+kernel void global_avg_pool2d_fwd(device const T* x [[buffer(0)]],
+                                  device T* y [[buffer(1)]],
+                                  constant AdaptivePool2dParams& p [[buffer(2)]],
+                                  uint gid [[thread_position_in_grid]],
+                                  uint lane [[thread_index_in_simdgroup]]) {
+    AdaptivePool2dParams q = p;
+    uint plane = gid / 32u;
+    if (plane >= q.planes) return;  // whole simdgroups leave together
+    uint n = q.IH * q.IW;
+    device const T* xp = x + plane * n;
+    float sum = 0.0f;
+    if (n % 4u == 0u) {
+        device const vec<T, 4>* xv = (device const vec<T, 4>*)xp;
+        for (uint i = lane; i < n / 4u; i += 32u) {
+            vec<T, 4> v = xv[i];
+            sum += (float(v.x) + float(v.y)) + (float(v.z) + float(v.w));
+        }
+    } else {
+        for (uint i = lane; i < n; i += 32u) sum += float(xp[i]);
+    }
+    sum = simd_sum(sum);
+    if (lane == 0u) y[plane] = T(sum / float(n));
+}
+
+#define POOL_INSTANTIATE(T)                                                                     \
+    template [[host_name("max_pool2d_fwd_" #T)]] [[kernel]] decltype(max_pool2d_fwd<T>)         \
+        max_pool2d_fwd<T>;                                                                      \
+    template [[host_name("max_pool2d_bwd_" #T)]] [[kernel]] decltype(max_pool2d_bwd<T>)         \
+        max_pool2d_bwd<T>;                                                                      \
+    template [[host_name("max_pool2d_bwd_idx_" #T)]] [[kernel]] decltype(max_pool2d_bwd_idx<T>) \
+        max_pool2d_bwd_idx<T>;                                                                  \
+    template [[host_name("avg_pool2d_fwd_" #T)]] [[kernel]] decltype(avg_pool2d_fwd<T>)         \
+        avg_pool2d_fwd<T>;                                                                      \
+    template [[host_name("avg_pool2d_bwd_" #T)]] [[kernel]] decltype(avg_pool2d_bwd<T>)         \
+        avg_pool2d_bwd<T>;                                                                      \
+    template [[host_name("adaptive_avg_pool2d_fwd_" #T)]] [[kernel]]                            \
+        decltype(adaptive_avg_pool2d_fwd<T>) adaptive_avg_pool2d_fwd<T>;                        \
+    template [[host_name("adaptive_avg_pool2d_bwd_" #T)]] [[kernel]]                            \
+        decltype(adaptive_avg_pool2d_bwd<T>) adaptive_avg_pool2d_bwd<T>;                        \
+    template [[host_name("global_avg_pool2d_fwd_" #T)]] [[kernel]]                              \
+        decltype(global_avg_pool2d_fwd<T>) global_avg_pool2d_fwd<T>;
+
+POOL_INSTANTIATE(float)
+POOL_INSTANTIATE(half)

@@ -1,0 +1,357 @@
+"""Elementwise arithmetic with broadcasting (add, sub, mul, div), sum and mean over dims, and their
+gradients (kernels/arith.metal).
+
+Design: broadcasting follows numpy/torch (shapes aligned on the right, size-1 dims stretch). The
+host turns every operand into per-dimension element strides of the output (0 where broadcast)
+and merges adjacent dimensions that broadcast alike, so the kernels see few dimensions (a
+same-shape op is one flat dimension, a per-channel bias [N, C, H*W]). Gradients of broadcast
+operands are sums over the broadcast dimensions, computed by the reduction kernels with the
+elementwise factor (g * b, g / b, ...) fused in, so no full-size temporary is written.
+Storage is float32 or float16; every computation and every sum runs in float.
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any, Union
+
+import numpy as np
+
+from ..params import MAXD, ArithParams, ReduceParams
+from ..runtime import Buffer, Device
+from ..tensor import Tensor, tensor
+from ._common import kernel, pick_device, suffix, tensor_arg
+
+SOURCE = "arith.metal"
+FLOATS = (np.float32, np.float16)
+GRID_CAP = 1 << 22         # threads per launch; kernels loop (grid-stride) past it
+MAX_ELEMS = 2**32 - 1      # offsets are 32-bit in the kernels
+OUTER_THREADS = 1 << 16    # aim for this many threads in an outer reduction before splitting
+INNER_SIMDGROUPS = 1 << 12  # and this many simdgroups in an inner one
+MIN_CHUNK = 256            # reduced elements per split, at least
+INNER_MIN = 16             # innermost reduced run from which the simdgroup kernel pays off
+
+Operand = Union[Tensor, np.ndarray, float, int]
+Dims = Union[int, Sequence[int], None]
+
+
+# ---- shape helpers ----------------------------------------------------------------------------
+def broadcast_shapes(sa: tuple[int, ...], sb: tuple[int, ...], names: str = "a, b") -> tuple[int, ...]:
+    """numpy/torch broadcasting: align on the right, a size-1 dim stretches to the other's size."""
+    nd = max(len(sa), len(sb))
+    pa = (1,) * (nd - len(sa)) + tuple(sa)
+    pb = (1,) * (nd - len(sb)) + tuple(sb)
+    out = []
+    for x, y in zip(pa, pb):
+        if x != y and x != 1 and y != 1:
+            raise ValueError(f"{names}: shapes {tuple(sa)} and {tuple(sb)} are not broadcastable")
+        out.append(y if x == 1 else x)
+    return tuple(out)
+
+
+def bcast_strides(shape: tuple[int, ...], out_shape: tuple[int, ...]) -> list[int]:
+    """Element strides of a contiguous `shape` per dimension of `out_shape` (0 where broadcast)."""
+    nd = len(out_shape)
+    padded = (1,) * (nd - len(shape)) + tuple(shape)
+    strides = [0] * nd
+    s = 1
+    for d in range(nd - 1, -1, -1):
+        strides[d] = s if padded[d] != 1 else 0
+        s *= padded[d]
+    return strides
+
+
+def merge_dims(sizes: Sequence[int], strides: Sequence[Sequence[int]],
+               flags: Sequence[bool] | None = None) -> list[tuple[int, bool, list[int]]]:
+    """Drop size-1 dims and merge neighbours d, d+1 that are alike: the same flag and, for every
+    operand, stride[d] == stride[d+1] * size[d+1]. Returns [(size, flag, [strides])], outermost
+    first."""
+    flags = flags or [False] * len(sizes)
+    out: list[tuple[int, bool, list[int]]] = []
+    for d, n in enumerate(sizes):
+        if n == 1:
+            continue
+        st = [s[d] for s in strides]
+        if out:
+            pn, pf, ps = out[-1]
+            if pf == flags[d] and all(a == b * n for a, b in zip(ps, st)):
+                out[-1] = (pn * n, pf, st)
+                continue
+        out.append((n, flags[d], st))
+    return out
+
+
+def empty(shape: tuple[int, ...], dtype: Any, dev: Device) -> Tensor:
+    """An output tensor without the runtime's zero fill: these ops write every element, and on a
+    GPU the fill would cost a quarter of a binary op's time (Device.buffer always zero-fills; the
+    backends' _alloc hook takes zero=False)."""
+    nbytes = math.prod(shape) * np.dtype(dtype).itemsize
+    return Tensor(Buffer(dev, nbytes, dev._alloc(max(nbytes, 1), zero=False)), shape, dtype)
+
+
+def _aligned(t: Tensor) -> bool:
+    """Vector (4-element) accesses need the tensor's first byte aligned to 4 elements."""
+    return t.buffer.offset % (4 * t.dtype.itemsize) == 0
+
+
+def _check_size(t: Tensor, name: str) -> None:
+    if t.size > MAX_ELEMS:
+        raise ValueError(f"{name}: {t.size} elements exceed the 2^32 - 1 the kernels address")
+
+
+def _operand(x: Any, dev: Device, name: str, dtype: Any = None) -> Tensor | None:
+    """A tensor operand, or None for a Python number (materialized later with the right dtype)."""
+    if isinstance(x, (bool, np.bool_)):
+        raise ValueError(f"{name}: bool is not a number operand here")
+    if isinstance(x, (int, float, np.integer, np.floating)):
+        return None
+    t = tensor_arg(x, dev, name, FLOATS)
+    _check_size(t, name)
+    return t
+
+
+def _binary_args(a: Operand, b: Operand) -> tuple[Tensor, Tensor, bool, bool, Device]:
+    """Validate (a, b): at least one tensor, same float dtype; numbers become 0-d tensors.
+    Returns (a, b, a_is_tensor, b_is_tensor, device)."""
+    dev = pick_device(a, b)
+    ta = _operand(a, dev, "a")
+    tb = _operand(b, dev, "b")
+    if ta is None and tb is None:
+        raise ValueError("a, b: at least one operand must be a tensor or array")
+    if ta is not None and tb is not None and ta.dtype != tb.dtype:
+        raise ValueError(f"b: dtype {tb.dtype} does not match a's {ta.dtype}")
+    dt = (ta if ta is not None else tb).dtype
+    # numbers are 0-d operands (pm.tensor makes a 0-d array shape (1,); reshape restores it)
+    a_t = ta if ta is not None else tensor(np.array(a, dtype=dt), dev).reshape(())
+    b_t = tb if tb is not None else tensor(np.array(b, dtype=dt), dev).reshape(())
+    broadcast_shapes(a_t.shape, b_t.shape)
+    return a_t, b_t, ta is not None, tb is not None, dev
+
+
+# ---- dispatch ---------------------------------------------------------------------------------
+def _ew(name: str, out_shape: tuple[int, ...], xs: Sequence[Tensor], alpha: float = 1.0) -> Tensor:
+    """out = name(xs[0], xs[1], xs[2]) elementwise, each x broadcast to out_shape."""
+    x0 = xs[0]
+    dev, dt = x0.device, x0.dtype
+    out = empty(out_shape, dt, dev)
+    if out.size == 0:
+        return out
+    xs = list(xs) + [x0] * (3 - len(xs))
+    strides = [bcast_strides(x.shape, out_shape) for x in xs]
+    dims = merge_dims(out_shape, strides) or [(1, False, [0, 0, 0])]
+    if len(dims) > MAXD:
+        raise ValueError(f"shape: broadcasting {[x.shape for x in xs]} needs {len(dims)} dimensions "
+                         f"after merging, the kernels take {MAXD}")
+    vec = 4 if dims[-1][0] % 4 == 0 and all(_aligned(x) for x in xs) else 1
+    p = ArithParams(n=out.size // vec, ndim=len(dims), vec=vec, alpha=float(alpha))
+    for d, (n, _, st) in enumerate(dims):
+        p.shape[d] = n
+        p.stride0[d], p.stride1[d], p.stride2[d] = st
+    k = kernel(dev, SOURCE, f"{name}_{suffix(dt)}")
+    k(min(p.n, GRID_CAP), xs[0].buffer, xs[1].buffer, xs[2].buffer, out.buffer, p)
+    return out
+
+
+def _reduce(name: str, in_shape: tuple[int, ...], target: tuple[int, ...], xs: Sequence[Tensor],
+            alpha: float = 1.0) -> Tensor:
+    """out (shape `target`, same rank as in_shape, 1 on reduced dims) = alpha * sum over the
+    reduced dims of name(xs) (each x broadcast to in_shape)."""
+    x0 = xs[0]
+    dev, dt = x0.device, x0.dtype
+    out = empty(target, dt, dev)
+    if out.size == 0:
+        return out
+    xs = list(xs) + [x0] * (3 - len(xs))
+    strides = [bcast_strides(x.shape, in_shape) for x in xs]
+    flags = [t == 1 and n != 1 for t, n in zip(target, in_shape)]
+    dims = merge_dims(in_shape, strides, flags)
+    kept = [d for d in dims if not d[1]]
+    red = [d for d in dims if d[1]]
+    n_out = math.prod(d[0] for d in kept)
+    n_red = math.prod(d[0] for d in red)
+    inner = bool(dims) and dims[-1][1] and dims[-1][0] >= INNER_MIN
+    rdims = red[:-1] if inner else red
+    if len(kept) > MAXD or len(rdims) > MAXD:
+        raise ValueError(f"shape: reducing {in_shape} to {target} needs more than {MAXD} "
+                         "dimensions after merging")
+    want = INNER_SIMDGROUPS if inner else OUTER_THREADS
+    splits = max(1, min(-(-want // n_out), n_red // MIN_CHUNK, 2048))
+    chunk = -(-n_red // splits) if n_red else 0
+    splits = -(-n_red // chunk) if chunk else 1
+    if n_out * splits * (32 if inner else 1) > MAX_ELEMS:
+        raise ValueError(f"shape: {in_shape} is too large for the reduction kernels")
+    p = ReduceParams(n_out=n_out, n_red=n_red, splits=splits, chunk=chunk, nk=len(kept),
+                     nr=len(rdims), alpha=float(alpha))
+    for d, (n, _, st) in enumerate(kept):
+        p.ksize[d] = n
+        p.kstride0[d], p.kstride1[d], p.kstride2[d] = st
+    for d, (n, _, st) in enumerate(rdims):
+        p.rsize[d] = n
+        p.rstride0[d], p.rstride1[d], p.rstride2[d] = st
+    if inner:
+        p.inner = dims[-1][0]
+        p.istride0, p.istride1, p.istride2 = dims[-1][2]
+    partial = empty((n_out * splits if splits > 1 else 1,), np.float32, dev).buffer
+    sfx = suffix(dt)
+    k = kernel(dev, SOURCE, f"{name}_{'inner' if inner else 'outer'}_{sfx}")
+    items = n_out * splits * (32 if inner else 1)
+    k(min(items, GRID_CAP), xs[0].buffer, xs[1].buffer, xs[2].buffer, out.buffer, partial, p)
+    if splits > 1:
+        kernel(dev, SOURCE, f"sum_fwd_finish_{sfx}")(min(32 * n_out, GRID_CAP), partial, out.buffer, p)
+    return out
+
+
+# ---- binary ops -------------------------------------------------------------------------------
+def _binary(op: str, a: Operand, b: Operand) -> Tensor:
+    a_t, b_t, _, _, _ = _binary_args(a, b)
+    return _ew(f"{op}_fwd", broadcast_shapes(a_t.shape, b_t.shape), [a_t, b_t])
+
+
+def add(a: Operand, b: Operand) -> Tensor:
+    """out = a + b, broadcast as numpy/torch (either operand may be a Python number)."""
+    return _binary("add", a, b)
+
+
+def sub(a: Operand, b: Operand) -> Tensor:
+    """out = a - b, broadcast as numpy/torch."""
+    return _binary("sub", a, b)
+
+
+def mul(a: Operand, b: Operand) -> Tensor:
+    """out = a * b, broadcast as numpy/torch."""
+    return _binary("mul", a, b)
+
+
+def div(a: Operand, b: Operand) -> Tensor:
+    """out = a / b, broadcast as numpy/torch (IEEE: x / 0 is +-inf or nan)."""
+    return _binary("div", a, b)
+
+
+def _binary_backward(op: str, grad_out: Any, a: Operand, b: Operand
+                     ) -> tuple[Tensor | None, Tensor | None]:
+    a_t, b_t, a_is, b_is, dev = _binary_args(a, b)
+    out_shape = broadcast_shapes(a_t.shape, b_t.shape)
+    g = tensor_arg(grad_out, dev, "grad_out", [a_t.dtype])
+    if g.shape != out_shape:
+        raise ValueError(f"grad_out: shape {g.shape}, expected the output shape {out_shape}")
+    n = math.prod(out_shape)
+    full_a, full_b = a_t.size == n, b_t.size == n
+    if a_is and b_is and full_a and full_b and n and _aligned(g) and _aligned(a_t) and _aligned(b_t):
+        # both gradients in one pass over g, a, b
+        ga, gb = empty(a_t.shape, g.dtype, dev), empty(b_t.shape, g.dtype, dev)
+        p = ArithParams(n=n, ndim=1, vec=4, alpha=1.0)
+        k = kernel(dev, SOURCE, f"{op}_bwd_{suffix(g.dtype)}")
+        k(min(-(-n // 4), GRID_CAP), g.buffer, a_t.buffer, b_t.buffer, ga.buffer, gb.buffer, p)
+        return ga, gb
+
+    def grad(which: str) -> Tensor:
+        t = a_t if which == "a" else b_t
+        target = (1,) * (len(out_shape) - t.ndim) + t.shape
+        sign = -1.0 if (op == "sub" and which == "b") else 1.0
+        if op in ("add", "sub"):
+            name, xs = "scale_fwd" if t.size == n else "sum_fwd", [g]
+        elif op == "mul":
+            name, xs = ("mul_fwd" if t.size == n else "mul_bwd"), [g, b_t if which == "a" else a_t]
+        elif which == "a":
+            name, xs = ("div_fwd" if t.size == n else "div_bwd_lhs"), [g, b_t]
+        else:
+            name, xs = "div_bwd_rhs", [g, a_t, b_t]
+        if t.size == n:
+            return _ew(name, out_shape, xs, sign).reshape(t.shape)
+        return _reduce(name, out_shape, target, xs, sign).reshape(t.shape)
+
+    return (grad("a") if a_is else None), (grad("b") if b_is else None)
+
+
+def add_backward(grad_out: Any, a: Operand, b: Operand) -> tuple[Tensor | None, Tensor | None]:
+    """(dL/da, dL/db) of out = a + b: grad_out summed over the dims each operand was broadcast
+    along, reshaped to its shape; None for a Python-number operand."""
+    return _binary_backward("add", grad_out, a, b)
+
+
+def sub_backward(grad_out: Any, a: Operand, b: Operand) -> tuple[Tensor | None, Tensor | None]:
+    """(dL/da, dL/db) of out = a - b: (reduce(g), -reduce(g)) over broadcast dims."""
+    return _binary_backward("sub", grad_out, a, b)
+
+
+def mul_backward(grad_out: Any, a: Operand, b: Operand) -> tuple[Tensor | None, Tensor | None]:
+    """(dL/da, dL/db) of out = a * b: (reduce(g * b), reduce(g * a)) over broadcast dims."""
+    return _binary_backward("mul", grad_out, a, b)
+
+
+def div_backward(grad_out: Any, a: Operand, b: Operand) -> tuple[Tensor | None, Tensor | None]:
+    """(dL/da, dL/db) of out = a / b: (reduce(g / b), reduce(-g * a / b^2)) over broadcast dims."""
+    return _binary_backward("div", grad_out, a, b)
+
+
+# ---- sum / mean -------------------------------------------------------------------------------
+def normalize_dims(dim: Dims, ndim: int, name: str = "dim") -> tuple[int, ...]:
+    """dim (None = all, int, or a sequence; negative counts from the end) as sorted axes."""
+    if dim is None:
+        return tuple(range(ndim))
+    dims = (dim,) if isinstance(dim, (int, np.integer)) else tuple(dim)
+    if not dims:
+        raise ValueError(f"{name}: empty; pass None to reduce over every dimension")
+    out = []
+    for d in dims:
+        if isinstance(d, bool) or not isinstance(d, (int, np.integer)):
+            raise ValueError(f"{name}: expected ints, got {dim!r}")
+        lim = max(ndim, 1)
+        if not -lim <= d < lim:
+            raise ValueError(f"{name}: {d} is out of range for a tensor of {ndim} dimensions")
+        out.append(int(d) % lim)
+    if len(set(out)) != len(out):
+        raise ValueError(f"{name}: repeated dimension in {dim!r}")
+    return tuple(sorted(out))
+
+
+def _reduced_shape(shape: tuple[int, ...], axes: tuple[int, ...], keepdim: bool) -> tuple[int, ...]:
+    if keepdim:
+        return tuple(1 if d in axes else n for d, n in enumerate(shape))
+    return tuple(n for d, n in enumerate(shape) if d not in axes)
+
+
+def _sum(x: Any, dim: Dims, keepdim: bool, mean: bool) -> Tensor:
+    dev = pick_device(x)
+    x = tensor_arg(x, dev, "x", FLOATS)
+    _check_size(x, "x")
+    axes = normalize_dims(dim, x.ndim)
+    count = math.prod(x.shape[d] for d in axes if d < x.ndim)
+    alpha = (1.0 / count if count else math.nan) if mean else 1.0
+    target = tuple(1 if d in axes else n for d, n in enumerate(x.shape))
+    out = _reduce("sum_fwd", x.shape, target, [x], alpha)
+    return out.reshape(_reduced_shape(x.shape, axes, keepdim))
+
+
+def sum(x: Any, dim: Dims = None, keepdim: bool = False) -> Tensor:  # noqa: A001
+    """out = sum of x over `dim` (None: all dims), as torch.sum; float accumulation."""
+    return _sum(x, dim, keepdim, False)
+
+
+def mean(x: Any, dim: Dims = None, keepdim: bool = False) -> Tensor:
+    """out = sum of x over `dim` / (number of elements summed), as torch.mean."""
+    return _sum(x, dim, keepdim, True)
+
+
+def _sum_backward(grad_out: Any, x: Any, dim: Dims, keepdim: bool, mean: bool) -> Tensor:
+    dev = pick_device(grad_out, x)
+    x = tensor_arg(x, dev, "x", FLOATS)
+    g = tensor_arg(grad_out, dev, "grad_out", [x.dtype])
+    axes = normalize_dims(dim, x.ndim)
+    want = _reduced_shape(x.shape, axes, keepdim)
+    if g.shape != want:
+        raise ValueError(f"grad_out: shape {g.shape}, expected {want}")
+    count = math.prod(x.shape[d] for d in axes if d < x.ndim)
+    alpha = (1.0 / count if count else math.nan) if mean else 1.0
+    g = g.reshape(tuple(1 if d in axes else n for d, n in enumerate(x.shape)))
+    return _ew("scale_fwd", x.shape, [g], alpha)
+
+
+def sum_backward(grad_out: Any, x: Any, dim: Dims = None, keepdim: bool = False) -> Tensor:
+    """dL/dx of out = sum(x, dim, keepdim): grad_out broadcast back over the summed dims."""
+    return _sum_backward(grad_out, x, dim, keepdim, False)
+
+
+def mean_backward(grad_out: Any, x: Any, dim: Dims = None, keepdim: bool = False) -> Tensor:
+    """dL/dx of out = mean(x, dim, keepdim): grad_out / count broadcast over the reduced dims."""
+    return _sum_backward(grad_out, x, dim, keepdim, True)

@@ -1,0 +1,546 @@
+"""Convolutions: conv2d, conv1d, conv_transpose2d and their backward passes (kernels/conv.metal).
+
+Design note: every op is one of four kernels on a conv geometry x (N, C, H, W) -> y (N, K, OH,
+OW) with weights (K, C/G, KH, KW): forward, input gradient, weight gradient, bias gradient.
+conv_transpose2d is the input gradient of the conv whose input is the transpose's output, so its
+forward runs the input-gradient kernel and its backward runs the forward kernel (for dx) and the
+weight-gradient kernel with dy and x swapped (for dw). Weight and bias gradients are split
+reductions (float partials in a workspace, then a fixed-order sum), so any batch size reduces
+correctly and deterministically. Wide GEMMs run tiled kernels; narrow ones (depthwise, fewer than
+16 channels per group on the GEMM's column side) run one-output-per-thread kernels.
+
+Precision (`accumulate=`): float32 tensors accumulate in float; float16 tensors accumulate in
+float by default ("float") or in half ("half", MPS-style fp16 accumulation: fastest, least
+accurate; weight-gradient chunks are then capped at HACC_CHUNK terms, bias gradients always sum in
+float). float32 with accumulate="half" is rejected.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Union
+
+import numpy as np
+
+from ..params import Conv2dParams
+from ..runtime import Device
+from ..tensor import Tensor
+from ._common import kernel, out_like, pick_device, positive_ints, tensor_arg
+
+SOURCE = "conv.metal"
+FLOATS = (np.float32, np.float16)
+THREADS = 256
+# Tile shapes of the instantiations in kernels/conv.metal (kernel conv2d_<op>_<name>_<prec>):
+# name -> (BM, BN, BK, TM, TN, relative throughput per SM). fwd/data: rows = output pixels,
+# columns = output (fwd) or input (data) channels of a group; weight: rows = output channels,
+# columns = (c, r, s). Throughputs are estimates (bigger register blocks reuse more), to be
+# calibrated from benchmarks/dev_conv.py.
+TILES: dict[str, dict[str, tuple[int, int, int, int, int, float]]] = {
+    "fwd": {"t128x64": (128, 64, 8, 8, 4, 0.9), "t128x128": (128, 128, 8, 8, 8, 1.0),
+            "t64x64": (64, 64, 8, 4, 4, 0.75), "t128x32": (128, 32, 8, 4, 4, 0.75)},
+    "weight": {"t64x64": (64, 64, 16, 4, 4, 0.75), "t64x128": (64, 128, 16, 4, 8, 0.9),
+               "t128x128": (128, 128, 8, 8, 8, 1.0)},
+}
+TILES["data"] = TILES["fwd"]
+DIRECT_BELOW = 16        # GEMM column widths below this use the direct kernels
+TARGET_GROUPS = 512      # threadgroups a split reduction aims for off cuda
+HACC_CHUNK = 512         # reduction terms per fp16 partial sum of the half-accumulating dw
+MAX_GROUPS = 1 << 20     # launch cap; the kernels grid-stride over the rest
+MAX_ELEMS = 2**31        # kernels use 32-bit offsets
+# Tests and benchmarks force a path: {"fwd"|"data": "direct" or a tile name, "weight": a tile}.
+FORCE: dict[str, str] = {}
+
+Padding = Union[int, str, tuple]
+
+
+@dataclass(frozen=True)
+class ConvGeometry:
+    """A conv x (N, C, H, W) * w (K, C/G, KH, KW) -> y (N, K, OH, OW)."""
+
+    N: int
+    C: int
+    H: int
+    W: int
+    K: int
+    OH: int
+    OW: int
+    KH: int
+    KW: int
+    SH: int
+    SW: int
+    PT: int
+    PL: int
+    DH: int
+    DW: int
+    G: int
+
+    @property
+    def Cg(self) -> int:
+        return self.C // self.G
+
+    @property
+    def Kg(self) -> int:
+        return self.K // self.G
+
+    def params(self, has_bias: bool = False, splits: int = 1, chunk: int = 0) -> Conv2dParams:
+        return Conv2dParams(self.N, self.C, self.H, self.W, self.K, self.OH, self.OW, self.KH,
+                            self.KW, self.SH, self.SW, self.PT, self.PL, self.DH, self.DW, self.G,
+                            self.Cg, self.Kg, int(has_bias), splits, chunk)
+
+
+# ---- argument checking ------------------------------------------------------------------------
+
+def _precision(dtype: np.dtype, accumulate: str | None) -> str:
+    """Kernel suffix: float, half (fp16 storage, float accumulation) or hacc_half."""
+    if accumulate not in (None, "float", "half"):
+        raise ValueError(f"accumulate: expected None, 'float' or 'half', got {accumulate!r}")
+    if dtype == np.float32:
+        if accumulate == "half":
+            raise ValueError("accumulate: 'half' needs float16 tensors (float32 accumulates in float)")
+        return "float"
+    return "hacc_half" if accumulate == "half" else "half"
+
+
+def _nonzero(t: Tensor, name: str) -> None:
+    if any(s <= 0 for s in t.shape):
+        raise ValueError(f"{name}: every dimension must be > 0, got shape {t.shape}")
+    if t.size >= MAX_ELEMS:
+        raise ValueError(f"{name}: {t.size} elements; the conv kernels take fewer than 2^31")
+
+
+def _same_dtype(t: Tensor, name: str, ref: Tensor) -> None:
+    if t.dtype != ref.dtype:
+        raise ValueError(f"{name}: dtype {t.dtype} does not match x ({ref.dtype})")
+
+
+def _bias(b: Any, dev: Device, x: Tensor, k: int) -> Tensor | None:
+    if b is None:
+        return None
+    b = tensor_arg(b, dev, "b", FLOATS, 1)
+    _same_dtype(b, "b", x)
+    if b.shape != (k,):
+        raise ValueError(f"b: expected shape ({k},), got {b.shape}")
+    return b
+
+
+def _padding2d(padding: Padding, h: int, w: int, kh: int, kw: int, stride: tuple[int, int],
+               dil: tuple[int, int]) -> tuple[int, int, int, int]:
+    """(top, bottom, left, right) from an int, (ph, pw), (top, bottom, left, right), 'valid' or
+    'same' (output ceil(size / stride); an odd total puts the extra row/column at the bottom/right,
+    as TensorFlow and MPS do)."""
+    if isinstance(padding, str):
+        mode = padding.lower()
+        if mode == "valid":
+            return (0, 0, 0, 0)
+        if mode != "same":
+            raise ValueError(f"padding: expected 'same' or 'valid', got {padding!r}")
+        pads = []
+        for n, k, s, d in ((h, kh, stride[0], dil[0]), (w, kw, stride[1], dil[1])):
+            total = max((-(-n // s) - 1) * s + d * (k - 1) + 1 - n, 0)
+            pads += [total // 2, total - total // 2]
+        return tuple(pads)  # type: ignore[return-value]
+    if isinstance(padding, (int, np.integer)):
+        vals = (int(padding),) * 4
+    else:
+        try:
+            vals = tuple(padding)
+        except TypeError:
+            raise ValueError(f"padding: expected an int, a pair, 4 ints or 'same'/'valid', got "
+                             f"{padding!r}") from None
+        if len(vals) == 2:
+            vals = (vals[0], vals[0], vals[1], vals[1])
+        elif len(vals) != 4:
+            raise ValueError(f"padding: expected an int, a pair, 4 ints (top, bottom, left, right) "
+                             f"or 'same'/'valid', got {padding!r}")
+    if not all(isinstance(v, (int, np.integer)) and not isinstance(v, bool) for v in vals):
+        raise ValueError(f"padding: expected ints, got {padding!r}")
+    if any(v < 0 for v in vals):
+        raise ValueError(f"padding: values must be >= 0, got {padding!r}")
+    return tuple(int(v) for v in vals)  # type: ignore[return-value]
+
+
+def _conv_geometry(xs: tuple[int, ...], ws: tuple[int, ...], stride: Any, padding: Padding,
+                   dilation: Any, groups: Any) -> ConvGeometry:
+    n, c, h, w = xs
+    k, cg, kh, kw = ws
+    st = positive_ints(stride, 2, "stride")
+    dil = positive_ints(dilation, 2, "dilation")
+    if not isinstance(groups, (int, np.integer)) or isinstance(groups, bool) or groups < 1:
+        raise ValueError(f"groups: expected a positive int, got {groups!r}")
+    g = int(groups)
+    if c % g:
+        raise ValueError(f"groups: {g} does not divide the {c} input channels of x")
+    if k % g:
+        raise ValueError(f"groups: {g} does not divide the {k} output channels of w")
+    if cg * g != c:
+        raise ValueError(f"w: has {cg} input channels per group, x has {c} channels in {g} "
+                         f"group(s) (expected {c // g})")
+    pt, pb, pl, pr = _padding2d(padding, h, w, kh, kw, st, dil)
+    eh, ew = dil[0] * (kh - 1) + 1, dil[1] * (kw - 1) + 1
+    if eh > h + pt + pb or ew > w + pl + pr:
+        raise ValueError(f"w: the (dilated) kernel {eh}x{ew} is larger than the padded input "
+                         f"{h + pt + pb}x{w + pl + pr}")
+    oh = (h + pt + pb - eh) // st[0] + 1
+    ow = (w + pl + pr - ew) // st[1] + 1
+    return ConvGeometry(n, c, h, w, k, oh, ow, kh, kw, st[0], st[1], pt, pl, dil[0], dil[1], g)
+
+
+def _conv_args(x: Any, w: Any, b: Any, stride: Any, padding: Padding, dilation: Any, groups: Any,
+               accumulate: str | None) -> tuple[Device, Tensor, Tensor, Tensor | None, ConvGeometry, str]:
+    dev = pick_device(x, w, b)
+    x = tensor_arg(x, dev, "x", FLOATS, 4)
+    w = tensor_arg(w, dev, "w", FLOATS, 4)
+    _same_dtype(w, "w", x)
+    _nonzero(x, "x")
+    _nonzero(w, "w")
+    geo = _conv_geometry(x.shape, w.shape, stride, padding, dilation, groups)
+    b = _bias(b, dev, x, geo.K)
+    prec = _precision(x.dtype, accumulate)
+    return dev, x, w, b, geo, prec
+
+
+def _grad_arg(grad_out: Any, dev: Device, x: Tensor, shape: tuple[int, ...]) -> Tensor:
+    gy = tensor_arg(grad_out, dev, "grad_out", FLOATS, len(shape))
+    _same_dtype(gy, "grad_out", x)
+    if gy.shape != shape:
+        raise ValueError(f"grad_out: expected shape {shape}, got {gy.shape}")
+    return gy
+
+
+# ---- dispatch -----------------------------------------------------------------------------------
+# A plan is the list of launches (kernel, thread count, args) one op makes, built after
+# validation and run at once; benchmarks time plans directly, without the host-side checks.
+
+Launch = tuple  # (Kernel, count, args)
+
+_DUMMY: dict[int, Any] = {}
+
+
+def _dummy(dev: Device) -> Any:
+    """A 16-byte buffer bound where an optional tensor is absent (never read)."""
+    buf = _DUMMY.get(id(dev))
+    if buf is None or buf.device is not dev:
+        buf = _DUMMY[id(dev)] = dev.buffer(16)
+    return buf
+
+
+def run(plan: list[Launch]) -> None:
+    for k, count, args in plan:
+        k(count, *args)
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def _groups(n: int) -> int:
+    return max(1, min(n, MAX_GROUPS)) * THREADS
+
+
+def _sms(dev: Device) -> int:
+    """Compute units that run threadgroups at once (SMs on cuda, worker threads on cpu)."""
+    props = getattr(dev, "props", None)
+    if props is not None and "multiProcessorCount" in props:
+        return int(props["multiProcessorCount"])
+    return int(getattr(dev, "num_workers", 8))
+
+
+def _pick_tile(kind: str, dev: Device, rows: int, cols: int, batches: int) -> str:
+    """The tile of TILES[kind] with the least modeled time: threadgroups are dealt round-robin to
+    the SMs, so time ~ ceil(tiles / SMs) * padded tile area / the tile's throughput. Weight
+    gradients split their reduction to fill the device, so only their padding counts."""
+    forced = FORCE.get(kind)
+    if forced is not None:
+        return forced
+    sms = _sms(dev)
+    best, best_cost = "", float("inf")
+    for name, (bm, bn, _bk, _tm, _tn, eff) in TILES[kind].items():
+        if kind == "weight":
+            cost = _cdiv(rows, bm) * bm * _cdiv(cols, bn) * bn / eff
+        else:
+            cost = _cdiv(batches * _cdiv(rows, bm) * _cdiv(cols, bn), sms) * bm * bn / eff
+        if cost < best_cost:
+            best, best_cost = name, cost
+    return best
+
+
+def _use_direct(kind: str, width: int) -> bool:
+    forced = FORCE.get(kind)
+    if forced is not None:
+        return forced == "direct"
+    return width < DIRECT_BELOW
+
+
+def forward_plan(dev: Device, prec: str, geo: ConvGeometry, x: Tensor, w: Tensor, b: Tensor | None,
+                 y: Tensor, source: str = SOURCE) -> list[Launch]:
+    """y = conv(x, w) + b."""
+    p = geo.params(has_bias=b is not None)
+    args = (x.buffer, w.buffer, b.buffer if b is not None else _dummy(dev), y.buffer, p)
+    if _use_direct("fwd", geo.Kg):
+        return [(kernel(dev, source, f"conv2d_fwd_direct_{prec}"), min(y.size, MAX_GROUPS * THREADS),
+                 args)]
+    tile = _pick_tile("fwd", dev, geo.N * geo.OH * geo.OW, geo.Kg, geo.G)
+    bm, bn = TILES["fwd"][tile][:2]
+    tiles = geo.G * _cdiv(geo.N * geo.OH * geo.OW, bm) * _cdiv(geo.Kg, bn)
+    return [(kernel(dev, source, f"conv2d_fwd_{tile}_{prec}"), _groups(tiles), args)]
+
+
+def input_grad_plan(dev: Device, prec: str, geo: ConvGeometry, dy: Tensor, w: Tensor,
+                    b: Tensor | None, dx: Tensor, source: str = SOURCE) -> list[Launch]:
+    """dx of the conv `geo` (b: conv_transpose2d's bias, added to every dx[:, c])."""
+    p = geo.params(has_bias=b is not None)
+    args = (dy.buffer, w.buffer, b.buffer if b is not None else _dummy(dev), dx.buffer, p)
+    if _use_direct("data", geo.Cg):
+        return [(kernel(dev, source, f"conv2d_bwd_data_direct_{prec}"),
+                 min(dx.size, MAX_GROUPS * THREADS), args)]
+    rows = geo.N * _cdiv(geo.H, geo.SH) * _cdiv(geo.W, geo.SW)
+    tile = _pick_tile("data", dev, rows, geo.Cg, geo.G * geo.SH * geo.SW)
+    bm, bn = TILES["data"][tile][:2]
+    tiles = geo.G * geo.SH * geo.SW * _cdiv(rows, bm) * _cdiv(geo.Cg, bn)
+    return [(kernel(dev, source, f"conv2d_bwd_data_{tile}_{prec}"), _groups(tiles), args)]
+
+
+def _splits(red: int, base: int, step: int, target: int, cap: int | None = None) -> tuple[int, int]:
+    """(splits, chunk): cut a reduction of `red` terms into chunks (multiples of `step`, at most
+    `cap`) so that base * splits threadgroups come near `target`."""
+    splits = max(1, min(_cdiv(target, base), _cdiv(red, 4 * step)))
+    chunk = _cdiv(_cdiv(red, splits), step) * step
+    if cap is not None:
+        chunk = min(chunk, cap)
+    return _cdiv(red, chunk), chunk
+
+
+def _target_groups(dev: Device) -> int:
+    # two full waves on a GPU; a fixed count elsewhere so that cpu tests split the same way
+    return 2 * 3 * _sms(dev) if dev.name == "cuda" else TARGET_GROUPS
+
+
+def _reduce_launch(dev: Device, ws: Any, out: Tensor, splits: int, source: str) -> Launch:
+    k = kernel(dev, source, f"conv2d_bwd_reduce_{'float' if out.dtype == np.float32 else 'half'}")
+    return (k, min(out.size, MAX_GROUPS * THREADS),
+            (ws, out.buffer, np.uint32(out.size), np.uint32(splits)))
+
+
+def weight_grad_plan(dev: Device, prec: str, geo: ConvGeometry, dy: Tensor, x: Tensor, dw: Tensor,
+                     source: str = SOURCE) -> list[Launch]:
+    """dw of the conv `geo`: float partials over chunks of (n, oh, ow), then their ordered sum."""
+    crs = geo.Cg * geo.KH * geo.KW
+    tile = _pick_tile("weight", dev, geo.Kg, crs, geo.G)
+    bm, bn, bk = TILES["weight"][tile][:3]
+    base = geo.G * _cdiv(geo.Kg, bm) * _cdiv(crs, bn)
+    splits, chunk = _splits(geo.N * geo.OH * geo.OW, base, bk, _target_groups(dev),
+                            HACC_CHUNK if prec == "hacc_half" else None)
+    ws = dev.buffer(splits * dw.size * 4)
+    k = kernel(dev, source, f"conv2d_bwd_weight_{tile}_{prec}")
+    return [(k, _groups(base * splits), (dy.buffer, x.buffer, ws, geo.params(splits=splits, chunk=chunk))),
+            _reduce_launch(dev, ws, dw, splits, source)]
+
+
+def bias_grad_plan(dev: Device, dy: Tensor, db: Tensor, source: str = SOURCE) -> list[Launch]:
+    """db[k] = sum of dy[:, k] (float partial sums in every precision)."""
+    n, c, h, w = dy.shape
+    splits, chunk = _splits(n * h * w, c, THREADS, _target_groups(dev))
+    p = Conv2dParams(N=n, K=c, OH=h, OW=w, splits=splits, chunk=chunk)
+    ws = dev.buffer(splits * c * 4)
+    k = kernel(dev, source, f"conv2d_bwd_bias_{'float' if dy.dtype == np.float32 else 'half'}")
+    return [(k, _groups(splits * c), (dy.buffer, ws, p)), _reduce_launch(dev, ws, db, splits, source)]
+
+
+def _forward(dev: Device, prec: str, geo: ConvGeometry, x: Tensor, w: Tensor, b: Tensor | None,
+             dtype: np.dtype) -> Tensor:
+    y = out_like((geo.N, geo.K, geo.OH, geo.OW), dtype, dev)
+    run(forward_plan(dev, prec, geo, x, w, b, y))
+    return y
+
+
+def _input_grad(dev: Device, prec: str, geo: ConvGeometry, dy: Tensor, w: Tensor, b: Tensor | None,
+                dtype: np.dtype) -> Tensor:
+    dx = out_like((geo.N, geo.C, geo.H, geo.W), dtype, dev)
+    run(input_grad_plan(dev, prec, geo, dy, w, b, dx))
+    return dx
+
+
+def _weight_grad(dev: Device, prec: str, geo: ConvGeometry, dy: Tensor, x: Tensor,
+                 dtype: np.dtype) -> Tensor:
+    dw = out_like((geo.K, geo.Cg, geo.KH, geo.KW), dtype, dev)
+    run(weight_grad_plan(dev, prec, geo, dy, x, dw))
+    return dw
+
+
+def _bias_grad(dev: Device, dy: Tensor) -> Tensor:
+    db = out_like((dy.shape[1],), dy.dtype, dev)
+    run(bias_grad_plan(dev, dy, db))
+    return db
+
+
+# ---- public ops ---------------------------------------------------------------------------------
+
+def conv2d(x: Any, w: Any, b: Any = None, stride: Any = 1, padding: Padding = 0, dilation: Any = 1,
+           groups: int = 1, accumulate: str | None = None) -> Tensor:
+    """2-D convolution (cross-correlation, as torch.nn.functional.conv2d), NCHW.
+
+        y[n, k, oh, ow] = b[k] + sum_{c < C/G, r < KH, s < KW}
+                          x[n, g*C/G + c, oh*sh - pt + r*dh, ow*sw - pl + s*dw] * w[k, c, r, s]
+
+    with g = k // (K/G) and x zero outside the image. x (N, C, H, W), w (K, C/groups, KH, KW),
+    b (K,) or None; float32 or float16 (all the same dtype). stride, dilation: int or pair.
+    padding: int, (ph, pw), explicit (top, bottom, left, right), "valid" (none) or "same"
+    (OH = ceil(H / sh): total padding max((OH-1)*sh + dh*(KH-1) + 1 - H, 0), with the odd extra row
+    or column at the bottom/right as TensorFlow and MPS do). Output size
+    OH = (H + pt + pb - dh*(KH-1) - 1) // sh + 1. groups = C = K/m is a depthwise conv.
+    accumulate: None/"float", or "half" (float16 only: fp16 accumulation).
+    """
+    dev, x, w, b, geo, prec = _conv_args(x, w, b, stride, padding, dilation, groups, accumulate)
+    return _forward(dev, prec, geo, x, w, b, x.dtype)
+
+
+def conv2d_backward(grad_out: Any, x: Any, w: Any, b: Any = None, stride: Any = 1,
+                    padding: Padding = 0, dilation: Any = 1, groups: int = 1,
+                    accumulate: str | None = None) -> tuple[Tensor, Tensor, Tensor | None]:
+    """Gradients of conv2d: (dL/dx, dL/dw, dL/db or None when b is None), given dL/dy.
+
+        dx[n, c, h, w]  = sum_{k in c's group, r, s: h = oh*sh - pt + r*dh, w = ow*sw - pl + s*dw}
+                          dy[n, k, oh, ow] * w[k, c', r, s]
+        dw[k, c', r, s] = sum_{n, oh, ow} dy[n, k, oh, ow] * x[n, c, oh*sh - pt + r*dh, ow*sw - pl + s*dw]
+        db[k]           = sum_{n, oh, ow} dy[n, k, oh, ow]
+
+    Each is its own kernel (dw and db as split reductions over n, oh, ow: any batch size).
+    """
+    dev, x, w, b, geo, prec = _conv_args(x, w, b, stride, padding, dilation, groups, accumulate)
+    gy = _grad_arg(grad_out, dev, x, (geo.N, geo.K, geo.OH, geo.OW))
+    gx = _input_grad(dev, prec, geo, gy, w, None, x.dtype)
+    gw = _weight_grad(dev, prec, geo, gy, x, x.dtype)
+    gb = _bias_grad(dev, gy) if b is not None else None
+    return gx, gw, gb
+
+
+def _conv1d_args(x: Any, w: Any, stride: Any, padding: Padding, dilation: Any, dev: Device
+                 ) -> tuple[Tensor, Tensor, tuple, Padding, tuple]:
+    x = tensor_arg(x, dev, "x", FLOATS, 3)
+    w = tensor_arg(w, dev, "w", FLOATS, 3)
+    st = positive_ints(stride, 1, "stride")
+    dil = positive_ints(dilation, 1, "dilation")
+    if isinstance(padding, str):
+        pad2: Padding = padding
+    elif isinstance(padding, (int, np.integer)):
+        pad2 = (0, 0, int(padding), int(padding))
+    else:
+        try:
+            vals = tuple(padding)
+        except TypeError:
+            raise ValueError(f"padding: expected an int, (left, right) or 'same'/'valid', got "
+                             f"{padding!r}") from None
+        if len(vals) == 1:
+            vals = vals * 2
+        if len(vals) != 2:
+            raise ValueError(f"padding: expected an int, (left, right) or 'same'/'valid', got "
+                             f"{padding!r}")
+        pad2 = (0, 0, *vals)
+    return (x.reshape(x.shape[0], x.shape[1], 1, x.shape[2]),
+            w.reshape(w.shape[0], w.shape[1], 1, w.shape[2]), (1, st[0]), pad2, (1, dil[0]))
+
+
+def conv1d(x: Any, w: Any, b: Any = None, stride: Any = 1, padding: Padding = 0, dilation: Any = 1,
+           groups: int = 1, accumulate: str | None = None) -> Tensor:
+    """1-D convolution, x (N, C, L), w (K, C/groups, KL) -> (N, K, OL):
+
+        y[n, k, o] = b[k] + sum_{c, s} x[n, g*C/G + c, o*stride - pl + s*dilation] * w[k, c, s]
+
+    padding: int, (left, right), "valid" or "same" (extra on the right). The conv2d kernels with H = 1.
+    """
+    dev = pick_device(x, w, b)
+    x4, w4, st, pad, dil = _conv1d_args(x, w, stride, padding, dilation, dev)
+    y = conv2d(x4, w4, b, st, pad, dil, groups, accumulate)
+    return y.reshape(y.shape[0], y.shape[1], y.shape[3])
+
+
+def conv1d_backward(grad_out: Any, x: Any, w: Any, b: Any = None, stride: Any = 1,
+                    padding: Padding = 0, dilation: Any = 1, groups: int = 1,
+                    accumulate: str | None = None) -> tuple[Tensor, Tensor, Tensor | None]:
+    """Gradients of conv1d: (dL/dx, dL/dw, dL/db or None), the conv2d_backward kernels with H = 1."""
+    dev = pick_device(grad_out, x, w, b)
+    x4, w4, st, pad, dil = _conv1d_args(x, w, stride, padding, dilation, dev)
+    gy = tensor_arg(grad_out, dev, "grad_out", FLOATS, 3)
+    gy4 = gy.reshape(gy.shape[0], gy.shape[1], 1, gy.shape[2])
+    gx, gw, gb = conv2d_backward(gy4, x4, w4, b, st, pad, dil, groups, accumulate)
+    return gx.reshape(x4.shape[0], x4.shape[1], x4.shape[3]), gw.reshape(w4.shape[0], w4.shape[1],
+                                                                        w4.shape[3]), gb
+
+
+def _transpose_args(x: Any, w: Any, b: Any, stride: Any, padding: Any, output_padding: Any,
+                    dilation: Any, groups: Any, accumulate: str | None
+                    ) -> tuple[Device, Tensor, Tensor, Tensor | None, ConvGeometry, str]:
+    """Validate conv_transpose2d's arguments; the geometry returned is the conv view (its input is
+    the transpose's output, its output the transpose's input, its weights w as given)."""
+    dev = pick_device(x, w, b)
+    x = tensor_arg(x, dev, "x", FLOATS, 4)
+    w = tensor_arg(w, dev, "w", FLOATS, 4)
+    _same_dtype(w, "w", x)
+    _nonzero(x, "x")
+    _nonzero(w, "w")
+    n, cin, h, wd = x.shape
+    wcin, cog, kh, kw = w.shape
+    st = positive_ints(stride, 2, "stride")
+    dil = positive_ints(dilation, 2, "dilation")
+    pad = positive_ints(padding, 2, "padding", allow_zero=True)
+    opad = positive_ints(output_padding, 2, "output_padding", allow_zero=True)
+    if not isinstance(groups, (int, np.integer)) or isinstance(groups, bool) or groups < 1:
+        raise ValueError(f"groups: expected a positive int, got {groups!r}")
+    g = int(groups)
+    if cin % g:
+        raise ValueError(f"groups: {g} does not divide the {cin} input channels of x")
+    if wcin != cin:
+        raise ValueError(f"w: expected {cin} input channels (w is (C_in, C_out/groups, kH, kW)), "
+                         f"got {wcin}")
+    for i in range(2):
+        if opad[i] >= max(st[i], dil[i]):
+            raise ValueError(f"output_padding: {opad} must be smaller than stride {st} or dilation "
+                             f"{dil} in each dimension")
+    oh = (h - 1) * st[0] - 2 * pad[0] + dil[0] * (kh - 1) + opad[0] + 1
+    ow = (wd - 1) * st[1] - 2 * pad[1] + dil[1] * (kw - 1) + opad[1] + 1
+    if oh < 1 or ow < 1:
+        raise ValueError(f"padding: {pad} leaves an empty output ({oh}x{ow})")
+    geo = ConvGeometry(n, cog * g, oh, ow, cin, h, wd, kh, kw, st[0], st[1], pad[0], pad[1],
+                       dil[0], dil[1], g)
+    if n * geo.C * oh * ow >= MAX_ELEMS:
+        raise ValueError("x: the output would have 2^31 elements or more")
+    b = _bias(b, dev, x, geo.C)
+    return dev, x, w, b, geo, _precision(x.dtype, accumulate)
+
+
+def conv_transpose2d(x: Any, w: Any, b: Any = None, stride: Any = 1, padding: Any = 0,
+                     output_padding: Any = 0, dilation: Any = 1, groups: int = 1,
+                     accumulate: str | None = None) -> Tensor:
+    """Transposed 2-D convolution (torch.nn.functional.conv_transpose2d), NCHW: the input gradient
+    of conv2d. x (N, C_in, H, W), w (C_in, C_out/groups, KH, KW), b (C_out,) or None:
+
+        y[n, g*Cog + o, i*sh - ph + r*dh, j*sw - pw + s*dw] += x[n, ci, i, j] * w[ci, o, r, s]
+
+    summed over ci in group g, (i, j) and (r, s), plus b; output
+    OH = (H-1)*sh - 2*ph + dh*(KH-1) + output_padding_h + 1 (output_padding < stride or < dilation).
+    Runs the conv input-gradient kernel. accumulate as in conv2d.
+    """
+    dev, x, w, b, geo, prec = _transpose_args(x, w, b, stride, padding, output_padding, dilation,
+                                              groups, accumulate)
+    return _input_grad(dev, prec, geo, x, w, b, x.dtype)
+
+
+def conv_transpose2d_backward(grad_out: Any, x: Any, w: Any, b: Any = None, stride: Any = 1,
+                              padding: Any = 0, output_padding: Any = 0, dilation: Any = 1,
+                              groups: int = 1, accumulate: str | None = None
+                              ) -> tuple[Tensor, Tensor, Tensor | None]:
+    """Gradients of conv_transpose2d: (dL/dx, dL/dw, dL/db or None), given dL/dy.
+
+        dx[n, ci, i, j]  = sum_{o, r, s} dy[n, o, i*sh - ph + r*dh, j*sw - pw + s*dw] * w[ci, o, r, s]
+        dw[ci, o, r, s]  = sum_{n, i, j} x[n, ci, i, j] * dy[n, o, i*sh - ph + r*dh, j*sw - pw + s*dw]
+        db[o]            = sum_{n, p, q} dy[n, o, p, q]
+
+    dx is conv2d(dy, w) (the forward kernel); dw is conv2d's weight gradient with x in the role of
+    dy and dy in the role of the input.
+    """
+    dev, x, w, b, geo, prec = _transpose_args(x, w, b, stride, padding, output_padding, dilation,
+                                              groups, accumulate)
+    gy = _grad_arg(grad_out, dev, x, (geo.N, geo.C, geo.H, geo.W))
+    gx = _forward(dev, prec, geo, gy, w, None, x.dtype)
+    gw = _weight_grad(dev, prec, geo, x, gy, x.dtype)
+    gb = _bias_grad(dev, gy) if b is not None else None
+    return gx, gw, gb

@@ -1,0 +1,379 @@
+"""GEMM and the fully-connected layer (kernels/gemm.metal).
+
+Design note: everything is one kernel family, `gemm` below:
+
+    out = alpha * op(a) @ op(b) + beta * out (+ bias[n]),   op(x) = x or x^T,
+
+over 2-D operands or batches of them (a 2-D operand is shared by every batch entry, stride 0);
+a 2-D `out` with batched operands receives the sum over the batch (how weight gradients
+accumulate over batch entries or time steps). `matmul`, `linear` and their backward passes are
+thin layers that pick the transposes. The host picks the tile shape and a split of K from a small
+cost model (`plan`); callers (tests, the dev benchmark) can override both.
+
+Precision (`accumulate=`): float32 tensors accumulate in float (`_float` kernels); float16 tensors
+accumulate in float (`_half`, the default) or, with accumulate="half", in half (`_hacc_half`, as
+MPS's fp16 accumulation); float32 with accumulate="half" is an error.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from ..params import GemmParams, LinearBiasGradParams
+from ..runtime import Buffer, Device
+from ..tensor import Tensor, float16, float32
+from ._common import kernel, out_like, pick_device, tensor_arg
+
+SOURCE = "gemm.metal"
+THREADS = 256  # every kernel of gemm.metal
+
+# GemmParams.flags (kernels/gemm.metal)
+TRANS_A, TRANS_B, VEC_A, VEC_B, VEC_C, BIAS, BETA = 1, 2, 4, 8, 16, 32, 64
+
+_MAX_MATRIX = 2**31  # elements per matrix: in-matrix offsets are 32-bit in the kernels
+_MAX_THREADS = 2**32 - 1024
+
+
+@dataclass(frozen=True)
+class Tile:
+    """One instantiated tile shape of gemm_tiled: BM x BN outputs per threadgroup, BK-deep
+    slices; `efficiency` is its FMA rate relative to 128x128 (fewer FMAs per shared load)."""
+
+    name: str
+    bm: int
+    bn: int
+    bk: int
+    efficiency: float
+
+
+TILES = {t.name: t for t in (Tile("128x128", 128, 128, 8, 1.0), Tile("64x64", 64, 64, 16, 0.6))}
+MAX_SPLITS = 16
+MIN_SPLIT_SLICES = 16  # a split-K part covers at least this many BK slices
+
+
+def variant(dtype: np.dtype, accumulate: str | None) -> str:
+    """Kernel suffix for the storage dtype and the accumulate= choice (see module docstring)."""
+    if accumulate not in (None, "float", "half"):
+        raise ValueError(f"accumulate: expected None, 'float' or 'half', got {accumulate!r}")
+    if dtype == float32:
+        if accumulate == "half":
+            raise ValueError("accumulate: 'half' needs float16 tensors (got float32)")
+        return "float"
+    return "hacc_half" if accumulate == "half" else "half"
+
+
+def _compute_units(dev: Device) -> int:
+    """Threadgroups that run at once (two 256-thread groups per SM on cuda)."""
+    if dev.name == "cuda":
+        return 2 * int(dev.props.get("multiProcessorCount", 1))
+    if dev.name == "cpu":
+        return max(1, int(getattr(dev, "num_workers", 1)))
+    return 16
+
+
+def plan(dev: Device, m: int, n: int, k: int, batch: int, reduce_batch: bool,
+         tile: str | None = None, k_splits: int | None = None) -> tuple[Tile, int]:
+    """(tile, k_splits) for one call. Cost = waves * work per threadgroup / tile efficiency; a
+    split of K is considered only while the tiles alone leave compute units idle."""
+    units = _compute_units(dev)
+    nb = 1 if reduce_batch else batch
+    cands = [TILES[tile]] if tile is not None else list(TILES.values())
+    best: tuple[float, Tile, int] | None = None
+    for t in cands:
+        tiles = math.ceil(m / t.bm) * math.ceil(n / t.bn) * nb
+        slices = math.ceil(k / t.bk) * (batch if reduce_batch else 1)
+        if k_splits is not None:
+            splits = [k_splits]
+        else:
+            most = max(1, min(MAX_SPLITS, units // tiles, slices // MIN_SPLIT_SLICES))
+            splits = list(range(1, most + 1))
+        for s in splits:
+            waves = math.ceil(tiles * s / units)
+            cost = waves * t.bm * t.bn * t.bk * math.ceil(slices / s) / t.efficiency
+            cost += (s > 1) * (s + 2) * m * n * nb  # the split-K finish: memory-bound, small
+            if best is None or cost < best[0]:
+                best = (cost, t, s)
+    assert best is not None
+    return best[1], best[2]
+
+
+_workspaces: dict[int, Buffer] = {}
+
+
+def _workspace(dev: Device, nbytes: int) -> Buffer:
+    """A per-device scratch buffer for split-K partial sums, grown on demand. Reuse is safe:
+    the device queue runs launches in order."""
+    buf = _workspaces.get(id(dev))
+    if buf is None or buf.device is not dev or buf.nbytes < nbytes:
+        buf = dev.buffer(max(nbytes, 256))
+        _workspaces[id(dev)] = buf
+    return buf
+
+
+def _span(t: Tensor) -> tuple[int, int, int]:
+    """(base buffer id, first byte, end byte) of a tensor's memory."""
+    return id(t.buffer.base.handle), t.buffer.offset, t.buffer.offset + t.nbytes
+
+
+def _overlaps(x: Tensor, y: Tensor) -> bool:
+    bx, x0, x1 = _span(x)
+    by, y0, y1 = _span(y)
+    return bx == by and x0 < y1 and y0 < x1
+
+
+def _vec_ok(t: Tensor, pitch: int, stride: int) -> bool:
+    """Aligned 4-vector access is legal: row pitch, batch stride and base are multiples of 4
+    elements."""
+    return pitch % 4 == 0 and stride % 4 == 0 and t.buffer.offset % (4 * t.dtype.itemsize) == 0
+
+
+def _float(v: Any, name: str) -> float:
+    if isinstance(v, bool) or not isinstance(v, (int, float, np.floating, np.integer)):
+        raise ValueError(f"{name}: expected a number, got {v!r}")
+    if not math.isfinite(float(v)):
+        raise ValueError(f"{name}: must be finite, got {v!r}")
+    return float(v)
+
+
+def gemm(a: Any, b: Any, out: Tensor, *, transpose_a: bool = False, transpose_b: bool = False,
+         alpha: float = 1.0, beta: float = 0.0, bias: Any = None, accumulate: str | None = None,
+         tile: str | None = None, k_splits: int | None = None) -> Tensor:
+    """out = alpha * op(a) @ op(b) + beta * out (+ bias), in place; returns `out`.
+
+    op(a) is (M, K) -- a stored (M, K), or (K, M) with transpose_a -- and op(b) is (K, N) -- b
+    stored (K, N), or (N, K) with transpose_b. Either operand may carry a leading batch
+    dimension; a 2-D operand is used for every batch entry. `out` is (batch, M, N), or (M, N):
+    then with batched operands it receives the sum over the batch,
+    out = alpha * sum_i op(a_i) @ op(b_i) + beta * out. bias (N,) is added to every row.
+    beta == 0 never reads `out` (NaNs there do not propagate). `tile` / `k_splits` override the
+    kernel choice (names in TILES; k_splits >= 1).
+    """
+    dev = pick_device(a, b, out)
+    if not isinstance(out, Tensor):
+        raise ValueError(f"out: expected a Tensor to write into, got {type(out).__name__}")
+    a = tensor_arg(a, dev, "a", (float32, float16), ndim=(2, 3))
+    b = tensor_arg(b, dev, "b", (float32, float16), ndim=(2, 3))
+    out = tensor_arg(out, dev, "out", (float32, float16), ndim=(2, 3))
+    if b.dtype != a.dtype:
+        raise ValueError(f"b: dtype {b.dtype} does not match a's {a.dtype}")
+    if out.dtype != a.dtype:
+        raise ValueError(f"out: dtype {out.dtype} does not match a's {a.dtype}")
+    var = variant(a.dtype, accumulate)
+    alpha, beta = _float(alpha, "alpha"), _float(beta, "beta")
+    if tile is not None and tile not in TILES:
+        raise ValueError(f"tile: expected one of {', '.join(TILES)}, got {tile!r}")
+    if k_splits is not None and (not isinstance(k_splits, (int, np.integer)) or k_splits < 1):
+        raise ValueError(f"k_splits: expected an int >= 1, got {k_splits!r}")
+
+    ar, ac = a.shape[-2:]
+    br, bc = b.shape[-2:]
+    m, k = (ac, ar) if transpose_a else (ar, ac)
+    k2, n = (bc, br) if transpose_b else (br, bc)
+    for name, t in (("a", a), ("b", b), ("out", out)):
+        if 0 in t.shape:
+            raise ValueError(f"{name}: empty dimension in shape {t.shape}")
+    if k2 != k:
+        raise ValueError(f"b: op(b) is ({k2}, {n}) but op(a) is ({m}, {k}): inner dimensions "
+                         f"differ (transpose_a={transpose_a}, transpose_b={transpose_b})")
+    ba = a.shape[0] if a.ndim == 3 else None
+    bb = b.shape[0] if b.ndim == 3 else None
+    if ba is not None and bb is not None and ba != bb:
+        raise ValueError(f"b: batch {bb} does not match a's batch {ba}")
+    batch = ba or bb or 1
+    if out.ndim == 3:
+        if out.shape != (batch, m, n):
+            raise ValueError(f"out: shape {out.shape}, expected {(batch, m, n)}")
+        reduce_batch = False
+    else:
+        if out.shape != (m, n):
+            raise ValueError(f"out: shape {out.shape}, expected {(m, n)}")
+        reduce_batch = batch > 1
+    if bias is not None:
+        bias = tensor_arg(bias, dev, "bias", (float32, float16), ndim=1)
+        if bias.dtype != a.dtype:
+            raise ValueError(f"bias: dtype {bias.dtype} does not match a's {a.dtype}")
+        if bias.shape != (n,):
+            raise ValueError(f"bias: shape {bias.shape}, expected ({n},)")
+    for name, t in (("a", a), ("b", b), ("bias", bias)):
+        if t is not None and _overlaps(out, t):
+            raise ValueError(f"out: overlaps {name} (the product cannot be computed in place)")
+    for name, t in (("a", a), ("b", b), ("out", out)):
+        if t.shape[-1] * t.shape[-2] >= _MAX_MATRIX:
+            raise ValueError(f"{name}: a {t.shape[-2]} x {t.shape[-1]} matrix exceeds 2^31 "
+                             "elements")
+
+    t, splits = plan(dev, m, n, k, batch, reduce_batch, tile, k_splits)
+    p = GemmParams()
+    p.M, p.N, p.K = m, n, k
+    p.lda, p.ldb, p.ldc = ac, bc, n
+    p.batch = batch
+    p.stride_a = ar * ac if a.ndim == 3 else 0
+    p.stride_b = br * bc if b.ndim == 3 else 0
+    p.stride_c = m * n if out.ndim == 3 else 0
+    p.reduce_batch = int(reduce_batch)
+    p.k_splits = splits
+    p.tiles_m, p.tiles_n = math.ceil(m / t.bm), math.ceil(n / t.bn)
+    p.flags = ((TRANS_A if transpose_a else 0) | (TRANS_B if transpose_b else 0)
+               | (VEC_A if _vec_ok(a, p.lda, p.stride_a) else 0)
+               | (VEC_B if _vec_ok(b, p.ldb, p.stride_b) else 0)
+               | (VEC_C if _vec_ok(out, p.ldc, p.stride_c) else 0)
+               | (BIAS if bias is not None else 0) | (BETA if beta != 0.0 else 0))
+    p.alpha, p.beta = alpha, beta
+    nb = 1 if reduce_batch else batch
+    groups = p.tiles_m * p.tiles_n * nb * splits
+    if groups * THREADS > _MAX_THREADS or nb * m * n > _MAX_THREADS:
+        raise ValueError(f"out: {nb} x {m} x {n} is too large for one launch")
+
+    bias_buf = bias.buffer if bias is not None else out.buffer
+    if splits > 1:
+        acc_size = 2 if var == "hacc_half" else 4
+        work = _workspace(dev, splits * nb * m * n * acc_size)
+    else:
+        work = out.buffer  # bound but never touched
+    kernel(dev, SOURCE, f"gemm_fwd_{t.name}_{var}")(groups * THREADS, a.buffer, b.buffer,
+                                                     out.buffer, bias_buf, work, p)
+    if splits > 1:
+        kernel(dev, SOURCE, f"gemm_fwd_splitk_{var}")(nb * m * n, out.buffer, bias_buf, work, p)
+    return out
+
+
+def matmul(a: Any, b: Any, transpose_a: bool = False, transpose_b: bool = False,
+           accumulate: str | None = None) -> Tensor:
+    """op(a) @ op(b), op(x) = x or x^T (of the last two dimensions).
+
+    a: (M, K) or (batch, M, K) -- (K, M) / (batch, K, M) with transpose_a; b: (K, N) or
+    (batch, K, N) -- (N, K) / (batch, N, K) with transpose_b. A 2-D operand is shared by every
+    batch entry. Result (M, N), or (batch, M, N) if either operand is batched:
+    out[i, m, n] = sum_k op(a_i)[m, k] op(b_i)[k, n].
+    """
+    dev = pick_device(a, b)
+    a = tensor_arg(a, dev, "a", (float32, float16), ndim=(2, 3))
+    b = tensor_arg(b, dev, "b", (float32, float16), ndim=(2, 3))
+    m = a.shape[-1] if transpose_a else a.shape[-2]
+    n = b.shape[-2] if transpose_b else b.shape[-1]
+    batch = a.shape[0] if a.ndim == 3 else b.shape[0] if b.ndim == 3 else None
+    shape = (m, n) if batch is None else (batch, m, n)
+    if b.dtype != a.dtype:
+        raise ValueError(f"b: dtype {b.dtype} does not match a's {a.dtype}")
+    variant(a.dtype, accumulate)  # validate before allocating
+    out = out_like(shape, a.dtype, dev)
+    return gemm(a, b, out, transpose_a=transpose_a, transpose_b=transpose_b, accumulate=accumulate)
+
+
+def matmul_backward(grad_out: Any, a: Any, b: Any, transpose_a: bool = False,
+                    transpose_b: bool = False, accumulate: str | None = None
+                    ) -> tuple[Tensor, Tensor]:
+    """Gradients (grad_a, grad_b) of C = op(a) @ op(b) given G = dL/dC, each shaped as its input:
+
+    dL/dop(a) = G op(b)^T,  dL/dop(b) = op(a)^T G, transposed back where op transposes; a 2-D
+    operand of a batched product gets the sum over the batch.
+    """
+    dev = pick_device(grad_out, a, b)
+    a = tensor_arg(a, dev, "a", (float32, float16), ndim=(2, 3))
+    b = tensor_arg(b, dev, "b", (float32, float16), ndim=(2, 3))
+    g = tensor_arg(grad_out, dev, "grad_out", (float32, float16), ndim=(2, 3))
+    if g.dtype != a.dtype:
+        raise ValueError(f"grad_out: dtype {g.dtype} does not match a's {a.dtype}")
+    m = a.shape[-1] if transpose_a else a.shape[-2]
+    n = b.shape[-2] if transpose_b else b.shape[-1]
+    batch = a.shape[0] if a.ndim == 3 else b.shape[0] if b.ndim == 3 else None
+    want = (m, n) if batch is None else (batch, m, n)
+    if g.shape != want:
+        raise ValueError(f"grad_out: shape {g.shape}, expected {want} (the product's shape)")
+    if b.dtype != a.dtype:
+        raise ValueError(f"b: dtype {b.dtype} does not match a's {a.dtype}")
+    ka = a.shape[-2] if transpose_a else a.shape[-1]
+    kb = b.shape[-1] if transpose_b else b.shape[-2]
+    if ka != kb:
+        raise ValueError(f"b: inner dimension {kb} does not match a's {ka}")
+    if a.ndim == 3 and b.ndim == 3 and a.shape[0] != b.shape[0]:
+        raise ValueError(f"b: batch {b.shape[0]} does not match a's batch {a.shape[0]}")
+    variant(a.dtype, accumulate)
+    ga = out_like(a.shape, a.dtype, dev)
+    gb = out_like(b.shape, b.dtype, dev)
+    kw = {"accumulate": accumulate}
+    if transpose_a:
+        gemm(b, g, ga, transpose_a=transpose_b, transpose_b=True, **kw)
+    else:
+        gemm(g, b, ga, transpose_a=False, transpose_b=not transpose_b, **kw)
+    if transpose_b:
+        gemm(g, a, gb, transpose_a=True, transpose_b=transpose_a, **kw)
+    else:
+        gemm(a, g, gb, transpose_a=not transpose_a, transpose_b=False, **kw)
+    return ga, gb
+
+
+def _linear_args(x: Any, w: Any, b: Any, dev: Device) -> tuple[Tensor, Tensor, Tensor | None]:
+    x = tensor_arg(x, dev, "x", (float32, float16))
+    if x.ndim < 1:
+        raise ValueError("x: expected at least 1 dimension (..., in_features)")
+    w = tensor_arg(w, dev, "w", (float32, float16), ndim=2)
+    if w.dtype != x.dtype:
+        raise ValueError(f"w: dtype {w.dtype} does not match x's {x.dtype}")
+    if w.shape[1] != x.shape[-1]:
+        raise ValueError(f"w: shape {w.shape} needs (out_features, {x.shape[-1]}) to match x's "
+                         f"last dimension {x.shape[-1]}")
+    if b is not None:
+        b = tensor_arg(b, dev, "b", (float32, float16), ndim=1)
+        if b.dtype != x.dtype:
+            raise ValueError(f"b: dtype {b.dtype} does not match x's {x.dtype}")
+        if b.shape != (w.shape[0],):
+            raise ValueError(f"b: shape {b.shape}, expected ({w.shape[0]},)")
+    if x.size == 0 or w.size == 0:
+        raise ValueError(f"x: empty tensor (x {x.shape}, w {w.shape})")
+    return x, w, b
+
+
+def linear(x: Any, w: Any, b: Any = None, accumulate: str | None = None) -> Tensor:
+    """y = x w^T + b (torch.nn.functional.linear): x (..., in), w (out, in), b (out,) or None;
+    y (..., out), y[..., o] = sum_i x[..., i] w[o, i] + b[o]."""
+    dev = pick_device(x, w, b)
+    x, w, b = _linear_args(x, w, b, dev)
+    variant(x.dtype, accumulate)
+    rows = x.size // x.shape[-1]
+    y = out_like((rows, w.shape[0]), x.dtype, dev)
+    gemm(x.reshape(rows, x.shape[-1]), w, y, transpose_b=True, bias=b, accumulate=accumulate)
+    return y.reshape(*x.shape[:-1], w.shape[0])
+
+
+def linear_bias_grad(grad_out: Tensor, accumulate: str | None = None) -> Tensor:
+    """db[o] = sum over rows r of grad_out[r, o] for a 2-D grad_out (rows, out)."""
+    g = grad_out
+    var = variant(g.dtype, accumulate)
+    rows, cols = g.shape
+    out = out_like((cols,), g.dtype, g.device)
+    p = LinearBiasGradParams()
+    p.rows, p.cols = rows, cols
+    kernel(g.device, SOURCE, f"linear_bwd_bias_{var}")(math.ceil(cols / 32) * THREADS, g.buffer,
+                                                        out.buffer, p)
+    return out
+
+
+def linear_backward(grad_out: Any, x: Any, w: Any, b: Any = None, accumulate: str | None = None
+                    ) -> tuple[Tensor, Tensor, Tensor | None]:
+    """Gradients of y = x w^T + b: (grad_x, grad_w, grad_b or None when b is None).
+
+    grad_x = grad_out w (..., in); grad_w = sum over rows of grad_out^T x (out, in);
+    grad_b = sum over rows of grad_out (out,).
+    """
+    dev = pick_device(grad_out, x, w, b)
+    x, w, b = _linear_args(x, w, b, dev)
+    g = tensor_arg(grad_out, dev, "grad_out", (float32, float16))
+    if g.dtype != x.dtype:
+        raise ValueError(f"grad_out: dtype {g.dtype} does not match x's {x.dtype}")
+    want = (*x.shape[:-1], w.shape[0])
+    if g.shape != want:
+        raise ValueError(f"grad_out: shape {g.shape}, expected {want}")
+    variant(x.dtype, accumulate)
+    rows = x.size // x.shape[-1]
+    g2 = g.reshape(rows, w.shape[0])
+    x2 = x.reshape(rows, x.shape[-1])
+    gx = out_like((rows, x.shape[-1]), x.dtype, dev)
+    gw = out_like(w.shape, w.dtype, dev)
+    gemm(g2, w, gx, accumulate=accumulate)
+    gemm(g2, x2, gw, transpose_a=True, accumulate=accumulate)
+    gb = linear_bias_grad(g2, accumulate) if b is not None else None
+    return gx.reshape(x.shape), gw, gb

@@ -1,0 +1,482 @@
+"""Losses (loss.metal): MPS's loss set with per-sample weights, MPS's reductions and label
+smoothing, each with a fused backward giving the gradient w.r.t. the network output.
+
+Where PyTorch has the loss, the definition and the argument names are PyTorch's; the others
+(categorical cross-entropy, hinge, log loss, cosine distance) follow MPS / TensorFlow's
+`tf.losses`, which MPS mirrors:
+
+| function | per-term loss l (x = input, t = target) | PyTorch |
+| --- | --- | --- |
+| cross_entropy | -sum_c t'_c log softmax(x)_c over dim 1; labels or probabilities | F.cross_entropy |
+| binary_cross_entropy_with_logits | max(x, 0) - x t' + log(1 + exp(-abs(x))), t' = t (1 - s) + s / 2 | same (s = 0) |
+| categorical_cross_entropy | -sum_c t'_c log x_c over dim 1 (x: probabilities; 0 log 0 = 0) | MPS only |
+| mse_loss | (x - t)^2 | F.mse_loss |
+| l1_loss | abs(x - t) (MPS's mean absolute error) | F.l1_loss |
+| huber_loss | 0.5 d^2 if abs(d) < delta else delta (abs(d) - delta / 2), d = x - t | F.huber_loss |
+| hinge_loss | max(0, 1 - (2 t - 1) x), t in {0, 1} | MPS only |
+| kl_div | t (log t - x), or exp(t) (t - x) with log_target (x: log-probabilities) | F.kl_div |
+| cosine_distance | 1 - sum_c x_c t_c / sqrt(max(abs(x)^2 abs(t)^2, eps^2)) over dim 1 | 1 - F.cosine_similarity |
+| log_loss | -t log(x + eps) - (1 - t) log(1 - x + eps) | MPS only |
+
+t' is the label-smoothed target: (1 - s) t + s / C for the class-axis losses (PyTorch's and MPS's
+definition, with labels one-hot), (1 - s) t + s / 2 for the sigmoid one (TensorFlow's/MPS's).
+
+Terms are elements for the pointwise losses and (sample, position) pairs for the class-axis ones
+(cross_entropy, categorical_cross_entropy, cosine_distance, whose class axis is dim 1). Every term
+of sample n is multiplied by sample_weight[n] (MPS's per-image weights; PyTorch's class `weight`
+is not supported, which is why the options are keyword-only). reduction:
+  'none'        the weighted terms in PyTorch's shape (the input's for pointwise losses, the
+                input's without dim 1 for class-axis losses), as MPS's per-element losses
+  'per_sample'  (N,): the sum of each sample's weighted terms (MPS's per-image losses)
+  'sum'         the sum of all weighted terms
+  'mean'        that sum / the number of terms (labels equal to ignore_index are not terms)
+  'sum_by_nonzero_weights'  that sum / the number of terms of nonzero weight (0 if there are none)
+  'batchmean'   (kl_div only) that sum / N
+Losses are float32 whatever the input's storage; gradients have the input's dtype.
+
+Every `<loss>_backward(grad, input, target, <same options>)` takes grad shaped like the loss
+(a number or one-element tensor for the scalar reductions) and returns d(sum grad * loss)/d input.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from ..params import LossParams, LossReduceParams
+from ..runtime import Buffer, Device
+from ..tensor import Tensor, as_tensor, empty, float16, float32, int32
+from ._common import kernel, pick_device, suffix, tensor_arg
+from .softmax import TG, tile_groups, tile_plan
+
+SOURCE = "loss.metal"
+FLOAT_DTYPES = (float32, float16)
+REDUCTIONS = ("none", "per_sample", "sum", "mean", "sum_by_nonzero_weights")
+_MODE = {"sum": 0, "mean": 1, "sum_by_nonzero_weights": 2, "batchmean": 3, "per_sample": 0}
+CHUNK = 2048  # elements per threadgroup chunk of the pointwise forward
+MAX_GROUPS = 1 << 20
+MAX_ELEMENTS = 2**31 - 1  # chunk arithmetic stays inside uint32
+
+# kernel name stems (loss.metal's instantiations)
+_POINTWISE = {"mse_loss", "l1_loss", "huber_loss", "bce_with_logits", "hinge_loss", "kl_div",
+              "log_loss"}
+
+_DUMMY: dict[int, Buffer] = {}
+
+
+def _dummy(dev: Device) -> Buffer:
+    """A small zero buffer bound where a kernel's optional input is absent."""
+    b = _DUMMY.get(id(dev))
+    if b is None or b.device is not dev:
+        b = _DUMMY[id(dev)] = dev.buffer(16)
+    return b
+
+
+# ---- validation ------------------------------------------------------------------------------
+
+def _check_reduction(reduction: Any, extra: tuple[str, ...] = ()) -> str:
+    allowed = REDUCTIONS + extra
+    if reduction not in allowed:
+        raise ValueError(f"reduction: {reduction!r} is not one of {', '.join(allowed)}")
+    return reduction
+
+
+def _check_float(v: Any, name: str, lo: float | None = None, hi: float | None = None,
+                 lo_open: bool = False) -> float:
+    if isinstance(v, bool) or not isinstance(v, (int, float, np.integer, np.floating)):
+        raise ValueError(f"{name}: expected a number, got {v!r}")
+    f = float(v)
+    if not np.isfinite(f):
+        raise ValueError(f"{name}: must be finite, got {f}")
+    if lo is not None and (f <= lo if lo_open else f < lo):
+        raise ValueError(f"{name}: must be {'>' if lo_open else '>='} {lo}, got {f}")
+    if hi is not None and f > hi:
+        raise ValueError(f"{name}: must be <= {hi}, got {f}")
+    return f
+
+
+def _check_size(t: Tensor, name: str) -> None:
+    if t.size > MAX_ELEMENTS:
+        raise ValueError(f"{name}: {t.size} elements exceed the loss kernels' limit of 2^31 - 1")
+
+
+def _weight(sample_weight: Any, dev: Device, n: int) -> Tensor | None:
+    if sample_weight is None:
+        return None
+    if not isinstance(sample_weight, Tensor):
+        arr = np.asarray(sample_weight)
+        if arr.dtype.kind not in "fiu":
+            raise ValueError(f"sample_weight: expected numbers, got dtype {arr.dtype}")
+        sample_weight = arr.astype(np.float32)
+    w = tensor_arg(sample_weight, dev, "sample_weight", (float32,))
+    if w.shape != (n,):
+        raise ValueError(f"sample_weight: expected shape ({n},) (one weight per sample), got {w.shape}")
+    return w
+
+
+def _pair(input: Any, target: Any, ndims: tuple[int, ...]) -> tuple[Device, Tensor]:
+    dev = pick_device(input, target)
+    x = tensor_arg(input, dev, "input", FLOAT_DTYPES, ndims)
+    _check_size(x, "input")
+    if x.size == 0:
+        raise ValueError(f"input: empty tensor (shape {x.shape})")
+    return dev, x
+
+
+def _float_target(target: Any, x: Tensor, dev: Device) -> Tensor:
+    if not isinstance(target, Tensor) and target is not None:
+        arr = np.asarray(target)
+        if arr.dtype.kind in "fiub":
+            target = arr.astype(x.dtype)
+    t = tensor_arg(target, dev, "target", (x.dtype,))
+    if t.shape != x.shape:
+        raise ValueError(f"target: shape {t.shape} does not match input's {x.shape}")
+    return t
+
+
+def _class_target(target: Any, x: Tensor, dev: Device, ignore_index: Any,
+                  allow_labels: bool = True) -> tuple[Tensor, bool]:
+    """(target tensor, is_labels). Labels: int32 (N, *spatial) in [0, C) or ignore_index, checked
+    here on the host; probabilities: x's shape and dtype."""
+    is_tensor = isinstance(target, Tensor)
+    if target is None:
+        raise ValueError("target: got None")
+    labels = (target.dtype == int32) if is_tensor else np.asarray(target).dtype.kind in "iu"
+    if not labels:
+        return _float_target(target, x, dev), False
+    if not allow_labels:
+        raise ValueError("target: integer labels are not accepted here; pass a float tensor "
+                         "shaped like input")
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, (int, np.integer)):
+        raise ValueError(f"ignore_index: expected an int, got {ignore_index!r}")
+    want = (x.shape[0],) + x.shape[2:]
+    arr = target.numpy() if is_tensor else np.asarray(target)
+    if arr.shape != want:
+        raise ValueError(f"target: integer labels must have shape {want} (input {x.shape} without "
+                         f"the class axis), got {arr.shape}")
+    c = x.shape[1]
+    bad = ((arr < 0) | (arr >= c)) & (arr != ignore_index)
+    if bad.any():
+        v = arr[bad].reshape(-1)[0]
+        raise ValueError(f"target: label {int(v)} out of range [0, {c}) (ignore_index="
+                         f"{ignore_index})")
+    t = target if is_tensor else as_tensor(arr.astype(np.int32), dev, "target")
+    return t, True
+
+
+def _grad_arg(grad: Any, dev: Device, shape: tuple[int, ...]) -> Tensor:
+    """grad as a float32 tensor of `shape` (() accepts a number or any one-element tensor)."""
+    if shape == () and isinstance(grad, (int, float, np.integer, np.floating)) \
+            and not isinstance(grad, bool):
+        return as_tensor(np.array([grad], np.float32), dev, "grad")
+    if not isinstance(grad, Tensor) and grad is not None:
+        arr = np.asarray(grad)
+        if arr.dtype.kind in "fiu":
+            grad = arr.astype(np.float32)
+    g = tensor_arg(grad, dev, "grad", (float32,))
+    if shape == ():
+        if g.size != 1:
+            raise ValueError(f"grad: the loss is a scalar, expected one value, got shape {g.shape}")
+    elif g.shape != shape:
+        raise ValueError(f"grad: expected the loss's shape {shape}, got {g.shape}")
+    return g
+
+
+# ---- dispatch helpers ------------------------------------------------------------------------
+
+def _reduce(dev: Device, part: Tensor, cnt: Buffer, nseg: int, seglen: int, mode: int,
+            denom: float, out_shape: tuple[int, ...]) -> Tensor:
+    out = empty(out_shape, float32, dev)
+    p = LossReduceParams(nseg=nseg, seglen=seglen, mode=mode, denom=denom)
+    groups = min(nseg, MAX_GROUPS)
+    kernel(dev, SOURCE, "loss_reduce_fwd_float")(groups * TG, part.buffer, cnt, out.buffer, p)
+    return out
+
+
+def _scale(dev: Device, g: Tensor, reduction: str, n: int, labels: Tensor | None,
+           w: Tensor | None, terms: int, per_sample: int, mult: int, ignore_index: int) -> Tensor:
+    """The backward coefficient of a scalar reduction: g / count, on the device."""
+    if reduction == "sum":
+        return g
+    scale = empty((1,), float32, dev)
+    p = LossReduceParams(mode=_MODE[reduction], denom=float(n), terms=terms, per_sample=per_sample,
+                         mult=mult, has_labels=int(labels is not None),
+                         has_weight=int(w is not None), ignore_index=int(ignore_index))
+    kernel(dev, SOURCE, "loss_scale_bwd_float")(
+        TG, labels.buffer if labels is not None else _dummy(dev),
+        w.buffer if w is not None else _dummy(dev), g.buffer, scale.buffer, p)
+    return scale
+
+
+def _pointwise(stem: str, input: Any, target: Any, sample_weight: Any, reduction: str,
+               smoothing: float = 0.0, a: float = 0.0, extra: tuple[str, ...] = ()) -> Tensor:
+    reduction = _check_reduction(reduction, extra)
+    dev, x = _pair(input, target, (1, 2, 3, 4))
+    t = _float_target(target, x, dev)
+    n = x.shape[0]
+    w = _weight(sample_weight, dev, n)
+    total, m = x.size, x.size // n
+    per_sample = reduction == "per_sample"
+    seglen = m if per_sample else total
+    chunks = -(-seglen // CHUNK)
+    ngroups = (n if per_sample else 1) * chunks
+    p = LossParams(N=n, M=m, total=total, chunk=CHUNK, chunks=chunks, seglen=seglen,
+                   ngroups=ngroups, reduce=int(reduction != "none"), has_weight=int(w is not None),
+                   smoothing=smoothing, a=a)
+    wb = w.buffer if w is not None else _dummy(dev)
+    k = kernel(dev, SOURCE, f"{stem}_fwd_{suffix(x.dtype)}")
+    launch = min(ngroups, MAX_GROUPS) * TG
+    if reduction == "none":
+        out = empty(x.shape, float32, dev)
+        k(launch, x.buffer, t.buffer, wb, out.buffer, _dummy(dev), p)
+        return out
+    part = empty((ngroups,), float32, dev)
+    cnt = dev.buffer(8 * ngroups)
+    k(launch, x.buffer, t.buffer, wb, part.buffer, cnt, p)
+    if per_sample:
+        return _reduce(dev, part, cnt, n, chunks, 0, 1.0, (n,))
+    return _reduce(dev, part, cnt, 1, ngroups, _MODE[reduction], float(n), ())
+
+
+def _pointwise_backward(stem: str, grad: Any, input: Any, target: Any, sample_weight: Any,
+                        reduction: str, smoothing: float = 0.0, a: float = 0.0,
+                        extra: tuple[str, ...] = ()) -> Tensor:
+    reduction = _check_reduction(reduction, extra)
+    dev, x = _pair(input, target, (1, 2, 3, 4))
+    t = _float_target(target, x, dev)
+    n = x.shape[0]
+    w = _weight(sample_weight, dev, n)
+    shape = x.shape if reduction == "none" else (n,) if reduction == "per_sample" else ()
+    g = _grad_arg(grad, dev, shape)
+    gmode = 2 if reduction == "none" else 1 if reduction == "per_sample" else 0
+    if gmode == 0:
+        g = _scale(dev, g, reduction, n, None, w, n, 1, x.size // n, 0)
+    p = LossParams(N=n, M=x.size // n, total=x.size, gmode=gmode, has_weight=int(w is not None),
+                   smoothing=smoothing, a=a)
+    dx = empty(x.shape, x.dtype, dev)
+    groups = min(-(-x.size // TG), MAX_GROUPS)
+    kernel(dev, SOURCE, f"{stem}_bwd_{suffix(x.dtype)}")(
+        groups * TG, g.buffer, x.buffer, t.buffer, w.buffer if w is not None else _dummy(dev),
+        dx.buffer, p)
+    return dx
+
+
+def _class_prep(input: Any, target: Any, sample_weight: Any, ignore_index: Any,
+                allow_labels: bool) -> tuple[Device, Tensor, Tensor, bool, Tensor | None, int, int]:
+    dev, x = _pair(input, target, (2, 3, 4))
+    t, labels = _class_target(target, x, dev, ignore_index, allow_labels)
+    n = x.shape[0]
+    w = _weight(sample_weight, dev, n)
+    m = x.size // (n * x.shape[1])
+    return dev, x, t, labels, w, n, m
+
+
+def _class_forward(stem: str, input: Any, target: Any, sample_weight: Any, reduction: str,
+                   ignore_index: Any = -100, smoothing: float = 0.0, a: float = 0.0,
+                   allow_labels: bool = True, cache: int = 0) -> Tensor:
+    reduction = _check_reduction(reduction)
+    dev, x, t, labels, w, n, m = _class_prep(input, target, sample_weight, ignore_index, allow_labels)
+    q = tile_plan(n, x.shape[1], m, cache_arrays=cache)
+    p = LossParams(N=n, M=m, has_weight=int(w is not None),
+                   ignore_index=int(ignore_index) if labels else 0, smoothing=smoothing, a=a)
+    variant = ("labels_" if labels else "probs_") if allow_labels else ""
+    terms = empty((n,) + x.shape[2:], float32, dev)
+    cnt = dev.buffer(8 * n * m)
+    d = _dummy(dev)
+    kernel(dev, SOURCE, f"{stem}_fwd_{variant}{suffix(x.dtype)}")(
+        tile_groups(q) * TG, x.buffer, d if labels else t.buffer, t.buffer if labels else d,
+        w.buffer if w is not None else d, terms.buffer, cnt, p, q)
+    if reduction == "none":
+        return terms
+    if reduction == "per_sample":
+        return _reduce(dev, terms, cnt, n, m, 0, 1.0, (n,))
+    return _reduce(dev, terms, cnt, 1, n * m, _MODE[reduction], float(n), ())
+
+
+def _class_backward(stem: str, grad: Any, input: Any, target: Any, sample_weight: Any,
+                    reduction: str, ignore_index: Any = -100, smoothing: float = 0.0,
+                    a: float = 0.0, allow_labels: bool = True, cache: int = 0) -> Tensor:
+    reduction = _check_reduction(reduction)
+    dev, x, t, labels, w, n, m = _class_prep(input, target, sample_weight, ignore_index, allow_labels)
+    shape = (n,) + x.shape[2:] if reduction == "none" else (n,) if reduction == "per_sample" else ()
+    g = _grad_arg(grad, dev, shape)
+    gmode = 2 if reduction == "none" else 1 if reduction == "per_sample" else 0
+    if gmode == 0:
+        if labels:
+            g = _scale(dev, g, reduction, n, t, w, n * m, m, 1, int(ignore_index))
+        else:
+            g = _scale(dev, g, reduction, n, None, w, n, 1, m, 0)
+    q = tile_plan(n, x.shape[1], m, cache_arrays=cache)
+    p = LossParams(N=n, M=m, gmode=gmode, has_weight=int(w is not None),
+                   ignore_index=int(ignore_index) if labels else 0, smoothing=smoothing, a=a)
+    variant = ("labels_" if labels else "probs_") if allow_labels else ""
+    dx = empty(x.shape, x.dtype, dev)
+    d = _dummy(dev)
+    kernel(dev, SOURCE, f"{stem}_bwd_{variant}{suffix(x.dtype)}")(
+        tile_groups(q) * TG, g.buffer, x.buffer, d if labels else t.buffer,
+        t.buffer if labels else d, w.buffer if w is not None else d, dx.buffer, p, q)
+    return dx
+
+
+def _smoothing(label_smoothing: Any) -> float:
+    return _check_float(label_smoothing, "label_smoothing", 0.0, 1.0)
+
+
+# ---- public API ------------------------------------------------------------------------------
+
+def cross_entropy(input: Any, target: Any, *, sample_weight: Any = None, ignore_index: int = -100,
+                  reduction: str = "mean", label_smoothing: float = 0.0) -> Tensor:
+    """Softmax cross-entropy on logits (N, C[, H, W]), class axis 1, as F.cross_entropy.
+
+    target: int32 labels (N[, H, W]) or class probabilities shaped like input.
+    l = log sum_c exp(x_c) - sum_c t'_c x_c with t' = (1 - s) onehot(y) + s / C (labels) or
+    (1 - s) t + s / C (probabilities); labels equal to ignore_index give no term.
+    """
+    s = _smoothing(label_smoothing)
+    return _class_forward("cross_entropy", input, target, sample_weight, reduction, ignore_index,
+                          s, cache=1)
+
+
+def cross_entropy_backward(grad: Any, input: Any, target: Any, *, sample_weight: Any = None,
+                           ignore_index: int = -100, reduction: str = "mean",
+                           label_smoothing: float = 0.0) -> Tensor:
+    """d/dx of cross_entropy: g w (softmax(x) sum_c t'_c - t') per term."""
+    s = _smoothing(label_smoothing)
+    return _class_backward("cross_entropy", grad, input, target, sample_weight, reduction,
+                           ignore_index, s, cache=1)
+
+
+def categorical_cross_entropy(input: Any, target: Any, *, sample_weight: Any = None,
+                              ignore_index: int = -100, reduction: str = "mean",
+                              label_smoothing: float = 0.0) -> Tensor:
+    """Cross-entropy on probabilities (MPS's categorical cross-entropy): l = -sum_c t'_c log x_c
+    over axis 1 (terms with t'_c = 0 contribute 0). target: labels or probabilities."""
+    s = _smoothing(label_smoothing)
+    return _class_forward("categorical_cross_entropy", input, target, sample_weight, reduction,
+                          ignore_index, s)
+
+
+def categorical_cross_entropy_backward(grad: Any, input: Any, target: Any, *,
+                                       sample_weight: Any = None, ignore_index: int = -100,
+                                       reduction: str = "mean",
+                                       label_smoothing: float = 0.0) -> Tensor:
+    """d/dx of categorical_cross_entropy: -g w t'_c / x_c."""
+    s = _smoothing(label_smoothing)
+    return _class_backward("categorical_cross_entropy", grad, input, target, sample_weight,
+                           reduction, ignore_index, s)
+
+
+def cosine_distance(input: Any, target: Any, *, sample_weight: Any = None, reduction: str = "mean",
+                    eps: float = 1e-8) -> Tensor:
+    """l = 1 - cos(x, t) along axis 1, cos = sum_c x_c t_c / sqrt(max(|x|^2 |t|^2, eps^2)) (as
+    1 - F.cosine_similarity(x, t, dim=1, eps); MPS's/TF's cosine distance for unit vectors)."""
+    e = _check_float(eps, "eps", 0.0, lo_open=True)
+    return _class_forward("cosine_distance", input, target, sample_weight, reduction, a=e,
+                          allow_labels=False)
+
+
+def cosine_distance_backward(grad: Any, input: Any, target: Any, *, sample_weight: Any = None,
+                             reduction: str = "mean", eps: float = 1e-8) -> Tensor:
+    """d/dx of cosine_distance: g w (cos x / |x|^2 - t / D), D = |x| |t| (or -g w t / eps when
+    clamped)."""
+    e = _check_float(eps, "eps", 0.0, lo_open=True)
+    return _class_backward("cosine_distance", grad, input, target, sample_weight, reduction, a=e,
+                           allow_labels=False, cache=1)
+
+
+def binary_cross_entropy_with_logits(input: Any, target: Any, *, sample_weight: Any = None,
+                                     reduction: str = "mean", label_smoothing: float = 0.0) -> Tensor:
+    """Sigmoid cross-entropy on logits: l = max(x, 0) - x t' + log(1 + exp(-|x|)),
+    t' = t (1 - s) + s / 2 (label smoothing as MPS / TF; s = 0 is F.binary_cross_entropy_with_logits)."""
+    return _pointwise("bce_with_logits", input, target, sample_weight, reduction,
+                      smoothing=_smoothing(label_smoothing))
+
+
+def binary_cross_entropy_with_logits_backward(grad: Any, input: Any, target: Any, *,
+                                              sample_weight: Any = None, reduction: str = "mean",
+                                              label_smoothing: float = 0.0) -> Tensor:
+    """d/dx: g w (sigmoid(x) - t')."""
+    return _pointwise_backward("bce_with_logits", grad, input, target, sample_weight, reduction,
+                               smoothing=_smoothing(label_smoothing))
+
+
+def mse_loss(input: Any, target: Any, *, sample_weight: Any = None, reduction: str = "mean") -> Tensor:
+    """l = (x - t)^2 (F.mse_loss)."""
+    return _pointwise("mse_loss", input, target, sample_weight, reduction)
+
+
+def mse_loss_backward(grad: Any, input: Any, target: Any, *, sample_weight: Any = None,
+                      reduction: str = "mean") -> Tensor:
+    """d/dx: 2 g w (x - t)."""
+    return _pointwise_backward("mse_loss", grad, input, target, sample_weight, reduction)
+
+
+def l1_loss(input: Any, target: Any, *, sample_weight: Any = None, reduction: str = "mean") -> Tensor:
+    """l = |x - t| (F.l1_loss; MPS's mean absolute error)."""
+    return _pointwise("l1_loss", input, target, sample_weight, reduction)
+
+
+def l1_loss_backward(grad: Any, input: Any, target: Any, *, sample_weight: Any = None,
+                     reduction: str = "mean") -> Tensor:
+    """d/dx: g w sign(x - t) (0 where x == t, as PyTorch)."""
+    return _pointwise_backward("l1_loss", grad, input, target, sample_weight, reduction)
+
+
+def huber_loss(input: Any, target: Any, *, sample_weight: Any = None, reduction: str = "mean",
+               delta: float = 1.0) -> Tensor:
+    """l = d^2 / 2 if |d| < delta else delta (|d| - delta / 2), d = x - t (F.huber_loss)."""
+    dl = _check_float(delta, "delta", 0.0, lo_open=True)
+    return _pointwise("huber_loss", input, target, sample_weight, reduction, a=dl)
+
+
+def huber_loss_backward(grad: Any, input: Any, target: Any, *, sample_weight: Any = None,
+                        reduction: str = "mean", delta: float = 1.0) -> Tensor:
+    """d/dx: g w clamp(x - t, -delta, delta)."""
+    dl = _check_float(delta, "delta", 0.0, lo_open=True)
+    return _pointwise_backward("huber_loss", grad, input, target, sample_weight, reduction, a=dl)
+
+
+def hinge_loss(input: Any, target: Any, *, sample_weight: Any = None, reduction: str = "mean") -> Tensor:
+    """l = max(0, 1 - (2 t - 1) x): targets in {0, 1} map to {-1, +1} (MPS / tf.losses.hinge_loss;
+    PyTorch has no such loss)."""
+    return _pointwise("hinge_loss", input, target, sample_weight, reduction)
+
+
+def hinge_loss_backward(grad: Any, input: Any, target: Any, *, sample_weight: Any = None,
+                        reduction: str = "mean") -> Tensor:
+    """d/dx: -g w (2 t - 1) where 1 - (2 t - 1) x > 0, else 0."""
+    return _pointwise_backward("hinge_loss", grad, input, target, sample_weight, reduction)
+
+
+def kl_div(input: Any, target: Any, *, sample_weight: Any = None, reduction: str = "mean",
+           log_target: bool = False) -> Tensor:
+    """F.kl_div: input holds log-probabilities; l = t (log t - x) (0 where t = 0), or
+    exp(t) (t - x) with log_target. reduction also takes 'batchmean' (sum / N)."""
+    if not isinstance(log_target, (bool, np.bool_)):
+        raise ValueError(f"log_target: expected a bool, got {log_target!r}")
+    return _pointwise("kl_div", input, target, sample_weight, reduction, a=float(log_target),
+                      extra=("batchmean",))
+
+
+def kl_div_backward(grad: Any, input: Any, target: Any, *, sample_weight: Any = None,
+                    reduction: str = "mean", log_target: bool = False) -> Tensor:
+    """d/dx: -g w t (or -g w exp(t) with log_target)."""
+    if not isinstance(log_target, (bool, np.bool_)):
+        raise ValueError(f"log_target: expected a bool, got {log_target!r}")
+    return _pointwise_backward("kl_div", grad, input, target, sample_weight, reduction,
+                               a=float(log_target), extra=("batchmean",))
+
+
+def log_loss(input: Any, target: Any, *, sample_weight: Any = None, reduction: str = "mean",
+             epsilon: float = 1e-7) -> Tensor:
+    """l = -t log(x + eps) - (1 - t) log(1 - x + eps) on probabilities x (MPS / tf.losses.log_loss;
+    PyTorch's binary_cross_entropy clamps the logs instead)."""
+    e = _check_float(epsilon, "epsilon", 0.0, lo_open=True)
+    return _pointwise("log_loss", input, target, sample_weight, reduction, a=e)
+
+
+def log_loss_backward(grad: Any, input: Any, target: Any, *, sample_weight: Any = None,
+                      reduction: str = "mean", epsilon: float = 1e-7) -> Tensor:
+    """d/dx: g w (-t / (x + eps) + (1 - t) / (1 - x + eps))."""
+    e = _check_float(epsilon, "epsilon", 0.0, lo_open=True)
+    return _pointwise_backward("log_loss", grad, input, target, sample_weight, reduction, a=e)

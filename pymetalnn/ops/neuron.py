@@ -1,0 +1,189 @@
+"""Element-wise activations ("neurons") and their gradients (kernels/neuron.metal).
+
+Design note: every op is one kernel per direction and dtype, `<op>_<fwd|bwd>[_tanh]_<dtype>`,
+instantiated from one template in neuron.metal; all share NeuronParams (n, a, b). Storage is
+float32 or float16, arithmetic is float32. Each backward takes (grad_out, x, <same options>) and
+returns grad_x = grad_out * f'(x), recomputing from x. Conventions at kinks follow torch:
+relu'(0) = 0, leaky_relu'(0) = negative_slope, elu'(0) = alpha, hardsigmoid'(+-3) = 0.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+
+from ..params import NeuronParams
+from ..tensor import Tensor
+from ._common import kernel, out_like, pick_device, suffix, tensor_arg
+
+SOURCE = "neuron.metal"
+FLOATS = (np.float32, np.float16)
+VEC = 8  # elements per vector thread in neuron.metal
+
+
+def _scalar(v: Any, name: str, nonzero: bool = False) -> float:
+    """A finite Python/numpy real that float32 can hold; errors name `name`."""
+    if isinstance(v, bool) or not isinstance(v, (int, float, np.integer, np.floating)):
+        raise ValueError(f"{name}: expected a real number, got {type(v).__name__}")
+    f = float(v)
+    if not math.isfinite(f) or abs(f) > float(np.finfo(np.float32).max):
+        raise ValueError(f"{name}: must be finite in float32, got {v!r}")
+    if nonzero and f == 0.0:
+        raise ValueError(f"{name}: must be nonzero")
+    return f
+
+
+def _count(n: int) -> int:
+    return n // VEC + n % VEC
+
+
+def _fwd(op: str, x: Any, a: float = 0.0, b: float = 0.0, variant: str = "") -> Tensor:
+    dev = pick_device(x)
+    xt = tensor_arg(x, dev, "x", FLOATS)
+    if xt.size >= 2**32:
+        raise ValueError(f"x: {xt.size} elements, at most 2^32 - 1 are supported")
+    y = out_like(xt.shape, xt.dtype, dev)
+    if xt.size:
+        k = kernel(dev, SOURCE, f"{op}_fwd{variant}_{suffix(xt.dtype)}")
+        k(_count(xt.size), xt.buffer, y.buffer, NeuronParams(n=xt.size, a=a, b=b))
+    return y
+
+
+def _bwd(op: str, grad_out: Any, x: Any, a: float = 0.0, b: float = 0.0, variant: str = ""
+         ) -> Tensor:
+    dev = pick_device(grad_out, x)
+    gt = tensor_arg(grad_out, dev, "grad_out", FLOATS)
+    xt = tensor_arg(x, dev, "x", FLOATS)
+    if gt.shape != xt.shape:
+        raise ValueError(f"grad_out: shape {gt.shape} differs from x's {xt.shape}")
+    if gt.dtype != xt.dtype:
+        raise ValueError(f"grad_out: dtype {gt.dtype} differs from x's {xt.dtype}")
+    if xt.size >= 2**32:
+        raise ValueError(f"x: {xt.size} elements, at most 2^32 - 1 are supported")
+    dx = out_like(xt.shape, xt.dtype, dev)
+    if xt.size:
+        k = kernel(dev, SOURCE, f"{op}_bwd{variant}_{suffix(xt.dtype)}")
+        k(_count(xt.size), gt.buffer, xt.buffer, dx.buffer, NeuronParams(n=xt.size, a=a, b=b))
+    return dx
+
+
+def relu(x: Any) -> Tensor:
+    """relu(x) = max(x, 0) (NaN stays NaN)."""
+    return _fwd("relu", x)
+
+
+def relu_backward(grad_out: Any, x: Any) -> Tensor:
+    """grad_x = grad_out where x > 0, else 0 (0 at x = 0, as torch)."""
+    return _bwd("relu", grad_out, x)
+
+
+def leaky_relu(x: Any, negative_slope: float = 0.01) -> Tensor:
+    """leaky_relu(x) = x if x > 0 else negative_slope * x."""
+    return _fwd("leaky_relu", x, _scalar(negative_slope, "negative_slope"))
+
+
+def leaky_relu_backward(grad_out: Any, x: Any, negative_slope: float = 0.01) -> Tensor:
+    """grad_x = grad_out if x > 0 else negative_slope * grad_out."""
+    return _bwd("leaky_relu", grad_out, x, _scalar(negative_slope, "negative_slope"))
+
+
+def elu(x: Any, alpha: float = 1.0) -> Tensor:
+    """elu(x) = x if x > 0 else alpha * (exp(x) - 1)."""
+    return _fwd("elu", x, _scalar(alpha, "alpha"))
+
+
+def elu_backward(grad_out: Any, x: Any, alpha: float = 1.0) -> Tensor:
+    """grad_x = grad_out if x > 0 else grad_out * alpha * exp(x)."""
+    return _bwd("elu", grad_out, x, _scalar(alpha, "alpha"))
+
+
+def sigmoid(x: Any) -> Tensor:
+    """sigmoid(x) = 1 / (1 + exp(-x))."""
+    return _fwd("sigmoid", x)
+
+
+def sigmoid_backward(grad_out: Any, x: Any) -> Tensor:
+    """grad_x = grad_out * s (1 - s), s = sigmoid(x)."""
+    return _bwd("sigmoid", grad_out, x)
+
+
+def tanh(x: Any) -> Tensor:
+    """tanh(x)."""
+    return _fwd("tanh", x)
+
+
+def tanh_backward(grad_out: Any, x: Any) -> Tensor:
+    """grad_x = grad_out * (1 - tanh(x)^2)."""
+    return _bwd("tanh", grad_out, x)
+
+
+def softplus(x: Any, beta: float = 1.0, threshold: float = 20.0) -> Tensor:
+    """softplus(x) = log(1 + exp(beta x)) / beta, or x where beta x > threshold (as torch)."""
+    return _fwd("softplus", x, _scalar(beta, "beta", nonzero=True), _scalar(threshold, "threshold"))
+
+
+def softplus_backward(grad_out: Any, x: Any, beta: float = 1.0, threshold: float = 20.0
+                      ) -> Tensor:
+    """grad_x = grad_out * sigmoid(beta x), or grad_out where beta x > threshold."""
+    return _bwd("softplus", grad_out, x, _scalar(beta, "beta", nonzero=True),
+                _scalar(threshold, "threshold"))
+
+
+def _gelu_variant(approximate: Any) -> str:
+    if approximate not in ("none", "tanh"):
+        raise ValueError(f"approximate: expected 'none' or 'tanh', got {approximate!r}")
+    return "" if approximate == "none" else "_tanh"
+
+
+def gelu(x: Any, approximate: str = "none") -> Tensor:
+    """gelu(x) = x Phi(x) = x (1 + erf(x / sqrt 2)) / 2; approximate='tanh':
+    x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))) / 2."""
+    return _fwd("gelu", x, variant=_gelu_variant(approximate))
+
+
+def gelu_backward(grad_out: Any, x: Any, approximate: str = "none") -> Tensor:
+    """grad_x = grad_out * (Phi(x) + x phi(x)), phi(x) = exp(-x^2/2) / sqrt(2 pi); for 'tanh',
+    the derivative of the tanh form (t = tanh(u), u = k (x + c x^3)):
+    (1 + t)/2 + x (1 - t^2) k (1 + 3 c x^2) / 2."""
+    return _bwd("gelu", grad_out, x, variant=_gelu_variant(approximate))
+
+
+def hardsigmoid(x: Any) -> Tensor:
+    """torch's hardsigmoid: relu6(x + 3) / 6 = clamp(x/6 + 1/2, 0, 1)."""
+    return _fwd("hardsigmoid", x)
+
+
+def hardsigmoid_backward(grad_out: Any, x: Any) -> Tensor:
+    """grad_x = grad_out / 6 for -3 < x < 3, else 0."""
+    return _bwd("hardsigmoid", grad_out, x)
+
+
+def hard_sigmoid(x: Any, a: float = 0.2, b: float = 0.5) -> Tensor:
+    """MPS's hard sigmoid (MPSCNNNeuronHardSigmoid): clamp(a x + b, 0, 1).
+    torch's hardsigmoid is the case a = 1/6, b = 1/2 (use `hardsigmoid` for its exact rounding)."""
+    return _fwd("hard_sigmoid", x, _scalar(a, "a"), _scalar(b, "b"))
+
+
+def hard_sigmoid_backward(grad_out: Any, x: Any, a: float = 0.2, b: float = 0.5) -> Tensor:
+    """grad_x = a * grad_out where 0 < a x + b < 1, else 0."""
+    return _bwd("hard_sigmoid", grad_out, x, _scalar(a, "a"), _scalar(b, "b"))
+
+
+def linear_neuron(x: Any, a: float = 1.0, b: float = 0.0) -> Tensor:
+    """MPS's linear neuron (MPSCNNNeuronLinear): a x + b (one fused multiply-add).
+    Named apart from torch's `linear` (the fully connected layer)."""
+    return _fwd("linear_neuron", x, _scalar(a, "a"), _scalar(b, "b"))
+
+
+def linear_neuron_backward(grad_out: Any, x: Any, a: float = 1.0, b: float = 0.0) -> Tensor:
+    """grad_x = a * grad_out (x only fixes shape and dtype)."""
+    return _bwd("linear_neuron", grad_out, x, _scalar(a, "a"), _scalar(b, "b"))
+
+
+__all__ = [
+    "elu", "elu_backward", "gelu", "gelu_backward", "hard_sigmoid", "hard_sigmoid_backward",
+    "hardsigmoid", "hardsigmoid_backward", "leaky_relu", "leaky_relu_backward", "linear_neuron",
+    "linear_neuron_backward", "relu", "relu_backward", "sigmoid", "sigmoid_backward", "softplus",
+    "softplus_backward", "tanh", "tanh_backward",
+]

@@ -1,0 +1,315 @@
+"""Pooling and its gradients (kernels/pool.metal): max, average, adaptive and global average,
+in 2-d (NCHW or CHW) and 1-d (NCL or CL), float32 and float16.
+
+Design note: 1-d pooling is 2-d pooling of (N, C, 1, L) with a 1-row window, so every op has one
+kernel per direction and dtype. Output sizes, the padding limit (padding <= kernel_size // 2),
+ceil_mode, count_include_pad and divisor_override follow torch.nn.functional exactly.
+Max-pool indices are int32 flat offsets h * W + w within each plane (torch: int64, same values);
+the forward returns them with return_indices=True and the backward accepts them (`indices=`) or
+recomputes the argmax from x. Gradients gather per input element (no atomics): deterministic.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from ..params import AdaptivePool2dParams, Pool2dParams
+from ..runtime.core import MAX_GRID_THREADS
+from ..tensor import Tensor
+from ._common import kernel, out_like, pick_device, positive_ints, suffix, tensor_arg
+
+SOURCE = "pool.metal"
+FLOATS = (np.float32, np.float16)
+POOL_WRITE_INDICES, POOL_COUNT_PAD = 1, 2  # pool.metal's flags
+
+
+def _out_size(n: int, k: int, s: int, p: int, d: int, ceil_mode: bool) -> int:
+    """torch's pooling_output_shape: floor (or ceil) of the window count; in ceil mode the last
+    window must start inside the input or its left padding."""
+    o = (n + 2 * p - d * (k - 1) - 1 + (s - 1 if ceil_mode else 0)) // s + 1
+    if ceil_mode and (o - 1) * s >= n + p:
+        o -= 1
+    return o
+
+
+def _ints(v: Any, n: int, name: str, allow_zero: bool = False) -> tuple[int, ...]:
+    try:
+        return positive_ints(v, n, name, allow_zero)
+    except TypeError:  # not an int nor a sequence
+        raise ValueError(f"{name}: expected an int or {n} ints, got {v!r}") from None
+
+
+def _as_4d(x: Any, dev: Any, name: str, one_d: bool) -> tuple[Tensor, tuple[int, ...], tuple]:
+    """x as (N, C, H, W), the batch/channel prefix of the caller's layout and x's shape."""
+    nd = (2, 3) if one_d else (3, 4)
+    t = tensor_arg(x, dev, name, FLOATS, nd)
+    if any(s == 0 for s in t.shape[-(nd[0]):]):
+        raise ValueError(f"{name}: non-batch dimensions must be nonzero, got shape {t.shape}")
+    prefix = t.shape[:-1] if one_d else t.shape[:-2]
+    n, c = (1, prefix[0]) if len(prefix) == 1 else prefix
+    h, w = (1, t.shape[-1]) if one_d else t.shape[-2:]
+    if n * c * h * w >= MAX_GRID_THREADS:
+        raise ValueError(f"{name}: {t.size} elements, at most {MAX_GRID_THREADS - 1} are supported")
+    return t.reshape(n, c, h, w), prefix, t.shape
+
+
+def _window(n_dims: int, kernel_size: Any, stride: Any, padding: Any, dilation: Any
+            ) -> tuple[tuple[int, ...], ...]:
+    k = _ints(kernel_size, n_dims, "kernel_size")
+    default = stride is None or (isinstance(stride, (tuple, list)) and len(stride) == 0)
+    s = k if default else _ints(stride, n_dims, "stride")  # torch: None or [] means kernel_size
+    p = _ints(padding, n_dims, "padding", allow_zero=True)
+    d = _ints(dilation, n_dims, "dilation")
+    for kk, pp in zip(k, p):
+        if pp > kk // 2:
+            raise ValueError(f"padding: must be at most half of kernel_size ({kernel_size!r}), "
+                             f"got {padding!r}")
+    return k, s, p, d
+
+
+def _geometry(x4: Tensor, one_d: bool, kernel_size: Any, stride: Any, padding: Any, dilation: Any,
+              ceil_mode: bool) -> Pool2dParams:
+    k, s, p, d = _window(1 if one_d else 2, kernel_size, stride, padding, dilation)
+    if one_d:  # a 1-row window over (N, C, 1, L)
+        k, s, p, d = (1, *k), (1, *s), (0, *p), (1, *d)
+    if not isinstance(ceil_mode, (bool, np.bool_)):
+        raise ValueError(f"ceil_mode: expected a bool, got {ceil_mode!r}")
+    n, c, ih, iw = x4.shape
+    oh = _out_size(ih, k[0], s[0], p[0], d[0], bool(ceil_mode))
+    ow = _out_size(iw, k[1], s[1], p[1], d[1], bool(ceil_mode))
+    if oh < 1 or ow < 1:
+        size = f"{iw}" if one_d else f"{ih}x{iw}"
+        raise ValueError(f"kernel_size: {kernel_size!r} (dilation {dilation!r}) does not fit the "
+                         f"input {size} padded by {padding!r}: output size would be {max(oh, 0)}"
+                         f"x{max(ow, 0)}")
+    return Pool2dParams(planes=n * c, IH=ih, IW=iw, OH=oh, OW=ow, KH=k[0], KW=k[1], SH=s[0],
+                        SW=s[1], PH=p[0], PW=p[1], DH=d[0], DW=d[1], flags=0, divisor=0)
+
+
+def _out_shape(prefix: tuple[int, ...], q: Any, one_d: bool) -> tuple[int, ...]:
+    return (*prefix, q.OW) if one_d else (*prefix, q.OH, q.OW)
+
+
+def _grad_arg(grad_out: Any, x4: Tensor, dev: Any, shape: tuple[int, ...]) -> Tensor:
+    g = tensor_arg(grad_out, dev, "grad_out", FLOATS)
+    if g.shape != shape:
+        raise ValueError(f"grad_out: shape {g.shape}, expected the forward's output shape {shape}")
+    if g.dtype != x4.dtype:
+        raise ValueError(f"grad_out: dtype {g.dtype} differs from x's {x4.dtype}")
+    return g
+
+
+# ---- max ------------------------------------------------------------------------------------
+def _max_fwd(x: Any, one_d: bool, kernel_size: Any, stride: Any, padding: Any, dilation: Any,
+             ceil_mode: bool, return_indices: bool) -> Tensor | tuple[Tensor, Tensor]:
+    dev = pick_device(x)
+    x4, prefix, _ = _as_4d(x, dev, "x", one_d)
+    q = _geometry(x4, one_d, kernel_size, stride, padding, dilation, ceil_mode)
+    shape = _out_shape(prefix, q, one_d)
+    y = out_like(shape, x4.dtype, dev)
+    idx = out_like(shape if return_indices else (1,), np.int32, dev)
+    q.flags = POOL_WRITE_INDICES if return_indices else 0
+    if y.size:
+        kernel(dev, SOURCE, f"max_pool2d_fwd_{suffix(x4.dtype)}")(y.size, x4.buffer, y.buffer,
+                                                                  idx.buffer, q)
+    return (y, idx) if return_indices else y
+
+
+def _max_bwd(grad_out: Any, x: Any, one_d: bool, kernel_size: Any, stride: Any, padding: Any,
+             dilation: Any, ceil_mode: bool, indices: Any) -> Tensor:
+    dev = pick_device(grad_out, x, indices)
+    x4, prefix, xshape = _as_4d(x, dev, "x", one_d)
+    q = _geometry(x4, one_d, kernel_size, stride, padding, dilation, ceil_mode)
+    shape = _out_shape(prefix, q, one_d)
+    g = _grad_arg(grad_out, x4, dev, shape)
+    idx = None
+    if indices is not None:
+        idx = tensor_arg(indices, dev, "indices", (np.int32,))
+        if idx.shape != shape:
+            raise ValueError(f"indices: shape {idx.shape}, expected the forward's output shape "
+                             f"{shape}")
+    dx = out_like(x4.shape, x4.dtype, dev)
+    if dx.size:
+        sfx = suffix(x4.dtype)
+        if idx is not None:
+            kernel(dev, SOURCE, f"max_pool2d_bwd_idx_{sfx}")(dx.size, g.buffer, idx.buffer,
+                                                             dx.buffer, q)
+        else:
+            kernel(dev, SOURCE, f"max_pool2d_bwd_{sfx}")(dx.size, g.buffer, x4.buffer, dx.buffer, q)
+    return dx.reshape(xshape)
+
+
+def max_pool2d(x: Any, kernel_size: Any, stride: Any = None, padding: Any = 0, dilation: Any = 1,
+               ceil_mode: bool = False, return_indices: bool = False
+               ) -> Tensor | tuple[Tensor, Tensor]:
+    """y[n, c, oh, ow] = max over r < kH, s < kW of x[n, c, oh*sH - pH + r*dH, ow*sW - pW + s*dW]
+    (taps in the padding skipped). x is (N, C, H, W) or (C, H, W); stride defaults to kernel_size.
+    With return_indices, also the int32 argmax h*W + w per output (first maximum on ties)."""
+    return _max_fwd(x, False, kernel_size, stride, padding, dilation, ceil_mode, return_indices)
+
+
+def max_pool2d_backward(grad_out: Any, x: Any, kernel_size: Any, stride: Any = None,
+                        padding: Any = 0, dilation: Any = 1, ceil_mode: bool = False,
+                        indices: Any = None) -> Tensor:
+    """grad_x[n, c, h, w] = sum of grad_out over the outputs whose argmax is (h, w). Uses
+    `indices` from max_pool2d(..., return_indices=True) when given, else recomputes from x."""
+    return _max_bwd(grad_out, x, False, kernel_size, stride, padding, dilation, ceil_mode, indices)
+
+
+def max_pool1d(x: Any, kernel_size: Any, stride: Any = None, padding: Any = 0, dilation: Any = 1,
+               ceil_mode: bool = False, return_indices: bool = False
+               ) -> Tensor | tuple[Tensor, Tensor]:
+    """y[n, c, o] = max over r < k of x[n, c, o*s - p + r*d]; x is (N, C, L) or (C, L)."""
+    return _max_fwd(x, True, kernel_size, stride, padding, dilation, ceil_mode, return_indices)
+
+
+def max_pool1d_backward(grad_out: Any, x: Any, kernel_size: Any, stride: Any = None,
+                        padding: Any = 0, dilation: Any = 1, ceil_mode: bool = False,
+                        indices: Any = None) -> Tensor:
+    """grad_x[n, c, l] = sum of grad_out over the outputs whose argmax is l."""
+    return _max_bwd(grad_out, x, True, kernel_size, stride, padding, dilation, ceil_mode, indices)
+
+
+# ---- average --------------------------------------------------------------------------------
+def _avg_geometry(x4: Tensor, one_d: bool, kernel_size: Any, stride: Any, padding: Any,
+                  ceil_mode: bool, count_include_pad: bool, divisor_override: Any) -> Pool2dParams:
+    q = _geometry(x4, one_d, kernel_size, stride, padding, 1, ceil_mode)
+    if not isinstance(count_include_pad, (bool, np.bool_)):
+        raise ValueError(f"count_include_pad: expected a bool, got {count_include_pad!r}")
+    q.flags = POOL_COUNT_PAD if count_include_pad else 0
+    if divisor_override is not None:
+        q.divisor = _ints(divisor_override, 1, "divisor_override")[0]
+    return q
+
+
+def _avg_fwd(x: Any, one_d: bool, kernel_size: Any, stride: Any, padding: Any, ceil_mode: bool,
+             count_include_pad: bool, divisor_override: Any) -> Tensor:
+    dev = pick_device(x)
+    x4, prefix, _ = _as_4d(x, dev, "x", one_d)
+    q = _avg_geometry(x4, one_d, kernel_size, stride, padding, ceil_mode, count_include_pad,
+                      divisor_override)
+    y = out_like(_out_shape(prefix, q, one_d), x4.dtype, dev)
+    if y.size:
+        kernel(dev, SOURCE, f"avg_pool2d_fwd_{suffix(x4.dtype)}")(y.size, x4.buffer, y.buffer, q)
+    return y
+
+
+def _avg_bwd(grad_out: Any, x: Any, one_d: bool, kernel_size: Any, stride: Any, padding: Any,
+             ceil_mode: bool, count_include_pad: bool, divisor_override: Any) -> Tensor:
+    dev = pick_device(grad_out, x)
+    x4, prefix, xshape = _as_4d(x, dev, "x", one_d)
+    q = _avg_geometry(x4, one_d, kernel_size, stride, padding, ceil_mode, count_include_pad,
+                      divisor_override)
+    g = _grad_arg(grad_out, x4, dev, _out_shape(prefix, q, one_d))
+    dx = out_like(x4.shape, x4.dtype, dev)
+    if dx.size:
+        kernel(dev, SOURCE, f"avg_pool2d_bwd_{suffix(x4.dtype)}")(dx.size, g.buffer, dx.buffer, q)
+    return dx.reshape(xshape)
+
+
+def avg_pool2d(x: Any, kernel_size: Any, stride: Any = None, padding: Any = 0,
+               ceil_mode: bool = False, count_include_pad: bool = True,
+               divisor_override: int | None = None) -> Tensor:
+    """y[n, c, oh, ow] = (sum of x over the window clipped to the input) / divisor, where the
+    divisor is divisor_override, else the window's size clipped to the padded input
+    (count_include_pad=True) or to the input (False; MPS's "exclude edges")."""
+    return _avg_fwd(x, False, kernel_size, stride, padding, ceil_mode, count_include_pad,
+                    divisor_override)
+
+
+def avg_pool2d_backward(grad_out: Any, x: Any, kernel_size: Any, stride: Any = None,
+                        padding: Any = 0, ceil_mode: bool = False, count_include_pad: bool = True,
+                        divisor_override: int | None = None) -> Tensor:
+    """grad_x[n, c, h, w] = sum over the windows containing (h, w) of grad_out / divisor
+    (x gives the shape only)."""
+    return _avg_bwd(grad_out, x, False, kernel_size, stride, padding, ceil_mode, count_include_pad,
+                    divisor_override)
+
+
+def avg_pool1d(x: Any, kernel_size: Any, stride: Any = None, padding: Any = 0,
+               ceil_mode: bool = False, count_include_pad: bool = True) -> Tensor:
+    """y[n, c, o] = (sum of x over the window clipped to the input) / divisor (as avg_pool2d)."""
+    return _avg_fwd(x, True, kernel_size, stride, padding, ceil_mode, count_include_pad, None)
+
+
+def avg_pool1d_backward(grad_out: Any, x: Any, kernel_size: Any, stride: Any = None,
+                        padding: Any = 0, ceil_mode: bool = False, count_include_pad: bool = True
+                        ) -> Tensor:
+    """grad_x[n, c, l] = sum over the windows containing l of grad_out / divisor."""
+    return _avg_bwd(grad_out, x, True, kernel_size, stride, padding, ceil_mode, count_include_pad,
+                    None)
+
+
+# ---- adaptive / global average --------------------------------------------------------------
+def _adaptive_params(x4: Tensor, output_size: Any) -> AdaptivePool2dParams:
+    n, c, ih, iw = x4.shape
+    if isinstance(output_size, (int, np.integer)) or output_size is None:
+        output_size = (output_size, output_size)
+    try:
+        sizes = tuple(output_size)
+    except TypeError:
+        raise ValueError(f"output_size: expected an int or 2 ints, got {output_size!r}") from None
+    if len(sizes) != 2:
+        raise ValueError(f"output_size: expected an int or 2 ints, got {output_size!r}")
+    oh, ow = (ih if sizes[0] is None else sizes[0]), (iw if sizes[1] is None else sizes[1])
+    oh, ow = _ints((oh, ow), 2, "output_size")
+    if n * c * oh * ow >= MAX_GRID_THREADS:
+        raise ValueError(f"output_size: {output_size!r} gives too many outputs")
+    return AdaptivePool2dParams(planes=n * c, IH=ih, IW=iw, OH=oh, OW=ow)
+
+
+def _adaptive_fwd(x4: Tensor, prefix: tuple[int, ...], q: Any, dev: Any) -> Tensor:
+    y = out_like((*prefix, q.OH, q.OW), x4.dtype, dev)
+    if y.size:
+        sfx = suffix(x4.dtype)
+        if q.OH == 1 and q.OW == 1:  # a reduction per plane: one simdgroup each
+            if q.planes * 32 >= MAX_GRID_THREADS:
+                raise ValueError(f"x: {q.planes} planes, at most {MAX_GRID_THREADS // 32 - 1} for "
+                                 "global pooling")
+            kernel(dev, SOURCE, f"global_avg_pool2d_fwd_{sfx}")(q.planes * 32, x4.buffer, y.buffer, q)
+        else:
+            kernel(dev, SOURCE, f"adaptive_avg_pool2d_fwd_{sfx}")(y.size, x4.buffer, y.buffer, q)
+    return y
+
+
+def _adaptive_bwd(grad_out: Any, x: Any, output_size: Any) -> Tensor:
+    dev = pick_device(grad_out, x)
+    x4, prefix, xshape = _as_4d(x, dev, "x", False)
+    q = _adaptive_params(x4, output_size)
+    g = _grad_arg(grad_out, x4, dev, (*prefix, q.OH, q.OW))
+    dx = out_like(x4.shape, x4.dtype, dev)
+    if dx.size:
+        kernel(dev, SOURCE, f"adaptive_avg_pool2d_bwd_{suffix(x4.dtype)}")(dx.size, g.buffer,
+                                                                           dx.buffer, q)
+    return dx.reshape(xshape)
+
+
+def adaptive_avg_pool2d(x: Any, output_size: Any) -> Tensor:
+    """y[n, c, i, j] = mean of x[n, c, h, w] over h in [floor(i H / OH), ceil((i + 1) H / OH)),
+    w likewise; output_size is an int or (OH, OW) (None keeps that input size)."""
+    dev = pick_device(x)
+    x4, prefix, _ = _as_4d(x, dev, "x", False)
+    return _adaptive_fwd(x4, prefix, _adaptive_params(x4, output_size), dev)
+
+
+def adaptive_avg_pool2d_backward(grad_out: Any, x: Any, output_size: Any) -> Tensor:
+    """grad_x[n, c, h, w] = sum over the cells (i, j) containing (h, w) of grad_out / cell size."""
+    return _adaptive_bwd(grad_out, x, output_size)
+
+
+def global_avg_pool2d(x: Any) -> Tensor:
+    """y[n, c, 0, 0] = mean of x[n, c] over H and W (adaptive_avg_pool2d(x, 1))."""
+    return adaptive_avg_pool2d(x, 1)
+
+
+def global_avg_pool2d_backward(grad_out: Any, x: Any) -> Tensor:
+    """grad_x[n, c, h, w] = grad_out[n, c, 0, 0] / (H W)."""
+    return _adaptive_bwd(grad_out, x, 1)
+
+
+__all__ = [
+    "adaptive_avg_pool2d", "adaptive_avg_pool2d_backward", "avg_pool1d", "avg_pool1d_backward",
+    "avg_pool2d", "avg_pool2d_backward", "global_avg_pool2d", "global_avg_pool2d_backward",
+    "max_pool1d", "max_pool1d_backward", "max_pool2d", "max_pool2d_backward",
+]

@@ -1,0 +1,153 @@
+"""softmax / log_softmax over one axis of a 2-D or 4-D tensor, and their backward (softmax.metal).
+
+Design: the tensor is viewed as (outer, len, inner) around the axis `dim`; `tile_plan` chooses
+how a threadgroup of 256 threads cuts it into tiles of W inner positions x S slices of the axis
+(kernels/tile_reduce.h): W as wide as the inner extent allows (coalesced loads on a strided
+axis), S so that each thread handles a few elements, and the widest W whose tile still fits the
+kernels' threadgroup cache, so the input is read once. The loss family's class-axis kernels use
+the same plan.
+
+Backward takes the forward's output (as PyTorch's autograd saves it), not its input:
+`softmax_backward(grad_out, output, dim)`.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from ..params import SoftmaxParams
+from ..tensor import Tensor, empty, float16, float32
+from ._common import kernel, pick_device, suffix, tensor_arg
+
+SOURCE = "softmax.metal"
+TG = 256
+CACHE_FLOATS = 4096  # SM_CACHE in softmax.metal (and LOSS_CACHE in loss.metal)
+MAX_GROUPS = 1 << 20  # larger grids loop (grid-stride over tiles)
+MAX_ELEMENTS = 2**32 - 1  # kernels index with 32-bit uints
+FLOAT_DTYPES = (float32, float16)
+
+
+def _pow2_floor(n: int) -> int:
+    return 1 << (max(int(n), 1).bit_length() - 1)
+
+
+def _pow2_ceil(n: int) -> int:
+    return 1 << max(int(n) - 1, 0).bit_length()
+
+
+def tile_plan(outer: int, length: int, inner: int, cache_arrays: int = 1,
+              cache_floats: int = CACHE_FLOATS) -> SoftmaxParams:
+    """Tile geometry for reducing a (outer, length, inner) view over `length`.
+
+    cache_arrays: how many float arrays of the tile the kernel keeps in threadgroup memory (0:
+    none). `cached` is set when R tiles x length x W x cache_arrays floats fit `cache_floats`;
+    when the widest W does not fit, narrower W (down to 8 columns = 32-byte segments) is tried.
+    """
+    def shape(w: int) -> tuple[int, int]:
+        # S: enough slices for ~4 elements per thread; SW at least one simdgroup, at most the TG
+        s = _pow2_ceil(-(-length // 4))
+        sw = min(TG, max(32, w * s))
+        return sw, TG // sw
+
+    w0 = min(_pow2_floor(inner), 32)
+    choice = None
+    if cache_arrays:
+        w = w0
+        while True:
+            sw, r = shape(w)
+            if r * length * w * cache_arrays <= cache_floats:
+                choice = (w, sw, 1)
+                break
+            if w <= 8:
+                break
+            w //= 2
+    if choice is None:
+        sw, _ = shape(w0)
+        choice = (w0, sw, 0)
+    w, sw, cached = choice
+    wblocks = -(-inner // w)
+    return SoftmaxParams(outer=outer, len=length, inner=inner, W=w, SW=sw, wblocks=wblocks,
+                         ntiles=outer * wblocks, cached=cached)
+
+
+def tile_groups(p: SoftmaxParams) -> int:
+    """Threadgroups to launch for a tile plan."""
+    r = TG // p.SW
+    return max(1, min(-(-p.ntiles // r), MAX_GROUPS))
+
+
+def check_dim(dim: Any, ndim: int, name: str = "dim") -> int:
+    """`dim` as an index in [0, ndim); negative values count from the end."""
+    if not isinstance(dim, (int, np.integer)) or isinstance(dim, bool):
+        raise ValueError(f"{name}: expected an int, got {dim!r}")
+    d = int(dim)
+    if not -ndim <= d < ndim:
+        raise ValueError(f"{name}: {d} is out of range for a {ndim}-D tensor")
+    return d % ndim
+
+
+def split_shape(shape: tuple[int, ...], d: int) -> tuple[int, int, int]:
+    """(outer, len, inner) of `shape` around axis d."""
+    outer = int(np.prod(shape[:d], dtype=np.int64))
+    inner = int(np.prod(shape[d + 1:], dtype=np.int64))
+    return outer, int(shape[d]), inner
+
+
+def check_size(t: Tensor, name: str) -> None:
+    if t.size > MAX_ELEMENTS:
+        raise ValueError(f"{name}: {t.size} elements exceed the kernels' 32-bit indexing")
+
+
+def _forward(x: Any, dim: int, log: bool) -> Tensor:
+    dev = pick_device(x)
+    xt = tensor_arg(x, dev, "input", FLOAT_DTYPES, (2, 4))
+    d = check_dim(dim, xt.ndim)
+    check_size(xt, "input")
+    y = empty(xt.shape, xt.dtype, dev)
+    if xt.size == 0:
+        return y
+    p = tile_plan(*split_shape(xt.shape, d), cache_arrays=1)
+    name = f"{'log_softmax' if log else 'softmax'}_fwd_{suffix(xt.dtype)}"
+    kernel(dev, SOURCE, name)(tile_groups(p) * TG, xt.buffer, y.buffer, p)
+    return y
+
+
+def _backward(grad_out: Any, output: Any, dim: int, log: bool) -> Tensor:
+    dev = pick_device(grad_out, output)
+    yt = tensor_arg(output, dev, "output", FLOAT_DTYPES, (2, 4))
+    gt = tensor_arg(grad_out, dev, "grad_out", (yt.dtype,))
+    if gt.shape != yt.shape:
+        raise ValueError(f"grad_out: shape {gt.shape} does not match output's {yt.shape}")
+    d = check_dim(dim, yt.ndim)
+    check_size(yt, "output")
+    dx = empty(yt.shape, yt.dtype, dev)
+    if yt.size == 0:
+        return dx
+    p = tile_plan(*split_shape(yt.shape, d), cache_arrays=1 if log else 2)
+    name = f"{'log_softmax' if log else 'softmax'}_bwd_{suffix(yt.dtype)}"
+    kernel(dev, SOURCE, name)(tile_groups(p) * TG, gt.buffer, yt.buffer, dx.buffer, p)
+    return dx
+
+
+def softmax(input: Any, dim: int = 1) -> Tensor:
+    """y = exp(x - max_d x) / sum_d exp(x - max_d x) along axis `dim` (default: the channel axis
+    of (N, C) or (N, C, H, W)). float32 or float16 storage, float arithmetic."""
+    return _forward(input, dim, log=False)
+
+
+def log_softmax(input: Any, dim: int = 1) -> Tensor:
+    """y = x - max_d x - log(sum_d exp(x - max_d x)) along axis `dim`."""
+    return _forward(input, dim, log=True)
+
+
+def softmax_backward(grad_out: Any, output: Any, dim: int = 1) -> Tensor:
+    """Gradient of softmax w.r.t. its input, from the forward's OUTPUT y = softmax(x, dim):
+    dx = y * (dy - sum_d(dy * y))."""
+    return _backward(grad_out, output, dim, log=False)
+
+
+def log_softmax_backward(grad_out: Any, output: Any, dim: int = 1) -> Tensor:
+    """Gradient of log_softmax w.r.t. its input, from the forward's OUTPUT y = log_softmax(x):
+    dx = dy - exp(y) * sum_d dy."""
+    return _backward(grad_out, output, dim, log=True)

@@ -1,0 +1,20 @@
+"""Optimizers with fused Metal update kernels (kernels/optimizer.metal): SGD, Adam, AdamW,
+RMSProp, and CustomOptimizer for a user's own kernel.
+
+    opt = pymetalnn.optim.Adam(params, lr=1e-3, max_grad_norm=1.0)
+    opt.step(grads)                 # grads[i] matches params[i]; None skips a parameter
+    np.savez("opt.npz", **opt.state_dict()); opt.load_state_dict(np.load("opt.npz"))
+
+Every optimizer follows torch.optim's algorithm of the same name and takes MPS's optimizer
+descriptor options: grad_rescale, clip_value, max_grad_norm (global), regularization ('l1' or
+'l2') with regularization_scale; see `Optimizer` for the order they apply in.
+"""
+from __future__ import annotations
+
+from ._base import Optimizer
+from .adam import Adam, AdamW
+from .custom import CustomOptimizer, hyper_struct
+from .rmsprop import RMSProp
+from .sgd import SGD
+
+__all__ = ["SGD", "Adam", "AdamW", "RMSProp", "Optimizer", "CustomOptimizer", "hyper_struct"]

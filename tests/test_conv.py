@@ -1,0 +1,476 @@
+"""conv2d / conv1d / conv_transpose2d and their backward passes against the float64 references.
+
+Errors are measured against the scale of each output's sum: |got - ref| <= tol * sum|terms|
+(+ |b|), computed by running the reference on |x|, |w|. Per precision: float32 storage and
+accumulation; float16 storage with float accumulation (one final fp16 rounding); float16 with
+fp16 accumulation (one rounding per term: the tolerance grows as sqrt of the terms per sum).
+float16 inputs are rounded before the reference sees them, so only the kernel's arithmetic is
+measured. Both algorithms (direct, tiled) run on every configuration.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from reference import conv as ref
+
+import pymetalnn
+from pymetalnn import functional as F
+from pymetalnn.ops import conv as ops
+
+# name -> (dtype, accumulate)
+PRECISIONS = {"float": (np.float32, None), "half": (np.float16, None),
+              "hacc_half": (np.float16, "half")}
+U16 = 2.0 ** -11  # fp16 unit roundoff
+
+
+def tol(prec: str, terms: int) -> float:
+    """Relative-to-scale tolerance for sums of `terms` products."""
+    if prec == "float":
+        return 2e-6 + 2e-7 * np.sqrt(terms)
+    if prec == "half":
+        return 1.1 * U16 + 2e-6 * np.sqrt(terms)
+    return U16 * (2.0 + 3.0 * np.sqrt(terms))
+
+
+def assert_close(name: str, got, want: np.ndarray, scale: np.ndarray, t: float) -> None:
+    got = np.asarray(got, np.float64)
+    assert got.shape == want.shape, f"{name}: shape {got.shape}, expected {want.shape}"
+    err = np.abs(got - want)
+    bound = t * scale + 1e-7
+    bad = err > bound
+    if bad.any():
+        i = np.unravel_index(np.argmax(err - bound), err.shape)
+        raise AssertionError(f"{name}: {bad.sum()} of {err.size} elements off; worst at {i}: got "
+                             f"{got[i]}, expected {want[i]} (scale {scale[i]}, tol {t:.3g})")
+
+
+def rand(rng: np.random.Generator, shape, dtype) -> np.ndarray:
+    return rng.uniform(-1.0, 1.0, shape).astype(dtype)
+
+
+FWD_TILES = list(ops.TILES["fwd"])
+WEIGHT_TILES = list(ops.TILES["weight"])
+
+
+def force(algo: str, i: int) -> dict:
+    """The kernels to use for case number i: direct or tiled forward / input gradient, with the
+    tile shapes cycling over the cases so that each instantiation meets several shapes."""
+    if algo == "direct":
+        return {"fwd": "direct", "data": "direct", "weight": WEIGHT_TILES[i % len(WEIGHT_TILES)]}
+    return {"fwd": FWD_TILES[i % len(FWD_TILES)], "data": FWD_TILES[(i + 1) % len(FWD_TILES)],
+            "weight": WEIGHT_TILES[(i + 1) % len(WEIGHT_TILES)]}
+
+
+@pytest.fixture(params=["direct", "tiled"])
+def algo(request) -> str:
+    return request.param
+
+
+def _pads(padding, h, w, kh, kw, st, dil):
+    """The explicit (top, bottom, left, right) padding the reference needs (computed plainly)."""
+    if padding == "valid":
+        return (0, 0, 0, 0)
+    if padding == "same":
+        out = []
+        for n, k, s, d in ((h, kh, st[0], dil[0]), (w, kw, st[1], dil[1])):
+            o = -(-n // s)
+            tot = max((o - 1) * s + d * (k - 1) + 1 - n, 0)
+            out += [tot // 2, tot - tot // 2]
+        return tuple(out)
+    if isinstance(padding, int):
+        return (padding,) * 4
+    if len(padding) == 2:
+        return (padding[0], padding[0], padding[1], padding[1])
+    return tuple(padding)
+
+
+def _pair(v):
+    return (v, v) if isinstance(v, int) else tuple(v)
+
+
+# (N, C, H, W, K, KH, KW, stride, padding, dilation, groups)
+CONV_CASES = {
+    "all-ones-1x1": (1, 1, 1, 1, 1, 1, 1, 1, 0, 1, 1),
+    "c3-3x3-pad1": (1, 3, 7, 9, 5, 3, 3, 1, 1, 1, 1),
+    "1x1-31to33": (2, 31, 5, 6, 33, 1, 1, 1, 0, 1, 1),
+    "5x5-s2-32ch": (1, 32, 9, 7, 32, 5, 5, 2, 2, 1, 1),
+    "1x7": (2, 33, 5, 9, 31, 1, 7, 1, (0, 3), 1, 1),
+    "7x1-s(1,2)": (1, 4, 11, 5, 6, 7, 1, (1, 2), (3, 0), 1, 1),
+    "stride>kernel": (2, 5, 9, 10, 7, 2, 2, 3, 0, 1, 1),
+    "pad>half-kernel": (1, 3, 4, 5, 4, 3, 3, 1, (2, 3, 3, 2), 1, 1),
+    "dilation2": (2, 6, 9, 8, 8, 3, 3, 1, 2, 2, 1),
+    "groups2": (2, 8, 7, 7, 6, 3, 3, 2, 1, 1, 2),
+    "depthwise-x2": (2, 6, 8, 7, 12, 3, 3, 1, 1, 1, 6),
+    "depthwise-s2": (1, 33, 5, 6, 33, 3, 3, 2, 1, 1, 33),
+    "asym-pad-dil": (2, 3, 9, 7, 5, 3, 2, 2, (1, 2, 0, 1), (2, 1), 1),
+    "same-even-s2": (1, 3, 7, 8, 4, 4, 2, 2, "same", 1, 1),
+    "same-s1-dil": (1, 2, 5, 6, 3, 3, 4, 1, "same", (1, 2), 1),
+    "valid": (1, 3, 6, 6, 2, 3, 3, 1, "valid", 1, 1),
+    "tile-edges": (3, 20, 9, 10, 70, 3, 3, 1, 1, 1, 1),     # M = 270, Kg = 70 cross tiles
+    "groups-wide": (1, 40, 6, 5, 36, 3, 3, (2, 1), (1, 0), (1, 2), 2),
+}
+
+
+def run_conv2d_case(case, prec: str, seed: int = 0) -> None:
+    n, c, h, w, k, kh, kw, stride, padding, dilation, groups = case
+    dtype, acc = PRECISIONS[prec]
+    rng = np.random.default_rng(seed)
+    x = rand(rng, (n, c, h, w), dtype)
+    wt = rand(rng, (k, c // groups, kh, kw), dtype)
+    b = rand(rng, (k,), dtype)
+    st, dil = _pair(stride), _pair(dilation)
+    pads = _pads(padding, h, w, kh, kw, st, dil)
+    kw_ref = dict(stride=st, pad=pads, dilation=dil, groups=groups)
+    want = ref.conv2d(x, wt, b, **kw_ref)
+    scale = ref.conv2d_abs(x, wt, **kw_ref) + np.abs(b.astype(np.float64))[None, :, None, None]
+    y = F.conv2d(x, wt, b, stride, padding, dilation, groups, accumulate=acc)
+    assert y.dtype == dtype
+    assert_close("y", y, want, scale, tol(prec, c // groups * kh * kw))
+
+    gy = rand(rng, want.shape, dtype)
+    gx, gw, gb = F.conv2d_backward(gy, x, wt, b, stride, padding, dilation, groups, accumulate=acc)
+    rx, rw, rb = ref.conv2d_backward(gy, x, wt, True, **kw_ref)
+    sx, sw, sb = ref.conv2d_backward(np.abs(gy), np.abs(x), np.abs(wt), True, **kw_ref)
+    assert_close("grad_x", gx, rx, sx, tol(prec, k // groups * kh * kw))
+    red = n * want.shape[2] * want.shape[3]
+    assert_close("grad_w", gw, rw, sw, tol(prec, min(red, ops.HACC_CHUNK)))
+    assert_close("grad_b", gb, rb, sb, tol("half" if prec != "float" else "float", red))
+
+
+@pytest.mark.parametrize("prec", list(PRECISIONS))
+@pytest.mark.parametrize("case", list(CONV_CASES))
+def test_conv2d(dev, monkeypatch, algo, case, prec):
+    monkeypatch.setattr(ops, "FORCE", force(algo, list(CONV_CASES).index(case)))
+    run_conv2d_case(CONV_CASES[case], prec)
+
+
+# (N, C_in, H, W, C_out, KH, KW, stride, padding, output_padding, dilation, groups)
+TRANSPOSE_CASES = {
+    "all-ones-1x1": (1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 1, 1),
+    "3x3-s2-op1": (2, 3, 5, 4, 4, 3, 3, 2, 1, 1, 1, 1),
+    "33to31": (1, 33, 4, 5, 31, 3, 3, 1, 1, 0, 1, 1),
+    "stride>kernel-op2": (2, 4, 3, 4, 6, 2, 2, 3, 0, 2, 1, 1),
+    "dilation2-op1": (1, 4, 5, 5, 4, 3, 3, 1, 0, 1, 2, 1),
+    "groups2": (2, 6, 4, 4, 8, 3, 3, 2, 1, 1, 1, 2),
+    "depthwise": (1, 8, 5, 5, 8, 3, 3, 2, 1, 0, 1, 8),
+    "1x7-s(1,2)": (1, 5, 3, 6, 7, 1, 7, (1, 2), (0, 3), (0, 1), 1, 1),
+    "7x1": (2, 3, 6, 2, 3, 7, 1, 1, (3, 0), 0, 1, 1),
+    "tile-edges": (2, 20, 7, 6, 70, 4, 4, 2, 1, 0, 1, 1),
+}
+
+
+def run_transpose_case(case, prec: str, seed: int = 1) -> None:
+    n, cin, h, w, cout, kh, kw, stride, padding, opad, dilation, groups = case
+    dtype, acc = PRECISIONS[prec]
+    rng = np.random.default_rng(seed)
+    x = rand(rng, (n, cin, h, w), dtype)
+    wt = rand(rng, (cin, cout // groups, kh, kw), dtype)
+    b = rand(rng, (cout,), dtype)
+    kw_ref = dict(stride=_pair(stride), padding=_pair(padding), output_padding=_pair(opad),
+                  dilation=_pair(dilation), groups=groups)
+    want = ref.conv_transpose2d(x, wt, b, **kw_ref)
+    scale = ref.conv_transpose2d(np.abs(x), np.abs(wt), np.abs(b), **kw_ref)
+    y = F.conv_transpose2d(x, wt, b, stride, padding, opad, dilation, groups, accumulate=acc)
+    terms = cin // groups * kh * kw
+    assert_close("y", y, want, scale, tol(prec, terms))
+
+    gy = rand(rng, want.shape, dtype)
+    gx, gw, gb = F.conv_transpose2d_backward(gy, x, wt, b, stride, padding, opad, dilation, groups,
+                                             accumulate=acc)
+    rx, rw, rb = ref.conv_transpose2d_backward(gy, x, wt, True, **kw_ref)
+    sx, sw, sb = ref.conv_transpose2d_backward(np.abs(gy), np.abs(x), np.abs(wt), True, **kw_ref)
+    assert_close("grad_x", gx, rx, sx, tol(prec, cout // groups * kh * kw))
+    assert_close("grad_w", gw, rw, sw, tol(prec, min(n * h * w, ops.HACC_CHUNK)))
+    assert_close("grad_b", gb, rb, sb, tol("half" if prec != "float" else "float", want[0, 0].size * n))
+
+
+@pytest.mark.parametrize("prec", list(PRECISIONS))
+@pytest.mark.parametrize("case", list(TRANSPOSE_CASES))
+def test_conv_transpose2d(dev, monkeypatch, algo, case, prec):
+    monkeypatch.setattr(ops, "FORCE", force(algo, list(TRANSPOSE_CASES).index(case)))
+    run_transpose_case(TRANSPOSE_CASES[case], prec)
+
+
+# (N, C, L, K, KL, stride, padding, dilation, groups)
+CONV1D_CASES = {
+    "same": (2, 3, 11, 5, 4, 1, "same", 1, 1),
+    "asym-s2-dil2": (1, 4, 9, 6, 3, 2, (2, 1), 2, 2),
+    "depthwise-valid": (3, 5, 7, 5, 3, 3, "valid", 1, 5),
+    "len1": (1, 33, 1, 31, 1, 1, 0, 1, 1),
+}
+
+
+@pytest.mark.parametrize("prec", ["float", "hacc_half"])
+@pytest.mark.parametrize("case", list(CONV1D_CASES))
+def test_conv1d(dev, case, prec):
+    n, c, L, k, kl, stride, padding, dilation, groups = CONV1D_CASES[case]
+    dtype, acc = PRECISIONS[prec]
+    rng = np.random.default_rng(2)
+    x = rand(rng, (n, c, L), dtype)
+    wt = rand(rng, (k, c // groups, kl), dtype)
+    b = rand(rng, (k,), dtype)
+    if padding == "same":
+        tot = max((-(-L // stride) - 1) * stride + dilation * (kl - 1) + 1 - L, 0)
+        lr = (tot // 2, tot - tot // 2)
+    elif padding == "valid":
+        lr = (0, 0)
+    else:
+        lr = (padding, padding) if isinstance(padding, int) else padding
+    kw_ref = dict(stride=(1, stride), pad=(0, 0, *lr), dilation=(1, dilation), groups=groups)
+    want = ref.conv2d(x[:, :, None], wt[:, :, None], b, **kw_ref)[:, :, 0]
+    scale = ref.conv2d_abs(x[:, :, None], wt[:, :, None], **kw_ref)[:, :, 0] + np.abs(b)[None, :, None]
+    y = F.conv1d(x, wt, b, stride, padding, dilation, groups, accumulate=acc)
+    assert_close("y", y, want, scale, tol(prec, c // groups * kl))
+    gy = rand(rng, want.shape, dtype)
+    gx, gw, gb = F.conv1d_backward(gy, x, wt, b, stride, padding, dilation, groups, accumulate=acc)
+    rx, rw, rb = ref.conv2d_backward(gy[:, :, None], x[:, :, None], wt[:, :, None], True, **kw_ref)
+    sx, sw, sb = ref.conv2d_backward(np.abs(gy[:, :, None]), np.abs(x[:, :, None]),
+                                     np.abs(wt[:, :, None]), True, **kw_ref)
+    assert_close("grad_x", gx, rx[:, :, 0], sx[:, :, 0], tol(prec, k // groups * kl))
+    assert_close("grad_w", gw, rw[:, :, 0], sw[:, :, 0], tol(prec, min(n * want.shape[2], ops.HACC_CHUNK)))
+    assert_close("grad_b", gb, rb, sb, tol("half" if prec != "float" else "float", n * want.shape[2]))
+
+
+@pytest.mark.parametrize("prec", list(PRECISIONS))
+def test_weight_grad_huge_batch(dev, prec):
+    """batch 65536 (more than a CUDA grid's y/z extent) on a 2x2 image: the split reduction."""
+    dtype, acc = PRECISIONS[prec]
+    rng = np.random.default_rng(3)
+    n = 65536
+    x = rand(rng, (n, 2, 2, 2), dtype)
+    wt = rand(rng, (3, 2, 1, 2), dtype)
+    b = rand(rng, (3,), dtype)
+    gy = rand(rng, (n, 3, 2, 1), dtype)
+    kw_ref = dict(stride=(1, 1), pad=(0, 0, 0, 0), dilation=(1, 1), groups=1)
+    gx, gw, gb = F.conv2d_backward(gy, x, wt, b, accumulate=acc)
+    rx, rw, rb = ref.conv2d_backward(gy, x, wt, True, **kw_ref)
+    sx, sw, sb = ref.conv2d_backward(np.abs(gy), np.abs(x), np.abs(wt), True, **kw_ref)
+    assert_close("grad_x", gx, rx, sx, tol(prec, 6))
+    # partial sums are float across chunks: the chunk length bounds the fp16 accumulation
+    assert_close("grad_w", gw, rw, sw, tol(prec, ops.HACC_CHUNK) if prec == "hacc_half" else
+                 tol(prec, 2 * n))
+    assert_close("grad_b", gb, rb, sb, tol("half" if prec != "float" else "float", 2 * n))
+
+
+def test_dedicated_kernels(dev):
+    """Backward passes dispatch the input-, weight- and bias-gradient kernels (not forward calls);
+    conv_transpose2d runs the input-gradient kernel, its backward the forward and weight kernels."""
+    rng = np.random.default_rng(4)
+    x, wt, b = rand(rng, (1, 32, 5, 5), np.float32), rand(rng, (32, 32, 3, 3), np.float32), \
+        rand(rng, (32,), np.float32)
+    dev.reset_counts()
+    F.conv2d_backward(rand(rng, (1, 32, 5, 5), np.float32), x, wt, b, padding=1)
+    dev.synchronize()
+    names = set(dev.dispatch_counts)
+    kinds = {n.split("_t")[0] for n in names}
+    assert kinds == {"conv2d_bwd_data", "conv2d_bwd_weight", "conv2d_bwd_bias_float",
+                     "conv2d_bwd_reduce_float"}, names
+    dev.reset_counts()
+    F.conv_transpose2d(x, wt, b, padding=1)
+    assert [n.split("_t")[0] for n in dev.dispatch_counts] == ["conv2d_bwd_data"]
+    dev.reset_counts()
+    F.conv_transpose2d_backward(rand(rng, (1, 32, 5, 5), np.float32), x, wt, b, padding=1)
+    assert {n.split("_t")[0] for n in dev.dispatch_counts} == {
+        "conv2d_fwd", "conv2d_bwd_weight", "conv2d_bwd_bias_float", "conv2d_bwd_reduce_float"}
+
+
+# ---- the references themselves ------------------------------------------------------------------
+
+def _fd_check(f, args, grads, seed=0, eps=1e-6):
+    """grads[i] == d/d args[i] of sum(f(*args) * R) by central differences (float64)."""
+    rng = np.random.default_rng(seed)
+    y = f(*args)
+    proj = rng.standard_normal(y.shape)
+    for i, (a, g) in enumerate(zip(args, grads)):
+        num = np.zeros_like(a)
+        for idx in np.ndindex(a.shape):
+            old = a[idx]
+            a[idx] = old + eps
+            up = np.sum(f(*args) * proj)
+            a[idx] = old - eps
+            dn = np.sum(f(*args) * proj)
+            a[idx] = old
+            num[idx] = (up - dn) / (2 * eps)
+        np.testing.assert_allclose(g, num, rtol=1e-6, atol=1e-7, err_msg=f"argument {i}")
+    return proj
+
+
+@pytest.mark.parametrize("case", [
+    ((2, 4, 5, 6), (4, 2, 3, 2), dict(stride=(2, 1), pad=(1, 2, 0, 1), dilation=(1, 2), groups=2)),
+    ((1, 2, 4, 4), (3, 2, 2, 2), dict(stride=(3, 3), pad=(0, 0, 0, 0), dilation=(1, 1), groups=1)),
+])
+def test_reference_conv2d_backward_finite_differences(case):
+    xs, ws, kw = case
+    rng = np.random.default_rng(5)
+    x, w, b = rng.standard_normal(xs), rng.standard_normal(ws), rng.standard_normal(ws[0])
+    f = lambda x_, w_, b_: ref.conv2d(x_, w_, b_, **kw)
+    rng2 = np.random.default_rng(0)
+    proj = rng2.standard_normal(f(x, w, b).shape)
+    gx, gw, gb = ref.conv2d_backward(proj, x, w, True, **kw)
+    _fd_check(f, [x, w, b], [gx, gw, gb], seed=0)
+
+
+@pytest.mark.parametrize("case", [
+    ((2, 4, 3, 3), (4, 3, 3, 2), dict(stride=(2, 1), padding=(1, 0), output_padding=(1, 0),
+                                      dilation=(1, 2), groups=2)),
+    ((1, 2, 2, 3), (2, 1, 2, 2), dict(stride=(3, 2), padding=(0, 1), output_padding=(2, 0),
+                                      dilation=(1, 1), groups=1)),
+])
+def test_reference_conv_transpose2d_backward_finite_differences(case):
+    xs, ws, kw = case
+    rng = np.random.default_rng(6)
+    x, w = rng.standard_normal(xs), rng.standard_normal(ws)
+    b = rng.standard_normal(ws[1] * kw["groups"])
+    f = lambda x_, w_, b_: ref.conv_transpose2d(x_, w_, b_, **kw)
+    proj = np.random.default_rng(0).standard_normal(f(x, w, b).shape)
+    gx, gw, gb = ref.conv_transpose2d_backward(proj, x, w, True, **kw)
+    _fd_check(f, [x, w, b], [gx, gw, gb], seed=0)
+
+
+def test_reference_against_torch():
+    torch = pytest.importorskip("torch")
+    tf = torch.nn.functional
+    rng = np.random.default_rng(7)
+    for (n, c, h, w, k, kh, kw, st, pad, dil, g) in [
+            (2, 4, 7, 6, 6, 3, 2, (2, 1), (1, 2, 0, 1), (2, 1), 2),
+            (1, 6, 5, 5, 6, 3, 3, (1, 1), (1, 1, 1, 1), (1, 1), 6),
+            (2, 3, 9, 8, 4, 5, 3, (3, 2), (2, 2, 1, 1), (1, 2), 1)]:
+        x, wt, b = rng.standard_normal((n, c, h, w)), rng.standard_normal((k, c // g, kh, kw)), \
+            rng.standard_normal(k)
+        tx, tw, tb = (torch.tensor(a, requires_grad=True) for a in (x, wt, b))
+        ty = tf.conv2d(tf.pad(tx, (pad[2], pad[3], pad[0], pad[1])), tw, tb, st, 0, dil, g)
+        y = ref.conv2d(x, wt, b, st, pad, dil, g)
+        np.testing.assert_allclose(y, ty.detach().numpy(), rtol=1e-10, atol=1e-10)
+        gy = rng.standard_normal(y.shape)
+        ty.backward(torch.tensor(gy))
+        for mine, theirs in zip(ref.conv2d_backward(gy, x, wt, True, st, pad, dil, g),
+                                (tx.grad, tw.grad, tb.grad)):
+            np.testing.assert_allclose(mine, theirs.numpy(), rtol=1e-10, atol=1e-10)
+        # the transpose, with the same tensors' shapes reinterpreted
+        for op in ((0, 0), (1, 0)):
+            if op[0] >= max(st[0], dil[0]):
+                continue
+            wt2 = rng.standard_normal((c, k // g, kh, kw))
+            kw_t = dict(stride=st, padding=(1, 0), output_padding=op, dilation=dil, groups=g)
+            tx, tw, tb = (torch.tensor(a, requires_grad=True) for a in (x, wt2, b))
+            ty = tf.conv_transpose2d(tx, tw, tb, st, (1, 0), op, g, dil)
+            y = ref.conv_transpose2d(x, wt2, b, **kw_t)
+            np.testing.assert_allclose(y, ty.detach().numpy(), rtol=1e-10, atol=1e-10)
+            gy = rng.standard_normal(y.shape)
+            ty.backward(torch.tensor(gy))
+            for mine, theirs in zip(ref.conv_transpose2d_backward(gy, x, wt2, True, **kw_t),
+                                    (tx.grad, tw.grad, tb.grad)):
+                np.testing.assert_allclose(mine, theirs.numpy(), rtol=1e-10, atol=1e-10)
+
+
+def test_same_padding_matches_torch_and_tensorflow_convention():
+    """'same' with stride 1 equals torch's padding='same' (extra on the bottom/right); with
+    stride 2 the output is ceil(H / 2), also extra at the bottom/right (TensorFlow/MPS)."""
+    torch = pytest.importorskip("torch")
+    rng = np.random.default_rng(8)
+    x, w = rng.standard_normal((1, 2, 6, 7)), rng.standard_normal((3, 2, 4, 2))
+    ty = torch.nn.functional.conv2d(torch.tensor(x), torch.tensor(w), padding="same")
+    np.testing.assert_allclose(F.conv2d(x.astype(np.float32), w.astype(np.float32), padding="same"),
+                               ty.numpy(), rtol=1e-5, atol=1e-5)
+    y = F.conv2d(x.astype(np.float32), w.astype(np.float32), stride=2, padding="same")
+    assert y.shape == (1, 3, 3, 4)
+    # total padding 2 rows (top 1, bottom 1) and 0 columns... with stride 2: H 6 -> rows
+    # (3-1)*2 + 4 - 6 = 2 -> (1, 1); W 7 -> (4-1)*2 + 2 - 7 = 1 -> (0, 1)
+    want = ref.conv2d(x, w, None, (2, 2), (1, 1, 0, 1), (1, 1), 1)
+    np.testing.assert_allclose(y, want, rtol=1e-5, atol=1e-5)
+
+
+# ---- property test ----------------------------------------------------------------------------
+
+def test_random_configurations(dev):
+    hyp = pytest.importorskip("hypothesis")
+    st = pytest.importorskip("hypothesis.strategies")
+
+    @st.composite
+    def configs(draw):
+        g = draw(st.sampled_from([1, 1, 2, 3]))
+        cg, kg = draw(st.integers(1, 5)), draw(st.integers(1, 20))
+        kh, kw = draw(st.integers(1, 4)), draw(st.integers(1, 4))
+        sh, sw = draw(st.integers(1, 3)), draw(st.integers(1, 3))
+        dh, dw = draw(st.integers(1, 2)), draw(st.integers(1, 2))
+        pads = tuple(draw(st.integers(0, 3)) for _ in range(4))
+        h = draw(st.integers(max(1, dh * (kh - 1) + 1 - pads[0] - pads[1]), 9))
+        w = draw(st.integers(max(1, dw * (kw - 1) + 1 - pads[2] - pads[3]), 9))
+        n = draw(st.integers(1, 3))
+        prec = draw(st.sampled_from(list(PRECISIONS)))
+        path = draw(st.sampled_from([None, ("direct", 0)] + [("tiled", i) for i in range(4)]))
+        return (n, cg * g, h, w, kg * g, kh, kw, (sh, sw), pads, (dh, dw), g), prec, path
+
+    @hyp.settings(max_examples=12, deadline=None, derandomize=True, database=None)
+    @hyp.given(configs())
+    def check(cfg):
+        case, prec, path = cfg
+        old = ops.FORCE
+        ops.FORCE = force(*path) if path else {}
+        try:
+            run_conv2d_case(case, prec, seed=9)
+        finally:
+            ops.FORCE = old
+
+    check()
+
+
+# ---- bad input --------------------------------------------------------------------------------
+
+def _x(*s, dtype=np.float32):
+    return np.zeros(s, dtype)
+
+
+BAD = [
+    ("w", lambda: F.conv2d(_x(1, 4, 5, 5), _x(2, 3, 3, 3))),                        # in-channels
+    ("groups", lambda: F.conv2d(_x(1, 4, 5, 5), _x(2, 2, 3, 3), groups=3)),
+    ("groups", lambda: F.conv2d(_x(1, 4, 5, 5), _x(3, 2, 3, 3), groups=2)),          # K % groups
+    ("groups", lambda: F.conv2d(_x(1, 4, 5, 5), _x(4, 2, 3, 3), groups=0)),
+    ("w", lambda: F.conv2d(_x(1, 4, 2, 5), _x(4, 4, 3, 3))),                         # kernel > input
+    ("w", lambda: F.conv2d(_x(1, 4, 5, 5), _x(4, 4, 3, 3), padding=1, dilation=4)),
+    ("x", lambda: F.conv2d(_x(0, 4, 5, 5), _x(4, 4, 3, 3))),
+    ("w", lambda: F.conv2d(_x(1, 4, 5, 5), _x(0, 4, 3, 3))),
+    ("stride", lambda: F.conv2d(_x(1, 4, 5, 5), _x(4, 4, 3, 3), stride=0)),
+    ("stride", lambda: F.conv2d(_x(1, 4, 5, 5), _x(4, 4, 3, 3), stride=(1, -1))),
+    ("dilation", lambda: F.conv2d(_x(1, 4, 5, 5), _x(4, 4, 3, 3), dilation=0)),
+    ("padding", lambda: F.conv2d(_x(1, 4, 5, 5), _x(4, 4, 3, 3), padding=-1)),
+    ("padding", lambda: F.conv2d(_x(1, 4, 5, 5), _x(4, 4, 3, 3), padding=(1, 2, 3))),
+    ("padding", lambda: F.conv2d(_x(1, 4, 5, 5), _x(4, 4, 3, 3), padding="full")),
+    ("x", lambda: F.conv2d(_x(1, 4, 5, 5, dtype=np.int32), _x(4, 4, 3, 3, dtype=np.int32))),
+    ("w", lambda: F.conv2d(_x(1, 4, 5, 5), _x(4, 4, 3, 3, dtype=np.float16))),
+    ("b", lambda: F.conv2d(_x(1, 4, 5, 5), _x(4, 4, 3, 3), _x(4, dtype=np.float16))),
+    ("b", lambda: F.conv2d(_x(1, 4, 5, 5), _x(4, 4, 3, 3), _x(5))),
+    ("x", lambda: F.conv2d(_x(4, 5, 5), _x(4, 4, 3, 3))),
+    ("w", lambda: F.conv2d(_x(1, 4, 5, 5), _x(4, 4, 3))),
+    ("accumulate", lambda: F.conv2d(_x(1, 4, 5, 5), _x(4, 4, 3, 3), accumulate="half")),
+    ("accumulate", lambda: F.conv2d(_x(1, 4, 5, 5), _x(4, 4, 3, 3), accumulate="double")),
+    ("grad_out", lambda: F.conv2d_backward(_x(1, 4, 3, 4), _x(1, 4, 5, 5), _x(4, 4, 3, 3))),
+    ("grad_out", lambda: F.conv2d_backward(_x(1, 4, 3, 3, dtype=np.float16), _x(1, 4, 5, 5),
+                                           _x(4, 4, 3, 3))),
+    ("accumulate", lambda: F.conv2d_backward(_x(1, 4, 3, 3), _x(1, 4, 5, 5), _x(4, 4, 3, 3),
+                                             accumulate="half")),
+    ("x", lambda: F.conv1d(_x(1, 4, 5, 5), _x(4, 4, 3))),
+    ("padding", lambda: F.conv1d(_x(1, 4, 5), _x(4, 4, 3), padding=(1, 2, 3))),
+    ("output_padding", lambda: F.conv_transpose2d(_x(1, 4, 5, 5), _x(4, 2, 3, 3), stride=2,
+                                                  output_padding=2)),
+    ("output_padding", lambda: F.conv_transpose2d(_x(1, 4, 5, 5), _x(4, 2, 3, 3), stride=(2, 1),
+                                                  dilation=(1, 1), output_padding=(0, 1))),
+    ("w", lambda: F.conv_transpose2d(_x(1, 4, 5, 5), _x(3, 2, 3, 3))),
+    ("groups", lambda: F.conv_transpose2d(_x(1, 4, 5, 5), _x(4, 2, 3, 3), groups=3)),
+    ("padding", lambda: F.conv_transpose2d(_x(1, 4, 1, 1), _x(4, 2, 1, 1), padding=1)),
+    ("padding", lambda: F.conv_transpose2d(_x(1, 4, 5, 5), _x(4, 2, 3, 3), padding=-1)),
+    ("b", lambda: F.conv_transpose2d(_x(1, 4, 5, 5), _x(4, 2, 3, 3), _x(4))),
+    ("grad_out", lambda: F.conv_transpose2d_backward(_x(1, 2, 4, 5), _x(1, 4, 5, 5), _x(4, 2, 3, 3),
+                                                     padding=1)),
+    ("x", lambda: F.conv_transpose2d(_x(1, 4, 5), _x(4, 2, 3, 3))),
+]
+
+
+@pytest.mark.parametrize("name,call", BAD, ids=[f"{i}-{b[0]}" for i, b in enumerate(BAD)])
+def test_bad_input_raises_before_dispatch(name, call):
+    dev = pymetalnn.device()  # where numpy arguments go
+    dev.synchronize()
+    before = dict(dev.dispatch_counts)
+    with pytest.raises(ValueError, match=rf"^{name}:"):
+        call()
+    assert dict(dev.dispatch_counts) == before

@@ -1,0 +1,444 @@
+"""gemm / matmul / linear (kernels/gemm.metal) against the float64 numpy references.
+
+Tolerances are error bounds of the arithmetic, scaled by s = sum_k |op(a)[m,k]| |op(b)[k,n]|:
+float accumulation is within K * 2^-24 * s (the classic recursive-summation bound); fp16
+accumulation grows like sqrt(K) * 2^-11 * s for data with random signs (the bound used below is
+3x that, exact for K <= 9); fp16 outputs add half an ulp. Shapes cover 1, 3, 31/32/33, 65 in
+M, N and K, both tile shapes, split-K, batches (broadcast and summed) and every transpose pair.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from reference import gemm as ref
+
+import pymetalnn as pm
+from pymetalnn import functional as F
+from pymetalnn.ops import gemm as ops
+
+VARIANTS = {  # variant -> (dtype, accumulate=)
+    "float": (np.float32, None),
+    "half": (np.float16, "float"),
+    "hacc_half": (np.float16, "half"),
+}
+LAYOUTS = [(False, False), (False, True), (True, False), (True, True)]
+LAYOUT_IDS = ["nn", "nt", "tn", "tt"]
+SHAPES = [(1, 1, 1), (3, 1, 65), (1, 33, 31), (31, 32, 33), (33, 65, 3), (65, 31, 32)]
+U32, U16 = 2.0**-24, 2.0**-11
+
+
+def tolerance(variant: str, k: int, prod_scale: np.ndarray, out_scale: np.ndarray) -> np.ndarray:
+    """Elementwise bound on |kernel - exact| (see the module docstring). prod_scale: |alpha| *
+    sum_k |a||b|; out_scale: bound on |result| (product, beta*C and bias terms)."""
+    if variant == "hacc_half":
+        acc = 3.0 * math.sqrt(k) * U16
+    else:
+        acc = 2.0 * k * U32
+    out = U16 if variant != "float" else 4 * U32
+    return acc * prod_scale + out * out_scale + 1e-30
+
+
+def check(variant: str, got: np.ndarray, want: np.ndarray, k: int, prod_scale: np.ndarray,
+          out_scale: np.ndarray | None = None) -> None:
+    got = np.asarray(got, np.float64)
+    out_scale = np.abs(want) + prod_scale if out_scale is None else out_scale
+    tol = tolerance(variant, k, prod_scale, out_scale)
+    err = np.abs(got - want)
+    bad = ~(err <= tol)  # NaN counts as bad
+    assert not bad.any(), (f"{variant}: {bad.sum()} of {bad.size} outside tolerance; worst "
+                           f"err {np.nanmax(err / tol) if np.isfinite(err).all() else 'nan'} x tol, "
+                           f"first at {np.argwhere(bad)[0]}: got {got[bad][0]}, want {want[bad][0]}")
+
+
+def rand(shape, dtype, seed):
+    return np.random.default_rng(seed).standard_normal(shape).astype(dtype)
+
+
+def stored(m: int, k: int, transpose: bool) -> tuple[int, int]:
+    return (k, m) if transpose else (m, k)
+
+
+# ---- gemm: every variant x layout x tile, awkward shapes, split-K -------------------------------
+
+@pytest.mark.parametrize("tile", list(ops.TILES))
+@pytest.mark.parametrize("ta,tb", LAYOUTS, ids=LAYOUT_IDS)
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_gemm_layouts_shapes(dev, variant, ta, tb, tile) -> None:
+    dtype, accumulate = VARIANTS[variant]
+    for i, (m, n, k) in enumerate(SHAPES):
+        a = rand(stored(m, k, ta), dtype, i)
+        b = rand(stored(k, n, tb), dtype, 100 + i)
+        out = pm.empty((m, n), dtype, dev)
+        F.gemm(pm.tensor(a, dev), pm.tensor(b, dev), out, transpose_a=ta, transpose_b=tb,
+               accumulate=accumulate, tile=tile, k_splits=1)
+        check(variant, out.numpy(), ref.gemm(a, b, None, ta, tb), k,
+              ref.abs_product(a, b, ta, tb))
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+@pytest.mark.parametrize("alpha,beta,with_bias", [(1.0, 0.0, True), (0.5, 1.0, False),
+                                                  (-2.0, -0.75, True), (0.0, 1.0, True)])
+def test_gemm_alpha_beta_bias(dev, variant, alpha, beta, with_bias) -> None:
+    dtype, accumulate = VARIANTS[variant]
+    m, n, k = 33, 67, 31
+    a, b = rand((m, k), dtype, 1), rand((n, k), dtype, 2)
+    c = rand((m, n), dtype, 3)
+    if beta == 0.0:
+        c[::3] = np.nan  # beta == 0 must not read C
+    bias = rand(n, dtype, 4) if with_bias else None
+    for tile, splits in (("128x128", 1), ("64x64", 3)):
+        out = pm.tensor(c, dev)
+        F.gemm(pm.tensor(a, dev), pm.tensor(b, dev), out, transpose_b=True, alpha=alpha,
+               beta=beta, bias=None if bias is None else pm.tensor(bias, dev),
+               accumulate=accumulate, tile=tile, k_splits=splits)
+        want = ref.gemm(a, b, c, False, True, alpha, beta, bias)
+        scale = abs(alpha) * ref.abs_product(a, b, False, True)
+        out_scale = scale + (abs(beta) * np.abs(c.astype(np.float64)) if beta else 0) + \
+            (np.abs(bias.astype(np.float64)) if bias is not None else 0)
+        check(variant, out.numpy(), want, k, scale, out_scale)
+
+
+@pytest.mark.parametrize("ta,tb", LAYOUTS, ids=LAYOUT_IDS)
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_gemm_split_k(dev, variant, ta, tb) -> None:
+    """K split over several threadgroups, including more splits than slices (empty parts)."""
+    dtype, accumulate = VARIANTS[variant]
+    for i, (m, n, k, tile, splits) in enumerate([(31, 33, 65, "128x128", 3), (65, 32, 200, "64x64", 4),
+                                                 (3, 5, 9, "64x64", 4)]):
+        a, b = rand(stored(m, k, ta), dtype, 10 + i), rand(stored(k, n, tb), dtype, 20 + i)
+        out = pm.empty((m, n), dtype, dev)
+        F.gemm(pm.tensor(a, dev), pm.tensor(b, dev), out, transpose_a=ta, transpose_b=tb,
+               accumulate=accumulate, tile=tile, k_splits=splits)
+        check(variant, out.numpy(), ref.gemm(a, b, None, ta, tb), k, ref.abs_product(a, b, ta, tb))
+
+
+def test_gemm_many_tiles(dev) -> None:
+    """More tile-rows than one swizzle group (8), partial last tiles in both directions."""
+    for tile, m in (("64x64", 9 * 64 + 5), ("128x128", 9 * 128 + 1)):
+        n, k = 130, 9
+        a, b = rand((m, k), np.float32, 5), rand((k, n), np.float32, 6)
+        out = pm.empty((m, n), np.float32, dev)
+        F.gemm(pm.tensor(a, dev), pm.tensor(b, dev), out, tile=tile)
+        check("float", out.numpy(), ref.gemm(a, b, None), k, ref.abs_product(a, b))
+
+
+# ---- batches ------------------------------------------------------------------------------------
+
+BATCH_CASES = [  # (a batch, b batch, out 2-D: sum over the batch)
+    (3, 3, False), (3, None, False), (None, 2, False), (1, 1, False), (4, 4, True), (3, None, True),
+]
+
+
+@pytest.mark.parametrize("ba,bb,summed", BATCH_CASES)
+@pytest.mark.parametrize("variant", ["float", "hacc_half"])
+def test_gemm_batched(dev, variant, ba, bb, summed) -> None:
+    dtype, accumulate = VARIANTS[variant]
+    m, n, k = 33, 17, 31
+    for j, (ta, tb) in enumerate(LAYOUTS):
+        a = rand(((ba,) if ba else ()) + stored(m, k, ta), dtype, j)
+        b = rand(((bb,) if bb else ()) + stored(k, n, tb), dtype, 50 + j)
+        batch = ba or bb
+        c = rand((m, n) if summed else (batch, m, n), dtype, 99)
+        for splits in (1, 2):
+            out = pm.tensor(c, dev)
+            F.gemm(pm.tensor(a, dev), pm.tensor(b, dev), out, transpose_a=ta, transpose_b=tb,
+                   beta=1.0, accumulate=accumulate, k_splits=splits)
+            want = ref.gemm(a, b, c, ta, tb, 1.0, 1.0)
+            kk = k * (batch if summed else 1)
+            scale = ref.abs_product(a, b, ta, tb, reduce_batch=summed)
+            check(variant, out.numpy(), want, kk, scale, scale + np.abs(c.astype(np.float64)))
+
+
+# ---- public ops: matmul, linear and their backward passes --------------------------------------
+
+@pytest.mark.parametrize("ta,tb", LAYOUTS, ids=LAYOUT_IDS)
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_matmul(dev, variant, ta, tb) -> None:
+    dtype, accumulate = VARIANTS[variant]
+    for i, (ashape, bshape) in enumerate([((5, 7), (7, 3)), ((2, 33, 32), (2, 32, 31)),
+                                          ((3, 1, 65), (65, 1))]):
+        m, k = ashape[-2:]
+        a = rand(ashape[:-2] + stored(m, k, ta), dtype, i)
+        k, n = bshape[-2:]
+        b = rand(bshape[:-2] + stored(k, n, tb), dtype, 10 + i)
+        y = F.matmul(pm.tensor(a, dev), pm.tensor(b, dev), ta, tb, accumulate=accumulate)
+        want = ref.matmul(a, b, ta, tb)
+        assert y.shape == want.shape and y.dtype == dtype
+        check(variant, y.numpy(), want, k, ref.abs_product(a, b, ta, tb))
+
+
+@pytest.mark.parametrize("ta,tb", LAYOUTS, ids=LAYOUT_IDS)
+@pytest.mark.parametrize("abatch,bbatch", [(None, None), (3, 3), (3, None), (None, 2)])
+def test_matmul_backward(dev, ta, tb, abatch, bbatch) -> None:
+    m, n, k = 5, 33, 31
+    a = rand(((abatch,) if abatch else ()) + stored(m, k, ta), np.float32, 1)
+    b = rand(((bbatch,) if bbatch else ()) + stored(k, n, tb), np.float32, 2)
+    batch = abatch or bbatch
+    g = rand(((batch,) if batch else ()) + (m, n), np.float32, 3)
+    ga, gb = F.matmul_backward(pm.tensor(g, dev), pm.tensor(a, dev), pm.tensor(b, dev), ta, tb)
+    wa, wb = ref.matmul_backward(g, a, b, ta, tb)
+    assert ga.shape == a.shape and gb.shape == b.shape
+    nb = batch or 1
+    # dA sums over n (and the batch when a is shared), dB over m (and the batch)
+    sa = ref.matmul(np.abs(g), np.abs(b), False, not tb) if not ta else \
+        ref.matmul(np.abs(b), np.abs(g), tb, True)
+    sb = ref.matmul(np.abs(a), np.abs(g), not ta, False) if not tb else \
+        ref.matmul(np.abs(g), np.abs(a), True, ta)
+    if sa.ndim > a.ndim:
+        sa = sa.sum(0)
+    if sb.ndim > b.ndim:
+        sb = sb.sum(0)
+    check("float", ga.numpy(), wa, n * nb, sa)
+    check("float", gb.numpy(), wb, m * nb, sb)
+
+
+LINEAR_CASES = [  # (x shape, out features)
+    ((1, 1), 1), ((1, 33), 31), ((5, 32), 33), ((2, 3, 31), 65), ((65,), 3), ((33, 1), 32),
+]
+
+
+@pytest.mark.parametrize("with_bias", [True, False])
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_linear(dev, variant, with_bias) -> None:
+    dtype, accumulate = VARIANTS[variant]
+    for i, (xshape, out_f) in enumerate(LINEAR_CASES):
+        x = rand(xshape, dtype, i)
+        w = rand((out_f, xshape[-1]), dtype, 10 + i)
+        b = rand(out_f, dtype, 20 + i) if with_bias else None
+        y = F.linear(pm.tensor(x, dev), pm.tensor(w, dev), None if b is None else pm.tensor(b, dev),
+                     accumulate=accumulate)
+        want = ref.linear(x, w, b)
+        assert y.shape == want.shape
+        scale = np.einsum("...j,oj->...o", np.abs(x.astype(np.float64)), np.abs(w.astype(np.float64)))
+        out_scale = scale + (np.abs(b.astype(np.float64)) if b is not None else 0)
+        check(variant, y.numpy(), want, xshape[-1], scale, out_scale)
+
+
+@pytest.mark.parametrize("with_bias", [True, False])
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_linear_backward(dev, variant, with_bias) -> None:
+    dtype, accumulate = VARIANTS[variant]
+    for i, (xshape, out_f) in enumerate(LINEAR_CASES):
+        x = rand(xshape, dtype, i)
+        w = rand((out_f, xshape[-1]), dtype, 10 + i)
+        b = rand(out_f, dtype, 20 + i) if with_bias else None
+        g = rand(xshape[:-1] + (out_f,), dtype, 30 + i)
+        gx, gw, gb = F.linear_backward(pm.tensor(g, dev), pm.tensor(x, dev), pm.tensor(w, dev),
+                                       None if b is None else pm.tensor(b, dev),
+                                       accumulate=accumulate)
+        wx, ww, wb = ref.linear_backward(g, x, w, b)
+        rows = x.size // xshape[-1]
+        ag, ax, aw = (np.abs(v.astype(np.float64)) for v in (g, x, w))
+        check(variant, gx.numpy(), wx, out_f, np.einsum("...o,oj->...j", ag, aw))
+        check(variant, gw.numpy(), ww, rows, ag.reshape(rows, out_f).T @ ax.reshape(rows, -1))
+        if b is None:
+            assert gb is None
+        else:
+            assert gb.shape == (out_f,)
+            check(variant, gb.numpy(), wb, rows, ag.reshape(rows, out_f).sum(0))
+
+
+def test_linear_bias_grad_many_rows(dev) -> None:
+    """Rows beyond one pass of the 8 row-lanes, columns beyond one threadgroup (32)."""
+    g = rand((1000, 70), np.float32, 7)
+    gb = ops.linear_bias_grad(pm.tensor(g, dev))
+    check("float", gb.numpy(), g.astype(np.float64).sum(0), 1000, np.abs(g.astype(np.float64)).sum(0))
+
+
+def test_half_accumulation_is_half(dev) -> None:
+    """accumulate='half' really accumulates in fp16: its error against the exact product is of the
+    order of a sequential fp16 accumulation's and far above the float-accumulating variant's."""
+    m, n, k = 16, 16, 1024
+    a = np.random.default_rng(1).uniform(0, 1, (m, k)).astype(np.float16)
+    b = np.random.default_rng(2).uniform(0, 1, (k, n)).astype(np.float16)
+    exact = ref.matmul(a, b)
+    ta, tb = pm.tensor(a, dev), pm.tensor(b, dev)
+    err_h = np.abs(F.matmul(ta, tb, accumulate="half").numpy() - exact).max()
+    err_f = np.abs(F.matmul(ta, tb, accumulate="float").numpy() - exact).max()
+    err_seq = np.abs(ref.half_accumulate_matmul(a, b) - exact).max()
+    assert err_f <= U16 * np.abs(exact).max()
+    assert err_h > 4 * err_f, (err_h, err_f)
+    assert err_seq / 8 < err_h < 8 * err_seq, (err_h, err_seq)
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.data())
+def test_gemm_random_configs(dev, data) -> None:
+    variant = data.draw(st.sampled_from(list(VARIANTS)))
+    dtype, accumulate = VARIANTS[variant]
+    m, n, k = (data.draw(st.integers(1, 70)) for _ in range(3))
+    ta, tb = data.draw(st.booleans()), data.draw(st.booleans())
+    ba = data.draw(st.sampled_from([None, 1, 2, 3]))
+    bb = data.draw(st.sampled_from([None, ba])) if ba else data.draw(st.sampled_from([None, 2]))
+    batch = ba or bb
+    summed = batch is not None and data.draw(st.booleans())
+    alpha = data.draw(st.sampled_from([1.0, -0.5, 2.0]))
+    beta = data.draw(st.sampled_from([0.0, 1.0, 0.25]))
+    with_bias = data.draw(st.booleans())
+    tile = data.draw(st.sampled_from([None, *ops.TILES]))
+    splits = data.draw(st.sampled_from([None, 1, 2, 5]))
+    seed = data.draw(st.integers(0, 2**16))
+    a = rand(((ba,) if ba else ()) + stored(m, k, ta), dtype, seed)
+    b = rand(((bb,) if bb else ()) + stored(k, n, tb), dtype, seed + 1)
+    c = rand((m, n) if summed or batch is None else (batch, m, n), dtype, seed + 2)
+    bias = rand(n, dtype, seed + 3) if with_bias else None
+    out = pm.tensor(c, dev)
+    F.gemm(pm.tensor(a, dev), pm.tensor(b, dev), out, transpose_a=ta, transpose_b=tb, alpha=alpha,
+           beta=beta, bias=None if bias is None else pm.tensor(bias, dev), accumulate=accumulate,
+           tile=tile, k_splits=splits)
+    want = ref.gemm(a, b, c, ta, tb, alpha, beta, bias)
+    scale = abs(alpha) * ref.abs_product(a, b, ta, tb, reduce_batch=summed)
+    out_scale = scale + abs(beta) * np.abs(c.astype(np.float64)) + \
+        (np.abs(bias.astype(np.float64)) if bias is not None else 0)
+    check(variant, out.numpy(), want, k * (batch if summed else 1), scale, out_scale)
+
+
+# ---- the references themselves: finite differences (float64) and PyTorch ------------------------
+
+def test_reference_linear_backward_finite_differences() -> None:
+    rng = np.random.default_rng(0)
+    x, w, b = rng.standard_normal((2, 3, 4)), rng.standard_normal((5, 4)), rng.standard_normal(5)
+    r = rng.standard_normal((2, 3, 5))  # L = sum(r * y): dL/dy = r
+
+    def loss(x_, w_, b_):
+        return float((r * ref.linear(x_, w_, b_)).sum())
+
+    gx, gw, gb = ref.linear_backward(r, x, w, b)
+    np.testing.assert_allclose(gx, ref.numeric_grad(lambda v: loss(v, w, b), x), rtol=1e-7, atol=1e-8)
+    np.testing.assert_allclose(gw, ref.numeric_grad(lambda v: loss(x, v, b), w), rtol=1e-7, atol=1e-8)
+    np.testing.assert_allclose(gb, ref.numeric_grad(lambda v: loss(x, w, v), b), rtol=1e-7, atol=1e-8)
+
+
+@pytest.mark.parametrize("ta,tb", LAYOUTS, ids=LAYOUT_IDS)
+@pytest.mark.parametrize("abatch,bbatch", [(None, None), (2, 2), (2, None), (None, 3)])
+def test_reference_matmul_backward_finite_differences(ta, tb, abatch, bbatch) -> None:
+    rng = np.random.default_rng(1)
+    m, n, k = 3, 4, 5
+    a = rng.standard_normal(((abatch,) if abatch else ()) + stored(m, k, ta))
+    b = rng.standard_normal(((bbatch,) if bbatch else ()) + stored(k, n, tb))
+    batch = abatch or bbatch
+    r = rng.standard_normal(((batch,) if batch else ()) + (m, n))
+
+    def loss(a_, b_):
+        return float((r * ref.matmul(a_, b_, ta, tb)).sum())
+
+    ga, gb = ref.matmul_backward(r, a, b, ta, tb)
+    np.testing.assert_allclose(ga, ref.numeric_grad(lambda v: loss(v, b), a), rtol=1e-7, atol=1e-8)
+    np.testing.assert_allclose(gb, ref.numeric_grad(lambda v: loss(a, v), b), rtol=1e-7, atol=1e-8)
+
+
+def test_reference_half_accumulation_emulation() -> None:
+    """The sequential fp16-accumulation emulation: exact on small integers, and stuck at 2048 when
+    adding ones (2049 is not a half), as fp16 arithmetic is."""
+    a = np.arange(12, dtype=np.float16).reshape(3, 4) - 5
+    b = np.arange(8, dtype=np.float16).reshape(4, 2)
+    np.testing.assert_array_equal(ref.half_accumulate_matmul(a, b), ref.matmul(a, b))
+    ones = np.ones((1, 3000), np.float16)
+    assert ref.half_accumulate_matmul(ones, ones.T)[0, 0] == 2048
+
+
+def test_references_match_torch() -> None:
+    torch = pytest.importorskip("torch")
+    rng = np.random.default_rng(2)
+    for ta, tb in LAYOUTS:
+        a = rng.standard_normal((3,) + stored(4, 5, ta))
+        b = rng.standard_normal(stored(5, 6, tb))
+        at = torch.tensor(a, requires_grad=True)
+        bt = torch.tensor(b, requires_grad=True)
+        y = torch.matmul(at.transpose(-1, -2) if ta else at, bt.t() if tb else bt)
+        np.testing.assert_allclose(ref.matmul(a, b, ta, tb), y.detach().numpy(), rtol=1e-12)
+        g = rng.standard_normal(y.shape)
+        y.backward(torch.tensor(g))
+        ga, gb = ref.matmul_backward(g, a, b, ta, tb)
+        np.testing.assert_allclose(ga, at.grad.numpy(), rtol=1e-12, atol=1e-12)
+        np.testing.assert_allclose(gb, bt.grad.numpy(), rtol=1e-12, atol=1e-12)
+    x, w, b = rng.standard_normal((2, 3, 4)), rng.standard_normal((5, 4)), rng.standard_normal(5)
+    xt, wt, bt = (torch.tensor(v, requires_grad=True) for v in (x, w, b))
+    y = torch.nn.functional.linear(xt, wt, bt)
+    np.testing.assert_allclose(ref.linear(x, w, b), y.detach().numpy(), rtol=1e-12)
+    g = rng.standard_normal(y.shape)
+    y.backward(torch.tensor(g))
+    for mine, theirs in zip(ref.linear_backward(g, x, w, b), (xt.grad, wt.grad, bt.grad)):
+        np.testing.assert_allclose(mine, theirs.numpy(), rtol=1e-12, atol=1e-12)
+
+
+def test_kernels_match_torch_cpu(dev) -> None:
+    """Our kernels against PyTorch's CPU matmul / linear for fp32 and fp16."""
+    torch = pytest.importorskip("torch")
+    for dtype, tdtype in ((np.float32, torch.float32), (np.float16, torch.float16)):
+        x, w, b = rand((7, 33), dtype, 1), rand((31, 33), dtype, 2), rand(31, dtype, 3)
+        y = F.linear(pm.tensor(x, dev), pm.tensor(w, dev), pm.tensor(b, dev)).numpy()
+        yt = torch.nn.functional.linear(*(torch.tensor(v).to(tdtype) for v in (x, w, b)))
+        scale = np.abs(x.astype(np.float64)) @ np.abs(w.astype(np.float64)).T + np.abs(b)
+        tol = (2e-3 if dtype == np.float16 else 1e-5) * scale
+        assert (np.abs(y.astype(np.float64) - yt.float().numpy()) <= tol).all()
+
+
+# ---- bad input: ValueError naming the argument, before anything is dispatched ------------------
+
+def _bad_cases(dev):
+    f32 = lambda *s: pm.tensor(np.ones(s, np.float32), dev)  # noqa: E731
+    f16 = lambda *s: pm.tensor(np.ones(s, np.float16), dev)  # noqa: E731
+    i32 = pm.tensor(np.ones((3, 4), np.int32), dev)
+    out = f32(3, 5)
+    return [
+        ("b", lambda: F.matmul(f32(3, 4), f32(5, 6))),                          # inner dims
+        ("b", lambda: F.matmul(f32(3, 4), f32(6, 4), transpose_b=False)),
+        ("a", lambda: F.matmul(f32(4), f32(4, 3))),                             # ndim
+        ("b", lambda: F.matmul(f32(3, 4), f32(1, 2, 4, 3))),
+        ("a", lambda: F.matmul(i32, f32(4, 3))),                                # dtype
+        ("b", lambda: F.matmul(f32(3, 4), f16(4, 3))),                          # dtype mismatch
+        ("b", lambda: F.matmul(f32(2, 3, 4), f32(3, 4, 5))),                    # batch mismatch
+        ("accumulate", lambda: F.matmul(f32(3, 4), f32(4, 3), accumulate="half")),
+        ("accumulate", lambda: F.matmul(f16(3, 4), f16(4, 3), accumulate="double")),
+        ("out", lambda: F.gemm(f32(3, 4), f32(4, 5), f32(5, 3))),               # out shape
+        ("out", lambda: F.gemm(f32(3, 4), f32(4, 5), f16(3, 5))),               # out dtype
+        ("out", lambda: F.gemm(out, f32(5, 5), out)),                           # out aliases a
+        ("bias", lambda: F.gemm(f32(3, 4), f32(4, 5), out, bias=f32(4))),
+        ("beta", lambda: F.gemm(f32(3, 4), f32(4, 5), out, beta=float("nan"))),
+        ("tile", lambda: F.gemm(f32(3, 4), f32(4, 5), out, tile="32x32")),
+        ("k_splits", lambda: F.gemm(f32(3, 4), f32(4, 5), out, k_splits=0)),
+        ("a", lambda: F.matmul(f32(0, 4), f32(4, 3))),                          # empty
+        ("w", lambda: F.linear(f32(2, 4), f32(3, 5))),                          # in features
+        ("w", lambda: F.linear(f32(2, 4), f32(3, 4, 1))),                       # w ndim
+        ("w", lambda: F.linear(f32(2, 4), f16(3, 4))),                          # x/w dtype
+        ("x", lambda: F.linear(i32, f32(3, 4))),
+        ("b", lambda: F.linear(f32(2, 4), f32(3, 4), f32(4))),                  # bias shape
+        ("b", lambda: F.linear(f32(2, 4), f32(3, 4), f16(3))),
+        ("accumulate", lambda: F.linear(f32(2, 4), f32(3, 4), accumulate="half")),
+        ("grad_out", lambda: F.linear_backward(f32(2, 4), f32(2, 4), f32(3, 4))),
+        ("grad_out", lambda: F.linear_backward(f16(2, 3), f32(2, 4), f32(3, 4))),
+        ("w", lambda: F.linear_backward(f32(2, 3), f32(2, 4), f32(3, 5))),
+        ("grad_out", lambda: F.matmul_backward(f32(3, 6), f32(3, 4), f32(4, 5))),
+        ("b", lambda: F.matmul_backward(f32(3, 5), f32(3, 4), f32(3, 5))),
+    ]
+
+
+def test_bad_input_names_the_argument(dev) -> None:
+    cases = _bad_cases(dev)
+    dev.synchronize()
+    before = sum(dev.dispatch_counts.values())
+    for name, call in cases:
+        with pytest.raises(ValueError) as e:
+            call()
+        assert str(e.value).startswith(f"{name}:"), (name, str(e.value))
+    assert sum(dev.dispatch_counts.values()) == before, "a kernel ran before the error"
+
+
+def test_plan_fills_the_gpu() -> None:
+    """The 256 x 4096 x 4096 linear layer on a 132-SM GPU: the plan splits K so the grid covers
+    the machine instead of leaving it half idle with 64 tiles."""
+
+    class FakeCuda:
+        name = "cuda"
+        props = {"multiProcessorCount": 132}
+
+    t, s = ops.plan(FakeCuda(), 256, 4096, 4096, 1, False)
+    groups = math.ceil(256 / t.bm) * math.ceil(4096 / t.bn) * s
+    assert groups >= 132, (t, s)
+    t, s = ops.plan(FakeCuda(), 4096, 4096, 256, 1, False)  # already 1024 tiles: no split
+    assert (t.name, s) == ("128x128", 1)

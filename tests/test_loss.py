@@ -1,0 +1,353 @@
+"""Losses (kernels/loss.metal) against the float64 numpy references, every reduction, with and
+without per-sample weights (one of them 0), label smoothing, ignore_index, both storage types.
+
+Shapes: batch 1, one class, 3/31/32/33/1000/5000 classes (5000 exceeds the threadgroup cache),
+odd spatial sizes, and pointwise samples longer than one threadgroup chunk (4100 > 2048), so every
+kernel path and the multi-chunk partial sums run.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from reference import loss as ref
+
+import pymetalnn as pm
+from pymetalnn import functional as F
+
+RED = ["none", "per_sample", "sum", "mean", "sum_by_nonzero_weights"]
+PW_SHAPES = [(1, 1), (1, 31), (3, 33), (2, 3, 5, 7), (2, 4100)]
+CLS_SHAPES = [(1, 1), (5, 3), (3, 33), (4, 1000), (2, 31, 3, 5), (1, 32, 2, 2), (2, 5000)]
+
+# name -> (forward, backward, options passed to both, reference options)
+POINTWISE = {
+    "mse_loss": (F.mse_loss, F.mse_loss_backward, {}, {}),
+    "l1_loss": (F.l1_loss, F.l1_loss_backward, {}, {}),
+    "huber_loss": (F.huber_loss, F.huber_loss_backward, {"delta": 0.7}, {"delta": 0.7}),
+    "bce_with_logits": (F.binary_cross_entropy_with_logits, F.binary_cross_entropy_with_logits_backward,
+                        {"label_smoothing": 0.2}, {"smoothing": 0.2}),
+    "hinge_loss": (F.hinge_loss, F.hinge_loss_backward, {}, {}),
+    "kl_div": (F.kl_div, F.kl_div_backward, {}, {}),
+    "kl_div_log_target": (F.kl_div, F.kl_div_backward, {"log_target": True}, {"log_target": True}),
+    "log_loss": (F.log_loss, F.log_loss_backward, {"epsilon": 1e-3}, {"epsilon": 1e-3}),
+}
+
+
+def _pw_data(name: str, shape, dtype, seed: int):
+    rng = np.random.default_rng(seed)
+    if name in ("mse_loss", "l1_loss", "huber_loss"):
+        x, t = rng.standard_normal(shape), rng.standard_normal(shape)
+    elif name == "bce_with_logits":
+        x, t = rng.standard_normal(shape) * 3, rng.uniform(0, 1, shape)
+    elif name == "hinge_loss":
+        x, t = rng.standard_normal(shape) * 2, rng.integers(0, 2, shape).astype(float)
+    elif name == "kl_div":
+        x = np.log(rng.uniform(0.05, 1, shape))
+        t = rng.uniform(0, 1, shape) * (rng.uniform(0, 1, shape) > 0.2)  # some exact zeros
+    elif name == "kl_div_log_target":
+        x, t = np.log(rng.uniform(0.05, 1, shape)), np.log(rng.uniform(0.05, 1, shape))
+    elif name == "log_loss":
+        x, t = rng.uniform(0.02, 0.98, shape), rng.uniform(0, 1, shape)
+    else:
+        raise KeyError(name)
+    return x.astype(dtype), t.astype(dtype)
+
+
+def _weights(n: int, seed: int) -> np.ndarray:
+    w = np.random.default_rng(seed).uniform(0.25, 2.0, n).astype(np.float32)
+    if n > 1:
+        w[1] = 0.0
+    return w
+
+
+def _grad_for(reduction: str, shape, seed: int):
+    rng = np.random.default_rng(seed)
+    if reduction == "none":
+        return rng.standard_normal(shape).astype(np.float32)
+    if reduction == "per_sample":
+        return rng.standard_normal(shape[0]).astype(np.float32)
+    return 0.7
+
+
+def _close(got, want, dtype, what, grad=False):
+    got = np.asarray(got, np.float64)
+    if grad and dtype == np.float16:
+        tol = dict(rtol=4e-3, atol=4e-3 * max(1.0, float(np.abs(want).max())))
+    else:
+        tol = dict(rtol=5e-5, atol=5e-5 * max(1.0, float(np.abs(want).max()) if np.size(want) else 1.0))
+    np.testing.assert_allclose(got, want, **tol, err_msg=what)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float16])
+@pytest.mark.parametrize("name", list(POINTWISE))
+def test_pointwise(dev, name, dtype):
+    fwd, bwd, opts, ropts = POINTWISE[name]
+    rname = "kl_div" if name.startswith("kl_div") else name
+    reds = RED + (["batchmean"] if rname == "kl_div" else [])
+    for k, shape in enumerate(PW_SHAPES):
+        x, t = _pw_data(name, shape, dtype, k)
+        xt, tt = pm.tensor(x, dev), pm.tensor(t, dev)
+        for weighted in (False, True):
+            w = _weights(shape[0], k) if weighted else None
+            for red in reds:
+                what = f"{name} {shape} {red} weighted={weighted}"
+                got = fwd(xt, tt, sample_weight=w, reduction=red, **opts)
+                assert got.dtype == np.float32
+                want = ref.forward(rname, x, t, w, red, **ropts)
+                assert got.shape == want.shape, what
+                _close(got.numpy(), want, dtype, what)
+                g = _grad_for(red, shape, k + 50)
+                dx = bwd(g, xt, tt, sample_weight=w, reduction=red, **opts)
+                assert dx.dtype == np.dtype(dtype) and dx.shape == shape
+                _close(dx.numpy(), ref.backward(rname, g, x, t, w, red, **ropts), dtype, what, grad=True)
+
+
+def _cls_data(name: str, shape, dtype, labels: bool, seed: int, ignore: bool = True):
+    rng = np.random.default_rng(seed)
+    c = shape[1]
+    if name == "cross_entropy":
+        x = rng.standard_normal(shape) * 3
+    elif name == "categorical_cross_entropy":
+        e = np.exp(rng.standard_normal(shape))
+        x = e / e.sum(axis=1, keepdims=True)
+    else:
+        x = rng.standard_normal(shape)
+    if labels:
+        t = rng.integers(0, c, (shape[0],) + shape[2:]).astype(np.int32)
+        if ignore and t.size > 2:
+            t.reshape(-1)[1] = -100
+        return x.astype(dtype), t
+    if name == "cosine_distance":
+        return x.astype(dtype), rng.standard_normal(shape).astype(dtype)
+    p = rng.uniform(0, 1, shape) * (rng.uniform(0, 1, shape) > 0.3)
+    p = p / np.maximum(p.sum(axis=1, keepdims=True), 1e-3)
+    return x.astype(dtype), p.astype(dtype)
+
+
+CLASS = {
+    "cross_entropy": (F.cross_entropy, F.cross_entropy_backward),
+    "categorical_cross_entropy": (F.categorical_cross_entropy, F.categorical_cross_entropy_backward),
+    "cosine_distance": (F.cosine_distance, F.cosine_distance_backward),
+}
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float16])
+@pytest.mark.parametrize("variant", ["cross_entropy/labels", "cross_entropy/probs",
+                                     "categorical_cross_entropy/labels",
+                                     "categorical_cross_entropy/probs", "cosine_distance/probs"])
+def test_class_axis(dev, variant, dtype):
+    name, kind = variant.split("/")
+    labels = kind == "labels"
+    fwd, bwd = CLASS[name]
+    for k, shape in enumerate(CLS_SHAPES):
+        x, t = _cls_data(name, shape, dtype, labels, k)
+        xt, tt = pm.tensor(x, dev), pm.tensor(t, dev)
+        for weighted in (False, True):
+            w = _weights(shape[0], k) if weighted else None
+            # smoothing varies with the shape so that both 0 and > 0 are seen everywhere
+            s = 0.0 if (k + weighted) % 2 == 0 or name == "cosine_distance" else 0.15
+            opts = {"eps": 1e-8} if name == "cosine_distance" else {"label_smoothing": s}
+            ropts = {"eps": 1e-8} if name == "cosine_distance" else {"smoothing": s, "labels": labels}
+            for red in RED:
+                what = f"{variant} {shape} {red} weighted={weighted} s={s}"
+                want = ref.forward(name, x, t, w, red, **ropts)
+                if red == "mean" and not np.isfinite(want):
+                    continue
+                got = fwd(xt, tt, sample_weight=w, reduction=red, **opts)
+                assert got.dtype == np.float32 and got.shape == want.shape, what
+                _close(got.numpy(), want, dtype, what)
+                g = _grad_for(red, want.shape if red == "none" else shape, k + 70)
+                dx = bwd(g, xt, tt, sample_weight=w, reduction=red, **opts)
+                assert dx.dtype == np.dtype(dtype) and dx.shape == shape
+                _close(dx.numpy(), ref.backward(name, g, x, t, w, red, **ropts), dtype, what, grad=True)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float16])
+def test_cross_entropy_extreme_logits(dev, dtype):
+    big = 6e4 if dtype == np.float16 else 1e30
+    x = np.array([
+        np.full(33, 3.0),                                  # all equal
+        np.full(33, -big),                                 # all equal, very negative
+        np.r_[big, np.zeros(32)],                          # one huge logit
+        np.r_[np.linspace(-3, 3, 32), -big],               # one very negative logit
+        np.r_[np.full(16, big), np.full(17, big / 2)],     # huge and tied
+    ]).astype(dtype)
+    y = np.array([5, 0, 0, 32, 20], np.int32)
+    for s in (0.0, 0.1):
+        got = F.cross_entropy(x, y, reduction="none", label_smoothing=s).numpy()
+        want = ref.forward("cross_entropy", x, y, None, "none", labels=True, smoothing=s)
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+        dx = F.cross_entropy_backward(np.ones(5, np.float32), x, y, reduction="none",
+                                      label_smoothing=s).numpy().astype(np.float64)
+        assert np.all(np.isfinite(dx))
+        want = ref.backward("cross_entropy", np.ones(5), x, y, None, "none", labels=True, smoothing=s)
+        np.testing.assert_allclose(dx, want, rtol=1e-3, atol=1e-3 if dtype == np.float16 else 1e-6)
+    np.testing.assert_allclose(got[0], np.log(33.0), rtol=1e-6)
+
+
+def test_reference_backward_vs_finite_differences():
+    rng = np.random.default_rng(3)
+    w = np.array([1.5, 0.0, 0.5])
+    for name in ref.POINTWISE:
+        ropts = {"huber_loss": {"delta": 0.7}, "bce_with_logits": {"smoothing": 0.2},
+                 "log_loss": {"epsilon": 1e-3}}.get(name, {})
+        x, t = _pw_data(name, (3, 2, 3), np.float64, 1)
+        for red in ("none", "per_sample", "mean", "sum_by_nonzero_weights"):
+            g = _grad_for(red, x.shape, 9)
+            fd = ref.finite_difference(
+                lambda z, red=red, g=g, name=name, t=t, ropts=ropts:
+                (np.asarray(g) * ref.forward(name, z, t, w, red, **ropts)).sum(), x)
+            np.testing.assert_allclose(ref.backward(name, g, x, t, w, red, **ropts), fd,
+                                       rtol=1e-5, atol=1e-7, err_msg=f"{name} {red}")
+    for name, labels in [("cross_entropy", True), ("cross_entropy", False),
+                         ("categorical_cross_entropy", True), ("categorical_cross_entropy", False),
+                         ("cosine_distance", False)]:
+        x, t = _cls_data(name, (3, 4, 1, 2), np.float64, labels, 2)
+        ropts = {"eps": 1e-8} if name == "cosine_distance" else {"smoothing": 0.1, "labels": labels}
+        for red in ("none", "per_sample", "mean", "sum_by_nonzero_weights"):
+            g = _grad_for(red, (3, 1, 2) if red == "none" else x.shape, 5)
+            fd = ref.finite_difference(
+                lambda z, red=red, g=g, name=name, t=t, ropts=ropts:
+                (np.asarray(g) * ref.forward(name, z, t, w, red, **ropts)).sum(), x)
+            np.testing.assert_allclose(ref.backward(name, g, x, t, w, red, **ropts), fd,
+                                       rtol=1e-5, atol=1e-7, err_msg=f"{name} {labels} {red}")
+    # the clamped branch of the cosine distance (a zero vector)
+    x = rng.standard_normal((2, 3))
+    x[0] = 0.0
+    t = rng.standard_normal((2, 3))
+    fd = ref.finite_difference(lambda z: ref.forward("cosine_distance", z, t, None, "sum", eps=0.5), x)
+    np.testing.assert_allclose(ref.backward("cosine_distance", 1.0, x, t, None, "sum", eps=0.5)[0],
+                               fd[0], rtol=1e-5, atol=1e-7)
+
+
+def test_against_torch(dev):
+    torch = pytest.importorskip("torch")
+    tf = torch.nn.functional
+    rng = np.random.default_rng(21)
+
+    def check(ours_f, ours_b, torch_f, x, t, torch_t=None, **kw):
+        for red in ("none", "sum", "mean"):
+            xt = torch.tensor(x.astype(np.float64), requires_grad=True)
+            lt = torch_f(xt, torch.tensor(t) if torch_t is None else torch_t, red)
+            g = rng.standard_normal(tuple(lt.shape)) if red == "none" else np.array(0.7)
+            lt.backward(torch.tensor(g))
+            got = ours_f(pm.tensor(x, dev), t, reduction=red, **kw).numpy()
+            np.testing.assert_allclose(got, lt.detach().numpy(), rtol=2e-5, atol=2e-5,
+                                       err_msg=f"{ours_f.__name__} {red}")
+            dx = ours_b(g.astype(np.float32) if red == "none" else 0.7, pm.tensor(x, dev), t,
+                        reduction=red, **kw).numpy()
+            np.testing.assert_allclose(dx, xt.grad.numpy(), rtol=2e-5, atol=2e-6,
+                                       err_msg=f"{ours_f.__name__} backward {red}")
+
+    x = (rng.standard_normal((4, 1000)) * 3).astype(np.float32)
+    y = rng.integers(0, 1000, 4).astype(np.int32)
+    y[2] = -100
+    for s in (0.0, 0.1):
+        check(F.cross_entropy, F.cross_entropy_backward,
+              lambda a, b, r, s=s: tf.cross_entropy(a, b.long(), reduction=r, label_smoothing=s),
+              x, y, label_smoothing=s)
+    x4 = rng.standard_normal((2, 5, 3, 3)).astype(np.float32)
+    p4 = rng.uniform(0, 1, x4.shape).astype(np.float32)
+    p4 /= p4.sum(axis=1, keepdims=True)
+    check(F.cross_entropy, F.cross_entropy_backward,
+          lambda a, b, r: tf.cross_entropy(a, b.double(), reduction=r, label_smoothing=0.2),
+          x4, p4, label_smoothing=0.2)
+    y4 = rng.integers(0, 5, (2, 3, 3)).astype(np.int32)
+    probs = np.exp(x4) / np.exp(x4).sum(axis=1, keepdims=True)
+    check(F.categorical_cross_entropy, F.categorical_cross_entropy_backward,
+          lambda a, b, r: tf.nll_loss(torch.log(a), b.long(), reduction=r), probs, y4)
+    check(F.cosine_distance, F.cosine_distance_backward,
+          lambda a, b, r: _torch_reduce(1 - tf.cosine_similarity(a, b.double(), dim=1, eps=1e-8), r),
+          x4, p4)
+    a = rng.standard_normal((3, 7, 5)).astype(np.float32)
+    b = rng.standard_normal((3, 7, 5)).astype(np.float32)
+    u = rng.uniform(0, 1, a.shape).astype(np.float32)
+    check(F.mse_loss, F.mse_loss_backward, lambda p, q, r: tf.mse_loss(p, q.double(), reduction=r), a, b)
+    check(F.l1_loss, F.l1_loss_backward, lambda p, q, r: tf.l1_loss(p, q.double(), reduction=r), a, b)
+    check(F.huber_loss, F.huber_loss_backward,
+          lambda p, q, r: tf.huber_loss(p, q.double(), reduction=r, delta=0.6), a, b, delta=0.6)
+    check(F.binary_cross_entropy_with_logits, F.binary_cross_entropy_with_logits_backward,
+          lambda p, q, r: tf.binary_cross_entropy_with_logits(p, q.double(), reduction=r), 3 * a, u)
+    lp = np.log(u + 0.01).astype(np.float32)
+    check(F.kl_div, F.kl_div_backward, lambda p, q, r: tf.kl_div(p, q.double(), reduction=r), lp, u)
+    check(F.kl_div, F.kl_div_backward,
+          lambda p, q, r: tf.kl_div(p, q.double(), reduction=r, log_target=True), lp, lp[::-1].copy(),
+          log_target=True)
+    check(F.hinge_loss, F.hinge_loss_backward,
+          lambda p, q, r: _torch_reduce(torch.clamp(1 - (2 * q.double() - 1) * p, min=0), r),
+          a, (u > 0.5).astype(np.float32))
+    pr = np.clip(u, 0.05, 0.95).astype(np.float32)
+    check(F.log_loss, F.log_loss_backward,
+          lambda p, q, r: _torch_reduce(-q * torch.log(p + 1e-7) - (1 - q) * torch.log(1 - p + 1e-7), r),
+          pr, (u[::-1] > 0.5).astype(np.float32))
+    # batchmean: torch's definition of KL divergence proper
+    got = F.kl_div(lp, u, reduction="batchmean").numpy()
+    want = tf.kl_div(torch.tensor(lp), torch.tensor(u), reduction="batchmean").numpy()
+    np.testing.assert_allclose(got, want, rtol=2e-5)
+
+
+def _torch_reduce(v, r):
+    return v if r == "none" else v.sum() if r == "sum" else v.mean()
+
+
+def test_device_grad_and_weights(dev):
+    """grad and sample_weight given as device tensors (the count for sum_by_nonzero_weights then
+    runs on the device) give the same gradient as numpy inputs."""
+    rng = np.random.default_rng(5)
+    x = rng.standard_normal((4, 6, 2, 2)).astype(np.float32)
+    y = rng.integers(0, 6, (4, 2, 2)).astype(np.int32)
+    y[0, 0, 0] = -100
+    w = np.array([0.0, 1.0, 2.0, 0.5], np.float32)
+    for red in ("mean", "sum_by_nonzero_weights", "sum"):
+        want = ref.backward("cross_entropy", 1.3, x, y, w, red, labels=True)
+        got = F.cross_entropy_backward(pm.tensor(np.array([1.3], np.float32), dev), pm.tensor(x, dev),
+                                       pm.tensor(y, dev), sample_weight=pm.tensor(w, dev), reduction=red)
+        np.testing.assert_allclose(got.numpy(), want, rtol=1e-5, atol=1e-7)
+    # all weights zero: sum_by_nonzero_weights is 0 and so is its gradient
+    z = np.zeros(4, np.float32)
+    assert float(F.mse_loss(x, x + 1, sample_weight=z, reduction="sum_by_nonzero_weights").numpy()) == 0.0
+    assert not np.any(F.mse_loss_backward(1.0, x, x + 1, sample_weight=z,
+                                          reduction="sum_by_nonzero_weights").numpy())
+
+
+def test_bad_input(dev):
+    x = pm.tensor(np.zeros((2, 3), np.float32), dev)
+    y = np.array([0, 2], np.int32)
+    t = np.zeros((2, 3), np.float32)
+    dev.reset_counts()
+    cases = [
+        ("target", lambda: F.cross_entropy(x, np.array([0, 3], np.int32))),        # label == C
+        ("target", lambda: F.cross_entropy(x, np.array([-1, 0], np.int32))),       # negative
+        ("target", lambda: F.cross_entropy(x, pm.tensor(np.array([0, 7], np.int32), dev))),
+        ("target", lambda: F.cross_entropy(x, np.array([0, 1, 2], np.int32))),     # shape
+        ("target", lambda: F.categorical_cross_entropy(x, np.zeros((2, 1), np.int32))),
+        ("target", lambda: F.cross_entropy(x, np.zeros((2, 4), np.float32))),      # prob shape
+        ("target", lambda: F.cross_entropy(x, np.zeros((2, 3), np.float16))),      # prob dtype
+        ("target", lambda: F.mse_loss(x, np.zeros((2, 4), np.float32))),
+        ("target", lambda: F.cosine_distance(x, y)),                                # labels
+        ("input", lambda: F.mse_loss(pm.tensor(np.zeros((2, 3), np.int32), dev), t)),
+        ("input", lambda: F.cross_entropy(pm.tensor(np.zeros(3, np.float32), dev), y)),
+        ("input", lambda: F.mse_loss(np.zeros((0, 3), np.float32), np.zeros((0, 3), np.float32))),
+        ("reduction", lambda: F.mse_loss(x, t, reduction="avg")),
+        ("reduction", lambda: F.mse_loss(x, t, reduction="batchmean")),
+        ("label_smoothing", lambda: F.cross_entropy(x, y, label_smoothing=1.5)),
+        ("label_smoothing", lambda: F.binary_cross_entropy_with_logits(x, t, label_smoothing=-0.1)),
+        ("delta", lambda: F.huber_loss(x, t, delta=0.0)),
+        ("epsilon", lambda: F.log_loss(x, t, epsilon=0.0)),
+        ("eps", lambda: F.cosine_distance(x, t, eps=-1e-8)),
+        ("ignore_index", lambda: F.cross_entropy(x, y, ignore_index=1.5)),
+        ("log_target", lambda: F.kl_div(x, t, log_target=1)),
+        ("sample_weight", lambda: F.mse_loss(x, t, sample_weight=np.ones(3, np.float32))),
+        ("sample_weight", lambda: F.cross_entropy(x, y, sample_weight=pm.tensor(np.ones(2, np.float16), dev))),
+        ("grad", lambda: F.mse_loss_backward(np.ones(2, np.float32), x, t)),                 # scalar
+        ("grad", lambda: F.mse_loss_backward(np.ones(3, np.float32), x, t, reduction="per_sample")),
+        ("grad", lambda: F.cross_entropy_backward(np.ones((2, 3), np.float32), x, y, reduction="none")),
+        ("grad", lambda: F.mse_loss_backward(pm.tensor(np.ones((2, 3), np.float16), dev), x, t,
+                                             reduction="none")),
+        ("target", lambda: F.cross_entropy_backward(1.0, x, np.array([0, 5], np.int32))),
+    ]
+    for arg, call in cases:
+        with pytest.raises(ValueError, match=arg):
+            call()
+    with pytest.raises(TypeError):
+        F.cross_entropy(x, y, weight=np.ones(3, np.float32))  # torch's class weights: unsupported
+    assert sum(dev.dispatch_counts.values()) == 0

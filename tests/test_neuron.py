@@ -1,0 +1,182 @@
+"""Activations ("neurons"): every op and variant, forward and backward, float32 and float16,
+against the float64 numpy references in tests/reference/neuron.py; the references' derivatives
+against finite differences; PyTorch as a second opinion when it imports.
+
+Sizes cover the kernels' two paths (8 elements per vector thread, then a scalar tail): 1, 7, 8,
+9, 31, 32, 33 and a 4-d tensor of 990 elements. Inputs include each op's kinks exactly (0, +-3,
+the hard_sigmoid corners) and extremes (+-1e30, +-88.5, NaN).
+"""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from reference import neuron as ref
+
+import pymetalnn
+from pymetalnn.ops import neuron as nn
+
+# (op, kwargs, kink points where the derivative jumps)
+CASES = [
+    ("relu", {}, [0.0]),
+    ("leaky_relu", {}, [0.0]),
+    ("leaky_relu", {"negative_slope": -0.3}, [0.0]),
+    ("elu", {"alpha": 1.3}, [0.0]),
+    ("sigmoid", {}, []),
+    ("tanh", {}, []),
+    ("softplus", {}, []),
+    ("softplus", {"beta": 2.0, "threshold": 3.0}, [1.5]),
+    ("gelu", {}, []),
+    ("gelu", {"approximate": "tanh"}, []),
+    ("hardsigmoid", {}, [-3.0, 3.0]),
+    ("hard_sigmoid", {}, [-2.5, 2.5]),
+    ("hard_sigmoid", {"a": -0.75, "b": 0.25}, [1.0 / 3.0, -1.0]),
+    ("linear_neuron", {"a": 1.5, "b": -0.25}, []),
+]
+IDS = [f"{op}-{'-'.join(f'{k}={v}' for k, v in kw.items())}" if kw else op for op, kw, _ in CASES]
+SIZES = [(1,), (7,), (8,), (9,), (31,), (32,), (33,), (2, 33, 3, 5)]
+EXTREMES = [1e30, -1e30, 1e10, -1e10, 1e4, -1e4, 100.0, -100.0, 88.5, -88.5, 20.0, -20.0, 10.0,
+            -10.0, 5.0, -5.0, 0.0, -0.0, 1e-7, -1e-7, 1e-30, -1e-30, np.nan]
+HALF_EXTREMES = [6e4, -6e4, 1e4, -1e4, 20.0, -20.0, 10.0, -10.0, 0.0, 1e-7, -1e-7, np.nan]
+
+
+def _fns(op):
+    return getattr(nn, op), getattr(nn, op + "_backward"), getattr(ref, op), \
+        getattr(ref, op + "_backward")
+
+
+def _inputs(rng, shape, dtype, kinks):
+    x = (rng.standard_normal(shape) * 3.0).astype(dtype)
+    flat = x.reshape(-1)
+    specials = np.array([*kinks, 0.0], dtype)
+    flat[: min(flat.size, specials.size)] = specials[: flat.size]
+    g = rng.standard_normal(shape).astype(dtype)
+    return x, g
+
+
+def _check(got, want, dtype):
+    got = np.asarray(got, np.float64)
+    if dtype == np.float16:
+        # one half ulp of the exactly rounded result (2^-10 relative at most), plus the float
+        # arithmetic's absolute error where a result cancels to near 0
+        want = np.asarray(want).astype(np.float16).astype(np.float64)
+        np.testing.assert_allclose(got, want, rtol=1e-3, atol=2e-6)
+    else:
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=2e-6)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float16])
+@pytest.mark.parametrize("op,kw,kinks", CASES, ids=IDS)
+def test_forward_backward(dev, op, kw, kinks, dtype):
+    fwd, bwd, rfwd, rbwd = _fns(op)
+    rng = np.random.default_rng(len(op) + len(kw))
+    for shape in SIZES:
+        x, g = _inputs(rng, shape, dtype, kinks)
+        xt, gt = pymetalnn.tensor(x, dev), pymetalnn.tensor(g, dev)
+        y = fwd(xt, **kw)
+        assert y.shape == x.shape and y.dtype == x.dtype
+        _check(y.numpy(), rfwd(x, **kw), dtype)
+        dx = bwd(gt, xt, **kw)
+        assert dx.shape == x.shape and dx.dtype == x.dtype
+        _check(dx.numpy(), rbwd(g, x, **kw), dtype)
+
+
+@pytest.mark.parametrize("op,kw,kinks", CASES, ids=IDS)
+def test_extremes(dev, op, kw, kinks):
+    fwd, bwd, rfwd, rbwd = _fns(op)
+    for dtype, vals in ((np.float32, EXTREMES), (np.float16, HALF_EXTREMES)):
+        x = np.array(vals, dtype)
+        g = np.linspace(-2.0, 2.0, x.size).astype(dtype)
+        with np.errstate(over="ignore", invalid="ignore"):
+            _check(fwd(pymetalnn.tensor(x, dev), **kw).numpy(), rfwd(x, **kw), dtype)
+            _check(bwd(pymetalnn.tensor(g, dev), pymetalnn.tensor(x, dev), **kw).numpy(),
+                   rbwd(g, x, **kw), dtype)
+
+
+@pytest.mark.parametrize("op,kw,kinks", CASES, ids=IDS)
+def test_reference_gradient_vs_finite_differences(op, kw, kinks):
+    _, _, rfwd, rbwd = _fns(op)
+    rng = np.random.default_rng(7)
+    x = rng.uniform(-6.0, 6.0, 400)
+    for k in kinks:  # the derivative jumps there: no finite difference can agree
+        x = x[np.abs(x - k) > 1e-3]
+    g = rng.standard_normal(x.size)
+    fd = ref.finite_diff(lambda v: rfwd(v, **kw), x, g)
+    np.testing.assert_allclose(rbwd(g, x, **kw), fd, rtol=1e-6, atol=1e-8)
+
+
+def test_kink_conventions(dev):
+    """torch's choices where the derivative jumps: relu'(0) = 0, hardsigmoid'(+-3) = 0."""
+    x = pymetalnn.tensor(np.array([0.0, -3.0, 3.0, 1e-30], np.float32), dev)
+    g = pymetalnn.tensor(np.ones(4, np.float32), dev)
+    assert nn.relu_backward(g, x).numpy().tolist() == [0.0, 0.0, 1.0, 1.0]
+    np.testing.assert_array_equal(nn.hardsigmoid_backward(g, x).numpy(),
+                                  np.float32([1 / 6, 0.0, 0.0, 1 / 6]))
+    np.testing.assert_array_equal(nn.leaky_relu_backward(g, x, 0.25).numpy(),
+                                  np.float32([0.25, 0.25, 1.0, 1.0]))
+
+
+def _torch_fn(F, op, kw):
+    if op == "hard_sigmoid":
+        a, b = kw.get("a", 0.2), kw.get("b", 0.5)
+        return lambda t: (a * t + b).clamp(0.0, 1.0)
+    if op == "linear_neuron":
+        return lambda t: kw["a"] * t + kw["b"]
+    return lambda t: getattr(F, op)(t, **kw)
+
+
+@pytest.mark.parametrize("op,kw,kinks", CASES, ids=IDS)
+def test_vs_torch(dev, op, kw, kinks):
+    torch = pytest.importorskip("torch")
+    F = torch.nn.functional
+    fwd, bwd, _, _ = _fns(op)
+    rng = np.random.default_rng(3)
+    x = np.concatenate([rng.standard_normal(333) * 4.0, [-30.0, -12.0, 12.0, 30.0]]).astype(np.float32)
+    x = x[np.min([np.abs(x - k) for k in [*kinks, 1e9]], axis=0) > 1e-4]  # clamp's grad at corners
+    g = rng.standard_normal(x.size).astype(np.float32)
+    tx = torch.tensor(x, requires_grad=True)
+    ty = _torch_fn(F, op, kw)(tx)
+    ty.backward(torch.tensor(g))
+    np.testing.assert_allclose(fwd(pymetalnn.tensor(x, dev), **kw).numpy(), ty.detach().numpy(),
+                               rtol=1e-5, atol=2e-6)
+    np.testing.assert_allclose(bwd(pymetalnn.tensor(g, dev), pymetalnn.tensor(x, dev), **kw).numpy(),
+                               tx.grad.numpy(), rtol=1e-5, atol=2e-6)
+
+
+def test_gelu_tail_accuracy(dev):
+    """The in-kernel erf: gelu(x) = x Phi(x) to a few float ulps relative, down to x = -13 where
+    Phi is 1e-38 (torch's 1 + erf form loses all digits there)."""
+    x = np.concatenate([np.linspace(-13.0, 13.0, 20001), -np.logspace(-30, 1, 301)]).astype(np.float32)
+    got = nn.gelu(pymetalnn.tensor(x, dev)).numpy().astype(np.float64)
+    want = ref.gelu(x)
+    keep = np.abs(want) > 1e-36  # float normal range
+    np.testing.assert_allclose(got[keep], want[keep], rtol=8 * 2.0**-24, atol=0)
+
+
+def test_empty(dev):
+    dev.reset_counts()
+    x = pymetalnn.tensor(np.zeros((0, 3), np.float32), dev)
+    assert nn.gelu(x).shape == (0, 3)
+    assert nn.relu_backward(x, x).shape == (0, 3)
+    assert sum(dev.dispatch_counts.values()) == 0
+
+
+@pytest.mark.parametrize("call,arg", [
+    (lambda x, g: nn.relu(pymetalnn.tensor(np.arange(4, dtype=np.int32), x.device)), "x"),
+    (lambda x, g: nn.relu_backward(g.reshape(3, 2), x), "grad_out"),
+    (lambda x, g: nn.sigmoid_backward(pymetalnn.tensor(np.zeros(6, np.float16), x.device), x),
+     "grad_out"),
+    (lambda x, g: nn.gelu(x, approximate="erf"), "approximate"),
+    (lambda x, g: nn.softplus(x, beta=0.0), "beta"),
+    (lambda x, g: nn.softplus_backward(g, x, threshold=float("inf")), "threshold"),
+    (lambda x, g: nn.leaky_relu(x, negative_slope="0.1"), "negative_slope"),
+    (lambda x, g: nn.hard_sigmoid(x, a=1e40), "a"),
+    (lambda x, g: nn.linear_neuron(x, b=None), "b"),
+    (lambda x, g: nn.elu(None), "x"),
+])
+def test_bad_input(dev, call, arg):
+    x = pymetalnn.tensor(np.zeros(6, np.float32), dev)
+    g = pymetalnn.tensor(np.zeros(6, np.float32), dev)
+    dev.reset_counts()
+    with pytest.raises(ValueError, match=f"^{arg}:"):
+        call(x, g)
+    assert sum(dev.dispatch_counts.values()) == 0

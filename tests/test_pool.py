@@ -1,0 +1,299 @@
+"""Pooling: max / avg (2-d and 1-d), adaptive and global average, forward and backward, float32
+and float16, against the float64 loop references in tests/reference/pool.py (whose backward
+scatters while the kernels gather); the references' gradients against finite differences;
+PyTorch as a second opinion when it imports.
+
+Geometry covers batch 1, 1/31/32/33 channels, odd and rectangular sizes, padding = kernel // 2
+(windows that start in the padding), ceil_mode (including a last window that starts in the right
+padding), stride > kernel, dilation, a kernel as large as the padded input, overlapping windows
+with many ties (integer data) and a window lying wholly in the padding.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from reference import pool as ref
+
+import pymetalnn
+from pymetalnn.ops import pool as P
+
+# (shape, kernel_size, stride, padding, dilation, ceil_mode)
+MAX_CASES = [
+    ((1, 1, 1, 1), 1, None, 0, 1, False),
+    ((2, 3, 7, 9), 2, None, 0, 1, False),
+    ((1, 32, 8, 8), 3, 2, 1, 1, False),
+    ((2, 33, 9, 7), (3, 2), (2, 1), (1, 1), 1, True),
+    ((1, 31, 10, 11), 2, 3, 1, 1, False),
+    ((1, 31, 10, 11), 2, 3, 1, 1, True),
+    ((1, 2, 6, 6), 3, 2, 1, 1, True),
+    ((1, 1, 5, 5), 5, 1, 2, 1, False),
+    ((3, 2, 11, 10), 3, 2, 1, 2, True),
+    ((2, 1, 4, 13), (1, 4), (1, 3), (0, 2), (1, 2), False),
+]
+AVG_CASES = [c for c in MAX_CASES if c[4] == 1]
+TOL = {np.float32: dict(rtol=2e-6, atol=1e-6), np.float16: dict(rtol=2e-3, atol=1e-3)}
+
+
+def _ids(cases):
+    return ["x".join(map(str, c[0])) + f"-k{c[1]}-s{c[2]}-p{c[3]}-d{c[4]}" + ("-ceil" if c[5] else "")
+            for c in cases]
+
+
+def _data(shape, dtype, seed=0, integers=False):
+    rng = np.random.default_rng(seed)
+    if integers:  # many ties
+        return rng.integers(-2, 3, shape).astype(dtype)
+    return rng.standard_normal(shape).astype(dtype)
+
+
+def _t(a, dev):
+    return pymetalnn.tensor(a, dev)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float16])
+@pytest.mark.parametrize("case", MAX_CASES, ids=_ids(MAX_CASES))
+def test_max_pool2d(dev, case, dtype):
+    shape, k, s, p, d, ceil = case
+    x = _data(shape, dtype)
+    y_ref, i_ref = ref.max_pool2d(x, k, s, p, d, ceil)
+    y, idx = P.max_pool2d(_t(x, dev), k, s, p, d, ceil, return_indices=True)
+    assert y.dtype == x.dtype and idx.dtype == np.int32
+    np.testing.assert_array_equal(y.numpy(), y_ref.astype(dtype))  # a max is one of the inputs
+    np.testing.assert_array_equal(idx.numpy(), i_ref)
+    np.testing.assert_array_equal(P.max_pool2d(_t(x, dev), k, s, p, d, ceil).numpy(), y.numpy())
+    g = _data(y_ref.shape, dtype, seed=1)
+    dx_ref = ref.max_pool2d_backward(g, x, k, s, p, d, ceil)
+    dx = P.max_pool2d_backward(_t(g, dev), _t(x, dev), k, s, p, d, ceil)
+    np.testing.assert_allclose(dx.numpy(), dx_ref, **TOL[dtype])
+    dx_i = P.max_pool2d_backward(_t(g, dev), _t(x, dev), k, s, p, d, ceil, indices=idx)
+    np.testing.assert_allclose(dx_i.numpy(), dx_ref, **TOL[dtype])
+
+
+@pytest.mark.parametrize("k,s,p", [(3, 1, 1), (2, 1, 0), (3, 2, 1)])
+def test_max_pool2d_ties_overlapping(dev, k, s, p):
+    """Integer data: ties in every window; the first maximum (row-major) takes the gradient, and
+    overlapping windows add theirs up."""
+    x = _data((2, 3, 7, 8), np.float32, seed=5, integers=True)
+    y_ref, i_ref = ref.max_pool2d(x, k, s, p)
+    y, idx = P.max_pool2d(_t(x, dev), k, s, p, return_indices=True)
+    np.testing.assert_array_equal(y.numpy(), y_ref)
+    np.testing.assert_array_equal(idx.numpy(), i_ref)
+    g = _data(y_ref.shape, np.float32, seed=6)
+    dx_ref = ref.max_pool2d_backward(g, x, k, s, p)
+    np.testing.assert_allclose(P.max_pool2d_backward(_t(g, dev), _t(x, dev), k, s, p).numpy(),
+                               dx_ref, rtol=2e-6, atol=1e-6)
+    np.testing.assert_allclose(P.max_pool2d_backward(_t(g, dev), _t(x, dev), k, s, p, indices=idx)
+                               .numpy(), dx_ref, rtol=2e-6, atol=1e-6)
+
+
+def test_max_pool2d_nan_and_inf(dev):
+    """A NaN wins its window (torch), -inf inputs still give a valid index."""
+    x = np.full((1, 1, 4, 4), -np.inf, np.float32)
+    x[0, 0, 1, 1] = np.nan
+    x[0, 0, 2, 3] = 5.0
+    y_ref, i_ref = ref.max_pool2d(x, 2)
+    y, idx = P.max_pool2d(_t(x, dev), 2, return_indices=True)
+    np.testing.assert_array_equal(y.numpy(), y_ref)
+    np.testing.assert_array_equal(idx.numpy(), i_ref)
+    assert i_ref[0, 0, 0, 0] == 5 and i_ref[0, 0, 1, 0] == 8  # NaN; first of the -inf
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float16])
+@pytest.mark.parametrize("case", AVG_CASES, ids=_ids(AVG_CASES))
+def test_avg_pool2d(dev, case, dtype):
+    shape, k, s, p, _, ceil = case
+    x = _data(shape, dtype)
+    for cip, div in ((True, None), (False, None), (True, 3)):
+        y_ref = ref.avg_pool2d(x, k, s, p, ceil, cip, div)
+        y = P.avg_pool2d(_t(x, dev), k, s, p, ceil, cip, div)
+        assert y.dtype == x.dtype
+        np.testing.assert_allclose(y.numpy(), y_ref, **TOL[dtype])
+        g = _data(y_ref.shape, dtype, seed=1)
+        dx = P.avg_pool2d_backward(_t(g, dev), _t(x, dev), k, s, p, ceil, cip, div)
+        np.testing.assert_allclose(dx.numpy(), ref.avg_pool2d_backward(g, x, k, s, p, ceil, cip, div),
+                                   **TOL[dtype])
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float16])
+def test_pool1d(dev, dtype):
+    """1-d pooling = 2-d pooling of a (N, C, 1, L) view with a 1-row window; batched and
+    unbatched; the last case has a window wholly in the padding (L=2, k=2, d=3, p=1)."""
+    for shape, k, s, p, d, ceil in [((2, 3, 17), 3, 2, 1, 1, True), ((1, 33, 8), 2, None, 1, 1, False),
+                                    ((5, 9), 4, 5, 2, 1, True), ((1, 2, 12), 3, 1, 1, 3, False),
+                                    ((1, 1, 2), 2, 1, 1, 3, False)]:
+        x = _data(shape, dtype)
+        x4 = x.reshape(-1, x.shape[-2], 1, x.shape[-1])
+        y_ref, i_ref = ref.max_pool2d(x4, (1, k), (1, k if s is None else s), (0, p), (1, d), ceil)
+        y, idx = P.max_pool1d(_t(x, dev), k, s, p, d, ceil, return_indices=True)
+        out_shape = (*shape[:-1], y_ref.shape[-1])
+        assert y.shape == out_shape and idx.shape == out_shape
+        np.testing.assert_array_equal(y.numpy(), y_ref.astype(dtype).reshape(out_shape))
+        np.testing.assert_array_equal(idx.numpy(), i_ref.reshape(out_shape))
+        g = _data(out_shape, dtype, seed=2)
+        dx_ref = ref.max_pool2d_backward(g.reshape(y_ref.shape), x4, (1, k), (1, k if s is None else s),
+                                         (0, p), (1, d), ceil).reshape(shape)
+        for indices in (None, idx):
+            dx = P.max_pool1d_backward(_t(g, dev), _t(x, dev), k, s, p, d, ceil, indices=indices)
+            assert dx.shape == shape
+            np.testing.assert_allclose(dx.numpy(), dx_ref, **TOL[dtype])
+        if d == 1:
+            for cip in (True, False):
+                args = ((1, k), (1, k if s is None else s), (0, p), ceil, cip)
+                ya = P.avg_pool1d(_t(x, dev), k, s, p, ceil, cip)
+                np.testing.assert_allclose(ya.numpy(), ref.avg_pool2d(x4, *args).reshape(out_shape),
+                                           **TOL[dtype])
+                dxa = P.avg_pool1d_backward(_t(g, dev), _t(x, dev), k, s, p, ceil, cip)
+                np.testing.assert_allclose(
+                    dxa.numpy(), ref.avg_pool2d_backward(g.reshape(y_ref.shape), x4, *args).reshape(shape),
+                    **TOL[dtype])
+    y, idx = P.max_pool1d(_t(np.float32([[[1.0, 2.0]]]).astype(dtype), dev), 2, 1, 1, 3,
+                          return_indices=True)
+    assert y.numpy().tolist() == [[[-np.inf]]] and idx.numpy().tolist() == [[[-1]]]
+
+
+def test_unbatched_2d(dev):
+    x = _data((3, 6, 5), np.float32)
+    y = P.max_pool2d(_t(x, dev), 2, 2, 1)
+    np.testing.assert_array_equal(y.numpy(), ref.max_pool2d(x[None], 2, 2, 1)[0][0])
+    g = _data(y.shape, np.float32, 1)
+    dx = P.avg_pool2d_backward(_t(g, dev), _t(x, dev), 3, 2, 1, True)
+    assert dx.shape == x.shape
+    np.testing.assert_allclose(dx.numpy(), ref.avg_pool2d_backward(g[None], x[None], 3, 2, 1, True)[0],
+                               rtol=2e-6, atol=1e-6)
+
+
+ADAPTIVE = [((2, 3, 7, 9), (3, 4)), ((1, 33, 5, 5), 5), ((2, 2, 10, 7), (4, 3)),
+            ((1, 3, 3, 3), (5, 4)), ((2, 3, 4, 4), 1), ((1, 5, 3, 3), 1), ((1, 2, 20, 21), 1),
+            ((1, 32, 16, 16), 1), ((1, 2, 6, 8), (None, 3))]
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float16])
+@pytest.mark.parametrize("shape,out", ADAPTIVE, ids=[f"{'x'.join(map(str, s))}-{o}" for s, o in ADAPTIVE])
+def test_adaptive_avg_pool2d(dev, shape, out, dtype):
+    x = _data(shape, dtype)
+    o = (shape[2] if out[0] is None else out[0], out[1]) if isinstance(out, tuple) else out
+    y_ref = ref.adaptive_avg_pool2d(x, o)
+    y = P.adaptive_avg_pool2d(_t(x, dev), out)
+    np.testing.assert_allclose(y.numpy(), y_ref, **TOL[dtype])
+    g = _data(y_ref.shape, dtype, seed=3)
+    dx = P.adaptive_avg_pool2d_backward(_t(g, dev), _t(x, dev), out)
+    np.testing.assert_allclose(dx.numpy(), ref.adaptive_avg_pool2d_backward(g, x, o), **TOL[dtype])
+    if out == 1:
+        np.testing.assert_allclose(P.global_avg_pool2d(_t(x, dev)).numpy(), y_ref, **TOL[dtype])
+        np.testing.assert_allclose(P.global_avg_pool2d_backward(_t(g, dev), _t(x, dev)).numpy(),
+                                   ref.adaptive_avg_pool2d_backward(g, x, 1), **TOL[dtype])
+
+
+def test_batch_zero(dev):
+    dev.reset_counts()
+    x = _t(np.zeros((0, 3, 4, 4), np.float32), dev)
+    assert P.max_pool2d(x, 2).shape == (0, 3, 2, 2)
+    assert P.avg_pool2d_backward(_t(np.zeros((0, 3, 2, 2), np.float32), dev), x, 2).shape == x.shape
+    assert P.global_avg_pool2d(x).shape == (0, 3, 1, 1)
+    assert sum(dev.dispatch_counts.values()) == 0
+
+
+# ---- the references' gradients against finite differences (float64, no device) ---------------
+@pytest.mark.parametrize("name,fwd,bwd", [
+    ("max k3 s2 p1 ceil", lambda x: ref.max_pool2d(x, 3, 2, 1, 1, True)[0],
+     lambda g, x: ref.max_pool2d_backward(g, x, 3, 2, 1, 1, True)),
+    ("max k2 s1 d2", lambda x: ref.max_pool2d(x, 2, 1, 1, 2)[0],
+     lambda g, x: ref.max_pool2d_backward(g, x, 2, 1, 1, 2)),
+    ("avg k3 s2 p1 ceil excl", lambda x: ref.avg_pool2d(x, 3, 2, 1, True, False),
+     lambda g, x: ref.avg_pool2d_backward(g, x, 3, 2, 1, True, False)),
+    ("avg k2 s1 p1 incl", lambda x: ref.avg_pool2d(x, 2, 1, 1, False, True),
+     lambda g, x: ref.avg_pool2d_backward(g, x, 2, 1, 1, False, True)),
+    ("avg k3 s3 div5", lambda x: ref.avg_pool2d(x, 3, 3, 0, True, True, 5),
+     lambda g, x: ref.avg_pool2d_backward(g, x, 3, 3, 0, True, True, 5)),
+    ("adaptive 5x6->(4, 5)", lambda x: ref.adaptive_avg_pool2d(x, (4, 5)),
+     lambda g, x: ref.adaptive_avg_pool2d_backward(g, x, (4, 5))),
+])
+def test_reference_gradients_vs_finite_differences(name, fwd, bwd):
+    rng = np.random.default_rng(11)
+    x = rng.permutation(60).reshape(1, 2, 5, 6) / 7.0  # distinct values: max is differentiable
+    g = rng.standard_normal(fwd(x).shape)
+    np.testing.assert_allclose(bwd(g, x), ref.finite_diff_vjp(fwd, x, g), rtol=1e-6, atol=1e-8)
+
+
+# ---- PyTorch -----------------------------------------------------------------------------------
+def test_vs_torch(dev):
+    torch = pytest.importorskip("torch")
+    F = torch.nn.functional
+    rng = np.random.default_rng(4)
+    for shape, k, s, p, d, ceil in MAX_CASES:
+        x = rng.standard_normal(shape).astype(np.float32)
+        tx = torch.tensor(x, requires_grad=True)
+        ty, ti = F.max_pool2d(tx, k, s, p, d, ceil, return_indices=True)
+        g = rng.standard_normal(tuple(ty.shape)).astype(np.float32)
+        ty.backward(torch.tensor(g))
+        y, idx = P.max_pool2d(_t(x, dev), k, s, p, d, ceil, return_indices=True)
+        np.testing.assert_array_equal(y.numpy(), ty.detach().numpy())
+        np.testing.assert_array_equal(idx.numpy(), ti.numpy())
+        np.testing.assert_allclose(P.max_pool2d_backward(_t(g, dev), _t(x, dev), k, s, p, d, ceil).numpy(),
+                                   tx.grad.numpy(), rtol=1e-6, atol=1e-6)
+        if d != 1:
+            continue
+        for cip, div in ((True, None), (False, None), (False, 2)):
+            tx = torch.tensor(x, requires_grad=True)
+            ty = F.avg_pool2d(tx, k, s, p, ceil, cip, div)
+            ty.backward(torch.tensor(g))
+            np.testing.assert_allclose(P.avg_pool2d(_t(x, dev), k, s, p, ceil, cip, div).numpy(),
+                                       ty.detach().numpy(), rtol=1e-5, atol=1e-6)
+            np.testing.assert_allclose(
+                P.avg_pool2d_backward(_t(g, dev), _t(x, dev), k, s, p, ceil, cip, div).numpy(),
+                tx.grad.numpy(), rtol=1e-5, atol=1e-6)
+    x = rng.standard_normal((2, 3, 17)).astype(np.float32)
+    tx = torch.tensor(x)
+    np.testing.assert_array_equal(P.max_pool1d(_t(x, dev), 3, 2, 1, 2, True).numpy(),
+                                  F.max_pool1d(tx, 3, 2, 1, 2, True).numpy())
+    np.testing.assert_allclose(P.avg_pool1d(_t(x, dev), 4, 3, 2, True, False).numpy(),
+                               F.avg_pool1d(tx, 4, 3, 2, True, False).numpy(), rtol=1e-6, atol=1e-6)
+    for shape, out in ADAPTIVE:
+        x = rng.standard_normal(shape).astype(np.float32)
+        tx = torch.tensor(x, requires_grad=True)
+        ty = F.adaptive_avg_pool2d(tx, out)
+        g = rng.standard_normal(tuple(ty.shape)).astype(np.float32)
+        ty.backward(torch.tensor(g))
+        np.testing.assert_allclose(P.adaptive_avg_pool2d(_t(x, dev), out).numpy(), ty.detach().numpy(),
+                                   rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(P.adaptive_avg_pool2d_backward(_t(g, dev), _t(x, dev), out).numpy(),
+                                   tx.grad.numpy(), rtol=1e-5, atol=1e-6)
+
+
+# ---- bad input -------------------------------------------------------------------------------
+def _x(dev, shape=(1, 2, 6, 6), dtype=np.float32):
+    return _t(np.zeros(shape, dtype), dev)
+
+
+@pytest.mark.parametrize("call,arg", [
+    (lambda d: P.max_pool2d(_x(d, (6, 6)), 2), "x"),                       # 2-d input
+    (lambda d: P.avg_pool2d(_x(d, (1, 1, 2, 6, 6)), 2), "x"),              # 5-d input
+    (lambda d: P.max_pool1d(_x(d), 2), "x"),                               # 4-d for 1-d pooling
+    (lambda d: P.max_pool2d(_x(d, dtype=np.int32), 2), "x"),
+    (lambda d: P.avg_pool2d(_x(d, (1, 0, 6, 6)), 2), "x"),
+    (lambda d: P.max_pool2d(_x(d, (1, 1, 2, 2)), 5, padding=1), "kernel_size"),  # > padded input
+    (lambda d: P.avg_pool1d(_x(d, (1, 1, 3)), 4), "kernel_size"),
+    (lambda d: P.max_pool2d(_x(d), 3, padding=2), "padding"),             # > kernel / 2
+    (lambda d: P.avg_pool2d(_x(d), (4, 2), padding=(1, 2)), "padding"),
+    (lambda d: P.max_pool2d(_x(d), (2, 2, 2)), "kernel_size"),
+    (lambda d: P.max_pool2d(_x(d), 2.5), "kernel_size"),
+    (lambda d: P.max_pool2d(_x(d), 2, stride=0), "stride"),
+    (lambda d: P.max_pool2d(_x(d), 2, dilation=0), "dilation"),
+    (lambda d: P.avg_pool2d(_x(d), 2, padding=-1), "padding"),
+    (lambda d: P.avg_pool2d(_x(d), 2, divisor_override=0), "divisor_override"),
+    (lambda d: P.max_pool2d(_x(d), 2, ceil_mode="yes"), "ceil_mode"),
+    (lambda d: P.max_pool2d_backward(_x(d, (1, 2, 3, 4)), _x(d), 2), "grad_out"),
+    (lambda d: P.avg_pool2d_backward(_x(d, (1, 2, 3, 3), np.float16), _x(d), 2), "grad_out"),
+    (lambda d: P.max_pool2d_backward(_x(d, (1, 2, 3, 3)), _x(d), 2,
+                                     indices=_x(d, (1, 2, 3, 3))), "indices"),
+    (lambda d: P.max_pool2d_backward(_x(d, (1, 2, 3, 3)), _x(d), 2,
+                                     indices=_x(d, (1, 2, 3, 2), np.int32)), "indices"),
+    (lambda d: P.adaptive_avg_pool2d(_x(d), 0), "output_size"),
+    (lambda d: P.adaptive_avg_pool2d(_x(d), (2, 2, 2)), "output_size"),
+    (lambda d: P.global_avg_pool2d_backward(_x(d, (1, 2, 2, 1)), _x(d)), "grad_out"),
+])
+def test_bad_input(dev, call, arg):
+    dev.reset_counts()
+    with pytest.raises(ValueError, match=f"^{arg}:"):
+        call(dev)
+    assert sum(dev.dispatch_counts.values()) == 0

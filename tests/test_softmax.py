@@ -1,0 +1,161 @@
+"""softmax / log_softmax (kernels/softmax.metal) against the float64 numpy references.
+
+Shapes cover every tile plan the host can pick: rows (inner = 1) with one simdgroup or a whole
+threadgroup per row, strided axes with W = 2..32 columns, cached and uncached tiles (5000 classes
+exceed the threadgroup cache), batch 1, 1/31/32/33/1000 classes, odd spatial sizes.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from reference import softmax as ref
+
+import pymetalnn as pm
+from pymetalnn import functional as F
+from pymetalnn.ops import softmax as ops
+
+# (shape, dim)
+CASES = [
+    ((1, 1), 1),
+    ((1, 33), 1),
+    ((5, 31), 1),
+    ((3, 32), -1),
+    ((2, 1000), 1),
+    ((2, 5000), 1),        # longer than the cache: re-read path
+    ((33, 3), 0),          # strided axis of a 2-D tensor, W = 2
+    ((2, 33, 5, 7), 1),    # channel axis, W = 32
+    ((1, 32, 3, 1), 1),    # batch 1, W = 2
+    ((3, 1, 4, 5), 1),     # one channel
+    ((2, 3, 4, 5), 0),
+    ((2, 3, 4, 5), 2),
+    ((2, 3, 4, 5), -1),
+    ((1, 300, 9, 9), 1),   # W shrinks to fit the cache
+]
+TOL = {np.float32: dict(rtol=2e-5, atol=1e-6), np.float16: dict(rtol=2e-3, atol=2e-3)}
+
+
+def _data(shape, dtype, seed, scale=3.0):
+    x = np.random.default_rng(seed).standard_normal(shape) * scale
+    return x.astype(dtype)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float16])
+@pytest.mark.parametrize("log", [False, True])
+def test_forward(dev, log, dtype):
+    for k, (shape, dim) in enumerate(CASES):
+        x = _data(shape, dtype, k)
+        fn, rf = (F.log_softmax, ref.log_softmax) if log else (F.softmax, ref.softmax)
+        y = fn(pm.tensor(x, dev), dim)
+        assert y.dtype == np.dtype(dtype) and y.shape == shape
+        # the reference sees the same (rounded) input; log_softmax's error scales with |x|
+        want = rf(x.astype(np.float64), dim)
+        tol = dict(TOL[dtype])
+        if log:
+            tol["atol"] = tol["atol"] * 10
+        np.testing.assert_allclose(y.numpy().astype(np.float64), want, **tol,
+                                   err_msg=f"shape {shape} dim {dim}")
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float16])
+@pytest.mark.parametrize("log", [False, True])
+def test_backward(dev, log, dtype):
+    for k, (shape, dim) in enumerate(CASES):
+        x = _data(shape, dtype, 100 + k)
+        dy = _data(shape, dtype, 200 + k, scale=1.0)
+        x64 = x.astype(np.float64)
+        if log:
+            y = ref.log_softmax(x64, dim).astype(dtype)
+            got = F.log_softmax_backward(pm.tensor(dy, dev), pm.tensor(y, dev), dim)
+            want = ref.log_softmax_backward(dy.astype(np.float64), x64, dim)
+        else:
+            y = ref.softmax(x64, dim).astype(dtype)
+            got = F.softmax_backward(pm.tensor(dy, dev), pm.tensor(y, dev), dim)
+            want = ref.softmax_backward(dy.astype(np.float64), x64, dim)
+        assert got.dtype == np.dtype(dtype) and got.shape == shape
+        # half: y itself was rounded to half before the kernel saw it
+        tol = dict(rtol=1e-4, atol=2e-6) if dtype == np.float32 else dict(rtol=1e-2, atol=1e-2)
+        np.testing.assert_allclose(got.numpy().astype(np.float64), want, **tol,
+                                   err_msg=f"shape {shape} dim {dim}")
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float16])
+def test_extreme_logits(dev, dtype):
+    big = 6e4 if dtype == np.float16 else 1e30
+    rows = np.array([
+        np.full(33, 7.0),                                   # all equal: uniform
+        np.full(33, -big),                                  # all equal and very negative
+        np.r_[big, np.zeros(32)],                           # one huge logit
+        np.r_[-big, np.linspace(-3, 3, 32)],                # one very negative logit
+        np.r_[np.full(16, big), np.full(17, big * 0.5)],    # large and tied
+    ])
+    x = rows.astype(dtype)
+    for log in (False, True):
+        y = (F.log_softmax if log else F.softmax)(pm.tensor(x, dev), 1).numpy().astype(np.float64)
+        assert np.all(np.isfinite(y)), y
+        want = (ref.log_softmax if log else ref.softmax)(x.astype(np.float64), 1)
+        if not log:
+            np.testing.assert_allclose(y, want, **TOL[dtype])
+            np.testing.assert_allclose(y.sum(axis=1), 1.0, rtol=0, atol=2e-2 if dtype == np.float16 else 1e-5)
+        else:
+            # entries of log_softmax of size ~big: compare relative to their magnitude
+            np.testing.assert_allclose(y, want, rtol=TOL[dtype]["rtol"], atol=10 * TOL[dtype]["atol"])
+    np.testing.assert_allclose(F.softmax(pm.tensor(x[:1], dev), 1).numpy().astype(np.float64),
+                               1.0 / 33, rtol=TOL[dtype]["rtol"])
+
+
+def test_reference_backward_vs_finite_differences():
+    rng = np.random.default_rng(7)
+    for shape, dim in [((3, 5), 1), ((2, 3, 2, 2), 1), ((2, 3, 2, 3), 3), ((4, 2), 0)]:
+        x = rng.standard_normal(shape) * 2
+        dy = rng.standard_normal(shape)
+        for f, b in [(ref.softmax, ref.softmax_backward), (ref.log_softmax, ref.log_softmax_backward)]:
+            fd = ref.finite_difference(lambda z, f=f, d=dim: f(z, d), x, dy)
+            np.testing.assert_allclose(b(dy, x, dim), fd, rtol=1e-6, atol=1e-8)
+
+
+def test_against_torch(dev):
+    torch = pytest.importorskip("torch")
+    rng = np.random.default_rng(11)
+    for shape, dim in [((4, 1000), 1), ((2, 33, 5, 7), 1), ((3, 4, 5, 6), 2)]:
+        x = (rng.standard_normal(shape) * 4).astype(np.float32)
+        dy = rng.standard_normal(shape).astype(np.float32)
+        for log in (False, True):
+            xt = torch.tensor(x, requires_grad=True)
+            yt = (torch.log_softmax if log else torch.softmax)(xt, dim)
+            yt.backward(torch.tensor(dy))
+            y = (F.log_softmax if log else F.softmax)(pm.tensor(x, dev), dim)
+            dx = (F.log_softmax_backward if log else F.softmax_backward)(pm.tensor(dy, dev), y, dim)
+            np.testing.assert_allclose(y.numpy(), yt.detach().numpy(), rtol=1e-5, atol=1e-5)
+            np.testing.assert_allclose(dx.numpy(), xt.grad.numpy(), rtol=1e-4, atol=1e-5)
+
+
+def test_bad_input(dev):
+    x = pm.tensor(np.zeros((2, 3), np.float32), dev)
+    dev.reset_counts()
+    with pytest.raises(ValueError, match="input"):
+        F.softmax(pm.tensor(np.zeros((2, 3, 4), np.float32), dev), 1)   # 3-D
+    with pytest.raises(ValueError, match="input"):
+        F.log_softmax(pm.tensor(np.zeros((2, 3), np.int32), dev), 1)
+    with pytest.raises(ValueError, match="dim"):
+        F.softmax(x, 2)
+    with pytest.raises(ValueError, match="dim"):
+        F.softmax(x, -3)
+    with pytest.raises(ValueError, match="dim"):
+        F.softmax(x, 1.0)
+    with pytest.raises(ValueError, match="grad_out"):
+        F.softmax_backward(pm.tensor(np.zeros((3, 2), np.float32), dev), x, 1)
+    with pytest.raises(ValueError, match="grad_out"):
+        F.log_softmax_backward(pm.tensor(np.zeros((2, 3), np.float16), dev), x, 1)
+    with pytest.raises(ValueError, match="output"):
+        F.softmax_backward(x, None, 1)
+    assert sum(dev.dispatch_counts.values()) == 0
+
+
+def test_tile_plans_cover_all_shapes():
+    """The cases above reach every plan: rows with one simdgroup and one threadgroup per row,
+    several W, cached and uncached (else a kernel path would go untested)."""
+    plans = [ops.tile_plan(*ops.split_shape(s, d % len(s))) for s, d in CASES]
+    assert {p.W for p in plans} >= {1, 2, 8, 32}
+    assert {p.SW for p in plans} >= {32, 256}
+    assert {p.cached for p in plans} == {0, 1}
+    assert any(p.SW < 256 and p.W > 1 for p in plans)
