@@ -7,6 +7,7 @@ PyTorch on the same GPU; cpu: numpy), on the same data.
 """
 from __future__ import annotations
 
+import time
 from typing import Any, Callable
 
 import common  # benchmarks/ is on sys.path: the scripts run from there
@@ -15,7 +16,7 @@ import numpy as np
 import pymetalnn
 
 COLS = ["bench", "dtype", "shape", "seconds", "spread", "GB/s", "copy_GB/s", "ratio_vs_copy",
-        "peer", "peer_seconds", "ratio_vs_peer"]
+        "host_us", "peer", "peer_seconds", "ratio_vs_peer"]
 
 
 def timer(dev: pymetalnn.Device) -> Callable[[Callable[[], Any]], tuple[float, float]]:
@@ -62,10 +63,19 @@ def case(dev: pymetalnn.Device, name: str, dtype: Any, shape: tuple, nbytes: int
     """Time `ours` (and `peer`), moving `nbytes` bytes; one result row."""
     t = timer(dev)
     med, spread = t(ours)
+    # host time per call (queued, not waited for): when it exceeds `seconds` on a GPU, the op is
+    # launch-bound and the GPU time above includes idle gaps
+    dev.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(5):
+        ours()
+    host = (time.perf_counter() - t0) / 5
+    dev.synchronize()
     row = {"bench": name, "backend": common.device_label(dev), "dtype": np.dtype(dtype).name,
            "shape": "x".join(map(str, shape)), "seconds": med, "spread": spread,
            "GB/s": nbytes / med / 1e9, "copy_GB/s": copy_gbs,
-           "ratio_vs_copy": nbytes / med / 1e9 / copy_gbs, "target": "ratio_vs_copy >= 0.85"}
+           "ratio_vs_copy": nbytes / med / 1e9 / copy_gbs, "host_us": host * 1e6,
+           "target": "ratio_vs_copy >= 0.85"}
     if peer is not None:
         if dev.name == "cuda":
             p_med, _ = common.time_cuda(peer)

@@ -16,9 +16,10 @@
 //    the batch), where neighbouring threads then read neighbouring addresses.
 //  - inner: the innermost merged dimension is reduced (the bias gradient [N, C, H*W] -> C, a full
 //    sum): one simdgroup per (output, split), lanes read consecutive elements, simd_sum at the end.
-// With few outputs the reduced range is cut into splits that write float partials, and a finish
-// kernel adds the partials of each output in a fixed order: deterministic, no atomics. Every sum is
-// accumulated in float whatever the storage type.
+// Both read 4 consecutive elements per load when the innermost dim allows it. With few outputs the
+// reduced range is cut into splits (enough loads in flight to cover memory latency) that write
+// float partials, and a finish kernel adds the partials of each output in a fixed order:
+// deterministic, no atomics. Every sum is accumulated in float whatever the storage type.
 #include <metal_stdlib>
 #include "params.h"
 using namespace metal;
@@ -170,7 +171,47 @@ inline float reduce_term(device const T* x0, device const T* x1, device const T*
     return arith_apply<OP>(a, b, c, 1.0f);
 }
 
-// outer: one thread per (output t, split s); the odometer c[] walks the reduced dims.
+// 4 consecutive elements along the innermost dim; s0, s1, s2 are the operands' strides there
+// (0: broadcast, splat; 1: one vector load at an offset that is a multiple of 4).
+template <int OP, typename T>
+inline float4 reduce_term4(device const T* x0, device const T* x1, device const T* x2,
+                           uint o0, uint o1, uint o2, uint s0, uint s1, uint s2) {
+    const int k = arith_arity<OP>();
+    const float4 a = load4(x0, o0, s0);
+    const float4 b = k >= 2 ? load4(x1, o1, s1) : float4(0.0f);
+    const float4 c = k >= 3 ? load4(x2, o2, s2) : float4(1.0f);
+    return arith_apply<OP>(a, b, c, 1.0f);
+}
+
+// Odometer step over the reduced dims c[0..nr): offsets o* follow the coordinates.
+inline void odometer_next(thread uint* c, constant ReduceParams& p, thread uint& o0, thread uint& o1,
+                          thread uint& o2) {
+    for (int d = int(p.nr) - 1; d >= 0; --d) {
+        o0 += p.rstride0[d];
+        o1 += p.rstride1[d];
+        o2 += p.rstride2[d];
+        if (++c[d] < p.rsize[d]) return;
+        c[d] = 0;
+        o0 -= p.rsize[d] * p.rstride0[d];
+        o1 -= p.rsize[d] * p.rstride1[d];
+        o2 -= p.rsize[d] * p.rstride2[d];
+    }
+}
+
+inline void odometer_init(uint r, thread uint* c, constant ReduceParams& p, thread uint& o0,
+                          thread uint& o1, thread uint& o2) {
+    for (int d = int(p.nr) - 1; d >= 0; --d) {
+        c[d] = r % p.rsize[d];
+        r /= p.rsize[d];
+        o0 += c[d] * p.rstride0[d];
+        o1 += c[d] * p.rstride1[d];
+        o2 += c[d] * p.rstride2[d];
+    }
+}
+
+// outer: one thread per (output t, split s), or per (4 consecutive outputs, split) when vec == 4
+// (the innermost kept dim is then a multiple of 4 and x0 is contiguous along it); the odometer
+// c[] walks the reduced dims.
 template <int OP, typename T>
 kernel void reduce_outer(device const T* x0 [[buffer(0)]],
                          device const T* x1 [[buffer(1)]],
@@ -182,45 +223,44 @@ kernel void reduce_outer(device const T* x0 [[buffer(0)]],
                          uint tg_size [[threads_per_threadgroup]],
                          uint n_groups [[threadgroups_per_grid]]) {
     const uint grid = tg_size * n_groups;
-    const uint total = p.n_out * p.splits;
+    const uint per_split = p.n_out / p.vec;
+    const uint total = per_split * p.splits;
+    const int kl = int(p.nk) - 1;
     for (uint item = gid; item < total; item += grid) {
-        const uint t = item % p.n_out;
-        const uint s = item / p.n_out;
+        const uint s = item / per_split;
+        const uint t = (item - s * per_split) * p.vec;
         uint o1, o2;
         uint o0 = kept_offset(t, p, o1, o2);
         const uint r0 = s * p.chunk;
         const uint r1 = min(p.n_red, r0 + p.chunk);
         uint c[8];
-        uint rest = r0;
-        for (int d = int(p.nr) - 1; d >= 0; --d) {
-            c[d] = rest % p.rsize[d];
-            rest /= p.rsize[d];
-            o0 += c[d] * p.rstride0[d];
-            o1 += c[d] * p.rstride1[d];
-            o2 += c[d] * p.rstride2[d];
-        }
-        float acc = 0.0f;
-        for (uint r = r0; r < r1; ++r) {
-            acc += reduce_term<OP>(x0, x1, x2, o0, o1, o2);
-            for (int d = int(p.nr) - 1; d >= 0; --d) {
-                o0 += p.rstride0[d];
-                o1 += p.rstride1[d];
-                o2 += p.rstride2[d];
-                if (++c[d] < p.rsize[d]) break;
-                c[d] = 0;
-                o0 -= p.rsize[d] * p.rstride0[d];
-                o1 -= p.rsize[d] * p.rstride1[d];
-                o2 -= p.rsize[d] * p.rstride2[d];
+        odometer_init(r0, c, p, o0, o1, o2);
+        if (p.vec == 4) {
+            float4 acc = float4(0.0f);
+            for (uint r = r0; r < r1; ++r) {
+                acc += reduce_term4<OP>(x0, x1, x2, o0, o1, o2, p.kstride0[kl], p.kstride1[kl],
+                                        p.kstride2[kl]);
+                odometer_next(c, p, o0, o1, o2);
             }
+            if (p.splits == 1) *((device vec<T, 4>*)(out + t)) = vec<T, 4>(acc * p.alpha);
+            else *((device float4*)(partial + s * p.n_out + t)) = acc;
+        } else {
+            float acc = 0.0f;
+            for (uint r = r0; r < r1; ++r) {
+                acc += reduce_term<OP>(x0, x1, x2, o0, o1, o2);
+                odometer_next(c, p, o0, o1, o2);
+            }
+            if (p.splits == 1) out[t] = T(acc * p.alpha);
+            else partial[s * p.n_out + t] = acc;
         }
-        if (p.splits == 1) out[t] = T(acc * p.alpha);
-        else partial[item] = acc;
     }
 }
 
 // inner: one simdgroup per (output t, split s). The split covers reduced elements
-// [s * chunk, (s + 1) * chunk) of the (rows, inner) space; lane l takes elements l, l + 32, ...
-// and tracks (row, col) incrementally, rows through the odometer c[] over the outer reduced dims.
+// [s * chunk, (s + 1) * chunk) of the (rows, inner) space; lane l takes elements V*l .. V*l+V-1,
+// then the next 32 V, and tracks (row, col) incrementally, rows through the odometer c[] over the
+// outer reduced dims. V = 4 (vector loads) when inner and chunk are multiples of 4, so a vector
+// never straddles two rows.
 template <int OP, typename T>
 [[max_total_threads_per_threadgroup(256)]]
 kernel void reduce_inner(device const T* x0 [[buffer(0)]],
@@ -235,43 +275,35 @@ kernel void reduce_inner(device const T* x0 [[buffer(0)]],
                          uint n_groups [[threadgroups_per_grid]]) {
     const uint n_sg = tg_size * n_groups / 32u;
     const uint total = p.n_out * p.splits;
+    const uint advance = 32u * p.vec;
     for (uint item = gid / 32u; item < total; item += n_sg) {
         const uint t = item % p.n_out;
         const uint s = item / p.n_out;
-        uint k1, k2;
-        const uint k0 = kept_offset(t, p, k1, k2);
+        uint b1, b2;
+        uint b0 = kept_offset(t, p, b1, b2);  // then: offsets of the current row
         const uint r0 = s * p.chunk;
         const uint r1 = min(p.n_red, r0 + p.chunk);
         float acc = 0.0f;
-        uint r = r0 + lane;
+        uint r = r0 + lane * p.vec;
         if (r < r1) {
             uint col = r % p.inner;
-            uint row = r / p.inner;
             uint c[8];
-            uint b0 = k0, b1 = k1, b2 = k2;  // offsets of the current row
-            for (int d = int(p.nr) - 1; d >= 0; --d) {
-                c[d] = row % p.rsize[d];
-                row /= p.rsize[d];
-                b0 += c[d] * p.rstride0[d];
-                b1 += c[d] * p.rstride1[d];
-                b2 += c[d] * p.rstride2[d];
-            }
-            for (; r < r1; r += 32u) {
-                acc += reduce_term<OP>(x0, x1, x2, b0 + col * p.istride0, b1 + col * p.istride1,
-                                       b2 + col * p.istride2);
-                col += 32u;
-                while (col >= p.inner && r + 32u < r1) {  // next row (inner >= 32: at most once)
+            odometer_init(r / p.inner, c, p, b0, b1, b2);
+            for (; r < r1; r += advance) {
+                const uint o0 = b0 + col * p.istride0;
+                const uint o1 = b1 + col * p.istride1;
+                const uint o2 = b2 + col * p.istride2;
+                if (p.vec == 4) {
+                    const float4 v = reduce_term4<OP>(x0, x1, x2, o0, o1, o2, p.istride0, p.istride1,
+                                                      p.istride2);
+                    acc += (v.x + v.y) + (v.z + v.w);
+                } else {
+                    acc += reduce_term<OP>(x0, x1, x2, o0, o1, o2);
+                }
+                col += advance;
+                while (col >= p.inner && r + advance < r1) {  // next row (at most once if inner >= advance)
                     col -= p.inner;
-                    for (int d = int(p.nr) - 1; d >= 0; --d) {
-                        b0 += p.rstride0[d];
-                        b1 += p.rstride1[d];
-                        b2 += p.rstride2[d];
-                        if (++c[d] < p.rsize[d]) break;
-                        c[d] = 0;
-                        b0 -= p.rsize[d] * p.rstride0[d];
-                        b1 -= p.rsize[d] * p.rstride1[d];
-                        b2 -= p.rsize[d] * p.rstride2[d];
-                    }
+                    odometer_next(c, p, b0, b1, b2);
                 }
             }
         }

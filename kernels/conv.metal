@@ -13,7 +13,9 @@
 // double-buffered in threadgroup memory with the next slice's global loads in flight during the
 // FMAs, one barrier per slice. The reduction is ordered (kernel tap, channel) so that one slice
 // is one tap and BK consecutive channels: the bounds check and address of a tap are computed
-// once per slice and row, and the channel loop is a constant stride.
+// once per slice and row, and the channel loop is a constant stride. Weights are first packed
+// tap-major (conv2d_pack_weight) so a slice's weights are BK contiguous runs: in the
+// (K, C/G, KH, KW) layout each of them would sit in its own 32-byte sector.
 // The input gradient with stride > 1 is split into SH*SW phases (output rows h with the same
 // h mod SH): inside a phase the taps that reach a row are the same for every row, so no slice is
 // spent on the zeros a stride inserts, and a phase's rows read dy contiguously.
@@ -174,6 +176,39 @@ kernel void conv2d_bwd_bias(device const T* dy [[buffer(0)]],
     }
 }
 
+// Weights for the tiled kernels, tap-major with the GEMM column contiguous, so a slice (one tap,
+// BK rows) is BK contiguous runs and a warp's loads coalesce (in the (K, C/G, KH, KW) layout
+// every element of a slice sits in its own 32-byte sector):
+//   k_inner = 1 (forward):         out[g][r*KW + s][c][k] = w[g*Kg + k][c][r][s]
+//   k_inner = 0 (input gradient):  out[g][r*KW + s][k][c] = w[g*Kg + k][c][r][s]
+template <typename T>
+[[max_total_threads_per_threadgroup(256)]]
+kernel void conv2d_pack_weight(device const T* w [[buffer(0)]],
+                               device T* out [[buffer(1)]],
+                               constant Conv2dParams& p [[buffer(2)]],
+                               constant uint& k_inner [[buffer(3)]],
+                               uint gid [[thread_position_in_grid]],
+                               uint tpg [[threads_per_threadgroup]],
+                               uint ntg [[threadgroups_per_grid]]) {
+    const uint KHW = p.KH * p.KW, total = p.K * p.Cg * KHW;
+    for (uint i = gid; i < total; i += tpg * ntg) {
+        uint k, c, t;
+        if (k_inner != 0) {
+            k = i % p.Kg;
+            t = i / p.Kg;
+            c = t % p.Cg;
+            t /= p.Cg;
+        } else {
+            c = i % p.Cg;
+            t = i / p.Cg;
+            k = t % p.Kg;
+            t /= p.Kg;
+        }
+        uint rs = t % KHW, g = t / KHW;
+        out[i] = w[((g * p.Kg + k) * p.Cg + c) * KHW + rs];
+    }
+}
+
 // ============================================================================================
 // Tiled implicit GEMM. Thread t of the 256 owns output rows tm*4 + q + i*(BM/RM) (q < 4,
 // i < RM = TM/4) and columns tn*4 + u + j*(BN/RN), tm = t % (BM/TM), tn = t / (BM/TM): a warp
@@ -209,7 +244,7 @@ inline void tile_fma(threadgroup const vec<A, 4>* As, threadgroup const vec<A, 4
 // Slice (r, s, c0): As[kk][m] = x[n, g*Cg + c0 + kk, oh*SH - PH + r*DH, ow*SW - PW + s*DW],
 // Bs[kk][k] = w[g*Kg + k, c0 + kk, r, s]. Thread t loads row m = t % BM of As at depths
 // t / BM + j * (256 / BM), and column t % BN of Bs at depths t / BN + j * (256 / BN).
-template <typename T, typename A, int BM, int BN, int BK, int TM, int TN>
+template <typename T, typename A, int BM, int BN, int BK, int TM, int TN, bool PACKED>
 [[max_total_threads_per_threadgroup(256)]]
 kernel void conv2d_fwd_tiled(device const T* x [[buffer(0)]],
                              device const T* w [[buffer(1)]],
@@ -249,7 +284,11 @@ kernel void conv2d_fwd_tiled(device const T* x [[buffer(0)]],
         const int ih0 = int((ohw / p.OW) * p.SH) - p.PH, iw0 = int((ohw % p.OW) * p.SW) - p.PW;
         device const T* xrow = x + (img * p.C + g * p.Cg) * HW;
         const bool nok = n0 + bn < p.Kg;
-        device const T* wcol = w + (g * p.Kg + (nok ? n0 + bn : 0)) * p.Cg * KHW;
+        const uint ncol = nok ? n0 + bn : 0;
+        // packed: w[g][r*KW + s][c][k] (conv2d_pack_weight), else w[g*Kg + k][c][r][s]
+        device const T* wcol = PACKED ? w + g * KHW * p.Cg * p.Kg + ncol
+                                      : w + (g * p.Kg + ncol) * p.Cg * KHW;
+        const uint wcs = PACKED ? p.Kg : KHW, wrs = PACKED ? p.Cg * p.Kg : 1u;
 
         A acc[TM][TN];
 #pragma unroll
@@ -269,11 +308,11 @@ kernel void conv2d_fwd_tiled(device const T* x [[buffer(0)]],
                     uint c = c0 + ak + j * DA;
                     ra[j] = ok && c < p.Cg ? A(xs[c * HW]) : A(0);
                 }
-                device const T* ws = wcol + r * p.KW + s;
+                device const T* ws = wcol + (r * p.KW + s) * wrs;
 #pragma unroll
                 for (int j = 0; j < LB; ++j) {
                     uint c = c0 + bk + j * DB;
-                    rb[j] = nok && c < p.Cg ? A(ws[c * KHW]) : A(0);
+                    rb[j] = nok && c < p.Cg ? A(ws[c * wcs]) : A(0);
                 }
                 c0 += BK;
                 if (c0 >= p.Cg) {
@@ -344,7 +383,7 @@ inline uint conv_first_tap(uint ph, int pad, uint d, uint st, uint k) {
     return k;
 }
 
-template <typename T, typename A, int BM, int BN, int BK, int TM, int TN>
+template <typename T, typename A, int BM, int BN, int BK, int TM, int TN, bool PACKED>
 [[max_total_threads_per_threadgroup(256)]]
 kernel void conv2d_bwd_data_tiled(device const T* dy [[buffer(0)]],
                                   device const T* w [[buffer(1)]],
@@ -396,7 +435,11 @@ kernel void conv2d_bwd_data_tiled(device const T* dy [[buffer(0)]],
         const int hq = int(hw / Wq), wq = int(hw % Wq);
         device const T* dyrow = dy + (img * p.K + g * p.Kg) * OHW;
         const bool nok = n0 + bn < p.Cg;
-        device const T* wcol = w + (g * p.Kg * p.Cg + (nok ? n0 + bn : 0)) * KHW;
+        const uint ccol = nok ? n0 + bn : 0;
+        // packed: w[g][r*KW + s][k][c] (conv2d_pack_weight), else w[g*Kg + k][c][r][s]
+        device const T* wcol = PACKED ? w + g * KHW * p.Kg * p.Cg + ccol
+                                      : w + (g * p.Kg * p.Cg + ccol) * KHW;
+        const uint wks = PACKED ? p.Cg : p.Cg * KHW, wrs = PACKED ? p.Kg * p.Cg : 1u;
 
         A acc[TM][TN];
 #pragma unroll
@@ -418,11 +461,11 @@ kernel void conv2d_bwd_data_tiled(device const T* dy [[buffer(0)]],
                     uint k = k0 + ak + j * DA;
                     ra[j] = ok && k < p.Kg ? A(ds[k * OHW]) : A(0);
                 }
-                device const T* ws = wcol + r * p.KW + s;
+                device const T* ws = wcol + (r * p.KW + s) * wrs;
 #pragma unroll
                 for (int j = 0; j < LB; ++j) {
                     uint k = k0 + bk + j * DB;
-                    rb[j] = nok && k < p.Kg ? A(ws[k * p.Cg * KHW]) : A(0);
+                    rb[j] = nok && k < p.Kg ? A(ws[k * wks]) : A(0);
                 }
                 k0 += BK;
                 if (k0 >= p.Kg) {
@@ -607,21 +650,22 @@ kernel void conv2d_bwd_weight_tiled(device const T* dy [[buffer(0)]],
 #define CONV_INST_PREC(NAME, T, A)                                                                 \
     CONV_INST("conv2d_fwd_direct_" NAME, conv2d_fwd_direct, T, A)                                  \
     CONV_INST("conv2d_bwd_data_direct_" NAME, conv2d_bwd_data_direct, T, A)                        \
-    CONV_INST("conv2d_fwd_t128x64_" NAME, conv2d_fwd_tiled, T, A, 128, 64, 8, 8, 4)                \
-    CONV_INST("conv2d_fwd_t128x128_" NAME, conv2d_fwd_tiled, T, A, 128, 128, 8, 8, 8)              \
-    CONV_INST("conv2d_fwd_t64x64_" NAME, conv2d_fwd_tiled, T, A, 64, 64, 8, 4, 4)                  \
-    CONV_INST("conv2d_fwd_t128x32_" NAME, conv2d_fwd_tiled, T, A, 128, 32, 8, 4, 4)                \
-    CONV_INST("conv2d_bwd_data_t128x64_" NAME, conv2d_bwd_data_tiled, T, A, 128, 64, 8, 8, 4)      \
-    CONV_INST("conv2d_bwd_data_t128x128_" NAME, conv2d_bwd_data_tiled, T, A, 128, 128, 8, 8, 8)    \
-    CONV_INST("conv2d_bwd_data_t64x64_" NAME, conv2d_bwd_data_tiled, T, A, 64, 64, 8, 4, 4)        \
-    CONV_INST("conv2d_bwd_data_t128x32_" NAME, conv2d_bwd_data_tiled, T, A, 128, 32, 8, 4, 4)      \
+    CONV_INST("conv2d_fwd_t128x64_" NAME, conv2d_fwd_tiled, T, A, 128, 64, 8, 8, 4, true)                \
+    CONV_INST("conv2d_fwd_t128x128_" NAME, conv2d_fwd_tiled, T, A, 128, 128, 8, 8, 8, true)              \
+    CONV_INST("conv2d_fwd_t64x64_" NAME, conv2d_fwd_tiled, T, A, 64, 64, 8, 4, 4, true)                  \
+    CONV_INST("conv2d_fwd_t128x32_" NAME, conv2d_fwd_tiled, T, A, 128, 32, 8, 4, 4, true)                \
+    CONV_INST("conv2d_bwd_data_t128x64_" NAME, conv2d_bwd_data_tiled, T, A, 128, 64, 8, 8, 4, true)      \
+    CONV_INST("conv2d_bwd_data_t128x128_" NAME, conv2d_bwd_data_tiled, T, A, 128, 128, 8, 8, 8, true)    \
+    CONV_INST("conv2d_bwd_data_t64x64_" NAME, conv2d_bwd_data_tiled, T, A, 64, 64, 8, 4, 4, true)        \
+    CONV_INST("conv2d_bwd_data_t128x32_" NAME, conv2d_bwd_data_tiled, T, A, 128, 32, 8, 4, 4, true)      \
     CONV_INST("conv2d_bwd_weight_t64x64_" NAME, conv2d_bwd_weight_tiled, T, A, 64, 64, 16, 4, 4)   \
     CONV_INST("conv2d_bwd_weight_t64x128_" NAME, conv2d_bwd_weight_tiled, T, A, 64, 128, 16, 4, 8) \
     CONV_INST("conv2d_bwd_weight_t128x128_" NAME, conv2d_bwd_weight_tiled, T, A, 128, 128, 8, 8, 8)
 
 #define CONV_INST_STORAGE(NAME, T)                                                                 \
     CONV_INST("conv2d_bwd_reduce_" NAME, conv2d_bwd_reduce, T)                                     \
-    CONV_INST("conv2d_bwd_bias_" NAME, conv2d_bwd_bias, T)
+    CONV_INST("conv2d_bwd_bias_" NAME, conv2d_bwd_bias, T)                                         \
+    CONV_INST("conv2d_pack_weight_" NAME, conv2d_pack_weight, T)
 
 #ifndef CONV_NO_INSTANCES
 CONV_INST_PREC("float", float, float)

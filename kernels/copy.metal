@@ -2,16 +2,19 @@
 // NHWC, batch-first <-> time-major) and batched matrix transposes.
 //
 // Everything here moves bytes and computes nothing, so the only goal is copy bandwidth:
-//  - copy_block: a rows x cols block with source and destination pitches and offsets, which is
-//    what one operand of a concat or one piece of a split is once the tensor is viewed as
-//    (prod(dims before the axis), axis * prod(dims after)). 4 elements per thread (128-bit fp32
-//    accesses) whenever cols, pitches and offsets are multiples of 4; it also casts
+//  - concat8 / split8: a tensor viewed around the axis is a matrix (prod(dims before the axis),
+//    axis * prod(dims after)); each operand of a concat (piece of a split) is a block of its
+//    columns. Up to 8 operands per launch (buffers are bound one by one: the metal backend has no
+//    views), so an LSTM's 64 time steps take 8 launches, not 64.
+//  - copy_block: one block with source and destination pitches and offsets; also casts
 //    float <-> half (the conversion is free next to the memory traffic).
 //  - permute: a gather through permuted strides, coalesced (and vectorized) when the innermost
 //    dimension stays innermost, e.g. (N, T, F) -> (T, N, F).
 //  - transpose: permutations that move the innermost dimension ((N, C, HW) -> (N, HW, C)) as
 //    batched matrix transposes through a 32 x 33 threadgroup tile (the padding column keeps the
 //    column reads free of bank conflicts), so reads and writes are both coalesced.
+// All but transpose move 4 elements per thread (128-bit fp32 accesses) whenever the widths,
+// pitches and offsets are multiples of 4.
 #include <metal_stdlib>
 #include "params.h"
 using namespace metal;
@@ -35,6 +38,77 @@ kernel void copy_block(device const Tin* src [[buffer(0)]],
         } else {
             dst[d] = Tout(src[s]);
         }
+    }
+}
+
+// Up to 8 parts per launch (an LSTM's T steps, a channel concat): the item's part is found by
+// comparing against the parts' first items, then it is a block copy.
+inline uint concat_part(uint item, constant ConcatParams& p) {
+    uint i = 0;
+    for (uint j = 1; j < p.parts; ++j) i = item >= p.start[j] ? j : i;
+    return i;
+}
+
+template <typename T>
+inline device const T* pick8(uint i, device const T* a0, device const T* a1, device const T* a2,
+                             device const T* a3, device const T* a4, device const T* a5,
+                             device const T* a6, device const T* a7) {
+    return i < 4u ? (i < 2u ? (i == 0u ? a0 : a1) : (i == 2u ? a2 : a3))
+                  : (i < 6u ? (i == 4u ? a4 : a5) : (i == 6u ? a6 : a7));
+}
+
+template <typename T>
+inline device T* pick8w(uint i, device T* a0, device T* a1, device T* a2, device T* a3,
+                        device T* a4, device T* a5, device T* a6, device T* a7) {
+    return i < 4u ? (i < 2u ? (i == 0u ? a0 : a1) : (i == 2u ? a2 : a3))
+                  : (i < 6u ? (i == 4u ? a4 : a5) : (i == 6u ? a6 : a7));
+}
+
+template <typename T>
+kernel void concat8(device const T* s0 [[buffer(0)]], device const T* s1 [[buffer(1)]],
+                    device const T* s2 [[buffer(2)]], device const T* s3 [[buffer(3)]],
+                    device const T* s4 [[buffer(4)]], device const T* s5 [[buffer(5)]],
+                    device const T* s6 [[buffer(6)]], device const T* s7 [[buffer(7)]],
+                    device T* dst [[buffer(8)]],
+                    constant ConcatParams& p [[buffer(9)]],
+                    uint gid [[thread_position_in_grid]],
+                    uint tg_size [[threads_per_threadgroup]],
+                    uint n_groups [[threadgroups_per_grid]]) {
+    const uint grid = tg_size * n_groups;
+    for (uint item = gid; item < p.n; item += grid) {
+        const uint i = concat_part(item, p);
+        const uint per_row = p.cols[i] / p.vec;
+        const uint local = item - p.start[i];
+        const uint r = local / per_row;
+        const uint c = (local - r * per_row) * p.vec;
+        device const T* src = pick8(i, s0, s1, s2, s3, s4, s5, s6, s7) + r * p.cols[i] + c;
+        device T* d = dst + r * p.pitch + p.off[i] + c;
+        if (p.vec == 4) *((device vec<T, 4>*)d) = *((device const vec<T, 4>*)src);
+        else *d = *src;
+    }
+}
+
+template <typename T>
+kernel void split8(device const T* src [[buffer(0)]],
+                   device T* d0 [[buffer(1)]], device T* d1 [[buffer(2)]],
+                   device T* d2 [[buffer(3)]], device T* d3 [[buffer(4)]],
+                   device T* d4 [[buffer(5)]], device T* d5 [[buffer(6)]],
+                   device T* d6 [[buffer(7)]], device T* d7 [[buffer(8)]],
+                   constant ConcatParams& p [[buffer(9)]],
+                   uint gid [[thread_position_in_grid]],
+                   uint tg_size [[threads_per_threadgroup]],
+                   uint n_groups [[threadgroups_per_grid]]) {
+    const uint grid = tg_size * n_groups;
+    for (uint item = gid; item < p.n; item += grid) {
+        const uint i = concat_part(item, p);
+        const uint per_row = p.cols[i] / p.vec;
+        const uint local = item - p.start[i];
+        const uint r = local / per_row;
+        const uint c = (local - r * per_row) * p.vec;
+        device const T* s = src + r * p.pitch + p.off[i] + c;
+        device T* d = pick8w(i, d0, d1, d2, d3, d4, d5, d6, d7) + r * p.cols[i] + c;
+        if (p.vec == 4) *((device vec<T, 4>*)d) = *((device const vec<T, 4>*)s);
+        else *d = *s;
     }
 }
 
@@ -107,7 +181,9 @@ kernel void transpose_tiled(device const T* x [[buffer(0)]],
     template [[host_name("permute_fwd_" #T)]] [[kernel]] decltype(permute_gather<T>)        \
         permute_gather<T>;                                                                  \
     template [[host_name("transpose_fwd_" #T)]] [[kernel]] decltype(transpose_tiled<T>)     \
-        transpose_tiled<T>;
+        transpose_tiled<T>;                                                                 \
+    template [[host_name("concat_fwd_" #T)]] [[kernel]] decltype(concat8<T>) concat8<T>;   \
+    template [[host_name("split_fwd_" #T)]] [[kernel]] decltype(split8<T>) split8<T>;
 
 instantiate_move(float)
 instantiate_move(half)

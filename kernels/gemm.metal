@@ -15,13 +15,13 @@
 // * Threadgroup tiles are stored k-major as 4-vectors along m (n): As[k][m/4], so the inner loop
 //   reads whole float4s (128-bit shared loads on cuda). Each thread's 8 rows are two runs of 4,
 //   64 apart, and so are its columns: a SIMD-group then reads 2 distinct As and 16 consecutive Bs
-//   vectors per k -- broadcast / conflict-free. Rows are padded by one vector so the copy-in of
-//   K-contiguous operands (below) does not hit the same bank 8 times.
-// * Every layout goes through the same copy-in: a thread fetches 4 consecutive m (n) at one k.
-//   If the operand is contiguous along m (n) (A^T, or B, as stored) that is one 16-byte load
-//   when aligned (flag GEMM_VEC_A/B, host-checked) and in bounds; if it is contiguous along K
-//   (A, or B^T) that is 4 scalar loads from 4 rows, with consecutive threads on consecutive k so
-//   a SIMD-group still reads whole 32-byte sectors. Transposes are runtime flags: the branch is
+//   vectors per k -- broadcast / conflict-free. Rows are padded by one vector so that the
+//   transposing stores of K-contiguous operands (below) spread over all 32 banks.
+// * Every layout goes through the same copy-in, 4-vectors along the direction the operand is
+//   contiguous in: along m (n) for A^T (B) as stored -- one vector store into the tile -- or along
+//   K for A (B^T) -- 4 scalar stores, the transpose happens on the way into threadgroup memory.
+//   Slices inside the matrix with aligned rows (GEMM_VEC_A/B, host-checked) take unguarded
+//   16-byte loads; edge slices check every element. Transposes are runtime flags: the branch is
 //   uniform and only in the copy-in, and one kernel per (tile, precision) keeps the library small.
 // * Double buffering: the next slice is fetched into registers before the FMAs on the current
 //   one and stored to the other buffer after them, so global latency hides behind arithmetic and
@@ -29,9 +29,11 @@
 // * Any M, N, K: slices past the edge are zero-filled, stores are guarded; the vector paths are
 //   taken only for whole in-bounds aligned quads.
 // * Small grids (few output tiles, long K: the 256 x 4096 x 4096 linear layer has 64 tiles of
-//   128 x 128 for 132 SMs) split K over `k_splits` threadgroups writing partial sums (ACC) to a
-//   workspace; gemm_fwd_splitk_* adds them in a fixed order (deterministic) and applies the
-//   epilogue. The reduction over the batch (reduce_batch) is the same loop over a longer K.
+//   128 x 128 for 132 SMs) split K over `k_splits` threadgroups; the same kernel then writes raw
+//   partial sums (ACC) to a workspace and gemm_fwd_splitk_sum_* adds them in a fixed order
+//   (deterministic) and applies the epilogue. The reduction over the batch (reduce_batch) is the
+//   same loop over a longer K. ptxas gives the 128 x 128 kernels <= 128 registers (two
+//   threadgroups per SM); keep an eye on that (benchmarks/dev_gemm.py, `ptxas -v`) when editing.
 // * Output tiles are visited in groups of GEMM_GROUP_M tile-rows so that threadgroups running at
 //   the same time share panels of A and B in L2.
 // * Precision: ACC is the accumulator and threadgroup-tile type. float: fp32 storage and
@@ -125,23 +127,23 @@ inline void gemm_stash(threadgroup vec<ACC, 4>* tile, thread const vec<T, 4>* re
 }
 
 // ---- epilogue of one quad of C: v = alpha * acc + bias + beta * C, rounded once to T.
-template <typename T, typename ACC>
-inline void gemm_store_quad(device T* c, device const T* bias, constant GemmParams& p,
-                            vec<ACC, 4> acc, uint n, bool vec_ok) {
-    float4 v = p.alpha * float4(acc);
-    if (p.flags & GEMM_BIAS) {
+template <typename T, typename ACC, typename B>
+inline void gemm_store_quad(device T* c, device const B* bias, float alpha, float beta, uint flags,
+                            uint N, vec<ACC, 4> acc, uint n, bool vec_ok) {
+    float4 v = alpha * float4(acc);
+    if (flags & GEMM_BIAS) {
         for (uint j = 0; j < 4u; ++j) {
-            if (n + j < p.N) v[j] += float(bias[n + j]);
+            if (n + j < N) v[j] += float(bias[n + j]);
         }
     }
-    if (vec_ok && n + 3u < p.N) {
-        if (p.flags & GEMM_BETA) v += p.beta * float4(*((device vec<T, 4>*)c));
+    if (vec_ok && n + 3u < N) {
+        if (flags & GEMM_BETA) v += beta * float4(*((device vec<T, 4>*)c));
         *((device vec<T, 4>*)c) = vec<T, 4>(v);
     } else {
         for (uint j = 0; j < 4u; ++j) {
-            if (n + j < p.N) {
+            if (n + j < N) {
                 float w = v[j];
-                if (p.flags & GEMM_BETA) w += p.beta * float(c[j]);
+                if (flags & GEMM_BETA) w += beta * float(c[j]);
                 c[j] = T(w);
             }
         }
@@ -149,12 +151,17 @@ inline void gemm_store_quad(device T* c, device const T* bias, constant GemmPara
 }
 
 // ---- the tiled kernel. Grid: tiles_m * tiles_n * (reduce_batch ? 1 : batch) * k_splits
-// threadgroups of 256; group g -> (tile, batch entry, split) with the tile fastest.
-template <typename T, typename ACC, int BM, int BN, int BK>
+// threadgroups of 256; group g -> (tile, batch entry, split) with the tile fastest; the output of
+// (batch entry e, split s) is the matrix C + (s * nb + e) * stride_c. With k_splits > 1 the host
+// points C at the workspace (stride_c = M * N, alpha = 1, no bias, no beta) so this same kernel
+// stores raw partial sums, in ACC precision: TC = ACC (a separate instantiation only for half
+// storage with float accumulation). One kernel for both keeps ptxas at <= 128 registers (two
+// threadgroups per SM); a runtime branch between two epilogues pushed it to 157.
+template <typename T, typename ACC, typename TC, int BM, int BN, int BK>
 [[max_total_threads_per_threadgroup(256)]]
 kernel void gemm_tiled(device const T* A [[buffer(0)]], device const T* B [[buffer(1)]],
-                       device T* C [[buffer(2)]], device const T* bias [[buffer(3)]],
-                       device ACC* work [[buffer(4)]], constant GemmParams& p [[buffer(5)]],
+                       device TC* C [[buffer(2)]], device const T* bias [[buffer(3)]],
+                       constant GemmParams& p [[buffer(4)]],
                        uint tid [[thread_position_in_threadgroup]],
                        uint group [[threadgroup_position_in_grid]]) {
     constexpr int TM = BM / 16, TN = BN / 16;     // per-thread block of C (16 x 16 threads)
@@ -253,7 +260,7 @@ kernel void gemm_tiled(device const T* A [[buffer(0)]], device const T* B [[buff
 
     // thread (ty, tx) holds rows m0 + 64 * (i / 4) + 4 * ty + i % 4, columns n0 + 64 * j + 4 * tx
     bool vc = (p.flags & GEMM_VEC_C) != 0u;
-    bool vw = (p.N % 4u) == 0u;
+    device TC* c0 = C + (ulong)(split * nb + bo) * p.stride_c;
 #pragma unroll
     for (int i = 0; i < TM; ++i) {
         uint m = m0 + 64u * uint(i / 4) + 4u * ty + uint(i % 4);
@@ -262,28 +269,17 @@ kernel void gemm_tiled(device const T* A [[buffer(0)]], device const T* B [[buff
         for (int j = 0; j < TN / 4; ++j) {
             uint n = n0 + 64u * uint(j) + 4u * tx;
             if (n >= p.N) continue;
-            if (p.k_splits > 1u) {  // partial sums, finished by gemm_fwd_splitk
-                device ACC* w = work + ((ulong)(split * nb + bo) * p.M + m) * p.N + n;
-                if (vw && n + 3u < p.N) {
-                    *((device vec<ACC, 4>*)w) = acc[i][j];
-                } else {
-                    for (uint q = 0; q < 4u; ++q) {
-                        if (n + q < p.N) w[q] = acc[i][j][q];
-                    }
-                }
-            } else {
-                gemm_store_quad<T, ACC>(C + (ulong)bo * p.stride_c + m * p.ldc + n, bias, p,
+            gemm_store_quad<TC, ACC, T>(c0 + m * p.ldc + n, bias, p.alpha, p.beta, p.flags, p.N,
                                         acc[i][j], n, vc);
-            }
         }
     }
 }
 
-// Split-K finish: C = alpha * (sum of the k_splits partials, in split order) + bias + beta * C.
+// Split-K sum: C = alpha * (sum of the k_splits partials, in split order) + bias + beta * C.
 // One thread per element of C.
 template <typename T, typename ACC>
 [[max_total_threads_per_threadgroup(256)]]
-kernel void gemm_splitk(device T* C [[buffer(0)]], device const T* bias [[buffer(1)]],
+kernel void gemm_splitk_sum(device T* C [[buffer(0)]], device const T* bias [[buffer(1)]],
                         device const ACC* work [[buffer(2)]], constant GemmParams& p [[buffer(3)]],
                         uint gid [[thread_position_in_grid]]) {
     uint nb = p.reduce_batch ? 1u : p.batch;
@@ -325,22 +321,24 @@ kernel void linear_bias_grad(device const T* g [[buffer(0)]], device T* out [[bu
     }
 }
 
-// ---- instantiations: gemm_fwd_<BM>x<BN>_<variant>, gemm_fwd_splitk_<variant>,
+// ---- instantiations: gemm_fwd_<BM>x<BN>_<variant> (+ _splitk_half: half storage, float
+// partial sums), gemm_fwd_splitk_sum_<variant>,
 // linear_bwd_bias_<variant>, variant = float | half | hacc_half (see the design note).
 #define GEMM_STR_(x) #x
 #define GEMM_STR(x) GEMM_STR_(x)
 #define GEMM_KERNEL(NAME, FN, ...) \
     template [[host_name(GEMM_STR(NAME))]] [[kernel]] decltype(FN<__VA_ARGS__>) FN<__VA_ARGS__>;
 
-#define GEMM_INST(TILE, BM, BN, BK)                                                \
-    GEMM_KERNEL(gemm_fwd_##TILE##_float, gemm_tiled, float, float, BM, BN, BK)     \
-    GEMM_KERNEL(gemm_fwd_##TILE##_half, gemm_tiled, half, float, BM, BN, BK)       \
-    GEMM_KERNEL(gemm_fwd_##TILE##_hacc_half, gemm_tiled, half, half, BM, BN, BK)
+#define GEMM_INST(TILE, BM, BN, BK)                                                              \
+    GEMM_KERNEL(gemm_fwd_##TILE##_float, gemm_tiled, float, float, float, BM, BN, BK)            \
+    GEMM_KERNEL(gemm_fwd_##TILE##_half, gemm_tiled, half, float, half, BM, BN, BK)               \
+    GEMM_KERNEL(gemm_fwd_##TILE##_hacc_half, gemm_tiled, half, half, half, BM, BN, BK)           \
+    GEMM_KERNEL(gemm_fwd_##TILE##_splitk_half, gemm_tiled, half, float, float, BM, BN, BK)
 GEMM_INST(128x128, 128, 128, 8)
 GEMM_INST(64x64, 64, 64, 16)
 
 #define GEMM_INST_PREC(VARIANT, T, ACC)                                \
-    GEMM_KERNEL(gemm_fwd_splitk_##VARIANT, gemm_splitk, T, ACC)        \
+    GEMM_KERNEL(gemm_fwd_splitk_sum_##VARIANT, gemm_splitk_sum, T, ACC)\
     GEMM_KERNEL(linear_bwd_bias_##VARIANT, linear_bias_grad, T, ACC)
 GEMM_INST_PREC(float, float, float)
 GEMM_INST_PREC(half, half, float)

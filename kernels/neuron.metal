@@ -5,9 +5,10 @@
 // memory-bound (one or two reads and one write per element, a handful of flops), so the kernels
 // are shaped for bandwidth only: each thread moves two 4-vectors (32 bytes of float or 16 of half
 // per stream) with aligned vector loads, and the last n % 8 elements are done by one extra thread
-// each. Storage may be half; arithmetic is always float (half values are widened on load and
-// rounded once on store). Backward recomputes from x rather than from the forward's output so the
-// API is uniform (f_backward(grad_out, x, options)); the recomputation is free next to the traffic.
+// each (all elements, when a tensor is a view at an unaligned offset). Storage may be half;
+// arithmetic is always float (half values are widened on load and rounded once on store).
+// Backward recomputes from x rather than from the forward's output so the API is uniform
+// (f_backward(grad_out, x, options)); the recomputation is free next to the traffic.
 //
 // Conventions follow torch.nn.functional, including its choices at kinks and for NaN: relu's
 // gradient at 0 is 0, hardsigmoid's gradient at +-3 is 0, NaN inputs give NaN outputs.
@@ -175,9 +176,10 @@ struct LinearNeuron {  // a x + b
 };
 
 // ---- kernels -------------------------------------------------------------------------------
-// Thread gid < n/8 does elements [8 gid, 8 gid + 8) with two aligned 4-vector loads per stream
-// (buffers are at least 16-byte aligned on every backend); thread n/8 + j does element
-// 8 (n/8) + j for j < n % 8. Launch count: n/8 + n%8.
+// Thread gid < nvec does elements [8 gid, 8 gid + 8) with two 4-vector loads per stream; thread
+// nvec + j does element 8 nvec + j, for j < n - 8 nvec. Launch count: n - 7 nvec. The host sets
+// nvec = n / 8 when every buffer is 4-vector aligned (always, unless a tensor is a view at an odd
+// offset), else 0.
 template <typename T, typename Op>
 [[max_total_threads_per_threadgroup(256)]]
 kernel void neuron_fwd(device const T* x [[buffer(0)]],
@@ -185,7 +187,7 @@ kernel void neuron_fwd(device const T* x [[buffer(0)]],
                        constant NeuronParams& p [[buffer(2)]],
                        uint gid [[thread_position_in_grid]]) {
     NeuronParams q = p;
-    uint nvec = q.n / 8u;
+    uint nvec = q.nvec;
     if (gid < nvec) {
         device const vec<T, 4>* xv = (device const vec<T, 4>*)x;
         device vec<T, 4>* yv = (device vec<T, 4>*)y;
@@ -212,7 +214,7 @@ kernel void neuron_bwd(device const T* g [[buffer(0)]],
                        constant NeuronParams& p [[buffer(3)]],
                        uint gid [[thread_position_in_grid]]) {
     NeuronParams q = p;
-    uint nvec = q.n / 8u;
+    uint nvec = q.nvec;
     if (gid < nvec) {
         device const vec<T, 4>* gv = (device const vec<T, 4>*)g;
         device const vec<T, 4>* xv = (device const vec<T, 4>*)x;

@@ -46,24 +46,31 @@ struct LinearBiasGradParams {
 // -- pool.metal / neuron.metal (pooling and activation family) --
 // NeuronParams (neuron.metal): y = f(x) over n elements; a, b are the op's scalars:
 // leaky_relu a = negative_slope; elu a = alpha; softplus a = beta, b = threshold;
-// hard_sigmoid y = clamp(a x + b, 0, 1); linear_neuron y = a x + b.
+// hard_sigmoid y = clamp(a x + b, 0, 1); linear_neuron y = a x + b. nvec: 8-element vector
+// groups (n / 8 when every buffer is 4-vector aligned, else 0: all scalar).
 struct NeuronParams {
-    uint n;
+    uint n, nvec;
     float a, b;
 };
 // Pool2dParams (pool.metal, max/avg pooling): x (N*C planes of IH x IW) -> (OH x OW) per plane.
 // Window of output (oh, ow): rows oh*SH - PH + r*DH for r < KH, likewise columns.
+// m_X, s_X: magic multiplier and shift dividing by X without a hardware divide (pool.metal's
+// magic_div; computed by pymetalnn.ops.pool): out = OH*OW, in = IH*IW, ow = OW, iw = IW, sh = SH, ...
 struct Pool2dParams {
     uint planes;          // N * C
     uint IH, IW, OH, OW;
     int KH, KW, SH, SW, PH, PW, DH, DW;
     uint flags;           // POOL_* bits (pool.metal)
     uint divisor;         // avg: divisor_override, 0 = none
+    uint m_out, s_out, m_in, s_in, m_ow, s_ow, m_iw, s_iw;
+    uint m_sh, s_sh, m_sw, s_sw, m_dh, s_dh, m_dw, s_dw;
 };
 // AdaptivePool2dParams (pool.metal): output cell (oh, ow) averages rows
-// [floor(oh*IH/OH), ceil((oh+1)*IH/OH)) and likewise columns.
+// [floor(oh*IH/OH), ceil((oh+1)*IH/OH)) and likewise columns. m_X, s_X as in Pool2dParams.
 struct AdaptivePool2dParams {
     uint planes, IH, IW, OH, OW;
+    uint vec;             // global pooling: 1 = planes start 4-vector aligned (vector loads)
+    uint m_out, s_out, m_in, s_in, m_ow, s_ow, m_iw, s_iw, m_oh, s_oh, m_ih, s_ih;
 };
 
 // -- arith.metal / copy.metal / dropout.metal (arithmetic, shape and dropout family) --
@@ -90,6 +97,7 @@ struct ReduceParams {
     uint nk;           // kept dimensions
     uint nr;           // reduced dimensions (inner kernels: excluding the innermost)
     float alpha;       // factor applied to the sum (mean: 1 / count)
+    uint vec;          // 4: 4 consecutive elements per load (outer: outputs, inner: reduced)
     uint istride0, istride1, istride2;  // inner kernels: strides of the innermost reduced dim
     uint ksize[8];
     uint kstride0[8];
@@ -123,6 +131,18 @@ struct TransposeParams {
     uint batch, rows, cols;
     uint tiles_r, tiles_c;  // 32 x 32 tiles per matrix
     uint n_tiles;           // batch * tiles_r * tiles_c
+};
+// ConcatParams (copy.metal): up to 8 contiguous parts (rows x cols[i]) <-> column blocks of one
+// (rows x pitch) matrix at column offsets off[i]: concat gathers the parts, split scatters them.
+struct ConcatParams {
+    uint n;            // work items over all parts (elements, or groups of 4 when vec == 4)
+    uint parts;        // 1..8
+    uint rows;
+    uint vec;          // 4: every cols[i], off[i] and the pitch are multiples of 4
+    uint pitch;        // columns of the joined matrix
+    uint start[8];     // first work item of each part
+    uint cols[8];
+    uint off[8];
 };
 // DropoutParams (dropout.metal): Philox4x32-10, key = (key0, key1) = the seed, counter =
 // (block, 0, ctr2, ctr3) with (ctr2, ctr3) = the offset; drop where the draw < threshold.
@@ -178,9 +198,67 @@ struct LossReduceParams {
     uint has_labels, has_weight;
     int ignore_index;
 };
+// NormParams (norm.metal): input (N, C, HW). Statistics rows are channels (batch norm: a row's
+// element e is x[e / HW, c, e % HW]) or (sample, group) pairs (group / instance norm: rows of
+// row_len contiguous elements). An element of a row sits at
+// (e / inner_len) * outer_stride + row * row_stride + e % inner_len.
+struct NormParams {
+    uint N, C, HW;
+    uint G;            // groups (group norm; C for instance norm)
+    uint rows;         // statistics rows: C (batch norm) or N * G
+    uint row_len;      // elements per row: N * HW (batch norm) or C / G * HW
+    uint inner_len;    // contiguous run of a row: HW (batch norm) or row_len
+    uint outer_stride; // between runs: C * HW (batch norm) or 0
+    uint row_stride;   // between rows: HW (batch norm) or row_len
+    uint chunk;        // row mode: elements per threadgroup chunk
+    uint chunks;       // row mode: chunks per row
+    uint cols;         // column mode (batch norm, HW < 32): C * HW columns, else 0
+    uint col_rows;     // column mode: samples per threadgroup chunk
+    uint col_chunks;   // column mode: chunks over N
+    uint parts;        // partials per statistics row
+    uint planes;       // coefficient sets of the apply kernels: C (batch) or N * C (group)
+    uint total;        // N * C * HW
+    uint has_weight, has_bias, has_running;
+    uint training;     // batch norm: batch statistics (1) or running estimates (0)
+    float eps, momentum;
+};
 
 // ---- recurrent and optimizers (rnn.metal, optimizer.metal) ---------------------------------
 // (structs of the recurrent/optimizer issue go here)
+
+// -- rnn.metal (LSTM / GRU / RNN cells, pymetalnn/ops/rnn.py) --
+// One time step of one layer and direction; sequences are whole time-major buffers and every
+// *_off is the element offset of this step's (N, width) block; flags are RNN_* (rnn.metal).
+// RnnFwdParams: xp (T, N, G*H) input projections, h_t -> y[y_off + n * y_pitch + j] (and hs,
+// h_n), LSTM state c (float) from cprev / c0, saved gates (training).
+struct RnnFwdParams {
+    uint N, H;         // batch, hidden size
+    uint flags;
+    uint xp_off;
+    uint hprev_off;    // GRU: h_{t-1}
+    uint cprev_off;    // LSTM: c_{t-1} in the float state
+    uint c0_off;       // LSTM: c_{t-1} in c_0 (RNN_C0)
+    uint c_off;        // LSTM: c_t
+    uint y_off, y_pitch;
+    uint hs_off;
+    uint gate_off;
+    uint hn_off;       // RNN_LAST: h_n (and c_n) block
+};
+// RnnBwdParams: dh = dy[dy_off + n * dy_pitch + j] + dhr[dhr_off + i]; writes dG at dg_off.
+struct RnnBwdParams {
+    uint N, H;
+    uint flags;
+    uint dy_off, dy_pitch;
+    uint dhr_off;      // recurrent gradient in
+    uint dhr_out_off;  // GRU: direct part z * dh out
+    uint dcn_off;      // LSTM: dL/dc_n block (RNN_FIRST)
+    uint dc0_off;      // LSTM: dL/dc_0 block (RNN_LAST)
+    uint gate_off;
+    uint c_off, cprev_off, c0_off;  // LSTM: c_t, c_{t-1} (float state or c_0)
+    uint hprev_off;    // GRU: h_{t-1}
+    uint h_off;        // RNN: h_t
+    uint dg_off;
+};
 
 // -- optimizer.metal (pymetalnn.optim) --
 // OptimParams: what every update kernel (ours and a CustomOptimizer's) gets, one per parameter

@@ -2,7 +2,7 @@
 //
 // Design: forward kernels run one thread per output element; gradient kernels run one thread
 // per INPUT element and gather from the outputs whose windows contain it (a closed-form range of
-// at most ceil(K/S) rows times ceil(K/S) columns), so overlapping windows accumulate without
+// about ceil(extent/stride) rows times as many columns), so overlapping windows accumulate without
 // atomics, in a fixed order: deterministic, and each input written once. Everything is
 // memory-bound; consecutive threads take consecutive columns so loads and stores coalesce, and
 // re-reads of overlapping windows hit the cache.
@@ -16,6 +16,11 @@
 // (count_include_pad) or to the input, or divisor_override. Global average pooling (one output
 // per plane) is a reduction: one simdgroup per plane with vector loads and simd_sum.
 // Storage float or half; comparisons and sums in float.
+//
+// Integer division by runtime values costs ~20 instructions on GPUs, more than these kernels'
+// whole memory budget per element, so every division (index decomposition, window ranges) is a
+// multiply-high and shift by a host-computed magic number (magic_div). That needs numerators
+// < 2^31: the host limits tensors to 2^31 - 1 elements.
 #include <metal_stdlib>
 #include "params.h"
 using namespace metal;
@@ -23,14 +28,22 @@ using namespace metal;
 constant uint POOL_WRITE_INDICES = 1u;  // max forward: also store the argmax (h * IW + w)
 constant uint POOL_COUNT_PAD = 2u;      // avg: count_include_pad
 
-// First tap index r >= 0 with start + r * d >= 0 (torch: `while (start < 0) start += d`).
-inline int first_tap(int start, int d) { return start < 0 ? (-start + d - 1) / d : 0; }
+// n / d for n < 2^31, given d's magic pair (m, s): (mulhi(n, m) + n) >> s (Granlund-Montgomery,
+// as PyTorch's IntDivider; pymetalnn.ops.pool._magic computes m, s).
+inline uint magic_div(uint n, uint m, uint s) {
+    return (uint((ulong(n) * ulong(m)) >> 32) + n) >> s;
+}
 
-// Outputs o whose window [o * s - p, o * s - p + (k - 1) * d] contains i: o in [lo, hi].
-inline int2 out_range(int i, int k, int s, int p, int d, int n_out) {
+// First tap index r >= 0 with start + r * d >= 0 (torch: `while (start < 0) start += d`).
+inline int first_tap(int start, int d, uint m, uint s) {
+    return start < 0 ? int(magic_div(uint(-start + d - 1), m, s)) : 0;
+}
+
+// Outputs o whose window [o * st - p, o * st - p + (k - 1) * d] contains i: o in [lo, hi].
+inline int2 out_range(int i, int k, int st, int p, int d, int n_out, uint m, uint s) {
     int num = i + p - (k - 1) * d;
-    int lo = num <= 0 ? 0 : (num + s - 1) / s;
-    int hi = min((i + p) / s, n_out - 1);  // i + p >= 0
+    int lo = num <= 0 ? 0 : int(magic_div(uint(num + st - 1), m, s));
+    int hi = min(int(magic_div(uint(i + p), m, s)), n_out - 1);  // i + p >= 0
     return int2(lo, hi);
 }
 
@@ -39,7 +52,7 @@ inline int2 out_range(int i, int k, int s, int p, int d, int n_out) {
 template <typename T>
 inline int window_argmax(device const T* xp, int oh, int ow, Pool2dParams p, thread float& best) {
     int h0 = oh * p.SH - p.PH, w0 = ow * p.SW - p.PW;
-    int r0 = first_tap(h0, p.DH), s0 = first_tap(w0, p.DW);
+    int r0 = first_tap(h0, p.DH, p.m_dh, p.s_dh), s0 = first_tap(w0, p.DW, p.m_dw, p.s_dw);
     int ih = int(p.IH), iw = int(p.IW);
     best = -INFINITY;
     int arg = -1;
@@ -69,9 +82,10 @@ kernel void max_pool2d_fwd(device const T* x [[buffer(0)]],
     Pool2dParams q = p;
     uint plane_out = q.OH * q.OW;
     if (gid >= q.planes * plane_out) return;
-    uint plane = gid / plane_out, o = gid - plane * plane_out;
+    uint plane = magic_div(gid, q.m_out, q.s_out), o = gid - plane * plane_out;
+    uint oh = magic_div(o, q.m_ow, q.s_ow), ow = o - oh * q.OW;
     float best;
-    int arg = window_argmax(x + plane * (q.IH * q.IW), int(o / q.OW), int(o % q.OW), q, best);
+    int arg = window_argmax(x + plane * (q.IH * q.IW), int(oh), int(ow), q, best);
     y[gid] = T(best);
     if (q.flags & POOL_WRITE_INDICES) indices[gid] = arg;
 }
@@ -87,11 +101,11 @@ kernel void max_pool2d_bwd_idx(device const T* g [[buffer(0)]],
     Pool2dParams q = p;
     uint plane_in = q.IH * q.IW;
     if (gid >= q.planes * plane_in) return;
-    uint plane = gid / plane_in;
+    uint plane = magic_div(gid, q.m_in, q.s_in);
     int me = int(gid - plane * plane_in);
-    int h = me / int(q.IW), w = me % int(q.IW);
-    int2 rh = out_range(h, q.KH, q.SH, q.PH, q.DH, int(q.OH));
-    int2 rw = out_range(w, q.KW, q.SW, q.PW, q.DW, int(q.OW));
+    int h = int(magic_div(uint(me), q.m_iw, q.s_iw)), w = me - h * int(q.IW);
+    int2 rh = out_range(h, q.KH, q.SH, q.PH, q.DH, int(q.OH), q.m_sh, q.s_sh);
+    int2 rw = out_range(w, q.KW, q.SW, q.PW, q.DW, int(q.OW), q.m_sw, q.s_sw);
     uint base = plane * (q.OH * q.OW);
     float acc = 0.0f;
     for (int oh = rh.x; oh <= rh.y; ++oh) {
@@ -114,20 +128,24 @@ kernel void max_pool2d_bwd(device const T* g [[buffer(0)]],
     Pool2dParams q = p;
     uint plane_in = q.IH * q.IW;
     if (gid >= q.planes * plane_in) return;
-    uint plane = gid / plane_in;
+    uint plane = magic_div(gid, q.m_in, q.s_in);
     int me = int(gid - plane * plane_in);
-    int h = me / int(q.IW), w = me % int(q.IW);
-    int2 rh = out_range(h, q.KH, q.SH, q.PH, q.DH, int(q.OH));
-    int2 rw = out_range(w, q.KW, q.SW, q.PW, q.DW, int(q.OW));
+    int h = int(magic_div(uint(me), q.m_iw, q.s_iw)), w = me - h * int(q.IW);
+    int2 rh = out_range(h, q.KH, q.SH, q.PH, q.DH, int(q.OH), q.m_sh, q.s_sh);
+    int2 rw = out_range(w, q.KW, q.SW, q.PW, q.DW, int(q.OW), q.m_sw, q.s_sw);
     device const T* xp = x + plane * plane_in;
     uint base = plane * (q.OH * q.OW);
     float acc = 0.0f;
     for (int oh = rh.x; oh <= rh.y; ++oh) {
-        if ((h + q.PH - oh * q.SH) % q.DH != 0) continue;  // h falls between taps: not a candidate
+        // h between two dilated taps of this window: it cannot be the argmax, skip the recompute
+        uint dh = uint(h + q.PH - oh * q.SH);
+        if (q.DH > 1 && magic_div(dh, q.m_dh, q.s_dh) * uint(q.DH) != dh) continue;
         for (int ow = rw.x; ow <= rw.y; ++ow) {
-            if ((w + q.PW - ow * q.SW) % q.DW != 0) continue;
+            uint dw = uint(w + q.PW - ow * q.SW);
+            if (q.DW > 1 && magic_div(dw, q.m_dw, q.s_dw) * uint(q.DW) != dw) continue;
             float best;
-            if (window_argmax(xp, oh, ow, q, best) == me) acc += float(g[base + uint(oh) * q.OW + uint(ow)]);
+            if (window_argmax(xp, oh, ow, q, best) == me)
+                acc += float(g[base + uint(oh) * q.OW + uint(ow)]);
         }
     }
     dx[gid] = T(acc);
@@ -153,9 +171,10 @@ kernel void avg_pool2d_fwd(device const T* x [[buffer(0)]],
     Pool2dParams q = p;
     uint plane_out = q.OH * q.OW;
     if (gid >= q.planes * plane_out) return;
-    uint plane = gid / plane_out, o = gid - plane * plane_out;
+    uint plane = magic_div(gid, q.m_out, q.s_out), o = gid - plane * plane_out;
+    uint oh = magic_div(o, q.m_ow, q.s_ow), ow = o - oh * q.OW;
     int4 box;
-    float div = avg_divisor(int(o / q.OW), int(o % q.OW), q, box);
+    float div = avg_divisor(int(oh), int(ow), q, box);
     if (box.x >= box.y || box.z >= box.w) {  // window wholly in padding (torch writes 0)
         y[gid] = T(0.0f);
         return;
@@ -176,11 +195,11 @@ kernel void avg_pool2d_bwd(device const T* g [[buffer(0)]],
     Pool2dParams q = p;
     uint plane_in = q.IH * q.IW;
     if (gid >= q.planes * plane_in) return;
-    uint plane = gid / plane_in;
+    uint plane = magic_div(gid, q.m_in, q.s_in);
     int me = int(gid - plane * plane_in);
-    int h = me / int(q.IW), w = me % int(q.IW);
-    int2 rh = out_range(h, q.KH, q.SH, q.PH, 1, int(q.OH));
-    int2 rw = out_range(w, q.KW, q.SW, q.PW, 1, int(q.OW));
+    int h = int(magic_div(uint(me), q.m_iw, q.s_iw)), w = me - h * int(q.IW);
+    int2 rh = out_range(h, q.KH, q.SH, q.PH, 1, int(q.OH), q.m_sh, q.s_sh);
+    int2 rw = out_range(w, q.KW, q.SW, q.PW, 1, int(q.OW), q.m_sw, q.s_sw);
     uint base = plane * (q.OH * q.OW);
     float acc = 0.0f;
     for (int oh = rh.x; oh <= rh.y; ++oh) {
@@ -195,8 +214,12 @@ kernel void avg_pool2d_bwd(device const T* g [[buffer(0)]],
 
 // Adaptive average: output cell o of n_out over n_in covers [floor(o n_in / n_out),
 // ceil((o + 1) n_in / n_out)).
-inline uint ad_start(uint o, uint n_in, uint n_out) { return (o * n_in) / n_out; }
-inline uint ad_end(uint o, uint n_in, uint n_out) { return ((o + 1u) * n_in + n_out - 1u) / n_out; }
+// ceil((o + 1) n_in / n_out) = floor(((o + 1) n_in - 1) / n_out) + 1. The host keeps n_in * n_out
+// < 2^31 so the numerators fit magic_div.
+inline uint ad_start(uint o, uint n_in, uint m, uint s) { return magic_div(o * n_in, m, s); }
+inline uint ad_end(uint o, uint n_in, uint m, uint s) {
+    return magic_div((o + 1u) * n_in - 1u, m, s) + 1u;
+}
 
 template <typename T>
 [[max_total_threads_per_threadgroup(256)]]
@@ -207,10 +230,10 @@ kernel void adaptive_avg_pool2d_fwd(device const T* x [[buffer(0)]],
     AdaptivePool2dParams q = p;
     uint plane_out = q.OH * q.OW;
     if (gid >= q.planes * plane_out) return;
-    uint plane = gid / plane_out, o = gid - plane * plane_out;
-    uint oh = o / q.OW, ow = o % q.OW;
-    uint h0 = ad_start(oh, q.IH, q.OH), h1 = ad_end(oh, q.IH, q.OH);
-    uint w0 = ad_start(ow, q.IW, q.OW), w1 = ad_end(ow, q.IW, q.OW);
+    uint plane = magic_div(gid, q.m_out, q.s_out), o = gid - plane * plane_out;
+    uint oh = magic_div(o, q.m_ow, q.s_ow), ow = o - oh * q.OW;
+    uint h0 = ad_start(oh, q.IH, q.m_oh, q.s_oh), h1 = ad_end(oh, q.IH, q.m_oh, q.s_oh);
+    uint w0 = ad_start(ow, q.IW, q.m_ow, q.s_ow), w1 = ad_end(ow, q.IW, q.m_ow, q.s_ow);
     device const T* xp = x + plane * (q.IH * q.IW);
     float sum = 0.0f;
     for (uint h = h0; h < h1; ++h)
@@ -227,25 +250,25 @@ kernel void adaptive_avg_pool2d_bwd(device const T* g [[buffer(0)]],
     AdaptivePool2dParams q = p;
     uint plane_in = q.IH * q.IW;
     if (gid >= q.planes * plane_in) return;
-    uint plane = gid / plane_in, i = gid - plane * plane_in;
-    uint h = i / q.IW, w = i % q.IW;
+    uint plane = magic_div(gid, q.m_in, q.s_in), i = gid - plane * plane_in;
+    uint h = magic_div(i, q.m_iw, q.s_iw), w = i - h * q.IW;
     // cells containing h: o in [floor(h OH / IH), ceil((h + 1) OH / IH) - 1]
-    uint oh0 = (h * q.OH) / q.IH, oh1 = ((h + 1u) * q.OH + q.IH - 1u) / q.IH;
-    uint ow0 = (w * q.OW) / q.IW, ow1 = ((w + 1u) * q.OW + q.IW - 1u) / q.IW;
+    uint oh0 = ad_start(h, q.OH, q.m_ih, q.s_ih), oh1 = ad_end(h, q.OH, q.m_ih, q.s_ih);
+    uint ow0 = ad_start(w, q.OW, q.m_iw, q.s_iw), ow1 = ad_end(w, q.OW, q.m_iw, q.s_iw);
     uint base = plane * (q.OH * q.OW);
     float acc = 0.0f;
     for (uint oh = oh0; oh < oh1; ++oh) {
-        uint hs = ad_start(oh, q.IH, q.OH), he = ad_end(oh, q.IH, q.OH);
+        uint hs = ad_start(oh, q.IH, q.m_oh, q.s_oh), he = ad_end(oh, q.IH, q.m_oh, q.s_oh);
         for (uint ow = ow0; ow < ow1; ++ow) {
-            uint ws = ad_start(ow, q.IW, q.OW), we = ad_end(ow, q.IW, q.OW);
+            uint ws = ad_start(ow, q.IW, q.m_ow, q.s_ow), we = ad_end(ow, q.IW, q.m_ow, q.s_ow);
             acc += float(g[base + oh * q.OW + ow]) / float((he - hs) * (we - ws));
         }
     }
     dx[gid] = T(acc);
 }
 
-// Global average: simdgroup gid / 32 reduces plane gid / 32. With IH * IW % 4 == 0 every plane
-// starts 4-element aligned and lanes take 4-vectors; otherwise scalars.
+// Global average: simdgroup gid / 32 reduces plane gid / 32. With p.vec (host: x 4-vector aligned
+// and IH * IW % 4 == 0, so every plane is) lanes take 4-vectors; otherwise scalars.
 template <typename T>
 [[max_total_threads_per_threadgroup(256)]]
 kernel void global_avg_pool2d_fwd(device const T* x [[buffer(0)]],
@@ -259,7 +282,7 @@ kernel void global_avg_pool2d_fwd(device const T* x [[buffer(0)]],
     uint n = q.IH * q.IW;
     device const T* xp = x + plane * n;
     float sum = 0.0f;
-    if (n % 4u == 0u) {
+    if (q.vec != 0u) {
         device const vec<T, 4>* xv = (device const vec<T, 4>*)xp;
         for (uint i = lane; i < n / 4u; i += 32u) {
             vec<T, 4> v = xv[i];

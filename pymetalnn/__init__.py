@@ -2,6 +2,7 @@
 driven from Python, on Apple GPUs (metal), NVIDIA GPUs (cuda) and any CPU (cpu)."""
 from __future__ import annotations
 
+from . import functional, optim  # noqa: E402
 from .runtime import (
     BackendUnavailable,
     Buffer,
@@ -15,8 +16,6 @@ from .runtime import (
     availability,
     device,
 )
-
-from . import functional, optim  # noqa: E402
 from .tensor import Tensor, as_tensor, empty, float16, float32, int32, tensor, zeros  # noqa: E402
 
 __version__ = "0.1.0"

@@ -72,6 +72,7 @@ from .ops.loss import (  # noqa: F401
     binary_cross_entropy_with_logits_backward,
     categorical_cross_entropy,
     categorical_cross_entropy_backward,
+    class_labels,
     cosine_distance,
     cosine_distance_backward,
     cross_entropy,
@@ -89,11 +90,51 @@ from .ops.loss import (  # noqa: F401
     mse_loss,
     mse_loss_backward,
 )
-from .ops.neuron import (  # noqa: E402, F401, I001
-    elu, elu_backward, gelu, gelu_backward, hard_sigmoid, hard_sigmoid_backward, hardsigmoid,
-    hardsigmoid_backward, leaky_relu, leaky_relu_backward, linear_neuron, linear_neuron_backward,
-    relu, relu_backward, sigmoid, sigmoid_backward, softplus, softplus_backward, tanh,
+from .ops.neuron import (  # noqa: F401
+    elu,
+    elu_backward,
+    gelu,
+    gelu_backward,
+    hard_sigmoid,
+    hard_sigmoid_backward,
+    hardsigmoid,
+    hardsigmoid_backward,
+    leaky_relu,
+    leaky_relu_backward,
+    linear_neuron,
+    linear_neuron_backward,
+    relu,
+    relu_backward,
+    sigmoid,
+    sigmoid_backward,
+    softplus,
+    softplus_backward,
+    tanh,
     tanh_backward,
+)
+from .ops.norm import (  # noqa: F401
+    batch_norm,
+    batch_norm_backward,
+    batch_norm_with_stats,
+    group_norm,
+    group_norm_backward,
+    group_norm_with_stats,
+    instance_norm,
+    instance_norm_backward,
+)
+from .ops.pool import (  # noqa: F401
+    adaptive_avg_pool2d,
+    adaptive_avg_pool2d_backward,
+    avg_pool1d,
+    avg_pool1d_backward,
+    avg_pool2d,
+    avg_pool2d_backward,
+    global_avg_pool2d,
+    global_avg_pool2d_backward,
+    max_pool1d,
+    max_pool1d_backward,
+    max_pool2d,
+    max_pool2d_backward,
 )
 from .ops.softmax import (  # noqa: F401
     log_softmax,
@@ -103,3 +144,7 @@ from .ops.softmax import (  # noqa: F401
 )
 
 # ---- recurrent (ops/rnn.py) ----
+from .ops.rnn import (  # noqa: E402, F401, I001
+    RNNWorkspace, gru, gru_backward, lstm, lstm_backward, rnn, rnn_backward, rnn_state_dict,
+    rnn_weight_names, rnn_weights,
+)

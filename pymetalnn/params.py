@@ -43,7 +43,7 @@ def parse_header(path: str | None = None) -> dict[str, list[tuple[str, str]]]:
             if not decl:
                 continue
             ty, *names = decl.replace(",", " ").split()
-            fields.extend((ty, n) for n in names)
+            fields.extend((ty, n.replace(" ", "")) for n in names)  # "shape[8]" keeps its size
         out[m.group(1)] = fields
     return out
 
@@ -81,7 +81,7 @@ class LinearBiasGradParams(Params):
 class NeuronParams(Params):
     """kernels/params.h NeuronParams: y = f(x) over n elements with the op's scalars a, b."""
 
-    _fields_ = [("n", U32), ("a", F32), ("b", F32)]
+    _fields_ = [("n", U32), ("nvec", U32), ("a", F32), ("b", F32)]
 
 
 class Pool2dParams(Params):
@@ -89,13 +89,16 @@ class Pool2dParams(Params):
 
     _fields_ = [("planes", U32), ("IH", U32), ("IW", U32), ("OH", U32), ("OW", U32),
                 ("KH", I32), ("KW", I32), ("SH", I32), ("SW", I32), ("PH", I32), ("PW", I32),
-                ("DH", I32), ("DW", I32), ("flags", U32), ("divisor", U32)]
+                ("DH", I32), ("DW", I32), ("flags", U32), ("divisor", U32)] + [
+                    (f"{ms}_{d}", U32) for d in ("out", "in", "ow", "iw", "sh", "sw", "dh", "dw")
+                    for ms in ("m", "s")]
 
 
 class AdaptivePool2dParams(Params):
     """kernels/params.h AdaptivePool2dParams: adaptive average pooling geometry."""
 
-    _fields_ = [("planes", U32), ("IH", U32), ("IW", U32), ("OH", U32), ("OW", U32)]
+    _fields_ = [("planes", U32), ("IH", U32), ("IW", U32), ("OH", U32), ("OW", U32), ("vec", U32)] + [
+        (f"{ms}_{d}", U32) for d in ("out", "in", "ow", "iw", "oh", "ih") for ms in ("m", "s")]
 
 
 # -- arith / copy / dropout (arrays of 8: per merged dimension, outermost first) --
@@ -114,10 +117,10 @@ class ReduceParams(Params):
     """kernels/params.h ReduceParams: out[t] = alpha * sum over reduced dims of op(x0, x1, x2)."""
 
     _fields_ = [("n_out", U32), ("n_red", U32), ("inner", U32), ("splits", U32), ("chunk", U32),
-                ("nk", U32), ("nr", U32), ("alpha", F32), ("istride0", U32), ("istride1", U32),
-                ("istride2", U32), ("ksize", U32x8), ("kstride0", U32x8), ("kstride1", U32x8),
-                ("kstride2", U32x8), ("rsize", U32x8), ("rstride0", U32x8), ("rstride1", U32x8),
-                ("rstride2", U32x8)]
+                ("nk", U32), ("nr", U32), ("alpha", F32), ("vec", U32), ("istride0", U32),
+                ("istride1", U32), ("istride2", U32), ("ksize", U32x8), ("kstride0", U32x8),
+                ("kstride1", U32x8), ("kstride2", U32x8), ("rsize", U32x8), ("rstride0", U32x8),
+                ("rstride1", U32x8), ("rstride2", U32x8)]
 
 
 class CopyParams(Params):
@@ -139,6 +142,13 @@ class TransposeParams(Params):
 
     _fields_ = [("batch", U32), ("rows", U32), ("cols", U32), ("tiles_r", U32), ("tiles_c", U32),
                 ("n_tiles", U32)]
+
+
+class ConcatParams(Params):
+    """kernels/params.h ConcatParams: up to 8 parts <-> column blocks of one matrix."""
+
+    _fields_ = [("n", U32), ("parts", U32), ("rows", U32), ("vec", U32), ("pitch", U32),
+                ("start", U32x8), ("cols", U32x8), ("off", U32x8)]
 
 
 class DropoutParams(Params):
@@ -173,7 +183,36 @@ class LossReduceParams(Params):
                 ("ignore_index", I32)]
 
 
+class NormParams(Params):
+    """kernels/params.h NormParams: (N, C, HW) geometry, statistics rows, tiling, options."""
+
+    _fields_ = [("N", U32), ("C", U32), ("HW", U32), ("G", U32), ("rows", U32), ("row_len", U32),
+                ("inner_len", U32), ("outer_stride", U32), ("row_stride", U32), ("chunk", U32),
+                ("chunks", U32), ("cols", U32), ("col_rows", U32), ("col_chunks", U32),
+                ("parts", U32), ("planes", U32), ("total", U32), ("has_weight", U32),
+                ("has_bias", U32), ("has_running", U32), ("training", U32), ("eps", F32),
+                ("momentum", F32)]
+
+
 # ---- recurrent and optimizers -------------------------------------------------------------
+
+# -- rnn.metal (pymetalnn/ops/rnn.py) --
+class RnnFwdParams(Params):
+    """kernels/params.h RnnFwdParams: one forward step of an LSTM / GRU / RNN cell."""
+
+    _fields_ = [("N", U32), ("H", U32), ("flags", U32), ("xp_off", U32), ("hprev_off", U32),
+                ("cprev_off", U32), ("c0_off", U32), ("c_off", U32), ("y_off", U32),
+                ("y_pitch", U32), ("hs_off", U32), ("gate_off", U32), ("hn_off", U32)]
+
+
+class RnnBwdParams(Params):
+    """kernels/params.h RnnBwdParams: one backward step of an LSTM / GRU / RNN cell."""
+
+    _fields_ = [("N", U32), ("H", U32), ("flags", U32), ("dy_off", U32), ("dy_pitch", U32),
+                ("dhr_off", U32), ("dhr_out_off", U32), ("dcn_off", U32), ("dc0_off", U32),
+                ("gate_off", U32), ("c_off", U32), ("cprev_off", U32), ("c0_off", U32),
+                ("hprev_off", U32), ("h_off", U32), ("dg_off", U32)]
+
 
 # -- optimizer.metal (pymetalnn.optim) --
 

@@ -10,7 +10,8 @@ from typing import Any
 
 import numpy as np
 
-from .runtime import Buffer, Device, device as _default_device
+from .runtime import Buffer, Device
+from .runtime import device as _default_device
 
 DTYPES = (np.dtype(np.float32), np.dtype(np.float16), np.dtype(np.int32))
 float32 = np.dtype(np.float32)
@@ -92,17 +93,22 @@ class Tensor:
 
 
 def empty(shape: Any, dtype: Any = float32, device: Device | None = None) -> Tensor:
-    """Uninitialized-by-contract tensor (the runtime zero-fills; kernels overwrite it)."""
+    """A tensor whose contents are unspecified until a kernel writes them (no fill pass)."""
     dev = device or _default_device()
     shape = (shape,) if isinstance(shape, int) else tuple(shape)
     if any(int(s) < 0 for s in shape):
         raise ValueError(f"shape: negative size in {shape}")
     dt = _check_dtype(dtype)
-    return Tensor(dev.buffer(int(np.prod(shape, dtype=np.int64)) * dt.itemsize), shape, dt)
+    nbytes = int(np.prod(shape, dtype=np.int64)) * dt.itemsize
+    return Tensor(dev.buffer(nbytes, zero=False), shape, dt)
 
 
 def zeros(shape: Any, dtype: Any = float32, device: Device | None = None) -> Tensor:
-    return empty(shape, dtype, device)
+    """A zero-filled tensor."""
+    dev = device or _default_device()
+    shape = (shape,) if isinstance(shape, int) else tuple(shape)
+    t = empty(shape, dtype, dev)
+    return Tensor(dev.buffer(t.nbytes), shape, t.dtype)
 
 
 def tensor(data: Any, device: Device | None = None, dtype: Any = None) -> Tensor:
@@ -121,7 +127,7 @@ def tensor(data: Any, device: Device | None = None, dtype: Any = None) -> Tensor
     if arr.dtype.kind in "iu" and dt == int32 and arr.size and \
             (arr.max() > np.iinfo(np.int32).max or arr.min() < np.iinfo(np.int32).min):
         raise ValueError("data: integer values do not fit int32")
-    arr = np.ascontiguousarray(arr, dtype=dt)
+    arr = np.array(arr, dtype=dt, order="C", copy=True)  # keeps 0-d shapes
     dev = device or _default_device()
     return Tensor(dev.buffer(arr) if arr.nbytes else dev.buffer(0), arr.shape, dt)
 

@@ -114,6 +114,10 @@ def test_numpy_operands_and_zero_size(dev) -> None:
     check(got, ref.binary("mul", x, np.arange(5.0)), np.float32)
     empty = F.add(pm.tensor(np.zeros((0, 3), np.float32), dev), pm.tensor(np.ones(3, np.float32), dev))
     assert empty.shape == (0, 3)
+    z = pm.tensor(np.zeros((0, 3), np.float32), dev)
+    np.testing.assert_array_equal(F.sum(z, 0).numpy(), np.zeros(3, np.float32))
+    assert np.isnan(F.mean(z, 0).numpy()).all()  # as torch: the mean of nothing is nan
+    assert F.sum(z, 1).shape == (0,)
 
 
 @pytest.mark.parametrize("op", OPS)
@@ -153,11 +157,14 @@ def test_reference_vs_torch() -> None:
 
 
 # sum / mean: (shape, dim) pairs that reach both reduction kernels (innermost dim kept or
-# reduced), splits (long reductions with few outputs) and a 0-d tensor
+# reduced), splits (long reductions with few outputs), vector loads and a 0-d tensor
 SUMS = [
     ((33,), None), ((1,), 0), ((), None), ((3, 31, 5), 1), ((3, 31, 5), (0, 2)),
     ((3, 31, 5), -1), ((2, 32, 3, 3), (0, 2, 3)), ((1, 33, 7, 1), (1, 3)),
     ((3, 4100), 1), ((4100, 3), 0), ((5, 2, 7, 3, 2), (0, 2, 4)), ((45, 33, 7), None),
+    # vector (4-wide) paths: kept innermost dim % 4 == 0 (outer), reduced one (inner, rows
+    # shorter than a simdgroup's stride, splits)
+    ((4100, 8), 0), ((5, 12), 0), ((2, 3, 32), (0, 2)), ((64, 40), None), ((5, 3, 20), (0, 2)),
 ]
 
 
@@ -233,3 +240,25 @@ def test_bad_input(dev) -> None:
         F.sum_backward(pm.tensor(np.zeros((2, 1), np.float32), dev), a, 1, keepdim=False)
     with pytest.raises(ValueError, match="^x: dtype"):
         F.sum(pm.tensor(np.zeros(3, np.int32), dev))
+
+
+def test_params_mirrors_match_header() -> None:
+    """The family's ctypes mirrors list params.h's fields in order (arrays as `name[8]`)."""
+    import ctypes
+
+    from pymetalnn import params as P
+
+    header = P.parse_header()
+    names = ["ArithParams", "ReduceParams", "CopyParams", "PermuteParams", "TransposeParams",
+             "ConcatParams", "DropoutParams"]
+    for name in names:
+        want = []
+        for ty, field in header[name]:
+            base, _, count = field.partition("[")
+            c = P.C_TYPES[ty]
+            want.append((base, c * int(count.rstrip("]")) if count else c))
+        got = [(f, t) for f, t in getattr(P, name)._fields_]
+        assert [f for f, _ in got] == [f for f, _ in want], name
+        for (f, t), (_, w) in zip(got, want):
+            same_type = getattr(t, "_type_", t) == getattr(w, "_type_", w)
+            assert ctypes.sizeof(t) == ctypes.sizeof(w) and same_type, (name, f)

@@ -263,15 +263,16 @@ def test_dedicated_kernels(dev):
     dev.synchronize()
     names = set(dev.dispatch_counts)
     kinds = {n.split("_t")[0] for n in names}
+    pack = "conv2d_pack_weight_float"  # re-layout of w for the tiled kernels
     assert kinds == {"conv2d_bwd_data", "conv2d_bwd_weight", "conv2d_bwd_bias_float",
-                     "conv2d_bwd_reduce_float"}, names
+                     "conv2d_bwd_reduce_float", pack}, names
     dev.reset_counts()
     F.conv_transpose2d(x, wt, b, padding=1)
-    assert [n.split("_t")[0] for n in dev.dispatch_counts] == ["conv2d_bwd_data"]
+    assert {n.split("_t")[0] for n in dev.dispatch_counts} == {"conv2d_bwd_data", pack}
     dev.reset_counts()
     F.conv_transpose2d_backward(rand(rng, (1, 32, 5, 5), np.float32), x, wt, b, padding=1)
     assert {n.split("_t")[0] for n in dev.dispatch_counts} == {
-        "conv2d_fwd", "conv2d_bwd_weight", "conv2d_bwd_bias_float", "conv2d_bwd_reduce_float"}
+        "conv2d_fwd", "conv2d_bwd_weight", "conv2d_bwd_bias_float", "conv2d_bwd_reduce_float", pack}
 
 
 # ---- the references themselves ------------------------------------------------------------------
@@ -363,6 +364,7 @@ def test_reference_against_torch():
                 np.testing.assert_allclose(mine, theirs.numpy(), rtol=1e-10, atol=1e-10)
 
 
+@pytest.mark.filterwarnings("ignore:Using padding='same'")
 def test_same_padding_matches_torch_and_tensorflow_convention():
     """'same' with stride 1 equals torch's padding='same' (extra on the bottom/right); with
     stride 2 the output is ceil(H / 2), also extra at the bottom/right (TensorFlow/MPS)."""

@@ -37,6 +37,8 @@ CONCATS = [
     ([(2, 3, 5), (2, 3, 1), (2, 3, 4)], -1),
     ([(4, 0, 3), (4, 2, 3)], 1),
     ([(7,), (9,)], 0),
+    ([(2, k, 2, 2) for k in range(1, 12)], 1),  # > 8 parts: two launches, vector path
+    ([(3, k) for k in range(1, 11)], 1),  # odd widths: scalar path
 ]
 
 
@@ -250,3 +252,18 @@ def test_bad_input(dev) -> None:
         F.split_backward([a], pm.tensor(np.zeros((2, 6, 4), np.float32), dev), 3, 1)
     with pytest.raises(ValueError, match=r"^tensors\[1\]: shape"):
         F.stack([a, b])
+
+
+def test_dim0_split_concat_without_views(dev, monkeypatch) -> None:
+    """The metal backend binds whole buffers only: dim-0 pieces are then copied one by one."""
+    x = rnd((10, 4), np.float32, 14)
+    monkeypatch.setattr(dev, "supports_views", False)
+    pieces = F.split(pm.tensor(x, dev), [2, 3, 5], 0)
+    assert all(p.buffer.offset == 0 and p.buffer.base is p.buffer for p in pieces)
+    for p, want in zip(pieces, ref.split(x, [2, 3, 5], 0)):
+        same(p, want, np.float32)
+    same(F.concat(pieces, 0), x, np.float32)
+    steps = F.sequence_to_list(pm.tensor(x.reshape(10, 1, 4), dev))  # 10 steps: 2 launches
+    for s, want in zip(steps, x):
+        same(s, want.reshape(1, 4), np.float32)
+    same(F.list_to_sequence(steps), x.reshape(10, 1, 4), np.float32)

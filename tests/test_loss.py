@@ -219,6 +219,7 @@ def test_reference_backward_vs_finite_differences():
                                fd[0], rtol=1e-5, atol=1e-7)
 
 
+@pytest.mark.filterwarnings("ignore:reduction")  # torch's kl_div 'mean' deprecation notice
 def test_against_torch(dev):
     torch = pytest.importorskip("torch")
     tf = torch.nn.functional
@@ -321,7 +322,7 @@ def test_bad_input(dev):
         ("target", lambda: F.cross_entropy(x, np.array([0, 1, 2], np.int32))),     # shape
         ("target", lambda: F.categorical_cross_entropy(x, np.zeros((2, 1), np.int32))),
         ("target", lambda: F.cross_entropy(x, np.zeros((2, 4), np.float32))),      # prob shape
-        ("target", lambda: F.cross_entropy(x, np.zeros((2, 3), np.float16))),      # prob dtype
+        ("target", lambda: F.cross_entropy(x, pm.tensor(np.zeros((2, 3), np.float16), dev))),
         ("target", lambda: F.mse_loss(x, np.zeros((2, 4), np.float32))),
         ("target", lambda: F.cosine_distance(x, y)),                                # labels
         ("input", lambda: F.mse_loss(pm.tensor(np.zeros((2, 3), np.int32), dev), t)),
@@ -337,7 +338,8 @@ def test_bad_input(dev):
         ("ignore_index", lambda: F.cross_entropy(x, y, ignore_index=1.5)),
         ("log_target", lambda: F.kl_div(x, t, log_target=1)),
         ("sample_weight", lambda: F.mse_loss(x, t, sample_weight=np.ones(3, np.float32))),
-        ("sample_weight", lambda: F.cross_entropy(x, y, sample_weight=pm.tensor(np.ones(2, np.float16), dev))),
+        ("sample_weight", lambda: F.cross_entropy(x, y, sample_weight=pm.tensor(np.ones(2, np.float16),
+                                                                                dev))),
         ("grad", lambda: F.mse_loss_backward(np.ones(2, np.float32), x, t)),                 # scalar
         ("grad", lambda: F.mse_loss_backward(np.ones(3, np.float32), x, t, reduction="per_sample")),
         ("grad", lambda: F.cross_entropy_backward(np.ones((2, 3), np.float32), x, y, reduction="none")),
@@ -345,9 +347,48 @@ def test_bad_input(dev):
                                              reduction="none")),
         ("target", lambda: F.cross_entropy_backward(1.0, x, np.array([0, 5], np.int32))),
     ]
-    for arg, call in cases:
+    for k, (arg, call) in enumerate(cases):
         with pytest.raises(ValueError, match=arg):
             call()
+            pytest.fail(f"case {k} ({arg}) did not raise")
     with pytest.raises(TypeError):
         F.cross_entropy(x, y, weight=np.ones(3, np.float32))  # torch's class weights: unsupported
     assert sum(dev.dispatch_counts.values()) == 0
+
+
+def test_class_labels(dev):
+    """Labels checked once by class_labels are used without a re-check for the same class count
+    and ignore_index, and re-checked otherwise."""
+    rng = np.random.default_rng(8)
+    x = rng.standard_normal((6, 5)).astype(np.float32)
+    y = np.array([0, 4, -100, 2, 3, 1], np.int32)
+    lab = F.class_labels(y, 5, device=dev)
+    for red in ("none", "mean"):
+        want = ref.forward("cross_entropy", x, y, None, red, labels=True)
+        np.testing.assert_allclose(F.cross_entropy(pm.tensor(x, dev), lab, reduction=red).numpy(),
+                                   want, rtol=1e-5, atol=1e-6)
+        g = np.ones(6, np.float32) if red == "none" else 1.0
+        np.testing.assert_allclose(
+            F.cross_entropy_backward(g, pm.tensor(x, dev), lab, reduction=red).numpy(),
+            ref.backward("cross_entropy", g, x, y, None, red, labels=True), rtol=1e-5, atol=1e-7)
+    dev.reset_counts()
+    with pytest.raises(ValueError, match="target"):
+        F.class_labels(np.array([0, 5]), 5)
+    with pytest.raises(ValueError, match="num_classes"):
+        F.class_labels(y, 0)
+    with pytest.raises(ValueError, match="target"):   # checked for 5 classes, used with 4
+        F.cross_entropy(pm.tensor(x[:, :4], dev), lab)
+    with pytest.raises(ValueError, match="target"):   # other ignore_index: -100 is out of range
+        F.cross_entropy(pm.tensor(x, dev), lab, ignore_index=-1)
+    assert sum(dev.dispatch_counts.values()) == 0
+
+
+def test_all_labels_ignored(dev):
+    """Nothing to average: 'mean' is NaN (as PyTorch), 'sum' 0, and the gradient 0."""
+    x = np.random.default_rng(2).standard_normal((3, 4)).astype(np.float32)
+    y = np.full(3, -100, np.int32)
+    assert np.isnan(float(F.cross_entropy(pm.tensor(x, dev), y).numpy()))
+    assert float(F.cross_entropy(pm.tensor(x, dev), y, reduction="sum").numpy()) == 0.0
+    assert not np.any(F.cross_entropy_backward(1.0, pm.tensor(x, dev), y).numpy())
+    torch = pytest.importorskip("torch")
+    assert torch.isnan(torch.nn.functional.cross_entropy(torch.tensor(x), torch.tensor(y).long()))

@@ -14,6 +14,7 @@ from reference import neuron as ref
 
 import pymetalnn
 from pymetalnn.ops import neuron as nn
+from pymetalnn.tensor import Tensor
 
 # (op, kwargs, kink points where the derivative jumps)
 CASES = [
@@ -150,6 +151,24 @@ def test_gelu_tail_accuracy(dev):
     want = ref.gelu(x)
     keep = np.abs(want) > 1e-36  # float normal range
     np.testing.assert_allclose(got[keep], want[keep], rtol=8 * 2.0**-24, atol=0)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float16])
+def test_unaligned_views(dev, dtype):
+    """Tensors that are views at an odd element offset (as split makes) take the scalar path."""
+    if not dev.supports_views:
+        pytest.skip(f"{dev.name} binds whole buffers only")
+    rng = np.random.default_rng(2)
+    x, g = (rng.standard_normal(37) * 3).astype(dtype), rng.standard_normal(37).astype(dtype)
+    isz = np.dtype(dtype).itemsize
+
+    def view(a):
+        buf = dev.buffer(np.concatenate([np.zeros(1, dtype), a]))
+        return Tensor(buf.view(isz, a.nbytes), a.shape, dtype)
+
+    _check(nn.gelu(view(x)).numpy(), ref.gelu(x), dtype)
+    _check(nn.elu_backward(view(g), view(x), 0.5).numpy(), ref.elu_backward(g, x, 0.5), dtype)
+    _check(nn.relu_backward(view(g), pymetalnn.tensor(x, dev)).numpy(), ref.relu_backward(g, x), dtype)
 
 
 def test_empty(dev):

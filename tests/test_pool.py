@@ -16,6 +16,7 @@ from reference import pool as ref
 
 import pymetalnn
 from pymetalnn.ops import pool as P
+from pymetalnn.tensor import Tensor
 
 # (shape, kernel_size, stride, padding, dilation, ceil_mode)
 MAX_CASES = [
@@ -182,6 +183,30 @@ def test_adaptive_avg_pool2d(dev, shape, out, dtype):
         np.testing.assert_allclose(P.global_avg_pool2d(_t(x, dev)).numpy(), y_ref, **TOL[dtype])
         np.testing.assert_allclose(P.global_avg_pool2d_backward(_t(g, dev), _t(x, dev)).numpy(),
                                    ref.adaptive_avg_pool2d_backward(g, x, 1), **TOL[dtype])
+
+
+def test_global_avg_pool2d_unaligned_view(dev):
+    """A view at an odd offset cannot take the 4-vector loads; the scalar path must be exact."""
+    if not dev.supports_views:
+        pytest.skip(f"{dev.name} binds whole buffers only")
+    x = _data((2, 3, 4, 4), np.float32)
+    buf = dev.buffer(np.concatenate([np.zeros(1, np.float32), x.reshape(-1)]))
+    xv = Tensor(buf.view(4, x.nbytes), x.shape, np.float32)
+    np.testing.assert_allclose(P.global_avg_pool2d(xv).numpy(), ref.adaptive_avg_pool2d(x, 1),
+                               rtol=2e-6, atol=1e-6)
+
+
+def test_magic_division():
+    """The kernels divide by multiply-high and shift with these constants (pool.metal magic_div)."""
+    rng = np.random.default_rng(9)
+    divisors = [*range(1, 600), 3136, 2**30, 2**31 - 1, *rng.integers(1, 2**31, 300).tolist()]
+    for d in divisors:
+        m, s = P._magic(d)
+        assert 0 < m < 2**32
+        n = np.array([0, 1, d - 1, d, d + 1, 2**31 - 1, *rng.integers(0, 2**31, 50)], np.uint64)
+        n = n[n < 2**31]
+        q = (((n * np.uint64(m)) >> np.uint64(32)) + n) >> np.uint64(s)
+        np.testing.assert_array_equal(q, n // np.uint64(d))
 
 
 def test_batch_zero(dev):

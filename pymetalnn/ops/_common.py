@@ -1,7 +1,8 @@
 """Helpers every op wrapper uses, so that each wrapper stays: validate, pick, fill, dispatch."""
 from __future__ import annotations
 
-from typing import Any, Iterable
+from collections.abc import Iterable
+from typing import Any
 
 import numpy as np
 
@@ -45,7 +46,10 @@ def tensor_arg(x: Any, dev: Device, name: str, dtypes: Iterable[Any] | None = No
 
 def positive_ints(v: Any, n: int, name: str, allow_zero: bool = False) -> tuple[int, ...]:
     """An int or a sequence of n ints, each > 0 (>= 0 with allow_zero)."""
-    vals = (v,) * n if isinstance(v, (int, np.integer)) else tuple(v)
+    try:
+        vals = (v,) * n if isinstance(v, (int, np.integer)) else tuple(v)
+    except TypeError:
+        raise ValueError(f"{name}: expected an int or {n} ints, got {v!r}") from None
     if len(vals) != n or not all(isinstance(a, (int, np.integer)) for a in vals):
         raise ValueError(f"{name}: expected an int or {n} ints, got {v!r}")
     lo = 0 if allow_zero else 1

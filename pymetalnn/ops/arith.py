@@ -18,7 +18,7 @@ from typing import Any, Union
 import numpy as np
 
 from ..params import MAXD, ArithParams, ReduceParams
-from ..runtime import Buffer, Device
+from ..runtime import Buffer, Device, Kernel
 from ..tensor import Tensor, tensor
 from ._common import kernel, pick_device, suffix, tensor_arg
 
@@ -26,9 +26,12 @@ SOURCE = "arith.metal"
 FLOATS = (np.float32, np.float16)
 GRID_CAP = 1 << 22         # threads per launch; kernels loop (grid-stride) past it
 MAX_ELEMS = 2**32 - 1      # offsets are 32-bit in the kernels
-OUTER_THREADS = 1 << 16    # aim for this many threads in an outer reduction before splitting
-INNER_SIMDGROUPS = 1 << 12  # and this many simdgroups in an inner one
-MIN_CHUNK = 256            # reduced elements per split, at least
+# Reductions split the reduced range until there is enough memory traffic in flight to cover the
+# GPU's latency: about this many threads (outer) or simdgroups (inner), each split >= MIN_CHUNK.
+OUTER_THREADS = 1 << 17
+INNER_SIMDGROUPS = 1 << 13
+MIN_CHUNK = 256
+MAX_SPLITS = 8192
 INNER_MIN = 16             # innermost reduced run from which the simdgroup kernel pays off
 
 Operand = Union[Tensor, np.ndarray, float, int]
@@ -79,6 +82,19 @@ def merge_dims(sizes: Sequence[int], strides: Sequence[Sequence[int]],
                 continue
         out.append((n, flags[d], st))
     return out
+
+
+_KERNELS: dict[tuple[Device, str, str], Kernel] = {}
+
+
+def cached_kernel(dev: Device, source: str, name: str) -> Kernel:
+    """`_common.kernel`, memoized: Device.library() resolves the source path and stats its mtime on
+    every call (tens of microseconds of host time per launch); kernels do not change in a run."""
+    key = (dev, source, name)
+    k = _KERNELS.get(key)
+    if k is None:
+        k = _KERNELS[key] = kernel(dev, source, name)
+    return k
 
 
 def empty(shape: tuple[int, ...], dtype: Any, dev: Device) -> Tensor:
@@ -147,7 +163,7 @@ def _ew(name: str, out_shape: tuple[int, ...], xs: Sequence[Tensor], alpha: floa
     for d, (n, _, st) in enumerate(dims):
         p.shape[d] = n
         p.stride0[d], p.stride1[d], p.stride2[d] = st
-    k = kernel(dev, SOURCE, f"{name}_{suffix(dt)}")
+    k = cached_kernel(dev, SOURCE, f"{name}_{suffix(dt)}")
     k(min(p.n, GRID_CAP), xs[0].buffer, xs[1].buffer, xs[2].buffer, out.buffer, p)
     return out
 
@@ -169,19 +185,31 @@ def _reduce(name: str, in_shape: tuple[int, ...], target: tuple[int, ...], xs: S
     red = [d for d in dims if d[1]]
     n_out = math.prod(d[0] for d in kept)
     n_red = math.prod(d[0] for d in red)
+    if n_red == 0:  # an empty sum: 0 (alpha * 0, so a mean's nan), and no 0-size dims in kernels
+        return tensor(np.full(target, 0.0 * alpha, dtype=dt), dev).reshape(target)
     inner = bool(dims) and dims[-1][1] and dims[-1][0] >= INNER_MIN
     rdims = red[:-1] if inner else red
     if len(kept) > MAXD or len(rdims) > MAXD:
         raise ValueError(f"shape: reducing {in_shape} to {target} needs more than {MAXD} "
                          "dimensions after merging")
+    aligned = all(_aligned(x) for x in xs)
+    if inner:
+        vec = 4 if dims[-1][0] % 4 == 0 and aligned else 1
+        units = n_out  # simdgroups per split
+    else:
+        vec = 4 if kept and dims[-1] is kept[-1] and kept[-1][0] % 4 == 0 and aligned else 1
+        units = n_out // vec  # threads per split
     want = INNER_SIMDGROUPS if inner else OUTER_THREADS
-    splits = max(1, min(-(-want // n_out), n_red // MIN_CHUNK, 2048))
+    splits = max(1, min(-(-want // units), n_red // MIN_CHUNK, MAX_SPLITS))
     chunk = -(-n_red // splits) if n_red else 0
+    if inner:
+        chunk = -(-chunk // vec) * vec  # splits start on a vector boundary
     splits = -(-n_red // chunk) if chunk else 1
-    if n_out * splits * (32 if inner else 1) > MAX_ELEMS:
+    items = units * splits * (32 if inner else 1)
+    if items > MAX_ELEMS:
         raise ValueError(f"shape: {in_shape} is too large for the reduction kernels")
     p = ReduceParams(n_out=n_out, n_red=n_red, splits=splits, chunk=chunk, nk=len(kept),
-                     nr=len(rdims), alpha=float(alpha))
+                     nr=len(rdims), alpha=float(alpha), vec=vec)
     for d, (n, _, st) in enumerate(kept):
         p.ksize[d] = n
         p.kstride0[d], p.kstride1[d], p.kstride2[d] = st
@@ -193,11 +221,10 @@ def _reduce(name: str, in_shape: tuple[int, ...], target: tuple[int, ...], xs: S
         p.istride0, p.istride1, p.istride2 = dims[-1][2]
     partial = empty((n_out * splits if splits > 1 else 1,), np.float32, dev).buffer
     sfx = suffix(dt)
-    k = kernel(dev, SOURCE, f"{name}_{'inner' if inner else 'outer'}_{sfx}")
-    items = n_out * splits * (32 if inner else 1)
+    k = cached_kernel(dev, SOURCE, f"{name}_{'inner' if inner else 'outer'}_{sfx}")
     k(min(items, GRID_CAP), xs[0].buffer, xs[1].buffer, xs[2].buffer, out.buffer, partial, p)
     if splits > 1:
-        kernel(dev, SOURCE, f"sum_fwd_finish_{sfx}")(min(32 * n_out, GRID_CAP), partial, out.buffer, p)
+        cached_kernel(dev, SOURCE, f"sum_fwd_finish_{sfx}")(min(32 * n_out, GRID_CAP), partial, out.buffer, p)
     return out
 
 
@@ -240,7 +267,7 @@ def _binary_backward(op: str, grad_out: Any, a: Operand, b: Operand
         # both gradients in one pass over g, a, b
         ga, gb = empty(a_t.shape, g.dtype, dev), empty(b_t.shape, g.dtype, dev)
         p = ArithParams(n=n, ndim=1, vec=4, alpha=1.0)
-        k = kernel(dev, SOURCE, f"{op}_bwd_{suffix(g.dtype)}")
+        k = cached_kernel(dev, SOURCE, f"{op}_bwd_{suffix(g.dtype)}")
         k(min(-(-n // 4), GRID_CAP), g.buffer, a_t.buffer, b_t.buffer, ga.buffer, gb.buffer, p)
         return ga, gb
 

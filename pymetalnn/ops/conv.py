@@ -6,13 +6,16 @@ conv_transpose2d is the input gradient of the conv whose input is the transpose'
 forward runs the input-gradient kernel and its backward runs the forward kernel (for dx) and the
 weight-gradient kernel with dy and x swapped (for dw). Weight and bias gradients are split
 reductions (float partials in a workspace, then a fixed-order sum), so any batch size reduces
-correctly and deterministically. Wide GEMMs run tiled kernels; narrow ones (depthwise, fewer than
-16 channels per group on the GEMM's column side) run one-output-per-thread kernels.
+correctly and deterministically. Wide GEMMs run tiled kernels (after a small kernel that packs
+the weights tap-major so the tiles' weight loads coalesce), the tile shape picked per shape by a
+wave model (_pick_tile); narrow ones (depthwise, fewer than 16 channels per group on the GEMM's
+column side) run one-output-per-thread kernels.
 
 Precision (`accumulate=`): float32 tensors accumulate in float; float16 tensors accumulate in
 float by default ("float") or in half ("half", MPS-style fp16 accumulation: fastest, least
-accurate; weight-gradient chunks are then capped at HACC_CHUNK terms, bias gradients always sum in
-float). float32 with accumulate="half" is rejected.
+accurate; weight-gradient chunks are then capped at HACC_CHUNK terms unless the workspace bound
+WORKSPACE_BYTES forces longer ones, and bias gradients always sum in float). float32 with
+accumulate="half" is rejected.
 """
 from __future__ import annotations
 
@@ -44,6 +47,7 @@ TILES["data"] = TILES["fwd"]
 DIRECT_BELOW = 16        # GEMM column widths below this use the direct kernels
 TARGET_GROUPS = 512      # threadgroups a split reduction aims for off cuda
 HACC_CHUNK = 512         # reduction terms per fp16 partial sum of the half-accumulating dw
+WORKSPACE_BYTES = 1 << 28  # bound on a split reduction's float partials
 MAX_GROUPS = 1 << 20     # launch cap; the kernels grid-stride over the rest
 MAX_ELEMS = 2**31        # kernels use 32-bit offsets
 # Tests and benchmarks force a path: {"fwd"|"data": "direct" or a tile name, "weight": a tile}.
@@ -281,7 +285,20 @@ def forward_plan(dev: Device, prec: str, geo: ConvGeometry, x: Tensor, w: Tensor
     tile = _pick_tile("fwd", dev, geo.N * geo.OH * geo.OW, geo.Kg, geo.G)
     bm, bn = TILES["fwd"][tile][:2]
     tiles = geo.G * _cdiv(geo.N * geo.OH * geo.OW, bm) * _cdiv(geo.Kg, bn)
-    return [(kernel(dev, source, f"conv2d_fwd_{tile}_{prec}"), _groups(tiles), args)]
+    pack, args = _packed_weights(dev, geo, w, args, 1, source, tile)
+    return pack + [(kernel(dev, source, f"conv2d_fwd_{tile}_{prec}"), _groups(tiles), args)]
+
+
+def _packed_weights(dev: Device, geo: ConvGeometry, w: Tensor, args: tuple, k_inner: int,
+                    source: str, tile: str = "") -> tuple[list[Launch], tuple]:
+    """The launch that packs w tap-major for the tiled kernels, and `args` with w replaced by the
+    packed copy (dev tiles named *u read w as it is)."""
+    if tile.endswith("u"):
+        return [], args
+    wp = dev.buffer(w.nbytes)
+    k = kernel(dev, source, f"conv2d_pack_weight_{'float' if w.dtype == np.float32 else 'half'}")
+    launch = (k, min(w.size, MAX_GROUPS * THREADS), (w.buffer, wp, geo.params(), np.uint32(k_inner)))
+    return [launch], (args[0], wp, *args[2:])
 
 
 def input_grad_plan(dev: Device, prec: str, geo: ConvGeometry, dy: Tensor, w: Tensor,
@@ -296,16 +313,22 @@ def input_grad_plan(dev: Device, prec: str, geo: ConvGeometry, dy: Tensor, w: Te
     tile = _pick_tile("data", dev, rows, geo.Cg, geo.G * geo.SH * geo.SW)
     bm, bn = TILES["data"][tile][:2]
     tiles = geo.G * geo.SH * geo.SW * _cdiv(rows, bm) * _cdiv(geo.Cg, bn)
-    return [(kernel(dev, source, f"conv2d_bwd_data_{tile}_{prec}"), _groups(tiles), args)]
+    pack, args = _packed_weights(dev, geo, w, args, 0, source, tile)
+    return pack + [(kernel(dev, source, f"conv2d_bwd_data_{tile}_{prec}"), _groups(tiles), args)]
 
 
-def _splits(red: int, base: int, step: int, target: int, cap: int | None = None) -> tuple[int, int]:
+def _splits(red: int, base: int, step: int, target: int, cap: int | None = None,
+            out_size: int = 1) -> tuple[int, int]:
     """(splits, chunk): cut a reduction of `red` terms into chunks (multiples of `step`, at most
-    `cap`) so that base * splits threadgroups come near `target`."""
+    `cap`) so that base * splits threadgroups come near `target`. The float workspace
+    (splits * out_size) stays within WORKSPACE_BYTES, which can stretch chunks past `cap`."""
     splits = max(1, min(_cdiv(target, base), _cdiv(red, 4 * step)))
     chunk = _cdiv(_cdiv(red, splits), step) * step
     if cap is not None:
         chunk = min(chunk, cap)
+    most = max(1, WORKSPACE_BYTES // (4 * out_size))
+    if _cdiv(red, chunk) > most:
+        chunk = _cdiv(_cdiv(red, most), step) * step
     return _cdiv(red, chunk), chunk
 
 
@@ -328,7 +351,7 @@ def weight_grad_plan(dev: Device, prec: str, geo: ConvGeometry, dy: Tensor, x: T
     bm, bn, bk = TILES["weight"][tile][:3]
     base = geo.G * _cdiv(geo.Kg, bm) * _cdiv(crs, bn)
     splits, chunk = _splits(geo.N * geo.OH * geo.OW, base, bk, _target_groups(dev),
-                            HACC_CHUNK if prec == "hacc_half" else None)
+                            HACC_CHUNK if prec == "hacc_half" else None, dw.size)
     ws = dev.buffer(splits * dw.size * 4)
     k = kernel(dev, source, f"conv2d_bwd_weight_{tile}_{prec}")
     return [(k, _groups(base * splits), (dy.buffer, x.buffer, ws, geo.params(splits=splits, chunk=chunk))),
@@ -338,7 +361,7 @@ def weight_grad_plan(dev: Device, prec: str, geo: ConvGeometry, dy: Tensor, x: T
 def bias_grad_plan(dev: Device, dy: Tensor, db: Tensor, source: str = SOURCE) -> list[Launch]:
     """db[k] = sum of dy[:, k] (float partial sums in every precision)."""
     n, c, h, w = dy.shape
-    splits, chunk = _splits(n * h * w, c, THREADS, _target_groups(dev))
+    splits, chunk = _splits(n * h * w, c, THREADS, _target_groups(dev), None, c)
     p = Conv2dParams(N=n, K=c, OH=h, OW=w, splits=splits, chunk=chunk)
     ws = dev.buffer(splits * c * 4)
     k = kernel(dev, source, f"conv2d_bwd_bias_{'float' if dy.dtype == np.float32 else 'half'}")

@@ -2,10 +2,12 @@
 dim, permute / transpose, the image <-> matrix bridge between CNN and FC/RNN layers, and the
 sequence layouts the LSTM uses; each with its backward.
 
-Design: every op is a few launches of three kernels. A tensor viewed around a dim `d` is a matrix
-(prod(shape[:d]), shape[d] * prod(shape[d+1:])); one operand of a concat, or one piece of a split,
-is then a block of that matrix with a row pitch and a column offset, which copy_block moves (one
-launch per operand: the metal backend binds whole buffers only, so pieces cannot be views).
+Design: every op is a few launches of a handful of kernels. A tensor viewed around a dim `d` is a
+matrix (prod(shape[:d]), shape[d] * prod(shape[d+1:])); one operand of a concat, or one piece of a
+split, is then a block of its columns, and one launch moves up to 8 of them (the metal backend
+binds whole buffers only, so pieces cannot be views of one buffer there; on cuda and cpu the
+pieces of a dim-0 split are views of a single copy, and a concat of such adjacent views is one
+copy).
 Permutations are classified after merging the dims that stay adjacent: a plain copy, a gather
 that keeps the innermost dim (coalesced, vectorized), or a batched matrix transpose when the
 innermost dim moves (tiled through threadgroup memory).
@@ -21,11 +23,11 @@ from typing import Any, Union
 
 import numpy as np
 
-from ..params import MAXD, CopyParams, PermuteParams, TransposeParams
+from ..params import MAXD, ConcatParams, CopyParams, PermuteParams, TransposeParams
 from ..runtime import Device
 from ..tensor import Tensor
-from ._common import kernel, pick_device, suffix, tensor_arg
-from .arith import GRID_CAP, MAX_ELEMS, empty, merge_dims
+from ._common import pick_device, suffix, tensor_arg
+from .arith import GRID_CAP, MAX_ELEMS, cached_kernel, empty, merge_dims
 
 SOURCE = "copy.metal"
 MOVABLE = (np.float32, np.float16, np.int32)
@@ -65,7 +67,7 @@ def _block(src: Tensor, dst: Tensor, rows: int, cols: int, src_pitch: int, dst_p
         name = f"copy_fwd_{suffix(src.dtype)}"
     else:
         name = f"cast_fwd_to{suffix(dst.dtype)}_{suffix(src.dtype)}"
-    kernel(src.device, SOURCE, name)(min(p.n, GRID_CAP), src.buffer, dst.buffer, p)
+    cached_kernel(src.device, SOURCE, name)(min(p.n, GRID_CAP), src.buffer, dst.buffer, p)
 
 
 def _adjacent(ts: list[Tensor]) -> bool:
@@ -77,6 +79,30 @@ def _adjacent(ts: list[Tensor]) -> bool:
         if b.buffer.base is not base or a.buffer.offset + a.nbytes != b.buffer.offset:
             return False
     return True
+
+
+def _parts(op: str, whole: Tensor, rows: int, pitch: int, parts: list[tuple[Tensor, int, int]]
+           ) -> None:
+    """concat: whole[r, off + c] = part[r, c] for each (part, cols, off); split: the reverse.
+    Up to 8 parts per launch."""
+    parts = [pt for pt in parts if pt[1] and rows]
+    for g in range(0, len(parts), 8):
+        group = parts[g: g + 8]
+        vec = 4 if pitch % 4 == 0 and _vec_ok(whole) and \
+            all(c % 4 == 0 and o % 4 == 0 and _vec_ok(t) for t, c, o in group) else 1
+        p = ConcatParams(parts=len(group), rows=rows, vec=vec, pitch=pitch)
+        n = 0
+        for i, (_, c, o) in enumerate(group):
+            p.start[i], p.cols[i], p.off[i] = n, c, o
+            n += rows * c // vec
+        p.n = n
+        bufs = [t.buffer for t, _, _ in group]
+        bufs += [bufs[0]] * (8 - len(bufs))
+        k = cached_kernel(whole.device, SOURCE, f"{op}_fwd_{suffix(whole.dtype)}")
+        if op == "concat":
+            k(min(n, GRID_CAP), *bufs, whole.buffer, p)
+        else:
+            k(min(n, GRID_CAP), whole.buffer, *bufs, p)
 
 
 def _around(shape: tuple[int, ...], d: int) -> tuple[int, int]:
@@ -149,11 +175,9 @@ def concat(tensors: Sequence[Any], dim: int = 0) -> Tensor:
                        out_shape, ts[0].dtype)
         return copy(whole)
     out = empty(out_shape, ts[0].dtype, dev)
-    off = 0
-    for t in ts:
-        cols = t.shape[d] * inner
-        _block(t, out, rows, cols, cols, total * inner, 0, off * inner)
-        off += t.shape[d]
+    offs = np.cumsum([0] + [t.shape[d] for t in ts])[:-1]
+    _parts("concat", out, rows, total * inner, [(t, t.shape[d] * inner, int(o) * inner)
+                                                for t, o in zip(ts, offs)])
     return out
 
 
@@ -193,11 +217,13 @@ def split(x: Any, split_size_or_sections: SplitArg, dim: int = 0) -> list[Tensor
             outs.append(Tensor(view, x.shape[:d] + (s,) + x.shape[d + 1:], x.dtype))
             off += s
         return outs
+    parts = []
     for s in sizes:
         piece = empty(x.shape[:d] + (s,) + x.shape[d + 1:], x.dtype, x.device)
-        _block(x, piece, rows, s * inner, x.shape[d] * inner, s * inner, off * inner, 0)
+        parts.append((piece, s * inner, off * inner))
         outs.append(piece)
         off += s
+    _parts("split", x, rows, x.shape[d] * inner, parts)
     return outs
 
 
@@ -337,7 +363,7 @@ def _permute(x: Tensor, p: tuple[int, ...]) -> Tensor:
             tr, tc = -(-b // 32), -(-a // 32)
             tp = TransposeParams(batch=batch, rows=b, cols=a, tiles_r=tr, tiles_c=tc,
                                  n_tiles=batch * tr * tc)
-            k = kernel(x.device, SOURCE, f"transpose_fwd_{suffix(x.dtype)}")
+            k = cached_kernel(x.device, SOURCE, f"transpose_fwd_{suffix(x.dtype)}")
             k(min(tp.n_tiles, GRID_CAP // 256) * 256, x.buffer, out.buffer, tp)
             return out
     if len(dims) > MAXD:
@@ -347,7 +373,7 @@ def _permute(x: Tensor, p: tuple[int, ...]) -> Tensor:
     pp = PermuteParams(n=out.size // vec, ndim=len(dims), vec=vec)
     for i, (n, s) in enumerate(zip(sizes, strides)):
         pp.shape[i], pp.stride[i] = n, s
-    kernel(x.device, SOURCE, f"permute_fwd_{suffix(x.dtype)}")(min(pp.n, GRID_CAP), x.buffer,
+    cached_kernel(x.device, SOURCE, f"permute_fwd_{suffix(x.dtype)}")(min(pp.n, GRID_CAP), x.buffer,
                                                               out.buffer, pp)
     return out
 

@@ -18,8 +18,8 @@ import numpy as np
 from ..params import DropoutParams
 from ..runtime import Device
 from ..tensor import Tensor
-from ._common import kernel, pick_device, suffix, tensor_arg
-from .arith import GRID_CAP, MAX_ELEMS, empty
+from ._common import pick_device, suffix, tensor_arg
+from .arith import GRID_CAP, MAX_ELEMS, cached_kernel, empty
 from .copy import copy
 
 SOURCE = "dropout.metal"
@@ -55,7 +55,7 @@ def _run(name: str, x: Tensor, p: float, seed: int, offset: int, inner: int | No
         prm.inner = inner
         prm.channels = x.size // inner
         prm.items = prm.channels * -(-inner // 4)
-    k = kernel(x.device, SOURCE, f"{name}_{suffix(x.dtype)}")
+    k = cached_kernel(x.device, SOURCE, f"{name}_{suffix(x.dtype)}")
     k(min(prm.items, GRID_CAP), x.buffer, out.buffer, prm)
     return out
 
@@ -107,7 +107,7 @@ def philox_stream(n: int, seed: int, offset: int = 0, device: Device | None = No
     dev = device or pick_device()
     prm = _params(int(n), 0.0, _u64(seed, "seed"), _u64(offset, "offset"))
     out = dev.buffer(4 * int(n))
-    kernel(dev, SOURCE, "philox_fwd_stream_uint")(min(prm.items, GRID_CAP), out, prm)
+    cached_kernel(dev, SOURCE, "philox_fwd_stream_uint")(min(prm.items, GRID_CAP), out, prm)
     return out.numpy(np.uint32)
 
 
@@ -123,5 +123,5 @@ def philox4x32_10(counters: Any, key: tuple[int, int], device: Device | None = N
     n = ctr.shape[0]
     prm = DropoutParams(n=4 * n, key0=k[0], key1=k[1], items=n)
     out = dev.buffer(16 * n)
-    kernel(dev, SOURCE, "philox_fwd_block_uint")(n, dev.buffer(ctr.astype(np.uint32)), out, prm)
+    cached_kernel(dev, SOURCE, "philox_fwd_block_uint")(n, dev.buffer(ctr.astype(np.uint32)), out, prm)
     return out.numpy(np.uint32).reshape(n, 4)

@@ -40,13 +40,20 @@ _MAX_THREADS = 2**32 - 1024
 @dataclass(frozen=True)
 class Tile:
     """One instantiated tile shape of gemm_tiled: BM x BN outputs per threadgroup, BK-deep
-    slices; `efficiency` is its FMA rate relative to 128x128 (fewer FMAs per shared load)."""
+    slices; `efficiency` is its FMA rate relative to 128x128 (fewer FMAs per shared load).
+    Kernels gemm_fwd_<name>[_splitk]_<variant> and gemm_fwd_splitk_sum_<variant> of `source`
+    (benchmarks/dev_gemm.py points it at candidate kernel files)."""
 
     name: str
     bm: int
     bn: int
     bk: int
     efficiency: float
+    source: str = SOURCE
+    variants: tuple[str, ...] | None = None  # instantiated only for these (None: all)
+
+    def supports(self, variant: str) -> bool:
+        return self.variants is None or variant in self.variants
 
 
 TILES = {t.name: t for t in (Tile("128x128", 128, 128, 8, 1.0), Tile("64x64", 64, 64, 16, 0.6))}
@@ -75,12 +82,18 @@ def _compute_units(dev: Device) -> int:
 
 
 def plan(dev: Device, m: int, n: int, k: int, batch: int, reduce_batch: bool,
-         tile: str | None = None, k_splits: int | None = None) -> tuple[Tile, int]:
-    """(tile, k_splits) for one call. Cost = waves * work per threadgroup / tile efficiency; a
-    split of K is considered only while the tiles alone leave compute units idle."""
+         tile: str | Tile | None = None, k_splits: int | None = None, var: str = "float"
+         ) -> tuple[Tile, int]:
+    """(tile, k_splits) for one call. Cost, in FMAs along the critical path of one compute
+    unit: waves * work per threadgroup / tile efficiency, plus for split-K the partial sums'
+    memory traffic (~1/4 FMA per element on current GPUs) and a launch. A split is considered
+    only while the tiles alone leave compute units idle."""
     units = _compute_units(dev)
     nb = 1 if reduce_batch else batch
-    cands = [TILES[tile]] if tile is not None else list(TILES.values())
+    if tile is None:
+        cands = [t for t in TILES.values() if t.supports(var)]
+    else:
+        cands = [tile if isinstance(tile, Tile) else TILES[tile]]
     best: tuple[float, Tile, int] | None = None
     for t in cands:
         tiles = math.ceil(m / t.bm) * math.ceil(n / t.bn) * nb
@@ -93,7 +106,8 @@ def plan(dev: Device, m: int, n: int, k: int, batch: int, reduce_batch: bool,
         for s in splits:
             waves = math.ceil(tiles * s / units)
             cost = waves * t.bm * t.bn * t.bk * math.ceil(slices / s) / t.efficiency
-            cost += (s > 1) * (s + 2) * m * n * nb  # the split-K finish: memory-bound, small
+            if s > 1:
+                cost += 0.25 * (s + 2) * m * n * nb + 2**19
             if best is None or cost < best[0]:
                 best = (cost, t, s)
     assert best is not None
@@ -140,7 +154,7 @@ def _float(v: Any, name: str) -> float:
 
 def gemm(a: Any, b: Any, out: Tensor, *, transpose_a: bool = False, transpose_b: bool = False,
          alpha: float = 1.0, beta: float = 0.0, bias: Any = None, accumulate: str | None = None,
-         tile: str | None = None, k_splits: int | None = None) -> Tensor:
+         tile: str | Tile | None = None, k_splits: int | None = None) -> Tensor:
     """out = alpha * op(a) @ op(b) + beta * out (+ bias), in place; returns `out`.
 
     op(a) is (M, K) -- a stored (M, K), or (K, M) with transpose_a -- and op(b) is (K, N) -- b
@@ -149,7 +163,7 @@ def gemm(a: Any, b: Any, out: Tensor, *, transpose_a: bool = False, transpose_b:
     then with batched operands it receives the sum over the batch,
     out = alpha * sum_i op(a_i) @ op(b_i) + beta * out. bias (N,) is added to every row.
     beta == 0 never reads `out` (NaNs there do not propagate). `tile` / `k_splits` override the
-    kernel choice (names in TILES; k_splits >= 1).
+    kernel choice (a name in TILES or a Tile; k_splits >= 1).
     """
     dev = pick_device(a, b, out)
     if not isinstance(out, Tensor):
@@ -163,8 +177,10 @@ def gemm(a: Any, b: Any, out: Tensor, *, transpose_a: bool = False, transpose_b:
         raise ValueError(f"out: dtype {out.dtype} does not match a's {a.dtype}")
     var = variant(a.dtype, accumulate)
     alpha, beta = _float(alpha, "alpha"), _float(beta, "beta")
-    if tile is not None and tile not in TILES:
+    if tile is not None and not isinstance(tile, Tile) and tile not in TILES:
         raise ValueError(f"tile: expected one of {', '.join(TILES)}, got {tile!r}")
+    if tile is not None and not (tile if isinstance(tile, Tile) else TILES[tile]).supports(var):
+        raise ValueError(f"tile: {tile!r} is not instantiated for the {var} variant")
     if k_splits is not None and (not isinstance(k_splits, (int, np.integer)) or k_splits < 1):
         raise ValueError(f"k_splits: expected an int >= 1, got {k_splits!r}")
 
@@ -205,7 +221,7 @@ def gemm(a: Any, b: Any, out: Tensor, *, transpose_a: bool = False, transpose_b:
             raise ValueError(f"{name}: a {t.shape[-2]} x {t.shape[-1]} matrix exceeds 2^31 "
                              "elements")
 
-    t, splits = plan(dev, m, n, k, batch, reduce_batch, tile, k_splits)
+    t, splits = plan(dev, m, n, k, batch, reduce_batch, tile, k_splits, var)
     p = GemmParams()
     p.M, p.N, p.K = m, n, k
     p.lda, p.ldb, p.ldc = ac, bc, n
@@ -228,15 +244,19 @@ def gemm(a: Any, b: Any, out: Tensor, *, transpose_a: bool = False, transpose_b:
         raise ValueError(f"out: {nb} x {m} x {n} is too large for one launch")
 
     bias_buf = bias.buffer if bias is not None else out.buffer
-    if splits > 1:
-        acc_size = 2 if var == "hacc_half" else 4
-        work = _workspace(dev, splits * nb * m * n * acc_size)
-    else:
-        work = out.buffer  # bound but never touched
-    kernel(dev, SOURCE, f"gemm_fwd_{t.name}_{var}")(groups * THREADS, a.buffer, b.buffer,
-                                                     out.buffer, bias_buf, work, p)
-    if splits > 1:
-        kernel(dev, SOURCE, f"gemm_fwd_splitk_{var}")(nb * m * n, out.buffer, bias_buf, work, p)
+    if splits == 1:
+        kernel(dev, t.source, f"gemm_fwd_{t.name}_{var}")(groups * THREADS, a.buffer, b.buffer,
+                                                          out.buffer, bias_buf, p)
+        return out
+    # split-K: the same kernel writes raw partial sums (ACC) of split s, batch entry e to the
+    # workspace matrix s * nb + e; gemm_fwd_splitk_sum adds them and applies the epilogue.
+    work = _workspace(dev, splits * nb * m * n * (2 if var == "hacc_half" else 4))
+    pp = GemmParams.from_buffer_copy(p)
+    pp.ldc, pp.stride_c, pp.alpha, pp.beta = n, m * n, 1.0, 0.0
+    pp.flags = (p.flags & ~(BIAS | BETA | VEC_C)) | (VEC_C if n % 4 == 0 else 0)
+    name = f"gemm_fwd_{t.name}_splitk_half" if var == "half" else f"gemm_fwd_{t.name}_{var}"
+    kernel(dev, t.source, name)(groups * THREADS, a.buffer, b.buffer, work, bias_buf, pp)
+    kernel(dev, t.source, f"gemm_fwd_splitk_sum_{var}")(nb * m * n, out.buffer, bias_buf, work, p)
     return out
 
 

@@ -8,14 +8,14 @@ Where PyTorch has the loss, the definition and the argument names are PyTorch's;
 | function | per-term loss l (x = input, t = target) | PyTorch |
 | --- | --- | --- |
 | cross_entropy | -sum_c t'_c log softmax(x)_c over dim 1; labels or probabilities | F.cross_entropy |
-| binary_cross_entropy_with_logits | max(x, 0) - x t' + log(1 + exp(-abs(x))), t' = t (1 - s) + s / 2 | same (s = 0) |
+| binary_cross_entropy_with_logits | max(x, 0) - x t' + log(1 + exp(-abs(x))) | same (s = 0) |
 | categorical_cross_entropy | -sum_c t'_c log x_c over dim 1 (x: probabilities; 0 log 0 = 0) | MPS only |
 | mse_loss | (x - t)^2 | F.mse_loss |
 | l1_loss | abs(x - t) (MPS's mean absolute error) | F.l1_loss |
 | huber_loss | 0.5 d^2 if abs(d) < delta else delta (abs(d) - delta / 2), d = x - t | F.huber_loss |
 | hinge_loss | max(0, 1 - (2 t - 1) x), t in {0, 1} | MPS only |
 | kl_div | t (log t - x), or exp(t) (t - x) with log_target (x: log-probabilities) | F.kl_div |
-| cosine_distance | 1 - sum_c x_c t_c / sqrt(max(abs(x)^2 abs(t)^2, eps^2)) over dim 1 | 1 - F.cosine_similarity |
+| cosine_distance | 1 - x.t / sqrt(max(|x|^2 |t|^2, eps^2)) over dim 1 | 1 - F.cosine_similarity |
 | log_loss | -t log(x + eps) - (1 - t) log(1 - x + eps) | MPS only |
 
 t' is the label-smoothed target: (1 - s) t + s / C for the class-axis losses (PyTorch's and MPS's
@@ -32,7 +32,12 @@ is not supported, which is why the options are keyword-only). reduction:
   'mean'        that sum / the number of terms (labels equal to ignore_index are not terms)
   'sum_by_nonzero_weights'  that sum / the number of terms of nonzero weight (0 if there are none)
   'batchmean'   (kl_div only) that sum / N
+'mean' with every label ignored is NaN, as in PyTorch (its gradient is 0).
 Losses are float32 whatever the input's storage; gradients have the input's dtype.
+
+Integer labels are range-checked on the host before anything is dispatched, which for a device
+Tensor means reading it back; `class_labels(target, num_classes)` checks them once and returns
+labels the class-axis losses then use without a second check (and without a queue sync).
 
 Every `<loss>_backward(grad, input, target, <same options>)` takes grad shaped like the loss
 (a number or one-element tensor for the scalar reductions) and returns d(sum grad * loss)/d input.
@@ -134,10 +139,60 @@ def _float_target(target: Any, x: Tensor, dev: Device) -> Tensor:
     return t
 
 
+def _check_ignore_index(ignore_index: Any) -> int:
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, (int, np.integer)):
+        raise ValueError(f"ignore_index: expected an int, got {ignore_index!r}")
+    return int(ignore_index)
+
+
+def _check_label_values(arr: np.ndarray, c: int, ignore_index: int, name: str) -> None:
+    bad = ((arr < 0) | (arr >= c)) & (arr != ignore_index)
+    if bad.any():
+        v = arr[bad].reshape(-1)[0]
+        raise ValueError(f"{name}: label {int(v)} out of range [0, {c}) (ignore_index="
+                         f"{ignore_index})")
+
+
+class Labels(Tensor):
+    """int32 class labels already range-checked on the host for `num_classes` classes and
+    `ignore_index` (made by `class_labels`). The class-axis losses skip their host check, which
+    for a plain device Tensor reads the labels back (a queue synchronization) on every call."""
+
+    def __init__(self, t: Tensor, num_classes: int, ignore_index: int):
+        super().__init__(t.buffer, t.shape, t.dtype)
+        self.num_classes = num_classes
+        self.ignore_index = ignore_index
+
+
+def class_labels(target: Any, num_classes: int, ignore_index: int = -100,
+                 device: Device | None = None) -> Labels:
+    """Check integer labels once (each in [0, num_classes) or equal to ignore_index) and put them
+    on the device, so that cross_entropy / categorical_cross_entropy and their backward need not
+    check them again. The labels must not be modified afterwards."""
+    if isinstance(num_classes, bool) or not isinstance(num_classes, (int, np.integer)) \
+            or num_classes < 1:
+        raise ValueError(f"num_classes: expected an int >= 1, got {num_classes!r}")
+    ii = _check_ignore_index(ignore_index)
+    if isinstance(target, Tensor):
+        if target.dtype != int32:
+            raise ValueError(f"target: labels must be int32, got {target.dtype}")
+        arr = target.numpy()
+        dev = device or target.device
+    else:
+        arr = np.asarray(target)
+        if arr.dtype.kind not in "iu":
+            raise ValueError(f"target: labels must be integers, got dtype {arr.dtype}")
+        dev = device or pick_device()
+    _check_label_values(arr, int(num_classes), ii, "target")
+    t = target if isinstance(target, Tensor) else as_tensor(arr.astype(np.int32), dev, "target")
+    return Labels(t, int(num_classes), ii)
+
+
 def _class_target(target: Any, x: Tensor, dev: Device, ignore_index: Any,
                   allow_labels: bool = True) -> tuple[Tensor, bool]:
     """(target tensor, is_labels). Labels: int32 (N, *spatial) in [0, C) or ignore_index, checked
-    here on the host; probabilities: x's shape and dtype."""
+    here on the host (unless made by class_labels for the same C and ignore_index);
+    probabilities: x's shape and dtype."""
     is_tensor = isinstance(target, Tensor)
     if target is None:
         raise ValueError("target: got None")
@@ -147,20 +202,19 @@ def _class_target(target: Any, x: Tensor, dev: Device, ignore_index: Any,
     if not allow_labels:
         raise ValueError("target: integer labels are not accepted here; pass a float tensor "
                          "shaped like input")
-    if isinstance(ignore_index, bool) or not isinstance(ignore_index, (int, np.integer)):
-        raise ValueError(f"ignore_index: expected an int, got {ignore_index!r}")
+    ii = _check_ignore_index(ignore_index)
     want = (x.shape[0],) + x.shape[2:]
-    arr = target.numpy() if is_tensor else np.asarray(target)
-    if arr.shape != want:
+    if tuple(target.shape if is_tensor else np.shape(target)) != want:
         raise ValueError(f"target: integer labels must have shape {want} (input {x.shape} without "
-                         f"the class axis), got {arr.shape}")
+                         f"the class axis), got {tuple(np.shape(target)) if not is_tensor else target.shape}")
     c = x.shape[1]
-    bad = ((arr < 0) | (arr >= c)) & (arr != ignore_index)
-    if bad.any():
-        v = arr[bad].reshape(-1)[0]
-        raise ValueError(f"target: label {int(v)} out of range [0, {c}) (ignore_index="
-                         f"{ignore_index})")
-    t = target if is_tensor else as_tensor(arr.astype(np.int32), dev, "target")
+    if isinstance(target, Labels) and target.num_classes == c and target.ignore_index == ii:
+        if target.device is not dev:
+            raise ValueError(f"target: tensor is on {target.device.name}, expected {dev.name}")
+        return target, True
+    arr = target.numpy() if is_tensor else np.asarray(target)
+    _check_label_values(arr, c, ii, "target")
+    t = as_tensor(target, dev, "target") if is_tensor else as_tensor(arr.astype(np.int32), dev, "target")
     return t, True
 
 

@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 
 from ..params import NeuronParams
+from ..runtime.core import MAX_GRID_THREADS
 from ..tensor import Tensor
 from ._common import kernel, out_like, pick_device, suffix, tensor_arg
 
@@ -34,19 +35,28 @@ def _scalar(v: Any, name: str, nonzero: bool = False) -> float:
     return f
 
 
-def _count(n: int) -> int:
-    return n // VEC + n % VEC
+def _params(n: int, a: float, b: float, *tensors: Tensor) -> tuple[int, NeuronParams]:
+    """Launch count and params. The vector path needs each buffer 4-vector aligned, true of every
+    fresh tensor; a view at an odd offset (e.g. a piece of split) runs all-scalar instead."""
+    align = 4 * tensors[0].dtype.itemsize
+    nvec = n // VEC if all(t.buffer.offset % align == 0 for t in tensors) else 0
+    return n - (VEC - 1) * nvec, NeuronParams(n=n, nvec=nvec, a=a, b=b)
+
+
+def _check_size(xt: Tensor) -> None:
+    if xt.size > MAX_GRID_THREADS:
+        raise ValueError(f"x: {xt.size} elements, at most {MAX_GRID_THREADS} are supported")
 
 
 def _fwd(op: str, x: Any, a: float = 0.0, b: float = 0.0, variant: str = "") -> Tensor:
     dev = pick_device(x)
     xt = tensor_arg(x, dev, "x", FLOATS)
-    if xt.size >= 2**32:
-        raise ValueError(f"x: {xt.size} elements, at most 2^32 - 1 are supported")
+    _check_size(xt)
     y = out_like(xt.shape, xt.dtype, dev)
     if xt.size:
         k = kernel(dev, SOURCE, f"{op}_fwd{variant}_{suffix(xt.dtype)}")
-        k(_count(xt.size), xt.buffer, y.buffer, NeuronParams(n=xt.size, a=a, b=b))
+        count, q = _params(xt.size, a, b, xt, y)
+        k(count, xt.buffer, y.buffer, q)
     return y
 
 
@@ -59,12 +69,12 @@ def _bwd(op: str, grad_out: Any, x: Any, a: float = 0.0, b: float = 0.0, variant
         raise ValueError(f"grad_out: shape {gt.shape} differs from x's {xt.shape}")
     if gt.dtype != xt.dtype:
         raise ValueError(f"grad_out: dtype {gt.dtype} differs from x's {xt.dtype}")
-    if xt.size >= 2**32:
-        raise ValueError(f"x: {xt.size} elements, at most 2^32 - 1 are supported")
+    _check_size(xt)
     dx = out_like(xt.shape, xt.dtype, dev)
     if xt.size:
         k = kernel(dev, SOURCE, f"{op}_bwd{variant}_{suffix(xt.dtype)}")
-        k(_count(xt.size), gt.buffer, xt.buffer, dx.buffer, NeuronParams(n=xt.size, a=a, b=b))
+        count, q = _params(xt.size, a, b, gt, xt, dx)
+        k(count, gt.buffer, xt.buffer, dx.buffer, q)
     return dx
 
 

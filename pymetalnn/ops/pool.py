@@ -24,6 +24,25 @@ FLOATS = (np.float32, np.float16)
 POOL_WRITE_INDICES, POOL_COUNT_PAD = 1, 2  # pool.metal's flags
 
 
+MAX_ELEMENTS = 2**31 - 1  # pool.metal's magic_div needs numerators < 2^31
+
+
+def _magic(d: int) -> tuple[int, int]:
+    """(m, s) such that n // d == ((n * m >> 32) + n) >> s for 0 <= n < 2^31, 1 <= d < 2^31
+    (Granlund-Montgomery; PyTorch's IntDivider): pool.metal divides with a multiply-high."""
+    s = 0
+    while (1 << s) < d:
+        s += 1
+    return ((1 << 32) * ((1 << s) - d)) // d + 1, s
+
+
+def _set_magic(q: Any, **divisors: int) -> None:
+    for name, d in divisors.items():
+        m, s = _magic(d)
+        setattr(q, f"m_{name}", m)
+        setattr(q, f"s_{name}", s)
+
+
 def _out_size(n: int, k: int, s: int, p: int, d: int, ceil_mode: bool) -> int:
     """torch's pooling_output_shape: floor (or ceil) of the window count; in ceil mode the last
     window must start inside the input or its left padding."""
@@ -49,8 +68,8 @@ def _as_4d(x: Any, dev: Any, name: str, one_d: bool) -> tuple[Tensor, tuple[int,
     prefix = t.shape[:-1] if one_d else t.shape[:-2]
     n, c = (1, prefix[0]) if len(prefix) == 1 else prefix
     h, w = (1, t.shape[-1]) if one_d else t.shape[-2:]
-    if n * c * h * w >= MAX_GRID_THREADS:
-        raise ValueError(f"{name}: {t.size} elements, at most {MAX_GRID_THREADS - 1} are supported")
+    if n * c * h * w > MAX_ELEMENTS:
+        raise ValueError(f"{name}: {t.size} elements, at most {MAX_ELEMENTS} are supported")
     return t.reshape(n, c, h, w), prefix, t.shape
 
 
@@ -83,8 +102,13 @@ def _geometry(x4: Tensor, one_d: bool, kernel_size: Any, stride: Any, padding: A
         raise ValueError(f"kernel_size: {kernel_size!r} (dilation {dilation!r}) does not fit the "
                          f"input {size} padded by {padding!r}: output size would be {max(oh, 0)}"
                          f"x{max(ow, 0)}")
-    return Pool2dParams(planes=n * c, IH=ih, IW=iw, OH=oh, OW=ow, KH=k[0], KW=k[1], SH=s[0],
-                        SW=s[1], PH=p[0], PW=p[1], DH=d[0], DW=d[1], flags=0, divisor=0)
+    if n * c * oh * ow > MAX_ELEMENTS:
+        raise ValueError(f"x: the output would have {n * c * oh * ow} elements, at most "
+                         f"{MAX_ELEMENTS} are supported")
+    q = Pool2dParams(planes=n * c, IH=ih, IW=iw, OH=oh, OW=ow, KH=k[0], KW=k[1], SH=s[0],
+                     SW=s[1], PH=p[0], PW=p[1], DH=d[0], DW=d[1], flags=0, divisor=0)
+    _set_magic(q, out=oh * ow, **{"in": ih * iw}, ow=ow, iw=iw, sh=s[0], sw=s[1], dh=d[0], dw=d[1])
+    return q
 
 
 def _out_shape(prefix: tuple[int, ...], q: Any, one_d: bool) -> tuple[int, ...]:
@@ -254,9 +278,12 @@ def _adaptive_params(x4: Tensor, output_size: Any) -> AdaptivePool2dParams:
         raise ValueError(f"output_size: expected an int or 2 ints, got {output_size!r}")
     oh, ow = (ih if sizes[0] is None else sizes[0]), (iw if sizes[1] is None else sizes[1])
     oh, ow = _ints((oh, ow), 2, "output_size")
-    if n * c * oh * ow >= MAX_GRID_THREADS:
-        raise ValueError(f"output_size: {output_size!r} gives too many outputs")
-    return AdaptivePool2dParams(planes=n * c, IH=ih, IW=iw, OH=oh, OW=ow)
+    if n * c * oh * ow > MAX_ELEMENTS or ih * oh > MAX_ELEMENTS or iw * ow > MAX_ELEMENTS:
+        raise ValueError(f"output_size: {output_size!r} is too large for input {ih}x{iw} "
+                         f"(pool.metal's index arithmetic stays below 2^31)")
+    q = AdaptivePool2dParams(planes=n * c, IH=ih, IW=iw, OH=oh, OW=ow)
+    _set_magic(q, out=oh * ow, **{"in": ih * iw}, ow=ow, iw=iw, oh=oh, ih=ih)
+    return q
 
 
 def _adaptive_fwd(x4: Tensor, prefix: tuple[int, ...], q: Any, dev: Any) -> Tensor:
@@ -264,6 +291,7 @@ def _adaptive_fwd(x4: Tensor, prefix: tuple[int, ...], q: Any, dev: Any) -> Tens
     if y.size:
         sfx = suffix(x4.dtype)
         if q.OH == 1 and q.OW == 1:  # a reduction per plane: one simdgroup each
+            q.vec = int((q.IH * q.IW) % 4 == 0 and x4.buffer.offset % (4 * x4.dtype.itemsize) == 0)
             if q.planes * 32 >= MAX_GRID_THREADS:
                 raise ValueError(f"x: {q.planes} planes, at most {MAX_GRID_THREADS // 32 - 1} for "
                                  "global pooling")

@@ -130,7 +130,17 @@ class CpuDevice(Device):
             finally:
                 self._queue.task_done()
 
+    def signal(self, callback: Any) -> None:
+        self._queue.put(callback)
+
+    def _replay(self, rec: Any) -> None:
+        for job in rec.jobs:
+            self._queue.put(job)
+
     def synchronize(self) -> None:
+        if threading.current_thread() is self._thread:
+            raise RuntimeError("synchronize() (or a buffer read) from a completion callback "
+                               "would wait for itself")
         self._queue.join()
         if self._error is not None:
             e, self._error = self._error, None
@@ -138,7 +148,7 @@ class CpuDevice(Device):
 
     # ---- memory: 64-byte aligned host arrays
     def _alloc(self, nbytes: int, zero: bool) -> np.ndarray:
-        raw = np.zeros(nbytes + 64, dtype=np.uint8)
+        raw = (np.zeros if zero else np.empty)(nbytes + 64, dtype=np.uint8)
         off = (-raw.ctypes.data) % 64
         return raw[off : off + nbytes]
 
@@ -198,13 +208,17 @@ class CpuDevice(Device):
         rt = self.rt
 
         def job() -> None:
+            # `keep` holds the memory behind ptrs for as long as this closure lives
             err = ctypes.create_string_buffer(512)
             rc = rt.pmn_cpu_launch(ptrs, groups, tg, fibers, thread_fn, loop_fn, err, 512)
-            del keep[:]
             if rc != 0:
-                raise RuntimeError(f"kernel '{kernel.name}' failed: {err.value.decode()}")
+                raise RuntimeError(f"kernel '{kernel.name}' failed: {err.value.decode()} "
+                                   f"(kept {len(keep)} arguments)")
 
-        self._queue.put(job)
+        if self._recording is not None:
+            self._recording.jobs.append(job)
+        else:
+            self._queue.put(job)
 
 
 def probe() -> str | None:

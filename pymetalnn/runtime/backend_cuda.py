@@ -64,18 +64,64 @@ class CudaDevice(Device):
         self.cu.cuLaunchKernel.restype = ctypes.c_int
         self.cu.cuLaunchKernel.argtypes = [ctypes.c_void_p] + [ctypes.c_uint] * 7 + [
             ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p]
-        self.stream = 0  # the legacy default stream: ordered with CuPy's and PyTorch's defaults
+        # One blocking stream of our own: capturable into CUDA graphs (the legacy default stream is
+        # not), yet implicitly ordered with work on the legacy default stream (PyTorch's default),
+        # and made CuPy's current stream so CuPy calls and events here follow our order.
+        self.cp_stream = self.cp.cuda.Stream(non_blocking=False)
+        self.cp_stream.use()
+        self.stream = self.cp_stream.ptr
+        self._watch: Any = None
         with open(os.path.join(PRELUDE_DIR, "pmn_prelude.h"), encoding="utf-8") as f:
             self._prelude = '#line 1 "pmn_prelude.h"\n' + f.read() + "\n"
 
     def synchronize(self) -> None:
         self.cp.cuda.runtime.deviceSynchronize()
+        if self._watch is not None:
+            self._watch.join()
+        err, self._cb_error = getattr(self, "_cb_error", None), None
+        if err is not None:
+            raise err
+
+    def signal(self, callback: Any) -> None:
+        """Record an event; a watcher thread waits for it, then calls back."""
+        import queue
+        import threading
+
+        if self._watch is None:
+            self._watch = queue.Queue()
+
+            def watcher() -> None:
+                while True:
+                    ev, cb = self._watch.get()
+                    try:
+                        ev.synchronize()
+                        cb()
+                    except BaseException as e:
+                        self._cb_error = e
+                    finally:
+                        self._watch.task_done()
+
+            threading.Thread(target=watcher, name="pymetalnn-cuda-signal", daemon=True).start()
+        ev = self.cp.cuda.Event(block=False, disable_timing=True)
+        ev.record(self.cp_stream)
+        self._watch.put((ev, callback))
+
+    def _begin_capture(self, rec: Any) -> None:
+        super()._begin_capture(rec)
+        self.cp_stream.begin_capture()
+
+    def _end_capture(self, rec: Any) -> None:
+        rec.graph = self.cp_stream.end_capture()
+        super()._end_capture(rec)
+
+    def _replay(self, rec: Any) -> None:
+        rec.graph.launch(self.cp_stream)
 
     # ---- memory (CuPy's pool)
     def _alloc(self, nbytes: int, zero: bool) -> Any:
         mem = self.cp.cuda.alloc(nbytes)
         if zero:
-            mem.memset_async(0, nbytes)
+            mem.memset_async(0, nbytes, self.cp_stream)
         return mem
 
     def _read(self, buf: Buffer, offset: int, nbytes: int) -> np.ndarray:

@@ -48,6 +48,14 @@ class MetalDevice(Device):
             h = self._pending.pop(0)
             del h  # metalcompute waits for a call's command buffer when its handle is released
 
+    def signal(self, callback: Any) -> None:
+        self.synchronize()  # metalcompute offers no completion handler: wait, then call
+        callback()
+
+    def _replay(self, rec: Any) -> None:
+        for job in rec.jobs:
+            job()
+
     def _alloc(self, nbytes: int, zero: bool) -> Any:
         return self.dev.buffer(nbytes)  # metalcompute zero-fills new buffers
 
@@ -77,7 +85,14 @@ class MetalDevice(Device):
     def _launch(self, kernel: Kernel, groups: int, args: list[Any]) -> None:
         bound = [a.handle if isinstance(a, Buffer) else self.dev.buffer(a) for a in args]
         count = groups * kernel.threadgroup_size
-        self._pending.append(kernel.handle(count, *bound))
+
+        def job() -> None:
+            self._pending.append(kernel.handle(count, *bound))
+
+        if self._recording is not None:
+            self._recording.jobs.append(job)
+        else:
+            job()
 
 
 def probe() -> str | None:

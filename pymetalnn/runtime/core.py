@@ -7,9 +7,11 @@ same errors with the same words.
 from __future__ import annotations
 
 import collections
+import contextlib
 import ctypes
 import os
-from typing import Any
+from collections.abc import Iterator
+from typing import Any, Callable
 
 import numpy as np
 
@@ -198,7 +200,10 @@ class Kernel:
                 packed.append(b)
         groups = -(-count // self.threadgroup_size)
         dev._launch(self, groups, packed)
-        dev.dispatch_counts[self.name] += 1
+        if dev._recording is not None:
+            dev._recording.names.append(self.name)
+        else:
+            dev.dispatch_counts[self.name] += 1
 
     def __repr__(self) -> str:
         return f"<Kernel {self.name} tg={self.threadgroup_size} on {self.library.device.name}>"
@@ -228,6 +233,24 @@ class Library:
         return self.kernel(name)
 
 
+class Recording:
+    """Launches captured by `Device.capture()`; `replay()` queues them again, in order."""
+
+    def __init__(self, device: Device):
+        self.device = device
+        self.jobs: list[Callable[[], Any]] = []  # cpu/metal: one closure per launch
+        self.graph: Any = None  # cuda: the captured CUDA graph
+        self.names: list[str] = []
+
+    def replay(self) -> None:
+        self.device._replay(self)
+        for n in self.names:
+            self.device.dispatch_counts[n] += 1
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+
 class Device:
     """A backend's device: memory, kernel libraries and one in-order queue."""
 
@@ -237,16 +260,18 @@ class Device:
     def __init__(self) -> None:
         self.dispatch_counts: collections.Counter[str] = collections.Counter()
         self._libraries: dict[tuple, Library] = {}
+        self._recording: Recording | None = None
 
     # ---- public API
-    def buffer(self, data: Any = None, nbytes: int | None = None) -> Buffer:
-        """New buffer: from an array-like/bytes (copied), or `nbytes` zeroed bytes (an int)."""
+    def buffer(self, data: Any = None, nbytes: int | None = None, zero: bool = True) -> Buffer:
+        """New buffer: from an array-like/bytes (copied), or `nbytes` bytes (an int), zero-filled
+        unless zero=False (for outputs a kernel overwrites: saves a fill pass on the GPU)."""
         if isinstance(data, (int, np.integer)) and not isinstance(data, bool):
             nbytes, data = int(data), None
         if data is None:
             if nbytes is None or nbytes < 0:
                 raise ValueError(f"nbytes: need a size in bytes >= 0, got {nbytes}")
-            return Buffer(self, nbytes, self._alloc(max(nbytes, 1), zero=True))
+            return Buffer(self, nbytes, self._alloc(max(nbytes, 1), zero=zero))
         raw = _as_bytes_array(data)
         buf = Buffer(self, raw.nbytes, self._alloc(max(raw.nbytes, 1), zero=False))
         self._write(buf, 0, raw)
@@ -254,19 +279,34 @@ class Device:
 
     def library(self, source: str, defines: dict | None = None) -> Library:
         """Compile (or fetch from cache) the kernels of `source` with variant `defines`."""
-        path = resolve_source(source)
-        defines = dict(defines or {})
-        key = (path, tuple(sorted((k, str(v)) for k, v in defines.items())),
-               os.path.getmtime(path))
-        lib = self._libraries.get(key)
+        dkey = tuple(sorted((k, str(v)) for k, v in defines.items())) if defines else ()
+        lib = self._libraries.get((source, dkey))  # hot path: ops look kernels up per call
         if lib is None:
-            lib = self._compile(path, defines)
-            self._libraries[key] = lib
+            path = resolve_source(source)
+            lib = self._compile(path, dict(defines or {}))
+            self._libraries[(source, dkey)] = lib
         return lib
 
     def synchronize(self) -> None:
         """Wait until every queued kernel has finished."""
         raise NotImplementedError
+
+    def signal(self, callback: Callable[[], Any]) -> None:
+        """Run `callback()` on a host thread once all work queued so far has finished (MPS's
+        command-buffer completion handler). Exceptions it raises surface at synchronize()."""
+        raise NotImplementedError
+
+    @contextlib.contextmanager
+    def capture(self) -> Iterator[Recording]:
+        """Record the launches made inside the block (they do not run) into a Recording whose
+        `replay()` issues them again cheaply: a CUDA graph on cuda, a launch list elsewhere.
+        Buffers used inside must exist before the block and stay alive while it is replayed."""
+        rec = Recording(self)
+        self._begin_capture(rec)
+        try:
+            yield rec
+        finally:
+            self._end_capture(rec)
 
     def reset_counts(self) -> None:
         self.dispatch_counts.clear()
@@ -275,6 +315,14 @@ class Device:
         return f"<Device {self.name}>"
 
     # ---- backend hooks
+    def _begin_capture(self, rec: Recording) -> None:
+        if self._recording is not None:
+            raise RuntimeError("capture: already capturing")
+        self._recording = rec
+
+    def _end_capture(self, rec: Recording) -> None:
+        self._recording = None
+
     def _alloc(self, nbytes: int, zero: bool) -> Any:
         raise NotImplementedError
 
@@ -288,4 +336,7 @@ class Device:
         raise NotImplementedError
 
     def _launch(self, kernel: Kernel, groups: int, args: list[Any]) -> None:
+        raise NotImplementedError
+
+    def _replay(self, rec: Recording) -> None:
         raise NotImplementedError

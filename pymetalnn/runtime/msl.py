@@ -33,7 +33,8 @@ for _a in ("atomic_int", "atomic_uint", "atomic_float"):
 
 MATH_FUNCS = set("""exp exp2 exp10 log log2 log10 sqrt rsqrt pow powr tanh sinh cosh sin cos tan asin
 acos atan atan2 abs fabs min max fmin fmax clamp fma mad mix select floor ceil round rint trunc fract
-fmod isnan isinf isfinite sign step smoothstep dot length normalize cross copysign saturate as_type""".split())
+fmod isnan isinf isfinite sign step smoothstep dot length normalize cross copysign saturate
+as_type""".split())
 SIMD_FUNCS = set("""simd_sum simd_product simd_max simd_min simd_prefix_exclusive_sum
 simd_prefix_inclusive_sum simd_prefix_exclusive_product simd_prefix_inclusive_product simd_shuffle
 simd_shuffle_xor simd_shuffle_up simd_shuffle_down simd_broadcast simd_broadcast_first simd_all
@@ -284,7 +285,6 @@ class Translator:
     def _kernel_decl(self, head: list[Token], toks: list[Token], i: int, out: list[Token]) -> int:
         """Parse one kernel definition or explicit instantiation starting at toks[i]; append its
         rewritten form to `out`; return the index after it."""
-        first = head[0] if head else toks[i]
         tparams: list[str] | None = None
         tparam_toks: list[Token] = []
         explicit = False
@@ -667,12 +667,13 @@ class Translator:
             p = prev_sig()
             member = p is not None and p.text in (".", "->", "::")
             if s in KNOWN_FUNCS and not member and s not in self.user_funcs and nxt is not None \
-                    and nxt.text in ("(", "<"):
+                    and (nxt.text == "(" or (nxt.text == "<" and s == "as_type")):
                 j2 = self._emit_func(toks, i, out, [], bodies, cur_func)
                 paren += j2 - i - 1  # a SIMD call's '(' is consumed there
                 i = j2
                 continue
-            if cur_func and nxt is not None and nxt.text == "(" and not member:
+            if cur_func and nxt is not None and nxt.text in ("(", "<") and not member:
+                # f(...) or f<T>(...): over-approximating calls only costs a fiber launch
                 bodies[cur_func[-1]]["calls"].add(s)
             out.append(t)
             i += 1

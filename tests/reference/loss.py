@@ -79,9 +79,8 @@ def terms(name: str, x: np.ndarray, t: np.ndarray, labels: bool = False, smoothi
             continue
         v, tv = xs[idx], ts[idx]
         if name == "cross_entropy":
-            m = v.max()
-            lse = m + np.log(np.sum(np.exp(v - m)))
-            out[idx] = np.sum(tv * (lse - v))
+            z = v - v.max()  # -log softmax = log sum exp(z) - z, exact for huge logits too
+            out[idx] = np.sum(tv * (np.log(np.sum(np.exp(z))) - z))
         elif name == "categorical_cross_entropy":
             out[idx] = -sum(tv[k] * np.log(v[k]) for k in range(c) if tv[k] != 0)
         elif name == "cosine_distance":

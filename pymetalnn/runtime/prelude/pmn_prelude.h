@@ -13,10 +13,15 @@
 // * Results that Metal defines exactly are bit-identical on both targets. half is IEEE binary16
 //   stored in 16 bits; + - * / fma round once to nearest-even. cuda uses native f16 PTX
 //   (add/sub/mul/fma.rn.f16, no contraction); cpu computes in float (double for fma) and rounds
-//   in software -- exact, because float has >= 2*11+2 significand bits. NaN results of half
-//   conversions/arithmetic are the canonical NaN 0x7fff (what the PTX f16 instructions produce).
+//   in software -- exact, because float has >= 2*11+2 significand bits. A NaN becomes the
+//   canonical NaN (half 0x7fff, float 0x7fffffff from half) as the PTX cvt/f16 instructions do.
+//   float min/max reproduce the GPU's NaN and signed-zero results on the cpu.
 // * SIMD-group reductions and scans use one fixed combination order (documented at
 //   "SIMD-group functions") that both targets follow, so float/half sums agree bit for bit.
+//   cuda takes the active set from __activemask(), i.e. it relies on the warp having reconverged
+//   after divergent code, as the compiler arranges for structured control flow.
+// * Verified by tools/prelude_check.py (cpu values and reference semantics; NVRTC compile; with
+//   --gpu a bitwise cpu-vs-GPU comparison of half and SIMD-group results).
 // * Transcendental functions (exp, sin, ...) call each target's libm: they agree to a few ulp,
 //   not bitwise. Plain pmn::f is the accurate ("precise") variant on both targets;
 //   pmn::fast::f uses CUDA's approximate intrinsics on cuda and equals precise on cpu.
@@ -211,7 +216,7 @@ PMN_FN constexpr unsigned short d2h_soft(double d) {
 PMN_FN constexpr float h2f_soft(unsigned short h) {
   unsigned sign = (unsigned)(h & 0x8000u) << 16;
   unsigned e = (h >> 10) & 0x1fu, m = h & 0x3ffu;
-  if (e == 0x1f) return u2f(sign | 0x7f800000u | (m << 13));  // inf / NaN (payload kept)
+  if (e == 0x1f) return m ? u2f(0x7fffffffu) : u2f(sign | 0x7f800000u);  // NaN: canonical, as PTX
   if (e == 0) {
     if (m == 0) return u2f(sign);
     int p = 9;  // subnormal: value m * 2^-24, normalize
@@ -705,9 +710,9 @@ PMN_UNARY_F(::pmn, fract,
 // sign: 1 for x > 0, -1 for x < 0, x itself for +-0, +0 for NaN. Decided on the bits, so a
 // subnormal x gives +-1 even where the target flushes subnormals in comparisons (cuda -ftz).
 PMN_UNARY_F(::pmn, sign,
-            detail::isnan_f(x)                        ? 0.0f
-            : (detail::f2u(x) & 0x7fffffffu) == 0     ? x
-                                                      : detail::u2f((detail::f2u(x) & 0x80000000u) | 0x3f800000u))
+            detail::isnan_f(x)                    ? 0.0f
+            : (detail::f2u(x) & 0x7fffffffu) == 0 ? x
+                                                  : detail::u2f((detail::f2u(x) & 0x80000000u) | 0x3f800000u))
 // saturate: clamp to [0, 1]; NaN -> 0 (fmin(fmax(NaN, 0), 1)).
 PMN_UNARY_F(::pmn, saturate, detail::fmin_(detail::fmax_(x, 0.0f), 1.0f))
 
@@ -785,8 +790,9 @@ PMN_FN detail::promote3_t<A, B, C> clamp(const A& x, const B& lo, const C& hi) {
 
 // ---- binary and ternary floating-point functions, same promotion rule.
 namespace detail {
-template <class T> struct fcalc { typedef T type; };  // element type computations run in
-template <> struct fcalc<half> { typedef float type; };  // (half computes in float)
+// Type that element computations run in: half computes in float and rounds once at the end.
+template <class T> struct fcalc { typedef T type; };
+template <> struct fcalc<half> { typedef float type; };
 }  // namespace detail
 
 // name##_ holds the same-type implementations (in the current namespace, so pmn::fast can

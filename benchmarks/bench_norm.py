@@ -1,0 +1,203 @@
+"""Normalization benchmarks (norm.metal): memory-bound, GB/s of the bytes an op must move at least
+(forward: read x, write y; backward: read dy and x, write dx; per-channel vectors ignored), the CuPy
+device-to-device copy bandwidth of the same size measured in the same run, and PyTorch's time for
+the same op on the same GPU (forward; backward through autograd as fwd+bwd minus fwd).
+
+Our batch-norm training forward reads x twice (statistics, then the normalization: no grid-wide
+barrier in the dialect) and the backward reads dy and x twice, as PyTorch's kernels do; the GB/s
+column counts the minimum bytes, so 2/3 (forward) and 3/5 (backward) of copy bandwidth is the
+ceiling of a two-pass algorithm unless the second read hits L2.
+
+Targets (reported, not asserted): batch norm forward + backward at least as fast as PyTorch's;
+>= 85% of copy bandwidth on 32x256x56x56 (see above for what a two-pass op can reach).
+
+    PYTHONPATH=. python benchmarks/bench_norm.py [--backend cpu|cuda] [--quick]
+
+On cpu the peer is numpy doing the same arithmetic.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import common  # noqa: E402
+import membound  # noqa: E402
+
+import pymetalnn as pm  # noqa: E402
+from pymetalnn import functional as F  # noqa: E402
+
+
+def _np_bn(x: np.ndarray, w: np.ndarray, b: np.ndarray) -> np.ndarray:
+    ax = (0,) + tuple(range(2, x.ndim))
+    s = (1, -1) + (1,) * (x.ndim - 2)
+    m = x.mean(axis=ax, keepdims=True)
+    v = x.var(axis=ax, keepdims=True)
+    return (x - m) / np.sqrt(v + 1e-5) * w.reshape(s) + b.reshape(s)
+
+
+def _np_bn_bwd(dy: np.ndarray, x: np.ndarray, w: np.ndarray) -> np.ndarray:
+    ax = (0,) + tuple(range(2, x.ndim))
+    s = (1, -1) + (1,) * (x.ndim - 2)
+    m = x.mean(axis=ax, keepdims=True)
+    r = 1 / np.sqrt(x.var(axis=ax, keepdims=True) + 1e-5)
+    xh = (x - m) * r
+    mcount = x.size // x.shape[1]
+    return w.reshape(s) * r * (dy - dy.sum(axis=ax, keepdims=True) / mcount
+                               - xh * (dy * xh).sum(axis=ax, keepdims=True) / mcount)
+
+
+def bench_batch_norm(dev: pm.Device, shape: tuple, dtype, quick: bool) -> list[dict]:
+    rng = np.random.default_rng(0)
+    c = shape[1]
+    x_np = rng.standard_normal(shape).astype(dtype)
+    g_np = rng.standard_normal(shape).astype(dtype)
+    w_np, b_np = rng.standard_normal(c).astype(np.float32), rng.standard_normal(c).astype(np.float32)
+    x, g = pm.tensor(x_np, dev), pm.tensor(g_np, dev)
+    w, b = pm.tensor(w_np, dev), pm.tensor(b_np, dev)
+    rm, rv = pm.tensor(np.zeros(c, np.float32), dev), pm.tensor(np.ones(c, np.float32), dev)
+    nb = x.nbytes
+    copy = membound.copy_gbs(dev, nb, quick)
+    _, sm, si = F.batch_norm_with_stats(x, rm, rv, w, b, True)
+
+    def fwd() -> None:
+        F.batch_norm_with_stats(x, rm, rv, w, b, True)
+
+    def bwd() -> None:
+        F.batch_norm_backward(g, x, rm, rv, w, b, True, save_mean=sm, save_invstd=si)
+
+    def both() -> None:
+        _, m, s = F.batch_norm_with_stats(x, rm, rv, w, b, True)
+        F.batch_norm_backward(g, x, rm, rv, w, b, True, save_mean=m, save_invstd=s)
+
+    def evalf() -> None:
+        F.batch_norm(x, rm, rv, w, b, False)
+
+    times = {k: membound.timeit(dev, f, quick) for k, f in
+             (("fwd", fwd), ("bwd", bwd), ("fwd+bwd", both), ("eval", evalf))}
+    peer, pt = None, {}
+    if dev.name == "cuda":
+        xt, gt = membound.torch_cuda(dev, x), membound.torch_cuda(dev, g)
+        if xt is not None:
+            import torch
+
+            tf = torch.nn.functional
+            wt = membound.torch_cuda(dev, w).clone().requires_grad_(True)
+            bt = membound.torch_cuda(dev, b).clone().requires_grad_(True)
+            trm, trv = torch.zeros(c, device="cuda"), torch.ones(c, device="cuda")
+            xr = xt.detach().clone().requires_grad_(True)
+            ref = tf.batch_norm(xt.float(), trm.clone(), trv.clone(), wt, bt, True)
+            ours = membound.torch_cuda(dev, F.batch_norm(x, pm.tensor(np.zeros(c, np.float32), dev),
+                                                         pm.tensor(np.ones(c, np.float32), dev), w, b,
+                                                         True))
+            assert (ref - ours.float()).abs().max().item() < (2e-2 if dtype == np.float16 else 1e-3)
+
+            def t_both() -> None:
+                y = tf.batch_norm(xr, trm, trv, wt, bt, True)
+                torch.autograd.grad(y, (xr, wt, bt), gt)
+
+            peer = "torch (cuDNN)"
+            with torch.no_grad():
+                pt["fwd"], _ = membound.timeit(dev, lambda: tf.batch_norm(xt, trm, trv, wt, bt, True), quick)
+                pt["eval"], _ = membound.timeit(dev, lambda: tf.batch_norm(xt, trm, trv, wt, bt, False),
+                                                quick)
+            pt["fwd+bwd"], _ = membound.timeit(dev, t_both, quick)
+            pt["bwd"] = max(pt["fwd+bwd"] - pt["fwd"], 1e-9)
+    else:
+        xf, gf = x_np.astype(np.float32), g_np.astype(np.float32)
+        assert np.abs(_np_bn(xf, w_np, b_np) - F.batch_norm(x, pm.tensor(np.zeros(c, np.float32), dev),
+                                                            pm.tensor(np.ones(c, np.float32), dev), w, b,
+                                                            True).numpy()).max() < 5e-2
+        peer = "numpy"
+        pt["fwd"], _ = membound.timeit(dev, lambda: _np_bn(xf, w_np, b_np), quick)
+        pt["bwd"], _ = membound.timeit(dev, lambda: _np_bn_bwd(gf, xf, w_np), quick)
+        pt["fwd+bwd"] = pt["fwd"] + pt["bwd"]
+        pt["eval"] = pt["fwd"]
+    target = {"fwd+bwd": ">= torch"}
+    sizes = {"fwd": 2 * nb, "bwd": 3 * nb, "fwd+bwd": 5 * nb, "eval": 2 * nb}
+    return [membound.row(f"batch_norm {k}{' (train)' if k != 'eval' else ''}", dev, dtype, shape,
+                         sizes[k], times[k][0], times[k][1], copy, peer, pt.get(k), target.get(k, "-"))
+            for k in ("fwd", "bwd", "fwd+bwd", "eval")]
+
+
+def bench_group_norm(dev: pm.Device, shape: tuple, groups: int, dtype, quick: bool) -> list[dict]:
+    rng = np.random.default_rng(1)
+    c = shape[1]
+    x_np = rng.standard_normal(shape).astype(dtype)
+    g_np = rng.standard_normal(shape).astype(dtype)
+    w_np, b_np = rng.standard_normal(c).astype(np.float32), rng.standard_normal(c).astype(np.float32)
+    x, g = pm.tensor(x_np, dev), pm.tensor(g_np, dev)
+    w, b = pm.tensor(w_np, dev), pm.tensor(b_np, dev)
+    nb = x.nbytes
+    copy = membound.copy_gbs(dev, nb, quick)
+    _, sm, sr = F.group_norm_with_stats(x, groups, w, b)
+    sec_f, spr_f = membound.timeit(dev, lambda: F.group_norm_with_stats(x, groups, w, b), quick)
+    sec_b, spr_b = membound.timeit(
+        dev, lambda: F.group_norm_backward(g, x, groups, w, b, save_mean=sm, save_rstd=sr), quick)
+    peer = pf = pb = None
+    if dev.name == "cuda":
+        xt, gt = membound.torch_cuda(dev, x), membound.torch_cuda(dev, g)
+        if xt is not None:
+            import torch
+
+            tf = torch.nn.functional
+            # torch's CUDA group norm wants weight and bias in the input's dtype
+            wt = membound.torch_cuda(dev, w).to(xt.dtype).requires_grad_(True)
+            bt = membound.torch_cuda(dev, b).to(xt.dtype).requires_grad_(True)
+            xr = xt.detach().clone().requires_grad_(True)
+
+            def t_both() -> None:
+                torch.autograd.grad(tf.group_norm(xr, groups, wt, bt), (xr, wt, bt), gt)
+
+            peer = "torch"
+            with torch.no_grad():
+                pf, _ = membound.timeit(dev, lambda: tf.group_norm(xt, groups, wt, bt), quick)
+            pfb, _ = membound.timeit(dev, t_both, quick)
+            pb = max(pfb - pf, 1e-9)
+    else:
+        xf = x_np.astype(np.float32)
+
+        def np_gn() -> np.ndarray:
+            xg = xf.reshape(shape[0], groups, -1)
+            y = (xg - xg.mean(axis=2, keepdims=True)) / np.sqrt(xg.var(axis=2, keepdims=True) + 1e-5)
+            return y.reshape(shape) * w_np.reshape(1, -1, 1, 1) + b_np.reshape(1, -1, 1, 1)
+
+        assert np.abs(np_gn() - F.group_norm(x, groups, w, b).numpy().astype(np.float32)).max() < 5e-2
+        peer = "numpy (fwd only)"
+        pf, _ = membound.timeit(dev, np_gn, quick)
+    return [membound.row(f"group_norm G={groups} fwd", dev, dtype, shape, 2 * nb, sec_f, spr_f, copy,
+                         peer, pf),
+            membound.row(f"group_norm G={groups} bwd", dev, dtype, shape, 3 * nb, sec_b, spr_b, copy,
+                         peer, pb)]
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--backend", choices=["cpu", "cuda", "metal"], default=None)
+    ap.add_argument("--quick", action="store_true", help="small shapes")
+    args = ap.parse_args()
+    dev = pm.device(args.backend)
+    membound.torch_disable_tf32()
+    if dev.name == "cuda":
+        bn_shapes = [(8, 64, 56, 56), (256, 1024)] if args.quick else \
+            [(32, 256, 56, 56), (32, 64, 112, 112), (256, 1024)]
+        gn_shape = (8, 64, 56, 56) if args.quick else (32, 256, 56, 56)
+    else:
+        bn_shapes = [(4, 16, 14, 14), (64, 256)] if args.quick else [(8, 64, 28, 28), (256, 1024)]
+        gn_shape = (4, 16, 14, 14) if args.quick else (8, 64, 28, 28)
+    rows: list[dict] = []
+    for dtype in (np.float32, np.float16):
+        for shape in bn_shapes:
+            rows.extend(bench_batch_norm(dev, shape, dtype, args.quick))
+        rows.extend(bench_group_norm(dev, gn_shape, 8 if args.quick else 32, dtype, args.quick))
+    print(f"backend: {common.device_label(dev)}")
+    common.print_table(rows, membound.COLUMNS)
+    print("results:", common.write_results(f"norm_{dev.name}", rows))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,360 @@
+// norm.metal -- batch norm (training and inference), group norm and instance norm (= group norm
+// with one channel per group), forward and backward.
+//
+// Design. Statistics are Welford/Chan partials (count, mean, M2) merged in a fixed order, so a
+// channel whose mean is large next to its spread keeps its variance (no E[x^2] - E[x]^2), and the
+// results do not depend on scheduling (no float atomics). Two kernels make partials:
+//  * row mode (norm_stats_*): a threadgroup owns a chunk of one statistics row (a channel of
+//    batch norm = N runs of HW contiguous elements; a (sample, group) row of group norm = one
+//    contiguous run) and reduces it with simd shuffles + one threadgroup round (tile_reduce.h);
+//  * column mode (norm_stats_*_cols, batch norm with HW < 32, e.g. (N, C) inputs): lanes own 32
+//    neighbouring columns c*HW + hw (coalesced), slices walk the samples, and each column keeps
+//    its own partial, so a (N, C) input is read with full 128-byte lines.
+// norm_finalize merges a row's partials (one threadgroup per row), writes mean and 1/std and
+// updates batch norm's running estimates (unbiased variance, as PyTorch). Every output element
+// is then one multiply-add with per-plane coefficients (a, b, m, d) made by a tiny kernel:
+//   forward   y  = a (x - m) + d                        (a = gamma / std, m = mean, d = beta)
+//   backward  dx = a dy + b (x - m) + d
+// so the forward reads x twice and writes y once, the backward reads dy, x twice and writes dx.
+// Backward sums are taken around the mean (sum dy (x - m)), again to avoid cancellation.
+// Storage float or half; all statistics and arithmetic in float.
+#include <metal_stdlib>
+#include "params.h"
+#include "tile_reduce.h"
+using namespace metal;
+
+// ---- partials -------------------------------------------------------------------------------
+// BWD = 0: Welford partial of x. BWD = 1: (sum dy, sum dy (x - mean[row]), 0, 0).
+template <typename T, int BWD>
+[[max_total_threads_per_threadgroup(256)]]
+kernel void norm_part(device const T* x [[buffer(0)]],
+                      device const T* dy [[buffer(1)]],
+                      device const float* mean [[buffer(2)]],
+                      device float4* part [[buffer(3)]],
+                      constant NormParams& p [[buffer(4)]],
+                      uint tid [[thread_position_in_threadgroup]],
+                      uint tg [[threadgroup_position_in_grid]],
+                      uint ntg [[threadgroups_per_grid]],
+                      uint lane [[thread_index_in_simdgroup]],
+                      uint sg [[simdgroup_index_in_threadgroup]]) {
+    threadgroup float4 scratch[TR_TG];
+    for (uint g = tg; g < p.rows * p.chunks; g += ntg) {
+        uint row = g / p.chunks, ch = g % p.chunks;
+        uint e = ch * p.chunk + tid;
+        uint e1 = min(ch * p.chunk + p.chunk, p.row_len);
+        float mu = BWD ? mean[row] : 0.0f;
+        float4 acc = float4(0.0f);
+        // batch norm walks (sample, offset) incrementally, without a division per element; a
+        // group norm row is one contiguous run
+        uint n = e / p.inner_len, h = e % p.inner_len;
+        for (; e < e1; e += TR_TG) {
+            uint idx = p.outer_stride == 0u ? row * p.row_stride + e
+                                            : n * p.outer_stride + row * p.row_stride + h;
+            if (BWD) {
+                float g1 = float(dy[idx]);
+                acc.x += g1;
+                acc.y += g1 * (float(x[idx]) - mu);
+            } else {
+                acc = welford_push(acc, float(x[idx]));
+            }
+            if (p.outer_stride != 0u) {
+                h += TR_TG;
+                while (h >= p.inner_len) {
+                    h -= p.inner_len;
+                    n += 1u;
+                }
+            }
+        }
+        if (BWD) {
+            acc = tile_reduce(acc, TR_SUM, 1u, TR_TG, lane, sg, scratch);
+        } else {
+            acc = tile_welford(acc, 1u, TR_TG, lane, sg, scratch);
+        }
+        if (tid == 0) part[g] = acc;
+    }
+}
+
+// Column mode: 32 columns x 8 slices over the samples of a chunk; one partial per column.
+template <typename T, int BWD>
+[[max_total_threads_per_threadgroup(256)]]
+kernel void norm_part_cols(device const T* x [[buffer(0)]],
+                           device const T* dy [[buffer(1)]],
+                           device const float* mean [[buffer(2)]],
+                           device float4* part [[buffer(3)]],
+                           constant NormParams& p [[buffer(4)]],
+                           uint tid [[thread_position_in_threadgroup]],
+                           uint tg [[threadgroup_position_in_grid]],
+                           uint ntg [[threadgroups_per_grid]],
+                           uint lane [[thread_index_in_simdgroup]],
+                           uint sg [[simdgroup_index_in_threadgroup]]) {
+    threadgroup float4 scratch[TR_TG];
+    const uint w = tid % 32u, s = tid / 32u;
+    const uint cblocks = (p.cols + 31u) / 32u;
+    for (uint g = tg; g < cblocks * p.col_chunks; g += ntg) {
+        uint cb = g % cblocks, nc = g / cblocks;
+        uint j = cb * 32u + w;
+        bool ok = j < p.cols;
+        uint n1 = min(nc * p.col_rows + p.col_rows, p.N);
+        float mu = (BWD && ok) ? mean[j / p.HW] : 0.0f;
+        float4 acc = float4(0.0f);
+        if (ok) {
+            for (uint n = nc * p.col_rows + s; n < n1; n += 8u) {
+                uint idx = n * p.cols + j;
+                if (BWD) {
+                    float g1 = float(dy[idx]);
+                    acc.x += g1;
+                    acc.y += g1 * (float(x[idx]) - mu);
+                } else {
+                    acc = welford_push(acc, float(x[idx]));
+                }
+            }
+        }
+        if (BWD) {
+            acc = tile_reduce(acc, TR_SUM, 32u, TR_TG, lane, sg, scratch);
+        } else {
+            acc = tile_welford(acc, 32u, TR_TG, lane, sg, scratch);
+        }
+        if (ok && s == 0) part[nc * p.cols + j] = acc;
+    }
+}
+
+// Partial k of statistics row r: row mode r * chunks + k; column mode (chunk, hw) = (k / HW,
+// k % HW) of channel r.
+inline uint part_index(constant NormParams& p, uint r, uint k) {
+    if (p.cols == 0u) return r * p.chunks + k;
+    return (k / p.HW) * p.cols + r * p.HW + k % p.HW;
+}
+
+// ---- statistics -----------------------------------------------------------------------------
+// mean[r], invstd[r] = 1 / sqrt(var + eps) (biased variance) of row r; batch norm in training
+// also moves the running estimates toward (mean, unbiased variance) by `momentum`.
+[[max_total_threads_per_threadgroup(256)]]
+kernel void norm_finalize_fwd_float(device const float4* part [[buffer(0)]],
+                                    device float* running_mean [[buffer(1)]],
+                                    device float* running_var [[buffer(2)]],
+                                    device float* mean [[buffer(3)]],
+                                    device float* invstd [[buffer(4)]],
+                                    constant NormParams& p [[buffer(5)]],
+                                    uint tid [[thread_position_in_threadgroup]],
+                                    uint tg [[threadgroup_position_in_grid]],
+                                    uint ntg [[threadgroups_per_grid]],
+                                    uint lane [[thread_index_in_simdgroup]],
+                                    uint sg [[simdgroup_index_in_threadgroup]]) {
+    threadgroup float4 scratch[TR_TG];
+    for (uint r = tg; r < p.rows; r += ntg) {
+        float4 acc = float4(0.0f);
+        for (uint k = tid; k < p.parts; k += TR_TG) acc = chan_merge(acc, part[part_index(p, r, k)]);
+        acc = tile_welford(acc, 1u, TR_TG, lane, sg, scratch);
+        if (tid == 0) {
+            float var = acc.z / acc.x;
+            mean[r] = acc.y;
+            invstd[r] = 1.0f / precise::sqrt(var + p.eps);
+            if (p.has_running) {
+                float unbiased = acc.z / (acc.x - 1.0f);
+                running_mean[r] = (1.0f - p.momentum) * running_mean[r] + p.momentum * acc.y;
+                running_var[r] = (1.0f - p.momentum) * running_var[r] + p.momentum * unbiased;
+            }
+        }
+    }
+}
+
+// Batch norm forward coefficients per channel; in inference mode mean / invstd come from (and
+// are written from) the running estimates.
+kernel void batch_norm_coef_fwd_float(device const float* weight [[buffer(0)]],
+                                      device const float* bias [[buffer(1)]],
+                                      device const float* running_mean [[buffer(2)]],
+                                      device const float* running_var [[buffer(3)]],
+                                      device float* mean [[buffer(4)]],
+                                      device float* invstd [[buffer(5)]],
+                                      device float4* coef [[buffer(6)]],
+                                      constant NormParams& p [[buffer(7)]],
+                                      uint c [[thread_position_in_grid]]) {
+    if (c >= p.C) return;
+    float m, is;
+    if (p.training) {
+        m = mean[c];
+        is = invstd[c];
+    } else {
+        m = running_mean[c];
+        is = 1.0f / precise::sqrt(running_var[c] + p.eps);
+        mean[c] = m;
+        invstd[c] = is;
+    }
+    float a = (p.has_weight ? weight[c] : 1.0f) * is;
+    coef[c] = float4(a, 0.0f, m, p.has_bias ? bias[c] : 0.0f);
+}
+
+// Group norm forward coefficients per (sample, channel) plane.
+kernel void group_norm_coef_fwd_float(device const float* weight [[buffer(0)]],
+                                      device const float* bias [[buffer(1)]],
+                                      device const float* mean [[buffer(2)]],
+                                      device const float* invstd [[buffer(3)]],
+                                      device float4* coef [[buffer(4)]],
+                                      constant NormParams& p [[buffer(5)]],
+                                      uint pl [[thread_position_in_grid]]) {
+    if (pl >= p.planes) return;
+    uint n = pl / p.C, c = pl % p.C;
+    uint r = n * p.G + c / (p.C / p.G);
+    float a = (p.has_weight ? weight[c] : 1.0f) * invstd[r];
+    coef[pl] = float4(a, 0.0f, mean[r], p.has_bias ? bias[c] : 0.0f);
+}
+
+// ---- element-wise ---------------------------------------------------------------------------
+// TWO = 0: out = a (u - m) + d (forward, u = x). TWO = 1: out = a u + b (v - m) + d (backward,
+// u = dy, v = x). Coefficients per plane (i / HW) % planes.
+template <typename T, int TWO>
+kernel void norm_apply(device const T* u [[buffer(0)]],
+                       device const T* v [[buffer(1)]],
+                       device const float4* coef [[buffer(2)]],
+                       device T* out [[buffer(3)]],
+                       constant NormParams& p [[buffer(4)]],
+                       uint gid [[thread_position_in_grid]],
+                       uint ntg [[threadgroups_per_grid]],
+                       uint tgs [[threads_per_threadgroup]]) {
+    for (uint i = gid; i < p.total; i += ntg * tgs) {
+        float4 k = coef[(i / p.HW) % p.planes];
+        float r;
+        if (TWO) {
+            r = k.x * float(u[i]) + k.y * (float(v[i]) - k.z) + k.w;
+        } else {
+            r = k.x * (float(u[i]) - k.z) + k.w;
+        }
+        out[i] = T(r);
+    }
+}
+
+// ---- backward -------------------------------------------------------------------------------
+// Batch norm, per channel (one threadgroup each): dbeta = sum dy, dgamma = invstd sum dy (x - m),
+// and the coefficients of dx. Training: dx = a (dy - dbeta / M - xhat dgamma / M), a = gamma
+// invstd; inference (running statistics are constants): dx = a dy.
+[[max_total_threads_per_threadgroup(256)]]
+kernel void batch_norm_grad_bwd_float(device const float4* part [[buffer(0)]],
+                                      device const float* weight [[buffer(1)]],
+                                      device const float* mean [[buffer(2)]],
+                                      device const float* invstd [[buffer(3)]],
+                                      device float* dweight [[buffer(4)]],
+                                      device float* dbias [[buffer(5)]],
+                                      device float4* coef [[buffer(6)]],
+                                      constant NormParams& p [[buffer(7)]],
+                                      uint tid [[thread_position_in_threadgroup]],
+                                      uint tg [[threadgroup_position_in_grid]],
+                                      uint ntg [[threadgroups_per_grid]],
+                                      uint lane [[thread_index_in_simdgroup]],
+                                      uint sg [[simdgroup_index_in_threadgroup]]) {
+    threadgroup float4 scratch[TR_TG];
+    for (uint c = tg; c < p.C; c += ntg) {
+        float4 acc = float4(0.0f);
+        for (uint k = tid; k < p.parts; k += TR_TG) acc += part[part_index(p, c, k)];
+        acc = tile_reduce(acc, TR_SUM, 1u, TR_TG, lane, sg, scratch);
+        if (tid == 0) {
+            float is = invstd[c];
+            if (p.has_weight) dweight[c] = is * acc.y;
+            if (p.has_bias) dbias[c] = acc.x;
+            float a = (p.has_weight ? weight[c] : 1.0f) * is;
+            if (p.training) {
+                float M = float(p.row_len);
+                coef[c] = float4(a, -a * is * is * acc.y / M, mean[c], -a * acc.x / M);
+            } else {
+                coef[c] = float4(a, 0.0f, 0.0f, 0.0f);
+            }
+        }
+    }
+}
+
+// Group norm: per (sample, channel) plane, (sum dy, sum dy (x - mean of its group)), one tile of
+// softmax.metal's plan per plane (the plane's HW elements are the reduced axis).
+template <typename T>
+[[max_total_threads_per_threadgroup(256)]]
+kernel void group_norm_sums(device const T* dy [[buffer(0)]],
+                            device const T* x [[buffer(1)]],
+                            device const float* mean [[buffer(2)]],
+                            device float2* sums [[buffer(3)]],
+                            constant NormParams& p [[buffer(4)]],
+                            constant SoftmaxParams& q [[buffer(5)]],
+                            uint tid [[thread_position_in_threadgroup]],
+                            uint tg [[threadgroup_position_in_grid]],
+                            uint ntg [[threadgroups_per_grid]],
+                            uint lane [[thread_index_in_simdgroup]],
+                            uint sg [[simdgroup_index_in_threadgroup]]) {
+    threadgroup float2 scratch[TR_TG];
+    TilePos t = tile_pos(q.W, q.SW, tid);
+    for (uint base = tg * t.R; base < q.ntiles; base += ntg * t.R) {
+        uint pl = base + t.r;  // inner == 1: one tile per plane
+        bool ok = pl < q.ntiles;
+        float2 acc = float2(0.0f);
+        if (ok) {
+            uint n = pl / p.C, c = pl % p.C;
+            float mu = mean[n * p.G + c / (p.C / p.G)];
+            for (uint l = t.s; l < p.HW; l += t.S) {
+                float g1 = float(dy[pl * p.HW + l]);
+                acc += float2(g1, g1 * (float(x[pl * p.HW + l]) - mu));
+            }
+        }
+        acc = tile_reduce(acc, TR_SUM, q.W, q.SW, lane, sg, scratch);
+        if (ok && t.s == 0) sums[pl] = acc;
+    }
+}
+
+// Per (sample, group) row: coefficients of dx for the row's planes.
+// dx = r gamma dy - r sg / L - r^2 q (x - mean), sg = sum gamma dy, q = r sum gamma dy (x - mean) / L.
+kernel void group_norm_coef_bwd_float(device const float2* sums [[buffer(0)]],
+                                      device const float* weight [[buffer(1)]],
+                                      device const float* mean [[buffer(2)]],
+                                      device const float* invstd [[buffer(3)]],
+                                      device float4* coef [[buffer(4)]],
+                                      constant NormParams& p [[buffer(5)]],
+                                      uint r [[thread_position_in_grid]]) {
+    if (r >= p.rows) return;
+    uint n = r / p.G, g = r % p.G, cg = p.C / p.G;
+    float sg = 0.0f, sgx = 0.0f;
+    for (uint c = g * cg; c < (g + 1u) * cg; ++c) {
+        float gm = p.has_weight ? weight[c] : 1.0f;
+        float2 s = sums[n * p.C + c];
+        sg += gm * s.x;
+        sgx += gm * s.y;
+    }
+    float rs = invstd[r], L = float(p.row_len);
+    float q = rs * sgx / L;
+    for (uint c = g * cg; c < (g + 1u) * cg; ++c) {
+        float gm = p.has_weight ? weight[c] : 1.0f;
+        coef[n * p.C + c] = float4(rs * gm, -rs * rs * q, mean[r], -rs * sg / L);
+    }
+}
+
+// Per channel: dgamma = sum_n invstd (sum dy (x - mean)), dbeta = sum_n sum dy.
+kernel void group_norm_param_bwd_float(device const float2* sums [[buffer(0)]],
+                                       device const float* invstd [[buffer(1)]],
+                                       device float* dweight [[buffer(2)]],
+                                       device float* dbias [[buffer(3)]],
+                                       constant NormParams& p [[buffer(4)]],
+                                       uint c [[thread_position_in_grid]]) {
+    if (c >= p.C) return;
+    float dw = 0.0f, db = 0.0f;
+    uint g = c / (p.C / p.G);
+    for (uint n = 0; n < p.N; ++n) {
+        float2 s = sums[n * p.C + c];
+        dw += invstd[n * p.G + g] * s.y;
+        db += s.x;
+    }
+    if (p.has_weight) dweight[c] = dw;
+    if (p.has_bias) dbias[c] = db;
+}
+
+#define NORM_INSTANTIATE(T)                                                                    \
+    template [[host_name("norm_stats_fwd_" #T)]] [[kernel]] decltype(norm_part<T, 0>)          \
+        norm_part<T, 0>;                                                                       \
+    template [[host_name("norm_stats_bwd_" #T)]] [[kernel]] decltype(norm_part<T, 1>)          \
+        norm_part<T, 1>;                                                                       \
+    template [[host_name("norm_stats_fwd_cols_" #T)]] [[kernel]]                               \
+        decltype(norm_part_cols<T, 0>) norm_part_cols<T, 0>;                                   \
+    template [[host_name("norm_stats_bwd_cols_" #T)]] [[kernel]]                               \
+        decltype(norm_part_cols<T, 1>) norm_part_cols<T, 1>;                                   \
+    template [[host_name("norm_apply_fwd_" #T)]] [[kernel]] decltype(norm_apply<T, 0>)         \
+        norm_apply<T, 0>;                                                                      \
+    template [[host_name("norm_apply_bwd_" #T)]] [[kernel]] decltype(norm_apply<T, 1>)         \
+        norm_apply<T, 1>;                                                                      \
+    template [[host_name("group_norm_sums_bwd_" #T)]] [[kernel]] decltype(group_norm_sums<T>)  \
+        group_norm_sums<T>;
+
+NORM_INSTANTIATE(float)
+NORM_INSTANTIATE(half)

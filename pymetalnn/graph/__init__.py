@@ -1,0 +1,90 @@
+"""pymetalnn.graph: MPSNNGraph for Python -- build a network from nodes, get its training graph
+from the loss node in one call, and train it with data sources and optimizers.
+
+    from pymetalnn import graph as G, optim
+    x = G.ImageNode((1, 28, 28))
+    c1 = G.ConvolutionNode(x, G.ConvolutionDataSource(1, 6, 5, seed=0), padding="valid")
+    ...
+    loss = G.SoftmaxCrossEntropyLossNode(logits)
+    tg = G.TrainingGraph(loss, optimizer=lambda p: optim.SGD(p, lr=0.05))
+    h = tg.encode(images, labels)        # returns at once
+    h.losses                             # per-sample losses, when the step is done
+
+See docs/graph.md.
+"""
+from __future__ import annotations
+
+# ruff: noqa: F401, I001  (the package re-exports its modules' public names; __all__ below)
+
+from .datasource import (
+    ConvolutionDataSource,
+    ConvolutionTransposeDataSource,
+    DataSource,
+    FullyConnectedDataSource,
+    NormalizationDataSource,
+    RecurrentDataSource,
+    init_array,
+)
+from .errors import GraphError, OpUnavailable
+from .graph import Graph, Handle, LossLabels, TrainingGraph
+from .memory import MemoryReport
+from .nodes import (
+    AdditionNode,
+    BatchNormalizationNode,
+    CategoricalCrossEntropyLossNode,
+    ConcatenationNode,
+    ConvolutionNode,
+    ConvolutionTransposeNode,
+    CosineDistanceLossNode,
+    CrossEntropyLossNode,
+    DivisionNode,
+    DropoutNode,
+    ELUNode,
+    FilterNode,
+    FlattenNode,
+    FullyConnectedNode,
+    GELUNode,
+    GlobalAveragePoolingNode,
+    GradientNode,
+    GroupNormalizationNode,
+    GRUNode,
+    HardSigmoidNode,
+    HingeLossNode,
+    HuberLossNode,
+    ImageNode,
+    ImageToMatrixNode,
+    InstanceNormalizationNode,
+    KLDivergenceLossNode,
+    LabelsNode,
+    LeakyReLUNode,
+    LinearNeuronNode,
+    LogLossNode,
+    LogSoftMaxNode,
+    LossNode,
+    LSTMNode,
+    MatrixToImageNode,
+    MeanAbsoluteErrorLossNode,
+    MeanSquaredErrorLossNode,
+    MultiplicationNode,
+    NeuronNode,
+    PoolingAverageNode,
+    PoolingMaxNode,
+    ReLUNode,
+    ReshapeNode,
+    RNNNode,
+    SigmoidCrossEntropyLossNode,
+    SigmoidNode,
+    SoftMaxNode,
+    SoftmaxCrossEntropyLossNode,
+    SoftplusNode,
+    SubtractionNode,
+    TanhNode,
+    TensorNode,
+    Value,
+)
+from .padding import FULL, SAME, VALID, Padding
+from . import io, memory, nodes, optimize, train  # noqa: E402
+from .io import load_graph, save_graph, torch_state_dict
+from .train import History, Progress, accuracy, fit
+
+__all__ = [name for name in dir() if not name.startswith("_") and name not in ("annotations",)]

@@ -1,0 +1,208 @@
+"""Memory planning: where every intermediate tensor of a graph step lives.
+
+Every value a step produces (results, states kept for the gradient, gradients, weight gradients)
+has a lifetime: from the step that makes it to the last step that reads it (views such as
+reshapes and split gradients extend their base's lifetime). Two values whose lifetimes do not
+overlap can share memory. The planner places them in ONE arena buffer at byte offsets chosen
+greedily by size with best fit (the interval-graph heuristic of TFLite's and MPS's planners:
+largest first, each into the smallest gap left by the blocks it overlaps in time), and the
+tensors are views into the arena (cuda, cpu). On a backend without views (metal) it falls back
+to whole-buffer reuse: values share whole buffers ("registers") when their lifetimes don't
+overlap. The report gives the planned peak against the naive sum (one buffer per value) and the
+lower bound (the most bytes live at once).
+
+Placement without `out=` arguments: the ops allocate their own outputs. The graph learns, from
+a normal run of each step (calibration: the second run of a batch size, once the ops' one-time
+allocations such as cached dummies and workspaces are behind), which of the step's allocation
+requests became its outputs -- the k-th request of n bytes -- and on later runs routes exactly
+those requests into the planned slots (an allocation hook on the device, active only while the
+graph's own thread runs that step; workspaces the ops allocate are untouched). Every routed
+output is checked after its step.
+"""
+from __future__ import annotations
+
+import contextlib
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+ALIGN = 256
+
+
+def align(n: int, a: int = ALIGN) -> int:
+    return -(-int(n) // a) * a
+
+
+@dataclass(eq=False)
+class Block:
+    """One planned allocation: `size` bytes live over steps [start, end]."""
+
+    key: Any
+    size: int
+    start: int
+    end: int
+    offset: int = -1
+    children: list[tuple[Block, int]] = field(default_factory=list)  # (block, byte offset)
+    register: int = -1
+
+
+def best_fit(blocks: list[Block]) -> int:
+    """Greedy-by-size best-fit offsets (block sizes must be multiples of ALIGN). Returns the
+    arena size."""
+    placed: list[Block] = []
+    for b in sorted(blocks, key=lambda b: (-b.size, b.start, b.end)):
+        occ = sorted((p.offset, p.offset + p.size) for p in placed
+                     if p.start <= b.end and b.start <= p.end)
+        best, best_gap, prev = -1, None, 0
+        for lo, hi in occ:
+            gap = lo - prev
+            if gap >= b.size and (best_gap is None or gap < best_gap):
+                best, best_gap = prev, gap
+            prev = max(prev, hi)
+        b.offset = best if best >= 0 else prev
+        placed.append(b)
+    return max((b.offset + b.size for b in blocks), default=0)
+
+
+def registers(blocks: list[Block]) -> list[int]:
+    """Whole-buffer reuse: assign each block a register (buffer) free over its lifetime, the
+    smallest that fits, else grow one, else a new one. Returns the register sizes."""
+    sizes: list[int] = []
+    busy_until: list[int] = []
+    for b in sorted(blocks, key=lambda b: (b.start, -b.size)):
+        free = [r for r in range(len(sizes)) if busy_until[r] < b.start]
+        fits = [r for r in free if sizes[r] >= b.size]
+        if fits:
+            r = min(fits, key=lambda r: sizes[r])
+        elif free:
+            r = max(free, key=lambda r: sizes[r])
+            sizes[r] = b.size
+        else:
+            r = len(sizes)
+            sizes.append(b.size)
+            busy_until.append(-1)
+        b.register = r
+        busy_until[r] = b.end
+    return sizes
+
+
+def live_peak(blocks: list[Block]) -> int:
+    """The most bytes live at any step (no plan can do better)."""
+    if not blocks:
+        return 0
+    last = max(b.end for b in blocks)
+    delta = [0] * (last + 2)
+    for b in blocks:
+        delta[b.start] += b.size
+        delta[b.end + 1] -= b.size
+    cur = peak = 0
+    for d in delta:
+        cur += d
+        peak = max(peak, cur)
+    return peak
+
+
+@dataclass
+class MemoryReport:
+    """The plan of one compiled step: `planned` bytes (arena or registers) against `naive` (one
+    buffer per value) and `lower_bound` (the most bytes live at once)."""
+
+    strategy: str
+    planned: int
+    naive: int
+    lower_bound: int
+    values: int
+    concat_eliminated: list[str]
+
+    @property
+    def ratio(self) -> float:
+        return self.planned / self.naive if self.naive else 1.0
+
+    def __str__(self) -> str:
+        s = (f"memory plan ({self.strategy}): {self.values} intermediate tensors, planned peak "
+             f"{self.planned / 1024:.1f} KiB vs naive sum {self.naive / 1024:.1f} KiB "
+             f"({100 * self.ratio:.0f}%), lower bound {self.lower_bound / 1024:.1f} KiB")
+        if self.concat_eliminated:
+            s += f"; concatenations eliminated: {', '.join(self.concat_eliminated)}"
+        return s
+
+
+# ---- the allocation hook ------------------------------------------------------------------------
+
+class AllocHook:
+    """Intercepts `device._alloc` (the one allocation entry point of every backend) on the
+    calling thread: records requests, or serves planned slots for expected ones.
+
+    A step's expected requests are keyed by (size, ordinal among the step's requests of that
+    size), as seen in the calibration run: robust to unrelated requests of other sizes."""
+
+    def __init__(self, dev: Any):
+        self.dev = dev
+        self.owner = threading.get_ident()
+        self.record: list[tuple[int, Any]] | None = None
+        self.expect: dict[tuple[int, int], Any] = {}  # (nbytes, ordinal) -> handle
+        self.seen: dict[int, int] = {}
+        self.keep: list[Any] | None = None
+
+    @contextlib.contextmanager
+    def installed(self) -> Iterator[AllocHook]:
+        dev = self.dev
+        if "_alloc" in vars(dev):
+            raise RuntimeError("another allocation hook is installed on this device")
+        orig = dev._alloc
+        self.owner = threading.get_ident()
+
+        def hook(nbytes: int, zero: bool) -> Any:
+            if threading.get_ident() != self.owner:
+                return orig(nbytes, zero)
+            k = self.seen.get(nbytes, 0)
+            self.seen[nbytes] = k + 1
+            handle = self.expect.get((nbytes, k))
+            if handle is not None:
+                return handle  # a planned output: the kernels overwrite it, no zero fill
+            h = orig(nbytes, zero)
+            if self.record is not None:
+                self.record.append((nbytes, h))
+            if self.keep is not None:
+                self.keep.append(h)
+            return h
+
+        dev._alloc = hook
+        try:
+            yield self
+        finally:
+            del dev._alloc
+
+    def start_step(self, expect: dict[tuple[int, int], Any] | None, record: bool) -> None:
+        self.expect = expect or {}
+        self.seen = {}
+        self.record = [] if record else None
+
+    def end_step(self) -> None:
+        self.expect = {}
+        self.seen = {}
+
+
+def ordinals(allocs: list[tuple[int, Any]]) -> list[tuple[int, int]]:
+    """(nbytes, ordinal among the requests of that size) of each request, in order."""
+    seen: dict[int, int] = {}
+    out = []
+    for nb, _h in allocs:
+        k = seen.get(nb, 0)
+        seen[nb] = k + 1
+        out.append((nb, k))
+    return out
+
+
+def subhandle(dev: Any, arena: Any, offset: int, nbytes: int) -> Any:
+    """A backend handle for bytes [offset, offset + nbytes) of the arena buffer's handle (what
+    `_alloc` would return for a buffer of its own), or None where the backend has no views."""
+    if not dev.supports_views:
+        return None
+    h = arena.handle
+    if dev.name == "cpu":
+        return h[offset:offset + nbytes]
+    if dev.name == "cuda":
+        return h + offset
+    return None

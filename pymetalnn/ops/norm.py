@@ -1,0 +1,441 @@
+"""Normalization (norm.metal): batch norm (training with running-statistics update, and
+inference), group norm and instance norm, with backward.
+
+    y = (x - mean) / sqrt(var + eps) * weight + bias
+
+batch norm: mean/var per channel over (N, *spatial) (biased variance for normalizing; training
+moves running_mean/running_var by `momentum` toward the batch mean and the UNBIASED variance, in
+place, as PyTorch; inference uses the running estimates). group norm: per (sample, group) over the
+group's channels and positions; instance norm: group norm with one channel per group.
+
+Design: statistics are Welford partials per threadgroup merged per row (norm.metal's note), then
+every element is one multiply-add with per-plane coefficients; the host only chooses the tiling
+(`_row_plan`, `_col_plan`) so that at least ~1024 threadgroups make partials when the tensor
+allows. Inputs are float32 or float16; weight, bias and running statistics float32 (as PyTorch's
+mixed-precision batch norm keeps them).
+
+Backward functions follow the functional convention (the gradients of the forward's tensor
+arguments, in order, None for running statistics and absent weight/bias). The batch statistics of
+a training-mode forward can be passed back as save_mean / save_invstd (from *_with_stats) to skip
+recomputing them.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from ..params import NormParams
+from ..runtime import Buffer, Device
+from ..tensor import Tensor, empty, float16, float32
+from ._common import kernel, pick_device, suffix, tensor_arg
+from .softmax import TG, tile_groups, tile_plan
+
+SOURCE = "norm.metal"
+FLOAT_DTYPES = (float32, float16)
+MAX_GROUPS = 1 << 20
+MAX_ELEMENTS = 2**32 - 1
+TARGET_GROUPS = 1024  # partial-making threadgroups to aim for (fills a large GPU)
+COLUMN_MODE_HW = 32   # batch norm with fewer positions per plane reads columns
+
+_DUMMY: dict[int, Buffer] = {}
+
+
+def _dummy(dev: Device) -> Buffer:
+    b = _DUMMY.get(id(dev))
+    if b is None or b.device is not dev:
+        b = _DUMMY[id(dev)] = dev.buffer(16)
+    return b
+
+
+# ---- validation ------------------------------------------------------------------------------
+
+def _input(x: Any, dev: Device, ndims: tuple[int, ...]) -> Tensor:
+    t = tensor_arg(x, dev, "input", FLOAT_DTYPES, ndims)
+    if t.size == 0:
+        raise ValueError(f"input: empty tensor (shape {t.shape})")
+    if t.size > MAX_ELEMENTS:
+        raise ValueError(f"input: {t.size} elements exceed the kernels' 32-bit indexing")
+    return t
+
+
+def _vec(v: Any, dev: Device, name: str, c: int, inplace: bool = False) -> Tensor | None:
+    """An optional float32 (c,) vector; in-place ones must already be device Tensors."""
+    if v is None:
+        return None
+    if inplace and not isinstance(v, Tensor):
+        raise ValueError(f"{name}: must be a pymetalnn Tensor to be updated in place, got "
+                         f"{type(v).__name__}")
+    if not isinstance(v, Tensor):
+        arr = np.asarray(v)
+        if arr.dtype.kind not in "fiu":
+            raise ValueError(f"{name}: expected numbers, got dtype {arr.dtype}")
+        v = arr.astype(np.float32)
+    t = tensor_arg(v, dev, name, (float32,))
+    if t.shape != (c,):
+        raise ValueError(f"{name}: expected shape ({c},), got {t.shape}")
+    return t
+
+
+def _number(v: Any, name: str, lo: float, hi: float | None = None, lo_open: bool = False) -> float:
+    if isinstance(v, bool) or not isinstance(v, (int, float, np.integer, np.floating)):
+        raise ValueError(f"{name}: expected a number, got {v!r}")
+    f = float(v)
+    if not np.isfinite(f) or (f <= lo if lo_open else f < lo) or (hi is not None and f > hi):
+        rng = f"{'>' if lo_open else '>='} {lo}" + (f" and <= {hi}" if hi is not None else "")
+        raise ValueError(f"{name}: must be {rng}, got {v!r}")
+    return f
+
+
+def _bool(v: Any, name: str) -> bool:
+    if not isinstance(v, (bool, np.bool_)):
+        raise ValueError(f"{name}: expected a bool, got {v!r}")
+    return bool(v)
+
+
+def _grad_out(g: Any, x: Tensor, dev: Device) -> Tensor:
+    gt = tensor_arg(g, dev, "grad_out", (x.dtype,))
+    if gt.shape != x.shape:
+        raise ValueError(f"grad_out: shape {gt.shape} does not match input's {x.shape}")
+    return gt
+
+
+def _saved(mean: Any, invstd: Any, dev: Device, shape: tuple[int, ...],
+           names: tuple[str, str]) -> tuple[Tensor, Tensor] | None:
+    if mean is None and invstd is None:
+        return None
+    if mean is None or invstd is None:
+        raise ValueError(f"{names[0] if mean is None else names[1]}: pass both {names[0]} and "
+                         f"{names[1]}, or neither")
+    out = []
+    for v, name in ((mean, names[0]), (invstd, names[1])):
+        t = tensor_arg(v, dev, name, (float32,))
+        if t.shape != shape:
+            raise ValueError(f"{name}: expected shape {shape}, got {t.shape}")
+        out.append(t)
+    return out[0], out[1]
+
+
+# ---- plans -----------------------------------------------------------------------------------
+
+def _items(blocks_for: Any, start: int = 16, floor: int = 1) -> int:
+    """Elements per thread: as many as keep >= TARGET_GROUPS threadgroups (at least `floor`)."""
+    items = start
+    while items > floor and blocks_for(items) < TARGET_GROUPS:
+        items //= 2
+    return items
+
+
+def _geometry(x: Tensor) -> tuple[int, int, int]:
+    n, c = x.shape[0], x.shape[1]
+    return n, c, x.size // (n * c)
+
+
+def _row_plan(p: NormParams) -> None:
+    """Row mode: chunks of each statistics row (fills chunk, chunks, parts)."""
+    items = _items(lambda it: p.rows * -(-p.row_len // (TG * it)))
+    p.chunk = TG * items
+    p.chunks = -(-p.row_len // p.chunk)
+    p.parts = p.chunks
+    p.cols = 0
+
+
+def _col_plan(p: NormParams) -> None:
+    """Column mode (batch norm, HW < 32): 32 columns x 8 sample slices per threadgroup."""
+    cblocks = -(-p.cols // 32)
+    # >= 64 samples per chunk keeps the 16-byte partials under 1/16 of the bytes read
+    items = _items(lambda it: cblocks * -(-p.N // (8 * it)), start=32, floor=8)
+    p.col_rows = 8 * items
+    p.col_chunks = -(-p.N // p.col_rows)
+    p.parts = p.col_chunks * p.HW
+
+
+def _bn_params(x: Tensor, eps: float, momentum: float, training: bool, has_w: bool, has_b: bool,
+               has_running: bool) -> NormParams:
+    n, c, hw = _geometry(x)
+    p = NormParams(N=n, C=c, HW=hw, G=1, rows=c, row_len=n * hw, inner_len=hw, outer_stride=c * hw,
+                   row_stride=hw, planes=c, total=x.size, has_weight=int(has_w), has_bias=int(has_b),
+                   has_running=int(has_running), training=int(training), eps=eps, momentum=momentum)
+    if hw < COLUMN_MODE_HW:
+        p.cols = c * hw
+        _col_plan(p)
+    else:
+        _row_plan(p)
+    return p
+
+
+def _gn_params(x: Tensor, groups: int, eps: float, has_w: bool, has_b: bool) -> NormParams:
+    n, c, hw = _geometry(x)
+    L = c // groups * hw
+    p = NormParams(N=n, C=c, HW=hw, G=groups, rows=n * groups, row_len=L, inner_len=L,
+                   outer_stride=0, row_stride=L, planes=n * c, total=x.size, has_weight=int(has_w),
+                   has_bias=int(has_b), eps=eps)
+    _row_plan(p)
+    return p
+
+
+# ---- dispatch helpers ------------------------------------------------------------------------
+
+def _partials(dev: Device, p: NormParams, x: Tensor, dy: Tensor | None, mean: Tensor | None) -> Tensor:
+    """norm_stats_{fwd,bwd}[_cols]: Welford partials of x, or (sum dy, sum dy (x - mean))."""
+    bwd = dy is not None
+    if p.cols:
+        count = p.col_chunks * p.cols
+        groups = -(-p.cols // 32) * p.col_chunks
+        name = f"norm_stats_{'bwd' if bwd else 'fwd'}_cols_{suffix(x.dtype)}"
+    else:
+        count = groups = p.rows * p.chunks
+        name = f"norm_stats_{'bwd' if bwd else 'fwd'}_{suffix(x.dtype)}"
+    part = empty((count, 4), float32, dev)
+    d = _dummy(dev)
+    kernel(dev, SOURCE, name)(min(groups, MAX_GROUPS) * TG, x.buffer, dy.buffer if bwd else d,
+                              mean.buffer if mean is not None else d, part.buffer, p)
+    return part
+
+
+def _stats(dev: Device, p: NormParams, x: Tensor, running_mean: Tensor | None = None,
+           running_var: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """Per statistics row: (mean, invstd); updates running estimates when p.has_running."""
+    part = _partials(dev, p, x, None, None)
+    mean, invstd = empty((p.rows,), float32, dev), empty((p.rows,), float32, dev)
+    d = _dummy(dev)
+    kernel(dev, SOURCE, "norm_finalize_fwd_float")(
+        min(p.rows, MAX_GROUPS) * TG, part.buffer,
+        running_mean.buffer if running_mean is not None else d,
+        running_var.buffer if running_var is not None else d, mean.buffer, invstd.buffer, p)
+    return mean, invstd
+
+
+def _apply(dev: Device, p: NormParams, u: Tensor, v: Tensor | None, coef: Tensor) -> Tensor:
+    out = empty(u.shape, u.dtype, dev)
+    name = f"norm_apply_{'bwd' if v is not None else 'fwd'}_{suffix(u.dtype)}"
+    groups = min(-(-u.size // (TG * 4)), MAX_GROUPS)  # 4 elements per thread
+    kernel(dev, SOURCE, name)(groups * TG, u.buffer, v.buffer if v is not None else _dummy(dev),
+                              coef.buffer, out.buffer, p)
+    return out
+
+
+def _threads(n: int) -> int:
+    return max(n, 1)
+
+
+# ---- batch norm ------------------------------------------------------------------------------
+
+def _bn_validate(input: Any, running_mean: Any, running_var: Any, weight: Any, bias: Any,
+                 training: Any, momentum: Any, eps: Any):
+    dev = pick_device(input, running_mean, running_var, weight, bias)
+    x = _input(input, dev, (2, 3, 4))
+    training = _bool(training, "training")
+    momentum = _number(momentum, "momentum", 0.0, 1.0)
+    eps = _number(eps, "eps", 0.0, lo_open=True)
+    c = x.shape[1]
+    rm = _vec(running_mean, dev, "running_mean", c, inplace=training)
+    rv = _vec(running_var, dev, "running_var", c, inplace=training)
+    if (rm is None) != (rv is None):
+        raise ValueError(f"{'running_mean' if rm is None else 'running_var'}: pass both running "
+                         "statistics, or neither")
+    if not training and rm is None:
+        raise ValueError("running_mean: inference (training=False) needs running_mean and "
+                         "running_var")
+    w = _vec(weight, dev, "weight", c)
+    b = _vec(bias, dev, "bias", c)
+    n, _, hw = _geometry(x)
+    if training and n * hw < 2:
+        raise ValueError(f"input: expected more than 1 value per channel when training, got "
+                         f"shape {x.shape}")
+    return dev, x, rm, rv, w, b, training, momentum, eps
+
+
+def batch_norm_with_stats(input: Any, running_mean: Any, running_var: Any, weight: Any = None,
+                          bias: Any = None, training: bool = False, momentum: float = 0.1,
+                          eps: float = 1e-5) -> tuple[Tensor, Tensor, Tensor]:
+    """batch_norm, also returning (save_mean, save_invstd) per channel: the batch statistics
+    (training) or the running ones (inference), for batch_norm_backward."""
+    dev, x, rm, rv, w, b, training, momentum, eps = _bn_validate(
+        input, running_mean, running_var, weight, bias, training, momentum, eps)
+    p = _bn_params(x, eps, momentum, training, w is not None, b is not None, rm is not None)
+    c = x.shape[1]
+    d = _dummy(dev)
+    if training:
+        mean, invstd = _stats(dev, p, x, rm, rv)
+    else:
+        mean, invstd = empty((c,), float32, dev), empty((c,), float32, dev)
+    coef = empty((c, 4), float32, dev)
+    kernel(dev, SOURCE, "batch_norm_coef_fwd_float")(
+        _threads(c), w.buffer if w is not None else d, b.buffer if b is not None else d,
+        rm.buffer if rm is not None else d, rv.buffer if rv is not None else d, mean.buffer,
+        invstd.buffer, coef.buffer, p)
+    return _apply(dev, p, x, None, coef), mean, invstd
+
+
+def batch_norm(input: Any, running_mean: Any, running_var: Any, weight: Any = None,
+               bias: Any = None, training: bool = False, momentum: float = 0.1,
+               eps: float = 1e-5) -> Tensor:
+    """F.batch_norm over dim 1 of (N, C[, L]) or (N, C, H, W):
+    y = (x - mean_c) / sqrt(var_c + eps) * weight_c + bias_c. training: batch statistics, and
+    running_mean/var (if given, as Tensors) updated in place: r = (1 - momentum) r + momentum s,
+    with the unbiased batch variance. Inference: the running statistics."""
+    return batch_norm_with_stats(input, running_mean, running_var, weight, bias, training,
+                                 momentum, eps)[0]
+
+
+def batch_norm_backward(grad_out: Any, input: Any, running_mean: Any, running_var: Any,
+                        weight: Any = None, bias: Any = None, training: bool = False,
+                        momentum: float = 0.1, eps: float = 1e-5, *, save_mean: Any = None,
+                        save_invstd: Any = None
+                        ) -> tuple[Tensor, None, None, Tensor | None, Tensor | None]:
+    """(grad_input, None, None, grad_weight, grad_bias) of batch_norm (running statistics are
+    not differentiated; grad_weight / grad_bias are None when weight / bias are).
+
+    training: xhat = (x - mean) invstd over the batch, M = N * spatial,
+      dx = weight invstd (dy - sum(dy) / M - xhat sum(dy xhat) / M)
+    inference: dx = weight invstd_running dy.  dweight = sum dy xhat, dbias = sum dy.
+    The running statistics are not touched. save_mean / save_invstd: the training forward's batch
+    statistics (batch_norm_with_stats) instead of recomputing them from input."""
+    dev, x, rm, rv, w, b, training, momentum, eps = _bn_validate(
+        input, running_mean, running_var, weight, bias, training, momentum, eps)
+    g = _grad_out(grad_out, x, dev)
+    c = x.shape[1]
+    saved = _saved(save_mean, save_invstd, dev, (c,), ("save_mean", "save_invstd"))
+    p = _bn_params(x, eps, momentum, training, w is not None, b is not None, False)
+    d = _dummy(dev)
+    if training:
+        mean, invstd = saved if saved is not None else _stats(dev, p, x)
+    else:
+        # the inference statistics, from the running estimates
+        mean, invstd = empty((c,), float32, dev), empty((c,), float32, dev)
+        kernel(dev, SOURCE, "batch_norm_coef_fwd_float")(
+            _threads(c), w.buffer if w is not None else d, b.buffer if b is not None else d,
+            rm.buffer, rv.buffer, mean.buffer, invstd.buffer, empty((c, 4), float32, dev).buffer, p)
+    part = _partials(dev, p, x, g, mean)
+    dw = empty((c,), float32, dev) if w is not None else None
+    db = empty((c,), float32, dev) if b is not None else None
+    coef = empty((c, 4), float32, dev)
+    kernel(dev, SOURCE, "batch_norm_grad_bwd_float")(
+        min(c, MAX_GROUPS) * TG, part.buffer, w.buffer if w is not None else d, mean.buffer,
+        invstd.buffer, dw.buffer if dw is not None else d, db.buffer if db is not None else d,
+        coef.buffer, p)
+    return _apply(dev, p, g, x, coef), None, None, dw, db
+
+
+# ---- group norm / instance norm --------------------------------------------------------------
+
+def _gn_validate(input: Any, num_groups: Any, weight: Any, bias: Any, eps: Any,
+                 ndims: tuple[int, ...] = (2, 3, 4)):
+    dev = pick_device(input, weight, bias)
+    x = _input(input, dev, ndims)
+    c = x.shape[1]
+    if isinstance(num_groups, bool) or not isinstance(num_groups, (int, np.integer)) \
+            or num_groups < 1 or c % num_groups:
+        raise ValueError(f"num_groups: expected a positive int dividing the {c} channels, got "
+                         f"{num_groups!r}")
+    eps = _number(eps, "eps", 0.0, lo_open=True)
+    w = _vec(weight, dev, "weight", c)
+    b = _vec(bias, dev, "bias", c)
+    return dev, x, int(num_groups), w, b, eps
+
+
+def _group_norm(dev: Device, x: Tensor, groups: int, w: Tensor | None, b: Tensor | None,
+                eps: float) -> tuple[Tensor, Tensor, Tensor]:
+    p = _gn_params(x, groups, eps, w is not None, b is not None)
+    mean, invstd = _stats(dev, p, x)
+    coef = empty((p.planes, 4), float32, dev)
+    d = _dummy(dev)
+    kernel(dev, SOURCE, "group_norm_coef_fwd_float")(
+        _threads(p.planes), w.buffer if w is not None else d, b.buffer if b is not None else d,
+        mean.buffer, invstd.buffer, coef.buffer, p)
+    n = x.shape[0]
+    return _apply(dev, p, x, None, coef), mean.reshape(n, groups), invstd.reshape(n, groups)
+
+
+def _group_norm_backward(dev: Device, g: Tensor, x: Tensor, groups: int, w: Tensor | None,
+                         b: Tensor | None, eps: float, saved: tuple[Tensor, Tensor] | None
+                         ) -> tuple[Tensor, Tensor | None, Tensor | None]:
+    p = _gn_params(x, groups, eps, w is not None, b is not None)
+    if saved is not None:
+        mean, invstd = saved[0].reshape(p.rows), saved[1].reshape(p.rows)
+    else:
+        mean, invstd = _stats(dev, p, x)
+    n, c, hw = _geometry(x)
+    q = tile_plan(n * c, hw, 1, cache_arrays=0)
+    sums = empty((n * c, 2), float32, dev)
+    kernel(dev, SOURCE, f"group_norm_sums_bwd_{suffix(x.dtype)}")(
+        tile_groups(q) * TG, g.buffer, x.buffer, mean.buffer, sums.buffer, p, q)
+    d = _dummy(dev)
+    coef = empty((p.planes, 4), float32, dev)
+    kernel(dev, SOURCE, "group_norm_coef_bwd_float")(
+        _threads(p.rows), sums.buffer, w.buffer if w is not None else d, mean.buffer,
+        invstd.buffer, coef.buffer, p)
+    dw = empty((c,), float32, dev) if w is not None else None
+    db = empty((c,), float32, dev) if b is not None else None
+    if dw is not None or db is not None:
+        kernel(dev, SOURCE, "group_norm_param_bwd_float")(
+            _threads(c), sums.buffer, invstd.buffer, dw.buffer if dw is not None else d,
+            db.buffer if db is not None else d, p)
+    return _apply(dev, p, g, x, coef), dw, db
+
+
+def group_norm_with_stats(input: Any, num_groups: int, weight: Any = None, bias: Any = None,
+                          eps: float = 1e-5) -> tuple[Tensor, Tensor, Tensor]:
+    """group_norm, also returning (mean, rstd) of shape (N, num_groups)."""
+    dev, x, groups, w, b, eps = _gn_validate(input, num_groups, weight, bias, eps)
+    return _group_norm(dev, x, groups, w, b, eps)
+
+
+def group_norm(input: Any, num_groups: int, weight: Any = None, bias: Any = None,
+               eps: float = 1e-5) -> Tensor:
+    """F.group_norm: channels split into num_groups groups; per (sample, group),
+    y = (x - mean) / sqrt(var + eps) (biased variance over the group's C/G channels and all
+    positions), then weight_c y + bias_c."""
+    dev, x, groups, w, b, eps = _gn_validate(input, num_groups, weight, bias, eps)
+    return _group_norm(dev, x, groups, w, b, eps)[0]
+
+
+def group_norm_backward(grad_out: Any, input: Any, num_groups: int, weight: Any = None,
+                        bias: Any = None, eps: float = 1e-5, *, save_mean: Any = None,
+                        save_rstd: Any = None) -> tuple[Tensor, Tensor | None, Tensor | None]:
+    """(grad_input, grad_weight, grad_bias) of group_norm. Per (sample, group) of L elements with
+    g = weight_c dy: dx = rstd (g - mean(g) - xhat mean(g xhat)); dweight = sum dy xhat,
+    dbias = sum dy over samples and positions. save_mean / save_rstd: (N, num_groups) from
+    group_norm_with_stats."""
+    dev, x, groups, w, b, eps = _gn_validate(input, num_groups, weight, bias, eps)
+    g = _grad_out(grad_out, x, dev)
+    saved = _saved(save_mean, save_rstd, dev, (x.shape[0], groups), ("save_mean", "save_rstd"))
+    return _group_norm_backward(dev, g, x, groups, w, b, eps, saved)
+
+
+def _in_validate(input: Any, running_mean: Any, running_var: Any, weight: Any, bias: Any,
+                 use_input_stats: Any, momentum: Any, eps: Any):
+    if running_mean is not None or running_var is not None:
+        name = "running_mean" if running_mean is not None else "running_var"
+        raise ValueError(f"{name}: instance norm with running statistics is not supported")
+    if not _bool(use_input_stats, "use_input_stats"):
+        raise ValueError("use_input_stats: False (running statistics) is not supported")
+    _number(momentum, "momentum", 0.0, 1.0)
+    dev = pick_device(input, weight, bias)
+    x = _input(input, dev, (3, 4))
+    return _gn_validate(x, x.shape[1], weight, bias, eps, (3, 4))
+
+
+def instance_norm(input: Any, running_mean: Any = None, running_var: Any = None,
+                  weight: Any = None, bias: Any = None, use_input_stats: bool = True,
+                  momentum: float = 0.1, eps: float = 1e-5) -> Tensor:
+    """F.instance_norm of (N, C, L) or (N, C, H, W) with the input's statistics: group norm with
+    one channel per group (running statistics are not supported)."""
+    dev, x, groups, w, b, eps = _in_validate(input, running_mean, running_var, weight, bias,
+                                             use_input_stats, momentum, eps)
+    return _group_norm(dev, x, groups, w, b, eps)[0]
+
+
+def instance_norm_backward(grad_out: Any, input: Any, running_mean: Any = None,
+                           running_var: Any = None, weight: Any = None, bias: Any = None,
+                           use_input_stats: bool = True, momentum: float = 0.1, eps: float = 1e-5
+                           ) -> tuple[Tensor, None, None, Tensor | None, Tensor | None]:
+    """(grad_input, None, None, grad_weight, grad_bias) of instance_norm (group_norm_backward with
+    num_groups = C)."""
+    dev, x, groups, w, b, eps = _in_validate(input, running_mean, running_var, weight, bias,
+                                             use_input_stats, momentum, eps)
+    g = _grad_out(grad_out, x, dev)
+    dx, dw, db = _group_norm_backward(dev, g, x, groups, w, b, eps, None)
+    return dx, None, None, dw, db
+

@@ -1,0 +1,285 @@
+"""Batch / group / instance norm (kernels/norm.metal) against the float64 numpy references.
+
+Shapes reach both batch-norm tilings (column mode for fewer than 32 positions per plane, including
+(N, C) inputs; row mode otherwise), statistics rows split over several threadgroup chunks
+(N * HW > 256 in row mode, N > 64 in column mode), batch 1, 1/3/31/32/33 channels, and data whose mean is
+large next to its spread (where E[x^2] - E[x]^2 would lose the variance).
+"""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from reference import norm as ref
+
+import pymetalnn as pm
+from pymetalnn import functional as F
+from pymetalnn.ops import norm as ops
+
+BN_SHAPES = [(2, 3), (5, 33), (70, 5), (1, 32, 5, 7), (3, 31, 4, 9), (2, 33, 3, 3), (4, 5, 40),
+             (4, 3, 10, 10), (7, 1, 2, 3)]
+
+
+def _data(shape, dtype, seed, offset=0.0, scale=1.0):
+    rng = np.random.default_rng(seed)
+    return (rng.standard_normal(shape) * scale + offset).astype(dtype)
+
+
+def _params(c, seed):
+    rng = np.random.default_rng(seed)
+    return rng.standard_normal(c).astype(np.float32), rng.standard_normal(c).astype(np.float32)
+
+
+def _tol(dtype, scale=1.0, offset=0.0, w=None):
+    """Tolerance for normalized outputs; with data offset by `offset`, float32 cannot locate the
+    mean better than a few ulps of the offset (x itself carries that rounding), and that error is
+    scaled by the weights. Naive E[x^2] - E[x]^2 statistics miss by far more."""
+    if dtype == np.float16:
+        return dict(rtol=3e-3, atol=3e-3 * scale)
+    extra = 3 * float(np.spacing(np.float32(offset))) * (1.0 if w is None else float(np.abs(w).max()))
+    return dict(rtol=2e-5, atol=2e-5 * scale + extra)
+
+
+def test_plans_cover_both_modes():
+    modes = set()
+    chunks = set()
+    for s in BN_SHAPES:
+        x = pm.empty(s, np.float32)
+        p = ops._bn_params(x, 1e-5, 0.1, True, True, True, True)
+        modes.add(bool(p.cols))
+        chunks.add((bool(p.cols), p.parts // (p.HW if p.cols else 1) > 1))
+    assert modes == {True, False}
+    assert (True, True) in chunks and (False, True) in chunks  # multi-chunk partials, both modes
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float16])
+def test_batch_norm_train(dev, dtype):
+    for k, shape in enumerate(BN_SHAPES):
+        c = shape[1]
+        # a large mean next to the spread, in float32 only (half cannot hold it precisely)
+        off = 1000.0 if dtype == np.float32 and k % 2 else 0.5
+        x = _data(shape, dtype, k, offset=off)
+        w, b = _params(c, k)
+        rm0 = np.random.default_rng(k).uniform(-1, 1, c).astype(np.float32)
+        rv0 = np.random.default_rng(k).uniform(0.5, 2, c).astype(np.float32)
+        rm, rv = pm.tensor(rm0, dev), pm.tensor(rv0, dev)
+        y, sm, si = F.batch_norm_with_stats(pm.tensor(x, dev), rm, rv, w, b, True, 0.2, 1e-5)
+        ry, mean, var, uvar = ref.batch_norm_train(x, w, b, 1e-5)
+        tol = _tol(dtype, 4, off, w)
+        np.testing.assert_allclose(y.numpy().astype(np.float64), ry, **tol, err_msg=str(shape))
+        np.testing.assert_allclose(sm.numpy(), mean, rtol=1e-6, atol=1e-5 + tol["atol"], err_msg=str(shape))
+        np.testing.assert_allclose(si.numpy(), 1 / np.sqrt(var + 1e-5), rtol=1e-4, err_msg=str(shape))
+        erm, erv = ref.running_update(rm0, rv0, mean, uvar, 0.2)
+        np.testing.assert_allclose(rm.numpy(), erm, rtol=1e-5, atol=1e-5, err_msg=str(shape))
+        np.testing.assert_allclose(rv.numpy(), erv, rtol=1e-4, atol=1e-6, err_msg=str(shape))
+        # backward, recomputing the statistics and from the saved ones
+        dy = _data(shape, dtype, 100 + k)
+        rdx, rdw, rdb = ref.batch_norm_train_backward(dy, x, w, 1e-5)
+        for saved in (None, (sm, si)):
+            kw = {} if saved is None else {"save_mean": saved[0], "save_invstd": saved[1]}
+            dx, n1, n2, dw, db = F.batch_norm_backward(dy, x, rm, rv, w, b, True, 0.2, 1e-5, **kw)
+            assert n1 is None and n2 is None and dx.dtype == np.dtype(dtype)
+            np.testing.assert_allclose(dx.numpy().astype(np.float64), rdx, **tol, err_msg=str(shape))
+            np.testing.assert_allclose(dw.numpy(), rdw, rtol=1e-4, atol=1e-4 * np.sqrt(x.size))
+            np.testing.assert_allclose(db.numpy(), rdb, rtol=1e-4, atol=1e-4 * np.sqrt(x.size))
+        # the backward leaves the running statistics alone
+        np.testing.assert_allclose(rm.numpy(), erm, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float16])
+def test_batch_norm_eval(dev, dtype):
+    for k, shape in enumerate(BN_SHAPES[:6]):
+        c = shape[1]
+        x = _data(shape, dtype, k)
+        w, b = _params(c, k)
+        rm = np.random.default_rng(k).uniform(-1, 1, c).astype(np.float32)
+        rv = np.random.default_rng(k).uniform(0.5, 2, c).astype(np.float32)
+        for affine in (True, False):
+            wa, ba = (w, b) if affine else (None, None)
+            y = F.batch_norm(pm.tensor(x, dev), rm, rv, wa, ba, False)
+            np.testing.assert_allclose(y.numpy().astype(np.float64), ref.batch_norm_eval(x, rm, rv, wa, ba),
+                                       **_tol(dtype, 4))
+            dy = _data(shape, dtype, 50 + k)
+            dx, _, _, dw, db = F.batch_norm_backward(dy, x, rm, rv, wa, ba, False)
+            rdx, rdw, rdb = ref.batch_norm_eval_backward(dy, x, rm, rv, wa)
+            np.testing.assert_allclose(dx.numpy().astype(np.float64), rdx, **_tol(dtype, 4))
+            if affine:
+                np.testing.assert_allclose(dw.numpy(), rdw, rtol=1e-4, atol=1e-4 * np.sqrt(x.size))
+                np.testing.assert_allclose(db.numpy(), rdb, rtol=1e-4, atol=1e-4 * np.sqrt(x.size))
+            else:
+                assert dw is None and db is None
+
+
+def test_running_statistics_over_steps(dev):
+    """Several training steps: running estimates equal the numpy reference's and PyTorch's."""
+    rng = np.random.default_rng(4)
+    shape, c, mom = (6, 5, 3, 4), 5, 0.1
+    rm, rv = pm.tensor(np.zeros(c, np.float32), dev), pm.tensor(np.ones(c, np.float32), dev)
+    erm, erv = np.zeros(c), np.ones(c)
+    batches = [(rng.standard_normal(shape) * (1 + s) + s).astype(np.float32) for s in range(4)]
+    for x in batches:
+        F.batch_norm(x, rm, rv, None, None, True, mom, 1e-5)
+        _, mean, _, uvar = ref.batch_norm_train(x)
+        erm, erv = ref.running_update(erm, erv, mean, uvar, mom)
+    np.testing.assert_allclose(rm.numpy(), erm, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(rv.numpy(), erv, rtol=1e-5, atol=1e-6)
+    torch = pytest.importorskip("torch")
+    trm, trv = torch.zeros(c), torch.ones(c)
+    for x in batches:
+        torch.nn.functional.batch_norm(torch.tensor(x), trm, trv, None, None, True, mom, 1e-5)
+    np.testing.assert_allclose(rm.numpy(), trm.numpy(), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(rv.numpy(), trv.numpy(), rtol=1e-5, atol=1e-6)
+
+
+GN_CASES = [((2, 6, 5, 5), 1), ((2, 6, 5, 5), 2), ((2, 6, 5, 5), 6), ((1, 32, 3, 3), 8),
+            ((3, 33, 7), 3), ((3, 33, 7), 11), ((2, 4), 2), ((1, 31, 17, 17), 31)]
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float16])
+def test_group_norm(dev, dtype):
+    for k, (shape, groups) in enumerate(GN_CASES):
+        c = shape[1]
+        off = 300.0 if dtype == np.float32 and k % 2 else 0.0
+        x = _data(shape, dtype, k, offset=off)
+        w, b = _params(c, k)
+        for affine in (True, False):
+            wa, ba = (w, b) if affine else (None, None)
+            y, mean, rstd = F.group_norm_with_stats(pm.tensor(x, dev), groups, wa, ba, 1e-5)
+            ry, rmean, rrstd = ref.group_norm(x, groups, wa, ba, 1e-5)
+            what = f"{shape} G={groups} affine={affine}"
+            tol = _tol(dtype, 4, off, wa)
+            np.testing.assert_allclose(y.numpy().astype(np.float64), ry, **tol, err_msg=what)
+            np.testing.assert_allclose(mean.numpy(), rmean, rtol=1e-6, atol=1e-5 + tol["atol"], err_msg=what)
+            np.testing.assert_allclose(rstd.numpy(), rrstd, rtol=1e-3, err_msg=what)
+            dy = _data(shape, dtype, 30 + k)
+            rdx, rdw, rdb = ref.group_norm_backward(dy, x, groups, wa, 1e-5)
+            for kw in ({}, {"save_mean": mean, "save_rstd": rstd}):
+                dx, dw, db = F.group_norm_backward(dy, x, groups, wa, ba, 1e-5, **kw)
+                np.testing.assert_allclose(dx.numpy().astype(np.float64), rdx,
+                                           **_tol(dtype, 8, off, wa), err_msg=what)
+                if affine:
+                    np.testing.assert_allclose(dw.numpy(), rdw, rtol=1e-4, atol=1e-4 * np.sqrt(x.size))
+                    np.testing.assert_allclose(db.numpy(), rdb, rtol=1e-4, atol=1e-4 * np.sqrt(x.size))
+                else:
+                    assert dw is None and db is None
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float16])
+def test_instance_norm(dev, dtype):
+    for k, shape in enumerate([(2, 3, 5, 7), (1, 33, 4, 4), (3, 32, 9)]):
+        c = shape[1]
+        x = _data(shape, dtype, k)
+        w, b = _params(c, k)
+        y = F.instance_norm(pm.tensor(x, dev), None, None, w, b)
+        np.testing.assert_allclose(y.numpy().astype(np.float64), ref.group_norm(x, c, w, b)[0],
+                                   **_tol(dtype, 4))
+        dy = _data(shape, dtype, 9 + k)
+        dx, n1, n2, dw, db = F.instance_norm_backward(dy, x, None, None, w, b)
+        rdx, rdw, rdb = ref.group_norm_backward(dy, x, c, w)
+        assert n1 is None and n2 is None
+        np.testing.assert_allclose(dx.numpy().astype(np.float64), rdx, **_tol(dtype, 8))
+        np.testing.assert_allclose(dw.numpy(), rdw, rtol=1e-4, atol=1e-4 * np.sqrt(x.size))
+        np.testing.assert_allclose(db.numpy(), rdb, rtol=1e-4, atol=1e-4 * np.sqrt(x.size))
+
+
+def test_reference_backward_vs_finite_differences():
+    rng = np.random.default_rng(2)
+    x = rng.standard_normal((3, 2, 2, 2))
+    dy = rng.standard_normal(x.shape)
+    w, b = rng.standard_normal(2), rng.standard_normal(2)
+    rm, rv = rng.standard_normal(2), rng.uniform(0.5, 2, 2)
+    checks = [
+        (lambda z: (dy * ref.batch_norm_train(z, w, b)[0]).sum(), ref.batch_norm_train_backward(dy, x, w)[0]),
+        (lambda z: (dy * ref.batch_norm_eval(z, rm, rv, w, b)).sum(),
+         ref.batch_norm_eval_backward(dy, x, rm, rv, w)[0]),
+    ]
+    x4 = rng.standard_normal((2, 4, 3))
+    dy4 = rng.standard_normal(x4.shape)
+    w4 = rng.standard_normal(4)
+    for groups in (1, 2, 4):
+        checks.append((lambda z, g=groups: (dy4 * ref.group_norm(z, g, w4)[0]).sum(),
+                       ref.group_norm_backward(dy4, x4, groups, w4)[0]))
+    for f, analytic in checks:
+        z = x if analytic.shape == x.shape else x4
+        np.testing.assert_allclose(analytic, ref.finite_difference(f, z), rtol=1e-5, atol=1e-6)
+    # parameter gradients: d/dw of sum(dy * y)
+    fw = ref.finite_difference(lambda ww: (dy * ref.batch_norm_train(x, ww, b)[0]).sum(), w)
+    np.testing.assert_allclose(ref.batch_norm_train_backward(dy, x, w)[1], fw, rtol=1e-6, atol=1e-7)
+    fb = ref.finite_difference(lambda bb: (dy4 * ref.group_norm(x4, 2, w4, bb)[0]).sum(), np.zeros(4))
+    np.testing.assert_allclose(ref.group_norm_backward(dy4, x4, 2, w4)[2], fb, rtol=1e-6, atol=1e-7)
+    fw4 = ref.finite_difference(lambda ww: (dy4 * ref.group_norm(x4, 2, ww)[0]).sum(), w4)
+    np.testing.assert_allclose(ref.group_norm_backward(dy4, x4, 2, w4)[1], fw4, rtol=1e-6, atol=1e-7)
+
+
+def test_against_torch(dev):
+    torch = pytest.importorskip("torch")
+    tf = torch.nn.functional
+    rng = np.random.default_rng(6)
+    x = (rng.standard_normal((4, 6, 5, 5)) * 2 + 1).astype(np.float32)
+    dy = rng.standard_normal(x.shape).astype(np.float32)
+    w, b = _params(6, 1)
+
+    def run(f):
+        xt = torch.tensor(x, requires_grad=True)
+        wt = torch.tensor(w, requires_grad=True)
+        bt = torch.tensor(b, requires_grad=True)
+        y = f(xt, wt, bt)
+        y.backward(torch.tensor(dy))
+        return y.detach().numpy(), xt.grad.numpy(), wt.grad.numpy(), bt.grad.numpy()
+
+    tol = dict(rtol=1e-4, atol=1e-4)
+    rm0, rv0 = np.zeros(6, np.float32), np.ones(6, np.float32)
+    ty, tdx, tdw, tdb = run(lambda a, ww, bb: tf.batch_norm(a, torch.tensor(rm0), torch.tensor(rv0),
+                                                            ww, bb, True, 0.1, 1e-5))
+    y = F.batch_norm(x, pm.tensor(rm0, dev), pm.tensor(rv0, dev), w, b, True)
+    dx, _, _, dw, db = F.batch_norm_backward(dy, x, pm.tensor(rm0, dev), pm.tensor(rv0, dev), w, b, True)
+    for a, t in zip((y, dx, dw, db), (ty, tdx, tdw, tdb)):
+        np.testing.assert_allclose(a.numpy(), t, **tol)
+    for groups in (2, 6):
+        ty, tdx, tdw, tdb = run(lambda a, ww, bb, g=groups: tf.group_norm(a, g, ww, bb, 1e-5))
+        y = F.group_norm(x, groups, w, b)
+        dx, dw, db = F.group_norm_backward(dy, x, groups, w, b)
+        for a, t in zip((y, dx, dw, db), (ty, tdx, tdw, tdb)):
+            np.testing.assert_allclose(a.numpy(), t, **tol)
+    ty, tdx, tdw, tdb = run(lambda a, ww, bb: tf.instance_norm(a, weight=ww, bias=bb))
+    y = F.instance_norm(x, weight=w, bias=b)
+    dx, _, _, dw, db = F.instance_norm_backward(dy, x, weight=w, bias=b)
+    for a, t in zip((y, dx, dw, db), (ty, tdx, tdw, tdb)):
+        np.testing.assert_allclose(a.numpy(), t, **tol)
+
+
+def test_bad_input(dev):
+    x = pm.tensor(np.zeros((2, 3, 2, 2), np.float32), dev)
+    rm, rv = pm.tensor(np.zeros(3, np.float32), dev), pm.tensor(np.ones(3, np.float32), dev)
+    dev.reset_counts()
+    cases = [
+        ("eps", lambda: F.batch_norm(x, rm, rv, eps=0.0)),
+        ("eps", lambda: F.group_norm(x, 3, eps=-1e-5)),
+        ("momentum", lambda: F.batch_norm(x, rm, rv, training=True, momentum=1.5)),
+        ("training", lambda: F.batch_norm(x, rm, rv, training="yes")),
+        ("running_mean", lambda: F.batch_norm(x, None, None, training=False)),
+        ("running_mean", lambda: F.batch_norm(x, np.zeros(3, np.float32), rv, training=True)),
+        ("running_var", lambda: F.batch_norm(x, rm, pm.tensor(np.ones(4, np.float32), dev))),
+        ("running_var", lambda: F.batch_norm(x, rm, None, training=True)),
+        ("weight", lambda: F.batch_norm(x, rm, rv, np.ones(2, np.float32))),
+        ("bias", lambda: F.group_norm(x, 3, None, pm.tensor(np.ones(3, np.float16), dev))),
+        ("input", lambda: F.batch_norm(pm.tensor(np.zeros((2, 3), np.int32), dev), rm, rv)),
+        ("input", lambda: F.batch_norm(pm.tensor(np.zeros(3, np.float32), dev), rm, rv)),
+        ("input", lambda: F.batch_norm(pm.tensor(np.zeros((1, 3), np.float32), dev), rm, rv,
+                                       training=True)),  # one value per channel
+        ("num_groups", lambda: F.group_norm(x, 2)),
+        ("num_groups", lambda: F.group_norm(x, 0)),
+        ("grad_out", lambda: F.batch_norm_backward(np.zeros((2, 3, 2, 1), np.float32), x, rm, rv)),
+        ("grad_out", lambda: F.group_norm_backward(pm.tensor(np.zeros((2, 3, 2, 2), np.float16), dev),
+                                                   x, 3)),
+        ("save_invstd", lambda: F.batch_norm_backward(x, x, rm, rv, training=True, save_mean=rm)),
+        ("save_mean", lambda: F.group_norm_backward(x, x, 3, save_mean=np.zeros((2, 2), np.float32),
+                                                    save_rstd=np.zeros((2, 3), np.float32))),
+        ("running_mean", lambda: F.instance_norm(x, rm, rv)),
+        ("use_input_stats", lambda: F.instance_norm(x, use_input_stats=False)),
+        ("input", lambda: F.instance_norm(pm.tensor(np.zeros((2, 3), np.float32), dev))),
+    ]
+    for k, (arg, call) in enumerate(cases):
+        with pytest.raises(ValueError, match=arg):
+            call()
+            pytest.fail(f"case {k} ({arg}) did not raise")
+    assert sum(dev.dispatch_counts.values()) == 0

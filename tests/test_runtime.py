@@ -1,0 +1,119 @@
+"""Runtime services beyond the dialect: completion callbacks, captured launch replay, tensors,
+the params header mirror, and the backend report."""
+from __future__ import annotations
+
+import ctypes
+import os
+import subprocess
+import sys
+import threading
+
+import numpy as np
+import pytest
+
+import pymetalnn
+from pymetalnn.params import Params, parse_header
+
+SCALE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples",
+                     "scale.metal")
+
+
+class ScaleParams(ctypes.Structure):
+    _fields_ = [("n", ctypes.c_uint32), ("a", ctypes.c_float)]
+
+
+def test_capture_records_without_running_and_replays(dev) -> None:
+    k = dev.library(SCALE).kernel("scale_float")
+    x = np.arange(1, 10, dtype=np.float32)
+    buf = dev.buffer(x)
+    dev.reset_counts()
+    with dev.capture() as rec:
+        k(x.size, buf, ScaleParams(x.size, 3.0))
+        k(x.size, buf, ScaleParams(x.size, 0.5))
+    assert len(rec) == 2
+    np.testing.assert_array_equal(buf.numpy(np.float32), x)  # nothing ran yet
+    assert dev.dispatch_counts["scale_float"] == 0
+    rec.replay()
+    rec.replay()
+    np.testing.assert_array_equal(buf.numpy(np.float32), x * np.float32(1.5) * np.float32(1.5))
+    assert dev.dispatch_counts["scale_float"] == 4
+
+
+def test_signal_runs_after_prior_work(dev) -> None:
+    k = dev.library(SCALE).kernel("scale_float")
+    n = 1 << 16
+    buf = dev.buffer(np.ones(n, np.float32))
+    seen: list[float] = []
+    done = threading.Event()
+    for _ in range(3):
+        k(n, buf, ScaleParams(n, 2.0))
+
+    def cb() -> None:
+        # runs on the queue/watcher thread once the three launches are done: never synchronize here
+        if dev.name == "cpu":
+            seen.append(float(buf.handle[-4:].view(np.float32)[0]))
+        done.set()
+
+    dev.signal(cb)
+    dev.synchronize()
+    assert done.is_set()
+    if seen:
+        assert seen == [8.0]
+    np.testing.assert_array_equal(buf.numpy(np.float32), np.full(n, 8.0, np.float32))
+
+
+def test_tensor_roundtrip_and_reshape(dev) -> None:
+    a = np.random.default_rng(0).standard_normal((2, 3, 5)).astype(np.float32)
+    t = pymetalnn.tensor(a, dev)
+    assert t.shape == (2, 3, 5) and t.dtype == np.float32 and t.device is dev
+    np.testing.assert_array_equal(np.asarray(t), a)
+    np.testing.assert_array_equal(t.reshape(6, -1).numpy(), a.reshape(6, 5))
+    h = pymetalnn.tensor(a.astype(np.float16), dev)
+    assert h.dtype == np.float16
+    labels = pymetalnn.tensor(np.array([1, 2, 3]), dev)
+    assert labels.dtype == np.int32
+    with pytest.raises(ValueError, match="shape"):
+        t.reshape(7, -1)
+    with pytest.raises(ValueError, match="dtype"):
+        pymetalnn.tensor(a.astype(np.float64), dev, dtype=np.float64)
+
+
+def test_params_header_mirrors() -> None:
+    """Every struct in kernels/params.h has a Python mirror with the same fields (arrays of 4-byte
+    fields included), and back."""
+    import re
+
+    header = parse_header()
+    ctype_of = {"uint": ctypes.c_uint32, "int": ctypes.c_int32, "float": ctypes.c_float}
+    for name, fields in header.items():
+        assert name in Params.registry, f"kernels/params.h: struct {name} has no Python mirror"
+        py = Params.registry[name]._fields_
+        words = 0
+        assert len(py) == len(fields), name
+        for (pname, pty), (hty, hname) in zip(py, fields):
+            m = re.fullmatch(r"(\w+)(?:\[(\d+)\])?", hname)
+            assert m and pname == m.group(1), (name, pname, hname)
+            assert hty in ctype_of, f"{name}: field type {hty} is not a 4-byte type"
+            count = int(m.group(2) or 0)
+            want = ctype_of[hty] * count if count else ctype_of[hty]
+            assert ctypes.sizeof(pty) == ctypes.sizeof(want), (name, pname)
+            base = getattr(pty, "_type_", pty) if count else pty
+            assert base is ctype_of[hty], (name, pname)
+            words += max(count, 1)
+        assert ctypes.sizeof(Params.registry[name]) == 4 * words, name
+    for name in Params.registry:
+        assert name in header, f"pymetalnn.params.{name} is not in kernels/params.h"
+
+
+def test_cli_reports_backends() -> None:
+    r = subprocess.run([sys.executable, "-m", "pymetalnn"], capture_output=True, text=True,
+                       env=dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path)))
+    assert r.returncode == 0
+    for name in ("metal", "cuda", "cpu"):
+        assert name in r.stdout
+    assert "default backend" in r.stdout
+
+
+def test_unknown_backend_name() -> None:
+    with pytest.raises(ValueError, match="name"):
+        pymetalnn.device("vulkan")
