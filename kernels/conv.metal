@@ -31,8 +31,11 @@
 // half-accumulating weight gradient keeps each chunk short (the host caps `chunk`) so its fp16
 // partial sums stay meaningful. The bias gradient is bandwidth-bound and always sums in float.
 // Offsets are 32-bit: the host rejects tensors of 2^31 elements or more.
+// The forward kernels end with an optional activation (p.act, neuron.h's nn_activation) applied
+// in float after the bias: conv2d(..., activation=) + neuron in one dispatch.
 #include <metal_stdlib>
 #include "params.h"
+#include "neuron.h"
 using namespace metal;
 
 #define CONV_THREADS 256
@@ -74,7 +77,7 @@ kernel void conv2d_fwd_direct(device const T* x [[buffer(0)]],
             }
         }
         if (p.has_bias) acc += A(b[k]);
-        y[i] = T(acc);
+        y[i] = T(nn_activation(float(acc), p.act, p.act_alpha));
     }
 }
 
@@ -352,7 +355,7 @@ kernel void conv2d_fwd_tiled(device const T* x [[buffer(0)]],
                         if (k >= p.Kg) continue;
                         A v = acc[i * 4 + q][j * 4 + u];
                         if (p.has_bias) v += A(b[g * p.Kg + k]);
-                        yrow[k * OHW] = T(v);
+                        yrow[k * OHW] = T(nn_activation(float(v), p.act, p.act_alpha));
                     }
                 }
             }

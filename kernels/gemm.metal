@@ -39,11 +39,14 @@
 // * Precision: ACC is the accumulator and threadgroup-tile type. float: fp32 storage and
 //   accumulation; half: fp16 storage, operands widened to float when staged, float accumulation;
 //   hacc_half: fp16 storage, staging and FMAs (Metal/MPS's fp16 accumulation). The epilogue
-//   (alpha, beta, bias) is computed in float and rounded once to T.
+//   (alpha, beta, bias, then the optional activation act of neuron.h: linear(..., activation=))
+//   is computed in float and rounded once to T. Split-K partials never get the activation (the
+//   host clears act for the partial pass; gemm_splitk_sum applies it).
 // * Bounds: every matrix has fewer than 2^31 elements (host-checked), so in-matrix offsets are
 //   32-bit; batch offsets are 64-bit.
 #include <metal_stdlib>
 #include "params.h"
+#include "neuron.h"
 using namespace metal;
 
 // GemmParams.flags
@@ -126,10 +129,11 @@ inline void gemm_stash(threadgroup vec<ACC, 4>* tile, thread const vec<T, 4>* re
     }
 }
 
-// ---- epilogue of one quad of C: v = alpha * acc + bias + beta * C, rounded once to T.
+// ---- epilogue of one quad of C: v = act(alpha * acc + bias + beta * C), rounded once to T.
 template <typename T, typename ACC, typename B>
 inline void gemm_store_quad(device T* c, device const B* bias, float alpha, float beta, uint flags,
-                            uint N, vec<ACC, 4> acc, uint n, bool vec_ok) {
+                            uint N, vec<ACC, 4> acc, uint n, bool vec_ok, uint act,
+                            float act_alpha) {
     float4 v = alpha * float4(acc);
     if (flags & GEMM_BIAS) {
         for (uint j = 0; j < 4u; ++j) {
@@ -138,13 +142,16 @@ inline void gemm_store_quad(device T* c, device const B* bias, float alpha, floa
     }
     if (vec_ok && n + 3u < N) {
         if (flags & GEMM_BETA) v += beta * float4(*((device vec<T, 4>*)c));
+        if (act != NN_ACT_NONE) {
+            for (int j = 0; j < 4; ++j) v[j] = nn_activation(v[j], act, act_alpha);
+        }
         *((device vec<T, 4>*)c) = vec<T, 4>(v);
     } else {
         for (uint j = 0; j < 4u; ++j) {
             if (n + j < N) {
                 float w = v[j];
                 if (flags & GEMM_BETA) w += beta * float(c[j]);
-                c[j] = T(w);
+                c[j] = T(nn_activation(w, act, act_alpha));
             }
         }
     }
@@ -270,12 +277,12 @@ kernel void gemm_tiled(device const T* A [[buffer(0)]], device const T* B [[buff
             uint n = n0 + 64u * uint(j) + 4u * tx;
             if (n >= p.N) continue;
             gemm_store_quad<TC, ACC, T>(c0 + m * p.ldc + n, bias, p.alpha, p.beta, p.flags, p.N,
-                                        acc[i][j], n, vc);
+                                        acc[i][j], n, vc, p.act, p.act_alpha);
         }
     }
 }
 
-// Split-K sum: C = alpha * (sum of the k_splits partials, in split order) + bias + beta * C.
+// Split-K sum: C = act(alpha * (sum of the k_splits partials, in split order) + bias + beta * C).
 // One thread per element of C.
 template <typename T, typename ACC>
 [[max_total_threads_per_threadgroup(256)]]
@@ -293,7 +300,7 @@ kernel void gemm_splitk_sum(device T* C [[buffer(0)]], device const T* bias [[bu
     float v = p.alpha * float(s);
     if (p.flags & GEMM_BIAS) v += float(bias[n]);
     if (p.flags & GEMM_BETA) v += p.beta * float(*c);
-    *c = T(v);
+    *c = T(nn_activation(v, p.act, p.act_alpha));
 }
 
 // ---- linear's bias gradient: out[n] = sum over rows r of g[r, n]. A threadgroup owns 32

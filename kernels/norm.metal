@@ -20,6 +20,7 @@
 // Storage float or half; all statistics and arithmetic in float.
 #include <metal_stdlib>
 #include "params.h"
+#include "neuron.h"
 #include "tile_reduce.h"
 using namespace metal;
 
@@ -200,8 +201,9 @@ kernel void group_norm_coef_fwd_float(device const float* weight [[buffer(0)]],
 }
 
 // ---- element-wise ---------------------------------------------------------------------------
-// TWO = 0: out = a (u - m) + d (forward, u = x). TWO = 1: out = a u + b (v - m) + d (backward,
-// u = dy, v = x). Coefficients per plane (i / HW) % planes.
+// TWO = 0: out = act(a (u - m) + d) (forward, u = x; act: p.act of neuron.h, 0 = none, for
+// batch_norm(..., activation=)). TWO = 1: out = a u + b (v - m) + d (backward, u = dy, v = x).
+// Coefficients per plane (i / HW) % planes.
 template <typename T, int TWO>
 kernel void norm_apply(device const T* u [[buffer(0)]],
                        device const T* v [[buffer(1)]],
@@ -217,7 +219,7 @@ kernel void norm_apply(device const T* u [[buffer(0)]],
         if (TWO) {
             r = k.x * float(u[i]) + k.y * (float(v[i]) - k.z) + k.w;
         } else {
-            r = k.x * (float(u[i]) - k.z) + k.w;
+            r = nn_activation(k.x * (float(u[i]) - k.z) + k.w, p.act, p.act_alpha);
         }
         out[i] = T(r);
     }

@@ -18,6 +18,8 @@ struct Conv2dParams {
     uint G, Cg, Kg;       // groups, C / G, K / G
     uint has_bias;        // forward / input-gradient kernels: add b
     uint splits, chunk;   // gradient reductions: partial sums, reduction elements per partial
+    uint act;             // forward: fused activation NN_ACT_* (neuron.h), 0 = none
+    float act_alpha;      // its scalar (leaky relu: negative_slope)
 };
 // (structs of the convolution issue go here)
 
@@ -33,6 +35,8 @@ struct GemmParams {
     uint tiles_m, tiles_n;              // output tiles per matrix (host-computed geometry)
     uint flags;                         // GEMM_* bits (gemm.metal)
     float alpha, beta;
+    uint act;                           // fused activation NN_ACT_* (neuron.h) of the result
+    float act_alpha;                    // its scalar (leaky relu: negative_slope)
 };
 // LinearBiasGradParams (gemm.metal): out[n] = sum over r < rows of x[r * cols + n].
 struct LinearBiasGradParams {
@@ -221,6 +225,8 @@ struct NormParams {
     uint has_weight, has_bias, has_running;
     uint training;     // batch norm: batch statistics (1) or running estimates (0)
     float eps, momentum;
+    uint act;          // forward apply: fused activation NN_ACT_* (neuron.h), 0 = none
+    float act_alpha;   // its scalar (leaky relu: negative_slope)
 };
 
 // ---- recurrent and optimizers (rnn.metal, optimizer.metal) ---------------------------------

@@ -91,6 +91,7 @@ from .ops.loss import (  # noqa: F401
     mse_loss_backward,
 )
 from .ops.neuron import (  # noqa: F401
+    activation_backward,
     elu,
     elu_backward,
     gelu,
@@ -101,16 +102,20 @@ from .ops.neuron import (  # noqa: F401
     hardsigmoid_backward,
     leaky_relu,
     leaky_relu_backward,
+    leaky_relu_backward_from_output,
     linear_neuron,
     linear_neuron_backward,
     relu,
     relu_backward,
+    relu_backward_from_output,
     sigmoid,
     sigmoid_backward,
+    sigmoid_backward_from_output,
     softplus,
     softplus_backward,
     tanh,
     tanh_backward,
+    tanh_backward_from_output,
 )
 from .ops.norm import (  # noqa: F401
     batch_norm,

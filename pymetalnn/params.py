@@ -57,7 +57,8 @@ class Conv2dParams(Params):
     _fields_ = [("N", U32), ("C", U32), ("H", U32), ("W", U32), ("K", U32), ("OH", U32),
                 ("OW", U32), ("KH", U32), ("KW", U32), ("SH", U32), ("SW", U32), ("PH", I32),
                 ("PW", I32), ("DH", U32), ("DW", U32), ("G", U32), ("Cg", U32), ("Kg", U32),
-                ("has_bias", U32), ("splits", U32), ("chunk", U32)]
+                ("has_bias", U32), ("splits", U32), ("chunk", U32), ("act", U32),
+                ("act_alpha", F32)]
 
 
 class GemmParams(Params):
@@ -66,7 +67,8 @@ class GemmParams(Params):
     _fields_ = [("M", U32), ("N", U32), ("K", U32), ("lda", U32), ("ldb", U32), ("ldc", U32),
                 ("batch", U32), ("stride_a", U32), ("stride_b", U32), ("stride_c", U32),
                 ("reduce_batch", U32), ("k_splits", U32), ("tiles_m", U32), ("tiles_n", U32),
-                ("flags", U32), ("alpha", F32), ("beta", F32)]
+                ("flags", U32), ("alpha", F32), ("beta", F32), ("act", U32),
+                ("act_alpha", F32)]
 
 
 class LinearBiasGradParams(Params):
@@ -191,7 +193,7 @@ class NormParams(Params):
                 ("chunks", U32), ("cols", U32), ("col_rows", U32), ("col_chunks", U32),
                 ("parts", U32), ("planes", U32), ("total", U32), ("has_weight", U32),
                 ("has_bias", U32), ("has_running", U32), ("training", U32), ("eps", F32),
-                ("momentum", F32)]
+                ("momentum", F32), ("act", U32), ("act_alpha", F32)]
 
 
 # ---- recurrent and optimizers -------------------------------------------------------------

@@ -476,3 +476,57 @@ def test_bad_input_raises_before_dispatch(name, call):
     with pytest.raises(ValueError, match=rf"^{name}:"):
         call()
     assert dict(dev.dispatch_counts) == before
+
+
+# ---- fused activation (conv2d(..., activation=)) --------------------------------------------------
+
+ACTS = [None, "relu", ("leaky_relu", {"negative_slope": 0.2}), "sigmoid", "tanh"]
+ACT_IDS = ["none", "relu", "leaky_relu", "sigmoid", "tanh"]
+
+
+def np_act(z: np.ndarray, act) -> tuple[np.ndarray, np.ndarray]:
+    """(act(z), act'(z)) in float64 (shared by the gemm / norm tests' copies)."""
+    name = act[0] if isinstance(act, tuple) else act
+    if name is None:
+        return z, np.ones_like(z)
+    if name == "relu":
+        return np.maximum(z, 0), (z > 0).astype(z.dtype)
+    if name == "leaky_relu":
+        a = act[1]["negative_slope"]
+        return np.where(z > 0, z, a * z), np.where(z > 0, 1.0, a)
+    if name == "sigmoid":
+        s = 1 / (1 + np.exp(-z))
+        return s, s * (1 - s)
+    t = np.tanh(z)
+    return t, 1 - t * t
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float16])
+@pytest.mark.parametrize("act", ACTS, ids=ACT_IDS)
+def test_conv2d_fused_activation(dev, monkeypatch, algo, act, dtype):
+    """conv2d(..., activation=) == act(conv2d(...)) in one dispatch; conv2d_backward(...,
+    activation=, y=) == conv2d_backward of grad_out * act'(pre-activation)."""
+    monkeypatch.setattr(ops, "FORCE", force(algo, ACTS.index(act)))
+    rng = np.random.default_rng(11)
+    x, w, b = rand(rng, (2, 5, 6, 6), dtype), rand(rng, (20, 5, 3, 3), dtype), \
+        rand(rng, (20,), dtype)
+    g = rand(rng, (2, 20, 6, 6), dtype)
+    xt, wt, bt, gt = (pymetalnn.tensor(a, dev) for a in (x, w, b, g))
+    z = F.conv2d(xt, wt, bt, padding=1).numpy().astype(np.float64)
+    before = sum(dev.dispatch_counts.values())
+    yt = F.conv2d(xt, wt, bt, padding=1, activation=act)
+    n_fused = sum(dev.dispatch_counts.values()) - before
+    before = sum(dev.dispatch_counts.values())
+    F.conv2d(xt, wt, bt, padding=1)
+    assert n_fused == sum(dev.dispatch_counts.values()) - before  # no extra kernel
+    y = yt.numpy().astype(np.float64)
+    want, d = np_act(z, act)
+    t = 1e-6 if dtype == np.float32 else 2 * U16
+    np.testing.assert_allclose(y, want, rtol=t, atol=t)
+    if dtype == np.float16:
+        return
+    got = F.conv2d_backward(gt, xt, wt, bt, padding=1, activation=act, y=yt)
+    gz = pymetalnn.tensor((g * d).astype(dtype), dev)
+    ref_grads = F.conv2d_backward(gz, xt, wt, bt, padding=1)
+    for name, a, r in zip(("dx", "dw", "db"), got, ref_grads):
+        np.testing.assert_allclose(a.numpy(), r.numpy(), rtol=1e-5, atol=1e-5, err_msg=name)

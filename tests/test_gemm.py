@@ -451,3 +451,68 @@ def test_plan_fills_the_gpu() -> None:
     assert groups >= 132, (t, s)
     t, s = ops.plan(FakeCuda(), 4096, 4096, 256, 1, False)  # already 1024 tiles: no split
     assert (t.name, s) == ("128x128", 1)
+
+
+# ---- fused activation (gemm / linear(..., activation=)) -------------------------------------------
+
+ACTS = [None, "relu", ("leaky_relu", 0.2), "sigmoid", "tanh"]
+ACT_IDS = ["none", "relu", "leaky_relu", "sigmoid", "tanh"]
+
+
+def np_act(z, act):
+    """(act(z), act'(z)) in float64."""
+    name = act[0] if isinstance(act, tuple) else act
+    if name is None:
+        return z, np.ones_like(z)
+    if name == "relu":
+        return np.maximum(z, 0), (z > 0).astype(z.dtype)
+    if name == "leaky_relu":
+        return np.where(z > 0, z, act[1] * z), np.where(z > 0, 1.0, act[1])
+    if name == "sigmoid":
+        s = 1 / (1 + np.exp(-z))
+        return s, s * (1 - s)
+    t = np.tanh(z)
+    return t, 1 - t * t
+
+
+@pytest.mark.parametrize("variant", ["float", "half"])
+@pytest.mark.parametrize("act", ACTS, ids=ACT_IDS)
+def test_gemm_linear_fused_activation(dev, variant, act) -> None:
+    """The activation is applied to the whole epilogue (alpha, beta, bias), also after split-K;
+    linear(..., activation=) == act(linear(...)) and linear_backward(..., activation=, y=)."""
+    dtype, accumulate = VARIANTS[variant]
+    t = 1e-6 if dtype == np.float32 else 2 * 2.0 ** -11
+    m, n, k = 33, 67, 31
+    a, b, c, bias = rand((m, k), dtype, 1), rand((n, k), dtype, 2), rand((m, n), dtype, 3), \
+        rand(n, dtype, 4)
+    for tile, splits in (("128x128", 1), ("64x64", 3)):
+        outs = []
+        for activation in (None, act):
+            out = pm.tensor(c, dev)
+            F.gemm(pm.tensor(a, dev), pm.tensor(b, dev), out, transpose_b=True, alpha=0.5,
+                   beta=-0.75, bias=pm.tensor(bias, dev), accumulate=accumulate, tile=tile,
+                   k_splits=splits, activation=activation)
+            outs.append(out.numpy().astype(np.float64))
+        np.testing.assert_allclose(outs[1], np_act(outs[0], act)[0], rtol=t, atol=t,
+                                   err_msg=f"{tile} splits={splits}")
+    # linear forward (one dispatch, as without activation) and backward
+    x, w, gb = rand((5, 3, k), dtype, 5), rand((n, k), dtype, 6), rand((5, 3, n), dtype, 7)
+    xt, wt, bt, gt = (pm.tensor(v, dev) for v in (x, w, bias, gb))
+    z = F.linear(xt, wt, bt).numpy().astype(np.float64)
+    before = sum(dev.dispatch_counts.values())
+    y = F.linear(xt, wt, bt, activation=act)
+    assert sum(dev.dispatch_counts.values()) - before == 1
+    np.testing.assert_allclose(y.numpy().astype(np.float64), np_act(z, act)[0], rtol=t, atol=t)
+    if dtype != np.float32:
+        return
+    got = F.linear_backward(gt, xt, wt, bt, activation=act, y=y)
+    gz = pm.tensor((gb * np_act(z, act)[1]).astype(dtype), dev)
+    for name, r, v in zip(("dx", "dw", "db"), F.linear_backward(gz, xt, wt, bt), got):
+        np.testing.assert_allclose(v.numpy(), r.numpy(), rtol=1e-5, atol=1e-5, err_msg=name)
+    # matmul takes it too
+    mm = F.matmul(xt.reshape(15, k), wt, transpose_b=True, activation=act).numpy()
+    want = np_act(F.matmul(xt.reshape(15, k), wt, transpose_b=True).numpy().astype(np.float64),
+                  act)[0]
+    np.testing.assert_allclose(mm, want, rtol=t, atol=t)
+    with pytest.raises(ValueError, match="y: activation= needs y"):
+        F.linear_backward(gt, xt, wt, bt, activation=act or "relu")

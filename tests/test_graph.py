@@ -330,7 +330,10 @@ def train_weights(tg, X, Y, steps):
 
 
 @pytest.mark.parametrize("net", ["lenet", "inception"])
-def test_memory_plan_peak_and_results(dev, net):
+@pytest.mark.parametrize("fuse", [False, True])
+def test_memory_plan_peak_and_results(dev, net, fuse):
+    """The issue's criterion (planned peak <= 60% of the naive sum) on the unfused graph; fused
+    graphs have fewer intermediates (a smaller naive sum for the same peak), so <= 75% there."""
     if not dev.supports_views:
         pytest.skip("the arena needs buffer views")
     results = {}
@@ -343,11 +346,11 @@ def test_memory_plan_peak_and_results(dev, net):
             rng = np.random.default_rng(1)
             X, Y = rng.standard_normal((4, 4, 6, 6)).astype(np.float32), rng.integers(0, 3, 4)
         tg = G.TrainingGraph(loss, optimizer=sgd(0.05), device=dev,
-                             optimize={"memory": memory})
+                             optimize={"memory": memory, "fuse": fuse})
         results[memory] = train_weights(tg, X, Y, 3)
         if memory:
             rep = tg.memory_report()
-            assert rep is not None and rep.planned <= 0.6 * rep.naive, str(rep)
+            assert rep is not None and rep.planned <= (0.75 if fuse else 0.6) * rep.naive, str(rep)
             assert rep.planned >= rep.lower_bound
             assert any(m.startswith("memory:") for m in tg.log)
         else:
@@ -439,10 +442,65 @@ def test_neuron_fusion_machinery(dev):
         G.nodes.OP_OVERRIDES.pop("conv2d", None)
     for k, v in out[True][1].items():
         np.testing.assert_allclose(v, out[False][1][k], rtol=1e-5, atol=1e-6, err_msg=k)
-    # without the fused variant the graph says why it did not fuse
-    _, loss = softmax_net()
+    # a neuron the fused variant does not cover: the graph says why it did not fuse
+    x = G.ImageNode((1, 6, 6), name="x")
+    c = G.ELUNode(G.ConvolutionNode(x, G.ConvolutionDataSource(1, 3, 3, seed=1), name="conv"),
+                  name="elu")
+    fc = G.FullyConnectedNode(c, G.FullyConnectedDataSource(108, 4, seed=2), name="fc")
+    loss = G.CategoricalCrossEntropyLossNode(G.SoftMaxNode(fc, name="softmax"), name="cce")
     tg = G.TrainingGraph(loss, optimizer=sgd(0.1), device=dev)
-    assert any("not fused" in m and "activation" in m for m in tg.log), tg.log
+    assert any("conv + elu not fused" in m and "does not cover elu" in m for m in tg.log), tg.log
+
+
+def act_net(seed=0):
+    """conv + relu, conv + bn + sigmoid, fc + tanh, fc + leaky relu: every fusable pair."""
+    x = G.ImageNode((2, 6, 6), name="x")
+    h = G.ReLUNode(G.ConvolutionNode(x, G.ConvolutionDataSource(2, 3, 3, seed=seed + 1),
+                                     name="conv1"), name="relu")
+    h = G.ConvolutionNode(h, G.ConvolutionDataSource(3, 4, 3, seed=seed + 2), name="conv2")
+    h = G.SigmoidNode(G.BatchNormalizationNode(
+        h, G.NormalizationDataSource(4, gamma=np.linspace(0.5, 1.5, 4),
+                                     beta=np.linspace(-0.2, 0.2, 4)), name="bn"), name="sigmoid")
+    h = G.TanhNode(G.FullyConnectedNode(h, G.FullyConnectedDataSource(144, 8, seed=seed + 3),
+                                        name="fc1"), name="tanh")
+    h = G.LeakyReLUNode(G.FullyConnectedNode(h, G.FullyConnectedDataSource(8, 4, seed=seed + 4),
+                                             name="fc2"), name="lrelu", negative_slope=0.1)
+    return x, G.CategoricalCrossEntropyLossNode(G.SoftMaxNode(h, name="softmax"), name="cce")
+
+
+def test_neuron_fusion_real_ops(dev):
+    """conv2d / batch_norm / linear with activation=: fewer dispatches, the same losses, weights
+    (so gradients) and inference outputs as the unfused graph."""
+    rng = np.random.default_rng(4)
+    X, Y = rng.standard_normal((4, 2, 6, 6)).astype(np.float32), rng.integers(0, 4, 4)
+    out, counts, infer = {}, {}, {}
+    for fuse in (True, False):
+        _, loss = act_net()
+        tg = G.TrainingGraph(loss, optimizer=sgd(0.1), device=dev, optimize={"fuse": fuse})
+        if fuse:
+            for pair in ("conv1 + relu", "bn + sigmoid", "fc1 + tanh", "fc2 + lrelu"):
+                assert any(f"fuse: {pair} -> " in m and "one dispatch" in m for m in tg.log), \
+                    (pair, tg.log)
+            assert not any("not fused" in m for m in tg.log), tg.log
+        tg.encode(X, Y).wait()
+        before = dispatches(dev)
+        h = tg.encode(X, Y).wait()
+        counts[fuse] = dispatches(dev) - before
+        out[fuse] = (h.losses, tg.state_dict())
+        g = G.Graph(loss.sources[0], device=dev, optimize={"fuse": fuse})  # inference
+        if fuse:
+            assert sum("one dispatch" in m for m in g.log) == 4, g.log
+        g.run(X)
+        before = dispatches(dev)
+        infer[fuse] = g.run(X)[0]
+        counts[fuse, "infer"] = dispatches(dev) - before
+    # 4 neuron forward kernels gone; the backward keeps one element-wise kernel per neuron
+    assert counts[True] <= counts[False] - 4, counts
+    assert counts[True, "infer"] <= counts[False, "infer"] - 4, counts
+    np.testing.assert_allclose(infer[True], infer[False], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(out[True][0], out[False][0], rtol=1e-5, atol=1e-6)
+    for k, v in out[True][1].items():
+        np.testing.assert_allclose(v, out[False][1][k], rtol=1e-5, atol=1e-6, err_msg=k)
 
 
 def test_concat_elimination(dev):
@@ -881,7 +939,8 @@ def test_whole_buffer_reuse_strategy(dev, monkeypatch):
         res[memory] = train_weights(tg, X, Y, 3)
         if memory:
             rep = tg.memory_report()
-            assert rep.strategy == "whole-buffer reuse" and rep.planned < 0.8 * rep.naive, str(rep)
+            # 0.8 before conv / fc / bn + relu were fused (fewer intermediates, same peak)
+            assert rep.strategy == "whole-buffer reuse" and rep.planned < 0.85 * rep.naive, str(rep)
     for a, b in zip(res[True][0], res[False][0]):
         np.testing.assert_array_equal(a, b)
     for k, v in res[True][1].items():
@@ -913,3 +972,17 @@ def test_manual_gradient_nodes_and_loss_labels(dev):
     np.testing.assert_allclose(labels.losses, outs[0], rtol=1e-6)
     for got, want in zip(outs[1:], fw.grads + cw.grads):
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-7)
+
+
+def test_bad_inputs_name_the_node(dev):
+    _, loss, _ = lenet(record=False)
+    tg = G.TrainingGraph(loss, optimizer=sgd(0.1), device=dev)
+    X, Y = data()
+    with pytest.raises(G.GraphError, match="node 'x'.*shape"):
+        tg.encode(X[:, :, :10], Y)
+    with pytest.raises(G.GraphError, match="out of range"):
+        tg.encode(X, Y + 10)
+    with pytest.raises(G.GraphError, match="labels"):
+        tg.encode(X, Y[:3])
+    assert tg.step_count == 0  # nothing was queued
+    tg.encode(X, Y).wait()

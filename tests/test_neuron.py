@@ -199,3 +199,58 @@ def test_bad_input(dev, call, arg):
     with pytest.raises(ValueError, match=f"^{arg}:"):
         call(x, g)
     assert sum(dev.dispatch_counts.values()) == 0
+
+
+# ---- gradients from the output and the fused activation= values --------------------------------
+
+FROM_OUTPUT = [("relu", {}), ("leaky_relu", {"negative_slope": 0.2}),
+               ("leaky_relu", {"negative_slope": 0.0}), ("sigmoid", {}), ("tanh", {})]
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float16])
+@pytest.mark.parametrize("op,kw", FROM_OUTPUT, ids=[f"{o}{k}" for o, k in FROM_OUTPUT])
+def test_backward_from_output(dev, op, kw, dtype):
+    """<op>_backward_from_output(g, y = op(x)) == <op>_backward(g, x) (the fused ops' gradient)."""
+    rng = np.random.default_rng(5)
+    x, g = _inputs(rng, (2, 33, 3), dtype, [0.0, 1e-3, -1e-3])
+    xt, gt = pymetalnn.tensor(x, dev), pymetalnn.tensor(g, dev)
+    y = getattr(nn, op)(xt, **kw)
+    got = getattr(nn, op + "_backward_from_output")(gt, y, **kw).numpy()
+    # the reference from x, at the precision of y's storage (y rounds before f' is formed)
+    yf = np.asarray(y.numpy(), np.float64)
+    slope = kw.get("negative_slope", 0.01)
+    d = {"relu": (yf > 0).astype(np.float64), "leaky_relu": np.where(yf > 0, 1.0, slope),
+         "sigmoid": yf * (1 - yf), "tanh": 1 - yf * yf}[op]
+    want = g.astype(np.float64) * d
+    np.testing.assert_allclose(got.astype(np.float64), want,
+                               rtol=1e-6 if dtype == np.float32 else 2e-3,
+                               atol=1e-7 if dtype == np.float32 else 1e-4)
+    # and it is the x-based gradient up to the rounding of y
+    want_x = getattr(nn, op + "_backward")(gt, xt, **kw).numpy().astype(np.float64)
+    np.testing.assert_allclose(got.astype(np.float64), want_x,
+                               rtol=1e-5 if dtype == np.float32 else 4e-3,
+                               atol=1e-6 if dtype == np.float32 else 5e-3)
+    np.testing.assert_array_equal(
+        nn.activation_backward(gt, y, (op, kw)).numpy(), got)
+
+
+def test_activation_values():
+    assert nn.activation_code(None) == (0, 0.0)
+    assert nn.activation_code("relu") == (1, 0.0)
+    assert nn.activation_code("leaky_relu") == (2, pytest.approx(0.01))
+    assert nn.activation_code(("leaky_relu", 0.25)) == (2, 0.25)
+    assert nn.activation_code(("leaky_relu", {"negative_slope": 0.5})) == (2, 0.5)
+    assert nn.activation_code(("sigmoid", {})) == (3, 0.0)
+    assert nn.activation_code("tanh") == (4, 0.0)
+    with pytest.raises(ValueError, match="activation: expected None or one of"):
+        nn.activation_code("gelu")
+    with pytest.raises(ValueError, match="relu takes no parameters"):
+        nn.activation_code(("relu", {"negative_slope": 0.1}))
+    with pytest.raises(ValueError, match="activation: expected None, a name"):
+        nn.activation_code(3)
+
+
+def test_leaky_relu_from_output_needs_nonnegative_slope(dev):
+    t = pymetalnn.tensor(np.ones(4, np.float32), dev)
+    with pytest.raises(ValueError, match="slope >= 0"):
+        nn.leaky_relu_backward_from_output(t, t, negative_slope=-0.5)

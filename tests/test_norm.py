@@ -283,3 +283,69 @@ def test_bad_input(dev):
             call()
             pytest.fail(f"case {k} ({arg}) did not raise")
     assert sum(dev.dispatch_counts.values()) == 0
+
+
+# ---- fused activation (batch_norm(..., activation=)) ----------------------------------------------
+
+ACTS = [None, "relu", ("leaky_relu", {"negative_slope": 0.2}), "sigmoid", "tanh"]
+ACT_IDS = ["none", "relu", "leaky_relu", "sigmoid", "tanh"]
+
+
+def _np_act(z, act):
+    """(act(z), act'(z)) in float64."""
+    name = act[0] if isinstance(act, tuple) else act
+    if name is None:
+        return z, np.ones_like(z)
+    if name == "relu":
+        return np.maximum(z, 0), (z > 0).astype(z.dtype)
+    if name == "leaky_relu":
+        a = act[1]["negative_slope"]
+        return np.where(z > 0, z, a * z), np.where(z > 0, 1.0, a)
+    if name == "sigmoid":
+        s = 1 / (1 + np.exp(-z))
+        return s, s * (1 - s)
+    t = np.tanh(z)
+    return t, 1 - t * t
+
+
+@pytest.mark.parametrize("training", [True, False])
+@pytest.mark.parametrize("act", ACTS, ids=ACT_IDS)
+def test_batch_norm_fused_activation(dev, act, training):
+    """batch_norm(_with_stats)(..., activation=) == act(batch_norm(...)) with no extra kernel;
+    batch_norm_backward(..., activation=, y=) == batch_norm_backward of grad_out * act'."""
+    for k, shape in enumerate([(5, 33), (3, 31, 4, 9), (2, 3, 10, 10)]):
+        c = shape[1]
+        x, g = _data(shape, np.float32, k), _data(shape, np.float32, 50 + k)
+        w, b = _params(c, k)
+        rm, rv = _data((c,), np.float32, 9, 0.1), np.abs(_data((c,), np.float32, 8)) + 0.5
+        xt, gt, wt, bt = (pm.tensor(v, dev) for v in (x, g, w, b))
+
+        def run(activation, x=xt, w=wt, b=bt, rm=rm, rv=rv):
+            rmt, rvt = pm.tensor(rm, dev), pm.tensor(rv, dev)
+            before = sum(dev.dispatch_counts.values())
+            y, mean, invstd = F.batch_norm_with_stats(x, rmt, rvt, w, b, training=training,
+                                                      activation=activation)
+            n = sum(dev.dispatch_counts.values()) - before
+            return y, mean, invstd, n, rmt.numpy(), rvt.numpy()
+
+        z, mean, invstd, n0, rm0, rv0 = run(None)
+        y, mean1, invstd1, n1, rm1, rv1 = run(act)
+        assert n1 == n0  # the activation rides in the apply kernel
+        np.testing.assert_array_equal(rm1, rm0)
+        np.testing.assert_array_equal(rv1, rv0)
+        zf = z.numpy().astype(np.float64)
+        want, d = _np_act(zf, act)
+        np.testing.assert_allclose(y.numpy(), want, rtol=1e-6, atol=1e-6)
+        y2 = F.batch_norm(xt, pm.tensor(rm, dev), pm.tensor(rv, dev), wt, bt, training=training,
+                          activation=act)
+        np.testing.assert_array_equal(y2.numpy(), y.numpy())
+        kw = dict(training=training, save_mean=mean, save_invstd=invstd)
+        got = F.batch_norm_backward(gt, xt, pm.tensor(rm, dev), pm.tensor(rv, dev), wt, bt,
+                                    activation=act, y=y, **kw)
+        gz = pm.tensor((g * d).astype(np.float32), dev)
+        want_g = F.batch_norm_backward(gz, xt, pm.tensor(rm, dev), pm.tensor(rv, dev), wt, bt,
+                                       **kw)
+        for name, a, r in zip(("dx", "dw", "db"), (got[0], got[3], got[4]),
+                              (want_g[0], want_g[3], want_g[4])):
+            np.testing.assert_allclose(a.numpy(), r.numpy(), rtol=1e-5, atol=1e-5,
+                                       err_msg=f"{shape} {name}")

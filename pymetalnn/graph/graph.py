@@ -644,6 +644,14 @@ class Graph:
                 else [labels]
             for v, x in zip(self.label_inputs, labs):
                 env[v] = self._bind_labels(v, x)
+        first: dict[int, tuple[int, Value]] = {}
+        for v in self.inputs:  # one batch size per step (among inputs batched on the same axis)
+            t = env[v]
+            if t.ndim > v.batch_dim:
+                n = t.shape[v.batch_dim]
+                n0, v0 = first.setdefault(v.batch_dim, (n, v))
+                if n != n0:
+                    raise GraphError(v, f"batch of {n}, but {v0.name} has a batch of {n0}")
         return env
 
     def _batch_of(self, env: dict[Value, Any]) -> int:

@@ -3,8 +3,12 @@
 fuse        graph rewrites that replace a chain of nodes by one node calling fewer kernels:
             softmax + categorical cross-entropy -> softmax cross-entropy on the logits (the
             softmax forward and gradient disappear); convolution / fully connected / batch norm
-            + neuron -> one call with `activation=` when the op offers a fused variant (logged as
-            not fused otherwise). Biases are always part of the convolution / linear call.
+            + neuron -> one call with `activation=` (the activation in the op's store epilogue:
+            one dispatch instead of two) for the activations the ops fuse (relu, leaky relu,
+            sigmoid, tanh: pymetalnn.ops.neuron.ACTIVATIONS); the gradient is taken from the fused
+            output (`<neuron>_backward_from_output`), so training fuses them too (leaky relu
+            needs a slope >= 0). Logged as not fused otherwise. Biases are always part of the
+            convolution / linear call.
 concat      concatenation elimination: producers write straight into their slices of the
             concatenated result (needs the memory planner and slices that are contiguous: the
             concat axis's outer size must be 1, e.g. batch 1 or a batch-axis concat), and the
@@ -49,9 +53,29 @@ def supports(opname: str, kw: str) -> bool:
         return False
 
 
+def fused_activations() -> dict[str, int]:
+    """The neuron kinds the ops' activation= covers (pymetalnn.ops.neuron.ACTIVATIONS)."""
+    try:
+        from ..ops.neuron import ACTIVATIONS
+    except ImportError:
+        return {}
+    return ACTIVATIONS
+
+
+def grad_from_output(neuron: NeuronNode) -> bool:
+    """Whether the neuron's gradient can be computed from its output alone (an op
+    `<neuron>_backward_from_output` exists; leaky relu also needs a slope >= 0)."""
+    from .nodes import NEURONS, has_op
+
+    if neuron.kind == "leaky_relu" and neuron.params.get("negative_slope", 0.01) < 0:
+        return False
+    return has_op(NEURONS[neuron.kind][0] + "_backward_from_output")
+
+
 class FusedNeuronNode(FilterNode):
     """base node + neuron as one call of the base op with activation=(kind, params). The
-    gradient runs the neuron's gradient from the output (relu, leaky relu) then the base's."""
+    gradient runs the neuron's gradient from the output (`<neuron>_backward_from_output`) then
+    the base's."""
 
     prefix = "fused"
 
@@ -78,7 +102,7 @@ class FusedNeuronNode(FilterNode):
         n = self.neuron
         from .nodes import NEURONS
 
-        gy = op(NEURONS[n.kind][0] + "_backward", n)(gouts[0], y, **n.params)
+        gy = op(NEURONS[n.kind][0] + "_backward_from_output", n)(gouts[0], y, **n.params)
         return self.base.backward(rc, [gy], saved[:-1], need)
 
 
@@ -122,14 +146,19 @@ def rewrite_forward(g: Any) -> list[FilterNode]:
             g._note(f"fuse: {n.name} + {neuron.name} not fused: {opname} has no fused-neuron "
                     f"variant (needs {opname}(..., activation=))")
             continue
-        if g.training and not neuron.from_output:
+        if neuron.kind not in fused_activations():
+            g._note(f"fuse: {n.name} + {neuron.name} not fused: {opname}(..., activation=) does "
+                    f"not cover {neuron.kind} (only {', '.join(fused_activations())})")
+            continue
+        if g.training and not grad_from_output(neuron):
             g._note(f"fuse: {n.name} + {neuron.name} not fused: the {neuron.kind} gradient needs "
                     "the pre-activation")
             continue
         fused = FusedNeuronNode(n, neuron, [g._eff(s) for s in n.sources])
         g.subst[neuron.result] = fused.result
         order = [fused if m is n else m for m in order if m is not neuron]
-        g._log(f"fuse: {n.name} + {neuron.name} -> {fused.name} ({opname} with activation)")
+        g._log(f"fuse: {n.name} + {neuron.name} -> {fused.name} ({opname} with "
+               f"activation={neuron.kind!r}: one dispatch)")
     return order
 
 

@@ -28,6 +28,7 @@ from ..params import Conv2dParams
 from ..runtime import Device
 from ..tensor import Tensor
 from ._common import kernel, out_like, pick_device, positive_ints, tensor_arg
+from .neuron import activation_backward, activation_code
 
 SOURCE = "conv.metal"
 FLOATS = (np.float32, np.float16)
@@ -275,9 +276,11 @@ def _use_direct(kind: str, width: int) -> bool:
 
 
 def forward_plan(dev: Device, prec: str, geo: ConvGeometry, x: Tensor, w: Tensor, b: Tensor | None,
-                 y: Tensor, source: str = SOURCE) -> list[Launch]:
-    """y = conv(x, w) + b."""
+                 y: Tensor, source: str = SOURCE, act: tuple[int, float] = (0, 0.0)
+                 ) -> list[Launch]:
+    """y = act(conv(x, w) + b); act = (NN_ACT_* code, alpha) from neuron.activation_code."""
     p = geo.params(has_bias=b is not None)
+    p.act, p.act_alpha = act
     args = (x.buffer, w.buffer, b.buffer if b is not None else _dummy(dev), y.buffer, p)
     if _use_direct("fwd", geo.Kg):
         return [(kernel(dev, source, f"conv2d_fwd_direct_{prec}"), min(y.size, MAX_GROUPS * THREADS),
@@ -369,9 +372,9 @@ def bias_grad_plan(dev: Device, dy: Tensor, db: Tensor, source: str = SOURCE) ->
 
 
 def _forward(dev: Device, prec: str, geo: ConvGeometry, x: Tensor, w: Tensor, b: Tensor | None,
-             dtype: np.dtype) -> Tensor:
+             dtype: np.dtype, act: tuple[int, float] = (0, 0.0)) -> Tensor:
     y = out_like((geo.N, geo.K, geo.OH, geo.OW), dtype, dev)
-    run(forward_plan(dev, prec, geo, x, w, b, y))
+    run(forward_plan(dev, prec, geo, x, w, b, y, act=act))
     return y
 
 
@@ -398,7 +401,7 @@ def _bias_grad(dev: Device, dy: Tensor) -> Tensor:
 # ---- public ops ---------------------------------------------------------------------------------
 
 def conv2d(x: Any, w: Any, b: Any = None, stride: Any = 1, padding: Padding = 0, dilation: Any = 1,
-           groups: int = 1, accumulate: str | None = None) -> Tensor:
+           groups: int = 1, accumulate: str | None = None, activation: Any = None) -> Tensor:
     """2-D convolution (cross-correlation, as torch.nn.functional.conv2d), NCHW.
 
         y[n, k, oh, ow] = b[k] + sum_{c < C/G, r < KH, s < KW}
@@ -411,14 +414,20 @@ def conv2d(x: Any, w: Any, b: Any = None, stride: Any = 1, padding: Padding = 0,
     or column at the bottom/right as TensorFlow and MPS do). Output size
     OH = (H + pt + pb - dh*(KH-1) - 1) // sh + 1. groups = C = K/m is a depthwise conv.
     accumulate: None/"float", or "half" (float16 only: fp16 accumulation).
+    activation: None, "relu", "leaky_relu", "sigmoid", "tanh" or (name, params), e.g.
+    ("leaky_relu", {"negative_slope": 0.2}): y = act(conv + b) in the same kernel (one dispatch;
+    see pymetalnn.ops.neuron.activation_code). Its gradient: conv2d_backward(..., activation=,
+    y=) or neuron.activation_backward(grad_out, y, activation) then conv2d_backward.
     """
+    act = activation_code(activation)
     dev, x, w, b, geo, prec = _conv_args(x, w, b, stride, padding, dilation, groups, accumulate)
-    return _forward(dev, prec, geo, x, w, b, x.dtype)
+    return _forward(dev, prec, geo, x, w, b, x.dtype, act)
 
 
 def conv2d_backward(grad_out: Any, x: Any, w: Any, b: Any = None, stride: Any = 1,
                     padding: Padding = 0, dilation: Any = 1, groups: int = 1,
-                    accumulate: str | None = None) -> tuple[Tensor, Tensor, Tensor | None]:
+                    accumulate: str | None = None, activation: Any = None, y: Any = None
+                    ) -> tuple[Tensor, Tensor, Tensor | None]:
     """Gradients of conv2d: (dL/dx, dL/dw, dL/db or None when b is None), given dL/dy.
 
         dx[n, c, h, w]  = sum_{k in c's group, r, s: h = oh*sh - pt + r*dh, w = ow*sw - pl + s*dw}
@@ -427,7 +436,13 @@ def conv2d_backward(grad_out: Any, x: Any, w: Any, b: Any = None, stride: Any = 
         db[k]           = sum_{n, oh, ow} dy[n, k, oh, ow]
 
     Each is its own kernel (dw and db as split reductions over n, oh, ow: any batch size).
+    activation (with y, the output of conv2d(..., activation=)): grad_out is first taken through
+    the activation from y (neuron.activation_backward, one element-wise kernel).
     """
+    if activation is not None:
+        if y is None:
+            raise ValueError("y: activation= needs y, the output of the fused conv2d")
+        grad_out = activation_backward(grad_out, y, activation)
     dev, x, w, b, geo, prec = _conv_args(x, w, b, stride, padding, dilation, groups, accumulate)
     gy = _grad_arg(grad_out, dev, x, (geo.N, geo.K, geo.OH, geo.OW))
     gx = _input_grad(dev, prec, geo, gy, w, None, x.dtype)

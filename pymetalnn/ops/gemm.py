@@ -26,6 +26,7 @@ from ..params import GemmParams, LinearBiasGradParams
 from ..runtime import Buffer, Device
 from ..tensor import Tensor, float16, float32
 from ._common import kernel, out_like, pick_device, tensor_arg
+from .neuron import activation_backward, activation_code
 
 SOURCE = "gemm.metal"
 THREADS = 256  # every kernel of gemm.metal
@@ -154,7 +155,8 @@ def _float(v: Any, name: str) -> float:
 
 def gemm(a: Any, b: Any, out: Tensor, *, transpose_a: bool = False, transpose_b: bool = False,
          alpha: float = 1.0, beta: float = 0.0, bias: Any = None, accumulate: str | None = None,
-         tile: str | Tile | None = None, k_splits: int | None = None) -> Tensor:
+         tile: str | Tile | None = None, k_splits: int | None = None, activation: Any = None
+         ) -> Tensor:
     """out = alpha * op(a) @ op(b) + beta * out (+ bias), in place; returns `out`.
 
     op(a) is (M, K) -- a stored (M, K), or (K, M) with transpose_a -- and op(b) is (K, N) -- b
@@ -163,8 +165,11 @@ def gemm(a: Any, b: Any, out: Tensor, *, transpose_a: bool = False, transpose_b:
     then with batched operands it receives the sum over the batch,
     out = alpha * sum_i op(a_i) @ op(b_i) + beta * out. bias (N,) is added to every row.
     beta == 0 never reads `out` (NaNs there do not propagate). `tile` / `k_splits` override the
-    kernel choice (a name in TILES or a Tile; k_splits >= 1).
+    kernel choice (a name in TILES or a Tile; k_splits >= 1). activation (None, "relu",
+    "leaky_relu", "sigmoid", "tanh" or (name, params); neuron.activation_code) is applied to the
+    whole result in the same kernel's epilogue: out = act(alpha op(a) op(b) + beta out + bias).
     """
+    act = activation_code(activation)
     dev = pick_device(a, b, out)
     if not isinstance(out, Tensor):
         raise ValueError(f"out: expected a Tensor to write into, got {type(out).__name__}")
@@ -238,6 +243,7 @@ def gemm(a: Any, b: Any, out: Tensor, *, transpose_a: bool = False, transpose_b:
                | (VEC_C if _vec_ok(out, p.ldc, p.stride_c) else 0)
                | (BIAS if bias is not None else 0) | (BETA if beta != 0.0 else 0))
     p.alpha, p.beta = alpha, beta
+    p.act, p.act_alpha = act
     nb = 1 if reduce_batch else batch
     groups = p.tiles_m * p.tiles_n * nb * splits
     if groups * THREADS > _MAX_THREADS or nb * m * n > _MAX_THREADS:
@@ -252,7 +258,7 @@ def gemm(a: Any, b: Any, out: Tensor, *, transpose_a: bool = False, transpose_b:
     # workspace matrix s * nb + e; gemm_fwd_splitk_sum adds them and applies the epilogue.
     work = _workspace(dev, splits * nb * m * n * (2 if var == "hacc_half" else 4))
     pp = GemmParams.from_buffer_copy(p)
-    pp.ldc, pp.stride_c, pp.alpha, pp.beta = n, m * n, 1.0, 0.0
+    pp.ldc, pp.stride_c, pp.alpha, pp.beta, pp.act = n, m * n, 1.0, 0.0, 0
     pp.flags = (p.flags & ~(BIAS | BETA | VEC_C)) | (VEC_C if n % 4 == 0 else 0)
     name = f"gemm_fwd_{t.name}_splitk_half" if var == "half" else f"gemm_fwd_{t.name}_{var}"
     kernel(dev, t.source, name)(groups * THREADS, a.buffer, b.buffer, work, bias_buf, pp)
@@ -261,13 +267,13 @@ def gemm(a: Any, b: Any, out: Tensor, *, transpose_a: bool = False, transpose_b:
 
 
 def matmul(a: Any, b: Any, transpose_a: bool = False, transpose_b: bool = False,
-           accumulate: str | None = None) -> Tensor:
+           accumulate: str | None = None, activation: Any = None) -> Tensor:
     """op(a) @ op(b), op(x) = x or x^T (of the last two dimensions).
 
     a: (M, K) or (batch, M, K) -- (K, M) / (batch, K, M) with transpose_a; b: (K, N) or
     (batch, K, N) -- (N, K) / (batch, N, K) with transpose_b. A 2-D operand is shared by every
     batch entry. Result (M, N), or (batch, M, N) if either operand is batched:
-    out[i, m, n] = sum_k op(a_i)[m, k] op(b_i)[k, n].
+    out[i, m, n] = sum_k op(a_i)[m, k] op(b_i)[k, n]. activation: as gemm's (fused epilogue).
     """
     dev = pick_device(a, b)
     a = tensor_arg(a, dev, "a", (float32, float16), ndim=(2, 3))
@@ -280,7 +286,8 @@ def matmul(a: Any, b: Any, transpose_a: bool = False, transpose_b: bool = False,
         raise ValueError(f"b: dtype {b.dtype} does not match a's {a.dtype}")
     variant(a.dtype, accumulate)  # validate before allocating
     out = out_like(shape, a.dtype, dev)
-    return gemm(a, b, out, transpose_a=transpose_a, transpose_b=transpose_b, accumulate=accumulate)
+    return gemm(a, b, out, transpose_a=transpose_a, transpose_b=transpose_b, accumulate=accumulate,
+                activation=activation)
 
 
 def matmul_backward(grad_out: Any, a: Any, b: Any, transpose_a: bool = False,
@@ -347,15 +354,20 @@ def _linear_args(x: Any, w: Any, b: Any, dev: Device) -> tuple[Tensor, Tensor, T
     return x, w, b
 
 
-def linear(x: Any, w: Any, b: Any = None, accumulate: str | None = None) -> Tensor:
+def linear(x: Any, w: Any, b: Any = None, accumulate: str | None = None, activation: Any = None
+           ) -> Tensor:
     """y = x w^T + b (torch.nn.functional.linear): x (..., in), w (out, in), b (out,) or None;
-    y (..., out), y[..., o] = sum_i x[..., i] w[o, i] + b[o]."""
+    y (..., out), y[..., o] = sum_i x[..., i] w[o, i] + b[o]. activation: None, "relu",
+    "leaky_relu", "sigmoid", "tanh" or (name, params): y = act(x w^T + b) in the same kernel
+    (neuron.activation_code); gradient via linear_backward(..., activation=, y=)."""
+    activation_code(activation)  # validate before allocating
     dev = pick_device(x, w, b)
     x, w, b = _linear_args(x, w, b, dev)
     variant(x.dtype, accumulate)
     rows = x.size // x.shape[-1]
     y = out_like((rows, w.shape[0]), x.dtype, dev)
-    gemm(x.reshape(rows, x.shape[-1]), w, y, transpose_b=True, bias=b, accumulate=accumulate)
+    gemm(x.reshape(rows, x.shape[-1]), w, y, transpose_b=True, bias=b, accumulate=accumulate,
+         activation=activation)
     return y.reshape(*x.shape[:-1], w.shape[0])
 
 
@@ -372,13 +384,19 @@ def linear_bias_grad(grad_out: Tensor, accumulate: str | None = None) -> Tensor:
     return out
 
 
-def linear_backward(grad_out: Any, x: Any, w: Any, b: Any = None, accumulate: str | None = None
-                    ) -> tuple[Tensor, Tensor, Tensor | None]:
+def linear_backward(grad_out: Any, x: Any, w: Any, b: Any = None, accumulate: str | None = None,
+                    activation: Any = None, y: Any = None) -> tuple[Tensor, Tensor, Tensor | None]:
     """Gradients of y = x w^T + b: (grad_x, grad_w, grad_b or None when b is None).
 
     grad_x = grad_out w (..., in); grad_w = sum over rows of grad_out^T x (out, in);
-    grad_b = sum over rows of grad_out (out,).
+    grad_b = sum over rows of grad_out (out,). activation (with y, the output of
+    linear(..., activation=)): grad_out is first taken through the activation from y
+    (neuron.activation_backward, one element-wise kernel).
     """
+    if activation is not None:
+        if y is None:
+            raise ValueError("y: activation= needs y, the output of the fused linear")
+        grad_out = activation_backward(grad_out, y, activation)
     dev = pick_device(grad_out, x, w, b)
     x, w, b = _linear_args(x, w, b, dev)
     g = tensor_arg(grad_out, dev, "grad_out", (float32, float16))

@@ -5,6 +5,12 @@ instantiated from one template in neuron.metal; all share NeuronParams (n, a, b)
 float32 or float16, arithmetic is float32. Each backward takes (grad_out, x, <same options>) and
 returns grad_x = grad_out * f'(x), recomputing from x. Conventions at kinks follow torch:
 relu'(0) = 0, leaky_relu'(0) = negative_slope, elu'(0) = alpha, hardsigmoid'(+-3) = 0.
+
+Fused activations: conv2d, linear, gemm and batch_norm(_with_stats) take `activation=` (see
+`activation_code`) and apply it in their store epilogue (one dispatch). Their output y is all a
+gradient needs: `<op>_backward_from_output(grad_out, y)` (relu, leaky_relu with slope >= 0,
+sigmoid, tanh; kernels <op>_bwdy_<dtype>) gives the pre-activation gradient, and
+`activation_backward(grad_out, y, activation)` picks it from the same `activation=` value.
 """
 from __future__ import annotations
 
@@ -76,6 +82,84 @@ def _bwd(op: str, grad_out: Any, x: Any, a: float = 0.0, b: float = 0.0, variant
         count, q = _params(xt.size, a, b, gt, xt, dx)
         k(count, gt.buffer, xt.buffer, dx.buffer, q)
     return dx
+
+
+# ---- fused activations (NN_ACT_* of kernels/neuron.h) -------------------------------------------
+
+ACTIVATIONS = {"relu": 1, "leaky_relu": 2, "sigmoid": 3, "tanh": 4}
+_ACT_PARAMS = {"relu": (), "leaky_relu": ("negative_slope",), "sigmoid": (), "tanh": ()}
+
+
+def _activation(activation: Any) -> tuple[str | None, dict]:
+    """(name, params) of an activation= value: None, a name in ACTIVATIONS, or (name, params)
+    with params a dict ({"negative_slope": 0.2}) or, for leaky_relu, the slope as a number."""
+    if activation is None:
+        return None, {}
+    if isinstance(activation, str):
+        name, params = activation, {}
+    elif isinstance(activation, tuple) and len(activation) == 2 and \
+            isinstance(activation[0], str):
+        name, params = activation
+        if not isinstance(params, dict):
+            params = {"negative_slope": params} if name == "leaky_relu" else {"": params}
+    else:
+        raise ValueError(f"activation: expected None, a name or (name, params), got "
+                         f"{activation!r}")
+    if name not in ACTIVATIONS:
+        raise ValueError(f"activation: expected None or one of {', '.join(ACTIVATIONS)}, got "
+                         f"{name!r}")
+    bad = set(params) - set(_ACT_PARAMS[name])
+    if bad:
+        raise ValueError(f"activation: {name} takes "
+                         f"{', '.join(_ACT_PARAMS[name]) or 'no parameters'}, got "
+                         f"{', '.join(sorted(map(str, bad)))}")
+    return name, dict(params)
+
+
+def activation_code(activation: Any) -> tuple[int, float]:
+    """(act, act_alpha) for a kernel's params: act = NN_ACT_* of kernels/neuron.h (0 = none),
+    act_alpha = leaky_relu's negative_slope (default 0.01, as torch), else 0."""
+    name, params = _activation(activation)
+    if name is None:
+        return 0, 0.0
+    alpha = _scalar(params.get("negative_slope", 0.01), "negative_slope") \
+        if name == "leaky_relu" else 0.0
+    return ACTIVATIONS[name], alpha
+
+
+def activation_backward(grad_out: Any, y: Any, activation: Any) -> Any:
+    """The pre-activation gradient of a fused op's output y = act(z): grad_out * act'(z), from y
+    (`<act>_backward_from_output`); grad_out itself when activation is None."""
+    name, params = _activation(activation)
+    if name is None:
+        return grad_out
+    return globals()[f"{name}_backward_from_output"](grad_out, y, **params)
+
+
+def relu_backward_from_output(grad_out: Any, y: Any) -> Tensor:
+    """grad_x = grad_out where y = relu(x) > 0, else 0 (the same as from x)."""
+    return _bwd("relu", grad_out, y, variant="y")
+
+
+def leaky_relu_backward_from_output(grad_out: Any, y: Any, negative_slope: float = 0.01
+                                    ) -> Tensor:
+    """grad_x = grad_out if y > 0 else negative_slope * grad_out, y = leaky_relu(x); needs
+    negative_slope >= 0 (then y > 0 iff x > 0)."""
+    a = _scalar(negative_slope, "negative_slope")
+    if a < 0:
+        raise ValueError(f"negative_slope: the gradient from the output needs a slope >= 0, "
+                         f"got {negative_slope!r}")
+    return _bwd("leaky_relu", grad_out, y, a, variant="y")
+
+
+def sigmoid_backward_from_output(grad_out: Any, y: Any) -> Tensor:
+    """grad_x = grad_out * y (1 - y), y = sigmoid(x)."""
+    return _bwd("sigmoid", grad_out, y, variant="y")
+
+
+def tanh_backward_from_output(grad_out: Any, y: Any) -> Tensor:
+    """grad_x = grad_out * (1 - y^2), y = tanh(x)."""
+    return _bwd("tanh", grad_out, y, variant="y")
 
 
 def relu(x: Any) -> Tensor:
@@ -192,6 +276,8 @@ def linear_neuron_backward(grad_out: Any, x: Any, a: float = 1.0, b: float = 0.0
 
 
 __all__ = [
+    "ACTIVATIONS", "activation_backward", "activation_code", "leaky_relu_backward_from_output",
+    "relu_backward_from_output", "sigmoid_backward_from_output", "tanh_backward_from_output",
     "elu", "elu_backward", "gelu", "gelu_backward", "hard_sigmoid", "hard_sigmoid_backward",
     "hardsigmoid", "hardsigmoid_backward", "leaky_relu", "leaky_relu_backward", "linear_neuron",
     "linear_neuron_backward", "relu", "relu_backward", "sigmoid", "sigmoid_backward", "softplus",

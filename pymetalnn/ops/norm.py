@@ -29,6 +29,7 @@ from ..params import NormParams
 from ..runtime import Buffer, Device
 from ..tensor import Tensor, empty, float16, float32
 from ._common import kernel, pick_device, suffix, tensor_arg
+from .neuron import activation_backward, activation_code
 from .softmax import TG, tile_groups, tile_plan
 
 SOURCE = "norm.metal"
@@ -248,12 +249,16 @@ def _bn_validate(input: Any, running_mean: Any, running_var: Any, weight: Any, b
 
 def batch_norm_with_stats(input: Any, running_mean: Any, running_var: Any, weight: Any = None,
                           bias: Any = None, training: bool = False, momentum: float = 0.1,
-                          eps: float = 1e-5) -> tuple[Tensor, Tensor, Tensor]:
+                          eps: float = 1e-5, activation: Any = None
+                          ) -> tuple[Tensor, Tensor, Tensor]:
     """batch_norm, also returning (save_mean, save_invstd) per channel: the batch statistics
-    (training) or the running ones (inference), for batch_norm_backward."""
+    (training) or the running ones (inference), for batch_norm_backward. activation: as
+    batch_norm's."""
+    act = activation_code(activation)
     dev, x, rm, rv, w, b, training, momentum, eps = _bn_validate(
         input, running_mean, running_var, weight, bias, training, momentum, eps)
     p = _bn_params(x, eps, momentum, training, w is not None, b is not None, rm is not None)
+    p.act, p.act_alpha = act
     c = x.shape[1]
     d = _dummy(dev)
     if training:
@@ -270,19 +275,22 @@ def batch_norm_with_stats(input: Any, running_mean: Any, running_var: Any, weigh
 
 def batch_norm(input: Any, running_mean: Any, running_var: Any, weight: Any = None,
                bias: Any = None, training: bool = False, momentum: float = 0.1,
-               eps: float = 1e-5) -> Tensor:
+               eps: float = 1e-5, activation: Any = None) -> Tensor:
     """F.batch_norm over dim 1 of (N, C[, L]) or (N, C, H, W):
     y = (x - mean_c) / sqrt(var_c + eps) * weight_c + bias_c. training: batch statistics, and
     running_mean/var (if given, as Tensors) updated in place: r = (1 - momentum) r + momentum s,
-    with the unbiased batch variance. Inference: the running statistics."""
+    with the unbiased batch variance. Inference: the running statistics. activation: None,
+    "relu", "leaky_relu", "sigmoid", "tanh" or (name, params): y = act(batch_norm(x)) in the same
+    element-wise kernel (neuron.activation_code); gradient via batch_norm_backward(...,
+    activation=, y=)."""
     return batch_norm_with_stats(input, running_mean, running_var, weight, bias, training,
-                                 momentum, eps)[0]
+                                 momentum, eps, activation)[0]
 
 
 def batch_norm_backward(grad_out: Any, input: Any, running_mean: Any, running_var: Any,
                         weight: Any = None, bias: Any = None, training: bool = False,
                         momentum: float = 0.1, eps: float = 1e-5, *, save_mean: Any = None,
-                        save_invstd: Any = None
+                        save_invstd: Any = None, activation: Any = None, y: Any = None
                         ) -> tuple[Tensor, None, None, Tensor | None, Tensor | None]:
     """(grad_input, None, None, grad_weight, grad_bias) of batch_norm (running statistics are
     not differentiated; grad_weight / grad_bias are None when weight / bias are).
@@ -291,7 +299,13 @@ def batch_norm_backward(grad_out: Any, input: Any, running_mean: Any, running_va
       dx = weight invstd (dy - sum(dy) / M - xhat sum(dy xhat) / M)
     inference: dx = weight invstd_running dy.  dweight = sum dy xhat, dbias = sum dy.
     The running statistics are not touched. save_mean / save_invstd: the training forward's batch
-    statistics (batch_norm_with_stats) instead of recomputing them from input."""
+    statistics (batch_norm_with_stats) instead of recomputing them from input. activation (with
+    y, the output of batch_norm(..., activation=)): grad_out is first taken through the
+    activation from y (neuron.activation_backward, one element-wise kernel)."""
+    if activation is not None:
+        if y is None:
+            raise ValueError("y: activation= needs y, the output of the fused batch_norm")
+        grad_out = activation_backward(grad_out, y, activation)
     dev, x, rm, rv, w, b, training, momentum, eps = _bn_validate(
         input, running_mean, running_var, weight, bias, training, momentum, eps)
     g = _grad_out(grad_out, x, dev)

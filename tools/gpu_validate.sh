@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# One call on a GPU machine: the whole suite on the cuda backend, then the benchmarks named in
+# $BENCHES (default: all), logs under $OUT (or results/). Used by the lead for issue closing notes.
+set -u
+OUT=${OUT:-results}
+LOG=$(mktemp -d)  # many logs; only a few files may come back from the device, so they travel as one tarball
+mkdir -p "$OUT"
+export PYTHONPATH=. PYTHONUNBUFFERED=1
+nvidia-smi --query-gpu=name,driver_version --format=csv,noheader | tee "$LOG/gpu.txt"
+if [ "${SKIP_TESTS:-0}" != 1 ]; then
+  PYMETALNN_BACKEND=cuda timeout "${TEST_TIMEOUT:-300}" python -m pytest -q -p no:cacheprovider \
+    -o addopts="" ${TESTS:-} > "$LOG/tests_cuda.log" 2>&1
+  echo "tests rc=$?"; tail -3 "$LOG/tests_cuda.log"
+  # cpu and cuda side by side: bit-identity of exact results (needs both backends selected)
+  timeout 200 python -m pytest -q -p no:cacheprovider -o addopts="" tests/dialect/test_cross_backend.py \
+    > "$LOG/tests_cross.log" 2>&1
+  echo "cross rc=$?"; tail -1 "$LOG/tests_cross.log"
+fi
+for b in ${BENCHES:-runtime gemm conv neuron pool arith copy dropout softmax loss norm optimizer rnn graph}; do
+  timeout "${BENCH_TIMEOUT:-150}" python "benchmarks/bench_$b.py" --backend cuda > "$LOG/bench_$b.log" 2>&1
+  echo "bench_$b rc=$?"
+done
+tar -C "$LOG" -czf "$OUT/logs.tgz" .
