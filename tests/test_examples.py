@@ -1,0 +1,57 @@
+"""Each training demo's --smoke path runs on cpu and its loss goes down (the demos raise
+SystemExit otherwise)."""
+from __future__ import annotations
+
+import importlib.util
+import os
+import sys
+
+import pytest
+
+import pymetalnn
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _example(name: str):
+    path = os.path.join(ROOT, "examples", f"{name}.py")
+    sys.path.insert(0, os.path.dirname(path))
+    spec = importlib.util.spec_from_file_location(f"example_{name}", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.fixture(autouse=True)
+def _cpu():
+    reason = pymetalnn.availability().get("cpu")
+    if reason:
+        pytest.skip(f"cpu backend unavailable: {reason}")
+
+
+def test_mnist_smoke(tmp_path):
+    r = _example("mnist").main(["--smoke", "--backend", "cpu", "--quiet", "--smoke-n", "120",
+                                "--out", str(tmp_path)])
+    assert r["last_loss"] < r["first_loss"]
+    assert r["reloaded_accuracy"] == r["accuracy"]
+    assert (tmp_path / "digits.npz").exists() and (tmp_path / "digits.png").exists()
+
+
+def test_png_writer(tmp_path):
+    import numpy as np
+
+    c = _example("_common")
+    p = tmp_path / "x.png"
+    c.write_png(str(p), np.zeros((4, 5, 3), np.uint8))
+    assert p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_activity_smoke():
+    r = _example("activity_classifier").main(["--smoke", "--backend", "cpu", "--quiet"])
+    assert r["last_loss"] < r["first_loss"]
+
+
+def test_inception_smoke():
+    r = _example("inception_v3").main(["--smoke", "--backend", "cpu"])
+    ls = r["ours"]["losses"]
+    assert ls[-1] < ls[0]
