@@ -220,6 +220,9 @@ def run_torch(args: argparse.Namespace, dev: pm.Device, X: np.ndarray, Y: np.nda
         return None
     torch.manual_seed(0)
     torch.backends.cudnn.benchmark = True
+    # the peer is fp32 eager: no TF32 tensor-core math unless asked for (--torch-tf32)
+    torch.backends.cudnn.allow_tf32 = bool(args.torch_tf32)
+    torch.backends.cuda.matmul.allow_tf32 = bool(args.torch_tf32)
     b = TorchBuilder(torch)
     tx = torch.from_numpy(X).to(tdev)
     ty = torch.from_numpy(Y).long().to(tdev)
@@ -263,6 +266,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--width", type=float, default=1.0, help="channel multiplier (1: the real model)")
     ap.add_argument("--classes", type=int, default=1000)
     ap.add_argument("--no-torch", action="store_true")
+    ap.add_argument("--torch-tf32", action="store_true", help="let the PyTorch peer use TF32")
     ap.add_argument("--smoke", action="store_true", help="cpu, 75x75, narrow, 2 iterations")
     args = ap.parse_args(argv)
     if args.smoke:
