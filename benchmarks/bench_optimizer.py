@@ -34,24 +34,10 @@ COLS = ["bench", "backend", "params", "seconds", "spread", "GB/s", "copy_GB/s", 
 
 
 def timer(dev: pm.Device) -> Callable[[Callable[[], Any]], tuple[float, float]]:
-    if dev.name == "cuda":
-        return lambda fn: common.time_cuda(fn, warmup=3, reps=20)
-    return lambda fn: common.time_host(fn, dev.synchronize, warmup=1, reps=5)
+    return lambda fn: common.time_on(dev, fn)
 
 
-def copy_bandwidth(dev: pm.Device, nbytes: int) -> float:
-    """GB/s (read + written) of the device's reference copy of nbytes."""
-    if dev.name == "cuda":
-        import cupy as cp
-
-        a = cp.ones(nbytes // 4, cp.float32)
-        b = cp.empty_like(a)
-        med, _ = common.time_cuda(lambda: b.data.copy_from_device(a.data, a.nbytes))
-    else:
-        a = np.ones(nbytes // 4, np.float32)
-        b = np.empty_like(a)
-        med, _ = common.time_host(lambda: np.copyto(b, a), lambda: None, warmup=1, reps=5)
-    return 2 * a.nbytes / med / 1e9
+copy_bandwidth = common.copy_gbs
 
 
 def random_tensor(dev: pm.Device, n: int, dtype: Any, seed: int) -> pm.Tensor:

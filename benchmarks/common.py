@@ -12,6 +12,8 @@ import statistics
 import time
 from typing import Any, Callable
 
+import numpy as np
+
 import pymetalnn
 
 
@@ -52,6 +54,68 @@ def time_cuda(fn: Callable[[], Any], warmup: int = 3, reps: int = 20) -> tuple[f
         end.synchronize()
         samples.append(cp.cuda.get_elapsed_time(start, end) / 1e3)
     return median_spread(samples)
+
+
+def time_on(dev: pymetalnn.Device, fn: Callable[[], Any], quick: bool = False) -> tuple[float, float]:
+    """Median seconds and spread of fn() on `dev`: CUDA events on cuda, host clock + synchronize
+    elsewhere."""
+    if dev.name == "cuda":
+        return time_cuda(fn, warmup=3, reps=5 if quick else 20)
+    return time_host(fn, dev.synchronize, warmup=1, reps=3 if quick else 5)
+
+
+_COPY_GBS: dict[tuple[str, int], float] = {}
+
+
+def copy_gbs(dev: pymetalnn.Device, nbytes: int) -> float:
+    """The device's reference copy bandwidth for `nbytes` (bytes read + written / s / 1e9),
+    measured once per process and size: CuPy's device-to-device copy on cuda, numpy's copy
+    elsewhere. Memory-bound benchmarks report their GB/s as a ratio to this."""
+    key = (dev.name, nbytes)
+    if key not in _COPY_GBS:
+        n = nbytes // 4
+        if dev.name == "cuda":
+            import cupy as cp
+
+            a = cp.ones(n, cp.float32)
+            b = cp.empty_like(a)
+            sec, _ = time_cuda(lambda: b.data.copy_from_device(a.data, a.nbytes))
+        else:
+            a = np.ones(n, np.float32)
+            b = np.empty_like(a)
+            sec, _ = time_host(lambda: np.copyto(b, a), lambda: None, warmup=1, reps=5)
+        _COPY_GBS[key] = 2 * n * 4 / sec / 1e9
+    return _COPY_GBS[key]
+
+
+def torch_available(dev: pymetalnn.Device) -> bool:
+    """PyTorch can serve as the peer on this device (cuda only: on cpu the peer is numpy)."""
+    if dev.name != "cuda":
+        return False
+    try:
+        import torch
+    except ImportError:
+        return False
+    return bool(torch.cuda.is_available())
+
+
+def torch_view(dev: pymetalnn.Device, t: pymetalnn.Tensor) -> Any:
+    """A torch CUDA tensor over the memory of cuda Tensor `t` (no copy), or None without torch."""
+    try:
+        import torch
+    except ImportError:
+        return None
+    return torch.as_tensor(dev.as_cupy(t.buffer, t.dtype, t.shape), device="cuda")
+
+
+def disable_tf32() -> None:
+    """fp32 peers compute in fp32: no TF32 tensor-core math."""
+    try:
+        import torch
+    except ImportError:
+        return
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
 
 
 def device_label(dev: pymetalnn.Device) -> str:

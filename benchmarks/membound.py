@@ -7,51 +7,20 @@ same op (PyTorch on the same GPU; numpy on cpu).
 """
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any
 
 import common
 import numpy as np
 
 import pymetalnn
 
-
-def timeit(dev: pymetalnn.Device, fn: Callable[[], Any], quick: bool = False) -> tuple[float, float]:
-    """Median seconds and spread of fn() on `dev` (CUDA events on cuda)."""
-    if dev.name == "cuda":
-        return common.time_cuda(fn, warmup=3, reps=5 if quick else 20)
-    return common.time_host(fn, dev.synchronize, warmup=1, reps=3 if quick else 5)
-
-
-_COPY: dict[tuple[str, int], float] = {}
+timeit = common.time_on
+torch_cuda = common.torch_view
 
 
 def copy_gbs(dev: pymetalnn.Device, nbytes: int, quick: bool = False) -> float:
-    """Copy bandwidth (bytes read + written per second / 1e9) for a copy of `nbytes`."""
-    key = (dev.name, nbytes)
-    if key in _COPY:
-        return _COPY[key]
-    if dev.name == "cuda":
-        import cupy as cp
-
-        a = cp.ones(nbytes // 4, cp.float32)
-        b = cp.empty_like(a)
-        sec, _ = common.time_cuda(lambda: b.data.copy_from_device(a.data, a.nbytes))
-    else:
-        a = np.ones(nbytes // 4, np.float32)
-        b = np.empty_like(a)
-        sec, _ = common.time_host(lambda: np.copyto(b, a), lambda: None)
-    _COPY[key] = 2 * (nbytes // 4) * 4 / sec / 1e9
-    return _COPY[key]
-
-
-def torch_cuda(dev: pymetalnn.Device, t: pymetalnn.Tensor) -> Any:
-    """A torch CUDA tensor over the same memory as `t` (no copy), or None without torch."""
-    try:
-        import torch
-    except ImportError:
-        return None
-    arr = dev.as_cupy(t.buffer, t.dtype, t.shape)
-    return torch.as_tensor(arr, device="cuda")
+    """Copy bandwidth for a copy of `nbytes` (see common.copy_gbs)."""
+    return common.copy_gbs(dev, nbytes)
 
 
 def row(bench: str, dev: pymetalnn.Device, dtype: Any, shape: tuple, nbytes: int, sec: float,
@@ -68,11 +37,4 @@ COLUMNS = ["bench", "dtype", "shape", "seconds", "spread", "GB/s", "copy_GB/s", 
            "peer_seconds", "speedup_vs_peer", "target"]
 
 
-def torch_disable_tf32() -> None:
-    try:
-        import torch
-
-        torch.backends.cuda.matmul.allow_tf32 = False
-        torch.backends.cudnn.allow_tf32 = False
-    except ImportError:
-        pass
+torch_disable_tf32 = common.disable_tf32

@@ -20,42 +20,12 @@ COLS = ["bench", "dtype", "shape", "seconds", "spread", "GB/s", "copy_GB/s", "ra
 
 
 def timer(dev: pymetalnn.Device) -> Callable[[Callable[[], Any]], tuple[float, float]]:
-    if dev.name == "cuda":
-        return lambda fn: common.time_cuda(fn)
-    return lambda fn: common.time_host(fn, dev.synchronize, warmup=1, reps=5)
+    return lambda fn: common.time_on(dev, fn)
 
 
-def copy_bandwidth(dev: pymetalnn.Device, nbytes: int) -> float:
-    """GB/s (bytes read + written) of the device's reference copy of `nbytes`."""
-    if dev.name == "cuda":
-        import cupy as cp
-
-        a = cp.ones(nbytes // 4, cp.float32)
-        b = cp.empty_like(a)
-        med, _ = common.time_cuda(lambda: b.data.copy_from_device(a.data, a.nbytes))
-    else:
-        a = np.ones(nbytes // 4, np.float32)
-        b = np.empty_like(a)
-        med, _ = common.time_host(lambda: np.copyto(b, a), lambda: None, warmup=1, reps=5)
-    return 2 * (nbytes // 4) * 4 / med / 1e9
-
-
-def torch_view(dev: pymetalnn.Device, t: pymetalnn.Tensor) -> Any:
-    """A torch tensor over a cuda Tensor's memory (no copy)."""
-    import torch
-
-    return torch.as_tensor(dev.as_cupy(t.buffer, t.dtype, t.shape), device="cuda")
-
-
-def torch_available(dev: pymetalnn.Device) -> bool:
-    if dev.name != "cuda":
-        return False
-    try:
-        import torch
-
-        return bool(torch.cuda.is_available())
-    except ImportError:
-        return False
+copy_bandwidth = common.copy_gbs
+torch_view = common.torch_view
+torch_available = common.torch_available
 
 
 def case(dev: pymetalnn.Device, name: str, dtype: Any, shape: tuple, nbytes: int, copy_gbs: float,
@@ -77,10 +47,8 @@ def case(dev: pymetalnn.Device, name: str, dtype: Any, shape: tuple, nbytes: int
            "ratio_vs_copy": nbytes / med / 1e9 / copy_gbs, "host_us": host * 1e6,
            "target": "ratio_vs_copy >= 0.85"}
     if peer is not None:
-        if dev.name == "cuda":
-            p_med, _ = common.time_cuda(peer)
-        else:
-            p_med, _ = common.time_host(peer, lambda: None, warmup=1, reps=5)
+        p_med, _ = (common.time_cuda(peer) if dev.name == "cuda"
+                    else common.time_host(peer, lambda: None, warmup=1, reps=5))
         row.update({"peer": peer_name, "peer_seconds": p_med, "ratio_vs_peer": p_med / med})
     return row
 
