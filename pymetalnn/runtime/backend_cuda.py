@@ -70,7 +70,8 @@ class CudaDevice(Device):
         self.cp_stream = self.cp.cuda.Stream(non_blocking=False)
         self.cp_stream.use()
         self.stream = self.cp_stream.ptr
-        self._watch: Any = None
+        self._watch: Any = None  # completion-callback queue, started by the first signal()
+        self._cb_error: BaseException | None = None
         with open(os.path.join(PRELUDE_DIR, "pmn_prelude.h"), encoding="utf-8") as f:
             self._prelude = '#line 1 "pmn_prelude.h"\n' + f.read() + "\n"
 
@@ -78,7 +79,7 @@ class CudaDevice(Device):
         self.cp.cuda.runtime.deviceSynchronize()
         if self._watch is not None:
             self._watch.join()
-        err, self._cb_error = getattr(self, "_cb_error", None), None
+        err, self._cb_error = self._cb_error, None
         if err is not None:
             raise err
 

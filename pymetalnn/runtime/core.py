@@ -131,7 +131,7 @@ def value_bytes(arg: KernelArg, value: Any, kernel: str) -> bytes:
         return ctypes.string_at(ctypes.addressof(value), ctypes.sizeof(value))
     if isinstance(value, (np.generic, np.ndarray)):
         return np.ascontiguousarray(value).tobytes()
-    if isinstance(value, (bool, int, float)) and not isinstance(value, Buffer):
+    if isinstance(value, (bool, int, float)):
         dt = SCALAR_DTYPES.get(arg.type)
         if dt is None:
             raise DispatchError(f"kernel '{kernel}': argument '{arg.name}' (buffer {arg.index}) "

@@ -13,7 +13,6 @@ written down in docs/internals.md.
 """
 from __future__ import annotations
 
-import os
 import re
 from dataclasses import dataclass, field
 
@@ -92,8 +91,6 @@ for _b in ("float", "half", "int", "uint", "short", "ushort", "char", "uchar"):
 for _q in ("quad_sum", "quad_shuffle", "quad_broadcast", "quad_max", "quad_min", "quad_all",
            "quad_any", "quad_shuffle_xor", "quad_shuffle_up", "quad_shuffle_down", "quad_ballot"):
     REJECT_IDS[_q] = "quad-group functions are not in the dialect; use simd_* functions"
-for _b in ("uint2", "uint3", "ushort2", "ushort3"):
-    pass  # vector built-ins are caught where the attribute is read (1-D grids only)
 ALLOWED_ATTRS = {"maybe_unused", "likely", "unlikely", "fallthrough", "nodiscard"}
 _FLOAT_RE = re.compile(r"^(?:\d+\.\d*|\.\d+|\d+(?=[eE]))(?:[eE][+-]?\d+)?([fFhH])?$")
 GENERATED = "<pymetalnn generated>"
@@ -194,11 +191,6 @@ def _split_commas(toks: list[Token]) -> list[list[Token]]:
 
 def _is_attr(toks: list[Token], i: int) -> bool:
     return i + 1 < len(toks) and toks[i].text == "[" and toks[i + 1].text == "["
-
-
-def _attr_end(toks: list[Token], i: int) -> int:
-    j = _match(toks, i)
-    return j
 
 
 def _int_value(toks: list[Token], where: Token) -> int:
@@ -309,7 +301,7 @@ class Translator:
         j = 0
         while True:
             if _is_attr(rest, j):
-                e = _attr_end(rest, j)
+                e = _match(rest, j)
                 for part in _split_commas(rest[j + 2 : e - 1]):  # [[kernel, host_name("x")]]
                     attrs[part[0].text] = part
                 j = e + 1
@@ -398,7 +390,7 @@ class Translator:
         k = 0
         while k < len(p):
             if _is_attr(p, k):
-                k = _attr_end(p, k) + 1
+                k = _match(p, k) + 1
                 continue
             out.append(p[k])
             k += 1
@@ -422,7 +414,7 @@ class Translator:
             k = 0
             while k < len(p):
                 if _is_attr(p, k):
-                    e = _attr_end(p, k)
+                    e = _match(p, k)
                     attr = p[k + 2 : e - 1]
                     k = e + 1
                     continue
@@ -554,7 +546,7 @@ class Translator:
                 elif t.text == ")":
                     paren -= 1
                 if _is_attr(toks, i):
-                    e = _attr_end(toks, i)
+                    e = _match(toks, i)
                     inner = toks[i + 2 : e - 1]
                     name = inner[0].text if inner else ""
                     if name not in ALLOWED_ATTRS:
@@ -605,8 +597,6 @@ class Translator:
                     paren += j2 - j - 1  # a SIMD call's '(' is consumed there
                     i = j2
                     continue
-                if fn.text in ("numeric_limits",):
-                    pass
                 raise MSLError(t.file, t.line, f"'{'::'.join(['metal', *ns, fn.text])}' is not in "
                                "the supported dialect (docs/dialect.md lists what is)")
             if s in TYPE_MAP:
@@ -826,7 +816,3 @@ def translate_file(path: str, target: str, defines: dict | None = None,
     for k in kernels.values():
         parts.append(_entry_points(k, target))
     return Translation(target, "".join(parts), kernels, pp.files)
-
-
-def relpath_for_messages(path: str) -> str:
-    return os.path.basename(path)

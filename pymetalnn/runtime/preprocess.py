@@ -165,8 +165,10 @@ class Preprocessor:
         if depth > 64:
             raise MSLError(toks[0].file, toks[0].line, "#include nested too deeply")
         out: list[Token] = []
-        # conditional stack entries: [active_now, some_branch_taken, parent_active]
+        # conditional stack entries: [active_now, some_branch_taken, parent_active]; opened_at
+        # keeps each #if's token so an unterminated one is reported where it starts
         cond: list[list[bool]] = []
+        opened_at: list[Token] = []
         active = True
         i = 0
         n = len(toks)
@@ -201,6 +203,7 @@ class Preprocessor:
                     else:
                         val = False
                     cond.append([val, val, active])
+                    opened_at.append(t)
                     active = active and val
                 elif d in ("elif", "else"):
                     if not cond:
@@ -216,6 +219,7 @@ class Preprocessor:
                     if not cond:
                         raise MSLError(t.file, t.line, "#endif without #if")
                     active = cond.pop()[2]
+                    opened_at.pop()
                 elif not active:
                     pass
                 elif d == "define":
@@ -243,7 +247,7 @@ class Preprocessor:
             i += 1
         flush()
         if cond:
-            raise MSLError(toks[-1].file, toks[-1].line, "unterminated #if")
+            raise MSLError(opened_at[-1].file, opened_at[-1].line, "unterminated #if")
         return out
 
     def _include(self, args: list[Token], t: Token, depth: int) -> list[Token]:

@@ -189,7 +189,7 @@ def test_preprocessor_errors(tmp_path: Path, src: str, line: int) -> None:
 def test_unterminated_if(tmp_path: Path) -> None:
     with pytest.raises(MSLError) as ei:
         pp(tmp_path, "\n#if 1\nx\n", name="unterminated.metal")
-    assert str(ei.value).startswith("unterminated.metal:")
+    assert str(ei.value).startswith("unterminated.metal:2:")  # the line of the #if
     assert "unterminated #if" in str(ei.value)
 
 
