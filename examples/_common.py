@@ -94,20 +94,3 @@ def digit_grid_png(path: str, images: np.ndarray, pred: np.ndarray, true: np.nda
     return "png"
 
 
-def device_peak_bytes(dev: Any) -> int | None:
-    """Bytes held by the device's allocator right now (CuPy pool on cuda; None elsewhere)."""
-    if getattr(dev, "name", None) != "cuda":
-        return None
-    dev.synchronize()
-    return int(dev.cp.get_default_memory_pool().total_bytes())
-
-
-def host_peak_rss() -> int | None:
-    """Peak resident set size of this process in bytes (Linux/macOS), or None."""
-    try:
-        import resource
-
-        r = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-        return int(r) if sys.platform == "darwin" else int(r) * 1024
-    except ImportError:
-        return None

@@ -117,3 +117,24 @@ def test_cli_reports_backends() -> None:
 def test_unknown_backend_name() -> None:
     with pytest.raises(ValueError, match="name"):
         pymetalnn.device("vulkan")
+
+
+def test_memory_statistics(dev) -> None:
+    """memory_allocated counts live buffers once (views are free); the peak is a high-water mark."""
+    import gc
+
+    gc.collect()
+    dev.reset_peak_memory()
+    base = dev.memory_allocated()
+    a = dev.buffer(1 << 20)
+    b = dev.buffer(3 << 20)
+    if dev.supports_views:
+        v = a.view(1024, 4096)
+        assert v.nbytes == 4096
+    assert dev.memory_allocated() == base + (4 << 20)
+    del b
+    gc.collect()
+    assert dev.memory_allocated() == base + (1 << 20)
+    assert dev.max_memory_allocated() == base + (4 << 20)
+    dev.reset_peak_memory()
+    assert dev.max_memory_allocated() == base + (1 << 20)

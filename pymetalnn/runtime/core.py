@@ -10,6 +10,7 @@ import collections
 import contextlib
 import ctypes
 import os
+import weakref
 from collections.abc import Iterator
 from typing import Any, Callable
 
@@ -62,6 +63,8 @@ class Buffer:
         self.nbytes = nbytes
         self.handle = handle
         self.offset = 0
+        if type(self) is Buffer:  # views share their base's memory: counted once
+            device._track(self)
 
     @property
     def base(self) -> Buffer:
@@ -261,6 +264,8 @@ class Device:
         self.dispatch_counts: collections.Counter[str] = collections.Counter()
         self._libraries: dict[tuple, Library] = {}
         self._recording: Recording | None = None
+        self._mem_live = 0  # bytes of live Buffers (views excluded), for the memory statistics
+        self._mem_peak = 0
 
     # ---- public API
     def buffer(self, data: Any = None, nbytes: int | None = None, zero: bool = True) -> Buffer:
@@ -310,6 +315,26 @@ class Device:
 
     def reset_counts(self) -> None:
         self.dispatch_counts.clear()
+
+    # ---- memory statistics (as torch.cuda.memory_allocated / max_memory_allocated)
+    def memory_allocated(self) -> int:
+        """Bytes held by live buffers of this device now (views not counted twice)."""
+        return self._mem_live
+
+    def max_memory_allocated(self) -> int:
+        """High-water mark of memory_allocated() since the device was made or reset_peak_memory()."""
+        return self._mem_peak
+
+    def reset_peak_memory(self) -> None:
+        self._mem_peak = self._mem_live
+
+    def _track(self, buf: Buffer) -> None:
+        self._mem_live += buf.nbytes
+        self._mem_peak = max(self._mem_peak, self._mem_live)
+        weakref.finalize(buf, self._untrack, buf.nbytes)
+
+    def _untrack(self, nbytes: int) -> None:
+        self._mem_live -= nbytes
 
     def __repr__(self) -> str:
         return f"<Device {self.name}>"
