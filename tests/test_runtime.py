@@ -138,3 +138,36 @@ def test_memory_statistics(dev) -> None:
     assert dev.max_memory_allocated() == base + (4 << 20)
     dev.reset_peak_memory()
     assert dev.max_memory_allocated() == base + (1 << 20)
+
+
+def test_allocation_hook_serves_planned_buffers(dev) -> None:
+    """Inside allocation_hook, dev.buffer(n) returns what the hook gives (a view of an arena
+    here), outside it a fresh buffer; other threads are not affected."""
+    if not dev.supports_views:
+        pytest.skip("arena views need buffer views")
+    arena = dev.buffer(1 << 12)
+    seen: list[int] = []
+
+    def hook(nbytes, zero, allocate):
+        seen.append(nbytes)
+        return arena.view(256, nbytes) if nbytes == 64 else allocate()
+
+    other: list = []
+    with dev.allocation_hook(hook):
+        a = dev.buffer(64, zero=False)
+        b = dev.buffer(128)
+        t = threading.Thread(target=lambda: other.append(dev.buffer(64)))
+        t.start()
+        t.join()
+        with pytest.raises(RuntimeError, match="already installed"):
+            with dev.allocation_hook(hook):
+                pass
+    assert seen == [64, 128]
+    assert a.base is arena and a.offset == 256
+    assert b.base is b and other[0].base is other[0]
+    c = dev.buffer(64)
+    assert c.base is c
+    k = dev.library(SCALE).kernel("scale_float")
+    a.write(np.arange(16, dtype=np.float32))
+    k(16, a, ScaleParams(16, 2.0))
+    np.testing.assert_array_equal(arena.numpy(np.float32)[64:80], np.arange(16) * np.float32(2))

@@ -10,6 +10,7 @@ import collections
 import contextlib
 import ctypes
 import os
+import threading
 import weakref
 from collections.abc import Iterator
 from typing import Any, Callable
@@ -264,6 +265,7 @@ class Device:
         self.dispatch_counts: collections.Counter[str] = collections.Counter()
         self._libraries: dict[tuple, Library] = {}
         self._recording: Recording | None = None
+        self._hook = threading.local()  # allocation_hook, per thread
         self._mem_live = 0  # bytes of live Buffers (views excluded), for the memory statistics
         self._mem_peak = 0
 
@@ -276,6 +278,10 @@ class Device:
         if data is None:
             if nbytes is None or nbytes < 0:
                 raise ValueError(f"nbytes: need a size in bytes >= 0, got {nbytes}")
+            hook = getattr(self._hook, "fn", None)
+            if hook is not None:
+                return hook(nbytes, zero, lambda: Buffer(self, nbytes, self._alloc(max(nbytes, 1),
+                                                                                     zero=zero)))
             return Buffer(self, nbytes, self._alloc(max(nbytes, 1), zero=zero))
         raw = _as_bytes_array(data)
         buf = Buffer(self, raw.nbytes, self._alloc(max(raw.nbytes, 1), zero=False))
@@ -312,6 +318,21 @@ class Device:
             yield rec
         finally:
             self._end_capture(rec)
+
+    @contextlib.contextmanager
+    def allocation_hook(self, fn: Callable[[int, bool, Callable[[], Buffer]], Buffer]
+                        ) -> Iterator[None]:
+        """While the block runs on this thread, `dev.buffer(nbytes)` (every op's output) calls
+        `fn(nbytes, zero, allocate)`, which returns the Buffer to use: `allocate()` for a fresh
+        one, or e.g. a view of a planned arena (the graph's memory planner). Other threads are
+        not affected; hooks do not nest."""
+        if getattr(self._hook, "fn", None) is not None:
+            raise RuntimeError("allocation_hook: a hook is already installed on this thread")
+        self._hook.fn = fn
+        try:
+            yield
+        finally:
+            self._hook.fn = None
 
     def reset_counts(self) -> None:
         self.dispatch_counts.clear()
