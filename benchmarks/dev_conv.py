@@ -4,7 +4,8 @@ numpy reference and timed against PyTorch (cuDNN, TF32 off) on the bench_conv.py
 Versions (kernels/conv.metal templates, instantiated in kernels/dev/conv_tiles.metal):
   forward / input gradient: direct (one output per thread); t128x64u, the first tiled version
   (weights read in place); tiled with packed weights t<BM>x<BN>, BK = 8 (t128x64, t128x128,
-  t64x64, t128x32) and BK = 16 (...k16); and `auto` (what the op picks).
+  t64x64, t128x32) and BK = 16 (...k16; t128x64k16 and t128x32k16 are production tiles since the
+  H200 sweep of 2026-11-26); and `auto` (what the op picks).
   weight gradient: t64x64, t64x128, t128x128 (BK 16, 16, 8), t64x64k8, t128x128k16, auto.
 conv_transpose2d forward runs the input-gradient kernel, so its versions are those.
 Each version is first checked on batch 1 of the shape against the float64 reference (a failing
@@ -38,8 +39,7 @@ from pymetalnn.ops import conv as ops  # noqa: E402
 
 DEV_SOURCE = "dev/conv_tiles.metal"
 DEV_TILES = {
-    "fwd": {"t128x64u": (128, 64, 8, 8, 4, 1.0), "t128x64k16": (128, 64, 16, 8, 4, 1.0),
-            "t128x128k16": (128, 128, 16, 8, 8, 1.0), "t128x32k16": (128, 32, 16, 4, 4, 1.0)},
+    "fwd": {"t128x64u": (128, 64, 8, 8, 4, 1.0), "t128x128k16": (128, 128, 16, 8, 8, 1.0)},
     "weight": {"t64x64k8": (64, 64, 8, 4, 4, 1.0), "t128x128k16": (128, 128, 16, 8, 8, 1.0)},
 }
 FWD_VERSIONS = ["direct", "t128x64u", "t128x64", "t128x128", "t64x64", "t128x32", "t128x64k16", "t128x128k16",

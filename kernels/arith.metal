@@ -8,6 +8,9 @@
 // multiple of 4 a thread produces 4 outputs with one vector load per operand (a splat where the
 // operand is broadcast along it): the ops are memory-bound, and 128-bit fp32 accesses are what gets
 // them to copy bandwidth. The offsets of the vector loads are multiples of 4, so aligned.
+// Flat fast path (arith_flat, and arith_bwd): when every operand is contiguous with the output's
+// shape or a single element (same-shape ops, tensor op number), no index math at all: the
+// stream.h shape (two coalesced 16-byte chunks per thread, half included, one pass, scalar tail).
 //
 // Reductions out[t] = alpha * sum_r op(x0, x1, x2) (op: identity, g * other, g / b, -g a / b^2)
 // come in two shapes, chosen by the host:
@@ -22,6 +25,7 @@
 // deterministic, no atomics. Every sum is accumulated in float whatever the storage type.
 #include <metal_stdlib>
 #include "params.h"
+#include "stream.h"
 using namespace metal;
 
 #define OP_ADD 0
@@ -53,6 +57,13 @@ inline float4 load4(device const T* x, uint off, uint inner_stride) {
     // inner_stride is 0 (broadcast along the innermost dim: splat) or 1 (4 consecutive elements)
     if (inner_stride == 0) return float4(float(x[off]));
     return float4(*((device const vec<T, 4>*)(x + off)));
+}
+// half: one 8-byte load (through vec<half, 4> NVRTC emitted four 2-byte loads)
+inline float4 load4(device const half* x, uint off, uint inner_stride) {
+    if (inner_stride == 0) return float4(float(x[off]));
+    const uint2 u = *((device const uint2*)(x + off));
+    const half2 lo = as_type<half2>(u.x), hi = as_type<half2>(u.y);
+    return float4(float(lo.x), float(lo.y), float(hi.x), float(hi.y));
 }
 
 // ---- elementwise (forward ops, broadcast copies and one-sided gradients) ----
@@ -96,52 +107,118 @@ kernel void arith_ew(device const T* x0 [[buffer(0)]],
     }
 }
 
+// ---- flat: every operand contiguous over the whole output, or one element (splat) ----
+// p.n = elements, p.vec = nvec (16-byte chunks, kernels/stream.h; 0: all through the tail),
+// p.stride<i>[0] = 1 (contiguous) or 0 (operand i is one element).
+template <int W, bool SPLAT, typename T>
+inline void arith_load_flat(device const T* x, uint s, uint c, thread float* v) {
+    if (SPLAT && s == 0u) {
+        const float a = float(x[0]);
+        for (int e = 0; e < W; ++e) v[e] = a;
+    } else {
+        stream_load<W>(x, c, v);
+    }
+}
+
+// SPLAT = false (host: every stride is 1, the same-shape case) has no branch between the loads.
+template <int OP, typename T, bool SPLAT>
+[[max_total_threads_per_threadgroup(256)]]
+kernel void arith_flat(device const T* x0 [[buffer(0)]],
+                       device const T* x1 [[buffer(1)]],
+                       device const T* x2 [[buffer(2)]],
+                       device T* out [[buffer(3)]],
+                       constant ArithParams& p [[buffer(4)]],
+                       uint gid [[thread_position_in_grid]]) {
+    const int k = arith_arity<OP>();
+    const uint nvec = p.vec;
+    const uint s0 = p.stride0[0], s1 = p.stride1[0], s2 = p.stride2[0];
+    const float alpha = p.alpha;
+    const uint vthreads = stream_vthreads(nvec);
+    if (gid < vthreads) {
+        float a[STREAM_U][16 / sizeof(T)], b[STREAM_U][16 / sizeof(T)], c[STREAM_U][16 / sizeof(T)];
+        for (uint u = 0; u < STREAM_U; ++u) {
+            const uint ch = stream_clamp(stream_chunk(gid, u), nvec);
+            arith_load_flat<16 / sizeof(T), SPLAT>(x0, s0, ch, a[u]);
+            if (k >= 2) arith_load_flat<16 / sizeof(T), SPLAT>(x1, s1, ch, b[u]);
+            if (k >= 3) arith_load_flat<16 / sizeof(T), SPLAT>(x2, s2, ch, c[u]);
+        }
+        for (uint u = 0; u < STREAM_U; ++u) {
+            const uint ch = stream_chunk(gid, u);
+            if (ch < nvec) {
+                for (int e = 0; e < int(16 / sizeof(T)); ++e) {
+                    a[u][e] = arith_apply<OP>(a[u][e], k >= 2 ? b[u][e] : 0.0f,
+                                              k >= 3 ? c[u][e] : 1.0f, alpha);
+                }
+                stream_store<16 / sizeof(T)>(out, ch, a[u]);
+            }
+        }
+    } else {
+        const uint i = nvec * uint(16 / sizeof(T)) + (gid - vthreads);
+        if (i < p.n) {
+            const float a = float(x0[s0 * i]);
+            const float b = k >= 2 ? float(x1[s1 * i]) : 0.0f;
+            const float c = k >= 3 ? float(x2[s2 * i]) : 1.0f;
+            out[i] = T(arith_apply<OP>(a, b, c, alpha));
+        }
+    }
+}
+
 // ---- both gradients of a same-shape binary op in one pass: g, a, b read once ----
-// p.n is the element count here; a thread handles 4 consecutive elements.
+// p.n is the element count, p.vec = nvec: the stream.h shape as arith_flat.
+template <int OP>
+inline void arith_bwd_pair(float gv, float av, float bv, thread float& ra, thread float& rb) {
+    if (OP == OP_ADD || OP == OP_SUB) {
+        ra = gv;
+        rb = OP == OP_ADD ? gv : -gv;
+    } else {
+        ra = OP == OP_MUL ? gv * bv : gv / bv;
+        rb = OP == OP_MUL ? gv * av : arith_apply<OP_DIVRHS>(gv, av, bv, 1.0f);
+    }
+}
+
 template <int OP, typename T>
+[[max_total_threads_per_threadgroup(256)]]
 kernel void arith_bwd(device const T* g [[buffer(0)]],
                       device const T* a [[buffer(1)]],
                       device const T* b [[buffer(2)]],
                       device T* ga [[buffer(3)]],
                       device T* gb [[buffer(4)]],
                       constant ArithParams& p [[buffer(5)]],
-                      uint gid [[thread_position_in_grid]],
-                      uint tg_size [[threads_per_threadgroup]],
-                      uint n_groups [[threadgroups_per_grid]]) {
-    const uint grid = tg_size * n_groups;
-    const uint items = (p.n + 3u) / 4u;
-    for (uint item = gid; item < items; item += grid) {
-        const uint e = item * 4u;
-        if (e + 4u <= p.n) {
-            const float4 gv = float4(*((device const vec<T, 4>*)(g + e)));
-            float4 ra, rb;
-            if (OP == OP_ADD || OP == OP_SUB) {
-                ra = gv;
-                rb = OP == OP_ADD ? gv : -gv;
-            } else {
-                const float4 av = float4(*((device const vec<T, 4>*)(a + e)));
-                const float4 bv = float4(*((device const vec<T, 4>*)(b + e)));
-                ra = OP == OP_MUL ? gv * bv : gv / bv;
-                rb = OP == OP_MUL ? gv * av : arith_apply<OP_DIVRHS>(gv, av, bv, 1.0f);
+                      uint gid [[thread_position_in_grid]]) {
+    const bool reads_ab = !(OP == OP_ADD || OP == OP_SUB);
+    const uint nvec = p.vec;
+    const uint vthreads = stream_vthreads(nvec);
+    if (gid < vthreads) {
+        float gv[STREAM_U][16 / sizeof(T)], av[STREAM_U][16 / sizeof(T)],
+            bv[STREAM_U][16 / sizeof(T)];
+        for (uint u = 0; u < STREAM_U; ++u) {
+            const uint ch = stream_clamp(stream_chunk(gid, u), nvec);
+            stream_load<16 / sizeof(T)>(g, ch, gv[u]);
+            if (reads_ab) {
+                stream_load<16 / sizeof(T)>(a, ch, av[u]);
+                stream_load<16 / sizeof(T)>(b, ch, bv[u]);
             }
-            *((device vec<T, 4>*)(ga + e)) = vec<T, 4>(ra);
-            *((device vec<T, 4>*)(gb + e)) = vec<T, 4>(rb);
-        } else {
-            for (uint i = e; i < p.n; ++i) {
-                const float gv = float(g[i]);
-                float ra, rb;
-                if (OP == OP_ADD || OP == OP_SUB) {
-                    ra = gv;
-                    rb = OP == OP_ADD ? gv : -gv;
-                } else {
-                    const float av = float(a[i]);
-                    const float bv = float(b[i]);
-                    ra = OP == OP_MUL ? gv * bv : gv / bv;
-                    rb = OP == OP_MUL ? gv * av : arith_apply<OP_DIVRHS>(gv, av, bv, 1.0f);
+        }
+        for (uint u = 0; u < STREAM_U; ++u) {
+            const uint ch = stream_chunk(gid, u);
+            if (ch < nvec) {
+                float ra[16 / sizeof(T)], rb[16 / sizeof(T)];
+                for (int e = 0; e < int(16 / sizeof(T)); ++e) {
+                    arith_bwd_pair<OP>(gv[u][e], reads_ab ? av[u][e] : 0.0f,
+                                       reads_ab ? bv[u][e] : 1.0f, ra[e], rb[e]);
                 }
-                ga[i] = T(ra);
-                gb[i] = T(rb);
+                stream_store<16 / sizeof(T)>(ga, ch, ra);
+                stream_store<16 / sizeof(T)>(gb, ch, rb);
             }
+        }
+    } else {
+        const uint i = nvec * uint(16 / sizeof(T)) + (gid - vthreads);
+        if (i < p.n) {
+            float ra, rb;
+            arith_bwd_pair<OP>(float(g[i]), reads_ab ? float(a[i]) : 0.0f,
+                               reads_ab ? float(b[i]) : 1.0f, ra, rb);
+            ga[i] = T(ra);
+            gb[i] = T(rb);
         }
     }
 }
@@ -336,6 +413,11 @@ kernel void reduce_finish(device const float* partial [[buffer(0)]],
 
 #define instantiate_ew(name, OP, T) \
     template [[host_name(name)]] [[kernel]] decltype(arith_ew<OP, T>) arith_ew<OP, T>;
+#define instantiate_flat(name, OP, T)                                                          \
+    template [[host_name(name)]] [[kernel]] decltype(arith_flat<OP, T, false>)                 \
+        arith_flat<OP, T, false>;                                                              \
+    template [[host_name(name "_splat")]] [[kernel]] decltype(arith_flat<OP, T, true>)         \
+        arith_flat<OP, T, true>;
 #define instantiate_bwd(name, OP, T) \
     template [[host_name(name)]] [[kernel]] decltype(arith_bwd<OP, T>) arith_bwd<OP, T>;
 #define instantiate_reduce(name, kind, OP, T) \
@@ -348,6 +430,12 @@ kernel void reduce_finish(device const float* partial [[buffer(0)]],
     instantiate_ew("div_fwd_" #T, OP_DIV, T)                                          \
     instantiate_ew("scale_fwd_" #T, OP_SCALE, T)                                      \
     instantiate_ew("div_bwd_rhs_" #T, OP_DIVRHS, T)                                   \
+    instantiate_flat("add_fwd_flat_" #T, OP_ADD, T)                                   \
+    instantiate_flat("sub_fwd_flat_" #T, OP_SUB, T)                                   \
+    instantiate_flat("mul_fwd_flat_" #T, OP_MUL, T)                                   \
+    instantiate_flat("div_fwd_flat_" #T, OP_DIV, T)                                   \
+    instantiate_flat("scale_fwd_flat_" #T, OP_SCALE, T)                               \
+    instantiate_flat("div_bwd_rhs_flat_" #T, OP_DIVRHS, T)                            \
     instantiate_bwd("add_bwd_" #T, OP_ADD, T)                                         \
     instantiate_bwd("sub_bwd_" #T, OP_SUB, T)                                         \
     instantiate_bwd("mul_bwd_" #T, OP_MUL, T)                                         \

@@ -77,7 +77,9 @@ kernel void conv2d_fwd_direct(device const T* x [[buffer(0)]],
             }
         }
         if (p.has_bias) acc += A(b[k]);
-        y[i] = T(nn_activation(float(acc), p.act, p.act_alpha));
+        // p.out_nstride > 0: y is a channel slice of a larger NCHW tensor (images that far apart)
+        uint yi = p.out_nstride ? n * p.out_nstride + (i - n * p.K * p.OH * p.OW) : i;
+        y[yi] = T(nn_activation(float(acc), p.act, p.act_alpha));
     }
 }
 
@@ -346,7 +348,8 @@ kernel void conv2d_fwd_tiled(device const T* x [[buffer(0)]],
                 uint mo = m0 + tm * 4 + q + i * (BM / RM);
                 if (mo >= M) continue;
                 uint oimg = mo / OHW, oo = mo % OHW;
-                device T* yrow = y + (oimg * p.K + g * p.Kg) * OHW + oo;
+                device T* yrow = y + oimg * (p.out_nstride ? p.out_nstride : p.K * OHW) +
+                                 g * p.Kg * OHW + oo;
 #pragma unroll
                 for (int j = 0; j < RN; ++j) {
 #pragma unroll
@@ -657,10 +660,14 @@ kernel void conv2d_bwd_weight_tiled(device const T* dy [[buffer(0)]],
     CONV_INST("conv2d_fwd_t128x128_" NAME, conv2d_fwd_tiled, T, A, 128, 128, 8, 8, 8, true)              \
     CONV_INST("conv2d_fwd_t64x64_" NAME, conv2d_fwd_tiled, T, A, 64, 64, 8, 4, 4, true)                  \
     CONV_INST("conv2d_fwd_t128x32_" NAME, conv2d_fwd_tiled, T, A, 128, 32, 8, 4, 4, true)                \
+    CONV_INST("conv2d_fwd_t128x64k16_" NAME, conv2d_fwd_tiled, T, A, 128, 64, 16, 8, 4, true)            \
+    CONV_INST("conv2d_fwd_t128x32k16_" NAME, conv2d_fwd_tiled, T, A, 128, 32, 16, 4, 4, true)            \
     CONV_INST("conv2d_bwd_data_t128x64_" NAME, conv2d_bwd_data_tiled, T, A, 128, 64, 8, 8, 4, true)      \
     CONV_INST("conv2d_bwd_data_t128x128_" NAME, conv2d_bwd_data_tiled, T, A, 128, 128, 8, 8, 8, true)    \
     CONV_INST("conv2d_bwd_data_t64x64_" NAME, conv2d_bwd_data_tiled, T, A, 64, 64, 8, 4, 4, true)        \
     CONV_INST("conv2d_bwd_data_t128x32_" NAME, conv2d_bwd_data_tiled, T, A, 128, 32, 8, 4, 4, true)      \
+    CONV_INST("conv2d_bwd_data_t128x64k16_" NAME, conv2d_bwd_data_tiled, T, A, 128, 64, 16, 8, 4, true)  \
+    CONV_INST("conv2d_bwd_data_t128x32k16_" NAME, conv2d_bwd_data_tiled, T, A, 128, 32, 16, 4, 4, true)  \
     CONV_INST("conv2d_bwd_weight_t64x64_" NAME, conv2d_bwd_weight_tiled, T, A, 64, 64, 16, 4, 4)   \
     CONV_INST("conv2d_bwd_weight_t64x128_" NAME, conv2d_bwd_weight_tiled, T, A, 64, 128, 16, 4, 8) \
     CONV_INST("conv2d_bwd_weight_t128x128_" NAME, conv2d_bwd_weight_tiled, T, A, 128, 128, 8, 8, 8)

@@ -13,10 +13,14 @@
 //  - transpose: permutations that move the innermost dimension ((N, C, HW) -> (N, HW, C)) as
 //    batched matrix transposes through a 32 x 33 threadgroup tile (the padding column keeps the
 //    column reads free of bank conflicts), so reads and writes are both coalesced.
-// All but transpose move 4 elements per thread (128-bit fp32 accesses) whenever the widths,
+//  - copy_flat: one contiguous run (copy, cast, any block whose pitches equal its width): the
+//    stream.h shape, two coalesced 16-byte chunks per thread (a cast reads / writes 32 bytes of
+//    float per 16 of half), one pass, a scalar tail.
+// All but transpose and copy_flat move 4 elements per thread (128-bit fp32 accesses) whenever the widths,
 // pitches and offsets are multiples of 4.
 #include <metal_stdlib>
 #include "params.h"
+#include "stream.h"
 using namespace metal;
 
 template <typename Tin, typename Tout>
@@ -38,6 +42,51 @@ kernel void copy_block(device const Tin* src [[buffer(0)]],
         } else {
             dst[d] = Tout(src[s]);
         }
+    }
+}
+
+// Chunks c0, c1 of the narrower type (loaded from l0, l1 = stream_clamp(c), stored where < nvec):
+// raw 16-byte words for a same-type copy, else 8 elements through float (32 bytes of float).
+template <typename T>
+inline void copy_pair(device const T* s, device T* d, uint c0, uint c1, uint nvec) {
+    const uint4 r0 = ((device const uint4*)s)[stream_clamp(c0, nvec)];
+    const uint4 r1 = ((device const uint4*)s)[stream_clamp(c1, nvec)];
+    if (c0 < nvec) ((device uint4*)d)[c0] = r0;
+    if (c1 < nvec) ((device uint4*)d)[c1] = r1;
+}
+template <typename Tin, typename Tout>
+inline void cast_pair(device const Tin* s, device Tout* d, uint c0, uint c1, uint nvec) {
+    float v0[8], v1[8];
+    stream_load<8>(s, stream_clamp(c0, nvec), v0);
+    stream_load<8>(s, stream_clamp(c1, nvec), v1);
+    if (c0 < nvec) stream_store<8>(d, c0, v0);
+    if (c1 < nvec) stream_store<8>(d, c1, v1);
+}
+inline void copy_pair(device const float* s, device half* d, uint c0, uint c1, uint nvec) {
+    cast_pair(s, d, c0, c1, nvec);
+}
+inline void copy_pair(device const half* s, device float* d, uint c0, uint c1, uint nvec) {
+    cast_pair(s, d, c0, c1, nvec);
+}
+
+// dst[dst_off + i] = src[src_off + i], i < p.n; p.vec = nvec chunks of W = 16 / the narrower
+// element size (host: both runs start 16-byte aligned, else nvec = 0: all scalar).
+template <typename Tin, typename Tout>
+[[max_total_threads_per_threadgroup(256)]]
+kernel void copy_flat(device const Tin* src [[buffer(0)]],
+                      device Tout* dst [[buffer(1)]],
+                      constant CopyParams& p [[buffer(2)]],
+                      uint gid [[thread_position_in_grid]]) {
+    device const Tin* s = src + p.src_off;
+    device Tout* d = dst + p.dst_off;
+    const uint nvec = p.vec;
+    const uint vthreads = stream_vthreads(nvec);
+    if (gid < vthreads) {
+        copy_pair(s, d, stream_chunk(gid, 0u), stream_chunk(gid, 1u), nvec);
+    } else {
+        const uint W = 16u / uint(sizeof(Tin) < sizeof(Tout) ? sizeof(Tin) : sizeof(Tout));
+        const uint i = nvec * W + (gid - vthreads);
+        if (i < p.n) d[i] = Tout(s[i]);
     }
 }
 
@@ -175,7 +224,8 @@ kernel void transpose_tiled(device const T* x [[buffer(0)]],
 }
 
 #define instantiate_copy(name, Tin, Tout) \
-    template [[host_name(name)]] [[kernel]] decltype(copy_block<Tin, Tout>) copy_block<Tin, Tout>;
+    template [[host_name(name)]] [[kernel]] decltype(copy_block<Tin, Tout>) copy_block<Tin, Tout>; \
+    template [[host_name(name "_flat")]] [[kernel]] decltype(copy_flat<Tin, Tout>) copy_flat<Tin, Tout>;
 #define instantiate_move(T)                                                                 \
     instantiate_copy("copy_fwd_" #T, T, T)                                                  \
     template [[host_name("permute_fwd_" #T)]] [[kernel]] decltype(permute_gather<T>)        \

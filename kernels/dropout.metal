@@ -10,10 +10,15 @@
 // element 4b + j) with one vector load and store; dropout2d uses word j % 4 of block j / 4 for
 // channel j and a thread handles 4 elements of one channel. The 32 x 32 -> 64-bit products use
 // ulong, which Metal, CUDA and C++ all have.
+// Aligned tensors (p.vec = nvec > 0, the usual case) take the stream.h shape: two coalesced 16-byte
+// chunks per thread (4 float or 8 half elements: 1 or 2 Philox blocks each), one pass; threads
+// past the chunks do the leftover Philox blocks (4 elements each, scalar). Unaligned views
+// (p.vec = 0) loop over 4-element items. Either way element e uses word e % 4 of block e / 4.
 // Forward and backward are the same computation (y = x * mask * scale, dx = dy * mask * scale),
 // instantiated under both names.
 #include <metal_stdlib>
 #include "params.h"
+#include "stream.h"
 using namespace metal;
 
 constant uint PHILOX_M0 = 0xD2511F53u;
@@ -61,35 +66,88 @@ kernel void philox_fwd_stream_uint(device uint* out [[buffer(0)]],
     }
 }
 
+// W elements from element e0 = W c (W / 4 Philox blocks): v *= keep ? scale : 0.
+template <int W>
+inline void dropout_mask_chunk(uint c, constant DropoutParams& p, thread float* v) {
+    for (int k = 0; k < W / 4; ++k) {
+        const uint4 r = dropout_draw(c * uint(W / 4) + uint(k), p);
+        for (int j = 0; j < 4; ++j) v[4 * k + j] *= r[j] >= p.threshold ? p.scale : 0.0f;
+    }
+}
+
 template <typename T>
+[[max_total_threads_per_threadgroup(256)]]
 kernel void dropout_elem(device const T* x [[buffer(0)]],
                          device T* y [[buffer(1)]],
                          constant DropoutParams& p [[buffer(2)]],
                          uint gid [[thread_position_in_grid]],
-                         uint tg_size [[threads_per_threadgroup]],
+                         uint tgs [[threads_per_threadgroup]],
                          uint n_groups [[threadgroups_per_grid]]) {
-    const uint grid = tg_size * n_groups;
+    const uint nvec = p.vec;
+    if (nvec > 0u) {
+        const uint vthreads = stream_vthreads(nvec);
+        if (gid < vthreads) {
+            float v[STREAM_U][16 / sizeof(T)];
+            for (uint u = 0; u < STREAM_U; ++u) {
+                stream_load<16 / sizeof(T)>(x, stream_clamp(stream_chunk(gid, u), nvec), v[u]);
+            }
+            for (uint u = 0; u < STREAM_U; ++u) {
+                const uint ch = stream_chunk(gid, u);
+                if (ch < nvec) {
+                    dropout_mask_chunk<16 / sizeof(T)>(ch, p, v[u]);
+                    stream_store<16 / sizeof(T)>(y, ch, v[u]);
+                }
+            }
+        } else {
+            // leftover blocks: 4 elements each from element W nvec (a multiple of 4)
+            const uint b = nvec * uint(16 / sizeof(T) / 4) + (gid - vthreads);
+            if (b < p.items) {
+                const uint4 r = dropout_draw(b, p);
+                for (uint j = 0; j < 4u && 4u * b + j < p.n; ++j) {
+                    y[4u * b + j] = T(float(x[4u * b + j]) * (r[j] >= p.threshold ? p.scale : 0.0f));
+                }
+            }
+        }
+        return;
+    }
+    const uint grid = tgs * n_groups;
     for (uint b = gid; b < p.items; b += grid) {
         const uint4 r = dropout_draw(b, p);
         const float4 m = select(float4(0.0f), float4(p.scale), r >= uint4(p.threshold));
         const uint e = 4u * b;
-        if (p.vec == 1 && e + 4u <= p.n) {
-            *((device vec<T, 4>*)(y + e)) = vec<T, 4>(float4(*((device const vec<T, 4>*)(x + e))) * m);
-        } else {
-            for (uint j = 0; j < 4u && e + j < p.n; ++j) y[e + j] = T(float(x[e + j]) * m[j]);
-        }
+        for (uint j = 0; j < 4u && e + j < p.n; ++j) y[e + j] = T(float(x[e + j]) * m[j]);
     }
 }
 
-// item = (channel j, chunk c): elements j * inner + 4c .. + 3 of channel j.
+// item = (channel j, chunk c): elements j * inner + 4c .. + 3 of channel j. With p.vec = nvec > 0
+// (aligned, inner a multiple of W: no tail) the stream.h shape instead, one draw per chunk.
 template <typename T>
+[[max_total_threads_per_threadgroup(256)]]
 kernel void dropout_channel(device const T* x [[buffer(0)]],
                             device T* y [[buffer(1)]],
                             constant DropoutParams& p [[buffer(2)]],
                             uint gid [[thread_position_in_grid]],
-                            uint tg_size [[threads_per_threadgroup]],
+                            uint tgs [[threads_per_threadgroup]],
                             uint n_groups [[threadgroups_per_grid]]) {
-    const uint grid = tg_size * n_groups;
+    const uint nvec = p.vec;
+    if (nvec > 0u) {
+        float v[STREAM_U][16 / sizeof(T)];
+        for (uint u = 0; u < STREAM_U; ++u) {
+            stream_load<16 / sizeof(T)>(x, stream_clamp(stream_chunk(gid, u), nvec), v[u]);
+        }
+        for (uint u = 0; u < STREAM_U; ++u) {
+            const uint ch = stream_chunk(gid, u);
+            if (ch < nvec) {
+                const uint j = ch * uint(16 / sizeof(T)) / p.inner;
+                const uint r = dropout_draw(j / 4u, p)[j % 4u];
+                const float m = r >= p.threshold ? p.scale : 0.0f;
+                for (int e = 0; e < int(16 / sizeof(T)); ++e) v[u][e] *= m;
+                stream_store<16 / sizeof(T)>(y, ch, v[u]);
+            }
+        }
+        return;
+    }
+    const uint grid = tgs * n_groups;
     const uint per_channel = (p.inner + 3u) / 4u;
     for (uint item = gid; item < p.items; item += grid) {
         const uint j = item / per_channel;
@@ -97,11 +155,7 @@ kernel void dropout_channel(device const T* x [[buffer(0)]],
         const uint r = dropout_draw(j / 4u, p)[j % 4u];
         const float m = r >= p.threshold ? p.scale : 0.0f;
         const uint e = j * p.inner + c;
-        if (p.vec == 1 && p.inner % 4u == 0u) {
-            *((device vec<T, 4>*)(y + e)) = vec<T, 4>(float4(*((device const vec<T, 4>*)(x + e))) * m);
-        } else {
-            for (uint k = 0; k < 4u && c + k < p.inner; ++k) y[e + k] = T(float(x[e + k]) * m);
-        }
+        for (uint k = 0; k < 4u && c + k < p.inner; ++k) y[e + k] = T(float(x[e + k]) * m);
     }
 }
 

@@ -343,6 +343,10 @@ kernel void linear_bias_grad(device const T* g [[buffer(0)]], device T* out [[bu
     GEMM_KERNEL(gemm_fwd_##TILE##_splitk_half, gemm_tiled, half, float, float, BM, BN, BK)
 GEMM_INST(128x128, 128, 128, 8)
 GEMM_INST(64x64, 64, 64, 16)
+// BK = 16 (H200 sweep, 2026-11-26): faster for float and hacc_half, not for half (see TILES in
+// pymetalnn/ops/gemm.py); split-K of hacc_half runs the hacc_half kernel, so no _splitk_half.
+GEMM_KERNEL(gemm_fwd_128x128k16_float, gemm_tiled, float, float, float, 128, 128, 16)
+GEMM_KERNEL(gemm_fwd_128x128k16_hacc_half, gemm_tiled, half, half, half, 128, 128, 16)
 
 #define GEMM_INST_PREC(VARIANT, T, ACC)                                \
     GEMM_KERNEL(gemm_fwd_splitk_sum_##VARIANT, gemm_splitk_sum, T, ACC)\

@@ -3,10 +3,11 @@
 // Design: every op is a small struct with a scalar float `fwd(x)` and `bwd(g, x)`; two kernel
 // templates (forward, backward) apply it, instantiated per op and storage type. The work is purely
 // memory-bound (one or two reads and one write per element, a handful of flops), so the kernels
-// are shaped for bandwidth only: each thread moves two 4-vectors (32 bytes of float or 16 of half
-// per stream) with aligned vector loads, and the last n % 8 elements are done by one extra thread
-// each (all elements, when a tensor is a view at an unaligned offset). Storage may be half;
-// arithmetic is always float (half values are widened on load and rounded once on store).
+// are shaped for bandwidth only (stream.h): each thread moves two coalesced 16-byte chunks per
+// stream (4 floats or 8 halfs each), and the last n % W elements are done by one extra thread
+// each (all elements, when a tensor is a view at an offset that is not 16-byte aligned).
+// Storage may be half; arithmetic is always float (half values are widened on load and rounded
+// once on store).
 // Backward recomputes from x rather than from the forward's output so the API is uniform
 // (f_backward(grad_out, x, options)); the recomputation is free next to the traffic. relu, leaky
 // relu, sigmoid and tanh also have <op>_bwdy kernels taking the output y instead of x (the
@@ -15,13 +16,22 @@
 #include <metal_stdlib>
 #include "params.h"
 #include "neuron.h"
+#include "stream.h"
 using namespace metal;
 
 // ---- kernels -------------------------------------------------------------------------------
-// Thread gid < nvec does elements [8 gid, 8 gid + 8) with two 4-vector loads per stream; thread
-// nvec + j does element 8 nvec + j, for j < n - 8 nvec. Launch count: n - 7 nvec. The host sets
-// nvec = n / 8 when every buffer is 4-vector aligned (always, unless a tensor is a view at an odd
-// offset), else 0.
+// The stream.h shape: thread gid < vthreads does STREAM_U coalesced chunks of W = 16 / sizeof(T)
+// elements (16-byte loads and stores, half included), loading every chunk (stream_clamp) before
+// computing; the
+// other threads do one tail element each (all elements, when a tensor is a view at an offset
+// that is not 16-byte aligned: the host then sets nvec = 0). Launch count: stream_count in
+// pymetalnn/ops/_common.py.
+// Element i of an (N, inner) tensor whose images lie nstride apart (0: contiguous): channel
+// slices of a larger NCHW tensor (the graph's concat elimination). The host sets nvec = 0 then.
+inline uint nn_strided(uint i, uint inner, uint nstride) {
+    return nstride == 0u ? i : (i / inner) * nstride + i % inner;
+}
+
 template <typename T, typename Op>
 [[max_total_threads_per_threadgroup(256)]]
 kernel void neuron_fwd(device const T* x [[buffer(0)]],
@@ -29,22 +39,22 @@ kernel void neuron_fwd(device const T* x [[buffer(0)]],
                        constant NeuronParams& p [[buffer(2)]],
                        uint gid [[thread_position_in_grid]]) {
     NeuronParams q = p;
-    uint nvec = q.nvec;
-    if (gid < nvec) {
-        device const vec<T, 4>* xv = (device const vec<T, 4>*)x;
-        device vec<T, 4>* yv = (device vec<T, 4>*)y;
-        vec<T, 4> a = xv[2u * gid];
-        vec<T, 4> b = xv[2u * gid + 1u];
-        vec<T, 4> ra, rb;
-        for (int k = 0; k < 4; ++k) {
-            ra[k] = T(Op::fwd(float(a[k]), q));
-            rb[k] = T(Op::fwd(float(b[k]), q));
+    const uint nvec = q.nvec;
+    const uint vthreads = stream_vthreads(nvec);
+    if (gid < vthreads) {
+        const uint c0 = stream_chunk(gid, 0u), c1 = stream_chunk(gid, 1u);
+        float a[16 / sizeof(T)], b[16 / sizeof(T)];
+        stream_load<16 / sizeof(T)>(x, stream_clamp(c0, nvec), a);
+        stream_load<16 / sizeof(T)>(x, stream_clamp(c1, nvec), b);
+        for (int k = 0; k < int(16 / sizeof(T)); ++k) {
+            a[k] = Op::fwd(a[k], q);
+            b[k] = Op::fwd(b[k], q);
         }
-        yv[2u * gid] = ra;
-        yv[2u * gid + 1u] = rb;
+        if (c0 < nvec) stream_store<16 / sizeof(T)>(y, c0, a);
+        if (c1 < nvec) stream_store<16 / sizeof(T)>(y, c1, b);
     } else {
-        uint i = nvec * 8u + (gid - nvec);
-        if (i < q.n) y[i] = T(Op::fwd(float(x[i]), q));
+        const uint i = nvec * uint(16 / sizeof(T)) + (gid - vthreads);
+        if (i < q.n) y[nn_strided(i, q.inner, q.y_nstride)] = T(Op::fwd(float(x[i]), q));
     }
 }
 
@@ -56,23 +66,25 @@ kernel void neuron_bwd(device const T* g [[buffer(0)]],
                        constant NeuronParams& p [[buffer(3)]],
                        uint gid [[thread_position_in_grid]]) {
     NeuronParams q = p;
-    uint nvec = q.nvec;
-    if (gid < nvec) {
-        device const vec<T, 4>* gv = (device const vec<T, 4>*)g;
-        device const vec<T, 4>* xv = (device const vec<T, 4>*)x;
-        device vec<T, 4>* dv = (device vec<T, 4>*)dx;
-        vec<T, 4> ga = gv[2u * gid], gb = gv[2u * gid + 1u];
-        vec<T, 4> xa = xv[2u * gid], xb = xv[2u * gid + 1u];
-        vec<T, 4> ra, rb;
-        for (int k = 0; k < 4; ++k) {
-            ra[k] = T(Op::bwd(float(ga[k]), float(xa[k]), q));
-            rb[k] = T(Op::bwd(float(gb[k]), float(xb[k]), q));
+    const uint nvec = q.nvec;
+    const uint vthreads = stream_vthreads(nvec);
+    if (gid < vthreads) {
+        const uint c0 = stream_chunk(gid, 0u), c1 = stream_chunk(gid, 1u);
+        float ga[16 / sizeof(T)], gb[16 / sizeof(T)], xa[16 / sizeof(T)], xb[16 / sizeof(T)];
+        const uint l0 = stream_clamp(c0, nvec), l1 = stream_clamp(c1, nvec);
+        stream_load<16 / sizeof(T)>(g, l0, ga);
+        stream_load<16 / sizeof(T)>(x, l0, xa);
+        stream_load<16 / sizeof(T)>(g, l1, gb);
+        stream_load<16 / sizeof(T)>(x, l1, xb);
+        for (int k = 0; k < int(16 / sizeof(T)); ++k) {
+            ga[k] = Op::bwd(ga[k], xa[k], q);
+            gb[k] = Op::bwd(gb[k], xb[k], q);
         }
-        dv[2u * gid] = ra;
-        dv[2u * gid + 1u] = rb;
+        if (c0 < nvec) stream_store<16 / sizeof(T)>(dx, c0, ga);
+        if (c1 < nvec) stream_store<16 / sizeof(T)>(dx, c1, gb);
     } else {
-        uint i = nvec * 8u + (gid - nvec);
-        if (i < q.n) dx[i] = T(Op::bwd(float(g[i]), float(x[i]), q));
+        const uint i = nvec * uint(16 / sizeof(T)) + (gid - vthreads);
+        if (i < q.n) dx[i] = T(Op::bwd(float(g[i]), float(x[nn_strided(i, q.inner, q.x_nstride)]), q));
     }
 }
 

@@ -20,6 +20,8 @@ struct Conv2dParams {
     uint splits, chunk;   // gradient reductions: partial sums, reduction elements per partial
     uint act;             // forward: fused activation NN_ACT_* (neuron.h), 0 = none
     float act_alpha;      // its scalar (leaky relu: negative_slope)
+    uint out_nstride;     // forward: elements between images n of y (0 = contiguous, K*OH*OW);
+                          // > 0 writes into a channel slice of a larger NCHW tensor (concat)
 };
 // (structs of the convolution issue go here)
 
@@ -50,11 +52,15 @@ struct LinearBiasGradParams {
 // -- pool.metal / neuron.metal (pooling and activation family) --
 // NeuronParams (neuron.metal): y = f(x) over n elements; a, b are the op's scalars:
 // leaky_relu a = negative_slope; elu a = alpha; softplus a = beta, b = threshold;
-// hard_sigmoid y = clamp(a x + b, 0, 1); linear_neuron y = a x + b. nvec: 8-element vector
-// groups (n / 8 when every buffer is 4-vector aligned, else 0: all scalar).
+// hard_sigmoid y = clamp(a x + b, 0, 1); linear_neuron y = a x + b. nvec: 16-byte chunks
+// (n / W, W = 4 float or 8 half, when every buffer is 16-byte aligned, else 0: all scalar).
 struct NeuronParams {
     uint n, nvec;
     float a, b;
+    uint inner;           // elements per image (x_nstride / y_nstride > 0 only)
+    uint x_nstride;       // bwd: elements between images of x (or y) as read (0 = contiguous)
+    uint y_nstride;       // fwd: elements between images of y as written (0 = contiguous);
+                          // nonzero strides: channel slices of a larger NCHW tensor, nvec = 0
 };
 // Pool2dParams (pool.metal, max/avg pooling): x (N*C planes of IH x IW) -> (OH x OW) per plane.
 // Window of output (oh, ow): rows oh*SH - PH + r*DH for r < KH, likewise columns.
@@ -68,6 +74,9 @@ struct Pool2dParams {
     uint divisor;         // avg: divisor_override, 0 = none
     uint m_out, s_out, m_in, s_in, m_ow, s_ow, m_iw, s_iw;
     uint m_sh, s_sh, m_sw, s_sw, m_dh, s_dh, m_dw, s_dw;
+    uint out_C;           // forward with out_nstride > 0: channels per image (planes = N*out_C)
+    uint out_nstride;     // forward: elements between images of y (0 = contiguous); > 0 writes
+                          // into a channel slice of a larger NCHW tensor (concat elimination)
 };
 // AdaptivePool2dParams (pool.metal): output cell (oh, ow) averages rows
 // [floor(oh*IH/OH), ceil((oh+1)*IH/OH)) and likewise columns. m_X, s_X as in Pool2dParams.
@@ -159,7 +168,7 @@ struct DropoutParams {
     uint inner;        // dropout2d: elements per channel (H * W); 1 otherwise
     uint channels;     // dropout2d: N * C
     uint items;        // work items (threads doing 4 elements each)
-    uint vec;          // 1: the tensors' first elements are 16-byte aligned (vector accesses)
+    uint vec;          // nvec: 16-byte chunks of the stream.h path (tensors 16-byte aligned), 0: items
 };
 
 // -- softmax.metal / loss.metal / norm.metal (softmax, loss and normalization family) --

@@ -72,6 +72,14 @@ inline int window_argmax(device const T* xp, int oh, int ow, Pool2dParams p, thr
     return arg;
 }
 
+// Where forward output gid (plane * plane_out + o) is stored: gid itself, or with p.out_nstride > 0
+// element (n, c, o) of a channel slice of a larger NCHW tensor (n * out_nstride + c * plane_out + o).
+inline uint out_index(uint gid, uint plane, uint o, uint plane_out, Pool2dParams p) {
+    if (p.out_nstride == 0u) return gid;
+    uint n = plane / p.out_C;
+    return n * p.out_nstride + (plane - n * p.out_C) * plane_out + o;
+}
+
 template <typename T>
 [[max_total_threads_per_threadgroup(256)]]
 kernel void max_pool2d_fwd(device const T* x [[buffer(0)]],
@@ -86,7 +94,7 @@ kernel void max_pool2d_fwd(device const T* x [[buffer(0)]],
     uint oh = magic_div(o, q.m_ow, q.s_ow), ow = o - oh * q.OW;
     float best;
     int arg = window_argmax(x + plane * (q.IH * q.IW), int(oh), int(ow), q, best);
-    y[gid] = T(best);
+    y[out_index(gid, plane, o, plane_out, q)] = T(best);
     if (q.flags & POOL_WRITE_INDICES) indices[gid] = arg;
 }
 
@@ -176,14 +184,14 @@ kernel void avg_pool2d_fwd(device const T* x [[buffer(0)]],
     int4 box;
     float div = avg_divisor(int(oh), int(ow), q, box);
     if (box.x >= box.y || box.z >= box.w) {  // window wholly in padding (torch writes 0)
-        y[gid] = T(0.0f);
+        y[out_index(gid, plane, o, plane_out, q)] = T(0.0f);
         return;
     }
     device const T* xp = x + plane * (q.IH * q.IW);
     float sum = 0.0f;
     for (int h = box.x; h < box.y; ++h)
         for (int w = box.z; w < box.w; ++w) sum += float(xp[h * int(q.IW) + w]);
-    y[gid] = T(sum / div);
+    y[out_index(gid, plane, o, plane_out, q)] = T(sum / div);
 }
 
 template <typename T>

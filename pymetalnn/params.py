@@ -58,7 +58,7 @@ class Conv2dParams(Params):
                 ("OW", U32), ("KH", U32), ("KW", U32), ("SH", U32), ("SW", U32), ("PH", I32),
                 ("PW", I32), ("DH", U32), ("DW", U32), ("G", U32), ("Cg", U32), ("Kg", U32),
                 ("has_bias", U32), ("splits", U32), ("chunk", U32), ("act", U32),
-                ("act_alpha", F32)]
+                ("act_alpha", F32), ("out_nstride", U32)]
 
 
 class GemmParams(Params):
@@ -83,7 +83,8 @@ class LinearBiasGradParams(Params):
 class NeuronParams(Params):
     """kernels/params.h NeuronParams: y = f(x) over n elements with the op's scalars a, b."""
 
-    _fields_ = [("n", U32), ("nvec", U32), ("a", F32), ("b", F32)]
+    _fields_ = [("n", U32), ("nvec", U32), ("a", F32), ("b", F32), ("inner", U32),
+                ("x_nstride", U32), ("y_nstride", U32)]
 
 
 class Pool2dParams(Params):
@@ -93,7 +94,7 @@ class Pool2dParams(Params):
                 ("KH", I32), ("KW", I32), ("SH", I32), ("SW", I32), ("PH", I32), ("PW", I32),
                 ("DH", I32), ("DW", I32), ("flags", U32), ("divisor", U32)] + [
                     (f"{ms}_{d}", U32) for d in ("out", "in", "ow", "iw", "sh", "sw", "dh", "dw")
-                    for ms in ("m", "s")]
+                    for ms in ("m", "s")] + [("out_C", U32), ("out_nstride", U32)]
 
 
 class AdaptivePool2dParams(Params):

@@ -5,6 +5,7 @@ A backend that cannot run here (`pymetalnn.availability()`) is skipped with its 
 """
 from __future__ import annotations
 
+import contextlib
 import os
 
 import pytest
@@ -54,3 +55,17 @@ def backend(request: pytest.FixtureRequest) -> str:
 def dev(backend: str) -> pymetalnn.Device:
     """The device of `backend`."""
     return pymetalnn.device(backend)
+
+
+@contextlib.contextmanager
+def _no_dispatch(device: pymetalnn.Device, msg: str = "a kernel was dispatched"):
+    before = sum(device.dispatch_counts.values())
+    yield
+    assert sum(device.dispatch_counts.values()) == before, msg
+
+
+@pytest.fixture
+def no_dispatch():
+    """`with no_dispatch(device[, msg]): ...` fails if the block dispatched any kernel on `device`
+    (argument checks must raise before anything is launched)."""
+    return _no_dispatch

@@ -90,6 +90,49 @@ def test_binary_backward(dev, shapes, dtype) -> None:
         check(gb, rb, dtype, scale=np.sqrt(k) * max(1.0, np.abs(rb).max()))
 
 
+# same-shape operands take the flat kernels (arith_flat, arith_bwd: kernels/stream.h, 256-thread
+# groups of 2 chunks of 4 float / 8 half): sizes around whole groups and with tails of 1 to W - 1
+FLAT_SIZES = [15, 16, 17, 2047, 2048, 2049, 3 * 4096 + 5]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "f16"])
+@pytest.mark.parametrize("n", FLAT_SIZES)
+def test_flat_sizes(dev, n, dtype) -> None:
+    a, b, g = rnd((n,), dtype, 11), rnd((n,), dtype, 12, positive=True), rnd((n,), dtype, 13)
+    ta, tb, tg = dt(a, dev), dt(b, dev), dt(g, dev)
+    for op in OPS:
+        check(getattr(F, op)(ta, tb), ref.binary(op, a, b), dtype)
+        ga, gb = getattr(F, f"{op}_backward")(tg, ta, tb)
+        ra, rb = ref.binary_backward(op, g, a, b)
+        check(ga, ra, dtype, scale=max(1.0, np.abs(ra).max()))
+        check(gb, rb, dtype, scale=max(1.0, np.abs(rb).max()))
+    check(F.mul(ta, -3.0), a.astype(np.float64) * -3.0, dtype)
+    check(F.sub(1, ta), 1 - a.astype(np.float64), dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "f16"])
+@pytest.mark.parametrize("lead", [1, 2, 4, 8])
+def test_flat_view_offsets(dev, lead, dtype) -> None:
+    """Operands that are views `lead` elements into their buffers: 16-byte aligned ones take the
+    vector chunks, the others the scalar tail path; same results either way."""
+    if not dev.supports_views:
+        pytest.skip(f"{dev.name} binds whole buffers only")
+    n = 2 * 4096 + 21
+    a, b, g = rnd((n,), dtype, 14), rnd((n,), dtype, 15, positive=True), rnd((n,), dtype, 16)
+    isz = np.dtype(dtype).itemsize
+
+    def view(x):
+        buf = dev.buffer(np.concatenate([np.zeros(lead, dtype), x]))
+        return pm.Tensor(buf.view(lead * isz, x.nbytes), x.shape, dtype)
+
+    check(F.div(view(a), dt(b, dev)), ref.binary("div", a, b), dtype)
+    check(F.add(view(a), 0.5), a.astype(np.float64) + 0.5, dtype)
+    ga, gb = F.mul_backward(view(g), view(a), dt(b, dev))
+    ra, rb = ref.binary_backward("mul", g, a, b)
+    check(ga, ra, dtype, scale=max(1.0, np.abs(ra).max()))
+    check(gb, rb, dtype, scale=max(1.0, np.abs(rb).max()))
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "f16"])
 def test_python_number_operands(dev, dtype) -> None:
     x = rnd((3, 33), dtype, 6, positive=True)

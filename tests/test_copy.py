@@ -199,7 +199,9 @@ def test_reference_vs_torch() -> None:
         np.testing.assert_array_equal(s, t.numpy())
 
 
-@pytest.mark.parametrize("n", [1, 3, 33, 4096 + 5])
+# copy_flat (kernels/stream.h: 256-thread groups of 2 chunks of the narrower type, 4 float / 8 half):
+# sizes around whole groups and tails of 1 to 7
+@pytest.mark.parametrize("n", [1, 3, 33, 4096 + 5, 15, 16, 17, 2047, 2048, 2049, 3 * 4096 + 5])
 def test_copy_cast(dev, n) -> None:
     x = rnd((n,), np.float32, 12) * np.float32(100)
     x[:3] = [65519.0, 1e-8, -70000.0][: min(3, n)]  # rounds to max half, flushes to a subnormal, overflows
@@ -213,6 +215,24 @@ def test_copy_cast(dev, n) -> None:
     same(F.cast(tx, np.float32), x, np.float32)
     g = rnd((n,), np.float16, 13)
     same(F.cast_backward(pm.tensor(g, dev), tx, np.float16), g.astype(np.float32), np.float32)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float16, np.int32], ids=["f32", "f16", "i32"])
+@pytest.mark.parametrize("lead", [1, 2, 4, 8])
+def test_copy_cast_view_offsets(dev, lead, dtype) -> None:
+    """Sources that are views `lead` elements into a buffer: 16-byte aligned ones take copy_flat's
+    chunks, the others its scalar path."""
+    if not dev.supports_views:
+        pytest.skip(f"{dev.name} binds whole buffers only")
+    n = 2 * 4096 + 21
+    x = (rnd((n,), np.float32, 14) * 100).astype(dtype)
+    isz = np.dtype(dtype).itemsize
+    buf = dev.buffer(np.concatenate([np.zeros(lead, dtype), x]))
+    v = pm.Tensor(buf.view(lead * isz, x.nbytes), x.shape, dtype)
+    same(F.copy(v), x, dtype)
+    if dtype != np.int32:
+        other = np.float16 if dtype == np.float32 else np.float32
+        same(F.cast(v, other), x.astype(other), other)
 
 
 def test_bad_input(dev) -> None:

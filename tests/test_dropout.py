@@ -92,6 +92,46 @@ def test_dropout2d_vs_reference(dev, shape, dtype) -> None:
                                **tol(dtype))
 
 
+# the stream.h path (kernels/stream.h: 256-thread groups of 2 chunks of 4 float / 8 half) and its
+# leftover Philox blocks: sizes around whole groups, tails of 1 to 7 elements; dropout2d channels
+# of inner % 8 == 0 (chunks) and 4 (float chunks, half through the item loop)
+@pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "f16"])
+@pytest.mark.parametrize("n", [15, 16, 17, 2047, 2048, 2049, 3 * 4096 + 5])
+def test_dropout_stream_sizes(dev, n, dtype) -> None:
+    p, seed, offset = 0.3, 5, 7
+    x = rnd((n,), dtype, 21)
+    y = F.dropout(pm.tensor(x, dev), p, seed, offset).numpy()
+    np.testing.assert_array_equal(y != 0, ref.keep_mask(n, p, seed, offset))
+    np.testing.assert_allclose(y.astype(np.float64), ref.dropout(x, p, seed, offset), **tol(dtype))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "f16"])
+@pytest.mark.parametrize("shape", [(4, 130, 4, 2), (3, 70, 2, 2), (2, 600, 3, 4)])
+def test_dropout2d_stream_shapes(dev, shape, dtype) -> None:
+    p, seed, offset = 0.5, 8, 3
+    x = rnd(shape, dtype, 22)
+    y = F.dropout2d(pm.tensor(x, dev), p, seed, offset).numpy()
+    np.testing.assert_allclose(y.astype(np.float64), ref.dropout2d(x, p, seed, offset), **tol(dtype))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "f16"])
+@pytest.mark.parametrize("lead", [1, 2, 4, 8])
+def test_dropout_view_offsets(dev, lead, dtype) -> None:
+    """Views `lead` elements into a buffer: 16-byte aligned ones take the chunks, the others the
+    item loop; the mask is a function of the element index either way."""
+    if not dev.supports_views:
+        pytest.skip(f"{dev.name} binds whole buffers only")
+    n = 2 * 4096 + 21
+    x = rnd((n,), dtype, 23)
+    isz = np.dtype(dtype).itemsize
+    buf = dev.buffer(np.concatenate([np.ones(lead, dtype), x]))
+    v = pm.Tensor(buf.view(lead * isz, x.nbytes), x.shape, dtype)
+    np.testing.assert_allclose(F.dropout(v, 0.5, 9, 1).numpy().astype(np.float64),
+                               ref.dropout(x, 0.5, 9, 1), **tol(dtype))
+    np.testing.assert_allclose(F.dropout2d(v.reshape(1, 1, 1, n), 0.5, 9, 1).numpy().astype(np.float64),
+                               ref.dropout2d(x.reshape(1, 1, 1, n), 0.5, 9, 1), **tol(dtype))
+
+
 def test_reference_backward_vs_finite_differences() -> None:
     x = rnd((2, 3, 2, 2), np.float64, 5)
     g = rnd(x.shape, np.float64, 6)

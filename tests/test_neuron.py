@@ -2,9 +2,11 @@
 against the float64 numpy references in tests/reference/neuron.py; the references' derivatives
 against finite differences; PyTorch as a second opinion when it imports.
 
-Sizes cover the kernels' two paths (8 elements per vector thread, then a scalar tail): 1, 7, 8,
-9, 31, 32, 33 and a 4-d tensor of 990 elements. Inputs include each op's kinks exactly (0, +-3,
-the hard_sigmoid corners) and extremes (+-1e30, +-88.5, NaN).
+Sizes cover the kernels' two paths (16-byte chunks, 4 float or 8 half, two per thread, then a
+scalar tail): 1, 7, 8, 9, 31, 32, 33 and a 4-d tensor of 990 elements; test_stream_sizes adds
+sizes around whole threadgroups of chunks and views at 16-byte aligned and unaligned offsets.
+Inputs include each op's kinks exactly (0, +-3, the hard_sigmoid corners) and extremes (+-1e30,
++-88.5, NaN).
 """
 from __future__ import annotations
 
@@ -171,6 +173,44 @@ def test_unaligned_views(dev, dtype):
     _check(nn.relu_backward(view(g), pymetalnn.tensor(x, dev)).numpy(), ref.relu_backward(g, x), dtype)
 
 
+# sizes around the stream.h boundaries (kernels/stream.h: 256-thread groups of 2 chunks of 4 float
+# or 8 half elements): one chunk short of / past a whole group, a partial last group, tails of 1 to
+# W - 1 elements
+STREAM_SIZES = [15, 16, 17, 2047, 2048, 2049, 4096 + 8 * 256 + 13, 3 * 4096 + 5]
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float16])
+@pytest.mark.parametrize("n", STREAM_SIZES)
+def test_stream_sizes(dev, n, dtype):
+    rng = np.random.default_rng(n)
+    x, g = _inputs(rng, (n,), dtype, [0.0])
+    _check(nn.relu(pymetalnn.tensor(x, dev)).numpy(), ref.relu(x), dtype)
+    _check(nn.linear_neuron(pymetalnn.tensor(x, dev), 1.5, -0.25).numpy(),
+           ref.linear_neuron(x, 1.5, -0.25), dtype)
+    _check(nn.sigmoid_backward(pymetalnn.tensor(g, dev), pymetalnn.tensor(x, dev)).numpy(),
+           ref.sigmoid_backward(g, x), dtype)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float16])
+@pytest.mark.parametrize("lead", [1, 2, 4, 8, 16])
+def test_view_offsets(dev, dtype, lead):
+    """Views at `lead` elements into a buffer: 16-byte aligned ones (4 float, 8 or 16 half) take
+    the vector path, the others (8-byte aligned included) the scalar one; same results."""
+    if not dev.supports_views:
+        pytest.skip(f"{dev.name} binds whole buffers only")
+    rng = np.random.default_rng(lead)
+    n = 2 * 4096 + 21
+    x, g = _inputs(rng, (n,), dtype, [0.0])
+    isz = np.dtype(dtype).itemsize
+
+    def view(a):
+        buf = dev.buffer(np.concatenate([np.zeros(lead, dtype), a]))
+        return Tensor(buf.view(lead * isz, a.nbytes), a.shape, dtype)
+
+    _check(nn.tanh(view(x)).numpy(), ref.tanh(x), dtype)
+    _check(nn.elu_backward(view(g), view(x), 0.5).numpy(), ref.elu_backward(g, x, 0.5), dtype)
+
+
 def test_empty(dev):
     dev.reset_counts()
     x = pymetalnn.tensor(np.zeros((0, 3), np.float32), dev)
@@ -254,3 +294,26 @@ def test_leaky_relu_from_output_needs_nonnegative_slope(dev):
     t = pymetalnn.tensor(np.ones(4, np.float32), dev)
     with pytest.raises(ValueError, match="slope >= 0"):
         nn.leaky_relu_backward_from_output(t, t, negative_slope=-0.5)
+
+
+@pytest.mark.parametrize("name", ["relu", "leaky_relu", "sigmoid", "tanh"])
+def test_strided_out_and_from_output(dev, name):
+    """out= a view at channel c0 of a larger (poisoned) tensor with out_batch_stride= writes the
+    contiguous result there and nothing else; <op>_backward_from_output(..., y_batch_stride=)
+    reads such a y and equals the contiguous gradient."""
+    if not dev.supports_views:
+        pytest.skip("out= at an offset needs buffer views")
+    rng = np.random.default_rng(2)
+    n, c, ctot, c0, hw = 3, 5, 8, 2, 9
+    x = pymetalnn.tensor(rng.standard_normal((n, c, 3, 3)).astype(np.float32), dev)
+    g = pymetalnn.tensor(rng.standard_normal((n, c, 3, 3)).astype(np.float32), dev)
+    f = getattr(nn, name)
+    want = f(x)
+    dest = pymetalnn.tensor(np.full((n, ctot, 3, 3), np.nan, np.float32), dev)
+    view = Tensor(dest.buffer.view(c0 * hw * 4), (n, c, 3, 3), np.float32)
+    y = f(x, out=view, out_batch_stride=ctot * hw)
+    d = dest.numpy()
+    np.testing.assert_array_equal(d[:, c0:c0 + c], want.numpy())
+    assert np.isnan(np.delete(d, np.s_[c0:c0 + c], axis=1)).all()
+    b = getattr(nn, f"{name}_backward_from_output")
+    np.testing.assert_array_equal(b(g, y, y_batch_stride=ctot * hw).numpy(), b(g, want).numpy())

@@ -10,6 +10,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from reference import norm as ref
+from reference._common import activation as np_act
 
 import pymetalnn as pm
 from pymetalnn import functional as F
@@ -291,23 +292,6 @@ ACTS = [None, "relu", ("leaky_relu", {"negative_slope": 0.2}), "sigmoid", "tanh"
 ACT_IDS = ["none", "relu", "leaky_relu", "sigmoid", "tanh"]
 
 
-def _np_act(z, act):
-    """(act(z), act'(z)) in float64."""
-    name = act[0] if isinstance(act, tuple) else act
-    if name is None:
-        return z, np.ones_like(z)
-    if name == "relu":
-        return np.maximum(z, 0), (z > 0).astype(z.dtype)
-    if name == "leaky_relu":
-        a = act[1]["negative_slope"]
-        return np.where(z > 0, z, a * z), np.where(z > 0, 1.0, a)
-    if name == "sigmoid":
-        s = 1 / (1 + np.exp(-z))
-        return s, s * (1 - s)
-    t = np.tanh(z)
-    return t, 1 - t * t
-
-
 @pytest.mark.parametrize("training", [True, False])
 @pytest.mark.parametrize("act", ACTS, ids=ACT_IDS)
 def test_batch_norm_fused_activation(dev, act, training):
@@ -334,7 +318,7 @@ def test_batch_norm_fused_activation(dev, act, training):
         np.testing.assert_array_equal(rm1, rm0)
         np.testing.assert_array_equal(rv1, rv0)
         zf = z.numpy().astype(np.float64)
-        want, d = _np_act(zf, act)
+        want, d = np_act(zf, act)
         np.testing.assert_allclose(y.numpy(), want, rtol=1e-6, atol=1e-6)
         y2 = F.batch_norm(xt, pm.tensor(rm, dev), pm.tensor(rv, dev), wt, bt, training=training,
                           activation=act)

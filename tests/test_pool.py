@@ -322,3 +322,26 @@ def test_bad_input(dev, call, arg):
     with pytest.raises(ValueError, match=f"^{arg}:"):
         call(dev)
     assert sum(dev.dispatch_counts.values()) == 0
+
+
+@pytest.mark.parametrize("kind", ["max", "max_indices", "avg"])
+def test_pool2d_strided_out(dev, kind):
+    """max/avg pooling with out= a view at channel c0 of a larger (poisoned) tensor and
+    out_batch_stride=: the slice holds the contiguous result, the rest is untouched."""
+    if not dev.supports_views:
+        pytest.skip("out= at an offset needs buffer views")
+    rng = np.random.default_rng(3)
+    n, c, ctot, c0 = 3, 4, 9, 2
+    x = pymetalnn.tensor(rng.standard_normal((n, c, 7, 7)).astype(np.float32), dev)
+    f = P.avg_pool2d if kind == "avg" else P.max_pool2d
+    kw = {"return_indices": True} if kind == "max_indices" else {}
+    want = f(x, 3, 2, padding=1, **kw)
+    dest = pymetalnn.tensor(np.full((n, ctot, 4, 4), np.nan, np.float32), dev)
+    view = Tensor(dest.buffer.view(c0 * 16 * 4), (n, c, 4, 4), np.float32)
+    got = f(x, 3, 2, padding=1, out=view, out_batch_stride=ctot * 16, **kw)
+    if kind == "max_indices":
+        np.testing.assert_array_equal(got[1].numpy(), want[1].numpy())
+        want = want[0]
+    d = dest.numpy()
+    np.testing.assert_array_equal(d[:, c0:c0 + c], want.numpy())
+    assert np.isnan(np.delete(d, np.s_[c0:c0 + c], axis=1)).all()

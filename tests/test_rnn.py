@@ -14,6 +14,7 @@ import zlib
 import numpy as np
 import pytest
 from reference import rnn as ref
+from reference._common import numeric_grad
 
 import pymetalnn
 from pymetalnn.ops import rnn as R
@@ -207,15 +208,7 @@ def test_reference_backward_vs_finite_differences(mode):
     checks += [(k, w[k], dw[k]) for k in w]
     eps = 1e-6
     for name, arr, grad in checks:
-        fd = np.zeros_like(arr)
-        for i in np.ndindex(arr.shape):
-            keep = arr[i]
-            arr[i] = keep + eps
-            up = loss()
-            arr[i] = keep - eps
-            down = loss()
-            arr[i] = keep
-            fd[i] = (up - down) / (2 * eps)
+        fd = numeric_grad(loss, arr, eps)
         np.testing.assert_allclose(grad, fd, rtol=1e-6, atol=1e-8, err_msg=name)
 
 

@@ -4,7 +4,9 @@
 // gemm.metal's instantiation list and to TILES in pymetalnn/ops/gemm.py.
 #include "gemm.metal"
 
-GEMM_INST(128x128k16, 128, 128, 16)
+// 128x128k16 is instantiated in gemm.metal for float and hacc_half; its half kernels here
+GEMM_KERNEL(gemm_fwd_128x128k16_half, gemm_tiled, half, float, half, 128, 128, 16)
+GEMM_KERNEL(gemm_fwd_128x128k16_splitk_half, gemm_tiled, half, float, float, 128, 128, 16)
 GEMM_INST(128x64k8, 128, 64, 8)
 GEMM_INST(64x128k8, 64, 128, 8)
 GEMM_INST(64x64k8, 64, 64, 8)

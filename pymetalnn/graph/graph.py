@@ -191,6 +191,18 @@ class RunContext:
         self.concat_views = graph.options["concat"]
         self.acquired: list[DataSource] = []
         self.state: dict[Any, Any] = {}  # host-side states from a forward node to its gradient
+        # concat elimination at batch > 1: where the running step's op writes its result (a view
+        # at its channel slice of the concatenation, and the elements between images)
+        self.out_slot: tuple[Tensor, int] | None = None
+
+    def take_out(self) -> dict[str, Any]:
+        """out=, out_batch_stride= for the op of a node whose result the graph placed in a
+        channel slice of a concatenation (empty otherwise); nodes that can pass them call this."""
+        if self.out_slot is None:
+            return {}
+        t, ns = self.out_slot
+        self.out_slot = None
+        return {"out": t, "out_batch_stride": ns}
 
     def acquire_dict(self, ds: DataSource) -> dict[str, Tensor]:
         if not ds.loaded:
@@ -228,6 +240,9 @@ class _Program:
         self.expect: list[dict[tuple[int, int], Any] | None] = []
         self.checks: list[list[tuple[int, Any]] | None] = []
         self.views: dict[int, tuple[int, int, tuple, Any]] = {}
+        # step -> (arena offset, bytes, shape, dtype, batch stride, calibration key): a producer
+        # of an eliminated concatenation writing into its strided channel slice
+        self.strided: dict[int, tuple[int, int, tuple, Any, int, tuple[int, int]]] = {}
         self.arena: Any = None
         self.registers: list[Any] = []
         self.report: M.MemoryReport | None = None
@@ -698,7 +713,17 @@ class Graph:
                 else:
                     if hook is not None:
                         hook.start_step(prog.expect[i] if plan_memory else None, calibrate)
+                    slot = prog.strided.get(i) if plan_memory else None
+                    if slot is not None:
+                        off, nb, shape, dt, ns, key = slot
+                        rc.out_slot = (Tensor(prog.arena.view(off, nb), shape, dt), ns)
+                        hook.skip = {key}  # the output request the op no longer makes
                     outs = self._run_step(st, rc, ins)
+                    if slot is not None:
+                        if rc.out_slot is not None:
+                            raise GraphError(st.node, "concat elimination: the node did not take "
+                                                      "its out= slice")
+                        rc.state[("out_nstride", st.node)] = slot[4]
                     if hook is not None:
                         if calibrate:
                             calib.append((hook.record or [], list(zip(st.outs, outs))))

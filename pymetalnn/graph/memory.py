@@ -144,6 +144,7 @@ class AllocHook:
         self.expect: dict[tuple[int, int], Any] = {}  # (nbytes, ordinal) -> handle
         self.seen: dict[int, int] = {}
         self.keep: list[Any] | None = None
+        self.skip: set[tuple[int, int]] = set()  # calibration requests no longer made (out=)
 
     @contextlib.contextmanager
     def installed(self) -> Iterator[AllocHook]:
@@ -157,6 +158,8 @@ class AllocHook:
             if threading.get_ident() != self.owner:
                 return orig(nbytes, zero)
             k = self.seen.get(nbytes, 0)
+            while (nbytes, k) in self.skip:
+                k += 1
             self.seen[nbytes] = k + 1
             handle = self.expect.get((nbytes, k))
             if handle is not None:
@@ -177,11 +180,13 @@ class AllocHook:
     def start_step(self, expect: dict[tuple[int, int], Any] | None, record: bool) -> None:
         self.expect = expect or {}
         self.seen = {}
+        self.skip = set()
         self.record = [] if record else None
 
     def end_step(self) -> None:
         self.expect = {}
         self.seen = {}
+        self.skip = set()
 
 
 def ordinals(allocs: list[tuple[int, Any]]) -> list[tuple[int, int]]:

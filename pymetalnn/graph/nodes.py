@@ -404,7 +404,7 @@ class ConvolutionNode(FilterNode):
     def forward(self, rc, xs, training, with_state, activation=None):
         w, b = rc.acquire(self.weights)
         kw = {} if activation is None else {"activation": activation}
-        y = op("conv2d", self)(xs[0], w, b, **self._args(), **kw)
+        y = op("conv2d", self)(xs[0], w, b, **self._args(), **kw, **rc.take_out())
         rc.release(self.weights)
         return [y]
 
@@ -638,9 +638,9 @@ class PoolingMaxNode(_PoolNode):
     def forward(self, rc, xs, training, with_state):
         f = op("max_pool2d", self)
         if with_state:
-            y, idx = f(xs[0], return_indices=True, **self._args())
+            y, idx = f(xs[0], return_indices=True, **self._args(), **rc.take_out())
             return [y, idx]
-        return [f(xs[0], **self._args())]
+        return [f(xs[0], **self._args(), **rc.take_out())]
 
     def saved(self):
         return [("in", 0), ("state", 0)]
@@ -670,7 +670,7 @@ class PoolingAverageNode(_PoolNode):
         return super().infer(shapes, dtypes)
 
     def forward(self, rc, xs, training, with_state):
-        return [op("avg_pool2d", self)(xs[0], **self._args())]
+        return [op("avg_pool2d", self)(xs[0], **self._args(), **rc.take_out())]
 
     def saved(self):
         return [("in", 0)]
@@ -746,12 +746,16 @@ class NeuronNode(FilterNode):
                                        self.params.get("negative_slope", 0.01) >= 0)
 
     def forward(self, rc, xs, training, with_state):
-        return [op(NEURONS[self.kind][0], self)(xs[0], **self.params)]
+        return [op(NEURONS[self.kind][0], self)(xs[0], **self.params, **rc.take_out())]
 
     def saved(self):
         return [("out", 0)] if self.from_output else [("in", 0)]
 
     def backward(self, rc, gouts, saved, need):
+        ns = rc.state.get(("out_nstride", self))
+        if ns and self.from_output:  # y in a strided channel slice of an eliminated concat
+            f = op(NEURONS[self.kind][0] + "_backward_from_output", self)
+            return [f(gouts[0], saved[0], **self.params, y_batch_stride=ns)], []
         return [op(NEURONS[self.kind][0] + "_backward", self)(gouts[0], saved[0], **self.params)], []
 
 

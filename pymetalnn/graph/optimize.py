@@ -10,9 +10,13 @@ fuse        graph rewrites that replace a chain of nodes by one node calling few
             needs a slope >= 0). Logged as not fused otherwise. Biases are always part of the
             convolution / linear call.
 concat      concatenation elimination: producers write straight into their slices of the
-            concatenated result (needs the memory planner and slices that are contiguous: the
-            concat axis's outer size must be 1, e.g. batch 1 or a batch-axis concat), and the
-            gradient's split becomes views of the incoming gradient (no copy).
+            concatenated result (needs the memory planner). Contiguous slices (the concat axis's
+            outer size is 1: batch 1 or a batch-axis concat): the producers' results are views
+            of the result and the gradient's split becomes views of the incoming gradient (no
+            copy). Channel slices at batch > 1: the producers' ops get out= (a view at the
+            slice) and out_batch_stride= (conv2d, max/avg pooling, relu / leaky relu / sigmoid /
+            tanh, fused conv + neuron; see strided_op), their own gradients read the result
+            with y_batch_stride=, and the gradient's split stays a split kernel.
 dead_nodes  nodes whose results nothing uses are dropped; gradients nothing reads are not
             computed (e.g. the first convolution's input gradient); dropout is an identity view
             at inference.
@@ -102,7 +106,10 @@ class FusedNeuronNode(FilterNode):
         n = self.neuron
         from .nodes import NEURONS
 
-        gy = op(NEURONS[n.kind][0] + "_backward_from_output", n)(gouts[0], y, **n.params)
+        # y in a channel slice of an eliminated concatenation (batch > 1): images that far apart
+        ns = rc.state.get(("out_nstride", self))
+        kw = {"y_batch_stride": ns} if ns else {}
+        gy = op(NEURONS[n.kind][0] + "_backward_from_output", n)(gouts[0], y, **n.params, **kw)
         return self.base.backward(rc, [gy], saved[:-1], need)
 
 
@@ -204,6 +211,8 @@ def plan_memory(g: Any, prog: Any, calib: list[tuple[list, list]]) -> None:
                                     for r in routable}
     children: set[Value] = set()
     eliminated: list[str] = []
+    strided_pending: dict[int, tuple] = {}
+    dropped = 0  # bytes of producers' results that became strided slices
     views = dev.supports_views and dev.name in ("cpu", "cuda")
     if STRATEGY is not None:
         views = views and STRATEGY == "arena"
@@ -215,6 +224,28 @@ def plan_memory(g: Any, prog: Any, calib: list[tuple[list, list]]) -> None:
                 if st.kind != "forward" or not isinstance(st.node, ConcatenationNode):
                     continue
                 why = _concat_ok(st, tensors, alias, routable, children, roots)
+                if why.startswith(STRIDED):
+                    # batch > 1: the producers write strided channel slices (out=, a batch stride)
+                    why2, slices = _concat_strided_ok(g, i, st, tensors, alias, routable, children,
+                                                      roots, expect_idx)
+                    if not why2:
+                        out = st.outs[0]
+                        parent = blocks[out]
+                        for j, v, rel, ns, key in slices:
+                            b = blocks.pop(v)  # never allocated: a slice of the result
+                            parent.start = min(parent.start, b.start)
+                            parent.end = max(parent.end, b.end)
+                            children.add(v)
+                            strided_pending[j] = (out, rel, ns, tensors[v].shape, tensors[v].dtype,
+                                                  key)
+                            dropped += b.size
+                        eliminated.append(st.name)
+                        prog.views[i] = None
+                        g._log(f"concat: {st.name} eliminated at batch {prog.batch}: "
+                               f"{', '.join(v.name for _, v, *_ in slices)} write their channel "
+                               "slices with a batch stride (out=, out_batch_stride=)")
+                        continue
+                    why = f"{why}; strided slices: {why2}"
                 if why:
                     g._note(f"concat: {st.name} kept ({why})")
                     continue
@@ -231,7 +262,7 @@ def plan_memory(g: Any, prog: Any, calib: list[tuple[list, list]]) -> None:
                 eliminated.append(st.name)
                 prog.views[i] = None  # filled once offsets are known
     top = [b for r, b in blocks.items() if r not in children]
-    naive = sum(b.size for b in blocks.values())
+    naive = sum(b.size for b in blocks.values()) + dropped
     if views:
         size = M.best_fit(top)
         prog.arena = dev.buffer(max(size, M.ALIGN))
@@ -252,6 +283,10 @@ def plan_memory(g: Any, prog: Any, calib: list[tuple[list, list]]) -> None:
                 handles[r] = M.subhandle(dev, prog.arena, b.offset + rel, nb)
             else:
                 handles[r] = prog.registers[b.register].handle
+    for j, (out, rel, ns, shape, dt, key) in strided_pending.items():
+        n, per = shape[0], int(np.prod(shape[1:]))
+        nb = ((n - 1) * ns + per) * dt.itemsize
+        prog.strided[j] = (blocks[out].offset + rel, nb, shape, dt, ns, key)
     for i in list(prog.views):
         out = steps[i].outs[0]
         t = tensors[out]
@@ -271,6 +306,72 @@ def plan_memory(g: Any, prog: Any, calib: list[tuple[list, list]]) -> None:
     g._log(f"memory: batch {prog.batch}: {prog.report}")
 
 
+STRIDED = "slices along dim 1 are strided"
+
+
+def strided_op(node: Any) -> str | None:
+    """The op of a forward node that can write its result with a batch stride (out=,
+    out_batch_stride=), or None."""
+    from .nodes import NEURONS, PoolingAverageNode, PoolingMaxNode
+
+    if isinstance(node, FusedNeuronNode):
+        return "conv2d" if type(node.base) is ConvolutionNode and supports("conv2d", "out") \
+            else None
+    name = {ConvolutionNode: "conv2d", PoolingMaxNode: "max_pool2d",
+            PoolingAverageNode: "avg_pool2d"}.get(type(node))
+    if isinstance(node, NeuronNode) and node.kind in NEURONS:
+        name = NEURONS[node.kind][0]
+    return name if name is not None and supports(name, "out") else None
+
+
+def _concat_strided_ok(g: Any, i: int, st: Any, tensors: dict, alias: dict, routable: set,
+                       children: set, roots: dict, expect_idx: dict) -> tuple[str, list]:
+    """Whether a channel concatenation at batch > 1 can be eliminated by letting every producer
+    write its slice with a batch stride; returns (why not, [(producer step, source, byte offset
+    in the result, batch stride in elements, calibration key of its output request)])."""
+    from .nodes import NEURONS
+
+    out = st.outs[0]
+    t = tensors.get(out)
+    if t is None or out not in routable:
+        return "its result is not planned", []
+    if st.node._d != 1 or len(t.shape) < 2:
+        return "only a concat along dim 1 of batched tensors", []
+    if len(set(st.ins)) != len(st.ins):
+        return "a source appears twice", []
+    steps = g.steps
+    ns = int(np.prod(t.shape[1:]))
+    rel, slices = 0, []
+    for v in st.ins:
+        tv = tensors.get(v)
+        if tv is None or v not in routable or alias.get(v) is not v or v in children or \
+                any(u is not v and r is v for u, r in alias.items()):
+            return f"source {v.name} is not a planned result of its own", []
+        j = next((k for k, s2 in enumerate(steps) if s2.kind == "forward" and v in s2.outs), None)
+        if j is None or steps[j].outs[0] is not v:
+            return f"source {v.name} is not the first result of a forward step", []
+        node = steps[j].node
+        if strided_op(node) is None:
+            return f"{node.name} ({type(node).__name__}) cannot write a strided slice (its op " \
+                   "has no out=, out_batch_stride=)", []
+        for k, s2 in enumerate(steps):
+            if k == i or v not in s2.ins:
+                continue
+            # its own gradient may read it (neurons from the output, with y_batch_stride=)
+            neuron = node.neuron if isinstance(node, FusedNeuronNode) else \
+                node if isinstance(node, NeuronNode) and node.from_output else None
+            own = s2.kind == "gradient" and s2.node.forward is node and neuron is not None and \
+                supports(NEURONS[neuron.kind][0] + "_backward_from_output", "y_batch_stride")
+            if not own:
+                return f"{s2.name} ({s2.kind}) reads {v.name}", []
+        key = next((key for key, r in expect_idx.get(j, []) if r is v), None)
+        if key is None:
+            return f"source {v.name}'s allocation was not seen", []
+        slices.append((j, v, rel, ns, key))
+        rel += int(np.prod(tv.shape[1:])) * tv.dtype.itemsize
+    return "", slices
+
+
 def _concat_ok(st: Any, tensors: dict, alias: dict, routable: set, children: set,
                roots: dict) -> str:
     out = st.outs[0]
@@ -279,8 +380,8 @@ def _concat_ok(st: Any, tensors: dict, alias: dict, routable: set, children: set
         return "its result is not planned"
     d = st.node._d
     if int(np.prod(t.shape[:d])) != 1:
-        return f"slices along dim {d} are strided (outer size {int(np.prod(t.shape[:d]))}; only " \
-               "batch 1 or a concat along the first axis writes contiguous slices)"
+        return f"{STRIDED} (outer size {int(np.prod(t.shape[:d]))}; only batch 1 or a " \
+               "concat along the first axis writes contiguous slices)"
     if len(set(st.ins)) != len(st.ins):
         return "a source appears twice"
     off = 0

@@ -64,3 +64,62 @@ def out_like(shape: tuple[int, ...], dtype: Any, dev: Device) -> Tensor:
 
 def suffix(dtype: Any) -> str:
     return DTYPE_SUFFIX[np.dtype(dtype)]
+
+
+def strided_out(out: Any, out_batch_stride: Any, shape: tuple[int, ...], dtype: Any, dev: Device
+                ) -> tuple[Tensor, int]:
+    """The destination of a forward op's result of `shape` (N, ...): a new tensor, or `out=`, a
+    tensor whose buffer starts at the result's first element (e.g. a BufferView-backed Tensor at
+    a channel slice of a larger NCHW tensor) with `out_batch_stride` elements between
+    consecutive n (None: contiguous). Returns (tensor of `shape` on that buffer, the kernels'
+    out_nstride: 0 when contiguous). Elements between the images are left untouched."""
+    if out is None:
+        if out_batch_stride is not None:
+            raise ValueError("out_batch_stride: needs out=")
+        return out_like(shape, dtype, dev), 0
+    if not isinstance(out, Tensor):
+        raise TypeError(f"out: expected a Tensor, got {type(out).__name__}")
+    if out.device is not dev:
+        raise ValueError(f"out: on {out.device}, the op runs on {dev}")
+    if out.dtype != np.dtype(dtype):
+        raise ValueError(f"out: dtype {out.dtype}, expected {np.dtype(dtype)}")
+    n, per = int(shape[0]), int(np.prod(shape[1:]))
+    stride = per if out_batch_stride is None else int(out_batch_stride)
+    if stride < per:
+        raise ValueError(f"out_batch_stride: {stride} elements, less than one image's {per}")
+    need = ((n - 1) * stride + per) * np.dtype(dtype).itemsize if n and per else 0
+    if out.buffer.nbytes < need:
+        raise ValueError(f"out: {out.buffer.nbytes} bytes, the result of shape {shape} with batch "
+                         f"stride {stride} needs {need}")
+    if n > 1 and stride >= 2**32:
+        raise ValueError(f"out_batch_stride: {stride} does not fit 32 bits")
+    return Tensor(out.buffer, shape, dtype), (0 if stride == per or n <= 1 else stride)
+
+
+# ---- the stream.h launch shape (neuron, dropout, flat arith and copy kernels) ----------------------
+STREAM_U = 2     # chunks per thread, as kernels/stream.h
+STREAM_TG = 256  # threads per block of chunks, as kernels/stream.h (not the dispatch's group size)
+
+
+def stream_chunk(*itemsizes: int) -> int:
+    """Elements per 16-byte chunk of the narrowest dtype among itemsizes (4 float, 8 half): the
+    wider streams then take 16 * k bytes per chunk."""
+    return 16 // min(itemsizes)
+
+
+def stream_nvec(n: int, w: int, tensors: Iterable[Tensor]) -> int:
+    """Chunks of w elements: n // w when every tensor's buffer offset is 16-byte aligned (always
+    true of fresh tensors), else 0 (every element through the scalar tail)."""
+    return n // w if all(t.buffer.offset % 16 == 0 for t in tensors) else 0
+
+
+def stream_vthreads(nvec: int) -> int:
+    """Threads of a stream.h kernel that own chunks: whole blocks of STREAM_TG, STREAM_U chunks
+    each."""
+    return -(-nvec // (STREAM_U * STREAM_TG)) * STREAM_TG
+
+
+def stream_count(n: int, w: int, nvec: int) -> int:
+    """Threads a stream.h kernel is launched with: the chunk owners, then one thread per tail
+    element (n - w nvec)."""
+    return stream_vthreads(nvec) + (n - w * nvec)

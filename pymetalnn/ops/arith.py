@@ -19,8 +19,9 @@ import numpy as np
 
 from ..params import MAXD, ArithParams, ReduceParams
 from ..runtime import Buffer, Device, Kernel
+from ..runtime.core import MAX_GRID_THREADS
 from ..tensor import Tensor, tensor
-from ._common import kernel, pick_device, suffix, tensor_arg
+from ._common import kernel, pick_device, stream_chunk, stream_count, stream_nvec, suffix, tensor_arg
 
 SOURCE = "arith.metal"
 FLOATS = (np.float32, np.float16)
@@ -158,14 +159,41 @@ def _ew(name: str, out_shape: tuple[int, ...], xs: Sequence[Tensor], alpha: floa
     if len(dims) > MAXD:
         raise ValueError(f"shape: broadcasting {[x.shape for x in xs]} needs {len(dims)} dimensions "
                          f"after merging, the kernels take {MAXD}")
+    k = _flat_kernel(dev, name, dt, dims, xs, out, alpha)
+    if k is not None:
+        return out
     vec = 4 if dims[-1][0] % 4 == 0 and all(_aligned(x) for x in xs) else 1
     p = ArithParams(n=out.size // vec, ndim=len(dims), vec=vec, alpha=float(alpha))
     for d, (n, _, st) in enumerate(dims):
         p.shape[d] = n
         p.stride0[d], p.stride1[d], p.stride2[d] = st
     k = cached_kernel(dev, SOURCE, f"{name}_{suffix(dt)}")
-    k(min(p.n, GRID_CAP), xs[0].buffer, xs[1].buffer, xs[2].buffer, out.buffer, p)
+    # one pass (one item per thread): a grid capped at GRID_CAP left a partial second sweep
+    k(min(p.n, MAX_GRID_THREADS), xs[0].buffer, xs[1].buffer, xs[2].buffer, out.buffer, p)
     return out
+
+
+def _flat_kernel(dev: Device, name: str, dt: Any, dims: list, xs: Sequence[Tensor], out: Tensor,
+                 alpha: float) -> Kernel | None:
+    """The fast path of _ew (arith_flat, kernels/stream.h): after merging, one dimension along
+    which every operand is contiguous (stride 1) or a single element (stride 0), e.g. same-shape
+    operands or tensor op number (the `_splat` kernels): no index math, 16-byte accesses.
+    Launches it and returns the kernel, or None where it does not apply."""
+    if len(dims) != 1 or any(s not in (0, 1) for s in dims[0][2]):
+        return None
+    n = out.size
+    w = stream_chunk(dt.itemsize)
+    nvec = stream_nvec(n, w, [out, *(x for x, s in zip(xs, dims[0][2]) if s)])
+    splat = "_splat" if 0 in dims[0][2] else ""
+    k = cached_kernel(dev, SOURCE, f"{name}_flat_{suffix(dt)}{splat}")
+    count = stream_count(n, w, nvec)
+    if count > MAX_GRID_THREADS:
+        return None
+    p = ArithParams(n=n, ndim=1, vec=nvec, alpha=float(alpha))
+    p.shape[0] = n
+    p.stride0[0], p.stride1[0], p.stride2[0] = dims[0][2]
+    k(count, xs[0].buffer, xs[1].buffer, xs[2].buffer, out.buffer, p)
+    return k
 
 
 def _reduce(name: str, in_shape: tuple[int, ...], target: tuple[int, ...], xs: Sequence[Tensor],
@@ -264,12 +292,16 @@ def _binary_backward(op: str, grad_out: Any, a: Operand, b: Operand
     n = math.prod(out_shape)
     full_a, full_b = a_t.size == n, b_t.size == n
     if a_is and b_is and full_a and full_b and n and _aligned(g) and _aligned(a_t) and _aligned(b_t):
-        # both gradients in one pass over g, a, b
+        # both gradients in one pass over g, a, b (kernels/stream.h shape)
         ga, gb = empty(a_t.shape, g.dtype, dev), empty(b_t.shape, g.dtype, dev)
-        p = ArithParams(n=n, ndim=1, vec=4, alpha=1.0)
         k = cached_kernel(dev, SOURCE, f"{op}_bwd_{suffix(g.dtype)}")
-        k(min(-(-n // 4), GRID_CAP), g.buffer, a_t.buffer, b_t.buffer, ga.buffer, gb.buffer, p)
-        return ga, gb
+        w = stream_chunk(g.dtype.itemsize)
+        nvec = stream_nvec(n, w, [g, a_t, b_t, ga, gb])
+        count = stream_count(n, w, nvec)
+        if count <= MAX_GRID_THREADS:
+            p = ArithParams(n=n, ndim=1, vec=nvec, alpha=1.0)
+            k(count, g.buffer, a_t.buffer, b_t.buffer, ga.buffer, gb.buffer, p)
+            return ga, gb
 
     def grad(which: str) -> Tensor:
         t = a_t if which == "a" else b_t

@@ -27,7 +27,7 @@ import numpy as np
 from ..params import Conv2dParams
 from ..runtime import Device
 from ..tensor import Tensor
-from ._common import kernel, out_like, pick_device, positive_ints, tensor_arg
+from ._common import kernel, out_like, pick_device, positive_ints, strided_out, tensor_arg
 from .neuron import activation_backward, activation_code
 
 SOURCE = "conv.metal"
@@ -36,15 +36,26 @@ THREADS = 256
 # Tile shapes of the instantiations in kernels/conv.metal (kernel conv2d_<op>_<name>_<prec>):
 # name -> (BM, BN, BK, TM, TN, relative throughput per SM). fwd/data: rows = output pixels,
 # columns = output (fwd) or input (data) channels of a group; weight: rows = output channels,
-# columns = (c, r, s). Throughputs are estimates (bigger register blocks reuse more), to be
-# calibrated from benchmarks/dev_conv.py.
+# columns = (c, r, s). "fwd" and "data" instantiate the same shapes (tests cycle both through
+# every name) but have their own throughputs.
+# Throughputs: fitted to the float sweep of benchmarks/dev_conv.py on an NVIDIA H200 (132 SMs,
+# 2026-11-26, docs/results/h200-2026-11-26/dev_conv.log): for each bench_conv shape, a tile's
+# GFLOP/s times its modeled work (the wave-padded area of _pick_tile) relative to the shape's
+# best, geometric mean over the six shapes (fwd; data: input_grad and conv_transpose2d). With
+# them _pick_tile picks the measured best or within 3% of it on every shape. BK = 16 (k16) beats
+# BK = 8 on 128-row tiles (a slice's loop/barrier overhead is halved), most for the input
+# gradient. Weight gradients split their reduction to fill the device, so only the tiles' rate
+# matters (geometric mean of GFLOP/s relative to t64x64): t64x64 won on all six shapes.
 TILES: dict[str, dict[str, tuple[int, int, int, int, int, float]]] = {
-    "fwd": {"t128x64": (128, 64, 8, 8, 4, 0.9), "t128x128": (128, 128, 8, 8, 8, 1.0),
-            "t64x64": (64, 64, 8, 4, 4, 0.75), "t128x32": (128, 32, 8, 4, 4, 0.75)},
-    "weight": {"t64x64": (64, 64, 16, 4, 4, 0.75), "t64x128": (64, 128, 16, 4, 8, 0.9),
-               "t128x128": (128, 128, 8, 8, 8, 1.0)},
+    "fwd": {"t128x64": (128, 64, 8, 8, 4, 0.88), "t128x128": (128, 128, 8, 8, 8, 0.98),
+            "t64x64": (64, 64, 8, 4, 4, 0.78), "t128x32": (128, 32, 8, 4, 4, 0.72),
+            "t128x64k16": (128, 64, 16, 8, 4, 0.92), "t128x32k16": (128, 32, 16, 4, 4, 0.76)},
+    "data": {"t128x64": (128, 64, 8, 8, 4, 0.83), "t128x128": (128, 128, 8, 8, 8, 0.95),
+             "t64x64": (64, 64, 8, 4, 4, 0.69), "t128x32": (128, 32, 8, 4, 4, 0.63),
+             "t128x64k16": (128, 64, 16, 8, 4, 0.96), "t128x32k16": (128, 32, 16, 4, 4, 0.74)},
+    "weight": {"t64x64": (64, 64, 16, 4, 4, 1.0), "t64x128": (64, 128, 16, 4, 8, 0.93),
+               "t128x128": (128, 128, 8, 8, 8, 0.69)},
 }
-TILES["data"] = TILES["fwd"]
 DIRECT_BELOW = 16        # GEMM column widths below this use the direct kernels
 TARGET_GROUPS = 512      # threadgroups a split reduction aims for off cuda
 HACC_CHUNK = 512         # reduction terms per fp16 partial sum of the half-accumulating dw
@@ -276,11 +287,13 @@ def _use_direct(kind: str, width: int) -> bool:
 
 
 def forward_plan(dev: Device, prec: str, geo: ConvGeometry, x: Tensor, w: Tensor, b: Tensor | None,
-                 y: Tensor, source: str = SOURCE, act: tuple[int, float] = (0, 0.0)
-                 ) -> list[Launch]:
-    """y = act(conv(x, w) + b); act = (NN_ACT_* code, alpha) from neuron.activation_code."""
+                 y: Tensor, source: str = SOURCE, act: tuple[int, float] = (0, 0.0),
+                 out_nstride: int = 0) -> list[Launch]:
+    """y = act(conv(x, w) + b); act = (NN_ACT_* code, alpha) from neuron.activation_code;
+    out_nstride > 0: elements between y's images (a channel slice of a larger tensor)."""
     p = geo.params(has_bias=b is not None)
     p.act, p.act_alpha = act
+    p.out_nstride = out_nstride
     args = (x.buffer, w.buffer, b.buffer if b is not None else _dummy(dev), y.buffer, p)
     if _use_direct("fwd", geo.Kg):
         return [(kernel(dev, source, f"conv2d_fwd_direct_{prec}"), min(y.size, MAX_GROUPS * THREADS),
@@ -372,9 +385,10 @@ def bias_grad_plan(dev: Device, dy: Tensor, db: Tensor, source: str = SOURCE) ->
 
 
 def _forward(dev: Device, prec: str, geo: ConvGeometry, x: Tensor, w: Tensor, b: Tensor | None,
-             dtype: np.dtype, act: tuple[int, float] = (0, 0.0)) -> Tensor:
-    y = out_like((geo.N, geo.K, geo.OH, geo.OW), dtype, dev)
-    run(forward_plan(dev, prec, geo, x, w, b, y, act=act))
+             dtype: np.dtype, act: tuple[int, float] = (0, 0.0), out: Any = None,
+             out_batch_stride: Any = None) -> Tensor:
+    y, nstride = strided_out(out, out_batch_stride, (geo.N, geo.K, geo.OH, geo.OW), dtype, dev)
+    run(forward_plan(dev, prec, geo, x, w, b, y, act=act, out_nstride=nstride))
     return y
 
 
@@ -401,7 +415,8 @@ def _bias_grad(dev: Device, dy: Tensor) -> Tensor:
 # ---- public ops ---------------------------------------------------------------------------------
 
 def conv2d(x: Any, w: Any, b: Any = None, stride: Any = 1, padding: Padding = 0, dilation: Any = 1,
-           groups: int = 1, accumulate: str | None = None, activation: Any = None) -> Tensor:
+           groups: int = 1, accumulate: str | None = None, activation: Any = None,
+           out: Any = None, out_batch_stride: int | None = None) -> Tensor:
     """2-D convolution (cross-correlation, as torch.nn.functional.conv2d), NCHW.
 
         y[n, k, oh, ow] = b[k] + sum_{c < C/G, r < KH, s < KW}
@@ -418,10 +433,15 @@ def conv2d(x: Any, w: Any, b: Any = None, stride: Any = 1, padding: Padding = 0,
     ("leaky_relu", {"negative_slope": 0.2}): y = act(conv + b) in the same kernel (one dispatch;
     see pymetalnn.ops.neuron.activation_code). Its gradient: conv2d_backward(..., activation=,
     y=) or neuron.activation_backward(grad_out, y, activation) then conv2d_backward.
+    out=: write y there instead of a new tensor, `out_batch_stride` elements between images
+    (None: contiguous), e.g. a BufferView-backed tensor at channel c0 of a larger (N, K', OH, OW)
+    tensor with out_batch_stride = K' * OH * OW (a channel slice of a concatenation: the graph's
+    concat elimination); the elements between the images are left untouched. The returned tensor
+    is out's buffer with shape (N, K, OH, OW) (its images are out_batch_stride apart).
     """
     act = activation_code(activation)
     dev, x, w, b, geo, prec = _conv_args(x, w, b, stride, padding, dilation, groups, accumulate)
-    return _forward(dev, prec, geo, x, w, b, x.dtype, act)
+    return _forward(dev, prec, geo, x, w, b, x.dtype, act, out, out_batch_stride)
 
 
 def conv2d_backward(grad_out: Any, x: Any, w: Any, b: Any = None, stride: Any = 1,

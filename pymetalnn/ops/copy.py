@@ -25,8 +25,9 @@ import numpy as np
 
 from ..params import MAXD, ConcatParams, CopyParams, PermuteParams, TransposeParams
 from ..runtime import Device
+from ..runtime.core import MAX_GRID_THREADS
 from ..tensor import Tensor
-from ._common import pick_device, suffix, tensor_arg
+from ._common import pick_device, stream_chunk, stream_count, suffix, tensor_arg
 from .arith import GRID_CAP, MAX_ELEMS, cached_kernel, empty, merge_dims
 
 SOURCE = "copy.metal"
@@ -54,10 +55,34 @@ def _vec_ok(t: Tensor) -> bool:
     return t.buffer.offset % (4 * t.dtype.itemsize) == 0
 
 
+def _flat(src: Tensor, dst: Tensor, n: int, src_off: int, dst_off: int) -> bool:
+    """One contiguous run of n elements: copy_flat (kernels/stream.h shape, 16-byte chunks of the
+    narrower type). False where the launch would exceed the grid (the caller's block copy then)."""
+    w = stream_chunk(src.dtype.itemsize, dst.dtype.itemsize)
+    aligned = (src.buffer.offset + src_off * src.dtype.itemsize) % 16 == 0 and \
+        (dst.buffer.offset + dst_off * dst.dtype.itemsize) % 16 == 0
+    nvec = n // w if aligned else 0
+    if src.dtype == dst.dtype:
+        name = f"copy_fwd_{suffix(src.dtype)}_flat"
+    else:
+        name = f"cast_fwd_to{suffix(dst.dtype)}_{suffix(src.dtype)}_flat"
+    k = cached_kernel(src.device, SOURCE, name)
+    count = stream_count(n, w, nvec)
+    if count > MAX_GRID_THREADS:
+        return False
+    p = CopyParams(n=n, rows=1, cols=n, vec=nvec, src_pitch=n, dst_pitch=n, src_off=src_off,
+                   dst_off=dst_off)
+    k(count, src.buffer, dst.buffer, p)
+    return True
+
+
 def _block(src: Tensor, dst: Tensor, rows: int, cols: int, src_pitch: int, dst_pitch: int,
            src_off: int, dst_off: int) -> None:
     """dst[dst_off + r * dst_pitch + c] = src[src_off + r * src_pitch + c] (cast to dst's type)."""
     if rows * cols == 0:
+        return
+    if (rows == 1 or src_pitch == dst_pitch == cols) and _flat(src, dst, rows * cols, src_off,
+                                                               dst_off):
         return
     vec = 4 if all(v % 4 == 0 for v in (cols, src_pitch, dst_pitch, src_off, dst_off)) \
         and _vec_ok(src) and _vec_ok(dst) else 1

@@ -17,8 +17,9 @@ import numpy as np
 
 from ..params import DropoutParams
 from ..runtime import Device
+from ..runtime.core import MAX_GRID_THREADS
 from ..tensor import Tensor
-from ._common import pick_device, suffix, tensor_arg
+from ._common import pick_device, stream_chunk, stream_nvec, stream_vthreads, suffix, tensor_arg
 from .arith import GRID_CAP, MAX_ELEMS, cached_kernel, empty
 from .copy import copy
 
@@ -50,13 +51,24 @@ def _run(name: str, x: Tensor, p: float, seed: int, offset: int, inner: int | No
     if x.size == 0:
         return out
     prm = _params(x.size, p, seed, offset)
-    prm.vec = int(all(t.buffer.offset % (4 * t.dtype.itemsize) == 0 for t in (x, out)))
+    k = cached_kernel(x.device, SOURCE, f"{name}_{suffix(x.dtype)}")
+    # stream.h path: nvec 16-byte chunks of w elements (w / 4 Philox blocks each); dropout then
+    # does the leftover blocks with one thread each, dropout2d needs whole chunks per channel
+    w = stream_chunk(x.dtype.itemsize)
+    nvec = stream_nvec(x.size, w, (x, out))
     if inner is not None:
         prm.inner = inner
         prm.channels = x.size // inner
         prm.items = prm.channels * -(-inner // 4)
-    k = cached_kernel(x.device, SOURCE, f"{name}_{suffix(x.dtype)}")
-    k(min(prm.items, GRID_CAP), x.buffer, out.buffer, prm)
+        if inner % w:
+            nvec = 0
+    count = stream_vthreads(nvec) + (prm.items - nvec * w // 4) if nvec else 0
+    if nvec and count <= MAX_GRID_THREADS:
+        prm.vec = nvec
+        k(count, x.buffer, out.buffer, prm)
+    else:
+        prm.vec = 0
+        k(min(prm.items, GRID_CAP), x.buffer, out.buffer, prm)
     return out
 
 

@@ -41,7 +41,9 @@ _MAX_THREADS = 2**32 - 1024
 @dataclass(frozen=True)
 class Tile:
     """One instantiated tile shape of gemm_tiled: BM x BN outputs per threadgroup, BK-deep
-    slices; `efficiency` is its FMA rate relative to 128x128 (fewer FMAs per shared load).
+    slices; `efficiency` is its FMA rate relative to 128x128 (fewer FMAs per shared load) and
+    `fixed_k` a per-threadgroup cost in K terms (a deeper prefetch's prologue / epilogue), so that
+    a threadgroup covering kspan terms of K costs BM * BN * (kspan + fixed_k) / efficiency.
     Kernels gemm_fwd_<name>[_splitk]_<variant> and gemm_fwd_splitk_sum_<variant> of `source`
     (benchmarks/dev_gemm.py points it at candidate kernel files)."""
 
@@ -52,12 +54,22 @@ class Tile:
     efficiency: float
     source: str = SOURCE
     variants: tuple[str, ...] | None = None  # instantiated only for these (None: all)
+    fixed_k: int = 0
 
     def supports(self, variant: str) -> bool:
         return self.variants is None or variant in self.variants
 
 
-TILES = {t.name: t for t in (Tile("128x128", 128, 128, 8, 1.0), Tile("64x64", 64, 64, 16, 0.6))}
+# 128x128k16 (BK = 16: half the slices' loop / barrier overhead) from the H200 sweep of
+# benchmarks/dev_gemm.py (2026-11-26, docs/results/h200-2026-11-26/dev_gemm.log), float,
+# 128x128k16 vs 128x128 TFLOP/s: forward 256x4096x4096 at k_splits 4 33.6 vs 31.2, grad_x 34.2 vs
+# 32.1, but grad_w (K = 256, unsplit) 31.7 vs 32.6. Those three fit efficiency 1.11 with a fixed
+# cost of 38 K terms, so long K spans take it and short ones keep 128x128. fp16 storage with
+# float accumulation (half) measured no gain (forward 27.4 vs 28.6), so it is not instantiated
+# there; hacc_half gains 1-4%.
+TILES = {t.name: t for t in (Tile("128x128", 128, 128, 8, 1.0), Tile("64x64", 64, 64, 16, 0.6),
+                             Tile("128x128k16", 128, 128, 16, 1.11, variants=("float", "hacc_half"),
+                                  fixed_k=38))}
 MAX_SPLITS = 16
 MIN_SPLIT_SLICES = 16  # a split-K part covers at least this many BK slices
 
@@ -106,7 +118,7 @@ def plan(dev: Device, m: int, n: int, k: int, batch: int, reduce_batch: bool,
             splits = list(range(1, most + 1))
         for s in splits:
             waves = math.ceil(tiles * s / units)
-            cost = waves * t.bm * t.bn * t.bk * math.ceil(slices / s) / t.efficiency
+            cost = waves * t.bm * t.bn * (t.bk * math.ceil(slices / s) + t.fixed_k) / t.efficiency
             if s > 1:
                 cost += 0.25 * (s + 2) * m * n * nb + 2**19
             if best is None or cost < best[0]:

@@ -22,11 +22,20 @@ import numpy as np
 from ..params import NeuronParams
 from ..runtime.core import MAX_GRID_THREADS
 from ..tensor import Tensor
-from ._common import kernel, out_like, pick_device, suffix, tensor_arg
+from ._common import (
+    out_like,
+    pick_device,
+    stream_chunk,
+    stream_count,
+    stream_nvec,
+    strided_out,
+    suffix,
+    tensor_arg,
+)
+from .arith import cached_kernel
 
 SOURCE = "neuron.metal"
 FLOATS = (np.float32, np.float16)
-VEC = 8  # elements per vector thread in neuron.metal
 
 
 def _scalar(v: Any, name: str, nonzero: bool = False) -> float:
@@ -41,12 +50,29 @@ def _scalar(v: Any, name: str, nonzero: bool = False) -> float:
     return f
 
 
-def _params(n: int, a: float, b: float, *tensors: Tensor) -> tuple[int, NeuronParams]:
-    """Launch count and params. The vector path needs each buffer 4-vector aligned, true of every
-    fresh tensor; a view at an odd offset (e.g. a piece of split) runs all-scalar instead."""
-    align = 4 * tensors[0].dtype.itemsize
-    nvec = n // VEC if all(t.buffer.offset % align == 0 for t in tensors) else 0
-    return n - (VEC - 1) * nvec, NeuronParams(n=n, nvec=nvec, a=a, b=b)
+def _params(k: Any, n: int, a: float, b: float, *tensors: Tensor, inner: int = 0,
+            x_nstride: int = 0, y_nstride: int = 0) -> tuple[int, NeuronParams]:
+    """Launch count and params (kernels/stream.h). The vector path needs each buffer 16-byte
+    aligned, true of every fresh tensor; a view at another offset (e.g. a piece of split) runs
+    all-scalar instead, and so does a strided x or y (images x_nstride / y_nstride apart)."""
+    w = stream_chunk(tensors[0].dtype.itemsize)
+    nvec = 0 if (x_nstride or y_nstride) else stream_nvec(n, w, tensors)
+    return stream_count(n, w, nvec), NeuronParams(
+        n=n, nvec=nvec, a=a, b=b, inner=inner, x_nstride=x_nstride, y_nstride=y_nstride)
+
+
+def _batch_stride(t: Tensor, stride: Any, name: str) -> tuple[int, int]:
+    """(inner, nstride) of a tensor whose images lie `stride` elements apart (None: contiguous)."""
+    if stride is None or t.ndim < 2 or t.shape[0] <= 1:
+        return 0, 0
+    inner = int(np.prod(t.shape[1:]))
+    stride = int(stride)
+    if stride < inner:
+        raise ValueError(f"{name}: {stride} elements, less than one image's {inner}")
+    if t.buffer.nbytes < ((t.shape[0] - 1) * stride + inner) * t.dtype.itemsize:
+        raise ValueError(f"{name}: {t.buffer.nbytes} bytes of buffer, too few for {t.shape} with "
+                         f"batch stride {stride}")
+    return (inner, 0) if stride == inner else (inner, stride)
 
 
 def _check_size(xt: Tensor) -> None:
@@ -54,20 +80,27 @@ def _check_size(xt: Tensor) -> None:
         raise ValueError(f"x: {xt.size} elements, at most {MAX_GRID_THREADS} are supported")
 
 
-def _fwd(op: str, x: Any, a: float = 0.0, b: float = 0.0, variant: str = "") -> Tensor:
+def _fwd(op: str, x: Any, a: float = 0.0, b: float = 0.0, variant: str = "", out: Any = None,
+         out_batch_stride: Any = None) -> Tensor:
     dev = pick_device(x)
     xt = tensor_arg(x, dev, "x", FLOATS)
     _check_size(xt)
-    y = out_like(xt.shape, xt.dtype, dev)
+    if out is None and out_batch_stride is None:
+        y, (inner, ns) = out_like(xt.shape, xt.dtype, dev), (0, 0)
+    else:
+        if xt.ndim < 2:
+            raise ValueError("out: needs a batched x (N, ...)")
+        y, ns = strided_out(out, out_batch_stride, xt.shape, xt.dtype, dev)
+        inner = int(np.prod(xt.shape[1:]))
     if xt.size:
-        k = kernel(dev, SOURCE, f"{op}_fwd{variant}_{suffix(xt.dtype)}")
-        count, q = _params(xt.size, a, b, xt, y)
+        k = cached_kernel(dev, SOURCE, f"{op}_fwd{variant}_{suffix(xt.dtype)}")
+        count, q = _params(k, xt.size, a, b, xt, y, inner=inner, y_nstride=ns)
         k(count, xt.buffer, y.buffer, q)
     return y
 
 
-def _bwd(op: str, grad_out: Any, x: Any, a: float = 0.0, b: float = 0.0, variant: str = ""
-         ) -> Tensor:
+def _bwd(op: str, grad_out: Any, x: Any, a: float = 0.0, b: float = 0.0, variant: str = "",
+         x_batch_stride: Any = None) -> Tensor:
     dev = pick_device(grad_out, x)
     gt = tensor_arg(grad_out, dev, "grad_out", FLOATS)
     xt = tensor_arg(x, dev, "x", FLOATS)
@@ -78,8 +111,9 @@ def _bwd(op: str, grad_out: Any, x: Any, a: float = 0.0, b: float = 0.0, variant
     _check_size(xt)
     dx = out_like(xt.shape, xt.dtype, dev)
     if xt.size:
-        k = kernel(dev, SOURCE, f"{op}_bwd{variant}_{suffix(xt.dtype)}")
-        count, q = _params(xt.size, a, b, gt, xt, dx)
+        k = cached_kernel(dev, SOURCE, f"{op}_bwd{variant}_{suffix(xt.dtype)}")
+        inner, ns = _batch_stride(xt, x_batch_stride, "y_batch_stride")
+        count, q = _params(k, xt.size, a, b, gt, xt, dx, inner=inner, x_nstride=ns)
         k(count, gt.buffer, xt.buffer, dx.buffer, q)
     return dx
 
@@ -136,35 +170,42 @@ def activation_backward(grad_out: Any, y: Any, activation: Any) -> Any:
     return globals()[f"{name}_backward_from_output"](grad_out, y, **params)
 
 
-def relu_backward_from_output(grad_out: Any, y: Any) -> Tensor:
-    """grad_x = grad_out where y = relu(x) > 0, else 0 (the same as from x)."""
-    return _bwd("relu", grad_out, y, variant="y")
+def relu_backward_from_output(grad_out: Any, y: Any, y_batch_stride: int | None = None
+                              ) -> Tensor:
+    """grad_x = grad_out where y = relu(x) > 0, else 0 (the same as from x). y_batch_stride (all
+    the *_backward_from_output): y's images lie that many elements apart (y written with out=,
+    out_batch_stride= into a channel slice); grad_out and the result are contiguous."""
+    return _bwd("relu", grad_out, y, variant="y", x_batch_stride=y_batch_stride)
 
 
-def leaky_relu_backward_from_output(grad_out: Any, y: Any, negative_slope: float = 0.01
-                                    ) -> Tensor:
+def leaky_relu_backward_from_output(grad_out: Any, y: Any, negative_slope: float = 0.01,
+                                    y_batch_stride: int | None = None) -> Tensor:
     """grad_x = grad_out if y > 0 else negative_slope * grad_out, y = leaky_relu(x); needs
     negative_slope >= 0 (then y > 0 iff x > 0)."""
     a = _scalar(negative_slope, "negative_slope")
     if a < 0:
         raise ValueError(f"negative_slope: the gradient from the output needs a slope >= 0, "
                          f"got {negative_slope!r}")
-    return _bwd("leaky_relu", grad_out, y, a, variant="y")
+    return _bwd("leaky_relu", grad_out, y, a, variant="y", x_batch_stride=y_batch_stride)
 
 
-def sigmoid_backward_from_output(grad_out: Any, y: Any) -> Tensor:
+def sigmoid_backward_from_output(grad_out: Any, y: Any, y_batch_stride: int | None = None
+                                 ) -> Tensor:
     """grad_x = grad_out * y (1 - y), y = sigmoid(x)."""
-    return _bwd("sigmoid", grad_out, y, variant="y")
+    return _bwd("sigmoid", grad_out, y, variant="y", x_batch_stride=y_batch_stride)
 
 
-def tanh_backward_from_output(grad_out: Any, y: Any) -> Tensor:
+def tanh_backward_from_output(grad_out: Any, y: Any, y_batch_stride: int | None = None
+                              ) -> Tensor:
     """grad_x = grad_out * (1 - y^2), y = tanh(x)."""
-    return _bwd("tanh", grad_out, y, variant="y")
+    return _bwd("tanh", grad_out, y, variant="y", x_batch_stride=y_batch_stride)
 
 
-def relu(x: Any) -> Tensor:
-    """relu(x) = max(x, 0) (NaN stays NaN)."""
-    return _fwd("relu", x)
+def relu(x: Any, out: Any = None, out_batch_stride: int | None = None) -> Tensor:
+    """relu(x) = max(x, 0) (NaN stays NaN). out=, out_batch_stride= (relu, leaky_relu, sigmoid,
+    tanh): write y into out, images that many elements apart (a channel slice of a larger
+    tensor; see pymetalnn.ops._common.strided_out)."""
+    return _fwd("relu", x, out=out, out_batch_stride=out_batch_stride)
 
 
 def relu_backward(grad_out: Any, x: Any) -> Tensor:
@@ -172,9 +213,11 @@ def relu_backward(grad_out: Any, x: Any) -> Tensor:
     return _bwd("relu", grad_out, x)
 
 
-def leaky_relu(x: Any, negative_slope: float = 0.01) -> Tensor:
+def leaky_relu(x: Any, negative_slope: float = 0.01, out: Any = None,
+               out_batch_stride: int | None = None) -> Tensor:
     """leaky_relu(x) = x if x > 0 else negative_slope * x."""
-    return _fwd("leaky_relu", x, _scalar(negative_slope, "negative_slope"))
+    return _fwd("leaky_relu", x, _scalar(negative_slope, "negative_slope"), out=out,
+                out_batch_stride=out_batch_stride)
 
 
 def leaky_relu_backward(grad_out: Any, x: Any, negative_slope: float = 0.01) -> Tensor:
@@ -192,9 +235,9 @@ def elu_backward(grad_out: Any, x: Any, alpha: float = 1.0) -> Tensor:
     return _bwd("elu", grad_out, x, _scalar(alpha, "alpha"))
 
 
-def sigmoid(x: Any) -> Tensor:
+def sigmoid(x: Any, out: Any = None, out_batch_stride: int | None = None) -> Tensor:
     """sigmoid(x) = 1 / (1 + exp(-x))."""
-    return _fwd("sigmoid", x)
+    return _fwd("sigmoid", x, out=out, out_batch_stride=out_batch_stride)
 
 
 def sigmoid_backward(grad_out: Any, x: Any) -> Tensor:
@@ -202,9 +245,9 @@ def sigmoid_backward(grad_out: Any, x: Any) -> Tensor:
     return _bwd("sigmoid", grad_out, x)
 
 
-def tanh(x: Any) -> Tensor:
+def tanh(x: Any, out: Any = None, out_batch_stride: int | None = None) -> Tensor:
     """tanh(x)."""
-    return _fwd("tanh", x)
+    return _fwd("tanh", x, out=out, out_batch_stride=out_batch_stride)
 
 
 def tanh_backward(grad_out: Any, x: Any) -> Tensor:

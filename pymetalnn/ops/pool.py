@@ -17,7 +17,7 @@ import numpy as np
 from ..params import AdaptivePool2dParams, Pool2dParams
 from ..runtime.core import MAX_GRID_THREADS
 from ..tensor import Tensor
-from ._common import kernel, out_like, pick_device, positive_ints, suffix, tensor_arg
+from ._common import kernel, out_like, pick_device, positive_ints, strided_out, suffix, tensor_arg
 
 SOURCE = "pool.metal"
 FLOATS = (np.float32, np.float16)
@@ -126,18 +126,31 @@ def _grad_arg(grad_out: Any, x4: Tensor, dev: Any, shape: tuple[int, ...]) -> Te
 
 # ---- max ------------------------------------------------------------------------------------
 def _max_fwd(x: Any, one_d: bool, kernel_size: Any, stride: Any, padding: Any, dilation: Any,
-             ceil_mode: bool, return_indices: bool) -> Tensor | tuple[Tensor, Tensor]:
+             ceil_mode: bool, return_indices: bool, out: Any = None, out_batch_stride: Any = None
+             ) -> Tensor | tuple[Tensor, Tensor]:
     dev = pick_device(x)
     x4, prefix, _ = _as_4d(x, dev, "x", one_d)
     q = _geometry(x4, one_d, kernel_size, stride, padding, dilation, ceil_mode)
     shape = _out_shape(prefix, q, one_d)
-    y = out_like(shape, x4.dtype, dev)
+    y = _pool_out(out, out_batch_stride, shape, x4, q, one_d, dev)
     idx = out_like(shape if return_indices else (1,), np.int32, dev)
     q.flags = POOL_WRITE_INDICES if return_indices else 0
     if y.size:
         kernel(dev, SOURCE, f"max_pool2d_fwd_{suffix(x4.dtype)}")(y.size, x4.buffer, y.buffer,
                                                                   idx.buffer, q)
     return (y, idx) if return_indices else y
+
+
+def _pool_out(out: Any, out_batch_stride: Any, shape: tuple[int, ...], x4: Tensor, q: Any,
+              one_d: bool, dev: Any) -> Tensor:
+    """The forward result: new, or out= with a batch stride (q.out_C / q.out_nstride)."""
+    if out is None or len(shape) < (3 if one_d else 4):
+        if out is not None:
+            raise ValueError("out: needs a batched input ((N, C, H, W), or (N, C, L) for 1-d)")
+        return out_like(shape, x4.dtype, dev)
+    y, q.out_nstride = strided_out(out, out_batch_stride, shape, x4.dtype, dev)
+    q.out_C = x4.shape[1]
+    return y
 
 
 def _max_bwd(grad_out: Any, x: Any, one_d: bool, kernel_size: Any, stride: Any, padding: Any,
@@ -165,12 +178,17 @@ def _max_bwd(grad_out: Any, x: Any, one_d: bool, kernel_size: Any, stride: Any, 
 
 
 def max_pool2d(x: Any, kernel_size: Any, stride: Any = None, padding: Any = 0, dilation: Any = 1,
-               ceil_mode: bool = False, return_indices: bool = False
-               ) -> Tensor | tuple[Tensor, Tensor]:
+               ceil_mode: bool = False, return_indices: bool = False, out: Any = None,
+               out_batch_stride: int | None = None) -> Tensor | tuple[Tensor, Tensor]:
     """y[n, c, oh, ow] = max over r < kH, s < kW of x[n, c, oh*sH - pH + r*dH, ow*sW - pW + s*dW]
     (taps in the padding skipped). x is (N, C, H, W) or (C, H, W); stride defaults to kernel_size.
-    With return_indices, also the int32 argmax h*W + w per output (first maximum on ties)."""
-    return _max_fwd(x, False, kernel_size, stride, padding, dilation, ceil_mode, return_indices)
+    With return_indices, also the int32 argmax h*W + w per output (first maximum on ties; the
+    indices are always a new contiguous tensor).
+    out= (x batched): write y there instead, `out_batch_stride` elements between images (e.g. a
+    view at channel c0 of a larger (N, C', OH, OW) tensor with stride C' * OH * OW: a channel
+    slice of a concatenation); see pymetalnn.ops._common.strided_out."""
+    return _max_fwd(x, False, kernel_size, stride, padding, dilation, ceil_mode, return_indices,
+                    out, out_batch_stride)
 
 
 def max_pool2d_backward(grad_out: Any, x: Any, kernel_size: Any, stride: Any = None,
@@ -208,12 +226,13 @@ def _avg_geometry(x4: Tensor, one_d: bool, kernel_size: Any, stride: Any, paddin
 
 
 def _avg_fwd(x: Any, one_d: bool, kernel_size: Any, stride: Any, padding: Any, ceil_mode: bool,
-             count_include_pad: bool, divisor_override: Any) -> Tensor:
+             count_include_pad: bool, divisor_override: Any, out: Any = None,
+             out_batch_stride: Any = None) -> Tensor:
     dev = pick_device(x)
     x4, prefix, _ = _as_4d(x, dev, "x", one_d)
     q = _avg_geometry(x4, one_d, kernel_size, stride, padding, ceil_mode, count_include_pad,
                       divisor_override)
-    y = out_like(_out_shape(prefix, q, one_d), x4.dtype, dev)
+    y = _pool_out(out, out_batch_stride, _out_shape(prefix, q, one_d), x4, q, one_d, dev)
     if y.size:
         kernel(dev, SOURCE, f"avg_pool2d_fwd_{suffix(x4.dtype)}")(y.size, x4.buffer, y.buffer, q)
     return y
@@ -234,12 +253,14 @@ def _avg_bwd(grad_out: Any, x: Any, one_d: bool, kernel_size: Any, stride: Any, 
 
 def avg_pool2d(x: Any, kernel_size: Any, stride: Any = None, padding: Any = 0,
                ceil_mode: bool = False, count_include_pad: bool = True,
-               divisor_override: int | None = None) -> Tensor:
+               divisor_override: int | None = None, out: Any = None,
+               out_batch_stride: int | None = None) -> Tensor:
     """y[n, c, oh, ow] = (sum of x over the window clipped to the input) / divisor, where the
     divisor is divisor_override, else the window's size clipped to the padded input
-    (count_include_pad=True) or to the input (False; MPS's "exclude edges")."""
+    (count_include_pad=True) or to the input (False; MPS's "exclude edges").
+    out=, out_batch_stride: as max_pool2d's (write into a channel slice)."""
     return _avg_fwd(x, False, kernel_size, stride, padding, ceil_mode, count_include_pad,
-                    divisor_override)
+                    divisor_override, out, out_batch_stride)
 
 
 def avg_pool2d_backward(grad_out: Any, x: Any, kernel_size: Any, stride: Any = None,

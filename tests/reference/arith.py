@@ -14,6 +14,8 @@ from typing import Callable
 
 import numpy as np
 
+from ._common import numeric_grad as numeric_grad
+
 FORWARD: dict[str, Callable[[float, float], float]] = {
     "add": lambda a, b: a + b,
     "sub": lambda a, b: a - b,
@@ -97,18 +99,3 @@ def reduce_sum_backward(g: np.ndarray, x_shape: tuple, dims: tuple, keepdim: boo
         k = tuple(0 if d in dims else v for d, v in enumerate(i))
         out[i] = g[k] / count if mean else g[k]
     return out
-
-
-def numeric_grad(f: Callable[[], float], x: np.ndarray, eps: float = 1e-6) -> np.ndarray:
-    """Central differences of the scalar f() with respect to every element of x (changed in place
-    and restored)."""
-    grad = np.zeros(x.shape)
-    for i in np.ndindex(*x.shape):
-        old = x[i]
-        x[i] = old + eps
-        hi = f()
-        x[i] = old - eps
-        lo = f()
-        x[i] = old
-        grad[i] = (hi - lo) / (2 * eps)
-    return grad

@@ -10,6 +10,8 @@ from typing import Callable
 
 import numpy as np
 
+from ._common import numeric_grad as numeric_grad
+
 Index = tuple
 
 
@@ -114,16 +116,3 @@ def sequence_to_list(x: np.ndarray) -> list[np.ndarray]:
     t_, n_, f_ = x.shape
     return [gather((n_, f_), lambda i, t=t: (0, (t, *i)), [np.asarray(x, np.float64)])
             for t in range(t_)]
-
-
-def numeric_grad(f: Callable[[], float], x: np.ndarray, eps: float = 1e-6) -> np.ndarray:
-    grad = np.zeros(x.shape)
-    for i in np.ndindex(*x.shape):
-        old = x[i]
-        x[i] = old + eps
-        hi = f()
-        x[i] = old - eps
-        lo = f()
-        x[i] = old
-        grad[i] = (hi - lo) / (2 * eps)
-    return grad

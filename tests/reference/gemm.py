@@ -11,6 +11,8 @@ from typing import Callable
 
 import numpy as np
 
+from . import _common
+
 F64 = np.float64
 
 
@@ -104,14 +106,4 @@ def half_accumulate_matmul(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 def numeric_grad(f: Callable[[np.ndarray], float], x: np.ndarray, eps: float = 1e-6) -> np.ndarray:
     """Central differences of the scalar function f at x (float64)."""
     x = np.array(x, F64)
-    grad = np.zeros_like(x)
-    flat, gflat = x.reshape(-1), grad.reshape(-1)
-    for i in range(flat.size):
-        orig = flat[i]
-        flat[i] = orig + eps
-        fp = f(x)
-        flat[i] = orig - eps
-        fm = f(x)
-        flat[i] = orig
-        gflat[i] = (fp - fm) / (2 * eps)
-    return grad
+    return _common.numeric_grad(lambda: f(x), x, eps)

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from ._common import finite_difference as finite_difference
+
 POINTWISE = ("mse_loss", "l1_loss", "huber_loss", "bce_with_logits", "hinge_loss", "kl_div",
              "log_loss")
 CLASS_AXIS = ("cross_entropy", "categorical_cross_entropy", "cosine_distance")
@@ -197,19 +199,3 @@ def backward(name: str, grad, x: np.ndarray, t: np.ndarray, w: np.ndarray | None
     if name in POINTWISE:
         return coef * dg
     return dg * coef[:, None]
-
-
-def finite_difference(f, x: np.ndarray, h: float = 1e-6) -> np.ndarray:
-    """Central differences of the scalar f(x) w.r.t. every element of x (float64)."""
-    x = np.array(x, np.float64)
-    g = np.zeros_like(x)
-    flat, gf = x.reshape(-1), g.reshape(-1)
-    for k in range(flat.size):
-        old = flat[k]
-        flat[k] = old + h
-        fp = float(f(x))
-        flat[k] = old - h
-        fm = float(f(x))
-        flat[k] = old
-        gf[k] = (fp - fm) / (2 * h)
-    return g

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from ._common import finite_difference as finite_difference
+
 
 def _axes(x: np.ndarray) -> tuple[int, ...]:
     return (0,) + tuple(range(2, x.ndim))
@@ -112,19 +114,3 @@ def group_norm_backward(dy, x, groups, w=None, eps=1e-5):
     xhat = (xc / np.sqrt(var + eps)).reshape(x.shape)
     ax = _axes(x)
     return dx, np.sum(dy * xhat, axis=ax), np.sum(dy, axis=ax)
-
-
-def finite_difference(f, x: np.ndarray, h: float = 1e-6) -> np.ndarray:
-    """Central differences of the scalar f(x) w.r.t. every element of x (float64)."""
-    x = np.array(x, np.float64)
-    g = np.zeros_like(x)
-    flat, gf = x.reshape(-1), g.reshape(-1)
-    for k in range(flat.size):
-        old = flat[k]
-        flat[k] = old + h
-        fp = float(f(x))
-        flat[k] = old - h
-        fm = float(f(x))
-        flat[k] = old
-        gf[k] = (fp - fm) / (2 * h)
-    return g

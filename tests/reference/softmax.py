@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from . import _common
+
 
 def softmax(x: np.ndarray, dim: int) -> np.ndarray:
     x = np.asarray(x, np.float64)
@@ -49,15 +51,4 @@ def log_softmax_backward(dy: np.ndarray, x: np.ndarray, dim: int) -> np.ndarray:
 
 def finite_difference(f, x: np.ndarray, dy: np.ndarray, h: float = 1e-6) -> np.ndarray:
     """Central differences of sum(dy * f(x)) w.r.t. every element of x (float64)."""
-    x = np.array(x, np.float64)
-    g = np.zeros_like(x)
-    flat, gf = x.reshape(-1), g.reshape(-1)
-    for k in range(flat.size):
-        old = flat[k]
-        flat[k] = old + h
-        fp = float((dy * f(x)).sum())
-        flat[k] = old - h
-        fm = float((dy * f(x)).sum())
-        flat[k] = old
-        gf[k] = (fp - fm) / (2 * h)
-    return g
+    return _common.finite_difference(lambda z: (dy * f(z)).sum(), x, h)
