@@ -171,3 +171,21 @@ def test_allocation_hook_serves_planned_buffers(dev) -> None:
     a.write(np.arange(16, dtype=np.float32))
     k(16, a, ScaleParams(16, 2.0))
     np.testing.assert_array_equal(arena.numpy(np.float32)[64:80], np.arange(16) * np.float32(2))
+
+
+def test_write_async_is_ordered_with_kernels(dev) -> None:
+    """write_async lands after the work queued before it and before the work queued after."""
+    k = dev.library(SCALE).kernel("scale_float")
+    n = 4096
+    buf = dev.buffer(np.ones(n, np.float32))
+    k(n, buf, ScaleParams(n, 3.0))                      # 3
+    src = np.full(n, 5.0, np.float32)
+    dev.write_async(buf, src)                           # 5 (overwrites the 3s)
+    src[:] = -1.0                                       # the copy was taken already
+    k(n, buf, ScaleParams(n, 2.0))                      # 10
+    dev.write_async(buf, np.full(8, 7.0, np.float32), offset=4 * 8)
+    np.testing.assert_array_equal(buf.numpy(np.float32)[:8], np.full(8, 10.0, np.float32))
+    np.testing.assert_array_equal(buf.numpy(np.float32)[8:16], np.full(8, 7.0, np.float32))
+    np.testing.assert_array_equal(buf.numpy(np.float32)[16:], np.full(n - 16, 10.0, np.float32))
+    with pytest.raises(ValueError, match="data"):
+        dev.write_async(buf, np.zeros(n + 1, np.float32))

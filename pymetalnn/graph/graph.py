@@ -470,19 +470,8 @@ class Graph:
 
     # ---- inputs ----------------------------------------------------------------------------------
     def _write(self, t: Tensor, arr: np.ndarray) -> None:
-        """Copy host data into t ordered with the queued work, without waiting for it where the
-        backend allows: Device.write_async if the runtime has it; on cpu a copy run by the queue
-        thread in order (Device.signal); else Buffer.write (which waits for the queue)."""
-        dev = self.device
-        raw = np.array(arr, dtype=t.dtype, copy=True, order="C").reshape(-1).view(np.uint8)
-        wa = getattr(dev, "write_async", None)
-        if wa is not None:
-            wa(t.buffer, raw)
-        elif dev.name == "cpu" and hasattr(dev, "signal") and t.buffer.offset == 0:
-            h = t.buffer.handle
-            dev.signal(lambda: h.__setitem__(slice(0, raw.nbytes), raw))
-        else:
-            t.buffer.write(raw)
+        """Copy host data into t ordered with the queued work, without waiting for it."""
+        self.device.write_async(t.buffer, np.array(arr, dtype=t.dtype, copy=True, order="C"))
 
     def _upload(self, arr: np.ndarray, dtype: Any) -> Tensor:
         t = Tensor(self.device.buffer(max(arr.nbytes, 1) if arr.size else 0), arr.shape, dtype)
@@ -743,9 +732,9 @@ class Graph:
         return [env[self._eff(v)] for v in self.outputs]
 
     def _check_routed(self, st: Step, i: int, prog: _Program, outs: list[Any]) -> None:
-        for k, handle in prog.checks[i]:
+        for k, slot in prog.checks[i]:
             t = outs[k]
-            if not isinstance(t, Tensor) or t.buffer.base.handle is not handle:
+            if not isinstance(t, Tensor) or not M.same_slot(t.buffer, slot):
                 raise GraphError(st.node, f"memory plan mismatch in step {i} ({st.kind}): "
                                           f"{st.outs[k].name} did not land in its planned slot "
                                           "(the op's allocations changed since calibration); "

@@ -22,10 +22,11 @@ output is checked after its step.
 from __future__ import annotations
 
 import contextlib
-import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
+
+from ..runtime import Buffer
 
 ALIGN = 256
 
@@ -131,53 +132,42 @@ class MemoryReport:
 # ---- the allocation hook ------------------------------------------------------------------------
 
 class AllocHook:
-    """Intercepts `device._alloc` (the one allocation entry point of every backend) on the
-    calling thread: records requests, or serves planned slots for expected ones.
+    """Serves the graph's planned slots through the runtime's allocation hook
+    (`Device.allocation_hook`, which sees every `dev.buffer(nbytes)` on the calling thread, i.e.
+    every op's output): records requests, or serves planned Buffers for expected ones.
 
     A step's expected requests are keyed by (size, ordinal among the step's requests of that
     size), as seen in the calibration run: robust to unrelated requests of other sizes."""
 
     def __init__(self, dev: Any):
         self.dev = dev
-        self.owner = threading.get_ident()
-        self.record: list[tuple[int, Any]] | None = None
-        self.expect: dict[tuple[int, int], Any] = {}  # (nbytes, ordinal) -> handle
+        self.record: list[tuple[int, Buffer]] | None = None
+        self.expect: dict[tuple[int, int], Buffer] = {}  # (nbytes, ordinal) -> planned slot
         self.seen: dict[int, int] = {}
-        self.keep: list[Any] | None = None
+        self.keep: list[Buffer] | None = None
         self.skip: set[tuple[int, int]] = set()  # calibration requests no longer made (out=)
 
     @contextlib.contextmanager
     def installed(self) -> Iterator[AllocHook]:
-        dev = self.dev
-        if "_alloc" in vars(dev):
-            raise RuntimeError("another allocation hook is installed on this device")
-        orig = dev._alloc
-        self.owner = threading.get_ident()
-
-        def hook(nbytes: int, zero: bool) -> Any:
-            if threading.get_ident() != self.owner:
-                return orig(nbytes, zero)
-            k = self.seen.get(nbytes, 0)
-            while (nbytes, k) in self.skip:
-                k += 1
-            self.seen[nbytes] = k + 1
-            handle = self.expect.get((nbytes, k))
-            if handle is not None:
-                return handle  # a planned output: the kernels overwrite it, no zero fill
-            h = orig(nbytes, zero)
-            if self.record is not None:
-                self.record.append((nbytes, h))
-            if self.keep is not None:
-                self.keep.append(h)
-            return h
-
-        dev._alloc = hook
-        try:
+        with self.dev.allocation_hook(self._serve):
             yield self
-        finally:
-            del dev._alloc
 
-    def start_step(self, expect: dict[tuple[int, int], Any] | None, record: bool) -> None:
+    def _serve(self, nbytes: int, zero: bool, allocate: Callable[[], Buffer]) -> Buffer:
+        k = self.seen.get(nbytes, 0)
+        while (nbytes, k) in self.skip:
+            k += 1
+        self.seen[nbytes] = k + 1
+        slot = self.expect.get((nbytes, k))
+        if slot is not None:
+            return slot  # a planned output: the kernels overwrite it, no zero fill
+        buf = allocate()
+        if self.record is not None:
+            self.record.append((nbytes, buf))
+        if self.keep is not None:
+            self.keep.append(buf)
+        return buf
+
+    def start_step(self, expect: dict[tuple[int, int], Buffer] | None, record: bool) -> None:
         self.expect = expect or {}
         self.seen = {}
         self.skip = set()
@@ -193,21 +183,22 @@ def ordinals(allocs: list[tuple[int, Any]]) -> list[tuple[int, int]]:
     """(nbytes, ordinal among the requests of that size) of each request, in order."""
     seen: dict[int, int] = {}
     out = []
-    for nb, _h in allocs:
+    for nb, _b in allocs:
         k = seen.get(nb, 0)
         seen[nb] = k + 1
         out.append((nb, k))
     return out
 
 
-def subhandle(dev: Any, arena: Any, offset: int, nbytes: int) -> Any:
-    """A backend handle for bytes [offset, offset + nbytes) of the arena buffer's handle (what
-    `_alloc` would return for a buffer of its own), or None where the backend has no views."""
-    if not dev.supports_views:
-        return None
-    h = arena.handle
-    if dev.name == "cpu":
-        return h[offset:offset + nbytes]
-    if dev.name == "cuda":
-        return h + offset
-    return None
+def register_slot(reg: Buffer, nbytes: int) -> Buffer:
+    """The first `nbytes` of a whole-buffer-reuse register, as a Buffer of exactly that size: a
+    view where the backend has views, else a Buffer sharing the register's memory (binding
+    whole buffers, the kernels see the register itself)."""
+    if reg.device.supports_views:
+        return reg.view(0, nbytes)
+    return Buffer(reg.device, nbytes, reg.handle)
+
+
+def same_slot(buf: Buffer, slot: Buffer) -> bool:
+    """Whether `buf` starts at the planned slot (same base buffer, same byte offset)."""
+    return buf.base is slot.base and buf.offset == slot.offset

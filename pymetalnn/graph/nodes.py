@@ -1243,7 +1243,9 @@ class _RecurrentNode(FilterNode):
         return [out, work] if with_state else [out]
 
     def saved(self):
-        return [("state", 0)]
+        # the workspace references the op's input and (its last layer's h sequence) output: the
+        # backward reads them through it, so they must stay live (memory planning) until then
+        return [("state", 0), ("in", 0), ("out", 0)]
 
     def backward(self, rc, gouts, saved, need):
         ws = self.weights

@@ -177,24 +177,24 @@ def plan_memory(g: Any, prog: Any, calib: list[tuple[list, list]]) -> None:
     dev = g.device
     steps = g.steps
     prog.calibrated = True
-    handle_root: dict[int, Value] = {}
+    buf_root: dict[int, Value] = {}  # id of an allocated Buffer -> the value it became
     roots: dict[Value, tuple[int, int, int]] = {}  # value -> (step, request index, nbytes)
     alias: dict[Value, Value] = {}
     tensors: dict[Value, Tensor] = {}
     for i, (allocs, produced) in enumerate(calib):
-        index = {id(h): (j, nb) for j, (nb, h) in enumerate(allocs)}
+        index = {id(b): (j, nb) for j, (nb, b) in enumerate(allocs)}
         for v, t in produced:
             if not isinstance(t, Tensor):
                 continue
             tensors[v] = t
-            hid = id(t.buffer.base.handle)
-            if hid in index and hid not in handle_root:
-                j, nb = index[hid]
+            bid = id(t.buffer.base)
+            if bid in index and bid not in buf_root:
+                j, nb = index[bid]
                 roots[v] = (i, j, nb)
-                handle_root[hid] = v
+                buf_root[bid] = v
                 alias[v] = v
-            elif hid in handle_root:
-                alias[v] = handle_root[hid]
+            elif bid in buf_root:
+                alias[v] = buf_root[bid]
     keep = {g._eff(v) for v in g.outputs}
     excluded = {alias[v] for v in keep if v in alias}
     end: dict[Value, int] = {r: roots[r][0] for r in roots}
@@ -213,7 +213,7 @@ def plan_memory(g: Any, prog: Any, calib: list[tuple[list, list]]) -> None:
     eliminated: list[str] = []
     strided_pending: dict[int, tuple] = {}
     dropped = 0  # bytes of producers' results that became strided slices
-    views = dev.supports_views and dev.name in ("cpu", "cuda")
+    views = dev.supports_views
     if STRATEGY is not None:
         views = views and STRATEGY == "arena"
     if g.options["concat"]:
@@ -273,16 +273,16 @@ def plan_memory(g: Any, prog: Any, calib: list[tuple[list, list]]) -> None:
         prog.registers = [dev.buffer(max(s, 1)) for s in regs]
         strategy = "whole-buffer reuse"
         planned = sum(regs)
-    handles: dict[Value, Any] = {}
+    slots: dict[Value, Any] = {}  # value -> the planned Buffer its request is served
     for b in top:
         pieces = [(b, 0)] + [(c, o) for c, o in b.children]
         for blk, rel in pieces:
             r = blk.key
             nb = roots[r][2]
             if views:
-                handles[r] = M.subhandle(dev, prog.arena, b.offset + rel, nb)
+                slots[r] = prog.arena.view(b.offset + rel, nb)
             else:
-                handles[r] = prog.registers[b.register].handle
+                slots[r] = M.register_slot(prog.registers[b.register], nb)
     for j, (out, rel, ns, shape, dt, key) in strided_pending.items():
         n, per = shape[0], int(np.prod(shape[1:]))
         nb = ((n - 1) * ns + per) * dt.itemsize
@@ -294,11 +294,11 @@ def plan_memory(g: Any, prog: Any, calib: list[tuple[list, list]]) -> None:
     prog.expect = [None] * len(steps)
     prog.checks = [None] * len(steps)
     for i, lst in expect_idx.items():
-        exp = {key: handles[r] for key, r in lst if r in handles}
+        exp = {key: slots[r] for key, r in lst if r in slots}
         if exp:
             prog.expect[i] = exp
             idx = {v: n for n, v in enumerate(steps[i].outs)}
-            prog.checks[i] = [(idx[r], handles[r]) for _, r in lst if r in handles]
+            prog.checks[i] = [(idx[r], slots[r]) for _, r in lst if r in slots]
     if not any(e is not None for e in prog.expect) and not prog.views:
         prog.expect = []
     prog.report = M.MemoryReport(strategy, planned, naive, M.live_peak(top), len(blocks),

@@ -18,7 +18,7 @@ from typing import Any, Union
 import numpy as np
 
 from ..params import MAXD, ArithParams, ReduceParams
-from ..runtime import Buffer, Device, Kernel
+from ..runtime import Device, Kernel
 from ..runtime.core import MAX_GRID_THREADS
 from ..tensor import Tensor, tensor
 from ._common import kernel, pick_device, stream_chunk, stream_count, stream_nvec, suffix, tensor_arg
@@ -100,10 +100,10 @@ def cached_kernel(dev: Device, source: str, name: str) -> Kernel:
 
 def empty(shape: tuple[int, ...], dtype: Any, dev: Device) -> Tensor:
     """An output tensor without the runtime's zero fill: these ops write every element, and on a
-    GPU the fill would cost a quarter of a binary op's time (Device.buffer always zero-fills; the
-    backends' _alloc hook takes zero=False)."""
+    GPU the fill would cost a quarter of a binary op's time. Allocated through Device.buffer, so
+    an allocation hook (the graph's memory planner) sees it."""
     nbytes = math.prod(shape) * np.dtype(dtype).itemsize
-    return Tensor(Buffer(dev, nbytes, dev._alloc(max(nbytes, 1), zero=False)), shape, dtype)
+    return Tensor(dev.buffer(nbytes, zero=False), shape, dtype)
 
 
 def _aligned(t: Tensor) -> bool:

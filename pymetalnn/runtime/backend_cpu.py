@@ -160,6 +160,10 @@ class CpuDevice(Device):
         self.synchronize()
         buf.handle[offset : offset + raw.nbytes] = raw
 
+    def _write_async(self, buf: Buffer, offset: int, raw: np.ndarray) -> None:
+        h = buf.handle
+        self._queue.put(lambda: h.__setitem__(slice(offset, offset + raw.nbytes), raw))
+
     # ---- compile
     def _compile(self, path: str, defines: dict) -> Library:
         tr = translate_file(path, "cpu", defines, [KERNEL_DIR])

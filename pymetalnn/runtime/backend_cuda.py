@@ -137,6 +137,10 @@ class CudaDevice(Device):
             raw = np.ascontiguousarray(raw)
             (buf.handle + offset).copy_from_host(raw.ctypes.data, raw.nbytes)
 
+    def _write_async(self, buf: Buffer, offset: int, raw: np.ndarray) -> None:
+        # pageable source: the driver stages it before returning, so `raw` may be freed after
+        (buf.handle + offset).copy_from_host_async(raw.ctypes.data, raw.nbytes, self.cp_stream)
+
     def pointer(self, buf: Buffer) -> int:
         """Device address of a buffer or view (for interop with CuPy/PyTorch)."""
         return int(buf.handle.ptr) + buf.offset

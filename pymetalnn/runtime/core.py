@@ -302,6 +302,19 @@ class Device:
         """Wait until every queued kernel has finished."""
         raise NotImplementedError
 
+    def write_async(self, buffer: Buffer, data: Any, offset: int = 0) -> None:
+        """Copy `data` into `buffer` at byte `offset`, ordered after the work queued so far and
+        before work queued later, without waiting for the queue (Buffer.write waits). `data` is
+        copied before this returns, so the caller may reuse it."""
+        raw = _as_bytes_array(data).copy()
+        if buffer.device is not self:
+            raise ValueError(f"buffer: lives on {buffer.device.name}, not {self.name}")
+        if offset < 0 or offset + raw.nbytes > buffer.nbytes:
+            raise ValueError(f"data: {raw.nbytes} bytes at offset {offset} do not fit a buffer of "
+                             f"{buffer.nbytes} bytes")
+        if raw.nbytes:
+            self._write_async(buffer.base, buffer.offset + offset, raw)
+
     def signal(self, callback: Callable[[], Any]) -> None:
         """Run `callback()` on a host thread once all work queued so far has finished (MPS's
         command-buffer completion handler). Exceptions it raises surface at synchronize()."""
@@ -377,6 +390,9 @@ class Device:
 
     def _write(self, buf: Buffer, offset: int, raw: np.ndarray) -> None:
         raise NotImplementedError
+
+    def _write_async(self, buf: Buffer, offset: int, raw: np.ndarray) -> None:
+        self._write(buf, offset, raw)  # backends without an ordered queue copy: wait, then copy
 
     def _compile(self, path: str, defines: dict) -> Library:
         raise NotImplementedError
