@@ -188,6 +188,11 @@ def run_ours(args: argparse.Namespace, dev: pm.Device, X: np.ndarray, Y: np.ndar
     for _ in range(min(args.warmup, args.iters)):
         losses.append(tg.encode(xt, yt).loss)
     warm_s = time.perf_counter() - t_first
+    if args.profile:
+        with dev.profile() as prof:
+            losses.append(tg.encode(xt, yt).loss)
+            tg.synchronize()
+        print("one training step, kernel time on the device:\n" + prof.table(args.profile))
     n = args.iters - len(losses)
     whole_run_peak = dev.max_memory_allocated()
     dev.reset_peak_memory()
@@ -276,6 +281,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--no-torch", action="store_true")
     ap.add_argument("--replay", action="store_true", help="time a captured step replayed per "
                     "iteration (Graph.capture) instead of encoding every step")
+    ap.add_argument("--profile", type=int, default=0, metavar="N",
+                    help="after the warm-up, profile one step and print the N slowest kernels")
     ap.add_argument("--torch-tf32", action="store_true", help="let the PyTorch peer use TF32")
     ap.add_argument("--smoke", action="store_true", help="cpu, 75x75, narrow, 2 iterations")
     args = ap.parse_args(argv)

@@ -189,3 +189,17 @@ def test_write_async_is_ordered_with_kernels(dev) -> None:
     np.testing.assert_array_equal(buf.numpy(np.float32)[16:], np.full(n - 16, 10.0, np.float32))
     with pytest.raises(ValueError, match="data"):
         dev.write_async(buf, np.zeros(n + 1, np.float32))
+
+
+def test_profile_times_each_launch(dev) -> None:
+    k = dev.library(SCALE).kernel("scale_float")
+    n = 1 << 16
+    buf = dev.buffer(np.ones(n, np.float32))
+    with dev.profile() as prof:
+        for _ in range(3):
+            k(n, buf, ScaleParams(n, 2.0))
+    rows = prof.by_kernel()
+    assert [(r[0], r[1]) for r in rows] == [("scale_float", 3)]
+    assert rows[0][2] > 0 and prof.total == pytest.approx(rows[0][2])
+    assert "scale_float" in prof.table()
+    np.testing.assert_array_equal(buf.numpy(np.float32), np.full(n, 8.0, np.float32))

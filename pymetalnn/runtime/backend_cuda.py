@@ -141,6 +141,18 @@ class CudaDevice(Device):
         # pageable source: the driver stages it before returning, so `raw` may be freed after
         (buf.handle + offset).copy_from_host_async(raw.ctypes.data, raw.nbytes, self.cp_stream)
 
+    def _profiled_launch(self, kernel: Kernel, groups: int, args: list[Any]) -> None:
+        # events on our stream bracket the kernel: device time without host synchronization
+        start, end = self.cp.cuda.Event(), self.cp.cuda.Event()
+        start.record(self.cp_stream)
+        self._launch(kernel, groups, args)
+        end.record(self.cp_stream)
+        self._profiler.samples.append((kernel.name, (start, end)))
+
+    def _elapsed(self, t: Any) -> float:
+        start, end = t
+        return self.cp.cuda.get_elapsed_time(start, end) / 1e3
+
     def pointer(self, buf: Buffer) -> int:
         """Device address of a buffer or view (for interop with CuPy/PyTorch)."""
         return int(buf.handle.ptr) + buf.offset

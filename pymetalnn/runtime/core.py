@@ -203,7 +203,10 @@ class Kernel:
                                         f"{len(b)}")
                 packed.append(b)
         groups = -(-count // self.threadgroup_size)
-        dev._launch(self, groups, packed)
+        if dev._profiler is not None and dev._recording is None:
+            dev._profiled_launch(self, groups, packed)
+        else:
+            dev._launch(self, groups, packed)
         if dev._recording is not None:
             dev._recording.names.append(self.name)
         else:
@@ -255,6 +258,39 @@ class Recording:
         return len(self.names)
 
 
+class Profile:
+    """Kernel times collected by `Device.profile()`: `samples` holds (kernel name, seconds) per
+    launch once the block has ended; `by_kernel()` and `table()` summarize them."""
+
+    def __init__(self, device: Device):
+        self.device = device
+        self.samples: list[tuple[str, Any]] = []  # cuda: (name, (start_event, end_event)) until done
+
+    def _finish(self) -> None:
+        self.samples = [(n, self.device._elapsed(t)) for n, t in self.samples]
+
+    def by_kernel(self) -> list[tuple[str, int, float]]:
+        """(kernel, launches, total seconds), slowest first."""
+        acc: dict[str, list] = {}
+        for n, t in self.samples:
+            a = acc.setdefault(n, [0, 0.0])
+            a[0] += 1
+            a[1] += t
+        return sorted(((n, c, t) for n, (c, t) in acc.items()), key=lambda r: -r[2])
+
+    @property
+    def total(self) -> float:
+        return sum(t for _, t in self.samples)
+
+    def table(self, top: int = 30) -> str:
+        tot = self.total or 1.0
+        rows = [f"{'kernel':48s} {'launches':>8s} {'ms':>10s} {'share':>6s}"]
+        for n, c, t in self.by_kernel()[:top]:
+            rows.append(f"{n:48s} {c:8d} {t * 1e3:10.3f} {100 * t / tot:5.1f}%")
+        rows.append(f"{'total':48s} {len(self.samples):8d} {self.total * 1e3:10.3f}")
+        return "\n".join(rows)
+
+
 class Device:
     """A backend's device: memory, kernel libraries and one in-order queue."""
 
@@ -265,6 +301,7 @@ class Device:
         self.dispatch_counts: collections.Counter[str] = collections.Counter()
         self._libraries: dict[tuple, Library] = {}
         self._recording: Recording | None = None
+        self._profiler: Profile | None = None
         self._hook = threading.local()  # allocation_hook, per thread
         self._mem_live = 0  # bytes of live Buffers (views excluded), for the memory statistics
         self._mem_peak = 0
@@ -331,6 +368,32 @@ class Device:
             yield rec
         finally:
             self._end_capture(rec)
+
+    @contextlib.contextmanager
+    def profile(self) -> Iterator[Profile]:
+        """Time every kernel launched inside the block on the device (CUDA events around each
+        launch on cuda; elsewhere each launch runs alone between two synchronizations). After the
+        block, `prof.table()` lists time by kernel name."""
+        if self._profiler is not None:
+            raise RuntimeError("profile: already profiling")
+        prof = Profile(self)
+        self.synchronize()
+        self._profiler = prof
+        try:
+            yield prof
+        finally:
+            self._profiler = None
+            self.synchronize()
+            prof._finish()
+
+    def _profiled_launch(self, kernel: Kernel, groups: int, args: list[Any]) -> None:
+        import time
+
+        self.synchronize()
+        t0 = time.perf_counter()
+        self._launch(kernel, groups, args)
+        self.synchronize()
+        self._profiler.samples.append((kernel.name, time.perf_counter() - t0))
 
     @contextlib.contextmanager
     def allocation_hook(self, fn: Callable[[int, bool, Callable[[], Buffer]], Buffer]
@@ -402,3 +465,6 @@ class Device:
 
     def _replay(self, rec: Recording) -> None:
         raise NotImplementedError
+
+    def _elapsed(self, t: Any) -> float:
+        return float(t)
