@@ -207,3 +207,15 @@ inline float nn_activation(float v, uint act, float alpha) {
     if (act == NN_ACT_TANH) return Tanh::fwd(v, q);
     return v;
 }
+
+// g * act'(v) from the pre-activation v: for a fused backward that recomputes v itself
+// (batch_norm_backward(..., activation=)); the same conventions as the ops' bwd (relu'(0) = 0,
+// leaky_relu'(0) = slope, any slope sign).
+inline float nn_activation_bwd(float g, float v, uint act, float alpha) {
+    NeuronParams q = {0u, 0u, alpha, 0.0f};
+    if (act == NN_ACT_RELU) return Relu::bwd(g, v, q);
+    if (act == NN_ACT_LEAKY_RELU) return LeakyRelu::bwd(g, v, q);
+    if (act == NN_ACT_SIGMOID) return Sigmoid::bwd(g, v, q);
+    if (act == NN_ACT_TANH) return Tanh::bwd(g, v, q);
+    return g;
+}

@@ -13,10 +13,15 @@
 // norm_finalize merges a row's partials (one threadgroup per row), writes mean and 1/std and
 // updates batch norm's running estimates (unbiased variance, as PyTorch). Every output element
 // is then one multiply-add with per-plane coefficients (a, b, m, d) made by a tiny kernel:
-//   forward   y  = a (x - m) + d                        (a = gamma / std, m = mean, d = beta)
+//   forward   y  = act(a (x - m) + d)                   (a = gamma / std, m = mean, d = beta)
 //   backward  dx = a dy + b (x - m) + d
 // so the forward reads x twice and writes y once, the backward reads dy, x twice and writes dx.
 // Backward sums are taken around the mean (sum dy (x - m)), again to avoid cancellation.
+// Fused activation (batch norm, p.act of neuron.h): the backward's sums and apply kernels
+// (the *_act variants) take dy through act' themselves, act'(z) at z = a (x - m) + d recomputed
+// from x and the forward's coefficients, so the gradient needs neither y nor a separate
+// element-wise pass. z is formed by the same inline functions as the forward's (bn_coef_fwd,
+// norm_pre; one fma), so relu's mask z > 0 is the forward's bit for bit on every backend.
 // Storage float or half; all statistics and arithmetic in float.
 #include <metal_stdlib>
 #include "params.h"
@@ -24,15 +29,33 @@
 #include "tile_reduce.h"
 using namespace metal;
 
+// ---- forward coefficients, shared by the forward and the fused-activation backward ----------
+// Batch norm channel c: (a, 0, m, d), a = gamma invstd, d = beta.
+inline float4 bn_coef_fwd(constant NormParams& p, device const float* weight,
+                          device const float* bias, float m, float is, uint c) {
+    float a = (p.has_weight ? weight[c] : 1.0f) * is;
+    return float4(a, 0.0f, m, p.has_bias ? bias[c] : 0.0f);
+}
+
+// The pre-activation a (x - m) + d. An explicit fma: left to the compiler, a * b + c contracts
+// on cuda and maybe not on cpu, or differently in two kernels, and the backward's recomputed
+// relu mask must equal the forward's.
+inline float norm_pre(float4 k, float x) { return fma(k.x, x - k.z, k.w); }
+
 // ---- partials -------------------------------------------------------------------------------
-// BWD = 0: Welford partial of x. BWD = 1: (sum dy, sum dy (x - mean[row]), 0, 0).
+// BWD = 0: Welford partial of x. BWD = 1: (sum dy, sum dy (x - mean[row]), 0, 0). BWD = 2
+// (batch norm with a fused activation): the same sums of g = act'(z) dy, z the forward's
+// pre-activation of x (needs invstd, weight, bias; the other variants get dummies).
 template <typename T, int BWD>
 [[max_total_threads_per_threadgroup(256)]]
 kernel void norm_part(device const T* x [[buffer(0)]],
                       device const T* dy [[buffer(1)]],
                       device const float* mean [[buffer(2)]],
-                      device float4* part [[buffer(3)]],
-                      constant NormParams& p [[buffer(4)]],
+                      device const float* invstd [[buffer(3)]],
+                      device const float* weight [[buffer(4)]],
+                      device const float* bias [[buffer(5)]],
+                      device float4* part [[buffer(6)]],
+                      constant NormParams& p [[buffer(7)]],
                       uint tid [[thread_position_in_threadgroup]],
                       uint tg [[threadgroup_position_in_grid]],
                       uint ntg [[threadgroups_per_grid]],
@@ -44,6 +67,7 @@ kernel void norm_part(device const T* x [[buffer(0)]],
         uint e = ch * p.chunk + tid;
         uint e1 = min(ch * p.chunk + p.chunk, p.row_len);
         float mu = BWD ? mean[row] : 0.0f;
+        float4 k = BWD == 2 ? bn_coef_fwd(p, weight, bias, mu, invstd[row], row) : float4(0.0f);
         float4 acc = float4(0.0f);
         // batch norm walks (sample, offset) incrementally, without a division per element; a
         // group norm row is one contiguous run
@@ -52,9 +76,10 @@ kernel void norm_part(device const T* x [[buffer(0)]],
             uint idx = p.outer_stride == 0u ? row * p.row_stride + e
                                             : n * p.outer_stride + row * p.row_stride + h;
             if (BWD) {
-                float g1 = float(dy[idx]);
+                float g1 = float(dy[idx]), xv = float(x[idx]);
+                if (BWD == 2) g1 = nn_activation_bwd(g1, norm_pre(k, xv), p.act, p.act_alpha);
                 acc.x += g1;
-                acc.y += g1 * (float(x[idx]) - mu);
+                acc.y += g1 * (xv - mu);
             } else {
                 acc = welford_push(acc, float(x[idx]));
             }
@@ -81,8 +106,11 @@ template <typename T, int BWD>
 kernel void norm_part_cols(device const T* x [[buffer(0)]],
                            device const T* dy [[buffer(1)]],
                            device const float* mean [[buffer(2)]],
-                           device float4* part [[buffer(3)]],
-                           constant NormParams& p [[buffer(4)]],
+                           device const float* invstd [[buffer(3)]],
+                           device const float* weight [[buffer(4)]],
+                           device const float* bias [[buffer(5)]],
+                           device float4* part [[buffer(6)]],
+                           constant NormParams& p [[buffer(7)]],
                            uint tid [[thread_position_in_threadgroup]],
                            uint tg [[threadgroup_position_in_grid]],
                            uint ntg [[threadgroups_per_grid]],
@@ -97,14 +125,17 @@ kernel void norm_part_cols(device const T* x [[buffer(0)]],
         bool ok = j < p.cols;
         uint n1 = min(nc * p.col_rows + p.col_rows, p.N);
         float mu = (BWD && ok) ? mean[j / p.HW] : 0.0f;
+        float4 k = (BWD == 2 && ok) ? bn_coef_fwd(p, weight, bias, mu, invstd[j / p.HW], j / p.HW)
+                                    : float4(0.0f);
         float4 acc = float4(0.0f);
         if (ok) {
             for (uint n = nc * p.col_rows + s; n < n1; n += 8u) {
                 uint idx = n * p.cols + j;
                 if (BWD) {
-                    float g1 = float(dy[idx]);
+                    float g1 = float(dy[idx]), xv = float(x[idx]);
+                    if (BWD == 2) g1 = nn_activation_bwd(g1, norm_pre(k, xv), p.act, p.act_alpha);
                     acc.x += g1;
-                    acc.y += g1 * (float(x[idx]) - mu);
+                    acc.y += g1 * (xv - mu);
                 } else {
                     acc = welford_push(acc, float(x[idx]));
                 }
@@ -181,8 +212,7 @@ kernel void batch_norm_coef_fwd_float(device const float* weight [[buffer(0)]],
         mean[c] = m;
         invstd[c] = is;
     }
-    float a = (p.has_weight ? weight[c] : 1.0f) * is;
-    coef[c] = float4(a, 0.0f, m, p.has_bias ? bias[c] : 0.0f);
+    coef[c] = bn_coef_fwd(p, weight, bias, m, is, c);
 }
 
 // Group norm forward coefficients per (sample, channel) plane.
@@ -203,6 +233,8 @@ kernel void group_norm_coef_fwd_float(device const float* weight [[buffer(0)]],
 // ---- element-wise ---------------------------------------------------------------------------
 // TWO = 0: out = act(a (u - m) + d) (forward, u = x; act: p.act of neuron.h, 0 = none, for
 // batch_norm(..., activation=)). TWO = 1: out = a u + b (v - m) + d (backward, u = dy, v = x).
+// TWO = 2: the backward of a fused activation, u replaced by act'(z) u with z = norm_pre of the
+// forward's coefficients, stored after the backward's (coef[planes + plane]).
 // Coefficients per plane (i / HW) % planes.
 template <typename T, int TWO>
 kernel void norm_apply(device const T* u [[buffer(0)]],
@@ -214,12 +246,16 @@ kernel void norm_apply(device const T* u [[buffer(0)]],
                        uint ntg [[threadgroups_per_grid]],
                        uint tgs [[threads_per_threadgroup]]) {
     for (uint i = gid; i < p.total; i += ntg * tgs) {
-        float4 k = coef[(i / p.HW) % p.planes];
+        uint pl = (i / p.HW) % p.planes;
+        float4 k = coef[pl];
         float r;
         if (TWO) {
-            r = k.x * float(u[i]) + k.y * (float(v[i]) - k.z) + k.w;
+            float g = float(u[i]), xv = float(v[i]);
+            if (TWO == 2) g = nn_activation_bwd(g, norm_pre(coef[p.planes + pl], xv), p.act,
+                                                p.act_alpha);
+            r = k.x * g + k.y * (xv - k.z) + k.w;
         } else {
-            r = nn_activation(k.x * (float(u[i]) - k.z) + k.w, p.act, p.act_alpha);
+            r = nn_activation(norm_pre(k, float(u[i])), p.act, p.act_alpha);
         }
         out[i] = T(r);
     }
@@ -228,16 +264,18 @@ kernel void norm_apply(device const T* u [[buffer(0)]],
 // ---- backward -------------------------------------------------------------------------------
 // Batch norm, per channel (one threadgroup each): dbeta = sum dy, dgamma = invstd sum dy (x - m),
 // and the coefficients of dx. Training: dx = a (dy - dbeta / M - xhat dgamma / M), a = gamma
-// invstd; inference (running statistics are constants): dx = a dy.
+// invstd; inference (running statistics are constants): dx = a dy. With a fused activation
+// (p.act) the forward's coefficients follow, coef[C + c], for norm_apply_bwd_act.
 [[max_total_threads_per_threadgroup(256)]]
 kernel void batch_norm_grad_bwd_float(device const float4* part [[buffer(0)]],
                                       device const float* weight [[buffer(1)]],
-                                      device const float* mean [[buffer(2)]],
-                                      device const float* invstd [[buffer(3)]],
-                                      device float* dweight [[buffer(4)]],
-                                      device float* dbias [[buffer(5)]],
-                                      device float4* coef [[buffer(6)]],
-                                      constant NormParams& p [[buffer(7)]],
+                                      device const float* bias [[buffer(2)]],
+                                      device const float* mean [[buffer(3)]],
+                                      device const float* invstd [[buffer(4)]],
+                                      device float* dweight [[buffer(5)]],
+                                      device float* dbias [[buffer(6)]],
+                                      device float4* coef [[buffer(7)]],
+                                      constant NormParams& p [[buffer(8)]],
                                       uint tid [[thread_position_in_threadgroup]],
                                       uint tg [[threadgroup_position_in_grid]],
                                       uint ntg [[threadgroups_per_grid]],
@@ -252,7 +290,9 @@ kernel void batch_norm_grad_bwd_float(device const float4* part [[buffer(0)]],
             float is = invstd[c];
             if (p.has_weight) dweight[c] = is * acc.y;
             if (p.has_bias) dbias[c] = acc.x;
-            float a = (p.has_weight ? weight[c] : 1.0f) * is;
+            float4 f = bn_coef_fwd(p, weight, bias, mean[c], is, c);
+            float a = f.x;
+            if (p.act) coef[p.C + c] = f;
             if (p.training) {
                 float M = float(p.row_len);
                 coef[c] = float4(a, -a * is * is * acc.y / M, mean[c], -a * acc.x / M);
@@ -355,6 +395,12 @@ kernel void group_norm_param_bwd_float(device const float2* sums [[buffer(0)]],
         norm_apply<T, 0>;                                                                      \
     template [[host_name("norm_apply_bwd_" #T)]] [[kernel]] decltype(norm_apply<T, 1>)         \
         norm_apply<T, 1>;                                                                      \
+    template [[host_name("norm_stats_bwd_act_" #T)]] [[kernel]] decltype(norm_part<T, 2>)      \
+        norm_part<T, 2>;                                                                       \
+    template [[host_name("norm_stats_bwd_cols_act_" #T)]] [[kernel]]                           \
+        decltype(norm_part_cols<T, 2>) norm_part_cols<T, 2>;                                   \
+    template [[host_name("norm_apply_bwd_act_" #T)]] [[kernel]] decltype(norm_apply<T, 2>)     \
+        norm_apply<T, 2>;                                                                      \
     template [[host_name("group_norm_sums_bwd_" #T)]] [[kernel]] decltype(group_norm_sums<T>)  \
         group_norm_sums<T>;
 

@@ -511,6 +511,65 @@ def test_neuron_fusion_real_ops(dev):
         np.testing.assert_allclose(v, out[False][1][k], rtol=1e-5, atol=1e-6, err_msg=k)
 
 
+
+@pytest.mark.skipif(not HAS_BN, reason="batch_norm op unavailable")
+@pytest.mark.parametrize("kind", ["relu", "leaky_relu"])
+def test_batch_norm_neuron_fused_backward(dev, kind):
+    """bn + relu (and bn + leaky relu): the fused node's gradient takes the activation inside
+    batch_norm_backward (act' recomputed from the bn input): no <neuron>_bwdy kernel for it, the
+    fused output is not read by the gradient (so not kept alive for it), and the same losses and
+    weights as the unfused graph. The conv + relu and fc + relu pairs keep their from-output
+    gradient."""
+    def net():
+        x = G.ImageNode((1, 12, 12), name="x")
+        h = G.ConvolutionNode(x, G.ConvolutionDataSource(1, 5, 3, seed=1), padding="same",
+                              name="conv1")
+        h = G.BatchNormalizationNode(h, G.NormalizationDataSource(
+            5, gamma=np.linspace(0.5, 1.5, 5), beta=np.linspace(-0.3, 0.3, 5)), name="bn1")
+        h = G.ReLUNode(h, name="relu1") if kind == "relu" else \
+            G.LeakyReLUNode(h, name="relu1", negative_slope=0.1)
+        h = G.ReLUNode(G.ConvolutionNode(h, G.ConvolutionDataSource(5, 3, 3, seed=2),
+                                         name="conv2"), name="relu2")
+        h = G.PoolingMaxNode(h, 2, name="pool")
+        h = G.ReLUNode(G.FullyConnectedNode(G.FlattenNode(h, name="flat"),
+                                            G.FullyConnectedDataSource(108, 8, seed=3),
+                                            name="fc1"), name="relu3")
+        logits = G.FullyConnectedNode(h, G.FullyConnectedDataSource(8, 4, seed=4), name="fc2")
+        return G.SoftmaxCrossEntropyLossNode(logits, name="loss")
+
+    rng = np.random.default_rng(5)
+    X, Y = rng.standard_normal((4, 1, 12, 12)).astype(np.float32), rng.integers(0, 4, 4)
+    res, launched = {}, {}
+    for fuse in (True, False):
+        loss = net()
+        tg = G.TrainingGraph(loss, optimizer=sgd(0.1), device=dev, optimize={"fuse": fuse})
+        if fuse:
+            assert any("fuse: bn1 + relu1 -> " in m for m in tg.log), tg.log
+            fused = [st for st in tg.steps if st.kind == "gradient" and
+                     isinstance(st.node.forward, G.optimize.FusedNeuronNode)]
+            bn = [st for st in fused if type(st.node.forward.base) is G.BatchNormalizationNode]
+            assert len(bn) == 1 and len(fused) == 3, [st.name for st in fused]
+            fwd = bn[0].node.forward
+            assert fwd.results[0] not in bn[0].ins
+            assert all(st.node.forward.results[0] in st.ins for st in fused if st is not bn[0])
+        tg.encode(X, Y).wait()
+        before = dict(dev.dispatch_counts)
+        tg.encode(X, Y).wait()
+        launched[fuse] = {k: v - before.get(k, 0) for k, v in dev.dispatch_counts.items()
+                          if v != before.get(k, 0)}
+        res[fuse] = train_weights(tg, X, Y, 2)
+    bwdy = {k: v for k, v in launched[True].items() if "_bwdy_" in k}
+    # conv2 + relu2 and fc1 + relu3 only; bn1 + relu1's mask rides in the norm kernels
+    assert bwdy == {"relu_bwdy_float": 2}, launched[True]
+    assert launched[True].get("norm_apply_bwd_act_float") == 1, launched[True]
+    assert "norm_apply_bwd_act_float" not in launched[False]
+    # three neuron forwards gone, and bn1's neuron gradient (the other two become *_bwdy)
+    assert sum(launched[True].values()) == sum(launched[False].values()) - 4, launched
+    for a, b in zip(res[True][0], res[False][0]):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+    for k, v in res[True][1].items():
+        np.testing.assert_allclose(v, res[False][1][k], rtol=1e-5, atol=1e-6, err_msg=k)
+
 def test_concat_elimination(dev):
     if not dev.supports_views:
         pytest.skip("needs buffer views")

@@ -238,6 +238,12 @@ class FilterNode(Node):
         """Whether source i can receive a gradient."""
         return True
 
+    def activation_in_backward(self, neuron: Any) -> bool:
+        """Whether, fused with `neuron` (optimize.FusedNeuronNode), this node's backward takes
+        activation= and applies the neuron's derivative itself (from its saved inputs), so the
+        fused output is not needed by the gradient."""
+        return False
+
     def gradient(self, grad_source: Any = None) -> GradientNode:
         """The gradient node of this node (MPS's gradientFilterWithSource:), reading the
         gradient of this node's result(s) `grad_source` (a value, a node, or a list with one per
@@ -897,13 +903,20 @@ class BatchNormalizationNode(FilterNode):
     def saved(self):
         return [("in", 0), ("state", 0), ("state", 1)]
 
-    def backward(self, rc, gouts, saved, need):
+    def activation_in_backward(self, neuron):
+        # act'(z) recomputed from x and the saved statistics inside batch_norm_backward's kernels
+        from ..ops.neuron import ACTIVATIONS
+
+        return neuron.kind in ACTIVATIONS
+
+    def backward(self, rc, gouts, saved, need, activation=None):
         x, mean, invstd = saved
         ws = self.weights
         rm, rv, w, b = self._wb(rc)
+        kw = {} if activation is None else {"activation": activation}
         gx, _, _, gw, gb = op("batch_norm_backward", self)(
             gouts[0], x, rm, rv, w, b, training=True, momentum=ws.momentum, eps=ws.eps,
-            save_mean=mean, save_invstd=invstd)
+            save_mean=mean, save_invstd=invstd, **kw)
         return [gx], ([gw, gb] if ws.affine else [])
 
 

@@ -6,9 +6,11 @@ fuse        graph rewrites that replace a chain of nodes by one node calling few
             + neuron -> one call with `activation=` (the activation in the op's store epilogue:
             one dispatch instead of two) for the activations the ops fuse (relu, leaky relu,
             sigmoid, tanh: pymetalnn.ops.neuron.ACTIVATIONS); the gradient is taken from the fused
-            output (`<neuron>_backward_from_output`), so training fuses them too (leaky relu
-            needs a slope >= 0). Logged as not fused otherwise. Biases are always part of the
-            convolution / linear call.
+            output (`<neuron>_backward_from_output`), or for batch norm inside
+            batch_norm_backward(..., activation=) (act' recomputed from the bn input: no extra
+            kernel, the output not kept), so training fuses them too (leaky relu needs a slope
+            >= 0). Logged as not fused otherwise. Biases are always part of the convolution /
+            linear call.
 concat      concatenation elimination: producers write straight into their slices of the
             concatenated result (needs the memory planner). Contiguous slices (the concat axis's
             outer size is 1: batch 1 or a batch-axis concat): the producers' results are views
@@ -78,8 +80,10 @@ def grad_from_output(neuron: NeuronNode) -> bool:
 
 class FusedNeuronNode(FilterNode):
     """base node + neuron as one call of the base op with activation=(kind, params). The
-    gradient runs the neuron's gradient from the output (`<neuron>_backward_from_output`) then
-    the base's."""
+    gradient: a base whose backward takes the activation itself (`activation_in_backward`, batch
+    norm: act' applied inside batch_norm_backward's kernels, recomputed from the base's input)
+    gets it, and the fused output is not kept for the gradient; otherwise the neuron's gradient
+    from the output (`<neuron>_backward_from_output`, one element-wise pass) then the base's."""
 
     prefix = "fused"
 
@@ -98,12 +102,20 @@ class FusedNeuronNode(FilterNode):
         return self.base.forward(rc, xs, training, with_state,
                                  activation=(self.neuron.kind, dict(self.neuron.params)))
 
+    @property
+    def _act_in_base(self) -> bool:
+        return self.base.activation_in_backward(self.neuron)
+
     def saved(self):
-        return self.base.saved() + [("out", 0)]
+        # what the gradient reads decides the operands' lifetimes (memory planner)
+        return self.base.saved() + ([] if self._act_in_base else [("out", 0)])
 
     def backward(self, rc, gouts, saved, need):
-        y = saved[-1]
         n = self.neuron
+        if self._act_in_base:
+            return self.base.backward(rc, gouts, saved, need,
+                                      activation=(n.kind, dict(n.params)))
+        y = saved[-1]
         from .nodes import NEURONS
 
         # y in a channel slice of an eliminated concatenation (batch > 1): images that far apart

@@ -11,6 +11,8 @@ Fused activations: conv2d, linear, gemm and batch_norm(_with_stats) take `activa
 gradient needs: `<op>_backward_from_output(grad_out, y)` (relu, leaky_relu with slope >= 0,
 sigmoid, tanh; kernels <op>_bwdy_<dtype>) gives the pre-activation gradient, and
 `activation_backward(grad_out, y, activation)` picks it from the same `activation=` value.
+batch_norm_backward takes `activation=` itself and applies act' inside its own kernels
+(nn_activation_bwd of neuron.h, from the recomputed pre-activation): no separate pass.
 """
 from __future__ import annotations
 

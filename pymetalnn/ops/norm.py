@@ -29,7 +29,7 @@ from ..params import NormParams
 from ..runtime import Buffer, Device
 from ..tensor import Tensor, empty, float16, float32
 from ._common import kernel, pick_device, suffix, tensor_arg
-from .neuron import activation_backward, activation_code
+from .neuron import activation_code
 from .softmax import TG, tile_groups, tile_plan
 
 SOURCE = "norm.metal"
@@ -177,20 +177,25 @@ def _gn_params(x: Tensor, groups: int, eps: float, has_w: bool, has_b: bool) -> 
 
 # ---- dispatch helpers ------------------------------------------------------------------------
 
-def _partials(dev: Device, p: NormParams, x: Tensor, dy: Tensor | None, mean: Tensor | None) -> Tensor:
-    """norm_stats_{fwd,bwd}[_cols]: Welford partials of x, or (sum dy, sum dy (x - mean))."""
+def _partials(dev: Device, p: NormParams, x: Tensor, dy: Tensor | None, mean: Tensor | None,
+              fwd: tuple[Tensor, Tensor | None, Tensor | None] | None = None) -> Tensor:
+    """norm_stats_{fwd,bwd}[_cols][_act]: Welford partials of x, or (sum g, sum g (x - mean))
+    with g = dy, or g = act'(z) dy when p.act and fwd = (invstd, weight, bias) give the forward's
+    pre-activation z (batch norm's fused activation)."""
     bwd = dy is not None
+    act = "_act" if bwd and p.act else ""
     if p.cols:
         count = p.col_chunks * p.cols
         groups = -(-p.cols // 32) * p.col_chunks
-        name = f"norm_stats_{'bwd' if bwd else 'fwd'}_cols_{suffix(x.dtype)}"
+        name = f"norm_stats_{'bwd' if bwd else 'fwd'}_cols{act}_{suffix(x.dtype)}"
     else:
         count = groups = p.rows * p.chunks
-        name = f"norm_stats_{'bwd' if bwd else 'fwd'}_{suffix(x.dtype)}"
+        name = f"norm_stats_{'bwd' if bwd else 'fwd'}{act}_{suffix(x.dtype)}"
     part = empty((count, 4), float32, dev)
     d = _dummy(dev)
+    fb = [t.buffer if t is not None else d for t in (fwd or (None, None, None))]
     kernel(dev, SOURCE, name)(min(groups, MAX_GROUPS) * TG, x.buffer, dy.buffer if bwd else d,
-                              mean.buffer if mean is not None else d, part.buffer, p)
+                              mean.buffer if mean is not None else d, *fb, part.buffer, p)
     return part
 
 
@@ -208,8 +213,11 @@ def _stats(dev: Device, p: NormParams, x: Tensor, running_mean: Tensor | None = 
 
 
 def _apply(dev: Device, p: NormParams, u: Tensor, v: Tensor | None, coef: Tensor) -> Tensor:
+    """norm_apply_fwd (act(a (x - m) + d)), norm_apply_bwd, or with p.act norm_apply_bwd_act
+    (coef then holds the forward's coefficients after the backward's)."""
     out = empty(u.shape, u.dtype, dev)
-    name = f"norm_apply_{'bwd' if v is not None else 'fwd'}_{suffix(u.dtype)}"
+    act = "_act" if v is not None and p.act else ""
+    name = f"norm_apply_{'bwd' if v is not None else 'fwd'}{act}_{suffix(u.dtype)}"
     groups = min(-(-u.size // (TG * 4)), MAX_GROUPS)  # 4 elements per thread
     kernel(dev, SOURCE, name)(groups * TG, u.buffer, v.buffer if v is not None else _dummy(dev),
                               coef.buffer, out.buffer, p)
@@ -282,7 +290,7 @@ def batch_norm(input: Any, running_mean: Any, running_var: Any, weight: Any = No
     with the unbiased batch variance. Inference: the running statistics. activation: None,
     "relu", "leaky_relu", "sigmoid", "tanh" or (name, params): y = act(batch_norm(x)) in the same
     element-wise kernel (neuron.activation_code); gradient via batch_norm_backward(...,
-    activation=, y=)."""
+    activation=), which takes dy through the activation inside its own kernels."""
     return batch_norm_with_stats(input, running_mean, running_var, weight, bias, training,
                                  momentum, eps, activation)[0]
 
@@ -299,16 +307,25 @@ def batch_norm_backward(grad_out: Any, input: Any, running_mean: Any, running_va
       dx = weight invstd (dy - sum(dy) / M - xhat sum(dy xhat) / M)
     inference: dx = weight invstd_running dy.  dweight = sum dy xhat, dbias = sum dy.
     The running statistics are not touched. save_mean / save_invstd: the training forward's batch
-    statistics (batch_norm_with_stats) instead of recomputing them from input. activation (with
-    y, the output of batch_norm(..., activation=)): grad_out is first taken through the
-    activation from y (neuron.activation_backward, one element-wise kernel)."""
-    if activation is not None:
-        if y is None:
-            raise ValueError("y: activation= needs y, the output of the fused batch_norm")
-        grad_out = activation_backward(grad_out, y, activation)
+    statistics (batch_norm_with_stats) instead of recomputing them from input.
+
+    activation: the activation= of the forward, y = act(z), z = weight invstd (x - mean) + bias
+    (same values as batch_norm's). The formulas above then hold with dy replaced by
+    g = act'(z) dy (relu: dy where z > 0, else 0; leaky_relu: dy or negative_slope dy; sigmoid:
+    dy s (1 - s), s = sigmoid(z); tanh: dy (1 - tanh(z)^2)). z is recomputed from input inside
+    the backward's own kernels, exactly as the forward computed it (same kernel arithmetic, so
+    relu's z > 0 is the forward's decision bit for bit; pass the forward's save_mean /
+    save_invstd, or the same input to recompute them): no extra pass, and y is not needed.
+    y: optional, the fused forward's output, checked (shape and dtype) but not read; accepted
+    for callers of the earlier from-the-output gradient."""
+    act_code = activation_code(activation)
     dev, x, rm, rv, w, b, training, momentum, eps = _bn_validate(
         input, running_mean, running_var, weight, bias, training, momentum, eps)
     g = _grad_out(grad_out, x, dev)
+    if y is not None:
+        yt = tensor_arg(y, dev, "y", (x.dtype,))
+        if yt.shape != x.shape:
+            raise ValueError(f"y: shape {yt.shape} does not match input's {x.shape}")
     c = x.shape[1]
     saved = _saved(save_mean, save_invstd, dev, (c,), ("save_mean", "save_invstd"))
     p = _bn_params(x, eps, momentum, training, w is not None, b is not None, False)
@@ -321,14 +338,16 @@ def batch_norm_backward(grad_out: Any, input: Any, running_mean: Any, running_va
         kernel(dev, SOURCE, "batch_norm_coef_fwd_float")(
             _threads(c), w.buffer if w is not None else d, b.buffer if b is not None else d,
             rm.buffer, rv.buffer, mean.buffer, invstd.buffer, empty((c, 4), float32, dev).buffer, p)
-    part = _partials(dev, p, x, g, mean)
+    # the activation is applied to dy by the kernels below (p.act selects their *_act variants)
+    p.act, p.act_alpha = act_code
+    part = _partials(dev, p, x, g, mean, (invstd, w, b))
     dw = empty((c,), float32, dev) if w is not None else None
     db = empty((c,), float32, dev) if b is not None else None
-    coef = empty((c, 4), float32, dev)
+    coef = empty((2 * c if p.act else c, 4), float32, dev)
     kernel(dev, SOURCE, "batch_norm_grad_bwd_float")(
-        min(c, MAX_GROUPS) * TG, part.buffer, w.buffer if w is not None else d, mean.buffer,
-        invstd.buffer, dw.buffer if dw is not None else d, db.buffer if db is not None else d,
-        coef.buffer, p)
+        min(c, MAX_GROUPS) * TG, part.buffer, w.buffer if w is not None else d,
+        b.buffer if b is not None else d, mean.buffer, invstd.buffer,
+        dw.buffer if dw is not None else d, db.buffer if db is not None else d, coef.buffer, p)
     return _apply(dev, p, g, x, coef), None, None, dw, db
 
 
