@@ -23,7 +23,21 @@ struct Conv2dParams {
     uint out_nstride;     // forward: elements between images n of y (0 = contiguous, K*OH*OW);
                           // > 0 writes into a channel slice of a larger NCHW tensor (concat)
 };
-// (structs of the convolution issue go here)
+// WinogradParams (conv_winograd.metal): a 3x3, stride-1 conv x (N, C, H, W) -> y (N, K, OH, OW)
+// computed on TH x TW output tiles of M x M (P = N * TH * TW tiles); the input gradient runs as
+// such a conv of dy (flip: rotated, transposed weights). Transformed operands are [xi][rows][P]
+// matrices, xi < (M + 2)^2.
+struct WinogradParams {
+    uint N, C, H, W;      // conv input
+    uint K, OH, OW;       // conv output channels and size
+    uint TH, TW, P;       // output tiles per column / row, tiles in all (N * TH * TW)
+    int PT, PL;           // top / left padding (may be negative: the input gradient's crop)
+    uint flip;            // filter transform: 1 = input gradient's weights (rot180, C <-> K)
+    uint has_bias;        // output transform: add b
+    uint act;             // fused activation NN_ACT_* (neuron.h), 0 = none
+    float act_alpha;      // its scalar
+    uint out_nstride;     // elements between images n of y (0: contiguous), as Conv2dParams
+};
 
 // GemmParams (gemm.metal): C = alpha * op(A) op(B) + beta * C (+ bias[n]), op(X) = X or X^T,
 // batched; every matrix row-major with the given row pitch.

@@ -61,6 +61,15 @@ class Conv2dParams(Params):
                 ("act_alpha", F32), ("out_nstride", U32)]
 
 
+class WinogradParams(Params):
+    """kernels/params.h WinogradParams: a 3x3 stride-1 conv on M x M output tiles."""
+
+    _fields_ = [("N", U32), ("C", U32), ("H", U32), ("W", U32), ("K", U32), ("OH", U32),
+                ("OW", U32), ("TH", U32), ("TW", U32), ("P", U32), ("PT", I32), ("PL", I32),
+                ("flip", U32), ("has_bias", U32), ("act", U32), ("act_alpha", F32),
+                ("out_nstride", U32)]
+
+
 class GemmParams(Params):
     """kernels/params.h GemmParams: C = alpha * op(A) op(B) + beta * C (+ bias), batched."""
 

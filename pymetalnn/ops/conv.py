@@ -58,6 +58,7 @@ TILES: dict[str, dict[str, tuple[int, int, int, int, int, float]]] = {
 }
 DIRECT_BELOW = 16        # GEMM column widths below this use the direct kernels
 TARGET_GROUPS = 512      # threadgroups a split reduction aims for off cuda
+SPLIT_GROUPS_PER_SM = 6  # ... and per SM on cuda (two waves of three resident threadgroups)
 HACC_CHUNK = 512         # reduction terms per fp16 partial sum of the half-accumulating dw
 WORKSPACE_BYTES = 1 << 28  # bound on a split reduction's float partials
 MAX_GROUPS = 1 << 20     # launch cap; the kernels grid-stride over the rest
@@ -349,8 +350,9 @@ def _splits(red: int, base: int, step: int, target: int, cap: int | None = None,
 
 
 def _target_groups(dev: Device) -> int:
-    # two full waves on a GPU; a fixed count elsewhere so that cpu tests split the same way
-    return 2 * 3 * _sms(dev) if dev.name == "cuda" else TARGET_GROUPS
+    # SPLIT_GROUPS_PER_SM threadgroups per SM on a GPU; a fixed count elsewhere so that cpu
+    # tests split the same way
+    return SPLIT_GROUPS_PER_SM * _sms(dev) if dev.name == "cuda" else TARGET_GROUPS
 
 
 def _reduce_launch(dev: Device, ws: Any, out: Tensor, splits: int, source: str) -> Launch:
