@@ -84,12 +84,15 @@ def inception_shapes(n: int, size: int = 299) -> list[tuple[tuple, int]]:
     return [(s, counts[s]) for s in dict.fromkeys(b.convs)]
 
 
-def versions(op: str) -> list[str]:
+def versions(op: str, s: tuple) -> list[str]:
+    _, n, c, k, h, w, ks, st, _ = s
+    geo = ops._conv_geometry((n, c, h, w), (k, c, *ks), st, s[8], 1, 1)
+    wino = ["wino2", "wino4"] if ops._wino_eligible(geo, "float") else []
     if op == "weight_grad":
         tiles = [*ops.TILES["weight"], *DEV_WEIGHT]
-        return [f"{t}/{w}" for t in tiles for w in WEIGHT_SPLITS]
+        return [f"{t}/{w}" for t in tiles for w in WEIGHT_SPLITS] + wino
     kind = dev_conv.KIND[op]
-    return list(ops.TILES[kind])  # direct kernels only serve widths below 16
+    return list(ops.TILES[kind]) + wino  # direct kernels only serve widths below 16
 
 
 def use(op: str, v: str) -> None:
@@ -159,7 +162,7 @@ def main() -> int:
                 continue  # the graph never takes the image's gradient
             line: dict[str, Any] = {"layer": s[0], "n": count, "op": op}
             best, best_ms = "", float("inf")
-            for v in ["auto", *versions(op)]:
+            for v in ["auto", *versions(op, s)]:
                 if v != "auto" and not args.no_validate:
                     err = validate(dev, s, op, v, vcache)
                     if not err <= dev_conv.TOL["float"]:
@@ -182,7 +185,10 @@ def main() -> int:
                 tsec, _ = bench_conv.timeit(dev, peer[op], args.quick, peer["_sync"])
                 line["torch"] = tsec * 1e3
                 totals[op]["torch"] += count * line["torch"]
-            for v in versions(op):
+            for tag, pick in (("auto|wino2", ("wino2",)), ("auto|wino4", ("wino4",)),
+                              ("auto|best-wino", ("wino2", "wino4"))):
+                totals[op][tag] += count * min([line["auto"]] + [line[v] for v in pick if v in line])
+            for v in versions(op, s):
                 if v in line:
                     totals[op][v] += count * line[v]
             rows.append(line)
@@ -195,7 +201,10 @@ def main() -> int:
         t = totals[op]
         print(f"{op}: model total ms  auto {t['auto']:.2f}  best-per-layer {t['best']:.2f}"
               + (f"  cuDNN {t['torch']:.2f}" if "torch" in t else ""))
-        singles = sorted((k, v) for k, v in t.items() if k not in ("auto", "best", "torch"))
+        print("   auto with Winograd where eligible and faster: " + ", ".join(
+            f"{k} {t[k]:.2f}" for k in ("auto|wino2", "auto|wino4", "auto|best-wino")))
+        singles = sorted((k, v) for k, v in t.items()
+                         if k not in ("auto", "best", "torch") and "|" not in k)
         print("   one version everywhere (layers it failed on count as missing): "
               + ", ".join(f"{k} {v:.2f}" for k, v in singles))
     print("results:", common.write_results(f"dev_inception_{dev.name}", rows))

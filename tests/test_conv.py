@@ -541,3 +541,91 @@ def test_conv2d_strided_out(dev, monkeypatch, tile):
     with pytest.raises(ValueError, match="out: .* bytes"):
         F.conv2d(xt, wt, bt, padding=1, out=pymetalnn.Tensor(dest.buffer.view(
             (ktot - k + 1) * hw * 4), (n, k, 7, 6), np.float32), out_batch_stride=ktot * hw)
+
+
+# ---- Winograd F(2x2, 3x3) / F(4x4, 3x3) (kernels/conv_winograd.metal) ------------------------
+# Its transforms round differently from a direct sum: F(2x2) stays near direct accuracy, F(4x4)
+# multiplies the rounding of its larger coefficients (up to 8 in A^T, 5 in B^T). The factors
+# over the direct tolerance hold the worst case measured on these cases with a 3x margin.
+WINO_TOL = {"wino2": 2.0, "wino4": 5.0}
+# (N, C, H, W, K, padding): sizes 1, odd, 31/32/33 around the 2/4 tiles, padding 0/1/2/"same"
+# (asymmetric crops in the input gradient's flipped conv), batch 1
+WINO_CASES = {
+    "1x1-image-pad1": (2, 16, 1, 1, 17, 1),
+    "odd-5x7": (1, 17, 5, 7, 33, 1),
+    "33x31-b1": (1, 16, 33, 31, 16, 1),
+    "32x32-valid": (2, 20, 32, 32, 16, 0),
+    "pad2": (1, 16, 6, 5, 18, 2),
+    "asym-pad": (2, 16, 9, 10, 16, (1, 0, 2, 1)),
+    "3x3-valid": (3, 16, 3, 3, 20, 0),
+}
+
+
+@pytest.mark.parametrize("m", ["wino2", "wino4"])
+@pytest.mark.parametrize("case", list(WINO_CASES))
+def test_conv2d_winograd(dev, monkeypatch, case, m):
+    """3x3 stride-1 conv forward (bias + fused relu), input gradient, weight gradient and the
+    conv_transpose2d forward through the Winograd path against the float64 references, and the
+    Winograd kernels (not the tiled ones) are what ran."""
+    n, c, h, w, k, pad = WINO_CASES[case]
+    monkeypatch.setattr(ops, "FORCE", {"fwd": m, "data": m, "weight": m})
+    rng = np.random.default_rng(5)
+    x, wt, b = rand(rng, (n, c, h, w), np.float32), rand(rng, (k, c, 3, 3), np.float32), \
+        rand(rng, (k,), np.float32)
+    pads = _pads(pad, h, w, 3, 3, (1, 1), (1, 1))
+    kw_ref = dict(stride=(1, 1), pad=pads, dilation=(1, 1), groups=1)
+    want = ref.conv2d(x, wt, b, **kw_ref)
+    scale = ref.conv2d_abs(x, wt, **kw_ref) + np.abs(b.astype(np.float64))[None, :, None, None]
+    before = dict(dev.dispatch_counts)
+    y = F.conv2d(x, wt, b, padding=pad, activation="relu")
+    ran = {name for name, cnt in dev.dispatch_counts.items() if cnt > before.get(name, 0)}
+    assert f"conv2d_{m}_output_float" in ran and not any("fwd_t" in r for r in ran), ran
+    assert_close("y", y, np.maximum(want, 0), scale, WINO_TOL[m] * tol("float", c * 9))
+
+    gy = rand(rng, want.shape, np.float32)
+    gx, gw, gb = F.conv2d_backward(gy, x, wt, b, padding=pad)
+    rx, rw, rb = ref.conv2d_backward(gy, x, wt, True, **kw_ref)
+    sx, sw, sb = ref.conv2d_backward(np.abs(gy), np.abs(x), np.abs(wt), True, **kw_ref)
+    assert_close("grad_x", gx, rx, sx, WINO_TOL[m] * tol("float", k * 9))
+    assert_close("grad_w", gw, rw, sw, WINO_TOL[m] * tol("float", n * want[0, 0].size))
+    assert_close("grad_b", gb, rb, sb, tol("float", n * want[0, 0].size))
+
+    if isinstance(pad, int) and pad <= 1:  # the transpose of this conv (its padding <= 2 - ...)
+        gxt = F.conv_transpose2d(gy, wt, None, 1, pad)
+        assert_close("conv_transpose2d", gxt, rx, sx, WINO_TOL[m] * tol("float", k * 9))
+
+
+def test_conv2d_winograd_strided_out(dev, monkeypatch):
+    """The Winograd output transform honours out= / out_batch_stride= (concat slices)."""
+    if not dev.supports_views:
+        pytest.skip("out= at an offset needs buffer views")
+    monkeypatch.setattr(ops, "FORCE", {"fwd": "wino4"})
+    rng = np.random.default_rng(22)
+    n, k, ktot, c0 = 2, 16, 21, 3
+    x, w = rand(rng, (n, 16, 9, 7), np.float32), rand(rng, (k, 16, 3, 3), np.float32)
+    want = ref.conv2d(x, w, None, stride=(1, 1), pad=(1, 1, 1, 1), dilation=(1, 1), groups=1)
+    dest = pymetalnn.tensor(np.full((n, ktot, 9, 7), np.nan, np.float32), dev)
+    view = pymetalnn.Tensor(dest.buffer.view(c0 * 63 * 4), (n, k, 9, 7), np.float32)
+    F.conv2d(pymetalnn.tensor(x, dev), pymetalnn.tensor(w, dev), padding=1, out=view,
+             out_batch_stride=ktot * 63)
+    got = dest.numpy()
+    np.testing.assert_allclose(got[:, c0:c0 + k], want, rtol=1e-4, atol=1e-4)
+    assert np.isnan(got[:, :c0]).all() and np.isnan(got[:, c0 + k:]).all()
+
+
+def test_conv2d_winograd_not_eligible(dev, monkeypatch):
+    """Forcing Winograd on a conv it cannot run (stride 2, 5x5, groups, fp16) falls back to the
+    tiled kernels with correct results."""
+    monkeypatch.setattr(ops, "FORCE", {"fwd": "wino4", "data": "wino4", "weight": "wino4"})
+    rng = np.random.default_rng(23)
+    for wshape, kw in (((16, 16, 3, 3), {"stride": 2}), ((16, 16, 5, 5), {}),
+                       ((16, 8, 3, 3), {"groups": 2})):
+        x, w = rand(rng, (1, 16, 8, 8), np.float32), rand(rng, wshape, np.float32)
+        before = dict(dev.dispatch_counts)
+        y = F.conv2d(x, w, None, padding=1, **kw)
+        ran = {nm for nm, cnt in dev.dispatch_counts.items() if cnt > before.get(nm, 0)}
+        assert not any("wino" in r for r in ran), ran
+        st = kw.get("stride", 1)
+        want = ref.conv2d(x, w, None, stride=(st, st), pad=(1, 1, 1, 1), dilation=(1, 1),
+                          groups=kw.get("groups", 1))
+        np.testing.assert_allclose(y.numpy(), want, rtol=1e-4, atol=1e-4)

@@ -9,7 +9,10 @@ reductions (float partials in a workspace, then a fixed-order sum), so any batch
 correctly and deterministically. Wide GEMMs run tiled kernels (after a small kernel that packs
 the weights tap-major so the tiles' weight loads coalesce), the tile shape picked per shape by a
 wave model (_pick_tile); narrow ones (depthwise, fewer than 16 channels per group on the GEMM's
-column side) run one-output-per-thread kernels.
+column side) run one-output-per-thread kernels. 3x3 stride-1 float32 convs (undilated, one group,
+>= 16 channels each side) run Winograd F(4x4, 3x3) on cuda instead (kernels/conv_winograd.metal:
+memory-bound transforms around one batched GEMM of gemm.metal, 2.25 multiply-adds per output
+and channel pair instead of 9; measured faster on every such InceptionV3 layer, see WINOGRAD).
 
 Precision (`accumulate=`): float32 tensors accumulate in float; float16 tensors accumulate in
 float by default ("float") or in half ("half", MPS-style fp16 accumulation: fastest, least
@@ -24,10 +27,11 @@ from typing import Any, Union
 
 import numpy as np
 
-from ..params import Conv2dParams
+from ..params import Conv2dParams, WinogradParams
 from ..runtime import Device
 from ..tensor import Tensor
 from ._common import kernel, out_like, pick_device, positive_ints, strided_out, tensor_arg
+from .gemm import gemm_launches
 from .neuron import activation_backward, activation_code
 
 SOURCE = "conv.metal"
@@ -63,8 +67,19 @@ HACC_CHUNK = 512         # reduction terms per fp16 partial sum of the half-accu
 WORKSPACE_BYTES = 1 << 28  # bound on a split reduction's float partials
 MAX_GROUPS = 1 << 20     # launch cap; the kernels grid-stride over the rest
 MAX_ELEMS = 2**31        # kernels use 32-bit offsets
-# Tests and benchmarks force a path: {"fwd"|"data": "direct" or a tile name, "weight": a tile}.
+# Tests and benchmarks force a path: {"fwd"|"data": "direct" or a tile name, "weight": a tile;
+# any of the three: "wino2" / "wino4" (Winograd F(2x2, 3x3) / F(4x4, 3x3) where the conv is
+# eligible, the tiled kernels otherwise)}.
 FORCE: dict[str, str] = {}
+WINO_SOURCE = "conv_winograd.metal"
+# Winograd F(M x M, 3x3) for 3x3 stride-1 undilated ungrouped float32 convs: per op, the tile M
+# used on cuda when the conv is eligible (0: never). From benchmarks/dev_inception.py on an
+# NVIDIA H200 (2026-11-26, docs/results/h200-2026-11-26/dev_inception.log): F(4x4) beat the best
+# tiled kernel on all 18 eligible (layer, op) pairs of InceptionV3 at batch 32, by 1.01-3.3x,
+# and F(2x2) on every one of them; the model's conv time fell from 54.9 to 46.4 ms (cuDNN 44.1).
+# cpu and metal are unmeasured: there Winograd runs only when forced.
+WINOGRAD: dict[str, int] = {"fwd": 4, "data": 4, "weight": 4}
+WINO_MIN_CHANNELS = 16     # both channel counts at least this (narrower GEMMs waste the tiles)
 
 Padding = Union[int, str, tuple]
 
@@ -266,7 +281,7 @@ def _pick_tile(kind: str, dev: Device, rows: int, cols: int, batches: int) -> st
     the SMs, so time ~ ceil(tiles / SMs) * padded tile area / the tile's throughput. Weight
     gradients split their reduction to fill the device, so only their padding counts."""
     forced = FORCE.get(kind)
-    if forced is not None:
+    if forced is not None and not forced.startswith("wino"):
         return forced
     sms = _sms(dev)
     best, best_cost = "", float("inf")
@@ -282,7 +297,7 @@ def _pick_tile(kind: str, dev: Device, rows: int, cols: int, batches: int) -> st
 
 def _use_direct(kind: str, width: int) -> bool:
     forced = FORCE.get(kind)
-    if forced is not None:
+    if forced is not None and not forced.startswith("wino"):
         return forced == "direct"
     return width < DIRECT_BELOW
 
@@ -299,6 +314,9 @@ def forward_plan(dev: Device, prec: str, geo: ConvGeometry, x: Tensor, w: Tensor
     if _use_direct("fwd", geo.Kg):
         return [(kernel(dev, source, f"conv2d_fwd_direct_{prec}"), min(y.size, MAX_GROUPS * THREADS),
                  args)]
+    m = _winograd("fwd", dev, geo, prec)
+    if m:
+        return _wino_forward(dev, m, geo, x, w, b, y, act, out_nstride)
     tile = _pick_tile("fwd", dev, geo.N * geo.OH * geo.OW, geo.Kg, geo.G)
     bm, bn = TILES["fwd"][tile][:2]
     tiles = geo.G * _cdiv(geo.N * geo.OH * geo.OW, bm) * _cdiv(geo.Kg, bn)
@@ -326,6 +344,9 @@ def input_grad_plan(dev: Device, prec: str, geo: ConvGeometry, dy: Tensor, w: Te
     if _use_direct("data", geo.Cg):
         return [(kernel(dev, source, f"conv2d_bwd_data_direct_{prec}"),
                  min(dx.size, MAX_GROUPS * THREADS), args)]
+    m = _winograd("data", dev, geo, prec)
+    if m:
+        return _wino_input_grad(dev, m, geo, dy, w, b, dx)
     rows = geo.N * _cdiv(geo.H, geo.SH) * _cdiv(geo.W, geo.SW)
     tile = _pick_tile("data", dev, rows, geo.Cg, geo.G * geo.SH * geo.SW)
     bm, bn = TILES["data"][tile][:2]
@@ -364,6 +385,9 @@ def _reduce_launch(dev: Device, ws: Any, out: Tensor, splits: int, source: str) 
 def weight_grad_plan(dev: Device, prec: str, geo: ConvGeometry, dy: Tensor, x: Tensor, dw: Tensor,
                      source: str = SOURCE) -> list[Launch]:
     """dw of the conv `geo`: float partials over chunks of (n, oh, ow), then their ordered sum."""
+    m = _winograd("weight", dev, geo, prec)
+    if m:
+        return _wino_weight_grad(dev, m, geo, dy, x, dw)
     crs = geo.Cg * geo.KH * geo.KW
     tile = _pick_tile("weight", dev, geo.Kg, crs, geo.G)
     bm, bn, bk = TILES["weight"][tile][:3]
@@ -384,6 +408,101 @@ def bias_grad_plan(dev: Device, dy: Tensor, db: Tensor, source: str = SOURCE) ->
     ws = dev.buffer(splits * c * 4)
     k = kernel(dev, source, f"conv2d_bwd_bias_{'float' if dy.dtype == np.float32 else 'half'}")
     return [(k, _groups(splits * c), (dy.buffer, ws, p)), _reduce_launch(dev, ws, db, splits, source)]
+
+
+# ---- Winograd F(M x M, 3x3) (kernels/conv_winograd.metal) ---------------------------------------
+
+def _wino_eligible(geo: ConvGeometry, prec: str) -> bool:
+    return (geo.KH == geo.KW == 3 and geo.SH == geo.SW == 1 and geo.DH == geo.DW == 1
+            and geo.G == 1 and prec == "float" and min(geo.C, geo.K) >= WINO_MIN_CHANNELS)
+
+
+def _winograd(kind: str, dev: Device, geo: ConvGeometry, prec: str) -> int:
+    """The Winograd tile M to use for op `kind` of `geo`, 0 for the direct/tiled kernels."""
+    if not _wino_eligible(geo, prec):
+        return 0
+    forced = FORCE.get(kind)
+    if forced is not None:
+        return int(forced[4:]) if forced in ("wino2", "wino4") else 0
+    m = WINOGRAD[kind] if dev.name == "cuda" else 0
+    if not m:
+        return 0
+    # every transformed matrix must stay within the kernels' 32-bit offsets
+    tiles = geo.N * _cdiv(max(geo.OH, geo.H), m) * _cdiv(max(geo.OW, geo.W), m)
+    return m if (m + 2) ** 2 * max(geo.C, geo.K) * tiles < MAX_ELEMS else 0
+
+
+def _wino_params(geo: ConvGeometry, m: int, flip: bool) -> WinogradParams:
+    """Params of the conv run by the transforms: the forward's, or (flip) the input gradient's
+    conv of dy (channels K -> C, size OH x OW -> H x W, padding 2 - pad)."""
+    p = WinogradParams()
+    if flip:
+        p.N, p.C, p.H, p.W, p.K, p.OH, p.OW = geo.N, geo.K, geo.OH, geo.OW, geo.C, geo.H, geo.W
+        p.PT, p.PL = 2 - geo.PT, 2 - geo.PL
+    else:
+        p.N, p.C, p.H, p.W, p.K, p.OH, p.OW = geo.N, geo.C, geo.H, geo.W, geo.K, geo.OH, geo.OW
+        p.PT, p.PL = geo.PT, geo.PL
+    p.TH, p.TW = _cdiv(p.OH, m), _cdiv(p.OW, m)
+    p.P = p.N * p.TH * p.TW
+    return p
+
+
+def _wino_filter_params(geo: ConvGeometry, flip: bool) -> WinogradParams:
+    p = WinogradParams()
+    p.K, p.C, p.flip = geo.K, geo.C, int(flip)
+    return p
+
+
+def _wino_tmp(dev: Device, *shape: int) -> Tensor:
+    return Tensor(dev.buffer(int(np.prod(shape)) * 4), tuple(shape), np.float32)
+
+
+def _wino_launch(dev: Device, m: int, stage: str, total: int, *args: Any) -> Launch:
+    return (kernel(dev, WINO_SOURCE, f"conv2d_wino{m}_{stage}_float"),
+            min(total, MAX_GROUPS * THREADS), args)
+
+
+def _wino_conv(dev: Device, m: int, geo: ConvGeometry, flip: bool, x: Tensor, w: Tensor,
+               b: Tensor | None, y: Tensor, act: tuple[int, float], out_nstride: int
+               ) -> list[Launch]:
+    """y = act(conv(x, w) + b) by F(m x m, 3x3): filter and input transforms, alpha^2 GEMMs
+    Mt[xi] (K x P) = U[xi] (K x C) V[xi] (C x P), output transform. flip: the input gradient
+    (x is dy, w the conv's weights, y is dx)."""
+    p = _wino_params(geo, m, flip)
+    p.has_bias = int(b is not None)
+    p.act, p.act_alpha = act
+    p.out_nstride = out_nstride
+    a2 = (m + 2) ** 2
+    u, v, mt = _wino_tmp(dev, a2, p.K, p.C), _wino_tmp(dev, a2, p.C, p.P), _wino_tmp(dev, a2, p.K, p.P)
+    return [_wino_launch(dev, m, "filter", geo.K * geo.C, w.buffer, u.buffer,
+                         _wino_filter_params(geo, flip)),
+            _wino_launch(dev, m, "input", p.C * p.P, x.buffer, v.buffer, p),
+            *gemm_launches(u, v, mt),
+            _wino_launch(dev, m, "output", p.K * p.P, mt.buffer,
+                         b.buffer if b is not None else _dummy(dev), y.buffer, p)]
+
+
+def _wino_forward(dev: Device, m: int, geo: ConvGeometry, x: Tensor, w: Tensor, b: Tensor | None,
+                  y: Tensor, act: tuple[int, float], out_nstride: int) -> list[Launch]:
+    return _wino_conv(dev, m, geo, False, x, w, b, y, act, out_nstride)
+
+
+def _wino_input_grad(dev: Device, m: int, geo: ConvGeometry, dy: Tensor, w: Tensor,
+                     b: Tensor | None, dx: Tensor) -> list[Launch]:
+    return _wino_conv(dev, m, geo, True, dy, w, b, dx, (0, 0.0), 0)
+
+
+def _wino_weight_grad(dev: Device, m: int, geo: ConvGeometry, dy: Tensor, x: Tensor, dw: Tensor
+                      ) -> list[Launch]:
+    """dw by F(m x m, 3x3): Z = A dY A^T and V = B^T d B per output tile, alpha^2 GEMMs
+    dU[xi] (K x C) = Z[xi] (K x P) V[xi]^T (reduced over the P tiles), dw = G^T dU G."""
+    p = _wino_params(geo, m, False)
+    a2 = (m + 2) ** 2
+    z, v, du = _wino_tmp(dev, a2, p.K, p.P), _wino_tmp(dev, a2, p.C, p.P), _wino_tmp(dev, a2, p.K, p.C)
+    return [_wino_launch(dev, m, "grad_output", p.K * p.P, dy.buffer, z.buffer, p),
+            _wino_launch(dev, m, "input", p.C * p.P, x.buffer, v.buffer, p),
+            *gemm_launches(z, v, du, transpose_b=True),
+            _wino_launch(dev, m, "filter_grad", geo.K * geo.C, du.buffer, dw.buffer, p)]
 
 
 def _forward(dev: Device, prec: str, geo: ConvGeometry, x: Tensor, w: Tensor, b: Tensor | None,

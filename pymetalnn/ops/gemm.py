@@ -238,6 +238,32 @@ def gemm(a: Any, b: Any, out: Tensor, *, transpose_a: bool = False, transpose_b:
             raise ValueError(f"{name}: a {t.shape[-2]} x {t.shape[-1]} matrix exceeds 2^31 "
                              "elements")
 
+    for kern, count, args in _launches(dev, a, b, out, m, n, k, batch, reduce_batch, transpose_a,
+                                       transpose_b, alpha, beta, bias, var, tile, k_splits, act):
+        kern(count, *args)
+    return out
+
+
+def gemm_launches(a: Tensor, b: Tensor, out: Tensor, *, transpose_a: bool = False,
+                  transpose_b: bool = False) -> list[tuple]:
+    """The launches (kernel, threads, args) of gemm(a, b, out, ...) for callers that build a
+    plan once and run it later (the Winograd convolution): 3-D a, b, out of one device and dtype
+    (float32 or float16 with float accumulation), shapes as gemm's, checked only by assertion."""
+    m, k = (a.shape[-1], a.shape[-2]) if transpose_a else (a.shape[-2], a.shape[-1])
+    n = b.shape[-2] if transpose_b else b.shape[-1]
+    batch = a.shape[0] if a.ndim == 3 else b.shape[0]
+    reduce_batch = out.ndim == 2 and batch > 1
+    assert (b.shape[-1] if transpose_b else b.shape[-2]) == k and out.shape[-2:] == (m, n)
+    return _launches(a.device, a, b, out, m, n, k, batch, reduce_batch, transpose_a, transpose_b,
+                     1.0, 0.0, None, variant(a.dtype, None), None, None, (0, 0.0))
+
+
+def _launches(dev: Device, a: Tensor, b: Tensor, out: Tensor, m: int, n: int, k: int, batch: int,
+              reduce_batch: bool, transpose_a: bool, transpose_b: bool, alpha: float, beta: float,
+              bias: Tensor | None, var: str, tile: Any, k_splits: int | None,
+              act: tuple[int, float]) -> list[tuple]:
+    ar, ac = a.shape[-2:]
+    br, bc = b.shape[-2:]
     t, splits = plan(dev, m, n, k, batch, reduce_batch, tile, k_splits, var)
     p = GemmParams()
     p.M, p.N, p.K = m, n, k
@@ -263,9 +289,8 @@ def gemm(a: Any, b: Any, out: Tensor, *, transpose_a: bool = False, transpose_b:
 
     bias_buf = bias.buffer if bias is not None else out.buffer
     if splits == 1:
-        kernel(dev, t.source, f"gemm_fwd_{t.name}_{var}")(groups * THREADS, a.buffer, b.buffer,
-                                                          out.buffer, bias_buf, p)
-        return out
+        return [(kernel(dev, t.source, f"gemm_fwd_{t.name}_{var}"), groups * THREADS,
+                 (a.buffer, b.buffer, out.buffer, bias_buf, p))]
     # split-K: the same kernel writes raw partial sums (ACC) of split s, batch entry e to the
     # workspace matrix s * nb + e; gemm_fwd_splitk_sum adds them and applies the epilogue.
     work = _workspace(dev, splits * nb * m * n * (2 if var == "hacc_half" else 4))
@@ -273,9 +298,9 @@ def gemm(a: Any, b: Any, out: Tensor, *, transpose_a: bool = False, transpose_b:
     pp.ldc, pp.stride_c, pp.alpha, pp.beta, pp.act = n, m * n, 1.0, 0.0, 0
     pp.flags = (p.flags & ~(BIAS | BETA | VEC_C)) | (VEC_C if n % 4 == 0 else 0)
     name = f"gemm_fwd_{t.name}_splitk_half" if var == "half" else f"gemm_fwd_{t.name}_{var}"
-    kernel(dev, t.source, name)(groups * THREADS, a.buffer, b.buffer, work, bias_buf, pp)
-    kernel(dev, t.source, f"gemm_fwd_splitk_sum_{var}")(nb * m * n, out.buffer, bias_buf, work, p)
-    return out
+    return [(kernel(dev, t.source, name), groups * THREADS, (a.buffer, b.buffer, work, bias_buf, pp)),
+            (kernel(dev, t.source, f"gemm_fwd_splitk_sum_{var}"), nb * m * n,
+             (out.buffer, bias_buf, work, p))]
 
 
 def matmul(a: Any, b: Any, transpose_a: bool = False, transpose_b: bool = False,
