@@ -22,6 +22,12 @@
 // from x and the forward's coefficients, so the gradient needs neither y nor a separate
 // element-wise pass. z is formed by the same inline functions as the forward's (bn_coef_fwd,
 // norm_pre; one fma), so relu's mask z > 0 is the forward's bit for bit on every backend.
+// Strided images (batch norm; concat elimination, docs/graph.md): the forward apply may write y
+// into a channel slice of a larger NCHW tensor (p.out_nstride elements between images), and the
+// backward may read dy from such a slice of the concatenation's gradient (p.dy_nstride), so
+// neither a concat nor a split kernel copies them. Only the images move: an image's C*HW
+// elements stay contiguous, so the per-element index is i + n (stride - C*HW), n = i / (C*HW),
+// and the walks above are unchanged (x, dx and the statistics stay contiguous).
 // Storage float or half; all statistics and arithmetic in float.
 #include <metal_stdlib>
 #include "params.h"
@@ -41,6 +47,14 @@ inline float4 bn_coef_fwd(constant NormParams& p, device const float* weight,
 // on cuda and maybe not on cpu, or differently in two kernels, and the backward's recomputed
 // relu mask must equal the forward's.
 inline float norm_pre(float4 k, float x) { return fma(k.x, x - k.z, k.w); }
+
+// Element i of a contiguous (N, C, HW) tensor in one whose images lie ns elements apart (0:
+// contiguous); the division only where a stride is set (uniform per launch).
+inline uint norm_strided(constant NormParams& p, uint i, uint ns) {
+    if (ns == 0u) return i;
+    uint img = p.C * p.HW;
+    return i + (i / img) * (ns - img);
+}
 
 // ---- partials -------------------------------------------------------------------------------
 // BWD = 0: Welford partial of x. BWD = 1: (sum dy, sum dy (x - mean[row]), 0, 0). BWD = 2
@@ -72,11 +86,13 @@ kernel void norm_part(device const T* x [[buffer(0)]],
         // batch norm walks (sample, offset) incrementally, without a division per element; a
         // group norm row is one contiguous run
         uint n = e / p.inner_len, h = e % p.inner_len;
+        const uint dy_outer = p.dy_nstride ? p.dy_nstride : p.outer_stride;
         for (; e < e1; e += TR_TG) {
             uint idx = p.outer_stride == 0u ? row * p.row_stride + e
                                             : n * p.outer_stride + row * p.row_stride + h;
             if (BWD) {
-                float g1 = float(dy[idx]), xv = float(x[idx]);
+                uint di = p.outer_stride == 0u ? idx : n * dy_outer + row * p.row_stride + h;
+                float g1 = float(dy[di]), xv = float(x[idx]);
                 if (BWD == 2) g1 = nn_activation_bwd(g1, norm_pre(k, xv), p.act, p.act_alpha);
                 acc.x += g1;
                 acc.y += g1 * (xv - mu);
@@ -129,10 +145,11 @@ kernel void norm_part_cols(device const T* x [[buffer(0)]],
                                     : float4(0.0f);
         float4 acc = float4(0.0f);
         if (ok) {
+            const uint dy_row = p.dy_nstride ? p.dy_nstride : p.cols;
             for (uint n = nc * p.col_rows + s; n < n1; n += 8u) {
                 uint idx = n * p.cols + j;
                 if (BWD) {
-                    float g1 = float(dy[idx]), xv = float(x[idx]);
+                    float g1 = float(dy[n * dy_row + j]), xv = float(x[idx]);
                     if (BWD == 2) g1 = nn_activation_bwd(g1, norm_pre(k, xv), p.act, p.act_alpha);
                     acc.x += g1;
                     acc.y += g1 * (xv - mu);
@@ -235,7 +252,8 @@ kernel void group_norm_coef_fwd_float(device const float* weight [[buffer(0)]],
 // batch_norm(..., activation=)). TWO = 1: out = a u + b (v - m) + d (backward, u = dy, v = x).
 // TWO = 2: the backward of a fused activation, u replaced by act'(z) u with z = norm_pre of the
 // forward's coefficients, stored after the backward's (coef[planes + plane]).
-// Coefficients per plane (i / HW) % planes.
+// Coefficients per plane (i / HW) % planes. Batch norm: u = dy read with p.dy_nstride (TWO > 0),
+// out = y written with p.out_nstride (TWO = 0); x and dx contiguous.
 template <typename T, int TWO>
 kernel void norm_apply(device const T* u [[buffer(0)]],
                        device const T* v [[buffer(1)]],
@@ -250,14 +268,14 @@ kernel void norm_apply(device const T* u [[buffer(0)]],
         float4 k = coef[pl];
         float r;
         if (TWO) {
-            float g = float(u[i]), xv = float(v[i]);
+            float g = float(u[norm_strided(p, i, p.dy_nstride)]), xv = float(v[i]);
             if (TWO == 2) g = nn_activation_bwd(g, norm_pre(coef[p.planes + pl], xv), p.act,
                                                 p.act_alpha);
             r = k.x * g + k.y * (xv - k.z) + k.w;
         } else {
             r = nn_activation(norm_pre(k, float(u[i])), p.act, p.act_alpha);
         }
-        out[i] = T(r);
+        out[TWO ? i : norm_strided(p, i, p.out_nstride)] = T(r);
     }
 }
 

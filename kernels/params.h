@@ -250,6 +250,10 @@ struct NormParams {
     float eps, momentum;
     uint act;          // forward apply: fused activation NN_ACT_* (neuron.h), 0 = none
     float act_alpha;   // its scalar (leaky relu: negative_slope)
+    // batch norm only, 0 = contiguous (C * HW). Concat elimination: y written into a channel
+    // slice of a larger NCHW tensor, and that tensor's gradient read in place.
+    uint out_nstride;  // forward apply: elements between images of y
+    uint dy_nstride;   // backward partials and apply: elements between images of dy
 };
 
 // ---- recurrent and optimizers (rnn.metal, optimizer.metal) ---------------------------------

@@ -203,7 +203,8 @@ class NormParams(Params):
                 ("chunks", U32), ("cols", U32), ("col_rows", U32), ("col_chunks", U32),
                 ("parts", U32), ("planes", U32), ("total", U32), ("has_weight", U32),
                 ("has_bias", U32), ("has_running", U32), ("training", U32), ("eps", F32),
-                ("momentum", F32), ("act", U32), ("act_alpha", F32)]
+                ("momentum", F32), ("act", U32), ("act_alpha", F32),
+                ("out_nstride", U32), ("dy_nstride", U32)]
 
 
 # ---- recurrent and optimizers -------------------------------------------------------------

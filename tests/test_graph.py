@@ -652,6 +652,115 @@ def test_concat_elimination_batch(dev, fuse):
             np.testing.assert_array_equal(v, wb[k], err_msg=k)
 
 
+def bn_inception(seed=0, cin=3, hw=5, pool_branch=False):
+    """An Inception block whose branches end in conv + batch norm + relu (fused into one node):
+    1x1 | 1x1 -> 3x3 | avg pool -> 1x1 | 1x1 -> (1x3 | 3x1 concatenated, Inception-C's nested
+    concat); odd channel counts put the slices off 16-byte alignment. pool_branch: a max pool
+    feeds the concat directly too (its gradient cannot read a strided slice)."""
+    x = G.ImageNode((cin, hw, hw), name="x")
+
+    def cbr(src, ci, co, k, name, s, pad="same"):
+        c = G.ConvolutionNode(src, G.ConvolutionDataSource(ci, co, k, bias=False, seed=s + seed),
+                              padding=pad, name=name)
+        r = np.random.default_rng(s + seed)
+        ds = G.NormalizationDataSource(co, gamma=r.uniform(0.5, 1.5, co).astype(np.float32),
+                                       beta=r.uniform(-0.2, 0.2, co).astype(np.float32))
+        bn = G.BatchNormalizationNode(c, ds, name=name + "_bn")
+        return G.ReLUNode(bn, name=name + "_relu")
+
+    b1 = cbr(x, cin, 3, 1, "b1", 1)
+    b2 = cbr(cbr(x, cin, 2, 1, "b2a", 2), 2, 5, 3, "b2b", 3)
+    b3 = cbr(G.PoolingAverageNode(x, 3, 1, padding="same", name="b3pool"), cin, 3, 1, "b3", 4)
+    b4 = cbr(x, cin, 2, 1, "b4", 5)
+    b4 = G.ConcatenationNode([cbr(b4, 2, 3, (1, 3), "b4a", 6), cbr(b4, 2, 1, (3, 1), "b4b", 7)],
+                             name="inner")
+    srcs = [b1, b2, b3, b4] + ([G.PoolingMaxNode(cbr(x, cin, 3, 1, "b5", 8), 3, 1,
+                                                 padding="same", name="mp")]
+                               if pool_branch else [])
+    cat = G.ConcatenationNode(srcs, name="concat")
+    gap = G.GlobalAveragePoolingNode(cat, name="gap")
+    nc = 15 + (3 if pool_branch else 0)
+    fc = G.FullyConnectedNode(gap, G.FullyConnectedDataSource(nc, 3, seed=9 + seed), name="fc")
+    return x, G.SoftmaxCrossEntropyLossNode(fc, name="loss")
+
+
+@pytest.mark.parametrize("batch", [2, 1])
+def test_concat_elimination_batch_norm(dev, batch):
+    """Producers ending in batch norm + relu write their (strided, misaligned) channel slices
+    with out=, out_batch_stride= (nested concats too), and the concat's gradient reaches their
+    backward as strided views (grad_out_batch_stride=): a training step launches no concat and
+    no split kernel, with the same losses and weights as without concat elimination and as
+    without memory planning (bit for bit)."""
+    if not dev.supports_views:
+        pytest.skip("needs buffer views")
+    rng = np.random.default_rng(6)
+    X = rng.standard_normal((batch, 3, 5, 5)).astype(np.float32)
+    Y = rng.integers(0, 3, batch)
+
+    def copies():
+        return sum(v for k, v in dev.dispatch_counts.items()
+                   if k.startswith(("concat_fwd", "split_fwd")))
+
+    res, ncopies, outs = {}, {}, {}
+    configs = {"on": {}, "no concat": {"concat": False}, "no memory": {"memory": False}}
+    for name, opt in configs.items():
+        _, loss = bn_inception(seed=3)
+        tg = G.TrainingGraph(loss, optimizer=sgd(0.1), device=dev, optimize=opt)
+        first = train_weights(tg, X, Y, 2)  # warm-up and calibration (unplanned)
+        c0 = copies()
+        res[name] = first, train_weights(tg, X, Y, 3)
+        ncopies[name] = copies() - c0
+        if name == "on":
+            assert sorted(tg.memory_report().concat_eliminated) == ["concat", "inner"], tg.log
+            assert any("concat's gradient reaches" in m for m in tg.log), tg.log
+        # inference: batch norm on the running statistics writes its slices too
+        inf = tg.inference_graph(optimize=opt)
+        for _ in range(3):
+            c0 = copies()
+            outs[name] = inf.run(X)[0]
+        if name == "on":
+            assert copies() == c0, inf.log
+    assert ncopies["on"] == 0 < ncopies["no concat"], ncopies
+    for other in ("no concat", "no memory"):
+        np.testing.assert_array_equal(outs["on"], outs[other], err_msg=other)
+    for other in ("no concat", "no memory"):
+        for (la, wa), (lb, wb) in zip(res["on"], res[other]):
+            for a, b in zip(la, lb):
+                np.testing.assert_array_equal(a, b, err_msg=other)
+            for k, v in wa.items():
+                np.testing.assert_array_equal(v, wb[k], err_msg=f"{other}: {k}")
+
+
+def test_concat_batch_norm_split_only_what_needs_it(dev):
+    """A max pool feeding the concat directly (after a conv + bn + relu): the concat is still
+    eliminated at batch 2 (the pool writes its strided slice); its gradient slice is the one
+    piece copied out (one split launch, of that piece only); results equal the unoptimized
+    graph's."""
+    if not dev.supports_views:
+        pytest.skip("needs buffer views")
+    rng = np.random.default_rng(7)
+    X = rng.standard_normal((2, 3, 5, 5)).astype(np.float32)
+    Y = rng.integers(0, 3, 2)
+    res, launched = {}, {}
+    for concat in (True, False):
+        _, loss = bn_inception(seed=4, pool_branch=True)
+        tg = G.TrainingGraph(loss, optimizer=sgd(0.1), device=dev, optimize={"concat": concat})
+        first = train_weights(tg, X, Y, 2)
+        before = dict(dev.dispatch_counts)
+        res[concat] = first, train_weights(tg, X, Y, 1)
+        launched[concat] = {k: v - before.get(k, 0) for k, v in dev.dispatch_counts.items()
+                            if k.startswith(("concat_fwd", "split_fwd")) and v != before.get(k, 0)}
+        if concat:
+            assert sorted(tg.memory_report().concat_eliminated) == ["concat", "inner"], tg.log
+    assert launched[True] == {"split_fwd_float": 1}, launched
+    assert launched[False] == {"concat_fwd_float": 2, "split_fwd_float": 2}, launched
+    for (la, wa), (lb, wb) in zip(res[True], res[False]):
+        for a, b in zip(la, lb):
+            np.testing.assert_array_equal(a, b)
+        for k, v in wa.items():
+            np.testing.assert_array_equal(v, wb[k], err_msg=k)
+
+
 def test_concat_batch_fallback(dev):
     """A producer whose op cannot write a strided slice (elu: no out=) keeps the concat at
     batch > 1, and the log says why; results stay right."""

@@ -531,3 +531,149 @@ def test_batch_norm_backward_activation_bad_input(dev):
             call()
             pytest.fail(f"case {k} ({arg}) did not raise")
     assert sum(dev.dispatch_counts.values()) == 0
+
+
+# ---- channel slices of a larger tensor (concat elimination) ---------------------------------------
+# batch_norm(..., out=, out_batch_stride=) writes y into a channel slice; batch_norm_backward(...,
+# grad_out_batch_stride=) reads dy from one. The rest of the larger tensor is poisoned (NaN) to
+# catch a write outside the slice, or a read of it.
+
+SLICE_SHAPES = [(2, 5, 4, 6), (1, 3, 5, 7), (3, 7, 1, 1), (2, 33, 3, 3), (4, 3, 40), (5, 6)]
+
+
+def _slice_views(dev, shape, dtype, ctot, c0, fill=np.nan):
+    """(the larger (N, ctot, ...) tensor, a Tensor at channel c0 of it, the batch stride)."""
+    n, rest = shape[0], shape[2:]
+    inner = int(np.prod(rest)) if rest else 1
+    big = pm.tensor(np.full((n, ctot) + rest, fill, dtype), dev)
+    isz = np.dtype(dtype).itemsize
+    view = pm.Tensor(big.buffer.view(c0 * inner * isz), shape, dtype)
+    return big, view, ctot * inner
+
+
+def _where(c, ctot):
+    """channel offsets at the start, middle and end of a ctot-channel tensor"""
+    return sorted({0, (ctot - c) // 2, ctot - c})
+
+
+@pytest.mark.parametrize("training", [True, False])
+@pytest.mark.parametrize("act", [None, "relu", "tanh"], ids=["none", "relu", "tanh"])
+@pytest.mark.parametrize("dtype", [np.float32, np.float16])
+def test_batch_norm_strided_out(dev, dtype, act, training):
+    """out= a view at channel c0 of a larger tensor, out_batch_stride=: the slice holds exactly
+    the contiguous result, the running statistics move the same, nothing else is written."""
+    if not dev.supports_views:
+        pytest.skip("out= at an offset needs buffer views")
+    for k, shape in enumerate(SLICE_SHAPES):
+        c = shape[1]
+        ctot = c + 5 + k % 3
+        x = _data(shape, dtype, k)
+        w, b = _params(c, k)
+        rm = np.random.default_rng(k).uniform(-1, 1, c).astype(np.float32)
+        rv = np.random.default_rng(k).uniform(0.5, 2, c).astype(np.float32)
+        xt = pm.tensor(x, dev)
+        rm0, rv0 = pm.tensor(rm, dev), pm.tensor(rv, dev)
+        want, wm, wi = F.batch_norm_with_stats(xt, rm0, rv0, w, b, training, activation=act)
+        for c0 in _where(c, ctot):
+            big, view, ns = _slice_views(dev, shape, dtype, ctot, c0)
+            rm1, rv1 = pm.tensor(rm, dev), pm.tensor(rv, dev)
+            y, m1, i1 = F.batch_norm_with_stats(xt, rm1, rv1, w, b, training, activation=act,
+                                                out=view, out_batch_stride=ns)
+            assert y.shape == shape and y.buffer.offset == view.buffer.offset
+            got = big.numpy()
+            np.testing.assert_array_equal(got[:, c0:c0 + c], want.numpy(),
+                                          err_msg=f"{shape} at {c0}")
+            assert np.isnan(np.delete(got, np.s_[c0:c0 + c], axis=1)).all(), \
+                f"{shape} at {c0}: wrote outside the slice"
+            np.testing.assert_array_equal(m1.numpy(), wm.numpy())
+            np.testing.assert_array_equal(i1.numpy(), wi.numpy())
+            np.testing.assert_array_equal(rm1.numpy(), rm0.numpy() if training else rm)
+            np.testing.assert_array_equal(rv1.numpy(), rv0.numpy() if training else rv)
+            if training:  # undo the reference's second step, so each c0 compares one step
+                rm0, rv0 = pm.tensor(rm, dev), pm.tensor(rv, dev)
+                F.batch_norm(xt, rm0, rv0, w, b, True, activation=act)
+        # batch_norm takes them too; a contiguous out= is plain batch_norm into that buffer
+        big, view, ns = _slice_views(dev, shape, dtype, ctot, ctot - c)
+        F.batch_norm(xt, pm.tensor(rm, dev), pm.tensor(rv, dev), w, b, training, activation=act,
+                     out=view, out_batch_stride=ns)
+        np.testing.assert_array_equal(big.numpy()[:, ctot - c:], want.numpy())
+        y2 = F.batch_norm(xt, pm.tensor(rm, dev), pm.tensor(rv, dev), w, b, training,
+                          activation=act, out=pm.tensor(np.zeros(shape, dtype), dev))
+        np.testing.assert_array_equal(y2.numpy(), want.numpy())
+
+
+@pytest.mark.parametrize("training", [True, False])
+@pytest.mark.parametrize("act", [None, "relu", ("leaky_relu", {"negative_slope": 0.2}),
+                                 "sigmoid"], ids=["none", "relu", "leaky_relu", "sigmoid"])
+@pytest.mark.parametrize("dtype", [np.float32, np.float16])
+def test_batch_norm_backward_strided_grad_out(dev, dtype, act, training):
+    """grad_out a view at channel c0 of a larger (poisoned) tensor with grad_out_batch_stride=:
+    the same dx, dweight, dbias as from the contiguous grad_out (bit for bit: the same sums in the
+    same order), against float64 too; both tilings, batch 1, HW = 1, (N, C) inputs."""
+    if not dev.supports_views:
+        pytest.skip("views at an offset need buffer views")
+    for k, shape in enumerate(SLICE_SHAPES):
+        c = shape[1]
+        ctot = c + 4 + k % 3
+        x, dy, w, b, rm, rv, y, mean, invstd = _bn_act_case(dev, shape, dtype, act, training, k)
+        kw = dict(save_mean=mean, save_invstd=invstd) if training else {}
+        rmt, rvt = pm.tensor(rm, dev), pm.tensor(rv, dev)
+        want = F.batch_norm_backward(dy, x, rmt, rvt, w, b, training, **kw, activation=act)
+        if act is not None:
+            rdx, rdw, rdb = _ref_act_grad(x, dy, w, b, rm, rv, act, training, y)
+        elif training:
+            rdx, rdw, rdb = ref.batch_norm_train_backward(dy.astype(np.float64), x, w)
+        else:
+            rdx, rdw, rdb = ref.batch_norm_eval_backward(dy.astype(np.float64), x, rm, rv, w)
+        for c0 in _where(c, ctot):
+            big, view, ns = _slice_views(dev, shape, dtype, ctot, c0)
+            whole = big.numpy()
+            whole[:, c0:c0 + c] = dy
+            big.buffer.write(whole)
+            dx, n1, n2, dw, db = F.batch_norm_backward(view, x, rmt, rvt, w, b, training, **kw,
+                                                       activation=act, grad_out_batch_stride=ns)
+            assert n1 is None and n2 is None and dx.shape == shape
+            for name, a, r in zip(("dx", "dw", "db"), (dx, dw, db), (want[0], want[3], want[4])):
+                np.testing.assert_array_equal(a.numpy(), r.numpy(),
+                                              err_msg=f"{shape} at {c0}: {name}")
+        scale = max(1.0, float(np.abs(rdx).max()))
+        tol = dict(rtol=3e-3, atol=3e-3 * scale) if dtype == np.float16 else \
+            dict(rtol=1e-4, atol=1e-5 * scale)
+        np.testing.assert_allclose(dx.numpy().astype(np.float64), rdx, **tol, err_msg=str(shape))
+        st = np.sqrt(x.size)
+        np.testing.assert_allclose(dw.numpy(), rdw, rtol=1e-4, atol=1e-4 * st)
+        np.testing.assert_allclose(db.numpy(), rdb, rtol=1e-4, atol=1e-4 * st)
+
+
+def test_batch_norm_strided_bad_input(dev):
+    """Bad out= / out_batch_stride= / grad_out_batch_stride= raise ValueError naming the
+    argument before anything runs (the running statistics are not moved)."""
+    if not dev.supports_views:
+        pytest.skip("views at an offset need buffer views")
+    shape = (2, 3, 2, 2)
+    x = pm.tensor(np.ones(shape, np.float32), dev)
+    rm, rv = pm.tensor(np.zeros(3, np.float32), dev), pm.tensor(np.ones(3, np.float32), dev)
+    big, view, ns = _slice_views(dev, shape, np.float32, 5, 1)
+    small = pm.Tensor(big.buffer.view(3 * 4 * 4), shape, np.float32)  # too few bytes left
+    dev.reset_counts()
+    cases = [
+        ("out_batch_stride", lambda: F.batch_norm(x, rm, rv, training=True, out_batch_stride=20)),
+        ("out_batch_stride", lambda: F.batch_norm(x, rm, rv, training=True, out=view,
+                                                  out_batch_stride=11)),
+        ("out", lambda: F.batch_norm(x, rm, rv, training=True, out=small, out_batch_stride=ns)),
+        ("out", lambda: F.batch_norm(x, rm, rv, training=True,
+                                     out=pm.tensor(np.zeros(shape, np.float16), dev))),
+        ("out", lambda: F.batch_norm_with_stats(x, rm, rv, training=True, out=np.zeros(shape))),
+        ("grad_out_batch_stride", lambda: F.batch_norm_backward(view, x, rm, rv, training=True,
+                                                                grad_out_batch_stride=11)),
+        ("grad_out_batch_stride", lambda: F.batch_norm_backward(view, x, rm, rv, training=True,
+                                                                grad_out_batch_stride=20.0)),
+        ("grad_out", lambda: F.batch_norm_backward(small, x, rm, rv, training=True,
+                                                   grad_out_batch_stride=ns)),
+    ]
+    for k, (arg, call) in enumerate(cases):
+        with pytest.raises((ValueError, TypeError), match=arg):
+            call()
+            pytest.fail(f"case {k} ({arg}) did not raise")
+    assert sum(dev.dispatch_counts.values()) == 0
+    np.testing.assert_array_equal(rm.numpy(), 0.0)

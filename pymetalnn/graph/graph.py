@@ -30,6 +30,7 @@ from . import memory as M
 from .datasource import DataSource
 from .errors import GraphError
 from .nodes import (
+    ConcatenationNode,
     FilterNode,
     GradientNode,
     GradientSumNode,
@@ -421,6 +422,7 @@ class Graph:
             else:
                 raise GraphError(n, f"cannot run a {type(n).__name__}")
         self.steps = steps
+        self.strided_grads = self._strided_grads(steps, out_eff)
         # last reads: values not returned are freed after their last reader
         last: dict[Value, int] = {}
         for i, st in enumerate(steps):
@@ -433,6 +435,42 @@ class Graph:
                 if v not in out_eff:
                     self.free_after[last.get(v, i)].append(v)
         self.last_use = last
+
+    def _strided_grads(self, steps: list[Step], out_eff: set[Value]
+                       ) -> dict[Node, dict[int, FilterNode]]:
+        """Per concatenation: which pieces of its gradient can go, at batch > 1, as views at
+        their channel slices (batch-strided) to the one gradient step that reads each, because
+        that node's backward reads a strided gradient (FilterNode.strided_grad); the other
+        pieces stay split copies (ConcatenationNode.backward). Only with the concat pass on."""
+        if not (self.options["concat"] and self.device.supports_views):
+            return {}
+        readers: dict[Value, list[Step]] = {}
+        for st in steps:
+            for v in st.ins:
+                readers.setdefault(v, []).append(st)
+        found: dict[Node, dict[int, FilterNode]] = {}
+        for st in steps:
+            f = st.node.forward if st.kind == "gradient" else None
+            if not isinstance(f, ConcatenationNode):
+                continue
+            pieces: dict[int, FilterNode] = {}
+            for k, r in enumerate(st.node.results):
+                rs = readers.get(r, [])
+                if r in out_eff or len(rs) != 1 or rs[0].kind != "gradient":
+                    continue
+                q = rs[0]
+                reads = [j for j, v in enumerate(q.ins) if v is r]
+                # the reader's incoming gradient of its first result, nothing else
+                if reads != [0] or q.ngrads != 1 or q.grad_slots != [0]:
+                    continue
+                if q.node.forward.strided_grad():
+                    pieces[k] = q.node.forward
+            if pieces:
+                found[f] = pieces
+                self._log(f"concat: {f.name}'s gradient reaches "
+                          f"{', '.join(p.name for p in pieces.values())} as strided channel "
+                          "slices at batch > 1 (no split copy)")
+        return found
 
     @property
     def step_count(self) -> int:

@@ -244,6 +244,12 @@ class FilterNode(Node):
         fused output is not needed by the gradient."""
         return False
 
+    def strided_grad(self) -> bool:
+        """Whether backward can read the gradient of its (first) result with a batch stride:
+        images rc.state[("grad_nstride", self)] elements apart when that is set (its channel
+        slice of an eliminated concatenation's gradient, read in place instead of split out)."""
+        return False
+
     def gradient(self, grad_source: Any = None) -> GradientNode:
         """The gradient node of this node (MPS's gradientFilterWithSource:), reading the
         gradient of this node's result(s) `grad_source` (a value, a node, or a list with one per
@@ -886,6 +892,7 @@ class BatchNormalizationNode(FilterNode):
         ws = self.weights
         rm, rv, w, b = self._wb(rc)
         kw = {} if activation is None else {"activation": activation}
+        kw.update(rc.take_out())  # a channel slice of an eliminated concatenation
         if training:
             y, mean, invstd = op("batch_norm_with_stats", self)(
                 xs[0], rm, rv, w, b, training=True, momentum=ws.momentum, eps=ws.eps, **kw)
@@ -894,7 +901,7 @@ class BatchNormalizationNode(FilterNode):
                 ws.num_batches_tracked += 1
             rc.release(ws)
             return [y, mean, invstd] if with_state else [y]
-        y = op("batch_norm_with_stats" if kw else "batch_norm", self)(
+        y = op("batch_norm_with_stats" if "activation" in kw else "batch_norm", self)(
             xs[0], rm, rv, w, b, training=False, eps=ws.eps, **kw)
         y = y[0] if isinstance(y, tuple) else y
         rc.release(ws)
@@ -909,11 +916,17 @@ class BatchNormalizationNode(FilterNode):
 
         return neuron.kind in ACTIVATIONS
 
+    def strided_grad(self):
+        return True
+
     def backward(self, rc, gouts, saved, need, activation=None):
         x, mean, invstd = saved
         ws = self.weights
         rm, rv, w, b = self._wb(rc)
         kw = {} if activation is None else {"activation": activation}
+        ns = rc.state.pop(("grad_nstride", self), None)
+        if ns:
+            kw["grad_out_batch_stride"] = ns
         gx, _, _, gw, gb = op("batch_norm_backward", self)(
             gouts[0], x, rm, rv, w, b, training=True, momentum=ws.momentum, eps=ws.eps,
             save_mean=mean, save_invstd=invstd, **kw)
@@ -1036,10 +1049,19 @@ class ConcatenationNode(FilterNode):
         rc.state[self] = [x.shape[self._d] for x in xs]  # the split sizes for the gradient
         return [op("concat", self)(list(xs), self._d)]
 
+    def strided_grad(self):
+        # a concat nested in another's channel slice: its pieces are sub-slices of that
+        return self._d == 1
+
     def backward(self, rc, gouts, saved, need):
         g = gouts[0]
         sizes = rc.state.get(self) or [s.shape[self._d] for s in self.sources]
         outer = int(np.prod(g.shape[:self._d]))
+        ns = rc.state.pop(("grad_nstride", self), None)
+        strided = getattr(rc.g, "strided_grads", {}).get(self) \
+            if outer > 1 and self._d == 1 and rc.views and rc.concat_views else None
+        if strided or ns:
+            return self._strided_backward(rc, g, sizes, need, strided or {}, ns), []
         if outer == 1 and rc.views and rc.concat_views:
             # the pieces are consecutive slabs of g: views, no copy
             inner = int(np.prod(g.shape[self._d + 1:]))
@@ -1053,6 +1075,37 @@ class ConcatenationNode(FilterNode):
             return out, []
         parts = op("split", self)(g, sizes, self._d)
         return [p if nd else None for p, nd in zip(parts, need)], []
+
+    def _strided_backward(self, rc, g: Tensor, sizes: list[int], need: list[bool],
+                          strided: dict[int, FilterNode], ns: int | None
+                          ) -> list[Tensor | None]:
+        """Channel concat at batch > 1: piece k goes to the gradient of strided[k] (a node whose
+        backward reads a batch-strided gradient) as a view of g at its channel slice, images
+        `pitch` elements apart (C*inner, or ns when g itself is such a slice of an enclosing
+        concat's gradient); only the other needed pieces are copied out (one split)."""
+        from ..ops.copy import _parts
+        from ..tensor import empty
+
+        n, inner = g.shape[0], int(np.prod(g.shape[2:]))
+        pitch, isz = ns or g.shape[1] * inner, g.dtype.itemsize
+        out: list[Tensor | None] = []
+        copies = []
+        off = 0
+        for k, (c, nd) in enumerate(zip(sizes, need)):
+            shape = (n, c) + tuple(g.shape[2:])
+            if nd and k in strided:
+                nb = ((n - 1) * pitch + c * inner) * isz
+                out.append(Tensor(g.buffer.view(off * isz, nb), shape, g.dtype))
+                rc.state[("grad_nstride", strided[k])] = pitch
+            elif nd:
+                out.append(empty(shape, g.dtype, g.device))
+                copies.append((out[-1], c * inner, off))
+            else:
+                out.append(None)
+            off += c * inner
+        if copies:
+            _parts("split", g, n, pitch, copies)
+        return out
 
 
 class _ArithmeticNode(FilterNode):

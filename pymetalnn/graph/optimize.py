@@ -17,8 +17,11 @@ concat      concatenation elimination: producers write straight into their slice
             of the result and the gradient's split becomes views of the incoming gradient (no
             copy). Channel slices at batch > 1: the producers' ops get out= (a view at the
             slice) and out_batch_stride= (conv2d, max/avg pooling, relu / leaky relu / sigmoid /
-            tanh, fused conv + neuron; see strided_op), their own gradients read the result
-            with y_batch_stride=, and the gradient's split stays a split kernel.
+            tanh, batch norm, fused conv / batch norm + neuron, an eliminated nested concat;
+            see strided_op), their own gradients read the result with y_batch_stride=. The
+            gradient's pieces reach gradients that read a strided incoming gradient (batch
+            norm: grad_out_batch_stride=) as views (Graph._strided_grads); the others are
+            copied by one split launch.
 dead_nodes  nodes whose results nothing uses are dropped; gradients nothing reads are not
             computed (e.g. the first convolution's input gradient); dropout is an identity view
             at inference.
@@ -106,6 +109,9 @@ class FusedNeuronNode(FilterNode):
     def _act_in_base(self) -> bool:
         return self.base.activation_in_backward(self.neuron)
 
+    def strided_grad(self):
+        return self._act_in_base and self.base.strided_grad()
+
     def saved(self):
         # what the gradient reads decides the operands' lifetimes (memory planner)
         return self.base.saved() + ([] if self._act_in_base else [("out", 0)])
@@ -113,6 +119,9 @@ class FusedNeuronNode(FilterNode):
     def backward(self, rc, gouts, saved, need):
         n = self.neuron
         if self._act_in_base:
+            ns = rc.state.pop(("grad_nstride", self), None)
+            if ns:  # the base reads the incoming gradient
+                rc.state[("grad_nstride", self.base)] = ns
             return self.base.backward(rc, gouts, saved, need,
                                       activation=(n.kind, dict(n.params)))
         y = saved[-1]
@@ -222,8 +231,13 @@ def plan_memory(g: Any, prog: Any, calib: list[tuple[list, list]]) -> None:
     blocks: dict[Value, M.Block] = {r: M.Block(r, M.align(roots[r][2]), roots[r][0], end[r])
                                     for r in routable}
     children: set[Value] = set()
+    # a child value -> (the value whose block holds it, byte offset there): offsets of nested
+    # eliminated concatenations (Inception-C's branch concats inside the block's) resolve
+    # through it
+    placed: dict[Value, tuple[Value, int]] = {}
     eliminated: list[str] = []
     strided_pending: dict[int, tuple] = {}
+    strided_cats: set[int] = set()  # concat steps eliminated with strided slices
     dropped = 0  # bytes of producers' results that became strided slices
     views = dev.supports_views
     if STRATEGY is not None:
@@ -236,10 +250,12 @@ def plan_memory(g: Any, prog: Any, calib: list[tuple[list, list]]) -> None:
                 if st.kind != "forward" or not isinstance(st.node, ConcatenationNode):
                     continue
                 why = _concat_ok(st, tensors, alias, routable, children, roots)
-                if why.startswith(STRIDED):
-                    # batch > 1: the producers write strided channel slices (out=, a batch stride)
+                if why.startswith(STRIDED) or why.endswith(MISALIGNED):
+                    # batch > 1: the producers write strided channel slices (out=, a batch stride);
+                    # batch 1 with a slice off the views' 16-byte alignment: the same out= path
+                    # (the ops take out= at any element offset; the stride is then moot)
                     why2, slices = _concat_strided_ok(g, i, st, tensors, alias, routable, children,
-                                                      roots, expect_idx)
+                                                      roots, expect_idx, strided_cats)
                     if not why2:
                         out = st.outs[0]
                         parent = blocks[out]
@@ -248,10 +264,19 @@ def plan_memory(g: Any, prog: Any, calib: list[tuple[list, list]]) -> None:
                             parent.start = min(parent.start, b.start)
                             parent.end = max(parent.end, b.end)
                             children.add(v)
+                            placed[v] = (out, rel)
+                            dropped += b.size
+                            if j in strided_cats:
+                                # a nested eliminated concat: its producers' slices move into
+                                # this result, with this result's batch stride
+                                for jj, pend in list(strided_pending.items()):
+                                    if pend[0] is v:
+                                        strided_pending[jj] = (out, rel + pend[1], ns) + pend[3:]
+                                continue
                             strided_pending[j] = (out, rel, ns, tensors[v].shape, tensors[v].dtype,
                                                   key)
-                            dropped += b.size
                         eliminated.append(st.name)
+                        strided_cats.add(i)
                         prog.views[i] = None
                         g._log(f"concat: {st.name} eliminated at batch {prog.batch}: "
                                f"{', '.join(v.name for _, v, *_ in slices)} write their channel "
@@ -267,9 +292,14 @@ def plan_memory(g: Any, prog: Any, calib: list[tuple[list, list]]) -> None:
                 for v in st.ins:
                     b = blocks[v]
                     parent.children.append((b, off))
+                    # a nested eliminated concat brings its own pieces along (one level of
+                    # children per top block: the slots below are top offset + rel)
+                    parent.children += [(c, off + o) for c, o in b.children]
+                    b.children = []
                     parent.start = min(parent.start, b.start)
                     parent.end = max(parent.end, b.end)
                     children.add(v)
+                    placed[v] = (out, off)
                     off += tensors[v].nbytes
                 eliminated.append(st.name)
                 prog.views[i] = None  # filled once offsets are known
@@ -295,14 +325,22 @@ def plan_memory(g: Any, prog: Any, calib: list[tuple[list, list]]) -> None:
                 slots[r] = prog.arena.view(b.offset + rel, nb)
             else:
                 slots[r] = M.register_slot(prog.registers[b.register], nb)
+    def offset(v: Value) -> int:
+        if v in placed:
+            up, rel = placed[v]
+            return offset(up) + rel
+        return blocks[v].offset
+
     for j, (out, rel, ns, shape, dt, key) in strided_pending.items():
         n, per = shape[0], int(np.prod(shape[1:]))
         nb = ((n - 1) * ns + per) * dt.itemsize
-        prog.strided[j] = (blocks[out].offset + rel, nb, shape, dt, ns, key)
+        prog.strided[j] = (offset(out) + rel, nb, shape, dt, ns, key)
     for i in list(prog.views):
         out = steps[i].outs[0]
         t = tensors[out]
-        prog.views[i] = (blocks[out].offset, t.nbytes, t.shape, t.dtype)
+        # a nested strided concat's result is not contiguous there; only the enclosing
+        # concat's step reads it, for its shape
+        prog.views[i] = (offset(out), t.nbytes, t.shape, t.dtype)
     prog.expect = [None] * len(steps)
     prog.checks = [None] * len(steps)
     for i, lst in expect_idx.items():
@@ -319,6 +357,7 @@ def plan_memory(g: Any, prog: Any, calib: list[tuple[list, list]]) -> None:
 
 
 STRIDED = "slices along dim 1 are strided"
+MISALIGNED = "would start at a misaligned offset"
 
 
 def strided_op(node: Any) -> str | None:
@@ -326,21 +365,25 @@ def strided_op(node: Any) -> str | None:
     out_batch_stride=), or None."""
     from .nodes import NEURONS, PoolingAverageNode, PoolingMaxNode
 
+    ops = {ConvolutionNode: "conv2d", PoolingMaxNode: "max_pool2d",
+           PoolingAverageNode: "avg_pool2d", BatchNormalizationNode: "batch_norm_with_stats"}
     if isinstance(node, FusedNeuronNode):
-        return "conv2d" if type(node.base) is ConvolutionNode and supports("conv2d", "out") \
-            else None
-    name = {ConvolutionNode: "conv2d", PoolingMaxNode: "max_pool2d",
-            PoolingAverageNode: "avg_pool2d"}.get(type(node))
+        name = ops.get(type(node.base)) if type(node.base) in FUSABLE_NEURON else None
+        return name if name is not None and supports(name, "out") else None
+    name = ops.get(type(node))
     if isinstance(node, NeuronNode) and node.kind in NEURONS:
         name = NEURONS[node.kind][0]
     return name if name is not None and supports(name, "out") else None
 
 
 def _concat_strided_ok(g: Any, i: int, st: Any, tensors: dict, alias: dict, routable: set,
-                       children: set, roots: dict, expect_idx: dict) -> tuple[str, list]:
+                       children: set, roots: dict, expect_idx: dict, strided_cats: set
+                       ) -> tuple[str, list]:
     """Whether a channel concatenation at batch > 1 can be eliminated by letting every producer
     write its slice with a batch stride; returns (why not, [(producer step, source, byte offset
-    in the result, batch stride in elements, calibration key of its output request)])."""
+    in the result, batch stride in elements, calibration key of its output request)]). A source
+    made by a concat already eliminated that way (strided_cats) is a producer too: its own
+    producers then write into this result."""
     from .nodes import NEURONS
 
     out = st.outs[0]
@@ -363,7 +406,7 @@ def _concat_strided_ok(g: Any, i: int, st: Any, tensors: dict, alias: dict, rout
         if j is None or steps[j].outs[0] is not v:
             return f"source {v.name} is not the first result of a forward step", []
         node = steps[j].node
-        if strided_op(node) is None:
+        if j not in strided_cats and strided_op(node) is None:
             return f"{node.name} ({type(node).__name__}) cannot write a strided slice (its op " \
                    "has no out=, out_batch_stride=)", []
         for k, s2 in enumerate(steps):
@@ -403,6 +446,6 @@ def _concat_ok(st: Any, tensors: dict, alias: dict, routable: set, children: set
         if roots[v][2] != tensors[v].nbytes:
             return f"source {v.name}'s allocation is padded"
         if off % 16:
-            return f"source {v.name} would start at a misaligned offset"
+            return f"source {v.name} {MISALIGNED}"
         off += tensors[v].nbytes
     return ""

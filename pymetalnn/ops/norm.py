@@ -18,6 +18,10 @@ Backward functions follow the functional convention (the gradients of the forwar
 arguments, in order, None for running statistics and absent weight/bias). The batch statistics of
 a training-mode forward can be passed back as save_mean / save_invstd (from *_with_stats) to skip
 recomputing them.
+
+Channel slices (the graph's concat elimination): batch_norm(_with_stats)(..., out=,
+out_batch_stride=) writes y into a slice of a larger NCHW tensor, and batch_norm_backward(...,
+grad_out_batch_stride=) reads grad_out from one (the concat's gradient, without a split copy).
 """
 from __future__ import annotations
 
@@ -28,7 +32,7 @@ import numpy as np
 from ..params import NormParams
 from ..runtime import Buffer, Device
 from ..tensor import Tensor, empty, float16, float32
-from ._common import kernel, pick_device, suffix, tensor_arg
+from ._common import kernel, pick_device, strided_out, suffix, tensor_arg
 from .neuron import activation_code
 from .softmax import TG, tile_groups, tile_plan
 
@@ -99,6 +103,27 @@ def _grad_out(g: Any, x: Tensor, dev: Device) -> Tensor:
     if gt.shape != x.shape:
         raise ValueError(f"grad_out: shape {gt.shape} does not match input's {x.shape}")
     return gt
+
+
+def _grad_stride(g: Tensor, stride: Any) -> int:
+    """The kernels' dy_nstride of grad_out whose images lie `stride` elements apart (None:
+    contiguous): 0 when contiguous. Mirrors strided_out's checks of out_batch_stride."""
+    if stride is None:
+        return 0
+    if isinstance(stride, bool) or not isinstance(stride, (int, np.integer)):
+        raise ValueError(f"grad_out_batch_stride: expected an int, got {stride!r}")
+    n, per = g.shape[0], g.size // g.shape[0]
+    stride = int(stride)
+    if stride < per:
+        raise ValueError(f"grad_out_batch_stride: {stride} elements, less than one image's {per}")
+    need = ((n - 1) * stride + per) * g.dtype.itemsize
+    if g.buffer.nbytes < need:
+        raise ValueError(f"grad_out: {g.buffer.nbytes} bytes of buffer, too few for {g.shape} "
+                         f"with batch stride {stride} ({need} bytes)")
+    if (n - 1) * stride + per > MAX_ELEMENTS:
+        raise ValueError(f"grad_out_batch_stride: {stride} puts the last image beyond the "
+                         "kernels' 32-bit indexing")
+    return 0 if stride == per or n <= 1 else stride
 
 
 def _saved(mean: Any, invstd: Any, dev: Device, shape: tuple[int, ...],
@@ -212,10 +237,13 @@ def _stats(dev: Device, p: NormParams, x: Tensor, running_mean: Tensor | None = 
     return mean, invstd
 
 
-def _apply(dev: Device, p: NormParams, u: Tensor, v: Tensor | None, coef: Tensor) -> Tensor:
+def _apply(dev: Device, p: NormParams, u: Tensor, v: Tensor | None, coef: Tensor,
+           out: Tensor | None = None) -> Tensor:
     """norm_apply_fwd (act(a (x - m) + d)), norm_apply_bwd, or with p.act norm_apply_bwd_act
-    (coef then holds the forward's coefficients after the backward's)."""
-    out = empty(u.shape, u.dtype, dev)
+    (coef then holds the forward's coefficients after the backward's). out: the forward's
+    destination from strided_out (p.out_nstride set to match); else a new tensor."""
+    if out is None:
+        out = empty(u.shape, u.dtype, dev)
     act = "_act" if v is not None and p.act else ""
     name = f"norm_apply_{'bwd' if v is not None else 'fwd'}{act}_{suffix(u.dtype)}"
     groups = min(-(-u.size // (TG * 4)), MAX_GROUPS)  # 4 elements per thread
@@ -257,16 +285,22 @@ def _bn_validate(input: Any, running_mean: Any, running_var: Any, weight: Any, b
 
 def batch_norm_with_stats(input: Any, running_mean: Any, running_var: Any, weight: Any = None,
                           bias: Any = None, training: bool = False, momentum: float = 0.1,
-                          eps: float = 1e-5, activation: Any = None
-                          ) -> tuple[Tensor, Tensor, Tensor]:
+                          eps: float = 1e-5, activation: Any = None, out: Any = None,
+                          out_batch_stride: int | None = None) -> tuple[Tensor, Tensor, Tensor]:
     """batch_norm, also returning (save_mean, save_invstd) per channel: the batch statistics
-    (training) or the running ones (inference), for batch_norm_backward. activation: as
-    batch_norm's."""
+    (training) or the running ones (inference), for batch_norm_backward. activation, out,
+    out_batch_stride: as batch_norm's."""
     act = activation_code(activation)
     dev, x, rm, rv, w, b, training, momentum, eps = _bn_validate(
         input, running_mean, running_var, weight, bias, training, momentum, eps)
+    # before any launch: a bad out= must not leave the running statistics moved
+    y, ns = strided_out(out, out_batch_stride, x.shape, x.dtype, dev)
+    if ns and (x.shape[0] - 1) * ns + x.size // x.shape[0] > MAX_ELEMENTS:
+        raise ValueError(f"out_batch_stride: {ns} puts the last image beyond the kernels' "
+                         "32-bit indexing")
     p = _bn_params(x, eps, momentum, training, w is not None, b is not None, rm is not None)
     p.act, p.act_alpha = act
+    p.out_nstride = ns
     c = x.shape[1]
     d = _dummy(dev)
     if training:
@@ -278,27 +312,32 @@ def batch_norm_with_stats(input: Any, running_mean: Any, running_var: Any, weigh
         _threads(c), w.buffer if w is not None else d, b.buffer if b is not None else d,
         rm.buffer if rm is not None else d, rv.buffer if rv is not None else d, mean.buffer,
         invstd.buffer, coef.buffer, p)
-    return _apply(dev, p, x, None, coef), mean, invstd
+    return _apply(dev, p, x, None, coef, y if out is not None else None), mean, invstd
 
 
 def batch_norm(input: Any, running_mean: Any, running_var: Any, weight: Any = None,
                bias: Any = None, training: bool = False, momentum: float = 0.1,
-               eps: float = 1e-5, activation: Any = None) -> Tensor:
+               eps: float = 1e-5, activation: Any = None, out: Any = None,
+               out_batch_stride: int | None = None) -> Tensor:
     """F.batch_norm over dim 1 of (N, C[, L]) or (N, C, H, W):
     y = (x - mean_c) / sqrt(var_c + eps) * weight_c + bias_c. training: batch statistics, and
     running_mean/var (if given, as Tensors) updated in place: r = (1 - momentum) r + momentum s,
     with the unbiased batch variance. Inference: the running statistics. activation: None,
     "relu", "leaky_relu", "sigmoid", "tanh" or (name, params): y = act(batch_norm(x)) in the same
     element-wise kernel (neuron.activation_code); gradient via batch_norm_backward(...,
-    activation=), which takes dy through the activation inside its own kernels."""
+    activation=), which takes dy through the activation inside its own kernels.
+    out=, out_batch_stride=: write y into `out`, a tensor whose buffer starts at y's first
+    element, images out_batch_stride elements apart (a channel slice of a larger NCHW tensor;
+    pymetalnn.ops._common.strided_out); the elements between images are left untouched."""
     return batch_norm_with_stats(input, running_mean, running_var, weight, bias, training,
-                                 momentum, eps, activation)[0]
+                                 momentum, eps, activation, out, out_batch_stride)[0]
 
 
 def batch_norm_backward(grad_out: Any, input: Any, running_mean: Any, running_var: Any,
                         weight: Any = None, bias: Any = None, training: bool = False,
                         momentum: float = 0.1, eps: float = 1e-5, *, save_mean: Any = None,
-                        save_invstd: Any = None, activation: Any = None, y: Any = None
+                        save_invstd: Any = None, activation: Any = None, y: Any = None,
+                        grad_out_batch_stride: int | None = None
                         ) -> tuple[Tensor, None, None, Tensor | None, Tensor | None]:
     """(grad_input, None, None, grad_weight, grad_bias) of batch_norm (running statistics are
     not differentiated; grad_weight / grad_bias are None when weight / bias are).
@@ -317,11 +356,17 @@ def batch_norm_backward(grad_out: Any, input: Any, running_mean: Any, running_va
     relu's z > 0 is the forward's decision bit for bit; pass the forward's save_mean /
     save_invstd, or the same input to recompute them): no extra pass, and y is not needed.
     y: optional, the fused forward's output, checked (shape and dtype) but not read; accepted
-    for callers of the earlier from-the-output gradient."""
+    for callers of the earlier from-the-output gradient.
+
+    grad_out_batch_stride: grad_out's images lie that many elements apart (None: contiguous):
+    grad_out is then a tensor whose buffer starts at its first element inside a larger NCHW
+    tensor, e.g. its channel slice of a concatenation's gradient (the forward's out=,
+    out_batch_stride= read back), so no split copies it out. grad_input is contiguous."""
     act_code = activation_code(activation)
     dev, x, rm, rv, w, b, training, momentum, eps = _bn_validate(
         input, running_mean, running_var, weight, bias, training, momentum, eps)
     g = _grad_out(grad_out, x, dev)
+    dy_ns = _grad_stride(g, grad_out_batch_stride)
     if y is not None:
         yt = tensor_arg(y, dev, "y", (x.dtype,))
         if yt.shape != x.shape:
@@ -340,6 +385,7 @@ def batch_norm_backward(grad_out: Any, input: Any, running_mean: Any, running_va
             rm.buffer, rv.buffer, mean.buffer, invstd.buffer, empty((c, 4), float32, dev).buffer, p)
     # the activation is applied to dy by the kernels below (p.act selects their *_act variants)
     p.act, p.act_alpha = act_code
+    p.dy_nstride = dy_ns
     part = _partials(dev, p, x, g, mean, (invstd, w, b))
     dw = empty((c,), float32, dev) if w is not None else None
     db = empty((c,), float32, dev) if b is not None else None
