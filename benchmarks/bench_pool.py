@@ -11,7 +11,12 @@ backward always uses its int64 indices) or numpy on cpu, with the speedup.
 `seconds` reuses each op's output buffers across calls; `alloc_seconds` allocates fresh
 (zero-filled) ones each call, as bench_neuron.py explains.
 
-    PYTHONPATH=. python benchmarks/bench_pool.py [--backend cpu|cuda] [--quick]
+`--shapes inception` instead times the pooling gradients of an InceptionV3 training step (batch
+32, the shapes of its profile): avg_pool2d backward 3x3 stride 1 padding 1 (count_include_pad)
+at each branch-pool shape and max_pool2d backward 3x3 stride 2 from indices at each reduction,
+one row per shape plus a total row per op (sum of the launches, as in the step's profile).
+
+    PYTHONPATH=. python benchmarks/bench_pool.py [--backend cpu|cuda] [--quick] [--shapes default|inception]
 """
 from __future__ import annotations
 
@@ -146,6 +151,70 @@ def bench(dev: pymetalnn.Device, dtype: Any, shape: tuple, quick: bool) -> list[
     return rows
 
 
+# InceptionV3 (batch 32): (C, H, W) of each avg_pool2d 3x3 s1 p1 input (one launch each; 17x17
+# four times) and of each max_pool2d 3x3 s2 input whose gradient comes from the indices
+INCEPTION_AVG = [(192, 35, 35), (256, 35, 35), (288, 35, 35), *[(768, 17, 17)] * 4,
+                 (1280, 8, 8), (2048, 8, 8)]
+INCEPTION_MAX = [(64, 147, 147), (192, 71, 71), (288, 35, 35), (768, 17, 17)]
+
+
+def bench_inception(dev: pymetalnn.Device, dtype: Any, quick: bool) -> list[dict]:
+    """The gradient launches of the InceptionV3 step, each against torch's (aten) on cuda."""
+    rng = np.random.default_rng(0)
+    batch = 2 if quick else 32
+    cuda = dev.name == "cuda"
+    if cuda:
+        import torch
+
+        aten = torch.ops.aten
+    rows: list[dict] = []
+    totals: dict[str, list[float]] = {}
+    for op, shapes in (("avg_pool2d k3s1p1 bwd", INCEPTION_AVG), ("max_pool2d k3s2 +indices bwd",
+                                                                  INCEPTION_MAX)):
+        avg = op.startswith("avg")
+        w = dict(kernel_size=3, stride=1, padding=1) if avg else dict(kernel_size=3, stride=2)
+        for c, h, wd in shapes:
+            shape = (batch, c, h, wd)
+            x = pymetalnn.tensor(rng.standard_normal(shape, np.float32).astype(dtype), dev)
+            y, idx = P.max_pool2d(x, **w, return_indices=True)
+            if avg:
+                y = P.avg_pool2d(x, **w)
+            g = pymetalnn.tensor(rng.standard_normal(y.shape, np.float32).astype(dtype), dev)
+            fn = (lambda g=g, x=x, w=w: P.avg_pool2d_backward(g, x, **w)) if avg else \
+                (lambda g=g, x=x, w=w, idx=idx: P.max_pool2d_backward(g, x, **w, indices=idx))
+            nbytes = (y.size + x.size) * x.dtype.itemsize + (0 if avg else 4 * y.size)
+            peer_fn = None
+            if cuda:
+                tx, tg = membound.torch_cuda(dev, x), membound.torch_cuda(dev, g)
+                if avg:
+                    peer_fn = lambda tg=tg, tx=tx: aten.avg_pool2d_backward(
+                        tg, tx, [3, 3], [1, 1], [1, 1], False, True, None)
+                else:
+                    ti = torch.nn.functional.max_pool2d(tx, 3, 2, return_indices=True)[1]
+                    peer_fn = lambda tg=tg, tx=tx, ti=ti: aten.max_pool2d_with_indices_backward(
+                        tg, tx, [3, 3], [2, 2], [0, 0], [1, 1], False, ti)
+            fn()  # compile, warm
+            with reuse_outputs(P):
+                sec, spread = membound.timeit(dev, fn, quick)
+            peer_sec = None
+            if peer_fn is not None:
+                peer_fn()
+                peer_sec = membound.timeit(dev, peer_fn, quick)[0]
+            copy = membound.copy_gbs(dev, x.nbytes, quick)
+            rows.append(membound.row(f"inception {op}", dev, dtype, shape, nbytes, sec, spread, copy,
+                                     "torch" if peer_fn else None, peer_sec, ">= 0.85 copy"))
+            t = totals.setdefault(op, [0.0, 0.0, 0, 0.0])
+            t[0] += sec
+            t[1] += peer_sec or 0.0
+            t[2] += nbytes
+            t[3] = copy
+        sec, peer_sec, nbytes, copy = totals[op]
+        rows.append(membound.row(f"inception {op} TOTAL ({len(shapes)} launches)", dev, dtype,
+                                 (batch,), nbytes, sec, 0.0, copy, "torch" if cuda else None,
+                                 peer_sec if cuda else None, ">= 0.85 copy"))
+    return rows
+
+
 def check(dev: pymetalnn.Device) -> None:
     """A quick correctness guard so a broken build cannot report a fast wrong number."""
     x = np.random.default_rng(1).standard_normal((2, 3, 9, 9)).astype(np.float32)
@@ -159,16 +228,23 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--backend", choices=["cpu", "cuda"], default=None)
     ap.add_argument("--quick", action="store_true", help="small shapes")
+    ap.add_argument("--shapes", choices=["default", "inception"], default="default",
+                    help="inception: the pooling gradients of an InceptionV3 step (batch 32)")
     args = ap.parse_args()
     dev = pymetalnn.device(args.backend)
     shape = (2, 32, 28, 28) if args.quick else (32, 256, 56, 56)
-    print(f"pool benchmarks on {common.device_label(dev)}, shape {shape}")
+    label = "InceptionV3 gradient shapes" if args.shapes == "inception" else f"shape {shape}"
+    print(f"pool benchmarks on {common.device_label(dev)}, {label}")
     check(dev)
     rows: list[dict] = []
     for dtype in (np.float32, np.float16):
-        rows.extend(bench(dev, dtype, shape, args.quick))
+        if args.shapes == "inception":
+            rows.extend(bench_inception(dev, dtype, args.quick))
+        else:
+            rows.extend(bench(dev, dtype, shape, args.quick))
     common.print_table(rows, [*membound.COLUMNS[:5], "alloc_seconds", *membound.COLUMNS[5:]])
-    print("results:", common.write_results(f"pool_{dev.name}", rows))
+    tag = "_inception" if args.shapes == "inception" else ""
+    print("results:", common.write_results(f"pool{tag}_{dev.name}", rows))
     return 0
 
 

@@ -85,12 +85,15 @@ struct Pool2dParams {
     uint IH, IW, OH, OW;
     int KH, KW, SH, SW, PH, PW, DH, DW;
     uint flags;           // POOL_* bits (pool.metal)
-    uint divisor;         // avg: divisor_override, 0 = none
+    uint divisor;         // avg: divisor_override, 0 = none (avg_pool2d_bwd_const: every window's)
     uint m_out, s_out, m_in, s_in, m_ow, s_ow, m_iw, s_iw;
     uint m_sh, s_sh, m_sw, s_sw, m_dh, s_dh, m_dw, s_dw;
     uint out_C;           // forward with out_nstride > 0: channels per image (planes = N*out_C)
     uint out_nstride;     // forward: elements between images of y (0 = contiguous); > 0 writes
                           // into a channel slice of a larger NCHW tensor (concat elimination)
+    // tiled gradients (avg_pool2d_bwd_const, max_pool2d_bwd_idx_s2x2/_s1x2): one thread per tile
+    // of the input plane, tiles_h x tiles_w tiles per plane (m_tw.. divide by them)
+    uint tiles_h, tiles_w, m_tw, s_tw, m_th, s_th;
 };
 // AdaptivePool2dParams (pool.metal): output cell (oh, ow) averages rows
 // [floor(oh*IH/OH), ceil((oh+1)*IH/OH)) and likewise columns. m_X, s_X as in Pool2dParams.

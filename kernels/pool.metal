@@ -17,6 +17,21 @@
 // per plane) is a reduction: one simdgroup per plane with vector loads and simd_sum.
 // Storage float or half; comparisons and sums in float.
 //
+// Gradient variants the host picks (pymetalnn/ops/pool.py), for the common cases where the
+// generic gather spends far more instructions than its memory traffic allows (a division per
+// window for the average divisor, index arithmetic per element, 9 window ranges for 1 store):
+// - avg_pool2d_bwd_const: every window has the same divisor (divisor_override, or windows never
+//   clipped by the border that counts: InceptionV3's 3x3 stride 1 padding 1 count_include_pad).
+//   One thread per strip of POOL_AVG_ROWS rows of one column reads and divides each candidate
+//   output once for the strip and adds it to every row that takes it; no divisor computation.
+// - max_pool2d_bwd_idx_s2x2 / _s1x2 (stride (2, 2) / (1, 2), any kernel, padding, dilation,
+//   ceil_mode): one thread per stride-sized input tile reads the tile's candidate outputs (index
+//   and grad) once and compares each index with the tile's elements, so every element gets the
+//   same sum, in the same order, as from max_pool2d_bwd_idx.
+// Both add, per element, the same terms in the same order as the generic kernels: bitwise equal
+// results (tests/test_pool.py checks), so a variant switch cannot move a training run. And both
+// stay gathers (each input written by one thread, no atomics): deterministic.
+//
 // Integer division by runtime values costs ~20 instructions on GPUs, more than these kernels'
 // whole memory budget per element, so every division (index decomposition, window ranges) is a
 // multiply-high and shift by a host-computed magic number (magic_div). That needs numerators
@@ -45,6 +60,13 @@ inline int2 out_range(int i, int k, int st, int p, int d, int n_out, uint m, uin
     int lo = num <= 0 ? 0 : int(magic_div(uint(num + st - 1), m, s));
     int hi = min(int(magic_div(uint(i + p), m, s)), n_out - 1);  // i + p >= 0
     return int2(lo, hi);
+}
+
+// Tiled gradient variants: thread gid owns tile (ty, tx) of plane `plane` (returned as
+// uint3(plane, ty, tx)); the host sets tiles_h x tiles_w tiles per plane and their magic pairs.
+inline uint3 tile_of(uint gid, Pool2dParams p) {
+    uint r = magic_div(gid, p.m_tw, p.s_tw), plane = magic_div(r, p.m_th, p.s_th);
+    return uint3(plane, r - plane * p.tiles_h, gid - r * p.tiles_w);
 }
 
 // Max over the window of output (oh, ow) of one plane; returns the flat index h * IW + w of the
@@ -123,6 +145,53 @@ kernel void max_pool2d_bwd_idx(device const T* g [[buffer(0)]],
         }
     }
     dx[gid] = T(acc);
+}
+
+// Gradient from the indices, one thread per TH x TW input tile (host: TH = SH, TW = SW, so the
+// tiles partition the plane like the windows' starts): the candidate outputs of the whole tile
+// (the union of its elements' ranges, about ceil(K/S)^2 for the tile instead of per element) are
+// read once, and each index is compared with the tile's TH * TW targets. Per element, the
+// matching outputs are still added in row-major output order, so the sums are bitwise those of
+// max_pool2d_bwd_idx (a non-matching candidate adds +0). Consecutive threads read consecutive
+// outputs (coalesced), and the index arithmetic is done once per tile.
+template <typename T, int TH, int TW>
+[[max_total_threads_per_threadgroup(256)]]
+kernel void max_pool2d_bwd_idx_tile(device const T* g [[buffer(0)]],
+                                    device const int* indices [[buffer(1)]],
+                                    device T* dx [[buffer(2)]],
+                                    constant Pool2dParams& p [[buffer(3)]],
+                                    uint gid [[thread_position_in_grid]]) {
+    Pool2dParams q = p;
+    if (gid >= q.planes * q.tiles_h * q.tiles_w) return;
+    uint3 t = tile_of(gid, q);
+    int ih = int(q.IH), iw = int(q.IW);
+    int h = int(t.y) * TH, w = int(t.z) * TW;
+    int hl = min(h + TH, ih) - 1, wl = min(w + TW, iw) - 1;  // the tile's last row / column
+    int lo_h = out_range(h, q.KH, q.SH, q.PH, q.DH, int(q.OH), q.m_sh, q.s_sh).x;
+    int hi_h = out_range(hl, q.KH, q.SH, q.PH, q.DH, int(q.OH), q.m_sh, q.s_sh).y;
+    int lo_w = out_range(w, q.KW, q.SW, q.PW, q.DW, int(q.OW), q.m_sw, q.s_sw).x;
+    int hi_w = out_range(wl, q.KW, q.SW, q.PW, q.DW, int(q.OW), q.m_sw, q.s_sw).y;
+    int me = h * iw + w;
+    int target[TH * TW];  // flat index of each tile element; -2 (never an index) off the plane
+    float acc[TH * TW];
+    for (int r = 0; r < TH; ++r)
+        for (int c = 0; c < TW; ++c) {
+            target[r * TW + c] = (h + r <= hl && w + c <= wl) ? me + r * iw + c : -2;
+            acc[r * TW + c] = 0.0f;
+        }
+    uint base = t.x * (q.OH * q.OW);
+    for (int oh = lo_h; oh <= hi_h; ++oh) {
+        uint row = base + uint(oh) * q.OW;
+        for (int ow = lo_w; ow <= hi_w; ++ow) {
+            int i = indices[row + uint(ow)];
+            float v = float(g[row + uint(ow)]);
+            for (int k = 0; k < TH * TW; ++k) acc[k] += i == target[k] ? v : 0.0f;
+        }
+    }
+    device T* d = dx + t.x * (q.IH * q.IW) + uint(me);
+    for (int r = 0; r < TH; ++r)
+        for (int c = 0; c < TW; ++c)
+            if (h + r <= hl && w + c <= wl) d[r * iw + c] = T(acc[r * TW + c]);
 }
 
 // Gradient from x alone: recompute the argmax of each candidate window.
@@ -220,6 +289,56 @@ kernel void avg_pool2d_bwd(device const T* g [[buffer(0)]],
     dx[gid] = T(acc);
 }
 
+// Average gradient when every window has the same divisor (host: divisor_override, or windows
+// never clipped by the border that counts), passed in p.divisor: no per-window divisor. One
+// thread per strip of POOL_AVG_ROWS rows of one column (consecutive threads take consecutive
+// columns, so loads and stores coalesce): the column range is computed once, each candidate
+// output's g / divisor is loaded and divided once for the strip and added to every row whose
+// range takes it (for 3x3 stride 1: 18 loads and divisions per 4 elements instead of 9 loads,
+// 9 divisor computations and 9 divisions each). Each element still adds the same terms in the
+// same (row-major output) order as avg_pool2d_bwd: the results are bitwise those of the generic
+// kernel, so switching variants cannot change a training run.
+#define POOL_AVG_ROWS 4
+template <typename T>
+[[max_total_threads_per_threadgroup(256)]]
+kernel void avg_pool2d_bwd_const(device const T* g [[buffer(0)]],
+                                 device T* dx [[buffer(1)]],
+                                 constant Pool2dParams& p [[buffer(2)]],
+                                 uint gid [[thread_position_in_grid]]) {
+    Pool2dParams q = p;
+    if (gid >= q.planes * q.tiles_h * q.tiles_w) return;
+    uint3 t = tile_of(gid, q);
+    int ih = int(q.IH), w = int(t.z), h0 = int(t.y) * POOL_AVG_ROWS;
+    int2 rw = out_range(w, q.KW, q.SW, q.PW, 1, int(q.OW), q.m_sw, q.s_sw);
+    int lo[POOL_AVG_ROWS];
+    uint cnt[POOL_AVG_ROWS];  // row j takes output rows lo[j] .. lo[j] + cnt[j] - 1
+    float acc[POOL_AVG_ROWS];
+    int last = -1;  // the last output row any row of the strip takes
+    for (int j = 0; j < POOL_AVG_ROWS; ++j) {
+        int2 r = h0 + j < ih ? out_range(h0 + j, q.KH, q.SH, q.PH, 1, int(q.OH), q.m_sh, q.s_sh)
+                             : int2(0, -1);  // off the plane: an empty range
+        lo[j] = r.x;
+        cnt[j] = uint(max(r.y - r.x + 1, 0));
+        last = max(last, r.y);
+        acc[j] = 0.0f;
+    }
+    float div = float(q.divisor);
+    device const T* gp = g + t.x * (q.OH * q.OW);
+    for (int oh = lo[0]; oh <= last; ++oh) {
+        bool take[POOL_AVG_ROWS];  // one unsigned compare per row: lo[j] <= oh < lo[j] + cnt[j]
+        for (int j = 0; j < POOL_AVG_ROWS; ++j) take[j] = uint(oh - lo[j]) < cnt[j];
+        device const T* gr = gp + oh * int(q.OW);
+        for (int ow = rw.x; ow <= rw.y; ++ow) {
+            float v = float(gr[ow]) / div;
+            for (int j = 0; j < POOL_AVG_ROWS; ++j)
+                if (take[j]) acc[j] += v;
+        }
+    }
+    device T* d = dx + t.x * (q.IH * q.IW) + uint(h0) * q.IW + uint(w);
+    for (int j = 0; j < POOL_AVG_ROWS; ++j)
+        if (h0 + j < ih) d[uint(j) * q.IW] = T(acc[j]);
+}
+
 // Adaptive average: output cell o of n_out over n_in covers [floor(o n_in / n_out),
 // ceil((o + 1) n_in / n_out)).
 // ceil((o + 1) n_in / n_out) = floor(((o + 1) n_in - 1) / n_out) + 1. The host keeps n_in * n_out
@@ -310,6 +429,12 @@ kernel void global_avg_pool2d_fwd(device const T* x [[buffer(0)]],
         max_pool2d_bwd<T>;                                                                      \
     template [[host_name("max_pool2d_bwd_idx_" #T)]] [[kernel]] decltype(max_pool2d_bwd_idx<T>) \
         max_pool2d_bwd_idx<T>;                                                                  \
+    template [[host_name("max_pool2d_bwd_idx_s2x2_" #T)]] [[kernel]]                           \
+        decltype(max_pool2d_bwd_idx_tile<T, 2, 2>) max_pool2d_bwd_idx_tile<T, 2, 2>;             \
+    template [[host_name("max_pool2d_bwd_idx_s1x2_" #T)]] [[kernel]]                           \
+        decltype(max_pool2d_bwd_idx_tile<T, 1, 2>) max_pool2d_bwd_idx_tile<T, 1, 2>;             \
+    template [[host_name("avg_pool2d_bwd_const_" #T)]] [[kernel]]                              \
+        decltype(avg_pool2d_bwd_const<T>) avg_pool2d_bwd_const<T>;                              \
     template [[host_name("avg_pool2d_fwd_" #T)]] [[kernel]] decltype(avg_pool2d_fwd<T>)         \
         avg_pool2d_fwd<T>;                                                                      \
     template [[host_name("avg_pool2d_bwd_" #T)]] [[kernel]] decltype(avg_pool2d_bwd<T>)         \

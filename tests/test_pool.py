@@ -115,6 +115,104 @@ def test_avg_pool2d(dev, case, dtype):
                                    **TOL[dtype])
 
 
+# Gradient variants picked by the host (pool.py): avg_pool2d_bwd_const when every window has one
+# divisor, max_pool2d_bwd_idx_s2x2 / _s1x2 for strides (2, 2) / (1, 2) with indices.
+# (shape, kernel_size, stride, padding, ceil_mode, count_include_pad, divisor_override, const)
+AVG_BWD_CASES = [
+    ((1, 3, 35, 35), 3, 1, 1, False, True, None, True),      # InceptionV3's branch pool
+    ((2, 2, 17, 31), 3, 1, 1, False, True, None, True),
+    ((1, 2, 9, 32), 3, 1, 1, False, True, None, True),
+    ((1, 2, 6, 33), 3, 1, 0, False, False, None, True),      # no padding: nothing clipped
+    ((1, 2, 6, 33), 3, 1, 1, False, False, None, False),     # excluded padding clips
+    ((1, 2, 7, 9), 2, 3, 0, False, True, None, True),        # stride > kernel: gaps
+    ((1, 2, 6, 6), 3, 2, 1, True, True, None, False),        # ceil: last window past the padding
+    ((1, 2, 6, 6), 3, 2, 1, True, True, 5, True),            # ... but divisor_override
+    ((2, 4, 9, 9), 3, 3, 0, True, False, 2, True),
+    ((3, 2, 1, 13), (1, 3), (1, 2), (0, 1), False, True, None, True),   # H = 1
+    ((1, 2, 12, 1), (3, 1), 1, (1, 0), False, True, None, True),       # W = 1
+    ((1, 1, 5, 5), 5, 1, 2, False, True, None, True),        # kernel = padded input
+    ((1, 1, 8, 8), 3, 1, 1, False, True, None, True),
+]
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float16])
+@pytest.mark.parametrize("case", AVG_BWD_CASES, ids=[
+    "x".join(map(str, c[0])) + f"-k{c[1]}-s{c[2]}-p{c[3]}" + ("-ceil" if c[4] else "")
+    + ("-cip" if c[5] else "") + (f"-div{c[6]}" if c[6] else "") for c in AVG_BWD_CASES])
+def test_avg_pool2d_backward_variants(dev, case, dtype, monkeypatch):
+    shape, k, s, p, ceil, cip, div, const = case
+    x = _data(shape, dtype)
+    y_ref = ref.avg_pool2d(x, k, s, p, ceil, cip, div)
+    g = _data(y_ref.shape, dtype, seed=7)
+    dev.reset_counts()
+    dx = P.avg_pool2d_backward(_t(g, dev), _t(x, dev), k, s, p, ceil, cip, div)
+    sfx = "float" if dtype == np.float32 else "half"
+    assert set(dev.dispatch_counts) == {f"avg_pool2d_bwd_{'const_' if const else ''}{sfx}"}
+    np.testing.assert_allclose(dx.numpy(), ref.avg_pool2d_backward(g, x, k, s, p, ceil, cip, div),
+                               **TOL[dtype])
+    if const:  # the same terms in the same order as the generic kernel: bitwise equal
+        monkeypatch.setattr(P, "_constant_divisor", lambda q: 0)
+        generic = P.avg_pool2d_backward(_t(g, dev), _t(x, dev), k, s, p, ceil, cip, div)
+        np.testing.assert_array_equal(dx.numpy(), generic.numpy())
+
+
+# (shape, kernel_size, stride, padding, dilation, ceil_mode, variant); integer data (ties) for some
+MAX_BWD_CASES = [
+    ((1, 2, 35, 35), 3, 2, 0, 1, False, "s2x2"),              # InceptionV3's reductions
+    ((2, 3, 33, 31), 3, 2, 1, 1, True, "s2x2"),
+    ((1, 2, 32, 32), 2, 2, 0, 1, False, "s2x2"),
+    ((1, 2, 10, 11), 1, 2, 0, 1, False, "s2x2"),              # stride > kernel: gaps
+    ((1, 1, 1, 9), (1, 3), 2, (0, 1), 1, True, "s2x2"),       # H = 1
+    ((1, 2, 9, 1), (3, 1), 2, 0, 1, False, "s2x2"),           # W = 1
+    ((2, 2, 11, 10), 3, 2, 1, 2, True, "s2x2"),               # dilation
+    ((1, 3, 7, 9), 3, (1, 2), 1, 1, False, "s1x2"),
+    ((1, 3, 7, 33), (2, 3), (1, 2), (1, 1), 1, True, "s1x2"),
+    ((1, 3, 7, 9), 3, 3, 1, 1, False, ""),
+]
+
+
+@pytest.mark.parametrize("integers", [False, True])
+@pytest.mark.parametrize("dtype", [np.float32, np.float16])
+@pytest.mark.parametrize("case", MAX_BWD_CASES, ids=_ids(MAX_BWD_CASES))
+def test_max_pool2d_backward_indices_variants(dev, case, dtype, integers, monkeypatch):
+    shape, k, s, p, d, ceil, variant = case
+    x = _data(shape, dtype, seed=3, integers=integers)
+    y_ref, i_ref = ref.max_pool2d(x, k, s, p, d, ceil)
+    g = _data(y_ref.shape, dtype, seed=8)
+    idx = _t(i_ref.astype(np.int32), dev)
+    dev.reset_counts()
+    dx = P.max_pool2d_backward(_t(g, dev), _t(x, dev), k, s, p, d, ceil, indices=idx)
+    sfx = "float" if dtype == np.float32 else "half"
+    assert set(dev.dispatch_counts) == {f"max_pool2d_bwd_idx_{variant + '_' if variant else ''}{sfx}"}
+    np.testing.assert_allclose(dx.numpy(), ref.max_pool2d_backward(g, x, k, s, p, d, ceil),
+                               **TOL[dtype])
+    if variant:  # the same sums in the same order as the per-element kernel: bitwise equal
+        monkeypatch.setattr(P, "MAX_TILES", {})
+        generic = P.max_pool2d_backward(_t(g, dev), _t(x, dev), k, s, p, d, ceil, indices=idx)
+        np.testing.assert_array_equal(dx.numpy(), generic.numpy())
+
+
+def test_pool1d_backward_variants(dev):
+    """1-d pooling reaches the variants too: stride 2 takes the (1, 2) tiles, average the
+    constant divisor."""
+    x = _data((2, 3, 33), np.float32)
+    x4 = x.reshape(2, 3, 1, 33)
+    y, idx = P.max_pool1d(_t(x, dev), 3, 2, 1, return_indices=True)
+    g = _data(y.shape, np.float32, seed=2)
+    dev.reset_counts()
+    dx = P.max_pool1d_backward(_t(g, dev), _t(x, dev), 3, 2, 1, indices=idx)
+    assert set(dev.dispatch_counts) == {"max_pool2d_bwd_idx_s1x2_float"}
+    np.testing.assert_allclose(dx.numpy(), ref.max_pool2d_backward(
+        g.reshape(2, 3, 1, -1), x4, (1, 3), (1, 2), (0, 1)).reshape(x.shape), rtol=2e-6, atol=1e-6)
+    ga = _data((2, 3, 33), np.float32, seed=4)
+    dev.reset_counts()
+    dxa = P.avg_pool1d_backward(_t(ga, dev), _t(x, dev), 3, 1, 1)
+    assert set(dev.dispatch_counts) == {"avg_pool2d_bwd_const_float"}
+    np.testing.assert_allclose(dxa.numpy(), ref.avg_pool2d_backward(
+        ga.reshape(2, 3, 1, -1), x4, (1, 3), (1, 1), (0, 1), False, True).reshape(x.shape),
+        rtol=2e-6, atol=1e-6)
+
+
 @pytest.mark.parametrize("dtype", [np.float32, np.float16])
 def test_pool1d(dev, dtype):
     """1-d pooling = 2-d pooling of a (N, C, 1, L) view with a 1-row window; batched and

@@ -7,6 +7,8 @@ ceil_mode, count_include_pad and divisor_override follow torch.nn.functional exa
 Max-pool indices are int32 flat offsets h * W + w within each plane (torch: int64, same values);
 the forward returns them with return_indices=True and the backward accepts them (`indices=`) or
 recomputes the argmax from x. Gradients gather per input element (no atomics): deterministic.
+The average gradient takes avg_pool2d_bwd_const when every window has the same divisor, the max
+gradient from indices takes a tiled variant for strides (2, 2) and (1, 2) (pool.metal's note).
 """
 from __future__ import annotations
 
@@ -25,6 +27,8 @@ POOL_WRITE_INDICES, POOL_COUNT_PAD = 1, 2  # pool.metal's flags
 
 
 MAX_ELEMENTS = 2**31 - 1  # pool.metal's magic_div needs numerators < 2^31
+AVG_ROWS = 4  # pool.metal's POOL_AVG_ROWS: input rows per thread of avg_pool2d_bwd_const
+MAX_TILES = {(2, 2): "s2x2", (1, 2): "s1x2"}  # (SH, SW) -> max_pool2d_bwd_idx_tile instantiation
 
 
 def _magic(d: int) -> tuple[int, int]:
@@ -111,6 +115,13 @@ def _geometry(x4: Tensor, one_d: bool, kernel_size: Any, stride: Any, padding: A
     return q
 
 
+def _tiles(q: Any, th: int, tw: int) -> int:
+    """Set q's tiles of th x tw input elements per plane (pool.metal tile_of); the thread count."""
+    q.tiles_h, q.tiles_w = -(-q.IH // th), -(-q.IW // tw)
+    _set_magic(q, th=q.tiles_h, tw=q.tiles_w)
+    return q.planes * q.tiles_h * q.tiles_w
+
+
 def _out_shape(prefix: tuple[int, ...], q: Any, one_d: bool) -> tuple[int, ...]:
     return (*prefix, q.OW) if one_d else (*prefix, q.OH, q.OW)
 
@@ -169,7 +180,11 @@ def _max_bwd(grad_out: Any, x: Any, one_d: bool, kernel_size: Any, stride: Any, 
     dx = out_like(x4.shape, x4.dtype, dev)
     if dx.size:
         sfx = suffix(x4.dtype)
-        if idx is not None:
+        tile = MAX_TILES.get((q.SH, q.SW))
+        if idx is not None and tile:  # one thread per stride x stride tile
+            kernel(dev, SOURCE, f"max_pool2d_bwd_idx_{tile}_{sfx}")(
+                _tiles(q, q.SH, q.SW), g.buffer, idx.buffer, dx.buffer, q)
+        elif idx is not None:
             kernel(dev, SOURCE, f"max_pool2d_bwd_idx_{sfx}")(dx.size, g.buffer, idx.buffer,
                                                              dx.buffer, q)
         else:
@@ -225,6 +240,18 @@ def _avg_geometry(x4: Tensor, one_d: bool, kernel_size: Any, stride: Any, paddin
     return q
 
 
+def _constant_divisor(q: Any) -> int:
+    """The divisor shared by every window, 0 if they differ: divisor_override, or windows that
+    the border that counts (the padded input with count_include_pad, else the input) never clips."""
+    if q.divisor:
+        return q.divisor
+    for i, o, k, st, p in ((q.IH, q.OH, q.KH, q.SH, q.PH), (q.IW, q.OW, q.KW, q.SW, q.PW)):
+        last = (o - 1) * st - p + k  # end of the last window (the first starts at -p)
+        if (last > i + p) if q.flags & POOL_COUNT_PAD else (p > 0 or last > i):
+            return 0
+    return q.KH * q.KW
+
+
 def _avg_fwd(x: Any, one_d: bool, kernel_size: Any, stride: Any, padding: Any, ceil_mode: bool,
              count_include_pad: bool, divisor_override: Any, out: Any = None,
              out_batch_stride: Any = None) -> Tensor:
@@ -247,7 +274,13 @@ def _avg_bwd(grad_out: Any, x: Any, one_d: bool, kernel_size: Any, stride: Any, 
     g = _grad_arg(grad_out, x4, dev, _out_shape(prefix, q, one_d))
     dx = out_like(x4.shape, x4.dtype, dev)
     if dx.size:
-        kernel(dev, SOURCE, f"avg_pool2d_bwd_{suffix(x4.dtype)}")(dx.size, g.buffer, dx.buffer, q)
+        sfx, div = suffix(x4.dtype), _constant_divisor(q)
+        if div:  # column strips of AVG_ROWS rows, no per-window divisor
+            q.divisor = div
+            kernel(dev, SOURCE, f"avg_pool2d_bwd_const_{sfx}")(_tiles(q, AVG_ROWS, 1), g.buffer,
+                                                               dx.buffer, q)
+        else:
+            kernel(dev, SOURCE, f"avg_pool2d_bwd_{sfx}")(dx.size, g.buffer, dx.buffer, q)
     return dx.reshape(xshape)
 
 
