@@ -162,8 +162,9 @@ def bench_inception(dev: pymetalnn.Device, dtype: Any, quick: bool) -> list[dict
     """The gradient launches of the InceptionV3 step, each against torch's (aten) on cuda."""
     rng = np.random.default_rng(0)
     batch = 2 if quick else 32
-    cuda = dev.name == "cuda"
-    if cuda:
+    probe = pymetalnn.tensor(np.zeros(1, np.float32), dev)
+    cuda = dev.name == "cuda" and common.torch_view(dev, probe) is not None
+    if cuda:  # torch on the GPU as the peer
         import torch
 
         aten = torch.ops.aten
