@@ -629,3 +629,32 @@ def test_conv2d_winograd_not_eligible(dev, monkeypatch):
         want = ref.conv2d(x, w, None, stride=(st, st), pad=(1, 1, 1, 1), dilation=(1, 1),
                           groups=kw.get("groups", 1))
         np.testing.assert_allclose(y.numpy(), want, rtol=1e-4, atol=1e-4)
+
+
+def test_conv_temporaries_come_from_scratch(dev):
+    """Packed weights, split-reduction partials and Winograd operands come from the per-device
+    scratch (_common.scratch): repeating an op allocates only its results, and the scratch views
+    of one call never overlap."""
+    if not dev.supports_views:
+        pytest.skip("the scratch needs buffer views")
+    from pymetalnn.ops._common import scratch
+    rng = np.random.default_rng(31)
+    x = pymetalnn.tensor(rand(rng, (2, 16, 9, 9), np.float32), dev)
+    w = pymetalnn.tensor(rand(rng, (16, 16, 3, 3), np.float32), dev)
+    gy = pymetalnn.tensor(rand(rng, (2, 16, 9, 9), np.float32), dev)
+    for force in ({}, {"fwd": "wino4", "data": "wino4", "weight": "wino4"}):
+        old, ops.FORCE = ops.FORCE, force
+        try:
+            keep = [F.conv2d_backward(gy, x, w, None, padding=1)]  # grows the scratch
+            before = dev.memory_allocated()
+            keep += [F.conv2d_backward(gy, x, w, None, padding=1) for _ in range(2)]
+            results = 2 * (x.nbytes + w.nbytes)  # grad_x and grad_w of the two calls
+            assert dev.memory_allocated() - before == results
+        finally:
+            ops.FORCE = old
+    views = scratch(dev, [100, 1, 4096], "test")
+    spans = sorted((v.offset, v.offset + v.nbytes) for v in views)
+    assert all(a[1] <= b[0] for a, b in zip(spans, spans[1:]))
+    assert [v.nbytes for v in views] == [100, 1, 4096]
+    grown = scratch(dev, [1 << 20], "test")[0]
+    assert grown.base is not views[0].base and grown.nbytes == 1 << 20

@@ -1,17 +1,57 @@
 """Helpers every op wrapper uses, so that each wrapper stays: validate, pick, fill, dispatch."""
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterable
 from typing import Any
 
 import numpy as np
 
-from ..runtime import Device, Kernel
+from ..runtime import Buffer, Device, Kernel
 from ..runtime import device as default_device
 from ..tensor import Tensor, as_tensor, empty
 
 DTYPE_SUFFIX = {np.dtype(np.float32): "float", np.dtype(np.float16): "half",
                 np.dtype(np.int32): "int"}
+
+
+_SCRATCH = threading.local()
+SCRATCH_ALIGN = 256
+
+
+def scratch(dev: Device, sizes: Iterable[int], tag: str) -> list[Buffer]:
+    """Temporary buffers of `sizes` bytes for ONE op's launches (split-reduction partials,
+    packed weights, Winograd's transformed operands): non-overlapping views of a buffer cached
+    per (device, thread, tag) and grown on demand, instead of fresh allocations per call.
+
+    Why: a captured step (CUDA graph) keeps every buffer its launches touch alive, so fresh
+    temporaries per op add up (InceptionV3: gigabytes); one shared region costs the largest op's
+    need. Reuse is safe because a thread's launches run in order on the device queue, so the
+    next op's writes follow this op's reads. Callers take all their temporaries in one call (the
+    views of one call never overlap) and must not keep them past their launches; `tag` separates
+    users whose temporaries are live at once (a conv plan's operands and its GEMM's split-K
+    partials). A grown-out buffer is retired, not freed, so launch lists recorded earlier
+    (Device.capture) keep valid memory. Without buffer views (metal) each size gets its own
+    fresh buffer."""
+    sizes = [max(int(n), 1) for n in sizes]
+    if not dev.supports_views:
+        return [dev.buffer(n, zero=False) for n in sizes]
+    offs, total = [], 0
+    for n in sizes:
+        offs.append(total)
+        total += -(-n // SCRATCH_ALIGN) * SCRATCH_ALIGN
+    cache = getattr(_SCRATCH, "bufs", None)
+    if cache is None:
+        cache = _SCRATCH.bufs = {}
+        _SCRATCH.retired = []
+    key = (id(dev), tag)
+    buf = cache.get(key)
+    if buf is None or buf.device is not dev or buf.nbytes < total:
+        if buf is not None and buf.device is dev:
+            _SCRATCH.retired.append(buf)
+            total = max(total, buf.nbytes + buf.nbytes // 2)  # geometric growth
+        buf = cache[key] = dev.buffer(total, zero=False)
+    return [buf.view(o, n) for o, n in zip(offs, sizes)]
 
 
 def pick_device(*xs: Any) -> Device:

@@ -30,7 +30,7 @@ import numpy as np
 from ..params import Conv2dParams, WinogradParams
 from ..runtime import Device
 from ..tensor import Tensor
-from ._common import kernel, out_like, pick_device, positive_ints, strided_out, tensor_arg
+from ._common import kernel, out_like, pick_device, positive_ints, scratch, strided_out, tensor_arg
 from .gemm import gemm_launches
 from .neuron import activation_backward, activation_code
 
@@ -330,7 +330,7 @@ def _packed_weights(dev: Device, geo: ConvGeometry, w: Tensor, args: tuple, k_in
     packed copy (dev tiles named *u read w as it is)."""
     if tile.endswith("u"):
         return [], args
-    wp = dev.buffer(w.nbytes)
+    wp = scratch(dev, [w.nbytes], SOURCE)[0]
     k = kernel(dev, source, f"conv2d_pack_weight_{'float' if w.dtype == np.float32 else 'half'}")
     launch = (k, min(w.size, MAX_GROUPS * THREADS), (w.buffer, wp, geo.params(), np.uint32(k_inner)))
     return [launch], (args[0], wp, *args[2:])
@@ -394,7 +394,7 @@ def weight_grad_plan(dev: Device, prec: str, geo: ConvGeometry, dy: Tensor, x: T
     base = geo.G * _cdiv(geo.Kg, bm) * _cdiv(crs, bn)
     splits, chunk = _splits(geo.N * geo.OH * geo.OW, base, bk, _target_groups(dev),
                             HACC_CHUNK if prec == "hacc_half" else None, dw.size)
-    ws = dev.buffer(splits * dw.size * 4)
+    ws = scratch(dev, [splits * dw.size * 4], SOURCE)[0]
     k = kernel(dev, source, f"conv2d_bwd_weight_{tile}_{prec}")
     return [(k, _groups(base * splits), (dy.buffer, x.buffer, ws, geo.params(splits=splits, chunk=chunk))),
             _reduce_launch(dev, ws, dw, splits, source)]
@@ -405,7 +405,7 @@ def bias_grad_plan(dev: Device, dy: Tensor, db: Tensor, source: str = SOURCE) ->
     n, c, h, w = dy.shape
     splits, chunk = _splits(n * h * w, c, THREADS, _target_groups(dev), None, c)
     p = Conv2dParams(N=n, K=c, OH=h, OW=w, splits=splits, chunk=chunk)
-    ws = dev.buffer(splits * c * 4)
+    ws = scratch(dev, [splits * c * 4], SOURCE)[0]
     k = kernel(dev, source, f"conv2d_bwd_bias_{'float' if dy.dtype == np.float32 else 'half'}")
     return [(k, _groups(splits * c), (dy.buffer, ws, p)), _reduce_launch(dev, ws, db, splits, source)]
 
@@ -453,8 +453,10 @@ def _wino_filter_params(geo: ConvGeometry, flip: bool) -> WinogradParams:
     return p
 
 
-def _wino_tmp(dev: Device, *shape: int) -> Tensor:
-    return Tensor(dev.buffer(int(np.prod(shape)) * 4), tuple(shape), np.float32)
+def _wino_tmp(dev: Device, *shapes: tuple[int, ...]) -> list[Tensor]:
+    """One op's transformed operands (float32), from the conv scratch (_common.scratch)."""
+    bufs = scratch(dev, [int(np.prod(s)) * 4 for s in shapes], SOURCE)
+    return [Tensor(b, s, np.float32) for b, s in zip(bufs, shapes)]
 
 
 def _wino_launch(dev: Device, m: int, stage: str, total: int, *args: Any) -> Launch:
@@ -473,7 +475,7 @@ def _wino_conv(dev: Device, m: int, geo: ConvGeometry, flip: bool, x: Tensor, w:
     p.act, p.act_alpha = act
     p.out_nstride = out_nstride
     a2 = (m + 2) ** 2
-    u, v, mt = _wino_tmp(dev, a2, p.K, p.C), _wino_tmp(dev, a2, p.C, p.P), _wino_tmp(dev, a2, p.K, p.P)
+    u, v, mt = _wino_tmp(dev, (a2, p.K, p.C), (a2, p.C, p.P), (a2, p.K, p.P))
     return [_wino_launch(dev, m, "filter", geo.K * geo.C, w.buffer, u.buffer,
                          _wino_filter_params(geo, flip)),
             _wino_launch(dev, m, "input", p.C * p.P, x.buffer, v.buffer, p),
@@ -498,7 +500,7 @@ def _wino_weight_grad(dev: Device, m: int, geo: ConvGeometry, dy: Tensor, x: Ten
     dU[xi] (K x C) = Z[xi] (K x P) V[xi]^T (reduced over the P tiles), dw = G^T dU G."""
     p = _wino_params(geo, m, False)
     a2 = (m + 2) ** 2
-    z, v, du = _wino_tmp(dev, a2, p.K, p.P), _wino_tmp(dev, a2, p.C, p.P), _wino_tmp(dev, a2, p.K, p.C)
+    z, v, du = _wino_tmp(dev, (a2, p.K, p.P), (a2, p.C, p.P), (a2, p.K, p.C))
     return [_wino_launch(dev, m, "grad_output", p.K * p.P, dy.buffer, z.buffer, p),
             _wino_launch(dev, m, "input", p.C * p.P, x.buffer, v.buffer, p),
             *gemm_launches(z, v, du, transpose_b=True),

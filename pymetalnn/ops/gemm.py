@@ -23,9 +23,9 @@ from typing import Any
 import numpy as np
 
 from ..params import GemmParams, LinearBiasGradParams
-from ..runtime import Buffer, Device
+from ..runtime import Device
 from ..tensor import Tensor, float16, float32
-from ._common import kernel, out_like, pick_device, tensor_arg
+from ._common import kernel, out_like, pick_device, scratch, tensor_arg
 from .neuron import activation_backward, activation_code
 
 SOURCE = "gemm.metal"
@@ -125,19 +125,6 @@ def plan(dev: Device, m: int, n: int, k: int, batch: int, reduce_batch: bool,
                 best = (cost, t, s)
     assert best is not None
     return best[1], best[2]
-
-
-_workspaces: dict[int, Buffer] = {}
-
-
-def _workspace(dev: Device, nbytes: int) -> Buffer:
-    """A per-device scratch buffer for split-K partial sums, grown on demand. Reuse is safe:
-    the device queue runs launches in order."""
-    buf = _workspaces.get(id(dev))
-    if buf is None or buf.device is not dev or buf.nbytes < nbytes:
-        buf = dev.buffer(max(nbytes, 256))
-        _workspaces[id(dev)] = buf
-    return buf
 
 
 def _span(t: Tensor) -> tuple[int, int, int]:
@@ -293,7 +280,7 @@ def _launches(dev: Device, a: Tensor, b: Tensor, out: Tensor, m: int, n: int, k:
                  (a.buffer, b.buffer, out.buffer, bias_buf, p))]
     # split-K: the same kernel writes raw partial sums (ACC) of split s, batch entry e to the
     # workspace matrix s * nb + e; gemm_fwd_splitk_sum adds them and applies the epilogue.
-    work = _workspace(dev, splits * nb * m * n * (2 if var == "hacc_half" else 4))
+    work = scratch(dev, [splits * nb * m * n * (2 if var == "hacc_half" else 4)], "gemm")[0]
     pp = GemmParams.from_buffer_copy(p)
     pp.ldc, pp.stride_c, pp.alpha, pp.beta, pp.act = n, m * n, 1.0, 0.0, 0
     pp.flags = (p.flags & ~(BIAS | BETA | VEC_C)) | (VEC_C if n % 4 == 0 else 0)
