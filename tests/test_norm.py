@@ -407,8 +407,10 @@ def test_batch_norm_backward_activation_inside(dev, dtype, act, training):
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float16])
 def test_batch_norm_backward_relu_equals_from_output_path(dev, dtype):
-    """The recomputed mask is the forward's bit for bit: relu inside the backward gives exactly
-    relu_backward_from_output(dy, y) followed by the plain backward (the former path)."""
+    """The recomputed mask is the forward's: relu inside the backward gives
+    relu_backward_from_output(dy, y) followed by the plain backward (the former path), bit for bit
+    on cpu; on cuda the act variants' partial sums may round in another order (1 ulp seen on an
+    H200), while one wrongly masked element would be off by O(|dy|)."""
     for k, shape in enumerate(BWD_ACT_SHAPES):
         for training in (True, False):
             x, dy, w, b, rm, rv, y, mean, invstd = _bn_act_case(dev, shape, dtype, "relu",
@@ -419,8 +421,15 @@ def test_batch_norm_backward_relu_equals_from_output_path(dev, dtype):
             g = F.relu_backward_from_output(pm.tensor(dy, dev), y)
             want = F.batch_norm_backward(g, x, rmt, rvt, w, b, training, **kw)
             for name, i in (("dx", 0), ("dw", 3), ("db", 4)):
-                np.testing.assert_array_equal(got[i].numpy(), want[i].numpy(),
-                                              err_msg=f"{shape} {training} {name}")
+                if dev.name == "cpu":
+                    np.testing.assert_array_equal(got[i].numpy(), want[i].numpy(),
+                                                  err_msg=f"{shape} {training} {name}")
+                else:
+                    w_ = want[i].numpy().astype(np.float64)
+                    t = 1e-6 if dtype == np.float32 else 2e-3
+                    np.testing.assert_allclose(got[i].numpy(), w_, rtol=t,
+                                               atol=t * max(1.0, float(np.abs(w_).max())),
+                                               err_msg=f"{shape} {training} {name}")
 
 
 @pytest.mark.parametrize("act", ["relu", ("leaky_relu", {"negative_slope": 0.1})],
