@@ -39,47 +39,67 @@ inline float optim_grad(float g, float w, float clip_coef, constant OptimParams&
   return g;
 }
 
-// Elements i0 .. i0 + 3 as float (0 past n).
+// Elements i0 .. i0 + 3 as float (0 past n); vec4: the buffer is 16-byte aligned at src.
 template <typename T>
-inline void optim_load4(const device T* src, uint i0, constant OptimParams& c, thread float* out) {
-  if (c.vec4 != 0u && i0 + 4u <= c.n) {
+inline void optim_load4n(const device T* src, uint i0, uint n, uint vec4, thread float* out) {
+  if (vec4 != 0u && i0 + 4u <= n) {
     vec<T, 4> v = *((const device vec<T, 4>*)(src + i0));
     out[0] = float(v.x);
     out[1] = float(v.y);
     out[2] = float(v.z);
     out[3] = float(v.w);
   } else {
-    for (uint k = 0; k < 4u; ++k) out[k] = i0 + k < c.n ? float(src[i0 + k]) : 0.0f;
+    for (uint k = 0; k < 4u; ++k) out[k] = i0 + k < n ? float(src[i0 + k]) : 0.0f;
   }
 }
 
 // Stores elements i0 .. i0 + 3 that are < n (rounded to T).
 template <typename T>
-inline void optim_store4(device T* dst, uint i0, constant OptimParams& c, thread const float* v) {
-  if (c.vec4 != 0u && i0 + 4u <= c.n) {
+inline void optim_store4n(device T* dst, uint i0, uint n, uint vec4, thread const float* v) {
+  if (vec4 != 0u && i0 + 4u <= n) {
     *((device vec<T, 4>*)(dst + i0)) = vec<T, 4>(T(v[0]), T(v[1]), T(v[2]), T(v[3]));
   } else {
     for (uint k = 0; k < 4u; ++k) {
-      if (i0 + k < c.n) dst[i0 + k] = T(v[k]);
+      if (i0 + k < n) dst[i0 + k] = T(v[k]);
     }
   }
 }
 
+// The same with n and vec4 from the tensor's OptimParams.
+template <typename T>
+inline void optim_load4(const device T* src, uint i0, constant OptimParams& c, thread float* out) {
+  optim_load4n(src, i0, c.n, c.vec4, out);
+}
+template <typename T>
+inline void optim_store4(device T* dst, uint i0, constant OptimParams& c, thread const float* v) {
+  optim_store4n(dst, i0, c.n, c.vec4, v);
+}
+
 // float32 weights: the tensor itself; float16 weights: the float32 master copy.
-inline void optim_load_w4(const device float* param, const device float* master, uint i0,
+inline void optim_load_w4n(const device float* param, const device float* master, uint i0,
+                           uint n, uint vec4, thread float* w) {
+  optim_load4n(param, i0, n, vec4, w);
+}
+inline void optim_load_w4n(const device half* param, const device float* master, uint i0,
+                           uint n, uint vec4, thread float* w) {
+  optim_load4n(master, i0, n, vec4, w);
+}
+inline void optim_store_w4n(device float* param, device float* master, uint i0, uint n,
+                            uint vec4, thread const float* w) {
+  optim_store4n(param, i0, n, vec4, w);
+}
+inline void optim_store_w4n(device half* param, device float* master, uint i0, uint n,
+                            uint vec4, thread const float* w) {
+  optim_store4n(master, i0, n, vec4, w);
+  optim_store4n(param, i0, n, vec4, w);
+}
+template <typename T>
+inline void optim_load_w4(const device T* param, const device float* master, uint i0,
                           constant OptimParams& c, thread float* w) {
-  optim_load4(param, i0, c, w);
+  optim_load_w4n(param, master, i0, c.n, c.vec4, w);
 }
-inline void optim_load_w4(const device half* param, const device float* master, uint i0,
-                          constant OptimParams& c, thread float* w) {
-  optim_load4(master, i0, c, w);
-}
-inline void optim_store_w4(device float* param, device float* master, uint i0,
+template <typename T>
+inline void optim_store_w4(device T* param, device float* master, uint i0,
                            constant OptimParams& c, thread const float* w) {
-  optim_store4(param, i0, c, w);
-}
-inline void optim_store_w4(device half* param, device float* master, uint i0,
-                           constant OptimParams& c, thread const float* w) {
-  optim_store4(master, i0, c, w);
-  optim_store4(param, i0, c, w);
+  optim_store_w4n(param, master, i0, c.n, c.vec4, w);
 }

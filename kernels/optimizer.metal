@@ -25,7 +25,33 @@
 #include "optimizer.h"
 using namespace metal;
 
+// Each rule's work on the 4 elements [i0, i0 + 4) of one tensor (n elements; vec4: 4-wide
+// loads allowed) is one inline function, called by the per-tensor kernel (<rule>_step_<T>) and by
+// the multi-tensor kernel (<rule>_step_multi_<T>), so the two paths run the same arithmetic.
+
 // ---- SGD: torch.optim.SGD (momentum, dampening, nesterov, weight_decay, maximize) ----------
+template <typename T>
+inline void sgd_block(device T* param, const device T* grad, device float* master,
+                      device float* momentum_buffer, uint i0, uint n, uint vec4, float coef,
+                      constant OptimParams& c, constant SGDParams& h) {
+  bool use_buf = h.momentum != 0.0f;
+  float w[4], g[4], b[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+  optim_load_w4n(param, master, i0, n, vec4, w);
+  optim_load4n(grad, i0, n, vec4, g);
+  if (use_buf && h.first_step == 0u) optim_load4n(momentum_buffer, i0, n, vec4, b);
+  for (uint k = 0; k < 4u; ++k) {
+    float gk = optim_grad(g[k], w[k], coef, c);
+    if (h.weight_decay != 0.0f) gk = gk + h.weight_decay * w[k];
+    if (use_buf) {
+      b[k] = h.first_step != 0u ? gk : b[k] * h.momentum + h.one_minus_dampening * gk;
+      gk = h.nesterov != 0u ? gk + h.momentum * b[k] : b[k];
+    }
+    w[k] = w[k] - c.lr * gk;
+  }
+  optim_store_w4n(param, master, i0, n, vec4, w);
+  if (use_buf) optim_store4n(momentum_buffer, i0, n, vec4, b);
+}
+
 template <typename T>
 [[max_total_threads_per_threadgroup(256)]]
 kernel void sgd_step(device T* param [[buffer(0)]], const device T* grad [[buffer(1)]],
@@ -36,45 +62,23 @@ kernel void sgd_step(device T* param [[buffer(0)]], const device T* grad [[buffe
                      uint gid [[thread_position_in_grid]]) {
   uint i0 = gid * 4u;
   if (i0 >= c.n) return;
-  float coef = optim_clip_coef(gnorm, c);
-  bool use_buf = h.momentum != 0.0f;
-  float w[4], g[4], b[4] = {0.0f, 0.0f, 0.0f, 0.0f};
-  optim_load_w4(param, master, i0, c, w);
-  optim_load4(grad, i0, c, g);
-  if (use_buf && h.first_step == 0u) optim_load4(momentum_buffer, i0, c, b);
-  for (uint k = 0; k < 4u; ++k) {
-    float gk = optim_grad(g[k], w[k], coef, c);
-    if (h.weight_decay != 0.0f) gk = gk + h.weight_decay * w[k];
-    if (use_buf) {
-      b[k] = h.first_step != 0u ? gk : b[k] * h.momentum + h.one_minus_dampening * gk;
-      gk = h.nesterov != 0u ? gk + h.momentum * b[k] : b[k];
-    }
-    w[k] = w[k] - c.lr * gk;
-  }
-  optim_store_w4(param, master, i0, c, w);
-  if (use_buf) optim_store4(momentum_buffer, i0, c, b);
+  sgd_block(param, grad, master, momentum_buffer, i0, c.n, c.vec4, optim_clip_coef(gnorm, c), c,
+            h);
 }
 
 // ---- Adam / AdamW: torch.optim.Adam, torch.optim.AdamW (amsgrad, maximize) ----------------
 template <typename T>
-[[max_total_threads_per_threadgroup(256)]]
-kernel void adam_step(device T* param [[buffer(0)]], const device T* grad [[buffer(1)]],
-                      device float* master [[buffer(2)]], device float* exp_avg [[buffer(3)]],
-                      device float* exp_avg_sq [[buffer(4)]],
-                      device float* max_exp_avg_sq [[buffer(5)]],
-                      const device float* gnorm [[buffer(6)]],
-                      constant OptimParams& c [[buffer(7)]], constant AdamParams& h [[buffer(8)]],
-                      uint gid [[thread_position_in_grid]]) {
-  uint i0 = gid * 4u;
-  if (i0 >= c.n) return;
-  float coef = optim_clip_coef(gnorm, c);
+inline void adam_block(device T* param, const device T* grad, device float* master,
+                       device float* exp_avg, device float* exp_avg_sq,
+                       device float* max_exp_avg_sq, uint i0, uint n, uint vec4, float coef,
+                       constant OptimParams& c, constant AdamParams& h) {
   bool ams = h.amsgrad != 0u;
   float w[4], g[4], m[4], v[4], vmax[4] = {0.0f, 0.0f, 0.0f, 0.0f};
-  optim_load_w4(param, master, i0, c, w);
-  optim_load4(grad, i0, c, g);
-  optim_load4(exp_avg, i0, c, m);
-  optim_load4(exp_avg_sq, i0, c, v);
-  if (ams) optim_load4(max_exp_avg_sq, i0, c, vmax);
+  optim_load_w4n(param, master, i0, n, vec4, w);
+  optim_load4n(grad, i0, n, vec4, g);
+  optim_load4n(exp_avg, i0, n, vec4, m);
+  optim_load4n(exp_avg_sq, i0, n, vec4, v);
+  if (ams) optim_load4n(max_exp_avg_sq, i0, n, vec4, vmax);
   for (uint k = 0; k < 4u; ++k) {
     float gk = optim_grad(g[k], w[k], coef, c);
     // AdamW decays the weight itself (decay = 1 - lr * wd); Adam adds wd * w to the gradient
@@ -90,36 +94,42 @@ kernel void adam_step(device T* param [[buffer(0)]], const device T* grad [[buff
     float denom = precise::sqrt(vk) / h.bc2_sqrt + h.eps;
     w[k] = w[k] + (-h.step_size * m[k]) / denom;  // torch's addcdiv order: (value * m) / denom
   }
-  optim_store_w4(param, master, i0, c, w);
-  optim_store4(exp_avg, i0, c, m);
-  optim_store4(exp_avg_sq, i0, c, v);
-  if (ams) optim_store4(max_exp_avg_sq, i0, c, vmax);
+  optim_store_w4n(param, master, i0, n, vec4, w);
+  optim_store4n(exp_avg, i0, n, vec4, m);
+  optim_store4n(exp_avg_sq, i0, n, vec4, v);
+  if (ams) optim_store4n(max_exp_avg_sq, i0, n, vec4, vmax);
+}
+
+template <typename T>
+[[max_total_threads_per_threadgroup(256)]]
+kernel void adam_step(device T* param [[buffer(0)]], const device T* grad [[buffer(1)]],
+                      device float* master [[buffer(2)]], device float* exp_avg [[buffer(3)]],
+                      device float* exp_avg_sq [[buffer(4)]],
+                      device float* max_exp_avg_sq [[buffer(5)]],
+                      const device float* gnorm [[buffer(6)]],
+                      constant OptimParams& c [[buffer(7)]], constant AdamParams& h [[buffer(8)]],
+                      uint gid [[thread_position_in_grid]]) {
+  uint i0 = gid * 4u;
+  if (i0 >= c.n) return;
+  adam_block(param, grad, master, exp_avg, exp_avg_sq, max_exp_avg_sq, i0, c.n, c.vec4,
+             optim_clip_coef(gnorm, c), c, h);
 }
 
 // ---- RMSProp: torch.optim.RMSprop (alpha, eps, centered, momentum, weight_decay, maximize) --
 template <typename T>
-[[max_total_threads_per_threadgroup(256)]]
-kernel void rmsprop_step(device T* param [[buffer(0)]], const device T* grad [[buffer(1)]],
-                         device float* master [[buffer(2)]],
-                         device float* square_avg [[buffer(3)]],
-                         device float* grad_avg [[buffer(4)]],
-                         device float* momentum_buffer [[buffer(5)]],
-                         const device float* gnorm [[buffer(6)]],
-                         constant OptimParams& c [[buffer(7)]],
-                         constant RMSPropParams& h [[buffer(8)]],
-                         uint gid [[thread_position_in_grid]]) {
-  uint i0 = gid * 4u;
-  if (i0 >= c.n) return;
-  float coef = optim_clip_coef(gnorm, c);
+inline void rmsprop_block(device T* param, const device T* grad, device float* master,
+                          device float* square_avg, device float* grad_avg,
+                          device float* momentum_buffer, uint i0, uint n, uint vec4, float coef,
+                          constant OptimParams& c, constant RMSPropParams& h) {
   bool centered = h.centered != 0u;
   bool use_buf = h.momentum > 0.0f;
   float w[4], g[4], sq[4];
   float ga[4] = {0.0f, 0.0f, 0.0f, 0.0f}, b[4] = {0.0f, 0.0f, 0.0f, 0.0f};
-  optim_load_w4(param, master, i0, c, w);
-  optim_load4(grad, i0, c, g);
-  optim_load4(square_avg, i0, c, sq);
-  if (centered) optim_load4(grad_avg, i0, c, ga);
-  if (use_buf) optim_load4(momentum_buffer, i0, c, b);
+  optim_load_w4n(param, master, i0, n, vec4, w);
+  optim_load4n(grad, i0, n, vec4, g);
+  optim_load4n(square_avg, i0, n, vec4, sq);
+  if (centered) optim_load4n(grad_avg, i0, n, vec4, ga);
+  if (use_buf) optim_load4n(momentum_buffer, i0, n, vec4, b);
   for (uint k = 0; k < 4u; ++k) {
     float gk = optim_grad(g[k], w[k], coef, c);
     if (h.weight_decay != 0.0f) gk = gk + h.weight_decay * w[k];
@@ -139,10 +149,100 @@ kernel void rmsprop_step(device T* param [[buffer(0)]], const device T* grad [[b
       w[k] = w[k] + (-c.lr * gk) / avg;
     }
   }
-  optim_store_w4(param, master, i0, c, w);
-  optim_store4(square_avg, i0, c, sq);
-  if (centered) optim_store4(grad_avg, i0, c, ga);
-  if (use_buf) optim_store4(momentum_buffer, i0, c, b);
+  optim_store_w4n(param, master, i0, n, vec4, w);
+  optim_store4n(square_avg, i0, n, vec4, sq);
+  if (centered) optim_store4n(grad_avg, i0, n, vec4, ga);
+  if (use_buf) optim_store4n(momentum_buffer, i0, n, vec4, b);
+}
+
+template <typename T>
+[[max_total_threads_per_threadgroup(256)]]
+kernel void rmsprop_step(device T* param [[buffer(0)]], const device T* grad [[buffer(1)]],
+                         device float* master [[buffer(2)]],
+                         device float* square_avg [[buffer(3)]],
+                         device float* grad_avg [[buffer(4)]],
+                         device float* momentum_buffer [[buffer(5)]],
+                         const device float* gnorm [[buffer(6)]],
+                         constant OptimParams& c [[buffer(7)]],
+                         constant RMSPropParams& h [[buffer(8)]],
+                         uint gid [[thread_position_in_grid]]) {
+  uint i0 = gid * 4u;
+  if (i0 >= c.n) return;
+  rmsprop_block(param, grad, master, square_avg, grad_avg, momentum_buffer, i0, c.n, c.vec4,
+                optim_clip_coef(gnorm, c), c, h);
+}
+
+// ---- multi-tensor updates: one launch for many tensors (PyTorch's multi_tensor_apply) -------
+// Every tensor is a range of one base buffer per argument: params, grads and each state kind
+// (the caller lays the states out like the params). `chunks` is a table of OPTIM_CHUNK_WORDS
+// uints per row (kernels/params.h OptimChunk: param, grad and state element offsets of the
+// chunk's first element, its length n <= OPTIM_CHUNK, vec4); threadgroup t updates chunk t, each
+// thread 4 consecutive elements per pass, with exactly the per-tensor kernels' block function.
+// Every tensor of a launch shares OptimParams (n and vec4 unused) and the rule's struct.
+template <typename T>
+[[max_total_threads_per_threadgroup(256)]]
+kernel void sgd_step_multi(device T* param [[buffer(0)]], const device T* grad [[buffer(1)]],
+                           device float* master [[buffer(2)]],
+                           device float* momentum_buffer [[buffer(3)]],
+                           const device float* gnorm [[buffer(4)]],
+                           constant OptimParams& c [[buffer(5)]],
+                           constant SGDParams& h [[buffer(6)]],
+                           const device uint* chunks [[buffer(7)]],
+                           uint tg [[threadgroup_position_in_grid]],
+                           uint lid [[thread_position_in_threadgroup]],
+                           uint tg_size [[threads_per_threadgroup]]) {
+  const device uint* row = chunks + tg * OPTIM_CHUNK_WORDS;
+  uint po = row[0], go = row[1], so = row[2], n = row[3], vec4 = row[4];
+  float coef = optim_clip_coef(gnorm, c);
+  for (uint i0 = lid * 4u; i0 < n; i0 += tg_size * 4u) {
+    sgd_block(param + po, grad + go, master + so, momentum_buffer + so, i0, n, vec4, coef, c, h);
+  }
+}
+
+template <typename T>
+[[max_total_threads_per_threadgroup(256)]]
+kernel void adam_step_multi(device T* param [[buffer(0)]], const device T* grad [[buffer(1)]],
+                            device float* master [[buffer(2)]],
+                            device float* exp_avg [[buffer(3)]],
+                            device float* exp_avg_sq [[buffer(4)]],
+                            device float* max_exp_avg_sq [[buffer(5)]],
+                            const device float* gnorm [[buffer(6)]],
+                            constant OptimParams& c [[buffer(7)]],
+                            constant AdamParams& h [[buffer(8)]],
+                            const device uint* chunks [[buffer(9)]],
+                            uint tg [[threadgroup_position_in_grid]],
+                            uint lid [[thread_position_in_threadgroup]],
+                            uint tg_size [[threads_per_threadgroup]]) {
+  const device uint* row = chunks + tg * OPTIM_CHUNK_WORDS;
+  uint po = row[0], go = row[1], so = row[2], n = row[3], vec4 = row[4];
+  float coef = optim_clip_coef(gnorm, c);
+  for (uint i0 = lid * 4u; i0 < n; i0 += tg_size * 4u) {
+    adam_block(param + po, grad + go, master + so, exp_avg + so, exp_avg_sq + so,
+               max_exp_avg_sq + so, i0, n, vec4, coef, c, h);
+  }
+}
+
+template <typename T>
+[[max_total_threads_per_threadgroup(256)]]
+kernel void rmsprop_step_multi(device T* param [[buffer(0)]], const device T* grad [[buffer(1)]],
+                               device float* master [[buffer(2)]],
+                               device float* square_avg [[buffer(3)]],
+                               device float* grad_avg [[buffer(4)]],
+                               device float* momentum_buffer [[buffer(5)]],
+                               const device float* gnorm [[buffer(6)]],
+                               constant OptimParams& c [[buffer(7)]],
+                               constant RMSPropParams& h [[buffer(8)]],
+                               const device uint* chunks [[buffer(9)]],
+                               uint tg [[threadgroup_position_in_grid]],
+                               uint lid [[thread_position_in_threadgroup]],
+                               uint tg_size [[threads_per_threadgroup]]) {
+  const device uint* row = chunks + tg * OPTIM_CHUNK_WORDS;
+  uint po = row[0], go = row[1], so = row[2], n = row[3], vec4 = row[4];
+  float coef = optim_clip_coef(gnorm, c);
+  for (uint i0 = lid * 4u; i0 < n; i0 += tg_size * 4u) {
+    rmsprop_block(param + po, grad + go, master + so, square_avg + so, grad_avg + so,
+                  momentum_buffer + so, i0, n, vec4, coef, c, h);
+  }
 }
 
 // ---- global gradient norm: gnorm[0] += sum (scale * x)^2 ------------------------------------
@@ -196,3 +296,11 @@ kernel void optim_zero(device float* x [[buffer(0)]], constant uint& n [[buffer(
 
 OPTIM_INSTANTIATE(float, float)
 OPTIM_INSTANTIATE(half, half)
+
+// multi-tensor updates: float32 parameters (the graph's flat weight buffers)
+template [[host_name("sgd_step_multi_float")]] [[kernel]] decltype(sgd_step_multi<float>)
+    sgd_step_multi<float>;
+template [[host_name("adam_step_multi_float")]] [[kernel]] decltype(adam_step_multi<float>)
+    adam_step_multi<float>;
+template [[host_name("rmsprop_step_multi_float")]] [[kernel]] decltype(rmsprop_step_multi<float>)
+    rmsprop_step_multi<float>;

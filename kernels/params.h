@@ -321,6 +321,19 @@ struct OptimNormParams {
     uint n;
     float scale;
 };
+// OptimChunk: one row of a multi-tensor update's chunk table (<rule>_step_multi, a device
+// buffer of rows, one threadgroup each): element offsets of the chunk's first element in the
+// params, grads and state base buffers, its length (<= OPTIM_CHUNK) and whether all three are
+// 16-byte aligned (4-wide loads).
+#define OPTIM_CHUNK 16384u
+#define OPTIM_CHUNK_WORDS 5u
+struct OptimChunk {
+    uint param_off;
+    uint grad_off;
+    uint state_off;
+    uint n;
+    uint vec4;
+};
 // SGDParams (sgd_step): torch.optim.SGD; host-side constants precomputed in double.
 struct SGDParams {
     float momentum;

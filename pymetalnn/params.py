@@ -245,6 +245,17 @@ class OptimNormParams(Params):
     _fields_ = [("n", U32), ("scale", F32)]
 
 
+class OptimChunk(Params):
+    """kernels/params.h OptimChunk: a row of a multi-tensor update's chunk table (element
+    offsets of the chunk in the params, grads and state bases, its length, 4-wide loads)."""
+
+    _fields_ = [("param_off", U32), ("grad_off", U32), ("state_off", U32), ("n", U32),
+                ("vec4", U32)]
+
+
+OPTIM_CHUNK = 16384  # kernels/params.h: elements per chunk of a multi-tensor update
+
+
 class SGDParams(Params):
     """kernels/params.h SGDParams: torch.optim.SGD hyperparameters."""
 

@@ -455,3 +455,132 @@ def test_zero_state_restarts(dev):
     _, r = run_reference("Adam", dict(lr=0.01), start, grads[3:], check_at=())
     for p, w in zip(ps, r.params):
         np.testing.assert_allclose(p.numpy(), w, **TOL)
+
+
+# ---- multi-tensor updates (optim.MultiTensorStep, <rule>_step_multi_float) -------------------
+MULTI_SIZES = [1, 3, 4097, 2 * 16384 + 5, 31, 8]
+MULTI_CASES = [
+    ("SGD", dict(lr=0.05)),
+    ("SGD", dict(lr=0.05, momentum=0.9, dampening=0.3, weight_decay=0.02)),
+    ("SGD", dict(lr=0.05, momentum=0.8, nesterov=True, weight_decay=0.01, maximize=True)),
+    ("Adam", dict(lr=0.01, amsgrad=True, weight_decay=0.05)),
+    ("AdamW", dict(lr=0.02, betas=(0.5, 0.9), weight_decay=0.1, amsgrad=True)),
+    ("RMSProp", dict(lr=0.01, alpha=0.9, centered=True, momentum=0.5, weight_decay=0.01)),
+    ("RMSProp", dict(lr=0.01, clip_value=0.5, regularization="l1", regularization_scale=1e-3)),
+]
+
+
+def flat_views(dev, arrays, first, gap):
+    """Tensors that are views of one buffer: the first at element `first`, `gap` elements
+    between them (odd values: unaligned offsets)."""
+    offs, o = [], first
+    for a in arrays:
+        offs.append(o)
+        o += a.size + gap
+    buf = dev.buffer(np.zeros(o + 3, np.float32))
+    for a, of in zip(arrays, offs):
+        buf.write(a, of * 4)
+    return buf, [pm.Tensor(buf.view(of * 4, a.size * 4), a.shape, np.float32)
+                 for a, of in zip(arrays, offs)]
+
+
+@pytest.mark.parametrize("first,gap", [(0, 0), (1, 1), (4, 3)])
+@pytest.mark.parametrize("case", MULTI_CASES, ids=lambda c: f"{c[0]}-{'-'.join(c[1])}")
+def test_multi_tensor_bit_identical(dev, case, first, gap):
+    """Two optimizers over views of one buffer, stepped as one multi-tensor launch, leave weights
+    and state bit for bit as their per-tensor steps do (sizes 1, 3, 4097, several chunks;
+    aligned and unaligned offsets), one launch per step."""
+    if not dev.supports_views:
+        pytest.skip("backend binds whole buffers only")
+    name, opts = case
+    rng = np.random.default_rng(3)
+    ws = [rng.standard_normal(n).astype(np.float32) for n in MULTI_SIZES]
+    _, pa = flat_views(dev, ws, first, gap)
+    pb = [pm.tensor(w, dev) for w in ws]
+    cls = getattr(optim, name)
+    A = [cls(pa[:3], **opts), cls(pa[3:], **opts)]
+    B = [cls(pb[:3], **opts), cls(pb[3:], **opts)]
+    ms = optim.MultiTensorStep(A)
+    for _ in range(3):
+        gs = [rng.standard_normal(n).astype(np.float32) for n in MULTI_SIZES]
+        _, ga = flat_views(dev, gs, gap, first)
+        gb = [pm.tensor(g, dev) for g in gs]
+        dev.synchronize()
+        dev.reset_counts()
+        ms.step([ga[:3], ga[3:]])
+        assert dict(dev.dispatch_counts) == {f"{A[0].KERNEL}_multi_float": 1}
+        B[0].step(gb[:3])
+        B[1].step(gb[3:])
+    for x, y in zip(pa, pb):
+        np.testing.assert_array_equal(x.numpy(), y.numpy())
+    for oa, ob in zip(A, B):
+        da, db = oa.state_dict(), ob.state_dict()
+        assert sorted(da) == sorted(db)
+        for k in db:
+            np.testing.assert_array_equal(da[k], db[k], err_msg=k)
+
+
+def test_multi_tensor_fallback_mixed_and_state_dict(dev):
+    """Gradients in separate buffers take the per-tensor path (state still flat); skipped
+    gradients, per-group options (one launch per distinct struct) and a state_dict round trip
+    (the loaded state is copied into the flat buffers) keep results identical."""
+    if not dev.supports_views:
+        pytest.skip("backend binds whole buffers only")
+    rng = np.random.default_rng(4)
+    ws = [rng.standard_normal(n).astype(np.float32) for n in (5, 17, 100, 3)]
+    _, pa = flat_views(dev, ws, 0, 1)
+    pb = [pm.tensor(w, dev) for w in ws]
+
+    def make(ps):
+        return [optim.SGD([{"params": ps[:1]}, {"params": ps[1:2], "lr": 0.02}], lr=0.1,
+                          momentum=0.9, dampening=0.1),
+                optim.SGD(ps[2:], lr=0.1, momentum=0.9, dampening=0.1)]
+
+    A, B = make(pa), make(pb)
+    ms = optim.MultiTensorStep(A)
+    for s in range(4):
+        gs = [rng.standard_normal(w.size).astype(np.float32) for w in ws]
+        if s == 2:
+            gs[3] = None
+        dev.synchronize()
+        dev.reset_counts()
+        if s == 0:  # separate buffers: per tensor
+            ms.step([[pm.tensor(g, dev) for g in gs[:2]], [pm.tensor(g, dev) for g in gs[2:]]])
+            assert ms.launches == 0 and ms.fallback == 4
+        else:
+            _, ga = flat_views(dev, [g for g in gs if g is not None], 1, 2)
+            it = iter(ga)
+            ga = [None if g is None else next(it) for g in gs]
+            ms.step([ga[:2], ga[2:]])
+            # two learning rates; after the skipped gradient, two step counts of lr 0.1
+            assert ms.fallback == 0 and ms.launches == (3 if s == 3 else 2)
+        B[0].step([None if g is None else pm.tensor(g, dev) for g in gs[:2]])
+        B[1].step([None if g is None else pm.tensor(g, dev) for g in gs[2:]])
+        if s == 1:  # state_dict round trip
+            for o in A:
+                o.load_state_dict(o.state_dict())
+    for x, y in zip(pa, pb):
+        np.testing.assert_array_equal(x.numpy(), y.numpy())
+    for oa, ob in zip(A, B):
+        da, db = oa.state_dict(), ob.state_dict()
+        for k in db:
+            np.testing.assert_array_equal(da[k], db[k], err_msg=k)
+    assert all(t.buffer.base is ms.states["momentum_buffer"] for o in A for st in o.state
+               for t in st.values())
+
+
+def test_multi_tensor_rejects(dev):
+    if not dev.supports_views:
+        pytest.skip("backend binds whole buffers only")
+    _, ps = flat_views(dev, [np.ones(4, np.float32), np.ones(5, np.float32)], 0, 0)
+    with pytest.raises(ValueError, match="max_grad_norm"):
+        optim.MultiTensorStep([optim.SGD(ps, max_grad_norm=1.0)])
+    with pytest.raises(ValueError, match="one rule"):
+        optim.MultiTensorStep([optim.SGD(ps[:1]), optim.Adam(ps[1:])])
+    with pytest.raises(ValueError, match="not a view of the base"):
+        optim.MultiTensorStep([optim.SGD([ps[0], pm.tensor(np.ones(3, np.float32), dev)])])
+    ms = optim.MultiTensorStep([optim.SGD(ps)])
+    with pytest.raises(ValueError, match="grads"):
+        ms.step([[None]])
+    with pytest.raises(ValueError, match="gradient lists"):
+        ms.step([])

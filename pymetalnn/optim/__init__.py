@@ -8,13 +8,19 @@ RMSProp, and CustomOptimizer for a user's own kernel.
 Every optimizer follows torch.optim's algorithm of the same name and takes MPS's optimizer
 descriptor options: grad_rescale, clip_value, max_grad_norm (global), regularization ('l1' or
 'l2') with regularization_scale; see `Optimizer` for the order they apply in.
+
+    ms = pymetalnn.optim.MultiTensorStep([opt_a, opt_b])  # params: views of one buffer
+    ms.step([grads_a, grads_b])     # bit-identical to opt_a.step(grads_a); opt_b.step(grads_b),
+                                    # one launch where the gradients share a base buffer too
 """
 from __future__ import annotations
 
 from ._base import Optimizer
 from .adam import Adam, AdamW
 from .custom import CustomOptimizer, hyper_struct
+from .multi import MultiTensorStep, why_not_multi
 from .rmsprop import RMSProp
 from .sgd import SGD
 
-__all__ = ["SGD", "Adam", "AdamW", "RMSProp", "Optimizer", "CustomOptimizer", "hyper_struct"]
+__all__ = ["SGD", "Adam", "AdamW", "RMSProp", "Optimizer", "CustomOptimizer", "hyper_struct",
+           "MultiTensorStep", "why_not_multi"]

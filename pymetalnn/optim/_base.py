@@ -104,6 +104,7 @@ class Optimizer:
     """
 
     KERNEL = ""
+    MULTI_KERNEL = ""  # the multi-tensor kernel (`<MULTI_KERNEL>_float`, see optim.multi)
     SOURCE = SOURCE
     STATE_NAMES: tuple[str, ...] = ()
     DEFAULTS: dict[str, Any] = {}
@@ -126,6 +127,9 @@ class Optimizer:
         self._sizes = [p.size for p in self.params]
         self.state: list[dict[str, Tensor]] = [{} for _ in self.params]
         self.steps = [0] * len(self.params)
+        # where new state tensors come from: None, a fresh zeroed buffer each; a
+        # MultiTensorStep installs (self, i, name) -> a zeroed view of its flat state buffers
+        self._state_alloc: Any = None
         self._gnorm = self.device.buffer(16)
         self._dummy = self.device.buffer(16)
         self._kernels: dict[str, Kernel] = {}
@@ -244,7 +248,8 @@ class Optimizer:
             fresh.add("master")
         for name, u in zip(self.STATE_NAMES, used):
             if u and name not in st:
-                st[name] = self._zeros(p.shape)
+                st[name] = self._zeros(p.shape) if self._state_alloc is None \
+                    else self._state_alloc(self, i, name)
                 fresh.add(name)
         return fresh
 

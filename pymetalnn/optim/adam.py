@@ -23,6 +23,7 @@ class Adam(Optimizer):
     """
 
     KERNEL = "adam_step"
+    MULTI_KERNEL = "adam_step_multi"
     STATE_NAMES = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
     DEFAULTS = {"lr": 1e-3, "betas": (0.9, 0.999), "eps": 1e-8, "weight_decay": 0.0,
                 "amsgrad": False}

@@ -23,6 +23,7 @@ class RMSProp(Optimizer):
     """
 
     KERNEL = "rmsprop_step"
+    MULTI_KERNEL = "rmsprop_step_multi"
     STATE_NAMES = ("square_avg", "grad_avg", "momentum_buffer")
     DEFAULTS = {"lr": 1e-2, "alpha": 0.99, "eps": 1e-8, "weight_decay": 0.0, "momentum": 0.0,
                 "centered": False}

@@ -22,6 +22,7 @@ class SGD(Optimizer):
     """
 
     KERNEL = "sgd_step"
+    MULTI_KERNEL = "sgd_step_multi"
     STATE_NAMES = ("momentum_buffer",)
     DEFAULTS = {"lr": 1e-3, "momentum": 0.0, "dampening": 0.0, "weight_decay": 0.0,
                 "nesterov": False}
