@@ -7,7 +7,10 @@ and `update()`s them after the gradient pass with an optimizer from pymetalnn.op
 creates once, at its first load. The graph calls all three itself:
 
   normal mode       load() once, before the first use; update() once per training step, right
-                    after the node's gradient; never purged (until `Graph.purge()`).
+                    after the node's gradient; never purged (until `Graph.purge()`). Data
+                    sources that override none of the three may be grouped instead
+                    (optimize['group_updates'], docs/graph.md): weights are views of one flat
+                    buffer and one multi-tensor update runs after the group's last gradient.
   low-memory mode   load() before every use and purge() after it: per training step a weighted
                     node sees load, purge (forward), then load, update, purge (gradient).
 

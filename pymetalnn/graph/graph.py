@@ -46,7 +46,7 @@ from .nodes import (
 
 log = logging.getLogger("pymetalnn.graph")
 
-OPTIMIZATIONS = ("fuse", "concat", "dead_nodes", "memory")
+OPTIMIZATIONS = ("fuse", "concat", "dead_nodes", "memory", "group_updates")
 
 
 def _options(optimize: Any) -> dict[str, bool]:
@@ -113,6 +113,7 @@ class Step:
     ngrads: int = 0              # gradient: how many of `ins` are incoming gradients
     grad_slots: list[int] = field(default_factory=list)  # gradient: result index of each ins grad
     update_after: bool = False   # gradient: an update step follows (keep weights loaded)
+    group: Any = None            # update: the _UpdateGroup it runs (all of its data sources)
 
     @property
     def name(self) -> str:
@@ -253,7 +254,8 @@ class Graph:
     """An inference graph (or the base of TrainingGraph): the nodes the `results` depend on.
 
     results: values or nodes to compute. training: run dropout / batch norm in training mode.
-    optimize: True, False, or a dict of switches {"fuse", "concat", "dead_nodes", "memory"}
+    optimize: True, False, or a dict of switches {"fuse", "concat", "dead_nodes", "memory",
+    "group_updates"}
     (every pass logs what it did to `graph.log` and the "pymetalnn.graph" logger).
     low_memory: load weights before each use and purge them after. in_flight: how many encoded
     steps may be queued at once (2: double buffering)."""
@@ -381,6 +383,7 @@ class Graph:
         self._sem = threading.BoundedSemaphore(self.in_flight)
         self._cbq: queue.Queue | None = None
         self._steps_encoded = 0
+        self._update_groups: list[_UpdateGroup] | None = None
         self._last: Handle | None = None
         self._encode_lock = threading.Lock()
 
@@ -423,16 +426,21 @@ class Graph:
                 raise GraphError(n, f"cannot run a {type(n).__name__}")
         self.steps = steps
         self.strided_grads = self._strided_grads(steps, out_eff)
-        # last reads: values not returned are freed after their last reader
+        self.keep = out_eff
+        self._lifetimes()
+
+    def _lifetimes(self) -> None:
+        """Last reads (what the memory planner and the freeing of values go by): values not
+        returned are freed after their last reader."""
+        steps = self.steps
         last: dict[Value, int] = {}
         for i, st in enumerate(steps):
             for v in st.ins:
                 last[v] = i
-        self.keep = out_eff
         self.free_after: list[list[Value]] = [[] for _ in steps]
         for i, st in enumerate(steps):
             for v in st.outs:
-                if v not in out_eff:
+                if v not in self.keep:
                     self.free_after[last.get(v, i)].append(v)
         self.last_use = last
 
@@ -703,6 +711,8 @@ class Graph:
 
     def _encode(self, inputs: Any, labels: Any) -> Handle:
         env = self._bind_all(inputs, labels)
+        if self.training:
+            self._prepare_updates()
         batch = self._batch_of(env)
         prog = self._programs.get(batch)
         if prog is None:
@@ -799,6 +809,9 @@ class Graph:
             for t in ins[1:]:
                 acc = add(acc, t)
             return [acc]
+        if st.kind == "update" and st.group is not None:
+            st.group.run(self, rc, ins)
+            return []
         if st.kind == "update":
             assert isinstance(n, UpdateNode)
             ds = n.forward.weights
@@ -819,6 +832,93 @@ class Graph:
                 ds.purge()
                 self._count("purge", ds)
         rc.acquired.clear()
+
+    # ---- grouped weight updates -----------------------------------------------------------------
+    def _prepare_updates(self) -> None:
+        """Before a training step: the first time, group the data sources whose updates can run
+        as one multi-tensor launch (optimize['group_updates']); every time, make sure their
+        weights still sit in their group's flat buffer (a purge drops the device copies)."""
+        if self._update_groups is None:
+            self._update_groups = self._group_updates()
+        for grp in self._update_groups:
+            grp.ensure_flat(self)
+
+    def _group_updates(self) -> list[_UpdateGroup]:
+        """Data sources of one optimizer class (SGD, Adam, AdamW, RMSProp; no max_grad_norm;
+        the DataSource protocol not overridden) become one update step after the last of their
+        gradients, their weights views of one flat buffer (see _UpdateGroup)."""
+        if not self.options["group_updates"]:
+            return []
+        if self.low_memory:
+            self._note("updates: not grouped in low-memory mode (weights are loaded and purged "
+                       "around each use)")
+            return []
+        if not self.device.supports_views:
+            self._note("updates: not grouped (needs buffer views, which this backend lacks)")
+            return []
+        from ..optim.multi import why_not_multi
+
+        upd = [i for i, st in enumerate(self.steps) if st.kind == "update"]
+        uses: dict[DataSource, int] = {}
+        for i in upd:
+            ds = self.steps[i].node.forward.weights
+            uses[ds] = uses.get(ds, 0) + 1
+        by_cls: dict[type, list[tuple[int, DataSource]]] = {}
+        opt_owner: dict[int, DataSource] = {}
+        skipped: list[str] = []
+        for i in upd:
+            ds = self.steps[i].node.forward.weights
+            assert ds is not None
+            custom = [m for m in ("load", "purge", "update")
+                      if getattr(type(ds), m) is not getattr(DataSource, m)]
+            if custom:
+                skipped.append(f"{ds.label} (overrides {', '.join(custom)})")
+                continue
+            if uses[ds] > 1:
+                skipped.append(f"{ds.label} (updated by {uses[ds]} nodes)")
+                continue
+            if not ds.loaded:
+                ds.load()
+                self._count("load", ds)
+            opt = ds.optimizer
+            if opt is None:
+                continue  # update() raises, as without grouping
+            why = why_not_multi(opt)
+            tens = ds.trainable_tensors()
+            if not why and (len(opt.params) != len(tens) or
+                            any(a is not b for a, b in zip(opt.params, tens))):
+                why = "its optimizer's params are not its weights"
+            if not why and id(opt) in opt_owner:
+                why = f"shares its optimizer with {opt_owner[id(opt)].label}"
+            if why:
+                skipped.append(f"{ds.label} ({why})")
+                continue
+            opt_owner[id(opt)] = ds
+            by_cls.setdefault(type(opt), []).append((i, ds))
+        if skipped:
+            self._log("updates: updated on their own: " + "; ".join(skipped))
+        groups: list[_UpdateGroup] = []
+        drop: set[int] = set()
+        for cls, mem in by_cls.items():
+            ntens = sum(len(ds.trainable) for _, ds in mem)
+            if ntens < 2:
+                continue
+            last = max(i for i, _ in mem)
+            grp = _UpdateGroup([ds for _, ds in mem], [len(self.steps[i].ins) for i, _ in mem])
+            ins = [v for i, _ in mem for v in self.steps[i].ins]
+            self.steps[last] = Step("update", self.steps[last].node, ins, [], group=grp)
+            drop.update(i for i, _ in mem if i != last)
+            groups.append(grp)
+            self._log(f"updates: {len(mem)} data sources ({cls.__name__}, {ntens} tensors, "
+                      f"{grp.size:,} weights in one buffer) updated together after the last of "
+                      f"their gradients ({self.steps[last - 1].name}): one {cls.MULTI_KERNEL} "
+                      "launch per distinct set of options and step count where their weight "
+                      "gradients share the memory plan's arena, one launch per tensor otherwise; "
+                      "the results are those of updating each after its gradient")
+        if drop:
+            self.steps = [st for i, st in enumerate(self.steps) if i not in drop]
+            self._lifetimes()
+        return groups
 
     # ---- capture and replay --------------------------------------------------------------------
     def capture(self, inputs: Any, labels: Any = None) -> CapturedStep:
@@ -907,6 +1007,77 @@ class Graph:
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.name}: {len(self.steps)} steps on {self.device.name}>"
+
+
+class _UpdateGroup:
+    """Data sources updated by one step (Graph._group_updates): their trainable weights are
+    views of ONE flat float32 buffer (each at a 64-byte aligned offset, fixed for the graph's
+    life), their optimizers share a MultiTensorStep (flat state buffers laid out like the
+    weights), and the step updates them all at once: one <rule>_step_multi launch per distinct
+    params struct where the weight gradients are views of one base buffer (the planner's arena),
+    per-tensor launches where they are not (the first steps of a batch size, before the plan)."""
+
+    ALIGN = 16  # floats
+
+    def __init__(self, members: list[DataSource], nins: list[int]):
+        self.members = members
+        self.nins = nins
+        self.layout: dict[DataSource, list[tuple[str, int]]] = {}
+        off = 0
+        for ds in members:
+            ent = []
+            for name in ds.trainable:
+                ent.append((name, off))
+                n = int(ds._host[name].size)
+                off += -(-max(n, 1) // self.ALIGN) * self.ALIGN
+            self.layout[ds] = ent
+        self.size = off
+        self.flat: Any = None
+        self.ms: Any = None
+        self._placed: dict[DataSource, Any] = {}
+
+    def ensure_flat(self, g: Graph) -> None:
+        """Weights into the flat buffer (at the first step, and after a purge or a reload)."""
+        moved = False
+        for ds in self.members:
+            if ds._dev is not None and self._placed.get(ds) is ds._dev:
+                continue
+            if not ds.loaded:
+                ds.load()
+                g._count("load", ds)
+            if self.flat is None:
+                self.flat = g.device.buffer(max(self.size, 1) * 4)
+            dev = ds.tensors()
+            for name, off in self.layout[ds]:
+                t = dev[name]
+                if t.buffer.base is self.flat and t.buffer.offset == off * 4:
+                    continue
+                v = Tensor(self.flat.view(off * 4, t.size * 4), t.shape, t.dtype)
+                if t.size:
+                    # the host copy is current unless the device copy changed since the load
+                    src = t.numpy() if ds._dirty else ds._host[name]
+                    g.device.write_async(v.buffer, np.asarray(src, np.float32).ravel())
+                dev[name] = v
+            ds._bind_optimizer()  # the optimizer updates the views (its state stays)
+            self._placed[ds] = ds._dev
+            moved = True
+        if moved or self.ms is None:
+            from ..optim.multi import MultiTensorStep
+
+            opts = [ds.optimizer for ds in self.members]
+            if self.ms is None or any(a is not b for a, b in zip(self.ms.optimizers, opts)):
+                self.ms = MultiTensorStep(opts)
+
+    def run(self, g: Graph, rc: RunContext, ins: list[Any]) -> None:
+        grads, k = [], 0
+        for ds, n in zip(self.members, self.nins):
+            rc.acquire_dict(ds)
+            grads.append(list(ins[k:k + n]))
+            k += n
+        self.ms.step(grads)
+        for ds in self.members:
+            ds._dirty = True
+            g._count("update", ds)
 
 
 class CapturedStep:
