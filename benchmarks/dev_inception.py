@@ -87,7 +87,7 @@ def inception_shapes(n: int, size: int = 299) -> list[tuple[tuple, int]]:
 def versions(op: str, s: tuple) -> list[str]:
     _, n, c, k, h, w, ks, st, _ = s
     geo = ops._conv_geometry((n, c, h, w), (k, c, *ks), st, s[8], 1, 1)
-    wino = ["wino2", "wino4"] if ops._wino_eligible(geo, "float") else []
+    wino = [f"wino{m}" for m in (2, 4) if ops._wino_eligible(geo, "float", m)]
     if op == "weight_grad":
         tiles = [*ops.TILES["weight"], *DEV_WEIGHT]
         return [f"{t}/{w}" for t in tiles for w in WEIGHT_SPLITS] + wino
@@ -144,9 +144,12 @@ def main() -> int:
     ap.add_argument("--quick", action="store_true", help="fewer repetitions")
     ap.add_argument("--no-validate", action="store_true")
     ap.add_argument("--limit", type=int, default=0, help="only the first N distinct shapes")
+    ap.add_argument("--match", default=None, help="only layers whose name contains this")
     args = ap.parse_args()
     dev = pymetalnn.device(args.backend)
     shapes = inception_shapes(args.batch, args.size)
+    if args.match:
+        shapes = [(s, c) for s, c in shapes if args.match in s[0]]
     if args.limit:
         shapes = shapes[:args.limit]
     print(f"InceptionV3 convs (batch {args.batch}, {args.size}x{args.size}): {len(shapes)} distinct, "

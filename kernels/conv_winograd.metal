@@ -1,20 +1,22 @@
-// conv_winograd.metal -- Winograd F(MxM, 3x3) transforms for 3x3 stride-1 convolutions (conv2d
-// forward, input gradient, weight gradient); pymetalnn/ops/conv.py runs them around batched
-// GEMMs of gemm.metal.
+// conv_winograd.metal -- Winograd F(MxM, RxR) transforms for stride-1 convolutions with square
+// R x R kernels (F(2x2, 3x3), F(4x4, 3x3), F(2x2, 5x5); conv2d forward, input gradient, weight
+// gradient); pymetalnn/ops/conv.py runs them around batched GEMMs of gemm.metal.
 //
 // Design note
 // -----------
-// Why: a direct (implicit-GEMM) 3x3 conv spends 9 multiply-adds per output and input channel
-// pair; Winograd's minimal filtering spends (M + 2)^2 / M^2 (F(2x2): 4, F(4x4): 2.25) on the
-// GEMMs, at the price of memory-bound transforms. cuDNN wins its largest margins over our
-// direct kernels on exactly these layers (InceptionV3's 3x3 input and weight gradients).
-// The algorithm (Lavin & Gray 2015), one alpha x alpha input tile d (alpha = M + 2) per M x M
-// output tile, with constant matrices B^T (alpha x alpha), G (alpha x 3), A^T (M x alpha):
+// Why: a direct (implicit-GEMM) R x R conv spends R^2 multiply-adds per output and input channel
+// pair; Winograd's minimal filtering spends alpha^2 / M^2 (alpha = M + R - 1; F(2x2, 3x3): 4,
+// F(4x4, 3x3): 2.25 instead of 9, F(2x2, 5x5): 9 instead of 25) on the GEMMs, at the price of
+// memory-bound transforms. cuDNN wins its largest margins over our direct kernels on exactly
+// these layers (InceptionV3's 3x3 and 5x5 input and weight gradients).
+// The algorithm (Lavin & Gray 2015), one alpha x alpha input tile d per M x M output tile, with
+// constant matrices B^T (alpha x alpha), G (alpha x R), A^T (M x alpha), from the interpolation
+// points 0, +-1 (alpha = 4) or 0, +-1, +-2 (alpha = 6) and infinity:
 //   forward      Y = A^T [ (G g G^T) . (B^T d B) ] A                 (. : element-wise)
 //   weight grad  dg = sum over tiles G^T [ (A dY A^T) . (B^T d B) ] G   (dY: the tile's M x M
 //                output gradient, zero past the output; derived from the forward by linearity)
 //   input grad   a forward conv of dy with the rotated, transposed filter (flip = 1) and padding
-//                2 - pad (negative: the tiles start inside dy).
+//                R - 1 - pad (negative: the tiles start inside dy).
 // Unfused: each transform is one memory-bound kernel writing [xi][rows][P] matrices (xi < alpha^2
 // the tile position, P = N * TH * TW tiles), and the channel reductions are alpha^2 independent
 // GEMMs (one batched launch):
@@ -23,8 +25,8 @@
 // A thread transforms one (row, tile) pair; consecutive threads take consecutive tiles, so the
 // [xi][row][P] writes and reads coalesce. The 1-D transforms are written out (no table loads;
 // the zeros of the matrices cost nothing) and applied to the columns, then the rows.
-// Precision: storage T, arithmetic float. F(4x4) multiplies rounding errors by its larger
-// transform coefficients (up to 8): the host picks F(2x2) where that matters (ops/conv.py).
+// Precision: storage T, arithmetic float. alpha = 6 multiplies rounding errors by its larger
+// transform coefficients (up to 8); tests/test_conv.py bounds the error of each variant.
 #include <metal_stdlib>
 #include "params.h"
 #include "neuron.h"
@@ -32,9 +34,9 @@ using namespace metal;
 
 // ---- 1-D transforms: r[i * rs] = (matrix . d)[i] for d[j * ds] ------------------------------
 // B^T d (alpha -> alpha)
-template <int M>
+template <int AL>
 inline void wino_bt(thread const float* d, int ds, thread float* r, int rs) {
-    if (M == 2) {
+    if (AL == 4) {
         r[0] = d[0] - d[2 * ds];
         r[rs] = d[ds] + d[2 * ds];
         r[2 * rs] = d[2 * ds] - d[ds];
@@ -50,11 +52,21 @@ inline void wino_bt(thread const float* d, int ds, thread float* r, int rs) {
     }
 }
 
-// G g (3 -> alpha)
-template <int M>
+// G g (R -> alpha)
+template <int M, int R>
 inline void wino_g(thread const float* g, int gs, thread float* r, int rs) {
     float g0 = g[0], g1 = g[gs], g2 = g[2 * gs];
-    if (M == 2) {
+    if (R == 5) {
+        float g3 = g[3 * gs], g4 = g[4 * gs];
+        r[0] = 0.25f * g0;
+        r[rs] = (g0 + g1 + g2 + g3 + g4) * (-1.0f / 6.0f);
+        r[2 * rs] = (g0 - g1 + g2 - g3 + g4) * (-1.0f / 6.0f);
+        r[3 * rs] = g0 * (1.0f / 24.0f) + g1 * (1.0f / 12.0f) + g2 * (1.0f / 6.0f) +
+                    g3 * (1.0f / 3.0f) + g4 * (2.0f / 3.0f);
+        r[4 * rs] = g0 * (1.0f / 24.0f) - g1 * (1.0f / 12.0f) + g2 * (1.0f / 6.0f) -
+                    g3 * (1.0f / 3.0f) + g4 * (2.0f / 3.0f);
+        r[5 * rs] = g4;
+    } else if (M == 2) {
         r[0] = g0;
         r[rs] = 0.5f * (g0 + g1 + g2);
         r[2 * rs] = 0.5f * (g0 - g1 + g2);
@@ -70,11 +82,15 @@ inline void wino_g(thread const float* g, int gs, thread float* r, int rs) {
 }
 
 // A^T m (alpha -> M)
-template <int M>
+template <int M, int AL>
 inline void wino_at(thread const float* m, int ms, thread float* r, int rs) {
-    if (M == 2) {
+    if (AL == 4) {
         r[0] = m[0] + m[ms] + m[2 * ms];
         r[rs] = m[ms] - m[2 * ms] - m[3 * ms];
+    } else if (M == 2) {
+        float m1 = m[ms], m2 = m[2 * ms], m3 = m[3 * ms], m4 = m[4 * ms];
+        r[0] = m[0] + (m1 + m2) + (m3 + m4);
+        r[rs] = (m1 - m2) + 2.0f * (m3 - m4) + m[5 * ms];
     } else {
         float m0 = m[0], m1 = m[ms], m2 = m[2 * ms], m3 = m[3 * ms], m4 = m[4 * ms], m5 = m[5 * ms];
         float a = m1 + m2, b = m1 - m2, c = m3 + m4, d = m3 - m4;
@@ -86,14 +102,22 @@ inline void wino_at(thread const float* m, int ms, thread float* r, int rs) {
 }
 
 // A y (M -> alpha), A = (A^T)^T
-template <int M>
+template <int M, int AL>
 inline void wino_a(thread const float* y, int ys, thread float* r, int rs) {
-    if (M == 2) {
+    if (AL == 4) {
         float y0 = y[0], y1 = y[ys];
         r[0] = y0;
         r[rs] = y0 + y1;
         r[2 * rs] = y0 - y1;
         r[3 * rs] = -y1;
+    } else if (M == 2) {
+        float y0 = y[0], y1 = y[ys];
+        r[0] = y0;
+        r[rs] = y0 + y1;
+        r[2 * rs] = y0 - y1;
+        r[3 * rs] = y0 + 2.0f * y1;
+        r[4 * rs] = y0 - 2.0f * y1;
+        r[5 * rs] = y1;
     } else {
         float y0 = y[0], y1 = y[ys], y2 = y[2 * ys], y3 = y[3 * ys];
         r[0] = y0;
@@ -105,10 +129,17 @@ inline void wino_a(thread const float* y, int ys, thread float* r, int rs) {
     }
 }
 
-// G^T u (alpha -> 3)
-template <int M>
+// G^T u (alpha -> R)
+template <int M, int R>
 inline void wino_gt(thread const float* u, int us, thread float* r, int rs) {
-    if (M == 2) {
+    if (R == 5) {
+        float u1 = u[us], u2 = u[2 * us], u3 = u[3 * us], u4 = u[4 * us];
+        r[0] = 0.25f * u[0] - (u1 + u2) * (1.0f / 6.0f) + (u3 + u4) * (1.0f / 24.0f);
+        r[rs] = (u2 - u1) * (1.0f / 6.0f) + (u3 - u4) * (1.0f / 12.0f);
+        r[2 * rs] = (u3 + u4 - u1 - u2) * (1.0f / 6.0f);
+        r[3 * rs] = (u2 - u1) * (1.0f / 6.0f) + (u3 - u4) * (1.0f / 3.0f);
+        r[4 * rs] = -(u1 + u2) * (1.0f / 6.0f) + (u3 + u4) * (2.0f / 3.0f) + u[5 * us];
+    } else if (M == 2) {
         float u0 = u[0], u1 = u[us], u2 = u[2 * us], u3 = u[3 * us];
         r[0] = u0 + 0.5f * (u1 + u2);
         r[rs] = 0.5f * (u1 - u2);
@@ -131,7 +162,7 @@ inline void wino_tile(uint t, constant WinogradParams& p, thread uint& n, thread
 }
 
 // ---- input tiles: v[xi][c][t] = (B^T d B)[xi], d the alpha x alpha patch of x at tile t ------
-template <typename T, int M>
+template <typename T, int M, int R>
 [[max_total_threads_per_threadgroup(256)]]
 kernel void conv2d_wino_input(device const T* x [[buffer(0)]],
                               device T* v [[buffer(1)]],
@@ -139,7 +170,7 @@ kernel void conv2d_wino_input(device const T* x [[buffer(0)]],
                               uint gid [[thread_position_in_grid]],
                               uint tpg [[threads_per_threadgroup]],
                               uint ntg [[threadgroups_per_grid]]) {
-    constexpr int AL = M + 2;
+    constexpr int AL = M + R - 1;
     const uint total = p.C * p.P;
     for (uint i = gid; i < total; i += tpg * ntg) {
         uint t = i % p.P, c = i / p.P, n, th, tw;
@@ -158,17 +189,17 @@ kernel void conv2d_wino_input(device const T* x [[buffer(0)]],
             }
         }
 #pragma unroll
-        for (int s = 0; s < AL; ++s) wino_bt<M>(d + s, AL, e + s, AL);  // columns: B^T d
+        for (int s = 0; s < AL; ++s) wino_bt<AL>(d + s, AL, e + s, AL);  // columns: B^T d
 #pragma unroll
-        for (int r = 0; r < AL; ++r) wino_bt<M>(e + r * AL, 1, d + r * AL, 1);  // rows: (.) B
+        for (int r = 0; r < AL; ++r) wino_bt<AL>(e + r * AL, 1, d + r * AL, 1);  // rows: (.) B
 #pragma unroll
         for (int q = 0; q < AL * AL; ++q) v[(q * p.C + c) * p.P + t] = T(d[q]);
     }
 }
 
 // ---- filters: u[xi][k][c] = (G g_kc G^T)[xi]; flip: u[xi][c][k] of g_kc rotated by 180 deg ---
-// (K, C) are the conv's (w is (K, C, 3, 3)); the input gradient's GEMM rows are then C.
-template <typename T, int M>
+// (K, C) are the conv's (w is (K, C, R, R)); the input gradient's GEMM rows are then C.
+template <typename T, int M, int R>
 [[max_total_threads_per_threadgroup(256)]]
 kernel void conv2d_wino_filter(device const T* w [[buffer(0)]],
                                device T* u [[buffer(1)]],
@@ -176,19 +207,19 @@ kernel void conv2d_wino_filter(device const T* w [[buffer(0)]],
                                uint gid [[thread_position_in_grid]],
                                uint tpg [[threads_per_threadgroup]],
                                uint ntg [[threadgroups_per_grid]]) {
-    constexpr int AL = M + 2;
+    constexpr int AL = M + R - 1;
     const uint total = p.K * p.C;
     for (uint i = gid; i < total; i += tpg * ntg) {
         // flip: consecutive threads take consecutive k (the fastest index of u's rows)
         uint k = p.flip ? i % p.K : i / p.C, c = p.flip ? i / p.K : i % p.C;
-        device const T* g = w + (k * p.C + c) * 9u;
-        float gg[9], e[AL * 3], r[AL * AL];
+        device const T* g = w + (k * p.C + c) * uint(R * R);
+        float gg[R * R], e[AL * R], r[AL * AL];
 #pragma unroll
-        for (int q = 0; q < 9; ++q) gg[q] = float(g[p.flip ? 8 - q : q]);
+        for (int q = 0; q < R * R; ++q) gg[q] = float(g[p.flip ? R * R - 1 - q : q]);
 #pragma unroll
-        for (int s = 0; s < 3; ++s) wino_g<M>(gg + s, 3, e + s, 3);  // columns: G g (alpha x 3)
+        for (int s = 0; s < R; ++s) wino_g<M, R>(gg + s, R, e + s, R);  // columns: G g (alpha x R)
 #pragma unroll
-        for (int a = 0; a < AL; ++a) wino_g<M>(e + a * 3, 1, r + a * AL, 1);  // rows: (.) G^T
+        for (int a = 0; a < AL; ++a) wino_g<M, R>(e + a * R, 1, r + a * AL, 1);  // rows: (.) G^T
         uint row = p.flip ? c : k, col = p.flip ? k : c, rows = p.flip ? p.C : p.K;
         uint cols = p.flip ? p.K : p.C;
 #pragma unroll
@@ -197,7 +228,7 @@ kernel void conv2d_wino_filter(device const T* w [[buffer(0)]],
 }
 
 // ---- outputs: y tile = A^T m A (+ b, activation), m[xi] = mt[xi][k][t] ------------------------
-template <typename T, int M>
+template <typename T, int M, int R>
 [[max_total_threads_per_threadgroup(256)]]
 kernel void conv2d_wino_output(device const T* mt [[buffer(0)]],
                                device const T* b [[buffer(1)]],
@@ -206,7 +237,7 @@ kernel void conv2d_wino_output(device const T* mt [[buffer(0)]],
                                uint gid [[thread_position_in_grid]],
                                uint tpg [[threads_per_threadgroup]],
                                uint ntg [[threadgroups_per_grid]]) {
-    constexpr int AL = M + 2;
+    constexpr int AL = M + R - 1;
     const uint total = p.K * p.P;
     for (uint i = gid; i < total; i += tpg * ntg) {
         uint t = i % p.P, k = i / p.P, n, th, tw;
@@ -215,9 +246,9 @@ kernel void conv2d_wino_output(device const T* mt [[buffer(0)]],
 #pragma unroll
         for (int q = 0; q < AL * AL; ++q) m[q] = float(mt[(q * p.K + k) * p.P + t]);
 #pragma unroll
-        for (int s = 0; s < AL; ++s) wino_at<M>(m + s, AL, e + s, AL);  // columns: A^T m (M x alpha)
+        for (int s = 0; s < AL; ++s) wino_at<M, AL>(m + s, AL, e + s, AL);  // columns: A^T m (M x alpha)
 #pragma unroll
-        for (int r = 0; r < M; ++r) wino_at<M>(e + r * AL, 1, o + r * M, 1);  // rows: (.) A
+        for (int r = 0; r < M; ++r) wino_at<M, AL>(e + r * AL, 1, o + r * M, 1);  // rows: (.) A
         float bias = p.has_bias ? float(b[k]) : 0.0f;
         uint nstride = p.out_nstride ? p.out_nstride : p.K * p.OH * p.OW;
         device T* yk = y + n * nstride + k * p.OH * p.OW;
@@ -235,7 +266,7 @@ kernel void conv2d_wino_output(device const T* mt [[buffer(0)]],
 }
 
 // ---- weight gradient: z[xi][k][t] = (A dY A^T)[xi] of the tile's output gradient -------------
-template <typename T, int M>
+template <typename T, int M, int R>
 [[max_total_threads_per_threadgroup(256)]]
 kernel void conv2d_wino_grad_output(device const T* dy [[buffer(0)]],
                                     device T* z [[buffer(1)]],
@@ -243,7 +274,7 @@ kernel void conv2d_wino_grad_output(device const T* dy [[buffer(0)]],
                                     uint gid [[thread_position_in_grid]],
                                     uint tpg [[threads_per_threadgroup]],
                                     uint ntg [[threadgroups_per_grid]]) {
-    constexpr int AL = M + 2;
+    constexpr int AL = M + R - 1;
     const uint total = p.K * p.P;
     for (uint i = gid; i < total; i += tpg * ntg) {
         uint t = i % p.P, k = i / p.P, n, th, tw;
@@ -260,16 +291,16 @@ kernel void conv2d_wino_grad_output(device const T* dy [[buffer(0)]],
             }
         }
 #pragma unroll
-        for (int s = 0; s < M; ++s) wino_a<M>(d + s, M, e + s, M);  // columns: A dY (alpha x M)
+        for (int s = 0; s < M; ++s) wino_a<M, AL>(d + s, M, e + s, M);  // columns: A dY (alpha x M)
 #pragma unroll
-        for (int a = 0; a < AL; ++a) wino_a<M>(e + a * M, 1, r + a * AL, 1);  // rows: (.) A^T
+        for (int a = 0; a < AL; ++a) wino_a<M, AL>(e + a * M, 1, r + a * AL, 1);  // rows: (.) A^T
 #pragma unroll
         for (int q = 0; q < AL * AL; ++q) z[(q * p.K + k) * p.P + t] = T(r[q]);
     }
 }
 
 // dw[k][c] = G^T du[.][k][c] G (du: the GEMMs' (alpha^2, K, C) result)
-template <typename T, int M>
+template <typename T, int M, int R>
 [[max_total_threads_per_threadgroup(256)]]
 kernel void conv2d_wino_filter_grad(device const T* du [[buffer(0)]],
                                     device T* dw [[buffer(1)]],
@@ -277,29 +308,31 @@ kernel void conv2d_wino_filter_grad(device const T* du [[buffer(0)]],
                                     uint gid [[thread_position_in_grid]],
                                     uint tpg [[threads_per_threadgroup]],
                                     uint ntg [[threadgroups_per_grid]]) {
-    constexpr int AL = M + 2;
+    constexpr int AL = M + R - 1;
     const uint total = p.K * p.C;
     for (uint i = gid; i < total; i += tpg * ntg) {
-        float u[AL * AL], e[3 * AL], r[9];
+        float u[AL * AL], e[R * AL], r[R * R];
 #pragma unroll
         for (int q = 0; q < AL * AL; ++q) u[q] = float(du[q * total + i]);
 #pragma unroll
-        for (int s = 0; s < AL; ++s) wino_gt<M>(u + s, AL, e + s, AL);  // columns: G^T u (3 x alpha)
+        for (int s = 0; s < AL; ++s) wino_gt<M, R>(u + s, AL, e + s, AL);  // columns: G^T u (3 x alpha)
 #pragma unroll
-        for (int a = 0; a < 3; ++a) wino_gt<M>(e + a * AL, 1, r + a * 3, 1);  // rows: (.) G
+        for (int a = 0; a < R; ++a) wino_gt<M, R>(e + a * AL, 1, r + a * R, 1);  // rows: (.) G
 #pragma unroll
-        for (int q = 0; q < 9; ++q) dw[i * 9u + q] = T(r[q]);
+        for (int q = 0; q < R * R; ++q) dw[i * uint(R * R) + q] = T(r[q]);
     }
 }
 
 #define WINO_INST(HOST, FN, ...) \
     template [[host_name(HOST)]] [[kernel]] decltype(FN<__VA_ARGS__>) FN<__VA_ARGS__>;
-#define WINO_INST_M(MS, M, NAME, T)                                                                \
-    WINO_INST("conv2d_wino" MS "_input_" NAME, conv2d_wino_input, T, M)                            \
-    WINO_INST("conv2d_wino" MS "_filter_" NAME, conv2d_wino_filter, T, M)                          \
-    WINO_INST("conv2d_wino" MS "_output_" NAME, conv2d_wino_output, T, M)                          \
-    WINO_INST("conv2d_wino" MS "_grad_output_" NAME, conv2d_wino_grad_output, T, M)                \
-    WINO_INST("conv2d_wino" MS "_filter_grad_" NAME, conv2d_wino_filter_grad, T, M)
+// conv2d_wino<M>x<R>_<stage>_<dtype>
+#define WINO_INST_M(MR, M, R, NAME, T)                                                             \
+    WINO_INST("conv2d_wino" MR "_input_" NAME, conv2d_wino_input, T, M, R)                         \
+    WINO_INST("conv2d_wino" MR "_filter_" NAME, conv2d_wino_filter, T, M, R)                       \
+    WINO_INST("conv2d_wino" MR "_output_" NAME, conv2d_wino_output, T, M, R)                       \
+    WINO_INST("conv2d_wino" MR "_grad_output_" NAME, conv2d_wino_grad_output, T, M, R)             \
+    WINO_INST("conv2d_wino" MR "_filter_grad_" NAME, conv2d_wino_filter_grad, T, M, R)
 
-WINO_INST_M("2", 2, "float", float)
-WINO_INST_M("4", 4, "float", float)
+WINO_INST_M("2x3", 2, 3, "float", float)
+WINO_INST_M("4x3", 4, 3, "float", float)
+WINO_INST_M("2x5", 2, 5, "float", float)

@@ -9,10 +9,11 @@ reductions (float partials in a workspace, then a fixed-order sum), so any batch
 correctly and deterministically. Wide GEMMs run tiled kernels (after a small kernel that packs
 the weights tap-major so the tiles' weight loads coalesce), the tile shape picked per shape by a
 wave model (_pick_tile); narrow ones (depthwise, fewer than 16 channels per group on the GEMM's
-column side) run one-output-per-thread kernels. 3x3 stride-1 float32 convs (undilated, one group,
->= 16 channels each side) run Winograd F(4x4, 3x3) on cuda instead (kernels/conv_winograd.metal:
-memory-bound transforms around one batched GEMM of gemm.metal, 2.25 multiply-adds per output
-and channel pair instead of 9; measured faster on every such InceptionV3 layer, see WINOGRAD).
+column side) run one-output-per-thread kernels. 3x3 and 5x5 stride-1 float32 convs (undilated,
+one group, >= 16 channels each side) run Winograd F(4x4, 3x3) / F(2x2, 5x5) on cuda instead
+(kernels/conv_winograd.metal: memory-bound transforms around one batched GEMM of gemm.metal,
+2.25 multiply-adds per output and channel pair instead of 9, 9 instead of 25; measured faster on
+every such layer of InceptionV3 and LeNet, see WINOGRAD).
 
 Precision (`accumulate=`): float32 tensors accumulate in float; float16 tensors accumulate in
 float by default ("float") or in half ("half", MPS-style fp16 accumulation: fastest, least
@@ -72,13 +73,19 @@ MAX_ELEMS = 2**31        # kernels use 32-bit offsets
 # eligible, the tiled kernels otherwise)}.
 FORCE: dict[str, str] = {}
 WINO_SOURCE = "conv_winograd.metal"
-# Winograd F(M x M, 3x3) for 3x3 stride-1 undilated ungrouped float32 convs: per op, the tile M
-# used on cuda when the conv is eligible (0: never). From benchmarks/dev_inception.py on an
+# Winograd F(M x M, R x R) for stride-1 undilated ungrouped float32 convs with square kernels:
+# per op and kernel size R, the output tile M used on cuda when the conv is eligible (0: never;
+# instantiated pairs: WINO_PAIRS). From benchmarks/dev_inception.py on an
 # NVIDIA H200 (2026-11-26, docs/results/h200-2026-11-26/dev_inception.log): F(4x4) beat the best
 # tiled kernel on all 18 eligible (layer, op) pairs of InceptionV3 at batch 32, by 1.01-3.3x,
 # and F(2x2) on every one of them; the model's conv time fell from 54.9 to 46.4 ms (cuDNN 44.1).
+# F(2x2, 5x5), same GPU and day, ms tiled -> Winograd: LeNet conv2 (N64, 32->64, 14x14) forward
+# 0.078 -> 0.048, input grad 0.104 -> 0.068, weight grad 0.080 -> 0.078; InceptionV3's 48->64
+# 35x35 (N32) 0.262 -> 0.161, 0.337 -> 0.193, 0.285 -> 0.216.
 # cpu and metal are unmeasured: there Winograd runs only when forced.
-WINOGRAD: dict[str, int] = {"fwd": 4, "data": 4, "weight": 4}
+WINOGRAD: dict[str, dict[int, int]] = {"fwd": {3: 4, 5: 2}, "data": {3: 4, 5: 2},
+                                       "weight": {3: 4, 5: 2}}
+WINO_PAIRS = {(2, 3), (4, 3), (2, 5)}  # (M, R) instantiated in conv_winograd.metal
 WINO_MIN_CHANNELS = 16     # both channel counts at least this (narrower GEMMs waste the tiles)
 
 Padding = Union[int, str, tuple]
@@ -410,35 +417,37 @@ def bias_grad_plan(dev: Device, dy: Tensor, db: Tensor, source: str = SOURCE) ->
     return [(k, _groups(splits * c), (dy.buffer, ws, p)), _reduce_launch(dev, ws, db, splits, source)]
 
 
-# ---- Winograd F(M x M, 3x3) (kernels/conv_winograd.metal) ---------------------------------------
+# ---- Winograd F(M x M, R x R) (kernels/conv_winograd.metal) -----------------------------------
 
-def _wino_eligible(geo: ConvGeometry, prec: str) -> bool:
-    return (geo.KH == geo.KW == 3 and geo.SH == geo.SW == 1 and geo.DH == geo.DW == 1
-            and geo.G == 1 and prec == "float" and min(geo.C, geo.K) >= WINO_MIN_CHANNELS)
+def _wino_eligible(geo: ConvGeometry, prec: str, m: int | None = None) -> bool:
+    """Whether the conv can run Winograd (F(m x m, ...) instantiated for its kernel, if m)."""
+    r = geo.KH
+    return (geo.KW == r and any(rr == r and (m is None or mm == m) for mm, rr in WINO_PAIRS)
+            and geo.SH == geo.SW == 1 and geo.DH == geo.DW == 1 and geo.G == 1
+            and prec == "float" and min(geo.C, geo.K) >= WINO_MIN_CHANNELS)
 
 
 def _winograd(kind: str, dev: Device, geo: ConvGeometry, prec: str) -> int:
     """The Winograd tile M to use for op `kind` of `geo`, 0 for the direct/tiled kernels."""
-    if not _wino_eligible(geo, prec):
-        return 0
     forced = FORCE.get(kind)
     if forced is not None:
-        return int(forced[4:]) if forced in ("wino2", "wino4") else 0
-    m = WINOGRAD[kind] if dev.name == "cuda" else 0
-    if not m:
+        m = int(forced[4:]) if forced in ("wino2", "wino4") else 0
+    else:
+        m = WINOGRAD[kind].get(geo.KH, 0) if dev.name == "cuda" else 0
+    if not m or not _wino_eligible(geo, prec, m):
         return 0
     # every transformed matrix must stay within the kernels' 32-bit offsets
     tiles = geo.N * _cdiv(max(geo.OH, geo.H), m) * _cdiv(max(geo.OW, geo.W), m)
-    return m if (m + 2) ** 2 * max(geo.C, geo.K) * tiles < MAX_ELEMS else 0
+    return m if (m + geo.KH - 1) ** 2 * max(geo.C, geo.K) * tiles < MAX_ELEMS else 0
 
 
 def _wino_params(geo: ConvGeometry, m: int, flip: bool) -> WinogradParams:
     """Params of the conv run by the transforms: the forward's, or (flip) the input gradient's
-    conv of dy (channels K -> C, size OH x OW -> H x W, padding 2 - pad)."""
+    conv of dy (channels K -> C, size OH x OW -> H x W, padding R - 1 - pad)."""
     p = WinogradParams()
     if flip:
         p.N, p.C, p.H, p.W, p.K, p.OH, p.OW = geo.N, geo.K, geo.OH, geo.OW, geo.C, geo.H, geo.W
-        p.PT, p.PL = 2 - geo.PT, 2 - geo.PL
+        p.PT, p.PL = geo.KH - 1 - geo.PT, geo.KW - 1 - geo.PL
     else:
         p.N, p.C, p.H, p.W, p.K, p.OH, p.OW = geo.N, geo.C, geo.H, geo.W, geo.K, geo.OH, geo.OW
         p.PT, p.PL = geo.PT, geo.PL
@@ -459,28 +468,29 @@ def _wino_tmp(dev: Device, *shapes: tuple[int, ...]) -> list[Tensor]:
     return [Tensor(b, s, np.float32) for b, s in zip(bufs, shapes)]
 
 
-def _wino_launch(dev: Device, m: int, stage: str, total: int, *args: Any) -> Launch:
-    return (kernel(dev, WINO_SOURCE, f"conv2d_wino{m}_{stage}_float"),
+def _wino_launch(dev: Device, m: int, geo: ConvGeometry, stage: str, total: int, *args: Any
+                 ) -> Launch:
+    return (kernel(dev, WINO_SOURCE, f"conv2d_wino{m}x{geo.KH}_{stage}_float"),
             min(total, MAX_GROUPS * THREADS), args)
 
 
 def _wino_conv(dev: Device, m: int, geo: ConvGeometry, flip: bool, x: Tensor, w: Tensor,
                b: Tensor | None, y: Tensor, act: tuple[int, float], out_nstride: int
                ) -> list[Launch]:
-    """y = act(conv(x, w) + b) by F(m x m, 3x3): filter and input transforms, alpha^2 GEMMs
+    """y = act(conv(x, w) + b) by F(m x m, R x R): filter and input transforms, alpha^2 GEMMs
     Mt[xi] (K x P) = U[xi] (K x C) V[xi] (C x P), output transform. flip: the input gradient
     (x is dy, w the conv's weights, y is dx)."""
     p = _wino_params(geo, m, flip)
     p.has_bias = int(b is not None)
     p.act, p.act_alpha = act
     p.out_nstride = out_nstride
-    a2 = (m + 2) ** 2
+    a2 = (m + geo.KH - 1) ** 2
     u, v, mt = _wino_tmp(dev, (a2, p.K, p.C), (a2, p.C, p.P), (a2, p.K, p.P))
-    return [_wino_launch(dev, m, "filter", geo.K * geo.C, w.buffer, u.buffer,
+    return [_wino_launch(dev, m, geo, "filter", geo.K * geo.C, w.buffer, u.buffer,
                          _wino_filter_params(geo, flip)),
-            _wino_launch(dev, m, "input", p.C * p.P, x.buffer, v.buffer, p),
+            _wino_launch(dev, m, geo, "input", p.C * p.P, x.buffer, v.buffer, p),
             *gemm_launches(u, v, mt),
-            _wino_launch(dev, m, "output", p.K * p.P, mt.buffer,
+            _wino_launch(dev, m, geo, "output", p.K * p.P, mt.buffer,
                          b.buffer if b is not None else _dummy(dev), y.buffer, p)]
 
 
@@ -496,15 +506,15 @@ def _wino_input_grad(dev: Device, m: int, geo: ConvGeometry, dy: Tensor, w: Tens
 
 def _wino_weight_grad(dev: Device, m: int, geo: ConvGeometry, dy: Tensor, x: Tensor, dw: Tensor
                       ) -> list[Launch]:
-    """dw by F(m x m, 3x3): Z = A dY A^T and V = B^T d B per output tile, alpha^2 GEMMs
+    """dw by F(m x m, R x R): Z = A dY A^T and V = B^T d B per output tile, alpha^2 GEMMs
     dU[xi] (K x C) = Z[xi] (K x P) V[xi]^T (reduced over the P tiles), dw = G^T dU G."""
     p = _wino_params(geo, m, False)
-    a2 = (m + 2) ** 2
+    a2 = (m + geo.KH - 1) ** 2
     z, v, du = _wino_tmp(dev, (a2, p.K, p.P), (a2, p.C, p.P), (a2, p.K, p.C))
-    return [_wino_launch(dev, m, "grad_output", p.K * p.P, dy.buffer, z.buffer, p),
-            _wino_launch(dev, m, "input", p.C * p.P, x.buffer, v.buffer, p),
+    return [_wino_launch(dev, m, geo, "grad_output", p.K * p.P, dy.buffer, z.buffer, p),
+            _wino_launch(dev, m, geo, "input", p.C * p.P, x.buffer, v.buffer, p),
             *gemm_launches(z, v, du, transpose_b=True),
-            _wino_launch(dev, m, "filter_grad", geo.K * geo.C, du.buffer, dw.buffer, p)]
+            _wino_launch(dev, m, geo, "filter_grad", geo.K * geo.C, du.buffer, dw.buffer, p)]
 
 
 def _forward(dev: Device, prec: str, geo: ConvGeometry, x: Tensor, w: Tensor, b: Tensor | None,
