@@ -270,6 +270,10 @@ def test_dedicated_kernels(dev, monkeypatch):
     pack = "conv2d_pack_weight_float"  # re-layout of w for the tiled kernels
     assert kinds == {"conv2d_bwd_data", "conv2d_bwd_weight", "conv2d_bwd_bias_float",
                      "conv2d_bwd_reduce_float", pack}, names
+    # 1x1: the input gradient reads w as it is (its packed layout is w's own)
+    dev.reset_counts()
+    gx1 = F.conv2d_backward(rand(rng, (1, 32, 5, 5), np.float32), x, wt[:, :, :1, :1].copy(), None)
+    assert pack not in dev.dispatch_counts and gx1[0].shape == x.shape
     dev.reset_counts()
     F.conv_transpose2d(x, wt, b, padding=1)
     assert {n.split("_t")[0] for n in dev.dispatch_counts} == {"conv2d_bwd_data", pack}

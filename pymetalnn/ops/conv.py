@@ -334,8 +334,9 @@ def forward_plan(dev: Device, prec: str, geo: ConvGeometry, x: Tensor, w: Tensor
 def _packed_weights(dev: Device, geo: ConvGeometry, w: Tensor, args: tuple, k_inner: int,
                     source: str, tile: str = "") -> tuple[list[Launch], tuple]:
     """The launch that packs w tap-major for the tiled kernels, and `args` with w replaced by the
-    packed copy (dev tiles named *u read w as it is)."""
-    if tile.endswith("u"):
+    packed copy (dev tiles named *u read w as it is). A 1x1 kernel's input-gradient layout
+    [g][0][k][c] is w's own (K, C/G, 1, 1): no pack."""
+    if tile.endswith("u") or (k_inner == 0 and geo.KH == geo.KW == 1):
         return [], args
     wp = scratch(dev, [w.nbytes], SOURCE)[0]
     k = kernel(dev, source, f"conv2d_pack_weight_{'float' if w.dtype == np.float32 else 'half'}")
