@@ -27,6 +27,14 @@ def _check_dtype(dtype: Any) -> np.dtype:
     return dt
 
 
+def _int_shape(shape: Any) -> tuple[int, ...]:
+    """tuple(int(s) for s in shape), without the conversions when every s is already an int."""
+    for s in shape:
+        if s.__class__ is not int:
+            return tuple(int(s) for s in shape)
+    return shape if shape.__class__ is tuple else tuple(shape)
+
+
 class Tensor:
     """Device memory with a shape and a dtype. `np.asarray(t)` and `t.numpy()` copy to the host."""
 
@@ -34,9 +42,11 @@ class Tensor:
 
     def __init__(self, buffer: Buffer, shape: tuple[int, ...], dtype: Any):
         self.buffer = buffer
-        self.shape = tuple(int(s) for s in shape)
-        self.dtype = _check_dtype(dtype)
-        if self.nbytes > buffer.nbytes:
+        self.shape = shape = _int_shape(shape)
+        # fast path: one of the supported dtype objects itself (what ops pass along)
+        self.dtype = dtype if dtype is float32 or dtype is float16 or dtype is int32 \
+            else _check_dtype(dtype)
+        if math.prod(shape) * self.dtype.itemsize > buffer.nbytes:
             raise ValueError(f"shape: {self.shape} of {self.dtype} needs {self.nbytes} bytes, the "
                              f"buffer has {buffer.nbytes}")
 
@@ -97,6 +107,13 @@ def empty(shape: Any, dtype: Any = float32, device: Device | None = None) -> Ten
     """A tensor whose contents are unspecified until a kernel writes them (no fill pass)."""
     dev = device or _default_device()
     shape = (shape,) if isinstance(shape, int) else tuple(shape)
+    for s in shape:  # fast path: sizes that are ints >= 0 need no conversion
+        if s.__class__ is not int or s < 0:
+            break
+    else:
+        dt = dtype if dtype is float32 or dtype is float16 or dtype is int32 \
+            else _check_dtype(dtype)
+        return Tensor(dev.buffer(math.prod(shape) * dt.itemsize, zero=False), shape, dt)
     if any(int(s) < 0 for s in shape):
         raise ValueError(f"shape: negative size in {shape}")
     dt = _check_dtype(dtype)

@@ -64,7 +64,20 @@ def pick_device(*xs: Any) -> Device:
 
 def kernel(dev: Device, source: str, name: str, defines: dict | None = None) -> Kernel:
     """`name` from `source` (kernels/), compiled once per device and defines."""
-    return dev.library(source, defines).kernel(name)
+    if defines:
+        return dev.library(source, defines).kernel(name)
+    k = _KERNEL_MEMO.get((dev, source, name))  # the hot path: no defines, looked up before
+    if k is None:
+        k = _KERNEL_MEMO[(dev, source, name)] = dev.library(source, defines).kernel(name)
+    return k
+
+
+# (device, source, name) -> Kernel of kernel() without defines: a device's libraries are compiled
+# once and kept for its lifetime (Device.library), so the memo returns what the lookup would
+_KERNEL_MEMO: dict[tuple[Device, str, str], Kernel] = {}
+
+
+_ALLOWED: dict[tuple, list[np.dtype]] = {}  # tensor_arg's dtypes tuple -> its np.dtype list
 
 
 def tensor_arg(x: Any, dev: Device, name: str, dtypes: Iterable[Any] | None = None,
@@ -72,7 +85,14 @@ def tensor_arg(x: Any, dev: Device, name: str, dtypes: Iterable[Any] | None = No
     """Validate one tensor argument: device, dtype, number of dimensions. Errors name `name`."""
     t = as_tensor(x, dev, name)
     if dtypes is not None:
-        allowed = [np.dtype(d) for d in dtypes]
+        try:  # a tuple of dtypes: converted once
+            allowed = _ALLOWED[dtypes] if dtypes.__class__ is tuple else None
+        except (KeyError, TypeError):
+            allowed = None
+        if allowed is None:
+            allowed = [np.dtype(d) for d in dtypes]
+            if dtypes.__class__ is tuple:
+                _ALLOWED[dtypes] = allowed
         if t.dtype not in allowed:
             raise ValueError(f"{name}: dtype {t.dtype} not supported here "
                              f"({', '.join(str(d) for d in allowed)})")
@@ -150,7 +170,10 @@ def stream_chunk(*itemsizes: int) -> int:
 def stream_nvec(n: int, w: int, tensors: Iterable[Tensor]) -> int:
     """Chunks of w elements: n // w when every tensor's buffer offset is 16-byte aligned (always
     true of fresh tensors), else 0 (every element through the scalar tail)."""
-    return n // w if all(t.buffer.offset % 16 == 0 for t in tensors) else 0
+    for t in tensors:
+        if t.buffer.offset % 16:
+            return 0
+    return n // w
 
 
 def stream_vthreads(nvec: int) -> int:

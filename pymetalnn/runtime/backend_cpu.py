@@ -115,6 +115,7 @@ class CpuDevice(Device):
         self.num_workers = self.rt.pmn_cpu_num_workers()
         self._queue: queue.Queue = queue.Queue()
         self._error: BaseException | None = None
+        self._errbuf = ctypes.create_string_buffer(512)  # launch errors, written by the queue thread
         self._thread = threading.Thread(target=self._worker, name="pymetalnn-cpu-queue", daemon=True)
         self._thread.start()
 
@@ -148,9 +149,21 @@ class CpuDevice(Device):
 
     # ---- memory: 64-byte aligned host arrays
     def _alloc(self, nbytes: int, zero: bool) -> np.ndarray:
+        return self._alloc_at(nbytes, zero)[0]
+
+    @staticmethod
+    def _alloc_at(nbytes: int, zero: bool) -> tuple[np.ndarray, int]:
+        """(the 64-byte aligned array, its address)."""
         raw = (np.zeros if zero else np.empty)(nbytes + 64, dtype=np.uint8)
-        off = (-raw.ctypes.data) % 64
-        return raw[off : off + nbytes]
+        addr = raw.ctypes.data
+        off = (-addr) % 64
+        return raw[off : off + nbytes], addr + off
+
+    def _new_buffer(self, nbytes: int, zero: bool) -> Buffer:
+        handle, addr = self._alloc_at(max(nbytes, 1), zero)
+        buf = Buffer(self, nbytes, handle)
+        buf._host_addr = addr  # the handle's first byte, known here: _launch needs no lookup
+        return buf
 
     def _read(self, buf: Buffer, offset: int, nbytes: int) -> np.ndarray:
         self.synchronize()
@@ -194,30 +207,54 @@ class CpuDevice(Device):
         return library
 
     # ---- launch
-    def _launch(self, kernel: Kernel, groups: int, args: list[Any]) -> None:
-        n = len(args)
-        ptrs = (ctypes.c_void_p * max(n, 1))()
-        keep: list[Any] = []
-        for i, a in enumerate(args):
-            if isinstance(a, Buffer):
-                ptrs[i] = a.handle.ctypes.data + a.offset
-                keep.append(a.handle)
-            else:
-                b = ctypes.create_string_buffer(a, len(a))
-                ptrs[i] = ctypes.addressof(b)
-                keep.append(b)
-        lib, thread_fn, loop_fn = kernel.handle
-        tg = kernel.threadgroup_size
-        fibers = 1 if kernel.uses_fibers else 0
-        rt = self.rt
+    @staticmethod
+    def _host_addr(buf: Buffer) -> int:
+        """Address of the first byte of `buf.handle`: a view's is its base's, found once."""
+        base = buf.base
+        if base is not buf and base.handle is buf.handle:
+            try:
+                return base._host_addr
+            except AttributeError:
+                addr = base._host_addr = buf.handle.ctypes.data
+                return addr
+        return buf.handle.ctypes.data
 
-        def job() -> None:
-            # `keep` holds the memory behind ptrs for as long as this closure lives
-            err = ctypes.create_string_buffer(512)
+    def _launch(self, kernel: Kernel, groups: int, args: list[Any]) -> None:
+        handle = kernel.handle
+        if len(handle) == 3:  # first launch: the pointer-array type and fiber flag, once
+            lib, thread_fn, loop_fn = handle
+            # c_char_p elements: a buffer's address goes in as an int; a constant argument's
+            # bytes go in as the bytes object itself, kept alive by the array
+            handle = kernel.handle = (lib, thread_fn, loop_fn,
+                                      ctypes.c_char_p * max(len(kernel.args), 1),
+                                      1 if kernel.uses_fibers else 0)
+        _, thread_fn, loop_fn, ptr_array, fibers = handle
+        vals: list[Any] = []
+        keep: list[Any] = []
+        for a in args:
+            if a.__class__ is bytes:
+                vals.append(a)
+            else:
+                h = a.handle
+                try:
+                    addr = a._host_addr  # the handle's first byte, cached (a handle never changes)
+                except AttributeError:
+                    addr = a._host_addr = self._host_addr(a)
+                vals.append(addr + a.offset)
+                keep.append(h)
+        ptrs = ptr_array(*vals)
+        tg = kernel.threadgroup_size
+        rt = self.rt
+        err = self._errbuf
+
+        def job(_keep: list[Any] = keep) -> None:
+            # `ptrs` (the constants' bytes) and `_keep` (the buffers' memory) hold what the
+            # pointers point to for as long as this closure lives; `err` is shared: jobs run one
+            # at a time, on the queue thread only
             rc = rt.pmn_cpu_launch(ptrs, groups, tg, fibers, thread_fn, loop_fn, err, 512)
             if rc != 0:
                 raise RuntimeError(f"kernel '{kernel.name}' failed: {err.value.decode()} "
-                                   f"(kept {len(keep)} arguments)")
+                                   f"(kept {len(vals)} arguments)")
 
         if self._recording is not None:
             self._recording.jobs.append(job)

@@ -199,8 +199,14 @@ class CudaDevice(Device):
         if groups > 2**31 - 1:
             raise DispatchError(f"kernel '{kernel.name}': {groups} threadgroups exceed the grid limit")
         for s, a in zip(stores, args):
-            if isinstance(a, Buffer):
-                s.value = int(a.handle.ptr) + a.offset
+            if a.__class__ is bytes:  # a constant argument (core hands over bytes)
+                s.raw = a  # into the create_string_buffer of its exact size: a memcpy
+            elif isinstance(a, Buffer):
+                try:
+                    addr = a._dev_addr  # the handle's device address, cached: handles never change
+                except AttributeError:
+                    addr = a._dev_addr = int(a.handle.ptr)
+                s.value = addr + a.offset
             else:
                 ctypes.memmove(s, a, len(a))
         rc = self.cu.cuLaunchKernel(fptr, groups, 1, 1, kernel.threadgroup_size, 1, 1, 0,

@@ -11,7 +11,6 @@ import contextlib
 import ctypes
 import os
 import threading
-import weakref
 from collections.abc import Iterator
 from typing import Any, Callable
 
@@ -59,6 +58,8 @@ def resolve_source(path: str) -> str:
 class Buffer:
     """Device memory. `numpy()` reads it back (waiting for queued kernels first)."""
 
+    _tracked = 0  # bytes counted in the device's memory statistics until this buffer dies
+
     def __init__(self, device: Device, nbytes: int, handle: Any):
         self.device = device
         self.nbytes = nbytes
@@ -66,6 +67,10 @@ class Buffer:
         self.offset = 0
         if type(self) is Buffer:  # views share their base's memory: counted once
             device._track(self)
+
+    def __del__(self) -> None:
+        if self._tracked:
+            self.device._untrack(self._tracked)
 
     @property
     def base(self) -> Buffer:
@@ -162,6 +167,10 @@ class Kernel:
         self.handle = handle
         self.arg_sizes = arg_sizes
         self.args = sorted(info.args, key=lambda a: a.index)
+        # per argument, precomputed once: (is a buffer, KernelArg, bytes wanted (0: unchecked))
+        self._spec = tuple((a.kind == "buffer", a, 0 if a.kind == "buffer" else arg_sizes[a.index])
+                           for a in self.args)
+        self._nargs = len(self.args)
 
     @property
     def uses_fibers(self) -> bool:
@@ -169,20 +178,21 @@ class Kernel:
 
     def __call__(self, count: int, *args: Any) -> None:
         dev = self.library.device
-        if not isinstance(count, (int, np.integer)) or isinstance(count, bool):
-            raise DispatchError(f"kernel '{self.name}': count must be an int, got "
-                                f"{type(count).__name__}")
-        count = int(count)
+        if count.__class__ is not int:  # fast path: a plain int needs no further type checks
+            if not isinstance(count, (int, np.integer)) or isinstance(count, bool):
+                raise DispatchError(f"kernel '{self.name}': count must be an int, got "
+                                    f"{type(count).__name__}")
+            count = int(count)
         if count <= 0 or count > MAX_GRID_THREADS:
             raise DispatchError(f"kernel '{self.name}': count must be in 1..{MAX_GRID_THREADS}, "
                                 f"got {count}")
-        if len(args) != len(self.args):
+        if len(args) != self._nargs:
             names = ", ".join(f"{a.name} [[buffer({a.index})]]" for a in self.args)
             raise DispatchError(f"kernel '{self.name}' takes {len(self.args)} arguments ({names}), "
                                 f"{len(args)} given")
         packed: list[Any] = []
-        for a, v in zip(self.args, args):
-            if a.kind == "buffer":
+        for (is_buf, a, want), v in zip(self._spec, args):
+            if is_buf:
                 if not isinstance(v, Buffer):
                     raise DispatchError(f"kernel '{self.name}': argument '{a.name}' (buffer "
                                         f"{a.index}) expects a Buffer, got {type(v).__name__}")
@@ -191,24 +201,27 @@ class Kernel:
                                         f"{v.device.name}, the kernel on {dev.name}")
                 packed.append(v)
             else:
-                if isinstance(v, Buffer):
-                    raise DispatchError(f"kernel '{self.name}': argument '{a.name}' (buffer "
-                                        f"{a.index}) is 'constant {a.type}&': pass the value "
-                                        "(ctypes struct, numpy scalar, number or bytes)")
-                b = value_bytes(a, v, self.name)
-                want = self.arg_sizes[a.index]
+                if isinstance(v, ctypes.Structure):  # fast path: an op's params struct
+                    b = bytes(v)  # its memory, as string_at(addressof, sizeof) gives it
+                else:
+                    if isinstance(v, Buffer):
+                        raise DispatchError(f"kernel '{self.name}': argument '{a.name}' (buffer "
+                                            f"{a.index}) is 'constant {a.type}&': pass the value "
+                                            "(ctypes struct, numpy scalar, number or bytes)")
+                    b = value_bytes(a, v, self.name)
                 if want and len(b) != want:
                     raise DispatchError(f"kernel '{self.name}': argument '{a.name}' (buffer "
                                         f"{a.index}) needs {want} bytes (sizeof {a.type}), got "
                                         f"{len(b)}")
                 packed.append(b)
         groups = -(-count // self.threadgroup_size)
-        if dev._profiler is not None and dev._recording is None:
+        rec = dev._recording
+        if dev._profiler is not None and rec is None:
             dev._profiled_launch(self, groups, packed)
         else:
             dev._launch(self, groups, packed)
-        if dev._recording is not None:
-            dev._recording.names.append(self.name)
+        if rec is not None:
+            rec.names.append(self.name)
         else:
             dev.dispatch_counts[self.name] += 1
 
@@ -317,9 +330,8 @@ class Device:
                 raise ValueError(f"nbytes: need a size in bytes >= 0, got {nbytes}")
             hook = getattr(self._hook, "fn", None)
             if hook is not None:
-                return hook(nbytes, zero, lambda: Buffer(self, nbytes, self._alloc(max(nbytes, 1),
-                                                                                     zero=zero)))
-            return Buffer(self, nbytes, self._alloc(max(nbytes, 1), zero=zero))
+                return hook(nbytes, zero, lambda: self._new_buffer(nbytes, zero))
+            return self._new_buffer(nbytes, zero)
         raw = _as_bytes_array(data)
         buf = Buffer(self, raw.nbytes, self._alloc(max(raw.nbytes, 1), zero=False))
         self._write(buf, 0, raw)
@@ -426,9 +438,11 @@ class Device:
         self._mem_peak = self._mem_live
 
     def _track(self, buf: Buffer) -> None:
+        # Buffer.__del__ gives the bytes back (cheaper than a weakref.finalize per buffer)
+        buf._tracked = buf.nbytes
         self._mem_live += buf.nbytes
-        self._mem_peak = max(self._mem_peak, self._mem_live)
-        weakref.finalize(buf, self._untrack, buf.nbytes)
+        if self._mem_live > self._mem_peak:
+            self._mem_peak = self._mem_live
 
     def _untrack(self, nbytes: int) -> None:
         self._mem_live -= nbytes
@@ -447,6 +461,11 @@ class Device:
 
     def _alloc(self, nbytes: int, zero: bool) -> Any:
         raise NotImplementedError
+
+    def _new_buffer(self, nbytes: int, zero: bool) -> Buffer:
+        """A fresh Buffer of `nbytes` (`buffer(nbytes)` without the hook); a backend may override
+        it to attach what its launches need to the Buffer."""
+        return Buffer(self, nbytes, self._alloc(max(nbytes, 1), zero=zero))
 
     def _read(self, buf: Buffer, offset: int, nbytes: int) -> np.ndarray:
         raise NotImplementedError
