@@ -176,19 +176,26 @@ inline uint part_index(constant NormParams& p, uint r, uint k) {
 
 // ---- statistics -----------------------------------------------------------------------------
 // mean[r], invstd[r] = 1 / sqrt(var + eps) (biased variance) of row r; batch norm in training
-// also moves the running estimates toward (mean, unbiased variance) by `momentum`.
+// also moves the running estimates toward (mean, unbiased variance) by `momentum`. BN = true
+// (batch_norm_finalize_fwd): rows are channels, and the forward coefficients (bn_coef_fwd) are
+// written too, so a training forward needs no separate coefficient kernel (one launch per layer
+// less: InceptionV3 has 94 of them per step).
+template <bool BN>
 [[max_total_threads_per_threadgroup(256)]]
-kernel void norm_finalize_fwd_float(device const float4* part [[buffer(0)]],
-                                    device float* running_mean [[buffer(1)]],
-                                    device float* running_var [[buffer(2)]],
-                                    device float* mean [[buffer(3)]],
-                                    device float* invstd [[buffer(4)]],
-                                    constant NormParams& p [[buffer(5)]],
-                                    uint tid [[thread_position_in_threadgroup]],
-                                    uint tg [[threadgroup_position_in_grid]],
-                                    uint ntg [[threadgroups_per_grid]],
-                                    uint lane [[thread_index_in_simdgroup]],
-                                    uint sg [[simdgroup_index_in_threadgroup]]) {
+kernel void norm_finalize_fwd(device const float4* part [[buffer(0)]],
+                              device float* running_mean [[buffer(1)]],
+                              device float* running_var [[buffer(2)]],
+                              device float* mean [[buffer(3)]],
+                              device float* invstd [[buffer(4)]],
+                              constant NormParams& p [[buffer(5)]],
+                              device const float* weight [[buffer(6)]],
+                              device const float* bias [[buffer(7)]],
+                              device float4* coef [[buffer(8)]],
+                              uint tid [[thread_position_in_threadgroup]],
+                              uint tg [[threadgroup_position_in_grid]],
+                              uint ntg [[threadgroups_per_grid]],
+                              uint lane [[thread_index_in_simdgroup]],
+                              uint sg [[simdgroup_index_in_threadgroup]]) {
     threadgroup float4 scratch[TR_TG];
     for (uint r = tg; r < p.rows; r += ntg) {
         float4 acc = float4(0.0f);
@@ -196,8 +203,10 @@ kernel void norm_finalize_fwd_float(device const float4* part [[buffer(0)]],
         acc = tile_welford(acc, 1u, TR_TG, lane, sg, scratch);
         if (tid == 0) {
             float var = acc.z / acc.x;
+            float is = 1.0f / precise::sqrt(var + p.eps);
             mean[r] = acc.y;
-            invstd[r] = 1.0f / precise::sqrt(var + p.eps);
+            invstd[r] = is;
+            if (BN) coef[r] = bn_coef_fwd(p, weight, bias, acc.y, is, r);
             if (p.has_running) {
                 float unbiased = acc.z / (acc.x - 1.0f);
                 running_mean[r] = (1.0f - p.momentum) * running_mean[r] + p.momentum * acc.y;
@@ -206,6 +215,10 @@ kernel void norm_finalize_fwd_float(device const float4* part [[buffer(0)]],
         }
     }
 }
+template [[host_name("norm_finalize_fwd_float")]] [[kernel]] decltype(norm_finalize_fwd<false>)
+    norm_finalize_fwd<false>;
+template [[host_name("batch_norm_finalize_fwd_float")]] [[kernel]] decltype(norm_finalize_fwd<true>)
+    norm_finalize_fwd<true>;
 
 // Batch norm forward coefficients per channel; in inference mode mean / invstd come from (and
 // are written from) the running estimates.

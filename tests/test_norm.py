@@ -686,3 +686,27 @@ def test_batch_norm_strided_bad_input(dev):
             pytest.fail(f"case {k} ({arg}) did not raise")
     assert sum(dev.dispatch_counts.values()) == 0
     np.testing.assert_array_equal(rm.numpy(), 0.0)
+
+
+def test_batch_norm_training_forward_launches(dev):
+    """A training forward makes its statistics and coefficients in one kernel
+    (batch_norm_finalize_fwd), inference keeps the coefficient kernel: per layer, partials +
+    finalize + apply."""
+    rng = np.random.default_rng(41)
+    x = pm.tensor(rng.standard_normal((2, 5, 3, 3)).astype(np.float32), dev)
+    w, b = (pm.tensor(rng.standard_normal(5).astype(np.float32), dev) for _ in range(2))
+    rm, rv = pm.tensor(np.zeros(5, np.float32), dev), pm.tensor(np.ones(5, np.float32), dev)
+    dev.reset_counts()
+    y = F.batch_norm(x, rm, rv, w, b, training=True)
+    names = dict(dev.dispatch_counts)
+    assert names.get("batch_norm_finalize_fwd_float") == 1 and \
+        "batch_norm_coef_fwd_float" not in names, names
+    assert sum(names.values()) == 3, names
+    xn = x.numpy()
+    mu, var = xn.mean(axis=(0, 2, 3)), xn.var(axis=(0, 2, 3))
+    want = (xn - mu[None, :, None, None]) / np.sqrt(var[None, :, None, None] + 1e-5) \
+        * w.numpy()[None, :, None, None] + b.numpy()[None, :, None, None]
+    np.testing.assert_allclose(y.numpy(), want, rtol=1e-5, atol=1e-5)
+    dev.reset_counts()
+    F.batch_norm(x, rm, rv, w, b, training=False)
+    assert "batch_norm_coef_fwd_float" in dev.dispatch_counts

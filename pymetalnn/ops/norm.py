@@ -225,15 +225,23 @@ def _partials(dev: Device, p: NormParams, x: Tensor, dy: Tensor | None, mean: Te
 
 
 def _stats(dev: Device, p: NormParams, x: Tensor, running_mean: Tensor | None = None,
-           running_var: Tensor | None = None) -> tuple[Tensor, Tensor]:
-    """Per statistics row: (mean, invstd); updates running estimates when p.has_running."""
+           running_var: Tensor | None = None,
+           bn_coef: tuple[Tensor | None, Tensor | None, Tensor] | None = None
+           ) -> tuple[Tensor, Tensor]:
+    """Per statistics row: (mean, invstd); updates running estimates when p.has_running.
+    bn_coef = (weight, bias, coef): batch norm, whose forward coefficients per channel are
+    written into coef by the same kernel (batch_norm_finalize_fwd)."""
     part = _partials(dev, p, x, None, None)
     mean, invstd = empty((p.rows,), float32, dev), empty((p.rows,), float32, dev)
     d = _dummy(dev)
-    kernel(dev, SOURCE, "norm_finalize_fwd_float")(
+    w, b, coef = bn_coef if bn_coef is not None else (None, None, None)
+    name = "batch_norm_finalize_fwd_float" if bn_coef is not None else "norm_finalize_fwd_float"
+    kernel(dev, SOURCE, name)(
         min(p.rows, MAX_GROUPS) * TG, part.buffer,
         running_mean.buffer if running_mean is not None else d,
-        running_var.buffer if running_var is not None else d, mean.buffer, invstd.buffer, p)
+        running_var.buffer if running_var is not None else d, mean.buffer, invstd.buffer, p,
+        w.buffer if w is not None else d, b.buffer if b is not None else d,
+        coef.buffer if coef is not None else d)
     return mean, invstd
 
 
@@ -303,15 +311,15 @@ def batch_norm_with_stats(input: Any, running_mean: Any, running_var: Any, weigh
     p.out_nstride = ns
     c = x.shape[1]
     d = _dummy(dev)
-    if training:
-        mean, invstd = _stats(dev, p, x, rm, rv)
+    coef = empty((c, 4), float32, dev)
+    if training:  # statistics and coefficients in one kernel
+        mean, invstd = _stats(dev, p, x, rm, rv, (w, b, coef))
     else:
         mean, invstd = empty((c,), float32, dev), empty((c,), float32, dev)
-    coef = empty((c, 4), float32, dev)
-    kernel(dev, SOURCE, "batch_norm_coef_fwd_float")(
-        _threads(c), w.buffer if w is not None else d, b.buffer if b is not None else d,
-        rm.buffer if rm is not None else d, rv.buffer if rv is not None else d, mean.buffer,
-        invstd.buffer, coef.buffer, p)
+        kernel(dev, SOURCE, "batch_norm_coef_fwd_float")(
+            _threads(c), w.buffer if w is not None else d, b.buffer if b is not None else d,
+            rm.buffer if rm is not None else d, rv.buffer if rv is not None else d, mean.buffer,
+            invstd.buffer, coef.buffer, p)
     return _apply(dev, p, x, None, coef, y if out is not None else None), mean, invstd
 
 
