@@ -370,6 +370,29 @@ def test_memory_plan_peak_and_results(dev, net, fuse):
         np.testing.assert_array_equal(wa[k], wb[k], err_msg=k)
 
 
+def test_calibration_step_frees_values(dev):
+    """The calibration run (the second step of a batch size) frees each value after its last use,
+    as every unplanned step does (its record keeps ghosts, not buffers): its peak stays near the
+    first step's instead of the naive sum of all intermediates; the plan it makes is unchanged
+    (same losses and weights as unplanned training)."""
+    if not dev.supports_views:
+        pytest.skip("the arena needs buffer views")
+    _, loss, _ = lenet(record=False)
+    X, Y = data(n=8)
+    tg = G.TrainingGraph(loss, optimizer=sgd(0.05), device=dev, optimize={"fuse": False})
+    peaks = []
+    for _ in range(2):
+        dev.synchronize()
+        dev.reset_peak_memory()
+        base = dev.memory_allocated()
+        tg.encode(X, Y).wait()
+        peaks.append(dev.max_memory_allocated() - base)
+    rep = tg.memory_report()
+    assert rep is not None
+    assert peaks[1] <= 1.25 * peaks[0], peaks
+    assert peaks[1] < rep.naive, (peaks, str(rep))
+
+
 def test_best_fit_planner_unit():
     M = G.memory
     blocks = [M.Block(i, 256 * s, a, b) for i, (s, a, b) in

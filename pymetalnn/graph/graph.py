@@ -735,6 +735,7 @@ class Graph:
         hook = M.AllocHook(self.device) if (plan_memory or calibrate or keep_alloc is not None) \
             else None
         calib: list[tuple[list, list]] = []
+        ghosts = M.Ghosts() if calibrate else None  # the record without the memory (memory.py)
         ctx = hook.installed() if hook is not None else _nullcontext()
         if hook is not None:
             hook.keep = keep_alloc
@@ -762,17 +763,16 @@ class Graph:
                                                       "its out= slice")
                         rc.state[("out_nstride", st.node)] = slot[4]
                     if hook is not None:
-                        if calibrate:
-                            calib.append((hook.record or [], list(zip(st.outs, outs))))
+                        if ghosts is not None:
+                            calib.append(ghosts.step(hook.record or [], list(zip(st.outs, outs))))
                         elif plan_memory and prog.checks[i]:
                             self._check_routed(st, i, prog, outs)
                         hook.end_step()
                 self._after_step(st, rc)
                 for v, t in zip(st.outs, outs):
                     env[v] = t
-                if not calibrate:
-                    for v in self.free_after[i]:
-                        env.pop(v, None)
+                for v in self.free_after[i]:
+                    env.pop(v, None)
         if calibrate:
             from .optimize import plan_memory as _plan
 

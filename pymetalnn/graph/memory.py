@@ -22,6 +22,7 @@ output is checked after its step.
 from __future__ import annotations
 
 import contextlib
+import weakref
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -202,3 +203,66 @@ def register_slot(reg: Buffer, nbytes: int) -> Buffer:
 def same_slot(buf: Buffer, slot: Buffer) -> bool:
     """Whether `buf` starts at the planned slot (same base buffer, same byte offset)."""
     return buf.base is slot.base and buf.offset == slot.offset
+
+
+# ---- calibration records that do not keep device memory alive -------------------------------
+# The planner learns from one normal run which allocation requests became which values, matching
+# buffers by identity across steps (a reshape made later is a view of an earlier step's buffer).
+# Holding every value until the run ends would make that run's memory the naive sum (InceptionV3
+# batch 32: ~12 GiB against a 2.6 GiB plan); freeing values lets their ids be reused by later
+# buffers. So each step's record is taken over by ghosts: one stand-in object per live base
+# buffer (found through a weak map while the real buffer lives, never reused afterwards), with
+# the attributes the planner reads (shape, dtype, nbytes, buffer.base / offset / nbytes).
+
+
+class GhostBuffer:
+    """Stand-in for a Buffer or a view of one: its base is the base's ghost."""
+
+    __slots__ = ("_base", "offset", "nbytes")
+
+    def __init__(self, base: GhostBuffer | None, offset: int, nbytes: int):
+        self._base, self.offset, self.nbytes = base, offset, nbytes
+
+    @property
+    def base(self) -> GhostBuffer:
+        return self._base if self._base is not None else self
+
+
+class GhostTensor:
+    """Stand-in for a Tensor produced by a calibration step."""
+
+    __slots__ = ("shape", "dtype", "nbytes", "buffer")
+
+    def __init__(self, shape: tuple[int, ...], dtype: Any, nbytes: int, buffer: GhostBuffer):
+        self.shape, self.dtype, self.nbytes, self.buffer = shape, dtype, nbytes, buffer
+
+
+class Ghosts:
+    """Maps live buffers to ghosts for one calibration run."""
+
+    def __init__(self) -> None:
+        self._of: weakref.WeakKeyDictionary[Buffer, GhostBuffer] = weakref.WeakKeyDictionary()
+
+    def base(self, buf: Buffer) -> GhostBuffer:
+        b = buf.base
+        g = self._of.get(b)
+        if g is None:
+            g = self._of[b] = GhostBuffer(None, 0, b.nbytes)
+        return g
+
+    def buffer(self, buf: Buffer) -> GhostBuffer:
+        gb = self.base(buf)
+        return gb if buf.base is buf else GhostBuffer(gb, buf.offset, buf.nbytes)
+
+    def step(self, record: list[tuple[int, Buffer]], produced: list[tuple[Any, Any]]
+             ) -> tuple[list[tuple[int, GhostBuffer]], list[tuple[Any, Any]]]:
+        """One step's (allocation requests, produced values) with ghosts for the buffers and
+        tensors (other produced objects are kept as they are: the planner skips them)."""
+        rec = [(nb, self.base(b)) for nb, b in record]
+        out = []
+        for v, t in produced:
+            buf = getattr(t, "buffer", None)
+            if isinstance(buf, Buffer) and hasattr(t, "shape"):
+                t = GhostTensor(tuple(t.shape), t.dtype, t.nbytes, self.buffer(buf))
+            out.append((v, t))
+        return rec, out

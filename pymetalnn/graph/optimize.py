@@ -205,7 +205,7 @@ def plan_memory(g: Any, prog: Any, calib: list[tuple[list, list]]) -> None:
     for i, (allocs, produced) in enumerate(calib):
         index = {id(b): (j, nb) for j, (nb, b) in enumerate(allocs)}
         for v, t in produced:
-            if not isinstance(t, Tensor):
+            if not isinstance(t, (Tensor, M.GhostTensor)):
                 continue
             tensors[v] = t
             bid = id(t.buffer.base)
