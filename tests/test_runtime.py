@@ -39,6 +39,38 @@ def test_capture_records_without_running_and_replays(dev) -> None:
     assert dev.dispatch_counts["scale_float"] == 4
 
 
+def test_launch_copies_its_constants(dev) -> None:
+    """A launch takes its params struct's bytes when called: changing or dropping the struct
+    afterwards changes nothing, queued, captured or replayed (launch paths keep the bytes)."""
+    import gc
+
+    k = dev.library(SCALE).kernel("scale_float")
+    x = np.arange(1, 10, dtype=np.float32)
+    buf = dev.buffer(x)
+    p = ScaleParams(x.size, 2.0)
+    with dev.capture() as rec:
+        k(x.size, buf, p)
+    k(x.size, buf, p)
+    p.a, p.n = 100.0, 0
+    del p
+    gc.collect()
+    rec.replay()
+    np.testing.assert_array_equal(buf.numpy(np.float32), x * np.float32(4.0))
+    k(x.size, buf.view(4, 32) if dev.supports_views else buf, ScaleParams(x.size - 1, 0.5))
+    want = x * np.float32(4.0)
+    want[1 if dev.supports_views else 0:] *= np.float32(0.5)
+    np.testing.assert_array_equal(buf.numpy(np.float32), want)
+
+
+def test_synchronize_waits_for_work_queued_by_callbacks(dev) -> None:
+    if dev.name == "metal":
+        pytest.skip("completion callbacks that queue more work: cpu and cuda queues")
+    seen: list[int] = []
+    dev.signal(lambda: dev.signal(lambda: seen.append(1)))
+    dev.synchronize()
+    assert seen == [1]
+
+
 def test_signal_runs_after_prior_work(dev) -> None:
     k = dev.library(SCALE).kernel("scale_float")
     n = 1 << 16

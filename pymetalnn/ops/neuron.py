@@ -67,7 +67,7 @@ def _batch_stride(t: Tensor, stride: Any, name: str) -> tuple[int, int]:
     """(inner, nstride) of a tensor whose images lie `stride` elements apart (None: contiguous)."""
     if stride is None or t.ndim < 2 or t.shape[0] <= 1:
         return 0, 0
-    inner = int(np.prod(t.shape[1:]))
+    inner = math.prod(t.shape[1:])
     stride = int(stride)
     if stride < inner:
         raise ValueError(f"{name}: {stride} elements, less than one image's {inner}")
@@ -93,7 +93,7 @@ def _fwd(op: str, x: Any, a: float = 0.0, b: float = 0.0, variant: str = "", out
         if xt.ndim < 2:
             raise ValueError("out: needs a batched x (N, ...)")
         y, ns = strided_out(out, out_batch_stride, xt.shape, xt.dtype, dev)
-        inner = int(np.prod(xt.shape[1:]))
+        inner = math.prod(xt.shape[1:])
     if xt.size:
         k = cached_kernel(dev, SOURCE, f"{op}_fwd{variant}_{suffix(xt.dtype)}")
         count, q = _params(k, xt.size, a, b, xt, y, inner=inner, y_nstride=ns)

@@ -113,7 +113,12 @@ class CpuDevice(Device):
         self.cxx = find_compiler()
         self.rt = _Runtime.get(self.cxx)
         self.num_workers = self.rt.pmn_cpu_num_workers()
-        self._queue: queue.Queue = queue.Queue()
+        # the queue: a C SimpleQueue (put and get take no Python-level lock, so a launch does not
+        # wait for the queue thread to let go of one) plus queue.Queue's join bookkeeping
+        self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        self._lock = threading.Lock()
+        self._idle = threading.Condition(self._lock)
+        self._unfinished = 0  # jobs put and not yet done, under _lock
         self._error: BaseException | None = None
         self._errbuf = ctypes.create_string_buffer(512)  # launch errors, written by the queue thread
         self._thread = threading.Thread(target=self._worker, name="pymetalnn-cpu-queue", daemon=True)
@@ -129,20 +134,30 @@ class CpuDevice(Device):
             except BaseException as e:  # reported at the next synchronize
                 self._error = e
             finally:
-                self._queue.task_done()
+                with self._lock:
+                    self._unfinished -= 1
+                    if not self._unfinished:
+                        self._idle.notify_all()
+
+    def _put(self, job: Any) -> None:
+        with self._lock:
+            self._unfinished += 1
+        self._queue.put(job)
 
     def signal(self, callback: Any) -> None:
-        self._queue.put(callback)
+        self._put(callback)
 
     def _replay(self, rec: Any) -> None:
         for job in rec.jobs:
-            self._queue.put(job)
+            self._put(job)
 
     def synchronize(self) -> None:
         if threading.current_thread() is self._thread:
             raise RuntimeError("synchronize() (or a buffer read) from a completion callback "
                                "would wait for itself")
-        self._queue.join()
+        with self._lock:
+            while self._unfinished:
+                self._idle.wait()
         if self._error is not None:
             e, self._error = self._error, None
             raise e
@@ -175,7 +190,7 @@ class CpuDevice(Device):
 
     def _write_async(self, buf: Buffer, offset: int, raw: np.ndarray) -> None:
         h = buf.handle
-        self._queue.put(lambda: h.__setitem__(slice(offset, offset + raw.nbytes), raw))
+        self._put(lambda: h.__setitem__(slice(offset, offset + raw.nbytes), raw))
 
     # ---- compile
     def _compile(self, path: str, defines: dict) -> Library:
@@ -259,7 +274,7 @@ class CpuDevice(Device):
         if self._recording is not None:
             self._recording.jobs.append(job)
         else:
-            self._queue.put(job)
+            self._put(job)
 
 
 def probe() -> str | None:

@@ -323,7 +323,9 @@ class Device:
     def buffer(self, data: Any = None, nbytes: int | None = None, zero: bool = True) -> Buffer:
         """New buffer: from an array-like/bytes (copied), or `nbytes` bytes (an int), zero-filled
         unless zero=False (for outputs a kernel overwrites: saves a fill pass on the GPU)."""
-        if isinstance(data, (int, np.integer)) and not isinstance(data, bool):
+        if data.__class__ is int:  # fast path: buffer(nbytes), what every op's output does
+            nbytes, data = data, None
+        elif isinstance(data, (int, np.integer)) and not isinstance(data, bool):
             nbytes, data = int(data), None
         if data is None:
             if nbytes is None or nbytes < 0:
