@@ -107,13 +107,22 @@ def tensor_arg(x: Any, dev: Device, name: str, dtypes: Iterable[Any] | None = No
 
 def positive_ints(v: Any, n: int, name: str, allow_zero: bool = False) -> tuple[int, ...]:
     """An int or a sequence of n ints, each > 0 (>= 0 with allow_zero)."""
+    lo = 0 if allow_zero else 1
+    if v.__class__ is int:  # fast paths: a valid int, or a valid tuple of n ints (returned as is)
+        if v >= lo:
+            return (v,) * n
+    elif v.__class__ is tuple and len(v) == n:
+        for a in v:
+            if a.__class__ is not int or a < lo:
+                break
+        else:
+            return v
     try:
         vals = (v,) * n if isinstance(v, (int, np.integer)) else tuple(v)
     except TypeError:
         raise ValueError(f"{name}: expected an int or {n} ints, got {v!r}") from None
     if len(vals) != n or not all(isinstance(a, (int, np.integer)) for a in vals):
         raise ValueError(f"{name}: expected an int or {n} ints, got {v!r}")
-    lo = 0 if allow_zero else 1
     if any(a < lo for a in vals):
         raise ValueError(f"{name}: values must be >= {lo}, got {v!r}")
     return tuple(int(a) for a in vals)
