@@ -926,7 +926,8 @@ class Graph:
         a CapturedStep whose `run()` re-issues it at a fraction of the host cost. The inputs (and
         labels) become fixed device buffers that `run(new_inputs, new_labels)` overwrites.
 
-        Runs normal steps first (until memory is planned; they load weights, create optimizer state).
+        Runs normal steps first (until memory is planned, and one planned step more when updates
+        are grouped; they load weights, create optimizer state, upload the update chunk tables).
         Everything the recorded launches use stays allocated while the CapturedStep lives. What a
         replay cannot change: dropout masks (seed and offset are recorded), step-dependent
         optimizer terms (Adam's bias corrections); the outputs are the same buffers every replay
@@ -937,10 +938,17 @@ class Graph:
         data = [env[v] for v in self.data_inputs]
         labs = [env[v] for v in self.label_inputs]
         batch = self._batch_of(env)
+        planned_runs = 0
         while True:  # runs the step until its memory plan exists (one or two runs)
+            was_planned = batch in self._programs and self._programs[batch].calibrated
             self.encode(data, labs[0] if len(labs) == 1 else (labs or None)).wait()
             prog = self._programs[batch]
-            if prog.calibrated or not self.options["memory"]:
+            planned_runs += was_planned
+            if not self.options["memory"]:
+                break
+            # grouped updates upload their chunk tables at the first planned step (weight
+            # gradients then sit in the arena); uploads cannot happen inside a CUDA-graph capture
+            if prog.calibrated and (planned_runs or not getattr(self, "_update_groups", None)):
                 break
         self.synchronize()
         keep: list[Any] = []

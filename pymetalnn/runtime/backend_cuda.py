@@ -112,8 +112,10 @@ class CudaDevice(Device):
         self.cp_stream.begin_capture()
 
     def _end_capture(self, rec: Any) -> None:
-        rec.graph = self.cp_stream.end_capture()
-        super()._end_capture(rec)
+        try:
+            rec.graph = self.cp_stream.end_capture()
+        finally:  # a capture that failed (invalidated) must not leave the device recording
+            super()._end_capture(rec)
 
     def _replay(self, rec: Any) -> None:
         rec.graph.launch(self.cp_stream)
