@@ -218,12 +218,16 @@ class CpuDevice(Device):
             argsize.restype = ctypes.c_uint
             argsize.argtypes = [ctypes.c_uint]
             sizes = [argsize(i) for i in range(len(info.args))]
-            kernels[name] = Kernel(library, info, (lib, thread_fn, loop_fn), sizes)
+            # c_char_p elements of the launch's pointer array: a buffer's address goes in as an
+            # int, a constant argument's bytes as the bytes object itself, kept alive by the array
+            ptr_array = ctypes.c_char_p * max(len(info.args), 1)
+            kernels[name] = Kernel(library, info, (lib, thread_fn, loop_fn, ptr_array,
+                                                   1 if info.needs_fibers else 0), sizes)
         return library
 
     # ---- launch
     @staticmethod
-    def _host_addr(buf: Buffer) -> int:
+    def _handle_addr(buf: Buffer) -> int:
         """Address of the first byte of `buf.handle`: a view's is its base's, found once."""
         base = buf.base
         if base is not buf and base.handle is buf.handle:
@@ -235,15 +239,7 @@ class CpuDevice(Device):
         return buf.handle.ctypes.data
 
     def _launch(self, kernel: Kernel, groups: int, args: list[Any]) -> None:
-        handle = kernel.handle
-        if len(handle) == 3:  # first launch: the pointer-array type and fiber flag, once
-            lib, thread_fn, loop_fn = handle
-            # c_char_p elements: a buffer's address goes in as an int; a constant argument's
-            # bytes go in as the bytes object itself, kept alive by the array
-            handle = kernel.handle = (lib, thread_fn, loop_fn,
-                                      ctypes.c_char_p * max(len(kernel.args), 1),
-                                      1 if kernel.uses_fibers else 0)
-        _, thread_fn, loop_fn, ptr_array, fibers = handle
+        _, thread_fn, loop_fn, ptr_array, fibers = kernel.handle
         vals: list[Any] = []
         keep: list[Any] = []
         for a in args:
@@ -254,7 +250,7 @@ class CpuDevice(Device):
                 try:
                     addr = a._host_addr  # the handle's first byte, cached (a handle never changes)
                 except AttributeError:
-                    addr = a._host_addr = self._host_addr(a)
+                    addr = a._host_addr = self._handle_addr(a)
                 vals.append(addr + a.offset)
                 keep.append(h)
         ptrs = ptr_array(*vals)
