@@ -372,9 +372,9 @@ def test_memory_plan_peak_and_results(dev, net, fuse):
 
 def test_calibration_step_frees_values(dev):
     """The calibration run (the second step of a batch size) frees each value after its last use,
-    as every unplanned step does (its record keeps ghosts, not buffers): its peak stays near the
-    first step's instead of the naive sum of all intermediates; the plan it makes is unchanged
-    (same losses and weights as unplanned training)."""
+    as every unplanned step does (its record keeps ghosts, not buffers): its peak stays well
+    below the naive sum of all intermediates (the plan it makes is checked by the planned vs
+    unplanned training tests)."""
     if not dev.supports_views:
         pytest.skip("the arena needs buffer views")
     _, loss, _ = lenet(record=False)
@@ -389,8 +389,9 @@ def test_calibration_step_frees_values(dev):
         peaks.append(dev.max_memory_allocated() - base)
     rep = tg.memory_report()
     assert rep is not None
-    assert peaks[1] <= 1.25 * peaks[0], peaks
-    assert peaks[1] < rep.naive, (peaks, str(rep))
+    # holding every value (the former calibration) peaks above the naive sum of intermediates
+    # (LeNet here: 249 KB against 149 KB on cpu); freeing them stays well below it
+    assert peaks[1] < 0.75 * rep.naive, (peaks, str(rep))
 
 
 def test_best_fit_planner_unit():
