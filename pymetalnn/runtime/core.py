@@ -335,7 +335,7 @@ class Device:
                 return hook(nbytes, zero, lambda: self._new_buffer(nbytes, zero))
             return self._new_buffer(nbytes, zero)
         raw = _as_bytes_array(data)
-        buf = Buffer(self, raw.nbytes, self._alloc(max(raw.nbytes, 1), zero=False))
+        buf = self._new_buffer(raw.nbytes, zero=False)
         self._write(buf, 0, raw)
         return buf
 
