@@ -129,7 +129,56 @@ def positive_ints(v: Any, n: int, name: str, allow_zero: bool = False) -> tuple[
 
 
 def out_like(shape: tuple[int, ...], dtype: Any, dev: Device) -> Tensor:
+    """A result tensor without a fill pass (the op writes every element), allocated through
+    Device.buffer so an allocation hook (the graph's memory planner) sees it."""
     return empty(shape, dtype, dev)
+
+
+# ---- launch shapes and limits shared by the wrappers -------------------------------------------
+MAX_GROUPS = 1 << 20      # threadgroups per launch; the kernels grid-stride over the rest
+MAX_ELEMS_U32 = 2**32 - 1  # elements a kernel with 32-bit offsets addresses
+
+
+def cdiv(a: int, b: int) -> int:
+    """ceil(a / b) for ints."""
+    return -(-a // b)
+
+
+def check_u32_size(t: Tensor, name: str) -> None:
+    """`t` within the MAX_ELEMS_U32 elements the 32-bit-offset kernels address."""
+    if t.size > MAX_ELEMS_U32:
+        raise ValueError(f"{name}: {t.size} elements exceed the 2^32 - 1 the kernels address")
+
+
+def vec4_aligned(t: Tensor) -> bool:
+    """4-element vector accesses need the tensor's first byte aligned to 4 elements."""
+    return t.buffer.offset % (4 * t.dtype.itemsize) == 0
+
+
+_DUMMY: dict[int, Buffer] = {}
+
+
+def dummy(dev: Device) -> Buffer:
+    """A 16-byte buffer per device, bound where a kernel's optional input is absent (never read)."""
+    b = _DUMMY.get(id(dev))
+    if b is None or b.device is not dev:
+        b = _DUMMY[id(dev)] = dev.buffer(16)
+    return b
+
+
+# ---- scalar arguments (each raises ValueError naming the argument) ----------------------------
+def number(v: Any, name: str) -> float:
+    """A Python/numpy real (not a bool) as float; range checks are the caller's."""
+    if isinstance(v, bool) or not isinstance(v, (int, float, np.integer, np.floating)):
+        raise ValueError(f"{name}: expected a number, got {v!r}")
+    return float(v)
+
+
+def boolean(v: Any, name: str) -> bool:
+    """A Python/numpy bool."""
+    if not isinstance(v, (bool, np.bool_)):
+        raise ValueError(f"{name}: expected a bool, got {v!r}")
+    return bool(v)
 
 
 def suffix(dtype: Any) -> str:

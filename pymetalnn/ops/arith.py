@@ -21,12 +21,23 @@ from ..params import MAXD, ArithParams, ReduceParams
 from ..runtime import Device, Kernel
 from ..runtime.core import MAX_GRID_THREADS
 from ..tensor import Tensor, tensor
-from ._common import kernel, pick_device, stream_chunk, stream_count, stream_nvec, suffix, tensor_arg
+from ._common import (
+    MAX_ELEMS_U32,
+    check_u32_size,
+    kernel,
+    out_like,
+    pick_device,
+    stream_chunk,
+    stream_count,
+    stream_nvec,
+    suffix,
+    tensor_arg,
+    vec4_aligned,
+)
 
 SOURCE = "arith.metal"
 FLOATS = (np.float32, np.float16)
 GRID_CAP = 1 << 22         # threads per launch; kernels loop (grid-stride) past it
-MAX_ELEMS = 2**32 - 1      # offsets are 32-bit in the kernels
 # Reductions split the reduced range until there is enough memory traffic in flight to cover the
 # GPU's latency: about this many threads (outer) or simdgroups (inner), each split >= MIN_CHUNK.
 OUTER_THREADS = 1 << 17
@@ -85,37 +96,6 @@ def merge_dims(sizes: Sequence[int], strides: Sequence[Sequence[int]],
     return out
 
 
-_KERNELS: dict[tuple[Device, str, str], Kernel] = {}
-
-
-def cached_kernel(dev: Device, source: str, name: str) -> Kernel:
-    """`_common.kernel`, memoized: Device.library() resolves the source path and stats its mtime on
-    every call (tens of microseconds of host time per launch); kernels do not change in a run."""
-    key = (dev, source, name)
-    k = _KERNELS.get(key)
-    if k is None:
-        k = _KERNELS[key] = kernel(dev, source, name)
-    return k
-
-
-def empty(shape: tuple[int, ...], dtype: Any, dev: Device) -> Tensor:
-    """An output tensor without the runtime's zero fill: these ops write every element, and on a
-    GPU the fill would cost a quarter of a binary op's time. Allocated through Device.buffer, so
-    an allocation hook (the graph's memory planner) sees it."""
-    nbytes = math.prod(shape) * np.dtype(dtype).itemsize
-    return Tensor(dev.buffer(nbytes, zero=False), shape, dtype)
-
-
-def _aligned(t: Tensor) -> bool:
-    """Vector (4-element) accesses need the tensor's first byte aligned to 4 elements."""
-    return t.buffer.offset % (4 * t.dtype.itemsize) == 0
-
-
-def _check_size(t: Tensor, name: str) -> None:
-    if t.size > MAX_ELEMS:
-        raise ValueError(f"{name}: {t.size} elements exceed the 2^32 - 1 the kernels address")
-
-
 def _operand(x: Any, dev: Device, name: str, dtype: Any = None) -> Tensor | None:
     """A tensor operand, or None for a Python number (materialized later with the right dtype)."""
     if isinstance(x, (bool, np.bool_)):
@@ -123,7 +103,7 @@ def _operand(x: Any, dev: Device, name: str, dtype: Any = None) -> Tensor | None
     if isinstance(x, (int, float, np.integer, np.floating)):
         return None
     t = tensor_arg(x, dev, name, FLOATS)
-    _check_size(t, name)
+    check_u32_size(t, name)
     return t
 
 
@@ -146,15 +126,22 @@ def _binary_args(a: Operand, b: Operand) -> tuple[Tensor, Tensor, bool, bool, De
 
 
 # ---- dispatch ---------------------------------------------------------------------------------
+def _operands(xs: Sequence[Tensor], out_shape: tuple[int, ...], in_shape: tuple[int, ...]
+              ) -> tuple[Tensor, list[Tensor], list[list[int]]]:
+    """The result (out_shape, xs[0]'s dtype and device), xs padded to the kernels' three operands
+    (with xs[0]) and their strides over in_shape."""
+    x0 = xs[0]
+    out = out_like(out_shape, x0.dtype, x0.device)
+    xs = list(xs) + [x0] * (3 - len(xs))
+    return out, xs, [bcast_strides(x.shape, in_shape) for x in xs]
+
+
 def _ew(name: str, out_shape: tuple[int, ...], xs: Sequence[Tensor], alpha: float = 1.0) -> Tensor:
     """out = name(xs[0], xs[1], xs[2]) elementwise, each x broadcast to out_shape."""
-    x0 = xs[0]
-    dev, dt = x0.device, x0.dtype
-    out = empty(out_shape, dt, dev)
+    out, xs, strides = _operands(xs, out_shape, out_shape)
     if out.size == 0:
         return out
-    xs = list(xs) + [x0] * (3 - len(xs))
-    strides = [bcast_strides(x.shape, out_shape) for x in xs]
+    dev, dt = out.device, out.dtype
     dims = merge_dims(out_shape, strides) or [(1, False, [0, 0, 0])]
     if len(dims) > MAXD:
         raise ValueError(f"shape: broadcasting {[x.shape for x in xs]} needs {len(dims)} dimensions "
@@ -162,12 +149,12 @@ def _ew(name: str, out_shape: tuple[int, ...], xs: Sequence[Tensor], alpha: floa
     k = _flat_kernel(dev, name, dt, dims, xs, out, alpha)
     if k is not None:
         return out
-    vec = 4 if dims[-1][0] % 4 == 0 and all(_aligned(x) for x in xs) else 1
+    vec = 4 if dims[-1][0] % 4 == 0 and all(vec4_aligned(x) for x in xs) else 1
     p = ArithParams(n=out.size // vec, ndim=len(dims), vec=vec, alpha=float(alpha))
     for d, (n, _, st) in enumerate(dims):
         p.shape[d] = n
         p.stride0[d], p.stride1[d], p.stride2[d] = st
-    k = cached_kernel(dev, SOURCE, f"{name}_{suffix(dt)}")
+    k = kernel(dev, SOURCE, f"{name}_{suffix(dt)}")
     # one pass (one item per thread): a grid capped at GRID_CAP left a partial second sweep
     k(min(p.n, MAX_GRID_THREADS), xs[0].buffer, xs[1].buffer, xs[2].buffer, out.buffer, p)
     return out
@@ -185,7 +172,7 @@ def _flat_kernel(dev: Device, name: str, dt: Any, dims: list, xs: Sequence[Tenso
     w = stream_chunk(dt.itemsize)
     nvec = stream_nvec(n, w, [out, *(x for x, s in zip(xs, dims[0][2]) if s)])
     splat = "_splat" if 0 in dims[0][2] else ""
-    k = cached_kernel(dev, SOURCE, f"{name}_flat_{suffix(dt)}{splat}")
+    k = kernel(dev, SOURCE, f"{name}_flat_{suffix(dt)}{splat}")
     count = stream_count(n, w, nvec)
     if count > MAX_GRID_THREADS:
         return None
@@ -200,13 +187,10 @@ def _reduce(name: str, in_shape: tuple[int, ...], target: tuple[int, ...], xs: S
             alpha: float = 1.0) -> Tensor:
     """out (shape `target`, same rank as in_shape, 1 on reduced dims) = alpha * sum over the
     reduced dims of name(xs) (each x broadcast to in_shape)."""
-    x0 = xs[0]
-    dev, dt = x0.device, x0.dtype
-    out = empty(target, dt, dev)
+    out, xs, strides = _operands(xs, target, in_shape)
     if out.size == 0:
         return out
-    xs = list(xs) + [x0] * (3 - len(xs))
-    strides = [bcast_strides(x.shape, in_shape) for x in xs]
+    dev, dt = out.device, out.dtype
     flags = [t == 1 and n != 1 for t, n in zip(target, in_shape)]
     dims = merge_dims(in_shape, strides, flags)
     kept = [d for d in dims if not d[1]]
@@ -220,7 +204,7 @@ def _reduce(name: str, in_shape: tuple[int, ...], target: tuple[int, ...], xs: S
     if len(kept) > MAXD or len(rdims) > MAXD:
         raise ValueError(f"shape: reducing {in_shape} to {target} needs more than {MAXD} "
                          "dimensions after merging")
-    aligned = all(_aligned(x) for x in xs)
+    aligned = all(vec4_aligned(x) for x in xs)
     if inner:
         vec = 4 if dims[-1][0] % 4 == 0 and aligned else 1
         units = n_out  # simdgroups per split
@@ -234,7 +218,7 @@ def _reduce(name: str, in_shape: tuple[int, ...], target: tuple[int, ...], xs: S
         chunk = -(-chunk // vec) * vec  # splits start on a vector boundary
     splits = -(-n_red // chunk) if chunk else 1
     items = units * splits * (32 if inner else 1)
-    if items > MAX_ELEMS:
+    if items > MAX_ELEMS_U32:
         raise ValueError(f"shape: {in_shape} is too large for the reduction kernels")
     p = ReduceParams(n_out=n_out, n_red=n_red, splits=splits, chunk=chunk, nk=len(kept),
                      nr=len(rdims), alpha=float(alpha), vec=vec)
@@ -247,12 +231,12 @@ def _reduce(name: str, in_shape: tuple[int, ...], target: tuple[int, ...], xs: S
     if inner:
         p.inner = dims[-1][0]
         p.istride0, p.istride1, p.istride2 = dims[-1][2]
-    partial = empty((n_out * splits if splits > 1 else 1,), np.float32, dev).buffer
+    partial = out_like((n_out * splits if splits > 1 else 1,), np.float32, dev).buffer
     sfx = suffix(dt)
-    k = cached_kernel(dev, SOURCE, f"{name}_{'inner' if inner else 'outer'}_{sfx}")
+    k = kernel(dev, SOURCE, f"{name}_{'inner' if inner else 'outer'}_{sfx}")
     k(min(items, GRID_CAP), xs[0].buffer, xs[1].buffer, xs[2].buffer, out.buffer, partial, p)
     if splits > 1:
-        cached_kernel(dev, SOURCE, f"sum_fwd_finish_{sfx}")(min(32 * n_out, GRID_CAP), partial, out.buffer, p)
+        kernel(dev, SOURCE, f"sum_fwd_finish_{sfx}")(min(32 * n_out, GRID_CAP), partial, out.buffer, p)
     return out
 
 
@@ -291,10 +275,11 @@ def _binary_backward(op: str, grad_out: Any, a: Operand, b: Operand
         raise ValueError(f"grad_out: shape {g.shape}, expected the output shape {out_shape}")
     n = math.prod(out_shape)
     full_a, full_b = a_t.size == n, b_t.size == n
-    if a_is and b_is and full_a and full_b and n and _aligned(g) and _aligned(a_t) and _aligned(b_t):
+    if a_is and b_is and full_a and full_b and n and vec4_aligned(g) and vec4_aligned(a_t) \
+            and vec4_aligned(b_t):
         # both gradients in one pass over g, a, b (kernels/stream.h shape)
-        ga, gb = empty(a_t.shape, g.dtype, dev), empty(b_t.shape, g.dtype, dev)
-        k = cached_kernel(dev, SOURCE, f"{op}_bwd_{suffix(g.dtype)}")
+        ga, gb = out_like(a_t.shape, g.dtype, dev), out_like(b_t.shape, g.dtype, dev)
+        k = kernel(dev, SOURCE, f"{op}_bwd_{suffix(g.dtype)}")
         w = stream_chunk(g.dtype.itemsize)
         nvec = stream_nvec(n, w, [g, a_t, b_t, ga, gb])
         count = stream_count(n, w, nvec)
@@ -373,7 +358,7 @@ def _reduced_shape(shape: tuple[int, ...], axes: tuple[int, ...], keepdim: bool)
 def _sum(x: Any, dim: Dims, keepdim: bool, mean: bool) -> Tensor:
     dev = pick_device(x)
     x = tensor_arg(x, dev, "x", FLOATS)
-    _check_size(x, "x")
+    check_u32_size(x, "x")
     axes = normalize_dims(dim, x.ndim)
     count = math.prod(x.shape[d] for d in axes if d < x.ndim)
     alpha = (1.0 / count if count else math.nan) if mean else 1.0

@@ -31,7 +31,19 @@ import numpy as np
 from ..params import Conv2dParams, WinogradParams
 from ..runtime import Device
 from ..tensor import Tensor
-from ._common import kernel, out_like, pick_device, positive_ints, scratch, strided_out, tensor_arg
+from ._common import (
+    MAX_GROUPS,
+    cdiv,
+    dummy,
+    kernel,
+    out_like,
+    pick_device,
+    positive_ints,
+    scratch,
+    strided_out,
+    suffix,
+    tensor_arg,
+)
 from .gemm import gemm_launches
 from .neuron import activation_backward, activation_code
 
@@ -66,7 +78,6 @@ TARGET_GROUPS = 512      # threadgroups a split reduction aims for off cuda
 SPLIT_GROUPS_PER_SM = 6  # ... and per SM on cuda (two waves of three resident threadgroups)
 HACC_CHUNK = 512         # reduction terms per fp16 partial sum of the half-accumulating dw
 WORKSPACE_BYTES = 1 << 28  # bound on a split reduction's float partials
-MAX_GROUPS = 1 << 20     # launch cap; the kernels grid-stride over the rest
 MAX_ELEMS = 2**31        # kernels use 32-bit offsets
 # Tests and benchmarks force a path: {"fwd"|"data": "direct" or a tile name, "weight": a tile;
 # any of the three: "wino2" / "wino4" (Winograd F(2x2, 3x3) / F(4x4, 3x3) where the conv is
@@ -197,15 +208,19 @@ def _padding2d(padding: Padding, h: int, w: int, kh: int, kw: int, stride: tuple
     return tuple(int(v) for v in vals)  # type: ignore[return-value]
 
 
+def _group_count(groups: Any) -> int:
+    if not isinstance(groups, (int, np.integer)) or isinstance(groups, bool) or groups < 1:
+        raise ValueError(f"groups: expected a positive int, got {groups!r}")
+    return int(groups)
+
+
 def _conv_geometry(xs: tuple[int, ...], ws: tuple[int, ...], stride: Any, padding: Padding,
                    dilation: Any, groups: Any) -> ConvGeometry:
     n, c, h, w = xs
     k, cg, kh, kw = ws
     st = positive_ints(stride, 2, "stride")
     dil = positive_ints(dilation, 2, "dilation")
-    if not isinstance(groups, (int, np.integer)) or isinstance(groups, bool) or groups < 1:
-        raise ValueError(f"groups: expected a positive int, got {groups!r}")
-    g = int(groups)
+    g = _group_count(groups)
     if c % g:
         raise ValueError(f"groups: {g} does not divide the {c} input channels of x")
     if k % g:
@@ -251,24 +266,9 @@ def _grad_arg(grad_out: Any, dev: Device, x: Tensor, shape: tuple[int, ...]) -> 
 
 Launch = tuple  # (Kernel, count, args)
 
-_DUMMY: dict[int, Any] = {}
-
-
-def _dummy(dev: Device) -> Any:
-    """A 16-byte buffer bound where an optional tensor is absent (never read)."""
-    buf = _DUMMY.get(id(dev))
-    if buf is None or buf.device is not dev:
-        buf = _DUMMY[id(dev)] = dev.buffer(16)
-    return buf
-
-
 def run(plan: list[Launch]) -> None:
     for k, count, args in plan:
         k(count, *args)
-
-
-def _cdiv(a: int, b: int) -> int:
-    return -(-a // b)
 
 
 def _groups(n: int) -> int:
@@ -276,11 +276,20 @@ def _groups(n: int) -> int:
 
 
 def _sms(dev: Device) -> int:
-    """Compute units that run threadgroups at once (SMs on cuda, worker threads on cpu)."""
-    props = getattr(dev, "props", None)
-    if props is not None and "multiProcessorCount" in props:
-        return int(props["multiProcessorCount"])
-    return int(getattr(dev, "num_workers", 8))
+    """Compute units that run threadgroups at once (SMs on cuda, worker threads on cpu): a
+    device's own constant, looked up once (the plan functions ask on every call)."""
+    n = _SMS.get(dev)
+    if n is None:
+        props = getattr(dev, "props", None)
+        if props is not None and "multiProcessorCount" in props:
+            n = int(props["multiProcessorCount"])
+        else:
+            n = int(getattr(dev, "num_workers", 8))
+        _SMS[dev] = n
+    return n
+
+
+_SMS: dict[Device, int] = {}
 
 
 def _pick_tile(kind: str, dev: Device, rows: int, cols: int, batches: int) -> str:
@@ -294,9 +303,9 @@ def _pick_tile(kind: str, dev: Device, rows: int, cols: int, batches: int) -> st
     best, best_cost = "", float("inf")
     for name, (bm, bn, _bk, _tm, _tn, eff) in TILES[kind].items():
         if kind == "weight":
-            cost = _cdiv(rows, bm) * bm * _cdiv(cols, bn) * bn / eff
+            cost = cdiv(rows, bm) * bm * cdiv(cols, bn) * bn / eff
         else:
-            cost = _cdiv(batches * _cdiv(rows, bm) * _cdiv(cols, bn), sms) * bm * bn / eff
+            cost = cdiv(batches * cdiv(rows, bm) * cdiv(cols, bn), sms) * bm * bn / eff
         if cost < best_cost:
             best, best_cost = name, cost
     return best
@@ -317,7 +326,7 @@ def forward_plan(dev: Device, prec: str, geo: ConvGeometry, x: Tensor, w: Tensor
     p = geo.params(has_bias=b is not None)
     p.act, p.act_alpha = act
     p.out_nstride = out_nstride
-    args = (x.buffer, w.buffer, b.buffer if b is not None else _dummy(dev), y.buffer, p)
+    args = (x.buffer, w.buffer, b.buffer if b is not None else dummy(dev), y.buffer, p)
     if _use_direct("fwd", geo.Kg):
         return [(kernel(dev, source, f"conv2d_fwd_direct_{prec}"), min(y.size, MAX_GROUPS * THREADS),
                  args)]
@@ -326,7 +335,7 @@ def forward_plan(dev: Device, prec: str, geo: ConvGeometry, x: Tensor, w: Tensor
         return _wino_forward(dev, m, geo, x, w, b, y, act, out_nstride)
     tile = _pick_tile("fwd", dev, geo.N * geo.OH * geo.OW, geo.Kg, geo.G)
     bm, bn = TILES["fwd"][tile][:2]
-    tiles = geo.G * _cdiv(geo.N * geo.OH * geo.OW, bm) * _cdiv(geo.Kg, bn)
+    tiles = geo.G * cdiv(geo.N * geo.OH * geo.OW, bm) * cdiv(geo.Kg, bn)
     pack, args = _packed_weights(dev, geo, w, args, 1, source, tile)
     return pack + [(kernel(dev, source, f"conv2d_fwd_{tile}_{prec}"), _groups(tiles), args)]
 
@@ -339,7 +348,7 @@ def _packed_weights(dev: Device, geo: ConvGeometry, w: Tensor, args: tuple, k_in
     if tile.endswith("u") or (k_inner == 0 and geo.KH == geo.KW == 1):
         return [], args
     wp = scratch(dev, [w.nbytes], SOURCE)[0]
-    k = kernel(dev, source, f"conv2d_pack_weight_{'float' if w.dtype == np.float32 else 'half'}")
+    k = kernel(dev, source, f"conv2d_pack_weight_{suffix(w.dtype)}")
     launch = (k, min(w.size, MAX_GROUPS * THREADS), (w.buffer, wp, geo.params(), np.uint32(k_inner)))
     return [launch], (args[0], wp, *args[2:])
 
@@ -348,17 +357,17 @@ def input_grad_plan(dev: Device, prec: str, geo: ConvGeometry, dy: Tensor, w: Te
                     b: Tensor | None, dx: Tensor, source: str = SOURCE) -> list[Launch]:
     """dx of the conv `geo` (b: conv_transpose2d's bias, added to every dx[:, c])."""
     p = geo.params(has_bias=b is not None)
-    args = (dy.buffer, w.buffer, b.buffer if b is not None else _dummy(dev), dx.buffer, p)
+    args = (dy.buffer, w.buffer, b.buffer if b is not None else dummy(dev), dx.buffer, p)
     if _use_direct("data", geo.Cg):
         return [(kernel(dev, source, f"conv2d_bwd_data_direct_{prec}"),
                  min(dx.size, MAX_GROUPS * THREADS), args)]
     m = _winograd("data", dev, geo, prec)
     if m:
         return _wino_input_grad(dev, m, geo, dy, w, b, dx)
-    rows = geo.N * _cdiv(geo.H, geo.SH) * _cdiv(geo.W, geo.SW)
+    rows = geo.N * cdiv(geo.H, geo.SH) * cdiv(geo.W, geo.SW)
     tile = _pick_tile("data", dev, rows, geo.Cg, geo.G * geo.SH * geo.SW)
     bm, bn = TILES["data"][tile][:2]
-    tiles = geo.G * geo.SH * geo.SW * _cdiv(rows, bm) * _cdiv(geo.Cg, bn)
+    tiles = geo.G * geo.SH * geo.SW * cdiv(rows, bm) * cdiv(geo.Cg, bn)
     pack, args = _packed_weights(dev, geo, w, args, 0, source, tile)
     return pack + [(kernel(dev, source, f"conv2d_bwd_data_{tile}_{prec}"), _groups(tiles), args)]
 
@@ -368,14 +377,14 @@ def _splits(red: int, base: int, step: int, target: int, cap: int | None = None,
     """(splits, chunk): cut a reduction of `red` terms into chunks (multiples of `step`, at most
     `cap`) so that base * splits threadgroups come near `target`. The float workspace
     (splits * out_size) stays within WORKSPACE_BYTES, which can stretch chunks past `cap`."""
-    splits = max(1, min(_cdiv(target, base), _cdiv(red, 4 * step)))
-    chunk = _cdiv(_cdiv(red, splits), step) * step
+    splits = max(1, min(cdiv(target, base), cdiv(red, 4 * step)))
+    chunk = cdiv(cdiv(red, splits), step) * step
     if cap is not None:
         chunk = min(chunk, cap)
     most = max(1, WORKSPACE_BYTES // (4 * out_size))
-    if _cdiv(red, chunk) > most:
-        chunk = _cdiv(_cdiv(red, most), step) * step
-    return _cdiv(red, chunk), chunk
+    if cdiv(red, chunk) > most:
+        chunk = cdiv(cdiv(red, most), step) * step
+    return cdiv(red, chunk), chunk
 
 
 def _target_groups(dev: Device) -> int:
@@ -385,7 +394,7 @@ def _target_groups(dev: Device) -> int:
 
 
 def _reduce_launch(dev: Device, ws: Any, out: Tensor, splits: int, source: str) -> Launch:
-    k = kernel(dev, source, f"conv2d_bwd_reduce_{'float' if out.dtype == np.float32 else 'half'}")
+    k = kernel(dev, source, f"conv2d_bwd_reduce_{suffix(out.dtype)}")
     return (k, min(out.size, MAX_GROUPS * THREADS),
             (ws, out.buffer, np.uint32(out.size), np.uint32(splits)))
 
@@ -399,7 +408,7 @@ def weight_grad_plan(dev: Device, prec: str, geo: ConvGeometry, dy: Tensor, x: T
     crs = geo.Cg * geo.KH * geo.KW
     tile = _pick_tile("weight", dev, geo.Kg, crs, geo.G)
     bm, bn, bk = TILES["weight"][tile][:3]
-    base = geo.G * _cdiv(geo.Kg, bm) * _cdiv(crs, bn)
+    base = geo.G * cdiv(geo.Kg, bm) * cdiv(crs, bn)
     splits, chunk = _splits(geo.N * geo.OH * geo.OW, base, bk, _target_groups(dev),
                             HACC_CHUNK if prec == "hacc_half" else None, dw.size)
     ws = scratch(dev, [splits * dw.size * 4], SOURCE)[0]
@@ -414,7 +423,7 @@ def bias_grad_plan(dev: Device, dy: Tensor, db: Tensor, source: str = SOURCE) ->
     splits, chunk = _splits(n * h * w, c, THREADS, _target_groups(dev), None, c)
     p = Conv2dParams(N=n, K=c, OH=h, OW=w, splits=splits, chunk=chunk)
     ws = scratch(dev, [splits * c * 4], SOURCE)[0]
-    k = kernel(dev, source, f"conv2d_bwd_bias_{'float' if dy.dtype == np.float32 else 'half'}")
+    k = kernel(dev, source, f"conv2d_bwd_bias_{suffix(dy.dtype)}")
     return [(k, _groups(splits * c), (dy.buffer, ws, p)), _reduce_launch(dev, ws, db, splits, source)]
 
 
@@ -438,7 +447,7 @@ def _winograd(kind: str, dev: Device, geo: ConvGeometry, prec: str) -> int:
     if not m or not _wino_eligible(geo, prec, m):
         return 0
     # every transformed matrix must stay within the kernels' 32-bit offsets
-    tiles = geo.N * _cdiv(max(geo.OH, geo.H), m) * _cdiv(max(geo.OW, geo.W), m)
+    tiles = geo.N * cdiv(max(geo.OH, geo.H), m) * cdiv(max(geo.OW, geo.W), m)
     return m if (m + geo.KH - 1) ** 2 * max(geo.C, geo.K) * tiles < MAX_ELEMS else 0
 
 
@@ -452,7 +461,7 @@ def _wino_params(geo: ConvGeometry, m: int, flip: bool) -> WinogradParams:
     else:
         p.N, p.C, p.H, p.W, p.K, p.OH, p.OW = geo.N, geo.C, geo.H, geo.W, geo.K, geo.OH, geo.OW
         p.PT, p.PL = geo.PT, geo.PL
-    p.TH, p.TW = _cdiv(p.OH, m), _cdiv(p.OW, m)
+    p.TH, p.TW = cdiv(p.OH, m), cdiv(p.OW, m)
     p.P = p.N * p.TH * p.TW
     return p
 
@@ -492,7 +501,7 @@ def _wino_conv(dev: Device, m: int, geo: ConvGeometry, flip: bool, x: Tensor, w:
             _wino_launch(dev, m, geo, "input", p.C * p.P, x.buffer, v.buffer, p),
             *gemm_launches(u, v, mt),
             _wino_launch(dev, m, geo, "output", p.K * p.P, mt.buffer,
-                         b.buffer if b is not None else _dummy(dev), y.buffer, p)]
+                         b.buffer if b is not None else dummy(dev), y.buffer, p)]
 
 
 def _wino_forward(dev: Device, m: int, geo: ConvGeometry, x: Tensor, w: Tensor, b: Tensor | None,
@@ -675,9 +684,7 @@ def _transpose_args(x: Any, w: Any, b: Any, stride: Any, padding: Any, output_pa
     dil = positive_ints(dilation, 2, "dilation")
     pad = positive_ints(padding, 2, "padding", allow_zero=True)
     opad = positive_ints(output_padding, 2, "output_padding", allow_zero=True)
-    if not isinstance(groups, (int, np.integer)) or isinstance(groups, bool) or groups < 1:
-        raise ValueError(f"groups: expected a positive int, got {groups!r}")
-    g = int(groups)
+    g = _group_count(groups)
     if cin % g:
         raise ValueError(f"groups: {g} does not divide the {cin} input channels of x")
     if wcin != cin:

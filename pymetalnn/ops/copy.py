@@ -27,8 +27,18 @@ from ..params import MAXD, ConcatParams, CopyParams, PermuteParams, TransposePar
 from ..runtime import Device
 from ..runtime.core import MAX_GRID_THREADS
 from ..tensor import Tensor
-from ._common import pick_device, stream_chunk, stream_count, suffix, tensor_arg
-from .arith import GRID_CAP, MAX_ELEMS, cached_kernel, empty, merge_dims
+from ._common import (
+    check_u32_size,
+    kernel,
+    out_like,
+    pick_device,
+    stream_chunk,
+    stream_count,
+    suffix,
+    tensor_arg,
+    vec4_aligned,
+)
+from .arith import GRID_CAP, merge_dims
 
 SOURCE = "copy.metal"
 MOVABLE = (np.float32, np.float16, np.int32)
@@ -38,8 +48,7 @@ SplitArg = Union[int, Sequence[int]]
 # ---- helpers ----------------------------------------------------------------------------------
 def _arg(x: Any, dev: Device, name: str, dtypes: Any = MOVABLE) -> Tensor:
     t = tensor_arg(x, dev, name, dtypes)
-    if t.size > MAX_ELEMS:
-        raise ValueError(f"{name}: {t.size} elements exceed the 2^32 - 1 the kernels address")
+    check_u32_size(t, name)
     return t
 
 
@@ -49,10 +58,6 @@ def _dim(dim: Any, ndim: int, name: str = "dim") -> int:
     if not -ndim <= dim < ndim:
         raise ValueError(f"{name}: {dim} is out of range for a tensor of {ndim} dimensions")
     return int(dim) % ndim
-
-
-def _vec_ok(t: Tensor) -> bool:
-    return t.buffer.offset % (4 * t.dtype.itemsize) == 0
 
 
 def _flat(src: Tensor, dst: Tensor, n: int, src_off: int, dst_off: int) -> bool:
@@ -66,7 +71,7 @@ def _flat(src: Tensor, dst: Tensor, n: int, src_off: int, dst_off: int) -> bool:
         name = f"copy_fwd_{suffix(src.dtype)}_flat"
     else:
         name = f"cast_fwd_to{suffix(dst.dtype)}_{suffix(src.dtype)}_flat"
-    k = cached_kernel(src.device, SOURCE, name)
+    k = kernel(src.device, SOURCE, name)
     count = stream_count(n, w, nvec)
     if count > MAX_GRID_THREADS:
         return False
@@ -85,14 +90,14 @@ def _block(src: Tensor, dst: Tensor, rows: int, cols: int, src_pitch: int, dst_p
                                                                dst_off):
         return
     vec = 4 if all(v % 4 == 0 for v in (cols, src_pitch, dst_pitch, src_off, dst_off)) \
-        and _vec_ok(src) and _vec_ok(dst) else 1
+        and vec4_aligned(src) and vec4_aligned(dst) else 1
     p = CopyParams(n=rows * cols // vec, rows=rows, cols=cols, vec=vec, src_pitch=src_pitch,
                    dst_pitch=dst_pitch, src_off=src_off, dst_off=dst_off)
     if src.dtype == dst.dtype:
         name = f"copy_fwd_{suffix(src.dtype)}"
     else:
         name = f"cast_fwd_to{suffix(dst.dtype)}_{suffix(src.dtype)}"
-    cached_kernel(src.device, SOURCE, name)(min(p.n, GRID_CAP), src.buffer, dst.buffer, p)
+    kernel(src.device, SOURCE, name)(min(p.n, GRID_CAP), src.buffer, dst.buffer, p)
 
 
 def _adjacent(ts: list[Tensor]) -> bool:
@@ -113,8 +118,8 @@ def _parts(op: str, whole: Tensor, rows: int, pitch: int, parts: list[tuple[Tens
     parts = [pt for pt in parts if pt[1] and rows]
     for g in range(0, len(parts), 8):
         group = parts[g: g + 8]
-        vec = 4 if pitch % 4 == 0 and _vec_ok(whole) and \
-            all(c % 4 == 0 and o % 4 == 0 and _vec_ok(t) for t, c, o in group) else 1
+        vec = 4 if pitch % 4 == 0 and vec4_aligned(whole) and \
+            all(c % 4 == 0 and o % 4 == 0 and vec4_aligned(t) for t, c, o in group) else 1
         p = ConcatParams(parts=len(group), rows=rows, vec=vec, pitch=pitch)
         n = 0
         for i, (_, c, o) in enumerate(group):
@@ -123,7 +128,7 @@ def _parts(op: str, whole: Tensor, rows: int, pitch: int, parts: list[tuple[Tens
         p.n = n
         bufs = [t.buffer for t, _, _ in group]
         bufs += [bufs[0]] * (8 - len(bufs))
-        k = cached_kernel(whole.device, SOURCE, f"{op}_fwd_{suffix(whole.dtype)}")
+        k = kernel(whole.device, SOURCE, f"{op}_fwd_{suffix(whole.dtype)}")
         if op == "concat":
             k(min(n, GRID_CAP), *bufs, whole.buffer, p)
         else:
@@ -139,7 +144,7 @@ def _around(shape: tuple[int, ...], d: int) -> tuple[int, int]:
 def copy(x: Any) -> Tensor:
     """A new tensor with x's shape, dtype and values."""
     x = _arg(x, pick_device(x), "x")
-    out = empty(x.shape, x.dtype, x.device)
+    out = out_like(x.shape, x.dtype, x.device)
     _block(x, out, 1, x.size, x.size, x.size, 0, 0)
     return out
 
@@ -154,7 +159,7 @@ def cast(x: Any, dtype: Any) -> Tensor:
         raise ValueError(f"dtype: {dtype!r} is not a dtype") from None
     if dt not in (np.dtype(np.float32), np.dtype(np.float16)):
         raise ValueError(f"dtype: {dt} not supported here (float32, float16)")
-    out = empty(x.shape, dt, dev)
+    out = out_like(x.shape, dt, dev)
     _block(x, out, 1, x.size, x.size, x.size, 0, 0)
     return out
 
@@ -199,7 +204,7 @@ def concat(tensors: Sequence[Any], dim: int = 0) -> Tensor:
         whole = Tensor(ts[0].buffer.base.view(ts[0].buffer.offset, sum(t.nbytes for t in ts)),
                        out_shape, ts[0].dtype)
         return copy(whole)
-    out = empty(out_shape, ts[0].dtype, dev)
+    out = out_like(out_shape, ts[0].dtype, dev)
     offs = np.cumsum([0] + [t.shape[d] for t in ts])[:-1]
     _parts("concat", out, rows, total * inner, [(t, t.shape[d] * inner, int(o) * inner)
                                                 for t, o in zip(ts, offs)])
@@ -244,7 +249,7 @@ def split(x: Any, split_size_or_sections: SplitArg, dim: int = 0) -> list[Tensor
         return outs
     parts = []
     for s in sizes:
-        piece = empty(x.shape[:d] + (s,) + x.shape[d + 1:], x.dtype, x.device)
+        piece = out_like(x.shape[:d] + (s,) + x.shape[d + 1:], x.dtype, x.device)
         parts.append((piece, s * inner, off * inner))
         outs.append(piece)
         off += s
@@ -370,7 +375,7 @@ def _perm(dims: Any, ndim: int) -> tuple[int, ...]:
 
 def _permute(x: Tensor, p: tuple[int, ...]) -> Tensor:
     out_shape = tuple(x.shape[d] for d in p)
-    out = empty(out_shape, x.dtype, x.device)
+    out = out_like(out_shape, x.dtype, x.device)
     if out.size == 0:
         return out
     xs = [math.prod(x.shape[d + 1:]) for d in range(x.ndim)]
@@ -388,17 +393,17 @@ def _permute(x: Tensor, p: tuple[int, ...]) -> Tensor:
             tr, tc = -(-b // 32), -(-a // 32)
             tp = TransposeParams(batch=batch, rows=b, cols=a, tiles_r=tr, tiles_c=tc,
                                  n_tiles=batch * tr * tc)
-            k = cached_kernel(x.device, SOURCE, f"transpose_fwd_{suffix(x.dtype)}")
+            k = kernel(x.device, SOURCE, f"transpose_fwd_{suffix(x.dtype)}")
             k(min(tp.n_tiles, GRID_CAP // 256) * 256, x.buffer, out.buffer, tp)
             return out
     if len(dims) > MAXD:
         raise ValueError(f"dims: permuting {x.shape} needs {len(dims)} dimensions after merging, "
                          f"the kernels take {MAXD}")
-    vec = 4 if strides[-1] == 1 and sizes[-1] % 4 == 0 and _vec_ok(x) else 1
+    vec = 4 if strides[-1] == 1 and sizes[-1] % 4 == 0 and vec4_aligned(x) else 1
     pp = PermuteParams(n=out.size // vec, ndim=len(dims), vec=vec)
     for i, (n, s) in enumerate(zip(sizes, strides)):
         pp.shape[i], pp.stride[i] = n, s
-    cached_kernel(x.device, SOURCE, f"permute_fwd_{suffix(x.dtype)}")(min(pp.n, GRID_CAP), x.buffer,
+    kernel(x.device, SOURCE, f"permute_fwd_{suffix(x.dtype)}")(min(pp.n, GRID_CAP), x.buffer,
                                                               out.buffer, pp)
     return out
 

@@ -19,8 +19,19 @@ from ..params import DropoutParams
 from ..runtime import Device
 from ..runtime.core import MAX_GRID_THREADS
 from ..tensor import Tensor
-from ._common import pick_device, stream_chunk, stream_nvec, stream_vthreads, suffix, tensor_arg
-from .arith import GRID_CAP, MAX_ELEMS, cached_kernel, empty
+from ._common import (
+    MAX_ELEMS_U32,
+    check_u32_size,
+    kernel,
+    out_like,
+    pick_device,
+    stream_chunk,
+    stream_nvec,
+    stream_vthreads,
+    suffix,
+    tensor_arg,
+)
+from .arith import GRID_CAP
 from .copy import copy
 
 SOURCE = "dropout.metal"
@@ -47,11 +58,11 @@ def _params(n: int, p: float, seed: int, offset: int) -> DropoutParams:
 
 
 def _run(name: str, x: Tensor, p: float, seed: int, offset: int, inner: int | None) -> Tensor:
-    out = empty(x.shape, x.dtype, x.device)
+    out = out_like(x.shape, x.dtype, x.device)
     if x.size == 0:
         return out
     prm = _params(x.size, p, seed, offset)
-    k = cached_kernel(x.device, SOURCE, f"{name}_{suffix(x.dtype)}")
+    k = kernel(x.device, SOURCE, f"{name}_{suffix(x.dtype)}")
     # stream.h path: nvec 16-byte chunks of w elements (w / 4 Philox blocks each); dropout then
     # does the leftover blocks with one thread each, dropout2d needs whole chunks per channel
     w = stream_chunk(x.dtype.itemsize)
@@ -75,8 +86,7 @@ def _run(name: str, x: Tensor, p: float, seed: int, offset: int, inner: int | No
 def _check(x: Any, dev: Device, name: str, p: Any, seed: Any, offset: Any, spatial: bool
            ) -> tuple[Tensor, float, int, int]:
     t = tensor_arg(x, dev, name, FLOATS, 4 if spatial else None)
-    if t.size > MAX_ELEMS:
-        raise ValueError(f"{name}: {t.size} elements exceed the 2^32 - 1 the kernels address")
+    check_u32_size(t, name)
     return t, _p(p), _u64(seed, "seed"), _u64(offset, "offset")
 
 
@@ -114,12 +124,12 @@ def dropout2d_backward(grad_out: Any, p: float = 0.5, seed: int = 0, offset: int
 def philox_stream(n: int, seed: int, offset: int = 0, device: Device | None = None) -> np.ndarray:
     """The first n uint32 words of the stream dropout draws from (seed, offset), computed on the
     device: word 4b + j = word j of Philox4x32-10(counter (b, 0, offset lo, offset hi), seed)."""
-    if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or not 0 < n <= MAX_ELEMS:
+    if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or not 0 < n <= MAX_ELEMS_U32:
         raise ValueError(f"n: expected an int in [1, 2^32), got {n!r}")
     dev = device or pick_device()
     prm = _params(int(n), 0.0, _u64(seed, "seed"), _u64(offset, "offset"))
     out = dev.buffer(4 * int(n))
-    cached_kernel(dev, SOURCE, "philox_fwd_stream_uint")(min(prm.items, GRID_CAP), out, prm)
+    kernel(dev, SOURCE, "philox_fwd_stream_uint")(min(prm.items, GRID_CAP), out, prm)
     return out.numpy(np.uint32)
 
 
@@ -135,5 +145,5 @@ def philox4x32_10(counters: Any, key: tuple[int, int], device: Device | None = N
     n = ctr.shape[0]
     prm = DropoutParams(n=4 * n, key0=k[0], key1=k[1], items=n)
     out = dev.buffer(16 * n)
-    cached_kernel(dev, SOURCE, "philox_fwd_block_uint")(n, dev.buffer(ctr.astype(np.uint32)), out, prm)
+    kernel(dev, SOURCE, "philox_fwd_block_uint")(n, dev.buffer(ctr.astype(np.uint32)), out, prm)
     return out.numpy(np.uint32).reshape(n, 4)

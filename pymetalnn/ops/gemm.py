@@ -25,7 +25,7 @@ import numpy as np
 from ..params import GemmParams, LinearBiasGradParams
 from ..runtime import Device
 from ..tensor import Tensor, float16, float32
-from ._common import kernel, out_like, pick_device, scratch, tensor_arg
+from ._common import kernel, number, out_like, pick_device, scratch, tensor_arg, vec4_aligned
 from .neuron import activation_backward, activation_code
 
 SOURCE = "gemm.metal"
@@ -141,15 +141,14 @@ def _overlaps(x: Tensor, y: Tensor) -> bool:
 def _vec_ok(t: Tensor, pitch: int, stride: int) -> bool:
     """Aligned 4-vector access is legal: row pitch, batch stride and base are multiples of 4
     elements."""
-    return pitch % 4 == 0 and stride % 4 == 0 and t.buffer.offset % (4 * t.dtype.itemsize) == 0
+    return pitch % 4 == 0 and stride % 4 == 0 and vec4_aligned(t)
 
 
 def _float(v: Any, name: str) -> float:
-    if isinstance(v, bool) or not isinstance(v, (int, float, np.floating, np.integer)):
-        raise ValueError(f"{name}: expected a number, got {v!r}")
-    if not math.isfinite(float(v)):
+    f = number(v, name)
+    if not math.isfinite(f):
         raise ValueError(f"{name}: must be finite, got {v!r}")
-    return float(v)
+    return f
 
 
 def gemm(a: Any, b: Any, out: Tensor, *, transpose_a: bool = False, transpose_b: bool = False,

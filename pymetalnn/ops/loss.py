@@ -51,7 +51,7 @@ import numpy as np
 from ..params import LossParams, LossReduceParams
 from ..runtime import Buffer, Device
 from ..tensor import Tensor, as_tensor, empty, float16, float32, int32
-from ._common import kernel, pick_device, suffix, tensor_arg
+from ._common import MAX_GROUPS, boolean, dummy, kernel, number, pick_device, suffix, tensor_arg
 from .softmax import TG, tile_groups, tile_plan
 
 SOURCE = "loss.metal"
@@ -59,23 +59,11 @@ FLOAT_DTYPES = (float32, float16)
 REDUCTIONS = ("none", "per_sample", "sum", "mean", "sum_by_nonzero_weights")
 _MODE = {"sum": 0, "mean": 1, "sum_by_nonzero_weights": 2, "batchmean": 3, "per_sample": 0}
 CHUNK = 2048  # elements per threadgroup chunk of the pointwise forward
-MAX_GROUPS = 1 << 20
 MAX_ELEMENTS = 2**31 - 1  # chunk arithmetic stays inside uint32
 
 # kernel name stems (loss.metal's instantiations)
 _POINTWISE = {"mse_loss", "l1_loss", "huber_loss", "bce_with_logits", "hinge_loss", "kl_div",
               "log_loss"}
-
-_DUMMY: dict[int, Buffer] = {}
-
-
-def _dummy(dev: Device) -> Buffer:
-    """A small zero buffer bound where a kernel's optional input is absent."""
-    b = _DUMMY.get(id(dev))
-    if b is None or b.device is not dev:
-        b = _DUMMY[id(dev)] = dev.buffer(16)
-    return b
-
 
 # ---- validation ------------------------------------------------------------------------------
 
@@ -88,9 +76,7 @@ def _check_reduction(reduction: Any, extra: tuple[str, ...] = ()) -> str:
 
 def _check_float(v: Any, name: str, lo: float | None = None, hi: float | None = None,
                  lo_open: bool = False) -> float:
-    if isinstance(v, bool) or not isinstance(v, (int, float, np.integer, np.floating)):
-        raise ValueError(f"{name}: expected a number, got {v!r}")
-    f = float(v)
+    f = number(v, name)
     if not np.isfinite(f):
         raise ValueError(f"{name}: must be finite, got {f}")
     if lo is not None and (f <= lo if lo_open else f < lo):
@@ -257,8 +243,8 @@ def _scale(dev: Device, g: Tensor, reduction: str, n: int, labels: Tensor | None
                          mult=mult, has_labels=int(labels is not None),
                          has_weight=int(w is not None), ignore_index=int(ignore_index))
     kernel(dev, SOURCE, "loss_scale_bwd_float")(
-        TG, labels.buffer if labels is not None else _dummy(dev),
-        w.buffer if w is not None else _dummy(dev), g.buffer, scale.buffer, p)
+        TG, labels.buffer if labels is not None else dummy(dev),
+        w.buffer if w is not None else dummy(dev), g.buffer, scale.buffer, p)
     return scale
 
 
@@ -277,12 +263,12 @@ def _pointwise(stem: str, input: Any, target: Any, sample_weight: Any, reduction
     p = LossParams(N=n, M=m, total=total, chunk=CHUNK, chunks=chunks, seglen=seglen,
                    ngroups=ngroups, reduce=int(reduction != "none"), has_weight=int(w is not None),
                    smoothing=smoothing, a=a)
-    wb = w.buffer if w is not None else _dummy(dev)
+    wb = w.buffer if w is not None else dummy(dev)
     k = kernel(dev, SOURCE, f"{stem}_fwd_{suffix(x.dtype)}")
     launch = min(ngroups, MAX_GROUPS) * TG
     if reduction == "none":
         out = empty(x.shape, float32, dev)
-        k(launch, x.buffer, t.buffer, wb, out.buffer, _dummy(dev), p)
+        k(launch, x.buffer, t.buffer, wb, out.buffer, dummy(dev), p)
         return out
     part = empty((ngroups,), float32, dev)
     cnt = dev.buffer(8 * ngroups)
@@ -310,7 +296,7 @@ def _pointwise_backward(stem: str, grad: Any, input: Any, target: Any, sample_we
     dx = empty(x.shape, x.dtype, dev)
     groups = min(-(-x.size // TG), MAX_GROUPS)
     kernel(dev, SOURCE, f"{stem}_bwd_{suffix(x.dtype)}")(
-        groups * TG, g.buffer, x.buffer, t.buffer, w.buffer if w is not None else _dummy(dev),
+        groups * TG, g.buffer, x.buffer, t.buffer, w.buffer if w is not None else dummy(dev),
         dx.buffer, p)
     return dx
 
@@ -336,7 +322,7 @@ def _class_forward(stem: str, input: Any, target: Any, sample_weight: Any, reduc
     variant = ("labels_" if labels else "probs_") if allow_labels else ""
     terms = empty((n,) + x.shape[2:], float32, dev)
     cnt = dev.buffer(8 * n * m)
-    d = _dummy(dev)
+    d = dummy(dev)
     kernel(dev, SOURCE, f"{stem}_fwd_{variant}{suffix(x.dtype)}")(
         tile_groups(q) * TG, x.buffer, d if labels else t.buffer, t.buffer if labels else d,
         w.buffer if w is not None else d, terms.buffer, cnt, p, q)
@@ -365,7 +351,7 @@ def _class_backward(stem: str, grad: Any, input: Any, target: Any, sample_weight
                    ignore_index=int(ignore_index) if labels else 0, smoothing=smoothing, a=a)
     variant = ("labels_" if labels else "probs_") if allow_labels else ""
     dx = empty(x.shape, x.dtype, dev)
-    d = _dummy(dev)
+    d = dummy(dev)
     kernel(dev, SOURCE, f"{stem}_bwd_{variant}{suffix(x.dtype)}")(
         tile_groups(q) * TG, g.buffer, x.buffer, d if labels else t.buffer,
         t.buffer if labels else d, w.buffer if w is not None else d, dx.buffer, p, q)
@@ -506,8 +492,7 @@ def kl_div(input: Any, target: Any, *, sample_weight: Any = None, reduction: str
            log_target: bool = False) -> Tensor:
     """F.kl_div: input holds log-probabilities; l = t (log t - x) (0 where t = 0), or
     exp(t) (t - x) with log_target. reduction also takes 'batchmean' (sum / N)."""
-    if not isinstance(log_target, (bool, np.bool_)):
-        raise ValueError(f"log_target: expected a bool, got {log_target!r}")
+    boolean(log_target, "log_target")
     return _pointwise("kl_div", input, target, sample_weight, reduction, a=float(log_target),
                       extra=("batchmean",))
 
@@ -515,8 +500,7 @@ def kl_div(input: Any, target: Any, *, sample_weight: Any = None, reduction: str
 def kl_div_backward(grad: Any, input: Any, target: Any, *, sample_weight: Any = None,
                     reduction: str = "mean", log_target: bool = False) -> Tensor:
     """d/dx: -g w t (or -g w exp(t) with log_target)."""
-    if not isinstance(log_target, (bool, np.bool_)):
-        raise ValueError(f"log_target: expected a bool, got {log_target!r}")
+    boolean(log_target, "log_target")
     return _pointwise_backward("kl_div", grad, input, target, sample_weight, reduction,
                                a=float(log_target), extra=("batchmean",))
 

@@ -25,6 +25,7 @@ from ..params import NeuronParams
 from ..runtime.core import MAX_GRID_THREADS
 from ..tensor import Tensor
 from ._common import (
+    kernel,
     out_like,
     pick_device,
     stream_chunk,
@@ -34,7 +35,6 @@ from ._common import (
     suffix,
     tensor_arg,
 )
-from .arith import cached_kernel
 
 SOURCE = "neuron.metal"
 FLOATS = (np.float32, np.float16)
@@ -95,7 +95,7 @@ def _fwd(op: str, x: Any, a: float = 0.0, b: float = 0.0, variant: str = "", out
         y, ns = strided_out(out, out_batch_stride, xt.shape, xt.dtype, dev)
         inner = math.prod(xt.shape[1:])
     if xt.size:
-        k = cached_kernel(dev, SOURCE, f"{op}_fwd{variant}_{suffix(xt.dtype)}")
+        k = kernel(dev, SOURCE, f"{op}_fwd{variant}_{suffix(xt.dtype)}")
         count, q = _params(k, xt.size, a, b, xt, y, inner=inner, y_nstride=ns)
         k(count, xt.buffer, y.buffer, q)
     return y
@@ -113,7 +113,7 @@ def _bwd(op: str, grad_out: Any, x: Any, a: float = 0.0, b: float = 0.0, variant
     _check_size(xt)
     dx = out_like(xt.shape, xt.dtype, dev)
     if xt.size:
-        k = cached_kernel(dev, SOURCE, f"{op}_bwd{variant}_{suffix(xt.dtype)}")
+        k = kernel(dev, SOURCE, f"{op}_bwd{variant}_{suffix(xt.dtype)}")
         inner, ns = _batch_stride(xt, x_batch_stride, "y_batch_stride")
         count, q = _params(k, xt.size, a, b, gt, xt, dx, inner=inner, x_nstride=ns)
         k(count, gt.buffer, xt.buffer, dx.buffer, q)

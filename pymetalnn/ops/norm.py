@@ -30,28 +30,17 @@ from typing import Any
 import numpy as np
 
 from ..params import NormParams
-from ..runtime import Buffer, Device
+from ..runtime import Device
 from ..tensor import Tensor, empty, float16, float32
-from ._common import kernel, pick_device, strided_out, suffix, tensor_arg
+from ._common import MAX_GROUPS, boolean, dummy, kernel, number, pick_device, strided_out, suffix, tensor_arg
 from .neuron import activation_code
-from .softmax import TG, tile_groups, tile_plan
+from .softmax import TG, check_size, tile_groups, tile_plan
 
 SOURCE = "norm.metal"
 FLOAT_DTYPES = (float32, float16)
-MAX_GROUPS = 1 << 20
 MAX_ELEMENTS = 2**32 - 1
 TARGET_GROUPS = 1024  # partial-making threadgroups to aim for (fills a large GPU)
 COLUMN_MODE_HW = 32   # batch norm with fewer positions per plane reads columns
-
-_DUMMY: dict[int, Buffer] = {}
-
-
-def _dummy(dev: Device) -> Buffer:
-    b = _DUMMY.get(id(dev))
-    if b is None or b.device is not dev:
-        b = _DUMMY[id(dev)] = dev.buffer(16)
-    return b
-
 
 # ---- validation ------------------------------------------------------------------------------
 
@@ -59,8 +48,7 @@ def _input(x: Any, dev: Device, ndims: tuple[int, ...]) -> Tensor:
     t = tensor_arg(x, dev, "input", FLOAT_DTYPES, ndims)
     if t.size == 0:
         raise ValueError(f"input: empty tensor (shape {t.shape})")
-    if t.size > MAX_ELEMENTS:
-        raise ValueError(f"input: {t.size} elements exceed the kernels' 32-bit indexing")
+    check_size(t, "input")
     return t
 
 
@@ -83,19 +71,11 @@ def _vec(v: Any, dev: Device, name: str, c: int, inplace: bool = False) -> Tenso
 
 
 def _number(v: Any, name: str, lo: float, hi: float | None = None, lo_open: bool = False) -> float:
-    if isinstance(v, bool) or not isinstance(v, (int, float, np.integer, np.floating)):
-        raise ValueError(f"{name}: expected a number, got {v!r}")
-    f = float(v)
+    f = number(v, name)
     if not np.isfinite(f) or (f <= lo if lo_open else f < lo) or (hi is not None and f > hi):
         rng = f"{'>' if lo_open else '>='} {lo}" + (f" and <= {hi}" if hi is not None else "")
         raise ValueError(f"{name}: must be {rng}, got {v!r}")
     return f
-
-
-def _bool(v: Any, name: str) -> bool:
-    if not isinstance(v, (bool, np.bool_)):
-        raise ValueError(f"{name}: expected a bool, got {v!r}")
-    return bool(v)
 
 
 def _grad_out(g: Any, x: Tensor, dev: Device) -> Tensor:
@@ -217,7 +197,7 @@ def _partials(dev: Device, p: NormParams, x: Tensor, dy: Tensor | None, mean: Te
         count = groups = p.rows * p.chunks
         name = f"norm_stats_{'bwd' if bwd else 'fwd'}{act}_{suffix(x.dtype)}"
     part = empty((count, 4), float32, dev)
-    d = _dummy(dev)
+    d = dummy(dev)
     fb = [t.buffer if t is not None else d for t in (fwd or (None, None, None))]
     kernel(dev, SOURCE, name)(min(groups, MAX_GROUPS) * TG, x.buffer, dy.buffer if bwd else d,
                               mean.buffer if mean is not None else d, *fb, part.buffer, p)
@@ -233,7 +213,7 @@ def _stats(dev: Device, p: NormParams, x: Tensor, running_mean: Tensor | None = 
     written into coef by the same kernel (batch_norm_finalize_fwd)."""
     part = _partials(dev, p, x, None, None)
     mean, invstd = empty((p.rows,), float32, dev), empty((p.rows,), float32, dev)
-    d = _dummy(dev)
+    d = dummy(dev)
     w, b, coef = bn_coef if bn_coef is not None else (None, None, None)
     name = "batch_norm_finalize_fwd_float" if bn_coef is not None else "norm_finalize_fwd_float"
     kernel(dev, SOURCE, name)(
@@ -255,7 +235,7 @@ def _apply(dev: Device, p: NormParams, u: Tensor, v: Tensor | None, coef: Tensor
     act = "_act" if v is not None and p.act else ""
     name = f"norm_apply_{'bwd' if v is not None else 'fwd'}{act}_{suffix(u.dtype)}"
     groups = min(-(-u.size // (TG * 4)), MAX_GROUPS)  # 4 elements per thread
-    kernel(dev, SOURCE, name)(groups * TG, u.buffer, v.buffer if v is not None else _dummy(dev),
+    kernel(dev, SOURCE, name)(groups * TG, u.buffer, v.buffer if v is not None else dummy(dev),
                               coef.buffer, out.buffer, p)
     return out
 
@@ -270,7 +250,7 @@ def _bn_validate(input: Any, running_mean: Any, running_var: Any, weight: Any, b
                  training: Any, momentum: Any, eps: Any):
     dev = pick_device(input, running_mean, running_var, weight, bias)
     x = _input(input, dev, (2, 3, 4))
-    training = _bool(training, "training")
+    training = boolean(training, "training")
     momentum = _number(momentum, "momentum", 0.0, 1.0)
     eps = _number(eps, "eps", 0.0, lo_open=True)
     c = x.shape[1]
@@ -310,7 +290,7 @@ def batch_norm_with_stats(input: Any, running_mean: Any, running_var: Any, weigh
     p.act, p.act_alpha = act
     p.out_nstride = ns
     c = x.shape[1]
-    d = _dummy(dev)
+    d = dummy(dev)
     coef = empty((c, 4), float32, dev)
     if training:  # statistics and coefficients in one kernel
         mean, invstd = _stats(dev, p, x, rm, rv, (w, b, coef))
@@ -382,7 +362,7 @@ def batch_norm_backward(grad_out: Any, input: Any, running_mean: Any, running_va
     c = x.shape[1]
     saved = _saved(save_mean, save_invstd, dev, (c,), ("save_mean", "save_invstd"))
     p = _bn_params(x, eps, momentum, training, w is not None, b is not None, False)
-    d = _dummy(dev)
+    d = dummy(dev)
     if training:
         mean, invstd = saved if saved is not None else _stats(dev, p, x)
     else:
@@ -427,7 +407,7 @@ def _group_norm(dev: Device, x: Tensor, groups: int, w: Tensor | None, b: Tensor
     p = _gn_params(x, groups, eps, w is not None, b is not None)
     mean, invstd = _stats(dev, p, x)
     coef = empty((p.planes, 4), float32, dev)
-    d = _dummy(dev)
+    d = dummy(dev)
     kernel(dev, SOURCE, "group_norm_coef_fwd_float")(
         _threads(p.planes), w.buffer if w is not None else d, b.buffer if b is not None else d,
         mean.buffer, invstd.buffer, coef.buffer, p)
@@ -448,7 +428,7 @@ def _group_norm_backward(dev: Device, g: Tensor, x: Tensor, groups: int, w: Tens
     sums = empty((n * c, 2), float32, dev)
     kernel(dev, SOURCE, f"group_norm_sums_bwd_{suffix(x.dtype)}")(
         tile_groups(q) * TG, g.buffer, x.buffer, mean.buffer, sums.buffer, p, q)
-    d = _dummy(dev)
+    d = dummy(dev)
     coef = empty((p.planes, 4), float32, dev)
     kernel(dev, SOURCE, "group_norm_coef_bwd_float")(
         _threads(p.rows), sums.buffer, w.buffer if w is not None else d, mean.buffer,
@@ -496,7 +476,7 @@ def _in_validate(input: Any, running_mean: Any, running_var: Any, weight: Any, b
     if running_mean is not None or running_var is not None:
         name = "running_mean" if running_mean is not None else "running_var"
         raise ValueError(f"{name}: instance norm with running statistics is not supported")
-    if not _bool(use_input_stats, "use_input_stats"):
+    if not boolean(use_input_stats, "use_input_stats"):
         raise ValueError("use_input_stats: False (running statistics) is not supported")
     _number(momentum, "momentum", 0.0, 1.0)
     dev = pick_device(input, weight, bias)

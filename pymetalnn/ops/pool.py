@@ -19,7 +19,17 @@ import numpy as np
 from ..params import AdaptivePool2dParams, Pool2dParams
 from ..runtime.core import MAX_GRID_THREADS
 from ..tensor import Tensor
-from ._common import kernel, out_like, pick_device, positive_ints, strided_out, suffix, tensor_arg
+from ._common import (
+    boolean,
+    kernel,
+    out_like,
+    pick_device,
+    positive_ints,
+    strided_out,
+    suffix,
+    tensor_arg,
+    vec4_aligned,
+)
 
 SOURCE = "pool.metal"
 FLOATS = (np.float32, np.float16)
@@ -56,13 +66,6 @@ def _out_size(n: int, k: int, s: int, p: int, d: int, ceil_mode: bool) -> int:
     return o
 
 
-def _ints(v: Any, n: int, name: str, allow_zero: bool = False) -> tuple[int, ...]:
-    try:
-        return positive_ints(v, n, name, allow_zero)
-    except TypeError:  # not an int nor a sequence
-        raise ValueError(f"{name}: expected an int or {n} ints, got {v!r}") from None
-
-
 def _as_4d(x: Any, dev: Any, name: str, one_d: bool) -> tuple[Tensor, tuple[int, ...], tuple]:
     """x as (N, C, H, W), the batch/channel prefix of the caller's layout and x's shape."""
     nd = (2, 3) if one_d else (3, 4)
@@ -79,11 +82,11 @@ def _as_4d(x: Any, dev: Any, name: str, one_d: bool) -> tuple[Tensor, tuple[int,
 
 def _window(n_dims: int, kernel_size: Any, stride: Any, padding: Any, dilation: Any
             ) -> tuple[tuple[int, ...], ...]:
-    k = _ints(kernel_size, n_dims, "kernel_size")
+    k = positive_ints(kernel_size, n_dims, "kernel_size")
     default = stride is None or (isinstance(stride, (tuple, list)) and len(stride) == 0)
-    s = k if default else _ints(stride, n_dims, "stride")  # torch: None or [] means kernel_size
-    p = _ints(padding, n_dims, "padding", allow_zero=True)
-    d = _ints(dilation, n_dims, "dilation")
+    s = k if default else positive_ints(stride, n_dims, "stride")  # torch: None or [] means kernel_size
+    p = positive_ints(padding, n_dims, "padding", allow_zero=True)
+    d = positive_ints(dilation, n_dims, "dilation")
     for kk, pp in zip(k, p):
         if pp > kk // 2:
             raise ValueError(f"padding: must be at most half of kernel_size ({kernel_size!r}), "
@@ -96,8 +99,7 @@ def _geometry(x4: Tensor, one_d: bool, kernel_size: Any, stride: Any, padding: A
     k, s, p, d = _window(1 if one_d else 2, kernel_size, stride, padding, dilation)
     if one_d:  # a 1-row window over (N, C, 1, L)
         k, s, p, d = (1, *k), (1, *s), (0, *p), (1, *d)
-    if not isinstance(ceil_mode, (bool, np.bool_)):
-        raise ValueError(f"ceil_mode: expected a bool, got {ceil_mode!r}")
+    boolean(ceil_mode, "ceil_mode")
     n, c, ih, iw = x4.shape
     oh = _out_size(ih, k[0], s[0], p[0], d[0], bool(ceil_mode))
     ow = _out_size(iw, k[1], s[1], p[1], d[1], bool(ceil_mode))
@@ -232,11 +234,10 @@ def max_pool1d_backward(grad_out: Any, x: Any, kernel_size: Any, stride: Any = N
 def _avg_geometry(x4: Tensor, one_d: bool, kernel_size: Any, stride: Any, padding: Any,
                   ceil_mode: bool, count_include_pad: bool, divisor_override: Any) -> Pool2dParams:
     q = _geometry(x4, one_d, kernel_size, stride, padding, 1, ceil_mode)
-    if not isinstance(count_include_pad, (bool, np.bool_)):
-        raise ValueError(f"count_include_pad: expected a bool, got {count_include_pad!r}")
+    boolean(count_include_pad, "count_include_pad")
     q.flags = POOL_COUNT_PAD if count_include_pad else 0
     if divisor_override is not None:
-        q.divisor = _ints(divisor_override, 1, "divisor_override")[0]
+        q.divisor = positive_ints(divisor_override, 1, "divisor_override")[0]
     return q
 
 
@@ -331,7 +332,7 @@ def _adaptive_params(x4: Tensor, output_size: Any) -> AdaptivePool2dParams:
     if len(sizes) != 2:
         raise ValueError(f"output_size: expected an int or 2 ints, got {output_size!r}")
     oh, ow = (ih if sizes[0] is None else sizes[0]), (iw if sizes[1] is None else sizes[1])
-    oh, ow = _ints((oh, ow), 2, "output_size")
+    oh, ow = positive_ints((oh, ow), 2, "output_size")
     if n * c * oh * ow > MAX_ELEMENTS or ih * oh > MAX_ELEMENTS or iw * ow > MAX_ELEMENTS:
         raise ValueError(f"output_size: {output_size!r} is too large for input {ih}x{iw} "
                          f"(pool.metal's index arithmetic stays below 2^31)")
@@ -345,7 +346,7 @@ def _adaptive_fwd(x4: Tensor, prefix: tuple[int, ...], q: Any, dev: Any) -> Tens
     if y.size:
         sfx = suffix(x4.dtype)
         if q.OH == 1 and q.OW == 1:  # a reduction per plane: one simdgroup each
-            q.vec = int((q.IH * q.IW) % 4 == 0 and x4.buffer.offset % (4 * x4.dtype.itemsize) == 0)
+            q.vec = int((q.IH * q.IW) % 4 == 0 and vec4_aligned(x4))
             if q.planes * 32 >= MAX_GRID_THREADS:
                 raise ValueError(f"x: {q.planes} planes, at most {MAX_GRID_THREADS // 32 - 1} for "
                                  "global pooling")

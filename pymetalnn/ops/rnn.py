@@ -60,7 +60,7 @@ import numpy as np
 from ..params import RnnBwdParams, RnnFwdParams
 from ..runtime import Buffer, Device
 from ..tensor import Tensor, as_tensor, empty, float16, float32, zeros
-from ._common import kernel, pick_device, suffix, tensor_arg
+from ._common import boolean, kernel, pick_device, suffix, tensor_arg
 from .copy import list_to_sequence, sequence_to_list
 from .gemm import gemm, linear_bias_grad
 
@@ -123,12 +123,6 @@ def rnn_state_dict(weights: Mapping[str, Any]) -> dict[str, np.ndarray]:
         raise ValueError(f"weights: expected a mapping of names to tensors, got "
                          f"{type(weights).__name__}")
     return {k: np.asarray(_host(v)) for k, v in weights.items() if v is not None}
-
-
-def _bool(v: Any, name: str) -> bool:
-    if not isinstance(v, (bool, np.bool_)):
-        raise ValueError(f"{name}: expected a bool, got {v!r}")
-    return bool(v)
 
 
 def _weights(weights: Any, mode: str, num_layers: int, bias: bool, bidirectional: bool,
@@ -223,8 +217,8 @@ def _options(num_layers: Any, bias: Any, bidirectional: Any, training: Any) -> t
     if isinstance(num_layers, bool) or not isinstance(num_layers, (int, np.integer)) \
             or num_layers < 1:
         raise ValueError(f"num_layers: expected an int >= 1, got {num_layers!r}")
-    return (int(num_layers), _bool(bias, "bias"), _bool(bidirectional, "bidirectional"),
-            _bool(training, "training"))
+    return (int(num_layers), boolean(bias, "bias"), boolean(bidirectional, "bidirectional"),
+            boolean(training, "training"))
 
 
 def _view(t: Tensor, start: int, count: int) -> Tensor:

@@ -19,12 +19,11 @@ import numpy as np
 
 from ..params import SoftmaxParams
 from ..tensor import Tensor, empty, float16, float32
-from ._common import kernel, pick_device, suffix, tensor_arg
+from ._common import MAX_GROUPS, kernel, pick_device, suffix, tensor_arg
 
 SOURCE = "softmax.metal"
 TG = 256
 CACHE_FLOATS = 4096  # SM_CACHE in softmax.metal (and LOSS_CACHE in loss.metal)
-MAX_GROUPS = 1 << 20  # larger grids loop (grid-stride over tiles)
 MAX_ELEMENTS = 2**32 - 1  # kernels index with 32-bit uints
 FLOAT_DTYPES = (float32, float16)
 
