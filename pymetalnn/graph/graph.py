@@ -260,6 +260,8 @@ class Graph:
     low_memory: load weights before each use and purge them after. in_flight: how many encoded
     steps may be queued at once (2: double buffering)."""
 
+    _loss_output_index: int | None = None  # which output holds the per-sample losses
+
     def __init__(self, results: Any, *, training: bool = False, device: Device | None = None,
                  optimize: Any = True, low_memory: bool = False, in_flight: int = 2,
                  strict: bool = False, name: str = "graph", _prebuilt: Any = None):
@@ -294,11 +296,7 @@ class Graph:
         return v
 
     def _inputs_of(self, n: Node) -> list[Value]:
-        if isinstance(n, GradientNode):
-            vals = [s for s in n.sources if s is not None] + n.saved_values()
-        else:
-            vals = [s for s in n.sources if s is not None]
-        return [self._eff(v) for v in vals]
+        return [self._eff(v) for v in n.input_values()]
 
     def _forward_nodes(self, outputs: list[Value], strict: bool) -> list[FilterNode]:
         sinks = [v.producer for v in outputs if v.producer is not None]
@@ -361,6 +359,10 @@ class Graph:
                     self.inputs.append(v)
         self.data_inputs = [v for v in self.inputs if not isinstance(v, LabelsNode)]
         self.label_inputs = [v for v in self.inputs if isinstance(v, LabelsNode)]
+        self._loss_of: dict[Value, LossNode] = {}  # labels input -> the (first) loss reading it
+        for n in order:
+            if isinstance(n, LossNode):
+                self._loss_of.setdefault(self._eff(n.labels), n)
         # data sources and the device
         self.data_sources: list[DataSource] = []
         for n in order:
@@ -548,37 +550,31 @@ class Graph:
         return t
 
     def _bind_labels(self, v: LabelsNode, x: Any) -> Any:
-        loss = next((n for n in self.nodes if isinstance(n, LossNode) and self._eff(n.labels) is v),
-                    None)
+        loss = self._loss_of.get(v)
         if isinstance(x, LossLabels):
             x = x.labels
+        if loss is None or not loss.class_labels:
+            return self._bind_input(v, x)
         from ..ops.loss import Labels
 
-        if loss is not None and loss.class_labels:
-            c = self._eff(loss.sources[0]).shape[1]
-            ii = loss.options.get("ignore_index", -100)
-            if isinstance(x, Labels) and x.num_classes == c and x.ignore_index == ii:
-                t = x
-            else:
-                arr = x.numpy() if isinstance(x, Tensor) else np.asarray(x)
-                if arr.dtype.kind not in "iu":
-                    raise GraphError(v, f"expected integer class labels, got dtype {arr.dtype}")
-                bad = ((arr < 0) | (arr >= c)) & (arr != ii)
-                if bad.any():
-                    raise GraphError(v, f"label {int(arr[bad].reshape(-1)[0])} out of range "
-                                        f"[0, {c}) (ignore_index={ii})")
-                n = arr.shape[0] if arr.ndim else -1
-                if arr.shape != v.full_shape(n):
-                    raise GraphError(v, f"labels of shape {arr.shape}, expected "
-                                        f"{v.full_shape(max(n, 1))} (the loss {loss.name} reads "
-                                        "class labels)")
-                t = Labels(self._upload(arr.astype(np.int32), int32), c, ii)
-            n = t.shape[0] if t.ndim else -1
-            if t.shape != v.full_shape(n):
-                raise GraphError(v, f"labels of shape {t.shape}, expected {v.full_shape(max(n, 1))}"
-                                    f" (the loss {loss.name} reads class labels)")
-            return t
-        return self._bind_input(v, x)
+        c = self._eff(loss.sources[0]).shape[1]
+        ii = loss.options.get("ignore_index", -100)
+        if isinstance(x, Labels) and x.num_classes == c and x.ignore_index == ii:
+            t, shape = x, x.shape
+        else:
+            t, arr = None, x.numpy() if isinstance(x, Tensor) else np.asarray(x)
+            if arr.dtype.kind not in "iu":
+                raise GraphError(v, f"expected integer class labels, got dtype {arr.dtype}")
+            bad = ((arr < 0) | (arr >= c)) & (arr != ii)
+            if bad.any():
+                raise GraphError(v, f"label {int(arr[bad].reshape(-1)[0])} out of range "
+                                    f"[0, {c}) (ignore_index={ii})")
+            shape = arr.shape
+        n = shape[0] if len(shape) else -1
+        if shape != v.full_shape(n):
+            raise GraphError(v, f"labels of shape {shape}, expected {v.full_shape(max(n, 1))}"
+                                f" (the loss {loss.name} reads class labels)")
+        return t if t is not None else Labels(self._upload(arr.astype(np.int32), int32), c, ii)
 
     def labels(self, labels: Any) -> Any:
         """Put labels on the device ahead of time (checked once), e.g. to encode without any
@@ -721,8 +717,7 @@ class Graph:
         rc = RunContext(self, step_no, self.training)
         outs = self._execute(prog, env, rc)
         self._steps_encoded += 1
-        loss_idx = getattr(self, "_loss_output_index", None)
-        h = Handle(self, step_no, outs, loss_idx)
+        h = Handle(self, step_no, outs, self._loss_output_index)
         self._last = h
         return h
 
@@ -948,7 +943,7 @@ class Graph:
                 break
             # grouped updates upload their chunk tables at the first planned step (weight
             # gradients then sit in the arena); uploads cannot happen inside a CUDA-graph capture
-            if prog.calibrated and (planned_runs or not getattr(self, "_update_groups", None)):
+            if prog.calibrated and (planned_runs or not self._update_groups):
                 break
         self.synchronize()
         keep: list[Any] = []
@@ -1029,7 +1024,9 @@ class _UpdateGroup:
 
     def __init__(self, members: list[DataSource], nins: list[int]):
         self.members = members
-        self.nins = nins
+        # the step's inputs: each member's weight gradients, in member order
+        ends = np.cumsum(nins).tolist()
+        self.bounds = list(zip([0] + ends[:-1], ends))
         self.layout: dict[DataSource, list[tuple[str, int]]] = {}
         off = 0
         for ds in members:
@@ -1077,12 +1074,9 @@ class _UpdateGroup:
                 self.ms = MultiTensorStep(opts)
 
     def run(self, g: Graph, rc: RunContext, ins: list[Any]) -> None:
-        grads, k = [], 0
-        for ds, n in zip(self.members, self.nins):
+        for ds in self.members:
             rc.acquire_dict(ds)
-            grads.append(list(ins[k:k + n]))
-            k += n
-        self.ms.step(grads)
+        self.ms.step([ins[a:b] for a, b in self.bounds])
         for ds in self.members:
             ds._dirty = True
             g._count("update", ds)
@@ -1096,6 +1090,9 @@ class CapturedStep:
         self.graph, self.recording = graph, rec
         self.inputs, self.labels, self.outputs = inputs, labels, outputs
         self._keep, self._env = keep, env  # every buffer the recorded launches touch
+        # batch norms whose running statistics (and counter) a training replay advances
+        self._tracked = [ds for ds in graph.data_sources if graph.training and
+                         hasattr(ds, "num_batches_tracked") and ds.running_stats]
 
     def __len__(self) -> int:
         return len(self.recording)
@@ -1107,33 +1104,31 @@ class CapturedStep:
         with g._encode_lock:
             g._sem.acquire()
             try:
+                new: list[tuple[Value, Tensor, Any]] = []
                 if inputs is not None:
-                    for v, t, x in zip(g.data_inputs, self.inputs, g._split(inputs)):
-                        arr = np.asarray(x)
-                        if arr.shape != t.shape:
-                            raise GraphError(v, f"captured with shape {t.shape}, got {arr.shape}")
-                        g._write(t, arr)
+                    new += zip(g.data_inputs, self.inputs, g._split(inputs))
                 if labels is not None:
                     labs = labels if isinstance(labels, (list, tuple)) and len(self.labels) > 1 \
                         else [labels]
-                    for v, t, x in zip(g.label_inputs, self.labels, labs):
-                        arr = np.asarray(x)
-                        if arr.shape != t.shape:
-                            raise GraphError(v, f"captured with shape {t.shape}, got {arr.shape}")
-                        if t.dtype == int32:
-                            g._bind_labels(v, arr)  # range check (and a throwaway upload)
-                        g._write(t, arr)
+                    new += zip(g.label_inputs, self.labels, labs)
+                for v, t, x in new:
+                    arr = np.asarray(x)
+                    if arr.shape != t.shape:
+                        raise GraphError(v, f"captured with shape {t.shape}, got {arr.shape}")
+                    if isinstance(v, LabelsNode) and t.dtype == int32:
+                        g._bind_labels(v, arr)  # range check (and a throwaway upload)
+                    g._write(t, arr)
                 self.recording.replay()
                 for ds in g.data_sources:
                     opt = ds.optimizer
                     if opt is not None:
                         opt.steps = [s + 1 for s in opt.steps]
-                    if g.training and hasattr(ds, "num_batches_tracked") and ds.running_stats:
-                        ds.num_batches_tracked += 1
-                        ds.mark_dirty()
+                for ds in self._tracked:
+                    ds.num_batches_tracked += 1
+                    ds.mark_dirty()
                 step = g._steps_encoded
                 g._steps_encoded += 1
-                h = Handle(g, step, self.outputs, getattr(g, "_loss_output_index", None))
+                h = Handle(g, step, self.outputs, g._loss_output_index)
                 g._last = h
             except BaseException:
                 g._sem.release()

@@ -364,6 +364,18 @@ def _floats(dtypes: list[np.dtype]) -> np.dtype:
     return dt
 
 
+def _weights_of(weights: Any, cls: type, exclude: type | None = None) -> Any:
+    """`weights` if it is a `cls` (and not an `exclude`); GraphError otherwise."""
+    if not isinstance(weights, cls) or (exclude is not None and isinstance(weights, exclude)):
+        raise GraphError(None, f"weights: expected a {cls.__name__}, got {type(weights).__name__}")
+    return weights
+
+
+def _act(activation: Any) -> dict[str, Any]:
+    """activation= for the op of a node fused with a neuron (optimize.FusedNeuronNode)."""
+    return {} if activation is None else {"activation": activation}
+
+
 def _conv_out(n: int, k: int, s: int, p0: int, p1: int, d: int) -> int:
     return (n + p0 + p1 - d * (k - 1) - 1) // s + 1
 
@@ -379,11 +391,7 @@ class ConvolutionNode(FilterNode):
     def __init__(self, source: Any, weights: ConvolutionDataSource, *, stride: Any = 1,
                  dilation: Any = 1, padding: Any = "same", name: str | None = None,
                  register: bool = True):
-        if not isinstance(weights, ConvolutionDataSource) or \
-                isinstance(weights, ConvolutionTransposeDataSource):
-            raise GraphError(None, f"weights: expected a ConvolutionDataSource, got "
-                                   f"{type(weights).__name__}")
-        self.weights = weights
+        self.weights = _weights_of(weights, ConvolutionDataSource, ConvolutionTransposeDataSource)
         self.stride, self.dilation = _pair(stride, "stride"), _pair(dilation, "dilation")
         self.padding: Padding = policy(padding)
         self.pads = (0, 0, 0, 0)
@@ -415,8 +423,7 @@ class ConvolutionNode(FilterNode):
 
     def forward(self, rc, xs, training, with_state, activation=None):
         w, b = rc.acquire(self.weights)
-        kw = {} if activation is None else {"activation": activation}
-        y = op("conv2d", self)(xs[0], w, b, **self._args(), **kw, **rc.take_out())
+        y = op("conv2d", self)(xs[0], w, b, **self._args(), **_act(activation), **rc.take_out())
         rc.release(self.weights)
         return [y]
 
@@ -463,10 +470,7 @@ class ConvolutionTransposeNode(FilterNode):
     def __init__(self, source: Any, weights: ConvolutionTransposeDataSource, *, stride: Any = 1,
                  dilation: Any = 1, padding: Any = "valid", output_padding: Any = 0,
                  name: str | None = None, register: bool = True):
-        if not isinstance(weights, ConvolutionTransposeDataSource):
-            raise GraphError(None, f"weights: expected a ConvolutionTransposeDataSource, got "
-                                   f"{type(weights).__name__}")
-        self.weights = weights
+        self.weights = _weights_of(weights, ConvolutionTransposeDataSource)
         self.stride, self.dilation = _pair(stride, "stride"), _pair(dilation, "dilation")
         self.padding_arg = padding
         self.output_padding = _pair(output_padding, "output_padding")
@@ -536,10 +540,7 @@ class FullyConnectedNode(FilterNode):
 
     def __init__(self, source: Any, weights: FullyConnectedDataSource, *, name: str | None = None,
                  register: bool = True):
-        if not isinstance(weights, FullyConnectedDataSource):
-            raise GraphError(None, f"weights: expected a FullyConnectedDataSource, got "
-                                   f"{type(weights).__name__}")
-        self.weights = weights
+        self.weights = _weights_of(weights, FullyConnectedDataSource)
         super().__init__([source], name, register)
 
     def infer(self, shapes, dtypes):
@@ -556,8 +557,7 @@ class FullyConnectedNode(FilterNode):
     def forward(self, rc, xs, training, with_state, activation=None):
         x = xs[0]
         w, b = rc.acquire(self.weights)
-        kw = {} if activation is None else {"activation": activation}
-        y = op("linear", self)(x.reshape(x.shape[0], -1), w, b, **kw)
+        y = op("linear", self)(x.reshape(x.shape[0], -1), w, b, **_act(activation))
         rc.release(self.weights)
         return [y]
 
@@ -867,10 +867,7 @@ class BatchNormalizationNode(FilterNode):
 
     def __init__(self, source: Any, weights: NormalizationDataSource, *, name: str | None = None,
                  register: bool = True):
-        if not isinstance(weights, NormalizationDataSource):
-            raise GraphError(None, f"weights: expected a NormalizationDataSource, got "
-                                   f"{type(weights).__name__}")
-        self.weights = weights
+        self.weights = _weights_of(weights, NormalizationDataSource)
         super().__init__([source], name, register)
 
     def infer(self, shapes, dtypes):
@@ -891,7 +888,7 @@ class BatchNormalizationNode(FilterNode):
     def forward(self, rc, xs, training, with_state, activation=None):
         ws = self.weights
         rm, rv, w, b = self._wb(rc)
-        kw = {} if activation is None else {"activation": activation}
+        kw = _act(activation)
         kw.update(rc.take_out())  # a channel slice of an eliminated concatenation
         if training:
             y, mean, invstd = op("batch_norm_with_stats", self)(
@@ -923,7 +920,7 @@ class BatchNormalizationNode(FilterNode):
         x, mean, invstd = saved
         ws = self.weights
         rm, rv, w, b = self._wb(rc)
-        kw = {} if activation is None else {"activation": activation}
+        kw = _act(activation)
         ns = rc.state.pop(("grad_nstride", self), None)
         if ns:
             kw["grad_out_batch_stride"] = ns
@@ -941,9 +938,7 @@ class InstanceNormalizationNode(FilterNode):
 
     def __init__(self, source: Any, weights: NormalizationDataSource, *, name: str | None = None,
                  register: bool = True):
-        if not isinstance(weights, NormalizationDataSource):
-            raise GraphError(None, "weights: expected a NormalizationDataSource")
-        self.weights = weights
+        self.weights = _weights_of(weights, NormalizationDataSource)
         super().__init__([source], name, register)
 
     def infer(self, shapes, dtypes):
@@ -979,9 +974,8 @@ class GroupNormalizationNode(FilterNode):
 
     def __init__(self, source: Any, weights: NormalizationDataSource, num_groups: int, *,
                  name: str | None = None, register: bool = True):
-        if not isinstance(weights, NormalizationDataSource):
-            raise GraphError(None, "weights: expected a NormalizationDataSource")
-        self.weights, self.num_groups = weights, int(num_groups)
+        self.weights = _weights_of(weights, NormalizationDataSource)
+        self.num_groups = int(num_groups)
         super().__init__([source], name, register)
 
     def infer(self, shapes, dtypes):
@@ -1058,7 +1052,7 @@ class ConcatenationNode(FilterNode):
         sizes = rc.state.get(self) or [s.shape[self._d] for s in self.sources]
         outer = int(np.prod(g.shape[:self._d]))
         ns = rc.state.pop(("grad_nstride", self), None)
-        strided = getattr(rc.g, "strided_grads", {}).get(self) \
+        strided = rc.g.strided_grads.get(self) \
             if outer > 1 and self._d == 1 and rc.views and rc.concat_views else None
         if strided or ns:
             return self._strided_backward(rc, g, sizes, need, strided or {}, ns), []
@@ -1201,11 +1195,36 @@ class FlattenNode(ReshapeNode):
         super().__init__(source, (-1,), name=name, register=register)
 
 
-class ImageToMatrixNode(FilterNode):
+class _LayoutNode(FilterNode):
+    """Images <-> matrices: the same memory seen with the result's per-sample shape (a view, no
+    dispatch), or with channels_last a copy by the op `opname` (and `opname`_backward)."""
+
+    opname = ""
+
+    def _op_args(self) -> tuple:
+        return ()
+
+    def forward(self, rc, xs, training, with_state):
+        x = xs[0]
+        if not self.channels_last:
+            return [x.reshape(x.shape[0], *self.result.shape[1:])]
+        return [op(self.opname, self)(x, *self._op_args(), True)]
+
+    def saved(self):
+        return [("in", 0)] if self.channels_last else []
+
+    def backward(self, rc, gouts, saved, need):
+        g = gouts[0]
+        if not self.channels_last:
+            return [g.reshape(g.shape[0], *self.sources[0].shape[1:])], []
+        return [op(self.opname + "_backward", self)(g, saved[0], *self._op_args(), True)], []
+
+
+class ImageToMatrixNode(_LayoutNode):
     """Images (N, C, H, W) as a matrix (N, C*H*W) (a view, no dispatch), or (N, H*W*C) with
     channels_last (a copy)."""
 
-    prefix = "im2mat"
+    prefix, opname = "im2mat", "image_to_matrix"
 
     def __init__(self, source: Any, channels_last: bool = False, *, name: str | None = None,
                  register: bool = True):
@@ -1217,33 +1236,21 @@ class ImageToMatrixNode(FilterNode):
         _expect_ndim(x, 4)
         return [((x[0], int(np.prod(x[1:]))), _floats(dtypes))]
 
-    def forward(self, rc, xs, training, with_state):
-        x = xs[0]
-        if not self.channels_last:
-            return [x.reshape(x.shape[0], -1)]
-        return [op("image_to_matrix", self)(x, True)]
 
-    def saved(self):
-        return [("in", 0)] if self.channels_last else []
-
-    def backward(self, rc, gouts, saved, need):
-        g = gouts[0]
-        if not self.channels_last:
-            return [g.reshape(g.shape[0], *self.sources[0].shape[1:])], []
-        return [op("image_to_matrix_backward", self)(g, saved[0], True)], []
-
-
-class MatrixToImageNode(FilterNode):
+class MatrixToImageNode(_LayoutNode):
     """A matrix (N, C*H*W) as images (N, C, H, W) with chw = (C, H, W) (a view), or from
     channels-last rows (a copy)."""
 
-    prefix = "mat2im"
+    prefix, opname = "mat2im", "matrix_to_image"
 
     def __init__(self, source: Any, chw: Sequence[int], channels_last: bool = False, *,
                  name: str | None = None, register: bool = True):
         self.chw = tuple(int(v) for v in chw)
         self.channels_last = bool(channels_last)
         super().__init__([source], name, register)
+
+    def _op_args(self) -> tuple:
+        return (self.chw,)
 
     def infer(self, shapes, dtypes):
         m = shapes[0]
@@ -1252,21 +1259,6 @@ class MatrixToImageNode(FilterNode):
             raise ValueError(f"source has {m[1]} features, images {self.chw} need "
                              f"{int(np.prod(self.chw))}")
         return [((m[0], *self.chw), _floats(dtypes))]
-
-    def forward(self, rc, xs, training, with_state):
-        m = xs[0]
-        if not self.channels_last:
-            return [m.reshape(m.shape[0], *self.chw)]
-        return [op("matrix_to_image", self)(m, self.chw, True)]
-
-    def saved(self):
-        return [("in", 0)] if self.channels_last else []
-
-    def backward(self, rc, gouts, saved, need):
-        g = gouts[0]
-        if not self.channels_last:
-            return [g.reshape(g.shape[0], -1)], []
-        return [op("matrix_to_image_backward", self)(g, saved[0], self.chw, True)], []
 
 
 # ---- recurrent ----------------------------------------------------------------------------------

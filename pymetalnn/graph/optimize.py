@@ -224,8 +224,11 @@ def plan_memory(g: Any, prog: Any, calib: list[tuple[list, list]]) -> None:
             end[r] = max(end[r], g.last_use.get(v, roots[r][0]))
     # per step: which requests (n bytes, k-th of that size) became values
     expect_idx: dict[int, list[tuple[tuple[int, int], Value]]] = {}
+    ords: dict[int, list[tuple[int, int]]] = {}
     for r, (i, j, _nb) in roots.items():
-        expect_idx.setdefault(i, []).append((M.ordinals(calib[i][0])[j], r))
+        if i not in ords:
+            ords[i] = M.ordinals(calib[i][0])
+        expect_idx.setdefault(i, []).append((ords[i][j], r))
     routable = {r for lst in expect_idx.values() for _, r in lst if r not in excluded}
     # blocks
     blocks: dict[Value, M.Block] = {r: M.Block(r, M.align(roots[r][2]), roots[r][0], end[r])
@@ -242,67 +245,68 @@ def plan_memory(g: Any, prog: Any, calib: list[tuple[list, list]]) -> None:
     views = dev.supports_views
     if STRATEGY is not None:
         views = views and STRATEGY == "arena"
+
+    def absorb(out: Value, v: Value, rel: int) -> M.Block:
+        """v's block becomes the piece at byte `rel` of out's: never allocated on its own, live
+        as long as either."""
+        parent, b = blocks[out], blocks[v]
+        parent.start = min(parent.start, b.start)
+        parent.end = max(parent.end, b.end)
+        children.add(v)
+        placed[v] = (out, rel)
+        return b
+
+    concats: list[tuple[int, Any]] = []
     if g.options["concat"]:
-        if not views:
-            g._note("concat: not eliminated (needs buffer views, which this backend lacks)")
+        if views:
+            concats = [(i, st) for i, st in enumerate(steps)
+                       if st.kind == "forward" and isinstance(st.node, ConcatenationNode)]
         else:
-            for i, st in enumerate(steps):
-                if st.kind != "forward" or not isinstance(st.node, ConcatenationNode):
-                    continue
-                why = _concat_ok(st, tensors, alias, routable, children, roots)
-                if why.startswith(STRIDED) or why.endswith(MISALIGNED):
-                    # batch > 1: the producers write strided channel slices (out=, a batch stride);
-                    # batch 1 with a slice off the views' 16-byte alignment: the same out= path
-                    # (the ops take out= at any element offset; the stride is then moot)
-                    why2, slices = _concat_strided_ok(g, i, st, tensors, alias, routable, children,
-                                                      roots, expect_idx, strided_cats)
-                    if not why2:
-                        out = st.outs[0]
-                        parent = blocks[out]
-                        for j, v, rel, ns, key in slices:
-                            b = blocks.pop(v)  # never allocated: a slice of the result
-                            parent.start = min(parent.start, b.start)
-                            parent.end = max(parent.end, b.end)
-                            children.add(v)
-                            placed[v] = (out, rel)
-                            dropped += b.size
-                            if j in strided_cats:
-                                # a nested eliminated concat: its producers' slices move into
-                                # this result, with this result's batch stride
-                                for jj, pend in list(strided_pending.items()):
-                                    if pend[0] is v:
-                                        strided_pending[jj] = (out, rel + pend[1], ns) + pend[3:]
-                                continue
-                            strided_pending[j] = (out, rel, ns, tensors[v].shape, tensors[v].dtype,
-                                                  key)
-                        eliminated.append(st.name)
-                        strided_cats.add(i)
-                        prog.views[i] = None
-                        g._log(f"concat: {st.name} eliminated at batch {prog.batch}: "
-                               f"{', '.join(v.name for _, v, *_ in slices)} write their channel "
-                               "slices with a batch stride (out=, out_batch_stride=)")
+            g._note("concat: not eliminated (needs buffer views, which this backend lacks)")
+    for i, st in concats:
+        out = st.outs[0]
+        why = _concat_ok(st, tensors, alias, routable, children, roots)
+        if why.startswith(STRIDED) or why.endswith(MISALIGNED):
+            # batch > 1: the producers write strided channel slices (out=, a batch stride);
+            # batch 1 with a slice off the views' 16-byte alignment: the same out= path
+            # (the ops take out= at any element offset; the stride is then moot)
+            why2, slices = _concat_strided_ok(g, i, st, tensors, alias, routable, children,
+                                              roots, expect_idx, strided_cats)
+            if not why2:
+                for j, v, rel, ns, key in slices:
+                    dropped += absorb(out, v, rel).size
+                    del blocks[v]  # a slice of the result
+                    if j in strided_cats:
+                        # a nested eliminated concat: its producers' slices move into this
+                        # result, with this result's batch stride
+                        for jj, pend in list(strided_pending.items()):
+                            if pend[0] is v:
+                                strided_pending[jj] = (out, rel + pend[1], ns) + pend[3:]
                         continue
-                    why = f"{why}; strided slices: {why2}"
-                if why:
-                    g._note(f"concat: {st.name} kept ({why})")
-                    continue
-                out = st.outs[0]
-                parent = blocks[out]
-                off = 0
-                for v in st.ins:
-                    b = blocks[v]
-                    parent.children.append((b, off))
-                    # a nested eliminated concat brings its own pieces along (one level of
-                    # children per top block: the slots below are top offset + rel)
-                    parent.children += [(c, off + o) for c, o in b.children]
-                    b.children = []
-                    parent.start = min(parent.start, b.start)
-                    parent.end = max(parent.end, b.end)
-                    children.add(v)
-                    placed[v] = (out, off)
-                    off += tensors[v].nbytes
+                    strided_pending[j] = (out, rel, ns, tensors[v].shape, tensors[v].dtype, key)
                 eliminated.append(st.name)
-                prog.views[i] = None  # filled once offsets are known
+                strided_cats.add(i)
+                prog.views[i] = None
+                g._log(f"concat: {st.name} eliminated at batch {prog.batch}: "
+                       f"{', '.join(v.name for _, v, *_ in slices)} write their channel "
+                       "slices with a batch stride (out=, out_batch_stride=)")
+                continue
+            why = f"{why}; strided slices: {why2}"
+        if why:
+            g._note(f"concat: {st.name} kept ({why})")
+            continue
+        parent = blocks[out]
+        off = 0
+        for v in st.ins:
+            b = absorb(out, v, off)
+            parent.children.append((b, off))
+            # a nested eliminated concat brings its own pieces along (one level of children
+            # per top block: the slots below are top offset + rel)
+            parent.children += [(c, off + o) for c, o in b.children]
+            b.children = []
+            off += tensors[v].nbytes
+        eliminated.append(st.name)
+        prog.views[i] = None  # filled once offsets are known
     top = [b for r, b in blocks.items() if r not in children]
     naive = sum(b.size for b in blocks.values()) + dropped
     if views:
@@ -325,6 +329,7 @@ def plan_memory(g: Any, prog: Any, calib: list[tuple[list, list]]) -> None:
                 slots[r] = prog.arena.view(b.offset + rel, nb)
             else:
                 slots[r] = M.register_slot(prog.registers[b.register], nb)
+
     def offset(v: Value) -> int:
         if v in placed:
             up, rel = placed[v]

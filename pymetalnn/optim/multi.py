@@ -195,15 +195,18 @@ class MultiTensorStep:
         gbase = bases[max(count, key=count.__getitem__)] if count else None
         if gbase is not None and count[id(gbase)] < 2:
             gbase = None
+        # one bucket (launch) per distinct (OptimParams, rule params) bytes; the structs, and
+        # their bytes, are built once per (optimizer, group, step count, fresh state)
         buckets: dict[tuple[bytes, bytes], tuple[Any, Any, list[tuple[int, int, int]], tuple]] = {}
         rest: list[list[Tensor | None]] = []
-        structs: dict[tuple, tuple[Any, Any]] = {}
+        structs: dict[tuple, list] = {}
         self.fallback = 0
         for o, gs in zip(opts, checked):
             left: list[Tensor | None] = [None] * len(gs)
             any_left = False
             if gbase is not None:
                 self._adopt(o)
+            used_by: dict[int, tuple[bool, ...]] = {}
             for i, g in enumerate(gs):
                 if g is None or not o._sizes[i]:
                     continue
@@ -213,21 +216,21 @@ class MultiTensorStep:
                     continue
                 gi = o._group_of[i]
                 grp = o.param_groups[gi]
-                used = o._used_states(grp)
+                used = used_by.get(gi)
+                if used is None:
+                    used = used_by[gi] = o._used_states(grp)
                 fresh = o._ensure_state(i, used)
                 step = o.steps[i] = o.steps[i] + 1
                 skey = (id(o), gi, step, tuple(sorted(fresh)))
-                st = structs.get(skey)
-                if st is None:
+                rows = structs.get(skey)
+                if rows is None:
                     common = o._common_params(grp)
                     common.step = step
-                    st = structs[skey] = (common, o._rule_params(grp, step, fresh))
-                bkey = (bytes(st[0]), bytes(st[1]))
-                bucket = buckets.get(bkey)
-                if bucket is None:
-                    bucket = buckets[bkey] = (st[0], st[1], [], used)
-                bucket[2].append((o.params[i].buffer.offset // 4, g.buffer.offset // 4,
-                                  o._sizes[i]))
+                    rule = o._rule_params(grp, step, fresh)
+                    bucket = buckets.setdefault((bytes(common), bytes(rule)),
+                                                (common, rule, [], used))
+                    rows = structs[skey] = bucket[2]
+                rows.append((o.params[i].buffer.offset // 4, g.buffer.offset // 4, o._sizes[i]))
             rest.append(left if any_left else [])
         self.launches = 0
         tg = self.kernel.threadgroup_size
