@@ -12,6 +12,7 @@ from ..runtime import Buffer, Device, Kernel
 from ..runtime import device as default_device
 from ..tensor import Tensor, as_tensor, empty
 
+FLOATS = (np.float32, np.float16)  # the storage dtypes of the float ops
 DTYPE_SUFFIX = {np.dtype(np.float32): "float", np.dtype(np.float16): "half",
                 np.dtype(np.int32): "int"}
 

@@ -22,6 +22,7 @@ from ..runtime import Device, Kernel
 from ..runtime.core import MAX_GRID_THREADS
 from ..tensor import Tensor, tensor
 from ._common import (
+    FLOATS,
     MAX_ELEMS_U32,
     check_u32_size,
     kernel,
@@ -36,7 +37,6 @@ from ._common import (
 )
 
 SOURCE = "arith.metal"
-FLOATS = (np.float32, np.float16)
 GRID_CAP = 1 << 22         # threads per launch; kernels loop (grid-stride) past it
 # Reductions split the reduced range until there is enough memory traffic in flight to cover the
 # GPU's latency: about this many threads (outer) or simdgroups (inner), each split >= MIN_CHUNK.

@@ -20,6 +20,7 @@ from ..runtime import Device
 from ..runtime.core import MAX_GRID_THREADS
 from ..tensor import Tensor
 from ._common import (
+    FLOATS,
     MAX_ELEMS_U32,
     check_u32_size,
     kernel,
@@ -35,7 +36,6 @@ from .arith import GRID_CAP
 from .copy import copy
 
 SOURCE = "dropout.metal"
-FLOATS = (np.float32, np.float16)
 
 
 def _u64(v: Any, name: str) -> int:

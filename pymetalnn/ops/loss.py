@@ -50,20 +50,15 @@ import numpy as np
 
 from ..params import LossParams, LossReduceParams
 from ..runtime import Buffer, Device
-from ..tensor import Tensor, as_tensor, empty, float16, float32, int32
-from ._common import MAX_GROUPS, boolean, dummy, kernel, number, pick_device, suffix, tensor_arg
+from ..tensor import Tensor, as_tensor, empty, float32, int32
+from ._common import FLOATS, MAX_GROUPS, boolean, dummy, kernel, number, pick_device, suffix, tensor_arg
 from .softmax import TG, tile_groups, tile_plan
 
 SOURCE = "loss.metal"
-FLOAT_DTYPES = (float32, float16)
 REDUCTIONS = ("none", "per_sample", "sum", "mean", "sum_by_nonzero_weights")
 _MODE = {"sum": 0, "mean": 1, "sum_by_nonzero_weights": 2, "batchmean": 3, "per_sample": 0}
 CHUNK = 2048  # elements per threadgroup chunk of the pointwise forward
 MAX_ELEMENTS = 2**31 - 1  # chunk arithmetic stays inside uint32
-
-# kernel name stems (loss.metal's instantiations)
-_POINTWISE = {"mse_loss", "l1_loss", "huber_loss", "bce_with_logits", "hinge_loss", "kl_div",
-              "log_loss"}
 
 # ---- validation ------------------------------------------------------------------------------
 
@@ -107,7 +102,7 @@ def _weight(sample_weight: Any, dev: Device, n: int) -> Tensor | None:
 
 def _pair(input: Any, target: Any, ndims: tuple[int, ...]) -> tuple[Device, Tensor]:
     dev = pick_device(input, target)
-    x = tensor_arg(input, dev, "input", FLOAT_DTYPES, ndims)
+    x = tensor_arg(input, dev, "input", FLOATS, ndims)
     _check_size(x, "input")
     if x.size == 0:
         raise ValueError(f"input: empty tensor (shape {x.shape})")

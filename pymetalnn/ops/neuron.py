@@ -25,6 +25,7 @@ from ..params import NeuronParams
 from ..runtime.core import MAX_GRID_THREADS
 from ..tensor import Tensor
 from ._common import (
+    FLOATS,
     kernel,
     out_like,
     pick_device,
@@ -37,7 +38,6 @@ from ._common import (
 )
 
 SOURCE = "neuron.metal"
-FLOATS = (np.float32, np.float16)
 
 
 def _scalar(v: Any, name: str, nonzero: bool = False) -> float:

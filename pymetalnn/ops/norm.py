@@ -31,13 +31,23 @@ import numpy as np
 
 from ..params import NormParams
 from ..runtime import Device
-from ..tensor import Tensor, empty, float16, float32
-from ._common import MAX_GROUPS, boolean, dummy, kernel, number, pick_device, strided_out, suffix, tensor_arg
+from ..tensor import Tensor, empty, float32
+from ._common import (
+    FLOATS,
+    MAX_GROUPS,
+    boolean,
+    dummy,
+    kernel,
+    number,
+    pick_device,
+    strided_out,
+    suffix,
+    tensor_arg,
+)
 from .neuron import activation_code
 from .softmax import TG, check_size, tile_groups, tile_plan
 
 SOURCE = "norm.metal"
-FLOAT_DTYPES = (float32, float16)
 MAX_ELEMENTS = 2**32 - 1
 TARGET_GROUPS = 1024  # partial-making threadgroups to aim for (fills a large GPU)
 COLUMN_MODE_HW = 32   # batch norm with fewer positions per plane reads columns
@@ -45,7 +55,7 @@ COLUMN_MODE_HW = 32   # batch norm with fewer positions per plane reads columns
 # ---- validation ------------------------------------------------------------------------------
 
 def _input(x: Any, dev: Device, ndims: tuple[int, ...]) -> Tensor:
-    t = tensor_arg(x, dev, "input", FLOAT_DTYPES, ndims)
+    t = tensor_arg(x, dev, "input", FLOATS, ndims)
     if t.size == 0:
         raise ValueError(f"input: empty tensor (shape {t.shape})")
     check_size(t, "input")

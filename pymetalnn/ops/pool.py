@@ -20,6 +20,7 @@ from ..params import AdaptivePool2dParams, Pool2dParams
 from ..runtime.core import MAX_GRID_THREADS
 from ..tensor import Tensor
 from ._common import (
+    FLOATS,
     boolean,
     kernel,
     out_like,
@@ -32,7 +33,6 @@ from ._common import (
 )
 
 SOURCE = "pool.metal"
-FLOATS = (np.float32, np.float16)
 POOL_WRITE_INDICES, POOL_COUNT_PAD = 1, 2  # pool.metal's flags
 
 

@@ -18,14 +18,13 @@ from typing import Any
 import numpy as np
 
 from ..params import SoftmaxParams
-from ..tensor import Tensor, empty, float16, float32
-from ._common import MAX_GROUPS, kernel, pick_device, suffix, tensor_arg
+from ..tensor import Tensor, empty
+from ._common import FLOATS, MAX_GROUPS, kernel, pick_device, suffix, tensor_arg
 
 SOURCE = "softmax.metal"
 TG = 256
 CACHE_FLOATS = 4096  # SM_CACHE in softmax.metal (and LOSS_CACHE in loss.metal)
 MAX_ELEMENTS = 2**32 - 1  # kernels index with 32-bit uints
-FLOAT_DTYPES = (float32, float16)
 
 
 def _pow2_floor(n: int) -> int:
@@ -101,7 +100,7 @@ def check_size(t: Tensor, name: str) -> None:
 
 def _forward(x: Any, dim: int, log: bool) -> Tensor:
     dev = pick_device(x)
-    xt = tensor_arg(x, dev, "input", FLOAT_DTYPES, (2, 4))
+    xt = tensor_arg(x, dev, "input", FLOATS, (2, 4))
     d = check_dim(dim, xt.ndim)
     check_size(xt, "input")
     y = empty(xt.shape, xt.dtype, dev)
@@ -115,7 +114,7 @@ def _forward(x: Any, dim: int, log: bool) -> Tensor:
 
 def _backward(grad_out: Any, output: Any, dim: int, log: bool) -> Tensor:
     dev = pick_device(grad_out, output)
-    yt = tensor_arg(output, dev, "output", FLOAT_DTYPES, (2, 4))
+    yt = tensor_arg(output, dev, "output", FLOATS, (2, 4))
     gt = tensor_arg(grad_out, dev, "grad_out", (yt.dtype,))
     if gt.shape != yt.shape:
         raise ValueError(f"grad_out: shape {gt.shape} does not match output's {yt.shape}")
