@@ -10,20 +10,21 @@ Shapes: x, g of 32x256x56x56 (a ResNet stage-1 activation), w of 1x256x1x1 (per 
 """
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import membw  # noqa: E402
+import common  # noqa: E402
+import membound  # noqa: E402
 
 import pymetalnn  # noqa: E402
 from pymetalnn import functional as F  # noqa: E402
 
 
-def cases(dev: pymetalnn.Device, shape: tuple, dtype) -> list[dict]:
+def cases(dev: pymetalnn.Device, quick: bool, dtype) -> list[dict]:
+    shape = (4, 32, 20, 20) if quick else (32, 256, 56, 56)
     r = np.random.default_rng(0)
     n = int(np.prod(shape))
     isz = np.dtype(dtype).itemsize
@@ -32,13 +33,13 @@ def cases(dev: pymetalnn.Device, shape: tuple, dtype) -> list[dict]:
     b_np = (r.standard_normal(shape) + 4).astype(dtype)
     w_np = (r.standard_normal(wshape) + 4).astype(dtype)
     a, b, g, w = (pymetalnn.tensor(v, dev) for v in (a_np, b_np, a_np * dtype(0.5), w_np))
-    copy = membw.copy_bandwidth(dev, n * isz)
-    torch_ok = membw.torch_available(dev)
+    copy = common.copy_gbs(dev, n * isz)
+    torch_ok = common.torch_available(dev)
     rows = []
     if torch_ok:
         import torch
 
-        ta, tb, tg, tw = (membw.torch_view(dev, t) for t in (a, b, g, w))
+        ta, tb, tg, tw = (common.torch_view(dev, t) for t in (a, b, g, w))
         to, to2 = torch.empty_like(ta), torch.empty_like(ta)
         peers = {
             "add": lambda: torch.add(ta, tb, out=to),
@@ -82,23 +83,13 @@ def cases(dev: pymetalnn.Device, shape: tuple, dtype) -> list[dict]:
         "sum_bwd": (lambda: F.sum_backward(w, a, (0, 2, 3), keepdim=True), n),
     }
     for name, (fn, elems) in ours.items():
-        rows.append(membw.case(dev, name, dtype, shape, elems * isz, copy, fn, peers.get(name),
-                               peer_name))
+        rows.append(membound.case(dev, name, dtype, shape, elems * isz, copy, fn, peers.get(name),
+                                  peer_name))
     return rows
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--backend", choices=["cpu", "cuda", "metal"], default=None)
-    ap.add_argument("--quick", action="store_true", help="small shapes")
-    args = ap.parse_args()
-    dev = pymetalnn.device(args.backend)
-    shape = (4, 32, 20, 20) if args.quick else (32, 256, 56, 56)
-    rows = []
-    for dtype in (np.float32, np.float16):
-        rows.extend(cases(dev, shape, dtype))
-    membw.report("arith", dev, rows)
-    return 0
+    return membound.run_dtypes("arith", __doc__, cases)
 
 
 if __name__ == "__main__":

@@ -19,7 +19,6 @@ peer is PyTorch on the cpu when importable.
 """
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 from typing import Any, Callable
@@ -195,9 +194,7 @@ COLS = ["shape", "op", "prec", "kernels", "ms", "spread", "GFLOP/s", "torch_ms",
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--backend", choices=["cpu", "cuda", "metal"], default=None)
-    ap.add_argument("--quick", action="store_true", help="small shapes (runs on cpu too)")
+    ap = common.parser(__doc__, quick_help="small shapes (runs on cpu too)")
     ap.add_argument("--precision", nargs="*", default=list(PRECISIONS), choices=list(PRECISIONS))
     ap.add_argument("--shape", nargs="*", default=None, help="names of shapes to run")
     args = ap.parse_args()
@@ -210,8 +207,7 @@ def main() -> int:
         rows.extend(bench_shape(dev, s, args.precision, args.quick))
     for r in rows:
         r["backend"] = common.device_label(dev)
-    common.print_table(rows, COLS)
-    print("results:", common.write_results(f"conv_{dev.name}{'_quick' if args.quick else ''}", rows))
+    common.report(rows, COLS, f"conv_{dev.name}{'_quick' if args.quick else ''}")
     return 0
 
 

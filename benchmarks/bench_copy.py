@@ -10,14 +10,14 @@ for the batch-first <-> time-major transposition, (T, N, F) = (64, 128, 3136) fo
 """
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import membw  # noqa: E402
+import common  # noqa: E402
+import membound  # noqa: E402
 
 import pymetalnn  # noqa: E402
 from pymetalnn import functional as F  # noqa: E402
@@ -41,7 +41,7 @@ def cases(dev: pymetalnn.Device, quick: bool, dtype) -> list[dict]:
     q_np = r.standard_normal(seq_tn).astype(dtype)
     q = pymetalnn.tensor(q_np, dev)
     steps = [pymetalnn.tensor(v, dev) for v in q_np]  # separate buffers, as an LSTM makes them
-    copy = membw.copy_bandwidth(dev, n * isz)
+    copy = common.copy_gbs(dev, n * isz)
     other = np.float16 if dtype == np.float32 else np.float32
     ours = {
         "copy": (lambda: F.copy(x), 2 * n * isz),
@@ -59,14 +59,14 @@ def cases(dev: pymetalnn.Device, quick: bool, dtype) -> list[dict]:
     }
     peers: dict = {}
     peer_name = "-"
-    if membw.torch_available(dev):
+    if common.torch_available(dev):
         import torch
 
-        tx = membw.torch_view(dev, x)
-        th = [membw.torch_view(dev, t) for t in halves]
-        tnhwc = membw.torch_view(dev, nhwc).view(n_, h_, w_, c_)
-        ts, ttm, tq = (membw.torch_view(dev, t) for t in (s, tm, q))
-        tsteps = [membw.torch_view(dev, t) for t in steps]
+        tx = common.torch_view(dev, x)
+        th = [common.torch_view(dev, t) for t in halves]
+        tnhwc = common.torch_view(dev, nhwc).view(n_, h_, w_, c_)
+        ts, ttm, tq = (common.torch_view(dev, t) for t in (s, tm, q))
+        tsteps = [common.torch_view(dev, t) for t in steps]
         tdt = torch.float16 if other == np.float16 else torch.float32
         o, oc = torch.empty_like(tx), torch.empty(img, dtype=tdt, device="cuda")
         os_, otm = torch.empty_like(ts), torch.empty_like(ttm)
@@ -104,7 +104,7 @@ def cases(dev: pymetalnn.Device, quick: bool, dtype) -> list[dict]:
         peer_name = "numpy"
     rows = []
     for name, (fn, nbytes) in ours.items():
-        rows.append(membw.case(dev, name, dtype, img, nbytes, copy, fn, peers.get(name), peer_name))
+        rows.append(membound.case(dev, name, dtype, img, nbytes, copy, fn, peers.get(name), peer_name))
     for row in rows:
         if row["bench"].startswith(("to_time", "sequence", "list")):
             row["shape"] = "x".join(map(str, seq_nt if row["bench"].startswith("to_") else seq_tn))
@@ -112,16 +112,7 @@ def cases(dev: pymetalnn.Device, quick: bool, dtype) -> list[dict]:
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--backend", choices=["cpu", "cuda", "metal"], default=None)
-    ap.add_argument("--quick", action="store_true", help="small shapes")
-    args = ap.parse_args()
-    dev = pymetalnn.device(args.backend)
-    rows = []
-    for dtype in (np.float32, np.float16):
-        rows.extend(cases(dev, args.quick, dtype))
-    membw.report("copy", dev, rows)
-    return 0
+    return membound.run_dtypes("copy", __doc__, cases)
 
 
 if __name__ == "__main__":

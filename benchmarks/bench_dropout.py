@@ -10,14 +10,14 @@ Shape: 32x256x56x56, p = 0.5; --quick: 4x32x20x20.
 """
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import membw  # noqa: E402
+import common  # noqa: E402
+import membound  # noqa: E402
 
 import pymetalnn  # noqa: E402
 from pymetalnn import functional as F  # noqa: E402
@@ -25,13 +25,14 @@ from pymetalnn import functional as F  # noqa: E402
 P = 0.5
 
 
-def cases(dev: pymetalnn.Device, shape: tuple, dtype) -> list[dict]:
+def cases(dev: pymetalnn.Device, quick: bool, dtype) -> list[dict]:
+    shape = (4, 32, 20, 20) if quick else (32, 256, 56, 56)
     r = np.random.default_rng(0)
     n = int(np.prod(shape))
     isz = np.dtype(dtype).itemsize
     x_np = r.standard_normal(shape).astype(dtype)
     x = pymetalnn.tensor(x_np, dev)
-    copy = membw.copy_bandwidth(dev, n * isz)
+    copy = common.copy_gbs(dev, n * isz)
     ours = {
         "dropout": lambda: F.dropout(x, P, seed=1, offset=0),
         "dropout_bwd": lambda: F.dropout_backward(x, P, seed=1, offset=0),
@@ -40,10 +41,10 @@ def cases(dev: pymetalnn.Device, shape: tuple, dtype) -> list[dict]:
     }
     peers: dict = {}
     peer_name = "-"
-    if membw.torch_available(dev):
+    if common.torch_available(dev):
         import torch
 
-        tx = membw.torch_view(dev, x)
+        tx = common.torch_view(dev, x)
         _, mask = torch.ops.aten.native_dropout(tx, P, True)
         peers = {
             "dropout": lambda: torch.ops.aten.native_dropout(tx, P, True),
@@ -61,22 +62,12 @@ def cases(dev: pymetalnn.Device, shape: tuple, dtype) -> list[dict]:
             "dropout2d": lambda: x_np * ((rng.random(shape[:2] + (1, 1)) >= P) * scale).astype(dtype),
         }
         peer_name = "numpy"
-    return [membw.case(dev, name, dtype, shape, 2 * n * isz, copy, fn, peers.get(name), peer_name)
+    return [membound.case(dev, name, dtype, shape, 2 * n * isz, copy, fn, peers.get(name), peer_name)
             for name, fn in ours.items()]
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--backend", choices=["cpu", "cuda", "metal"], default=None)
-    ap.add_argument("--quick", action="store_true", help="small shapes")
-    args = ap.parse_args()
-    dev = pymetalnn.device(args.backend)
-    shape = (4, 32, 20, 20) if args.quick else (32, 256, 56, 56)
-    rows = []
-    for dtype in (np.float32, np.float16):
-        rows.extend(cases(dev, shape, dtype))
-    membw.report("dropout", dev, rows)
-    return 0
+    return membound.run_dtypes("dropout", __doc__, cases)
 
 
 if __name__ == "__main__":

@@ -12,7 +12,6 @@ On cpu (--quick: batch 32, 512 -> 512) the peer is numpy float32.
 """
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 
@@ -35,15 +34,7 @@ def _check(got: np.ndarray, want: np.ndarray, scale: float, var: str, what: str)
 
 
 def bench(dev: pymetalnn.Device, batch: int, fin: int, fout: int, quick: bool) -> list[dict]:
-    torch = None
-    if dev.name == "cuda":
-        try:
-            import torch  # noqa: PLC0415
-
-            torch.backends.cuda.matmul.allow_tf32 = False
-            torch.backends.cudnn.allow_tf32 = False
-        except ImportError:
-            torch = None
+    torch = common.cuda_torch(dev)
     rng = np.random.default_rng(0)
     x32 = rng.standard_normal((batch, fin)).astype(np.float32)
     w32 = (rng.standard_normal((fout, fin)) / np.sqrt(fin)).astype(np.float32)
@@ -133,18 +124,14 @@ def _peer(dev, torch, var, what, x, w, b, g, tx, tw, tb, tg, timeit):
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--backend", choices=["cpu", "cuda", "metal"], default=None)
-    ap.add_argument("--quick", action="store_true", help="batch 32, 512 -> 512")
-    args = ap.parse_args()
+    args = common.parser(__doc__, quick_help="batch 32, 512 -> 512").parse_args()
     dev = pymetalnn.device(args.backend)
     if args.quick:
         rows = bench(dev, 32, 512, 512, True)
     else:
         rows = bench(dev, 256, 4096, 4096, False)
-    common.print_table(rows, ["bench", "variant", "backend", "ms", "spread", "TFLOP/s", "peer",
-                              "peer_ms", "x_peer", "x_ours_fp32", "target"])
-    print("results:", common.write_results(f"gemm_{dev.name}", rows))
+    common.report(rows, ["bench", "variant", "backend", "ms", "spread", "TFLOP/s", "peer", "peer_ms",
+                         "x_peer", "x_ours_fp32", "target"], f"gemm_{dev.name}")
     return 0
 
 

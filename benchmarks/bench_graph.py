@@ -23,7 +23,6 @@ vs the naive sum of the intermediate tensors).
 """
 from __future__ import annotations
 
-import argparse
 import os
 import statistics
 import sys
@@ -96,9 +95,7 @@ def rate(run_steps: Callable[[int], Any], sync: Callable[[], Any], steps: int, r
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--backend", default=None)
-    ap.add_argument("--quick", action="store_true")
+    ap = common.parser(__doc__)
     ap.add_argument("--batch", type=int, default=None)
     ap.add_argument("--steps", type=int, default=None)
     ap.add_argument("--repeats", type=int, default=None)
@@ -178,12 +175,10 @@ def main() -> None:
     rows.append({"bench": "memory_plan", "backend": label, "batch": batch,
                  "peak_MiB": rep.planned / 2**20 if rep else None,
                  "note": str(rep) if rep else "no plan"})
-    common.print_table(rows, COLS)
+    common.report(rows, COLS, f"graph_{dev.name}")
     print(f"\ndevice: {label}; {torch_note}")
     for line in tg.log:
         print("graph:", line)
-    path = common.write_results(f"graph_{dev.name}", rows)
-    print(f"results: {path}")
 
 
 if __name__ == "__main__":

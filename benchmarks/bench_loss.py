@@ -13,7 +13,6 @@ On cpu the peer is numpy doing the same arithmetic.
 """
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 
@@ -51,18 +50,18 @@ def bench_cross_entropy(dev: pm.Device, shape: tuple, dtype, quick: bool) -> lis
     y = F.class_labels(y_np, shape[1], device=dev)
     y_plain = pm.tensor(y_np, dev)
     nb_x, nb_y = x.nbytes, y.nbytes
-    copy = membound.copy_gbs(dev, nb_x, quick)
+    copy = common.copy_gbs(dev, nb_x)
     fwd = lambda: F.cross_entropy(x, y)  # noqa: E731
     bwd = lambda: F.cross_entropy_backward(1.0, x, y)  # noqa: E731
     both = lambda: (fwd(), bwd())  # noqa: E731
-    sec_f, spr_f = membound.timeit(dev, fwd, quick)
-    sec_b, spr_b = membound.timeit(dev, bwd, quick)
-    sec_fb, spr_fb = membound.timeit(dev, both, quick)
-    sec_pl, spr_pl = membound.timeit(
+    sec_f, spr_f = common.time_on(dev, fwd, quick)
+    sec_b, spr_b = common.time_on(dev, bwd, quick)
+    sec_fb, spr_fb = common.time_on(dev, both, quick)
+    sec_pl, spr_pl = common.time_on(
         dev, lambda: (F.cross_entropy(x, y_plain), F.cross_entropy_backward(1.0, x, y_plain)), quick)
     peer = pf = pb = pfb = None
     if dev.name == "cuda":
-        xt, yt = membound.torch_cuda(dev, x), membound.torch_cuda(dev, y)
+        xt, yt = common.torch_view(dev, x), common.torch_view(dev, y)
         if xt is not None:
             import torch
 
@@ -76,15 +75,15 @@ def bench_cross_entropy(dev: pm.Device, shape: tuple, dtype, quick: bool) -> lis
                 torch.autograd.grad(loss, xr)
 
             peer = "torch F.cross_entropy"
-            pf, _ = membound.timeit(dev, lambda: torch.nn.functional.cross_entropy(xr, yl), quick)
-            pfb, _ = membound.timeit(dev, t_both, quick)
+            pf, _ = common.time_on(dev, lambda: torch.nn.functional.cross_entropy(xr, yl), quick)
+            pfb, _ = common.time_on(dev, t_both, quick)
             pb = max(pfb - pf, 1e-9)
     else:
         xf = x_np.astype(np.float32)
         assert abs(_np_ce(xf, y_np, False) - float(fwd().numpy())) < 1e-3
         peer = "numpy"
-        pf, _ = membound.timeit(dev, lambda: _np_ce(xf, y_np, False), quick)
-        pb, _ = membound.timeit(dev, lambda: _np_ce(xf, y_np, True), quick)
+        pf, _ = common.time_on(dev, lambda: _np_ce(xf, y_np, False), quick)
+        pb, _ = common.time_on(dev, lambda: _np_ce(xf, y_np, True), quick)
         pfb = pf + pb
     tgt = "fwd+bwd >= torch" if shape == (4096, 1000) else "-"
     return [
@@ -105,14 +104,14 @@ def bench_pointwise(dev: pm.Device, name: str, shape: tuple, dtype, quick: bool)
     t_np = (rng.uniform(0, 1, shape) if name == "bce" else rng.standard_normal(shape)).astype(dtype)
     x, t = pm.tensor(x_np, dev), pm.tensor(t_np, dev)
     nb = x.nbytes
-    copy = membound.copy_gbs(dev, nb, quick)
+    copy = common.copy_gbs(dev, nb)
     ours_f = F.binary_cross_entropy_with_logits if name == "bce" else F.mse_loss
     ours_b = F.binary_cross_entropy_with_logits_backward if name == "bce" else F.mse_loss_backward
-    sec_f, spr_f = membound.timeit(dev, lambda: ours_f(x, t), quick)
-    sec_b, spr_b = membound.timeit(dev, lambda: ours_b(1.0, x, t), quick)
+    sec_f, spr_f = common.time_on(dev, lambda: ours_f(x, t), quick)
+    sec_b, spr_b = common.time_on(dev, lambda: ours_b(1.0, x, t), quick)
     peer = pf = pb = None
     if dev.name == "cuda":
-        xt, tt = membound.torch_cuda(dev, x), membound.torch_cuda(dev, t)
+        xt, tt = common.torch_view(dev, x), common.torch_view(dev, t)
         if xt is not None:
             import torch
 
@@ -124,8 +123,8 @@ def bench_pointwise(dev: pm.Device, name: str, shape: tuple, dtype, quick: bool)
                 torch.autograd.grad(f(xr, tt), xr)
 
             peer = "torch"
-            pf, _ = membound.timeit(dev, lambda: f(xr, tt), quick)
-            pfb, _ = membound.timeit(dev, t_both, quick)
+            pf, _ = common.time_on(dev, lambda: f(xr, tt), quick)
+            pfb, _ = common.time_on(dev, t_both, quick)
             pb = max(pfb - pf, 1e-9)
     else:
         xf, tf32 = x_np.astype(np.float32), t_np.astype(np.float32)
@@ -137,8 +136,8 @@ def bench_pointwise(dev: pm.Device, name: str, shape: tuple, dtype, quick: bool)
             npb = lambda: 2 * (xf - tf32) / xf.size  # noqa: E731
         assert abs(npf() - float(ours_f(x, t).numpy())) < 1e-3
         peer = "numpy"
-        pf, _ = membound.timeit(dev, npf, quick)
-        pb, _ = membound.timeit(dev, npb, quick)
+        pf, _ = common.time_on(dev, npf, quick)
+        pb, _ = common.time_on(dev, npb, quick)
     tgt = ">= 0.85 of copy" if shape == (32, 256, 56, 56) else "-"
     label = "bce_with_logits" if name == "bce" else "mse_loss"
     return [membound.row(f"{label} fwd (mean)", dev, dtype, shape, 2 * nb, sec_f, spr_f, copy, peer,
@@ -147,10 +146,7 @@ def bench_pointwise(dev: pm.Device, name: str, shape: tuple, dtype, quick: bool)
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--backend", choices=["cpu", "cuda", "metal"], default=None)
-    ap.add_argument("--quick", action="store_true", help="small shapes")
-    args = ap.parse_args()
+    args = common.parser(__doc__).parse_args()
     dev = pm.device(args.backend)
     if dev.name == "cuda" and not args.quick:
         ce_shapes, pw_shape = [(4096, 1000), (32, 256, 56, 56)], (32, 256, 56, 56)
@@ -166,9 +162,7 @@ def main() -> int:
             rows.extend(bench_cross_entropy(dev, shape, dtype, args.quick))
         for name in ("mse", "bce"):
             rows.extend(bench_pointwise(dev, name, pw_shape, dtype, args.quick))
-    print(f"backend: {common.device_label(dev)}")
-    common.print_table(rows, membound.COLUMNS)
-    print("results:", common.write_results(f"loss_{dev.name}", rows))
+    common.report(rows, membound.COLUMNS, f"loss_{dev.name}", f"# loss on {common.device_label(dev)}")
     return 0
 
 

@@ -14,7 +14,6 @@ not the kernel's. `alloc_seconds` is the same op allocating a fresh output each 
 """
 from __future__ import annotations
 
-import argparse
 import contextlib
 import math
 import os
@@ -148,16 +147,16 @@ def bench_one(dev: pymetalnn.Device, name: str, dtype: Any, shape: tuple, quick:
     x, g = pymetalnn.tensor(x_np, dev), pymetalnn.tensor(g_np, dev)
     n, isz = x.size, np.dtype(dtype).itemsize
     y, dx = fwd(x, **kw), bwd(g, x, **kw)  # compile and warm
-    alloc_f, _ = membound.timeit(dev, lambda: fwd(x, **kw), quick)
-    alloc_b, _ = membound.timeit(dev, lambda: bwd(g, x, **kw), quick)
+    alloc_f, _ = common.time_on(dev, lambda: fwd(x, **kw), quick)
+    alloc_b, _ = common.time_on(dev, lambda: bwd(g, x, **kw), quick)
     with reuse_outputs(nn):
-        sec_f, spr_f = membound.timeit(dev, lambda: fwd(x, **kw), quick)
-        sec_b, spr_b = membound.timeit(dev, lambda: bwd(g, x, **kw), quick)
+        sec_f, spr_f = common.time_on(dev, lambda: fwd(x, **kw), quick)
+        sec_b, spr_b = common.time_on(dev, lambda: bwd(g, x, **kw), quick)
     peer, pf, pb = None, None, None
     if dev.name == "cuda":
-        tx = membound.torch_cuda(dev, x)
+        tx = common.torch_view(dev, x)
         if tx is not None:
-            tg = membound.torch_cuda(dev, g)
+            tg = common.torch_view(dev, g)
             t_fwd, t_bwd = torch_ops(name, kw)
             ty = t_fwd(tx)
             t_in = ty if name in ("sigmoid", "tanh") else tx  # aten's sigmoid/tanh_backward take y
@@ -167,8 +166,8 @@ def bench_one(dev: pymetalnn.Device, name: str, dtype: Any, shape: tuple, quick:
             np.testing.assert_allclose(dx.numpy().astype(np.float32),
                                        t_bwd(tg, t_in).float().cpu().numpy(), rtol=tol, atol=tol)
             peer = "torch"
-            pf, _ = membound.timeit(dev, lambda: t_fwd(tx), quick)
-            pb, _ = membound.timeit(dev, lambda: t_bwd(tg, t_in), quick)
+            pf, _ = common.time_on(dev, lambda: t_fwd(tx), quick)
+            pb, _ = common.time_on(dev, lambda: t_bwd(tg, t_in), quick)
     else:
         fns = numpy_ops(name, kw)
         if fns is not None:
@@ -186,9 +185,7 @@ def bench_one(dev: pymetalnn.Device, name: str, dtype: Any, shape: tuple, quick:
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--backend", choices=["cpu", "cuda"], default=None)
-    ap.add_argument("--quick", action="store_true", help="small shapes")
+    ap = common.parser(__doc__, backends=("cpu", "cuda"))
     ap.add_argument("--ops", default=",".join(OPS), help="comma-separated subset of " + ",".join(OPS))
     args = ap.parse_args()
     dev = pymetalnn.device(args.backend)
@@ -196,11 +193,10 @@ def main() -> int:
     print(f"neuron benchmarks on {common.device_label(dev)}, shape {shape}")
     rows: list[dict] = []
     for dtype in (np.float32, np.float16):
-        copy = membound.copy_gbs(dev, int(np.prod(shape)) * np.dtype(dtype).itemsize, args.quick)
+        copy = common.copy_gbs(dev, int(np.prod(shape)) * np.dtype(dtype).itemsize)
         for name in args.ops.split(","):
             rows.extend(bench_one(dev, name, dtype, shape, args.quick, copy))
-    common.print_table(rows, [*membound.COLUMNS[:5], "alloc_seconds", *membound.COLUMNS[5:]])
-    print("results:", common.write_results(f"neuron_{dev.name}", rows))
+    common.report(rows, membound.COLUMNS_ALLOC, f"neuron_{dev.name}")
     return 0
 
 

@@ -17,7 +17,6 @@ On cpu the peer is numpy doing the same arithmetic.
 """
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 
@@ -50,17 +49,22 @@ def _np_bn_bwd(dy: np.ndarray, x: np.ndarray, w: np.ndarray) -> np.ndarray:
                                - xh * (dy * xh).sum(axis=ax, keepdims=True) / mcount)
 
 
+def _inputs(dev: pm.Device, shape: tuple, dtype, seed: int) -> tuple[tuple, tuple]:
+    """x and dy of `shape` in `dtype`, per-channel float32 weight and bias: as numpy arrays and as
+    tensors on `dev`."""
+    rng = np.random.default_rng(seed)
+    arrays = (rng.standard_normal(shape).astype(dtype), rng.standard_normal(shape).astype(dtype),
+              rng.standard_normal(shape[1]).astype(np.float32),
+              rng.standard_normal(shape[1]).astype(np.float32))
+    return arrays, tuple(pm.tensor(a, dev) for a in arrays)
+
+
 def bench_batch_norm(dev: pm.Device, shape: tuple, dtype, quick: bool) -> list[dict]:
-    rng = np.random.default_rng(0)
     c = shape[1]
-    x_np = rng.standard_normal(shape).astype(dtype)
-    g_np = rng.standard_normal(shape).astype(dtype)
-    w_np, b_np = rng.standard_normal(c).astype(np.float32), rng.standard_normal(c).astype(np.float32)
-    x, g = pm.tensor(x_np, dev), pm.tensor(g_np, dev)
-    w, b = pm.tensor(w_np, dev), pm.tensor(b_np, dev)
+    (x_np, g_np, w_np, b_np), (x, g, w, b) = _inputs(dev, shape, dtype, 0)
     rm, rv = pm.tensor(np.zeros(c, np.float32), dev), pm.tensor(np.ones(c, np.float32), dev)
     nb = x.nbytes
-    copy = membound.copy_gbs(dev, nb, quick)
+    copy = common.copy_gbs(dev, nb)
     _, sm, si = F.batch_norm_with_stats(x, rm, rv, w, b, True)
 
     def fwd() -> None:
@@ -76,21 +80,21 @@ def bench_batch_norm(dev: pm.Device, shape: tuple, dtype, quick: bool) -> list[d
     def evalf() -> None:
         F.batch_norm(x, rm, rv, w, b, False)
 
-    times = {k: membound.timeit(dev, f, quick) for k, f in
+    times = {k: common.time_on(dev, f, quick) for k, f in
              (("fwd", fwd), ("bwd", bwd), ("fwd+bwd", both), ("eval", evalf))}
     peer, pt = None, {}
     if dev.name == "cuda":
-        xt, gt = membound.torch_cuda(dev, x), membound.torch_cuda(dev, g)
+        xt, gt = common.torch_view(dev, x), common.torch_view(dev, g)
         if xt is not None:
             import torch
 
             tf = torch.nn.functional
-            wt = membound.torch_cuda(dev, w).clone().requires_grad_(True)
-            bt = membound.torch_cuda(dev, b).clone().requires_grad_(True)
+            wt = common.torch_view(dev, w).clone().requires_grad_(True)
+            bt = common.torch_view(dev, b).clone().requires_grad_(True)
             trm, trv = torch.zeros(c, device="cuda"), torch.ones(c, device="cuda")
             xr = xt.detach().clone().requires_grad_(True)
             ref = tf.batch_norm(xt.float(), trm.clone(), trv.clone(), wt, bt, True)
-            ours = membound.torch_cuda(dev, F.batch_norm(x, pm.tensor(np.zeros(c, np.float32), dev),
+            ours = common.torch_view(dev, F.batch_norm(x, pm.tensor(np.zeros(c, np.float32), dev),
                                                          pm.tensor(np.ones(c, np.float32), dev), w, b,
                                                          True))
             assert (ref - ours.float()).abs().max().item() < (2e-2 if dtype == np.float16 else 1e-3)
@@ -101,10 +105,10 @@ def bench_batch_norm(dev: pm.Device, shape: tuple, dtype, quick: bool) -> list[d
 
             peer = "torch (cuDNN)"
             with torch.no_grad():
-                pt["fwd"], _ = membound.timeit(dev, lambda: tf.batch_norm(xt, trm, trv, wt, bt, True), quick)
-                pt["eval"], _ = membound.timeit(dev, lambda: tf.batch_norm(xt, trm, trv, wt, bt, False),
+                pt["fwd"], _ = common.time_on(dev, lambda: tf.batch_norm(xt, trm, trv, wt, bt, True), quick)
+                pt["eval"], _ = common.time_on(dev, lambda: tf.batch_norm(xt, trm, trv, wt, bt, False),
                                                 quick)
-            pt["fwd+bwd"], _ = membound.timeit(dev, t_both, quick)
+            pt["fwd+bwd"], _ = common.time_on(dev, t_both, quick)
             pt["bwd"] = max(pt["fwd+bwd"] - pt["fwd"], 1e-9)
     else:
         xf, gf = x_np.astype(np.float32), g_np.astype(np.float32)
@@ -112,8 +116,8 @@ def bench_batch_norm(dev: pm.Device, shape: tuple, dtype, quick: bool) -> list[d
                                                             pm.tensor(np.ones(c, np.float32), dev), w, b,
                                                             True).numpy()).max() < 5e-2
         peer = "numpy"
-        pt["fwd"], _ = membound.timeit(dev, lambda: _np_bn(xf, w_np, b_np), quick)
-        pt["bwd"], _ = membound.timeit(dev, lambda: _np_bn_bwd(gf, xf, w_np), quick)
+        pt["fwd"], _ = common.time_on(dev, lambda: _np_bn(xf, w_np, b_np), quick)
+        pt["bwd"], _ = common.time_on(dev, lambda: _np_bn_bwd(gf, xf, w_np), quick)
         pt["fwd+bwd"] = pt["fwd"] + pt["bwd"]
         pt["eval"] = pt["fwd"]
     target = {"fwd+bwd": ">= torch"}
@@ -124,29 +128,23 @@ def bench_batch_norm(dev: pm.Device, shape: tuple, dtype, quick: bool) -> list[d
 
 
 def bench_group_norm(dev: pm.Device, shape: tuple, groups: int, dtype, quick: bool) -> list[dict]:
-    rng = np.random.default_rng(1)
-    c = shape[1]
-    x_np = rng.standard_normal(shape).astype(dtype)
-    g_np = rng.standard_normal(shape).astype(dtype)
-    w_np, b_np = rng.standard_normal(c).astype(np.float32), rng.standard_normal(c).astype(np.float32)
-    x, g = pm.tensor(x_np, dev), pm.tensor(g_np, dev)
-    w, b = pm.tensor(w_np, dev), pm.tensor(b_np, dev)
+    (x_np, _, w_np, b_np), (x, g, w, b) = _inputs(dev, shape, dtype, 1)
     nb = x.nbytes
-    copy = membound.copy_gbs(dev, nb, quick)
+    copy = common.copy_gbs(dev, nb)
     _, sm, sr = F.group_norm_with_stats(x, groups, w, b)
-    sec_f, spr_f = membound.timeit(dev, lambda: F.group_norm_with_stats(x, groups, w, b), quick)
-    sec_b, spr_b = membound.timeit(
+    sec_f, spr_f = common.time_on(dev, lambda: F.group_norm_with_stats(x, groups, w, b), quick)
+    sec_b, spr_b = common.time_on(
         dev, lambda: F.group_norm_backward(g, x, groups, w, b, save_mean=sm, save_rstd=sr), quick)
     peer = pf = pb = None
     if dev.name == "cuda":
-        xt, gt = membound.torch_cuda(dev, x), membound.torch_cuda(dev, g)
+        xt, gt = common.torch_view(dev, x), common.torch_view(dev, g)
         if xt is not None:
             import torch
 
             tf = torch.nn.functional
             # torch's CUDA group norm wants weight and bias in the input's dtype
-            wt = membound.torch_cuda(dev, w).to(xt.dtype).requires_grad_(True)
-            bt = membound.torch_cuda(dev, b).to(xt.dtype).requires_grad_(True)
+            wt = common.torch_view(dev, w).to(xt.dtype).requires_grad_(True)
+            bt = common.torch_view(dev, b).to(xt.dtype).requires_grad_(True)
             xr = xt.detach().clone().requires_grad_(True)
 
             def t_both() -> None:
@@ -154,8 +152,8 @@ def bench_group_norm(dev: pm.Device, shape: tuple, groups: int, dtype, quick: bo
 
             peer = "torch"
             with torch.no_grad():
-                pf, _ = membound.timeit(dev, lambda: tf.group_norm(xt, groups, wt, bt), quick)
-            pfb, _ = membound.timeit(dev, t_both, quick)
+                pf, _ = common.time_on(dev, lambda: tf.group_norm(xt, groups, wt, bt), quick)
+            pfb, _ = common.time_on(dev, t_both, quick)
             pb = max(pfb - pf, 1e-9)
     else:
         xf = x_np.astype(np.float32)
@@ -167,7 +165,7 @@ def bench_group_norm(dev: pm.Device, shape: tuple, groups: int, dtype, quick: bo
 
         assert np.abs(np_gn() - F.group_norm(x, groups, w, b).numpy().astype(np.float32)).max() < 5e-2
         peer = "numpy (fwd only)"
-        pf, _ = membound.timeit(dev, np_gn, quick)
+        pf, _ = common.time_on(dev, np_gn, quick)
     return [membound.row(f"group_norm G={groups} fwd", dev, dtype, shape, 2 * nb, sec_f, spr_f, copy,
                          peer, pf),
             membound.row(f"group_norm G={groups} bwd", dev, dtype, shape, 3 * nb, sec_b, spr_b, copy,
@@ -175,12 +173,9 @@ def bench_group_norm(dev: pm.Device, shape: tuple, groups: int, dtype, quick: bo
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--backend", choices=["cpu", "cuda", "metal"], default=None)
-    ap.add_argument("--quick", action="store_true", help="small shapes")
-    args = ap.parse_args()
+    args = common.parser(__doc__).parse_args()
     dev = pm.device(args.backend)
-    membound.torch_disable_tf32()
+    common.disable_tf32()
     if dev.name == "cuda":
         bn_shapes = [(8, 64, 56, 56), (256, 1024)] if args.quick else \
             [(32, 256, 56, 56), (32, 64, 112, 112), (256, 1024)]
@@ -193,9 +188,7 @@ def main() -> int:
         for shape in bn_shapes:
             rows.extend(bench_batch_norm(dev, shape, dtype, args.quick))
         rows.extend(bench_group_norm(dev, gn_shape, 8 if args.quick else 32, dtype, args.quick))
-    print(f"backend: {common.device_label(dev)}")
-    common.print_table(rows, membound.COLUMNS)
-    print("results:", common.write_results(f"norm_{dev.name}", rows))
+    common.report(rows, membound.COLUMNS, f"norm_{dev.name}", f"# norm on {common.device_label(dev)}")
     return 0
 
 

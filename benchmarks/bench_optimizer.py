@@ -16,10 +16,9 @@ Sizes: 100M parameters as 10 tensors of 10M (cuda); --quick: 4 tensors of 262147
 """
 from __future__ import annotations
 
-import argparse
 import os
 import sys
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 
@@ -31,13 +30,6 @@ from pymetalnn import optim  # noqa: E402
 
 COLS = ["bench", "backend", "params", "seconds", "spread", "GB/s", "copy_GB/s", "ratio_vs_copy",
         "torch_foreach_s", "speedup_vs_foreach", "torch_fused_s", "speedup_vs_fused"]
-
-
-def timer(dev: pm.Device) -> Callable[[Callable[[], Any]], tuple[float, float]]:
-    return lambda fn: common.time_on(dev, fn)
-
-
-copy_bandwidth = common.copy_gbs
 
 
 def random_tensor(dev: pm.Device, n: int, dtype: Any, seed: int) -> pm.Tensor:
@@ -106,7 +98,6 @@ def torch_peer(dev: pm.Device, kind: str, sizes: list[int]) -> tuple[float | Non
 
 
 def bench(dev: pm.Device, sizes: list[int], copy_gbs: float) -> list[dict]:
-    t = timer(dev)
     total = sum(sizes)
     rows = []
     specs = [
@@ -128,7 +119,7 @@ def bench(dev: pm.Device, sizes: list[int], copy_gbs: float) -> list[dict]:
         if kind != "adam_clip":
             w1 = opt.state[0]["master"] if dtype == np.float16 else ps[0]
             check_first_step(kind, w0, g0, w1.numpy()[:k])
-        med, spread = t(lambda opt=opt, gs=gs: opt.step(gs))
+        med, spread = common.time_on(dev, lambda opt=opt, gs=gs: opt.step(gs))
         gbs = bpe * total / med / 1e9
         row = {"bench": label, "backend": common.device_label(dev),
                "params": f"{len(sizes)}x{sizes[0]}", "seconds": med, "spread": spread,
@@ -146,18 +137,12 @@ def bench(dev: pm.Device, sizes: list[int], copy_gbs: float) -> list[dict]:
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--backend", choices=["cpu", "cuda"], default=None)
-    ap.add_argument("--quick", action="store_true", help="small sizes")
-    args = ap.parse_args()
+    args = common.parser(__doc__, quick_help="small sizes", backends=("cpu", "cuda")).parse_args()
     dev = pm.device(args.backend)
     sizes = [262147] * 4 if args.quick else [10_000_000] * 10
-    copy_gbs = copy_bandwidth(dev, (64 << 20) if args.quick else (1 << 30))
+    copy_gbs = common.copy_gbs(dev, (64 << 20) if args.quick else (1 << 30))
     rows = bench(dev, sizes, copy_gbs)
-    print(f"# optimizer step on {common.device_label(dev)}")
-    common.print_table(rows, COLS)
-    print("results:", common.write_results(f"optimizer_{dev.name}", rows))
+    common.report(rows, COLS, f"optimizer_{dev.name}", f"# optimizer step on {common.device_label(dev)}")
     return 0
 
 

@@ -20,7 +20,6 @@ one row per shape plus a total row per op (sum of the launches, as in the step's
 """
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 from typing import Any, Callable
@@ -63,7 +62,7 @@ class Case:
 
 
 def cases(dev: pymetalnn.Device, x: pymetalnn.Tensor, x_np: np.ndarray) -> list[Case]:
-    tx = membound.torch_cuda(dev, x) if dev.name == "cuda" else None
+    tx = common.torch_view(dev, x) if dev.name == "cuda" else None
     if tx is not None:
         import torch
 
@@ -78,7 +77,7 @@ def cases(dev: pymetalnn.Device, x: pymetalnn.Tensor, x_np: np.ndarray) -> list[
         m = y.size
         t_fwd = t_bwd = t_bwd_idx = t_afwd = t_abwd = None
         if tx is not None:
-            tg = membound.torch_cuda(dev, g)
+            tg = common.torch_view(dev, g)
             _, ti = F.max_pool2d(tx, k, s, p, return_indices=True)
             t_fwd = lambda tx=tx, k=k, s=s, p=p: F.max_pool2d(tx, k, s, p)
             t_bwd = t_bwd_idx = lambda tg=tg, tx=tx, ti=ti, k=k, s=s, p=p: \
@@ -117,7 +116,7 @@ def cases(dev: pymetalnn.Device, x: pymetalnn.Tensor, x_np: np.ndarray) -> list[
         ga = pymetalnn.tensor(np.ones(ya.shape, x.dtype), dev)
         taf = tab = None
         if tx is not None:
-            tga = membound.torch_cuda(dev, ga)
+            tga = common.torch_view(dev, ga)
             taf = lambda osz=osz: F.adaptive_avg_pool2d(tx, osz)
             tab = lambda tga=tga: aten._adaptive_avg_pool2d_backward(tga, tx)
         out.append(Case(name, lambda osz=osz: P.adaptive_avg_pool2d(x, osz),
@@ -130,20 +129,20 @@ def cases(dev: pymetalnn.Device, x: pymetalnn.Tensor, x_np: np.ndarray) -> list[
 def bench(dev: pymetalnn.Device, dtype: Any, shape: tuple, quick: bool) -> list[dict]:
     x_np = np.random.default_rng(0).standard_normal(shape, np.float32).astype(dtype)
     x = pymetalnn.tensor(x_np, dev)
-    copy = membound.copy_gbs(dev, x.nbytes, quick)
+    copy = common.copy_gbs(dev, x.nbytes)
     rows = []
     for c in cases(dev, x, x_np):
         peer, peer_fwd, peer_bwd = c.peers(dev.name == "cuda")
         for direction, fn, nbytes, peer_fn in (("fwd", c.fwd, c.fwd_bytes, peer_fwd),
                                                ("bwd", c.bwd, c.bwd_bytes, peer_bwd)):
             fn()  # compile, warm
-            alloc_sec, _ = membound.timeit(dev, fn, quick)
+            alloc_sec, _ = common.time_on(dev, fn, quick)
             with reuse_outputs(P):
-                sec, spread = membound.timeit(dev, fn, quick)
+                sec, spread = common.time_on(dev, fn, quick)
             peer_sec = None
             if peer_fn is not None:
                 peer_fn()
-                peer_sec = membound.timeit(dev, peer_fn, quick)[0] if dev.name == "cuda" else \
+                peer_sec = common.time_on(dev, peer_fn, quick)[0] if dev.name == "cuda" else \
                     common.time_host(peer_fn, lambda: None, 1, 3)[0]
             rows.append(membound.row(f"{c.name} {direction}", dev, dtype, shape, nbytes, sec, spread,
                                      copy, peer if peer_fn else None, peer_sec, ">= 0.85 copy"))
@@ -186,7 +185,7 @@ def bench_inception(dev: pymetalnn.Device, dtype: Any, quick: bool) -> list[dict
             nbytes = (y.size + x.size) * x.dtype.itemsize + (0 if avg else 4 * y.size)
             peer_fn = None
             if cuda:
-                tx, tg = membound.torch_cuda(dev, x), membound.torch_cuda(dev, g)
+                tx, tg = common.torch_view(dev, x), common.torch_view(dev, g)
                 if avg:
                     peer_fn = lambda tg=tg, tx=tx: aten.avg_pool2d_backward(
                         tg, tx, [3, 3], [1, 1], [1, 1], False, True, None)
@@ -196,12 +195,12 @@ def bench_inception(dev: pymetalnn.Device, dtype: Any, quick: bool) -> list[dict
                         tg, tx, [3, 3], [2, 2], [0, 0], [1, 1], False, ti)
             fn()  # compile, warm
             with reuse_outputs(P):
-                sec, spread = membound.timeit(dev, fn, quick)
+                sec, spread = common.time_on(dev, fn, quick)
             peer_sec = None
             if peer_fn is not None:
                 peer_fn()
-                peer_sec = membound.timeit(dev, peer_fn, quick)[0]
-            copy = membound.copy_gbs(dev, x.nbytes, quick)
+                peer_sec = common.time_on(dev, peer_fn, quick)[0]
+            copy = common.copy_gbs(dev, x.nbytes)
             rows.append(membound.row(f"inception {op}", dev, dtype, shape, nbytes, sec, spread, copy,
                                      "torch" if peer_fn else None, peer_sec, ">= 0.85 copy"))
             t = totals.setdefault(op, [0.0, 0.0, 0, 0.0])
@@ -226,9 +225,7 @@ def check(dev: pymetalnn.Device) -> None:
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--backend", choices=["cpu", "cuda"], default=None)
-    ap.add_argument("--quick", action="store_true", help="small shapes")
+    ap = common.parser(__doc__, backends=("cpu", "cuda"))
     ap.add_argument("--shapes", choices=["default", "inception"], default="default",
                     help="inception: the pooling gradients of an InceptionV3 step (batch 32)")
     args = ap.parse_args()
@@ -243,9 +240,8 @@ def main() -> int:
             rows.extend(bench_inception(dev, dtype, args.quick))
         else:
             rows.extend(bench(dev, dtype, shape, args.quick))
-    common.print_table(rows, [*membound.COLUMNS[:5], "alloc_seconds", *membound.COLUMNS[5:]])
     tag = "_inception" if args.shapes == "inception" else ""
-    print("results:", common.write_results(f"pool{tag}_{dev.name}", rows))
+    common.report(rows, membound.COLUMNS_ALLOC, f"pool{tag}_{dev.name}")
     return 0
 
 

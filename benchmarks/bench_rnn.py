@@ -20,7 +20,6 @@ Two timings of ours on cuda:
 """
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 from typing import Any, Callable
@@ -142,11 +141,7 @@ def bench_case(dev: pm.Device, name: str, T: int, N: int, Fin: int, H: int, dtyp
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--backend", choices=["cpu", "cuda", "metal"], default=None)
-    ap.add_argument("--quick", action="store_true", help="small shapes")
-    args = ap.parse_args()
+    args = common.parser(__doc__).parse_args()
     dev = pm.device(args.backend)
     if args.quick:
         cases = [("lstm", 20, 4, 32, 32), ("activity", 20, 8, 16, 24)]
@@ -157,10 +152,8 @@ def main() -> int:
     for name, T, N, Fin, H in cases:
         for dtype in (np.float32, np.float16):
             rows.extend(bench_case(dev, name, T, N, Fin, H, dtype, args.quick))
-    print(f"backend: {common.device_label(dev)}")
-    common.print_table(rows, COLUMNS)
-    print("results:", common.write_results(f"rnn_{dev.name}" + ("_quick" if args.quick else ""),
-                                           rows))
+    common.report(rows, COLUMNS, f"rnn_{dev.name}" + ("_quick" if args.quick else ""),
+                  f"# rnn on {common.device_label(dev)}")
     return 0
 
 

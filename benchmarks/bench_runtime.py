@@ -137,9 +137,7 @@ def bench_cuda(quick: bool) -> list[dict]:
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--backend", choices=["cpu", "cuda"], default=None)
-    ap.add_argument("--quick", action="store_true", help="small sizes")
+    ap = common.parser(__doc__, quick_help="small sizes", backends=("cpu", "cuda"))
     ap.add_argument("--one-worker", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
     rows: list[dict] = []
@@ -155,9 +153,8 @@ def main() -> int:
         rows.append(bench_cpu_elementwise((1 << 20) if args.quick else (1 << 24)))
     elif backend == "cuda":
         rows.extend(bench_cuda(args.quick))
-    common.print_table(rows, ["bench", "backend", "seconds", "spread", "GB/s", "peer", "peer_seconds",
-                              "ratio_vs_peer", "target"])
-    print("results:", common.write_results(f"runtime_{backend}", rows))
+    common.report(rows, ["bench", "backend", "seconds", "spread", "GB/s", "peer", "peer_seconds",
+                         "ratio_vs_peer", "target"], f"runtime_{backend}")
     return 0
 
 

@@ -11,7 +11,6 @@ On cpu the peer is numpy doing the same arithmetic.
 """
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 
@@ -42,18 +41,18 @@ def bench_op(dev: pm.Device, x_np: np.ndarray, g_np: np.ndarray, dim: int, log: 
              quick: bool) -> list[dict]:
     x, g = pm.tensor(x_np, dev), pm.tensor(g_np, dev)
     dtype, shape, nbytes = x_np.dtype, x_np.shape, x.nbytes
-    copy = membound.copy_gbs(dev, nbytes, quick)
+    copy = common.copy_gbs(dev, nbytes)
     target = ">= 0.85 of copy" if shape == (32, 256, 56, 56) else "-"
     name = "log_softmax" if log else "softmax"
     fwd = F.log_softmax if log else F.softmax
     bwd = F.log_softmax_backward if log else F.softmax_backward
     y = fwd(x, dim)
     dx = bwd(g, y, dim)
-    sec_f, spr_f = membound.timeit(dev, lambda: fwd(x, dim), quick)
-    sec_b, spr_b = membound.timeit(dev, lambda: bwd(g, y, dim), quick)
+    sec_f, spr_f = common.time_on(dev, lambda: fwd(x, dim), quick)
+    sec_b, spr_b = common.time_on(dev, lambda: bwd(g, y, dim), quick)
     peer = peer_f = peer_b = None
     if dev.name == "cuda":
-        xt, gt, yt = (membound.torch_cuda(dev, t) for t in (x, g, y))
+        xt, gt, yt = (common.torch_view(dev, t) for t in (x, g, y))
         if xt is not None:
             import torch
 
@@ -62,16 +61,16 @@ def bench_op(dev: pm.Device, x_np: np.ndarray, g_np: np.ndarray, dim: int, log: 
             err = (tf(xt, dim).float() - yt.float()).abs().max().item()
             assert err < (1e-2 if dtype == np.float16 else 1e-4), (name, err)
             peer = "torch"
-            peer_f, _ = membound.timeit(dev, lambda: tf(xt, dim), quick)
-            peer_b, _ = membound.timeit(dev, lambda: tb(gt, yt, dim, yt.dtype), quick)
+            peer_f, _ = common.time_on(dev, lambda: tf(xt, dim), quick)
+            peer_b, _ = common.time_on(dev, lambda: tb(gt, yt, dim, yt.dtype), quick)
     else:
         xf, gf = x_np.astype(np.float32), g_np.astype(np.float32)
         yf = y.numpy().astype(np.float32)
         assert np.abs(np_softmax(xf, dim, log) - yf).max() < 1e-2
         assert np.abs(np_softmax_bwd(gf, yf, dim, log) - dx.numpy().astype(np.float32)).max() < 5e-2
         peer = "numpy"
-        peer_f, _ = membound.timeit(dev, lambda: np_softmax(xf, dim, log), quick)
-        peer_b, _ = membound.timeit(dev, lambda: np_softmax_bwd(gf, yf, dim, log), quick)
+        peer_f, _ = common.time_on(dev, lambda: np_softmax(xf, dim, log), quick)
+        peer_b, _ = common.time_on(dev, lambda: np_softmax_bwd(gf, yf, dim, log), quick)
     return [membound.row(f"{name} fwd dim={dim}", dev, dtype, shape, 2 * nbytes, sec_f, spr_f,
                          copy, peer, peer_f, target),
             membound.row(f"{name} bwd dim={dim}", dev, dtype, shape, 3 * nbytes, sec_b, spr_b,
@@ -86,12 +85,9 @@ def bench_case(dev: pm.Device, shape: tuple, dim: int, dtype, quick: bool) -> li
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--backend", choices=["cpu", "cuda", "metal"], default=None)
-    ap.add_argument("--quick", action="store_true", help="small shapes")
-    args = ap.parse_args()
+    args = common.parser(__doc__).parse_args()
     dev = pm.device(args.backend)
-    membound.torch_disable_tf32()
+    common.disable_tf32()
     if dev.name == "cuda":
         cases = [((32, 256, 56, 56), 1), ((4096, 1000), 1)] if not args.quick else \
             [((8, 64, 56, 56), 1), ((1024, 1000), 1)]
@@ -102,9 +98,7 @@ def main() -> int:
     for shape, dim in cases:
         for dtype in (np.float32, np.float16):
             rows.extend(bench_case(dev, shape, dim, dtype, args.quick))
-    print(f"backend: {common.device_label(dev)}")
-    common.print_table(rows, membound.COLUMNS)
-    print("results:", common.write_results(f"softmax_{dev.name}", rows))
+    common.report(rows, membound.COLUMNS, f"softmax_{dev.name}", f"# softmax on {common.device_label(dev)}")
     return 0
 
 

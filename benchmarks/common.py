@@ -6,6 +6,7 @@ device that produced it.
 """
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import statistics
@@ -108,6 +109,19 @@ def torch_view(dev: pymetalnn.Device, t: pymetalnn.Tensor) -> Any:
     return torch.as_tensor(dev.as_cupy(t.buffer, t.dtype, t.shape), device="cuda")
 
 
+def cuda_torch(dev: pymetalnn.Device) -> Any:
+    """torch with TF32 off (the fp32 peer computes in fp32) when `dev` is cuda and torch imports;
+    None otherwise."""
+    if dev.name != "cuda":
+        return None
+    try:
+        import torch
+    except ImportError:
+        return None
+    disable_tf32()
+    return torch
+
+
 def disable_tf32() -> None:
     """fp32 peers compute in fp32: no TF32 tensor-core math."""
     try:
@@ -126,6 +140,26 @@ def device_label(dev: pymetalnn.Device) -> str:
     return dev.name
 
 
+def parser(doc: str | None, quick_help: str = "small shapes",
+           backends: tuple[str, ...] = ("cpu", "cuda", "metal")) -> argparse.ArgumentParser:
+    """The arguments every bench script takes (--backend, --quick); scripts add their own."""
+    ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--backend", choices=list(backends), default=None)
+    ap.add_argument("--quick", action="store_true", help=quick_help)
+    return ap
+
+
+def report(rows: list[dict], cols: list[str], result_name: str, title: str | None = None) -> str:
+    """Print `title` (if any) and the rows as a table, write them to <results>/<result_name>.json
+    (which `python -m pymetalnn.bench` reads) and print the path."""
+    if title:
+        print(title)
+    print_table(rows, cols)
+    path = write_results(result_name, rows)
+    print("results:", path)
+    return path
+
+
 def write_results(name: str, rows: list[dict], out_dir: str | None = None) -> str:
     out_dir = out_dir or os.environ.get("PYMETALNN_RESULTS", "results")
     os.makedirs(out_dir, exist_ok=True)
@@ -140,6 +174,7 @@ def print_table(rows: list[dict], cols: list[str]) -> None:
     print("  ".join(c.ljust(w) for c, w in zip(cols, widths)))
     for r in rows:
         print("  ".join(_fmt(r.get(c)).ljust(w) for c, w in zip(cols, widths)))
+
 
 
 def _fmt(v: Any) -> str:

@@ -215,15 +215,7 @@ def main() -> int:
     if args.problems:
         probs = {k: v for k, v in probs.items() if k in args.problems.split(",")}
     versions = args.versions.split(",")
-    torch = None
-    if dev.name == "cuda":
-        try:
-            import torch  # noqa: PLC0415
-
-            torch.backends.cuda.matmul.allow_tf32 = False
-            torch.backends.cudnn.allow_tf32 = False
-        except ImportError:
-            torch = None
+    torch = common.cuda_torch(dev)
     print(f"device: {common.device_label(dev)}")
     rows: list[dict] = []
     rng = np.random.default_rng(0)
@@ -243,9 +235,8 @@ def main() -> int:
             r["x_torch32"] = ref_ms[r["problem"]] / r["ms"]
         if r["problem"] in ours32:
             r["x_ours32"] = ours32[r["problem"]] / r["ms"]
-    common.print_table(rows, ["problem", "ver", "config", "variant", "ms", "spread", "TFLOP/s",
-                              "x_torch32", "x_ours32", "rel_err", "valid"])
-    print("results:", common.write_results(f"dev_gemm_{dev.name}", rows))
+    common.report(rows, ["problem", "ver", "config", "variant", "ms", "spread", "TFLOP/s", "x_torch32",
+                         "x_ours32", "rel_err", "valid"], f"dev_gemm_{dev.name}")
     return 1 if any(r.get("valid") == "FAIL" for r in rows) else 0
 
 

@@ -108,14 +108,6 @@ def run_family(family: str, backend: str | None, quick: bool, raw_dir: str,
     return rows, f"{len(rows)} rows in {secs:.0f} s"
 
 
-def _fmt(v: Any) -> str:
-    if v is None:
-        return "-"
-    if isinstance(v, float):
-        return f"{v:.4g}"
-    return str(v)
-
-
 def table(rows: list[dict]) -> list[list[str]]:
     head = ["family", "kernel", "shape/variant", "time", "throughput", "peer time", "ratio"]
     out = [head]
