@@ -129,6 +129,16 @@ def positive_ints(v: Any, n: int, name: str, allow_zero: bool = False) -> tuple[
     return tuple(int(a) for a in vals)
 
 
+def float32_arg(v: Any, dev: Device, name: str) -> Tensor:
+    """A float32 tensor argument; host numbers (any int or float array) are converted first."""
+    if not isinstance(v, Tensor):
+        arr = np.asarray(v)
+        if arr.dtype.kind not in "fiu":
+            raise ValueError(f"{name}: expected numbers, got dtype {arr.dtype}")
+        v = arr.astype(np.float32)
+    return tensor_arg(v, dev, name, (np.float32,))
+
+
 def out_like(shape: tuple[int, ...], dtype: Any, dev: Device) -> Tensor:
     """A result tensor without a fill pass (the op writes every element), allocated through
     Device.buffer so an allocation hook (the graph's memory planner) sees it."""

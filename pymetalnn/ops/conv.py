@@ -172,6 +172,14 @@ def _bias(b: Any, dev: Device, x: Tensor, k: int) -> Tensor | None:
     return b
 
 
+def _padding_values(padding: Any, expected: str) -> tuple:
+    """padding as a tuple; a non-sequence raises naming what was `expected`."""
+    try:
+        return tuple(padding)
+    except TypeError:
+        raise ValueError(f"padding: expected {expected}, got {padding!r}") from None
+
+
 def _padding2d(padding: Padding, h: int, w: int, kh: int, kw: int, stride: tuple[int, int],
                dil: tuple[int, int]) -> tuple[int, int, int, int]:
     """(top, bottom, left, right) from an int, (ph, pw), (top, bottom, left, right), 'valid' or
@@ -191,11 +199,7 @@ def _padding2d(padding: Padding, h: int, w: int, kh: int, kw: int, stride: tuple
     if isinstance(padding, (int, np.integer)):
         vals = (int(padding),) * 4
     else:
-        try:
-            vals = tuple(padding)
-        except TypeError:
-            raise ValueError(f"padding: expected an int, a pair, 4 ints or 'same'/'valid', got "
-                             f"{padding!r}") from None
+        vals = _padding_values(padding, "an int, a pair, 4 ints or 'same'/'valid'")
         if len(vals) == 2:
             vals = (vals[0], vals[0], vals[1], vals[1])
         elif len(vals) != 4:
@@ -636,11 +640,7 @@ def _conv1d_args(x: Any, w: Any, stride: Any, padding: Padding, dilation: Any, d
     elif isinstance(padding, (int, np.integer)):
         pad2 = (0, 0, int(padding), int(padding))
     else:
-        try:
-            vals = tuple(padding)
-        except TypeError:
-            raise ValueError(f"padding: expected an int, (left, right) or 'same'/'valid', got "
-                             f"{padding!r}") from None
+        vals = _padding_values(padding, "an int, (left, right) or 'same'/'valid'")
         if len(vals) == 1:
             vals = vals * 2
         if len(vals) != 2:

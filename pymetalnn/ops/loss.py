@@ -51,7 +51,18 @@ import numpy as np
 from ..params import LossParams, LossReduceParams
 from ..runtime import Buffer, Device
 from ..tensor import Tensor, as_tensor, empty, float32, int32
-from ._common import FLOATS, MAX_GROUPS, boolean, dummy, kernel, number, pick_device, suffix, tensor_arg
+from ._common import (
+    FLOATS,
+    MAX_GROUPS,
+    boolean,
+    dummy,
+    float32_arg,
+    kernel,
+    number,
+    pick_device,
+    suffix,
+    tensor_arg,
+)
 from .softmax import TG, tile_groups, tile_plan
 
 SOURCE = "loss.metal"
@@ -89,12 +100,7 @@ def _check_size(t: Tensor, name: str) -> None:
 def _weight(sample_weight: Any, dev: Device, n: int) -> Tensor | None:
     if sample_weight is None:
         return None
-    if not isinstance(sample_weight, Tensor):
-        arr = np.asarray(sample_weight)
-        if arr.dtype.kind not in "fiu":
-            raise ValueError(f"sample_weight: expected numbers, got dtype {arr.dtype}")
-        sample_weight = arr.astype(np.float32)
-    w = tensor_arg(sample_weight, dev, "sample_weight", (float32,))
+    w = float32_arg(sample_weight, dev, "sample_weight")
     if w.shape != (n,):
         raise ValueError(f"sample_weight: expected shape ({n},) (one weight per sample), got {w.shape}")
     return w

@@ -37,6 +37,7 @@ from ._common import (
     MAX_GROUPS,
     boolean,
     dummy,
+    float32_arg,
     kernel,
     number,
     pick_device,
@@ -69,12 +70,7 @@ def _vec(v: Any, dev: Device, name: str, c: int, inplace: bool = False) -> Tenso
     if inplace and not isinstance(v, Tensor):
         raise ValueError(f"{name}: must be a pymetalnn Tensor to be updated in place, got "
                          f"{type(v).__name__}")
-    if not isinstance(v, Tensor):
-        arr = np.asarray(v)
-        if arr.dtype.kind not in "fiu":
-            raise ValueError(f"{name}: expected numbers, got dtype {arr.dtype}")
-        v = arr.astype(np.float32)
-    t = tensor_arg(v, dev, name, (float32,))
+    t = float32_arg(v, dev, name)
     if t.shape != (c,):
         raise ValueError(f"{name}: expected shape ({c},), got {t.shape}")
     return t
