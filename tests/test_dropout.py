@@ -163,8 +163,15 @@ def test_seed_and_offset_contract(dev) -> None:
     e = F.dropout(x, 0.5, seed=11 + 2**32, offset=3).numpy()  # the seed's high word counts
     for other in (c, d, e):
         assert ((a == 0) != (other == 0)).mean() > 0.3  # independent masks differ in ~half
+    # and each is the reference's mask for its own (seed, offset), high words included
+    xn = x.numpy()
+    for got, seed, offset in ((a, 11, 3), (c, 12, 3), (d, 11, 4), (e, 11 + 2**32, 3)):
+        np.testing.assert_allclose(got.astype(np.float64), ref.dropout(xn, 0.5, seed, offset),
+                                   **tol(np.float16), err_msg=f"seed {seed} offset {offset}")
     x2 = pm.tensor(rnd((2, 64, 3, 3), np.float32, 8), dev)
     a2 = F.dropout2d(x2, 0.5, seed=1, offset=2**33).numpy()
+    np.testing.assert_allclose(a2.astype(np.float64), ref.dropout2d(x2.numpy(), 0.5, 1, 2**33),
+                               **tol(np.float32))
     np.testing.assert_array_equal(a2.view(np.uint32), F.dropout2d(x2, 0.5, 1, 2**33).numpy().view(np.uint32))
     assert ((a2 == 0) != (F.dropout2d(x2, 0.5, 1, 2**33 + 1).numpy() == 0)).any()
 

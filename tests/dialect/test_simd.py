@@ -189,14 +189,19 @@ def test_simd_uint_and_float_prefix_products(load, n: int, k: int) -> None:
                                        rtol=1e-5, err_msg=f"float prefix products gid={g}")
 
 
-def test_simd_in_divergent_branches_and_loops(load) -> None:
+def _run_int_lanes(load, kernel: str, n: int, seed: int):
+    """Run simd.metal's `kernel` on n random ints: (the ints, its (n, 3) int results)."""
     lib = load("simd")
     dev = lib.device
-    n = 512
-    x = rng(21).integers(-500, 500, n, dtype=np.int32)
+    x = rng(seed).integers(-500, 500, n, dtype=np.int32)
     out = dev.buffer(np.zeros(n * 3, dtype=np.int32))
-    lib.kernel("simd_divergent")(n, dev.buffer(x), out)
-    got = out.numpy(np.int32, (n, 3))
+    lib.kernel(kernel)(n, dev.buffer(x), out)
+    return x, out.numpy(np.int32, (n, 3))
+
+
+def test_simd_in_divergent_branches_and_loops(load) -> None:
+    n = 512
+    x, got = _run_int_lanes(load, "simd_divergent", n, 21)
     lanes = np.arange(32)
     loops_per_lane = {0: 0, 1: 24, 2: 24 + 16, 3: 24 + 16 + 8}  # active lanes per iteration
     for base in range(0, n, 32):
@@ -209,13 +214,8 @@ def test_simd_in_divergent_branches_and_loops(load) -> None:
 
 
 def test_simd_lanes_returning_between_calls(load) -> None:
-    lib = load("simd")
-    dev = lib.device
     n = 512
-    x = rng(26).integers(-500, 500, n, dtype=np.int32)
-    out = dev.buffer(np.zeros(n * 3, dtype=np.int32))
-    lib.kernel("simd_midreturn")(n, dev.buffer(x), out)
-    got = out.numpy(np.int32, (n, 3))
+    x, got = _run_int_lanes(load, "simd_midreturn", n, 26)
     lanes = np.arange(32)
     stay = lanes % 8 < 5             # lanes that pass the first return
     stay2 = stay & (lanes < 20)      # ... and the second

@@ -24,6 +24,23 @@ def _taps(xp: np.ndarray, r: int, s: int, oh: int, ow: int, st: tuple, dil: tupl
     return xp[..., h0: h0 + st[0] * (oh - 1) + 1: st[0], w0: w0 + st[1] * (ow - 1) + 1: st[1]]
 
 
+def _pad(x: np.ndarray, pad: tuple) -> np.ndarray:
+    """x (N, C, H, W) zero-padded by (top, bottom, left, right); negative padding never occurs."""
+    n, c, h, wd = x.shape
+    xp = np.zeros((n, c, h + pad[0] + pad[1], wd + pad[2] + pad[3]))
+    xp[:, :, pad[0]: pad[0] + h, pad[2]: pad[2] + wd] = x
+    return xp
+
+
+def _canvas(h: int, wd: int, kh: int, kw: int, oh: int, ow: int, stride, padding, dilation
+            ) -> tuple[int, int]:
+    """(height, width) of conv_transpose2d's full (uncropped) canvas: big enough for every tap
+    and the output padding."""
+    fh = max((h - 1) * stride[0] + dilation[0] * (kh - 1) + 1, padding[0] + oh)
+    fw = max((wd - 1) * stride[1] + dilation[1] * (kw - 1) + 1, padding[1] + ow)
+    return fh, fw
+
+
 def conv2d(x: np.ndarray, w: np.ndarray, b: np.ndarray | None = None, stride=(1, 1),
            pad=(0, 0, 0, 0), dilation=(1, 1), groups: int = 1) -> np.ndarray:
     x = np.asarray(x, np.float64)
@@ -34,9 +51,7 @@ def conv2d(x: np.ndarray, w: np.ndarray, b: np.ndarray | None = None, stride=(1,
     kg = k // g
     oh = out_size(h, kh, stride[0], pad[0], pad[1], dilation[0])
     ow = out_size(wd, kw, stride[1], pad[2], pad[3], dilation[1])
-    # pad with zeros; negative "padding" never occurs here
-    xp = np.zeros((n, c, h + pad[0] + pad[1], wd + pad[2] + pad[3]))
-    xp[:, :, pad[0]: pad[0] + h, pad[2]: pad[2] + wd] = x
+    xp = _pad(x, pad)
     xg = xp.reshape(n, g, cg, xp.shape[2], xp.shape[3])
     wg = w.reshape(g, kg, cg, kh, kw)
     y = np.zeros((n, g, kg, oh, ow))
@@ -61,9 +76,8 @@ def conv2d_backward(gy: np.ndarray, x: np.ndarray, w: np.ndarray, has_bias: bool
     g = groups
     kg = k // g
     _, _, oh, ow = gy.shape
-    hp, wp = h + pad[0] + pad[1], wd + pad[2] + pad[3]
-    xp = np.zeros((n, c, hp, wp))
-    xp[:, :, pad[0]: pad[0] + h, pad[2]: pad[2] + wd] = x
+    xp = _pad(x, pad)
+    hp, wp = xp.shape[2:]
     xg = xp.reshape(n, g, cg, hp, wp)
     wg = w.reshape(g, kg, cg, kh, kw)
     gyg = gy.reshape(n, g, kg, oh, ow)
@@ -94,9 +108,7 @@ def conv_transpose2d(x: np.ndarray, w: np.ndarray, b: np.ndarray | None = None, 
     cig = cin // g
     oh = (h - 1) * stride[0] - 2 * padding[0] + dilation[0] * (kh - 1) + output_padding[0] + 1
     ow = (wd - 1) * stride[1] - 2 * padding[1] + dilation[1] * (kw - 1) + output_padding[1] + 1
-    # full (uncropped) canvas, big enough for every tap and the output padding
-    fh = max((h - 1) * stride[0] + dilation[0] * (kh - 1) + 1, padding[0] + oh)
-    fw = max((wd - 1) * stride[1] + dilation[1] * (kw - 1) + 1, padding[1] + ow)
+    fh, fw = _canvas(h, wd, kh, kw, oh, ow, stride, padding, dilation)
     full = np.zeros((n, g, cog, fh, fw))
     xg = x.reshape(n, g, cig, h, wd)
     wg = w.reshape(g, cig, cog, kh, kw)
@@ -124,8 +136,7 @@ def conv_transpose2d_backward(gy: np.ndarray, x: np.ndarray, w: np.ndarray, has_
     g = groups
     cig = cin // g
     _, _, oh, ow = gy.shape
-    fh = max((h - 1) * stride[0] + dilation[0] * (kh - 1) + 1, padding[0] + oh)
-    fw = max((wd - 1) * stride[1] + dilation[1] * (kw - 1) + 1, padding[1] + ow)
+    fh, fw = _canvas(h, wd, kh, kw, oh, ow, stride, padding, dilation)
     full = np.zeros((n, g, cog, fh, fw))
     full[:, :, :, padding[0]: padding[0] + oh, padding[1]: padding[1] + ow] = gy.reshape(n, g, cog, oh, ow)
     xg = x.reshape(n, g, cig, h, wd)

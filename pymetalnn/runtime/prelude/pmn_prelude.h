@@ -1112,37 +1112,26 @@ PMN_FN unsigned lane_id() {
 template <class T> struct words {
   static constexpr int n = (sizeof(T) + 3) / 4;
 };
-template <class T> PMN_FN T shfl_idx(unsigned mask, const T& v, unsigned src) {
+// Move v through `shfl` one 32-bit word at a time (shfl: unsigned -> unsigned, one __shfl_*_sync).
+template <class T, class Shfl> PMN_FN T shfl_words(const T& v, Shfl shfl) {
   unsigned w[words<T>::n] = {};
   memcpy(w, &v, sizeof(T));
-  for (int i = 0; i < words<T>::n; ++i) w[i] = __shfl_sync(mask, w[i], src);
+  for (int i = 0; i < words<T>::n; ++i) w[i] = shfl(w[i]);
   T r;
   memcpy(&r, w, sizeof(T));
   return r;
+}
+template <class T> PMN_FN T shfl_idx(unsigned mask, const T& v, unsigned src) {
+  return shfl_words(v, [=](unsigned x) { return __shfl_sync(mask, x, src); });
 }
 template <class T> PMN_FN T shfl_xor(unsigned mask, const T& v, unsigned m) {
-  unsigned w[words<T>::n] = {};
-  memcpy(w, &v, sizeof(T));
-  for (int i = 0; i < words<T>::n; ++i) w[i] = __shfl_xor_sync(mask, w[i], m);
-  T r;
-  memcpy(&r, w, sizeof(T));
-  return r;
+  return shfl_words(v, [=](unsigned x) { return __shfl_xor_sync(mask, x, m); });
 }
 template <class T> PMN_FN T shfl_up(unsigned mask, const T& v, unsigned d) {
-  unsigned w[words<T>::n] = {};
-  memcpy(w, &v, sizeof(T));
-  for (int i = 0; i < words<T>::n; ++i) w[i] = __shfl_up_sync(mask, w[i], d);
-  T r;
-  memcpy(&r, w, sizeof(T));
-  return r;
+  return shfl_words(v, [=](unsigned x) { return __shfl_up_sync(mask, x, d); });
 }
 template <class T> PMN_FN T shfl_down(unsigned mask, const T& v, unsigned d) {
-  unsigned w[words<T>::n] = {};
-  memcpy(w, &v, sizeof(T));
-  for (int i = 0; i < words<T>::n; ++i) w[i] = __shfl_down_sync(mask, w[i], d);
-  T r;
-  memcpy(&r, w, sizeof(T));
-  return r;
+  return shfl_words(v, [=](unsigned x) { return __shfl_down_sync(mask, x, d); });
 }
 
 // Tree reduction (see the definition above). Full warp: butterfly, each lane combining the
