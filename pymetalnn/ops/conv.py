@@ -347,7 +347,7 @@ def forward_plan(dev: Device, prec: str, geo: ConvGeometry, x: Tensor, w: Tensor
                  args)]
     m = _winograd("fwd", dev, geo, prec)
     if m:
-        return _wino_forward(dev, m, geo, x, w, b, y, act, out_nstride)
+        return _wino_conv(dev, m, geo, False, x, w, b, y, act, out_nstride)
     tile = _pick_tile("fwd", dev, geo.N * geo.OH * geo.OW, geo.Kg, geo.G)
     bm, bn = TILES["fwd"][tile][:2]
     tiles = geo.G * cdiv(geo.N * geo.OH * geo.OW, bm) * cdiv(geo.Kg, bn)
@@ -378,7 +378,7 @@ def input_grad_plan(dev: Device, prec: str, geo: ConvGeometry, dy: Tensor, w: Te
                  min(dx.size, MAX_GROUPS * THREADS), args)]
     m = _winograd("data", dev, geo, prec)
     if m:
-        return _wino_input_grad(dev, m, geo, dy, w, b, dx)
+        return _wino_conv(dev, m, geo, True, dy, w, b, dx, (0, 0.0), 0)
     rows = geo.N * cdiv(geo.H, geo.SH) * cdiv(geo.W, geo.SW)
     tile = _pick_tile("data", dev, rows, geo.Cg, geo.G * geo.SH * geo.SW)
     bm, bn = TILES["data"][tile][:2]
@@ -517,16 +517,6 @@ def _wino_conv(dev: Device, m: int, geo: ConvGeometry, flip: bool, x: Tensor, w:
             *gemm_launches(u, v, mt),
             _wino_launch(dev, m, geo, "output", p.K * p.P, mt.buffer,
                          b.buffer if b is not None else dummy(dev), y.buffer, p)]
-
-
-def _wino_forward(dev: Device, m: int, geo: ConvGeometry, x: Tensor, w: Tensor, b: Tensor | None,
-                  y: Tensor, act: tuple[int, float], out_nstride: int) -> list[Launch]:
-    return _wino_conv(dev, m, geo, False, x, w, b, y, act, out_nstride)
-
-
-def _wino_input_grad(dev: Device, m: int, geo: ConvGeometry, dy: Tensor, w: Tensor,
-                     b: Tensor | None, dx: Tensor) -> list[Launch]:
-    return _wino_conv(dev, m, geo, True, dy, w, b, dx, (0, 0.0), 0)
 
 
 def _wino_weight_grad(dev: Device, m: int, geo: ConvGeometry, dy: Tensor, x: Tensor, dw: Tensor
