@@ -45,7 +45,7 @@ def bench_op(dev: pm.Device, x_np: np.ndarray, g_np: np.ndarray, dim: int, log: 
     target = ">= 0.85 of copy" if shape == (32, 256, 56, 56) else "-"
     name = "log_softmax" if log else "softmax"
     fwd = F.log_softmax if log else F.softmax
-    bwd = F.log_softmax_backward if log else F.softmax_backward
+    bwd = F.log_softmax_backward_from_output if log else F.softmax_backward_from_output
     y = fwd(x, dim)
     dx = bwd(g, y, dim)
     sec_f, spr_f = common.time_on(dev, lambda: fwd(x, dim), quick)

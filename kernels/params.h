@@ -214,7 +214,12 @@ struct LossParams {
     uint has_weight;   // per-sample weights given
     int ignore_index;  // class-axis kernels with integer labels
     float smoothing;   // label smoothing
-    float a;           // huber: delta; log_loss: epsilon; cosine: eps; kl_div: 1 = log_target
+    float a;           // huber: delta; log_loss: epsilon; cosine: eps; kl_div: 1 = log_target;
+                       // smooth_l1: beta
+    uint elem_weight;  // pointwise: sw holds one weight per element (torch's weight=), not per sample
+    uint has_pos_weight;  // bce_with_logits: pw holds one positive-class weight per element
+    uint target_grad;  // pointwise backward: also write d loss / d target into dt
+    uint has_class_weight;  // class-axis: cw holds one weight per class (torch's weight=)
 };
 // LossReduceParams (loss.metal): loss_reduce sums `seglen` partials per output; loss_scale
 // counts the terms behind a mean and writes g / count for the backward kernels.
@@ -227,6 +232,7 @@ struct LossReduceParams {
     uint mult;         // loss_scale: terms each position stands for
     uint has_labels, has_weight;
     int ignore_index;
+    uint has_class_weight;  // loss_scale mode 1: count sum_k cw[labels[k]] instead of valid terms
 };
 // NormParams (norm.metal): input (N, C, HW). Statistics rows are channels (batch norm: a row's
 // element e is x[e / HW, c, e % HW]) or (sample, group) pairs (group / instance norm: rows of

@@ -89,9 +89,11 @@ from .ops.loss import (  # noqa: F401
     log_loss_backward,
     mse_loss,
     mse_loss_backward,
+    smooth_l1_loss,
+    smooth_l1_loss_backward,
 )
 from .ops.neuron import (  # noqa: F401
-    activation_backward,
+    activation_backward_from_output,
     elu,
     elu_backward,
     gelu,
@@ -144,8 +146,10 @@ from .ops.pool import (  # noqa: F401
 from .ops.softmax import (  # noqa: F401
     log_softmax,
     log_softmax_backward,
+    log_softmax_backward_from_output,
     softmax,
     softmax_backward,
+    softmax_backward_from_output,
 )
 
 # ---- recurrent (ops/rnn.py) ----

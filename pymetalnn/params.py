@@ -185,7 +185,9 @@ class LossParams(Params):
 
     _fields_ = [("N", U32), ("M", U32), ("total", U32), ("chunk", U32), ("chunks", U32),
                 ("seglen", U32), ("ngroups", U32), ("reduce", U32), ("gmode", U32),
-                ("has_weight", U32), ("ignore_index", I32), ("smoothing", F32), ("a", F32)]
+                ("has_weight", U32), ("ignore_index", I32), ("smoothing", F32), ("a", F32),
+                ("elem_weight", U32), ("has_pos_weight", U32), ("target_grad", U32),
+                ("has_class_weight", U32)]
 
 
 class LossReduceParams(Params):
@@ -193,7 +195,7 @@ class LossReduceParams(Params):
 
     _fields_ = [("nseg", U32), ("seglen", U32), ("mode", U32), ("denom", F32), ("terms", U32),
                 ("per_sample", U32), ("mult", U32), ("has_labels", U32), ("has_weight", U32),
-                ("ignore_index", I32)]
+                ("ignore_index", I32), ("has_class_weight", U32)]
 
 
 class NormParams(Params):

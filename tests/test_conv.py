@@ -172,12 +172,12 @@ def run_transpose_case(case, prec: str, seed: int = 1) -> None:
                   dilation=_pair(dilation), groups=groups)
     want = ref.conv_transpose2d(x, wt, b, **kw_ref)
     scale = ref.conv_transpose2d(np.abs(x), np.abs(wt), np.abs(b), **kw_ref)
-    y = F.conv_transpose2d(x, wt, b, stride, padding, opad, dilation, groups, accumulate=acc)
+    y = F.conv_transpose2d(x, wt, b, stride, padding, opad, groups, dilation, accumulate=acc)
     terms = cin // groups * kh * kw
     assert_close("y", y, want, scale, tol(prec, terms))
 
     gy = rand(rng, want.shape, dtype)
-    gx, gw, gb = F.conv_transpose2d_backward(gy, x, wt, b, stride, padding, opad, dilation, groups,
+    gx, gw, gb = F.conv_transpose2d_backward(gy, x, wt, b, stride, padding, opad, groups, dilation,
                                              accumulate=acc)
     rx, rw, rb = ref.conv_transpose2d_backward(gy, x, wt, True, **kw_ref)
     sx, sw, sb = ref.conv_transpose2d_backward(np.abs(gy), np.abs(x), np.abs(wt), True, **kw_ref)

@@ -1379,3 +1379,18 @@ def test_grouped_updates_leave_custom_data_sources_alone(dev):
     tg.encode(X, T).wait()
     assert ev.log == [("conv", "load"), ("fc", "load"), ("fc", "update"), ("conv", "update")]
     assert any("overrides load, purge, update" in m for m in tg.log)
+
+
+def test_load_state_dict_exact_shapes():
+    """A same-size array of another shape (a transposed weight) is refused, not reshaped."""
+    ds = G.FullyConnectedDataSource(4, 6, seed=0)
+    w = ds.state_dict()["weight"]
+    assert w.shape == (6, 4)
+    before = ds.state_dict()
+    with pytest.raises(ValueError, match="weight"):
+        ds.load_state_dict({"weight": w.T.copy(), "bias": before["bias"]})
+    with pytest.raises(ValueError, match="bias"):
+        ds.load_state_dict({"weight": w, "bias": before["bias"].reshape(1, 6)})
+    np.testing.assert_array_equal(ds.state_dict()["weight"], before["weight"])
+    ds.load_state_dict({"weight": w * 2, "bias": before["bias"]})
+    np.testing.assert_array_equal(ds.state_dict()["weight"], w * 2)

@@ -198,9 +198,8 @@ class DataSource:
                     raise ValueError(f"{self.label}: missing {k!r}")
                 continue
             a = np.asarray(d[k], dtype=np.float32)
-            if a.size == v.size and a.shape != v.shape:
-                a = a.reshape(v.shape)
-            if a.shape != v.shape:
+            if a.shape != v.shape:  # exact: a same-size array of another shape (a transposed
+                # weight) is a different tensor, never reshaped into place
                 raise ValueError(f"{self.label}: {k!r} has shape {a.shape}, expected {v.shape}")
             new[k] = a.copy()
         self._host.update(new)

@@ -812,7 +812,7 @@ class SoftMaxNode(FilterNode):
         return [("out", 0)]
 
     def backward(self, rc, gouts, saved, need):
-        f = op("log_softmax_backward" if self.log else "softmax_backward", self)
+        f = op("log_softmax_backward_from_output" if self.log else "softmax_backward_from_output", self)
         return [f(gouts[0], saved[0], self.dim)], []
 
 
@@ -1419,7 +1419,9 @@ class LossNode(FilterNode):
     def backward(self, rc, gouts, saved, need):
         x, t = saved
         g = rc.loss_scale(x.shape[0], self.reduction, x.device)
-        return [self._fn("_backward")(g, x, t, reduction="per_sample", **self.options), None], []
+        gx, _ = self._fn("_backward")(g, x, t, reduction="per_sample", target_grad=False,
+                                      **self.options)
+        return [gx, None], []
 
 
 def _loss_class(kind: str, doc: str) -> type:

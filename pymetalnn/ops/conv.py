@@ -46,7 +46,7 @@ from ._common import (
     tensor_arg,
 )
 from .gemm import gemm_launches
-from .neuron import activation_backward, activation_code
+from .neuron import activation_backward_from_output, activation_code
 
 SOURCE = "conv.metal"
 THREADS = 256
@@ -580,7 +580,7 @@ def conv2d(x: Any, w: Any, b: Any = None, stride: Any = 1, padding: Padding = 0,
     activation: None, "relu", "leaky_relu", "sigmoid", "tanh" or (name, params), e.g.
     ("leaky_relu", {"negative_slope": 0.2}): y = act(conv + b) in the same kernel (one dispatch;
     see pymetalnn.ops.neuron.activation_code). Its gradient: conv2d_backward(..., activation=,
-    y=) or neuron.activation_backward(grad_out, y, activation) then conv2d_backward.
+    y=) or neuron.activation_backward_from_output(grad_out, y, activation) then conv2d_backward.
     out=: write y there instead of a new tensor, `out_batch_stride` elements between images
     (None: contiguous), e.g. a BufferView-backed tensor at channel c0 of a larger (N, K', OH, OW)
     tensor with out_batch_stride = K' * OH * OW (a channel slice of a concatenation: the graph's
@@ -605,12 +605,12 @@ def conv2d_backward(grad_out: Any, x: Any, w: Any, b: Any = None, stride: Any = 
 
     Each is its own kernel (dw and db as split reductions over n, oh, ow: any batch size).
     activation (with y, the output of conv2d(..., activation=)): grad_out is first taken through
-    the activation from y (neuron.activation_backward, one element-wise kernel).
+    the activation from y (neuron.activation_backward_from_output, one element-wise kernel).
     """
     if activation is not None:
         if y is None:
             raise ValueError("y: activation= needs y, the output of the fused conv2d")
-        grad_out = activation_backward(grad_out, y, activation)
+        grad_out = activation_backward_from_output(grad_out, y, activation)
     dev, x, w, b, geo, prec = _conv_args(x, w, b, stride, padding, dilation, groups, accumulate)
     gy = _grad_arg(grad_out, dev, x, (geo.N, geo.K, geo.OH, geo.OW))
     gx = _input_grad(dev, prec, geo, gy, w, None, x.dtype)
@@ -708,7 +708,7 @@ def _transpose_args(x: Any, w: Any, b: Any, stride: Any, padding: Any, output_pa
 
 
 def conv_transpose2d(x: Any, w: Any, b: Any = None, stride: Any = 1, padding: Any = 0,
-                     output_padding: Any = 0, dilation: Any = 1, groups: int = 1,
+                     output_padding: Any = 0, groups: int = 1, dilation: Any = 1,
                      accumulate: str | None = None) -> Tensor:
     """Transposed 2-D convolution (torch.nn.functional.conv_transpose2d), NCHW: the input gradient
     of conv2d. x (N, C_in, H, W), w (C_in, C_out/groups, KH, KW), b (C_out,) or None:
@@ -717,7 +717,8 @@ def conv_transpose2d(x: Any, w: Any, b: Any = None, stride: Any = 1, padding: An
 
     summed over ci in group g, (i, j) and (r, s), plus b; output
     OH = (H-1)*sh - 2*ph + dh*(KH-1) + output_padding_h + 1 (output_padding < stride or < dilation).
-    Runs the conv input-gradient kernel. accumulate as in conv2d.
+    Runs the conv input-gradient kernel. accumulate as in conv2d. Positional order is torch's:
+    (..., output_padding, groups, dilation), unlike conv2d's (..., dilation, groups).
     """
     dev, x, w, b, geo, prec = _transpose_args(x, w, b, stride, padding, output_padding, dilation,
                                               groups, accumulate)
@@ -725,8 +726,8 @@ def conv_transpose2d(x: Any, w: Any, b: Any = None, stride: Any = 1, padding: An
 
 
 def conv_transpose2d_backward(grad_out: Any, x: Any, w: Any, b: Any = None, stride: Any = 1,
-                              padding: Any = 0, output_padding: Any = 0, dilation: Any = 1,
-                              groups: int = 1, accumulate: str | None = None
+                              padding: Any = 0, output_padding: Any = 0, groups: int = 1,
+                              dilation: Any = 1, accumulate: str | None = None
                               ) -> tuple[Tensor, Tensor, Tensor | None]:
     """Gradients of conv_transpose2d: (dL/dx, dL/dw, dL/db or None), given dL/dy.
 

@@ -26,7 +26,7 @@ from ..params import GemmParams, LinearBiasGradParams
 from ..runtime import Device
 from ..tensor import Tensor, float16, float32
 from ._common import kernel, number, out_like, pick_device, scratch, tensor_arg, vec4_aligned
-from .neuron import activation_backward, activation_code
+from .neuron import activation_backward_from_output, activation_code
 
 SOURCE = "gemm.metal"
 THREADS = 256  # every kernel of gemm.metal
@@ -414,12 +414,12 @@ def linear_backward(grad_out: Any, x: Any, w: Any, b: Any = None, accumulate: st
     grad_x = grad_out w (..., in); grad_w = sum over rows of grad_out^T x (out, in);
     grad_b = sum over rows of grad_out (out,). activation (with y, the output of
     linear(..., activation=)): grad_out is first taken through the activation from y
-    (neuron.activation_backward, one element-wise kernel).
+    (neuron.activation_backward_from_output, one element-wise kernel).
     """
     if activation is not None:
         if y is None:
             raise ValueError("y: activation= needs y, the output of the fused linear")
-        grad_out = activation_backward(grad_out, y, activation)
+        grad_out = activation_backward_from_output(grad_out, y, activation)
     dev = pick_device(grad_out, x, w, b)
     x, w, b = _linear_args(x, w, b, dev)
     g = tensor_arg(grad_out, dev, "grad_out", (float32, float16))

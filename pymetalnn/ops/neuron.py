@@ -10,7 +10,7 @@ Fused activations: conv2d, linear, gemm and batch_norm(_with_stats) take `activa
 `activation_code`) and apply it in their store epilogue (one dispatch). Their output y is all a
 gradient needs: `<op>_backward_from_output(grad_out, y)` (relu, leaky_relu with slope >= 0,
 sigmoid, tanh; kernels <op>_bwdy_<dtype>) gives the pre-activation gradient, and
-`activation_backward(grad_out, y, activation)` picks it from the same `activation=` value.
+`activation_backward_from_output(grad_out, y, activation)` picks it from the same `activation=` value.
 batch_norm_backward takes `activation=` itself and applies act' inside its own kernels
 (nn_activation_bwd of neuron.h, from the recomputed pre-activation): no separate pass.
 """
@@ -163,7 +163,7 @@ def activation_code(activation: Any) -> tuple[int, float]:
     return ACTIVATIONS[name], alpha
 
 
-def activation_backward(grad_out: Any, y: Any, activation: Any) -> Any:
+def activation_backward_from_output(grad_out: Any, y: Any, activation: Any) -> Any:
     """The pre-activation gradient of a fused op's output y = act(z): grad_out * act'(z), from y
     (`<act>_backward_from_output`); grad_out itself when activation is None."""
     name, params = _activation(activation)
@@ -321,7 +321,7 @@ def linear_neuron_backward(grad_out: Any, x: Any, a: float = 1.0, b: float = 0.0
 
 
 __all__ = [
-    "ACTIVATIONS", "activation_backward", "activation_code", "leaky_relu_backward_from_output",
+    "ACTIVATIONS", "activation_backward_from_output", "activation_code", "leaky_relu_backward_from_output",
     "relu_backward_from_output", "sigmoid_backward_from_output", "tanh_backward_from_output",
     "elu", "elu_backward", "gelu", "gelu_backward", "hard_sigmoid", "hard_sigmoid_backward",
     "hardsigmoid", "hardsigmoid_backward", "leaky_relu", "leaky_relu_backward", "linear_neuron",
