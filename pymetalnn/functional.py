@@ -9,7 +9,8 @@ from __future__ import annotations
 
 # ---- conv / gemm (ops/conv.py, ops/gemm.py) ----
 from .ops.conv import (  # noqa: E402, F401, I001
-    conv1d, conv1d_backward, conv2d, conv2d_backward, conv_transpose2d, conv_transpose2d_backward,
+    conv1d, conv1d_backward, conv2d, conv2d_backward, conv_transpose1d, conv_transpose1d_backward,
+    conv_transpose2d, conv_transpose2d_backward,
 )
 from .ops.gemm import (  # noqa: E402, F401, I001
     gemm, linear, linear_backward, matmul, matmul_backward,
@@ -130,6 +131,8 @@ from .ops.norm import (  # noqa: F401
     instance_norm_backward,
 )
 from .ops.pool import (  # noqa: F401
+    adaptive_avg_pool1d,
+    adaptive_avg_pool1d_backward,
     adaptive_avg_pool2d,
     adaptive_avg_pool2d_backward,
     avg_pool1d,
