@@ -265,6 +265,26 @@ struct NormParams {
     uint dy_nstride;   // backward partials and apply: elements between images of dy
 };
 
+// LayerNormParams (norm.metal layer_norm_*): rows of D contiguous elements normalized each; a
+// threadgroup's TR_TG threads are TR_TG / SW row tiles of SW threads. The weight/bias gradient
+// sums rows in `splits` chunks of chunk_rows rows (partials, then one pass over the chunks).
+struct LayerNormParams {
+    uint rows, D;
+    uint SW;           // threads per row: a power of two in [32, 256]
+    uint has_weight, has_bias;
+    float eps;
+    uint splits, chunk_rows;
+    uint save_stats;   // backward: also write (mean, 1/std) per row for the parameter gradients
+};
+
+// EmbeddingParams (embedding.metal): n indices into a (V, D) table. The backward walks the
+// indices sorted by row (perm), one segment per distinct row (seg[s]..seg[s+1]).
+struct EmbeddingParams {
+    uint n, V, D;
+    uint segments;
+    uint scale_by_freq;  // divide a row's gradient by its index count (scale_grad_by_freq)
+};
+
 // ---- recurrent and optimizers (rnn.metal, optimizer.metal) ---------------------------------
 // (structs of the recurrent/optimizer issue go here)
 

@@ -68,6 +68,7 @@ from .ops.dropout import (  # noqa: F401
     dropout2d_backward,
     dropout_backward,
 )
+from .ops.embedding import embedding, embedding_backward  # noqa: F401
 from .ops.loss import (  # noqa: F401
     binary_cross_entropy_with_logits,
     binary_cross_entropy_with_logits_backward,
@@ -129,6 +130,8 @@ from .ops.norm import (  # noqa: F401
     group_norm_with_stats,
     instance_norm,
     instance_norm_backward,
+    layer_norm,
+    layer_norm_backward,
 )
 from .ops.pool import (  # noqa: F401
     adaptive_avg_pool1d,

@@ -210,6 +210,19 @@ class NormParams(Params):
                 ("out_nstride", U32), ("dy_nstride", U32)]
 
 
+class LayerNormParams(Params):
+    """kernels/params.h LayerNormParams: rows x D, row tile width, options, gradient chunks."""
+
+    _fields_ = [("rows", U32), ("D", U32), ("SW", U32), ("has_weight", U32), ("has_bias", U32),
+                ("eps", F32), ("splits", U32), ("chunk_rows", U32), ("save_stats", U32)]
+
+
+class EmbeddingParams(Params):
+    """kernels/params.h EmbeddingParams: indices, table shape, backward segments."""
+
+    _fields_ = [("n", U32), ("V", U32), ("D", U32), ("segments", U32), ("scale_by_freq", U32)]
+
+
 # ---- recurrent and optimizers -------------------------------------------------------------
 
 # -- rnn.metal (pymetalnn/ops/rnn.py) --
