@@ -2,8 +2,11 @@
 conv weights (out, in/groups, kH, kW); conv-transpose weights (in, out/groups, kH, kW); linear
 weights (out, in)), so PyTorch serves as a reference and weights move between the two.
 
-Every forward op `f(x, ...)` has `f_backward(grad_out, <f's inputs>, <same options>)` returning
-the gradients of f's tensor arguments in order (None for an absent bias).
+Every forward op `f(input, ...)` has `f_backward(grad_out, <f's inputs>, <same options>)`
+returning the gradients of f's tensor arguments in order (None for an absent bias, integer labels
+or indices; losses return (d input, d target)). Forms that take the forward's output are named
+`<f>_backward_from_output` (softmax, log_softmax, the neurons). Positional order, keyword names
+(input=, weight=, bias=) and defaults are torch's.
 """
 from __future__ import annotations
 
