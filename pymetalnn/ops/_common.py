@@ -256,3 +256,22 @@ def stream_count(n: int, w: int, nvec: int) -> int:
     """Threads a stream.h kernel is launched with: the chunk owners, then one thread per tail
     element (n - w nvec)."""
     return stream_vthreads(nvec) + (n - w * nvec)
+
+
+def matrix_hw(dev: Device) -> bool:
+    """Whether kernels on simdgroup matrices run on `dev` (matrix hardware, or the cpu's
+    emulation): Apple GPUs from Apple7 (M1, A14) on, every NVIDIA GPU we compile for (sm_80+
+    tensor cores), the cpu backend. Macs with Intel or AMD GPUs keep the SIMD-FMA kernels.
+    `dev.simdgroup_matrix = False` (or PYMETALNN_SIMDGROUP_MATRIX=0) selects those kernels
+    anywhere, which is how tests keep both paths covered."""
+    forced = getattr(dev, "simdgroup_matrix", None)
+    if forced is not None:
+        return bool(forced)
+    import os
+    import platform
+
+    if os.environ.get("PYMETALNN_SIMDGROUP_MATRIX", "1") == "0":
+        return False
+    if dev.name == "metal":
+        return platform.machine() == "arm64"
+    return True
