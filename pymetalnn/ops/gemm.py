@@ -25,7 +25,17 @@ import numpy as np
 from ..params import GemmParams, LinearBiasGradParams
 from ..runtime import Device
 from ..tensor import Tensor, float16, float32
-from ._common import kernel, matrix_hw, number, out_like, pick_device, scratch, tensor_arg, vec4_aligned
+from ._common import (
+    kernel,
+    matrix_capable,
+    matrix_hw,
+    number,
+    out_like,
+    pick_device,
+    scratch,
+    tensor_arg,
+    vec4_aligned,
+)
 from .neuron import activation_backward, activation_code
 
 SOURCE = "gemm.metal"
@@ -193,8 +203,9 @@ def gemm(a: Any, b: Any, out: Tensor, *, transpose_a: bool = False, transpose_b:
     if tile is not None and not (tile if isinstance(tile, Tile) else TILES[tile]).supports(var):
         raise ValueError(f"tile: {tile!r} is not instantiated for the {var} variant")
     if tile is not None and (tile if isinstance(tile, Tile) else TILES[tile]).matrix \
-            and not matrix_hw(dev):
-        raise ValueError(f"tile: {tile!r} needs simdgroup matrices, which {dev.name} lacks here")
+            and not matrix_capable(dev):
+        raise ValueError(f"tile: {tile!r} needs simdgroup matrices, which this {dev.name} device "
+                         "lacks")
     if k_splits is not None and (not isinstance(k_splits, (int, np.integer)) or k_splits < 1):
         raise ValueError(f"k_splits: expected an int >= 1, got {k_splits!r}")
 
