@@ -1443,7 +1443,7 @@ PMN_FN half hi_h(unsigned v) { return half::from_bits((unsigned short)(v >> 16))
 // B of m16n8k8 is held column-wise: lane l needs B(2*(l%4) + i, l/4), i.e. B^T in our layout.
 PMN_FN unsigned transpose_h2(unsigned v) {
   unsigned r;
-  asm volatile("movmatrix.sync.aligned.m8n8.trans.b16 %0, %1;" : "=r"(r) : "r"(v));
+  asm("movmatrix.sync.aligned.m8n8.trans.b16 %0, %1;" : "=r"(r) : "r"(v));
   return r;
 }
 #ifdef PMN_MATRIX_TF32
@@ -1490,8 +1490,17 @@ PMN_FN void simdgroup_load(simdgroup_matrix<T, C, R>& d, const typename detail::
 #ifdef PMN_CUDA
   const unsigned r = detail::sgm_row(), c = detail::sgm_col();
   if (!transpose_matrix) {
-    d.e[0] = base[r * elements_per_row + c];
-    d.e[1] = base[r * elements_per_row + c + 1];
+    const T* q = base + r * elements_per_row + c;
+    if constexpr (sizeof(T) == 2) {
+      if ((reinterpret_cast<unsigned long long>(q) & 3u) == 0) {  // one 32-bit access
+        const unsigned v = *reinterpret_cast<const unsigned*>(q);
+        d.e[0] = detail::lo_h(v);
+        d.e[1] = detail::hi_h(v);
+        return;
+      }
+    }
+    d.e[0] = q[0];
+    d.e[1] = q[1];
   } else {
     d.e[0] = base[c * elements_per_row + r];
     d.e[1] = base[(c + 1) * elements_per_row + r];
@@ -1511,8 +1520,15 @@ PMN_FN void simdgroup_store(const simdgroup_matrix<T, C, R>& a, typename detail:
 #ifdef PMN_CUDA
   const unsigned r = detail::sgm_row(), c = detail::sgm_col();
   if (!transpose_matrix) {
-    base[r * elements_per_row + c] = a.e[0];
-    base[r * elements_per_row + c + 1] = a.e[1];
+    T* q = base + r * elements_per_row + c;
+    if constexpr (sizeof(T) == 4) {
+      if ((reinterpret_cast<unsigned long long>(q) & 7u) == 0) {  // one 64-bit access
+        *reinterpret_cast<vec<float, 2>*>(q) = vec<float, 2>(a.e[0], a.e[1]);
+        return;
+      }
+    }
+    q[0] = a.e[0];
+    q[1] = a.e[1];
   } else {
     base[c * elements_per_row + r] = a.e[0];
     base[(c + 1) * elements_per_row + r] = a.e[1];
@@ -1538,8 +1554,7 @@ PMN_FN void simdgroup_multiply_accumulate(simdgroup_matrix<TD, 8, 8>& d, const s
     const unsigned a0 = detail::pack_h2(a.e[0], a.e[1]), a1 = 0u;
     const unsigned b0 = detail::transpose_h2(detail::pack_h2(b.e[0], b.e[1]));
     float d0, d1, d2, d3;
-    asm volatile(
-        "mma.sync.aligned.m16n8k8.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5}, {%6}, "
+    asm("mma.sync.aligned.m16n8k8.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5}, {%6}, "
         "{%7,%8,%9,%10};"
         : "=f"(d0), "=f"(d1), "=f"(d2), "=f"(d3)
         : "r"(a0), "r"(a1), "r"(b0), "f"(c.e[0]), "f"(c.e[1]), "f"(0.f), "f"(0.f));
@@ -1551,8 +1566,7 @@ PMN_FN void simdgroup_multiply_accumulate(simdgroup_matrix<TD, 8, 8>& d, const s
     const unsigned b0 = detail::transpose_h2(detail::pack_h2(b.e[0], b.e[1]));
     const unsigned c0 = detail::pack_h2(c.e[0], c.e[1]), c1 = 0u;
     unsigned d0, d1;
-    asm volatile(
-        "mma.sync.aligned.m16n8k8.row.col.f16.f16.f16.f16 {%0,%1}, {%2,%3}, {%4}, {%5,%6};"
+    asm("mma.sync.aligned.m16n8k8.row.col.f16.f16.f16.f16 {%0,%1}, {%2,%3}, {%4}, {%5,%6};"
         : "=r"(d0), "=r"(d1)
         : "r"(a0), "r"(a1), "r"(b0), "r"(c0), "r"(c1));
     d.e[0] = detail::lo_h(d0);
@@ -1576,8 +1590,7 @@ PMN_FN void simdgroup_multiply_accumulate(simdgroup_matrix<TD, 8, 8>& d, const s
     const float b11 = __shfl_sync(0xffffffffu, b.e[1], 4u * (t + 4u) + (g >> 1));
     const float bv0 = (g & 1u) ? b01 : b00, bv1 = (g & 1u) ? b11 : b10;
     float d0, d1, d2, d3;
-    asm volatile(
-        "mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
+    asm("mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
         "{%8,%9}, {%10,%11,%12,%13};"
         : "=f"(d0), "=f"(d1), "=f"(d2), "=f"(d3)
         : "r"(detail::to_tf32(av0)), "r"(0u), "r"(detail::to_tf32(av1)), "r"(0u),
