@@ -399,13 +399,15 @@ kernel void gemm_mma(device const T* A [[buffer(0)]], device const T* B [[buffer
         for (int kk = 0; kk < BK; kk += 8) {
             simdgroup_matrix<T, 8, 8> ma[FM];
             simdgroup_matrix<T, 8, 8> mb[FN];
+            // fragment origins folded into the pointer (constant row pitch, zero origin): the
+            // per-lane offset inside a fragment is then loop-invariant
 #pragma unroll
             for (int i = 0; i < FM; ++i) {
-                simdgroup_load(ma[i], sa, PA, ulong2(uint(kk), wm0 + 8u * uint(i)));
+                simdgroup_load(ma[i], sa + (wm0 + 8u * uint(i)) * uint(PA) + uint(kk), PA);
             }
 #pragma unroll
             for (int j = 0; j < FN; ++j) {
-                simdgroup_load(mb[j], sb, PB, ulong2(wn0 + 8u * uint(j), uint(kk)));
+                simdgroup_load(mb[j], sb + uint(kk) * uint(PB) + wn0 + 8u * uint(j), PB);
             }
 #pragma unroll
             for (int i = 0; i < FM; ++i) {
@@ -429,7 +431,7 @@ kernel void gemm_mma(device const T* A [[buffer(0)]], device const T* B [[buffer
 #pragma unroll
     for (int i = 0; i < FM; ++i) {
 #pragma unroll
-        for (int j = 0; j < FN; ++j) simdgroup_store(acc[i][j], cs, WN, ulong2(8u * uint(j), 0u));
+        for (int j = 0; j < FN; ++j) simdgroup_store(acc[i][j], cs + 8u * uint(j), WN);
         simdgroup_barrier(mem_flags::mem_threadgroup);
         for (uint q = lane; q < uint(8 * WN / 4); q += 32u) {
             uint r = q / uint(WN / 4), cq = (q % uint(WN / 4)) * 4u;
