@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from ..params import GemmParams, LinearBiasGradParams
+from ..params import CONST, GemmParams, LinearBiasGradParams
 from ..runtime import Device
 from ..tensor import Tensor, float16, float32
 from ._common import (
@@ -39,10 +39,11 @@ from ._common import (
 from .neuron import activation_backward, activation_code
 
 SOURCE = "gemm.metal"
-THREADS = 256  # every kernel of gemm.metal
+THREADS = CONST["GEMM_THREADS"]  # every kernel of gemm.metal
 
-# GemmParams.flags (kernels/gemm.metal)
-TRANS_A, TRANS_B, VEC_A, VEC_B, VEC_C, BIAS, BETA = 1, 2, 4, 8, 16, 32, 64
+# GemmParams.flags (kernels/params.h GEMM_*)
+TRANS_A, TRANS_B, VEC_A, VEC_B, VEC_C, BIAS, BETA = (
+    CONST[f"GEMM_{f}"] for f in ("TRANS_A", "TRANS_B", "VEC_A", "VEC_B", "VEC_C", "BIAS", "BETA"))
 
 _MAX_MATRIX = 2**31  # elements per matrix: in-matrix offsets are 32-bit in the kernels
 _MAX_THREADS = 2**32 - 1024
