@@ -57,7 +57,7 @@ from typing import Any
 
 import numpy as np
 
-from ..params import LossParams, LossReduceParams
+from ..params import CONST, LossParams, LossReduceParams
 from ..runtime import Buffer, Device
 from ..tensor import Tensor, as_tensor, empty, float32, int32
 from ._common import (
@@ -76,11 +76,24 @@ from .softmax import TG, tile_groups, tile_plan
 
 SOURCE = "loss.metal"
 REDUCTIONS = ("none", "per_sample", "sum", "mean", "sum_by_nonzero_weights")
-_MODE = {"sum": 0, "mean": 1, "sum_by_nonzero_weights": 2, "batchmean": 3, "per_sample": 0}
+_MODE = {k: CONST[f"LOSS_MODE_{m}"] for k, m in (  # LossReduceParams.mode per reduction
+    ("sum", "SUM"), ("mean", "MEAN"), ("sum_by_nonzero_weights", "NONZERO"), ("batchmean", "DENOM"),
+    ("per_sample", "SUM"))}
+G_SCALAR, G_PER_SAMPLE, G_PER_TERM = (  # LossParams.gmode
+    CONST[f"LOSS_G_{g}"] for g in ("SCALAR", "PER_SAMPLE", "PER_TERM"))
+
 # pointwise losses whose target PyTorch differentiates
 _TARGET_GRAD = {"mse_loss", "l1_loss", "huber_loss", "smooth_l1_loss", "bce_with_logits", "kl_div"}
+
 CHUNK = 2048  # elements per threadgroup chunk of the pointwise forward
 MAX_ELEMENTS = 2**31 - 1  # chunk arithmetic stays inside uint32
+
+
+def _gmode(reduction: str) -> int:
+    """LossParams.gmode: the backward's incoming-gradient layout for `reduction`."""
+    return G_PER_TERM if reduction == "none" else G_PER_SAMPLE if reduction == "per_sample" \
+        else G_SCALAR
+
 
 # ---- validation ------------------------------------------------------------------------------
 
@@ -351,8 +364,8 @@ def _pointwise_backward(stem: str, grad: Any, input: Any, target: Any, sample_we
     n = x.shape[0]
     shape = shape0 if reduction == "none" else (n,) if reduction == "per_sample" else ()
     g = _grad_arg(grad, dev, shape)
-    gmode = 2 if reduction == "none" else 1 if reduction == "per_sample" else 0
-    if gmode == 0:  # element weights are not counted: a mean divides by the element count
+    gmode = _gmode(reduction)
+    if gmode == G_SCALAR:  # element weights are not counted: a mean divides by the element count
         g = _scale(dev, g, reduction, n, None, None if elem else w, n, 1, x.size // n, 0)
     tgrad = stem in _TARGET_GRAD and boolean(target_grad, "target_grad")
     p = LossParams(N=n, M=x.size // n, total=x.size, gmode=gmode, has_weight=int(w is not None),
@@ -413,7 +426,7 @@ def _class_forward(stem: str, input: Any, target: Any, sample_weight: Any, reduc
         return _reduce(dev, terms, cnt, n, m, 0, 1.0, (n,))
     if cw is not None and labels and reduction == "mean":
         # sum / sum of w[label] over the counted labels: loss_scale with the sum as its g
-        total = _reduce(dev, terms, cnt, 1, n * m, 0, float(n), ())
+        total = _reduce(dev, terms, cnt, 1, n * m, _MODE["sum"], float(n), ())
         return _scale(dev, total, "mean", n, t, None, n * m, m, 1, int(ignore_index), cw).reshape(())
     return _reduce(dev, terms, cnt, 1, n * m, _MODE[reduction], float(n), ())
 
@@ -432,8 +445,8 @@ def _class_backward(stem: str, grad: Any, input: Any, target: Any, sample_weight
     if unbatched and reduction == "none":
         shape = ()
     g = _grad_arg(grad, dev, shape)
-    gmode = 2 if reduction == "none" else 1 if reduction == "per_sample" else 0
-    if gmode == 0:
+    gmode = _gmode(reduction)
+    if gmode == G_SCALAR:
         if labels:
             g = _scale(dev, g, reduction, n, t, w, n * m, m, 1, int(ignore_index), cw)
         else:
