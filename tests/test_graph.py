@@ -323,7 +323,7 @@ def test_two_in_flight_same_weights_as_synchronous(dev):
                 h.wait()
             hs.append(h)
         tg.synchronize()
-        res[in_flight] = ([h.losses for h in hs], tg.state_dict())
+        res[in_flight] = ([h.losses for h in hs], tg.training_state_dict())
     for a, b in zip(res[2][0], res[1][0]):
         np.testing.assert_array_equal(a, b)
     for k, v in res[2][1].items():

@@ -554,4 +554,6 @@ def test_bce_weight_pos_weight_and_smooth_l1(dev):
         F.cross_entropy(np.zeros((2, 3), np.float32), np.zeros(2, np.int32), np.ones(3),
                         sample_weight=np.ones(2))
     with pytest.raises(ValueError, match="beta"):
-        F.smooth_l1_loss(x, t, beta=0.0)
+        F.smooth_l1_loss(x, t, beta=-0.5)
+    # beta = 0 is the L1 loss, as torch
+    np.testing.assert_allclose(F.smooth_l1_loss(x, t, beta=0.0).numpy(), F.l1_loss(x, t).numpy())

@@ -105,9 +105,11 @@ OPS = {
 
 
 def _np(v):
+    """torch's argument as a user passes it: float tensors as pymetalnn tensors (updated in place
+    where the op does, like batch norm's running statistics), integer ones as numpy arrays."""
     if isinstance(v, torch.Tensor):
         a = v.detach().numpy()
-        return a.astype(np.float32) if a.dtype.kind == "f" else a.copy()
+        return pm.tensor(a.astype(np.float32)) if a.dtype.kind == "f" else a.copy()
     if isinstance(v, torch.Size):
         return tuple(v)
     if isinstance(v, (list, tuple)):

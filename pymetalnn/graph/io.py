@@ -39,10 +39,11 @@ def named_sources(g: Any) -> dict[str, DataSource]:
     return out
 
 
-def graph_state_dict(g: Any, optimizer: bool = True) -> dict[str, np.ndarray]:
-    """Host copies: parameters (and buffers) of every data source, and optimizer states."""
+def graph_state_dict(g: Any, optimizer: bool = True, steps: bool = True) -> dict[str, np.ndarray]:
+    """Host copies: parameters (and buffers) of every data source, and optimizer states and
+    the step count unless turned off."""
     g.synchronize()
-    d: dict[str, np.ndarray] = {STEPS: np.array(g._steps_encoded, np.int64)}
+    d: dict[str, np.ndarray] = {STEPS: np.array(g._steps_encoded, np.int64)} if steps else {}
     for name, ds in named_sources(g).items():
         for k, v in ds.state_dict().items():
             d[f"{name}.{k}"] = v
@@ -97,7 +98,7 @@ def load_graph_state(g: Any, d: Mapping[str, Any], strict: bool = True,
             if k == "num_batches_tracked":
                 continue
             a = np.asarray(v)
-            if a.size != int(np.prod(shapes[k])):
+            if a.shape != tuple(shapes[k]):  # exact: a same-size array of another shape is refused
                 raise GraphError(None, f"state: {name}.{k} has shape {a.shape}, the graph's is "
                                        f"{shapes[k]}")
         if strict:

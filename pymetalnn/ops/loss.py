@@ -653,8 +653,11 @@ def log_loss_backward(grad: Any, input: Any, target: Any, *, sample_weight: Any 
 
 def smooth_l1_loss(input: Any, target: Any, *, sample_weight: Any = None, reduction: str = "mean",
                    beta: float = 1.0) -> Tensor:
-    """l = d^2 / (2 beta) if |d| < beta else |d| - beta / 2, d = x - t (F.smooth_l1_loss; beta > 0)."""
-    b = _check_float(beta, "beta", 0.0, lo_open=True)
+    """l = d^2 / (2 beta) if |d| < beta else |d| - beta / 2, d = x - t (F.smooth_l1_loss; beta = 0
+    is l1_loss, as PyTorch)."""
+    b = _check_float(beta, "beta", 0.0)
+    if b == 0.0:
+        return _pointwise("l1_loss", input, target, sample_weight, reduction)
     return _pointwise("smooth_l1_loss", input, target, sample_weight, reduction, a=b)
 
 
@@ -662,6 +665,6 @@ def smooth_l1_loss_backward(grad: Any, input: Any, target: Any, *, sample_weight
                             reduction: str = "mean", beta: float = 1.0,
                             target_grad: bool = True) -> tuple[Tensor, Tensor]:
     """(d/dx, d/dt): g w (d / beta if |d| < beta else sign(d)) and its negation."""
-    b = _check_float(beta, "beta", 0.0, lo_open=True)
-    return _pointwise_backward("smooth_l1_loss", grad, input, target, sample_weight, reduction, a=b,
-                               target_grad=target_grad)
+    b = _check_float(beta, "beta", 0.0)
+    return _pointwise_backward("smooth_l1_loss" if b else "l1_loss", grad, input, target,
+                               sample_weight, reduction, a=b, target_grad=target_grad)

@@ -211,9 +211,10 @@ def max_pool2d(input: Any, kernel_size: Any, stride: Any = None, padding: Any = 
 
 def max_pool2d_backward(grad_out: Any, input: Any, kernel_size: Any, stride: Any = None,
                         padding: Any = 0, dilation: Any = 1, ceil_mode: bool = False,
-                        indices: Any = None) -> Tensor:
+                        return_indices: bool = False, indices: Any = None) -> Tensor:
     """grad_x[n, c, h, w] = sum of grad_out over the outputs whose argmax is (h, w). Uses
-    `indices` from max_pool2d(..., return_indices=True) when given, else recomputes from x."""
+    `indices` from max_pool2d(..., return_indices=True) when given, else recomputes from x.
+    return_indices: the forward's option, accepted for the shared calling convention (unused)."""
     x = input
     return _max_bwd(grad_out, x, False, kernel_size, stride, padding, dilation, ceil_mode, indices)
 
@@ -228,7 +229,7 @@ def max_pool1d(input: Any, kernel_size: Any, stride: Any = None, padding: Any = 
 
 def max_pool1d_backward(grad_out: Any, input: Any, kernel_size: Any, stride: Any = None,
                         padding: Any = 0, dilation: Any = 1, ceil_mode: bool = False,
-                        indices: Any = None) -> Tensor:
+                        return_indices: bool = False, indices: Any = None) -> Tensor:
     """grad_x[n, c, l] = sum of grad_out over the outputs whose argmax is l."""
     x = input
     return _max_bwd(grad_out, x, True, kernel_size, stride, padding, dilation, ceil_mode, indices)
