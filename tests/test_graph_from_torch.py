@@ -107,3 +107,43 @@ def test_unsupported_modules_are_named():
 
     with pytest.raises(G.GraphError, match="padding_mode.*conv"):
         G.from_torch(Pad(), np.zeros((1, 1, 5, 5), np.float32))
+
+
+class TokenNet(nn.Module):
+    """Embedding (with a padding row) -> LayerNorm -> GELU -> flatten -> Linear."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(11, 8, padding_idx=0)
+        self.norm = nn.LayerNorm(8)
+        self.act = nn.GELU()
+        self.flat = nn.Flatten()
+        self.fc = nn.Linear(5 * 8, 3)
+
+    def forward(self, x):
+        return self.fc(self.flat(self.act(self.norm(self.emb(x)))))
+
+
+def test_embedding_layer_norm_nodes_train_like_torch(dev):
+    torch.manual_seed(1)
+    net = TokenNet()
+    with torch.no_grad():
+        net.norm.weight.uniform_(0.5, 1.5)
+        net.norm.bias.uniform_(-0.2, 0.2)
+    rng = np.random.default_rng(1)
+    X = rng.integers(0, 11, (6, 5)).astype(np.int64)
+    X[0, :2] = 0  # the padding row: no gradient
+    Y = rng.integers(0, 3, 6).astype(np.int32)
+    tg = G.from_torch(net, X, optimizer=lambda p: optim.SGD(p, lr=0.2), device=dev)
+    opt = torch.optim.SGD(net.parameters(), lr=0.2)
+    for step in range(3):
+        h = tg.encode(X.astype(np.int32), Y)
+        opt.zero_grad()
+        per = nn.functional.cross_entropy(net(torch.from_numpy(X)), torch.from_numpy(Y).long(),
+                                          reduction="none")
+        per.mean().backward()
+        opt.step()
+        _close(h.losses, per, 1e-3, f"step {step} losses")
+    sd = tg.state_dict()
+    for k, v in net.state_dict().items():
+        _close(sd[k], v, 1e-3, f"{k} after 3 steps")

@@ -9,11 +9,12 @@ operation becomes a graph node holding the module's current weights, named after
 qualified name, so `tg.state_dict()` has the module's own state_dict keys (and loads back into
 it) and `tg.load_state_dict(torch_state_dict(model))` reloads weights. Every padding, stride
 and dilation is passed explicitly, so no graph default (the MPS-style "same") can change the
-numbers. Supported: Conv1d/Conv2d (zeros padding), Linear, BatchNorm1d/2d, GroupNorm,
-InstanceNorm2d, ReLU / LeakyReLU / ELU / GELU / Sigmoid / Tanh / Softplus, MaxPool2d / AvgPool2d
-(floor mode), AdaptiveAvgPool2d to 1x1, Flatten (from dim 1), Dropout, Identity, Softmax /
-LogSoftmax, and the functions add (residuals), flatten, relu, cat along channels, x.view(n, -1)
-/ reshape to (n, -1). Anything else raises GraphError naming the module or operation and its
+numbers. Supported: Conv1d/Conv2d (zeros padding), Linear, Embedding (integer example input),
+LayerNorm, BatchNorm1d/2d, GroupNorm, InstanceNorm2d, ReLU / LeakyReLU / ELU / GELU / Sigmoid /
+Tanh / Softplus, MaxPool2d / AvgPool2d (floor mode), AdaptiveAvgPool2d to 1x1, Flatten (from dim
+1), Dropout, Identity, Softmax / LogSoftmax, and the functions add (residuals), flatten, relu, cat
+along channels, x.view(n, -1) / reshape to (n, -1). Anything else raises GraphError naming the
+module or operation and its
 place in the traced code.
 """
 from __future__ import annotations
@@ -23,10 +24,13 @@ from typing import Any
 
 import numpy as np
 
+from ..tensor import float32, int32
 from . import nodes as N
 from .datasource import (
     ConvolutionDataSource,
+    EmbeddingDataSource,
     FullyConnectedDataSource,
+    LayerNormDataSource,
     NormalizationDataSource,
 )
 from .errors import GraphError
@@ -143,6 +147,19 @@ class _Converter:
             return self.norm(m, name, x)
         if isinstance(m, (nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d)):
             return self.pool(m, name, x)
+        if isinstance(m, nn.Embedding):
+            if m.max_norm is not None or m.sparse:
+                raise self.unsupported("Embedding(max_norm=/sparse=)", name)
+            ds = EmbeddingDataSource(m.num_embeddings, m.embedding_dim, padding_idx=m.padding_idx,
+                                     weight=_np(m.weight), label=name)
+            return N.EmbeddingNode(x, ds, name=name)
+        if isinstance(m, nn.LayerNorm):
+            affine = m.weight is not None
+            ds = LayerNormDataSource(m.normalized_shape, eps=m.eps, elementwise_affine=affine,
+                                     bias=m.bias is not None,
+                                     weight=_np(m.weight) if affine else None,
+                                     beta=_np(m.bias) if m.bias is not None else None, label=name)
+            return N.LayerNormalizationNode(x, ds, name=name)
         if isinstance(m, nn.Flatten):
             if m.start_dim != 1 or m.end_dim != -1:
                 raise self.unsupported(f"Flatten({m.start_dim}, {m.end_dim})", name)
@@ -239,8 +256,9 @@ def from_torch(module: Any, example_input: Any, *, loss: str | None = "cross_ent
 
     gm = torch.fx.symbolic_trace(module)
     mods = dict(gm.named_modules())
-    shape = tuple(np.shape(example_input.detach().cpu().numpy() if isinstance(example_input, torch.Tensor)
-                           else example_input))
+    arr = example_input.detach().cpu().numpy() if isinstance(example_input, torch.Tensor) \
+        else np.asarray(example_input)
+    shape = tuple(arr.shape)
     if len(shape) < 2:
         raise ValueError(f"example_input: expected a batch (N, ...), got shape {shape}")
     cv = _Converter(torch, module, example_input)
@@ -259,7 +277,7 @@ def from_torch(module: Any, example_input: Any, *, loss: str | None = "cross_ent
         if n.op == "placeholder":
             if env:
                 raise cv.unsupported("a second input", n.name)
-            env[n] = N.ImageNode(shape[1:], name=name)
+            env[n] = N.ImageNode(shape[1:], int32 if arr.dtype.kind in "iu" else float32, name=name)
         elif n.op == "call_module":
             env[n] = cv.call_module(mods[n.target], n.target, [val(a) for a in n.args],
                                     {k: val(v) for k, v in n.kwargs.items()})

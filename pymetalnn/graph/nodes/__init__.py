@@ -54,6 +54,7 @@ from .copy import (
 from .dropout import (
     DropoutNode,
 )
+from .embedding import EmbeddingNode
 from .gemm import (
     FullyConnectedNode,
 )
@@ -89,6 +90,7 @@ from .norm import (
     BatchNormalizationNode,
     GroupNormalizationNode,
     InstanceNormalizationNode,
+    LayerNormalizationNode,
 )
 from .pool import (
     GlobalAveragePoolingNode,
