@@ -147,3 +147,65 @@ def test_embedding_layer_norm_nodes_train_like_torch(dev):
     sd = tg.state_dict()
     for k, v in net.state_dict().items():
         _close(sd[k], v, 1e-3, f"{k} after 3 steps")
+
+
+class ConvLSTM(nn.Module):
+    """A 1-D CNN + 2-layer LSTM classifier (batch-first), the last time step to a linear head."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv1d(3, 6, 3, padding=1)
+        self.relu = nn.ReLU()
+        self.lstm = nn.LSTM(6, 5, num_layers=2, batch_first=True)
+        self.fc = nn.Linear(5, 4)
+
+    def forward(self, x):
+        y = self.relu(self.conv(x)).permute(0, 2, 1)
+        out, (h, c) = self.lstm(y)
+        return self.fc(out[:, -1])
+
+
+class GRULM(nn.Module):
+    """A GRU language model: embedding, batch-first GRU, per-step linear to the vocabulary; the
+    logits permuted to (N, V, T) for cross_entropy against (N, T) labels."""
+
+    def __init__(self, vocab: int = 13):
+        super().__init__()
+        self.emb = nn.Embedding(vocab, 6)
+        self.gru = nn.GRU(6, 7, batch_first=True)
+        self.out = nn.Linear(7, vocab)
+
+    def forward(self, x):
+        y, h = self.gru(self.emb(x))
+        return self.out(y).permute(0, 2, 1)
+
+
+@pytest.mark.parametrize("kind", ["cnn_lstm", "gru_lm"])
+def test_recurrent_models_train_like_torch(dev, kind):
+    torch.manual_seed(2)
+    rng = np.random.default_rng(2)
+    if kind == "cnn_lstm":
+        net = ConvLSTM()
+        X = rng.standard_normal((3, 3, 7)).astype(np.float32)
+        Y = rng.integers(0, 4, 3).astype(np.int32)
+        Xg = X
+    else:
+        net = GRULM()
+        X = rng.integers(0, 13, (3, 6)).astype(np.int64)
+        Y = rng.integers(0, 13, (3, 6)).astype(np.int32)
+        Xg = X.astype(np.int32)
+    tg = G.from_torch(net, X, optimizer=lambda p: optim.SGD(p, lr=0.3), device=dev)
+    assert set(tg.state_dict()) == set(net.state_dict())
+    opt = torch.optim.SGD(net.parameters(), lr=0.3)
+    for step in range(3):
+        h = tg.encode(Xg, Y)
+        opt.zero_grad()
+        per = nn.functional.cross_entropy(net(torch.from_numpy(X)), torch.from_numpy(Y).long(),
+                                          reduction="none")
+        per.mean().backward()  # torch's mean over every term (from_torch's default reduction)
+        per = per.reshape(per.shape[0], -1).sum(1)  # the graph's per-sample losses
+        opt.step()
+        _close(h.losses, per, 1e-3, f"{kind} step {step} losses")
+    sd = tg.state_dict()
+    for k, v in net.state_dict().items():
+        _close(sd[k], v, 1e-3, f"{kind} {k} after 3 steps")

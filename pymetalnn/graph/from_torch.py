@@ -12,10 +12,11 @@ and dilation is passed explicitly, so no graph default (the MPS-style "same") ca
 numbers. Supported: Conv1d/Conv2d (zeros padding), Linear, Embedding (integer example input),
 LayerNorm, BatchNorm1d/2d, GroupNorm, InstanceNorm2d, ReLU / LeakyReLU / ELU / GELU / Sigmoid /
 Tanh / Softplus, MaxPool2d / AvgPool2d (floor mode), AdaptiveAvgPool2d to 1x1, Flatten (from dim
-1), Dropout, Identity, Softmax / LogSoftmax, and the functions add (residuals), flatten, relu, cat
-along channels, x.view(n, -1) / reshape to (n, -1). Anything else raises GraphError naming the
-module or operation and its
-place in the traced code.
+1), Dropout, Identity, Softmax / LogSoftmax, LSTM / GRU / RNN (batch_first, layers, bidirectional,
+their (output, state) results), and the functions add (residuals), flatten, relu, cat along
+channels, x.view(n, -1) / reshape to (n, -1), x.permute / x.transpose (batch kept first), x[:, i]
+(a time step). Linear on a sequence applies to the last dimension. Anything else raises GraphError
+naming the module or operation and its place in the traced code.
 """
 from __future__ import annotations
 
@@ -32,8 +33,34 @@ from .datasource import (
     FullyConnectedDataSource,
     LayerNormDataSource,
     NormalizationDataSource,
+    RecurrentDataSource,
 )
 from .errors import GraphError
+
+
+class Conv1dDataSource(ConvolutionDataSource):
+    """A Conv1d's weights run as a (1, k) 2-D convolution, saved and loaded with torch's (out,
+    in/groups, k) weight shape, so the state dict stays torch.nn.Conv1d's."""
+
+    def shapes(self) -> dict[str, tuple[int, ...]]:
+        d = super().shapes()
+        d["weight"] = d["weight"][:2] + d["weight"][3:]
+        return d
+
+    def state_dict(self) -> dict[str, np.ndarray]:
+        d = super().state_dict()
+        d["weight"] = d["weight"][:, :, 0]
+        return d
+
+    def load_state_dict(self, d: Any, strict: bool = True) -> list[str]:
+        d = dict(d)
+        if "weight" in d:
+            w = np.asarray(d["weight"], np.float32)
+            if w.shape != self.shapes()["weight"]:
+                raise ValueError(f"{self.label}: 'weight' has shape {w.shape}, expected "
+                                 f"{self.shapes()['weight']}")
+            d["weight"] = w[:, :, None]
+        return super().load_state_dict(d, strict)
 
 
 def _np(t: Any) -> np.ndarray:
@@ -61,8 +88,8 @@ class _Converter:
             raise self.unsupported(f"padding_mode={m.padding_mode!r}", name)
         one_d = isinstance(m, self.nn.Conv1d)
         k = (1, m.kernel_size[0]) if one_d else tuple(m.kernel_size)
-        ds = ConvolutionDataSource(m.in_channels, m.out_channels, k, groups=m.groups,
-                                   bias=m.bias is not None, label=name)
+        ds = (Conv1dDataSource if one_d else ConvolutionDataSource)(
+            m.in_channels, m.out_channels, k, groups=m.groups, bias=m.bias is not None, label=name)
         w = _np(m.weight)
         ds._host["weight"] = w.reshape(w.shape[0], w.shape[1], *k)
         if m.bias is not None:
@@ -91,7 +118,24 @@ class _Converter:
         ds._host["weight"] = _np(m.weight)
         if m.bias is not None:
             ds._host["bias"] = _np(m.bias)
-        return N.FullyConnectedNode(x, ds, name=name)
+        per_step = len(N.as_value(x, None).shape) > 2  # torch applies Linear to the last dim
+        return N.FullyConnectedNode(x, ds, per_step=per_step, name=name)
+
+    def recurrent(self, m: Any, name: str, x: Any) -> Any:
+        nn = self.nn
+        if m.dropout:
+            raise self.unsupported(f"{type(m).__name__}(dropout={m.dropout})", name)
+        if getattr(m, "proj_size", 0):
+            raise self.unsupported("LSTM(proj_size=...)", name)
+        mode = "lstm" if isinstance(m, nn.LSTM) else "gru" if isinstance(m, nn.GRU) else \
+            f"rnn_{m.nonlinearity}"
+        ds = RecurrentDataSource(mode, m.input_size, m.hidden_size, num_layers=m.num_layers,
+                                 bias=m.bias, bidirectional=m.bidirectional,
+                                 weights={k: _np(v) for k, v in m.named_parameters()}, label=name)
+        cls = {"lstm": N.LSTMNode, "gru": N.GRUNode}.get(mode, N.RNNNode)
+        node = cls(x, ds, batch_first=m.batch_first, return_state=True, name=name)
+        r = node.results
+        return (r[0], (r[1], r[2])) if mode == "lstm" else (r[0], r[1])
 
     def norm(self, m: Any, name: str, x: Any) -> Any:
         nn = self.nn
@@ -147,6 +191,8 @@ class _Converter:
             return self.norm(m, name, x)
         if isinstance(m, (nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d)):
             return self.pool(m, name, x)
+        if isinstance(m, (nn.LSTM, nn.GRU, nn.RNN)):
+            return self.recurrent(m, name, x)
         if isinstance(m, nn.Embedding):
             if m.max_norm is not None or m.sparse:
                 raise self.unsupported("Embedding(max_norm=/sparse=)", name)
@@ -210,12 +256,31 @@ class _Converter:
             if dim != 1:
                 raise self.unsupported(f"torch.cat(dim={dim})", where)
             return N.ConcatenationNode(list(args[0]), 1, name=where)
-        if fn is getattr:
-            return _Attr(args[0], args[1])
+        if fn is operator.getitem:
+            return self.getitem(args[0], args[1], where)
         raise self.unsupported(f"function {getattr(fn, '__name__', fn)}", where)
+
+    def getitem(self, x: Any, key: Any, where: str) -> Any:
+        if isinstance(x, (tuple, list)):  # a recurrent module's (output, state) structure
+            return x[key]
+        key = key if isinstance(key, tuple) else (key,)
+        full = slice(None)
+        ints = [i for i, k in enumerate(key) if isinstance(k, int)]
+        if len(ints) == 1 and all(k == full for i, k in enumerate(key) if i != ints[0]) and ints[0] > 0:
+            return N.SelectNode(x, ints[0], key[ints[0]], name=where)
+        raise self.unsupported(f"indexing {key} (only x[:, i] / x[:, :, i] ...)", where)
 
     def call_method(self, meth: str, where: str, args: list[Any], kwargs: dict) -> Any:
         x = args[0]
+        if meth == "permute":
+            dims = args[1] if len(args) == 2 and isinstance(args[1], (tuple, list)) else args[1:]
+            return N.PermuteNode(x, dims, name=where)
+        if meth == "transpose":
+            nd = len(N.as_value(x, None).shape)
+            d0, d1 = (a % nd for a in args[1:3])
+            dims = list(range(nd))
+            dims[d0], dims[d1] = dims[d1], dims[d0]
+            return N.PermuteNode(x, dims, name=where)
         if meth == "size":
             return _Size(x, args[1] if len(args) > 1 else None)
         if meth in ("view", "reshape", "flatten"):
@@ -239,15 +304,13 @@ class _Size:
         self.x, self.dim = x, dim
 
 
-class _Attr:
-    def __init__(self, x: Any, name: str):
-        self.x, self.name = x, name
-
-
 def from_torch(module: Any, example_input: Any, *, loss: str | None = "cross_entropy",
+               reduction: str = "elementwise_mean", loss_options: dict | None = None,
                optimizer: Any = None, name: str = "input", **graph_kw: Any) -> Any:
     """A pymetalnn training graph (loss given: TrainingGraph of `loss` on the module's output,
-    reduction "mean" as torch's default, graph_kw passed to TrainingGraph) or the output Value
+    with torch's "mean" over every term by default (LossNode's "elementwise_mean"; "mean" is the
+    mean of per-sample sums), loss_options the loss op's (label_smoothing, ...), graph_kw passed
+    to TrainingGraph) or the output Value
     (loss=None) of `module` traced with torch.fx. example_input: a batch (N, ...) whose per-sample
     shape fixes the graph input's. Node names are the module's qualified names; unsupported
     modules or operations raise GraphError naming them."""
@@ -297,4 +360,5 @@ def from_torch(module: Any, example_input: Any, *, loss: str | None = "cross_ent
         return out
     from .graph import TrainingGraph
 
-    return TrainingGraph(N.LossNode(out, loss, name="loss"), optimizer=optimizer, **graph_kw)
+    return TrainingGraph(N.LossNode(out, loss, reduction=reduction, name="loss", **(loss_options or {})),
+                         optimizer=optimizer, **graph_kw)

@@ -12,7 +12,7 @@ forward) and sparse gradients are not supported and raise.
 Backward follows the functional convention: embedding_backward(grad_out, input, weight, ...)
 returns (None, dL/dweight) -- None for the integer indices. The gradient is deterministic: the
 host sorts the indices into one segment per distinct row and the kernel sums each segment in
-index order (embedding.metal's note), so no float atomics.
+index order (embedding.metal's note), so no float atomics; it writes every row (no zero fill).
 """
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ import numpy as np
 
 from ..params import EmbeddingParams
 from ..runtime import Device
-from ..tensor import Tensor, as_tensor, empty, int32, zeros
+from ..tensor import Tensor, as_tensor, empty, int32
 from ._common import FLOATS, MAX_ELEMS_U32, boolean, kernel, pick_device, suffix, tensor_arg
 
 SOURCE = "embedding.metal"
@@ -89,18 +89,20 @@ def embedding_backward(grad_out: Any, input: Any, weight: Any, padding_idx: int 
     want = tuple(idx.shape) + (w.shape[1],)
     if g.shape != want:
         raise ValueError(f"grad_out: shape {g.shape}, expected {want} (input's shape + (D,))")
-    dw = zeros(w.shape, w.dtype, dev)
+    dw = empty(w.shape, w.dtype, dev)  # every element written by the kernel (no zero fill)
+    if not dw.size:
+        return None, dw
     flat = arr.reshape(-1).astype(np.int64)
     keep = np.nonzero(flat != pad)[0] if pad is not None else np.arange(flat.size)
-    if keep.size and w.shape[1]:
-        perm = keep[np.argsort(flat[keep], kind="stable")]
-        srt = flat[perm]
-        starts = np.flatnonzero(np.r_[True, srt[1:] != srt[:-1]])
-        seg = np.r_[starts, srt.size].astype(np.int32)
-        p = EmbeddingParams(n=flat.size, V=w.shape[0], D=w.shape[1], segments=starts.size,
-                            scale_by_freq=int(scale))
-        kernel(dev, SOURCE, f"embedding_bwd_{suffix(w.dtype)}")(
-            starts.size * w.shape[1], g.buffer, as_tensor(perm.astype(np.int32), dev, "perm").buffer,
-            as_tensor(seg, dev, "seg").buffer, as_tensor(srt[starts].astype(np.int32), dev, "rows").buffer,
-            dw.buffer, p)
+    perm = keep[np.argsort(flat[keep], kind="stable")]
+    srt = flat[perm]
+    starts = np.flatnonzero(np.r_[True, srt[1:] != srt[:-1]]) if srt.size else np.zeros(0, np.int64)
+    seg = np.r_[starts, srt.size].astype(np.int32)
+    rowseg = np.full(w.shape[0], -1, np.int32)
+    rowseg[srt[starts]] = np.arange(starts.size, dtype=np.int32)
+    p = EmbeddingParams(n=flat.size, V=w.shape[0], D=w.shape[1], segments=starts.size,
+                        scale_by_freq=int(scale))
+    kernel(dev, SOURCE, f"embedding_bwd_{suffix(w.dtype)}")(
+        dw.size, g.buffer, as_tensor(np.r_[perm, 0].astype(np.int32), dev, "perm").buffer,
+        as_tensor(seg, dev, "seg").buffer, as_tensor(rowseg, dev, "rowseg").buffer, dw.buffer, p)
     return None, dw

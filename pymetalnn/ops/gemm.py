@@ -24,7 +24,7 @@ import numpy as np
 
 from ..params import CONST, GemmParams, LinearBiasGradParams
 from ..runtime import Device
-from ..tensor import Tensor, float16, float32, zeros
+from ..tensor import Tensor, float16, float32, tensor
 from ._common import (
     kernel,
     matrix_capable,
@@ -425,8 +425,9 @@ class _MatmulPlan:
             return t.reshape(mat), "shared"
         if bat == self.batch:
             return t.reshape((nb,) + mat), "flat"
-        return add(t.reshape(shape2), zeros(self.batch + mat, t.dtype, t.device)).reshape((nb,) + mat), \
-            "expanded"
+        # the zeros come from the host, not an allocation (a graph's planned buffers are unfilled)
+        z = tensor(np.zeros(self.batch + mat, t.dtype), t.device)
+        return add(t.reshape(shape2), z).reshape((nb,) + mat), "expanded"
 
     def result(self, y: Tensor) -> Tensor:
         return y.reshape(self.out_shape)

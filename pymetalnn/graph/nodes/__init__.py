@@ -49,7 +49,9 @@ from .copy import (
     FlattenNode,
     ImageToMatrixNode,
     MatrixToImageNode,
+    PermuteNode,
     ReshapeNode,
+    SelectNode,
 )
 from .dropout import (
     DropoutNode,

@@ -15,14 +15,23 @@ class FullyConnectedNode(FilterNode):
 
     prefix = "fc"
 
-    def __init__(self, source: Any, weights: FullyConnectedDataSource, *, name: str | None = None,
-                 register: bool = True):
+    def __init__(self, source: Any, weights: FullyConnectedDataSource, *, per_step: bool = False,
+                 name: str | None = None, register: bool = True):
+        """per_step: the layer applied to the last dimension of every position of a sequence
+        (N, T, F) or (T, N, F) -> (..., out), as torch.nn.Linear on a 3-D input, instead of
+        flattening each sample."""
         self.weights = _weights_of(weights, FullyConnectedDataSource)
+        self.per_step = bool(per_step)
         super().__init__([source], name, register)
 
     def infer(self, shapes, dtypes):
         (x,) = shapes
         dt = _floats(dtypes)
+        if self.per_step:
+            if len(x) < 3 or x[-1] != self.weights.in_features:
+                raise ValueError(f"source: per_step needs a sequence (..., {self.weights.in_features}), "
+                                 f"got shape {x}")
+            return [((*x[:-1], self.weights.out_features), dt)]
         if len(x) < 2:
             raise ValueError(f"source: expected (N, features) or images, got shape {x}")
         f = int(np.prod(x[1:]))
@@ -31,10 +40,15 @@ class FullyConnectedNode(FilterNode):
                              f"({self.weights.label}) expect {self.weights.in_features}")
         return [((x[0], self.weights.out_features), dt)]
 
+    def _rows(self, x: Any) -> Any:
+        return x.reshape(-1, x.shape[-1]) if self.per_step else x.reshape(x.shape[0], -1)
+
     def forward(self, rc, xs, training, with_state, activation=None):
         x = xs[0]
         w, b = rc.acquire(self.weights)
-        y = op("linear", self)(x.reshape(x.shape[0], -1), w, b, **_act(activation))
+        y = op("linear", self)(self._rows(x), w, b, **_act(activation))
+        if self.per_step:
+            y = y.reshape(*x.shape[:-1], w.shape[0])
         rc.release(self.weights)
         return [y]
 
@@ -43,9 +57,9 @@ class FullyConnectedNode(FilterNode):
 
     def backward(self, rc, gouts, saved, need):
         (x,) = saved
-        x2 = x.reshape(x.shape[0], -1)
+        x2 = self._rows(x)
         w, b = rc.acquire(self.weights)
-        g = gouts[0]
+        g = gouts[0].reshape(-1, w.shape[0]) if self.per_step else gouts[0]
         if not need[0] and rc.skip_dead:
             from ...ops.gemm import gemm, linear_bias_grad
             from ...tensor import empty
