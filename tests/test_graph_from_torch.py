@@ -209,3 +209,26 @@ def test_recurrent_models_train_like_torch(dev, kind):
     sd = tg.state_dict()
     for k, v in net.state_dict().items():
         _close(sd[k], v, 1e-3, f"{kind} {k} after 3 steps")
+
+
+def test_readable_gradients_with_grouped_updates(dev):
+    """keep_gradients(): after each step, gradients() gives every weight gradient (torch's keys)
+    while the grouped multi-tensor update still runs; they match torch's for 2 steps."""
+    torch.manual_seed(3)
+    net = TinyResNet()
+    rng = np.random.default_rng(3)
+    X = rng.standard_normal((2, 3, 10, 10)).astype(np.float32)
+    Y = np.array([1, 4], np.int32)
+    tg = G.from_torch(net, X, optimizer=lambda p: optim.SGD(p, lr=0.05), device=dev)
+    tg.keep_gradients()
+    opt = torch.optim.SGD(net.parameters(), lr=0.05)
+    for step in range(2):
+        tg.encode(X, Y)
+        grads = tg.gradients()
+        assert tg._update_groups, "grouped updates should stay on"
+        opt.zero_grad()
+        nn.functional.cross_entropy(net(torch.from_numpy(X)), torch.from_numpy(Y).long()).backward()
+        assert set(grads) == {k for k, p in net.named_parameters()}
+        for k, p in net.named_parameters():
+            _close(grads[k], p.grad, 2e-3, f"step {step} grad {k}")
+        opt.step()
