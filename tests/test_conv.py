@@ -453,7 +453,7 @@ BAD = [
     ("w", lambda: F.conv2d(_x(1, 4, 5, 5), _x(4, 4, 3, 3, dtype=np.float16))),
     ("b", lambda: F.conv2d(_x(1, 4, 5, 5), _x(4, 4, 3, 3), _x(4, dtype=np.float16))),
     ("b", lambda: F.conv2d(_x(1, 4, 5, 5), _x(4, 4, 3, 3), _x(5))),
-    ("x", lambda: F.conv2d(_x(4, 5, 5), _x(4, 4, 3, 3))),
+    ("x", lambda: F.conv2d(_x(5, 5), _x(4, 4, 3, 3))),  # (C, H, W) is torch's unbatched form
     ("w", lambda: F.conv2d(_x(1, 4, 5, 5), _x(4, 4, 3))),
     ("accumulate", lambda: F.conv2d(_x(1, 4, 5, 5), _x(4, 4, 3, 3), accumulate="half")),
     ("accumulate", lambda: F.conv2d(_x(1, 4, 5, 5), _x(4, 4, 3, 3), accumulate="double")),
