@@ -475,7 +475,7 @@ BAD = [
     ("b", lambda: F.conv_transpose2d(_x(1, 4, 5, 5), _x(4, 2, 3, 3), _x(4))),
     ("grad_out", lambda: F.conv_transpose2d_backward(_x(1, 2, 4, 5), _x(1, 4, 5, 5), _x(4, 2, 3, 3),
                                                      padding=1)),
-    ("x", lambda: F.conv_transpose2d(_x(1, 4, 5), _x(4, 2, 3, 3))),
+    ("x", lambda: F.conv_transpose2d(_x(4, 5), _x(4, 2, 3, 3))),
 ]
 
 

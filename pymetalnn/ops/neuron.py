@@ -314,29 +314,29 @@ def hardsigmoid_backward(grad_out: Any, input: Any) -> Tensor:
     return _bwd("hardsigmoid", grad_out, x)
 
 
-def hard_sigmoid(input: Any, a: float = 0.2, bias: float = 0.5) -> Tensor:
+def hard_sigmoid(input: Any, a: float = 0.2, b: float = 0.5) -> Tensor:
     """MPS's hard sigmoid (MPSCNNNeuronHardSigmoid): clamp(a x + b, 0, 1).
     torch's hardsigmoid is the case a = 1/6, b = 1/2 (use `hardsigmoid` for its exact rounding)."""
-    x, b = input, bias
+    x = input
     return _fwd("hard_sigmoid", x, _scalar(a, "a"), _scalar(b, "b"))
 
 
-def hard_sigmoid_backward(grad_out: Any, input: Any, a: float = 0.2, bias: float = 0.5) -> Tensor:
+def hard_sigmoid_backward(grad_out: Any, input: Any, a: float = 0.2, b: float = 0.5) -> Tensor:
     """grad_x = a * grad_out where 0 < a x + b < 1, else 0."""
-    x, b = input, bias
+    x = input
     return _bwd("hard_sigmoid", grad_out, x, _scalar(a, "a"), _scalar(b, "b"))
 
 
-def linear_neuron(input: Any, a: float = 1.0, bias: float = 0.0) -> Tensor:
+def linear_neuron(input: Any, a: float = 1.0, b: float = 0.0) -> Tensor:
     """MPS's linear neuron (MPSCNNNeuronLinear): a x + b (one fused multiply-add).
     Named apart from torch's `linear` (the fully connected layer)."""
-    x, b = input, bias
+    x = input
     return _fwd("linear_neuron", x, _scalar(a, "a"), _scalar(b, "b"))
 
 
-def linear_neuron_backward(grad_out: Any, input: Any, a: float = 1.0, bias: float = 0.0) -> Tensor:
+def linear_neuron_backward(grad_out: Any, input: Any, a: float = 1.0, b: float = 0.0) -> Tensor:
     """grad_x = a * grad_out (x only fixes shape and dtype)."""
-    x, b = input, bias
+    x = input
     return _bwd("linear_neuron", grad_out, x, _scalar(a, "a"), _scalar(b, "b"))
 
 
