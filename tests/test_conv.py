@@ -549,7 +549,7 @@ def test_conv2d_strided_out(dev, monkeypatch, tile):
             (ktot - k + 1) * hw * 4), (n, k, 7, 6), np.float32), out_batch_stride=ktot * hw)
 
 
-# ---- Winograd F(2x2, 3x3) / F(4x4, 3x3) / F(2x2, 5x5) (kernels/conv_winograd.metal) ----------
+# ---- Winograd F(2x2, 3x3) / F(4x4, 3x3) / F(2x2, 5x5) (ops/conv_winograd.py) ----------------
 # Its transforms round differently from a direct sum: F(2x2, 3x3) stays near direct accuracy, the
 # alpha = 6 variants multiply the rounding of their larger coefficients (up to 8 in A^T, 5 in
 # B^T). The factors over the direct tolerance hold the worst case measured on these cases (cpu,
