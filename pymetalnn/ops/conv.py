@@ -85,17 +85,49 @@ MAX_ELEMS = 2**31        # kernels use 32-bit offsets
 # eligible, the tiled kernels otherwise)}.
 FORCE: dict[str, str] = {}
 # Winograd F(M x M, R x R) for stride-1 undilated ungrouped float32 convs with square kernels:
-# per op and kernel size R, the output tile M used on cuda when the conv is eligible (0: never;
-# instantiated pairs: conv_winograd.PAIRS). From benchmarks/dev_inception.py on an
-# NVIDIA H200 (2026-11-26, docs/results/h200-2026-11-26/dev_inception.log): F(4x4) beat the best
-# tiled kernel on all 18 eligible (layer, op) pairs of InceptionV3 at batch 32, by 1.01-3.3x,
-# and F(2x2) on every one of them; the model's conv time fell from 54.9 to 46.4 ms (cuDNN 44.1).
-# F(2x2, 5x5), same GPU and day, ms tiled -> Winograd: LeNet conv2 (N64, 32->64, 14x14) forward
-# 0.078 -> 0.048, input grad 0.104 -> 0.068, weight grad 0.080 -> 0.078; InceptionV3's 48->64
-# 35x35 (N32) 0.262 -> 0.161, 0.337 -> 0.193, 0.285 -> 0.216.
-# cpu and metal are unmeasured: there Winograd runs only when forced.
-WINOGRAD: dict[str, dict[int, int]] = {"fwd": {3: 4, 5: 2}, "data": {3: 4, 5: 2},
-                                       "weight": {3: 4, 5: 2}}
+# per op and kernel size R, the output tile M used on cuda when the conv is eligible (absent:
+# the direct/tiled kernels; instantiated pairs: conv_winograd.PAIRS). Speed, from
+# benchmarks/dev_inception.py on an NVIDIA H200 (2026-11-26,
+# docs/results/h200-2026-11-26/dev_inception.log): F(4x4) beat the best tiled kernel on all 18
+# eligible (layer, op) pairs of InceptionV3 at batch 32, by 1.01-3.3x, and F(2x2) on every one
+# of them; the model's conv time fell from 54.9 to 46.4 ms (cuDNN 44.1). F(2x2, 5x5), same GPU
+# and day, ms tiled -> Winograd: LeNet conv2 (N64, 32->64, 14x14) forward 0.078 -> 0.048, input
+# grad 0.104 -> 0.068, weight grad 0.080 -> 0.078; InceptionV3's 48->64 35x35 (N32) 0.262 ->
+# 0.161, 0.337 -> 0.193, 0.285 -> 0.216.
+# Accuracy decides first (pymetalnn/accuracy.py, docs/accuracy.md: within 10x of the direct
+# kernels' error and 1e-4 of max|reference|). Measured on cpu against float64 on bench_conv's
+# shapes (error over the tiled kernels' on the same inputs): F(4x4, 3x3) forward 7x, input grad
+# 8x, weight grad 16x; F(2x2, 3x3) weight grad 2-3x; F(2x2, 5x5) forward 3x, input grad 3x,
+# weight grad 40x (1.3-1.7e-5 of max|dw| on LeNet conv2). So by default ("budget") 3x3 weight
+# gradients run F(2x2, 3x3) and 5x5 ones the tiled kernels; set_winograd("fast") opts into
+# the fastest measured variants whatever their error, set_winograd("off") into none.
+# cpu and metal are unmeasured for speed: there Winograd runs only when forced.
+WINOGRAD_MODES: dict[str, dict[str, dict[int, int]]] = {
+    "budget": {"fwd": {3: 4, 5: 2}, "data": {3: 4, 5: 2}, "weight": {3: 2}},
+    "fast": {"fwd": {3: 4, 5: 2}, "data": {3: 4, 5: 2}, "weight": {3: 4, 5: 2}},
+    "off": {"fwd": {}, "data": {}, "weight": {}},
+}
+WINOGRAD: dict[str, dict[int, int]] = WINOGRAD_MODES["budget"]  # the table in use
+
+
+def set_winograd(mode: str) -> None:
+    """Which Winograd variants float32 convs run on cuda (the others run the tiled kernels):
+
+    - "budget" (default): only those within the fp32 accuracy budget (docs/accuracy.md):
+      F(4x4, 3x3) forward and input gradient, F(2x2, 3x3) weight gradient, F(2x2, 5x5) forward
+      and input gradient;
+    - "fast": the fastest measured, out of budget included: the 3x3 weight gradient by
+      F(4x4, 3x3) (about 16x the direct kernels' error, ~1e-5 of max|dw| on ResNet 3x3) and the 5x5
+      weight gradient by F(2x2, 5x5) (about 40x, ~1.5e-5 on LeNet conv2);
+    - "off": none.
+
+    Process-wide, like torch.backends.cudnn.allow_tf32; float16 convs never run Winograd.
+    """
+    global WINOGRAD
+    if mode not in WINOGRAD_MODES:
+        raise ValueError(f"mode: expected one of {', '.join(map(repr, WINOGRAD_MODES))}, got {mode!r}")
+    WINOGRAD = WINOGRAD_MODES[mode]
+
 
 Padding = Union[int, str, tuple]
 

@@ -33,6 +33,13 @@ THREADS = 256               # max_total_threads_per_threadgroup of every transfo
 PAIRS = {(2, 3), (4, 3), (2, 5)}  # (M, R) instantiated in conv_winograd.metal
 MIN_CHANNELS = 16           # both channel counts at least this (narrower GEMMs waste the tiles)
 MAX_ELEMS = 2**31           # the transforms use 32-bit offsets
+# The weight gradient's GEMMs reduce over all P tiles, in the transformed domain where the terms
+# are larger than the result (alpha = 4: up to ~10x, alpha = 6: ~100x), so the length of each
+# float partial sum drives the error: split K so that a partial sum covers at most this many
+# tiles (up to gemm.MAX_SPLITS splits). Measured on cpu, ResNet 3x3 (N32, 56x56) F(2x2, 3x3)
+# weight gradient: one sum over 25088 tiles 6-8e-6 of max|dw| (9-15x the direct kernel's), 16
+# splits 1.1-1.6e-6 (2-3x); docs/accuracy.md.
+WGRAD_SPLIT_TILES = 512
 
 
 def eligible(geo: ConvGeometry, prec: str, m: int | None = None) -> bool:
@@ -111,5 +118,6 @@ def weight_grad_plan(dev: Device, m: int, geo: ConvGeometry, dy: Tensor, x: Tens
     z, v, du = _tmp(dev, (a2, p.K, p.P), (a2, p.C, p.P), (a2, p.K, p.C))
     return [_launch(dev, m, geo, "grad_output", p.K * p.P, dy.buffer, z.buffer, p),
             _launch(dev, m, geo, "input", p.C * p.P, x.buffer, v.buffer, p),
-            *gemm_launches(z, v, du, transpose_b=True),
+            *gemm_launches(z, v, du, transpose_b=True,
+                           min_k_splits=cdiv(p.P, WGRAD_SPLIT_TILES)),
             _launch(dev, m, geo, "filter_grad", geo.K * geo.C, du.buffer, dw.buffer, p)]
