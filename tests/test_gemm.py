@@ -508,3 +508,35 @@ def test_gemm_linear_fused_activation(dev, variant, act) -> None:
     np.testing.assert_allclose(mm, want, rtol=t, atol=t)
     with pytest.raises(ValueError, match="y: activation= needs y"):
         F.linear_backward(gt, xt, wt, bt, activation=act or "relu")
+
+
+# ---- the fp32 accuracy budget (pymetalnn/accuracy.py, docs/accuracy.md) ------------------------
+# benchmarks/bench_gemm.py's linear 4096 -> 4096 at batch 256, scaled for cpu: each product keeps
+# its reduction length (forward and grad_x 4096, grad_w the batch, 256) and 64 outputs aside.
+@pytest.mark.parametrize("what", ["forward", "grad_x", "grad_w"])
+def test_linear_fp32_budget(dev, what) -> None:
+    """float32 against float64 on the benchmark's reduction lengths: the unsplit tiled kernel
+    (the direct algorithm) within the ceiling, and every split-K count the planner may pick
+    within min(10x the unsplit kernel's error, ceiling)."""
+    from pymetalnn import accuracy
+
+    rng = np.random.default_rng(7)
+    fin, fout, batch = {"forward": (4096, 64, 16), "grad_x": (64, 4096, 16),
+                        "grad_w": (64, 64, 256)}[what]
+    x = rng.standard_normal((batch, fin)).astype(np.float32)
+    w = (rng.standard_normal((fout, fin)) / np.sqrt(fin)).astype(np.float32)
+    g = rng.standard_normal((batch, fout)).astype(np.float32)
+    xd, wd, gd = (v.astype(np.float64) for v in (x, w, g))
+    # (a, b, transpose_a, transpose_b, reference) of the product
+    a, b, ta, tb, want = {"forward": (x, w, False, True, xd @ wd.T),
+                          "grad_x": (g, w, False, False, gd @ wd),
+                          "grad_w": (g, x, True, False, gd.T @ xd)}[what]
+    ta_, tb_ = pm.tensor(a, dev), pm.tensor(b, dev)
+    errs = {}
+    for splits in (1, 4, ops.MAX_SPLITS):
+        out = pm.empty(want.shape, np.float32, dev)
+        ops.gemm(ta_, tb_, out, transpose_a=ta, transpose_b=tb, k_splits=splits)
+        errs[splits] = accuracy.rel_err(out.numpy(), want)
+    assert errs[1] <= accuracy.CEILING, errs
+    for s, e in errs.items():
+        assert accuracy.within(e, errs[1]), f"k_splits {s}: error {e:.3g} (unsplit {errs[1]:.3g})"
