@@ -29,7 +29,7 @@ from typing import Any, Union
 
 import numpy as np
 
-from ..params import Conv2dParams
+from ..params import CONST, Conv2dParams
 from ..runtime import Device
 from ..tensor import Tensor
 from . import conv_winograd as wino
@@ -50,7 +50,7 @@ from ._common import (
 from .neuron import activation_backward, activation_code
 
 SOURCE = "conv.metal"
-THREADS = 256
+THREADS = CONST["CONV_THREADS"]
 # Tile shapes of the instantiations in kernels/conv.metal (kernel conv2d_<op>_<name>_<prec>):
 # name -> (BM, BN, BK, TM, TN, relative throughput per SM). fwd/data: rows = output pixels,
 # columns = output (fwd) or input (data) channels of a group; weight: rows = output channels,

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from ..params import WinogradParams
+from ..params import CONST, WinogradParams
 from ..runtime import Device
 from ..tensor import Tensor
 from ._common import MAX_GROUPS, cdiv, dummy, kernel, scratch
@@ -29,7 +29,7 @@ if TYPE_CHECKING:
 
 SOURCE = "conv_winograd.metal"
 SCRATCH_TAG = "conv.metal"  # the conv plans' scratch: one op's temporaries at a time
-THREADS = 256               # max_total_threads_per_threadgroup of every transform kernel
+THREADS = CONST["CONV_THREADS"]  # max_total_threads_per_threadgroup of every transform kernel
 PAIRS = {(2, 3), (4, 3), (2, 5)}  # (M, R) instantiated in conv_winograd.metal
 MIN_CHANNELS = 16           # both channel counts at least this (narrower GEMMs waste the tiles)
 MAX_ELEMS = 2**31           # the transforms use 32-bit offsets
