@@ -680,6 +680,34 @@ def test_conv_temporaries_come_from_scratch(dev):
     assert grown.base is not views[0].base and grown.nbytes == 1 << 20
 
 
+def test_set_winograd_modes(monkeypatch):
+    """conv.set_winograd picks the table cuda's default selection reads: "budget" keeps the
+    weight gradients out-of-budget variants off (3x3 by F(2x2, 3x3), 5x5 tiled), "fast" runs them,
+    "off" runs none; other backends never pick Winograd unforced; a bad mode names the argument."""
+    monkeypatch.setattr(ops, "WINOGRAD", ops.WINOGRAD)  # restored after the test
+
+    class Cuda:
+        name = "cuda"
+
+    class Cpu:
+        name = "cpu"
+
+    g3 = ops._conv_geometry((2, 16, 8, 8), (16, 16, 3, 3), 1, 1, 1, 1)
+    g5 = ops._conv_geometry((2, 16, 8, 8), (16, 16, 5, 5), 1, 2, 1, 1)
+    want = {"budget": {"fwd": (4, 2), "data": (4, 2), "weight": (2, 0)},
+            "fast": {"fwd": (4, 2), "data": (4, 2), "weight": (4, 2)},
+            "off": {"fwd": (0, 0), "data": (0, 0), "weight": (0, 0)}}
+    for mode, kinds in want.items():
+        ops.set_winograd(mode)
+        for kind, ms in kinds.items():
+            assert (ops._winograd(kind, Cuda, g3, "float"), ops._winograd(kind, Cuda, g5, "float")) \
+                == ms, (mode, kind)
+            assert ops._winograd(kind, Cpu, g3, "float") == 0
+            assert ops._winograd(kind, Cuda, g3, "half") == 0
+    with pytest.raises(ValueError, match="mode"):
+        ops.set_winograd("fastest")
+
+
 # ---- the fp32 accuracy budget (pymetalnn/accuracy.py, docs/accuracy.md) ------------------------
 # benchmarks/bench_conv.py's six shapes (N, C, K, H, W, (KH, KW), stride, padding), scaled for
 # cpu: each op keeps the image size and the reduction length that drives its error (forward

@@ -560,3 +560,16 @@ def test_linear_fp32_budget(dev, what) -> None:
     assert errs[1] <= accuracy.CEILING, errs
     for s, e in errs.items():
         assert accuracy.within(e, errs[1]), f"k_splits {s}: error {e:.3g} (unsplit {errs[1]:.3g})"
+
+
+def test_accuracy_budget_helpers() -> None:
+    """pymetalnn.accuracy: err = max|got - ref| / max|ref|, the limit min(10x direct, 1e-4)."""
+    from pymetalnn import accuracy
+
+    assert accuracy.rel_err([1.0, 2.0], [1.0, 4.0]) == 0.5
+    assert accuracy.rel_err([0.5], [0.0]) == 0.5  # a zero reference: the absolute error
+    assert accuracy.limit() == accuracy.CEILING == 1e-4
+    assert accuracy.limit(1e-7) == pytest.approx(1e-6) and accuracy.limit(1e-4) == 1e-4
+    assert accuracy.within(9e-7, 1e-7) and not accuracy.within(2e-6, 1e-7)
+    with pytest.raises(ValueError, match="got: shape"):
+        accuracy.rel_err(np.zeros(3), np.zeros(4))
