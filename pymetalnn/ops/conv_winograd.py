@@ -36,9 +36,9 @@ MAX_ELEMS = 2**31           # the transforms use 32-bit offsets
 # The weight gradient's GEMMs reduce over all P tiles, in the transformed domain where the terms
 # are larger than the result (alpha = 4: up to ~10x, alpha = 6: ~100x), so the length of each
 # float partial sum drives the error: split K so that a partial sum covers at most this many
-# tiles (up to gemm.MAX_SPLITS splits). Measured on cpu, ResNet 3x3 (N32, 56x56) F(2x2, 3x3)
-# weight gradient: one sum over 25088 tiles 6-8e-6 of max|dw| (9-15x the direct kernel's), 16
-# splits 1.1-1.6e-6 (2-3x); docs/accuracy.md.
+# tiles (up to gemm.MAX_SPLITS splits). Measured on cpu, ResNet 3x3 (N32, 64 -> 64, 56x56)
+# F(2x2, 3x3) weight gradient: one sum over 25088 tiles 6.5e-6 of max|dw| (9x the tiled
+# kernels'), 16 splits 1.1-1.4e-6 (1.6-1.9x); docs/accuracy.md.
 WGRAD_SPLIT_TILES = 512
 
 
