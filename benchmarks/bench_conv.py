@@ -152,12 +152,12 @@ def _numpy_reference(a: dict, st: tuple, pad: tuple, g: Any) -> dict[str, np.nda
 
 def direct_errors(dev: Any, s: tuple, prec: str, ref: dict[str, np.ndarray]) -> dict[str, float]:
     """Errors of the direct/tiled kernels (Winograd off) on the same inputs: the budget's base."""
-    mode = next(m for m, t in ops.WINOGRAD_MODES.items() if t is ops.WINOGRAD)
+    saved = ops.WINOGRAD
     ops.set_winograd("off")
     try:
         p = Problem(dev, s, prec)
     finally:
-        ops.set_winograd(mode)
+        ops.WINOGRAD = saved
     errs = {}
     for op in OPS:
         p.run(op)

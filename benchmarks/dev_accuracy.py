@@ -33,7 +33,7 @@ OPS = {"fwd": "fwd", "input_grad": "data", "weight_grad": "weight"}  # bench op 
 
 def measure(dev: pymetalnn.Device, s: tuple, seed: int) -> list[dict]:
     """Rows (shape, op, variant, err, x_direct, budget, default) of one shape and seed."""
-    mode = next(m for m, t in ops.WINOGRAD_MODES.items() if t is ops.WINOGRAD)
+    saved = ops.WINOGRAD
     rows = []
     ops.set_winograd("off")
     try:
@@ -64,7 +64,7 @@ def measure(dev: pymetalnn.Device, s: tuple, seed: int) -> list[dict]:
                              "default": "yes" if ops.WINOGRAD_MODES["budget"][kind].get(r) == m
                              else "fast" if ops.WINOGRAD_MODES["fast"][kind].get(r) == m else "no"})
     finally:
-        ops.set_winograd(mode)
+        ops.WINOGRAD = saved
     return rows
 
 
