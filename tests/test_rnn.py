@@ -77,10 +77,17 @@ def _data(rng, mode, T, N, F, H, L, bi, bias, states, dtype):
     return w, x, h0, c0
 
 
-@pytest.mark.parametrize("dtype", [np.float32, np.float16])
+# float16 also through the simdgroup-matrix GEMMs (the projections of every cell), on any device
+DTYPES = [pytest.param(np.float32, False, id="float32"), pytest.param(np.float16, False, id="float16"),
+          pytest.param(np.float16, True, id="float16-matrix")]
+
+
+@pytest.mark.parametrize("dtype,matrix", DTYPES)
 @pytest.mark.parametrize("case", list(CASES))
 @pytest.mark.parametrize("mode", CELLS)
-def test_forward_backward_vs_reference(dev, mode, case, dtype):
+def test_forward_backward_vs_reference(dev, monkeypatch, mode, case, dtype, matrix):
+    if matrix:
+        monkeypatch.setattr(dev, "simdgroup_matrix", True, raising=False)
     T, N, F, H, L, bi, bias, states, as_list, grads = CASES[case]
     D = 2 if bi else 1
     rng = np.random.default_rng(zlib.crc32(f"{mode}-{case}".encode()))
