@@ -79,17 +79,19 @@ class Tile:
 # cost of 38 K terms, so long K spans take it and short ones keep 128x128. fp16 storage with
 # float accumulation (half) measured no gain (forward 27.4 vs 28.6), so it is not instantiated
 # there; hacc_half gains 1-4%.
-# The mma tiles (gemm_mma, fp16 on simdgroup matrices / tensor cores) are weighted by their
-# measured speed over the SIMD-FMA kernel's (docs/results: bench_gemm fp16), so that fp16 calls
-# take them wherever the device has them.
+# The mma tiles (gemm_mma, fp16 on simdgroup matrices / tensor cores) weigh several times the
+# SIMD-FMA tiles, so fp16 calls take them wherever the device has them. Among them, small tiles
+# first: on an H100 the 128x128 tile (208 registers, one threadgroup per SM) stalls on its global
+# loads (ncu, 2026-12-06: 28% issue-slot use, 24 TFLOP/s at 4096^3), and more resident
+# threadgroups hide that latency (benchmarks/dev_gemm_mma.py sweeps them).
 _HALF = ("half", "hacc_half")
 TILES = {t.name: t for t in (Tile("128x128", 128, 128, 8, 1.0), Tile("64x64", 64, 64, 16, 0.6),
                              Tile("128x128k16", 128, 128, 16, 1.11, variants=("float", "hacc_half"),
                                   fixed_k=38),
-                             Tile("mma128x128", 128, 128, 16, 4.0, variants=_HALF, matrix=True),
-                             Tile("mma64x64", 64, 64, 16, 2.4, variants=_HALF, matrix=True),
-                             Tile("mma64x64k32", 64, 64, 32, 2.6, variants=_HALF, matrix=True),
-                             Tile("mma128x64", 128, 64, 32, 3.2, variants=_HALF, matrix=True))}
+                             Tile("mma128x128", 128, 128, 16, 3.0, variants=_HALF, matrix=True),
+                             Tile("mma64x64", 64, 64, 16, 3.4, variants=_HALF, matrix=True),
+                             Tile("mma64x64k32", 64, 64, 32, 4.0, variants=_HALF, matrix=True),
+                             Tile("mma128x64", 128, 64, 32, 3.6, variants=_HALF, matrix=True))}
 MAX_SPLITS = 16
 MIN_SPLIT_SLICES = 16  # a split-K part covers at least this many BK slices
 
