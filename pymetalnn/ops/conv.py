@@ -619,6 +619,18 @@ def conv2d_backward(grad_out: Any, x: Any, w: Any, b: Any = None, stride: Any = 
     return gx, gw, gb
 
 
+def conv2d_weight_grad(grad_out: Any, x: Any, w: Any, b: Any = None, stride: Any = 1,
+                       padding: Padding = 0, dilation: Any = 1, groups: int = 1,
+                       accumulate: str | None = None) -> tuple[Tensor, Tensor | None]:
+    """(dL/dw, dL/db or None when b is None) of conv2d: conv2d_backward without the input
+    gradient (dw, db as there), for a layer whose input gradient nothing reads (a network's first
+    convolution; the graph's dead-node pass)."""
+    dev, x, w, b, geo, prec = _conv_args(x, w, b, stride, padding, dilation, groups, accumulate)
+    gy = _grad_arg(grad_out, dev, x, (geo.N, geo.K, geo.OH, geo.OW))
+    gw = _weight_grad(dev, prec, geo, gy, x, x.dtype)
+    return gw, (_bias_grad(dev, gy) if b is not None else None)
+
+
 def _conv1d_args(x: Any, w: Any, stride: Any, padding: Padding, dilation: Any, dev: Device
                  ) -> tuple[Tensor, Tensor, tuple, Padding, tuple]:
     x = tensor_arg(x, dev, "x", FLOATS, 3)

@@ -228,17 +228,38 @@ def _sections(split: SplitArg, length: int) -> list[int]:
     return [int(s) for s in sizes]
 
 
-def split(x: Any, split_size_or_sections: SplitArg, dim: int = 0) -> list[Tensor]:
+def split(x: Any, split_size_or_sections: SplitArg, dim: int = 0, *,
+          x_batch_stride: int | None = None, need: Sequence[bool] | None = None
+          ) -> list[Tensor | None]:
     """Pieces of x along `dim` (as torch.split): an int gives pieces of that size (the last may be
-    smaller); a list gives the sizes."""
+    smaller); a list gives the sizes.
+
+    x_batch_stride (dim 1 only): elements between x's images as stored (None: contiguous), for an
+    x that is itself a channel slice of a larger tensor (its images further apart than C * inner).
+    need: one bool per piece; a piece whose entry is False is not copied (None in its place).
+    """
     x = _arg(x, pick_device(x), "x")
     if x.ndim == 0:
         raise ValueError("x: a zero-dimensional tensor cannot be split")
     d = _dim(dim, x.ndim)
     sizes = _sections(split_size_or_sections, x.shape[d])
     rows, inner = _around(x.shape, d)
-    outs, off = [], 0
-    if rows == 1 and len(sizes) > 1 and x.device.supports_views:
+    pitch = x.shape[d] * inner
+    if x_batch_stride is not None:
+        if d != 1:
+            raise ValueError(f"x_batch_stride: only for dim 1, got dim {dim}")
+        if isinstance(x_batch_stride, bool) or not isinstance(x_batch_stride, (int, np.integer)) \
+                or x_batch_stride < pitch:
+            raise ValueError(f"x_batch_stride: expected an int >= {pitch} (an image's elements), "
+                             f"got {x_batch_stride!r}")
+        pitch = int(x_batch_stride)
+    if need is not None:
+        need = [bool(n) for n in need]
+        if len(need) != len(sizes):
+            raise ValueError(f"need: {len(need)} entries for {len(sizes)} pieces")
+    outs: list[Tensor | None] = []
+    off = 0
+    if rows == 1 and len(sizes) > 1 and x.device.supports_views and need is None:
         # the pieces are consecutive slabs of x: one copy, and each piece a view of its slab
         whole = copy(x)
         isz = x.dtype.itemsize
@@ -248,12 +269,15 @@ def split(x: Any, split_size_or_sections: SplitArg, dim: int = 0) -> list[Tensor
             off += s
         return outs
     parts = []
-    for s in sizes:
-        piece = out_like(x.shape[:d] + (s,) + x.shape[d + 1:], x.dtype, x.device)
-        parts.append((piece, s * inner, off * inner))
-        outs.append(piece)
+    for k, s in enumerate(sizes):
+        if need is None or need[k]:
+            piece = out_like(x.shape[:d] + (s,) + x.shape[d + 1:], x.dtype, x.device)
+            parts.append((piece, s * inner, off * inner))
+            outs.append(piece)
+        else:
+            outs.append(None)
         off += s
-    _parts("split", x, rows, x.shape[d] * inner, parts)
+    _parts("split", x, rows, pitch, parts)
     return outs
 
 

@@ -430,6 +430,29 @@ def linear_bias_grad(grad_out: Tensor, accumulate: str | None = None) -> Tensor:
     return out
 
 
+def _linear_grad_args(grad_out: Any, x: Any, w: Any, b: Any, accumulate: str | None
+                      ) -> tuple[Device, Tensor, Tensor, Tensor | None, Tensor, Tensor]:
+    """(device, x, w, b, grad_out and x as (rows, features) matrices), checked."""
+    dev = pick_device(grad_out, x, w, b)
+    x, w, b = _linear_args(x, w, b, dev)
+    g = tensor_arg(grad_out, dev, "grad_out", (float32, float16))
+    if g.dtype != x.dtype:
+        raise ValueError(f"grad_out: dtype {g.dtype} does not match x's {x.dtype}")
+    want = (*x.shape[:-1], w.shape[0])
+    if g.shape != want:
+        raise ValueError(f"grad_out: shape {g.shape}, expected {want}")
+    variant(x.dtype, accumulate)
+    rows = x.size // x.shape[-1]
+    return dev, x, w, b, g.reshape(rows, w.shape[0]), x.reshape(rows, x.shape[-1])
+
+
+def _linear_param_grads(g2: Tensor, x2: Tensor, w: Tensor, b: Tensor | None,
+                        accumulate: str | None) -> tuple[Tensor, Tensor | None]:
+    gw = out_like(w.shape, w.dtype, w.device)
+    gemm(g2, x2, gw, transpose_a=True, accumulate=accumulate)
+    return gw, (linear_bias_grad(g2, accumulate) if b is not None else None)
+
+
 def linear_backward(grad_out: Any, x: Any, w: Any, b: Any = None, accumulate: str | None = None,
                     activation: Any = None, y: Any = None) -> tuple[Tensor, Tensor, Tensor | None]:
     """Gradients of y = x w^T + b: (grad_x, grad_w, grad_b or None when b is None).
@@ -443,21 +466,16 @@ def linear_backward(grad_out: Any, x: Any, w: Any, b: Any = None, accumulate: st
         if y is None:
             raise ValueError("y: activation= needs y, the output of the fused linear")
         grad_out = activation_backward(grad_out, y, activation)
-    dev = pick_device(grad_out, x, w, b)
-    x, w, b = _linear_args(x, w, b, dev)
-    g = tensor_arg(grad_out, dev, "grad_out", (float32, float16))
-    if g.dtype != x.dtype:
-        raise ValueError(f"grad_out: dtype {g.dtype} does not match x's {x.dtype}")
-    want = (*x.shape[:-1], w.shape[0])
-    if g.shape != want:
-        raise ValueError(f"grad_out: shape {g.shape}, expected {want}")
-    variant(x.dtype, accumulate)
-    rows = x.size // x.shape[-1]
-    g2 = g.reshape(rows, w.shape[0])
-    x2 = x.reshape(rows, x.shape[-1])
-    gx = out_like((rows, x.shape[-1]), x.dtype, dev)
-    gw = out_like(w.shape, w.dtype, dev)
+    dev, x, w, b, g2, x2 = _linear_grad_args(grad_out, x, w, b, accumulate)
+    gx = out_like(x2.shape, x.dtype, dev)
     gemm(g2, w, gx, accumulate=accumulate)
-    gemm(g2, x2, gw, transpose_a=True, accumulate=accumulate)
-    gb = linear_bias_grad(g2, accumulate) if b is not None else None
+    gw, gb = _linear_param_grads(g2, x2, w, b, accumulate)
     return gx.reshape(x.shape), gw, gb
+
+
+def linear_weight_grad(grad_out: Any, x: Any, w: Any, b: Any = None,
+                       accumulate: str | None = None) -> tuple[Tensor, Tensor | None]:
+    """(grad_w, grad_b or None when b is None) of y = x w^T + b: linear_backward without
+    grad_x, for a layer whose input gradient nothing reads."""
+    _, _, w, b, g2, x2 = _linear_grad_args(grad_out, x, w, b, accumulate)
+    return _linear_param_grads(g2, x2, w, b, accumulate)

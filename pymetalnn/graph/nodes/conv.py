@@ -3,10 +3,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from ...tensor import Tensor
+from ... import functional as F
 from ..datasource import ConvolutionDataSource, ConvolutionTransposeDataSource
 from ..padding import Padding, policy
-from .base import FilterNode, _act, _conv_out, _expect_ndim, _floats, _pair, _weights_of, op
+from .base import FilterNode, _act, _conv_out, _expect_ndim, _floats, _pair, _weights_of
 
 
 class ConvolutionNode(FilterNode):
@@ -50,9 +50,12 @@ class ConvolutionNode(FilterNode):
 
     def forward(self, rc, xs, training, with_state, activation=None):
         w, b = rc.acquire(self.weights)
-        y = op("conv2d", self)(xs[0], w, b, **self._args(), **_act(activation), **rc.take_out())
+        y = F.conv2d(xs[0], w, b, **self._args(), **_act(activation), **rc.take_out())
         rc.release(self.weights)
         return [y]
+
+    def strided_out(self):
+        return True
 
     def saved(self):
         return [("in", 0)]
@@ -62,29 +65,11 @@ class ConvolutionNode(FilterNode):
         w, b = rc.acquire(self.weights)
         g = gouts[0]
         if not need[0] and rc.skip_dead:
-            gw, gb = _conv_weight_grads(g, x, w, b, self._args())
-            if gw is not None:
-                rc.note(f"{self.name}: input gradient not computed (nothing uses it)")
-                return [None], [gw, gb] if b is not None else [gw]
-        gx, gw, gb = op("conv2d_backward", self)(g, x, w, b, **self._args())
+            gw, gb = F.conv2d_weight_grad(g, x, w, b, **self._args())
+            rc.note(f"{self.name}: input gradient not computed (nothing uses it)")
+            return [None], [gw, gb] if b is not None else [gw]
+        gx, gw, gb = F.conv2d_backward(g, x, w, b, **self._args())
         return [gx if need[0] else None], ([gw, gb] if b is not None else [gw])
-
-
-def _conv_weight_grads(g: Tensor, x: Tensor, w: Tensor, b: Tensor | None, args: dict
-                       ) -> tuple[Tensor | None, Tensor | None]:
-    """dw, db of conv2d without the input gradient, via the conv module's plan functions (None
-    if they are not there)."""
-    try:
-        from ...ops import conv as C
-
-        dev, x, w, b, geo, prec = C._conv_args(x, w, b, args["stride"], args["padding"],
-                                               args["dilation"], args["groups"], None)
-        gy = C._grad_arg(g, dev, x, (geo.N, geo.K, geo.OH, geo.OW))
-        gw = C._weight_grad(dev, prec, geo, gy, x, x.dtype)
-        gb = C._bias_grad(dev, gy) if b is not None else None
-        return gw, gb
-    except (ImportError, AttributeError, TypeError):
-        return None, None
 
 
 class ConvolutionTransposeNode(FilterNode):
@@ -145,7 +130,7 @@ class ConvolutionTransposeNode(FilterNode):
 
     def forward(self, rc, xs, training, with_state):
         w, b = rc.acquire(self.weights)
-        y = op("conv_transpose2d", self)(xs[0], w, b, **self._args())
+        y = F.conv_transpose2d(xs[0], w, b, **self._args())
         rc.release(self.weights)
         return [y]
 
@@ -155,5 +140,5 @@ class ConvolutionTransposeNode(FilterNode):
     def backward(self, rc, gouts, saved, need):
         (x,) = saved
         w, b = rc.acquire(self.weights)
-        gx, gw, gb = op("conv_transpose2d_backward", self)(gouts[0], x, w, b, **self._args())
+        gx, gw, gb = F.conv_transpose2d_backward(gouts[0], x, w, b, **self._args())
         return [gx if need[0] else None], ([gw, gb] if b is not None else [gw])
