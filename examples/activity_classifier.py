@@ -1,5 +1,5 @@
 """The activity classifier of WWDC 2018 session 609: 6-channel motion-sensor sequences, 1-D
-convolutions that compress time while widening channels (the talk: 2,000 samples to 20), an
+convolutions that compress time while widening channels (2,000 samples to 20, as in the session), an
 LSTM over the compressed steps, fully connected layers and softmax cross-entropy, all trained
 through one pymetalnn.graph TrainingGraph (the LSTM's gradient flows into the convolutions).
 

@@ -15,7 +15,7 @@ from pymetalnn import graph as G
 @pytest.mark.parametrize("net", ["lenet", "inception"])
 @pytest.mark.parametrize("fuse", [False, True])
 def test_memory_plan_peak_and_results(dev, net, fuse):
-    """The issue's criterion (planned peak <= 60% of the naive sum) on the unfused graph; fused
+    """The planner's target (planned peak <= 60% of the naive sum) on the unfused graph; fused
     graphs have fewer intermediates (a smaller naive sum for the same peak), so <= 75% there."""
     if not dev.supports_views:
         pytest.skip("the arena needs buffer views")

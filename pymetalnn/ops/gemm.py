@@ -24,7 +24,7 @@ import numpy as np
 
 from ..params import CONST, GemmParams, LinearBiasGradParams
 from ..runtime import Device
-from ..tensor import Tensor, float16, float32
+from ..tensor import Tensor, TensorLike, float16, float32
 from ._common import (
     kernel,
     matrix_capable,
@@ -170,8 +170,9 @@ def _float(v: Any, name: str) -> float:
     return f
 
 
-def gemm(a: Any, b: Any, out: Tensor, *, transpose_a: bool = False, transpose_b: bool = False,
-         alpha: float = 1.0, beta: float = 0.0, bias: Any = None, accumulate: str | None = None,
+def gemm(a: TensorLike, b: TensorLike, out: Tensor, *, transpose_a: bool = False,
+         transpose_b: bool = False, alpha: float = 1.0, beta: float = 0.0,
+         bias: TensorLike | None = None, accumulate: str | None = None,
          tile: str | Tile | None = None, k_splits: int | None = None, activation: Any = None
          ) -> Tensor:
     """out = alpha * op(a) @ op(b) + beta * out (+ bias), in place; returns `out`.
@@ -312,7 +313,7 @@ def _launches(dev: Device, a: Tensor, b: Tensor, out: Tensor, m: int, n: int, k:
              (out.buffer, bias_buf, work, p))]
 
 
-def matmul(a: Any, b: Any, transpose_a: bool = False, transpose_b: bool = False,
+def matmul(a: TensorLike, b: TensorLike, transpose_a: bool = False, transpose_b: bool = False,
            accumulate: str | None = None, activation: Any = None) -> Tensor:
     """op(a) @ op(b), op(x) = x or x^T (of the last two dimensions).
 
@@ -336,7 +337,7 @@ def matmul(a: Any, b: Any, transpose_a: bool = False, transpose_b: bool = False,
                 activation=activation)
 
 
-def matmul_backward(grad_out: Any, a: Any, b: Any, transpose_a: bool = False,
+def matmul_backward(grad_out: TensorLike, a: TensorLike, b: TensorLike, transpose_a: bool = False,
                     transpose_b: bool = False, accumulate: str | None = None
                     ) -> tuple[Tensor, Tensor]:
     """Gradients (grad_a, grad_b) of C = op(a) @ op(b) given G = dL/dC, each shaped as its input:
@@ -379,7 +380,8 @@ def matmul_backward(grad_out: Any, a: Any, b: Any, transpose_a: bool = False,
     return ga, gb
 
 
-def _linear_args(x: Any, w: Any, b: Any, dev: Device) -> tuple[Tensor, Tensor, Tensor | None]:
+def _linear_args(x: TensorLike, w: TensorLike, b: TensorLike | None, dev: Device
+                 ) -> tuple[Tensor, Tensor, Tensor | None]:
     x = tensor_arg(x, dev, "x", (float32, float16))
     if x.ndim < 1:
         raise ValueError("x: expected at least 1 dimension (..., in_features)")
@@ -400,8 +402,8 @@ def _linear_args(x: Any, w: Any, b: Any, dev: Device) -> tuple[Tensor, Tensor, T
     return x, w, b
 
 
-def linear(x: Any, w: Any, b: Any = None, accumulate: str | None = None, activation: Any = None
-           ) -> Tensor:
+def linear(x: TensorLike, w: TensorLike, b: TensorLike | None = None, accumulate: str | None = None,
+           activation: Any = None) -> Tensor:
     """y = x w^T + b (torch.nn.functional.linear): x (..., in), w (out, in), b (out,) or None;
     y (..., out), y[..., o] = sum_i x[..., i] w[o, i] + b[o]. activation: None, "relu",
     "leaky_relu", "sigmoid", "tanh" or (name, params): y = act(x w^T + b) in the same kernel
@@ -430,7 +432,8 @@ def linear_bias_grad(grad_out: Tensor, accumulate: str | None = None) -> Tensor:
     return out
 
 
-def _linear_grad_args(grad_out: Any, x: Any, w: Any, b: Any, accumulate: str | None
+def _linear_grad_args(grad_out: TensorLike, x: TensorLike, w: TensorLike, b: TensorLike | None,
+                      accumulate: str | None
                       ) -> tuple[Device, Tensor, Tensor, Tensor | None, Tensor, Tensor]:
     """(device, x, w, b, grad_out and x as (rows, features) matrices), checked."""
     dev = pick_device(grad_out, x, w, b)
@@ -453,8 +456,9 @@ def _linear_param_grads(g2: Tensor, x2: Tensor, w: Tensor, b: Tensor | None,
     return gw, (linear_bias_grad(g2, accumulate) if b is not None else None)
 
 
-def linear_backward(grad_out: Any, x: Any, w: Any, b: Any = None, accumulate: str | None = None,
-                    activation: Any = None, y: Any = None) -> tuple[Tensor, Tensor, Tensor | None]:
+def linear_backward(grad_out: TensorLike, x: TensorLike, w: TensorLike, b: TensorLike | None = None,
+                    accumulate: str | None = None, activation: Any = None,
+                    y: TensorLike | None = None) -> tuple[Tensor, Tensor, Tensor | None]:
     """Gradients of y = x w^T + b: (grad_x, grad_w, grad_b or None when b is None).
 
     grad_x = grad_out w (..., in); grad_w = sum over rows of grad_out^T x (out, in);
@@ -473,8 +477,9 @@ def linear_backward(grad_out: Any, x: Any, w: Any, b: Any = None, accumulate: st
     return gx.reshape(x.shape), gw, gb
 
 
-def linear_weight_grad(grad_out: Any, x: Any, w: Any, b: Any = None,
-                       accumulate: str | None = None) -> tuple[Tensor, Tensor | None]:
+def linear_weight_grad(grad_out: TensorLike, x: TensorLike, w: TensorLike,
+                       b: TensorLike | None = None, accumulate: str | None = None
+                       ) -> tuple[Tensor, Tensor | None]:
     """(grad_w, grad_b or None when b is None) of y = x w^T + b: linear_backward without
     grad_x, for a layer whose input gradient nothing reads."""
     _, _, w, b, g2, x2 = _linear_grad_args(grad_out, x, w, b, accumulate)
