@@ -12,7 +12,7 @@ from __future__ import annotations
 import itertools
 from collections import defaultdict
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
@@ -196,6 +196,20 @@ class FilterNode(Node):
         fused output is not needed by the gradient."""
         return False
 
+    def call_with_weights(self, rc: Any, op: Callable, x: Any, **kw: Any) -> Any:
+        """op(x, weight, bias, **kw) with this node's weights acquired for the call."""
+        w, b = rc.acquire(self.weights)
+        y = op(x, w, b, **kw)
+        rc.release(self.weights)
+        return y
+
+    def weight_grads_only(self, rc: Any, gw: Tensor, gb: Tensor | None
+                          ) -> tuple[list[Tensor | None], list[Tensor]]:
+        """backward's result when nothing reads the input gradient (the dead-node pass): only
+        the weights' (and bias's) gradients were computed."""
+        rc.note(f"{self.name}: input gradient not computed (nothing uses it)")
+        return [None], _param_grads(gw, gb)
+
     def strided_out(self) -> bool:
         """Whether forward can write its (first) result into a channel slice of a larger tensor:
         its op takes out=, out_batch_stride= (rc.take_out()), which the graph's concat
@@ -327,6 +341,11 @@ def _weights_of(weights: Any, cls: type, exclude: type | None = None) -> Any:
     if not isinstance(weights, cls) or (exclude is not None and isinstance(weights, exclude)):
         raise GraphError(None, f"weights: expected a {cls.__name__}, got {type(weights).__name__}")
     return weights
+
+
+def _param_grads(gw: Tensor, gb: Tensor | None) -> list[Tensor]:
+    """The weight gradients in a data source's trainable order: weight, then bias if it has one."""
+    return [gw] if gb is None else [gw, gb]
 
 
 def _act(activation: Any) -> dict[str, Any]:

@@ -8,12 +8,11 @@ from ..datasource import NormalizationDataSource
 from .base import FilterNode, _act, _expect_ndim, _floats, _weights_of
 
 
-class BatchNormalizationNode(FilterNode):
-    """Batch normalization over dim 1 (weights, running statistics from a
-    NormalizationDataSource). Training: batch statistics (kept as states for the gradient) and
-    the running statistics updated; inference: the running statistics."""
+class _NormNode(FilterNode):
+    """A normalization over dim 1 with weights from a NormalizationDataSource; sources of
+    `ndims` dimensions whose channels match the weights'."""
 
-    prefix = "bn"
+    ndims: tuple[int, ...] = (3, 4)
 
     def __init__(self, source: Any, weights: NormalizationDataSource, *, name: str | None = None,
                  register: bool = True):
@@ -22,11 +21,20 @@ class BatchNormalizationNode(FilterNode):
 
     def infer(self, shapes, dtypes):
         x = shapes[0]
-        _expect_ndim(x, (2, 3, 4))
+        _expect_ndim(x, self.ndims)
         if x[1] != self.weights.num_features:
             raise ValueError(f"source has {x[1]} channels, the weights ({self.weights.label}) "
                              f"have {self.weights.num_features}")
         return [(x, _floats(dtypes))]
+
+
+class BatchNormalizationNode(_NormNode):
+    """Batch normalization over dim 1 (weights, running statistics from a
+    NormalizationDataSource). Training: batch statistics (kept as states for the gradient) and
+    the running statistics updated; inference: the running statistics."""
+
+    prefix = "bn"
+    ndims = (2, 3, 4)
 
     def _wb(self, rc) -> tuple:
         t = rc.acquire_dict(self.weights)
@@ -81,24 +89,11 @@ class BatchNormalizationNode(FilterNode):
         return [gx], ([gw, gb] if ws.affine else [])
 
 
-class InstanceNormalizationNode(FilterNode):
+class InstanceNormalizationNode(_NormNode):
     """Instance normalization (per sample and channel; weights from a NormalizationDataSource
     with running_stats=False)."""
 
     prefix = "in"
-
-    def __init__(self, source: Any, weights: NormalizationDataSource, *, name: str | None = None,
-                 register: bool = True):
-        self.weights = _weights_of(weights, NormalizationDataSource)
-        super().__init__([source], name, register)
-
-    def infer(self, shapes, dtypes):
-        x = shapes[0]
-        _expect_ndim(x, (3, 4))
-        if x[1] != self.weights.num_features:
-            raise ValueError(f"source has {x[1]} channels, the weights have "
-                             f"{self.weights.num_features}")
-        return [(x, _floats(dtypes))]
 
     def forward(self, rc, xs, training, with_state):
         t = rc.acquire_dict(self.weights)
@@ -117,7 +112,7 @@ class InstanceNormalizationNode(FilterNode):
         return [gx], ([gw, gb] if self.weights.affine else [])
 
 
-class GroupNormalizationNode(FilterNode):
+class GroupNormalizationNode(_NormNode):
     """Group normalization with `num_groups` groups (weights from a NormalizationDataSource
     with running_stats=False); the per-(sample, group) statistics are states."""
 
@@ -125,9 +120,8 @@ class GroupNormalizationNode(FilterNode):
 
     def __init__(self, source: Any, weights: NormalizationDataSource, num_groups: int, *,
                  name: str | None = None, register: bool = True):
-        self.weights = _weights_of(weights, NormalizationDataSource)
         self.num_groups = int(num_groups)
-        super().__init__([source], name, register)
+        super().__init__(source, weights, name=name, register=register)
 
     def infer(self, shapes, dtypes):
         x = shapes[0]
