@@ -142,7 +142,7 @@ class RunContext:
 
 # ---- compiled programs --------------------------------------------------------------------------
 
-class _Program:
+class Program:
     """What depends on the batch size: the memory plan (after a calibration run)."""
 
     def __init__(self, batch: int):
@@ -172,7 +172,7 @@ class GraphRunner:
     """Graph's running part: inputs, encode / run, the step loop."""
 
     def _init_running(self) -> None:
-        self._programs: dict[int, _Program] = {}
+        self._programs: dict[int, Program] = {}
         self._consts: dict[Any, Tensor] = {}
         self._sem = threading.BoundedSemaphore(self.in_flight)
         self._cbq: queue.Queue | None = None
@@ -375,7 +375,7 @@ class GraphRunner:
         batch = self._batch_of(env)
         prog = self._programs.get(batch)
         if prog is None:
-            prog = self._programs[batch] = _Program(batch)
+            prog = self._programs[batch] = Program(batch)
         step_no = self._steps_encoded
         rc = RunContext(self, step_no, self.training)
         outs = self._execute(prog, env, rc)
@@ -384,7 +384,7 @@ class GraphRunner:
         self._last = h
         return h
 
-    def _execute(self, prog: _Program, env: dict[Value, Any], rc: RunContext,
+    def _execute(self, prog: Program, env: dict[Value, Any], rc: RunContext,
                  keep_alloc: list | None = None) -> list[Any]:
         plan_memory = self.options["memory"] and prog.calibrated and bool(prog.expect)
         # the first run of a batch size warms the ops' caches; the second one calibrates
@@ -437,7 +437,7 @@ class GraphRunner:
             _plan(self, prog, calib)
         return [env[self.resolve(v)] for v in self.outputs]
 
-    def _check_routed(self, st: Step, i: int, prog: _Program, outs: list[Any]) -> None:
+    def _check_routed(self, st: Step, i: int, prog: Program, outs: list[Any]) -> None:
         for k, slot in prog.checks[i]:
             t = outs[k]
             if not isinstance(t, Tensor) or not M.same_slot(t.buffer, slot):
