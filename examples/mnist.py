@@ -30,7 +30,7 @@ from pymetalnn import graph as G  # noqa: E402
 
 def digit_network(c1: int = 32, c2: int = 64, hidden: int = 256, dropout: float = 0.3,
                   seed: int = 0, size: int = 28) -> tuple[G.ImageNode, G.LossNode]:
-    """The talk's digit network on (1, size, size) images; returns (input, loss node)."""
+    """The session's digit network on (1, size, size) images; returns (input, loss node)."""
     x = G.ImageNode((1, size, size), name="x")
     h = G.ReLUNode(G.ConvolutionNode(x, G.ConvolutionDataSource(1, c1, 5, seed=seed), name="conv1"))
     h = G.PoolingMaxNode(h, 2, name="pool1")

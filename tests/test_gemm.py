@@ -254,6 +254,28 @@ def test_linear_backward(dev, variant, with_bias) -> None:
             check(variant, gb.numpy(), wb, rows, ag.reshape(rows, out_f).sum(0))
 
 
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_linear_weight_grad(dev, with_bias) -> None:
+    """linear_backward's parameter gradients alone, against the reference."""
+    for i, (xshape, out_f) in enumerate(LINEAR_CASES):
+        x, w, b = linear_inputs(i, xshape, out_f, np.float32, with_bias)
+        g = rand(xshape[:-1] + (out_f,), np.float32, 30 + i)
+        gw, gb = F.linear_weight_grad(pm.tensor(g, dev), pm.tensor(x, dev), pm.tensor(w, dev),
+                                      None if b is None else pm.tensor(b, dev))
+        _, ww, wb = ref.linear_backward(g, x, w, b)
+        rows = x.size // xshape[-1]
+        ag, ax = (np.abs(v.astype(np.float64)) for v in (g, x))
+        check("float", gw.numpy(), ww, rows, ag.reshape(rows, out_f).T @ ax.reshape(rows, -1))
+        if b is None:
+            assert gb is None
+        else:
+            check("float", gb.numpy(), wb, rows, ag.reshape(rows, out_f).sum(0))
+    with pytest.raises(ValueError, match="^grad_out: shape"):
+        F.linear_weight_grad(pm.tensor(np.zeros((2, 3), np.float32), dev),
+                             pm.tensor(np.zeros((2, 4), np.float32), dev),
+                             pm.tensor(np.zeros((5, 4), np.float32), dev))
+
+
 def test_linear_bias_grad_many_rows(dev) -> None:
     """Rows beyond one pass of the 8 row-lanes, columns beyond one threadgroup (32)."""
     g = rand((1000, 70), np.float32, 7)

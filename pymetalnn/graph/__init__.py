@@ -25,7 +25,7 @@ from .datasource import (
     RecurrentDataSource,
     init_array,
 )
-from .errors import GraphError, OpUnavailable
+from .errors import GraphError
 from .graph import Graph, Handle, LossLabels, TrainingGraph
 from .memory import MemoryReport
 from .nodes import (

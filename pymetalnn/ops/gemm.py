@@ -24,7 +24,7 @@ import numpy as np
 
 from ..params import CONST, GemmParams, LinearBiasGradParams
 from ..runtime import Device
-from ..tensor import Tensor, float16, float32
+from ..tensor import Tensor, TensorLike, float16, float32
 from ._common import (
     kernel,
     matrix_capable,
@@ -174,8 +174,9 @@ def _float(v: Any, name: str) -> float:
     return f
 
 
-def gemm(a: Any, b: Any, out: Tensor, *, transpose_a: bool = False, transpose_b: bool = False,
-         alpha: float = 1.0, beta: float = 0.0, bias: Any = None, accumulate: str | None = None,
+def gemm(a: TensorLike, b: TensorLike, out: Tensor, *, transpose_a: bool = False,
+         transpose_b: bool = False, alpha: float = 1.0, beta: float = 0.0,
+         bias: TensorLike | None = None, accumulate: str | None = None,
          tile: str | Tile | None = None, k_splits: int | None = None, activation: Any = None
          ) -> Tensor:
     """out = alpha * op(a) @ op(b) + beta * out (+ bias), in place; returns `out`.
@@ -324,7 +325,7 @@ def _launches(dev: Device, a: Tensor, b: Tensor, out: Tensor, m: int, n: int, k:
              (out.buffer, bias_buf, work, p))]
 
 
-def matmul(a: Any, b: Any, transpose_a: bool = False, transpose_b: bool = False,
+def matmul(a: TensorLike, b: TensorLike, transpose_a: bool = False, transpose_b: bool = False,
            accumulate: str | None = None, activation: Any = None) -> Tensor:
     """op(a) @ op(b), op(x) = x or x^T (of the last two dimensions).
 
@@ -348,7 +349,7 @@ def matmul(a: Any, b: Any, transpose_a: bool = False, transpose_b: bool = False,
                 activation=activation)
 
 
-def matmul_backward(grad_out: Any, a: Any, b: Any, transpose_a: bool = False,
+def matmul_backward(grad_out: TensorLike, a: TensorLike, b: TensorLike, transpose_a: bool = False,
                     transpose_b: bool = False, accumulate: str | None = None
                     ) -> tuple[Tensor, Tensor]:
     """Gradients (grad_a, grad_b) of C = op(a) @ op(b) given G = dL/dC, each shaped as its input:
@@ -391,7 +392,8 @@ def matmul_backward(grad_out: Any, a: Any, b: Any, transpose_a: bool = False,
     return ga, gb
 
 
-def _linear_args(x: Any, w: Any, b: Any, dev: Device) -> tuple[Tensor, Tensor, Tensor | None]:
+def _linear_args(x: TensorLike, w: TensorLike, b: TensorLike | None, dev: Device
+                 ) -> tuple[Tensor, Tensor, Tensor | None]:
     x = tensor_arg(x, dev, "x", (float32, float16))
     if x.ndim < 1:
         raise ValueError("x: expected at least 1 dimension (..., in_features)")
@@ -412,8 +414,8 @@ def _linear_args(x: Any, w: Any, b: Any, dev: Device) -> tuple[Tensor, Tensor, T
     return x, w, b
 
 
-def linear(x: Any, w: Any, b: Any = None, accumulate: str | None = None, activation: Any = None
-           ) -> Tensor:
+def linear(x: TensorLike, w: TensorLike, b: TensorLike | None = None, accumulate: str | None = None,
+           activation: Any = None) -> Tensor:
     """y = x w^T + b (torch.nn.functional.linear): x (..., in), w (out, in), b (out,) or None;
     y (..., out), y[..., o] = sum_i x[..., i] w[o, i] + b[o]. activation: None, "relu",
     "leaky_relu", "sigmoid", "tanh" or (name, params): y = act(x w^T + b) in the same kernel
@@ -442,8 +444,33 @@ def linear_bias_grad(grad_out: Tensor, accumulate: str | None = None) -> Tensor:
     return out
 
 
-def linear_backward(grad_out: Any, x: Any, w: Any, b: Any = None, accumulate: str | None = None,
-                    activation: Any = None, y: Any = None) -> tuple[Tensor, Tensor, Tensor | None]:
+def _linear_grad_args(grad_out: TensorLike, x: TensorLike, w: TensorLike, b: TensorLike | None,
+                      accumulate: str | None
+                      ) -> tuple[Device, Tensor, Tensor, Tensor | None, Tensor, Tensor]:
+    """(device, x, w, b, grad_out and x as (rows, features) matrices), checked."""
+    dev = pick_device(grad_out, x, w, b)
+    x, w, b = _linear_args(x, w, b, dev)
+    g = tensor_arg(grad_out, dev, "grad_out", (float32, float16))
+    if g.dtype != x.dtype:
+        raise ValueError(f"grad_out: dtype {g.dtype} does not match x's {x.dtype}")
+    want = (*x.shape[:-1], w.shape[0])
+    if g.shape != want:
+        raise ValueError(f"grad_out: shape {g.shape}, expected {want}")
+    variant(x.dtype, accumulate)
+    rows = x.size // x.shape[-1]
+    return dev, x, w, b, g.reshape(rows, w.shape[0]), x.reshape(rows, x.shape[-1])
+
+
+def _linear_param_grads(g2: Tensor, x2: Tensor, w: Tensor, b: Tensor | None,
+                        accumulate: str | None) -> tuple[Tensor, Tensor | None]:
+    gw = out_like(w.shape, w.dtype, w.device)
+    gemm(g2, x2, gw, transpose_a=True, accumulate=accumulate)
+    return gw, (linear_bias_grad(g2, accumulate) if b is not None else None)
+
+
+def linear_backward(grad_out: TensorLike, x: TensorLike, w: TensorLike, b: TensorLike | None = None,
+                    accumulate: str | None = None, activation: Any = None,
+                    y: TensorLike | None = None) -> tuple[Tensor, Tensor, Tensor | None]:
     """Gradients of y = x w^T + b: (grad_x, grad_w, grad_b or None when b is None).
 
     grad_x = grad_out w (..., in); grad_w = sum over rows of grad_out^T x (out, in);
@@ -455,21 +482,17 @@ def linear_backward(grad_out: Any, x: Any, w: Any, b: Any = None, accumulate: st
         if y is None:
             raise ValueError("y: activation= needs y, the output of the fused linear")
         grad_out = activation_backward(grad_out, y, activation)
-    dev = pick_device(grad_out, x, w, b)
-    x, w, b = _linear_args(x, w, b, dev)
-    g = tensor_arg(grad_out, dev, "grad_out", (float32, float16))
-    if g.dtype != x.dtype:
-        raise ValueError(f"grad_out: dtype {g.dtype} does not match x's {x.dtype}")
-    want = (*x.shape[:-1], w.shape[0])
-    if g.shape != want:
-        raise ValueError(f"grad_out: shape {g.shape}, expected {want}")
-    variant(x.dtype, accumulate)
-    rows = x.size // x.shape[-1]
-    g2 = g.reshape(rows, w.shape[0])
-    x2 = x.reshape(rows, x.shape[-1])
-    gx = out_like((rows, x.shape[-1]), x.dtype, dev)
-    gw = out_like(w.shape, w.dtype, dev)
+    dev, x, w, b, g2, x2 = _linear_grad_args(grad_out, x, w, b, accumulate)
+    gx = out_like(x2.shape, x.dtype, dev)
     gemm(g2, w, gx, accumulate=accumulate)
-    gemm(g2, x2, gw, transpose_a=True, accumulate=accumulate)
-    gb = linear_bias_grad(g2, accumulate) if b is not None else None
+    gw, gb = _linear_param_grads(g2, x2, w, b, accumulate)
     return gx.reshape(x.shape), gw, gb
+
+
+def linear_weight_grad(grad_out: TensorLike, x: TensorLike, w: TensorLike,
+                       b: TensorLike | None = None, accumulate: str | None = None
+                       ) -> tuple[Tensor, Tensor | None]:
+    """(grad_w, grad_b or None when b is None) of y = x w^T + b: linear_backward without
+    grad_x, for a layer whose input gradient nothing reads."""
+    _, _, w, b, g2, x2 = _linear_grad_args(grad_out, x, w, b, accumulate)
+    return _linear_param_grads(g2, x2, w, b, accumulate)
