@@ -9,6 +9,7 @@ that runs here runs everywhere.
 """
 from __future__ import annotations
 
+import os
 import sys
 from typing import Any
 
@@ -16,11 +17,17 @@ import numpy as np
 
 from .core import KERNEL_DIR, Buffer, Device, Kernel, Library
 from .errors import BackendUnavailable, CompileError
+from .metal_check import source_layouts, value_arg_sizes
 from .msl import translate_file
 from .preprocess import inline_includes
 
 
 def _import_mc() -> Any:
+    if os.environ.get("PYMETALNN_FAKE_METAL") == "1":
+        # tests and CI: metalcompute's API executed by the cpu backend (pymetalnn/testing)
+        from ..testing import fake_metalcompute  # noqa: PLC0415
+
+        return fake_metalcompute
     if sys.platform != "darwin":
         raise BackendUnavailable("Metal needs macOS (this is " + sys.platform + ")")
     try:
@@ -78,8 +85,11 @@ class MetalDevice(Device):
             raise CompileError(f"Metal failed on {path}:\n{e}") from None
         kernels: dict[str, Kernel] = {}
         library = Library(self, path, defines, kernels)
+        # sizeof of each `constant T&` in Metal's layout, so a wrong-sized value is refused before
+        # dispatch here too (Metal would read past a short buffer silently)
+        structs = source_layouts(path, defines, [KERNEL_DIR])
         for name, info in tr.kernels.items():
-            kernels[name] = Kernel(library, info, funcs[name], [0] * len(info.args))
+            kernels[name] = Kernel(library, info, funcs[name], value_arg_sizes(info.args, structs))
         return library
 
     def _launch(self, kernel: Kernel, groups: int, args: list[Any]) -> None:
