@@ -711,13 +711,23 @@ def struct_layouts(toks: list[Token]) -> dict[str, tuple[int, int]]:
                 if "(" in [x.text for x in decl] or decl[0].text in ("static", "using", "typedef"):
                     continue  # member functions and static members take no space
                 # <type> a, b[N], c;
+                if any(x.text in ("{", "}") for x in decl):
+                    ok = False  # a member function body or a nested type: not laid out here
+                    break
                 parts = _split_commas(decl)
                 tw = [x.text for x in parts[0]]
                 names_at = [j for j, x in enumerate(parts[0]) if x.kind == "id"]
+                if len(names_at) < 2:
+                    ok = False
+                    break
                 name_pos = names_at[-1]
                 lb = [j for j, x in enumerate(parts[0]) if x.text == "["]
                 if lb:
-                    name_pos = max(j for j in names_at if j < lb[0])
+                    before = [j for j in names_at if j < lb[0]]
+                    if len(before) < 2:
+                        ok = False
+                        break
+                    name_pos = before[-1]
                 lay = _type_layout(tw[:name_pos], out)
                 if lay is None:
                     ok = False
