@@ -9,6 +9,7 @@ that runs here runs everywhere.
 """
 from __future__ import annotations
 
+import collections
 import os
 import sys
 from typing import Any
@@ -20,6 +21,10 @@ from .errors import BackendUnavailable, CompileError
 from .metal_check import source_layouts, value_arg_sizes
 from .msl import translate_file
 from .preprocess import inline_includes
+
+# handles of committed command buffers kept before the oldest is waited on: a Metal command queue
+# blocks at 64 uncompleted command buffers by default anyway
+MAX_IN_FLIGHT = 64
 
 
 def _import_mc() -> Any:
@@ -48,23 +53,45 @@ class MetalDevice(Device):
             self.dev = self.mc.Device()
         except Exception as e:
             raise BackendUnavailable(f"no Metal device ({e})") from None
-        self._pending: list[Any] = []
+        # handles of committed command buffers, oldest first; a handle keeps its buffers alive
+        self._pending: collections.deque[Any] = collections.deque()
+        self._error: BaseException | None = None  # raised by a signal() callback
 
     def synchronize(self) -> None:
-        while self._pending:
-            h = self._pending.pop(0)
+        pending = self._pending
+        while pending:
+            h = pending.popleft()
             del h  # metalcompute waits for a call's command buffer when its handle is released
+        if self._error is not None:
+            e, self._error = self._error, None
+            raise e
 
     def signal(self, callback: Any) -> None:
-        self.synchronize()  # metalcompute offers no completion handler: wait, then call
-        callback()
+        # metalcompute offers no completion handler: wait, then call; an exception surfaces at
+        # the next synchronize(), as on the other backends
+        self.synchronize()
+        try:
+            callback()
+        except Exception as e:  # noqa: BLE001 - reported at synchronize()
+            self._error = e
+
+    def _commit(self, handle: Any) -> None:
+        self._pending.append(handle)
+        if len(self._pending) > MAX_IN_FLIGHT:
+            # bound the handles (and the freed buffers they keep alive) of a long run that never
+            # waits: releasing the oldest waits for it, which the GPU has long finished
+            h = self._pending.popleft()
+            del h
 
     def _replay(self, rec: Any) -> None:
         for job in rec.jobs:
             job()
 
     def _alloc(self, nbytes: int, zero: bool) -> Any:
-        return self.dev.buffer(nbytes)  # metalcompute zero-fills new buffers
+        try:
+            return self.dev.buffer(nbytes)  # metalcompute zero-fills new buffers
+        except self.mc.error as e:  # metalcompute says only "Could not make buffer"
+            raise MemoryError(f"Metal could not allocate a buffer of {nbytes} bytes ({e})") from None
 
     def _read(self, buf: Buffer, offset: int, nbytes: int) -> np.ndarray:
         self.synchronize()
@@ -97,7 +124,7 @@ class MetalDevice(Device):
         count = groups * kernel.threadgroup_size
 
         def job() -> None:
-            self._pending.append(kernel.handle(count, *bound))
+            self._commit(kernel.handle(count, *bound))
 
         if self._recording is not None:
             self._recording.jobs.append(job)
