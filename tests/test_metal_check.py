@@ -26,7 +26,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RULE_DIR = os.path.join(ROOT, "tests", "dialect", "metal23")
 RULE_SOURCES = sorted(f for f in os.listdir(RULE_DIR) if f.endswith(".metal"))
 RULES = {"restricted", "std", "version", "prelude", "derived-class", "lambda", "function-pointer",
-         "recursion", "vla", "address-space", "half-literal", "program-scope", "threadgroup-size"}
+         "recursion", "vla", "address-space", "half-literal", "program-scope", "threadgroup-size",
+         "threadgroup-scope", "threadgroup-init", "threadgroup-memory"}
 
 
 def _expected(path: str) -> set[tuple[int, str]]:

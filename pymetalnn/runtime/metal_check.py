@@ -15,6 +15,7 @@ patterns it names, not a full C++ parser.
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass
 
 from .errors import MSLError
@@ -504,6 +505,7 @@ def check_tokens(toks: list[Token]) -> list[Violation]:
                             "would run it with the pipeline's maximum threadgroup size")
     known = _collect_constants(toks)
     for f in p.funcs:
+        _check_threadgroup_decls(f, bad)
         _check_params(f, bad)
         _check_arrays(f, known, bad)
         _check_half_calls(f, bad)
@@ -513,6 +515,66 @@ def check_tokens(toks: list[Token]) -> list[Violation]:
             bad(t, "program-scope", "a program-scope variable must be 'constant' (or constexpr) "
                 "in MSL")
     return out
+
+
+def _threadgroup_decls(f: _Func) -> list[tuple[Token, list[Token]]]:
+    """(the 'threadgroup' token, the declaration up to ';') of every threadgroup variable
+    declared in the body (pointers and references to threadgroup memory excluded)."""
+    out = []
+    body = f.body
+    for i, t in enumerate(body):
+        if t.text != "threadgroup" or (i and body[i - 1].text not in (";", "{", "}", "const")):
+            continue
+        j = i
+        depth = 0
+        while j < len(body) and not (depth == 0 and body[j].text == ";"):
+            if body[j].text in ("(", "[", "{"):
+                depth += 1
+            elif body[j].text in (")", "]", "}"):
+                depth -= 1
+            j += 1
+        decl = body[i:j]
+        head = []
+        for x in decl:
+            if x.text in ("=", "[", "{"):
+                break
+            head.append(x.text)
+        if "*" in head or "&" in head or "(" in head:
+            continue
+        out.append((t, decl))
+    return out
+
+
+def _check_threadgroup_decls(f: _Func, bad) -> None:
+    total = 0
+    for t, decl in _threadgroup_decls(f):
+        words = [x.text for x in decl]
+        if not f.is_kernel:
+            bad(t, "threadgroup-scope", f"threadgroup variable in '{f.name}', not a kernel: MSL "
+                "declares threadgroup memory in kernel functions only; pass a threadgroup pointer")
+        if "=" in words or (words.count("{") and words.index("{") > 1):
+            bad(t, "threadgroup-init", "a threadgroup variable cannot have an initializer in MSL; "
+                "store its value after the declaration")
+        # its size, where types and dimensions are literals
+        lb = words.index("[") if "[" in words else len(words)
+        lay = _type_layout([w for w in words[1 : lb - 1]], {})
+        if lay is None:
+            continue
+        count = 1
+        k = lb
+        while k < len(decl) and decl[k].text == "[":
+            e = _match(decl, k)
+            expr = "".join(x.text for x in decl[k + 1 : e]).replace("u", "").replace("U", "")
+            if not re.fullmatch(r"[0-9+\-*/() ]+", expr):
+                count = -1
+                break
+            count *= int(eval(expr.replace("/", "//")))  # literal integer arithmetic only
+            k = e + 1
+        if count >= 0:
+            total += lay[0] * count  # arrays of template-dependent size are not counted
+    if total > MAX_THREADGROUP_MEMORY:
+        bad(f.tok, "threadgroup-memory", f"kernel '{f.name}' declares at least {total} bytes of "
+            f"threadgroup memory; Apple GPUs allow {MAX_THREADGROUP_MEMORY}")
 
 
 def _check_params(f: _Func, bad) -> None:

@@ -1,0 +1,30 @@
+// Threadgroup memory: in kernels only, no initializers, at most 32 KiB.
+#include <metal_stdlib>
+using namespace metal;
+
+inline float helper(threadgroup float* shared, uint lid) {  // a pointer parameter: allowed
+    threadgroup float scratch[32];  // expect: threadgroup-scope
+    scratch[lid & 31u] = shared[lid];
+    return scratch[0];
+}
+
+[[max_total_threads_per_threadgroup(256)]]
+kernel void init(device float* x [[buffer(0)]], uint lid [[thread_position_in_threadgroup]]) {
+    threadgroup float total = 0.0f;  // expect: threadgroup-init
+    threadgroup float tile[256];
+    threadgroup float* p = tile;
+    tile[lid] = x[lid];
+    threadgroup_barrier(mem_flags::mem_threadgroup);
+    x[lid] = helper(p, lid) + total;
+}
+
+[[max_total_threads_per_threadgroup(256)]]
+kernel void too_big(device float* x [[buffer(0)]],  // expect: threadgroup-memory
+                    uint lid [[thread_position_in_threadgroup]]) {
+    threadgroup float a[8192];
+    threadgroup half b[2 * 2048 + 2];
+    a[lid] = x[lid];
+    b[lid] = half(x[lid]);
+    threadgroup_barrier(mem_flags::mem_threadgroup);
+    x[lid] = a[255u - lid] + float(b[lid]);
+}
