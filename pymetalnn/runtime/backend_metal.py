@@ -53,6 +53,11 @@ class MetalDevice(Device):
             self.dev = self.mc.Device()
         except Exception as e:
             raise BackendUnavailable(f"no Metal device ({e})") from None
+        # "metalcompute.Device(Apple M1 Pro)": every Mac GPU named Apple is Apple7 or later
+        # (simdgroup matrices in hardware); Intel and AMD GPUs are not. The GPU's name, not the
+        # Python's architecture, which reads x86_64 under Rosetta on an Apple GPU.
+        self.gpu_name = str(self.dev).partition("(")[2].rstrip(")")
+        self.apple_gpu = self.gpu_name.startswith("Apple")
         # handles of committed command buffers, oldest first; a handle keeps its buffers alive
         self._pending: collections.deque[Any] = collections.deque()
         self._error: BaseException | None = None  # raised by a signal() callback

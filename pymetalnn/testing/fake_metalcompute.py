@@ -48,7 +48,7 @@ __version__ = "0.2.9"
 
 SIMD_WIDTH = 32  # Apple GPUs' threadExecutionWidth
 DEVICE_MAX_THREADS = int(os.environ.get("PYMETALNN_FAKE_METAL_MAX_THREADS", "1024"))
-DEVICE_NAME = "pymetalnn stand-in (cpu)"
+DEVICE_NAME = "Apple GPU stand-in (pymetalnn cpu backend)"  # an Apple7+ GPU: simdgroup matrices
 
 
 class error(Exception):  # noqa: N801 - the real module's name: metalcompute.error
