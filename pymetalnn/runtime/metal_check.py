@@ -15,7 +15,6 @@ patterns it names, not a full C++ parser.
 from __future__ import annotations
 
 import os
-import re
 from dataclasses import dataclass
 
 from .errors import MSLError
@@ -150,6 +149,7 @@ class KernelEntry:
     file: str
     line: int
     impl: str = ""  # the kernel function (template) it instantiates
+    targs: list[list[Token]] | None = None  # its template arguments, for an instantiation
 
 
 class _Parser:
@@ -270,8 +270,13 @@ class _Parser:
                 name_tok = core[lt[0] - 1] if lt else (ids[-1] if ids else None)
             if name_tok is not None and host:
                 mt = tg if tg is not None else self.templates_tg.get(name_tok.text)
+                targs: list[list[Token]] = []
+                k = core.index(name_tok)
+                if k + 1 < len(core) and core[k + 1].text == "<":
+                    e = _match_angle(core, k + 1)
+                    targs = _split_commas(core[k + 2 : e])
                 self.kernels.append(KernelEntry(host, mt, name_tok.file, name_tok.line,
-                                                name_tok.text))
+                                                name_tok.text, targs))
             return
         if paren is not None and paren > 0 and core[paren - 1].kind == "id":
             name_tok = core[paren - 1]
@@ -503,6 +508,7 @@ def check_tokens(toks: list[Token]) -> list[Violation]:
                         bad(f.tok, "threadgroup-size", f"kernel '{k.name}' uses '{uses[0].text}' "
                             "but declares no [[max_total_threads_per_threadgroup(N)]]: Metal "
                             "would run it with the pipeline's maximum threadgroup size")
+    _check_threadgroup_memory(p, funcs_by_name, bad)
     known = _collect_constants(toks)
     for f in p.funcs:
         _check_threadgroup_decls(f, bad)
@@ -546,7 +552,6 @@ def _threadgroup_decls(f: _Func) -> list[tuple[Token, list[Token]]]:
 
 
 def _check_threadgroup_decls(f: _Func, bad) -> None:
-    total = 0
     for t, decl in _threadgroup_decls(f):
         words = [x.text for x in decl]
         if not f.is_kernel:
@@ -555,26 +560,174 @@ def _check_threadgroup_decls(f: _Func, bad) -> None:
         if "=" in words or (words.count("{") and words.index("{") > 1):
             bad(t, "threadgroup-init", "a threadgroup variable cannot have an initializer in MSL; "
                 "store its value after the declaration")
-        # its size, where types and dimensions are literals
+
+
+_BINARY = {"||": 1, "&&": 2, "|": 3, "^": 4, "&": 5, "==": 6, "!=": 6, "<": 7, ">": 7, "<=": 7,
+           ">=": 7, "<<": 8, ">>": 8, "+": 9, "-": 9, "*": 10, "/": 10, "%": 10}
+_INT_TYPES = {"int", "uint", "short", "ushort", "char", "uchar", "long", "ulong", "unsigned",
+              "size_t", "bool", "int32_t", "uint32_t"}
+
+
+def _eval(toks: list[Token], env: dict[str, object]) -> int | None:
+    """An integer constant expression of literals, names bound in `env` (ints, or token lists
+    for type parameters), sizeof(type) and integer casts; None if anything else appears."""
+    pos = 0
+
+    def atom() -> int:
+        nonlocal pos
+        t = toks[pos]
+        pos += 1
+        if t.text == "(":
+            v = expr(0)
+            pos += 1  # ')'
+            return v
+        if t.text in ("-", "+", "!", "~"):
+            v = expr(11)
+            return {"-": -v, "+": v, "!": int(not v), "~": ~v}[t.text]
+        if t.kind == "num":
+            return int(t.text.rstrip("uUlL"), 0)
+        if t.text in ("true", "false"):
+            return int(t.text == "true")
+        if t.text in ("sizeof", "alignof"):
+            e = _match(toks, pos)
+            words = [x.text for x in _subst(toks[pos + 1 : e], env)]
+            pos = e + 1
+            lay = _type_layout(words, {})
+            if lay is None:
+                raise ValueError
+            return lay[0] if t.text == "sizeof" else lay[1]
+        if t.text in _INT_TYPES and pos < len(toks) and toks[pos].text == "(":
+            return atom()  # int(x): a conversion, integral here
+        v = env.get(t.text)
+        if isinstance(v, int):
+            return v
+        raise ValueError
+
+    def expr(min_prec: int) -> int:
+        nonlocal pos
+        v = atom()
+        while pos < len(toks):
+            op = toks[pos].text
+            if op == "?" and min_prec == 0:
+                pos += 1
+                a = expr(0)
+                pos += 1  # ':'
+                b = expr(0)
+                v = a if v else b
+                continue
+            prec = _BINARY.get(op)
+            if prec is None or prec < min_prec:
+                break
+            pos += 1
+            w = expr(prec + 1)
+            if op in ("/", "%") and w == 0:
+                raise ValueError
+            v = _apply_op(op, v, w)
+        return v
+
+    try:
+        v = expr(0)
+    except (ValueError, IndexError, KeyError):
+        return None
+    return v if pos == len(toks) else None
+
+
+def _apply_op(op: str, v: int, w: int) -> int:
+    if op in ("/", "%"):
+        q = int(v / w)  # C: truncation toward zero
+        return q if op == "/" else v - w * q
+    table = {"||": int(bool(v or w)), "&&": int(bool(v and w)), "==": int(v == w),
+             "!=": int(v != w), "<": int(v < w), ">": int(v > w), "<=": int(v <= w),
+             ">=": int(v >= w), "+": v + w, "-": v - w, "*": v * w, "|": v | w, "^": v ^ w,
+             "&": v & w}
+    if op in table:
+        return table[op]
+    if w < 0 or w > 64:
+        raise ValueError
+    return v << w if op == "<<" else v >> w
+
+
+def _subst(toks: list[Token], env: dict[str, object]) -> list[Token]:
+    """Template type parameters replaced by their arguments' tokens."""
+    out: list[Token] = []
+    for t in toks:
+        v = env.get(t.text) if t.kind == "id" else None
+        if isinstance(v, list):
+            out.extend(v)
+        elif isinstance(v, int):
+            out.append(Token("num", str(v), t.file, t.line))
+        else:
+            out.append(t)
+    return out
+
+
+def _threadgroup_bytes(f: _Func, env: dict[str, object]) -> int:
+    """Bytes of the threadgroup arrays `f` declares with `env`'s template arguments (what cannot
+    be evaluated counts 0), after the body's constexpr integers."""
+    env = dict(env)
+    body = f.body
+    i = 0
+    depth = 0
+    while i < len(body):  # constexpr <int type> A = e, B = e; at the body's top level
+        t = body[i]
+        if t.text == "{":
+            depth += 1
+        elif t.text == "}":
+            depth -= 1
+        elif t.text == "constexpr" and depth == 0:
+            j = i
+            while j < len(body) and body[j].text != ";":
+                j += 1
+            decl = body[i + 1 : j]
+            ids = [k for k, x in enumerate(decl) if x.kind == "id"]
+            if ids:
+                for part in _split_commas(decl[ids[0] + 1 :] if decl[ids[0]].text in _INT_TYPES
+                                          else decl):
+                    if len(part) > 2 and part[0].kind == "id" and part[1].text == "=":
+                        v = _eval(part[2:], env)
+                        if v is not None:
+                            env[part[0].text] = v
+            i = j
+        i += 1
+    total = 0
+    for _, decl in _threadgroup_decls(f):
+        words = [x.text for x in decl]
         lb = words.index("[") if "[" in words else len(words)
-        lay = _type_layout([w for w in words[1 : lb - 1]], {})
+        tw = [x.text for x in _subst(decl[1 : lb - 1], env)]
+        lay = _type_layout(tw, {})
         if lay is None:
             continue
         count = 1
         k = lb
         while k < len(decl) and decl[k].text == "[":
             e = _match(decl, k)
-            expr = "".join(x.text for x in decl[k + 1 : e]).replace("u", "").replace("U", "")
-            if not re.fullmatch(r"[0-9+\-*/() ]+", expr):
-                count = -1
+            v = _eval(decl[k + 1 : e], env)
+            if v is None:
+                count = 0
                 break
-            count *= int(eval(expr.replace("/", "//")))  # literal integer arithmetic only
+            count *= v
             k = e + 1
-        if count >= 0:
-            total += lay[0] * count  # arrays of template-dependent size are not counted
-    if total > MAX_THREADGROUP_MEMORY:
-        bad(f.tok, "threadgroup-memory", f"kernel '{f.name}' declares at least {total} bytes of "
-            f"threadgroup memory; Apple GPUs allow {MAX_THREADGROUP_MEMORY}")
+        total += lay[0] * count
+    return total
+
+
+def _check_threadgroup_memory(p: _Parser, funcs: dict[str, list[_Func]], bad) -> None:
+    for k in p.kernels:
+        for f in funcs.get(k.impl, []):
+            if not f.is_kernel:
+                continue
+            env: dict[str, object] = {}
+            if f.template_params:
+                if not k.targs or len(k.targs) != len(f.template_params):
+                    continue
+                for name, a in zip(f.template_params, k.targs):
+                    v = _eval(a, {})
+                    env[name] = v if v is not None else a
+            total = _threadgroup_bytes(f, env)
+            if total > MAX_THREADGROUP_MEMORY:
+                bad(f.tok, "threadgroup-memory", f"kernel '{k.name}' declares {total} bytes of "
+                    f"threadgroup memory; Apple GPUs allow {MAX_THREADGROUP_MEMORY} (pipeline "
+                    "creation fails)")
 
 
 def _check_params(f: _Func, bad) -> None:
