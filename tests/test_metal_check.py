@@ -5,6 +5,7 @@ lines marked `// expect: RULE` (tests/dialect/metal23/), naming the file and lin
 from __future__ import annotations
 
 import ctypes
+import importlib.util
 import os
 import re
 import subprocess
@@ -52,11 +53,29 @@ def test_every_rule_has_a_failing_source() -> None:
     assert not _expected(os.path.join(RULE_DIR, "conformant.metal"))
 
 
+KNOWN = os.path.join(ROOT, "tools", "metal_check_known.txt")
+
+
+def _tool():
+    spec = importlib.util.spec_from_file_location("metal_check_tool",
+                                                  os.path.join(ROOT, "tools", "metal_check.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
 def test_project_kernels_conform() -> None:
+    """Every kernel source conforms, but for the findings listed in tools/metal_check_known.txt
+    (each of which must still occur: the list only shrinks)."""
+    tool = _tool()
+    known = tool.read_known(KNOWN)
     files = metal_sources([os.path.join(ROOT, "kernels"), os.path.join(ROOT, "examples")])
     assert len(files) >= 15
-    found = [str(v) for f in files for v in check_file(f)]
-    assert not found, "\n".join(found)
+    found = [v for f in files for v in check_file(f)]
+    unknown = [str(v) for v in found if not tool.is_known(v, known)]
+    assert not unknown, "\n".join(unknown)
+    used = {tool.is_known(v, known) for v in found} - {None}
+    assert used == set(known), f"stale entries: {set(known) - used}"
 
 
 def test_findings_in_included_files_name_that_file(tmp_path) -> None:
@@ -80,7 +99,7 @@ def test_variant_defines_are_checked(tmp_path) -> None:
 
 def test_cli(tmp_path) -> None:
     tool = os.path.join(ROOT, "tools", "metal_check.py")
-    ok = subprocess.run([sys.executable, tool, os.path.join(ROOT, "kernels"),
+    ok = subprocess.run([sys.executable, tool, "--known", KNOWN, os.path.join(ROOT, "kernels"),
                          os.path.join(ROOT, "examples")], capture_output=True, text=True)
     assert ok.returncode == 0, ok.stdout + ok.stderr
     bad = subprocess.run([sys.executable, tool, os.path.join(RULE_DIR, "recursion.metal")],
