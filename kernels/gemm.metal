@@ -47,18 +47,11 @@
 #include <metal_stdlib>
 #include "params.h"
 #include "neuron.h"
+#include "instantiate.h"
 using namespace metal;
 
-// GemmParams.flags
-#define GEMM_TRANS_A 1u   // A is stored K x M (op(A) = A^T)
-#define GEMM_TRANS_B 2u   // B is stored N x K (op(B) = B^T)
-#define GEMM_VEC_A 4u     // A: rows pitch, batch stride and base allow aligned 4-vector loads
-#define GEMM_VEC_B 8u
-#define GEMM_VEC_C 16u
-#define GEMM_BIAS 32u     // add bias[n]
-#define GEMM_BETA 64u     // read C (beta != 0; beta == 0 never reads C, as BLAS)
+// GemmParams.flags GEMM_*, GEMM_THREADS: params.h
 
-#define GEMM_THREADS 256u
 #define GEMM_GROUP_M 8u
 
 // ---- copy-in: one BK x BR slice of an operand, R = rows of op(A) (m) or columns of op(B) (n).
@@ -282,16 +275,37 @@ kernel void gemm_tiled(device const T* A [[buffer(0)]], device const T* B [[buff
     }
 }
 
+// Registers -> threadgroup tile of gemm_mma, element type kept: k-major (tile[k * P + r], the
+// layout of B fragments) or r-major (tile[r * P + k], A fragments), P the padded row pitch.
+template <typename T, int BR, int BK, int NL, int P, bool KMAJOR>
+inline void gemm_stash_mma(threadgroup T* tile, thread const vec<T, 4>* regs, bool rc, uint tid) {
+#pragma unroll
+    for (int i = 0; i < NL; ++i) {
+        uint l = tid + uint(i) * GEMM_THREADS;
+        if ((BR * BK / 4) % int(GEMM_THREADS) == 0 || l < uint(BR * BK / 4)) {
+            uint2 kr = gemm_slot<BR, BK>(l, rc);
+            if (rc == KMAJOR) {  // the vector runs along the tile's rows: one 8-byte store
+                uint o = KMAJOR ? kr.x * uint(P) + kr.y : kr.y * uint(P) + kr.x;
+                *((threadgroup vec<T, 4>*)(tile + o)) = regs[i];
+            } else {
+                for (uint j = 0; j < 4u; ++j) {
+                    uint k = kr.x + (rc ? 0u : j), r = kr.y + (rc ? j : 0u);
+                    tile[KMAJOR ? k * uint(P) + r : r * uint(P) + k] = regs[i][j];
+                }
+            }
+        }
+    }
+}
+
 // ---- the simdgroup-matrix kernel (fp16 storage; matrix hardware: Apple GPUs' simdgroup
 // matrices, NVIDIA tensor cores through the cuda translation). Same grid, tile walk, split-K,
-// copy-in (gemm_fetch / gemm_stash, half kept half in threadgroup memory) and epilogue
-// (gemm_store_quad) as gemm_tiled; the BK-deep products run on 8x8 simdgroup matrices instead of
-// per-thread FMAs. The 8 simdgroups of a threadgroup form a 4 x 2 grid, each owning a
+// copy-in (gemm_fetch) and epilogue (gemm_store_quad) as gemm_tiled; the BK-deep products run on
+// 8x8 simdgroup matrices instead of per-thread FMAs. The 8 simdgroups of a threadgroup form a 4 x 2 grid, each owning a
 // (BM/4) x (BN/2) block of C as FM x FN accumulators of type ACC (float: MPS's default fp16 path;
-// half: its fp16 accumulation). A tiles sit k-major in threadgroup memory (gemm_stash's layout),
-// so A fragments are loaded with transpose_matrix. MSL 2.3 has no per-element access to a
+// half: its fp16 accumulation). MSL 2.3 has no per-element access to a
 // simdgroup matrix, so the epilogue goes through threadgroup memory: each simdgroup stores one
-// row of its fragments (8 x BN/2 values) to its own staging rows, then every lane applies the
+// row of its fragments (8 x BN/2 values) to its own staging rows (over the slices' memory, free
+// after the K loop), then every lane applies the
 // epilogue to 4-vectors of them.
 template <typename T, typename ACC, typename TC, int BM, int BN, int BK>
 [[max_total_threads_per_threadgroup(256)]]
@@ -304,11 +318,18 @@ kernel void gemm_mma(device const T* A [[buffer(0)]], device const T* B [[buffer
                      uint lane [[thread_index_in_simdgroup]]) {
     constexpr int WM = BM / 4, WN = BN / 2;          // per-simdgroup block of C
     constexpr int FM = WM / 8, FN = WN / 8;          // its 8x8 accumulators
-    constexpr int SA = BM / 4 + 1, SB = BN / 4 + 1;  // padded slice rows, in 4-vectors
+    // A slices m-major (row m: BK values), B slices k-major (row k: BN values), rows padded by 8
+    // halves: fragment loads are one aligned 32-bit access per lane, conflict-free.
+    constexpr int PA = BK + 8, PB = BN + 8;
     constexpr int NLA = (BM * BK / 4 + 255) / 256, NLB = (BN * BK / 4 + 255) / 256;
-    threadgroup vec<T, 4> As[2 * BK * SA];
-    threadgroup vec<T, 4> Bs[2 * BK * SB];
-    threadgroup ACC Cs[8 * 8 * WN];
+    // one allocation (vectors: 8-byte aligned rows for the stash): the double-buffered slices,
+    // then, after the K loop, the epilogue's staging rows over the same bytes
+    constexpr int TILE_T = 2 * BM * PA + 2 * BK * PB;
+    constexpr int STAGE_T = 8 * 8 * WN * int(sizeof(ACC)) / int(sizeof(T));
+    threadgroup vec<T, 4> smem[((TILE_T > STAGE_T ? TILE_T : STAGE_T) + 3) / 4];
+    threadgroup T* As = (threadgroup T*)smem;
+    threadgroup T* Bs = As + 2 * BM * PA;
+    threadgroup ACC* Cs = (threadgroup ACC*)smem;
 
     uint tiles = p.tiles_m * p.tiles_n;
     uint nb = p.reduce_batch ? 1u : p.batch;
@@ -349,8 +370,8 @@ kernel void gemm_mma(device const T* A [[buffer(0)]], device const T* B [[buffer
                                    p.M, p.K, tid);
         gemm_fetch<T, BN, BK, NLB>(rb, B + (ulong)b * p.stride_b, p.ldb, rcb, fb && fk, n0, k0,
                                    p.N, p.K, tid);
-        gemm_stash<T, T, BM, BK, NLA>(As, ra, rca, tid);
-        gemm_stash<T, T, BN, BK, NLB>(Bs, rb, rcb, tid);
+        gemm_stash_mma<T, BM, BK, NLA, PA, false>(As, ra, rca, tid);
+        gemm_stash_mma<T, BN, BK, NLB, PB, true>(Bs, rb, rcb, tid);
     }
     threadgroup_barrier(mem_flags::mem_threadgroup);
 
@@ -369,19 +390,21 @@ kernel void gemm_mma(device const T* A [[buffer(0)]], device const T* B [[buffer
             gemm_fetch<T, BN, BK, NLB>(rb, B + (ulong)b * p.stride_b, p.ldb, rcb, fb && fk, n0,
                                        k0, p.N, p.K, tid);
         }
-        threadgroup const T* sa = (threadgroup const T*)(As + cur * uint(BK * SA));
-        threadgroup const T* sb = (threadgroup const T*)(Bs + cur * uint(BK * SB));
+        threadgroup const T* sa = As + cur * uint(BM * PA);
+        threadgroup const T* sb = Bs + cur * uint(BK * PB);
 #pragma unroll
         for (int kk = 0; kk < BK; kk += 8) {
             simdgroup_matrix<T, 8, 8> ma[FM];
             simdgroup_matrix<T, 8, 8> mb[FN];
+            // fragment origins folded into the pointer (constant row pitch, zero origin): the
+            // per-lane offset inside a fragment is then loop-invariant
 #pragma unroll
             for (int i = 0; i < FM; ++i) {
-                simdgroup_load(ma[i], sa, 4 * SA, ulong2(wm0 + 8u * uint(i), uint(kk)), true);
+                simdgroup_load(ma[i], sa + (wm0 + 8u * uint(i)) * uint(PA) + uint(kk), PA);
             }
 #pragma unroll
             for (int j = 0; j < FN; ++j) {
-                simdgroup_load(mb[j], sb, 4 * SB, ulong2(wn0 + 8u * uint(j), uint(kk)));
+                simdgroup_load(mb[j], sb + uint(kk) * uint(PB) + wn0 + 8u * uint(j), PB);
             }
 #pragma unroll
             for (int i = 0; i < FM; ++i) {
@@ -392,8 +415,8 @@ kernel void gemm_mma(device const T* A [[buffer(0)]], device const T* B [[buffer
             }
         }
         if (more) {
-            gemm_stash<T, T, BM, BK, NLA>(As + (cur ^ 1u) * uint(BK * SA), ra, rca, tid);
-            gemm_stash<T, T, BN, BK, NLB>(Bs + (cur ^ 1u) * uint(BK * SB), rb, rcb, tid);
+            gemm_stash_mma<T, BM, BK, NLA, PA, false>(As + (cur ^ 1u) * uint(BM * PA), ra, rca, tid);
+            gemm_stash_mma<T, BN, BK, NLB, PB, true>(Bs + (cur ^ 1u) * uint(BK * PB), rb, rcb, tid);
         }
         threadgroup_barrier(mem_flags::mem_threadgroup);
         cur ^= 1u;
@@ -405,7 +428,7 @@ kernel void gemm_mma(device const T* A [[buffer(0)]], device const T* B [[buffer
 #pragma unroll
     for (int i = 0; i < FM; ++i) {
 #pragma unroll
-        for (int j = 0; j < FN; ++j) simdgroup_store(acc[i][j], cs, WN, ulong2(8u * uint(j), 0u));
+        for (int j = 0; j < FN; ++j) simdgroup_store(acc[i][j], cs + 8u * uint(j), WN);
         simdgroup_barrier(mem_flags::mem_threadgroup);
         for (uint q = lane; q < uint(8 * WN / 4); q += 32u) {
             uint r = q / uint(WN / 4), cq = (q % uint(WN / 4)) * 4u;
@@ -472,8 +495,7 @@ kernel void linear_bias_grad(device const T* g [[buffer(0)]], device T* out [[bu
 // linear_bwd_bias_<variant>, variant = float | half | hacc_half (see the design note).
 #define GEMM_STR_(x) #x
 #define GEMM_STR(x) GEMM_STR_(x)
-#define GEMM_KERNEL(NAME, FN, ...) \
-    template [[host_name(GEMM_STR(NAME))]] [[kernel]] decltype(FN<__VA_ARGS__>) FN<__VA_ARGS__>;
+#define GEMM_KERNEL(NAME, FN, ...) INSTANTIATE(GEMM_STR(NAME), FN, __VA_ARGS__)
 
 #define GEMM_INST(TILE, BM, BN, BK)                                                              \
     GEMM_KERNEL(gemm_fwd_##TILE##_float, gemm_tiled, float, float, float, BM, BN, BK)            \
@@ -493,7 +515,7 @@ GEMM_KERNEL(gemm_fwd_128x128k16_hacc_half, gemm_tiled, half, half, half, 128, 12
     GEMM_KERNEL(gemm_fwd_##TILE##_half, gemm_mma, half, float, half, BM, BN, BK)                 \
     GEMM_KERNEL(gemm_fwd_##TILE##_hacc_half, gemm_mma, half, half, half, BM, BN, BK)             \
     GEMM_KERNEL(gemm_fwd_##TILE##_splitk_half, gemm_mma, half, float, float, BM, BN, BK)
-GEMM_MMA_INST(mma128x128, 128, 128, 16)
+GEMM_MMA_INST(mma128x128, 128, 128, 32)
 GEMM_MMA_INST(mma64x64, 64, 64, 16)
 
 #define GEMM_INST_PREC(VARIANT, T, ACC)                                \

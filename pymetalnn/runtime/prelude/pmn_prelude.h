@@ -1415,7 +1415,7 @@ template <class T, int Cols, int Rows> struct simdgroup_matrix {
   static_assert(detail::same_<T, float>::value || detail::same_<T, half>::value,
                 "simdgroup matrices hold float or half");
 #ifdef PMN_CUDA
-  T e[2];
+  alignas(2 * sizeof(T)) T e[2];  // a half pair is one 32-bit register: the mma operand as is
 #else
   T e[64];
 #endif
@@ -1437,13 +1437,15 @@ struct sgm_origin {
 #ifdef PMN_CUDA
 PMN_FN unsigned sgm_row() { return lane_id() >> 2; }
 PMN_FN unsigned sgm_col() { return (lane_id() & 3u) * 2u; }
-PMN_FN unsigned pack_h2(half lo, half hi) { return (unsigned)lo.bits | ((unsigned)hi.bits << 16); }
-PMN_FN half lo_h(unsigned v) { return half::from_bits((unsigned short)(v & 0xffffu)); }
-PMN_FN half hi_h(unsigned v) { return half::from_bits((unsigned short)(v >> 16)); }
+PMN_FN unsigned pair_bits(const half (&e)[2]) {
+  unsigned v;
+  memcpy(&v, e, 4);
+  return v;
+}
 // B of m16n8k8 is held column-wise: lane l needs B(2*(l%4) + i, l/4), i.e. B^T in our layout.
 PMN_FN unsigned transpose_h2(unsigned v) {
   unsigned r;
-  asm volatile("movmatrix.sync.aligned.m8n8.trans.b16 %0, %1;" : "=r"(r) : "r"(v));
+  asm("movmatrix.sync.aligned.m8n8.trans.b16 %0, %1;" : "=r"(r) : "r"(v));
   return r;
 }
 #ifdef PMN_MATRIX_TF32
@@ -1490,8 +1492,15 @@ PMN_FN void simdgroup_load(simdgroup_matrix<T, C, R>& d, const typename detail::
 #ifdef PMN_CUDA
   const unsigned r = detail::sgm_row(), c = detail::sgm_col();
   if (!transpose_matrix) {
-    d.e[0] = base[r * elements_per_row + c];
-    d.e[1] = base[r * elements_per_row + c + 1];
+    const T* q = base + r * elements_per_row + c;
+    if constexpr (sizeof(T) == 2) {
+      if ((reinterpret_cast<unsigned long long>(q) & 3u) == 0) {  // one 32-bit access
+        memcpy(d.e, q, 4);
+        return;
+      }
+    }
+    d.e[0] = q[0];
+    d.e[1] = q[1];
   } else {
     d.e[0] = base[c * elements_per_row + r];
     d.e[1] = base[(c + 1) * elements_per_row + r];
@@ -1511,8 +1520,15 @@ PMN_FN void simdgroup_store(const simdgroup_matrix<T, C, R>& a, typename detail:
 #ifdef PMN_CUDA
   const unsigned r = detail::sgm_row(), c = detail::sgm_col();
   if (!transpose_matrix) {
-    base[r * elements_per_row + c] = a.e[0];
-    base[r * elements_per_row + c + 1] = a.e[1];
+    T* q = base + r * elements_per_row + c;
+    if constexpr (sizeof(T) == 4) {
+      if ((reinterpret_cast<unsigned long long>(q) & 7u) == 0) {  // one 64-bit access
+        *reinterpret_cast<vec<float, 2>*>(q) = vec<float, 2>(a.e[0], a.e[1]);
+        return;
+      }
+    }
+    q[0] = a.e[0];
+    q[1] = a.e[1];
   } else {
     base[c * elements_per_row + r] = a.e[0];
     base[(c + 1) * elements_per_row + r] = a.e[1];
@@ -1535,11 +1551,10 @@ PMN_FN void simdgroup_multiply_accumulate(simdgroup_matrix<TD, 8, 8>& d, const s
   using detail::same_;
   if constexpr (same_<TA, half>::value && same_<TB, half>::value && same_<TC, float>::value &&
                 same_<TD, float>::value) {
-    const unsigned a0 = detail::pack_h2(a.e[0], a.e[1]), a1 = 0u;
-    const unsigned b0 = detail::transpose_h2(detail::pack_h2(b.e[0], b.e[1]));
+    const unsigned a0 = detail::pair_bits(a.e), a1 = 0u;
+    const unsigned b0 = detail::transpose_h2(detail::pair_bits(b.e));
     float d0, d1, d2, d3;
-    asm volatile(
-        "mma.sync.aligned.m16n8k8.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5}, {%6}, "
+    asm("mma.sync.aligned.m16n8k8.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5}, {%6}, "
         "{%7,%8,%9,%10};"
         : "=f"(d0), "=f"(d1), "=f"(d2), "=f"(d3)
         : "r"(a0), "r"(a1), "r"(b0), "f"(c.e[0]), "f"(c.e[1]), "f"(0.f), "f"(0.f));
@@ -1547,16 +1562,14 @@ PMN_FN void simdgroup_multiply_accumulate(simdgroup_matrix<TD, 8, 8>& d, const s
     d.e[1] = d1;
   } else if constexpr (same_<TA, half>::value && same_<TB, half>::value &&
                        same_<TC, half>::value && same_<TD, half>::value) {
-    const unsigned a0 = detail::pack_h2(a.e[0], a.e[1]), a1 = 0u;
-    const unsigned b0 = detail::transpose_h2(detail::pack_h2(b.e[0], b.e[1]));
-    const unsigned c0 = detail::pack_h2(c.e[0], c.e[1]), c1 = 0u;
+    const unsigned a0 = detail::pair_bits(a.e), a1 = 0u;
+    const unsigned b0 = detail::transpose_h2(detail::pair_bits(b.e));
+    const unsigned c0 = detail::pair_bits(c.e), c1 = 0u;
     unsigned d0, d1;
-    asm volatile(
-        "mma.sync.aligned.m16n8k8.row.col.f16.f16.f16.f16 {%0,%1}, {%2,%3}, {%4}, {%5,%6};"
+    asm("mma.sync.aligned.m16n8k8.row.col.f16.f16.f16.f16 {%0,%1}, {%2,%3}, {%4}, {%5,%6};"
         : "=r"(d0), "=r"(d1)
         : "r"(a0), "r"(a1), "r"(b0), "r"(c0), "r"(c1));
-    d.e[0] = detail::lo_h(d0);
-    d.e[1] = detail::hi_h(d0);
+    memcpy(d.e, &d0, 4);
 #ifdef PMN_MATRIX_TF32
   } else if constexpr (same_<TA, float>::value && same_<TB, float>::value &&
                        same_<TC, float>::value && same_<TD, float>::value) {
@@ -1576,8 +1589,7 @@ PMN_FN void simdgroup_multiply_accumulate(simdgroup_matrix<TD, 8, 8>& d, const s
     const float b11 = __shfl_sync(0xffffffffu, b.e[1], 4u * (t + 4u) + (g >> 1));
     const float bv0 = (g & 1u) ? b01 : b00, bv1 = (g & 1u) ? b11 : b10;
     float d0, d1, d2, d3;
-    asm volatile(
-        "mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
+    asm("mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
         "{%8,%9}, {%10,%11,%12,%13};"
         : "=f"(d0), "=f"(d1), "=f"(d2), "=f"(d3)
         : "r"(detail::to_tf32(av0)), "r"(0u), "r"(detail::to_tf32(av1)), "r"(0u),
