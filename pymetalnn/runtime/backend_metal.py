@@ -18,7 +18,7 @@ import numpy as np
 
 from .core import KERNEL_DIR, Buffer, Device, Kernel, Library
 from .errors import BackendUnavailable, CompileError
-from .metal_check import source_layouts, value_arg_sizes
+from .metal_check import MAX_THREADGROUP_MEMORY, source_layouts, threadgroup_memory, value_arg_sizes
 from .msl import translate_file
 from .preprocess import inline_includes
 
@@ -58,6 +58,7 @@ class MetalDevice(Device):
         # Python's architecture, which reads x86_64 under Rosetta on an Apple GPU.
         self.gpu_name = str(self.dev).partition("(")[2].rstrip(")")
         self.apple_gpu = self.gpu_name.startswith("Apple")
+        self.max_threadgroup_memory = MAX_THREADGROUP_MEMORY  # Apple GPUs; assumed for every Mac
         # handles of committed command buffers, oldest first; a handle keeps its buffers alive
         self._pending: collections.deque[Any] = collections.deque()
         self._error: BaseException | None = None  # raised by a signal() callback
@@ -120,8 +121,12 @@ class MetalDevice(Device):
         # sizeof of each `constant T&` in Metal's layout, so a wrong-sized value is refused before
         # dispatch here too (Metal would read past a short buffer silently)
         structs = source_layouts(path, defines, [KERNEL_DIR])
+        tg_memory = threadgroup_memory(path, defines)
         for name, info in tr.kernels.items():
-            kernels[name] = Kernel(library, info, funcs[name], value_arg_sizes(info.args, structs))
+            kernels[name] = k = Kernel(library, info, funcs[name],
+                                       value_arg_sizes(info.args, structs))
+            # pipeline creation fails past max_threadgroup_memory: ops choose tiles that fit
+            k.threadgroup_memory = tg_memory.get(name, 0)
         return library
 
     def _launch(self, kernel: Kernel, groups: int, args: list[Any]) -> None:

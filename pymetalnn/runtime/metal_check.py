@@ -21,6 +21,9 @@ from .errors import MSLError
 from .preprocess import METAL_CONSTANTS, Preprocessor, Token
 
 METAL_VERSION = 230  # MTLLanguageVersion.version2_3, what metalcompute 0.2.9 compiles with
+# rules about running, not compiling: Metal builds the library and fails (threadgroup-memory) at
+# pipeline creation, or runs with another threadgroup size (threadgroup-size)
+NOT_COMPILER_RULES = frozenset({"threadgroup-memory", "threadgroup-size"})
 
 
 @dataclass
@@ -711,7 +714,10 @@ def _threadgroup_bytes(f: _Func, env: dict[str, object]) -> int:
     return total
 
 
-def _check_threadgroup_memory(p: _Parser, funcs: dict[str, list[_Func]], bad) -> None:
+def kernel_threadgroup_memory(p: _Parser, funcs: dict[str, list[_Func]]
+                              ) -> list[tuple[KernelEntry, _Func, int]]:
+    """(kernel, its definition, bytes of threadgroup memory it declares) per exported kernel."""
+    out = []
     for k in p.kernels:
         for f in funcs.get(k.impl, []):
             if not f.is_kernel:
@@ -723,11 +729,30 @@ def _check_threadgroup_memory(p: _Parser, funcs: dict[str, list[_Func]], bad) ->
                 for name, a in zip(f.template_params, k.targs):
                     v = _eval(a, {})
                     env[name] = v if v is not None else a
-            total = _threadgroup_bytes(f, env)
-            if total > MAX_THREADGROUP_MEMORY:
-                bad(f.tok, "threadgroup-memory", f"kernel '{k.name}' declares {total} bytes of "
-                    f"threadgroup memory; Apple GPUs allow {MAX_THREADGROUP_MEMORY} (pipeline "
-                    "creation fails)")
+            out.append((k, f, _threadgroup_bytes(f, env)))
+    return out
+
+
+def threadgroup_memory(path: str, defines: dict | None = None,
+                       include_dirs: list[str] | None = None) -> dict[str, int]:
+    """Kernel host name -> bytes of threadgroup memory it declares (what evaluates), as Metal
+    reads `path` with `defines`."""
+    from .core import KERNEL_DIR
+
+    toks, _ = _preprocess(path, defines, [KERNEL_DIR, *(include_dirs or [])], True)
+    p = _Parser(toks)
+    funcs: dict[str, list[_Func]] = {}
+    for f in p.funcs:
+        funcs.setdefault(f.name, []).append(f)
+    return {k.name: n for k, _, n in kernel_threadgroup_memory(p, funcs)}
+
+
+def _check_threadgroup_memory(p: _Parser, funcs: dict[str, list[_Func]], bad) -> None:
+    for k, f, total in kernel_threadgroup_memory(p, funcs):
+        if total > MAX_THREADGROUP_MEMORY:
+            bad(f.tok, "threadgroup-memory", f"kernel '{k.name}' declares {total} bytes of "
+                f"threadgroup memory; Apple GPUs allow {MAX_THREADGROUP_MEMORY} (pipeline "
+                "creation fails)")
 
 
 def _check_params(f: _Func, bad) -> None:
@@ -832,6 +857,11 @@ def _preprocess(path: str, defines: dict | None, include_dirs: list[str] | None,
         pp.macros.pop("__PYMETALNN__", None)
         pp.macros["__METAL_VERSION__"] = Preprocessor([], {"_": METAL_VERSION}).macros["_"]
     return pp.run_file(path), pp
+
+
+def compiler_findings(violations: list[Violation]) -> list[Violation]:
+    """The findings Apple's compiler itself would stop at (not the pipeline or dispatch rules)."""
+    return [v for v in violations if v.rule not in NOT_COMPILER_RULES]
 
 
 def check_file(path: str, defines: dict | None = None, include_dirs: list[str] | None = None,

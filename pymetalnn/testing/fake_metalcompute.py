@@ -25,6 +25,8 @@ The semantics reproduced (metalcompute 0.2.9):
   size is the pipeline's `maxTotalThreadsPerThreadgroup` rounded down to the SIMD width (32): the
   kernel's `[[max_total_threads_per_threadgroup(N)]]`, else the device maximum (1024 here; a real
   pipeline may report less for a register-heavy kernel). `ceil(count / size)` threadgroups run.
+- The pipeline is made at each call; it fails (`error`, "Cannot create pipeline state") for a
+  kernel that declares more than 32 KiB of threadgroup memory, Apple GPUs' limit.
 - metalcompute never looks at a command buffer's status: a kernel that faults on the GPU reports
   nothing. Here such a fault (a missing buffer, a `constant T&` buffer smaller than T, an error
   raised by the cpu runtime) is kept in `faults` and printed to stderr, so tests can assert that
@@ -47,6 +49,7 @@ import numpy as np
 __version__ = "0.2.9"
 
 SIMD_WIDTH = 32  # Apple GPUs' threadExecutionWidth
+MAX_THREADGROUP_MEMORY = 32768  # bytes, maxThreadgroupMemoryLength of Apple GPUs
 DEVICE_MAX_THREADS = int(os.environ.get("PYMETALNN_FAKE_METAL_MAX_THREADS", "1024"))
 DEVICE_NAME = "Apple GPU stand-in (pymetalnn cpu backend)"  # an Apple7+ GPU: simdgroup matrices
 
@@ -143,7 +146,12 @@ class Kernel:
         self._dev = dev
         from ..runtime.core import cache_dir
         from ..runtime.errors import CompileError, MSLError
-        from ..runtime.metal_check import check_file, scan_kernels
+        from ..runtime.metal_check import (
+            check_file,
+            compiler_findings,
+            scan_kernels,
+            threadgroup_memory,
+        )
 
         text = _PREFIX + source
         path = os.path.join(cache_dir(), "fake-metal",
@@ -155,11 +163,12 @@ class Kernel:
                 f.write(text)
             os.replace(tmp, path)
         try:
-            bad = check_file(path, metal_defines=False)
+            bad = compiler_findings(check_file(path, metal_defines=False))
             if bad:
                 raise error(_program_source("\n".join(str(v) for v in bad), path))
             self._lib = dev._gpu.cpu.library(path)
             self._max_threads = {k.name: k.max_threads for k in scan_kernels(path)}
+            self._tg_memory = threadgroup_memory(path)
         except (MSLError, CompileError) as e:
             raise error(_program_source(str(e), path)) from None
 
@@ -215,6 +224,10 @@ class Run:
         if not any(hasattr(type(first), m) for m in ("__index__", "__int__", "__float__")):
             raise error("First argument should be an integer kernel count")
         dev = fn._kern._dev
+        # makeComputePipelineState, per call as metalcompute does: it fails past the device's
+        # threadgroup memory (the library itself compiled)
+        if fn._kern._tg_memory.get(fn._name, 0) > MAX_THREADGROUP_MEMORY:
+            raise error("Cannot create pipeline state")
         # arguments that are not metalcompute Buffers are copied into new ones, kept with the run
         bufs = tuple(a if type(a) is Buffer else _make_buffer(dev, a) for a in args[1:])
         # the queue holds the command buffer, never the Run: dropping the Run is what waits
