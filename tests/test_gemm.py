@@ -553,3 +553,48 @@ def test_matrix_hardware_choice(dev, monkeypatch, hw) -> None:
     got = F.matmul(pm.tensor(a, dev), pm.tensor(b, dev)).numpy().astype(np.float64)
     exact = ref.matmul(a, b)
     assert np.abs(got - exact).max() <= 4 * U16 * (np.abs(a.astype(np.float64)) @ np.abs(b)).max()
+
+
+# ---- the fp32 accuracy budget (pymetalnn/accuracy.py, docs/accuracy.md) ------------------------
+# benchmarks/bench_gemm.py's linear 4096 -> 4096 at batch 256, scaled for cpu: each product keeps
+# its reduction length (forward and grad_x 4096, grad_w the batch, 256) and 64 outputs aside.
+@pytest.mark.parametrize("what", ["forward", "grad_x", "grad_w"])
+def test_linear_fp32_budget(dev, what) -> None:
+    """float32 against float64 on the benchmark's reduction lengths: the unsplit tiled kernel
+    (the direct algorithm) within the ceiling, and every split-K count the planner may pick
+    within min(10x the unsplit kernel's error, ceiling)."""
+    from pymetalnn import accuracy
+
+    rng = np.random.default_rng(7)
+    fin, fout, batch = {"forward": (4096, 64, 16), "grad_x": (64, 4096, 16),
+                        "grad_w": (64, 64, 256)}[what]
+    x = rng.standard_normal((batch, fin)).astype(np.float32)
+    w = (rng.standard_normal((fout, fin)) / np.sqrt(fin)).astype(np.float32)
+    g = rng.standard_normal((batch, fout)).astype(np.float32)
+    xd, wd, gd = (v.astype(np.float64) for v in (x, w, g))
+    # (a, b, transpose_a, transpose_b, reference) of the product
+    a, b, ta, tb, want = {"forward": (x, w, False, True, xd @ wd.T),
+                          "grad_x": (g, w, False, False, gd @ wd),
+                          "grad_w": (g, x, True, False, gd.T @ xd)}[what]
+    ta_, tb_ = pm.tensor(a, dev), pm.tensor(b, dev)
+    errs = {}
+    for splits in (1, 4, ops.MAX_SPLITS):
+        out = pm.empty(want.shape, np.float32, dev)
+        ops.gemm(ta_, tb_, out, transpose_a=ta, transpose_b=tb, k_splits=splits)
+        errs[splits] = accuracy.rel_err(out.numpy(), want)
+    assert errs[1] <= accuracy.CEILING, errs
+    for s, e in errs.items():
+        assert accuracy.within(e, errs[1]), f"k_splits {s}: error {e:.3g} (unsplit {errs[1]:.3g})"
+
+
+def test_accuracy_budget_helpers() -> None:
+    """pymetalnn.accuracy: err = max|got - ref| / max|ref|, the limit min(10x direct, 1e-4)."""
+    from pymetalnn import accuracy
+
+    assert accuracy.rel_err([1.0, 2.0], [1.0, 4.0]) == 0.5
+    assert accuracy.rel_err([0.5], [0.0]) == 0.5  # a zero reference: the absolute error
+    assert accuracy.limit() == accuracy.CEILING == 1e-4
+    assert accuracy.limit(1e-7) == pytest.approx(1e-6) and accuracy.limit(1e-4) == 1e-4
+    assert accuracy.within(9e-7, 1e-7) and not accuracy.within(2e-6, 1e-7)
+    with pytest.raises(ValueError, match="got: shape"):
+        accuracy.rel_err(np.zeros(3), np.zeros(4))

@@ -87,8 +87,10 @@ _HALF = ("half", "hacc_half")
 TILES = {t.name: t for t in (Tile("128x128", 128, 128, 8, 1.0), Tile("64x64", 64, 64, 16, 0.6),
                              Tile("128x128k16", 128, 128, 16, 1.11, variants=("float", "hacc_half"),
                                   fixed_k=38),
-                             Tile("mma128x128", 128, 128, 32, 4.0, variants=_HALF, matrix=True),
-                             Tile("mma64x64", 64, 64, 16, 2.4, variants=_HALF, matrix=True))}
+                             Tile("mma128x128", 128, 128, 16, 4.0, variants=_HALF, matrix=True),
+                             Tile("mma64x64", 64, 64, 16, 2.4, variants=_HALF, matrix=True),
+                             Tile("mma64x64k32", 64, 64, 32, 2.6, variants=_HALF, matrix=True),
+                             Tile("mma128x64", 128, 64, 32, 3.2, variants=_HALF, matrix=True))}
 MAX_SPLITS = 16
 MIN_SPLIT_SLICES = 16  # a split-K part covers at least this many BK slices
 
@@ -269,17 +271,25 @@ def gemm(a: Any, b: Any, out: Tensor, *, transpose_a: bool = False, transpose_b:
 
 
 def gemm_launches(a: Tensor, b: Tensor, out: Tensor, *, transpose_a: bool = False,
-                  transpose_b: bool = False) -> list[tuple]:
+                  transpose_b: bool = False, min_k_splits: int = 1) -> list[tuple]:
     """The launches (kernel, threads, args) of gemm(a, b, out, ...) for callers that build a
     plan once and run it later (the Winograd convolution): 3-D a, b, out of one device and dtype
-    (float32 or float16 with float accumulation), shapes as gemm's, checked only by assertion."""
+    (float32 or float16 with float accumulation), shapes as gemm's, checked only by assertion.
+    min_k_splits: split K at least this often (at most MAX_SPLITS), whatever the cost model
+    prefers: each float partial sum then covers at most K / min_k_splits terms, which bounds the
+    rounding error of long reductions the same way on every device."""
     m, k = (a.shape[-1], a.shape[-2]) if transpose_a else (a.shape[-2], a.shape[-1])
     n = b.shape[-2] if transpose_b else b.shape[-1]
     batch = a.shape[0] if a.ndim == 3 else b.shape[0]
     reduce_batch = out.ndim == 2 and batch > 1
     assert (b.shape[-1] if transpose_b else b.shape[-2]) == k and out.shape[-2:] == (m, n)
+    var = variant(a.dtype, None)
+    splits = None
+    if min_k_splits > 1:
+        tile, splits = plan(a.device, m, n, k, batch, reduce_batch, None, None, var)
+        splits = max(splits, min(min_k_splits, MAX_SPLITS, math.ceil(k / tile.bk)))
     return _launches(a.device, a, b, out, m, n, k, batch, reduce_batch, transpose_a, transpose_b,
-                     1.0, 0.0, None, variant(a.dtype, None), None, None, (0, 0.0))
+                     1.0, 0.0, None, var, None, splits, (0, 0.0))
 
 
 def _launches(dev: Device, a: Tensor, b: Tensor, out: Tensor, m: int, n: int, k: int, batch: int,
