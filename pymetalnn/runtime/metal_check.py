@@ -593,7 +593,8 @@ def _eval(toks: list[Token], env: dict[str, object]) -> int | None:
             return int(t.text == "true")
         if t.text in ("sizeof", "alignof"):
             e = _match(toks, pos)
-            words = [x.text for x in _subst(toks[pos + 1 : e], env)]
+            words = [x.text for x in _resolve_type(toks[pos + 1 : e], env,
+                                                   env.get("\0prog"))]  # type: ignore[arg-type]
             pos = e + 1
             lay = _type_layout(words, {})
             if lay is None:
@@ -601,6 +602,26 @@ def _eval(toks: list[Token], env: dict[str, object]) -> int | None:
             return lay[0] if t.text == "sizeof" else lay[1]
         if t.text in _INT_TYPES and pos < len(toks) and toks[pos].text == "(":
             return atom()  # int(x): a conversion, integral here
+        prog = env.get("\0prog")
+        if prog is not None and t.text in prog.funcs and pos < len(toks) and \
+                toks[pos].text in ("<", "("):  # a constexpr function template: f<args>()
+            params, ret = prog.funcs[t.text]
+            targs: list[list[Token]] = []
+            if toks[pos].text == "<":
+                e = _match_angle(toks, pos)
+                targs = _split_commas(toks[pos + 1 : e])
+                pos = e + 1
+            if toks[pos].text != "(" or toks[pos + 1].text != ")" or len(targs) != len(params):
+                raise ValueError
+            pos += 2
+            bind: dict[str, object] = {"\0prog": prog}
+            for name, a in zip(params, targs):
+                v = _eval(a, env)
+                bind[name] = v if v is not None else _subst(a, env)
+            r = _eval(ret, bind)
+            if r is None:
+                raise ValueError
+            return r
         v = env.get(t.text)
         if isinstance(v, int):
             return v
@@ -664,6 +685,110 @@ def _subst(toks: list[Token], env: dict[str, object]) -> list[Token]:
     return out
 
 
+@dataclass
+class _Program:
+    """What integer and type evaluation needs from the whole source: constexpr functions
+    (`template <...> constexpr int f() { return e; }`) and class templates' member typedefs,
+    with their partial specializations."""
+
+    funcs: dict[str, tuple[list[str], list[Token]]]
+    types: dict[str, list[tuple[list[str], list[list[Token]] | None, dict[str, list[Token]]]]]
+
+
+def _template_params(toks: list[Token], i: int) -> tuple[list[str], int]:
+    """Names of `template < ... >` starting at toks[i] ('template'), and the index after '>'."""
+    e = _match_angle(toks, i + 1)
+    names = []
+    for prm in _split_commas(toks[i + 2 : e]):
+        ws = [x.text for x in prm]
+        ids = [x.text for x in (prm[: ws.index("=")] if "=" in ws else prm) if x.kind == "id"]
+        if ids:
+            names.append(ids[-1])
+    return names, e + 1
+
+
+def _program(toks: list[Token]) -> _Program:
+    prog = _Program({}, {})
+    n = len(toks)
+    for i, t in enumerate(toks):
+        if t.text != "template" or i + 1 >= n or toks[i + 1].text != "<":
+            continue
+        params, j = _template_params(toks, i)
+        if j + 2 < n and toks[j].text == "constexpr":
+            k = j
+            while k < n and toks[k].text not in ("(", "{", ";"):
+                k += 1
+            if k + 2 < n and toks[k].text == "(" and toks[k + 1].text == ")" and \
+                    toks[k + 2].text == "{" and toks[k + 3].text == "return":
+                e = _match(toks, k + 2)
+                prog.funcs[toks[k - 1].text] = (params, toks[k + 4 : e - 1])  # up to ';'
+        elif j + 1 < n and toks[j].text in ("struct", "class") and toks[j + 1].kind == "id":
+            name = toks[j + 1].text
+            k = j + 2
+            pattern = None
+            if k < n and toks[k].text == "<":
+                e = _match_angle(toks, k)
+                pattern = _split_commas(toks[k + 1 : e])
+                k = e + 1
+            if k >= n or toks[k].text != "{":
+                continue
+            e = _match(toks, k)
+            members: dict[str, list[Token]] = {}
+            body = toks[k + 1 : e]
+            m = 0
+            while m < len(body):
+                if body[m].text in ("typedef", "using"):
+                    q = m
+                    while q < len(body) and body[q].text != ";":
+                        q += 1
+                    d = body[m + 1 : q]
+                    if body[m].text == "typedef" and d:
+                        members[d[-1].text] = d[:-1]
+                    elif len(d) > 2 and d[1].text == "=":
+                        members[d[0].text] = d[2:]
+                    m = q
+                m += 1
+            prog.types.setdefault(name, []).append((params, pattern, members))
+    return prog
+
+
+def _resolve_type(toks: list[Token], env: dict[str, object], prog: _Program | None
+                  ) -> list[Token]:
+    """`toks` with template parameters substituted and NAME<args>::member resolved through the
+    class template's matching specialization (else its primary template)."""
+    toks = [t for t in _subst(toks, env) if t.text != "typename"]
+    if prog is None or len(toks) < 4 or toks[0].text not in prog.types or toks[1].text != "<":
+        return toks
+    e = _match_angle(toks, 1)
+    if e + 2 >= len(toks) or toks[e + 1].text != "::":
+        return toks
+    args = _split_commas(toks[2:e])
+    member = toks[e + 2].text
+    vals = [_eval(a, {}) for a in args]
+    for params, pattern, members in sorted(prog.types[toks[0].text], key=lambda c: c[1] is None):
+        if member not in members:
+            continue
+        bind: dict[str, object] = {}
+        if pattern is None:
+            if len(params) != len(args):
+                continue
+            bind = {p: (v if v is not None else a) for p, a, v in zip(params, args, vals)}
+        else:
+            if len(pattern) != len(args):
+                continue
+            ok = True
+            for pat, a, v in zip(pattern, args, vals):
+                if len(pat) == 1 and pat[0].text in params:
+                    bind[pat[0].text] = v if v is not None else a
+                elif _eval(pat, {}) is None or _eval(pat, {}) != v:
+                    ok = False
+                    break
+            if not ok:
+                continue
+        return _resolve_type(members[member], bind, prog)
+    return toks
+
+
 def _threadgroup_bytes(f: _Func, env: dict[str, object]) -> int:
     """Bytes of the threadgroup arrays `f` declares with `env`'s template arguments (what cannot
     be evaluated counts 0), after the body's constexpr integers."""
@@ -677,6 +802,17 @@ def _threadgroup_bytes(f: _Func, env: dict[str, object]) -> int:
             depth += 1
         elif t.text == "}":
             depth -= 1
+        elif t.text in ("typedef", "using") and depth == 0:
+            j = i
+            while j < len(body) and body[j].text != ";":
+                j += 1
+            d = body[i + 1 : j]
+            prog = env.get("\0prog")
+            if t.text == "typedef" and len(d) > 1:
+                env[d[-1].text] = _resolve_type(d[:-1], env, prog)  # type: ignore[arg-type]
+            elif len(d) > 2 and d[1].text == "=":
+                env[d[0].text] = _resolve_type(d[2:], env, prog)  # type: ignore[arg-type]
+            i = j
         elif t.text == "constexpr" and depth == 0:
             j = i
             while j < len(body) and body[j].text != ";":
@@ -696,7 +832,8 @@ def _threadgroup_bytes(f: _Func, env: dict[str, object]) -> int:
     for _, decl in _threadgroup_decls(f):
         words = [x.text for x in decl]
         lb = words.index("[") if "[" in words else len(words)
-        tw = [x.text for x in _subst(decl[1 : lb - 1], env)]
+        tw = [x.text for x in _resolve_type(decl[1 : lb - 1], env,
+                                            env.get("\0prog"))]  # type: ignore[arg-type]
         lay = _type_layout(tw, {})
         if lay is None:
             continue
@@ -718,16 +855,17 @@ def kernel_threadgroup_memory(p: _Parser, funcs: dict[str, list[_Func]]
                               ) -> list[tuple[KernelEntry, _Func, int]]:
     """(kernel, its definition, bytes of threadgroup memory it declares) per exported kernel."""
     out = []
+    prog = _program(p.toks)
     for k in p.kernels:
         for f in funcs.get(k.impl, []):
             if not f.is_kernel:
                 continue
-            env: dict[str, object] = {}
+            env: dict[str, object] = {"\0prog": prog}
             if f.template_params:
                 if not k.targs or len(k.targs) != len(f.template_params):
                     continue
                 for name, a in zip(f.template_params, k.targs):
-                    v = _eval(a, {})
+                    v = _eval(a, env)
                     env[name] = v if v is not None else a
             out.append((k, f, _threadgroup_bytes(f, env)))
     return out

@@ -28,3 +28,24 @@ kernel void too_big(device float* x [[buffer(0)]],  // expect: threadgroup-memor
     threadgroup_barrier(mem_flags::mem_threadgroup);
     x[lid] = a[255u - lid] + float(b[lid]);
 }
+
+// Sizes through template arguments, constexpr function templates and a class template's typedef
+// (with a partial specialization): only the instantiation that goes past 32 KiB is reported.
+template <bool WIDE, typename T> struct stage_t { typedef T type; };
+template <typename T> struct stage_t<true, T> { typedef float4 type; };
+template <int N, bool WIDE> constexpr int rows() { return WIDE ? 2 * N : N; }
+
+template <int N, bool WIDE>
+[[max_total_threads_per_threadgroup(256)]]
+kernel void sized(device float* x [[buffer(0)]],  // expect: threadgroup-memory
+                  uint lid [[thread_position_in_threadgroup]]) {
+    typedef typename stage_t<WIDE, half>::type S;
+    constexpr int R = rows<N, WIDE>();
+    threadgroup S buf[R * 256];
+    buf[lid] = S(x[lid]);
+    threadgroup_barrier(mem_flags::mem_threadgroup);
+    x[lid] = float(buf[255u - lid][0]);
+}
+template [[host_name("sized_small")]] [[kernel]] decltype(sized<4, true>) sized<4, true>;
+template [[host_name("sized_half")]] [[kernel]] decltype(sized<32, false>) sized<32, false>;
+template [[host_name("sized_big")]] [[kernel]] decltype(sized<5, true>) sized<5, true>;
