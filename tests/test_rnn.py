@@ -22,6 +22,27 @@ from pymetalnn.ops import rnn as R
 CELLS = ["lstm", "gru", "rnn_tanh", "rnn_relu"]
 
 
+@pytest.fixture
+def dev(dev):
+    """The backend's device; the recurrent layers need buffer views (the per-step gemm operands
+    are views into the sequences), so backends that bind whole buffers (metal) skip here and
+    test_whole_buffer_backends_refuse checks that they refuse."""
+    if not dev.supports_views:
+        pytest.skip(f"the recurrent layers need buffer views, which {dev.name} lacks")
+    return dev
+
+
+def test_whole_buffer_backends_refuse(backend, no_dispatch):
+    d = pymetalnn.device(backend)
+    if d.supports_views:
+        pytest.skip(f"{backend} has buffer views")
+    x = pymetalnn.tensor(np.zeros((2, 1, 3), np.float32), d)
+    w = {"weight_ih_l0": pymetalnn.tensor(np.zeros((4, 3), np.float32), d),
+         "weight_hh_l0": pymetalnn.tensor(np.zeros((4, 4), np.float32), d)}
+    with no_dispatch(d), pytest.raises(NotImplementedError, match="buffer views"):
+        R.rnn(x, w, None, 1, "tanh", False, False, False)
+
+
 # (T, N, F, H, layers, bidirectional, bias, initial states, list input, which gradients given)
 CASES = {
     "T1-N1-H1": (1, 1, 4, 1, 1, False, True, True, False, "all"),

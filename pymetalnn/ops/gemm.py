@@ -26,6 +26,7 @@ from ..params import CONST, GemmParams, LinearBiasGradParams
 from ..runtime import Device
 from ..tensor import Tensor, TensorLike, float16, float32
 from ._common import (
+    fits_threadgroup_memory,
     kernel,
     matrix_capable,
     matrix_hw,
@@ -116,6 +117,16 @@ def _compute_units(dev: Device) -> int:
     return 16
 
 
+def tile_fits(dev: Device, t: Tile, var: str) -> bool:
+    """Whether `t`'s kernels for `var` fit `dev`'s threadgroup memory (Apple GPUs: 32 KiB, which
+    some tiles tuned on NVIDIA exceed)."""
+    if getattr(dev, "max_threadgroup_memory", None) is None:
+        return True
+    names = [f"gemm_fwd_{t.name}_{var}"] + ([f"gemm_fwd_{t.name}_splitk_half"] if var == "half"
+                                            else [])
+    return all(fits_threadgroup_memory(dev, kernel(dev, t.source, n)) for n in names)
+
+
 def plan(dev: Device, m: int, n: int, k: int, batch: int, reduce_batch: bool,
          tile: str | Tile | None = None, k_splits: int | None = None, var: str = "float"
          ) -> tuple[Tile, int]:
@@ -127,7 +138,8 @@ def plan(dev: Device, m: int, n: int, k: int, batch: int, reduce_batch: bool,
     nb = 1 if reduce_batch else batch
     if tile is None:
         hw = matrix_hw(dev)
-        cands = [t for t in TILES.values() if t.supports(var) and (hw or not t.matrix)]
+        cands = [t for t in TILES.values() if t.supports(var) and (hw or not t.matrix)
+                 and tile_fits(dev, t, var)]
     else:
         cands = [tile if isinstance(tile, Tile) else TILES[tile]]
     best: tuple[float, Tile, int] | None = None
@@ -212,6 +224,9 @@ def gemm(a: TensorLike, b: TensorLike, out: Tensor, *, transpose_a: bool = False
             and not matrix_capable(dev):
         raise ValueError(f"tile: {tile!r} needs simdgroup matrices, which this {dev.name} device "
                          "lacks")
+    if tile is not None and not tile_fits(dev, tile if isinstance(tile, Tile) else TILES[tile], var):
+        raise ValueError(f"tile: {tile!r} ({var}) needs more threadgroup memory than this "
+                         f"{dev.name} device has ({dev.max_threadgroup_memory} bytes)")
     if k_splits is not None and (not isinstance(k_splits, (int, np.integer)) or k_splits < 1):
         raise ValueError(f"k_splits: expected an int >= 1, got {k_splits!r}")
 
