@@ -103,7 +103,7 @@ def check_targets(arr: np.ndarray, num_classes: int, name: str = "target") -> np
         raise ValueError(f"{name}: non-finite values in a used row")
     bad = used & ((c < 0) | (c >= num_classes) | (c != np.floor(c)))
     if bad.any():
-        raise ValueError(f"{name}: class {c[bad][0]!r} is neither -1 (unused row) nor an integer "
+        raise ValueError(f"{name}: class {float(c[bad][0])!r} is neither -1 (unused row) nor an integer "
                          f"in [0, {num_classes})")
     xy, wh = a[..., 1:3][used], a[..., 3:5][used]
     if ((xy < 0) | (xy > 1)).any():
