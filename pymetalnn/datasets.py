@@ -8,6 +8,7 @@ folder, located without importing aeon), and synthetic 6-channel sensor recordin
     ts = datasets.read_ts("BasicMotions_TRAIN.ts")      # TSData: x (N, C, T), y, classes
     (xtr, ytr), (xte, yte) = datasets.basic_motions()   # needs `pip install aeon`
     (xtr, ytr), (xte, yte) = datasets.synthetic_activity(n=200, length=2000)
+    (xtr, btr), (xte, bte) = datasets.synthetic_detection(800, 200, size=416)  # shapes + boxes
 
 Every loader returns float32 inputs and int32 class indices.
 """
@@ -388,3 +389,101 @@ def synthetic_activity(n_train: int = 200, n_test: int = 80, length: int = 2000,
         return x, y
 
     return make(n_train), make(n_test)
+
+
+# ---- synthetic object detection -----------------------------------------------------------------
+
+SHAPES = ("circle", "square", "triangle")
+
+
+def _covered(a: np.ndarray, b: np.ndarray) -> float:
+    """Intersection of boxes a and b over the smaller one's area."""
+    iw = max(min(a[2], b[2]) - max(a[0], b[0]), 0.0)
+    ih = max(min(a[3], b[3]) - max(a[1], b[1]), 0.0)
+    return iw * ih / min((a[2] - a[0]) * (a[3] - a[1]), (b[2] - b[0]) * (b[3] - b[1]))
+
+
+def synthetic_shapes_image(rng: np.random.Generator, size: int = 416, min_objects: int = 1,
+                           max_objects: int = 4, min_scale: float = 0.12, max_scale: float = 0.4,
+                           max_overlap: float = 0.4, noise: float = 0.06
+                           ) -> tuple[np.ndarray, np.ndarray]:
+    """One image (3, size, size) uint8 and its box rows (K, 5) (class, cx, cy, w, h),
+    image-relative. Background: a random two-colour gradient plus Gaussian noise. Objects
+    (classes SHAPES: filled circles, squares, upright triangles of random aspect ratio) of
+    random colour (at least 0.25 mean channel contrast with the background under them), box side
+    min_scale..max_scale of the image, anywhere inside it (touching the border included). A
+    new object may overlap earlier ones and is drawn over them, covering at most max_overlap of
+    the smaller box of each pair, so every object stays mostly visible."""
+    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) / size
+    c0, c1 = rng.uniform(0, 1, 3), rng.uniform(0, 1, 3)
+    ang = rng.uniform(0, 2 * np.pi)
+    ramp = (np.cos(ang) * (xx - 0.5) + np.sin(ang) * (yy - 0.5)) * 0.7 + 0.5
+    img = c0[:, None, None] * (1 - ramp) + c1[:, None, None] * ramp
+    boxes: list[list[float]] = []
+    placed: list[np.ndarray] = []
+    want = int(rng.integers(min_objects, max_objects + 1))
+    for _ in range(want * 10):
+        if len(boxes) == want:
+            break
+        k = int(rng.integers(0, len(SHAPES)))
+        s = rng.uniform(min_scale, max_scale) * size
+        w, h = (s, s) if k < 2 else (s, s * rng.uniform(0.7, 1.4))
+        if h > size:
+            continue
+        x0, y0 = rng.uniform(0, size - w), rng.uniform(0, size - h)
+        corner = np.array([x0, y0, x0 + w, y0 + h]) / size
+        if any(_covered(corner, q) > max_overlap for q in placed):
+            continue
+        r0, r1, q0, q1 = int(round(y0)), int(round(y0 + h)), int(round(x0)), int(round(x0 + w))
+        if r1 - r0 < 2 or q1 - q0 < 2:
+            continue
+        u = (np.arange(q0, q1, dtype=np.float32) + 0.5 - x0) / w   # 0..1 across the box
+        v = (np.arange(r0, r1, dtype=np.float32) + 0.5 - y0) / h   # 0..1 down the box
+        uu, vv = np.meshgrid(u, v)
+        if k == 0:
+            mask = (uu - 0.5) ** 2 + (vv - 0.5) ** 2 <= 0.25
+        elif k == 1:
+            mask = np.ones_like(uu, bool)
+        else:  # apex at the top centre, base along the bottom
+            mask = np.abs(uu - 0.5) <= 0.5 * vv
+        under = img[:, r0:r1, q0:q1].mean(axis=(1, 2))
+        for _ in range(20):
+            col = rng.uniform(0, 1, 3)
+            if np.abs(col - under).mean() >= 0.25:
+                break
+        img[:, r0:r1, q0:q1] = np.where(mask[None], col[:, None, None], img[:, r0:r1, q0:q1])
+        # the box is the drawn extent (pixel grid), so targets match the pixels
+        rows, cols = np.nonzero(mask)
+        bx0, bx1 = q0 + cols.min(), q0 + cols.max() + 1
+        by0, by1 = r0 + rows.min(), r0 + rows.max() + 1
+        placed.append(np.array([bx0, by0, bx1, by1]) / size)
+        boxes.append([k, (bx0 + bx1) / 2 / size, (by0 + by1) / 2 / size, (bx1 - bx0) / size,
+                      (by1 - by0) / size])
+    img = img + rng.normal(0, noise, img.shape)
+    out = (np.clip(img, 0, 1) * 255 + 0.5).astype(np.uint8)
+    return out, np.asarray(boxes, np.float32).reshape(-1, 5)
+
+
+def synthetic_shapes(n: int, size: int = 416, seed: int = 0, split: int = 0,
+                     max_objects: int = 4, **kw: float) -> tuple[np.ndarray, np.ndarray]:
+    """n images of synthetic_shapes_image, deterministic: image i comes from the generator
+    seeded (seed, split, i), so a set's prefix does not depend on n and splits never share an
+    image. Returns (images (n, 3, size, size) uint8, boxes (n, max_objects, 5) float32 rows
+    (class, cx, cy, w, h), class -1 for unused rows)."""
+    x = np.empty((n, 3, size, size), np.uint8)
+    b = np.full((n, max_objects, 5), -1.0, np.float32)
+    for i in range(n):
+        rng = np.random.default_rng([seed, split, i])
+        img, bx = synthetic_shapes_image(rng, size, max_objects=max_objects, **kw)
+        x[i] = img
+        b[i, :len(bx)] = bx
+    return x, b
+
+
+def synthetic_detection(n_train: int = 800, n_test: int = 200, size: int = 416, seed: int = 0,
+                        max_objects: int = 4, **kw: float
+                        ) -> tuple[tuple[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]:
+    """A train split and a held-out split of synthetic_shapes (splits 0 and 1 of `seed`):
+    ((x_train, boxes_train), (x_test, boxes_test)), images uint8 (scale by 1/255)."""
+    return (synthetic_shapes(n_train, size, seed, 0, max_objects, **kw),
+            synthetic_shapes(n_test, size, seed, 1, max_objects, **kw))

@@ -230,7 +230,7 @@ def test_nms_torchvision_form(dev):
 
 def test_yolo_detect_end_to_end(dev):
     """A prediction map built to hold two confident boxes gives those boxes back."""
-    a, c, g = ANCHORS3, 2, 4
+    a, g = ANCHORS3, 4
     x = np.full((1, 3 * 7, g, g), -8.0, np.float32)
     v = x.reshape(1, 3, 7, g, g)
     v[0, 1, :, 1, 2] = [0, 0, 0, 0, 8, 8, -8]    # anchor 1 at row 1, col 2: class 0

@@ -553,6 +553,8 @@ class Graph:
         loss = self._loss_of.get(v)
         if isinstance(x, LossLabels):
             x = x.labels
+        if loss is not None and hasattr(loss, "bind_labels"):  # a loss that checks its own labels
+            return loss.bind_labels(self, v, x)
         if loss is None or not loss.class_labels:
             return self._bind_input(v, x)
         from ..ops.loss import Labels
