@@ -157,5 +157,5 @@ from .ops.rnn import (  # noqa: E402, F401, I001
 # ---- detection (ops/detection.py) ----
 from .ops.detection import (  # noqa: E402, F401, I001
     box_iou_matrix, mean_average_precision, multiclass_nms, nms, yolo_decode, yolo_detect,
-    yolo_loss, yolo_loss_backward, yolo_targets,
+    yolo_anchors, yolo_loss, yolo_loss_backward, yolo_targets,
 )

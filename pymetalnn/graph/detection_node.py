@@ -88,7 +88,10 @@ class YoloLossNode(LossNode):
         return YoloTargets(g._bind_input(v, arr), c)
 
     def _anchors(self, rc: Any) -> Tensor:
-        return rc.g._const(("yolo_anchors", id(self)), lambda: self.anchors)
+        from ..ops.detection import YoloAnchors
+
+        t = rc.g._const(("yolo_anchors", id(self)), lambda: self.anchors)
+        return YoloAnchors(t, self.anchors)
 
     def forward(self, rc, xs, training, with_state):
         return [op("yolo_loss", self)(xs[0], xs[1], self._anchors(rc), reduction="per_sample",

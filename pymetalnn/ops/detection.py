@@ -51,16 +51,37 @@ def _finite(v: Any, name: str, lo: float | None = None, hi: float | None = None)
     return f
 
 
-def _anchors(anchors: Any, dev: Device) -> tuple[Tensor, int]:
-    a = anchors.numpy() if isinstance(anchors, Tensor) else np.asarray(anchors)
+class YoloAnchors(Tensor):
+    """(A, 2) float32 anchors already checked on the host (made by `yolo_anchors`): the ops use
+    them without reading them back."""
+
+    def __init__(self, t: Tensor, host: np.ndarray):
+        super().__init__(t.buffer, t.shape, t.dtype)
+        self.host = host
+
+
+def _check_anchors(a: np.ndarray) -> np.ndarray:
     if a.dtype.kind not in "fiu" or a.ndim != 2 or a.shape[1] != 2 or len(a) == 0:
         raise ValueError(f"anchors: expected a (A, 2) array of (width, height) in grid cells, got "
                          f"shape {a.shape} dtype {a.dtype}")
     if not (np.isfinite(a).all() and (a > 0).all()):
         raise ValueError("anchors: widths and heights must be finite and > 0")
-    if isinstance(anchors, Tensor) and anchors.dtype == float32 and anchors.device is dev:
-        return anchors, len(a)
-    return as_tensor(np.ascontiguousarray(a, np.float32), dev, "anchors"), len(a)
+    return np.ascontiguousarray(a, np.float32)
+
+
+def yolo_anchors(anchors: Any, device: Device | None = None) -> YoloAnchors:
+    """Check (A, 2) anchors (finite widths and heights > 0, in grid cells) once and put them on
+    the device; the detection ops then take them without a check (or a read-back)."""
+    host = _check_anchors(anchors.numpy() if isinstance(anchors, Tensor) else np.asarray(anchors))
+    dev = device or (anchors.device if isinstance(anchors, Tensor) else pick_device())
+    return YoloAnchors(as_tensor(host, dev, "anchors"), host)
+
+
+def _anchors(anchors: Any, dev: Device) -> tuple[Tensor, int]:
+    if isinstance(anchors, YoloAnchors) and anchors.device is dev:
+        return anchors, anchors.shape[0]
+    a = yolo_anchors(anchors, dev)
+    return a, a.shape[0]
 
 
 def _geometry(input: Any, anchors: Any, dev: Device) -> tuple[Tensor, Tensor, int, int]:
