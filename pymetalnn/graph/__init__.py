@@ -83,8 +83,8 @@ from .nodes import (
     Value,
 )
 from .padding import FULL, SAME, VALID, Padding
-from .detection_node import YoloLossNode
-from . import io, memory, nodes, optimize, train  # noqa: E402
+from .nodes.detection import YoloLossNode
+from . import build, capture, io, memory, nodes, optimize, run, train, updates  # noqa: E402
 from .io import load_graph, save_graph, torch_state_dict
 from .train import History, Progress, accuracy, fit
 

@@ -1,4 +1,5 @@
-"""The YOLO v2 loss as a graph loss node (functional.yolo_loss / yolo_loss_backward).
+"""The YOLO v2 loss as a graph loss node (pymetalnn/ops/detection.py: functional.yolo_loss and
+yolo_loss_backward).
 
     x = G.ImageNode((3, 416, 416))
     ...                                        # a TinyYOLO body ending in (A*(5+C), 13, 13)
@@ -16,9 +17,10 @@ from typing import Any
 
 import numpy as np
 
-from ..tensor import Tensor, float32
-from .errors import GraphError
-from .nodes import FilterNode, LabelsNode, LossNode, as_value, op
+from ...tensor import Tensor, float32
+from ..errors import GraphError
+from .base import FilterNode, LabelsNode, as_value, op
+from .loss import LossNode
 
 
 class YoloLossNode(LossNode):
@@ -75,9 +77,9 @@ class YoloLossNode(LossNode):
     def bind_labels(self, g: Any, v: LabelsNode, x: Any) -> Tensor:
         """Check the rows on the host (once per step, before anything is dispatched) and bind
         them as YoloTargets, which the loss then trusts."""
-        from ..ops.detection import YoloTargets, check_targets
+        from ...ops.detection import YoloTargets, check_targets
 
-        c = g._eff(self.sources[0]).shape[1] // len(self.anchors) - 5
+        c = g.resolve(self.sources[0]).shape[1] // len(self.anchors) - 5
         if isinstance(x, YoloTargets) and x.num_classes == c:
             return g._bind_input(v, x)
         arr = x.numpy() if isinstance(x, Tensor) else np.asarray(x)
@@ -88,7 +90,7 @@ class YoloLossNode(LossNode):
         return YoloTargets(g._bind_input(v, arr), c)
 
     def _anchors(self, rc: Any) -> Tensor:
-        from ..ops.detection import YoloAnchors
+        from ...ops.detection import YoloAnchors
 
         t = rc.g._const(("yolo_anchors", id(self)), lambda: self.anchors)
         return YoloAnchors(t, self.anchors)
