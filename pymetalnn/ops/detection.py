@@ -286,6 +286,9 @@ def multiclass_nms(boxes: Any, scores: Any, iou_threshold: float, *,
         raise ValueError(f"boxes: expected (N, P, 4) corners, got {b.shape}")
     if s.shape[:2] != b.shape[:2]:
         raise ValueError(f"scores: shape {s.shape} does not match boxes' (N, P) {b.shape[:2]}")
+    if b.buffer.offset % 16:
+        raise ValueError(f"boxes: the kernel reads float4 boxes; a view at byte offset "
+                         f"{b.buffer.offset} is not 16-byte aligned (pass a copy)")
     n, P, c = s.shape
     if isinstance(max_det, bool) or not isinstance(max_det, (int, np.integer)) or max_det < 1:
         raise ValueError(f"max_det: expected an int >= 1, got {max_det!r}")
