@@ -58,3 +58,11 @@ def test_inception_smoke():
     r = _example("inception_v3").main(["--smoke", "--backend", BACKEND])
     ls = r["ours"]["losses"]
     assert ls[-1] < ls[0]
+
+
+def test_object_detection_smoke(tmp_path):
+    r = _example("object_detection").main(["--smoke", "--backend", "cpu", "--quiet",
+                                           "--out", str(tmp_path)])
+    assert r["last_loss"] < r["first_loss"]
+    assert 0.0 <= r["map"] <= 1.0 and r["images_per_s"] > 0
+    assert (tmp_path / "tiny_yolo.npz").exists() and (tmp_path / "detections.png").exists()
