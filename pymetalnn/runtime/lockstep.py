@@ -738,16 +738,24 @@ class Lockstep:
             out.append(st.toks[1])
             ctx.scope.pop()
             return
+        if k == "return":
+            if ctx.ret is None:
+                raise Unsupported("synchronization inside a return statement of a void function")
+            a = St("simple", [T(f"{ctx.ret}[pmn_l]"), T("=")] + st.toks[1:-1] + [T(";")])
+            a.sync = True
+            self.sync_simple(a, ctx, out, later)
+            self.region([St("return", [st.toks[0], T(";")])], ctx, out, later)
+            return
         if k == "if":
-            if self.sync_toks(st.cond):
-                raise Unsupported("synchronization inside an if condition")
             if parse_decl(st.cond + [T(";")], self.type_names) is not None:
                 raise Unsupported("declaration in an if condition")
             mt, me = self.uid("mt"), self.uid("me")
             out.append(T(f"{{ pmn::grp::mask_t {mt}[PMN_TG], {me}[PMN_TG]; "
                          f"pmn::grp::zero({mt}, PMN_TG); pmn::grp::zero({me}, PMN_TG);"))
-            body = [T(f"const bool pmn_c = ("), *st.cond, T(f"); {mt}[pmn_l] = pmn_c; "
-                                                          f"{me}[pmn_l] = !pmn_c;")]
+            ctx.scope.append([])
+            cond = self.sync_cond(st.cond, ctx, out, like)
+            body = [T("const bool pmn_c = ("), *cond, T(f"); {mt}[pmn_l] = pmn_c; "
+                                                       f"{me}[pmn_l] = !pmn_c;")]
             self.lane_loop(ctx, ctx.mask, body, like, out)
             for branch, m in zip(st.body, (mt, me)):
                 out.append(T(f"if (pmn::grp::any({m}, PMN_TG)) {{"))
@@ -757,11 +765,12 @@ class Lockstep:
                 ctx.scope.pop()
                 ctx.masks.pop()
                 out.append(T("}"))
+            ctx.scope.pop()
             out.append(T("}"))
             return
         if k in ("for", "while", "do"):
-            if self.sync_toks(st.cond) or self.sync_toks(st.init) or self.sync_toks(st.inc):
-                raise Unsupported("synchronization inside a loop header")
+            if self.sync_toks(st.init) or self.sync_toks(st.inc):
+                raise Unsupported("synchronization inside a for loop's init or increment")
             lm, bm = self.uid("ml"), self.uid("mb")
             out.append(T("{"))
             ctx.scope.append([])
@@ -782,7 +791,10 @@ class Lockstep:
 
             def cond_check() -> None:
                 if st.cond:
-                    self.lane_loop(ctx, lm, [T("if (!("), *st.cond, T(f")) {lm}[pmn_l] = 0;")],
+                    ctx.masks.append(lm)  # the condition runs for the threads still looping
+                    cond = self.sync_cond(st.cond, ctx, out, like)
+                    ctx.masks.pop()
+                    self.lane_loop(ctx, lm, [T("if (!("), *cond, T(f")) {lm}[pmn_l] = 0;")],
                                    like, out)
                 out.append(T(f"if (!pmn::grp::any({lm}, PMN_TG)) break;"))
 
@@ -813,6 +825,34 @@ class Lockstep:
     def sync_toks(self, toks: list[Token]) -> bool:
         return any(self.is_sync_call(toks, k) for k in range(len(toks)))
 
+    def sync_cond(self, cond: list[Token], ctx: Ctx, out: list[Token], like: Token) -> list[Token]:
+        """A condition that synchronizes is computed first into a per-thread bool (declared in
+        the current frame); returns the tokens to test."""
+        if not self.sync_toks(cond):
+            return cond
+        name = self.uid("c")
+        arr = name + "_v"
+        out.append(self.tk(f"bool {arr}[PMN_TG];", like))
+        ctx.scope[-1].append((name, arr))
+        a = St("simple", [self.tk(name, like), self.tk("= (", like)] + cond + [self.tk(");", like)])
+        a.sync = True
+        self.sync_simple(a, ctx, out, [])
+        return [self.tk(name, like)]
+
+    @staticmethod
+    def _conditional(toks: list[Token], k: int) -> bool:
+        """Whether toks[k] sits in a ?: branch or a right operand of && / || (evaluated only
+        for some threads), as opposed to always being evaluated."""
+        flags = [False]
+        for x in toks[:k]:
+            if x.text in ("(", "[", "{"):
+                flags.append(False)
+            elif x.text in (")", "]", "}"):
+                flags.pop()
+            elif x.text in ("?", ":", "&&", "||"):
+                flags[-1] = True
+        return any(flags)
+
     def sync_simple(self, st: St, ctx: Ctx, out: list[Token], later: list[St]) -> None:
         toks = st.toks
         like = st.first
@@ -837,8 +877,10 @@ class Lockstep:
             e = _match(toks, 3)
             if e == len(toks) - 2:
                 return
+        # the first call with no synchronization inside its arguments
+        k = self._innermost_call(toks)
         # x = c ? f(...) : g(...);  ->  if (c) x = f(...); else x = g(...);
-        q = self._ternary(toks)
+        q = self._ternary(toks) if self._conditional(toks, k) else None
         if q is not None:
             lhs, cond, a, b = q
             ifst = St("if", [T("if"), T("("), T(")"), T("else")], cond=cond,
@@ -848,10 +890,8 @@ class Lockstep:
             ifst.sync = True
             self.sync_stmt(ifst, ctx, out, later)
             return
-        if any(x.text in ("&&", "||", "?") for x in toks):
+        if self._conditional(toks, k):
             raise Unsupported("synchronization inside a conditional expression")
-        # the first call with no synchronization inside its arguments
-        k = self._innermost_call(toks)
         name = toks[k].text
         if name in SIMD_NAMES:
             start = k - 2
