@@ -267,7 +267,9 @@ class CpuDevice(Device):
         kernels: dict[str, Kernel] = {}
         library = Library(self, path, defines, kernels)
         for name, info in tr.kernels.items():
-            thread_fn = ctypes.cast(getattr(lib, f"pmn_thread_{name}"), ctypes.c_void_p).value
+            # a kernel that runs as work-item loops has no fiber entry (lockstep.py)
+            thread_fn = None if info.lockstep else \
+                ctypes.cast(getattr(lib, f"pmn_thread_{name}"), ctypes.c_void_p).value
             loop_fn = ctypes.cast(getattr(lib, f"pmn_loop_{name}"), ctypes.c_void_p).value
             argsize = getattr(lib, f"pmn_argsize_{name}")
             argsize.restype = ctypes.c_uint

@@ -29,6 +29,7 @@ recursion) raises Unsupported: the kernel keeps its fiber version, and the reaso
 """
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 
 from .preprocess import Token
@@ -139,6 +140,11 @@ def _split_call_args(toks: list[Token]) -> list[list[Token]]:
     """Split call arguments on commas at paren depth 0 (a '<' there is a comparison unless it
     closes before the next comma)."""
     return [p for p in _split_top(toks, ",") if p]
+
+
+def _words(text: str) -> set[str]:
+    """Identifiers inside a generated multi-word token."""
+    return set(re.findall(r"[A-Za-z_][A-Za-z_0-9]*", text))
 
 
 def _ids(toks: list[Token]) -> set[str]:
@@ -491,6 +497,241 @@ def _make_func(head: list[Token], name_tok: Token, params: list[Token], body: li
                 name_tok)
 
 
+# ---- uniformity ------------------------------------------------------------------------------
+
+MATH_FUNCS = set("""exp exp2 exp10 log log2 log10 sqrt rsqrt pow powr tanh sinh cosh sin cos tan asin
+acos atan atan2 abs fabs min max fmin fmax clamp fma mad mix select floor ceil round rint trunc fract
+fmod isnan isinf isfinite sign step smoothstep dot length normalize cross copysign saturate
+as_type""".split())
+ASSIGN_OPS = {"=", "+=", "-=", "*=", "/=", "%=", "&=", "|=", "^=", "<<=", ">>="}
+PURE_IDS = {"true", "false", "sizeof", "precise", "fast", "metal"}
+
+
+class Uniformity:
+    """Which variables of a function hold the same value in every thread of the threadgroup.
+
+    Such a variable is one scalar instead of an array per thread, and an if or loop whose
+    condition uses only uniform values runs as plain C++ control flow (no masks). A variable is
+    uniform when every assignment to it -- its initializer included -- happens at the level of
+    the synchronizing statements (not inside a thread loop's own control flow), under uniform
+    control flow, from an expression of uniform names that reads no memory ('[', unary '*',
+    '->') and calls only the prelude's math functions. Computed as a greatest fixed point:
+    start from every candidate and drop those that break the rule until nothing changes."""
+
+    def __init__(self, ls: "Lockstep", base: set[str]):
+        self.ls = ls
+        self.U = set(base)
+        self.base = set(base)  # pointers and constant references: element writes keep them
+
+    def expr(self, toks: list[Token]) -> bool:
+        U = self.U
+        ls = self.ls
+        for k, t in enumerate(toks):
+            prev = toks[k - 1].text if k else ""
+            nxt = toks[k + 1].text if k + 1 < len(toks) else ""
+            if t.kind == "id":
+                if prev in (".", "->", "::"):
+                    continue
+                if t.text == "pmn" and nxt == "::":
+                    j = k + 2
+                    while j + 1 < len(toks) and toks[j].text in ("precise", "fast") \
+                            and toks[j + 1].text == "::":
+                        j += 2
+                    if j >= len(toks) or toks[j].text not in MATH_FUNCS:
+                        return False
+                    continue
+                name = t.text
+                is_type = name in CXX_TYPES or name in ls.type_names or name.startswith("pmn_")
+                if nxt == "(" and not is_type:
+                    return False
+                if name in U or is_type or name in PURE_IDS or name.startswith("PMN_"):
+                    continue
+                return False
+            if t.kind == "punct":
+                if t.text in ("[", "->", "++", "--") or t.text in ASSIGN_OPS:
+                    return False
+                if t.text in ("*", "&") and (not prev or (toks[k - 1].kind == "punct"
+                                                          and prev not in (")", "]"))):
+                    return False  # dereference / address
+        return True
+
+    def run(self, stmts: list[St]) -> set[str]:
+        cands: set[str] = set()
+        self._collect(stmts, cands)
+        self.U |= cands
+        while True:
+            before = len(self.U)
+            self._walk(stmts, True)
+            if len(self.U) == before:
+                return self.U
+
+    def _collect(self, stmts: list[St], cands: set[str]) -> None:
+        for st in stmts:
+            if st.kind == "simple":
+                d = parse_decl(st.toks, self.ls.type_names)
+                if d is not None:
+                    for dc in d.decls:
+                        cands.add(dc.name)
+            elif st.sync and st.kind == "block":
+                self._collect(st.body, cands)
+            elif st.sync and st.kind == "if":
+                self._collect(st.body, cands)
+            elif st.sync and st.kind in ("for", "while", "do"):
+                if st.kind == "for" and st.init:
+                    d = parse_decl(st.init + [st.toks[2]], self.ls.type_names)
+                    if d is not None:
+                        for dc in d.decls:
+                            cands.add(dc.name)
+                self._collect(st.body, cands)
+
+    def drop_assigned(self, toks: list[Token]) -> None:
+        """Every variable assigned (or whose address is taken) in `toks` is not uniform."""
+        for k, t in enumerate(toks):
+            if t.kind != "id" or t.text not in self.U:
+                continue
+            prev = toks[k - 1].text if k else ""
+            if prev in (".", "->", "::"):
+                continue
+            nxt = toks[k + 1].text if k + 1 < len(toks) else ""
+            if nxt in ASSIGN_OPS or nxt in ("++", "--") or prev in ("++", "--", "&"):
+                self.U.discard(t.text)
+            elif nxt in ("[", ".") and t.text not in self.base:
+                # x[i] = ..., x.f += ...: a write into the variable (array or struct) itself
+                j = k + 1
+                while j < len(toks) and toks[j].text in ("[", "."):
+                    j = _match(toks, j) + 1 if toks[j].text == "[" else j + 2
+                if prev in ("++", "--") or (j < len(toks) and (toks[j].text in ASSIGN_OPS or
+                                                              toks[j].text in ("++", "--"))):
+                    self.U.discard(t.text)
+
+    def _stmt_ok(self, toks: list[Token], ctx_uni: bool) -> None:
+        """A statement at the synchronizing level: `x op= e;`, `x++;` keep x uniform when the
+        context and e are; other assignments drop their targets."""
+        body = toks[:-1] if toks and toks[-1].text == ";" else toks
+        if len(body) >= 2 and body[0].kind == "id" and body[0].text in self.U:
+            if body[1].text in ASSIGN_OPS and ctx_uni and self.expr(body[2:]) and \
+                    not any(x.text in ASSIGN_OPS for x in body[2:]):
+                return
+            if len(body) == 2 and body[1].text in ("++", "--") and ctx_uni:
+                return
+        if len(body) == 2 and body[0].text in ("++", "--") and body[1].text in self.U and ctx_uni:
+            return
+        self.drop_assigned(toks)
+
+    def _decl_ok(self, d: Decl, ctx_uni: bool) -> None:
+        for dc in d.decls:
+            ok = ctx_uni and dc.init is not None and not dc.dims and \
+                not any(x.text == "&" for x in dc.prefix) and \
+                not (d.base and d.base[0].text == "auto") and self.expr(dc.init)
+            if d.quals & {"constexpr", "PMN_THREADGROUP"}:
+                ok = True
+            if not ok:
+                self.U.discard(dc.name)
+            if dc.init is not None:
+                self.drop_assigned(dc.init)
+
+    def _walk(self, stmts: list[St], ctx_uni: bool) -> None:
+        ls = self.ls
+        for st in stmts:
+            k = st.kind
+            if k == "simple":
+                d = parse_decl(st.toks, ls.type_names)
+                if st.sync:
+                    if d is not None:
+                        for dc in d.decls:
+                            self.U.discard(dc.name)
+                    self.drop_assigned(st.toks)
+                    for dc in (d.decls if d else []):
+                        self.U.discard(dc.name)
+                    # `x = f(...)` with a synchronizing f: the result is per thread
+                    if st.toks and st.toks[0].kind == "id" and len(st.toks) > 1 and \
+                            st.toks[1].text in ASSIGN_OPS:
+                        self.U.discard(st.toks[0].text)
+                elif d is not None:
+                    self._decl_ok(d, ctx_uni)
+                else:
+                    self._stmt_ok(st.toks, ctx_uni)
+            elif not st.sync:
+                self.drop_assigned(to_tokens(st))
+            elif k == "block":
+                self._walk(st.body, ctx_uni)
+            elif k == "if":
+                cu = ctx_uni and self.expr(st.cond) and not ls.sync_toks(st.cond)
+                self.drop_assigned(st.cond)
+                self._walk(st.body, cu)
+            elif k in ("for", "while", "do"):
+                cu = self.loop_uniform(st, ctx_uni)
+                if k == "for" and st.init:
+                    d = parse_decl(st.init + [st.toks[2]], ls.type_names)
+                    if d is not None:
+                        self._decl_ok(d, cu)
+                    else:
+                        self._stmt_ok(st.init, cu)
+                if k == "for" and st.inc:
+                    for part in _split_top(st.inc, ","):
+                        self._stmt_ok(part, cu)
+                self.drop_assigned(st.cond)
+                self._walk(st.body, cu)
+            else:
+                self.drop_assigned(to_tokens(st))
+
+    def loop_uniform(self, st: St, ctx_uni: bool) -> bool:
+        """A loop every thread runs the same number of times: plain C++."""
+        if not ctx_uni or self.ls.sync_toks(st.cond) or not self.expr(st.cond):
+            return False
+        if _targets_loop(st.body[0]):
+            return False
+        if st.kind == "for":
+            if st.init and parse_decl(st.init + [st.toks[2]], self.ls.type_names) is None \
+                    and not self._is_uniform_assign(st.init):
+                return False
+            if st.init:
+                d = parse_decl(st.init + [st.toks[2]], self.ls.type_names)
+                if d is not None and any(dc.name not in self.U for dc in d.decls):
+                    return False
+            for part in _split_top(st.inc, ","):
+                if part and not self._is_uniform_assign(part):
+                    return False
+        return True
+
+    def _is_uniform_assign(self, toks: list[Token]) -> bool:
+        body = [x for x in toks if x.text != ";"]
+        if len(body) == 2 and ((body[0].text in self.U and body[1].text in ("++", "--")) or
+                               (body[1].text in self.U and body[0].text in ("++", "--"))):
+            return True
+        return len(body) >= 3 and body[0].kind == "id" and body[0].text in self.U and \
+            body[1].text in ASSIGN_OPS and self.expr(body[2:])
+
+
+def _declared_names(stmts: list[St], type_names: set[str], acc: set[str]) -> None:
+    for st in stmts:
+        if st.kind == "simple":
+            d = parse_decl(st.toks, type_names)
+            if d is not None:
+                acc.update(dc.name for dc in d.decls)
+        elif st.kind == "for" and st.init:
+            d = parse_decl(st.init + [st.toks[2]], type_names)
+            if d is not None:
+                acc.update(dc.name for dc in d.decls)
+        elif st.kind == "opaque":
+            acc.update(_ids(st.toks))  # conservative: a switch's names count as its own
+        _declared_names(st.body, type_names, acc)
+
+
+def _targets_loop(st: St, inner: int = 0) -> bool:
+    """Whether a break/continue in `st` leaves or continues the loop whose body `st` is."""
+    k = st.kind
+    if k in ("break", "continue"):
+        return inner == 0
+    if k == "opaque":
+        return inner == 0 and any(x.text == "continue" for x in st.toks)
+    if k == "block" or k == "if":
+        return any(_targets_loop(c, inner) for c in st.body)
+    if k in ("for", "while", "do"):
+        return any(_targets_loop(c, inner + 1) for c in st.body)
+    return False
+
+
 # ---- the transform ---------------------------------------------------------------------------
 
 @dataclass
@@ -502,6 +743,8 @@ class Ctx:
     ret_void: bool
     loops: list[tuple[int, int]]  # (index of the loop mask, index of the body mask) in masks
     depth: int  # inlining depth
+    uni: set[str] = field(default_factory=set)  # uniform names (Uniformity)
+    uniform_ctx: bool = True  # every thread that has not returned executes here
 
     @property
     def mask(self) -> str:
@@ -583,6 +826,9 @@ class Lockstep:
         out += [T("(void)pmn_ngroups; pmn::grp::mask_t pmn_m0[PMN_TG]; pmn::grp::fill(pmn_m0, PMN_TG);")]
         ctx = Ctx(["pmn_m0"], [[]], lane_b, None, True, [], 0)
         body = Parser(func.body, self.is_sync_call).block(0, len(func.body))
+        base = {n for p in params for n in [[x for x in p if x.kind == "id"][-1].text]}
+        base |= {ln.split()[2] for ln in uni_b} | {tp[1] for tp in func.tparams}
+        ctx.uni = Uniformity(self, base).run(body)
         self.stmts(body, ctx, out)
         out.append(T("}"))
 
@@ -590,22 +836,42 @@ class Lockstep:
     def stmts(self, stmts: list[St], ctx: Ctx, out: list[Token]) -> None:
         pending: list[St] = []
         for k, st in enumerate(stmts):
-            if not st.sync:
+            uni = not st.sync and self.uniform_stmt(st, ctx)
+            if not st.sync and not uni:
                 pending.append(st)
                 continue
             if pending:
                 self.region(pending, ctx, out, stmts[k:])
                 pending = []
-            self.sync_stmt(st, ctx, out, stmts[k + 1:])
+            if uni:  # one scalar for the whole threadgroup, computed once
+                out += [x for x in to_tokens(st) if x.text != "PMN_THREADGROUP"]
+            else:
+                self.sync_stmt(st, ctx, out, stmts[k + 1:])
         if pending:
             self.region(pending, ctx, out, [])
+
+    def uniform_stmt(self, st: St, ctx: Ctx) -> bool:
+        """A declaration of uniform variables or an assignment to one (Uniformity made sure
+        that its value is the same in every thread)."""
+        if st.kind != "simple" or not ctx.uniform_ctx:
+            return False
+        d = parse_decl(st.toks, self.type_names)
+        if d is not None:
+            return all(dc.name in ctx.uni for dc in d.decls)
+        b = st.toks
+        if len(b) >= 3 and b[0].kind == "id" and b[0].text in ctx.uni and \
+                (b[1].text in ASSIGN_OPS or (b[1].text in ("++", "--") and len(b) == 3)):
+            return Uniformity(self, ctx.uni).expr(b[2:-1]) if b[1].text in ASSIGN_OPS else True
+        return len(b) == 3 and b[0].text in ("++", "--") and b[1].text in ctx.uni
 
     # -- one loop over the threads
     def lane_loop(self, ctx: Ctx, mask: str, body: list[Token], like: Token, out: list[Token],
                   label: str | None = None) -> None:
         T = lambda s: self.tk(s, like)  # noqa: E731
-        binds = [f"auto& {n} = {a}[pmn_l];" for n, a in ctx.visible()]
-        binds += [f"const {ty} {n} = ({ty}){e};" for ty, n, e in ctx.lane_builtins]
+        used = _ids(body) | {w for x in body if x.kind == "id" and " " in x.text
+                             for w in _words(x.text)}
+        binds = [f"auto& {n} = {a}[pmn_l];" for n, a in ctx.visible() if n in used]
+        binds += [f"const {ty} {n} = ({ty}){e};" for ty, n, e in ctx.lane_builtins if n in used]
         out.append(T(f"for (unsigned pmn_l = 0; pmn_l < PMN_TG; ++pmn_l) {{ if (!{mask}[pmn_l]) "
                      "continue; {"))
         out += [T(b) for b in binds]
@@ -632,9 +898,11 @@ class Lockstep:
                             (d.quals & {"static"}):
                         if "static" in d.quals and not d.quals & {"constexpr", "PMN_THREADGROUP"}:
                             raise Unsupported("static local variable")
-                        hoisted += to_tokens(st)
+                        # threadgroup memory: one array of the group's function (a plain
+                        # local: no thread_local lookup on every access)
+                        hoisted += [x for x in to_tokens(st) if x.text != "PMN_THREADGROUP"]
                         continue
-                    keep = [x for x in d.decls if x.name in later_ids]
+                    keep = [x for x in d.decls if x.name in later_ids and x.name not in ctx.uni]
                     if keep:
                         body += self.privatize(d, st, ctx, frame, hoisted)
                         continue
@@ -749,6 +1017,17 @@ class Lockstep:
         if k == "if":
             if parse_decl(st.cond + [T(";")], self.type_names) is not None:
                 raise Unsupported("declaration in an if condition")
+            if ctx.uniform_ctx and not self.sync_toks(st.cond) and \
+                    Uniformity(self, ctx.uni).expr(st.cond):
+                out += st.toks[:2] + st.cond + [st.toks[2], T("{")]
+                for n, branch in enumerate(st.body):
+                    if n:
+                        out += [T("} else {")]
+                    ctx.scope.append([])
+                    self.stmts([branch], ctx, out)
+                    ctx.scope.pop()
+                out.append(T("}"))
+                return
             mt, me = self.uid("mt"), self.uid("me")
             out.append(T(f"{{ pmn::grp::mask_t {mt}[PMN_TG], {me}[PMN_TG]; "
                          f"pmn::grp::zero({mt}, PMN_TG); pmn::grp::zero({me}, PMN_TG);"))
@@ -757,6 +1036,8 @@ class Lockstep:
             body = [T("const bool pmn_c = ("), *cond, T(f"); {mt}[pmn_l] = pmn_c; "
                                                        f"{me}[pmn_l] = !pmn_c;")]
             self.lane_loop(ctx, ctx.mask, body, like, out)
+            was = ctx.uniform_ctx
+            ctx.uniform_ctx = False
             for branch, m in zip(st.body, (mt, me)):
                 out.append(T(f"if (pmn::grp::any({m}, PMN_TG)) {{"))
                 ctx.masks.append(m)
@@ -765,12 +1046,33 @@ class Lockstep:
                 ctx.scope.pop()
                 ctx.masks.pop()
                 out.append(T("}"))
+            ctx.uniform_ctx = was
             ctx.scope.pop()
             out.append(T("}"))
             return
         if k in ("for", "while", "do"):
             if self.sync_toks(st.init) or self.sync_toks(st.inc):
                 raise Unsupported("synchronization inside a for loop's init or increment")
+            if Uniformity(self, ctx.uni).loop_uniform(st, ctx.uniform_ctx):
+                # every thread iterates alike: the loop itself stays, no masks
+                ctx.scope.append([])
+                if k == "do":
+                    out += [T("do {")]
+                    self.stmts(st.body, ctx, out)
+                    out += [T("} while (")] + st.cond + [T(");")]
+                else:
+                    out += st.toks[:2]
+                    if k == "for":
+                        out += st.init + [st.toks[2]] + st.cond + [st.toks[3]] + st.inc
+                    else:
+                        out += st.cond
+                    out += [T(") {")]
+                    self.stmts(st.body, ctx, out)
+                    out.append(T("}"))
+                ctx.scope.pop()
+                return
+            was_uniform = ctx.uniform_ctx
+            ctx.uniform_ctx = False
             lm, bm = self.uid("ml"), self.uid("mb")
             out.append(T("{"))
             ctx.scope.append([])
@@ -815,6 +1117,7 @@ class Lockstep:
                 cond_check()
             ctx.masks.pop()
             ctx.scope.pop()
+            ctx.uniform_ctx = was_uniform
             out.append(T("} }"))
             return
         if k == "simple":
@@ -994,9 +1297,11 @@ class Lockstep:
         ret_ty = " ".join(x.text for x in f.ret)
         if f.tparams:
             self._deduce_decl(f)
-            # names visible to overload resolution: every per-thread value bound to thread 0
-            binds = [f"auto& {n} = {a}[0]; (void){n};" for n, a in ctx.visible()]
-            binds += [f"const {ty} {n} = 0; (void){n};" for ty, n, _ in ctx.lane_builtins]
+            # names visible to overload resolution: the per-thread values it needs, of thread 0
+            used = set().union(*(_ids(a) for a in args)) if args else set()
+            binds = [f"auto& {n} = {a}[0]; (void){n};" for n, a in ctx.visible() if n in used]
+            binds += [f"const {ty} {n} = 0; (void){n};" for ty, n, _ in ctx.lane_builtins
+                      if n in used]
             out += [T(b) for b in binds]
             ta = self.uid("ta")
             call = [T(f"pmn_deduce_{name}")] + targs + [T("(")]
@@ -1012,9 +1317,14 @@ class Lockstep:
         if not void:
             ret = self.uid("r")
             out.append(T(f"{ret_ty} {ret}[PMN_TG];"))
-        # parameters: per-thread arrays assigned from the arguments in the caller's loop
+        # parameters: a uniform argument is one scalar (evaluated here, named in the inner
+        # block so that it cannot hide a caller name used by a later argument); the others are
+        # per-thread arrays assigned from the arguments in the caller's loop
         pframe: list[tuple[str, str]] = []
         assigns: list[Token] = []
+        uni_params: list[str] = []
+        uni_names: set[str] = set()
+        caller_u = Uniformity(self, ctx.uni)
         for p, a in zip(f.params, args):
             p = self._subst(p, sub)
             d = parse_decl(p + [T(";")], self.type_names | {x[1] for x in f.tparams})
@@ -1027,17 +1337,33 @@ class Lockstep:
             ty = " ".join(x.text for x in d.base + dc.prefix)
             if "const" in d.quals and any(x.text == "*" for x in dc.prefix):
                 ty = "const " + ty
+            if caller_u.expr(a):
+                out += [T(f"{ty} {arr} = (")] + a + [T(");")]
+                uni_params.append(f"{ty} {dc.name} = {arr}; (void){dc.name};")
+                uni_names.add(dc.name)
+                continue
             out.append(T(f"{ty} {arr}[PMN_TG];"))
             pframe.append((dc.name, arr))
             assigns += [T(f"{arr}[pmn_l] = (")] + a + [T(");")]
         if assigns:
             self.lane_loop(ctx, ctx.mask, assigns, like, out)
         fm = self.uid("mf")
-        out.append(T(f"pmn::grp::mask_t {fm}[PMN_TG]; pmn::grp::copy({fm}, {ctx.mask}, PMN_TG);"))
+        out.append(T(f"{{ pmn::grp::mask_t {fm}[PMN_TG]; pmn::grp::copy({fm}, {ctx.mask}, PMN_TG);"))
+        out += [T(u) for u in uni_params]
         fctx = Ctx([fm], [pframe], [], ret, void, [], ctx.depth + 1)
         body = self._subst(f.body, sub)
         stmts = Parser(body, self.is_sync_call).block(0, len(body))
+        # the caller's scalars stay in C++ scope inside the inlined body: a name the helper uses
+        # without declaring it (a global) must not be one of them
+        declared = {n for n, _ in pframe} | uni_names
+        _declared_names(stmts, self.type_names, declared)
+        caller = set(ctx.uni) | {n for _, n, _ in ctx.lane_builtins} | {n for n, _ in ctx.visible()}
+        clash = (_ids(body) - declared) & caller
+        if clash:
+            raise Unsupported(f"helper '{name}' uses '{sorted(clash)[0]}', also a local of the caller")
+        fctx.uni = Uniformity(self, uni_names).run(stmts)
         self.stmts(stmts, fctx, out)
+        out.append(T("}"))
         if whole:
             out.append(T("}"))
             return None

@@ -786,11 +786,13 @@ def _entry_points(k: KernelInfo, target: str) -> str:
             grp + f"<{k.threadgroup_size}u>"
         gargs = [unpack[k.args[j].index] for kind, j in k.params_order if kind == "arg"]
         loop = f"(void)ti; {grp}({', '.join(gargs + ['tgid', 'n_groups'])});"
-    return (
+    fiber = "" if k.lockstep else (
         f"static inline __attribute__((always_inline)) void pmn_body_{k.name}(void* const* args, "
         f"const pmn_tinfo& ti) {{ (void)args; (void)ti; {body} }}\n"
         f'extern "C" void pmn_thread_{k.name}(void* const* args, const pmn_tinfo* ti) '
-        f"{{ pmn_body_{k.name}(args, *ti); }}\n"
+        f"{{ pmn_body_{k.name}(args, *ti); }}\n")
+    return (
+        fiber +
         f'extern "C" void pmn_loop_{k.name}(void* const* args, uint32_t tgid, uint32_t tg_size, '
         f"uint32_t n_groups) {{ pmn_tinfo ti; ti.tgid = tgid; ti.tg_size = tg_size; "
         f"ti.n_groups = n_groups; ti.n_simd = (tg_size + 31u) >> 5; {loop} }}\n"
