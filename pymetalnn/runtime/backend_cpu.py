@@ -76,7 +76,9 @@ def kernel_flags() -> list[str]:
     if os.environ.get("PYMETALNN_CPU_NATIVE", "1") not in ("0", ""):
         cpu = _host_cpu()
         if cpu:
-            flags.append(f"-march={cpu}")
+            # no contraction of a*b+c into fma: results stay those of the source's roundings,
+            # the same on every host (g++ contracts by default once -march offers FMA)
+            flags += [f"-march={cpu}", "-ffp-contract=off"]
     return flags
 
 

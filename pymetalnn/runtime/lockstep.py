@@ -518,7 +518,7 @@ class Uniformity:
     '->') and calls only the prelude's math functions. Computed as a greatest fixed point:
     start from every candidate and drop those that break the rule until nothing changes."""
 
-    def __init__(self, ls: "Lockstep", base: set[str]):
+    def __init__(self, ls: Lockstep, base: set[str]):
         self.ls = ls
         self.U = set(base)
         self.base = set(base)  # pointers and constant references: element writes keep them
@@ -718,6 +718,19 @@ def _declared_names(stmts: list[St], type_names: set[str], acc: set[str]) -> Non
         _declared_names(st.body, type_names, acc)
 
 
+def _returns(stmts: list[St]) -> bool:
+    """Whether a thread may return before the end of `stmts` (a return as the very last
+    statement ends the function for everyone and does not count)."""
+    def has(st: St) -> bool:
+        if st.kind == "return":
+            return True
+        if st.kind == "opaque":
+            return any(x.text == "return" for x in st.toks)
+        return any(has(c) for c in st.body)
+    body = stmts[:-1] if stmts and stmts[-1].kind == "return" else stmts
+    return any(has(st) for st in body)
+
+
 def _targets_loop(st: St, inner: int = 0) -> bool:
     """Whether a break/continue in `st` leaves or continues the loop whose body `st` is."""
     k = st.kind
@@ -745,6 +758,7 @@ class Ctx:
     depth: int  # inlining depth
     uni: set[str] = field(default_factory=set)  # uniform names (Uniformity)
     uniform_ctx: bool = True  # every thread that has not returned executes here
+    full: bool = False  # masks[0] stays all ones (no thread of the group returns early)
 
     @property
     def mask(self) -> str:
@@ -829,6 +843,7 @@ class Lockstep:
         base = {n for p in params for n in [[x for x in p if x.kind == "id"][-1].text]}
         base |= {ln.split()[2] for ln in uni_b} | {tp[1] for tp in func.tparams}
         ctx.uni = Uniformity(self, base).run(body)
+        ctx.full = not _returns(body)
         self.stmts(body, ctx, out)
         out.append(T("}"))
 
@@ -872,8 +887,10 @@ class Lockstep:
                              for w in _words(x.text)}
         binds = [f"auto& {n} = {a}[pmn_l];" for n, a in ctx.visible() if n in used]
         binds += [f"const {ty} {n} = ({ty}){e};" for ty, n, e in ctx.lane_builtins if n in used]
-        out.append(T(f"for (unsigned pmn_l = 0; pmn_l < PMN_TG; ++pmn_l) {{ if (!{mask}[pmn_l]) "
-                     "continue; {"))
+        # every thread runs: no mask test, so that the compiler may vectorize the loop
+        full = ctx.full and ctx.uniform_ctx and mask == ctx.masks[0]
+        test = "" if full else f"if (!{mask}[pmn_l]) continue; "
+        out.append(T(f"for (unsigned pmn_l = 0; pmn_l < PMN_TG; ++pmn_l) {{ {test}{{"))
         out += [T(b) for b in binds]
         out.append(T("{"))
         out += body
@@ -1123,7 +1140,8 @@ class Lockstep:
         if k == "simple":
             self.sync_simple(st, ctx, out, later)
             return
-        raise Unsupported(f"synchronization inside a {k} statement")
+        raise Unsupported("synchronization inside a switch statement" if k == "opaque" else
+                          f"synchronization inside a {k} statement")
 
     def sync_toks(self, toks: list[Token]) -> bool:
         return any(self.is_sync_call(toks, k) for k in range(len(toks)))
@@ -1201,7 +1219,7 @@ class Lockstep:
             po = k + 1
             pc = _match(toks, po)
             args = _split_call_args(toks[po + 1 : pc])
-            site, vals = args[0], args[1:]
+            vals = args[1:]  # args[0]: the call-site id
             slot, fn = self.uid("sl"), self.uid("fn")
             out.append(T(f"pmn_simd_slot {slot}[PMN_TG]; pmn_simd_fn {fn} = nullptr;"))
             put = [T(f"pmn::grp::{name}({slot}[pmn_l], {fn}")]
@@ -1347,6 +1365,7 @@ class Lockstep:
             assigns += [T(f"{arr}[pmn_l] = (")] + a + [T(");")]
         if assigns:
             self.lane_loop(ctx, ctx.mask, assigns, like, out)
+        mask_is_ctx = ctx.mask == ctx.masks[0]
         fm = self.uid("mf")
         out.append(T(f"{{ pmn::grp::mask_t {fm}[PMN_TG]; pmn::grp::copy({fm}, {ctx.mask}, PMN_TG);"))
         out += [T(u) for u in uni_params]
@@ -1362,6 +1381,7 @@ class Lockstep:
         if clash:
             raise Unsupported(f"helper '{name}' uses '{sorted(clash)[0]}', also a local of the caller")
         fctx.uni = Uniformity(self, uni_names).run(stmts)
+        fctx.full = ctx.full and ctx.uniform_ctx and mask_is_ctx and not _returns(stmts)
         self.stmts(stmts, fctx, out)
         out.append(T("}"))
         if whole:
