@@ -26,6 +26,7 @@ from .errors import BackendUnavailable, CompileError
 from .msl import translate_file
 
 CXXFLAGS = ["-std=c++17", "-O2", "-fPIC", "-shared", "-fno-math-errno", "-fno-strict-aliasing"]
+QUEUE_STACK = 64 << 20  # bytes of stack for the queue thread (see pmn_cpu_rt.cpp, kPoolStack)
 
 
 def find_compiler() -> str:
@@ -177,8 +178,20 @@ class CpuDevice(Device):
         self._unfinished = 0  # jobs put and not yet done, under _lock
         self._error: BaseException | None = None
         self._errbuf = ctypes.create_string_buffer(512)  # launch errors, written by the queue thread
-        self._thread = threading.Thread(target=self._worker, name="pymetalnn-cpu-queue", daemon=True)
-        self._thread.start()
+        # the queue thread runs threadgroups too: the same big stack as the runtime's pool
+        # threads (work-item-loop kernels keep per-thread arrays on the stack)
+        old_stack = threading.stack_size()
+        try:
+            threading.stack_size(max(old_stack, QUEUE_STACK))
+        except (ValueError, RuntimeError):
+            old_stack = None
+        try:
+            self._thread = threading.Thread(target=self._worker, name="pymetalnn-cpu-queue",
+                                            daemon=True)
+            self._thread.start()
+        finally:
+            if old_stack is not None:
+                threading.stack_size(old_stack)
 
     # ---- queue
     def _worker(self) -> None:

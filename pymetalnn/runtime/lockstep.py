@@ -355,6 +355,7 @@ def parse_decl(toks: list[Token], type_names: set[str]) -> Decl | None:
     if t0.kind != "id":
         return None
     is_type = t0.text in CXX_TYPES or t0.text in type_names or t0.text.startswith("pmn_") or \
+        t0.text.startswith("pmn::") or \
         (t0.text == "pmn" and i + 1 < len(toks) and toks[i + 1].text == "::")
     if not is_type:
         return None
@@ -541,7 +542,7 @@ class Uniformity:
                         return False
                     continue
                 name = t.text
-                is_type = name in CXX_TYPES or name in ls.type_names or name.startswith("pmn_")
+                is_type = name in CXX_TYPES or name in ls.type_names or name.startswith(("pmn_", "pmn::"))
                 if nxt == "(" and not is_type:
                     return False
                 if name in U or is_type or name in PURE_IDS or name.startswith("PMN_"):
@@ -1193,8 +1194,9 @@ class Lockstep:
                 s.sync = self.sync_toks(s.toks)
             self.stmts(stmts, ctx, out)
             return
-        # a barrier alone: the end of a region, nothing to run
-        if len(toks) >= 3 and toks[0].text == "pmn" and toks[2].text == BARRIER:
+        # a barrier alone (threadgroup or simdgroup): the end of a region, nothing to run
+        if len(toks) >= 3 and toks[0].text == "pmn" and \
+                toks[2].text in (BARRIER, "simdgroup_barrier"):
             e = _match(toks, 3)
             if e == len(toks) - 2:
                 return
