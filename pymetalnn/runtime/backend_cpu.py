@@ -73,7 +73,8 @@ def _read(path: str) -> str:
 def kernel_flags() -> list[str]:
     """Flags of the kernel libraries: CXXFLAGS at -O3, tuned for this host's CPU where the
     compiler can tell which it is (the flags, and so the cache key, then name that CPU)."""
-    flags = [f for f in CXXFLAGS if f != "-O2"] + ["-O3"]
+    # -fopenmp-simd: honour the work-item loops' `omp simd` (no OpenMP runtime involved)
+    flags = [f for f in CXXFLAGS if f != "-O2"] + ["-O3", "-fopenmp-simd"]
     if os.environ.get("PYMETALNN_CPU_NATIVE", "1") not in ("0", ""):
         cpu = _host_cpu()
         if cpu:

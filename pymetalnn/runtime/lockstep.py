@@ -29,6 +29,7 @@ recursion) raises Unsupported: the kernel keeps its fiber version, and the reaso
 """
 from __future__ import annotations
 
+import os
 import re
 from dataclasses import dataclass, field
 
@@ -60,6 +61,10 @@ UNIFORM_BUILTINS = {
     "threads_per_simdgroup": "32u",
     "simdgroups_per_threadgroup": "((PMN_TG + 31u) >> 5)",
 }
+
+
+# PYMETALNN_CPU_SIMD=0 leaves the thread loops to the compiler's own vectorizer (comparisons)
+OMP_SIMD = os.environ.get("PYMETALNN_CPU_SIMD", "1") not in ("0", "")
 
 
 class Unsupported(Exception):
@@ -719,6 +724,59 @@ def _declared_names(stmts: list[St], type_names: set[str], acc: set[str]) -> Non
         _declared_names(st.body, type_names, acc)
 
 
+def _copy_info(stmts: list[St], toks: list[Token], type_names: set[str]) -> tuple[set, set]:
+    """(names declared as arrays, names a pointer to which may be kept: `&x`, or an array used
+    bare other than as a call argument -- `p = arr`, `T* p = arr + 1`)."""
+    arrays: set[str] = set()
+
+    def walk(sts: list[St]) -> None:
+        for st in sts:
+            d = None
+            if st.kind == "simple":
+                d = parse_decl(st.toks, type_names)
+            elif st.kind == "for" and st.init:
+                d = parse_decl(st.init + [st.toks[2]], type_names)
+            if d is not None:
+                arrays.update(dc.name for dc in d.decls if dc.dims)
+            walk(st.body)
+
+    walk(stmts)
+    bad: set[str] = set()
+    for k, t in enumerate(toks):
+        if t.kind != "id":
+            continue
+        prev = toks[k - 1].text if k else ""
+        nxt = toks[k + 1].text if k + 1 < len(toks) else ""
+        if prev in (".", "->", "::"):
+            continue
+        if prev == "&" and (k < 2 or (toks[k - 2].kind == "punct" and
+                                      toks[k - 2].text not in (")", "]"))):
+            bad.add(t.text)
+        elif t.text in arrays and nxt != "[" and not (prev in ("(", ",") and nxt in (",", ")")):
+            bad.add(t.text)
+    return arrays, bad
+
+
+def _maybe_written(toks: list[Token], name: str) -> bool:
+    """Whether `name` (a scalar or struct) may be modified by `toks`: assigned, incremented, a
+    member assigned, or passed to a call (a reference parameter)."""
+    for k, t in enumerate(toks):
+        if t.kind != "id" or t.text != name:
+            continue
+        prev = toks[k - 1].text if k else ""
+        if prev in (".", "->", "::"):
+            continue
+        j = k + 1
+        while j < len(toks) and toks[j].text in (".", "["):
+            j = _match(toks, j) + 1 if toks[j].text == "[" else j + 2
+        nxt = toks[j].text if j < len(toks) else ""
+        if nxt in ASSIGN_OPS or nxt in ("++", "--") or prev in ("++", "--"):
+            return True
+        if prev in ("(", ",") and nxt in (",", ")"):
+            return True
+    return False
+
+
 def _returns(stmts: list[St]) -> bool:
     """Whether a thread may return before the end of `stmts` (a return as the very last
     statement ends the function for everyone and does not count)."""
@@ -759,6 +817,8 @@ class Ctx:
     depth: int  # inlining depth
     uni: set[str] = field(default_factory=set)  # uniform names (Uniformity)
     uniform_ctx: bool = True  # every thread that has not returned executes here
+    arrays: set[str] = field(default_factory=set)  # per-thread arrays (copied whole)
+    no_copy: set[str] = field(default_factory=set)  # a pointer to them may outlive a loop
     full: bool = False  # masks[0] stays all ones (no thread of the group returns early)
 
     @property
@@ -845,6 +905,7 @@ class Lockstep:
         base |= {ln.split()[2] for ln in uni_b} | {tp[1] for tp in func.tparams}
         ctx.uni = Uniformity(self, base).run(body)
         ctx.full = not _returns(body)
+        ctx.arrays, ctx.no_copy = _copy_info(body, func.body, self.type_names)
         self.stmts(body, ctx, out)
         out.append(T("}"))
 
@@ -886,18 +947,39 @@ class Lockstep:
         T = lambda s: self.tk(s, like)  # noqa: E731
         used = _ids(body) | {w for x in body if x.kind == "id" and " " in x.text
                              for w in _words(x.text)}
-        binds = [f"auto& {n} = {a}[pmn_l];" for n, a in ctx.visible() if n in used]
+        # per-thread values: a local copy (written back at the end of the thread's turn) where no
+        # pointer to the value can outlive the loop -- a local the compiler can keep in
+        # registers, which a reference into the arrays (aliased by every float* store) is not;
+        # else a reference
+        binds, outs = [], []
+        for n, a in ctx.visible():
+            if n not in used:
+                continue
+            if n in ctx.no_copy:
+                binds.append(f"auto& {n} = {a}[pmn_l];")
+            elif n in ctx.arrays:
+                binds.append(f"__typeof__({a}[0]) {n}; __builtin_memcpy(&{n}, &{a}[pmn_l], "
+                             f"sizeof {n});")
+                outs.append(f"__builtin_memcpy(&{a}[pmn_l], &{n}, sizeof {n});")
+            else:
+                binds.append(f"auto {n} = {a}[pmn_l];")
+                if _maybe_written(body, n):
+                    outs.append(f"{a}[pmn_l] = {n};")
         binds += [f"const {ty} {n} = ({ty}){e};" for ty, n, e in ctx.lane_builtins if n in used]
         # every thread runs: no mask test, so that the compiler may vectorize the loop
         full = ctx.full and ctx.uniform_ctx and mask == ctx.masks[0]
         test = "" if full else f"if (!{mask}[pmn_l]) continue; "
+        # the threads of a region are independent (anything else would need a barrier), which
+        # `omp simd` tells the compiler: it may then run the loop across vector lanes
+        if OMP_SIMD:
+            out.append(Token("pragma", "omp simd", like.file, like.line))
         out.append(T(f"for (unsigned pmn_l = 0; pmn_l < PMN_TG; ++pmn_l) {{ {test}{{"))
         out += [T(b) for b in binds]
         out.append(T("{"))
         out += body
         out.append(T("}"))
         end = body[-1] if body else like
-        out.append(self.tk("}" + (f" {label}: ;" if label else "") + " }", end))
+        out.append(self.tk((f"{label}: ;" if label else "") + " ".join(outs) + " } }", end))
 
     def region(self, stmts: list[St], ctx: Ctx, out: list[Token], later: list[St]) -> None:
         later_ids: set[str] = set()
@@ -1383,6 +1465,7 @@ class Lockstep:
         if clash:
             raise Unsupported(f"helper '{name}' uses '{sorted(clash)[0]}', also a local of the caller")
         fctx.uni = Uniformity(self, uni_names).run(stmts)
+        fctx.arrays, fctx.no_copy = _copy_info(stmts, body, self.type_names)
         fctx.full = ctx.full and ctx.uniform_ctx and mask_is_ctx and not _returns(stmts)
         self.stmts(stmts, fctx, out)
         out.append(T("}"))
