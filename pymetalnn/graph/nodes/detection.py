@@ -17,9 +17,10 @@ from typing import Any
 
 import numpy as np
 
+from ... import functional as F
 from ...tensor import Tensor, float32
 from ..errors import GraphError
-from .base import FilterNode, LabelsNode, as_value, op
+from .base import FilterNode, LabelsNode, as_value
 from .loss import LossNode
 
 
@@ -96,11 +97,11 @@ class YoloLossNode(LossNode):
         return YoloAnchors(t, self.anchors)
 
     def forward(self, rc, xs, training, with_state):
-        return [op("yolo_loss", self)(xs[0], xs[1], self._anchors(rc), reduction="per_sample",
+        return [F.yolo_loss(xs[0], xs[1], self._anchors(rc), reduction="per_sample",
                                       **self.options)]
 
     def backward(self, rc, gouts, saved, need):
         x, t = saved
         g = rc.loss_scale(x.shape[0], self.reduction, x.device)
-        return [op("yolo_loss_backward", self)(g, x, t, self._anchors(rc), reduction="per_sample",
+        return [F.yolo_loss_backward(g, x, t, self._anchors(rc), reduction="per_sample",
                                                **self.options), None], []
