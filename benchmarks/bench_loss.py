@@ -61,7 +61,7 @@ def bench_cross_entropy(dev: pm.Device, shape: tuple, dtype, quick: bool) -> lis
         dev, lambda: (F.cross_entropy(x, y_plain),
                       F.cross_entropy_backward(1.0, x, y_plain, target_grad=False)), quick)
     peer = pf = pb = pfb = None
-    if dev.name == "cuda":
+    if common.torch_available(dev):
         xt, yt = common.torch_view(dev, x), common.torch_view(dev, y)
         if xt is not None:
             import torch
@@ -111,7 +111,7 @@ def bench_pointwise(dev: pm.Device, name: str, shape: tuple, dtype, quick: bool)
     sec_f, spr_f = common.time_on(dev, lambda: ours_f(x, t), quick)
     sec_b, spr_b = common.time_on(dev, lambda: ours_b(1.0, x, t, target_grad=False), quick)
     peer = pf = pb = None
-    if dev.name == "cuda":
+    if common.torch_available(dev):
         xt, tt = common.torch_view(dev, x), common.torch_view(dev, t)
         if xt is not None:
             import torch

@@ -6,17 +6,19 @@ Every forward op `f(input, ...)` has `f_backward(grad_out, <f's inputs>, <same o
 returning the gradients of f's tensor arguments in order (None for an absent bias, integer labels
 or indices; losses return (d input, d target)). Forms that take the forward's output are named
 `<f>_backward_from_output` (softmax, log_softmax, the neurons). Positional order, keyword names
-(input=, weight=, bias=) and defaults are torch's.
+(input=, weight=, bias=) and defaults are torch's. conv2d and linear
+also have `*_weight_grad` (the parameter gradients alone). `ACTIVATIONS`: the activations a
+fused `activation=` takes; `Labels`: class labels checked once (`class_labels`).
 """
 from __future__ import annotations
 
 # ---- conv / gemm (ops/conv.py, ops/gemm.py) ----
 from .ops.conv import (  # noqa: E402, F401, I001
-    conv1d, conv1d_backward, conv2d, conv2d_backward, conv_transpose1d, conv_transpose1d_backward,
-    conv_transpose2d, conv_transpose2d_backward,
+    conv1d, conv1d_backward, conv2d, conv2d_backward, conv2d_weight_grad, conv_transpose1d,
+    conv_transpose1d_backward, conv_transpose2d, conv_transpose2d_backward,
 )
 from .ops.gemm import (  # noqa: E402, F401, I001
-    gemm, linear, linear_backward, matmul, matmul_backward,
+    gemm, linear, linear_backward, linear_weight_grad, matmul, matmul_backward,
 )
 
 # ---- other CNN ops (ops/pool.py, ops/neuron.py, ops/softmax.py, ops/loss.py, ops/dropout.py,
@@ -73,6 +75,7 @@ from .ops.dropout import (  # noqa: F401
 )
 from .ops.embedding import embedding, embedding_backward  # noqa: F401
 from .ops.loss import (  # noqa: F401
+    Labels,
     binary_cross_entropy_with_logits,
     binary_cross_entropy_with_logits_backward,
     categorical_cross_entropy,
@@ -98,6 +101,7 @@ from .ops.loss import (  # noqa: F401
     smooth_l1_loss_backward,
 )
 from .ops.neuron import (  # noqa: F401
+    ACTIVATIONS,
     activation_backward_from_output,
     elu,
     elu_backward,
@@ -165,4 +169,10 @@ from .ops.softmax import (  # noqa: F401
 from .ops.rnn import (  # noqa: E402, F401, I001
     RNNWorkspace, gru, gru_backward, lstm, lstm_backward, rnn, rnn_backward, rnn_state_dict,
     rnn_weight_names, rnn_weights,
+)
+
+# ---- detection (ops/detection.py) ----
+from .ops.detection import (  # noqa: E402, F401, I001
+    box_iou_matrix, mean_average_precision, multiclass_nms, nms, yolo_decode, yolo_detect,
+    yolo_anchors, yolo_loss, yolo_loss_backward, yolo_targets,
 )

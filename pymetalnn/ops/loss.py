@@ -59,7 +59,7 @@ import numpy as np
 
 from ..params import CONST, LossParams, LossReduceParams
 from ..runtime import Buffer, Device
-from ..tensor import Tensor, as_tensor, empty, float32, int32
+from ..tensor import Tensor, TensorLike, as_tensor, empty, float32, int32
 from ._common import (
     FLOATS,
     MAX_GROUPS,
@@ -121,7 +121,7 @@ def _check_size(t: Tensor, name: str) -> None:
         raise ValueError(f"{name}: {t.size} elements exceed the loss kernels' limit of 2^31 - 1")
 
 
-def _weight(sample_weight: Any, dev: Device, n: int) -> Tensor | None:
+def _weight(sample_weight: TensorLike | None, dev: Device, n: int) -> Tensor | None:
     if sample_weight is None:
         return None
     w = float32_arg(sample_weight, dev, "sample_weight")
@@ -168,7 +168,7 @@ def _pair(input: Any, target: Any, ndims: tuple[int, ...] | None) -> tuple[Devic
     return dev, x
 
 
-def _float_target(target: Any, x: Tensor, dev: Device) -> Tensor:
+def _float_target(target: TensorLike, x: Tensor, dev: Device) -> Tensor:
     if not isinstance(target, Tensor) and target is not None:
         arr = np.asarray(target)
         if arr.dtype.kind in "fiub":
@@ -204,7 +204,7 @@ class Labels(Tensor):
         self.ignore_index = ignore_index
 
 
-def class_labels(target: Any, num_classes: int, ignore_index: int = -100,
+def class_labels(target: TensorLike, num_classes: int, ignore_index: int = -100,
                  device: Device | None = None) -> Labels:
     """Check integer labels once (each in [0, num_classes) or equal to ignore_index) and put them
     on the device, so that cross_entropy / categorical_cross_entropy and their backward need not
@@ -228,7 +228,7 @@ def class_labels(target: Any, num_classes: int, ignore_index: int = -100,
     return Labels(t, int(num_classes), ii)
 
 
-def _class_target(target: Any, x: Tensor, dev: Device, ignore_index: Any,
+def _class_target(target: TensorLike, x: Tensor, dev: Device, ignore_index: Any,
                   allow_labels: bool = True) -> tuple[Tensor, bool]:
     """(target tensor, is_labels). Labels: int32 (N, *spatial) in [0, C) or ignore_index, checked
     here on the host (unless made by class_labels for the same C and ignore_index);
@@ -258,7 +258,7 @@ def _class_target(target: Any, x: Tensor, dev: Device, ignore_index: Any,
     return t, True
 
 
-def _grad_arg(grad: Any, dev: Device, shape: tuple[int, ...]) -> Tensor:
+def _grad_arg(grad: TensorLike, dev: Device, shape: tuple[int, ...]) -> Tensor:
     """grad as a float32 tensor of `shape` (() accepts a number or any one-element tensor)."""
     if shape == () and isinstance(grad, (int, float, np.integer, np.floating)) \
             and not isinstance(grad, bool):
@@ -500,9 +500,9 @@ def cross_entropy_backward(grad: Any, input: Any, target: Any, weight: Any = Non
                            ignore_index, s, cache=1, weight=weight, target_grad=target_grad)
 
 
-def categorical_cross_entropy(input: Any, target: Any, *, sample_weight: Any = None,
-                              ignore_index: int = -100, reduction: str = "mean",
-                              label_smoothing: float = 0.0) -> Tensor:
+def categorical_cross_entropy(input: TensorLike, target: TensorLike, *,
+                              sample_weight: TensorLike | None = None, ignore_index: int = -100,
+                              reduction: str = "mean", label_smoothing: float = 0.0) -> Tensor:
     """Cross-entropy on probabilities (MPS's categorical cross-entropy): l = -sum_c t'_c log x_c
     over axis 1 (terms with t'_c = 0 contribute 0). target: labels or probabilities."""
     s = _smoothing(label_smoothing)
@@ -521,7 +521,8 @@ def categorical_cross_entropy_backward(grad: Any, input: Any, target: Any, *,
                            reduction, ignore_index, s, target_grad=target_grad)
 
 
-def cosine_distance(input: Any, target: Any, *, sample_weight: Any = None, reduction: str = "mean",
+def cosine_distance(input: TensorLike, target: TensorLike, *,
+                    sample_weight: TensorLike | None = None, reduction: str = "mean",
                     eps: float = 1e-8) -> Tensor:
     """l = 1 - cos(x, t) along axis 1, cos = sum_c x_c t_c / sqrt(max(|x|^2 |t|^2, eps^2)) (as
     1 - F.cosine_similarity(x, t, dim=1, eps); MPS's/TF's cosine distance for unit vectors)."""
@@ -562,7 +563,8 @@ def binary_cross_entropy_with_logits_backward(grad: Any, input: Any, target: Any
                                pos_weight=pos_weight, target_grad=target_grad)
 
 
-def mse_loss(input: Any, target: Any, *, sample_weight: Any = None, reduction: str = "mean") -> Tensor:
+def mse_loss(input: TensorLike, target: TensorLike, *, sample_weight: TensorLike | None = None,
+             reduction: str = "mean") -> Tensor:
     """l = (x - t)^2 (F.mse_loss)."""
     return _pointwise("mse_loss", input, target, sample_weight, reduction)
 
@@ -574,7 +576,8 @@ def mse_loss_backward(grad: Any, input: Any, target: Any, *, sample_weight: Any 
                                target_grad=target_grad)
 
 
-def l1_loss(input: Any, target: Any, *, sample_weight: Any = None, reduction: str = "mean") -> Tensor:
+def l1_loss(input: TensorLike, target: TensorLike, *, sample_weight: TensorLike | None = None,
+            reduction: str = "mean") -> Tensor:
     """l = |x - t| (F.l1_loss; MPS's mean absolute error)."""
     return _pointwise("l1_loss", input, target, sample_weight, reduction)
 
@@ -586,8 +589,8 @@ def l1_loss_backward(grad: Any, input: Any, target: Any, *, sample_weight: Any =
                                target_grad=target_grad)
 
 
-def huber_loss(input: Any, target: Any, *, sample_weight: Any = None, reduction: str = "mean",
-               delta: float = 1.0) -> Tensor:
+def huber_loss(input: TensorLike, target: TensorLike, *, sample_weight: TensorLike | None = None,
+               reduction: str = "mean", delta: float = 1.0) -> Tensor:
     """l = d^2 / 2 if |d| < delta else delta (|d| - delta / 2), d = x - t (F.huber_loss)."""
     dl = _check_float(delta, "delta", 0.0, lo_open=True)
     return _pointwise("huber_loss", input, target, sample_weight, reduction, a=dl)
@@ -602,7 +605,8 @@ def huber_loss_backward(grad: Any, input: Any, target: Any, *, sample_weight: An
                                target_grad=target_grad)
 
 
-def hinge_loss(input: Any, target: Any, *, sample_weight: Any = None, reduction: str = "mean") -> Tensor:
+def hinge_loss(input: TensorLike, target: TensorLike, *, sample_weight: TensorLike | None = None,
+               reduction: str = "mean") -> Tensor:
     """l = max(0, 1 - (2 t - 1) x): targets in {0, 1} map to {-1, +1} (MPS / tf.losses.hinge_loss;
     PyTorch has no such loss)."""
     return _pointwise("hinge_loss", input, target, sample_weight, reduction)
@@ -615,8 +619,8 @@ def hinge_loss_backward(grad: Any, input: Any, target: Any, *, sample_weight: An
                                target_grad=target_grad)
 
 
-def kl_div(input: Any, target: Any, *, sample_weight: Any = None, reduction: str = "mean",
-           log_target: bool = False) -> Tensor:
+def kl_div(input: TensorLike, target: TensorLike, *, sample_weight: TensorLike | None = None,
+           reduction: str = "mean", log_target: bool = False) -> Tensor:
     """F.kl_div: input holds log-probabilities; l = t (log t - x) (0 where t = 0), or
     exp(t) (t - x) with log_target. reduction also takes 'batchmean' (sum / N)."""
     boolean(log_target, "log_target")
@@ -634,8 +638,8 @@ def kl_div_backward(grad: Any, input: Any, target: Any, *, sample_weight: Any = 
                                a=float(log_target), extra=("batchmean",), target_grad=target_grad)
 
 
-def log_loss(input: Any, target: Any, *, sample_weight: Any = None, reduction: str = "mean",
-             epsilon: float = 1e-7) -> Tensor:
+def log_loss(input: TensorLike, target: TensorLike, *, sample_weight: TensorLike | None = None,
+             reduction: str = "mean", epsilon: float = 1e-7) -> Tensor:
     """l = -t log(x + eps) - (1 - t) log(1 - x + eps) on probabilities x (MPS / tf.losses.log_loss;
     PyTorch's binary_cross_entropy clamps the logs instead)."""
     e = _check_float(epsilon, "epsilon", 0.0, lo_open=True)

@@ -23,7 +23,7 @@ import numpy as np
 
 from ..params import CONST, NeuronParams
 from ..runtime.core import MAX_GRID_THREADS
-from ..tensor import Tensor
+from ..tensor import Tensor, TensorLike
 from ._common import (
     FLOATS,
     kernel,
@@ -82,7 +82,7 @@ def _check_size(xt: Tensor) -> None:
         raise ValueError(f"x: {xt.size} elements, at most {MAX_GRID_THREADS} are supported")
 
 
-def _fwd(op: str, x: Any, a: float = 0.0, b: float = 0.0, variant: str = "", out: Any = None,
+def _fwd(op: str, x: TensorLike, a: float = 0.0, b: float = 0.0, variant: str = "", out: Any = None,
          out_batch_stride: Any = None) -> Tensor:
     dev = pick_device(x)
     xt = tensor_arg(x, dev, "x", FLOATS)
@@ -101,8 +101,8 @@ def _fwd(op: str, x: Any, a: float = 0.0, b: float = 0.0, variant: str = "", out
     return y
 
 
-def _bwd(op: str, grad_out: Any, x: Any, a: float = 0.0, b: float = 0.0, variant: str = "",
-         x_batch_stride: Any = None) -> Tensor:
+def _bwd(op: str, grad_out: TensorLike, x: TensorLike, a: float = 0.0, b: float = 0.0,
+         variant: str = "", x_batch_stride: Any = None) -> Tensor:
     dev = pick_device(grad_out, x)
     gt = tensor_arg(grad_out, dev, "grad_out", FLOATS)
     xt = tensor_arg(x, dev, "x", FLOATS)
@@ -172,7 +172,7 @@ def activation_backward_from_output(grad_out: Any, y: Any, activation: Any) -> A
     return globals()[f"{name}_backward_from_output"](grad_out, y, **params)
 
 
-def relu_backward_from_output(grad_out: Any, y: Any, y_batch_stride: int | None = None
+def relu_backward_from_output(grad_out: TensorLike, y: TensorLike, y_batch_stride: int | None = None
                               ) -> Tensor:
     """grad_x = grad_out where y = relu(x) > 0, else 0 (the same as from x). y_batch_stride (all
     the *_backward_from_output): y's images lie that many elements apart (y written with out=,
@@ -180,8 +180,9 @@ def relu_backward_from_output(grad_out: Any, y: Any, y_batch_stride: int | None 
     return _bwd("relu", grad_out, y, variant="y", x_batch_stride=y_batch_stride)
 
 
-def leaky_relu_backward_from_output(grad_out: Any, y: Any, negative_slope: float = 0.01,
-                                    y_batch_stride: int | None = None) -> Tensor:
+def leaky_relu_backward_from_output(grad_out: TensorLike, y: TensorLike,
+                                    negative_slope: float = 0.01, y_batch_stride: int | None = None
+                                    ) -> Tensor:
     """grad_x = grad_out if y > 0 else negative_slope * grad_out, y = leaky_relu(x); needs
     negative_slope >= 0 (then y > 0 iff x > 0)."""
     a = _scalar(negative_slope, "negative_slope")
@@ -191,13 +192,13 @@ def leaky_relu_backward_from_output(grad_out: Any, y: Any, negative_slope: float
     return _bwd("leaky_relu", grad_out, y, a, variant="y", x_batch_stride=y_batch_stride)
 
 
-def sigmoid_backward_from_output(grad_out: Any, y: Any, y_batch_stride: int | None = None
-                                 ) -> Tensor:
+def sigmoid_backward_from_output(grad_out: TensorLike, y: TensorLike,
+                                 y_batch_stride: int | None = None) -> Tensor:
     """grad_x = grad_out * y (1 - y), y = sigmoid(x)."""
     return _bwd("sigmoid", grad_out, y, variant="y", x_batch_stride=y_batch_stride)
 
 
-def tanh_backward_from_output(grad_out: Any, y: Any, y_batch_stride: int | None = None
+def tanh_backward_from_output(grad_out: TensorLike, y: TensorLike, y_batch_stride: int | None = None
                               ) -> Tensor:
     """grad_x = grad_out * (1 - y^2), y = tanh(x)."""
     return _bwd("tanh", grad_out, y, variant="y", x_batch_stride=y_batch_stride)

@@ -18,7 +18,7 @@ import numpy as np
 
 from ..params import CONST, AdaptivePool2dParams, Pool2dParams
 from ..runtime.core import MAX_GRID_THREADS
-from ..tensor import Tensor
+from ..tensor import Tensor, TensorLike
 from ._common import (
     FLOATS,
     boolean,
@@ -66,7 +66,8 @@ def _out_size(n: int, k: int, s: int, p: int, d: int, ceil_mode: bool) -> int:
     return o
 
 
-def _as_4d(x: Any, dev: Any, name: str, one_d: bool) -> tuple[Tensor, tuple[int, ...], tuple]:
+def _as_4d(x: TensorLike, dev: Any, name: str, one_d: bool
+           ) -> tuple[Tensor, tuple[int, ...], tuple]:
     """x as (N, C, H, W), the batch/channel prefix of the caller's layout and x's shape."""
     nd = (2, 3) if one_d else (3, 4)
     t = tensor_arg(x, dev, name, FLOATS, nd)
@@ -128,7 +129,7 @@ def _out_shape(prefix: tuple[int, ...], q: Any, one_d: bool) -> tuple[int, ...]:
     return (*prefix, q.OW) if one_d else (*prefix, q.OH, q.OW)
 
 
-def _grad_arg(grad_out: Any, x4: Tensor, dev: Any, shape: tuple[int, ...]) -> Tensor:
+def _grad_arg(grad_out: TensorLike, x4: Tensor, dev: Any, shape: tuple[int, ...]) -> Tensor:
     g = tensor_arg(grad_out, dev, "grad_out", FLOATS)
     if g.shape != shape:
         raise ValueError(f"grad_out: shape {g.shape}, expected the forward's output shape {shape}")
@@ -138,7 +139,7 @@ def _grad_arg(grad_out: Any, x4: Tensor, dev: Any, shape: tuple[int, ...]) -> Te
 
 
 # ---- max ------------------------------------------------------------------------------------
-def _max_fwd(x: Any, one_d: bool, kernel_size: Any, stride: Any, padding: Any, dilation: Any,
+def _max_fwd(x: TensorLike, one_d: bool, kernel_size: Any, stride: Any, padding: Any, dilation: Any,
              ceil_mode: bool, return_indices: bool, out: Any = None, out_batch_stride: Any = None
              ) -> Tensor | tuple[Tensor, Tensor]:
     dev = pick_device(x)
@@ -166,8 +167,8 @@ def _pool_out(out: Any, out_batch_stride: Any, shape: tuple[int, ...], x4: Tenso
     return y
 
 
-def _max_bwd(grad_out: Any, x: Any, one_d: bool, kernel_size: Any, stride: Any, padding: Any,
-             dilation: Any, ceil_mode: bool, indices: Any) -> Tensor:
+def _max_bwd(grad_out: TensorLike, x: TensorLike, one_d: bool, kernel_size: Any, stride: Any,
+             padding: Any, dilation: Any, ceil_mode: bool, indices: TensorLike | None) -> Tensor:
     dev = pick_device(grad_out, x, indices)
     x4, prefix, xshape = _as_4d(x, dev, "x", one_d)
     q = _geometry(x4, one_d, kernel_size, stride, padding, dilation, ceil_mode)
@@ -258,8 +259,8 @@ def _constant_divisor(q: Any) -> int:
     return q.KH * q.KW
 
 
-def _avg_fwd(x: Any, one_d: bool, kernel_size: Any, stride: Any, padding: Any, ceil_mode: bool,
-             count_include_pad: bool, divisor_override: Any, out: Any = None,
+def _avg_fwd(x: TensorLike, one_d: bool, kernel_size: Any, stride: Any, padding: Any,
+             ceil_mode: bool, count_include_pad: bool, divisor_override: Any, out: Any = None,
              out_batch_stride: Any = None) -> Tensor:
     dev = pick_device(x)
     x4, prefix, _ = _as_4d(x, dev, "x", one_d)
@@ -271,8 +272,9 @@ def _avg_fwd(x: Any, one_d: bool, kernel_size: Any, stride: Any, padding: Any, c
     return y
 
 
-def _avg_bwd(grad_out: Any, x: Any, one_d: bool, kernel_size: Any, stride: Any, padding: Any,
-             ceil_mode: bool, count_include_pad: bool, divisor_override: Any) -> Tensor:
+def _avg_bwd(grad_out: TensorLike, x: TensorLike, one_d: bool, kernel_size: Any, stride: Any,
+             padding: Any, ceil_mode: bool, count_include_pad: bool, divisor_override: Any
+             ) -> Tensor:
     dev = pick_device(grad_out, x)
     x4, prefix, xshape = _as_4d(x, dev, "x", one_d)
     q = _avg_geometry(x4, one_d, kernel_size, stride, padding, ceil_mode, count_include_pad,
@@ -292,7 +294,7 @@ def _avg_bwd(grad_out: Any, x: Any, one_d: bool, kernel_size: Any, stride: Any, 
 
 def avg_pool2d(input: Any, kernel_size: Any, stride: Any = None, padding: Any = 0,
                ceil_mode: bool = False, count_include_pad: bool = True,
-               divisor_override: int | None = None, out: Any = None,
+               divisor_override: int | None = None, out: Tensor | None = None,
                out_batch_stride: int | None = None) -> Tensor:
     """y[n, c, oh, ow] = (sum of x over the window clipped to the input) / divisor, where the
     divisor is divisor_override, else the window's size clipped to the padded input
@@ -365,7 +367,7 @@ def _adaptive_fwd(x4: Tensor, prefix: tuple[int, ...], q: Any, dev: Any) -> Tens
     return y
 
 
-def _adaptive_bwd(grad_out: Any, x: Any, output_size: Any) -> Tensor:
+def _adaptive_bwd(grad_out: TensorLike, x: TensorLike, output_size: Any) -> Tensor:
     dev = pick_device(grad_out, x)
     x4, prefix, xshape = _as_4d(x, dev, "x", False)
     q = _adaptive_params(x4, output_size)

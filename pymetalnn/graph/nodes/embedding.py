@@ -3,9 +3,10 @@ from __future__ import annotations
 
 from typing import Any
 
+from ... import functional as F
 from ...tensor import float32, int32
 from ..datasource import EmbeddingDataSource
-from .base import FilterNode, _weights_of, op
+from .base import FilterNode, _weights_of
 
 
 class EmbeddingNode(FilterNode):
@@ -30,7 +31,7 @@ class EmbeddingNode(FilterNode):
 
     def forward(self, rc, xs, training, with_state):
         t = rc.acquire_dict(self.weights)
-        y = op("embedding", self)(xs[0], t["weight"], self.weights.padding_idx)
+        y = F.embedding(xs[0], t["weight"], self.weights.padding_idx)
         rc.release(self.weights)
         return [y]
 
@@ -39,7 +40,7 @@ class EmbeddingNode(FilterNode):
 
     def backward(self, rc, gouts, saved, need):
         t = rc.acquire_dict(self.weights)
-        _, gw = op("embedding_backward", self)(gouts[0], saved[0], t["weight"],
+        _, gw = F.embedding_backward(gouts[0], saved[0], t["weight"],
                                                self.weights.padding_idx)
         rc.release(self.weights)
         return [None], [gw]

@@ -5,8 +5,9 @@ from typing import Any
 
 import numpy as np
 
+from ... import functional as F
 from ..datasource import FullyConnectedDataSource
-from .base import FilterNode, _act, _floats, _weights_of, op
+from .base import FilterNode, _act, _floats, _param_grads, _weights_of
 
 
 class FullyConnectedNode(FilterNode):
@@ -45,11 +46,9 @@ class FullyConnectedNode(FilterNode):
 
     def forward(self, rc, xs, training, with_state, activation=None):
         x = xs[0]
-        w, b = rc.acquire(self.weights)
-        y = op("linear", self)(self._rows(x), w, b, **_act(activation))
+        y = self.call_with_weights(rc, F.linear, self._rows(x), **_act(activation))
         if self.per_step:
-            y = y.reshape(*x.shape[:-1], w.shape[0])
-        rc.release(self.weights)
+            y = y.reshape(*x.shape[:-1], y.shape[-1])
         return [y]
 
     def saved(self):
@@ -61,12 +60,6 @@ class FullyConnectedNode(FilterNode):
         w, b = rc.acquire(self.weights)
         g = gouts[0].reshape(-1, w.shape[0]) if self.per_step else gouts[0]
         if not need[0] and rc.skip_dead:
-            from ...ops.gemm import gemm, linear_bias_grad
-            from ...tensor import empty
-
-            gw = empty(w.shape, w.dtype, w.device)
-            gemm(g, x2, gw, transpose_a=True)
-            rc.note(f"{self.name}: input gradient not computed (nothing uses it)")
-            return [None], ([gw, linear_bias_grad(g)] if b is not None else [gw])
-        gx, gw, gb = op("linear_backward", self)(g, x2, w, b)
-        return [gx.reshape(x.shape) if need[0] else None], ([gw, gb] if b is not None else [gw])
+            return self.weight_grads_only(rc, *F.linear_weight_grad(g, x2, w, b))
+        gx, gw, gb = F.linear_backward(g, x2, w, b)
+        return [gx.reshape(x.shape) if need[0] else None], _param_grads(gw, gb)

@@ -1,11 +1,12 @@
 """Recurrent nodes (pymetalnn/ops/rnn.py): LSTM, GRU, Elman RNN over time-major sequences."""
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
+from ... import functional as F
 from ..datasource import RecurrentDataSource
 from ..errors import GraphError
-from .base import FilterNode, _expect_ndim, _floats, op
+from .base import FilterNode, _expect_ndim, _floats
 
 
 class _RecurrentNode(FilterNode):
@@ -60,8 +61,13 @@ class _RecurrentNode(FilterNode):
         # workspace reads, kept live until the backward as states)
         return 3 if self.batch_first else 1
 
-    def _call(self) -> str:
-        return {"lstm": "lstm", "gru": "gru"}.get(self.mode, "rnn")
+    def _ops(self) -> tuple[Callable, Callable]:
+        """The functional op of this mode and its backward."""
+        if self.mode == "lstm":
+            return F.lstm, F.lstm_backward
+        if self.mode == "gru":
+            return F.gru, F.gru_backward
+        return F.rnn, F.rnn_backward
 
     def forward(self, rc, xs, training, with_state):
         ws = self.weights
@@ -70,11 +76,11 @@ class _RecurrentNode(FilterNode):
                   training=bool(with_state))
         if self.mode.startswith("rnn_"):
             kw["nonlinearity"] = self.mode[4:]
-        x = op("to_time_major", self)(xs[0]) if self.batch_first else xs[0]
+        x = F.to_time_major(xs[0]) if self.batch_first else xs[0]
         hx = (tuple(xs[1:3]) if self.mode == "lstm" else xs[1]) if self.has_init else None
-        out, hn, work = op(self._call(), self)(x, t, hx, **kw)
+        out, hn, work = self._ops()[0](x, t, hx, **kw)
         rc.release(ws)
-        res = [op("to_batch_first", self)(out) if self.batch_first else out]
+        res = [F.to_batch_first(out) if self.batch_first else out]
         if self.return_state:
             res += list(hn) if self.mode == "lstm" else [hn]
         if with_state:
@@ -91,10 +97,10 @@ class _RecurrentNode(FilterNode):
     def backward(self, rc, gouts, saved, need):
         ws = self.weights
         rc.acquire_dict(ws)
-        f = op(self._call() + "_backward", self)
+        f = self._ops()[1]
         g = gouts[0]
         if g is not None and self.batch_first:
-            g = op("to_time_major", self)(g)
+            g = F.to_time_major(g)
         gs = list(gouts[1:]) + [None] * (self.n_states - len(gouts[1:]))
         if self.mode == "lstm":
             gx, (gh, gc), gw = f(g, gs[0], gs[1], saved[0])
@@ -103,7 +109,7 @@ class _RecurrentNode(FilterNode):
             gx, gh, gw = f(g, gs[0], saved[0])
             ginit = [gh]
         if self.batch_first:
-            gx = op("to_batch_first", self)(gx)
+            gx = F.to_batch_first(gx)
         return [gx] + (ginit if self.has_init else []), [gw[k] for k in ws.trainable]
 
 
