@@ -182,6 +182,8 @@ class GRULM(nn.Module):
 
 @pytest.mark.parametrize("kind", ["cnn_lstm", "gru_lm"])
 def test_recurrent_models_train_like_torch(dev, kind):
+    if not dev.supports_views:
+        pytest.skip("the recurrent ops need buffer views (metal binds whole buffers)")
     torch.manual_seed(2)
     rng = np.random.default_rng(2)
     if kind == "cnn_lstm":
@@ -225,7 +227,8 @@ def test_readable_gradients_with_grouped_updates(dev):
     for step in range(2):
         tg.encode(X, Y)
         grads = tg.gradients()
-        assert tg._update_groups, "grouped updates should stay on"
+        # grouped (multi-tensor) updates need buffer views; where the backend has them they stay on
+        assert bool(tg._update_groups) == dev.supports_views
         opt.zero_grad()
         nn.functional.cross_entropy(net(torch.from_numpy(X)), torch.from_numpy(Y).long()).backward()
         assert set(grads) == {k for k, p in net.named_parameters()}
