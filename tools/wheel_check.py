@@ -6,6 +6,7 @@ the installed package, so a conv, a graph training step and the benchmark driver
 """
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -57,7 +58,9 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as out:
         subprocess.run([sys.executable, "-m", "pymetalnn.bench", "--quick", "--only", "softmax",
                         "--out", out], check=True, timeout=600)
-        assert os.path.isfile(os.path.join(out, "bench.json"))
+        with open(os.path.join(out, "bench.json")) as f:
+            status = json.load(f)["meta"]["families"]
+        assert all(" rows in " in v for v in status.values()), status
     print("python -m pymetalnn.bench ran from the installed package")
 
 
