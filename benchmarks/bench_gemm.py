@@ -1,4 +1,4 @@
-"""GEMM / fully-connected benchmarks (issue: convolution, convolution transpose and fully connected).
+"""GEMM / fully-connected benchmarks.
 
 linear 4096 -> 4096 at batch 256: forward y = x w^T + b, and backward (grad_x = g w,
 grad_w = g^T x, grad_b = sum_rows g), for fp32 (`float`), fp16 storage with float accumulation

@@ -1,7 +1,7 @@
 """LSTM training step (forward for training + backward through time, pymetalnn/ops/rnn.py)
 against torch.nn.LSTM on the same device in the same run (cuDNN on cuda, TF32 off).
 
-Cases: hidden 512, batch 64, 300 steps, input 512 (the issue's large case), and the activity-
+Cases: hidden 512, batch 64, 300 steps, input 512 (a large layer), and the activity-
 classifier sizes (20 steps, 64 input features, batch 32, hidden 64 / 128 / 200); float32 and
 float16 storage. Each row: median seconds of one forward + backward, GFLOP/s of the matrix
 products (2 T N (F + H) 4H per direction forward, twice that backward), torch's time and the

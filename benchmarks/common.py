@@ -90,22 +90,26 @@ def copy_gbs(dev: pymetalnn.Device, nbytes: int) -> float:
 
 
 def torch_available(dev: pymetalnn.Device) -> bool:
-    """PyTorch can serve as the peer on this device (cuda only: on cpu the peer is numpy)."""
-    if dev.name != "cuda":
+    """PyTorch can serve as the peer on this device: cuda (torch on the GPU) or cpu (torch on
+    the CPU, same run, same cores)."""
+    if dev.name not in ("cuda", "cpu"):
         return False
     try:
         import torch
     except ImportError:
         return False
-    return bool(torch.cuda.is_available())
+    return dev.name == "cpu" or bool(torch.cuda.is_available())
 
 
 def torch_view(dev: pymetalnn.Device, t: pymetalnn.Tensor) -> Any:
-    """A torch CUDA tensor over the memory of cuda Tensor `t` (no copy), or None without torch."""
+    """A torch tensor with the values of Tensor `t`, or None without torch: on cuda a CUDA tensor
+    over its memory (no copy), on cpu a CPU tensor (a copy)."""
     try:
         import torch
     except ImportError:
         return None
+    if dev.name == "cpu":
+        return torch.from_numpy(np.ascontiguousarray(t.numpy()))
     return torch.as_tensor(dev.as_cupy(t.buffer, t.dtype, t.shape), device="cuda")
 
 

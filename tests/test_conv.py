@@ -157,6 +157,31 @@ def test_conv2d(dev, monkeypatch, algo, case, prec):
     run_conv2d_case(CONV_CASES[case], prec)
 
 
+@pytest.mark.parametrize("with_bias", [True, False])
+@pytest.mark.parametrize("case", ["stride>kernel", "groups2", "pad>half-kernel"])
+def test_conv2d_weight_grad(dev, case, with_bias):
+    """conv2d_backward's dw and db alone (no input gradient), against the reference."""
+    n, c, h, w, k, kh, kw, stride, padding, dilation, groups = CONV_CASES[case]
+    rng = np.random.default_rng(5)
+    x, wt = rand(rng, (n, c, h, w), np.float32), rand(rng, (k, c // groups, kh, kw), np.float32)
+    b = rand(rng, (k,), np.float32) if with_bias else None
+    st, dil = _pair(stride), _pair(dilation)
+    kw_ref = dict(stride=st, pad=_pads(padding, h, w, kh, kw, st, dil), dilation=dil,
+                  groups=groups)
+    gy = rand(rng, ref.conv2d(x, wt, None, **kw_ref).shape, np.float32)
+    gw, gb = F.conv2d_weight_grad(gy, x, wt, b, stride, padding, dilation, groups)
+    _, rw, rb = ref.conv2d_backward(gy, x, wt, True, **kw_ref)
+    _, sw, sb = ref.conv2d_backward(np.abs(gy), np.abs(x), np.abs(wt), True, **kw_ref)
+    red = n * gy.shape[2] * gy.shape[3]
+    assert_close("grad_w", gw, rw, sw, tol("float", red))
+    if with_bias:
+        assert_close("grad_b", gb, rb, sb, tol("float", red))
+    else:
+        assert gb is None
+    with pytest.raises(ValueError, match="^grad_out"):
+        F.conv2d_weight_grad(gy[:, :1], x, wt, b, stride, padding, dilation, groups)
+
+
 # (N, C_in, H, W, C_out, KH, KW, stride, padding, output_padding, dilation, groups)
 TRANSPOSE_CASES = {
     "all-ones-1x1": (1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 1, 1),

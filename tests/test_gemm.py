@@ -71,9 +71,32 @@ VARIANT_TILES = [pytest.param(v, t, id=f"{t}-{v}") for v in VARIANTS for t in op
                  if ops.TILES[t].supports(v)]
 
 
+def fits(dev, tile: str, variant: str) -> bool:
+    """Whether `tile` fits the device's threadgroup memory (metal: 32 KiB; some tiles tuned on
+    NVIDIA do not, and gemm refuses them there: test_tiles_past_threadgroup_memory_refused)."""
+    return ops.tile_fits(dev, ops.TILES[tile], variant)
+
+
+def test_tiles_past_threadgroup_memory_refused(dev, no_dispatch) -> None:
+    big = [(t, v) for t in ops.TILES for v in VARIANTS
+           if ops.TILES[t].supports(v) and not fits(dev, t, v)]
+    if not big:
+        pytest.skip(f"every tile fits {dev.name}'s threadgroup memory")
+    for t, v in big:
+        dtype, accumulate = VARIANTS[v]
+        out = pm.empty((8, 8), dtype, dev)
+        with no_dispatch(dev), pytest.raises(ValueError, match="threadgroup memory"):
+            F.gemm(pm.tensor(rand((8, 8), dtype, 1), dev), pm.tensor(rand((8, 8), dtype, 2), dev),
+                   out, accumulate=accumulate, tile=t)
+        # the automatic choice never takes it
+        assert ops.plan(dev, 4096, 4096, 4096, 1, False, var=v)[0].name != t or fits(dev, t, v)
+
+
 @pytest.mark.parametrize("ta,tb", LAYOUTS, ids=LAYOUT_IDS)
 @pytest.mark.parametrize("variant,tile", VARIANT_TILES)
 def test_gemm_layouts_shapes(dev, variant, ta, tb, tile) -> None:
+    if not fits(dev, tile, variant):
+        pytest.skip(f"{tile} ({variant}) exceeds {dev.name}'s threadgroup memory")
     dtype, accumulate = VARIANTS[variant]
     for i, (m, n, k) in enumerate(SHAPES):
         a = rand(stored(m, k, ta), dtype, i)
@@ -115,7 +138,7 @@ def test_gemm_split_k(dev, variant, ta, tb) -> None:
     dtype, accumulate = VARIANTS[variant]
     for i, (m, n, k, tile, splits) in enumerate([(31, 33, 65, "128x128", 3), (65, 32, 200, "64x64", 4),
                                                  (3, 5, 9, "64x64", 4), (130, 70, 100, "128x128k16", 3)]):
-        if not ops.TILES[tile].supports(variant):
+        if not ops.TILES[tile].supports(variant) or not fits(dev, tile, variant):
             continue
         a, b = rand(stored(m, k, ta), dtype, 10 + i), rand(stored(k, n, tb), dtype, 20 + i)
         out = pm.empty((m, n), dtype, dev)
@@ -254,6 +277,28 @@ def test_linear_backward(dev, variant, with_bias) -> None:
             check(variant, gb.numpy(), wb, rows, ag.reshape(rows, out_f).sum(0))
 
 
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_linear_weight_grad(dev, with_bias) -> None:
+    """linear_backward's parameter gradients alone, against the reference."""
+    for i, (xshape, out_f) in enumerate(LINEAR_CASES):
+        x, w, b = linear_inputs(i, xshape, out_f, np.float32, with_bias)
+        g = rand(xshape[:-1] + (out_f,), np.float32, 30 + i)
+        gw, gb = F.linear_weight_grad(pm.tensor(g, dev), pm.tensor(x, dev), pm.tensor(w, dev),
+                                      None if b is None else pm.tensor(b, dev))
+        _, ww, wb = ref.linear_backward(g, x, w, b)
+        rows = x.size // xshape[-1]
+        ag, ax = (np.abs(v.astype(np.float64)) for v in (g, x))
+        check("float", gw.numpy(), ww, rows, ag.reshape(rows, out_f).T @ ax.reshape(rows, -1))
+        if b is None:
+            assert gb is None
+        else:
+            check("float", gb.numpy(), wb, rows, ag.reshape(rows, out_f).sum(0))
+    with pytest.raises(ValueError, match="^grad_out: shape"):
+        F.linear_weight_grad(pm.tensor(np.zeros((2, 3), np.float32), dev),
+                             pm.tensor(np.zeros((2, 4), np.float32), dev),
+                             pm.tensor(np.zeros((5, 4), np.float32), dev))
+
+
 def test_linear_bias_grad_many_rows(dev) -> None:
     """Rows beyond one pass of the 8 row-lanes, columns beyond one threadgroup (32)."""
     g = rand((1000, 70), np.float32, 7)
@@ -271,7 +316,8 @@ def test_half_accumulation_is_half(dev) -> None:
     exact = ref.matmul(a, b)
     ta, tb = pm.tensor(a, dev), pm.tensor(b, dev)
     out = pm.empty((m, n), np.float16, dev)
-    for tile in (t for t in ops.TILES if ops.TILES[t].supports("hacc_half")):
+    for tile in (t for t in ops.TILES if ops.TILES[t].supports("hacc_half")
+                 and fits(dev, t, "hacc_half")):
         # SIMD-FMA tiles round per k; simdgroup-matrix tiles once per 8-deep product
         step = 8 if ops.TILES[tile].matrix else 1
         err_seq = np.abs(ref.half_accumulate_matmul(a, b, step) - exact).max()
@@ -299,7 +345,8 @@ def test_gemm_random_configs(dev, data) -> None:
     alpha = data.draw(st.sampled_from([1.0, -0.5, 2.0]))
     beta = data.draw(st.sampled_from([0.0, 1.0, 0.25]))
     with_bias = data.draw(st.booleans())
-    tile = data.draw(st.sampled_from([None, *(t for t in ops.TILES if ops.TILES[t].supports(variant))]))
+    tile = data.draw(st.sampled_from([None, *(t for t in ops.TILES if ops.TILES[t].supports(variant)
+                                              and fits(dev, t, variant))]))
     splits = data.draw(st.sampled_from([None, 1, 2, 5]))
     seed = data.draw(st.integers(0, 2**16))
     a = rand(((ba,) if ba else ()) + stored(m, k, ta), dtype, seed)

@@ -22,6 +22,27 @@ from pymetalnn.ops import rnn as R
 CELLS = ["lstm", "gru", "rnn_tanh", "rnn_relu"]
 
 
+@pytest.fixture
+def dev(dev):
+    """The backend's device; the recurrent layers need buffer views (the per-step gemm operands
+    are views into the sequences), so backends that bind whole buffers (metal) skip here and
+    test_whole_buffer_backends_refuse checks that they refuse."""
+    if not dev.supports_views:
+        pytest.skip(f"the recurrent layers need buffer views, which {dev.name} lacks")
+    return dev
+
+
+def test_whole_buffer_backends_refuse(backend, no_dispatch):
+    d = pymetalnn.device(backend)
+    if d.supports_views:
+        pytest.skip(f"{backend} has buffer views")
+    x = pymetalnn.tensor(np.zeros((2, 1, 3), np.float32), d)
+    w = {"weight_ih_l0": pymetalnn.tensor(np.zeros((4, 3), np.float32), d),
+         "weight_hh_l0": pymetalnn.tensor(np.zeros((4, 4), np.float32), d)}
+    with no_dispatch(d), pytest.raises(NotImplementedError, match="buffer views"):
+        R.rnn(x, w, None, 1, "tanh", False, False, False)
+
+
 # (T, N, F, H, layers, bidirectional, bias, initial states, list input, which gradients given)
 CASES = {
     "T1-N1-H1": (1, 1, 4, 1, 1, False, True, True, False, "all"),
@@ -77,10 +98,17 @@ def _data(rng, mode, T, N, F, H, L, bi, bias, states, dtype):
     return w, x, h0, c0
 
 
-@pytest.mark.parametrize("dtype", [np.float32, np.float16])
+# float16 also through the simdgroup-matrix GEMMs (the projections of every cell), on any device
+DTYPES = [pytest.param(np.float32, False, id="float32"), pytest.param(np.float16, False, id="float16"),
+          pytest.param(np.float16, True, id="float16-matrix")]
+
+
+@pytest.mark.parametrize("dtype,matrix", DTYPES)
 @pytest.mark.parametrize("case", list(CASES))
 @pytest.mark.parametrize("mode", CELLS)
-def test_forward_backward_vs_reference(dev, mode, case, dtype):
+def test_forward_backward_vs_reference(dev, monkeypatch, mode, case, dtype, matrix):
+    if matrix:
+        monkeypatch.setattr(dev, "simdgroup_matrix", True, raising=False)
     T, N, F, H, L, bi, bias, states, as_list, grads = CASES[case]
     D = 2 if bi else 1
     rng = np.random.default_rng(zlib.crc32(f"{mode}-{case}".encode()))

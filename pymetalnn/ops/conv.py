@@ -31,7 +31,7 @@ import numpy as np
 
 from ..params import CONST, Conv2dParams
 from ..runtime import Device
-from ..tensor import Tensor
+from ..tensor import Tensor, TensorLike
 from . import conv_winograd as wino
 from ._common import (
     FLOATS,
@@ -204,7 +204,7 @@ def _same_dtype(t: Tensor, name: str, ref: Tensor) -> None:
         raise ValueError(f"{name}: dtype {t.dtype} does not match x ({ref.dtype})")
 
 
-def _bias(b: Any, dev: Device, x: Tensor, k: int) -> Tensor | None:
+def _bias(b: TensorLike | None, dev: Device, x: Tensor, k: int) -> Tensor | None:
     if b is None:
         return None
     b = tensor_arg(b, dev, "b", FLOATS, 1)
@@ -284,8 +284,9 @@ def _conv_geometry(xs: tuple[int, ...], ws: tuple[int, ...], stride: Any, paddin
     return ConvGeometry(n, c, h, w, k, oh, ow, kh, kw, st[0], st[1], pt, pl, dil[0], dil[1], g)
 
 
-def _conv_args(x: Any, w: Any, b: Any, stride: Any, padding: Padding, dilation: Any, groups: Any,
-               accumulate: str | None) -> tuple[Device, Tensor, Tensor, Tensor | None, ConvGeometry, str]:
+def _conv_args(x: TensorLike, w: TensorLike, b: TensorLike | None, stride: Any, padding: Padding,
+               dilation: Any, groups: Any, accumulate: str | None
+               ) -> tuple[Device, Tensor, Tensor, Tensor | None, ConvGeometry, str]:
     dev = pick_device(x, w, b)
     x = tensor_arg(x, dev, "x", FLOATS, 4)
     w = tensor_arg(w, dev, "w", FLOATS, 4)
@@ -298,7 +299,7 @@ def _conv_args(x: Any, w: Any, b: Any, stride: Any, padding: Padding, dilation: 
     return dev, x, w, b, geo, prec
 
 
-def _grad_arg(grad_out: Any, dev: Device, x: Tensor, shape: tuple[int, ...]) -> Tensor:
+def _grad_arg(grad_out: TensorLike, dev: Device, x: Tensor, shape: tuple[int, ...]) -> Tensor:
     gy = tensor_arg(grad_out, dev, "grad_out", FLOATS, len(shape))
     _same_dtype(gy, "grad_out", x)
     if gy.shape != shape:
@@ -537,9 +538,10 @@ def _bias_grad(dev: Device, dy: Tensor) -> Tensor:
 
 # ---- public ops ---------------------------------------------------------------------------------
 
-def conv2d(x: Any, w: Any, b: Any = None, stride: Any = 1, padding: Padding = 0, dilation: Any = 1,
-           groups: int = 1, accumulate: str | None = None, activation: Any = None,
-           out: Any = None, out_batch_stride: int | None = None) -> Tensor:
+def conv2d(x: TensorLike, w: TensorLike, b: TensorLike | None = None, stride: Any = 1,
+           padding: Padding = 0, dilation: Any = 1, groups: int = 1, accumulate: str | None = None,
+           activation: Any = None, out: Tensor | None = None, out_batch_stride: int | None = None
+           ) -> Tensor:
     """2-D convolution (cross-correlation, as torch.nn.functional.conv2d), NCHW.
 
         y[n, k, oh, ow] = b[k] + sum_{c < C/G, r < KH, s < KW}
@@ -567,10 +569,10 @@ def conv2d(x: Any, w: Any, b: Any = None, stride: Any = 1, padding: Padding = 0,
     return _forward(dev, prec, geo, x, w, b, x.dtype, act, out, out_batch_stride)
 
 
-def conv2d_backward(grad_out: Any, x: Any, w: Any, b: Any = None, stride: Any = 1,
-                    padding: Padding = 0, dilation: Any = 1, groups: int = 1,
-                    accumulate: str | None = None, activation: Any = None, y: Any = None
-                    ) -> tuple[Tensor, Tensor, Tensor | None]:
+def conv2d_backward(grad_out: TensorLike, x: TensorLike, w: TensorLike, b: TensorLike | None = None,
+                    stride: Any = 1, padding: Padding = 0, dilation: Any = 1, groups: int = 1,
+                    accumulate: str | None = None, activation: Any = None,
+                    y: TensorLike | None = None) -> tuple[Tensor, Tensor, Tensor | None]:
     """Gradients of conv2d: (dL/dx, dL/dw, dL/db or None when b is None), given dL/dy.
 
         dx[n, c, h, w]  = sum_{k in c's group, r, s: h = oh*sh - pt + r*dh, w = ow*sw - pl + s*dw}
@@ -594,8 +596,21 @@ def conv2d_backward(grad_out: Any, x: Any, w: Any, b: Any = None, stride: Any = 
     return gx, gw, gb
 
 
-def _conv1d_args(x: Any, w: Any, stride: Any, padding: Padding, dilation: Any, dev: Device
-                 ) -> tuple[Tensor, Tensor, tuple, Padding, tuple]:
+def conv2d_weight_grad(grad_out: TensorLike, x: TensorLike, w: TensorLike,
+                       b: TensorLike | None = None, stride: Any = 1, padding: Padding = 0,
+                       dilation: Any = 1, groups: int = 1, accumulate: str | None = None
+                       ) -> tuple[Tensor, Tensor | None]:
+    """(dL/dw, dL/db or None when b is None) of conv2d: conv2d_backward without the input
+    gradient (dw, db as there), for a layer whose input gradient nothing reads (a network's first
+    convolution; the graph's dead-node pass)."""
+    dev, x, w, b, geo, prec = _conv_args(x, w, b, stride, padding, dilation, groups, accumulate)
+    gy = _grad_arg(grad_out, dev, x, (geo.N, geo.K, geo.OH, geo.OW))
+    gw = _weight_grad(dev, prec, geo, gy, x, x.dtype)
+    return gw, (_bias_grad(dev, gy) if b is not None else None)
+
+
+def _conv1d_args(x: TensorLike, w: TensorLike, stride: Any, padding: Padding, dilation: Any,
+                 dev: Device) -> tuple[Tensor, Tensor, tuple, Padding, tuple]:
     x = tensor_arg(x, dev, "x", FLOATS, 3)
     w = tensor_arg(w, dev, "w", FLOATS, 3)
     st = positive_ints(stride, 1, "stride")
@@ -616,8 +631,9 @@ def _conv1d_args(x: Any, w: Any, stride: Any, padding: Padding, dilation: Any, d
             w.reshape(w.shape[0], w.shape[1], 1, w.shape[2]), (1, st[0]), pad2, (1, dil[0]))
 
 
-def conv1d(x: Any, w: Any, b: Any = None, stride: Any = 1, padding: Padding = 0, dilation: Any = 1,
-           groups: int = 1, accumulate: str | None = None) -> Tensor:
+def conv1d(x: TensorLike, w: TensorLike, b: TensorLike | None = None, stride: Any = 1,
+           padding: Padding = 0, dilation: Any = 1, groups: int = 1, accumulate: str | None = None
+           ) -> Tensor:
     """1-D convolution, x (N, C, L), w (K, C/groups, KL) -> (N, K, OL):
 
         y[n, k, o] = b[k] + sum_{c, s} x[n, g*C/G + c, o*stride - pl + s*dilation] * w[k, c, s]
@@ -630,8 +646,8 @@ def conv1d(x: Any, w: Any, b: Any = None, stride: Any = 1, padding: Padding = 0,
     return y.reshape(y.shape[0], y.shape[1], y.shape[3])
 
 
-def conv1d_backward(grad_out: Any, x: Any, w: Any, b: Any = None, stride: Any = 1,
-                    padding: Padding = 0, dilation: Any = 1, groups: int = 1,
+def conv1d_backward(grad_out: TensorLike, x: TensorLike, w: TensorLike, b: TensorLike | None = None,
+                    stride: Any = 1, padding: Padding = 0, dilation: Any = 1, groups: int = 1,
                     accumulate: str | None = None) -> tuple[Tensor, Tensor, Tensor | None]:
     """Gradients of conv1d: (dL/dx, dL/dw, dL/db or None), the conv2d_backward kernels with H = 1."""
     dev = pick_device(grad_out, x, w, b)
@@ -643,8 +659,8 @@ def conv1d_backward(grad_out: Any, x: Any, w: Any, b: Any = None, stride: Any = 
                                                                         w4.shape[3]), gb
 
 
-def _transpose_args(x: Any, w: Any, b: Any, stride: Any, padding: Any, output_padding: Any,
-                    dilation: Any, groups: Any, accumulate: str | None
+def _transpose_args(x: TensorLike, w: TensorLike, b: TensorLike | None, stride: Any, padding: Any,
+                    output_padding: Any, dilation: Any, groups: Any, accumulate: str | None
                     ) -> tuple[Device, Tensor, Tensor, Tensor | None, ConvGeometry, str]:
     """Validate conv_transpose2d's arguments; the geometry returned is the conv view (its input is
     the transpose's output, its output the transpose's input, its weights w as given)."""
@@ -682,8 +698,8 @@ def _transpose_args(x: Any, w: Any, b: Any, stride: Any, padding: Any, output_pa
     return dev, x, w, b, geo, _precision(x.dtype, accumulate)
 
 
-def conv_transpose2d(x: Any, w: Any, b: Any = None, stride: Any = 1, padding: Any = 0,
-                     output_padding: Any = 0, dilation: Any = 1, groups: int = 1,
+def conv_transpose2d(x: TensorLike, w: TensorLike, b: TensorLike | None = None, stride: Any = 1,
+                     padding: Any = 0, output_padding: Any = 0, dilation: Any = 1, groups: int = 1,
                      accumulate: str | None = None) -> Tensor:
     """Transposed 2-D convolution (torch.nn.functional.conv_transpose2d), NCHW: the input gradient
     of conv2d. x (N, C_in, H, W), w (C_in, C_out/groups, KH, KW), b (C_out,) or None:
@@ -699,9 +715,10 @@ def conv_transpose2d(x: Any, w: Any, b: Any = None, stride: Any = 1, padding: An
     return _input_grad(dev, prec, geo, x, w, b, x.dtype)
 
 
-def conv_transpose2d_backward(grad_out: Any, x: Any, w: Any, b: Any = None, stride: Any = 1,
-                              padding: Any = 0, output_padding: Any = 0, dilation: Any = 1,
-                              groups: int = 1, accumulate: str | None = None
+def conv_transpose2d_backward(grad_out: TensorLike, x: TensorLike, w: TensorLike,
+                              b: TensorLike | None = None, stride: Any = 1, padding: Any = 0,
+                              output_padding: Any = 0, dilation: Any = 1, groups: int = 1,
+                              accumulate: str | None = None
                               ) -> tuple[Tensor, Tensor, Tensor | None]:
     """Gradients of conv_transpose2d: (dL/dx, dL/dw, dL/db or None), given dL/dy.
 
