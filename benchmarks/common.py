@@ -136,6 +136,28 @@ def disable_tf32() -> None:
     torch.backends.cudnn.allow_tf32 = False
 
 
+def budget_mark(err: float | None, direct_err: float | None = None) -> str:
+    """A float32 row's standing against the fp32 accuracy budget (pymetalnn/accuracy.py,
+    docs/accuracy.md): "ok", or "OVER" with the limit it exceeds."""
+    from pymetalnn import accuracy
+
+    if err is None:
+        return "-"
+    lim = accuracy.limit(direct_err)
+    return "ok" if err <= lim else f"OVER (> {lim:.2g})"
+
+
+def float64_torch(dev: pymetalnn.Device) -> tuple[Any, str] | None:
+    """(torch, device name) for float64 references computed on `dev`'s GPU when it is cuda (fast
+    fp64), on the cpu otherwise; None without torch."""
+    try:
+        import torch
+    except ImportError:
+        return None
+    tdev = "cuda" if dev.name == "cuda" and torch.cuda.is_available() else "cpu"
+    return torch, tdev
+
+
 def device_label(dev: pymetalnn.Device) -> str:
     if dev.name == "cuda":
         return f"cuda ({dev.gpu_name})"

@@ -42,6 +42,8 @@
 //   (alpha, beta, bias, then the optional activation act of neuron.h: linear(..., activation=))
 //   is computed in float and rounded once to T. Split-K partials never get the activation (the
 //   host clears act for the partial pass; gemm_splitk_sum applies it).
+// * fp16 on matrix hardware: gemm_mma below, the same structure with the products on 8x8
+//   simdgroup matrices (tensor cores on cuda), picked by pymetalnn/ops/gemm.py's mma* tiles.
 // * Bounds: every matrix has fewer than 2^31 elements (host-checked), so in-matrix offsets are
 //   32-bit; batch offsets are 64-bit.
 #include <metal_stdlib>
@@ -304,7 +306,8 @@ inline void gemm_stash_mma(threadgroup T* tile, thread const vec<T, 4>* regs, bo
 // (BM/4) x (BN/2) block of C as FM x FN accumulators of type ACC (float: MPS's default fp16 path;
 // half: its fp16 accumulation). MSL 2.3 has no per-element access to a
 // simdgroup matrix, so the epilogue goes through threadgroup memory: each simdgroup stores one
-// row of its fragments (8 x BN/2 values) to its own staging rows, then every lane applies the
+// row of its fragments (8 x BN/2 values) to its own staging rows (over the slices' memory, free
+// after the K loop), then every lane applies the
 // epilogue to 4-vectors of them.
 template <typename T, typename ACC, typename TC, int BM, int BN, int BK>
 [[max_total_threads_per_threadgroup(256)]]
@@ -321,11 +324,14 @@ kernel void gemm_mma(device const T* A [[buffer(0)]], device const T* B [[buffer
     // halves: fragment loads are one aligned 32-bit access per lane, conflict-free.
     constexpr int PA = BK + 8, PB = BN + 8;
     constexpr int NLA = (BM * BK / 4 + 255) / 256, NLB = (BN * BK / 4 + 255) / 256;
-    threadgroup vec<T, 4> As4[2 * BM * PA / 4];  // vectors: 8-byte aligned rows for the stash
-    threadgroup vec<T, 4> Bs4[2 * BK * PB / 4];
-    threadgroup T* As = (threadgroup T*)As4;
-    threadgroup T* Bs = (threadgroup T*)Bs4;
-    threadgroup ACC Cs[8 * 8 * WN];
+    // one allocation (vectors: 8-byte aligned rows for the stash): the double-buffered slices,
+    // then, after the K loop, the epilogue's staging rows over the same bytes
+    constexpr int TILE_T = 2 * BM * PA + 2 * BK * PB;
+    constexpr int STAGE_T = 8 * 8 * WN * int(sizeof(ACC)) / int(sizeof(T));
+    threadgroup vec<T, 4> smem[((TILE_T > STAGE_T ? TILE_T : STAGE_T) + 3) / 4];
+    threadgroup T* As = (threadgroup T*)smem;
+    threadgroup T* Bs = As + 2 * BM * PA;
+    threadgroup ACC* Cs = (threadgroup ACC*)smem;
 
     uint tiles = p.tiles_m * p.tiles_n;
     uint nb = p.reduce_batch ? 1u : p.batch;
@@ -505,14 +511,17 @@ GEMM_INST(64x64, 64, 64, 16)
 GEMM_KERNEL(gemm_fwd_128x128k16_float, gemm_tiled, float, float, float, 128, 128, 16)
 GEMM_KERNEL(gemm_fwd_128x128k16_hacc_half, gemm_tiled, half, half, half, 128, 128, 16)
 
-// simdgroup-matrix tiles (fp16 storage only): gemm_fwd_mma<BM>x<BN>_<variant>, and the split-K
-// partial-sum kernel of the half variant (float partials).
+// simdgroup-matrix tiles (fp16 storage only): gemm_fwd_mma<BM>x<BN>[k<BK>]_<variant>, and the
+// split-K partial-sum kernel of the half variant (float partials). Every tile stays within the
+// 32 KiB of threadgroup memory of Apple GPUs (128x128 at BK 32 would need 38 KB).
 #define GEMM_MMA_INST(TILE, BM, BN, BK)                                                          \
     GEMM_KERNEL(gemm_fwd_##TILE##_half, gemm_mma, half, float, half, BM, BN, BK)                 \
     GEMM_KERNEL(gemm_fwd_##TILE##_hacc_half, gemm_mma, half, half, half, BM, BN, BK)             \
     GEMM_KERNEL(gemm_fwd_##TILE##_splitk_half, gemm_mma, half, float, float, BM, BN, BK)
 GEMM_MMA_INST(mma128x128, 128, 128, 16)
 GEMM_MMA_INST(mma64x64, 64, 64, 16)
+GEMM_MMA_INST(mma64x64k32, 64, 64, 32)
+GEMM_MMA_INST(mma128x64, 128, 64, 32)
 
 #define GEMM_INST_PREC(VARIANT, T, ACC)                                \
     GEMM_KERNEL(gemm_fwd_splitk_sum_##VARIANT, gemm_splitk_sum, T, ACC)\
