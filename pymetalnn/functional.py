@@ -158,3 +158,9 @@ from .ops.rnn import (  # noqa: E402, F401, I001
     RNNWorkspace, gru, gru_backward, lstm, lstm_backward, rnn, rnn_backward, rnn_state_dict,
     rnn_weight_names, rnn_weights,
 )
+
+# ---- detection (ops/detection.py) ----
+from .ops.detection import (  # noqa: E402, F401, I001
+    box_iou_matrix, mean_average_precision, multiclass_nms, nms, yolo_decode, yolo_detect,
+    yolo_anchors, yolo_loss, yolo_loss_backward, yolo_targets,
+)

@@ -52,6 +52,8 @@ def rand(rng: np.random.Generator, shape, dtype) -> np.ndarray:
 
 FWD_TILES = list(ops.TILES["fwd"])
 WEIGHT_TILES = list(ops.TILES["weight"])
+MMA_FWD_TILES = list(ops.MMA_TILES["fwd"])
+MMA_WEIGHT_TILES = list(ops.MMA_TILES["weight"])
 
 
 def force(algo: str, i: int) -> dict:
@@ -59,6 +61,10 @@ def force(algo: str, i: int) -> dict:
     tile shapes cycling over the cases so that each instantiation meets several shapes."""
     if algo == "direct":
         return {"fwd": "direct", "data": "direct", "weight": WEIGHT_TILES[i % len(WEIGHT_TILES)]}
+    if algo == "mma":  # the simdgroup-matrix tiles (fp16), on every device
+        return {"fwd": MMA_FWD_TILES[i % len(MMA_FWD_TILES)],
+                "data": MMA_FWD_TILES[(i + 1) % len(MMA_FWD_TILES)],
+                "weight": MMA_WEIGHT_TILES[(i + 1) % len(MMA_WEIGHT_TILES)]}
     return {"fwd": FWD_TILES[i % len(FWD_TILES)], "data": FWD_TILES[(i + 1) % len(FWD_TILES)],
             "weight": WEIGHT_TILES[(i + 1) % len(WEIGHT_TILES)]}
 
@@ -139,7 +145,12 @@ def run_conv2d_case(case, prec: str, seed: int = 0) -> None:
     assert_close("grad_b", gb, rb, sb, tol("half" if prec != "float" else "float", red))
 
 
-@pytest.mark.parametrize("prec", list(PRECISIONS))
+# (algorithm, precision) pairs: the simdgroup-matrix kernels exist for fp16 storage only
+ALGO_PRECS = [pytest.param(a, p, id=f"{a}-{p}") for a in ("direct", "tiled", "mma") for p in PRECISIONS
+              if not (a == "mma" and p == "float")]
+
+
+@pytest.mark.parametrize("algo,prec", ALGO_PRECS)
 @pytest.mark.parametrize("case", list(CONV_CASES))
 def test_conv2d(dev, monkeypatch, algo, case, prec):
     monkeypatch.setattr(ops, "FORCE", force(algo, list(CONV_CASES).index(case)))
@@ -211,7 +222,7 @@ def run_transpose_case(case, prec: str, seed: int = 1) -> None:
     assert_close("grad_b", gb, rb, sb, tol("half" if prec != "float" else "float", want[0, 0].size * n))
 
 
-@pytest.mark.parametrize("prec", list(PRECISIONS))
+@pytest.mark.parametrize("algo,prec", ALGO_PRECS)
 @pytest.mark.parametrize("case", list(TRANSPOSE_CASES))
 def test_conv_transpose2d(dev, monkeypatch, algo, case, prec):
     monkeypatch.setattr(ops, "FORCE", force(algo, list(TRANSPOSE_CASES).index(case)))
@@ -574,7 +585,7 @@ def test_conv2d_strided_out(dev, monkeypatch, tile):
             (ktot - k + 1) * hw * 4), (n, k, 7, 6), np.float32), out_batch_stride=ktot * hw)
 
 
-# ---- Winograd F(2x2, 3x3) / F(4x4, 3x3) / F(2x2, 5x5) (kernels/conv_winograd.metal) ----------
+# ---- Winograd F(2x2, 3x3) / F(4x4, 3x3) / F(2x2, 5x5) (ops/conv_winograd.py) ----------------
 # Its transforms round differently from a direct sum: F(2x2, 3x3) stays near direct accuracy, the
 # alpha = 6 variants multiply the rounding of their larger coefficients (up to 8 in A^T, 5 in
 # B^T). The factors over the direct tolerance hold the worst case measured on these cases (cpu,
@@ -703,3 +714,102 @@ def test_conv_temporaries_come_from_scratch(dev):
     assert [v.nbytes for v in views] == [100, 1, 4096]
     grown = scratch(dev, [1 << 20], "test")[0]
     assert grown.base is not views[0].base and grown.nbytes == 1 << 20
+
+
+def test_set_winograd_modes(monkeypatch):
+    """conv.set_winograd picks the table cuda's default selection reads: "budget" keeps the
+    weight gradients out-of-budget variants off (3x3 by F(2x2, 3x3), 5x5 tiled), "fast" runs them,
+    "off" runs none; other backends never pick Winograd unforced; a bad mode names the argument."""
+    monkeypatch.setattr(ops, "WINOGRAD", ops.WINOGRAD)  # restored after the test
+
+    class Cuda:
+        name = "cuda"
+
+    class Cpu:
+        name = "cpu"
+
+    g3 = ops._conv_geometry((2, 16, 8, 8), (16, 16, 3, 3), 1, 1, 1, 1)
+    g5 = ops._conv_geometry((2, 16, 8, 8), (16, 16, 5, 5), 1, 2, 1, 1)
+    want = {"budget": {"fwd": (4, 2), "data": (4, 2), "weight": (2, 0)},
+            "fast": {"fwd": (4, 2), "data": (4, 2), "weight": (4, 2)},
+            "off": {"fwd": (0, 0), "data": (0, 0), "weight": (0, 0)}}
+    for mode, kinds in want.items():
+        ops.set_winograd(mode)
+        for kind, ms in kinds.items():
+            assert (ops._winograd(kind, Cuda, g3, "float"), ops._winograd(kind, Cuda, g5, "float")) \
+                == ms, (mode, kind)
+            assert ops._winograd(kind, Cpu, g3, "float") == 0
+            assert ops._winograd(kind, Cuda, g3, "half") == 0
+    with pytest.raises(ValueError, match="mode"):
+        ops.set_winograd("fastest")
+
+
+# ---- the fp32 accuracy budget (pymetalnn/accuracy.py, docs/accuracy.md) ------------------------
+# benchmarks/bench_conv.py's six shapes (N, C, K, H, W, (KH, KW), stride, padding), scaled for
+# cpu: each op keeps the image size and the reduction length that drives its error (forward
+# C*KH*KW, input gradient K*KH*KW, weight gradient N*OH*OW) and sheds what only repeats
+# independent sums (the batch of the forward and input gradient; 16 channels on the side that is
+# not reduced, still wide enough for the tiled and Winograd kernels).
+BENCH_SHAPES = {
+    "lenet-conv2-5x5": (64, 32, 64, 14, 14, (5, 5), 1, (2, 2)),
+    "resnet-3x3": (32, 64, 64, 56, 56, (3, 3), 1, (1, 1)),
+    "1x1-256to64": (32, 256, 64, 56, 56, (1, 1), 1, (0, 0)),
+    "inception-1x7": (32, 128, 128, 17, 17, (1, 7), 1, (0, 3)),
+    "inception-7x1": (32, 128, 128, 17, 17, (7, 1), 1, (3, 0)),
+    "3x3-s2": (32, 128, 256, 28, 28, (3, 3), 2, (1, 1)),
+}
+BUDGET_RUNS = [pytest.param(s, op, id=f"{s}-{op}") for s in BENCH_SHAPES
+               for op in ("fwd", "data", "weight")]
+
+
+def _budget_shape(name: str, op: str) -> tuple:
+    n, c, k, h, w, ks, st, pad = BENCH_SHAPES[name]
+    if op == "fwd":
+        return 1, c, 16, h, w, ks, st, pad
+    if op == "data":
+        return 1, 16, k, h, w, ks, st, pad
+    return n, 16, 16, h, w, ks, st, pad
+
+
+@pytest.mark.parametrize("name,op", BUDGET_RUNS)
+def test_conv2d_fp32_budget(dev, monkeypatch, name, op):
+    """float32 on bench_conv's shapes against float64: the direct/tiled kernels within the
+    ceiling, and the Winograd variant the default selection ("budget") runs on cuda, if any,
+    within min(10x the tiled kernels' error on the same inputs, ceiling). (Every variant, opt-in
+    ones included: benchmarks/dev_accuracy.py.)"""
+    from pymetalnn import accuracy
+    from pymetalnn.ops import conv_winograd as wino
+
+    n, c, k, h, w, (kh, kw), st, pad = _budget_shape(name, op)
+    rng = np.random.default_rng(41)
+    x, wt = rand(rng, (n, c, h, w), np.float32), rand(rng, (k, c, kh, kw), np.float32)
+    geo = ops._conv_geometry((n, c, h, w), (k, c, kh, kw), st, pad, 1, 1)
+    gy = rand(rng, (n, k, geo.OH, geo.OW), np.float32)
+    kw_ref = dict(stride=(st, st), pad=(pad[0], pad[0], pad[1], pad[1]), dilation=(1, 1), groups=1)
+    if op == "fwd":
+        want = ref.conv2d(x, wt, None, **kw_ref)
+    else:
+        want = ref.conv2d_backward(gy, x, wt, False, **kw_ref)[0 if op == "data" else 1]
+    xt, wtt, gyt = (pymetalnn.tensor(a, dev) for a in (x, wt, gy))
+
+    def run() -> np.ndarray:
+        if op == "fwd":
+            return ops._forward(dev, "float", geo, xt, wtt, None, np.float32).numpy()
+        if op == "data":
+            return ops._input_grad(dev, "float", geo, gyt, wtt, None, np.float32).numpy()
+        return ops._weight_grad(dev, "float", geo, gyt, xt, np.float32).numpy()
+
+    monkeypatch.setattr(ops, "WINOGRAD", ops.WINOGRAD_MODES["off"])
+    direct = accuracy.rel_err(run(), want)
+    assert direct <= accuracy.CEILING, f"direct/tiled kernels: error {direct:.3g}"
+    m = ops.WINOGRAD_MODES["budget"][op].get(kh, 0)
+    if not (m and wino.eligible(geo, "float", m)):
+        return
+    monkeypatch.setattr(ops, "FORCE", {op: f"wino{m}"})
+    before = dict(dev.dispatch_counts)
+    err = accuracy.rel_err(run(), want)
+    ran = {q for q, cnt in dev.dispatch_counts.items() if cnt > before.get(q, 0)}
+    assert any(f"wino{m}x{kh}" in q for q in ran), ran
+    assert accuracy.within(err, direct), (
+        f"F({m}x{m}, {kh}x{kh}) {op}, a default: error {err:.3g} > {accuracy.limit(direct):.3g} "
+        f"(direct {direct:.3g})")

@@ -218,6 +218,8 @@ class GraphRunner:
         loss = self._loss_of.get(v)
         if isinstance(x, LossLabels):
             x = x.labels
+        if loss is not None and hasattr(loss, "bind_labels"):  # a loss that checks its own labels
+            return loss.bind_labels(self, v, x)
         if loss is None or not loss.class_labels:
             return self._bind_input(v, x)
         c = self.resolve(loss.sources[0]).shape[1]

@@ -271,19 +271,23 @@ def matrix_hw(dev: Device) -> bool:
     if forced is not None:
         return bool(forced)
     import os
-    import platform
 
     env = os.environ.get("PYMETALNN_SIMDGROUP_MATRIX")
     if env in ("0", "1"):
         return env == "1"
     if dev.name == "metal":
-        return platform.machine() == "arm64"
+        return bool(getattr(dev, "apple_gpu", False))
     return dev.name == "cuda"
+
+
+def fits_threadgroup_memory(dev: Device, k: Kernel) -> bool:
+    """Whether kernel `k`'s threadgroup memory fits `dev`: Apple GPUs have 32 KiB, and the metal
+    backend knows each kernel's (pipeline creation fails past it); elsewhere always."""
+    limit = getattr(dev, "max_threadgroup_memory", None)
+    return limit is None or getattr(k, "threadgroup_memory", 0) <= limit
 
 
 def matrix_capable(dev: Device) -> bool:
     """Whether kernels on simdgroup matrices can run on `dev` at all (matrix_hw says whether ops
     prefer them): everywhere but Metal devices without them (Intel/AMD Macs)."""
-    import platform
-
-    return dev.name != "metal" or platform.machine() == "arm64"
+    return dev.name != "metal" or bool(getattr(dev, "apple_gpu", False))

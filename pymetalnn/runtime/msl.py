@@ -17,6 +17,7 @@ import re
 from dataclasses import dataclass, field
 
 from .errors import MSLError
+from .lockstep import build as build_lockstep
 from .preprocess import Preprocessor, Token
 
 SCALAR_MAP = {
@@ -51,6 +52,9 @@ atomic_fetch_or_explicit atomic_fetch_xor_explicit""".split())
 MATRIX_FUNCS = set("""make_filled_simdgroup_matrix simdgroup_load simdgroup_store simdgroup_multiply
 simdgroup_multiply_accumulate""".split())
 TEMPLATE_FUNCS = {"as_type", "make_filled_simdgroup_matrix"}  # called as f<...>(...)
+# library defines that configure the prelude: PMN_MATRIX_TF32 lets float simdgroup matrices use
+# TF32 tensor cores on cuda (an explicit opt-in; see docs/dialect.md)
+PRELUDE_DEFINES = {"PMN_MATRIX_TF32"}
 KNOWN_FUNCS = MATH_FUNCS | SIMD_FUNCS | ATOMIC_FUNCS | MATRIX_FUNCS | {"threadgroup_barrier"}
 MEMORY_ORDERS = {"memory_order_relaxed", "memory_order_acquire", "memory_order_release",
                  "memory_order_acq_rel", "memory_order_seq_cst"}
@@ -123,6 +127,8 @@ class KernelInfo:
     file: str = ""
     line: int = 0
     impl_name: str = ""
+    lockstep: bool = False  # cpu: runs as work-item loops (lockstep.py) instead of fibers
+    fiber_reason: str = ""  # cpu: why a kernel that synchronizes still needs fibers
 
 
 @dataclass
@@ -212,6 +218,7 @@ class Translator:
         self.templates: dict[str, tuple[list[str], list[list[Token]], Token, int]] = {}
         self.kernels: dict[str, KernelInfo] = {}
         self.user_funcs: set[str] = set()
+        self.sync_funcs: set[str] = set()  # functions that synchronize, directly or by a call
 
     # ---- entry
     def translate(self, toks: list[Token]) -> tuple[list[Token], dict[str, KernelInfo]]:
@@ -710,6 +717,7 @@ class Translator:
 
         for k in self.kernels.values():
             k.needs_fibers = needs(k.impl_name, frozenset())
+        self.sync_funcs = {fn for fn in bodies if needs(fn, frozenset())}
 
 
 # ---- output ---------------------------------------------------------------------------------
@@ -775,16 +783,25 @@ def _entry_points(k: KernelInfo, target: str) -> str:
         else:
             call.append(BUILTINS[k.builtins[j][1]][1])
     body = f"{k.impl}({', '.join(call)});"
-    return (
+    loop = (f"for (uint32_t l = 0; l < tg_size; ++l) {{ ti.lid = l; ti.gid = tgid * tg_size + l; "
+            f"ti.lane = l & 31u; ti.simd_id = l >> 5; pmn_body_{k.name}(args, ti); }}")
+    if k.lockstep:
+        # one call per threadgroup: the work-item loops are inside (lockstep.py)
+        grp = "pmn_kgrp_" + k.impl[len("pmn_kimpl_"):]
+        grp = grp.replace("<", f"<{k.threadgroup_size}u, ", 1) if "<" in grp else \
+            grp + f"<{k.threadgroup_size}u>"
+        gargs = [unpack[k.args[j].index] for kind, j in k.params_order if kind == "arg"]
+        loop = f"(void)ti; {grp}({', '.join(gargs + ['tgid', 'n_groups'])});"
+    fiber = "" if k.lockstep else (
         f"static inline __attribute__((always_inline)) void pmn_body_{k.name}(void* const* args, "
         f"const pmn_tinfo& ti) {{ (void)args; (void)ti; {body} }}\n"
         f'extern "C" void pmn_thread_{k.name}(void* const* args, const pmn_tinfo* ti) '
-        f"{{ pmn_body_{k.name}(args, *ti); }}\n"
+        f"{{ pmn_body_{k.name}(args, *ti); }}\n")
+    return (
+        fiber +
         f'extern "C" void pmn_loop_{k.name}(void* const* args, uint32_t tgid, uint32_t tg_size, '
         f"uint32_t n_groups) {{ pmn_tinfo ti; ti.tgid = tgid; ti.tg_size = tg_size; "
-        f"ti.n_groups = n_groups; ti.n_simd = (tg_size + 31u) >> 5; "
-        f"for (uint32_t l = 0; l < tg_size; ++l) {{ ti.lid = l; ti.gid = tgid * tg_size + l; "
-        f"ti.lane = l & 31u; ti.simd_id = l >> 5; pmn_body_{k.name}(args, ti); }} }}\n"
+        f"ti.n_groups = n_groups; ti.n_simd = (tg_size + 31u) >> 5; {loop} }}\n"
         f'extern "C" unsigned pmn_argsize_{k.name}(unsigned i) {{ static const unsigned s[] = '
         f"{{{sizes}}}; return s[i]; }}\n"
     )
@@ -800,11 +817,13 @@ PREAMBLE = {
 
 
 def translate_file(path: str, target: str, defines: dict | None = None,
-                   include_dirs: list[str] | None = None, prelude: str | None = None) -> Translation:
+                   include_dirs: list[str] | None = None, prelude: str | None = None,
+                   lockstep: bool = True) -> Translation:
     """Translate one `.metal` file for `target` ("cuda" or "cpu").
 
     `prelude`: text to paste in place of `#include "pmn_prelude.h"` (NVRTC gets everything in one
-    string); None emits the #include.
+    string); None emits the #include. `lockstep` (cpu): kernels that synchronize also get a
+    work-item-loop version (lockstep.py), used instead of fibers where it could be built.
     """
     pp = Preprocessor(include_dirs or [], defines)
     toks = pp.run_file(path)
@@ -813,7 +832,22 @@ def translate_file(path: str, target: str, defines: dict | None = None,
     if not kernels:
         raise MSLError(path, 1, "no kernel functions found")
     parts = [PREAMBLE[target]]
+    # switches read by the prelude itself (not by the .metal source) go before it
+    for name in sorted(PRELUDE_DEFINES & set(defines or {})):
+        parts.append(f"#define {name} {(defines or {})[name]}\n")
     parts.append(prelude if prelude is not None else '#include "pmn_prelude.h"\n')
+    if target == "cpu" and lockstep:
+        extra = build_lockstep(out, kernels, tr.sync_funcs)
+        if extra:
+            parts.append('#include "pmn_lockstep.h"\n')
+            out = out + extra
+        for k in kernels.values():
+            if k.lockstep:
+                k.needs_fibers = False
+    elif target == "cpu":
+        for k in kernels.values():
+            if k.needs_fibers:
+                k.fiber_reason = "work-item loops turned off"
     parts.append(_emit(out))
     parts.append(f'#line 1 "{GENERATED}"\n')
     for k in kernels.values():
