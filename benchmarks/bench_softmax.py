@@ -59,7 +59,7 @@ def bench_op(dev: pm.Device, x_np: np.ndarray, g_np: np.ndarray, dim: int, log: 
             tf = torch.log_softmax if log else torch.softmax
             tb = torch._log_softmax_backward_data if log else torch._softmax_backward_data
             err = (tf(xt, dim).float() - yt.float()).abs().max().item()
-            assert err < (1e-2 if dtype == np.float16 else 1e-4), (name, err)
+            assert err < (2e-2 if dtype == np.float16 else 1e-4), (name, err)
             peer = "torch"
             peer_f, _ = common.time_on(dev, lambda: tf(xt, dim), quick)
             peer_b, _ = common.time_on(dev, lambda: tb(gt, yt, dim, yt.dtype), quick)

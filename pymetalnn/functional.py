@@ -173,6 +173,7 @@ from .ops.rnn import (  # noqa: E402, F401, I001
 
 # ---- detection (ops/detection.py) ----
 from .ops.detection import (  # noqa: E402, F401, I001
-    box_iou_matrix, mean_average_precision, multiclass_nms, nms, yolo_decode, yolo_detect,
-    yolo_anchors, yolo_loss, yolo_loss_backward, yolo_targets,
+    YoloAnchors, YoloTargets, box_iou_matrix, check_targets, mean_average_precision,
+    multiclass_nms, nms, yolo_decode, yolo_detect, yolo_anchors, yolo_loss, yolo_loss_backward,
+    yolo_targets,
 )

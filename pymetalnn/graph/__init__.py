@@ -87,9 +87,9 @@ from .nodes import (
     TanhNode,
     TensorNode,
     Value,
+    YoloLossNode,
 )
 from .padding import FULL, SAME, VALID, Padding
-from .nodes.detection import YoloLossNode
 from . import build, capture, io, memory, nodes, optimize, run, train, updates  # noqa: E402
 from .io import load_graph, save_graph, torch_state_dict
 from .from_torch import from_torch
