@@ -395,7 +395,7 @@ def parse_decl(toks: list[Token], type_names: set[str]) -> Decl | None:
         return None
     base = [x for x in toks[base_start:j]]
     decls: list[Declarator] = []
-    parts = _split_top(toks[j:], ",")
+    parts = _split_decls(toks[j:])
     for p in parts:
         k = 0
         prefix = []
@@ -420,6 +420,31 @@ def parse_decl(toks: list[Token], type_names: set[str]) -> Decl | None:
     return Decl(quals, base, decls)
 
 
+def _split_decls(toks: list[Token]) -> list[list[Token]]:
+    """Declarators split at top-level commas; `f<A, B>(...)` in an initializer is one piece."""
+    parts: list[list[Token]] = [[]]
+    d = 0
+    k = 0
+    while k < len(toks):
+        t = toks[k]
+        if t.text == "<" and k and toks[k - 1].kind == "id":
+            e = _match_angle(toks, k)
+            if e > 0:
+                parts[-1].extend(toks[k : e + 1])
+                k = e + 1
+                continue
+        if t.text in ("(", "[", "{"):
+            d += 1
+        elif t.text in (")", "]", "}"):
+            d -= 1
+        if t.text == "," and d == 0:
+            parts.append([])
+        else:
+            parts[-1].append(t)
+        k += 1
+    return parts
+
+
 # ---- functions in the translated stream -------------------------------------------------------
 
 @dataclass
@@ -433,9 +458,9 @@ class Func:
     origin: Token
 
 
-def find_functions(toks: list[Token], names: set[str]) -> dict[str, Func]:
-    """Definitions at file scope of the functions in `names`."""
-    found: dict[str, Func] = {}
+def find_functions(toks: list[Token], names: set[str]) -> dict[str, list[Func]]:
+    """Definitions at file scope of the functions in `names` (every overload, in order)."""
+    found: dict[str, list[Func]] = {}
     i, n = 0, len(toks)
     start = 0
     d = 0
@@ -464,11 +489,9 @@ def find_functions(toks: list[Token], names: set[str]) -> dict[str, Func]:
                         q -= 1
                     name = toks[q - 1].text if q > start else ""
                     if name in names:
-                        if name in found:
-                            found[name] = None  # overloaded: not inlined
-                        else:
-                            found[name] = _make_func(toks[start:q - 1], toks[q - 1], toks[q + 1:p],
-                                                     toks[i + 1:e])
+                        found.setdefault(name, []).append(
+                            _make_func(toks[start:q - 1], toks[q - 1], toks[q + 1:p],
+                                       toks[i + 1:e]))
                 i = e + 1
                 if i < n and toks[i].text == ";":
                     i += 1
@@ -480,7 +503,7 @@ def find_functions(toks: list[Token], names: set[str]) -> dict[str, Func]:
         elif t.text == ";" and d == 0:
             start = i + 1
         i += 1
-    return {k: v for k, v in found.items() if v is not None}
+    return found
 
 
 def _make_func(head: list[Token], name_tok: Token, params: list[Token], body: list[Token]) -> Func:
@@ -934,6 +957,11 @@ class Lockstep:
     def uniform_stmt(self, st: St, ctx: Ctx) -> bool:
         """A declaration of uniform variables or an assignment to one (Uniformity made sure
         that its value is the same in every thread)."""
+        if st.kind == "simple" and st.toks and (
+                st.toks[0].text in ("typedef", "using", "static_assert", "constexpr",
+                                    "PMN_THREADGROUP") or
+                [x.text for x in st.toks[:2]] == ["static", "constexpr"]):
+            return True  # compile-time, or the group's memory: in the function's scope
         if st.kind != "simple" or not ctx.uniform_ctx:
             return False
         d = parse_decl(st.toks, self.type_names)
@@ -1378,9 +1406,12 @@ class Lockstep:
     # -- helpers with synchronization: inlined
     def inline_call(self, toks: list[Token], k: int, ctx: Ctx, out: list[Token]) -> list[Token] | None:
         name = toks[k].text
-        f = self.helpers.get(name)
-        if f is None:
-            raise Unsupported(f"helper '{name}' (overloaded or not found)")
+        overloads = self.helpers.get(name)
+        if not overloads:
+            raise Unsupported(f"helper '{name}' not found")
+        f = overloads[0]
+        if len(overloads) > 1 and any([x.text for x in g.ret] != ["void"] for g in overloads):
+            raise Unsupported(f"overloaded helper '{name}' with a result")
         if ctx.depth > 8:
             raise Unsupported("recursive helper")
         like = toks[k]
@@ -1393,7 +1424,7 @@ class Lockstep:
             j = e + 1
         pc = _match(toks, j)
         args = _split_call_args(toks[j + 1 : pc])
-        if len(args) != len(f.params):
+        if any(len(args) != len(g.params) for g in overloads):
             raise Unsupported(f"call of '{name}' with default arguments")
         void = [x.text for x in f.ret] == ["void"]
         start = k
@@ -1401,10 +1432,10 @@ class Lockstep:
         if void and not whole:
             raise Unsupported(f"void helper '{name}' used in an expression")
         out.append(T("{"))
-        sub: dict[str, list[Token]] = {}
         ret_ty = " ".join(x.text for x in f.ret)
-        if f.tparams:
-            self._deduce_decl(f)
+        if f.tparams or len(overloads) > 1:
+            for n_, g in enumerate(overloads):
+                self._deduce_decl(g, n_)
             # names visible to overload resolution: the per-thread values it needs, of thread 0
             used = set().union(*(_ids(a) for a in args)) if args else set()
             binds = [f"auto& {n} = {a}[0]; (void){n};" for n, a in ctx.visible() if n in used]
@@ -1416,15 +1447,42 @@ class Lockstep:
             for a_i, a in enumerate(args):
                 call += ([T(",")] if a_i else []) + a
             out += [T(f"using {ta} = decltype(")] + call + [T("));")]
-            for idx, (kind, tn, _) in enumerate(f.tparams):
-                sub[tn] = [T(ta), Token("punct", "::", like.file, like.line), T(f"pmn_t{idx}")]
-                if kind == "type":
-                    sub[tn].insert(0, T("typename"))
             ret_ty = f"typename {ta}::pmn_ret"
+        else:
+            ta = ""
+        if len(overloads) > 1:
+            # overload resolution picks the body: one `if constexpr` branch per overload
+            for n_, g in enumerate(overloads):
+                out.append(T(f"if constexpr ({ta}::pmn_which == {n_}) {{"))
+                self._inline_body(g, args, ta, ctx, out, like, None, True)
+                out.append(T("}"))
+            out.append(T("}"))
+            return None
         ret = None
         if not void:
             ret = self.uid("r")
             out.append(T(f"{ret_ty} {ret}[PMN_TG];"))
+        self._inline_body(f, args, ta, ctx, out, like, ret, void)
+        if whole:
+            out.append(T("}"))
+            return None
+        # the rest of the caller's statement, inside the block (the result array lives here)
+        rest = toks[:start] + [T(f"{ret}[pmn_l]")] + toks[pc + 1 :]
+        self._continue(rest, St("simple", rest), ctx, out, [])
+        out.append(T("}"))
+        return None
+
+    def _inline_body(self, f: Func, args: list[list[Token]], ta: str, ctx: Ctx, out: list[Token],
+                     like: Token, ret: str | None, void: bool) -> None:
+        """Parameters and body of helper `f` inlined at a call with `args`; `ta` names its
+        template arguments (pmn_ta_*), `ret` the per-thread result array."""
+        T = lambda s: self.tk(s, like)  # noqa: E731
+        name = f.name
+        sub: dict[str, list[Token]] = {}
+        for idx, (kind, tn, _) in enumerate(f.tparams):
+            sub[tn] = [T(ta), Token("punct", "::", like.file, like.line), T(f"pmn_t{idx}")]
+            if kind == "type":
+                sub[tn].insert(0, T("typename"))
         # parameters: a uniform argument is one scalar (evaluated here, named in the inner
         # block so that it cannot hide a caller name used by a later argument); the others are
         # per-thread arrays assigned from the arguments in the caller's loop
@@ -1433,8 +1491,30 @@ class Lockstep:
         uni_params: list[str] = []
         uni_names: set[str] = set()
         caller_u = Uniformity(self, ctx.uni)
+        aliased: set[str] = set()
         for p, a in zip(f.params, args):
             p = self._subst(p, sub)
+            amp = [i for i, x in enumerate(p) if x.text == "&"]
+            if amp:
+                # a reference: the caller's variable itself (its per-thread array, or the
+                # uniform object); the argument must be a plain name
+                pn = [x for x in p[amp[0] + 1:] if x.kind == "id"]
+                if not pn:
+                    continue  # unnamed
+                if len(a) != 1 or a[0].kind != "id":
+                    raise Unsupported(f"reference parameter of '{name}' bound to an expression")
+                per = dict(ctx.visible())
+                if a[0].text in per:
+                    pframe.append((pn[0].text, per[a[0].text]))
+                    aliased.add(pn[0].text)
+                elif Uniformity(self, ctx.uni).expr(a):
+                    uni_params.append(f"auto& {pn[0].text} = {a[0].text}; (void){pn[0].text};")
+                    uni_names.add(pn[0].text)
+                else:
+                    raise Unsupported(f"reference parameter of '{name}'")
+                continue
+            if p[-1].text in ("*", ">", "]") or p[-1].kind != "id" or len(p) == 1:
+                continue  # unnamed parameter
             d = parse_decl(p + [T(";")], self.type_names | {x[1] for x in f.tparams})
             if d is None or len(d.decls) != 1:
                 raise Unsupported(f"parameter of '{name}'")
@@ -1472,17 +1552,10 @@ class Lockstep:
             raise Unsupported(f"helper '{name}' uses '{sorted(clash)[0]}', also a local of the caller")
         fctx.uni = Uniformity(self, uni_names).run(stmts)
         fctx.arrays, fctx.no_copy = _copy_info(stmts, body, self.type_names)
+        fctx.no_copy |= aliased
         fctx.full = ctx.full and ctx.uniform_ctx and mask_is_ctx and not _returns(stmts)
         self.stmts(stmts, fctx, out)
         out.append(T("}"))
-        if whole:
-            out.append(T("}"))
-            return None
-        # the rest of the caller's statement, inside the block (the result array lives here)
-        rest = toks[:start] + [T(f"{ret}[pmn_l]")] + toks[pc + 1 :]
-        self._continue(rest, St("simple", rest), ctx, out, [])
-        out.append(T("}"))
-        return None
 
     @staticmethod
     def _subst(toks: list[Token], sub: dict[str, list[Token]]) -> list[Token]:
@@ -1496,8 +1569,9 @@ class Lockstep:
                 out.append(t)
         return out
 
-    def _deduce_decl(self, f: Func) -> None:
-        if f.name in self.deduce:
+    def _deduce_decl(self, f: Func, which: int = 0) -> None:
+        key = f"{f.name}#{which}"
+        if key in self.deduce:
             return
         o = f.origin
         T = lambda s: self.tk(s, o)  # noqa: E731
@@ -1510,13 +1584,16 @@ class Lockstep:
                 members.append(f"static constexpr {ty} pmn_t{idx} = {tn};")
         ret = " ".join(x.text for x in f.ret)
         names = ", ".join(tn for _, tn, _ in f.tparams)
-        toks = list(f.theader) + [T(f"struct pmn_ta_{f.name} {{ using pmn_ret = {ret}; "
+        sname = f"pmn_ta_{f.name}_{which}"
+        toks = list(f.theader) + [T(f"struct {sname} {{ using pmn_ret = {ret}; "
+                                    f"static constexpr int pmn_which = {which}; "
                                     + " ".join(members) + " };")]
-        toks += list(f.theader) + [T(f"pmn_ta_{f.name}<{names}> pmn_deduce_{f.name}(")]
+        toks += list(f.theader) + [T(f"{sname}" + (f"<{names}>" if names else "") +
+                                     f" pmn_deduce_{f.name}(")]
         for i, p in enumerate(f.params):
             toks += ([T(",")] if i else []) + p
         toks.append(T(");"))
-        self.deduce[f.name] = toks
+        self.deduce[key] = toks
 
 
 def collect_type_names(toks: list[Token]) -> set[str]:
@@ -1548,7 +1625,7 @@ def build(toks: list[Token], kernels: dict, sync_funcs: set[str]) -> list[Token]
     if not impls:
         return []
     ls = Lockstep(toks, sync_funcs - impls, collect_type_names(toks))
-    funcs = find_functions(toks, impls)
+    funcs = {k: v[0] for k, v in find_functions(toks, impls).items() if len(v) == 1}
     out: list[Token] = []
     done: dict[str, str | None] = {}
     for k in kernels.values():
