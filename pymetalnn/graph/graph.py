@@ -637,7 +637,9 @@ class Graph:
             self._cbq.join()
 
     def _signal(self, h: Handle, callback: Callable | None) -> None:
-        def done() -> None:
+        def done(err: BaseException | None = None) -> None:
+            if err is not None:  # work of this step failed: its wait() raises it
+                h.error = h.error or err
             h._event.set()
             self._sem.release()
             if callback is not None:
@@ -646,7 +648,7 @@ class Graph:
         sig = getattr(self.device, "signal", None)
         if sig is not None:
             try:
-                sig(done)
+                sig(done, with_error=True)
                 return
             except NotImplementedError:
                 pass

@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 
 from .core import CPU_RT_DIR, KERNEL_DIR, PRELUDE_DIR, Buffer, Device, Kernel, Library, cache_dir
-from .errors import BackendUnavailable, CompileError
+from .errors import AsyncError, BackendUnavailable, CompileError, ValidationError
 from .msl import translate_file
 
 CXXFLAGS = ["-std=c++17", "-O2", "-fPIC", "-shared", "-fno-math-errno", "-fno-strict-aliasing"]
@@ -79,6 +79,22 @@ def _compile_shared(cxx: str, src_path: str, out: str, extra: list[str]) -> None
     os.replace(tmp, out)  # atomic: concurrent processes never load a half-written library
 
 
+def _more(fs: list) -> str:
+    return f" (and {len(fs) - 1} more failures)" if len(fs) > 1 else ""
+
+
+_live_devices: list = []  # CpuDevices of this process, for the fork handler
+
+
+def _after_fork_in_child() -> None:
+    for d in _live_devices:
+        d._after_fork_in_child()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
 class _Runtime:
     """The shared cpu runtime library (fibers, scheduler, worker pool), built once."""
 
@@ -105,6 +121,23 @@ class _Runtime:
             return cls._lib
 
 
+class _Failure:
+    """One failed job: what failed (a kernel, a callback, a copy), and whether it was raised yet."""
+
+    __slots__ = ("what", "kernel", "cause", "reported")
+
+    def __init__(self, what: str, kernel: str | None, cause: BaseException):
+        self.what, self.kernel, self.cause, self.reported = what, kernel, cause, False
+
+    def error(self, context: str = "") -> AsyncError:
+        self.reported = True
+        cls = ValidationError if isinstance(self.cause, ValidationError) else AsyncError
+        e = cls(self.what + context, self.kernel)
+        if not isinstance(self.cause, AsyncError):  # a callback's own exception: keep its trace
+            e.__cause__ = self.cause
+        return e
+
+
 class CpuDevice(Device):
     name = "cpu"
 
@@ -113,54 +146,136 @@ class CpuDevice(Device):
         self.cxx = find_compiler()
         self.rt = _Runtime.get(self.cxx)
         self.num_workers = self.rt.pmn_cpu_num_workers()
-        # the queue: a C SimpleQueue (put and get take no Python-level lock, so a launch does not
-        # wait for the queue thread to let go of one) plus queue.Queue's join bookkeeping
+        self._start_queue()
+        _live_devices.append(self)
+
+    # ---- queue
+    # Items are (run, spans, kernel name): spans lists (first byte, end, written) per buffer
+    # argument of a launch, None for callbacks. A job that fails marks the byte ranges it writes
+    # as failed ("poisoned") with its _Failure; a later job touching a poisoned range does not
+    # run and passes the poison on to what it writes; a read of a poisoned range raises. The
+    # queue itself never stops: unrelated work keeps running, callbacks always run. A range is
+    # clean again once the host writes it or its memory is allocated anew.
+    def _start_queue(self) -> None:
+        # a C SimpleQueue (put and get take no Python-level lock, so a launch does not wait for
+        # the queue thread to let go of one) plus queue.Queue's join bookkeeping
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
         self._lock = threading.Lock()
         self._idle = threading.Condition(self._lock)
         self._unfinished = 0  # jobs put and not yet done, under _lock
-        self._error: BaseException | None = None
+        self._poison: list[tuple[int, int, _Failure]] = []  # (first byte, end, failure)
+        self._failures: list[_Failure] = []  # for synchronize(), under _lock
+        self._epoch: list[_Failure] = []  # failures since the last signal (queue thread only)
         self._errbuf = ctypes.create_string_buffer(512)  # launch errors, written by the queue thread
         self._thread = threading.Thread(target=self._worker, name="pymetalnn-cpu-queue", daemon=True)
         self._thread.start()
 
-    # ---- queue
+    def _after_fork_in_child(self) -> None:
+        # the queue thread did not survive the fork (the runtime's pool restarts by itself); the
+        # parent's queued work is the parent's: the child starts with an empty, clean queue
+        self._start_queue()
+
     def _worker(self) -> None:
         while True:
-            job = self._queue.get()
+            item = self._queue.get()
             try:
-                if job is not None and self._error is None:
-                    job()
-            except BaseException as e:  # reported at the next synchronize
-                self._error = e
+                self._run_job(item)
+            except BaseException:  # noqa: BLE001 -- the queue thread must survive anything
+                pass
             finally:
                 with self._lock:
                     self._unfinished -= 1
                     if not self._unfinished:
                         self._idle.notify_all()
 
-    def _put(self, job: Any) -> None:
+    def _run_job(self, item: tuple) -> None:
+        run, spans, name = item
+        if name is not None and self._poison:
+            f = self._tainted(spans)
+            if f is not None:
+                self._mark(spans, f)
+                return
+        try:
+            run()
+        except BaseException as e:  # noqa: BLE001 -- reported where it is depended on
+            if isinstance(e, AsyncError):
+                f = _Failure(str(e), e.kernel, e)
+            elif name is not None:
+                f = _Failure(f"kernel '{name}' failed: {e}", name, e)
+            else:
+                f = _Failure(f"a queued callback failed: {e.__class__.__name__}: {e}", None, e)
+            self._epoch.append(f)
+            with self._lock:
+                self._failures.append(f)
+            if spans:
+                self._mark(spans, f)
+            return
+        if spans and self._poison:
+            self._clean(spans)
+
+    def _tainted(self, spans: Any) -> _Failure | None:
+        for lo, hi, _ in spans:
+            for plo, phi, f in self._poison:
+                if plo < hi and lo < phi:
+                    return f
+        return None
+
+    def _mark(self, spans: Any, f: _Failure) -> None:
+        with self._lock:
+            for lo, hi, writes in spans:
+                if writes and hi > lo:
+                    self._poison = [p for p in self._poison if not (lo <= p[0] and p[1] <= hi)]
+                    self._poison.append((lo, hi, f))
+
+    def _clean(self, spans: Any) -> None:
+        with self._lock:
+            for lo, hi, writes in spans:
+                if writes:
+                    self._poison = [p for p in self._poison if not (lo <= p[0] and p[1] <= hi)]
+
+    def _check_read(self, lo: int, hi: int, nbytes: int) -> None:
+        with self._lock:
+            hit = next((f for plo, phi, f in self._poison if plo < hi and lo < phi), None)
+        if hit is not None:
+            raise hit.error(f" (raised by a read of {nbytes} bytes computed from its result)")
+
+    def _put(self, item: tuple) -> None:
         with self._lock:
             self._unfinished += 1
-        self._queue.put(job)
+        self._queue.put(item)
 
-    def signal(self, callback: Any) -> None:
-        self._put(callback)
+    def signal(self, callback: Any, with_error: bool = False) -> None:
+        def fire() -> None:
+            errs, self._epoch = self._epoch, []
+            if with_error:
+                err = errs[0].error(_more(errs)) if errs else None
+                for f in errs:  # handed over: synchronize() does not raise them again
+                    f.reported = True
+                callback(err)
+            else:
+                callback()
+
+        self._put((fire, None, None))
 
     def _replay(self, rec: Any) -> None:
-        for job in rec.jobs:
-            self._put(job)
+        for item in rec.jobs:
+            self._put(item)
 
-    def synchronize(self) -> None:
+    def _wait(self) -> None:
         if threading.current_thread() is self._thread:
             raise RuntimeError("synchronize() (or a buffer read) from a completion callback "
                                "would wait for itself")
         with self._lock:
             while self._unfinished:
                 self._idle.wait()
-        if self._error is not None:
-            e, self._error = self._error, None
-            raise e
+
+    def synchronize(self) -> None:
+        self._wait()
+        with self._lock:
+            fs = [f for f in self._failures if not f.reported]
+            self._failures.clear()
+        if fs:
+            raise fs[0].error(_more(fs))
 
     # ---- memory: 64-byte aligned host arrays
     def _alloc(self, nbytes: int, zero: bool) -> np.ndarray:
@@ -176,21 +291,32 @@ class CpuDevice(Device):
 
     def _new_buffer(self, nbytes: int, zero: bool) -> Buffer:
         handle, addr = self._alloc_at(max(nbytes, 1), zero)
+        if self._poison:  # fresh memory at a freed, poisoned address is clean
+            self._clean(((addr, addr + max(nbytes, 1), True),))
         buf = Buffer(self, nbytes, handle)
         buf._host_addr = addr  # the handle's first byte, known here: _launch needs no lookup
         return buf
 
     def _read(self, buf: Buffer, offset: int, nbytes: int) -> np.ndarray:
-        self.synchronize()
+        self._wait()
+        if self._poison:
+            lo = self._addr(buf) + offset
+            self._check_read(lo, lo + nbytes, nbytes)
         return buf.handle[offset : offset + nbytes].copy()
 
     def _write(self, buf: Buffer, offset: int, raw: np.ndarray) -> None:
-        self.synchronize()
+        self._wait()
         buf.handle[offset : offset + raw.nbytes] = raw
+        if self._poison:
+            lo = self._addr(buf) + offset
+            self._clean(((lo, lo + raw.nbytes, True),))
 
     def _write_async(self, buf: Buffer, offset: int, raw: np.ndarray) -> None:
         h = buf.handle
-        self._put(lambda: h.__setitem__(slice(offset, offset + raw.nbytes), raw))
+        lo = self._addr(buf) + offset
+        # a host copy reads nothing on the device: it always runs, and cleans what it writes
+        self._put((lambda: h.__setitem__(slice(offset, offset + raw.nbytes), raw),
+                   ((lo, lo + raw.nbytes, True),), None))
 
     # ---- compile
     def _compile(self, path: str, defines: dict) -> Library:
@@ -221,11 +347,18 @@ class CpuDevice(Device):
             # c_char_p elements of the launch's pointer array: a buffer's address goes in as an
             # int, a constant argument's bytes as the bytes object itself, kept alive by the array
             ptr_array = ctypes.c_char_p * max(len(info.args), 1)
-            kernels[name] = Kernel(library, info, (lib, thread_fn, loop_fn, ptr_array,
-                                                   1 if info.needs_fibers else 0), sizes)
+            k = kernels[name] = Kernel(library, info, (lib, thread_fn, loop_fn, ptr_array,
+                                                       1 if info.needs_fibers else 0), sizes)
+            k._writes = tuple(a.kind == "buffer" and not a.const for a in k.args)
         return library
 
     # ---- launch
+    def _addr(self, buf: Buffer) -> int:
+        try:
+            return buf._host_addr
+        except AttributeError:
+            return self._handle_addr(buf)
+
     @staticmethod
     def _handle_addr(buf: Buffer) -> int:
         """Address of the first byte of `buf.handle`: a view's is its base's, found once."""
@@ -242,7 +375,8 @@ class CpuDevice(Device):
         _, thread_fn, loop_fn, ptr_array, fibers = kernel.handle
         vals: list[Any] = []
         keep: list[Any] = []
-        for a in args:
+        spans: list[tuple[int, int, bool]] = []  # what the job reads and writes: see _run_job
+        for a, w in zip(args, kernel._writes):
             if a.__class__ is bytes:
                 vals.append(a)
             else:
@@ -251,7 +385,9 @@ class CpuDevice(Device):
                     addr = a._host_addr  # the handle's first byte, cached (a handle never changes)
                 except AttributeError:
                     addr = a._host_addr = self._handle_addr(a)
-                vals.append(addr + a.offset)
+                lo = addr + a.offset
+                vals.append(lo)
+                spans.append((lo, lo + a.nbytes, w))
                 keep.append(h)
         ptrs = ptr_array(*vals)
         tg = kernel.threadgroup_size
@@ -264,13 +400,14 @@ class CpuDevice(Device):
             # at a time, on the queue thread only
             rc = rt.pmn_cpu_launch(ptrs, groups, tg, fibers, thread_fn, loop_fn, err, 512)
             if rc != 0:
-                raise RuntimeError(f"kernel '{kernel.name}' failed: {err.value.decode()} "
-                                   f"(kept {len(vals)} arguments)")
+                raise AsyncError(f"kernel '{kernel.name}' failed: {err.value.decode()}",
+                                 kernel.name)
 
+        item = (job, spans, kernel.name)
         if self._recording is not None:
-            self._recording.jobs.append(job)
+            self._recording.jobs.append(item)
         else:
-            self._put(job)
+            self._put(item)
 
 
 def probe() -> str | None:

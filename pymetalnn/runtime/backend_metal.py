@@ -48,9 +48,19 @@ class MetalDevice(Device):
             h = self._pending.pop(0)
             del h  # metalcompute waits for a call's command buffer when its handle is released
 
-    def signal(self, callback: Any) -> None:
-        self.synchronize()  # metalcompute offers no completion handler: wait, then call
-        callback()
+    def signal(self, callback: Any, with_error: bool = False) -> None:
+        # metalcompute offers no completion handler: wait, then call
+        err = None
+        try:
+            self.synchronize()
+        except Exception as e:  # noqa: BLE001 -- handed to the callback
+            if not with_error:
+                raise
+            err = e
+        if with_error:
+            callback(err)
+        else:
+            callback()
 
     def _replay(self, rec: Any) -> None:
         for job in rec.jobs:

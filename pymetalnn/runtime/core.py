@@ -366,9 +366,11 @@ class Device:
         if raw.nbytes:
             self._write_async(buffer.base, buffer.offset + offset, raw)
 
-    def signal(self, callback: Callable[[], Any]) -> None:
+    def signal(self, callback: Callable[..., Any], with_error: bool = False) -> None:
         """Run `callback()` on a host thread once all work queued so far has finished (MPS's
-        command-buffer completion handler). Exceptions it raises surface at synchronize()."""
+        command-buffer completion handler). It always runs, also after failed work; with
+        `with_error`, it is called as `callback(error)`: an AsyncError for work that failed since
+        the previous signal, else None. Exceptions it raises surface at synchronize()."""
         raise NotImplementedError
 
     @contextlib.contextmanager
