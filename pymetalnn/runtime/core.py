@@ -16,7 +16,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from .errors import DispatchError
+from .errors import ArgumentTypeError, DispatchError
 from .msl import KernelArg, KernelInfo
 
 PACKAGE_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -133,26 +133,43 @@ def _as_bytes_array(data: Any) -> np.ndarray:
 
 def value_bytes(arg: KernelArg, value: Any, kernel: str) -> bytes:
     """Bytes of a `constant T&` argument from a ctypes struct, numpy scalar/record, bytes, or a
-    Python number (converted with the declared MSL type)."""
+    Python number (converted with the declared MSL type). A scalar parameter takes a number of
+    its kind only: an integral one an integer in its range (a float is refused, not truncated),
+    a bool one a bool; a numpy scalar is converted by value, never reinterpreted."""
     if isinstance(value, (bytes, bytearray, memoryview)):
         return bytes(value)
-    if isinstance(value, (ctypes.Structure, ctypes.Array, ctypes._SimpleCData)):
+    if isinstance(value, (ctypes.Structure, ctypes.Array)):
         return ctypes.string_at(ctypes.addressof(value), ctypes.sizeof(value))
-    if isinstance(value, (np.generic, np.ndarray)):
-        return np.ascontiguousarray(value).tobytes()
-    if isinstance(value, (bool, int, float)):
-        dt = SCALAR_DTYPES.get(arg.type)
+    dt = SCALAR_DTYPES.get(arg.type)
+    if isinstance(value, ctypes._SimpleCData):
         if dt is None:
-            raise DispatchError(f"kernel '{kernel}': argument '{arg.name}' (buffer {arg.index}) "
-                                f"is a {arg.type}; pass its bytes (a ctypes struct or bytes), "
-                                f"not a Python {type(value).__name__}")
-        info = np.iinfo(dt) if np.issubdtype(dt, np.integer) else None
-        if info is not None and not (info.min <= value <= info.max):
-            raise DispatchError(f"kernel '{kernel}': argument '{arg.name}' = {value} does not fit "
-                                f"{arg.type}")
+            return ctypes.string_at(ctypes.addressof(value), ctypes.sizeof(value))
+        value = value.value
+    if isinstance(value, np.ndarray) and value.ndim == 0 and dt is not None:
+        value = value[()]
+    if isinstance(value, np.ndarray) or (isinstance(value, np.generic) and dt is None):
+        return np.ascontiguousarray(value).tobytes()
+    where = f"kernel '{kernel}': argument '{arg.name}' (buffer {arg.index}, {arg.type})"
+    if isinstance(value, (bool, int, float, np.bool_, np.number)):
+        if dt is None:
+            raise ArgumentTypeError(f"{where}: pass its bytes (a ctypes struct or bytes), not a "
+                                    f"{type(value).__name__}")
+        if np.issubdtype(dt, np.integer):
+            if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
+                raise ArgumentTypeError(f"{where} is integral: got {type(value).__name__} "
+                                        f"{value!r} (pass an int; nothing is rounded)")
+            info = np.iinfo(dt)
+            if not (info.min <= int(value) <= info.max):
+                raise DispatchError(f"{where} = {value} is outside {info.min}..{info.max}")
+            return np.array(int(value), dtype=dt).tobytes()
+        if dt is np.bool_:
+            if not isinstance(value, (bool, np.bool_)):
+                raise ArgumentTypeError(f"{where} is a bool: got {type(value).__name__} {value!r}")
+            return np.array(value, dtype=dt).tobytes()
+        if isinstance(value, (complex, np.complexfloating)):
+            raise ArgumentTypeError(f"{where}: got complex {value!r}")
         return np.array(value, dtype=dt).tobytes()
-    raise DispatchError(f"kernel '{kernel}': argument '{arg.name}' (buffer {arg.index}) is "
-                        f"'constant {arg.type}&'; got {type(value).__name__}")
+    raise ArgumentTypeError(f"{where} is 'constant {arg.type}&'; got {type(value).__name__}")
 
 
 class Kernel:

@@ -24,6 +24,10 @@ class DispatchError(ValueError):
     """A kernel call that cannot run: wrong arguments or grid size. Raised before dispatch."""
 
 
+class ArgumentTypeError(DispatchError, TypeError):
+    """A kernel argument of the wrong type (e.g. a float for an integral parameter)."""
+
+
 class BackendUnavailable(RuntimeError):
     """The requested backend cannot run on this machine; the message says why."""
 
