@@ -12,16 +12,29 @@ import hashlib
 import os
 import platform
 import queue
+import re
 import shutil
+import stat
 import subprocess
 import sys
 import tempfile
 import threading
+import warnings
 from typing import Any
 
 import numpy as np
 
-from .core import CPU_RT_DIR, KERNEL_DIR, PRELUDE_DIR, Buffer, Device, Kernel, Library, cache_dir
+from .core import (
+    CPU_RT_DIR,
+    KERNEL_DIR,
+    PRELUDE_DIR,
+    Buffer,
+    Device,
+    Kernel,
+    Library,
+    cache_dir,
+    untrusted_reason,
+)
 from .errors import AsyncError, BackendUnavailable, CompileError, ValidationError
 from .msl import translate_file
 
@@ -69,14 +82,80 @@ def _read(path: str) -> str:
         return f.read()
 
 
+_ERR_LINE = re.compile(r"^(.+?):(\d+):(?:\d+:)?\s*(?:fatal )?error:\s*(.*)$", re.M)
+
+
 def _compile_shared(cxx: str, src_path: str, out: str, extra: list[str]) -> None:
     tmp = out + f".tmp{os.getpid()}.{threading.get_ident()}"
     cmd = [*cxx.split(), *CXXFLAGS, *_platform_flags(), "-I", PRELUDE_DIR, "-I", CPU_RT_DIR,
            *extra, src_path, "-o", tmp]
     r = subprocess.run(cmd, capture_output=True, text=True)
     if r.returncode != 0:
-        raise CompileError(f"C++ compilation failed ({' '.join(cmd)}):\n{r.stderr}")
+        # lead with the first error's file:line (the .metal line, through #line) and message
+        m = _ERR_LINE.search(r.stderr)
+        head = (f"{os.path.basename(m.group(1))}:{m.group(2)}: error: {m.group(3)}" if m
+                else "C++ compilation failed")
+        raise CompileError(f"{head}\n\ncompiler output:\n{r.stderr.rstrip()}\n\n"
+                           f"command: {' '.join(cmd)}")
+    os.chmod(tmp, 0o600)
+    _seal(tmp)
     os.replace(tmp, out)  # atomic: concurrent processes never load a half-written library
+
+
+# Cache integrity: next to each library `x.so`, `x.so.sha256` holds its digest (written after
+# the library, both atomically). A library is loaded only when it and its digest file are
+# regular files of this user, not writable by others, and the digest matches: a truncated or
+# garbage entry (which dlopen could crash on, e.g. SIGBUS) or a planted one is rebuilt.
+def _digest(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _seal(lib_tmp: str) -> None:
+    """Write the digest of a library about to be renamed from `lib_tmp` to its entry name."""
+    out = lib_tmp[: lib_tmp.rindex(".tmp")]
+    dtmp = lib_tmp + ".sha256"
+    with open(dtmp, "w") as f:
+        f.write(_digest(lib_tmp))
+    os.chmod(dtmp, 0o600)
+    os.replace(dtmp, out + ".sha256")  # before the library: a reader never sees a new library
+    # with no digest; an old digest next to a new library only costs a rebuild
+
+
+_warned: set[str] = set()
+
+
+def _entry_ok(out: str) -> bool:
+    """Whether the cached library `out` may be loaded (see above); warns about a bad entry."""
+    why = None
+    try:
+        for p in (out, out + ".sha256"):
+            st = os.lstat(p)
+            if not stat.S_ISREG(st.st_mode):
+                why = f"{os.path.basename(p)} is not a regular file"
+                break
+            why = untrusted_reason(st)
+            if why is not None:
+                why = f"{os.path.basename(p)} is {why}"
+                break
+        else:
+            with open(out + ".sha256") as f:
+                want = f.read().strip()
+            if _digest(out) == want:
+                return True
+            why = "its contents do not match its digest (truncated or corrupt)"
+    except FileNotFoundError:
+        return False  # not built yet, or built before digests (or half-written): no warning
+    except OSError as e:
+        why = f"unreadable ({e.strerror})"
+    if out not in _warned:
+        _warned.add(out)
+        warnings.warn(f"kernel cache entry {out}: {why}; rebuilding it", RuntimeWarning,
+                      stacklevel=4)
+    return False
 
 
 def _more(fs: list) -> str:
@@ -109,7 +188,7 @@ class _Runtime:
                 key = _hash(_read(src), _read(os.path.join(CPU_RT_DIR, "pmn_cpu_abi.h")), cxx,
                             " ".join(CXXFLAGS + _runtime_flags()), platform.machine())
                 out = os.path.join(cache_dir(), f"pmn_cpu_rt-{key}.so")
-                if not os.path.exists(out):
+                if not _entry_ok(out):
                     _compile_shared(cxx, src, out, _runtime_flags())
                 lib = ctypes.CDLL(out, mode=ctypes.RTLD_GLOBAL)
                 lib.pmn_cpu_launch.restype = ctypes.c_int
@@ -326,7 +405,7 @@ class CpuDevice(Device):
         key = _hash(tr.source, prelude, abi, self.cxx, " ".join(CXXFLAGS), platform.machine())
         base = os.path.join(cache_dir(), f"{os.path.splitext(os.path.basename(path))[0]}-{key}")
         so = base + ".so"
-        if not os.path.exists(so):
+        if not _entry_ok(so):
             fd, src = tempfile.mkstemp(suffix=".cpp", dir=cache_dir())
             with os.fdopen(fd, "w") as f:
                 f.write(tr.source)

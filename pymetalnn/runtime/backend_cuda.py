@@ -12,6 +12,7 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import os
+import re
 from typing import Any
 
 import numpy as np
@@ -195,7 +196,11 @@ class CudaDevice(Device):
             mod = self.cp.RawModule(code=tr.source, options=NVRTC_OPTIONS, backend="nvrtc")
             funcs = {name: mod.get_function(name) for name in tr.kernels}
         except self.cp.cuda.compiler.CompileException as e:
-            raise CompileError(f"NVRTC failed on {os.path.basename(path)}:\n{e}") from None
+            # lead with the first error's file(line) (the .metal line, through #line)
+            m = re.search(r"^(.+?)\((\d+)\): (?:catastrophic )?error:\s*(.*)$", str(e), re.M)
+            head = (f"{os.path.basename(m.group(1))}:{m.group(2)}: error: {m.group(3)}" if m
+                    else f"NVRTC failed on {os.path.basename(path)}")
+            raise CompileError(f"{head}\n\nNVRTC output:\n{e}") from None
         kernels: dict[str, Kernel] = {}
         library = Library(self, path, defines, kernels)
         for name, info in tr.kernels.items():

@@ -34,13 +34,56 @@ SCALAR_DTYPES = {
 MAX_GRID_THREADS = 2**32 - 1024  # gid is a 32-bit uint on every backend
 
 
+_trusted_dirs: dict[str, str] = {}  # configured cache folder -> the folder used
+
+
 def cache_dir() -> str:
-    """Folder for compiled kernel libraries (PYMETALNN_CACHE, else ~/.cache/pymetalnn)."""
+    """Folder for compiled kernel libraries (PYMETALNN_CACHE, else ~/.cache/pymetalnn), made
+    with mode 0700. Loading a library runs its code, so a folder that another user owns or may
+    write to is not used: a warning names it and this process compiles into a private
+    temporary folder instead."""
     d = os.environ.get("PYMETALNN_CACHE") or os.path.join(
         os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"),
         "pymetalnn")
-    os.makedirs(d, exist_ok=True)
-    return d
+    got = _trusted_dirs.get(d)
+    if got is None or not os.path.isdir(got):
+        got = _trusted_dirs[d] = _trusted_dir(d)
+    return got
+
+
+def untrusted_reason(st: os.stat_result) -> str | None:
+    """Why a cache folder or file with this stat cannot be trusted, or None."""
+    uid = getattr(os, "getuid", lambda: None)()
+    if uid is not None and st.st_uid != uid:
+        return f"owned by uid {st.st_uid}, not by this user ({uid})"
+    if st.st_mode & 0o022:
+        who = "others" if st.st_mode & 0o002 else "its group"
+        return f"writable by {who} (mode {st.st_mode & 0o777:o})"
+    return None
+
+
+def _trusted_dir(d: str) -> str:
+    import tempfile
+    import warnings
+
+    try:
+        if not os.path.isdir(d):
+            os.makedirs(d, mode=0o700, exist_ok=True)
+            os.chmod(d, 0o700)  # makedirs' mode is filtered by the umask
+        why = untrusted_reason(os.stat(d))
+    except OSError as e:
+        why = f"not usable ({e.strerror})"
+    if why is None:
+        return d
+    priv = tempfile.mkdtemp(prefix="pymetalnn-cache-")  # 0700, ours
+    import atexit
+    import shutil
+
+    atexit.register(shutil.rmtree, priv, True)
+    warnings.warn(f"kernel cache folder {d} is {why}: not used; compiling into the private "
+                  f"folder {priv} for this process instead (set PYMETALNN_CACHE to a folder of "
+                  "your own)", RuntimeWarning, stacklevel=3)
+    return priv
 
 
 def resolve_source(path: str) -> str:
