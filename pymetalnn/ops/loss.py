@@ -50,12 +50,14 @@ import numpy as np
 
 from ..params import LossParams, LossReduceParams
 from ..runtime import Buffer, Device
-from ..tensor import Tensor, as_tensor, empty, float32, int32
+from ..tensor import Tensor, float32, int32
 from ._common import (
     FLOATS,
     MAX_GROUPS,
+    as_tensor,
     boolean,
     dummy,
+    empty,
     float32_arg,
     kernel,
     number,

@@ -31,12 +31,13 @@ import numpy as np
 
 from ..params import NormParams
 from ..runtime import Device
-from ..tensor import Tensor, empty, float32
+from ..tensor import Tensor, float32
 from ._common import (
     FLOATS,
     MAX_GROUPS,
     boolean,
     dummy,
+    empty,
     float32_arg,
     kernel,
     number,

@@ -18,8 +18,16 @@ from typing import Any
 import numpy as np
 
 from ..params import SoftmaxParams
-from ..tensor import Tensor, empty
-from ._common import FLOATS, MAX_GROUPS, kernel, pick_device, suffix, tensor_arg
+from ..tensor import Tensor
+from ._common import (
+    FLOATS,
+    MAX_GROUPS,
+    empty,
+    kernel,
+    pick_device,
+    suffix,
+    tensor_arg,
+)
 
 SOURCE = "softmax.metal"
 TG = 256
