@@ -225,6 +225,12 @@ class CpuDevice(Device):
         self.cxx = find_compiler()
         self.rt = _Runtime.get(self.cxx)
         self.num_workers = self.rt.pmn_cpu_num_workers()
+        # validation mode: kernels built with bounds-checked pointers (prelude/pmn_validate.h);
+        # read once, when the device is made. Off, nothing differs: not the kernels' code, not
+        # the launch path.
+        self.validate = os.environ.get("PYMETALNN_VALIDATE", "") not in ("", "0")
+        if self.validate:
+            self._launch = self._launch_validated  # type: ignore[method-assign]
         self._start_queue()
         _live_devices.append(self)
 
@@ -399,8 +405,10 @@ class CpuDevice(Device):
 
     # ---- compile
     def _compile(self, path: str, defines: dict) -> Library:
-        tr = translate_file(path, "cpu", defines, [KERNEL_DIR])
+        tr = translate_file(path, "cpu", defines, [KERNEL_DIR], validate=self.validate)
         prelude = _read(os.path.join(PRELUDE_DIR, "pmn_prelude.h"))
+        if self.validate:
+            prelude += _read(os.path.join(PRELUDE_DIR, "pmn_validate.h"))
         abi = _read(os.path.join(CPU_RT_DIR, "pmn_cpu_abi.h"))
         key = _hash(tr.source, prelude, abi, self.cxx, " ".join(CXXFLAGS), platform.machine())
         base = os.path.join(cache_dir(), f"{os.path.splitext(os.path.basename(path))[0]}-{key}")
@@ -429,6 +437,10 @@ class CpuDevice(Device):
             k = kernels[name] = Kernel(library, info, (lib, thread_fn, loop_fn, ptr_array,
                                                        1 if info.needs_fibers else 0), sizes)
             k._writes = tuple(a.kind == "buffer" and not a.const for a in k.args)
+            if self.validate:
+                k._vstate = ((ctypes.c_ulonglong * 64).in_dll(lib, "pmn_v_sizes"),
+                             ctypes.c_int.in_dll(lib, "pmn_v_failed"),
+                             (ctypes.c_char * 1024).in_dll(lib, "pmn_v_msg"))
         return library
 
     # ---- launch
@@ -451,6 +463,14 @@ class CpuDevice(Device):
         return buf.handle.ctypes.data
 
     def _launch(self, kernel: Kernel, groups: int, args: list[Any]) -> None:
+        item = self._item(kernel, groups, args)
+        if self._recording is not None:
+            self._recording.jobs.append(item)
+        else:
+            self._put(item)
+
+    def _item(self, kernel: Kernel, groups: int, args: list[Any]) -> tuple:
+        """The queue item of one launch: (run, spans, kernel name); see _run_job."""
         _, thread_fn, loop_fn, ptr_array, fibers = kernel.handle
         vals: list[Any] = []
         keep: list[Any] = []
@@ -482,11 +502,29 @@ class CpuDevice(Device):
                 raise AsyncError(f"kernel '{kernel.name}' failed: {err.value.decode()}",
                                  kernel.name)
 
-        item = (job, spans, kernel.name)
+        return job, spans, kernel.name
+
+
+    def _launch_validated(self, kernel: Kernel, groups: int, args: list[Any]) -> None:
+        """_launch with the bytes bound to each argument handed to the checked pointers, and
+        the first out-of-bounds access of the launch raised as a ValidationError."""
+        sizes, failed, msg = kernel._vstate
+        bound = [0 if a.__class__ is bytes else a.nbytes for a in args]
+        run, spans, name = self._item(kernel, groups, args)
+
+        def job() -> None:
+            for i, n in enumerate(bound):
+                sizes[i] = n
+            failed.value = 0
+            run()
+            if failed.value:
+                raise ValidationError(f"kernel '{name}': {msg.value.decode(errors='replace')}",
+                                      name)
+
         if self._recording is not None:
-            self._recording.jobs.append(item)
+            self._recording.jobs.append((job, spans, name))
         else:
-            self._put(item)
+            self._put((job, spans, name))
 
 
 def probe() -> str | None:
