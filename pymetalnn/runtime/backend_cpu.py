@@ -318,6 +318,11 @@ class CpuDevice(Device):
                 if writes:
                     self._poison = [p for p in self._poison if not (lo <= p[0] and p[1] <= hi)]
 
+    def _forget(self, lo: int, hi: int) -> None:
+        # memory freed and allocated anew: no live buffer can still overlap it
+        with self._lock:
+            self._poison = [p for p in self._poison if not (p[0] < hi and lo < p[1])]
+
     def _check_read(self, lo: int, hi: int, nbytes: int) -> None:
         with self._lock:
             hit = next((f for plo, phi, f in self._poison if plo < hi and lo < phi), None)
@@ -331,7 +336,7 @@ class CpuDevice(Device):
 
     def signal(self, callback: Any, with_error: bool = False) -> None:
         def fire() -> None:
-            errs, self._epoch = self._epoch, []
+            errs, self._epoch = [f for f in self._epoch if not f.reported], []
             if with_error:
                 err = errs[0].error(_more(errs)) if errs else None
                 for f in errs:  # handed over: synchronize() does not raise them again
@@ -377,7 +382,7 @@ class CpuDevice(Device):
     def _new_buffer(self, nbytes: int, zero: bool) -> Buffer:
         handle, addr = self._alloc_at(max(nbytes, 1), zero)
         if self._poison:  # fresh memory at a freed, poisoned address is clean
-            self._clean(((addr, addr + max(nbytes, 1), True),))
+            self._forget(addr, addr + max(nbytes, 1))
         buf = Buffer(self, nbytes, handle)
         buf._host_addr = addr  # the handle's first byte, known here: _launch needs no lookup
         return buf

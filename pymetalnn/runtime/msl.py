@@ -709,7 +709,10 @@ class Translator:
                and k + 1 < j and toks[k + 1].kind == "id" and toks[k + 1].text not in
                ("const", "volatile") for k in range(i + 1, j)):
             return False  # `T name` before the '*': not a declarator's type
-        out.extend([_tok("PMN_DPTR", like=toks[i]), _tok("(", "punct", like=toks[i])])
+        cv = []
+        while out and out[-1].text in ("const", "volatile"):  # `const device T*`
+            cv.insert(0, out.pop())
+        out.extend([_tok("PMN_DPTR", like=toks[i]), _tok("(", "punct", like=toks[i]), *cv])
         self._vclose.add(id(toks[j]))
         return True
 
