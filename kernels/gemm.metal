@@ -282,6 +282,169 @@ kernel void gemm_tiled(device const T* A [[buffer(0)]], device const T* B [[buff
     }
 }
 
+// Registers -> threadgroup tile of gemm_mma, element type kept: k-major (tile[k * P + r], the
+// layout of B fragments) or r-major (tile[r * P + k], A fragments), P the padded row pitch.
+template <typename T, int BR, int BK, int NL, int P, bool KMAJOR>
+inline void gemm_stash_mma(threadgroup T* tile, thread const vec<T, 4>* regs, bool rc, uint tid) {
+#pragma unroll
+    for (int i = 0; i < NL; ++i) {
+        uint l = tid + uint(i) * GEMM_THREADS;
+        if ((BR * BK / 4) % int(GEMM_THREADS) == 0 || l < uint(BR * BK / 4)) {
+            uint2 kr = gemm_slot<BR, BK>(l, rc);
+            if (rc == KMAJOR) {  // the vector runs along the tile's rows: one 8-byte store
+                uint o = KMAJOR ? kr.x * uint(P) + kr.y : kr.y * uint(P) + kr.x;
+                *((threadgroup vec<T, 4>*)(tile + o)) = regs[i];
+            } else {
+                for (uint j = 0; j < 4u; ++j) {
+                    uint k = kr.x + (rc ? 0u : j), r = kr.y + (rc ? j : 0u);
+                    tile[KMAJOR ? k * uint(P) + r : r * uint(P) + k] = regs[i][j];
+                }
+            }
+        }
+    }
+}
+
+// ---- the simdgroup-matrix kernel (fp16 storage; matrix hardware: Apple GPUs' simdgroup
+// matrices, NVIDIA tensor cores through the cuda translation). Same grid, tile walk, split-K,
+// copy-in (gemm_fetch) and epilogue (gemm_store_quad) as gemm_tiled; the BK-deep products run on
+// 8x8 simdgroup matrices instead of per-thread FMAs. The 8 simdgroups of a threadgroup form a 4 x 2 grid, each owning a
+// (BM/4) x (BN/2) block of C as FM x FN accumulators of type ACC (float: MPS's default fp16 path;
+// half: its fp16 accumulation). MSL 2.3 has no per-element access to a
+// simdgroup matrix, so the epilogue goes through threadgroup memory: each simdgroup stores one
+// row of its fragments (8 x BN/2 values) to its own staging rows, then every lane applies the
+// epilogue to 4-vectors of them.
+template <typename T, typename ACC, typename TC, int BM, int BN, int BK>
+[[max_total_threads_per_threadgroup(256)]]
+kernel void gemm_mma(device const T* A [[buffer(0)]], device const T* B [[buffer(1)]],
+                     device TC* C [[buffer(2)]], device const T* bias [[buffer(3)]],
+                     constant GemmParams& p [[buffer(4)]],
+                     uint tid [[thread_position_in_threadgroup]],
+                     uint group [[threadgroup_position_in_grid]],
+                     uint sg [[simdgroup_index_in_threadgroup]],
+                     uint lane [[thread_index_in_simdgroup]]) {
+    constexpr int WM = BM / 4, WN = BN / 2;          // per-simdgroup block of C
+    constexpr int FM = WM / 8, FN = WN / 8;          // its 8x8 accumulators
+    // A slices m-major (row m: BK values), B slices k-major (row k: BN values), rows padded by 8
+    // halves: fragment loads are one aligned 32-bit access per lane, conflict-free.
+    constexpr int PA = BK + 8, PB = BN + 8;
+    constexpr int NLA = (BM * BK / 4 + 255) / 256, NLB = (BN * BK / 4 + 255) / 256;
+    threadgroup vec<T, 4> As4[2 * BM * PA / 4];  // vectors: 8-byte aligned rows for the stash
+    threadgroup vec<T, 4> Bs4[2 * BK * PB / 4];
+    threadgroup T* As = (threadgroup T*)As4;
+    threadgroup T* Bs = (threadgroup T*)Bs4;
+    threadgroup ACC Cs[8 * 8 * WN];
+
+    uint tiles = p.tiles_m * p.tiles_n;
+    uint nb = p.reduce_batch ? 1u : p.batch;
+    uint tile = group % tiles, rest = group / tiles;
+    uint bo = rest % nb, split = rest / nb;
+    uint width = GEMM_GROUP_M * p.tiles_n;
+    uint first = (tile / width) * GEMM_GROUP_M;
+    uint gsize = min(p.tiles_m - first, GEMM_GROUP_M);
+    uint m0 = (first + (tile % width) % gsize) * uint(BM);
+    uint n0 = ((tile % width) / gsize) * uint(BN);
+
+    uint kt_n = (p.K + uint(BK) - 1u) / uint(BK);
+    ulong total = (ulong)kt_n * (p.reduce_batch ? p.batch : 1u);
+    uint t0 = uint((ulong)split * total / p.k_splits);
+    uint t1 = uint((ulong)(split + 1u) * total / p.k_splits);
+    uint b = p.reduce_batch ? t0 / kt_n : bo;
+    uint kt = t0 % kt_n;
+
+    bool rca = (p.flags & GEMM_TRANS_A) != 0u;
+    bool rcb = (p.flags & GEMM_TRANS_B) == 0u;
+    bool va = (p.flags & GEMM_VEC_A) != 0u, vb = (p.flags & GEMM_VEC_B) != 0u;
+    uint wm0 = (sg / 2u) * uint(WM), wn0 = (sg % 2u) * uint(WN);
+
+    simdgroup_matrix<ACC, 8, 8> acc[FM][FN];
+#pragma unroll
+    for (int i = 0; i < FM; ++i) {
+#pragma unroll
+        for (int j = 0; j < FN; ++j) acc[i][j] = make_filled_simdgroup_matrix<ACC, 8, 8>(ACC(0));
+    }
+    vec<T, 4> ra[NLA];
+    vec<T, 4> rb[NLB];
+    bool fa = va && m0 + uint(BM) <= p.M, fb = vb && n0 + uint(BN) <= p.N;
+
+    if (t0 < t1) {
+        uint k0 = kt * uint(BK);
+        bool fk = k0 + uint(BK) <= p.K;
+        gemm_fetch<T, BM, BK, NLA>(ra, A + (ulong)b * p.stride_a, p.lda, rca, fa && fk, m0, k0,
+                                   p.M, p.K, tid);
+        gemm_fetch<T, BN, BK, NLB>(rb, B + (ulong)b * p.stride_b, p.ldb, rcb, fb && fk, n0, k0,
+                                   p.N, p.K, tid);
+        gemm_stash_mma<T, BM, BK, NLA, PA, false>(As, ra, rca, tid);
+        gemm_stash_mma<T, BN, BK, NLB, PB, true>(Bs, rb, rcb, tid);
+    }
+    threadgroup_barrier(mem_flags::mem_threadgroup);
+
+    uint cur = 0;
+    for (uint t = t0; t < t1; ++t) {
+        bool more = t + 1u < t1;
+        if (more) {
+            if (++kt == kt_n) {
+                kt = 0;
+                ++b;
+            }
+            uint k0 = kt * uint(BK);
+            bool fk = k0 + uint(BK) <= p.K;
+            gemm_fetch<T, BM, BK, NLA>(ra, A + (ulong)b * p.stride_a, p.lda, rca, fa && fk, m0,
+                                       k0, p.M, p.K, tid);
+            gemm_fetch<T, BN, BK, NLB>(rb, B + (ulong)b * p.stride_b, p.ldb, rcb, fb && fk, n0,
+                                       k0, p.N, p.K, tid);
+        }
+        threadgroup const T* sa = As + cur * uint(BM * PA);
+        threadgroup const T* sb = Bs + cur * uint(BK * PB);
+#pragma unroll
+        for (int kk = 0; kk < BK; kk += 8) {
+            simdgroup_matrix<T, 8, 8> ma[FM];
+            simdgroup_matrix<T, 8, 8> mb[FN];
+#pragma unroll
+            for (int i = 0; i < FM; ++i) {
+                simdgroup_load(ma[i], sa, PA, ulong2(uint(kk), wm0 + 8u * uint(i)));
+            }
+#pragma unroll
+            for (int j = 0; j < FN; ++j) {
+                simdgroup_load(mb[j], sb, PB, ulong2(wn0 + 8u * uint(j), uint(kk)));
+            }
+#pragma unroll
+            for (int i = 0; i < FM; ++i) {
+#pragma unroll
+                for (int j = 0; j < FN; ++j) {
+                    simdgroup_multiply_accumulate(acc[i][j], ma[i], mb[j], acc[i][j]);
+                }
+            }
+        }
+        if (more) {
+            gemm_stash_mma<T, BM, BK, NLA, PA, false>(As + (cur ^ 1u) * uint(BM * PA), ra, rca, tid);
+            gemm_stash_mma<T, BN, BK, NLB, PB, true>(Bs + (cur ^ 1u) * uint(BK * PB), rb, rcb, tid);
+        }
+        threadgroup_barrier(mem_flags::mem_threadgroup);
+        cur ^= 1u;
+    }
+
+    bool vc = (p.flags & GEMM_VEC_C) != 0u;
+    device TC* c0 = C + (ulong)(split * nb + bo) * p.stride_c;
+    threadgroup ACC* cs = Cs + sg * uint(8 * WN);
+#pragma unroll
+    for (int i = 0; i < FM; ++i) {
+#pragma unroll
+        for (int j = 0; j < FN; ++j) simdgroup_store(acc[i][j], cs, WN, ulong2(8u * uint(j), 0u));
+        simdgroup_barrier(mem_flags::mem_threadgroup);
+        for (uint q = lane; q < uint(8 * WN / 4); q += 32u) {
+            uint r = q / uint(WN / 4), cq = (q % uint(WN / 4)) * 4u;
+            uint m = m0 + wm0 + 8u * uint(i) + r, n = n0 + wn0 + cq;
+            if (m < p.M && n < p.N) {
+                threadgroup const ACC* v = cs + r * uint(WN) + cq;
+                gemm_store_quad<TC, ACC, T>(c0 + m * p.ldc + n, bias, p.alpha, p.beta, p.flags,
+                                            p.N, vec<ACC, 4>(v[0], v[1], v[2], v[3]), n, vc,
+                                            p.act, p.act_alpha);
+            }
+        }
+        simdgroup_barrier(mem_flags::mem_threadgroup);
+    }
+}
+
 // Split-K sum: C = act(alpha * (sum of the k_splits partials, in split order) + bias + beta * C).
 // One thread per element of C.
 template <typename T, typename ACC>
@@ -347,6 +510,15 @@ GEMM_INST(64x64, 64, 64, 16)
 // pymetalnn/ops/gemm.py); split-K of hacc_half runs the hacc_half kernel, so no _splitk_half.
 GEMM_KERNEL(gemm_fwd_128x128k16_float, gemm_tiled, float, float, float, 128, 128, 16)
 GEMM_KERNEL(gemm_fwd_128x128k16_hacc_half, gemm_tiled, half, half, half, 128, 128, 16)
+
+// simdgroup-matrix tiles (fp16 storage only): gemm_fwd_mma<BM>x<BN>_<variant>, and the split-K
+// partial-sum kernel of the half variant (float partials).
+#define GEMM_MMA_INST(TILE, BM, BN, BK)                                                          \
+    GEMM_KERNEL(gemm_fwd_##TILE##_half, gemm_mma, half, float, half, BM, BN, BK)                 \
+    GEMM_KERNEL(gemm_fwd_##TILE##_hacc_half, gemm_mma, half, half, half, BM, BN, BK)             \
+    GEMM_KERNEL(gemm_fwd_##TILE##_splitk_half, gemm_mma, half, float, float, BM, BN, BK)
+GEMM_MMA_INST(mma128x128, 128, 128, 16)
+GEMM_MMA_INST(mma64x64, 64, 64, 16)
 
 #define GEMM_INST_PREC(VARIANT, T, ACC)                                \
     GEMM_KERNEL(gemm_fwd_splitk_sum_##VARIANT, gemm_splitk_sum, T, ACC)\

@@ -308,3 +308,33 @@ def stream_count(n: int, w: int, nvec: int) -> int:
     """Threads a stream.h kernel is launched with: the chunk owners, then one thread per tail
     element (n - w nvec)."""
     return stream_vthreads(nvec) + (n - w * nvec)
+
+
+def matrix_hw(dev: Device) -> bool:
+    """Whether ops pick their kernels on simdgroup matrices for `dev`: Apple GPUs from Apple7
+    (M1, A14) on and every NVIDIA GPU we compile for (sm_80+ tensor cores) have matrix hardware;
+    Macs with Intel or AMD GPUs keep the SIMD-FMA kernels. The cpu backend runs the matrix kernels
+    correctly (an emulation, see the prelude) but slower than its SIMD-FMA kernels, so it does not
+    pick them. `dev.simdgroup_matrix = True/False` (or PYMETALNN_SIMDGROUP_MATRIX=1/0) overrides
+    the choice on any device; tests use it, and name the matrix tiles explicitly, to keep both
+    paths covered everywhere."""
+    forced = getattr(dev, "simdgroup_matrix", None)
+    if forced is not None:
+        return bool(forced)
+    import os
+    import platform
+
+    env = os.environ.get("PYMETALNN_SIMDGROUP_MATRIX")
+    if env in ("0", "1"):
+        return env == "1"
+    if dev.name == "metal":
+        return platform.machine() == "arm64"
+    return dev.name == "cuda"
+
+
+def matrix_capable(dev: Device) -> bool:
+    """Whether kernels on simdgroup matrices can run on `dev` at all (matrix_hw says whether ops
+    prefer them): everywhere but Metal devices without them (Intel/AMD Macs)."""
+    import platform
+
+    return dev.name != "metal" or platform.machine() == "arm64"

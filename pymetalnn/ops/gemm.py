@@ -25,7 +25,17 @@ import numpy as np
 from ..params import GemmParams, LinearBiasGradParams
 from ..runtime import Device
 from ..tensor import Tensor, float16, float32
-from ._common import kernel, number, out_like, pick_device, scratch, tensor_arg, vec4_aligned
+from ._common import (
+    kernel,
+    matrix_capable,
+    matrix_hw,
+    number,
+    out_like,
+    pick_device,
+    scratch,
+    tensor_arg,
+    vec4_aligned,
+)
 from .neuron import activation_backward, activation_code
 
 SOURCE = "gemm.metal"
@@ -55,6 +65,7 @@ class Tile:
     source: str = SOURCE
     variants: tuple[str, ...] | None = None  # instantiated only for these (None: all)
     fixed_k: int = 0
+    matrix: bool = False  # runs on simdgroup matrices (gemm_mma): only where matrix_hw(dev)
 
     def supports(self, variant: str) -> bool:
         return self.variants is None or variant in self.variants
@@ -67,9 +78,15 @@ class Tile:
 # cost of 38 K terms, so long K spans take it and short ones keep 128x128. fp16 storage with
 # float accumulation (half) measured no gain (forward 27.4 vs 28.6), so it is not instantiated
 # there; hacc_half gains 1-4%.
+# The mma tiles (gemm_mma, fp16 on simdgroup matrices / tensor cores) are weighted by their
+# measured speed over the SIMD-FMA kernel's (docs/results: bench_gemm fp16), so that fp16 calls
+# take them wherever the device has them.
+_HALF = ("half", "hacc_half")
 TILES = {t.name: t for t in (Tile("128x128", 128, 128, 8, 1.0), Tile("64x64", 64, 64, 16, 0.6),
                              Tile("128x128k16", 128, 128, 16, 1.11, variants=("float", "hacc_half"),
-                                  fixed_k=38))}
+                                  fixed_k=38),
+                             Tile("mma128x128", 128, 128, 16, 4.0, variants=_HALF, matrix=True),
+                             Tile("mma64x64", 64, 64, 16, 2.4, variants=_HALF, matrix=True))}
 MAX_SPLITS = 16
 MIN_SPLIT_SLICES = 16  # a split-K part covers at least this many BK slices
 
@@ -104,7 +121,8 @@ def plan(dev: Device, m: int, n: int, k: int, batch: int, reduce_batch: bool,
     units = _compute_units(dev)
     nb = 1 if reduce_batch else batch
     if tile is None:
-        cands = [t for t in TILES.values() if t.supports(var)]
+        hw = matrix_hw(dev)
+        cands = [t for t in TILES.values() if t.supports(var) and (hw or not t.matrix)]
     else:
         cands = [tile if isinstance(tile, Tile) else TILES[tile]]
     best: tuple[float, Tile, int] | None = None
@@ -184,6 +202,10 @@ def gemm(a: Any, b: Any, out: Tensor, *, transpose_a: bool = False, transpose_b:
         raise ValueError(f"tile: expected one of {', '.join(TILES)}, got {tile!r}")
     if tile is not None and not (tile if isinstance(tile, Tile) else TILES[tile]).supports(var):
         raise ValueError(f"tile: {tile!r} is not instantiated for the {var} variant")
+    if tile is not None and (tile if isinstance(tile, Tile) else TILES[tile]).matrix \
+            and not matrix_capable(dev):
+        raise ValueError(f"tile: {tile!r} needs simdgroup matrices, which this {dev.name} device "
+                         "lacks")
     if k_splits is not None and (not isinstance(k_splits, (int, np.integer)) or k_splits < 1):
         raise ValueError(f"k_splits: expected an int >= 1, got {k_splits!r}")
 

@@ -27,8 +27,12 @@ TYPE_MAP = dict(SCALAR_MAP)
 for _b in ("bool", "char", "uchar", "short", "ushort", "int", "uint", "half", "float"):
     for _n in (2, 3, 4):
         TYPE_MAP[f"{_b}{_n}"] = f"pmn_{_b}{_n}"
-for _a in ("atomic_int", "atomic_uint", "atomic_float"):
+for _b in ("long", "ulong"):
+    for _n in (2, 3, 4):
+        TYPE_MAP[f"{_b}{_n}"] = f"pmn_{_b}{_n}"
+for _a in ("atomic_int", "atomic_uint", "atomic_float", "simdgroup_float8x8", "simdgroup_half8x8"):
     TYPE_MAP[_a] = "pmn_" + _a
+TYPE_MAP["simdgroup_matrix"] = "pmn::simdgroup_matrix"
 
 MATH_FUNCS = set("""exp exp2 exp10 log log2 log10 sqrt rsqrt pow powr tanh sinh cosh sin cos tan asin
 acos atan atan2 abs fabs min max fmin fmax clamp fma mad mix select floor ceil round rint trunc fract
@@ -42,7 +46,12 @@ ATOMIC_FUNCS = set("""atomic_load_explicit atomic_store_explicit atomic_exchange
 atomic_compare_exchange_weak_explicit atomic_fetch_add_explicit atomic_fetch_sub_explicit
 atomic_fetch_min_explicit atomic_fetch_max_explicit atomic_fetch_and_explicit
 atomic_fetch_or_explicit atomic_fetch_xor_explicit""".split())
-KNOWN_FUNCS = MATH_FUNCS | SIMD_FUNCS | ATOMIC_FUNCS | {"threadgroup_barrier"}
+# simdgroup matrices: collective in Metal, but no lane exchange on cpu (every lane holds the whole
+# matrix, see the prelude), so they need no call-site id and no fiber.
+MATRIX_FUNCS = set("""make_filled_simdgroup_matrix simdgroup_load simdgroup_store simdgroup_multiply
+simdgroup_multiply_accumulate""".split())
+TEMPLATE_FUNCS = {"as_type", "make_filled_simdgroup_matrix"}  # called as f<...>(...)
+KNOWN_FUNCS = MATH_FUNCS | SIMD_FUNCS | ATOMIC_FUNCS | MATRIX_FUNCS | {"threadgroup_barrier"}
 MEMORY_ORDERS = {"memory_order_relaxed", "memory_order_acquire", "memory_order_release",
                  "memory_order_acq_rel", "memory_order_seq_cst"}
 
@@ -66,12 +75,6 @@ REJECT_IDS: dict[str, str] = {
     "double": "Metal has no double; use float",
     "vertex": "only compute kernels are supported", "fragment": "only compute kernels are supported",
     "sampler": _TEX, "imageblock": "imageblocks are not in the dialect",
-    "simdgroup_matrix": "simdgroup matrices are not in the dialect yet",
-    "simdgroup_float8x8": "simdgroup matrices are not in the dialect yet",
-    "simdgroup_half8x8": "simdgroup matrices are not in the dialect yet",
-    "simdgroup_load": "simdgroup matrices are not in the dialect yet",
-    "simdgroup_store": "simdgroup matrices are not in the dialect yet",
-    "simdgroup_multiply_accumulate": "simdgroup matrices are not in the dialect yet",
     "bfloat": "bfloat is not in the dialect", "acceleration_structure": "ray tracing is not supported",
     "visible_function_table": "function tables are not supported",
     "intersection_function_table": "function tables are not supported",
@@ -673,7 +676,7 @@ class Translator:
             p = prev_sig()
             member = p is not None and p.text in (".", "->", "::")
             if s in KNOWN_FUNCS and not member and s not in self.user_funcs and nxt is not None \
-                    and (nxt.text == "(" or (nxt.text == "<" and s == "as_type")):
+                    and (nxt.text == "(" or (nxt.text == "<" and s in TEMPLATE_FUNCS)):
                 j2 = self._emit_func(toks, i, out, [], bodies, cur_func)
                 paren += j2 - i - 1  # a SIMD call's '(' is consumed there
                 i = j2

@@ -90,15 +90,17 @@ def linear_backward(g: np.ndarray, x: np.ndarray, w: np.ndarray, b: np.ndarray |
     return gx, gw, gb
 
 
-def half_accumulate_matmul(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """op(a) @ op(b) for 2-D float16 operands with a half accumulator updated by one correctly
-    rounded fma per k, in order k = 0..K-1 (one possible order of an fp16-accumulating GEMM;
-    products and sums of halves are exact in float64, so rounding there once is the fma)."""
+def half_accumulate_matmul(a: np.ndarray, b: np.ndarray, step: int = 1) -> np.ndarray:
+    """op(a) @ op(b) for 2-D float16 operands with a half accumulator updated once per `step`
+    consecutive k (k = 0..K-1 in order): step 1 is one correctly rounded fma per k (an SIMT
+    fp16-accumulating GEMM); step 8 rounds once per 8-deep matrix product, as simdgroup-matrix
+    (tensor-core) fp16 accumulation does. Products and their sums over a step are exact in
+    float64 for the sizes tested, so rounding there once is the hardware's single rounding."""
     a = np.asarray(a, np.float16)
     b = np.asarray(b, np.float16)
     acc = np.zeros((a.shape[0], b.shape[1]), np.float16)
-    for k in range(a.shape[1]):
-        exact = np.outer(a[:, k].astype(F64), b[k].astype(F64)) + acc.astype(F64)
+    for k in range(0, a.shape[1], step):
+        exact = a[:, k:k + step].astype(F64) @ b[k:k + step].astype(F64) + acc.astype(F64)
         acc = exact.astype(np.float16)
     return acc
 

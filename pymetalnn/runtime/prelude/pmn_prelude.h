@@ -614,6 +614,8 @@ PMN_VEC_TYPEDEFS(int, int)
 PMN_VEC_TYPEDEFS(unsigned int, uint)
 PMN_VEC_TYPEDEFS(pmn::half, half)
 PMN_VEC_TYPEDEFS(float, float)
+PMN_VEC_TYPEDEFS(pmn_long, long)
+PMN_VEC_TYPEDEFS(pmn_ulong, ulong)
 #undef PMN_VEC_TYPEDEFS
 
 static_assert(sizeof(pmn_half) == 2 && alignof(pmn_half) == 2, "half layout");
@@ -1391,6 +1393,249 @@ PMN_SIMD_SHUFFLE(simd_shuffle_down, SH_DOWN)
 #undef PMN_SIMD_SHUFFLE
 
 // ============================================================================================
+// simdgroup matrices (MSL 2.3, <metal_simdgroup_matrix>): an 8x8 matrix owned by the 32 lanes of
+// a simdgroup. Every lane executes each matrix operation (uniform control flow); the element
+// layout inside the simdgroup is opaque to kernels (MSL 2.3 has no per-element access), so each
+// target picks its own:
+//  * cuda: lane l holds elements (row l/4, cols 2*(l%4) + {0,1}) -- the rows 0..7 half of the
+//    accumulator and A fragments of mma.sync m16n8k8, so half x half products run on tensor
+//    cores with no data movement but one movmatrix of B. Float x float stays exact fp32: SIMT
+//    FMAs in k order over operands gathered with shuffles, unless PMN_MATRIX_TF32 is defined
+//    (the tf32 opt-in: float operands rounded to tf32 and multiplied on tensor cores).
+//  * cpu: every lane holds the whole matrix (row-major) and computes every operation itself, so
+//    matrix operations need no lane exchange and no fiber switch; loads read the same memory in
+//    every lane and stores write the same values.
+// Arithmetic: products are formed exactly (half x half fits in float), summed in float in k order
+// starting from C (cpu, and cuda's SIMT path), or in the tensor core's order (cuda mma); the
+// result is rounded once to D's type. With half accumulators (all operands half) that is MPS's
+// "fp16 accumulation": one rounding to half per 8-deep step.
+// ============================================================================================
+template <class T, int Cols, int Rows> struct simdgroup_matrix {
+  static_assert(Cols == 8 && Rows == 8, "MSL 2.3 defines 8x8 simdgroup matrices only");
+  static_assert(detail::same_<T, float>::value || detail::same_<T, half>::value,
+                "simdgroup matrices hold float or half");
+#ifdef PMN_CUDA
+  T e[2];
+#else
+  T e[64];
+#endif
+  simdgroup_matrix() = default;
+  // MSL: a diagonal matrix with `dval` on the diagonal, zeros elsewhere.
+  PMN_FN simdgroup_matrix(T dval);
+};
+typedef simdgroup_matrix<float, 8, 8> simdgroup_float8x8;
+typedef simdgroup_matrix<half, 8, 8> simdgroup_half8x8;
+
+namespace detail {
+// matrix_origin: MSL's ulong2 (x = column, y = row, in elements of the source/destination);
+// accepts a scalar (splat) or any 2-vector of integers.
+struct sgm_origin {
+  pmn_ulong x, y;
+  template <class I, class = if_int<I>> PMN_FN sgm_origin(I v) : x((pmn_ulong)v), y((pmn_ulong)v) {}
+  template <class I> PMN_FN sgm_origin(const vec<I, 2>& v) : x((pmn_ulong)v[0]), y((pmn_ulong)v[1]) {}
+};
+#ifdef PMN_CUDA
+PMN_FN unsigned sgm_row() { return lane_id() >> 2; }
+PMN_FN unsigned sgm_col() { return (lane_id() & 3u) * 2u; }
+PMN_FN unsigned pack_h2(half lo, half hi) { return (unsigned)lo.bits | ((unsigned)hi.bits << 16); }
+PMN_FN half lo_h(unsigned v) { return half::from_bits((unsigned short)(v & 0xffffu)); }
+PMN_FN half hi_h(unsigned v) { return half::from_bits((unsigned short)(v >> 16)); }
+// B of m16n8k8 is held column-wise: lane l needs B(2*(l%4) + i, l/4), i.e. B^T in our layout.
+PMN_FN unsigned transpose_h2(unsigned v) {
+  unsigned r;
+  asm("movmatrix.sync.aligned.m8n8.trans.b16 %0, %1;" : "=r"(r) : "r"(v));
+  return r;
+}
+#ifdef PMN_MATRIX_TF32
+PMN_FN unsigned to_tf32(float f) {
+  unsigned r;
+  asm("cvt.rna.tf32.f32 %0, %1;" : "=r"(r) : "f"(f));
+  return r;
+}
+#endif
+#endif
+}  // namespace detail
+
+template <class T, int C, int R>
+PMN_FN simdgroup_matrix<T, C, R>::simdgroup_matrix(T dval) {
+#ifdef PMN_CUDA
+  const unsigned r = detail::sgm_row(), c = detail::sgm_col();
+  e[0] = r == c ? dval : T(0);
+  e[1] = r == c + 1 ? dval : T(0);
+#else
+  for (int i = 0; i < 64; ++i) e[i] = (i / 8 == i % 8) ? dval : T(0);
+#endif
+}
+
+template <class T, int C, int R>
+PMN_FN simdgroup_matrix<T, C, R> make_filled_simdgroup_matrix(const typename detail::ident<T>::type value) {
+  simdgroup_matrix<T, C, R> m;
+#ifdef PMN_CUDA
+  m.e[0] = value;
+  m.e[1] = value;
+#else
+  for (int i = 0; i < 64; ++i) m.e[i] = value;
+#endif
+  return m;
+}
+
+// d(r, c) = src[(origin.y + r) * elements_per_row + origin.x + c], or with transpose_matrix
+// d(r, c) = src[(origin.y + c) * elements_per_row + origin.x + r] (the origin stays in the
+// source's coordinates).
+template <class T, int C, int R>
+PMN_FN void simdgroup_load(simdgroup_matrix<T, C, R>& d, const typename detail::ident<T>::type* src,
+                           pmn_ulong elements_per_row = C, detail::sgm_origin matrix_origin = 0,
+                           bool transpose_matrix = false) {
+  const T* base = src + matrix_origin.y * elements_per_row + matrix_origin.x;
+#ifdef PMN_CUDA
+  const unsigned r = detail::sgm_row(), c = detail::sgm_col();
+  if (!transpose_matrix) {
+    const T* q = base + r * elements_per_row + c;
+    if constexpr (sizeof(T) == 2) {
+      if ((reinterpret_cast<unsigned long long>(q) & 3u) == 0) {  // one 32-bit access
+        const unsigned v = *reinterpret_cast<const unsigned*>(q);
+        d.e[0] = detail::lo_h(v);
+        d.e[1] = detail::hi_h(v);
+        return;
+      }
+    }
+    d.e[0] = q[0];
+    d.e[1] = q[1];
+  } else {
+    d.e[0] = base[c * elements_per_row + r];
+    d.e[1] = base[(c + 1) * elements_per_row + r];
+  }
+#else
+  for (int r = 0; r < 8; ++r)
+    for (int c = 0; c < 8; ++c)
+      d.e[r * 8 + c] = transpose_matrix ? base[c * elements_per_row + r] : base[r * elements_per_row + c];
+#endif
+}
+
+template <class T, int C, int R>
+PMN_FN void simdgroup_store(const simdgroup_matrix<T, C, R>& a, typename detail::ident<T>::type* dst,
+                            pmn_ulong elements_per_row = C, detail::sgm_origin matrix_origin = 0,
+                            bool transpose_matrix = false) {
+  T* base = dst + matrix_origin.y * elements_per_row + matrix_origin.x;
+#ifdef PMN_CUDA
+  const unsigned r = detail::sgm_row(), c = detail::sgm_col();
+  if (!transpose_matrix) {
+    T* q = base + r * elements_per_row + c;
+    if constexpr (sizeof(T) == 4) {
+      if ((reinterpret_cast<unsigned long long>(q) & 7u) == 0) {  // one 64-bit access
+        *reinterpret_cast<vec<float, 2>*>(q) = vec<float, 2>(a.e[0], a.e[1]);
+        return;
+      }
+    }
+    q[0] = a.e[0];
+    q[1] = a.e[1];
+  } else {
+    base[c * elements_per_row + r] = a.e[0];
+    base[(c + 1) * elements_per_row + r] = a.e[1];
+  }
+#else
+  for (int r = 0; r < 8; ++r)
+    for (int c = 0; c < 8; ++c) {
+      T v = a.e[r * 8 + c];
+      if (transpose_matrix) base[c * elements_per_row + r] = v; else base[r * elements_per_row + c] = v;
+    }
+#endif
+}
+
+// d = a * b + c (d may be any of a, b, c).
+template <class TD, class TA, class TB, class TC>
+PMN_FN void simdgroup_multiply_accumulate(simdgroup_matrix<TD, 8, 8>& d, const simdgroup_matrix<TA, 8, 8>& a,
+                                          const simdgroup_matrix<TB, 8, 8>& b,
+                                          const simdgroup_matrix<TC, 8, 8>& c) {
+#ifdef PMN_CUDA
+  using detail::same_;
+  if constexpr (same_<TA, half>::value && same_<TB, half>::value && same_<TC, float>::value &&
+                same_<TD, float>::value) {
+    const unsigned a0 = detail::pack_h2(a.e[0], a.e[1]), a1 = 0u;
+    const unsigned b0 = detail::transpose_h2(detail::pack_h2(b.e[0], b.e[1]));
+    float d0, d1, d2, d3;
+    asm("mma.sync.aligned.m16n8k8.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5}, {%6}, "
+        "{%7,%8,%9,%10};"
+        : "=f"(d0), "=f"(d1), "=f"(d2), "=f"(d3)
+        : "r"(a0), "r"(a1), "r"(b0), "f"(c.e[0]), "f"(c.e[1]), "f"(0.f), "f"(0.f));
+    d.e[0] = d0;
+    d.e[1] = d1;
+  } else if constexpr (same_<TA, half>::value && same_<TB, half>::value &&
+                       same_<TC, half>::value && same_<TD, half>::value) {
+    const unsigned a0 = detail::pack_h2(a.e[0], a.e[1]), a1 = 0u;
+    const unsigned b0 = detail::transpose_h2(detail::pack_h2(b.e[0], b.e[1]));
+    const unsigned c0 = detail::pack_h2(c.e[0], c.e[1]), c1 = 0u;
+    unsigned d0, d1;
+    asm("mma.sync.aligned.m16n8k8.row.col.f16.f16.f16.f16 {%0,%1}, {%2,%3}, {%4}, {%5,%6};"
+        : "=r"(d0), "=r"(d1)
+        : "r"(a0), "r"(a1), "r"(b0), "r"(c0), "r"(c1));
+    d.e[0] = detail::lo_h(d0);
+    d.e[1] = detail::hi_h(d0);
+#ifdef PMN_MATRIX_TF32
+  } else if constexpr (same_<TA, float>::value && same_<TB, float>::value &&
+                       same_<TC, float>::value && same_<TD, float>::value) {
+    // m16n8k8 tf32: A k-columns 0..3 in a0 (rows 0-7), 4..7 in a2; B rows 0..3 in b0, 4..7 in b1.
+    const unsigned l = detail::lane_id(), g = l >> 2, t = l & 3u;
+    // A(g, t) and A(g, t + 4) live in lane 4g + t/2 (slot t%2) and lane 4g + 2 + t/2.
+    // the slot read is the reader's column parity: shuffle both slots and pick.
+    const float a00 = __shfl_sync(0xffffffffu, a.e[0], 4u * g + (t >> 1));
+    const float a01 = __shfl_sync(0xffffffffu, a.e[1], 4u * g + (t >> 1));
+    const float a10 = __shfl_sync(0xffffffffu, a.e[0], 4u * g + 2u + (t >> 1));
+    const float a11 = __shfl_sync(0xffffffffu, a.e[1], 4u * g + 2u + (t >> 1));
+    const float av0 = (t & 1u) ? a01 : a00, av1 = (t & 1u) ? a11 : a10;
+    // B(t, g) in lane 4t + g/2 slot g%2; B(t + 4, g) in lane 4(t+4) + g/2.
+    const float b00 = __shfl_sync(0xffffffffu, b.e[0], 4u * t + (g >> 1));
+    const float b01 = __shfl_sync(0xffffffffu, b.e[1], 4u * t + (g >> 1));
+    const float b10 = __shfl_sync(0xffffffffu, b.e[0], 4u * (t + 4u) + (g >> 1));
+    const float b11 = __shfl_sync(0xffffffffu, b.e[1], 4u * (t + 4u) + (g >> 1));
+    const float bv0 = (g & 1u) ? b01 : b00, bv1 = (g & 1u) ? b11 : b10;
+    float d0, d1, d2, d3;
+    asm("mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
+        "{%8,%9}, {%10,%11,%12,%13};"
+        : "=f"(d0), "=f"(d1), "=f"(d2), "=f"(d3)
+        : "r"(detail::to_tf32(av0)), "r"(0u), "r"(detail::to_tf32(av1)), "r"(0u),
+          "r"(detail::to_tf32(bv0)), "r"(detail::to_tf32(bv1)), "f"(c.e[0]), "f"(c.e[1]), "f"(0.f),
+          "f"(0.f));
+    d.e[0] = d0;
+    d.e[1] = d1;
+#endif
+  } else {
+    // Exact path: lane (r, cols 2p, 2p+1) gathers A(r, k) from lane 4r + k/2 and B(k, 2p + j)
+    // from lane 4k + p, then FMAs in k order (the cpu emulation's order: bit-identical results).
+    const unsigned l = detail::lane_id(), r = l >> 2, p = l & 3u;
+    float acc0 = (float)c.e[0], acc1 = (float)c.e[1];
+    const float ae0 = (float)a.e[0], ae1 = (float)a.e[1], be0 = (float)b.e[0], be1 = (float)b.e[1];
+#pragma unroll
+    for (unsigned k = 0; k < 8; ++k) {
+      const float av = __shfl_sync(0xffffffffu, (k & 1u) ? ae1 : ae0, 4u * r + (k >> 1));
+      const float bv0 = __shfl_sync(0xffffffffu, be0, 4u * k + p);
+      const float bv1 = __shfl_sync(0xffffffffu, be1, 4u * k + p);
+      acc0 = __fmaf_rn(av, bv0, acc0);
+      acc1 = __fmaf_rn(av, bv1, acc1);
+    }
+    d.e[0] = TD(acc0);
+    d.e[1] = TD(acc1);
+  }
+#else
+  TD out[64];
+  for (int r = 0; r < 8; ++r)
+    for (int col = 0; col < 8; ++col) {
+      float acc = (float)c.e[r * 8 + col];
+      for (int k = 0; k < 8; ++k) acc = std::fma((float)a.e[r * 8 + k], (float)b.e[k * 8 + col], acc);
+      out[r * 8 + col] = TD(acc);
+    }
+  for (int i = 0; i < 64; ++i) d.e[i] = out[i];
+#endif
+}
+
+// d = a * b
+template <class TD, class TA, class TB>
+PMN_FN void simdgroup_multiply(simdgroup_matrix<TD, 8, 8>& d, const simdgroup_matrix<TA, 8, 8>& a,
+                               const simdgroup_matrix<TB, 8, 8>& b) {
+  simdgroup_multiply_accumulate(d, a, b, make_filled_simdgroup_matrix<TD, 8, 8>(TD(0)));
+}
+
+// ============================================================================================
 // Atomics. 4-byte objects; functions take `volatile A*` so plain and volatile pointers both
 // bind. Metal only guarantees memory_order_relaxed; stronger orders add fences (cuda) or map to
 // the same C++ order (cpu).
@@ -1590,6 +1835,8 @@ PMN_ATOMIC_RMW(atomic_fetch_xor_explicit, __atomic_fetch_xor(p, d, detail::mo(or
 
 }  // namespace pmn
 
+typedef pmn::simdgroup_float8x8 pmn_simdgroup_float8x8;
+typedef pmn::simdgroup_half8x8 pmn_simdgroup_half8x8;
 typedef pmn::atomic_int pmn_atomic_int;
 typedef pmn::atomic_uint pmn_atomic_uint;
 typedef pmn::atomic_float pmn_atomic_float;
