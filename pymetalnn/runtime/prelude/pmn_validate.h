@@ -169,5 +169,32 @@ PMN_V_ATOMIC(atomic_fetch_or_explicit)
 PMN_V_ATOMIC(atomic_fetch_xor_explicit)
 #undef PMN_V_ATOMIC
 
+// simdgroup_load/store touch an 8x8 block (the same elements transposed or not): every element
+// is checked, and the block is skipped when one is out of bounds.
+template <class P>
+inline bool v_block(const vptr<P>& q, pmn_ulong epr, detail::sgm_origin o) {
+  if (!q.base) return true;
+  for (pmn_ulong r = 0; r < 8; ++r)
+    for (pmn_ulong c = 0; c < 8; ++c) {
+      P* e = q.p + (o.y + r) * epr + o.x + c;
+      if (&q.at(e, q.file, q.line) != e) return false;
+    }
+  return true;
+}
+template <class T, int C, int R, class P>
+inline void simdgroup_load(simdgroup_matrix<T, C, R>& d, const vptr<P>& src,
+                           pmn_ulong elements_per_row = C, detail::sgm_origin matrix_origin = 0,
+                           bool transpose_matrix = false) {
+  if (v_block(src, elements_per_row, matrix_origin))
+    simdgroup_load(d, src.p, elements_per_row, matrix_origin, transpose_matrix);
+}
+template <class T, int C, int R, class P>
+inline void simdgroup_store(const simdgroup_matrix<T, C, R>& a, const vptr<P>& dst,
+                            pmn_ulong elements_per_row = C, detail::sgm_origin matrix_origin = 0,
+                            bool transpose_matrix = false) {
+  if (v_block(dst, elements_per_row, matrix_origin))
+    simdgroup_store(a, dst.p, elements_per_row, matrix_origin, transpose_matrix);
+}
+
 }  // namespace pmn
 #endif
