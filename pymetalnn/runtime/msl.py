@@ -213,6 +213,7 @@ class Translator:
         # checked types of prelude/pmn_validate.h; nothing changes otherwise
         self.validate = validate and target == "cpu"
         self._vclose: set[int] = set()  # ids of '*' tokens that close a PMN_DPTR(
+        self._vskip: set[int] = set()  # ids of cv-qualifier tokens inside a PMN_DPTR(
         self.site = 0
         self.templates: dict[str, tuple[list[str], list[list[Token]], Token, int]] = {}
         self.kernels: dict[str, KernelInfo] = {}
@@ -591,6 +592,9 @@ class Translator:
                 i += 1
                 continue
             s = t.text
+            if self._vskip and id(t) in self._vskip:
+                i += 1
+                continue
             # namespaces: metal::, precise::, fast::
             if s in ("metal", "precise", "fast") and nxt is not None and nxt.text == "::":
                 j = i
@@ -712,10 +716,14 @@ class Translator:
                and k + 1 < j and toks[k + 1].kind == "id" and toks[k + 1].text not in
                ("const", "volatile") for k in range(i + 1, j)):
             return False  # `T name` before the '*': not a declarator's type
-        cv = []
-        while out and out[-1].text in ("const", "volatile"):  # `const device T*`
-            cv.insert(0, out.pop())
-        out.extend([_tok("PMN_DPTR", like=toks[i]), _tok("(", "punct", like=toks[i]), *cv])
+        # the element type loses its cv-qualifiers (`const device T*` -> PMN_DPTR(T)): template
+        # argument deduction of a helper's `vptr<T>` parameter must accept any checked pointer,
+        # as `const T*` accepts a `T*`; the normal build has checked the constness already
+        while out and out[-1].text in ("const", "volatile"):
+            out.pop()
+        self._vskip.update(id(toks[k]) for k in range(i + 1, j)
+                           if toks[k].text in ("const", "volatile"))
+        out.extend([_tok("PMN_DPTR", like=toks[i]), _tok("(", "punct", like=toks[i])])
         self._vclose.add(id(toks[j]))
         return True
 
@@ -837,7 +845,8 @@ def _entry_points(k: KernelInfo, target: str, validate: bool = False) -> str:
     for a in byidx:
         if a.kind == "buffer" and validate and a.device:
             fname = k.file.replace("\\", "/").replace('"', "")
-            unpack.append(f"pmn::vptr<{a.ctype[:-1]}>(({a.ctype})args[{a.index}], "
+            elem = re.sub(r"\b(const|volatile)\b", "", a.ctype[:-1]).strip()
+            unpack.append(f"pmn::vptr<{elem}>(({elem}*)args[{a.index}], "
                           f'pmn_v_sizes[{a.index}], "{a.name}", "{fname}", {k.line})')
         elif a.kind == "buffer":
             unpack.append(f"({a.ctype})args[{a.index}]")

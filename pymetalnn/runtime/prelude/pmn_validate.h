@@ -84,14 +84,11 @@ struct vptr {
   vptr(T* q) : p(q), base(nullptr), end(nullptr), name("?"), file("?"), line(0) {}
   vptr(T* q, unsigned long long nbytes, const char* n, const char* f, int l)
       : p(q), base((const char*)q), end((const char*)q + nbytes), name(n), file(f), line(l) {}
-  // const-adding conversion implicit, every other pointer cast explicit (as in C++)
-  template <class U, class = typename std::enable_if<std::is_same<const U, T>::value &&
-                                                     !std::is_same<U, T>::value>::type>
-  vptr(const vptr<U>& o)
-      : p(o.p), base(o.base), end(o.end), name(o.name), file(o.file), line(o.line) {}
-  template <class U, class = typename std::enable_if<!std::is_same<U, T>::value &&
-                                                     !std::is_same<const U, T>::value>::type,
-            class = void>
+  // element types are never cv-qualified here (the translator drops them), so every pointer
+  // cast is a reinterpretation, explicit as in C++; a raw `const T*` (e.g. `&x[i]` of thread
+  // data) converts implicitly, unchecked
+  vptr(const T* q) : vptr(const_cast<T*>(q)) {}
+  template <class U, class = typename std::enable_if<!std::is_same<U, T>::value>::type>
   explicit vptr(const vptr<U>& o)
       : p((T*)o.p), base(o.base), end(o.end), name(o.name), file(o.file), line(o.line) {}
   explicit vptr(T* q, const vptr& bounds)
