@@ -385,6 +385,14 @@ kernel void oob_tg(device float* y [[buffer(0)]], constant uint& k [[buffer(1)]]
     threadgroup_barrier(mem_flags::mem_threadgroup);
     y[i] = tile[(l + k) % 64];
 }
+kernel void diverge(device float* y [[buffer(0)]], constant uint& k [[buffer(1)]],
+                    uint l [[thread_position_in_threadgroup]]) {
+    threadgroup float tile[64];
+    tile[l % 64] = 1.0f;
+    if (l >= k) return;  // threads at or past k skip the barrier below
+    threadgroup_barrier(mem_flags::mem_threadgroup);
+    y[l] = tile[(l + 1) % 64];
+}
 kernel void oob_atomic(device atomic_uint* c [[buffer(0)]], constant uint& k [[buffer(1)]],
                        uint i [[thread_position_in_grid]]) {
     if (i < 8) atomic_fetch_add_explicit(c + (i % 2) * k, 1u, memory_order_relaxed);
@@ -458,6 +466,18 @@ def test_validation_vector_cast_pointer_arith_threadgroup_atomic(vdev, vlib):
     np.testing.assert_array_equal(c.numpy(np.uint32), [4, 4])
     lib.kernel("oob_atomic")(8, c, 2)
     with pytest.raises(ValidationError, match=r"'c': index 2, size 2"):
+        vdev.synchronize()
+
+
+def test_validation_divergent_barrier_reported(vdev, vlib):
+    lib, _ = vlib
+    y = vdev.buffer(np.zeros(256, np.float32))
+    lib.kernel("diverge")(256, y, 256)  # every thread reaches the barrier: fine
+    np.testing.assert_array_equal(y.numpy(np.float32), np.ones(256, np.float32))
+    lib.kernel("diverge")(256, y, 100)
+    with pytest.raises(ValidationError, match=r"kernel 'diverge': faults\.metal:\d+: divergent "
+                                              r"threadgroup_barrier: .* returned after 0 barriers "
+                                              r"while another reached 1"):
         vdev.synchronize()
 
 

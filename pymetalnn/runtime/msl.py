@@ -760,6 +760,8 @@ class Translator:
         out.extend([_tok("pmn", like=t), _tok("::", "punct", like=t)])
         for s in ns:
             out.extend([_tok(s, like=t), _tok("::", "punct", like=t)])
+        if self.validate and name == "threadgroup_barrier":  # counts barriers per thread
+            t = Token(t.kind, "v_threadgroup_barrier", t.file, t.line, t.space)
         out.append(t)
         if cur_func and (name in SIMD_FUNCS or name == "threadgroup_barrier"):
             bodies[cur_func[-1]]["sync"] = True
@@ -859,6 +861,8 @@ def _entry_points(k: KernelInfo, target: str, validate: bool = False) -> str:
         else:
             call.append(BUILTINS[k.builtins[j][1]][1])
     body = f"{k.impl}({', '.join(call)});"
+    if validate and k.needs_fibers:  # divergent barriers: see prelude/pmn_validate.h
+        body = f"pmn::v_thread_begin(ti); {body} pmn::v_thread_end(ti);"
     return (
         f"static inline __attribute__((always_inline)) void pmn_body_{k.name}(void* const* args, "
         f"const pmn_tinfo& ti) {{ (void)args; (void)ti; {body} }}\n"

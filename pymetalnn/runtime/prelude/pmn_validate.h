@@ -166,6 +166,57 @@ PMN_V_ATOMIC(atomic_fetch_or_explicit)
 PMN_V_ATOMIC(atomic_fetch_xor_explicit)
 #undef PMN_V_ATOMIC
 
+// Divergent barriers: every thread of a threadgroup must reach every threadgroup_barrier. Each
+// thread counts the barriers it passes (in the spare word of its SIMD slot, which is per thread
+// and lives as long as the threadgroup); the threadgroup (all of whose threads run on one OS
+// thread) keeps the most barriers any thread reached and the fewest any returned after. A thread
+// returning after fewer barriers than another reached, or reaching more than another returned
+// after, is reported. Only fiber-mode kernels have barriers.
+struct v_bar_state {
+  unsigned min_exit, max_reached, tgid;
+  const char* file;
+  int line;
+};
+inline v_bar_state& v_bars() {
+  static thread_local v_bar_state s;
+  return s;
+}
+[[gnu::noinline, gnu::cold]] inline void v_diverged(const char* file, int line, unsigned tgid,
+                                                    unsigned fewer, unsigned more) {
+  int expected = 0;
+  if (!__atomic_compare_exchange_n(&pmn_v_failed, &expected, 1, false, __ATOMIC_ACQ_REL,
+                                   __ATOMIC_ACQUIRE))
+    return;
+  const char* slash = std::strrchr(file, '/');
+  std::snprintf(pmn_v_msg, sizeof pmn_v_msg,
+                "%s:%d: divergent threadgroup_barrier: in threadgroup %u a thread returned after "
+                "%u barriers while another reached %u (every thread of a threadgroup must reach "
+                "every barrier)",
+                slash ? slash + 1 : file, line, tgid, fewer, more);
+}
+inline void v_thread_begin(const pmn_tinfo& ti) {
+  if (ti.lid == 0) v_bars() = v_bar_state{~0u, 0u, ti.tgid, "?", 0};  // thread 0 starts first
+  pmn_cpu_lane_slot()->pad[0] = 0;
+}
+inline void v_thread_end(const pmn_tinfo&) {
+  v_bar_state& s = v_bars();
+  const unsigned c = pmn_cpu_lane_slot()->pad[0];
+  if (c < s.max_reached) v_diverged(s.file, s.line, s.tgid, c, s.max_reached);
+  if (c < s.min_exit) s.min_exit = c;
+}
+inline void v_threadgroup_barrier(mem_flags f, const char* file = __builtin_FILE(),
+                                  int line = __builtin_LINE()) {
+  v_bar_state& s = v_bars();
+  const unsigned c = ++pmn_cpu_lane_slot()->pad[0];
+  if (c > s.max_reached) {
+    s.max_reached = c;
+    s.file = file;
+    s.line = line;
+  }
+  if (c > s.min_exit) v_diverged(file, line, s.tgid, s.min_exit, c);
+  threadgroup_barrier(f);
+}
+
 // simdgroup_load/store touch an 8x8 block (the same elements transposed or not): every element
 // is checked, and the block is skipped when one is out of bounds.
 template <class P>
