@@ -634,3 +634,87 @@ def test_dataset_faults_name_file_and_defect(tmp_path):
     ts.write_text("@problemName x\n@classLabel true a b\n@data\n1,2:a\n1,x:b\n")
     with pytest.raises(D.DatasetError, match=rf"{ts.name}:5: dimension 0"):
         D.read_ts(str(ts))
+
+
+# ---- files: checkpoints --------------------------------------------------------------------------
+
+def two_fc(dev, seed=1):
+    from pymetalnn import graph as G
+    from pymetalnn import optim
+
+    x = G.ImageNode((1, 4, 4), name="x")
+    h = G.FlattenNode(x, name="flat")
+    h = G.FullyConnectedNode(h, G.FullyConnectedDataSource(16, 8, seed=seed), name="fc1")
+    h = G.ReLUNode(h, name="relu")
+    h = G.FullyConnectedNode(h, G.FullyConnectedDataSource(8, 3, seed=seed + 1), name="fc2")
+    loss = G.SoftmaxCrossEntropyLossNode(h, name="loss")
+    tg = G.TrainingGraph(loss, optimizer=lambda p: optim.SGD(p, lr=0.1, momentum=0.9),
+                         device=dev)
+    rng = np.random.default_rng(0)
+    X = rng.standard_normal((4, 1, 4, 4)).astype(np.float32)
+    Y = rng.integers(0, 3, 4)
+    tg.encode(X, Y).wait()
+    return tg, X, Y
+
+
+def _same_state(a, b):
+    assert set(a) == set(b)
+    for k in a:
+        np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+
+
+def test_checkpoint_faults_refused_before_any_change(cpu, tmp_path):
+    from pymetalnn import graph as G
+
+    tg, X, Y = two_fc(cpu)
+    good = tg.state_dict()
+    w = good["fc1.weight"]
+    bad_cases = {
+        "transposed weight": ({**good, "fc2.weight": good["fc2.weight"].T.copy()}, "shape"),
+        "same size, other shape": ({**good, "fc1.weight": w.reshape(-1)}, "shape"),
+        "integer weight": ({**good, "fc1.bias": np.zeros(8, np.int32)}, "dtype int32"),
+        "late optimizer error": ({**good, "fc2.optim.param0.momentum_buffer":
+                                  np.zeros((2, 2), np.float32)}, "fc2"),
+        "bad step count": ({**good, "fc1.optim.param0.step": np.array(-1)}, "fc1"),
+    }
+    other, _, _ = two_fc(cpu, seed=7)
+    before = other.state_dict()
+    for name, (d, match) in bad_cases.items():
+        with pytest.raises(G.GraphError, match=match):
+            other.load_state_dict(d)
+            pytest.fail(f"accepted: {name}")
+        _same_state(other.state_dict(), before)  # nothing changed, also after a late error
+    other.load_state_dict(good)
+    _same_state(other.state_dict(), good)
+
+
+def test_checkpoint_npz_suffix_both_ways_and_bad_files(cpu, tmp_path):
+    from pymetalnn import graph as G
+
+    tg, X, Y = two_fc(cpu)
+    tg.save(tmp_path / "model")  # written as model.npz
+    assert (tmp_path / "model.npz").exists() and not (tmp_path / "model").exists()
+    other, _, _ = two_fc(cpu, seed=5)
+    other.load(tmp_path / "model")
+    _same_state(other.state_dict(), tg.state_dict())
+    other.load(tmp_path / "model.npz")
+    raw = (tmp_path / "model.npz").read_bytes()
+    before = other.state_dict()
+    cases = {
+        "missing.npz": (None, "no such file"),
+        "truncated.npz": (raw[: len(raw) // 2], "not a readable .npz"),
+        "garbage.npz": (os.urandom(len(raw)), "not a readable .npz"),
+        "empty.npz": (b"", "not a readable .npz"),
+    }
+    for fname, (data, match) in cases.items():
+        p = tmp_path / fname
+        if data is not None:
+            p.write_bytes(data)
+        with pytest.raises(G.GraphError, match=rf"checkpoint .*{fname}.*{match}"):
+            other.load(p)
+        _same_state(other.state_dict(), before)
+    objs = tmp_path / "objects.npz"
+    np.savez(objs, **{**tg.state_dict(), "fc1.weight": np.array([object()], dtype=object)})
+    with pytest.raises(G.GraphError, match=r"objects\.npz: key 'fc1\.weight'"):
+        other.load(objs)
+    _same_state(other.state_dict(), before)
