@@ -38,9 +38,10 @@
 #include <metal_stdlib>
 #include "params.h"
 #include "neuron.h"
+#include "instantiate.h"
 using namespace metal;
 
-#define CONV_THREADS 256
+// CONV_THREADS (params.h): threads per threadgroup of every kernel here
 
 // ============================================================================================
 // Direct kernels: one output element per thread, grid-stride over the outputs.
@@ -652,32 +653,29 @@ kernel void conv2d_bwd_weight_tiled(device const T* dy [[buffer(0)]],
 // must match TILES in pymetalnn/ops/conv.py. kernels/dev/ includes this file with
 // CONV_NO_INSTANCES to instantiate experimental shapes instead.
 // ============================================================================================
-#define CONV_INST(HOST, FN, ...) \
-    template [[host_name(HOST)]] [[kernel]] decltype(FN<__VA_ARGS__>) FN<__VA_ARGS__>;
-
 #define CONV_INST_PREC(NAME, T, A)                                                                 \
-    CONV_INST("conv2d_fwd_direct_" NAME, conv2d_fwd_direct, T, A)                                  \
-    CONV_INST("conv2d_bwd_data_direct_" NAME, conv2d_bwd_data_direct, T, A)                        \
-    CONV_INST("conv2d_fwd_t128x64_" NAME, conv2d_fwd_tiled, T, A, 128, 64, 8, 8, 4, true)                \
-    CONV_INST("conv2d_fwd_t128x128_" NAME, conv2d_fwd_tiled, T, A, 128, 128, 8, 8, 8, true)              \
-    CONV_INST("conv2d_fwd_t64x64_" NAME, conv2d_fwd_tiled, T, A, 64, 64, 8, 4, 4, true)                  \
-    CONV_INST("conv2d_fwd_t128x32_" NAME, conv2d_fwd_tiled, T, A, 128, 32, 8, 4, 4, true)                \
-    CONV_INST("conv2d_fwd_t128x64k16_" NAME, conv2d_fwd_tiled, T, A, 128, 64, 16, 8, 4, true)            \
-    CONV_INST("conv2d_fwd_t128x32k16_" NAME, conv2d_fwd_tiled, T, A, 128, 32, 16, 4, 4, true)            \
-    CONV_INST("conv2d_bwd_data_t128x64_" NAME, conv2d_bwd_data_tiled, T, A, 128, 64, 8, 8, 4, true)      \
-    CONV_INST("conv2d_bwd_data_t128x128_" NAME, conv2d_bwd_data_tiled, T, A, 128, 128, 8, 8, 8, true)    \
-    CONV_INST("conv2d_bwd_data_t64x64_" NAME, conv2d_bwd_data_tiled, T, A, 64, 64, 8, 4, 4, true)        \
-    CONV_INST("conv2d_bwd_data_t128x32_" NAME, conv2d_bwd_data_tiled, T, A, 128, 32, 8, 4, 4, true)      \
-    CONV_INST("conv2d_bwd_data_t128x64k16_" NAME, conv2d_bwd_data_tiled, T, A, 128, 64, 16, 8, 4, true)  \
-    CONV_INST("conv2d_bwd_data_t128x32k16_" NAME, conv2d_bwd_data_tiled, T, A, 128, 32, 16, 4, 4, true)  \
-    CONV_INST("conv2d_bwd_weight_t64x64_" NAME, conv2d_bwd_weight_tiled, T, A, 64, 64, 16, 4, 4)   \
-    CONV_INST("conv2d_bwd_weight_t64x128_" NAME, conv2d_bwd_weight_tiled, T, A, 64, 128, 16, 4, 8) \
-    CONV_INST("conv2d_bwd_weight_t128x128_" NAME, conv2d_bwd_weight_tiled, T, A, 128, 128, 8, 8, 8)
+    INSTANTIATE("conv2d_fwd_direct_" NAME, conv2d_fwd_direct, T, A)                                \
+    INSTANTIATE("conv2d_bwd_data_direct_" NAME, conv2d_bwd_data_direct, T, A)                      \
+    INSTANTIATE("conv2d_fwd_t128x64_" NAME, conv2d_fwd_tiled, T, A, 128, 64, 8, 8, 4, true)              \
+    INSTANTIATE("conv2d_fwd_t128x128_" NAME, conv2d_fwd_tiled, T, A, 128, 128, 8, 8, 8, true)            \
+    INSTANTIATE("conv2d_fwd_t64x64_" NAME, conv2d_fwd_tiled, T, A, 64, 64, 8, 4, 4, true)                \
+    INSTANTIATE("conv2d_fwd_t128x32_" NAME, conv2d_fwd_tiled, T, A, 128, 32, 8, 4, 4, true)              \
+    INSTANTIATE("conv2d_fwd_t128x64k16_" NAME, conv2d_fwd_tiled, T, A, 128, 64, 16, 8, 4, true)          \
+    INSTANTIATE("conv2d_fwd_t128x32k16_" NAME, conv2d_fwd_tiled, T, A, 128, 32, 16, 4, 4, true)          \
+    INSTANTIATE("conv2d_bwd_data_t128x64_" NAME, conv2d_bwd_data_tiled, T, A, 128, 64, 8, 8, 4, true)    \
+    INSTANTIATE("conv2d_bwd_data_t128x128_" NAME, conv2d_bwd_data_tiled, T, A, 128, 128, 8, 8, 8, true)  \
+    INSTANTIATE("conv2d_bwd_data_t64x64_" NAME, conv2d_bwd_data_tiled, T, A, 64, 64, 8, 4, 4, true)      \
+    INSTANTIATE("conv2d_bwd_data_t128x32_" NAME, conv2d_bwd_data_tiled, T, A, 128, 32, 8, 4, 4, true)    \
+    INSTANTIATE("conv2d_bwd_data_t128x64k16_" NAME, conv2d_bwd_data_tiled, T, A, 128, 64, 16, 8, 4, true) \
+    INSTANTIATE("conv2d_bwd_data_t128x32k16_" NAME, conv2d_bwd_data_tiled, T, A, 128, 32, 16, 4, 4, true) \
+    INSTANTIATE("conv2d_bwd_weight_t64x64_" NAME, conv2d_bwd_weight_tiled, T, A, 64, 64, 16, 4, 4) \
+    INSTANTIATE("conv2d_bwd_weight_t64x128_" NAME, conv2d_bwd_weight_tiled, T, A, 64, 128, 16, 4, 8) \
+    INSTANTIATE("conv2d_bwd_weight_t128x128_" NAME, conv2d_bwd_weight_tiled, T, A, 128, 128, 8, 8, 8)
 
 #define CONV_INST_STORAGE(NAME, T)                                                                 \
-    CONV_INST("conv2d_bwd_reduce_" NAME, conv2d_bwd_reduce, T)                                     \
-    CONV_INST("conv2d_bwd_bias_" NAME, conv2d_bwd_bias, T)                                         \
-    CONV_INST("conv2d_pack_weight_" NAME, conv2d_pack_weight, T)
+    INSTANTIATE("conv2d_bwd_reduce_" NAME, conv2d_bwd_reduce, T)                                   \
+    INSTANTIATE("conv2d_bwd_bias_" NAME, conv2d_bwd_bias, T)                                       \
+    INSTANTIATE("conv2d_pack_weight_" NAME, conv2d_pack_weight, T)
 
 #ifndef CONV_NO_INSTANCES
 CONV_INST_PREC("float", float, float)

@@ -30,6 +30,7 @@
 #include <metal_stdlib>
 #include "params.h"
 #include "neuron.h"
+#include "instantiate.h"
 using namespace metal;
 
 // ---- 1-D transforms: r[i * rs] = (matrix . d)[i] for d[j * ds] ------------------------------
@@ -323,15 +324,13 @@ kernel void conv2d_wino_filter_grad(device const T* du [[buffer(0)]],
     }
 }
 
-#define WINO_INST(HOST, FN, ...) \
-    template [[host_name(HOST)]] [[kernel]] decltype(FN<__VA_ARGS__>) FN<__VA_ARGS__>;
 // conv2d_wino<M>x<R>_<stage>_<dtype>
 #define WINO_INST_M(MR, M, R, NAME, T)                                                             \
-    WINO_INST("conv2d_wino" MR "_input_" NAME, conv2d_wino_input, T, M, R)                         \
-    WINO_INST("conv2d_wino" MR "_filter_" NAME, conv2d_wino_filter, T, M, R)                       \
-    WINO_INST("conv2d_wino" MR "_output_" NAME, conv2d_wino_output, T, M, R)                       \
-    WINO_INST("conv2d_wino" MR "_grad_output_" NAME, conv2d_wino_grad_output, T, M, R)             \
-    WINO_INST("conv2d_wino" MR "_filter_grad_" NAME, conv2d_wino_filter_grad, T, M, R)
+    INSTANTIATE("conv2d_wino" MR "_input_" NAME, conv2d_wino_input, T, M, R)                       \
+    INSTANTIATE("conv2d_wino" MR "_filter_" NAME, conv2d_wino_filter, T, M, R)                     \
+    INSTANTIATE("conv2d_wino" MR "_output_" NAME, conv2d_wino_output, T, M, R)                     \
+    INSTANTIATE("conv2d_wino" MR "_grad_output_" NAME, conv2d_wino_grad_output, T, M, R)           \
+    INSTANTIATE("conv2d_wino" MR "_filter_grad_" NAME, conv2d_wino_filter_grad, T, M, R)
 
 WINO_INST_M("2x3", 2, 3, "float", float)
 WINO_INST_M("4x3", 4, 3, "float", float)

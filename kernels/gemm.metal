@@ -47,18 +47,11 @@
 #include <metal_stdlib>
 #include "params.h"
 #include "neuron.h"
+#include "instantiate.h"
 using namespace metal;
 
-// GemmParams.flags
-#define GEMM_TRANS_A 1u   // A is stored K x M (op(A) = A^T)
-#define GEMM_TRANS_B 2u   // B is stored N x K (op(B) = B^T)
-#define GEMM_VEC_A 4u     // A: rows pitch, batch stride and base allow aligned 4-vector loads
-#define GEMM_VEC_B 8u
-#define GEMM_VEC_C 16u
-#define GEMM_BIAS 32u     // add bias[n]
-#define GEMM_BETA 64u     // read C (beta != 0; beta == 0 never reads C, as BLAS)
+// GemmParams.flags GEMM_*, GEMM_THREADS: params.h
 
-#define GEMM_THREADS 256u
 #define GEMM_GROUP_M 8u
 
 // ---- copy-in: one BK x BR slice of an operand, R = rows of op(A) (m) or columns of op(B) (n).
@@ -311,7 +304,8 @@ inline void gemm_stash_mma(threadgroup T* tile, thread const vec<T, 4>* regs, bo
 // (BM/4) x (BN/2) block of C as FM x FN accumulators of type ACC (float: MPS's default fp16 path;
 // half: its fp16 accumulation). MSL 2.3 has no per-element access to a
 // simdgroup matrix, so the epilogue goes through threadgroup memory: each simdgroup stores one
-// row of its fragments (8 x BN/2 values) to its own staging rows, then every lane applies the
+// row of its fragments (8 x BN/2 values) to its own staging rows (over the slices' memory, free
+// after the K loop), then every lane applies the
 // epilogue to 4-vectors of them.
 template <typename T, typename ACC, typename TC, int BM, int BN, int BK>
 [[max_total_threads_per_threadgroup(256)]]
@@ -328,11 +322,14 @@ kernel void gemm_mma(device const T* A [[buffer(0)]], device const T* B [[buffer
     // halves: fragment loads are one aligned 32-bit access per lane, conflict-free.
     constexpr int PA = BK + 8, PB = BN + 8;
     constexpr int NLA = (BM * BK / 4 + 255) / 256, NLB = (BN * BK / 4 + 255) / 256;
-    threadgroup vec<T, 4> As4[2 * BM * PA / 4];  // vectors: 8-byte aligned rows for the stash
-    threadgroup vec<T, 4> Bs4[2 * BK * PB / 4];
-    threadgroup T* As = (threadgroup T*)As4;
-    threadgroup T* Bs = (threadgroup T*)Bs4;
-    threadgroup ACC Cs[8 * 8 * WN];
+    // one allocation (vectors: 8-byte aligned rows for the stash): the double-buffered slices,
+    // then, after the K loop, the epilogue's staging rows over the same bytes
+    constexpr int TILE_T = 2 * BM * PA + 2 * BK * PB;
+    constexpr int STAGE_T = 8 * 8 * WN * int(sizeof(ACC)) / int(sizeof(T));
+    threadgroup vec<T, 4> smem[((TILE_T > STAGE_T ? TILE_T : STAGE_T) + 3) / 4];
+    threadgroup T* As = (threadgroup T*)smem;
+    threadgroup T* Bs = As + 2 * BM * PA;
+    threadgroup ACC* Cs = (threadgroup ACC*)smem;
 
     uint tiles = p.tiles_m * p.tiles_n;
     uint nb = p.reduce_batch ? 1u : p.batch;
@@ -399,13 +396,15 @@ kernel void gemm_mma(device const T* A [[buffer(0)]], device const T* B [[buffer
         for (int kk = 0; kk < BK; kk += 8) {
             simdgroup_matrix<T, 8, 8> ma[FM];
             simdgroup_matrix<T, 8, 8> mb[FN];
+            // fragment origins folded into the pointer (constant row pitch, zero origin): the
+            // per-lane offset inside a fragment is then loop-invariant
 #pragma unroll
             for (int i = 0; i < FM; ++i) {
-                simdgroup_load(ma[i], sa, PA, ulong2(uint(kk), wm0 + 8u * uint(i)));
+                simdgroup_load(ma[i], sa + (wm0 + 8u * uint(i)) * uint(PA) + uint(kk), PA);
             }
 #pragma unroll
             for (int j = 0; j < FN; ++j) {
-                simdgroup_load(mb[j], sb, PB, ulong2(wn0 + 8u * uint(j), uint(kk)));
+                simdgroup_load(mb[j], sb + uint(kk) * uint(PB) + wn0 + 8u * uint(j), PB);
             }
 #pragma unroll
             for (int i = 0; i < FM; ++i) {
@@ -429,7 +428,7 @@ kernel void gemm_mma(device const T* A [[buffer(0)]], device const T* B [[buffer
 #pragma unroll
     for (int i = 0; i < FM; ++i) {
 #pragma unroll
-        for (int j = 0; j < FN; ++j) simdgroup_store(acc[i][j], cs, WN, ulong2(8u * uint(j), 0u));
+        for (int j = 0; j < FN; ++j) simdgroup_store(acc[i][j], cs + 8u * uint(j), WN);
         simdgroup_barrier(mem_flags::mem_threadgroup);
         for (uint q = lane; q < uint(8 * WN / 4); q += 32u) {
             uint r = q / uint(WN / 4), cq = (q % uint(WN / 4)) * 4u;
@@ -496,8 +495,7 @@ kernel void linear_bias_grad(device const T* g [[buffer(0)]], device T* out [[bu
 // linear_bwd_bias_<variant>, variant = float | half | hacc_half (see the design note).
 #define GEMM_STR_(x) #x
 #define GEMM_STR(x) GEMM_STR_(x)
-#define GEMM_KERNEL(NAME, FN, ...) \
-    template [[host_name(GEMM_STR(NAME))]] [[kernel]] decltype(FN<__VA_ARGS__>) FN<__VA_ARGS__>;
+#define GEMM_KERNEL(NAME, FN, ...) INSTANTIATE(GEMM_STR(NAME), FN, __VA_ARGS__)
 
 #define GEMM_INST(TILE, BM, BN, BK)                                                              \
     GEMM_KERNEL(gemm_fwd_##TILE##_float, gemm_tiled, float, float, float, BM, BN, BK)            \
@@ -517,7 +515,7 @@ GEMM_KERNEL(gemm_fwd_128x128k16_hacc_half, gemm_tiled, half, half, half, 128, 12
     GEMM_KERNEL(gemm_fwd_##TILE##_half, gemm_mma, half, float, half, BM, BN, BK)                 \
     GEMM_KERNEL(gemm_fwd_##TILE##_hacc_half, gemm_mma, half, half, half, BM, BN, BK)             \
     GEMM_KERNEL(gemm_fwd_##TILE##_splitk_half, gemm_mma, half, float, float, BM, BN, BK)
-GEMM_MMA_INST(mma128x128, 128, 128, 16)
+GEMM_MMA_INST(mma128x128, 128, 128, 32)
 GEMM_MMA_INST(mma64x64, 64, 64, 16)
 
 #define GEMM_INST_PREC(VARIANT, T, ACC)                                \

@@ -26,7 +26,7 @@
 #include "tile_reduce.h"
 using namespace metal;
 
-#define LOSS_CACHE 4096  // floats of logit cache per threadgroup (16 KB), as SM_CACHE
+#define LOSS_CACHE SM_CACHE  // floats of logit cache per threadgroup (params.h)
 
 // pointwise kinds
 #define L_MSE 0
@@ -144,7 +144,8 @@ kernel void loss_pw_bwd(device const float* g [[buffer(0)]],
         float w = p.has_weight ? sw[n] : 1.0f;
         float r = 0.0f;
         if (w != 0.0f) {
-            float c = p.gmode == 0u ? g[0] : (p.gmode == 1u ? g[n] : g[i]);
+            float c = p.gmode == LOSS_G_SCALAR ? g[0]
+                    : (p.gmode == LOSS_G_PER_SAMPLE ? g[n] : g[i]);
             r = c * w * pw_grad(K, float(x[i]), float(t[i]), p);
         }
         dx[i] = T(r);
@@ -305,7 +306,9 @@ kernel void loss_cls_bwd(device const float* g [[buffer(0)]],
         float coef = 0.0f;
         if (valid) {
             float w = p.has_weight ? sw[o] : 1.0f;
-            if (w != 0.0f) coef = w * (p.gmode == 0u ? g[0] : (p.gmode == 1u ? g[o] : g[k]));
+            if (w != 0.0f)
+                coef = w * (p.gmode == LOSS_G_SCALAR ? g[0]
+                            : (p.gmode == LOSS_G_PER_SAMPLE ? g[o] : g[k]));
         }
         if (K == L_CE) {
             float m = -INFINITY;
@@ -399,15 +402,15 @@ kernel void loss_reduce_fwd_float(device const float* part [[buffer(0)]],
         uint2 c = uint2(0u);
         for (uint j = tid; j < p.seglen; j += TR_TG) {
             acc += part[s * p.seglen + j];
-            if (p.mode == 1u || p.mode == 2u) c += cnt[s * p.seglen + j];
+            if (p.mode == LOSS_MODE_MEAN || p.mode == LOSS_MODE_NONZERO) c += cnt[s * p.seglen + j];
         }
         acc = tile_reduce(acc, TR_SUM, 1u, TR_TG, lane, sg, scratch);
         c = tile_reduce(c, TR_SUM, 1u, TR_TG, lane, sg, scratch2);
         if (tid == 0) {
             float r = acc;
-            if (p.mode == 1u) r = acc / float(c.x);
-            if (p.mode == 2u) r = c.y == 0u ? 0.0f : acc / float(c.y);
-            if (p.mode == 3u) r = acc / p.denom;
+            if (p.mode == LOSS_MODE_MEAN) r = acc / float(c.x);
+            if (p.mode == LOSS_MODE_NONZERO) r = c.y == 0u ? 0.0f : acc / float(c.y);
+            if (p.mode == LOSS_MODE_DENOM) r = acc / p.denom;
             out[s] = r;
         }
     }
@@ -426,7 +429,7 @@ kernel void loss_scale_bwd_float(device const int* labels [[buffer(0)]],
                                  uint sg [[simdgroup_index_in_threadgroup]]) {
     threadgroup uint2 scratch2[TR_TG];
     uint2 c = uint2(0u);
-    if (p.mode == 1u || p.mode == 2u) {
+    if (p.mode == LOSS_MODE_MEAN || p.mode == LOSS_MODE_NONZERO) {
         for (uint k = tid; k < p.terms; k += TR_TG) {
             bool valid = p.has_labels ? labels[k] != p.ignore_index : true;
             bool nz = valid && (p.has_weight ? sw[k / p.per_sample] != 0.0f : true);
@@ -436,9 +439,10 @@ kernel void loss_scale_bwd_float(device const int* labels [[buffer(0)]],
     c = tile_reduce(c, TR_SUM, 1u, TR_TG, lane, sg, scratch2);
     if (tid == 0) {
         float r = g[0];
-        if (p.mode == 1u) r = g[0] / (float(c.x) * float(p.mult));
-        if (p.mode == 2u) r = c.y == 0u ? 0.0f : g[0] / (float(c.y) * float(p.mult));
-        if (p.mode == 3u) r = g[0] / p.denom;
+        if (p.mode == LOSS_MODE_MEAN) r = g[0] / (float(c.x) * float(p.mult));
+        if (p.mode == LOSS_MODE_NONZERO)
+            r = c.y == 0u ? 0.0f : g[0] / (float(c.y) * float(p.mult));
+        if (p.mode == LOSS_MODE_DENOM) r = g[0] / p.denom;
         scale[0] = r;
     }
 }

@@ -192,12 +192,7 @@ struct TanhFromOutput {
 };
 
 // ---- fused epilogues: the activation selected at run time (params field `act`, `act_alpha`) ----
-// Codes shared with pymetalnn/ops/neuron.py (ACTIVATIONS).
-#define NN_ACT_NONE 0u
-#define NN_ACT_RELU 1u
-#define NN_ACT_LEAKY_RELU 2u   // alpha = negative_slope
-#define NN_ACT_SIGMOID 3u
-#define NN_ACT_TANH 4u
+// Codes NN_ACT_* in params.h (pymetalnn/ops/neuron.py's ACTIVATIONS reads them from there).
 
 inline float nn_activation(float v, uint act, float alpha) {
     NeuronParams q = {0u, 0u, alpha, 0.0f};

@@ -1,13 +1,34 @@
 // params.h -- every kernel's parameter struct, one per op, in one place (as ggml-metal's
-// ggml-metal-impl.h). Fields are 4 bytes (uint, int, float) so the layout is the same for Metal,
-// CUDA, C++ and the Python mirror in pymetalnn/params.py; tests/test_params.py checks that the two
-// agree field by field. Tensors are contiguous NCHW; sizes are element counts.
+// ggml-metal-impl.h), and every constant that kernels and host code must agree on. Fields are 4
+// bytes (uint, int, float) so the layout is the same for Metal, CUDA, C++ and the Python mirror in
+// pymetalnn/params.py. The constants are `#define NAME <integer literal>` lines, read by
+// pymetalnn/params.py (params.CONST) so the host takes each value from here and nowhere else.
+// tests/test_params_header.py checks both: the mirrors field by field, the constants as a kernel
+// sees them. Tensors are contiguous NCHW; sizes are element counts.
 #pragma once
+
+// ---- shared by several families ------------------------------------------------------------
+// Fused activations (the `act` field of Conv2dParams, WinogradParams, GemmParams, NormParams;
+// applied by neuron.h's nn_activation).
+#define NN_ACT_NONE 0u
+#define NN_ACT_RELU 1u
+#define NN_ACT_LEAKY_RELU 2u   // alpha = negative_slope
+#define NN_ACT_SIGMOID 3u
+#define NN_ACT_TANH 4u
+// Element streams (stream.h): chunks per thread and threads per block of chunks (not the
+// dispatch's threadgroup size).
+#define STREAM_U 2u
+#define STREAM_TG 256u
+// Tiled row reductions (tile_reduce.h; softmax, loss, norm): threads per threadgroup, and the
+// floats of row cache per threadgroup (16 KB) of softmax.metal and loss.metal.
+#define TR_TG 256
+#define SM_CACHE 4096
 
 // ---- conv / gemm (conv.metal, gemm.metal) -------------------------------------------------
 // Conv2dParams: one struct for every conv2d / conv_transpose2d kernel (conv.metal). Geometry is
 // always the conv's: x (N, C, H, W) -> y (N, K, OH, OW), weights (K, C/G, KH, KW), where
 // conv_transpose2d runs as the input gradient of the conv whose input is its output.
+#define CONV_THREADS 256  // threads per threadgroup of every conv.metal kernel
 struct Conv2dParams {
     uint N, C, H, W;      // conv input
     uint K, OH, OW;       // conv output channels and size
@@ -41,6 +62,14 @@ struct WinogradParams {
 
 // GemmParams (gemm.metal): C = alpha * op(A) op(B) + beta * C (+ bias[n]), op(X) = X or X^T,
 // batched; every matrix row-major with the given row pitch.
+#define GEMM_THREADS 256u  // threads per threadgroup of every gemm.metal kernel
+#define GEMM_TRANS_A 1u    // flags: A is stored K x M (op(A) = A^T)
+#define GEMM_TRANS_B 2u    // B is stored N x K (op(B) = B^T)
+#define GEMM_VEC_A 4u      // A: rows pitch, batch stride and base allow aligned 4-vector loads
+#define GEMM_VEC_B 8u
+#define GEMM_VEC_C 16u
+#define GEMM_BIAS 32u      // add bias[n]
+#define GEMM_BETA 64u      // read C (beta != 0; beta == 0 never reads C, as BLAS)
 struct GemmParams {
     uint M, N, K;                       // op(A) is M x K, op(B) is K x N, C is M x N
     uint lda, ldb, ldc;                 // row pitch (elements) of A, B, C as stored
@@ -61,7 +90,6 @@ struct LinearBiasGradParams {
 
 // ---- other CNN ops (pool.metal, neuron.metal, softmax.metal, loss.metal, dropout.metal,
 //      norm.metal, arith.metal, copy.metal) --------------------------------------------------
-// (structs of the CNN-ops issue go here)
 
 // -- pool.metal / neuron.metal (pooling and activation family) --
 // NeuronParams (neuron.metal): y = f(x) over n elements; a, b are the op's scalars:
@@ -80,6 +108,9 @@ struct NeuronParams {
 // Window of output (oh, ow): rows oh*SH - PH + r*DH for r < KH, likewise columns.
 // m_X, s_X: magic multiplier and shift dividing by X without a hardware divide (pool.metal's
 // magic_div; computed by pymetalnn.ops.pool): out = OH*OW, in = IH*IW, ow = OW, iw = IW, sh = SH, ...
+#define POOL_WRITE_INDICES 1u  // flags: max forward also stores the argmax (h * IW + w)
+#define POOL_COUNT_PAD 2u      // flags: avg counts padding (count_include_pad)
+#define POOL_AVG_ROWS 4        // input rows per thread of avg_pool2d_bwd_const
 struct Pool2dParams {
     uint planes;          // N * C
     uint IH, IW, OH, OW;
@@ -201,6 +232,9 @@ struct SoftmaxParams {
 // LossParams (loss.metal): input (N, ...) with N samples. Pointwise losses see M elements per
 // sample; class-axis losses (cross-entropy, categorical CE, cosine) M positions (H*W) per sample
 // and take the class axis's tile plan as a SoftmaxParams.
+#define LOSS_G_SCALAR 0u      // gmode: one coefficient g[0]
+#define LOSS_G_PER_SAMPLE 1u  // gmode: g[n] per sample
+#define LOSS_G_PER_TERM 2u    // gmode: g[i] per term (reduction "none")
 struct LossParams {
     uint N;            // samples (dim 0)
     uint M;            // per sample: elements (pointwise) or positions (class-axis)
@@ -210,7 +244,7 @@ struct LossParams {
     uint seglen;       // pointwise forward: elements per segment (M per sample, or total)
     uint ngroups;      // pointwise forward: segments * chunks
     uint reduce;       // forward: 1 = partial sums per chunk, 0 = per-term losses
-    uint gmode;        // backward: 0 = one coefficient g[0], 1 = per sample g[n], 2 = per term
+    uint gmode;        // backward: LOSS_G_*
     uint has_weight;   // per-sample weights given
     int ignore_index;  // class-axis kernels with integer labels
     float smoothing;   // label smoothing
@@ -218,9 +252,13 @@ struct LossParams {
 };
 // LossReduceParams (loss.metal): loss_reduce sums `seglen` partials per output; loss_scale
 // counts the terms behind a mean and writes g / count for the backward kernels.
+#define LOSS_MODE_SUM 0u      // mode: the sum
+#define LOSS_MODE_MEAN 1u     // mode: / valid terms
+#define LOSS_MODE_NONZERO 2u  // mode: / terms of nonzero weight (0 when there are none)
+#define LOSS_MODE_DENOM 3u    // mode: / denom
 struct LossReduceParams {
     uint nseg, seglen;
-    uint mode;         // 0 sum, 1 / valid terms, 2 / terms of nonzero weight, 3 / denom
+    uint mode;         // LOSS_MODE_*
     float denom;
     uint terms;        // loss_scale: positions scanned
     uint per_sample;   // loss_scale: positions per sample (weight index = k / per_sample)
@@ -260,11 +298,20 @@ struct NormParams {
 };
 
 // ---- recurrent and optimizers (rnn.metal, optimizer.metal) ---------------------------------
-// (structs of the recurrent/optimizer issue go here)
 
 // -- rnn.metal (LSTM / GRU / RNN cells, pymetalnn/ops/rnn.py) --
 // One time step of one layer and direction; sequences are whole time-major buffers and every
-// *_off is the element offset of this step's (N, width) block; flags are RNN_* (rnn.metal).
+// *_off is the element offset of this step's (N, width) block; flags are RNN_*:
+#define RNN_HS 1u        // fwd: also write h_t to hs (contiguous (N, H) per step)
+#define RNN_SAVE 2u      // fwd: training, save the gate activations
+#define RNN_LAST 4u      // fwd: write h_n (and c_n); bwd: write dL/dc_0 instead of the carry
+#define RNN_C0 8u        // LSTM: c_{t-1} is c_0 (storage T) rather than the float state
+#define RNN_ZERO_C 16u   // LSTM: c_{t-1} = 0 (no initial state given)
+#define RNN_DY 32u       // bwd: dy (gradient of y) given
+#define RNN_DHR 64u      // bwd: dhr_in given (else the recurrent gradient is 0)
+#define RNN_FIRST 128u   // bwd LSTM: first backward step, the dc carry starts from dcn
+#define RNN_DCN 256u     // bwd LSTM: dL/dc_n given (else 0)
+#define RNN_STAGE 512u   // also write h_t (fwd) / dG_h (bwd) to `stage` (rnn.metal)
 // RnnFwdParams: xp (T, N, G*H) input projections, h_t -> y[y_off + n * y_pitch + j] (and hs,
 // h_n), LSTM state c (float) from cprev / c0, saved gates (training).
 struct RnnFwdParams {

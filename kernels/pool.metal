@@ -40,8 +40,7 @@
 #include "params.h"
 using namespace metal;
 
-constant uint POOL_WRITE_INDICES = 1u;  // max forward: also store the argmax (h * IW + w)
-constant uint POOL_COUNT_PAD = 2u;      // avg: count_include_pad
+// Pool2dParams.flags: POOL_WRITE_INDICES, POOL_COUNT_PAD (params.h)
 
 // n / d for n < 2^31, given d's magic pair (m, s): (mulhi(n, m) + n) >> s (Granlund-Montgomery,
 // as PyTorch's IntDivider; pymetalnn.ops.pool._magic computes m, s).
@@ -298,7 +297,7 @@ kernel void avg_pool2d_bwd(device const T* g [[buffer(0)]],
 // 9 divisor computations and 9 divisions each). Each element still adds the same terms in the
 // same (row-major output) order as avg_pool2d_bwd: the results are bitwise those of the generic
 // kernel, so switching variants cannot change a training run.
-#define POOL_AVG_ROWS 4
+// POOL_AVG_ROWS (params.h)
 template <typename T>
 [[max_total_threads_per_threadgroup(256)]]
 kernel void avg_pool2d_bwd_const(device const T* g [[buffer(0)]],

@@ -41,20 +41,11 @@
 // * Grid: any N*H (grid-stride loop; the host caps the grid).
 #include <metal_stdlib>
 #include "params.h"
+#include "instantiate.h"
 using namespace metal;
 
-// RnnFwdParams.flags / RnnBwdParams.flags
-#define RNN_HS 1u        // fwd: also write h_t to hs (contiguous (N, H) per step)
-#define RNN_SAVE 2u      // fwd: training, save the gate activations
-#define RNN_LAST 4u      // fwd: write h_n (and c_n); bwd: write dL/dc_0 instead of the carry
-#define RNN_C0 8u        // LSTM: c_{t-1} is c_0 (storage T) rather than the float state
-#define RNN_ZERO_C 16u   // LSTM: c_{t-1} = 0 (no initial state given)
-#define RNN_DY 32u       // bwd: dy (gradient of y) given
-#define RNN_DHR 64u      // bwd: dhr_in given (else the recurrent gradient is 0)
-#define RNN_FIRST 128u   // bwd LSTM: first backward step, the dc carry starts from dcn
-#define RNN_DCN 256u     // bwd LSTM: dL/dc_n given (else 0)
-#define RNN_STAGE 512u   // also write h_t (fwd) / dG_h (bwd) to `stage`, the fixed operand of the
-                         // per-step gemm that the host replays from a captured recording
+// RnnFwdParams.flags / RnnBwdParams.flags: RNN_* in params.h. RNN_STAGE's `stage` is the fixed
+// operand of the per-step gemm that the host replays from a captured recording.
 
 inline float rnn_sigmoid(float x) { return 1.0f / (1.0f + precise::exp(-x)); }
 
@@ -295,22 +286,19 @@ kernel void rnn_bwd(device const T* dy [[buffer(0)]], device const T* dhr [[buff
 }
 
 // ---- instantiations: <cell>_<fwd|bwd>[_act]_<dtype> ---------------------------------------
-#define RNN_INST(NAME, FN, ...) \
-    template [[host_name(NAME)]] [[kernel]] decltype(FN<__VA_ARGS__>) FN<__VA_ARGS__>;
-
-RNN_INST("lstm_fwd_float", lstm_fwd, float)
-RNN_INST("lstm_fwd_half", lstm_fwd, half)
-RNN_INST("lstm_bwd_float", lstm_bwd, float)
-RNN_INST("lstm_bwd_half", lstm_bwd, half)
-RNN_INST("gru_fwd_float", gru_fwd, float)
-RNN_INST("gru_fwd_half", gru_fwd, half)
-RNN_INST("gru_bwd_float", gru_bwd, float)
-RNN_INST("gru_bwd_half", gru_bwd, half)
-RNN_INST("rnn_fwd_tanh_float", rnn_fwd, float, RnnTanh)
-RNN_INST("rnn_fwd_tanh_half", rnn_fwd, half, RnnTanh)
-RNN_INST("rnn_fwd_relu_float", rnn_fwd, float, RnnRelu)
-RNN_INST("rnn_fwd_relu_half", rnn_fwd, half, RnnRelu)
-RNN_INST("rnn_bwd_tanh_float", rnn_bwd, float, RnnTanh)
-RNN_INST("rnn_bwd_tanh_half", rnn_bwd, half, RnnTanh)
-RNN_INST("rnn_bwd_relu_float", rnn_bwd, float, RnnRelu)
-RNN_INST("rnn_bwd_relu_half", rnn_bwd, half, RnnRelu)
+INSTANTIATE("lstm_fwd_float", lstm_fwd, float)
+INSTANTIATE("lstm_fwd_half", lstm_fwd, half)
+INSTANTIATE("lstm_bwd_float", lstm_bwd, float)
+INSTANTIATE("lstm_bwd_half", lstm_bwd, half)
+INSTANTIATE("gru_fwd_float", gru_fwd, float)
+INSTANTIATE("gru_fwd_half", gru_fwd, half)
+INSTANTIATE("gru_bwd_float", gru_bwd, float)
+INSTANTIATE("gru_bwd_half", gru_bwd, half)
+INSTANTIATE("rnn_fwd_tanh_float", rnn_fwd, float, RnnTanh)
+INSTANTIATE("rnn_fwd_tanh_half", rnn_fwd, half, RnnTanh)
+INSTANTIATE("rnn_fwd_relu_float", rnn_fwd, float, RnnRelu)
+INSTANTIATE("rnn_fwd_relu_half", rnn_fwd, half, RnnRelu)
+INSTANTIATE("rnn_bwd_tanh_float", rnn_bwd, float, RnnTanh)
+INSTANTIATE("rnn_bwd_tanh_half", rnn_bwd, half, RnnTanh)
+INSTANTIATE("rnn_bwd_relu_float", rnn_bwd, float, RnnRelu)
+INSTANTIATE("rnn_bwd_relu_half", rnn_bwd, half, RnnRelu)

@@ -17,7 +17,7 @@
 #include "tile_reduce.h"
 using namespace metal;
 
-#define SM_CACHE 4096  // floats of tile cache per threadgroup (16 KB)
+// SM_CACHE (params.h): floats of tile cache per threadgroup (16 KB)
 
 // Forward. LOG = 0: y = exp(x - m) / sum; LOG = 1: y = x - m - log(sum).
 template <typename T, int LOG>

@@ -16,13 +16,13 @@
 // 8 bytes. Arithmetic is float.
 #pragma once
 #include <metal_stdlib>
+#include "params.h"
 using namespace metal;
 
-#define STREAM_U 2u
-// Chunks are dealt in blocks of STREAM_TG threads computed from thread_position_in_grid alone, so
-// the mapping does not depend on the dispatch's threadgroup size (metalcompute picks the
-// pipeline's maximum); STREAM_TG = the kernels' 256-thread groups on cuda and cpu.
-#define STREAM_TG 256u
+// STREAM_U chunks per thread (params.h). Chunks are dealt in blocks of STREAM_TG threads
+// (params.h) computed from thread_position_in_grid alone, so the mapping does not depend on the
+// dispatch's threadgroup size (metalcompute picks the pipeline's maximum); STREAM_TG = the
+// kernels' 256-thread groups on cuda and cpu.
 
 // Threads that own chunks (a whole number of STREAM_TG blocks).
 inline uint stream_vthreads(uint nvec) {

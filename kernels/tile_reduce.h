@@ -13,9 +13,10 @@
 // threads that have nothing to reduce pass the identity.
 #pragma once
 #include <metal_stdlib>
+#include "params.h"
 using namespace metal;
 
-#define TR_TG 256
+// TR_TG: threads per threadgroup (params.h)
 #define TR_NSG 8  // simdgroups per threadgroup
 
 // Where a thread sits in a tile plan (W columns, SW threads per tile).

@@ -1,8 +1,10 @@
-"""Python mirrors of the parameter structs in kernels/params.h, one ctypes.Structure per struct.
+"""Python mirrors of the parameter structs in kernels/params.h, one ctypes.Structure per struct,
+and the constants kernels and host code share (`CONST`, read from params.h's #defines).
 
 A kernel takes its struct as `constant XParams& p [[buffer(i)]]`; the host fills the mirror and
 passes it. Fields are 4 bytes (uint32, int32, float32) so every backend agrees on the layout;
-`parse_header` reads params.h so tests can check each mirror field by field.
+`parse_header` reads params.h so tests can check each mirror field by field. A constant such as
+GEMM_TRANS_A or SM_CACHE exists once, in params.h; the op wrappers take it from `CONST`.
 """
 from __future__ import annotations
 
@@ -46,6 +48,22 @@ def parse_header(path: str | None = None) -> dict[str, list[tuple[str, str]]]:
             fields.extend((ty, n.replace(" ", "")) for n in names)  # "shape[8]" keeps its size
         out[m.group(1)] = fields
     return out
+
+
+def parse_constants(path: str | None = None) -> dict[str, int]:
+    """NAME -> value of every `#define NAME <integer literal>` in kernels/params.h (decimal or hex,
+    with an optional u suffix); function-like macros and other defines are not constants."""
+    path = path or os.path.join(KERNEL_DIR, "params.h")
+    with open(path, encoding="utf-8") as f:
+        text = f.read()
+    out: dict[str, int] = {}
+    for m in re.finditer(r"^[ \t]*#[ \t]*define[ \t]+(\w+)[ \t]+(0[xX][0-9a-fA-F]+|\d+)[uU]?(?=\s|$)",
+                         text, re.M):
+        out[m.group(1)] = int(m.group(2), 0)
+    return out
+
+
+CONST: dict[str, int] = parse_constants()
 
 
 # ---- conv / gemm --------------------------------------------------------------------------
@@ -253,7 +271,7 @@ class OptimChunk(Params):
                 ("vec4", U32)]
 
 
-OPTIM_CHUNK = 16384  # kernels/params.h: elements per chunk of a multi-tensor update
+OPTIM_CHUNK = CONST["OPTIM_CHUNK"]  # elements per chunk of a multi-tensor update
 
 
 class SGDParams(Params):

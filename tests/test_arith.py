@@ -283,25 +283,3 @@ def test_bad_input(dev) -> None:
         F.sum_backward(pm.tensor(np.zeros((2, 1), np.float32), dev), a, 1, keepdim=False)
     with pytest.raises(ValueError, match="^x: dtype"):
         F.sum(pm.tensor(np.zeros(3, np.int32), dev))
-
-
-def test_params_mirrors_match_header() -> None:
-    """The family's ctypes mirrors list params.h's fields in order (arrays as `name[8]`)."""
-    import ctypes
-
-    from pymetalnn import params as P
-
-    header = P.parse_header()
-    names = ["ArithParams", "ReduceParams", "CopyParams", "PermuteParams", "TransposeParams",
-             "ConcatParams", "DropoutParams"]
-    for name in names:
-        want = []
-        for ty, field in header[name]:
-            base, _, count = field.partition("[")
-            c = P.C_TYPES[ty]
-            want.append((base, c * int(count.rstrip("]")) if count else c))
-        got = [(f, t) for f, t in getattr(P, name)._fields_]
-        assert [f for f, _ in got] == [f for f, _ in want], name
-        for (f, t), (_, w) in zip(got, want):
-            same_type = getattr(t, "_type_", t) == getattr(w, "_type_", w)
-            assert ctypes.sizeof(t) == ctypes.sizeof(w) and same_type, (name, f)

@@ -1,5 +1,5 @@
-"""Runtime services beyond the dialect: completion callbacks, captured launch replay, tensors,
-the params header mirror, and the backend report."""
+"""Runtime services beyond the dialect: completion callbacks, captured launch replay, tensors
+and the backend report (the params header: test_params.py)."""
 from __future__ import annotations
 
 import ctypes
@@ -12,7 +12,6 @@ import numpy as np
 import pytest
 
 import pymetalnn
-from pymetalnn.params import Params, parse_header
 
 SCALE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples",
                      "scale.metal")
@@ -108,33 +107,6 @@ def test_tensor_roundtrip_and_reshape(dev) -> None:
         t.reshape(7, -1)
     with pytest.raises(ValueError, match="dtype"):
         pymetalnn.tensor(a.astype(np.float64), dev, dtype=np.float64)
-
-
-def test_params_header_mirrors() -> None:
-    """Every struct in kernels/params.h has a Python mirror with the same fields (arrays of 4-byte
-    fields included), and back."""
-    import re
-
-    header = parse_header()
-    ctype_of = {"uint": ctypes.c_uint32, "int": ctypes.c_int32, "float": ctypes.c_float}
-    for name, fields in header.items():
-        assert name in Params.registry, f"kernels/params.h: struct {name} has no Python mirror"
-        py = Params.registry[name]._fields_
-        words = 0
-        assert len(py) == len(fields), name
-        for (pname, pty), (hty, hname) in zip(py, fields):
-            m = re.fullmatch(r"(\w+)(?:\[(\d+)\])?", hname)
-            assert m and pname == m.group(1), (name, pname, hname)
-            assert hty in ctype_of, f"{name}: field type {hty} is not a 4-byte type"
-            count = int(m.group(2) or 0)
-            want = ctype_of[hty] * count if count else ctype_of[hty]
-            assert ctypes.sizeof(pty) == ctypes.sizeof(want), (name, pname)
-            base = getattr(pty, "_type_", pty) if count else pty
-            assert base is ctype_of[hty], (name, pname)
-            words += max(count, 1)
-        assert ctypes.sizeof(Params.registry[name]) == 4 * words, name
-    for name in Params.registry:
-        assert name in header, f"pymetalnn.params.{name} is not in kernels/params.h"
 
 
 def test_cli_reports_backends() -> None:

@@ -5,11 +5,6 @@
 #include "params.h"
 using namespace metal;
 
-#define GEMM_TRANS_A 1u
-#define GEMM_TRANS_B 2u
-#define GEMM_BIAS 32u
-#define GEMM_BETA 64u
-
 template <typename T, typename ACC>
 [[max_total_threads_per_threadgroup(256)]]
 kernel void gemm_v1(device const T* A [[buffer(0)]], device const T* B [[buffer(1)]],

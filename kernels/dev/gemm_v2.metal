@@ -7,10 +7,6 @@
 #include "params.h"
 using namespace metal;
 
-#define GEMM_TRANS_A 1u
-#define GEMM_TRANS_B 2u
-#define GEMM_BIAS 32u
-#define GEMM_BETA 64u
 #define TS 16u
 
 template <typename T, typename ACC>

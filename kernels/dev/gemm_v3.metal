@@ -48,16 +48,8 @@
 #include "params.h"
 using namespace metal;
 
-// GemmParams.flags
-#define GEMM_TRANS_A 1u   // A is stored K x M (op(A) = A^T)
-#define GEMM_TRANS_B 2u   // B is stored N x K (op(B) = B^T)
-#define GEMM_VEC_A 4u     // A: rows pitch, batch stride and base allow aligned 4-vector loads
-#define GEMM_VEC_B 8u
-#define GEMM_VEC_C 16u
-#define GEMM_BIAS 32u     // add bias[n]
-#define GEMM_BETA 64u     // read C (beta != 0; beta == 0 never reads C, as BLAS)
+// GemmParams.flags GEMM_*, GEMM_THREADS: params.h
 
-#define GEMM_THREADS 256u
 #define GEMM_GROUP_M 8u
 
 // ---- copy-in: one BK x BR slice of an operand, R = rows of op(A) (m) or columns of op(B) (n).

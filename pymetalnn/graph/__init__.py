@@ -83,7 +83,7 @@ from .nodes import (
     Value,
 )
 from .padding import FULL, SAME, VALID, Padding
-from . import io, memory, nodes, optimize, train  # noqa: E402
+from . import build, capture, io, memory, nodes, optimize, run, train, updates  # noqa: E402
 from .io import load_graph, save_graph, torch_state_dict
 from .train import History, Progress, accuracy, fit
 

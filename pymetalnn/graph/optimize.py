@@ -139,26 +139,26 @@ def rewrite_forward(g: Any) -> list[FilterNode]:
     order: list[FilterNode] = list(g.forward_order)
     if not g.options["fuse"]:
         return order
-    outs = {g._eff(v) for v in g.outputs}
+    outs = {g.resolve(v) for v in g.outputs}
 
     def consumers(v: Value) -> list[FilterNode]:
-        return [n for n in order if any(g._eff(s) is v for s in n.sources if s is not None)]
+        return [n for n in order if any(g.resolve(s) is v for s in n.sources if s is not None)]
 
     # softmax + categorical cross-entropy -> cross-entropy on logits
     for loss in [n for n in order if isinstance(n, LossNode)]:
         if loss.loss != "categorical_cross_entropy":
             continue
-        src = g._eff(loss.sources[0])
+        src = g.resolve(loss.sources[0])
         sm = src.producer
         if not isinstance(sm, SoftMaxNode) or sm.log or sm.dim != 1 or src in outs \
                 or consumers(src) != [loss]:
             continue
-        fused = LossNode(g._eff(sm.sources[0]), "cross_entropy", labels=loss.labels,
+        fused = LossNode(g.resolve(sm.sources[0]), "cross_entropy", labels=loss.labels,
                          reduction=loss.reduction, name=f"{sm.name}+{loss.name}", register=False,
                          **loss.options)
         g.subst[loss.result] = fused.result
         order = [fused if n is loss else n for n in order if n is not sm]
-        g._log(f"fuse: {sm.name} + {loss.name} -> {fused.name} (softmax cross-entropy on the "
+        g.note(f"fuse: {sm.name} + {loss.name} -> {fused.name} (softmax cross-entropy on the "
                "logits: the softmax forward and gradient kernels disappear)")
     # base op + neuron -> one call with activation=
     for n in list(order):
@@ -171,21 +171,21 @@ def rewrite_forward(g: Any) -> list[FilterNode]:
         neuron = cs[0]
         opname = FUSABLE_NEURON[base_cls]
         if not supports(opname, "activation"):
-            g._note(f"fuse: {n.name} + {neuron.name} not fused: {opname} has no fused-neuron "
+            g.note_once(f"fuse: {n.name} + {neuron.name} not fused: {opname} has no fused-neuron "
                     f"variant (needs {opname}(..., activation=))")
             continue
         if neuron.kind not in fused_activations():
-            g._note(f"fuse: {n.name} + {neuron.name} not fused: {opname}(..., activation=) does "
+            g.note_once(f"fuse: {n.name} + {neuron.name} not fused: {opname}(..., activation=) does "
                     f"not cover {neuron.kind} (only {', '.join(fused_activations())})")
             continue
         if g.training and not grad_from_output(neuron):
-            g._note(f"fuse: {n.name} + {neuron.name} not fused: the {neuron.kind} gradient needs "
+            g.note_once(f"fuse: {n.name} + {neuron.name} not fused: the {neuron.kind} gradient needs "
                     "the pre-activation")
             continue
-        fused = FusedNeuronNode(n, neuron, [g._eff(s) for s in n.sources])
+        fused = FusedNeuronNode(n, neuron, [g.resolve(s) for s in n.sources])
         g.subst[neuron.result] = fused.result
         order = [fused if m is n else m for m in order if m is not neuron]
-        g._log(f"fuse: {n.name} + {neuron.name} -> {fused.name} ({opname} with "
+        g.note(f"fuse: {n.name} + {neuron.name} -> {fused.name} ({opname} with "
                f"activation={neuron.kind!r}: one dispatch)")
     return order
 
@@ -216,7 +216,7 @@ def plan_memory(g: Any, prog: Any, calib: list[tuple[list, list]]) -> None:
                 alias[v] = v
             elif bid in buf_root:
                 alias[v] = buf_root[bid]
-    keep = {g._eff(v) for v in g.outputs}
+    keep = {g.resolve(v) for v in g.outputs}
     excluded = {alias[v] for v in keep if v in alias}
     end: dict[Value, int] = {r: roots[r][0] for r in roots}
     for v, r in alias.items():
@@ -262,7 +262,7 @@ def plan_memory(g: Any, prog: Any, calib: list[tuple[list, list]]) -> None:
             concats = [(i, st) for i, st in enumerate(steps)
                        if st.kind == "forward" and isinstance(st.node, ConcatenationNode)]
         else:
-            g._note("concat: not eliminated (needs buffer views, which this backend lacks)")
+            g.note_once("concat: not eliminated (needs buffer views, which this backend lacks)")
     for i, st in concats:
         out = st.outs[0]
         why = _concat_ok(st, tensors, alias, routable, children, roots)
@@ -287,13 +287,13 @@ def plan_memory(g: Any, prog: Any, calib: list[tuple[list, list]]) -> None:
                 eliminated.append(st.name)
                 strided_cats.add(i)
                 prog.views[i] = None
-                g._log(f"concat: {st.name} eliminated at batch {prog.batch}: "
+                g.note(f"concat: {st.name} eliminated at batch {prog.batch}: "
                        f"{', '.join(v.name for _, v, *_ in slices)} write their channel "
                        "slices with a batch stride (out=, out_batch_stride=)")
                 continue
             why = f"{why}; strided slices: {why2}"
         if why:
-            g._note(f"concat: {st.name} kept ({why})")
+            g.note_once(f"concat: {st.name} kept ({why})")
             continue
         parent = blocks[out]
         off = 0
@@ -358,7 +358,7 @@ def plan_memory(g: Any, prog: Any, calib: list[tuple[list, list]]) -> None:
         prog.expect = []
     prog.report = M.MemoryReport(strategy, planned, naive, M.live_peak(top), len(blocks),
                                  eliminated)
-    g._log(f"memory: batch {prog.batch}: {prog.report}")
+    g.note(f"memory: batch {prog.batch}: {prog.report}")
 
 
 STRIDED = "slices along dim 1 are strided"
@@ -395,7 +395,7 @@ def _concat_strided_ok(g: Any, i: int, st: Any, tensors: dict, alias: dict, rout
     t = tensors.get(out)
     if t is None or out not in routable:
         return "its result is not planned", []
-    if st.node._d != 1 or len(t.shape) < 2:
+    if st.node.axis != 1 or len(t.shape) < 2:
         return "only a concat along dim 1 of batched tensors", []
     if len(set(st.ins)) != len(st.ins):
         return "a source appears twice", []
@@ -438,7 +438,7 @@ def _concat_ok(st: Any, tensors: dict, alias: dict, routable: set, children: set
     t = tensors.get(out)
     if t is None or out not in routable:
         return "its result is not planned"
-    d = st.node._d
+    d = st.node.axis
     if int(np.prod(t.shape[:d])) != 1:
         return f"{STRIDED} (outer size {int(np.prod(t.shape[:d]))}; only batch 1 or a " \
                "concat along the first axis writes contiguous slices)"

@@ -9,6 +9,7 @@ from typing import Any
 
 import numpy as np
 
+from ..params import CONST
 from ..runtime import Buffer, Device, Kernel
 from ..runtime import device as default_device
 from ..tensor import Tensor
@@ -279,8 +280,8 @@ def strided_out(out: Any, out_batch_stride: Any, shape: tuple[int, ...], dtype: 
 
 
 # ---- the stream.h launch shape (neuron, dropout, flat arith and copy kernels) ----------------------
-STREAM_U = 2     # chunks per thread, as kernels/stream.h
-STREAM_TG = 256  # threads per block of chunks, as kernels/stream.h (not the dispatch's group size)
+STREAM_U = CONST["STREAM_U"]    # chunks per thread
+STREAM_TG = CONST["STREAM_TG"]  # threads per block of chunks (not the dispatch's group size)
 
 
 def stream_chunk(*itemsizes: int) -> int:

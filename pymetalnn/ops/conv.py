@@ -28,7 +28,7 @@ from typing import Any, Union
 
 import numpy as np
 
-from ..params import Conv2dParams, WinogradParams
+from ..params import CONST, Conv2dParams, WinogradParams
 from ..runtime import Device
 from ..tensor import Tensor
 from ._common import (
@@ -49,7 +49,7 @@ from .gemm import gemm_launches
 from .neuron import activation_backward, activation_code
 
 SOURCE = "conv.metal"
-THREADS = 256
+THREADS = CONST["CONV_THREADS"]
 # Tile shapes of the instantiations in kernels/conv.metal (kernel conv2d_<op>_<name>_<prec>):
 # name -> (BM, BN, BK, TM, TN, relative throughput per SM). fwd/data: rows = output pixels,
 # columns = output (fwd) or input (data) channels of a group; weight: rows = output channels,

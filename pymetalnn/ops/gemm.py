@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from ..params import GemmParams, LinearBiasGradParams
+from ..params import CONST, GemmParams, LinearBiasGradParams
 from ..runtime import Device
 from ..tensor import Tensor, float16, float32
 from ._common import (
@@ -39,10 +39,11 @@ from ._common import (
 from .neuron import activation_backward, activation_code
 
 SOURCE = "gemm.metal"
-THREADS = 256  # every kernel of gemm.metal
+THREADS = CONST["GEMM_THREADS"]  # every kernel of gemm.metal
 
-# GemmParams.flags (kernels/gemm.metal)
-TRANS_A, TRANS_B, VEC_A, VEC_B, VEC_C, BIAS, BETA = 1, 2, 4, 8, 16, 32, 64
+# GemmParams.flags (kernels/params.h GEMM_*)
+TRANS_A, TRANS_B, VEC_A, VEC_B, VEC_C, BIAS, BETA = (
+    CONST[f"GEMM_{f}"] for f in ("TRANS_A", "TRANS_B", "VEC_A", "VEC_B", "VEC_C", "BIAS", "BETA"))
 
 _MAX_MATRIX = 2**31  # elements per matrix: in-matrix offsets are 32-bit in the kernels
 _MAX_THREADS = 2**32 - 1024
@@ -85,7 +86,7 @@ _HALF = ("half", "hacc_half")
 TILES = {t.name: t for t in (Tile("128x128", 128, 128, 8, 1.0), Tile("64x64", 64, 64, 16, 0.6),
                              Tile("128x128k16", 128, 128, 16, 1.11, variants=("float", "hacc_half"),
                                   fixed_k=38),
-                             Tile("mma128x128", 128, 128, 16, 4.0, variants=_HALF, matrix=True),
+                             Tile("mma128x128", 128, 128, 32, 4.0, variants=_HALF, matrix=True),
                              Tile("mma64x64", 64, 64, 16, 2.4, variants=_HALF, matrix=True))}
 MAX_SPLITS = 16
 MIN_SPLIT_SLICES = 16  # a split-K part covers at least this many BK slices

@@ -48,7 +48,7 @@ from typing import Any
 
 import numpy as np
 
-from ..params import LossParams, LossReduceParams
+from ..params import CONST, LossParams, LossReduceParams
 from ..runtime import Buffer, Device
 from ..tensor import Tensor, float32, int32
 from ._common import (
@@ -69,9 +69,21 @@ from .softmax import TG, tile_groups, tile_plan
 
 SOURCE = "loss.metal"
 REDUCTIONS = ("none", "per_sample", "sum", "mean", "sum_by_nonzero_weights")
-_MODE = {"sum": 0, "mean": 1, "sum_by_nonzero_weights": 2, "batchmean": 3, "per_sample": 0}
+_MODE = {k: CONST[f"LOSS_MODE_{m}"] for k, m in (  # LossReduceParams.mode per reduction
+    ("sum", "SUM"), ("mean", "MEAN"), ("sum_by_nonzero_weights", "NONZERO"), ("batchmean", "DENOM"),
+    ("per_sample", "SUM"))}
+G_SCALAR, G_PER_SAMPLE, G_PER_TERM = (  # LossParams.gmode
+    CONST[f"LOSS_G_{g}"] for g in ("SCALAR", "PER_SAMPLE", "PER_TERM"))
+
 CHUNK = 2048  # elements per threadgroup chunk of the pointwise forward
 MAX_ELEMENTS = 2**31 - 1  # chunk arithmetic stays inside uint32
+
+
+def _gmode(reduction: str) -> int:
+    """LossParams.gmode: the backward's incoming-gradient layout for `reduction`."""
+    return G_PER_TERM if reduction == "none" else G_PER_SAMPLE if reduction == "per_sample" \
+        else G_SCALAR
+
 
 # ---- validation ------------------------------------------------------------------------------
 
@@ -291,8 +303,8 @@ def _pointwise_backward(stem: str, grad: Any, input: Any, target: Any, sample_we
     w = _weight(sample_weight, dev, n)
     shape = x.shape if reduction == "none" else (n,) if reduction == "per_sample" else ()
     g = _grad_arg(grad, dev, shape)
-    gmode = 2 if reduction == "none" else 1 if reduction == "per_sample" else 0
-    if gmode == 0:
+    gmode = _gmode(reduction)
+    if gmode == G_SCALAR:
         g = _scale(dev, g, reduction, n, None, w, n, 1, x.size // n, 0)
     p = LossParams(N=n, M=x.size // n, total=x.size, gmode=gmode, has_weight=int(w is not None),
                    smoothing=smoothing, a=a)
@@ -343,8 +355,8 @@ def _class_backward(stem: str, grad: Any, input: Any, target: Any, sample_weight
     dev, x, t, labels, w, n, m = _class_prep(input, target, sample_weight, ignore_index, allow_labels)
     shape = (n,) + x.shape[2:] if reduction == "none" else (n,) if reduction == "per_sample" else ()
     g = _grad_arg(grad, dev, shape)
-    gmode = 2 if reduction == "none" else 1 if reduction == "per_sample" else 0
-    if gmode == 0:
+    gmode = _gmode(reduction)
+    if gmode == G_SCALAR:
         if labels:
             g = _scale(dev, g, reduction, n, t, w, n * m, m, 1, int(ignore_index))
         else:

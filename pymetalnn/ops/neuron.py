@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from ..params import NeuronParams
+from ..params import CONST, NeuronParams
 from ..runtime.core import MAX_GRID_THREADS
 from ..tensor import Tensor
 from ._common import (
@@ -120,9 +120,9 @@ def _bwd(op: str, grad_out: Any, x: Any, a: float = 0.0, b: float = 0.0, variant
     return dx
 
 
-# ---- fused activations (NN_ACT_* of kernels/neuron.h) -------------------------------------------
+# ---- fused activations (NN_ACT_* of kernels/params.h, applied by kernels/neuron.h) ---------------
 
-ACTIVATIONS = {"relu": 1, "leaky_relu": 2, "sigmoid": 3, "tanh": 4}
+ACTIVATIONS = {k: CONST[f"NN_ACT_{k.upper()}"] for k in ("relu", "leaky_relu", "sigmoid", "tanh")}
 _ACT_PARAMS = {"relu": (), "leaky_relu": ("negative_slope",), "sigmoid": (), "tanh": ()}
 
 
@@ -153,7 +153,7 @@ def _activation(activation: Any) -> tuple[str | None, dict]:
 
 
 def activation_code(activation: Any) -> tuple[int, float]:
-    """(act, act_alpha) for a kernel's params: act = NN_ACT_* of kernels/neuron.h (0 = none),
+    """(act, act_alpha) for a kernel's params: act = NN_ACT_* of kernels/params.h (0 = none),
     act_alpha = leaky_relu's negative_slope (default 0.01, as torch), else 0."""
     name, params = _activation(activation)
     if name is None:

@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from ..params import AdaptivePool2dParams, Pool2dParams
+from ..params import CONST, AdaptivePool2dParams, Pool2dParams
 from ..runtime.core import MAX_GRID_THREADS
 from ..tensor import Tensor
 from ._common import (
@@ -33,11 +33,11 @@ from ._common import (
 )
 
 SOURCE = "pool.metal"
-POOL_WRITE_INDICES, POOL_COUNT_PAD = 1, 2  # pool.metal's flags
+POOL_WRITE_INDICES, POOL_COUNT_PAD = CONST["POOL_WRITE_INDICES"], CONST["POOL_COUNT_PAD"]
 
 
 MAX_ELEMENTS = 2**31 - 1  # pool.metal's magic_div needs numerators < 2^31
-AVG_ROWS = 4  # pool.metal's POOL_AVG_ROWS: input rows per thread of avg_pool2d_bwd_const
+AVG_ROWS = CONST["POOL_AVG_ROWS"]  # input rows per thread of avg_pool2d_bwd_const
 MAX_TILES = {(2, 2): "s2x2", (1, 2): "s1x2"}  # (SH, SW) -> max_pool2d_bwd_idx_tile instantiation
 
 

@@ -57,7 +57,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from ..params import RnnBwdParams, RnnFwdParams
+from ..params import CONST, RnnBwdParams, RnnFwdParams
 from ..runtime import Buffer, Device
 from ..tensor import Tensor, float16, float32
 from ._common import (
@@ -83,8 +83,10 @@ MAX_OFFSET = 2**32 - 1  # element offsets are uint in RnnFwdParams / RnnBwdParam
 # (`_Replayed`); a huge value turns replay off (every step calls gemm()).
 REPLAY_MIN_CALLS = 2
 
-# RnnFwdParams.flags / RnnBwdParams.flags (kernels/rnn.metal)
-HS, SAVE, LAST, C0, ZERO_C, DY, DHR, FIRST, DCN, STAGE = 1, 2, 4, 8, 16, 32, 64, 128, 256, 512
+# RnnFwdParams.flags / RnnBwdParams.flags (kernels/params.h RNN_*)
+HS, SAVE, LAST, C0, ZERO_C, DY, DHR, FIRST, DCN, STAGE = (
+    CONST[f"RNN_{f}"] for f in ("HS", "SAVE", "LAST", "C0", "ZERO_C", "DY", "DHR", "FIRST", "DCN",
+                                "STAGE"))
 
 
 # ---- weights --------------------------------------------------------------------------------

@@ -17,21 +17,13 @@ from typing import Any
 
 import numpy as np
 
-from ..params import SoftmaxParams
+from ..params import CONST, SoftmaxParams
 from ..tensor import Tensor
-from ._common import (
-    FLOATS,
-    MAX_GROUPS,
-    empty,
-    kernel,
-    pick_device,
-    suffix,
-    tensor_arg,
-)
+from ._common import FLOATS, MAX_GROUPS, empty, kernel, pick_device, suffix, tensor_arg
 
 SOURCE = "softmax.metal"
-TG = 256
-CACHE_FLOATS = 4096  # SM_CACHE in softmax.metal (and LOSS_CACHE in loss.metal)
+TG = CONST["TR_TG"]  # threads per threadgroup of tile_reduce.h's kernels
+CACHE_FLOATS = CONST["SM_CACHE"]  # row cache per threadgroup (softmax.metal, loss.metal)
 MAX_ELEMENTS = 2**32 - 1  # kernels index with 32-bit uints
 
 

@@ -1415,7 +1415,7 @@ template <class T, int Cols, int Rows> struct simdgroup_matrix {
   static_assert(detail::same_<T, float>::value || detail::same_<T, half>::value,
                 "simdgroup matrices hold float or half");
 #ifdef PMN_CUDA
-  T e[2];
+  alignas(2 * sizeof(T)) T e[2];  // a half pair is one 32-bit register: the mma operand as is
 #else
   T e[64];
 #endif
@@ -1437,9 +1437,11 @@ struct sgm_origin {
 #ifdef PMN_CUDA
 PMN_FN unsigned sgm_row() { return lane_id() >> 2; }
 PMN_FN unsigned sgm_col() { return (lane_id() & 3u) * 2u; }
-PMN_FN unsigned pack_h2(half lo, half hi) { return (unsigned)lo.bits | ((unsigned)hi.bits << 16); }
-PMN_FN half lo_h(unsigned v) { return half::from_bits((unsigned short)(v & 0xffffu)); }
-PMN_FN half hi_h(unsigned v) { return half::from_bits((unsigned short)(v >> 16)); }
+PMN_FN unsigned pair_bits(const half (&e)[2]) {
+  unsigned v;
+  memcpy(&v, e, 4);
+  return v;
+}
 // B of m16n8k8 is held column-wise: lane l needs B(2*(l%4) + i, l/4), i.e. B^T in our layout.
 PMN_FN unsigned transpose_h2(unsigned v) {
   unsigned r;
@@ -1493,9 +1495,7 @@ PMN_FN void simdgroup_load(simdgroup_matrix<T, C, R>& d, const typename detail::
     const T* q = base + r * elements_per_row + c;
     if constexpr (sizeof(T) == 2) {
       if ((reinterpret_cast<unsigned long long>(q) & 3u) == 0) {  // one 32-bit access
-        const unsigned v = *reinterpret_cast<const unsigned*>(q);
-        d.e[0] = detail::lo_h(v);
-        d.e[1] = detail::hi_h(v);
+        memcpy(d.e, q, 4);
         return;
       }
     }
@@ -1551,8 +1551,8 @@ PMN_FN void simdgroup_multiply_accumulate(simdgroup_matrix<TD, 8, 8>& d, const s
   using detail::same_;
   if constexpr (same_<TA, half>::value && same_<TB, half>::value && same_<TC, float>::value &&
                 same_<TD, float>::value) {
-    const unsigned a0 = detail::pack_h2(a.e[0], a.e[1]), a1 = 0u;
-    const unsigned b0 = detail::transpose_h2(detail::pack_h2(b.e[0], b.e[1]));
+    const unsigned a0 = detail::pair_bits(a.e), a1 = 0u;
+    const unsigned b0 = detail::transpose_h2(detail::pair_bits(b.e));
     float d0, d1, d2, d3;
     asm("mma.sync.aligned.m16n8k8.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5}, {%6}, "
         "{%7,%8,%9,%10};"
@@ -1562,15 +1562,14 @@ PMN_FN void simdgroup_multiply_accumulate(simdgroup_matrix<TD, 8, 8>& d, const s
     d.e[1] = d1;
   } else if constexpr (same_<TA, half>::value && same_<TB, half>::value &&
                        same_<TC, half>::value && same_<TD, half>::value) {
-    const unsigned a0 = detail::pack_h2(a.e[0], a.e[1]), a1 = 0u;
-    const unsigned b0 = detail::transpose_h2(detail::pack_h2(b.e[0], b.e[1]));
-    const unsigned c0 = detail::pack_h2(c.e[0], c.e[1]), c1 = 0u;
+    const unsigned a0 = detail::pair_bits(a.e), a1 = 0u;
+    const unsigned b0 = detail::transpose_h2(detail::pair_bits(b.e));
+    const unsigned c0 = detail::pair_bits(c.e), c1 = 0u;
     unsigned d0, d1;
     asm("mma.sync.aligned.m16n8k8.row.col.f16.f16.f16.f16 {%0,%1}, {%2,%3}, {%4}, {%5,%6};"
         : "=r"(d0), "=r"(d1)
         : "r"(a0), "r"(a1), "r"(b0), "r"(c0), "r"(c1));
-    d.e[0] = detail::lo_h(d0);
-    d.e[1] = detail::hi_h(d0);
+    memcpy(d.e, &d0, 4);
 #ifdef PMN_MATRIX_TF32
   } else if constexpr (same_<TA, float>::value && same_<TB, float>::value &&
                        same_<TC, float>::value && same_<TD, float>::value) {

@@ -1,0 +1,159 @@
+"""Convolution nodes (pymetalnn/ops/conv.py): ConvolutionNode, ConvolutionTransposeNode."""
+from __future__ import annotations
+
+from typing import Any
+
+from ...tensor import Tensor
+from ..datasource import ConvolutionDataSource, ConvolutionTransposeDataSource
+from ..padding import Padding, policy
+from .base import FilterNode, _act, _conv_out, _expect_ndim, _floats, _pair, _weights_of, op
+
+
+class ConvolutionNode(FilterNode):
+    """2-D convolution with weights (and bias) from a ConvolutionDataSource. padding: a padding
+    policy ("same" by default, as MPS; "valid", "full", ints or custom)."""
+
+    prefix = "conv"
+
+    def __init__(self, source: Any, weights: ConvolutionDataSource, *, stride: Any = 1,
+                 dilation: Any = 1, padding: Any = "same", name: str | None = None,
+                 register: bool = True):
+        self.weights = _weights_of(weights, ConvolutionDataSource, ConvolutionTransposeDataSource)
+        self.stride, self.dilation = _pair(stride, "stride"), _pair(dilation, "dilation")
+        self.padding: Padding = policy(padding)
+        self.pads = (0, 0, 0, 0)
+        super().__init__([source], name, register)
+
+    def infer(self, shapes, dtypes):
+        (x,) = shapes
+        _expect_ndim(x, 4)
+        dt = _floats(dtypes)
+        ws = self.weights
+        if x[1] != ws.in_channels:
+            raise ValueError(f"source has {x[1]} channels, the weights ({ws.label}) expect "
+                             f"{ws.in_channels}")
+        k = ws.kernel_size
+        self.pads = tuple(int(p) for p in self.padding.pads(self, x[2:], k, self.stride,
+                                                            self.dilation))  # type: ignore
+        if len(self.pads) != 4 or min(self.pads) < 0:
+            raise ValueError(f"padding policy {self.padding!r} gave {self.pads}")
+        pt, pb, pl, pr = self.pads
+        oh = _conv_out(x[2], k[0], self.stride[0], pt, pb, self.dilation[0])
+        ow = _conv_out(x[3], k[1], self.stride[1], pl, pr, self.dilation[1])
+        if oh < 1 or ow < 1:
+            raise ValueError(f"the kernel {k} does not fit the input {x[2:]} padded by {self.pads}")
+        return [((x[0], ws.out_channels, oh, ow), dt)]
+
+    def _args(self) -> dict:
+        return dict(stride=self.stride, padding=self.pads, dilation=self.dilation,
+                    groups=self.weights.groups)
+
+    def forward(self, rc, xs, training, with_state, activation=None):
+        w, b = rc.acquire(self.weights)
+        y = op("conv2d", self)(xs[0], w, b, **self._args(), **_act(activation), **rc.take_out())
+        rc.release(self.weights)
+        return [y]
+
+    def saved(self):
+        return [("in", 0)]
+
+    def backward(self, rc, gouts, saved, need):
+        (x,) = saved
+        w, b = rc.acquire(self.weights)
+        g = gouts[0]
+        if not need[0] and rc.skip_dead:
+            gw, gb = _conv_weight_grads(g, x, w, b, self._args())
+            if gw is not None:
+                rc.note(f"{self.name}: input gradient not computed (nothing uses it)")
+                return [None], [gw, gb] if b is not None else [gw]
+        gx, gw, gb = op("conv2d_backward", self)(g, x, w, b, **self._args())
+        return [gx if need[0] else None], ([gw, gb] if b is not None else [gw])
+
+
+def _conv_weight_grads(g: Tensor, x: Tensor, w: Tensor, b: Tensor | None, args: dict
+                       ) -> tuple[Tensor | None, Tensor | None]:
+    """dw, db of conv2d without the input gradient, via the conv module's plan functions (None
+    if they are not there)."""
+    try:
+        from ...ops import conv as C
+
+        dev, x, w, b, geo, prec = C._conv_args(x, w, b, args["stride"], args["padding"],
+                                               args["dilation"], args["groups"], None)
+        gy = C._grad_arg(g, dev, x, (geo.N, geo.K, geo.OH, geo.OW))
+        gw = C._weight_grad(dev, prec, geo, gy, x, x.dtype)
+        gb = C._bias_grad(dev, gy) if b is not None else None
+        return gw, gb
+    except (ImportError, AttributeError, TypeError):
+        return None, None
+
+
+class ConvolutionTransposeNode(FilterNode):
+    """Transposed 2-D convolution (weights from a ConvolutionTransposeDataSource). padding:
+    "valid" (torch padding 0), "same" (output = input * stride), an int/pair (torch's padding),
+    with `output_padding` as torch's."""
+
+    prefix = "convT"
+
+    def __init__(self, source: Any, weights: ConvolutionTransposeDataSource, *, stride: Any = 1,
+                 dilation: Any = 1, padding: Any = "valid", output_padding: Any = 0,
+                 name: str | None = None, register: bool = True):
+        self.weights = _weights_of(weights, ConvolutionTransposeDataSource)
+        self.stride, self.dilation = _pair(stride, "stride"), _pair(dilation, "dilation")
+        self.padding_arg = padding
+        self.output_padding = _pair(output_padding, "output_padding")
+        self.pad = (0, 0)
+        super().__init__([source], name, register)
+
+    def infer(self, shapes, dtypes):
+        (x,) = shapes
+        _expect_ndim(x, 4)
+        dt = _floats(dtypes)
+        ws = self.weights
+        if x[1] != ws.in_channels:
+            raise ValueError(f"source has {x[1]} channels, the weights ({ws.label}) expect "
+                             f"{ws.in_channels}")
+        k, s, d = ws.kernel_size, self.stride, self.dilation
+        p = self.padding_arg
+        if isinstance(p, str) and p.lower() == "same":
+            pads, opads = [], []
+            for i in range(2):
+                need = d[i] * (k[i] - 1) + 1 - s[i]  # 2p - op
+                pp = max(0, -(-need // 2))
+                pads.append(pp)
+                opads.append(2 * pp - need)
+            self.pad, self.output_padding = tuple(pads), tuple(opads)  # type: ignore
+        elif isinstance(p, str) and p.lower() == "valid":
+            self.pad = (0, 0)
+        elif isinstance(p, str):
+            raise ValueError(f"padding: {p!r} is not supported for transposed convolution "
+                             "('valid', 'same' or ints)")
+        else:
+            self.pad = _pair(p, "padding")
+        out = []
+        for i in range(2):
+            o = (x[2 + i] - 1) * s[i] - 2 * self.pad[i] + d[i] * (k[i] - 1) + \
+                self.output_padding[i] + 1
+            if self.output_padding[i] >= max(s[i], d[i]) or o < 1:
+                raise ValueError(f"padding {self.pad} / output_padding {self.output_padding} do "
+                                 f"not fit stride {s} and dilation {d}")
+            out.append(o)
+        return [((x[0], ws.out_channels, *out), dt)]
+
+    def _args(self) -> dict:
+        return dict(stride=self.stride, padding=self.pad, output_padding=self.output_padding,
+                    dilation=self.dilation, groups=self.weights.groups)
+
+    def forward(self, rc, xs, training, with_state):
+        w, b = rc.acquire(self.weights)
+        y = op("conv_transpose2d", self)(xs[0], w, b, **self._args())
+        rc.release(self.weights)
+        return [y]
+
+    def saved(self):
+        return [("in", 0)]
+
+    def backward(self, rc, gouts, saved, need):
+        (x,) = saved
+        w, b = rc.acquire(self.weights)
+        gx, gw, gb = op("conv_transpose2d_backward", self)(gouts[0], x, w, b, **self._args())
+        return [gx if need[0] else None], ([gw, gb] if b is not None else [gw])

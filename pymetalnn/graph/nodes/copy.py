@@ -1,0 +1,216 @@
+"""Layout nodes (pymetalnn/ops/copy.py): concatenation (which the graph can eliminate), reshape
+and flatten (views, no dispatch), images <-> matrices.
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from ...tensor import Tensor
+from ..errors import GraphError
+from .base import FilterNode, _expect_ndim, _floats, op
+
+
+class ConcatenationNode(FilterNode):
+    """Concatenation along `dim` (feature channels by default). The graph can eliminate it:
+    producers then write straight into their slices of the result."""
+
+    prefix = "concat"
+
+    def __init__(self, sources: Sequence[Any], dim: int = 1, *, name: str | None = None,
+                 register: bool = True):
+        if len(sources) < 1:
+            raise GraphError(None, "concatenation needs at least one source")
+        self.dim = int(dim)
+        super().__init__(list(sources), name, register)
+
+    def infer(self, shapes, dtypes):
+        first = shapes[0]
+        d = self.dim if self.dim >= 0 else self.dim + len(first)
+        if not 0 <= d < len(first):
+            raise ValueError(f"dim {self.dim} is outside the sources' {len(first)} dimensions")
+        for i, s in enumerate(shapes):
+            if len(s) != len(first) or s[:d] != first[:d] or s[d + 1:] != first[d + 1:]:
+                raise ValueError(f"source {i} ({self.sources[i].name}) has shape {s}, which does "
+                                 f"not match source 0's {first} outside dim {d}")
+            if dtypes[i] != dtypes[0]:
+                raise ValueError(f"source {i} has dtype {dtypes[i]}, source 0 {dtypes[0]}")
+        self.axis = d
+        out = list(first)
+        out[d] = sum(s[d] for s in shapes)
+        return [(tuple(out), dtypes[0])]
+
+    def forward(self, rc, xs, training, with_state):
+        rc.state[self] = [x.shape[self.axis] for x in xs]  # the split sizes for the gradient
+        return [op("concat", self)(list(xs), self.axis)]
+
+    def strided_grad(self):
+        # a concat nested in another's channel slice: its pieces are sub-slices of that
+        return self.axis == 1
+
+    def backward(self, rc, gouts, saved, need):
+        g = gouts[0]
+        sizes = rc.state.get(self) or [s.shape[self.axis] for s in self.sources]
+        outer = int(np.prod(g.shape[:self.axis]))
+        ns = rc.state.pop(("grad_nstride", self), None)
+        strided = rc.g.strided_grads.get(self) \
+            if outer > 1 and self.axis == 1 and rc.views and rc.concat_views else None
+        if strided or ns:
+            return self._strided_backward(rc, g, sizes, need, strided or {}, ns), []
+        if outer == 1 and rc.views and rc.concat_views:
+            # the pieces are consecutive slabs of g: views, no copy
+            inner = int(np.prod(g.shape[self.axis + 1:]))
+            out, off = [], 0
+            for n, nd in zip(sizes, need):
+                nb = n * inner * g.dtype.itemsize
+                shape = list(g.shape)
+                shape[self.axis] = n
+                out.append(Tensor(g.buffer.view(off, nb), tuple(shape), g.dtype) if nd else None)
+                off += nb
+            return out, []
+        parts = op("split", self)(g, sizes, self.axis)
+        return [p if nd else None for p, nd in zip(parts, need)], []
+
+    def _strided_backward(self, rc, g: Tensor, sizes: list[int], need: list[bool],
+                          strided: dict[int, FilterNode], ns: int | None
+                          ) -> list[Tensor | None]:
+        """Channel concat at batch > 1: piece k goes to the gradient of strided[k] (a node whose
+        backward reads a batch-strided gradient) as a view of g at its channel slice, images
+        `pitch` elements apart (C*inner, or ns when g itself is such a slice of an enclosing
+        concat's gradient); only the other needed pieces are copied out (one split)."""
+        from ...ops.copy import _parts
+        from ...tensor import empty
+
+        n, inner = g.shape[0], int(np.prod(g.shape[2:]))
+        pitch, isz = ns or g.shape[1] * inner, g.dtype.itemsize
+        out: list[Tensor | None] = []
+        copies = []
+        off = 0
+        for k, (c, nd) in enumerate(zip(sizes, need)):
+            shape = (n, c) + tuple(g.shape[2:])
+            if nd and k in strided:
+                nb = ((n - 1) * pitch + c * inner) * isz
+                out.append(Tensor(g.buffer.view(off * isz, nb), shape, g.dtype))
+                rc.state[("grad_nstride", strided[k])] = pitch
+            elif nd:
+                out.append(empty(shape, g.dtype, g.device))
+                copies.append((out[-1], c * inner, off))
+            else:
+                out.append(None)
+            off += c * inner
+        if copies:
+            _parts("split", g, n, pitch, copies)
+        return out
+
+
+class ReshapeNode(FilterNode):
+    """The same memory seen with per-sample shape `shape` (one entry may be -1); no dispatch."""
+
+    prefix = "reshape"
+
+    def __init__(self, source: Any, shape: Sequence[int], *, name: str | None = None,
+                 register: bool = True):
+        self.target = tuple(int(s) for s in shape)
+        super().__init__([source], name, register)
+
+    def infer(self, shapes, dtypes):
+        x = shapes[0]
+        per = int(np.prod(x[1:]))
+        t = list(self.target)
+        if t.count(-1) > 1:
+            raise ValueError("shape: at most one -1")
+        if -1 in t:
+            known = int(np.prod([s for s in t if s != -1]))
+            if known == 0 or per % known:
+                raise ValueError(f"cannot reshape {x[1:]} into {self.target}")
+            t[t.index(-1)] = per // known
+        if int(np.prod(t)) != per:
+            raise ValueError(f"cannot reshape per-sample shape {x[1:]} ({per} elements) into "
+                             f"{self.target}")
+        self._t = tuple(t)
+        return [((x[0], *t), dtypes[0])]
+
+    def forward(self, rc, xs, training, with_state):
+        x = xs[0]
+        return [x.reshape(x.shape[0], *self._t)]
+
+    def backward(self, rc, gouts, saved, need):
+        g = gouts[0]
+        return [g.reshape(g.shape[0], *self.sources[0].shape[1:])], []
+
+
+class FlattenNode(ReshapeNode):
+    """(N, ...) -> (N, features); no dispatch."""
+
+    prefix = "flatten"
+
+    def __init__(self, source: Any, *, name: str | None = None, register: bool = True):
+        super().__init__(source, (-1,), name=name, register=register)
+
+
+class _LayoutNode(FilterNode):
+    """Images <-> matrices: the same memory seen with the result's per-sample shape (a view, no
+    dispatch), or with channels_last a copy by the op `opname` (and `opname`_backward)."""
+
+    opname = ""
+
+    def _op_args(self) -> tuple:
+        return ()
+
+    def forward(self, rc, xs, training, with_state):
+        x = xs[0]
+        if not self.channels_last:
+            return [x.reshape(x.shape[0], *self.result.shape[1:])]
+        return [op(self.opname, self)(x, *self._op_args(), True)]
+
+    def saved(self):
+        return [("in", 0)] if self.channels_last else []
+
+    def backward(self, rc, gouts, saved, need):
+        g = gouts[0]
+        if not self.channels_last:
+            return [g.reshape(g.shape[0], *self.sources[0].shape[1:])], []
+        return [op(self.opname + "_backward", self)(g, saved[0], *self._op_args(), True)], []
+
+
+class ImageToMatrixNode(_LayoutNode):
+    """Images (N, C, H, W) as a matrix (N, C*H*W) (a view, no dispatch), or (N, H*W*C) with
+    channels_last (a copy)."""
+
+    prefix, opname = "im2mat", "image_to_matrix"
+
+    def __init__(self, source: Any, channels_last: bool = False, *, name: str | None = None,
+                 register: bool = True):
+        self.channels_last = bool(channels_last)
+        super().__init__([source], name, register)
+
+    def infer(self, shapes, dtypes):
+        x = shapes[0]
+        _expect_ndim(x, 4)
+        return [((x[0], int(np.prod(x[1:]))), _floats(dtypes))]
+
+
+class MatrixToImageNode(_LayoutNode):
+    """A matrix (N, C*H*W) as images (N, C, H, W) with chw = (C, H, W) (a view), or from
+    channels-last rows (a copy)."""
+
+    prefix, opname = "mat2im", "matrix_to_image"
+
+    def __init__(self, source: Any, chw: Sequence[int], channels_last: bool = False, *,
+                 name: str | None = None, register: bool = True):
+        self.chw = tuple(int(v) for v in chw)
+        self.channels_last = bool(channels_last)
+        super().__init__([source], name, register)
+
+    def _op_args(self) -> tuple:
+        return (self.chw,)
+
+    def infer(self, shapes, dtypes):
+        m = shapes[0]
+        _expect_ndim(m, 2)
+        if m[1] != int(np.prod(self.chw)):
+            raise ValueError(f"source has {m[1]} features, images {self.chw} need "
+                             f"{int(np.prod(self.chw))}")
+        return [((m[0], *self.chw), _floats(dtypes))]

@@ -1,0 +1,117 @@
+"""Loss nodes (pymetalnn/ops/loss.py): per-sample losses against a LabelsNode; the gradient pass
+starts from their reduction.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable
+
+from ...tensor import float16, float32, int32
+from ..errors import GraphError
+from .base import FilterNode, LabelsNode, Value, _floats, as_value, op
+
+LOSSES = {  # kind -> (op, class labels allowed)
+    "cross_entropy": ("cross_entropy", True),
+    "categorical_cross_entropy": ("categorical_cross_entropy", True),
+    "sigmoid_cross_entropy": ("binary_cross_entropy_with_logits", False),
+    "mse": ("mse_loss", False), "mae": ("l1_loss", False), "huber": ("huber_loss", False),
+    "hinge": ("hinge_loss", False), "kl_divergence": ("kl_div", False),
+    "cosine_distance": ("cosine_distance", False), "log": ("log_loss", False),
+}
+
+
+class LossNode(FilterNode):
+    """A loss (MPS's MPSCNNLossNode): per-sample losses (N,) of `source` against the labels.
+
+    labels: a LabelsNode (made if not given: int32 class indices for the class losses, else
+    float targets shaped like the source). reduction: the training loss is the "mean" (default)
+    or "sum" over samples of the per-sample losses; the gradient pass starts from it. options:
+    the op's (label_smoothing, delta, eps, log_target, ignore_index ...)."""
+
+    prefix = "loss"
+    is_loss = True
+    loss = "cross_entropy"
+
+    def __init__(self, source: Any, loss: str | None = None, *, labels: LabelsNode | None = None,
+                 reduction: str = "mean", name: str | None = None, register: bool = True,
+                 **options: Any):
+        self.loss = loss or type(self).loss
+        if self.loss not in LOSSES:
+            raise GraphError(None, f"loss: unknown {self.loss!r} (choose from {', '.join(LOSSES)})")
+        if reduction not in ("mean", "sum"):
+            raise GraphError(None, f"reduction: expected 'mean' or 'sum', got {reduction!r}")
+        self.reduction, self.options = reduction, options
+        src = as_value(source, None)
+        if labels is None:
+            _, cls = LOSSES[self.loss]
+            if cls:
+                labels = LabelsNode(src.shape[2:], int32, batch_size=src.shape[0])
+            else:
+                labels = LabelsNode(src.shape[1:], src.dtype, batch_size=src.shape[0])
+        if not isinstance(labels, Value) or labels.producer is not None:
+            raise GraphError(None, "labels: expected a LabelsNode (a graph input)")
+        self.labels = labels
+        super().__init__([src, labels], name, register)
+
+    @property
+    def class_labels(self) -> bool:
+        return LOSSES[self.loss][1] and self.labels.dtype == int32
+
+    def infer(self, shapes, dtypes):
+        x, t = shapes
+        _floats(dtypes[:1])
+        _, cls = LOSSES[self.loss]
+        if len(x) < 2:
+            raise ValueError(f"source: expected (N, C, ...), got shape {x}")
+        if cls and dtypes[1] == int32:
+            want = x[2:]
+            if t[1:] != want:
+                raise ValueError(f"labels {self.labels.name} have per-sample shape {t[1:]}, "
+                                 f"class labels for a source of shape {x} need {want}")
+        else:
+            if dtypes[1] not in (float32, float16):
+                raise ValueError(f"labels {self.labels.name}: dtype {dtypes[1]}; this loss takes "
+                                 "float targets")
+            if t[1:] != x[1:]:
+                raise ValueError(f"labels {self.labels.name} have per-sample shape {t[1:]}, "
+                                 f"expected the source's {x[1:]}")
+        return [((x[0],), float32)]
+
+    def differentiable(self, i: int) -> bool:
+        return i == 0
+
+    def _fn(self, suffix: str = "") -> Callable:
+        return op(LOSSES[self.loss][0] + suffix, self)
+
+    def forward(self, rc, xs, training, with_state):
+        return [self._fn()(xs[0], xs[1], reduction="per_sample", **self.options)]
+
+    def saved(self):
+        return [("in", 0), ("in", 1)]
+
+    def backward(self, rc, gouts, saved, need):
+        x, t = saved
+        g = rc.loss_scale(x.shape[0], self.reduction, x.device)
+        return [self._fn("_backward")(g, x, t, reduction="per_sample", **self.options), None], []
+
+
+def _loss_class(kind: str, doc: str) -> type:
+    def __init__(self, source, *, labels=None, reduction="mean", name=None, register=True, **opt):
+        LossNode.__init__(self, source, kind, labels=labels, reduction=reduction, name=name,
+                          register=register, **opt)
+
+    cls = "".join(p.capitalize() for p in kind.split("_"))
+    return type(f"{cls}LossNode", (LossNode,), {"__init__": __init__, "loss": kind, "__doc__": doc})
+
+
+SoftmaxCrossEntropyLossNode = _loss_class("cross_entropy", "Softmax cross-entropy on logits.")
+CrossEntropyLossNode = SoftmaxCrossEntropyLossNode
+CategoricalCrossEntropyLossNode = _loss_class("categorical_cross_entropy",
+                                              "Cross-entropy on probabilities (after a softmax).")
+SigmoidCrossEntropyLossNode = _loss_class("sigmoid_cross_entropy", "Sigmoid cross-entropy on logits.")
+MeanSquaredErrorLossNode = _loss_class("mse", "(x - t)^2")
+MeanAbsoluteErrorLossNode = _loss_class("mae", "|x - t|")
+HuberLossNode = _loss_class("huber", "Huber loss (delta)")
+HingeLossNode = _loss_class("hinge", "max(0, 1 - (2t - 1) x)")
+KLDivergenceLossNode = _loss_class("kl_divergence", "t (log t - x)")
+CosineDistanceLossNode = _loss_class("cosine_distance", "1 - cos(x, t) over dim 1")
+LogLossNode = _loss_class("log", "-t log(x + eps) - (1 - t) log(1 - x + eps)")
