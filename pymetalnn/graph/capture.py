@@ -90,6 +90,7 @@ class CapturedStep:
         """Write new inputs / labels (if given) into the recorded buffers and replay."""
         g = self.graph
         with g._encode_lock:
+            g._check_failed()
             g._sem.acquire()
             try:
                 new: list[tuple[Value, Tensor, Any]] = []

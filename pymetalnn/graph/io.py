@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 
+from ..runtime.errors import AsyncError
 from .datasource import DataSource
 from .errors import GraphError
 
@@ -112,7 +113,10 @@ def load_graph_state(g: Any, d: Mapping[str, Any], strict: bool = True,
             missing = [k for k in ds.names() if k not in per[name]]
             if missing:
                 raise GraphError(None, f"state: missing {', '.join(f'{name}.{k}' for k in missing)}")
-    g.synchronize()
+    try:
+        g.synchronize()
+    except AsyncError:  # a failed step (raised at its wait): what it left is overwritten now
+        pass
     # optimizer states first: each optimizer checks its whole state before changing anything;
     # if one refuses, those already loaded are put back, so nothing has changed
     done: list[tuple[DataSource, Any]] = []
@@ -138,6 +142,7 @@ def load_graph_state(g: Any, d: Mapping[str, Any], strict: bool = True,
             used += [f"{name}.{k}" for k in per[name]]
         if opt[name]:
             used += [f"{name}.{OPT}.{k}" for k in opt[name]]
+    g._failed_step = None  # fresh weights: a failed step no longer blocks training
     return used
 
 
