@@ -722,3 +722,30 @@ def test_checkpoint_npz_suffix_both_ways_and_bad_files(cpu, tmp_path):
     with pytest.raises(G.GraphError, match=r"objects\.npz: key 'fc1\.weight'"):
         other.load(objs)
     _same_state(other.state_dict(), before)
+
+
+# ---- training faults -----------------------------------------------------------------------------
+
+def test_fit_stops_at_first_nonfinite_loss(cpu):
+    from pymetalnn import graph as G
+
+    tg, X, Y = two_fc(cpu)
+    rng = np.random.default_rng(3)
+    n, bs, bad = 160, 4, 9  # 40 batches; batch 9 (0-based) holds a NaN input
+    x = rng.standard_normal((n, 1, 4, 4)).astype(np.float32)
+    y = rng.integers(0, 3, n)
+    x[bad * bs + 1, 0, 2, 2] = np.nan
+    start = tg._steps_encoded
+    with pytest.raises(G.NonFiniteLossError, match=rf"loss nan at epoch 1, step {bad + 1} ") as ei:
+        G.fit(tg, (x, y), epochs=3, batch_size=bs, shuffle=False, progress=False)
+    e = ei.value
+    assert (e.step, e.epoch) == (bad + 1, 1) and np.isnan(e.loss)
+    assert len(e.history.step_loss) == bad + 1 and np.isfinite(e.history.step_loss[:bad]).all()
+    assert tg._steps_encoded - start <= bad + 2 + G.train.CHECK_EVERY  # stopped, not 120 steps
+    # ignore: trains on through every step (NaN weights and all), as asked
+    tg2, _, _ = two_fc(cpu)
+    hist = G.fit(tg2, (x, y), epochs=1, batch_size=bs, shuffle=False, progress=False,
+                 nonfinite="ignore")
+    assert len(hist.step_loss) == n // bs and np.isnan(hist.step_loss[-1])
+    with pytest.raises(ValueError, match="nonfinite"):
+        G.fit(tg2, (x, y), nonfinite="skip", progress=False)
