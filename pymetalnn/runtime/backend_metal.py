@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 
 from .core import KERNEL_DIR, Buffer, Device, Kernel, Library
-from .errors import BackendUnavailable, CompileError
+from .errors import AsyncError, BackendUnavailable, CompileError
 from .msl import translate_file
 from .preprocess import inline_includes
 
@@ -42,14 +42,19 @@ class MetalDevice(Device):
         except Exception as e:
             raise BackendUnavailable(f"no Metal device ({e})") from None
         self._pending: list[Any] = []
+        self._cb_error: BaseException | None = None
 
     def synchronize(self) -> None:
         while self._pending:
             h = self._pending.pop(0)
             del h  # metalcompute waits for a call's command buffer when its handle is released
+        err, self._cb_error = self._cb_error, None
+        if err is not None:
+            raise AsyncError(f"a queued callback failed: {err.__class__.__name__}: {err}") from err
 
     def signal(self, callback: Any, with_error: bool = False) -> None:
-        # metalcompute offers no completion handler: wait, then call
+        # metalcompute offers no completion handler: wait, then call; what the callback raises
+        # surfaces at synchronize(), as on the other backends
         err = None
         try:
             self.synchronize()
@@ -57,10 +62,13 @@ class MetalDevice(Device):
             if not with_error:
                 raise
             err = e
-        if with_error:
-            callback(err)
-        else:
-            callback()
+        try:
+            if with_error:
+                callback(err)
+            else:
+                callback()
+        except Exception as e:  # noqa: BLE001
+            self._cb_error = self._cb_error or e
 
     def _replay(self, rec: Any) -> None:
         for job in rec.jobs:
