@@ -749,3 +749,67 @@ def test_fit_stops_at_first_nonfinite_loss(cpu):
     assert len(hist.step_loss) == n // bs and np.isnan(hist.step_loss[-1])
     with pytest.raises(ValueError, match="nonfinite"):
         G.fit(tg2, (x, y), nonfinite="skip", progress=False)
+
+
+# ---- cuda: a kernel fault and fork (in child processes: a CUDA fault ends the context) ----------
+
+CUDA_FAULT = r"""
+import sys, threading, numpy as np, pymetalnn
+from pymetalnn import AsyncError
+dev = pymetalnn.device("cuda")
+k = dev.library(sys.argv[1]).kernel("wild")
+x = dev.buffer(np.zeros(4, np.float32))
+k(64, x)
+got = []
+done = threading.Event()
+dev.signal(lambda err: (got.append(err), done.set()), with_error=True)
+assert done.wait(60), "callback did not run after a kernel fault"
+assert isinstance(got[0], AsyncError) and got[0].kernel == "wild", got
+try:
+    x.numpy()
+    print("NO ERROR")
+except AsyncError as e:
+    print("OK", e.kernel)
+"""
+
+CUDA_FORK = r"""
+import os, numpy as np, pymetalnn, pymetalnn.functional as F
+dev = pymetalnn.device("cuda")
+a = pymetalnn.tensor(np.ones(4, np.float32), dev)
+F.add(a, a).numpy()
+pid = os.fork()
+if pid == 0:
+    try:
+        F.add(a, a)
+        os._exit(3)
+    except RuntimeError as e:
+        os._exit(0 if "forked" in str(e) else 4)
+_, status = os.waitpid(pid, 0)
+print("child", os.waitstatus_to_exitcode(status))
+"""
+
+
+def _cuda_or_skip():
+    reason = pymetalnn.availability().get("cuda")
+    if reason:
+        pytest.skip(f"backend cuda unavailable: {reason}")
+
+
+def test_cuda_kernel_fault_names_kernel_and_callbacks_run(tmp_path):
+    _cuda_or_skip()
+    path, _ = write_kernel(tmp_path, "wild", """
+kernel void wild(device float* x [[buffer(0)]], uint i [[thread_position_in_grid]]) {
+    x[i + (1u << 31)] = 1.0f;  // far outside any allocation
+}
+""")
+    r = subprocess.run([sys.executable, "-c", CUDA_FAULT, path], capture_output=True, text=True,
+                       timeout=300, env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    assert r.returncode == 0 and r.stdout.strip() == "OK wild", r.stdout + r.stderr
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork()")
+def test_cuda_in_forked_child_raises_clearly():
+    _cuda_or_skip()
+    r = subprocess.run([sys.executable, "-c", CUDA_FORK], capture_output=True, text=True,
+                       timeout=300, env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    assert r.returncode == 0 and r.stdout.strip() == "child 0", r.stdout + r.stderr
