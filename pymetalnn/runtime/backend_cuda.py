@@ -106,11 +106,11 @@ class CudaDevice(Device):
 
             def watcher() -> None:
                 while True:
-                    ev, cb, pass_err = self._watch.get()
+                    ev, cb, pass_err, err = self._watch.get()
                     try:
-                        err = None
                         try:
-                            ev.synchronize()
+                            if ev is not None:
+                                ev.synchronize()
                         except Exception as e:  # noqa: BLE001 -- handed to the callback
                             err = self._async_error(e)
                         if pass_err:
@@ -125,9 +125,12 @@ class CudaDevice(Device):
                         self._watch.task_done()
 
             threading.Thread(target=watcher, name="pymetalnn-cuda-signal", daemon=True).start()
-        ev = self.cp.cuda.Event(block=False, disable_timing=True)
-        ev.record(self.cp_stream)
-        self._watch.put((ev, callback, with_error))
+        try:
+            ev = self.cp.cuda.Event(block=False, disable_timing=True)
+            ev.record(self.cp_stream)
+            self._watch.put((ev, callback, with_error, None))
+        except self.cp.cuda.runtime.CUDARuntimeError as e:  # a fault already reported
+            self._watch.put((None, callback, with_error, self._async_error(e)))
 
     def _begin_capture(self, rec: Any) -> None:
         super()._begin_capture(rec)
