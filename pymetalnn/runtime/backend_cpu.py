@@ -158,6 +158,11 @@ def _entry_ok(out: str) -> bool:
     return False
 
 
+def _spans(flat: list, written: tuple) -> list[tuple[int, int, bool]]:
+    """(first byte, end, written) per buffer argument of a queue item."""
+    return [(flat[2 * i], flat[2 * i] + flat[2 * i + 1], w) for i, w in enumerate(written)]
+
+
 def _more(fs: list) -> str:
     return f" (and {len(fs) - 1} more failures)" if len(fs) > 1 else ""
 
@@ -235,7 +240,9 @@ class CpuDevice(Device):
         _live_devices.append(self)
 
     # ---- queue
-    # Items are (run, spans, kernel name): spans lists (first byte, end, written) per buffer
+    # Items are (run, spans, kernel name, written): spans is a flat [first byte, bytes, ...] per
+    # buffer argument (None for callbacks), `written` flags which of them the job may write
+    # (unpacked by _spans only when something failed, so a launch pays two appends per buffer).
     # argument of a launch, None for callbacks. A job that fails marks the byte ranges it writes
     # as failed ("poisoned") with its _Failure; a later job touching a poisoned range does not
     # run and passes the poison on to what it writes; a read of a poisoned range raises. The
@@ -274,8 +281,10 @@ class CpuDevice(Device):
                         self._idle.notify_all()
 
     def _run_job(self, item: tuple) -> None:
-        run, spans, name = item
+        run, flat, name, written = item
+        spans = None
         if name is not None and self._poison:
+            spans = _spans(flat, written)
             f = self._tainted(spans)
             if f is not None:
                 self._mark(spans, f)
@@ -292,11 +301,11 @@ class CpuDevice(Device):
             self._epoch.append(f)
             with self._lock:
                 self._failures.append(f)
-            if spans:
-                self._mark(spans, f)
+            if flat:
+                self._mark(spans or _spans(flat, written), f)
             return
-        if spans and self._poison:
-            self._clean(spans)
+        if flat and self._poison:
+            self._clean(spans or _spans(flat, written))
 
     def _tainted(self, spans: Any) -> _Failure | None:
         for lo, hi, _ in spans:
@@ -345,7 +354,7 @@ class CpuDevice(Device):
             else:
                 callback()
 
-        self._put((fire, None, None))
+        self._put((fire, None, None, None))
 
     def _replay(self, rec: Any) -> None:
         for item in rec.jobs:
@@ -406,7 +415,7 @@ class CpuDevice(Device):
         lo = self._addr(buf) + offset
         # a host copy reads nothing on the device: it always runs, and cleans what it writes
         self._put((lambda: h.__setitem__(slice(offset, offset + raw.nbytes), raw),
-                   ((lo, lo + raw.nbytes, True),), None))
+                   [lo, raw.nbytes], None, (True,)))
 
     # ---- compile
     def _compile(self, path: str, defines: dict) -> Library:
@@ -441,7 +450,7 @@ class CpuDevice(Device):
             ptr_array = ctypes.c_char_p * max(len(info.args), 1)
             k = kernels[name] = Kernel(library, info, (lib, thread_fn, loop_fn, ptr_array,
                                                        1 if info.needs_fibers else 0), sizes)
-            k._writes = tuple(a.kind == "buffer" and not a.const for a in k.args)
+            k._writes = tuple(not a.const for a in k.args if a.kind == "buffer")
             if self.validate:
                 k._vstate = ((ctypes.c_ulonglong * 64).in_dll(lib, "pmn_v_sizes"),
                              ctypes.c_int.in_dll(lib, "pmn_v_failed"),
@@ -475,12 +484,12 @@ class CpuDevice(Device):
             self._put(item)
 
     def _item(self, kernel: Kernel, groups: int, args: list[Any]) -> tuple:
-        """The queue item of one launch: (run, spans, kernel name); see _run_job."""
+        """The queue item of one launch: (run, spans, kernel name, written); see _run_job."""
         _, thread_fn, loop_fn, ptr_array, fibers = kernel.handle
         vals: list[Any] = []
         keep: list[Any] = []
-        spans: list[tuple[int, int, bool]] = []  # what the job reads and writes: see _run_job
-        for a, w in zip(args, kernel._writes):
+        spans: list[int] = []  # what the job touches: see _run_job
+        for a in args:
             if a.__class__ is bytes:
                 vals.append(a)
             else:
@@ -491,7 +500,8 @@ class CpuDevice(Device):
                     addr = a._host_addr = self._handle_addr(a)
                 lo = addr + a.offset
                 vals.append(lo)
-                spans.append((lo, lo + a.nbytes, w))
+                spans.append(lo)
+                spans.append(a.nbytes)
                 keep.append(h)
         ptrs = ptr_array(*vals)
         tg = kernel.threadgroup_size
@@ -507,15 +517,14 @@ class CpuDevice(Device):
                 raise AsyncError(f"kernel '{kernel.name}' failed: {err.value.decode()}",
                                  kernel.name)
 
-        return job, spans, kernel.name
-
+        return job, spans, kernel.name, kernel._writes
 
     def _launch_validated(self, kernel: Kernel, groups: int, args: list[Any]) -> None:
         """_launch with the bytes bound to each argument handed to the checked pointers, and
         the first out-of-bounds access of the launch raised as a ValidationError."""
         sizes, failed, msg = kernel._vstate
         bound = [0 if a.__class__ is bytes else a.nbytes for a in args]
-        run, spans, name = self._item(kernel, groups, args)
+        run, spans, name, written = self._item(kernel, groups, args)
 
         def job() -> None:
             for i, n in enumerate(bound):
@@ -527,9 +536,9 @@ class CpuDevice(Device):
                                       name)
 
         if self._recording is not None:
-            self._recording.jobs.append((job, spans, name))
+            self._recording.jobs.append((job, spans, name, written))
         else:
-            self._put((job, spans, name))
+            self._put((job, spans, name, written))
 
 
 def probe() -> str | None:
