@@ -219,6 +219,19 @@ def test_graph_step_with_a_failed_launch_raises_at_wait_never_hangs(cpu, failing
     assert np.isfinite(h.loss)
 
 
+def test_inference_graph_recovers_after_a_failed_step(cpu, failing):
+    tg, X, _ = two_fc(cpu)
+    inf = tg.inference_graph()
+    want = [inf(X) for _ in range(3)][-1]  # planned by now: per-step values live in an arena
+    with failing():
+        h = inf.encode(X)
+    with pytest.raises(AsyncError, match="injected fault"):
+        h.wait(timeout=TIMEOUT)
+    np.testing.assert_array_equal(inf(X), want)  # the arena's failure marks do not carry over
+    cap = inf.capture(X)
+    np.testing.assert_array_equal(cap.run(X).numpy()[0], want)
+
+
 # ---- threads and fork ----------------------------------------------------------------------------
 
 def _child_add(q):

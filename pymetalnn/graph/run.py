@@ -396,6 +396,8 @@ class GraphRunner:
         prog = self._programs.get(batch)
         if prog is None:
             prog = self._programs[batch] = _Program(batch)
+        if prog.arena is not None:  # per-step values, written before read: a failed earlier
+            self.device.forget_failures(prog.arena)  # step does not fail this one
         step_no = self._steps_encoded
         rc = RunContext(self, step_no, self.training)
         outs = self._execute(prog, env, rc)

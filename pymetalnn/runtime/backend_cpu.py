@@ -338,6 +338,12 @@ class CpuDevice(Device):
         if hit is not None:
             raise hit.error(f" (raised by a read of {nbytes} bytes computed from its result)")
 
+    def forget_failures(self, buffer: Buffer) -> None:
+        if self._poison:  # nothing to forget otherwise: no queue item in the common case
+            lo = self._addr(buffer.base) + buffer.offset
+            hi = lo + buffer.nbytes
+            self._put((lambda: self._forget(lo, hi), None, None, None))
+
     def _put(self, item: tuple) -> None:
         with self._lock:
             self._unfinished += 1

@@ -433,6 +433,11 @@ class Device:
         the previous signal, else None. Exceptions it raises surface at synchronize()."""
         raise NotImplementedError
 
+    def forget_failures(self, buffer: Buffer) -> None:
+        """Declare `buffer` scratch from this point of the queue on: work queued later does not
+        inherit failures recorded on it (see docs/errors.md). For memory whose every use is
+        written before it is read, e.g. a graph's per-step arena."""
+
     @contextlib.contextmanager
     def capture(self) -> Iterator[Recording]:
         """Record the launches made inside the block (they do not run) into a Recording whose
