@@ -544,13 +544,32 @@ def _run_cached(cache: Path, src: str) -> subprocess.CompletedProcess:
 def cached(tmp_path):
     if pymetalnn.availability().get("cpu"):
         pytest.skip("cpu backend unavailable")
+    import shutil
+
+    from pymetalnn.runtime.core import cache_dir
+
     src = write_kernel(tmp_path, "fill", ZERO)[0]
     cache = tmp_path / "cache"
+    cache.mkdir(mode=0o700)
+    for p in Path(cache_dir()).glob("pmn_cpu_rt-*.so*"):  # the runtime: not rebuilt per case
+        shutil.copy2(p, cache / p.name)
     r = _run_cached(cache, src)
     assert r.returncode == 0 and r.stdout.strip() == "[3.0, 3.0, 3.0, 3.0]", r.stderr
     assert (cache.stat().st_mode & 0o777) == 0o700
     lib = next(p for p in cache.iterdir() if p.name.startswith("fill-") and p.suffix == ".so")
     return cache, src, lib
+
+
+def test_cache_folder_is_made_private(tmp_path):
+    from pymetalnn.runtime import core
+
+    old = os.umask(0o022)
+    try:
+        d = tmp_path / "a" / "cache"
+        assert core._trusted_dir(str(d)) == str(d)
+    finally:
+        os.umask(old)
+    assert (d.stat().st_mode & 0o777) == 0o700
 
 
 def _damage(lib: Path, how: str) -> None:
