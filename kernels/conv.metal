@@ -248,11 +248,112 @@ inline void tile_fma(threadgroup const vec<A, 4>* As, threadgroup const vec<A, 4
     }
 }
 
+// ============================================================================================
+// Simdgroup-matrix variant of the tiled kernels (MMA = true; fp16 storage, matrix hardware). The
+// same gathers, slices and epilogues; only the slices' home and the products differ. The slices
+// hold T (half) -- A m-major, B k-major, rows padded by 8 elements: fragment loads are one aligned
+// 32-bit access per lane without bank conflicts -- and each BK-deep slice runs on 8x8 simdgroup
+// matrices: simdgroup s owns the (BM/4) x (BN/2) block at rows (s/2) BM/4, columns (s%2) BN/2,
+// accumulating in A. After the K loop the accumulators pass through threadgroup memory (over the
+// slices' bytes) into the SIMT kernels' per-thread acc[TM][TN], and their epilogues run unchanged.
+// MSL 2.3 has no `if constexpr`: the two variants' code is picked by tag overloads.
+// ============================================================================================
+template <bool B> struct conv_tag {};
+template <bool MMA, typename T, typename A> struct conv_tile_t { typedef A type; };
+template <typename T, typename A> struct conv_tile_t<true, T, A> { typedef T type; };
+
+// Row pitches (elements) of the A and B slices; SA/SB: the SIMT kernels' pitches in 4-vectors.
+template <bool MMA, int BM, int BK, int SA> constexpr int conv_pa() { return MMA ? BK + 8 : 4 * SA; }
+template <bool MMA, int BN, int SB> constexpr int conv_pb() { return MMA ? BN + 8 : 4 * SB; }
+// Element offset of (k, m) in A slice `buf` and of (k, n) in B slice `buf`.
+template <bool MMA, int BM, int BK, int SA>
+inline uint conv_ia(uint buf, uint k, uint m) {
+    return MMA ? (buf * uint(BM) + m) * uint(BK + 8) + k : (buf * uint(BK) + k) * uint(4 * SA) + m;
+}
+template <bool MMA, int BN, int BK, int SB>
+inline uint conv_ib(uint buf, uint k, uint n) {
+    return (buf * uint(BK) + k) * uint(conv_pb<MMA, BN, SB>()) + n;
+}
+
+template <typename A, int BM, int BN>
+inline void conv_mma_zero(conv_tag<false>, thread simdgroup_matrix<A, 8, 8> (&)[BM / 32][BN / 16]) {}
+template <typename A, int BM, int BN>
+inline void conv_mma_zero(conv_tag<true>, thread simdgroup_matrix<A, 8, 8> (&macc)[BM / 32][BN / 16]) {
+#pragma unroll
+    for (int i = 0; i < BM / 32; ++i)
+#pragma unroll
+        for (int j = 0; j < BN / 16; ++j) macc[i][j] = make_filled_simdgroup_matrix<A, 8, 8>(A(0));
+}
+
+// One BK-deep slice (buffer `buf`) into the accumulators.
+template <typename TT, typename A, int BM, int BN, int BK, int TM, int TN, int SA, int SB>
+inline void conv_slice(conv_tag<false>, threadgroup const TT* As, threadgroup const TT* Bs,
+                       uint buf, thread A (&acc)[TM][TN],
+                       thread simdgroup_matrix<A, 8, 8> (&)[BM / 32][BN / 16], uint tm, uint tn,
+                       uint) {
+    tile_fma<A, BM, BN, BK, TM, TN, SA, SB>((threadgroup const vec<A, 4>*)As + buf * BK * SA,
+                                            (threadgroup const vec<A, 4>*)Bs + buf * BK * SB, acc,
+                                            tm, tn);
+}
+template <typename TT, typename A, int BM, int BN, int BK, int TM, int TN, int SA, int SB>
+inline void conv_slice(conv_tag<true>, threadgroup const TT* As, threadgroup const TT* Bs,
+                       uint buf, thread A (&)[TM][TN],
+                       thread simdgroup_matrix<A, 8, 8> (&macc)[BM / 32][BN / 16], uint, uint,
+                       uint sg) {
+    constexpr int FM = BM / 32, FN = BN / 16, PA = BK + 8, PB = BN + 8;
+    threadgroup const TT* sa = As + buf * uint(BM * PA) + (sg / 2u) * uint(BM / 4 * PA);
+    threadgroup const TT* sb = Bs + buf * uint(BK * PB) + (sg % 2u) * uint(BN / 2);
+#pragma unroll
+    for (int kk = 0; kk < BK; kk += 8) {
+        simdgroup_matrix<TT, 8, 8> ma[FM];
+        simdgroup_matrix<TT, 8, 8> mb[FN];
+#pragma unroll
+        for (int i = 0; i < FM; ++i) simdgroup_load(ma[i], sa + i * 8 * PA + kk, PA);
+#pragma unroll
+        for (int j = 0; j < FN; ++j) simdgroup_load(mb[j], sb + kk * PB + j * 8, PB);
+#pragma unroll
+        for (int i = 0; i < FM; ++i)
+#pragma unroll
+            for (int j = 0; j < FN; ++j)
+                simdgroup_multiply_accumulate(macc[i][j], ma[i], mb[j], macc[i][j]);
+    }
+}
+
+// After the K loop: the simdgroup accumulators into acc[TM][TN] (thread (tm, tn)'s outputs, the
+// SIMT kernels' layout) through `stage` (BM x BN values of A over the slices' memory).
+template <typename A, int BM, int BN, int TM, int TN>
+inline void conv_unstage(conv_tag<false>, threadgroup A*, thread simdgroup_matrix<A, 8, 8> (&)[BM / 32][BN / 16],
+                         thread A (&)[TM][TN], uint, uint, uint) {}
+template <typename A, int BM, int BN, int TM, int TN>
+inline void conv_unstage(conv_tag<true>, threadgroup A* stage,
+                         thread simdgroup_matrix<A, 8, 8> (&macc)[BM / 32][BN / 16],
+                         thread A (&acc)[TM][TN], uint tm, uint tn, uint sg) {
+    constexpr int RM = TM / 4, RN = TN / 4;
+    threadgroup A* cs = stage + (sg / 2u) * uint(BM / 4 * BN) + (sg % 2u) * uint(BN / 2);
+#pragma unroll
+    for (int i = 0; i < BM / 32; ++i)
+#pragma unroll
+        for (int j = 0; j < BN / 16; ++j) simdgroup_store(macc[i][j], cs + i * 8 * BN + j * 8, BN);
+    threadgroup_barrier(mem_flags::mem_threadgroup);
+#pragma unroll
+    for (int i = 0; i < RM; ++i)
+#pragma unroll
+        for (int q = 0; q < 4; ++q)
+#pragma unroll
+            for (int j = 0; j < RN; ++j)
+#pragma unroll
+                for (int u = 0; u < 4; ++u)
+                    acc[i * 4 + q][j * 4 + u] =
+                        stage[(tm * 4u + uint(q) + uint(i * (BM / RM))) * uint(BN) + tn * 4u + uint(u) +
+                              uint(j * (BN / RN))];
+    threadgroup_barrier(mem_flags::mem_threadgroup);  // the next tile's slices reuse the bytes
+}
+
 // ---- forward ------------------------------------------------------------------------------
 // Slice (r, s, c0): As[kk][m] = x[n, g*Cg + c0 + kk, oh*SH - PH + r*DH, ow*SW - PW + s*DW],
 // Bs[kk][k] = w[g*Kg + k, c0 + kk, r, s]. Thread t loads row m = t % BM of As at depths
 // t / BM + j * (256 / BM), and column t % BN of Bs at depths t / BN + j * (256 / BN).
-template <typename T, typename A, int BM, int BN, int BK, int TM, int TN, bool PACKED>
+template <typename T, typename A, int BM, int BN, int BK, int TM, int TN, bool PACKED, bool MMA>
 [[max_total_threads_per_threadgroup(256)]]
 kernel void conv2d_fwd_tiled(device const T* x [[buffer(0)]],
                              device const T* w [[buffer(1)]],
@@ -261,17 +362,21 @@ kernel void conv2d_fwd_tiled(device const T* x [[buffer(0)]],
                              constant Conv2dParams& p [[buffer(4)]],
                              uint lid [[thread_position_in_threadgroup]],
                              uint tgid [[threadgroup_position_in_grid]],
-                             uint ntg [[threadgroups_per_grid]]) {
+                             uint ntg [[threadgroups_per_grid]],
+                    uint sg [[simdgroup_index_in_threadgroup]]) {
     static_assert((BM / TM) * (BN / TN) == CONV_THREADS && BM * BK % CONV_THREADS == 0 &&
                   BN * BK % CONV_THREADS == 0 && CONV_THREADS % BM == 0 && CONV_THREADS % BN == 0,
                   "tile shape does not fit 256 threads");
     constexpr int LA = BM * BK / CONV_THREADS, LB = BN * BK / CONV_THREADS;
     constexpr int DA = CONV_THREADS / BM, DB = CONV_THREADS / BN;
     constexpr int SA = BM / 4, SB = BN / 4;
-    threadgroup vec<A, 4> As4[2 * BK * SA];
-    threadgroup vec<A, 4> Bs4[2 * BK * SB];
-    threadgroup A* As = (threadgroup A*)As4;
-    threadgroup A* Bs = (threadgroup A*)Bs4;
+    typedef typename conv_tile_t<MMA, T, A>::type TT;
+    constexpr int TA = 2 * (MMA ? BM * (BK + 8) : BK * 4 * SA);  // slice elements (TT)
+    constexpr int TB = 2 * BK * conv_pb<MMA, BN, SB>();
+    constexpr int TS = MMA ? BM * BN * int(sizeof(A)) / int(sizeof(TT)) : 0;  // MMA staging
+    threadgroup vec<TT, 4> smem[((TA + TB > TS ? TA + TB : TS) + 3) / 4];
+    threadgroup TT* As = (threadgroup TT*)smem;
+    threadgroup TT* Bs = As + TA;
 
     const uint OHW = p.OH * p.OW, HW = p.H * p.W, KHW = p.KH * p.KW;
     const uint M = p.N * OHW;
@@ -303,6 +408,8 @@ kernel void conv2d_fwd_tiled(device const T* x [[buffer(0)]],
         for (int i = 0; i < TM; ++i)
 #pragma unroll
             for (int j = 0; j < TN; ++j) acc[i][j] = A(0);
+        simdgroup_matrix<A, 8, 8> macc[BM / 32][BN / 16];
+        conv_mma_zero<A, BM, BN>(conv_tag<MMA>(), macc);
 
         A ra[LA], rb[LB];
         uint r = 0, s = 0, c0 = 0;  // slice being loaded
@@ -330,19 +437,20 @@ kernel void conv2d_fwd_tiled(device const T* x [[buffer(0)]],
             }
             if (kstep > 0) {  // FMAs on slice kstep - 1 while the loads above are in flight
                 uint buf = (kstep - 1) & 1;
-                tile_fma<A, BM, BN, BK, TM, TN, SA, SB>(As4 + buf * BK * SA, Bs4 + buf * BK * SB, acc,
-                                                        tm, tn);
+                conv_slice<TT, A, BM, BN, BK, TM, TN, SA, SB>(conv_tag<MMA>(), As, Bs, buf, acc, macc,
+                                                              tm, tn, sg);
             }
             if (kstep < nsteps) {
                 uint buf = kstep & 1;
 #pragma unroll
-                for (int j = 0; j < LA; ++j) As[(buf * BK + ak + j * DA) * BM + am] = ra[j];
+                for (int j = 0; j < LA; ++j) As[conv_ia<MMA, BM, BK, SA>(buf, ak + j * DA, am)] = TT(ra[j]);
 #pragma unroll
-                for (int j = 0; j < LB; ++j) Bs[(buf * BK + bk + j * DB) * BN + bn] = rb[j];
+                for (int j = 0; j < LB; ++j) Bs[conv_ib<MMA, BN, BK, SB>(buf, bk + j * DB, bn)] = TT(rb[j]);
             }
             threadgroup_barrier(mem_flags::mem_threadgroup);
         }
 
+        conv_unstage<A, BM, BN, TM, TN>(conv_tag<MMA>(), (threadgroup A*)smem, macc, acc, tm, tn, sg);
         constexpr int RM = TM / 4, RN = TN / 4;
 #pragma unroll
         for (int i = 0; i < RM; ++i) {
@@ -392,7 +500,7 @@ inline uint conv_first_tap(uint ph, int pad, uint d, uint st, uint k) {
     return k;
 }
 
-template <typename T, typename A, int BM, int BN, int BK, int TM, int TN, bool PACKED>
+template <typename T, typename A, int BM, int BN, int BK, int TM, int TN, bool PACKED, bool MMA>
 [[max_total_threads_per_threadgroup(256)]]
 kernel void conv2d_bwd_data_tiled(device const T* dy [[buffer(0)]],
                                   device const T* w [[buffer(1)]],
@@ -401,17 +509,21 @@ kernel void conv2d_bwd_data_tiled(device const T* dy [[buffer(0)]],
                                   constant Conv2dParams& p [[buffer(4)]],
                                   uint lid [[thread_position_in_threadgroup]],
                                   uint tgid [[threadgroup_position_in_grid]],
-                                  uint ntg [[threadgroups_per_grid]]) {
+                                  uint ntg [[threadgroups_per_grid]],
+                    uint sg [[simdgroup_index_in_threadgroup]]) {
     static_assert((BM / TM) * (BN / TN) == CONV_THREADS && BM * BK % CONV_THREADS == 0 &&
                   BN * BK % CONV_THREADS == 0 && CONV_THREADS % BM == 0 && CONV_THREADS % BN == 0,
                   "tile shape does not fit 256 threads");
     constexpr int LA = BM * BK / CONV_THREADS, LB = BN * BK / CONV_THREADS;
     constexpr int DA = CONV_THREADS / BM, DB = CONV_THREADS / BN;
     constexpr int SA = BM / 4, SB = BN / 4;
-    threadgroup vec<A, 4> As4[2 * BK * SA];
-    threadgroup vec<A, 4> Bs4[2 * BK * SB];
-    threadgroup A* As = (threadgroup A*)As4;
-    threadgroup A* Bs = (threadgroup A*)Bs4;
+    typedef typename conv_tile_t<MMA, T, A>::type TT;
+    constexpr int TA = 2 * (MMA ? BM * (BK + 8) : BK * 4 * SA);  // slice elements (TT)
+    constexpr int TB = 2 * BK * conv_pb<MMA, BN, SB>();
+    constexpr int TS = MMA ? BM * BN * int(sizeof(A)) / int(sizeof(TT)) : 0;  // MMA staging
+    threadgroup vec<TT, 4> smem[((TA + TB > TS ? TA + TB : TS) + 3) / 4];
+    threadgroup TT* As = (threadgroup TT*)smem;
+    threadgroup TT* Bs = As + TA;
 
     const uint OHW = p.OH * p.OW, HW = p.H * p.W, KHW = p.KH * p.KW;
     const uint Hq = (p.H + p.SH - 1) / p.SH, Wq = (p.W + p.SW - 1) / p.SW;
@@ -455,6 +567,8 @@ kernel void conv2d_bwd_data_tiled(device const T* dy [[buffer(0)]],
         for (int i = 0; i < TM; ++i)
 #pragma unroll
             for (int j = 0; j < TN; ++j) acc[i][j] = A(0);
+        simdgroup_matrix<A, 8, 8> macc[BM / 32][BN / 16];
+        conv_mma_zero<A, BM, BN>(conv_tag<MMA>(), macc);
 
         A ra[LA], rb[LB];
         uint r = r0, s = s0, k0 = 0;
@@ -485,19 +599,20 @@ kernel void conv2d_bwd_data_tiled(device const T* dy [[buffer(0)]],
             }
             if (kstep > 0) {
                 uint buf = (kstep - 1) & 1;
-                tile_fma<A, BM, BN, BK, TM, TN, SA, SB>(As4 + buf * BK * SA, Bs4 + buf * BK * SB, acc,
-                                                        tm, tn);
+                conv_slice<TT, A, BM, BN, BK, TM, TN, SA, SB>(conv_tag<MMA>(), As, Bs, buf, acc, macc,
+                                                              tm, tn, sg);
             }
             if (kstep < nsteps) {
                 uint buf = kstep & 1;
 #pragma unroll
-                for (int j = 0; j < LA; ++j) As[(buf * BK + ak + j * DA) * BM + am] = ra[j];
+                for (int j = 0; j < LA; ++j) As[conv_ia<MMA, BM, BK, SA>(buf, ak + j * DA, am)] = TT(ra[j]);
 #pragma unroll
-                for (int j = 0; j < LB; ++j) Bs[(buf * BK + bk + j * DB) * BN + bn] = rb[j];
+                for (int j = 0; j < LB; ++j) Bs[conv_ib<MMA, BN, BK, SB>(buf, bk + j * DB, bn)] = TT(rb[j]);
             }
             threadgroup_barrier(mem_flags::mem_threadgroup);
         }
 
+        conv_unstage<A, BM, BN, TM, TN>(conv_tag<MMA>(), (threadgroup A*)smem, macc, acc, tm, tn, sg);
         constexpr int RM = TM / 4, RN = TN / 4;
 #pragma unroll
         for (int i = 0; i < RM; ++i) {
@@ -532,7 +647,7 @@ kernel void conv2d_bwd_data_tiled(device const T* dy [[buffer(0)]],
 // t % BK (consecutive threads read consecutive pixels) of rows/columns t / BK + j * (256 / BK).
 // Threadgroup rows are padded by one vector so those column-wise stores do not all hit one bank.
 // Output: ws[split][g*Kg + k][col] (float partials, the layout of w).
-template <typename T, typename A, int BM, int BN, int BK, int TM, int TN>
+template <typename T, typename A, int BM, int BN, int BK, int TM, int TN, bool MMA>
 [[max_total_threads_per_threadgroup(256)]]
 kernel void conv2d_bwd_weight_tiled(device const T* dy [[buffer(0)]],
                                     device const T* x [[buffer(1)]],
@@ -540,17 +655,21 @@ kernel void conv2d_bwd_weight_tiled(device const T* dy [[buffer(0)]],
                                     constant Conv2dParams& p [[buffer(3)]],
                                     uint lid [[thread_position_in_threadgroup]],
                                     uint tgid [[threadgroup_position_in_grid]],
-                                    uint ntg [[threadgroups_per_grid]]) {
+                                    uint ntg [[threadgroups_per_grid]],
+                    uint sg [[simdgroup_index_in_threadgroup]]) {
     static_assert((BM / TM) * (BN / TN) == CONV_THREADS && CONV_THREADS % BK == 0 &&
                   BM % (CONV_THREADS / BK) == 0 && BN % (CONV_THREADS / BK) == 0,
                   "tile shape does not fit 256 threads");
     constexpr int DL = CONV_THREADS / BK;  // rows/columns between one thread's loads
     constexpr int LA = BM / DL, LB = BN / DL;
     constexpr int SA = BM / 4 + 1, SB = BN / 4 + 1;
-    threadgroup vec<A, 4> As4[2 * BK * SA];
-    threadgroup vec<A, 4> Bs4[2 * BK * SB];
-    threadgroup A* As = (threadgroup A*)As4;
-    threadgroup A* Bs = (threadgroup A*)Bs4;
+    typedef typename conv_tile_t<MMA, T, A>::type TT;
+    constexpr int TA = 2 * (MMA ? BM * (BK + 8) : BK * 4 * SA);  // slice elements (TT)
+    constexpr int TB = 2 * BK * conv_pb<MMA, BN, SB>();
+    constexpr int TS = MMA ? BM * BN * int(sizeof(A)) / int(sizeof(TT)) : 0;  // MMA staging
+    threadgroup vec<TT, 4> smem[((TA + TB > TS ? TA + TB : TS) + 3) / 4];
+    threadgroup TT* As = (threadgroup TT*)smem;
+    threadgroup TT* Bs = As + TA;
 
     const uint OHW = p.OH * p.OW, HW = p.H * p.W, KHW = p.KH * p.KW;
     const uint M = p.N * OHW, CRS = p.Cg * KHW;
@@ -589,6 +708,8 @@ kernel void conv2d_bwd_weight_tiled(device const T* dy [[buffer(0)]],
         for (int i = 0; i < TM; ++i)
 #pragma unroll
             for (int j = 0; j < TN; ++j) acc[i][j] = A(0);
+        simdgroup_matrix<A, 8, 8> macc[BM / 32][BN / 16];
+        conv_mma_zero<A, BM, BN>(conv_tag<MMA>(), macc);
 
         A ra[LA], rb[LB];
         for (uint kstep = 0; kstep <= nsteps; ++kstep) {
@@ -614,19 +735,20 @@ kernel void conv2d_bwd_weight_tiled(device const T* dy [[buffer(0)]],
             }
             if (kstep > 0) {
                 uint buf = (kstep - 1) & 1;
-                tile_fma<A, BM, BN, BK, TM, TN, SA, SB>(As4 + buf * BK * SA, Bs4 + buf * BK * SB, acc,
-                                                        tm, tn);
+                conv_slice<TT, A, BM, BN, BK, TM, TN, SA, SB>(conv_tag<MMA>(), As, Bs, buf, acc, macc,
+                                                              tm, tn, sg);
             }
             if (kstep < nsteps) {
                 uint buf = kstep & 1;
 #pragma unroll
-                for (int j = 0; j < LA; ++j) As[(buf * BK + lk) * SA * 4 + lr + j * DL] = ra[j];
+                for (int j = 0; j < LA; ++j) As[conv_ia<MMA, BM, BK, SA>(buf, lk, lr + j * DL)] = TT(ra[j]);
 #pragma unroll
-                for (int j = 0; j < LB; ++j) Bs[(buf * BK + lk) * SB * 4 + lr + j * DL] = rb[j];
+                for (int j = 0; j < LB; ++j) Bs[conv_ib<MMA, BN, BK, SB>(buf, lk, lr + j * DL)] = TT(rb[j]);
             }
             threadgroup_barrier(mem_flags::mem_threadgroup);
         }
 
+        conv_unstage<A, BM, BN, TM, TN>(conv_tag<MMA>(), (threadgroup A*)smem, macc, acc, tm, tn, sg);
         constexpr int RM = TM / 4, RN = TN / 4;
         device float* out = wsum + split * wsize + g * p.Kg * CRS;
 #pragma unroll
@@ -656,21 +778,32 @@ kernel void conv2d_bwd_weight_tiled(device const T* dy [[buffer(0)]],
 #define CONV_INST_PREC(NAME, T, A)                                                                 \
     INSTANTIATE("conv2d_fwd_direct_" NAME, conv2d_fwd_direct, T, A)                                \
     INSTANTIATE("conv2d_bwd_data_direct_" NAME, conv2d_bwd_data_direct, T, A)                      \
-    INSTANTIATE("conv2d_fwd_t128x64_" NAME, conv2d_fwd_tiled, T, A, 128, 64, 8, 8, 4, true)              \
-    INSTANTIATE("conv2d_fwd_t128x128_" NAME, conv2d_fwd_tiled, T, A, 128, 128, 8, 8, 8, true)            \
-    INSTANTIATE("conv2d_fwd_t64x64_" NAME, conv2d_fwd_tiled, T, A, 64, 64, 8, 4, 4, true)                \
-    INSTANTIATE("conv2d_fwd_t128x32_" NAME, conv2d_fwd_tiled, T, A, 128, 32, 8, 4, 4, true)              \
-    INSTANTIATE("conv2d_fwd_t128x64k16_" NAME, conv2d_fwd_tiled, T, A, 128, 64, 16, 8, 4, true)          \
-    INSTANTIATE("conv2d_fwd_t128x32k16_" NAME, conv2d_fwd_tiled, T, A, 128, 32, 16, 4, 4, true)          \
-    INSTANTIATE("conv2d_bwd_data_t128x64_" NAME, conv2d_bwd_data_tiled, T, A, 128, 64, 8, 8, 4, true)    \
-    INSTANTIATE("conv2d_bwd_data_t128x128_" NAME, conv2d_bwd_data_tiled, T, A, 128, 128, 8, 8, 8, true)  \
-    INSTANTIATE("conv2d_bwd_data_t64x64_" NAME, conv2d_bwd_data_tiled, T, A, 64, 64, 8, 4, 4, true)      \
-    INSTANTIATE("conv2d_bwd_data_t128x32_" NAME, conv2d_bwd_data_tiled, T, A, 128, 32, 8, 4, 4, true)    \
-    INSTANTIATE("conv2d_bwd_data_t128x64k16_" NAME, conv2d_bwd_data_tiled, T, A, 128, 64, 16, 8, 4, true) \
-    INSTANTIATE("conv2d_bwd_data_t128x32k16_" NAME, conv2d_bwd_data_tiled, T, A, 128, 32, 16, 4, 4, true) \
-    INSTANTIATE("conv2d_bwd_weight_t64x64_" NAME, conv2d_bwd_weight_tiled, T, A, 64, 64, 16, 4, 4) \
-    INSTANTIATE("conv2d_bwd_weight_t64x128_" NAME, conv2d_bwd_weight_tiled, T, A, 64, 128, 16, 4, 8) \
-    INSTANTIATE("conv2d_bwd_weight_t128x128_" NAME, conv2d_bwd_weight_tiled, T, A, 128, 128, 8, 8, 8)
+    INSTANTIATE("conv2d_fwd_t128x64_" NAME, conv2d_fwd_tiled, T, A, 128, 64, 8, 8, 4, true, false)              \
+    INSTANTIATE("conv2d_fwd_t128x128_" NAME, conv2d_fwd_tiled, T, A, 128, 128, 8, 8, 8, true, false)            \
+    INSTANTIATE("conv2d_fwd_t64x64_" NAME, conv2d_fwd_tiled, T, A, 64, 64, 8, 4, 4, true, false)                \
+    INSTANTIATE("conv2d_fwd_t128x32_" NAME, conv2d_fwd_tiled, T, A, 128, 32, 8, 4, 4, true, false)              \
+    INSTANTIATE("conv2d_fwd_t128x64k16_" NAME, conv2d_fwd_tiled, T, A, 128, 64, 16, 8, 4, true, false)          \
+    INSTANTIATE("conv2d_fwd_t128x32k16_" NAME, conv2d_fwd_tiled, T, A, 128, 32, 16, 4, 4, true, false)          \
+    INSTANTIATE("conv2d_bwd_data_t128x64_" NAME, conv2d_bwd_data_tiled, T, A, 128, 64, 8, 8, 4, true, false)    \
+    INSTANTIATE("conv2d_bwd_data_t128x128_" NAME, conv2d_bwd_data_tiled, T, A, 128, 128, 8, 8, 8, true, false)  \
+    INSTANTIATE("conv2d_bwd_data_t64x64_" NAME, conv2d_bwd_data_tiled, T, A, 64, 64, 8, 4, 4, true, false)      \
+    INSTANTIATE("conv2d_bwd_data_t128x32_" NAME, conv2d_bwd_data_tiled, T, A, 128, 32, 8, 4, 4, true, false)    \
+    INSTANTIATE("conv2d_bwd_data_t128x64k16_" NAME, conv2d_bwd_data_tiled, T, A, 128, 64, 16, 8, 4, true, false) \
+    INSTANTIATE("conv2d_bwd_data_t128x32k16_" NAME, conv2d_bwd_data_tiled, T, A, 128, 32, 16, 4, 4, true, false) \
+    INSTANTIATE("conv2d_bwd_weight_t64x64_" NAME, conv2d_bwd_weight_tiled, T, A, 64, 64, 16, 4, 4, false) \
+    INSTANTIATE("conv2d_bwd_weight_t64x128_" NAME, conv2d_bwd_weight_tiled, T, A, 64, 128, 16, 4, 8, false) \
+    INSTANTIATE("conv2d_bwd_weight_t128x128_" NAME, conv2d_bwd_weight_tiled, T, A, 128, 128, 8, 8, 8, false)
+
+// simdgroup-matrix tiles (fp16 storage only; TILES' "m*" entries), BK = 32
+#define CONV_INST_MMA(NAME, T, A)                                                                  \
+    INSTANTIATE("conv2d_fwd_m128x64_" NAME, conv2d_fwd_tiled, T, A, 128, 64, 32, 8, 4, true, true)      \
+    INSTANTIATE("conv2d_fwd_m64x64_" NAME, conv2d_fwd_tiled, T, A, 64, 64, 32, 4, 4, true, true)        \
+    INSTANTIATE("conv2d_fwd_m128x32_" NAME, conv2d_fwd_tiled, T, A, 128, 32, 32, 4, 4, true, true)      \
+    INSTANTIATE("conv2d_bwd_data_m128x64_" NAME, conv2d_bwd_data_tiled, T, A, 128, 64, 32, 8, 4, true, true) \
+    INSTANTIATE("conv2d_bwd_data_m64x64_" NAME, conv2d_bwd_data_tiled, T, A, 64, 64, 32, 4, 4, true, true)   \
+    INSTANTIATE("conv2d_bwd_data_m128x32_" NAME, conv2d_bwd_data_tiled, T, A, 128, 32, 32, 4, 4, true, true) \
+    INSTANTIATE("conv2d_bwd_weight_m64x64_" NAME, conv2d_bwd_weight_tiled, T, A, 64, 64, 32, 4, 4, true)     \
+    INSTANTIATE("conv2d_bwd_weight_m64x128_" NAME, conv2d_bwd_weight_tiled, T, A, 64, 128, 32, 4, 8, true)
 
 #define CONV_INST_STORAGE(NAME, T)                                                                 \
     INSTANTIATE("conv2d_bwd_reduce_" NAME, conv2d_bwd_reduce, T)                                   \
@@ -681,6 +814,8 @@ kernel void conv2d_bwd_weight_tiled(device const T* dy [[buffer(0)]],
 CONV_INST_PREC("float", float, float)
 CONV_INST_PREC("half", half, float)
 CONV_INST_PREC("hacc_half", half, half)
+CONV_INST_MMA("half", half, float)
+CONV_INST_MMA("hacc_half", half, half)
 CONV_INST_STORAGE("float", float)
 CONV_INST_STORAGE("half", half)
 #endif

@@ -52,6 +52,8 @@ def rand(rng: np.random.Generator, shape, dtype) -> np.ndarray:
 
 FWD_TILES = list(ops.TILES["fwd"])
 WEIGHT_TILES = list(ops.TILES["weight"])
+MMA_FWD_TILES = list(ops.MMA_TILES["fwd"])
+MMA_WEIGHT_TILES = list(ops.MMA_TILES["weight"])
 
 
 def force(algo: str, i: int) -> dict:
@@ -59,6 +61,10 @@ def force(algo: str, i: int) -> dict:
     tile shapes cycling over the cases so that each instantiation meets several shapes."""
     if algo == "direct":
         return {"fwd": "direct", "data": "direct", "weight": WEIGHT_TILES[i % len(WEIGHT_TILES)]}
+    if algo == "mma":  # the simdgroup-matrix tiles (fp16), on every device
+        return {"fwd": MMA_FWD_TILES[i % len(MMA_FWD_TILES)],
+                "data": MMA_FWD_TILES[(i + 1) % len(MMA_FWD_TILES)],
+                "weight": MMA_WEIGHT_TILES[(i + 1) % len(MMA_WEIGHT_TILES)]}
     return {"fwd": FWD_TILES[i % len(FWD_TILES)], "data": FWD_TILES[(i + 1) % len(FWD_TILES)],
             "weight": WEIGHT_TILES[(i + 1) % len(WEIGHT_TILES)]}
 
@@ -139,7 +145,12 @@ def run_conv2d_case(case, prec: str, seed: int = 0) -> None:
     assert_close("grad_b", gb, rb, sb, tol("half" if prec != "float" else "float", red))
 
 
-@pytest.mark.parametrize("prec", list(PRECISIONS))
+# (algorithm, precision) pairs: the simdgroup-matrix kernels exist for fp16 storage only
+ALGO_PRECS = [pytest.param(a, p, id=f"{a}-{p}") for a in ("direct", "tiled", "mma") for p in PRECISIONS
+              if not (a == "mma" and p == "float")]
+
+
+@pytest.mark.parametrize("algo,prec", ALGO_PRECS)
 @pytest.mark.parametrize("case", list(CONV_CASES))
 def test_conv2d(dev, monkeypatch, algo, case, prec):
     monkeypatch.setattr(ops, "FORCE", force(algo, list(CONV_CASES).index(case)))
@@ -186,7 +197,7 @@ def run_transpose_case(case, prec: str, seed: int = 1) -> None:
     assert_close("grad_b", gb, rb, sb, tol("half" if prec != "float" else "float", want[0, 0].size * n))
 
 
-@pytest.mark.parametrize("prec", list(PRECISIONS))
+@pytest.mark.parametrize("algo,prec", ALGO_PRECS)
 @pytest.mark.parametrize("case", list(TRANSPOSE_CASES))
 def test_conv_transpose2d(dev, monkeypatch, algo, case, prec):
     monkeypatch.setattr(ops, "FORCE", force(algo, list(TRANSPOSE_CASES).index(case)))

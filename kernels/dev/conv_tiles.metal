@@ -11,15 +11,15 @@
 
 #define CONV_DEV_PREC(NAME, T, A)                                                                    \
     CONV_INST_PREC(NAME, T, A)                                                                       \
-    INSTANTIATE("conv2d_fwd_t128x128k16_" NAME, conv2d_fwd_tiled, T, A, 128, 128, 16, 8, 8, true)          \
-    INSTANTIATE("conv2d_bwd_data_t128x128k16_" NAME, conv2d_bwd_data_tiled, T, A, 128, 128, 16, 8, 8, true) \
-    INSTANTIATE("conv2d_fwd_t128x64u_" NAME, conv2d_fwd_tiled, T, A, 128, 64, 8, 8, 4, false)        \
-    INSTANTIATE("conv2d_bwd_data_t128x64u_" NAME, conv2d_bwd_data_tiled, T, A, 128, 64, 8, 8, 4, false) \
-    INSTANTIATE("conv2d_bwd_weight_t64x64k8_" NAME, conv2d_bwd_weight_tiled, T, A, 64, 64, 8, 4, 4)  \
-    INSTANTIATE("conv2d_bwd_weight_t128x128k16_" NAME, conv2d_bwd_weight_tiled, T, A, 128, 128, 16, 8, 8) \
-    INSTANTIATE("conv2d_bwd_weight_t128x64k16_" NAME, conv2d_bwd_weight_tiled, T, A, 128, 64, 16, 8, 4) \
-    INSTANTIATE("conv2d_bwd_weight_t128x32k16_" NAME, conv2d_bwd_weight_tiled, T, A, 128, 32, 16, 4, 4) \
-    INSTANTIATE("conv2d_bwd_weight_t64x64k32_" NAME, conv2d_bwd_weight_tiled, T, A, 64, 64, 32, 4, 4)
+    INSTANTIATE("conv2d_fwd_t128x128k16_" NAME, conv2d_fwd_tiled, T, A, 128, 128, 16, 8, 8, true, false)          \
+    INSTANTIATE("conv2d_bwd_data_t128x128k16_" NAME, conv2d_bwd_data_tiled, T, A, 128, 128, 16, 8, 8, true, false) \
+    INSTANTIATE("conv2d_fwd_t128x64u_" NAME, conv2d_fwd_tiled, T, A, 128, 64, 8, 8, 4, false, false)        \
+    INSTANTIATE("conv2d_bwd_data_t128x64u_" NAME, conv2d_bwd_data_tiled, T, A, 128, 64, 8, 8, 4, false, false) \
+    INSTANTIATE("conv2d_bwd_weight_t64x64k8_" NAME, conv2d_bwd_weight_tiled, T, A, 64, 64, 8, 4, 4, false)  \
+    INSTANTIATE("conv2d_bwd_weight_t128x128k16_" NAME, conv2d_bwd_weight_tiled, T, A, 128, 128, 16, 8, 8, false) \
+    INSTANTIATE("conv2d_bwd_weight_t128x64k16_" NAME, conv2d_bwd_weight_tiled, T, A, 128, 64, 16, 8, 4, false) \
+    INSTANTIATE("conv2d_bwd_weight_t128x32k16_" NAME, conv2d_bwd_weight_tiled, T, A, 128, 32, 16, 4, 4, false) \
+    INSTANTIATE("conv2d_bwd_weight_t64x64k32_" NAME, conv2d_bwd_weight_tiled, T, A, 64, 64, 32, 4, 4, false)
 
 CONV_DEV_PREC("float", float, float)
 CONV_DEV_PREC("half", half, float)

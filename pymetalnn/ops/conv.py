@@ -37,6 +37,7 @@ from ._common import (
     cdiv,
     dummy,
     kernel,
+    matrix_hw,
     out_like,
     pick_device,
     positive_ints,
@@ -72,6 +73,16 @@ TILES: dict[str, dict[str, tuple[int, int, int, int, int, float]]] = {
              "t128x64k16": (128, 64, 16, 8, 4, 0.96), "t128x32k16": (128, 32, 16, 4, 4, 0.74)},
     "weight": {"t64x64": (64, 64, 16, 4, 4, 1.0), "t64x128": (64, 128, 16, 4, 8, 0.93),
                "t128x128": (128, 128, 8, 8, 8, 0.69)},
+}
+# Simdgroup-matrix tiles (conv.metal's MMA variant, fp16 storage, BK = 32), picked instead of
+# TILES for half / hacc_half where the device has matrix hardware (matrix_hw). Throughputs are
+# relative to TILES' rows (matrix hardware several times the SIMD-FMA rate).
+MMA_TILES: dict[str, dict[str, tuple[int, int, int, int, int, float]]] = {
+    "fwd": {"m128x64": (128, 64, 32, 8, 4, 3.2), "m64x64": (64, 64, 32, 4, 4, 2.4),
+            "m128x32": (128, 32, 32, 4, 4, 2.4)},
+    "data": {"m128x64": (128, 64, 32, 8, 4, 3.2), "m64x64": (64, 64, 32, 4, 4, 2.4),
+             "m128x32": (128, 32, 32, 4, 4, 2.4)},
+    "weight": {"m64x64": (64, 64, 32, 4, 4, 3.0), "m64x128": (64, 128, 32, 4, 8, 3.2)},
 }
 DIRECT_BELOW = 16        # GEMM column widths below this use the direct kernels
 TARGET_GROUPS = 512      # threadgroups a split reduction aims for off cuda
@@ -296,14 +307,22 @@ def _sms(dev: Device) -> int:
 _SMS: dict[Device, int] = {}
 
 
-def _pick_tile(kind: str, dev: Device, rows: int, cols: int, batches: int) -> str:
-    """The tile of TILES[kind] with the least modeled time: threadgroups are dealt round-robin to
-    the SMs, so time ~ ceil(tiles / SMs) * padded tile area / the tile's throughput. Weight
-    gradients split their reduction to fill the device, so only their padding counts."""
+def tile_shape(kind: str, tile: str) -> tuple[int, int, int, int, int, float]:
+    """(BM, BN, BK, TM, TN, throughput) of a tile name of TILES[kind] or MMA_TILES[kind]."""
+    return TILES[kind][tile] if tile in TILES[kind] else MMA_TILES[kind][tile]
+
+
+def _pick_tile(kind: str, dev: Device, rows: int, cols: int, batches: int, prec: str = "float"
+               ) -> str:
+    """The tile of TILES[kind] (MMA_TILES[kind] for fp16 on matrix hardware) with the least
+    modeled time: threadgroups are dealt round-robin to the SMs, so time ~ ceil(tiles / SMs) *
+    padded tile area / the tile's throughput. Weight gradients split their reduction to fill the
+    device, so only their padding counts."""
     forced = FORCE.get(kind)
     if forced is not None and not forced.startswith("wino"):
         return forced
-    table, sms = TILES[kind], _sms(dev)
+    table = MMA_TILES[kind] if prec != "float" and matrix_hw(dev) else TILES[kind]
+    sms = _sms(dev)
     key = (kind, sms, rows, cols, batches)
     hit = _TILE_MEMO.get(key)
     if hit is not None and hit[0] is table:
@@ -348,8 +367,8 @@ def forward_plan(dev: Device, prec: str, geo: ConvGeometry, x: Tensor, w: Tensor
     m = _winograd("fwd", dev, geo, prec)
     if m:
         return _wino_conv(dev, m, geo, False, x, w, b, y, act, out_nstride)
-    tile = _pick_tile("fwd", dev, geo.N * geo.OH * geo.OW, geo.Kg, geo.G)
-    bm, bn = TILES["fwd"][tile][:2]
+    tile = _pick_tile("fwd", dev, geo.N * geo.OH * geo.OW, geo.Kg, geo.G, prec)
+    bm, bn = tile_shape("fwd", tile)[:2]
     tiles = geo.G * cdiv(geo.N * geo.OH * geo.OW, bm) * cdiv(geo.Kg, bn)
     pack, args = _packed_weights(dev, geo, w, args, 1, source, tile)
     return pack + [(kernel(dev, source, f"conv2d_fwd_{tile}_{prec}"), _groups(tiles), args)]
@@ -380,8 +399,8 @@ def input_grad_plan(dev: Device, prec: str, geo: ConvGeometry, dy: Tensor, w: Te
     if m:
         return _wino_conv(dev, m, geo, True, dy, w, b, dx, (0, 0.0), 0)
     rows = geo.N * cdiv(geo.H, geo.SH) * cdiv(geo.W, geo.SW)
-    tile = _pick_tile("data", dev, rows, geo.Cg, geo.G * geo.SH * geo.SW)
-    bm, bn = TILES["data"][tile][:2]
+    tile = _pick_tile("data", dev, rows, geo.Cg, geo.G * geo.SH * geo.SW, prec)
+    bm, bn = tile_shape("data", tile)[:2]
     tiles = geo.G * geo.SH * geo.SW * cdiv(rows, bm) * cdiv(geo.Cg, bn)
     pack, args = _packed_weights(dev, geo, w, args, 0, source, tile)
     return pack + [(kernel(dev, source, f"conv2d_bwd_data_{tile}_{prec}"), _groups(tiles), args)]
@@ -421,8 +440,8 @@ def weight_grad_plan(dev: Device, prec: str, geo: ConvGeometry, dy: Tensor, x: T
     if m:
         return _wino_weight_grad(dev, m, geo, dy, x, dw)
     crs = geo.Cg * geo.KH * geo.KW
-    tile = _pick_tile("weight", dev, geo.Kg, crs, geo.G)
-    bm, bn, bk = TILES["weight"][tile][:3]
+    tile = _pick_tile("weight", dev, geo.Kg, crs, geo.G, prec)
+    bm, bn, bk = tile_shape("weight", tile)[:3]
     base = geo.G * cdiv(geo.Kg, bm) * cdiv(crs, bn)
     splits, chunk = _splits(geo.N * geo.OH * geo.OW, base, bk, _target_groups(dev),
                             HACC_CHUNK if prec == "hacc_half" else None, dw.size)

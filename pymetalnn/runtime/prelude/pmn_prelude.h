@@ -1402,7 +1402,7 @@ PMN_SIMD_SHUFFLE(simd_shuffle_down, SH_DOWN)
 //    cores with no data movement but one movmatrix of B. Float x float stays exact fp32: SIMT
 //    FMAs in k order over operands gathered with shuffles, unless PMN_MATRIX_TF32 is defined
 //    (the tf32 opt-in: float operands rounded to tf32 and multiplied on tensor cores).
-//  * cpu: every lane holds the whole matrix (row-major) and computes every operation itself, so
+//  * cpu: every lane holds the whole matrix (row-major, as float) and computes every operation itself, so
 //    matrix operations need no lane exchange and no fiber switch; loads read the same memory in
 //    every lane and stores write the same values.
 // Arithmetic: products are formed exactly (half x half fits in float), summed in float in k order
@@ -1417,7 +1417,7 @@ template <class T, int Cols, int Rows> struct simdgroup_matrix {
 #ifdef PMN_CUDA
   alignas(2 * sizeof(T)) T e[2];  // a half pair is one 32-bit register: the mma operand as is
 #else
-  T e[64];
+  float e[64];  // T's values held as float (exact): the products need no conversions
 #endif
   simdgroup_matrix() = default;
   // MSL: a diagonal matrix with `dval` on the diagonal, zeros elsewhere.
@@ -1465,7 +1465,8 @@ PMN_FN simdgroup_matrix<T, C, R>::simdgroup_matrix(T dval) {
   e[0] = r == c ? dval : T(0);
   e[1] = r == c + 1 ? dval : T(0);
 #else
-  for (int i = 0; i < 64; ++i) e[i] = (i / 8 == i % 8) ? dval : T(0);
+  const float v = float(dval);
+  for (int i = 0; i < 64; ++i) e[i] = (i / 8 == i % 8) ? v : 0.f;
 #endif
 }
 
@@ -1476,7 +1477,8 @@ PMN_FN simdgroup_matrix<T, C, R> make_filled_simdgroup_matrix(const typename det
   m.e[0] = value;
   m.e[1] = value;
 #else
-  for (int i = 0; i < 64; ++i) m.e[i] = value;
+  const float v = float(T(value));
+  for (int i = 0; i < 64; ++i) m.e[i] = v;
 #endif
   return m;
 }
@@ -1508,7 +1510,7 @@ PMN_FN void simdgroup_load(simdgroup_matrix<T, C, R>& d, const typename detail::
 #else
   for (int r = 0; r < 8; ++r)
     for (int c = 0; c < 8; ++c)
-      d.e[r * 8 + c] = transpose_matrix ? base[c * elements_per_row + r] : base[r * elements_per_row + c];
+      d.e[r * 8 + c] = float(transpose_matrix ? base[c * elements_per_row + r] : base[r * elements_per_row + c]);
 #endif
 }
 
@@ -1536,7 +1538,7 @@ PMN_FN void simdgroup_store(const simdgroup_matrix<T, C, R>& a, typename detail:
 #else
   for (int r = 0; r < 8; ++r)
     for (int c = 0; c < 8; ++c) {
-      T v = a.e[r * 8 + c];
+      T v = T(a.e[r * 8 + c]);
       if (transpose_matrix) base[c * elements_per_row + r] = v; else base[r * elements_per_row + c] = v;
     }
 #endif
@@ -1616,14 +1618,21 @@ PMN_FN void simdgroup_multiply_accumulate(simdgroup_matrix<TD, 8, 8>& d, const s
     d.e[1] = TD(acc1);
   }
 #else
-  TD out[64];
-  for (int r = 0; r < 8; ++r)
-    for (int col = 0; col < 8; ++col) {
-      float acc = (float)c.e[r * 8 + col];
-      for (int k = 0; k < 8; ++k) acc = std::fma((float)a.e[r * 8 + k], (float)b.e[k * 8 + col], acc);
-      out[r * 8 + col] = TD(acc);
+  float out[64];
+  for (int r = 0; r < 8; ++r) {
+    float acc[8];
+    for (int col = 0; col < 8; ++col) acc[col] = c.e[r * 8 + col];
+    for (int k = 0; k < 8; ++k) {
+      const float x = a.e[r * 8 + k];
+      for (int col = 0; col < 8; ++col) acc[col] = std::fma(x, b.e[k * 8 + col], acc[col]);
     }
-  for (int i = 0; i < 64; ++i) d.e[i] = out[i];
+    for (int col = 0; col < 8; ++col) out[r * 8 + col] = acc[col];
+  }
+  if (detail::same_<TD, float>::value) {
+    for (int i = 0; i < 64; ++i) d.e[i] = out[i];
+  } else {
+    for (int i = 0; i < 64; ++i) d.e[i] = float(TD(out[i]));  // one rounding to TD
+  }
 #endif
 }
 
