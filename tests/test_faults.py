@@ -307,6 +307,22 @@ def test_integral_argument_accepts_integers(dev, tmp_path, n):
     np.testing.assert_array_equal(x.numpy(np.float32), [2.5] * 3 + [0] * 5)
 
 
+def test_op_integer_parameters_that_would_wrap_are_refused(dev):
+    x = pymetalnn.tensor(np.zeros((1, 1, 4, 4), np.float32), dev)
+    logits = pymetalnn.tensor(np.zeros((2, 3), np.float32), dev)
+    labels = pymetalnn.tensor(np.array([0, 1], np.int32), dev)
+    cases = {
+        "ignore_index": (lambda: F.cross_entropy(logits, labels, ignore_index=2**32), "ignore_index"),
+        "kernel_size": (lambda: F.max_pool2d(x, 2**32 + 2), "kernel_size"),
+        "stride": (lambda: F.avg_pool2d(x, 2, stride=(1, 2**32 + 1)), "stride"),
+        "padding": (lambda: F.conv2d(x, x, padding=2**32), "padding|32-bit"),
+    }
+    for label, (call, match) in cases.items():
+        with pytest.raises(ValueError, match=match):
+            call()
+            pytest.fail(f"accepted: {label}")
+
+
 # ---- bad input: sizes past the kernels' 32-bit index width -------------------------------------
 
 BIG = 2**31  # bytes: no allocation in these tests may come near this

@@ -115,14 +115,15 @@ def tensor_arg(x: Any, dev: Device, name: str, dtypes: Iterable[Any] | None = No
 
 
 def positive_ints(v: Any, n: int, name: str, allow_zero: bool = False) -> tuple[int, ...]:
-    """An int or a sequence of n ints, each > 0 (>= 0 with allow_zero)."""
+    """An int or a sequence of n ints, each > 0 (>= 0 with allow_zero) and below 2^31 (sizes,
+    strides and paddings travel in the kernels' 32-bit params fields, which would wrap)."""
     lo = 0 if allow_zero else 1
     if v.__class__ is int:  # fast paths: a valid int, or a valid tuple of n ints (returned as is)
-        if v >= lo:
+        if lo <= v < 2**31:
             return (v,) * n
     elif v.__class__ is tuple and len(v) == n:
         for a in v:
-            if a.__class__ is not int or a < lo:
+            if a.__class__ is not int or a < lo or a >= 2**31:
                 break
         else:
             return v
@@ -134,6 +135,8 @@ def positive_ints(v: Any, n: int, name: str, allow_zero: bool = False) -> tuple[
         raise ValueError(f"{name}: expected an int or {n} ints, got {v!r}")
     if any(a < lo for a in vals):
         raise ValueError(f"{name}: values must be >= {lo}, got {v!r}")
+    if any(a >= 2**31 for a in vals):
+        raise ValueError(f"{name}: values must be below 2^31 (32-bit kernel parameters), got {v!r}")
     return tuple(int(a) for a in vals)
 
 

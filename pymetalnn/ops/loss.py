@@ -143,6 +143,8 @@ def _float_target(target: Any, x: Tensor, dev: Device) -> Tensor:
 def _check_ignore_index(ignore_index: Any) -> int:
     if isinstance(ignore_index, bool) or not isinstance(ignore_index, (int, np.integer)):
         raise ValueError(f"ignore_index: expected an int, got {ignore_index!r}")
+    if not -(2**31) <= int(ignore_index) < 2**31:  # an int field of the kernels' params
+        raise ValueError(f"ignore_index: {ignore_index} does not fit a 32-bit int")
     return int(ignore_index)
 
 
