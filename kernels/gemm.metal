@@ -517,6 +517,8 @@ GEMM_KERNEL(gemm_fwd_128x128k16_hacc_half, gemm_tiled, half, half, half, 128, 12
     GEMM_KERNEL(gemm_fwd_##TILE##_splitk_half, gemm_mma, half, float, float, BM, BN, BK)
 GEMM_MMA_INST(mma128x128, 128, 128, 32)
 GEMM_MMA_INST(mma64x64, 64, 64, 16)
+GEMM_MMA_INST(mma64x64k32, 64, 64, 32)
+GEMM_MMA_INST(mma128x64, 128, 64, 32)
 
 #define GEMM_INST_PREC(VARIANT, T, ACC)                                \
     GEMM_KERNEL(gemm_fwd_splitk_sum_##VARIANT, gemm_splitk_sum, T, ACC)\

@@ -87,7 +87,9 @@ TILES = {t.name: t for t in (Tile("128x128", 128, 128, 8, 1.0), Tile("64x64", 64
                              Tile("128x128k16", 128, 128, 16, 1.11, variants=("float", "hacc_half"),
                                   fixed_k=38),
                              Tile("mma128x128", 128, 128, 32, 4.0, variants=_HALF, matrix=True),
-                             Tile("mma64x64", 64, 64, 16, 2.4, variants=_HALF, matrix=True))}
+                             Tile("mma64x64", 64, 64, 16, 2.4, variants=_HALF, matrix=True),
+                             Tile("mma64x64k32", 64, 64, 32, 2.6, variants=_HALF, matrix=True),
+                             Tile("mma128x64", 128, 64, 32, 3.2, variants=_HALF, matrix=True))}
 MAX_SPLITS = 16
 MIN_SPLIT_SLICES = 16  # a split-K part covers at least this many BK slices
 

@@ -51,6 +51,9 @@ atomic_fetch_or_explicit atomic_fetch_xor_explicit""".split())
 MATRIX_FUNCS = set("""make_filled_simdgroup_matrix simdgroup_load simdgroup_store simdgroup_multiply
 simdgroup_multiply_accumulate""".split())
 TEMPLATE_FUNCS = {"as_type", "make_filled_simdgroup_matrix"}  # called as f<...>(...)
+# library defines that configure the prelude: PMN_MATRIX_TF32 lets float simdgroup matrices use
+# TF32 tensor cores on cuda (an explicit opt-in; see docs/dialect.md)
+PRELUDE_DEFINES = {"PMN_MATRIX_TF32"}
 KNOWN_FUNCS = MATH_FUNCS | SIMD_FUNCS | ATOMIC_FUNCS | MATRIX_FUNCS | {"threadgroup_barrier"}
 MEMORY_ORDERS = {"memory_order_relaxed", "memory_order_acquire", "memory_order_release",
                  "memory_order_acq_rel", "memory_order_seq_cst"}
@@ -902,6 +905,9 @@ def translate_file(path: str, target: str, defines: dict | None = None,
     if not kernels:
         raise MSLError(path, 1, "no kernel functions found")
     parts = [PREAMBLE[target]]
+    # switches read by the prelude itself (not by the .metal source) go before it
+    for name in sorted(PRELUDE_DEFINES & set(defines or {})):
+        parts.append(f"#define {name} {(defines or {})[name]}\n")
     parts.append(prelude if prelude is not None else '#include "pmn_prelude.h"\n')
     if tr.validate:
         parts.append('#include "pmn_validate.h"\n')

@@ -79,3 +79,27 @@ def test_named_types_and_origin(dev, load):
     got = out.numpy(np.float32).reshape(8, 16)
     np.testing.assert_array_equal(got[:, :8], -7.0)  # left half untouched
     np.testing.assert_allclose(got[:, 8:], a.astype(np.float64) + 1.0, rtol=0, atol=1e-6)
+
+
+def test_tf32_opt_in(dev, load):
+    """PMN_MATRIX_TF32: float matrices on TF32 tensor cores on cuda (operands keep 10 mantissa
+    bits: errors of order 2^-11 of the magnitudes), exact fp32 elsewhere (the define only
+    configures the cuda prelude)."""
+    groups, ksteps = 4, 4
+    kk = 8 * ksteps
+    r = rng(21)
+    a = r.standard_normal((groups, 8, kk)).astype(np.float32)
+    b = r.standard_normal((groups, kk, 8)).astype(np.float32)
+    c = r.standard_normal((groups, 8, 8)).astype(np.float32)
+    d = dev.buffer(groups * 64 * 4)
+    load("simdgroup_matrix", PMN_MATRIX_TF32=1).kernel("mac_fff")(
+        groups * 32, dev.buffer(a), dev.buffer(b), dev.buffer(c), d, SgmParams(ksteps, kk, 0, 0))
+    got = d.numpy(np.float32).reshape(groups, 8, 8).astype(np.float64)
+    ref = np.einsum("gik,gkj->gij", a.astype(np.float64), b.astype(np.float64)) + c
+    mag = np.einsum("gik,gkj->gij", np.abs(a).astype(np.float64), np.abs(b)) + np.abs(c)
+    err = np.abs(got - ref)
+    if dev.name == "cuda":
+        assert np.all(err <= 2 * 2.0 ** -10 * mag), err.max()
+        assert (err > (kk + 2) * 2.0 ** -24 * mag).any(), "tf32 path not taken"
+    else:
+        assert np.all(err <= (kk + 2) * 2.0 ** -24 * mag), err.max()
