@@ -12,6 +12,12 @@ GFLOP/s = 2 * N*K*OH*OW * C/G*KH*KW / time for every op.
 Targets (reported, not asserted): ratio vs cuDNN forward >= 0.8, input/weight gradients >= 0.7,
 conv_transpose2d >= 0.7; fp16-accumulation (hacc) >= 1.8x our fp32.
 
+Accuracy: `err` = max|ours - ref| / max|ref| against a float64 reference of the same inputs
+(torch in float64 on the same device, numpy without torch), `peer_err` the same for PyTorch's
+result; float32 rows are marked against the fp32 accuracy budget (docs/accuracy.md: within 10x of
+the direct/tiled kernels' error on the same inputs, which Winograd rows also measure, and 1e-4).
+--winograd budget|fast|off picks conv.set_winograd's mode (default: budget).
+
     PYTHONPATH=. python benchmarks/bench_conv.py [--backend cpu|cuda] [--quick] [--precision float ...]
 
 --quick shrinks the shapes (batch 2, channels / 8) so the script also runs on cpu, where the
@@ -29,6 +35,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common  # noqa: E402
 
 import pymetalnn  # noqa: E402
+from pymetalnn import accuracy  # noqa: E402
 from pymetalnn.ops import conv as ops  # noqa: E402
 
 # name, N, C, K, H, W, (KH, KW), stride, padding (ph, pw)
@@ -106,6 +113,58 @@ class Problem:
         return self.out[op].numpy()
 
 
+def reference64(dev: Any, p: Problem) -> dict[str, np.ndarray]:
+    """The float64 results of p's inputs (as stored, so fp16 rows measure only the arithmetic):
+    torch in float64 on the same device (numpy per kernel tap without torch)."""
+    a = {k: v.astype(np.float64) for k, v in p.np.items()}
+    st, pad = p.stride, p.padding
+    tt = common.float64_torch(dev)
+    if tt is not None:
+        torch, tdev = tt
+        x, w, b, gy = (torch.tensor(a[k], device=tdev) for k in ("x", "w", "b", "gy"))
+        x.requires_grad_(True)
+        w.requires_grad_(True)
+        y = torch.nn.functional.conv2d(x, w, b, st, pad)
+        y.backward(gy)
+        out = {"fwd": y, "input_grad": x.grad, "weight_grad": w.grad}
+        out = {k: v.detach().cpu().numpy() for k, v in out.items()}
+    else:
+        out = _numpy_reference(a, st, pad, p.geo)
+    out["conv_transpose2d"] = out["input_grad"]  # the transpose of this conv is its input grad
+    return out
+
+
+def _numpy_reference(a: dict, st: tuple, pad: tuple, g: Any) -> dict[str, np.ndarray]:
+    x, w, gy = a["x"], a["w"], a["gy"]
+    xp = np.pad(x, ((0, 0), (0, 0), (pad[0], pad[0]), (pad[1], pad[1])))
+    y = np.zeros((g.N, g.K, g.OH, g.OW)) + a["b"][None, :, None, None]
+    dxp, dw = np.zeros_like(xp), np.zeros_like(w)
+    for r in range(g.KH):
+        for q in range(g.KW):
+            win = (slice(None), slice(None), slice(r, r + st[0] * (g.OH - 1) + 1, st[0]),
+                   slice(q, q + st[1] * (g.OW - 1) + 1, st[1]))
+            y += np.einsum("nchw,kc->nkhw", xp[win], w[:, :, r, q], optimize=True)
+            dxp[win] += np.einsum("nkhw,kc->nchw", gy, w[:, :, r, q], optimize=True)
+            dw[:, :, r, q] = np.einsum("nkhw,nchw->kc", gy, xp[win], optimize=True)
+    dx = dxp[:, :, pad[0]: pad[0] + g.H, pad[1]: pad[1] + g.W]
+    return {"fwd": y, "input_grad": dx, "weight_grad": dw}
+
+
+def direct_errors(dev: Any, s: tuple, prec: str, ref: dict[str, np.ndarray]) -> dict[str, float]:
+    """Errors of the direct/tiled kernels (Winograd off) on the same inputs: the budget's base."""
+    saved = ops.WINOGRAD
+    ops.set_winograd("off")
+    try:
+        p = Problem(dev, s, prec)
+    finally:
+        ops.WINOGRAD = saved
+    errs = {}
+    for op in OPS:
+        p.run(op)
+        errs[op] = accuracy.rel_err(p.result(op), ref[op])
+    return errs
+
+
 def torch_ops(dev: Any, p: Problem) -> dict[str, Callable[[], Any]] | None:
     """The same ops in PyTorch on the same device (None when torch is missing)."""
     try:
@@ -165,6 +224,9 @@ def bench_shape(dev: Any, s: tuple, precs: list[str], quick: bool) -> list[dict]
     for prec in precs:
         p = Problem(dev, s, prec)
         peer = torch_ops(dev, p)
+        ref = reference64(dev, p)
+        direct = (direct_errors(dev, s, prec, ref) if prec == "float" and any(
+            "wino" in p.kernels(op) for op in OPS) else {})
         for op in OPS:
             sec, spread = timeit(dev, lambda op=op, p=p: p.run(op), quick)
             row = {"shape": s[0], "op": op, "prec": prec, "kernels": p.kernels(op), "ms": sec * 1e3,
@@ -177,31 +239,39 @@ def bench_shape(dev: Any, s: tuple, precs: list[str], quick: bool) -> list[dict]
                 tsec, _ = timeit(dev, peer[op], quick, peer["_sync"])
                 row["torch_ms"] = tsec * 1e3
                 row["ratio"] = tsec / sec
-                ref = peer[op]()
-                ref = ref[0] if op == "input_grad" else ref[1] if op == "weight_grad" else ref
-                want = ref.float().cpu().numpy()
-                got = p.result(op).astype(np.float32)
-                row["max_rel_err"] = float(np.abs(got - want).max() / max(np.abs(want).max(), 1e-30))
+                theirs = peer[op]()
+                theirs = theirs[0] if op == "input_grad" else theirs[1] if op == "weight_grad" \
+                    else theirs
+                row["peer_err"] = accuracy.rel_err(theirs.float().cpu().numpy(), ref[op])
+            row["err"] = accuracy.rel_err(p.result(op), ref[op])
+            if prec == "float":
+                row["budget"] = common.budget_mark(row["err"], direct.get(op, row["err"]))
             row["target"] = f"ratio>={TARGETS[op]}" + (" hacc>=1.8x" if prec == "hacc_half" else "")
             rows.append(row)
             print(f"  {s[0]:18s} {op:17s} {prec:9s} {row['GFLOP/s']:9.1f} GFLOP/s"
-                  + (f"  ratio {row['ratio']:.2f}" if "ratio" in row else ""), flush=True)
+                  + (f"  ratio {row['ratio']:.2f}" if "ratio" in row else "")
+                  + f"  err {row['err']:.2e}" + (f" {row['budget']}" if "budget" in row else ""),
+                  flush=True)
     return rows
 
 
 COLS = ["shape", "op", "prec", "kernels", "ms", "spread", "GFLOP/s", "torch_ms", "ratio",
-        "vs_our_fp32", "max_rel_err", "target"]
+        "vs_our_fp32", "err", "peer_err", "budget", "target"]
 
 
 def main() -> int:
     ap = common.parser(__doc__, quick_help="small shapes (runs on cpu too)")
     ap.add_argument("--precision", nargs="*", default=list(PRECISIONS), choices=list(PRECISIONS))
     ap.add_argument("--shape", nargs="*", default=None, help="names of shapes to run")
+    ap.add_argument("--winograd", choices=list(ops.WINOGRAD_MODES), default="budget",
+                    help="conv.set_winograd mode (default budget: only variants within the fp32 "
+                         "accuracy budget)")
     args = ap.parse_args()
+    ops.set_winograd(args.winograd)
     dev = pymetalnn.device(args.backend)
     shapes = [quick_shape(s) if args.quick else s for s in SHAPES
               if args.shape is None or s[0] in args.shape]
-    print(f"conv benchmarks on {common.device_label(dev)}")
+    print(f"conv benchmarks on {common.device_label(dev)} (Winograd: {args.winograd})")
     rows = []
     for s in shapes:
         rows.extend(bench_shape(dev, s, args.precision, args.quick))

@@ -1,4 +1,4 @@
-"""GEMM / fully-connected benchmarks (issue: convolution, convolution transpose and fully connected).
+"""GEMM / fully-connected benchmarks.
 
 linear 4096 -> 4096 at batch 256: forward y = x w^T + b, and backward (grad_x = g w,
 grad_w = g^T x, grad_b = sum_rows g), for fp32 (`float`), fp16 storage with float accumulation
@@ -7,6 +7,8 @@ TFLOP/s, and on cuda PyTorch on the same GPU in the same run (fp32 with TF32 off
 cuBLAS, which uses tensor cores -- shown for reference) with the ratio peer_time / our_time.
 Targets: fp32 forward >= 0.8x PyTorch fp32; hacc_half >= 1.8x our fp32 (x_ours_fp32).
 On cpu (--quick: batch 32, 512 -> 512) the peer is numpy float32.
+`err`: max|ours - ref| / max|ref| against float64 (backward: the largest of grad_x, grad_w,
+grad_b); float32 rows are marked against the fp32 accuracy budget (docs/accuracy.md: 1e-4).
 
     PYTHONPATH=. python benchmarks/bench_gemm.py [--backend cpu|cuda] [--quick]
 """
@@ -21,6 +23,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common  # noqa: E402
 
 import pymetalnn  # noqa: E402
+from pymetalnn import accuracy  # noqa: E402
 from pymetalnn import functional as F  # noqa: E402
 
 VARIANTS = {"float": (np.float32, None), "half": (np.float16, "float"),
@@ -28,9 +31,11 @@ VARIANTS = {"float": (np.float32, None), "half": (np.float16, "float"),
 BOUND = {"float": 1e-5, "half": 2e-3, "hacc_half": 5e-2}  # max|err| / max(sum|a||b|)
 
 
-def _check(got: np.ndarray, want: np.ndarray, scale: float, var: str, what: str) -> None:
+def _check(got: np.ndarray, want: np.ndarray, scale: float, var: str, what: str) -> float:
+    """Assert the error bound of the arithmetic; return the error relative to max|want|."""
     err = float(np.abs(got.astype(np.float64) - want).max()) / scale
     assert err <= BOUND[var], f"{what} ({var}): relative error {err:.3g} > {BOUND[var]}"
+    return accuracy.rel_err(got, want)
 
 
 def bench(dev: pymetalnn.Device, batch: int, fin: int, fout: int, quick: bool) -> list[dict]:
@@ -71,12 +76,13 @@ def bench_variant(dev: pymetalnn.Device, torch, var: str, data: tuple, label: st
     # validity first (the timed runs repeat the same launches)
     xd, wd, gd = (v.astype(np.float64) for v in (x, w, g))
     y = F.linear(tx, tw, tb, accumulate=acc).numpy()
-    _check(y, xd @ wd.T + b.astype(np.float64), float((np.abs(xd) @ np.abs(wd).T).max()), var,
-           "forward")
+    errs = {"forward": _check(y, xd @ wd.T + b.astype(np.float64),
+                              float((np.abs(xd) @ np.abs(wd).T).max()), var, "forward")}
     gx, gw, gb = F.linear_backward(tg, tx, tw, tb, accumulate=acc)
-    _check(gx.numpy(), gd @ wd, float((np.abs(gd) @ np.abs(wd)).max()), var, "grad_x")
-    _check(gw.numpy(), gd.T @ xd, float((np.abs(gd).T @ np.abs(xd)).max()), var, "grad_w")
-    _check(gb.numpy(), gd.sum(0), float(np.abs(gd).sum(0).max()), var, "grad_b")
+    errs["backward"] = max(
+        _check(gx.numpy(), gd @ wd, float((np.abs(gd) @ np.abs(wd)).max()), var, "grad_x"),
+        _check(gw.numpy(), gd.T @ xd, float((np.abs(gd).T @ np.abs(xd)).max()), var, "grad_w"),
+        _check(gb.numpy(), gd.sum(0), float(np.abs(gd).sum(0).max()), var, "grad_b"))
 
     rows = []
     for what, flop, fn in (
@@ -85,7 +91,10 @@ def bench_variant(dev: pymetalnn.Device, torch, var: str, data: tuple, label: st
     ):
         med, spread = timeit(fn)
         row = {"bench": f"{label} {what}", "variant": var, "backend": common.device_label(dev),
-               "ms": med * 1e3, "spread": spread, "TFLOP/s": flop / med / 1e12}
+               "ms": med * 1e3, "spread": spread, "TFLOP/s": flop / med / 1e12,
+               "err": errs[what]}
+        if var == "float":
+            row["budget"] = common.budget_mark(errs[what])
         peer = _peer(dev, torch, var, what, x, w, b, g, tx, tw, tb, tg, timeit)
         if peer is not None:
             row["peer"], pmed = peer
@@ -141,8 +150,7 @@ def bench_square(dev: pymetalnn.Device, size: int, quick: bool) -> list[dict]:
         acc = VARIANTS[var][1]
         c = F.matmul(ta, tb, accumulate=acc)
         got = c.numpy()[rows_i]
-        err = float(np.abs(got.astype(np.float64) - want).max()) / scale
-        _check(got, want, scale, var, f"gemm {size}^3")
+        err = _check(got, want, scale, var, f"gemm {size}^3")
         if dev.name == "cuda":
             med, spread = common.time_cuda(lambda acc=acc: F.matmul(ta, tb, accumulate=acc), warmup=2,
                                            reps=reps)
@@ -170,8 +178,8 @@ def main() -> int:
     else:
         rows = bench(dev, 256, 4096, 4096, False)
         rows += bench_square(dev, 8192 if dev.name == "cuda" else 1024, False)
-    common.report(rows, ["bench", "variant", "backend", "ms", "spread", "TFLOP/s", "err", "peer",
-                         "peer_ms", "x_peer", "x_ours_fp32", "target"], f"gemm_{dev.name}")
+    common.report(rows, ["bench", "variant", "backend", "ms", "spread", "TFLOP/s", "err", "budget",
+                         "peer", "peer_ms", "x_peer", "x_ours_fp32", "target"], f"gemm_{dev.name}")
     return 0
 
 

@@ -60,7 +60,7 @@ def bench_cross_entropy(dev: pm.Device, shape: tuple, dtype, quick: bool) -> lis
     sec_pl, spr_pl = common.time_on(
         dev, lambda: (F.cross_entropy(x, y_plain), F.cross_entropy_backward(1.0, x, y_plain)), quick)
     peer = pf = pb = pfb = None
-    if dev.name == "cuda":
+    if common.torch_available(dev):
         xt, yt = common.torch_view(dev, x), common.torch_view(dev, y)
         if xt is not None:
             import torch
@@ -110,7 +110,7 @@ def bench_pointwise(dev: pm.Device, name: str, shape: tuple, dtype, quick: bool)
     sec_f, spr_f = common.time_on(dev, lambda: ours_f(x, t), quick)
     sec_b, spr_b = common.time_on(dev, lambda: ours_b(1.0, x, t), quick)
     peer = pf = pb = None
-    if dev.name == "cuda":
+    if common.torch_available(dev):
         xt, tt = common.torch_view(dev, x), common.torch_view(dev, t)
         if xt is not None:
             import torch

@@ -153,7 +153,7 @@ def bench_one(dev: pymetalnn.Device, name: str, dtype: Any, shape: tuple, quick:
         sec_f, spr_f = common.time_on(dev, lambda: fwd(x, **kw), quick)
         sec_b, spr_b = common.time_on(dev, lambda: bwd(g, x, **kw), quick)
     peer, pf, pb = None, None, None
-    if dev.name == "cuda":
+    if common.torch_available(dev):
         tx = common.torch_view(dev, x)
         if tx is not None:
             tg = common.torch_view(dev, g)

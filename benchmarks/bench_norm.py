@@ -83,7 +83,7 @@ def bench_batch_norm(dev: pm.Device, shape: tuple, dtype, quick: bool) -> list[d
     times = {k: common.time_on(dev, f, quick) for k, f in
              (("fwd", fwd), ("bwd", bwd), ("fwd+bwd", both), ("eval", evalf))}
     peer, pt = None, {}
-    if dev.name == "cuda":
+    if common.torch_available(dev):
         xt, gt = common.torch_view(dev, x), common.torch_view(dev, g)
         if xt is not None:
             import torch
@@ -91,7 +91,7 @@ def bench_batch_norm(dev: pm.Device, shape: tuple, dtype, quick: bool) -> list[d
             tf = torch.nn.functional
             wt = common.torch_view(dev, w).clone().requires_grad_(True)
             bt = common.torch_view(dev, b).clone().requires_grad_(True)
-            trm, trv = torch.zeros(c, device="cuda"), torch.ones(c, device="cuda")
+            trm, trv = torch.zeros(c, device=xt.device), torch.ones(c, device=xt.device)
             xr = xt.detach().clone().requires_grad_(True)
             ref = tf.batch_norm(xt.float(), trm.clone(), trv.clone(), wt, bt, True)
             ours = common.torch_view(dev, F.batch_norm(x, pm.tensor(np.zeros(c, np.float32), dev),
@@ -136,7 +136,7 @@ def bench_group_norm(dev: pm.Device, shape: tuple, groups: int, dtype, quick: bo
     sec_b, spr_b = common.time_on(
         dev, lambda: F.group_norm_backward(g, x, groups, w, b, save_mean=sm, save_rstd=sr), quick)
     peer = pf = pb = None
-    if dev.name == "cuda":
+    if common.torch_available(dev):
         xt, gt = common.torch_view(dev, x), common.torch_view(dev, g)
         if xt is not None:
             import torch

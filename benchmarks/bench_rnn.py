@@ -1,7 +1,7 @@
 """LSTM training step (forward for training + backward through time, pymetalnn/ops/rnn.py)
 against torch.nn.LSTM on the same device in the same run (cuDNN on cuda, TF32 off).
 
-Cases: hidden 512, batch 64, 300 steps, input 512 (the issue's large case), and the activity-
+Cases: hidden 512, batch 64, 300 steps, input 512 (a large layer), and the activity-
 classifier sizes (20 steps, 64 input features, batch 32, hidden 64 / 128 / 200); float32 and
 float16 storage. Each row: median seconds of one forward + backward, GFLOP/s of the matrix
 products (2 T N (F + H) 4H per direction forward, twice that backward), torch's time and the
@@ -17,6 +17,9 @@ Two timings of ours on cuda:
     PYTHONPATH=. python benchmarks/bench_rnn.py [--backend cpu|cuda] [--quick]
 
 --quick runs small shapes (cpu too); on cpu the peer is torch's CPU LSTM when torch imports.
+`err`: max|ours - ref| / max|ref| against torch's LSTM in float64 on the same device (the output
+and every gradient; the largest is shown, `err_of` names it); float32 rows are marked against the
+fp32 accuracy budget (docs/accuracy.md: 1e-4).
 """
 from __future__ import annotations
 
@@ -30,10 +33,11 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common  # noqa: E402
 
 import pymetalnn as pm  # noqa: E402
+from pymetalnn import accuracy  # noqa: E402
 from pymetalnn import functional as F  # noqa: E402
 
 COLUMNS = ["bench", "dtype", "T", "N", "F", "H", "mode", "seconds", "spread", "GFLOP/s", "peer",
-           "peer_seconds", "speed_vs_peer", "target", "max_err_vs_peer"]
+           "peer_seconds", "speed_vs_peer", "target", "max_err_vs_peer", "err", "err_of", "budget"]
 
 
 def _timeit(dev: pm.Device, fn: Callable[[], Any], quick: bool) -> tuple[float, float]:
@@ -52,6 +56,31 @@ def _torch(dev: pm.Device) -> Any:
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
     return torch
+
+
+def errors64(dev: pm.Device, torch: Any, m: Any, x_np: np.ndarray, g_np: np.ndarray,
+             ours: tuple) -> dict[str, float]:
+    """Errors of our (output, grad_input, grad weights) against torch's LSTM in float64 on the
+    same device (the cpu if that fails there)."""
+    import copy
+
+    y, _hn, _cn, (gx, _states, gw) = ours
+    got = {"output": y, "grad_input": gx, **{f"grad {k}": v for k, v in gw.items()}}
+    for tdev in dict.fromkeys(("cuda" if dev.name == "cuda" else "cpu", "cpu")):
+        try:
+            m64 = copy.deepcopy(m).to(device=tdev, dtype=torch.float64)
+            xt = torch.tensor(x_np.astype(np.float64), device=tdev, requires_grad=True)
+            yy = m64(xt)[0]
+            gt = torch.tensor(g_np.astype(np.float64), device=tdev)
+            names = [n for n, _ in m64.named_parameters()]
+            grads = torch.autograd.grad(yy, [xt, *m64.parameters()], gt)
+            break
+        except RuntimeError:
+            if tdev == "cpu":
+                raise
+    want = {"output": yy, "grad_input": grads[0],
+            **{f"grad {n}": v for n, v in zip(names, grads[1:])}}
+    return {k: accuracy.rel_err(got[k].numpy(), want[k].detach().cpu().numpy()) for k in got}
 
 
 def flops(T: int, N: int, Fin: int, H: int) -> float:
@@ -84,10 +113,18 @@ def bench_case(dev: pm.Device, name: str, T: int, N: int, Fin: int, H: int, dtyp
         grads = F.lstm_backward(g, None, None, ws)
         return y, hn, cn, grads
 
-    y_ours = step()[0].numpy().astype(np.float32)
+    ours = step()
+    y_ours = ours[0].numpy().astype(np.float32)
     work = flops(T, N, Fin, H)
     base = {"bench": name, "dtype": np.dtype(dtype).name, "T": T, "N": N, "F": Fin, "H": H,
             "target": ">= 0.7 of torch"}
+    if torch is not None:
+        errs = errors64(dev, torch, m, x_np, g_np, ours)
+        base["err_of"] = max(errs, key=errs.get)
+        base["err"] = errs[base["err_of"]]
+        if np.dtype(dtype) == np.float32:
+            base["budget"] = common.budget_mark(base["err"])
+    del ours
 
     peer, peer_sec = "-", None
     if torch is not None:

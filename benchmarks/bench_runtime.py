@@ -1,4 +1,4 @@
-"""Runtime benchmarks (issue: one .metal source, three backends).
+"""Runtime benchmarks: one .metal source on three backends.
 
 cpu:  threadgroup reduction of 2^20 floats (TG 256, simd_sum + barrier + atomic) on ONE worker
       thread (target < 0.25 s); elementwise y = a*x + b over 2^24 floats against numpy doing the

@@ -7,7 +7,7 @@ Targets (reported, not asserted): >= 85% of copy bandwidth on 32x256x56x56 over 
 
     PYTHONPATH=. python benchmarks/bench_softmax.py [--backend cpu|cuda] [--quick]
 
-On cpu the peer is numpy doing the same arithmetic.
+On cpu the peer is PyTorch on the CPU (numpy where torch is not installed).
 """
 from __future__ import annotations
 
@@ -51,7 +51,7 @@ def bench_op(dev: pm.Device, x_np: np.ndarray, g_np: np.ndarray, dim: int, log: 
     sec_f, spr_f = common.time_on(dev, lambda: fwd(x, dim), quick)
     sec_b, spr_b = common.time_on(dev, lambda: bwd(g, y, dim), quick)
     peer = peer_f = peer_b = None
-    if dev.name == "cuda":
+    if common.torch_available(dev):
         xt, gt, yt = (common.torch_view(dev, t) for t in (x, g, y))
         if xt is not None:
             import torch

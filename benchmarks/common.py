@@ -90,22 +90,26 @@ def copy_gbs(dev: pymetalnn.Device, nbytes: int) -> float:
 
 
 def torch_available(dev: pymetalnn.Device) -> bool:
-    """PyTorch can serve as the peer on this device (cuda only: on cpu the peer is numpy)."""
-    if dev.name != "cuda":
+    """PyTorch can serve as the peer on this device: cuda (torch on the GPU) or cpu (torch on
+    the CPU, same run, same cores)."""
+    if dev.name not in ("cuda", "cpu"):
         return False
     try:
         import torch
     except ImportError:
         return False
-    return bool(torch.cuda.is_available())
+    return dev.name == "cpu" or bool(torch.cuda.is_available())
 
 
 def torch_view(dev: pymetalnn.Device, t: pymetalnn.Tensor) -> Any:
-    """A torch CUDA tensor over the memory of cuda Tensor `t` (no copy), or None without torch."""
+    """A torch tensor with the values of Tensor `t`, or None without torch: on cuda a CUDA tensor
+    over its memory (no copy), on cpu a CPU tensor (a copy)."""
     try:
         import torch
     except ImportError:
         return None
+    if dev.name == "cpu":
+        return torch.from_numpy(np.ascontiguousarray(t.numpy()))
     return torch.as_tensor(dev.as_cupy(t.buffer, t.dtype, t.shape), device="cuda")
 
 
@@ -130,6 +134,28 @@ def disable_tf32() -> None:
         return
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
+
+
+def budget_mark(err: float | None, direct_err: float | None = None) -> str:
+    """A float32 row's standing against the fp32 accuracy budget (pymetalnn/accuracy.py,
+    docs/accuracy.md): "ok", or "OVER" with the limit it exceeds."""
+    from pymetalnn import accuracy
+
+    if err is None:
+        return "-"
+    lim = accuracy.limit(direct_err)
+    return "ok" if err <= lim else f"OVER (> {lim:.2g})"
+
+
+def float64_torch(dev: pymetalnn.Device) -> tuple[Any, str] | None:
+    """(torch, device name) for float64 references computed on `dev`'s GPU when it is cuda (fast
+    fp64), on the cpu otherwise; None without torch."""
+    try:
+        import torch
+    except ImportError:
+        return None
+    tdev = "cuda" if dev.name == "cuda" and torch.cuda.is_available() else "cpu"
+    return torch, tdev
 
 
 def device_label(dev: pymetalnn.Device) -> str:

@@ -35,6 +35,7 @@ import dev_conv  # noqa: E402
 
 import pymetalnn  # noqa: E402
 from pymetalnn.ops import conv as ops  # noqa: E402
+from pymetalnn.ops import conv_winograd as wino  # noqa: E402
 
 OPS = ("fwd", "input_grad", "weight_grad")
 WEIGHT_SPLITS = (3, 6, 12)  # SPLIT_GROUPS_PER_SM values tried with each weight tile
@@ -87,7 +88,7 @@ def inception_shapes(n: int, size: int = 299) -> list[tuple[tuple, int]]:
 def versions(op: str, s: tuple) -> list[str]:
     _, n, c, k, h, w, ks, st, _ = s
     geo = ops._conv_geometry((n, c, h, w), (k, c, *ks), st, s[8], 1, 1)
-    wino = [f"wino{m}" for m in (2, 4) if ops._wino_eligible(geo, "float", m)]
+    wino = [f"wino{m}" for m in (2, 4) if wino.eligible(geo, "float", m)]
     if op == "weight_grad":
         tiles = [*ops.TILES["weight"], *DEV_WEIGHT]
         return [f"{t}/{w}" for t in tiles for w in WEIGHT_SPLITS] + wino

@@ -1,5 +1,5 @@
 """The activity classifier of WWDC 2018 session 609: 6-channel motion-sensor sequences, 1-D
-convolutions that compress time while widening channels (the talk: 2,000 samples to 20), an
+convolutions that compress time while widening channels (2,000 samples to 20, as in the session), an
 LSTM over the compressed steps, fully connected layers and softmax cross-entropy, all trained
 through one pymetalnn.graph TrainingGraph (the LSTM's gradient flows into the convolutions).
 
@@ -31,8 +31,9 @@ import _common  # noqa: E402, F401  (puts the repo on sys.path)
 
 import pymetalnn as pm  # noqa: E402
 from pymetalnn import datasets, optim  # noqa: E402
+from pymetalnn import functional as F  # noqa: E402
 from pymetalnn import graph as G  # noqa: E402
-from pymetalnn.graph.nodes import FilterNode, op  # noqa: E402
+from pymetalnn.graph.nodes import FilterNode  # noqa: E402
 
 
 class PermuteNode(FilterNode):
@@ -72,7 +73,7 @@ class PermuteNode(FilterNode):
     def forward(self, rc, xs, training, with_state):
         x = xs[0]
         perm, out = self._shapes(x.shape)
-        y = op("permute", self)(x, self.dims)
+        y = F.permute(x, self.dims)
         return [y.reshape(*out) if out != perm else y]
 
     def saved(self):
@@ -82,7 +83,7 @@ class PermuteNode(FilterNode):
         g = gouts[0]
         perm = tuple(int(saved[0].shape[d]) for d in self.dims)
         gp = g.reshape(*perm) if tuple(g.shape) != perm else g
-        return [op("permute", self)(gp, self.inv)], []
+        return [F.permute(gp, self.inv)], []
 
 
 def time_strides(length: int, steps: int = 20) -> list[int]:

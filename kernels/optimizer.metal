@@ -245,10 +245,10 @@ kernel void rmsprop_step_multi(device T* param [[buffer(0)]], const device T* gr
   }
 }
 
-// ---- global gradient norm: gnorm[0] += sum (scale * x)^2 ------------------------------------
+// ---- global gradient norm: gnorm[0] += sum (scale * x)^2 (gnorm holds float bits) -----------
 template <typename T>
 [[max_total_threads_per_threadgroup(256)]]
-kernel void optim_sumsq(const device T* x [[buffer(0)]], device atomic_float* gnorm [[buffer(1)]],
+kernel void optim_sumsq(const device T* x [[buffer(0)]], device atomic_uint* gnorm [[buffer(1)]],
                         constant OptimNormParams& p [[buffer(2)]],
                         uint gid [[thread_position_in_grid]],
                         uint tg_size [[threads_per_threadgroup]],
@@ -277,7 +277,14 @@ kernel void optim_sumsq(const device T* x [[buffer(0)]], device atomic_float* gn
   if (sg == 0u) {
     float t = lane < n_sg ? partial[lane] : 0.0f;
     t = simd_sum(t);
-    if (lane == 0u) atomic_fetch_add_explicit(gnorm, t, memory_order_relaxed);
+    if (lane == 0u) {
+      // a float add on the bits of an atomic_uint: atomic_float needs MSL 3.0, and metalcompute
+      // compiles MSL 2.3; one thread per threadgroup, so the loop rarely retries
+      uint old = atomic_load_explicit(gnorm, memory_order_relaxed);
+      while (!atomic_compare_exchange_weak_explicit(gnorm, &old, as_type<uint>(as_type<float>(old) + t),
+                                                    memory_order_relaxed, memory_order_relaxed)) {
+      }
+    }
   }
 }
 

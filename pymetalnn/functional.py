@@ -3,16 +3,19 @@ conv weights (out, in/groups, kH, kW); conv-transpose weights (in, out/groups, k
 weights (out, in)), so PyTorch serves as a reference and weights move between the two.
 
 Every forward op `f(x, ...)` has `f_backward(grad_out, <f's inputs>, <same options>)` returning
-the gradients of f's tensor arguments in order (None for an absent bias).
+the gradients of f's tensor arguments in order (None for an absent bias); conv2d and linear also
+have `*_weight_grad` (the parameter gradients alone). `ACTIVATIONS`: the activations a fused
+`activation=` takes; `Labels`: class labels checked once (`class_labels`).
 """
 from __future__ import annotations
 
 # ---- conv / gemm (ops/conv.py, ops/gemm.py) ----
 from .ops.conv import (  # noqa: E402, F401, I001
-    conv1d, conv1d_backward, conv2d, conv2d_backward, conv_transpose2d, conv_transpose2d_backward,
+    conv1d, conv1d_backward, conv2d, conv2d_backward, conv2d_weight_grad, conv_transpose2d,
+    conv_transpose2d_backward,
 )
 from .ops.gemm import (  # noqa: E402, F401, I001
-    gemm, linear, linear_backward, matmul, matmul_backward,
+    gemm, linear, linear_backward, linear_weight_grad, matmul, matmul_backward,
 )
 
 # ---- other CNN ops (ops/pool.py, ops/neuron.py, ops/softmax.py, ops/loss.py, ops/dropout.py,
@@ -68,6 +71,7 @@ from .ops.dropout import (  # noqa: F401
     dropout_backward,
 )
 from .ops.loss import (  # noqa: F401
+    Labels,
     binary_cross_entropy_with_logits,
     binary_cross_entropy_with_logits_backward,
     categorical_cross_entropy,
@@ -91,6 +95,7 @@ from .ops.loss import (  # noqa: F401
     mse_loss_backward,
 )
 from .ops.neuron import (  # noqa: F401
+    ACTIVATIONS,
     activation_backward,
     elu,
     elu_backward,
@@ -152,4 +157,10 @@ from .ops.softmax import (  # noqa: F401
 from .ops.rnn import (  # noqa: E402, F401, I001
     RNNWorkspace, gru, gru_backward, lstm, lstm_backward, rnn, rnn_backward, rnn_state_dict,
     rnn_weight_names, rnn_weights,
+)
+
+# ---- detection (ops/detection.py) ----
+from .ops.detection import (  # noqa: E402, F401, I001
+    box_iou_matrix, mean_average_precision, multiclass_nms, nms, yolo_decode, yolo_detect,
+    yolo_anchors, yolo_loss, yolo_loss_backward, yolo_targets,
 )

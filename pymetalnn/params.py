@@ -294,3 +294,22 @@ class RMSPropParams(Params):
 
     _fields_ = [("alpha", F32), ("one_minus_alpha", F32), ("eps", F32), ("momentum", F32),
                 ("centered", U32), ("weight_decay", F32)]
+
+
+# ---- detection ------------------------------------------------------------------------------
+
+
+class YoloParams(Params):
+    """kernels/params.h YoloParams: YOLO v2 loss / decoding geometry, gradient mode and scales."""
+
+    _fields_ = [("N", U32), ("A", U32), ("C", U32), ("GH", U32), ("GW", U32), ("B", U32),
+                ("gmode", U32), ("rescore", U32), ("gscale", F32), ("coord_scale", F32),
+                ("object_scale", F32), ("noobject_scale", F32), ("class_scale", F32),
+                ("ignore_thresh", F32)]
+
+
+class NmsParams(Params):
+    """kernels/params.h NmsParams: greedy per-class NMS geometry and thresholds."""
+
+    _fields_ = [("N", U32), ("C", U32), ("P", U32), ("max_det", U32), ("iou_thresh", F32),
+                ("score_thresh", F32)]

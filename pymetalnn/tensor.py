@@ -7,7 +7,8 @@ params struct and nothing else; reshape shares memory, everything else makes a n
 from __future__ import annotations
 
 import math
-from typing import Any
+from collections.abc import Sequence
+from typing import Any, Union
 
 import numpy as np
 
@@ -101,6 +102,11 @@ class Tensor:
 
     def __repr__(self) -> str:
         return f"Tensor(shape={self.shape}, dtype={self.dtype}, device={self.device.name})"
+
+
+# A tensor argument of a public op: a device Tensor, or host data (a numpy array, nested sequences
+# of numbers, a number) that the op copies to the device first (as_tensor).
+TensorLike = Union[Tensor, np.ndarray, Sequence[Any], float]
 
 
 def empty(shape: Any, dtype: Any = float32, device: Device | None = None) -> Tensor:

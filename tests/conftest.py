@@ -69,3 +69,18 @@ def no_dispatch():
     """`with no_dispatch(device[, msg]): ...` fails if the block dispatched any kernel on `device`
     (argument checks must raise before anything is launched)."""
     return _no_dispatch
+
+
+@pytest.fixture(autouse=True)
+def _metal_stand_in_faults():
+    """Under the metalcompute stand-in (PYMETALNN_FAKE_METAL=1), fail a test after which a kernel
+    faulted: Metal itself would have reported nothing (pymetalnn/testing/fake_metalcompute.py)."""
+    if os.environ.get("PYMETALNN_FAKE_METAL") != "1":
+        yield
+        return
+    from pymetalnn.testing import fake_metalcompute
+
+    fake_metalcompute.pop_faults()
+    yield
+    faults = fake_metalcompute.pop_faults()
+    assert not faults, "kernel faults under the metal stand-in:\n" + "\n".join(faults)

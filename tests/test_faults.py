@@ -514,6 +514,21 @@ def test_validation_divergent_barrier_reported(vdev, vlib):
         vdev.synchronize()
 
 
+def test_validation_builds_run_synchronizing_kernels_on_fibers(vdev, vlib):
+    # the barrier count and checked pointers live in each thread's own code path: validation
+    # builds keep fibers where a normal build runs work-item loops
+    from pymetalnn.runtime.backend_cpu import fiber_report
+    from pymetalnn.runtime.core import KERNEL_DIR
+    from pymetalnn.runtime.msl import translate_file
+
+    lib, _ = vlib
+    report = fiber_report(lib)
+    assert report.get("diverge") == "validation mode", report
+    assert report.get("oob_tg") == "validation mode", report
+    plain = translate_file(lib.path, "cpu", {}, [KERNEL_DIR]).kernels
+    assert plain["diverge"].lockstep and plain["oob_tg"].lockstep
+
+
 def test_validation_error_leaves_the_device_usable(vdev, vlib):
     lib, _ = vlib
     x = vdev.buffer(np.arange(8, dtype=np.float32))

@@ -71,9 +71,32 @@ VARIANT_TILES = [pytest.param(v, t, id=f"{t}-{v}") for v in VARIANTS for t in op
                  if ops.TILES[t].supports(v)]
 
 
+def fits(dev, tile: str, variant: str) -> bool:
+    """Whether `tile` fits the device's threadgroup memory (metal: 32 KiB; some tiles tuned on
+    NVIDIA do not, and gemm refuses them there: test_tiles_past_threadgroup_memory_refused)."""
+    return ops.tile_fits(dev, ops.TILES[tile], variant)
+
+
+def test_tiles_past_threadgroup_memory_refused(dev, no_dispatch) -> None:
+    big = [(t, v) for t in ops.TILES for v in VARIANTS
+           if ops.TILES[t].supports(v) and not fits(dev, t, v)]
+    if not big:
+        pytest.skip(f"every tile fits {dev.name}'s threadgroup memory")
+    for t, v in big:
+        dtype, accumulate = VARIANTS[v]
+        out = pm.empty((8, 8), dtype, dev)
+        with no_dispatch(dev), pytest.raises(ValueError, match="threadgroup memory"):
+            F.gemm(pm.tensor(rand((8, 8), dtype, 1), dev), pm.tensor(rand((8, 8), dtype, 2), dev),
+                   out, accumulate=accumulate, tile=t)
+        # the automatic choice never takes it
+        assert ops.plan(dev, 4096, 4096, 4096, 1, False, var=v)[0].name != t or fits(dev, t, v)
+
+
 @pytest.mark.parametrize("ta,tb", LAYOUTS, ids=LAYOUT_IDS)
 @pytest.mark.parametrize("variant,tile", VARIANT_TILES)
 def test_gemm_layouts_shapes(dev, variant, ta, tb, tile) -> None:
+    if not fits(dev, tile, variant):
+        pytest.skip(f"{tile} ({variant}) exceeds {dev.name}'s threadgroup memory")
     dtype, accumulate = VARIANTS[variant]
     for i, (m, n, k) in enumerate(SHAPES):
         a = rand(stored(m, k, ta), dtype, i)
@@ -115,7 +138,7 @@ def test_gemm_split_k(dev, variant, ta, tb) -> None:
     dtype, accumulate = VARIANTS[variant]
     for i, (m, n, k, tile, splits) in enumerate([(31, 33, 65, "128x128", 3), (65, 32, 200, "64x64", 4),
                                                  (3, 5, 9, "64x64", 4), (130, 70, 100, "128x128k16", 3)]):
-        if not ops.TILES[tile].supports(variant):
+        if not ops.TILES[tile].supports(variant) or not fits(dev, tile, variant):
             continue
         a, b = rand(stored(m, k, ta), dtype, 10 + i), rand(stored(k, n, tb), dtype, 20 + i)
         out = pm.empty((m, n), dtype, dev)
@@ -254,6 +277,28 @@ def test_linear_backward(dev, variant, with_bias) -> None:
             check(variant, gb.numpy(), wb, rows, ag.reshape(rows, out_f).sum(0))
 
 
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_linear_weight_grad(dev, with_bias) -> None:
+    """linear_backward's parameter gradients alone, against the reference."""
+    for i, (xshape, out_f) in enumerate(LINEAR_CASES):
+        x, w, b = linear_inputs(i, xshape, out_f, np.float32, with_bias)
+        g = rand(xshape[:-1] + (out_f,), np.float32, 30 + i)
+        gw, gb = F.linear_weight_grad(pm.tensor(g, dev), pm.tensor(x, dev), pm.tensor(w, dev),
+                                      None if b is None else pm.tensor(b, dev))
+        _, ww, wb = ref.linear_backward(g, x, w, b)
+        rows = x.size // xshape[-1]
+        ag, ax = (np.abs(v.astype(np.float64)) for v in (g, x))
+        check("float", gw.numpy(), ww, rows, ag.reshape(rows, out_f).T @ ax.reshape(rows, -1))
+        if b is None:
+            assert gb is None
+        else:
+            check("float", gb.numpy(), wb, rows, ag.reshape(rows, out_f).sum(0))
+    with pytest.raises(ValueError, match="^grad_out: shape"):
+        F.linear_weight_grad(pm.tensor(np.zeros((2, 3), np.float32), dev),
+                             pm.tensor(np.zeros((2, 4), np.float32), dev),
+                             pm.tensor(np.zeros((5, 4), np.float32), dev))
+
+
 def test_linear_bias_grad_many_rows(dev) -> None:
     """Rows beyond one pass of the 8 row-lanes, columns beyond one threadgroup (32)."""
     g = rand((1000, 70), np.float32, 7)
@@ -271,7 +316,8 @@ def test_half_accumulation_is_half(dev) -> None:
     exact = ref.matmul(a, b)
     ta, tb = pm.tensor(a, dev), pm.tensor(b, dev)
     out = pm.empty((m, n), np.float16, dev)
-    for tile in (t for t in ops.TILES if ops.TILES[t].supports("hacc_half")):
+    for tile in (t for t in ops.TILES if ops.TILES[t].supports("hacc_half")
+                 and fits(dev, t, "hacc_half")):
         # SIMD-FMA tiles round per k; simdgroup-matrix tiles once per 8-deep product
         step = 8 if ops.TILES[tile].matrix else 1
         err_seq = np.abs(ref.half_accumulate_matmul(a, b, step) - exact).max()
@@ -299,7 +345,8 @@ def test_gemm_random_configs(dev, data) -> None:
     alpha = data.draw(st.sampled_from([1.0, -0.5, 2.0]))
     beta = data.draw(st.sampled_from([0.0, 1.0, 0.25]))
     with_bias = data.draw(st.booleans())
-    tile = data.draw(st.sampled_from([None, *(t for t in ops.TILES if ops.TILES[t].supports(variant))]))
+    tile = data.draw(st.sampled_from([None, *(t for t in ops.TILES if ops.TILES[t].supports(variant)
+                                              and fits(dev, t, variant))]))
     splits = data.draw(st.sampled_from([None, 1, 2, 5]))
     seed = data.draw(st.integers(0, 2**16))
     a = rand(((ba,) if ba else ()) + stored(m, k, ta), dtype, seed)
@@ -528,3 +575,48 @@ def test_matrix_hardware_choice(dev, monkeypatch, hw) -> None:
     got = F.matmul(pm.tensor(a, dev), pm.tensor(b, dev)).numpy().astype(np.float64)
     exact = ref.matmul(a, b)
     assert np.abs(got - exact).max() <= 4 * U16 * (np.abs(a.astype(np.float64)) @ np.abs(b)).max()
+
+
+# ---- the fp32 accuracy budget (pymetalnn/accuracy.py, docs/accuracy.md) ------------------------
+# benchmarks/bench_gemm.py's linear 4096 -> 4096 at batch 256, scaled for cpu: each product keeps
+# its reduction length (forward and grad_x 4096, grad_w the batch, 256) and 64 outputs aside.
+@pytest.mark.parametrize("what", ["forward", "grad_x", "grad_w"])
+def test_linear_fp32_budget(dev, what) -> None:
+    """float32 against float64 on the benchmark's reduction lengths: the unsplit tiled kernel
+    (the direct algorithm) within the ceiling, and every split-K count the planner may pick
+    within min(10x the unsplit kernel's error, ceiling)."""
+    from pymetalnn import accuracy
+
+    rng = np.random.default_rng(7)
+    fin, fout, batch = {"forward": (4096, 64, 16), "grad_x": (64, 4096, 16),
+                        "grad_w": (64, 64, 256)}[what]
+    x = rng.standard_normal((batch, fin)).astype(np.float32)
+    w = (rng.standard_normal((fout, fin)) / np.sqrt(fin)).astype(np.float32)
+    g = rng.standard_normal((batch, fout)).astype(np.float32)
+    xd, wd, gd = (v.astype(np.float64) for v in (x, w, g))
+    # (a, b, transpose_a, transpose_b, reference) of the product
+    a, b, ta, tb, want = {"forward": (x, w, False, True, xd @ wd.T),
+                          "grad_x": (g, w, False, False, gd @ wd),
+                          "grad_w": (g, x, True, False, gd.T @ xd)}[what]
+    ta_, tb_ = pm.tensor(a, dev), pm.tensor(b, dev)
+    errs = {}
+    for splits in (1, 4, ops.MAX_SPLITS):
+        out = pm.empty(want.shape, np.float32, dev)
+        ops.gemm(ta_, tb_, out, transpose_a=ta, transpose_b=tb, k_splits=splits)
+        errs[splits] = accuracy.rel_err(out.numpy(), want)
+    assert errs[1] <= accuracy.CEILING, errs
+    for s, e in errs.items():
+        assert accuracy.within(e, errs[1]), f"k_splits {s}: error {e:.3g} (unsplit {errs[1]:.3g})"
+
+
+def test_accuracy_budget_helpers() -> None:
+    """pymetalnn.accuracy: err = max|got - ref| / max|ref|, the limit min(10x direct, 1e-4)."""
+    from pymetalnn import accuracy
+
+    assert accuracy.rel_err([1.0, 2.0], [1.0, 4.0]) == 0.5
+    assert accuracy.rel_err([0.5], [0.0]) == 0.5  # a zero reference: the absolute error
+    assert accuracy.limit() == accuracy.CEILING == 1e-4
+    assert accuracy.limit(1e-7) == pytest.approx(1e-6) and accuracy.limit(1e-4) == 1e-4
+    assert accuracy.within(9e-7, 1e-7) and not accuracy.within(2e-6, 1e-7)
+    with pytest.raises(ValueError, match="got: shape"):
+        accuracy.rel_err(np.zeros(3), np.zeros(4))

@@ -7,20 +7,12 @@ import threading
 
 import numpy as np
 import pytest
-from graph_nets import DROP_SEED, HAS_BN, P_DROP, Events, close, data, lenet, recorded, sgd, small_net
+from graph_nets import DROP_SEED, P_DROP, Events, close, data, lenet, recorded, sgd, small_net
 
 import pymetalnn
 from pymetalnn import functional as F
 from pymetalnn import graph as G
 from pymetalnn import optim
-
-
-def test_guarded_ops_exist():
-    """The ops that some tests here check with has_op() (dropping a parametrization or skipping
-    when one is missing) all exist, so those guards cannot silently skip."""
-    need = ["batch_norm_with_stats", "group_norm_with_stats", "instance_norm", "avg_pool2d",
-            "global_avg_pool2d", "lstm_backward"]
-    assert [n for n in need if not G.nodes.has_op(n)] == []
 
 
 def drop_mask(dev, shape, step):
@@ -59,7 +51,7 @@ def torch_lenet(torch, ds, bn):
     return net
 
 
-@pytest.mark.parametrize("bn", [False, True] if HAS_BN else [False])
+@pytest.mark.parametrize("bn", [False, True])
 def test_lenet_gradients_and_sgd_match_torch(dev, bn):
     torch = pytest.importorskip("torch")
     x, loss, ds = lenet(bn=bn)
@@ -353,8 +345,7 @@ def test_save_load_npz_with_optimizer_state(dev, tmp_path):
         keys = set(z.files)
     assert "conv1.weight" in keys and "fc2.bias" in keys
     assert "conv1.optim.param0.momentum_buffer" in keys
-    if HAS_BN:
-        assert {"bn1.running_mean", "bn1.num_batches_tracked"} <= keys
+    assert {"bn1.running_mean", "bn1.num_batches_tracked"} <= keys
     b, _ = make(seed_shift=1.0)
     b.load(path)
     sa, sb = a.state_dict(), b.state_dict()
@@ -373,16 +364,15 @@ def test_save_load_npz_with_optimizer_state(dev, tmp_path):
 
 def test_torch_state_dict_and_inference_graph(dev):
     torch = pytest.importorskip("torch")
-    _, loss, ds = lenet(bn=HAS_BN, record=False)
+    _, loss, ds = lenet(bn=True, record=False)
     tg = G.TrainingGraph(loss, optimizer=sgd(0.1), device=dev)
     torch.manual_seed(0)
-    net = torch_lenet(torch, ds, HAS_BN)
+    net = torch_lenet(torch, ds, True)
     with torch.no_grad():  # fresh random weights and statistics, loaded from torch's names
         for p in net.parameters():
             p.uniform_(-0.3, 0.3)
-        if HAS_BN:
-            net.bn1.running_mean.uniform_(-0.5, 0.5)
-            net.bn1.running_var.uniform_(0.5, 1.5)
+        net.bn1.running_mean.uniform_(-0.5, 0.5)
+        net.bn1.running_var.uniform_(0.5, 1.5)
     used = tg.load_state_dict(G.torch_state_dict(net))
     assert "conv1.weight" in used
     inf = tg.inference_graph()

@@ -22,6 +22,27 @@ from pymetalnn.ops import rnn as R
 CELLS = ["lstm", "gru", "rnn_tanh", "rnn_relu"]
 
 
+@pytest.fixture
+def dev(dev):
+    """The backend's device; the recurrent layers need buffer views (the per-step gemm operands
+    are views into the sequences), so backends that bind whole buffers (metal) skip here and
+    test_whole_buffer_backends_refuse checks that they refuse."""
+    if not dev.supports_views:
+        pytest.skip(f"the recurrent layers need buffer views, which {dev.name} lacks")
+    return dev
+
+
+def test_whole_buffer_backends_refuse(backend, no_dispatch):
+    d = pymetalnn.device(backend)
+    if d.supports_views:
+        pytest.skip(f"{backend} has buffer views")
+    x = pymetalnn.tensor(np.zeros((2, 1, 3), np.float32), d)
+    w = {"weight_ih_l0": pymetalnn.tensor(np.zeros((4, 3), np.float32), d),
+         "weight_hh_l0": pymetalnn.tensor(np.zeros((4, 4), np.float32), d)}
+    with no_dispatch(d), pytest.raises(NotImplementedError, match="buffer views"):
+        R.rnn(x, w, None, 1, "tanh", False, False, False)
+
+
 # (T, N, F, H, layers, bidirectional, bias, initial states, list input, which gradients given)
 CASES = {
     "T1-N1-H1": (1, 1, 4, 1, 1, False, True, True, False, "all"),
@@ -77,10 +98,17 @@ def _data(rng, mode, T, N, F, H, L, bi, bias, states, dtype):
     return w, x, h0, c0
 
 
-@pytest.mark.parametrize("dtype", [np.float32, np.float16])
+# float16 also through the simdgroup-matrix GEMMs (the projections of every cell), on any device
+DTYPES = [pytest.param(np.float32, False, id="float32"), pytest.param(np.float16, False, id="float16"),
+          pytest.param(np.float16, True, id="float16-matrix")]
+
+
+@pytest.mark.parametrize("dtype,matrix", DTYPES)
 @pytest.mark.parametrize("case", list(CASES))
 @pytest.mark.parametrize("mode", CELLS)
-def test_forward_backward_vs_reference(dev, mode, case, dtype):
+def test_forward_backward_vs_reference(dev, monkeypatch, mode, case, dtype, matrix):
+    if matrix:
+        monkeypatch.setattr(dev, "simdgroup_matrix", True, raising=False)
     T, N, F, H, L, bi, bias, states, as_list, grads = CASES[case]
     D = 2 if bi else 1
     rng = np.random.default_rng(zlib.crc32(f"{mode}-{case}".encode()))
@@ -329,3 +357,39 @@ def test_bad_backward_input_raises_before_dispatch(dev):
     _bad(dev, "grad_output: dtype", R.lstm_backward, pymetalnn.tensor(g.astype(np.float16), dev),
          None, None, ws)
     _bad(dev, "grad_output: sequence length 0", R.lstm_backward, [], None, None, ws)
+
+
+# ---- the fp32 accuracy budget (pymetalnn/accuracy.py, docs/accuracy.md) ------------------------
+# benchmarks/bench_rnn.py's LSTM cases, scaled for cpu: "lstm-512" (T300, N64, F512, H512) keeps
+# its sequence length (the recurrence depth) and its weight gradients' reduction over T*N = 19200
+# with F = H = 32; "activity-h64" (T20, N32, F64, H64) runs as benchmarked.
+BUDGET_CASES = {"lstm-512": (300, 64, 32, 32), "activity-h64": (20, 32, 64, 64)}
+
+
+@pytest.mark.parametrize("case", list(BUDGET_CASES))
+def test_lstm_fp32_budget(dev, case):
+    """float32 LSTM forward (output, h_n, c_n) and backward through time (input, initial-state
+    and weight gradients) against float64: each within the ceiling (its gemm + cell kernels are
+    its only algorithm)."""
+    from pymetalnn import accuracy
+
+    T, N, F, H = BUDGET_CASES[case]
+    rng = np.random.default_rng(zlib.crc32(case.encode()))
+    w, x, h0, c0 = _data(rng, "lstm", T, N, F, H, 1, False, True, True, np.float32)
+    y, hn, cn, ws = _run(dev, "lstm", pymetalnn.tensor(x, dev),
+                         {k: pymetalnn.tensor(v, dev) for k, v in w.items()}, h0, c0, 1, True,
+                         False)
+    ry, rhn, rcn, cache = ref.forward("lstm", x, w, h0, c0, 1, True, False)
+    dy = rng.standard_normal((T, N, H)).astype(np.float32)
+    dhn = rng.standard_normal((1, N, H)).astype(np.float32)
+    gx, gh0, gc0, gw = _run_backward("lstm", dy, dhn, dhn.copy(), ws)
+    rdx, rdh0, rdc0, rdw = ref.backward(dy, dhn, dhn.copy(), cache)
+    got = {"output": y, "h_n": hn, "c_n": cn, "grad_input": gx, "grad_h0": gh0, "grad_c0": gc0,
+           **{f"grad {k}": v for k, v in gw.items()}}
+    want = {"output": ry, "h_n": rhn, "c_n": rcn, "grad_input": rdx, "grad_h0": rdh0,
+            "grad_c0": rdc0, **{f"grad {k}": v for k, v in rdw.items()}}
+    errs = {k: accuracy.rel_err(np.asarray(got[k].numpy() if hasattr(got[k], "numpy") else got[k]),
+                                want[k]) for k in want}
+    print(case, {k: f"{e:.2g}" for k, e in errs.items()})
+    over = {k: e for k, e in errs.items() if not accuracy.within(e)}
+    assert not over, f"over the {accuracy.CEILING} ceiling: {over}"

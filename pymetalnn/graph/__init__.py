@@ -25,7 +25,7 @@ from .datasource import (
     RecurrentDataSource,
     init_array,
 )
-from .errors import GraphError, OpUnavailable
+from .errors import GraphError
 from .graph import Graph, Handle, LossLabels, TrainingGraph
 from .memory import MemoryReport
 from .nodes import (
@@ -83,6 +83,7 @@ from .nodes import (
     Value,
 )
 from .padding import FULL, SAME, VALID, Padding
+from .nodes.detection import YoloLossNode
 from . import build, capture, io, memory, nodes, optimize, run, train, updates  # noqa: E402
 from .io import load_graph, save_graph, torch_state_dict
 from .train import History, NonFiniteLossError, Progress, accuracy, fit

@@ -82,6 +82,11 @@ class Graph(GraphBuilder, GraphRunner):
         """Steps encoded so far (the step number of the next one: dropout offsets use it)."""
         return self._steps_encoded
 
+    @step_count.setter
+    def step_count(self, n: int) -> None:
+        """Continue from step n (a loaded checkpoint's count)."""
+        self._steps_encoded = int(n)
+
     # ---- logging -------------------------------------------------------------------------------
     def note(self, msg: str) -> None:
         """Add a line to `log` (and the "pymetalnn.graph" logger): what a pass or a step did."""

@@ -43,7 +43,7 @@ def named_sources(g: Any) -> dict[str, DataSource]:
 def graph_state_dict(g: Any, optimizer: bool = True) -> dict[str, np.ndarray]:
     """Host copies: parameters (and buffers) of every data source, and optimizer states."""
     g.synchronize()
-    d: dict[str, np.ndarray] = {STEPS: np.array(g._steps_encoded, np.int64)}
+    d: dict[str, np.ndarray] = {STEPS: np.array(g.step_count, np.int64)}
     for name, ds in named_sources(g).items():
         for k, v in ds.state_dict().items():
             d[f"{name}.{k}"] = v
@@ -135,7 +135,7 @@ def load_graph_state(g: Any, d: Mapping[str, Any], strict: bool = True,
         raise GraphError(None, f"state: optimizer state of {name!r}: {e}") from None
     used: list[str] = []
     if steps is not None:
-        g._steps_encoded = steps
+        g.step_count = steps
     for name, ds in sources.items():
         if per[name]:
             ds.load_state_dict(per[name], strict=False)

@@ -5,7 +5,7 @@ fuse        graph rewrites that replace a chain of nodes by one node calling few
             softmax forward and gradient disappear); convolution / fully connected / batch norm
             + neuron -> one call with `activation=` (the activation in the op's store epilogue:
             one dispatch instead of two) for the activations the ops fuse (relu, leaky relu,
-            sigmoid, tanh: pymetalnn.ops.neuron.ACTIVATIONS); the gradient is taken from the fused
+            sigmoid, tanh: pymetalnn.functional.ACTIVATIONS); the gradient is taken from the fused
             output (`<neuron>_backward_from_output`), or for batch norm inside
             batch_norm_backward(..., activation=) (act' recomputed from the bn input: no extra
             kernel, the output not kept), so training fuses them too (leaky relu needs a slope
@@ -18,7 +18,7 @@ concat      concatenation elimination: producers write straight into their slice
             copy). Channel slices at batch > 1: the producers' ops get out= (a view at the
             slice) and out_batch_stride= (conv2d, max/avg pooling, relu / leaky relu / sigmoid /
             tanh, batch norm, fused conv / batch norm + neuron, an eliminated nested concat;
-            see strided_op), their own gradients read the result with y_batch_stride=. The
+            see FilterNode.strided_out), their own gradients read the result with y_batch_stride=. The
             gradient's pieces reach gradients that read a strided incoming gradient (batch
             norm: grad_out_batch_stride=) as views (Graph._strided_grads); the others are
             copied by one split launch.
@@ -29,14 +29,15 @@ memory      the memory planner (see memory.py).
 """
 from __future__ import annotations
 
-import inspect
 from typing import Any
 
 import numpy as np
 
+from .. import functional as F
 from ..tensor import Tensor
 from . import memory as M
 from .nodes import (
+    NEURONS,
     BatchNormalizationNode,
     ConcatenationNode,
     ConvolutionNode,
@@ -46,39 +47,12 @@ from .nodes import (
     NeuronNode,
     SoftMaxNode,
     Value,
-    op,
 )
 
 STRATEGY: str | None = None  # force "arena" or "registers" (tests); None: arena where views exist
+# base node -> its op (named in the log): the ops that take activation= (a fused neuron)
 FUSABLE_NEURON = {ConvolutionNode: "conv2d", FullyConnectedNode: "linear",
                   BatchNormalizationNode: "batch_norm_with_stats"}
-
-
-def supports(opname: str, kw: str) -> bool:
-    """Whether the functional op takes keyword `kw` (e.g. a fused variant's activation=)."""
-    try:
-        return kw in inspect.signature(op(opname)).parameters
-    except (ValueError, TypeError, Exception):  # noqa: BLE001 - a missing op is "no"
-        return False
-
-
-def fused_activations() -> dict[str, int]:
-    """The neuron kinds the ops' activation= covers (pymetalnn.ops.neuron.ACTIVATIONS)."""
-    try:
-        from ..ops.neuron import ACTIVATIONS
-    except ImportError:
-        return {}
-    return ACTIVATIONS
-
-
-def grad_from_output(neuron: NeuronNode) -> bool:
-    """Whether the neuron's gradient can be computed from its output alone (an op
-    `<neuron>_backward_from_output` exists; leaky relu also needs a slope >= 0)."""
-    from .nodes import NEURONS, has_op
-
-    if neuron.kind == "leaky_relu" and neuron.params.get("negative_slope", 0.01) < 0:
-        return False
-    return has_op(NEURONS[neuron.kind][0] + "_backward_from_output")
 
 
 class FusedNeuronNode(FilterNode):
@@ -109,6 +83,9 @@ class FusedNeuronNode(FilterNode):
     def _act_in_base(self) -> bool:
         return self.base.activation_in_backward(self.neuron)
 
+    def strided_out(self):
+        return self.base.strided_out()
+
     def strided_grad(self):
         return self._act_in_base and self.base.strided_grad()
 
@@ -125,12 +102,10 @@ class FusedNeuronNode(FilterNode):
             return self.base.backward(rc, gouts, saved, need,
                                       activation=(n.kind, dict(n.params)))
         y = saved[-1]
-        from .nodes import NEURONS
-
         # y in a channel slice of an eliminated concatenation (batch > 1): images that far apart
         ns = rc.state.get(("out_nstride", self))
         kw = {"y_batch_stride": ns} if ns else {}
-        gy = op(NEURONS[n.kind][0] + "_backward_from_output", n)(gouts[0], y, **n.params, **kw)
+        gy = NEURONS[n.kind].from_output(gouts[0], y, **n.params, **kw)
         return self.base.backward(rc, [gy], saved[:-1], need)
 
 
@@ -170,15 +145,11 @@ def rewrite_forward(g: Any) -> list[FilterNode]:
             continue
         neuron = cs[0]
         opname = FUSABLE_NEURON[base_cls]
-        if not supports(opname, "activation"):
-            g.note_once(f"fuse: {n.name} + {neuron.name} not fused: {opname} has no fused-neuron "
-                    f"variant (needs {opname}(..., activation=))")
+        if neuron.kind not in F.ACTIVATIONS:
+            g.note_once(f"fuse: {n.name} + {neuron.name} not fused: {opname}(..., activation=) "
+                        f"does not cover {neuron.kind} (only {', '.join(F.ACTIVATIONS)})")
             continue
-        if neuron.kind not in fused_activations():
-            g.note_once(f"fuse: {n.name} + {neuron.name} not fused: {opname}(..., activation=) does "
-                    f"not cover {neuron.kind} (only {', '.join(fused_activations())})")
-            continue
-        if g.training and not grad_from_output(neuron):
+        if g.training and not neuron.grad_from_output:
             g.note_once(f"fuse: {n.name} + {neuron.name} not fused: the {neuron.kind} gradient needs "
                     "the pre-activation")
             continue
@@ -365,22 +336,6 @@ STRIDED = "slices along dim 1 are strided"
 MISALIGNED = "would start at a misaligned offset"
 
 
-def strided_op(node: Any) -> str | None:
-    """The op of a forward node that can write its result with a batch stride (out=,
-    out_batch_stride=), or None."""
-    from .nodes import NEURONS, PoolingAverageNode, PoolingMaxNode
-
-    ops = {ConvolutionNode: "conv2d", PoolingMaxNode: "max_pool2d",
-           PoolingAverageNode: "avg_pool2d", BatchNormalizationNode: "batch_norm_with_stats"}
-    if isinstance(node, FusedNeuronNode):
-        name = ops.get(type(node.base)) if type(node.base) in FUSABLE_NEURON else None
-        return name if name is not None and supports(name, "out") else None
-    name = ops.get(type(node))
-    if isinstance(node, NeuronNode) and node.kind in NEURONS:
-        name = NEURONS[node.kind][0]
-    return name if name is not None and supports(name, "out") else None
-
-
 def _concat_strided_ok(g: Any, i: int, st: Any, tensors: dict, alias: dict, routable: set,
                        children: set, roots: dict, expect_idx: dict, strided_cats: set
                        ) -> tuple[str, list]:
@@ -389,8 +344,6 @@ def _concat_strided_ok(g: Any, i: int, st: Any, tensors: dict, alias: dict, rout
     in the result, batch stride in elements, calibration key of its output request)]). A source
     made by a concat already eliminated that way (strided_cats) is a producer too: its own
     producers then write into this result."""
-    from .nodes import NEURONS
-
     out = st.outs[0]
     t = tensors.get(out)
     if t is None or out not in routable:
@@ -411,7 +364,7 @@ def _concat_strided_ok(g: Any, i: int, st: Any, tensors: dict, alias: dict, rout
         if j is None or steps[j].outs[0] is not v:
             return f"source {v.name} is not the first result of a forward step", []
         node = steps[j].node
-        if j not in strided_cats and strided_op(node) is None:
+        if j not in strided_cats and not node.strided_out():
             return f"{node.name} ({type(node).__name__}) cannot write a strided slice (its op " \
                    "has no out=, out_batch_stride=)", []
         for k, s2 in enumerate(steps):
@@ -421,7 +374,7 @@ def _concat_strided_ok(g: Any, i: int, st: Any, tensors: dict, alias: dict, rout
             neuron = node.neuron if isinstance(node, FusedNeuronNode) else \
                 node if isinstance(node, NeuronNode) and node.from_output else None
             own = s2.kind == "gradient" and s2.node.forward is node and neuron is not None and \
-                supports(NEURONS[neuron.kind][0] + "_backward_from_output", "y_batch_stride")
+                NEURONS[neuron.kind].from_output is not None
             if not own:
                 return f"{s2.name} ({s2.kind}) reads {v.name}", []
         key = next((key for key, r in expect_idx.get(j, []) if r is v), None)

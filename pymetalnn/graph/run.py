@@ -14,13 +14,14 @@ from typing import TYPE_CHECKING, Any, Callable
 
 import numpy as np
 
+from .. import functional as F
 from ..runtime import Device
 from ..runtime.errors import AsyncError
 from ..tensor import Tensor, int32
 from . import memory as M
 from .datasource import DataSource
 from .errors import GraphError
-from .nodes import FilterNode, GradientNode, ImageNode, LabelsNode, UpdateNode, Value, op
+from .nodes import FilterNode, GradientNode, ImageNode, LabelsNode, UpdateNode, Value
 
 if TYPE_CHECKING:
     from .build import Step
@@ -142,7 +143,7 @@ class RunContext:
 
 # ---- compiled programs --------------------------------------------------------------------------
 
-class _Program:
+class Program:
     """What depends on the batch size: the memory plan (after a calibration run)."""
 
     def __init__(self, batch: int):
@@ -172,7 +173,7 @@ class GraphRunner:
     """Graph's running part: inputs, encode / run, the step loop."""
 
     def _init_running(self) -> None:
-        self._programs: dict[int, _Program] = {}
+        self._programs: dict[int, Program] = {}
         self._consts: dict[Any, Tensor] = {}
         self._sem = threading.BoundedSemaphore(self.in_flight)
         self._cbq: queue.Queue | None = None
@@ -218,13 +219,13 @@ class GraphRunner:
         loss = self._loss_of.get(v)
         if isinstance(x, LossLabels):
             x = x.labels
+        if loss is not None and hasattr(loss, "bind_labels"):  # a loss that checks its own labels
+            return loss.bind_labels(self, v, x)
         if loss is None or not loss.class_labels:
             return self._bind_input(v, x)
-        from ..ops.loss import Labels
-
         c = self.resolve(loss.sources[0]).shape[1]
         ii = loss.options.get("ignore_index", -100)
-        if isinstance(x, Labels) and x.num_classes == c and x.ignore_index == ii:
+        if isinstance(x, F.Labels) and x.num_classes == c and x.ignore_index == ii:
             t, shape = x, x.shape
         else:
             t, arr = None, x.numpy() if isinstance(x, Tensor) else np.asarray(x)
@@ -239,7 +240,7 @@ class GraphRunner:
         if shape != v.full_shape(n):
             raise GraphError(v, f"labels of shape {shape}, expected {v.full_shape(max(n, 1))}"
                                 f" (the loss {loss.name} reads class labels)")
-        return t if t is not None else Labels(self._upload(arr.astype(np.int32), int32), c, ii)
+        return t if t is not None else F.Labels(self._upload(arr.astype(np.int32), int32), c, ii)
 
     def labels(self, labels: Any) -> Any:
         """Put labels on the device ahead of time (checked once), e.g. to encode without any
@@ -395,7 +396,7 @@ class GraphRunner:
         batch = self._batch_of(env)
         prog = self._programs.get(batch)
         if prog is None:
-            prog = self._programs[batch] = _Program(batch)
+            prog = self._programs[batch] = Program(batch)
         if prog.arena is not None:  # per-step values, written before read: a failed earlier
             self.device.forget_failures(prog.arena)  # step does not fail this one
         step_no = self._steps_encoded
@@ -406,7 +407,7 @@ class GraphRunner:
         self._last = h
         return h
 
-    def _execute(self, prog: _Program, env: dict[Value, Any], rc: RunContext,
+    def _execute(self, prog: Program, env: dict[Value, Any], rc: RunContext,
                  keep_alloc: list | None = None) -> list[Any]:
         plan_memory = self.options["memory"] and prog.calibrated and bool(prog.expect)
         # the first run of a batch size warms the ops' caches; the second one calibrates
@@ -459,7 +460,7 @@ class GraphRunner:
             _plan(self, prog, calib)
         return [env[self.resolve(v)] for v in self.outputs]
 
-    def _check_routed(self, st: Step, i: int, prog: _Program, outs: list[Any]) -> None:
+    def _check_routed(self, st: Step, i: int, prog: Program, outs: list[Any]) -> None:
         for k, slot in prog.checks[i]:
             t = outs[k]
             if not isinstance(t, Tensor) or not M.same_slot(t.buffer, slot):
@@ -484,10 +485,9 @@ class GraphRunner:
             gins, wgrads = f.backward(rc, gouts, ins[st.ngrads:], st.need)
             return [g for g, nd in zip(gins, st.need) if nd] + list(wgrads)
         if st.kind == "sum":
-            add = op("add", n)
             acc = ins[0]
             for t in ins[1:]:
-                acc = add(acc, t)
+                acc = F.add(acc, t)
             return [acc]
         if st.kind == "update" and st.group is not None:
             st.group.run(self, rc, ins)

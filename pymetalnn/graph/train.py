@@ -1,7 +1,7 @@
-"""The training loop of the talk: epochs of batch iterations (double buffered: each step is
-encoded while the device runs the previous one), test-set accuracy after every epoch with an
-inference graph sharing the weights, an early stop at a target accuracy, a plain-text progress
-bar, and a history that can be plotted.
+"""The training loop of MPSNNGraph's demos (WWDC 2018 session 609): epochs of batch iterations
+(double buffered: each step is encoded while the device runs the previous one), test-set
+accuracy after every epoch with an inference graph sharing the weights, an early stop at a target
+accuracy, a plain-text progress bar, and a history that can be plotted.
 
     hist = fit(tg, (x_train, y_train), epochs=5, batch_size=64,
                test=(x_test, y_test), target_accuracy=0.98)

@@ -12,7 +12,7 @@ import numpy as np
 from ..params import CONST
 from ..runtime import Buffer, Device, Kernel
 from ..runtime import device as default_device
-from ..tensor import Tensor
+from ..tensor import Tensor, TensorLike
 from ..tensor import as_tensor as _as_tensor
 from ..tensor import empty as _empty
 from ..tensor import zeros as _zeros
@@ -90,7 +90,7 @@ _KERNEL_MEMO: dict[tuple[Device, str, str], Kernel] = {}
 _ALLOWED: dict[tuple, list[np.dtype]] = {}  # tensor_arg's dtypes tuple -> its np.dtype list
 
 
-def tensor_arg(x: Any, dev: Device, name: str, dtypes: Iterable[Any] | None = None,
+def tensor_arg(x: TensorLike, dev: Device, name: str, dtypes: Iterable[Any] | None = None,
                ndim: int | tuple[int, ...] | None = None) -> Tensor:
     """Validate one tensor argument: device, dtype, number of dimensions. Errors name `name`."""
     t = as_tensor(x, dev, name)
@@ -252,8 +252,8 @@ def suffix(dtype: Any) -> str:
     return DTYPE_SUFFIX[np.dtype(dtype)]
 
 
-def strided_out(out: Any, out_batch_stride: Any, shape: tuple[int, ...], dtype: Any, dev: Device
-                ) -> tuple[Tensor, int]:
+def strided_out(out: Tensor | None, out_batch_stride: Any, shape: tuple[int, ...], dtype: Any,
+                dev: Device) -> tuple[Tensor, int]:
     """The destination of a forward op's result of `shape` (N, ...): a new tensor, or `out=`, a
     tensor whose buffer starts at the result's first element (e.g. a BufferView-backed Tensor at
     a channel slice of a larger NCHW tensor) with `out_batch_stride` elements between
@@ -326,19 +326,23 @@ def matrix_hw(dev: Device) -> bool:
     if forced is not None:
         return bool(forced)
     import os
-    import platform
 
     env = os.environ.get("PYMETALNN_SIMDGROUP_MATRIX")
     if env in ("0", "1"):
         return env == "1"
     if dev.name == "metal":
-        return platform.machine() == "arm64"
+        return bool(getattr(dev, "apple_gpu", False))
     return dev.name == "cuda"
+
+
+def fits_threadgroup_memory(dev: Device, k: Kernel) -> bool:
+    """Whether kernel `k`'s threadgroup memory fits `dev`: Apple GPUs have 32 KiB, and the metal
+    backend knows each kernel's (pipeline creation fails past it); elsewhere always."""
+    limit = getattr(dev, "max_threadgroup_memory", None)
+    return limit is None or getattr(k, "threadgroup_memory", 0) <= limit
 
 
 def matrix_capable(dev: Device) -> bool:
     """Whether kernels on simdgroup matrices can run on `dev` at all (matrix_hw says whether ops
     prefer them): everywhere but Metal devices without them (Intel/AMD Macs)."""
-    import platform
-
-    return dev.name != "metal" or platform.machine() == "arm64"
+    return dev.name != "metal" or bool(getattr(dev, "apple_gpu", False))

@@ -20,7 +20,7 @@ import numpy as np
 from ..params import MAXD, ArithParams, ReduceParams
 from ..runtime import Device, Kernel
 from ..runtime.core import MAX_GRID_THREADS
-from ..tensor import Tensor, tensor
+from ..tensor import Tensor, TensorLike, tensor
 from ._common import (
     FLOATS,
     MAX_ELEMS_U32,
@@ -51,7 +51,8 @@ Dims = Union[int, Sequence[int], None]
 
 
 # ---- shape helpers ----------------------------------------------------------------------------
-def broadcast_shapes(sa: tuple[int, ...], sb: tuple[int, ...], names: str = "a, b") -> tuple[int, ...]:
+def broadcast_shapes(sa: tuple[int, ...], sb: tuple[int, ...], names: str = "a, b"
+                     ) -> tuple[int, ...]:
     """numpy/torch broadcasting: align on the right, a size-1 dim stretches to the other's size."""
     nd = max(len(sa), len(sb))
     pa = (1,) * (nd - len(sa)) + tuple(sa)
@@ -96,7 +97,7 @@ def merge_dims(sizes: Sequence[int], strides: Sequence[Sequence[int]],
     return out
 
 
-def _operand(x: Any, dev: Device, name: str, dtype: Any = None) -> Tensor | None:
+def _operand(x: TensorLike, dev: Device, name: str, dtype: Any = None) -> Tensor | None:
     """A tensor operand, or None for a Python number (materialized later with the right dtype)."""
     if isinstance(x, (bool, np.bool_)):
         raise ValueError(f"{name}: bool is not a number operand here")
@@ -266,7 +267,7 @@ def div(a: Operand, b: Operand) -> Tensor:
     return _binary("div", a, b)
 
 
-def _binary_backward(op: str, grad_out: Any, a: Operand, b: Operand
+def _binary_backward(op: str, grad_out: TensorLike, a: Operand, b: Operand
                      ) -> tuple[Tensor | None, Tensor | None]:
     a_t, b_t, a_is, b_is, dev = _binary_args(a, b)
     out_shape = broadcast_shapes(a_t.shape, b_t.shape)
@@ -307,23 +308,27 @@ def _binary_backward(op: str, grad_out: Any, a: Operand, b: Operand
     return (grad("a") if a_is else None), (grad("b") if b_is else None)
 
 
-def add_backward(grad_out: Any, a: Operand, b: Operand) -> tuple[Tensor | None, Tensor | None]:
+def add_backward(grad_out: TensorLike, a: Operand, b: Operand
+                 ) -> tuple[Tensor | None, Tensor | None]:
     """(dL/da, dL/db) of out = a + b: grad_out summed over the dims each operand was broadcast
     along, reshaped to its shape; None for a Python-number operand."""
     return _binary_backward("add", grad_out, a, b)
 
 
-def sub_backward(grad_out: Any, a: Operand, b: Operand) -> tuple[Tensor | None, Tensor | None]:
+def sub_backward(grad_out: TensorLike, a: Operand, b: Operand
+                 ) -> tuple[Tensor | None, Tensor | None]:
     """(dL/da, dL/db) of out = a - b: (reduce(g), -reduce(g)) over broadcast dims."""
     return _binary_backward("sub", grad_out, a, b)
 
 
-def mul_backward(grad_out: Any, a: Operand, b: Operand) -> tuple[Tensor | None, Tensor | None]:
+def mul_backward(grad_out: TensorLike, a: Operand, b: Operand
+                 ) -> tuple[Tensor | None, Tensor | None]:
     """(dL/da, dL/db) of out = a * b: (reduce(g * b), reduce(g * a)) over broadcast dims."""
     return _binary_backward("mul", grad_out, a, b)
 
 
-def div_backward(grad_out: Any, a: Operand, b: Operand) -> tuple[Tensor | None, Tensor | None]:
+def div_backward(grad_out: TensorLike, a: Operand, b: Operand
+                 ) -> tuple[Tensor | None, Tensor | None]:
     """(dL/da, dL/db) of out = a / b: (reduce(g / b), reduce(-g * a / b^2)) over broadcast dims."""
     return _binary_backward("div", grad_out, a, b)
 
@@ -355,7 +360,7 @@ def _reduced_shape(shape: tuple[int, ...], axes: tuple[int, ...], keepdim: bool)
     return tuple(n for d, n in enumerate(shape) if d not in axes)
 
 
-def _sum(x: Any, dim: Dims, keepdim: bool, mean: bool) -> Tensor:
+def _sum(x: TensorLike, dim: Dims, keepdim: bool, mean: bool) -> Tensor:
     dev = pick_device(x)
     x = tensor_arg(x, dev, "x", FLOATS)
     check_u32_size(x, "x")
@@ -367,17 +372,18 @@ def _sum(x: Any, dim: Dims, keepdim: bool, mean: bool) -> Tensor:
     return out.reshape(_reduced_shape(x.shape, axes, keepdim))
 
 
-def sum(x: Any, dim: Dims = None, keepdim: bool = False) -> Tensor:  # noqa: A001
+def sum(x: TensorLike, dim: Dims = None, keepdim: bool = False) -> Tensor:  # noqa: A001
     """out = sum of x over `dim` (None: all dims), as torch.sum; float accumulation."""
     return _sum(x, dim, keepdim, False)
 
 
-def mean(x: Any, dim: Dims = None, keepdim: bool = False) -> Tensor:
+def mean(x: TensorLike, dim: Dims = None, keepdim: bool = False) -> Tensor:
     """out = sum of x over `dim` / (number of elements summed), as torch.mean."""
     return _sum(x, dim, keepdim, True)
 
 
-def _sum_backward(grad_out: Any, x: Any, dim: Dims, keepdim: bool, mean: bool) -> Tensor:
+def _sum_backward(grad_out: TensorLike, x: TensorLike, dim: Dims, keepdim: bool, mean: bool
+                  ) -> Tensor:
     dev = pick_device(grad_out, x)
     x = tensor_arg(x, dev, "x", FLOATS)
     g = tensor_arg(grad_out, dev, "grad_out", [x.dtype])
@@ -391,11 +397,13 @@ def _sum_backward(grad_out: Any, x: Any, dim: Dims, keepdim: bool, mean: bool) -
     return _ew("scale_fwd", x.shape, [g], alpha)
 
 
-def sum_backward(grad_out: Any, x: Any, dim: Dims = None, keepdim: bool = False) -> Tensor:
+def sum_backward(grad_out: TensorLike, x: TensorLike, dim: Dims = None, keepdim: bool = False
+                 ) -> Tensor:
     """dL/dx of out = sum(x, dim, keepdim): grad_out broadcast back over the summed dims."""
     return _sum_backward(grad_out, x, dim, keepdim, False)
 
 
-def mean_backward(grad_out: Any, x: Any, dim: Dims = None, keepdim: bool = False) -> Tensor:
+def mean_backward(grad_out: TensorLike, x: TensorLike, dim: Dims = None, keepdim: bool = False
+                  ) -> Tensor:
     """dL/dx of out = mean(x, dim, keepdim): grad_out / count broadcast over the reduced dims."""
     return _sum_backward(grad_out, x, dim, keepdim, True)

@@ -11,9 +11,10 @@ the weights tap-major so the tiles' weight loads coalesce), the tile shape picke
 wave model (_pick_tile); narrow ones (depthwise, fewer than 16 channels per group on the GEMM's
 column side) run one-output-per-thread kernels. 3x3 and 5x5 stride-1 float32 convs (undilated,
 one group, >= 16 channels each side) run Winograd F(4x4, 3x3) / F(2x2, 5x5) on cuda instead
-(kernels/conv_winograd.metal: memory-bound transforms around one batched GEMM of gemm.metal,
-2.25 multiply-adds per output and channel pair instead of 9, 9 instead of 25; measured faster on
-every such layer of InceptionV3 and LeNet, see WINOGRAD).
+(kernels/conv_winograd.metal, plans in ops/conv_winograd.py; this module decides when, see
+WINOGRAD: memory-bound transforms around one batched GEMM of gemm.metal, 2.25 multiply-adds per
+output and channel pair instead of 9, 9 instead of 25; measured faster on every such layer of
+InceptionV3 and LeNet).
 
 Precision (`accumulate=`): float32 tensors accumulate in float; float16 tensors accumulate in
 float by default ("float") or in half ("half", MPS-style fp16 accumulation: fastest, least
@@ -28,9 +29,10 @@ from typing import Any, Union
 
 import numpy as np
 
-from ..params import CONST, Conv2dParams, WinogradParams
+from ..params import CONST, Conv2dParams
 from ..runtime import Device
-from ..tensor import Tensor
+from ..tensor import Tensor, TensorLike
+from . import conv_winograd as wino
 from ._common import (
     FLOATS,
     MAX_GROUPS,
@@ -46,7 +48,6 @@ from ._common import (
     suffix,
     tensor_arg,
 )
-from .gemm import gemm_launches
 from .neuron import activation_backward, activation_code
 
 SOURCE = "conv.metal"
@@ -94,21 +95,51 @@ MAX_ELEMS = 2**31        # kernels use 32-bit offsets
 # any of the three: "wino2" / "wino4" (Winograd F(2x2, 3x3) / F(4x4, 3x3) where the conv is
 # eligible, the tiled kernels otherwise)}.
 FORCE: dict[str, str] = {}
-WINO_SOURCE = "conv_winograd.metal"
 # Winograd F(M x M, R x R) for stride-1 undilated ungrouped float32 convs with square kernels:
-# per op and kernel size R, the output tile M used on cuda when the conv is eligible (0: never;
-# instantiated pairs: WINO_PAIRS). From benchmarks/dev_inception.py on an
-# NVIDIA H200 (2026-11-26, docs/results/h200-2026-11-26/dev_inception.log): F(4x4) beat the best
-# tiled kernel on all 18 eligible (layer, op) pairs of InceptionV3 at batch 32, by 1.01-3.3x,
-# and F(2x2) on every one of them; the model's conv time fell from 54.9 to 46.4 ms (cuDNN 44.1).
-# F(2x2, 5x5), same GPU and day, ms tiled -> Winograd: LeNet conv2 (N64, 32->64, 14x14) forward
-# 0.078 -> 0.048, input grad 0.104 -> 0.068, weight grad 0.080 -> 0.078; InceptionV3's 48->64
-# 35x35 (N32) 0.262 -> 0.161, 0.337 -> 0.193, 0.285 -> 0.216.
-# cpu and metal are unmeasured: there Winograd runs only when forced.
-WINOGRAD: dict[str, dict[int, int]] = {"fwd": {3: 4, 5: 2}, "data": {3: 4, 5: 2},
-                                       "weight": {3: 4, 5: 2}}
-WINO_PAIRS = {(2, 3), (4, 3), (2, 5)}  # (M, R) instantiated in conv_winograd.metal
-WINO_MIN_CHANNELS = 16     # both channel counts at least this (narrower GEMMs waste the tiles)
+# per op and kernel size R, the output tile M used on cuda when the conv is eligible (absent:
+# the direct/tiled kernels; instantiated pairs: conv_winograd.PAIRS). Speed, from
+# benchmarks/dev_inception.py on an NVIDIA H200 (2026-11-26,
+# docs/results/h200-2026-11-26/dev_inception.log): F(4x4) beat the best tiled kernel on all 18
+# eligible (layer, op) pairs of InceptionV3 at batch 32, by 1.01-3.3x, and F(2x2) on every one
+# of them; the model's conv time fell from 54.9 to 46.4 ms (cuDNN 44.1). F(2x2, 5x5), same GPU
+# and day, ms tiled -> Winograd: LeNet conv2 (N64, 32->64, 14x14) forward 0.078 -> 0.048, input
+# grad 0.104 -> 0.068, weight grad 0.080 -> 0.078; InceptionV3's 48->64 35x35 (N32) 0.262 ->
+# 0.161, 0.337 -> 0.193, 0.285 -> 0.216.
+# Accuracy decides first (pymetalnn/accuracy.py, docs/accuracy.md: within 10x of the direct
+# kernels' error and 1e-4 of max|reference|). Measured on cpu against float64 on bench_conv's
+# shapes, three seeds (error over the tiled kernels' on the same inputs): F(4x4, 3x3) forward
+# 7.2-9.2x, input grad 7.4-7.6x, weight grad 11-14x; F(2x2, 3x3) forward and input grad 0.3-0.4x,
+# weight grad 1.6-1.9x; F(2x2, 5x5) forward 2.6-3.4x, input grad 2.3-2.9x, weight grad 37-44x
+# (1.4-1.5e-5 of max|dw| on LeNet conv2). So by default ("budget") 3x3 weight
+# gradients run F(2x2, 3x3) and 5x5 ones the tiled kernels; set_winograd("fast") opts into
+# the fastest measured variants whatever their error, set_winograd("off") into none.
+# cpu and metal are unmeasured for speed: there Winograd runs only when forced.
+WINOGRAD_MODES: dict[str, dict[str, dict[int, int]]] = {
+    "budget": {"fwd": {3: 4, 5: 2}, "data": {3: 4, 5: 2}, "weight": {3: 2}},
+    "fast": {"fwd": {3: 4, 5: 2}, "data": {3: 4, 5: 2}, "weight": {3: 4, 5: 2}},
+    "off": {"fwd": {}, "data": {}, "weight": {}},
+}
+WINOGRAD: dict[str, dict[int, int]] = WINOGRAD_MODES["budget"]  # the table in use
+
+
+def set_winograd(mode: str) -> None:
+    """Which Winograd variants float32 convs run on cuda (the others run the tiled kernels):
+
+    - "budget" (default): only those within the fp32 accuracy budget (docs/accuracy.md):
+      F(4x4, 3x3) forward and input gradient, F(2x2, 3x3) weight gradient, F(2x2, 5x5) forward
+      and input gradient;
+    - "fast": the fastest measured, out of budget included: the 3x3 weight gradient by
+      F(4x4, 3x3) (11-14x the tiled kernels' error, up to 1e-5 of max|dw| on ResNet 3x3) and the
+      5x5 weight gradient by F(2x2, 5x5) (37-44x, ~1.5e-5 on LeNet conv2);
+    - "off": none.
+
+    Process-wide, like torch.backends.cudnn.allow_tf32; float16 convs never run Winograd.
+    """
+    global WINOGRAD
+    if mode not in WINOGRAD_MODES:
+        raise ValueError(f"mode: expected one of {', '.join(map(repr, WINOGRAD_MODES))}, got {mode!r}")
+    WINOGRAD = WINOGRAD_MODES[mode]
+
 
 Padding = Union[int, str, tuple]
 
@@ -173,7 +204,7 @@ def _same_dtype(t: Tensor, name: str, ref: Tensor) -> None:
         raise ValueError(f"{name}: dtype {t.dtype} does not match x ({ref.dtype})")
 
 
-def _bias(b: Any, dev: Device, x: Tensor, k: int) -> Tensor | None:
+def _bias(b: TensorLike | None, dev: Device, x: Tensor, k: int) -> Tensor | None:
     if b is None:
         return None
     b = tensor_arg(b, dev, "b", FLOATS, 1)
@@ -253,8 +284,9 @@ def _conv_geometry(xs: tuple[int, ...], ws: tuple[int, ...], stride: Any, paddin
     return ConvGeometry(n, c, h, w, k, oh, ow, kh, kw, st[0], st[1], pt, pl, dil[0], dil[1], g)
 
 
-def _conv_args(x: Any, w: Any, b: Any, stride: Any, padding: Padding, dilation: Any, groups: Any,
-               accumulate: str | None) -> tuple[Device, Tensor, Tensor, Tensor | None, ConvGeometry, str]:
+def _conv_args(x: TensorLike, w: TensorLike, b: TensorLike | None, stride: Any, padding: Padding,
+               dilation: Any, groups: Any, accumulate: str | None
+               ) -> tuple[Device, Tensor, Tensor, Tensor | None, ConvGeometry, str]:
     dev = pick_device(x, w, b)
     x = tensor_arg(x, dev, "x", FLOATS, 4)
     w = tensor_arg(w, dev, "w", FLOATS, 4)
@@ -267,7 +299,7 @@ def _conv_args(x: Any, w: Any, b: Any, stride: Any, padding: Padding, dilation: 
     return dev, x, w, b, geo, prec
 
 
-def _grad_arg(grad_out: Any, dev: Device, x: Tensor, shape: tuple[int, ...]) -> Tensor:
+def _grad_arg(grad_out: TensorLike, dev: Device, x: Tensor, shape: tuple[int, ...]) -> Tensor:
     gy = tensor_arg(grad_out, dev, "grad_out", FLOATS, len(shape))
     _same_dtype(gy, "grad_out", x)
     if gy.shape != shape:
@@ -366,7 +398,7 @@ def forward_plan(dev: Device, prec: str, geo: ConvGeometry, x: Tensor, w: Tensor
                  args)]
     m = _winograd("fwd", dev, geo, prec)
     if m:
-        return _wino_conv(dev, m, geo, False, x, w, b, y, act, out_nstride)
+        return wino.conv_plan(dev, m, geo, False, x, w, b, y, act, out_nstride)
     tile = _pick_tile("fwd", dev, geo.N * geo.OH * geo.OW, geo.Kg, geo.G, prec)
     bm, bn = tile_shape("fwd", tile)[:2]
     tiles = geo.G * cdiv(geo.N * geo.OH * geo.OW, bm) * cdiv(geo.Kg, bn)
@@ -397,7 +429,7 @@ def input_grad_plan(dev: Device, prec: str, geo: ConvGeometry, dy: Tensor, w: Te
                  min(dx.size, MAX_GROUPS * THREADS), args)]
     m = _winograd("data", dev, geo, prec)
     if m:
-        return _wino_conv(dev, m, geo, True, dy, w, b, dx, (0, 0.0), 0)
+        return wino.conv_plan(dev, m, geo, True, dy, w, b, dx, (0, 0.0), 0)
     rows = geo.N * cdiv(geo.H, geo.SH) * cdiv(geo.W, geo.SW)
     tile = _pick_tile("data", dev, rows, geo.Cg, geo.G * geo.SH * geo.SW, prec)
     bm, bn = tile_shape("data", tile)[:2]
@@ -409,9 +441,12 @@ def input_grad_plan(dev: Device, prec: str, geo: ConvGeometry, dy: Tensor, w: Te
 def _splits(red: int, base: int, step: int, target: int, cap: int | None = None,
             out_size: int = 1) -> tuple[int, int]:
     """(splits, chunk): cut a reduction of `red` terms into chunks (multiples of `step`, at most
-    `cap`) so that base * splits threadgroups come near `target`. The float workspace
-    (splits * out_size) stays within WORKSPACE_BYTES, which can stretch chunks past `cap`."""
-    splits = max(1, min(cdiv(target, base), cdiv(red, 4 * step)))
+    `cap`) so that base * splits threadgroups come near `target` without passing it: the target
+    is whole rounds of resident threadgroups, and overshooting it by less than one row of `base`
+    tiles (LeNet conv2's weight gradient on 132 SMs: 13 * 61 = 793 for 792) adds a round for a
+    handful of them. The float workspace (splits * out_size) stays within WORKSPACE_BYTES,
+    which can stretch chunks past `cap`."""
+    splits = max(1, min(target // base, cdiv(red, 4 * step)))
     chunk = cdiv(cdiv(red, splits), step) * step
     if cap is not None:
         chunk = min(chunk, cap)
@@ -438,7 +473,7 @@ def weight_grad_plan(dev: Device, prec: str, geo: ConvGeometry, dy: Tensor, x: T
     """dw of the conv `geo`: float partials over chunks of (n, oh, ow), then their ordered sum."""
     m = _winograd("weight", dev, geo, prec)
     if m:
-        return _wino_weight_grad(dev, m, geo, dy, x, dw)
+        return wino.weight_grad_plan(dev, m, geo, dy, x, dw)
     crs = geo.Cg * geo.KH * geo.KW
     tile = _pick_tile("weight", dev, geo.Kg, crs, geo.G, prec)
     bm, bn, bk = tile_shape("weight", tile)[:3]
@@ -461,15 +496,7 @@ def bias_grad_plan(dev: Device, dy: Tensor, db: Tensor, source: str = SOURCE) ->
     return [(k, _groups(splits * c), (dy.buffer, ws, p)), _reduce_launch(dev, ws, db, splits, source)]
 
 
-# ---- Winograd F(M x M, R x R) (kernels/conv_winograd.metal) -----------------------------------
-
-def _wino_eligible(geo: ConvGeometry, prec: str, m: int | None = None) -> bool:
-    """Whether the conv can run Winograd (F(m x m, ...) instantiated for its kernel, if m)."""
-    r = geo.KH
-    return (geo.KW == r and any(rr == r and (m is None or mm == m) for mm, rr in WINO_PAIRS)
-            and geo.SH == geo.SW == 1 and geo.DH == geo.DW == 1 and geo.G == 1
-            and prec == "float" and min(geo.C, geo.K) >= WINO_MIN_CHANNELS)
-
+# ---- Winograd F(M x M, R x R) (ops/conv_winograd.py) -------------------------------------------
 
 def _winograd(kind: str, dev: Device, geo: ConvGeometry, prec: str) -> int:
     """The Winograd tile M to use for op `kind` of `geo`, 0 for the direct/tiled kernels."""
@@ -478,77 +505,7 @@ def _winograd(kind: str, dev: Device, geo: ConvGeometry, prec: str) -> int:
         m = int(forced[4:]) if forced in ("wino2", "wino4") else 0
     else:
         m = WINOGRAD[kind].get(geo.KH, 0) if dev.name == "cuda" else 0
-    if not m or not _wino_eligible(geo, prec, m):
-        return 0
-    # every transformed matrix must stay within the kernels' 32-bit offsets
-    tiles = geo.N * cdiv(max(geo.OH, geo.H), m) * cdiv(max(geo.OW, geo.W), m)
-    return m if (m + geo.KH - 1) ** 2 * max(geo.C, geo.K) * tiles < MAX_ELEMS else 0
-
-
-def _wino_params(geo: ConvGeometry, m: int, flip: bool) -> WinogradParams:
-    """Params of the conv run by the transforms: the forward's, or (flip) the input gradient's
-    conv of dy (channels K -> C, size OH x OW -> H x W, padding R - 1 - pad)."""
-    p = WinogradParams()
-    if flip:
-        p.N, p.C, p.H, p.W, p.K, p.OH, p.OW = geo.N, geo.K, geo.OH, geo.OW, geo.C, geo.H, geo.W
-        p.PT, p.PL = geo.KH - 1 - geo.PT, geo.KW - 1 - geo.PL
-    else:
-        p.N, p.C, p.H, p.W, p.K, p.OH, p.OW = geo.N, geo.C, geo.H, geo.W, geo.K, geo.OH, geo.OW
-        p.PT, p.PL = geo.PT, geo.PL
-    p.TH, p.TW = cdiv(p.OH, m), cdiv(p.OW, m)
-    p.P = p.N * p.TH * p.TW
-    return p
-
-
-def _wino_filter_params(geo: ConvGeometry, flip: bool) -> WinogradParams:
-    p = WinogradParams()
-    p.K, p.C, p.flip = geo.K, geo.C, int(flip)
-    return p
-
-
-def _wino_tmp(dev: Device, *shapes: tuple[int, ...]) -> list[Tensor]:
-    """One op's transformed operands (float32), from the conv scratch (_common.scratch)."""
-    bufs = scratch(dev, [int(np.prod(s)) * 4 for s in shapes], SOURCE)
-    return [Tensor(b, s, np.float32) for b, s in zip(bufs, shapes)]
-
-
-def _wino_launch(dev: Device, m: int, geo: ConvGeometry, stage: str, total: int, *args: Any
-                 ) -> Launch:
-    return (kernel(dev, WINO_SOURCE, f"conv2d_wino{m}x{geo.KH}_{stage}_float"),
-            min(total, MAX_GROUPS * THREADS), args)
-
-
-def _wino_conv(dev: Device, m: int, geo: ConvGeometry, flip: bool, x: Tensor, w: Tensor,
-               b: Tensor | None, y: Tensor, act: tuple[int, float], out_nstride: int
-               ) -> list[Launch]:
-    """y = act(conv(x, w) + b) by F(m x m, R x R): filter and input transforms, alpha^2 GEMMs
-    Mt[xi] (K x P) = U[xi] (K x C) V[xi] (C x P), output transform. flip: the input gradient
-    (x is dy, w the conv's weights, y is dx)."""
-    p = _wino_params(geo, m, flip)
-    p.has_bias = int(b is not None)
-    p.act, p.act_alpha = act
-    p.out_nstride = out_nstride
-    a2 = (m + geo.KH - 1) ** 2
-    u, v, mt = _wino_tmp(dev, (a2, p.K, p.C), (a2, p.C, p.P), (a2, p.K, p.P))
-    return [_wino_launch(dev, m, geo, "filter", geo.K * geo.C, w.buffer, u.buffer,
-                         _wino_filter_params(geo, flip)),
-            _wino_launch(dev, m, geo, "input", p.C * p.P, x.buffer, v.buffer, p),
-            *gemm_launches(u, v, mt),
-            _wino_launch(dev, m, geo, "output", p.K * p.P, mt.buffer,
-                         b.buffer if b is not None else dummy(dev), y.buffer, p)]
-
-
-def _wino_weight_grad(dev: Device, m: int, geo: ConvGeometry, dy: Tensor, x: Tensor, dw: Tensor
-                      ) -> list[Launch]:
-    """dw by F(m x m, R x R): Z = A dY A^T and V = B^T d B per output tile, alpha^2 GEMMs
-    dU[xi] (K x C) = Z[xi] (K x P) V[xi]^T (reduced over the P tiles), dw = G^T dU G."""
-    p = _wino_params(geo, m, False)
-    a2 = (m + geo.KH - 1) ** 2
-    z, v, du = _wino_tmp(dev, (a2, p.K, p.P), (a2, p.C, p.P), (a2, p.K, p.C))
-    return [_wino_launch(dev, m, geo, "grad_output", p.K * p.P, dy.buffer, z.buffer, p),
-            _wino_launch(dev, m, geo, "input", p.C * p.P, x.buffer, v.buffer, p),
-            *gemm_launches(z, v, du, transpose_b=True),
-            _wino_launch(dev, m, geo, "filter_grad", geo.K * geo.C, du.buffer, dw.buffer, p)]
+    return m if m and wino.eligible(geo, prec, m) else 0
 
 
 def _forward(dev: Device, prec: str, geo: ConvGeometry, x: Tensor, w: Tensor, b: Tensor | None,
@@ -581,9 +538,10 @@ def _bias_grad(dev: Device, dy: Tensor) -> Tensor:
 
 # ---- public ops ---------------------------------------------------------------------------------
 
-def conv2d(x: Any, w: Any, b: Any = None, stride: Any = 1, padding: Padding = 0, dilation: Any = 1,
-           groups: int = 1, accumulate: str | None = None, activation: Any = None,
-           out: Any = None, out_batch_stride: int | None = None) -> Tensor:
+def conv2d(x: TensorLike, w: TensorLike, b: TensorLike | None = None, stride: Any = 1,
+           padding: Padding = 0, dilation: Any = 1, groups: int = 1, accumulate: str | None = None,
+           activation: Any = None, out: Tensor | None = None, out_batch_stride: int | None = None
+           ) -> Tensor:
     """2-D convolution (cross-correlation, as torch.nn.functional.conv2d), NCHW.
 
         y[n, k, oh, ow] = b[k] + sum_{c < C/G, r < KH, s < KW}
@@ -611,10 +569,10 @@ def conv2d(x: Any, w: Any, b: Any = None, stride: Any = 1, padding: Padding = 0,
     return _forward(dev, prec, geo, x, w, b, x.dtype, act, out, out_batch_stride)
 
 
-def conv2d_backward(grad_out: Any, x: Any, w: Any, b: Any = None, stride: Any = 1,
-                    padding: Padding = 0, dilation: Any = 1, groups: int = 1,
-                    accumulate: str | None = None, activation: Any = None, y: Any = None
-                    ) -> tuple[Tensor, Tensor, Tensor | None]:
+def conv2d_backward(grad_out: TensorLike, x: TensorLike, w: TensorLike, b: TensorLike | None = None,
+                    stride: Any = 1, padding: Padding = 0, dilation: Any = 1, groups: int = 1,
+                    accumulate: str | None = None, activation: Any = None,
+                    y: TensorLike | None = None) -> tuple[Tensor, Tensor, Tensor | None]:
     """Gradients of conv2d: (dL/dx, dL/dw, dL/db or None when b is None), given dL/dy.
 
         dx[n, c, h, w]  = sum_{k in c's group, r, s: h = oh*sh - pt + r*dh, w = ow*sw - pl + s*dw}
@@ -638,8 +596,21 @@ def conv2d_backward(grad_out: Any, x: Any, w: Any, b: Any = None, stride: Any = 
     return gx, gw, gb
 
 
-def _conv1d_args(x: Any, w: Any, stride: Any, padding: Padding, dilation: Any, dev: Device
-                 ) -> tuple[Tensor, Tensor, tuple, Padding, tuple]:
+def conv2d_weight_grad(grad_out: TensorLike, x: TensorLike, w: TensorLike,
+                       b: TensorLike | None = None, stride: Any = 1, padding: Padding = 0,
+                       dilation: Any = 1, groups: int = 1, accumulate: str | None = None
+                       ) -> tuple[Tensor, Tensor | None]:
+    """(dL/dw, dL/db or None when b is None) of conv2d: conv2d_backward without the input
+    gradient (dw, db as there), for a layer whose input gradient nothing reads (a network's first
+    convolution; the graph's dead-node pass)."""
+    dev, x, w, b, geo, prec = _conv_args(x, w, b, stride, padding, dilation, groups, accumulate)
+    gy = _grad_arg(grad_out, dev, x, (geo.N, geo.K, geo.OH, geo.OW))
+    gw = _weight_grad(dev, prec, geo, gy, x, x.dtype)
+    return gw, (_bias_grad(dev, gy) if b is not None else None)
+
+
+def _conv1d_args(x: TensorLike, w: TensorLike, stride: Any, padding: Padding, dilation: Any,
+                 dev: Device) -> tuple[Tensor, Tensor, tuple, Padding, tuple]:
     x = tensor_arg(x, dev, "x", FLOATS, 3)
     w = tensor_arg(w, dev, "w", FLOATS, 3)
     st = positive_ints(stride, 1, "stride")
@@ -660,8 +631,9 @@ def _conv1d_args(x: Any, w: Any, stride: Any, padding: Padding, dilation: Any, d
             w.reshape(w.shape[0], w.shape[1], 1, w.shape[2]), (1, st[0]), pad2, (1, dil[0]))
 
 
-def conv1d(x: Any, w: Any, b: Any = None, stride: Any = 1, padding: Padding = 0, dilation: Any = 1,
-           groups: int = 1, accumulate: str | None = None) -> Tensor:
+def conv1d(x: TensorLike, w: TensorLike, b: TensorLike | None = None, stride: Any = 1,
+           padding: Padding = 0, dilation: Any = 1, groups: int = 1, accumulate: str | None = None
+           ) -> Tensor:
     """1-D convolution, x (N, C, L), w (K, C/groups, KL) -> (N, K, OL):
 
         y[n, k, o] = b[k] + sum_{c, s} x[n, g*C/G + c, o*stride - pl + s*dilation] * w[k, c, s]
@@ -674,8 +646,8 @@ def conv1d(x: Any, w: Any, b: Any = None, stride: Any = 1, padding: Padding = 0,
     return y.reshape(y.shape[0], y.shape[1], y.shape[3])
 
 
-def conv1d_backward(grad_out: Any, x: Any, w: Any, b: Any = None, stride: Any = 1,
-                    padding: Padding = 0, dilation: Any = 1, groups: int = 1,
+def conv1d_backward(grad_out: TensorLike, x: TensorLike, w: TensorLike, b: TensorLike | None = None,
+                    stride: Any = 1, padding: Padding = 0, dilation: Any = 1, groups: int = 1,
                     accumulate: str | None = None) -> tuple[Tensor, Tensor, Tensor | None]:
     """Gradients of conv1d: (dL/dx, dL/dw, dL/db or None), the conv2d_backward kernels with H = 1."""
     dev = pick_device(grad_out, x, w, b)
@@ -687,8 +659,8 @@ def conv1d_backward(grad_out: Any, x: Any, w: Any, b: Any = None, stride: Any = 
                                                                         w4.shape[3]), gb
 
 
-def _transpose_args(x: Any, w: Any, b: Any, stride: Any, padding: Any, output_padding: Any,
-                    dilation: Any, groups: Any, accumulate: str | None
+def _transpose_args(x: TensorLike, w: TensorLike, b: TensorLike | None, stride: Any, padding: Any,
+                    output_padding: Any, dilation: Any, groups: Any, accumulate: str | None
                     ) -> tuple[Device, Tensor, Tensor, Tensor | None, ConvGeometry, str]:
     """Validate conv_transpose2d's arguments; the geometry returned is the conv view (its input is
     the transpose's output, its output the transpose's input, its weights w as given)."""
@@ -726,8 +698,8 @@ def _transpose_args(x: Any, w: Any, b: Any, stride: Any, padding: Any, output_pa
     return dev, x, w, b, geo, _precision(x.dtype, accumulate)
 
 
-def conv_transpose2d(x: Any, w: Any, b: Any = None, stride: Any = 1, padding: Any = 0,
-                     output_padding: Any = 0, dilation: Any = 1, groups: int = 1,
+def conv_transpose2d(x: TensorLike, w: TensorLike, b: TensorLike | None = None, stride: Any = 1,
+                     padding: Any = 0, output_padding: Any = 0, dilation: Any = 1, groups: int = 1,
                      accumulate: str | None = None) -> Tensor:
     """Transposed 2-D convolution (torch.nn.functional.conv_transpose2d), NCHW: the input gradient
     of conv2d. x (N, C_in, H, W), w (C_in, C_out/groups, KH, KW), b (C_out,) or None:
@@ -743,9 +715,10 @@ def conv_transpose2d(x: Any, w: Any, b: Any = None, stride: Any = 1, padding: An
     return _input_grad(dev, prec, geo, x, w, b, x.dtype)
 
 
-def conv_transpose2d_backward(grad_out: Any, x: Any, w: Any, b: Any = None, stride: Any = 1,
-                              padding: Any = 0, output_padding: Any = 0, dilation: Any = 1,
-                              groups: int = 1, accumulate: str | None = None
+def conv_transpose2d_backward(grad_out: TensorLike, x: TensorLike, w: TensorLike,
+                              b: TensorLike | None = None, stride: Any = 1, padding: Any = 0,
+                              output_padding: Any = 0, dilation: Any = 1, groups: int = 1,
+                              accumulate: str | None = None
                               ) -> tuple[Tensor, Tensor, Tensor | None]:
     """Gradients of conv_transpose2d: (dL/dx, dL/dw, dL/db or None), given dL/dy.
 

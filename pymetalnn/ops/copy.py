@@ -26,7 +26,7 @@ import numpy as np
 from ..params import MAXD, ConcatParams, CopyParams, PermuteParams, TransposeParams
 from ..runtime import Device
 from ..runtime.core import MAX_GRID_THREADS
-from ..tensor import Tensor
+from ..tensor import Tensor, TensorLike
 from ._common import (
     check_u32_size,
     kernel,
@@ -46,7 +46,7 @@ SplitArg = Union[int, Sequence[int]]
 
 
 # ---- helpers ----------------------------------------------------------------------------------
-def _arg(x: Any, dev: Device, name: str, dtypes: Any = MOVABLE) -> Tensor:
+def _arg(x: TensorLike, dev: Device, name: str, dtypes: Any = MOVABLE) -> Tensor:
     t = tensor_arg(x, dev, name, dtypes)
     check_u32_size(t, name)
     return t
@@ -141,7 +141,7 @@ def _around(shape: tuple[int, ...], d: int) -> tuple[int, int]:
 
 
 # ---- copy / cast ------------------------------------------------------------------------------
-def copy(x: Any) -> Tensor:
+def copy(x: TensorLike) -> Tensor:
     """A new tensor with x's shape, dtype and values."""
     x = _arg(x, pick_device(x), "x")
     out = out_like(x.shape, x.dtype, x.device)
@@ -149,7 +149,7 @@ def copy(x: Any) -> Tensor:
     return out
 
 
-def cast(x: Any, dtype: Any) -> Tensor:
+def cast(x: TensorLike, dtype: Any) -> Tensor:
     """x converted to `dtype` (float32 <-> float16, round to nearest even; same dtype: a copy)."""
     dev = pick_device(x)
     x = _arg(x, dev, "x", (np.float32, np.float16))
@@ -164,7 +164,7 @@ def cast(x: Any, dtype: Any) -> Tensor:
     return out
 
 
-def cast_backward(grad_out: Any, x: Any, dtype: Any) -> Tensor:
+def cast_backward(grad_out: TensorLike, x: TensorLike, dtype: Any) -> Tensor:
     """dL/dx of cast(x, dtype): grad_out cast back to x's dtype."""
     dev = pick_device(grad_out, x)
     x = _arg(x, dev, "x", (np.float32, np.float16))
@@ -228,17 +228,38 @@ def _sections(split: SplitArg, length: int) -> list[int]:
     return [int(s) for s in sizes]
 
 
-def split(x: Any, split_size_or_sections: SplitArg, dim: int = 0) -> list[Tensor]:
+def split(x: TensorLike, split_size_or_sections: SplitArg, dim: int = 0, *,
+          x_batch_stride: int | None = None, need: Sequence[bool] | None = None
+          ) -> list[Tensor | None]:
     """Pieces of x along `dim` (as torch.split): an int gives pieces of that size (the last may be
-    smaller); a list gives the sizes."""
+    smaller); a list gives the sizes.
+
+    x_batch_stride (dim 1 only): elements between x's images as stored (None: contiguous), for an
+    x that is itself a channel slice of a larger tensor (its images further apart than C * inner).
+    need: one bool per piece; a piece whose entry is False is not copied (None in its place).
+    """
     x = _arg(x, pick_device(x), "x")
     if x.ndim == 0:
         raise ValueError("x: a zero-dimensional tensor cannot be split")
     d = _dim(dim, x.ndim)
     sizes = _sections(split_size_or_sections, x.shape[d])
     rows, inner = _around(x.shape, d)
-    outs, off = [], 0
-    if rows == 1 and len(sizes) > 1 and x.device.supports_views:
+    pitch = x.shape[d] * inner
+    if x_batch_stride is not None:
+        if d != 1:
+            raise ValueError(f"x_batch_stride: only for dim 1, got dim {dim}")
+        if isinstance(x_batch_stride, bool) or not isinstance(x_batch_stride, (int, np.integer)) \
+                or x_batch_stride < pitch:
+            raise ValueError(f"x_batch_stride: expected an int >= {pitch} (an image's elements), "
+                             f"got {x_batch_stride!r}")
+        pitch = int(x_batch_stride)
+    if need is not None:
+        need = [bool(n) for n in need]
+        if len(need) != len(sizes):
+            raise ValueError(f"need: {len(need)} entries for {len(sizes)} pieces")
+    outs: list[Tensor | None] = []
+    off = 0
+    if rows == 1 and len(sizes) > 1 and x.device.supports_views and need is None:
         # the pieces are consecutive slabs of x: one copy, and each piece a view of its slab
         whole = copy(x)
         isz = x.dtype.itemsize
@@ -248,16 +269,19 @@ def split(x: Any, split_size_or_sections: SplitArg, dim: int = 0) -> list[Tensor
             off += s
         return outs
     parts = []
-    for s in sizes:
-        piece = out_like(x.shape[:d] + (s,) + x.shape[d + 1:], x.dtype, x.device)
-        parts.append((piece, s * inner, off * inner))
-        outs.append(piece)
+    for k, s in enumerate(sizes):
+        if need is None or need[k]:
+            piece = out_like(x.shape[:d] + (s,) + x.shape[d + 1:], x.dtype, x.device)
+            parts.append((piece, s * inner, off * inner))
+            outs.append(piece)
+        else:
+            outs.append(None)
         off += s
-    _parts("split", x, rows, x.shape[d] * inner, parts)
+    _parts("split", x, rows, pitch, parts)
     return outs
 
 
-def concat_backward(grad_out: Any, tensors: Sequence[Any], dim: int = 0) -> list[Tensor]:
+def concat_backward(grad_out: TensorLike, tensors: Sequence[Any], dim: int = 0) -> list[Tensor]:
     """dL/d tensors[i] of concat(tensors, dim): the matching slabs of grad_out."""
     dev = pick_device(grad_out, *tensors) if isinstance(tensors, (list, tuple)) else pick_device()
     ts = _tensor_list(tensors, dev, "tensors")
@@ -269,7 +293,7 @@ def concat_backward(grad_out: Any, tensors: Sequence[Any], dim: int = 0) -> list
     return split(g, [t.shape[d] for t in ts], d)
 
 
-def split_backward(grad_outs: Sequence[Any], x: Any, split_size_or_sections: SplitArg,
+def split_backward(grad_outs: Sequence[Any], x: TensorLike, split_size_or_sections: SplitArg,
                    dim: int = 0) -> Tensor:
     """dL/dx of split(x, ...): the pieces' gradients joined along `dim`."""
     dev = pick_device(x, *grad_outs) if isinstance(grad_outs, (list, tuple)) else pick_device(x)
@@ -298,7 +322,7 @@ def stack(tensors: Sequence[Any], dim: int = 0) -> Tensor:
     return concat([t.reshape(t.shape[:d] + (1,) + t.shape[d:]) for t in ts], d)
 
 
-def unbind(x: Any, dim: int = 0) -> list[Tensor]:
+def unbind(x: TensorLike, dim: int = 0) -> list[Tensor]:
     """The slices of x along `dim`, that dim removed (as torch.unbind)."""
     x = _arg(x, pick_device(x), "x")
     if x.ndim == 0:
@@ -308,7 +332,7 @@ def unbind(x: Any, dim: int = 0) -> list[Tensor]:
     return [p.reshape(shape) for p in split(x, 1, d)] if x.shape[d] else []
 
 
-def stack_backward(grad_out: Any, tensors: Sequence[Any], dim: int = 0) -> list[Tensor]:
+def stack_backward(grad_out: TensorLike, tensors: Sequence[Any], dim: int = 0) -> list[Tensor]:
     """dL/d tensors[i] of stack(tensors, dim): the slices of grad_out."""
     dev = pick_device(grad_out, *tensors) if isinstance(tensors, (list, tuple)) else pick_device()
     ts = _tensor_list(tensors, dev, "tensors")
@@ -320,7 +344,7 @@ def stack_backward(grad_out: Any, tensors: Sequence[Any], dim: int = 0) -> list[
     return unbind(g, d)
 
 
-def unbind_backward(grad_outs: Sequence[Any], x: Any, dim: int = 0) -> Tensor:
+def unbind_backward(grad_outs: Sequence[Any], x: TensorLike, dim: int = 0) -> Tensor:
     """dL/dx of unbind(x, dim): the slices' gradients stacked along `dim`."""
     dev = pick_device(x, *grad_outs) if isinstance(grad_outs, (list, tuple)) else pick_device(x)
     x = _arg(x, dev, "x")
@@ -335,7 +359,7 @@ def unbind_backward(grad_outs: Sequence[Any], x: Any, dim: int = 0) -> Tensor:
     return stack(gs, d)
 
 
-def sequence_to_list(x: Any) -> list[Tensor]:
+def sequence_to_list(x: TensorLike) -> list[Tensor]:
     """A time-major sequence (T, N, F) as T matrices (N, F): [time][batch, features]."""
     x = _arg(x, pick_device(x), "x")
     if x.ndim != 3:
@@ -352,12 +376,12 @@ def list_to_sequence(steps: Sequence[Any]) -> Tensor:
     return stack(ts, 0)
 
 
-def sequence_to_list_backward(grad_outs: Sequence[Any], x: Any) -> Tensor:
+def sequence_to_list_backward(grad_outs: Sequence[Any], x: TensorLike) -> Tensor:
     """dL/dx of sequence_to_list(x): the steps' gradients stacked into (T, N, F)."""
     return unbind_backward(grad_outs, x, 0)
 
 
-def list_to_sequence_backward(grad_out: Any, steps: Sequence[Any]) -> list[Tensor]:
+def list_to_sequence_backward(grad_out: TensorLike, steps: Sequence[Any]) -> list[Tensor]:
     """dL/d steps[t] of list_to_sequence(steps): grad_out's time slices."""
     return stack_backward(grad_out, steps, 0)
 
@@ -408,13 +432,13 @@ def _permute(x: Tensor, p: tuple[int, ...]) -> Tensor:
     return out
 
 
-def permute(x: Any, dims: Sequence[int]) -> Tensor:
+def permute(x: TensorLike, dims: Sequence[int]) -> Tensor:
     """out with out.shape[k] = x.shape[dims[k]] (as torch.permute, but a contiguous copy)."""
     x = _arg(x, pick_device(x), "x")
     return _permute(x, _perm(dims, x.ndim))
 
 
-def permute_backward(grad_out: Any, x: Any, dims: Sequence[int]) -> Tensor:
+def permute_backward(grad_out: TensorLike, x: TensorLike, dims: Sequence[int]) -> Tensor:
     """dL/dx of permute(x, dims): grad_out permuted by the inverse permutation."""
     dev = pick_device(grad_out, x)
     x = _arg(x, dev, "x")
@@ -435,48 +459,48 @@ def _swap(ndim: int, d0: int, d1: int) -> tuple[int, ...]:
     return tuple(p)
 
 
-def transpose(x: Any, dim0: int, dim1: int) -> Tensor:
+def transpose(x: TensorLike, dim0: int, dim1: int) -> Tensor:
     """x with dims dim0 and dim1 exchanged (as torch.transpose, but a contiguous copy)."""
     x = _arg(x, pick_device(x), "x")
     return _permute(x, _swap(x.ndim, _dim(dim0, x.ndim, "dim0"), _dim(dim1, x.ndim, "dim1")))
 
 
-def transpose_backward(grad_out: Any, x: Any, dim0: int, dim1: int) -> Tensor:
+def transpose_backward(grad_out: TensorLike, x: TensorLike, dim0: int, dim1: int) -> Tensor:
     """dL/dx of transpose(x, dim0, dim1): grad_out transposed back."""
     x = _arg(x, pick_device(grad_out, x), "x")
     return permute_backward(grad_out, x, _swap(x.ndim, _dim(dim0, x.ndim, "dim0"),
                                                _dim(dim1, x.ndim, "dim1")))
 
 
-def _seq3(x: Any, name: str) -> Tensor:
+def _seq3(x: TensorLike, name: str) -> Tensor:
     t = _arg(x, pick_device(x), name)
     if t.ndim != 3:
         raise ValueError(f"{name}: expected 3 dimensions, got shape {t.shape}")
     return t
 
 
-def to_time_major(x: Any) -> Tensor:
+def to_time_major(x: TensorLike) -> Tensor:
     """(N, T, F) batch-first -> (T, N, F) time-major."""
     return _permute(_seq3(x, "x"), (1, 0, 2))
 
 
-def to_batch_first(x: Any) -> Tensor:
+def to_batch_first(x: TensorLike) -> Tensor:
     """(T, N, F) time-major -> (N, T, F) batch-first."""
     return _permute(_seq3(x, "x"), (1, 0, 2))
 
 
-def to_time_major_backward(grad_out: Any, x: Any) -> Tensor:
+def to_time_major_backward(grad_out: TensorLike, x: TensorLike) -> Tensor:
     """dL/dx of to_time_major(x) (x batch-first): grad_out back to (N, T, F)."""
     return permute_backward(grad_out, _seq3(x, "x"), (1, 0, 2))
 
 
-def to_batch_first_backward(grad_out: Any, x: Any) -> Tensor:
+def to_batch_first_backward(grad_out: TensorLike, x: TensorLike) -> Tensor:
     """dL/dx of to_batch_first(x) (x time-major): grad_out back to (T, N, F)."""
     return permute_backward(grad_out, _seq3(x, "x"), (1, 0, 2))
 
 
 # ---- image <-> matrix -------------------------------------------------------------------------
-def image_to_matrix(x: Any, channels_last: bool = False) -> Tensor:
+def image_to_matrix(x: TensorLike, channels_last: bool = False) -> Tensor:
     """A batch of images (N, C, H, W) as a matrix with one image per row: (N, C*H*W) in NCHW order,
     or (N, H*W*C) with channels_last (feature index (h * W + w) * C + c)."""
     x = _arg(x, pick_device(x), "x", (np.float32, np.float16))
@@ -488,7 +512,7 @@ def image_to_matrix(x: Any, channels_last: bool = False) -> Tensor:
     return copy(x).reshape(n, c * h * w)
 
 
-def matrix_to_image(m: Any, chw: Sequence[int], channels_last: bool = False) -> Tensor:
+def matrix_to_image(m: TensorLike, chw: Sequence[int], channels_last: bool = False) -> Tensor:
     """The inverse of image_to_matrix: (N, C*H*W) (or (N, H*W*C) with channels_last) to
     (N, C, H, W), chw = (C, H, W)."""
     m = _arg(m, pick_device(m), "m", (np.float32, np.float16))
@@ -506,7 +530,8 @@ def matrix_to_image(m: Any, chw: Sequence[int], channels_last: bool = False) -> 
     return copy(m).reshape(n, c, h, w)
 
 
-def image_to_matrix_backward(grad_out: Any, x: Any, channels_last: bool = False) -> Tensor:
+def image_to_matrix_backward(grad_out: TensorLike, x: TensorLike, channels_last: bool = False
+                             ) -> Tensor:
     """dL/dx of image_to_matrix(x, channels_last): grad_out back to (N, C, H, W)."""
     x = _arg(x, pick_device(grad_out, x), "x", (np.float32, np.float16))
     if x.ndim != 4:
@@ -517,7 +542,7 @@ def image_to_matrix_backward(grad_out: Any, x: Any, channels_last: bool = False)
     return matrix_to_image(g, x.shape[1:], channels_last)
 
 
-def matrix_to_image_backward(grad_out: Any, m: Any, chw: Sequence[int],
+def matrix_to_image_backward(grad_out: TensorLike, m: TensorLike, chw: Sequence[int],
                              channels_last: bool = False) -> Tensor:
     """dL/dm of matrix_to_image(m, chw, channels_last): grad_out back to a matrix."""
     m = _arg(m, pick_device(grad_out, m), "m", (np.float32, np.float16))

@@ -18,7 +18,7 @@ import numpy as np
 from ..params import DropoutParams
 from ..runtime import Device
 from ..runtime.core import MAX_GRID_THREADS
-from ..tensor import Tensor
+from ..tensor import Tensor, TensorLike
 from ._common import (
     FLOATS,
     MAX_ELEMS_U32,
@@ -83,21 +83,22 @@ def _run(name: str, x: Tensor, p: float, seed: int, offset: int, inner: int | No
     return out
 
 
-def _check(x: Any, dev: Device, name: str, p: Any, seed: Any, offset: Any, spatial: bool
+def _check(x: TensorLike, dev: Device, name: str, p: Any, seed: Any, offset: Any, spatial: bool
            ) -> tuple[Tensor, float, int, int]:
     t = tensor_arg(x, dev, name, FLOATS, 4 if spatial else None)
     check_u32_size(t, name)
     return t, _p(p), _u64(seed, "seed"), _u64(offset, "offset")
 
 
-def dropout(x: Any, p: float = 0.5, seed: int = 0, offset: int = 0, training: bool = True) -> Tensor:
+def dropout(x: TensorLike, p: float = 0.5, seed: int = 0, offset: int = 0, training: bool = True
+            ) -> Tensor:
     """Zero each element with probability p, scale the rest by 1 / (1 - p); identity (a copy)
     when not training."""
     x, p, seed, offset = _check(x, pick_device(x), "x", p, seed, offset, False)
     return _run("dropout_fwd", x, p, seed, offset, None) if training else copy(x)
 
 
-def dropout_backward(grad_out: Any, p: float = 0.5, seed: int = 0, offset: int = 0,
+def dropout_backward(grad_out: TensorLike, p: float = 0.5, seed: int = 0, offset: int = 0,
                      training: bool = True) -> Tensor:
     """dL/dx of dropout(x, p, seed, offset, training): grad_out * mask / (1 - p), the mask
     recomputed from (seed, offset)."""
@@ -105,7 +106,8 @@ def dropout_backward(grad_out: Any, p: float = 0.5, seed: int = 0, offset: int =
     return _run("dropout_bwd", g, p, seed, offset, None) if training else copy(g)
 
 
-def dropout2d(x: Any, p: float = 0.5, seed: int = 0, offset: int = 0, training: bool = True) -> Tensor:
+def dropout2d(x: TensorLike, p: float = 0.5, seed: int = 0, offset: int = 0, training: bool = True
+              ) -> Tensor:
     """Spatial dropout of x (N, C, H, W): zero whole channels with probability p (one draw per
     (n, c)), scale the rest by 1 / (1 - p)."""
     x, p, seed, offset = _check(x, pick_device(x), "x", p, seed, offset, True)
@@ -113,7 +115,7 @@ def dropout2d(x: Any, p: float = 0.5, seed: int = 0, offset: int = 0, training: 
     return _run("dropout2d_fwd", x, p, seed, offset, inner) if training else copy(x)
 
 
-def dropout2d_backward(grad_out: Any, p: float = 0.5, seed: int = 0, offset: int = 0,
+def dropout2d_backward(grad_out: TensorLike, p: float = 0.5, seed: int = 0, offset: int = 0,
                        training: bool = True) -> Tensor:
     """dL/dx of dropout2d(x, p, seed, offset, training), the channel mask recomputed."""
     g, p, seed, offset = _check(grad_out, pick_device(grad_out), "grad_out", p, seed, offset, True)

@@ -24,8 +24,9 @@ import numpy as np
 
 from ..params import CONST, GemmParams, LinearBiasGradParams
 from ..runtime import Device
-from ..tensor import Tensor, float16, float32
+from ..tensor import Tensor, TensorLike, float16, float32
 from ._common import (
+    fits_threadgroup_memory,
     kernel,
     matrix_capable,
     matrix_hw,
@@ -79,17 +80,19 @@ class Tile:
 # cost of 38 K terms, so long K spans take it and short ones keep 128x128. fp16 storage with
 # float accumulation (half) measured no gain (forward 27.4 vs 28.6), so it is not instantiated
 # there; hacc_half gains 1-4%.
-# The mma tiles (gemm_mma, fp16 on simdgroup matrices / tensor cores) are weighted by their
-# measured speed over the SIMD-FMA kernel's (docs/results: bench_gemm fp16), so that fp16 calls
-# take them wherever the device has them.
+# The mma tiles (gemm_mma, fp16 on simdgroup matrices / tensor cores) weigh several times the
+# SIMD-FMA tiles, so fp16 calls take them wherever the device has them. Among them, small tiles
+# first: on an H100 the 128x128 tile (208 registers, one threadgroup per SM) stalls on its global
+# loads (ncu, 2026-12-06: 28% issue-slot use, 24 TFLOP/s at 4096^3), and more resident
+# threadgroups hide that latency (benchmarks/dev_gemm_mma.py sweeps them).
 _HALF = ("half", "hacc_half")
 TILES = {t.name: t for t in (Tile("128x128", 128, 128, 8, 1.0), Tile("64x64", 64, 64, 16, 0.6),
                              Tile("128x128k16", 128, 128, 16, 1.11, variants=("float", "hacc_half"),
                                   fixed_k=38),
-                             Tile("mma128x128", 128, 128, 32, 4.0, variants=_HALF, matrix=True),
-                             Tile("mma64x64", 64, 64, 16, 2.4, variants=_HALF, matrix=True),
-                             Tile("mma64x64k32", 64, 64, 32, 2.6, variants=_HALF, matrix=True),
-                             Tile("mma128x64", 128, 64, 32, 3.2, variants=_HALF, matrix=True))}
+                             Tile("mma128x128", 128, 128, 16, 3.0, variants=_HALF, matrix=True),
+                             Tile("mma64x64", 64, 64, 16, 3.4, variants=_HALF, matrix=True),
+                             Tile("mma64x64k32", 64, 64, 32, 4.0, variants=_HALF, matrix=True),
+                             Tile("mma128x64", 128, 64, 32, 3.6, variants=_HALF, matrix=True))}
 MAX_SPLITS = 16
 MIN_SPLIT_SLICES = 16  # a split-K part covers at least this many BK slices
 
@@ -114,6 +117,16 @@ def _compute_units(dev: Device) -> int:
     return 16
 
 
+def tile_fits(dev: Device, t: Tile, var: str) -> bool:
+    """Whether `t`'s kernels for `var` fit `dev`'s threadgroup memory (Apple GPUs: 32 KiB, which
+    some tiles tuned on NVIDIA exceed)."""
+    if getattr(dev, "max_threadgroup_memory", None) is None:
+        return True
+    names = [f"gemm_fwd_{t.name}_{var}"] + ([f"gemm_fwd_{t.name}_splitk_half"] if var == "half"
+                                            else [])
+    return all(fits_threadgroup_memory(dev, kernel(dev, t.source, n)) for n in names)
+
+
 def plan(dev: Device, m: int, n: int, k: int, batch: int, reduce_batch: bool,
          tile: str | Tile | None = None, k_splits: int | None = None, var: str = "float"
          ) -> tuple[Tile, int]:
@@ -125,7 +138,8 @@ def plan(dev: Device, m: int, n: int, k: int, batch: int, reduce_batch: bool,
     nb = 1 if reduce_batch else batch
     if tile is None:
         hw = matrix_hw(dev)
-        cands = [t for t in TILES.values() if t.supports(var) and (hw or not t.matrix)]
+        cands = [t for t in TILES.values() if t.supports(var) and (hw or not t.matrix)
+                 and tile_fits(dev, t, var)]
     else:
         cands = [tile if isinstance(tile, Tile) else TILES[tile]]
     best: tuple[float, Tile, int] | None = None
@@ -172,8 +186,9 @@ def _float(v: Any, name: str) -> float:
     return f
 
 
-def gemm(a: Any, b: Any, out: Tensor, *, transpose_a: bool = False, transpose_b: bool = False,
-         alpha: float = 1.0, beta: float = 0.0, bias: Any = None, accumulate: str | None = None,
+def gemm(a: TensorLike, b: TensorLike, out: Tensor, *, transpose_a: bool = False,
+         transpose_b: bool = False, alpha: float = 1.0, beta: float = 0.0,
+         bias: TensorLike | None = None, accumulate: str | None = None,
          tile: str | Tile | None = None, k_splits: int | None = None, activation: Any = None
          ) -> Tensor:
     """out = alpha * op(a) @ op(b) + beta * out (+ bias), in place; returns `out`.
@@ -209,6 +224,9 @@ def gemm(a: Any, b: Any, out: Tensor, *, transpose_a: bool = False, transpose_b:
             and not matrix_capable(dev):
         raise ValueError(f"tile: {tile!r} needs simdgroup matrices, which this {dev.name} device "
                          "lacks")
+    if tile is not None and not tile_fits(dev, tile if isinstance(tile, Tile) else TILES[tile], var):
+        raise ValueError(f"tile: {tile!r} ({var}) needs more threadgroup memory than this "
+                         f"{dev.name} device has ({dev.max_threadgroup_memory} bytes)")
     if k_splits is not None and (not isinstance(k_splits, (int, np.integer)) or k_splits < 1):
         raise ValueError(f"k_splits: expected an int >= 1, got {k_splits!r}")
 
@@ -256,17 +274,25 @@ def gemm(a: Any, b: Any, out: Tensor, *, transpose_a: bool = False, transpose_b:
 
 
 def gemm_launches(a: Tensor, b: Tensor, out: Tensor, *, transpose_a: bool = False,
-                  transpose_b: bool = False) -> list[tuple]:
+                  transpose_b: bool = False, min_k_splits: int = 1) -> list[tuple]:
     """The launches (kernel, threads, args) of gemm(a, b, out, ...) for callers that build a
     plan once and run it later (the Winograd convolution): 3-D a, b, out of one device and dtype
-    (float32 or float16 with float accumulation), shapes as gemm's, checked only by assertion."""
+    (float32 or float16 with float accumulation), shapes as gemm's, checked only by assertion.
+    min_k_splits: split K at least this often (at most MAX_SPLITS), whatever the cost model
+    prefers: each float partial sum then covers at most K / min_k_splits terms, which bounds the
+    rounding error of long reductions the same way on every device."""
     m, k = (a.shape[-1], a.shape[-2]) if transpose_a else (a.shape[-2], a.shape[-1])
     n = b.shape[-2] if transpose_b else b.shape[-1]
     batch = a.shape[0] if a.ndim == 3 else b.shape[0]
     reduce_batch = out.ndim == 2 and batch > 1
     assert (b.shape[-1] if transpose_b else b.shape[-2]) == k and out.shape[-2:] == (m, n)
+    var = variant(a.dtype, None)
+    splits = None
+    if min_k_splits > 1:
+        tile, splits = plan(a.device, m, n, k, batch, reduce_batch, None, None, var)
+        splits = max(splits, min(min_k_splits, MAX_SPLITS, math.ceil(k / tile.bk)))
     return _launches(a.device, a, b, out, m, n, k, batch, reduce_batch, transpose_a, transpose_b,
-                     1.0, 0.0, None, variant(a.dtype, None), None, None, (0, 0.0))
+                     1.0, 0.0, None, var, None, splits, (0, 0.0))
 
 
 def _launches(dev: Device, a: Tensor, b: Tensor, out: Tensor, m: int, n: int, k: int, batch: int,
@@ -314,7 +340,7 @@ def _launches(dev: Device, a: Tensor, b: Tensor, out: Tensor, m: int, n: int, k:
              (out.buffer, bias_buf, work, p))]
 
 
-def matmul(a: Any, b: Any, transpose_a: bool = False, transpose_b: bool = False,
+def matmul(a: TensorLike, b: TensorLike, transpose_a: bool = False, transpose_b: bool = False,
            accumulate: str | None = None, activation: Any = None) -> Tensor:
     """op(a) @ op(b), op(x) = x or x^T (of the last two dimensions).
 
@@ -338,7 +364,7 @@ def matmul(a: Any, b: Any, transpose_a: bool = False, transpose_b: bool = False,
                 activation=activation)
 
 
-def matmul_backward(grad_out: Any, a: Any, b: Any, transpose_a: bool = False,
+def matmul_backward(grad_out: TensorLike, a: TensorLike, b: TensorLike, transpose_a: bool = False,
                     transpose_b: bool = False, accumulate: str | None = None
                     ) -> tuple[Tensor, Tensor]:
     """Gradients (grad_a, grad_b) of C = op(a) @ op(b) given G = dL/dC, each shaped as its input:
@@ -381,7 +407,8 @@ def matmul_backward(grad_out: Any, a: Any, b: Any, transpose_a: bool = False,
     return ga, gb
 
 
-def _linear_args(x: Any, w: Any, b: Any, dev: Device) -> tuple[Tensor, Tensor, Tensor | None]:
+def _linear_args(x: TensorLike, w: TensorLike, b: TensorLike | None, dev: Device
+                 ) -> tuple[Tensor, Tensor, Tensor | None]:
     x = tensor_arg(x, dev, "x", (float32, float16))
     if x.ndim < 1:
         raise ValueError("x: expected at least 1 dimension (..., in_features)")
@@ -402,8 +429,8 @@ def _linear_args(x: Any, w: Any, b: Any, dev: Device) -> tuple[Tensor, Tensor, T
     return x, w, b
 
 
-def linear(x: Any, w: Any, b: Any = None, accumulate: str | None = None, activation: Any = None
-           ) -> Tensor:
+def linear(x: TensorLike, w: TensorLike, b: TensorLike | None = None, accumulate: str | None = None,
+           activation: Any = None) -> Tensor:
     """y = x w^T + b (torch.nn.functional.linear): x (..., in), w (out, in), b (out,) or None;
     y (..., out), y[..., o] = sum_i x[..., i] w[o, i] + b[o]. activation: None, "relu",
     "leaky_relu", "sigmoid", "tanh" or (name, params): y = act(x w^T + b) in the same kernel
@@ -432,8 +459,33 @@ def linear_bias_grad(grad_out: Tensor, accumulate: str | None = None) -> Tensor:
     return out
 
 
-def linear_backward(grad_out: Any, x: Any, w: Any, b: Any = None, accumulate: str | None = None,
-                    activation: Any = None, y: Any = None) -> tuple[Tensor, Tensor, Tensor | None]:
+def _linear_grad_args(grad_out: TensorLike, x: TensorLike, w: TensorLike, b: TensorLike | None,
+                      accumulate: str | None
+                      ) -> tuple[Device, Tensor, Tensor, Tensor | None, Tensor, Tensor]:
+    """(device, x, w, b, grad_out and x as (rows, features) matrices), checked."""
+    dev = pick_device(grad_out, x, w, b)
+    x, w, b = _linear_args(x, w, b, dev)
+    g = tensor_arg(grad_out, dev, "grad_out", (float32, float16))
+    if g.dtype != x.dtype:
+        raise ValueError(f"grad_out: dtype {g.dtype} does not match x's {x.dtype}")
+    want = (*x.shape[:-1], w.shape[0])
+    if g.shape != want:
+        raise ValueError(f"grad_out: shape {g.shape}, expected {want}")
+    variant(x.dtype, accumulate)
+    rows = x.size // x.shape[-1]
+    return dev, x, w, b, g.reshape(rows, w.shape[0]), x.reshape(rows, x.shape[-1])
+
+
+def _linear_param_grads(g2: Tensor, x2: Tensor, w: Tensor, b: Tensor | None,
+                        accumulate: str | None) -> tuple[Tensor, Tensor | None]:
+    gw = out_like(w.shape, w.dtype, w.device)
+    gemm(g2, x2, gw, transpose_a=True, accumulate=accumulate)
+    return gw, (linear_bias_grad(g2, accumulate) if b is not None else None)
+
+
+def linear_backward(grad_out: TensorLike, x: TensorLike, w: TensorLike, b: TensorLike | None = None,
+                    accumulate: str | None = None, activation: Any = None,
+                    y: TensorLike | None = None) -> tuple[Tensor, Tensor, Tensor | None]:
     """Gradients of y = x w^T + b: (grad_x, grad_w, grad_b or None when b is None).
 
     grad_x = grad_out w (..., in); grad_w = sum over rows of grad_out^T x (out, in);
@@ -445,21 +497,17 @@ def linear_backward(grad_out: Any, x: Any, w: Any, b: Any = None, accumulate: st
         if y is None:
             raise ValueError("y: activation= needs y, the output of the fused linear")
         grad_out = activation_backward(grad_out, y, activation)
-    dev = pick_device(grad_out, x, w, b)
-    x, w, b = _linear_args(x, w, b, dev)
-    g = tensor_arg(grad_out, dev, "grad_out", (float32, float16))
-    if g.dtype != x.dtype:
-        raise ValueError(f"grad_out: dtype {g.dtype} does not match x's {x.dtype}")
-    want = (*x.shape[:-1], w.shape[0])
-    if g.shape != want:
-        raise ValueError(f"grad_out: shape {g.shape}, expected {want}")
-    variant(x.dtype, accumulate)
-    rows = x.size // x.shape[-1]
-    g2 = g.reshape(rows, w.shape[0])
-    x2 = x.reshape(rows, x.shape[-1])
-    gx = out_like((rows, x.shape[-1]), x.dtype, dev)
-    gw = out_like(w.shape, w.dtype, dev)
+    dev, x, w, b, g2, x2 = _linear_grad_args(grad_out, x, w, b, accumulate)
+    gx = out_like(x2.shape, x.dtype, dev)
     gemm(g2, w, gx, accumulate=accumulate)
-    gemm(g2, x2, gw, transpose_a=True, accumulate=accumulate)
-    gb = linear_bias_grad(g2, accumulate) if b is not None else None
+    gw, gb = _linear_param_grads(g2, x2, w, b, accumulate)
     return gx.reshape(x.shape), gw, gb
+
+
+def linear_weight_grad(grad_out: TensorLike, x: TensorLike, w: TensorLike,
+                       b: TensorLike | None = None, accumulate: str | None = None
+                       ) -> tuple[Tensor, Tensor | None]:
+    """(grad_w, grad_b or None when b is None) of y = x w^T + b: linear_backward without
+    grad_x, for a layer whose input gradient nothing reads."""
+    _, _, w, b, g2, x2 = _linear_grad_args(grad_out, x, w, b, accumulate)
+    return _linear_param_grads(g2, x2, w, b, accumulate)

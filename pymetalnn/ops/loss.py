@@ -50,7 +50,7 @@ import numpy as np
 
 from ..params import CONST, LossParams, LossReduceParams
 from ..runtime import Buffer, Device
-from ..tensor import Tensor, float32, int32
+from ..tensor import Tensor, TensorLike, float32, int32
 from ._common import (
     FLOATS,
     MAX_GROUPS,
@@ -111,7 +111,7 @@ def _check_size(t: Tensor, name: str) -> None:
         raise ValueError(f"{name}: {t.size} elements exceed the loss kernels' limit of 2^31 - 1")
 
 
-def _weight(sample_weight: Any, dev: Device, n: int) -> Tensor | None:
+def _weight(sample_weight: TensorLike | None, dev: Device, n: int) -> Tensor | None:
     if sample_weight is None:
         return None
     w = float32_arg(sample_weight, dev, "sample_weight")
@@ -120,7 +120,7 @@ def _weight(sample_weight: Any, dev: Device, n: int) -> Tensor | None:
     return w
 
 
-def _pair(input: Any, target: Any, ndims: tuple[int, ...]) -> tuple[Device, Tensor]:
+def _pair(input: TensorLike, target: TensorLike, ndims: tuple[int, ...]) -> tuple[Device, Tensor]:
     dev = pick_device(input, target)
     x = tensor_arg(input, dev, "input", FLOATS, ndims)
     _check_size(x, "input")
@@ -129,7 +129,7 @@ def _pair(input: Any, target: Any, ndims: tuple[int, ...]) -> tuple[Device, Tens
     return dev, x
 
 
-def _float_target(target: Any, x: Tensor, dev: Device) -> Tensor:
+def _float_target(target: TensorLike, x: Tensor, dev: Device) -> Tensor:
     if not isinstance(target, Tensor) and target is not None:
         arr = np.asarray(target)
         if arr.dtype.kind in "fiub":
@@ -167,7 +167,7 @@ class Labels(Tensor):
         self.ignore_index = ignore_index
 
 
-def class_labels(target: Any, num_classes: int, ignore_index: int = -100,
+def class_labels(target: TensorLike, num_classes: int, ignore_index: int = -100,
                  device: Device | None = None) -> Labels:
     """Check integer labels once (each in [0, num_classes) or equal to ignore_index) and put them
     on the device, so that cross_entropy / categorical_cross_entropy and their backward need not
@@ -191,7 +191,7 @@ def class_labels(target: Any, num_classes: int, ignore_index: int = -100,
     return Labels(t, int(num_classes), ii)
 
 
-def _class_target(target: Any, x: Tensor, dev: Device, ignore_index: Any,
+def _class_target(target: TensorLike, x: Tensor, dev: Device, ignore_index: Any,
                   allow_labels: bool = True) -> tuple[Tensor, bool]:
     """(target tensor, is_labels). Labels: int32 (N, *spatial) in [0, C) or ignore_index, checked
     here on the host (unless made by class_labels for the same C and ignore_index);
@@ -221,7 +221,7 @@ def _class_target(target: Any, x: Tensor, dev: Device, ignore_index: Any,
     return t, True
 
 
-def _grad_arg(grad: Any, dev: Device, shape: tuple[int, ...]) -> Tensor:
+def _grad_arg(grad: TensorLike, dev: Device, shape: tuple[int, ...]) -> Tensor:
     """grad as a float32 tensor of `shape` (() accepts a number or any one-element tensor)."""
     if shape == () and isinstance(grad, (int, float, np.integer, np.floating)) \
             and not isinstance(grad, bool):
@@ -265,8 +265,9 @@ def _scale(dev: Device, g: Tensor, reduction: str, n: int, labels: Tensor | None
     return scale
 
 
-def _pointwise(stem: str, input: Any, target: Any, sample_weight: Any, reduction: str,
-               smoothing: float = 0.0, a: float = 0.0, extra: tuple[str, ...] = ()) -> Tensor:
+def _pointwise(stem: str, input: TensorLike, target: TensorLike, sample_weight: TensorLike | None,
+               reduction: str, smoothing: float = 0.0, a: float = 0.0, extra: tuple[str, ...] = ()
+               ) -> Tensor:
     reduction = _check_reduction(reduction, extra)
     dev, x = _pair(input, target, (1, 2, 3, 4))
     t = _float_target(target, x, dev)
@@ -295,9 +296,9 @@ def _pointwise(stem: str, input: Any, target: Any, sample_weight: Any, reduction
     return _reduce(dev, part, cnt, 1, ngroups, _MODE[reduction], float(n), ())
 
 
-def _pointwise_backward(stem: str, grad: Any, input: Any, target: Any, sample_weight: Any,
-                        reduction: str, smoothing: float = 0.0, a: float = 0.0,
-                        extra: tuple[str, ...] = ()) -> Tensor:
+def _pointwise_backward(stem: str, grad: TensorLike, input: TensorLike, target: TensorLike,
+                        sample_weight: TensorLike | None, reduction: str, smoothing: float = 0.0,
+                        a: float = 0.0, extra: tuple[str, ...] = ()) -> Tensor:
     reduction = _check_reduction(reduction, extra)
     dev, x = _pair(input, target, (1, 2, 3, 4))
     t = _float_target(target, x, dev)
@@ -318,8 +319,9 @@ def _pointwise_backward(stem: str, grad: Any, input: Any, target: Any, sample_we
     return dx
 
 
-def _class_prep(input: Any, target: Any, sample_weight: Any, ignore_index: Any,
-                allow_labels: bool) -> tuple[Device, Tensor, Tensor, bool, Tensor | None, int, int]:
+def _class_prep(input: TensorLike, target: TensorLike, sample_weight: TensorLike | None,
+                ignore_index: Any, allow_labels: bool
+                ) -> tuple[Device, Tensor, Tensor, bool, Tensor | None, int, int]:
     dev, x = _pair(input, target, (2, 3, 4))
     t, labels = _class_target(target, x, dev, ignore_index, allow_labels)
     n = x.shape[0]
@@ -328,9 +330,10 @@ def _class_prep(input: Any, target: Any, sample_weight: Any, ignore_index: Any,
     return dev, x, t, labels, w, n, m
 
 
-def _class_forward(stem: str, input: Any, target: Any, sample_weight: Any, reduction: str,
-                   ignore_index: Any = -100, smoothing: float = 0.0, a: float = 0.0,
-                   allow_labels: bool = True, cache: int = 0) -> Tensor:
+def _class_forward(stem: str, input: TensorLike, target: TensorLike,
+                   sample_weight: TensorLike | None, reduction: str, ignore_index: Any = -100,
+                   smoothing: float = 0.0, a: float = 0.0, allow_labels: bool = True, cache: int = 0
+                   ) -> Tensor:
     reduction = _check_reduction(reduction)
     dev, x, t, labels, w, n, m = _class_prep(input, target, sample_weight, ignore_index, allow_labels)
     q = tile_plan(n, x.shape[1], m, cache_arrays=cache)
@@ -350,9 +353,10 @@ def _class_forward(stem: str, input: Any, target: Any, sample_weight: Any, reduc
     return _reduce(dev, terms, cnt, 1, n * m, _MODE[reduction], float(n), ())
 
 
-def _class_backward(stem: str, grad: Any, input: Any, target: Any, sample_weight: Any,
-                    reduction: str, ignore_index: Any = -100, smoothing: float = 0.0,
-                    a: float = 0.0, allow_labels: bool = True, cache: int = 0) -> Tensor:
+def _class_backward(stem: str, grad: TensorLike, input: TensorLike, target: TensorLike,
+                    sample_weight: TensorLike | None, reduction: str, ignore_index: Any = -100,
+                    smoothing: float = 0.0, a: float = 0.0, allow_labels: bool = True,
+                    cache: int = 0) -> Tensor:
     reduction = _check_reduction(reduction)
     dev, x, t, labels, w, n, m = _class_prep(input, target, sample_weight, ignore_index, allow_labels)
     shape = (n,) + x.shape[2:] if reduction == "none" else (n,) if reduction == "per_sample" else ()
@@ -381,8 +385,9 @@ def _smoothing(label_smoothing: Any) -> float:
 
 # ---- public API ------------------------------------------------------------------------------
 
-def cross_entropy(input: Any, target: Any, *, sample_weight: Any = None, ignore_index: int = -100,
-                  reduction: str = "mean", label_smoothing: float = 0.0) -> Tensor:
+def cross_entropy(input: TensorLike, target: TensorLike, *, sample_weight: TensorLike | None = None,
+                  ignore_index: int = -100, reduction: str = "mean", label_smoothing: float = 0.0
+                  ) -> Tensor:
     """Softmax cross-entropy on logits (N, C[, H, W]), class axis 1, as F.cross_entropy.
 
     target: int32 labels (N[, H, W]) or class probabilities shaped like input.
@@ -394,18 +399,18 @@ def cross_entropy(input: Any, target: Any, *, sample_weight: Any = None, ignore_
                           s, cache=1)
 
 
-def cross_entropy_backward(grad: Any, input: Any, target: Any, *, sample_weight: Any = None,
-                           ignore_index: int = -100, reduction: str = "mean",
-                           label_smoothing: float = 0.0) -> Tensor:
+def cross_entropy_backward(grad: TensorLike, input: TensorLike, target: TensorLike, *,
+                           sample_weight: TensorLike | None = None, ignore_index: int = -100,
+                           reduction: str = "mean", label_smoothing: float = 0.0) -> Tensor:
     """d/dx of cross_entropy: g w (softmax(x) sum_c t'_c - t') per term."""
     s = _smoothing(label_smoothing)
     return _class_backward("cross_entropy", grad, input, target, sample_weight, reduction,
                            ignore_index, s, cache=1)
 
 
-def categorical_cross_entropy(input: Any, target: Any, *, sample_weight: Any = None,
-                              ignore_index: int = -100, reduction: str = "mean",
-                              label_smoothing: float = 0.0) -> Tensor:
+def categorical_cross_entropy(input: TensorLike, target: TensorLike, *,
+                              sample_weight: TensorLike | None = None, ignore_index: int = -100,
+                              reduction: str = "mean", label_smoothing: float = 0.0) -> Tensor:
     """Cross-entropy on probabilities (MPS's categorical cross-entropy): l = -sum_c t'_c log x_c
     over axis 1 (terms with t'_c = 0 contribute 0). target: labels or probabilities."""
     s = _smoothing(label_smoothing)
@@ -413,9 +418,9 @@ def categorical_cross_entropy(input: Any, target: Any, *, sample_weight: Any = N
                           ignore_index, s)
 
 
-def categorical_cross_entropy_backward(grad: Any, input: Any, target: Any, *,
-                                       sample_weight: Any = None, ignore_index: int = -100,
-                                       reduction: str = "mean",
+def categorical_cross_entropy_backward(grad: TensorLike, input: TensorLike, target: TensorLike, *,
+                                       sample_weight: TensorLike | None = None,
+                                       ignore_index: int = -100, reduction: str = "mean",
                                        label_smoothing: float = 0.0) -> Tensor:
     """d/dx of categorical_cross_entropy: -g w t'_c / x_c."""
     s = _smoothing(label_smoothing)
@@ -423,7 +428,8 @@ def categorical_cross_entropy_backward(grad: Any, input: Any, target: Any, *,
                            reduction, ignore_index, s)
 
 
-def cosine_distance(input: Any, target: Any, *, sample_weight: Any = None, reduction: str = "mean",
+def cosine_distance(input: TensorLike, target: TensorLike, *,
+                    sample_weight: TensorLike | None = None, reduction: str = "mean",
                     eps: float = 1e-8) -> Tensor:
     """l = 1 - cos(x, t) along axis 1, cos = sum_c x_c t_c / sqrt(max(|x|^2 |t|^2, eps^2)) (as
     1 - F.cosine_similarity(x, t, dim=1, eps); MPS's/TF's cosine distance for unit vectors)."""
@@ -432,8 +438,9 @@ def cosine_distance(input: Any, target: Any, *, sample_weight: Any = None, reduc
                           allow_labels=False)
 
 
-def cosine_distance_backward(grad: Any, input: Any, target: Any, *, sample_weight: Any = None,
-                             reduction: str = "mean", eps: float = 1e-8) -> Tensor:
+def cosine_distance_backward(grad: TensorLike, input: TensorLike, target: TensorLike, *,
+                             sample_weight: TensorLike | None = None, reduction: str = "mean",
+                             eps: float = 1e-8) -> Tensor:
     """d/dx of cosine_distance: g w (cos x / |x|^2 - t / D), D = |x| |t| (or -g w t / eps when
     clamped)."""
     e = _check_float(eps, "eps", 0.0, lo_open=True)
@@ -441,72 +448,80 @@ def cosine_distance_backward(grad: Any, input: Any, target: Any, *, sample_weigh
                            allow_labels=False, cache=1)
 
 
-def binary_cross_entropy_with_logits(input: Any, target: Any, *, sample_weight: Any = None,
-                                     reduction: str = "mean", label_smoothing: float = 0.0) -> Tensor:
+def binary_cross_entropy_with_logits(input: TensorLike, target: TensorLike, *,
+                                     sample_weight: TensorLike | None = None,
+                                     reduction: str = "mean", label_smoothing: float = 0.0
+                                     ) -> Tensor:
     """Sigmoid cross-entropy on logits: l = max(x, 0) - x t' + log(1 + exp(-|x|)),
     t' = t (1 - s) + s / 2 (label smoothing as MPS / TF; s = 0 is F.binary_cross_entropy_with_logits)."""
     return _pointwise("bce_with_logits", input, target, sample_weight, reduction,
                       smoothing=_smoothing(label_smoothing))
 
 
-def binary_cross_entropy_with_logits_backward(grad: Any, input: Any, target: Any, *,
-                                              sample_weight: Any = None, reduction: str = "mean",
-                                              label_smoothing: float = 0.0) -> Tensor:
+def binary_cross_entropy_with_logits_backward(grad: TensorLike, input: TensorLike,
+                                              target: TensorLike, *,
+                                              sample_weight: TensorLike | None = None,
+                                              reduction: str = "mean", label_smoothing: float = 0.0
+                                              ) -> Tensor:
     """d/dx: g w (sigmoid(x) - t')."""
     return _pointwise_backward("bce_with_logits", grad, input, target, sample_weight, reduction,
                                smoothing=_smoothing(label_smoothing))
 
 
-def mse_loss(input: Any, target: Any, *, sample_weight: Any = None, reduction: str = "mean") -> Tensor:
+def mse_loss(input: TensorLike, target: TensorLike, *, sample_weight: TensorLike | None = None,
+             reduction: str = "mean") -> Tensor:
     """l = (x - t)^2 (F.mse_loss)."""
     return _pointwise("mse_loss", input, target, sample_weight, reduction)
 
 
-def mse_loss_backward(grad: Any, input: Any, target: Any, *, sample_weight: Any = None,
-                      reduction: str = "mean") -> Tensor:
+def mse_loss_backward(grad: TensorLike, input: TensorLike, target: TensorLike, *,
+                      sample_weight: TensorLike | None = None, reduction: str = "mean") -> Tensor:
     """d/dx: 2 g w (x - t)."""
     return _pointwise_backward("mse_loss", grad, input, target, sample_weight, reduction)
 
 
-def l1_loss(input: Any, target: Any, *, sample_weight: Any = None, reduction: str = "mean") -> Tensor:
+def l1_loss(input: TensorLike, target: TensorLike, *, sample_weight: TensorLike | None = None,
+            reduction: str = "mean") -> Tensor:
     """l = |x - t| (F.l1_loss; MPS's mean absolute error)."""
     return _pointwise("l1_loss", input, target, sample_weight, reduction)
 
 
-def l1_loss_backward(grad: Any, input: Any, target: Any, *, sample_weight: Any = None,
-                     reduction: str = "mean") -> Tensor:
+def l1_loss_backward(grad: TensorLike, input: TensorLike, target: TensorLike, *,
+                     sample_weight: TensorLike | None = None, reduction: str = "mean") -> Tensor:
     """d/dx: g w sign(x - t) (0 where x == t, as PyTorch)."""
     return _pointwise_backward("l1_loss", grad, input, target, sample_weight, reduction)
 
 
-def huber_loss(input: Any, target: Any, *, sample_weight: Any = None, reduction: str = "mean",
-               delta: float = 1.0) -> Tensor:
+def huber_loss(input: TensorLike, target: TensorLike, *, sample_weight: TensorLike | None = None,
+               reduction: str = "mean", delta: float = 1.0) -> Tensor:
     """l = d^2 / 2 if |d| < delta else delta (|d| - delta / 2), d = x - t (F.huber_loss)."""
     dl = _check_float(delta, "delta", 0.0, lo_open=True)
     return _pointwise("huber_loss", input, target, sample_weight, reduction, a=dl)
 
 
-def huber_loss_backward(grad: Any, input: Any, target: Any, *, sample_weight: Any = None,
-                        reduction: str = "mean", delta: float = 1.0) -> Tensor:
+def huber_loss_backward(grad: TensorLike, input: TensorLike, target: TensorLike, *,
+                        sample_weight: TensorLike | None = None, reduction: str = "mean",
+                        delta: float = 1.0) -> Tensor:
     """d/dx: g w clamp(x - t, -delta, delta)."""
     dl = _check_float(delta, "delta", 0.0, lo_open=True)
     return _pointwise_backward("huber_loss", grad, input, target, sample_weight, reduction, a=dl)
 
 
-def hinge_loss(input: Any, target: Any, *, sample_weight: Any = None, reduction: str = "mean") -> Tensor:
+def hinge_loss(input: TensorLike, target: TensorLike, *, sample_weight: TensorLike | None = None,
+               reduction: str = "mean") -> Tensor:
     """l = max(0, 1 - (2 t - 1) x): targets in {0, 1} map to {-1, +1} (MPS / tf.losses.hinge_loss;
     PyTorch has no such loss)."""
     return _pointwise("hinge_loss", input, target, sample_weight, reduction)
 
 
-def hinge_loss_backward(grad: Any, input: Any, target: Any, *, sample_weight: Any = None,
-                        reduction: str = "mean") -> Tensor:
+def hinge_loss_backward(grad: TensorLike, input: TensorLike, target: TensorLike, *,
+                        sample_weight: TensorLike | None = None, reduction: str = "mean") -> Tensor:
     """d/dx: -g w (2 t - 1) where 1 - (2 t - 1) x > 0, else 0."""
     return _pointwise_backward("hinge_loss", grad, input, target, sample_weight, reduction)
 
 
-def kl_div(input: Any, target: Any, *, sample_weight: Any = None, reduction: str = "mean",
-           log_target: bool = False) -> Tensor:
+def kl_div(input: TensorLike, target: TensorLike, *, sample_weight: TensorLike | None = None,
+           reduction: str = "mean", log_target: bool = False) -> Tensor:
     """F.kl_div: input holds log-probabilities; l = t (log t - x) (0 where t = 0), or
     exp(t) (t - x) with log_target. reduction also takes 'batchmean' (sum / N)."""
     boolean(log_target, "log_target")
@@ -514,24 +529,26 @@ def kl_div(input: Any, target: Any, *, sample_weight: Any = None, reduction: str
                       extra=("batchmean",))
 
 
-def kl_div_backward(grad: Any, input: Any, target: Any, *, sample_weight: Any = None,
-                    reduction: str = "mean", log_target: bool = False) -> Tensor:
+def kl_div_backward(grad: TensorLike, input: TensorLike, target: TensorLike, *,
+                    sample_weight: TensorLike | None = None, reduction: str = "mean",
+                    log_target: bool = False) -> Tensor:
     """d/dx: -g w t (or -g w exp(t) with log_target)."""
     boolean(log_target, "log_target")
     return _pointwise_backward("kl_div", grad, input, target, sample_weight, reduction,
                                a=float(log_target), extra=("batchmean",))
 
 
-def log_loss(input: Any, target: Any, *, sample_weight: Any = None, reduction: str = "mean",
-             epsilon: float = 1e-7) -> Tensor:
+def log_loss(input: TensorLike, target: TensorLike, *, sample_weight: TensorLike | None = None,
+             reduction: str = "mean", epsilon: float = 1e-7) -> Tensor:
     """l = -t log(x + eps) - (1 - t) log(1 - x + eps) on probabilities x (MPS / tf.losses.log_loss;
     PyTorch's binary_cross_entropy clamps the logs instead)."""
     e = _check_float(epsilon, "epsilon", 0.0, lo_open=True)
     return _pointwise("log_loss", input, target, sample_weight, reduction, a=e)
 
 
-def log_loss_backward(grad: Any, input: Any, target: Any, *, sample_weight: Any = None,
-                      reduction: str = "mean", epsilon: float = 1e-7) -> Tensor:
+def log_loss_backward(grad: TensorLike, input: TensorLike, target: TensorLike, *,
+                      sample_weight: TensorLike | None = None, reduction: str = "mean",
+                      epsilon: float = 1e-7) -> Tensor:
     """d/dx: g w (-t / (x + eps) + (1 - t) / (1 - x + eps))."""
     e = _check_float(epsilon, "epsilon", 0.0, lo_open=True)
     return _pointwise_backward("log_loss", grad, input, target, sample_weight, reduction, a=e)

@@ -23,7 +23,7 @@ import numpy as np
 
 from ..params import CONST, NeuronParams
 from ..runtime.core import MAX_GRID_THREADS
-from ..tensor import Tensor
+from ..tensor import Tensor, TensorLike
 from ._common import (
     FLOATS,
     kernel,
@@ -82,7 +82,7 @@ def _check_size(xt: Tensor) -> None:
         raise ValueError(f"x: {xt.size} elements, at most {MAX_GRID_THREADS} are supported")
 
 
-def _fwd(op: str, x: Any, a: float = 0.0, b: float = 0.0, variant: str = "", out: Any = None,
+def _fwd(op: str, x: TensorLike, a: float = 0.0, b: float = 0.0, variant: str = "", out: Any = None,
          out_batch_stride: Any = None) -> Tensor:
     dev = pick_device(x)
     xt = tensor_arg(x, dev, "x", FLOATS)
@@ -101,8 +101,8 @@ def _fwd(op: str, x: Any, a: float = 0.0, b: float = 0.0, variant: str = "", out
     return y
 
 
-def _bwd(op: str, grad_out: Any, x: Any, a: float = 0.0, b: float = 0.0, variant: str = "",
-         x_batch_stride: Any = None) -> Tensor:
+def _bwd(op: str, grad_out: TensorLike, x: TensorLike, a: float = 0.0, b: float = 0.0,
+         variant: str = "", x_batch_stride: Any = None) -> Tensor:
     dev = pick_device(grad_out, x)
     gt = tensor_arg(grad_out, dev, "grad_out", FLOATS)
     xt = tensor_arg(x, dev, "x", FLOATS)
@@ -163,7 +163,7 @@ def activation_code(activation: Any) -> tuple[int, float]:
     return ACTIVATIONS[name], alpha
 
 
-def activation_backward(grad_out: Any, y: Any, activation: Any) -> Any:
+def activation_backward(grad_out: TensorLike, y: TensorLike, activation: Any) -> Any:
     """The pre-activation gradient of a fused op's output y = act(z): grad_out * act'(z), from y
     (`<act>_backward_from_output`); grad_out itself when activation is None."""
     name, params = _activation(activation)
@@ -172,7 +172,7 @@ def activation_backward(grad_out: Any, y: Any, activation: Any) -> Any:
     return globals()[f"{name}_backward_from_output"](grad_out, y, **params)
 
 
-def relu_backward_from_output(grad_out: Any, y: Any, y_batch_stride: int | None = None
+def relu_backward_from_output(grad_out: TensorLike, y: TensorLike, y_batch_stride: int | None = None
                               ) -> Tensor:
     """grad_x = grad_out where y = relu(x) > 0, else 0 (the same as from x). y_batch_stride (all
     the *_backward_from_output): y's images lie that many elements apart (y written with out=,
@@ -180,8 +180,9 @@ def relu_backward_from_output(grad_out: Any, y: Any, y_batch_stride: int | None 
     return _bwd("relu", grad_out, y, variant="y", x_batch_stride=y_batch_stride)
 
 
-def leaky_relu_backward_from_output(grad_out: Any, y: Any, negative_slope: float = 0.01,
-                                    y_batch_stride: int | None = None) -> Tensor:
+def leaky_relu_backward_from_output(grad_out: TensorLike, y: TensorLike,
+                                    negative_slope: float = 0.01, y_batch_stride: int | None = None
+                                    ) -> Tensor:
     """grad_x = grad_out if y > 0 else negative_slope * grad_out, y = leaky_relu(x); needs
     negative_slope >= 0 (then y > 0 iff x > 0)."""
     a = _scalar(negative_slope, "negative_slope")
@@ -191,79 +192,81 @@ def leaky_relu_backward_from_output(grad_out: Any, y: Any, negative_slope: float
     return _bwd("leaky_relu", grad_out, y, a, variant="y", x_batch_stride=y_batch_stride)
 
 
-def sigmoid_backward_from_output(grad_out: Any, y: Any, y_batch_stride: int | None = None
-                                 ) -> Tensor:
+def sigmoid_backward_from_output(grad_out: TensorLike, y: TensorLike,
+                                 y_batch_stride: int | None = None) -> Tensor:
     """grad_x = grad_out * y (1 - y), y = sigmoid(x)."""
     return _bwd("sigmoid", grad_out, y, variant="y", x_batch_stride=y_batch_stride)
 
 
-def tanh_backward_from_output(grad_out: Any, y: Any, y_batch_stride: int | None = None
+def tanh_backward_from_output(grad_out: TensorLike, y: TensorLike, y_batch_stride: int | None = None
                               ) -> Tensor:
     """grad_x = grad_out * (1 - y^2), y = tanh(x)."""
     return _bwd("tanh", grad_out, y, variant="y", x_batch_stride=y_batch_stride)
 
 
-def relu(x: Any, out: Any = None, out_batch_stride: int | None = None) -> Tensor:
+def relu(x: TensorLike, out: Tensor | None = None, out_batch_stride: int | None = None) -> Tensor:
     """relu(x) = max(x, 0) (NaN stays NaN). out=, out_batch_stride= (relu, leaky_relu, sigmoid,
     tanh): write y into out, images that many elements apart (a channel slice of a larger
     tensor; see pymetalnn.ops._common.strided_out)."""
     return _fwd("relu", x, out=out, out_batch_stride=out_batch_stride)
 
 
-def relu_backward(grad_out: Any, x: Any) -> Tensor:
+def relu_backward(grad_out: TensorLike, x: TensorLike) -> Tensor:
     """grad_x = grad_out where x > 0, else 0 (0 at x = 0, as torch)."""
     return _bwd("relu", grad_out, x)
 
 
-def leaky_relu(x: Any, negative_slope: float = 0.01, out: Any = None,
+def leaky_relu(x: TensorLike, negative_slope: float = 0.01, out: Tensor | None = None,
                out_batch_stride: int | None = None) -> Tensor:
     """leaky_relu(x) = x if x > 0 else negative_slope * x."""
     return _fwd("leaky_relu", x, _scalar(negative_slope, "negative_slope"), out=out,
                 out_batch_stride=out_batch_stride)
 
 
-def leaky_relu_backward(grad_out: Any, x: Any, negative_slope: float = 0.01) -> Tensor:
+def leaky_relu_backward(grad_out: TensorLike, x: TensorLike, negative_slope: float = 0.01
+                        ) -> Tensor:
     """grad_x = grad_out if x > 0 else negative_slope * grad_out."""
     return _bwd("leaky_relu", grad_out, x, _scalar(negative_slope, "negative_slope"))
 
 
-def elu(x: Any, alpha: float = 1.0) -> Tensor:
+def elu(x: TensorLike, alpha: float = 1.0) -> Tensor:
     """elu(x) = x if x > 0 else alpha * (exp(x) - 1)."""
     return _fwd("elu", x, _scalar(alpha, "alpha"))
 
 
-def elu_backward(grad_out: Any, x: Any, alpha: float = 1.0) -> Tensor:
+def elu_backward(grad_out: TensorLike, x: TensorLike, alpha: float = 1.0) -> Tensor:
     """grad_x = grad_out if x > 0 else grad_out * alpha * exp(x)."""
     return _bwd("elu", grad_out, x, _scalar(alpha, "alpha"))
 
 
-def sigmoid(x: Any, out: Any = None, out_batch_stride: int | None = None) -> Tensor:
+def sigmoid(x: TensorLike, out: Tensor | None = None, out_batch_stride: int | None = None
+            ) -> Tensor:
     """sigmoid(x) = 1 / (1 + exp(-x))."""
     return _fwd("sigmoid", x, out=out, out_batch_stride=out_batch_stride)
 
 
-def sigmoid_backward(grad_out: Any, x: Any) -> Tensor:
+def sigmoid_backward(grad_out: TensorLike, x: TensorLike) -> Tensor:
     """grad_x = grad_out * s (1 - s), s = sigmoid(x)."""
     return _bwd("sigmoid", grad_out, x)
 
 
-def tanh(x: Any, out: Any = None, out_batch_stride: int | None = None) -> Tensor:
+def tanh(x: TensorLike, out: Tensor | None = None, out_batch_stride: int | None = None) -> Tensor:
     """tanh(x)."""
     return _fwd("tanh", x, out=out, out_batch_stride=out_batch_stride)
 
 
-def tanh_backward(grad_out: Any, x: Any) -> Tensor:
+def tanh_backward(grad_out: TensorLike, x: TensorLike) -> Tensor:
     """grad_x = grad_out * (1 - tanh(x)^2)."""
     return _bwd("tanh", grad_out, x)
 
 
-def softplus(x: Any, beta: float = 1.0, threshold: float = 20.0) -> Tensor:
+def softplus(x: TensorLike, beta: float = 1.0, threshold: float = 20.0) -> Tensor:
     """softplus(x) = log(1 + exp(beta x)) / beta, or x where beta x > threshold (as torch)."""
     return _fwd("softplus", x, _scalar(beta, "beta", nonzero=True), _scalar(threshold, "threshold"))
 
 
-def softplus_backward(grad_out: Any, x: Any, beta: float = 1.0, threshold: float = 20.0
-                      ) -> Tensor:
+def softplus_backward(grad_out: TensorLike, x: TensorLike, beta: float = 1.0,
+                      threshold: float = 20.0) -> Tensor:
     """grad_x = grad_out * sigmoid(beta x), or grad_out where beta x > threshold."""
     return _bwd("softplus", grad_out, x, _scalar(beta, "beta", nonzero=True),
                 _scalar(threshold, "threshold"))
@@ -275,47 +278,49 @@ def _gelu_variant(approximate: Any) -> str:
     return "" if approximate == "none" else "_tanh"
 
 
-def gelu(x: Any, approximate: str = "none") -> Tensor:
+def gelu(x: TensorLike, approximate: str = "none") -> Tensor:
     """gelu(x) = x Phi(x) = x (1 + erf(x / sqrt 2)) / 2; approximate='tanh':
     x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))) / 2."""
     return _fwd("gelu", x, variant=_gelu_variant(approximate))
 
 
-def gelu_backward(grad_out: Any, x: Any, approximate: str = "none") -> Tensor:
+def gelu_backward(grad_out: TensorLike, x: TensorLike, approximate: str = "none") -> Tensor:
     """grad_x = grad_out * (Phi(x) + x phi(x)), phi(x) = exp(-x^2/2) / sqrt(2 pi); for 'tanh',
     the derivative of the tanh form (t = tanh(u), u = k (x + c x^3)):
     (1 + t)/2 + x (1 - t^2) k (1 + 3 c x^2) / 2."""
     return _bwd("gelu", grad_out, x, variant=_gelu_variant(approximate))
 
 
-def hardsigmoid(x: Any) -> Tensor:
+def hardsigmoid(x: TensorLike) -> Tensor:
     """torch's hardsigmoid: relu6(x + 3) / 6 = clamp(x/6 + 1/2, 0, 1)."""
     return _fwd("hardsigmoid", x)
 
 
-def hardsigmoid_backward(grad_out: Any, x: Any) -> Tensor:
+def hardsigmoid_backward(grad_out: TensorLike, x: TensorLike) -> Tensor:
     """grad_x = grad_out / 6 for -3 < x < 3, else 0."""
     return _bwd("hardsigmoid", grad_out, x)
 
 
-def hard_sigmoid(x: Any, a: float = 0.2, b: float = 0.5) -> Tensor:
+def hard_sigmoid(x: TensorLike, a: float = 0.2, b: float = 0.5) -> Tensor:
     """MPS's hard sigmoid (MPSCNNNeuronHardSigmoid): clamp(a x + b, 0, 1).
     torch's hardsigmoid is the case a = 1/6, b = 1/2 (use `hardsigmoid` for its exact rounding)."""
     return _fwd("hard_sigmoid", x, _scalar(a, "a"), _scalar(b, "b"))
 
 
-def hard_sigmoid_backward(grad_out: Any, x: Any, a: float = 0.2, b: float = 0.5) -> Tensor:
+def hard_sigmoid_backward(grad_out: TensorLike, x: TensorLike, a: float = 0.2, b: float = 0.5
+                          ) -> Tensor:
     """grad_x = a * grad_out where 0 < a x + b < 1, else 0."""
     return _bwd("hard_sigmoid", grad_out, x, _scalar(a, "a"), _scalar(b, "b"))
 
 
-def linear_neuron(x: Any, a: float = 1.0, b: float = 0.0) -> Tensor:
+def linear_neuron(x: TensorLike, a: float = 1.0, b: float = 0.0) -> Tensor:
     """MPS's linear neuron (MPSCNNNeuronLinear): a x + b (one fused multiply-add).
     Named apart from torch's `linear` (the fully connected layer)."""
     return _fwd("linear_neuron", x, _scalar(a, "a"), _scalar(b, "b"))
 
 
-def linear_neuron_backward(grad_out: Any, x: Any, a: float = 1.0, b: float = 0.0) -> Tensor:
+def linear_neuron_backward(grad_out: TensorLike, x: TensorLike, a: float = 1.0, b: float = 0.0
+                           ) -> Tensor:
     """grad_x = a * grad_out (x only fixes shape and dtype)."""
     return _bwd("linear_neuron", grad_out, x, _scalar(a, "a"), _scalar(b, "b"))
 

@@ -31,7 +31,7 @@ import numpy as np
 
 from ..params import NormParams
 from ..runtime import Device
-from ..tensor import Tensor, float32
+from ..tensor import Tensor, TensorLike, float32
 from ._common import (
     FLOATS,
     MAX_GROUPS,
@@ -56,7 +56,7 @@ COLUMN_MODE_HW = 32   # batch norm with fewer positions per plane reads columns
 
 # ---- validation ------------------------------------------------------------------------------
 
-def _input(x: Any, dev: Device, ndims: tuple[int, ...]) -> Tensor:
+def _input(x: TensorLike, dev: Device, ndims: tuple[int, ...]) -> Tensor:
     t = tensor_arg(x, dev, "input", FLOATS, ndims)
     if t.size == 0:
         raise ValueError(f"input: empty tensor (shape {t.shape})")
@@ -253,8 +253,9 @@ def _threads(n: int) -> int:
 
 # ---- batch norm ------------------------------------------------------------------------------
 
-def _bn_validate(input: Any, running_mean: Any, running_var: Any, weight: Any, bias: Any,
-                 training: Any, momentum: Any, eps: Any):
+def _bn_validate(input: TensorLike, running_mean: TensorLike | None, running_var: TensorLike | None,
+                 weight: TensorLike | None, bias: TensorLike | None, training: Any, momentum: Any,
+                 eps: Any):
     dev = pick_device(input, running_mean, running_var, weight, bias)
     x = _input(input, dev, (2, 3, 4))
     training = boolean(training, "training")
@@ -278,10 +279,12 @@ def _bn_validate(input: Any, running_mean: Any, running_var: Any, weight: Any, b
     return dev, x, rm, rv, w, b, training, momentum, eps
 
 
-def batch_norm_with_stats(input: Any, running_mean: Any, running_var: Any, weight: Any = None,
-                          bias: Any = None, training: bool = False, momentum: float = 0.1,
-                          eps: float = 1e-5, activation: Any = None, out: Any = None,
-                          out_batch_stride: int | None = None) -> tuple[Tensor, Tensor, Tensor]:
+def batch_norm_with_stats(input: TensorLike, running_mean: TensorLike | None,
+                          running_var: TensorLike | None, weight: TensorLike | None = None,
+                          bias: TensorLike | None = None, training: bool = False,
+                          momentum: float = 0.1, eps: float = 1e-5, activation: Any = None,
+                          out: Tensor | None = None, out_batch_stride: int | None = None
+                          ) -> tuple[Tensor, Tensor, Tensor]:
     """batch_norm, also returning (save_mean, save_invstd) per channel: the batch statistics
     (training) or the running ones (inference), for batch_norm_backward. activation, out,
     out_batch_stride: as batch_norm's."""
@@ -310,9 +313,10 @@ def batch_norm_with_stats(input: Any, running_mean: Any, running_var: Any, weigh
     return _apply(dev, p, x, None, coef, y if out is not None else None), mean, invstd
 
 
-def batch_norm(input: Any, running_mean: Any, running_var: Any, weight: Any = None,
-               bias: Any = None, training: bool = False, momentum: float = 0.1,
-               eps: float = 1e-5, activation: Any = None, out: Any = None,
+def batch_norm(input: TensorLike, running_mean: TensorLike | None, running_var: TensorLike | None,
+               weight: TensorLike | None = None, bias: TensorLike | None = None,
+               training: bool = False, momentum: float = 0.1, eps: float = 1e-5,
+               activation: Any = None, out: Tensor | None = None,
                out_batch_stride: int | None = None) -> Tensor:
     """F.batch_norm over dim 1 of (N, C[, L]) or (N, C, H, W):
     y = (x - mean_c) / sqrt(var_c + eps) * weight_c + bias_c. training: batch statistics, and
@@ -328,10 +332,12 @@ def batch_norm(input: Any, running_mean: Any, running_var: Any, weight: Any = No
                                  momentum, eps, activation, out, out_batch_stride)[0]
 
 
-def batch_norm_backward(grad_out: Any, input: Any, running_mean: Any, running_var: Any,
-                        weight: Any = None, bias: Any = None, training: bool = False,
-                        momentum: float = 0.1, eps: float = 1e-5, *, save_mean: Any = None,
-                        save_invstd: Any = None, activation: Any = None, y: Any = None,
+def batch_norm_backward(grad_out: TensorLike, input: TensorLike, running_mean: TensorLike | None,
+                        running_var: TensorLike | None, weight: TensorLike | None = None,
+                        bias: TensorLike | None = None, training: bool = False,
+                        momentum: float = 0.1, eps: float = 1e-5, *,
+                        save_mean: TensorLike | None = None, save_invstd: TensorLike | None = None,
+                        activation: Any = None, y: TensorLike | None = None,
                         grad_out_batch_stride: int | None = None
                         ) -> tuple[Tensor, None, None, Tensor | None, Tensor | None]:
     """(grad_input, None, None, grad_weight, grad_bias) of batch_norm (running statistics are
@@ -394,8 +400,8 @@ def batch_norm_backward(grad_out: Any, input: Any, running_mean: Any, running_va
 
 # ---- group norm / instance norm --------------------------------------------------------------
 
-def _gn_validate(input: Any, num_groups: Any, weight: Any, bias: Any, eps: Any,
-                 ndims: tuple[int, ...] = (2, 3, 4)):
+def _gn_validate(input: TensorLike, num_groups: Any, weight: TensorLike | None,
+                 bias: TensorLike | None, eps: Any, ndims: tuple[int, ...] = (2, 3, 4)):
     dev = pick_device(input, weight, bias)
     x = _input(input, dev, ndims)
     c = x.shape[1]
@@ -449,15 +455,16 @@ def _group_norm_backward(dev: Device, g: Tensor, x: Tensor, groups: int, w: Tens
     return _apply(dev, p, g, x, coef), dw, db
 
 
-def group_norm_with_stats(input: Any, num_groups: int, weight: Any = None, bias: Any = None,
-                          eps: float = 1e-5) -> tuple[Tensor, Tensor, Tensor]:
+def group_norm_with_stats(input: TensorLike, num_groups: int, weight: TensorLike | None = None,
+                          bias: TensorLike | None = None, eps: float = 1e-5
+                          ) -> tuple[Tensor, Tensor, Tensor]:
     """group_norm, also returning (mean, rstd) of shape (N, num_groups)."""
     dev, x, groups, w, b, eps = _gn_validate(input, num_groups, weight, bias, eps)
     return _group_norm(dev, x, groups, w, b, eps)
 
 
-def group_norm(input: Any, num_groups: int, weight: Any = None, bias: Any = None,
-               eps: float = 1e-5) -> Tensor:
+def group_norm(input: TensorLike, num_groups: int, weight: TensorLike | None = None,
+               bias: TensorLike | None = None, eps: float = 1e-5) -> Tensor:
     """F.group_norm: channels split into num_groups groups; per (sample, group),
     y = (x - mean) / sqrt(var + eps) (biased variance over the group's C/G channels and all
     positions), then weight_c y + bias_c."""
@@ -465,9 +472,11 @@ def group_norm(input: Any, num_groups: int, weight: Any = None, bias: Any = None
     return _group_norm(dev, x, groups, w, b, eps)[0]
 
 
-def group_norm_backward(grad_out: Any, input: Any, num_groups: int, weight: Any = None,
-                        bias: Any = None, eps: float = 1e-5, *, save_mean: Any = None,
-                        save_rstd: Any = None) -> tuple[Tensor, Tensor | None, Tensor | None]:
+def group_norm_backward(grad_out: TensorLike, input: TensorLike, num_groups: int,
+                        weight: TensorLike | None = None, bias: TensorLike | None = None,
+                        eps: float = 1e-5, *, save_mean: TensorLike | None = None,
+                        save_rstd: TensorLike | None = None
+                        ) -> tuple[Tensor, Tensor | None, Tensor | None]:
     """(grad_input, grad_weight, grad_bias) of group_norm. Per (sample, group) of L elements with
     g = weight_c dy: dx = rstd (g - mean(g) - xhat mean(g xhat)); dweight = sum dy xhat,
     dbias = sum dy over samples and positions. save_mean / save_rstd: (N, num_groups) from
@@ -478,8 +487,9 @@ def group_norm_backward(grad_out: Any, input: Any, num_groups: int, weight: Any 
     return _group_norm_backward(dev, g, x, groups, w, b, eps, saved)
 
 
-def _in_validate(input: Any, running_mean: Any, running_var: Any, weight: Any, bias: Any,
-                 use_input_stats: Any, momentum: Any, eps: Any):
+def _in_validate(input: TensorLike, running_mean: TensorLike | None, running_var: TensorLike | None,
+                 weight: TensorLike | None, bias: TensorLike | None, use_input_stats: Any,
+                 momentum: Any, eps: Any):
     if running_mean is not None or running_var is not None:
         name = "running_mean" if running_mean is not None else "running_var"
         raise ValueError(f"{name}: instance norm with running statistics is not supported")
@@ -491,8 +501,9 @@ def _in_validate(input: Any, running_mean: Any, running_var: Any, weight: Any, b
     return _gn_validate(x, x.shape[1], weight, bias, eps, (3, 4))
 
 
-def instance_norm(input: Any, running_mean: Any = None, running_var: Any = None,
-                  weight: Any = None, bias: Any = None, use_input_stats: bool = True,
+def instance_norm(input: TensorLike, running_mean: TensorLike | None = None,
+                  running_var: TensorLike | None = None, weight: TensorLike | None = None,
+                  bias: TensorLike | None = None, use_input_stats: bool = True,
                   momentum: float = 0.1, eps: float = 1e-5) -> Tensor:
     """F.instance_norm of (N, C, L) or (N, C, H, W) with the input's statistics: group norm with
     one channel per group (running statistics are not supported)."""
@@ -501,9 +512,11 @@ def instance_norm(input: Any, running_mean: Any = None, running_var: Any = None,
     return _group_norm(dev, x, groups, w, b, eps)[0]
 
 
-def instance_norm_backward(grad_out: Any, input: Any, running_mean: Any = None,
-                           running_var: Any = None, weight: Any = None, bias: Any = None,
-                           use_input_stats: bool = True, momentum: float = 0.1, eps: float = 1e-5
+def instance_norm_backward(grad_out: TensorLike, input: TensorLike,
+                           running_mean: TensorLike | None = None,
+                           running_var: TensorLike | None = None, weight: TensorLike | None = None,
+                           bias: TensorLike | None = None, use_input_stats: bool = True,
+                           momentum: float = 0.1, eps: float = 1e-5
                            ) -> tuple[Tensor, None, None, Tensor | None, Tensor | None]:
     """(grad_input, None, None, grad_weight, grad_bias) of instance_norm (group_norm_backward with
     num_groups = C)."""

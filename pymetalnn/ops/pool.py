@@ -18,7 +18,7 @@ import numpy as np
 
 from ..params import CONST, AdaptivePool2dParams, Pool2dParams
 from ..runtime.core import MAX_GRID_THREADS
-from ..tensor import Tensor
+from ..tensor import Tensor, TensorLike
 from ._common import (
     FLOATS,
     boolean,
@@ -66,7 +66,8 @@ def _out_size(n: int, k: int, s: int, p: int, d: int, ceil_mode: bool) -> int:
     return o
 
 
-def _as_4d(x: Any, dev: Any, name: str, one_d: bool) -> tuple[Tensor, tuple[int, ...], tuple]:
+def _as_4d(x: TensorLike, dev: Any, name: str, one_d: bool
+           ) -> tuple[Tensor, tuple[int, ...], tuple]:
     """x as (N, C, H, W), the batch/channel prefix of the caller's layout and x's shape."""
     nd = (2, 3) if one_d else (3, 4)
     t = tensor_arg(x, dev, name, FLOATS, nd)
@@ -128,7 +129,7 @@ def _out_shape(prefix: tuple[int, ...], q: Any, one_d: bool) -> tuple[int, ...]:
     return (*prefix, q.OW) if one_d else (*prefix, q.OH, q.OW)
 
 
-def _grad_arg(grad_out: Any, x4: Tensor, dev: Any, shape: tuple[int, ...]) -> Tensor:
+def _grad_arg(grad_out: TensorLike, x4: Tensor, dev: Any, shape: tuple[int, ...]) -> Tensor:
     g = tensor_arg(grad_out, dev, "grad_out", FLOATS)
     if g.shape != shape:
         raise ValueError(f"grad_out: shape {g.shape}, expected the forward's output shape {shape}")
@@ -138,7 +139,7 @@ def _grad_arg(grad_out: Any, x4: Tensor, dev: Any, shape: tuple[int, ...]) -> Te
 
 
 # ---- max ------------------------------------------------------------------------------------
-def _max_fwd(x: Any, one_d: bool, kernel_size: Any, stride: Any, padding: Any, dilation: Any,
+def _max_fwd(x: TensorLike, one_d: bool, kernel_size: Any, stride: Any, padding: Any, dilation: Any,
              ceil_mode: bool, return_indices: bool, out: Any = None, out_batch_stride: Any = None
              ) -> Tensor | tuple[Tensor, Tensor]:
     dev = pick_device(x)
@@ -166,8 +167,8 @@ def _pool_out(out: Any, out_batch_stride: Any, shape: tuple[int, ...], x4: Tenso
     return y
 
 
-def _max_bwd(grad_out: Any, x: Any, one_d: bool, kernel_size: Any, stride: Any, padding: Any,
-             dilation: Any, ceil_mode: bool, indices: Any) -> Tensor:
+def _max_bwd(grad_out: TensorLike, x: TensorLike, one_d: bool, kernel_size: Any, stride: Any,
+             padding: Any, dilation: Any, ceil_mode: bool, indices: TensorLike | None) -> Tensor:
     dev = pick_device(grad_out, x, indices)
     x4, prefix, xshape = _as_4d(x, dev, "x", one_d)
     q = _geometry(x4, one_d, kernel_size, stride, padding, dilation, ceil_mode)
@@ -194,9 +195,10 @@ def _max_bwd(grad_out: Any, x: Any, one_d: bool, kernel_size: Any, stride: Any, 
     return dx.reshape(xshape)
 
 
-def max_pool2d(x: Any, kernel_size: Any, stride: Any = None, padding: Any = 0, dilation: Any = 1,
-               ceil_mode: bool = False, return_indices: bool = False, out: Any = None,
-               out_batch_stride: int | None = None) -> Tensor | tuple[Tensor, Tensor]:
+def max_pool2d(x: TensorLike, kernel_size: Any, stride: Any = None, padding: Any = 0,
+               dilation: Any = 1, ceil_mode: bool = False, return_indices: bool = False,
+               out: Tensor | None = None, out_batch_stride: int | None = None
+               ) -> Tensor | tuple[Tensor, Tensor]:
     """y[n, c, oh, ow] = max over r < kH, s < kW of x[n, c, oh*sH - pH + r*dH, ow*sW - pW + s*dW]
     (taps in the padding skipped). x is (N, C, H, W) or (C, H, W); stride defaults to kernel_size.
     With return_indices, also the int32 argmax h*W + w per output (first maximum on ties; the
@@ -208,24 +210,24 @@ def max_pool2d(x: Any, kernel_size: Any, stride: Any = None, padding: Any = 0, d
                     out, out_batch_stride)
 
 
-def max_pool2d_backward(grad_out: Any, x: Any, kernel_size: Any, stride: Any = None,
+def max_pool2d_backward(grad_out: TensorLike, x: TensorLike, kernel_size: Any, stride: Any = None,
                         padding: Any = 0, dilation: Any = 1, ceil_mode: bool = False,
-                        indices: Any = None) -> Tensor:
+                        indices: TensorLike | None = None) -> Tensor:
     """grad_x[n, c, h, w] = sum of grad_out over the outputs whose argmax is (h, w). Uses
     `indices` from max_pool2d(..., return_indices=True) when given, else recomputes from x."""
     return _max_bwd(grad_out, x, False, kernel_size, stride, padding, dilation, ceil_mode, indices)
 
 
-def max_pool1d(x: Any, kernel_size: Any, stride: Any = None, padding: Any = 0, dilation: Any = 1,
-               ceil_mode: bool = False, return_indices: bool = False
+def max_pool1d(x: TensorLike, kernel_size: Any, stride: Any = None, padding: Any = 0,
+               dilation: Any = 1, ceil_mode: bool = False, return_indices: bool = False
                ) -> Tensor | tuple[Tensor, Tensor]:
     """y[n, c, o] = max over r < k of x[n, c, o*s - p + r*d]; x is (N, C, L) or (C, L)."""
     return _max_fwd(x, True, kernel_size, stride, padding, dilation, ceil_mode, return_indices)
 
 
-def max_pool1d_backward(grad_out: Any, x: Any, kernel_size: Any, stride: Any = None,
+def max_pool1d_backward(grad_out: TensorLike, x: TensorLike, kernel_size: Any, stride: Any = None,
                         padding: Any = 0, dilation: Any = 1, ceil_mode: bool = False,
-                        indices: Any = None) -> Tensor:
+                        indices: TensorLike | None = None) -> Tensor:
     """grad_x[n, c, l] = sum of grad_out over the outputs whose argmax is l."""
     return _max_bwd(grad_out, x, True, kernel_size, stride, padding, dilation, ceil_mode, indices)
 
@@ -253,8 +255,8 @@ def _constant_divisor(q: Any) -> int:
     return q.KH * q.KW
 
 
-def _avg_fwd(x: Any, one_d: bool, kernel_size: Any, stride: Any, padding: Any, ceil_mode: bool,
-             count_include_pad: bool, divisor_override: Any, out: Any = None,
+def _avg_fwd(x: TensorLike, one_d: bool, kernel_size: Any, stride: Any, padding: Any,
+             ceil_mode: bool, count_include_pad: bool, divisor_override: Any, out: Any = None,
              out_batch_stride: Any = None) -> Tensor:
     dev = pick_device(x)
     x4, prefix, _ = _as_4d(x, dev, "x", one_d)
@@ -266,8 +268,9 @@ def _avg_fwd(x: Any, one_d: bool, kernel_size: Any, stride: Any, padding: Any, c
     return y
 
 
-def _avg_bwd(grad_out: Any, x: Any, one_d: bool, kernel_size: Any, stride: Any, padding: Any,
-             ceil_mode: bool, count_include_pad: bool, divisor_override: Any) -> Tensor:
+def _avg_bwd(grad_out: TensorLike, x: TensorLike, one_d: bool, kernel_size: Any, stride: Any,
+             padding: Any, ceil_mode: bool, count_include_pad: bool, divisor_override: Any
+             ) -> Tensor:
     dev = pick_device(grad_out, x)
     x4, prefix, xshape = _as_4d(x, dev, "x", one_d)
     q = _avg_geometry(x4, one_d, kernel_size, stride, padding, ceil_mode, count_include_pad,
@@ -285,9 +288,9 @@ def _avg_bwd(grad_out: Any, x: Any, one_d: bool, kernel_size: Any, stride: Any, 
     return dx.reshape(xshape)
 
 
-def avg_pool2d(x: Any, kernel_size: Any, stride: Any = None, padding: Any = 0,
+def avg_pool2d(x: TensorLike, kernel_size: Any, stride: Any = None, padding: Any = 0,
                ceil_mode: bool = False, count_include_pad: bool = True,
-               divisor_override: int | None = None, out: Any = None,
+               divisor_override: int | None = None, out: Tensor | None = None,
                out_batch_stride: int | None = None) -> Tensor:
     """y[n, c, oh, ow] = (sum of x over the window clipped to the input) / divisor, where the
     divisor is divisor_override, else the window's size clipped to the padded input
@@ -297,7 +300,7 @@ def avg_pool2d(x: Any, kernel_size: Any, stride: Any = None, padding: Any = 0,
                     divisor_override, out, out_batch_stride)
 
 
-def avg_pool2d_backward(grad_out: Any, x: Any, kernel_size: Any, stride: Any = None,
+def avg_pool2d_backward(grad_out: TensorLike, x: TensorLike, kernel_size: Any, stride: Any = None,
                         padding: Any = 0, ceil_mode: bool = False, count_include_pad: bool = True,
                         divisor_override: int | None = None) -> Tensor:
     """grad_x[n, c, h, w] = sum over the windows containing (h, w) of grad_out / divisor
@@ -306,13 +309,13 @@ def avg_pool2d_backward(grad_out: Any, x: Any, kernel_size: Any, stride: Any = N
                     divisor_override)
 
 
-def avg_pool1d(x: Any, kernel_size: Any, stride: Any = None, padding: Any = 0,
+def avg_pool1d(x: TensorLike, kernel_size: Any, stride: Any = None, padding: Any = 0,
                ceil_mode: bool = False, count_include_pad: bool = True) -> Tensor:
     """y[n, c, o] = (sum of x over the window clipped to the input) / divisor (as avg_pool2d)."""
     return _avg_fwd(x, True, kernel_size, stride, padding, ceil_mode, count_include_pad, None)
 
 
-def avg_pool1d_backward(grad_out: Any, x: Any, kernel_size: Any, stride: Any = None,
+def avg_pool1d_backward(grad_out: TensorLike, x: TensorLike, kernel_size: Any, stride: Any = None,
                         padding: Any = 0, ceil_mode: bool = False, count_include_pad: bool = True
                         ) -> Tensor:
     """grad_x[n, c, l] = sum over the windows containing l of grad_out / divisor."""
@@ -356,7 +359,7 @@ def _adaptive_fwd(x4: Tensor, prefix: tuple[int, ...], q: Any, dev: Any) -> Tens
     return y
 
 
-def _adaptive_bwd(grad_out: Any, x: Any, output_size: Any) -> Tensor:
+def _adaptive_bwd(grad_out: TensorLike, x: TensorLike, output_size: Any) -> Tensor:
     dev = pick_device(grad_out, x)
     x4, prefix, xshape = _as_4d(x, dev, "x", False)
     q = _adaptive_params(x4, output_size)
@@ -368,7 +371,7 @@ def _adaptive_bwd(grad_out: Any, x: Any, output_size: Any) -> Tensor:
     return dx.reshape(xshape)
 
 
-def adaptive_avg_pool2d(x: Any, output_size: Any) -> Tensor:
+def adaptive_avg_pool2d(x: TensorLike, output_size: Any) -> Tensor:
     """y[n, c, i, j] = mean of x[n, c, h, w] over h in [floor(i H / OH), ceil((i + 1) H / OH)),
     w likewise; output_size is an int or (OH, OW) (None keeps that input size)."""
     dev = pick_device(x)
@@ -376,17 +379,17 @@ def adaptive_avg_pool2d(x: Any, output_size: Any) -> Tensor:
     return _adaptive_fwd(x4, prefix, _adaptive_params(x4, output_size), dev)
 
 
-def adaptive_avg_pool2d_backward(grad_out: Any, x: Any, output_size: Any) -> Tensor:
+def adaptive_avg_pool2d_backward(grad_out: TensorLike, x: TensorLike, output_size: Any) -> Tensor:
     """grad_x[n, c, h, w] = sum over the cells (i, j) containing (h, w) of grad_out / cell size."""
     return _adaptive_bwd(grad_out, x, output_size)
 
 
-def global_avg_pool2d(x: Any) -> Tensor:
+def global_avg_pool2d(x: TensorLike) -> Tensor:
     """y[n, c, 0, 0] = mean of x[n, c] over H and W (adaptive_avg_pool2d(x, 1))."""
     return adaptive_avg_pool2d(x, 1)
 
 
-def global_avg_pool2d_backward(grad_out: Any, x: Any) -> Tensor:
+def global_avg_pool2d_backward(grad_out: TensorLike, x: TensorLike) -> Tensor:
     """grad_x[n, c, h, w] = grad_out[n, c, 0, 0] / (H W)."""
     return _adaptive_bwd(grad_out, x, 1)
 

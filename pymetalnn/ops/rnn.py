@@ -59,7 +59,7 @@ import numpy as np
 
 from ..params import CONST, RnnBwdParams, RnnFwdParams
 from ..runtime import Buffer, Device
-from ..tensor import Tensor, float16, float32
+from ..tensor import Tensor, TensorLike, float16, float32
 from ._common import (
     as_tensor,
     boolean,
@@ -184,7 +184,7 @@ def _weights(weights: Any, mode: str, num_layers: int, bias: bool, bidirectional
 
 
 # ---- arguments ------------------------------------------------------------------------------
-def _sequence(x: Any, dev: Device, name: str, dtypes: Any = (float32, float16)
+def _sequence(x: TensorLike, dev: Device, name: str, dtypes: Any = (float32, float16)
               ) -> tuple[Tensor | list[Tensor], tuple[int, int, int], np.dtype]:
     """Validate a (T, N, F) Tensor / array or a list of T (N, F) steps, without dispatching:
     (the tensor or the list of steps, (T, N, F), dtype). `_stacked` makes it one Tensor."""
@@ -332,8 +332,8 @@ def _bind(t: Tensor | None, dummy: Buffer) -> Buffer:
 
 
 # ---- forward --------------------------------------------------------------------------------
-def _forward(mode: str, input: Any, weights: Any, h0: Any, c0: Any, num_layers: Any, bias: Any,
-             bidirectional: Any, training: Any
+def _forward(mode: str, input: TensorLike, weights: Any, h0: Any, c0: Any, num_layers: Any,
+             bias: TensorLike | None, bidirectional: Any, training: Any
              ) -> tuple[Any, Tensor, Tensor | None, RNNWorkspace | None]:
     L, bias, bi, training = _options(num_layers, bias, bidirectional, training)
     first = input[0] if isinstance(input, (list, tuple)) and input else input
@@ -459,7 +459,8 @@ def _grad(v: Any, dev: Device, name: str, dt: np.dtype, shape: tuple[int, ...]
     return t
 
 
-def _backward(mode: str, grad_output: Any, grad_h_n: Any, grad_c_n: Any, ws: Any
+def _backward(mode: str, grad_output: TensorLike | None, grad_h_n: TensorLike | None,
+              grad_c_n: TensorLike | None, ws: Any
               ) -> tuple[Any, Tensor | None, Tensor | None, dict[str, Tensor]]:
     if not isinstance(ws, RNNWorkspace):
         raise ValueError(f"workspace: expected the RNNWorkspace of a training forward "
@@ -588,7 +589,7 @@ def _backward(mode: str, grad_output: Any, grad_h_n: Any, grad_c_n: Any, ws: Any
 
 
 # ---- public ---------------------------------------------------------------------------------
-def lstm(input: Any, weights: Any, hx: Any = None, num_layers: int = 1, bias: bool = True,
+def lstm(input: TensorLike, weights: Any, hx: Any = None, num_layers: int = 1, bias: bool = True,
          bidirectional: bool = False, training: bool = True
          ) -> tuple[Any, tuple[Tensor, Tensor], RNNWorkspace | None]:
     """Multi-layer LSTM over a sequence (torch.nn.LSTM, batch_first=False).
@@ -619,7 +620,8 @@ def _lstm_hx(hx: Any) -> tuple[Any, Any]:
     return hx[0], hx[1]
 
 
-def lstm_backward(grad_output: Any, grad_h_n: Any, grad_c_n: Any, workspace: RNNWorkspace
+def lstm_backward(grad_output: TensorLike | None, grad_h_n: TensorLike | None,
+                  grad_c_n: TensorLike | None, workspace: RNNWorkspace
                   ) -> tuple[Any, tuple[Tensor | None, Tensor | None], dict[str, Tensor]]:
     """Backward through time of `lstm` given dL/doutput (T, N, D*H) or a list (or None),
     dL/dh_n and dL/dc_n (L*D, N, H) (or None): returns (grad_input, (grad_h_0, grad_c_0),
@@ -637,7 +639,7 @@ def lstm_backward(grad_output: Any, grad_h_n: Any, grad_c_n: Any, workspace: RNN
     return gx, (dh0, dc0), gw
 
 
-def gru(input: Any, weights: Any, hx: Any = None, num_layers: int = 1, bias: bool = True,
+def gru(input: TensorLike, weights: Any, hx: Any = None, num_layers: int = 1, bias: bool = True,
         bidirectional: bool = False, training: bool = True
         ) -> tuple[Any, Tensor, RNNWorkspace | None]:
     """Multi-layer GRU (torch.nn.GRU, batch_first=False); blocks (r, z, n):
@@ -652,8 +654,8 @@ def gru(input: Any, weights: Any, hx: Any = None, num_layers: int = 1, bias: boo
     return out, h_n, ws
 
 
-def gru_backward(grad_output: Any, grad_h_n: Any, workspace: RNNWorkspace
-                 ) -> tuple[Any, Tensor | None, dict[str, Tensor]]:
+def gru_backward(grad_output: TensorLike | None, grad_h_n: TensorLike | None,
+                 workspace: RNNWorkspace) -> tuple[Any, Tensor | None, dict[str, Tensor]]:
     """Backward through time of `gru`: (grad_input, grad_h_0 or None, grad_weights). Per step,
     with dh = dL/dh_t: dn = dh (1-z)(1-n^2), dz = dh (h_{t-1} - n) z(1-z),
     dr = dn (h W_hn^T + b_hn) r(1-r); dG_x = [dr, dz, dn] feeds dx, dW_ih, db_ih and
@@ -668,7 +670,7 @@ def _mode(nonlinearity: Any) -> str:
     return f"rnn_{nonlinearity}"
 
 
-def rnn(input: Any, weights: Any, hx: Any = None, num_layers: int = 1,
+def rnn(input: TensorLike, weights: Any, hx: Any = None, num_layers: int = 1,
         nonlinearity: str = "tanh", bias: bool = True, bidirectional: bool = False,
         training: bool = True) -> tuple[Any, Tensor, RNNWorkspace | None]:
     """Multi-layer Elman RNN (torch.nn.RNN, batch_first=False):
@@ -680,8 +682,8 @@ def rnn(input: Any, weights: Any, hx: Any = None, num_layers: int = 1,
     return out, h_n, ws
 
 
-def rnn_backward(grad_output: Any, grad_h_n: Any, workspace: RNNWorkspace
-                 ) -> tuple[Any, Tensor | None, dict[str, Tensor]]:
+def rnn_backward(grad_output: TensorLike | None, grad_h_n: TensorLike | None,
+                 workspace: RNNWorkspace) -> tuple[Any, Tensor | None, dict[str, Tensor]]:
     """Backward through time of `rnn`: (grad_input, grad_h_0 or None, grad_weights), with
     dG = dL/dh_t * act'(.) (tanh: 1 - h_t^2; relu: [h_t > 0]), dL/dh_{t-1} = dG W_hh and the
     sums of `lstm_backward`."""

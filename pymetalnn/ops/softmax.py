@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from ..params import CONST, SoftmaxParams
-from ..tensor import Tensor
+from ..tensor import Tensor, TensorLike
 from ._common import FLOATS, MAX_GROUPS, empty, kernel, pick_device, suffix, tensor_arg
 
 SOURCE = "softmax.metal"
@@ -98,7 +98,7 @@ def check_size(t: Tensor, name: str) -> None:
         raise ValueError(f"{name}: {t.size} elements exceed the kernels' 32-bit indexing")
 
 
-def _forward(x: Any, dim: int, log: bool) -> Tensor:
+def _forward(x: TensorLike, dim: int, log: bool) -> Tensor:
     dev = pick_device(x)
     xt = tensor_arg(x, dev, "input", FLOATS, (2, 4))
     d = check_dim(dim, xt.ndim)
@@ -112,7 +112,7 @@ def _forward(x: Any, dim: int, log: bool) -> Tensor:
     return y
 
 
-def _backward(grad_out: Any, output: Any, dim: int, log: bool) -> Tensor:
+def _backward(grad_out: TensorLike, output: TensorLike, dim: int, log: bool) -> Tensor:
     dev = pick_device(grad_out, output)
     yt = tensor_arg(output, dev, "output", FLOATS, (2, 4))
     gt = tensor_arg(grad_out, dev, "grad_out", (yt.dtype,))
@@ -129,24 +129,24 @@ def _backward(grad_out: Any, output: Any, dim: int, log: bool) -> Tensor:
     return dx
 
 
-def softmax(input: Any, dim: int = 1) -> Tensor:
+def softmax(input: TensorLike, dim: int = 1) -> Tensor:
     """y = exp(x - max_d x) / sum_d exp(x - max_d x) along axis `dim` (default: the channel axis
     of (N, C) or (N, C, H, W)). float32 or float16 storage, float arithmetic."""
     return _forward(input, dim, log=False)
 
 
-def log_softmax(input: Any, dim: int = 1) -> Tensor:
+def log_softmax(input: TensorLike, dim: int = 1) -> Tensor:
     """y = x - max_d x - log(sum_d exp(x - max_d x)) along axis `dim`."""
     return _forward(input, dim, log=True)
 
 
-def softmax_backward(grad_out: Any, output: Any, dim: int = 1) -> Tensor:
+def softmax_backward(grad_out: TensorLike, output: TensorLike, dim: int = 1) -> Tensor:
     """Gradient of softmax w.r.t. its input, from the forward's OUTPUT y = softmax(x, dim):
     dx = y * (dy - sum_d(dy * y))."""
     return _backward(grad_out, output, dim, log=False)
 
 
-def log_softmax_backward(grad_out: Any, output: Any, dim: int = 1) -> Tensor:
+def log_softmax_backward(grad_out: TensorLike, output: TensorLike, dim: int = 1) -> Tensor:
     """Gradient of log_softmax w.r.t. its input, from the forward's OUTPUT y = log_softmax(x):
     dx = dy - exp(y) * sum_d dy."""
     return _backward(grad_out, output, dim, log=True)

@@ -39,6 +39,7 @@ from .errors import AsyncError, BackendUnavailable, CompileError, ValidationErro
 from .msl import translate_file
 
 CXXFLAGS = ["-std=c++17", "-O2", "-fPIC", "-shared", "-fno-math-errno", "-fno-strict-aliasing"]
+QUEUE_STACK = 64 << 20  # bytes of stack for the queue thread (see pmn_cpu_rt.cpp, kPoolStack)
 
 
 def find_compiler() -> str:
@@ -85,10 +86,67 @@ def _read(path: str) -> str:
 _ERR_LINE = re.compile(r"^(.+?):(\d+):(?:\d+:)?\s*(?:fatal )?error:\s*(.*)$", re.M)
 
 
-def _compile_shared(cxx: str, src_path: str, out: str, extra: list[str]) -> None:
+def kernel_flags() -> list[str]:
+    """Flags of the kernel libraries: CXXFLAGS at -O3, tuned for this host's CPU where the
+    compiler can tell which it is (the flags, and so the cache key, then name that CPU)."""
+    # -fopenmp-simd: honour the work-item loops' `omp simd` (no OpenMP runtime involved)
+    flags = [f for f in CXXFLAGS if f != "-O2"] + ["-O3", "-fopenmp-simd"]
+    if os.environ.get("PYMETALNN_CPU_NATIVE", "1") not in ("0", ""):
+        cpu = _host_cpu()
+        if cpu:
+            # no contraction of a*b+c into fma: results stay those of the source's roundings,
+            # the same on every host (g++ contracts by default once -march offers FMA)
+            flags += [f"-march={cpu}", "-ffp-contract=off"]
+    return flags
+
+
+_HOST_CPU: list[str] = []
+
+
+def _host_cpu() -> str:
+    """The -march value the compiler picks for -march=native (e.g. "skylake-avx512"), or ""
+    when it cannot tell: spelled out so that a cache shared between machines never hands one
+    CPU's instructions to another."""
+    if not _HOST_CPU:
+        cpu = ""
+        try:
+            r = subprocess.run([*find_compiler().split(), "-march=native", "-Q", "--help=target"],
+                               capture_output=True, text=True, timeout=60)
+            for line in r.stdout.splitlines():
+                parts = line.split()
+                if len(parts) >= 2 and parts[0] == "-march=":
+                    cpu = parts[1]
+                    break
+        except (OSError, subprocess.SubprocessError):
+            cpu = ""
+        _HOST_CPU.append(cpu if cpu not in ("native", "") else "")
+    return _HOST_CPU[0]
+
+
+def fiber_report(library: Library) -> dict[str, str]:
+    """Kernels of a cpu `library` that run with a fiber per thread, and why (a kernel that
+    synchronizes runs as work-item loops unless its structure does not allow them)."""
+    return {name: k.info.fiber_reason for name, k in library.kernels.items()
+            if k.info.needs_fibers}
+
+
+def _report_fibers(path: str, tr: Any) -> None:
+    if os.environ.get("PYMETALNN_CPU_REPORT", "") in ("", "0"):
+        return
+    for k in tr.kernels.values():
+        if k.needs_fibers:
+            print(f"pymetalnn cpu: {os.path.basename(path)}: kernel '{k.name}' runs on fibers: "
+                  f"{k.fiber_reason}", file=sys.stderr)
+        elif k.lockstep:
+            print(f"pymetalnn cpu: {os.path.basename(path)}: kernel '{k.name}' runs as work-item "
+                  "loops", file=sys.stderr)
+
+
+def _compile_shared(cxx: str, src_path: str, out: str, extra: list[str],
+                    flags: list[str] | None = None) -> None:
     tmp = out + f".tmp{os.getpid()}.{threading.get_ident()}"
-    cmd = [*cxx.split(), *CXXFLAGS, *_platform_flags(), "-I", PRELUDE_DIR, "-I", CPU_RT_DIR,
-           *extra, src_path, "-o", tmp]
+    cmd = [*cxx.split(), *(flags or CXXFLAGS), *_platform_flags(), "-I", PRELUDE_DIR, "-I",
+           CPU_RT_DIR, *extra, src_path, "-o", tmp]
     r = subprocess.run(cmd, capture_output=True, text=True)
     if r.returncode != 0:
         # lead with the first error's file:line (the .metal line, through #line) and message
@@ -259,8 +317,20 @@ class CpuDevice(Device):
         self._failures: list[_Failure] = []  # for synchronize(), under _lock
         self._epoch: list[_Failure] = []  # failures since the last signal (queue thread only)
         self._errbuf = ctypes.create_string_buffer(512)  # launch errors, written by the queue thread
-        self._thread = threading.Thread(target=self._worker, name="pymetalnn-cpu-queue", daemon=True)
-        self._thread.start()
+        # the queue thread runs threadgroups too: the same big stack as the runtime's pool
+        # threads (work-item-loop kernels keep per-thread arrays on the stack)
+        old_stack = threading.stack_size()
+        try:
+            threading.stack_size(max(old_stack, QUEUE_STACK))
+        except (ValueError, RuntimeError):
+            old_stack = None
+        try:
+            self._thread = threading.Thread(target=self._worker, name="pymetalnn-cpu-queue",
+                                            daemon=True)
+            self._thread.start()
+        finally:
+            if old_stack is not None:
+                threading.stack_size(old_stack)
 
     def _after_fork_in_child(self) -> None:
         # the queue thread did not survive the fork (the runtime's pool restarts by itself); the
@@ -425,27 +495,30 @@ class CpuDevice(Device):
 
     # ---- compile
     def _compile(self, path: str, defines: dict) -> Library:
-        tr = translate_file(path, "cpu", defines, [KERNEL_DIR], validate=self.validate)
-        prelude = _read(os.path.join(PRELUDE_DIR, "pmn_prelude.h"))
-        if self.validate:
-            prelude += _read(os.path.join(PRELUDE_DIR, "pmn_validate.h"))
-        abi = _read(os.path.join(CPU_RT_DIR, "pmn_cpu_abi.h"))
-        key = _hash(tr.source, prelude, abi, self.cxx, " ".join(CXXFLAGS), platform.machine())
-        base = os.path.join(cache_dir(), f"{os.path.splitext(os.path.basename(path))[0]}-{key}")
-        so = base + ".so"
-        if not _entry_ok(so):
-            fd, src = tempfile.mkstemp(suffix=".cpp", dir=cache_dir())
-            with os.fdopen(fd, "w") as f:
-                f.write(tr.source)
-            try:
-                _compile_shared(self.cxx, src, so, [])
-            finally:
-                os.unlink(src)
+        lockstep = os.environ.get("PYMETALNN_CPU_FIBERS", "") in ("", "0")
+        tr = translate_file(path, "cpu", defines, [KERNEL_DIR], validate=self.validate,
+                            lockstep=lockstep)
+        try:
+            so = self._build(path, tr)
+        except CompileError:
+            if not any(k.lockstep for k in tr.kernels.values()):
+                raise
+            # the work-item-loop versions are generated code: should one not compile, the
+            # library still builds with fibers (reported like every other fallback)
+            tr = translate_file(path, "cpu", defines, [KERNEL_DIR], validate=self.validate,
+                                lockstep=False)
+            for k in tr.kernels.values():
+                if k.needs_fibers:
+                    k.fiber_reason = "the work-item-loop version did not compile"
+            so = self._build(path, tr)
+        _report_fibers(path, tr)
         lib = ctypes.CDLL(so)
         kernels: dict[str, Kernel] = {}
         library = Library(self, path, defines, kernels)
         for name, info in tr.kernels.items():
-            thread_fn = ctypes.cast(getattr(lib, f"pmn_thread_{name}"), ctypes.c_void_p).value
+            # a kernel that runs as work-item loops has no fiber entry (lockstep.py)
+            thread_fn = None if info.lockstep else \
+                ctypes.cast(getattr(lib, f"pmn_thread_{name}"), ctypes.c_void_p).value
             loop_fn = ctypes.cast(getattr(lib, f"pmn_loop_{name}"), ctypes.c_void_p).value
             argsize = getattr(lib, f"pmn_argsize_{name}")
             argsize.restype = ctypes.c_uint
@@ -462,6 +535,26 @@ class CpuDevice(Device):
                              ctypes.c_int.in_dll(lib, "pmn_v_failed"),
                              (ctypes.c_char * 1024).in_dll(lib, "pmn_v_msg"))
         return library
+
+    def _build(self, path: str, tr: Any) -> str:
+        prelude = _read(os.path.join(PRELUDE_DIR, "pmn_prelude.h"))
+        if self.validate:
+            prelude += _read(os.path.join(PRELUDE_DIR, "pmn_validate.h"))
+        lockstep = _read(os.path.join(PRELUDE_DIR, "pmn_lockstep.h"))
+        abi = _read(os.path.join(CPU_RT_DIR, "pmn_cpu_abi.h"))
+        key = _hash(tr.source, prelude, lockstep, abi, self.cxx, " ".join(kernel_flags()),
+                    platform.machine())
+        base = os.path.join(cache_dir(), f"{os.path.splitext(os.path.basename(path))[0]}-{key}")
+        so = base + ".so"
+        if not _entry_ok(so):
+            fd, src = tempfile.mkstemp(suffix=".cpp", dir=cache_dir())
+            with os.fdopen(fd, "w") as f:
+                f.write(tr.source)
+            try:
+                _compile_shared(self.cxx, src, so, [], kernel_flags())
+            finally:
+                os.unlink(src)
+        return so
 
     # ---- launch
     def _addr(self, buf: Buffer) -> int:

@@ -9,6 +9,8 @@ that runs here runs everywhere.
 """
 from __future__ import annotations
 
+import collections
+import os
 import sys
 from typing import Any
 
@@ -16,11 +18,21 @@ import numpy as np
 
 from .core import KERNEL_DIR, Buffer, Device, Kernel, Library
 from .errors import AsyncError, BackendUnavailable, CompileError
+from .metal_check import MAX_THREADGROUP_MEMORY, source_layouts, threadgroup_memory, value_arg_sizes
 from .msl import translate_file
 from .preprocess import inline_includes
 
+# handles of committed command buffers kept before the oldest is waited on: a Metal command queue
+# blocks at 64 uncompleted command buffers by default anyway
+MAX_IN_FLIGHT = 64
+
 
 def _import_mc() -> Any:
+    if os.environ.get("PYMETALNN_FAKE_METAL") == "1":
+        # tests and CI: metalcompute's API executed by the cpu backend (pymetalnn/testing)
+        from ..testing import fake_metalcompute  # noqa: PLC0415
+
+        return fake_metalcompute
     if sys.platform != "darwin":
         raise BackendUnavailable("Metal needs macOS (this is " + sys.platform + ")")
     try:
@@ -41,12 +53,20 @@ class MetalDevice(Device):
             self.dev = self.mc.Device()
         except Exception as e:
             raise BackendUnavailable(f"no Metal device ({e})") from None
-        self._pending: list[Any] = []
-        self._cb_error: BaseException | None = None
+        # "metalcompute.Device(Apple M1 Pro)": every Mac GPU named Apple is Apple7 or later
+        # (simdgroup matrices in hardware); Intel and AMD GPUs are not. The GPU's name, not the
+        # Python's architecture, which reads x86_64 under Rosetta on an Apple GPU.
+        self.gpu_name = str(self.dev).partition("(")[2].rstrip(")")
+        self.apple_gpu = self.gpu_name.startswith("Apple")
+        self.max_threadgroup_memory = MAX_THREADGROUP_MEMORY  # Apple GPUs; assumed for every Mac
+        # handles of committed command buffers, oldest first; a handle keeps its buffers alive
+        self._pending: collections.deque[Any] = collections.deque()
+        self._cb_error: BaseException | None = None  # raised by a signal() callback
 
     def synchronize(self) -> None:
-        while self._pending:
-            h = self._pending.pop(0)
+        pending = self._pending
+        while pending:
+            h = pending.popleft()
             del h  # metalcompute waits for a call's command buffer when its handle is released
         err, self._cb_error = self._cb_error, None
         if err is not None:
@@ -70,12 +90,23 @@ class MetalDevice(Device):
         except Exception as e:  # noqa: BLE001
             self._cb_error = self._cb_error or e
 
+    def _commit(self, handle: Any) -> None:
+        self._pending.append(handle)
+        if len(self._pending) > MAX_IN_FLIGHT:
+            # bound the handles (and the freed buffers they keep alive) of a long run that never
+            # waits: releasing the oldest waits for it, which the GPU has long finished
+            h = self._pending.popleft()
+            del h
+
     def _replay(self, rec: Any) -> None:
         for job in rec.jobs:
             job()
 
     def _alloc(self, nbytes: int, zero: bool) -> Any:
-        return self.dev.buffer(nbytes)  # metalcompute zero-fills new buffers
+        try:
+            return self.dev.buffer(nbytes)  # metalcompute zero-fills new buffers
+        except self.mc.error as e:  # metalcompute says only "Could not make buffer"
+            raise MemoryError(f"Metal could not allocate a buffer of {nbytes} bytes ({e})") from None
 
     def _read(self, buf: Buffer, offset: int, nbytes: int) -> np.ndarray:
         self.synchronize()
@@ -96,8 +127,15 @@ class MetalDevice(Device):
             raise CompileError(f"Metal failed on {path}:\n{e}") from None
         kernels: dict[str, Kernel] = {}
         library = Library(self, path, defines, kernels)
+        # sizeof of each `constant T&` in Metal's layout, so a wrong-sized value is refused before
+        # dispatch here too (Metal would read past a short buffer silently)
+        structs = source_layouts(path, defines, [KERNEL_DIR])
+        tg_memory = threadgroup_memory(path, defines)
         for name, info in tr.kernels.items():
-            kernels[name] = Kernel(library, info, funcs[name], [0] * len(info.args))
+            kernels[name] = k = Kernel(library, info, funcs[name],
+                                       value_arg_sizes(info.args, structs))
+            # pipeline creation fails past max_threadgroup_memory: ops choose tiles that fit
+            k.threadgroup_memory = tg_memory.get(name, 0)
         return library
 
     def _launch(self, kernel: Kernel, groups: int, args: list[Any]) -> None:
@@ -105,7 +143,7 @@ class MetalDevice(Device):
         count = groups * kernel.threadgroup_size
 
         def job() -> None:
-            self._pending.append(kernel.handle(count, *bound))
+            self._commit(kernel.handle(count, *bound))
 
         if self._recording is not None:
             self._recording.jobs.append(job)

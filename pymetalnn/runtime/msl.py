@@ -17,6 +17,7 @@ import re
 from dataclasses import dataclass, field
 
 from .errors import MSLError
+from .lockstep import build as build_lockstep
 from .preprocess import Preprocessor, Token
 
 SCALAR_MAP = {
@@ -127,6 +128,8 @@ class KernelInfo:
     file: str = ""
     line: int = 0
     impl_name: str = ""
+    lockstep: bool = False  # cpu: runs as work-item loops (lockstep.py) instead of fibers
+    fiber_reason: str = ""  # cpu: why a kernel that synchronizes still needs fibers
 
 
 @dataclass
@@ -221,6 +224,7 @@ class Translator:
         self.templates: dict[str, tuple[list[str], list[list[Token]], Token, int]] = {}
         self.kernels: dict[str, KernelInfo] = {}
         self.user_funcs: set[str] = set()
+        self.sync_funcs: set[str] = set()  # functions that synchronize, directly or by a call
 
     # ---- entry
     def translate(self, toks: list[Token]) -> tuple[list[Token], dict[str, KernelInfo]]:
@@ -794,6 +798,7 @@ class Translator:
 
         for k in self.kernels.values():
             k.needs_fibers = needs(k.impl_name, frozenset())
+        self.sync_funcs = {fn for fn in bodies if needs(fn, frozenset())}
 
 
 # ---- output ---------------------------------------------------------------------------------
@@ -866,16 +871,25 @@ def _entry_points(k: KernelInfo, target: str, validate: bool = False) -> str:
     body = f"{k.impl}({', '.join(call)});"
     if validate and k.needs_fibers:  # divergent barriers: see prelude/pmn_validate.h
         body = f"pmn::v_thread_begin(ti); {body} pmn::v_thread_end(ti);"
-    return (
+    loop = (f"for (uint32_t l = 0; l < tg_size; ++l) {{ ti.lid = l; ti.gid = tgid * tg_size + l; "
+            f"ti.lane = l & 31u; ti.simd_id = l >> 5; pmn_body_{k.name}(args, ti); }}")
+    if k.lockstep:
+        # one call per threadgroup: the work-item loops are inside (lockstep.py)
+        grp = "pmn_kgrp_" + k.impl[len("pmn_kimpl_"):]
+        grp = grp.replace("<", f"<{k.threadgroup_size}u, ", 1) if "<" in grp else \
+            grp + f"<{k.threadgroup_size}u>"
+        gargs = [unpack[k.args[j].index] for kind, j in k.params_order if kind == "arg"]
+        loop = f"(void)ti; {grp}({', '.join(gargs + ['tgid', 'n_groups'])});"
+    fiber = "" if k.lockstep else (
         f"static inline __attribute__((always_inline)) void pmn_body_{k.name}(void* const* args, "
         f"const pmn_tinfo& ti) {{ (void)args; (void)ti; {body} }}\n"
         f'extern "C" void pmn_thread_{k.name}(void* const* args, const pmn_tinfo* ti) '
-        f"{{ pmn_body_{k.name}(args, *ti); }}\n"
+        f"{{ pmn_body_{k.name}(args, *ti); }}\n")
+    return (
+        fiber +
         f'extern "C" void pmn_loop_{k.name}(void* const* args, uint32_t tgid, uint32_t tg_size, '
         f"uint32_t n_groups) {{ pmn_tinfo ti; ti.tgid = tgid; ti.tg_size = tg_size; "
-        f"ti.n_groups = n_groups; ti.n_simd = (tg_size + 31u) >> 5; "
-        f"for (uint32_t l = 0; l < tg_size; ++l) {{ ti.lid = l; ti.gid = tgid * tg_size + l; "
-        f"ti.lane = l & 31u; ti.simd_id = l >> 5; pmn_body_{k.name}(args, ti); }} }}\n"
+        f"ti.n_groups = n_groups; ti.n_simd = (tg_size + 31u) >> 5; {loop} }}\n"
         f'extern "C" unsigned pmn_argsize_{k.name}(unsigned i) {{ static const unsigned s[] = '
         f"{{{sizes}}}; return s[i]; }}\n"
     )
@@ -892,11 +906,14 @@ PREAMBLE = {
 
 def translate_file(path: str, target: str, defines: dict | None = None,
                    include_dirs: list[str] | None = None, prelude: str | None = None,
-                   validate: bool = False) -> Translation:
+                   validate: bool = False, lockstep: bool = True) -> Translation:
     """Translate one `.metal` file for `target` ("cuda" or "cpu").
 
     `prelude`: text to paste in place of `#include "pmn_prelude.h"` (NVRTC gets everything in one
-    string); None emits the #include.
+    string); None emits the #include. `validate` (cpu): validation mode, checked pointers and
+    barriers (prelude/pmn_validate.h). `lockstep` (cpu, not with `validate`): kernels that
+    synchronize also get a work-item-loop version (lockstep.py), used instead of fibers where it
+    could be built.
     """
     pp = Preprocessor(include_dirs or [], defines)
     toks = pp.run_file(path)
@@ -911,6 +928,20 @@ def translate_file(path: str, target: str, defines: dict | None = None,
     parts.append(prelude if prelude is not None else '#include "pmn_prelude.h"\n')
     if tr.validate:
         parts.append('#include "pmn_validate.h"\n')
+    # validation builds keep fibers: their barrier counting (pmn_validate.h) and checked
+    # pointers live in the per-thread code that the work-item loops would restructure
+    if target == "cpu" and lockstep and not tr.validate:
+        extra = build_lockstep(out, kernels, tr.sync_funcs)
+        if extra:
+            parts.append('#include "pmn_lockstep.h"\n')
+            out = out + extra
+        for k in kernels.values():
+            if k.lockstep:
+                k.needs_fibers = False
+    elif target == "cpu":
+        for k in kernels.values():
+            if k.needs_fibers:
+                k.fiber_reason = "validation mode" if tr.validate else "work-item loops turned off"
     parts.append(_emit(out))
     parts.append(f'#line 1 "{GENERATED}"\n')
     for k in kernels.values():

@@ -173,6 +173,7 @@ class Preprocessor:
         i = 0
         n = len(toks)
         pending: list[Token] = []  # ordinary tokens awaiting macro expansion
+        remap: tuple[str, int, int, str] | None = None  # the last #line: (file, line, N, name)
 
         def flush() -> None:
             if pending:
@@ -237,12 +238,22 @@ class Preprocessor:
                         out.append(Token("pragma", body, t.file, t.line))
                 elif d == "error":
                     raise MSLError(t.file, t.line, "#error " + " ".join(a.text for a in args))
-                elif d in ("warning", "line"):
+                elif d == "line":
+                    # '#line N "file"' (the metal backend's inlined sources carry them): later
+                    # tokens of this text count from N, in "file"
+                    if not args or args[0].kind != "num":
+                        raise MSLError(t.file, t.line, "#line needs a line number")
+                    fname = args[1].text[1:-1] if len(args) > 1 and args[1].kind == "str" else (
+                        remap[3] if remap and remap[0] == t.file else t.file)
+                    remap = (t.file, t.line, int(args[0].text), fname)
+                elif d == "warning":
                     pass
                 else:
                     raise MSLError(t.file, t.line, f"unsupported preprocessor directive #{d}")
                 continue
             if active and t.kind != "nl":
+                if remap is not None and t.file == remap[0]:
+                    t = t.at(remap[3], remap[2] + t.line - remap[1] - 1)
                 pending.append(t)  # expanded in one piece: macro calls may span lines
             i += 1
         flush()
@@ -510,7 +521,9 @@ def inline_includes(path: str, include_dirs: list[str], seen: set[str] | None = 
     if path in seen:
         return ""
     seen.add(path)
-    out = []
+    # '#line' at the start of every file's text and after every include: Apple's compiler then
+    # names the .metal file and line in its messages, not a line of the concatenation
+    out = [f'#line 1 "{os.path.basename(path)}"']
     with open(path, encoding="utf-8") as f:
         lines = f.read().split("\n")
     for no, line in enumerate(lines, 1):

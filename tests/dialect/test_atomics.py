@@ -13,18 +13,15 @@ def test_contended_fetch_ops(load, n: int) -> None:
     lib = load("atomics")
     dev = lib.device
     r = rng(n)
-    x = r.uniform(-1.0, 1.0, n).astype(np.float32)
     xi = r.integers(-10**6, 10**6, n, dtype=np.int32)
     ci0 = np.array([0, 2**31 - 1, -2**31, 1000], dtype=np.int32)
     cu0 = np.array([0, 0, 0xFFFFFFFF, 0, 0, 0xFFFFFFFF, 0x12345678], dtype=np.uint32)
-    cf0 = np.array([0.5, 0.0], dtype=np.float32)
-    ci, cu, cf = dev.buffer(ci0), dev.buffer(cu0), dev.buffer(cf0)
+    ci, cu = dev.buffer(ci0), dev.buffer(cu0)
     old = dev.buffer(np.full(n, -1, dtype=np.int32))
-    lib.kernel("atomic_contention")(n, ci, cu, cf, old, dev.buffer(x), dev.buffer(xi), n)
+    lib.kernel("atomic_contention")(n, ci, cu, old, dev.buffer(xi), n)
 
     gi = ci.numpy(np.int32)
     gu = cu.numpy(np.uint32)
-    gf = cf.numpy(np.float32)
     gid = np.arange(n, dtype=np.uint64)
     assert gi[0] == n, "atomic_int fetch_add(1) lost updates"
     # each fetch_add returned a distinct previous value: exactly 0..n-1
@@ -40,6 +37,18 @@ def test_contended_fetch_ops(load, n: int) -> None:
         (np.uint64(1) << (gid % 29)).astype(np.uint32)), "fetch_and"
     assert gu[6] == np.bitwise_xor.reduce(
         np.concatenate([[np.uint64(0x12345678)], (gid * 2654435761) % 2**32])), "fetch_xor"
+
+
+@pytest.mark.parametrize("n", [1, 33, N_CONTENDED])
+def test_contended_float_fetch_ops(load, backend: str, n: int) -> None:
+    if backend == "metal":
+        pytest.skip("atomic_float is MSL 3.0; metalcompute compiles MSL 2.3")
+    lib = load("atomics_float")
+    dev = lib.device
+    x = rng(n).uniform(-1.0, 1.0, n).astype(np.float32)
+    cf = dev.buffer(np.array([0.5, 0.0], dtype=np.float32))
+    lib.kernel("atomic_float_contention")(n, cf, dev.buffer(x), n)
+    gf = cf.numpy(np.float32)
     np.testing.assert_allclose(gf[0], 0.5 + x.astype(np.float64).sum(), rtol=0, atol=1e-3 + n * 1e-6,
                                err_msg="atomic_float fetch_add")
     np.testing.assert_allclose(gf[1], -x.astype(np.float64).sum(), rtol=0, atol=1e-3 + n * 1e-6,

@@ -189,6 +189,27 @@ kernel void k(device float* x [[buffer(0)]],
     assert re.search(rf"undeclared\.metal(:{line}:|\({line}\))", text), text
 
 
+@pytest.mark.parametrize("decl", ["simdgroup_matrix<float, 16, 16> m;", "simdgroup_matrix<int, 8, 8> m;"])
+def test_unsupported_simdgroup_matrix_names_metal_line(dev, tmp_path: Path, decl: str) -> None:
+    """MSL 2.3 has 8x8 float/half simdgroup matrices only: other shapes and types fail to compile
+    with the .metal line of the declaration."""
+    body = f"""
+kernel void k(device float* x [[buffer(0)]],
+              uint gid [[thread_position_in_grid]]) {{
+    {decl}  // <- error here
+    x[gid] = 1.0f;
+}}
+"""
+    path, line = write(tmp_path, "bad_matrix", body)
+    with pytest.raises(CompileError) as ei:
+        dev.library(path)
+    text = str(ei.value)
+    assert "simdgroup matrices" in text or "8x8" in text, text
+    # g++: "bad_matrix.metal:7:..."; NVRTC: "bad_matrix.metal(7)" or "at line 7 of ...bad_matrix.metal"
+    assert re.search(rf"bad_matrix\.metal(:{line}:|\({line}\))|line {line} of \S*bad_matrix\.metal",
+                     text), text
+
+
 # ---- dispatch errors ----------------------------------------------------------------------
 
 class Params(ctypes.Structure):

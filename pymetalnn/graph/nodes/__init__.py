@@ -26,7 +26,6 @@ from .arith import (
 # ruff: noqa: F401  (the package re-exports its modules' public names)
 from .base import (
     NOMINAL_BATCH,
-    OP_OVERRIDES,
     FilterNode,
     GradientNode,
     GradientSumNode,
@@ -37,8 +36,6 @@ from .base import (
     UpdateNode,
     Value,
     as_value,
-    has_op,
-    op,
 )
 from .conv import (
     ConvolutionNode,

@@ -1,15 +1,18 @@
 """Element-wise arithmetic nodes (pymetalnn/ops/arith.py): a + b, a - b, a * b, a / b (broadcasting)."""
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
-from .base import FilterNode, _floats, op
+from ... import functional as F
+from .base import FilterNode, _floats
 
 
 class _ArithmeticNode(FilterNode):
-    opname = "add"
+    """a (op) b with broadcasting; `ops` = (the functional op, its backward)."""
+
+    ops: tuple[Callable, Callable] = (F.add, F.add_backward)
 
     def __init__(self, a: Any, b: Any, *, name: str | None = None, register: bool = True):
         super().__init__([a, b], name, register)
@@ -24,33 +27,33 @@ class _ArithmeticNode(FilterNode):
         return [(out, _floats(dtypes))]
 
     def forward(self, rc, xs, training, with_state):
-        return [op(self.opname, self)(xs[0], xs[1])]
+        return [self.ops[0](xs[0], xs[1])]
 
     def _same(self) -> bool:
         return self.sources[0].shape == self.sources[1].shape == self.result.shape
 
     def saved(self):
-        return [] if (self.opname == "add" and self._same()) else [("in", 0), ("in", 1)]
+        return [] if (self.ops[0] is F.add and self._same()) else [("in", 0), ("in", 1)]
 
     def backward(self, rc, gouts, saved, need):
         g = gouts[0]
         if not saved:  # a + b of equal shapes: both gradients are g itself
             return [g if need[0] else None, g if need[1] else None], []
-        ga, gb = op(self.opname + "_backward", self)(g, saved[0], saved[1])
+        ga, gb = self.ops[1](g, saved[0], saved[1])
         return [ga if need[0] else None, gb if need[1] else None], []
 
 
 class AdditionNode(_ArithmeticNode):
-    prefix, opname = "add", "add"
+    prefix, ops = "add", (F.add, F.add_backward)
 
 
 class SubtractionNode(_ArithmeticNode):
-    prefix, opname = "sub", "sub"
+    prefix, ops = "sub", (F.sub, F.sub_backward)
 
 
 class MultiplicationNode(_ArithmeticNode):
-    prefix, opname = "mul", "mul"
+    prefix, ops = "mul", (F.mul, F.mul_backward)
 
 
 class DivisionNode(_ArithmeticNode):
-    prefix, opname = "div", "div"
+    prefix, ops = "div", (F.div, F.div_backward)

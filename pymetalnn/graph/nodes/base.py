@@ -1,14 +1,14 @@
 """The graph's building blocks: values (inputs, results, states, gradients), the node base
 classes (FilterNode: a forward op; GradientNode, GradientSumNode, UpdateNode: what the training
-graph adds), the op lookup the filter nodes call, and the shape helpers they share.
+graph adds), and the shape helpers they share.
 
-A filter node implements its forward and backward with the functional ops and declares what its
+A filter node implements its forward and backward with the functional ops (pymetalnn.functional,
+called directly) and declares what its
 backward needs (inputs, outputs, states such as pooling indices or batch statistics), so the
 graph keeps exactly those alive and frees everything else.
 """
 from __future__ import annotations
 
-import importlib
 import itertools
 from collections import defaultdict
 from collections.abc import Sequence
@@ -18,42 +18,9 @@ import numpy as np
 
 from ...tensor import Tensor, float16, float32, int32
 from ..datasource import DataSource
-from ..errors import GraphError, OpUnavailable
+from ..errors import GraphError
 
 NOMINAL_BATCH = 2  # the batch size used for shape checks when an input gives none
-_OP_MODULES = ("pool", "norm", "rnn", "conv", "gemm", "neuron", "softmax", "loss", "dropout",
-               "arith", "copy")
-
-
-OP_OVERRIDES: dict[str, Callable] = {}  # name -> function, consulted first (tests, experiments)
-
-
-def op(name: str, node: Any = None) -> Callable:
-    """The functional op `name`: from pymetalnn.functional, else from the op modules that are
-    not exported there yet. Raises OpUnavailable naming the node."""
-    from ... import functional as F
-
-    f = OP_OVERRIDES.get(name) or getattr(F, name, None)
-    if f is not None:
-        return f
-    for mod in _OP_MODULES:
-        try:
-            m = importlib.import_module(f"pymetalnn.ops.{mod}")
-        except ImportError:
-            continue
-        f = getattr(m, name, None)
-        if f is not None:
-            return f
-    raise OpUnavailable(node, f"needs the op pymetalnn.functional.{name}, which does not exist "
-                              "(yet)")
-
-
-def has_op(name: str) -> bool:
-    try:
-        op(name)
-        return True
-    except OpUnavailable:
-        return False
 
 
 _counters: dict[str, itertools.count] = defaultdict(lambda: itertools.count(1))
@@ -229,6 +196,26 @@ class FilterNode(Node):
         fused output is not needed by the gradient."""
         return False
 
+    def call_with_weights(self, rc: Any, op: Callable, x: Any, **kw: Any) -> Any:
+        """op(x, weight, bias, **kw) with this node's weights acquired for the call."""
+        w, b = rc.acquire(self.weights)
+        y = op(x, w, b, **kw)
+        rc.release(self.weights)
+        return y
+
+    def weight_grads_only(self, rc: Any, gw: Tensor, gb: Tensor | None
+                          ) -> tuple[list[Tensor | None], list[Tensor]]:
+        """backward's result when nothing reads the input gradient (the dead-node pass): only
+        the weights' (and bias's) gradients were computed."""
+        rc.note(f"{self.name}: input gradient not computed (nothing uses it)")
+        return [None], _param_grads(gw, gb)
+
+    def strided_out(self) -> bool:
+        """Whether forward can write its (first) result into a channel slice of a larger tensor:
+        its op takes out=, out_batch_stride= (rc.take_out()), which the graph's concat
+        elimination passes at batch > 1."""
+        return False
+
     def strided_grad(self) -> bool:
         """Whether backward can read the gradient of its (first) result with a batch stride:
         images rc.state[("grad_nstride", self)] elements apart when that is set (its channel
@@ -354,6 +341,11 @@ def _weights_of(weights: Any, cls: type, exclude: type | None = None) -> Any:
     if not isinstance(weights, cls) or (exclude is not None and isinstance(weights, exclude)):
         raise GraphError(None, f"weights: expected a {cls.__name__}, got {type(weights).__name__}")
     return weights
+
+
+def _param_grads(gw: Tensor, gb: Tensor | None) -> list[Tensor]:
+    """The weight gradients in a data source's trainable order: weight, then bias if it has one."""
+    return [gw] if gb is None else [gw, gb]
 
 
 def _act(activation: Any) -> dict[str, Any]:

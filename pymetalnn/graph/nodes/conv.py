@@ -3,13 +3,40 @@ from __future__ import annotations
 
 from typing import Any
 
-from ...tensor import Tensor
+from ... import functional as F
 from ..datasource import ConvolutionDataSource, ConvolutionTransposeDataSource
 from ..padding import Padding, policy
-from .base import FilterNode, _act, _conv_out, _expect_ndim, _floats, _pair, _weights_of, op
+from .base import (
+    FilterNode,
+    _act,
+    _conv_out,
+    _expect_ndim,
+    _floats,
+    _pair,
+    _param_grads,
+    _weights_of,
+)
 
 
-class ConvolutionNode(FilterNode):
+class _ConvNode(FilterNode):
+    """What the convolution nodes share: images in, channels checked against the weights, the
+    input kept for the gradient."""
+
+    def _images(self, shapes: list[tuple[int, ...]], dtypes: list[Any]) -> tuple[tuple, Any]:
+        (x,) = shapes
+        _expect_ndim(x, 4)
+        dt = _floats(dtypes)
+        ws = self.weights
+        if x[1] != ws.in_channels:
+            raise ValueError(f"source has {x[1]} channels, the weights ({ws.label}) expect "
+                             f"{ws.in_channels}")
+        return x, dt
+
+    def saved(self):
+        return [("in", 0)]
+
+
+class ConvolutionNode(_ConvNode):
     """2-D convolution with weights (and bias) from a ConvolutionDataSource. padding: a padding
     policy ("same" by default, as MPS; "valid", "full", ints or custom)."""
 
@@ -25,13 +52,8 @@ class ConvolutionNode(FilterNode):
         super().__init__([source], name, register)
 
     def infer(self, shapes, dtypes):
-        (x,) = shapes
-        _expect_ndim(x, 4)
-        dt = _floats(dtypes)
+        x, dt = self._images(shapes, dtypes)
         ws = self.weights
-        if x[1] != ws.in_channels:
-            raise ValueError(f"source has {x[1]} channels, the weights ({ws.label}) expect "
-                             f"{ws.in_channels}")
         k = ws.kernel_size
         self.pads = tuple(int(p) for p in self.padding.pads(self, x[2:], k, self.stride,
                                                             self.dilation))  # type: ignore
@@ -49,45 +71,23 @@ class ConvolutionNode(FilterNode):
                     groups=self.weights.groups)
 
     def forward(self, rc, xs, training, with_state, activation=None):
-        w, b = rc.acquire(self.weights)
-        y = op("conv2d", self)(xs[0], w, b, **self._args(), **_act(activation), **rc.take_out())
-        rc.release(self.weights)
-        return [y]
+        return [self.call_with_weights(rc, F.conv2d, xs[0], **self._args(), **_act(activation),
+                                       **rc.take_out())]
 
-    def saved(self):
-        return [("in", 0)]
+    def strided_out(self):
+        return True
 
     def backward(self, rc, gouts, saved, need):
         (x,) = saved
         w, b = rc.acquire(self.weights)
-        g = gouts[0]
         if not need[0] and rc.skip_dead:
-            gw, gb = _conv_weight_grads(g, x, w, b, self._args())
-            if gw is not None:
-                rc.note(f"{self.name}: input gradient not computed (nothing uses it)")
-                return [None], [gw, gb] if b is not None else [gw]
-        gx, gw, gb = op("conv2d_backward", self)(g, x, w, b, **self._args())
-        return [gx if need[0] else None], ([gw, gb] if b is not None else [gw])
+            return self.weight_grads_only(rc, *F.conv2d_weight_grad(gouts[0], x, w, b,
+                                                                     **self._args()))
+        gx, gw, gb = F.conv2d_backward(gouts[0], x, w, b, **self._args())
+        return [gx if need[0] else None], _param_grads(gw, gb)
 
 
-def _conv_weight_grads(g: Tensor, x: Tensor, w: Tensor, b: Tensor | None, args: dict
-                       ) -> tuple[Tensor | None, Tensor | None]:
-    """dw, db of conv2d without the input gradient, via the conv module's plan functions (None
-    if they are not there)."""
-    try:
-        from ...ops import conv as C
-
-        dev, x, w, b, geo, prec = C._conv_args(x, w, b, args["stride"], args["padding"],
-                                               args["dilation"], args["groups"], None)
-        gy = C._grad_arg(g, dev, x, (geo.N, geo.K, geo.OH, geo.OW))
-        gw = C._weight_grad(dev, prec, geo, gy, x, x.dtype)
-        gb = C._bias_grad(dev, gy) if b is not None else None
-        return gw, gb
-    except (ImportError, AttributeError, TypeError):
-        return None, None
-
-
-class ConvolutionTransposeNode(FilterNode):
+class ConvolutionTransposeNode(_ConvNode):
     """Transposed 2-D convolution (weights from a ConvolutionTransposeDataSource). padding:
     "valid" (torch padding 0), "same" (output = input * stride), an int/pair (torch's padding),
     with `output_padding` as torch's."""
@@ -105,13 +105,8 @@ class ConvolutionTransposeNode(FilterNode):
         super().__init__([source], name, register)
 
     def infer(self, shapes, dtypes):
-        (x,) = shapes
-        _expect_ndim(x, 4)
-        dt = _floats(dtypes)
+        x, dt = self._images(shapes, dtypes)
         ws = self.weights
-        if x[1] != ws.in_channels:
-            raise ValueError(f"source has {x[1]} channels, the weights ({ws.label}) expect "
-                             f"{ws.in_channels}")
         k, s, d = ws.kernel_size, self.stride, self.dilation
         p = self.padding_arg
         if isinstance(p, str) and p.lower() == "same":
@@ -144,16 +139,10 @@ class ConvolutionTransposeNode(FilterNode):
                     dilation=self.dilation, groups=self.weights.groups)
 
     def forward(self, rc, xs, training, with_state):
-        w, b = rc.acquire(self.weights)
-        y = op("conv_transpose2d", self)(xs[0], w, b, **self._args())
-        rc.release(self.weights)
-        return [y]
-
-    def saved(self):
-        return [("in", 0)]
+        return [self.call_with_weights(rc, F.conv_transpose2d, xs[0], **self._args())]
 
     def backward(self, rc, gouts, saved, need):
         (x,) = saved
         w, b = rc.acquire(self.weights)
-        gx, gw, gb = op("conv_transpose2d_backward", self)(gouts[0], x, w, b, **self._args())
-        return [gx if need[0] else None], ([gw, gb] if b is not None else [gw])
+        gx, gw, gb = F.conv_transpose2d_backward(gouts[0], x, w, b, **self._args())
+        return [gx if need[0] else None], _param_grads(gw, gb)

@@ -4,13 +4,14 @@ and flatten (views, no dispatch), images <-> matrices.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
+from ... import functional as F
 from ...tensor import Tensor
 from ..errors import GraphError
-from .base import FilterNode, _expect_ndim, _floats, op
+from .base import FilterNode, _expect_ndim, _floats
 
 
 class ConcatenationNode(FilterNode):
@@ -44,7 +45,7 @@ class ConcatenationNode(FilterNode):
 
     def forward(self, rc, xs, training, with_state):
         rc.state[self] = [x.shape[self.axis] for x in xs]  # the split sizes for the gradient
-        return [op("concat", self)(list(xs), self.axis)]
+        return [F.concat(list(xs), self.axis)]
 
     def strided_grad(self):
         # a concat nested in another's channel slice: its pieces are sub-slices of that
@@ -70,7 +71,7 @@ class ConcatenationNode(FilterNode):
                 out.append(Tensor(g.buffer.view(off, nb), tuple(shape), g.dtype) if nd else None)
                 off += nb
             return out, []
-        parts = op("split", self)(g, sizes, self.axis)
+        parts = F.split(g, sizes, self.axis)
         return [p if nd else None for p, nd in zip(parts, need)], []
 
     def _strided_backward(self, rc, g: Tensor, sizes: list[int], need: list[bool],
@@ -80,28 +81,19 @@ class ConcatenationNode(FilterNode):
         backward reads a batch-strided gradient) as a view of g at its channel slice, images
         `pitch` elements apart (C*inner, or ns when g itself is such a slice of an enclosing
         concat's gradient); only the other needed pieces are copied out (one split)."""
-        from ...ops.copy import _parts
-        from ...tensor import empty
-
         n, inner = g.shape[0], int(np.prod(g.shape[2:]))
         pitch, isz = ns or g.shape[1] * inner, g.dtype.itemsize
-        out: list[Tensor | None] = []
-        copies = []
+        copied = [nd and k not in strided for k, nd in enumerate(need)]
+        out = F.split(g, sizes, 1, x_batch_stride=pitch, need=copied) if any(copied) \
+            else [None] * len(sizes)
         off = 0
         for k, (c, nd) in enumerate(zip(sizes, need)):
-            shape = (n, c) + tuple(g.shape[2:])
             if nd and k in strided:
                 nb = ((n - 1) * pitch + c * inner) * isz
-                out.append(Tensor(g.buffer.view(off * isz, nb), shape, g.dtype))
+                out[k] = Tensor(g.buffer.view(off * isz, nb), (n, c) + tuple(g.shape[2:]),
+                                g.dtype)
                 rc.state[("grad_nstride", strided[k])] = pitch
-            elif nd:
-                out.append(empty(shape, g.dtype, g.device))
-                copies.append((out[-1], c * inner, off))
-            else:
-                out.append(None)
             off += c * inner
-        if copies:
-            _parts("split", g, n, pitch, copies)
         return out
 
 
@@ -152,9 +144,9 @@ class FlattenNode(ReshapeNode):
 
 class _LayoutNode(FilterNode):
     """Images <-> matrices: the same memory seen with the result's per-sample shape (a view, no
-    dispatch), or with channels_last a copy by the op `opname` (and `opname`_backward)."""
+    dispatch), or with channels_last a copy by `ops` (the functional op and its backward)."""
 
-    opname = ""
+    ops: tuple[Callable, Callable]
 
     def _op_args(self) -> tuple:
         return ()
@@ -163,7 +155,7 @@ class _LayoutNode(FilterNode):
         x = xs[0]
         if not self.channels_last:
             return [x.reshape(x.shape[0], *self.result.shape[1:])]
-        return [op(self.opname, self)(x, *self._op_args(), True)]
+        return [self.ops[0](x, *self._op_args(), True)]
 
     def saved(self):
         return [("in", 0)] if self.channels_last else []
@@ -172,14 +164,14 @@ class _LayoutNode(FilterNode):
         g = gouts[0]
         if not self.channels_last:
             return [g.reshape(g.shape[0], *self.sources[0].shape[1:])], []
-        return [op(self.opname + "_backward", self)(g, saved[0], *self._op_args(), True)], []
+        return [self.ops[1](g, saved[0], *self._op_args(), True)], []
 
 
 class ImageToMatrixNode(_LayoutNode):
     """Images (N, C, H, W) as a matrix (N, C*H*W) (a view, no dispatch), or (N, H*W*C) with
     channels_last (a copy)."""
 
-    prefix, opname = "im2mat", "image_to_matrix"
+    prefix, ops = "im2mat", (F.image_to_matrix, F.image_to_matrix_backward)
 
     def __init__(self, source: Any, channels_last: bool = False, *, name: str | None = None,
                  register: bool = True):
@@ -196,7 +188,7 @@ class MatrixToImageNode(_LayoutNode):
     """A matrix (N, C*H*W) as images (N, C, H, W) with chw = (C, H, W) (a view), or from
     channels-last rows (a copy)."""
 
-    prefix, opname = "mat2im", "matrix_to_image"
+    prefix, ops = "mat2im", (F.matrix_to_image, F.matrix_to_image_backward)
 
     def __init__(self, source: Any, chw: Sequence[int], channels_last: bool = False, *,
                  name: str | None = None, register: bool = True):

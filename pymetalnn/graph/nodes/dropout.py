@@ -3,8 +3,9 @@ from __future__ import annotations
 
 from typing import Any
 
+from ... import functional as F
 from ..errors import GraphError
-from .base import FilterNode, _expect_ndim, _floats, op
+from .base import FilterNode, _expect_ndim, _floats
 
 
 class DropoutNode(FilterNode):
@@ -34,9 +35,9 @@ class DropoutNode(FilterNode):
         if not training:
             rc.note(f"{self.name}: identity at inference (no dispatch)")
             return [xs[0]]
-        f = op("dropout2d" if self.spatial else "dropout", self)
+        f = F.dropout2d if self.spatial else F.dropout
         return [f(xs[0], self.p, self.seed, self.offset(rc.step))]
 
     def backward(self, rc, gouts, saved, need):
-        f = op("dropout2d_backward" if self.spatial else "dropout_backward", self)
+        f = F.dropout2d_backward if self.spatial else F.dropout_backward
         return [f(gouts[0], self.p, self.seed, self.offset(rc.step))], []

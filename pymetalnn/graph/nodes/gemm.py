@@ -5,8 +5,9 @@ from typing import Any
 
 import numpy as np
 
+from ... import functional as F
 from ..datasource import FullyConnectedDataSource
-from .base import FilterNode, _act, _floats, _weights_of, op
+from .base import FilterNode, _act, _floats, _param_grads, _weights_of
 
 
 class FullyConnectedNode(FilterNode):
@@ -33,10 +34,7 @@ class FullyConnectedNode(FilterNode):
 
     def forward(self, rc, xs, training, with_state, activation=None):
         x = xs[0]
-        w, b = rc.acquire(self.weights)
-        y = op("linear", self)(x.reshape(x.shape[0], -1), w, b, **_act(activation))
-        rc.release(self.weights)
-        return [y]
+        return [self.call_with_weights(rc, F.linear, x.reshape(x.shape[0], -1), **_act(activation))]
 
     def saved(self):
         return [("in", 0)]
@@ -45,14 +43,7 @@ class FullyConnectedNode(FilterNode):
         (x,) = saved
         x2 = x.reshape(x.shape[0], -1)
         w, b = rc.acquire(self.weights)
-        g = gouts[0]
         if not need[0] and rc.skip_dead:
-            from ...ops.gemm import gemm, linear_bias_grad
-            from ...tensor import empty
-
-            gw = empty(w.shape, w.dtype, w.device)
-            gemm(g, x2, gw, transpose_a=True)
-            rc.note(f"{self.name}: input gradient not computed (nothing uses it)")
-            return [None], ([gw, linear_bias_grad(g)] if b is not None else [gw])
-        gx, gw, gb = op("linear_backward", self)(g, x2, w, b)
-        return [gx.reshape(x.shape) if need[0] else None], ([gw, gb] if b is not None else [gw])
+            return self.weight_grads_only(rc, *F.linear_weight_grad(gouts[0], x2, w, b))
+        gx, gw, gb = F.linear_backward(gouts[0], x2, w, b)
+        return [gx.reshape(x.shape) if need[0] else None], _param_grads(gw, gb)

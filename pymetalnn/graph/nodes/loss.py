@@ -3,19 +3,26 @@ starts from their reduction.
 """
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any
 
+from ... import functional as F
 from ...tensor import float16, float32, int32
 from ..errors import GraphError
-from .base import FilterNode, LabelsNode, Value, _floats, as_value, op
+from .base import FilterNode, LabelsNode, Value, _floats, as_value
 
-LOSSES = {  # kind -> (op, class labels allowed)
-    "cross_entropy": ("cross_entropy", True),
-    "categorical_cross_entropy": ("categorical_cross_entropy", True),
-    "sigmoid_cross_entropy": ("binary_cross_entropy_with_logits", False),
-    "mse": ("mse_loss", False), "mae": ("l1_loss", False), "huber": ("huber_loss", False),
-    "hinge": ("hinge_loss", False), "kl_divergence": ("kl_div", False),
-    "cosine_distance": ("cosine_distance", False), "log": ("log_loss", False),
+LOSSES = {  # kind -> (forward op, backward op, class labels allowed)
+    "cross_entropy": (F.cross_entropy, F.cross_entropy_backward, True),
+    "categorical_cross_entropy": (F.categorical_cross_entropy,
+                                  F.categorical_cross_entropy_backward, True),
+    "sigmoid_cross_entropy": (F.binary_cross_entropy_with_logits,
+                              F.binary_cross_entropy_with_logits_backward, False),
+    "mse": (F.mse_loss, F.mse_loss_backward, False),
+    "mae": (F.l1_loss, F.l1_loss_backward, False),
+    "huber": (F.huber_loss, F.huber_loss_backward, False),
+    "hinge": (F.hinge_loss, F.hinge_loss_backward, False),
+    "kl_divergence": (F.kl_div, F.kl_div_backward, False),
+    "cosine_distance": (F.cosine_distance, F.cosine_distance_backward, False),
+    "log": (F.log_loss, F.log_loss_backward, False),
 }
 
 
@@ -42,8 +49,7 @@ class LossNode(FilterNode):
         self.reduction, self.options = reduction, options
         src = as_value(source, None)
         if labels is None:
-            _, cls = LOSSES[self.loss]
-            if cls:
+            if LOSSES[self.loss][2]:
                 labels = LabelsNode(src.shape[2:], int32, batch_size=src.shape[0])
             else:
                 labels = LabelsNode(src.shape[1:], src.dtype, batch_size=src.shape[0])
@@ -54,12 +60,12 @@ class LossNode(FilterNode):
 
     @property
     def class_labels(self) -> bool:
-        return LOSSES[self.loss][1] and self.labels.dtype == int32
+        return LOSSES[self.loss][2] and self.labels.dtype == int32
 
     def infer(self, shapes, dtypes):
         x, t = shapes
         _floats(dtypes[:1])
-        _, cls = LOSSES[self.loss]
+        cls = LOSSES[self.loss][2]
         if len(x) < 2:
             raise ValueError(f"source: expected (N, C, ...), got shape {x}")
         if cls and dtypes[1] == int32:
@@ -79,11 +85,8 @@ class LossNode(FilterNode):
     def differentiable(self, i: int) -> bool:
         return i == 0
 
-    def _fn(self, suffix: str = "") -> Callable:
-        return op(LOSSES[self.loss][0] + suffix, self)
-
     def forward(self, rc, xs, training, with_state):
-        return [self._fn()(xs[0], xs[1], reduction="per_sample", **self.options)]
+        return [LOSSES[self.loss][0](xs[0], xs[1], reduction="per_sample", **self.options)]
 
     def saved(self):
         return [("in", 0), ("in", 1)]
@@ -91,7 +94,7 @@ class LossNode(FilterNode):
     def backward(self, rc, gouts, saved, need):
         x, t = saved
         g = rc.loss_scale(x.shape[0], self.reduction, x.device)
-        return [self._fn("_backward")(g, x, t, reduction="per_sample", **self.options), None], []
+        return [LOSSES[self.loss][1](g, x, t, reduction="per_sample", **self.options), None], []
 
 
 def _loss_class(kind: str, doc: str) -> type:

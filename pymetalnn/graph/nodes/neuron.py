@@ -1,17 +1,40 @@
 """Neuron nodes (pymetalnn/ops/neuron.py): one element-wise activation each (MPS's neurons)."""
 from __future__ import annotations
 
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Callable
 
+from ... import functional as F
 from ..errors import GraphError
-from .base import FilterNode, _auto_name, _floats, op
+from .base import FilterNode, _auto_name, _floats
 
-NEURONS = {  # kind -> (op name, parameter names)
-    "relu": ("relu", ()), "leaky_relu": ("leaky_relu", ("negative_slope",)),
-    "elu": ("elu", ("alpha",)), "sigmoid": ("sigmoid", ()), "tanh": ("tanh", ()),
-    "softplus": ("softplus", ("beta", "threshold")), "gelu": ("gelu", ("approximate",)),
-    "hardsigmoid": ("hardsigmoid", ()), "hard_sigmoid": ("hard_sigmoid", ("a", "b")),
-    "linear": ("linear_neuron", ("a", "b")),
+
+@dataclass(frozen=True)
+class Neuron:
+    """A neuron kind's functional ops: forward, backward (from the input) and, where it exists,
+    the backward from the output (`<op>_backward_from_output`, which also reads y in a strided
+    channel slice: y_batch_stride=); `params` are the keywords the ops take. The kinds that are
+    keys of F.ACTIVATIONS are what a fused activation= covers, and their forward takes out=,
+    out_batch_stride= (a strided channel slice of a concatenation)."""
+
+    forward: Callable
+    backward: Callable
+    params: tuple[str, ...] = ()
+    from_output: Callable | None = None
+
+
+NEURONS = {
+    "relu": Neuron(F.relu, F.relu_backward, (), F.relu_backward_from_output),
+    "leaky_relu": Neuron(F.leaky_relu, F.leaky_relu_backward, ("negative_slope",),
+                         F.leaky_relu_backward_from_output),
+    "elu": Neuron(F.elu, F.elu_backward, ("alpha",)),
+    "sigmoid": Neuron(F.sigmoid, F.sigmoid_backward, (), F.sigmoid_backward_from_output),
+    "tanh": Neuron(F.tanh, F.tanh_backward, (), F.tanh_backward_from_output),
+    "softplus": Neuron(F.softplus, F.softplus_backward, ("beta", "threshold")),
+    "gelu": Neuron(F.gelu, F.gelu_backward, ("approximate",)),
+    "hardsigmoid": Neuron(F.hardsigmoid, F.hardsigmoid_backward),
+    "hard_sigmoid": Neuron(F.hard_sigmoid, F.hard_sigmoid_backward, ("a", "b")),
+    "linear": Neuron(F.linear_neuron, F.linear_neuron_backward, ("a", "b")),
 }
 
 
@@ -28,7 +51,7 @@ class NeuronNode(FilterNode):
             raise GraphError(None, f"kind: unknown neuron {kind!r} (choose from "
                                    f"{', '.join(NEURONS)})")
         self.kind = kind
-        allowed = NEURONS[kind][1]
+        allowed = NEURONS[kind].params
         bad = set(params) - set(allowed)
         if bad:
             raise GraphError(None, f"neuron {kind!r} takes {', '.join(allowed) or 'no parameters'}"
@@ -47,18 +70,29 @@ class NeuronNode(FilterNode):
         return self.kind == "relu" or (self.kind == "leaky_relu" and
                                        self.params.get("negative_slope", 0.01) >= 0)
 
+    @property
+    def grad_from_output(self) -> bool:
+        """Whether the gradient can be computed from the output alone (a backward from the
+        output exists; leaky relu also needs a slope >= 0): what a fused node's gradient uses."""
+        if self.kind == "leaky_relu" and self.params.get("negative_slope", 0.01) < 0:
+            return False
+        return NEURONS[self.kind].from_output is not None
+
     def forward(self, rc, xs, training, with_state):
-        return [op(NEURONS[self.kind][0], self)(xs[0], **self.params, **rc.take_out())]
+        return [NEURONS[self.kind].forward(xs[0], **self.params, **rc.take_out())]
+
+    def strided_out(self):
+        return self.kind in F.ACTIVATIONS
 
     def saved(self):
         return [("out", 0)] if self.from_output else [("in", 0)]
 
     def backward(self, rc, gouts, saved, need):
         ns = rc.state.get(("out_nstride", self))
+        ops = NEURONS[self.kind]
         if ns and self.from_output:  # y in a strided channel slice of an eliminated concat
-            f = op(NEURONS[self.kind][0] + "_backward_from_output", self)
-            return [f(gouts[0], saved[0], **self.params, y_batch_stride=ns)], []
-        return [op(NEURONS[self.kind][0] + "_backward", self)(gouts[0], saved[0], **self.params)], []
+            return [ops.from_output(gouts[0], saved[0], **self.params, y_batch_stride=ns)], []
+        return [ops.backward(gouts[0], saved[0], **self.params)], []
 
 
 def _neuron_class(kind: str, doc: str) -> type:

@@ -3,16 +3,16 @@ from __future__ import annotations
 
 from typing import Any
 
+from ... import functional as F
 from ..datasource import NormalizationDataSource
-from .base import FilterNode, _act, _expect_ndim, _floats, _weights_of, op
+from .base import FilterNode, _act, _expect_ndim, _floats, _weights_of
 
 
-class BatchNormalizationNode(FilterNode):
-    """Batch normalization over dim 1 (weights, running statistics from a
-    NormalizationDataSource). Training: batch statistics (kept as states for the gradient) and
-    the running statistics updated; inference: the running statistics."""
+class _NormNode(FilterNode):
+    """A normalization over dim 1 with weights from a NormalizationDataSource; sources of
+    `ndims` dimensions whose channels match the weights'."""
 
-    prefix = "bn"
+    ndims: tuple[int, ...] = (3, 4)
 
     def __init__(self, source: Any, weights: NormalizationDataSource, *, name: str | None = None,
                  register: bool = True):
@@ -21,11 +21,20 @@ class BatchNormalizationNode(FilterNode):
 
     def infer(self, shapes, dtypes):
         x = shapes[0]
-        _expect_ndim(x, (2, 3, 4))
+        _expect_ndim(x, self.ndims)
         if x[1] != self.weights.num_features:
             raise ValueError(f"source has {x[1]} channels, the weights ({self.weights.label}) "
                              f"have {self.weights.num_features}")
         return [(x, _floats(dtypes))]
+
+
+class BatchNormalizationNode(_NormNode):
+    """Batch normalization over dim 1 (weights, running statistics from a
+    NormalizationDataSource). Training: batch statistics (kept as states for the gradient) and
+    the running statistics updated; inference: the running statistics."""
+
+    prefix = "bn"
+    ndims = (2, 3, 4)
 
     def _wb(self, rc) -> tuple:
         t = rc.acquire_dict(self.weights)
@@ -40,14 +49,14 @@ class BatchNormalizationNode(FilterNode):
         kw = _act(activation)
         kw.update(rc.take_out())  # a channel slice of an eliminated concatenation
         if training:
-            y, mean, invstd = op("batch_norm_with_stats", self)(
+            y, mean, invstd = F.batch_norm_with_stats(
                 xs[0], rm, rv, w, b, training=True, momentum=ws.momentum, eps=ws.eps, **kw)
             if rm is not None:
                 ws.mark_dirty()
                 ws.num_batches_tracked += 1
             rc.release(ws)
             return [y, mean, invstd] if with_state else [y]
-        y = op("batch_norm_with_stats" if "activation" in kw else "batch_norm", self)(
+        y = (F.batch_norm_with_stats if "activation" in kw else F.batch_norm)(
             xs[0], rm, rv, w, b, training=False, eps=ws.eps, **kw)
         y = y[0] if isinstance(y, tuple) else y
         rc.release(ws)
@@ -58,9 +67,10 @@ class BatchNormalizationNode(FilterNode):
 
     def activation_in_backward(self, neuron):
         # act'(z) recomputed from x and the saved statistics inside batch_norm_backward's kernels
-        from ...ops.neuron import ACTIVATIONS
+        return neuron.kind in F.ACTIVATIONS
 
-        return neuron.kind in ACTIVATIONS
+    def strided_out(self):
+        return True
 
     def strided_grad(self):
         return True
@@ -73,35 +83,22 @@ class BatchNormalizationNode(FilterNode):
         ns = rc.state.pop(("grad_nstride", self), None)
         if ns:
             kw["grad_out_batch_stride"] = ns
-        gx, _, _, gw, gb = op("batch_norm_backward", self)(
+        gx, _, _, gw, gb = F.batch_norm_backward(
             gouts[0], x, rm, rv, w, b, training=True, momentum=ws.momentum, eps=ws.eps,
             save_mean=mean, save_invstd=invstd, **kw)
         return [gx], ([gw, gb] if ws.affine else [])
 
 
-class InstanceNormalizationNode(FilterNode):
+class InstanceNormalizationNode(_NormNode):
     """Instance normalization (per sample and channel; weights from a NormalizationDataSource
     with running_stats=False)."""
 
     prefix = "in"
 
-    def __init__(self, source: Any, weights: NormalizationDataSource, *, name: str | None = None,
-                 register: bool = True):
-        self.weights = _weights_of(weights, NormalizationDataSource)
-        super().__init__([source], name, register)
-
-    def infer(self, shapes, dtypes):
-        x = shapes[0]
-        _expect_ndim(x, (3, 4))
-        if x[1] != self.weights.num_features:
-            raise ValueError(f"source has {x[1]} channels, the weights have "
-                             f"{self.weights.num_features}")
-        return [(x, _floats(dtypes))]
-
     def forward(self, rc, xs, training, with_state):
         t = rc.acquire_dict(self.weights)
-        y = op("instance_norm", self)(xs[0], None, None, t.get("weight"), t.get("bias"),
-                                      eps=self.weights.eps)
+        y = F.instance_norm(xs[0], None, None, t.get("weight"), t.get("bias"),
+                            eps=self.weights.eps)
         rc.release(self.weights)
         return [y]
 
@@ -110,12 +107,12 @@ class InstanceNormalizationNode(FilterNode):
 
     def backward(self, rc, gouts, saved, need):
         t = rc.acquire_dict(self.weights)
-        gx, _, _, gw, gb = op("instance_norm_backward", self)(
+        gx, _, _, gw, gb = F.instance_norm_backward(
             gouts[0], saved[0], None, None, t.get("weight"), t.get("bias"), eps=self.weights.eps)
         return [gx], ([gw, gb] if self.weights.affine else [])
 
 
-class GroupNormalizationNode(FilterNode):
+class GroupNormalizationNode(_NormNode):
     """Group normalization with `num_groups` groups (weights from a NormalizationDataSource
     with running_stats=False); the per-(sample, group) statistics are states."""
 
@@ -123,9 +120,8 @@ class GroupNormalizationNode(FilterNode):
 
     def __init__(self, source: Any, weights: NormalizationDataSource, num_groups: int, *,
                  name: str | None = None, register: bool = True):
-        self.weights = _weights_of(weights, NormalizationDataSource)
         self.num_groups = int(num_groups)
-        super().__init__([source], name, register)
+        super().__init__(source, weights, name=name, register=register)
 
     def infer(self, shapes, dtypes):
         x = shapes[0]
@@ -140,8 +136,8 @@ class GroupNormalizationNode(FilterNode):
 
     def forward(self, rc, xs, training, with_state):
         t = rc.acquire_dict(self.weights)
-        y, mean, rstd = op("group_norm_with_stats", self)(xs[0], self.num_groups, t.get("weight"),
-                                                          t.get("bias"), eps=self.weights.eps)
+        y, mean, rstd = F.group_norm_with_stats(xs[0], self.num_groups, t.get("weight"),
+                                                t.get("bias"), eps=self.weights.eps)
         rc.release(self.weights)
         return [y, mean, rstd] if with_state else [y]
 
@@ -151,7 +147,7 @@ class GroupNormalizationNode(FilterNode):
     def backward(self, rc, gouts, saved, need):
         x, mean, rstd = saved
         t = rc.acquire_dict(self.weights)
-        gx, gw, gb = op("group_norm_backward", self)(gouts[0], x, self.num_groups, t.get("weight"),
-                                                     t.get("bias"), eps=self.weights.eps,
-                                                     save_mean=mean, save_rstd=rstd)
+        gx, gw, gb = F.group_norm_backward(gouts[0], x, self.num_groups, t.get("weight"),
+                                           t.get("bias"), eps=self.weights.eps,
+                                           save_mean=mean, save_rstd=rstd)
         return [gx], ([gw, gb] if self.weights.affine else [])

@@ -3,8 +3,9 @@ from __future__ import annotations
 
 from typing import Any
 
+from ... import functional as F
 from ..padding import Padding, policy
-from .base import FilterNode, _expect_ndim, _floats, _pair, op
+from .base import FilterNode, _expect_ndim, _floats, _pair
 
 
 def _pool_out(n: int, k: int, s: int, p: int, d: int, ceil_mode: bool) -> int:
@@ -26,6 +27,9 @@ class _PoolNode(FilterNode):
         self.pad = (0, 0)
         self.ceil_mode = False
         super().__init__([source], name, register)
+
+    def strided_out(self):
+        return True
 
     def infer(self, shapes, dtypes):
         (x,) = shapes
@@ -72,7 +76,7 @@ class PoolingMaxNode(_PoolNode):
         return 1
 
     def forward(self, rc, xs, training, with_state):
-        f = op("max_pool2d", self)
+        f = F.max_pool2d
         if with_state:
             y, idx = f(xs[0], return_indices=True, **self._args(), **rc.take_out())
             return [y, idx]
@@ -83,7 +87,7 @@ class PoolingMaxNode(_PoolNode):
 
     def backward(self, rc, gouts, saved, need):
         x, idx = saved
-        return [op("max_pool2d_backward", self)(gouts[0], x, indices=idx, **self._args())], []
+        return [F.max_pool2d_backward(gouts[0], x, indices=idx, **self._args())], []
 
 
 class PoolingAverageNode(_PoolNode):
@@ -106,13 +110,13 @@ class PoolingAverageNode(_PoolNode):
         return super().infer(shapes, dtypes)
 
     def forward(self, rc, xs, training, with_state):
-        return [op("avg_pool2d", self)(xs[0], **self._args(), **rc.take_out())]
+        return [F.avg_pool2d(xs[0], **self._args(), **rc.take_out())]
 
     def saved(self):
         return [("in", 0)]
 
     def backward(self, rc, gouts, saved, need):
-        return [op("avg_pool2d_backward", self)(gouts[0], saved[0], **self._args())], []
+        return [F.avg_pool2d_backward(gouts[0], saved[0], **self._args())], []
 
 
 class GlobalAveragePoolingNode(FilterNode):
@@ -129,10 +133,10 @@ class GlobalAveragePoolingNode(FilterNode):
         return [((x[0], x[1], 1, 1), _floats(dtypes))]
 
     def forward(self, rc, xs, training, with_state):
-        return [op("global_avg_pool2d", self)(xs[0])]
+        return [F.global_avg_pool2d(xs[0])]
 
     def saved(self):
         return [("in", 0)]
 
     def backward(self, rc, gouts, saved, need):
-        return [op("global_avg_pool2d_backward", self)(gouts[0], saved[0])], []
+        return [F.global_avg_pool2d_backward(gouts[0], saved[0])], []

@@ -1,11 +1,12 @@
 """Recurrent nodes (pymetalnn/ops/rnn.py): LSTM, GRU, Elman RNN over time-major sequences."""
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
+from ... import functional as F
 from ..datasource import RecurrentDataSource
 from ..errors import GraphError
-from .base import FilterNode, _expect_ndim, _floats, op
+from .base import FilterNode, _expect_ndim, _floats
 
 
 class _RecurrentNode(FilterNode):
@@ -31,8 +32,13 @@ class _RecurrentNode(FilterNode):
     def num_states(self):
         return 1  # the op's RNNWorkspace (an object holding what the backward needs)
 
-    def _call(self) -> str:
-        return {"lstm": "lstm", "gru": "gru"}.get(self.mode, "rnn")
+    def _ops(self) -> tuple[Callable, Callable]:
+        """The functional op of this mode and its backward."""
+        if self.mode == "lstm":
+            return F.lstm, F.lstm_backward
+        if self.mode == "gru":
+            return F.gru, F.gru_backward
+        return F.rnn, F.rnn_backward
 
     def forward(self, rc, xs, training, with_state):
         ws = self.weights
@@ -41,7 +47,7 @@ class _RecurrentNode(FilterNode):
                   training=bool(with_state))
         if self.mode.startswith("rnn_"):
             kw["nonlinearity"] = self.mode[4:]
-        out, _, work = op(self._call(), self)(xs[0], t, None, **kw)
+        out, _, work = self._ops()[0](xs[0], t, None, **kw)
         rc.release(ws)
         return [out, work] if with_state else [out]
 
@@ -53,7 +59,7 @@ class _RecurrentNode(FilterNode):
     def backward(self, rc, gouts, saved, need):
         ws = self.weights
         rc.acquire_dict(ws)
-        f = op(self._call() + "_backward", self)
+        f = self._ops()[1]
         if self.mode == "lstm":
             gx, _, gw = f(gouts[0], None, None, saved[0])
         else:

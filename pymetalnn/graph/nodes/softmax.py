@@ -3,7 +3,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from .base import FilterNode, _expect_ndim, _floats, op
+from ... import functional as F
+from .base import FilterNode, _expect_ndim, _floats
 
 
 class SoftMaxNode(FilterNode):
@@ -21,13 +22,13 @@ class SoftMaxNode(FilterNode):
         return [(shapes[0], _floats(dtypes))]
 
     def forward(self, rc, xs, training, with_state):
-        return [op("log_softmax" if self.log else "softmax", self)(xs[0], self.dim)]
+        return [(F.log_softmax if self.log else F.softmax)(xs[0], self.dim)]
 
     def saved(self):
         return [("out", 0)]
 
     def backward(self, rc, gouts, saved, need):
-        f = op("log_softmax_backward" if self.log else "softmax_backward", self)
+        f = F.log_softmax_backward if self.log else F.softmax_backward
         return [f(gouts[0], saved[0], self.dim)], []
 
 

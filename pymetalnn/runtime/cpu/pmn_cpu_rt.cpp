@@ -665,6 +665,44 @@ uint32_t configured_threads() {
   return n;
 }
 
+// Pool threads get big stacks: a kernel compiled as work-item loops keeps its per-thread
+// values as arrays of the threadgroup's size on the stack (up to a few MiB for the largest
+// tiles), more than some platforms' default thread stack (512 KiB on macOS). Only touched pages
+// cost memory.
+constexpr size_t kPoolStack = (size_t)64 << 20;
+
+struct ThreadStart {
+  Pool* p;
+  uint32_t idx;
+};
+
+void* pool_thread_main(void* arg) {
+  ThreadStart st = *(ThreadStart*)arg;
+  delete (ThreadStart*)arg;
+  worker_main(st.p, st.idx);
+  return nullptr;
+}
+
+bool start_pool_thread(Pool* p, uint32_t idx) {
+  ThreadStart* st = new (std::nothrow) ThreadStart{p, idx};
+  if (!st) return false;
+  pthread_attr_t attr;
+  if (pthread_attr_init(&attr) != 0) {
+    delete st;
+    return false;
+  }
+  pthread_attr_setstacksize(&attr, kPoolStack);  // failure: keep the default size
+  pthread_attr_setdetachstate(&attr, PTHREAD_CREATE_DETACHED);
+  pthread_t th;
+  int rc = pthread_create(&th, &attr, pool_thread_main, st);
+  pthread_attr_destroy(&attr);
+  if (rc != 0) {
+    delete st;
+    return false;
+  }
+  return true;
+}
+
 // Called with g_launch_mu held.
 Pool* get_pool() {
   if (g_pool) return g_pool;
@@ -678,12 +716,7 @@ Pool* get_pool() {
   for (uint32_t i = 0; i < n; ++i) p->w[i] = new Worker;
   p->n = 1;
   for (uint32_t i = 1; i < n; ++i) {
-    try {
-      std::thread th(worker_main, p, i);
-      th.detach();
-    } catch (...) {
-      break;  // run with the threads we got
-    }
+    if (!start_pool_thread(p, i)) break;  // run with the threads we got
     p->n = i + 1;
   }
   g_pool = p;

@@ -3,14 +3,13 @@
 using namespace metal;
 
 // ci: [0] counter, [1] min, [2] max, [3] fetch_sub counter
+// (atomic_float, an MSL 3.0 type, is exercised by atomics_float.metal)
 // cu: [0] sum of gid, [1] 0 - sum of gid, [2] min, [3] max, [4] or, [5] and, [6] xor
 kernel void atomic_contention(device atomic_int* ci [[buffer(0)]],
                               device atomic_uint* cu [[buffer(1)]],
-                              device atomic_float* cf [[buffer(2)]],
-                              device int* old_i [[buffer(3)]],
-                              device const float* x [[buffer(4)]],
-                              device const int* xi [[buffer(5)]],
-                              constant uint& n [[buffer(6)]],
+                              device int* old_i [[buffer(2)]],
+                              device const int* xi [[buffer(3)]],
+                              constant uint& n [[buffer(4)]],
                               uint gid [[thread_position_in_grid]]) {
     if (gid >= n) return;
     old_i[gid] = atomic_fetch_add_explicit(&ci[0], 1, memory_order_relaxed);
@@ -24,8 +23,6 @@ kernel void atomic_contention(device atomic_int* ci [[buffer(0)]],
     atomic_fetch_or_explicit(&cu[4], 1u << (gid % 32u), memory_order_relaxed);
     atomic_fetch_and_explicit(&cu[5], ~(1u << (gid % 29u)), memory_order_relaxed);
     atomic_fetch_xor_explicit(&cu[6], gid * 2654435761u, memory_order_relaxed);
-    atomic_fetch_add_explicit(&cf[0], x[gid], memory_order_relaxed);
-    atomic_fetch_sub_explicit(&cf[1], x[gid], memory_order_relaxed);
 }
 
 // Compare-exchange loops: a float maximum kept as bits in an atomic_uint, and an integer sum.

@@ -83,6 +83,7 @@ kernel void mul_two(device int* x [[buffer(0)]],
     x[gid] = x[gid] * 2;
 }
 
+[[max_total_threads_per_threadgroup(256)]]  // no bounds check: the grid must be whole 256s
 kernel void no_args(device int* out [[buffer(0)]],
                     uint gid [[thread_position_in_grid]]) {
     out[gid] = 7;

@@ -93,6 +93,9 @@ kernel void simd_uint_float_extra(device const uint* xu [[buffer(0)]],
 
 // SIMD-group functions in divergent control flow: inside a branch, only the lanes that took it
 // are active.
+// No bounds check (an early return would change the active lanes): the test's count is a multiple
+// of the threadgroup size, which Metal takes from this attribute (else the pipeline's maximum).
+[[max_total_threads_per_threadgroup(256)]]
 kernel void simd_divergent(device const int* x [[buffer(0)]],
                            device int* out [[buffer(1)]],
                            uint gid [[thread_position_in_grid]],
@@ -115,6 +118,9 @@ kernel void simd_divergent(device const int* x [[buffer(0)]],
 }
 
 // Lanes that return between two SIMD-group calls leave the second one's active set.
+// No bounds check (an early return would change the active lanes): the test's count is a multiple
+// of the threadgroup size, which Metal takes from this attribute (else the pipeline's maximum).
+[[max_total_threads_per_threadgroup(256)]]
 kernel void simd_midreturn(device const int* x [[buffer(0)]],
                            device int* out [[buffer(1)]],
                            uint gid [[thread_position_in_grid]],
@@ -142,6 +148,9 @@ T warp_scan(T v) {
     return simd_prefix_inclusive_sum(v);
 }
 
+// No bounds check (an early return would change the active lanes): the test's count is a multiple
+// of the threadgroup size, which Metal takes from this attribute (else the pipeline's maximum).
+[[max_total_threads_per_threadgroup(256)]]
 kernel void simd_helper(device const int* x [[buffer(0)]],
                         device int* out [[buffer(1)]],
                         uint gid [[thread_position_in_grid]]) {

@@ -2,6 +2,7 @@
 #include <metal_stdlib>
 using namespace metal;
 
+[[max_total_threads_per_threadgroup(256)]]  // no bounds check: the grid must be whole 256s
 kernel void simd_half(device const half* x [[buffer(0)]],
                       device half* out [[buffer(1)]],
                       uint gid [[thread_position_in_grid]],
@@ -14,6 +15,7 @@ kernel void simd_half(device const half* x [[buffer(0)]],
     out[gid * 5u + 4u] = simd_shuffle(v, ushort(31u - lane));
 }
 
+[[max_total_threads_per_threadgroup(256)]]  // no bounds check: the grid must be whole 256s
 kernel void simd_vector(device const float4* x [[buffer(0)]],
                         device const int2* y [[buffer(1)]],
                         device float4* out4 [[buffer(2)]],

@@ -65,6 +65,7 @@ DEFINE_NEGATE(half)
 
 // Variants selected with defines= from Python.
 #if defined(EXTRA_KERNEL) && EXTRA_KERNEL >= 2
+[[max_total_threads_per_threadgroup(256)]]  // no bounds check: the grid must be whole 256s
 kernel void extra_kernel(device int* out [[buffer(0)]],
                          uint gid [[thread_position_in_grid]]) {
     out[gid] = int(gid) * EXTRA_KERNEL + SCALE;
@@ -72,6 +73,7 @@ kernel void extra_kernel(device int* out [[buffer(0)]],
 #elif defined(EXTRA_KERNEL)
 #error "EXTRA_KERNEL must be >= 2"
 #else
+[[max_total_threads_per_threadgroup(256)]]  // no bounds check: the grid must be whole 256s
 kernel void no_extra_kernel(device int* out [[buffer(0)]],
                             uint gid [[thread_position_in_grid]]) {
     out[gid] = -1;

@@ -1,0 +1,1 @@
+"""Test support that ships with the package: the metalcompute stand-in (fake_metalcompute)."""

@@ -1,0 +1,177 @@
+"""Control flow around barriers and SIMD-group functions (tests/dialect/kernels/lockstep.metal),
+one kernel per case, against numpy references written from Metal's rules: every thread that has
+not returned reaches each barrier; a SIMD-group function covers the lanes of the simdgroup that
+execute it (the active lanes).
+
+On the cpu backend these kernels run as work-item loops (pymetalnn/runtime/lockstep.py) rather
+than a fiber per thread; `test_cpu_runs_them_without_fibers` checks that they do, and that a
+kernel outside the transform keeps fibers and says why.
+"""
+from __future__ import annotations
+
+import ctypes
+
+import numpy as np
+import pytest
+from helpers import groups, rng
+
+TG = 64
+
+
+class LsParams(ctypes.Structure):
+    _fields_ = [("n", ctypes.c_uint32), ("rounds", ctypes.c_uint32), ("mode", ctypes.c_uint32),
+                ("pad", ctypes.c_uint32)]
+
+
+def _run(load, name, n, *arrays, outs=(np.float32,), width=1, params=None):
+    lib = load("lockstep")
+    dev = lib.device
+    bufs = [dev.buffer(np.ascontiguousarray(a)) for a in arrays]
+    count = groups(n, TG) * TG
+    obufs = [dev.buffer(np.zeros(count * width, dt)) for dt in outs]
+    args = bufs + obufs + ([params] if params is not None else [])
+    lib.kernel(name)(count, *args)
+    return [b.numpy(dt) for b, dt in zip(obufs, outs)]
+
+
+@pytest.mark.parametrize("rounds", [0, 1, 3])
+def test_barrier_in_loop(load, rounds) -> None:
+    n = 3 * TG
+    x = rng(1).standard_normal(n).astype(np.float32)
+    (got,) = _run(load, "ls_barrier_loop", n, x, params=LsParams(n, rounds, 0, 0))
+    want = x.reshape(-1, TG).copy()
+    for _ in range(rounds):
+        want = want * np.float32(0.5) + np.roll(want, -1, axis=1)
+    np.testing.assert_array_equal(got, want.reshape(-1))
+
+
+@pytest.mark.parametrize("mode", [0, 1])
+def test_barrier_in_uniform_branch(load, mode) -> None:
+    n = 4 * TG
+    x = rng(2).standard_normal(n).astype(np.float32)
+    (got,) = _run(load, "ls_barrier_branch", n, x, params=LsParams(n, 0, mode, 0))
+    v = x.reshape(-1, TG).copy()
+    v = v[:, ::-1] if mode == 1 else v * np.float32(2)
+    v[1::2] = np.roll(v[1::2], -3, axis=1)
+    want = v + np.arange(TG, dtype=np.float32)
+    np.testing.assert_array_equal(got, want.reshape(-1))
+
+
+def test_barrier_in_nested_loops(load) -> None:
+    n, rounds = 2 * TG, 3
+    x = rng(3).standard_normal(n).astype(np.float32)
+    (got,) = _run(load, "ls_nested", n, x, params=LsParams(n, rounds, 0, 0))
+    x2 = x.reshape(-1, TG)
+    lid = np.arange(TG)
+    acc = np.zeros_like(x2)
+    for i in range(rounds):
+        v = x2 + np.float32(i)
+        for j in range(2):
+            v = v[:, (lid + j + 1) % TG]
+        v = v + (lid % 3).astype(np.float32)
+        acc = acc + v
+    np.testing.assert_array_equal(got, acc.reshape(-1))
+
+
+@pytest.mark.parametrize("n", [1, 31, 33, 64, 100, 129])
+def test_early_return_before_barrier(load, n) -> None:
+    x = rng(4).integers(-8, 8, n).astype(np.float32)  # exact sums in any order
+    (got,) = _run(load, "ls_early_return", n, x, params=LsParams(n, 0, 0, 0))
+    want = np.zeros(groups(n, TG) * TG, np.float32)
+    for base in range(0, n, TG):
+        want[base:min(n, base + TG)] = x[base:base + TG].sum()
+    np.testing.assert_array_equal(got[:n], want[:n])
+    assert not got[n:].any()  # returned threads wrote nothing
+
+
+def test_threadgroup_arrays(load) -> None:
+    n = 2 * TG
+    x = rng(5).standard_normal(n).astype(np.float32)
+    got, igot = _run(load, "ls_tg_arrays", n, x, outs=(np.float32, np.int32))
+    x2 = x.reshape(-1, 8, 8)
+    want = x2.transpose(0, 2, 1).reshape(-1, TG) + x.reshape(-1, TG)[:, ::-1] * np.float32(3)
+    np.testing.assert_array_equal(got, want.reshape(-1))
+    lid = np.arange(TG)
+    np.testing.assert_array_equal(igot, np.tile(((lid + 5) % TG) * 2, n // TG))
+
+
+def _simd_divergent_ref(x: np.ndarray) -> np.ndarray:
+    """Metal's active-lane semantics, simulated per simdgroup in lockstep."""
+    out = np.zeros((len(x), 4), np.int64)
+    for base in range(0, len(x), 32):
+        v = x[base:base + 32].astype(np.int64)
+        lanes = np.arange(32)
+        # a: for i < lane % 5, a += simd_sum(v + i) over the lanes still looping
+        a = np.zeros(32, np.int64)
+        for i in range(5):
+            act = lanes % 5 > i
+            if act.any():
+                a[act] += (v[act] + i).sum()
+        # b: break when i > (v & 7); simd_max over the lanes still looping; then lanes with
+        # (lane + i) % 3 == 0 continue (skip the + 1)
+        b = np.zeros(32, np.int64)
+        looping = np.ones(32, bool)
+        for i in range(8):
+            looping &= ~(i > (v & 7))
+            if looping.any():
+                b[looping] += (v[looping] * (i + 1)).max()
+            b[looping & ((lanes + i) % 3 != 0)] += 1
+        # c: even lanes: exclusive prefix sum + shuffle_down(1) among the even lanes; odd: min
+        c = np.zeros(32, np.int64)
+        even = v % 2 == 0
+        idx = np.flatnonzero(even)
+        if len(idx):
+            ev = v[idx]
+            pre = np.concatenate([[0], np.cumsum(ev)[:-1]])
+            down = np.array([v[j + 1] if j + 1 < 32 and even[j + 1] else v[j] for j in idx])
+            c[idx] = pre + down
+        odd = np.flatnonzero(~even)
+        if len(odd):
+            c[odd] = v[odd].min()
+        # d: halve while any lane (all lanes loop together) has d > 3; C division truncates
+        d = v.copy()
+        while (d > 3).any():
+            d = np.trunc(d / 2).astype(np.int64)
+        out[base:base + 32] = np.stack([a, b, c, d], axis=1)
+    return out.astype(np.int32)
+
+
+def test_simd_functions_in_divergent_control_flow(load) -> None:
+    n = 2 * TG
+    x = rng(6).integers(-50, 200, n).astype(np.int32)
+    (got,) = _run(load, "ls_simd_divergent", n, x, outs=(np.int32,), width=4)
+    np.testing.assert_array_equal(got.reshape(-1, 4), _simd_divergent_ref(x))
+
+
+@pytest.mark.parametrize("rounds", [1, 2])
+def test_helper_with_barriers_and_simd(load, rounds) -> None:
+    n = 3 * TG
+    x = rng(7).integers(-4, 5, n).astype(np.float32)  # exact float sums
+    (got,) = _run(load, "ls_helper", n, x, params=LsParams(n, rounds, 0, 0))
+    x2 = x.reshape(-1, TG)
+    total = np.zeros_like(x2)
+    for r in range(rounds):
+        s = (x2 * np.float32(r + 1)).sum(axis=1, keepdims=True)
+        total[:, :32] += s
+    np.testing.assert_array_equal(got, total.reshape(-1))
+
+
+@pytest.mark.parametrize("mode", [0, 1])
+def test_fallback_kernel(load, mode) -> None:
+    n = TG
+    x = rng(8).standard_normal(n).astype(np.float32)
+    (got,) = _run(load, "ls_fallback_switch", n, x, params=LsParams(n, 0, mode, 0))
+    np.testing.assert_array_equal(got, x[::-1] if mode == 1 else x)
+
+
+def test_cpu_runs_them_without_fibers(load) -> None:
+    lib = load("lockstep")
+    if lib.device.name != "cpu":
+        pytest.skip("fibers are a cpu-backend matter")
+    from pymetalnn.runtime.backend_cpu import fiber_report
+
+    report = fiber_report(lib)
+    assert set(report) == {"ls_fallback_switch"}, report
+    assert "switch" in report["ls_fallback_switch"]
+    for name in ("ls_barrier_loop", "ls_simd_divergent", "ls_helper", "ls_early_return"):
+        assert not lib.kernel(name).uses_fibers
