@@ -12,7 +12,8 @@ differences of summation order (split counts follow the device's size).
                                                    [--shape resnet-3x3 ...]
 
 --quick shrinks the batch to 4 (shorter weight-gradient reductions: smaller errors than the
-benchmark's). Without --shape only the Winograd-eligible shapes run.
+benchmark's). Without --shape only the Winograd-eligible shapes run. Exit status 1 when a
+variant of the default selection is over budget on some shape and seed.
 """
 from __future__ import annotations
 
@@ -90,7 +91,11 @@ def main() -> int:
                 rows.append(r)
     common.report(rows, ["shape", "seed", "op", "variant", "err", "x_direct", "budget", "default",
                          "backend"], f"dev_accuracy_{dev.name}{'_quick' if args.quick else ''}")
-    return 0
+    bad = [r for r in rows if r.get("default") == "yes" and r["budget"] != "ok"]
+    for r in bad:
+        print(f"DEFAULT OVER BUDGET: {r['shape']} {r['op']} {r['variant']} seed {r['seed']}: "
+              f"{r['err']:.3g} ({r['x_direct']:.1f}x the tiled kernels')")
+    return 1 if bad else 0
 
 
 if __name__ == "__main__":

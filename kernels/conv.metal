@@ -33,6 +33,9 @@
 // Offsets are 32-bit: the host rejects tensors of 2^31 elements or more.
 // The forward kernels end with an optional activation (p.act, neuron.h's nn_activation) applied
 // in float after the bias: conv2d(..., activation=) + neuron in one dispatch.
+// fp16 convs on matrix hardware (Apple7+ GPUs, NVIDIA tensor cores) run the same tiled kernels
+// with MMA = true: slices in half, products on 8x8 simdgroup matrices (see "Simdgroup-matrix
+// variant" below; pymetalnn/ops/conv.py's MMA_TILES).
 // 3x3 and 5x5 stride-1 float32 convs take another algorithm on cuda: Winograd minimal filtering
 // (conv_winograd.metal), with fewer multiply-adds than any tiling of the direct sum here.
 #include <metal_stdlib>

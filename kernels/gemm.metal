@@ -42,6 +42,8 @@
 //   (alpha, beta, bias, then the optional activation act of neuron.h: linear(..., activation=))
 //   is computed in float and rounded once to T. Split-K partials never get the activation (the
 //   host clears act for the partial pass; gemm_splitk_sum applies it).
+// * fp16 on matrix hardware: gemm_mma below, the same structure with the products on 8x8
+//   simdgroup matrices (tensor cores on cuda), picked by pymetalnn/ops/gemm.py's mma* tiles.
 // * Bounds: every matrix has fewer than 2^31 elements (host-checked), so in-matrix offsets are
 //   32-bit; batch offsets are 64-bit.
 #include <metal_stdlib>

@@ -108,8 +108,8 @@ FORCE: dict[str, str] = {}
 # Accuracy decides first (pymetalnn/accuracy.py, docs/accuracy.md: within 10x of the direct
 # kernels' error and 1e-4 of max|reference|). Measured on cpu against float64 on bench_conv's
 # shapes, three seeds (error over the tiled kernels' on the same inputs): F(4x4, 3x3) forward
-# 7.2-9.2x, input grad 7.4-7.6x, weight grad 11-14x; F(2x2, 3x3) forward and input grad 0.3-0.4x,
-# weight grad 1.6-1.9x; F(2x2, 5x5) forward 2.6-3.4x, input grad 2.3-2.9x, weight grad 37-44x
+# 7.2-9.2x, input grad 7.4-7.6x, weight grad 10.5-15x; F(2x2, 3x3) forward and input grad
+# 0.3-0.4x, weight grad 1.6-2.1x; F(2x2, 5x5) forward 2.6-3.4x, input grad 2.3-2.9x, weight grad 30-44x
 # (1.4-1.5e-5 of max|dw| on LeNet conv2). So by default ("budget") 3x3 weight
 # gradients run F(2x2, 3x3) and 5x5 ones the tiled kernels; set_winograd("fast") opts into
 # the fastest measured variants whatever their error, set_winograd("off") into none.
@@ -129,8 +129,8 @@ def set_winograd(mode: str) -> None:
       F(4x4, 3x3) forward and input gradient, F(2x2, 3x3) weight gradient, F(2x2, 5x5) forward
       and input gradient;
     - "fast": the fastest measured, out of budget included: the 3x3 weight gradient by
-      F(4x4, 3x3) (11-14x the tiled kernels' error, up to 1e-5 of max|dw| on ResNet 3x3) and the
-      5x5 weight gradient by F(2x2, 5x5) (37-44x, ~1.5e-5 on LeNet conv2);
+      F(4x4, 3x3) (10.5-15x the tiled kernels' error, up to 1e-5 of max|dw| on ResNet 3x3) and the
+      5x5 weight gradient by F(2x2, 5x5) (30-44x, ~1.5e-5 on LeNet conv2);
     - "off": none.
 
     Process-wide, like torch.backends.cudnn.allow_tf32; float16 convs never run Winograd.
