@@ -8,8 +8,14 @@ setup(
     "from Python, on Apple GPUs, NVIDIA GPUs (MSL translated to CUDA) and any CPU",
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
-    packages=find_packages(include=["pymetalnn", "pymetalnn.*"]),
-    package_data={"pymetalnn": ["runtime/prelude/*.h", "runtime/cpu/*.h", "runtime/cpu/*.cpp"]},
+    # the repository keeps kernels/ and benchmarks/ at the top level; wheels and sdists carry them
+    # inside the package (pymetalnn/kernels, pymetalnn/benchmarks), where the runtime looks first
+    packages=find_packages(include=["pymetalnn", "pymetalnn.*"])
+    + ["pymetalnn.kernels", "pymetalnn.benchmarks"],
+    package_dir={"pymetalnn.kernels": "kernels", "pymetalnn.benchmarks": "benchmarks"},
+    package_data={"pymetalnn": ["runtime/prelude/*.h", "runtime/cpu/*.h", "runtime/cpu/*.cpp"],
+                  "pymetalnn.kernels": ["*.metal", "*.h", "dev/*.metal"],
+                  "pymetalnn.benchmarks": ["*.py", "kernels/*.metal"]},
     python_requires=">=3.9",
     install_requires=["numpy>=1.22", "metalcompute>=0.2.9; sys_platform == 'darwin'"],
     extras_require={

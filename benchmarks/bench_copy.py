@@ -68,7 +68,7 @@ def cases(dev: pymetalnn.Device, quick: bool, dtype) -> list[dict]:
         ts, ttm, tq = (common.torch_view(dev, t) for t in (s, tm, q))
         tsteps = [common.torch_view(dev, t) for t in steps]
         tdt = torch.float16 if other == np.float16 else torch.float32
-        o, oc = torch.empty_like(tx), torch.empty(img, dtype=tdt, device="cuda")
+        o, oc = torch.empty_like(tx), torch.empty(img, dtype=tdt, device=tx.device)
         os_, otm = torch.empty_like(ts), torch.empty_like(ttm)
         o1, o2 = torch.empty_like(th[0]), torch.empty_like(th[1])
         oq = torch.empty_like(tq)

@@ -52,13 +52,14 @@ def bench_cross_entropy(dev: pm.Device, shape: tuple, dtype, quick: bool) -> lis
     nb_x, nb_y = x.nbytes, y.nbytes
     copy = common.copy_gbs(dev, nb_x)
     fwd = lambda: F.cross_entropy(x, y)  # noqa: E731
-    bwd = lambda: F.cross_entropy_backward(1.0, x, y)  # noqa: E731
+    bwd = lambda: F.cross_entropy_backward(1.0, x, y, target_grad=False)  # noqa: E731
     both = lambda: (fwd(), bwd())  # noqa: E731
     sec_f, spr_f = common.time_on(dev, fwd, quick)
     sec_b, spr_b = common.time_on(dev, bwd, quick)
     sec_fb, spr_fb = common.time_on(dev, both, quick)
     sec_pl, spr_pl = common.time_on(
-        dev, lambda: (F.cross_entropy(x, y_plain), F.cross_entropy_backward(1.0, x, y_plain)), quick)
+        dev, lambda: (F.cross_entropy(x, y_plain),
+                      F.cross_entropy_backward(1.0, x, y_plain, target_grad=False)), quick)
     peer = pf = pb = pfb = None
     if common.torch_available(dev):
         xt, yt = common.torch_view(dev, x), common.torch_view(dev, y)
@@ -108,7 +109,7 @@ def bench_pointwise(dev: pm.Device, name: str, shape: tuple, dtype, quick: bool)
     ours_f = F.binary_cross_entropy_with_logits if name == "bce" else F.mse_loss
     ours_b = F.binary_cross_entropy_with_logits_backward if name == "bce" else F.mse_loss_backward
     sec_f, spr_f = common.time_on(dev, lambda: ours_f(x, t), quick)
-    sec_b, spr_b = common.time_on(dev, lambda: ours_b(1.0, x, t), quick)
+    sec_b, spr_b = common.time_on(dev, lambda: ours_b(1.0, x, t, target_grad=False), quick)
     peer = pf = pb = None
     if common.torch_available(dev):
         xt, tt = common.torch_view(dev, x), common.torch_view(dev, t)

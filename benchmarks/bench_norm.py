@@ -172,6 +172,50 @@ def bench_group_norm(dev: pm.Device, shape: tuple, groups: int, dtype, quick: bo
                          peer, pb)]
 
 
+def bench_layer_norm(dev: pm.Device, shape: tuple, dtype, quick: bool) -> list[dict]:
+    """layer_norm over the last dimension (a transformer's (tokens, hidden) activations), weight and
+    bias in the input's dtype; bwd includes the weight and bias gradients."""
+    rng = np.random.default_rng(2)
+    d = shape[-1]
+    x_np, g_np = (rng.standard_normal(shape).astype(dtype) for _ in range(2))
+    w_np, b_np = (rng.standard_normal(d).astype(dtype) for _ in range(2))
+    x, g, w, b = (pm.tensor(a, dev) for a in (x_np, g_np, w_np, b_np))
+    nb = x.nbytes
+    copy = common.copy_gbs(dev, nb)
+    sec_f, spr_f = common.time_on(dev, lambda: F.layer_norm(x, d, w, b), quick)
+    sec_b, spr_b = common.time_on(dev, lambda: F.layer_norm_backward(g, x, d, w, b), quick)
+    peer = pf = pb = None
+    if dev.name == "cuda":
+        xt, gt = common.torch_view(dev, x), common.torch_view(dev, g)
+        if xt is not None:
+            import torch
+
+            tf = torch.nn.functional
+            wt = common.torch_view(dev, w).clone().requires_grad_(True)
+            bt = common.torch_view(dev, b).clone().requires_grad_(True)
+            xr = xt.detach().clone().requires_grad_(True)
+
+            def t_both() -> None:
+                torch.autograd.grad(tf.layer_norm(xr, (d,), wt, bt), (xr, wt, bt), gt)
+
+            peer = "torch"
+            with torch.no_grad():
+                pf, _ = common.time_on(dev, lambda: tf.layer_norm(xt, (d,), wt, bt), quick)
+            pfb, _ = common.time_on(dev, t_both, quick)
+            pb = max(pfb - pf, 1e-9)
+    else:
+        xf = x_np.astype(np.float32)
+
+        def np_ln() -> np.ndarray:
+            return (xf - xf.mean(-1, keepdims=True)) / np.sqrt(xf.var(-1, keepdims=True) + 1e-5) * w_np + b_np
+
+        assert np.abs(np_ln() - F.layer_norm(x, d, w, b).numpy().astype(np.float32)).max() < 5e-2
+        peer = "numpy (fwd only)"
+        pf, _ = common.time_on(dev, np_ln, quick)
+    return [membound.row("layer_norm fwd", dev, dtype, shape, 2 * nb, sec_f, spr_f, copy, peer, pf),
+            membound.row("layer_norm bwd", dev, dtype, shape, 3 * nb, sec_b, spr_b, copy, peer, pb)]
+
+
 def main() -> int:
     args = common.parser(__doc__).parse_args()
     dev = pm.device(args.backend)
@@ -188,6 +232,8 @@ def main() -> int:
         for shape in bn_shapes:
             rows.extend(bench_batch_norm(dev, shape, dtype, args.quick))
         rows.extend(bench_group_norm(dev, gn_shape, 8 if args.quick else 32, dtype, args.quick))
+        ln_shape = (512, 768) if args.quick or dev.name != "cuda" else (8192, 1024)
+        rows.extend(bench_layer_norm(dev, ln_shape, dtype, args.quick))
     common.report(rows, membound.COLUMNS, f"norm_{dev.name}", f"# norm on {common.device_label(dev)}")
     return 0
 

@@ -45,7 +45,7 @@ def bench_op(dev: pm.Device, x_np: np.ndarray, g_np: np.ndarray, dim: int, log: 
     target = ">= 0.85 of copy" if shape == (32, 256, 56, 56) else "-"
     name = "log_softmax" if log else "softmax"
     fwd = F.log_softmax if log else F.softmax
-    bwd = F.log_softmax_backward if log else F.softmax_backward
+    bwd = F.log_softmax_backward_from_output if log else F.softmax_backward_from_output
     y = fwd(x, dim)
     dx = bwd(g, y, dim)
     sec_f, spr_f = common.time_on(dev, lambda: fwd(x, dim), quick)
@@ -59,7 +59,7 @@ def bench_op(dev: pm.Device, x_np: np.ndarray, g_np: np.ndarray, dim: int, log: 
             tf = torch.log_softmax if log else torch.softmax
             tb = torch._log_softmax_backward_data if log else torch._softmax_backward_data
             err = (tf(xt, dim).float() - yt.float()).abs().max().item()
-            assert err < (1e-2 if dtype == np.float16 else 1e-4), (name, err)
+            assert err < (2e-2 if dtype == np.float16 else 1e-4), (name, err)
             peer = "torch"
             peer_f, _ = common.time_on(dev, lambda: tf(xt, dim), quick)
             peer_b, _ = common.time_on(dev, lambda: tb(gt, yt, dim, yt.dtype), quick)

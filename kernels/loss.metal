@@ -20,6 +20,11 @@
 // The backward kernels take their upstream coefficient from g: g[0] (a scalar reduction; the
 // host's loss_scale launch has already divided it by the count of a mean), g[n] (per sample) or
 // g[term] (reduction none).
+// torch's options: pointwise `weight` (one per element, host-broadcast, in place of the per-sample
+// weights), bce's `pos_weight` (one per element) and the class-axis `weight` (one per class,
+// multiplying t'_c: the loss is sum_c w_c t'_c (lse - x_c)); a mean over labels with class weights
+// divides by sum w[label] (loss_scale). Pointwise backwards also give d loss / d target
+// (target_grad), as torch differentiates the target of these losses.
 // Storage float or half; every sum and every loss is computed in float, losses are stored float.
 #include <metal_stdlib>
 #include "params.h"
@@ -36,6 +41,7 @@ using namespace metal;
 #define L_HINGE 4
 #define L_KL 5
 #define L_LOG 6
+#define L_SL1 7     // smooth L1 (beta in p.a)
 // class-axis kinds
 #define L_CE 10     // softmax cross-entropy on logits
 #define L_CCE 11    // categorical cross-entropy on probabilities
@@ -53,7 +59,10 @@ inline float sigmoid_acc(float x) {
     return e / (1.0f + e);
 }
 
-inline float pw_loss(int kind, float x, float t, constant LossParams& p) {
+// softplus(-x) = log(1 + exp(-x)), stable for both signs
+inline float softplus_neg(float x) { return max(-x, 0.0f) + log1p_acc(precise::exp(-fabs(x))); }
+
+inline float pw_loss(int kind, float x, float t, float pw, constant LossParams& p) {
     float d = x - t;
     if (kind == L_MSE) return d * d;
     if (kind == L_L1) return fabs(d);
@@ -61,8 +70,13 @@ inline float pw_loss(int kind, float x, float t, constant LossParams& p) {
         float a = fabs(d);
         return a < p.a ? 0.5f * d * d : p.a * (a - 0.5f * p.a);
     }
+    if (kind == L_SL1) {
+        float a = fabs(d);
+        return a < p.a ? 0.5f * d * d / p.a : a - 0.5f * p.a;
+    }
     if (kind == L_BCE) {
         float ts = t * (1.0f - p.smoothing) + 0.5f * p.smoothing;
+        if (p.has_pos_weight) return (1.0f - ts) * x + (1.0f + (pw - 1.0f) * ts) * softplus_neg(x);
         return max(x, 0.0f) - x * ts + log1p_acc(precise::exp(-fabs(x)));
     }
     if (kind == L_HINGE) return max(0.0f, 1.0f - (2.0f * t - 1.0f) * x);
@@ -74,18 +88,42 @@ inline float pw_loss(int kind, float x, float t, constant LossParams& p) {
     return -t * precise::log(x + p.a) - (1.0f - t) * precise::log(1.0f - x + p.a);
 }
 
-inline float pw_grad(int kind, float x, float t, constant LossParams& p) {
+inline float pw_grad(int kind, float x, float t, float pw, constant LossParams& p) {
     float d = x - t;
     if (kind == L_MSE) return 2.0f * d;
     if (kind == L_L1) return sign(d);
     if (kind == L_HUBER) return clamp(d, -p.a, p.a);
-    if (kind == L_BCE) return sigmoid_acc(x) - (t * (1.0f - p.smoothing) + 0.5f * p.smoothing);
+    if (kind == L_SL1) return fabs(d) < p.a ? d / p.a : sign(d);
+    if (kind == L_BCE) {
+        float ts = t * (1.0f - p.smoothing) + 0.5f * p.smoothing;
+        if (p.has_pos_weight) return (1.0f + (pw - 1.0f) * ts) * sigmoid_acc(x) - pw * ts;
+        return sigmoid_acc(x) - ts;
+    }
     if (kind == L_HINGE) {
         float y = 2.0f * t - 1.0f;
         return 1.0f - y * x > 0.0f ? -y : 0.0f;
     }
     if (kind == L_KL) return p.a != 0.0f ? -precise::exp(t) : -t;
     return -t / (x + p.a) + (1.0f - t) / (1.0f - x + p.a);
+}
+
+// d l / d t where torch differentiates the target (0 for the MPS-only hinge and log losses,
+// whose host wrappers do not ask for it). kl_div at t = 0 is NaN, as torch's xlogy(t, t) gives.
+inline float pw_grad_target(int kind, float x, float t, float pw, constant LossParams& p) {
+    float d = x - t;
+    if (kind == L_MSE) return -2.0f * d;
+    if (kind == L_L1) return -sign(d);
+    if (kind == L_HUBER) return -clamp(d, -p.a, p.a);
+    if (kind == L_SL1) return fabs(d) < p.a ? -d / p.a : -sign(d);
+    if (kind == L_BCE) {
+        float s = 1.0f - p.smoothing;
+        return p.has_pos_weight ? s * (-x + (pw - 1.0f) * softplus_neg(x)) : -s * x;
+    }
+    if (kind == L_KL) {
+        if (p.a != 0.0f) return precise::exp(t) * (t - x + 1.0f);
+        return (t != 0.0f ? precise::log(t) : 0.0f) + t / t - x;
+    }
+    return 0.0f;
 }
 
 // ---- pointwise ------------------------------------------------------------------------------
@@ -98,7 +136,8 @@ kernel void loss_pw_fwd(device const T* x [[buffer(0)]],
                         device const float* sw [[buffer(2)]],
                         device float* out [[buffer(3)]],
                         device uint2* cnt [[buffer(4)]],
-                        constant LossParams& p [[buffer(5)]],
+                        device const float* pw [[buffer(5)]],
+                        constant LossParams& p [[buffer(6)]],
                         uint tid [[thread_position_in_threadgroup]],
                         uint tg [[threadgroup_position_in_grid]],
                         uint ntg [[threadgroups_per_grid]],
@@ -111,8 +150,10 @@ kernel void loss_pw_fwd(device const T* x [[buffer(0)]],
         uint hi = seg * p.seglen + min((c + 1u) * p.chunk, p.seglen);
         float2 acc = float2(0.0f);  // (sum, terms of nonzero weight); exact: a chunk < 2^24
         for (uint i = lo + tid; i < hi; i += TR_TG) {
-            float w = p.has_weight ? sw[i / p.M] : 1.0f;
-            float l = w == 0.0f ? 0.0f : w * pw_loss(K, float(x[i]), float(t[i]), p);
+            float w = p.has_weight ? sw[p.elem_weight ? i : i / p.M] : 1.0f;
+            float l = w == 0.0f ? 0.0f
+                                : w * pw_loss(K, float(x[i]), float(t[i]),
+                                              p.has_pos_weight ? pw[i] : 1.0f, p);
             if (p.reduce) {
                 acc += float2(l, w != 0.0f ? 1.0f : 0.0f);
             } else {
@@ -136,19 +177,24 @@ kernel void loss_pw_bwd(device const float* g [[buffer(0)]],
                         device const T* t [[buffer(2)]],
                         device const float* sw [[buffer(3)]],
                         device T* dx [[buffer(4)]],
-                        constant LossParams& p [[buffer(5)]],
+                        device const float* pw [[buffer(5)]],
+                        device T* dt [[buffer(6)]],
+                        constant LossParams& p [[buffer(7)]],
                         uint gid [[thread_position_in_grid]],
                         uint ntg [[threadgroups_per_grid]]) {
     for (uint i = gid; i < p.total; i += ntg * TR_TG) {
         uint n = i / p.M;
-        float w = p.has_weight ? sw[n] : 1.0f;
-        float r = 0.0f;
+        float w = p.has_weight ? sw[p.elem_weight ? i : n] : 1.0f;
+        float r = 0.0f, rt = 0.0f;
         if (w != 0.0f) {
             float c = p.gmode == LOSS_G_SCALAR ? g[0]
                     : (p.gmode == LOSS_G_PER_SAMPLE ? g[n] : g[i]);
-            r = c * w * pw_grad(K, float(x[i]), float(t[i]), p);
+            float xi = float(x[i]), ti = float(t[i]), pwi = p.has_pos_weight ? pw[i] : 1.0f;
+            r = c * w * pw_grad(K, xi, ti, pwi, p);
+            if (p.target_grad) rt = c * w * pw_grad_target(K, xi, ti, pwi, p);
         }
         dx[i] = T(r);
+        if (p.target_grad) dt[i] = T(rt);
     }
 }
 
@@ -171,6 +217,7 @@ kernel void loss_cls_fwd(device const T* x [[buffer(0)]],
                          device uint2* cnt [[buffer(5)]],
                          constant LossParams& p [[buffer(6)]],
                          constant SoftmaxParams& q [[buffer(7)]],
+                         device const float* cw [[buffer(8)]],
                          uint tid [[thread_position_in_threadgroup]],
                          uint tg [[threadgroup_position_in_grid]],
                          uint ntg [[threadgroups_per_grid]],
@@ -211,13 +258,15 @@ kernel void loss_cls_fwd(device const T* x [[buffer(0)]],
             if (col) {
                 for (uint l = t.s; l < C; l += t.S) {
                     float v = (q.cached ? cp[l * q.W] : float(x[off + l * inner])) - m;
+                    float wc = p.has_class_weight ? cw[l] : 1.0f;
                     acc.w += precise::exp(v);
                     if (LABELS) {
-                        acc.x += v;                        // sum (x - m), for smoothing
+                        acc.x += wc * v;                   // sum w (x - m), for smoothing
+                        acc.y += wc;                       // sum w
                     } else {
-                        float ts = float(tp[off + l * inner]) * (1.0f - eps) + eps / Cf;
-                        acc.x += ts;                       // sum t'
-                        acc.y += ts * v;                   // sum t' (x - m)
+                        float ts = wc * (float(tp[off + l * inner]) * (1.0f - eps) + eps / Cf);
+                        acc.x += ts;                       // sum w t'
+                        acc.y += ts * v;                   // sum w t' (x - m)
                     }
                 }
             }
@@ -245,8 +294,11 @@ kernel void loss_cls_fwd(device const T* x [[buffer(0)]],
             if (K == L_CE) {
                 float ls = precise::log(acc.w);
                 if (LABELS) {
-                    loss = valid ? ls - (1.0f - eps) * (float(x[off + uint(y) * inner]) - m) : 0.0f;
-                    if (valid && eps != 0.0f) loss -= eps / Cf * acc.x;
+                    // (1 - eps) w_y (ls - v_y) + eps / C sum_c w_c (ls - v_c), v = x - m
+                    float wy = (p.has_class_weight && valid) ? cw[y] : 1.0f;
+                    loss = valid ? (1.0f - eps) * wy * (ls - (float(x[off + uint(y) * inner]) - m))
+                                 : 0.0f;
+                    if (valid && eps != 0.0f) loss += eps / Cf * (ls * acc.y - acc.x);
                 } else {
                     loss = ls * acc.x - acc.y;
                 }
@@ -278,6 +330,8 @@ kernel void loss_cls_bwd(device const float* g [[buffer(0)]],
                          device T* dx [[buffer(5)]],
                          constant LossParams& p [[buffer(6)]],
                          constant SoftmaxParams& q [[buffer(7)]],
+                         device const float* cw [[buffer(8)]],
+                         device T* dt [[buffer(9)]],
                          uint tid [[thread_position_in_threadgroup]],
                          uint tg [[threadgroup_position_in_grid]],
                          uint ntg [[threadgroups_per_grid]],
@@ -320,27 +374,34 @@ kernel void loss_cls_bwd(device const float* g [[buffer(0)]],
                 }
             }
             m = tile_reduce(m, TR_MAX, q.W, q.SW, lane, sg, scratch);
-            float4 acc = float4(0.0f);  // (sum exp(x - m), sum t')
+            float4 acc = float4(0.0f);  // (sum exp(x - m), sum w t' (probabilities) or sum w)
             if (col) {
                 for (uint l = t.s; l < C; l += t.S) {
                     float v = q.cached ? cp[l * q.W] : float(x[off + l * inner]);
+                    float wc = p.has_class_weight ? cw[l] : 1.0f;
                     acc.x += precise::exp(v - m);
-                    if (!LABELS) acc.y += float(tp[off + l * inner]) * (1.0f - eps) + eps / Cf;
+                    acc.y += LABELS ? wc : wc * (float(tp[off + l * inner]) * (1.0f - eps) + eps / Cf);
                 }
             }
             acc = tile_reduce(acc, TR_SUM, q.W, q.SW, lane, sg, scratch4);
             if (col) {
                 float inv = 1.0f / acc.x;
+                // labels: sum_c w_c t'_c = (1 - eps) w_y + eps / C sum_c w_c
+                float wsum = LABELS ? ((1.0f - eps) * ((p.has_class_weight && valid) ? cw[y] : 1.0f)
+                                       + eps / Cf * acc.y)
+                                    : acc.y;
+                float lse = m + precise::log(acc.x);
                 for (uint l = t.s; l < C; l += t.S) {
                     float v = q.cached ? cp[l * q.W] : float(x[off + l * inner]);
+                    float wc = p.has_class_weight ? cw[l] : 1.0f;
                     float pr = precise::exp(v - m) * inv;
-                    float r;
-                    if (LABELS) {
-                        r = pr - smooth_label(l, y, eps, Cf);
-                    } else {
-                        r = pr * acc.y - (float(tp[off + l * inner]) * (1.0f - eps) + eps / Cf);
-                    }
+                    float ts = LABELS ? smooth_label(l, y, eps, Cf)
+                                      : float(tp[off + l * inner]) * (1.0f - eps) + eps / Cf;
+                    float r = pr * wsum - wc * ts;
                     dx[off + l * inner] = T(coef == 0.0f ? 0.0f : coef * r);
+                    // d/dt_c of sum_c w_c t'_c (lse - x_c) = (1 - eps) w_c (lse - x_c)
+                    if (!LABELS && p.target_grad)
+                        dt[off + l * inner] = T(coef == 0.0f ? 0.0f : coef * (1.0f - eps) * wc * (lse - v));
                 }
             }
         } else if (K == L_CCE) {
@@ -424,22 +485,28 @@ kernel void loss_scale_bwd_float(device const int* labels [[buffer(0)]],
                                  device const float* g [[buffer(2)]],
                                  device float* scale [[buffer(3)]],
                                  constant LossReduceParams& p [[buffer(4)]],
+                                 device const float* cw [[buffer(5)]],
                                  uint tid [[thread_position_in_threadgroup]],
                                  uint lane [[thread_index_in_simdgroup]],
                                  uint sg [[simdgroup_index_in_threadgroup]]) {
     threadgroup uint2 scratch2[TR_TG];
+    threadgroup float scratch[TR_TG];
     uint2 c = uint2(0u);
+    float wsum = 0.0f;  // sum of the class weights of the valid labels
     if (p.mode == LOSS_MODE_MEAN || p.mode == LOSS_MODE_NONZERO) {
         for (uint k = tid; k < p.terms; k += TR_TG) {
             bool valid = p.has_labels ? labels[k] != p.ignore_index : true;
             bool nz = valid && (p.has_weight ? sw[k / p.per_sample] != 0.0f : true);
             c += uint2(valid ? 1u : 0u, nz ? 1u : 0u);
+            if (p.has_class_weight && valid) wsum += cw[labels[k]];
         }
     }
     c = tile_reduce(c, TR_SUM, 1u, TR_TG, lane, sg, scratch2);
+    if (p.has_class_weight) wsum = tile_reduce(wsum, TR_SUM, 1u, TR_TG, lane, sg, scratch);
     if (tid == 0) {
         float r = g[0];
-        if (p.mode == LOSS_MODE_MEAN) r = g[0] / (float(c.x) * float(p.mult));
+        if (p.mode == LOSS_MODE_MEAN) r = p.has_class_weight ? g[0] / (wsum * float(p.mult))
+                                                             : g[0] / (float(c.x) * float(p.mult));
         if (p.mode == LOSS_MODE_NONZERO)
             r = c.y == 0u ? 0.0f : g[0] / (float(c.y) * float(p.mult));
         if (p.mode == LOSS_MODE_DENOM) r = g[0] / p.denom;
@@ -466,6 +533,7 @@ kernel void loss_scale_bwd_float(device const int* labels [[buffer(0)]],
     LOSS_PW(hinge_loss, L_HINGE, T)                                                            \
     LOSS_PW(kl_div, L_KL, T)                                                                   \
     LOSS_PW(log_loss, L_LOG, T)                                                                \
+    LOSS_PW(smooth_l1_loss, L_SL1, T)                                                          \
     LOSS_CLS(cross_entropy, L_CE, 1, "labels_", T)                                             \
     LOSS_CLS(cross_entropy, L_CE, 0, "probs_", T)                                              \
     LOSS_CLS(categorical_cross_entropy, L_CCE, 1, "labels_", T)                                \

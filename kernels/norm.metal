@@ -28,6 +28,10 @@
 // neither a concat nor a split kernel copies them. Only the images move: an image's C*HW
 // elements stay contiguous, so the per-element index is i + n (stride - C*HW), n = i / (C*HW),
 // and the walks above are unchanged (x, dx and the statistics stay contiguous).
+// Layer norm (layer_norm_*, its own kernels): rows of D contiguous elements, each normalized by
+// one tile of SW threads (two passes over the row: mean, then the variance around it); the
+// backward recomputes the row's statistics the same way (the contract takes the input, not saved
+// statistics), and the weight/bias gradients are column sums over rows in fixed-order chunks.
 // Storage float or half; all statistics and arithmetic in float.
 #include <metal_stdlib>
 #include "params.h"
@@ -412,6 +416,141 @@ kernel void group_norm_param_bwd_float(device const float2* sums [[buffer(0)]],
     if (p.has_weight) dweight[c] = dw;
     if (p.has_bias) dbias[c] = db;
 }
+
+// ---- layer norm ------------------------------------------------------------------------------
+// A row's mean and 1/std, two passes (every thread of the tile gets both).
+template <typename T>
+inline float2 ln_stats(device const T* xr, uint D, uint SW, uint s, float eps, uint lane, uint sg,
+                       threadgroup float* scratch) {
+    float acc = 0.0f;
+    for (uint j = s; j < D; j += SW) acc += float(xr[j]);
+    float mean = tile_reduce(acc, TR_SUM, 1u, SW, lane, sg, scratch) / float(D);
+    acc = 0.0f;
+    for (uint j = s; j < D; j += SW) {
+        float d = float(xr[j]) - mean;
+        acc += d * d;
+    }
+    float var = tile_reduce(acc, TR_SUM, 1u, SW, lane, sg, scratch) / float(D);
+    return float2(mean, precise::rsqrt(var + eps));
+}
+
+// y = (x - mean) / std * w + b per row
+template <typename T>
+[[max_total_threads_per_threadgroup(256)]]
+kernel void layer_norm_fwd(device const T* x [[buffer(0)]],
+                           device const T* weight [[buffer(1)]],
+                           device const T* bias [[buffer(2)]],
+                           device T* y [[buffer(3)]],
+                           constant LayerNormParams& p [[buffer(4)]],
+                           uint tid [[thread_position_in_threadgroup]],
+                           uint tg [[threadgroup_position_in_grid]],
+                           uint ntg [[threadgroups_per_grid]],
+                           uint lane [[thread_index_in_simdgroup]],
+                           uint sg [[simdgroup_index_in_threadgroup]]) {
+    threadgroup float scratch[TR_TG];
+    TilePos t = tile_pos(1u, p.SW, tid);
+    for (uint base = tg * t.R; base < p.rows; base += ntg * t.R) {
+        uint row = min(base + t.r, p.rows - 1u);  // out-of-range tiles redo the last row, unwritten
+        device const T* xr = x + row * p.D;
+        float2 st = ln_stats(xr, p.D, p.SW, t.s, p.eps, lane, sg, scratch);
+        if (base + t.r < p.rows) {
+            for (uint j = t.s; j < p.D; j += p.SW) {
+                float v = (float(xr[j]) - st.x) * st.y;
+                if (p.has_weight) v *= float(weight[j]);
+                if (p.has_bias) v += float(bias[j]);
+                y[row * p.D + j] = T(v);
+            }
+        }
+    }
+}
+
+// dx = rstd (g - mean(g) - xhat mean(g xhat)), g = dy w, xhat = (x - mean) rstd
+template <typename T>
+[[max_total_threads_per_threadgroup(256)]]
+kernel void layer_norm_bwd(device const T* dy [[buffer(0)]],
+                           device const T* x [[buffer(1)]],
+                           device const T* weight [[buffer(2)]],
+                           device T* dx [[buffer(3)]],
+                           device float2* stats [[buffer(4)]],
+                           constant LayerNormParams& p [[buffer(5)]],
+                           uint tid [[thread_position_in_threadgroup]],
+                           uint tg [[threadgroup_position_in_grid]],
+                           uint ntg [[threadgroups_per_grid]],
+                           uint lane [[thread_index_in_simdgroup]],
+                           uint sg [[simdgroup_index_in_threadgroup]]) {
+    threadgroup float scratch[TR_TG];
+    threadgroup float2 scratch2[TR_TG];
+    TilePos t = tile_pos(1u, p.SW, tid);
+    for (uint base = tg * t.R; base < p.rows; base += ntg * t.R) {
+        uint row = min(base + t.r, p.rows - 1u);
+        device const T* xr = x + row * p.D;
+        device const T* gr = dy + row * p.D;
+        float2 st = ln_stats(xr, p.D, p.SW, t.s, p.eps, lane, sg, scratch);
+        float2 acc = float2(0.0f);  // (sum g, sum g (x - mean))
+        for (uint j = t.s; j < p.D; j += p.SW) {
+            float g = float(gr[j]) * (p.has_weight ? float(weight[j]) : 1.0f);
+            acc += float2(g, g * (float(xr[j]) - st.x));
+        }
+        acc = tile_reduce(acc, TR_SUM, 1u, p.SW, lane, sg, scratch2);
+        if (base + t.r < p.rows) {
+            float inv_d = 1.0f / float(p.D);
+            float mg = acc.x * inv_d, mgx = acc.y * st.y * inv_d;
+            for (uint j = t.s; j < p.D; j += p.SW) {
+                float g = float(gr[j]) * (p.has_weight ? float(weight[j]) : 1.0f);
+                float xh = (float(xr[j]) - st.x) * st.y;
+                dx[row * p.D + j] = T(st.y * (g - mg - xh * mgx));
+            }
+            if (p.save_stats && t.s == 0) stats[row] = st;
+        }
+    }
+}
+
+// Partial column sums over chunk c of rows: (sum dy xhat, sum dy) per column j.
+template <typename T>
+kernel void layer_norm_bwd_params(device const T* dy [[buffer(0)]],
+                                  device const T* x [[buffer(1)]],
+                                  device const float2* stats [[buffer(2)]],
+                                  device float2* part [[buffer(3)]],
+                                  constant LayerNormParams& p [[buffer(4)]],
+                                  uint gid [[thread_position_in_grid]]) {
+    if (gid >= p.splits * p.D) return;
+    uint c = gid / p.D, j = gid % p.D;
+    uint lo = c * p.chunk_rows, hi = min(lo + p.chunk_rows, p.rows);
+    float2 acc = float2(0.0f);
+    for (uint r = lo; r < hi; ++r) {
+        float g = float(dy[r * p.D + j]);
+        float2 st = stats[r];
+        acc += float2(g * (float(x[r * p.D + j]) - st.x) * st.y, g);
+    }
+    part[gid] = acc;
+}
+
+// dw[j], db[j]: the chunks' partials in order
+template <typename T>
+kernel void layer_norm_params_sum(device const float2* part [[buffer(0)]],
+                                  device T* dweight [[buffer(1)]],
+                                  device T* dbias [[buffer(2)]],
+                                  constant LayerNormParams& p [[buffer(3)]],
+                                  uint j [[thread_position_in_grid]]) {
+    if (j >= p.D) return;
+    float2 acc = float2(0.0f);
+    for (uint c = 0; c < p.splits; ++c) acc += part[c * p.D + j];
+    if (p.has_weight) dweight[j] = T(acc.x);
+    if (p.has_bias) dbias[j] = T(acc.y);
+}
+
+#define LAYER_NORM_INSTANTIATE(T)                                                              \
+    template [[host_name("layer_norm_fwd_" #T)]] [[kernel]] decltype(layer_norm_fwd<T>)        \
+        layer_norm_fwd<T>;                                                                     \
+    template [[host_name("layer_norm_bwd_" #T)]] [[kernel]] decltype(layer_norm_bwd<T>)        \
+        layer_norm_bwd<T>;                                                                     \
+    template [[host_name("layer_norm_bwd_params_" #T)]] [[kernel]]                             \
+        decltype(layer_norm_bwd_params<T>) layer_norm_bwd_params<T>;                           \
+    template [[host_name("layer_norm_params_sum_" #T)]] [[kernel]]                             \
+        decltype(layer_norm_params_sum<T>) layer_norm_params_sum<T>;
+
+LAYER_NORM_INSTANTIATE(float)
+LAYER_NORM_INSTANTIATE(half)
 
 #define NORM_INSTANTIATE(T)                                                                    \
     template [[host_name("norm_stats_fwd_" #T)]] [[kernel]] decltype(norm_part<T, 0>)          \

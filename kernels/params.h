@@ -248,7 +248,12 @@ struct LossParams {
     uint has_weight;   // per-sample weights given
     int ignore_index;  // class-axis kernels with integer labels
     float smoothing;   // label smoothing
-    float a;           // huber: delta; log_loss: epsilon; cosine: eps; kl_div: 1 = log_target
+    float a;           // huber: delta; log_loss: epsilon; cosine: eps; kl_div: 1 = log_target;
+                       // smooth_l1: beta
+    uint elem_weight;  // pointwise: sw holds one weight per element (torch's weight=), not per sample
+    uint has_pos_weight;  // bce_with_logits: pw holds one positive-class weight per element
+    uint target_grad;  // pointwise backward: also write d loss / d target into dt
+    uint has_class_weight;  // class-axis: cw holds one weight per class (torch's weight=)
 };
 // LossReduceParams (loss.metal): loss_reduce sums `seglen` partials per output; loss_scale
 // counts the terms behind a mean and writes g / count for the backward kernels.
@@ -265,6 +270,7 @@ struct LossReduceParams {
     uint mult;         // loss_scale: terms each position stands for
     uint has_labels, has_weight;
     int ignore_index;
+    uint has_class_weight;  // loss_scale mode 1: count sum_k cw[labels[k]] instead of valid terms
 };
 // NormParams (norm.metal): input (N, C, HW). Statistics rows are channels (batch norm: a row's
 // element e is x[e / HW, c, e % HW]) or (sample, group) pairs (group / instance norm: rows of
@@ -295,6 +301,26 @@ struct NormParams {
     // slice of a larger NCHW tensor, and that tensor's gradient read in place.
     uint out_nstride;  // forward apply: elements between images of y
     uint dy_nstride;   // backward partials and apply: elements between images of dy
+};
+
+// LayerNormParams (norm.metal layer_norm_*): rows of D contiguous elements normalized each; a
+// threadgroup's TR_TG threads are TR_TG / SW row tiles of SW threads. The weight/bias gradient
+// sums rows in `splits` chunks of chunk_rows rows (partials, then one pass over the chunks).
+struct LayerNormParams {
+    uint rows, D;
+    uint SW;           // threads per row: a power of two in [32, 256]
+    uint has_weight, has_bias;
+    float eps;
+    uint splits, chunk_rows;
+    uint save_stats;   // backward: also write (mean, 1/std) per row for the parameter gradients
+};
+
+// EmbeddingParams (embedding.metal): n indices into a (V, D) table. The backward walks the
+// indices sorted by row (perm), one segment per distinct row (seg[s]..seg[s+1]).
+struct EmbeddingParams {
+    uint n, V, D;
+    uint segments;
+    uint scale_by_freq;  // divide a row's gradient by its index count (scale_grad_by_freq)
 };
 
 // ---- recurrent and optimizers (rnn.metal, optimizer.metal) ---------------------------------

@@ -2,8 +2,8 @@
 
     python -m pymetalnn.bench [--backend cuda|cpu|metal] [--quick] [--only conv,gemm] [--out DIR]
 
-Each `benchmarks/bench_<family>.py` script (found next to the package, in the repo's
-`benchmarks/` folder: it is not a package) runs as a subprocess with the same --backend and
+Each `benchmarks/bench_<family>.py` script (the repository's top-level `benchmarks/` folder in a
+checkout, `pymetalnn/benchmarks` in an installed wheel) runs as a subprocess with the same --backend and
 --quick, writing its JSON into `<out>/raw/`. Their rows (each family has its own columns) are
 normalized into one table: family, kernel, shape/variant, time (s), throughput (GFLOP/s or
 GB/s), peer time (s), ratio (ours vs the peer: > 1 is faster when a speedup, or a fraction of
@@ -21,8 +21,9 @@ import sys
 import time
 from typing import Any
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-BENCH_DIR = os.path.join(REPO, "benchmarks")
+from .runtime.core import PACKAGE_DIR, data_dir
+
+BENCH_DIR = data_dir("benchmarks")
 FIELDS = ["family", "kernel", "variant", "time_s", "throughput", "unit", "peer_time_s", "ratio",
           "ratio_kind", "backend"]
 
@@ -84,13 +85,14 @@ def run_family(family: str, backend: str | None, quick: bool, raw_dir: str,
     if quick:
         cmd.append("--quick")
     cmd += extra or []
-    env = dict(os.environ, PYMETALNN_RESULTS=raw_dir)
-    env["PYTHONPATH"] = REPO + os.pathsep + env.get("PYTHONPATH", "")
+    env = dict(os.environ, PYMETALNN_RESULTS=os.path.abspath(raw_dir))
+    # the scripts import this very pymetalnn (checkout or installed)
+    env["PYTHONPATH"] = os.path.dirname(PACKAGE_DIR) + os.pathsep + env.get("PYTHONPATH", "")
     log = os.path.join(raw_dir, f"{family}.log")
     t0 = time.perf_counter()
     try:
         with open(log, "w") as f:
-            rc = subprocess.run(cmd, cwd=REPO, env=env, stdout=f, stderr=subprocess.STDOUT,
+            rc = subprocess.run(cmd, env=env, stdout=f, stderr=subprocess.STDOUT,
                                 timeout=timeout).returncode
     except subprocess.TimeoutExpired:
         return [], f"timed out after {timeout:.0f} s (log: {log})"

@@ -2,17 +2,20 @@
 conv weights (out, in/groups, kH, kW); conv-transpose weights (in, out/groups, kH, kW); linear
 weights (out, in)), so PyTorch serves as a reference and weights move between the two.
 
-Every forward op `f(x, ...)` has `f_backward(grad_out, <f's inputs>, <same options>)` returning
-the gradients of f's tensor arguments in order (None for an absent bias); conv2d and linear also
-have `*_weight_grad` (the parameter gradients alone). `ACTIVATIONS`: the activations a fused
-`activation=` takes; `Labels`: class labels checked once (`class_labels`).
+Every forward op `f(input, ...)` has `f_backward(grad_out, <f's inputs>, <same options>)`
+returning the gradients of f's tensor arguments in order (None for an absent bias, integer labels
+or indices; losses return (d input, d target)). Forms that take the forward's output are named
+`<f>_backward_from_output` (softmax, log_softmax, the neurons). Positional order, keyword names
+(input=, weight=, bias=) and defaults are torch's. conv2d and linear
+also have `*_weight_grad` (the parameter gradients alone). `ACTIVATIONS`: the activations a
+fused `activation=` takes; `Labels`: class labels checked once (`class_labels`).
 """
 from __future__ import annotations
 
 # ---- conv / gemm (ops/conv.py, ops/gemm.py) ----
 from .ops.conv import (  # noqa: E402, F401, I001
-    conv1d, conv1d_backward, conv2d, conv2d_backward, conv2d_weight_grad, conv_transpose2d,
-    conv_transpose2d_backward,
+    conv1d, conv1d_backward, conv2d, conv2d_backward, conv2d_weight_grad, conv_transpose1d,
+    conv_transpose1d_backward, conv_transpose2d, conv_transpose2d_backward,
 )
 from .ops.gemm import (  # noqa: E402, F401, I001
     gemm, linear, linear_backward, linear_weight_grad, matmul, matmul_backward,
@@ -70,6 +73,7 @@ from .ops.dropout import (  # noqa: F401
     dropout2d_backward,
     dropout_backward,
 )
+from .ops.embedding import embedding, embedding_backward  # noqa: F401
 from .ops.loss import (  # noqa: F401
     Labels,
     binary_cross_entropy_with_logits,
@@ -93,10 +97,12 @@ from .ops.loss import (  # noqa: F401
     log_loss_backward,
     mse_loss,
     mse_loss_backward,
+    smooth_l1_loss,
+    smooth_l1_loss_backward,
 )
 from .ops.neuron import (  # noqa: F401
     ACTIVATIONS,
-    activation_backward,
+    activation_backward_from_output,
     elu,
     elu_backward,
     gelu,
@@ -131,8 +137,12 @@ from .ops.norm import (  # noqa: F401
     group_norm_with_stats,
     instance_norm,
     instance_norm_backward,
+    layer_norm,
+    layer_norm_backward,
 )
 from .ops.pool import (  # noqa: F401
+    adaptive_avg_pool1d,
+    adaptive_avg_pool1d_backward,
     adaptive_avg_pool2d,
     adaptive_avg_pool2d_backward,
     avg_pool1d,
@@ -149,8 +159,10 @@ from .ops.pool import (  # noqa: F401
 from .ops.softmax import (  # noqa: F401
     log_softmax,
     log_softmax_backward,
+    log_softmax_backward_from_output,
     softmax,
     softmax_backward,
+    softmax_backward_from_output,
 )
 
 # ---- recurrent (ops/rnn.py) ----
@@ -161,6 +173,7 @@ from .ops.rnn import (  # noqa: E402, F401, I001
 
 # ---- detection (ops/detection.py) ----
 from .ops.detection import (  # noqa: E402, F401, I001
-    box_iou_matrix, mean_average_precision, multiclass_nms, nms, yolo_decode, yolo_detect,
-    yolo_anchors, yolo_loss, yolo_loss_backward, yolo_targets,
+    YoloAnchors, YoloTargets, box_iou_matrix, check_targets, mean_average_precision,
+    multiclass_nms, nms, yolo_decode, yolo_detect, yolo_anchors, yolo_loss, yolo_loss_backward,
+    yolo_targets,
 )

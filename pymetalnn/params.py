@@ -203,7 +203,9 @@ class LossParams(Params):
 
     _fields_ = [("N", U32), ("M", U32), ("total", U32), ("chunk", U32), ("chunks", U32),
                 ("seglen", U32), ("ngroups", U32), ("reduce", U32), ("gmode", U32),
-                ("has_weight", U32), ("ignore_index", I32), ("smoothing", F32), ("a", F32)]
+                ("has_weight", U32), ("ignore_index", I32), ("smoothing", F32), ("a", F32),
+                ("elem_weight", U32), ("has_pos_weight", U32), ("target_grad", U32),
+                ("has_class_weight", U32)]
 
 
 class LossReduceParams(Params):
@@ -211,7 +213,7 @@ class LossReduceParams(Params):
 
     _fields_ = [("nseg", U32), ("seglen", U32), ("mode", U32), ("denom", F32), ("terms", U32),
                 ("per_sample", U32), ("mult", U32), ("has_labels", U32), ("has_weight", U32),
-                ("ignore_index", I32)]
+                ("ignore_index", I32), ("has_class_weight", U32)]
 
 
 class NormParams(Params):
@@ -224,6 +226,19 @@ class NormParams(Params):
                 ("has_bias", U32), ("has_running", U32), ("training", U32), ("eps", F32),
                 ("momentum", F32), ("act", U32), ("act_alpha", F32),
                 ("out_nstride", U32), ("dy_nstride", U32)]
+
+
+class LayerNormParams(Params):
+    """kernels/params.h LayerNormParams: rows x D, row tile width, options, gradient chunks."""
+
+    _fields_ = [("rows", U32), ("D", U32), ("SW", U32), ("has_weight", U32), ("has_bias", U32),
+                ("eps", F32), ("splits", U32), ("chunk_rows", U32), ("save_stats", U32)]
+
+
+class EmbeddingParams(Params):
+    """kernels/params.h EmbeddingParams: indices, table shape, backward segments."""
+
+    _fields_ = [("n", U32), ("V", U32), ("D", U32), ("segments", U32), ("scale_by_freq", U32)]
 
 
 # ---- recurrent and optimizers -------------------------------------------------------------

@@ -208,12 +208,12 @@ def run_transpose_case(case, prec: str, seed: int = 1) -> None:
                   dilation=_pair(dilation), groups=groups)
     want = ref.conv_transpose2d(x, wt, b, **kw_ref)
     scale = ref.conv_transpose2d(np.abs(x), np.abs(wt), np.abs(b), **kw_ref)
-    y = F.conv_transpose2d(x, wt, b, stride, padding, opad, dilation, groups, accumulate=acc)
+    y = F.conv_transpose2d(x, wt, b, stride, padding, opad, groups, dilation, accumulate=acc)
     terms = cin // groups * kh * kw
     assert_close("y", y, want, scale, tol(prec, terms))
 
     gy = rand(rng, want.shape, dtype)
-    gx, gw, gb = F.conv_transpose2d_backward(gy, x, wt, b, stride, padding, opad, dilation, groups,
+    gx, gw, gb = F.conv_transpose2d_backward(gy, x, wt, b, stride, padding, opad, groups, dilation,
                                              accumulate=acc)
     rx, rw, rb = ref.conv_transpose2d_backward(gy, x, wt, True, **kw_ref)
     sx, sw, sb = ref.conv_transpose2d_backward(np.abs(gy), np.abs(x), np.abs(wt), True, **kw_ref)
@@ -478,7 +478,7 @@ BAD = [
     ("w", lambda: F.conv2d(_x(1, 4, 5, 5), _x(4, 4, 3, 3, dtype=np.float16))),
     ("b", lambda: F.conv2d(_x(1, 4, 5, 5), _x(4, 4, 3, 3), _x(4, dtype=np.float16))),
     ("b", lambda: F.conv2d(_x(1, 4, 5, 5), _x(4, 4, 3, 3), _x(5))),
-    ("x", lambda: F.conv2d(_x(4, 5, 5), _x(4, 4, 3, 3))),
+    ("x", lambda: F.conv2d(_x(5, 5), _x(4, 4, 3, 3))),  # (C, H, W) is torch's unbatched form
     ("w", lambda: F.conv2d(_x(1, 4, 5, 5), _x(4, 4, 3))),
     ("accumulate", lambda: F.conv2d(_x(1, 4, 5, 5), _x(4, 4, 3, 3), accumulate="half")),
     ("accumulate", lambda: F.conv2d(_x(1, 4, 5, 5), _x(4, 4, 3, 3), accumulate="double")),
@@ -500,7 +500,7 @@ BAD = [
     ("b", lambda: F.conv_transpose2d(_x(1, 4, 5, 5), _x(4, 2, 3, 3), _x(4))),
     ("grad_out", lambda: F.conv_transpose2d_backward(_x(1, 2, 4, 5), _x(1, 4, 5, 5), _x(4, 2, 3, 3),
                                                      padding=1)),
-    ("x", lambda: F.conv_transpose2d(_x(1, 4, 5), _x(4, 2, 3, 3))),
+    ("x", lambda: F.conv_transpose2d(_x(4, 5), _x(4, 2, 3, 3))),
 ]
 
 
@@ -714,6 +714,79 @@ def test_conv_temporaries_come_from_scratch(dev):
     assert [v.nbytes for v in views] == [100, 1, 4096]
     grown = scratch(dev, [1 << 20], "test")[0]
     assert grown.base is not views[0].base and grown.nbytes == 1 << 20
+
+
+# ---- torch's calling conventions: unbatched inputs, keywords, conv_transpose1d ------------------
+
+@pytest.mark.parametrize("case", [
+    # (N, C_in, L, C_out, K, stride, padding, output_padding, groups, dilation)
+    (2, 4, 5, 6, 3, 2, 1, 1, 2, 1), (1, 3, 1, 2, 1, 1, 0, 0, 1, 1), (3, 2, 7, 4, 4, 3, 2, 0, 1, 2),
+    (1, 6, 33, 3, 5, 1, 2, 0, 3, 1), (2, 1, 4, 1, 2, 5, 0, 4, 1, 1),
+])
+def test_conv_transpose1d(dev, case):
+    """conv_transpose1d (torch's positional order) against the 2-D reference with H = 1, the
+    gradients by finite differences of the reference, unbatched (C, L) input too."""
+    n, cin, length, cout, k, s, p, op, g, d = case
+    rng = np.random.default_rng(sum(case))
+    x = rng.standard_normal((n, cin, length))
+    w = rng.standard_normal((cin, cout // g, k))
+    b = rng.standard_normal(cout)
+    kw = dict(stride=(1, s), padding=(0, p), output_padding=(0, op), dilation=(1, d), groups=g)
+    want = ref.conv_transpose2d(x[:, :, None], w[:, :, None], b, **kw)[:, :, 0]
+    y = F.conv_transpose1d(x.astype(np.float32), w.astype(np.float32), b.astype(np.float32), s, p, op, g, d)
+    np.testing.assert_allclose(y.numpy(), want, rtol=1e-5, atol=1e-5)
+    gy = rng.standard_normal(want.shape)
+    gx, gw, gb = F.conv_transpose1d_backward(gy.astype(np.float32), x.astype(np.float32),
+                                             w.astype(np.float32), b.astype(np.float32), s, p, op, g, d)
+    f = lambda x_, w_: (gy * ref.conv_transpose2d(x_[:, :, None], w_[:, :, None], b, **kw)[:, :, 0]).sum()  # noqa: E731
+    np.testing.assert_allclose(gx.numpy(), numeric_grad(lambda: f(x, w), x), rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(gw.numpy(), numeric_grad(lambda: f(x, w), w), rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(gb.numpy(), gy.sum(axis=(0, 2)), rtol=1e-5, atol=1e-5)
+    y1 = F.conv_transpose1d(x[0].astype(np.float32), w.astype(np.float32), None, s, p, op, g, d)
+    np.testing.assert_allclose(y1.numpy(), want[0] - b[:, None], rtol=1e-5, atol=1e-5)
+
+
+def test_unbatched_and_keywords(dev):
+    """(C, H, W) / (C, L) inputs give torch's unbatched results (forward and input gradient), and
+    torch's keyword names input=/weight=/bias= work."""
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((3, 7, 6)).astype(np.float32)
+    w = rng.standard_normal((4, 3, 3, 3)).astype(np.float32)
+    b = rng.standard_normal(4).astype(np.float32)
+    y = F.conv2d(input=x, weight=w, bias=b, stride=2, padding=1)
+    want = F.conv2d(x[None], w, b, 2, 1).numpy()[0]
+    assert y.shape == want.shape
+    np.testing.assert_allclose(y.numpy(), want, rtol=1e-6)
+    gy = rng.standard_normal(want.shape).astype(np.float32)
+    gx, gw, gb = F.conv2d_backward(gy, x, w, b, 2, 1)
+    rx, rw, rb = F.conv2d_backward(gy[None], x[None], w, b, 2, 1)
+    assert gx.shape == x.shape
+    np.testing.assert_allclose(gx.numpy(), rx.numpy()[0], rtol=1e-6)
+    np.testing.assert_allclose(gw.numpy(), rw.numpy(), rtol=1e-6)
+    x1 = rng.standard_normal((3, 9)).astype(np.float32)
+    w1 = rng.standard_normal((5, 3, 2)).astype(np.float32)
+    y1 = F.conv1d(input=x1, weight=w1, bias=None, dilation=2)
+    np.testing.assert_allclose(y1.numpy(), F.conv1d(x1[None], w1, None, 1, 0, 2).numpy()[0], rtol=1e-6)
+    g1 = rng.standard_normal(y1.shape).astype(np.float32)
+    np.testing.assert_allclose(F.conv1d_backward(g1, x1, w1, None, 1, 0, 2)[0].numpy(),
+                               F.conv1d_backward(g1[None], x1[None], w1, None, 1, 0, 2)[0].numpy()[0],
+                               rtol=1e-6)
+    wt = rng.standard_normal((3, 2, 3, 3)).astype(np.float32)
+    yt = F.conv_transpose2d(input=x, weight=wt, stride=2)
+    np.testing.assert_allclose(yt.numpy(), F.conv_transpose2d(x[None], wt, None, 2).numpy()[0], rtol=1e-6)
+    xl = rng.standard_normal((2, 5)).astype(np.float32)
+    wl = rng.standard_normal((3, 5)).astype(np.float32)
+    np.testing.assert_allclose(F.linear(input=xl, weight=wl, bias=None).numpy(), xl @ wl.T, rtol=1e-5)
+    torch = pytest.importorskip("torch")
+    tf = torch.nn.functional
+    np.testing.assert_allclose(y.numpy(), tf.conv2d(torch.tensor(x), torch.tensor(w), torch.tensor(b), 2, 1),
+                               rtol=1e-4, atol=1e-5)
+    # conv_transpose2d's positional order is torch's (..., output_padding, groups, dilation)
+    xg = rng.standard_normal((1, 4, 5, 5)).astype(np.float32)
+    wg = rng.standard_normal((4, 1, 3, 3)).astype(np.float32)
+    np.testing.assert_allclose(F.conv_transpose2d(xg, wg, None, 2, 1, 1, 2, 3).numpy(),
+                               tf.conv_transpose2d(torch.tensor(xg), torch.tensor(wg), None, 2, 1, 1, 2, 3),
+                               rtol=1e-4, atol=1e-5)
 
 
 def test_set_winograd_modes(monkeypatch):

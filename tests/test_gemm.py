@@ -455,11 +455,12 @@ def _bad_cases(dev):
     return [
         ("b", lambda: F.matmul(f32(3, 4), f32(5, 6))),                          # inner dims
         ("b", lambda: F.matmul(f32(3, 4), f32(6, 4), transpose_b=False)),
-        ("a", lambda: F.matmul(f32(4), f32(4, 3))),                             # ndim
-        ("b", lambda: F.matmul(f32(3, 4), f32(1, 2, 4, 3))),
-        ("a", lambda: F.matmul(i32, f32(4, 3))),                                # dtype
+        ("input", lambda: F.matmul(f32(), f32(4, 3))),                          # 0-d
+        ("other", lambda: F.matmul(f32(5), f32(4, 3))),                         # 1-D inner dims
+        ("other", lambda: F.matmul(f32(3, 3, 4), f32(2, 2, 4, 3))),             # batch broadcast
+        ("input", lambda: F.matmul(i32, f32(4, 3))),                            # dtype
         ("b", lambda: F.matmul(f32(3, 4), f16(4, 3))),                          # dtype mismatch
-        ("b", lambda: F.matmul(f32(2, 3, 4), f32(3, 4, 5))),                    # batch mismatch
+        ("other", lambda: F.matmul(f32(2, 3, 4), f32(3, 4, 5))),                # batch mismatch
         ("accumulate", lambda: F.matmul(f32(3, 4), f32(4, 3), accumulate="half")),
         ("accumulate", lambda: F.matmul(f16(3, 4), f16(4, 3), accumulate="double")),
         ("out", lambda: F.gemm(f32(3, 4), f32(4, 5), f32(5, 3))),               # out shape
@@ -575,6 +576,56 @@ def test_matrix_hardware_choice(dev, monkeypatch, hw) -> None:
     got = F.matmul(pm.tensor(a, dev), pm.tensor(b, dev)).numpy().astype(np.float64)
     exact = ref.matmul(a, b)
     assert np.abs(got - exact).max() <= 4 * U16 * (np.abs(a.astype(np.float64)) @ np.abs(b)).max()
+
+
+# ---- torch.matmul's shape rules: 1-D, N-D and broadcast batch operands ---------------------------
+
+MATMUL_SHAPES = [((5,), (5,)), ((5,), (5, 3)), ((4, 5), (5,)), ((2, 3, 4, 5), (5,)), ((5,), (2, 5, 3)),
+                 ((2, 1, 3, 5), (4, 5, 2)), ((1, 3, 5), (1, 5, 2)), ((3, 1, 4, 5), (1, 2, 5, 3)),
+                 ((2, 2, 3, 5), (2, 2, 5, 1)), ((1, 33), (2, 3, 33, 1)), ((2, 3, 4), (1, 4, 2))]
+
+
+@pytest.mark.parametrize("sa,sb", MATMUL_SHAPES)
+def test_matmul_broadcast(dev, sa, sb) -> None:
+    """Values against np.matmul (float64), gradients against finite differences of the float64
+    product (and torch where installed)."""
+    rng = np.random.default_rng(len(sa) * 7 + len(sb))
+    a = rng.standard_normal(sa).astype(np.float32)
+    b = rng.standard_normal(sb).astype(np.float32)
+    want = np.matmul(a.astype(np.float64), b.astype(np.float64))
+    y = F.matmul(pm.tensor(a, dev), pm.tensor(b, dev))
+    assert y.shape == want.shape
+    np.testing.assert_allclose(y.numpy(), want, rtol=1e-5, atol=1e-5)
+    g = rng.standard_normal(want.shape)
+    ga, gb = F.matmul_backward(pm.tensor(g.astype(np.float32), dev), pm.tensor(a, dev), pm.tensor(b, dev))
+    assert ga.shape == sa and gb.shape == sb
+
+    def fd(x, f, eps=1e-6):
+        out = np.zeros_like(x)
+        for i in np.ndindex(x.shape):
+            e = np.zeros_like(x)
+            e[i] = eps
+            out[i] = ((g * f(x + e)).sum() - (g * f(x - e)).sum()) / (2 * eps)
+        return out
+    a64, b64 = a.astype(np.float64), b.astype(np.float64)
+    np.testing.assert_allclose(ga.numpy(), fd(a64, lambda z: np.matmul(z, b64)), rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(gb.numpy(), fd(b64, lambda z: np.matmul(a64, z)), rtol=1e-4, atol=1e-4)
+    torch = pytest.importorskip("torch")
+    ta, tb = torch.tensor(a, requires_grad=True), torch.tensor(b, requires_grad=True)
+    torch.matmul(ta, tb).backward(torch.tensor(g.astype(np.float32)))
+    np.testing.assert_allclose(ga.numpy(), ta.grad.numpy(), rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(gb.numpy(), tb.grad.numpy(), rtol=1e-4, atol=1e-4)
+
+
+def test_matmul_bad_shapes(dev) -> None:
+    x = pm.tensor(np.zeros((2, 3, 4), np.float32), dev)
+    with pytest.raises(ValueError, match="inner dimension"):
+        F.matmul(x, pm.tensor(np.zeros((5, 2), np.float32), dev))
+    with pytest.raises(ValueError, match="other: batch"):
+        F.matmul(pm.tensor(np.zeros((2, 2, 3, 4), np.float32), dev),
+                 pm.tensor(np.zeros((3, 4, 2), np.float32), dev))
+    with pytest.raises(ValueError, match="input"):
+        F.matmul(pm.tensor(np.zeros((), np.float32), dev), x)
 
 
 # ---- the fp32 accuracy budget (pymetalnn/accuracy.py, docs/accuracy.md) ------------------------

@@ -315,7 +315,7 @@ def test_two_in_flight_same_weights_as_synchronous(dev):
                 h.wait()
             hs.append(h)
         tg.synchronize()
-        res[in_flight] = ([h.losses for h in hs], tg.state_dict())
+        res[in_flight] = ([h.losses for h in hs], tg.training_state_dict())
     for a, b in zip(res[2][0], res[1][0]):
         np.testing.assert_array_equal(a, b)
     for k, v in res[2][1].items():
@@ -461,3 +461,18 @@ def test_bad_inputs_name_the_node(dev):
         tg.encode(X, Y[:3])
     assert tg.step_count == 0  # nothing was queued
     tg.encode(X, Y).wait()
+
+
+def test_load_state_dict_exact_shapes():
+    """A same-size array of another shape (a transposed weight) is refused, not reshaped."""
+    ds = G.FullyConnectedDataSource(4, 6, seed=0)
+    w = ds.state_dict()["weight"]
+    assert w.shape == (6, 4)
+    before = ds.state_dict()
+    with pytest.raises(ValueError, match="weight"):
+        ds.load_state_dict({"weight": w.T.copy(), "bias": before["bias"]})
+    with pytest.raises(ValueError, match="bias"):
+        ds.load_state_dict({"weight": w, "bias": before["bias"].reshape(1, 6)})
+    np.testing.assert_array_equal(ds.state_dict()["weight"], before["weight"])
+    ds.load_state_dict({"weight": w * 2, "bias": before["bias"]})
+    np.testing.assert_array_equal(ds.state_dict()["weight"], w * 2)

@@ -31,7 +31,7 @@ def test_captured_step_replays_like_encode(dev):
         else:
             hs = [tg.encode(X, Y).wait() for _ in range(warm + 3)][warm:]
             hs.append(tg.encode(X2, Y2).wait())
-        res[mode] = ([h.losses.copy() for h in hs], tg.state_dict())
+        res[mode] = ([h.losses.copy() for h in hs], tg.training_state_dict())
     np.testing.assert_array_equal(res["replay"][0][-1], res["encode"][0][-1])
     for k, v in res["encode"][1].items():
         np.testing.assert_array_equal(v, res["replay"][1][k], err_msg=k)
@@ -67,7 +67,7 @@ def test_grouped_updates_bit_identical(dev, net, opt):
             dev.reset_counts()
             hs.append(tg.encode(X, Y).wait())
             launches[grouped].append(update_launches(dev))
-        res[grouped] = ([h.losses.copy() for h in hs], tg.state_dict())
+        res[grouped] = ([h.losses.copy() for h in hs], tg.training_state_dict())
         if grouped:
             assert any(m.startswith("updates:") and "updated together" in m for m in tg.log)
     ntensors = sum(launches[False][-1].values())

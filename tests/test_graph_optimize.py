@@ -108,7 +108,7 @@ def test_fusion_fewer_dispatches_same_results(dev):
         before = dispatches(dev)
         h = tg.encode(X, Y).wait()
         counts[fuse] = dispatches(dev) - before
-        res[fuse] = (h.losses, tg.state_dict())
+        res[fuse] = (h.losses, tg.training_state_dict())
         if fuse:
             assert any("fuse: softmax + cce" in m for m in tg.log), tg.log
     assert counts[True] < counts[False], counts
@@ -187,7 +187,7 @@ def test_neuron_fusion_real_ops(dev):
         before = dispatches(dev)
         h = tg.encode(X, Y).wait()
         counts[fuse] = dispatches(dev) - before
-        out[fuse] = (h.losses, tg.state_dict())
+        out[fuse] = (h.losses, tg.training_state_dict())
         g = G.Graph(loss.sources[0], device=dev, optimize={"fuse": fuse})  # inference
         if fuse:
             assert sum("one dispatch" in m for m in g.log) == 4, g.log

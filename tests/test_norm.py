@@ -710,3 +710,96 @@ def test_batch_norm_training_forward_launches(dev):
     dev.reset_counts()
     F.batch_norm(x, rm, rv, w, b, training=False)
     assert "batch_norm_coef_fwd_float" in dev.dispatch_counts
+
+
+# ---- layer norm ---------------------------------------------------------------------------------
+
+def _np_layer_norm(x, ns, w, b, eps):
+    ax = tuple(range(x.ndim - len(ns), x.ndim))
+    m = x.mean(axis=ax, keepdims=True)
+    v = x.var(axis=ax, keepdims=True)
+    y = (x - m) / np.sqrt(v + eps)
+    return y * (1.0 if w is None else w) + (0.0 if b is None else b)
+
+
+LN_CASES = [((4, 7), (7,)), ((2, 3, 300), (300,)), ((2, 3, 4, 5), (4, 5)), ((5,), (5,)), ((3, 1), (1,)),
+            ((1, 33), (33,)), ((65, 32), (32,)), ((2, 1025), (1025,)), ((3, 2, 31), (2, 31))]
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float16])
+@pytest.mark.parametrize("affine", [True, False])
+def test_layer_norm(dev, dtype, affine):
+    """Forward and gradients against the float64 reference (its gradients checked by finite
+    differences below), rows of 1 to 1025 elements, large offsets (mean >> spread)."""
+    for k, (shape, ns) in enumerate(LN_CASES):
+        rng = np.random.default_rng(k)
+        x = (rng.standard_normal(shape) * 2 + (50 if k % 3 == 0 else 0)).astype(dtype)
+        w = rng.uniform(0.5, 1.5, ns).astype(dtype) if affine else None
+        b = rng.standard_normal(ns).astype(dtype) if affine else None
+        x64 = x.astype(np.float64)
+        w64 = None if w is None else w.astype(np.float64)
+        b64 = None if b is None else b.astype(np.float64)
+        want = _np_layer_norm(x64, ns, w64, b64, 1e-5)
+        y = F.layer_norm(pm.tensor(x, dev), ns, w, b, 1e-5)
+        tol = dict(rtol=1e-4, atol=1e-4) if dtype == np.float32 else dict(rtol=1e-2, atol=1e-2)
+        np.testing.assert_allclose(y.numpy().astype(np.float64), want, **tol, err_msg=f"{shape}")
+        g = rng.standard_normal(shape).astype(dtype)
+        dx, dw, db = F.layer_norm_backward(pm.tensor(g, dev), pm.tensor(x, dev), ns, w, b, 1e-5)
+        rx, rw, rb = ref_layer_norm_backward(g.astype(np.float64), x64, ns, w64, 1e-5)
+        gt = dict(rtol=1e-3, atol=1e-3) if dtype == np.float32 else \
+            dict(rtol=3e-2, atol=3e-2 * max(1, np.abs(rw).max()))
+        np.testing.assert_allclose(dx.numpy().astype(np.float64), rx, **gt, err_msg=f"dx {shape}")
+        if affine:
+            np.testing.assert_allclose(dw.numpy().astype(np.float64), rw, **gt, err_msg=f"dw {shape}")
+            np.testing.assert_allclose(db.numpy().astype(np.float64), rb, **gt, err_msg=f"db {shape}")
+        else:
+            assert dw is None and db is None
+
+
+def ref_layer_norm_backward(g, x, ns, w, eps):
+    """The analytic float64 gradients of _np_layer_norm."""
+    ax = tuple(range(x.ndim - len(ns), x.ndim))
+    d = int(np.prod(ns))
+    m = x.mean(axis=ax, keepdims=True)
+    rstd = 1 / np.sqrt(x.var(axis=ax, keepdims=True) + eps)
+    xh = (x - m) * rstd
+    gw = g * (1.0 if w is None else w)
+    dx = rstd * (gw - gw.sum(axis=ax, keepdims=True) / d - xh * (gw * xh).sum(axis=ax, keepdims=True) / d)
+    lead = tuple(range(x.ndim - len(ns)))
+    return dx, (g * xh).sum(axis=lead), g.sum(axis=lead)
+
+
+def test_layer_norm_reference_vs_finite_differences():
+    rng = np.random.default_rng(1)
+    x, w, b = rng.standard_normal((3, 2, 5)), rng.uniform(0.5, 1.5, (2, 5)), rng.standard_normal((2, 5))
+    g = rng.standard_normal(x.shape)
+    rx, rw, rb = ref_layer_norm_backward(g, x, (2, 5), w, 1e-5)
+    for arr, want in ((x, rx), (w, rw), (b, rb)):
+        fd = np.zeros_like(arr)
+        for i in np.ndindex(arr.shape):
+            old = arr[i]
+            arr[i] = old + 1e-6
+            hi = (g * _np_layer_norm(x, (2, 5), w, b, 1e-5)).sum()
+            arr[i] = old - 1e-6
+            lo = (g * _np_layer_norm(x, (2, 5), w, b, 1e-5)).sum()
+            arr[i] = old
+            fd[i] = (hi - lo) / 2e-6
+        np.testing.assert_allclose(want, fd, rtol=1e-5, atol=1e-6)
+
+
+def test_layer_norm_torch_and_bad_input(dev):
+    x = np.random.default_rng(2).standard_normal((2, 3, 8)).astype(np.float32)
+    dev.reset_counts()
+    for call, arg in [(lambda: F.layer_norm(x, (3,)), "normalized_shape"),
+                      (lambda: F.layer_norm(x, (8,), np.ones(7, np.float32)), "weight"),
+                      (lambda: F.layer_norm(x, (8,), None, np.ones(8, np.float16)), "bias"),
+                      (lambda: F.layer_norm(x, 8, eps=-1.0), "eps"),
+                      (lambda: F.layer_norm_backward(np.ones((2, 3), np.float32), x, 8), "grad_out")]:
+        with pytest.raises(ValueError, match=arg):
+            call()
+    assert sum(dev.dispatch_counts.values()) == 0
+    torch = pytest.importorskip("torch")
+    w = np.linspace(0.5, 2, 8).astype(np.float32)
+    want = torch.nn.functional.layer_norm(torch.tensor(x), (8,), torch.tensor(w), None, 1e-3)
+    np.testing.assert_allclose(F.layer_norm(pm.tensor(x, dev), 8, w, None, 1e-3).numpy(), want.numpy(),
+                               rtol=1e-5, atol=1e-5)

@@ -584,3 +584,14 @@ def test_multi_tensor_rejects(dev):
         ms.step([[None]])
     with pytest.raises(ValueError, match="gradient lists"):
         ms.step([])
+
+
+def test_torch_spelling_rmsprop():
+    """optim.RMSprop (torch.optim's spelling) is the RMSProp class, with torch's positional order."""
+    from pymetalnn import optim as O
+
+    assert O.RMSprop is O.RMSProp
+    import inspect
+
+    names = list(inspect.signature(O.RMSprop).parameters)[:7]
+    assert names == ["params", "lr", "alpha", "eps", "weight_decay", "momentum", "centered"]

@@ -443,3 +443,19 @@ def test_pool2d_strided_out(dev, kind):
     d = dest.numpy()
     np.testing.assert_array_equal(d[:, c0:c0 + c], want.numpy())
     assert np.isnan(np.delete(d, np.s_[c0:c0 + c], axis=1)).all()
+
+
+@pytest.mark.parametrize("shape,out", [((2, 3, 10), 4), ((3, 7), 7), ((1, 1, 5), 1), ((2, 2, 33), (32,))])
+def test_adaptive_avg_pool1d(dev, shape, out):
+    """adaptive_avg_pool1d (batched and unbatched) against the 2-D reference with H = 1; the
+    gradient against the reference's."""
+    x = _data(shape, np.float32, 4)
+    o = out if isinstance(out, int) else out[0]
+    x4 = x.reshape((-1 if len(shape) == 3 else 1, shape[-2], 1, shape[-1]))
+    want = ref.adaptive_avg_pool2d(x4.astype(np.float64), (1, o)).reshape(shape[:-1] + (o,))
+    y = P.adaptive_avg_pool1d(_t(x, dev), out)
+    np.testing.assert_allclose(y.numpy(), want, rtol=1e-6, atol=1e-6)
+    g = _data(want.shape, np.float32, 5)
+    gx = P.adaptive_avg_pool1d_backward(_t(g, dev), _t(x, dev), out)
+    rg = ref.adaptive_avg_pool2d_backward(g.reshape(x4.shape[:2] + (1, o)).astype(np.float64), x4, (1, o))
+    np.testing.assert_allclose(gx.numpy(), rg.reshape(shape), rtol=1e-6, atol=1e-6)

@@ -68,11 +68,11 @@ def test_backward(dev, log, dtype):
         x64 = x.astype(np.float64)
         if log:
             y = ref.log_softmax(x64, dim).astype(dtype)
-            got = F.log_softmax_backward(pm.tensor(dy, dev), pm.tensor(y, dev), dim)
+            got = F.log_softmax_backward_from_output(pm.tensor(dy, dev), pm.tensor(y, dev), dim)
             want = ref.log_softmax_backward(dy.astype(np.float64), x64, dim)
         else:
             y = ref.softmax(x64, dim).astype(dtype)
-            got = F.softmax_backward(pm.tensor(dy, dev), pm.tensor(y, dev), dim)
+            got = F.softmax_backward_from_output(pm.tensor(dy, dev), pm.tensor(y, dev), dim)
             want = ref.softmax_backward(dy.astype(np.float64), x64, dim)
         assert got.dtype == np.dtype(dtype) and got.shape == shape
         # half: y itself was rounded to half before the kernel saw it
@@ -127,16 +127,18 @@ def test_against_torch(dev):
             yt = (torch.log_softmax if log else torch.softmax)(xt, dim)
             yt.backward(torch.tensor(dy))
             y = (F.log_softmax if log else F.softmax)(pm.tensor(x, dev), dim)
-            dx = (F.log_softmax_backward if log else F.softmax_backward)(pm.tensor(dy, dev), y, dim)
+            dx = (F.log_softmax_backward_from_output if log else F.softmax_backward_from_output)(
+                pm.tensor(dy, dev), y, dim)
+            # the input form (the contract every <op>_backward shares) gives the same gradient
+            dxi = (F.log_softmax_backward if log else F.softmax_backward)(pm.tensor(dy, dev), x, dim)
             np.testing.assert_allclose(y.numpy(), yt.detach().numpy(), rtol=1e-5, atol=1e-5)
             np.testing.assert_allclose(dx.numpy(), xt.grad.numpy(), rtol=1e-4, atol=1e-5)
+            np.testing.assert_allclose(dxi.numpy(), xt.grad.numpy(), rtol=1e-4, atol=1e-5)
 
 
 def test_bad_input(dev):
     x = pm.tensor(np.zeros((2, 3), np.float32), dev)
     dev.reset_counts()
-    with pytest.raises(ValueError, match="input"):
-        F.softmax(pm.tensor(np.zeros((2, 3, 4), np.float32), dev), 1)   # 3-D
     with pytest.raises(ValueError, match="input"):
         F.log_softmax(pm.tensor(np.zeros((2, 3), np.int32), dev), 1)
     with pytest.raises(ValueError, match="dim"):
@@ -149,9 +151,36 @@ def test_bad_input(dev):
         F.softmax_backward(pm.tensor(np.zeros((3, 2), np.float32), dev), x, 1)
     with pytest.raises(ValueError, match="grad_out"):
         F.log_softmax_backward(pm.tensor(np.zeros((2, 3), np.float16), dev), x, 1)
-    with pytest.raises(ValueError, match="output"):
+    with pytest.raises(ValueError, match="input"):
         F.softmax_backward(x, None, 1)
+    with pytest.raises(ValueError, match="output"):
+        F.softmax_backward_from_output(x, None, 1)
+    with pytest.raises(ValueError, match="grad_out"):
+        F.softmax_backward_from_output(pm.tensor(np.zeros((3, 2), np.float32), dev), x, 1)
     assert sum(dev.dispatch_counts.values()) == 0
+
+
+@pytest.mark.parametrize("log", [False, True])
+def test_any_rank_and_input_form_backward(dev, log):
+    """Ranks 0, 1, 3, 5 and negative dims, with torch's implicit dim for dim=None; the input-form
+    backward against the float64 reference."""
+    fn, rf = (F.log_softmax, ref.log_softmax) if log else (F.softmax, ref.softmax)
+    bw, rb = (F.log_softmax_backward, ref.log_softmax_backward) if log else \
+        (F.softmax_backward, ref.softmax_backward)
+    cases = [((), None, 0), ((7,), None, 0), ((1,), 0, 0), ((3, 33, 5), None, 0), ((3, 33, 5), -1, 2),
+             ((2, 1, 3, 31, 2), 3, 3), ((2, 3, 4, 5, 2), -4, 1), ((5, 4), None, 1)]
+    for k, (shape, dim, d_ref) in enumerate(cases):
+        x = _data(shape, np.float32, 300 + k)
+        dy = _data(shape, np.float32, 400 + k, scale=1.0)
+        x64 = x.astype(np.float64).reshape(shape or (1,))
+        y = fn(pm.tensor(x, dev), dim)
+        assert y.shape == shape
+        np.testing.assert_allclose(y.numpy().reshape(shape or (1,)), rf(x64, d_ref), rtol=1e-5,
+                                   atol=1e-6, err_msg=f"{shape} {dim}")
+        g = bw(pm.tensor(dy, dev), pm.tensor(x, dev), dim)
+        np.testing.assert_allclose(g.numpy().reshape(shape or (1,)),
+                                   rb(dy.astype(np.float64).reshape(shape or (1,)), x64, d_ref),
+                                   rtol=1e-4, atol=1e-6, err_msg=f"{shape} {dim}")
 
 
 def test_tile_plans_cover_all_shapes():

@@ -20,7 +20,9 @@ from .datasource import (
     ConvolutionDataSource,
     ConvolutionTransposeDataSource,
     DataSource,
+    EmbeddingDataSource,
     FullyConnectedDataSource,
+    LayerNormDataSource,
     NormalizationDataSource,
     RecurrentDataSource,
     init_array,
@@ -40,6 +42,7 @@ from .nodes import (
     DivisionNode,
     DropoutNode,
     ELUNode,
+    EmbeddingNode,
     FilterNode,
     FlattenNode,
     FullyConnectedNode,
@@ -56,6 +59,7 @@ from .nodes import (
     InstanceNormalizationNode,
     KLDivergenceLossNode,
     LabelsNode,
+    LayerNormalizationNode,
     LeakyReLUNode,
     LinearNeuronNode,
     LogLossNode,
@@ -67,11 +71,13 @@ from .nodes import (
     MeanSquaredErrorLossNode,
     MultiplicationNode,
     NeuronNode,
+    PermuteNode,
     PoolingAverageNode,
     PoolingMaxNode,
     ReLUNode,
     ReshapeNode,
     RNNNode,
+    SelectNode,
     SigmoidCrossEntropyLossNode,
     SigmoidNode,
     SoftMaxNode,
@@ -81,11 +87,12 @@ from .nodes import (
     TanhNode,
     TensorNode,
     Value,
+    YoloLossNode,
 )
 from .padding import FULL, SAME, VALID, Padding
-from .nodes.detection import YoloLossNode
 from . import build, capture, io, memory, nodes, optimize, run, train, updates  # noqa: E402
 from .io import load_graph, save_graph, torch_state_dict
+from .from_torch import from_torch
 from .train import History, NonFiniteLossError, Progress, accuracy, fit
 
 __all__ = [name for name in dir() if not name.startswith("_") and name not in ("annotations",)]

@@ -348,6 +348,53 @@ class NormalizationDataSource(DataSource):
         return names
 
 
+class LayerNormDataSource(DataSource):
+    """Weights of a layer norm: 'weight' and 'bias' shaped normalized_shape
+    (torch.nn.LayerNorm(elementwise_affine=True)); ones and zeros unless given."""
+
+    kind = "layer_norm"
+
+    def __init__(self, normalized_shape: Any, *, eps: float = 1e-5, elementwise_affine: bool = True,
+                 bias: bool = True, weight: Any = None, beta: Any = None, optimizer: Any = None,
+                 device: Device | None = None, label: str | None = None):
+        super().__init__(optimizer=optimizer, device=device, label=label)
+        ns = (normalized_shape,) if isinstance(normalized_shape, (int, np.integer)) else normalized_shape
+        self.normalized_shape = tuple(int(v) for v in ns)
+        self.eps = float(eps)
+        if elementwise_affine:
+            self._host["weight"] = (np.ones(self.normalized_shape, np.float32) if weight is None
+                                    else np.asarray(weight, np.float32).reshape(self.normalized_shape))
+            if bias:
+                self._host["bias"] = (np.zeros(self.normalized_shape, np.float32) if beta is None
+                                      else np.asarray(beta, np.float32).reshape(self.normalized_shape))
+        self.trainable = list(self._host)
+
+
+class EmbeddingDataSource(DataSource):
+    """The table of an embedding: 'weight' (num_embeddings, embedding_dim) (torch.nn.Embedding;
+    N(0, 1) initial values as torch's, or the array given)."""
+
+    kind = "embedding"
+
+    def __init__(self, num_embeddings: int, embedding_dim: int, *, padding_idx: int | None = None,
+                 weight: Any = None, seed: Any = None, optimizer: Any = None,
+                 device: Device | None = None, label: str | None = None):
+        super().__init__(optimizer=optimizer, device=device, label=label)
+        self.num_embeddings, self.embedding_dim = int(num_embeddings), int(embedding_dim)
+        self.padding_idx = padding_idx
+        shape = (self.num_embeddings, self.embedding_dim)
+        if weight is None:
+            w = _rng(seed).standard_normal(shape).astype(np.float32)
+            if padding_idx is not None:
+                w[padding_idx] = 0.0
+        else:
+            w = np.asarray(weight, np.float32)
+            if w.shape != shape:
+                raise ValueError(f"weight: expected shape {shape}, got {w.shape}")
+        self._host["weight"] = w
+        self.trainable = ["weight"]
+
+
 class RecurrentDataSource(DataSource):
     """Weights of an LSTM / GRU / RNN stack, torch.nn.LSTM's names and layouts
     (weight_ih_l{k}[_reverse] (G*H, F_k), weight_hh_l{k} (G*H, H), bias_ih_l{k}, bias_hh_l{k})."""

@@ -135,6 +135,16 @@ class Graph(GraphBuilder, GraphRunner):
         return prog.report
 
     def state_dict(self) -> dict[str, np.ndarray]:
+        """The model's parameters and buffers only, keyed `<node>.<param>` with PyTorch's names:
+        what torch.nn.Module.load_state_dict takes for a module named like the nodes (no
+        optimizer or step keys; those are in training_state_dict)."""
+        from .io import graph_state_dict
+
+        return graph_state_dict(self, optimizer=False, steps=False)
+
+    def training_state_dict(self) -> dict[str, np.ndarray]:
+        """state_dict plus the optimizer states (`<node>.optim.<key>`) and the step count: what
+        save() writes and load_state_dict restores to continue training."""
         from .io import graph_state_dict
 
         return graph_state_dict(self)

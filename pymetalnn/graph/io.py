@@ -40,10 +40,11 @@ def named_sources(g: Any) -> dict[str, DataSource]:
     return out
 
 
-def graph_state_dict(g: Any, optimizer: bool = True) -> dict[str, np.ndarray]:
-    """Host copies: parameters (and buffers) of every data source, and optimizer states."""
+def graph_state_dict(g: Any, optimizer: bool = True, steps: bool = True) -> dict[str, np.ndarray]:
+    """Host copies: parameters (and buffers) of every data source, and optimizer states and
+    the step count unless turned off."""
     g.synchronize()
-    d: dict[str, np.ndarray] = {STEPS: np.array(g.step_count, np.int64)}
+    d: dict[str, np.ndarray] = {STEPS: np.array(g.step_count, np.int64)} if steps else {}
     for name, ds in named_sources(g).items():
         for k, v in ds.state_dict().items():
             d[f"{name}.{k}"] = v

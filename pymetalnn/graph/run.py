@@ -179,6 +179,7 @@ class GraphRunner:
         self._cbq: queue.Queue | None = None
         self._steps_encoded = 0
         self._update_groups: list[UpdateGroup] | None = None
+        self._grad_store: dict[Any, list[Tensor]] | None = None  # keep_gradients: ds -> copies
         self._last: Handle | None = None
         self._encode_lock = threading.Lock()
 
@@ -490,17 +491,54 @@ class GraphRunner:
                 acc = F.add(acc, t)
             return [acc]
         if st.kind == "update" and st.group is not None:
+            if self._grad_store is not None:
+                for ds, (a, b) in zip(st.group.members, st.group.bounds):
+                    self._keep_grads(ds, ins[a:b])
             st.group.run(self, rc, ins)
             return []
         if st.kind == "update":
             assert isinstance(n, UpdateNode)
             ds = n.forward.weights
             assert ds is not None
+            if self._grad_store is not None:
+                self._keep_grads(ds, ins)
             rc.acquire_dict(ds)
             ds.update(list(ins))
             self._count("update", ds)
             return []
         raise AssertionError(st.kind)
+
+    # ---- readable weight gradients ----------------------------------------------------------------
+    def keep_gradients(self, on: bool = True) -> None:
+        """Keep a copy of every weight gradient of each training step (one queued copy per
+        gradient, into buffers of its own outside the memory plan, made at the first step), so
+        gradients() can read them; grouped updates and captured replays stay as they are."""
+        self._grad_store = {} if on else None
+
+    def gradients(self) -> dict[str, np.ndarray]:
+        """The weight gradients of the last training step, keyed like state_dict
+        (`<node>.<param>`, trainable parameters only); needs keep_gradients() before the step."""
+        if self._grad_store is None:
+            raise GraphError(None, "gradients: call keep_gradients() before the training steps")
+        from .io import named_sources
+
+        self.synchronize()
+        out: dict[str, np.ndarray] = {}
+        for name, ds in named_sources(self).items():
+            for k, t in zip(ds.trainable, self._grad_store.get(ds, [])):
+                out[f"{name}.{k}"] = t.numpy().copy()
+        return out
+
+    def _keep_grads(self, ds: Any, grads: list[Any]) -> None:
+        from ..ops.copy import _block
+        from ..tensor import tensor
+
+        store = self._grad_store.get(ds)
+        if store is None:  # host-made buffers: not served by the allocation hook
+            store = self._grad_store[ds] = [tensor(np.zeros(g.shape, g.dtype), g.device) for g in grads]
+        for g, t in zip(grads, store):
+            if g is not None and g.size:
+                _block(g, t, 1, g.size, g.size, g.size, 0, 0)
 
     def _after_step(self, st: Step, rc: RunContext) -> None:
         if not self.low_memory:

@@ -131,6 +131,8 @@ def positive_ints(v: Any, n: int, name: str, allow_zero: bool = False) -> tuple[
         vals = (v,) * n if isinstance(v, (int, np.integer)) else tuple(v)
     except TypeError:
         raise ValueError(f"{name}: expected an int or {n} ints, got {v!r}") from None
+    if len(vals) == 1 and n > 1:  # torch's (k,) for every dimension
+        vals = vals * n
     if len(vals) != n or not all(isinstance(a, (int, np.integer)) for a in vals):
         raise ValueError(f"{name}: expected an int or {n} ints, got {v!r}")
     if any(a < lo for a in vals):

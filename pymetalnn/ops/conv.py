@@ -36,6 +36,7 @@ from . import conv_winograd as wino
 from ._common import (
     FLOATS,
     MAX_GROUPS,
+    as_tensor,
     cdiv,
     dummy,
     kernel,
@@ -48,7 +49,7 @@ from ._common import (
     suffix,
     tensor_arg,
 )
-from .neuron import activation_backward, activation_code
+from .neuron import activation_backward_from_output, activation_code
 
 SOURCE = "conv.metal"
 THREADS = CONST["CONV_THREADS"]
@@ -538,10 +539,22 @@ def _bias_grad(dev: Device, dy: Tensor) -> Tensor:
 
 # ---- public ops ---------------------------------------------------------------------------------
 
-def conv2d(x: TensorLike, w: TensorLike, b: TensorLike | None = None, stride: Any = 1,
-           padding: Padding = 0, dilation: Any = 1, groups: int = 1, accumulate: str | None = None,
-           activation: Any = None, out: Tensor | None = None, out_batch_stride: int | None = None
-           ) -> Tensor:
+def _batched(x: Any, nd: int, *others: Any) -> tuple[Any, bool]:
+    """torch's unbatched inputs ((C, H, W) for 2-D ops, (C, L) for 1-D): x with a batch of one
+    added, and whether it was added (the result then drops it)."""
+    if (x.ndim if isinstance(x, Tensor) else np.ndim(x)) != nd - 1:
+        return x, False
+    t = as_tensor(x, pick_device(x, *others), "input")
+    return t.reshape((1,) + t.shape), True
+
+
+def _unbatched(t: Any, unb: bool) -> Any:
+    return t.reshape(t.shape[1:]) if unb and t is not None else t
+
+
+def conv2d(input: Any, weight: Any, bias: Any = None, stride: Any = 1, padding: Padding = 0,
+           dilation: Any = 1, groups: int = 1, accumulate: str | None = None, activation: Any = None,
+           out: Any = None, out_batch_stride: int | None = None) -> Tensor:
     """2-D convolution (cross-correlation, as torch.nn.functional.conv2d), NCHW.
 
         y[n, k, oh, ow] = b[k] + sum_{c < C/G, r < KH, s < KW}
@@ -557,22 +570,24 @@ def conv2d(x: TensorLike, w: TensorLike, b: TensorLike | None = None, stride: An
     activation: None, "relu", "leaky_relu", "sigmoid", "tanh" or (name, params), e.g.
     ("leaky_relu", {"negative_slope": 0.2}): y = act(conv + b) in the same kernel (one dispatch;
     see pymetalnn.ops.neuron.activation_code). Its gradient: conv2d_backward(..., activation=,
-    y=) or neuron.activation_backward(grad_out, y, activation) then conv2d_backward.
+    y=) or neuron.activation_backward_from_output(grad_out, y, activation) then conv2d_backward.
     out=: write y there instead of a new tensor, `out_batch_stride` elements between images
     (None: contiguous), e.g. a BufferView-backed tensor at channel c0 of a larger (N, K', OH, OW)
     tensor with out_batch_stride = K' * OH * OW (a channel slice of a concatenation: the graph's
     concat elimination); the elements between the images are left untouched. The returned tensor
     is out's buffer with shape (N, K, OH, OW) (its images are out_batch_stride apart).
     """
+    x, w, b = input, weight, bias
+    x, unb = _batched(x, 4, w, b)
     act = activation_code(activation)
     dev, x, w, b, geo, prec = _conv_args(x, w, b, stride, padding, dilation, groups, accumulate)
-    return _forward(dev, prec, geo, x, w, b, x.dtype, act, out, out_batch_stride)
+    return _unbatched(_forward(dev, prec, geo, x, w, b, x.dtype, act, out, out_batch_stride), unb)
 
 
-def conv2d_backward(grad_out: TensorLike, x: TensorLike, w: TensorLike, b: TensorLike | None = None,
-                    stride: Any = 1, padding: Padding = 0, dilation: Any = 1, groups: int = 1,
-                    accumulate: str | None = None, activation: Any = None,
-                    y: TensorLike | None = None) -> tuple[Tensor, Tensor, Tensor | None]:
+def conv2d_backward(grad_out: Any, input: Any, weight: Any, bias: Any = None, stride: Any = 1,
+                    padding: Padding = 0, dilation: Any = 1, groups: int = 1,
+                    accumulate: str | None = None, activation: Any = None, y: Any = None
+                    ) -> tuple[Tensor, Tensor, Tensor | None]:
     """Gradients of conv2d: (dL/dx, dL/dw, dL/db or None when b is None), given dL/dy.
 
         dx[n, c, h, w]  = sum_{k in c's group, r, s: h = oh*sh - pt + r*dh, w = ow*sw - pl + s*dw}
@@ -582,18 +597,23 @@ def conv2d_backward(grad_out: TensorLike, x: TensorLike, w: TensorLike, b: Tenso
 
     Each is its own kernel (dw and db as split reductions over n, oh, ow: any batch size).
     activation (with y, the output of conv2d(..., activation=)): grad_out is first taken through
-    the activation from y (neuron.activation_backward, one element-wise kernel).
+    the activation from y (neuron.activation_backward_from_output, one element-wise kernel).
     """
+    x, w, b = input, weight, bias
+    x, unb = _batched(x, 4, w, b)
+    if unb:
+        grad_out, _ = _batched(grad_out, 4, x)
+        y = _batched(y, 4, x)[0] if y is not None else None
     if activation is not None:
         if y is None:
             raise ValueError("y: activation= needs y, the output of the fused conv2d")
-        grad_out = activation_backward(grad_out, y, activation)
+        grad_out = activation_backward_from_output(grad_out, y, activation)
     dev, x, w, b, geo, prec = _conv_args(x, w, b, stride, padding, dilation, groups, accumulate)
     gy = _grad_arg(grad_out, dev, x, (geo.N, geo.K, geo.OH, geo.OW))
     gx = _input_grad(dev, prec, geo, gy, w, None, x.dtype)
     gw = _weight_grad(dev, prec, geo, gy, x, x.dtype)
     gb = _bias_grad(dev, gy) if b is not None else None
-    return gx, gw, gb
+    return _unbatched(gx, unb), gw, gb
 
 
 def conv2d_weight_grad(grad_out: TensorLike, x: TensorLike, w: TensorLike,
@@ -631,32 +651,37 @@ def _conv1d_args(x: TensorLike, w: TensorLike, stride: Any, padding: Padding, di
             w.reshape(w.shape[0], w.shape[1], 1, w.shape[2]), (1, st[0]), pad2, (1, dil[0]))
 
 
-def conv1d(x: TensorLike, w: TensorLike, b: TensorLike | None = None, stride: Any = 1,
-           padding: Padding = 0, dilation: Any = 1, groups: int = 1, accumulate: str | None = None
-           ) -> Tensor:
+def conv1d(input: Any, weight: Any, bias: Any = None, stride: Any = 1, padding: Padding = 0,
+           dilation: Any = 1, groups: int = 1, accumulate: str | None = None) -> Tensor:
     """1-D convolution, x (N, C, L), w (K, C/groups, KL) -> (N, K, OL):
 
         y[n, k, o] = b[k] + sum_{c, s} x[n, g*C/G + c, o*stride - pl + s*dilation] * w[k, c, s]
 
     padding: int, (left, right), "valid" or "same" (extra on the right). The conv2d kernels with H = 1.
     """
+    x, w, b = input, weight, bias
+    x, unb = _batched(x, 3, w, b)
     dev = pick_device(x, w, b)
     x4, w4, st, pad, dil = _conv1d_args(x, w, stride, padding, dilation, dev)
     y = conv2d(x4, w4, b, st, pad, dil, groups, accumulate)
-    return y.reshape(y.shape[0], y.shape[1], y.shape[3])
+    return _unbatched(y.reshape(y.shape[0], y.shape[1], y.shape[3]), unb)
 
 
-def conv1d_backward(grad_out: TensorLike, x: TensorLike, w: TensorLike, b: TensorLike | None = None,
-                    stride: Any = 1, padding: Padding = 0, dilation: Any = 1, groups: int = 1,
+def conv1d_backward(grad_out: Any, input: Any, weight: Any, bias: Any = None, stride: Any = 1,
+                    padding: Padding = 0, dilation: Any = 1, groups: int = 1,
                     accumulate: str | None = None) -> tuple[Tensor, Tensor, Tensor | None]:
     """Gradients of conv1d: (dL/dx, dL/dw, dL/db or None), the conv2d_backward kernels with H = 1."""
+    x, w, b = input, weight, bias
+    x, unb = _batched(x, 3, w, b)
+    if unb:
+        grad_out, _ = _batched(grad_out, 3, x)
     dev = pick_device(grad_out, x, w, b)
     x4, w4, st, pad, dil = _conv1d_args(x, w, stride, padding, dilation, dev)
     gy = tensor_arg(grad_out, dev, "grad_out", FLOATS, 3)
     gy4 = gy.reshape(gy.shape[0], gy.shape[1], 1, gy.shape[2])
     gx, gw, gb = conv2d_backward(gy4, x4, w4, b, st, pad, dil, groups, accumulate)
-    return gx.reshape(x4.shape[0], x4.shape[1], x4.shape[3]), gw.reshape(w4.shape[0], w4.shape[1],
-                                                                        w4.shape[3]), gb
+    return _unbatched(gx.reshape(x4.shape[0], x4.shape[1], x4.shape[3]), unb), \
+        gw.reshape(w4.shape[0], w4.shape[1], w4.shape[3]), gb
 
 
 def _transpose_args(x: TensorLike, w: TensorLike, b: TensorLike | None, stride: Any, padding: Any,
@@ -698,8 +723,8 @@ def _transpose_args(x: TensorLike, w: TensorLike, b: TensorLike | None, stride: 
     return dev, x, w, b, geo, _precision(x.dtype, accumulate)
 
 
-def conv_transpose2d(x: TensorLike, w: TensorLike, b: TensorLike | None = None, stride: Any = 1,
-                     padding: Any = 0, output_padding: Any = 0, dilation: Any = 1, groups: int = 1,
+def conv_transpose2d(input: Any, weight: Any, bias: Any = None, stride: Any = 1, padding: Any = 0,
+                     output_padding: Any = 0, groups: int = 1, dilation: Any = 1,
                      accumulate: str | None = None) -> Tensor:
     """Transposed 2-D convolution (torch.nn.functional.conv_transpose2d), NCHW: the input gradient
     of conv2d. x (N, C_in, H, W), w (C_in, C_out/groups, KH, KW), b (C_out,) or None:
@@ -708,17 +733,19 @@ def conv_transpose2d(x: TensorLike, w: TensorLike, b: TensorLike | None = None, 
 
     summed over ci in group g, (i, j) and (r, s), plus b; output
     OH = (H-1)*sh - 2*ph + dh*(KH-1) + output_padding_h + 1 (output_padding < stride or < dilation).
-    Runs the conv input-gradient kernel. accumulate as in conv2d.
+    Runs the conv input-gradient kernel. accumulate as in conv2d. Positional order is torch's:
+    (..., output_padding, groups, dilation), unlike conv2d's (..., dilation, groups).
     """
+    x, w, b = input, weight, bias
+    x, unb = _batched(x, 4, w, b)
     dev, x, w, b, geo, prec = _transpose_args(x, w, b, stride, padding, output_padding, dilation,
                                               groups, accumulate)
-    return _input_grad(dev, prec, geo, x, w, b, x.dtype)
+    return _unbatched(_input_grad(dev, prec, geo, x, w, b, x.dtype), unb)
 
 
-def conv_transpose2d_backward(grad_out: TensorLike, x: TensorLike, w: TensorLike,
-                              b: TensorLike | None = None, stride: Any = 1, padding: Any = 0,
-                              output_padding: Any = 0, dilation: Any = 1, groups: int = 1,
-                              accumulate: str | None = None
+def conv_transpose2d_backward(grad_out: Any, input: Any, weight: Any, bias: Any = None, stride: Any = 1,
+                              padding: Any = 0, output_padding: Any = 0, groups: int = 1,
+                              dilation: Any = 1, accumulate: str | None = None
                               ) -> tuple[Tensor, Tensor, Tensor | None]:
     """Gradients of conv_transpose2d: (dL/dx, dL/dw, dL/db or None), given dL/dy.
 
@@ -729,10 +756,63 @@ def conv_transpose2d_backward(grad_out: TensorLike, x: TensorLike, w: TensorLike
     dx is conv2d(dy, w) (the forward kernel); dw is conv2d's weight gradient with x in the role of
     dy and dy in the role of the input.
     """
+    x, w, b = input, weight, bias
+    x, unb = _batched(x, 4, w, b)
+    if unb:
+        grad_out, _ = _batched(grad_out, 4, x)
     dev, x, w, b, geo, prec = _transpose_args(x, w, b, stride, padding, output_padding, dilation,
                                               groups, accumulate)
     gy = _grad_arg(grad_out, dev, x, (geo.N, geo.C, geo.H, geo.W))
     gx = _forward(dev, prec, geo, gy, w, None, x.dtype)
     gw = _weight_grad(dev, prec, geo, x, gy, x.dtype)
     gb = _bias_grad(dev, gy) if b is not None else None
-    return gx, gw, gb
+    return _unbatched(gx, unb), gw, gb
+
+
+def _transpose1d_args(x: Any, w: Any, stride: Any, padding: Any, output_padding: Any,
+                      dilation: Any, dev: Device) -> tuple[Tensor, Tensor, tuple, tuple, tuple, tuple]:
+    x = tensor_arg(x, dev, "input", FLOATS, 3)
+    w = tensor_arg(w, dev, "weight", FLOATS, 3)
+    one = [positive_ints(v, 1, n, allow_zero=z)[0] for v, n, z in (
+        (stride, "stride", False), (padding, "padding", True), (output_padding, "output_padding", True),
+        (dilation, "dilation", False))]
+    return (x.reshape(x.shape[0], x.shape[1], 1, x.shape[2]),
+            w.reshape(w.shape[0], w.shape[1], 1, w.shape[2]),
+            (1, one[0]), (0, one[1]), (0, one[2]), (1, one[3]))
+
+
+def conv_transpose1d(input: Any, weight: Any, bias: Any = None, stride: Any = 1, padding: Any = 0,
+                     output_padding: Any = 0, groups: int = 1, dilation: Any = 1,
+                     accumulate: str | None = None) -> Tensor:
+    """Transposed 1-D convolution (torch.nn.functional.conv_transpose1d): x (N, C_in, L) or
+    (C_in, L), w (C_in, C_out/groups, K), b (C_out,) or None ->
+    (N, C_out, (L-1)*s - 2*p + d*(K-1) + output_padding + 1):
+
+        y[n, g*Cog + o, i*s - p + r*d] += x[n, ci, i] * w[ci, o, r]
+
+    conv_transpose2d's kernels with H = 1; torch's positional order."""
+    x, unb = _batched(input, 3, weight, bias)
+    dev = pick_device(x, weight, bias)
+    x4, w4, st, pad, opad, dil = _transpose1d_args(x, weight, stride, padding, output_padding,
+                                                   dilation, dev)
+    y = conv_transpose2d(x4, w4, bias, st, pad, opad, groups, dil, accumulate)
+    return _unbatched(y.reshape(y.shape[0], y.shape[1], y.shape[3]), unb)
+
+
+def conv_transpose1d_backward(grad_out: Any, input: Any, weight: Any, bias: Any = None,
+                              stride: Any = 1, padding: Any = 0, output_padding: Any = 0,
+                              groups: int = 1, dilation: Any = 1, accumulate: str | None = None
+                              ) -> tuple[Tensor, Tensor, Tensor | None]:
+    """Gradients of conv_transpose1d: (dL/dx, dL/dw, dL/db or None), conv_transpose2d_backward
+    with H = 1."""
+    x, unb = _batched(input, 3, weight, bias)
+    if unb:
+        grad_out, _ = _batched(grad_out, 3, x)
+    dev = pick_device(grad_out, x, weight, bias)
+    x4, w4, st, pad, opad, dil = _transpose1d_args(x, weight, stride, padding, output_padding,
+                                                   dilation, dev)
+    gy = tensor_arg(grad_out, dev, "grad_out", FLOATS, 3)
+    gx, gw, gb = conv_transpose2d_backward(gy.reshape(gy.shape[0], gy.shape[1], 1, gy.shape[2]), x4,
+                                           w4, bias, st, pad, opad, groups, dil, accumulate)
+    return (_unbatched(gx.reshape(x4.shape[0], x4.shape[1], x4.shape[3]), unb),
+            gw.reshape(w4.shape[0], w4.shape[1], w4.shape[3]), gb)

@@ -90,10 +90,10 @@ def _check(x: TensorLike, dev: Device, name: str, p: Any, seed: Any, offset: Any
     return t, _p(p), _u64(seed, "seed"), _u64(offset, "offset")
 
 
-def dropout(x: TensorLike, p: float = 0.5, seed: int = 0, offset: int = 0, training: bool = True
-            ) -> Tensor:
+def dropout(input: Any, p: float = 0.5, seed: int = 0, offset: int = 0, training: bool = True) -> Tensor:
     """Zero each element with probability p, scale the rest by 1 / (1 - p); identity (a copy)
     when not training."""
+    x = input
     x, p, seed, offset = _check(x, pick_device(x), "x", p, seed, offset, False)
     return _run("dropout_fwd", x, p, seed, offset, None) if training else copy(x)
 
@@ -106,10 +106,10 @@ def dropout_backward(grad_out: TensorLike, p: float = 0.5, seed: int = 0, offset
     return _run("dropout_bwd", g, p, seed, offset, None) if training else copy(g)
 
 
-def dropout2d(x: TensorLike, p: float = 0.5, seed: int = 0, offset: int = 0, training: bool = True
-              ) -> Tensor:
+def dropout2d(input: Any, p: float = 0.5, seed: int = 0, offset: int = 0, training: bool = True) -> Tensor:
     """Spatial dropout of x (N, C, H, W): zero whole channels with probability p (one draw per
     (n, c)), scale the rest by 1 / (1 - p)."""
+    x = input
     x, p, seed, offset = _check(x, pick_device(x), "x", p, seed, offset, True)
     inner = x.shape[2] * x.shape[3]
     return _run("dropout2d_fwd", x, p, seed, offset, inner) if training else copy(x)

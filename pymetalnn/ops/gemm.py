@@ -24,7 +24,7 @@ import numpy as np
 
 from ..params import CONST, GemmParams, LinearBiasGradParams
 from ..runtime import Device
-from ..tensor import Tensor, TensorLike, float16, float32
+from ..tensor import Tensor, TensorLike, float16, float32, tensor
 from ._common import (
     fits_threadgroup_memory,
     kernel,
@@ -37,7 +37,7 @@ from ._common import (
     tensor_arg,
     vec4_aligned,
 )
-from .neuron import activation_backward, activation_code
+from .neuron import activation_backward_from_output, activation_code
 
 SOURCE = "gemm.metal"
 THREADS = CONST["GEMM_THREADS"]  # every kernel of gemm.metal
@@ -340,8 +340,8 @@ def _launches(dev: Device, a: Tensor, b: Tensor, out: Tensor, m: int, n: int, k:
              (out.buffer, bias_buf, work, p))]
 
 
-def matmul(a: TensorLike, b: TensorLike, transpose_a: bool = False, transpose_b: bool = False,
-           accumulate: str | None = None, activation: Any = None) -> Tensor:
+def _matmul3(a: Any, b: Any, transpose_a: bool = False, transpose_b: bool = False,
+             accumulate: str | None = None, activation: Any = None) -> Tensor:
     """op(a) @ op(b), op(x) = x or x^T (of the last two dimensions).
 
     a: (M, K) or (batch, M, K) -- (K, M) / (batch, K, M) with transpose_a; b: (K, N) or
@@ -364,9 +364,9 @@ def matmul(a: TensorLike, b: TensorLike, transpose_a: bool = False, transpose_b:
                 activation=activation)
 
 
-def matmul_backward(grad_out: TensorLike, a: TensorLike, b: TensorLike, transpose_a: bool = False,
-                    transpose_b: bool = False, accumulate: str | None = None
-                    ) -> tuple[Tensor, Tensor]:
+def _matmul3_backward(grad_out: Any, a: Any, b: Any, transpose_a: bool = False,
+                      transpose_b: bool = False, accumulate: str | None = None
+                      ) -> tuple[Tensor, Tensor]:
     """Gradients (grad_a, grad_b) of C = op(a) @ op(b) given G = dL/dC, each shaped as its input:
 
     dL/dop(a) = G op(b)^T,  dL/dop(b) = op(a)^T G, transposed back where op transposes; a 2-D
@@ -407,8 +407,126 @@ def matmul_backward(grad_out: TensorLike, a: TensorLike, b: TensorLike, transpos
     return ga, gb
 
 
-def _linear_args(x: TensorLike, w: TensorLike, b: TensorLike | None, dev: Device
-                 ) -> tuple[Tensor, Tensor, Tensor | None]:
+class _MatmulPlan:
+    """torch.matmul's shape rules around the 2-/3-D kernels: a 1-D operand gains a dimension
+    (dropped from the result), batch dimensions broadcast; an operand whose batch is all ones is
+    shared (stride 0, 2-D), one whose batch already is the broadcast batch is flattened to 3-D,
+    any other is expanded by a broadcasting add (and its gradient summed back)."""
+
+    def __init__(self, a: Tensor, b: Tensor, ta: bool, tb: bool):
+        from .arith import broadcast_shapes
+
+        if a.ndim == 0 or b.ndim == 0:
+            raise ValueError(f"{'input' if a.ndim == 0 else 'other'}: matmul needs at least 1 "
+                             "dimension")
+        if (a.ndim == 1 and ta) or (b.ndim == 1 and tb):
+            raise ValueError("transpose_a/transpose_b: a 1-D operand has nothing to transpose")
+        self.a_shape, self.b_shape = a.shape, b.shape
+        self.a2 = a.shape if a.ndim > 1 else (1, a.shape[0])
+        self.b2 = b.shape if b.ndim > 1 else (b.shape[0], 1)
+        ka = self.a2[-2] if ta else self.a2[-1]
+        kb = self.b2[-1] if tb else self.b2[-2]
+        if ka != kb:
+            raise ValueError(f"other: inner dimension {kb} does not match input's {ka} "
+                             f"(shapes {a.shape} and {b.shape})")
+        try:
+            self.batch = broadcast_shapes(self.a2[:-2], self.b2[:-2], "input, other")
+        except ValueError:
+            raise ValueError(f"other: batch dimensions {self.b2[:-2]} do not broadcast with input's "
+                             f"{self.a2[:-2]}") from None
+        self.m = self.a2[-1] if ta else self.a2[-2]
+        self.n = self.b2[-2] if tb else self.b2[-1]
+        out = self.batch + (self.m, self.n)
+        if a.ndim == 1:
+            out = out[:-2] + out[-1:]
+        if b.ndim == 1:
+            out = out[:-1]
+        self.out_shape = out
+
+    def operand(self, t: Tensor, shape2: tuple[int, ...]) -> tuple[Tensor, str]:
+        """t as the kernels take it, and how: 'shared' (2-D), 'flat' (3-D) or 'expanded'."""
+        from .arith import add
+
+        mat, bat = shape2[-2:], shape2[:-2]
+        nb = math.prod(self.batch)
+        if math.prod(bat) == 1:
+            return t.reshape(mat), "shared"
+        if bat == self.batch:
+            return t.reshape((nb,) + mat), "flat"
+        # the zeros come from the host, not an allocation (a graph's planned buffers are unfilled)
+        z = tensor(np.zeros(self.batch + mat, t.dtype), t.device)
+        return add(t.reshape(shape2), z).reshape((nb,) + mat), "expanded"
+
+    def result(self, y: Tensor) -> Tensor:
+        return y.reshape(self.out_shape)
+
+    def grad(self, g: Tensor, how: str, shape2: tuple[int, ...], orig: tuple[int, ...]) -> Tensor:
+        """An operand's gradient from the kernels' back to its own shape."""
+        from .arith import sum as _sum
+
+        if how == "expanded":
+            bat = (1,) * (len(self.batch) - (len(shape2) - 2)) + shape2[:-2]
+            dims = tuple(i for i, (s, t) in enumerate(zip(bat, self.batch)) if s == 1 and t != 1)
+            g = _sum(g.reshape(self.batch + shape2[-2:]), dims, keepdim=True)
+        return g.reshape(orig)
+
+
+def matmul(input: Any, other: Any, transpose_a: bool = False, transpose_b: bool = False,
+           accumulate: str | None = None, activation: Any = None) -> Tensor:
+    """torch.matmul(input, other) with op(x) = x or x^T (of the last two dimensions):
+
+        out[..., m, n] = sum_k op(input)[..., m, k] op(other)[..., k, n]
+
+    1-D operands as torch (a vector is a row on the left, a column on the right, its dimension
+    dropped from the result; 1-D @ 1-D is a 0-d dot product), leading (batch) dimensions
+    broadcast. A 2-D operand (or one whose batch is all ones) is shared by every batch entry
+    without a copy. activation: as gemm's (fused epilogue).
+    """
+    dev = pick_device(input, other)
+    a = tensor_arg(input, dev, "input", (float32, float16))
+    b = tensor_arg(other, dev, "other", (float32, float16))
+    if a.ndim in (2, 3) and b.ndim in (2, 3) and (a.ndim == 2 or b.ndim == 2 or a.shape[0] == b.shape[0]):
+        return _matmul3(a, b, transpose_a, transpose_b, accumulate, activation)
+    if b.dtype != a.dtype:
+        raise ValueError(f"other: dtype {b.dtype} does not match input's {a.dtype}")
+    plan = _MatmulPlan(a, b, transpose_a, transpose_b)
+    a3, _ = plan.operand(a, plan.a2)
+    b3, _ = plan.operand(b, plan.b2)
+    y = _matmul3(a3, b3, transpose_a, transpose_b, accumulate, activation)
+    return plan.result(y)
+
+
+def matmul_backward(grad_out: Any, input: Any, other: Any, transpose_a: bool = False,
+                    transpose_b: bool = False, accumulate: str | None = None
+                    ) -> tuple[Tensor, Tensor]:
+    """Gradients (grad_input, grad_other) of C = matmul(input, other) given G = dL/dC, each
+    shaped as its operand:
+
+        dL/dop(a) = G op(b)^T,  dL/dop(b) = op(a)^T G,
+
+    transposed back where op transposes; summed over the batch entries an operand was broadcast
+    to (a shared 2-D operand of a batched product gets the sum over the batch).
+    """
+    dev = pick_device(grad_out, input, other)
+    a = tensor_arg(input, dev, "input", (float32, float16))
+    b = tensor_arg(other, dev, "other", (float32, float16))
+    if a.ndim in (2, 3) and b.ndim in (2, 3) and (a.ndim == 2 or b.ndim == 2 or a.shape[0] == b.shape[0]):
+        return _matmul3_backward(grad_out, a, b, transpose_a, transpose_b, accumulate)
+    if b.dtype != a.dtype:
+        raise ValueError(f"other: dtype {b.dtype} does not match input's {a.dtype}")
+    plan = _MatmulPlan(a, b, transpose_a, transpose_b)
+    g = tensor_arg(grad_out, dev, "grad_out", (a.dtype,))
+    if g.shape != plan.out_shape:
+        raise ValueError(f"grad_out: shape {g.shape}, expected {plan.out_shape} (the product's shape)")
+    a3, ha = plan.operand(a, plan.a2)
+    b3, hb = plan.operand(b, plan.b2)
+    nb = math.prod(plan.batch)
+    g3 = g.reshape(((nb,) if (ha != "shared" or hb != "shared") else ()) + (plan.m, plan.n))
+    ga, gb = _matmul3_backward(g3, a3, b3, transpose_a, transpose_b, accumulate)
+    return plan.grad(ga, ha, plan.a2, a.shape), plan.grad(gb, hb, plan.b2, b.shape)
+
+
+def _linear_args(x: Any, w: Any, b: Any, dev: Device) -> tuple[Tensor, Tensor, Tensor | None]:
     x = tensor_arg(x, dev, "x", (float32, float16))
     if x.ndim < 1:
         raise ValueError("x: expected at least 1 dimension (..., in_features)")
@@ -429,12 +547,13 @@ def _linear_args(x: TensorLike, w: TensorLike, b: TensorLike | None, dev: Device
     return x, w, b
 
 
-def linear(x: TensorLike, w: TensorLike, b: TensorLike | None = None, accumulate: str | None = None,
-           activation: Any = None) -> Tensor:
+def linear(input: Any, weight: Any, bias: Any = None, accumulate: str | None = None, activation: Any = None
+           ) -> Tensor:
     """y = x w^T + b (torch.nn.functional.linear): x (..., in), w (out, in), b (out,) or None;
     y (..., out), y[..., o] = sum_i x[..., i] w[o, i] + b[o]. activation: None, "relu",
     "leaky_relu", "sigmoid", "tanh" or (name, params): y = act(x w^T + b) in the same kernel
     (neuron.activation_code); gradient via linear_backward(..., activation=, y=)."""
+    x, w, b = input, weight, bias
     activation_code(activation)  # validate before allocating
     dev = pick_device(x, w, b)
     x, w, b = _linear_args(x, w, b, dev)
@@ -483,20 +602,22 @@ def _linear_param_grads(g2: Tensor, x2: Tensor, w: Tensor, b: Tensor | None,
     return gw, (linear_bias_grad(g2, accumulate) if b is not None else None)
 
 
-def linear_backward(grad_out: TensorLike, x: TensorLike, w: TensorLike, b: TensorLike | None = None,
-                    accumulate: str | None = None, activation: Any = None,
-                    y: TensorLike | None = None) -> tuple[Tensor, Tensor, Tensor | None]:
+def linear_backward(grad_out: TensorLike, input: TensorLike, weight: TensorLike,
+                    bias: TensorLike | None = None, accumulate: str | None = None,
+                    activation: Any = None, y: TensorLike | None = None
+                    ) -> tuple[Tensor, Tensor, Tensor | None]:
     """Gradients of y = x w^T + b: (grad_x, grad_w, grad_b or None when b is None).
 
     grad_x = grad_out w (..., in); grad_w = sum over rows of grad_out^T x (out, in);
     grad_b = sum over rows of grad_out (out,). activation (with y, the output of
     linear(..., activation=)): grad_out is first taken through the activation from y
-    (neuron.activation_backward, one element-wise kernel).
+    (neuron.activation_backward_from_output, one element-wise kernel).
     """
+    x, w, b = input, weight, bias
     if activation is not None:
         if y is None:
             raise ValueError("y: activation= needs y, the output of the fused linear")
-        grad_out = activation_backward(grad_out, y, activation)
+        grad_out = activation_backward_from_output(grad_out, y, activation)
     dev, x, w, b, g2, x2 = _linear_grad_args(grad_out, x, w, b, accumulate)
     gx = out_like(x2.shape, x.dtype, dev)
     gemm(g2, w, gx, accumulate=accumulate)

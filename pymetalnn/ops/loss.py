@@ -23,8 +23,13 @@ definition, with labels one-hot), (1 - s) t + s / 2 for the sigmoid one (TensorF
 
 Terms are elements for the pointwise losses and (sample, position) pairs for the class-axis ones
 (cross_entropy, categorical_cross_entropy, cosine_distance, whose class axis is dim 1). Every term
-of sample n is multiplied by sample_weight[n] (MPS's per-image weights; PyTorch's class `weight`
-is not supported, which is why the options are keyword-only). reduction:
+of sample n is multiplied by sample_weight[n] (MPS's per-image weights, keyword-only). PyTorch's
+`weight` is the third positional argument where PyTorch has it: one weight per class for
+cross_entropy (the term is sum_c w_c t'_c (lse - x_c); a 'mean' over labels divides by the sum of
+w[label] of the counted terms, as PyTorch), one per element (broadcast to the input) for
+binary_cross_entropy_with_logits, with its `pos_weight` (broadcast likewise):
+l = (1 - t') x + (1 + (pos_weight - 1) t') softplus(-x). `weight=` and `sample_weight=` do not
+combine. reduction:
   'none'        the weighted terms in PyTorch's shape (the input's for pointwise losses, the
                 input's without dim 1 for class-axis losses), as MPS's per-element losses
   'per_sample'  (N,): the sum of each sample's weighted terms (MPS's per-image losses)
@@ -40,7 +45,11 @@ Tensor means reading it back; `class_labels(target, num_classes)` checks them on
 labels the class-axis losses then use without a second check (and without a queue sync).
 
 Every `<loss>_backward(grad, input, target, <same options>)` takes grad shaped like the loss
-(a number or one-element tensor for the scalar reductions) and returns d(sum grad * loss)/d input.
+(a number or one-element tensor for the scalar reductions) and returns (d/d input, d/d target) of
+sum(grad * loss): the target's gradient where PyTorch differentiates the target (mse, l1, huber,
+smooth_l1, binary_cross_entropy_with_logits, kl_div, cross_entropy with probability targets),
+None otherwise (integer labels; the MPS-only losses) or with target_grad=False (a constant target,
+as in training: the kernel then skips writing it).
 """
 from __future__ import annotations
 
@@ -74,6 +83,9 @@ _MODE = {k: CONST[f"LOSS_MODE_{m}"] for k, m in (  # LossReduceParams.mode per r
     ("per_sample", "SUM"))}
 G_SCALAR, G_PER_SAMPLE, G_PER_TERM = (  # LossParams.gmode
     CONST[f"LOSS_G_{g}"] for g in ("SCALAR", "PER_SAMPLE", "PER_TERM"))
+
+# pointwise losses whose target PyTorch differentiates
+_TARGET_GRAD = {"mse_loss", "l1_loss", "huber_loss", "smooth_l1_loss", "bce_with_logits", "kl_div"}
 
 CHUNK = 2048  # elements per threadgroup chunk of the pointwise forward
 MAX_ELEMENTS = 2**31 - 1  # chunk arithmetic stays inside uint32
@@ -120,7 +132,36 @@ def _weight(sample_weight: TensorLike | None, dev: Device, n: int) -> Tensor | N
     return w
 
 
-def _pair(input: TensorLike, target: TensorLike, ndims: tuple[int, ...]) -> tuple[Device, Tensor]:
+def _elem_weight(v: Any, dev: Device, x: Tensor, name: str) -> Tensor | None:
+    """torch's element weights (weight=, pos_weight=): broadcast to x's shape on the host (a
+    device tensor is read back once), float32."""
+    if v is None:
+        return None
+    arr = v.numpy() if isinstance(v, Tensor) else np.asarray(v)
+    if arr.dtype.kind not in "fiu":
+        raise ValueError(f"{name}: expected numbers, got dtype {arr.dtype}")
+    try:
+        full = np.broadcast_to(arr.astype(np.float32), x.shape)
+    except ValueError:
+        raise ValueError(f"{name}: shape {arr.shape} does not broadcast to input's {x.shape}") from None
+    return as_tensor(np.ascontiguousarray(full), dev, name)
+
+
+def _class_weight(weight: Any, dev: Device, c: int) -> Tensor | None:
+    if weight is None:
+        return None
+    w = float32_arg(weight, dev, "weight")
+    if w.shape != (c,):
+        raise ValueError(f"weight: expected shape ({c},) (one weight per class), got {w.shape}")
+    return w
+
+
+def _no_both(weight: Any, sample_weight: Any) -> None:
+    if weight is not None and sample_weight is not None:
+        raise ValueError("weight: torch's weight= and sample_weight= do not combine; pass one")
+
+
+def _pair(input: Any, target: Any, ndims: tuple[int, ...] | None) -> tuple[Device, Tensor]:
     dev = pick_device(input, target)
     x = tensor_arg(input, dev, "input", FLOATS, ndims)
     _check_size(x, "input")
@@ -251,28 +292,48 @@ def _reduce(dev: Device, part: Tensor, cnt: Buffer, nseg: int, seglen: int, mode
 
 
 def _scale(dev: Device, g: Tensor, reduction: str, n: int, labels: Tensor | None,
-           w: Tensor | None, terms: int, per_sample: int, mult: int, ignore_index: int) -> Tensor:
-    """The backward coefficient of a scalar reduction: g / count, on the device."""
+           w: Tensor | None, terms: int, per_sample: int, mult: int, ignore_index: int,
+           cw: Tensor | None = None) -> Tensor:
+    """The backward coefficient of a scalar reduction: g / count, on the device (a mean over
+    labels with class weights cw: g / sum of cw[label] over the counted labels)."""
     if reduction == "sum":
         return g
     scale = empty((1,), float32, dev)
     p = LossReduceParams(mode=_MODE[reduction], denom=float(n), terms=terms, per_sample=per_sample,
                          mult=mult, has_labels=int(labels is not None),
-                         has_weight=int(w is not None), ignore_index=int(ignore_index))
+                         has_weight=int(w is not None), ignore_index=int(ignore_index),
+                         has_class_weight=int(cw is not None))
+    d = dummy(dev)
     kernel(dev, SOURCE, "loss_scale_bwd_float")(
-        TG, labels.buffer if labels is not None else dummy(dev),
-        w.buffer if w is not None else dummy(dev), g.buffer, scale.buffer, p)
+        TG, labels.buffer if labels is not None else d,
+        w.buffer if w is not None else d, g.buffer, scale.buffer, p, cw.buffer if cw is not None else d)
     return scale
 
 
-def _pointwise(stem: str, input: TensorLike, target: TensorLike, sample_weight: TensorLike | None,
-               reduction: str, smoothing: float = 0.0, a: float = 0.0, extra: tuple[str, ...] = ()
-               ) -> Tensor:
-    reduction = _check_reduction(reduction, extra)
-    dev, x = _pair(input, target, (1, 2, 3, 4))
+def _pw_args(input: Any, target: Any, sample_weight: Any, weight: Any, pos_weight: Any,
+             reduction: str) -> tuple[Device, Tensor, Tensor, Tensor | None, Tensor | None, bool]:
+    """Validated (dev, x, t, weights, pos_weight, elementwise?) of a pointwise loss; a 0-d input
+    is one sample of one element."""
+    _no_both(weight, sample_weight)
+    dev, x = _pair(input, target, None)
     t = _float_target(target, x, dev)
+    if x.ndim == 0:
+        x, t = x.reshape(1), t.reshape(1)
+    ew = _elem_weight(weight, dev, x, "weight")
+    if ew is not None and reduction in ("sum_by_nonzero_weights", "per_sample"):
+        raise ValueError(f"reduction: {reduction!r} counts per-sample weights; weight= gives one "
+                         "per element")
+    w = ew if ew is not None else _weight(sample_weight, dev, x.shape[0])
+    return dev, x, t, w, _elem_weight(pos_weight, dev, x, "pos_weight"), ew is not None
+
+
+def _pointwise(stem: str, input: Any, target: Any, sample_weight: Any, reduction: str,
+               smoothing: float = 0.0, a: float = 0.0, extra: tuple[str, ...] = (),
+               weight: Any = None, pos_weight: Any = None) -> Tensor:
+    reduction = _check_reduction(reduction, extra)
+    shape = np.shape(input) if not isinstance(input, Tensor) else input.shape
+    dev, x, t, w, pw, elem = _pw_args(input, target, sample_weight, weight, pos_weight, reduction)
     n = x.shape[0]
-    w = _weight(sample_weight, dev, n)
     total, m = x.size, x.size // n
     per_sample = reduction == "per_sample"
     seglen = m if per_sample else total
@@ -280,49 +341,63 @@ def _pointwise(stem: str, input: TensorLike, target: TensorLike, sample_weight: 
     ngroups = (n if per_sample else 1) * chunks
     p = LossParams(N=n, M=m, total=total, chunk=CHUNK, chunks=chunks, seglen=seglen,
                    ngroups=ngroups, reduce=int(reduction != "none"), has_weight=int(w is not None),
-                   smoothing=smoothing, a=a)
+                   smoothing=smoothing, a=a, elem_weight=int(elem), has_pos_weight=int(pw is not None))
     wb = w.buffer if w is not None else dummy(dev)
+    pwb = pw.buffer if pw is not None else dummy(dev)
     k = kernel(dev, SOURCE, f"{stem}_fwd_{suffix(x.dtype)}")
     launch = min(ngroups, MAX_GROUPS) * TG
     if reduction == "none":
         out = empty(x.shape, float32, dev)
-        k(launch, x.buffer, t.buffer, wb, out.buffer, dummy(dev), p)
-        return out
+        k(launch, x.buffer, t.buffer, wb, out.buffer, dummy(dev), pwb, p)
+        return out.reshape(tuple(shape))
     part = empty((ngroups,), float32, dev)
     cnt = dev.buffer(8 * ngroups)
-    k(launch, x.buffer, t.buffer, wb, part.buffer, cnt, p)
+    k(launch, x.buffer, t.buffer, wb, part.buffer, cnt, pwb, p)
     if per_sample:
         return _reduce(dev, part, cnt, n, chunks, 0, 1.0, (n,))
     return _reduce(dev, part, cnt, 1, ngroups, _MODE[reduction], float(n), ())
 
 
-def _pointwise_backward(stem: str, grad: TensorLike, input: TensorLike, target: TensorLike,
-                        sample_weight: TensorLike | None, reduction: str, smoothing: float = 0.0,
-                        a: float = 0.0, extra: tuple[str, ...] = ()) -> Tensor:
+def _pointwise_backward(stem: str, grad: Any, input: Any, target: Any, sample_weight: Any,
+                        reduction: str, smoothing: float = 0.0, a: float = 0.0,
+                        extra: tuple[str, ...] = (), weight: Any = None, pos_weight: Any = None,
+                        target_grad: bool = True) -> tuple[Tensor, Tensor | None]:
     reduction = _check_reduction(reduction, extra)
-    dev, x = _pair(input, target, (1, 2, 3, 4))
-    t = _float_target(target, x, dev)
+    shape0 = tuple(np.shape(input) if not isinstance(input, Tensor) else input.shape)
+    dev, x, t, w, pw, elem = _pw_args(input, target, sample_weight, weight, pos_weight, reduction)
     n = x.shape[0]
-    w = _weight(sample_weight, dev, n)
-    shape = x.shape if reduction == "none" else (n,) if reduction == "per_sample" else ()
+    shape = shape0 if reduction == "none" else (n,) if reduction == "per_sample" else ()
     g = _grad_arg(grad, dev, shape)
     gmode = _gmode(reduction)
-    if gmode == G_SCALAR:
-        g = _scale(dev, g, reduction, n, None, w, n, 1, x.size // n, 0)
+    if gmode == G_SCALAR:  # element weights are not counted: a mean divides by the element count
+        g = _scale(dev, g, reduction, n, None, None if elem else w, n, 1, x.size // n, 0)
+    tgrad = stem in _TARGET_GRAD and boolean(target_grad, "target_grad")
     p = LossParams(N=n, M=x.size // n, total=x.size, gmode=gmode, has_weight=int(w is not None),
-                   smoothing=smoothing, a=a)
+                   smoothing=smoothing, a=a, elem_weight=int(elem), has_pos_weight=int(pw is not None),
+                   target_grad=int(tgrad))
     dx = empty(x.shape, x.dtype, dev)
+    dt = empty(x.shape, x.dtype, dev) if tgrad else None
     groups = min(-(-x.size // TG), MAX_GROUPS)
+    d = dummy(dev)
     kernel(dev, SOURCE, f"{stem}_bwd_{suffix(x.dtype)}")(
-        groups * TG, g.buffer, x.buffer, t.buffer, w.buffer if w is not None else dummy(dev),
-        dx.buffer, p)
-    return dx
+        groups * TG, g.buffer, x.buffer, t.buffer, w.buffer if w is not None else d,
+        dx.buffer, pw.buffer if pw is not None else d, dt.buffer if dt is not None else d, p)
+    return dx.reshape(shape0), (dt.reshape(shape0) if dt is not None else None)
 
 
-def _class_prep(input: TensorLike, target: TensorLike, sample_weight: TensorLike | None,
-                ignore_index: Any, allow_labels: bool
-                ) -> tuple[Device, Tensor, Tensor, bool, Tensor | None, int, int]:
-    dev, x = _pair(input, target, (2, 3, 4))
+def _class_prep(input: Any, target: Any, sample_weight: Any, ignore_index: Any,
+                allow_labels: bool) -> tuple[Device, Tensor, Tensor, bool, Tensor | None, int, int]:
+    """A 1-D input (C,) is one unbatched sample, as in PyTorch (its labels a 0-d int)."""
+    dev = pick_device(input, target)
+    if (input.ndim if isinstance(input, Tensor) else np.ndim(input)) == 1:
+        input = tensor_arg(input, dev, "input", FLOATS).reshape(1, -1)
+        tn = np.ndim(target) if not isinstance(target, Tensor) else target.ndim
+        target = (target.reshape(1) if isinstance(target, Tensor) else np.reshape(target, (1,))) \
+            if tn == 0 else (target.reshape(1, -1) if isinstance(target, Tensor)
+                             else np.reshape(target, (1, -1)))
+    dev, x = _pair(input, target, None)
+    if x.ndim < 2:
+        raise ValueError(f"input: expected (C,) or (N, C, ...), got shape {x.shape}")
     t, labels = _class_target(target, x, dev, ignore_index, allow_labels)
     n = x.shape[0]
     w = _weight(sample_weight, dev, n)
@@ -330,53 +405,70 @@ def _class_prep(input: TensorLike, target: TensorLike, sample_weight: TensorLike
     return dev, x, t, labels, w, n, m
 
 
-def _class_forward(stem: str, input: TensorLike, target: TensorLike,
-                   sample_weight: TensorLike | None, reduction: str, ignore_index: Any = -100,
-                   smoothing: float = 0.0, a: float = 0.0, allow_labels: bool = True, cache: int = 0
-                   ) -> Tensor:
+def _class_forward(stem: str, input: Any, target: Any, sample_weight: Any, reduction: str,
+                   ignore_index: Any = -100, smoothing: float = 0.0, a: float = 0.0,
+                   allow_labels: bool = True, cache: int = 0, weight: Any = None) -> Tensor:
     reduction = _check_reduction(reduction)
+    _no_both(weight, sample_weight)
+    unbatched = (input.ndim if isinstance(input, Tensor) else np.ndim(input)) == 1
     dev, x, t, labels, w, n, m = _class_prep(input, target, sample_weight, ignore_index, allow_labels)
+    cw = _class_weight(weight, dev, x.shape[1])
     q = tile_plan(n, x.shape[1], m, cache_arrays=cache)
     p = LossParams(N=n, M=m, has_weight=int(w is not None),
-                   ignore_index=int(ignore_index) if labels else 0, smoothing=smoothing, a=a)
+                   ignore_index=int(ignore_index) if labels else 0, smoothing=smoothing, a=a,
+                   has_class_weight=int(cw is not None))
     variant = ("labels_" if labels else "probs_") if allow_labels else ""
     terms = empty((n,) + x.shape[2:], float32, dev)
     cnt = dev.buffer(8 * n * m)
     d = dummy(dev)
     kernel(dev, SOURCE, f"{stem}_fwd_{variant}{suffix(x.dtype)}")(
         tile_groups(q) * TG, x.buffer, d if labels else t.buffer, t.buffer if labels else d,
-        w.buffer if w is not None else d, terms.buffer, cnt, p, q)
+        w.buffer if w is not None else d, terms.buffer, cnt, p, q, cw.buffer if cw is not None else d)
     if reduction == "none":
-        return terms
+        return terms.reshape(()) if unbatched else terms
     if reduction == "per_sample":
         return _reduce(dev, terms, cnt, n, m, 0, 1.0, (n,))
+    if cw is not None and labels and reduction == "mean":
+        # sum / sum of w[label] over the counted labels: loss_scale with the sum as its g
+        total = _reduce(dev, terms, cnt, 1, n * m, _MODE["sum"], float(n), ())
+        return _scale(dev, total, "mean", n, t, None, n * m, m, 1, int(ignore_index), cw).reshape(())
     return _reduce(dev, terms, cnt, 1, n * m, _MODE[reduction], float(n), ())
 
 
-def _class_backward(stem: str, grad: TensorLike, input: TensorLike, target: TensorLike,
-                    sample_weight: TensorLike | None, reduction: str, ignore_index: Any = -100,
-                    smoothing: float = 0.0, a: float = 0.0, allow_labels: bool = True,
-                    cache: int = 0) -> Tensor:
+def _class_backward(stem: str, grad: Any, input: Any, target: Any, sample_weight: Any,
+                    reduction: str, ignore_index: Any = -100, smoothing: float = 0.0,
+                    a: float = 0.0, allow_labels: bool = True, cache: int = 0, weight: Any = None,
+                    target_grad: bool = True) -> tuple[Tensor, Tensor | None]:
     reduction = _check_reduction(reduction)
+    _no_both(weight, sample_weight)
+    shape0 = tuple(input.shape if isinstance(input, Tensor) else np.shape(input))
+    unbatched = len(shape0) == 1
     dev, x, t, labels, w, n, m = _class_prep(input, target, sample_weight, ignore_index, allow_labels)
+    cw = _class_weight(weight, dev, x.shape[1])
     shape = (n,) + x.shape[2:] if reduction == "none" else (n,) if reduction == "per_sample" else ()
+    if unbatched and reduction == "none":
+        shape = ()
     g = _grad_arg(grad, dev, shape)
     gmode = _gmode(reduction)
     if gmode == G_SCALAR:
         if labels:
-            g = _scale(dev, g, reduction, n, t, w, n * m, m, 1, int(ignore_index))
+            g = _scale(dev, g, reduction, n, t, w, n * m, m, 1, int(ignore_index), cw)
         else:
             g = _scale(dev, g, reduction, n, None, w, n, 1, m, 0)
+    tgrad = stem == "cross_entropy" and not labels and boolean(target_grad, "target_grad")
     q = tile_plan(n, x.shape[1], m, cache_arrays=cache)
     p = LossParams(N=n, M=m, gmode=gmode, has_weight=int(w is not None),
-                   ignore_index=int(ignore_index) if labels else 0, smoothing=smoothing, a=a)
+                   ignore_index=int(ignore_index) if labels else 0, smoothing=smoothing, a=a,
+                   has_class_weight=int(cw is not None), target_grad=int(tgrad))
     variant = ("labels_" if labels else "probs_") if allow_labels else ""
     dx = empty(x.shape, x.dtype, dev)
+    dt = empty(x.shape, x.dtype, dev) if tgrad else None
     d = dummy(dev)
     kernel(dev, SOURCE, f"{stem}_bwd_{variant}{suffix(x.dtype)}")(
         tile_groups(q) * TG, g.buffer, x.buffer, d if labels else t.buffer,
-        t.buffer if labels else d, w.buffer if w is not None else d, dx.buffer, p, q)
-    return dx
+        t.buffer if labels else d, w.buffer if w is not None else d, dx.buffer, p, q,
+        cw.buffer if cw is not None else d, dt.buffer if dt is not None else d)
+    return dx.reshape(shape0), (dt.reshape(shape0) if dt is not None else None)
 
 
 def _smoothing(label_smoothing: Any) -> float:
@@ -385,27 +477,31 @@ def _smoothing(label_smoothing: Any) -> float:
 
 # ---- public API ------------------------------------------------------------------------------
 
-def cross_entropy(input: TensorLike, target: TensorLike, *, sample_weight: TensorLike | None = None,
-                  ignore_index: int = -100, reduction: str = "mean", label_smoothing: float = 0.0
-                  ) -> Tensor:
-    """Softmax cross-entropy on logits (N, C[, H, W]), class axis 1, as F.cross_entropy.
+def cross_entropy(input: Any, target: Any, weight: Any = None, *, sample_weight: Any = None,
+                  ignore_index: int = -100, reduction: str = "mean",
+                  label_smoothing: float = 0.0) -> Tensor:
+    """Softmax cross-entropy on logits (N, C[, d1, ...]) or one unbatched sample (C,), class axis
+    1, as F.cross_entropy.
 
-    target: int32 labels (N[, H, W]) or class probabilities shaped like input.
-    l = log sum_c exp(x_c) - sum_c t'_c x_c with t' = (1 - s) onehot(y) + s / C (labels) or
-    (1 - s) t + s / C (probabilities); labels equal to ignore_index give no term.
+    target: int32 labels (N[, d1, ...]) or class probabilities shaped like input. weight: None or
+    one weight per class (C,). l = sum_c w_c t'_c (log sum_j exp(x_j) - x_c) with
+    t' = (1 - s) onehot(y) + s / C (labels) or (1 - s) t + s / C (probabilities); labels equal to
+    ignore_index give no term; 'mean' over labels with weight divides by sum of w[label].
     """
     s = _smoothing(label_smoothing)
     return _class_forward("cross_entropy", input, target, sample_weight, reduction, ignore_index,
-                          s, cache=1)
+                          s, cache=1, weight=weight)
 
 
-def cross_entropy_backward(grad: TensorLike, input: TensorLike, target: TensorLike, *,
-                           sample_weight: TensorLike | None = None, ignore_index: int = -100,
-                           reduction: str = "mean", label_smoothing: float = 0.0) -> Tensor:
-    """d/dx of cross_entropy: g w (softmax(x) sum_c t'_c - t') per term."""
+def cross_entropy_backward(grad: Any, input: Any, target: Any, weight: Any = None, *,
+                           sample_weight: Any = None, ignore_index: int = -100,
+                           reduction: str = "mean", label_smoothing: float = 0.0,
+                           target_grad: bool = True) -> tuple[Tensor, Tensor | None]:
+    """(d/dx, d/dt) of cross_entropy: dx = g (softmax(x) sum_c w_c t'_c - w t') per term;
+    dt_c = g (1 - s) w_c (lse - x_c) for probability targets (None for labels)."""
     s = _smoothing(label_smoothing)
     return _class_backward("cross_entropy", grad, input, target, sample_weight, reduction,
-                           ignore_index, s, cache=1)
+                           ignore_index, s, cache=1, weight=weight, target_grad=target_grad)
 
 
 def categorical_cross_entropy(input: TensorLike, target: TensorLike, *,
@@ -418,14 +514,15 @@ def categorical_cross_entropy(input: TensorLike, target: TensorLike, *,
                           ignore_index, s)
 
 
-def categorical_cross_entropy_backward(grad: TensorLike, input: TensorLike, target: TensorLike, *,
-                                       sample_weight: TensorLike | None = None,
-                                       ignore_index: int = -100, reduction: str = "mean",
-                                       label_smoothing: float = 0.0) -> Tensor:
-    """d/dx of categorical_cross_entropy: -g w t'_c / x_c."""
+def categorical_cross_entropy_backward(grad: Any, input: Any, target: Any, *,
+                                       sample_weight: Any = None, ignore_index: int = -100,
+                                       reduction: str = "mean",
+                                       label_smoothing: float = 0.0,
+                                       target_grad: bool = True) -> tuple[Tensor, Tensor | None]:
+    """(d/dx, None) of categorical_cross_entropy: -g w t'_c / x_c."""
     s = _smoothing(label_smoothing)
     return _class_backward("categorical_cross_entropy", grad, input, target, sample_weight,
-                           reduction, ignore_index, s)
+                           reduction, ignore_index, s, target_grad=target_grad)
 
 
 def cosine_distance(input: TensorLike, target: TensorLike, *,
@@ -438,34 +535,36 @@ def cosine_distance(input: TensorLike, target: TensorLike, *,
                           allow_labels=False)
 
 
-def cosine_distance_backward(grad: TensorLike, input: TensorLike, target: TensorLike, *,
-                             sample_weight: TensorLike | None = None, reduction: str = "mean",
-                             eps: float = 1e-8) -> Tensor:
-    """d/dx of cosine_distance: g w (cos x / |x|^2 - t / D), D = |x| |t| (or -g w t / eps when
-    clamped)."""
+def cosine_distance_backward(grad: Any, input: Any, target: Any, *, sample_weight: Any = None,
+                             reduction: str = "mean", eps: float = 1e-8,
+                             target_grad: bool = True) -> tuple[Tensor, Tensor | None]:
+    """(d/dx, None) of cosine_distance: g w (cos x / |x|^2 - t / D), D = |x| |t| (or -g w t / eps
+    when clamped)."""
     e = _check_float(eps, "eps", 0.0, lo_open=True)
     return _class_backward("cosine_distance", grad, input, target, sample_weight, reduction, a=e,
-                           allow_labels=False, cache=1)
+                           allow_labels=False, cache=1, target_grad=target_grad)
 
 
-def binary_cross_entropy_with_logits(input: TensorLike, target: TensorLike, *,
-                                     sample_weight: TensorLike | None = None,
-                                     reduction: str = "mean", label_smoothing: float = 0.0
-                                     ) -> Tensor:
-    """Sigmoid cross-entropy on logits: l = max(x, 0) - x t' + log(1 + exp(-|x|)),
-    t' = t (1 - s) + s / 2 (label smoothing as MPS / TF; s = 0 is F.binary_cross_entropy_with_logits)."""
+def binary_cross_entropy_with_logits(input: Any, target: Any, weight: Any = None, *,
+                                     sample_weight: Any = None, reduction: str = "mean",
+                                     pos_weight: Any = None, label_smoothing: float = 0.0) -> Tensor:
+    """Sigmoid cross-entropy on logits: l = w ((1 - t') x + (1 + (p - 1) t') softplus(-x)), which
+    is max(x, 0) - x t' + log(1 + exp(-|x|)) for p = 1; weight w and pos_weight p broadcast to
+    the input (PyTorch's); t' = t (1 - s) + s / 2 (label smoothing as MPS / TF; s = 0 is
+    F.binary_cross_entropy_with_logits)."""
     return _pointwise("bce_with_logits", input, target, sample_weight, reduction,
-                      smoothing=_smoothing(label_smoothing))
+                      smoothing=_smoothing(label_smoothing), weight=weight, pos_weight=pos_weight)
 
 
-def binary_cross_entropy_with_logits_backward(grad: TensorLike, input: TensorLike,
-                                              target: TensorLike, *,
-                                              sample_weight: TensorLike | None = None,
-                                              reduction: str = "mean", label_smoothing: float = 0.0
-                                              ) -> Tensor:
-    """d/dx: g w (sigmoid(x) - t')."""
+def binary_cross_entropy_with_logits_backward(grad: Any, input: Any, target: Any, weight: Any = None,
+                                              *, sample_weight: Any = None, reduction: str = "mean",
+                                              pos_weight: Any = None, label_smoothing: float = 0.0,
+                                              target_grad: bool = True) -> tuple[Tensor, Tensor]:
+    """(d/dx, d/dt): dx = g w ((1 + (p - 1) t') sigmoid(x) - p t'),
+    dt = g w (1 - s) (-x + (p - 1) softplus(-x))."""
     return _pointwise_backward("bce_with_logits", grad, input, target, sample_weight, reduction,
-                               smoothing=_smoothing(label_smoothing))
+                               smoothing=_smoothing(label_smoothing), weight=weight,
+                               pos_weight=pos_weight, target_grad=target_grad)
 
 
 def mse_loss(input: TensorLike, target: TensorLike, *, sample_weight: TensorLike | None = None,
@@ -474,10 +573,11 @@ def mse_loss(input: TensorLike, target: TensorLike, *, sample_weight: TensorLike
     return _pointwise("mse_loss", input, target, sample_weight, reduction)
 
 
-def mse_loss_backward(grad: TensorLike, input: TensorLike, target: TensorLike, *,
-                      sample_weight: TensorLike | None = None, reduction: str = "mean") -> Tensor:
-    """d/dx: 2 g w (x - t)."""
-    return _pointwise_backward("mse_loss", grad, input, target, sample_weight, reduction)
+def mse_loss_backward(grad: Any, input: Any, target: Any, *, sample_weight: Any = None,
+                      reduction: str = "mean", target_grad: bool = True) -> tuple[Tensor, Tensor | None]:
+    """(d/dx, d/dt): 2 g w (x - t) and its negation."""
+    return _pointwise_backward("mse_loss", grad, input, target, sample_weight, reduction,
+                               target_grad=target_grad)
 
 
 def l1_loss(input: TensorLike, target: TensorLike, *, sample_weight: TensorLike | None = None,
@@ -486,10 +586,11 @@ def l1_loss(input: TensorLike, target: TensorLike, *, sample_weight: TensorLike 
     return _pointwise("l1_loss", input, target, sample_weight, reduction)
 
 
-def l1_loss_backward(grad: TensorLike, input: TensorLike, target: TensorLike, *,
-                     sample_weight: TensorLike | None = None, reduction: str = "mean") -> Tensor:
-    """d/dx: g w sign(x - t) (0 where x == t, as PyTorch)."""
-    return _pointwise_backward("l1_loss", grad, input, target, sample_weight, reduction)
+def l1_loss_backward(grad: Any, input: Any, target: Any, *, sample_weight: Any = None,
+                     reduction: str = "mean", target_grad: bool = True) -> tuple[Tensor, Tensor | None]:
+    """(d/dx, d/dt): g w sign(x - t) (0 where x == t, as PyTorch) and its negation."""
+    return _pointwise_backward("l1_loss", grad, input, target, sample_weight, reduction,
+                               target_grad=target_grad)
 
 
 def huber_loss(input: TensorLike, target: TensorLike, *, sample_weight: TensorLike | None = None,
@@ -499,12 +600,13 @@ def huber_loss(input: TensorLike, target: TensorLike, *, sample_weight: TensorLi
     return _pointwise("huber_loss", input, target, sample_weight, reduction, a=dl)
 
 
-def huber_loss_backward(grad: TensorLike, input: TensorLike, target: TensorLike, *,
-                        sample_weight: TensorLike | None = None, reduction: str = "mean",
-                        delta: float = 1.0) -> Tensor:
-    """d/dx: g w clamp(x - t, -delta, delta)."""
+def huber_loss_backward(grad: Any, input: Any, target: Any, *, sample_weight: Any = None,
+                        reduction: str = "mean", delta: float = 1.0,
+                        target_grad: bool = True) -> tuple[Tensor, Tensor | None]:
+    """(d/dx, d/dt): g w clamp(x - t, -delta, delta) and its negation."""
     dl = _check_float(delta, "delta", 0.0, lo_open=True)
-    return _pointwise_backward("huber_loss", grad, input, target, sample_weight, reduction, a=dl)
+    return _pointwise_backward("huber_loss", grad, input, target, sample_weight, reduction, a=dl,
+                               target_grad=target_grad)
 
 
 def hinge_loss(input: TensorLike, target: TensorLike, *, sample_weight: TensorLike | None = None,
@@ -514,10 +616,11 @@ def hinge_loss(input: TensorLike, target: TensorLike, *, sample_weight: TensorLi
     return _pointwise("hinge_loss", input, target, sample_weight, reduction)
 
 
-def hinge_loss_backward(grad: TensorLike, input: TensorLike, target: TensorLike, *,
-                        sample_weight: TensorLike | None = None, reduction: str = "mean") -> Tensor:
-    """d/dx: -g w (2 t - 1) where 1 - (2 t - 1) x > 0, else 0."""
-    return _pointwise_backward("hinge_loss", grad, input, target, sample_weight, reduction)
+def hinge_loss_backward(grad: Any, input: Any, target: Any, *, sample_weight: Any = None,
+                        reduction: str = "mean", target_grad: bool = True) -> tuple[Tensor, Tensor | None]:
+    """(d/dx, None): -g w (2 t - 1) where 1 - (2 t - 1) x > 0, else 0."""
+    return _pointwise_backward("hinge_loss", grad, input, target, sample_weight, reduction,
+                               target_grad=target_grad)
 
 
 def kl_div(input: TensorLike, target: TensorLike, *, sample_weight: TensorLike | None = None,
@@ -529,13 +632,14 @@ def kl_div(input: TensorLike, target: TensorLike, *, sample_weight: TensorLike |
                       extra=("batchmean",))
 
 
-def kl_div_backward(grad: TensorLike, input: TensorLike, target: TensorLike, *,
-                    sample_weight: TensorLike | None = None, reduction: str = "mean",
-                    log_target: bool = False) -> Tensor:
-    """d/dx: -g w t (or -g w exp(t) with log_target)."""
+def kl_div_backward(grad: Any, input: Any, target: Any, *, sample_weight: Any = None,
+                    reduction: str = "mean", log_target: bool = False,
+                    target_grad: bool = True) -> tuple[Tensor, Tensor | None]:
+    """(d/dx, d/dt): -g w t and g w (log t + 1 - x) (NaN at t = 0, as PyTorch); with log_target
+    -g w exp(t) and g w exp(t) (t - x + 1)."""
     boolean(log_target, "log_target")
     return _pointwise_backward("kl_div", grad, input, target, sample_weight, reduction,
-                               a=float(log_target), extra=("batchmean",))
+                               a=float(log_target), extra=("batchmean",), target_grad=target_grad)
 
 
 def log_loss(input: TensorLike, target: TensorLike, *, sample_weight: TensorLike | None = None,
@@ -546,9 +650,29 @@ def log_loss(input: TensorLike, target: TensorLike, *, sample_weight: TensorLike
     return _pointwise("log_loss", input, target, sample_weight, reduction, a=e)
 
 
-def log_loss_backward(grad: TensorLike, input: TensorLike, target: TensorLike, *,
-                      sample_weight: TensorLike | None = None, reduction: str = "mean",
-                      epsilon: float = 1e-7) -> Tensor:
-    """d/dx: g w (-t / (x + eps) + (1 - t) / (1 - x + eps))."""
+def log_loss_backward(grad: Any, input: Any, target: Any, *, sample_weight: Any = None,
+                      reduction: str = "mean", epsilon: float = 1e-7,
+                      target_grad: bool = True) -> tuple[Tensor, Tensor | None]:
+    """(d/dx, None): g w (-t / (x + eps) + (1 - t) / (1 - x + eps))."""
     e = _check_float(epsilon, "epsilon", 0.0, lo_open=True)
-    return _pointwise_backward("log_loss", grad, input, target, sample_weight, reduction, a=e)
+    return _pointwise_backward("log_loss", grad, input, target, sample_weight, reduction, a=e,
+                               target_grad=target_grad)
+
+
+def smooth_l1_loss(input: Any, target: Any, *, sample_weight: Any = None, reduction: str = "mean",
+                   beta: float = 1.0) -> Tensor:
+    """l = d^2 / (2 beta) if |d| < beta else |d| - beta / 2, d = x - t (F.smooth_l1_loss; beta = 0
+    is l1_loss, as PyTorch)."""
+    b = _check_float(beta, "beta", 0.0)
+    if b == 0.0:
+        return _pointwise("l1_loss", input, target, sample_weight, reduction)
+    return _pointwise("smooth_l1_loss", input, target, sample_weight, reduction, a=b)
+
+
+def smooth_l1_loss_backward(grad: Any, input: Any, target: Any, *, sample_weight: Any = None,
+                            reduction: str = "mean", beta: float = 1.0,
+                            target_grad: bool = True) -> tuple[Tensor, Tensor]:
+    """(d/dx, d/dt): g w (d / beta if |d| < beta else sign(d)) and its negation."""
+    b = _check_float(beta, "beta", 0.0)
+    return _pointwise_backward("smooth_l1_loss" if b else "l1_loss", grad, input, target,
+                               sample_weight, reduction, a=b, target_grad=target_grad)

@@ -19,6 +19,10 @@ arguments, in order, None for running statistics and absent weight/bias). The ba
 a training-mode forward can be passed back as save_mean / save_invstd (from *_with_stats) to skip
 recomputing them.
 
+Layer norm (layer_norm, layer_norm_backward) normalizes each row of the trailing
+normalized_shape dimensions with its own kernels (norm.metal's note); its weight and bias have
+the input's dtype, as PyTorch's.
+
 Channel slices (the graph's concat elimination): batch_norm(_with_stats)(..., out=,
 out_batch_stride=) writes y into a slice of a larger NCHW tensor, and batch_norm_backward(...,
 grad_out_batch_stride=) reads grad_out from one (the concat's gradient, without a split copy).
@@ -29,7 +33,7 @@ from typing import Any
 
 import numpy as np
 
-from ..params import NormParams
+from ..params import LayerNormParams, NormParams
 from ..runtime import Device
 from ..tensor import Tensor, TensorLike, float32
 from ._common import (
@@ -526,3 +530,100 @@ def instance_norm_backward(grad_out: TensorLike, input: TensorLike,
     dx, dw, db = _group_norm_backward(dev, g, x, groups, w, b, eps, None)
     return dx, None, None, dw, db
 
+
+
+# ---- layer norm -----------------------------------------------------------------------------
+
+def _ln_args(input: Any, normalized_shape: Any, weight: Any, bias: Any, eps: Any, dev: Device
+             ) -> tuple[Tensor, Tensor | None, Tensor | None, tuple[int, ...], LayerNormParams]:
+    x = tensor_arg(input, dev, "input", FLOATS)
+    check_size(x, "input")
+    if isinstance(normalized_shape, (int, np.integer)) and not isinstance(normalized_shape, bool):
+        normalized_shape = (int(normalized_shape),)
+    try:
+        ns = tuple(int(v) for v in normalized_shape)
+    except (TypeError, ValueError):
+        raise ValueError(f"normalized_shape: expected an int or a sequence of ints, got "
+                         f"{normalized_shape!r}") from None
+    if not ns or x.shape[x.ndim - len(ns):] != ns or len(ns) > x.ndim:
+        raise ValueError(f"normalized_shape: {ns} is not the trailing shape of input {x.shape}")
+    if any(v == 0 for v in ns):
+        raise ValueError(f"normalized_shape: {ns} has a zero dimension")
+    ps = []
+    for v, name in ((weight, "weight"), (bias, "bias")):
+        if v is None:
+            ps.append(None)
+            continue
+        t = tensor_arg(v, dev, name, (x.dtype,))
+        if t.shape != ns:
+            raise ValueError(f"{name}: expected shape {ns} (normalized_shape), got {t.shape}")
+        ps.append(t)
+    d = int(np.prod(ns))
+    rows = x.size // d
+    e = _number(eps, "eps", 0.0)
+    sw = 32
+    while sw < 256 and sw * 4 < d:  # ~4 elements per thread, a simdgroup at least
+        sw *= 2
+    p = LayerNormParams(rows=rows, D=d, SW=sw, has_weight=int(ps[0] is not None),
+                        has_bias=int(ps[1] is not None), eps=e)
+    return x, ps[0], ps[1], ns, p
+
+
+def _ln_groups(p: LayerNormParams) -> int:
+    return max(1, min(-(-p.rows // (TG // p.SW)), MAX_GROUPS))
+
+
+def layer_norm(input: Any, normalized_shape: Any, weight: Any = None, bias: Any = None,
+               eps: float = 1e-5) -> Tensor:
+    """torch.nn.functional.layer_norm: over the trailing `normalized_shape` dimensions of each
+    row, y = (x - mean) / sqrt(var + eps) * weight + bias (biased variance); weight and bias
+    shaped normalized_shape, in the input's dtype, or None. One tile of threads per row."""
+    dev = pick_device(input, weight, bias)
+    x, w, b, _, p = _ln_args(input, normalized_shape, weight, bias, eps, dev)
+    y = empty(x.shape, x.dtype, dev)
+    if x.size:
+        d = dummy(dev)
+        kernel(dev, SOURCE, f"layer_norm_fwd_{suffix(x.dtype)}")(
+            _ln_groups(p) * TG, x.buffer, w.buffer if w is not None else d,
+            b.buffer if b is not None else d, y.buffer, p)
+    return y
+
+
+def layer_norm_backward(grad_out: Any, input: Any, normalized_shape: Any, weight: Any = None,
+                        bias: Any = None, eps: float = 1e-5
+                        ) -> tuple[Tensor, Tensor | None, Tensor | None]:
+    """(dL/dx, dL/dweight or None, dL/dbias or None) of layer_norm, the row statistics
+    recomputed from the input:
+
+        dx = rstd (g - mean_row(g) - xhat mean_row(g xhat)),  g = dy weight, xhat = (x - mean) rstd
+        dweight = sum_rows dy xhat,  dbias = sum_rows dy
+    """
+    dev = pick_device(grad_out, input, weight, bias)
+    x, w, b, ns, p = _ln_args(input, normalized_shape, weight, bias, eps, dev)
+    g = _grad_out(grad_out, x, dev)
+    dx = empty(x.shape, x.dtype, dev)
+    need = w is not None or b is not None
+    dw = empty(ns, x.dtype, dev) if w is not None else None
+    db = empty(ns, x.dtype, dev) if b is not None else None
+    if not x.size:
+        for t in (dw, db):
+            if t is not None:
+                t.buffer.write(np.zeros(t.shape, t.dtype))
+        return dx, dw, db
+    d = dummy(dev)
+    stats = dev.buffer(8 * p.rows) if need else d
+    p.save_stats = int(need)
+    sfx = suffix(x.dtype)
+    kernel(dev, SOURCE, f"layer_norm_bwd_{sfx}")(
+        _ln_groups(p) * TG, g.buffer, x.buffer, w.buffer if w is not None else d, dx.buffer, stats, p)
+    if need:
+        # chunks of rows: enough columns x chunks to fill the device, each chunk >= 16 rows
+        p.splits = max(1, min(-(-p.rows // 16), -(-TARGET_GROUPS * TG // p.D)))
+        p.chunk_rows = -(-p.rows // p.splits)
+        p.splits = -(-p.rows // p.chunk_rows)
+        part = dev.buffer(8 * p.splits * p.D)
+        kernel(dev, SOURCE, f"layer_norm_bwd_params_{sfx}")(p.splits * p.D, g.buffer, x.buffer, stats,
+                                                            part, p)
+        kernel(dev, SOURCE, f"layer_norm_params_sum_{sfx}")(
+            p.D, part, dw.buffer if dw is not None else d, db.buffer if db is not None else d, p)
+    return dx, dw, db

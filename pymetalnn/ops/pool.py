@@ -195,10 +195,9 @@ def _max_bwd(grad_out: TensorLike, x: TensorLike, one_d: bool, kernel_size: Any,
     return dx.reshape(xshape)
 
 
-def max_pool2d(x: TensorLike, kernel_size: Any, stride: Any = None, padding: Any = 0,
-               dilation: Any = 1, ceil_mode: bool = False, return_indices: bool = False,
-               out: Tensor | None = None, out_batch_stride: int | None = None
-               ) -> Tensor | tuple[Tensor, Tensor]:
+def max_pool2d(input: Any, kernel_size: Any, stride: Any = None, padding: Any = 0, dilation: Any = 1,
+               ceil_mode: bool = False, return_indices: bool = False, out: Any = None,
+               out_batch_stride: int | None = None) -> Tensor | tuple[Tensor, Tensor]:
     """y[n, c, oh, ow] = max over r < kH, s < kW of x[n, c, oh*sH - pH + r*dH, ow*sW - pW + s*dW]
     (taps in the padding skipped). x is (N, C, H, W) or (C, H, W); stride defaults to kernel_size.
     With return_indices, also the int32 argmax h*W + w per output (first maximum on ties; the
@@ -206,29 +205,34 @@ def max_pool2d(x: TensorLike, kernel_size: Any, stride: Any = None, padding: Any
     out= (x batched): write y there instead, `out_batch_stride` elements between images (e.g. a
     view at channel c0 of a larger (N, C', OH, OW) tensor with stride C' * OH * OW: a channel
     slice of a concatenation); see pymetalnn.ops._common.strided_out."""
+    x = input
     return _max_fwd(x, False, kernel_size, stride, padding, dilation, ceil_mode, return_indices,
                     out, out_batch_stride)
 
 
-def max_pool2d_backward(grad_out: TensorLike, x: TensorLike, kernel_size: Any, stride: Any = None,
+def max_pool2d_backward(grad_out: Any, input: Any, kernel_size: Any, stride: Any = None,
                         padding: Any = 0, dilation: Any = 1, ceil_mode: bool = False,
-                        indices: TensorLike | None = None) -> Tensor:
+                        return_indices: bool = False, indices: Any = None) -> Tensor:
     """grad_x[n, c, h, w] = sum of grad_out over the outputs whose argmax is (h, w). Uses
-    `indices` from max_pool2d(..., return_indices=True) when given, else recomputes from x."""
+    `indices` from max_pool2d(..., return_indices=True) when given, else recomputes from x.
+    return_indices: the forward's option, accepted for the shared calling convention (unused)."""
+    x = input
     return _max_bwd(grad_out, x, False, kernel_size, stride, padding, dilation, ceil_mode, indices)
 
 
-def max_pool1d(x: TensorLike, kernel_size: Any, stride: Any = None, padding: Any = 0,
-               dilation: Any = 1, ceil_mode: bool = False, return_indices: bool = False
+def max_pool1d(input: Any, kernel_size: Any, stride: Any = None, padding: Any = 0, dilation: Any = 1,
+               ceil_mode: bool = False, return_indices: bool = False
                ) -> Tensor | tuple[Tensor, Tensor]:
     """y[n, c, o] = max over r < k of x[n, c, o*s - p + r*d]; x is (N, C, L) or (C, L)."""
+    x = input
     return _max_fwd(x, True, kernel_size, stride, padding, dilation, ceil_mode, return_indices)
 
 
-def max_pool1d_backward(grad_out: TensorLike, x: TensorLike, kernel_size: Any, stride: Any = None,
+def max_pool1d_backward(grad_out: Any, input: Any, kernel_size: Any, stride: Any = None,
                         padding: Any = 0, dilation: Any = 1, ceil_mode: bool = False,
-                        indices: TensorLike | None = None) -> Tensor:
+                        return_indices: bool = False, indices: Any = None) -> Tensor:
     """grad_x[n, c, l] = sum of grad_out over the outputs whose argmax is l."""
+    x = input
     return _max_bwd(grad_out, x, True, kernel_size, stride, padding, dilation, ceil_mode, indices)
 
 
@@ -288,7 +292,7 @@ def _avg_bwd(grad_out: TensorLike, x: TensorLike, one_d: bool, kernel_size: Any,
     return dx.reshape(xshape)
 
 
-def avg_pool2d(x: TensorLike, kernel_size: Any, stride: Any = None, padding: Any = 0,
+def avg_pool2d(input: Any, kernel_size: Any, stride: Any = None, padding: Any = 0,
                ceil_mode: bool = False, count_include_pad: bool = True,
                divisor_override: int | None = None, out: Tensor | None = None,
                out_batch_stride: int | None = None) -> Tensor:
@@ -296,29 +300,33 @@ def avg_pool2d(x: TensorLike, kernel_size: Any, stride: Any = None, padding: Any
     divisor is divisor_override, else the window's size clipped to the padded input
     (count_include_pad=True) or to the input (False; MPS's "exclude edges").
     out=, out_batch_stride: as max_pool2d's (write into a channel slice)."""
+    x = input
     return _avg_fwd(x, False, kernel_size, stride, padding, ceil_mode, count_include_pad,
                     divisor_override, out, out_batch_stride)
 
 
-def avg_pool2d_backward(grad_out: TensorLike, x: TensorLike, kernel_size: Any, stride: Any = None,
+def avg_pool2d_backward(grad_out: Any, input: Any, kernel_size: Any, stride: Any = None,
                         padding: Any = 0, ceil_mode: bool = False, count_include_pad: bool = True,
                         divisor_override: int | None = None) -> Tensor:
     """grad_x[n, c, h, w] = sum over the windows containing (h, w) of grad_out / divisor
     (x gives the shape only)."""
+    x = input
     return _avg_bwd(grad_out, x, False, kernel_size, stride, padding, ceil_mode, count_include_pad,
                     divisor_override)
 
 
-def avg_pool1d(x: TensorLike, kernel_size: Any, stride: Any = None, padding: Any = 0,
+def avg_pool1d(input: Any, kernel_size: Any, stride: Any = None, padding: Any = 0,
                ceil_mode: bool = False, count_include_pad: bool = True) -> Tensor:
     """y[n, c, o] = (sum of x over the window clipped to the input) / divisor (as avg_pool2d)."""
+    x = input
     return _avg_fwd(x, True, kernel_size, stride, padding, ceil_mode, count_include_pad, None)
 
 
-def avg_pool1d_backward(grad_out: TensorLike, x: TensorLike, kernel_size: Any, stride: Any = None,
+def avg_pool1d_backward(grad_out: Any, input: Any, kernel_size: Any, stride: Any = None,
                         padding: Any = 0, ceil_mode: bool = False, count_include_pad: bool = True
                         ) -> Tensor:
     """grad_x[n, c, l] = sum over the windows containing l of grad_out / divisor."""
+    x = input
     return _avg_bwd(grad_out, x, True, kernel_size, stride, padding, ceil_mode, count_include_pad,
                     None)
 
@@ -371,31 +379,63 @@ def _adaptive_bwd(grad_out: TensorLike, x: TensorLike, output_size: Any) -> Tens
     return dx.reshape(xshape)
 
 
-def adaptive_avg_pool2d(x: TensorLike, output_size: Any) -> Tensor:
+def adaptive_avg_pool2d(input: Any, output_size: Any) -> Tensor:
     """y[n, c, i, j] = mean of x[n, c, h, w] over h in [floor(i H / OH), ceil((i + 1) H / OH)),
     w likewise; output_size is an int or (OH, OW) (None keeps that input size)."""
+    x = input
     dev = pick_device(x)
     x4, prefix, _ = _as_4d(x, dev, "x", False)
     return _adaptive_fwd(x4, prefix, _adaptive_params(x4, output_size), dev)
 
 
-def adaptive_avg_pool2d_backward(grad_out: TensorLike, x: TensorLike, output_size: Any) -> Tensor:
+def adaptive_avg_pool2d_backward(grad_out: Any, input: Any, output_size: Any) -> Tensor:
     """grad_x[n, c, h, w] = sum over the cells (i, j) containing (h, w) of grad_out / cell size."""
+    x = input
     return _adaptive_bwd(grad_out, x, output_size)
 
 
-def global_avg_pool2d(x: TensorLike) -> Tensor:
+def _adaptive1d_size(output_size: Any) -> tuple[int, Any]:
+    if isinstance(output_size, (tuple, list)):
+        if len(output_size) != 1:
+            raise ValueError(f"output_size: expected an int or 1 int, got {output_size!r}")
+        output_size = output_size[0]
+    return (1, output_size)
+
+
+def adaptive_avg_pool1d(input: Any, output_size: Any) -> Tensor:
+    """y[n, c, i] = mean of x[n, c, l] over l in [floor(i L / O), ceil((i + 1) L / O)); x is
+    (N, C, L) or (C, L) (torch.nn.functional.adaptive_avg_pool1d). The 2-D kernels with H = 1."""
+    dev = pick_device(input)
+    x4, prefix, _ = _as_4d(input, dev, "input", True)
+    y = _adaptive_fwd(x4, prefix, _adaptive_params(x4, _adaptive1d_size(output_size)), dev)
+    return y.reshape(*prefix, y.shape[-1])
+
+
+def adaptive_avg_pool1d_backward(grad_out: Any, input: Any, output_size: Any) -> Tensor:
+    """grad_x[n, c, l] = sum over the cells i containing l of grad_out / cell size."""
+    dev = pick_device(grad_out, input)
+    x4, prefix, xshape = _as_4d(input, dev, "input", True)
+    q = _adaptive_params(x4, _adaptive1d_size(output_size))
+    g = _grad_arg(grad_out, x4, dev, (*prefix, q.OW))
+    return _adaptive_bwd(g.reshape(*prefix, 1, q.OW), x4.reshape(*prefix, 1, x4.shape[-1]),
+                         _adaptive1d_size(output_size)).reshape(xshape)
+
+
+def global_avg_pool2d(input: Any) -> Tensor:
     """y[n, c, 0, 0] = mean of x[n, c] over H and W (adaptive_avg_pool2d(x, 1))."""
+    x = input
     return adaptive_avg_pool2d(x, 1)
 
 
-def global_avg_pool2d_backward(grad_out: TensorLike, x: TensorLike) -> Tensor:
+def global_avg_pool2d_backward(grad_out: Any, input: Any) -> Tensor:
     """grad_x[n, c, h, w] = grad_out[n, c, 0, 0] / (H W)."""
+    x = input
     return _adaptive_bwd(grad_out, x, 1)
 
 
 __all__ = [
-    "adaptive_avg_pool2d", "adaptive_avg_pool2d_backward", "avg_pool1d", "avg_pool1d_backward",
+    "adaptive_avg_pool1d", "adaptive_avg_pool1d_backward", "adaptive_avg_pool2d",
+    "adaptive_avg_pool2d_backward", "avg_pool1d", "avg_pool1d_backward",
     "avg_pool2d", "avg_pool2d_backward", "global_avg_pool2d", "global_avg_pool2d_backward",
     "max_pool1d", "max_pool1d_backward", "max_pool2d", "max_pool2d_backward",
 ]

@@ -7,8 +7,10 @@ axis), S so that each thread handles a few elements, and the widest W whose tile
 kernels' threadgroup cache, so the input is read once. The loss family's class-axis kernels use
 the same plan.
 
-Backward takes the forward's output (as PyTorch's autograd saves it), not its input:
-`softmax_backward(grad_out, output, dim)`.
+Backward comes in two forms: `softmax_backward(grad_out, input, dim)` takes the forward's input
+like every other `<op>_backward` (it recomputes the output: one more kernel), and
+`softmax_backward_from_output(grad_out, output, dim)` takes the output, as autograd saves it
+(the graph uses this one). Any rank: the kernels only see (outer, len, inner).
 """
 from __future__ import annotations
 
@@ -18,7 +20,7 @@ from typing import Any
 import numpy as np
 
 from ..params import CONST, SoftmaxParams
-from ..tensor import Tensor, TensorLike
+from ..tensor import Tensor
 from ._common import FLOATS, MAX_GROUPS, empty, kernel, pick_device, suffix, tensor_arg
 
 SOURCE = "softmax.metal"
@@ -98,55 +100,84 @@ def check_size(t: Tensor, name: str) -> None:
         raise ValueError(f"{name}: {t.size} elements exceed the kernels' 32-bit indexing")
 
 
-def _forward(x: TensorLike, dim: int, log: bool) -> Tensor:
+def _torch_dim(dim: Any, ndim: int) -> Any:
+    """torch's implicit dim for dim=None (deprecated there, kept for ported code)."""
+    return (0 if ndim in (0, 1, 3) else 1) if dim is None else dim
+
+
+def _forward(x: Any, dim: Any, log: bool) -> Tensor:
     dev = pick_device(x)
-    xt = tensor_arg(x, dev, "input", FLOATS, (2, 4))
-    d = check_dim(dim, xt.ndim)
+    xt = tensor_arg(x, dev, "input", FLOATS)
+    d = check_dim(_torch_dim(dim, xt.ndim), max(xt.ndim, 1))
     check_size(xt, "input")
     y = empty(xt.shape, xt.dtype, dev)
     if xt.size == 0:
         return y
-    p = tile_plan(*split_shape(xt.shape, d), cache_arrays=1)
+    p = tile_plan(*split_shape(xt.shape or (1,), d), cache_arrays=1)
     name = f"{'log_softmax' if log else 'softmax'}_fwd_{suffix(xt.dtype)}"
     kernel(dev, SOURCE, name)(tile_groups(p) * TG, xt.buffer, y.buffer, p)
     return y
 
 
-def _backward(grad_out: TensorLike, output: TensorLike, dim: int, log: bool) -> Tensor:
+def _backward(grad_out: Any, output: Any, dim: Any, log: bool) -> Tensor:
     dev = pick_device(grad_out, output)
-    yt = tensor_arg(output, dev, "output", FLOATS, (2, 4))
+    yt = tensor_arg(output, dev, "output", FLOATS)
     gt = tensor_arg(grad_out, dev, "grad_out", (yt.dtype,))
     if gt.shape != yt.shape:
         raise ValueError(f"grad_out: shape {gt.shape} does not match output's {yt.shape}")
-    d = check_dim(dim, yt.ndim)
+    d = check_dim(_torch_dim(dim, yt.ndim), max(yt.ndim, 1))
     check_size(yt, "output")
     dx = empty(yt.shape, yt.dtype, dev)
     if yt.size == 0:
         return dx
-    p = tile_plan(*split_shape(yt.shape, d), cache_arrays=1 if log else 2)
+    p = tile_plan(*split_shape(yt.shape or (1,), d), cache_arrays=1 if log else 2)
     name = f"{'log_softmax' if log else 'softmax'}_bwd_{suffix(yt.dtype)}"
     kernel(dev, SOURCE, name)(tile_groups(p) * TG, gt.buffer, yt.buffer, dx.buffer, p)
     return dx
 
 
-def softmax(input: TensorLike, dim: int = 1) -> Tensor:
-    """y = exp(x - max_d x) / sum_d exp(x - max_d x) along axis `dim` (default: the channel axis
-    of (N, C) or (N, C, H, W)). float32 or float16 storage, float arithmetic."""
+def _input_for(grad_out: Any, input: Any) -> Tensor:
+    """input, checked against grad_out before the forward is recomputed (nothing dispatched on
+    bad arguments)."""
+    dev = pick_device(grad_out, input)
+    xt = tensor_arg(input, dev, "input", FLOATS)
+    gt = tensor_arg(grad_out, dev, "grad_out", (xt.dtype,))
+    if gt.shape != xt.shape:
+        raise ValueError(f"grad_out: shape {gt.shape} does not match input's {xt.shape}")
+    return xt
+
+
+def softmax(input: Any, dim: int | None = None) -> Tensor:
+    """y = exp(x - max_d x) / sum_d exp(x - max_d x) along axis `dim` of a tensor of any rank
+    (negative dims count from the end; None: torch's implicit choice, 0 for 0-, 1- and 3-D
+    inputs, else 1). float32 or float16 storage, float arithmetic."""
     return _forward(input, dim, log=False)
 
 
-def log_softmax(input: TensorLike, dim: int = 1) -> Tensor:
-    """y = x - max_d x - log(sum_d exp(x - max_d x)) along axis `dim`."""
+def log_softmax(input: Any, dim: int | None = None) -> Tensor:
+    """y = x - max_d x - log(sum_d exp(x - max_d x)) along axis `dim` (as softmax)."""
     return _forward(input, dim, log=True)
 
 
-def softmax_backward(grad_out: TensorLike, output: TensorLike, dim: int = 1) -> Tensor:
-    """Gradient of softmax w.r.t. its input, from the forward's OUTPUT y = softmax(x, dim):
+def softmax_backward(grad_out: Any, input: Any, dim: int | None = None) -> Tensor:
+    """Gradient of softmax w.r.t. its input x: with y = softmax(x, dim) (recomputed),
+    dx = y * (dy - sum_d(dy * y))."""
+    return _backward(grad_out, _forward(_input_for(grad_out, input), dim, log=False), dim, log=False)
+
+
+def log_softmax_backward(grad_out: Any, input: Any, dim: int | None = None) -> Tensor:
+    """Gradient of log_softmax w.r.t. its input x: with y = log_softmax(x, dim) (recomputed),
+    dx = dy - exp(y) * sum_d dy."""
+    return _backward(grad_out, _forward(_input_for(grad_out, input), dim, log=True), dim, log=True)
+
+
+def softmax_backward_from_output(grad_out: Any, output: Any, dim: int | None = None) -> Tensor:
+    """Gradient of softmax from the forward's OUTPUT y = softmax(x, dim):
     dx = y * (dy - sum_d(dy * y))."""
     return _backward(grad_out, output, dim, log=False)
 
 
-def log_softmax_backward(grad_out: TensorLike, output: TensorLike, dim: int = 1) -> Tensor:
-    """Gradient of log_softmax w.r.t. its input, from the forward's OUTPUT y = log_softmax(x):
+def log_softmax_backward_from_output(grad_out: Any, output: Any, dim: int | None = None) -> Tensor:
+    """Gradient of log_softmax from the forward's OUTPUT y = log_softmax(x, dim):
     dx = dy - exp(y) * sum_d dy."""
     return _backward(grad_out, output, dim, log=True)

@@ -22,5 +22,7 @@ from .multi import MultiTensorStep, why_not_multi
 from .rmsprop import RMSProp
 from .sgd import SGD
 
-__all__ = ["SGD", "Adam", "AdamW", "RMSProp", "Optimizer", "CustomOptimizer", "hyper_struct",
+RMSprop = RMSProp  # torch.optim's spelling of the same class
+
+__all__ = ["SGD", "Adam", "AdamW", "RMSProp", "RMSprop", "Optimizer", "CustomOptimizer", "hyper_struct",
            "MultiTensorStep", "why_not_multi"]

@@ -20,7 +20,16 @@ from .errors import ArgumentTypeError, DispatchError
 from .msl import KernelArg, KernelInfo
 
 PACKAGE_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-KERNEL_DIR = os.path.join(os.path.dirname(PACKAGE_DIR), "kernels")
+
+
+def data_dir(name: str) -> str:
+    """A folder shipped with the package: inside it in a wheel (setup.py maps the repository's
+    top-level folder there), else the checkout's top-level folder (editable install, PYTHONPATH)."""
+    inside = os.path.join(PACKAGE_DIR, name)
+    return inside if os.path.isdir(inside) else os.path.join(os.path.dirname(PACKAGE_DIR), name)
+
+
+KERNEL_DIR = data_dir("kernels")
 PRELUDE_DIR = os.path.join(PACKAGE_DIR, "runtime", "prelude")
 CPU_RT_DIR = os.path.join(PACKAGE_DIR, "runtime", "cpu")
 

@@ -761,6 +761,8 @@ def _maybe_written(toks: list[Token], name: str) -> bool:
     """Whether `name` (a scalar or struct) may be modified by `toks`: assigned, incremented, a
     member assigned, or passed to a call (a reference parameter)."""
     for k, t in enumerate(toks):
+        if t.kind == "id" and " " in t.text and name in _words(t.text):
+            return True  # inside generated code: assume so
         if t.kind != "id" or t.text != name:
             continue
         prev = toks[k - 1].text if k else ""
@@ -773,6 +775,8 @@ def _maybe_written(toks: list[Token], name: str) -> bool:
         if nxt in ASSIGN_OPS or nxt in ("++", "--") or prev in ("++", "--"):
             return True
         if prev in ("(", ",") and nxt in (",", ")"):
+            return True
+        if nxt == "(" and j > k + 1:  # x.f(...): a member function may modify x
             return True
     return False
 
@@ -1238,7 +1242,9 @@ class Lockstep:
         arr = name + "_v"
         out.append(self.tk(f"bool {arr}[PMN_TG];", like))
         ctx.scope[-1].append((name, arr))
-        a = St("simple", [self.tk(name, like), self.tk("= (", like)] + cond + [self.tk(");", like)])
+        a = St("simple", [self.tk(name, like), Token("punct", "=", like.file, like.line),
+                          Token("punct", "(", like.file, like.line)] + cond +
+               [Token("punct", ")", like.file, like.line), Token("punct", ";", like.file, like.line)])
         a.sync = True
         self.sync_simple(a, ctx, out, [])
         return [self.tk(name, like)]

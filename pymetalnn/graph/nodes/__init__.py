@@ -1,5 +1,5 @@
 """Graph nodes, one module per op family mirroring pymetalnn/ops/ (conv, gemm, pool, neuron,
-softmax, dropout, norm, copy, arith, rnn, loss), on the base classes in base.py.
+softmax, dropout, norm, copy, arith, rnn, loss, detection), on the base classes in base.py.
 
 As in MPSNNGraph, the result of one node is the source of the next:
 
@@ -46,11 +46,17 @@ from .copy import (
     FlattenNode,
     ImageToMatrixNode,
     MatrixToImageNode,
+    PermuteNode,
     ReshapeNode,
+    SelectNode,
+)
+from .detection import (
+    YoloLossNode,
 )
 from .dropout import (
     DropoutNode,
 )
+from .embedding import EmbeddingNode
 from .gemm import (
     FullyConnectedNode,
 )
@@ -86,6 +92,7 @@ from .norm import (
     BatchNormalizationNode,
     GroupNormalizationNode,
     InstanceNormalizationNode,
+    LayerNormalizationNode,
 )
 from .pool import (
     GlobalAveragePoolingNode,

@@ -206,3 +206,100 @@ class MatrixToImageNode(_LayoutNode):
             raise ValueError(f"source has {m[1]} features, images {self.chw} need "
                              f"{int(np.prod(self.chw))}")
         return [((m[0], *self.chw), _floats(dtypes))]
+
+
+class PermuteNode(FilterNode):
+    """Per-sample dimensions permuted (torch's x.permute with the batch dimension kept first:
+    `dims` is a permutation of 0..ndim-1 whose first entry is 0), a copy by F.permute."""
+
+    prefix = "permute"
+
+    def __init__(self, source: Any, dims: Sequence[int], *, name: str | None = None,
+                 register: bool = True):
+        self.dims = tuple(int(d) for d in dims)
+        super().__init__([source], name, register)
+
+    def infer(self, shapes, dtypes):
+        x = shapes[0]
+        if sorted(self.dims) != list(range(len(x))) or self.dims[0] != 0:
+            raise ValueError(f"dims: {self.dims} is not a permutation of 0..{len(x) - 1} keeping "
+                             "the batch dimension 0 first")
+        return [(tuple(x[d] for d in self.dims), dtypes[0])]
+
+    def forward(self, rc, xs, training, with_state):
+        return [F.permute(xs[0], self.dims)]
+
+    def backward(self, rc, gouts, saved, need):
+        inv = tuple(int(i) for i in np.argsort(self.dims))
+        return [F.permute(gouts[0], inv)], []
+
+
+class SelectNode(FilterNode):
+    """x.select(dim, index) (e.g. the last time step of a batch-first sequence, out[:, -1]) or,
+    with `length`, the slice index:index+length along dim (kept); dim > 0 (the batch stays).
+    Forward and gradient by F.split / F.split_backward (zeros for the other pieces)."""
+
+    prefix = "select"
+
+    def __init__(self, source: Any, dim: int, index: int, length: int | None = None, *,
+                 name: str | None = None, register: bool = True):
+        self.dim, self.index, self.length = int(dim), int(index), length
+        super().__init__([source], name, register)
+
+    def infer(self, shapes, dtypes):
+        x = shapes[0]
+        d = self.dim % len(x)
+        if d == 0:
+            raise ValueError("dim: the batch dimension cannot be selected from")
+        n = x[d]
+        i = self.index % n if -n <= self.index < n else None
+        if i is None:
+            raise ValueError(f"index: {self.index} is out of range for size {n}")
+        ln = 1 if self.length is None else int(self.length)
+        if ln < 1 or i + ln > n:
+            raise ValueError(f"length: {ln} from {i} runs past size {n}")
+        self._d, self._sections = d, [s for s in (i, ln, n - i - ln) if s]
+        self._piece = 1 if i else 0
+        shape = list(x)
+        if self.length is None:
+            del shape[d]
+        else:
+            shape[d] = ln
+        return [(tuple(shape), dtypes[0])]
+
+    def forward(self, rc, xs, training, with_state):
+        x = xs[0]
+        piece = F.split(x, self._sections, self._d)[self._piece]
+        return [piece.reshape(self.result_shape(x.shape[0]))]
+
+    def result_shape(self, n: int) -> tuple[int, ...]:
+        return (n, *self.result.shape[1:])
+
+    def saved(self):
+        return [("in", 0)]
+
+    def backward(self, rc, gouts, saved, need):
+        x = saved[0]
+        g = gouts[0]
+        grads = []
+        for k, s in enumerate(self._sections):
+            shape = list(x.shape)
+            shape[self._d] = s
+            grads.append(g.reshape(tuple(shape)) if k == self._piece
+                         else _zeros(tuple(shape), g.dtype, g.device))
+        return [F.split_backward(grads, x, self._sections, self._d)], []
+
+
+_ZEROS: dict[tuple, Tensor] = {}
+
+
+def _zeros(shape: tuple[int, ...], dtype: Any, dev: Any) -> Tensor:
+    """A read-only zero tensor uploaded from the host (a planned graph buffer is not zero-filled),
+    cached per shape, dtype and device."""
+    key = (shape, np.dtype(dtype).str, id(dev))
+    t = _ZEROS.get(key)
+    if t is None or t.device is not dev:
+        from ...tensor import tensor
+
+        t = _ZEROS[key] = tensor(np.zeros(shape, dtype), dev)
+    return t

@@ -78,30 +78,26 @@ class YoloLossNode(LossNode):
     def bind_labels(self, g: Any, v: LabelsNode, x: Any) -> Tensor:
         """Check the rows on the host (once per step, before anything is dispatched) and bind
         them as YoloTargets, which the loss then trusts."""
-        from ...ops.detection import YoloTargets, check_targets
-
         c = g.resolve(self.sources[0]).shape[1] // len(self.anchors) - 5
-        if isinstance(x, YoloTargets) and x.num_classes == c:
+        if isinstance(x, F.YoloTargets) and x.num_classes == c:
             return g._bind_input(v, x)
         arr = x.numpy() if isinstance(x, Tensor) else np.asarray(x)
         try:
-            arr = check_targets(arr, c, "labels")
+            arr = F.check_targets(arr, c, "labels")
         except ValueError as e:
             raise GraphError(v, str(e)) from None
-        return YoloTargets(g._bind_input(v, arr), c)
+        return F.YoloTargets(g._bind_input(v, arr), c)
 
     def _anchors(self, rc: Any) -> Tensor:
-        from ...ops.detection import YoloAnchors
-
         t = rc.g._const(("yolo_anchors", id(self)), lambda: self.anchors)
-        return YoloAnchors(t, self.anchors)
+        return F.YoloAnchors(t, self.anchors)
 
     def forward(self, rc, xs, training, with_state):
         return [F.yolo_loss(xs[0], xs[1], self._anchors(rc), reduction="per_sample",
-                                      **self.options)]
+                            **self.options)]
 
     def backward(self, rc, gouts, saved, need):
         x, t = saved
         g = rc.loss_scale(x.shape[0], self.reduction, x.device)
         return [F.yolo_loss_backward(g, x, t, self._anchors(rc), reduction="per_sample",
-                                               **self.options), None], []
+                                     **self.options), None], []

@@ -16,14 +16,23 @@ class FullyConnectedNode(FilterNode):
 
     prefix = "fc"
 
-    def __init__(self, source: Any, weights: FullyConnectedDataSource, *, name: str | None = None,
-                 register: bool = True):
+    def __init__(self, source: Any, weights: FullyConnectedDataSource, *, per_step: bool = False,
+                 name: str | None = None, register: bool = True):
+        """per_step: the layer applied to the last dimension of every position of a sequence
+        (N, T, F) or (T, N, F) -> (..., out), as torch.nn.Linear on a 3-D input, instead of
+        flattening each sample."""
         self.weights = _weights_of(weights, FullyConnectedDataSource)
+        self.per_step = bool(per_step)
         super().__init__([source], name, register)
 
     def infer(self, shapes, dtypes):
         (x,) = shapes
         dt = _floats(dtypes)
+        if self.per_step:
+            if len(x) < 3 or x[-1] != self.weights.in_features:
+                raise ValueError(f"source: per_step needs a sequence (..., {self.weights.in_features}), "
+                                 f"got shape {x}")
+            return [((*x[:-1], self.weights.out_features), dt)]
         if len(x) < 2:
             raise ValueError(f"source: expected (N, features) or images, got shape {x}")
         f = int(np.prod(x[1:]))
@@ -32,18 +41,25 @@ class FullyConnectedNode(FilterNode):
                              f"({self.weights.label}) expect {self.weights.in_features}")
         return [((x[0], self.weights.out_features), dt)]
 
+    def _rows(self, x: Any) -> Any:
+        return x.reshape(-1, x.shape[-1]) if self.per_step else x.reshape(x.shape[0], -1)
+
     def forward(self, rc, xs, training, with_state, activation=None):
         x = xs[0]
-        return [self.call_with_weights(rc, F.linear, x.reshape(x.shape[0], -1), **_act(activation))]
+        y = self.call_with_weights(rc, F.linear, self._rows(x), **_act(activation))
+        if self.per_step:
+            y = y.reshape(*x.shape[:-1], y.shape[-1])
+        return [y]
 
     def saved(self):
         return [("in", 0)]
 
     def backward(self, rc, gouts, saved, need):
         (x,) = saved
-        x2 = x.reshape(x.shape[0], -1)
+        x2 = self._rows(x)
         w, b = rc.acquire(self.weights)
+        g = gouts[0].reshape(-1, w.shape[0]) if self.per_step else gouts[0]
         if not need[0] and rc.skip_dead:
-            return self.weight_grads_only(rc, *F.linear_weight_grad(gouts[0], x2, w, b))
-        gx, gw, gb = F.linear_backward(gouts[0], x2, w, b)
+            return self.weight_grads_only(rc, *F.linear_weight_grad(g, x2, w, b))
+        gx, gw, gb = F.linear_backward(g, x2, w, b)
         return [gx.reshape(x.shape) if need[0] else None], _param_grads(gw, gb)

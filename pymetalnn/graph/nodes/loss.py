@@ -31,7 +31,9 @@ class LossNode(FilterNode):
 
     labels: a LabelsNode (made if not given: int32 class indices for the class losses, else
     float targets shaped like the source). reduction: the training loss is the "mean" (default)
-    or "sum" over samples of the per-sample losses; the gradient pass starts from it. options:
+    or "sum" over samples of the per-sample losses, or "elementwise_mean", PyTorch's "mean": the
+    sum of every term over the number of terms (positions, not ignored labels; the sum of class
+    weights where given), as a ported torch loss; the gradient pass starts from it. options:
     the op's (label_smoothing, delta, eps, log_target, ignore_index ...)."""
 
     prefix = "loss"
@@ -44,8 +46,9 @@ class LossNode(FilterNode):
         self.loss = loss or type(self).loss
         if self.loss not in LOSSES:
             raise GraphError(None, f"loss: unknown {self.loss!r} (choose from {', '.join(LOSSES)})")
-        if reduction not in ("mean", "sum"):
-            raise GraphError(None, f"reduction: expected 'mean' or 'sum', got {reduction!r}")
+        if reduction not in ("mean", "sum", "elementwise_mean"):
+            raise GraphError(None, f"reduction: expected 'mean', 'sum' or 'elementwise_mean', got "
+                                   f"{reduction!r}")
         self.reduction, self.options = reduction, options
         src = as_value(source, None)
         if labels is None:
@@ -93,8 +96,14 @@ class LossNode(FilterNode):
 
     def backward(self, rc, gouts, saved, need):
         x, t = saved
+        if self.reduction == "elementwise_mean":  # the op's own (torch's) mean
+            gx, _ = LOSSES[self.loss][1](1.0, x, t, reduction="mean", target_grad=False,
+                                         **self.options)
+            return [gx, None], []
         g = rc.loss_scale(x.shape[0], self.reduction, x.device)
-        return [LOSSES[self.loss][1](g, x, t, reduction="per_sample", **self.options), None], []
+        gx, _ = LOSSES[self.loss][1](g, x, t, reduction="per_sample", target_grad=False,
+                                     **self.options)
+        return [gx, None], []
 
 
 def _loss_class(kind: str, doc: str) -> type:

@@ -151,3 +151,42 @@ class GroupNormalizationNode(_NormNode):
                                            t.get("bias"), eps=self.weights.eps,
                                            save_mean=mean, save_rstd=rstd)
         return [gx], ([gw, gb] if self.weights.affine else [])
+
+
+class LayerNormalizationNode(FilterNode):
+    """Layer normalization over the trailing normalized_shape dimensions of each sample
+    (torch.nn.LayerNorm; weights from a LayerNormDataSource): the layer_norm kernels, the row
+    statistics recomputed by the gradient."""
+
+    prefix = "ln"
+
+    def __init__(self, source: Any, weights: Any, *, name: str | None = None, register: bool = True):
+        from ..datasource import LayerNormDataSource
+
+        self.weights = _weights_of(weights, LayerNormDataSource)
+        super().__init__([source], name, register)
+
+    def infer(self, shapes, dtypes):
+        x, ns = shapes[0], self.weights.normalized_shape
+        if len(x) < len(ns) + 1 or tuple(x[len(x) - len(ns):]) != ns:
+            raise ValueError(f"source shape {x} does not end with normalized_shape {ns} "
+                             f"({self.weights.label})")
+        return [(x, _floats(dtypes))]
+
+    def forward(self, rc, xs, training, with_state):
+        t = rc.acquire_dict(self.weights)
+        y = F.layer_norm(xs[0], self.weights.normalized_shape, t.get("weight"),
+                                   t.get("bias"), self.weights.eps)
+        rc.release(self.weights)
+        return [y]
+
+    def saved(self):
+        return [("in", 0)]
+
+    def backward(self, rc, gouts, saved, need):
+        t = rc.acquire_dict(self.weights)
+        gx, gw, gb = F.layer_norm_backward(
+            gouts[0], saved[0], self.weights.normalized_shape, t.get("weight"), t.get("bias"),
+            self.weights.eps)
+        rc.release(self.weights)
+        return [gx], [g for g in (gw, gb) if g is not None]

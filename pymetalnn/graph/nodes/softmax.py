@@ -28,7 +28,7 @@ class SoftMaxNode(FilterNode):
         return [("out", 0)]
 
     def backward(self, rc, gouts, saved, need):
-        f = F.log_softmax_backward if self.log else F.softmax_backward
+        f = F.log_softmax_backward_from_output if self.log else F.softmax_backward_from_output
         return [f(gouts[0], saved[0], self.dim)], []
 
 
