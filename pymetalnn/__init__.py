@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from . import functional, optim  # noqa: E402
 from .runtime import (
+    ArgumentTypeError,
+    AsyncError,
     BackendUnavailable,
     Buffer,
     BufferView,
@@ -13,6 +15,7 @@ from .runtime import (
     Kernel,
     Library,
     MSLError,
+    ValidationError,
     availability,
     device,
 )
@@ -24,5 +27,6 @@ __all__ = [
     "Tensor", "TensorLike", "as_tensor", "empty", "float16", "float32", "functional", "int32",
     "optim", "tensor", "zeros",
     "BackendUnavailable", "Buffer", "BufferView", "CompileError", "Device", "DispatchError",
-    "Kernel", "Library", "MSLError", "availability", "device",
+    "Kernel", "Library", "MSLError", "availability", "device", "ArgumentTypeError", "AsyncError",
+    "ValidationError",
 ]

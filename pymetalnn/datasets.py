@@ -17,7 +17,9 @@ from __future__ import annotations
 
 import gzip
 import importlib.util
+import math
 import os
+import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import IO
@@ -47,8 +49,11 @@ def read_idx(path: str, expect_ndim: int | None = None) -> np.ndarray:
     that the data size matches the dims and, if given, the number of dims."""
     if not os.path.isfile(path):
         raise DatasetError(f"{path}: no such file")
-    with _open(path) as f:
-        data = f.read()
+    try:
+        with _open(path) as f:
+            data = f.read()
+    except (EOFError, OSError, zlib.error) as e:  # a truncated or damaged .gz
+        raise DatasetError(f"{path}: truncated or corrupt gzip data ({e})") from None
     if len(data) < 4:
         raise DatasetError(f"{path}: {len(data)} bytes, too short for an IDX header")
     if data[0] != 0 or data[1] != 0:
@@ -64,7 +69,7 @@ def read_idx(path: str, expect_ndim: int | None = None) -> np.ndarray:
     dims = tuple(int(d) for d in np.frombuffer(data, ">u4", ndim, 4))
     dt = np.dtype(_IDX_DTYPES[code])
     body = data[4 + 4 * ndim:]
-    want = int(np.prod(dims)) * dt.itemsize
+    want = math.prod(dims) * dt.itemsize  # exact: np.prod of absurd dims would wrap
     if len(body) != want:
         raise DatasetError(f"{path}: {len(body)} data bytes, dims {dims} need {want}")
     return np.frombuffer(body, dt).reshape(dims).astype(dt.newbyteorder("="))
@@ -408,6 +413,9 @@ def read_ts(path: str, classes: Sequence[str] | None = None) -> TSData:
                 except ValueError as e:
                     raise DatasetError(f"{where}: dimension {d}: {e}") from None
                 dims.append(np.asarray(v, np.float32))
+            if not dims:
+                raise DatasetError(f"{where}: a case with no dimensions (expected values "
+                                   "separated by ',' and dimensions by ':')")
             rows.append(dims)
     if not in_data:
         raise DatasetError(f"{path}: no @data line")

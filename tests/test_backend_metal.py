@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 import pymetalnn
-from pymetalnn import CompileError, DispatchError
+from pymetalnn import AsyncError, CompileError, DispatchError
 
 if pymetalnn.availability().get("cpu"):
     pytest.skip("the stand-in runs kernels on the cpu backend", allow_module_level=True)
@@ -70,8 +70,9 @@ def test_signal_errors_surface_at_synchronize(mdev) -> None:
         raise ValueError("from the callback")
 
     mdev.signal(boom)
-    with pytest.raises(ValueError, match="from the callback"):
+    with pytest.raises(AsyncError, match="from the callback") as ei:
         mdev.synchronize()
+    assert isinstance(ei.value.__cause__, ValueError)
     mdev.synchronize()  # reported once; the device stays usable
 
 

@@ -93,6 +93,6 @@ from .padding import FULL, SAME, VALID, Padding
 from . import build, capture, io, memory, nodes, optimize, run, train, updates  # noqa: E402
 from .io import load_graph, save_graph, torch_state_dict
 from .from_torch import from_torch
-from .train import History, Progress, accuracy, fit
+from .train import History, NonFiniteLossError, Progress, accuracy, fit
 
 __all__ = [name for name in dir() if not name.startswith("_") and name not in ("annotations",)]

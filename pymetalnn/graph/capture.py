@@ -66,12 +66,16 @@ def capture_step(g: Graph, inputs: Any, labels: Any = None) -> CapturedStep:
             g.note_once(f"capture: {ds.label}'s Adam bias corrections are frozen at step "
                        f"{ds.optimizer.steps[0]} in the recording")
     g.note(f"capture: {len(rec)} launches recorded for batch {prog.batch}")
-    return CapturedStep(g, rec, data, labs, outs, keep, env)
+    cs = CapturedStep(g, rec, data, labs, outs, keep, env)
+    cs._arena = prog.arena  # per-step values: see run()
+    return cs
 
 
 
 class CapturedStep:
     """A recorded step of a graph (Graph.capture); `run()` replays it."""
+
+    _arena: Any = None
 
     def __init__(self, graph: Graph, rec: Any, inputs: list[Tensor], labels: list[Any],
                  outputs: list[Any], keep: list[Any], env: dict):
@@ -90,6 +94,7 @@ class CapturedStep:
         """Write new inputs / labels (if given) into the recorded buffers and replay."""
         g = self.graph
         with g._encode_lock:
+            g._check_failed()
             g._sem.acquire()
             try:
                 new: list[tuple[Value, Tensor, Any]] = []
@@ -106,6 +111,8 @@ class CapturedStep:
                     if isinstance(v, LabelsNode) and t.dtype == int32:
                         g._bind_labels(v, arr)  # range check (and a throwaway upload)
                     g._write(t, arr)
+                if self._arena is not None:  # a failed earlier replay does not fail this one
+                    g.device.forget_failures(self._arena)
                 self.recording.replay()
                 for ds in g.data_sources:
                     opt = ds.optimizer

@@ -197,11 +197,15 @@ class DataSource:
                 if strict:
                     raise ValueError(f"{self.label}: missing {k!r}")
                 continue
-            a = np.asarray(d[k], dtype=np.float32)
-            if a.shape != v.shape:  # exact: a same-size array of another shape (a transposed
-                # weight) is a different tensor, never reshaped into place
+            a = np.asarray(d[k])
+            # exact shape: a same-size array of another shape (a transposed weight) is refused,
+            # not reshaped into place; floating-point values convert (as torch's load_state_dict)
+            if a.shape != v.shape:
                 raise ValueError(f"{self.label}: {k!r} has shape {a.shape}, expected {v.shape}")
-            new[k] = a.copy()
+            if a.dtype.kind != "f":
+                raise ValueError(f"{self.label}: {k!r} has dtype {a.dtype}, expected a "
+                                 f"floating-point array ({v.dtype})")
+            new[k] = a.astype(v.dtype)
         self._host.update(new)
         if self._dev is not None:
             for k, a in new.items():

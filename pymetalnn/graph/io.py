@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 
+from ..runtime.errors import AsyncError
 from .datasource import DataSource
 from .errors import GraphError
 
@@ -91,46 +92,113 @@ def load_graph_state(g: Any, d: Mapping[str, Any], strict: bool = True,
     if strict and unused:
         raise GraphError(None, f"state: keys {', '.join(unused[:5])}{' ...' if len(unused) > 5 else ''}"
                                " match no parameter of the graph (pass mapping= or strict=False)")
-    # check everything first
+    # check everything first: exact shapes and dtypes (a same-size array of another shape, e.g.
+    # a transposed weight, is refused, not reshaped into place)
     for name, ds in sources.items():
         shapes = ds.shapes()
         for k, v in per[name].items():
+            a = per[name][k] = np.asarray(v)
+            key = f"{name}.{k}"
             if k == "num_batches_tracked":
+                if a.shape != () or a.dtype.kind not in "iu" or int(a) < 0:
+                    raise GraphError(None, f"state: {key} must be a non-negative integer scalar, "
+                                           f"got {a.dtype} of shape {a.shape}")
                 continue
-            a = np.asarray(v)
-            if a.shape != tuple(shapes[k]):  # exact: a same-size array of another shape is refused
-                raise GraphError(None, f"state: {name}.{k} has shape {a.shape}, the graph's is "
-                                       f"{shapes[k]}")
+            if a.shape != tuple(shapes[k]):
+                raise GraphError(None, f"state: {key} has shape {a.shape}, the graph's is "
+                                       f"{tuple(shapes[k])}")
+            if a.dtype.kind != "f":  # floats convert to float32, as torch's load_state_dict
+                raise GraphError(None, f"state: {key} has dtype {a.dtype}, the graph's is float32 "
+                                       "(a floating-point array is expected)")
         if strict:
             missing = [k for k in ds.names() if k not in per[name]]
             if missing:
                 raise GraphError(None, f"state: missing {', '.join(f'{name}.{k}' for k in missing)}")
-    g.synchronize()
+    try:
+        g.synchronize()
+    except AsyncError:  # a failed step (raised at its wait): what it left is overwritten now
+        pass
+    # optimizer states first: each optimizer checks its whole state before changing anything;
+    # if one refuses, those already loaded are put back, so nothing has changed
+    done: list[tuple[DataSource, Any]] = []
+    try:
+        for name, ds in sources.items():
+            if opt[name]:
+                before = ds.optimizer_state()
+                ds.load_optimizer_state({k: np.asarray(v) for k, v in opt[name].items()})
+                done.append((ds, before))
+    except (ValueError, TypeError, KeyError) as e:
+        for ds, before in reversed(done):
+            if ds.optimizer is not None and before is not None:
+                ds.optimizer.load_state_dict(before)
+            else:
+                ds._pending_opt_state = before
+        raise GraphError(None, f"state: optimizer state of {name!r}: {e}") from None
     used: list[str] = []
     if steps is not None:
         g.step_count = steps
     for name, ds in sources.items():
         if per[name]:
-            ds.load_state_dict({k: np.asarray(v) for k, v in per[name].items()}, strict=False)
+            ds.load_state_dict(per[name], strict=False)
             used += [f"{name}.{k}" for k in per[name]]
         if opt[name]:
-            ds.load_optimizer_state({k: np.asarray(v) for k, v in opt[name].items()})
             used += [f"{name}.{OPT}.{k}" for k in opt[name]]
+    g._failed_step = None  # fresh weights: a failed step no longer blocks training
     return used
 
 
-def save_graph(g: Any, path: Any, optimizer: bool = True) -> None:
-    """np.savez the graph's state (parameters, buffers, optimizer state)."""
+def checkpoint_path(path: Any) -> str:
+    """`path` with the `.npz` suffix np.savez gives it (save("model") writes model.npz, and
+    load("model") reads it back)."""
+    p = os.fspath(path)
+    return p if p.endswith(".npz") else p + ".npz"
+
+
+def save_graph(g: Any, path: Any, optimizer: bool = True) -> str:
+    """np.savez the graph's state (parameters, buffers, optimizer state) to `path` (".npz"
+    appended when missing), atomically: a crash never leaves a half-written checkpoint.
+    Returns the path written."""
     d = graph_state_dict(g, optimizer)
-    tmp = os.fspath(path)
-    np.savez(tmp, **d)
+    out = checkpoint_path(path)
+    tmp = f"{out}.tmp{os.getpid()}"
+    try:
+        with open(tmp, "wb") as f:
+            np.savez(f, **d)
+        os.replace(tmp, out)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return out
 
 
 def load_graph(g: Any, path: Any, strict: bool = True) -> list[str]:
-    """Load what save_graph wrote (np.load with allow_pickle=False)."""
-    with np.load(path, allow_pickle=False) as z:
-        d = {k: z[k] for k in z.files}
-    return load_graph_state(g, d, strict)
+    """Load what save_graph wrote (np.load with allow_pickle=False); `path` as given, else with
+    ".npz" appended. Every check runs before anything changes; errors name the file."""
+    import zipfile
+
+    p = os.fspath(path)
+    if not os.path.exists(p) and os.path.exists(checkpoint_path(p)):
+        p = checkpoint_path(p)
+    try:
+        with np.load(p, allow_pickle=False) as z:
+            if not hasattr(z, "files"):
+                raise GraphError(None, f"checkpoint {p}: a single array, not a .npz archive")
+            d = {}
+            for k in z.files:
+                try:
+                    d[k] = z[k]
+                except (ValueError, OSError, EOFError, zipfile.BadZipFile) as e:
+                    raise GraphError(None, f"checkpoint {p}: key {k!r} cannot be read "
+                                           f"({e.__class__.__name__}: {e})") from None
+    except FileNotFoundError:
+        raise GraphError(None, f"checkpoint {p}: no such file") from None
+    except (ValueError, OSError, EOFError, zipfile.BadZipFile) as e:
+        raise GraphError(None, f"checkpoint {p}: not a readable .npz file, truncated or corrupt "
+                               f"({e.__class__.__name__}: {e})") from None
+    try:
+        return load_graph_state(g, d, strict)
+    except GraphError as e:
+        raise GraphError(None, f"checkpoint {p}: {e}") from None
 
 
 def torch_state_dict(module: Any) -> dict[str, np.ndarray]:

@@ -16,6 +16,7 @@ import numpy as np
 
 from .. import functional as F
 from ..runtime import Device
+from ..runtime.errors import AsyncError
 from ..tensor import Tensor, int32
 from . import memory as M
 from .datasource import DataSource
@@ -275,6 +276,7 @@ class GraphRunner:
         runs on a host thread when the device has finished it. Waits while `in_flight` steps are
         already queued."""
         with self._encode_lock:
+            self._check_failed()
             self._sem.acquire()
             try:
                 h = self._encode(inputs, labels)
@@ -302,8 +304,25 @@ class GraphRunner:
         if self._cbq is not None:
             self._cbq.join()
 
+    _failed_step: tuple[int, BaseException] | None = None
+
+    def _check_failed(self) -> None:
+        """A training step whose work failed may have left garbage in the weights or optimizer
+        state (an update reading a failed gradient, or an update not done): no further step is
+        encoded until they are loaded again (load / load_state_dict)."""
+        if self._failed_step is not None:
+            step, err = self._failed_step
+            raise AsyncError(f"step {step} of this training graph failed ({err}); its weights "
+                             "and optimizer state may hold results of the failed work, so no "
+                             "further step is encoded: load a checkpoint (load / "
+                             "load_state_dict) first", getattr(err, "kernel", None))
+
     def _signal(self, h: Handle, callback: Callable | None) -> None:
-        def done() -> None:
+        def done(err: BaseException | None = None) -> None:
+            if err is not None:  # work of this step failed: its wait() raises it
+                h.error = h.error or err
+                if self.training and self._failed_step is None:
+                    self._failed_step = (h.step, err)
             h._event.set()
             self._sem.release()
             if callback is not None:
@@ -312,7 +331,7 @@ class GraphRunner:
         sig = getattr(self.device, "signal", None)
         if sig is not None:
             try:
-                sig(done)
+                sig(done, with_error=True)
                 return
             except NotImplementedError:
                 pass
@@ -379,6 +398,8 @@ class GraphRunner:
         prog = self._programs.get(batch)
         if prog is None:
             prog = self._programs[batch] = Program(batch)
+        if prog.arena is not None:  # per-step values, written before read: a failed earlier
+            self.device.forget_failures(prog.arena)  # step does not fail this one
         step_no = self._steps_encoded
         rc = RunContext(self, step_no, self.training)
         outs = self._execute(prog, env, rc)

@@ -18,6 +18,17 @@ import numpy as np
 
 from .graph import Graph, Handle, TrainingGraph
 
+CHECK_EVERY = 8  # steps between loss checks: a read drains the queue, so not after every step
+
+
+class NonFiniteLossError(FloatingPointError):
+    """fit() stopped at a NaN or infinite loss; `step` (counted over all epochs), `epoch`,
+    `loss` and the `history` up to that step are attributes."""
+
+    def __init__(self, message: str, step: int, epoch: int, loss: float, history: History):
+        super().__init__(message)
+        self.step, self.epoch, self.loss, self.history = step, epoch, loss, history
+
 
 @dataclass
 class History:
@@ -106,16 +117,37 @@ class Progress:
         self.out.flush()
 
 
+def _check_losses(handles: list[Handle], start: int, upto: int, hist: History, ep: int,
+                  steps: int, nb: int) -> int:
+    """Raise NonFiniteLossError at the first non-finite loss of handles[start:upto]."""
+    for j in range(start, upto):
+        v = handles[j].loss
+        if not np.isfinite(v):
+            hist.step_loss += [h.loss for h in handles[:j + 1]]
+            raise NonFiniteLossError(
+                f"fit: loss {v} at epoch {ep + 1}, step {steps + j + 1} (batch {j + 1} of {nb}); "
+                "training stopped, the weights after this step may be non-finite "
+                "(nonfinite='ignore' trains on)", steps + j + 1, ep + 1, float(v), hist)
+    return upto
+
+
 def fit(tg: TrainingGraph, train: tuple[np.ndarray, np.ndarray], *, epochs: int = 1,
         batch_size: int = 32, test: tuple[np.ndarray, np.ndarray] | None = None,
         target_accuracy: float | None = None, max_steps: int | None = None, seed: int = 0,
         shuffle: bool = True, progress: bool = True, out: TextIO | None = None,
         inference: Graph | None = None,
-        on_epoch: Callable[[int, History], Any] | None = None) -> History:
+        on_epoch: Callable[[int, History], Any] | None = None,
+        nonfinite: str = "raise") -> History:
     """Train `tg` on (images, labels): `epochs` passes of shuffled batches (the last partial
     batch dropped), at most `max_steps` steps in all; after each epoch, the accuracy of an
     inference graph sharing the weights on `test`, stopping once it reaches `target_accuracy`.
+
+    nonfinite: "raise" (default) stops training at the first NaN or infinite loss and raises
+    NonFiniteLossError naming the step (losses are checked every few steps, so at most a few
+    more steps were encoded after it; the weights are then suspect); "ignore" trains on.
     """
+    if nonfinite not in ("raise", "ignore"):
+        raise ValueError(f"nonfinite: expected 'raise' or 'ignore', got {nonfinite!r}")
     x, y = train
     hist = History()
     rng = np.random.default_rng(seed) if shuffle else None
@@ -130,12 +162,18 @@ def fit(tg: TrainingGraph, train: tuple[np.ndarray, np.ndarray], *, epochs: int 
             nb = min(nb, max_steps - steps)
         bar = Progress(nb, f"epoch {ep + 1}/{epochs}", out, enabled=progress)
         handles: list[Handle] = []
+        checked = 0
         for i, idx in enumerate(batches(len(x), batch_size, rng)):
             if i >= nb:
                 break
             handles.append(tg.encode(x[idx], y[idx]))
             bar.update(i + 1)
+            if nonfinite == "raise" and len(handles) - checked > CHECK_EVERY:
+                # all but the newest step (it may still be running)
+                checked = _check_losses(handles, checked, len(handles) - 1, hist, ep, steps, nb)
         tg.synchronize()
+        if nonfinite == "raise":
+            _check_losses(handles, checked, len(handles), hist, ep, steps, nb)
         losses = [h.loss for h in handles]
         steps += len(handles)
         hist.step_loss += losses

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import os
 import threading
 from collections.abc import Iterable
 from typing import Any
@@ -11,7 +12,10 @@ import numpy as np
 from ..params import CONST
 from ..runtime import Buffer, Device, Kernel
 from ..runtime import device as default_device
-from ..tensor import Tensor, TensorLike, as_tensor, empty
+from ..tensor import Tensor, TensorLike
+from ..tensor import as_tensor as _as_tensor
+from ..tensor import empty as _empty
+from ..tensor import zeros as _zeros
 
 FLOATS = (np.float32, np.float16)  # the storage dtypes of the float ops
 DTYPE_SUFFIX = {np.dtype(np.float32): "float", np.dtype(np.float16): "half",
@@ -37,6 +41,9 @@ def scratch(dev: Device, sizes: Iterable[int], tag: str) -> list[Buffer]:
     (Device.capture) keep valid memory. Without buffer views (metal) each size gets its own
     fresh buffer."""
     sizes = [max(int(n), 1) for n in sizes]
+    for n in sizes:  # temporaries of 4-byte elements (partials, packed operands)
+        if n > 4 * MAX_ELEMS_U32:
+            check_elems(n // 4, f"temporary '{tag}'")
     if not dev.supports_views:
         return [dev.buffer(n, zero=False) for n in sizes]
     offs, total = [], 0
@@ -108,14 +115,15 @@ def tensor_arg(x: TensorLike, dev: Device, name: str, dtypes: Iterable[Any] | No
 
 
 def positive_ints(v: Any, n: int, name: str, allow_zero: bool = False) -> tuple[int, ...]:
-    """An int or a sequence of n ints, each > 0 (>= 0 with allow_zero)."""
+    """An int or a sequence of n ints, each > 0 (>= 0 with allow_zero) and below 2^31 (sizes,
+    strides and paddings travel in the kernels' 32-bit params fields, which would wrap)."""
     lo = 0 if allow_zero else 1
     if v.__class__ is int:  # fast paths: a valid int, or a valid tuple of n ints (returned as is)
-        if v >= lo:
+        if lo <= v < 2**31:
             return (v,) * n
     elif v.__class__ is tuple and len(v) == n:
         for a in v:
-            if a.__class__ is not int or a < lo:
+            if a.__class__ is not int or a < lo or a >= 2**31:
                 break
         else:
             return v
@@ -129,6 +137,8 @@ def positive_ints(v: Any, n: int, name: str, allow_zero: bool = False) -> tuple[
         raise ValueError(f"{name}: expected an int or {n} ints, got {v!r}")
     if any(a < lo for a in vals):
         raise ValueError(f"{name}: values must be >= {lo}, got {v!r}")
+    if any(a >= 2**31 for a in vals):
+        raise ValueError(f"{name}: values must be below 2^31 (32-bit kernel parameters), got {v!r}")
     return tuple(int(a) for a in vals)
 
 
@@ -144,13 +154,58 @@ def float32_arg(v: Any, dev: Device, name: str) -> Tensor:
 
 def out_like(shape: tuple[int, ...], dtype: Any, dev: Device) -> Tensor:
     """A result tensor without a fill pass (the op writes every element), allocated through
-    Device.buffer so an allocation hook (the graph's memory planner) sees it."""
-    return empty(shape, dtype, dev)
+    Device.buffer so an allocation hook (the graph's memory planner) sees it; refused beyond
+    the elements the kernels index (see check_elems)."""
+    check_elems(math.prod(shape), "output", shape)
+    return _empty(shape, dtype, dev)
+
+
+def empty(shape: Any, dtype: Any = np.float32, device: Device | None = None) -> Tensor:
+    """tensor.empty for an op's outputs and temporaries, within the kernels' index width."""
+    check_elems(math.prod(shape), "output", shape)
+    return _empty(shape, dtype, device)
+
+
+def zeros(shape: Any, dtype: Any = np.float32, device: Device | None = None) -> Tensor:
+    """tensor.zeros for an op's outputs and temporaries, within the kernels' index width."""
+    check_elems(math.prod(shape), "output", shape)
+    return _zeros(shape, dtype, device)
+
+
+def as_tensor(x: Any, dev: Device | None, name: str, dtype: Any = None) -> Tensor:
+    """tensor.as_tensor for an op's inputs, within the kernels' index width."""
+    t = _as_tensor(x, dev, name, dtype)
+    if t.size > MAX_ELEMS_U32:
+        check_elems(t.size, name, t.shape)
+    return t
 
 
 # ---- launch shapes and limits shared by the wrappers -------------------------------------------
 MAX_GROUPS = 1 << 20      # threadgroups per launch; the kernels grid-stride over the rest
-MAX_ELEMS_U32 = 2**32 - 1  # elements a kernel with 32-bit offsets addresses
+# Elements a kernel with 32-bit offsets addresses: every kernel indexes with uint, and a
+# grid-stride loop `for (i = gid; i < n; i += stride)` must not wrap i past 2^32, so n stays
+# 2^30 (the widest grid: MAX_GROUPS groups of up to 1024 threads) below 2^32.
+MAX_ELEMS_U32 = 2**32 - 2**30
+
+
+def check_elems(n: int, what: str, shape: Any = None) -> None:
+    """Refuse a tensor of `n` elements that a kernel's 32-bit index cannot address (before
+    anything is allocated or dispatched); the error names the op and the tensor."""
+    if n > MAX_ELEMS_U32:
+        import sys
+
+        # the op: the outermost public function of pymetalnn's ops on the stack
+        here = os.path.dirname(os.path.abspath(__file__))
+        ours = (here, os.path.join(os.path.dirname(here), "functional.py"))
+        f, op = sys._getframe(1), "op"
+        while f is not None and f.f_code.co_filename.startswith(ours):
+            if not f.f_code.co_name.startswith("_"):
+                op = f.f_code.co_name
+            f = f.f_back
+        shp = f" (shape {tuple(shape)})" if shape is not None else ""
+        raise ValueError(f"{op}: {what}{shp} has {n} elements, more than the {MAX_ELEMS_U32} "
+                         "its kernels address with 32-bit indices; split the work into smaller "
+                         "tensors")
 
 
 def cdiv(a: int, b: int) -> int:
@@ -161,7 +216,7 @@ def cdiv(a: int, b: int) -> int:
 def check_u32_size(t: Tensor, name: str) -> None:
     """`t` within the MAX_ELEMS_U32 elements the 32-bit-offset kernels address."""
     if t.size > MAX_ELEMS_U32:
-        raise ValueError(f"{name}: {t.size} elements exceed the 2^32 - 1 the kernels address")
+        check_elems(t.size, name, t.shape)
 
 
 def vec4_aligned(t: Tensor) -> bool:

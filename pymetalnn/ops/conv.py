@@ -31,11 +31,12 @@ import numpy as np
 
 from ..params import CONST, Conv2dParams
 from ..runtime import Device
-from ..tensor import Tensor, TensorLike, as_tensor
+from ..tensor import Tensor, TensorLike
 from . import conv_winograd as wino
 from ._common import (
     FLOATS,
     MAX_GROUPS,
+    as_tensor,
     cdiv,
     dummy,
     kernel,

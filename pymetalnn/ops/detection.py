@@ -31,8 +31,20 @@ import numpy as np
 
 from ..params import LossReduceParams, NmsParams, YoloParams
 from ..runtime import Device
-from ..tensor import Tensor, as_tensor, empty, float32, int32
-from ._common import FLOATS, MAX_GROUPS, boolean, dummy, kernel, number, pick_device, suffix, tensor_arg
+from ..tensor import Tensor, float32, int32
+from ._common import (
+    FLOATS,
+    MAX_GROUPS,
+    as_tensor,
+    boolean,
+    dummy,
+    empty,
+    kernel,
+    number,
+    pick_device,
+    suffix,
+    tensor_arg,
+)
 
 SOURCE = "detection.metal"
 TG = 256

@@ -22,8 +22,18 @@ import numpy as np
 
 from ..params import EmbeddingParams
 from ..runtime import Device
-from ..tensor import Tensor, as_tensor, empty, int32
-from ._common import FLOATS, MAX_ELEMS_U32, boolean, kernel, pick_device, suffix, tensor_arg
+from ..tensor import Tensor, int32
+from ._common import (
+    FLOATS,
+    MAX_ELEMS_U32,
+    as_tensor,
+    boolean,
+    empty,
+    kernel,
+    pick_device,
+    suffix,
+    tensor_arg,
+)
 
 SOURCE = "embedding.metal"
 

@@ -59,12 +59,14 @@ import numpy as np
 
 from ..params import CONST, LossParams, LossReduceParams
 from ..runtime import Buffer, Device
-from ..tensor import Tensor, TensorLike, as_tensor, empty, float32, int32
+from ..tensor import Tensor, TensorLike, float32, int32
 from ._common import (
     FLOATS,
     MAX_GROUPS,
+    as_tensor,
     boolean,
     dummy,
+    empty,
     float32_arg,
     kernel,
     number,
@@ -182,6 +184,8 @@ def _float_target(target: TensorLike, x: Tensor, dev: Device) -> Tensor:
 def _check_ignore_index(ignore_index: Any) -> int:
     if isinstance(ignore_index, bool) or not isinstance(ignore_index, (int, np.integer)):
         raise ValueError(f"ignore_index: expected an int, got {ignore_index!r}")
+    if not -(2**31) <= int(ignore_index) < 2**31:  # an int field of the kernels' params
+        raise ValueError(f"ignore_index: {ignore_index} does not fit a 32-bit int")
     return int(ignore_index)
 
 

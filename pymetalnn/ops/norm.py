@@ -35,12 +35,13 @@ import numpy as np
 
 from ..params import LayerNormParams, NormParams
 from ..runtime import Device
-from ..tensor import Tensor, TensorLike, empty, float32
+from ..tensor import Tensor, TensorLike, float32
 from ._common import (
     FLOATS,
     MAX_GROUPS,
     boolean,
     dummy,
+    empty,
     float32_arg,
     kernel,
     number,

@@ -59,8 +59,17 @@ import numpy as np
 
 from ..params import CONST, RnnBwdParams, RnnFwdParams
 from ..runtime import Buffer, Device
-from ..tensor import Tensor, TensorLike, as_tensor, empty, float16, float32, zeros
-from ._common import boolean, kernel, pick_device, suffix, tensor_arg
+from ..tensor import Tensor, TensorLike, float16, float32
+from ._common import (
+    as_tensor,
+    boolean,
+    empty,
+    kernel,
+    pick_device,
+    suffix,
+    tensor_arg,
+    zeros,
+)
 from .copy import list_to_sequence, sequence_to_list
 from .gemm import gemm, linear_bias_grad
 

@@ -20,8 +20,8 @@ from typing import Any
 import numpy as np
 
 from ..params import CONST, SoftmaxParams
-from ..tensor import Tensor, empty
-from ._common import FLOATS, MAX_GROUPS, kernel, pick_device, suffix, tensor_arg
+from ..tensor import Tensor
+from ._common import FLOATS, MAX_GROUPS, empty, kernel, pick_device, suffix, tensor_arg
 
 SOURCE = "softmax.metal"
 TG = CONST["TR_TG"]  # threads per threadgroup of tile_reduce.h's kernels

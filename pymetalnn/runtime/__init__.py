@@ -11,7 +11,15 @@ import os
 import threading
 
 from .core import Buffer, BufferView, Device, Kernel, Library
-from .errors import BackendUnavailable, CompileError, DispatchError, MSLError
+from .errors import (
+    ArgumentTypeError,
+    AsyncError,
+    BackendUnavailable,
+    CompileError,
+    DispatchError,
+    MSLError,
+    ValidationError,
+)
 
 BACKENDS = ("metal", "cuda", "cpu")
 _devices: dict[str, Device] = {}
@@ -70,6 +78,8 @@ def availability() -> dict[str, str | None]:
 
 
 __all__ = [
-    "BACKENDS", "BackendUnavailable", "Buffer", "BufferView", "CompileError", "Device",
-    "DispatchError", "Kernel", "Library", "MSLError", "availability", "device",
+    "BACKENDS", "ArgumentTypeError", "AsyncError", "BackendUnavailable", "Buffer", "BufferView",
+    "CompileError", "Device",
+    "DispatchError", "Kernel", "Library", "MSLError", "ValidationError", "availability",
+    "device",
 ]

@@ -12,17 +12,30 @@ import hashlib
 import os
 import platform
 import queue
+import re
 import shutil
+import stat
 import subprocess
 import sys
 import tempfile
 import threading
+import warnings
 from typing import Any
 
 import numpy as np
 
-from .core import CPU_RT_DIR, KERNEL_DIR, PRELUDE_DIR, Buffer, Device, Kernel, Library, cache_dir
-from .errors import BackendUnavailable, CompileError
+from .core import (
+    CPU_RT_DIR,
+    KERNEL_DIR,
+    PRELUDE_DIR,
+    Buffer,
+    Device,
+    Kernel,
+    Library,
+    cache_dir,
+    untrusted_reason,
+)
+from .errors import AsyncError, BackendUnavailable, CompileError, ValidationError
 from .msl import translate_file
 
 CXXFLAGS = ["-std=c++17", "-O2", "-fPIC", "-shared", "-fno-math-errno", "-fno-strict-aliasing"]
@@ -68,6 +81,9 @@ def _hash(*parts: str | bytes) -> str:
 def _read(path: str) -> str:
     with open(path, encoding="utf-8") as f:
         return f.read()
+
+
+_ERR_LINE = re.compile(r"^(.+?):(\d+):(?:\d+:)?\s*(?:fatal )?error:\s*(.*)$", re.M)
 
 
 def kernel_flags() -> list[str]:
@@ -133,8 +149,92 @@ def _compile_shared(cxx: str, src_path: str, out: str, extra: list[str],
            CPU_RT_DIR, *extra, src_path, "-o", tmp]
     r = subprocess.run(cmd, capture_output=True, text=True)
     if r.returncode != 0:
-        raise CompileError(f"C++ compilation failed ({' '.join(cmd)}):\n{r.stderr}")
+        # lead with the first error's file:line (the .metal line, through #line) and message
+        m = _ERR_LINE.search(r.stderr)
+        head = (f"{os.path.basename(m.group(1))}:{m.group(2)}: error: {m.group(3)}" if m
+                else "C++ compilation failed")
+        raise CompileError(f"{head}\n\ncompiler output:\n{r.stderr.rstrip()}\n\n"
+                           f"command: {' '.join(cmd)}")
+    os.chmod(tmp, 0o600)
+    _seal(tmp)
     os.replace(tmp, out)  # atomic: concurrent processes never load a half-written library
+
+
+# Cache integrity: next to each library `x.so`, `x.so.sha256` holds its digest (written after
+# the library, both atomically). A library is loaded only when it and its digest file are
+# regular files of this user, not writable by others, and the digest matches: a truncated or
+# garbage entry (which dlopen could crash on, e.g. SIGBUS) or a planted one is rebuilt.
+def _digest(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _seal(lib_tmp: str) -> None:
+    """Write the digest of a library about to be renamed from `lib_tmp` to its entry name."""
+    out = lib_tmp[: lib_tmp.rindex(".tmp")]
+    dtmp = lib_tmp + ".sha256"
+    with open(dtmp, "w") as f:
+        f.write(_digest(lib_tmp))
+    os.chmod(dtmp, 0o600)
+    os.replace(dtmp, out + ".sha256")  # before the library: a reader never sees a new library
+    # with no digest; an old digest next to a new library only costs a rebuild
+
+
+_warned: set[str] = set()
+
+
+def _entry_ok(out: str) -> bool:
+    """Whether the cached library `out` may be loaded (see above); warns about a bad entry."""
+    why = None
+    try:
+        for p in (out, out + ".sha256"):
+            st = os.lstat(p)
+            if not stat.S_ISREG(st.st_mode):
+                why = f"{os.path.basename(p)} is not a regular file"
+                break
+            why = untrusted_reason(st)
+            if why is not None:
+                why = f"{os.path.basename(p)} is {why}"
+                break
+        else:
+            with open(out + ".sha256") as f:
+                want = f.read().strip()
+            if _digest(out) == want:
+                return True
+            why = "its contents do not match its digest (truncated or corrupt)"
+    except FileNotFoundError:
+        return False  # not built yet, or built before digests (or half-written): no warning
+    except OSError as e:
+        why = f"unreadable ({e.strerror})"
+    if out not in _warned:
+        _warned.add(out)
+        warnings.warn(f"kernel cache entry {out}: {why}; rebuilding it", RuntimeWarning,
+                      stacklevel=4)
+    return False
+
+
+def _spans(flat: list, written: tuple) -> list[tuple[int, int, bool]]:
+    """(first byte, end, written) per buffer argument of a queue item."""
+    return [(flat[2 * i], flat[2 * i] + flat[2 * i + 1], w) for i, w in enumerate(written)]
+
+
+def _more(fs: list) -> str:
+    return f" (and {len(fs) - 1} more failures)" if len(fs) > 1 else ""
+
+
+_live_devices: list = []  # CpuDevices of this process, for the fork handler
+
+
+def _after_fork_in_child() -> None:
+    for d in _live_devices:
+        d._after_fork_in_child()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 class _Runtime:
@@ -151,7 +251,7 @@ class _Runtime:
                 key = _hash(_read(src), _read(os.path.join(CPU_RT_DIR, "pmn_cpu_abi.h")), cxx,
                             " ".join(CXXFLAGS + _runtime_flags()), platform.machine())
                 out = os.path.join(cache_dir(), f"pmn_cpu_rt-{key}.so")
-                if not os.path.exists(out):
+                if not _entry_ok(out):
                     _compile_shared(cxx, src, out, _runtime_flags())
                 lib = ctypes.CDLL(out, mode=ctypes.RTLD_GLOBAL)
                 lib.pmn_cpu_launch.restype = ctypes.c_int
@@ -163,6 +263,23 @@ class _Runtime:
             return cls._lib
 
 
+class _Failure:
+    """One failed job: what failed (a kernel, a callback, a copy), and whether it was raised yet."""
+
+    __slots__ = ("what", "kernel", "cause", "reported")
+
+    def __init__(self, what: str, kernel: str | None, cause: BaseException):
+        self.what, self.kernel, self.cause, self.reported = what, kernel, cause, False
+
+    def error(self, context: str = "") -> AsyncError:
+        self.reported = True
+        cls = ValidationError if isinstance(self.cause, ValidationError) else AsyncError
+        e = cls(self.what + context, self.kernel)
+        if not isinstance(self.cause, AsyncError):  # a callback's own exception: keep its trace
+            e.__cause__ = self.cause
+        return e
+
+
 class CpuDevice(Device):
     name = "cpu"
 
@@ -171,13 +288,34 @@ class CpuDevice(Device):
         self.cxx = find_compiler()
         self.rt = _Runtime.get(self.cxx)
         self.num_workers = self.rt.pmn_cpu_num_workers()
-        # the queue: a C SimpleQueue (put and get take no Python-level lock, so a launch does not
-        # wait for the queue thread to let go of one) plus queue.Queue's join bookkeeping
+        # validation mode: kernels built with bounds-checked pointers (prelude/pmn_validate.h);
+        # read once, when the device is made. Off, nothing differs: not the kernels' code, not
+        # the launch path.
+        self.validate = os.environ.get("PYMETALNN_VALIDATE", "") not in ("", "0")
+        if self.validate:
+            self._launch = self._launch_validated  # type: ignore[method-assign]
+        self._start_queue()
+        _live_devices.append(self)
+
+    # ---- queue
+    # Items are (run, spans, kernel name, written): spans is a flat [first byte, bytes, ...] per
+    # buffer argument (None for callbacks), `written` flags which of them the job may write
+    # (unpacked by _spans only when something failed, so a launch pays two appends per buffer).
+    # argument of a launch, None for callbacks. A job that fails marks the byte ranges it writes
+    # as failed ("poisoned") with its _Failure; a later job touching a poisoned range does not
+    # run and passes the poison on to what it writes; a read of a poisoned range raises. The
+    # queue itself never stops: unrelated work keeps running, callbacks always run. A range is
+    # clean again once the host writes it or its memory is allocated anew.
+    def _start_queue(self) -> None:
+        # a C SimpleQueue (put and get take no Python-level lock, so a launch does not wait for
+        # the queue thread to let go of one) plus queue.Queue's join bookkeeping
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
         self._lock = threading.Lock()
         self._idle = threading.Condition(self._lock)
         self._unfinished = 0  # jobs put and not yet done, under _lock
-        self._error: BaseException | None = None
+        self._poison: list[tuple[int, int, _Failure]] = []  # (first byte, end, failure)
+        self._failures: list[_Failure] = []  # for synchronize(), under _lock
+        self._epoch: list[_Failure] = []  # failures since the last signal (queue thread only)
         self._errbuf = ctypes.create_string_buffer(512)  # launch errors, written by the queue thread
         # the queue thread runs threadgroups too: the same big stack as the runtime's pool
         # threads (work-item-loop kernels keep per-thread arrays on the stack)
@@ -194,43 +332,125 @@ class CpuDevice(Device):
             if old_stack is not None:
                 threading.stack_size(old_stack)
 
-    # ---- queue
+    def _after_fork_in_child(self) -> None:
+        # the queue thread did not survive the fork (the runtime's pool restarts by itself); the
+        # parent's queued work is the parent's: the child starts with an empty, clean queue
+        self._start_queue()
+
     def _worker(self) -> None:
         while True:
-            job = self._queue.get()
+            item = self._queue.get()
             try:
-                if job is not None and self._error is None:
-                    job()
-            except BaseException as e:  # reported at the next synchronize
-                self._error = e
+                self._run_job(item)
+            except BaseException:  # noqa: BLE001 -- the queue thread must survive anything
+                pass
             finally:
                 with self._lock:
                     self._unfinished -= 1
                     if not self._unfinished:
                         self._idle.notify_all()
 
-    def _put(self, job: Any) -> None:
+    def _run_job(self, item: tuple) -> None:
+        run, flat, name, written = item
+        spans = None
+        if name is not None and self._poison:
+            spans = _spans(flat, written)
+            f = self._tainted(spans)
+            if f is not None:
+                self._mark(spans, f)
+                return
+        try:
+            run()
+        except BaseException as e:  # noqa: BLE001 -- reported where it is depended on
+            if isinstance(e, AsyncError):
+                f = _Failure(str(e), e.kernel, e)
+            elif name is not None:
+                f = _Failure(f"kernel '{name}' failed: {e}", name, e)
+            else:
+                f = _Failure(f"a queued callback failed: {e.__class__.__name__}: {e}", None, e)
+            self._epoch.append(f)
+            with self._lock:
+                self._failures.append(f)
+            if flat:
+                self._mark(spans or _spans(flat, written), f)
+            return
+        if flat and self._poison:
+            self._clean(spans or _spans(flat, written))
+
+    def _tainted(self, spans: Any) -> _Failure | None:
+        for lo, hi, _ in spans:
+            for plo, phi, f in self._poison:
+                if plo < hi and lo < phi:
+                    return f
+        return None
+
+    def _mark(self, spans: Any, f: _Failure) -> None:
+        with self._lock:
+            for lo, hi, writes in spans:
+                if writes and hi > lo:
+                    self._poison = [p for p in self._poison if not (lo <= p[0] and p[1] <= hi)]
+                    self._poison.append((lo, hi, f))
+
+    def _clean(self, spans: Any) -> None:
+        with self._lock:
+            for lo, hi, writes in spans:
+                if writes:
+                    self._poison = [p for p in self._poison if not (lo <= p[0] and p[1] <= hi)]
+
+    def _forget(self, lo: int, hi: int) -> None:
+        # memory freed and allocated anew: no live buffer can still overlap it
+        with self._lock:
+            self._poison = [p for p in self._poison if not (p[0] < hi and lo < p[1])]
+
+    def _check_read(self, lo: int, hi: int, nbytes: int) -> None:
+        with self._lock:
+            hit = next((f for plo, phi, f in self._poison if plo < hi and lo < phi), None)
+        if hit is not None:
+            raise hit.error(f" (raised by a read of {nbytes} bytes computed from its result)")
+
+    def forget_failures(self, buffer: Buffer) -> None:
+        if self._poison:  # nothing to forget otherwise: no queue item in the common case
+            lo = self._addr(buffer.base) + buffer.offset
+            hi = lo + buffer.nbytes
+            self._put((lambda: self._forget(lo, hi), None, None, None))
+
+    def _put(self, item: tuple) -> None:
         with self._lock:
             self._unfinished += 1
-        self._queue.put(job)
+        self._queue.put(item)
 
-    def signal(self, callback: Any) -> None:
-        self._put(callback)
+    def signal(self, callback: Any, with_error: bool = False) -> None:
+        def fire() -> None:
+            errs, self._epoch = [f for f in self._epoch if not f.reported], []
+            if with_error:
+                err = errs[0].error(_more(errs)) if errs else None
+                for f in errs:  # handed over: synchronize() does not raise them again
+                    f.reported = True
+                callback(err)
+            else:
+                callback()
+
+        self._put((fire, None, None, None))
 
     def _replay(self, rec: Any) -> None:
-        for job in rec.jobs:
-            self._put(job)
+        for item in rec.jobs:
+            self._put(item)
 
-    def synchronize(self) -> None:
+    def _wait(self) -> None:
         if threading.current_thread() is self._thread:
             raise RuntimeError("synchronize() (or a buffer read) from a completion callback "
                                "would wait for itself")
         with self._lock:
             while self._unfinished:
                 self._idle.wait()
-        if self._error is not None:
-            e, self._error = self._error, None
-            raise e
+
+    def synchronize(self) -> None:
+        self._wait()
+        with self._lock:
+            fs = [f for f in self._failures if not f.reported]
+            self._failures.clear()
+        if fs:
+            raise fs[0].error(_more(fs))
 
     # ---- memory: 64-byte aligned host arrays
     def _alloc(self, nbytes: int, zero: bool) -> np.ndarray:
@@ -246,26 +466,38 @@ class CpuDevice(Device):
 
     def _new_buffer(self, nbytes: int, zero: bool) -> Buffer:
         handle, addr = self._alloc_at(max(nbytes, 1), zero)
+        if self._poison:  # fresh memory at a freed, poisoned address is clean
+            self._forget(addr, addr + max(nbytes, 1))
         buf = Buffer(self, nbytes, handle)
         buf._host_addr = addr  # the handle's first byte, known here: _launch needs no lookup
         return buf
 
     def _read(self, buf: Buffer, offset: int, nbytes: int) -> np.ndarray:
-        self.synchronize()
+        self._wait()
+        if self._poison:
+            lo = self._addr(buf) + offset
+            self._check_read(lo, lo + nbytes, nbytes)
         return buf.handle[offset : offset + nbytes].copy()
 
     def _write(self, buf: Buffer, offset: int, raw: np.ndarray) -> None:
-        self.synchronize()
+        self._wait()
         buf.handle[offset : offset + raw.nbytes] = raw
+        if self._poison:
+            lo = self._addr(buf) + offset
+            self._clean(((lo, lo + raw.nbytes, True),))
 
     def _write_async(self, buf: Buffer, offset: int, raw: np.ndarray) -> None:
         h = buf.handle
-        self._put(lambda: h.__setitem__(slice(offset, offset + raw.nbytes), raw))
+        lo = self._addr(buf) + offset
+        # a host copy reads nothing on the device: it always runs, and cleans what it writes
+        self._put((lambda: h.__setitem__(slice(offset, offset + raw.nbytes), raw),
+                   [lo, raw.nbytes], None, (True,)))
 
     # ---- compile
     def _compile(self, path: str, defines: dict) -> Library:
         lockstep = os.environ.get("PYMETALNN_CPU_FIBERS", "") in ("", "0")
-        tr = translate_file(path, "cpu", defines, [KERNEL_DIR], lockstep=lockstep)
+        tr = translate_file(path, "cpu", defines, [KERNEL_DIR], validate=self.validate,
+                            lockstep=lockstep)
         try:
             so = self._build(path, tr)
         except CompileError:
@@ -273,7 +505,8 @@ class CpuDevice(Device):
                 raise
             # the work-item-loop versions are generated code: should one not compile, the
             # library still builds with fibers (reported like every other fallback)
-            tr = translate_file(path, "cpu", defines, [KERNEL_DIR], lockstep=False)
+            tr = translate_file(path, "cpu", defines, [KERNEL_DIR], validate=self.validate,
+                                lockstep=False)
             for k in tr.kernels.values():
                 if k.needs_fibers:
                     k.fiber_reason = "the work-item-loop version did not compile"
@@ -294,19 +527,26 @@ class CpuDevice(Device):
             # c_char_p elements of the launch's pointer array: a buffer's address goes in as an
             # int, a constant argument's bytes as the bytes object itself, kept alive by the array
             ptr_array = ctypes.c_char_p * max(len(info.args), 1)
-            kernels[name] = Kernel(library, info, (lib, thread_fn, loop_fn, ptr_array,
-                                                   1 if info.needs_fibers else 0), sizes)
+            k = kernels[name] = Kernel(library, info, (lib, thread_fn, loop_fn, ptr_array,
+                                                       1 if info.needs_fibers else 0), sizes)
+            k._writes = tuple(not a.const for a in k.args if a.kind == "buffer")
+            if self.validate:
+                k._vstate = ((ctypes.c_ulonglong * 64).in_dll(lib, "pmn_v_sizes"),
+                             ctypes.c_int.in_dll(lib, "pmn_v_failed"),
+                             (ctypes.c_char * 1024).in_dll(lib, "pmn_v_msg"))
         return library
 
     def _build(self, path: str, tr: Any) -> str:
         prelude = _read(os.path.join(PRELUDE_DIR, "pmn_prelude.h"))
+        if self.validate:
+            prelude += _read(os.path.join(PRELUDE_DIR, "pmn_validate.h"))
         lockstep = _read(os.path.join(PRELUDE_DIR, "pmn_lockstep.h"))
         abi = _read(os.path.join(CPU_RT_DIR, "pmn_cpu_abi.h"))
         key = _hash(tr.source, prelude, lockstep, abi, self.cxx, " ".join(kernel_flags()),
                     platform.machine())
         base = os.path.join(cache_dir(), f"{os.path.splitext(os.path.basename(path))[0]}-{key}")
         so = base + ".so"
-        if not os.path.exists(so):
+        if not _entry_ok(so):
             fd, src = tempfile.mkstemp(suffix=".cpp", dir=cache_dir())
             with os.fdopen(fd, "w") as f:
                 f.write(tr.source)
@@ -317,6 +557,12 @@ class CpuDevice(Device):
         return so
 
     # ---- launch
+    def _addr(self, buf: Buffer) -> int:
+        try:
+            return buf._host_addr
+        except AttributeError:
+            return self._handle_addr(buf)
+
     @staticmethod
     def _handle_addr(buf: Buffer) -> int:
         """Address of the first byte of `buf.handle`: a view's is its base's, found once."""
@@ -330,9 +576,18 @@ class CpuDevice(Device):
         return buf.handle.ctypes.data
 
     def _launch(self, kernel: Kernel, groups: int, args: list[Any]) -> None:
+        item = self._item(kernel, groups, args)
+        if self._recording is not None:
+            self._recording.jobs.append(item)
+        else:
+            self._put(item)
+
+    def _item(self, kernel: Kernel, groups: int, args: list[Any]) -> tuple:
+        """The queue item of one launch: (run, spans, kernel name, written); see _run_job."""
         _, thread_fn, loop_fn, ptr_array, fibers = kernel.handle
         vals: list[Any] = []
         keep: list[Any] = []
+        spans: list[int] = []  # what the job touches: see _run_job
         for a in args:
             if a.__class__ is bytes:
                 vals.append(a)
@@ -342,7 +597,10 @@ class CpuDevice(Device):
                     addr = a._host_addr  # the handle's first byte, cached (a handle never changes)
                 except AttributeError:
                     addr = a._host_addr = self._handle_addr(a)
-                vals.append(addr + a.offset)
+                lo = addr + a.offset
+                vals.append(lo)
+                spans.append(lo)
+                spans.append(a.nbytes)
                 keep.append(h)
         ptrs = ptr_array(*vals)
         tg = kernel.threadgroup_size
@@ -355,13 +613,31 @@ class CpuDevice(Device):
             # at a time, on the queue thread only
             rc = rt.pmn_cpu_launch(ptrs, groups, tg, fibers, thread_fn, loop_fn, err, 512)
             if rc != 0:
-                raise RuntimeError(f"kernel '{kernel.name}' failed: {err.value.decode()} "
-                                   f"(kept {len(vals)} arguments)")
+                raise AsyncError(f"kernel '{kernel.name}' failed: {err.value.decode()}",
+                                 kernel.name)
+
+        return job, spans, kernel.name, kernel._writes
+
+    def _launch_validated(self, kernel: Kernel, groups: int, args: list[Any]) -> None:
+        """_launch with the bytes bound to each argument handed to the checked pointers, and
+        the first out-of-bounds access of the launch raised as a ValidationError."""
+        sizes, failed, msg = kernel._vstate
+        bound = [0 if a.__class__ is bytes else a.nbytes for a in args]
+        run, spans, name, written = self._item(kernel, groups, args)
+
+        def job() -> None:
+            for i, n in enumerate(bound):
+                sizes[i] = n
+            failed.value = 0
+            run()
+            if failed.value:
+                raise ValidationError(f"kernel '{name}': {msg.value.decode(errors='replace')}",
+                                      name)
 
         if self._recording is not None:
-            self._recording.jobs.append(job)
+            self._recording.jobs.append((job, spans, name, written))
         else:
-            self._put(job)
+            self._put((job, spans, name, written))
 
 
 def probe() -> str | None:

@@ -12,12 +12,13 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import os
+import re
 from typing import Any
 
 import numpy as np
 
 from .core import KERNEL_DIR, PRELUDE_DIR, Buffer, Device, Kernel, Library
-from .errors import BackendUnavailable, CompileError, DispatchError
+from .errors import AsyncError, BackendUnavailable, CompileError, DispatchError
 from .msl import translate_file
 
 NVRTC_OPTIONS = ("-std=c++17", "-default-device")
@@ -72,19 +73,31 @@ class CudaDevice(Device):
         self.stream = self.cp_stream.ptr
         self._watch: Any = None  # completion-callback queue, started by the first signal()
         self._cb_error: BaseException | None = None
+        self._last_kernel: str | None = None  # named by an asynchronous CUDA error
         with open(os.path.join(PRELUDE_DIR, "pmn_prelude.h"), encoding="utf-8") as f:
             self._prelude = '#line 1 "pmn_prelude.h"\n' + f.read() + "\n"
 
     def synchronize(self) -> None:
-        self.cp.cuda.runtime.deviceSynchronize()
+        try:
+            self.cp.cuda.runtime.deviceSynchronize()
+        except self.cp.cuda.runtime.CUDARuntimeError as e:
+            raise self._async_error(e) from e
         if self._watch is not None:
             self._watch.join()
         err, self._cb_error = self._cb_error, None
         if err is not None:
-            raise err
+            raise AsyncError(f"a queued callback failed: {err.__class__.__name__}: {err}") from err
 
-    def signal(self, callback: Any) -> None:
-        """Record an event; a watcher thread waits for it, then calls back."""
+    def _async_error(self, e: BaseException) -> AsyncError:
+        # CUDA reports a kernel fault at the next synchronization, without naming the kernel,
+        # and the context stays unusable (a "sticky" error): name the last kernel launched
+        return AsyncError(f"CUDA error at or before kernel '{self._last_kernel}': {e} (a kernel "
+                          "fault leaves the CUDA context unusable: restart the process)",
+                          self._last_kernel)
+
+    def signal(self, callback: Any, with_error: bool = False) -> None:
+        """Record an event; a watcher thread waits for it, then calls back (always: with
+        `with_error`, `callback(error or None)`)."""
         import queue
         import threading
 
@@ -93,19 +106,31 @@ class CudaDevice(Device):
 
             def watcher() -> None:
                 while True:
-                    ev, cb = self._watch.get()
+                    ev, cb, pass_err, err = self._watch.get()
                     try:
-                        ev.synchronize()
-                        cb()
-                    except BaseException as e:
+                        try:
+                            if ev is not None:
+                                ev.synchronize()
+                        except Exception as e:  # noqa: BLE001 -- handed to the callback
+                            err = self._async_error(e)
+                        if pass_err:
+                            cb(err)
+                        else:
+                            cb()
+                            if err is not None:
+                                raise err
+                    except BaseException as e:  # noqa: BLE001 -- surfaces at synchronize()
                         self._cb_error = e
                     finally:
                         self._watch.task_done()
 
             threading.Thread(target=watcher, name="pymetalnn-cuda-signal", daemon=True).start()
-        ev = self.cp.cuda.Event(block=False, disable_timing=True)
-        ev.record(self.cp_stream)
-        self._watch.put((ev, callback))
+        try:
+            ev = self.cp.cuda.Event(block=False, disable_timing=True)
+            ev.record(self.cp_stream)
+            self._watch.put((ev, callback, with_error, None))
+        except self.cp.cuda.runtime.CUDARuntimeError as e:  # a fault already reported
+            self._watch.put((None, callback, with_error, self._async_error(e)))
 
     def _begin_capture(self, rec: Any) -> None:
         super()._begin_capture(rec)
@@ -174,7 +199,11 @@ class CudaDevice(Device):
             mod = self.cp.RawModule(code=tr.source, options=NVRTC_OPTIONS, backend="nvrtc")
             funcs = {name: mod.get_function(name) for name in tr.kernels}
         except self.cp.cuda.compiler.CompileException as e:
-            raise CompileError(f"NVRTC failed on {os.path.basename(path)}:\n{e}") from None
+            # lead with the first error's file(line) (the .metal line, through #line)
+            m = re.search(r"^(.+?)\((\d+)\): (?:catastrophic )?error:\s*(.*)$", str(e), re.M)
+            head = (f"{os.path.basename(m.group(1))}:{m.group(2)}: error: {m.group(3)}" if m
+                    else f"NVRTC failed on {os.path.basename(path)}")
+            raise CompileError(f"{head}\n\nNVRTC output:\n{e}") from None
         kernels: dict[str, Kernel] = {}
         library = Library(self, path, defines, kernels)
         for name, info in tr.kernels.items():
@@ -211,10 +240,40 @@ class CudaDevice(Device):
                 s.value = addr + a.offset
             else:
                 ctypes.memmove(s, a, len(a))
+        self._last_kernel = kernel.name
         rc = self.cu.cuLaunchKernel(fptr, groups, 1, 1, kernel.threadgroup_size, 1, 1, 0,
                                     self.stream, params, None)
         if rc != 0:
             raise RuntimeError(f"cuLaunchKernel failed for '{kernel.name}' (CUresult {rc})")
+
+
+_FORKED = ("the cuda backend cannot be used in a process forked after CUDA was initialized; "
+           "start workers with multiprocessing's 'spawn' or 'forkserver' method")
+
+
+def _forked(*args: Any, **kwargs: Any) -> Any:
+    raise RuntimeError(_FORKED)
+
+
+class _ForkedCudaDevice(CudaDevice):
+    """What a CudaDevice becomes in a forked child: every use raises (a CUDA context does not
+    survive fork()); buffers can still be garbage-collected."""
+
+    synchronize = signal = pointer = as_cupy = _forked
+    _launch = _alloc = _new_buffer = _read = _write = _write_async = _compile = _replay = _forked
+    _begin_capture = _profiled_launch = _forked
+
+
+def _after_fork_in_child() -> None:
+    from . import _devices
+
+    for d in list(_devices.values()):
+        if isinstance(d, CudaDevice):
+            d.__class__ = _ForkedCudaDevice
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 def probe() -> str | None:

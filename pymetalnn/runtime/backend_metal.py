@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from .core import KERNEL_DIR, Buffer, Device, Kernel, Library
-from .errors import BackendUnavailable, CompileError
+from .errors import AsyncError, BackendUnavailable, CompileError
 from .metal_check import MAX_THREADGROUP_MEMORY, source_layouts, threadgroup_memory, value_arg_sizes
 from .msl import translate_file
 from .preprocess import inline_includes
@@ -61,25 +61,34 @@ class MetalDevice(Device):
         self.max_threadgroup_memory = MAX_THREADGROUP_MEMORY  # Apple GPUs; assumed for every Mac
         # handles of committed command buffers, oldest first; a handle keeps its buffers alive
         self._pending: collections.deque[Any] = collections.deque()
-        self._error: BaseException | None = None  # raised by a signal() callback
+        self._cb_error: BaseException | None = None  # raised by a signal() callback
 
     def synchronize(self) -> None:
         pending = self._pending
         while pending:
             h = pending.popleft()
             del h  # metalcompute waits for a call's command buffer when its handle is released
-        if self._error is not None:
-            e, self._error = self._error, None
-            raise e
+        err, self._cb_error = self._cb_error, None
+        if err is not None:
+            raise AsyncError(f"a queued callback failed: {err.__class__.__name__}: {err}") from err
 
-    def signal(self, callback: Any) -> None:
-        # metalcompute offers no completion handler: wait, then call; an exception surfaces at
-        # the next synchronize(), as on the other backends
-        self.synchronize()
+    def signal(self, callback: Any, with_error: bool = False) -> None:
+        # metalcompute offers no completion handler: wait, then call; what the callback raises
+        # surfaces at synchronize(), as on the other backends
+        err = None
         try:
-            callback()
-        except Exception as e:  # noqa: BLE001 - reported at synchronize()
-            self._error = e
+            self.synchronize()
+        except Exception as e:  # noqa: BLE001 -- handed to the callback
+            if not with_error:
+                raise
+            err = e
+        try:
+            if with_error:
+                callback(err)
+            else:
+                callback()
+        except Exception as e:  # noqa: BLE001
+            self._cb_error = self._cb_error or e
 
     def _commit(self, handle: Any) -> None:
         self._pending.append(handle)

@@ -16,7 +16,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from .errors import DispatchError
+from .errors import ArgumentTypeError, DispatchError
 from .msl import KernelArg, KernelInfo
 
 PACKAGE_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -43,13 +43,56 @@ SCALAR_DTYPES = {
 MAX_GRID_THREADS = 2**32 - 1024  # gid is a 32-bit uint on every backend
 
 
+_trusted_dirs: dict[str, str] = {}  # configured cache folder -> the folder used
+
+
 def cache_dir() -> str:
-    """Folder for compiled kernel libraries (PYMETALNN_CACHE, else ~/.cache/pymetalnn)."""
+    """Folder for compiled kernel libraries (PYMETALNN_CACHE, else ~/.cache/pymetalnn), made
+    with mode 0700. Loading a library runs its code, so a folder that another user owns or may
+    write to is not used: a warning names it and this process compiles into a private
+    temporary folder instead."""
     d = os.environ.get("PYMETALNN_CACHE") or os.path.join(
         os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"),
         "pymetalnn")
-    os.makedirs(d, exist_ok=True)
-    return d
+    got = _trusted_dirs.get(d)
+    if got is None or not os.path.isdir(got):
+        got = _trusted_dirs[d] = _trusted_dir(d)
+    return got
+
+
+def untrusted_reason(st: os.stat_result) -> str | None:
+    """Why a cache folder or file with this stat cannot be trusted, or None."""
+    uid = getattr(os, "getuid", lambda: None)()
+    if uid is not None and st.st_uid != uid:
+        return f"owned by uid {st.st_uid}, not by this user ({uid})"
+    if st.st_mode & 0o022:
+        who = "others" if st.st_mode & 0o002 else "its group"
+        return f"writable by {who} (mode {st.st_mode & 0o777:o})"
+    return None
+
+
+def _trusted_dir(d: str) -> str:
+    import tempfile
+    import warnings
+
+    try:
+        if not os.path.isdir(d):
+            os.makedirs(d, mode=0o700, exist_ok=True)
+            os.chmod(d, 0o700)  # makedirs' mode is filtered by the umask
+        why = untrusted_reason(os.stat(d))
+    except OSError as e:
+        why = f"not usable ({e.strerror})"
+    if why is None:
+        return d
+    priv = tempfile.mkdtemp(prefix="pymetalnn-cache-")  # 0700, ours
+    import atexit
+    import shutil
+
+    atexit.register(shutil.rmtree, priv, True)
+    warnings.warn(f"kernel cache folder {d} is {why}: not used; compiling into the private "
+                  f"folder {priv} for this process instead (set PYMETALNN_CACHE to a folder of "
+                  "your own)", RuntimeWarning, stacklevel=3)
+    return priv
 
 
 def resolve_source(path: str) -> str:
@@ -142,26 +185,43 @@ def _as_bytes_array(data: Any) -> np.ndarray:
 
 def value_bytes(arg: KernelArg, value: Any, kernel: str) -> bytes:
     """Bytes of a `constant T&` argument from a ctypes struct, numpy scalar/record, bytes, or a
-    Python number (converted with the declared MSL type)."""
+    Python number (converted with the declared MSL type). A scalar parameter takes a number of
+    its kind only: an integral one an integer in its range (a float is refused, not truncated),
+    a bool one a bool; a numpy scalar is converted by value, never reinterpreted."""
     if isinstance(value, (bytes, bytearray, memoryview)):
         return bytes(value)
-    if isinstance(value, (ctypes.Structure, ctypes.Array, ctypes._SimpleCData)):
+    if isinstance(value, (ctypes.Structure, ctypes.Array)):
         return ctypes.string_at(ctypes.addressof(value), ctypes.sizeof(value))
-    if isinstance(value, (np.generic, np.ndarray)):
-        return np.ascontiguousarray(value).tobytes()
-    if isinstance(value, (bool, int, float)):
-        dt = SCALAR_DTYPES.get(arg.type)
+    dt = SCALAR_DTYPES.get(arg.type)
+    if isinstance(value, ctypes._SimpleCData):
         if dt is None:
-            raise DispatchError(f"kernel '{kernel}': argument '{arg.name}' (buffer {arg.index}) "
-                                f"is a {arg.type}; pass its bytes (a ctypes struct or bytes), "
-                                f"not a Python {type(value).__name__}")
-        info = np.iinfo(dt) if np.issubdtype(dt, np.integer) else None
-        if info is not None and not (info.min <= value <= info.max):
-            raise DispatchError(f"kernel '{kernel}': argument '{arg.name}' = {value} does not fit "
-                                f"{arg.type}")
+            return ctypes.string_at(ctypes.addressof(value), ctypes.sizeof(value))
+        value = value.value
+    if isinstance(value, np.ndarray) and value.ndim == 0 and dt is not None:
+        value = value[()]
+    if isinstance(value, np.ndarray) or (isinstance(value, np.generic) and dt is None):
+        return np.ascontiguousarray(value).tobytes()
+    where = f"kernel '{kernel}': argument '{arg.name}' (buffer {arg.index}, {arg.type})"
+    if isinstance(value, (bool, int, float, np.bool_, np.number)):
+        if dt is None:
+            raise ArgumentTypeError(f"{where}: pass its bytes (a ctypes struct or bytes), not a "
+                                    f"{type(value).__name__}")
+        if np.issubdtype(dt, np.integer):
+            if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
+                raise ArgumentTypeError(f"{where} is integral: got {type(value).__name__} "
+                                        f"{value!r} (pass an int; nothing is rounded)")
+            info = np.iinfo(dt)
+            if not (info.min <= int(value) <= info.max):
+                raise DispatchError(f"{where} = {value} is outside {info.min}..{info.max}")
+            return np.array(int(value), dtype=dt).tobytes()
+        if dt is np.bool_:
+            if not isinstance(value, (bool, np.bool_)):
+                raise ArgumentTypeError(f"{where} is a bool: got {type(value).__name__} {value!r}")
+            return np.array(value, dtype=dt).tobytes()
+        if isinstance(value, (complex, np.complexfloating)):
+            raise ArgumentTypeError(f"{where}: got complex {value!r}")
         return np.array(value, dtype=dt).tobytes()
-    raise DispatchError(f"kernel '{kernel}': argument '{arg.name}' (buffer {arg.index}) is "
-                        f"'constant {arg.type}&'; got {type(value).__name__}")
+    raise ArgumentTypeError(f"{where} is 'constant {arg.type}&'; got {type(value).__name__}")
 
 
 class Kernel:
@@ -375,10 +435,17 @@ class Device:
         if raw.nbytes:
             self._write_async(buffer.base, buffer.offset + offset, raw)
 
-    def signal(self, callback: Callable[[], Any]) -> None:
+    def signal(self, callback: Callable[..., Any], with_error: bool = False) -> None:
         """Run `callback()` on a host thread once all work queued so far has finished (MPS's
-        command-buffer completion handler). Exceptions it raises surface at synchronize()."""
+        command-buffer completion handler). It always runs, also after failed work; with
+        `with_error`, it is called as `callback(error)`: an AsyncError for work that failed since
+        the previous signal, else None. Exceptions it raises surface at synchronize()."""
         raise NotImplementedError
+
+    def forget_failures(self, buffer: Buffer) -> None:
+        """Declare `buffer` scratch from this point of the queue on: work queued later does not
+        inherit failures recorded on it (see docs/errors.md). For memory whose every use is
+        written before it is read, e.g. a graph's per-step arena."""
 
     @contextlib.contextmanager
     def capture(self) -> Iterator[Recording]:

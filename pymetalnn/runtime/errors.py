@@ -24,5 +24,25 @@ class DispatchError(ValueError):
     """A kernel call that cannot run: wrong arguments or grid size. Raised before dispatch."""
 
 
+class ArgumentTypeError(DispatchError, TypeError):
+    """A kernel argument of the wrong type (e.g. a float for an integral parameter)."""
+
+
 class BackendUnavailable(RuntimeError):
     """The requested backend cannot run on this machine; the message says why."""
+
+
+class AsyncError(RuntimeError):
+    """Queued work failed: a kernel launch, a completion callback or a copy. Raised at the first
+    read or wait of anything that depends on the failed work (and at `synchronize()`, which waits
+    for everything); `kernel` names the kernel that failed (None for a callback or a copy)."""
+
+    def __init__(self, message: str, kernel: str | None = None):
+        self.kernel = kernel
+        super().__init__(message)
+
+
+class ValidationError(AsyncError):
+    """An out-of-bounds access or a divergent barrier found by validation mode
+    (PYMETALNN_VALIDATE=1, cpu backend); the message names the kernel, the `.metal` file and line,
+    the argument, the index and the size."""

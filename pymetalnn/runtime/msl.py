@@ -113,6 +113,7 @@ class KernelArg:
     type: str  # MSL element type as written (after template substitution), e.g. "float"
     const: bool
     ctype: str = ""  # translated C++ type used in the entry point
+    device: bool = False  # a `device T*` (checked in validation mode)
 
 
 @dataclass
@@ -211,9 +212,14 @@ def _int_value(toks: list[Token], where: Token) -> int:
 
 
 class Translator:
-    def __init__(self, target: str):
+    def __init__(self, target: str, validate: bool = False):
         assert target in ("cuda", "cpu")
         self.target = target
+        # validation mode (cpu): device/threadgroup pointers and threadgroup arrays become the
+        # checked types of prelude/pmn_validate.h; nothing changes otherwise
+        self.validate = validate and target == "cpu"
+        self._vclose: set[int] = set()  # ids of '*' tokens that close a PMN_DPTR(
+        self._vskip: set[int] = set()  # ids of cv-qualifier tokens inside a PMN_DPTR(
         self.site = 0
         self.templates: dict[str, tuple[list[str], list[list[Token]], Token, int]] = {}
         self.kernels: dict[str, KernelInfo] = {}
@@ -462,7 +468,8 @@ class Translator:
                 ctype = " ".join(t.text for t in ctoks)
                 if kind == "buffer":
                     ctype = ("const " if const else "") + ctype + "*"
-                args.append(KernelArg(idx, pname, kind, etype, const, ctype))
+                args.append(KernelArg(idx, pname, kind, etype, const, ctype,
+                                      "device" in words and is_ptr))
                 order.append(("arg", len(args) - 1))
             elif aname in BUILTINS:
                 ty = " ".join(t.text for t in tybody if t.text != "const")
@@ -555,6 +562,10 @@ class Translator:
                     paren += 1
                 elif t.text == ")":
                     paren -= 1
+                elif t.text == "*" and self._vclose and id(t) in self._vclose:
+                    out.append(_tok(")", "punct", like=t))
+                    i += 1
+                    continue
                 if _is_attr(toks, i):
                     e = _match(toks, i)
                     inner = toks[i + 2 : e - 1]
@@ -588,6 +599,9 @@ class Translator:
                 i += 1
                 continue
             s = t.text
+            if self._vskip and id(t) in self._vskip:
+                i += 1
+                continue
             # namespaces: metal::, precise::, fast::
             if s in ("metal", "precise", "fast") and nxt is not None and nxt.text == "::":
                 j = i
@@ -621,6 +635,9 @@ class Translator:
                     and toks[i + 2].text == "metal":
                 i += 4 if i + 3 < n and toks[i + 3].text == ";" else 3
                 continue
+            if self.validate and s in ("device", "threadgroup") and self._vpointer(toks, i, out):
+                i += 1
+                continue
             if s in ("device", "thread"):
                 i += 1
                 continue
@@ -652,6 +669,9 @@ class Translator:
                         j += 1
                     if not ptr:
                         out.append(_tok("PMN_THREADGROUP", like=t))
+                        if self.validate:
+                            i = self._vtgarray(toks, i, out)
+                            continue
                 i += 1
                 continue
             if s == "kernel":
@@ -679,6 +699,65 @@ class Translator:
             i += 1
         return out, bodies
 
+    # ---- validation mode
+    def _vpointer(self, toks: list[Token], i: int, out: list[Token]) -> bool:
+        """At an address space keyword: if a pointer declarator follows (`device const T*`),
+        emit `PMN_DPTR(` and mark the '*' that closes it; False when no pointer follows."""
+        j, depth = i + 1, 0
+        while j < len(toks):
+            x = toks[j].text
+            if x == "<":
+                depth += 1
+            elif x == ">":
+                depth -= 1
+            elif x == "*" and depth == 0:
+                break
+            elif not (toks[j].kind == "id" or x in ("::", ",") or depth > 0):
+                return False
+            j += 1
+        else:
+            return False
+        if j == i + 1 or toks[j - 1].kind != "id" and toks[j - 1].text != ">":
+            return False
+        if any(toks[k].kind == "id" and toks[k].text not in ("const", "volatile")
+               and k + 1 < j and toks[k + 1].kind == "id" and toks[k + 1].text not in
+               ("const", "volatile") for k in range(i + 1, j)):
+            return False  # `T name` before the '*': not a declarator's type
+        # the element type loses its cv-qualifiers (`const device T*` -> PMN_DPTR(T)): template
+        # argument deduction of a helper's `vptr<T>` parameter must accept any checked pointer,
+        # as `const T*` accepts a `T*`; the normal build has checked the constness already
+        while out and out[-1].text in ("const", "volatile"):
+            out.pop()
+        self._vskip.update(id(toks[k]) for k in range(i + 1, j)
+                           if toks[k].text in ("const", "volatile"))
+        out.extend([_tok("PMN_DPTR", like=toks[i]), _tok("(", "punct", like=toks[i])])
+        self._vclose.add(id(toks[j]))
+        return True
+
+    def _vtgarray(self, toks: list[Token], i: int, out: list[Token]) -> int:
+        """`threadgroup T name[N];` (after PMN_THREADGROUP) as `pmn::tgarr<T, (N)> name{"name"};`
+        in validation mode; other forms are left as they are. Returns the next index."""
+        j = i + 1
+        while j + 1 < len(toks) and not (toks[j].kind == "id" and toks[j + 1].text == "["):
+            if toks[j].text in (";", "=", "{", "("):
+                return i + 1
+            j += 1
+        if j + 1 >= len(toks):
+            return i + 1
+        close = _match(toks, j + 1)
+        if close + 1 >= len(toks) or toks[close + 1].text != ";":
+            return i + 1  # several dimensions or an initializer: unchecked
+        t = toks[i]
+        ty, _ = self._rewrite(toks[i + 1 : j], top=False)
+        dim, _ = self._rewrite(toks[j + 2 : close], top=False)
+        out.extend([_tok("pmn", like=t), _tok("::", "punct", like=t), _tok("tgarr", like=t),
+                    _tok("<", "punct", like=t), *ty, _tok(",", "punct", like=t),
+                    _tok("(", "punct", like=t), *dim, _tok(")", "punct", like=t),
+                    _tok(">", "punct", like=t), toks[j], _tok("{", "punct", like=t),
+                    Token("str", f'"{toks[j].text}"', t.file, t.line, True),
+                    _tok("}", "punct", like=t), toks[close + 1]])
+        return close + 2
+
     def _emit_func(self, toks: list[Token], i: int, out: list[Token], ns: list[str],
                    bodies: dict[str, dict], cur_func: list[str]) -> int:
         """Emit pmn::[ns::]name for the known function at toks[i]; SIMD-group functions get their
@@ -688,6 +767,8 @@ class Translator:
         out.extend([_tok("pmn", like=t), _tok("::", "punct", like=t)])
         for s in ns:
             out.extend([_tok(s, like=t), _tok("::", "punct", like=t)])
+        if self.validate and name == "threadgroup_barrier":  # counts barriers per thread
+            t = Token(t.kind, "v_threadgroup_barrier", t.file, t.line, t.space)
         out.append(t)
         if cur_func and (name in SIMD_FUNCS or name == "threadgroup_barrier"):
             bodies[cur_func[-1]]["sync"] = True
@@ -751,7 +832,7 @@ def _emit(toks: list[Token]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _entry_points(k: KernelInfo, target: str) -> str:
+def _entry_points(k: KernelInfo, target: str, validate: bool = False) -> str:
     call_args = []
     for kind, j in k.params_order:
         if kind == "arg":
@@ -772,7 +853,12 @@ def _entry_points(k: KernelInfo, target: str) -> str:
         )
     unpack = []
     for a in byidx:
-        if a.kind == "buffer":
+        if a.kind == "buffer" and validate and a.device:
+            fname = k.file.replace("\\", "/").replace('"', "")
+            elem = re.sub(r"\b(const|volatile)\b", "", a.ctype[:-1]).strip()
+            unpack.append(f"pmn::vptr<{elem}>(({elem}*)args[{a.index}], "
+                          f'pmn_v_sizes[{a.index}], "{a.name}", "{fname}", {k.line})')
+        elif a.kind == "buffer":
             unpack.append(f"({a.ctype})args[{a.index}]")
         else:
             unpack.append(f"*(const {a.ctype}*)args[{a.index}]")
@@ -783,6 +869,8 @@ def _entry_points(k: KernelInfo, target: str) -> str:
         else:
             call.append(BUILTINS[k.builtins[j][1]][1])
     body = f"{k.impl}({', '.join(call)});"
+    if validate and k.needs_fibers:  # divergent barriers: see prelude/pmn_validate.h
+        body = f"pmn::v_thread_begin(ti); {body} pmn::v_thread_end(ti);"
     loop = (f"for (uint32_t l = 0; l < tg_size; ++l) {{ ti.lid = l; ti.gid = tgid * tg_size + l; "
             f"ti.lane = l & 31u; ti.simd_id = l >> 5; pmn_body_{k.name}(args, ti); }}")
     if k.lockstep:
@@ -818,16 +906,18 @@ PREAMBLE = {
 
 def translate_file(path: str, target: str, defines: dict | None = None,
                    include_dirs: list[str] | None = None, prelude: str | None = None,
-                   lockstep: bool = True) -> Translation:
+                   validate: bool = False, lockstep: bool = True) -> Translation:
     """Translate one `.metal` file for `target` ("cuda" or "cpu").
 
     `prelude`: text to paste in place of `#include "pmn_prelude.h"` (NVRTC gets everything in one
-    string); None emits the #include. `lockstep` (cpu): kernels that synchronize also get a
-    work-item-loop version (lockstep.py), used instead of fibers where it could be built.
+    string); None emits the #include. `validate` (cpu): validation mode, checked pointers and
+    barriers (prelude/pmn_validate.h). `lockstep` (cpu, not with `validate`): kernels that
+    synchronize also get a work-item-loop version (lockstep.py), used instead of fibers where it
+    could be built.
     """
     pp = Preprocessor(include_dirs or [], defines)
     toks = pp.run_file(path)
-    tr = Translator(target)
+    tr = Translator(target, validate)
     out, kernels = tr.translate(toks)
     if not kernels:
         raise MSLError(path, 1, "no kernel functions found")
@@ -836,7 +926,11 @@ def translate_file(path: str, target: str, defines: dict | None = None,
     for name in sorted(PRELUDE_DEFINES & set(defines or {})):
         parts.append(f"#define {name} {(defines or {})[name]}\n")
     parts.append(prelude if prelude is not None else '#include "pmn_prelude.h"\n')
-    if target == "cpu" and lockstep:
+    if tr.validate:
+        parts.append('#include "pmn_validate.h"\n')
+    # validation builds keep fibers: their barrier counting (pmn_validate.h) and checked
+    # pointers live in the per-thread code that the work-item loops would restructure
+    if target == "cpu" and lockstep and not tr.validate:
         extra = build_lockstep(out, kernels, tr.sync_funcs)
         if extra:
             parts.append('#include "pmn_lockstep.h"\n')
@@ -847,9 +941,9 @@ def translate_file(path: str, target: str, defines: dict | None = None,
     elif target == "cpu":
         for k in kernels.values():
             if k.needs_fibers:
-                k.fiber_reason = "work-item loops turned off"
+                k.fiber_reason = "validation mode" if tr.validate else "work-item loops turned off"
     parts.append(_emit(out))
     parts.append(f'#line 1 "{GENERATED}"\n')
     for k in kernels.values():
-        parts.append(_entry_points(k, target))
+        parts.append(_entry_points(k, target, tr.validate))
     return Translation(target, "".join(parts), kernels, pp.files)
