@@ -271,7 +271,7 @@ def time_torch(args: argparse.Namespace, dev: Any, x: np.ndarray, b: np.ndarray,
         loss = step(xb, bb)
     sync()
     dt = time.perf_counter() - t0
-    return {"device": str(tdev), "images_per_s": steps * args.batch / dt, "loss": float(loss)}
+    return {"device": str(tdev), "images_per_s": steps * args.batch / dt, "loss": float(loss.detach())}
 
 
 def time_ours(tg: G.TrainingGraph, x: np.ndarray, b: np.ndarray, batch: int, steps: int) -> float:
