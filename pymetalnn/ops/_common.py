@@ -61,6 +61,9 @@ def scratch(dev: Device, sizes: Iterable[int], tag: str) -> list[Buffer]:
             _SCRATCH.retired.append(buf)
             total = max(total, buf.nbytes + buf.nbytes // 2)  # geometric growth
         buf = cache[key] = dev.buffer(total, zero=False)
+    # every temporary is written before it is read (the contract above): a failure recorded on
+    # the region by an earlier op's failed launch must not poison this op (docs/errors.md)
+    dev.forget_failures(buf)
     return [buf.view(o, n) for o, n in zip(offs, sizes)]
 
 
