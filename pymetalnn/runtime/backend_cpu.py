@@ -495,7 +495,8 @@ class CpuDevice(Device):
 
     # ---- compile
     def _compile(self, path: str, defines: dict) -> Library:
-        lockstep = os.environ.get("PYMETALNN_CPU_FIBERS", "") in ("", "0")
+        lockstep = os.environ.get("PYMETALNN_CPU_FIBERS", "") in ("", "0") and \
+            getattr(self, "lockstep", True)
         tr = translate_file(path, "cpu", defines, [KERNEL_DIR], validate=self.validate,
                             lockstep=lockstep)
         try:

@@ -93,6 +93,11 @@ class _Gpu:
         from ..runtime.backend_cpu import CpuDevice
 
         self.cpu = CpuDevice()  # private: its queue, libraries and statistics are nobody else's
+        # Metal runs a kernel without [[max_total_threads_per_threadgroup]] with the pipeline's
+        # maximum (1024), set on the cpu kernel after it is built; work-item-loop builds size
+        # their per-thread state for the attribute's (or the default 256) threads, fibers take
+        # any threadgroup size
+        self.cpu.lockstep = False
         self.queue: queue.SimpleQueue = queue.SimpleQueue()
         threading.Thread(target=self._worker, name="fake-metal-queue", daemon=True).start()
 
