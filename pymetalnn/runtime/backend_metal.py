@@ -42,6 +42,16 @@ def _import_mc() -> Any:
     return metalcompute
 
 
+def _first_line(msg: str) -> str:
+    """Metal's first diagnostic, `file.metal:LINE: error: ...`, to lead the error with (the
+    compiler's own text may start with a banner)."""
+    for ln in msg.splitlines():
+        if ": error:" in ln:
+            name, _, rest = ln.partition(":")
+            return os.path.basename(name) + ":" + rest
+    return msg.splitlines()[0] if msg else "Metal compile error"
+
+
 class MetalDevice(Device):
     name = "metal"
     supports_views = False  # metalcompute binds whole buffers
@@ -63,25 +73,30 @@ class MetalDevice(Device):
         self._pending: collections.deque[Any] = collections.deque()
         self._cb_error: BaseException | None = None  # raised by a signal() callback
 
-    def synchronize(self) -> None:
+    def _drain(self) -> None:
         pending = self._pending
         while pending:
             h = pending.popleft()
             del h  # metalcompute waits for a call's command buffer when its handle is released
+
+    def synchronize(self) -> None:
+        self._drain()
         err, self._cb_error = self._cb_error, None
         if err is not None:
             raise AsyncError(f"a queued callback failed: {err.__class__.__name__}: {err}") from err
 
     def signal(self, callback: Any, with_error: bool = False) -> None:
-        # metalcompute offers no completion handler: wait, then call; what the callback raises
-        # surfaces at synchronize(), as on the other backends
+        # metalcompute offers no completion handler: wait, then call. The callback always runs;
+        # what an earlier callback raised stays for synchronize() (it is handed to this one with
+        # with_error), and what this one raises surfaces there too, as on the other backends
         err = None
         try:
-            self.synchronize()
+            self._drain()
         except Exception as e:  # noqa: BLE001 -- handed to the callback
-            if not with_error:
-                raise
             err = e
+        if with_error and err is None and self._cb_error is not None:
+            err, self._cb_error = self._cb_error, None
+            err = AsyncError(f"a queued callback failed: {err.__class__.__name__}: {err}")
         try:
             if with_error:
                 callback(err)
@@ -124,7 +139,7 @@ class MetalDevice(Device):
             mod = self.dev.kernel(src)
             funcs = {name: mod.function(name) for name in tr.kernels}
         except Exception as e:
-            raise CompileError(f"Metal failed on {path}:\n{e}") from None
+            raise CompileError(f"{_first_line(str(e))}\n(Metal failed on {path})\n{e}") from None
         kernels: dict[str, Kernel] = {}
         library = Library(self, path, defines, kernels)
         # sizeof of each `constant T&` in Metal's layout, so a wrong-sized value is refused before
