@@ -265,8 +265,7 @@ template <bool B> struct conv_tag {};
 template <bool MMA, typename T, typename A> struct conv_tile_t { typedef A type; };
 template <typename T, typename A> struct conv_tile_t<true, T, A> { typedef T type; };
 
-// Row pitches (elements) of the A and B slices; SA/SB: the SIMT kernels' pitches in 4-vectors.
-template <bool MMA, int BM, int BK, int SA> constexpr int conv_pa() { return MMA ? BK + 8 : 4 * SA; }
+// Row pitch (elements) of the B slices; SB: the SIMT kernels' pitch in 4-vectors.
 template <bool MMA, int BN, int SB> constexpr int conv_pb() { return MMA ? BN + 8 : 4 * SB; }
 // Element offset of (k, m) in A slice `buf` and of (k, n) in B slice `buf`.
 template <bool MMA, int BM, int BK, int SA>

@@ -143,13 +143,6 @@ def load_graph_state(g: Any, d: Mapping[str, Any], strict: bool = True,
             used += [f"{name}.{k}" for k in per[name]]
         if opt[name]:
             used += [f"{name}.{OPT}.{k}" for k in opt[name]]
-    if g._failed_step is not None:
-        # the optimizers' placeholder and per-step scratch buffers (bound to every update, written
-        # before they are read) carry the failed step's mark: fresh weights start clean
-        for ds in sources.values():
-            for b in (getattr(ds.optimizer, "_dummy", None), getattr(ds.optimizer, "_gnorm", None)):
-                if b is not None:
-                    g.device.forget_failures(b)
     g._failed_step = None  # fresh weights: a failed step no longer blocks training
     return used
 

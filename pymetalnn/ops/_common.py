@@ -333,8 +333,6 @@ def matrix_hw(dev: Device) -> bool:
     forced = getattr(dev, "simdgroup_matrix", None)
     if forced is not None:
         return bool(forced)
-    import os
-
     env = os.environ.get("PYMETALNN_SIMDGROUP_MATRIX")
     if env in ("0", "1"):
         return env == "1"

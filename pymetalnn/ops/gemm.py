@@ -471,6 +471,12 @@ class _MatmulPlan:
         return g.reshape(orig)
 
 
+def _gemm_shaped(a: Tensor, b: Tensor) -> bool:
+    """2-D or 3-D operands whose batches gemm takes as they are (one shared, or equal)."""
+    return a.ndim in (2, 3) and b.ndim in (2, 3) and (a.ndim == 2 or b.ndim == 2
+                                                       or a.shape[0] == b.shape[0])
+
+
 def matmul(input: Any, other: Any, transpose_a: bool = False, transpose_b: bool = False,
            accumulate: str | None = None, activation: Any = None) -> Tensor:
     """torch.matmul(input, other) with op(x) = x or x^T (of the last two dimensions):
@@ -485,7 +491,7 @@ def matmul(input: Any, other: Any, transpose_a: bool = False, transpose_b: bool 
     dev = pick_device(input, other)
     a = tensor_arg(input, dev, "input", (float32, float16))
     b = tensor_arg(other, dev, "other", (float32, float16))
-    if a.ndim in (2, 3) and b.ndim in (2, 3) and (a.ndim == 2 or b.ndim == 2 or a.shape[0] == b.shape[0]):
+    if _gemm_shaped(a, b):
         return _matmul3(a, b, transpose_a, transpose_b, accumulate, activation)
     if b.dtype != a.dtype:
         raise ValueError(f"other: dtype {b.dtype} does not match input's {a.dtype}")
@@ -510,7 +516,7 @@ def matmul_backward(grad_out: Any, input: Any, other: Any, transpose_a: bool = F
     dev = pick_device(grad_out, input, other)
     a = tensor_arg(input, dev, "input", (float32, float16))
     b = tensor_arg(other, dev, "other", (float32, float16))
-    if a.ndim in (2, 3) and b.ndim in (2, 3) and (a.ndim == 2 or b.ndim == 2 or a.shape[0] == b.shape[0]):
+    if _gemm_shaped(a, b):
         return _matmul3_backward(grad_out, a, b, transpose_a, transpose_b, accumulate)
     if b.dtype != a.dtype:
         raise ValueError(f"other: dtype {b.dtype} does not match input's {a.dtype}")

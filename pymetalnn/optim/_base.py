@@ -25,6 +25,7 @@ from typing import Any
 
 import numpy as np
 
+from ..ops._common import dummy
 from ..params import OptimNormParams, OptimParams
 from ..runtime import Device, Kernel
 from ..tensor import Tensor, float16, float32, tensor
@@ -131,7 +132,6 @@ class Optimizer:
         # MultiTensorStep installs (self, i, name) -> a zeroed view of its flat state buffers
         self._state_alloc: Any = None
         self._gnorm = self.device.buffer(16)
-        self._dummy = self.device.buffer(16)
         self._kernels: dict[str, Kernel] = {}
         self._load_kernels()
 
@@ -298,6 +298,9 @@ class Optimizer:
         # tensor): structs are built once per group (and step count) and copied per tensor
         commons: dict[int, OptimParams] = {}
         used_by: dict[int, tuple[bool, ...]] = {}
+        # unused state slots, and the norm when not clipping, bind the ops' placeholder (never read)
+        unused = dummy(self.device)
+        gnorm = self._gnorm if self.max_grad_norm is not None else unused
         rules: dict[tuple, ctypes.Structure] = {}
         for i in todo:
             p, grad, gi = self.params[i], gs[i], self._group_of[i]
@@ -311,8 +314,7 @@ class Optimizer:
             step = self.steps[i] = self.steps[i] + 1
             st = self.state[i]
             master = st["master"].buffer if "master" in st else p.buffer
-            states = [st[name].buffer if u else self._dummy
-                      for name, u in zip(self.STATE_NAMES, used)]
+            states = [st[name].buffer if u else unused for name, u in zip(self.STATE_NAMES, used)]
             common = OptimParams.from_buffer_copy(commons[gi])
             common.n, common.step = sizes[i], step
             # our state buffers are whole allocations (aligned); only caller memory may not be
@@ -323,7 +325,7 @@ class Optimizer:
                 rule = rules[key] = self._rule_params(g, step, fresh)
             self._kernels[DTYPE_SUFFIX[p.dtype]](
                 -(-sizes[i] // self.ELEMENTS_PER_THREAD), p.buffer, grad.buffer, master, *states,
-                self._gnorm, common, rule)
+                gnorm, common, rule)
 
     # ---- state_dict
     def state_dict(self) -> dict[str, np.ndarray]:

@@ -26,6 +26,7 @@ from typing import Any
 
 import numpy as np
 
+from ..ops._common import dummy
 from ..params import OPTIM_CHUNK, OptimChunk
 from ..runtime import Buffer
 from ..tensor import Tensor, float32
@@ -234,13 +235,13 @@ class MultiTensorStep:
             rest.append(left if any_left else [])
         self.launches = 0
         tg = self.kernel.threadgroup_size
-        dummy = self.optimizers[0]._dummy
-        gnorm = self.optimizers[0]._gnorm
+        # unused state slots and the norm (grouped optimizers never clip): the ops' placeholder
+        unused = dummy(self.device)
         for common, rule, rows, used in buckets.values():
             table, nchunks = self._table(rows)
-            states = [self._state_base(name) if u else dummy
+            states = [self._state_base(name) if u else unused
                       for name, u in zip(self.STATE_NAMES, used)]
-            self.kernel(nchunks * tg, self.base, gbase, self.base, *states, gnorm, common, rule,
+            self.kernel(nchunks * tg, self.base, gbase, self.base, *states, unused, common, rule,
                         table)
             self.launches += 1
         for o, left in zip(opts, rest):

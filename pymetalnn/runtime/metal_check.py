@@ -18,6 +18,7 @@ import os
 from dataclasses import dataclass
 
 from .errors import MSLError
+from .msl import _split_commas
 from .preprocess import METAL_CONSTANTS, Preprocessor, Token
 
 METAL_VERSION = 230  # MTLLanguageVersion.version2_3, what metalcompute 0.2.9 compiles with
@@ -112,23 +113,6 @@ def _match_angle(toks: list[Token], i: int) -> int:
         if depth <= 0:
             return j
     return len(toks) - 1
-
-
-def _split_commas(toks: list[Token]) -> list[list[Token]]:
-    parts: list[list[Token]] = [[]]
-    depth = 0
-    for t in toks:
-        if t.text in ("(", "[", "{", "<"):
-            depth += 1
-        elif t.text in (")", "]", "}", ">"):
-            depth -= 1
-        elif t.text == ">>":
-            depth -= 2
-        if t.text == "," and depth == 0:
-            parts.append([])
-        else:
-            parts[-1].append(t)
-    return [p for p in parts if p]
 
 
 @dataclass
