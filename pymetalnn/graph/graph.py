@@ -86,6 +86,7 @@ class Graph(GraphBuilder, GraphRunner):
     def step_count(self, n: int) -> None:
         """Continue from step n (a loaded checkpoint's count)."""
         self._steps_encoded = int(n)
+        self._set_step_counter(int(n))
 
     # ---- logging -------------------------------------------------------------------------------
     def note(self, msg: str) -> None:

@@ -182,6 +182,30 @@ class GraphRunner:
         self._grad_store: dict[Any, list[Tensor]] | None = None  # keep_gradients: ds -> copies
         self._last: Handle | None = None
         self._encode_lock = threading.Lock()
+        self._step_ctr: Tensor | None = None  # the device step counter (see step_counter)
+
+    # ---- step-dependent values on the device -----------------------------------------------------
+    def step_counter(self) -> Tensor:
+        """The step number on the device (uint32 lo, hi): what dropout masks are drawn from. A
+        kernel at the end of every training step advances it, so the recorded step of a capture
+        replays with the step it runs at, as an encoded step does."""
+        if self._step_ctr is None:
+            from ..tensor import tensor
+
+            n = self._steps_encoded
+            words = np.array([n & 0xFFFFFFFF, n >> 32], np.uint32).view(np.int32)
+            self._step_ctr = tensor(words, self.device)
+        return self._step_ctr
+
+    def _set_step_counter(self, n: int) -> None:
+        if self._step_ctr is not None:
+            self._write(self._step_ctr,
+                        np.array([n & 0xFFFFFFFF, n >> 32], np.uint32).view(np.int32))
+
+    def _step_dependent(self) -> bool:
+        """Whether a training step reads the device step counter (dropout)."""
+        return self.training and any(getattr(st.node, "uses_step_counter", False)
+                                     for st in self.steps if st.kind == "forward")
 
     # ---- inputs ----------------------------------------------------------------------------------
     def _write(self, t: Tensor, arr: np.ndarray) -> None:
@@ -414,6 +438,9 @@ class GraphRunner:
         # the first run of a batch size warms the ops' caches; the second one calibrates
         calibrate = self.options["memory"] and not prog.calibrated and prog.runs >= 1
         prog.runs += 1
+        advance = self._step_dependent()
+        if advance:  # made before the allocation hook sees requests (not a step's output)
+            self.step_counter()
         hook = M.AllocHook(self.device) if (plan_memory or calibrate or keep_alloc is not None) \
             else None
         calib: list[tuple[list, list]] = []
@@ -455,6 +482,11 @@ class GraphRunner:
                     env[v] = t
                 for v in self.free_after[i]:
                     env.pop(v, None)
+        if advance:  # the next step draws the next masks: advanced on the device, in the step
+            from ..ops._common import kernel
+
+            assert self._step_ctr is not None
+            kernel(self.device, "dropout.metal", "dropout_offset_advance")(1, self._step_ctr.buffer)
         if calibrate:
             from .optimize import plan_memory as _plan
 
