@@ -60,8 +60,8 @@ inline float optim_clip_coef_amp(const device float* gnorm, float inv, constant 
 // the multi-tensor kernel (<rule>_step_multi_<T>), so the two paths run the same arithmetic.
 
 // ---- SGD: torch.optim.SGD (momentum, dampening, nesterov, weight_decay, maximize) ----------
-template <typename T>
-inline void sgd_block(device T* param, const device T* grad, device float* master,
+template <typename T, typename G>
+inline void sgd_block(device T* param, const device G* grad, device float* master,
                       device float* momentum_buffer, uint i0, uint n, uint vec4, float coef,
                       float inv, constant OptimParams& c, constant SGDParams& h) {
   bool use_buf = h.momentum != 0.0f;
@@ -82,9 +82,9 @@ inline void sgd_block(device T* param, const device T* grad, device float* maste
   if (use_buf) optim_store4n(momentum_buffer, i0, n, vec4, b);
 }
 
-template <typename T>
+template <typename T, typename G>
 [[max_total_threads_per_threadgroup(256)]]
-kernel void sgd_step(device T* param [[buffer(0)]], const device T* grad [[buffer(1)]],
+kernel void sgd_step(device T* param [[buffer(0)]], const device G* grad [[buffer(1)]],
                      device float* master [[buffer(2)]],
                      device float* momentum_buffer [[buffer(3)]],
                      const device float* gnorm [[buffer(4)]],
@@ -99,8 +99,8 @@ kernel void sgd_step(device T* param [[buffer(0)]], const device T* grad [[buffe
 }
 
 // ---- Adam / AdamW: torch.optim.Adam, torch.optim.AdamW (amsgrad, maximize) ----------------
-template <typename T>
-inline void adam_block(device T* param, const device T* grad, device float* master,
+template <typename T, typename G>
+inline void adam_block(device T* param, const device G* grad, device float* master,
                        device float* exp_avg, device float* exp_avg_sq,
                        device float* max_exp_avg_sq, uint i0, uint n, uint vec4, float coef,
                        float inv, uint t, constant OptimParams& c, constant AdamParams& h) {
@@ -135,9 +135,9 @@ inline void adam_block(device T* param, const device T* grad, device float* mast
   if (ams) optim_store4n(max_exp_avg_sq, i0, n, vec4, vmax);
 }
 
-template <typename T>
+template <typename T, typename G>
 [[max_total_threads_per_threadgroup(256)]]
-kernel void adam_step(device T* param [[buffer(0)]], const device T* grad [[buffer(1)]],
+kernel void adam_step(device T* param [[buffer(0)]], const device G* grad [[buffer(1)]],
                       device float* master [[buffer(2)]], device float* exp_avg [[buffer(3)]],
                       device float* exp_avg_sq [[buffer(4)]],
                       device float* max_exp_avg_sq [[buffer(5)]],
@@ -153,8 +153,8 @@ kernel void adam_step(device T* param [[buffer(0)]], const device T* grad [[buff
 }
 
 // ---- RMSProp: torch.optim.RMSprop (alpha, eps, centered, momentum, weight_decay, maximize) --
-template <typename T>
-inline void rmsprop_block(device T* param, const device T* grad, device float* master,
+template <typename T, typename G>
+inline void rmsprop_block(device T* param, const device G* grad, device float* master,
                           device float* square_avg, device float* grad_avg,
                           device float* momentum_buffer, uint i0, uint n, uint vec4, float coef,
                           float inv, constant OptimParams& c, constant RMSPropParams& h) {
@@ -192,9 +192,9 @@ inline void rmsprop_block(device T* param, const device T* grad, device float* m
   if (use_buf) optim_store4n(momentum_buffer, i0, n, vec4, b);
 }
 
-template <typename T>
+template <typename T, typename G>
 [[max_total_threads_per_threadgroup(256)]]
-kernel void rmsprop_step(device T* param [[buffer(0)]], const device T* grad [[buffer(1)]],
+kernel void rmsprop_step(device T* param [[buffer(0)]], const device G* grad [[buffer(1)]],
                          device float* master [[buffer(2)]],
                          device float* square_avg [[buffer(3)]],
                          device float* grad_avg [[buffer(4)]],
@@ -219,9 +219,9 @@ kernel void rmsprop_step(device T* param [[buffer(0)]], const device T* grad [[b
 // chunk's first element, its length n <= OPTIM_CHUNK, vec4); threadgroup t updates chunk t, each
 // thread 4 consecutive elements per pass, with exactly the per-tensor kernels' block function.
 // Every tensor of a launch shares OptimParams (n and vec4 unused) and the rule's struct.
-template <typename T>
+template <typename G>
 [[max_total_threads_per_threadgroup(256)]]
-kernel void sgd_step_multi(device T* param [[buffer(0)]], const device T* grad [[buffer(1)]],
+kernel void sgd_step_multi(device float* param [[buffer(0)]], const device G* grad [[buffer(1)]],
                            device float* master [[buffer(2)]],
                            device float* momentum_buffer [[buffer(3)]],
                            const device float* gnorm [[buffer(4)]],
@@ -244,9 +244,9 @@ kernel void sgd_step_multi(device T* param [[buffer(0)]], const device T* grad [
   }
 }
 
-template <typename T>
+template <typename G>
 [[max_total_threads_per_threadgroup(256)]]
-kernel void adam_step_multi(device T* param [[buffer(0)]], const device T* grad [[buffer(1)]],
+kernel void adam_step_multi(device float* param [[buffer(0)]], const device G* grad [[buffer(1)]],
                             device float* master [[buffer(2)]],
                             device float* exp_avg [[buffer(3)]],
                             device float* exp_avg_sq [[buffer(4)]],
@@ -272,9 +272,9 @@ kernel void adam_step_multi(device T* param [[buffer(0)]], const device T* grad 
   }
 }
 
-template <typename T>
+template <typename G>
 [[max_total_threads_per_threadgroup(256)]]
-kernel void rmsprop_step_multi(device T* param [[buffer(0)]], const device T* grad [[buffer(1)]],
+kernel void rmsprop_step_multi(device float* param [[buffer(0)]], const device G* grad [[buffer(1)]],
                                device float* master [[buffer(2)]],
                                device float* square_avg [[buffer(3)]],
                                device float* grad_avg [[buffer(4)]],
@@ -417,20 +417,32 @@ kernel void amp_update(device float* amp [[buffer(0)]], constant AmpParams& p [[
 template [[host_name("amp_check_float")]] [[kernel]] decltype(amp_check<uint>) amp_check<uint>;
 template [[host_name("amp_check_half")]] [[kernel]] decltype(amp_check<ushort>) amp_check<ushort>;
 
-#define OPTIM_INSTANTIATE(T, S)                                                                   \
-  template [[host_name("sgd_step_" #S)]] [[kernel]] decltype(sgd_step<T>) sgd_step<T>;           \
-  template [[host_name("adam_step_" #S)]] [[kernel]] decltype(adam_step<T>) adam_step<T>;        \
-  template [[host_name("rmsprop_step_" #S)]] [[kernel]] decltype(rmsprop_step<T>)                 \
-      rmsprop_step<T>;                                                                            \
-  template [[host_name("optim_sumsq_" #S)]] [[kernel]] decltype(optim_sumsq<T>) optim_sumsq<T>;
+// <rule>_step_<T>: T parameters and gradients; <rule>_step_hgrad_float: float32 parameters with
+// float16 gradients (a mixed-precision graph's fp32 master weights, updated from fp16 gradients).
+#define OPTIM_INSTANTIATE(T, G, S)                                                                \
+  template [[host_name("sgd_step_" #S)]] [[kernel]] decltype(sgd_step<T, G>) sgd_step<T, G>;     \
+  template [[host_name("adam_step_" #S)]] [[kernel]] decltype(adam_step<T, G>) adam_step<T, G>;  \
+  template [[host_name("rmsprop_step_" #S)]] [[kernel]] decltype(rmsprop_step<T, G>)              \
+      rmsprop_step<T, G>;
 
-OPTIM_INSTANTIATE(float, float)
-OPTIM_INSTANTIATE(half, half)
+OPTIM_INSTANTIATE(float, float, float)
+OPTIM_INSTANTIATE(half, half, half)
+OPTIM_INSTANTIATE(float, half, hgrad_float)
 
-// multi-tensor updates: float32 parameters (the graph's flat weight buffers)
-template [[host_name("sgd_step_multi_float")]] [[kernel]] decltype(sgd_step_multi<float>)
-    sgd_step_multi<float>;
-template [[host_name("adam_step_multi_float")]] [[kernel]] decltype(adam_step_multi<float>)
-    adam_step_multi<float>;
-template [[host_name("rmsprop_step_multi_float")]] [[kernel]] decltype(rmsprop_step_multi<float>)
-    rmsprop_step_multi<float>;
+template [[host_name("optim_sumsq_float")]] [[kernel]] decltype(optim_sumsq<float>)
+    optim_sumsq<float>;
+template [[host_name("optim_sumsq_half")]] [[kernel]] decltype(optim_sumsq<half>)
+    optim_sumsq<half>;
+
+// multi-tensor updates: float32 parameters (the graph's flat weight buffers), float32 or float16
+// gradients
+#define OPTIM_INSTANTIATE_MULTI(G, S)                                                             \
+  template [[host_name("sgd_step_multi_" #S)]] [[kernel]] decltype(sgd_step_multi<G>)            \
+      sgd_step_multi<G>;                                                                          \
+  template [[host_name("adam_step_multi_" #S)]] [[kernel]] decltype(adam_step_multi<G>)          \
+      adam_step_multi<G>;                                                                         \
+  template [[host_name("rmsprop_step_multi_" #S)]] [[kernel]] decltype(rmsprop_step_multi<G>)    \
+      rmsprop_step_multi<G>;
+
+OPTIM_INSTANTIATE_MULTI(float, float)
+OPTIM_INSTANTIATE_MULTI(half, hgrad_float)

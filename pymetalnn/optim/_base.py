@@ -209,6 +209,16 @@ class Optimizer:
         self._sumsq = {s: lib.kernel(f"optim_sumsq_{s}") for s in ("float", "half")}
         self._count_kernel = lib.kernel("optim_count")
 
+    def _kernel_for(self, pdt: Any, gdt: Any) -> Kernel:
+        """The rule's kernel for parameters of dtype pdt and gradients of dtype gdt."""
+        if pdt == gdt:
+            return self._kernels[DTYPE_SUFFIX[pdt]]
+        k = self._kernels.get("hgrad_float")
+        if k is None:
+            k = self._kernels["hgrad_float"] = \
+                self.device.library(self.SOURCE).kernel(f"{self.KERNEL}_hgrad_float")
+        return k
+
     def _amp_buffer(self) -> Any:
         return self.amp if self.amp is not None else amp_identity(self.device)
 
@@ -286,7 +296,9 @@ class Optimizer:
                                  f"{self.device.name}")
             if g.shape != p.shape:
                 raise ValueError(f"grads[{i}]: shape {g.shape}, parameter {i} has {p.shape}")
-            if g.dtype != p.dtype:
+            # float32 (master) weights take float16 gradients too (mixed precision)
+            if g.dtype != p.dtype and not (self.DEVICE_STEP and p.dtype == float32
+                                           and g.dtype == float16):
                 raise ValueError(f"grads[{i}]: dtype {g.dtype}, parameter {i} is {p.dtype}")
             if g.buffer.base is p.buffer.base and g.buffer.offset == p.buffer.offset:
                 raise ValueError(f"grads[{i}]: is parameter {i} itself")
@@ -381,7 +393,7 @@ class Optimizer:
             rule = rules.get(key)
             if rule is None:
                 rule = rules[key] = self._rule_params(g, step, fresh)
-            self._kernels[DTYPE_SUFFIX[p.dtype]](
+            self._kernel_for(p.dtype, grad.dtype)(
                 -(-sizes[i] // self.ELEMENTS_PER_THREAD), p.buffer, grad.buffer, master, *states,
                 gnorm, common, rule, *extra)
 

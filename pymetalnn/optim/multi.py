@@ -84,7 +84,11 @@ class MultiTensorStep:
         self.base: Buffer = opts[0].params[0].buffer.base
         self._check_params()
         self.STATE_NAMES = cls.STATE_NAMES
-        self.kernel = self.device.library(cls.SOURCE).kernel(f"{cls.MULTI_KERNEL}_float")
+        lib = self.device.library(cls.SOURCE)
+        # float32 and float16 gradients (a mixed-precision graph's) of the float32 weights
+        self.kernels = {np.dtype(np.float32): lib.kernel(f"{cls.MULTI_KERNEL}_float"),
+                        np.dtype(np.float16): lib.kernel(f"{cls.MULTI_KERNEL}_hgrad_float")}
+        self.kernel = self.kernels[np.dtype(np.float32)]
         self.states: dict[str, Buffer] = {}
         self._tables: dict[tuple, tuple[Buffer, int]] = {}
         self._adopted: dict[int, tuple[Any, Any]] = {}
@@ -194,6 +198,8 @@ class MultiTensorStep:
                 or len(grads) != len(opts):
             raise ValueError(f"grads: expected {len(opts)} gradient lists, one per optimizer")
         checked = [o._check_grads(g) for o, g in zip(opts, grads)]
+        if any(o._amp_buffer() is not opts[0]._amp_buffer() for o in opts):
+            raise ValueError("optimizers: one multi-tensor step needs one loss-scaling state (amp)")
         for o in opts:
             for gi, g in enumerate(o.param_groups):
                 o._check_group(g, f"param_groups[{gi}]")
@@ -231,7 +237,7 @@ class MultiTensorStep:
             for i, g in enumerate(gs):
                 if g is None or not o._sizes[i]:
                     continue
-                if g.buffer.base is not gbase or g.buffer.offset % 4:
+                if g.buffer.base is not gbase or g.buffer.offset % g.dtype.itemsize:
                     left[i] = g
                     any_left = True
                     continue
@@ -242,17 +248,17 @@ class MultiTensorStep:
                     used = used_by[gi] = o._used_states(grp)
                 fresh = o._ensure_state(i, used)
                 step = o.steps[i] = o.steps[i] + 1
-                skey = (id(o), gi, step, tuple(sorted(fresh)))
+                skey = (id(o), gi, step, tuple(sorted(fresh)), g.dtype)
                 rows = structs.get(skey)
                 if rows is None:
                     common = o._common_params(grp)
                     common.step = step
                     rule = o._rule_params(grp, step, fresh)
-                    bucket = buckets.setdefault((bytes(common), bytes(rule)),
+                    bucket = buckets.setdefault((bytes(common), bytes(rule), g.dtype),
                                                 (common, rule, [], used))
                     rows = structs[skey] = bucket[2]
-                rows.append((o.params[i].buffer.offset // 4, g.buffer.offset // 4, o._sizes[i],
-                             sb + i))
+                rows.append((o.params[i].buffer.offset // 4, g.buffer.offset // g.dtype.itemsize,
+                             o._sizes[i], sb + i))
                 counted.append(sb + i)
             rest.append(left if any_left else [])
         self.launches = 0
@@ -262,12 +268,12 @@ class MultiTensorStep:
         amp = opts[0]._amp_buffer()
         if counted:
             opts[0]._advance(sorted(counted), self.steps_flat, amp)
-        for common, rule, rows, used in buckets.values():
+        for (_, _, gdt), (common, rule, rows, used) in buckets.items():
             table, nchunks = self._table(rows)
             states = [self._state_base(name) if u else unused
                       for name, u in zip(self.STATE_NAMES, used)]
-            self.kernel(nchunks * tg, self.base, gbase, self.base, *states, unused, common, rule,
-                        table, self.steps_flat, amp)
+            self.kernels[gdt](nchunks * tg, self.base, gbase, self.base, *states, unused, common,
+                              rule, table, self.steps_flat, amp)
             self.launches += 1
         for o, left in zip(opts, rest):
             if left:
