@@ -1,0 +1,197 @@
+"""Mixed-precision training graphs (graph/mixed.py): float16 activations and math, float32 master
+weights, and dynamic loss scaling on the device with torch.cuda.amp.GradScaler's rule, checked
+against a reference of that rule (torch's own _amp_update_scale_ where torch is installed) and
+against float32 training; a captured mixed-precision step replays like an encoded one."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from graph_nets import data, lenet
+
+from pymetalnn import graph as G
+from pymetalnn import optim
+
+
+class RefScaler:
+    """GradScaler's update rule (torch/amp/grad_scaler.py, _amp_update_scale_), in float32."""
+
+    def __init__(self, init_scale, growth_factor=2.0, backoff_factor=0.5, growth_interval=2000):
+        self.scale, self.tracker = np.float32(init_scale), 0
+        self.g, self.b, self.n = growth_factor, backoff_factor, growth_interval
+
+    def update(self, found_inf: bool) -> None:
+        if found_inf:
+            self.scale, self.tracker = np.float32(self.scale * np.float32(self.b)), 0
+            return
+        self.tracker += 1
+        if self.tracker == self.n:
+            with np.errstate(over="ignore"):
+                grown = np.float32(self.scale * np.float32(self.g))
+            if np.isfinite(grown):
+                self.scale = grown
+            self.tracker = 0
+
+
+def torch_update(scale: float, tracker: int, found_inf: bool, g: float, b: float, n: int):
+    """The same step by torch's kernel (CPU), where torch is installed."""
+    torch = pytest.importorskip("torch")
+    s = torch.tensor([scale], dtype=torch.float32)
+    t = torch.tensor([tracker], dtype=torch.int32)
+    torch._amp_update_scale_(s, t, torch.tensor([float(found_inf)]), g, b, n)
+    return float(s[0]), int(t[0])
+
+
+def adam(p):
+    return optim.Adam(p, lr=0.003)
+
+
+def test_reference_scaler_matches_torch():
+    """The reference rule agrees with torch's kernel over a sequence with overflows, growth and
+    growth past float32's range."""
+    ref = RefScaler(2.0**120, growth_factor=4.0, backoff_factor=0.25, growth_interval=2)
+    s, t = float(ref.scale), 0
+    for f in [True, False, False, False, False, True, False, False] + [False] * 12:
+        s, t = torch_update(s, t, f, 4.0, 0.25, 2)
+        ref.update(f)
+        assert (s, t) == (float(ref.scale), ref.tracker)
+
+
+def test_overflow_skips_backs_off_and_grows(dev):
+    """A scale too large for float16 gradients (2^30): every step overflows, is skipped (weights,
+    optimizer state and step counts untouched) and halves the scale, until the gradients fit;
+    then clean steps update and the scale doubles after growth_interval of them, falls back at
+    the next overflow, and so on, exactly as GradScaler's rule says given each step's verdict."""
+    X, Y = data(n=8)
+    _, loss, _ = lenet(record=False, dropout=True, bn=True)
+    opts = dict(init_scale=2.0**30, growth_interval=2, growth_factor=2.0, backoff_factor=0.5)
+    tg = G.TrainingGraph(loss, optimizer=adam, device=dev, precision="mixed", grad_scaler=opts)
+    ref = RefScaler(**opts)
+    prev = None
+    skipped = clean = 0
+    for _ in range(20):
+        tg.step(X, Y)
+        sc = tg.grad_scaler
+        found = sc.found_inf
+        sd = tg.training_state_dict()
+        weights = {k: v for k, v in sd.items() if ".optim." in k or k.endswith(("weight", "bias"))}
+        if prev is not None and found:
+            for k, v in weights.items():
+                np.testing.assert_array_equal(v, prev[k], err_msg=k)
+        elif prev is not None:
+            assert any(not np.array_equal(v, prev[k]) for k, v in weights.items())
+        prev = weights
+        ref.update(found)
+        assert (sc.scale, sc.growth_tracker) == (float(ref.scale), ref.tracker)
+        skipped += found
+        clean += not found
+        assert all(int(v) == clean for k, v in sd.items() if k.endswith(".optim.param0.step"))
+    # 2^30 backs off to 2^16 (float16 gradients of this net fit from there), then grows
+    assert skipped >= 14 and clean >= 4
+
+
+def test_injected_inf_gradient(dev):
+    """An inf in the loss gradient (a label weight of inf) makes every weight gradient non-finite:
+    the step is skipped and the scale backs off; the next clean step trains again."""
+    X = np.random.default_rng(0).standard_normal((4, 6)).astype(np.float32)
+    x = G.ImageNode((6,), name="x")
+    fc = G.FullyConnectedDataSource(6, 3, seed=1, init="glorot")
+    out = G.FullyConnectedNode(x, fc, name="fc")
+    loss = G.MeanSquaredErrorLossNode(out, name="loss")
+    tg = G.TrainingGraph(loss, optimizer=lambda p: optim.SGD(p, lr=0.1, momentum=0.9),
+                         device=dev, precision="mixed", grad_scaler=dict(init_scale=8.0))
+    T = np.zeros((4, 3), np.float32)
+    tg.step(X, T)
+    w0 = tg.state_dict()["fc.weight"]
+    bad = T.copy()
+    bad[1, 2] = np.inf
+    tg.step(X, bad)
+    assert tg.grad_scaler.found_inf and tg.grad_scaler.scale == 4.0
+    np.testing.assert_array_equal(tg.state_dict()["fc.weight"], w0)
+    assert int(tg.training_state_dict()["fc.optim.param0.step"]) == 1
+    tg.step(X, T)
+    assert not tg.grad_scaler.found_inf and tg.grad_scaler.growth_tracker == 1
+    assert not np.array_equal(tg.state_dict()["fc.weight"], w0)
+
+
+@pytest.mark.parametrize("accumulate", ["float", "half"])
+def test_mixed_tracks_float32(dev, accumulate):
+    """A small conv net (conv, batch norm, dropout, linear) trained 30 steps in mixed precision
+    follows the float32 loss curve closely, runs its math in float16, keeps float32 weights.
+    (The scale starts where no step overflows, so that the curves are step for step the same
+    training; overflowed steps are the test above.)"""
+    X, Y = data(n=16, seed=3)
+    curves = {}
+    for prec in ("float32", "mixed"):
+        _, loss, _ = lenet(record=False, dropout=True, bn=True)
+        kw = dict(precision=prec, accumulate=accumulate, grad_scaler=dict(init_scale=256.0)) \
+            if prec == "mixed" else {}
+        tg = G.TrainingGraph(loss, optimizer=adam, device=dev, **kw)
+        dev.reset_counts()
+        curve = []
+        for _ in range(30):
+            curve.append(tg.step(X, Y))
+            assert prec == "float32" or not tg.grad_scaler.found_inf
+        curves[prec] = np.array(curve)
+        if prec == "mixed":
+            names = set(dev.dispatch_counts)
+            assert any(n.startswith("conv2d_fwd") and n.endswith("_half") for n in names)
+            assert any(n.startswith("gemm_fwd") and n.endswith("_half") for n in names)
+            assert all(v.dtype == np.float32 for v in tg.state_dict().values()
+                       if v.dtype.kind == "f")
+    f32, mixed = curves["float32"], curves["mixed"]
+    assert f32[-1] < 0.5 * f32[0]  # it trains
+    tol = 0.02 if accumulate == "float" else 0.05
+    np.testing.assert_allclose(mixed, f32, rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("opt", ["Adam", "AdamW", "RMSProp", "SGD"])
+def test_mixed_replay_is_encode(dev, opt):
+    """A captured mixed-precision step (loss seed, finite check, skipped or applied updates, the
+    scale's update, dropout, batch norm) replayed N times gives what N encoded steps give, bit
+    for bit, across overflowed (skipped) and clean steps."""
+    make = {"Adam": adam, "AdamW": lambda p: optim.AdamW(p, lr=0.003),
+            "RMSProp": lambda p: optim.RMSProp(p, lr=0.003, momentum=0.5),
+            "SGD": lambda p: optim.SGD(p, lr=0.05, momentum=0.9)}[opt]
+    X, Y = data(n=8)
+    res, warm = {}, 0
+    for mode in ("replay", "encode"):
+        _, loss, _ = lenet(record=False, dropout=True, bn=True)
+        tg = G.TrainingGraph(loss, optimizer=make, device=dev, precision="mixed",
+                             grad_scaler=dict(init_scale=2.0**19, growth_interval=2))
+        if mode == "replay":
+            cap = tg.capture(X, Y)
+            warm = tg.step_count
+            rows = []
+            for _ in range(8):
+                h = cap.run().wait()
+                rows.append((h.losses.copy(), tg.grad_scaler.scale))
+        else:
+            rows = []
+            for k in range(warm + 8):
+                h = tg.encode(X, Y).wait()
+                rows.append((h.losses.copy(), tg.grad_scaler.scale))
+            rows = rows[warm:]
+        res[mode] = (rows, tg.training_state_dict())
+    scales = [s for _, s in res["encode"][0]]
+    assert len(set(scales)) > 1  # the window holds overflows and growth
+    for (la, sa), (lb, sb) in zip(res["replay"][0], res["encode"][0]):
+        np.testing.assert_array_equal(la, lb)
+        assert sa == sb
+    for k, v in res["encode"][1].items():
+        np.testing.assert_array_equal(v, res["replay"][1][k], err_msg=k)
+
+
+def test_mixed_bad_options(dev):
+    _, loss, _ = lenet(record=False)
+    with pytest.raises(ValueError, match="^precision: "):
+        G.TrainingGraph(loss, optimizer=adam, device=dev, precision="bfloat16")
+    with pytest.raises(ValueError, match="^accumulate: "):
+        G.TrainingGraph(loss, optimizer=adam, device=dev, accumulate="half")
+    with pytest.raises(ValueError, match=r"^grad_scaler\['growth_factor'\]: "):
+        G.TrainingGraph(loss, optimizer=adam, device=dev, precision="mixed",
+                        grad_scaler=dict(growth_factor=0.5))
+    with pytest.raises(ValueError, match="^grad_scaler: unknown"):
+        G.TrainingGraph(loss, optimizer=adam, device=dev, precision="mixed",
+                        grad_scaler=dict(init=2.0))
+    with pytest.raises(ValueError, match="^low_memory: "):
+        G.TrainingGraph(loss, optimizer=adam, device=dev, precision="mixed", low_memory=True)
