@@ -171,6 +171,41 @@ def test_float16_params_with_float32_master(dev, name, opts):
 
 
 @pytest.mark.parametrize("name,opts", [
+    ("SGD", dict(lr=0.05, momentum=0.9, weight_decay=0.01)),
+    ("Adam", dict(lr=0.01, amsgrad=True, weight_decay=0.01)),
+    ("AdamW", dict(lr=0.01)),
+    ("RMSProp", dict(lr=0.01, centered=True, momentum=0.5)),
+])
+def test_float32_params_with_float16_grads(dev, name, opts):
+    """Mixed precision's update: float32 weights from float16 gradients (`<rule>_step_hgrad_float`,
+    and the multi-tensor kernel's) follow the float64 reference fed the same float16 gradients,
+    and match float32 gradients holding the same values bit for bit."""
+    params0 = make_params(7)
+    grads = make_grads(8, steps=30, dtype=np.float16)
+    ours, _, _ = run_ours(dev, name, opts, params0, grads, check_at=(30,))
+    up, _, _ = run_ours(dev, name, opts, params0,
+                        [[g.astype(np.float32) for g in gs] for gs in grads], check_at=(30,))
+    want, _ = run_reference(name, opts, [p.astype(np.float64) for p in params0],
+                            [[g.astype(np.float64) for g in gs] for gs in grads], check_at=(30,))
+    for a, b, w in zip(ours[30], up[30], want[30]):
+        assert a.dtype == np.float32
+        np.testing.assert_array_equal(a, b)
+        np.testing.assert_allclose(a, w, **TOL)
+    if not dev.supports_views:
+        return
+    ws = [p.copy() for p in params0]
+    _, pa = flat_views(dev, ws, 0, 1)
+    o = getattr(optim, name)(pa, **opts)
+    ms = optim.MultiTensorStep([o])
+    for gs in grads:
+        _, ga = flat_views(dev, gs, 0, 1, np.float16)
+        ms.step([ga])
+        assert ms.launches == 1 and ms.fallback == 0
+    for a, b in zip(pa, ours[30]):
+        np.testing.assert_array_equal(a.numpy(), b)
+
+
+@pytest.mark.parametrize("name,opts", [
     ("SGD", dict(lr=0.05, momentum=0.9, nesterov=True)),
     ("Adam", dict(lr=0.01, amsgrad=True, weight_decay=0.01)),
     ("RMSProp", dict(lr=0.01, centered=True, momentum=0.3)),
@@ -472,17 +507,18 @@ MULTI_CASES = [
 ]
 
 
-def flat_views(dev, arrays, first, gap):
+def flat_views(dev, arrays, first, gap, dtype=np.float32):
     """Tensors that are views of one buffer: the first at element `first`, `gap` elements
     between them (odd values: unaligned offsets)."""
     offs, o = [], first
     for a in arrays:
         offs.append(o)
         o += a.size + gap
-    buf = dev.buffer(np.zeros(o + 3, np.float32))
+    sz = np.dtype(dtype).itemsize
+    buf = dev.buffer(np.zeros(o + 3, dtype))
     for a, of in zip(arrays, offs):
-        buf.write(a, of * 4)
-    return buf, [pm.Tensor(buf.view(of * 4, a.size * 4), a.shape, np.float32)
+        buf.write(np.asarray(a, dtype), of * sz)
+    return buf, [pm.Tensor(buf.view(of * sz, a.size * sz), a.shape, dtype)
                  for a, of in zip(arrays, offs)]
 
 
