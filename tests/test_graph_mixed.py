@@ -181,6 +181,31 @@ def test_mixed_replay_is_encode(dev, opt):
         np.testing.assert_array_equal(v, res["replay"][1][k], err_msg=k)
 
 
+def test_mixed_save_load_continues_exactly(dev, tmp_path):
+    """save / load carries the loss scale and its growth tracker (with weights, optimizer state
+    and step count): a graph loaded from a checkpoint continues exactly as the original."""
+    X, Y = data(n=8)
+
+    def make():
+        _, loss, _ = lenet(record=False, dropout=True, bn=True)
+        return G.TrainingGraph(loss, optimizer=adam, device=dev, precision="mixed",
+                               grad_scaler=dict(init_scale=2.0**18, growth_interval=3))
+
+    a = make()
+    for _ in range(4):
+        a.step(X, Y)
+    a.save(tmp_path / "mixed.npz")
+    b = make()
+    b.load(tmp_path / "mixed.npz")
+    assert b.grad_scaler.state_dict() == a.grad_scaler.state_dict()
+    for _ in range(4):
+        assert a.step(X, Y) == b.step(X, Y)
+        assert a.grad_scaler.scale == b.grad_scaler.scale
+    sa, sb = a.training_state_dict(), b.training_state_dict()
+    for k, v in sa.items():
+        np.testing.assert_array_equal(v, sb[k], err_msg=k)
+
+
 def test_mixed_bad_options(dev):
     _, loss, _ = lenet(record=False)
     with pytest.raises(ValueError, match="^precision: "):
