@@ -9,10 +9,16 @@ dropout, fully connected to 1000 classes; SGD with momentum, softmax cross-entro
 architecture function drives two builders (graph nodes, torch modules), so both are the same.
 
 Trained `--iters` (30) iterations on generated data (random images and labels; a throughput
-benchmark), printing images/s and peak memory for both.
+benchmark), printing images/s and peak memory for both. `--precision mixed`: float16 activations
+and math, float32 master weights, dynamic loss scaling (TrainingGraph(precision="mixed")), with
+PyTorch AMP (autocast float16 + GradScaler, channels_last, cudnn.benchmark) as the peer. PyTorch
+rows (pymetalnn.testing.torch_peer): AMP (mixed only, cuda), fp32 with TF32 off (float32 only),
+and PyTorch's defaults (TF32 convolutions), each eager. `--replay`: also a captured step
+replayed per iteration (the same training as encoding every step).
 
     PYTHONPATH=. python examples/inception_v3.py --backend cuda [--batch 32] [--iters 30]
-    PYTHONPATH=. python examples/inception_v3.py --smoke        # cpu, 75x75, 2 iterations
+    PYTHONPATH=. python examples/inception_v3.py --backend cuda --precision mixed --replay
+    PYTHONPATH=. python examples/inception_v3.py --smoke [--precision mixed]  # cpu, 75x75
 """
 from __future__ import annotations
 
@@ -180,8 +186,11 @@ def run_ours(args: argparse.Namespace, dev: pm.Device, X: np.ndarray, Y: np.ndar
     loss = G.SoftmaxCrossEntropyLossNode(logits, name="loss")
     dev.reset_peak_memory()  # buffers of this device: as torch.cuda.max_memory_allocated
     base = dev.memory_allocated()
-    tg = G.TrainingGraph(loss, optimizer=lambda p: optim.SGD(p, lr=0.01, momentum=0.9),
-                         device=dev, name="inception_v3")
+    tg = G.TrainingGraph(loss, optimizer=lambda p: optim.SGD(p, lr=args.lr, momentum=0.9),
+                         device=dev, name="inception_v3", precision=args.precision,
+                         accumulate=args.accumulate,
+                         grad_scaler=dict(init_scale=args.init_scale) if args.precision == "mixed"
+                         else None)
     xt, yt = tg.bind(X)[0], tg.labels(Y)
     losses = []
     t_first = time.perf_counter()
@@ -196,25 +205,37 @@ def run_ours(args: argparse.Namespace, dev: pm.Device, X: np.ndarray, Y: np.ndar
     n = args.iters - len(losses)
     whole_run_peak = dev.max_memory_allocated()
     dev.reset_peak_memory()
-    if args.replay:
-        # one captured step (a CUDA graph on cuda) replayed per iteration: the host cost of
-        # encoding ~1000 launches goes away; dropout masks repeat across replays (documented in
-        # Graph.capture), which does not change the work done
-        step = tg.capture(xt, yt)
-        tg.synchronize()
-        n = max(n - 1, 0)
-        t0 = time.perf_counter()
-        hs = [step.run() for _ in range(n)]
-    else:
-        t0 = time.perf_counter()
-        hs = [tg.encode(xt, yt) for _ in range(n)]
+    t0 = time.perf_counter()
+    hs = [tg.encode(xt, yt) for _ in range(n)]
     tg.synchronize()
     secs = time.perf_counter() - t0
     losses += [h.loss for h in hs]
+    replay = None
+    if args.replay:
+        # one captured step (a CUDA graph on cuda) replayed per iteration: the host cost of
+        # encoding ~1000 launches goes away; the training is the same (dropout masks, step
+        # counts and the loss scale advance on the device), so it continues the run above
+        step = tg.capture(xt, yt)
+        tg.synchronize()
+        t1 = time.perf_counter()
+        rl = []
+        for _ in range(n):
+            rl.append(step.run())
+            if len(rl) >= 2:  # the outputs are the recording's: read before the next replay
+                rl[-2] = rl[-2].loss
+        tg.synchronize()
+        rsecs = time.perf_counter() - t1
+        if rl:
+            rl[-1] = rl[-1].loss
+        losses += [float(v) for v in rl]
+        replay = {"seconds": rsecs, "images_per_s": n * args.batch / rsecs if n else None,
+                  "launches": len(step)}
     steady = dev.max_memory_allocated() - base  # after the warm-up steps planned the memory
     peak = max(whole_run_peak, dev.max_memory_allocated()) - base
     rep = tg.memory_report(args.batch)
+    sc = tg.grad_scaler
     return {"losses": losses, "timed_iters": n, "seconds": secs, "warmup_seconds": warm_s,
+            "replay": replay, "loss_scale": sc.scale if sc is not None else None,
             "images_per_s": n * args.batch / secs if n else args.batch * len(losses) / warm_s,
             "peak_MiB": peak / 2**20, "steady_peak_MiB": steady / 2**20,
             "peak_kind": "buffers, whole run incl. unplanned warm-up steps",
@@ -223,36 +244,36 @@ def run_ours(args: argparse.Namespace, dev: pm.Device, X: np.ndarray, Y: np.ndar
                           if k.endswith("weight") or k.endswith("bias"))}
 
 
-def run_torch(args: argparse.Namespace, dev: pm.Device, X: np.ndarray, Y: np.ndarray) -> dict | None:
+def run_torch(args: argparse.Namespace, dev: pm.Device, X: np.ndarray, Y: np.ndarray,
+              mode: str) -> dict | None:
+    """The same model in PyTorch eager, in torch_peer's `mode` (fp32, default, amp)."""
     try:
         import torch
     except ImportError:
         return None
+    from pymetalnn.testing import torch_peer
+
     tdev = "cuda" if dev.name == "cuda" else "cpu"
     if tdev == "cuda" and not torch.cuda.is_available():
         return None
+    if mode == "amp" and tdev != "cuda":
+        return None
     torch.manual_seed(0)
-    torch.backends.cudnn.benchmark = True
-    # the peer is fp32 eager: no TF32 tensor-core math unless asked for (--torch-tf32)
-    torch.backends.cudnn.allow_tf32 = bool(args.torch_tf32)
-    torch.backends.cuda.matmul.allow_tf32 = bool(args.torch_tf32)
+    torch_peer.configure(torch, mode)
     b = TorchBuilder(torch)
     tx = torch.from_numpy(X).to(tdev)
     ty = torch.from_numpy(Y).long().to(tdev)
     with torch.no_grad():
         b.forward(tx, args.width, args.classes)  # creates the modules
     b.mods.train()
-    opt = torch.optim.SGD(b.mods.parameters(), lr=0.01, momentum=0.9)
+    opt = torch.optim.SGD(b.mods.parameters(), lr=args.lr, momentum=0.9)
     sync = torch.cuda.synchronize if tdev == "cuda" else (lambda: None)
-
-    def step() -> Any:
-        opt.zero_grad(set_to_none=True)
-        loss = torch.nn.functional.cross_entropy(b.forward(tx, args.width, args.classes), ty)
-        loss.backward()
-        opt.step()
-        return loss
-
+    step, _ = torch_peer.train_step(torch, mode, b.mods, lambda x: b.forward(x, args.width,
+                                                                             args.classes),
+                                    opt, tx, ty)
     if tdev == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
     losses = [float(step().detach()) for _ in range(min(args.warmup, args.iters))]
     n = args.iters - len(losses)
@@ -265,8 +286,8 @@ def run_torch(args: argparse.Namespace, dev: pm.Device, X: np.ndarray, Y: np.nda
     peak = torch.cuda.max_memory_allocated() if tdev == "cuda" else None
     return {"losses": losses, "timed_iters": n, "seconds": secs,
             "images_per_s": n * args.batch / secs if n else None,
-            "peak_MiB": peak / 2**20 if peak else None, "device": f"torch {tdev}",
-            "params": sum(p.numel() for p in b.mods.parameters())}
+            "peak_MiB": peak / 2**20 if peak else None, "device": f"torch {tdev} {mode}",
+            "params": None}
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -279,11 +300,18 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--width", type=float, default=1.0, help="channel multiplier (1: the real model)")
     ap.add_argument("--classes", type=int, default=1000)
     ap.add_argument("--no-torch", action="store_true")
-    ap.add_argument("--replay", action="store_true", help="time a captured step replayed per "
-                    "iteration (Graph.capture) instead of encoding every step")
+    ap.add_argument("--replay", action="store_true", help="also time a captured step replayed "
+                    "per iteration (Graph.capture), after the encoded iterations")
+    ap.add_argument("--precision", choices=("float32", "mixed"), default="float32",
+                    help="mixed: float16 activations and math, float32 master weights, dynamic "
+                    "loss scaling (the PyTorch peer: AMP)")
+    ap.add_argument("--accumulate", choices=("float", "half"), default="float",
+                    help="mixed precision: float or half accumulation in conv / linear")
+    ap.add_argument("--lr", type=float, default=0.01, help="SGD's learning rate (momentum 0.9)")
+    ap.add_argument("--init-scale", type=float, default=2.0**16,
+                    help="mixed precision: the loss scale's start (GradScaler's init_scale)")
     ap.add_argument("--profile", type=int, default=0, metavar="N",
                     help="after the warm-up, profile one step and print the N slowest kernels")
-    ap.add_argument("--torch-tf32", action="store_true", help="let the PyTorch peer use TF32")
     ap.add_argument("--smoke", action="store_true", help="cpu, 75x75, narrow, 2 iterations")
     args = ap.parse_args(argv)
     if args.smoke:
@@ -293,6 +321,12 @@ def main(argv: list[str] | None = None) -> dict:
         args.width = min(args.width, 0.0625)
         args.classes = min(args.classes, 10)
         args.no_torch = True
+        if args.precision == "mixed":
+            # this narrow random-init net's weight gradients reach ~5e3: a few steps cannot
+            # afford GradScaler's first backoffs (overflowed steps are skipped), and lr 0.01
+            # moves the weights so far that float16 activations overflow (float16's max: 65504)
+            args.init_scale = min(args.init_scale, 1.0)
+            args.lr = min(args.lr, 1e-3)
     if args.image_size < 75:
         raise SystemExit("--image-size: InceptionV3 needs at least 75x75 to reach its last blocks")
     dev = pm.device(args.backend)
@@ -300,7 +334,8 @@ def main(argv: list[str] | None = None) -> dict:
     X = rng.standard_normal((args.batch, 3, args.image_size, args.image_size)).astype(np.float32)
     Y = rng.integers(0, args.classes, args.batch).astype(np.int32)
     print(f"InceptionV3 ({args.image_size}x{args.image_size}, width x{args.width}, "
-          f"{args.classes} classes), batch {args.batch}, {args.iters} iterations on "
+          f"{args.classes} classes), {args.precision} precision, batch {args.batch}, "
+          f"{args.iters} iterations on "
           f"{dev.name}" + (f" ({dev.gpu_name})" if dev.name == "cuda" else ""))
     ours = run_ours(args, dev, X, Y)
     print(f"pymetalnn: {ours['images_per_s']:.1f} images/s ({ours['timed_iters']} timed "
@@ -308,20 +343,32 @@ def main(argv: list[str] | None = None) -> dict:
           f"peak {ours['peak_MiB']:.0f} MiB ({ours['peak_kind']}; "
           f"{ours['steady_peak_MiB']:.0f} MiB once planned), "
           f"{ours['params']:,} parameters; loss {ours['losses'][0]:.4f} -> {ours['losses'][-1]:.4f}")
+    if ours["replay"]:
+        r = ours["replay"]
+        print(f"pymetalnn captured step replayed: {r['images_per_s'] or float('nan'):.1f} "
+              f"images/s ({r['launches']} launches per step)")
+    if ours["loss_scale"] is not None:
+        print(f"  loss scale at the end: {ours['loss_scale']:g}")
     if ours["plan"]:
         print(f"  memory plan: {ours['plan']}")
-    res = {"ours": ours, "torch": None, "args": vars(args)}
+    res = {"ours": ours, "torch": None, "torch_rows": {}, "args": vars(args)}
     if not args.no_torch:
-        t = run_torch(args, dev, X, Y)
-        res["torch"] = t
-        if t is None:
-            print("torch: not importable (or no CUDA) -- no comparison")
-        else:
-            print(f"torch ({t['device']}): {t['images_per_s'] or float('nan'):.1f} images/s, peak "
-                  f"{t['peak_MiB'] or float('nan'):.0f} MiB, {t['params']:,} parameters; "
+        modes = ("amp", "default") if args.precision == "mixed" else ("fp32", "default")
+        for mode in modes:
+            t = run_torch(args, dev, X, Y, mode)
+            res["torch_rows"][mode] = t
+            if t is None:
+                print(f"torch {mode}: not importable, no CUDA, or cuda-only mode -- skipped")
+                continue
+            res["torch"] = res["torch"] or t
+            print(f"torch ({t['device']}, eager): {t['images_per_s'] or float('nan'):.1f} "
+                  f"images/s, peak {t['peak_MiB'] or float('nan'):.0f} MiB; "
                   f"loss {t['losses'][0]:.4f} -> {t['losses'][-1]:.4f}")
             if t["images_per_s"]:
-                print(f"speed ratio ours/torch: {ours['images_per_s'] / t['images_per_s']:.2f}")
+                line = f"  ours/torch {mode}: eager {ours['images_per_s'] / t['images_per_s']:.2f}"
+                if ours["replay"] and ours["replay"]["images_per_s"]:
+                    line += f", captured {ours['replay']['images_per_s'] / t['images_per_s']:.2f}"
+                print(line)
     if args.smoke:
         ls = ours["losses"]
         if not ls[-1] < ls[0]:

@@ -167,7 +167,7 @@ def test_mixed_replay_is_encode(dev, opt):
                 rows.append((h.losses.copy(), tg.grad_scaler.scale))
         else:
             rows = []
-            for k in range(warm + 8):
+            for _ in range(warm + 8):
                 h = tg.encode(X, Y).wait()
                 rows.append((h.losses.copy(), tg.grad_scaler.scale))
             rows = rows[warm:]
