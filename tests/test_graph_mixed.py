@@ -206,6 +206,71 @@ def test_mixed_save_load_continues_exactly(dev, tmp_path):
         np.testing.assert_array_equal(v, sb[k], err_msg=k)
 
 
+def test_mixed_recurrent_and_conv1d_net_tracks_float32(dev):
+    """The activity classifier's net ((1, k) convolutions, an LSTM, linear layers): in mixed
+    precision the LSTM runs its float16 kernels on float16 weight copies, and 10 Adam steps
+    follow the float32 losses."""
+    if not dev.supports_views:
+        pytest.skip("its LSTM needs buffer views")
+    import importlib.util
+    import os
+    import sys
+
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples",
+                        "activity_classifier.py")
+    sys.path.insert(0, os.path.dirname(path))
+    spec = importlib.util.spec_from_file_location("example_activity_mixed", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    rng = np.random.default_rng(0)
+    X = rng.standard_normal((8, 6, 1, 80)).astype(np.float32)
+    Y = rng.integers(0, 4, 8)
+    curves = {}
+    for prec in ("float32", "mixed"):
+        _, loss, _ = mod.activity_network(6, 80, 4, width=8, hidden=16)
+        tg = G.TrainingGraph(loss, optimizer=lambda p: optim.Adam(p, lr=3e-3), device=dev,
+                             precision=prec, grad_scaler=dict(init_scale=256.0))
+        dev.reset_counts()
+        curves[prec] = np.array([tg.step(X, Y) for _ in range(10)])
+        if prec == "mixed":
+            assert {"lstm_fwd_half", "lstm_bwd_half"} <= set(dev.dispatch_counts)
+    assert curves["float32"][-1] < 0.7 * curves["float32"][0]
+    np.testing.assert_allclose(curves["mixed"], curves["float32"], rtol=0.01, atol=0.01)
+
+
+SCALE_SRC = """
+#include "optimizer.h"
+kernel void scale_update(device float* param [[buffer(0)]], const device float* grad [[buffer(1)]],
+                         device float* master [[buffer(2)]], const device float* gnorm [[buffer(3)]],
+                         constant OptimParams& c [[buffer(4)]], constant uint& h [[buffer(5)]],
+                         uint gid [[thread_position_in_grid]]) {
+  if (gid < c.n) param[gid] -= c.lr * float(c.step) * grad[gid];
+}
+"""
+
+
+def test_custom_optimizers_refused_where_the_device_owns_the_step(dev, tmp_path):
+    """A CustomOptimizer's kernel reads the host's step count (OptimParams.step) and cannot
+    unscale or skip: capture refuses it (before recording) and mixed precision before the
+    step is queued."""
+    src = tmp_path / "scale_update.metal"
+    src.write_text(SCALE_SRC)
+
+    def custom(p):
+        return optim.CustomOptimizer(p, str(src), "scale_update", lr=0.01)
+
+    X, Y = data(n=4)
+    _, loss, _ = lenet(record=False, dropout=False, bn=False)
+    tg = G.TrainingGraph(loss, optimizer=custom, device=dev)
+    tg.step(X, Y)
+    with pytest.raises(G.GraphError, match="capture: the custom optimizer"):
+        tg.capture(X, Y)
+    _, loss, _ = lenet(record=False, dropout=False, bn=False)
+    tg = G.TrainingGraph(loss, optimizer=custom, device=dev, precision="mixed")
+    with pytest.raises(G.GraphError, match="mixed precision: the custom optimizer"):
+        tg.step(X, Y)
+
+
 def test_mixed_bad_options(dev):
     _, loss, _ = lenet(record=False)
     with pytest.raises(ValueError, match="^precision: "):
