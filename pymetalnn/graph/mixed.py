@@ -180,13 +180,20 @@ def make_scaler(device: Device, grad_scaler: Any) -> GradScaler:
 def half_copies(g: Any, ds: Any, t: dict[str, Tensor], names: Any, rc: Any) -> dict[str, Tensor]:
     """float16 copies of data source ds's float32 tensors `names` (persistent buffers, refreshed
     by one cast each at the first use in a step): what float16 conv / linear / recurrent math
-    reads. The float32 tensors stay the weights (the optimizers' master copies)."""
+    reads. The float32 tensors stay the weights (the optimizers' master copies). Where the
+    weights are views of a grouped update's flat buffer, ONE cast of the whole flat buffer per
+    step refreshes the copies of every data source of the group (views of a flat float16
+    buffer)."""
     from ..ops.copy import _block
 
     key = ("half", id(ds))
     done = rc.state.get(key)
     if done is not None:
         return done
+    flat = _flat_half(g, ds, t, names, rc)
+    if flat is not None:
+        rc.state[key] = flat
+        return flat
     store = g._half_store.setdefault(id(ds), {})
     out: dict[str, Tensor] = {}
     for k in names:
@@ -202,4 +209,36 @@ def half_copies(g: Any, ds: Any, t: dict[str, Tensor], names: Any, rc: Any) -> d
             _block(x, h, 1, x.size, x.size, x.size, 0, 0)
         out[k] = h
     rc.state[key] = out
+    return out
+
+
+def _flat_half(g: Any, ds: Any, t: dict[str, Tensor], names: Any, rc: Any
+               ) -> dict[str, Tensor] | None:
+    """half_copies through the flat buffer of ds's update group, or None (not grouped)."""
+    from ..ops.copy import _block
+
+    grp = next((u for u in g._update_groups or () if ds in u.layout), None)
+    if grp is None or grp.flat is None:
+        return None
+    ts = {k: t[k] for k in names if k in t}
+    if not all(x.dtype == float32 and x.buffer.base is grp.flat for x in ts.values()):
+        return None
+    skey = ("half_flat", id(grp))
+    hf = g._half_store.get(skey)
+    if hf is None or hf[0] is not grp.flat:  # array-backed: outside the graph's memory plan
+        hf = g._half_store[skey] = (grp.flat, tensor(np.zeros(max(grp.size, 1), np.float16),
+                                                     g.device), {})
+    base, half, views = hf
+    if not rc.state.get(skey):
+        n = grp.size
+        _block(Tensor(base, (n,), float32), half, 1, n, n, n, 0, 0)
+        rc.state[skey] = True
+    out: dict[str, Tensor] = {}
+    for k, x in ts.items():
+        v = views.get((id(ds), k))
+        if v is None or v.shape != x.shape or v.buffer.offset != x.buffer.offset // 2:
+            v = views[(id(ds), k)] = Tensor(half.buffer.view(x.buffer.offset // 2,
+                                                              max(x.size, 1) * 2), x.shape,
+                                            float16)
+        out[k] = v
     return out
