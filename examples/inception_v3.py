@@ -218,16 +218,11 @@ def run_ours(args: argparse.Namespace, dev: pm.Device, X: np.ndarray, Y: np.ndar
         step = tg.capture(xt, yt)
         tg.synchronize()
         t1 = time.perf_counter()
-        rl = []
-        for _ in range(n):
-            rl.append(step.run())
-            if len(rl) >= 2:  # the outputs are the recording's: read before the next replay
-                rl[-2] = rl[-2].loss
+        rl = [step.run() for _ in range(n)]
         tg.synchronize()
         rsecs = time.perf_counter() - t1
-        if rl:
-            rl[-1] = rl[-1].loss
-        losses += [float(v) for v in rl]
+        if rl:  # the outputs are the recording's buffers: the last replay's loss
+            losses.append(rl[-1].loss)
         replay = {"seconds": rsecs, "images_per_s": n * args.batch / rsecs if n else None,
                   "launches": len(step)}
     steady = dev.max_memory_allocated() - base  # after the warm-up steps planned the memory
@@ -308,6 +303,9 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--accumulate", choices=("float", "half"), default="float",
                     help="mixed precision: float or half accumulation in conv / linear")
     ap.add_argument("--lr", type=float, default=0.01, help="SGD's learning rate (momentum 0.9)")
+    ap.add_argument("--compare-fp32", action="store_true", help="mixed precision: also train "
+                    "the same model in float32 from the same weights on the same batch and "
+                    "print how far the mixed loss curve is from the float32 one")
     ap.add_argument("--init-scale", type=float, default=2.0**16,
                     help="mixed precision: the loss scale's start (GradScaler's init_scale)")
     ap.add_argument("--profile", type=int, default=0, metavar="N",
@@ -327,6 +325,7 @@ def main(argv: list[str] | None = None) -> dict:
             # moves the weights so far that float16 activations overflow (float16's max: 65504)
             args.init_scale = min(args.init_scale, 1.0)
             args.lr = min(args.lr, 1e-3)
+            args.iters = 8  # a few more steps: the first ones at lr 1e-3 are noisy
     if args.image_size < 75:
         raise SystemExit("--image-size: InceptionV3 needs at least 75x75 to reach its last blocks")
     dev = pm.device(args.backend)
@@ -352,6 +351,21 @@ def main(argv: list[str] | None = None) -> dict:
     if ours["plan"]:
         print(f"  memory plan: {ours['plan']}")
     res = {"ours": ours, "torch": None, "torch_rows": {}, "args": vars(args)}
+    if args.compare_fp32 and args.precision == "mixed":
+        ref_args = argparse.Namespace(**{**vars(args), "precision": "float32",
+                                         "accumulate": "float", "replay": args.replay,
+                                         "profile": 0})
+        ref = run_ours(ref_args, dev, X, Y)
+        m, f = np.array(ours["losses"]), np.array(ref["losses"])
+        k = min(len(m), len(f))
+        rel = np.abs(m[:k] - f[:k]) / np.abs(f[:k])
+        w = max(k // 10, 1)  # the last tenth, averaged (per-step losses of a batch are noisy)
+        tail = abs(m[k - w:k].mean() - f[k - w:k].mean()) / abs(f[k - w:k].mean())
+        res["compare_fp32"] = {"max_rel": float(rel.max()), "mean_rel": float(rel.mean()),
+                               "last_tenth_rel": float(tail), "steps": k}
+        print(f"mixed vs float32 loss curve over {k} steps: max {rel.max():.2%}, mean "
+              f"{rel.mean():.2%} relative difference per step; last tenth's mean "
+              f"{tail:.2%} (float32 {f[0]:.4f} -> {f[k - 1]:.4f})")
     if not args.no_torch:
         modes = ("amp", "default") if args.precision == "mixed" else ("fp32", "default")
         for mode in modes:
