@@ -170,6 +170,34 @@ def test_float16_params_with_float32_master(dev, name, opts):
         np.testing.assert_allclose(p.astype(np.float64), w, rtol=1e-3, atol=1e-4)
 
 
+@pytest.mark.parametrize("t0", [0, 999, 9_999, 99_999, 2_000_000])
+@pytest.mark.parametrize("betas", [(0.9, 0.999), (0.5, 0.9999), (0.0, 0.99)])
+def test_adam_bias_corrections_from_device_step(dev, t0, betas):
+    """Adam computes 1 - beta^t on the device from its step count (-expm1(t log beta) in float):
+    a step at t = t0 + 1 (the count restored by load_state_dict) lands where torch's double
+    precision bias corrections put it, for t from 1 (where 1 - beta2^t is tiny) to 2e6."""
+    rng = np.random.default_rng(t0 + int(betas[1] * 1e4))
+    w0 = rng.standard_normal(257).astype(np.float32)
+    g = rng.standard_normal(257).astype(np.float32)
+    m0 = (0.1 * rng.standard_normal(257)).astype(np.float32)
+    v0 = (0.01 * rng.random(257)).astype(np.float32)
+    p = pm.tensor(w0, dev)
+    opt = optim.Adam([p], lr=0.01, betas=betas)
+    if t0:
+        opt.load_state_dict({"param0.step": np.array(t0, np.int64), "param0.exp_avg": m0,
+                             "param0.exp_avg_sq": v0})
+    else:
+        m0, v0 = np.zeros_like(m0), np.zeros_like(v0)
+    opt.step([pm.tensor(g, dev)])
+    b1, b2 = betas
+    t = t0 + 1
+    m = b1 * m0.astype(np.float64) + (1 - b1) * g
+    v = b2 * v0.astype(np.float64) + (1 - b2) * g.astype(np.float64) ** 2
+    want = w0 - 0.01 / (1 - b1**t) * m / (np.sqrt(v) / np.sqrt(1 - b2**t) + 1e-8)
+    np.testing.assert_allclose(p.numpy(), want, rtol=2e-6, atol=2e-7)
+    assert int(opt.state_dict()["param0.step"]) == t
+
+
 @pytest.mark.parametrize("name,opts", [
     ("SGD", dict(lr=0.05, momentum=0.9, weight_decay=0.01)),
     ("Adam", dict(lr=0.01, amsgrad=True, weight_decay=0.01)),

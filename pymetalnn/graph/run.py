@@ -247,8 +247,12 @@ class GraphRunner:
 
     def _step_dependent(self) -> bool:
         """Whether a training step reads the device step counter (dropout)."""
-        return self.training and any(getattr(st.node, "uses_step_counter", False)
-                                     for st in self.steps if st.kind == "forward")
+        got = getattr(self, "_uses_step_ctr", None)
+        if got is None:
+            got = self._uses_step_ctr = self.training and any(
+                getattr(st.node, "uses_step_counter", False)
+                for st in self.steps if st.kind == "forward")
+        return got
 
     # ---- inputs ----------------------------------------------------------------------------------
     def _write(self, t: Tensor, arr: np.ndarray) -> None:
@@ -619,7 +623,9 @@ class GraphRunner:
     def keep_gradients(self, on: bool = True) -> None:
         """Keep a copy of every weight gradient of each training step (one queued copy per
         gradient, into buffers of its own outside the memory plan, made at the first step), so
-        gradients() can read them; grouped updates and captured replays stay as they are."""
+        gradients() can read them; grouped updates and captured replays stay as they are. In
+        mixed precision they are the gradients as computed: float16, multiplied by the loss
+        scale of their step (as torch's .grad before GradScaler.unscale_)."""
         self._grad_store = {} if on else None
 
     def gradients(self) -> dict[str, np.ndarray]:
