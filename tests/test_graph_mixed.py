@@ -238,6 +238,28 @@ def test_mixed_recurrent_and_conv1d_net_tracks_float32(dev):
     np.testing.assert_allclose(curves["mixed"], curves["float32"], rtol=0.01, atol=0.01)
 
 
+def test_mixed_embedding_layer_norm_tracks_float32(dev):
+    """Embedding (looked up in float32, float16 activations out, its gradient accumulated in
+    float32) and layer norm (float16 copies of its weights, as torch's layer norm takes the
+    input's dtype) in a mixed-precision graph follow the float32 losses."""
+    rng = np.random.default_rng(2)
+    X = rng.integers(0, 50, (8, 5)).astype(np.int32)
+    Y = rng.integers(0, 4, 8)
+    curves = {}
+    for prec in ("float32", "mixed"):
+        x = G.ImageNode((5,), np.int32, name="tokens")
+        h = G.EmbeddingNode(x, G.EmbeddingDataSource(50, 16, seed=1), name="emb")
+        h = G.LayerNormalizationNode(h, G.LayerNormDataSource(16), name="ln")
+        h = G.FlattenNode(h, name="flat")
+        logits = G.FullyConnectedNode(h, G.FullyConnectedDataSource(80, 4, seed=2), name="fc")
+        loss = G.SoftmaxCrossEntropyLossNode(logits, name="loss")
+        tg = G.TrainingGraph(loss, optimizer=lambda p: optim.Adam(p, lr=1e-2), device=dev,
+                             precision=prec, grad_scaler=dict(init_scale=256.0))
+        curves[prec] = np.array([tg.step(X, Y) for _ in range(15)])
+    assert curves["float32"][-1] < 0.7 * curves["float32"][0]
+    np.testing.assert_allclose(curves["mixed"], curves["float32"], rtol=0.01, atol=0.01)
+
+
 SCALE_SRC = """
 #include "optimizer.h"
 kernel void scale_update(device float* param [[buffer(0)]], const device float* grad [[buffer(1)]],
