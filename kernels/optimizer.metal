@@ -373,6 +373,9 @@ kernel void amp_seed(device float* seed [[buffer(0)]], const device float* amp [
 // amp_check: amp[AMP_FOUND_INF] = 1 if any of x[0 .. n) is inf or NaN (the exponent bits all
 // ones, tested on the bits so that fast math cannot fold the test away). Every writer stores the
 // same value, so plain stores suffice.
+inline bool amp_nonfinite(uint bits) { return (bits & 0x7F800000u) == 0x7F800000u; }
+inline bool amp_nonfinite(ushort bits) { return (uint(bits) & 0x7C00u) == 0x7C00u; }
+
 template <typename U>
 [[max_total_threads_per_threadgroup(256)]]
 kernel void amp_check(const device U* x [[buffer(0)]], device float* amp [[buffer(1)]],
@@ -381,11 +384,23 @@ kernel void amp_check(const device U* x [[buffer(0)]], device float* amp [[buffe
                       uint n_groups [[threadgroups_per_grid]]) {
   const uint stride = tg_size * n_groups;
   bool bad = false;
-  for (uint i = gid; i < p.n; i += stride) {
-    U bits = x[i];
-    bad = bad || (sizeof(U) == 4u ? (uint(bits) & 0x7F800000u) == 0x7F800000u
-                                  : (uint(bits) & 0x7C00u) == 0x7C00u);
-  }
+  for (uint i = gid; i < p.n; i += stride) bad = bad || amp_nonfinite(x[i]);
+  if (bad) amp[AMP_FOUND_INF] = 1.0f;
+}
+
+// amp_check_multi: the same over many tensors in one base buffer (a step's weight gradients in
+// the memory plan's arena): a table of (element offset, n <= OPTIM_CHUNK) rows, one threadgroup
+// per row, as the multi-tensor updates.
+template <typename U>
+[[max_total_threads_per_threadgroup(256)]]
+kernel void amp_check_multi(const device U* x [[buffer(0)]], device float* amp [[buffer(1)]],
+                            const device uint* chunks [[buffer(2)]],
+                            uint tg [[threadgroup_position_in_grid]],
+                            uint lid [[thread_position_in_threadgroup]],
+                            uint tg_size [[threads_per_threadgroup]]) {
+  const uint off = chunks[2u * tg], n = chunks[2u * tg + 1u];
+  bool bad = false;
+  for (uint i = lid; i < n; i += tg_size) bad = bad || amp_nonfinite(x[off + i]);
   if (bad) amp[AMP_FOUND_INF] = 1.0f;
 }
 
@@ -416,6 +431,10 @@ kernel void amp_update(device float* amp [[buffer(0)]], constant AmpParams& p [[
 // the gradients' bits: uint for float, ushort for half
 template [[host_name("amp_check_float")]] [[kernel]] decltype(amp_check<uint>) amp_check<uint>;
 template [[host_name("amp_check_half")]] [[kernel]] decltype(amp_check<ushort>) amp_check<ushort>;
+template [[host_name("amp_check_multi_float")]] [[kernel]] decltype(amp_check_multi<uint>)
+    amp_check_multi<uint>;
+template [[host_name("amp_check_multi_half")]] [[kernel]] decltype(amp_check_multi<ushort>)
+    amp_check_multi<ushort>;
 
 // <rule>_step_<T>: T parameters and gradients; <rule>_step_hgrad_float: float32 parameters with
 // float16 gradients (a mixed-precision graph's fp32 master weights, updated from fp16 gradients).

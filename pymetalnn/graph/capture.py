@@ -47,9 +47,10 @@ def capture_step(g: Graph, inputs: Any, labels: Any = None) -> CapturedStep:
         planned_runs += was_planned
         if not g.options["memory"]:
             break
-        # grouped updates upload their chunk tables at the first planned step (weight
-        # gradients then sit in the arena); uploads cannot happen inside a CUDA-graph capture
-        if prog.calibrated and (planned_runs or not g._update_groups):
+        # grouped updates (and a mixed-precision graph's finite check) make their chunk tables
+        # at the first planned step (weight gradients then sit in the arena); uploads cannot
+        # happen inside a CUDA-graph capture
+        if prog.calibrated and (planned_runs or not (g._update_groups or g._scaler)):
             break
     g.synchronize()
     custom = [ds.label for ds in g.data_sources if g.training and ds.optimizer is not None

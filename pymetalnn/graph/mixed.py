@@ -81,8 +81,11 @@ class GradScaler:
         self.buffer = device.buffer(np.array([s, 1.0 / s, 0.0, 0.0], np.float32))
         lib = device.library("optimizer.metal")
         self._k = {n: lib.kernel(n) for n in ("amp_begin", "amp_seed", "amp_check_float",
-                                              "amp_check_half", "amp_update")}
+                                              "amp_check_half", "amp_check_multi_float",
+                                              "amp_check_multi_half", "amp_update")}
         self._seeds: dict[tuple[int, float], Tensor] = {}
+        self._tables: dict[tuple, tuple[Any, int]] = {}
+        self.launches = 0  # check launches of the last step (for logs and tests)
 
     # ---- the step's kernels (queued, never waited for)
     def seed(self, n: int, base: float) -> Tensor:
@@ -97,16 +100,55 @@ class GradScaler:
         return t
 
     def check(self, grads: list[Any]) -> None:
-        """Clear the overflow flag, then set it if any of `grads` holds an inf or NaN."""
+        """Clear the overflow flag, then set it if any of `grads` holds an inf or NaN: one
+        launch per (base buffer, dtype) holding several of them (the memory plan's arena), one
+        per gradient otherwise."""
         if not self.enabled:
             return
         self._k["amp_begin"](1, self.buffer)
+        self.launches = 1
+        by_base: dict[tuple[int, Any], list[Tensor]] = {}
         for g in grads:
-            if not isinstance(g, Tensor) or not g.size:
-                continue
-            k = self._k["amp_check_half" if g.dtype == float16 else "amp_check_float"]
-            groups = min(-(-g.size // CHECK_TG), CHECK_MAX_GROUPS)
-            k(groups * CHECK_TG, g.buffer, self.buffer, AmpParams(n=g.size))
+            if isinstance(g, Tensor) and g.size:
+                by_base.setdefault((id(g.buffer.base), g.dtype), []).append(g)
+        for (_, dt), ts in by_base.items():
+            sfx = "half" if dt == float16 else "float"
+            whole = [t for t in ts if t.buffer.offset % dt.itemsize == 0]
+            hit = self._table(whole) if len(whole) >= 2 else None
+            if hit is not None:
+                table, rows = hit
+                k = self._k[f"amp_check_multi_{sfx}"]
+                k(rows * k.threadgroup_size, whole[0].buffer.base, self.buffer, table)
+                self.launches += 1
+                ts = [t for t in ts if t not in whole]
+            for g in ts:
+                groups = min(-(-g.size // CHECK_TG), CHECK_MAX_GROUPS)
+                self._k[f"amp_check_{sfx}"](groups * CHECK_TG, g.buffer, self.buffer,
+                                            AmpParams(n=g.size))
+                self.launches += 1
+
+    def _table(self, ts: list[Tensor]) -> tuple[Any, int] | None:
+        """The chunk table (element offset, n <= OPTIM_CHUNK rows) of tensors in one base
+        buffer, cached per layout: made at the first step of a layout (an array-backed buffer,
+        outside the memory plan); None while a capture records (no upload there: a graph runs
+        a planned step before it records, so the table is cached by then)."""
+        from ..params import OPTIM_CHUNK
+
+        key = tuple((id(t.buffer.base), t.buffer.offset, t.size, t.dtype.str) for t in ts)
+        hit = self._tables.get(key)
+        if hit is not None:
+            return hit
+        if getattr(self.device, "_recording", None) is not None:
+            return None
+        rows = []
+        for t in ts:
+            off = t.buffer.offset // t.dtype.itemsize
+            rows += [(off + s, min(OPTIM_CHUNK, t.size - s)) for s in range(0, t.size, OPTIM_CHUNK)]
+        arr = np.array(rows, np.uint32).reshape(-1, 2)
+        if len(self._tables) >= 64:
+            self._tables.pop(next(iter(self._tables)))
+        hit = self._tables[key] = (self.device.buffer(arr), len(rows))
+        return hit
 
     def update(self) -> None:
         """GradScaler.update(): back off after an overflow, grow after growth_interval clean
