@@ -40,6 +40,7 @@ from .msl_emit import PREAMBLE, _emit, _entry_points
 from .preprocess import Preprocessor, Token
 from .tokens import match_angle as _match_angle
 from .tokens import match_bracket as _match
+from .tokens import match_open
 from .tokens import split_commas as _split_commas
 
 
@@ -119,24 +120,14 @@ class Translator:
                 i = self._kernel_decl(head, toks, i, out)
                 decl_start = len(out)
                 continue
-            if t.text == "{":
-                depth += 1
-            elif t.text == "}":
-                depth -= 1
-                if depth == 0:
-                    out.append(t)
-                    i += 1
-                    decl_start = len(out)
-                    continue
-            elif t.text == "(":
-                paren += 1
-            elif t.text == ")":
-                paren -= 1
+            if t.text in ("{", "}"):
+                depth += 1 if t.text == "{" else -1
+            elif t.text in ("(", ")"):
+                paren += 1 if t.text == "(" else -1
             out.append(t)
             i += 1
-            if depth == 0 and paren == 0 and t.text == ";":
-                decl_start = len(out)
-            if t.kind == "pragma" and depth == 0:
+            # a top-level declaration ends with its body's '}', a ';' or a pragma line
+            if depth == 0 and (t.text == "}" or t.kind == "pragma" or (paren == 0 and t.text == ";")):
                 decl_start = len(out)
         return out
 
@@ -381,16 +372,7 @@ class Translator:
                             p -= 1
                         if p >= 0 and out[p].text == ")":
                             # find the function name before the matching '('
-                            depth = 0
-                            q = p
-                            while q >= 0:
-                                if out[q].text == ")":
-                                    depth += 1
-                                elif out[q].text == "(":
-                                    depth -= 1
-                                    if depth == 0:
-                                        break
-                                q -= 1
+                            q = match_open(out, p)
                             fname = out[q - 1].text if q > 0 else "?"
                             stack.append("func")
                             cur_func.append(fname)

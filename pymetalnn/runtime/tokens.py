@@ -32,6 +32,19 @@ def match_bracket(toks: list[Token], i: int, strict: bool = True) -> int:
     return len(toks) - 1
 
 
+def match_open(toks: list[Token], i: int) -> int:
+    """Index of the '(' opening the ')' at toks[i], searching backwards; -1 if there is none."""
+    depth = 0
+    for q in range(i, -1, -1):
+        if toks[q].text == ")":
+            depth += 1
+        elif toks[q].text == "(":
+            depth -= 1
+            if depth == 0:
+                return q
+    return -1
+
+
 def match_angle(toks: list[Token], i: int, strict: bool = True) -> int:
     """Index of the '>' closing the template bracket toks[i] == '<' ('>>' closes two)."""
     depth = 0
