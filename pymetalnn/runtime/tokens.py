@@ -1,10 +1,10 @@
 """Bracket matching and comma splitting over a preprocessed token stream.
 
-Why one module: the MSL front end (`msl.py`) and the Metal 2.3 check (`metal_check.py`) walk the
-same token lists. The front end must refuse an unbalanced source with its file and line
-(`strict`, the default); the check reads sources the front end may reject and keeps going, so a
-lenient match stops at the end of the stream (or, for '<', at the ';' or '{' that ends the
-declaration; the front end lets a '{' stand inside template arguments).
+Why one module: the MSL front end (`msl.py`, `convergence.py`) and the Metal 2.3 check
+(`metal_scan.py`) walk the same token lists. The front end must refuse an unbalanced source with
+its file and line (`strict`, the default); the check reads sources the front end may reject and
+keeps going, so a lenient match stops at the end of the stream (or, for '<', at the ';' or '{'
+that ends the declaration; the front end lets a '{' stand inside template arguments).
 """
 from __future__ import annotations
 
