@@ -216,16 +216,9 @@ def test_mixed_recurrent_and_conv1d_net_tracks_float32(dev):
     follow the float32 losses."""
     if not dev.supports_views:
         pytest.skip("its LSTM needs buffer views")
-    import importlib.util
-    import os
-    import sys
+    from example_loader import load_example
 
-    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples",
-                        "activity_classifier.py")
-    sys.path.insert(0, os.path.dirname(path))
-    spec = importlib.util.spec_from_file_location("example_activity_mixed", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    mod = load_example("activity_classifier")
     rng = np.random.default_rng(0)
     X = rng.standard_normal((8, 6, 1, 80)).astype(np.float32)
     Y = rng.integers(0, 4, 8)
