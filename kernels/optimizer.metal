@@ -99,15 +99,20 @@ kernel void sgd_step(device T* param [[buffer(0)]], const device G* grad [[buffe
 }
 
 // ---- Adam / AdamW: torch.optim.Adam, torch.optim.AdamW (amsgrad, maximize) ----------------
+// torch's bias corrections at step t: (step_size = lr / (1 - beta1^t), sqrt(1 - beta2^t)), once
+// per thread (the multi-tensor kernel's threads run adam_block several times)
+inline float2 adam_bias_corrections(uint t, constant AdamParams& h) {
+  return float2(h.lr / -optim_expm1(float(t) * h.log_beta1),
+                precise::sqrt(-optim_expm1(float(t) * h.log_beta2)));
+}
+
 template <typename T, typename G>
 inline void adam_block(device T* param, const device G* grad, device float* master,
                        device float* exp_avg, device float* exp_avg_sq,
                        device float* max_exp_avg_sq, uint i0, uint n, uint vec4, float coef,
-                       float inv, uint t, constant OptimParams& c, constant AdamParams& h) {
+                       float inv, float2 bc, constant OptimParams& c, constant AdamParams& h) {
   bool ams = h.amsgrad != 0u;
-  // torch's bias corrections at step t: step_size = lr / (1 - beta1^t), sqrt(1 - beta2^t)
-  float step_size = h.lr / -optim_expm1(float(t) * h.log_beta1);
-  float bc2_sqrt = precise::sqrt(-optim_expm1(float(t) * h.log_beta2));
+  float step_size = bc.x, bc2_sqrt = bc.y;
   float w[4], g[4], m[4], v[4], vmax[4] = {0.0f, 0.0f, 0.0f, 0.0f};
   optim_load_w4n(param, master, i0, n, vec4, w);
   optim_load4n(grad, i0, n, vec4, g);
@@ -149,7 +154,8 @@ kernel void adam_step(device T* param [[buffer(0)]], const device G* grad [[buff
   if (i0 >= c.n || amp[AMP_FOUND_INF] != 0.0f) return;
   float inv = optim_inv_scale(amp);
   adam_block(param, grad, master, exp_avg, exp_avg_sq, max_exp_avg_sq, i0, c.n, c.vec4,
-             optim_clip_coef_amp(gnorm, inv, c), inv, steps[c.step_index], c, h);
+             optim_clip_coef_amp(gnorm, inv, c), inv,
+             adam_bias_corrections(steps[c.step_index], h), c, h);
 }
 
 // ---- RMSProp: torch.optim.RMSprop (alpha, eps, centered, momentum, weight_decay, maximize) --
@@ -263,12 +269,12 @@ kernel void adam_step_multi(device float* param [[buffer(0)]], const device G* g
   if (amp[AMP_FOUND_INF] != 0.0f) return;
   const device uint* row = chunks + tg * OPTIM_CHUNK_WORDS;
   uint po = row[0], go = row[1], so = row[2], n = row[3], vec4 = row[4];
-  uint t = steps[row[5]];
+  float2 bc = adam_bias_corrections(steps[row[5]], h);
   float inv = optim_inv_scale(amp);
   float coef = optim_clip_coef_amp(gnorm, inv, c);
   for (uint i0 = lid * 4u; i0 < n; i0 += tg_size * 4u) {
     adam_block(param + po, grad + go, master + so, exp_avg + so, exp_avg_sq + so,
-               max_exp_avg_sq + so, i0, n, vec4, coef, inv, t, c, h);
+               max_exp_avg_sq + so, i0, n, vec4, coef, inv, bc, c, h);
   }
 }
 
