@@ -756,6 +756,35 @@ def test_layer_norm(dev, dtype, affine):
             assert dw is None and db is None
 
 
+@pytest.mark.parametrize("d", [1, 7, 256, 1000, 4097])
+def test_layer_norm_large_mean_accuracy(dev, d):
+    """Rows near 1000 with unit spread: a float sum of D such values is off by up to ulp(1000 D),
+    so a mean taken from it alone shifts every centred value by ~1e-5..1e-4 (the statistics need
+    the second pass's correction); rows of equal values (rstd = 1/sqrt(eps)) amplify any rounding
+    of dy * w that does not cancel against its mean. Float32 against the float64 reference at a
+    few float32 ulps of the result's scale."""
+    rng = np.random.default_rng(d)
+    x = (1000 + rng.standard_normal((6, d))).astype(np.float32)
+    x[1] = x[1, 0]  # a row of equal values
+    w = rng.uniform(0.5, 1.5, d).astype(np.float32)
+    b = rng.standard_normal(d).astype(np.float32)
+    g = rng.standard_normal((6, d)).astype(np.float32)
+    x64, w64 = x.astype(np.float64), w.astype(np.float64)
+    want = _np_layer_norm(x64, (d,), w64, b.astype(np.float64), 1e-5)
+    y = F.layer_norm(pm.tensor(x, dev), d, w, b).numpy().astype(np.float64)
+    dx, dw, db = F.layer_norm_backward(pm.tensor(g, dev), pm.tensor(x, dev), d, w, b)
+    rx, rw, rb = ref_layer_norm_backward(g.astype(np.float64), x64, (d,), w64, 1e-5)
+    for what, got, exact in (("y", y, want), ("dx", dx.numpy(), rx), ("dw", dw.numpy(), rw),
+                             ("db", db.numpy(), rb)):
+        for r in range(exact.shape[0]) if what in ("y", "dx") else [None]:
+            gr, rr = (got, exact) if r is None else (got[r], exact[r])
+            scale = max(1.0, float(np.abs(rr).max()))
+            err = float(np.abs(gr.astype(np.float64) - rr).max()) / scale
+            assert err < 2e-6, f"{what} row {r}: max error {err:.3g} of scale {scale:.3g}"
+    if d == 1:  # x - mean is exactly 0, so is the input gradient (any leftover is amplified 316x)
+        assert not dx.numpy().any(), dx.numpy()
+
+
 def ref_layer_norm_backward(g, x, ns, w, eps):
     """The analytic float64 gradients of _np_layer_norm."""
     ax = tuple(range(x.ndim - len(ns), x.ndim))

@@ -611,7 +611,7 @@ def layer_norm_backward(grad_out: Any, input: Any, normalized_shape: Any, weight
                 t.buffer.write(np.zeros(t.shape, t.dtype))
         return dx, dw, db
     d = dummy(dev)
-    stats = dev.buffer(8 * p.rows) if need else d
+    stats = dev.buffer(16 * p.rows) if need else d  # (m, c, rstd, 0) per row (norm.metal)
     p.save_stats = int(need)
     sfx = suffix(x.dtype)
     kernel(dev, SOURCE, f"layer_norm_bwd_{sfx}")(
