@@ -89,7 +89,7 @@ from .nodes import (
     Value,
     YoloLossNode,
 )
-from .padding import FULL, SAME, VALID, Padding
+from .padding import FULL, SAME, SYMMETRIC, VALID, Padding
 from . import build, capture, io, memory, nodes, optimize, run, train, updates  # noqa: E402
 from .io import load_graph, save_graph, torch_state_dict
 from .from_torch import from_torch

@@ -4,19 +4,19 @@ converter for Core ML.
     tg = G.from_torch(model, example_input, loss="cross_entropy",
                       optimizer=lambda p: optim.SGD(p, lr=0.1))
 
-The module is traced with torch.fx (torch is imported only here, when called); each traced
-operation becomes a graph node holding the module's current weights, named after the module's
-qualified name, so `tg.state_dict()` has the module's own state_dict keys (and loads back into
-it) and `tg.load_state_dict(torch_state_dict(model))` reloads weights. Every padding, stride
-and dilation is passed explicitly, so no graph default (the MPS-style "same") can change the
-numbers. Supported: Conv1d/Conv2d (zeros padding), Linear, Embedding (integer example input),
-LayerNorm, BatchNorm1d/2d, GroupNorm, InstanceNorm2d, ReLU / LeakyReLU / ELU / GELU / Sigmoid /
-Tanh / Softplus, MaxPool2d / AvgPool2d (floor mode), AdaptiveAvgPool2d to 1x1, Flatten (from dim
-1), Dropout, Identity, Softmax / LogSoftmax, LSTM / GRU / RNN (batch_first, layers, bidirectional,
-their (output, state) results), and the functions add (residuals), flatten, relu, cat along
-channels, x.view(n, -1) / reshape to (n, -1), x.permute / x.transpose (batch kept first), x[:, i]
-(a time step). Linear on a sequence applies to the last dimension. Anything else raises GraphError
-naming the module or operation and its place in the traced code.
+The module is traced with torch.fx (torch is imported only here, when called); each traced operation
+becomes a graph node holding the module's current weights, named after the module's qualified name,
+so `tg.state_dict()` has the module's own state_dict keys (and loads back into it) and
+`tg.load_state_dict(torch_state_dict(model))` reloads weights. Every padding, stride and dilation is
+passed explicitly as numbers, so no graph default can change them. Supported: Conv1d/Conv2d (zeros
+padding), Linear, Embedding (integer example input), LayerNorm, BatchNorm1d/2d, GroupNorm,
+InstanceNorm2d, ReLU / LeakyReLU / ELU / GELU / Sigmoid / Tanh / Softplus, MaxPool2d / AvgPool2d
+(floor mode), AdaptiveAvgPool2d to 1x1, Flatten (from dim 1), Dropout, Identity, Softmax /
+LogSoftmax, LSTM / GRU / RNN (batch_first, layers, bidirectional, their (output, state) results),
+and the functions add (residuals), flatten, relu, cat along channels, x.view(n, -1) / reshape to (n,
+-1), x.permute / x.transpose (batch kept first), x[:, i] (a time step). Linear on a sequence applies
+to the last dimension. Anything else raises GraphError naming the module or operation and its place
+in the traced code.
 """
 from __future__ import annotations
 

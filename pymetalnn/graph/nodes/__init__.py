@@ -4,7 +4,7 @@ softmax, dropout, norm, copy, arith, rnn, loss, detection), on the base classes 
 As in MPSNNGraph, the result of one node is the source of the next:
 
     x = ImageNode((1, 28, 28))
-    c = ConvolutionNode(x, ConvolutionDataSource(1, 6, 5), padding="same")
+    c = ConvolutionNode(x, ConvolutionDataSource(1, 6, 5), padding=2)
     r = ReLUNode(c)                    # a node stands for its result image
     loss = SoftmaxCrossEntropyLossNode(FullyConnectedNode(FlattenNode(r), fc_weights))
     g = r.gradient(...)                # one line: the gradient node of a forward node

@@ -38,12 +38,15 @@ class _ConvNode(FilterNode):
 
 class ConvolutionNode(_ConvNode):
     """2-D convolution with weights (and bias) from a ConvolutionDataSource. padding: a padding
-    policy ("same" by default, as MPS; "valid", "full", ints or custom)."""
+    policy (graph/padding.py): "symmetric" by default, dilation*(k-1)//2 on every side as torch's
+    padding=k//2 (so a strided convolution ported from torch keeps torch's numbers); "same"
+    (MPS/TensorFlow: output ceil(in / stride), the odd pixel at the bottom/right; it differs from
+    torch at stride > 1) only by name; "valid", "full", ints or custom."""
 
     prefix = "conv"
 
     def __init__(self, source: Any, weights: ConvolutionDataSource, *, stride: Any = 1,
-                 dilation: Any = 1, padding: Any = "same", name: str | None = None,
+                 dilation: Any = 1, padding: Any = "symmetric", name: str | None = None,
                  register: bool = True):
         self.weights = _weights_of(weights, ConvolutionDataSource, ConvolutionTransposeDataSource)
         self.stride, self.dilation = _pair(stride, "stride"), _pair(dilation, "dilation")
