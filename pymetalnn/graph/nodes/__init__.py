@@ -38,6 +38,7 @@ from .base import (
     as_value,
 )
 from .conv import (
+    Convolution1dNode,
     ConvolutionNode,
     ConvolutionTransposeNode,
 )
@@ -95,8 +96,12 @@ from .norm import (
     LayerNormalizationNode,
 )
 from .pool import (
+    AdaptiveAveragePooling1dNode,
+    AdaptiveAveragePoolingNode,
     GlobalAveragePoolingNode,
+    PoolingAverage1dNode,
     PoolingAverageNode,
+    PoolingMax1dNode,
     PoolingMaxNode,
 )
 from .rnn import (
