@@ -351,14 +351,19 @@ def test_resnet18_matches_torchvision():
 
 
 def test_resnet18_trains_like_torch(dev):
-    """ResNet-18 at 32x32, batch 2 (CI time): every strided convolution and the 3x3/2 max pool
-    with torch's paddings, batch norm in training mode down to 1x1 maps, 1000 classes."""
+    """ResNet-18 at 48x48, batch 2 (small for CI time): every strided convolution and the 3x3/2
+    max pool with torch's paddings, batch norm in training mode, 1000 classes. Not 32x32: there
+    layer4's maps are 1x1 and its batch norms normalise 2 values, whose input gradient is
+    eps/var ~ 1e-5 of the terms it is the difference of; float32 torch itself is then 3.5% off
+    float64 torch (pymetalnn 20%), so no float32 comparison means anything. At 48x48 (2x2 maps)
+    both are within 3e-5 of float64. lr 0.001: at 0.01 two samples are memorised so fast (loss
+    7.2 -> 1.5 in 2 steps) that step 3's gradients of float32 and float64 torch differ by 17%."""
     torch.manual_seed(5)
     net = ResNet18()
     rng = np.random.default_rng(5)
-    X = rng.standard_normal((2, 3, 32, 32)).astype(np.float32)
+    X = rng.standard_normal((2, 3, 48, 48)).astype(np.float32)
     Y = np.array([3, 998], np.int32)
-    _train_like_torch(net, X, Y, dev, 0.01, "resnet18")
+    _train_like_torch(net, X, Y, dev, 0.001, "resnet18")
 
 
 def test_readable_gradients_with_grouped_updates(dev):
