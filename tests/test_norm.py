@@ -253,9 +253,9 @@ def test_bad_input(dev):
     rm, rv = pm.tensor(np.zeros(3, np.float32), dev), pm.tensor(np.ones(3, np.float32), dev)
     dev.reset_counts()
     cases = [
-        ("eps", lambda: F.batch_norm(x, rm, rv, eps=0.0)),
-        ("eps", lambda: F.group_norm(x, 3, eps=-1e-5)),
-        ("momentum", lambda: F.batch_norm(x, rm, rv, training=True, momentum=1.5)),
+        ("eps", lambda: F.batch_norm(x, rm, rv, eps=float("nan"))),
+        ("eps", lambda: F.group_norm(x, 3, eps=float("inf"))),
+        ("momentum", lambda: F.batch_norm(x, rm, rv, training=True, momentum=float("nan"))),
         ("training", lambda: F.batch_norm(x, rm, rv, training="yes")),
         ("running_mean", lambda: F.batch_norm(x, None, None, training=False)),
         ("running_mean", lambda: F.batch_norm(x, np.zeros(3, np.float32), rv, training=True)),
@@ -822,7 +822,7 @@ def test_layer_norm_torch_and_bad_input(dev):
     for call, arg in [(lambda: F.layer_norm(x, (3,)), "normalized_shape"),
                       (lambda: F.layer_norm(x, (8,), np.ones(7, np.float32)), "weight"),
                       (lambda: F.layer_norm(x, (8,), None, np.ones(8, np.float16)), "bias"),
-                      (lambda: F.layer_norm(x, 8, eps=-1.0), "eps"),
+                      (lambda: F.layer_norm(x, 8, eps=float("nan")), "eps"),
                       (lambda: F.layer_norm_backward(np.ones((2, 3), np.float32), x, 8), "grad_out")]:
         with pytest.raises(ValueError, match=arg):
             call()
@@ -832,3 +832,56 @@ def test_layer_norm_torch_and_bad_input(dev):
     want = torch.nn.functional.layer_norm(torch.tensor(x), (8,), torch.tensor(w), None, 1e-3)
     np.testing.assert_allclose(F.layer_norm(pm.tensor(x, dev), 8, w, None, 1e-3).numpy(), want.numpy(),
                                rtol=1e-5, atol=1e-5)
+
+
+def test_empty_inputs_and_torch_ranges(dev):
+    """As torch: empty inputs give empty results and zero weight gradients (no dispatch); eps may
+    be negative (NaN where var + eps < 0) and momentum outside [0, 1]. Against torch on the CPU."""
+    torch = pytest.importorskip("torch")
+    tf = torch.nn.functional
+    rng = np.random.default_rng(7)
+
+    def both(fn_pm, fn_t, shapes, nargs_grad):
+        arrs = [rng.standard_normal(s).astype(np.float32) for s in shapes]
+        ts = [torch.tensor(a, requires_grad=True) for a in arrs]
+        want = fn_t(*ts)
+        got = fn_pm(*[pm.tensor(a, dev) for a in arrs])
+        np.testing.assert_allclose(got[0].numpy(), want.detach().numpy(), rtol=1e-5, atol=1e-5)
+        g = rng.standard_normal(want.shape).astype(np.float32)
+        tg = torch.autograd.grad(want, ts[:nargs_grad], torch.tensor(g), allow_unused=True)
+        for a, b in zip(got[1](pm.tensor(g, dev)), tg):
+            b = np.zeros(0) if b is None else b.numpy()
+            np.testing.assert_allclose(a.numpy(), b, rtol=1e-4, atol=1e-4)
+
+    dev.reset_counts()
+    x0 = pm.tensor(np.zeros((0, 3, 2), np.float32), dev)
+    w, b = np.ones(3, np.float32), np.zeros(3, np.float32)
+    rm, rv = pm.tensor(np.zeros(3, np.float32), dev), pm.tensor(np.ones(3, np.float32), dev)
+    assert F.batch_norm(x0, rm, rv, w, b, training=True).shape == (0, 3, 2)
+    _, _, _, dw, db = F.batch_norm_backward(x0, x0, rm, rv, w, b, training=True)
+    assert not dw.numpy().any() and dw.shape == (3,) and not db.numpy().any()
+    assert F.group_norm(x0, 3, w, b).shape == (0, 3, 2)
+    dx, dw, db = F.group_norm_backward(x0, x0, 1, w, b)
+    assert dx.shape == (0, 3, 2) and dw.shape == (3,) and not dw.numpy().any()
+    assert F.layer_norm(x0, (3, 2)).shape == (0, 3, 2)
+    assert F.batch_norm(pm.tensor(np.zeros(0, np.float32), dev), np.zeros(0, np.float32),
+                        np.zeros(0, np.float32)).shape == (0,)
+    assert sum(dev.dispatch_counts.values()) == 0
+    np.testing.assert_array_equal(rm.numpy(), 0)  # an empty batch moves nothing
+    # negative eps (torch: rsqrt(var + eps), NaN rows where var + eps < 0)
+    x = rng.standard_normal((3, 4)).astype(np.float32)
+    x[0] *= 4
+    want = tf.layer_norm(torch.tensor(x), (4,), eps=-0.5).numpy()
+    got = F.layer_norm(pm.tensor(x, dev), 4, eps=-0.5).numpy()
+    assert np.isnan(want).any() and np.array_equal(np.isnan(got), np.isnan(want))
+    np.testing.assert_allclose(got[~np.isnan(want)], want[~np.isnan(want)], rtol=1e-5, atol=1e-5)
+    both(lambda a, ww, bb: (F.group_norm(a, 2, ww, bb, eps=-0.01),
+                            lambda g: F.group_norm_backward(g, a, 2, ww, bb, eps=-0.01)),
+         lambda a, ww, bb: tf.group_norm(a, 2, ww, bb, eps=-0.01), [(2, 6, 5), (6,), (6,)], 3)
+    # momentum outside [0, 1] extrapolates the running statistics, as torch
+    x = rng.standard_normal((4, 3, 5)).astype(np.float32)
+    trm, trv = torch.zeros(3), torch.ones(3)
+    tf.batch_norm(torch.tensor(x), trm, trv, training=True, momentum=-1.0)
+    F.batch_norm(pm.tensor(x, dev), rm, rv, training=True, momentum=-1.0)
+    np.testing.assert_allclose(rm.numpy(), trm.numpy(), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(rv.numpy(), trv.numpy(), rtol=1e-5, atol=1e-6)
