@@ -321,6 +321,8 @@ struct EmbeddingParams {
     uint n, V, D;
     uint segments;
     uint scale_by_freq;  // divide a row's gradient by its index count (scale_grad_by_freq)
+    float max_norm;      // embedding_renorm: rows whose norm_type-norm exceeds it are scaled
+    float norm_type;     // p of the p-norm (INFINITY: max |w|)
 };
 
 // ---- recurrent and optimizers (rnn.metal, optimizer.metal) ---------------------------------

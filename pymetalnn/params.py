@@ -238,7 +238,8 @@ class LayerNormParams(Params):
 class EmbeddingParams(Params):
     """kernels/params.h EmbeddingParams: indices, table shape, backward segments."""
 
-    _fields_ = [("n", U32), ("V", U32), ("D", U32), ("segments", U32), ("scale_by_freq", U32)]
+    _fields_ = [("n", U32), ("V", U32), ("D", U32), ("segments", U32), ("scale_by_freq", U32),
+                ("max_norm", F32), ("norm_type", F32)]
 
 
 # ---- recurrent and optimizers -------------------------------------------------------------

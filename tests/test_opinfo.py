@@ -119,6 +119,8 @@ def _np(v):
 
 def _close(got, want, what: str, rtol: float, atol: float) -> str | None:
     got = np.asarray(got.numpy() if isinstance(got, pm.Tensor) else got, np.float64)
+    if isinstance(want, torch.Tensor) and want.is_sparse:  # embedding(sparse=True): dense here
+        want = want.to_dense()
     want = np.asarray(want.detach().numpy() if isinstance(want, torch.Tensor) else want, np.float64)
     if got.shape != want.shape:
         return f"{what}: shape {got.shape}, torch {want.shape}"
