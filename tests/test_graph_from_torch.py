@@ -182,7 +182,8 @@ def _train_like_torch(net, X, Y, dev, lr, what, steps=3, tol=1e-3, labels_per_sa
 
 class ConvLSTM(nn.Module):
     """A 1-D CNN + 2-layer LSTM classifier (batch-first): conv, relu, max pool, the sequence to
-    (N, T, C), the last time step to a linear head."""
+    (N, T, C); linear heads on the last layer's final hidden state h_n[-1] and on the first
+    layer's final cell state c_n[0] (gradients enter the LSTM through its final states too)."""
 
     def __init__(self):
         super().__init__()
@@ -191,11 +192,12 @@ class ConvLSTM(nn.Module):
         self.pool = nn.MaxPool1d(2)
         self.lstm = nn.LSTM(6, 5, num_layers=2, batch_first=True)
         self.fc = nn.Linear(5, 4)
+        self.fc0 = nn.Linear(5, 4)
 
     def forward(self, x):
         y = self.pool(self.relu(self.conv(x))).permute(0, 2, 1)
         out, (h, c) = self.lstm(y)
-        return self.fc(out[:, -1])
+        return self.fc(h[-1]) + self.fc0(c[0])
 
 
 class GRULM(nn.Module):

@@ -15,8 +15,9 @@ MaxPool1d/2d / AvgPool1d/2d (floor mode), AdaptiveAvgPool1d/2d, Flatten (from di
 Identity, Softmax / LogSoftmax, LSTM / GRU / RNN (batch_first, layers, bidirectional, their (output,
 state) results), and the functions add and += (residuals), flatten, relu, tanh, sigmoid, cat along
 channels, x.view(n, -1) / reshape to (n, -1), x.permute / x.transpose (batch kept first), x[:, i] (a
-time step). Linear on a sequence applies to the last dimension. Anything else raises GraphError
-naming the module or operation and its place in the traced code.
+time step), h_n[i] (a recurrent layer's final state). Linear on a sequence applies to the last
+dimension. Anything else raises GraphError naming the module or operation and its place in the
+traced code.
 """
 from __future__ import annotations
 
@@ -37,6 +38,7 @@ from .datasource import (
     RecurrentDataSource,
 )
 from .errors import GraphError
+from .nodes.rnn import _RecurrentNode
 
 
 def _np(t: Any) -> np.ndarray:
@@ -251,10 +253,14 @@ class _Converter:
             return x[key]
         key = key if isinstance(key, tuple) else (key,)
         full = slice(None)
+        v = N.as_value(x, None)
+        if isinstance(v.producer, _RecurrentNode) and v.index >= 1 and len(key) == 1 \
+                and isinstance(key[0], int):  # h_n[i] of a recurrent state (L*D, N, H)
+            return N.SelectNode(x, 0, key[0], batch_dim=1, name=where)
         ints = [i for i, k in enumerate(key) if isinstance(k, int)]
         if len(ints) == 1 and all(k == full for i, k in enumerate(key) if i != ints[0]) and ints[0] > 0:
             return N.SelectNode(x, ints[0], key[ints[0]], name=where)
-        raise self.unsupported(f"indexing {key} (only x[:, i] / x[:, :, i] ...)", where)
+        raise self.unsupported(f"indexing {key} (only x[:, i] / x[:, :, i] ... and h_n[i])", where)
 
     def call_method(self, meth: str, where: str, args: list[Any], kwargs: dict) -> Any:
         x = args[0]
