@@ -113,6 +113,8 @@ def embedding_backward(grad_out: Any, input: Any, weight: Any, padding_idx: int 
     grad_out[i, j] (/ count of r with scale_grad_by_freq); 0 for the padding row."""
     dev, idx, w, arr, pad = _args(input, weight, padding_idx, max_norm, norm_type, sparse)
     scale = boolean(scale_grad_by_freq, "scale_grad_by_freq")
+    if scale and boolean(sparse, "sparse"):
+        raise ValueError("scale_grad_by_freq: not supported with sparse gradients (as torch)")
     g = tensor_arg(grad_out, dev, "grad_out", (w.dtype,))
     want = tuple(idx.shape) + (w.shape[1],)
     if g.shape != want:
