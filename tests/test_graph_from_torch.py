@@ -390,3 +390,25 @@ def test_readable_gradients_with_grouped_updates(dev):
         for k, p in net.named_parameters():
             _close(grads[k], p.grad, 2e-3, f"step {step} grad {k}")
         opt.step()
+
+
+class AdaptiveNet(nn.Module):
+    """AdaptiveAvgPool2d to an uneven (2, 3) grid (overlapping cells) and a strided conv without a
+    padding argument in torch (padding 0): AdaptiveAveragePoolingNode, explicit zero padding."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(2, 4, 3, stride=2)
+        self.pool = nn.AdaptiveAvgPool2d((2, 3))
+        self.fc = nn.Linear(24, 3)
+
+    def forward(self, x):
+        return self.fc(torch.flatten(self.pool(torch.relu(self.conv(x))), 1))
+
+
+def test_adaptive_pool_node_trains_like_torch(dev):
+    torch.manual_seed(6)
+    rng = np.random.default_rng(6)
+    X = rng.standard_normal((3, 2, 13, 16)).astype(np.float32)
+    Y = rng.integers(0, 3, 3).astype(np.int32)
+    _train_like_torch(AdaptiveNet(), X, Y, dev, 0.5, "adaptive pool")
