@@ -223,6 +223,11 @@ def test_default_padding_is_torchs_k_over_2(dev, k, stride, dil):
     if k == 3:  # an even kernel extent has no default: padding must be given
         with pytest.raises(G.GraphError, match="padding"):
             G.ConvolutionNode(x, G.ConvolutionDataSource(3, 4, (2, 3)), stride=stride)
+    # the 1-D node: the same default along L, nothing above or below
+    c1 = G.Convolution1dNode(G.ImageNode((3, 11)), G.Conv1dDataSource(3, 4, k), stride=stride,
+                             dilation=dil)
+    assert c1.pads == (0, 0, p, p)
+    assert c1.result.shape[1:] == (4, (11 + 2 * p - dil * (k - 1) - 1) // stride + 1)
 
 
 def test_inconsistent_graphs_fail_at_construction():
