@@ -207,3 +207,12 @@ def test_select_slice_permute_nodes(dev):
     want[2] = GS[2].transpose(0, 2, 3, 1)
     for a, b in zip(outs[3:], want):
         np.testing.assert_array_equal(a, b)
+
+
+def test_fully_connected_on_a_sequence_is_per_step_or_refused():
+    """A time-major sequence (T, N, F) into a FullyConnectedNode without per_step: refused with a
+    hint (flattening would take T as the batch), per_step=True gives (T, N, out)."""
+    x = G.ImageNode((7, 5), batch_dim=1)
+    with pytest.raises(G.GraphError, match="per_step=True"):
+        G.FullyConnectedNode(x, G.FullyConnectedDataSource(5, 3))
+    assert G.FullyConnectedNode(x, G.FullyConnectedDataSource(5, 3), per_step=True).result.shape == (7, 2, 3)
