@@ -885,3 +885,36 @@ def test_empty_inputs_and_torch_ranges(dev):
     F.batch_norm(pm.tensor(x, dev), rm, rv, training=True, momentum=-1.0)
     np.testing.assert_allclose(rm.numpy(), trm.numpy(), rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(rv.numpy(), trv.numpy(), rtol=1e-5, atol=1e-6)
+
+
+def test_float16_parameters_like_torch(dev):
+    """A pure-half model: float16 weight, bias and running statistics (Tensors) are read as float
+    (the statistics in float as always), the running statistics updated in place in float16,
+    the weight gradients returned in float16; against torch's float16 CPU ops."""
+    torch = pytest.importorskip("torch")
+    rng = np.random.default_rng(11)
+    x = rng.standard_normal((4, 3, 5)).astype(np.float16)
+    w, b = rng.uniform(0.5, 1.5, 3).astype(np.float16), rng.standard_normal(3).astype(np.float16)
+    rm, rv = (rng.standard_normal(3) * 0.1).astype(np.float16), rng.uniform(0.5, 2, 3).astype(np.float16)
+    g = rng.standard_normal(x.shape).astype(np.float16)
+    tx, tw, tb = (torch.tensor(a, requires_grad=True) for a in (x, w, b))
+    trm, trv = torch.tensor(rm), torch.tensor(rv)
+    ty = torch.nn.functional.batch_norm(tx, trm, trv, tw, tb, training=True, momentum=0.3)
+    tgx, tgw, tgb = torch.autograd.grad(ty, [tx, tw, tb], torch.tensor(g))
+    prm, prv = pm.tensor(rm, dev), pm.tensor(rv, dev)
+    pw, pb = pm.tensor(w, dev), pm.tensor(b, dev)
+    y = F.batch_norm(pm.tensor(x, dev), prm, prv, pw, pb, training=True, momentum=0.3)
+    dx, _, _, dw, db = F.batch_norm_backward(pm.tensor(g, dev), pm.tensor(x, dev), prm, prv, pw, pb,
+                                             training=True)
+    assert prm.dtype == np.float16 and dw.dtype == np.float16 and db.dtype == np.float16
+    for got, want in ((y, ty), (prm, trm), (prv, trv), (dx, tgx), (dw, tgw), (db, tgb)):
+        np.testing.assert_allclose(got.numpy().astype(np.float32), want.detach().float().numpy(),
+                                   rtol=1e-2, atol=1e-2)
+    ty = torch.nn.functional.group_norm(tx, 3, tw, tb)
+    tgx, tgw, tgb = torch.autograd.grad(ty, [tx, tw, tb], torch.tensor(g))
+    y = F.group_norm(pm.tensor(x, dev), 3, pw, pb)
+    dx, dw, db = F.group_norm_backward(pm.tensor(g, dev), pm.tensor(x, dev), 3, pw, pb)
+    assert dw.dtype == np.float16
+    for got, want in ((y, ty), (dx, tgx), (dw, tgw), (db, tgb)):
+        np.testing.assert_allclose(got.numpy().astype(np.float32), want.detach().float().numpy(),
+                                   rtol=1e-2, atol=1e-2)

@@ -35,7 +35,7 @@ import numpy as np
 
 from ..params import LayerNormParams, NormParams
 from ..runtime import Device
-from ..tensor import Tensor, TensorLike, float32, tensor
+from ..tensor import Tensor, TensorLike, float16, float32, tensor
 from ._common import (
     FLOATS,
     MAX_GROUPS,
@@ -50,6 +50,7 @@ from ._common import (
     suffix,
     tensor_arg,
 )
+from .copy import _block, cast
 from .neuron import activation_code
 from .softmax import TG, check_size, tile_groups, tile_plan
 
@@ -80,16 +81,38 @@ def _finite(v: Any, name: str) -> float:
 
 
 def _vec(v: Any, dev: Device, name: str, c: int, inplace: bool = False) -> Tensor | None:
-    """An optional float32 (c,) vector; in-place ones must already be device Tensors."""
+    """An optional (c,) vector: float32, or a float16 device Tensor (a half model's parameters,
+    converted by _f32 once every argument is checked); in-place ones must be device Tensors."""
     if v is None:
         return None
     if inplace and not isinstance(v, Tensor):
         raise ValueError(f"{name}: must be a pymetalnn Tensor to be updated in place, got "
                          f"{type(v).__name__}")
-    t = float32_arg(v, dev, name)
+    if isinstance(v, Tensor) and v.dtype == float16:
+        t = tensor_arg(v, dev, name, (float16,))
+    else:
+        t = float32_arg(v, dev, name)
     if t.shape != (c,):
         raise ValueError(f"{name}: expected shape ({c},), got {t.shape}")
     return t
+
+
+def _f32(t: Tensor | None) -> Tensor | None:
+    """A float16 parameter vector as the float32 the kernels read (statistics stay float)."""
+    return cast(t, float32) if t is not None and t.dtype == float16 else t
+
+
+def _write_back(orig: Any, t: Tensor | None) -> None:
+    """A float16 running statistic updated through its float32 copy: the result stored back."""
+    if t is not None and isinstance(orig, Tensor) and orig is not t:
+        _block(t, orig, 1, t.size, t.size, t.size, 0, 0)
+
+
+def _grad_like(g: Tensor | None, param: Any) -> Tensor | None:
+    """A weight/bias gradient in its parameter's dtype (float16 parameters get float16)."""
+    if g is not None and isinstance(param, Tensor) and param.dtype == float16:
+        return cast(g, float16)
+    return g
 
 
 def _number(v: Any, name: str, lo: float, hi: float | None = None, lo_open: bool = False) -> float:
@@ -293,6 +316,7 @@ def _bn_validate(input: TensorLike, running_mean: TensorLike | None, running_var
     if training and n * hw < 2 and x.size:
         raise ValueError(f"input: expected more than 1 value per channel when training, got "
                          f"shape {x.shape}")
+    rm, rv, w, b = (_f32(t) for t in (rm, rv, w, b))
     return dev, x, rm, rv, w, b, training, momentum, eps
 
 
@@ -326,6 +350,8 @@ def batch_norm_with_stats(input: TensorLike, running_mean: TensorLike | None,
     coef = empty((c, 4), float32, dev)
     if training:  # statistics and coefficients in one kernel
         mean, invstd = _stats(dev, p, x, rm, rv, (w, b, coef))
+        _write_back(running_mean, rm)
+        _write_back(running_var, rv)
     else:
         mean, invstd = empty((c,), float32, dev), empty((c,), float32, dev)
         kernel(dev, SOURCE, "batch_norm_coef_fwd_float")(
@@ -421,7 +447,7 @@ def batch_norm_backward(grad_out: TensorLike, input: TensorLike, running_mean: T
         min(c, MAX_GROUPS) * TG, part.buffer, w.buffer if w is not None else d,
         b.buffer if b is not None else d, mean.buffer, invstd.buffer,
         dw.buffer if dw is not None else d, db.buffer if db is not None else d, coef.buffer, p)
-    return _apply(dev, p, g, x, coef), None, None, dw, db
+    return _apply(dev, p, g, x, coef), None, None, _grad_like(dw, weight), _grad_like(db, bias)
 
 
 # ---- group norm / instance norm --------------------------------------------------------------
@@ -438,7 +464,7 @@ def _gn_validate(input: TensorLike, num_groups: Any, weight: TensorLike | None,
     eps = _finite(eps, "eps")
     w = _vec(weight, dev, "weight", c)
     b = _vec(bias, dev, "bias", c)
-    return dev, x, int(num_groups), w, b, eps
+    return dev, x, int(num_groups), _f32(w), _f32(b), eps
 
 
 def _group_norm(dev: Device, x: Tensor, groups: int, w: Tensor | None, b: Tensor | None,
@@ -517,7 +543,8 @@ def group_norm_backward(grad_out: TensorLike, input: TensorLike, num_groups: int
     dev, x, groups, w, b, eps = _gn_validate(input, num_groups, weight, bias, eps)
     g = _grad_out(grad_out, x, dev)
     saved = _saved(save_mean, save_rstd, dev, (x.shape[0], groups), ("save_mean", "save_rstd"))
-    return _group_norm_backward(dev, g, x, groups, w, b, eps, saved)
+    dx, dw, db = _group_norm_backward(dev, g, x, groups, w, b, eps, saved)
+    return dx, _grad_like(dw, weight), _grad_like(db, bias)
 
 
 def _in_validate(input: TensorLike, running_mean: TensorLike | None, running_var: TensorLike | None,
@@ -557,7 +584,7 @@ def instance_norm_backward(grad_out: TensorLike, input: TensorLike,
                                              use_input_stats, momentum, eps)
     g = _grad_out(grad_out, x, dev)
     dx, dw, db = _group_norm_backward(dev, g, x, groups, w, b, eps, None)
-    return dx, None, None, dw, db
+    return dx, None, None, _grad_like(dw, weight), _grad_like(db, bias)
 
 
 
