@@ -262,7 +262,7 @@ def test_bad_input(dev):
         ("running_var", lambda: F.batch_norm(x, rm, pm.tensor(np.ones(4, np.float32), dev))),
         ("running_var", lambda: F.batch_norm(x, rm, None, training=True)),
         ("weight", lambda: F.batch_norm(x, rm, rv, np.ones(2, np.float32))),
-        ("bias", lambda: F.group_norm(x, 3, None, pm.tensor(np.ones(3, np.float16), dev))),
+        ("bias", lambda: F.group_norm(x, 3, None, pm.tensor(np.ones(3, np.int32), dev))),
         ("input", lambda: F.batch_norm(pm.tensor(np.zeros((2, 3), np.int32), dev), rm, rv)),
         ("input", lambda: F.batch_norm(pm.tensor(np.zeros(3, np.float32), dev), rm, rv)),
         ("input", lambda: F.batch_norm(pm.tensor(np.zeros((1, 3), np.float32), dev), rm, rv,
