@@ -1,0 +1,722 @@
+"""Data-parallel training across processes: a process group on MPI (mpi4py), collectives on
+device buffers (NCCL through CuPy on cuda, MPI elsewhere), gradient averaging in buckets hooked
+into a training graph, a distributed sampler, losses reduced for logging, checkpoints by rank 0.
+
+    mpiexec -n 2 python train.py
+    pg = distributed.init()                        # MPI.COMM_WORLD; cuda: GPU local_rank % count
+    tg = G.TrainingGraph(loss, optimizer=..., device=pg.device)
+    ddp = distributed.DataParallel(tg)              # rank 0's weights and optimizer state to all
+    hist = fit(tg, (x, y), batch_size=32, distributed=ddp)   # batch_size per rank
+
+Design. Every rank runs the same graph on its own slice of the global batch. After the backward
+step that produces the last gradient of a bucket (buckets fill in the order the backward
+produces the weight gradients, 1 MiB first, then `bucket_cap_mb`), the bucket's collective is
+queued at once: on cuda on a communication stream of its own (an event orders it after the
+gradients; NCCL sums while the compute stream runs the rest of the backward; the compute stream
+waits for another event only just before the first update that reads the bucket); on cpu and
+metal, a job on the device's in-order queue gathers the gradients into a host bucket and starts
+an MPI_Iallreduce, and a later job, queued just before the first update that reads the bucket,
+waits for it and writes the mean back. On cpu the queue thread also runs the kernels, so the
+overlap is structural: the reduction is in flight between the two jobs, but MPI progresses it
+only inside MPI calls (or on MPICH's progress thread, MPIR_CVAR_ASYNC_PROGRESS=1). Collectives
+run on the device's queue (or stream): encoding never blocks on them, and a captured step
+records them with the kernels (a CUDA graph on cuda, a job list on cpu).
+
+The mean over ranks of per-rank mean losses' gradients is the gradient of the mean loss over
+the global batch (equal per-rank batches): 2 ranks with batch B/2 each train the weights of one
+rank with batch B, up to rounding, for any optimizer. Batch norm keeps per-rank statistics (like
+PyTorch's BatchNorm under DDP); synchronized statistics are not implemented. Gradients are
+averaged whatever the loss's reduction (as DDP does).
+
+Failures. A rank whose gradients failed (a poisoned buffer on cpu) still takes part in the
+collective, with a flag element set: every rank then raises at the gradients' first read,
+naming the failure. An exception that ends a rank's main thread (and one in a callback thread)
+calls MPI_Abort, which ends all ranks instead of leaving them waiting in a collective.
+"""
+from __future__ import annotations
+
+import math
+import os
+import sys
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from .runtime import Device
+from .runtime import device as default_device
+from .runtime.errors import AsyncError
+from .tensor import Tensor
+
+if TYPE_CHECKING:
+    from .graph.graph import Graph, TrainingGraph
+    from .graph.nodes import Value
+
+__all__ = ["DataParallel", "DistributedError", "DistributedSampler", "ProcessGroup",
+           "get_rank", "get_world_size", "init", "is_initialized", "process_group"]
+
+INSTALL_HINT = 'pip install -e ".[distributed]" (mpi4py and MPICH from PyPI)'
+
+
+class DistributedError(RuntimeError):
+    """A collective failed, or ranks disagree (e.g. on the graph's gradients)."""
+
+
+def _mpi() -> Any:
+    try:
+        from mpi4py import MPI
+    except ImportError as e:
+        raise ImportError(f"pymetalnn.distributed needs mpi4py and an MPI library: {INSTALL_HINT}"
+                          f" ({e})") from None
+    return MPI
+
+
+_group: ProcessGroup | None = None
+_group_lock = threading.Lock()
+
+
+def init(device: Device | None = None, *, comm: Any = None, abort_on_error: bool = True
+         ) -> ProcessGroup:
+    """The process group of this process (made once): `comm` (default MPI.COMM_WORLD) and the
+    device its collectives run on. On cuda, when the cuda device does not exist yet, it is
+    made on GPU `local_rank % gpu count` (local_rank: this rank's place among the ranks of its
+    host). abort_on_error: an uncaught exception in any thread calls MPI_Abort (all ranks end,
+    none waits forever in a collective)."""
+    global _group
+    with _group_lock:
+        if _group is not None:
+            return _group
+        MPI = _mpi()
+        comm = comm if comm is not None else MPI.COMM_WORLD
+        local = comm.Split_type(MPI.COMM_TYPE_SHARED, key=comm.Get_rank())
+        local_rank = local.Get_rank()
+        local.Free()
+        if device is None:
+            device = _pick_device(local_rank)
+        _group = ProcessGroup(comm, device, local_rank)
+        if abort_on_error and _group.size > 1:
+            _install_abort_hooks(_group)
+        return _group
+
+
+def _pick_device(local_rank: int) -> Device:
+    from . import runtime
+
+    name = os.environ.get("PYMETALNN_BACKEND") or None
+    if name == "cuda" and "cuda" not in runtime._devices:
+        from .runtime.backend_cuda import CudaDevice, _import_cupy
+
+        n = _import_cupy().cuda.runtime.getDeviceCount()
+        with runtime._lock:
+            runtime._devices["cuda"] = CudaDevice(local_rank % max(n, 1))
+    return default_device(name)
+
+
+def is_initialized() -> bool:
+    return _group is not None
+
+
+def process_group() -> ProcessGroup:
+    """The group made by init() (raises if there is none)."""
+    if _group is None:
+        raise DistributedError("pymetalnn.distributed.init() has not been called")
+    return _group
+
+
+def get_rank() -> int:
+    """This process's rank (0 without an initialized group)."""
+    return _group.rank if _group is not None else 0
+
+
+def get_world_size() -> int:
+    """How many ranks (1 without an initialized group)."""
+    return _group.size if _group is not None else 1
+
+
+def _install_abort_hooks(pg: ProcessGroup) -> None:
+    prev_sys, prev_thread = sys.excepthook, threading.excepthook
+
+    def abort(kind: str, tb_print: Any) -> None:
+        try:
+            tb_print()
+            sys.stderr.write(f"pymetalnn.distributed: rank {pg.rank} of {pg.size}: {kind}; "
+                             "aborting all ranks (MPI_Abort)\n")
+            sys.stderr.flush()
+        finally:
+            pg.world.Abort(1)
+
+    def sys_hook(tp: Any, val: Any, tb: Any) -> None:
+        if issubclass(tp, KeyboardInterrupt):
+            prev_sys(tp, val, tb)
+        abort(f"uncaught {tp.__name__}", lambda: prev_sys(tp, val, tb))
+
+    def thread_hook(args: Any) -> None:
+        if args.exc_type is SystemExit:
+            return
+        abort(f"uncaught {args.exc_type.__name__} in thread "
+              f"{getattr(args.thread, 'name', '?')}", lambda: prev_thread(args))
+
+    sys.excepthook = sys_hook
+    threading.excepthook = thread_hook
+
+
+# ---- the process group ---------------------------------------------------------------------------
+
+_NP_OPS = ("sum", "mean", "max", "min")
+
+
+class ProcessGroup:
+    """Ranks of an MPI communicator and the device whose buffers they exchange.
+
+    Host collectives (numpy arrays, Python objects) run at once on the calling thread; device
+    collectives (`all_reduce`, `broadcast` on Tensors) are queued with the device's work and
+    return at once. They use separate duplicates of the communicator, so the two kinds never
+    interleave on one communicator. Every rank must make the same calls in the same order."""
+
+    def __init__(self, comm: Any, device: Device, local_rank: int = 0):
+        self.MPI = _mpi()
+        self.world = comm
+        self.comm = comm.Dup()        # host collectives, calling thread
+        self._qcomm = comm.Dup()      # device collectives run by the cpu/metal queue
+        self.rank, self.size = comm.Get_rank(), comm.Get_size()
+        self.local_rank = local_rank
+        self.device = device
+        self._nccl: Any = None
+        self._stream: Any = None
+        self._engine: Any = None
+
+    def __repr__(self) -> str:
+        return f"<ProcessGroup rank {self.rank} of {self.size} on {self.device.name}>"
+
+    # ---- host side
+    def barrier(self) -> None:
+        self.comm.Barrier()
+
+    def all_reduce_host(self, arr: Any, op: str = "sum") -> np.ndarray:
+        """Elementwise reduction of a numpy array over the ranks (a new array)."""
+        if op not in _NP_OPS:
+            raise ValueError(f"op: expected one of {', '.join(_NP_OPS)}, got {op!r}")
+        a = np.ascontiguousarray(arr)
+        out = np.empty_like(a)
+        mop = {"sum": self.MPI.SUM, "mean": self.MPI.SUM, "max": self.MPI.MAX,
+               "min": self.MPI.MIN}[op]
+        self.comm.Allreduce(a, out, op=mop)
+        if op == "mean":
+            out = out / self.size if out.dtype.kind == "f" else out / self.size
+        return out
+
+    def mean(self, value: float) -> float:
+        """The mean of a number over the ranks (e.g. a loss for logging)."""
+        return float(self.all_reduce_host(np.array([value], np.float64), "mean")[0])
+
+    def broadcast_host(self, arr: np.ndarray, src: int = 0) -> np.ndarray:
+        """`arr` (contiguous) overwritten with rank src's, in place; returned."""
+        if not arr.flags.c_contiguous:
+            raise ValueError("arr: needs a C-contiguous array (it is overwritten in place)")
+        self.comm.Bcast(arr, root=src)
+        return arr
+
+    def broadcast_object(self, obj: Any, src: int = 0) -> Any:
+        return self.comm.bcast(obj, root=src)
+
+    # ---- device side
+    def engine(self) -> Any:
+        if self._engine is None:
+            self._engine = _NcclEngine(self) if self.device.name == "cuda" else _HostEngine(self)
+        return self._engine
+
+    def all_reduce(self, tensors: Tensor | Sequence[Tensor], op: str = "sum") -> None:
+        """Sum (op="sum") or average (op="mean") each tensor over the ranks, in place, queued
+        after the device's work so far (one collective for all of them). Returns at once."""
+        ts = [tensors] if isinstance(tensors, Tensor) else list(tensors)
+        if op not in ("sum", "mean"):
+            raise ValueError(f"op: expected 'sum' or 'mean', got {op!r}")
+        for b in _Bucket.split(self, ts, op, math.inf):
+            b.start(ts)
+            b.finish()
+
+    def broadcast(self, tensors: Tensor | Sequence[Tensor], src: int = 0) -> None:
+        """Overwrite each tensor with rank src's, queued after the device's work so far."""
+        ts = [tensors] if isinstance(tensors, Tensor) else list(tensors)
+        if not 0 <= src < self.size:
+            raise ValueError(f"src: rank {src} outside [0, {self.size})")
+        for b in _Bucket.split(self, ts, "bcast", math.inf, src=src):
+            b.start(ts)
+            b.finish()
+
+
+def _check(ts: Sequence[Tensor], dev: Device) -> None:
+    for i, t in enumerate(ts):
+        if not isinstance(t, Tensor):
+            raise TypeError(f"tensors[{i}]: expected a Tensor, got {type(t).__name__}")
+        if t.device is not dev:
+            raise ValueError(f"tensors[{i}]: lives on {t.device.name}, the group's collectives "
+                             f"on {dev.name}")
+        if t.dtype.kind != "f":
+            raise TypeError(f"tensors[{i}]: expected a floating-point tensor, got {t.dtype}")
+
+
+class _Bucket:
+    """Tensors (their positions in a list) reduced by one collective through a flat buffer of
+    one dtype. The buffer is made at the first start and kept (captured steps use it)."""
+
+    def __init__(self, pg: ProcessGroup, idx: list[int], dtype: Any, op: str, src: int = 0):
+        self.pg, self.idx, self.dtype, self.op, self.src = pg, idx, np.dtype(dtype), op, src
+        self.sizes: list[int] = []
+        self.state: Any = None  # the engine's buffers and events
+
+    @staticmethod
+    def split(pg: ProcessGroup, ts: list[Tensor], op: str, cap_bytes: float, src: int = 0
+              ) -> list[_Bucket]:
+        _check(ts, pg.device)
+        out: list[_Bucket] = []
+        by: dict[Any, list[int]] = {}
+        for i, t in enumerate(ts):
+            by.setdefault(t.dtype, []).append(i)
+        for dt, idx in by.items():
+            cur: list[int] = []
+            nb = 0
+            for i in idx:
+                cur.append(i)
+                nb += ts[i].nbytes
+                if nb >= cap_bytes:
+                    out.append(_Bucket(pg, cur, dt, op, src))
+                    cur, nb = [], 0
+            if cur:
+                out.append(_Bucket(pg, cur, dt, op, src))
+        return out
+
+    @property
+    def numel(self) -> int:
+        return sum(self.sizes)
+
+    def start(self, ts: list[Tensor]) -> None:
+        mine = [ts[i] for i in self.idx]
+        sizes = [t.size for t in mine]
+        if not self.sizes:
+            self.sizes = sizes
+        elif sizes != self.sizes:
+            raise DistributedError(f"bucket of {len(sizes)} tensors: sizes changed from "
+                                   f"{self.sizes} to {sizes}")
+        if any(t.dtype != self.dtype for t in mine):
+            raise DistributedError("bucket: a tensor changed dtype")
+        self.pg.engine().start(self, mine)
+
+    def finish(self) -> None:
+        self.pg.engine().finish(self)
+
+
+# ---- cpu and metal: MPI from the device's queue ----------------------------------------------------
+
+class _HostEngine:
+    """Collectives as jobs on the device's in-order queue (cpu), or run at their place in the
+    launch order after draining the queue (metal, whose launches commit at once)."""
+
+    def __init__(self, pg: ProcessGroup):
+        self.pg = pg
+        self.dev = pg.device
+        self.MPI = pg.MPI
+
+    def _view(self, t: Tensor) -> np.ndarray:
+        b = t.buffer
+        if self.dev.name == "cpu":
+            raw = b.handle[b.offset:b.offset + t.nbytes]
+        else:  # metal: shared memory, whole buffers
+            raw = np.frombuffer(b.handle, np.uint8)[b.offset:b.offset + t.nbytes]
+        return raw.view(t.dtype)
+
+    def _enqueue(self, fn: Any, ts: list[Tensor], writes: bool) -> None:
+        dev = self.dev
+        if dev.name == "cpu":
+            flat: list[int] = []
+            for t in ts:
+                flat += [dev._addr(t.buffer) + t.buffer.offset, t.nbytes]
+            # name None: the queue runs the job even where its inputs failed (a rank that
+            # skipped a collective would leave the others waiting); the job checks them itself
+            item = (fn, flat, None, (writes,) * len(ts))
+            if dev._recording is not None:
+                dev._recording.jobs.append(item)
+            else:
+                dev._put(item)
+            return
+
+        def job() -> None:
+            dev._drain()
+            fn()
+
+        if dev._recording is not None:
+            dev._recording.jobs.append(job)
+        else:
+            job()
+
+    def _failure(self, ts: list[Tensor]) -> str | None:
+        dev = self.dev
+        if dev.name != "cpu" or not dev._poison:
+            return None
+        from .runtime.backend_cpu import _spans
+
+        flat: list[int] = []
+        for t in ts:
+            flat += [dev._addr(t.buffer) + t.buffer.offset, t.nbytes]
+        f = dev._tainted(_spans(flat, (False,) * len(ts)))
+        return None if f is None else f.what
+
+    def start(self, b: _Bucket, ts: list[Tensor]) -> None:
+        n = b.numel
+        if b.state is None:
+            # one extra element: how many ranks' inputs had failed (see _finish_job)
+            b.state = {"buf": np.zeros(n + 1, b.dtype), "req": None, "why": None}
+        st = b.state
+        views = [self._view(t) for t in ts]
+        offs = np.cumsum([0] + b.sizes).tolist()
+        comm, MPI, pg = self.pg._qcomm, self.MPI, self.pg
+
+        def start_job() -> None:
+            buf = st["buf"]
+            st["why"] = self._failure(ts)
+            if b.op == "bcast":
+                if pg.rank == b.src:
+                    for v, o in zip(views, offs):
+                        buf[o:o + v.size] = v.ravel()
+                buf[n] = 1.0 if st["why"] else 0.0
+                st["req"] = comm.Ibcast(buf, root=b.src)
+            else:
+                for v, o in zip(views, offs):
+                    buf[o:o + v.size] = v.ravel()
+                buf[n] = 1.0 if st["why"] else 0.0
+                st["req"] = comm.Iallreduce(MPI.IN_PLACE, buf, op=MPI.SUM)
+
+        def finish_job() -> None:
+            req, st["req"] = st["req"], None
+            if req is None:
+                raise AsyncError("collective: finished before it was started")
+            req.Wait()
+            buf = st["buf"]
+            bad = int(round(float(buf[n])))
+            if bad or st["why"]:
+                raise AsyncError(f"{_op_name(b)} on rank {pg.rank} of {pg.size}: "
+                                 + (f"this rank's input failed ({st['why']})" if st["why"] else
+                                    f"the inputs of {bad} other rank(s) failed"), None)
+            if b.op == "mean":
+                buf[:n] *= np.asarray(1.0 / pg.size, b.dtype)
+            if b.op != "bcast" or pg.rank != b.src:
+                for v, o in zip(views, offs):
+                    v.reshape(-1)[:] = buf[o:o + v.size]
+
+        self._enqueue(start_job, ts, writes=False)
+        b.state["finish"] = (finish_job, ts)
+
+    def finish(self, b: _Bucket) -> None:
+        fn, ts = b.state.pop("finish")
+        self._enqueue(fn, ts, writes=True)
+
+
+def _op_name(b: _Bucket) -> str:
+    what = {"sum": "all-reduce (sum)", "mean": "all-reduce (mean)", "bcast": "broadcast"}[b.op]
+    return f"{what} of {len(b.sizes)} tensors ({b.numel:,} {b.dtype} values)"
+
+
+# ---- cuda: NCCL on a stream of its own ---------------------------------------------------------------
+
+class _NcclEngine:
+    """NCCL (CuPy's bindings; the unique id broadcast over MPI) on a communication stream: an
+    event orders each collective after the work queued so far on the device's stream, another
+    one orders the device's stream after it at finish()."""
+
+    def __init__(self, pg: ProcessGroup):
+        self.pg = pg
+        self.dev = pg.device
+        cp = self.cp = self.dev.cp
+        try:
+            from cupy.cuda import nccl
+        except ImportError as e:
+            raise ImportError(f"collectives on cuda need NCCL through CuPy ({e}); `pip install "
+                              "nvidia-nccl-cu12` or `python -m cupyx.tools.install_library "
+                              "--library nccl --cuda 12.x`") from None
+        if not nccl.available:
+            raise ImportError("CuPy was built without NCCL support: pip install nvidia-nccl-cu12")
+        self.nccl = nccl
+        uid = nccl.get_unique_id() if pg.rank == 0 else None
+        uid = pg.comm.bcast(uid, root=0)
+        cp.cuda.Device(self.dev.ordinal).use()
+        self.comm = nccl.NcclCommunicator(pg.size, uid, pg.rank)
+        self.stream = cp.cuda.Stream(non_blocking=True)
+        self.avg = getattr(nccl, "NCCL_AVG", None)
+        self.types = {np.dtype(np.float32): nccl.NCCL_FLOAT32,
+                      np.dtype(np.float16): nccl.NCCL_FLOAT16}
+
+    def start(self, b: _Bucket, ts: list[Tensor]) -> None:
+        cp, nccl, s = self.cp, self.nccl, self.stream
+        n = b.numel
+        if b.state is None:
+            if b.dtype not in self.types:
+                raise TypeError(f"collective: dtype {b.dtype} not supported on cuda")
+            single = len(ts) == 1  # no staging copy: NCCL works in place
+            b.state = {"buf": None if single else cp.cuda.alloc(max(n, 1) * b.dtype.itemsize),
+                       "ready": cp.cuda.Event(block=False, disable_timing=True),
+                       "done": cp.cuda.Event(block=False, disable_timing=True)}
+        st = b.state
+        item = b.dtype.itemsize
+        ptrs = [self.dev.pointer(t.buffer) for t in ts]
+        buf = st["buf"]
+        base = int(buf.ptr) if buf is not None else ptrs[0]
+        offs = np.cumsum([0] + b.sizes).tolist()
+        st["ready"].record(self.dev.cp_stream)
+        s.wait_event(st["ready"])
+        d2d = cp.cuda.runtime.memcpyDeviceToDevice
+        if buf is not None:
+            for p, o, k in zip(ptrs, offs, b.sizes):
+                if k:
+                    cp.cuda.runtime.memcpyAsync(base + o * item, p, k * item, d2d, s.ptr)
+        dt = self.types[b.dtype]
+        if b.op == "bcast":
+            self.comm.bcast(base, n, dt, b.src, s.ptr)
+        else:
+            red = self.avg if (b.op == "mean" and self.avg is not None) else nccl.NCCL_SUM
+            self.comm.allReduce(base, base, n, dt, red, s.ptr)
+            if b.op == "mean" and self.avg is None and self.pg.size > 1:
+                with s:
+                    arr = cp.ndarray((n,), b.dtype, cp.cuda.MemoryPointer(
+                        buf if buf is not None else ts[0].buffer.handle,
+                        0 if buf is not None else ts[0].buffer.offset))
+                    arr *= b.dtype.type(1.0 / self.pg.size)
+        if buf is not None:
+            for p, o, k in zip(ptrs, offs, b.sizes):
+                if k:
+                    cp.cuda.runtime.memcpyAsync(p, base + o * item, k * item, d2d, s.ptr)
+        st["done"].record(s)
+
+    def finish(self, b: _Bucket) -> None:
+        self.dev.cp_stream.wait_event(b.state["done"])
+
+
+# ---- data parallel training graphs -----------------------------------------------------------------
+
+class DataParallel:
+    """Data-parallel training of `tg` over the ranks of `group` (default: init()).
+
+    At construction, rank `src`'s parameters, buffers and optimizer state are copied to every
+    rank (broadcast=False skips it). At every training step (encoded or replayed), the weight
+    gradients are averaged over the ranks in buckets: the first of `first_bucket_mb` MiB, the
+    others of `bucket_cap_mb`, filled in the order the backward produces them; each bucket's
+    collective is queued as soon as its last gradient is, and the step's first update that
+    reads it waits for it. Optimizers, grouped updates and captured steps see the averaged
+    gradients. Batch norm statistics stay per rank (sync_buffers() averages the running ones).
+    """
+
+    def __init__(self, tg: TrainingGraph, group: ProcessGroup | None = None, *,
+                 bucket_cap_mb: float = 25.0, first_bucket_mb: float = 1.0,
+                 broadcast: bool = True, src: int = 0):
+        if not getattr(tg, "training", False):
+            raise ValueError("tg: expected a TrainingGraph (gradients to average)")
+        if bucket_cap_mb <= 0 or first_bucket_mb <= 0:
+            raise ValueError(f"bucket_cap_mb, first_bucket_mb: expected > 0, got "
+                             f"{bucket_cap_mb}, {first_bucket_mb}")
+        self.tg = tg
+        self.group = group if group is not None else init()
+        if tg.device is not self.group.device:
+            raise ValueError(f"tg: runs on {tg.device.name}, the group's collectives on "
+                             f"{self.group.device.name} (init(device=...))")
+        self.cap = int(bucket_cap_mb * 2**20)
+        self.first_cap = int(first_bucket_mb * 2**20)
+        self._steps: list | None = None  # the g.steps the schedule was made for
+        self.buckets: list[tuple[list[Value], _Bucket]] = []
+        self.step_hook_calls = 0
+        tg.step_hooks.append(self._hook)
+        if broadcast:
+            self.broadcast_state(src)
+
+    @property
+    def rank(self) -> int:
+        return self.group.rank
+
+    @property
+    def size(self) -> int:
+        return self.group.size
+
+    # ---- state
+    def broadcast_state(self, src: int = 0) -> None:
+        """Every rank gets rank src's parameters, buffers, optimizer state and step count."""
+        pg, tg = self.group, self.tg
+        sd = tg.state_dict()
+        meta = [(k, v.shape, v.dtype.str) for k, v in sd.items()]
+        theirs = pg.broadcast_object(meta, src)
+        if theirs != meta:
+            mine, other = {m[0]: m[1:] for m in meta}, {m[0]: m[1:] for m in theirs}
+            diff = sorted(set(mine) ^ set(other)) or \
+                [k for k in mine if mine[k] != other[k]]
+            pg.barrier()
+            raise DistributedError(f"broadcast_state: rank {pg.rank}'s graph differs from rank "
+                                   f"{src}'s (first differing keys: {', '.join(diff[:4])})")
+        out = {}
+        for k, _, _ in meta:
+            a = np.array(sd[k], copy=True, order="C")  # keeps 0-d arrays 0-d
+            out[k] = pg.broadcast_host(a, src)
+        if pg.rank != src:
+            tg.load_state_dict(out)
+
+    def sync_buffers(self) -> None:
+        """Average the batch norms' running statistics over the ranks (before evaluating or
+        saving: each rank tracked its own batches)."""
+        sd = self.tg.state_dict()
+        keys = sorted(k for k in sd if k.endswith((".running_mean", ".running_var")))
+        if not keys:
+            return
+        flat = np.concatenate([sd[k].astype(np.float64).ravel() for k in keys])
+        flat = self.group.all_reduce_host(flat, "mean")
+        new, o = {}, 0
+        for k in keys:
+            n = sd[k].size
+            new[k] = flat[o:o + n].reshape(sd[k].shape).astype(sd[k].dtype)
+            o += n
+        self.tg.load_state_dict(new, strict=False)
+
+    def save(self, path: Any, sync_buffers: bool = True) -> None:
+        """Rank 0 writes the checkpoint (Graph.save); every rank waits until it is written.
+        Running statistics are averaged over the ranks first unless sync_buffers=False."""
+        if sync_buffers:
+            self.sync_buffers()
+        err = None
+        if self.rank == 0:
+            try:
+                self.tg.save(path)
+            except Exception as e:  # noqa: BLE001 -- every rank learns that it failed
+                err = f"{type(e).__name__}: {e}"
+        err = self.group.broadcast_object(err, 0)
+        if err is not None:
+            raise DistributedError(f"save: rank 0 could not write {path}: {err}")
+
+    def mean_loss(self, value: float) -> float:
+        """The mean of a per-rank loss over the ranks (for logging)."""
+        return self.group.mean(value)
+
+    # ---- the gradient hook (Graph.step_hooks)
+    def _schedule(self, g: Graph) -> None:
+        """Weight gradients (the update steps' inputs), the step producing each, and the
+        first step reading each."""
+        prod: dict[Any, int] = {}
+        for i, st in enumerate(g.steps):
+            for v in st.outs:
+                prod[v] = i
+        first_use: dict[Any, int] = {}
+        for j, st in enumerate(g.steps):
+            if st.kind == "update":
+                for v in st.ins:
+                    first_use.setdefault(v, j)
+        missing = [v for v in first_use if v not in prod]
+        if missing:
+            raise DistributedError(f"gradients without a producing step: {missing[:3]}")
+        self._grads = sorted(first_use, key=lambda v: prod[v])
+        self._prod, self._use = prod, first_use
+        self._by_step: dict[int, list[Any]] = {}
+        for v in self._grads:
+            self._by_step.setdefault(prod[v], []).append(v)
+        self._last = max(prod[v] for v in self._grads) if self._grads else -1
+        self.buckets = []
+        self._open: list[Any] = []
+        self._starts: dict[int, list[tuple[list[Any], _Bucket]]] = {}
+        self._finishes: dict[int, list[_Bucket]] = {}
+        self._frozen = False
+        self._steps = g.steps
+        g.note(f"distributed: {len(self._grads)} weight gradients averaged over {self.size} "
+               f"ranks in buckets (first {self.first_cap / 2**20:g} MiB, then "
+               f"{self.cap / 2**20:g} MiB)")
+
+    def _hook(self, g: Graph, i: int, env: dict) -> None:
+        if g.steps is not self._steps:
+            self._schedule(g)
+        self.step_hook_calls += i == 0
+        if not self._frozen:
+            self._grow(g, i, env)
+        for vals, b in self._starts.get(i, ()):
+            b.start([env[v] for v in vals])
+        for b in self._finishes.get(i, ()):
+            b.finish()
+        if i == len(g.steps) - 1:
+            self._frozen = True
+
+    def _grow(self, g: Graph, i: int, env: dict) -> None:
+        """First step: buckets fill in the order gradients appear; sizes come from the tensors
+        (the same on every rank, so every rank makes the same buckets)."""
+        for v in self._by_step.get(i, ()):
+            t = env.get(v)
+            if not isinstance(t, Tensor):
+                raise DistributedError(f"weight gradient {v.name}: no tensor at step {i}")
+            self._open.append((v, t))
+            cap = self.first_cap if not self.buckets else self.cap
+            nb = sum(tt.nbytes for _, tt in self._open)
+            if nb >= cap or (i == self._last and v is self._by_step[i][-1]):
+                vals = [vv for vv, _ in self._open]
+                ts = [tt for _, tt in self._open]
+                self._open = []
+                for b in _Bucket.split(self.group, ts, "mean", math.inf):
+                    bv = [vals[k] for k in b.idx]
+                    b.idx = list(range(len(bv)))
+                    self.buckets.append((bv, b))
+                    self._starts.setdefault(i, []).append((bv, b))
+                    j = min(self._use[vv] for vv in bv) - 1
+                    if j < i:
+                        raise DistributedError(f"bucket read at step {j + 1} before its last "
+                                               f"gradient (step {i})")
+                    self._finishes.setdefault(j, []).append(b)
+
+
+# ---- data ----------------------------------------------------------------------------------------
+
+class DistributedSampler:
+    """The indices of this rank's share of a data set of `n` samples (torch's
+    DistributedSampler): each epoch a permutation (seed + epoch; the same on every rank) whose
+    positions rank, rank + size, ... are this rank's. drop_last: drop the tail that does not
+    divide evenly; else pad with the first indices so every rank has as many.
+
+    With per-rank batches of b taken in order from the rank's indices, step k of the ranks
+    together sees the samples of step k of one process with batch size*b over the permutation.
+    """
+
+    def __init__(self, n: int, num_replicas: int | None = None, rank: int | None = None,
+                 shuffle: bool = True, seed: int = 0, drop_last: bool = False):
+        self.n = int(n)
+        self.num_replicas = get_world_size() if num_replicas is None else int(num_replicas)
+        self.rank = get_rank() if rank is None else int(rank)
+        if self.num_replicas < 1 or not 0 <= self.rank < self.num_replicas:
+            raise ValueError(f"rank: {self.rank} outside [0, {self.num_replicas})")
+        self.shuffle, self.seed, self.drop_last = shuffle, seed, drop_last
+        self.epoch = 0
+        if drop_last:
+            self.num_samples = self.n // self.num_replicas
+        else:
+            self.num_samples = -(-self.n // self.num_replicas)
+        self.total_size = self.num_samples * self.num_replicas
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def indices(self) -> np.ndarray:
+        if self.shuffle:
+            idx = np.random.default_rng(self.seed + self.epoch).permutation(self.n)
+        else:
+            idx = np.arange(self.n)
+        if self.drop_last:
+            idx = idx[:self.total_size]
+        elif self.total_size > self.n:
+            idx = np.concatenate([idx, np.resize(idx, self.total_size - self.n)])
+        return idx[self.rank:self.total_size:self.num_replicas]
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self.indices().tolist())
+
+    def __len__(self) -> int:
+        return self.num_samples
+
+
+def wait_all(group: ProcessGroup, timeout: float, what: str = "barrier") -> None:
+    """A barrier that gives up after `timeout` seconds with DistributedError (a rank that never
+    arrives), instead of waiting forever."""
+    req = group.comm.Ibarrier()
+    t0 = time.monotonic()
+    while not req.Test():
+        if time.monotonic() - t0 > timeout:
+            raise DistributedError(f"{what}: not every rank arrived within {timeout} s")
+        time.sleep(0.001)

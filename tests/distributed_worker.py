@@ -1,0 +1,169 @@
+"""Run under `mpiexec -n N` by test_distributed.py (not collected by pytest).
+
+Every case trains a small LeNet-style network (conv, optional batch norm, relu, pool, conv,
+fc, fc, softmax cross-entropy; no dropout) on N ranks, rank r taking rows [r*B/N, (r+1)*B/N)
+of each global batch of B, and compares the weights after a few steps with PyTorch (float64)
+training one model on the whole batch, batch norm applied to each rank's rows on their own
+(what per-rank statistics compute). Rank 1 starts from different weights: the broadcast from
+rank 0 must undo that. Rank 0 prints one line `RESULT <json>`.
+
+    mpiexec -n 2 python tests/distributed_worker.py            # the comparison cases
+    mpiexec -n 2 python tests/distributed_worker.py --fail N   # rank 1 raises before step N
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from graph_nets import lenet  # noqa: E402
+
+from pymetalnn import distributed, optim  # noqa: E402
+from pymetalnn import graph as G  # noqa: E402
+
+B, STEPS, HW, CLASSES = 8, 4, 12, 10
+
+
+def torch_net(torch, sd: dict, bn: bool, fc_in: int):
+    nn = torch.nn
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv1 = nn.Conv2d(1, 4, 3, padding=1)
+            if bn:
+                self.bn1 = nn.BatchNorm2d(4)
+            self.conv2 = nn.Conv2d(4, 6, 3)
+            self.fc1 = nn.Linear(fc_in, 16)
+            self.fc2 = nn.Linear(16, CLASSES)
+
+        def forward(self, x):
+            h = self.conv1(x)
+            if bn:
+                h = self.bn1(h)
+            h = torch.max_pool2d(torch.relu(h), 2)
+            h = torch.max_pool2d(torch.relu(self.conv2(h)), 2).flatten(1)
+            return self.fc2(torch.relu(self.fc1(h)))
+
+    net = Net().double()
+    with torch.no_grad():
+        for name, p in net.named_parameters():
+            p.copy_(torch.from_numpy(sd[name].astype(np.float64)))
+    return net
+
+
+def reference(case: dict, sd0: dict, data: list, size: int, fc_in: int) -> dict:
+    """Weights after STEPS steps of one PyTorch model on the whole batches (float64); batch
+    norm over each rank's rows separately; the loss: the mean of the per-rank mean losses."""
+    import torch
+
+    net = torch_net(torch, sd0, case["bn"], fc_in)
+    if case["opt"] == "sgd":
+        opt = torch.optim.SGD(net.parameters(), lr=0.05, momentum=0.9)
+    else:
+        opt = torch.optim.Adam(net.parameters(), lr=1e-2)
+    h = B // size
+    for X, Y in data:
+        opt.zero_grad()
+        losses = []
+        for r in range(size):
+            out = net(torch.from_numpy(X[r * h:(r + 1) * h]).double())
+            losses.append(torch.nn.functional.cross_entropy(out, torch.from_numpy(Y[r * h:(r + 1) * h])))
+        (sum(losses) / size).backward()
+        opt.step()
+    return {k: v.detach().numpy() for k, v in net.named_parameters()}
+
+
+def run_case(case: dict, pg: distributed.ProcessGroup) -> dict:
+    x, loss, ds = lenet(bn=case["bn"], record=False, dropout=False, hw=HW, classes=CLASSES)
+    if case["opt"] == "sgd":
+        def make(p):
+            return optim.SGD(p, lr=0.05, momentum=0.9)
+    else:
+        def make(p):
+            return optim.Adam(p, lr=1e-2)
+    tg = G.TrainingGraph(loss, optimizer=make, device=pg.device,
+                         optimize={"group_updates": case.get("group", True)})
+    sd0 = {k: v.copy() for k, v in tg.state_dict().items()}
+    if pg.rank != 0:  # the broadcast must undo this
+        tg.load_state_dict({k: v * 1.5 + 0.1 for k, v in sd0.items()
+                            if k.endswith(("weight", "bias"))}, strict=False)
+    ddp = distributed.DataParallel(tg, pg, bucket_cap_mb=case.get("cap_mb", 25.0),
+                                   first_bucket_mb=case.get("cap_mb", 1.0))
+    rng = np.random.default_rng(42)
+    data = [(rng.standard_normal((B, 1, HW, HW)).astype(np.float32),
+             rng.integers(0, CLASSES, B)) for _ in range(STEPS)]
+    h = B // pg.size
+    mine = [(X[pg.rank * h:(pg.rank + 1) * h], Y[pg.rank * h:(pg.rank + 1) * h]) for X, Y in data]
+    handles = []
+    if case.get("capture"):
+        # two eager steps, then a captured step replayed with new data
+        for X, Y in mine[:2]:
+            handles.append(tg.encode(X, Y))
+        cs = tg.capture(mine[2][0], mine[2][1])
+        for X, Y in mine[2:]:
+            handles.append(cs.run(X, Y))
+    else:
+        for X, Y in mine:
+            handles.append(tg.encode(X, Y))
+    tg.synchronize()
+    steps = tg.step_count
+    got = {k: v for k, v in tg.state_dict().items() if k.endswith(("weight", "bias"))}
+    # every rank holds the same weights, bit for bit
+    flat = np.concatenate([got[k].ravel() for k in sorted(got)]).astype(np.float64)
+    spread = float(np.abs(pg.all_reduce_host(flat, "max") - pg.all_reduce_host(flat, "min")).max())
+    out = {"spread": spread, "steps": int(steps), "buckets": len(ddp.buckets),
+           "losses": float(np.mean([hh.loss for hh in handles]))}
+    if pg.rank == 0:
+        fc_in = sd0["fc1.weight"].shape[1]
+        ref = reference(case, sd0, data, pg.size, fc_in)
+        err = 0.0
+        for k, r in ref.items():
+            a = got[k].astype(np.float64)
+            err = max(err, float(np.abs(a - r).max() / max(np.abs(r).max(), 1e-3)))
+        out["err"] = err
+        out["moved"] = float(max(np.abs(ref[k] - sd0[k]).max() for k in ref))
+    return out
+
+
+CASES = {
+    "sgd": {"opt": "sgd", "bn": False},
+    "adam": {"opt": "adam", "bn": False},
+    "sgd-bn": {"opt": "sgd", "bn": True},
+    "adam-bn": {"opt": "adam", "bn": True},
+    # one tensor per bucket (tiny cap), updates not grouped
+    "sgd-small-buckets": {"opt": "sgd", "bn": True, "cap_mb": 1e-6, "group": False},
+    "sgd-capture": {"opt": "sgd", "bn": True, "capture": True},
+}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--cases", default=",".join(CASES))
+    ap.add_argument("--fail", type=int, default=None,
+                    help="rank 1 raises before this step (the others must end too)")
+    args = ap.parse_args()
+    pg = distributed.init()
+    if args.fail is not None:
+        x, loss, ds = lenet(bn=False, record=False, dropout=False, hw=HW, classes=CLASSES)
+        tg = G.TrainingGraph(loss, optimizer=lambda p: optim.SGD(p, lr=0.05), device=pg.device)
+        distributed.DataParallel(tg, pg)
+        rng = np.random.default_rng(0)
+        X, Y = rng.standard_normal((4, 1, HW, HW)).astype(np.float32), rng.integers(0, 10, 4)
+        for step in range(100):
+            if pg.rank == 1 and step == args.fail:
+                raise RuntimeError(f"injected failure on rank 1 at step {step}")
+            tg.encode(X, Y).loss  # noqa: B018 -- waits for the step
+        return
+    results = {name: run_case(CASES[name], pg) for name in args.cases.split(",")}
+    if pg.rank == 0:
+        print("RESULT " + json.dumps({"size": pg.size, "cases": results}), flush=True)
+
+
+if __name__ == "__main__":
+    main()
