@@ -639,28 +639,35 @@ class DataParallel:
 
     def _grow(self, g: Graph, i: int, env: dict) -> None:
         """First step: buckets fill in the order gradients appear; sizes come from the tensors
-        (the same on every rank, so every rank makes the same buckets)."""
+        (the same on every rank, so every rank makes the same buckets). A bucket closes at its
+        size cap, after the last gradient, or when the next step reads one of its gradients
+        (updates not grouped: each follows its gradient, so no later gradient can wait)."""
         for v in self._by_step.get(i, ()):
             t = env.get(v)
             if not isinstance(t, Tensor):
                 raise DistributedError(f"weight gradient {v.name}: no tensor at step {i}")
             self._open.append((v, t))
             cap = self.first_cap if not self.buckets else self.cap
-            nb = sum(tt.nbytes for _, tt in self._open)
-            if nb >= cap or (i == self._last and v is self._by_step[i][-1]):
-                vals = [vv for vv, _ in self._open]
-                ts = [tt for _, tt in self._open]
-                self._open = []
-                for b in _Bucket.split(self.group, ts, "mean", math.inf):
-                    bv = [vals[k] for k in b.idx]
-                    b.idx = list(range(len(bv)))
-                    self.buckets.append((bv, b))
-                    self._starts.setdefault(i, []).append((bv, b))
-                    j = min(self._use[vv] for vv in bv) - 1
-                    if j < i:
-                        raise DistributedError(f"bucket read at step {j + 1} before its last "
-                                               f"gradient (step {i})")
-                    self._finishes.setdefault(j, []).append(b)
+            if sum(tt.nbytes for _, tt in self._open) >= cap:
+                self._close(i)
+        if self._open and (i == self._last or
+                           min(self._use[v] for v, _ in self._open) - 1 <= i):
+            self._close(i)
+
+    def _close(self, i: int) -> None:
+        vals = [v for v, _ in self._open]
+        ts = [t for _, t in self._open]
+        self._open = []
+        for b in _Bucket.split(self.group, ts, "mean", math.inf):
+            bv = [vals[k] for k in b.idx]
+            b.idx = list(range(len(bv)))
+            self.buckets.append((bv, b))
+            self._starts.setdefault(i, []).append((bv, b))
+            j = min(self._use[v] for v in bv) - 1
+            if j < i:
+                raise DistributedError(f"bucket read at step {j + 1} before its last gradient "
+                                       f"(step {i})")
+            self._finishes.setdefault(j, []).append(b)
 
 
 # ---- data ----------------------------------------------------------------------------------------

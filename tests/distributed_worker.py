@@ -161,6 +161,8 @@ CASES = {
     "adam-bn": {"opt": "adam", "bn": True},
     # one tensor per bucket (tiny cap), updates not grouped
     "sgd-small-buckets": {"opt": "sgd", "bn": True, "cap_mb": 1e-6, "group": False},
+    # updates not grouped: each follows its gradient, so buckets close before it
+    "adam-ungrouped": {"opt": "adam", "bn": False, "group": False},
     "sgd-capture": {"opt": "sgd", "bn": True, "capture": True},
 }
 

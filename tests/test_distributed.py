@@ -54,7 +54,7 @@ def _results(n: int, cases: str) -> dict:
     return res["cases"]
 
 
-CASES = ["sgd", "adam", "sgd-bn", "adam-bn", "sgd-small-buckets", "sgd-capture"]
+CASES = ["sgd", "adam", "sgd-bn", "adam-bn", "sgd-small-buckets", "adam-ungrouped", "sgd-capture"]
 
 
 @pytest.fixture(scope="module")
