@@ -77,13 +77,14 @@ _group: ProcessGroup | None = None
 _group_lock = threading.Lock()
 
 
-def init(device: Device | None = None, *, comm: Any = None, abort_on_error: bool = True
-         ) -> ProcessGroup:
+def init(backend: str | None = None, *, device: Device | None = None, comm: Any = None,
+         abort_on_error: bool = True) -> ProcessGroup:
     """The process group of this process (made once): `comm` (default MPI.COMM_WORLD) and the
-    device its collectives run on. On cuda, when the cuda device does not exist yet, it is
-    made on GPU `local_rank % gpu count` (local_rank: this rank's place among the ranks of its
-    host). abort_on_error: an uncaught exception in any thread calls MPI_Abort (all ranks end,
-    none waits forever in a collective)."""
+    device its collectives run on (`device`, else that of `backend`, else
+    $PYMETALNN_BACKEND's, else the default). On cuda, when the cuda device does not exist yet,
+    it is made on GPU `local_rank % gpu count` (local_rank: this rank's place among the ranks
+    of its host). abort_on_error: an uncaught exception in any thread calls MPI_Abort (all
+    ranks end, none waits forever in a collective)."""
     global _group
     with _group_lock:
         if _group is not None:
@@ -94,17 +95,20 @@ def init(device: Device | None = None, *, comm: Any = None, abort_on_error: bool
         local_rank = local.Get_rank()
         local.Free()
         if device is None:
-            device = _pick_device(local_rank)
+            device = _pick_device(backend or os.environ.get("PYMETALNN_BACKEND") or None,
+                                  local_rank)
         _group = ProcessGroup(comm, device, local_rank)
         if abort_on_error and _group.size > 1:
             _install_abort_hooks(_group)
         return _group
 
 
-def _pick_device(local_rank: int) -> Device:
+def _pick_device(name: str | None, local_rank: int) -> Device:
     from . import runtime
 
-    name = os.environ.get("PYMETALNN_BACKEND") or None
+    if name is None and "cuda" not in runtime._devices and runtime.availability().get("metal") \
+            and runtime.availability().get("cuda") is None:
+        name = "cuda"  # the default device would be cuda: make it on this rank's GPU
     if name == "cuda" and "cuda" not in runtime._devices:
         from .runtime.backend_cuda import CudaDevice, _import_cupy
 
