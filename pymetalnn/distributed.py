@@ -106,9 +106,10 @@ def init(backend: str | None = None, *, device: Device | None = None, comm: Any 
 def _pick_device(name: str | None, local_rank: int) -> Device:
     from . import runtime
 
-    if name is None and "cuda" not in runtime._devices and runtime.availability().get("metal") \
-            and runtime.availability().get("cuda") is None:
-        name = "cuda"  # the default device would be cuda: make it on this rank's GPU
+    if name is None and not runtime._devices:
+        avail = runtime.availability()
+        if avail.get("metal") and avail.get("cuda") is None:
+            name = "cuda"  # the default device would be cuda: make it on this rank's GPU
     if name == "cuda" and "cuda" not in runtime._devices:
         from .runtime.backend_cuda import CudaDevice, _import_cupy
 
@@ -481,10 +482,10 @@ class _NcclEngine:
             red = self.avg if (b.op == "mean" and self.avg is not None) else nccl.NCCL_SUM
             self.comm.allReduce(base, base, n, dt, red, s.ptr)
             if b.op == "mean" and self.avg is None and self.pg.size > 1:
+                # NCCL before 2.10 has no ncclAvg: sum, then scale on the same stream
+                mem = cp.cuda.UnownedMemory(base, n * item, None)
+                arr = cp.ndarray((n,), b.dtype, cp.cuda.MemoryPointer(mem, 0))
                 with s:
-                    arr = cp.ndarray((n,), b.dtype, cp.cuda.MemoryPointer(
-                        buf if buf is not None else ts[0].buffer.handle,
-                        0 if buf is not None else ts[0].buffer.offset))
                     arr *= b.dtype.type(1.0 / self.pg.size)
         if buf is not None:
             for p, o, k in zip(ptrs, offs, b.sizes):
