@@ -57,8 +57,23 @@ def _results(n: int, cases: str) -> dict:
 CASES = ["sgd", "adam", "sgd-bn", "adam-bn", "sgd-small-buckets", "adam-ungrouped", "sgd-capture"]
 
 
+def _backend() -> str:
+    return os.environ.get("PYMETALNN_BACKEND") or "cpu"
+
+
+def _gpus() -> int:
+    try:
+        import cupy
+
+        return int(cupy.cuda.runtime.getDeviceCount())
+    except Exception:  # noqa: BLE001 -- no CuPy, no GPU
+        return 0
+
+
 @pytest.fixture(scope="module")
 def two_ranks() -> dict:
+    if _backend() == "cuda" and _gpus() < 2:
+        pytest.skip("2 ranks on cuda need 2 GPUs (NCCL takes one GPU per rank)")
     return _results(2, ",".join(CASES))
 
 
@@ -77,10 +92,15 @@ def test_two_ranks_train_the_weights_of_one_batch(two_ranks, case):
 
 
 def test_one_rank():
-    """One rank: trivial collectives, the same training as without the wrapper."""
+    """One rank: trivial collectives (on cuda: the NCCL path, eager and captured), the same
+    training as one process without the wrapper."""
     pytest.importorskip("torch")
-    r = _results(1, "sgd-bn")["sgd-bn"]
-    assert r["spread"] == 0.0 and r["err"] < 2e-5
+    cases = CASES if _backend() == "cuda" else ["sgd-bn", "sgd-capture"]
+    res = _results(1, ",".join(cases))
+    for case in cases:
+        r = res[case]
+        assert r["spread"] == 0.0 and r["moved"] > 1e-2, case
+        assert r["err"] < 2e-5, f"{case}: relative error {r['err']:.2e} against PyTorch"
 
 
 def test_exception_on_one_rank_ends_all():
