@@ -78,13 +78,15 @@ _group_lock = threading.Lock()
 
 
 def init(backend: str | None = None, *, device: Device | None = None, comm: Any = None,
-         abort_on_error: bool = True) -> ProcessGroup:
+         abort_on_error: bool = True, timeout: float | None = 600.0) -> ProcessGroup:
     """The process group of this process (made once): `comm` (default MPI.COMM_WORLD) and the
     device its collectives run on (`device`, else that of `backend`, else
     $PYMETALNN_BACKEND's, else the default). On cuda, when the cuda device does not exist yet,
     it is made on GPU `local_rank % gpu count` (local_rank: this rank's place among the ranks
     of its host). abort_on_error: an uncaught exception in any thread calls MPI_Abort (all
-    ranks end, none waits forever in a collective)."""
+    ranks end, none waits forever in a collective). timeout: seconds a device collective on
+    cpu or metal may wait for the other ranks before it fails (a rank that stopped or runs other
+    steps), None: forever; NCCL collectives wait for ever."""
     global _group
     with _group_lock:
         if _group is not None:
@@ -97,7 +99,7 @@ def init(backend: str | None = None, *, device: Device | None = None, comm: Any 
         if device is None:
             device = _pick_device(backend or os.environ.get("PYMETALNN_BACKEND") or None,
                                   local_rank)
-        _group = ProcessGroup(comm, device, local_rank)
+        _group = ProcessGroup(comm, device, local_rank, timeout)
         if abort_on_error and _group.size > 1:
             _install_abort_hooks(_group)
         return _group
@@ -180,8 +182,12 @@ class ProcessGroup:
     return at once. They use separate duplicates of the communicator, so the two kinds never
     interleave on one communicator. Every rank must make the same calls in the same order."""
 
-    def __init__(self, comm: Any, device: Device, local_rank: int = 0):
+    def __init__(self, comm: Any, device: Device, local_rank: int = 0,
+                 timeout: float | None = 600.0):
         self.MPI = _mpi()
+        if timeout is not None and not timeout > 0:
+            raise ValueError(f"timeout: expected seconds > 0 or None, got {timeout!r}")
+        self.timeout = timeout
         self.world = comm
         self.comm = comm.Dup()        # host collectives, calling thread
         self._qcomm = comm.Dup()      # device collectives run by the cpu/metal queue
@@ -372,7 +378,9 @@ class _HostEngine:
         n = b.numel
         if b.state is None:
             # one extra element: how many ranks' inputs had failed (see _finish_job)
-            b.state = {"buf": np.zeros(n + 1, b.dtype), "req": None, "why": None}
+            # float16 travels as float32 (MPI has no half type; the sum is then rounded once)
+            wire = np.float32 if b.dtype == np.float16 else b.dtype
+            b.state = {"buf": np.zeros(n + 1, wire), "req": None, "why": None}
         st = b.state
         views = [self._view(t) for t in ts]
         offs = np.cumsum([0] + b.sizes).tolist()
@@ -397,7 +405,7 @@ class _HostEngine:
             req, st["req"] = st["req"], None
             if req is None:
                 raise AsyncError("collective: finished before it was started")
-            req.Wait()
+            _wait(req, pg.timeout, b, pg)
             buf = st["buf"]
             bad = int(round(float(buf[n])))
             if bad or st["why"]:
@@ -416,6 +424,18 @@ class _HostEngine:
     def finish(self, b: _Bucket) -> None:
         fn, ts = b.state.pop("finish")
         self._enqueue(fn, ts, writes=True)
+
+
+def _wait(req: Any, timeout: float | None, b: _Bucket, pg: ProcessGroup) -> None:
+    if timeout is None:
+        req.Wait()
+        return
+    deadline = time.monotonic() + timeout
+    while not req.Test():
+        if time.monotonic() > deadline:
+            raise AsyncError(f"{_op_name(b)} on rank {pg.rank} of {pg.size}: not complete after "
+                             f"{timeout:g} s (a rank stopped, failed, or runs other steps)", None)
+        time.sleep(1e-4)
 
 
 def _op_name(b: _Bucket) -> str:
@@ -509,6 +529,8 @@ class DataParallel:
     collective is queued as soon as its last gradient is, and the step's first update that
     reads it waits for it. Optimizers, grouped updates and captured steps see the averaged
     gradients. Batch norm statistics stay per rank (sync_buffers() averages the running ones).
+    To resume, load a checkpoint on every rank (tg.load), or on rank 0 and then call
+    broadcast_state().
     """
 
     def __init__(self, tg: TrainingGraph, group: ProcessGroup | None = None, *,
@@ -532,6 +554,11 @@ class DataParallel:
         tg.step_hooks.append(self._hook)
         if broadcast:
             self.broadcast_state(src)
+
+    def detach(self) -> None:
+        """Stop averaging (the graph trains on this rank's gradients alone again)."""
+        if self._hook in self.tg.step_hooks:
+            self.tg.step_hooks.remove(self._hook)
 
     @property
     def rank(self) -> int:

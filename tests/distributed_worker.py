@@ -16,6 +16,7 @@ import argparse
 import json
 import os
 import sys
+import time
 
 import numpy as np
 
@@ -175,9 +176,12 @@ def main() -> None:
     ap.add_argument("--fail-async", type=int, default=None,
                     help="on rank 1, queued work that writes a weight gradient fails in this "
                          "step (cpu)")
+    ap.add_argument("--stop", type=int, default=None,
+                    help="rank 1 stops (stuck, no error) before this step; collectives time out")
+    ap.add_argument("--timeout", type=float, default=600.0)
     args = ap.parse_args()
-    pg = distributed.init()
-    if args.fail is not None or args.fail_async is not None:
+    pg = distributed.init(timeout=args.timeout)
+    if args.fail is not None or args.fail_async is not None or args.stop is not None:
         x, loss, ds = lenet(bn=False, record=False, dropout=False, hw=HW, classes=CLASSES)
         tg = G.TrainingGraph(loss, optimizer=lambda p: optim.SGD(p, lr=0.05), device=pg.device)
         ddp = distributed.DataParallel(tg, pg)
@@ -188,6 +192,8 @@ def main() -> None:
         for step in range(100):
             if pg.rank == 1 and step == args.fail:
                 raise RuntimeError(f"injected failure on rank 1 at step {step}")
+            if pg.rank == 1 and step == args.stop:
+                time.sleep(300)  # stuck: no more steps, no error
             tg.encode(X, Y).loss  # noqa: B018 -- waits for the step
         return
     results = {name: run_case(CASES[name], pg) for name in args.cases.split(",")}

@@ -124,6 +124,15 @@ def test_failed_gradients_on_one_rank_fail_every_rank():
     assert "rank(s) failed" in out or "this rank's input failed" in out, out[-3000:]
 
 
+def test_stuck_rank_makes_the_others_fail_not_hang():
+    """Rank 1 stops taking steps (no error): rank 0's next all-reduce gives up after the
+    group's timeout (2 s here), raising at the loss read, and the abort ends rank 1 too."""
+    p = _launch(2, "--stop", "3", "--timeout", "2", timeout=180)
+    out = p.stdout + p.stderr
+    assert p.returncode != 0
+    assert "not complete after 2 s" in out, out[-3000:]
+
+
 # ---- the sampler (no MPI needed) -------------------------------------------------------------------
 
 @pytest.mark.parametrize("n,size,drop", [(10, 3, False), (10, 3, True), (1, 2, False),
