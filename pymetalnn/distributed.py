@@ -54,7 +54,7 @@ if TYPE_CHECKING:
     from .graph.graph import Graph, TrainingGraph
     from .graph.nodes import Value
 
-__all__ = ["DataParallel", "DistributedError", "DistributedSampler", "ProcessGroup",
+__all__ = ["DataParallel", "DistributedError", "DistributedSampler", "ProcessGroup", "SyncBatchNorm",
            "get_rank", "get_world_size", "init", "is_initialized", "process_group"]
 
 INSTALL_HINT = 'pip install -e ".[distributed]" (mpi4py and MPICH from PyPI)'
@@ -248,6 +248,16 @@ class ProcessGroup:
             b.start(ts)
             b.finish()
 
+    def all_gather(self, src: Tensor, dst: Tensor) -> None:
+        """dst = every rank's src, in rank order (dst holds size times src's elements; float32),
+        queued after the device's work so far."""
+        _check([src, dst], self.device)
+        if src.dtype != np.float32 or dst.dtype != np.float32:
+            raise TypeError("all_gather: float32 tensors only")
+        if dst.size != src.size * self.size:
+            raise ValueError(f"dst: {dst.size} elements, expected {self.size} x {src.size}")
+        self.engine().all_gather(src, dst)
+
     def broadcast(self, tensors: Tensor | Sequence[Tensor], src: int = 0) -> None:
         """Overwrite each tensor with rank src's, queued after the device's work so far."""
         ts = [tensors] if isinstance(tensors, Tensor) else list(tensors)
@@ -425,16 +435,51 @@ class _HostEngine:
         fn, ts = b.state.pop("finish")
         self._enqueue(fn, ts, writes=True)
 
+    def all_gather(self, src: Tensor, dst: Tensor) -> None:
+        _host_gather(self, src, dst, f"all-gather of {src.size:,} values")
 
-def _wait(req: Any, timeout: float | None, b: _Bucket, pg: ProcessGroup) -> None:
+    def sum_in_place(self, t: Tensor) -> None:
+        b = _Bucket(self.pg, [0], t.dtype, "sum")
+        b.start([t])
+        b.finish()
+
+
+def _host_gather(eng: _HostEngine, src: Tensor, dst: Tensor, what: str) -> None:
+    """dst = the ranks' src one after another (rank order), as one job on the queue."""
+    pg = eng.pg
+    n = src.size
+    sv, dv = eng._view(src), eng._view(dst)
+    send = np.zeros(n + 1, np.float32)
+    recv = np.zeros((pg.size, n + 1), np.float32)
+
+    def job() -> None:
+        why = eng._failure([src])
+        send[:n] = sv.ravel()
+        send[n] = 1.0 if why else 0.0
+        req = pg._qcomm.Iallgather(send, recv)
+        _wait(req, pg.timeout, None, pg, what)
+        bad = int(recv[:, n].sum())
+        if bad or why:
+            raise AsyncError(f"{what} on rank {pg.rank} of {pg.size}: " +
+                             (f"this rank's input failed ({why})" if why else
+                              f"the inputs of {bad} other rank(s) failed"), None)
+        dv.reshape(pg.size, n)[:] = recv[:, :n]
+
+    eng._enqueue(job, [src, dst], writes=True)
+
+
+def _wait(req: Any, timeout: float | None, b: _Bucket | None, pg: ProcessGroup,
+          what: str | None = None) -> None:
     if timeout is None:
         req.Wait()
         return
     deadline = time.monotonic() + timeout
     while not req.Test():
         if time.monotonic() > deadline:
-            raise AsyncError(f"{_op_name(b)} on rank {pg.rank} of {pg.size}: not complete after "
-                             f"{timeout:g} s (a rank stopped, failed, or runs other steps)", None)
+            raise AsyncError(f"{what or _op_name(b)} on rank {pg.rank} of {pg.size}: not "
+                             "complete after "
+                             f"{timeout:g} s (a rank stopped, failed, or runs other steps)",
+                             None)
         time.sleep(1e-4)
 
 
@@ -516,6 +561,16 @@ class _NcclEngine:
     def finish(self, b: _Bucket) -> None:
         self.dev.cp_stream.wait_event(b.state["done"])
 
+    def sum_in_place(self, t: Tensor) -> None:
+        p = self.dev.pointer(t.buffer)
+        self.comm.allReduce(p, p, t.size, self.types[np.dtype(t.dtype)], self.nccl.NCCL_SUM,
+                            self.dev.stream)
+
+    def all_gather(self, src: Tensor, dst: Tensor) -> None:
+        # on the device's stream: the kernels right after read the result
+        self.comm.allGather(self.dev.pointer(src.buffer), self.dev.pointer(dst.buffer), src.size,
+                            self.nccl.NCCL_FLOAT32, self.dev.stream)
+
 
 # ---- data parallel training graphs -----------------------------------------------------------------
 
@@ -528,14 +583,16 @@ class DataParallel:
     others of `bucket_cap_mb`, filled in the order the backward produces them; each bucket's
     collective is queued as soon as its last gradient is, and the step's first update that
     reads it waits for it. Optimizers, grouped updates and captured steps see the averaged
-    gradients. Batch norm statistics stay per rank (sync_buffers() averages the running ones).
+    gradients. Batch norm statistics stay per rank (sync_buffers() averages the running ones),
+    or with sync_bn=True are those of all ranks' samples together (SyncBatchNorm; equal
+    per-rank batch sizes, checked at every step).
     To resume, load a checkpoint on every rank (tg.load), or on rank 0 and then call
     broadcast_state().
     """
 
     def __init__(self, tg: TrainingGraph, group: ProcessGroup | None = None, *,
                  bucket_cap_mb: float = 25.0, first_bucket_mb: float = 1.0,
-                 broadcast: bool = True, src: int = 0):
+                 broadcast: bool = True, src: int = 0, sync_bn: bool = False):
         if not getattr(tg, "training", False):
             raise ValueError("tg: expected a TrainingGraph (gradients to average)")
         if bucket_cap_mb <= 0 or first_bucket_mb <= 0:
@@ -552,6 +609,20 @@ class DataParallel:
         self.buckets: list[tuple[list[Value], _Bucket]] = []
         self.step_hook_calls = 0
         tg.step_hooks.append(self._hook)
+        self.sync_bn = bool(sync_bn)
+        self._bn_nodes: list = []
+        if self.sync_bn:
+            from .graph.nodes import BatchNormalizationNode
+
+            sync = SyncBatchNorm(self.group)
+            for n in tg.forward_order:
+                base = getattr(n, "base", None)  # a fused node runs its batch norm's code
+                for m in (n, base):
+                    if isinstance(m, BatchNormalizationNode) and m.sync is None:
+                        m.sync = sync
+                        self._bn_nodes.append(m)
+            tg.note(f"distributed: {len(self._bn_nodes)} batch norms with statistics over "
+                    f"all {self.size} ranks")
         if broadcast:
             self.broadcast_state(src)
 
@@ -659,6 +730,12 @@ class DataParallel:
     def _hook(self, g: Graph, i: int, env: dict) -> None:
         if g.steps is not self._steps:
             self._schedule(g)
+        if i == 0 and self.sync_bn and self._bn_nodes:
+            n = g._batch_of(env)
+            ns = self.group.comm.allgather(n)
+            if len(set(ns)) > 1:
+                raise DistributedError(f"sync_bn: ranks' batch sizes differ ({ns}); "
+                                       "synchronized batch norm needs equal per-rank batches")
         self.step_hook_calls += i == 0
         if not self._frozen:
             self._grow(g, i, env)
@@ -700,6 +777,117 @@ class DataParallel:
                 raise DistributedError(f"bucket read at step {j + 1} before its last gradient "
                                        f"(step {i})")
             self._finishes.setdefault(j, []).append(b)
+
+
+# ---- synchronized batch norm -------------------------------------------------------------------------
+
+class SyncBatchNorm:
+    """Batch statistics over every rank's samples (PyTorch's SyncBatchNorm), for the batch norm
+    nodes of a graph trained by DataParallel(sync_bn=True). Ranks need equal batch sizes.
+
+    Forward: each rank's per-chunk Welford partials (norm.metal's norm_part kernels) are
+    gathered from every rank (all-gather, the device's stream), laid out as more chunks of the
+    same channels, and merged by the same finalize kernel: mean and variance of the union, the
+    running estimates moved by them (the same on every rank). Backward: the per-chunk sums
+    (sum dy, sum dy (x - mean)) are summed over the ranks, and dx's coefficients use M = the
+    global count: rank r computes S times its share of the global-batch gradient, as its weight
+    gradients' average over the S ranks then expects; the batch norm's own weight and bias
+    gradients come from the local sums (averaged like every other weight gradient)."""
+
+    def __init__(self, group: ProcessGroup):
+        self.group = group
+
+    def forward(self, node: Any, rc: Any, xs: list, with_state: bool, activation: Any) -> list:
+        from .graph.nodes.base import _act
+        from .ops import norm as N
+        from .ops.copy import _block
+        from .params import NormParams
+        from .tensor import float32
+
+        ws = node.weights
+        rm, rv, w, b = node._wb(rc)
+        kw = _act(activation)
+        kw.update(rc.take_out())
+        dev, x, rm, rv, w, b, _, momentum, eps = N._bn_validate(
+            xs[0], rm, rv, w, b, True, ws.momentum, ws.eps)
+        out = kw.get("out")
+        y, ns = N.strided_out(out, kw.get("out_batch_stride"), x.shape, x.dtype, dev)
+        p = N._bn_params(x, eps, momentum, True, w is not None, b is not None, rm is not None)
+        p.act, p.act_alpha = N.activation_code(kw.get("activation"))
+        p.out_nstride = ns
+        size = self.group.size
+        part = N._partials(dev, p, x, None, None)
+        count = part.shape[0]
+        gathered = N.empty((size * count, 4), float32, dev)
+        self.group.engine().all_gather(part, gathered)
+        q = NormParams.from_buffer_copy(p)
+        if p.cols:  # chunk-major: the ranks' partials are more chunks as they lie
+            q.col_chunks = p.col_chunks * size
+            q.parts = q.col_chunks * p.HW
+            allp = gathered
+        else:  # channel-major: each channel's chunks from every rank side by side
+            allp = N.empty((size * count, 4), float32, dev)
+            k4 = p.chunks * 4
+            for r in range(size):
+                _block(gathered, allp, p.rows, k4, k4, size * k4, r * count * 4, r * k4)
+            q.chunks = p.chunks * size
+            q.parts = q.chunks
+        c = x.shape[1]
+        d = N.dummy(dev)
+        mean, invstd = N.empty((c,), float32, dev), N.empty((c,), float32, dev)
+        coef = N.empty((c, 4), float32, dev)
+        N.kernel(dev, N.SOURCE, "batch_norm_finalize_fwd_float")(
+            min(c, N.MAX_GROUPS) * N.TG, allp.buffer, rm.buffer if rm is not None else d,
+            rv.buffer if rv is not None else d, mean.buffer, invstd.buffer, q,
+            w.buffer if w is not None else d, b.buffer if b is not None else d, coef.buffer)
+        yt = N._apply(dev, p, x, None, coef, y if out is not None else None)
+        if rm is not None:
+            ws.mark_dirty()
+            ws.num_batches_tracked += 1
+        rc.release(ws)
+        return [yt, mean, invstd] if with_state else [yt]
+
+    def backward(self, node: Any, rc: Any, gouts: list, saved: list, need: Any,
+                 activation: Any) -> tuple:
+        from .graph.nodes.base import _act
+        from .ops import norm as N
+        from .params import NormParams
+        from .tensor import float32
+
+        x, mean, invstd = saved
+        ws = node.weights
+        rm, rv, w, b = node._wb(rc)
+        kw = _act(activation)
+        ns = rc.state.pop(("grad_nstride", node), None)
+        dev, x, rm, rv, w, b, _, momentum, eps = N._bn_validate(
+            x, rm, rv, w, b, True, ws.momentum, ws.eps)
+        g = N._grad_out(gouts[0], x, dev)
+        p = N._bn_params(x, eps, momentum, True, w is not None, b is not None, False)
+        p.act, p.act_alpha = N.activation_code(kw.get("activation"))
+        p.dy_nstride = N._grad_stride(g, ns)
+        part = N._partials(dev, p, x, g, mean, (invstd, w, b))
+        c = x.shape[1]
+        d = N.dummy(dev)
+        dw = N.empty((c,), float32, dev) if w is not None else None
+        db = N.empty((c,), float32, dev) if b is not None else None
+        ncoef = 2 * c if p.act else c
+        grad = N.kernel(dev, N.SOURCE, "batch_norm_grad_bwd_float")
+        groups = min(c, N.MAX_GROUPS) * N.TG
+        wb = (w.buffer if w is not None else d, b.buffer if b is not None else d)
+        # this rank's sums: its weight and bias gradients
+        grad(groups, part.buffer, *wb, mean.buffer, invstd.buffer,
+             dw.buffer if dw is not None else d, db.buffer if db is not None else d,
+             N.empty((ncoef, 4), float32, dev).buffer, p)
+        # every rank's sums, M = the global count: dx's coefficients
+        self.group.engine().sum_in_place(part)
+        q = NormParams.from_buffer_copy(p)
+        q.row_len = p.row_len * self.group.size
+        coef = N.empty((ncoef, 4), float32, dev)
+        scratch = N.empty((c,), float32, dev)
+        grad(groups, part.buffer, *wb, mean.buffer, invstd.buffer, scratch.buffer, scratch.buffer,
+             coef.buffer, q)
+        gx = N._apply(dev, p, g, x, coef)
+        return [gx], ([dw, db] if ws.affine else [])
 
 
 # ---- data ----------------------------------------------------------------------------------------

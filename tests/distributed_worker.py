@@ -30,6 +30,39 @@ from pymetalnn import graph as G  # noqa: E402
 B, STEPS, HW, CLASSES = 8, 4, 12, 10
 
 
+def tiny(hw: int = 4):
+    """conv 3x3 same, batch norm over 4x4 planes, relu, fc, batch norm over features, relu,
+    fc: both batch norms in the kernels' column mode (fewer than 32 positions per plane)."""
+    x = G.ImageNode((1, hw, hw), name="x")
+    h = G.ConvolutionNode(x, G.ConvolutionDataSource(1, 4, 3, seed=1), padding="same",
+                          name="conv1")
+    h = G.ReLUNode(G.BatchNormalizationNode(h, G.NormalizationDataSource(
+        4, gamma=np.linspace(0.5, 1.5, 4), beta=np.linspace(-0.2, 0.2, 4)), name="bn1"))
+    h = G.FlattenNode(h, name="flatten")
+    h = G.FullyConnectedNode(h, G.FullyConnectedDataSource(4 * hw * hw, 16, seed=3), name="fc1")
+    h = G.ReLUNode(G.BatchNormalizationNode(h, G.NormalizationDataSource(16), name="bn2"))
+    logits = G.FullyConnectedNode(h, G.FullyConnectedDataSource(16, CLASSES, seed=4), name="fc2")
+    return x, G.SoftmaxCrossEntropyLossNode(logits, name="loss")
+
+
+def torch_tiny(torch, sd: dict, hw: int = 4):
+    nn = torch.nn
+    net = nn.Sequential()
+    net.add_module("conv1", nn.Conv2d(1, 4, 3, padding=1))
+    net.add_module("bn1", nn.BatchNorm2d(4))
+    net.add_module("r1", nn.ReLU())
+    net.add_module("flat", nn.Flatten())
+    net.add_module("fc1", nn.Linear(4 * hw * hw, 16))
+    net.add_module("bn2", nn.BatchNorm1d(16))
+    net.add_module("r2", nn.ReLU())
+    net.add_module("fc2", nn.Linear(16, CLASSES))
+    net = net.double()
+    with torch.no_grad():
+        for name, p in net.named_parameters():
+            p.copy_(torch.from_numpy(sd[name].astype(np.float64)))
+    return net
+
+
 def torch_net(torch, sd: dict, bn: bool, fc_in: int):
     nn = torch.nn
 
@@ -63,25 +96,36 @@ def reference(case: dict, sd0: dict, data: list, size: int, fc_in: int) -> dict:
     norm over each rank's rows separately; the loss: the mean of the per-rank mean losses."""
     import torch
 
-    net = torch_net(torch, sd0, case["bn"], fc_in)
+    net = torch_tiny(torch, sd0) if case.get("net") == "tiny" else \
+        torch_net(torch, sd0, case["bn"], fc_in)
     if case["opt"] == "sgd":
         opt = torch.optim.SGD(net.parameters(), lr=0.05, momentum=0.9)
     else:
         opt = torch.optim.Adam(net.parameters(), lr=1e-2)
-    h = B // size
+    parts = 1 if case.get("sync") else size  # synchronized statistics: one batch norm batch
+    h = B // parts
     for X, Y in data:
         opt.zero_grad()
         losses = []
-        for r in range(size):
+        for r in range(parts):
             out = net(torch.from_numpy(X[r * h:(r + 1) * h]).double())
             losses.append(torch.nn.functional.cross_entropy(out, torch.from_numpy(Y[r * h:(r + 1) * h])))
-        (sum(losses) / size).backward()
+        (sum(losses) / parts).backward()
         opt.step()
-    return {k: v.detach().numpy() for k, v in net.named_parameters()}
+    out = {k: v.detach().numpy() for k, v in net.named_parameters()}
+    if case.get("sync"):
+        for name, m in net.named_modules():
+            if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+                out[f"{name}.running_mean"] = m.running_mean.numpy()
+                out[f"{name}.running_var"] = m.running_var.numpy()
+    return out
 
 
 def run_case(case: dict, pg: distributed.ProcessGroup) -> dict:
-    x, loss, ds = lenet(bn=case["bn"], record=False, dropout=False, hw=HW, classes=CLASSES)
+    if case.get("net") == "tiny":
+        x, loss = tiny()
+    else:
+        x, loss, ds = lenet(bn=case["bn"], record=False, dropout=False, hw=HW, classes=CLASSES)
     if case["opt"] == "sgd":
         def make(p):
             return optim.SGD(p, lr=0.05, momentum=0.9)
@@ -95,11 +139,14 @@ def run_case(case: dict, pg: distributed.ProcessGroup) -> dict:
         tg.load_state_dict({k: v * 1.5 + 0.1 for k, v in sd0.items()
                             if k.endswith(("weight", "bias"))}, strict=False)
     ddp = distributed.DataParallel(tg, pg, bucket_cap_mb=case.get("cap_mb", 25.0),
-                                   first_bucket_mb=case.get("cap_mb", 1.0))
+                                   first_bucket_mb=case.get("cap_mb", 1.0),
+                                   sync_bn=case.get("sync", False))
     rng = np.random.default_rng(42)
     data = [(rng.standard_normal((B, 1, HW, HW)).astype(np.float32),
              rng.integers(0, CLASSES, B)) for _ in range(STEPS)]
     h = B // pg.size
+    if case.get("net") == "tiny":
+        data = [(np.ascontiguousarray(X[:, :, :4, :4]), Y) for X, Y in data]
     mine = [(X[pg.rank * h:(pg.rank + 1) * h], Y[pg.rank * h:(pg.rank + 1) * h]) for X, Y in data]
     handles = []
     used = list(range(STEPS))  # the global batches trained on, in order
@@ -117,24 +164,33 @@ def run_case(case: dict, pg: distributed.ProcessGroup) -> dict:
             handles.append(tg.encode(X, Y))
     tg.synchronize()
     steps = tg.step_count
-    got = {k: v for k, v in tg.state_dict().items() if k.endswith(("weight", "bias"))}
+    got = {k: v for k, v in tg.state_dict().items()
+           if k.endswith(("weight", "bias", "running_mean", "running_var"))}
     # every rank holds the same weights, bit for bit
-    flat = np.concatenate([got[k].ravel() for k in sorted(got)]).astype(np.float64)
+    # (per-rank batch norm statistics: the running estimates differ between ranks)
+    same = [k for k in sorted(got) if case.get("sync") or k.endswith(("weight", "bias"))]
+    flat = np.concatenate([got[k].ravel() for k in same]).astype(np.float64)
     spread = float(np.abs(pg.all_reduce_host(flat, "max") - pg.all_reduce_host(flat, "min")).max())
     out = {"spread": spread, "steps": int(steps), "buckets": len(ddp.buckets),
            "losses": float(np.mean([hh.loss for hh in handles]))}
     if pg.rank == 0:
         fc_in = sd0["fc1.weight"].shape[1]
         ref = reference(case, sd0, [data[i] for i in used], pg.size, fc_in)
-        err = 0.0
+        err, worst = 0.0, ""
         for k, r in ref.items():
-            if case["bn"] and k == "conv1.bias":
+            pre_bn = ("conv1.bias", "fc1.bias") if case.get("net") == "tiny" else ("conv1.bias",)
+            if case["bn"] and (k in pre_bn or
+                               (k.endswith("running_mean") and case["opt"] == "adam")):
                 # a bias before batch norm has a zero gradient up to rounding, which Adam's
-                # normalized step turns into updates of the size of lr: not comparable
+                # normalized step turns into updates of the size of lr: not comparable (nor
+                # the running mean, which that bias shifts)
                 continue
             a = got[k].astype(np.float64)
-            err = max(err, float(np.abs(a - r).max() / max(np.abs(r).max(), 1e-3)))
+            e = float(np.abs(a - r).max() / max(np.abs(r).max(), 1e-3))
+            if e >= err:
+                err, worst = e, k
         out["err"] = err
+        out["worst"] = worst
         out["moved"] = float(max(np.abs(ref[k] - sd0[k]).max() for k in ref))
     return out
 
@@ -165,6 +221,13 @@ CASES = {
     # updates not grouped: each follows its gradient, so buckets close before it
     "adam-ungrouped": {"opt": "adam", "bn": False, "group": False},
     "sgd-capture": {"opt": "sgd", "bn": True, "capture": True},
+    # batch norm statistics over both ranks: the reference normalizes the whole batch
+    "sgd-syncbn": {"opt": "sgd", "bn": True, "sync": True},
+    "adam-syncbn": {"opt": "adam", "bn": True, "sync": True},
+    "sgd-syncbn-capture": {"opt": "sgd", "bn": True, "sync": True, "capture": True},
+    # batch norms in column mode (4x4 planes, features), per-rank and synchronized
+    "sgd-bn-columns": {"opt": "sgd", "bn": True, "net": "tiny"},
+    "sgd-syncbn-columns": {"opt": "sgd", "bn": True, "net": "tiny", "sync": True},
 }
 
 
