@@ -192,7 +192,8 @@ def run_ours(args: argparse.Namespace, dev: pm.Device, X: np.ndarray, Y: np.ndar
     if pg is not None:
         from pymetalnn import distributed
 
-        distributed.DataParallel(tg, pg)  # rank 0's weights; gradients averaged in buckets
+        # rank 0's weights; gradients averaged in buckets
+        distributed.DataParallel(tg, pg, sync_bn=args.sync_bn)
         ranks = pg.size
     xt, yt = tg.bind(X)[0], tg.labels(Y)
     losses = []
@@ -309,6 +310,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--smoke", action="store_true", help="cpu, 75x75, narrow, 2 iterations")
     ap.add_argument("--distributed", action="store_true", help="data-parallel over the ranks of "
                     "mpiexec -n N (--batch per rank; no PyTorch peer)")
+    ap.add_argument("--sync-bn", action="store_true", help="with --distributed: batch norm "
+                    "statistics over all ranks' images")
     args = ap.parse_args(argv)
     if args.smoke:
         args.backend = args.backend or "cpu"

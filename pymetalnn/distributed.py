@@ -25,8 +25,10 @@ records them with the kernels (a CUDA graph on cuda, a job list on cpu).
 The mean over ranks of per-rank mean losses' gradients is the gradient of the mean loss over
 the global batch (equal per-rank batches): 2 ranks with batch B/2 each train the weights of one
 rank with batch B, up to rounding, for any optimizer. Batch norm keeps per-rank statistics (like
-PyTorch's BatchNorm under DDP); synchronized statistics are not implemented. Gradients are
-averaged whatever the loss's reduction (as DDP does).
+PyTorch's BatchNorm under DDP), or with sync_bn=True uses the statistics of all ranks' samples
+(SyncBatchNorm: one all-gather in the forward and one all-reduce in the backward per batch norm,
+on the device's stream, so they do not overlap). Gradients are averaged whatever the loss's
+reduction (as DDP does).
 
 Failures. A rank whose gradients failed (a poisoned buffer on cpu) still takes part in the
 collective, with a flag element set: every rank then raises at the gradients' first read,
