@@ -157,8 +157,6 @@ def _install_abort_hooks(pg: ProcessGroup) -> None:
             pg.world.Abort(1)
 
     def sys_hook(tp: Any, val: Any, tb: Any) -> None:
-        if issubclass(tp, KeyboardInterrupt):
-            prev_sys(tp, val, tb)
         abort(f"uncaught {tp.__name__}", lambda: prev_sys(tp, val, tb))
 
     def thread_hook(args: Any) -> None:
@@ -389,7 +387,7 @@ class _HostEngine:
     def start(self, b: _Bucket, ts: list[Tensor]) -> None:
         n = b.numel
         if b.state is None:
-            # one extra element: how many ranks' inputs had failed (see _finish_job)
+            # one extra element: how many ranks' inputs had failed (see finish_job)
             # float16 travels as float32 (MPI has no half type; the sum is then rounded once)
             wire = np.float32 if b.dtype == np.float16 else b.dtype
             b.state = {"buf": np.zeros(n + 1, wire), "req": None, "why": None}
@@ -425,7 +423,7 @@ class _HostEngine:
                                  + (f"this rank's input failed ({st['why']})" if st["why"] else
                                     f"the inputs of {bad} other rank(s) failed"), None)
             if b.op == "mean":
-                buf[:n] *= np.asarray(1.0 / pg.size, b.dtype)
+                buf[:n] *= np.asarray(1.0 / pg.size, buf.dtype)
             if b.op != "bcast" or pg.rank != b.src:
                 for v, o in zip(views, offs):
                     v.reshape(-1)[:] = buf[o:o + v.size]
