@@ -211,6 +211,50 @@ def injector(ddp: distributed.DataParallel, at: int):
     return hook
 
 
+def fit_case(pg: distributed.ProcessGroup) -> dict:
+    """G.fit(distributed=...) on every rank (per-rank batch 4, two epochs over 24 samples,
+    DistributedSampler shares) against one process encoding the union of the ranks' batches of
+    each step, as fit's sampler lays them out: weights, logged losses, test accuracy."""
+    rng = np.random.default_rng(3)
+    n, b = 24, 4
+    X = rng.standard_normal((n, 1, HW, HW)).astype(np.float32)
+    Y = rng.integers(0, CLASSES, n)
+    Xt, Yt = rng.standard_normal((10, 1, HW, HW)).astype(np.float32), rng.integers(0, CLASSES, 10)
+
+    def graph(dev):
+        x, loss, ds = lenet(bn=False, record=False, dropout=False, hw=HW, classes=CLASSES)
+        return G.TrainingGraph(loss, optimizer=lambda p: optim.SGD(p, lr=0.05, momentum=0.9),
+                               device=dev)
+
+    tg = graph(pg.device)
+    ddp = distributed.DataParallel(tg, pg)
+    hist = G.fit(tg, (X, Y), epochs=2, batch_size=b, test=(Xt, Yt), progress=False, seed=7,
+                 distributed=ddp)
+    got = {k: v for k, v in tg.state_dict().items() if k.endswith(("weight", "bias"))}
+    out = {"steps": len(hist.step_loss), "accuracy": hist.accuracy}
+    if pg.rank == 0:
+        ref = graph(pg.device)
+        losses = []
+        for ep in range(2):
+            shares = [distributed.DistributedSampler(n, pg.size, r, seed=7, drop_last=True)
+                      for r in range(pg.size)]
+            idx = []
+            for sh in shares:
+                sh.set_epoch(ep)
+                idx.append(sh.indices())
+            for k in range(len(idx[0]) // b):
+                sel = np.concatenate([i[k * b:(k + 1) * b] for i in idx])
+                losses.append(ref.encode(X[sel], Y[sel]).loss)
+        ref.synchronize()
+        want = {k: v for k, v in ref.state_dict().items() if k.endswith(("weight", "bias"))}
+        out["err"] = max(float(np.abs(got[k] - want[k]).max() / max(np.abs(want[k]).max(), 1e-3))
+                         for k in want)
+        out["loss_err"] = float(np.abs(np.array(hist.step_loss) - np.array(losses)).max())
+        pred = np.concatenate([o.argmax(1) for o in [ref.inference_graph()(Xt)]])
+        out["ref_accuracy"] = float((pred == Yt).mean())
+    return out
+
+
 CASES = {
     "sgd": {"opt": "sgd", "bn": False},
     "adam": {"opt": "adam", "bn": False},
@@ -259,7 +303,8 @@ def main() -> None:
                 time.sleep(300)  # stuck: no more steps, no error
             tg.encode(X, Y).loss  # noqa: B018 -- waits for the step
         return
-    results = {name: run_case(CASES[name], pg) for name in args.cases.split(",")}
+    results = {name: fit_case(pg) if name == "fit" else run_case(CASES[name], pg)
+               for name in args.cases.split(",")}
     if pg.rank == 0:
         print("RESULT " + json.dumps({"size": pg.size, "cases": results}), flush=True)
 

@@ -29,14 +29,15 @@ def _mpiexec() -> str | None:
     return cand if os.access(cand, os.X_OK) else shutil.which("mpiexec")
 
 
-def _launch(n: int, *args: str, timeout: float = TIMEOUT) -> subprocess.CompletedProcess:
+def _launch(n: int, *args: str, timeout: float = TIMEOUT, script: str = WORKER
+            ) -> subprocess.CompletedProcess:
     pytest.importorskip("mpi4py", reason='needs mpi4py: pip install -e ".[distributed]"')
     mpiexec = _mpiexec()
     if mpiexec is None:
         pytest.skip('no mpiexec: pip install -e ".[distributed]" (brings MPICH)')
     env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
     try:
-        return subprocess.run([mpiexec, "-n", str(n), sys.executable, WORKER, *args], env=env,
+        return subprocess.run([mpiexec, "-n", str(n), sys.executable, script, *args], env=env,
                               capture_output=True, text=True, timeout=timeout, cwd=ROOT)
     except subprocess.TimeoutExpired as e:
         out = (e.stdout or b"")[-3000:] if isinstance(e.stdout, bytes) else (e.stdout or "")[-3000:]
@@ -75,7 +76,7 @@ def _gpus() -> int:
 def two_ranks() -> dict:
     if _backend() == "cuda" and _gpus() < 2:
         pytest.skip("2 ranks on cuda need 2 GPUs (NCCL takes one GPU per rank)")
-    return _results(2, ",".join(CASES))
+    return _results(2, ",".join(CASES + ["fit"]))
 
 
 @pytest.mark.parametrize("case", CASES)
@@ -91,6 +92,24 @@ def test_two_ranks_train_the_weights_of_one_batch(two_ranks, case):
     assert r["err"] < 2e-5, f"{case}: relative error {r['err']:.2e} against PyTorch ({r['worst']})"
     if case == "sgd-small-buckets":
         assert r["buckets"] >= 8  # one per weight tensor: several collectives per step
+
+
+def test_fit_on_two_ranks(two_ranks):
+    """fit(distributed=): each rank trains on its DistributedSampler share; the weights, the
+    logged losses (means over the ranks) and the test accuracy (over the whole test set) are
+    those of one process encoding the union of the ranks' batches."""
+    r = two_ranks["fit"]
+    assert r["steps"] == 6  # 2 epochs x 24 samples / (2 ranks x 4)
+    assert r["err"] < 2e-5 and r["loss_err"] < 1e-5
+    assert r["accuracy"][-1] == r["ref_accuracy"]
+
+
+def test_mnist_example_distributed(tmp_path):
+    p = _launch(2, "--smoke", "--distributed", "--quiet", "--out", str(tmp_path),
+                script=os.path.join(ROOT, "examples", "mnist.py"))
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    assert "2 ranks x batch" in p.stdout and "reloaded from" in p.stdout
+    assert p.stdout.count("device: ") == 1  # rank 0 speaks for all
 
 
 def test_one_rank():
