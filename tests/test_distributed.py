@@ -184,3 +184,100 @@ def test_sampler_rejects_bad_rank():
     with pytest.raises(ValueError, match="rank"):
         DistributedSampler(10, 2, 2)
     assert list(DistributedSampler(5, 1, 0, shuffle=False)) == [0, 1, 2, 3, 4]
+
+
+# ---- the cuda path's orchestration, against a stand-in for CuPy and NCCL ---------------------------
+
+class _Mem:
+    """Device memory of the stand-in: one byte array, addresses from 4096."""
+
+    BASE = 4096
+
+    def __init__(self, nbytes):
+        self.raw = np.zeros(nbytes, np.uint8)
+        self.top = self.BASE
+
+    def alloc(self, nbytes):
+        ptr = self.top
+        self.top += -(-nbytes // 256) * 256
+        return ptr
+
+    def f32(self, ptr, n):
+        return self.raw[ptr - self.BASE:ptr - self.BASE + 4 * n].view(np.float32)
+
+
+def _stand_in(size, avg):
+    from types import SimpleNamespace as NS
+
+    from pymetalnn import distributed as D
+
+    mem, log = _Mem(1 << 16), []
+
+    class Event:
+        def __init__(self, **kw):
+            self.name = None
+
+        def record(self, stream):
+            log.append(("record", stream.name))
+            self.stream = stream.name
+
+    class Stream:
+        def __init__(self, name):
+            self.name, self.ptr = name, name
+
+        def wait_event(self, ev):
+            log.append(("wait", self.name, ev.stream))
+
+    def memcpy(dst, src, nbytes, kind, stream):
+        log.append(("copy", stream))
+        mem.raw[dst - mem.BASE:dst - mem.BASE + nbytes] = mem.raw[src - mem.BASE:src - mem.BASE + nbytes]
+
+    class Comm:
+        def allReduce(self, send, recv, count, dt, op, stream):
+            log.append(("allreduce", stream, op))
+            x = mem.f32(send, count)
+            mem.f32(recv, count)[:] = x * size / (size if op == "avg" else 1)  # every rank alike
+
+    cp = NS(cuda=NS(Event=Event, alloc=lambda n: NS(ptr=mem.alloc(n)),
+                    runtime=NS(memcpyAsync=memcpy, memcpyDeviceToDevice=3)))
+    compute = Stream("compute")
+    dev = NS(cp=cp, cp_stream=compute, pointer=lambda buf: buf)
+    eng = object.__new__(D._NcclEngine)
+    eng.pg, eng.dev, eng.cp, eng.comm, eng.stream = NS(size=size), dev, cp, Comm(), Stream("comm")
+    eng.nccl = NS(NCCL_SUM="sum")
+    eng.avg = "avg" if avg else None
+    eng.types = {np.dtype(np.float32): "f32"}
+    pg = NS(size=size, engine=lambda: eng)
+    return D, mem, log, pg
+
+
+def test_nccl_engine_stages_reduces_and_orders_streams():
+    """Gradients gathered into the bucket on the communication stream after an event from the
+    compute stream, averaged (ncclAvg), written back, and the compute stream waits for the
+    bucket's event only at finish(); a one-tensor bucket is reduced in place."""
+    from types import SimpleNamespace as NS
+
+    D, mem, log, pg = _stand_in(4, avg=True)
+    sizes = [5, 1, 12]
+    ts = []
+    for k, n in enumerate(sizes):
+        ptr = mem.alloc(4 * n)
+        mem.f32(ptr, n)[:] = np.arange(n, dtype=np.float32) + 10 * k
+        ts.append(NS(buffer=ptr, size=n, dtype=np.dtype(np.float32), nbytes=4 * n))
+    b = D._Bucket(pg, [0, 1, 2], np.float32, "mean")
+    b.start(ts)
+    assert log[0] == ("record", "compute") and log[1] == ("wait", "comm", "compute")
+    assert [e[0] for e in log[2:5]] == ["copy"] * 3 and all(e[1] == "comm" for e in log[2:5])
+    assert log[5] == ("allreduce", "comm", "avg")
+    assert [e[0] for e in log[6:9]] == ["copy"] * 3 and log[9] == ("record", "comm")
+    assert not any(e[0] == "wait" and e[1] == "compute" for e in log)  # the backward goes on
+    b.finish()
+    assert log[-1] == ("wait", "compute", "comm")
+    for k, (t, n) in enumerate(zip(ts, sizes)):  # every rank alike: the mean is the value
+        np.testing.assert_array_equal(mem.f32(t.buffer, n), np.arange(n) + 10 * k)
+    # one tensor: reduced in place, no staging copy
+    log.clear()
+    one = D._Bucket(pg, [0], np.float32, "sum")
+    one.start([ts[2]])
+    assert [e[0] for e in log] == ["record", "wait", "allreduce", "record"]
+    np.testing.assert_array_equal(mem.f32(ts[2].buffer, 12), 4 * (np.arange(12) + 20))
