@@ -342,17 +342,17 @@ def main(argv: list[str] | None = None) -> dict:
     Y = rng.integers(0, args.classes, args.batch * ranks).astype(np.int32)[
         rank * args.batch:(rank + 1) * args.batch]
     say(f"InceptionV3 ({args.image_size}x{args.image_size}, width x{args.width}, "
-          f"{args.classes} classes), batch {args.batch}, {args.iters} iterations on "
-          f"{dev.name}" + (f" ({dev.gpu_name})" if dev.name == "cuda" else ""))
+        f"{args.classes} classes), batch {args.batch}, {args.iters} iterations on "
+        f"{dev.name}" + (f" ({dev.gpu_name})" if dev.name == "cuda" else ""))
     ours = run_ours(args, dev, X, Y, pg)
     if pg is not None:
         say(f"{pg.size} ranks x batch {args.batch}: {ours['images_per_s'] / pg.size:.1f} "
             "images/s per rank")
     say(f"pymetalnn: {ours['images_per_s']:.1f} images/s ({ours['timed_iters']} timed "
-          f"iterations, {ours['seconds']:.2f} s; first {args.warmup}: {ours['warmup_seconds']:.1f} s), "
-          f"peak {ours['peak_MiB']:.0f} MiB ({ours['peak_kind']}; "
-          f"{ours['steady_peak_MiB']:.0f} MiB once planned), "
-          f"{ours['params']:,} parameters; loss {ours['losses'][0]:.4f} -> {ours['losses'][-1]:.4f}")
+        f"iterations, {ours['seconds']:.2f} s; first {args.warmup}: {ours['warmup_seconds']:.1f} s), "
+        f"peak {ours['peak_MiB']:.0f} MiB ({ours['peak_kind']}; "
+        f"{ours['steady_peak_MiB']:.0f} MiB once planned), "
+        f"{ours['params']:,} parameters; loss {ours['losses'][0]:.4f} -> {ours['losses'][-1]:.4f}")
     if ours["plan"]:
         say(f"  memory plan: {ours['plan']}")
     res = {"ours": ours, "torch": None, "args": vars(args)}
@@ -363,8 +363,8 @@ def main(argv: list[str] | None = None) -> dict:
             say("torch: not importable (or no CUDA) -- no comparison")
         else:
             say(f"torch ({t['device']}): {t['images_per_s'] or float('nan'):.1f} images/s, peak "
-                  f"{t['peak_MiB'] or float('nan'):.0f} MiB, {t['params']:,} parameters; "
-                  f"loss {t['losses'][0]:.4f} -> {t['losses'][-1]:.4f}")
+                f"{t['peak_MiB'] or float('nan'):.0f} MiB, {t['params']:,} parameters; "
+                f"loss {t['losses'][0]:.4f} -> {t['losses'][-1]:.4f}")
             if t["images_per_s"]:
                 say(f"speed ratio ours/torch: {ours['images_per_s'] / t['images_per_s']:.2f}")
     if args.smoke:

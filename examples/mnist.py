@@ -123,7 +123,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     (xtr, ytr), (xte, yte), src = load_data(args)
     say(f"device: {dev.name}; data: {src}, {len(xtr)} train / {len(xte)} held out"
-          + (f"; {ranks} ranks x batch {args.batch}" if pg is not None else ""))
+        + (f"; {ranks} ranks x batch {args.batch}" if pg is not None else ""))
 
     w = args.width
     x, loss = digit_network(max(int(32 * w), 4), max(int(64 * w), 8), max(int(256 * w), 16),
@@ -140,7 +140,7 @@ def main(argv: list[str] | None = None) -> dict:
     acc = float((pred == yte).mean())
     steps = len(hist.step_loss)
     say(f"held-out accuracy {acc:.4f} after {hist.epochs} epochs ({steps} steps, "
-          f"{train_s:.1f} s, {steps * args.batch * ranks / train_s:.0f} images/s)")
+        f"{train_s:.1f} s, {steps * args.batch * ranks / train_s:.0f} images/s)")
 
     os.makedirs(args.out, exist_ok=True)
     path = os.path.join(args.out, "digits.npz")
