@@ -19,6 +19,11 @@ replayed per iteration (the same training as encoding every step).
     PYTHONPATH=. python examples/inception_v3.py --backend cuda [--batch 32] [--iters 30]
     PYTHONPATH=. python examples/inception_v3.py --backend cuda --precision mixed --replay
     PYTHONPATH=. python examples/inception_v3.py --smoke [--precision mixed]  # cpu, 75x75, batch 4
+    NCCL_NVLS_ENABLE=0 mpiexec -n 2 python examples/inception_v3.py --backend cuda --distributed
+
+--distributed: data-parallel over the ranks of `mpiexec -n N` (pymetalnn.distributed; one GPU
+per rank, --batch per rank, each rank its slice of one generated batch); images/s count all ranks'
+images over the slowest rank's time; the PyTorch peer is not run.
 """
 from __future__ import annotations
 
@@ -180,7 +185,8 @@ class TorchBuilder:
         return out
 
 
-def run_ours(args: argparse.Namespace, dev: pm.Device, X: np.ndarray, Y: np.ndarray) -> dict:
+def run_ours(args: argparse.Namespace, dev: pm.Device, X: np.ndarray, Y: np.ndarray,
+             pg: Any = None) -> dict:
     x = G.ImageNode((3, args.image_size, args.image_size), name="x")
     logits = inception_v3(GraphBuilder(), x, args.width, args.classes)
     loss = G.SoftmaxCrossEntropyLossNode(logits, name="loss")
@@ -191,6 +197,13 @@ def run_ours(args: argparse.Namespace, dev: pm.Device, X: np.ndarray, Y: np.ndar
                          accumulate=args.accumulate,
                          grad_scaler=dict(init_scale=args.init_scale) if args.precision == "mixed"
                          else None)
+    ranks = 1
+    if pg is not None:
+        from pymetalnn import distributed
+
+        # rank 0's weights; gradients averaged in buckets
+        distributed.DataParallel(tg, pg, sync_bn=args.sync_bn)
+        ranks = pg.size
     xt, yt = tg.bind(X)[0], tg.labels(Y)
     losses = []
     t_first = time.perf_counter()
@@ -205,10 +218,15 @@ def run_ours(args: argparse.Namespace, dev: pm.Device, X: np.ndarray, Y: np.ndar
     n = args.iters - len(losses)
     whole_run_peak = dev.max_memory_allocated()
     dev.reset_peak_memory()
+    if pg is not None:
+        tg.synchronize()
+        pg.barrier()
     t0 = time.perf_counter()
     hs = [tg.encode(xt, yt) for _ in range(n)]
     tg.synchronize()
     secs = time.perf_counter() - t0
+    if pg is not None:  # the slowest rank's time
+        secs = float(pg.all_reduce_host(np.array([secs]), "max")[0])
     losses += [h.loss for h in hs]
     replay = None
     if args.replay:
@@ -217,21 +235,29 @@ def run_ours(args: argparse.Namespace, dev: pm.Device, X: np.ndarray, Y: np.ndar
         # counts and the loss scale advance on the device), so it continues the run above
         step = tg.capture(xt, yt)
         tg.synchronize()
+        if pg is not None:
+            pg.barrier()
         t1 = time.perf_counter()
         rl = [step.run() for _ in range(n)]
         tg.synchronize()
         rsecs = time.perf_counter() - t1
+        if pg is not None:
+            rsecs = float(pg.all_reduce_host(np.array([rsecs]), "max")[0])
         if rl:  # the outputs are the recording's buffers: the last replay's loss
             losses.append(rl[-1].loss)
-        replay = {"seconds": rsecs, "images_per_s": n * args.batch / rsecs if n else None,
+        replay = {"seconds": rsecs,
+                  "images_per_s": n * args.batch * ranks / rsecs if n else None,
                   "launches": len(step)}
+    if pg is not None:  # losses: means over the ranks
+        losses = pg.all_reduce_host(np.array(losses), "mean").tolist()
     steady = dev.max_memory_allocated() - base  # after the warm-up steps planned the memory
     peak = max(whole_run_peak, dev.max_memory_allocated()) - base
     rep = tg.memory_report(args.batch)
     sc = tg.grad_scaler
     return {"losses": losses, "timed_iters": n, "seconds": secs, "warmup_seconds": warm_s,
             "replay": replay, "loss_scale": sc.scale if sc is not None else None,
-            "images_per_s": n * args.batch / secs if n else args.batch * len(losses) / warm_s,
+            "images_per_s": (n * args.batch / secs if n else args.batch * len(losses) / warm_s)
+            * ranks, "ranks": ranks,
             "peak_MiB": peak / 2**20, "steady_peak_MiB": steady / 2**20,
             "peak_kind": "buffers, whole run incl. unplanned warm-up steps",
             "plan": str(rep) if rep else None,
@@ -311,6 +337,10 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--profile", type=int, default=0, metavar="N",
                     help="after the warm-up, profile one step and print the N slowest kernels")
     ap.add_argument("--smoke", action="store_true", help="cpu, 75x75, narrow, 2 iterations")
+    ap.add_argument("--distributed", action="store_true", help="data-parallel over the ranks of "
+                    "mpiexec -n N (--batch per rank; no PyTorch peer)")
+    ap.add_argument("--sync-bn", action="store_true", help="with --distributed: batch norm "
+                    "statistics over all ranks' images")
     args = ap.parse_args(argv)
     if args.smoke:
         args.backend = args.backend or "cpu"
@@ -330,28 +360,44 @@ def main(argv: list[str] | None = None) -> dict:
             args.iters = 8  # a few more steps: the first ones at lr 1e-3 are noisy
     if args.image_size < 75:
         raise SystemExit("--image-size: InceptionV3 needs at least 75x75 to reach its last blocks")
-    dev = pm.device(args.backend)
+    pg = None
+    if args.distributed:
+        from pymetalnn import distributed
+
+        pg = distributed.init(backend=args.backend)  # cuda: GPU local_rank % count
+        dev = pg.device
+        args.no_torch = True
+    else:
+        dev = pm.device(args.backend)
+    say = print if pg is None or pg.rank == 0 else (lambda *a, **k: None)
     rng = np.random.default_rng(0)
-    X = rng.standard_normal((args.batch, 3, args.image_size, args.image_size)).astype(np.float32)
-    Y = rng.integers(0, args.classes, args.batch).astype(np.int32)
-    print(f"InceptionV3 ({args.image_size}x{args.image_size}, width x{args.width}, "
-          f"{args.classes} classes), {args.precision} precision, batch {args.batch}, "
-          f"{args.iters} iterations on "
-          f"{dev.name}" + (f" ({dev.gpu_name})" if dev.name == "cuda" else ""))
-    ours = run_ours(args, dev, X, Y)
-    print(f"pymetalnn: {ours['images_per_s']:.1f} images/s ({ours['timed_iters']} timed "
-          f"iterations, {ours['seconds']:.2f} s; first {args.warmup}: {ours['warmup_seconds']:.1f} s), "
-          f"peak {ours['peak_MiB']:.0f} MiB ({ours['peak_kind']}; "
-          f"{ours['steady_peak_MiB']:.0f} MiB once planned), "
-          f"{ours['params']:,} parameters; loss {ours['losses'][0]:.4f} -> {ours['losses'][-1]:.4f}")
+    ranks, rank = (1, 0) if pg is None else (pg.size, pg.rank)
+    # one generated global batch; each rank trains on its slice of it
+    X = rng.standard_normal((args.batch * ranks, 3, args.image_size, args.image_size)
+                            ).astype(np.float32)[rank * args.batch:(rank + 1) * args.batch]
+    Y = rng.integers(0, args.classes, args.batch * ranks).astype(np.int32)[
+        rank * args.batch:(rank + 1) * args.batch]
+    say(f"InceptionV3 ({args.image_size}x{args.image_size}, width x{args.width}, "
+        f"{args.classes} classes), {args.precision} precision, batch {args.batch}, "
+        f"{args.iters} iterations on "
+        f"{dev.name}" + (f" ({dev.gpu_name})" if dev.name == "cuda" else ""))
+    ours = run_ours(args, dev, X, Y, pg)
+    if pg is not None:
+        say(f"{pg.size} ranks x batch {args.batch}: {ours['images_per_s'] / pg.size:.1f} "
+            "images/s per rank")
+    say(f"pymetalnn: {ours['images_per_s']:.1f} images/s ({ours['timed_iters']} timed "
+        f"iterations, {ours['seconds']:.2f} s; first {args.warmup}: {ours['warmup_seconds']:.1f} s), "
+        f"peak {ours['peak_MiB']:.0f} MiB ({ours['peak_kind']}; "
+        f"{ours['steady_peak_MiB']:.0f} MiB once planned), "
+        f"{ours['params']:,} parameters; loss {ours['losses'][0]:.4f} -> {ours['losses'][-1]:.4f}")
     if ours["replay"]:
         r = ours["replay"]
-        print(f"pymetalnn captured step replayed: {r['images_per_s'] or float('nan'):.1f} "
+        say(f"pymetalnn captured step replayed: {r['images_per_s'] or float('nan'):.1f} "
               f"images/s ({r['launches']} launches per step)")
     if ours["loss_scale"] is not None:
-        print(f"  loss scale at the end: {ours['loss_scale']:g}")
+        say(f"  loss scale at the end: {ours['loss_scale']:g}")
     if ours["plan"]:
-        print(f"  memory plan: {ours['plan']}")
+        say(f"  memory plan: {ours['plan']}")
     res = {"ours": ours, "torch": None, "torch_rows": {}, "args": vars(args)}
     if args.compare_fp32 and args.precision == "mixed":
         ref_args = argparse.Namespace(**{**vars(args), "precision": "float32",
@@ -365,7 +411,7 @@ def main(argv: list[str] | None = None) -> dict:
         tail = abs(m[k - w:k].mean() - f[k - w:k].mean()) / abs(f[k - w:k].mean())
         res["compare_fp32"] = {"max_rel": float(rel.max()), "mean_rel": float(rel.mean()),
                                "last_tenth_rel": float(tail), "steps": k}
-        print(f"mixed vs float32 loss curve over {k} steps: max {rel.max():.2%}, mean "
+        say(f"mixed vs float32 loss curve over {k} steps: max {rel.max():.2%}, mean "
               f"{rel.mean():.2%} relative difference per step; last tenth's mean "
               f"{tail:.2%} (float32 {f[0]:.4f} -> {f[k - 1]:.4f})")
     if not args.no_torch:
@@ -374,17 +420,17 @@ def main(argv: list[str] | None = None) -> dict:
             t = run_torch(args, dev, X, Y, mode)
             res["torch_rows"][mode] = t
             if t is None:
-                print(f"torch {mode}: not importable, no CUDA, or cuda-only mode -- skipped")
+                say(f"torch {mode}: not importable, no CUDA, or cuda-only mode -- skipped")
                 continue
             res["torch"] = res["torch"] or t
-            print(f"torch ({t['device']}, eager): {t['images_per_s'] or float('nan'):.1f} "
+            say(f"torch ({t['device']}, eager): {t['images_per_s'] or float('nan'):.1f} "
                   f"images/s, peak {t['peak_MiB'] or float('nan'):.0f} MiB; "
                   f"loss {t['losses'][0]:.4f} -> {t['losses'][-1]:.4f}")
             if t["images_per_s"]:
                 line = f"  ours/torch {mode}: eager {ours['images_per_s'] / t['images_per_s']:.2f}"
                 if ours["replay"] and ours["replay"]["images_per_s"]:
                     line += f", captured {ours['replay']['images_per_s'] / t['images_per_s']:.2f}"
-                print(line)
+                say(line)
     if args.smoke:
         ls = ours["losses"]
         if not ls[-1] < ls[0]:
