@@ -3,7 +3,7 @@ one kernel per case, against numpy references written from Metal's rules: every 
 not returned reaches each barrier; a SIMD-group function covers the lanes of the simdgroup that
 execute it (the active lanes).
 
-On the cpu backend these kernels run as work-item loops (pymetalnn/runtime/lockstep.py) rather
+On the cpu backend these kernels run as work-item loops (pymetalnn/runtime/lockstep*.py) rather
 than a fiber per thread; `test_cpu_runs_them_without_fibers` checks that they do, and that a
 kernel outside the transform keeps fibers and says why.
 """
