@@ -64,17 +64,29 @@ kernel void conv2d_col2im(device const T* dcol [[buffer(0)]], device const T* b 
         uint h = t % p.H, nc = t / p.H;
         float acc = p.has_bias ? float(b[nc % p.C]) : 0.0f;
         device const T* src = dcol + nc * p.KH * p.KW * OHW;
-        for (uint r = 0; r < p.KH; ++r) {
-            int ohs = int(h) + p.PH - int(r * p.DH);
-            if (ohs < 0 || uint(ohs) % p.SH != 0u) continue;
-            uint oh = uint(ohs) / p.SH;
-            if (oh >= p.OH) continue;
-            for (uint s = 0; s < p.KW; ++s) {
-                int ows = int(w) + p.PW - int(s * p.DW);
-                if (ows < 0 || uint(ows) % p.SW != 0u) continue;
-                uint ow = uint(ows) / p.SW;
-                if (ow >= p.OW) continue;
-                acc += float(src[(r * p.KW + s) * OHW + oh * p.OW + ow]);
+        if (p.SH == 1u && p.SW == 1u) {  // no divisibility tests (no integer division per tap)
+            for (uint r = 0; r < p.KH; ++r) {
+                uint oh = h + uint(p.PH) - r * p.DH;  // wraps past OH when negative
+                if (oh >= p.OH) continue;
+                device const T* row = src + r * p.KW * OHW + oh * p.OW;
+                for (uint s = 0; s < p.KW; ++s) {
+                    uint ow = w + uint(p.PW) - s * p.DW;
+                    if (ow < p.OW) acc += float(row[s * OHW + ow]);
+                }
+            }
+        } else {
+            for (uint r = 0; r < p.KH; ++r) {
+                int ohs = int(h) + p.PH - int(r * p.DH);
+                if (ohs < 0 || uint(ohs) % p.SH != 0u) continue;
+                uint oh = uint(ohs) / p.SH;
+                if (oh >= p.OH) continue;
+                for (uint s = 0; s < p.KW; ++s) {
+                    int ows = int(w) + p.PW - int(s * p.DW);
+                    if (ows < 0 || uint(ows) % p.SW != 0u) continue;
+                    uint ow = uint(ows) / p.SW;
+                    if (ow >= p.OW) continue;
+                    acc += float(src[(r * p.KW + s) * OHW + oh * p.OW + ow]);
+                }
             }
         }
         dx[i] = T(acc);
@@ -82,6 +94,7 @@ kernel void conv2d_col2im(device const T* dcol [[buffer(0)]], device const T* b 
 }
 
 // y[n, k, :, :] = b[k]: the forward's bias, placed before its GEMM accumulates onto it (beta = 1).
+// One thread per (n, k) plane, grid-stride.
 template <typename T>
 [[max_total_threads_per_threadgroup(256)]]
 kernel void conv2d_bias_fill(device const T* b [[buffer(0)]], device T* y [[buffer(1)]],
@@ -89,8 +102,12 @@ kernel void conv2d_bias_fill(device const T* b [[buffer(0)]], device T* y [[buff
                              uint gid [[thread_position_in_grid]],
                              uint tpg [[threads_per_threadgroup]],
                              uint ntg [[threadgroups_per_grid]]) {
-    const uint OHW = p.OH * p.OW, total = p.N * p.K * OHW;
-    for (uint i = gid; i < total; i += tpg * ntg) y[i] = b[(i / OHW) % p.K];
+    const uint OHW = p.OH * p.OW, planes = p.N * p.K;
+    for (uint i = gid; i < planes; i += tpg * ntg) {
+        T v = b[i % p.K];
+        device T* out = y + i * OHW;
+        for (uint j = 0; j < OHW; ++j) out[j] = v;
+    }
 }
 
 INSTANTIATE("conv2d_im2col_float", conv2d_im2col, float)

@@ -101,7 +101,7 @@ def forward_plan(dev: Device, geo: ConvGeometry, x: Tensor, w: Tensor, b: Tensor
         out.append(_unfold(dev, "im2col", n * geo.C * geo.KH * geo.KW * geo.OH, xs.buffer,
                            col.buffer, p))
         if b is not None:
-            out.append(_unfold(dev, "bias_fill", n * geo.K * ohw, b.buffer, ys.buffer, p))
+            out.append(_unfold(dev, "bias_fill", n * geo.K, b.buffer, ys.buffer, p))
         out += _gemm(wm, col, ys, beta=1.0 if b is not None else 0.0, act=act)
     return out
 
