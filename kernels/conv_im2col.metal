@@ -9,7 +9,7 @@
 // gemm.metal, whose blocked tiles vectorize on a CPU:
 //     forward      y[n] (K x OH*OW)   = w (K x C*KH*KW) . col[n] (C*KH*KW x OH*OW)
 //     input grad   dcol[n]            = w^T . dy[n],  then dx = col2im(dcol)
-//     weight grad  dw (K x C*KH*KW)   = sum over n of dy[n] . col[n]^T
+//     weight grad  dw (K x C*KH*KW)   = sum over n of dy[n] . colt[n]  (colt[n] = col[n]^T)
 // col[n][(c, r, s)][(oh, ow)] = x[n, c, oh * SH - PH + r * DH, ow * SW - PW + s * DW] (0 in the
 // padding). The host runs a batch in chunks of images whose columns fit its scratch bound; the
 // kernels see one chunk (p.N images, pointers at its first image). One group (G = 1) only.
@@ -43,6 +43,35 @@ kernel void conv2d_im2col(device const T* x [[buffer(0)]], device T* col [[buffe
         for (uint ow = 0; ow < p.OW; ++ow) {
             int iw = iw0 + int(ow * p.SW);
             out[ow] = uint(iw) < p.W ? src[iw] : T(0);
+        }
+    }
+}
+
+// The same columns transposed, colt[n][(oh, ow)][(c, r, s)]: the weight gradient's GEMM then
+// reads its B operand with the output columns contiguous. One thread per (n, oh, ow) row.
+template <typename T>
+[[max_total_threads_per_threadgroup(256)]]
+kernel void conv2d_im2col_t(device const T* x [[buffer(0)]], device T* colt [[buffer(1)]],
+                            constant Conv2dParams& p [[buffer(2)]],
+                            uint gid [[thread_position_in_grid]],
+                            uint tpg [[threads_per_threadgroup]],
+                            uint ntg [[threadgroups_per_grid]]) {
+    const uint rows = p.N * p.OH * p.OW, crs = p.C * p.KH * p.KW;
+    for (uint i = gid; i < rows; i += tpg * ntg) {
+        uint ow = i % p.OW, t = i / p.OW;
+        uint oh = t % p.OH, n = t / p.OH;
+        device T* out = colt + i * crs;
+        device const T* xn = x + n * p.C * p.H * p.W;
+        int ih0 = int(oh * p.SH) - p.PH, iw0 = int(ow * p.SW) - p.PW;
+        for (uint c = 0; c < p.C; ++c) {
+            for (uint r = 0; r < p.KH; ++r) {
+                int ih = ih0 + int(r * p.DH);
+                bool row_in = uint(ih) < p.H;
+                for (uint s = 0; s < p.KW; ++s) {
+                    int iw = iw0 + int(s * p.DW);
+                    *out++ = row_in && uint(iw) < p.W ? xn[(c * p.H + uint(ih)) * p.W + uint(iw)] : T(0);
+                }
+            }
         }
     }
 }
@@ -111,5 +140,6 @@ kernel void conv2d_bias_fill(device const T* b [[buffer(0)]], device T* y [[buff
 }
 
 INSTANTIATE("conv2d_im2col_float", conv2d_im2col, float)
+INSTANTIATE("conv2d_im2col_t_float", conv2d_im2col_t, float)
 INSTANTIATE("conv2d_col2im_float", conv2d_col2im, float)
 INSTANTIATE("conv2d_bias_fill_float", conv2d_bias_fill, float)

@@ -10,7 +10,8 @@ batch 2: conv 91% of a step's kernel time; benchmarks/dev_resnet18.py). Each op 
 unfolded columns fit COL_BYTES:
     forward      y[n] (K x OH*OW)  = w (K x C*KH*KW) . col[n]       (bias placed first, beta = 1)
     input grad   dcol[n]           = w^T . dy[n];  dx = col2im(dcol) (+ conv_transpose2d's bias)
-    weight grad  dw                = sum over n of dy[n] . col[n]^T  (later chunks: beta = 1)
+    weight grad  dw                = sum over n of dy[n] . colt[n]   (colt = col^T, unfolded so;
+                                                                      later chunks: beta = 1)
 The fused activation runs in the GEMM's epilogue. The unfolded columns live in the conv's
 per-op scratch (tag conv.metal), apart from the GEMM's split-K partials.
 """
@@ -125,18 +126,18 @@ def input_grad_plan(dev: Device, geo: ConvGeometry, dy: Tensor, w: Tensor, b: Te
 
 def weight_grad_plan(dev: Device, geo: ConvGeometry, dy: Tensor, x: Tensor, dw: Tensor
                      ) -> list[tuple]:
-    """dw = sum over the batch of dy[n] . col[n]^T."""
+    """dw = sum over the batch of dy[n] . col[n]^T (col[n]^T unfolded as such: B's columns
+    contiguous for gemm_blocked)."""
     crs, ohw = geo.C * geo.KH * geo.KW, geo.OH * geo.OW
     dwm = Tensor(dw.buffer, (geo.K, crs), dw.dtype)
     out: list[tuple] = []
     for i, (n0, n) in enumerate(_chunks(geo)):
-        col = Tensor(scratch(dev, [n * crs * ohw * 4], SCRATCH_TAG)[0], (n, crs, ohw), np.float32)
+        colt = Tensor(scratch(dev, [n * crs * ohw * 4], SCRATCH_TAG)[0], (n, ohw, crs), np.float32)
         xs, dys = _view(x, n0, n, (n, *x.shape[1:])), _view(dy, n0, n, (n, geo.K, ohw))
-        out.append(_unfold(dev, "im2col", n * geo.C * geo.KH * geo.KW * geo.OH, xs.buffer,
-                           col.buffer, _params(geo, n)))
+        out.append(_unfold(dev, "im2col_t", n * ohw, xs.buffer, colt.buffer, _params(geo, n)))
         a = dys if n > 1 else Tensor(dys.buffer, (geo.K, ohw), dys.dtype)
-        c = col if n > 1 else Tensor(col.buffer, (crs, ohw), col.dtype)
-        out += _gemm(a, c, dwm, transpose_b=True, beta=1.0 if i else 0.0,
+        c = colt if n > 1 else Tensor(colt.buffer, (ohw, crs), colt.dtype)
+        out += _gemm(a, c, dwm, beta=1.0 if i else 0.0,
                       min_splits=cdiv(n * ohw, WGRAD_SPLIT_TERMS))
     return out
 
