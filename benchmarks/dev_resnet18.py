@@ -6,7 +6,8 @@ conv 7x7/2 + BN + ReLU + max pool 3/2, four stages of two basic blocks (64, 128,
 channels, strided 1x1 shortcuts), global average pool, linear. pymetalnn runs it converted with
 graph.from_torch (cross entropy, SGD lr 0.01); the first step's loss is checked against torch's.
 Each figure is the median over `--reps` steps of the wall clock from encode to the step's losses
-being readable (host overhead included); torch: forward, backward, optimizer.step.
+being readable (host overhead included); torch: forward, backward, optimizer.step. The process
+CPU time of the same steps is printed too (steadier than wall time on a shared machine).
 
     PYTHONPATH=. python benchmarks/dev_resnet18.py [--backend cpu|cuda] [--batch 2] [--size 64]
                                                    [--reps 5] [--threads N]
@@ -102,27 +103,31 @@ def main() -> None:
         loss = torch.nn.functional.cross_entropy(tnet(tx), ty)
         loss.backward()
         topt.step()
-        return float(loss)
+        return float(loss.detach())
 
     t0 = time.perf_counter()
     ours0 = tg.encode(X, Y).loss
     first = time.perf_counter() - t0
     peer0 = torch_step()
     ok = abs(ours0 - peer0) <= 1e-3 * max(1.0, abs(peer0))
-    ours, peer = [], []
+    ours, peer, ours_cpu, peer_cpu = [], [], [], []
     for _ in range(args.reps):  # interleaved: both see the same machine load
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         tg.encode(X, Y).wait()
         ours.append(time.perf_counter() - t0)
-        t0 = time.perf_counter()
+        ours_cpu.append(time.process_time() - c0)
+        t0, c0 = time.perf_counter(), time.process_time()
         torch_step()
         if tdev == "cuda":
             torch.cuda.synchronize()
         peer.append(time.perf_counter() - t0)
+        peer_cpu.append(time.process_time() - c0)
     o, p = statistics.median(ours), statistics.median(peer)
+    oc, pc = statistics.median(ours_cpu), statistics.median(peer_cpu)
     print(f"resnet18 {args.size}x{args.size} batch {args.batch} on {common.device_label(dev)}: "
           f"first step (compile included) {first:.2f} s; step {o * 1e3:.1f} ms, torch {p * 1e3:.1f} ms "
-          f"(torch threads {torch.get_num_threads()}), ours/torch {o / p:.1f}x; "
+          f"(torch threads {torch.get_num_threads()}), ours/torch {o / p:.1f}x; process CPU time "
+          f"{oc * 1e3:.1f} vs {pc * 1e3:.1f} ms ({oc / pc:.1f}x); "
           f"first loss {ours0:.5f} vs torch {peer0:.5f} ({'ok' if ok else 'MISMATCH'})")
     sys.exit(0 if ok else 1)
 
