@@ -88,10 +88,11 @@ class Tile:
 # threadgroups hide that latency (benchmarks/dev_gemm_mma.py sweeps them).
 _HALF = ("half", "hacc_half")
 # The cpu backend runs gemm_blocked (per-thread register blocks read straight from memory, no
-# threadgroup tiles or barriers: a thread's rank-1 updates vectorize) for float accumulation;
-# gemm_tiled as work-item loops measured 15-60x slower per core (CPU time, 2-core Xeon,
-# 2026-12-06). hacc_half (fp16 FMAs, done in software on a CPU) keeps the tiled kernels.
-_CPU = ("float", "half")
+# threadgroup tiles or barriers: a thread's rank-1 updates vectorize) for float32: CPU time per
+# core 256^3 5.4 -> 0.9 ms, 32x512x512 4.7 -> 0.5 ms against gemm_tiled as work-item loops (2-core
+# Xeon, 2026-12-06). fp16 storage keeps the tiled kernels: its software fp16 -> float conversions
+# in the blocked kernel's inner loop made it 3x slower than they are.
+_CPU = ("float",)
 TILES = {t.name: t for t in (Tile("128x128", 128, 128, 8, 1.0), Tile("64x64", 64, 64, 16, 0.6),
                              Tile("128x128k16", 128, 128, 16, 1.11, variants=("float", "hacc_half"),
                                   fixed_k=38),
