@@ -459,3 +459,20 @@ def test_adaptive_avg_pool1d(dev, shape, out):
     gx = P.adaptive_avg_pool1d_backward(_t(g, dev), _t(x, dev), out)
     rg = ref.adaptive_avg_pool2d_backward(g.reshape(x4.shape[:2] + (1, o)).astype(np.float64), x4, (1, o))
     np.testing.assert_allclose(gx.numpy(), rg.reshape(shape), rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("padding, ceil", [(0, False), (1, True)])
+def test_avg_pool_negative_divisor_override(dev, padding, ceil):
+    """torch takes any nonzero divisor_override: a negative one divides every window sum by it
+    (forward and gradient), whether the windows share it on the constant-divisor path or not."""
+    torch = pytest.importorskip("torch")
+    x = np.random.default_rng(3).standard_normal((2, 3, 7, 6)).astype(np.float32)
+    tx = torch.tensor(x, requires_grad=True)
+    want = torch.nn.functional.avg_pool2d(tx, 3, 2, padding, ceil, True, -3)
+    g = np.random.default_rng(4).standard_normal(tuple(want.shape)).astype(np.float32)
+    (gx,) = torch.autograd.grad(want, [tx], torch.tensor(g))
+    got = P.avg_pool2d(pymetalnn.tensor(x, dev), 3, 2, padding, ceil, True, -3)
+    np.testing.assert_allclose(got.numpy(), want.detach().numpy(), rtol=1e-5, atol=1e-6)
+    dx = P.avg_pool2d_backward(pymetalnn.tensor(g, dev), pymetalnn.tensor(x, dev), 3, 2, padding, ceil,
+                               True, -3)
+    np.testing.assert_allclose(dx.numpy(), gx.numpy(), rtol=1e-5, atol=1e-6)
