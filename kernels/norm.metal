@@ -36,6 +36,7 @@
 #include <metal_stdlib>
 #include "params.h"
 #include "neuron.h"
+#include "stream.h"
 #include "tile_reduce.h"
 using namespace metal;
 
@@ -271,6 +272,20 @@ kernel void group_norm_coef_fwd_float(device const float* weight [[buffer(0)]],
 // forward's coefficients, stored after the backward's (coef[planes + plane]).
 // Coefficients per plane (i / HW) % planes. Batch norm: u = dy read with p.dy_nstride (TWO > 0),
 // out = y written with p.out_nstride (TWO = 0); x and dx contiguous.
+// One element of norm_apply: uv = u's element (x or dy), xv = x's (TWO > 0), pl its plane.
+template <int TWO>
+inline float norm_apply_one(float uv, float xv, device const float4* coef, uint pl,
+                            constant NormParams& p) {
+    float4 k = coef[pl];
+    if (TWO) {
+        float g = uv;
+        if (TWO == 2) g = nn_activation_bwd(g, norm_pre(coef[p.planes + pl], xv), p.act,
+                                            p.act_alpha);
+        return k.x * g + k.y * (xv - k.z) + k.w;
+    }
+    return nn_activation(norm_pre(k, uv), p.act, p.act_alpha);
+}
+
 template <typename T, int TWO>
 kernel void norm_apply(device const T* u [[buffer(0)]],
                        device const T* v [[buffer(1)]],
@@ -282,17 +297,46 @@ kernel void norm_apply(device const T* u [[buffer(0)]],
                        uint tgs [[threads_per_threadgroup]]) {
     for (uint i = gid; i < p.total; i += ntg * tgs) {
         uint pl = (i / p.HW) % p.planes;
-        float4 k = coef[pl];
-        float r;
-        if (TWO) {
-            float g = float(u[norm_strided(p, i, p.dy_nstride)]), xv = float(v[i]);
-            if (TWO == 2) g = nn_activation_bwd(g, norm_pre(coef[p.planes + pl], xv), p.act,
-                                                p.act_alpha);
-            r = k.x * g + k.y * (xv - k.z) + k.w;
-        } else {
-            r = nn_activation(norm_pre(k, float(u[i])), p.act, p.act_alpha);
-        }
+        float uv = float(u[TWO ? norm_strided(p, i, p.dy_nstride) : i]);
+        float r = norm_apply_one<TWO>(uv, TWO ? float(v[i]) : 0.0f, coef, pl, p);
         out[TWO ? i : norm_strided(p, i, p.out_nstride)] = T(r);
+    }
+}
+
+// norm_apply in the stream.h shape: 16-byte chunks of W = 16 / sizeof(T) elements, STREAM_U
+// per thread, loads issued before any result is used, one plane lookup (division) per chunk
+// instead of per element: the scalar kernel is bound by its integer divisions and 2-byte loads
+// (fp16 ran no faster than fp32). The host takes it when HW and the image strides are multiples
+// of W (a chunk then lies in one plane of one image, and a strided image's chunks stay aligned)
+// and every buffer is 16-byte aligned; no tail (total is a multiple of HW). Per element the same
+// norm_apply_one as the scalar kernel, so the results are the same bits.
+template <typename T, int TWO>
+[[max_total_threads_per_threadgroup(256)]]
+kernel void norm_apply_vec(device const T* u [[buffer(0)]],
+                           device const T* v [[buffer(1)]],
+                           device const float4* coef [[buffer(2)]],
+                           device T* out [[buffer(3)]],
+                           constant NormParams& p [[buffer(4)]],
+                           uint gid [[thread_position_in_grid]]) {
+    const uint W = 16u / sizeof(T);
+    const uint nvec = p.total / W;
+    if (gid >= stream_vthreads(nvec)) return;
+    float a[STREAM_U][16 / sizeof(T)], b[STREAM_U][16 / sizeof(T)];
+    for (uint s = 0; s < STREAM_U; ++s) {
+        const uint ch = stream_clamp(stream_chunk(gid, s), nvec);
+        stream_load<16 / sizeof(T)>(u, TWO ? norm_strided(p, ch * W, p.dy_nstride) / W : ch, a[s]);
+        if (TWO) stream_load<16 / sizeof(T)>(v, ch, b[s]);
+    }
+    for (uint s = 0; s < STREAM_U; ++s) {
+        const uint ch = stream_chunk(gid, s);
+        if (ch < nvec) {
+            const uint pl = (ch * W / p.HW) % p.planes;
+            for (uint e = 0; e < W; ++e) {
+                a[s][e] = norm_apply_one<TWO>(a[s][e], TWO ? b[s][e] : 0.0f, coef, pl, p);
+            }
+            stream_store<16 / sizeof(T)>(out, TWO ? ch : norm_strided(p, ch * W, p.out_nstride) / W,
+                                         a[s]);
+        }
     }
 }
 
@@ -571,6 +615,12 @@ LAYER_NORM_INSTANTIATE(half)
         decltype(norm_part_cols<T, 2>) norm_part_cols<T, 2>;                                   \
     template [[host_name("norm_apply_bwd_act_" #T)]] [[kernel]] decltype(norm_apply<T, 2>)     \
         norm_apply<T, 2>;                                                                      \
+    template [[host_name("norm_apply_fwd_vec_" #T)]] [[kernel]] decltype(norm_apply_vec<T, 0>) \
+        norm_apply_vec<T, 0>;                                                                  \
+    template [[host_name("norm_apply_bwd_vec_" #T)]] [[kernel]] decltype(norm_apply_vec<T, 1>) \
+        norm_apply_vec<T, 1>;                                                                  \
+    template [[host_name("norm_apply_bwd_act_vec_" #T)]] [[kernel]]                            \
+        decltype(norm_apply_vec<T, 2>) norm_apply_vec<T, 2>;                                   \
     template [[host_name("group_norm_sums_bwd_" #T)]] [[kernel]] decltype(group_norm_sums<T>)  \
         group_norm_sums<T>;
 

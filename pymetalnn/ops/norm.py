@@ -46,6 +46,7 @@ from ._common import (
     kernel,
     number,
     pick_device,
+    stream_vthreads,
     strided_out,
     suffix,
     tensor_arg,
@@ -244,9 +245,17 @@ def _apply(dev: Device, p: NormParams, u: Tensor, v: Tensor | None, coef: Tensor
     if out is None:
         out = empty(u.shape, u.dtype, dev)
     act = "_act" if v is not None and p.act else ""
-    name = f"norm_apply_{'bwd' if v is not None else 'fwd'}{act}_{suffix(u.dtype)}"
-    groups = min(-(-u.size // (TG * 4)), MAX_GROUPS)  # 4 elements per thread
-    kernel(dev, SOURCE, name)(groups * TG, u.buffer, v.buffer if v is not None else dummy(dev),
+    kind = f"{'bwd' if v is not None else 'fwd'}{act}"
+    w = 16 // u.dtype.itemsize
+    if p.HW % w == 0 and p.out_nstride % w == 0 and p.dy_nstride % w == 0 and \
+            all(t.buffer.offset % 16 == 0 for t in (u, v, out) if t is not None):
+        # 16-byte chunks, STREAM_U per thread (norm.metal norm_apply_vec)
+        count = stream_vthreads(p.total // w)
+        name = f"norm_apply_{kind}_vec_{suffix(u.dtype)}"
+    else:
+        count = min(-(-u.size // (TG * 4)), MAX_GROUPS) * TG  # 4 elements per thread
+        name = f"norm_apply_{kind}_{suffix(u.dtype)}"
+    kernel(dev, SOURCE, name)(count, u.buffer, v.buffer if v is not None else dummy(dev),
                               coef.buffer, out.buffer, p)
     return out
 
