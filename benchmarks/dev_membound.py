@@ -326,8 +326,35 @@ def _softmax_ctx(dev: pm.Device, shape: tuple, dtype: Any) -> dict:
     r = np.random.default_rng(0)
     x = (r.standard_normal(shape) * 2).astype(dtype)
     lab = r.integers(0, shape[1], shape[0]).astype(np.int32)
+    g = r.standard_normal(shape).astype(dtype)
+    e = np.exp(x.astype(np.float64) - x.max(1, keepdims=True))
+    y = (e / e.sum(1, keepdims=True)).astype(dtype)
     return {"shape": shape, "dtype": dtype, "x_np": x, "x": pm.tensor(x, dev), "lab_np": lab,
-            "lab": pm.tensor(lab, dev)}
+            "lab": pm.tensor(lab, dev), "g_np": g, "g": pm.tensor(g, dev), "y_np": y,
+            "y": pm.tensor(y, dev), "ly_np": np.log(y.astype(np.float64)).astype(dtype),
+            "ly": pm.tensor(np.log(y.astype(np.float64)).astype(dtype), dev),
+            "out": pm.empty(shape, dtype, dev)}
+
+
+def softmax_rows(dev: pm.Device, ctx: dict, log: bool, bwd: bool) -> pm.Tensor:
+    """kernels/dev/membound.metal softmax_rows_*: one simdgroup per row."""
+    from pymetalnn.params import SoftmaxParams
+
+    rows, length = ctx["shape"]
+    p = SoftmaxParams(outer=rows, len=length, inner=1)
+    name = f"{'log_' if log else ''}softmax_{'bwd' if bwd else 'fwd'}_v2_{sfx(ctx['dtype'])}"
+    y = ctx["ly" if log else "y"]
+    bufs = [ctx["g"].buffer, y.buffer] if bwd else [ctx["x"].buffer]
+    k(dev, name)(rows * 32, *bufs, ctx["out"].buffer, p)
+    return ctx["out"]
+
+
+def _softmax_bwd_ref(ctx: dict, log: bool) -> np.ndarray:
+    g = ctx["g_np"].astype(np.float64)
+    if log:
+        return g - np.exp(ctx["ly_np"].astype(np.float64)) * g.sum(1, keepdims=True)
+    y = ctx["y_np"].astype(np.float64)
+    return y * (g - (g * y).sum(1, keepdims=True))
 
 
 def _softmax_ref(ctx: dict) -> np.ndarray:
@@ -480,15 +507,29 @@ def families(dev: pm.Device, torch: Any) -> list[Family]:
         lambda c: 2 * n_of(c) * isz(c), img_small, img_large))
 
     # softmax / cross-entropy on (N, classes)
-    fams.append(Family(
-        "softmax", _softmax_ctx, _softmax_ref, {"prod": lambda d, c: F.softmax(c["x"], 1)},
-        (lambda c, t: (lambda: T.softmax(t["x"], 1))) if T else None,
-        lambda c: 2 * n_of(c) * isz(c), (7, 1000), (4096, 1000)))
-    fams.append(Family(
-        "log_softmax", _softmax_ctx, lambda c: np.log(_softmax_ref(c)),
-        {"prod": lambda d, c: F.log_softmax(c["x"], 1)},
-        (lambda c, t: (lambda: T.log_softmax(t["x"], 1))) if T else None,
-        lambda c: 2 * n_of(c) * isz(c), (7, 1000), (4096, 1000)))
+    sm_small, sm_large = (7, 1000), (4096, 1000)
+    for log in (False, True):
+        nm = "log_softmax" if log else "softmax"
+        fwd_op = F.log_softmax if log else F.softmax
+        bwd_op = F.log_softmax_backward_from_output if log else F.softmax_backward_from_output
+        tf = T.log_softmax if T else None
+        fams.append(Family(
+            f"{nm}_fwd", _softmax_ctx,
+            (lambda c, log=log: np.log(_softmax_ref(c)) if log else _softmax_ref(c)),
+            {"prod": lambda d, c, f=fwd_op: f(c["x"], 1),
+             "v2": lambda d, c, log=log: softmax_rows(d, c, log, False)},
+            (lambda c, t, log=log: (lambda: (T.log_softmax if log else T.softmax)(t["x"], 1)))
+            if tf else None,
+            lambda c: 2 * n_of(c) * isz(c), sm_small, sm_large))
+        fams.append(Family(
+            f"{nm}_bwd", _softmax_ctx, (lambda c, log=log: _softmax_bwd_ref(c, log)),
+            {"prod": lambda d, c, f=bwd_op, log=log: f(c["g"], c["ly" if log else "y"], 1),
+             "v2": lambda d, c, log=log: softmax_rows(d, c, log, True)},
+            (lambda c, t, log=log: (lambda: T.ops.aten._log_softmax_backward_data(
+                t["g"], t["ly"], 1, t["x"].dtype) if log else
+                T.ops.aten._softmax_backward_data(t["g"], t["y"], 1, t["x"].dtype)))
+            if T else None,
+            lambda c: 3 * n_of(c) * isz(c), sm_small, sm_large))
 
     def t_ce(c: dict, t: dict) -> Callable:
         tx = t["x"].detach().clone().requires_grad_(True)
