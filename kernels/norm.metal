@@ -121,6 +121,97 @@ kernel void norm_part(device const T* x [[buffer(0)]],
     }
 }
 
+// norm_part over 16-byte chunks of W = 16 / sizeof(T) elements (host: the contiguous runs of a
+// row, HW for batch norm or the whole row for group norm, and dy's image stride are multiples of
+// W, the buffers 16-byte aligned; same chunks, partial layout and finalize as norm_part). The
+// scalar kernel spends a division per element (Welford's update) and loads 2 or 4 bytes at a
+// time, more instructions than fp16's memory budget per element; here a chunk's own (W, mean,
+// M2) comes from registers and joins the thread's partial with one Chan merge, the backward sums
+// add W terms per chunk, and each thread issues STREAM_U chunk loads per stream before using any.
+template <int W>
+inline float4 chunk_welford(thread const float* v) {
+    float s = 0.0f;
+    for (int e = 0; e < W; ++e) s += v[e];
+    const float m = s * (1.0f / float(W));
+    float q = 0.0f;
+    for (int e = 0; e < W; ++e) {
+        const float d = v[e] - m;
+        q = fma(d, d, q);
+    }
+    return float4(float(W), m, q, 0.0f);
+}
+
+// Element offset of chunk cc (in chunks) of statistics row `row`; dy's when DY.
+inline uint norm_chunk_elem(constant NormParams& p, uint row, uint cc, uint W, bool dy) {
+    if (p.outer_stride == 0u) return row * p.row_stride + cc * W;
+    const uint cpr = p.inner_len / W;
+    const uint n = cc / cpr, h = cc - n * cpr;
+    const uint outer = (dy && p.dy_nstride) ? p.dy_nstride : p.outer_stride;
+    return n * outer + row * p.row_stride + h * W;
+}
+
+template <typename T, int BWD>
+[[max_total_threads_per_threadgroup(256)]]
+kernel void norm_part_vec(device const T* x [[buffer(0)]],
+                          device const T* dy [[buffer(1)]],
+                          device const float* mean [[buffer(2)]],
+                          device const float* invstd [[buffer(3)]],
+                          device const float* weight [[buffer(4)]],
+                          device const float* bias [[buffer(5)]],
+                          device float4* part [[buffer(6)]],
+                          constant NormParams& p [[buffer(7)]],
+                          uint tid [[thread_position_in_threadgroup]],
+                          uint tg [[threadgroup_position_in_grid]],
+                          uint ntg [[threadgroups_per_grid]],
+                          uint lane [[thread_index_in_simdgroup]],
+                          uint sg [[simdgroup_index_in_threadgroup]]) {
+    threadgroup float4 scratch[TR_TG];
+    const uint W = 16u / sizeof(T);
+    for (uint g = tg; g < p.rows * p.chunks; g += ntg) {
+        const uint row = g / p.chunks, ck = g % p.chunks;
+        const uint c0 = ck * (p.chunk / W);
+        const uint c1 = min(c0 + p.chunk / W, p.row_len / W);
+        const float mu = BWD ? mean[row] : 0.0f;
+        const float4 k = BWD == 2 ? bn_coef_fwd(p, weight, bias, mu, invstd[row], row)
+                                  : float4(0.0f);
+        float4 acc = float4(0.0f);
+        for (uint c = c0 + tid; c < c1; c += STREAM_U * TR_TG) {
+            float xv[STREAM_U][16 / sizeof(T)], gv[STREAM_U][16 / sizeof(T)];
+            for (uint s = 0; s < STREAM_U; ++s) {
+                const uint cc = min(c + s * TR_TG, c1 - 1u);
+                stream_load<16 / sizeof(T)>(x, norm_chunk_elem(p, row, cc, W, false) / W, xv[s]);
+                if (BWD) {
+                    stream_load<16 / sizeof(T)>(dy, norm_chunk_elem(p, row, cc, W, true) / W,
+                                                gv[s]);
+                }
+            }
+            for (uint s = 0; s < STREAM_U; ++s) {
+                if (c + s * TR_TG < c1) {
+                    if (BWD) {
+                        for (uint e = 0; e < W; ++e) {
+                            float g1 = gv[s][e];
+                            if (BWD == 2) {
+                                g1 = nn_activation_bwd(g1, norm_pre(k, xv[s][e]), p.act,
+                                                       p.act_alpha);
+                            }
+                            acc.x += g1;
+                            acc.y += g1 * (xv[s][e] - mu);
+                        }
+                    } else {
+                        acc = chan_merge(acc, chunk_welford<16 / sizeof(T)>(xv[s]));
+                    }
+                }
+            }
+        }
+        if (BWD) {
+            acc = tile_reduce(acc, TR_SUM, 1u, TR_TG, lane, sg, scratch);
+        } else {
+            acc = tile_welford(acc, 1u, TR_TG, lane, sg, scratch);
+        }
+        if (tid == 0) part[g] = acc;
+    }
+}
+
 // Column mode: 32 columns x 8 slices over the samples of a chunk; one partial per column.
 template <typename T, int BWD>
 [[max_total_threads_per_threadgroup(256)]]
@@ -615,6 +706,12 @@ LAYER_NORM_INSTANTIATE(half)
         decltype(norm_part_cols<T, 2>) norm_part_cols<T, 2>;                                   \
     template [[host_name("norm_apply_bwd_act_" #T)]] [[kernel]] decltype(norm_apply<T, 2>)     \
         norm_apply<T, 2>;                                                                      \
+    template [[host_name("norm_stats_fwd_vec_" #T)]] [[kernel]] decltype(norm_part_vec<T, 0>)  \
+        norm_part_vec<T, 0>;                                                                   \
+    template [[host_name("norm_stats_bwd_vec_" #T)]] [[kernel]] decltype(norm_part_vec<T, 1>)  \
+        norm_part_vec<T, 1>;                                                                   \
+    template [[host_name("norm_stats_bwd_act_vec_" #T)]] [[kernel]]                            \
+        decltype(norm_part_vec<T, 2>) norm_part_vec<T, 2>;                                     \
     template [[host_name("norm_apply_fwd_vec_" #T)]] [[kernel]] decltype(norm_apply_vec<T, 0>) \
         norm_apply_vec<T, 0>;                                                                  \
     template [[host_name("norm_apply_bwd_vec_" #T)]] [[kernel]] decltype(norm_apply_vec<T, 1>) \

@@ -207,7 +207,12 @@ def _partials(dev: Device, p: NormParams, x: Tensor, dy: Tensor | None, mean: Te
         name = f"norm_stats_{'bwd' if bwd else 'fwd'}_cols{act}_{suffix(x.dtype)}"
     else:
         count = groups = p.rows * p.chunks
-        name = f"norm_stats_{'bwd' if bwd else 'fwd'}{act}_{suffix(x.dtype)}"
+        w = 16 // x.dtype.itemsize
+        # 16-byte chunks (norm_part_vec) when no chunk straddles two runs of a row and every
+        # chunk is aligned
+        vec = p.inner_len % w == 0 and p.dy_nstride % w == 0 and x.buffer.offset % 16 == 0 \
+            and (dy is None or dy.buffer.offset % 16 == 0)
+        name = f"norm_stats_{'bwd' if bwd else 'fwd'}{act}{'_vec' if vec else ''}_{suffix(x.dtype)}"
     part = empty((count, 4), float32, dev)
     d = dummy(dev)
     fb = [t.buffer if t is not None else d for t in (fwd or (None, None, None))]
