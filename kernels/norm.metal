@@ -363,18 +363,28 @@ kernel void group_norm_coef_fwd_float(device const float* weight [[buffer(0)]],
 // forward's coefficients, stored after the backward's (coef[planes + plane]).
 // Coefficients per plane (i / HW) % planes. Batch norm: u = dy read with p.dy_nstride (TWO > 0),
 // out = y written with p.out_nstride (TWO = 0); x and dx contiguous.
-// One element of norm_apply: uv = u's element (x or dy), xv = x's (TWO > 0), pl its plane.
+// One element of norm_apply: uv = u's element (x or dy), xv = x's (TWO > 0), k its plane's
+// coefficients, kf the forward's (TWO == 2).
 template <int TWO>
-inline float norm_apply_one(float uv, float xv, device const float4* coef, uint pl,
-                            constant NormParams& p) {
-    float4 k = coef[pl];
+inline float norm_apply_one(float uv, float xv, float4 k, float4 kf, constant NormParams& p) {
     if (TWO) {
         float g = uv;
-        if (TWO == 2) g = nn_activation_bwd(g, norm_pre(coef[p.planes + pl], xv), p.act,
-                                            p.act_alpha);
+        if (TWO == 2) g = nn_activation_bwd(g, norm_pre(kf, xv), p.act, p.act_alpha);
         return k.x * g + k.y * (xv - k.z) + k.w;
     }
     return nn_activation(norm_pre(k, uv), p.act, p.act_alpha);
+}
+
+// Element i of norm_apply (the scalar kernel, and the vector kernel's tail).
+template <typename T, int TWO>
+inline void norm_apply_elem(device const T* u, device const T* v, device const float4* coef,
+                            device T* out, constant NormParams& p, uint i) {
+    uint pl = (i / p.HW) % p.planes;
+    float4 k = coef[pl];
+    float4 kf = TWO == 2 ? coef[p.planes + pl] : k;
+    float uv = float(u[TWO ? norm_strided(p, i, p.dy_nstride) : i]);
+    float r = norm_apply_one<TWO>(uv, TWO ? float(v[i]) : 0.0f, k, kf, p);
+    out[TWO ? i : norm_strided(p, i, p.out_nstride)] = T(r);
 }
 
 template <typename T, int TWO>
@@ -386,21 +396,17 @@ kernel void norm_apply(device const T* u [[buffer(0)]],
                        uint gid [[thread_position_in_grid]],
                        uint ntg [[threadgroups_per_grid]],
                        uint tgs [[threads_per_threadgroup]]) {
-    for (uint i = gid; i < p.total; i += ntg * tgs) {
-        uint pl = (i / p.HW) % p.planes;
-        float uv = float(u[TWO ? norm_strided(p, i, p.dy_nstride) : i]);
-        float r = norm_apply_one<TWO>(uv, TWO ? float(v[i]) : 0.0f, coef, pl, p);
-        out[TWO ? i : norm_strided(p, i, p.out_nstride)] = T(r);
-    }
+    for (uint i = gid; i < p.total; i += ntg * tgs) norm_apply_elem<T, TWO>(u, v, coef, out, p, i);
 }
 
 // norm_apply in the stream.h shape: 16-byte chunks of W = 16 / sizeof(T) elements, STREAM_U
 // per thread, loads issued before any result is used, one plane lookup (division) per chunk
 // instead of per element: the scalar kernel is bound by its integer divisions and 2-byte loads
-// (fp16 ran no faster than fp32). The host takes it when HW and the image strides are multiples
-// of W (a chunk then lies in one plane of one image, and a strided image's chunks stay aligned)
-// and every buffer is 16-byte aligned; no tail (total is a multiple of HW). Per element the same
-// norm_apply_one as the scalar kernel, so the results are the same bits.
+// (fp16 ran no faster than fp32), then a scalar tail (total - W nvec elements, one thread
+// each). A chunk meets at most two planes (host: HW >= W), q and q + 1, the first b elements in
+// q. Strided images (p.out_nstride, p.dy_nstride) need chunks that stay in one image, aligned
+// in the strided tensor (host: C HW and the stride multiples of W); every buffer is 16-byte
+// aligned. Per element the same norm_apply_one as the scalar kernel, so the same bits.
 template <typename T, int TWO>
 [[max_total_threads_per_threadgroup(256)]]
 kernel void norm_apply_vec(device const T* u [[buffer(0)]],
@@ -411,7 +417,12 @@ kernel void norm_apply_vec(device const T* u [[buffer(0)]],
                            uint gid [[thread_position_in_grid]]) {
     const uint W = 16u / sizeof(T);
     const uint nvec = p.total / W;
-    if (gid >= stream_vthreads(nvec)) return;
+    const uint vthreads = stream_vthreads(nvec);
+    if (gid >= vthreads) {
+        const uint i = nvec * W + (gid - vthreads);
+        if (i < p.total) norm_apply_elem<T, TWO>(u, v, coef, out, p, i);
+        return;
+    }
     float a[STREAM_U][16 / sizeof(T)], b[STREAM_U][16 / sizeof(T)];
     for (uint s = 0; s < STREAM_U; ++s) {
         const uint ch = stream_clamp(stream_chunk(gid, s), nvec);
@@ -421,11 +432,19 @@ kernel void norm_apply_vec(device const T* u [[buffer(0)]],
     for (uint s = 0; s < STREAM_U; ++s) {
         const uint ch = stream_chunk(gid, s);
         if (ch < nvec) {
-            const uint pl = (ch * W / p.HW) % p.planes;
+            const uint i0 = ch * W, q = i0 / p.HW;
+            const uint in_q = (q + 1u) * p.HW - i0;  // elements of the chunk in plane q
+            const uint pl0 = q % p.planes, pl1 = (q + 1u) % p.planes;
+            const float4 k0 = coef[pl0];
+            const float4 k1 = in_q < W ? coef[pl1] : k0;
+            const float4 f0 = TWO == 2 ? coef[p.planes + pl0] : k0;
+            const float4 f1 = TWO == 2 && in_q < W ? coef[p.planes + pl1] : f0;
             for (uint e = 0; e < W; ++e) {
-                a[s][e] = norm_apply_one<TWO>(a[s][e], TWO ? b[s][e] : 0.0f, coef, pl, p);
+                const bool first = e < in_q;
+                a[s][e] = norm_apply_one<TWO>(a[s][e], TWO ? b[s][e] : 0.0f, first ? k0 : k1,
+                                              first ? f0 : f1, p);
             }
-            stream_store<16 / sizeof(T)>(out, TWO ? ch : norm_strided(p, ch * W, p.out_nstride) / W,
+            stream_store<16 / sizeof(T)>(out, TWO ? ch : norm_strided(p, i0, p.out_nstride) / W,
                                          a[s]);
         }
     }

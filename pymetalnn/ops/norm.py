@@ -252,10 +252,14 @@ def _apply(dev: Device, p: NormParams, u: Tensor, v: Tensor | None, coef: Tensor
     act = "_act" if v is not None and p.act else ""
     kind = f"{'bwd' if v is not None else 'fwd'}{act}"
     w = 16 // u.dtype.itemsize
-    if p.HW % w == 0 and p.out_nstride % w == 0 and p.dy_nstride % w == 0 and \
+    strided = p.out_nstride or p.dy_nstride
+    if (p.HW % w == 0 or p.HW >= w) and \
+            (not strided or ((p.C * p.HW) % w == 0 and p.out_nstride % w == 0
+                             and p.dy_nstride % w == 0)) and \
             all(t.buffer.offset % 16 == 0 for t in (u, v, out) if t is not None):
-        # 16-byte chunks, STREAM_U per thread (norm.metal norm_apply_vec)
-        count = stream_vthreads(p.total // w)
+        # 16-byte chunks, STREAM_U per thread, then a scalar tail (norm.metal norm_apply_vec)
+        nvec = p.total // w
+        count = stream_vthreads(nvec) + p.total - w * nvec
         name = f"norm_apply_{kind}_vec_{suffix(u.dtype)}"
     else:
         count = min(-(-u.size // (TG * 4)), MAX_GROUPS) * TG  # 4 elements per thread
