@@ -810,6 +810,15 @@ def test_layer_norm_torch_and_bad_input(dev):
 # must give the same bits either way (the same per-element math), planes of any size (chunks that
 # straddle two planes: HW = 5, 49, 289): batch norm in inference (no statistics), forward and
 # backward; group norm (statistics too) to the tolerance.
+def _bn_eval_relu(xt, gt, dev, rm, rv, w, b):
+    """(batch_norm eval + relu, its input gradient, group_norm with one group) as numpy."""
+    y = F.batch_norm(xt, pm.tensor(rm, dev), pm.tensor(rv, dev), w, b, False, activation="relu")
+    dx = F.batch_norm_backward(gt, xt, pm.tensor(rm, dev), pm.tensor(rv, dev), w, b, False,
+                               activation="relu")[0]
+    gn = F.group_norm(xt, 1, w, b) if xt.ndim > 2 else y
+    return y.numpy(), dx.numpy(), gn.numpy()
+
+
 VEC_SHAPES = [(2, 3, 7, 7), (3, 5, 17, 17), (1, 4, 5), (2, 6, 8, 8), (5, 3, 3, 3), (2, 2, 31)]
 
 
@@ -830,16 +839,9 @@ def test_norm_apply_chunks_match_scalar(dev, dtype):
         rm = np.linspace(-0.5, 0.5, c).astype(np.float32)
         rv = np.linspace(0.5, 2.0, c).astype(np.float32)
 
-        def run(xt, gt):
-            y = F.batch_norm(xt, pm.tensor(rm, dev), pm.tensor(rv, dev), w, b, False,
-                             activation="relu")
-            dx = F.batch_norm_backward(gt, xt, pm.tensor(rm, dev), pm.tensor(rv, dev), w, b, False,
-                                       activation="relu")[0]
-            gn = F.group_norm(xt, 1, w, b) if len(shape) > 2 else y
-            return y.numpy(), dx.numpy(), gn.numpy()
-
-        fast = run(pm.tensor(x, dev), pm.tensor(g, dev))
-        slow = run(view(x), view(g))
+        args = (dev, rm, rv, w, b)
+        fast = _bn_eval_relu(pm.tensor(x, dev), pm.tensor(g, dev), *args)
+        slow = _bn_eval_relu(view(x), view(g), *args)
         np.testing.assert_array_equal(fast[0], slow[0], err_msg=str(shape))
         np.testing.assert_array_equal(fast[1], slow[1], err_msg=str(shape))
         # group norm's statistics come from different partial kernels: same values, not bits
