@@ -169,6 +169,18 @@ def tv(dev: pm.Device, t: pm.Tensor) -> Any:
     return common.torch_view(dev, t)
 
 
+def scalar_norm(fn: Callable[[], Any]) -> Any:
+    """fn() with norm.py's 16-byte-chunk kernels switched off (the scalar kernels: the
+    production before them)."""
+    from pymetalnn.ops import norm as nm
+
+    nm.VEC_KERNELS = False
+    try:
+        return fn()
+    finally:
+        nm.VEC_KERNELS = True
+
+
 def bn_params(shape: tuple, **kw: Any) -> NormParams:
     """NormParams of batch norm over (N, C, HW) in row mode, as norm.py's _bn_params."""
     from pymetalnn.ops import norm as nm
@@ -472,38 +484,57 @@ def families(dev: pm.Device, torch: Any) -> list[Family]:
         trm, trv = T.zeros(c["shape"][1], device=tx.device), T.ones(c["shape"][1], device=tx.device)
         return lambda: T.nn.functional.batch_norm(tx, trm, trv, tw, tb, training)
 
-    fams.append(Family(
-        "bn_train_fwd", _bn_ctx, _bn_ref,
-        {"prod": lambda d, c: F.batch_norm(c["x"], c["rm"], c["rv"], c["bw"], c["bb"], True),
-         "v2": lambda d, c: bn_train_fwd_dev(d, c, "v2"),
-         "v3": lambda d, c: bn_train_fwd_dev(d, c, "v3")},
-        (lambda c, t: t_bn(c, t, True)) if T else None,
-        lambda c: 2 * n_of(c) * isz(c), img_small, img_large))
-    fams.append(Family(
-        "bn_eval", _bn_ctx, _bn_eval_ref,
-        {"prod": lambda d, c: F.batch_norm(c["x"], c["rm"], c["rv"], c["bw"], c["bb"], False),
-         "v1": lambda d, c: bn_eval_apply(d, c, False), "v2": lambda d, c: bn_eval_apply(d, c, True)},
-        (lambda c, t: t_bn(c, t, False)) if T else None,
-        lambda c: 2 * n_of(c) * isz(c), img_small, img_large))
-
     def t_bn_bwd(c: dict, t: dict) -> Callable:
         tx, tg, tw, tm, ti = t["x"], t["g"], t["bw"], t["sm"], t["si"]
         return lambda: T.ops.aten.native_batch_norm_backward(
             tg, tx, tw, None, None, tm, ti, True, 1e-5, [True, True, True])
 
-    fams.append(Family(
-        "bn_bwd", _bn_ctx, _bn_bwd_ref,
-        {"prod": lambda d, c: F.batch_norm_backward(c["g"], c["x"], c["rm"], c["rv"], c["bw"],
-                                                    c["bb"], True, save_mean=c["sm"],
-                                                    save_invstd=c["si"])[0]},
-        t_bn_bwd if T and dev.name == "cuda" else None,
-        lambda c: 3 * n_of(c) * isz(c), img_small, img_large))
+    # ResNet stage 1 (HW a multiple of the chunk), InceptionV3 35x35 and 17x17 (odd planes)
+    for tag, large in (("", img_large), (" 35x35", (32, 288, 35, 35)), (" 17x17", (32, 768, 17, 17))):
+        small = img_small if not tag else (3, 5, 7, 7)
+        fams.append(Family(
+            "bn_train_fwd" + tag, _bn_ctx, _bn_ref,
+            {"prod": lambda d, c: F.batch_norm(c["x"], c["rm"], c["rv"], c["bw"], c["bb"], True),
+             "v1": lambda d, c: scalar_norm(lambda: F.batch_norm(c["x"], c["rm"], c["rv"], c["bw"],
+                                                                 c["bb"], True)),
+             **({"v2": lambda d, c: bn_train_fwd_dev(d, c, "v2"),
+                 "v3": lambda d, c: bn_train_fwd_dev(d, c, "v3")} if not tag else {})},
+            (lambda c, t: t_bn(c, t, True)) if T else None,
+            lambda c: 2 * n_of(c) * isz(c), small, large))
+        fams.append(Family(
+            "bn_eval" + tag, _bn_ctx, _bn_eval_ref,
+            {"prod": lambda d, c: F.batch_norm(c["x"], c["rm"], c["rv"], c["bw"], c["bb"], False),
+             "v1": lambda d, c: bn_eval_apply(d, c, False),
+             **({"v2": lambda d, c: bn_eval_apply(d, c, True)} if not tag else {})},
+            (lambda c, t: t_bn(c, t, False)) if T else None,
+            lambda c: 2 * n_of(c) * isz(c), small, large))
+
+        def bn_bwd(c: dict) -> Any:
+            return F.batch_norm_backward(c["g"], c["x"], c["rm"], c["rv"], c["bw"], c["bb"], True,
+                                         save_mean=c["sm"], save_invstd=c["si"])[0]
+
+        def bn_bwd_relu(c: dict) -> Any:
+            return F.batch_norm_backward(c["g"], c["x"], c["rm"], c["rv"], c["bw"], c["bb"], True,
+                                         save_mean=c["sm"], save_invstd=c["si"],
+                                         activation="relu")[0]
+
+        fams.append(Family(
+            "bn_bwd" + tag, _bn_ctx, _bn_bwd_ref,
+            {"prod": lambda d, c: bn_bwd(c), "v1": lambda d, c: scalar_norm(lambda: bn_bwd(c))},
+            t_bn_bwd if T and dev.name == "cuda" else None,
+            lambda c: 3 * n_of(c) * isz(c), small, large))
+        fams.append(Family(
+            "bn_bwd_relu" + tag, _bn_ctx, None,
+            {"prod": lambda d, c: bn_bwd_relu(c),
+             "v1": lambda d, c: scalar_norm(lambda: bn_bwd_relu(c))},
+            None, lambda c: 3 * n_of(c) * isz(c), small, large))
     fams.append(Family(
         "group_norm_fwd", _bn_ctx, None,
         {"prod": lambda d, c: F.group_norm(c["x"], 1 if c["shape"][1] % 32 else 32, c["bw"],
-                                           c["bb"])},
-        (lambda c, t: _t_group_norm(T, t))
-        if T and dev.name == "cuda" else None,
+                                           c["bb"]),
+         "v1": lambda d, c: scalar_norm(lambda: F.group_norm(c["x"], 1 if c["shape"][1] % 32 else 32,
+                                                             c["bw"], c["bb"]))},
+        (lambda c, t: _t_group_norm(T, t)) if T and dev.name == "cuda" else None,
         lambda c: 2 * n_of(c) * isz(c), img_small, img_large))
 
     # softmax / cross-entropy on (N, classes)
