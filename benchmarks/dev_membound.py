@@ -19,9 +19,13 @@ Versions (see kernels/dev/membound.metal's note):
   mul_bias   prod (arith_ew)  v2 chan_affine (stream.h chunks, one division per chunk)
   bias_relu  prod (F.add then F.relu, two passes)  v2 chan_affine with the activation (one pass)
   sum_bias   prod (reduce_inner + finish)  v2/v3 chan_sum (16-byte loads, 1/2 chunks in flight)
-  bn_train_fwd  prod  v2/v3: chan_stats (chunk Welford) + norm finalize + norm_apply_vec
+  bn_train_fwd, bn_bwd, bn_bwd_relu (ResNet 56x56 planes; InceptionV3 35x35, 17x17)
+             prod: norm_part_vec / norm_apply_vec where the layout allows, else norm_part with 8
+             elements per step;  v1: the earlier production (scalar, one element per step,
+             norm.KERNELS = "scalar_u1");  v1b: the scalar kernels of now (KERNELS = "scalar");
+             v2/v3 (56x56): chan_stats (kernels/dev) + norm finalize + norm_apply_vec
   bn_eval    prod  v1 norm_apply (scalar)  v2 norm_apply_vec (production from this version)
-  bn_bwd     prod  v1: stats + grad + scalar apply (the previous production launches)
+  group_norm_fwd  prod  v1 (earlier production)
   add, relu, copy, cast, dropout, softmax, log_softmax, cross_entropy (fwd+bwd, labels checked
   on the device), max_pool2d/avg_pool2d fwd+bwd, group_norm fwd/bwd: prod (diagnostic: device
   time vs eager time vs torch)
@@ -169,16 +173,16 @@ def tv(dev: pm.Device, t: pm.Tensor) -> Any:
     return common.torch_view(dev, t)
 
 
-def scalar_norm(fn: Callable[[], Any]) -> Any:
-    """fn() with norm.py's 16-byte-chunk kernels switched off (the scalar kernels: the
-    production before them)."""
+def scalar_norm(fn: Callable[[], Any], kind: str = "scalar_u1") -> Any:
+    """fn() with norm.py's kernel choice set to `kind` ("scalar_u1": the production before the
+    16-byte-chunk kernels and the unrolled statistics; "scalar": the scalar kernels of now)."""
     from pymetalnn.ops import norm as nm
 
-    nm.VEC_KERNELS = False
+    nm.KERNELS = kind
     try:
         return fn()
     finally:
-        nm.VEC_KERNELS = True
+        nm.KERNELS = "auto"
 
 
 def bn_params(shape: tuple, **kw: Any) -> NormParams:
@@ -497,6 +501,8 @@ def families(dev: pm.Device, torch: Any) -> list[Family]:
             {"prod": lambda d, c: F.batch_norm(c["x"], c["rm"], c["rv"], c["bw"], c["bb"], True),
              "v1": lambda d, c: scalar_norm(lambda: F.batch_norm(c["x"], c["rm"], c["rv"], c["bw"],
                                                                  c["bb"], True)),
+             "v1b": lambda d, c: scalar_norm(lambda: F.batch_norm(c["x"], c["rm"], c["rv"],
+                                                                  c["bw"], c["bb"], True), "scalar"),
              **({"v2": lambda d, c: bn_train_fwd_dev(d, c, "v2"),
                  "v3": lambda d, c: bn_train_fwd_dev(d, c, "v3")} if not tag else {})},
             (lambda c, t: t_bn(c, t, True)) if T else None,
@@ -520,13 +526,15 @@ def families(dev: pm.Device, torch: Any) -> list[Family]:
 
         fams.append(Family(
             "bn_bwd" + tag, _bn_ctx, _bn_bwd_ref,
-            {"prod": lambda d, c: bn_bwd(c), "v1": lambda d, c: scalar_norm(lambda: bn_bwd(c))},
+            {"prod": lambda d, c: bn_bwd(c), "v1": lambda d, c: scalar_norm(lambda: bn_bwd(c)),
+             "v1b": lambda d, c: scalar_norm(lambda: bn_bwd(c), "scalar")},
             t_bn_bwd if T and dev.name == "cuda" else None,
             lambda c: 3 * n_of(c) * isz(c), small, large))
         fams.append(Family(
             "bn_bwd_relu" + tag, _bn_ctx, None,
             {"prod": lambda d, c: bn_bwd_relu(c),
-             "v1": lambda d, c: scalar_norm(lambda: bn_bwd_relu(c))},
+             "v1": lambda d, c: scalar_norm(lambda: bn_bwd_relu(c)),
+             "v1b": lambda d, c: scalar_norm(lambda: bn_bwd_relu(c), "scalar")},
             None, lambda c: 3 * n_of(c) * isz(c), small, large))
     fams.append(Family(
         "group_norm_fwd", _bn_ctx, None,

@@ -65,7 +65,12 @@ inline uint norm_strided(constant NormParams& p, uint i, uint ns) {
 // BWD = 0: Welford partial of x. BWD = 1: (sum dy, sum dy (x - mean[row]), 0, 0). BWD = 2
 // (batch norm with a fused activation): the same sums of g = act'(z) dy, z the forward's
 // pre-activation of x (needs invstd, weight, bias; the other variants get dummies).
-template <typename T, int BWD>
+// UN elements per thread per step (production UN = 8; UN = 1 is the earlier kernel, kept for
+// benchmarks/dev_membound.py): their loads are issued together before any is used (one load in
+// flight per thread made the kernel latency-bound), and Welford takes them as one block, its own
+// mean and M2 from registers joined by one Chan merge, instead of a division per element (more
+// instructions per element than fp16's share of the memory bandwidth allows).
+template <typename T, int BWD, int UN>
 [[max_total_threads_per_threadgroup(256)]]
 kernel void norm_part(device const T* x [[buffer(0)]],
                       device const T* dy [[buffer(1)]],
@@ -92,24 +97,47 @@ kernel void norm_part(device const T* x [[buffer(0)]],
         // group norm row is one contiguous run
         uint n = e / p.inner_len, h = e % p.inner_len;
         const uint dy_outer = p.dy_nstride ? p.dy_nstride : p.outer_stride;
-        for (; e < e1; e += TR_TG) {
-            uint idx = p.outer_stride == 0u ? row * p.row_stride + e
-                                            : n * p.outer_stride + row * p.row_stride + h;
-            if (BWD) {
-                uint di = p.outer_stride == 0u ? idx : n * dy_outer + row * p.row_stride + h;
-                float g1 = float(dy[di]), xv = float(x[idx]);
-                if (BWD == 2) g1 = nn_activation_bwd(g1, norm_pre(k, xv), p.act, p.act_alpha);
-                acc.x += g1;
-                acc.y += g1 * (xv - mu);
-            } else {
-                acc = welford_push(acc, float(x[idx]));
-            }
-            if (p.outer_stride != 0u) {
-                h += TR_TG;
-                while (h >= p.inner_len) {
-                    h -= p.inner_len;
-                    n += 1u;
+        for (; e < e1; e += uint(UN) * TR_TG) {
+            float xv[UN], gv[UN];
+            for (int u = 0; u < UN; ++u) {
+                const bool ok = e + uint(u) * TR_TG < e1;
+                const uint idx = p.outer_stride == 0u ? row * p.row_stride + e + uint(u) * TR_TG
+                                                      : n * p.outer_stride + row * p.row_stride + h;
+                xv[u] = ok ? float(x[idx]) : 0.0f;
+                if (BWD) {
+                    const uint di = p.outer_stride == 0u ? idx
+                                                         : n * dy_outer + row * p.row_stride + h;
+                    gv[u] = ok ? float(dy[di]) : 0.0f;
                 }
+                if (p.outer_stride != 0u) {
+                    h += TR_TG;
+                    while (h >= p.inner_len) {
+                        h -= p.inner_len;
+                        n += 1u;
+                    }
+                }
+            }
+            // elements of this step: a prefix of the UN (e < e1 here)
+            const int cnt = min(UN, int((e1 - e + TR_TG - 1u) / TR_TG));
+            if (BWD) {
+                for (int u = 0; u < cnt; ++u) {
+                    float g1 = gv[u];
+                    if (BWD == 2) g1 = nn_activation_bwd(g1, norm_pre(k, xv[u]), p.act, p.act_alpha);
+                    acc.x += g1;
+                    acc.y += g1 * (xv[u] - mu);
+                }
+            } else if (UN == 1) {
+                acc = welford_push(acc, xv[0]);
+            } else {
+                float s = 0.0f;
+                for (int u = 0; u < cnt; ++u) s += xv[u];
+                const float m = s / float(cnt);
+                float q = 0.0f;
+                for (int u = 0; u < cnt; ++u) {
+                    const float d = xv[u] - m;
+                    q = fma(d, d, q);
+                }
+                acc = chan_merge(acc, float4(float(cnt), m, q, 0.0f));
             }
         }
         if (BWD) {
@@ -707,10 +735,16 @@ LAYER_NORM_INSTANTIATE(float)
 LAYER_NORM_INSTANTIATE(half)
 
 #define NORM_INSTANTIATE(T)                                                                    \
-    template [[host_name("norm_stats_fwd_" #T)]] [[kernel]] decltype(norm_part<T, 0>)          \
-        norm_part<T, 0>;                                                                       \
-    template [[host_name("norm_stats_bwd_" #T)]] [[kernel]] decltype(norm_part<T, 1>)          \
-        norm_part<T, 1>;                                                                       \
+    template [[host_name("norm_stats_fwd_" #T)]] [[kernel]] decltype(norm_part<T, 0, 8>)       \
+        norm_part<T, 0, 8>;                                                                    \
+    template [[host_name("norm_stats_bwd_" #T)]] [[kernel]] decltype(norm_part<T, 1, 8>)       \
+        norm_part<T, 1, 8>;                                                                    \
+    template [[host_name("norm_stats_fwd_u1_" #T)]] [[kernel]] decltype(norm_part<T, 0, 1>)    \
+        norm_part<T, 0, 1>;                                                                    \
+    template [[host_name("norm_stats_bwd_u1_" #T)]] [[kernel]] decltype(norm_part<T, 1, 1>)    \
+        norm_part<T, 1, 1>;                                                                    \
+    template [[host_name("norm_stats_bwd_act_u1_" #T)]] [[kernel]] decltype(norm_part<T, 2, 1>) \
+        norm_part<T, 2, 1>;                                                                    \
     template [[host_name("norm_stats_fwd_cols_" #T)]] [[kernel]]                               \
         decltype(norm_part_cols<T, 0>) norm_part_cols<T, 0>;                                   \
     template [[host_name("norm_stats_bwd_cols_" #T)]] [[kernel]]                               \
@@ -719,8 +753,8 @@ LAYER_NORM_INSTANTIATE(half)
         norm_apply<T, 0>;                                                                      \
     template [[host_name("norm_apply_bwd_" #T)]] [[kernel]] decltype(norm_apply<T, 1>)         \
         norm_apply<T, 1>;                                                                      \
-    template [[host_name("norm_stats_bwd_act_" #T)]] [[kernel]] decltype(norm_part<T, 2>)      \
-        norm_part<T, 2>;                                                                       \
+    template [[host_name("norm_stats_bwd_act_" #T)]] [[kernel]] decltype(norm_part<T, 2, 8>)   \
+        norm_part<T, 2, 8>;                                                                    \
     template [[host_name("norm_stats_bwd_cols_act_" #T)]] [[kernel]]                           \
         decltype(norm_part_cols<T, 2>) norm_part_cols<T, 2>;                                   \
     template [[host_name("norm_apply_bwd_act_" #T)]] [[kernel]] decltype(norm_apply<T, 2>)     \

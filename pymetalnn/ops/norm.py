@@ -58,9 +58,11 @@ SOURCE = "norm.metal"
 MAX_ELEMENTS = 2**32 - 1
 TARGET_GROUPS = 1024  # partial-making threadgroups to aim for (fills a large GPU)
 COLUMN_MODE_HW = 32   # batch norm with fewer positions per plane reads columns
-# the 16-byte-chunk kernels (norm_part_vec, norm_apply_vec) where the layout allows; False forces
-# the scalar kernels everywhere (benchmarks/dev_membound.py times both)
-VEC_KERNELS = True
+# Kernel choice, for benchmarks/dev_membound.py's comparisons: "auto" (the 16-byte-chunk
+# kernels norm_part_vec / norm_apply_vec where the layout allows, else the scalar ones), "scalar"
+# (the scalar kernels everywhere), "scalar_u1" (the scalar kernels with the statistics loop of
+# one element per step, the earlier production).
+KERNELS = "auto"
 
 # ---- validation ------------------------------------------------------------------------------
 
@@ -213,9 +215,10 @@ def _partials(dev: Device, p: NormParams, x: Tensor, dy: Tensor | None, mean: Te
         w = 16 // x.dtype.itemsize
         # 16-byte chunks (norm_part_vec) when no chunk straddles two runs of a row and every
         # chunk is aligned
-        vec = VEC_KERNELS and p.inner_len % w == 0 and p.dy_nstride % w == 0 and \
+        vec = KERNELS == "auto" and p.inner_len % w == 0 and p.dy_nstride % w == 0 and \
             x.buffer.offset % 16 == 0 and (dy is None or dy.buffer.offset % 16 == 0)
-        name = f"norm_stats_{'bwd' if bwd else 'fwd'}{act}{'_vec' if vec else ''}_{suffix(x.dtype)}"
+        form = "_vec" if vec else ("_u1" if KERNELS == "scalar_u1" else "")
+        name = f"norm_stats_{'bwd' if bwd else 'fwd'}{act}{form}_{suffix(x.dtype)}"
     part = empty((count, 4), float32, dev)
     d = dummy(dev)
     fb = [t.buffer if t is not None else d for t in (fwd or (None, None, None))]
@@ -256,7 +259,7 @@ def _apply(dev: Device, p: NormParams, u: Tensor, v: Tensor | None, coef: Tensor
     kind = f"{'bwd' if v is not None else 'fwd'}{act}"
     w = 16 // u.dtype.itemsize
     strided = p.out_nstride or p.dy_nstride
-    if VEC_KERNELS and (p.HW % w == 0 or p.HW >= w) and \
+    if KERNELS == "auto" and (p.HW % w == 0 or p.HW >= w) and \
             (not strided or ((p.C * p.HW) % w == 0 and p.out_nstride % w == 0
                              and p.dy_nstride % w == 0)) and \
             all(t.buffer.offset % 16 == 0 for t in (u, v, out) if t is not None):
