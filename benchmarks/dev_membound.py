@@ -26,7 +26,9 @@ Versions (see kernels/dev/membound.metal's note):
              v2/v3 (56x56): chan_stats (kernels/dev) + norm finalize + norm_apply_vec
   bn_eval    prod  v1 norm_apply (scalar)  v2 norm_apply_vec (production from this version)
   group_norm_fwd  prod  v1 (earlier production)
-  add, relu, copy, cast, dropout, softmax, log_softmax, cross_entropy (fwd+bwd, labels checked
+  softmax_fwd/bwd, log_softmax_fwd/bwd (4096 x 1000)  prod: softmax.metal's row kernels (one
+             simdgroup per row, the row in registers)  v1: the tile kernels (earlier production)
+  add, relu, copy, cast, dropout, cross_entropy (fwd+bwd, labels checked
   on the device), max_pool2d/avg_pool2d fwd+bwd, group_norm fwd/bwd: prod (diagnostic: device
   time vs eager time vs torch)
 
@@ -352,16 +354,17 @@ def _softmax_ctx(dev: pm.Device, shape: tuple, dtype: Any) -> dict:
             "out": pm.empty(shape, dtype, dev)}
 
 
-def softmax_rows(dev: pm.Device, ctx: dict, log: bool, bwd: bool) -> pm.Tensor:
-    """kernels/dev/membound.metal softmax_rows_*: one simdgroup per row."""
-    from pymetalnn.params import SoftmaxParams
+def softmax_tiles(dev: pm.Device, ctx: dict, log: bool, bwd: bool) -> pm.Tensor:
+    """softmax.metal's tile kernels (the production before the row kernels) on (rows, len)."""
+    from pymetalnn.ops import softmax as sm
 
     rows, length = ctx["shape"]
-    p = SoftmaxParams(outer=rows, len=length, inner=1)
-    name = f"{'log_' if log else ''}softmax_{'bwd' if bwd else 'fwd'}_v2_{sfx(ctx['dtype'])}"
+    p = sm.tile_plan(rows, length, 1, cache_arrays=1 if (log or not bwd) else 2)
+    name = f"{'log_' if log else ''}softmax_{'bwd' if bwd else 'fwd'}_{sfx(ctx['dtype'])}"
     y = ctx["ly" if log else "y"]
     bufs = [ctx["g"].buffer, y.buffer] if bwd else [ctx["x"].buffer]
-    k(dev, name)(rows * 32, *bufs, ctx["out"].buffer, p)
+    dev.library("softmax.metal").kernel(name)(sm.tile_groups(p) * sm.TG, *bufs, ctx["out"].buffer,
+                                              p)
     return ctx["out"]
 
 
@@ -556,14 +559,14 @@ def families(dev: pm.Device, torch: Any) -> list[Family]:
             f"{nm}_fwd", _softmax_ctx,
             (lambda c, log=log: np.log(_softmax_ref(c)) if log else _softmax_ref(c)),
             {"prod": lambda d, c, f=fwd_op: f(c["x"], 1),
-             "v2": lambda d, c, log=log: softmax_rows(d, c, log, False)},
+             "v1": lambda d, c, log=log: softmax_tiles(d, c, log, False)},
             (lambda c, t, log=log: (lambda: (T.log_softmax if log else T.softmax)(t["x"], 1)))
             if tf else None,
             lambda c: 2 * n_of(c) * isz(c), sm_small, sm_large))
         fams.append(Family(
             f"{nm}_bwd", _softmax_ctx, (lambda c, log=log: _softmax_bwd_ref(c, log)),
             {"prod": lambda d, c, f=bwd_op, log=log: f(c["g"], c["ly" if log else "y"], 1),
-             "v2": lambda d, c, log=log: softmax_rows(d, c, log, True)},
+             "v1": lambda d, c, log=log: softmax_tiles(d, c, log, True)},
             (lambda c, t, log=log: (lambda: T.ops.aten._log_softmax_backward_data(
                 t["g"], t["ly"], 1, t["x"].dtype) if log else
                 T.ops.aten._softmax_backward_data(t["g"], t["y"], 1, t["x"].dtype)))

@@ -23,6 +23,7 @@
 // floats of row cache per threadgroup (16 KB) of softmax.metal and loss.metal.
 #define TR_TG 256
 #define SM_CACHE 4096
+#define SM_ROW_CHUNKS 8  // softmax.metal row kernels: 16-byte chunks per lane (rows up to 32x that)
 
 // ---- conv / gemm (conv.metal, gemm.metal) -------------------------------------------------
 // Conv2dParams: one struct for every conv2d / conv_transpose2d kernel (conv.metal). Geometry is

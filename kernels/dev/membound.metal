@@ -15,14 +15,9 @@
 //         8-byte half loads
 //     v2  the stream.h chunk layout: one division per 16-byte chunk for its channel, STREAM_U
 //         chunks per thread, bias and activation fused in the same pass
-//   softmax / log_softmax over contiguous rows (inner == 1, e.g. (N, classes) logits)
-//     v1  softmax.metal: tiles of up to 256 threads per row through threadgroup memory, scalar
-//         loads, two threadgroup reductions with barriers
-//     v2  one simdgroup per row, 16-byte loads, the row held in registers (up to 32 * SM_CH
-//         chunks: 1024 float / 2048 half), simd_max / simd_sum only (no threadgroup memory, no
-//         barrier); host: len % W == 0 and aligned rows
-// Geometry in NormParams (N, C, HW, total, act, act_alpha; row plans as norm.py's _row_plan);
-// softmax in SoftmaxParams (outer = rows, len).
+// Geometry in NormParams (N, C, HW, total, act, act_alpha; row plans as norm.py's _row_plan).
+// (softmax over contiguous rows, one simdgroup per row, was v2 here: now softmax.metal's
+// softmax_rows_*.)
 #include <metal_stdlib>
 #include "params.h"
 #include "neuron.h"
@@ -152,85 +147,6 @@ kernel void chan_affine(device const T* x [[buffer(0)]],
     }
 }
 
-// ---- softmax over contiguous rows ----------------------------------------------------------
-#define SM_CH 8  // 16-byte chunks per lane: rows up to 32 * SM_CH * W elements
-
-template <typename T, int LOG>
-[[max_total_threads_per_threadgroup(256)]]
-kernel void softmax_rows_fwd(device const T* x [[buffer(0)]],
-                             device T* y [[buffer(1)]],
-                             constant SoftmaxParams& p [[buffer(2)]],
-                             uint gid [[thread_position_in_grid]],
-                             uint lane [[thread_index_in_simdgroup]]) {
-    const uint W = 16u / sizeof(T);
-    const uint row = gid / 32u;  // uniform across the simdgroup
-    if (row >= p.outer) return;
-    const uint nv = p.len / W, base = row * nv;
-    float v[SM_CH][16 / sizeof(T)];
-    for (uint c = 0; c < SM_CH; ++c) stream_load<16 / sizeof(T)>(x, base + min(lane + 32u * c, nv - 1u), v[c]);
-    float m = -INFINITY;
-    for (uint c = 0; c < SM_CH; ++c) {
-        if (lane + 32u * c < nv) {
-            for (uint e = 0; e < W; ++e) m = max(m, v[c][e]);
-        }
-    }
-    m = simd_max(m);
-    float s = 0.0f;
-    for (uint c = 0; c < SM_CH; ++c) {
-        if (lane + 32u * c < nv) {
-            for (uint e = 0; e < W; ++e) {
-                const float ex = precise::exp(v[c][e] - m);
-                if (!LOG) v[c][e] = ex;
-                s += ex;
-            }
-        }
-    }
-    s = simd_sum(s);
-    const float k = LOG ? precise::log(s) : 1.0f / s;
-    for (uint c = 0; c < SM_CH; ++c) {
-        if (lane + 32u * c < nv) {
-            for (uint e = 0; e < W; ++e) v[c][e] = LOG ? (v[c][e] - m) - k : v[c][e] * k;
-            stream_store<16 / sizeof(T)>(y, base + lane + 32u * c, v[c]);
-        }
-    }
-}
-
-// Backward from the output y: softmax dx = y (dy - sum dy y); log_softmax dx = dy - exp(y) sum dy.
-template <typename T, int LOG>
-[[max_total_threads_per_threadgroup(256)]]
-kernel void softmax_rows_bwd(device const T* dy [[buffer(0)]],
-                             device const T* y [[buffer(1)]],
-                             device T* dx [[buffer(2)]],
-                             constant SoftmaxParams& p [[buffer(3)]],
-                             uint gid [[thread_position_in_grid]],
-                             uint lane [[thread_index_in_simdgroup]]) {
-    const uint W = 16u / sizeof(T);
-    const uint row = gid / 32u;
-    if (row >= p.outer) return;
-    const uint nv = p.len / W, base = row * nv;
-    float g[SM_CH][16 / sizeof(T)], v[SM_CH][16 / sizeof(T)];
-    for (uint c = 0; c < SM_CH; ++c) {
-        const uint ch = base + min(lane + 32u * c, nv - 1u);
-        stream_load<16 / sizeof(T)>(dy, ch, g[c]);
-        stream_load<16 / sizeof(T)>(y, ch, v[c]);
-    }
-    float s = 0.0f;
-    for (uint c = 0; c < SM_CH; ++c) {
-        if (lane + 32u * c < nv) {
-            for (uint e = 0; e < W; ++e) s += LOG ? g[c][e] : g[c][e] * v[c][e];
-        }
-    }
-    s = simd_sum(s);
-    for (uint c = 0; c < SM_CH; ++c) {
-        if (lane + 32u * c < nv) {
-            for (uint e = 0; e < W; ++e) {
-                g[c][e] = LOG ? g[c][e] - precise::exp(v[c][e]) * s : v[c][e] * (g[c][e] - s);
-            }
-            stream_store<16 / sizeof(T)>(dx, base + lane + 32u * c, g[c]);
-        }
-    }
-}
-
 #define MEMBOUND_DEV(T)                                                                           \
     template [[host_name("chan_stats_v2_" #T)]] [[kernel]] decltype(chan_part<T, 0, 1>)          \
         chan_part<T, 0, 1>;                                                                       \
@@ -242,15 +158,6 @@ kernel void softmax_rows_bwd(device const T* dy [[buffer(0)]],
         chan_part<T, 1, 2>;                                                                       \
     template [[host_name("chan_sum_finish_" #T)]] [[kernel]] decltype(chan_sum_finish<T>)         \
         chan_sum_finish<T>;                                                                       \
-    template [[host_name("chan_affine_v2_" #T)]] [[kernel]] decltype(chan_affine<T>) chan_affine<T>; \
-    template [[host_name("softmax_fwd_v2_" #T)]] [[kernel]] decltype(softmax_rows_fwd<T, 0>)     \
-        softmax_rows_fwd<T, 0>;                                                                   \
-    template [[host_name("log_softmax_fwd_v2_" #T)]] [[kernel]] decltype(softmax_rows_fwd<T, 1>) \
-        softmax_rows_fwd<T, 1>;                                                                   \
-    template [[host_name("softmax_bwd_v2_" #T)]] [[kernel]] decltype(softmax_rows_bwd<T, 0>)     \
-        softmax_rows_bwd<T, 0>;                                                                   \
-    template [[host_name("log_softmax_bwd_v2_" #T)]] [[kernel]] decltype(softmax_rows_bwd<T, 1>) \
-        softmax_rows_bwd<T, 1>;
-
+    template [[host_name("chan_affine_v2_" #T)]] [[kernel]] decltype(chan_affine<T>) chan_affine<T>;
 MEMBOUND_DEV(float)
 MEMBOUND_DEV(half)
