@@ -28,6 +28,8 @@ Versions (see kernels/dev/membound.metal's note):
   group_norm_fwd  prod  v1 (earlier production)
   softmax_fwd/bwd, log_softmax_fwd/bwd (4096 x 1000)  prod: softmax.metal's row kernels (one
              simdgroup per row, the row in registers)  v1: the tile kernels (earlier production)
+  avg_pool2d_3x3s1 (InceptionV3 32x192x35x35)  prod: pool.metal  v2: strips of 4 outputs per
+             thread sharing row sums (kernels/dev)
   add, relu, copy, cast, dropout, cross_entropy (fwd+bwd, labels checked
   on the device), max_pool2d/avg_pool2d fwd+bwd, group_norm fwd/bwd: prod (diagnostic: device
   time vs eager time vs torch)
@@ -415,6 +417,20 @@ def _t_group_norm(T: Any, t: dict) -> Callable:
     return lambda: T.nn.functional.group_norm(t["x"], 32, tw, tb)
 
 
+def avg_pool3_v2(dev: pm.Device, ctx: dict) -> pm.Tensor:
+    """kernels/dev avg_pool3_s1_fwd_v2: 3x3 / stride 1 / padding 1, count_include_pad."""
+    from pymetalnn.params import CONST, Pool2dParams
+
+    n, c, h, w = ctx["shape"]
+    strips = -(-h // 4)  # AP_ROWS
+    q = Pool2dParams(planes=n * c, IH=h, IW=w, OH=h, OW=w, KH=3, KW=3, SH=1, SW=1, PH=1, PW=1,
+                     DH=1, DW=1, flags=int(CONST["POOL_COUNT_PAD"]), divisor=0, tiles_h=strips)
+    out = ctx.setdefault("pool_out", pm.empty((n, c, h, w), ctx["dtype"], dev))
+    k(dev, f"avg_pool3_s1_fwd_v2_{sfx(ctx['dtype'])}")(n * c * strips * w, ctx["x"].buffer,
+                                                      out.buffer, q)
+    return out
+
+
 def families(dev: pm.Device, torch: Any) -> list[Family]:
     img_large, img_small = (32, 256, 56, 56), (3, 5, 12, 12)
     fams: list[Family] = []
@@ -607,6 +623,12 @@ def families(dev: pm.Device, torch: Any) -> list[Family]:
         {"prod": lambda d, c: F.avg_pool2d(c["x"], 3, 2, 1)},
         (lambda c, t: (lambda: T.nn.functional.avg_pool2d(t["x"], 3, 2, 1))) if T else None,
         lambda c: n_of(c) * isz(c) * 5 // 4, pl_small, pl_large))
+    fams.append(Family(
+        "avg_pool2d_3x3s1", pool_ctx,
+        lambda c: _pool_ref(c["x_np"].astype(np.float64), 3, 1, 1, "avg"),
+        {"prod": lambda d, c: F.avg_pool2d(c["x"], 3, 1, 1), "v2": avg_pool3_v2},
+        (lambda c, t: (lambda: T.nn.functional.avg_pool2d(t["x"], 3, 1, 1))) if T else None,
+        lambda c: 2 * n_of(c) * isz(c), (2, 3, 13, 11), (32, 192, 35, 35)))
     return fams
 
 

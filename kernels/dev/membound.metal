@@ -15,7 +15,13 @@
 //         8-byte half loads
 //     v2  the stream.h chunk layout: one division per 16-byte chunk for its channel, STREAM_U
 //         chunks per thread, bias and activation fused in the same pass
-// Geometry in NormParams (N, C, HW, total, act, act_alpha; row plans as norm.py's _row_plan).
+//   avg_pool2d forward, 3x3 windows at stride 1 (InceptionV3's 3x3 / 1 / pad 1 pooling)
+//     v1  pool.metal avg_pool2d_fwd: one thread per output, 9 loads and the window's divisor
+//     v2  a thread owns a strip of AP_ROWS outputs of one column: each of the AP_ROWS + 2 input
+//         rows is read once (3 coalesced loads), its 3-sum kept in registers, and each output
+//         adds 3 row sums (4.5 loads per output instead of 9); same divisor as v1
+// Geometry in NormParams (N, C, HW, total, act, act_alpha; row plans as norm.py's _row_plan);
+// pooling in Pool2dParams (tiles_h = strips of AP_ROWS rows per plane).
 // (softmax over contiguous rows, one simdgroup per row, was v2 here: now softmax.metal's
 // softmax_rows_*.)
 #include <metal_stdlib>
@@ -147,6 +153,56 @@ kernel void chan_affine(device const T* x [[buffer(0)]],
     }
 }
 
+// ---- avg_pool2d 3x3 stride 1 ------------------------------------------------------------------
+// pool.metal's divisor rule for a 3x3 window at stride 1 (torch's: divisor_override, or the window
+// clipped to the padded input (count_include_pad), or to the input)
+inline float avg_div3(int oh, int ow, constant Pool2dParams& p, thread int4& box) {
+    int h0 = oh - p.PH, w0 = ow - p.PW;
+    int h1 = min(h0 + 3, int(p.IH) + p.PH), w1 = min(w0 + 3, int(p.IW) + p.PW);
+    int padded = (h1 - h0) * (w1 - w0);
+    box = int4(max(h0, 0), min(h1, int(p.IH)), max(w0, 0), min(w1, int(p.IW)));
+    if (p.divisor != 0u) return float(p.divisor);
+    if (p.flags & POOL_COUNT_PAD) return float(padded);
+    return float((box.y - box.x) * (box.w - box.z));
+}
+
+#define AP_ROWS 4
+
+template <typename T>
+[[max_total_threads_per_threadgroup(256)]]
+kernel void avg_pool3_s1_fwd(device const T* x [[buffer(0)]],
+                             device T* y [[buffer(1)]],
+                             constant Pool2dParams& p [[buffer(2)]],
+                             uint gid [[thread_position_in_grid]]) {
+    const uint OW = p.OW, OH = p.OH, IW = p.IW, IH = p.IH;
+    const uint rest = gid / OW, ow = gid - rest * OW;
+    const uint plane = rest / p.tiles_h, strip = rest - plane * p.tiles_h;
+    if (plane >= p.planes) return;
+    const int oh0 = int(strip) * AP_ROWS;
+    device const T* xp = x + plane * (IH * IW);
+    const int w0 = int(ow) - p.PW;
+    float hs[AP_ROWS + 2];
+    for (int r = 0; r < AP_ROWS + 2; ++r) {
+        const int h = oh0 - p.PH + r;
+        float a = 0.0f;
+        if (h >= 0 && h < int(IH)) {
+            for (int s = 0; s < 3; ++s) {
+                const int w = w0 + s;
+                if (w >= 0 && w < int(IW)) a += float(xp[h * int(IW) + w]);
+            }
+        }
+        hs[r] = a;
+    }
+    for (int j = 0; j < AP_ROWS; ++j) {
+        const int oh = oh0 + j;
+        if (oh >= int(OH)) break;
+        int4 box;
+        const float div = avg_div3(oh, int(ow), p, box);
+        const float sum = (box.x >= box.y || box.z >= box.w) ? 0.0f : (hs[j] + hs[j + 1]) + hs[j + 2];
+        y[plane * (OH * OW) + uint(oh) * OW + ow] = T(box.x >= box.y || box.z >= box.w ? 0.0f : sum / div);
+    }
+}
+
 #define MEMBOUND_DEV(T)                                                                           \
     template [[host_name("chan_stats_v2_" #T)]] [[kernel]] decltype(chan_part<T, 0, 1>)          \
         chan_part<T, 0, 1>;                                                                       \
@@ -158,6 +214,8 @@ kernel void chan_affine(device const T* x [[buffer(0)]],
         chan_part<T, 1, 2>;                                                                       \
     template [[host_name("chan_sum_finish_" #T)]] [[kernel]] decltype(chan_sum_finish<T>)         \
         chan_sum_finish<T>;                                                                       \
-    template [[host_name("chan_affine_v2_" #T)]] [[kernel]] decltype(chan_affine<T>) chan_affine<T>;
+    template [[host_name("chan_affine_v2_" #T)]] [[kernel]] decltype(chan_affine<T>) chan_affine<T>; \
+    template [[host_name("avg_pool3_s1_fwd_v2_" #T)]] [[kernel]] decltype(avg_pool3_s1_fwd<T>)     \
+        avg_pool3_s1_fwd<T>;
 MEMBOUND_DEV(float)
 MEMBOUND_DEV(half)
