@@ -16,8 +16,11 @@ back (their launch cost, a few microseconds, hides behind the previous call's ke
 called back to back without capture (host cost included when it exceeds the kernel time).
 
 Versions (see kernels/dev/membound.metal's note):
-  mul_bias   prod (arith_ew)  v2 chan_affine (stream.h chunks, one division per chunk)
-  bias_relu  prod (F.add then F.relu, two passes)  v2 chan_affine with the activation (one pass)
+  mul_bias   prod (arith.metal arith_chan: stream.h chunks, one plane lookup per chunk)
+             v1 (arith_ew, the earlier production: divisions per 4 outputs, 8-byte half loads)
+             v2 chan_affine (kernels/dev: the same layout, multiply-add and activation fused)
+  bias_relu  prod (F.add then F.relu, two passes)  v1 (with arith_ew)  v2 chan_affine with the
+             activation (one pass)
   sum_bias   prod (reduce_inner + finish)  v2/v3 chan_sum (16-byte loads, 1/2 chunks in flight)
   bn_train_fwd, bn_bwd, bn_bwd_relu (ResNet 56x56 planes; InceptionV3 35x35, 17x17)
              prod: norm_part_vec / norm_apply_vec where the layout allows, else norm_part with 8
@@ -187,6 +190,17 @@ def scalar_norm(fn: Callable[[], Any], kind: str = "scalar_u1") -> Any:
         return fn()
     finally:
         nm.KERNELS = "auto"
+
+
+def general_arith(fn: Callable[[], Any]) -> Any:
+    """fn() with arith.py's channel path off (arith_ew, the earlier production)."""
+    from pymetalnn.ops import arith as ar
+
+    ar.KERNELS = "general"
+    try:
+        return fn()
+    finally:
+        ar.KERNELS = "auto"
 
 
 def bn_params(shape: tuple, **kw: Any) -> NormParams:
@@ -474,6 +488,7 @@ def families(dev: pm.Device, torch: Any) -> list[Family]:
     fams.append(Family(
         "mul_bias", _img, lambda c: _f32(c["x_np"]) * _f32(c["w_np"]),
         {"prod": lambda d, c: F.mul(c["x"], c["w"]),
+         "v1": lambda d, c: general_arith(lambda: F.mul(c["x"], c["w"])),
          "v2": lambda d, c: chan_affine(d, c, 0, True, False)},
         (lambda c, t: (lambda: T.mul(t["x"], t["w"], out=t["out"]))) if T else None,
         lambda c: 2 * n_of(c) * isz(c), img_small, img_large))
@@ -484,6 +499,7 @@ def families(dev: pm.Device, torch: Any) -> list[Family]:
         "bias_relu", _img,
         lambda c: np.maximum(_f32(c["x_np"]) + _f32(c["b_np"]), 0).astype(c["dtype"]),
         {"prod": lambda d, c: F.relu(F.add(c["x"], c["b"])),
+         "v1": lambda d, c: general_arith(lambda: F.relu(F.add(c["x"], c["b"]))),
          "v2": lambda d, c: chan_affine(d, c, relu_code, False, True)},
         (lambda c, t: (lambda: T.relu_(T.add(t["x"], t["b"], out=t["out"])))) if T else None,
         lambda c: 2 * n_of(c) * isz(c), img_small, img_large))

@@ -11,6 +11,9 @@
 // Flat fast path (arith_flat, and arith_bwd): when every operand is contiguous with the output's
 // shape or a single element (same-shape ops, tensor op number), no index math at all: the
 // stream.h shape (two coalesced 16-byte chunks per thread, half included, one pass, scalar tail).
+// Channel path (arith_chan): output [N, C, HW] (HW >= the chunk) and every operand contiguous
+// with it or one value per channel (x * w[c], x + b[c]): the stream.h shape too, one plane
+// lookup per 16-byte chunk where the general kernel spends ndim - 1 divisions per 4 outputs.
 //
 // Reductions out[t] = alpha * sum_r op(x0, x1, x2) (op: identity, g * other, g / b, -g a / b^2)
 // come in two shapes, chosen by the host:
@@ -158,6 +161,73 @@ kernel void arith_flat(device const T* x0 [[buffer(0)]],
             const float a = float(x0[s0 * i]);
             const float b = k >= 2 ? float(x1[s1 * i]) : 0.0f;
             const float c = k >= 3 ? float(x2[s2 * i]) : 1.0f;
+            out[i] = T(arith_apply<OP>(a, b, c, alpha));
+        }
+    }
+}
+
+// ---- channel broadcast: out [N, C, HW], operand i contiguous (p.stride<i>[0] = 1) or per channel
+// (0, x[c]); p.n elements, p.vec = nvec chunks of W = 16 / sizeof(T), p.shape[0] = C,
+// p.shape[1] = HW >= W, so a chunk meets at most two planes q and q + 1 (the first in_q elements
+// in q). Per element the same arith_apply as arith_ew.
+template <int W, typename T>
+inline void arith_load_chan(device const T* x, uint s, uint ch, float a0, float a1, uint in_q,
+                            thread float* v) {
+    if (s == 0u) {
+        for (int e = 0; e < W; ++e) v[e] = uint(e) < in_q ? a0 : a1;
+    } else {
+        stream_load<W>(x, ch, v);
+    }
+}
+
+template <int OP, typename T>
+[[max_total_threads_per_threadgroup(256)]]
+kernel void arith_chan(device const T* x0 [[buffer(0)]],
+                       device const T* x1 [[buffer(1)]],
+                       device const T* x2 [[buffer(2)]],
+                       device T* out [[buffer(3)]],
+                       constant ArithParams& p [[buffer(4)]],
+                       uint gid [[thread_position_in_grid]]) {
+    const int k = arith_arity<OP>();
+    const uint W = 16u / sizeof(T);
+    const uint nvec = p.vec, C = p.shape[0], HW = p.shape[1];
+    const uint s0 = p.stride0[0], s1 = p.stride1[0], s2 = p.stride2[0];
+    const float alpha = p.alpha;
+    const uint vthreads = stream_vthreads(nvec);
+    if (gid < vthreads) {
+        float a[STREAM_U][16 / sizeof(T)], b[STREAM_U][16 / sizeof(T)], c[STREAM_U][16 / sizeof(T)];
+        for (uint u = 0; u < STREAM_U; ++u) {
+            const uint ch = stream_clamp(stream_chunk(gid, u), nvec);
+            const uint i0 = ch * W, q = i0 / HW, in_q = (q + 1u) * HW - i0;
+            const uint c0 = q % C, c1 = (q + 1u) % C;
+            arith_load_chan<16 / sizeof(T)>(x0, s0, ch, s0 ? 0.0f : float(x0[c0]),
+                                            s0 ? 0.0f : float(x0[c1]), in_q, a[u]);
+            if (k >= 2) {
+                arith_load_chan<16 / sizeof(T)>(x1, s1, ch, s1 ? 0.0f : float(x1[c0]),
+                                                s1 ? 0.0f : float(x1[c1]), in_q, b[u]);
+            }
+            if (k >= 3) {
+                arith_load_chan<16 / sizeof(T)>(x2, s2, ch, s2 ? 0.0f : float(x2[c0]),
+                                                s2 ? 0.0f : float(x2[c1]), in_q, c[u]);
+            }
+        }
+        for (uint u = 0; u < STREAM_U; ++u) {
+            const uint ch = stream_chunk(gid, u);
+            if (ch < nvec) {
+                for (uint e = 0; e < W; ++e) {
+                    a[u][e] = arith_apply<OP>(a[u][e], k >= 2 ? b[u][e] : 0.0f,
+                                              k >= 3 ? c[u][e] : 1.0f, alpha);
+                }
+                stream_store<16 / sizeof(T)>(out, ch, a[u]);
+            }
+        }
+    } else {
+        const uint i = nvec * W + (gid - vthreads);
+        if (i < p.n) {
+            const uint cc = (i / HW) % C;
+            const float a = float(x0[s0 ? i : cc]);
+            const float b = k >= 2 ? float(x1[s1 ? i : cc]) : 0.0f;
+            const float c = k >= 3 ? float(x2[s2 ? i : cc]) : 1.0f;
             out[i] = T(arith_apply<OP>(a, b, c, alpha));
         }
     }
@@ -418,6 +488,8 @@ kernel void reduce_finish(device const float* partial [[buffer(0)]],
         arith_flat<OP, T, false>;                                                              \
     template [[host_name(name "_splat")]] [[kernel]] decltype(arith_flat<OP, T, true>)         \
         arith_flat<OP, T, true>;
+#define instantiate_chan(name, OP, T) \
+    template [[host_name(name)]] [[kernel]] decltype(arith_chan<OP, T>) arith_chan<OP, T>;
 #define instantiate_bwd(name, OP, T) \
     template [[host_name(name)]] [[kernel]] decltype(arith_bwd<OP, T>) arith_bwd<OP, T>;
 #define instantiate_reduce(name, kind, OP, T) \
@@ -436,6 +508,12 @@ kernel void reduce_finish(device const float* partial [[buffer(0)]],
     instantiate_flat("div_fwd_flat_" #T, OP_DIV, T)                                   \
     instantiate_flat("scale_fwd_flat_" #T, OP_SCALE, T)                               \
     instantiate_flat("div_bwd_rhs_flat_" #T, OP_DIVRHS, T)                            \
+    instantiate_chan("add_fwd_chan_" #T, OP_ADD, T)                                   \
+    instantiate_chan("sub_fwd_chan_" #T, OP_SUB, T)                                   \
+    instantiate_chan("mul_fwd_chan_" #T, OP_MUL, T)                                   \
+    instantiate_chan("div_fwd_chan_" #T, OP_DIV, T)                                   \
+    instantiate_chan("scale_fwd_chan_" #T, OP_SCALE, T)                               \
+    instantiate_chan("div_bwd_rhs_chan_" #T, OP_DIVRHS, T)                            \
     instantiate_bwd("add_bwd_" #T, OP_ADD, T)                                         \
     instantiate_bwd("sub_bwd_" #T, OP_SUB, T)                                         \
     instantiate_bwd("mul_bwd_" #T, OP_MUL, T)                                         \

@@ -33,6 +33,12 @@ SHAPES = [
     ((1, 32, 4), (1, 1, 4)),
     ((2, 1, 3, 1, 5), (1, 4, 1, 2, 1)),
     ((2, 3, 2, 1, 2, 3), (3,)),
+    # per-channel operands (arith_chan: [N, C, HW] with HW >= a 16-byte chunk, chunks that
+    # straddle planes, a scalar tail; HW = 7 is below half's chunk: the general kernel there)
+    ((4, 5, 7, 9), (1, 5, 1, 1)),
+    ((3, 1, 1), (2, 3, 8, 8)),
+    ((2, 4, 7), (4, 1)),
+    ((3, 6, 5, 5), (6, 1, 1)),
 ]
 
 

@@ -37,6 +37,9 @@ from ._common import (
 )
 
 SOURCE = "arith.metal"
+# "auto": the channel path (arith_chan) where it applies; "general": arith_ew there instead (the
+# earlier production, for benchmarks/dev_membound.py's comparison)
+KERNELS = "auto"
 GRID_CAP = 1 << 22         # threads per launch; kernels loop (grid-stride) past it
 # Reductions split the reduced range until there is enough memory traffic in flight to cover the
 # GPU's latency: about this many threads (outer) or simdgroups (inner), each split >= MIN_CHUNK.
@@ -148,6 +151,8 @@ def _ew(name: str, out_shape: tuple[int, ...], xs: Sequence[Tensor], alpha: floa
         raise ValueError(f"shape: broadcasting {[x.shape for x in xs]} needs {len(dims)} dimensions "
                          f"after merging, the kernels take {MAXD}")
     k = _flat_kernel(dev, name, dt, dims, xs, out, alpha)
+    if k is None:
+        k = _chan_kernel(dev, name, dt, dims, xs, out, alpha)
     if k is not None:
         return out
     vec = 4 if dims[-1][0] % 4 == 0 and all(vec4_aligned(x) for x in xs) else 1
@@ -180,6 +185,43 @@ def _flat_kernel(dev: Device, name: str, dt: Any, dims: list, xs: Sequence[Tenso
     p = ArithParams(n=n, ndim=1, vec=nvec, alpha=float(alpha))
     p.shape[0] = n
     p.stride0[0], p.stride1[0], p.stride2[0] = dims[0][2]
+    k(count, xs[0].buffer, xs[1].buffer, xs[2].buffer, out.buffer, p)
+    return k
+
+
+def _chan_kernel(dev: Device, name: str, dt: Any, dims: list, xs: Sequence[Tensor], out: Tensor,
+                 alpha: float) -> Kernel | None:
+    """The channel path of _ew (arith_chan): after merging, [N, C, HW] or [C, HW] with HW at
+    least a 16-byte chunk, every operand contiguous with the output or one value per channel
+    (x * w[c], x + b[c]), the contiguous ones 16-byte aligned. Launches it and returns the kernel,
+    or None where it does not apply."""
+    if len(dims) not in (2, 3) or KERNELS != "auto":
+        return None
+    c, hw = dims[-2][0], dims[-1][0]
+    n = out.size
+    full = [c * hw, hw, 1][-len(dims):]
+    chan = [0, 1, 0][-len(dims):]
+    kinds = []
+    for i in range(3):
+        st = [d[2][i] for d in dims]
+        if st == full:
+            kinds.append(1)
+        elif st == chan:
+            kinds.append(0)
+        else:
+            return None
+    w = stream_chunk(dt.itemsize)
+    if hw < w or 1 not in kinds or any(x.buffer.offset % 16 for x, s in zip(xs, kinds) if s) \
+            or out.buffer.offset % 16:
+        return None
+    nvec = n // w
+    count = stream_count(n, w, nvec)
+    if count > MAX_GRID_THREADS:
+        return None
+    k = kernel(dev, SOURCE, f"{name}_chan_{suffix(dt)}")
+    p = ArithParams(n=n, ndim=len(dims), vec=nvec, alpha=float(alpha))
+    p.shape[0], p.shape[1] = c, hw
+    p.stride0[0], p.stride1[0], p.stride2[0] = kinds
     k(count, xs[0].buffer, xs[1].buffer, xs[2].buffer, out.buffer, p)
     return k
 
