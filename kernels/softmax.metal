@@ -19,6 +19,9 @@
 using namespace metal;
 
 // SM_CACHE (params.h): floats of tile cache per threadgroup (16 KB)
+// The tile kernels' first pass issues SM_UN loads per thread before using them (a thread had
+// one load in flight at a time), accumulating in the same order: the same results.
+#define SM_UN 4u
 
 // Forward. LOG = 0: y = exp(x - m) / sum; LOG = 1: y = x - m - log(sum).
 template <typename T, int LOG>
@@ -45,7 +48,17 @@ kernel void softmax_fwd(device const T* x [[buffer(0)]],
         uint off = o * L * inner + i;
         float m = -INFINITY;
         if (col) {
-            for (uint l = t.s; l < L; l += t.S) {
+            // SM_UN loads issued together, then used in the same order as one at a time
+            uint l = t.s;
+            for (; l + (SM_UN - 1u) * t.S < L; l += SM_UN * t.S) {
+                float v[SM_UN];
+                for (uint u = 0; u < SM_UN; ++u) v[u] = float(x[off + (l + u * t.S) * inner]);
+                for (uint u = 0; u < SM_UN; ++u) {
+                    if (p.cached) cp[(l + u * t.S) * p.W] = v[u];
+                    m = max(m, v[u]);
+                }
+            }
+            for (; l < L; l += t.S) {
                 float v = float(x[off + l * inner]);
                 if (p.cached) cp[l * p.W] = v;
                 m = max(m, v);
@@ -107,7 +120,25 @@ kernel void softmax_bwd(device const T* dy [[buffer(0)]],
         uint off = o * L * inner + i;
         float acc = 0.0f;
         if (col) {
-            for (uint l = t.s; l < L; l += t.S) {
+            uint l = t.s;
+            for (; l + (SM_UN - 1u) * t.S < L; l += SM_UN * t.S) {
+                float gv[SM_UN], yv[SM_UN];
+                for (uint u = 0; u < SM_UN; ++u) {
+                    gv[u] = float(dy[off + (l + u * t.S) * inner]);
+                    if (!LOG) yv[u] = float(y[off + (l + u * t.S) * inner]);
+                }
+                for (uint u = 0; u < SM_UN; ++u) {
+                    const uint lu = l + u * t.S;
+                    if (LOG) {
+                        acc += gv[u];
+                    } else {
+                        acc += gv[u] * yv[u];
+                        if (p.cached) cy[lu * p.W] = yv[u];
+                    }
+                    if (p.cached) cg[lu * p.W] = gv[u];
+                }
+            }
+            for (; l < L; l += t.S) {
                 float g = float(dy[off + l * inner]);
                 if (LOG) {
                     acc += g;
