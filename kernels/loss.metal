@@ -205,6 +205,30 @@ inline float smooth_label(uint c, int y, float eps, float C) {
     return (int(c) == y ? 1.0f - eps : 0.0f) + eps / C;
 }
 
+// The max over a tile's slice of the class axis (x at off + l * inner, l = t.s, t.s + t.S, ...),
+// the values cached when q.cached. Four loads are issued before they are used (one at a time
+// left a thread one load in flight), taken in the same order: the same result.
+template <typename T>
+inline float cls_max_pass(device const T* x, uint off, uint inner, uint C, TilePos t,
+                          constant SoftmaxParams& q, threadgroup float* cp) {
+    float m = -INFINITY;
+    uint l = t.s;
+    for (; l + 3u * t.S < C; l += 4u * t.S) {
+        float v[4];
+        for (uint u = 0; u < 4u; ++u) v[u] = float(x[off + (l + u * t.S) * inner]);
+        for (uint u = 0; u < 4u; ++u) {
+            if (q.cached) cp[(l + u * t.S) * q.W] = v[u];
+            m = max(m, v[u]);
+        }
+    }
+    for (; l < C; l += t.S) {
+        float v = float(x[off + l * inner]);
+        if (q.cached) cp[l * q.W] = v;
+        m = max(m, v);
+    }
+    return m;
+}
+
 // LABELS: 1 = int labels (N, H*W), 0 = probability targets shaped like x. terms[k], cnt[k] per
 // position k = n * M + i: the weighted loss and (valid, valid with nonzero weight).
 template <typename T, int K, int LABELS>
@@ -247,13 +271,7 @@ kernel void loss_cls_fwd(device const T* x [[buffer(0)]],
         float m = 0.0f;
         if (K == L_CE) {
             m = -INFINITY;
-            if (col) {
-                for (uint l = t.s; l < C; l += t.S) {
-                    float v = float(x[off + l * inner]);
-                    if (q.cached) cp[l * q.W] = v;
-                    m = max(m, v);
-                }
-            }
+            if (col) m = cls_max_pass(x, off, inner, C, t, q, cp);
             m = tile_reduce(m, TR_MAX, q.W, q.SW, lane, sg, scratch);
             if (col) {
                 for (uint l = t.s; l < C; l += t.S) {
@@ -366,13 +384,7 @@ kernel void loss_cls_bwd(device const float* g [[buffer(0)]],
         }
         if (K == L_CE) {
             float m = -INFINITY;
-            if (col) {
-                for (uint l = t.s; l < C; l += t.S) {
-                    float v = float(x[off + l * inner]);
-                    if (q.cached) cp[l * q.W] = v;
-                    m = max(m, v);
-                }
-            }
+            if (col) m = cls_max_pass(x, off, inner, C, t, q, cp);
             m = tile_reduce(m, TR_MAX, q.W, q.SW, lane, sg, scratch);
             float4 acc = float4(0.0f);  // (sum exp(x - m), sum w t' (probabilities) or sum w)
             if (col) {
