@@ -587,6 +587,27 @@ def families(dev: pm.Device, torch: Any) -> list[Family]:
         (lambda c, t: _t_group_norm(T, t)) if T and dev.name == "cuda" else None,
         lambda c: 2 * n_of(c) * isz(c), img_small, img_large))
 
+    def gn_ctx(d: pm.Device, shape: tuple, dtype: Any) -> dict:
+        ctx = _bn_ctx(d, shape, dtype)
+        g = 32 if shape[1] % 32 == 0 else 1
+        _, ctx["gm"], ctx["gr"] = F.group_norm_with_stats(ctx["x"], g, ctx["bw"], ctx["bb"])
+        ctx["groups"] = g
+        return ctx
+
+    fams.append(Family(
+        "group_norm_bwd", gn_ctx, None,
+        {"prod": lambda d, c: F.group_norm_backward(c["g"], c["x"], c["groups"], c["bw"], c["bb"],
+                                                    save_mean=c["gm"], save_rstd=c["gr"])[0]},
+        None, lambda c: 3 * n_of(c) * isz(c), img_small, img_large))
+    # softmax over the channels of an NCHW tensor (the tile kernels, W = 32 columns)
+    fams.append(Family(
+        "softmax_fwd NCHW dim1", _img,
+        lambda c: np.exp(c["x_np"].astype(np.float64)) / np.exp(c["x_np"].astype(np.float64)).sum(
+            1, keepdims=True),
+        {"prod": lambda d, c: F.softmax(c["x"], 1)},
+        (lambda c, t: (lambda: T.softmax(t["x"], 1))) if T else None,
+        lambda c: 2 * n_of(c) * isz(c), img_small, img_large))
+
     # softmax / cross-entropy on (N, classes)
     sm_small, sm_large = (7, 1000), (4096, 1000)
     for log in (False, True):
