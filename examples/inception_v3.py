@@ -12,7 +12,7 @@ Trained `--iters` (30) iterations on generated data (random images and labels; a
 benchmark), printing images/s and peak memory for both.
 
     PYTHONPATH=. python examples/inception_v3.py --backend cuda [--batch 32] [--iters 30]
-    PYTHONPATH=. python examples/inception_v3.py --smoke        # cpu, 75x75, 2 iterations
+    PYTHONPATH=. python examples/inception_v3.py --smoke        # cpu, 75x75, batch 4, 3 iterations
 """
 from __future__ import annotations
 
@@ -289,7 +289,9 @@ def main(argv: list[str] | None = None) -> dict:
     if args.smoke:
         args.backend = args.backend or "cpu"
         args.image_size = min(args.image_size, 75)
-        args.batch, args.iters, args.warmup = min(args.batch, 2), min(args.iters, 3), 1
+        # batch 4, not 2: batch norm over the 1x1 tail at batch 2 normalizes two values, which makes the
+        # gradients chaotic (float32 and float64 torch disagree by 100x there; at 4 they agree to 1e-3)
+        args.batch, args.iters, args.warmup = min(args.batch, 4), min(args.iters, 3), 1
         args.width = min(args.width, 0.0625)
         args.classes = min(args.classes, 10)
         args.no_torch = True

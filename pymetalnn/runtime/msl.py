@@ -16,6 +16,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 
+from .convergence import pin_simd_loops, simd_helpers
 from .errors import MSLError
 from .lockstep import build as build_lockstep
 from .preprocess import Preprocessor, Token
@@ -942,6 +943,9 @@ def translate_file(path: str, target: str, defines: dict | None = None,
         for k in kernels.values():
             if k.needs_fibers:
                 k.fiber_reason = "validation mode" if tr.validate else "work-item loops turned off"
+    if target == "cuda":  # see convergence.py: one program point per SIMD-group call
+        names = SIMD_FUNCS | simd_helpers(out, SIMD_FUNCS)
+        out, _ = pin_simd_loops(out, names)
     parts.append(_emit(out))
     parts.append(f'#line 1 "{GENERATED}"\n')
     for k in kernels.values():

@@ -1,0 +1,129 @@
+"""Keep Metal's SIMD-group semantics through the CUDA compiler's loop transformations.
+
+MSL defines a SIMD-group function over the threads that are active at the call: in a loop whose
+trip count differs between lanes, iteration i's call sees exactly the lanes still looping. The
+cuda prelude takes the active set from `__activemask()`, i.e. from the lanes that are converged
+at that instruction. That is Metal's set as long as each call stays one program point; but NVVM
+partially unrolls loops with a runtime trip count (a 4x unrolled body plus a remainder loop), and
+then lanes in the same iteration execute different copies of the call and each copy sees only
+part of the group: silently wrong sums, maxima and shuffles (found by
+tests/dialect/test_lockstep.py's divergent-loop kernel).
+
+So, on cuda, every loop whose body calls a SIMD-group function (directly or through a helper that
+does) is emitted with `#pragma unroll 1`, unless the source already has an unroll pragma in front
+of it: an explicit `#pragma unroll` asks for full unrolling of a constant trip count, which keeps
+one copy of the call per iteration and is therefore safe; partial unrolling is what splits them.
+"""
+from __future__ import annotations
+
+from .preprocess import Token
+
+LOOP_WORDS = ("for", "while", "do")
+
+
+def _match(toks: list[Token], i: int, open_: str, close: str) -> int:
+    """Index of the token closing the bracket opened at toks[i]."""
+    depth = 0
+    for j in range(i, len(toks)):
+        if toks[j].text == open_:
+            depth += 1
+        elif toks[j].text == close:
+            depth -= 1
+            if depth == 0:
+                return j
+    return len(toks) - 1
+
+
+def _statement_end(toks: list[Token], i: int) -> int:
+    """Index of the last token of the statement starting at toks[i]."""
+    while i < len(toks) and toks[i].kind == "pragma":
+        i += 1
+    if i >= len(toks):
+        return len(toks) - 1
+    t = toks[i].text
+    if t == "{":
+        return _match(toks, i, "{", "}")
+    if t in ("for", "while", "if", "switch") and i + 1 < len(toks) and toks[i + 1].text == "(":
+        j = _statement_end(toks, _match(toks, i + 1, "(", ")") + 1)
+        if t == "if" and j + 1 < len(toks) and toks[j + 1].text == "else":
+            j = _statement_end(toks, j + 2)
+        return j
+    if t == "do":
+        j = _statement_end(toks, i + 1)  # the body, then `while (...) ;`
+        j = _match(toks, j + 2, "(", ")")
+        return j + 1
+    depth = 0
+    for j in range(i, len(toks)):
+        if toks[j].text in ("(", "[", "{"):
+            depth += 1
+        elif toks[j].text in (")", "]", "}"):
+            depth -= 1
+        elif toks[j].text == ";" and depth == 0:
+            return j
+    return len(toks) - 1
+
+
+def pin_simd_loops(toks: list[Token], simd_names: set[str]) -> tuple[list[Token], int]:
+    """`toks` with `#pragma unroll 1` before every loop whose body mentions one of `simd_names`
+    and that has no unroll pragma of its own; also returns how many loops were pinned."""
+    marks: set[int] = set()
+    for i, t in enumerate(toks):
+        if t.kind != "id" or t.text not in LOOP_WORDS:
+            continue
+        if t.text != "do" and (i + 1 >= len(toks) or toks[i + 1].text != "("):
+            continue
+        if t.text == "while" and i > 0 and toks[i - 1].text == "}":
+            # `} while (...)` closing a do loop: the do handled it (a while statement right after a
+            # block would be misread here, which only costs an unroll hint)
+            continue
+        if i > 0 and toks[i - 1].kind == "pragma" and "unroll" in toks[i - 1].text:
+            continue
+        end = _statement_end(toks, i)
+        if any(x.kind == "id" and x.text in simd_names for x in toks[i:end + 1]):
+            marks.add(i)
+    if not marks:
+        return toks, 0
+    out: list[Token] = []
+    for i, t in enumerate(toks):
+        if i in marks:
+            out.append(Token("pragma", "unroll 1", t.file, t.line))
+        out.append(t)
+    return out, len(marks)
+
+
+def simd_helpers(toks: list[Token], simd_names: set[str]) -> set[str]:
+    """Names of the functions defined in `toks` that call a SIMD-group function, directly or
+    through another such function (a call inside a pinned loop's body counts like the function)."""
+    bodies: dict[str, set[str]] = {}
+    depth = 0
+    i = 0
+    while i < len(toks):
+        t = toks[i]
+        if t.text == "{" and depth == 0:
+            # a function body: `name ( ... ) [const] {`
+            j = i - 1
+            while j >= 0 and toks[j].kind == "id" and toks[j].text in ("const", "thread"):
+                j -= 1
+            if j >= 0 and toks[j].text == ")":
+                k = j
+                d = 0
+                while k >= 0:
+                    d += toks[k].text == ")"
+                    d -= toks[k].text == "("
+                    if d == 0:
+                        break
+                    k -= 1
+                if k > 0 and toks[k - 1].kind == "id":
+                    end = _match(toks, i, "{", "}")
+                    bodies.setdefault(toks[k - 1].text, set()).update(
+                        x.text for x in toks[i:end] if x.kind == "id")
+                    i = end + 1
+                    continue
+        depth += (t.text == "{") - (t.text == "}")
+        i += 1
+    found = {n for n, ids in bodies.items() if ids & simd_names}
+    while True:
+        more = {n for n, ids in bodies.items() if n not in found and ids & found}
+        if not more:
+            return found
+        found |= more
