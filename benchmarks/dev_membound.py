@@ -485,6 +485,20 @@ def families(dev: pm.Device, torch: Any) -> list[Family]:
         (lambda c, t: _t_cast(T, c, t))
         if T and dev.name == "cuda" else None,
         lambda c: n_of(c) * (isz(c) + np.dtype(cast_other(c)).itemsize), img_small, img_large))
+    def concat_ctx(d: pm.Device, shape: tuple, dtype: Any) -> dict:
+        ctx = _img(d, shape, dtype)
+        half = (shape[0], shape[1] // 2, *shape[2:])
+        ctx["a_np"] = ctx["x_np"][:, : shape[1] // 2].copy()
+        ctx["b_np"] = ctx["x_np"][:, shape[1] // 2:].copy()
+        ctx["a"], ctx["b2"] = pm.tensor(ctx["a_np"], d), pm.tensor(ctx["b_np"], d)
+        ctx["half"] = half
+        return ctx
+
+    fams.append(Family(
+        "concat_c", concat_ctx, lambda c: c["x_np"],
+        {"prod": lambda d, c: F.concat([c["a"], c["b2"]], 1)},
+        (lambda c, t: (lambda: T.cat([t["a"], t["b2"]], 1, out=t["out"]))) if T else None,
+        lambda c: 2 * n_of(c) * isz(c), (3, 16, 12, 12), img_large))
     fams.append(Family(
         "dropout", _img, None, {"prod": lambda d, c: F.dropout(c["x"], 0.1, seed=1, offset=0)},
         (lambda c, t: (lambda: T.ops.aten.native_dropout(t["x"], 0.1, True)))
