@@ -475,7 +475,16 @@ kernel void reduce_finish(device const float* partial [[buffer(0)]],
     const uint n_sg = tg_size * n_groups / 32u;
     for (uint t = gid / 32u; t < p.n_out; t += n_sg) {
         float acc = 0.0f;
-        for (uint s = lane; s < p.splits; s += 32u) acc += partial[s * p.n_out + t];
+        // 8 loads issued before they are added, in the same order (a full reduction has up to
+        // MAX_SPLITS partials for one simdgroup: one load in flight at a time made it
+        // latency-bound)
+        uint s = lane;
+        for (; s + 7u * 32u < p.splits; s += 8u * 32u) {
+            float v[8];
+            for (uint u = 0; u < 8u; ++u) v[u] = partial[(s + 32u * u) * p.n_out + t];
+            for (uint u = 0; u < 8u; ++u) acc += v[u];
+        }
+        for (; s < p.splits; s += 32u) acc += partial[s * p.n_out + t];
         acc = simd_sum(acc);
         if (lane == 0) out[t] = T(acc * p.alpha);
     }

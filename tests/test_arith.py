@@ -289,3 +289,17 @@ def test_bad_input(dev) -> None:
         F.sum_backward(pm.tensor(np.zeros((2, 1), np.float32), dev), a, 1, keepdim=False)
     with pytest.raises(ValueError, match="^x: dtype"):
         F.sum(pm.tensor(np.zeros(3, np.int32), dev))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_sum_many_splits(dev, dtype):
+    """A full reduction split into more partials than the finish kernel's unrolled step (8 x 32)
+    covers: the unrolled loop and its remainder, against float64."""
+    x = rnd((300001,), dtype, 91)
+    got = float(F.sum(dt(x, dev)).numpy())
+    want = float(x.astype(np.float64).sum())
+    assert abs(got - want) <= (1e-5 if dtype == np.float32 else 2e-3) * \
+        np.abs(x.astype(np.float64)).sum()
+    y = x[:300000].reshape(3, 100000)
+    got = F.mean(dt(y, dev), 1).numpy().astype(np.float64)
+    np.testing.assert_allclose(got, y.astype(np.float64).mean(1), atol=1e-3)
