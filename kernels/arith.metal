@@ -403,6 +403,8 @@ kernel void reduce_outer(device const T* x0 [[buffer(0)]],
     }
 }
 
+#define RED_UN 4  // reduce_inner: steps whose loads a lane issues together
+
 // inner: one simdgroup per (output t, split s). The split covers reduced elements
 // [s * chunk, (s + 1) * chunk) of the (rows, inner) space; lane l takes elements V*l .. V*l+V-1,
 // then the next 32 V, and tracks (row, col) incrementally, rows through the odometer c[] over the
@@ -436,21 +438,48 @@ kernel void reduce_inner(device const T* x0 [[buffer(0)]],
             uint col = r % p.inner;
             uint c[8];
             odometer_init(r / p.inner, c, p, b0, b1, b2);
-            for (; r < r1; r += advance) {
-                const uint o0 = b0 + col * p.istride0;
-                const uint o1 = b1 + col * p.istride1;
-                const uint o2 = b2 + col * p.istride2;
-                if (p.vec == 4) {
-                    const float4 v = reduce_term4<OP>(x0, x1, x2, o0, o1, o2, p.istride0, p.istride1,
-                                                      p.istride2);
-                    acc += (v.x + v.y) + (v.z + v.w);
-                } else {
-                    acc += reduce_term<OP>(x0, x1, x2, o0, o1, o2);
+            // RED_UN steps per round: their loads first, then the terms added in step order
+            // (the same sums as one step at a time, which left a lane one load in flight)
+            const int k = arith_arity<OP>();
+            while (r < r1) {
+                float4 va[RED_UN], vb[RED_UN], vc[RED_UN];
+                bool ok[RED_UN];
+                for (int u = 0; u < RED_UN; ++u) {
+                    ok[u] = r < r1;
+                    va[u] = float4(0.0f);
+                    vb[u] = float4(0.0f);
+                    vc[u] = float4(1.0f);
+                    if (ok[u]) {
+                        const uint o0 = b0 + col * p.istride0;
+                        const uint o1 = b1 + col * p.istride1;
+                        const uint o2 = b2 + col * p.istride2;
+                        if (p.vec == 4) {
+                            va[u] = load4(x0, o0, p.istride0);
+                            if (k >= 2) vb[u] = load4(x1, o1, p.istride1);
+                            if (k >= 3) vc[u] = load4(x2, o2, p.istride2);
+                        } else {
+                            va[u].x = float(x0[o0]);
+                            if (k >= 2) vb[u].x = float(x1[o1]);
+                            if (k >= 3) vc[u].x = float(x2[o2]);
+                        }
+                        col += advance;
+                        // next row (at most once if inner >= advance)
+                        while (col >= p.inner && r + advance < r1) {
+                            col -= p.inner;
+                            odometer_next(c, p, b0, b1, b2);
+                        }
+                        r += advance;
+                    }
                 }
-                col += advance;
-                while (col >= p.inner && r + advance < r1) {  // next row (at most once if inner >= advance)
-                    col -= p.inner;
-                    odometer_next(c, p, b0, b1, b2);
+                for (int u = 0; u < RED_UN; ++u) {
+                    if (ok[u]) {
+                        if (p.vec == 4) {
+                            const float4 v = arith_apply<OP>(va[u], vb[u], vc[u], 1.0f);
+                            acc += (v.x + v.y) + (v.z + v.w);
+                        } else {
+                            acc += arith_apply<OP>(va[u].x, vb[u].x, vc[u].x, 1.0f);
+                        }
+                    }
                 }
             }
         }
