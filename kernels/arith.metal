@@ -356,6 +356,8 @@ inline void odometer_init(uint r, thread uint* c, constant ReduceParams& p, thre
     }
 }
 
+#define RED_UN 4  // reduce_outer / reduce_inner: steps whose loads a thread issues together
+
 // outer: one thread per (output t, split s), or per (4 consecutive outputs, split) when vec == 4
 // (the innermost kept dim is then a multiple of 4 and x0 is contiguous along it); the odometer
 // c[] walks the reduced dims.
@@ -382,28 +384,49 @@ kernel void reduce_outer(device const T* x0 [[buffer(0)]],
         const uint r1 = min(p.n_red, r0 + p.chunk);
         uint c[8];
         odometer_init(r0, c, p, o0, o1, o2);
-        if (p.vec == 4) {
-            float4 acc = float4(0.0f);
-            for (uint r = r0; r < r1; ++r) {
-                acc += reduce_term4<OP>(x0, x1, x2, o0, o1, o2, p.kstride0[kl], p.kstride1[kl],
-                                        p.kstride2[kl]);
-                odometer_next(c, p, o0, o1, o2);
+        // RED_UN steps per round: their loads first, then the terms added in step order (the
+        // same sums as one step at a time, which left a thread one load in flight)
+        const int k = arith_arity<OP>();
+        const bool v4 = p.vec == 4;
+        float4 acc = float4(0.0f);
+        for (uint r = r0; r < r1;) {
+            float4 va[RED_UN], vb[RED_UN], vc[RED_UN];
+            bool ok[RED_UN];
+            for (int u = 0; u < RED_UN; ++u) {
+                ok[u] = r < r1;
+                va[u] = float4(0.0f);
+                vb[u] = float4(0.0f);
+                vc[u] = float4(1.0f);
+                if (ok[u]) {
+                    if (v4) {
+                        va[u] = load4(x0, o0, p.kstride0[kl]);
+                        if (k >= 2) vb[u] = load4(x1, o1, p.kstride1[kl]);
+                        if (k >= 3) vc[u] = load4(x2, o2, p.kstride2[kl]);
+                    } else {
+                        va[u].x = float(x0[o0]);
+                        if (k >= 2) vb[u].x = float(x1[o1]);
+                        if (k >= 3) vc[u].x = float(x2[o2]);
+                    }
+                    odometer_next(c, p, o0, o1, o2);
+                    ++r;
+                }
             }
+            for (int u = 0; u < RED_UN; ++u) {
+                if (ok[u]) {
+                    if (v4) acc += arith_apply<OP>(va[u], vb[u], vc[u], 1.0f);
+                    else acc.x += arith_apply<OP>(va[u].x, vb[u].x, vc[u].x, 1.0f);
+                }
+            }
+        }
+        if (v4) {
             if (p.splits == 1) *((device vec<T, 4>*)(out + t)) = vec<T, 4>(acc * p.alpha);
             else *((device float4*)(partial + s * p.n_out + t)) = acc;
         } else {
-            float acc = 0.0f;
-            for (uint r = r0; r < r1; ++r) {
-                acc += reduce_term<OP>(x0, x1, x2, o0, o1, o2);
-                odometer_next(c, p, o0, o1, o2);
-            }
-            if (p.splits == 1) out[t] = T(acc * p.alpha);
-            else partial[s * p.n_out + t] = acc;
+            if (p.splits == 1) out[t] = T(acc.x * p.alpha);
+            else partial[s * p.n_out + t] = acc.x;
         }
     }
 }
-
-#define RED_UN 4  // reduce_inner: steps whose loads a lane issues together
 
 // inner: one simdgroup per (output t, split s). The split covers reduced elements
 // [s * chunk, (s + 1) * chunk) of the (rows, inner) space; lane l takes elements V*l .. V*l+V-1,
