@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from example_loader import load_example
 from reference import detection as R
 from reference._common import finite_difference
 
@@ -301,20 +302,6 @@ def test_mean_average_precision():
     assert F.mean_average_precision(none, gt, c)[0] == 0.0
 
 
-def _example():
-    import importlib.util
-    import os
-    import sys
-
-    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples",
-                        "object_detection.py")
-    sys.path.insert(0, os.path.dirname(path))
-    spec = importlib.util.spec_from_file_location("example_object_detection", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
 @pytest.mark.parametrize("case", [CASES[1], CASES[2], CASES[4], CASES[5], CASES[6]],
                          ids=["random", "empty", "overlap", "border", "13x13"])
 def test_yolo_loss_matches_torch_peer(dev, case):
@@ -323,8 +310,8 @@ def test_yolo_loss_matches_torch_peer(dev, case):
     torch = pytest.importorskip("torch")
     x, t, anchors = _case(case, seed=4)
     xt = torch.tensor(x, dtype=torch.float64, requires_grad=True)
-    lt = _example().torch_yolo_loss(xt, torch.tensor(t, dtype=torch.float64),
-                                    torch.tensor(anchors, dtype=torch.float64))
+    peer = load_example("object_detection").torch_yolo_loss
+    lt = peer(xt, torch.tensor(t, dtype=torch.float64), torch.tensor(anchors, dtype=torch.float64))
     lt.sum().backward()
     xd = pm.tensor(x, dev)
     np.testing.assert_allclose(F.yolo_loss(xd, t, anchors, reduction="per_sample").numpy(),

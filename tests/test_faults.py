@@ -3,10 +3,10 @@ no silently wrong result -- and the library stays usable afterwards.
 
 Categories: bad input (kernel arguments, sizes past the kernels' 32-bit index width, found with
 intercepted allocations rather than huge memory), kernel faults under validation mode, async
-errors (failed launches and callbacks), threads and fork, the kernel cache, files (datasets,
-checkpoints, compile errors) and training faults. Most cases run on the cpu backend, where
+errors (failed launches and callbacks), threads and fork, files (datasets, checkpoints,
+compile errors) and training faults. Most cases run on the cpu backend, where
 faults can be injected into the queue and validation mode exists; the async-error cases also
-run on cuda.
+run on cuda. The kernel cache's faults: test_kernel_cache.py.
 """
 from __future__ import annotations
 
@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from fault_helpers import ZERO, write_kernel
 
 import pymetalnn
 from pymetalnn import AsyncError, DispatchError, ValidationError
@@ -36,15 +37,6 @@ def cpu():
     if reason:
         pytest.skip(f"backend cpu unavailable: {reason}")
     return pymetalnn.device("cpu")
-
-
-def write_kernel(tmp_path: Path, name: str, body: str) -> tuple[str, int]:
-    """A .metal file holding `body`; returns its path and the line of the `// <-` marker."""
-    text = "#include <metal_stdlib>\nusing namespace metal;\n" + body
-    path = tmp_path / f"{name}.metal"
-    path.write_text(text)
-    marks = [i + 1 for i, ln in enumerate(text.splitlines()) if "// <-" in ln]
-    return str(path), (marks[0] if marks else 0)
 
 
 # ---- injected launch failures ------------------------------------------------------------------
@@ -277,14 +269,6 @@ def test_ops_from_several_threads(cpu):
 
 
 # ---- bad input: kernel arguments ---------------------------------------------------------------
-
-ZERO = """
-kernel void fill(device float* x [[buffer(0)]], constant uint& n [[buffer(1)]],
-                 constant float& v [[buffer(2)]], uint i [[thread_position_in_grid]]) {
-    if (i < n) x[i] = v;
-}
-"""
-
 
 @pytest.mark.parametrize("n, err", [
     (3.9, TypeError), (3.0, TypeError), (np.float32(3), TypeError), (True, TypeError),
@@ -550,117 +534,6 @@ def test_validation_off_builds_the_same_source():
     assert "PMN_DPTR" not in plain and "pmn_validate" not in plain and "tgarr" not in plain
     checked = translate_file(src, "cpu", {}, [KERNEL_DIR], validate=True).source
     assert "PMN_DPTR" in checked and '#include "pmn_validate.h"' in checked
-
-
-# ---- the kernel cache ----------------------------------------------------------------------------
-
-RUN = """
-import sys, warnings, numpy as np, pymetalnn
-warnings.simplefilter("always")
-dev = pymetalnn.device("cpu")
-k = dev.library(sys.argv[1]).kernel("fill")
-b = dev.buffer(np.zeros(4, np.float32)); k(4, b, 4, 3.0)
-print(b.numpy(np.float32).tolist())
-"""
-
-
-def _run_cached(cache: Path, src: str) -> subprocess.CompletedProcess:
-    env = dict(os.environ, PYMETALNN_CACHE=str(cache), PYTHONPATH=str(ROOT))
-    env.pop("PYMETALNN_VALIDATE", None)
-    return subprocess.run([sys.executable, "-c", RUN, src], env=env, capture_output=True,
-                          text=True, timeout=600)
-
-
-@pytest.fixture
-def cached(tmp_path):
-    if pymetalnn.availability().get("cpu"):
-        pytest.skip("cpu backend unavailable")
-    import shutil
-
-    from pymetalnn.runtime.core import cache_dir
-
-    src = write_kernel(tmp_path, "fill", ZERO)[0]
-    cache = tmp_path / "cache"
-    cache.mkdir(mode=0o700)
-    for p in Path(cache_dir()).glob("pmn_cpu_rt-*.so*"):  # the runtime: not rebuilt per case
-        shutil.copy2(p, cache / p.name)
-    r = _run_cached(cache, src)
-    assert r.returncode == 0 and r.stdout.strip() == "[3.0, 3.0, 3.0, 3.0]", r.stderr
-    assert (cache.stat().st_mode & 0o777) == 0o700
-    lib = next(p for p in cache.iterdir() if p.name.startswith("fill-") and p.suffix == ".so")
-    return cache, src, lib
-
-
-def test_cache_folder_is_made_private(tmp_path):
-    from pymetalnn.runtime import core
-
-    old = os.umask(0o022)
-    try:
-        d = tmp_path / "a" / "cache"
-        assert core._trusted_dir(str(d)) == str(d)
-    finally:
-        os.umask(old)
-    assert (d.stat().st_mode & 0o777) == 0o700
-
-
-def _damage(lib: Path, how: str) -> None:
-    if how == "truncated":
-        with open(lib, "r+b") as f:
-            f.truncate(lib.stat().st_size // 3)
-    elif how == "garbage":
-        lib.write_bytes(os.urandom(lib.stat().st_size))
-    elif how == "empty":
-        lib.write_bytes(b"")
-    elif how == "digest missing":
-        Path(str(lib) + ".sha256").unlink()
-    elif how == "writable by others":
-        os.chmod(lib, 0o666)
-    elif how == "symlink":
-        target = lib.with_name("elsewhere.so")
-        lib.rename(target)
-        lib.symlink_to(target)
-
-
-@pytest.mark.parametrize("how", ["truncated", "garbage", "empty", "digest missing",
-                                 "writable by others", "symlink"])
-def test_cache_bad_entry_is_rebuilt(cached, how):
-    cache, src, lib = cached
-    _damage(lib, how)
-    r = _run_cached(cache, src)
-    assert r.returncode == 0, r.stderr  # no SIGBUS, no raw OSError
-    assert r.stdout.strip() == "[3.0, 3.0, 3.0, 3.0]"
-    if how != "digest missing":  # an entry from before digests is rebuilt quietly
-        assert "rebuilding" in r.stderr and lib.name in r.stderr
-    st = os.lstat(lib)
-    assert not os.path.islink(lib) and (st.st_mode & 0o077) == 0
-    assert "rebuilding" not in _run_cached(cache, src).stderr  # repaired for good
-
-
-def test_cache_folder_writable_by_others_is_not_used(cached):
-    cache, src, lib = cached
-    os.chmod(cache, 0o777)
-    try:
-        before = lib.stat().st_mtime_ns
-        r = _run_cached(cache, src)
-    finally:
-        os.chmod(cache, 0o700)
-    assert r.returncode == 0 and r.stdout.strip() == "[3.0, 3.0, 3.0, 3.0]", r.stderr
-    assert "writable by others" in r.stderr and "private" in r.stderr
-    assert lib.stat().st_mtime_ns == before
-
-
-@pytest.mark.skipif(not hasattr(os, "getuid") or os.getuid() != 0,
-                    reason="needs root to give a file to another user")
-def test_cache_entry_of_another_user_is_not_loaded(cached):
-    cache, src, lib = cached
-    lib.write_bytes(b"\x7fELF planted")
-    os.chown(lib, 65534, 65534)
-    os.chown(str(lib) + ".sha256", 65534, 65534)
-    r = _run_cached(cache, src)
-    assert r.returncode == 0 and r.stdout.strip() == "[3.0, 3.0, 3.0, 3.0]", r.stderr
-    assert "owned by uid 65534" in r.stderr
-    assert os.stat(lib).st_uid == 0
-
 
 # ---- files: compile errors and datasets --------------------------------------------------------
 

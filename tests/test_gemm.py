@@ -232,67 +232,61 @@ LINEAR_CASES = [  # (x shape, out features)
 ]
 
 
-def linear_inputs(i: int, xshape: tuple, out_f: int, dtype, with_bias: bool):
-    """x, w and b (or None) of LINEAR_CASES[i]."""
-    x = rand(xshape, dtype, i)
-    w = rand((out_f, xshape[-1]), dtype, 10 + i)
-    b = rand(out_f, dtype, 20 + i) if with_bias else None
-    return x, w, b
+def linear_cases(dev, dtype, with_bias: bool):
+    """Per LINEAR_CASES entry: the host arrays (x, w, b or None, g = dL/dy) and their device
+    tensors, in that order."""
+    for i, (xshape, out_f) in enumerate(LINEAR_CASES):
+        x = rand(xshape, dtype, i)
+        w = rand((out_f, xshape[-1]), dtype, 10 + i)
+        b = rand(out_f, dtype, 20 + i) if with_bias else None
+        g = rand(xshape[:-1] + (out_f,), dtype, 30 + i)
+        yield (x, w, b, g), tuple(None if a is None else pm.tensor(a, dev) for a in (x, w, b, g))
+
+
+def check_param_grads(variant: str, gw, gb, x, w, b, g) -> None:
+    """linear's dL/dw and dL/db (None without a bias) against the reference."""
+    _, ww, wb = ref.linear_backward(g, x, w, b)
+    out_f, rows = w.shape[0], x.size // x.shape[-1]
+    ag, ax = (np.abs(v.astype(np.float64)).reshape(rows, -1) for v in (g, x))
+    check(variant, gw.numpy(), ww, rows, ag.T @ ax)
+    if b is None:
+        assert gb is None
+    else:
+        assert gb.shape == (out_f,)
+        check(variant, gb.numpy(), wb, rows, ag.sum(0))
 
 
 @pytest.mark.parametrize("with_bias", [True, False])
 @pytest.mark.parametrize("variant", list(VARIANTS))
 def test_linear(dev, variant, with_bias) -> None:
     dtype, accumulate = VARIANTS[variant]
-    for i, (xshape, out_f) in enumerate(LINEAR_CASES):
-        x, w, b = linear_inputs(i, xshape, out_f, dtype, with_bias)
-        y = F.linear(pm.tensor(x, dev), pm.tensor(w, dev), None if b is None else pm.tensor(b, dev),
-                     accumulate=accumulate)
+    for (x, w, b, _), (xt, wt, bt, _) in linear_cases(dev, dtype, with_bias):
+        y = F.linear(xt, wt, bt, accumulate=accumulate)
         want = ref.linear(x, w, b)
         assert y.shape == want.shape
         scale = np.einsum("...j,oj->...o", np.abs(x.astype(np.float64)), np.abs(w.astype(np.float64)))
         out_scale = scale + (np.abs(b.astype(np.float64)) if b is not None else 0)
-        check(variant, y.numpy(), want, xshape[-1], scale, out_scale)
+        check(variant, y.numpy(), want, x.shape[-1], scale, out_scale)
 
 
 @pytest.mark.parametrize("with_bias", [True, False])
 @pytest.mark.parametrize("variant", list(VARIANTS))
 def test_linear_backward(dev, variant, with_bias) -> None:
     dtype, accumulate = VARIANTS[variant]
-    for i, (xshape, out_f) in enumerate(LINEAR_CASES):
-        x, w, b = linear_inputs(i, xshape, out_f, dtype, with_bias)
-        g = rand(xshape[:-1] + (out_f,), dtype, 30 + i)
-        gx, gw, gb = F.linear_backward(pm.tensor(g, dev), pm.tensor(x, dev), pm.tensor(w, dev),
-                                       None if b is None else pm.tensor(b, dev),
-                                       accumulate=accumulate)
-        wx, ww, wb = ref.linear_backward(g, x, w, b)
-        rows = x.size // xshape[-1]
-        ag, ax, aw = (np.abs(v.astype(np.float64)) for v in (g, x, w))
-        check(variant, gx.numpy(), wx, out_f, np.einsum("...o,oj->...j", ag, aw))
-        check(variant, gw.numpy(), ww, rows, ag.reshape(rows, out_f).T @ ax.reshape(rows, -1))
-        if b is None:
-            assert gb is None
-        else:
-            assert gb.shape == (out_f,)
-            check(variant, gb.numpy(), wb, rows, ag.reshape(rows, out_f).sum(0))
+    for (x, w, b, g), (xt, wt, bt, gt) in linear_cases(dev, dtype, with_bias):
+        gx, gw, gb = F.linear_backward(gt, xt, wt, bt, accumulate=accumulate)
+        wx = ref.linear_backward(g, x, w, b)[0]
+        ag, aw = (np.abs(v.astype(np.float64)) for v in (g, w))
+        check(variant, gx.numpy(), wx, w.shape[0], np.einsum("...o,oj->...j", ag, aw))
+        check_param_grads(variant, gw, gb, x, w, b, g)
 
 
 @pytest.mark.parametrize("with_bias", [True, False])
 def test_linear_weight_grad(dev, with_bias) -> None:
     """linear_backward's parameter gradients alone, against the reference."""
-    for i, (xshape, out_f) in enumerate(LINEAR_CASES):
-        x, w, b = linear_inputs(i, xshape, out_f, np.float32, with_bias)
-        g = rand(xshape[:-1] + (out_f,), np.float32, 30 + i)
-        gw, gb = F.linear_weight_grad(pm.tensor(g, dev), pm.tensor(x, dev), pm.tensor(w, dev),
-                                      None if b is None else pm.tensor(b, dev))
-        _, ww, wb = ref.linear_backward(g, x, w, b)
-        rows = x.size // xshape[-1]
-        ag, ax = (np.abs(v.astype(np.float64)) for v in (g, x))
-        check("float", gw.numpy(), ww, rows, ag.reshape(rows, out_f).T @ ax.reshape(rows, -1))
-        if b is None:
-            assert gb is None
-        else:
-            check("float", gb.numpy(), wb, rows, ag.reshape(rows, out_f).sum(0))
+    for (x, w, b, g), (xt, wt, bt, gt) in linear_cases(dev, np.float32, with_bias):
+        gw, gb = F.linear_weight_grad(gt, xt, wt, bt)
+        check_param_grads("float", gw, gb, x, w, b, g)
     with pytest.raises(ValueError, match="^grad_out: shape"):
         F.linear_weight_grad(pm.tensor(np.zeros((2, 3), np.float32), dev),
                              pm.tensor(np.zeros((2, 4), np.float32), dev),

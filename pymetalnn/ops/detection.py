@@ -188,9 +188,17 @@ def _check_reduction(reduction: Any) -> str:
     return reduction
 
 
-def _params(x: Tensor, t: Tensor, a: int, c: int, **kw: Any) -> YoloParams:
+def _yolo_args(input: Any, target: Any, anchors: Any, reduction: Any, scales: tuple
+               ) -> tuple[str, Device, Tensor, Tensor, Tensor, dict[str, Any]]:
+    """yolo_loss's and its backward's checked arguments: the reduction, the device, x, the
+    anchors and the targets as tensors, and the YoloParams fields both kernels read."""
+    reduction = _check_reduction(reduction)
+    dev = pick_device(input, target)
+    x, at, a, c = _geometry(input, anchors, dev)
+    opts = _options(*scales)
+    t = _targets(target, x, c, dev)
     n, _, gh, gw = x.shape
-    return YoloParams(N=n, A=a, C=c, GH=gh, GW=gw, B=t.shape[1], **kw)
+    return reduction, dev, x, at, t, dict(N=n, A=a, C=c, GH=gh, GW=gw, B=t.shape[1], **opts)
 
 
 # ---- YOLO v2 loss ------------------------------------------------------------------------------
@@ -202,13 +210,10 @@ def yolo_loss(input: Any, target: Any, anchors: Any, *, coord_scale: float = 1.0
     float32 or float16, against `target` (N, B, 5) rows (class, cx, cy, w, h) with class -1
     for unused rows, for `anchors` (A, 2) in grid cells. Returns float32: (N,) per_sample, else a
     scalar."""
-    reduction = _check_reduction(reduction)
-    dev = pick_device(input, target)
-    x, at, a, c = _geometry(input, anchors, dev)
-    opts = _options(coord_scale, object_scale, noobject_scale, class_scale, ignore_thresh, rescore)
-    t = _targets(target, x, c, dev)
+    reduction, dev, x, at, t, fields = _yolo_args(input, target, anchors, reduction, (
+        coord_scale, object_scale, noobject_scale, class_scale, ignore_thresh, rescore))
     n = x.shape[0]
-    p = _params(x, t, a, c, **opts)
+    p = YoloParams(**fields)
     per = empty((n,), float32, dev)
     kernel(dev, SOURCE, f"yolo_loss_fwd_{suffix(x.dtype)}")(
         min(n, MAX_GROUPS) * TG, x.buffer, t.buffer if t.size else dummy(dev), at.buffer,
@@ -230,15 +235,12 @@ def yolo_loss_backward(grad: Any, input: Any, target: Any, anchors: Any, *,
     value. Per prediction: the coordinate terms' 2 scale (s - t*) s (1 - s) for x, y and
     2 scale (t - t*) for w, h; objectness 2 scale (sigma - target) sigma (1 - sigma); classes
     class_scale (softmax - onehot); zero for the channels a prediction's terms do not read."""
-    reduction = _check_reduction(reduction)
-    dev = pick_device(input, target)
-    x, at, a, c = _geometry(input, anchors, dev)
-    opts = _options(coord_scale, object_scale, noobject_scale, class_scale, ignore_thresh, rescore)
-    t = _targets(target, x, c, dev)
+    reduction, dev, x, at, t, fields = _yolo_args(input, target, anchors, reduction, (
+        coord_scale, object_scale, noobject_scale, class_scale, ignore_thresh, rescore))
     n = x.shape[0]
     g = _grad(grad, dev, (n,) if reduction == "per_sample" else ())
-    p = _params(x, t, a, c, gmode=int(reduction == "per_sample"),
-                gscale=1.0 / n if reduction == "mean" else 1.0, **opts)
+    p = YoloParams(gmode=int(reduction == "per_sample"),
+                   gscale=1.0 / n if reduction == "mean" else 1.0, **fields)
     dx = empty(x.shape, x.dtype, dev)
     kernel(dev, SOURCE, f"yolo_loss_bwd_{suffix(x.dtype)}")(
         min(n, MAX_GROUPS) * TG, g.buffer, x.buffer, t.buffer if t.size else dummy(dev),

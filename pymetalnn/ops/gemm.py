@@ -416,6 +416,8 @@ class _MatmulPlan:
     def __init__(self, a: Tensor, b: Tensor, ta: bool, tb: bool):
         from .arith import broadcast_shapes
 
+        if b.dtype != a.dtype:
+            raise ValueError(f"other: dtype {b.dtype} does not match input's {a.dtype}")
         if a.ndim == 0 or b.ndim == 0:
             raise ValueError(f"{'input' if a.ndim == 0 else 'other'}: matmul needs at least 1 "
                              "dimension")
@@ -477,6 +479,14 @@ def _gemm_shaped(a: Tensor, b: Tensor) -> bool:
                                                        or a.shape[0] == b.shape[0])
 
 
+def _matmul_operands(input: Any, other: Any, grad_out: Any = None
+                     ) -> tuple[Device, Tensor, Tensor]:
+    """The device (grad_out's first, as the backward reads it) and matmul's two float operands."""
+    dev = pick_device(grad_out, input, other)
+    return (dev, tensor_arg(input, dev, "input", (float32, float16)),
+            tensor_arg(other, dev, "other", (float32, float16)))
+
+
 def matmul(input: Any, other: Any, transpose_a: bool = False, transpose_b: bool = False,
            accumulate: str | None = None, activation: Any = None) -> Tensor:
     """torch.matmul(input, other) with op(x) = x or x^T (of the last two dimensions):
@@ -488,13 +498,9 @@ def matmul(input: Any, other: Any, transpose_a: bool = False, transpose_b: bool 
     broadcast. A 2-D operand (or one whose batch is all ones) is shared by every batch entry
     without a copy. activation: as gemm's (fused epilogue).
     """
-    dev = pick_device(input, other)
-    a = tensor_arg(input, dev, "input", (float32, float16))
-    b = tensor_arg(other, dev, "other", (float32, float16))
+    _, a, b = _matmul_operands(input, other)
     if _gemm_shaped(a, b):
         return _matmul3(a, b, transpose_a, transpose_b, accumulate, activation)
-    if b.dtype != a.dtype:
-        raise ValueError(f"other: dtype {b.dtype} does not match input's {a.dtype}")
     plan = _MatmulPlan(a, b, transpose_a, transpose_b)
     a3, _ = plan.operand(a, plan.a2)
     b3, _ = plan.operand(b, plan.b2)
@@ -513,13 +519,9 @@ def matmul_backward(grad_out: Any, input: Any, other: Any, transpose_a: bool = F
     transposed back where op transposes; summed over the batch entries an operand was broadcast
     to (a shared 2-D operand of a batched product gets the sum over the batch).
     """
-    dev = pick_device(grad_out, input, other)
-    a = tensor_arg(input, dev, "input", (float32, float16))
-    b = tensor_arg(other, dev, "other", (float32, float16))
+    dev, a, b = _matmul_operands(input, other, grad_out)
     if _gemm_shaped(a, b):
         return _matmul3_backward(grad_out, a, b, transpose_a, transpose_b, accumulate)
-    if b.dtype != a.dtype:
-        raise ValueError(f"other: dtype {b.dtype} does not match input's {a.dtype}")
     plan = _MatmulPlan(a, b, transpose_a, transpose_b)
     g = tensor_arg(grad_out, dev, "grad_out", (a.dtype,))
     if g.shape != plan.out_shape:

@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from .core import KERNEL_DIR, PRELUDE_DIR, Buffer, Device, Kernel, Library
-from .errors import AsyncError, BackendUnavailable, CompileError, DispatchError
+from .errors import AsyncError, BackendUnavailable, CompileError, DispatchError, unavailable_reason
 from .msl import translate_file
 
 NVRTC_OPTIONS = ("-std=c++17", "-default-device")
@@ -277,9 +277,5 @@ if hasattr(os, "register_at_fork"):
 
 
 def probe() -> str | None:
-    try:
-        _import_cupy()
-        _libcuda()
-    except BackendUnavailable as e:
-        return str(e)
-    return None
+    """None when the cuda backend can run here (CuPy and the driver load), else the reason."""
+    return unavailable_reason(lambda: (_import_cupy(), _libcuda()))

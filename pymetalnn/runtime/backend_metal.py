@@ -17,8 +17,8 @@ from typing import Any
 import numpy as np
 
 from .core import KERNEL_DIR, Buffer, Device, Kernel, Library
-from .errors import AsyncError, BackendUnavailable, CompileError
-from .metal_check import MAX_THREADGROUP_MEMORY, source_layouts, threadgroup_memory, value_arg_sizes
+from .errors import AsyncError, BackendUnavailable, CompileError, unavailable_reason
+from .metal_memory import MAX_THREADGROUP_MEMORY, source_layouts, threadgroup_memory, value_arg_sizes
 from .msl import translate_file
 from .preprocess import inline_includes
 
@@ -167,8 +167,5 @@ class MetalDevice(Device):
 
 
 def probe() -> str | None:
-    try:
-        MetalDevice()
-    except BackendUnavailable as e:
-        return str(e)
-    return None
+    """None when the metal backend can run here, else the reason."""
+    return unavailable_reason(MetalDevice)

@@ -17,21 +17,17 @@ one copy of the call per iteration and is therefore safe; partial unrolling is w
 from __future__ import annotations
 
 from .preprocess import Token
+from .tokens import match_bracket, match_open
 
 LOOP_WORDS = ("for", "while", "do")
 
 
-def _match(toks: list[Token], i: int, open_: str, close: str) -> int:
-    """Index of the token closing the bracket opened at toks[i]."""
-    depth = 0
-    for j in range(i, len(toks)):
-        if toks[j].text == open_:
-            depth += 1
-        elif toks[j].text == close:
-            depth -= 1
-            if depth == 0:
-                return j
-    return len(toks) - 1
+def _match(toks: list[Token], i: int) -> int:
+    """Index of the token closing the bracket at toks[i]; the last token where there is none
+    (the C++ compiler then reports the source)."""
+    if i >= len(toks) or toks[i].text not in ("(", "[", "{"):
+        return len(toks) - 1
+    return match_bracket(toks, i, strict=False)
 
 
 def _statement_end(toks: list[Token], i: int) -> int:
@@ -42,15 +38,15 @@ def _statement_end(toks: list[Token], i: int) -> int:
         return len(toks) - 1
     t = toks[i].text
     if t == "{":
-        return _match(toks, i, "{", "}")
+        return _match(toks, i)
     if t in ("for", "while", "if", "switch") and i + 1 < len(toks) and toks[i + 1].text == "(":
-        j = _statement_end(toks, _match(toks, i + 1, "(", ")") + 1)
+        j = _statement_end(toks, _match(toks, i + 1) + 1)
         if t == "if" and j + 1 < len(toks) and toks[j + 1].text == "else":
             j = _statement_end(toks, j + 2)
         return j
     if t == "do":
         j = _statement_end(toks, i + 1)  # the body, then `while (...) ;`
-        j = _match(toks, j + 2, "(", ")")
+        j = _match(toks, j + 2)
         return j + 1
     depth = 0
     for j in range(i, len(toks)):
@@ -105,16 +101,9 @@ def simd_helpers(toks: list[Token], simd_names: set[str]) -> set[str]:
             while j >= 0 and toks[j].kind == "id" and toks[j].text in ("const", "thread"):
                 j -= 1
             if j >= 0 and toks[j].text == ")":
-                k = j
-                d = 0
-                while k >= 0:
-                    d += toks[k].text == ")"
-                    d -= toks[k].text == "("
-                    if d == 0:
-                        break
-                    k -= 1
+                k = match_open(toks, j)
                 if k > 0 and toks[k - 1].kind == "id":
-                    end = _match(toks, i, "{", "}")
+                    end = _match(toks, i)
                     bodies.setdefault(toks[k - 1].text, set()).update(
                         x.text for x in toks[i:end] if x.kind == "id")
                     i = end + 1

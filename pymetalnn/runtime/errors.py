@@ -3,6 +3,7 @@ argument of a dispatch."""
 from __future__ import annotations
 
 import os
+from typing import Callable
 
 
 class MSLError(ValueError):
@@ -30,6 +31,15 @@ class ArgumentTypeError(DispatchError, TypeError):
 
 class BackendUnavailable(RuntimeError):
     """The requested backend cannot run on this machine; the message says why."""
+
+
+def unavailable_reason(check: Callable[[], object]) -> str | None:
+    """A backend's probe: None when `check()` runs, else the BackendUnavailable reason it raised."""
+    try:
+        check()
+    except BackendUnavailable as e:
+        return str(e)
+    return None
 
 
 class AsyncError(RuntimeError):

@@ -10,194 +10,45 @@ the call graph (to know which kernels need fibers on the cpu). Anything outside 
 rejected with the `.metal` file and line; everything else is left for the C++ compiler, whose
 messages point back to the `.metal` line through `#line`. The contract with the prelude is
 written down in docs/internals.md.
+
+Layout: this module holds the translator and `translate_file`; the dialect's tables and the
+kernel descriptions are in `msl_dialect.py` (re-exported here), the serializer and the generated
+entry points in `msl_emit.py`, bracket matching in `tokens.py` (shared with the Metal check).
 """
 from __future__ import annotations
-
-import re
-from dataclasses import dataclass, field
 
 from .convergence import pin_simd_loops, simd_helpers
 from .errors import MSLError
 from .lockstep import build as build_lockstep
+from .msl_dialect import (
+    _FLOAT_RE,
+    ALLOWED_ATTRS,
+    BUILTIN_TYPES,
+    BUILTINS,
+    GENERATED,
+    KNOWN_FUNCS,
+    MEMORY_ORDERS,
+    PRELUDE_DEFINES,
+    REJECT_IDS,
+    SIMD_FUNCS,
+    TEMPLATE_FUNCS,
+    TYPE_MAP,
+    KernelArg,
+    KernelInfo,
+    Translation,
+)
+from .msl_emit import PREAMBLE, _emit, _entry_points
 from .preprocess import Preprocessor, Token
-
-SCALAR_MAP = {
-    "half": "pmn_half", "uint": "pmn_uint", "uchar": "pmn_uchar", "ushort": "pmn_ushort",
-    "long": "pmn_long", "ulong": "pmn_ulong",
-}
-TYPE_MAP = dict(SCALAR_MAP)
-for _b in ("bool", "char", "uchar", "short", "ushort", "int", "uint", "half", "float"):
-    for _n in (2, 3, 4):
-        TYPE_MAP[f"{_b}{_n}"] = f"pmn_{_b}{_n}"
-for _b in ("long", "ulong"):
-    for _n in (2, 3, 4):
-        TYPE_MAP[f"{_b}{_n}"] = f"pmn_{_b}{_n}"
-for _a in ("atomic_int", "atomic_uint", "atomic_float", "simdgroup_float8x8", "simdgroup_half8x8"):
-    TYPE_MAP[_a] = "pmn_" + _a
-TYPE_MAP["simdgroup_matrix"] = "pmn::simdgroup_matrix"
-
-MATH_FUNCS = set("""exp exp2 exp10 log log2 log10 sqrt rsqrt pow powr tanh sinh cosh sin cos tan asin
-acos atan atan2 abs fabs min max fmin fmax clamp fma mad mix select floor ceil round rint trunc fract
-fmod isnan isinf isfinite sign step smoothstep dot length normalize cross copysign saturate
-as_type""".split())
-SIMD_FUNCS = set("""simd_sum simd_product simd_max simd_min simd_prefix_exclusive_sum
-simd_prefix_inclusive_sum simd_prefix_exclusive_product simd_prefix_inclusive_product simd_shuffle
-simd_shuffle_xor simd_shuffle_up simd_shuffle_down simd_broadcast simd_broadcast_first simd_all
-simd_any simd_ballot simd_is_first simd_and simd_or simd_xor simdgroup_barrier""".split())
-ATOMIC_FUNCS = set("""atomic_load_explicit atomic_store_explicit atomic_exchange_explicit
-atomic_compare_exchange_weak_explicit atomic_fetch_add_explicit atomic_fetch_sub_explicit
-atomic_fetch_min_explicit atomic_fetch_max_explicit atomic_fetch_and_explicit
-atomic_fetch_or_explicit atomic_fetch_xor_explicit""".split())
-# simdgroup matrices: collective in Metal, but no lane exchange on cpu (every lane holds the whole
-# matrix, see the prelude), so they need no call-site id and no fiber.
-MATRIX_FUNCS = set("""make_filled_simdgroup_matrix simdgroup_load simdgroup_store simdgroup_multiply
-simdgroup_multiply_accumulate""".split())
-TEMPLATE_FUNCS = {"as_type", "make_filled_simdgroup_matrix"}  # called as f<...>(...)
-# library defines that configure the prelude: PMN_MATRIX_TF32 lets float simdgroup matrices use
-# TF32 tensor cores on cuda (an explicit opt-in; see docs/dialect.md)
-PRELUDE_DEFINES = {"PMN_MATRIX_TF32"}
-KNOWN_FUNCS = MATH_FUNCS | SIMD_FUNCS | ATOMIC_FUNCS | MATRIX_FUNCS | {"threadgroup_barrier"}
-MEMORY_ORDERS = {"memory_order_relaxed", "memory_order_acquire", "memory_order_release",
-                 "memory_order_acq_rel", "memory_order_seq_cst"}
-
-BUILTINS = {
-    "thread_position_in_grid": ("(blockIdx.x * blockDim.x + threadIdx.x)", "ti.gid"),
-    "thread_position_in_threadgroup": ("threadIdx.x", "ti.lid"),
-    "thread_index_in_threadgroup": ("threadIdx.x", "ti.lid"),
-    "threadgroup_position_in_grid": ("blockIdx.x", "ti.tgid"),
-    "threads_per_threadgroup": ("blockDim.x", "ti.tg_size"),
-    "threadgroups_per_grid": ("gridDim.x", "ti.n_groups"),
-    "thread_index_in_simdgroup": ("(threadIdx.x & 31u)", "ti.lane"),
-    "simdgroup_index_in_threadgroup": ("(threadIdx.x >> 5)", "ti.simd_id"),
-    "threads_per_simdgroup": ("32u", "32u"),
-    "simdgroups_per_threadgroup": ("((blockDim.x + 31u) >> 5)", "ti.n_simd"),
-}
-BUILTIN_TYPES = {"uint", "ushort", "uint32_t", "uint16_t", "unsigned", "int"}
-
-# Metal features outside the dialect, with the reason given to the user.
-_TEX = "textures and samplers are not in the dialect (buffers only)"
-REJECT_IDS: dict[str, str] = {
-    "double": "Metal has no double; use float",
-    "vertex": "only compute kernels are supported", "fragment": "only compute kernels are supported",
-    "sampler": _TEX, "imageblock": "imageblocks are not in the dialect",
-    "bfloat": "bfloat is not in the dialect", "acceleration_structure": "ray tracing is not supported",
-    "visible_function_table": "function tables are not supported",
-    "intersection_function_table": "function tables are not supported",
-    "raster_order_group": "not a compute feature",
-}
-for _p in ("texture1d", "texture1d_array", "texture2d", "texture2d_array", "texture3d", "texturecube",
-           "texturecube_array", "texture2d_ms", "texture2d_ms_array", "texture_buffer", "depth2d",
-           "depth2d_array", "depthcube", "depthcube_array", "depth2d_ms", "depth2d_ms_array"):
-    REJECT_IDS[_p] = _TEX
-for _b in ("float", "half"):
-    for _r in (2, 3, 4):
-        for _c in (2, 3, 4):
-            REJECT_IDS[f"{_b}{_r}x{_c}"] = "matrix types are not in the dialect"
-for _b in ("float", "half", "int", "uint", "short", "ushort", "char", "uchar"):
-    for _n in (2, 3, 4):
-        REJECT_IDS[f"packed_{_b}{_n}"] = "packed vector types are not in the dialect; use scalars"
-for _q in ("quad_sum", "quad_shuffle", "quad_broadcast", "quad_max", "quad_min", "quad_all",
-           "quad_any", "quad_shuffle_xor", "quad_shuffle_up", "quad_shuffle_down", "quad_ballot"):
-    REJECT_IDS[_q] = "quad-group functions are not in the dialect; use simd_* functions"
-ALLOWED_ATTRS = {"maybe_unused", "likely", "unlikely", "fallthrough", "nodiscard"}
-_FLOAT_RE = re.compile(r"^(?:\d+\.\d*|\.\d+|\d+(?=[eE]))(?:[eE][+-]?\d+)?([fFhH])?$")
-GENERATED = "<pymetalnn generated>"
-
-
-@dataclass
-class KernelArg:
-    """One `[[buffer(i)]]` argument of a kernel entry point."""
-
-    index: int
-    name: str
-    kind: str  # "buffer" (pointer) or "value" (constant T&, passed by value)
-    type: str  # MSL element type as written (after template substitution), e.g. "float"
-    const: bool
-    ctype: str = ""  # translated C++ type used in the entry point
-    device: bool = False  # a `device T*` (checked in validation mode)
-
-
-@dataclass
-class KernelInfo:
-    name: str  # host name
-    impl: str  # C++ expression naming the implementation, e.g. pmn_kimpl_f<float>
-    args: list[KernelArg]
-    builtins: list[tuple[int, str]]  # (parameter position, attribute) in declaration order
-    params_order: list[tuple[str, int]]  # ("arg", i) or ("builtin", j) per declared parameter
-    threadgroup_size: int
-    needs_fibers: bool = False
-    file: str = ""
-    line: int = 0
-    impl_name: str = ""
-    lockstep: bool = False  # cpu: runs as work-item loops (lockstep.py) instead of fibers
-    fiber_reason: str = ""  # cpu: why a kernel that synchronizes still needs fibers
-
-
-@dataclass
-class Translation:
-    cuda_or_cpu: str
-    source: str
-    kernels: dict[str, KernelInfo]
-    files: list[str] = field(default_factory=list)
+from .tokens import match_angle as _match_angle
+from .tokens import match_bracket as _match
+from .tokens import match_open
+from .tokens import split_commas as _split_commas
 
 
 def _tok(text: str, kind: str = "id", like: Token | None = None) -> Token:
     if like is None:
         return Token(kind, text, GENERATED, 1, True)
     return Token(kind, text, like.file, like.line, True)
-
-
-def _match(toks: list[Token], i: int) -> int:
-    """Index of the bracket closing toks[i] ( '(' '[' '{' )."""
-    pairs = {"(": ")", "[": "]", "{": "}"}
-    open_, close = toks[i].text, pairs[toks[i].text]
-    depth = 0
-    for j in range(i, len(toks)):
-        if toks[j].kind != "punct":
-            continue
-        if toks[j].text == open_:
-            depth += 1
-        elif toks[j].text == close:
-            depth -= 1
-            if depth == 0:
-                return j
-    raise MSLError(toks[i].file, toks[i].line, f"unbalanced '{open_}'")
-
-
-def _match_angle(toks: list[Token], i: int) -> int:
-    depth = 0
-    for j in range(i, len(toks)):
-        t = toks[j].text
-        if t == "<":
-            depth += 1
-        elif t == ">":
-            depth -= 1
-        elif t == ">>":
-            depth -= 2
-        elif t in "({[":
-            continue
-        if depth <= 0 and t in (">", ">>"):
-            return j
-        if t in (";", "{"):
-            break
-    raise MSLError(toks[i].file, toks[i].line, "unbalanced '<'")
-
-
-def _split_commas(toks: list[Token]) -> list[list[Token]]:
-    parts: list[list[Token]] = [[]]
-    depth = 0
-    for t in toks:
-        if t.text in ("(", "[", "{", "<"):
-            depth += 1
-        elif t.text in (")", "]", "}", ">"):
-            depth -= 1
-        elif t.text == ">>":
-            depth -= 2
-        if t.text == "," and depth == 0:
-            parts.append([])
-        else:
-            parts[-1].append(t)
-    return [p for p in parts if p] if any(parts) else []
 
 
 def _is_attr(toks: list[Token], i: int) -> bool:
@@ -270,24 +121,14 @@ class Translator:
                 i = self._kernel_decl(head, toks, i, out)
                 decl_start = len(out)
                 continue
-            if t.text == "{":
-                depth += 1
-            elif t.text == "}":
-                depth -= 1
-                if depth == 0:
-                    out.append(t)
-                    i += 1
-                    decl_start = len(out)
-                    continue
-            elif t.text == "(":
-                paren += 1
-            elif t.text == ")":
-                paren -= 1
+            if t.text in ("{", "}"):
+                depth += 1 if t.text == "{" else -1
+            elif t.text in ("(", ")"):
+                paren += 1 if t.text == "(" else -1
             out.append(t)
             i += 1
-            if depth == 0 and paren == 0 and t.text == ";":
-                decl_start = len(out)
-            if t.kind == "pragma" and depth == 0:
+            # a top-level declaration ends with its body's '}', a ';' or a pragma line
+            if depth == 0 and (t.text == "}" or t.kind == "pragma" or (paren == 0 and t.text == ";")):
                 decl_start = len(out)
         return out
 
@@ -532,16 +373,7 @@ class Translator:
                             p -= 1
                         if p >= 0 and out[p].text == ")":
                             # find the function name before the matching '('
-                            depth = 0
-                            q = p
-                            while q >= 0:
-                                if out[q].text == ")":
-                                    depth += 1
-                                elif out[q].text == "(":
-                                    depth -= 1
-                                    if depth == 0:
-                                        break
-                                q -= 1
+                            q = match_open(out, p)
                             fname = out[q - 1].text if q > 0 else "?"
                             stack.append("func")
                             cur_func.append(fname)
@@ -800,109 +632,6 @@ class Translator:
         for k in self.kernels.values():
             k.needs_fibers = needs(k.impl_name, frozenset())
         self.sync_funcs = {fn for fn in bodies if needs(fn, frozenset())}
-
-
-# ---- output ---------------------------------------------------------------------------------
-
-def _emit(toks: list[Token]) -> str:
-    """Serialize tokens line by line, with #line whenever the origin jumps, so that the C++
-    compiler's line numbers are the `.metal` file's."""
-    lines: list[str] = []
-    cur: list[str] = []
-    cur_file: str | None = None
-    cur_line = 0
-    for t in toks:
-        if t.kind == "pragma":
-            lines.append(" ".join(cur))
-            cur = []
-            lines.append(f'#line {t.line} "{t.file}"')
-            lines.append("#pragma " + t.text)
-            cur_file = None  # force a #line before the next token
-            continue
-        if t.file != cur_file or t.line < cur_line or t.line > cur_line + 8:
-            lines.append(" ".join(cur))
-            cur = []
-            lines.append(f'#line {t.line} "{t.file}"')
-            cur_file, cur_line = t.file, t.line
-        while cur_line < t.line:
-            lines.append(" ".join(cur))
-            cur = []
-            cur_line += 1
-        cur.append(t.text)
-    lines.append(" ".join(cur))
-    return "\n".join(lines) + "\n"
-
-
-def _entry_points(k: KernelInfo, target: str, validate: bool = False) -> str:
-    call_args = []
-    for kind, j in k.params_order:
-        if kind == "arg":
-            a = k.args[j]
-            call_args.append(f"a{a.index}")
-        else:
-            attr = k.builtins[j][1]
-            call_args.append(BUILTINS[attr][0 if target == "cuda" else 1])
-    byidx = sorted(k.args, key=lambda a: a.index)
-    sizes = ", ".join("0u" if a.kind == "buffer" else f"(unsigned)sizeof({a.ctype})" for a in byidx) \
-        or "0u"
-    if target == "cuda":
-        params = ", ".join(f"{a.ctype} a{a.index}" for a in byidx)
-        return (
-            f'extern "C" __global__ void __launch_bounds__({k.threadgroup_size}) '
-            f"{k.name}({params}) {{ {k.impl}({', '.join(call_args)}); }}\n"
-            f'extern "C" __device__ unsigned pmn_argsizes_{k.name}[] = {{{sizes}}};\n'
-        )
-    unpack = []
-    for a in byidx:
-        if a.kind == "buffer" and validate and a.device:
-            fname = k.file.replace("\\", "/").replace('"', "")
-            elem = re.sub(r"\b(const|volatile)\b", "", a.ctype[:-1]).strip()
-            unpack.append(f"pmn::vptr<{elem}>(({elem}*)args[{a.index}], "
-                          f'pmn_v_sizes[{a.index}], "{a.name}", "{fname}", {k.line})')
-        elif a.kind == "buffer":
-            unpack.append(f"({a.ctype})args[{a.index}]")
-        else:
-            unpack.append(f"*(const {a.ctype}*)args[{a.index}]")
-    call = []
-    for kind, j in k.params_order:
-        if kind == "arg":
-            call.append(unpack[k.args[j].index])
-        else:
-            call.append(BUILTINS[k.builtins[j][1]][1])
-    body = f"{k.impl}({', '.join(call)});"
-    if validate and k.needs_fibers:  # divergent barriers: see prelude/pmn_validate.h
-        body = f"pmn::v_thread_begin(ti); {body} pmn::v_thread_end(ti);"
-    loop = (f"for (uint32_t l = 0; l < tg_size; ++l) {{ ti.lid = l; ti.gid = tgid * tg_size + l; "
-            f"ti.lane = l & 31u; ti.simd_id = l >> 5; pmn_body_{k.name}(args, ti); }}")
-    if k.lockstep:
-        # one call per threadgroup: the work-item loops are inside (lockstep.py)
-        grp = "pmn_kgrp_" + k.impl[len("pmn_kimpl_"):]
-        grp = grp.replace("<", f"<{k.threadgroup_size}u, ", 1) if "<" in grp else \
-            grp + f"<{k.threadgroup_size}u>"
-        gargs = [unpack[k.args[j].index] for kind, j in k.params_order if kind == "arg"]
-        loop = f"(void)ti; {grp}({', '.join(gargs + ['tgid', 'n_groups'])});"
-    fiber = "" if k.lockstep else (
-        f"static inline __attribute__((always_inline)) void pmn_body_{k.name}(void* const* args, "
-        f"const pmn_tinfo& ti) {{ (void)args; (void)ti; {body} }}\n"
-        f'extern "C" void pmn_thread_{k.name}(void* const* args, const pmn_tinfo* ti) '
-        f"{{ pmn_body_{k.name}(args, *ti); }}\n")
-    return (
-        fiber +
-        f'extern "C" void pmn_loop_{k.name}(void* const* args, uint32_t tgid, uint32_t tg_size, '
-        f"uint32_t n_groups) {{ pmn_tinfo ti; ti.tgid = tgid; ti.tg_size = tg_size; "
-        f"ti.n_groups = n_groups; ti.n_simd = (tg_size + 31u) >> 5; {loop} }}\n"
-        f'extern "C" unsigned pmn_argsize_{k.name}(unsigned i) {{ static const unsigned s[] = '
-        f"{{{sizes}}}; return s[i]; }}\n"
-    )
-
-
-PREAMBLE = {
-    "cuda": "#define PMN_CUDA 1\n#define PMN_KERNEL_IMPL static __forceinline__\n"
-            "#define PMN_INFINITY __int_as_float(0x7f800000)\n"
-            "#define PMN_NAN __int_as_float(0x7fffffff)\n",
-    "cpu": "#define PMN_CPU 1\n#define PMN_KERNEL_IMPL static inline __attribute__((always_inline))\n"
-           "#define PMN_INFINITY __builtin_inff()\n#define PMN_NAN __builtin_nanf(\"\")\n",
-}
 
 
 def translate_file(path: str, target: str, defines: dict | None = None,

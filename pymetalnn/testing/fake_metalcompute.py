@@ -142,21 +142,22 @@ _PREFIX = "#undef __PYMETALNN__\n#undef __METAL_VERSION__\n#define __METAL_VERSI
 _PREFIX_LINES = _PREFIX.count("\n")
 
 
+def _check_args(owner: Any, cls: type, text: Any) -> None:
+    """metalcompute's checks (and words) for a (owner object, str) constructor."""
+    if not isinstance(owner, cls):
+        raise error(f"First argument should be a metalcompute.{cls.__name__} object")
+    if not isinstance(text, str):
+        raise TypeError(f"argument 1 must be str, not {type(text).__name__}")
+
+
 class Kernel:
     def __init__(self, dev: Device, source: str) -> None:
-        if not isinstance(dev, Device):
-            raise error("First argument should be a metalcompute.Device object")
-        if not isinstance(source, str):
-            raise TypeError(f"argument 1 must be str, not {type(source).__name__}")
+        _check_args(dev, Device, source)
         self._dev = dev
         from ..runtime.core import cache_dir
         from ..runtime.errors import CompileError, MSLError
-        from ..runtime.metal_check import (
-            check_file,
-            compiler_findings,
-            scan_kernels,
-            threadgroup_memory,
-        )
+        from ..runtime.metal_check import check_file, compiler_findings, scan_kernels
+        from ..runtime.metal_memory import threadgroup_memory
 
         text = _PREFIX + source
         path = os.path.join(cache_dir(), "fake-metal",
@@ -196,10 +197,7 @@ def _program_source(msg: str, path: str) -> str:
 
 class Function:
     def __init__(self, kern: Kernel, name: str) -> None:
-        if not isinstance(kern, Kernel):
-            raise error("First argument should be a metalcompute.Kernel object")
-        if not isinstance(name, str):
-            raise TypeError(f"argument 1 must be str, not {type(name).__name__}")
+        _check_args(kern, Kernel, name)
         if name not in kern._lib.kernels:
             raise error("Failed to find function")
         self._kern = kern

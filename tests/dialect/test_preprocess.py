@@ -52,24 +52,20 @@ right4
     assert text(pp(tmp_path, src)) == "right1 right2 right3 right4"
 
 
-def test_if_arithmetic(tmp_path: Path) -> None:
-    src = """
-#define N 6
-#define M (N * 2 + 1)
-#if M == 13 && (N / 4) == 1 && (N % 4) == 2 && (1 << 3) == 8 && -N < 0 && (N > 5 ? 1 : 0)
-yes
-#endif
-#if (0x10 | 3) == 19 && (7 & ~2) == 5 && (5 ^ 1) == 4 && !0 && 010 == 8 && 3u == 3
-yes2
-#endif
-#if UNDEFINED_NAME == 0
-yes3
-#endif
-#if -7 / 2 == -3 && -7 % 2 == -1
-yes4
-#endif
-"""
-    assert text(pp(tmp_path, src)) == "yes yes2 yes3 yes4"
+# #if conditions that hold with N = 6, M = (N * 2 + 1): C's integer arithmetic, operators and
+# literals (hex, octal, suffixed), truncating division, and an undefined name read as 0
+IF_TRUE = [
+    "M == 13 && (N / 4) == 1 && (N % 4) == 2 && (1 << 3) == 8 && -N < 0 && (N > 5 ? 1 : 0)",
+    "(0x10 | 3) == 19 && (7 & ~2) == 5 && (5 ^ 1) == 4 && !0 && 010 == 8 && 3u == 3",
+    "UNDEFINED_NAME == 0",
+    "-7 / 2 == -3 && -7 % 2 == -1",
+]
+
+
+@pytest.mark.parametrize("cond", IF_TRUE)
+def test_if_arithmetic(tmp_path: Path, cond: str) -> None:
+    src = f"#define N 6\n#define M (N * 2 + 1)\n#if {cond}\nyes\n#endif\n#if !({cond})\nno\n#endif\n"
+    assert text(pp(tmp_path, src)) == "yes"
 
 
 def test_nested_macros_and_rescanning(tmp_path: Path) -> None:

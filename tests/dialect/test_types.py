@@ -2,9 +2,16 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 from helpers import assert_bits_equal, rng
 
 F16, F32 = np.float16, np.float32
+
+
+@pytest.fixture
+def lib(load):
+    """tests/dialect/kernels/types.metal on the test's backend."""
+    return load("types")
 
 
 def random_halves(r: np.random.Generator, n: int, max_exp: int = 15) -> np.ndarray:
@@ -46,8 +53,7 @@ def half_reference(a, b, c):
     return want.astype(F16), fma_exact, fwant
 
 
-def test_half_arithmetic_bit_exact(load) -> None:
-    lib = load("types")
+def test_half_arithmetic_bit_exact(lib) -> None:
     dev = lib.device
     n = 4096
     a, b, c = half_inputs(n, seed=1)
@@ -64,8 +70,7 @@ def test_half_arithmetic_bit_exact(load) -> None:
     assert_bits_equal(fout.numpy(F32, (n, 2)), fwant, what="half op float -> float")
 
 
-def test_conversions(load) -> None:
-    lib = load("types")
+def test_conversions(lib) -> None:
     dev = lib.device
     r = rng(2)
     n = 4096
@@ -119,8 +124,7 @@ def test_conversions(load) -> None:
         assert_bits_equal(ho[:, 2], (h.astype(F32) * F32(3)).astype(F16), "half(float(h) * 3)")
 
 
-def test_vector_float4(load) -> None:
-    lib = load("types")
+def test_vector_float4(lib) -> None:
     dev = lib.device
     r = rng(3)
     n = 300
@@ -154,8 +158,7 @@ def test_vector_float4(load) -> None:
         np.testing.assert_allclose(got[:, i], want, rtol=1e-6, atol=1e-6, err_msg=f"vec_float o[{i}]")
 
 
-def test_vector_float2_float3_layout(load) -> None:
-    lib = load("types")
+def test_vector_float2_float3_layout(lib) -> None:
     dev = lib.device
     r = rng(4)
     n = 257
@@ -182,8 +185,7 @@ def test_vector_float2_float3_layout(load) -> None:
                                   err_msg="sizeof(float3) == 16, sizeof(float2) == 8")
 
 
-def test_vector_int4_uint2(load) -> None:
-    lib = load("types")
+def test_vector_int4_uint2(lib) -> None:
     dev = lib.device
     r = rng(5)
     n = 300
@@ -214,8 +216,7 @@ def test_vector_int4_uint2(load) -> None:
     np.testing.assert_array_equal(gu[:, 2], np.stack([u[:, 1] >> 3, u[:, 0] & 0xFF], 1))
 
 
-def test_vector_half4_bit_exact(load) -> None:
-    lib = load("types")
+def test_vector_half4_bit_exact(lib) -> None:
     dev = lib.device
     r = rng(6)
     n = 512
@@ -243,10 +244,9 @@ def _ftz(a: np.ndarray) -> np.ndarray:
     return np.where(np.abs(a) < F32(2.0**-126), np.copysign(F32(0), a), a).astype(F32)
 
 
-def test_float_denormals(load) -> None:
+def test_float_denormals(lib) -> None:
     """cpu keeps subnormals (IEEE); cuda flushes them to zero (NVRTC through CuPy compiles with
     -ftz=true, as Metal's fast math does). docs/dialect.md documents both."""
-    lib = load("types")
     dev = lib.device
     x = np.array([1e-40, -3e-39, 1.5e-38, 2.0**-126, -(2.0**-149), 0.0, 1.0, 2.0**-125], F32)
     n = x.size

@@ -41,20 +41,43 @@ def _canvas(h: int, wd: int, kh: int, kw: int, oh: int, ow: int, stride, padding
     return fh, fw
 
 
+def _grouped(x: np.ndarray, w: np.ndarray, groups: int, pad: tuple
+             ) -> tuple[np.ndarray, np.ndarray]:
+    """A conv's zero-padded x as (N, G, C/G, Hp, Wp) and w as (G, K/G, C/G, KH, KW)."""
+    n, _, _, _ = x.shape
+    k, cg, kh, kw = w.shape
+    xp = _pad(x, pad)
+    return xp.reshape(n, groups, cg, *xp.shape[2:]), w.reshape(groups, k // groups, cg, kh, kw)
+
+
+def _transpose_grouped(x: np.ndarray, w: np.ndarray, groups: int
+                       ) -> tuple[np.ndarray, np.ndarray]:
+    """A transposed conv's x as (N, G, Cin/G, H, W) and w as (G, Cin/G, Cout/G, KH, KW)."""
+    n, cin, h, wd = x.shape
+    _, cog, kh, kw = w.shape
+    return x.reshape(n, groups, cin // groups, h, wd), w.reshape(groups, cin // groups, cog, kh, kw)
+
+
+def _scatter(h: int, wd: int, kh: int, kw: int, stride, dilation):
+    """(i, j, r, s, p, q) for every input pixel (i, j) and tap (r, s) of a transposed conv: the
+    pixel reaches the uncropped canvas at (p, q) = (i*sh + r*dh, j*sw + s*dw)."""
+    for i in range(h):
+        for j in range(wd):
+            for r in range(kh):
+                for s in range(kw):
+                    yield i, j, r, s, i * stride[0] + r * dilation[0], j * stride[1] + s * dilation[1]
+
+
 def conv2d(x: np.ndarray, w: np.ndarray, b: np.ndarray | None = None, stride=(1, 1),
            pad=(0, 0, 0, 0), dilation=(1, 1), groups: int = 1) -> np.ndarray:
     x = np.asarray(x, np.float64)
     w = np.asarray(w, np.float64)
-    n, c, h, wd = x.shape
-    k, cg, kh, kw = w.shape
-    g = groups
-    kg = k // g
+    n, _, h, wd = x.shape
+    k, _, kh, kw = w.shape
     oh = out_size(h, kh, stride[0], pad[0], pad[1], dilation[0])
     ow = out_size(wd, kw, stride[1], pad[2], pad[3], dilation[1])
-    xp = _pad(x, pad)
-    xg = xp.reshape(n, g, cg, xp.shape[2], xp.shape[3])
-    wg = w.reshape(g, kg, cg, kh, kw)
-    y = np.zeros((n, g, kg, oh, ow))
+    xg, wg = _grouped(x, w, groups, pad)
+    y = np.zeros((n, groups, k // groups, oh, ow))
     for r in range(kh):
         for s in range(kw):
             y += np.einsum("ngchw,gkc->ngkhw", _taps(xg, r, s, oh, ow, stride, dilation),
@@ -68,21 +91,15 @@ def conv2d(x: np.ndarray, w: np.ndarray, b: np.ndarray | None = None, stride=(1,
 def conv2d_backward(gy: np.ndarray, x: np.ndarray, w: np.ndarray, has_bias: bool, stride=(1, 1),
                     pad=(0, 0, 0, 0), dilation=(1, 1), groups: int = 1):
     """(dL/dx, dL/dw, dL/db or None) given dL/dy, by the chain rule on each tap."""
-    gy = np.asarray(gy, np.float64)
-    x = np.asarray(x, np.float64)
-    w = np.asarray(w, np.float64)
+    gy, x, w = (np.asarray(a, np.float64) for a in (gy, x, w))
     n, c, h, wd = x.shape
     k, cg, kh, kw = w.shape
-    g = groups
-    kg = k // g
     _, _, oh, ow = gy.shape
-    xp = _pad(x, pad)
-    hp, wp = xp.shape[2:]
-    xg = xp.reshape(n, g, cg, hp, wp)
-    wg = w.reshape(g, kg, cg, kh, kw)
-    gyg = gy.reshape(n, g, kg, oh, ow)
-    gxp = np.zeros((n, g, cg, hp, wp))
-    gw = np.zeros((g, kg, cg, kh, kw))
+    xg, wg = _grouped(x, w, groups, pad)
+    hp, wp = xg.shape[3:]
+    gyg = gy.reshape(n, groups, k // groups, oh, ow)
+    gxp = np.zeros(xg.shape)
+    gw = np.zeros(wg.shape)
     for r in range(kh):
         for s in range(kw):
             # y[.., oh, ow] used xp[.., oh*sh + r*dh, ow*sw + s*dw] with weight w[.., r, s]
@@ -102,23 +119,17 @@ def conv_transpose2d(x: np.ndarray, w: np.ndarray, b: np.ndarray | None = None, 
     j*sw - pw + s*dw) (torch semantics; weights (C_in, C_out/groups, kH, kW))."""
     x = np.asarray(x, np.float64)
     w = np.asarray(w, np.float64)
-    n, cin, h, wd = x.shape
+    n, _, h, wd = x.shape
     _, cog, kh, kw = w.shape
-    g = groups
-    cig = cin // g
     oh = (h - 1) * stride[0] - 2 * padding[0] + dilation[0] * (kh - 1) + output_padding[0] + 1
     ow = (wd - 1) * stride[1] - 2 * padding[1] + dilation[1] * (kw - 1) + output_padding[1] + 1
     fh, fw = _canvas(h, wd, kh, kw, oh, ow, stride, padding, dilation)
-    full = np.zeros((n, g, cog, fh, fw))
-    xg = x.reshape(n, g, cig, h, wd)
-    wg = w.reshape(g, cig, cog, kh, kw)
-    for i in range(h):
-        for j in range(wd):
-            for r in range(kh):
-                for s in range(kw):
-                    full[:, :, :, i * stride[0] + r * dilation[0], j * stride[1] + s * dilation[1]] += \
-                        np.einsum("ngc,gco->ngo", xg[:, :, :, i, j], wg[:, :, :, r, s])
-    y = full[:, :, :, padding[0]: padding[0] + oh, padding[1]: padding[1] + ow].reshape(n, g * cog, oh, ow)
+    full = np.zeros((n, groups, cog, fh, fw))
+    xg, wg = _transpose_grouped(x, w, groups)
+    for i, j, r, s, p, q in _scatter(h, wd, kh, kw, stride, dilation):
+        full[:, :, :, p, q] += np.einsum("ngc,gco->ngo", xg[:, :, :, i, j], wg[:, :, :, r, s])
+    y = full[:, :, :, padding[0]: padding[0] + oh, padding[1]: padding[1] + ow].reshape(
+        n, groups * cog, oh, ow)
     if b is not None:
         y = y + np.asarray(b, np.float64)[None, :, None, None]
     return y
@@ -128,28 +139,21 @@ def conv_transpose2d_backward(gy: np.ndarray, x: np.ndarray, w: np.ndarray, has_
                               stride=(1, 1), padding=(0, 0), output_padding=(0, 0),
                               dilation=(1, 1), groups: int = 1):
     """Gradients of conv_transpose2d: y[o] gathered x*w, so dx and dw gather gy at the same taps."""
-    gy = np.asarray(gy, np.float64)
-    x = np.asarray(x, np.float64)
-    w = np.asarray(w, np.float64)
+    gy, x, w = (np.asarray(a, np.float64) for a in (gy, x, w))
     n, cin, h, wd = x.shape
     _, cog, kh, kw = w.shape
-    g = groups
-    cig = cin // g
     _, _, oh, ow = gy.shape
     fh, fw = _canvas(h, wd, kh, kw, oh, ow, stride, padding, dilation)
-    full = np.zeros((n, g, cog, fh, fw))
-    full[:, :, :, padding[0]: padding[0] + oh, padding[1]: padding[1] + ow] = gy.reshape(n, g, cog, oh, ow)
-    xg = x.reshape(n, g, cig, h, wd)
-    wg = w.reshape(g, cig, cog, kh, kw)
-    gx = np.zeros((n, g, cig, h, wd))
-    gw = np.zeros((g, cig, cog, kh, kw))
-    for i in range(h):
-        for j in range(wd):
-            for r in range(kh):
-                for s in range(kw):
-                    t = full[:, :, :, i * stride[0] + r * dilation[0], j * stride[1] + s * dilation[1]]
-                    gx[:, :, :, i, j] += np.einsum("ngo,gco->ngc", t, wg[:, :, :, r, s])
-                    gw[:, :, :, r, s] += np.einsum("ngc,ngo->gco", xg[:, :, :, i, j], t)
+    full = np.zeros((n, groups, cog, fh, fw))
+    full[:, :, :, padding[0]: padding[0] + oh, padding[1]: padding[1] + ow] = gy.reshape(
+        n, groups, cog, oh, ow)
+    xg, wg = _transpose_grouped(x, w, groups)
+    gx = np.zeros(xg.shape)
+    gw = np.zeros(wg.shape)
+    for i, j, r, s, p, q in _scatter(h, wd, kh, kw, stride, dilation):
+        t = full[:, :, :, p, q]
+        gx[:, :, :, i, j] += np.einsum("ngo,gco->ngc", t, wg[:, :, :, r, s])
+        gw[:, :, :, r, s] += np.einsum("ngc,ngo->gco", xg[:, :, :, i, j], t)
     gb = gy.sum(axis=(0, 2, 3)) if has_bias else None
     return gx.reshape(n, cin, h, wd), gw.reshape(cin, cog, kh, kw), gb
 

@@ -221,9 +221,7 @@ static void test_half_arith() {
 }
 
 static void test_vectors() {
-  static_assert(sizeof(pmn_float2) == 8 && alignof(pmn_float2) == 8, "");
-  static_assert(sizeof(pmn_float3) == 16 && alignof(pmn_float3) == 16, "");
-  static_assert(sizeof(pmn_float4) == 16 && alignof(pmn_float4) == 16, "");
+  // half's and float2/3/4's layouts are asserted by the prelude itself, in every build
   static_assert(sizeof(pmn_half2) == 4 && alignof(pmn_half2) == 4, "");
   static_assert(sizeof(pmn_half3) == 8 && alignof(pmn_half3) == 8, "");
   static_assert(sizeof(pmn_half4) == 8 && alignof(pmn_half4) == 8, "");
