@@ -28,6 +28,7 @@
 // deterministic, no atomics. Every sum is accumulated in float whatever the storage type.
 #include <metal_stdlib>
 #include "params.h"
+#include "neuron.h"
 #include "stream.h"
 using namespace metal;
 
@@ -47,6 +48,18 @@ inline V arith_apply(V a, V b, V c, float alpha) {
     if (OP == OP_DIV) return a / b;
     if (OP == OP_SCALE) return a * alpha;
     return -(a * (b / c)) / c;  // divide before squaring: b * b overflows float for |b| > 1.8e19
+}
+
+// The forward ops' fused activation of the result (p.act of neuron.h, 0 = none: the value
+// untouched), e.g. a residual add + relu in one pass (F.add(..., activation=)).
+inline float arith_act(float v, constant ArithParams& p) {
+    return p.act ? nn_activation(v, p.act, p.act_alpha) : v;
+}
+inline float4 arith_act(float4 v, constant ArithParams& p) {
+    if (p.act) {
+        for (int j = 0; j < 4; ++j) v[j] = nn_activation(v[j], p.act, p.act_alpha);
+    }
+    return v;
 }
 
 // How many operands an op reads; the others are never loaded.
@@ -100,12 +113,13 @@ kernel void arith_ew(device const T* x0 [[buffer(0)]],
             const float4 a = load4(x0, o0, p.stride0[last]);
             const float4 b = k >= 2 ? load4(x1, o1, p.stride1[last]) : float4(0.0f);
             const float4 c = k >= 3 ? load4(x2, o2, p.stride2[last]) : float4(1.0f);
-            *((device vec<T, 4>*)(out + e)) = vec<T, 4>(arith_apply<OP>(a, b, c, p.alpha));
+            const float4 r = arith_act(arith_apply<OP>(a, b, c, p.alpha), p);
+            *((device vec<T, 4>*)(out + e)) = vec<T, 4>(r);
         } else {
             const float a = float(x0[o0]);
             const float b = k >= 2 ? float(x1[o1]) : 0.0f;
             const float c = k >= 3 ? float(x2[o2]) : 1.0f;
-            out[e] = T(arith_apply<OP>(a, b, c, p.alpha));
+            out[e] = T(arith_act(arith_apply<OP>(a, b, c, p.alpha), p));
         }
     }
 }
@@ -149,8 +163,8 @@ kernel void arith_flat(device const T* x0 [[buffer(0)]],
             const uint ch = stream_chunk(gid, u);
             if (ch < nvec) {
                 for (int e = 0; e < int(16 / sizeof(T)); ++e) {
-                    a[u][e] = arith_apply<OP>(a[u][e], k >= 2 ? b[u][e] : 0.0f,
-                                              k >= 3 ? c[u][e] : 1.0f, alpha);
+                    a[u][e] = arith_act(arith_apply<OP>(a[u][e], k >= 2 ? b[u][e] : 0.0f,
+                                                        k >= 3 ? c[u][e] : 1.0f, alpha), p);
                 }
                 stream_store<16 / sizeof(T)>(out, ch, a[u]);
             }
@@ -161,7 +175,7 @@ kernel void arith_flat(device const T* x0 [[buffer(0)]],
             const float a = float(x0[s0 * i]);
             const float b = k >= 2 ? float(x1[s1 * i]) : 0.0f;
             const float c = k >= 3 ? float(x2[s2 * i]) : 1.0f;
-            out[i] = T(arith_apply<OP>(a, b, c, alpha));
+            out[i] = T(arith_act(arith_apply<OP>(a, b, c, alpha), p));
         }
     }
 }
@@ -215,8 +229,8 @@ kernel void arith_chan(device const T* x0 [[buffer(0)]],
             const uint ch = stream_chunk(gid, u);
             if (ch < nvec) {
                 for (uint e = 0; e < W; ++e) {
-                    a[u][e] = arith_apply<OP>(a[u][e], k >= 2 ? b[u][e] : 0.0f,
-                                              k >= 3 ? c[u][e] : 1.0f, alpha);
+                    a[u][e] = arith_act(arith_apply<OP>(a[u][e], k >= 2 ? b[u][e] : 0.0f,
+                                                        k >= 3 ? c[u][e] : 1.0f, alpha), p);
                 }
                 stream_store<16 / sizeof(T)>(out, ch, a[u]);
             }
@@ -228,7 +242,7 @@ kernel void arith_chan(device const T* x0 [[buffer(0)]],
             const float a = float(x0[s0 ? i : cc]);
             const float b = k >= 2 ? float(x1[s1 ? i : cc]) : 0.0f;
             const float c = k >= 3 ? float(x2[s2 ? i : cc]) : 1.0f;
-            out[i] = T(arith_apply<OP>(a, b, c, alpha));
+            out[i] = T(arith_act(arith_apply<OP>(a, b, c, alpha), p));
         }
     }
 }

@@ -148,6 +148,8 @@ struct ArithParams {
     uint stride0[8];   // element strides of x0 per output dimension (0 = broadcast)
     uint stride1[8];
     uint stride2[8];
+    uint act;          // forward ops: fused activation NN_ACT_* of the result (0 = none)
+    float act_alpha;   // its scalar (leaky relu: negative_slope)
 };
 // ReduceParams (arith.metal): out[t] = alpha * sum over the reduced index space of op(x0, x1, x2).
 struct ReduceParams {

@@ -303,3 +303,28 @@ def test_sum_many_splits(dev, dtype):
     y = x[:300000].reshape(3, 100000)
     got = F.mean(dt(y, dev), 1).numpy().astype(np.float64)
     np.testing.assert_allclose(got, y.astype(np.float64).mean(1), atol=1e-3)
+
+
+# (a, b): same shape (the flat kernel), a per-channel operand (the channel kernel), a general
+# broadcast (the index-walking kernel)
+ACT_SHAPES = [((3, 37), (3, 37)), ((2, 4, 5, 6), (1, 4, 1, 1)), ((5, 1, 7), (1, 4, 1))]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("op", OPS)
+def test_binary_activation(dev, op, dtype):
+    """activation= applies relu / leaky relu / sigmoid / tanh to the result in the same pass:
+    against numpy, every kernel path."""
+    fn = getattr(F, op)
+    npop = {"add": np.add, "sub": np.subtract, "mul": np.multiply, "div": np.divide}[op]
+    acts = [("relu", lambda z: np.maximum(z, 0)), ("sigmoid", lambda z: 1 / (1 + np.exp(-z))),
+            ("tanh", np.tanh),
+            (("leaky_relu", {"negative_slope": 0.2}), lambda z: np.where(z > 0, z, 0.2 * z))]
+    for k, (sa, sb) in enumerate(ACT_SHAPES):
+        a, b = rnd(sa, dtype, 100 + k), rnd(sb, dtype, 200 + k, positive=True)
+        z = npop(a.astype(np.float64), b.astype(np.float64))
+        for act, act_ref in acts:
+            got = fn(dt(a, dev), dt(b, dev), activation=act).numpy()
+            check(got, act_ref(z), dtype, scale=max(1.0, float(np.abs(z).max())))
+        check(fn(dt(a, dev), dt(b, dev), activation=None).numpy(), z, dtype,
+              scale=max(1.0, float(np.abs(z).max())))
