@@ -21,6 +21,8 @@ Versions (see kernels/dev/membound.metal's note):
              v2 chan_affine (kernels/dev: the same layout, multiply-add and activation fused)
   bias_relu  prod (F.add then F.relu, two passes)  v1 (with arith_ew)  v2 chan_affine with the
              activation (one pass)
+  add_relu   prod F.add(a, b, activation="relu") (one pass; the graph's fused residual add + relu)
+             v1 F.relu(F.add(a, b)) (two passes)
   sum_bias   prod (reduce_inner + finish)  v2/v3 chan_sum (16-byte loads, 1/2 chunks in flight)
   bn_train_fwd, bn_bwd, bn_bwd_relu (ResNet 56x56 planes; InceptionV3 35x35, 17x17)
              prod: norm_part_vec / norm_apply_vec where the layout allows, else norm_part with 8
@@ -471,6 +473,12 @@ def families(dev: pm.Device, torch: Any) -> list[Family]:
         (lambda c, t: (lambda: T.clamp_min(t["x"], 0, out=t["out"])))
         if T else None,
         lambda c: 2 * n_of(c) * isz(c), img_small, img_large))
+    fams.append(Family(
+        "add_relu", _img, lambda c: np.maximum(_f32(c["x_np"]) + _f32(c["y_np"]), 0),
+        {"prod": lambda d, c: F.add(c["x"], c["y"], activation="relu"),
+         "v1": lambda d, c: F.relu(F.add(c["x"], c["y"]))},
+        (lambda c, t: (lambda: T.relu_(T.add(t["x"], t["y"], out=t["out"])))) if T else None,
+        lambda c: 3 * n_of(c) * isz(c), img_small, img_large))
     fams.append(Family(
         "copy", _img, lambda c: c["x_np"], {"prod": lambda d, c: F.copy(c["x"])},
         (lambda c, t: (lambda: t["out"].copy_(t["x"]))) if T else None,
