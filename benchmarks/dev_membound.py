@@ -33,6 +33,9 @@ Versions (see kernels/dev/membound.metal's note):
   group_norm_fwd  prod  v1 (earlier production)
   softmax_fwd/bwd, log_softmax_fwd/bwd (4096 x 1000)  prod: softmax.metal's row kernels (one
              simdgroup per row, the row in registers)  v1: the tile kernels (earlier production)
+  max_pool2d_bwd_noidx (3x3 / 2 / 1 on 32x64x112x112, no indices given)  prod: indices made by
+             the forward kernel first, then the indices gradient  v1: argmax recomputed per
+             candidate window (earlier production)  idx: with the forward's indices
   avg_pool2d_3x3s1 (InceptionV3 32x192x35x35)  prod: pool.metal  v2: strips of 4 outputs per
              thread sharing row sums (kernels/dev)
   add, relu, copy, cast, dropout, cross_entropy (fwd+bwd, labels checked
@@ -688,6 +691,50 @@ def families(dev: pm.Device, torch: Any) -> list[Family]:
         "avg_pool2d_fwd", pool_ctx, lambda c: _pool_ref(c["x_np"].astype(np.float64), 3, 2, 1, "avg"),
         {"prod": lambda d, c: F.avg_pool2d(c["x"], 3, 2, 1)},
         (lambda c, t: (lambda: T.nn.functional.avg_pool2d(t["x"], 3, 2, 1))) if T else None,
+        lambda c: n_of(c) * isz(c) * 5 // 4, pl_small, pl_large))
+    def max_bwd_ctx(d: pm.Device, shape: tuple, dtype: Any) -> dict:
+        ctx = _img(d, shape, dtype)
+        oh, ow = (shape[2] - 1) // 2 + 1, (shape[3] - 1) // 2 + 1
+        g = np.random.default_rng(5).standard_normal((shape[0], shape[1], oh, ow)).astype(dtype)
+        ctx["g_np"], ctx["g"] = g, pm.tensor(g, d)
+        _, ctx["idx"] = F.max_pool2d(ctx["x"], 3, 2, 1, return_indices=True)
+        return ctx
+
+    def max_bwd_ref(c: dict) -> np.ndarray:
+        """numpy: each window's first maximum (row-major) gets the window's gradient."""
+        x, g = c["x_np"].astype(np.float64), c["g_np"].astype(np.float64)
+        n, ch, h, w = x.shape
+        dx = np.zeros_like(x)
+        for i in range(g.shape[2]):
+            for j in range(g.shape[3]):
+                r0, c0 = 2 * i - 1, 2 * j - 1
+                rs, cs = slice(max(r0, 0), min(r0 + 3, h)), slice(max(c0, 0), min(c0 + 3, w))
+                win = x[:, :, rs, cs].reshape(n, ch, -1)
+                a = win.argmax(-1)
+                ww = cs.stop - cs.start
+                rr, cc = rs.start + a // ww, cs.start + a % ww
+                for b in range(n):
+                    for q in range(ch):
+                        dx[b, q, rr[b, q], cc[b, q]] += g[b, q, i, j]
+        return dx
+
+    def recompute_max_bwd(c: dict) -> Any:
+        from pymetalnn.ops import pool as P
+
+        P.MAX_BWD_VIA_INDICES = False
+        try:
+            return F.max_pool2d_backward(c["g"], c["x"], 3, 2, 1)
+        finally:
+            P.MAX_BWD_VIA_INDICES = True
+
+    fams.append(Family(
+        "max_pool2d_bwd_noidx", max_bwd_ctx, max_bwd_ref,
+        {"prod": lambda d, c: F.max_pool2d_backward(c["g"], c["x"], 3, 2, 1),
+         "v1": lambda d, c: recompute_max_bwd(c),
+         "idx": lambda d, c: F.max_pool2d_backward(c["g"], c["x"], 3, 2, 1, indices=c["idx"])},
+        (lambda c, t: (lambda: T.ops.aten.max_pool2d_with_indices_backward(
+            t["g"], t["x"], [3, 3], [2, 2], [1, 1], [1, 1], False, t["idx"].long())))
+        if T and dev.name == "cuda" else None,
         lambda c: n_of(c) * isz(c) * 5 // 4, pl_small, pl_large))
     fams.append(Family(
         "avg_pool2d_3x3s1", pool_ctx,
