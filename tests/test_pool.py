@@ -263,7 +263,9 @@ def test_unbatched_2d(dev):
 
 ADAPTIVE = [((2, 3, 7, 9), (3, 4)), ((1, 33, 5, 5), 5), ((2, 2, 10, 7), (4, 3)),
             ((1, 3, 3, 3), (5, 4)), ((2, 3, 4, 4), 1), ((1, 5, 3, 3), 1), ((1, 2, 20, 21), 1),
-            ((1, 32, 16, 16), 1), ((1, 2, 6, 8), (None, 3))]
+            ((1, 32, 16, 16), 1), ((1, 2, 6, 8), (None, 3)),
+            # global pooling past its 4-load rounds per lane: vector and scalar loads
+            ((1, 3, 29, 32), 1), ((1, 2, 23, 25), 1)]
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float16])
