@@ -38,7 +38,9 @@ Versions (see kernels/dev/membound.metal's note):
              candidate window (earlier production)  idx: with the forward's indices
   avg_pool2d_3x3s1 (InceptionV3 32x192x35x35)  prod: pool.metal  v2: strips of 4 outputs per
              thread sharing row sums (kernels/dev)
-  add, relu, copy, cast, dropout, cross_entropy (fwd+bwd, labels checked
+  cross_entropy_fwd_bwd (4096 x 1000, labels)  prod: loss.metal's row kernels (one simdgroup
+             per row)  v1: the tile kernels (earlier production)
+  add, relu, copy, cast, dropout (fwd+bwd, labels checked
   on the device), max_pool2d/avg_pool2d fwd+bwd, group_norm fwd/bwd: prod (diagnostic: device
   time vs eager time vs torch)
 
@@ -418,6 +420,21 @@ def _ce_ref(ctx: dict) -> np.ndarray:
     return (s - oh) / n
 
 
+def ce_fwd_bwd(c: dict, tiles: bool = False) -> Any:
+    """cross_entropy then its backward (labels checked once); tiles: loss.metal's tile kernels
+    (the earlier production) instead of the row kernels."""
+    from pymetalnn.ops import loss as lo
+
+    keep = lo.row_plan
+    if tiles:
+        lo.row_plan = lambda *a, **k: None
+    try:
+        return (F.cross_entropy(c["x"], c["lab"]),
+                F.cross_entropy_backward(c["one"], c["x"], c["lab"], target_grad=False))[1]
+    finally:
+        lo.row_plan = keep
+
+
 def _pool_ref(x: np.ndarray, kk: int, s: int, pad: int, mode: str) -> np.ndarray:
     n, c, h, w = x.shape
     oh, ow = (h + 2 * pad - kk) // s + 1, (w + 2 * pad - kk) // s + 1
@@ -669,9 +686,8 @@ def families(dev: pm.Device, torch: Any) -> list[Family]:
 
     fams.append(Family(
         "cross_entropy_fwd_bwd", _softmax_ctx, _ce_ref,
-        {"prod": lambda d, c: (F.cross_entropy(c["x"], c["lab"]),
-                               F.cross_entropy_backward(c["one"], c["x"], c["lab"],
-                                                        target_grad=False))[1]},
+        {"prod": lambda d, c: ce_fwd_bwd(c),
+         "v1": lambda d, c: ce_fwd_bwd(c, tiles=True)},
         t_ce if T else None,
         lambda c: 2 * n_of(c) * isz(c), (7, 1000), (4096, 1000),
         result=lambda out: (out[0] if isinstance(out, tuple) else out).numpy()))

@@ -28,6 +28,7 @@
 // Storage float or half; every sum and every loss is computed in float, losses are stored float.
 #include <metal_stdlib>
 #include "params.h"
+#include "stream.h"
 #include "tile_reduce.h"
 using namespace metal;
 
@@ -527,6 +528,135 @@ kernel void loss_scale_bwd_float(device const int* labels [[buffer(0)]],
 }
 
 // ---- instantiations -------------------------------------------------------------------------
+// ---- softmax cross-entropy on (N, C) logits with integer labels: one simdgroup per row ------
+// The host takes these for 2-d logits (one position per sample) whose C is a multiple of W =
+// 16 / sizeof(T) and at most 32 SM_ROW_CHUNKS W, the buffers 16-byte aligned: each lane loads
+// its SM_ROW_CHUNKS 16-byte chunks of the row at once and keeps them in registers, the row's max
+// and sums are simd reductions (softmax.metal's row kernels), no threadgroup memory or barrier.
+// Same params, buffers, per-term formulas and outputs as loss_cls_fwd / loss_cls_bwd (K = L_CE,
+// LABELS = 1): terms and counts per sample for loss_reduce, dx per element.
+template <typename T>
+[[max_total_threads_per_threadgroup(256)]]
+kernel void ce_rows_fwd(device const T* x [[buffer(0)]],
+                        device const T* tp [[buffer(1)]],
+                        device const int* labels [[buffer(2)]],
+                        device const float* sw [[buffer(3)]],
+                        device float* terms [[buffer(4)]],
+                        device uint2* cnt [[buffer(5)]],
+                        constant LossParams& p [[buffer(6)]],
+                        constant SoftmaxParams& q [[buffer(7)]],
+                        device const float* cw [[buffer(8)]],
+                        uint gid [[thread_position_in_grid]],
+                        uint lane [[thread_index_in_simdgroup]]) {
+    const uint W = 16u / sizeof(T);
+    const uint o = gid / 32u;  // the sample (row), uniform across the simdgroup
+    if (o >= q.outer) return;
+    const uint C = q.len, nv = C / W, off = o * C;
+    const float Cf = float(C), eps = p.smoothing;
+    const int y = labels[o];
+    const bool valid = y != p.ignore_index;
+    float v[SM_ROW_CHUNKS][16 / sizeof(T)];
+    for (uint c = 0; c < SM_ROW_CHUNKS; ++c) {
+        stream_load<16 / sizeof(T)>(x, o * nv + min(lane + 32u * c, nv - 1u), v[c]);
+    }
+    float m = -INFINITY;
+    for (uint c = 0; c < SM_ROW_CHUNKS; ++c) {
+        if (lane + 32u * c < nv) {
+            for (uint e = 0; e < W; ++e) m = max(m, v[c][e]);
+        }
+    }
+    m = simd_max(m);
+    float4 acc = float4(0.0f);
+    for (uint c = 0; c < SM_ROW_CHUNKS; ++c) {
+        if (lane + 32u * c < nv) {
+            for (uint e = 0; e < W; ++e) {
+                const float d = v[c][e] - m;
+                const float wc = p.has_class_weight ? cw[(lane + 32u * c) * W + e] : 1.0f;
+                acc.w += precise::exp(d);
+                acc.x += wc * d;  // sum w (x - m), for smoothing
+                acc.y += wc;      // sum w
+            }
+        }
+    }
+    acc = float4(simd_sum(acc.x), simd_sum(acc.y), 0.0f, simd_sum(acc.w));
+    if (lane == 0u) {
+        const float ls = precise::log(acc.w);
+        const float wy = (p.has_class_weight && valid) ? cw[y] : 1.0f;
+        float loss = valid ? (1.0f - eps) * wy * (ls - (float(x[off + uint(y)]) - m)) : 0.0f;
+        if (valid && eps != 0.0f) loss += eps / Cf * (ls * acc.y - acc.x);
+        const float w = p.has_weight ? sw[o] : 1.0f;
+        const bool nz = valid && w != 0.0f;
+        terms[o] = nz ? w * loss : 0.0f;
+        cnt[o] = uint2(valid ? 1u : 0u, nz ? 1u : 0u);
+    }
+}
+
+template <typename T>
+[[max_total_threads_per_threadgroup(256)]]
+kernel void ce_rows_bwd(device const float* g [[buffer(0)]],
+                        device const T* x [[buffer(1)]],
+                        device const T* tp [[buffer(2)]],
+                        device const int* labels [[buffer(3)]],
+                        device const float* sw [[buffer(4)]],
+                        device T* dx [[buffer(5)]],
+                        constant LossParams& p [[buffer(6)]],
+                        constant SoftmaxParams& q [[buffer(7)]],
+                        device const float* cw [[buffer(8)]],
+                        device T* dt [[buffer(9)]],
+                        uint gid [[thread_position_in_grid]],
+                        uint lane [[thread_index_in_simdgroup]]) {
+    const uint W = 16u / sizeof(T);
+    const uint o = gid / 32u;
+    if (o >= q.outer) return;
+    const uint C = q.len, nv = C / W;
+    const float Cf = float(C), eps = p.smoothing;
+    const int y = labels[o];
+    const bool valid = y != p.ignore_index;
+    float coef = 0.0f;
+    if (valid) {
+        const float w = p.has_weight ? sw[o] : 1.0f;
+        if (w != 0.0f) coef = w * (p.gmode == LOSS_G_SCALAR ? g[0] : g[o]);
+    }
+    float v[SM_ROW_CHUNKS][16 / sizeof(T)];
+    for (uint c = 0; c < SM_ROW_CHUNKS; ++c) {
+        stream_load<16 / sizeof(T)>(x, o * nv + min(lane + 32u * c, nv - 1u), v[c]);
+    }
+    float m = -INFINITY;
+    for (uint c = 0; c < SM_ROW_CHUNKS; ++c) {
+        if (lane + 32u * c < nv) {
+            for (uint e = 0; e < W; ++e) m = max(m, v[c][e]);
+        }
+    }
+    m = simd_max(m);
+    float sx = 0.0f, sy = 0.0f;  // sum exp(x - m), sum w
+    for (uint c = 0; c < SM_ROW_CHUNKS; ++c) {
+        if (lane + 32u * c < nv) {
+            for (uint e = 0; e < W; ++e) {
+                sx += precise::exp(v[c][e] - m);
+                sy += p.has_class_weight ? cw[(lane + 32u * c) * W + e] : 1.0f;
+            }
+        }
+    }
+    sx = simd_sum(sx);
+    sy = simd_sum(sy);
+    const float inv = 1.0f / sx;
+    // sum_c w_c t'_c = (1 - eps) w_y + eps / C sum_c w_c
+    const float wsum = (1.0f - eps) * ((p.has_class_weight && valid) ? cw[y] : 1.0f) + eps / Cf * sy;
+    for (uint c = 0; c < SM_ROW_CHUNKS; ++c) {
+        const uint ch = lane + 32u * c;
+        if (ch < nv) {
+            for (uint e = 0; e < W; ++e) {
+                const uint l = ch * W + e;
+                const float wc = p.has_class_weight ? cw[l] : 1.0f;
+                const float pr = precise::exp(v[c][e] - m) * inv;
+                const float r = pr * wsum - wc * smooth_label(l, y, eps, Cf);
+                v[c][e] = coef == 0.0f ? 0.0f : coef * r;
+            }
+            stream_store<16 / sizeof(T)>(dx, o * nv + ch, v[c]);
+        }
+    }
+}
+
 #define LOSS_PW(NAME, K, T)                                                                    \
     template [[host_name(#NAME "_fwd_" #T)]] [[kernel]] decltype(loss_pw_fwd<T, K>)             \
         loss_pw_fwd<T, K>;                                                                     \
@@ -550,7 +680,11 @@ kernel void loss_scale_bwd_float(device const int* labels [[buffer(0)]],
     LOSS_CLS(cross_entropy, L_CE, 0, "probs_", T)                                              \
     LOSS_CLS(categorical_cross_entropy, L_CCE, 1, "labels_", T)                                \
     LOSS_CLS(categorical_cross_entropy, L_CCE, 0, "probs_", T)                                 \
-    LOSS_CLS(cosine_distance, L_COS, 0, "", T)
+    LOSS_CLS(cosine_distance, L_COS, 0, "", T)                                                 \
+    template [[host_name("cross_entropy_fwd_labels_rows_" #T)]] [[kernel]]                     \
+        decltype(ce_rows_fwd<T>) ce_rows_fwd<T>;                                               \
+    template [[host_name("cross_entropy_bwd_labels_rows_" #T)]] [[kernel]]                     \
+        decltype(ce_rows_bwd<T>) ce_rows_bwd<T>;
 
 LOSS_ALL(float)
 LOSS_ALL(half)

@@ -16,7 +16,9 @@ from pymetalnn import functional as F
 
 RED = ["none", "per_sample", "sum", "mean", "sum_by_nonzero_weights"]
 PW_SHAPES = [(1, 1), (1, 31), (3, 33), (2, 3, 5, 7), (2, 4100)]
-CLS_SHAPES = [(1, 1), (5, 3), (3, 33), (4, 1000), (2, 31, 3, 5), (1, 32, 2, 2), (2, 5000)]
+# (N, C) with C a multiple of 8 up to 1024 (4, 1000), (3, 64): cross-entropy's row kernels
+CLS_SHAPES = [(1, 1), (5, 3), (3, 33), (4, 1000), (3, 64), (2, 31, 3, 5), (1, 32, 2, 2),
+              (2, 5000)]
 
 # name -> (forward, backward, options passed to both, reference options)
 POINTWISE = {
@@ -455,7 +457,7 @@ def _fd(f, x, eps=1e-6):
     return g
 
 
-@pytest.mark.parametrize("shape", [(5, 3), (1, 33), (2, 4, 3, 5), (3,)])
+@pytest.mark.parametrize("shape", [(5, 3), (1, 33), (6, 40), (2, 4, 3, 5), (3,)])
 def test_cross_entropy_class_weight(dev, shape):
     """weight= per class, labels (with an ignored one) and probabilities, with and without label
     smoothing, every torch reduction: numpy reference, its gradients by finite differences, ours

@@ -106,10 +106,12 @@ def _torch_dim(dim: Any, ndim: int) -> Any:
     return (0 if ndim in (0, 1, 3) else 1) if dim is None else dim
 
 
-def _rows(outer: int, length: int, inner: int, dtype: Any, *ts: Tensor) -> SoftmaxParams | None:
-    """The params of softmax.metal's row kernels (one simdgroup per row, the row in registers)
-    when they apply: the axis innermost, its length a multiple of the 16-byte chunk and at most
-    32 * ROW_CHUNKS chunks, every buffer 16-byte aligned; else None (the tile kernels)."""
+def row_plan(outer: int, length: int, inner: int, dtype: Any, *ts: Tensor
+             ) -> SoftmaxParams | None:
+    """The params of the row kernels (softmax.metal's, loss.metal's cross-entropy ones: one
+    simdgroup per row, the row in registers) when they apply: the axis innermost, its length a
+    multiple of the 16-byte chunk and at most 32 * ROW_CHUNKS chunks, every buffer 16-byte
+    aligned; else None (the tile kernels)."""
     w = 16 // np.dtype(dtype).itemsize
     if inner != 1 or length % w or length > 32 * ROW_CHUNKS * w or outer * 32 > 2**31 or \
             any(t.buffer.offset % 16 for t in ts):
@@ -127,7 +129,7 @@ def _forward(x: Any, dim: Any, log: bool) -> Tensor:
         return y
     geom = split_shape(xt.shape or (1,), d)
     stem = "log_softmax" if log else "softmax"
-    rp = _rows(*geom, xt.dtype, xt, y)
+    rp = row_plan(*geom, xt.dtype, xt, y)
     if rp is not None:
         kernel(dev, SOURCE, f"{stem}_fwd_rows_{suffix(xt.dtype)}")(rp.outer * 32, xt.buffer,
                                                                    y.buffer, rp)
@@ -150,7 +152,7 @@ def _backward(grad_out: Any, output: Any, dim: Any, log: bool) -> Tensor:
         return dx
     geom = split_shape(yt.shape or (1,), d)
     stem = "log_softmax" if log else "softmax"
-    rp = _rows(*geom, yt.dtype, gt, yt, dx)
+    rp = row_plan(*geom, yt.dtype, gt, yt, dx)
     if rp is not None:
         kernel(dev, SOURCE, f"{stem}_bwd_rows_{suffix(yt.dtype)}")(rp.outer * 32, gt.buffer,
                                                                    yt.buffer, dx.buffer, rp)
