@@ -243,8 +243,8 @@ class Family:
 def _img(dev: pm.Device, shape: tuple, dtype: Any, seed: int = 0) -> dict:
     r = np.random.default_rng(seed)
     c = shape[1]
-    x = r.standard_normal(shape).astype(dtype)
-    y = (r.standard_normal(shape) + 4).astype(dtype)
+    x = r.standard_normal(shape, dtype=np.float32).astype(dtype)
+    y = (r.standard_normal(shape, dtype=np.float32) + 4).astype(dtype)
     w = (r.standard_normal((1, c, 1, 1)) + 1).astype(dtype)
     b = r.standard_normal((1, c, 1, 1)).astype(dtype)
     ctx = {"shape": shape, "dtype": dtype, "x_np": x, "y_np": y, "w_np": w, "b_np": b}
@@ -711,7 +711,8 @@ def families(dev: pm.Device, torch: Any) -> list[Family]:
     def max_bwd_ctx(d: pm.Device, shape: tuple, dtype: Any) -> dict:
         ctx = _img(d, shape, dtype)
         oh, ow = (shape[2] - 1) // 2 + 1, (shape[3] - 1) // 2 + 1
-        g = np.random.default_rng(5).standard_normal((shape[0], shape[1], oh, ow)).astype(dtype)
+        g = np.random.default_rng(5).standard_normal((shape[0], shape[1], oh, ow),
+                                                      dtype=np.float32).astype(dtype)
         ctx["g_np"], ctx["g"] = g, pm.tensor(g, d)
         _, ctx["idx"] = F.max_pool2d(ctx["x"], 3, 2, 1, return_indices=True)
         return ctx
@@ -841,6 +842,7 @@ def main() -> int:
                 traceback.print_exc()
                 continue
             rows.extend(r)
+            print(f"# {fam.name} {np.dtype(dtype).name}: {time.time() - t0:.0f} s into the run")
             common.print_table(r, cols)
             sys.stdout.flush()
     print(f"# all rows ({time.time() - t0:.0f} s)")
