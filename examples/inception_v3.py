@@ -13,6 +13,11 @@ benchmark), printing images/s and peak memory for both.
 
     PYTHONPATH=. python examples/inception_v3.py --backend cuda [--batch 32] [--iters 30]
     PYTHONPATH=. python examples/inception_v3.py --smoke        # cpu, 75x75, batch 4, 3 iterations
+    NCCL_NVLS_ENABLE=0 mpiexec -n 2 python examples/inception_v3.py --backend cuda --distributed
+
+--distributed: data-parallel over the ranks of `mpiexec -n N` (pymetalnn.distributed; one GPU
+per rank, --batch per rank, each rank its slice of one generated batch); images/s count all ranks'
+images over the slowest rank's time; the PyTorch peer is not run.
 """
 from __future__ import annotations
 
@@ -174,7 +179,8 @@ class TorchBuilder:
         return out
 
 
-def run_ours(args: argparse.Namespace, dev: pm.Device, X: np.ndarray, Y: np.ndarray) -> dict:
+def run_ours(args: argparse.Namespace, dev: pm.Device, X: np.ndarray, Y: np.ndarray,
+             pg: Any = None) -> dict:
     x = G.ImageNode((3, args.image_size, args.image_size), name="x")
     logits = inception_v3(GraphBuilder(), x, args.width, args.classes)
     loss = G.SoftmaxCrossEntropyLossNode(logits, name="loss")
@@ -182,6 +188,13 @@ def run_ours(args: argparse.Namespace, dev: pm.Device, X: np.ndarray, Y: np.ndar
     base = dev.memory_allocated()
     tg = G.TrainingGraph(loss, optimizer=lambda p: optim.SGD(p, lr=0.01, momentum=0.9),
                          device=dev, name="inception_v3")
+    ranks = 1
+    if pg is not None:
+        from pymetalnn import distributed
+
+        # rank 0's weights; gradients averaged in buckets
+        distributed.DataParallel(tg, pg, sync_bn=args.sync_bn)
+        ranks = pg.size
     xt, yt = tg.bind(X)[0], tg.labels(Y)
     losses = []
     t_first = time.perf_counter()
@@ -203,19 +216,29 @@ def run_ours(args: argparse.Namespace, dev: pm.Device, X: np.ndarray, Y: np.ndar
         step = tg.capture(xt, yt)
         tg.synchronize()
         n = max(n - 1, 0)
+        if pg is not None:
+            pg.barrier()
         t0 = time.perf_counter()
         hs = [step.run() for _ in range(n)]
     else:
+        if pg is not None:
+            tg.synchronize()
+            pg.barrier()
         t0 = time.perf_counter()
         hs = [tg.encode(xt, yt) for _ in range(n)]
     tg.synchronize()
     secs = time.perf_counter() - t0
+    if pg is not None:  # the slowest rank's time; losses: means over the ranks
+        secs = float(pg.all_reduce_host(np.array([secs]), "max")[0])
     losses += [h.loss for h in hs]
+    if pg is not None:
+        losses = pg.all_reduce_host(np.array(losses), "mean").tolist()
     steady = dev.max_memory_allocated() - base  # after the warm-up steps planned the memory
     peak = max(whole_run_peak, dev.max_memory_allocated()) - base
     rep = tg.memory_report(args.batch)
     return {"losses": losses, "timed_iters": n, "seconds": secs, "warmup_seconds": warm_s,
-            "images_per_s": n * args.batch / secs if n else args.batch * len(losses) / warm_s,
+            "images_per_s": (n * args.batch / secs if n else args.batch * len(losses) / warm_s)
+            * ranks, "ranks": ranks,
             "peak_MiB": peak / 2**20, "steady_peak_MiB": steady / 2**20,
             "peak_kind": "buffers, whole run incl. unplanned warm-up steps",
             "plan": str(rep) if rep else None,
@@ -285,6 +308,10 @@ def main(argv: list[str] | None = None) -> dict:
                     help="after the warm-up, profile one step and print the N slowest kernels")
     ap.add_argument("--torch-tf32", action="store_true", help="let the PyTorch peer use TF32")
     ap.add_argument("--smoke", action="store_true", help="cpu, 75x75, narrow, 2 iterations")
+    ap.add_argument("--distributed", action="store_true", help="data-parallel over the ranks of "
+                    "mpiexec -n N (--batch per rank; no PyTorch peer)")
+    ap.add_argument("--sync-bn", action="store_true", help="with --distributed: batch norm "
+                    "statistics over all ranks' images")
     args = ap.parse_args(argv)
     if args.smoke:
         args.backend = args.backend or "cpu"
@@ -297,33 +324,49 @@ def main(argv: list[str] | None = None) -> dict:
         args.no_torch = True
     if args.image_size < 75:
         raise SystemExit("--image-size: InceptionV3 needs at least 75x75 to reach its last blocks")
-    dev = pm.device(args.backend)
+    pg = None
+    if args.distributed:
+        from pymetalnn import distributed
+
+        pg = distributed.init(backend=args.backend)  # cuda: GPU local_rank % count
+        dev = pg.device
+        args.no_torch = True
+    else:
+        dev = pm.device(args.backend)
+    say = print if pg is None or pg.rank == 0 else (lambda *a, **k: None)
     rng = np.random.default_rng(0)
-    X = rng.standard_normal((args.batch, 3, args.image_size, args.image_size)).astype(np.float32)
-    Y = rng.integers(0, args.classes, args.batch).astype(np.int32)
-    print(f"InceptionV3 ({args.image_size}x{args.image_size}, width x{args.width}, "
-          f"{args.classes} classes), batch {args.batch}, {args.iters} iterations on "
-          f"{dev.name}" + (f" ({dev.gpu_name})" if dev.name == "cuda" else ""))
-    ours = run_ours(args, dev, X, Y)
-    print(f"pymetalnn: {ours['images_per_s']:.1f} images/s ({ours['timed_iters']} timed "
-          f"iterations, {ours['seconds']:.2f} s; first {args.warmup}: {ours['warmup_seconds']:.1f} s), "
-          f"peak {ours['peak_MiB']:.0f} MiB ({ours['peak_kind']}; "
-          f"{ours['steady_peak_MiB']:.0f} MiB once planned), "
-          f"{ours['params']:,} parameters; loss {ours['losses'][0]:.4f} -> {ours['losses'][-1]:.4f}")
+    ranks, rank = (1, 0) if pg is None else (pg.size, pg.rank)
+    # one generated global batch; each rank trains on its slice of it
+    X = rng.standard_normal((args.batch * ranks, 3, args.image_size, args.image_size)
+                            ).astype(np.float32)[rank * args.batch:(rank + 1) * args.batch]
+    Y = rng.integers(0, args.classes, args.batch * ranks).astype(np.int32)[
+        rank * args.batch:(rank + 1) * args.batch]
+    say(f"InceptionV3 ({args.image_size}x{args.image_size}, width x{args.width}, "
+        f"{args.classes} classes), batch {args.batch}, {args.iters} iterations on "
+        f"{dev.name}" + (f" ({dev.gpu_name})" if dev.name == "cuda" else ""))
+    ours = run_ours(args, dev, X, Y, pg)
+    if pg is not None:
+        say(f"{pg.size} ranks x batch {args.batch}: {ours['images_per_s'] / pg.size:.1f} "
+            "images/s per rank")
+    say(f"pymetalnn: {ours['images_per_s']:.1f} images/s ({ours['timed_iters']} timed "
+        f"iterations, {ours['seconds']:.2f} s; first {args.warmup}: {ours['warmup_seconds']:.1f} s), "
+        f"peak {ours['peak_MiB']:.0f} MiB ({ours['peak_kind']}; "
+        f"{ours['steady_peak_MiB']:.0f} MiB once planned), "
+        f"{ours['params']:,} parameters; loss {ours['losses'][0]:.4f} -> {ours['losses'][-1]:.4f}")
     if ours["plan"]:
-        print(f"  memory plan: {ours['plan']}")
+        say(f"  memory plan: {ours['plan']}")
     res = {"ours": ours, "torch": None, "args": vars(args)}
     if not args.no_torch:
         t = run_torch(args, dev, X, Y)
         res["torch"] = t
         if t is None:
-            print("torch: not importable (or no CUDA) -- no comparison")
+            say("torch: not importable (or no CUDA) -- no comparison")
         else:
-            print(f"torch ({t['device']}): {t['images_per_s'] or float('nan'):.1f} images/s, peak "
-                  f"{t['peak_MiB'] or float('nan'):.0f} MiB, {t['params']:,} parameters; "
-                  f"loss {t['losses'][0]:.4f} -> {t['losses'][-1]:.4f}")
+            say(f"torch ({t['device']}): {t['images_per_s'] or float('nan'):.1f} images/s, peak "
+                f"{t['peak_MiB'] or float('nan'):.0f} MiB, {t['params']:,} parameters; "
+                f"loss {t['losses'][0]:.4f} -> {t['losses'][-1]:.4f}")
             if t["images_per_s"]:
-                print(f"speed ratio ours/torch: {ours['images_per_s'] / t['images_per_s']:.2f}")
+                say(f"speed ratio ours/torch: {ours['images_per_s'] / t['images_per_s']:.2f}")
     if args.smoke:
         ls = ours["losses"]
         if not ls[-1] < ls[0]:

