@@ -14,6 +14,8 @@
 // Channel path (arith_chan): output [N, C, HW] (HW >= the chunk) and every operand contiguous
 // with it or one value per channel (x * w[c], x + b[c]): the stream.h shape too, one plane
 // lookup per 16-byte chunk where the general kernel spends ndim - 1 divisions per 4 outputs.
+// Forward ops apply an optional activation to the result in the same pass (p.act, neuron.h: a
+// residual add + relu).
 //
 // Reductions out[t] = alpha * sum_r op(x0, x1, x2) (op: identity, g * other, g / b, -g a / b^2)
 // come in two shapes, chosen by the host:
@@ -26,6 +28,8 @@
 // reduced range is cut into splits (enough loads in flight to cover memory latency) that write
 // float partials, and a finish kernel adds the partials of each output in a fixed order:
 // deterministic, no atomics. Every sum is accumulated in float whatever the storage type.
+// The reduction loops issue RED_UN steps' loads (8 in the finish kernel) before adding them, in
+// the same order as one at a time: more bytes in flight per thread, the same sums.
 #include <metal_stdlib>
 #include "params.h"
 #include "neuron.h"

@@ -13,6 +13,8 @@
 //    (tile_reduce.h): the logits are read once into threadgroup memory when the tile fits, the
 //    max and the shifted sums come from two tile reductions, and the term's value, weight and
 //    counts are written per position (N*H*W values, 1/C of the input) for loss_reduce.
+//    Softmax cross-entropy on (N, C) logits with integer labels has row kernels too (ce_rows_*,
+//    softmax.metal's row layout: one simdgroup per row, the row in registers).
 // Softmax cross-entropy works from the max-shifted logits (log s - sum t' (x - m)), never from
 // lse * sum(t') - sum(t' x), which cancels catastrophically for large logits.
 // A term whose weight is 0 (or whose label is ignore_index) contributes exactly 0 to the loss and

@@ -28,6 +28,11 @@
 // neither a concat nor a split kernel copies them. Only the images move: an image's C*HW
 // elements stay contiguous, so the per-element index is i + n (stride - C*HW), n = i / (C*HW),
 // and the walks above are unchanged (x, dx and the statistics stay contiguous).
+// Memory traffic: the row-mode partials and the apply kernels have 16-byte-chunk forms
+// (norm_part_vec, norm_apply_vec: 4 float / 8 half per access, one plane lookup per chunk), which
+// the host takes when the layout allows (aligned buffers; runs of a row, resp. planes, that fit
+// whole chunks); the scalar partials issue 8 loads per thread before using them and merge them
+// as one Welford block. The apply kernels give the same bits in either form.
 // Layer norm (layer_norm_*, its own kernels): rows of D contiguous elements, each normalized by
 // one tile of SW threads (two passes over the row: mean, then the variance around it); the
 // backward recomputes the row's statistics the same way (the contract takes the input, not saved

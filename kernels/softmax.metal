@@ -11,6 +11,8 @@
 // Backward takes the forward's OUTPUT y (as PyTorch's autograd does):
 //   softmax:     dx = y * (dy - sum(dy * y))
 //   log_softmax: dx = dy - exp(y) * sum(dy)
+// Rows (the axis innermost, e.g. (N, classes) logits) of up to 32 SM_ROW_CHUNKS 16-byte chunks
+// take the row kernels instead (end of file): one simdgroup per row, the row in registers.
 // Storage is float or half; every reduction and all arithmetic run in float.
 #include <metal_stdlib>
 #include "params.h"
