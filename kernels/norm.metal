@@ -218,9 +218,11 @@ kernel void norm_part_vec(device const T* x [[buffer(0)]],
                                                 gv[s]);
                 }
             }
+#pragma unroll
             for (uint s = 0; s < STREAM_U; ++s) {
                 if (c + s * TR_TG < c1) {
                     if (BWD) {
+#pragma unroll
                         for (uint e = 0; e < W; ++e) {
                             float g1 = gv[s][e];
                             if (BWD == 2) {
@@ -462,6 +464,7 @@ kernel void norm_apply_vec(device const T* u [[buffer(0)]],
         stream_load<16 / sizeof(T)>(u, TWO ? norm_strided(p, ch * W, p.dy_nstride) / W : ch, a[s]);
         if (TWO) stream_load<16 / sizeof(T)>(v, ch, b[s]);
     }
+#pragma unroll
     for (uint s = 0; s < STREAM_U; ++s) {
         const uint ch = stream_chunk(gid, s);
         if (ch < nvec) {
@@ -472,6 +475,9 @@ kernel void norm_apply_vec(device const T* u [[buffer(0)]],
             const float4 k1 = in_q < W ? coef[pl1] : k0;
             const float4 f0 = TWO == 2 ? coef[p.planes + pl0] : k0;
             const float4 f1 = TWO == 2 && in_q < W ? coef[p.planes + pl1] : f0;
+            // unrolled: the chunk's elements stay in registers (a loop left rolled around the
+            // activation's branches would index them dynamically, through local memory)
+#pragma unroll
             for (uint e = 0; e < W; ++e) {
                 const bool first = e < in_q;
                 a[s][e] = norm_apply_one<TWO>(a[s][e], TWO ? b[s][e] : 0.0f, first ? k0 : k1,
