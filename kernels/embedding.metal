@@ -7,6 +7,9 @@
 // segment per distinct row; one thread per (segment, column) adds dy[perm[k], j] over its
 // segment in index order and writes that row of the gradient; rows never indexed (and the
 // padding row) are written 0. scale_grad_by_freq divides by the segment length.
+// max_norm (torch's embedding_renorm_, in place before the lookup): one thread per distinct
+// indexed row (the host has them from its range check) takes the row's p-norm and, where it
+// exceeds max_norm, scales the row by max_norm / (norm + 1e-7), as torch.
 // Storage float or half; sums in float.
 #include <metal_stdlib>
 #include "params.h"
@@ -46,11 +49,36 @@ kernel void embedding_bwd(device const T* dy [[buffer(0)]],
     dw[gid] = T(acc);
 }
 
+template <typename T>
+kernel void embedding_renorm(device const int* rows [[buffer(0)]],
+                             device T* weight [[buffer(1)]],
+                             constant EmbeddingParams& p [[buffer(2)]],
+                             uint gid [[thread_position_in_grid]]) {
+    if (gid >= p.n) return;
+    device T* w = weight + uint(rows[gid]) * p.D;
+    float acc = 0.0f;
+    for (uint j = 0; j < p.D; ++j) {
+        float a = fabs(float(w[j]));
+        if (isinf(p.norm_type)) acc = max(acc, a);
+        else if (p.norm_type == 1.0f) acc += a;
+        else if (p.norm_type == 2.0f) acc += a * a;
+        else acc += pow(a, p.norm_type);
+    }
+    float norm = isinf(p.norm_type) || p.norm_type == 1.0f ? acc
+               : p.norm_type == 2.0f ? sqrt(acc) : pow(acc, 1.0f / p.norm_type);
+    if (norm > p.max_norm) {
+        float s = p.max_norm / (norm + 1e-7f);
+        for (uint j = 0; j < p.D; ++j) w[j] = T(float(w[j]) * s);
+    }
+}
+
 #define EMBEDDING_INSTANTIATE(T)                                                               \
     template [[host_name("embedding_fwd_" #T)]] [[kernel]] decltype(embedding_fwd<T>)          \
         embedding_fwd<T>;                                                                      \
     template [[host_name("embedding_bwd_" #T)]] [[kernel]] decltype(embedding_bwd<T>)          \
-        embedding_bwd<T>;
+        embedding_bwd<T>;                                                                      \
+    template [[host_name("embedding_renorm_" #T)]] [[kernel]] decltype(embedding_renorm<T>)    \
+        embedding_renorm<T>;
 
 EMBEDDING_INSTANTIATE(float)
 EMBEDDING_INSTANTIATE(half)

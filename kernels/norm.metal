@@ -34,9 +34,10 @@
 // whole chunks); the scalar partials issue 8 loads per thread before using them and merge them
 // as one Welford block. The apply kernels give the same bits in either form.
 // Layer norm (layer_norm_*, its own kernels): rows of D contiguous elements, each normalized by
-// one tile of SW threads (two passes over the row: mean, then the variance around it); the
-// backward recomputes the row's statistics the same way (the contract takes the input, not saved
-// statistics), and the weight/bias gradients are column sums over rows in fixed-order chunks.
+// one tile of SW threads (two passes over the row: a mean, then the variance and a correction of
+// the mean around it, ln_stats); the backward recomputes the row's statistics the same way (the
+// contract takes the input, not saved statistics), and the weight/bias gradients are column sums
+// over rows in fixed-order chunks.
 // Storage float or half; all statistics and arithmetic in float.
 #include <metal_stdlib>
 #include "params.h"
@@ -621,21 +622,36 @@ kernel void group_norm_param_bwd_float(device const float2* sums [[buffer(0)]],
 }
 
 // ---- layer norm ------------------------------------------------------------------------------
-// A row's mean and 1/std, two passes (every thread of the tile gets both).
+// A row's statistics (m, c, rstd, 0): mean = m + c, where m = sum(x) / D is a first guess and c =
+// sum(x - m) / D its correction (the corrected two-pass algorithm): a float sum of D values near
+// a large mean is off by up to D ulp(D mean) / D, and x - m (exact when x and m are within a factor
+// of two) minus the small c keeps the centred values accurate where x - (m + c) would round m + c
+// to ulp(mean) first. var = (sum (x - m)^2 - (sum (x - m))^2 / D) / D, around the mean.
 template <typename T>
-inline float2 ln_stats(device const T* xr, uint D, uint SW, uint s, float eps, uint lane, uint sg,
-                       threadgroup float* scratch) {
+inline float4 ln_stats(device const T* xr, uint D, uint SW, uint s, float eps, uint lane, uint sg,
+                       threadgroup float* scratch, threadgroup float2* scratch2) {
     float acc = 0.0f;
     for (uint j = s; j < D; j += SW) acc += float(xr[j]);
-    float mean = tile_reduce(acc, TR_SUM, 1u, SW, lane, sg, scratch) / float(D);
-    acc = 0.0f;
+    float m = tile_reduce(acc, TR_SUM, 1u, SW, lane, sg, scratch) / float(D);
+    float2 a2 = float2(0.0f);
     for (uint j = s; j < D; j += SW) {
-        float d = float(xr[j]) - mean;
-        acc += d * d;
+        float d = float(xr[j]) - m;
+        a2 += float2(d, d * d);
     }
-    float var = tile_reduce(acc, TR_SUM, 1u, SW, lane, sg, scratch) / float(D);
-    return float2(mean, precise::rsqrt(var + eps));
+    a2 = tile_reduce(a2, TR_SUM, 1u, SW, lane, sg, scratch2);
+    float c = a2.x / float(D);
+    float var = max((a2.y - a2.x * c) / float(D), 0.0f);
+    return float4(m, c, precise::rsqrt(var + eps), 0.0f);
 }
+
+// x - mean from the statistics above
+inline float ln_centre(float x, float4 st) { return (x - st.x) - st.y; }
+
+// g = dy w rounded once, as a value of its own: contracted into the later g - mean(g) (as
+// fma(dy, w, -mean(g)), which NVRTC does by default), the product's rounding error would stay
+// and be multiplied by rstd (1/sqrt(eps) = 316 for a row of equal values, whose true input
+// gradient with D = 1 is exactly zero). fma with +0 is the product rounded once on every backend.
+inline float ln_g(float dy, float w) { return fma(dy, w, 0.0f); }
 
 // y = (x - mean) / std * w + b per row
 template <typename T>
@@ -651,14 +667,15 @@ kernel void layer_norm_fwd(device const T* x [[buffer(0)]],
                            uint lane [[thread_index_in_simdgroup]],
                            uint sg [[simdgroup_index_in_threadgroup]]) {
     threadgroup float scratch[TR_TG];
+    threadgroup float2 scratch2[TR_TG];
     TilePos t = tile_pos(1u, p.SW, tid);
     for (uint base = tg * t.R; base < p.rows; base += ntg * t.R) {
         uint row = min(base + t.r, p.rows - 1u);  // out-of-range tiles redo the last row, unwritten
         device const T* xr = x + row * p.D;
-        float2 st = ln_stats(xr, p.D, p.SW, t.s, p.eps, lane, sg, scratch);
+        float4 st = ln_stats(xr, p.D, p.SW, t.s, p.eps, lane, sg, scratch, scratch2);
         if (base + t.r < p.rows) {
             for (uint j = t.s; j < p.D; j += p.SW) {
-                float v = (float(xr[j]) - st.x) * st.y;
+                float v = ln_centre(float(xr[j]), st) * st.z;
                 if (p.has_weight) v *= float(weight[j]);
                 if (p.has_bias) v += float(bias[j]);
                 y[row * p.D + j] = T(v);
@@ -674,7 +691,7 @@ kernel void layer_norm_bwd(device const T* dy [[buffer(0)]],
                            device const T* x [[buffer(1)]],
                            device const T* weight [[buffer(2)]],
                            device T* dx [[buffer(3)]],
-                           device float2* stats [[buffer(4)]],
+                           device float4* stats [[buffer(4)]],
                            constant LayerNormParams& p [[buffer(5)]],
                            uint tid [[thread_position_in_threadgroup]],
                            uint tg [[threadgroup_position_in_grid]],
@@ -688,20 +705,20 @@ kernel void layer_norm_bwd(device const T* dy [[buffer(0)]],
         uint row = min(base + t.r, p.rows - 1u);
         device const T* xr = x + row * p.D;
         device const T* gr = dy + row * p.D;
-        float2 st = ln_stats(xr, p.D, p.SW, t.s, p.eps, lane, sg, scratch);
+        float4 st = ln_stats(xr, p.D, p.SW, t.s, p.eps, lane, sg, scratch, scratch2);
         float2 acc = float2(0.0f);  // (sum g, sum g (x - mean))
         for (uint j = t.s; j < p.D; j += p.SW) {
-            float g = float(gr[j]) * (p.has_weight ? float(weight[j]) : 1.0f);
-            acc += float2(g, g * (float(xr[j]) - st.x));
+            float g = p.has_weight ? ln_g(float(gr[j]), float(weight[j])) : float(gr[j]);
+            acc += float2(g, g * ln_centre(float(xr[j]), st));
         }
         acc = tile_reduce(acc, TR_SUM, 1u, p.SW, lane, sg, scratch2);
         if (base + t.r < p.rows) {
             float inv_d = 1.0f / float(p.D);
-            float mg = acc.x * inv_d, mgx = acc.y * st.y * inv_d;
+            float mg = acc.x * inv_d, mgx = acc.y * st.z * inv_d;
             for (uint j = t.s; j < p.D; j += p.SW) {
-                float g = float(gr[j]) * (p.has_weight ? float(weight[j]) : 1.0f);
-                float xh = (float(xr[j]) - st.x) * st.y;
-                dx[row * p.D + j] = T(st.y * (g - mg - xh * mgx));
+                float g = p.has_weight ? ln_g(float(gr[j]), float(weight[j])) : float(gr[j]);
+                float xh = ln_centre(float(xr[j]), st) * st.z;
+                dx[row * p.D + j] = T(st.z * ((g - mg) - xh * mgx));
             }
             if (p.save_stats && t.s == 0) stats[row] = st;
         }
@@ -712,7 +729,7 @@ kernel void layer_norm_bwd(device const T* dy [[buffer(0)]],
 template <typename T>
 kernel void layer_norm_bwd_params(device const T* dy [[buffer(0)]],
                                   device const T* x [[buffer(1)]],
-                                  device const float2* stats [[buffer(2)]],
+                                  device const float4* stats [[buffer(2)]],
                                   device float2* part [[buffer(3)]],
                                   constant LayerNormParams& p [[buffer(4)]],
                                   uint gid [[thread_position_in_grid]]) {
@@ -722,8 +739,8 @@ kernel void layer_norm_bwd_params(device const T* dy [[buffer(0)]],
     float2 acc = float2(0.0f);
     for (uint r = lo; r < hi; ++r) {
         float g = float(dy[r * p.D + j]);
-        float2 st = stats[r];
-        acc += float2(g * (float(x[r * p.D + j]) - st.x) * st.y, g);
+        float4 st = stats[r];
+        acc += float2(g * ln_centre(float(x[r * p.D + j]), st) * st.z, g);
     }
     part[gid] = acc;
 }

@@ -117,7 +117,7 @@ struct Pool2dParams {
     uint IH, IW, OH, OW;
     int KH, KW, SH, SW, PH, PW, DH, DW;
     uint flags;           // POOL_* bits (pool.metal)
-    uint divisor;         // avg: divisor_override, 0 = none (avg_pool2d_bwd_const: every window's)
+    int divisor;          // avg: divisor_override (nonzero, as torch), 0 = none (bwd_const: any window's)
     uint m_out, s_out, m_in, s_in, m_ow, s_ow, m_iw, s_iw;
     uint m_sh, s_sh, m_sw, s_sw, m_dh, s_dh, m_dw, s_dw;
     uint out_C;           // forward with out_nstride > 0: channels per image (planes = N*out_C)
@@ -324,6 +324,8 @@ struct EmbeddingParams {
     uint n, V, D;
     uint segments;
     uint scale_by_freq;  // divide a row's gradient by its index count (scale_grad_by_freq)
+    float max_norm;      // embedding_renorm: rows whose norm_type-norm exceeds it are scaled
+    float norm_type;     // p of the p-norm (INFINITY: max |w|)
 };
 
 // ---- recurrent and optimizers (rnn.metal, optimizer.metal) ---------------------------------

@@ -233,7 +233,7 @@ inline float avg_divisor(int oh, int ow, Pool2dParams p, thread int4& box) {
     int h1 = min(h0 + p.KH, int(p.IH) + p.PH), w1 = min(w0 + p.KW, int(p.IW) + p.PW);
     int padded = (h1 - h0) * (w1 - w0);
     box = int4(max(h0, 0), min(h1, int(p.IH)), max(w0, 0), min(w1, int(p.IW)));
-    if (p.divisor != 0u) return float(p.divisor);
+    if (p.divisor != 0) return float(p.divisor);
     if (p.flags & POOL_COUNT_PAD) return float(padded);
     return float((box.y - box.x) * (box.w - box.z));
 }

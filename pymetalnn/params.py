@@ -119,7 +119,7 @@ class Pool2dParams(Params):
 
     _fields_ = [("planes", U32), ("IH", U32), ("IW", U32), ("OH", U32), ("OW", U32),
                 ("KH", I32), ("KW", I32), ("SH", I32), ("SW", I32), ("PH", I32), ("PW", I32),
-                ("DH", I32), ("DW", I32), ("flags", U32), ("divisor", U32)] + [
+                ("DH", I32), ("DW", I32), ("flags", U32), ("divisor", I32)] + [
                     (f"{ms}_{d}", U32) for d in ("out", "in", "ow", "iw", "sh", "sw", "dh", "dw")
                     for ms in ("m", "s")] + [("out_C", U32), ("out_nstride", U32)] + [
                     (f, U32) for f in ("tiles_h", "tiles_w", "m_tw", "s_tw", "m_th", "s_th")]
@@ -239,7 +239,8 @@ class LayerNormParams(Params):
 class EmbeddingParams(Params):
     """kernels/params.h EmbeddingParams: indices, table shape, backward segments."""
 
-    _fields_ = [("n", U32), ("V", U32), ("D", U32), ("segments", U32), ("scale_by_freq", U32)]
+    _fields_ = [("n", U32), ("V", U32), ("D", U32), ("segments", U32), ("scale_by_freq", U32),
+                ("max_norm", F32), ("norm_type", F32)]
 
 
 # ---- recurrent and optimizers -------------------------------------------------------------

@@ -54,7 +54,10 @@ def test_embedding_torch_and_bad_input(dev):
                       (lambda: F.embedding(np.array([-1]), w), "input"),
                       (lambda: F.embedding(np.array([0.5]), w), "input"),
                       (lambda: F.embedding(idx, w, 6), "padding_idx"),
-                      (lambda: F.embedding(idx, w, max_norm=1.0), "max_norm"),
+                      (lambda: F.embedding(idx, w, max_norm=1.0), "weight"),  # not in place
+                      (lambda: F.embedding(idx, pm.tensor(w, dev), max_norm=-1.0), "max_norm"),
+                      (lambda: F.embedding(idx, pm.tensor(w, dev), max_norm=1.0, norm_type=0),
+                       "norm_type"),
                       (lambda: F.embedding(idx, w[0]), "weight"),
                       (lambda: F.embedding_backward(np.ones((3, 4, 4), np.float32), idx, w), "grad_out")]:
         with pytest.raises(ValueError, match=arg):
@@ -68,3 +71,28 @@ def test_embedding_torch_and_bad_input(dev):
     np.testing.assert_array_equal(F.embedding(idx, pm.tensor(w, dev), 1).numpy(), yt.detach().numpy())
     dw = F.embedding_backward(g, idx, pm.tensor(w, dev), 1, scale_grad_by_freq=True)[1]
     np.testing.assert_allclose(dw.numpy(), wt.grad.numpy(), rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("norm_type", [2.0, 1.0, 3.0, float("inf")])
+def test_embedding_max_norm_and_sparse_like_torch(dev, norm_type):
+    """max_norm renormalizes the indexed rows of weight in place (torch's embedding_renorm_: rows
+    over max_norm scaled by max_norm / (norm + 1e-7), the others and unindexed rows untouched);
+    the gradient is the lookup's; sparse=True gives torch's sparse gradient as a dense table."""
+    torch = pytest.importorskip("torch")
+    rng = np.random.default_rng(int(norm_type) if np.isfinite(norm_type) else 9)
+    w = (rng.standard_normal((7, 5)) * 1.5).astype(np.float32)
+    idx = np.array([[0, 2, 2, 5], [6, 0, 3, 3]])
+    wt = torch.tensor(w, requires_grad=True)
+    with torch.no_grad():
+        wref = wt.detach().clone()
+    yt = torch.nn.functional.embedding(torch.tensor(idx), wref, max_norm=1.2, norm_type=norm_type)
+    wp = pm.tensor(w, dev)
+    y = F.embedding(idx, wp, max_norm=1.2, norm_type=norm_type)
+    np.testing.assert_allclose(wp.numpy(), wref.numpy(), rtol=1e-6, atol=1e-6)  # in place
+    assert not np.allclose(wp.numpy(), w) and np.array_equal(wp.numpy()[[1, 4]], w[[1, 4]])
+    np.testing.assert_allclose(y.numpy(), yt.numpy(), rtol=1e-6, atol=1e-6)
+    g = rng.standard_normal((2, 4, 5)).astype(np.float32)
+    ys = torch.nn.functional.embedding(torch.tensor(idx), wt, sparse=True)
+    (gs,) = torch.autograd.grad(ys, [wt], torch.tensor(g))
+    _, dw = F.embedding_backward(g, idx, wp, max_norm=1.2, norm_type=norm_type, sparse=True)
+    np.testing.assert_allclose(dw.numpy(), gs.to_dense().numpy(), rtol=1e-6, atol=1e-6)

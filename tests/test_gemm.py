@@ -464,7 +464,6 @@ def _bad_cases(dev):
         ("beta", lambda: F.gemm(f32(3, 4), f32(4, 5), out, beta=float("nan"))),
         ("tile", lambda: F.gemm(f32(3, 4), f32(4, 5), out, tile="32x32")),
         ("k_splits", lambda: F.gemm(f32(3, 4), f32(4, 5), out, k_splits=0)),
-        ("a", lambda: F.matmul(f32(0, 4), f32(4, 3))),                          # empty
         ("w", lambda: F.linear(f32(2, 4), f32(3, 5))),                          # in features
         ("w", lambda: F.linear(f32(2, 4), f32(3, 4, 1))),                       # w ndim
         ("w", lambda: F.linear(f32(2, 4), f16(3, 4))),                          # x/w dtype
@@ -665,3 +664,36 @@ def test_accuracy_budget_helpers() -> None:
     assert accuracy.within(9e-7, 1e-7) and not accuracy.within(2e-6, 1e-7)
     with pytest.raises(ValueError, match="got: shape"):
         accuracy.rel_err(np.zeros(3), np.zeros(4))
+
+
+def test_empty_operands_like_torch(dev):
+    """As torch: an empty dimension gives an empty result, an empty inner dimension (K = 0, or an
+    empty batch summed into a 2-D result) zeros (+ bias), and the gradients follow (zeros for the
+    weights of an empty batch); nothing is refused."""
+    torch = pytest.importorskip("torch")
+    rng = np.random.default_rng(0)
+
+    def check(ours, want):
+        ours = ours if isinstance(ours, tuple) else (ours,)
+        want = want if isinstance(want, tuple) else (want,)
+        for o, w in zip(ours, want):
+            assert o.shape == tuple(w.shape)
+            np.testing.assert_allclose(o.numpy(), w.detach().numpy(), rtol=1e-6, atol=1e-6)
+
+    for sa, sb in [((5, 0), (0, 10)), ((5, 5, 0), (0, 5)), ((0, 0), (5, 0, 0)), ((0, 3), (3, 4)),
+                   ((2, 0, 3), (3, 4)), ((4, 0), (3, 0, 2)), ((0,), (0,)), ((3, 0), (0,))]:
+        a = torch.tensor(rng.standard_normal(sa).astype(np.float32), requires_grad=True)
+        b = torch.tensor(rng.standard_normal(sb).astype(np.float32), requires_grad=True)
+        y = torch.matmul(a, b)
+        check(F.matmul(pm.tensor(a.detach().numpy(), dev), pm.tensor(b.detach().numpy(), dev)), y)
+        g = torch.randn(y.shape)
+        check(F.matmul_backward(pm.tensor(g.numpy(), dev), pm.tensor(a.detach().numpy(), dev),
+                                pm.tensor(b.detach().numpy(), dev)), torch.autograd.grad(y, [a, b], g))
+    for sx, sw in [((0, 3), (4, 3)), ((2, 0), (4, 0)), ((0, 5, 3), (4, 3))]:
+        x, w, b = (torch.tensor(rng.standard_normal(s).astype(np.float32), requires_grad=True)
+                   for s in (sx, sw, sw[:1]))
+        y = torch.nn.functional.linear(x, w, b)
+        args = [pm.tensor(t.detach().numpy(), dev) for t in (x, w, b)]
+        check(F.linear(*args), y)
+        g = torch.randn(y.shape)
+        check(F.linear_backward(pm.tensor(g.numpy(), dev), *args), torch.autograd.grad(y, [x, w, b], g))

@@ -187,6 +187,49 @@ def test_shape_inference_and_padding_policies():
     assert G.ConcatenationNode([x, x]).result.shape[1:] == (6, 9, 9)
 
 
+@pytest.mark.parametrize("k, stride, dil", [(3, 2, 1), (5, 2, 1), (3, 3, 2), (1, 2, 1), (3, 1, 1), (2, 2, 2)])
+def test_default_padding_is_torchs_k_over_2(dev, k, stride, dil):
+    """The convolution default pads dilation*(k-1)//2 on every side, as torch code writes
+    padding=k//2: a strided convolution without a padding argument computes torch's numbers (the
+    MPS/TensorFlow "same" of a 3x3 stride-2 convolution of 10 rows pads (0, 1) and differs), and
+    "same" by name keeps its own semantics. Reference: numpy direct convolution."""
+    rng = np.random.default_rng(k * 10 + stride)
+    xs = rng.standard_normal((2, 3, 10, 11)).astype(np.float32)
+    ds = G.ConvolutionDataSource(3, 4, k, seed=5)
+    w, b = ds.state_dict()["weight"], rng.standard_normal(4).astype(np.float32)
+    ds.load_state_dict({"weight": w, "bias": b})
+    p = dil * (k - 1) // 2
+
+    def ref(pads):
+        xp = np.pad(xs.astype(np.float64), ((0, 0), (0, 0), pads[:2], pads[2:]))
+        oh = (xp.shape[2] - dil * (k - 1) - 1) // stride + 1
+        ow = (xp.shape[3] - dil * (k - 1) - 1) // stride + 1
+        out = np.zeros((2, 4, oh, ow)) + b[None, :, None, None]
+        for i in range(k):
+            for j in range(k):
+                patch = xp[:, :, i * dil:i * dil + stride * oh:stride, j * dil:j * dil + stride * ow:stride]
+                out += np.einsum("nchw,oc->nohw", patch[:, :, :oh, :ow], w[:, :, i, j])
+        return out
+
+    x = G.ImageNode((3, 10, 11))
+    node = G.ConvolutionNode(x, ds, stride=stride, dilation=dil)
+    assert node.pads == (p, p, p, p)
+    got = G.Graph(node, device=dev)(xs)
+    np.testing.assert_allclose(got, ref((p, p, p, p)), rtol=1e-4, atol=1e-4)
+    same = G.ConvolutionNode(G.ImageNode((3, 10, 11)), ds, stride=stride, dilation=dil, padding="same")
+    if stride > 1 and k > 1:
+        assert same.pads != node.pads  # the trap the default avoids
+    np.testing.assert_allclose(G.Graph(same, device=dev)(xs), ref(same.pads), rtol=1e-4, atol=1e-4)
+    if k == 3:  # an even kernel extent has no default: padding must be given
+        with pytest.raises(G.GraphError, match="padding"):
+            G.ConvolutionNode(x, G.ConvolutionDataSource(3, 4, (2, 3)), stride=stride)
+    # the 1-D node: the same default along L, nothing above or below
+    c1 = G.Convolution1dNode(G.ImageNode((3, 11)), G.Conv1dDataSource(3, 4, k), stride=stride,
+                             dilation=dil)
+    assert c1.pads == (0, 0, p, p)
+    assert c1.result.shape[1:] == (4, (11 + 2 * p - dil * (k - 1) - 1) // stride + 1)
+
+
 def test_inconsistent_graphs_fail_at_construction():
     x = G.ImageNode((3, 8, 8), name="img")
     with pytest.raises(G.GraphError, match="'convA'.*4 channels|'convA'.*expect 4"):

@@ -133,3 +133,86 @@ def test_other_losses_run(dev):
         tg = G.TrainingGraph(cls(fc), optimizer=sgd(0.01), device=dev)
         h = tg.encode(X, np.asarray(t, np.float32))
         assert h.losses.shape == (3,) and np.isfinite(h.losses).all(), cls.__name__
+
+
+@pytest.mark.parametrize("mode, batch_first, layers, bidir", [("lstm", True, 2, False),
+                                                              ("gru", False, 1, True),
+                                                              ("rnn_tanh", True, 1, False)])
+def test_recurrent_node_states_like_torch(dev, mode, batch_first, layers, bidir):
+    """A recurrent node with initial states (graph inputs of torch's (L*D, N, H) layout, batch on
+    dim 1), return_state and either layout: its output sequence and final states, and through its
+    gradient node (fed upstream gradients for all three results) the gradients of the sequence,
+    the initial states and every weight, against torch autograd."""
+    if not dev.supports_views:
+        pytest.skip("the recurrent ops need buffer views (metal binds whole buffers)")
+    torch = pytest.importorskip("torch")
+    n, t, f, h = 3, 5, 4, 6
+    d = 2 if bidir else 1
+    cls = {"lstm": torch.nn.LSTM, "gru": torch.nn.GRU, "rnn_tanh": torch.nn.RNN}[mode]
+    torch.manual_seed(0)
+    m = cls(f, h, num_layers=layers, bidirectional=bidir, batch_first=batch_first)
+    ds = G.RecurrentDataSource(mode, f, h, num_layers=layers, bidirectional=bidir,
+                               weights={k: v.detach().numpy() for k, v in m.named_parameters()})
+    x = G.ImageNode((t, f)) if batch_first else G.ImageNode((t, f), batch_dim=1)
+    states = [G.ImageNode((layers * d, h), batch_dim=1, name=f"s{i}")
+              for i in range(2 if mode == "lstm" else 1)]
+    node_cls = {"lstm": G.LSTMNode, "gru": G.GRUNode, "rnn_tanh": G.RNNNode}[mode]
+    init = tuple(states) if mode == "lstm" else states[0]
+    node = node_cls(x, ds, initial_state=init, batch_first=batch_first, return_state=True)
+    gsrc = [G.ImageNode((t, d * h)) if batch_first else G.ImageNode((t, d * h), batch_dim=1)]
+    gsrc += [G.ImageNode((layers * d, h), batch_dim=1, name=f"g{i}") for i in range(len(states))]
+    grad = node.gradient(gsrc)
+    g = G.Graph(node.results + grad.results + grad.weight_results, training=True, device=dev)
+    rng = np.random.default_rng(1)
+    X = rng.standard_normal((n, t, f) if batch_first else (t, n, f)).astype(np.float32)
+    S = [rng.standard_normal((layers * d, n, h)).astype(np.float32) for _ in states]
+    GO = [rng.standard_normal(v.shape if i else ((n, t, d * h) if batch_first else (t, n, d * h)))
+          .astype(np.float32) for i, v in enumerate([None] + S)]
+    outs = g.run([X, *S, *GO])
+    tx = torch.tensor(X, requires_grad=True)
+    ts = [torch.tensor(s, requires_grad=True) for s in S]
+    y, hn = m(tx, tuple(ts) if mode == "lstm" else ts[0])
+    finals = list(hn) if mode == "lstm" else [hn]
+    params = [p for _, p in m.named_parameters()]
+    want = torch.autograd.grad([y, *finals], [tx, *ts, *params], [torch.tensor(a) for a in GO])
+    got_fwd, got_grads = outs[:1 + len(states)], outs[1 + len(states):]
+    for a, b in zip(got_fwd, [y, *finals]):
+        np.testing.assert_allclose(a, b.detach().numpy(), rtol=1e-4, atol=1e-5)
+    names = ["x"] + [f"state{i}" for i in range(len(states))] + [k for k, _ in m.named_parameters()]
+    for a, b, k in zip(got_grads, want, names):
+        np.testing.assert_allclose(np.asarray(a).reshape(b.shape), b.numpy(), rtol=1e-4, atol=1e-5,
+                                   err_msg=k)
+    assert len(got_grads) == len(want)
+
+
+def test_select_slice_permute_nodes(dev):
+    """SelectNode (x[:, :, i], negative i, and the slice i:i+length kept) and PermuteNode
+    (batch kept first): forward and gradients (zeros outside the selection, the inverse
+    permutation) against numpy."""
+    x = G.ImageNode((3, 5, 4))
+    picks = [G.SelectNode(x, 2, -1), G.SelectNode(x, 2, 1, length=3), G.PermuteNode(x, (0, 3, 1, 2))]
+    gsrc = [G.ImageNode(p.result.shape[1:], name=f"g{i}") for i, p in enumerate(picks)]
+    grads = [p.gradient(s) for p, s in zip(picks, gsrc)]
+    g = G.Graph([p.result for p in picks] + [gr.result for gr in grads], training=True, device=dev)
+    rng = np.random.default_rng(0)
+    X = rng.standard_normal((2, 3, 5, 4)).astype(np.float32)
+    GS = [rng.standard_normal((2, *s.sample_shape)).astype(np.float32) for s in gsrc]
+    outs = g.run([X, *GS])
+    np.testing.assert_array_equal(outs[0], X[:, :, -1])
+    np.testing.assert_array_equal(outs[1], X[:, :, 1:4])
+    np.testing.assert_array_equal(outs[2], X.transpose(0, 3, 1, 2))
+    want = [np.zeros_like(X) for _ in range(3)]
+    want[0][:, :, -1] = GS[0]
+    want[1][:, :, 1:4] = GS[1]
+    want[2] = GS[2].transpose(0, 2, 3, 1)
+    for a, b in zip(outs[3:], want):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_fully_connected_on_a_sequence_is_per_step_or_refused():
+    """A time-major sequence (T, N, F) into a FullyConnectedNode without per_step: refused with a
+    hint (flattening would take T as the batch), per_step=True gives (T, N, out)."""
+    x = G.ImageNode((7, 5), batch_dim=1)
+    with pytest.raises(G.GraphError, match="per_step=True"):
+        G.FullyConnectedNode(x, G.FullyConnectedDataSource(5, 3))
+    assert G.FullyConnectedNode(x, G.FullyConnectedDataSource(5, 3), per_step=True).result.shape == (7, 2, 3)

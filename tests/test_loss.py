@@ -559,3 +559,19 @@ def test_bce_weight_pos_weight_and_smooth_l1(dev):
         F.smooth_l1_loss(x, t, beta=-0.5)
     # beta = 0 is the L1 loss, as torch
     np.testing.assert_allclose(F.smooth_l1_loss(x, t, beta=0.0).numpy(), F.l1_loss(x, t).numpy())
+
+
+def test_cross_entropy_float16_class_weight_like_torch(dev):
+    """A half model's class weights (a float16 Tensor) weight the float16 loss as torch's."""
+    torch = pytest.importorskip("torch")
+    rng = np.random.default_rng(5)
+    x = rng.standard_normal((6, 4)).astype(np.float16)
+    y = rng.integers(0, 4, 6)
+    w = rng.uniform(0.5, 2, 4).astype(np.float16)
+    tx = torch.tensor(x, requires_grad=True)
+    want = torch.nn.functional.cross_entropy(tx, torch.tensor(y), torch.tensor(w))
+    (gx,) = torch.autograd.grad(want, [tx])
+    got = F.cross_entropy(pm.tensor(x, dev), y, pm.tensor(w, dev))
+    np.testing.assert_allclose(np.float32(got.numpy()), float(want), rtol=1e-2, atol=1e-2)
+    dx = F.cross_entropy_backward(np.float16(1.0), pm.tensor(x, dev), y, pm.tensor(w, dev))[0]
+    np.testing.assert_allclose(dx.numpy().astype(np.float32), gx.float().numpy(), rtol=1e-2, atol=1e-2)

@@ -253,16 +253,16 @@ def test_bad_input(dev):
     rm, rv = pm.tensor(np.zeros(3, np.float32), dev), pm.tensor(np.ones(3, np.float32), dev)
     dev.reset_counts()
     cases = [
-        ("eps", lambda: F.batch_norm(x, rm, rv, eps=0.0)),
-        ("eps", lambda: F.group_norm(x, 3, eps=-1e-5)),
-        ("momentum", lambda: F.batch_norm(x, rm, rv, training=True, momentum=1.5)),
+        ("eps", lambda: F.batch_norm(x, rm, rv, eps=float("nan"))),
+        ("eps", lambda: F.group_norm(x, 3, eps=float("inf"))),
+        ("momentum", lambda: F.batch_norm(x, rm, rv, training=True, momentum=float("nan"))),
         ("training", lambda: F.batch_norm(x, rm, rv, training="yes")),
         ("running_mean", lambda: F.batch_norm(x, None, None, training=False)),
         ("running_mean", lambda: F.batch_norm(x, np.zeros(3, np.float32), rv, training=True)),
         ("running_var", lambda: F.batch_norm(x, rm, pm.tensor(np.ones(4, np.float32), dev))),
         ("running_var", lambda: F.batch_norm(x, rm, None, training=True)),
         ("weight", lambda: F.batch_norm(x, rm, rv, np.ones(2, np.float32))),
-        ("bias", lambda: F.group_norm(x, 3, None, pm.tensor(np.ones(3, np.float16), dev))),
+        ("bias", lambda: F.group_norm(x, 3, None, pm.tensor(np.ones(3, np.int32), dev))),
         ("input", lambda: F.batch_norm(pm.tensor(np.zeros((2, 3), np.int32), dev), rm, rv)),
         ("input", lambda: F.batch_norm(pm.tensor(np.zeros(3, np.float32), dev), rm, rv)),
         ("input", lambda: F.batch_norm(pm.tensor(np.zeros((1, 3), np.float32), dev), rm, rv,
@@ -756,6 +756,35 @@ def test_layer_norm(dev, dtype, affine):
             assert dw is None and db is None
 
 
+@pytest.mark.parametrize("d", [1, 7, 256, 1000, 4097])
+def test_layer_norm_large_mean_accuracy(dev, d):
+    """Rows near 1000 with unit spread: a float sum of D such values is off by up to ulp(1000 D),
+    so a mean taken from it alone shifts every centred value by ~1e-5..1e-4 (the statistics need
+    the second pass's correction); rows of equal values (rstd = 1/sqrt(eps)) amplify any rounding
+    of dy * w that does not cancel against its mean. Float32 against the float64 reference at a
+    few float32 ulps of the result's scale."""
+    rng = np.random.default_rng(d)
+    x = (1000 + rng.standard_normal((6, d))).astype(np.float32)
+    x[1] = x[1, 0]  # a row of equal values
+    w = rng.uniform(0.5, 1.5, d).astype(np.float32)
+    b = rng.standard_normal(d).astype(np.float32)
+    g = rng.standard_normal((6, d)).astype(np.float32)
+    x64, w64 = x.astype(np.float64), w.astype(np.float64)
+    want = _np_layer_norm(x64, (d,), w64, b.astype(np.float64), 1e-5)
+    y = F.layer_norm(pm.tensor(x, dev), d, w, b).numpy().astype(np.float64)
+    dx, dw, db = F.layer_norm_backward(pm.tensor(g, dev), pm.tensor(x, dev), d, w, b)
+    rx, rw, rb = ref_layer_norm_backward(g.astype(np.float64), x64, (d,), w64, 1e-5)
+    for what, got, exact in (("y", y, want), ("dx", dx.numpy(), rx), ("dw", dw.numpy(), rw),
+                             ("db", db.numpy(), rb)):
+        for r in range(exact.shape[0]) if what in ("y", "dx") else [None]:
+            gr, rr = (got, exact) if r is None else (got[r], exact[r])
+            scale = max(1.0, float(np.abs(rr).max()))
+            err = float(np.abs(gr.astype(np.float64) - rr).max()) / scale
+            assert err < 2e-6, f"{what} row {r}: max error {err:.3g} of scale {scale:.3g}"
+    if d == 1:  # x - mean is exactly 0, so is the input gradient (any leftover is amplified 316x)
+        assert not dx.numpy().any(), dx.numpy()
+
+
 def ref_layer_norm_backward(g, x, ns, w, eps):
     """The analytic float64 gradients of _np_layer_norm."""
     ax = tuple(range(x.ndim - len(ns), x.ndim))
@@ -793,7 +822,7 @@ def test_layer_norm_torch_and_bad_input(dev):
     for call, arg in [(lambda: F.layer_norm(x, (3,)), "normalized_shape"),
                       (lambda: F.layer_norm(x, (8,), np.ones(7, np.float32)), "weight"),
                       (lambda: F.layer_norm(x, (8,), None, np.ones(8, np.float16)), "bias"),
-                      (lambda: F.layer_norm(x, 8, eps=-1.0), "eps"),
+                      (lambda: F.layer_norm(x, 8, eps=float("nan")), "eps"),
                       (lambda: F.layer_norm_backward(np.ones((2, 3), np.float32), x, 8), "grad_out")]:
         with pytest.raises(ValueError, match=arg):
             call()
@@ -875,3 +904,89 @@ def test_norm_stats_chunks(dev, dtype):
             want = ref.batch_norm_train(xf, w, b)[0]
             np.testing.assert_allclose(y.numpy().astype(np.float64), want,
                                        **_tol(dtype, offset=off, w=w))
+
+
+def test_empty_inputs_and_torch_ranges(dev):
+    """As torch: empty inputs give empty results and zero weight gradients (no dispatch); eps may
+    be negative (NaN where var + eps < 0) and momentum outside [0, 1]. Against torch on the CPU."""
+    torch = pytest.importorskip("torch")
+    tf = torch.nn.functional
+    rng = np.random.default_rng(7)
+
+    def both(fn_pm, fn_t, shapes, nargs_grad):
+        arrs = [rng.standard_normal(s).astype(np.float32) for s in shapes]
+        ts = [torch.tensor(a, requires_grad=True) for a in arrs]
+        want = fn_t(*ts)
+        got = fn_pm(*[pm.tensor(a, dev) for a in arrs])
+        np.testing.assert_allclose(got[0].numpy(), want.detach().numpy(), rtol=1e-5, atol=1e-5)
+        g = rng.standard_normal(want.shape).astype(np.float32)
+        tg = torch.autograd.grad(want, ts[:nargs_grad], torch.tensor(g), allow_unused=True)
+        for a, b in zip(got[1](pm.tensor(g, dev)), tg):
+            b = np.zeros(0) if b is None else b.numpy()
+            np.testing.assert_allclose(a.numpy(), b, rtol=1e-4, atol=1e-4)
+
+    dev.reset_counts()
+    x0 = pm.tensor(np.zeros((0, 3, 2), np.float32), dev)
+    w, b = np.ones(3, np.float32), np.zeros(3, np.float32)
+    rm, rv = pm.tensor(np.zeros(3, np.float32), dev), pm.tensor(np.ones(3, np.float32), dev)
+    assert F.batch_norm(x0, rm, rv, w, b, training=True).shape == (0, 3, 2)
+    _, _, _, dw, db = F.batch_norm_backward(x0, x0, rm, rv, w, b, training=True)
+    assert not dw.numpy().any() and dw.shape == (3,) and not db.numpy().any()
+    assert F.group_norm(x0, 3, w, b).shape == (0, 3, 2)
+    dx, dw, db = F.group_norm_backward(x0, x0, 1, w, b)
+    assert dx.shape == (0, 3, 2) and dw.shape == (3,) and not dw.numpy().any()
+    assert F.layer_norm(x0, (3, 2)).shape == (0, 3, 2)
+    assert F.batch_norm(pm.tensor(np.zeros(0, np.float32), dev), np.zeros(0, np.float32),
+                        np.zeros(0, np.float32)).shape == (0,)
+    assert sum(dev.dispatch_counts.values()) == 0
+    np.testing.assert_array_equal(rm.numpy(), 0)  # an empty batch moves nothing
+    # negative eps (torch: rsqrt(var + eps), NaN rows where var + eps < 0)
+    x = rng.standard_normal((3, 4)).astype(np.float32)
+    x[0] *= 4
+    want = tf.layer_norm(torch.tensor(x), (4,), eps=-0.5).numpy()
+    got = F.layer_norm(pm.tensor(x, dev), 4, eps=-0.5).numpy()
+    assert np.isnan(want).any() and np.array_equal(np.isnan(got), np.isnan(want))
+    np.testing.assert_allclose(got[~np.isnan(want)], want[~np.isnan(want)], rtol=1e-5, atol=1e-5)
+    both(lambda a, ww, bb: (F.group_norm(a, 2, ww, bb, eps=-0.01),
+                            lambda g: F.group_norm_backward(g, a, 2, ww, bb, eps=-0.01)),
+         lambda a, ww, bb: tf.group_norm(a, 2, ww, bb, eps=-0.01), [(2, 6, 5), (6,), (6,)], 3)
+    # momentum outside [0, 1] extrapolates the running statistics, as torch
+    x = rng.standard_normal((4, 3, 5)).astype(np.float32)
+    trm, trv = torch.zeros(3), torch.ones(3)
+    tf.batch_norm(torch.tensor(x), trm, trv, training=True, momentum=-1.0)
+    F.batch_norm(pm.tensor(x, dev), rm, rv, training=True, momentum=-1.0)
+    np.testing.assert_allclose(rm.numpy(), trm.numpy(), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(rv.numpy(), trv.numpy(), rtol=1e-5, atol=1e-6)
+
+
+def test_float16_parameters_like_torch(dev):
+    """A pure-half model: float16 weight, bias and running statistics (Tensors) are read as float
+    (the statistics in float as always), the running statistics updated in place in float16,
+    the weight gradients returned in float16; against torch's float16 CPU ops."""
+    torch = pytest.importorskip("torch")
+    rng = np.random.default_rng(11)
+    x = rng.standard_normal((4, 3, 5)).astype(np.float16)
+    w, b = rng.uniform(0.5, 1.5, 3).astype(np.float16), rng.standard_normal(3).astype(np.float16)
+    rm, rv = (rng.standard_normal(3) * 0.1).astype(np.float16), rng.uniform(0.5, 2, 3).astype(np.float16)
+    g = rng.standard_normal(x.shape).astype(np.float16)
+    tx, tw, tb = (torch.tensor(a, requires_grad=True) for a in (x, w, b))
+    trm, trv = torch.tensor(rm), torch.tensor(rv)
+    ty = torch.nn.functional.batch_norm(tx, trm, trv, tw, tb, training=True, momentum=0.3)
+    tgx, tgw, tgb = torch.autograd.grad(ty, [tx, tw, tb], torch.tensor(g))
+    prm, prv = pm.tensor(rm, dev), pm.tensor(rv, dev)
+    pw, pb = pm.tensor(w, dev), pm.tensor(b, dev)
+    y = F.batch_norm(pm.tensor(x, dev), prm, prv, pw, pb, training=True, momentum=0.3)
+    dx, _, _, dw, db = F.batch_norm_backward(pm.tensor(g, dev), pm.tensor(x, dev), prm, prv, pw, pb,
+                                             training=True)
+    assert prm.dtype == np.float16 and dw.dtype == np.float16 and db.dtype == np.float16
+    for got, want in ((y, ty), (prm, trm), (prv, trv), (dx, tgx), (dw, tgw), (db, tgb)):
+        np.testing.assert_allclose(got.numpy().astype(np.float32), want.detach().float().numpy(),
+                                   rtol=1e-2, atol=1e-2)
+    ty = torch.nn.functional.group_norm(tx, 3, tw, tb)
+    tgx, tgw, tgb = torch.autograd.grad(ty, [tx, tw, tb], torch.tensor(g))
+    y = F.group_norm(pm.tensor(x, dev), 3, pw, pb)
+    dx, dw, db = F.group_norm_backward(pm.tensor(g, dev), pm.tensor(x, dev), 3, pw, pb)
+    assert dw.dtype == np.float16
+    for got, want in ((y, ty), (dx, tgx), (dw, tgw), (db, tgb)):
+        np.testing.assert_allclose(got.numpy().astype(np.float32), want.detach().float().numpy(),
+                                   rtol=1e-2, atol=1e-2)

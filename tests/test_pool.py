@@ -488,3 +488,20 @@ def test_max_pool2d_backward_without_indices(dev, case, dtype, monkeypatch):
         recomputed = P.max_pool2d_backward(_t(g, dev), _t(x, dev), k, s, p, d, ceil)
         monkeypatch.setattr(P, "MAX_BWD_VIA_INDICES", True)
         np.testing.assert_array_equal(dx.numpy(), recomputed.numpy())
+
+
+@pytest.mark.parametrize("padding, ceil", [(0, False), (1, True)])
+def test_avg_pool_negative_divisor_override(dev, padding, ceil):
+    """torch takes any nonzero divisor_override: a negative one divides every window sum by it
+    (forward and gradient), whether the windows share it on the constant-divisor path or not."""
+    torch = pytest.importorskip("torch")
+    x = np.random.default_rng(3).standard_normal((2, 3, 7, 6)).astype(np.float32)
+    tx = torch.tensor(x, requires_grad=True)
+    want = torch.nn.functional.avg_pool2d(tx, 3, 2, padding, ceil, True, -3)
+    g = np.random.default_rng(4).standard_normal(tuple(want.shape)).astype(np.float32)
+    (gx,) = torch.autograd.grad(want, [tx], torch.tensor(g))
+    got = P.avg_pool2d(pymetalnn.tensor(x, dev), 3, 2, padding, ceil, True, -3)
+    np.testing.assert_allclose(got.numpy(), want.detach().numpy(), rtol=1e-5, atol=1e-6)
+    dx = P.avg_pool2d_backward(pymetalnn.tensor(g, dev), pymetalnn.tensor(x, dev), 3, 2, padding, ceil,
+                               True, -3)
+    np.testing.assert_allclose(dx.numpy(), gx.numpy(), rtol=1e-5, atol=1e-6)

@@ -17,6 +17,7 @@ from __future__ import annotations
 # ruff: noqa: F401, I001  (the package re-exports its modules' public names; __all__ below)
 
 from .datasource import (
+    Conv1dDataSource,
     ConvolutionDataSource,
     ConvolutionTransposeDataSource,
     DataSource,
@@ -31,10 +32,13 @@ from .errors import GraphError
 from .graph import Graph, Handle, LossLabels, TrainingGraph
 from .memory import MemoryReport
 from .nodes import (
+    AdaptiveAveragePooling1dNode,
+    AdaptiveAveragePoolingNode,
     AdditionNode,
     BatchNormalizationNode,
     CategoricalCrossEntropyLossNode,
     ConcatenationNode,
+    Convolution1dNode,
     ConvolutionNode,
     ConvolutionTransposeNode,
     CosineDistanceLossNode,
@@ -73,6 +77,8 @@ from .nodes import (
     NeuronNode,
     PermuteNode,
     PoolingAverageNode,
+    PoolingAverage1dNode,
+    PoolingMax1dNode,
     PoolingMaxNode,
     ReLUNode,
     ReshapeNode,
@@ -89,7 +95,7 @@ from .nodes import (
     Value,
     YoloLossNode,
 )
-from .padding import FULL, SAME, VALID, Padding
+from .padding import FULL, SAME, SYMMETRIC, VALID, Padding
 from . import build, capture, io, memory, nodes, optimize, run, train, updates  # noqa: E402
 from .io import load_graph, save_graph, torch_state_dict
 from .from_torch import from_torch

@@ -268,6 +268,42 @@ class ConvolutionDataSource(DataSource):
         return t["weight"], t.get("bias")
 
 
+class Conv1dDataSource(ConvolutionDataSource):
+    """Weights of a 1-D convolution (torch.nn.Conv1d): 'weight' (out, in/groups, k), 'bias'
+    (out,). They run as a (1, k) 2-D convolution (the device tensor is (out, in/groups, 1, k), the
+    same memory); shapes(), state_dict() and load_state_dict() use torch's 3-D shape."""
+
+    kind = "convolution1d"
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: Any, **kw: Any):
+        k = tuple(kernel_size) if isinstance(kernel_size, (tuple, list)) else (kernel_size,)
+        if len(k) == 2 and int(k[0]) == 1:
+            k = k[1:]
+        if len(k) != 1:
+            raise ValueError(f"kernel_size: expected an int, got {kernel_size!r}")
+        super().__init__(in_channels, out_channels, (1, int(k[0])), **kw)
+
+    def shapes(self) -> dict[str, tuple[int, ...]]:
+        d = super().shapes()
+        d["weight"] = d["weight"][:2] + d["weight"][3:]
+        return d
+
+    def state_dict(self) -> dict[str, np.ndarray]:
+        d = super().state_dict()
+        d["weight"] = d["weight"][:, :, 0]
+        return d
+
+    def load_state_dict(self, d: Any, strict: bool = True) -> list[str]:
+        d = dict(d)
+        if "weight" in d:
+            w = np.asarray(d["weight"], np.float32)
+            if w.shape != self.shapes()["weight"]:
+                raise ValueError(f"{self.label}: 'weight' has shape {w.shape}, expected "
+                                 f"{self.shapes()['weight']}")
+            d["weight"] = w[:, :, None]
+        return super().load_state_dict(d, strict)
+
+
 class ConvolutionTransposeDataSource(ConvolutionDataSource):
     """Weights of a transposed convolution: 'weight' (in, out/groups, kH, kW), 'bias' (out,)."""
 

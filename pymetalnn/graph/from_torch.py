@@ -4,19 +4,20 @@ converter for Core ML.
     tg = G.from_torch(model, example_input, loss="cross_entropy",
                       optimizer=lambda p: optim.SGD(p, lr=0.1))
 
-The module is traced with torch.fx (torch is imported only here, when called); each traced
-operation becomes a graph node holding the module's current weights, named after the module's
-qualified name, so `tg.state_dict()` has the module's own state_dict keys (and loads back into
-it) and `tg.load_state_dict(torch_state_dict(model))` reloads weights. Every padding, stride
-and dilation is passed explicitly, so no graph default (the MPS-style "same") can change the
-numbers. Supported: Conv1d/Conv2d (zeros padding), Linear, Embedding (integer example input),
-LayerNorm, BatchNorm1d/2d, GroupNorm, InstanceNorm2d, ReLU / LeakyReLU / ELU / GELU / Sigmoid /
-Tanh / Softplus, MaxPool2d / AvgPool2d (floor mode), AdaptiveAvgPool2d to 1x1, Flatten (from dim
-1), Dropout, Identity, Softmax / LogSoftmax, LSTM / GRU / RNN (batch_first, layers, bidirectional,
-their (output, state) results), and the functions add (residuals), flatten, relu, cat along
-channels, x.view(n, -1) / reshape to (n, -1), x.permute / x.transpose (batch kept first), x[:, i]
-(a time step). Linear on a sequence applies to the last dimension. Anything else raises GraphError
-naming the module or operation and its place in the traced code.
+The module is traced with torch.fx (torch is imported only here, when called); each traced operation
+becomes a graph node holding the module's current weights, named after the module's qualified name,
+so `tg.state_dict()` has the module's own state_dict keys (and loads back into it) and
+`tg.load_state_dict(torch_state_dict(model))` reloads weights. Every padding, stride and dilation is
+passed explicitly as numbers, so no graph default can change them. Supported: Conv1d/Conv2d (zeros
+padding), Linear, Embedding (integer example input), LayerNorm, BatchNorm1d/2d, GroupNorm,
+InstanceNorm2d, ReLU / LeakyReLU / ELU / GELU / Sigmoid / Tanh / Softplus (in place or not),
+MaxPool1d/2d / AvgPool1d/2d (floor mode), AdaptiveAvgPool1d/2d, Flatten (from dim 1), Dropout,
+Identity, Softmax / LogSoftmax, LSTM / GRU / RNN (batch_first, layers, bidirectional, their (output,
+state) results), and the functions add and += (residuals), flatten, relu, tanh, sigmoid, cat along
+channels, x.view(n, -1) / reshape to (n, -1), x.permute / x.transpose (batch kept first), x[:, i] (a
+time step), h_n[i] (a recurrent layer's final state). Linear on a sequence applies to the last
+dimension. Anything else raises GraphError naming the module or operation and its place in the
+traced code.
 """
 from __future__ import annotations
 
@@ -28,6 +29,7 @@ import numpy as np
 from ..tensor import float32, int32
 from . import nodes as N
 from .datasource import (
+    Conv1dDataSource,
     ConvolutionDataSource,
     EmbeddingDataSource,
     FullyConnectedDataSource,
@@ -36,31 +38,7 @@ from .datasource import (
     RecurrentDataSource,
 )
 from .errors import GraphError
-
-
-class Conv1dDataSource(ConvolutionDataSource):
-    """A Conv1d's weights run as a (1, k) 2-D convolution, saved and loaded with torch's (out,
-    in/groups, k) weight shape, so the state dict stays torch.nn.Conv1d's."""
-
-    def shapes(self) -> dict[str, tuple[int, ...]]:
-        d = super().shapes()
-        d["weight"] = d["weight"][:2] + d["weight"][3:]
-        return d
-
-    def state_dict(self) -> dict[str, np.ndarray]:
-        d = super().state_dict()
-        d["weight"] = d["weight"][:, :, 0]
-        return d
-
-    def load_state_dict(self, d: Any, strict: bool = True) -> list[str]:
-        d = dict(d)
-        if "weight" in d:
-            w = np.asarray(d["weight"], np.float32)
-            if w.shape != self.shapes()["weight"]:
-                raise ValueError(f"{self.label}: 'weight' has shape {w.shape}, expected "
-                                 f"{self.shapes()['weight']}")
-            d["weight"] = w[:, :, None]
-        return super().load_state_dict(d, strict)
+from .nodes.rnn import _RecurrentNode
 
 
 def _np(t: Any) -> np.ndarray:
@@ -87,30 +65,26 @@ class _Converter:
         if m.padding_mode != "zeros":
             raise self.unsupported(f"padding_mode={m.padding_mode!r}", name)
         one_d = isinstance(m, self.nn.Conv1d)
-        k = (1, m.kernel_size[0]) if one_d else tuple(m.kernel_size)
+        k = tuple(m.kernel_size)
         ds = (Conv1dDataSource if one_d else ConvolutionDataSource)(
-            m.in_channels, m.out_channels, k, groups=m.groups, bias=m.bias is not None, label=name)
-        w = _np(m.weight)
-        ds._host["weight"] = w.reshape(w.shape[0], w.shape[1], *k)
+            m.in_channels, m.out_channels, k[0] if one_d else k, groups=m.groups,
+            bias=m.bias is not None, label=name)
+        ds._host["weight"] = _np(m.weight).reshape(ds._host["weight"].shape)
         if m.bias is not None:
             ds._host["bias"] = _np(m.bias)
-        stride = (1, m.stride[0]) if one_d else tuple(m.stride)
-        dil = (1, m.dilation[0]) if one_d else tuple(m.dilation)
         if isinstance(m.padding, str):
             if m.padding == "valid":
-                pad: Any = 0
+                pads: list[int] = [0] * 2 * len(k)
             else:  # torch's "same" (stride 1): total d (k - 1), the odd one at the end
-                tot = [d * (kk - 1) for d, kk in zip(dil, k)]
-                pad = (tot[0] // 2, tot[0] - tot[0] // 2, tot[1] // 2, tot[1] - tot[1] // 2)
+                tot = [d * (kk - 1) for d, kk in zip(m.dilation, k)]
+                pads = [v for t in tot for v in (t // 2, t - t // 2)]
         else:
-            p = (0, m.padding[0]) if one_d else tuple(m.padding)
-            pad = (p[0], p[0], p[1], p[1])
+            pads = [v for p in m.padding for v in (p, p)]
         if one_d:
-            x = N.ReshapeNode(x, (m.in_channels, 1, -1), name=f"{name}.to2d")
-        y = N.ConvolutionNode(x, ds, stride=stride, dilation=dil, padding=pad, name=name)
-        if one_d:
-            y = N.ReshapeNode(y, (m.out_channels, -1), name=f"{name}.to1d")
-        return y
+            return N.Convolution1dNode(x, ds, stride=m.stride[0], dilation=m.dilation[0],
+                                       padding=tuple(pads), name=name)
+        return N.ConvolutionNode(x, ds, stride=tuple(m.stride), dilation=tuple(m.dilation),
+                                 padding=tuple(pads), name=name)
 
     def linear(self, m: Any, name: str, x: Any) -> Any:
         ds = FullyConnectedDataSource(m.in_features, m.out_features, bias=m.bias is not None,
@@ -162,21 +136,30 @@ class _Converter:
 
     def pool(self, m: Any, name: str, x: Any) -> Any:
         nn = self.nn
+        if isinstance(m, nn.AdaptiveAvgPool1d):
+            return N.AdaptiveAveragePooling1dNode(x, _ints(m.output_size, 1), name=name)
         if isinstance(m, nn.AdaptiveAvgPool2d):
-            if _ints(m.output_size, 2) != (1, 1):
+            size = m.output_size if isinstance(m.output_size, (tuple, list)) else (m.output_size,) * 2
+            if None in size:
                 raise self.unsupported(f"AdaptiveAvgPool2d(output_size={m.output_size})", name)
-            return N.GlobalAveragePoolingNode(x, name=name)
+            if tuple(size) == (1, 1):
+                return N.GlobalAveragePoolingNode(x, name=name)
+            return N.AdaptiveAveragePoolingNode(x, tuple(size), name=name)
         if m.ceil_mode:
             raise self.unsupported("ceil_mode=True", name)
-        k = _ints(m.kernel_size, 2)
-        s = _ints(m.stride if m.stride is not None else m.kernel_size, 2)
-        p = _ints(m.padding, 2)
-        if isinstance(m, nn.MaxPool2d):
+        one_d = isinstance(m, (nn.MaxPool1d, nn.AvgPool1d))
+        n = 1 if one_d else 2
+        k = _ints(m.kernel_size, n)
+        s = _ints(m.stride if m.stride is not None else m.kernel_size, n)
+        p = _ints(m.padding, n)
+        if isinstance(m, (nn.MaxPool1d, nn.MaxPool2d)):
+            if one_d:
+                return N.PoolingMax1dNode(x, k, s, padding=p, dilation=_ints(m.dilation, 1), name=name)
             return N.PoolingMaxNode(x, k, s, padding=p, dilation=_ints(m.dilation, 2), name=name)
-        if m.divisor_override is not None:
-            raise self.unsupported("AvgPool2d(divisor_override=...)", name)
-        return N.PoolingAverageNode(x, k, s, padding=p, count_include_pad=m.count_include_pad,
-                                    name=name)
+        if getattr(m, "divisor_override", None) is not None:
+            raise self.unsupported(f"{type(m).__name__}(divisor_override=...)", name)
+        cls = N.PoolingAverage1dNode if one_d else N.PoolingAverageNode
+        return cls(x, k, s, padding=p, count_include_pad=m.count_include_pad, name=name)
 
     def call_module(self, m: Any, name: str, args: list[Any], kwargs: dict) -> Any:
         nn = self.nn
@@ -189,7 +172,8 @@ class _Converter:
             return self.linear(m, name, x)
         if isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d, nn.GroupNorm, nn.InstanceNorm2d)):
             return self.norm(m, name, x)
-        if isinstance(m, (nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d)):
+        if isinstance(m, (nn.MaxPool1d, nn.MaxPool2d, nn.AvgPool1d, nn.AvgPool2d, nn.AdaptiveAvgPool1d,
+                          nn.AdaptiveAvgPool2d)):
             return self.pool(m, name, x)
         if isinstance(m, (nn.LSTM, nn.GRU, nn.RNN)):
             return self.recurrent(m, name, x)
@@ -238,13 +222,17 @@ class _Converter:
     # ---- functions and methods -------------------------------------------------------------
     def call_function(self, fn: Any, where: str, args: list[Any], kwargs: dict) -> Any:
         torch, F = self.torch, self.torch.nn.functional
-        if fn in (operator.add, torch.add) and not kwargs:
+        if fn in (operator.add, operator.iadd, torch.add) and not kwargs:
             a, b = args
             if not (isinstance(a, (N.Value, N.Node)) and isinstance(b, (N.Value, N.Node))):
                 raise self.unsupported("add with a constant", where)
             return N.AdditionNode(a, b, name=where)
         if fn in (torch.relu, F.relu) and not kwargs.get("inplace", False):
             return N.ReLUNode(args[0], name=where)
+        if fn in (torch.tanh, F.tanh) and not kwargs:
+            return N.TanhNode(args[0], name=where)
+        if fn in (torch.sigmoid, F.sigmoid) and not kwargs:
+            return N.SigmoidNode(args[0], name=where)
         if fn is torch.flatten:
             start = args[1] if len(args) > 1 else kwargs.get("start_dim", 0)
             end = args[2] if len(args) > 2 else kwargs.get("end_dim", -1)
@@ -265,10 +253,14 @@ class _Converter:
             return x[key]
         key = key if isinstance(key, tuple) else (key,)
         full = slice(None)
+        v = N.as_value(x, None)
+        if isinstance(v.producer, _RecurrentNode) and v.index >= 1 and len(key) == 1 \
+                and isinstance(key[0], int):  # h_n[i] of a recurrent state (L*D, N, H)
+            return N.SelectNode(x, 0, key[0], batch_dim=1, name=where)
         ints = [i for i, k in enumerate(key) if isinstance(k, int)]
         if len(ints) == 1 and all(k == full for i, k in enumerate(key) if i != ints[0]) and ints[0] > 0:
             return N.SelectNode(x, ints[0], key[ints[0]], name=where)
-        raise self.unsupported(f"indexing {key} (only x[:, i] / x[:, :, i] ...)", where)
+        raise self.unsupported(f"indexing {key} (only x[:, i] / x[:, :, i] ... and h_n[i])", where)
 
     def call_method(self, meth: str, where: str, args: list[Any], kwargs: dict) -> Any:
         x = args[0]

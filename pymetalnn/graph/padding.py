@@ -1,9 +1,17 @@
 """Padding policies of convolution, transposed convolution and pooling nodes, as MPS's
-MPSNNPaddingMethod: "valid" (no padding), "same" (output = ceil(input / stride), the odd extra
-row/column at the bottom/right, as MPS and TensorFlow), "full" (every window that touches the
-input: padding dilation*(k-1) on each side), an int / pair / (top, bottom, left, right), or a
-custom policy: any object with `pads(node, in_hw, kernel, stride, dilation) -> (top, bottom,
-left, right)` (subclass `Padding`), or a plain callable with the same arguments.
+MPSNNPaddingMethod: "symmetric" (dilation*(k-1)//2 on every side: torch's explicit padding=k//2, the
+convolution default; refused for an even kernel extent, which torch code pads either way), "valid"
+(no padding), "same" (output = ceil(input / stride), the odd extra row/column at the bottom/right,
+as MPS and TensorFlow), "full" (every window that touches the input: padding dilation*(k-1) on each
+side), an int / pair / (top, bottom, left, right), or a custom policy: any object with `pads(node,
+in_hw, kernel, stride, dilation) -> (top, bottom, left, right)` (subclass `Padding`), or a plain
+callable with the same arguments.
+
+Why the convolution default is "symmetric" and not MPS's "same": both agree for odd kernels at
+stride 1, but at stride > 1 "same" pads only what ceil(input / stride) needs, at the bottom/right
+(a 3x3 stride-2 convolution of 32 rows pads (0, 1)), where a model written for PyTorch pads k//2
+on both sides ((1, 1)): same output size, other numbers. A model ported from torch without its
+paddings spelled out then still computes torch's numbers; "same" stays available by name.
 """
 from __future__ import annotations
 
@@ -43,6 +51,20 @@ class _Same(Padding):
         return tuple(out)  # type: ignore[return-value]
 
 
+class _Symmetric(Padding):
+    name = "symmetric"
+
+    def pads(self, node, in_hw, kernel, stride, dilation):
+        for k, d in zip(kernel, dilation):
+            if d * (k - 1) % 2:
+                # torch code pads such kernels either way (k//2 or (k-1)//2): no default is safe
+                raise ValueError(f"padding: the kernel {tuple(kernel)} (dilation {tuple(dilation)}) "
+                                 "spans an even number of pixels, which no symmetric padding "
+                                 "centres; pass padding explicitly (ints, 'same', 'valid')")
+        ph, pw = (d * (k - 1) // 2 for k, d in zip(kernel, dilation))
+        return (ph, ph, pw, pw)
+
+
 class _Full(Padding):
     name = "full"
 
@@ -69,7 +91,7 @@ class _Callable(Padding):
         return tuple(int(v) for v in self._fn(node, in_hw, kernel, stride, dilation))  # type: ignore
 
 
-VALID, SAME, FULL = _Valid(), _Same(), _Full()
+VALID, SAME, FULL, SYMMETRIC = _Valid(), _Same(), _Full(), _Symmetric()
 
 
 def policy(p: Any) -> Padding:
@@ -78,10 +100,10 @@ def policy(p: Any) -> Padding:
         return p
     if isinstance(p, str):
         try:
-            return {"valid": VALID, "same": SAME, "full": FULL}[p.lower()]
+            return {"valid": VALID, "same": SAME, "full": FULL, "symmetric": SYMMETRIC}[p.lower()]
         except KeyError:
-            raise ValueError(f"padding: expected 'valid', 'same', 'full', ints or a policy, got "
-                             f"{p!r}") from None
+            raise ValueError(f"padding: expected 'symmetric', 'valid', 'same', 'full', ints or a "
+                             f"policy, got {p!r}") from None
     if isinstance(p, bool):
         raise ValueError(f"padding: got {p!r}")
     if isinstance(p, int):

@@ -530,8 +530,9 @@ class GraphRunner:
         self.synchronize()
         out: dict[str, np.ndarray] = {}
         for name, ds in named_sources(self).items():
+            shapes = ds.shapes()  # the state_dict's shapes (a Conv1d's weight runs 4-D)
             for k, t in zip(ds.trainable, self._grad_store.get(ds, [])):
-                out[f"{name}.{k}"] = t.numpy().copy()
+                out[f"{name}.{k}"] = t.numpy().reshape(shapes.get(k, t.shape)).copy()
         return out
 
     def _keep_grads(self, ds: Any, grads: list[Any]) -> None:

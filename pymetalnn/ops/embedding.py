@@ -6,8 +6,11 @@ input: integer indices of any shape (int32 tensors, or host integer arrays of an
 checked on the host before anything is dispatched (a device tensor is read back for it, as the
 losses' labels are); weight (V, D) float32 or float16. padding_idx: that row receives no
 gradient (negative values count from V). scale_grad_by_freq: each row's gradient is divided by
-the number of times it is indexed. max_norm (which renormalizes weight rows in place during the
-forward) and sparse gradients are not supported and raise.
+the number of times it is indexed. max_norm: as torch, the forward first renormalizes in place
+every indexed row of weight whose norm_type-norm exceeds max_norm (scaled by max_norm / (norm +
+1e-7); weight must then be a pymetalnn Tensor); the backward does not renormalize (torch's
+gradient is that of the lookup of the renormalized rows). sparse=True gives the same gradient
+as a dense table (pymetalnn has no sparse tensors; the values are torch's sparse gradient's).
 
 Backward follows the functional convention: embedding_backward(grad_out, input, weight, ...)
 returns (None, dL/dweight) -- None for the integer indices. The gradient is deterministic: the
@@ -30,6 +33,7 @@ from ._common import (
     boolean,
     empty,
     kernel,
+    number,
     pick_device,
     suffix,
     tensor_arg,
@@ -52,15 +56,22 @@ def _indices(input: Any, dev: Device, v: int) -> tuple[Tensor, np.ndarray]:
     return as_tensor(arr.astype(np.int32), dev, "input"), arr
 
 
-def _args(input: Any, weight: Any, padding_idx: Any, max_norm: Any, sparse: Any
-          ) -> tuple[Device, Tensor, Tensor, np.ndarray, int | None]:
+def _args(input: Any, weight: Any, padding_idx: Any, max_norm: Any, norm_type: Any, sparse: Any,
+          renorm: bool = False) -> tuple[Device, Tensor, Tensor, np.ndarray, int | None]:
     dev = pick_device(weight, input)
     w = tensor_arg(weight, dev, "weight", FLOATS, 2)
     v, d = w.shape
     if max_norm is not None:
-        raise ValueError("max_norm: renormalizing weight rows in place is not supported")
-    if boolean(sparse, "sparse"):
-        raise ValueError("sparse: sparse gradients are not supported")
+        mn = number(max_norm, "max_norm")
+        if not mn >= 0 or not np.isfinite(mn):
+            raise ValueError(f"max_norm: expected a finite number >= 0, got {max_norm!r}")
+        pn = number(norm_type, "norm_type")
+        if not pn > 0:
+            raise ValueError(f"norm_type: expected a number > 0 (or inf), got {norm_type!r}")
+        if renorm and not isinstance(weight, Tensor):
+            raise ValueError("weight: max_norm renormalizes rows in place, so weight must be a "
+                             f"pymetalnn Tensor, got {type(weight).__name__}")
+    boolean(sparse, "sparse")
     pad = None
     if padding_idx is not None:
         if isinstance(padding_idx, bool) or not isinstance(padding_idx, (int, np.integer)):
@@ -77,9 +88,16 @@ def _args(input: Any, weight: Any, padding_idx: Any, max_norm: Any, sparse: Any
 def embedding(input: Any, weight: Any, padding_idx: int | None = None, max_norm: Any = None,
               norm_type: float = 2.0, scale_grad_by_freq: bool = False, sparse: bool = False
               ) -> Tensor:
-    """y = weight[input] (shape input.shape + (D,)); torch's positional order."""
-    dev, idx, w, _, _ = _args(input, weight, padding_idx, max_norm, sparse)
+    """y = weight[input] (shape input.shape + (D,)); torch's positional order. max_norm: the
+    indexed rows of weight renormalized in place first (module docstring)."""
+    dev, idx, w, arr, _ = _args(input, weight, padding_idx, max_norm, norm_type, sparse, True)
     boolean(scale_grad_by_freq, "scale_grad_by_freq")
+    if max_norm is not None and arr.size and w.shape[1]:
+        rows = np.unique(arr.reshape(-1)).astype(np.int32)
+        p = EmbeddingParams(n=rows.size, V=w.shape[0], D=w.shape[1], max_norm=float(max_norm),
+                            norm_type=float(norm_type))
+        kernel(dev, SOURCE, f"embedding_renorm_{suffix(w.dtype)}")(
+            rows.size, as_tensor(rows, dev, "rows").buffer, w.buffer, p)
     y = empty(tuple(idx.shape) + (w.shape[1],), w.dtype, dev)
     if y.size:
         p = EmbeddingParams(n=idx.size, V=w.shape[0], D=w.shape[1])
@@ -93,8 +111,10 @@ def embedding_backward(grad_out: Any, input: Any, weight: Any, padding_idx: int 
                        ) -> tuple[None, Tensor]:
     """(None, dL/dweight): dweight[r, j] = sum over positions i with input[i] = r of
     grad_out[i, j] (/ count of r with scale_grad_by_freq); 0 for the padding row."""
-    dev, idx, w, arr, pad = _args(input, weight, padding_idx, max_norm, sparse)
+    dev, idx, w, arr, pad = _args(input, weight, padding_idx, max_norm, norm_type, sparse)
     scale = boolean(scale_grad_by_freq, "scale_grad_by_freq")
+    if scale and boolean(sparse, "sparse"):
+        raise ValueError("scale_grad_by_freq: not supported with sparse gradients (as torch)")
     g = tensor_arg(grad_out, dev, "grad_out", (w.dtype,))
     want = tuple(idx.shape) + (w.shape[1],)
     if g.shape != want:

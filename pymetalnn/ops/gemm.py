@@ -234,9 +234,6 @@ def gemm(a: TensorLike, b: TensorLike, out: Tensor, *, transpose_a: bool = False
     br, bc = b.shape[-2:]
     m, k = (ac, ar) if transpose_a else (ar, ac)
     k2, n = (bc, br) if transpose_b else (br, bc)
-    for name, t in (("a", a), ("b", b), ("out", out)):
-        if 0 in t.shape:
-            raise ValueError(f"{name}: empty dimension in shape {t.shape}")
     if k2 != k:
         raise ValueError(f"b: op(b) is ({k2}, {n}) but op(a) is ({m}, {k}): inner dimensions "
                          f"differ (transpose_a={transpose_a}, transpose_b={transpose_b})")
@@ -244,7 +241,7 @@ def gemm(a: TensorLike, b: TensorLike, out: Tensor, *, transpose_a: bool = False
     bb = b.shape[0] if b.ndim == 3 else None
     if ba is not None and bb is not None and ba != bb:
         raise ValueError(f"b: batch {bb} does not match a's batch {ba}")
-    batch = ba or bb or 1
+    batch = ba if ba is not None else bb if bb is not None else 1
     if out.ndim == 3:
         if out.shape != (batch, m, n):
             raise ValueError(f"out: shape {out.shape}, expected {(batch, m, n)}")
@@ -267,6 +264,15 @@ def gemm(a: TensorLike, b: TensorLike, out: Tensor, *, transpose_a: bool = False
             raise ValueError(f"{name}: a {t.shape[-2]} x {t.shape[-1]} matrix exceeds 2^31 "
                              "elements")
 
+    if out.size == 0:
+        return out
+    if k == 0 or batch == 0:
+        # an empty sum (torch gives zeros): the kernels run one zero term (K = 1, one batch entry
+        # per output matrix), so beta, bias and the activation apply as for any product
+        lead = (out.shape[0],) if out.ndim == 3 else ()
+        a = tensor(np.zeros(lead + ((1, m) if transpose_a else (m, 1)), a.dtype), dev)
+        b = tensor(np.zeros(lead + ((n, 1) if transpose_b else (1, n)), a.dtype), dev)
+        k, batch, reduce_batch, tile, k_splits = 1, max(1, len(lead) and lead[0]), False, None, None
     for kern, count, args in _launches(dev, a, b, out, m, n, k, batch, reduce_batch, transpose_a,
                                        transpose_b, alpha, beta, bias, var, tile, k_splits, act):
         kern(count, *args)
@@ -550,8 +556,6 @@ def _linear_args(x: Any, w: Any, b: Any, dev: Device) -> tuple[Tensor, Tensor, T
             raise ValueError(f"b: dtype {b.dtype} does not match x's {x.dtype}")
         if b.shape != (w.shape[0],):
             raise ValueError(f"b: shape {b.shape}, expected ({w.shape[0]},)")
-    if x.size == 0 or w.size == 0:
-        raise ValueError(f"x: empty tensor (x {x.shape}, w {w.shape})")
     return x, w, b
 
 
@@ -566,7 +570,7 @@ def linear(input: Any, weight: Any, bias: Any = None, accumulate: str | None = N
     dev = pick_device(x, w, b)
     x, w, b = _linear_args(x, w, b, dev)
     variant(x.dtype, accumulate)
-    rows = x.size // x.shape[-1]
+    rows = math.prod(x.shape[:-1])
     y = out_like((rows, w.shape[0]), x.dtype, dev)
     gemm(x.reshape(rows, x.shape[-1]), w, y, transpose_b=True, bias=b, accumulate=accumulate,
          activation=activation)
@@ -579,6 +583,10 @@ def linear_bias_grad(grad_out: Tensor, accumulate: str | None = None) -> Tensor:
     var = variant(g.dtype, accumulate)
     rows, cols = g.shape
     out = out_like((cols,), g.dtype, g.device)
+    if rows == 0 or cols == 0:  # an empty sum
+        if cols:
+            out.buffer.write(np.zeros(cols, g.dtype))
+        return out
     p = LinearBiasGradParams()
     p.rows, p.cols = rows, cols
     kernel(g.device, SOURCE, f"linear_bwd_bias_{var}")(math.ceil(cols / 32) * THREADS, g.buffer,
@@ -599,7 +607,7 @@ def _linear_grad_args(grad_out: TensorLike, x: TensorLike, w: TensorLike, b: Ten
     if g.shape != want:
         raise ValueError(f"grad_out: shape {g.shape}, expected {want}")
     variant(x.dtype, accumulate)
-    rows = x.size // x.shape[-1]
+    rows = math.prod(x.shape[:-1])
     return dev, x, w, b, g.reshape(rows, w.shape[0]), x.reshape(rows, x.shape[-1])
 
 

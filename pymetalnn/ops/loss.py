@@ -150,6 +150,12 @@ def _elem_weight(v: Any, dev: Device, x: Tensor, name: str) -> Tensor | None:
 def _class_weight(weight: Any, dev: Device, c: int) -> Tensor | None:
     if weight is None:
         return None
+    if isinstance(weight, Tensor) and weight.dtype == np.float16:
+        # a half model's class weights: read back once as float32 (as _elem_weight does), so
+        # nothing is dispatched before the other arguments are checked
+        if weight.device is not dev:
+            raise ValueError(f"weight: tensor is on {weight.device.name}, expected {dev.name}")
+        weight = weight.numpy().astype(np.float32)
     w = float32_arg(weight, dev, "weight")
     if w.shape != (c,):
         raise ValueError(f"weight: expected shape ({c},) (one weight per class), got {w.shape}")

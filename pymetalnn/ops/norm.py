@@ -35,7 +35,7 @@ import numpy as np
 
 from ..params import LayerNormParams, NormParams
 from ..runtime import Device
-from ..tensor import Tensor, TensorLike, float32
+from ..tensor import Tensor, TensorLike, float16, float32, tensor
 from ._common import (
     FLOATS,
     MAX_GROUPS,
@@ -51,6 +51,7 @@ from ._common import (
     suffix,
     tensor_arg,
 )
+from .copy import _block, cast
 from .neuron import activation_code
 from .softmax import TG, check_size, tile_groups, tile_plan
 
@@ -67,24 +68,57 @@ KERNELS = "auto"
 # ---- validation ------------------------------------------------------------------------------
 
 def _input(x: TensorLike, dev: Device, ndims: tuple[int, ...]) -> Tensor:
+    """The input; an empty one is allowed (the ops return empty results and zero weight
+    gradients without dispatching, as torch)."""
     t = tensor_arg(x, dev, "input", FLOATS, ndims)
-    if t.size == 0:
-        raise ValueError(f"input: empty tensor (shape {t.shape})")
     check_size(t, "input")
     return t
 
 
+def _zeros(shape: tuple[int, ...], dev: Device) -> Tensor:
+    """float32 zeros from the host (the weight gradients of an empty input)."""
+    return tensor(np.zeros(shape, np.float32), dev)
+
+
+def _finite(v: Any, name: str) -> float:
+    """eps and momentum: any finite number, as torch (a negative eps with var + eps <= 0 gives
+    inf/NaN there, as in torch; a momentum outside [0, 1] extrapolates the running statistics)."""
+    return _number(v, name, -np.inf)
+
+
 def _vec(v: Any, dev: Device, name: str, c: int, inplace: bool = False) -> Tensor | None:
-    """An optional float32 (c,) vector; in-place ones must already be device Tensors."""
+    """An optional (c,) vector: float32, or a float16 device Tensor (a half model's parameters,
+    converted by _f32 once every argument is checked); in-place ones must be device Tensors."""
     if v is None:
         return None
     if inplace and not isinstance(v, Tensor):
         raise ValueError(f"{name}: must be a pymetalnn Tensor to be updated in place, got "
                          f"{type(v).__name__}")
-    t = float32_arg(v, dev, name)
+    if isinstance(v, Tensor) and v.dtype == float16:
+        t = tensor_arg(v, dev, name, (float16,))
+    else:
+        t = float32_arg(v, dev, name)
     if t.shape != (c,):
         raise ValueError(f"{name}: expected shape ({c},), got {t.shape}")
     return t
+
+
+def _f32(t: Tensor | None) -> Tensor | None:
+    """A float16 parameter vector as the float32 the kernels read (statistics stay float)."""
+    return cast(t, float32) if t is not None and t.dtype == float16 else t
+
+
+def _write_back(orig: Any, t: Tensor | None) -> None:
+    """A float16 running statistic updated through its float32 copy: the result stored back."""
+    if t is not None and isinstance(orig, Tensor) and orig is not t:
+        _block(t, orig, 1, t.size, t.size, t.size, 0, 0)
+
+
+def _grad_like(g: Tensor | None, param: Any) -> Tensor | None:
+    """A weight/bias gradient in its parameter's dtype (float16 parameters get float16)."""
+    if g is not None and isinstance(param, Tensor) and param.dtype == float16:
+        return cast(g, float16)
+    return g
 
 
 def _number(v: Any, name: str, lo: float, hi: float | None = None, lo_open: bool = False) -> float:
@@ -285,11 +319,13 @@ def _bn_validate(input: TensorLike, running_mean: TensorLike | None, running_var
                  weight: TensorLike | None, bias: TensorLike | None, training: Any, momentum: Any,
                  eps: Any):
     dev = pick_device(input, running_mean, running_var, weight, bias)
-    x = _input(input, dev, (2, 3, 4))
+    x = _input(input, dev, (1, 2, 3, 4))
     training = boolean(training, "training")
-    momentum = _number(momentum, "momentum", 0.0, 1.0)
-    eps = _number(eps, "eps", 0.0, lo_open=True)
-    c = x.shape[1]
+    momentum = _finite(momentum, "momentum")
+    eps = _finite(eps, "eps")
+    if x.ndim == 1 and x.size:  # torch's 1-D batch norm: only the empty input (no channels)
+        raise ValueError(f"input: expected 2 or 3 or 4 dimensions, got 1 (shape {x.shape})")
+    c = x.shape[1] if x.ndim > 1 else 0
     rm = _vec(running_mean, dev, "running_mean", c, inplace=training)
     rv = _vec(running_var, dev, "running_var", c, inplace=training)
     if (rm is None) != (rv is None):
@@ -300,10 +336,11 @@ def _bn_validate(input: TensorLike, running_mean: TensorLike | None, running_var
                          "running_var")
     w = _vec(weight, dev, "weight", c)
     b = _vec(bias, dev, "bias", c)
-    n, _, hw = _geometry(x)
-    if training and n * hw < 2:
+    n, _, hw = _geometry(x) if x.size else (0, 0, 0)
+    if training and n * hw < 2 and x.size:
         raise ValueError(f"input: expected more than 1 value per channel when training, got "
                          f"shape {x.shape}")
+    rm, rv, w, b = (_f32(t) for t in (rm, rv, w, b))
     return dev, x, rm, rv, w, b, training, momentum, eps
 
 
@@ -319,6 +356,11 @@ def batch_norm_with_stats(input: TensorLike, running_mean: TensorLike | None,
     act = activation_code(activation)
     dev, x, rm, rv, w, b, training, momentum, eps = _bn_validate(
         input, running_mean, running_var, weight, bias, training, momentum, eps)
+    c = x.shape[1] if x.ndim > 1 else 0
+    if x.size == 0:  # nothing to normalise; the running statistics stay (torch)
+        y = strided_out(out, out_batch_stride, x.shape, x.dtype, dev)[0] if out is not None \
+            else empty(x.shape, x.dtype, dev)
+        return y, _zeros((c,), dev), _zeros((c,), dev)
     # before any launch: a bad out= must not leave the running statistics moved
     y, ns = strided_out(out, out_batch_stride, x.shape, x.dtype, dev)
     if ns and (x.shape[0] - 1) * ns + x.size // x.shape[0] > MAX_ELEMENTS:
@@ -332,6 +374,8 @@ def batch_norm_with_stats(input: TensorLike, running_mean: TensorLike | None,
     coef = empty((c, 4), float32, dev)
     if training:  # statistics and coefficients in one kernel
         mean, invstd = _stats(dev, p, x, rm, rv, (w, b, coef))
+        _write_back(running_mean, rm)
+        _write_back(running_var, rv)
     else:
         mean, invstd = empty((c,), float32, dev), empty((c,), float32, dev)
         kernel(dev, SOURCE, "batch_norm_coef_fwd_float")(
@@ -395,6 +439,10 @@ def batch_norm_backward(grad_out: TensorLike, input: TensorLike, running_mean: T
     dev, x, rm, rv, w, b, training, momentum, eps = _bn_validate(
         input, running_mean, running_var, weight, bias, training, momentum, eps)
     g = _grad_out(grad_out, x, dev)
+    if x.size == 0:
+        c = x.shape[1] if x.ndim > 1 else 0
+        return (empty(x.shape, x.dtype, dev), None, None, _zeros((c,), dev) if w is not None else None,
+                _zeros((c,), dev) if b is not None else None)
     dy_ns = _grad_stride(g, grad_out_batch_stride)
     if y is not None:
         yt = tensor_arg(y, dev, "y", (x.dtype,))
@@ -423,7 +471,7 @@ def batch_norm_backward(grad_out: TensorLike, input: TensorLike, running_mean: T
         min(c, MAX_GROUPS) * TG, part.buffer, w.buffer if w is not None else d,
         b.buffer if b is not None else d, mean.buffer, invstd.buffer,
         dw.buffer if dw is not None else d, db.buffer if db is not None else d, coef.buffer, p)
-    return _apply(dev, p, g, x, coef), None, None, dw, db
+    return _apply(dev, p, g, x, coef), None, None, _grad_like(dw, weight), _grad_like(db, bias)
 
 
 # ---- group norm / instance norm --------------------------------------------------------------
@@ -437,14 +485,17 @@ def _gn_validate(input: TensorLike, num_groups: Any, weight: TensorLike | None,
             or num_groups < 1 or c % num_groups:
         raise ValueError(f"num_groups: expected a positive int dividing the {c} channels, got "
                          f"{num_groups!r}")
-    eps = _number(eps, "eps", 0.0, lo_open=True)
+    eps = _finite(eps, "eps")
     w = _vec(weight, dev, "weight", c)
     b = _vec(bias, dev, "bias", c)
-    return dev, x, int(num_groups), w, b, eps
+    return dev, x, int(num_groups), _f32(w), _f32(b), eps
 
 
 def _group_norm(dev: Device, x: Tensor, groups: int, w: Tensor | None, b: Tensor | None,
                 eps: float) -> tuple[Tensor, Tensor, Tensor]:
+    if x.size == 0:
+        return empty(x.shape, x.dtype, dev), _zeros((x.shape[0], groups), dev), \
+            _zeros((x.shape[0], groups), dev)
     p = _gn_params(x, groups, eps, w is not None, b is not None)
     mean, invstd = _stats(dev, p, x)
     coef = empty((p.planes, 4), float32, dev)
@@ -459,6 +510,10 @@ def _group_norm(dev: Device, x: Tensor, groups: int, w: Tensor | None, b: Tensor
 def _group_norm_backward(dev: Device, g: Tensor, x: Tensor, groups: int, w: Tensor | None,
                          b: Tensor | None, eps: float, saved: tuple[Tensor, Tensor] | None
                          ) -> tuple[Tensor, Tensor | None, Tensor | None]:
+    if x.size == 0:
+        c = x.shape[1]
+        return (empty(x.shape, x.dtype, dev), _zeros((c,), dev) if w is not None else None,
+                _zeros((c,), dev) if b is not None else None)
     p = _gn_params(x, groups, eps, w is not None, b is not None)
     if saved is not None:
         mean, invstd = saved[0].reshape(p.rows), saved[1].reshape(p.rows)
@@ -512,7 +567,8 @@ def group_norm_backward(grad_out: TensorLike, input: TensorLike, num_groups: int
     dev, x, groups, w, b, eps = _gn_validate(input, num_groups, weight, bias, eps)
     g = _grad_out(grad_out, x, dev)
     saved = _saved(save_mean, save_rstd, dev, (x.shape[0], groups), ("save_mean", "save_rstd"))
-    return _group_norm_backward(dev, g, x, groups, w, b, eps, saved)
+    dx, dw, db = _group_norm_backward(dev, g, x, groups, w, b, eps, saved)
+    return dx, _grad_like(dw, weight), _grad_like(db, bias)
 
 
 def _in_validate(input: TensorLike, running_mean: TensorLike | None, running_var: TensorLike | None,
@@ -523,7 +579,7 @@ def _in_validate(input: TensorLike, running_mean: TensorLike | None, running_var
         raise ValueError(f"{name}: instance norm with running statistics is not supported")
     if not boolean(use_input_stats, "use_input_stats"):
         raise ValueError("use_input_stats: False (running statistics) is not supported")
-    _number(momentum, "momentum", 0.0, 1.0)
+    _finite(momentum, "momentum")
     dev = pick_device(input, weight, bias)
     x = _input(input, dev, (3, 4))
     return _gn_validate(x, x.shape[1], weight, bias, eps, (3, 4))
@@ -552,7 +608,7 @@ def instance_norm_backward(grad_out: TensorLike, input: TensorLike,
                                              use_input_stats, momentum, eps)
     g = _grad_out(grad_out, x, dev)
     dx, dw, db = _group_norm_backward(dev, g, x, groups, w, b, eps, None)
-    return dx, None, None, dw, db
+    return dx, None, None, _grad_like(dw, weight), _grad_like(db, bias)
 
 
 
@@ -571,8 +627,6 @@ def _ln_args(input: Any, normalized_shape: Any, weight: Any, bias: Any, eps: Any
                          f"{normalized_shape!r}") from None
     if not ns or x.shape[x.ndim - len(ns):] != ns or len(ns) > x.ndim:
         raise ValueError(f"normalized_shape: {ns} is not the trailing shape of input {x.shape}")
-    if any(v == 0 for v in ns):
-        raise ValueError(f"normalized_shape: {ns} has a zero dimension")
     ps = []
     for v, name in ((weight, "weight"), (bias, "bias")):
         if v is None:
@@ -583,8 +637,8 @@ def _ln_args(input: Any, normalized_shape: Any, weight: Any, bias: Any, eps: Any
             raise ValueError(f"{name}: expected shape {ns} (normalized_shape), got {t.shape}")
         ps.append(t)
     d = int(np.prod(ns))
-    rows = x.size // d
-    e = _number(eps, "eps", 0.0)
+    rows = int(np.prod(x.shape[:x.ndim - len(ns)]))
+    e = _finite(eps, "eps")
     sw = 32
     while sw < 256 and sw * 4 < d:  # ~4 elements per thread, a simdgroup at least
         sw *= 2
@@ -635,7 +689,7 @@ def layer_norm_backward(grad_out: Any, input: Any, normalized_shape: Any, weight
                 t.buffer.write(np.zeros(t.shape, t.dtype))
         return dx, dw, db
     d = dummy(dev)
-    stats = dev.buffer(8 * p.rows) if need else d
+    stats = dev.buffer(16 * p.rows) if need else d  # (m, c, rstd, 0) per row (norm.metal)
     p.save_stats = int(need)
     sfx = suffix(x.dtype)
     kernel(dev, SOURCE, f"layer_norm_bwd_{sfx}")(

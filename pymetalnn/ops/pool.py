@@ -23,6 +23,7 @@ from ._common import (
     FLOATS,
     boolean,
     kernel,
+    number,
     out_like,
     pick_device,
     positive_ints,
@@ -257,7 +258,10 @@ def _avg_geometry(x4: Tensor, one_d: bool, kernel_size: Any, stride: Any, paddin
     boolean(count_include_pad, "count_include_pad")
     q.flags = POOL_COUNT_PAD if count_include_pad else 0
     if divisor_override is not None:
-        q.divisor = positive_ints(divisor_override, 1, "divisor_override")[0]
+        d = number(divisor_override, "divisor_override")
+        if d != int(d) or d == 0 or abs(d) >= 2**31:  # torch: any nonzero int (< 0 flips signs)
+            raise ValueError(f"divisor_override: expected a nonzero int, got {divisor_override!r}")
+        q.divisor = int(d)
     return q
 
 

@@ -4,7 +4,7 @@ softmax, dropout, norm, copy, arith, rnn, loss, detection), on the base classes 
 As in MPSNNGraph, the result of one node is the source of the next:
 
     x = ImageNode((1, 28, 28))
-    c = ConvolutionNode(x, ConvolutionDataSource(1, 6, 5), padding="same")
+    c = ConvolutionNode(x, ConvolutionDataSource(1, 6, 5), padding=2)
     r = ReLUNode(c)                    # a node stands for its result image
     loss = SoftmaxCrossEntropyLossNode(FullyConnectedNode(FlattenNode(r), fc_weights))
     g = r.gradient(...)                # one line: the gradient node of a forward node
@@ -38,6 +38,7 @@ from .base import (
     as_value,
 )
 from .conv import (
+    Convolution1dNode,
     ConvolutionNode,
     ConvolutionTransposeNode,
 )
@@ -95,8 +96,12 @@ from .norm import (
     LayerNormalizationNode,
 )
 from .pool import (
+    AdaptiveAveragePooling1dNode,
+    AdaptiveAveragePoolingNode,
     GlobalAveragePoolingNode,
+    PoolingAverage1dNode,
     PoolingAverageNode,
+    PoolingMax1dNode,
     PoolingMaxNode,
 )
 from .rnn import (

@@ -1,10 +1,12 @@
-"""Convolution nodes (pymetalnn/ops/conv.py): ConvolutionNode, ConvolutionTransposeNode."""
+"""Convolution nodes (pymetalnn/ops/conv.py): ConvolutionNode, Convolution1dNode,
+ConvolutionTransposeNode."""
 from __future__ import annotations
 
 from typing import Any
 
 from ... import functional as F
-from ..datasource import ConvolutionDataSource, ConvolutionTransposeDataSource
+from ..datasource import Conv1dDataSource, ConvolutionDataSource, ConvolutionTransposeDataSource
+from ..errors import GraphError
 from ..padding import Padding, policy
 from .base import (
     FilterNode,
@@ -38,12 +40,15 @@ class _ConvNode(FilterNode):
 
 class ConvolutionNode(_ConvNode):
     """2-D convolution with weights (and bias) from a ConvolutionDataSource. padding: a padding
-    policy ("same" by default, as MPS; "valid", "full", ints or custom)."""
+    policy (graph/padding.py): "symmetric" by default, dilation*(k-1)//2 on every side as torch's
+    padding=k//2 (so a strided convolution ported from torch keeps torch's numbers); "same"
+    (MPS/TensorFlow: output ceil(in / stride), the odd pixel at the bottom/right; it differs from
+    torch at stride > 1) only by name; "valid", "full", ints or custom."""
 
     prefix = "conv"
 
     def __init__(self, source: Any, weights: ConvolutionDataSource, *, stride: Any = 1,
-                 dilation: Any = 1, padding: Any = "same", name: str | None = None,
+                 dilation: Any = 1, padding: Any = "symmetric", name: str | None = None,
                  register: bool = True):
         self.weights = _weights_of(weights, ConvolutionDataSource, ConvolutionTransposeDataSource)
         self.stride, self.dilation = _pair(stride, "stride"), _pair(dilation, "dilation")
@@ -85,6 +90,68 @@ class ConvolutionNode(_ConvNode):
                                                                      **self._args()))
         gx, gw, gb = F.conv2d_backward(gouts[0], x, w, b, **self._args())
         return [gx if need[0] else None], _param_grads(gw, gb)
+
+
+def _int1(v: Any, name: str) -> int:
+    """An int or a 1-tuple (torch's 1-D argument forms)."""
+    t = tuple(v) if isinstance(v, (tuple, list)) else (v,)
+    if len(t) != 1 or isinstance(t[0], bool) or int(t[0]) != t[0]:
+        raise ValueError(f"{name}: expected an int, got {v!r}")
+    return int(t[0])
+
+
+def pads_1d(padding: Any) -> Any:
+    """A 1-D padding (a name, an int for both ends, (left, right), or a 2-D policy) as the 2-D
+    policy of the (1, L) image it runs as: nothing above or below."""
+    if isinstance(padding, (str, Padding)) or callable(padding):
+        return padding
+    t = tuple(padding) if isinstance(padding, (tuple, list)) else (padding,)
+    if len(t) == 1:
+        t = (t[0], t[0])
+    if len(t) != 2 or any(isinstance(v, bool) or int(v) != v for v in t):
+        raise ValueError(f"padding: expected a name, an int or (left, right), got {padding!r}")
+    return (0, 0, int(t[0]), int(t[1]))
+
+
+class Convolution1dNode(ConvolutionNode):
+    """1-D convolution (torch.nn.Conv1d): (N, C, L) -> (N, O, L'), weights from a
+    Conv1dDataSource (torch's (out, in/groups, k)). It runs as the 2-D convolution of the
+    (N, C, 1, L) view (no copy), so it shares that op's kernels and gradient. padding:
+    "symmetric" by default (dilation*(k-1)//2 at both ends, torch's padding=k//2), an int for
+    both ends, (left, right), or the names of graph/padding.py ("same", "valid", "full")."""
+
+    prefix = "conv1d"
+
+    def __init__(self, source: Any, weights: Conv1dDataSource, *, stride: Any = 1,
+                 dilation: Any = 1, padding: Any = "symmetric", name: str | None = None,
+                 register: bool = True):
+        if not isinstance(weights, Conv1dDataSource):
+            raise GraphError(None, f"weights: expected a Conv1dDataSource, got {type(weights).__name__}")
+        super().__init__(source, weights, stride=(1, _int1(stride, "stride")),
+                         dilation=(1, _int1(dilation, "dilation")), padding=pads_1d(padding),
+                         name=name, register=register)
+
+    def infer(self, shapes, dtypes):
+        (x,) = shapes
+        _expect_ndim(x, 3, "source (N, C, L)")
+        [(y, dt)] = super().infer([(x[0], x[1], 1, x[2])], dtypes)
+        return [((y[0], y[1], y[3]), dt)]
+
+    def strided_out(self):
+        return False  # concat elimination writes 4-D channel slices
+
+    def forward(self, rc, xs, training, with_state, activation=None):
+        x = xs[0]
+        y = super().forward(rc, [x.reshape(x.shape[0], x.shape[1], 1, x.shape[2])], training,
+                            with_state, activation)[0]
+        return [y.reshape(y.shape[0], y.shape[1], y.shape[3])]
+
+    def backward(self, rc, gouts, saved, need):
+        (x,) = saved
+        g = gouts[0]
+        gxs, gw = super().backward(rc, [g.reshape(g.shape[0], g.shape[1], 1, g.shape[2])],
+                                   [x.reshape(x.shape[0], x.shape[1], 1, x.shape[2])], need)
+        return [None if gxs[0] is None else gxs[0].reshape(x.shape)], gw
 
 
 class ConvolutionTransposeNode(_ConvNode):

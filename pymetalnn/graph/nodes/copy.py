@@ -236,21 +236,29 @@ class PermuteNode(FilterNode):
 
 class SelectNode(FilterNode):
     """x.select(dim, index) (e.g. the last time step of a batch-first sequence, out[:, -1]) or,
-    with `length`, the slice index:index+length along dim (kept); dim > 0 (the batch stays).
-    Forward and gradient by F.split / F.split_backward (zeros for the other pieces)."""
+    with `length`, the slice index:index+length along dim (kept); any dim but the source's batch
+    dimension `batch_dim` (0; 1 for a recurrent node's final state (L*D, N, H), whose h_n[-1]
+    is SelectNode(h_n, 0, -1, batch_dim=1), batch first again). Forward and gradient by F.split
+    / F.split_backward (zeros for the other pieces)."""
 
     prefix = "select"
 
     def __init__(self, source: Any, dim: int, index: int, length: int | None = None, *,
-                 name: str | None = None, register: bool = True):
+                 batch_dim: int = 0, name: str | None = None, register: bool = True):
         self.dim, self.index, self.length = int(dim), int(index), length
+        self.batch_dim = int(batch_dim)
         super().__init__([source], name, register)
 
     def infer(self, shapes, dtypes):
         x = shapes[0]
         d = self.dim % len(x)
-        if d == 0:
+        if not 0 <= self.batch_dim < len(x):
+            raise ValueError(f"batch_dim: {self.batch_dim} is outside the source's {len(x)} dimensions")
+        if d == self.batch_dim:
             raise ValueError("dim: the batch dimension cannot be selected from")
+        if self.length is None and d < self.batch_dim and self.batch_dim > 1:
+            raise ValueError("dim: selecting before the batch dimension leaves it at "
+                             f"{self.batch_dim - 1}, not first")
         n = x[d]
         i = self.index % n if -n <= self.index < n else None
         if i is None:
@@ -269,11 +277,14 @@ class SelectNode(FilterNode):
 
     def forward(self, rc, xs, training, with_state):
         x = xs[0]
-        piece = F.split(x, self._sections, self._d)[self._piece]
-        return [piece.reshape(self.result_shape(x.shape[0]))]
-
-    def result_shape(self, n: int) -> tuple[int, ...]:
-        return (n, *self.result.shape[1:])
+        # only the selected piece copied, into an allocation of its own (split's one-copy path for
+        # dim 0 would make the result a view of a larger block, which memory planning cannot place)
+        need = [k == self._piece for k in range(len(self._sections))]
+        piece = F.split(x, self._sections, self._d, need=need)[self._piece]
+        shape = list(x.shape)
+        if self.length is None:
+            del shape[self._d]
+        return [piece.reshape(tuple(shape)) if self.length is None else piece]
 
     def saved(self):
         return [("in", 0)]

@@ -37,8 +37,10 @@ class FullyConnectedNode(FilterNode):
             raise ValueError(f"source: expected (N, features) or images, got shape {x}")
         f = int(np.prod(x[1:]))
         if f != self.weights.in_features:
+            hint = " (a sequence? per_step=True applies the layer at every position)" \
+                if len(x) == 3 and x[-1] == self.weights.in_features else ""
             raise ValueError(f"source has {f} features per sample (shape {x}), the weights "
-                             f"({self.weights.label}) expect {self.weights.in_features}")
+                             f"({self.weights.label}) expect {self.weights.in_features}{hint}")
         return [((x[0], self.weights.out_features), dt)]
 
     def _rows(self, x: Any) -> Any:

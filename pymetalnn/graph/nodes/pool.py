@@ -1,4 +1,5 @@
-"""Pooling nodes (pymetalnn/ops/pool.py): max, average, global average."""
+"""Pooling nodes (pymetalnn/ops/pool.py): max, average, global average, adaptive average; 1-D
+forms of each ((N, C, L) run as the 2-D op of the (N, C, 1, L) view, no copy)."""
 from __future__ import annotations
 
 from typing import Any
@@ -6,6 +7,7 @@ from typing import Any
 from ... import functional as F
 from ..padding import Padding, policy
 from .base import FilterNode, _expect_ndim, _floats, _pair
+from .conv import _int1, pads_1d
 
 
 def _pool_out(n: int, k: int, s: int, p: int, d: int, ceil_mode: bool) -> int:
@@ -140,3 +142,119 @@ class GlobalAveragePoolingNode(FilterNode):
 
     def backward(self, rc, gouts, saved, need):
         return [F.global_avg_pool2d_backward(gouts[0], saved[0])], []
+
+
+class _Pool1d:
+    """The 1-D form of a 2-D pooling node (mixed in before it): kernel (1, k), no padding above
+    or below, (N, C, L) sources and results viewed as (N, C, 1, L) around the 2-D node's code."""
+
+    @staticmethod
+    def _geometry(kernel_size: Any, stride: Any, padding: Any) -> dict[str, Any]:
+        k = _int1(kernel_size, "kernel_size")
+        return dict(kernel_size=(1, k), stride=(1, k if stride is None else _int1(stride, "stride")),
+                    padding=pads_1d(padding))
+
+    def strided_out(self):
+        return False  # concat elimination writes 4-D channel slices
+
+    def infer(self, shapes, dtypes):
+        (x,) = shapes
+        _expect_ndim(x, 3, "source (N, C, L)")
+        [(y, dt)] = super().infer([(x[0], x[1], 1, x[2])], dtypes)  # type: ignore[misc]
+        return [((y[0], y[1], y[3]), dt)]
+
+    @staticmethod
+    def _4d(t: Any) -> Any:
+        return None if t is None else t.reshape(t.shape[0], t.shape[1], 1, t.shape[-1])
+
+    def forward(self, rc, xs, training, with_state):
+        ys = super().forward(rc, [self._4d(xs[0])], training, with_state)  # type: ignore[misc]
+        return [y.reshape(y.shape[0], y.shape[1], y.shape[3]) if k == 0 else y
+                for k, y in enumerate(ys)]
+
+    def backward(self, rc, gouts, saved, need):
+        x = saved[0]
+        gx, gw = super().backward(rc, [self._4d(gouts[0])],  # type: ignore[misc]
+                                  [self._4d(x), *saved[1:]], need)
+        return [gx[0].reshape(x.shape)], gw
+
+
+class PoolingMax1dNode(_Pool1d, PoolingMaxNode):
+    """1-D max pooling (torch.nn.MaxPool1d): (N, C, L) -> (N, C, L'); padding "valid" (default,
+    torch's 0), an int for both ends, (left, right) (one more on the right: ceil mode), or a
+    name; dilation as torch's."""
+
+    prefix = "maxpool1d"
+
+    def __init__(self, source: Any, kernel_size: Any, stride: Any = None, *, padding: Any = "valid",
+                 dilation: Any = 1, name: str | None = None, register: bool = True):
+        geo = self._geometry(kernel_size, stride, padding)
+        super().__init__(source, geo["kernel_size"], geo["stride"], padding=geo["padding"],
+                         dilation=(1, _int1(dilation, "dilation")), name=name, register=register)
+
+
+class PoolingAverage1dNode(_Pool1d, PoolingAverageNode):
+    """1-D average pooling (torch.nn.AvgPool1d; count_include_pad as torch's)."""
+
+    prefix = "avgpool1d"
+
+    def __init__(self, source: Any, kernel_size: Any, stride: Any = None, *, padding: Any = "valid",
+                 count_include_pad: bool = True, name: str | None = None, register: bool = True):
+        geo = self._geometry(kernel_size, stride, padding)
+        super().__init__(source, geo["kernel_size"], geo["stride"], padding=geo["padding"],
+                         count_include_pad=count_include_pad, name=name, register=register)
+
+
+class AdaptiveAveragePoolingNode(FilterNode):
+    """Adaptive average pooling to output_size (torch.nn.AdaptiveAvgPool2d): cell i of an axis of
+    length n averages [floor(i n / o), ceil((i + 1) n / o)); (N, C, H, W) -> (N, C, oh, ow)."""
+
+    prefix = "adaptiveavgpool"
+
+    def __init__(self, source: Any, output_size: Any, *, name: str | None = None,
+                 register: bool = True):
+        self.output_size = _pair(output_size, "output_size")
+        if min(self.output_size) < 1:
+            raise ValueError(f"output_size: sizes must be positive, got {output_size!r}")
+        super().__init__([source], name, register)
+
+    def infer(self, shapes, dtypes):
+        (x,) = shapes
+        _expect_ndim(x, 4)
+        return [((x[0], x[1], *self.output_size), _floats(dtypes))]
+
+    def forward(self, rc, xs, training, with_state):
+        return [F.adaptive_avg_pool2d(xs[0], self.output_size)]
+
+    def saved(self):
+        return [("in", 0)]
+
+    def backward(self, rc, gouts, saved, need):
+        return [F.adaptive_avg_pool2d_backward(gouts[0], saved[0], self.output_size)], []
+
+
+class AdaptiveAveragePooling1dNode(FilterNode):
+    """Adaptive average pooling of (N, C, L) to (N, C, output_size) (torch.nn.AdaptiveAvgPool1d)."""
+
+    prefix = "adaptiveavgpool1d"
+
+    def __init__(self, source: Any, output_size: Any, *, name: str | None = None,
+                 register: bool = True):
+        self.output_size = _int1(output_size, "output_size")
+        if self.output_size < 1:
+            raise ValueError(f"output_size: must be positive, got {output_size!r}")
+        super().__init__([source], name, register)
+
+    def infer(self, shapes, dtypes):
+        (x,) = shapes
+        _expect_ndim(x, 3, "source (N, C, L)")
+        return [((x[0], x[1], self.output_size), _floats(dtypes))]
+
+    def forward(self, rc, xs, training, with_state):
+        return [F.adaptive_avg_pool1d(xs[0], self.output_size)]
+
+    def saved(self):
+        return [("in", 0)]
+
+    def backward(self, rc, gouts, saved, need):
+        return [F.adaptive_avg_pool1d_backward(gouts[0], saved[0], self.output_size)], []
