@@ -455,6 +455,11 @@ def _t_cast(T: Any, c: dict, t: dict) -> Callable:
     return lambda: to.copy_(t["x"])
 
 
+def _t_mse_bwd(T: Any, t: dict) -> Callable:
+    one = T.ones((), device=t["x"].device, dtype=t["x"].dtype)
+    return lambda: T.ops.aten.mse_loss_backward(one, t["x"], t["y"], 1)
+
+
 def _t_group_norm(T: Any, t: dict) -> Callable:
     tw, tb = t["bw"].to(t["x"].dtype), t["bb"].to(t["x"].dtype)
     return lambda: T.nn.functional.group_norm(t["x"], 32, tw, tb)
@@ -498,6 +503,13 @@ def families(dev: pm.Device, torch: Any) -> list[Family]:
         {"prod": lambda d, c: F.add(c["x"], c["y"], activation="relu"),
          "v1": lambda d, c: F.relu(F.add(c["x"], c["y"]))},
         (lambda c, t: (lambda: T.relu_(T.add(t["x"], t["y"], out=t["out"])))) if T else None,
+        lambda c: 3 * n_of(c) * isz(c), img_small, img_large))
+    fams.append(Family(
+        "mse_loss_bwd", _img, lambda c: 2 * (_f32(c["x_np"]) - _f32(c["y_np"])) / c["x_np"].size,
+        {"prod": lambda d, c: F.mse_loss_backward(
+            c.setdefault("one", pm.tensor(np.ones(1, np.float32), d)), c["x"], c["y"],
+            target_grad=False)[0]},
+        (lambda c, t: _t_mse_bwd(T, t)) if T and dev.name == "cuda" else None,
         lambda c: 3 * n_of(c) * isz(c), img_small, img_large))
     fams.append(Family(
         "copy", _img, lambda c: c["x_np"], {"prod": lambda d, c: F.copy(c["x"])},

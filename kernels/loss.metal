@@ -201,6 +201,83 @@ kernel void loss_pw_bwd(device const float* g [[buffer(0)]],
     }
 }
 
+// loss_pw_bwd in the stream.h shape (host: M >= W = 16 / sizeof(T), every
+// buffer read or written per element 16-byte aligned; p.reduce carries nvec here): 16-byte chunks
+// of x and t (and of the per-element weights, pos_weight and per-term g when present), STREAM_U
+// per thread, one sample lookup (division) per chunk instead of per element: a chunk meets at
+// most two samples n0 and n0 + 1 (the first in_n elements in n0). Per element the same
+// arithmetic as loss_pw_bwd, so the same bits; a scalar tail.
+template <typename T, int K>
+[[max_total_threads_per_threadgroup(256)]]
+kernel void loss_pw_bwd_vec(device const float* g [[buffer(0)]],
+                            device const T* x [[buffer(1)]],
+                            device const T* t [[buffer(2)]],
+                            device const float* sw [[buffer(3)]],
+                            device T* dx [[buffer(4)]],
+                            device const float* pw [[buffer(5)]],
+                            device T* dt [[buffer(6)]],
+                            constant LossParams& p [[buffer(7)]],
+                            uint gid [[thread_position_in_grid]]) {
+    const uint W = 16u / sizeof(T);
+    const uint nvec = p.reduce;
+    const uint vthreads = stream_vthreads(nvec);
+    if (gid >= vthreads) {  // tail: element W nvec + j, as loss_pw_bwd
+        const uint i = nvec * W + (gid - vthreads);
+        if (i < p.total) {
+            uint n = i / p.M;
+            float w = p.has_weight ? sw[p.elem_weight ? i : n] : 1.0f;
+            float r = 0.0f, rt = 0.0f;
+            if (w != 0.0f) {
+                float c = p.gmode == LOSS_G_SCALAR ? g[0]
+                        : (p.gmode == LOSS_G_PER_SAMPLE ? g[n] : g[i]);
+                float xi = float(x[i]), ti = float(t[i]), pwi = p.has_pos_weight ? pw[i] : 1.0f;
+                r = c * w * pw_grad(K, xi, ti, pwi, p);
+                if (p.target_grad) rt = c * w * pw_grad_target(K, xi, ti, pwi, p);
+            }
+            dx[i] = T(r);
+            if (p.target_grad) dt[i] = T(rt);
+        }
+        return;
+    }
+    const bool ew = p.has_weight && p.elem_weight;
+    const bool gt = p.gmode != LOSS_G_SCALAR && p.gmode != LOSS_G_PER_SAMPLE;
+    float xv[STREAM_U][16 / sizeof(T)], tv[STREAM_U][16 / sizeof(T)];
+    float wv[STREAM_U][16 / sizeof(T)], pv[STREAM_U][16 / sizeof(T)], gv[STREAM_U][16 / sizeof(T)];
+#pragma unroll
+    for (uint s = 0; s < STREAM_U; ++s) {
+        const uint ch = stream_clamp(stream_chunk(gid, s), nvec);
+        stream_load<16 / sizeof(T)>(x, ch, xv[s]);
+        stream_load<16 / sizeof(T)>(t, ch, tv[s]);
+        if (ew) stream_load<16 / sizeof(T)>(sw, ch, wv[s]);
+        if (p.has_pos_weight) stream_load<16 / sizeof(T)>(pw, ch, pv[s]);
+        if (gt) stream_load<16 / sizeof(T)>(g, ch, gv[s]);
+    }
+#pragma unroll
+    for (uint s = 0; s < STREAM_U; ++s) {
+        const uint ch = stream_chunk(gid, s);
+        if (ch < nvec) {
+            const uint i0 = ch * W, n0 = i0 / p.M, in_n = (n0 + 1u) * p.M - i0;
+            float r[16 / sizeof(T)], rt[16 / sizeof(T)];
+#pragma unroll
+            for (uint e = 0; e < W; ++e) {
+                const uint n = e < in_n ? n0 : n0 + 1u;
+                float w = p.has_weight ? (p.elem_weight ? wv[s][e] : sw[n]) : 1.0f;
+                r[e] = 0.0f;
+                rt[e] = 0.0f;
+                if (w != 0.0f) {
+                    float c = p.gmode == LOSS_G_SCALAR ? g[0]
+                            : (p.gmode == LOSS_G_PER_SAMPLE ? g[n] : gv[s][e]);
+                    float pwi = p.has_pos_weight ? pv[s][e] : 1.0f;
+                    r[e] = c * w * pw_grad(K, xv[s][e], tv[s][e], pwi, p);
+                    if (p.target_grad) rt[e] = c * w * pw_grad_target(K, xv[s][e], tv[s][e], pwi, p);
+                }
+            }
+            stream_store<16 / sizeof(T)>(dx, ch, r);
+            if (p.target_grad) stream_store<16 / sizeof(T)>(dt, ch, rt);
+        }
+    }
+}
+
 // ---- class-axis -----------------------------------------------------------------------------
 // Smoothed target of class c: labels give (1 - eps) [c == y] + eps / C, probabilities
 // t (1 - eps) + eps / C.
@@ -663,7 +740,9 @@ kernel void ce_rows_bwd(device const float* g [[buffer(0)]],
     template [[host_name(#NAME "_fwd_" #T)]] [[kernel]] decltype(loss_pw_fwd<T, K>)             \
         loss_pw_fwd<T, K>;                                                                     \
     template [[host_name(#NAME "_bwd_" #T)]] [[kernel]] decltype(loss_pw_bwd<T, K>)             \
-        loss_pw_bwd<T, K>;
+        loss_pw_bwd<T, K>;                                                                     \
+    template [[host_name(#NAME "_bwd_vec_" #T)]] [[kernel]] decltype(loss_pw_bwd_vec<T, K>)     \
+        loss_pw_bwd_vec<T, K>;
 #define LOSS_CLS(NAME, K, LB, VARIANT, T)                                                      \
     template [[host_name(#NAME "_fwd_" VARIANT #T)]] [[kernel]]                                \
         decltype(loss_cls_fwd<T, K, LB>) loss_cls_fwd<T, K, LB>;                               \

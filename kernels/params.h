@@ -246,7 +246,8 @@ struct LossParams {
     uint chunks;       // pointwise forward: chunks per segment
     uint seglen;       // pointwise forward: elements per segment (M per sample, or total)
     uint ngroups;      // pointwise forward: segments * chunks
-    uint reduce;       // forward: 1 = partial sums per chunk, 0 = per-term losses
+    uint reduce;       // forward: 1 = partial sums per chunk, 0 = per-term losses;
+                       // pointwise backward (loss_pw_bwd_vec): its 16-byte chunks (nvec)
     uint gmode;        // backward: LOSS_G_*
     uint has_weight;   // per-sample weights given
     int ignore_index;  // class-axis kernels with integer labels

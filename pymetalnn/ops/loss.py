@@ -71,6 +71,7 @@ from ._common import (
     kernel,
     number,
     pick_device,
+    stream_count,
     suffix,
     tensor_arg,
 )
@@ -383,10 +384,21 @@ def _pointwise_backward(stem: str, grad: Any, input: Any, target: Any, sample_we
                    target_grad=int(tgrad))
     dx = empty(x.shape, x.dtype, dev)
     dt = empty(x.shape, x.dtype, dev) if tgrad else None
-    groups = min(-(-x.size // TG), MAX_GROUPS)
     d = dummy(dev)
-    kernel(dev, SOURCE, f"{stem}_bwd_{suffix(x.dtype)}")(
-        groups * TG, g.buffer, x.buffer, t.buffer, w.buffer if w is not None else d,
+    # 16-byte chunks (loss_pw_bwd_vec) when a chunk meets at most two samples and every buffer
+    # read or written per element starts 16-byte aligned
+    wch = 16 // x.dtype.itemsize
+    per_elem = [x, t, dx] + [v for v in (dt, pw, w if elem else None,
+                                         g if gmode not in (G_SCALAR, G_PER_SAMPLE) else None)
+                            if v is not None]
+    if p.M >= wch and all(v.buffer.offset % 16 == 0 for v in per_elem):
+        nvec = x.size // wch
+        p.reduce = nvec  # the vector kernel's chunk count
+        name, count = f"{stem}_bwd_vec_{suffix(x.dtype)}", stream_count(x.size, wch, nvec)
+    else:
+        name, count = f"{stem}_bwd_{suffix(x.dtype)}", min(-(-x.size // TG), MAX_GROUPS) * TG
+    kernel(dev, SOURCE, name)(
+        count, g.buffer, x.buffer, t.buffer, w.buffer if w is not None else d,
         dx.buffer, pw.buffer if pw is not None else d, dt.buffer if dt is not None else d, p)
     return dx.reshape(shape0), (dt.reshape(shape0) if dt is not None else None)
 
