@@ -271,7 +271,8 @@ class OptimParams(Params):
 
     _fields_ = [("n", U32), ("vec4", U32), ("step", U32), ("lr", F32), ("grad_rescale", F32),
                 ("clip_value", U32), ("clip_min", F32), ("clip_max", F32), ("clip_norm", U32),
-                ("max_norm", F32), ("reg_type", U32), ("reg_scale", F32), ("maximize", U32)]
+                ("max_norm", F32), ("reg_type", U32), ("reg_scale", F32), ("maximize", U32),
+                ("step_index", U32)]
 
 
 class OptimNormParams(Params):
@@ -285,7 +286,20 @@ class OptimChunk(Params):
     offsets of the chunk in the params, grads and state bases, its length, 4-wide loads)."""
 
     _fields_ = [("param_off", U32), ("grad_off", U32), ("state_off", U32), ("n", U32),
-                ("vec4", U32)]
+                ("vec4", U32), ("step_index", U32)]
+
+
+class OptimCountParams(Params):
+    """kernels/params.h OptimCountParams: the device step counters a step advances."""
+
+    _fields_ = [("first", U32), ("n", U32)]
+
+
+class AmpParams(Params):
+    """kernels/params.h AmpParams: dynamic loss scaling (GradScaler's update rule)."""
+
+    _fields_ = [("n", U32), ("growth_factor", F32), ("backoff_factor", F32),
+                ("growth_interval", U32), ("base", F32)]
 
 
 OPTIM_CHUNK = CONST["OPTIM_CHUNK"]  # elements per chunk of a multi-tensor update
@@ -299,11 +313,12 @@ class SGDParams(Params):
 
 
 class AdamParams(Params):
-    """kernels/params.h AdamParams: Adam/AdamW hyperparameters and host-side bias corrections."""
+    """kernels/params.h AdamParams: Adam/AdamW hyperparameters (log(beta) for the bias corrections,
+    which the kernel computes from the device step count)."""
 
     _fields_ = [("one_minus_beta1", F32), ("beta2", F32), ("one_minus_beta2", F32), ("eps", F32),
-                ("weight_decay", F32), ("decay", F32), ("step_size", F32), ("bc2_sqrt", F32),
-                ("amsgrad", U32)]
+                ("weight_decay", F32), ("decay", F32), ("lr", F32), ("log_beta1", F32),
+                ("log_beta2", F32), ("amsgrad", U32)]
 
 
 class RMSPropParams(Params):

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
+
 from ... import functional as F
 from ...tensor import float32, int32
 from ..datasource import EmbeddingDataSource
@@ -33,6 +35,8 @@ class EmbeddingNode(FilterNode):
         t = rc.acquire_dict(self.weights)
         y = F.embedding(xs[0], t["weight"], self.weights.padding_idx)
         rc.release(self.weights)
+        if rc.mixed:  # the lookup in the table's float32, the activations float16
+            y = F.cast(y, np.float16)
         return [y]
 
     def saved(self):
@@ -40,7 +44,10 @@ class EmbeddingNode(FilterNode):
 
     def backward(self, rc, gouts, saved, need):
         t = rc.acquire_dict(self.weights)
-        _, gw = F.embedding_backward(gouts[0], saved[0], t["weight"],
+        g = gouts[0]
+        if g.dtype != t["weight"].dtype:  # mixed precision: accumulate rows in float32
+            g = F.cast(g, t["weight"].dtype)
+        _, gw = F.embedding_backward(g, saved[0], t["weight"],
                                                self.weights.padding_idx)
         rc.release(self.weights)
         return [None], [gw]

@@ -180,7 +180,7 @@ class LayerNormalizationNode(FilterNode):
         return [(x, _floats(dtypes))]
 
     def forward(self, rc, xs, training, with_state):
-        t = rc.acquire_dict(self.weights)
+        t = rc.math_weights(self.weights)  # the input's dtype (float16 copies in mixed precision)
         y = F.layer_norm(xs[0], self.weights.normalized_shape, t.get("weight"),
                                    t.get("bias"), self.weights.eps)
         rc.release(self.weights)
@@ -190,7 +190,7 @@ class LayerNormalizationNode(FilterNode):
         return [("in", 0)]
 
     def backward(self, rc, gouts, saved, need):
-        t = rc.acquire_dict(self.weights)
+        t = rc.math_weights(self.weights)
         gx, gw, gb = F.layer_norm_backward(
             gouts[0], saved[0], self.weights.normalized_shape, t.get("weight"), t.get("bias"),
             self.weights.eps)
