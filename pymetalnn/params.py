@@ -141,7 +141,8 @@ class ArithParams(Params):
     """kernels/params.h ArithParams: elementwise out = op(x0, x1, x2) with broadcast strides."""
 
     _fields_ = [("n", U32), ("ndim", U32), ("vec", U32), ("alpha", F32), ("shape", U32x8),
-                ("stride0", U32x8), ("stride1", U32x8), ("stride2", U32x8)]
+                ("stride0", U32x8), ("stride1", U32x8), ("stride2", U32x8), ("act", U32),
+                ("act_alpha", F32)]
 
 
 class ReduceParams(Params):
