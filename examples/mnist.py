@@ -104,10 +104,7 @@ def main(argv: list[str] | None = None) -> dict:
                     "mpiexec -n N (pymetalnn.distributed; --batch is per rank)")
     args = ap.parse_args(argv)
     if args.smoke:
-        args.backend = args.backend or "cpu"
-        args.width = min(args.width, 0.25)
-        args.batch = min(args.batch, 16)
-        args.epochs = min(args.epochs, 2)
+        _common.smoke_caps(args, width=0.25, batch=16, epochs=2)
     pg = None
     if args.distributed:
         from pymetalnn import distributed

@@ -7,6 +7,7 @@ from ... import functional as F
 from ...tensor import float32, int32
 from ..datasource import EmbeddingDataSource
 from .base import FilterNode, _weights_of
+from .weighted import with_weights
 
 
 class EmbeddingNode(FilterNode):
@@ -30,17 +31,14 @@ class EmbeddingNode(FilterNode):
         return False
 
     def forward(self, rc, xs, training, with_state):
-        t = rc.acquire_dict(self.weights)
-        y = F.embedding(xs[0], t["weight"], self.weights.padding_idx)
-        rc.release(self.weights)
-        return [y]
+        pad = self.weights.padding_idx
+        return [with_weights(rc, self.weights, lambda t: F.embedding(xs[0], t["weight"], pad))]
 
     def saved(self):
         return [("in", 0)]
 
     def backward(self, rc, gouts, saved, need):
-        t = rc.acquire_dict(self.weights)
-        _, gw = F.embedding_backward(gouts[0], saved[0], t["weight"],
-                                               self.weights.padding_idx)
-        rc.release(self.weights)
+        pad = self.weights.padding_idx
+        _, gw = with_weights(rc, self.weights,
+                             lambda t: F.embedding_backward(gouts[0], saved[0], t["weight"], pad))
         return [None], [gw]
