@@ -65,6 +65,7 @@ from ._common import (
     MAX_GROUPS,
     as_tensor,
     boolean,
+    cdiv,
     dummy,
     empty,
     float32_arg,
@@ -343,7 +344,7 @@ def _pointwise(stem: str, input: Any, target: Any, sample_weight: Any, reduction
     total, m = x.size, x.size // n
     per_sample = reduction == "per_sample"
     seglen = m if per_sample else total
-    chunks = -(-seglen // CHUNK)
+    chunks = cdiv(seglen, CHUNK)
     ngroups = (n if per_sample else 1) * chunks
     p = LossParams(N=n, M=m, total=total, chunk=CHUNK, chunks=chunks, seglen=seglen,
                    ngroups=ngroups, reduce=int(reduction != "none"), has_weight=int(w is not None),
@@ -383,7 +384,7 @@ def _pointwise_backward(stem: str, grad: Any, input: Any, target: Any, sample_we
                    target_grad=int(tgrad))
     dx = empty(x.shape, x.dtype, dev)
     dt = empty(x.shape, x.dtype, dev) if tgrad else None
-    groups = min(-(-x.size // TG), MAX_GROUPS)
+    groups = min(cdiv(x.size, TG), MAX_GROUPS)
     d = dummy(dev)
     kernel(dev, SOURCE, f"{stem}_bwd_{suffix(x.dtype)}")(
         groups * TG, g.buffer, x.buffer, t.buffer, w.buffer if w is not None else d,
