@@ -3,7 +3,10 @@
 Model: conv 6@5x5 (padding 2) relu maxpool2, conv 16@5x5 relu maxpool2, fc 400->120 relu,
 fc 120->84 relu, fc 84->10, softmax cross-entropy; SGD (lr 0.01, momentum 0.9). The same
 model in PyTorch eager on the same device, with the same weights (the first step's loss is
-checked against it), TF32 off.
+checked against it): TF32 off (torch_eager), and PyTorch's defaults (torch_default: TF32
+convolutions). `--precision mixed`: our graph in mixed precision (float16 math, float32 master
+weights, dynamic loss scaling) against PyTorch AMP (torch_amp: autocast float16 + GradScaler,
+channels_last, cudnn.benchmark; cuda only) and PyTorch's defaults; speedups are against AMP.
 
 Figures (each the median of `--repeats` runs of `--steps` steps, wall clock from the first
 encode to the device finishing the last step, i.e. host overhead included):
@@ -18,6 +21,7 @@ recording keeps), from CuPy's pool; torch = torch.cuda.max_memory_allocated() ov
 vs the naive sum of the intermediate tensors).
 
     PYTHONPATH=. python benchmarks/bench_graph.py [--backend cuda|cpu] [--quick]
+    PYTHONPATH=. python benchmarks/bench_graph.py --backend cuda --precision mixed
 
 --quick: cpu, batch 16, a few steps (a smoke run for CI).
 """
@@ -99,6 +103,7 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=None)
     ap.add_argument("--steps", type=int, default=None)
     ap.add_argument("--repeats", type=int, default=None)
+    ap.add_argument("--precision", choices=("float32", "mixed"), default="float32")
     args = ap.parse_args()
     backend = args.backend or ("cpu" if args.quick else None)
     dev = pm.device(backend)
@@ -114,7 +119,8 @@ def main() -> None:
     dev.reset_peak_memory()  # peak of live buffers, as torch.cuda.max_memory_allocated
     base = dev.memory_allocated()
     _, loss = lenet5()
-    tg = G.TrainingGraph(loss, optimizer=sgd, device=dev, name="lenet5")
+    tg = G.TrainingGraph(loss, optimizer=sgd, device=dev, name="lenet5",
+                         precision=args.precision)
     torch = None
     try:
         import torch  # type: ignore[no-redef]
@@ -137,45 +143,54 @@ def main() -> None:
     ours_peak = (dev.max_memory_allocated() - base) / 2**20
     rep = tg.memory_report(batch)
 
-    torch_s = torch_peak = None
+    torch_s = None
     torch_note = "torch unavailable"
     if net is not None:
+        from pymetalnn.testing import torch_peer
+
         tx = torch.from_numpy(X).to(tdev)
         ty = torch.from_numpy(Y).long().to(tdev)
         topt = torch.optim.SGD(net.parameters(), lr=0.01, momentum=0.9)
-
-        def tstep() -> Any:
-            topt.zero_grad(set_to_none=True)
-            l_ = torch.nn.functional.cross_entropy(net.forward(tx), ty)
-            l_.backward()
-            topt.step()
-            return l_
-
-        tloss = tstep().item()
-        torch_note = f"first-step loss ours {first:.5f} torch {tloss:.5f}"
+        # the peer the speedup is against first (its first step's loss is checked), then
+        # PyTorch's defaults; amp turns the model channels_last, so it runs last
+        modes = ["fp32", "default"] if args.precision == "float32" else ["default", "amp"]
+        if tdev != "cuda" and "amp" in modes:
+            modes.remove("amp")
+        bench = {"fp32": "torch_eager", "default": "torch_default", "amp": "torch_amp"}
         sync = torch.cuda.synchronize if tdev == "cuda" else (lambda: None)
-        torch_s, sp_t = rate(lambda n: [tstep() for _ in range(n)], sync, steps, repeats)
-        if tdev == "cuda":
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-            tstep()
-            torch.cuda.synchronize()
-            torch_peak = torch.cuda.max_memory_allocated() / 2**20
-        rows.append({"bench": "torch_eager", "backend": f"torch {tdev}", "batch": batch,
-                     "steps_per_s": 1 / torch_s, "ms_per_step": 1e3 * torch_s, "spread": sp_t,
-                     "peak_MiB": torch_peak, "note": torch_note})
+        for mode in modes:
+            tstep, _ = torch_peer.train_step(torch, mode, net, net.forward, topt, tx, ty)
+            tloss = tstep().item()
+            if mode == modes[0]:
+                torch_note = f"first-step loss ours {first:.5f} torch {mode} {tloss:.5f}"
+            t_s, sp_t = rate(lambda n, f=tstep: [f() for _ in range(n)], sync, steps, repeats)
+            if mode == ("fp32" if args.precision == "float32" else "amp") or \
+                    (torch_s is None and mode == modes[-1]):
+                torch_s = t_s
+            t_peak = None
+            if tdev == "cuda":
+                torch.cuda.synchronize()
+                torch.cuda.reset_peak_memory_stats()
+                tstep()
+                torch.cuda.synchronize()
+                t_peak = torch.cuda.max_memory_allocated() / 2**20
+            rows.append({"bench": bench[mode], "backend": f"torch {tdev}", "batch": batch,
+                         "steps_per_s": 1 / t_s, "ms_per_step": 1e3 * t_s, "spread": sp_t,
+                         "peak_MiB": t_peak, "note": f"{mode} eager"})
     rows.insert(0, {"bench": "graph_eager", "backend": label, "batch": batch,
                     "steps_per_s": 1 / med_e, "ms_per_step": 1e3 * med_e, "spread": sp_e,
                     "speedup_vs_torch": torch_s / med_e if torch_s else None,
-                    "note": "encode, 2 in flight"})
+                    "note": f"encode, 2 in flight, {args.precision}"})
     rows.insert(1, {"bench": "graph_replay", "backend": label, "batch": batch,
                     "steps_per_s": 1 / med_r, "ms_per_step": 1e3 * med_r, "spread": sp_r,
                     "speedup_vs_torch": torch_s / med_r if torch_s else None,
-                    "peak_MiB": ours_peak, "note": f"{len(cap)} launches per step"})
+                    "peak_MiB": ours_peak,
+                    "note": f"{len(cap)} launches per step, {args.precision}"})
     rows.append({"bench": "memory_plan", "backend": label, "batch": batch,
                  "peak_MiB": rep.planned / 2**20 if rep else None,
                  "note": str(rep) if rep else "no plan"})
-    common.report(rows, COLS, f"graph_{dev.name}")
+    common.report(rows, COLS, f"graph_{dev.name}" + ("_mixed" if args.precision == "mixed"
+                                                      else ""))
     print(f"\ndevice: {label}; {torch_note}")
     for line in tg.log:
         print("graph:", line)

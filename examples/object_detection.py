@@ -311,6 +311,9 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--out", default="results/detection", help="folder for the model and PNG")
     ap.add_argument("--smoke", action="store_true", help="10 steps on 8 images at 64x64 on cpu; "
                     "asserts that the loss goes down")
+    ap.add_argument("--precision", choices=("float32", "mixed"), default="float32",
+                    help="mixed: float16 activations and math, float32 master weights, dynamic "
+                    "loss scaling (the YOLO loss in float32)")
     ap.add_argument("--quiet", action="store_true")
     args = ap.parse_args(argv)
     if args.smoke:
@@ -334,7 +337,7 @@ def main(argv: list[str] | None = None) -> dict:
     x, head, loss = tiny_yolo(args.size, anchors, len(CLASSES), args.width, args.max_objects,
                               args.seed)
     tg = G.TrainingGraph(loss, optimizer=lambda p: optim.Adam(p, lr=args.lr), device=dev,
-                         name="tiny yolo")
+                         name="tiny yolo", precision=args.precision)
     inf = tg.inference_graph()
     rng = np.random.default_rng(args.seed)
     nb = len(xtr) // args.batch

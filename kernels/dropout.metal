@@ -16,6 +16,10 @@
 // (p.vec = 0) loop over 4-element items. Either way element e uses word e % 4 of block e / 4.
 // Forward and backward are the same computation (y = x * mask * scale, dx = dy * mask * scale),
 // instantiated under both names.
+// The offset is p's (ctr2, ctr3) plus a 64-bit value read from the device (`base`, two uints, lo
+// and hi): a graph's step counter, advanced by dropout_offset_advance at the end of each training
+// step, so a recorded launch replayed draws the next step's mask, as a newly encoded one would.
+// Direct calls bind a zero base.
 #include <metal_stdlib>
 #include "params.h"
 #include "stream.h"
@@ -39,8 +43,24 @@ inline uint4 philox4x32_10(uint4 ctr, uint k0, uint k1) {
     return ctr;
 }
 
-inline uint4 dropout_draw(uint block, constant DropoutParams& p) {
-    return philox4x32_10(uint4(block, 0u, p.ctr2, p.ctr3), p.key0, p.key1);
+inline uint4 dropout_draw(uint block, constant DropoutParams& p, uint2 off) {
+    return philox4x32_10(uint4(block, 0u, off.x, off.y), p.key0, p.key1);
+}
+
+// The counter's offset words: (ctr2, ctr3) + (base[0], base[1]) as 64-bit integers.
+inline uint2 dropout_offset(constant DropoutParams& p, const device uint* base) {
+    const uint lo = p.ctr2 + base[0];
+    return uint2(lo, p.ctr3 + base[1] + (lo < p.ctr2 ? 1u : 0u));
+}
+
+// base (lo, hi) += 1: the graph's step counter, at the end of a training step.
+kernel void dropout_offset_advance(device uint* base [[buffer(0)]],
+                                 uint gid [[thread_position_in_grid]]) {
+    if (gid == 0u) {
+        const uint lo = base[0] + 1u;
+        base[0] = lo;
+        if (lo == 0u) base[1] = base[1] + 1u;
+    }
 }
 
 // Philox of explicit counters under the key (key0, key1): the known-answer tests.
@@ -59,7 +79,7 @@ kernel void philox_fwd_stream_uint(device uint* out [[buffer(0)]],
                           uint n_groups [[threadgroups_per_grid]]) {
     const uint grid = tg_size * n_groups;
     for (uint b = gid; b < p.items; b += grid) {
-        const uint4 r = dropout_draw(b, p);
+        const uint4 r = dropout_draw(b, p, uint2(p.ctr2, p.ctr3));
         for (uint j = 0; j < 4u; ++j) {
             if (4u * b + j < p.n) out[4u * b + j] = r[j];
         }
@@ -68,9 +88,9 @@ kernel void philox_fwd_stream_uint(device uint* out [[buffer(0)]],
 
 // W elements from element e0 = W c (W / 4 Philox blocks): v *= keep ? scale : 0.
 template <int W>
-inline void dropout_mask_chunk(uint c, constant DropoutParams& p, thread float* v) {
+inline void dropout_mask_chunk(uint c, constant DropoutParams& p, uint2 off, thread float* v) {
     for (int k = 0; k < W / 4; ++k) {
-        const uint4 r = dropout_draw(c * uint(W / 4) + uint(k), p);
+        const uint4 r = dropout_draw(c * uint(W / 4) + uint(k), p, off);
         for (int j = 0; j < 4; ++j) v[4 * k + j] *= r[j] >= p.threshold ? p.scale : 0.0f;
     }
 }
@@ -80,10 +100,12 @@ template <typename T>
 kernel void dropout_elem(device const T* x [[buffer(0)]],
                          device T* y [[buffer(1)]],
                          constant DropoutParams& p [[buffer(2)]],
+                         const device uint* base [[buffer(3)]],
                          uint gid [[thread_position_in_grid]],
                          uint tgs [[threads_per_threadgroup]],
                          uint n_groups [[threadgroups_per_grid]]) {
     const uint nvec = p.vec;
+    const uint2 off = dropout_offset(p, base);
     if (nvec > 0u) {
         const uint vthreads = stream_vthreads(nvec);
         if (gid < vthreads) {
@@ -94,7 +116,7 @@ kernel void dropout_elem(device const T* x [[buffer(0)]],
             for (uint u = 0; u < STREAM_U; ++u) {
                 const uint ch = stream_chunk(gid, u);
                 if (ch < nvec) {
-                    dropout_mask_chunk<16 / sizeof(T)>(ch, p, v[u]);
+                    dropout_mask_chunk<16 / sizeof(T)>(ch, p, off, v[u]);
                     stream_store<16 / sizeof(T)>(y, ch, v[u]);
                 }
             }
@@ -102,7 +124,7 @@ kernel void dropout_elem(device const T* x [[buffer(0)]],
             // leftover blocks: 4 elements each from element W nvec (a multiple of 4)
             const uint b = nvec * uint(16 / sizeof(T) / 4) + (gid - vthreads);
             if (b < p.items) {
-                const uint4 r = dropout_draw(b, p);
+                const uint4 r = dropout_draw(b, p, off);
                 for (uint j = 0; j < 4u && 4u * b + j < p.n; ++j) {
                     y[4u * b + j] = T(float(x[4u * b + j]) * (r[j] >= p.threshold ? p.scale : 0.0f));
                 }
@@ -112,7 +134,7 @@ kernel void dropout_elem(device const T* x [[buffer(0)]],
     }
     const uint grid = tgs * n_groups;
     for (uint b = gid; b < p.items; b += grid) {
-        const uint4 r = dropout_draw(b, p);
+        const uint4 r = dropout_draw(b, p, off);
         const float4 m = select(float4(0.0f), float4(p.scale), r >= uint4(p.threshold));
         const uint e = 4u * b;
         for (uint j = 0; j < 4u && e + j < p.n; ++j) y[e + j] = T(float(x[e + j]) * m[j]);
@@ -126,10 +148,12 @@ template <typename T>
 kernel void dropout_channel(device const T* x [[buffer(0)]],
                             device T* y [[buffer(1)]],
                             constant DropoutParams& p [[buffer(2)]],
+                            const device uint* base [[buffer(3)]],
                             uint gid [[thread_position_in_grid]],
                             uint tgs [[threads_per_threadgroup]],
                             uint n_groups [[threadgroups_per_grid]]) {
     const uint nvec = p.vec;
+    const uint2 off = dropout_offset(p, base);
     if (nvec > 0u) {
         float v[STREAM_U][16 / sizeof(T)];
         for (uint u = 0; u < STREAM_U; ++u) {
@@ -139,7 +163,7 @@ kernel void dropout_channel(device const T* x [[buffer(0)]],
             const uint ch = stream_chunk(gid, u);
             if (ch < nvec) {
                 const uint j = ch * uint(16 / sizeof(T)) / p.inner;
-                const uint r = dropout_draw(j / 4u, p)[j % 4u];
+                const uint r = dropout_draw(j / 4u, p, off)[j % 4u];
                 const float m = r >= p.threshold ? p.scale : 0.0f;
                 for (int e = 0; e < int(16 / sizeof(T)); ++e) v[u][e] *= m;
                 stream_store<16 / sizeof(T)>(y, ch, v[u]);
@@ -152,7 +176,7 @@ kernel void dropout_channel(device const T* x [[buffer(0)]],
     for (uint item = gid; item < p.items; item += grid) {
         const uint j = item / per_channel;
         const uint c = 4u * (item - j * per_channel);
-        const uint r = dropout_draw(j / 4u, p)[j % 4u];
+        const uint r = dropout_draw(j / 4u, p, off)[j % 4u];
         const float m = r >= p.threshold ? p.scale : 0.0f;
         const uint e = j * p.inner + c;
         for (uint k = 0; k < 4u && c + k < p.inner; ++k) y[e + k] = T(float(x[e + k]) * m);

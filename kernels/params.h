@@ -390,6 +390,7 @@ struct OptimParams {
     uint reg_type;     // 0 none, 1 L1, 2 L2
     float reg_scale;
     uint maximize;
+    uint step_index;   // this tensor's slot in the optimizer's device step counters (steps[])
 };
 // OptimNormParams (optim_sumsq): gnorm[0] += sum over i < n of (scale * x[i])^2.
 struct OptimNormParams {
@@ -399,15 +400,39 @@ struct OptimNormParams {
 // OptimChunk: one row of a multi-tensor update's chunk table (<rule>_step_multi, a device
 // buffer of rows, one threadgroup each): element offsets of the chunk's first element in the
 // params, grads and state base buffers, its length (<= OPTIM_CHUNK) and whether all three are
-// 16-byte aligned (4-wide loads).
+// 16-byte aligned (4-wide loads), and the tensor's slot in the device step counters.
 #define OPTIM_CHUNK 16384u
-#define OPTIM_CHUNK_WORDS 5u
+#define OPTIM_CHUNK_WORDS 6u
 struct OptimChunk {
     uint param_off;
     uint grad_off;
     uint state_off;
     uint n;
     uint vec4;
+    uint step_index;
+};
+// OptimCountParams (optim_count): steps[first .. first + n) += 1 unless the step is skipped
+// (amp[AMP_FOUND_INF] != 0). The device step counters are what the rules read their step t from,
+// so a recorded step replayed advances them exactly as an encoded one.
+struct OptimCountParams {
+    uint first;
+    uint n;
+};
+// The loss-scaling state of a mixed-precision graph (one float4 buffer, `amp` in the update
+// kernels; {1, 1, 0, 0} without loss scaling): the scale, its inverse (the gradients' unscale
+// factor), whether this step's gradients hold an inf/NaN (1: every update of the step is
+// skipped), and the clean steps since the scale last changed (GradScaler's growth tracker).
+#define AMP_SCALE 0
+#define AMP_INV_SCALE 1
+#define AMP_FOUND_INF 2
+#define AMP_TRACKER 3
+// AmpParams (amp_* kernels in optimizer.metal): torch.cuda.amp.GradScaler's update rule.
+struct AmpParams {
+    uint n;                // amp_check: elements; amp_seed: loss-gradient elements
+    float growth_factor;
+    float backoff_factor;
+    uint growth_interval;
+    float base;            // amp_seed: the unscaled loss-gradient value (1 / N for a mean)
 };
 // SGDParams (sgd_step): torch.optim.SGD; host-side constants precomputed in double.
 struct SGDParams {
@@ -417,15 +442,17 @@ struct SGDParams {
     uint first_step;   // 1: the momentum buffer starts as the gradient (torch's clone)
     float weight_decay;
 };
-// AdamParams (adam_step): torch.optim.Adam / AdamW; bias corrections computed on the host.
+// AdamParams (adam_step): torch.optim.Adam / AdamW. The bias corrections 1 - beta^t are
+// computed by the kernel from the device step count t as -expm1(t * log(beta)) (log(beta) from
+// the host in double), so a replayed step uses the step it runs at.
 struct AdamParams {
     float one_minus_beta1;  // lerp weight of exp_avg
     float beta2, one_minus_beta2;
     float eps;
     float weight_decay;     // Adam's L2 term (0 for AdamW)
     float decay;            // AdamW's w *= 1 - lr * weight_decay (1 for Adam)
-    float step_size;        // lr / (1 - beta1^t)
-    float bc2_sqrt;         // sqrt(1 - beta2^t)
+    float lr;
+    float log_beta1, log_beta2;  // log(beta) (-inf for beta = 0: 1 - beta^t = 1)
     uint amsgrad;
 };
 // RMSPropParams (rmsprop_step): torch.optim.RMSprop.

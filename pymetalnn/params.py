@@ -253,6 +253,18 @@ class OptimChunk(Params):
     _fields_ = layout("OptimChunk")
 
 
+class OptimCountParams(Params):
+    """kernels/params.h OptimCountParams: the device step counters a step advances."""
+
+    _fields_ = layout("OptimCountParams")
+
+
+class AmpParams(Params):
+    """kernels/params.h AmpParams: dynamic loss scaling (GradScaler's update rule)."""
+
+    _fields_ = layout("AmpParams")
+
+
 OPTIM_CHUNK = CONST["OPTIM_CHUNK"]  # elements per chunk of a multi-tensor update
 
 
@@ -263,7 +275,8 @@ class SGDParams(Params):
 
 
 class AdamParams(Params):
-    """kernels/params.h AdamParams: Adam/AdamW hyperparameters and host-side bias corrections."""
+    """kernels/params.h AdamParams: Adam/AdamW hyperparameters (log(beta) for the bias corrections,
+    which the kernel computes from the device step count)."""
 
     _fields_ = layout("AdamParams")
 

@@ -176,6 +176,36 @@ def test_seed_and_offset_contract(dev) -> None:
     assert ((a2 == 0) != (F.dropout2d(x2, 0.5, 1, 2**33 + 1).numpy() == 0)).any()
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "f16"])
+@pytest.mark.parametrize("offset,base", [(0, 0), (5, 7), (2**32 - 2, 5), (3 + 2**32, 2**32 - 1),
+                                         (1, 2**40 + 9)])
+def test_offset_tensor_adds_to_the_offset(dev, dtype, offset, base) -> None:
+    """offset_tensor (the graph's device step counter): the mask of offset + the tensor's 64-bit
+    value, read when the kernel runs (the low word's carry into the high one included), for
+    dropout and dropout2d, forward and backward; the reference's mask at that offset."""
+    x = pm.tensor(rnd((2, 33, 3, 5), dtype, 3), dev)
+    words = np.array([base & 0xFFFFFFFF, base >> 32], np.uint32).view(np.int32)
+    ot = pm.tensor(words, dev)
+    total = (offset + base) % 2**64
+    for f, rf in ((F.dropout, ref.dropout), (F.dropout2d, ref.dropout2d)):
+        got = f(x, 0.5, 9, offset, offset_tensor=ot).numpy()
+        np.testing.assert_array_equal(got, f(x, 0.5, 9, total).numpy())
+        np.testing.assert_allclose(got.astype(np.float64), rf(x.numpy(), 0.5, 9, total),
+                                   **tol(dtype))
+    gb = F.dropout_backward(x, 0.5, 9, offset, offset_tensor=ot).numpy()
+    np.testing.assert_array_equal(gb, F.dropout_backward(x, 0.5, 9, total).numpy())
+    g2 = F.dropout2d_backward(x, 0.5, 9, offset, offset_tensor=ot).numpy()
+    np.testing.assert_array_equal(g2, F.dropout2d_backward(x, 0.5, 9, total).numpy())
+
+
+def test_offset_tensor_checked(dev) -> None:
+    x = pm.tensor(np.ones(8, np.float32), dev)
+    for bad in (np.zeros(2, np.int32), pm.tensor(np.zeros(3, np.int32), dev),
+                pm.tensor(np.zeros(2, np.float32), dev)):
+        with pytest.raises(ValueError, match="^offset_tensor: "):
+            F.dropout(x, 0.5, offset_tensor=bad)
+
+
 def test_identity_cases_and_unaligned_views(dev) -> None:
     x = rnd((3, 7), np.float32, 9)
     tx = pm.tensor(x, dev)

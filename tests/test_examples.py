@@ -27,6 +27,13 @@ def test_mnist_smoke(tmp_path):
     assert (tmp_path / "digits.npz").exists() and (tmp_path / "digits.png").exists()
 
 
+def test_mnist_smoke_mixed_precision(tmp_path):
+    r = load_example("mnist").main(["--smoke", "--backend", BACKEND, "--quiet", "--smoke-n", "120",
+                                "--out", str(tmp_path), "--precision", "mixed"])
+    assert r["precision"] == "mixed" and r["last_loss"] < r["first_loss"]
+    assert r["reloaded_accuracy"] == r["accuracy"]
+
+
 def test_png_writer(tmp_path):
     import numpy as np
 
@@ -47,6 +54,14 @@ def test_inception_smoke():
     r = load_example("inception_v3").main(["--smoke", "--backend", BACKEND])
     ls = r["ours"]["losses"]
     assert ls[-1] < ls[0]
+
+
+def test_inception_smoke_mixed_precision_replay():
+    r = load_example("inception_v3").main(["--smoke", "--backend", BACKEND, "--precision", "mixed",
+                                       "--replay"])
+    ls = r["ours"]["losses"]
+    assert ls[-1] < ls[0] and r["ours"]["replay"]["launches"] > 0
+    assert r["ours"]["loss_scale"] is not None
 
 
 def test_object_detection_smoke(tmp_path):

@@ -37,6 +37,68 @@ def test_captured_step_replays_like_encode(dev):
         np.testing.assert_array_equal(v, res["replay"][1][k], err_msg=k)
 
 
+STEP_DEPENDENT_OPTS = {
+    "Adam": lambda p: optim.Adam(p, lr=0.01),
+    "AdamW-amsgrad": lambda p: optim.AdamW(p, lr=0.01, weight_decay=0.05, amsgrad=True),
+    "RMSProp": lambda p: optim.RMSProp(p, lr=0.01, centered=True, momentum=0.5),
+    "SGD-nesterov": lambda p: optim.SGD(p, lr=0.05, momentum=0.9, nesterov=True),
+}
+
+
+@pytest.mark.parametrize("grouped", [True, False], ids=["grouped", "per-tensor"])
+@pytest.mark.parametrize("opt", list(STEP_DEPENDENT_OPTS))
+def test_replay_is_encode_with_dropout_adam_batchnorm(dev, opt, grouped):
+    """Replay == encode where the step matters: dropout (a new mask every step), batch norm
+    (running statistics) and the optimizers' step counts (Adam's bias corrections). N replays of
+    a captured step leave the losses of every step, the weights, running statistics, optimizer
+    state and step counts bit for bit as N encoded steps; replays also draw masks that differ
+    from step to step (the same batch gives different losses at the same weights' neighbourhood
+    only because the mask moved)."""
+    if grouped and not dev.supports_views:
+        pytest.skip("backend binds whole buffers only")
+    X, Y = data(n=4)
+    res, warm = {}, 0
+    for mode in ("replay", "encode"):
+        _, loss, _ = lenet(record=False, dropout=True, bn=True)
+        tg = G.TrainingGraph(loss, optimizer=STEP_DEPENDENT_OPTS[opt], device=dev,
+                             optimize={"group_updates": grouped})
+        if mode == "replay":
+            cap = tg.capture(X, Y)
+            warm = tg.step_count
+            # the outputs are the recording's buffers: read each step's losses before the next
+            losses = [cap.run().wait().losses.copy() for _ in range(5)]
+        else:
+            losses = [tg.encode(X, Y).wait().losses.copy() for _ in range(warm + 5)][warm:]
+        res[mode] = (losses, tg.training_state_dict())
+    for a, b in zip(res["replay"][0], res["encode"][0]):
+        np.testing.assert_array_equal(a, b)
+    assert set(res["replay"][1]) == set(res["encode"][1])
+    for k, v in res["encode"][1].items():
+        np.testing.assert_array_equal(v, res["replay"][1][k], err_msg=k)
+    steps = [v for k, v in res["replay"][1].items() if k.endswith(".step")]
+    assert steps and all(int(s) == warm + 5 for s in steps)
+
+
+def test_dropout_mask_of_a_replay_is_the_step_mask(dev):
+    """The mask a replayed step draws is F.dropout's mask at offset = the step number (what the
+    encoded step of that number draws), read back through an extra result."""
+    x = G.ImageNode((64,), name="x")
+    ds = G.FullyConnectedDataSource(64, 64, seed=1, init="glorot")
+    h = G.FullyConnectedNode(x, ds, name="fc")
+    d = G.DropoutNode(h, 0.5, seed=11, name="drop")
+    loss = G.MeanSquaredErrorLossNode(d, name="loss")
+    tg = G.TrainingGraph(loss, optimizer=lambda p: optim.SGD(p, lr=0.0), device=dev,
+                         extra_results=[h, d])
+    X = np.random.default_rng(0).standard_normal((2, 64)).astype(np.float32)
+    T = np.zeros((2, 64), np.float32)
+    cap = tg.capture(X, T)
+    for _ in range(3):
+        step = tg.step_count
+        hv, dv = [t.numpy().copy() for t in cap.run().wait().outputs[1:]]
+        ref = pymetalnn.functional.dropout(pymetalnn.tensor(hv, dev), 0.5, 11, step).numpy()
+        np.testing.assert_array_equal(dv, ref)
+
+
 # ---- grouped weight updates (optimize={"group_updates": ...}) --------------------------------
 
 def update_launches(dev):

@@ -170,6 +170,69 @@ def test_float16_params_with_float32_master(dev, name, opts):
         np.testing.assert_allclose(p.astype(np.float64), w, rtol=1e-3, atol=1e-4)
 
 
+@pytest.mark.parametrize("t0", [0, 999, 9_999, 99_999, 2_000_000])
+@pytest.mark.parametrize("betas", [(0.9, 0.999), (0.5, 0.9999), (0.0, 0.99)])
+def test_adam_bias_corrections_from_device_step(dev, t0, betas):
+    """Adam computes 1 - beta^t on the device from its step count (-expm1(t log beta) in float):
+    a step at t = t0 + 1 (the count restored by load_state_dict) lands where torch's double
+    precision bias corrections put it, for t from 1 (where 1 - beta2^t is tiny) to 2e6."""
+    rng = np.random.default_rng(t0 + int(betas[1] * 1e4))
+    w0 = rng.standard_normal(257).astype(np.float32)
+    g = rng.standard_normal(257).astype(np.float32)
+    m0 = (0.1 * rng.standard_normal(257)).astype(np.float32)
+    v0 = (0.01 * rng.random(257)).astype(np.float32)
+    p = pm.tensor(w0, dev)
+    opt = optim.Adam([p], lr=0.01, betas=betas)
+    if t0:
+        opt.load_state_dict({"param0.step": np.array(t0, np.int64), "param0.exp_avg": m0,
+                             "param0.exp_avg_sq": v0})
+    else:
+        m0, v0 = np.zeros_like(m0), np.zeros_like(v0)
+    opt.step([pm.tensor(g, dev)])
+    b1, b2 = betas
+    t = t0 + 1
+    m = b1 * m0.astype(np.float64) + (1 - b1) * g
+    v = b2 * v0.astype(np.float64) + (1 - b2) * g.astype(np.float64) ** 2
+    want = w0 - 0.01 / (1 - b1**t) * m / (np.sqrt(v) / np.sqrt(1 - b2**t) + 1e-8)
+    np.testing.assert_allclose(p.numpy(), want, rtol=2e-6, atol=2e-7)
+    assert int(opt.state_dict()["param0.step"]) == t
+
+
+@pytest.mark.parametrize("name,opts", [
+    ("SGD", dict(lr=0.05, momentum=0.9, weight_decay=0.01)),
+    ("Adam", dict(lr=0.01, amsgrad=True, weight_decay=0.01)),
+    ("AdamW", dict(lr=0.01)),
+    ("RMSProp", dict(lr=0.01, centered=True, momentum=0.5)),
+])
+def test_float32_params_with_float16_grads(dev, name, opts):
+    """Mixed precision's update: float32 weights from float16 gradients (`<rule>_step_hgrad_float`,
+    and the multi-tensor kernel's) follow the float64 reference fed the same float16 gradients,
+    and match float32 gradients holding the same values bit for bit."""
+    params0 = make_params(7)
+    grads = make_grads(8, steps=30, dtype=np.float16)
+    ours, _, _ = run_ours(dev, name, opts, params0, grads, check_at=(30,))
+    up, _, _ = run_ours(dev, name, opts, params0,
+                        [[g.astype(np.float32) for g in gs] for gs in grads], check_at=(30,))
+    want, _ = run_reference(name, opts, [p.astype(np.float64) for p in params0],
+                            [[g.astype(np.float64) for g in gs] for gs in grads], check_at=(30,))
+    for a, b, w in zip(ours[30], up[30], want[30]):
+        assert a.dtype == np.float32
+        np.testing.assert_array_equal(a, b)
+        np.testing.assert_allclose(a, w, **TOL)
+    if not dev.supports_views:
+        return
+    ws = [p.copy() for p in params0]
+    _, pa = flat_views(dev, ws, 0, 1)
+    o = getattr(optim, name)(pa, **opts)
+    ms = optim.MultiTensorStep([o])
+    for gs in grads:
+        _, ga = flat_views(dev, gs, 0, 1, np.float16)
+        ms.step([ga])
+        assert ms.launches == 1 and ms.fallback == 0
+    for a, b in zip(pa, ours[30]):
+        np.testing.assert_array_equal(a.numpy(), b)
+
+
 @pytest.mark.parametrize("name,opts", [
     ("SGD", dict(lr=0.05, momentum=0.9, nesterov=True)),
     ("Adam", dict(lr=0.01, amsgrad=True, weight_decay=0.01)),
@@ -226,13 +289,14 @@ def test_one_fused_kernel_per_tensor(dev):
     dev.synchronize()
     dev.reset_counts()
     opt.step(gs)
-    assert dict(dev.dispatch_counts) == {"adam_step_float": 4}
+    # one launch advances the device step counts the rules read (bias corrections)
+    assert dict(dev.dispatch_counts) == {"optim_count": 1, "adam_step_float": 4}
     opt = optim.SGD(ps, momentum=0.9, max_grad_norm=1.0)
     dev.reset_counts()
     opt.step(gs)
     # the norm: one clear and one reduction per gradient, read by the update kernels on device
     assert dict(dev.dispatch_counts) == {"optim_zero": 1, "optim_sumsq_float": 4,
-                                         "sgd_step_float": 4}
+                                         "optim_count": 1, "sgd_step_float": 4}
 
 
 def test_global_norm_over_many_threadgroups(dev):
@@ -412,7 +476,8 @@ def test_bad_input(dev):
         (lambda: opt.step([g, g]), "^grads: "),
         (lambda: opt.step([pm.tensor(np.ones(5, np.float32), dev)]), r"^grads\[0\]: shape"),
         (lambda: opt.step([pm.tensor(np.ones((2, 3), np.float32), dev)]), r"^grads\[0\]: shape"),
-        (lambda: opt.step([pm.tensor(np.ones(6, np.float16), dev)]), r"^grads\[0\]: dtype"),
+        # float16 gradients of float32 weights are allowed (mixed precision); integers are not
+        (lambda: opt.step([pm.tensor(np.ones(6, np.int32), dev)]), r"^grads\[0\]: dtype"),
         (lambda: opt.step([np.ones(6, np.float32)]), r"^grads\[0\]: "),
         (lambda: opt.step([p]), r"^grads\[0\]: "),
     ]
@@ -470,17 +535,18 @@ MULTI_CASES = [
 ]
 
 
-def flat_views(dev, arrays, first, gap):
+def flat_views(dev, arrays, first, gap, dtype=np.float32):
     """Tensors that are views of one buffer: the first at element `first`, `gap` elements
     between them (odd values: unaligned offsets)."""
     offs, o = [], first
     for a in arrays:
         offs.append(o)
         o += a.size + gap
-    buf = dev.buffer(np.zeros(o + 3, np.float32))
+    sz = np.dtype(dtype).itemsize
+    buf = dev.buffer(np.zeros(o + 3, dtype))
     for a, of in zip(arrays, offs):
-        buf.write(a, of * 4)
-    return buf, [pm.Tensor(buf.view(of * 4, a.size * 4), a.shape, np.float32)
+        buf.write(np.asarray(a, dtype), of * sz)
+    return buf, [pm.Tensor(buf.view(of * sz, a.size * sz), a.shape, dtype)
                  for a, of in zip(arrays, offs)]
 
 
@@ -508,7 +574,8 @@ def test_multi_tensor_bit_identical(dev, case, first, gap):
         dev.synchronize()
         dev.reset_counts()
         ms.step([ga[:3], ga[3:]])
-        assert dict(dev.dispatch_counts) == {f"{A[0].KERNEL}_multi_float": 1}
+        # and one launch advancing every tensor's device step count
+        assert dict(dev.dispatch_counts) == {"optim_count": 1, f"{A[0].KERNEL}_multi_float": 1}
         B[0].step(gb[:3])
         B[1].step(gb[3:])
     for x, y in zip(pa, pb):

@@ -234,10 +234,25 @@ class GraphBuilder:
                 steps.append(Step("update", n, self._inputs_of(n), []))
             else:
                 raise GraphError(n, f"cannot run a {type(n).__name__}")
+        if self.training and getattr(self, "precision", "float32") == "mixed" and \
+                any(st.kind == "update" for st in steps):
+            steps = self._defer_updates(steps)
         self.steps = steps
         self.strided_grads = self._strided_grads(steps, out_eff)
         self.keep = out_eff
         self._lifetimes()
+
+    def _defer_updates(self, steps: list[Step]) -> list[Step]:
+        """Mixed precision: the updates after the whole gradient pass, behind one overflow check
+        of every weight gradient (amp_check) and followed by the loss scale's update."""
+        upd = [st for st in steps if st.kind == "update"]
+        rest = [st for st in steps if st.kind != "update"]
+        grads = list(dict.fromkeys(v for st in upd for v in st.ins))
+        loss = self.resolve(self.loss_node.result).producer  # type: ignore[attr-defined]
+        self.note(f"mixed precision: {len(upd)} updates after the gradient pass, behind one "
+                  f"finite check of {len(grads)} weight gradients (dynamic loss scaling)")
+        return rest + [Step("amp_check", loss, grads, [])] + upd + \
+            [Step("amp_update", loss, [], [])]
 
     def _lifetimes(self) -> None:
         """Last reads (what the memory planner and the freeing of values go by): values not

@@ -23,10 +23,16 @@ def capture_step(g: Graph, inputs: Any, labels: Any = None) -> CapturedStep:
 
     Runs normal steps first (until memory is planned, and one planned step more when updates
     are grouped; they load weights, create optimizer state, upload the update chunk tables).
-    Everything the recorded launches use stays allocated while the CapturedStep lives. What a
-    replay cannot change: dropout masks (seed and offset are recorded), step-dependent
-    optimizer terms (Adam's bias corrections); the outputs are the same buffers every replay
-    (read a step's losses before its second successor is queued)."""
+    Everything the recorded launches use stays allocated while the CapturedStep lives.
+
+    A replay is the same computation as an encoded step: what changes from step to step lives
+    on the device and advances inside the recorded step (the step counter dropout masks are
+    drawn from, each tensor's optimizer step count that Adam's bias corrections are computed
+    from, a mixed-precision graph's loss scale), so N replays leave losses, weights and
+    optimizer state as N encoded steps do. Host-side values are recorded as they are: learning
+    rates and other options edited after the capture need a new capture, and a CustomOptimizer
+    (whose kernel sees the host's step count) is refused. The outputs are the same buffers every
+    replay (read a step's losses before its second successor is queued)."""
     if g.low_memory:
         raise GraphError(None, "capture: not in low-memory mode (a replay cannot load or purge)")
     env = g._bind_all(inputs, labels)
@@ -41,11 +47,17 @@ def capture_step(g: Graph, inputs: Any, labels: Any = None) -> CapturedStep:
         planned_runs += was_planned
         if not g.options["memory"]:
             break
-        # grouped updates upload their chunk tables at the first planned step (weight
-        # gradients then sit in the arena); uploads cannot happen inside a CUDA-graph capture
-        if prog.calibrated and (planned_runs or not g._update_groups):
+        # grouped updates (and a mixed-precision graph's finite check) make their chunk tables
+        # at the first planned step (weight gradients then sit in the arena); uploads cannot
+        # happen inside a CUDA-graph capture
+        if prog.calibrated and (planned_runs or not (g._update_groups or g._scaler)):
             break
     g.synchronize()
+    custom = [ds.label for ds in g.data_sources if g.training and ds.optimizer is not None
+              and not ds.optimizer.DEVICE_STEP]
+    if custom:
+        raise GraphError(None, "capture: the custom optimizer of " + ", ".join(custom) + " sees "
+                               "the host's step count, which a replay cannot advance")
     keep: list[Any] = []
     rc = RunContext(g, g._steps_encoded, g.training)
     # host-side counters the recording run would advance although nothing runs yet
@@ -58,13 +70,6 @@ def capture_step(g: Graph, inputs: Any, labels: Any = None) -> CapturedStep:
             ds.optimizer.steps = steps
         if nbt is not None:
             ds.num_batches_tracked = nbt
-    if any(st.kind == "forward" and type(st.node).__name__ == "DropoutNode" for st in g.steps) \
-            and g.training:
-        g.note_once("capture: dropout masks repeat on every replay (seed and offset are recorded)")
-    for ds in g.data_sources:
-        if ds.optimizer is not None and type(ds.optimizer).__name__ in ("Adam", "AdamW"):
-            g.note_once(f"capture: {ds.label}'s Adam bias corrections are frozen at step "
-                       f"{ds.optimizer.steps[0]} in the recording")
     g.note(f"capture: {len(rec)} launches recorded for batch {prog.batch}")
     cs = CapturedStep(g, rec, data, labs, outs, keep, env)
     cs._arena = prog.arena  # per-step values: see run()

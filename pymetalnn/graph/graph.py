@@ -46,15 +46,25 @@ class Graph(GraphBuilder, GraphRunner):
     "group_updates"}
     (every pass logs what it did to `graph.log` and the "pymetalnn.graph" logger).
     low_memory: load weights before each use and purge them after. in_flight: how many encoded
-    steps may be queued at once (2: double buffering)."""
+    steps may be queued at once (2: double buffering). precision: "float32", or "mixed" (float16
+    activations and conv / linear / recurrent math on float16 copies of the float32 weights,
+    batch-norm statistics and losses in float; see mixed.py); accumulate: "float" (default) or
+    "half" (float16 accumulation in conv / linear, mixed precision only)."""
 
     _loss_output_index: int | None = None  # which output holds the per-sample losses
 
     def __init__(self, results: Any, *, training: bool = False, device: Device | None = None,
                  optimize: Any = True, low_memory: bool = False, in_flight: int = 2,
-                 strict: bool = False, name: str = "graph", _prebuilt: Any = None):
+                 strict: bool = False, name: str = "graph", precision: str = "float32",
+                 accumulate: str = "float", _prebuilt: Any = None):
+        from .mixed import check_precision
+
         self.name = name
         self.training = bool(training)
+        self.precision, self.accumulate = check_precision(precision, accumulate)
+        if self.precision == "mixed" and low_memory:
+            raise ValueError("low_memory: not with precision='mixed' (the float16 weight copies "
+                             "and deferred updates keep weights loaded)")
         self.options = _options(optimize)
         self.low_memory = bool(low_memory)
         if not isinstance(in_flight, int) or in_flight < 1:
@@ -86,6 +96,7 @@ class Graph(GraphBuilder, GraphRunner):
     def step_count(self, n: int) -> None:
         """Continue from step n (a loaded checkpoint's count)."""
         self._steps_encoded = int(n)
+        self._set_step_counter(int(n))
 
     # ---- logging -------------------------------------------------------------------------------
     def note(self, msg: str) -> None:
@@ -181,13 +192,21 @@ class TrainingGraph(Graph):
     encode(images, labels) returns the per-sample losses in the handle (`handle.losses`).
     extra_results: other values to compute and return (e.g. predictions). strict (default): a
     node that reads the graph's values but reaches neither the loss nor an extra result is an
-    error (strict=False drops it)."""
+    error (strict=False drops it).
+
+    precision="mixed" trains as PyTorch's autocast(float16) + GradScaler (mixed.py): float16
+    activations and math, float32 master weights in the optimizers, dynamic loss scaling on the
+    device. grad_scaler: None (GradScaler's defaults: init_scale 2^16, growth_factor 2,
+    backoff_factor 0.5, growth_interval 2000), a dict of those options, or False (no loss
+    scaling). `grad_scaler` (the attribute) reads its state: scale, found_inf, state_dict()."""
 
     def __init__(self, loss: Any, *, optimizer: Callable[[list[Tensor]], Any] | None = None,
                  extra_results: Sequence[Any] = (), device: Device | None = None,
                  optimize: Any = True, low_memory: bool = False, in_flight: int = 2,
-                 strict: bool = True, name: str = "training graph"):
+                 strict: bool = True, name: str = "training graph", precision: str = "float32",
+                 accumulate: str = "float", grad_scaler: Any = None):
         loss_node = loss.producer if isinstance(loss, Value) else loss
+        self._grad_scaler_opts = grad_scaler
         if not isinstance(loss_node, LossNode):
             raise GraphError(loss_node if isinstance(loss_node, Node) else None,
                              "TrainingGraph needs a loss node")
@@ -213,7 +232,13 @@ class TrainingGraph(Graph):
 
         super().__init__([loss_node.result] + extras, training=True, device=device,
                          optimize=optimize, low_memory=low_memory, in_flight=in_flight,
-                         strict=strict, name=name, _prebuilt=build)
+                         strict=strict, name=name, precision=precision, accumulate=accumulate,
+                         _prebuilt=build)
+
+    @property
+    def grad_scaler(self) -> Any:
+        """The loss scaler of a mixed-precision graph (mixed.GradScaler), None otherwise."""
+        return self._scaler
 
     def _target_word(self) -> str:
         return "loss"
@@ -229,5 +254,7 @@ class TrainingGraph(Graph):
         res = result if result is not None else self.loss_node.sources[0]
         kw.setdefault("optimize", self.options)
         kw.setdefault("device", self.device)
+        kw.setdefault("precision", self.precision)
+        kw.setdefault("accumulate", self.accumulate)
         kw.setdefault("name", f"inference of {self.name}")
         return Graph(res, training=False, **kw)

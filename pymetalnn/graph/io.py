@@ -22,6 +22,7 @@ from .errors import GraphError
 
 OPT = "optim"
 STEPS = "__graph__.steps"  # steps encoded so far (dropout masks depend on the step number)
+SCALER = "__graph__.grad_scaler."  # a mixed-precision graph's loss scale and growth tracker
 
 
 def named_sources(g: Any) -> dict[str, DataSource]:
@@ -45,6 +46,11 @@ def graph_state_dict(g: Any, optimizer: bool = True, steps: bool = True) -> dict
     the step count unless turned off."""
     g.synchronize()
     d: dict[str, np.ndarray] = {STEPS: np.array(g.step_count, np.int64)} if steps else {}
+    sc = getattr(g, "_scaler", None)
+    if steps and sc is not None:
+        st = sc.state_dict()
+        d[SCALER + "scale"] = np.array(st["scale"], np.float32)
+        d[SCALER + "growth_tracker"] = np.array(st["_growth_tracker"], np.int64)
     for name, ds in named_sources(g).items():
         for k, v in ds.state_dict().items():
             d[f"{name}.{k}"] = v
@@ -71,9 +77,13 @@ def load_graph_state(g: Any, d: Mapping[str, Any], strict: bool = True,
     opt: dict[str, dict[str, Any]] = {n: {} for n in sources}
     unused: list[str] = []
     steps = None
+    scaler: dict[str, Any] = {}
     for key in keys:
         if key == STEPS:
             steps = int(np.asarray(d[key]))
+            continue
+        if key.startswith(SCALER):
+            scaler[key[len(SCALER):]] = np.asarray(d[key])
             continue
         prefix, _, rest = key.rpartition(".")
         head, param = prefix, rest
@@ -137,6 +147,10 @@ def load_graph_state(g: Any, d: Mapping[str, Any], strict: bool = True,
     used: list[str] = []
     if steps is not None:
         g.step_count = steps
+    sc = getattr(g, "_scaler", None)
+    if sc is not None and "scale" in scaler:
+        sc.load_state_dict({"scale": scaler["scale"],
+                            "_growth_tracker": scaler.get("growth_tracker", 0)})
     for name, ds in sources.items():
         if per[name]:
             ds.load_state_dict(per[name], strict=False)

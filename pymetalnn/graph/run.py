@@ -126,8 +126,39 @@ class RunContext:
         return ds.tensors()
 
     def acquire(self, ds: DataSource) -> tuple[Tensor, Tensor | None]:
-        t = self.acquire_dict(ds)
+        """The weight and bias the node's math reads: float16 copies in a mixed-precision graph."""
+        t = self.math_weights(ds)
         return t["weight"], t.get("bias")
+
+    def math_weights(self, ds: DataSource) -> dict[str, Tensor]:
+        """acquire_dict, with the trainable float32 tensors as float16 copies in a
+        mixed-precision graph (conv / linear / recurrent math; see mixed.py)."""
+        t = self.acquire_dict(ds)
+        if self.g.precision != "mixed":
+            return t
+        from .mixed import half_copies
+
+        return {**t, **half_copies(self.g, ds, t, ds.trainable, self)}
+
+    @property
+    def mixed(self) -> bool:
+        return self.g.precision == "mixed"
+
+    def accumulate(self) -> dict[str, str]:
+        """accumulate= for conv / linear ops: {"accumulate": "half"} when the graph asks for it."""
+        return {"accumulate": "half"} if self.g.accumulate == "half" else {}
+
+    def loss_input(self, x: Any) -> Any:
+        """A loss's input in float32 (mixed precision computes losses in float)."""
+        if self.mixed and isinstance(x, Tensor) and x.dtype == np.float16:
+            return F.cast(x, np.float32)
+        return x
+
+    def loss_unit(self, dev: Device) -> Any:
+        """The gradient of a loss reduced by the op itself: 1, or the loss scale (mixed)."""
+        if self.mixed and self.g._scaler is not None:
+            return self.g._scaler.seed(1, 1.0)
+        return 1.0
 
     def release(self, ds: DataSource) -> None:
         """Nodes say they are done with the weights; the graph purges them in low-memory mode
@@ -137,8 +168,13 @@ class RunContext:
         self.g.note_once(msg)
 
     def loss_scale(self, n: int, reduction: str, dev: Device) -> Tensor:
-        return self.g._const(("loss_scale", n, reduction),
-                             lambda: np.full(n, 1.0 / n if reduction == "mean" else 1.0, np.float32))
+        """The gradient of the reduced loss with respect to each of n per-sample losses (1 / n
+        for a mean); times the loss scale in a mixed-precision training graph (written on the
+        device in the step)."""
+        base = 1.0 / n if reduction == "mean" else 1.0
+        if self.mixed and self.g._scaler is not None:
+            return self.g._scaler.seed(n, base)
+        return self.g._const(("loss_scale", n, reduction), lambda: np.full(n, base, np.float32))
 
 
 # ---- compiled programs --------------------------------------------------------------------------
@@ -182,9 +218,45 @@ class GraphRunner:
         self._grad_store: dict[Any, list[Tensor]] | None = None  # keep_gradients: ds -> copies
         self._last: Handle | None = None
         self._encode_lock = threading.Lock()
+        self._step_ctr: Tensor | None = None  # the device step counter (see step_counter)
+        self._half_store: dict[int, dict[str, Tensor]] = {}  # mixed: float16 weight copies
+        self._scaler: Any = None
+        if self.precision == "mixed" and self.training and \
+                getattr(self, "loss_node", None) is not None:
+            from .mixed import make_scaler
+
+            self._scaler = make_scaler(self.device, self._grad_scaler_opts)
+
         # hook(graph, i, env) after step i of every encoded (or captured) step has queued its
         # work, its results in env (pymetalnn.distributed averages weight gradients here)
         self.step_hooks: list[Callable[[Any, int, dict[Value, Any]], None]] = []
+
+    # ---- step-dependent values on the device -----------------------------------------------------
+    def step_counter(self) -> Tensor:
+        """The step number on the device (uint32 lo, hi): what dropout masks are drawn from. A
+        kernel at the end of every training step advances it, so the recorded step of a capture
+        replays with the step it runs at, as an encoded step does."""
+        if self._step_ctr is None:
+            from ..tensor import tensor
+
+            n = self._steps_encoded
+            words = np.array([n & 0xFFFFFFFF, n >> 32], np.uint32).view(np.int32)
+            self._step_ctr = tensor(words, self.device)
+        return self._step_ctr
+
+    def _set_step_counter(self, n: int) -> None:
+        if self._step_ctr is not None:
+            self._write(self._step_ctr,
+                        np.array([n & 0xFFFFFFFF, n >> 32], np.uint32).view(np.int32))
+
+    def _step_dependent(self) -> bool:
+        """Whether a training step reads the device step counter (dropout)."""
+        got = getattr(self, "_uses_step_ctr", None)
+        if got is None:
+            got = self._uses_step_ctr = self.training and any(
+                getattr(st.node, "uses_step_counter", False)
+                for st in self.steps if st.kind == "forward")
+        return got
 
     # ---- inputs ----------------------------------------------------------------------------------
     def _write(self, t: Tensor, arr: np.ndarray) -> None:
@@ -214,10 +286,19 @@ class GraphRunner:
             raise GraphError(v, f"got shape {shape}, expected {v.full_shape(max(n, 1))} (any "
                                 "batch size)")
         if t is None:
-            t = self._upload(arr, v.dtype)
-        if t.dtype != v.dtype:
+            t = self._upload(arr, self._input_dtype(v))
+        if t.dtype not in (v.dtype, self._input_dtype(v)):
             raise GraphError(v, f"got dtype {t.dtype}, expected {v.dtype}")
+        if t.dtype != self._input_dtype(v):  # mixed precision: float16 activations
+            t = F.cast(t, self._input_dtype(v))
         return t
+
+    def _input_dtype(self, v: ImageNode) -> Any:
+        """The dtype an input has on the device: float16 for a float32 data input of a
+        mixed-precision graph (labels and targets keep theirs: losses compute in float)."""
+        if self.precision == "mixed" and v.dtype == np.float32 and not isinstance(v, LabelsNode):
+            return np.dtype(np.float16)
+        return v.dtype
 
     def _bind_labels(self, v: LabelsNode, x: Any) -> Any:
         loss = self._loss_of.get(v)
@@ -397,6 +478,8 @@ class GraphRunner:
         env = self._bind_all(inputs, labels)
         if self.training:
             self._prepare_updates()
+        if self._scaler is not None:
+            self._install_scaler()
         batch = self._batch_of(env)
         prog = self._programs.get(batch)
         if prog is None:
@@ -417,6 +500,9 @@ class GraphRunner:
         # the first run of a batch size warms the ops' caches; the second one calibrates
         calibrate = self.options["memory"] and not prog.calibrated and prog.runs >= 1
         prog.runs += 1
+        advance = self._step_dependent()
+        if advance:  # made before the allocation hook sees requests (not a step's output)
+            self.step_counter()
         hook = M.AllocHook(self.device) if (plan_memory or calibrate or keep_alloc is not None) \
             else None
         calib: list[tuple[list, list]] = []
@@ -460,6 +546,11 @@ class GraphRunner:
                     hook_fn(self, i, env)
                 for v in self.free_after[i]:
                     env.pop(v, None)
+        if advance:  # the next step draws the next masks: advanced on the device, in the step
+            from ..ops._common import kernel
+
+            assert self._step_ctr is not None
+            kernel(self.device, "dropout.metal", "dropout_offset_advance")(1, self._step_ctr.buffer)
         if calibrate:
             from .optimize import plan_memory as _plan
 
@@ -495,6 +586,12 @@ class GraphRunner:
             for t in ins[1:]:
                 acc = F.add(acc, t)
             return [acc]
+        if st.kind == "amp_check":  # every weight gradient exists: the overflow verdict
+            self._scaler.check(ins)
+            return []
+        if st.kind == "amp_update":
+            self._scaler.update()
+            return []
         if st.kind == "update" and st.group is not None:
             if self._grad_store is not None:
                 for ds, (a, b) in zip(st.group.members, st.group.bounds):
@@ -513,11 +610,28 @@ class GraphRunner:
             return []
         raise AssertionError(st.kind)
 
+    def _install_scaler(self) -> None:
+        """Every optimizer of a mixed-precision graph reads the scaler's state (unscale, skip);
+        checked before anything of the step is queued."""
+        for ds in self.data_sources:
+            if ds.trainable and not ds.loaded:
+                ds.load()
+                self._count("load", ds)
+            opt = ds.optimizer
+            if opt is None:
+                continue
+            if not opt.DEVICE_STEP:
+                raise GraphError(None, f"mixed precision: the custom optimizer of {ds.label} "
+                                       "cannot unscale or skip on the device; use a built-in one")
+            opt.amp = self._scaler.buffer
+
     # ---- readable weight gradients ----------------------------------------------------------------
     def keep_gradients(self, on: bool = True) -> None:
         """Keep a copy of every weight gradient of each training step (one queued copy per
         gradient, into buffers of its own outside the memory plan, made at the first step), so
-        gradients() can read them; grouped updates and captured replays stay as they are."""
+        gradients() can read them; grouped updates and captured replays stay as they are. In
+        mixed precision they are the gradients as computed: float16, multiplied by the loss
+        scale of their step (as torch's .grad before GradScaler.unscale_)."""
         self._grad_store = {} if on else None
 
     def gradients(self) -> dict[str, np.ndarray]:

@@ -8,6 +8,11 @@ pure function of (seed, offset, index) through Philox4x32-10 (key = the 64-bit s
 (index // 4, 0, offset lo, offset hi)), so the backward recomputes it rather than storing it, and
 every backend produces the same bits. Calls that share a seed should use different offsets (e.g.
 advance the offset by the number of elements, rounded up to a multiple of 4, after each call).
+
+offset_tensor (keyword): a 32-bit integer tensor of 2 words (lo, hi) on the device whose 64-bit value the
+kernel adds to `offset` when it runs. A graph passes its step counter, which a kernel advances at
+the end of each training step, so that a captured step replayed draws a fresh mask each time
+(exactly the mask an encoded step would draw) without the host writing anything.
 """
 from __future__ import annotations
 
@@ -57,7 +62,28 @@ def _params(n: int, p: float, seed: int, offset: int) -> DropoutParams:
                          scale=1.0 / (1.0 - p), inner=1, channels=0, items=-(-n // 4), vec=1)
 
 
-def _run(name: str, x: Tensor, p: float, seed: int, offset: int, inner: int | None) -> Tensor:
+_ZERO: dict[int, Any] = {}
+
+
+def _base(dev: Device, offset_tensor: Any) -> Any:
+    """The buffer of offset_tensor (checked), or a per-device zero pair."""
+    if offset_tensor is None:
+        b = _ZERO.get(id(dev))
+        if b is None or b.device is not dev:
+            b = _ZERO[id(dev)] = dev.buffer(np.zeros(4, np.uint32))
+        return b
+    if not isinstance(offset_tensor, Tensor) or offset_tensor.dtype.itemsize != 4 or \
+            offset_tensor.dtype.kind not in "iu" or offset_tensor.size != 2:
+        raise ValueError("offset_tensor: expected a 32-bit integer Tensor of 2 elements (offset "
+                         f"lo, hi; read as uint32), got {offset_tensor!r}")
+    if offset_tensor.device is not dev:
+        raise ValueError(f"offset_tensor: on {offset_tensor.device.name}, x on {dev.name}")
+    return offset_tensor.buffer
+
+
+def _run(name: str, x: Tensor, p: float, seed: int, offset: int, inner: int | None,
+         offset_tensor: Any = None) -> Tensor:
+    base = _base(x.device, offset_tensor)
     out = out_like(x.shape, x.dtype, x.device)
     if x.size == 0:
         return out
@@ -76,10 +102,10 @@ def _run(name: str, x: Tensor, p: float, seed: int, offset: int, inner: int | No
     count = stream_vthreads(nvec) + (prm.items - nvec * w // 4) if nvec else 0
     if nvec and count <= MAX_GRID_THREADS:
         prm.vec = nvec
-        k(count, x.buffer, out.buffer, prm)
+        k(count, x.buffer, out.buffer, prm, base)
     else:
         prm.vec = 0
-        k(min(prm.items, GRID_CAP), x.buffer, out.buffer, prm)
+        k(min(prm.items, GRID_CAP), x.buffer, out.buffer, prm, base)
     return out
 
 
@@ -90,37 +116,41 @@ def _check(x: TensorLike, dev: Device, name: str, p: Any, seed: Any, offset: Any
     return t, _p(p), _u64(seed, "seed"), _u64(offset, "offset")
 
 
-def dropout(input: Any, p: float = 0.5, seed: int = 0, offset: int = 0, training: bool = True) -> Tensor:
+def dropout(input: Any, p: float = 0.5, seed: int = 0, offset: int = 0, training: bool = True, *,
+            offset_tensor: Tensor | None = None) -> Tensor:
     """Zero each element with probability p, scale the rest by 1 / (1 - p); identity (a copy)
     when not training."""
     x = input
     x, p, seed, offset = _check(x, pick_device(x), "x", p, seed, offset, False)
-    return _run("dropout_fwd", x, p, seed, offset, None) if training else copy(x)
+    return _run("dropout_fwd", x, p, seed, offset, None, offset_tensor) if training else copy(x)
 
 
 def dropout_backward(grad_out: TensorLike, p: float = 0.5, seed: int = 0, offset: int = 0,
-                     training: bool = True) -> Tensor:
+                     training: bool = True, *, offset_tensor: Tensor | None = None) -> Tensor:
     """dL/dx of dropout(x, p, seed, offset, training): grad_out * mask / (1 - p), the mask
     recomputed from (seed, offset)."""
     g, p, seed, offset = _check(grad_out, pick_device(grad_out), "grad_out", p, seed, offset, False)
-    return _run("dropout_bwd", g, p, seed, offset, None) if training else copy(g)
+    return _run("dropout_bwd", g, p, seed, offset, None, offset_tensor) if training else copy(g)
 
 
-def dropout2d(input: Any, p: float = 0.5, seed: int = 0, offset: int = 0, training: bool = True) -> Tensor:
+def dropout2d(input: Any, p: float = 0.5, seed: int = 0, offset: int = 0, training: bool = True, *,
+              offset_tensor: Tensor | None = None) -> Tensor:
     """Spatial dropout of x (N, C, H, W): zero whole channels with probability p (one draw per
     (n, c)), scale the rest by 1 / (1 - p)."""
     x = input
     x, p, seed, offset = _check(x, pick_device(x), "x", p, seed, offset, True)
     inner = x.shape[2] * x.shape[3]
-    return _run("dropout2d_fwd", x, p, seed, offset, inner) if training else copy(x)
+    return _run("dropout2d_fwd", x, p, seed, offset, inner, offset_tensor) if training \
+        else copy(x)
 
 
 def dropout2d_backward(grad_out: TensorLike, p: float = 0.5, seed: int = 0, offset: int = 0,
-                       training: bool = True) -> Tensor:
+                       training: bool = True, *, offset_tensor: Tensor | None = None) -> Tensor:
     """dL/dx of dropout2d(x, p, seed, offset, training), the channel mask recomputed."""
     g, p, seed, offset = _check(grad_out, pick_device(grad_out), "grad_out", p, seed, offset, True)
     inner = g.shape[2] * g.shape[3]
-    return _run("dropout2d_bwd", g, p, seed, offset, inner) if training else copy(g)
+    return _run("dropout2d_bwd", g, p, seed, offset, inner, offset_tensor) if training \
+        else copy(g)
 
 
 def philox_stream(n: int, seed: int, offset: int = 0, device: Device | None = None) -> np.ndarray:

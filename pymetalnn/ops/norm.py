@@ -358,7 +358,9 @@ def batch_norm_with_stats(input: TensorLike, running_mean: TensorLike | None,
             _threads(c), w.buffer if w is not None else d, b.buffer if b is not None else d,
             rm.buffer if rm is not None else d, rv.buffer if rv is not None else d, mean.buffer,
             invstd.buffer, coef.buffer, p)
-    return _apply(dev, p, x, None, coef, y if out is not None else None), mean, invstd
+    # y is the destination either way (out= or a fresh tensor): a second allocation would shift
+    # the graph memory planner's keys of same-size requests (e.g. float16 y beside float32 stats)
+    return _apply(dev, p, x, None, coef, y), mean, invstd
 
 
 def batch_norm(input: TensorLike, running_mean: TensorLike | None, running_var: TensorLike | None,

@@ -9,6 +9,14 @@ the norm of all gradients before any update; it is reduced on the device into a 
 (`optim_zero`, then `optim_sumsq` per gradient) that the update kernels read themselves, so a
 step never waits for the host.
 
+What changes from step to step lives on the device too, so that a step recorded once and replayed
+(Graph.capture) is the same computation as a step encoded anew: each tensor's step count (a uint
+per tensor, advanced by `optim_count` at the start of a step; the rules compute Adam's bias
+corrections from it) and the loss-scaling state `amp` (params.h: the gradients' unscale factor
+and whether this step overflowed, in which case every update and count is skipped; a constant
+{1, 1, 0, 0} unless a mixed-precision graph installs its GradScaler state). `steps` is the host's
+count of step() calls; `state_dict` reads the device counts.
+
 All argument checking happens before the first kernel of a step is queued: a bad gradient list
 or hyperparameter raises ValueError naming the argument and leaves weights and state untouched.
 State lives on the device as float32 tensors (float16 weights get a float32 master copy that the
@@ -26,7 +34,7 @@ from typing import Any
 import numpy as np
 
 from ..ops._common import dummy
-from ..params import OptimNormParams, OptimParams
+from ..params import OptimCountParams, OptimNormParams, OptimParams
 from ..runtime import Device, Kernel
 from ..tensor import Tensor, float16, float32, tensor
 
@@ -41,6 +49,16 @@ REG_TYPES = {None: 0, "l1": 1, "l2": 2}
 MAX_ELEMENTS = 2**31 - 1  # kernels index with 32-bit uints and a grid-stride loop
 SUMSQ_TG, SUMSQ_MAX_GROUPS = 256, 1024
 DTYPE_SUFFIX = {float32: "float", float16: "half"}
+_AMP_IDENTITY: dict[int, Any] = {}
+
+
+def amp_identity(dev: Device) -> Any:
+    """The loss-scaling state of a step without loss scaling ({scale 1, unscale 1, no overflow,
+    0}), one read-only buffer per device."""
+    b = _AMP_IDENTITY.get(id(dev))
+    if b is None or b.device is not dev:
+        b = _AMP_IDENTITY[id(dev)] = dev.buffer(np.array([1.0, 1.0, 0.0, 0.0], np.float32))
+    return b
 
 
 # ---- argument checks (each raises ValueError naming the argument) ---------------------------
@@ -110,6 +128,8 @@ class Optimizer:
     STATE_NAMES: tuple[str, ...] = ()
     DEFAULTS: dict[str, Any] = {}
     ELEMENTS_PER_THREAD = 4  # threads launched: ceil(n / ELEMENTS_PER_THREAD)
+    # the rule's kernel takes the device step counters and the loss-scaling state (args 6+k, 7+k)
+    DEVICE_STEP = True
 
     def __init__(self, params: Sequence[Any], defaults: Mapping[str, Any],
                  max_grad_norm: float | None = None) -> None:
@@ -132,6 +152,10 @@ class Optimizer:
         # MultiTensorStep installs (self, i, name) -> a zeroed view of its flat state buffers
         self._state_alloc: Any = None
         self._gnorm = self.device.buffer(16)
+        # each tensor's step count on the device (a MultiTensorStep swaps in a view of its flat
+        # counters); `amp`: a mixed-precision graph's loss-scaling state (None: no scaling)
+        self._steps_dev: Any = self.device.buffer(np.zeros(max(len(self.params), 4), np.uint32))
+        self.amp: Any = None
         self._kernels: dict[str, Kernel] = {}
         self._load_kernels()
 
@@ -183,6 +207,45 @@ class Optimizer:
             self._kernels[sfx] = lib.kernel(f"{self.KERNEL}_{sfx}")
         self._zero = lib.kernel("optim_zero")
         self._sumsq = {s: lib.kernel(f"optim_sumsq_{s}") for s in ("float", "half")}
+        self._count_kernel = lib.kernel("optim_count")
+
+    def _kernel_for(self, pdt: Any, gdt: Any) -> Kernel:
+        """The rule's kernel for parameters of dtype pdt and gradients of dtype gdt."""
+        if pdt == gdt:
+            return self._kernels[DTYPE_SUFFIX[pdt]]
+        k = self._kernels.get("hgrad_float")
+        if k is None:
+            k = self._kernels["hgrad_float"] = \
+                self.device.library(self.SOURCE).kernel(f"{self.KERNEL}_hgrad_float")
+        return k
+
+    def _amp_buffer(self) -> Any:
+        return self.amp if self.amp is not None else amp_identity(self.device)
+
+    def _advance(self, indices: Sequence[int], steps: Any, amp: Any) -> None:
+        """Queue the device step counts' advance for tensors `indices` (sorted; one launch per
+        contiguous run, usually one), skipped on the device when the step overflowed."""
+        runs: list[list[int]] = []
+        for i in indices:
+            if runs and runs[-1][1] == i:
+                runs[-1][1] = i + 1
+            else:
+                runs.append([i, i + 1])
+        for a, b in runs:
+            self._count_kernel(b - a, steps, amp, OptimCountParams(first=a, n=b - a))
+
+    def device_steps(self) -> np.ndarray:
+        """Each tensor's step count as the device holds it (waits for queued work): the count of
+        steps applied, which a mixed-precision graph's skipped steps do not advance."""
+        if not self.DEVICE_STEP:
+            return np.array(self.steps, np.int64)
+        return self._steps_dev.numpy(np.uint32)[:len(self.params)].astype(np.int64)
+
+    def _write_steps(self, steps: Sequence[int]) -> None:
+        self.steps = [int(s) for s in steps]
+        arr = np.zeros(max(len(self.params), 4), np.uint32)
+        arr[:len(steps)] = steps
+        self.device.write_async(self._steps_dev, arr[:self._steps_dev.nbytes // 4])
 
     # ---- validation of options
     def _check_group(self, g: dict[str, Any], where: str) -> None:
@@ -233,7 +296,9 @@ class Optimizer:
                                  f"{self.device.name}")
             if g.shape != p.shape:
                 raise ValueError(f"grads[{i}]: shape {g.shape}, parameter {i} has {p.shape}")
-            if g.dtype != p.dtype:
+            # float32 (master) weights take float16 gradients too (mixed precision)
+            if g.dtype != p.dtype and not (self.DEVICE_STEP and p.dtype == float32
+                                           and g.dtype == float16):
                 raise ValueError(f"grads[{i}]: dtype {g.dtype}, parameter {i} is {p.dtype}")
             if g.buffer.base is p.buffer.base and g.buffer.offset == p.buffer.offset:
                 raise ValueError(f"grads[{i}]: is parameter {i} itself")
@@ -261,7 +326,7 @@ class Optimizer:
         """Forget all state (moments, momentum buffers, step counts); float16 master copies are
         re-read from the parameters at the next step."""
         self.state = [{} for _ in self.params]
-        self.steps = [0] * len(self.params)
+        self._write_steps([0] * len(self.params))
 
     # ---- the step
     def _common_params(self, g: dict[str, Any]) -> OptimParams:
@@ -302,6 +367,11 @@ class Optimizer:
         unused = dummy(self.device)
         gnorm = self._gnorm if self.max_grad_norm is not None else unused
         rules: dict[tuple, ctypes.Structure] = {}
+        extra: tuple = ()
+        if self.DEVICE_STEP:
+            steps_dev, amp = self._steps_dev, self._amp_buffer()
+            self._advance(todo, steps_dev, amp)
+            extra = (steps_dev, amp)
         for i in todo:
             p, grad, gi = self.params[i], gs[i], self._group_of[i]
             assert grad is not None
@@ -316,16 +386,16 @@ class Optimizer:
             master = st["master"].buffer if "master" in st else p.buffer
             states = [st[name].buffer if u else unused for name, u in zip(self.STATE_NAMES, used)]
             common = OptimParams.from_buffer_copy(commons[gi])
-            common.n, common.step = sizes[i], step
+            common.n, common.step, common.step_index = sizes[i], step, i
             # our state buffers are whole allocations (aligned); only caller memory may not be
             common.vec4 = int((p.buffer.offset | grad.buffer.offset) % 16 == 0)
             key = (gi, step, tuple(sorted(fresh)))
             rule = rules.get(key)
             if rule is None:
                 rule = rules[key] = self._rule_params(g, step, fresh)
-            self._kernels[DTYPE_SUFFIX[p.dtype]](
+            self._kernel_for(p.dtype, grad.dtype)(
                 -(-sizes[i] // self.ELEMENTS_PER_THREAD), p.buffer, grad.buffer, master, *states,
-                gnorm, common, rule)
+                gnorm, common, rule, *extra)
 
     # ---- state_dict
     def state_dict(self) -> dict[str, np.ndarray]:
@@ -335,8 +405,9 @@ class Optimizer:
         parameters), 'param{i}.step', and 'group{j}.{option}' hyperparameters (None stored as
         an empty array, pairs as 2-vectors) plus 'max_grad_norm'."""
         d: dict[str, np.ndarray] = {}
+        steps = self.device_steps()
         for i, st in enumerate(self.state):
-            d[f"param{i}.step"] = np.array(self.steps[i], np.int64)
+            d[f"param{i}.step"] = np.array(steps[i], np.int64)
             for name, t in st.items():
                 d[f"param{i}.{name}"] = t.numpy().copy()
         for gi, g in enumerate(self.param_groups):
@@ -395,7 +466,7 @@ class Optimizer:
         for gi, g in enumerate(new_groups):
             self.param_groups[gi].update(g)
         self.max_grad_norm = max_norm
-        self.steps = new_steps
+        self._write_steps(new_steps)
         self.state = [{k: tensor(v, self.device) for k, v in st.items()} for st in new_state]
 
 

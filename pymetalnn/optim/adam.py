@@ -1,8 +1,11 @@
 """Adam and AdamW (bias correction, amsgrad): torch.optim.Adam's and AdamW's algorithms, one fused
-kernel per tensor (kernels/optimizer.metal `adam_step_*`); the bias corrections are computed
-here per step, in double, as torch does for CPU tensors."""
+kernel per tensor (kernels/optimizer.metal `adam_step_*`). The bias corrections 1 - beta^t are
+computed by the kernel from the tensor's device step count t, as -expm1(t log(beta)) in float
+(log(beta) from here, in double): within a few float ulps of torch's double-precision values, and
+the same computation whether the step is encoded or replayed from a capture."""
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -57,13 +60,17 @@ class Adam(Optimizer):
     def _rule_params(self, g: dict[str, Any], step: int, fresh: set[str]) -> AdamParams:
         beta1, beta2 = g["betas"]
         lr, wd = g["lr"], g["weight_decay"]
-        bc1 = 1.0 - beta1**step
-        bc2 = 1.0 - beta2**step
         return AdamParams(
             one_minus_beta1=f32(1.0 - beta1), beta2=beta2, one_minus_beta2=f32(1.0 - beta2),
             eps=g["eps"], weight_decay=0.0 if self.DECOUPLED else wd,
-            decay=f32(1.0 - lr * wd) if self.DECOUPLED else 1.0, step_size=f32(lr / bc1),
-            bc2_sqrt=f32(bc2**0.5), amsgrad=int(g["amsgrad"]))
+            decay=f32(1.0 - lr * wd) if self.DECOUPLED else 1.0, lr=lr,
+            log_beta1=_log(beta1), log_beta2=_log(beta2), amsgrad=int(g["amsgrad"]))
+
+
+def _log(beta: float) -> float:
+    """log(beta) for the kernel's -expm1(t log(beta)); beta = 0 gives a huge negative number
+    (beta^t = 0 for every t >= 1) rather than -inf, which fast math may not honour."""
+    return math.log(beta) if beta > 0.0 else -1e30
 
 
 class AdamW(Adam):

@@ -74,7 +74,14 @@ class CustomOptimizer(Optimizer):
     `hyper`: a ctypes.Structure mirroring MyHyper, or a dict turned into one (see hyper_struct);
     `opt.hyper` may be edited between steps. state_dict saves the state buffers and the common
     options, not `hyper`.
+
+    c.step is the host's count at the time the step is queued: a captured step (Graph.capture)
+    replays it unchanged, so a rule that depends on the step cannot be captured faithfully (the
+    graph refuses the capture), and a mixed-precision graph, whose updates are skipped and whose
+    gradients are unscaled on the device, needs a built-in rule.
     """
+
+    DEVICE_STEP = False
 
     def __init__(self, params: Sequence[Any], source: str, kernel: str,
                  state_names: Sequence[str] = (), hyper: Any = None, *, lr: float = 1e-3,

@@ -10,6 +10,9 @@ elements of one tensor each, one threadgroup per chunk) over the base buffers. T
 the per-tensor kernel's block function, so weights and state come out bit for bit as
 `opt.step(grads)` of every optimizer would leave them.
 
+Their device step counters (see optim._base) become views of one flat counter buffer too, each
+chunk row naming its tensor's slot, and one `optim_count` launch advances them all.
+
 Tensors whose OptimParams and rule struct are byte-identical share a launch: one launch per
 distinct (options, step count, first-step) combination, i.e. one per step when every optimizer
 has the same hyperparameters and step count. Gradients outside the common gradient base (or all
@@ -81,7 +84,11 @@ class MultiTensorStep:
         self.base: Buffer = opts[0].params[0].buffer.base
         self._check_params()
         self.STATE_NAMES = cls.STATE_NAMES
-        self.kernel = self.device.library(cls.SOURCE).kernel(f"{cls.MULTI_KERNEL}_float")
+        lib = self.device.library(cls.SOURCE)
+        # float32 and float16 gradients (a mixed-precision graph's) of the float32 weights
+        self.kernels = {np.dtype(np.float32): lib.kernel(f"{cls.MULTI_KERNEL}_float"),
+                        np.dtype(np.float16): lib.kernel(f"{cls.MULTI_KERNEL}_hgrad_float")}
+        self.kernel = self.kernels[np.dtype(np.float32)]
         self.states: dict[str, Buffer] = {}
         self._tables: dict[tuple, tuple[Buffer, int]] = {}
         self._adopted: dict[int, tuple[Any, Any]] = {}
@@ -89,6 +96,20 @@ class MultiTensorStep:
         self.fallback = 0  # tensors updated per tensor at the last step
         for o in opts:
             o._state_alloc = self._state_view
+        # the optimizers' step counters: views of one flat buffer (their counts copied in)
+        self._step_base: list[int] = []
+        total = sum(len(o.params) for o in opts)
+        self.steps_flat: Buffer = self.device.buffer(np.zeros(max(total, 4), np.uint32))
+        at = 0
+        for o in opts:
+            k = len(o.params)
+            counts = o.device_steps()
+            view = self.steps_flat.view(at * 4, max(k, 1) * 4)
+            if k:
+                self.device.write_async(view, counts.astype(np.uint32))
+            o._steps_dev = view
+            self._step_base.append(at)
+            at += k
 
     # ---- layout
     def _check_params(self) -> None:
@@ -147,17 +168,18 @@ class MultiTensorStep:
                 opt.state[i][name] = v
         self._adopted[id(opt)] = key
 
-    def _table(self, rows: list[tuple[int, int, int]]) -> tuple[Buffer, int]:
-        """The chunk table of (param offset, grad offset, n) rows (element offsets), cached."""
+    def _table(self, rows: list[tuple[int, int, int, int]]) -> tuple[Buffer, int]:
+        """The chunk table of (param offset, grad offset, n, step slot) rows (element offsets),
+        cached."""
         key = tuple(rows)
         hit = self._tables.get(key)
         if hit is not None:
             return hit
-        out: list[tuple[int, int, int, int, int]] = []
-        for po, go, n in rows:
+        out: list[tuple[int, int, int, int, int, int]] = []
+        for po, go, n, si in rows:
             vec4 = int(po % 4 == 0 and go % 4 == 0)
             for s in range(0, n, OPTIM_CHUNK):
-                out.append((po + s, go + s, po + s, min(OPTIM_CHUNK, n - s), vec4))
+                out.append((po + s, go + s, po + s, min(OPTIM_CHUNK, n - s), vec4, si))
         arr = np.array(out, np.uint32).reshape(-1, len(OptimChunk._fields_))
         if len(self._tables) >= MAX_TABLES:
             self._tables.pop(next(iter(self._tables)))
@@ -176,6 +198,8 @@ class MultiTensorStep:
                 or len(grads) != len(opts):
             raise ValueError(f"grads: expected {len(opts)} gradient lists, one per optimizer")
         checked = [o._check_grads(g) for o, g in zip(opts, grads)]
+        if any(o._amp_buffer() is not opts[0]._amp_buffer() for o in opts):
+            raise ValueError("optimizers: one multi-tensor step needs one loss-scaling state (amp)")
         for o in opts:
             for gi, g in enumerate(o.param_groups):
                 o._check_group(g, f"param_groups[{gi}]")
@@ -198,11 +222,13 @@ class MultiTensorStep:
             gbase = None
         # one bucket (launch) per distinct (OptimParams, rule params) bytes; the structs, and
         # their bytes, are built once per (optimizer, group, step count, fresh state)
-        buckets: dict[tuple[bytes, bytes], tuple[Any, Any, list[tuple[int, int, int]], tuple]] = {}
+        buckets: dict[tuple[bytes, bytes],
+                      tuple[Any, Any, list[tuple[int, int, int, int]], tuple]] = {}
+        counted: list[int] = []  # flat step slots of the tensors the multi-tensor launches update
         rest: list[list[Tensor | None]] = []
         structs: dict[tuple, list] = {}
         self.fallback = 0
-        for o, gs in zip(opts, checked):
+        for o, gs, sb in zip(opts, checked, self._step_base):
             left: list[Tensor | None] = [None] * len(gs)
             any_left = False
             if gbase is not None:
@@ -211,7 +237,7 @@ class MultiTensorStep:
             for i, g in enumerate(gs):
                 if g is None or not o._sizes[i]:
                     continue
-                if g.buffer.base is not gbase or g.buffer.offset % 4:
+                if g.buffer.base is not gbase or g.buffer.offset % g.dtype.itemsize:
                     left[i] = g
                     any_left = True
                     continue
@@ -222,27 +248,32 @@ class MultiTensorStep:
                     used = used_by[gi] = o._used_states(grp)
                 fresh = o._ensure_state(i, used)
                 step = o.steps[i] = o.steps[i] + 1
-                skey = (id(o), gi, step, tuple(sorted(fresh)))
+                skey = (id(o), gi, step, tuple(sorted(fresh)), g.dtype)
                 rows = structs.get(skey)
                 if rows is None:
                     common = o._common_params(grp)
                     common.step = step
                     rule = o._rule_params(grp, step, fresh)
-                    bucket = buckets.setdefault((bytes(common), bytes(rule)),
+                    bucket = buckets.setdefault((bytes(common), bytes(rule), g.dtype),
                                                 (common, rule, [], used))
                     rows = structs[skey] = bucket[2]
-                rows.append((o.params[i].buffer.offset // 4, g.buffer.offset // 4, o._sizes[i]))
+                rows.append((o.params[i].buffer.offset // 4, g.buffer.offset // g.dtype.itemsize,
+                             o._sizes[i], sb + i))
+                counted.append(sb + i)
             rest.append(left if any_left else [])
         self.launches = 0
         tg = self.kernel.threadgroup_size
         # unused state slots and the norm (grouped optimizers never clip): the ops' placeholder
         unused = dummy(self.device)
-        for common, rule, rows, used in buckets.values():
+        amp = opts[0]._amp_buffer()
+        if counted:
+            opts[0]._advance(sorted(counted), self.steps_flat, amp)
+        for (_, _, gdt), (common, rule, rows, used) in buckets.items():
             table, nchunks = self._table(rows)
             states = [self._state_base(name) if u else unused
                       for name, u in zip(self.STATE_NAMES, used)]
-            self.kernel(nchunks * tg, self.base, gbase, self.base, *states, unused, common, rule,
-                        table)
+            self.kernels[gdt](nchunks * tg, self.base, gbase, self.base, *states, unused, common,
+                              rule, table, self.steps_flat, amp)
             self.launches += 1
         for o, left in zip(opts, rest):
             if left:

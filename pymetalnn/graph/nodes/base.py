@@ -16,6 +16,7 @@ from typing import Any, Callable
 
 import numpy as np
 
+from ... import functional as F
 from ...tensor import Tensor, float16, float32, int32
 from ..datasource import DataSource
 from ..errors import GraphError
@@ -198,7 +199,9 @@ class FilterNode(Node):
 
     def call_with_weights(self, rc: Any, op: Callable, x: Any, **kw: Any) -> Any:
         """op(x, weight, bias, **kw) with this node's weights acquired for the call."""
-        w, b = rc.acquire(self.weights)
+        w, b = rc.acquire(self.weights)  # float16 copies in a mixed-precision graph
+        if op in (F.conv2d, F.linear, F.conv_transpose2d):
+            kw.update(rc.accumulate())
         y = op(x, w, b, **kw)
         rc.release(self.weights)
         return y

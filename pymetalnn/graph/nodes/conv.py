@@ -87,8 +87,9 @@ class ConvolutionNode(_ConvNode):
         w, b = rc.acquire(self.weights)
         if not need[0] and rc.skip_dead:
             return self.weight_grads_only(rc, *F.conv2d_weight_grad(gouts[0], x, w, b,
-                                                                     **self._args()))
-        gx, gw, gb = F.conv2d_backward(gouts[0], x, w, b, **self._args())
+                                                                     **self._args(),
+                                                                     **rc.accumulate()))
+        gx, gw, gb = F.conv2d_backward(gouts[0], x, w, b, **self._args(), **rc.accumulate())
         return [gx if need[0] else None], _param_grads(gw, gb)
 
 
@@ -211,5 +212,6 @@ class ConvolutionTransposeNode(_ConvNode):
     def backward(self, rc, gouts, saved, need):
         (x,) = saved
         w, b = rc.acquire(self.weights)
-        gx, gw, gb = F.conv_transpose2d_backward(gouts[0], x, w, b, **self._args())
+        gx, gw, gb = F.conv_transpose2d_backward(gouts[0], x, w, b, **self._args(),
+                                                 **rc.accumulate())
         return [gx if need[0] else None], _param_grads(gw, gb)

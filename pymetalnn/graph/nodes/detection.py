@@ -93,11 +93,15 @@ class YoloLossNode(LossNode):
         return F.YoloAnchors(t, self.anchors)
 
     def forward(self, rc, xs, training, with_state):
-        return [F.yolo_loss(xs[0], xs[1], self._anchors(rc), reduction="per_sample",
-                            **self.options)]
+        return [F.yolo_loss(rc.loss_input(xs[0]), xs[1], self._anchors(rc),
+                            reduction="per_sample", **self.options)]
 
     def backward(self, rc, gouts, saved, need):
-        x, t = saved
+        x0, t = saved
+        x = rc.loss_input(x0)  # mixed precision: the loss in float, its gradient cast back
         g = rc.loss_scale(x.shape[0], self.reduction, x.device)
-        return [F.yolo_loss_backward(g, x, t, self._anchors(rc), reduction="per_sample",
-                                     **self.options), None], []
+        gx = F.yolo_loss_backward(g, x, t, self._anchors(rc), reduction="per_sample",
+                                  **self.options)
+        if gx.dtype != x0.dtype:
+            gx = F.cast(gx, x0.dtype)
+        return [gx, None], []

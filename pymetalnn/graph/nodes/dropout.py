@@ -11,9 +11,11 @@ from .base import FilterNode, _expect_ndim, _floats
 class DropoutNode(FilterNode):
     """Dropout with probability p (spatial: whole channels). The mask of training step k is
     drawn from (seed, offset=k) and recomputed by the gradient (MPS's dropout state, managed by
-    the graph); in an inference graph the node passes its source through."""
+    the graph); in an inference graph the node passes its source through. k is read on the
+    device (the graph's step_counter), so a captured step replayed draws each step's mask."""
 
     prefix = "dropout"
+    uses_step_counter = True
 
     def __init__(self, source: Any, p: float = 0.5, *, seed: int = 0, spatial: bool = False,
                  name: str | None = None, register: bool = True):
@@ -36,8 +38,8 @@ class DropoutNode(FilterNode):
             rc.note(f"{self.name}: identity at inference (no dispatch)")
             return [xs[0]]
         f = F.dropout2d if self.spatial else F.dropout
-        return [f(xs[0], self.p, self.seed, self.offset(rc.step))]
+        return [f(xs[0], self.p, self.seed, 0, offset_tensor=rc.g.step_counter())]
 
     def backward(self, rc, gouts, saved, need):
         f = F.dropout2d_backward if self.spatial else F.dropout_backward
-        return [f(gouts[0], self.p, self.seed, self.offset(rc.step))], []
+        return [f(gouts[0], self.p, self.seed, 0, offset_tensor=rc.g.step_counter())], []

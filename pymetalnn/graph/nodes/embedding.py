@@ -3,6 +3,8 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
+
 from ... import functional as F
 from ...tensor import float32, int32
 from ..datasource import EmbeddingDataSource
@@ -32,13 +34,22 @@ class EmbeddingNode(FilterNode):
 
     def forward(self, rc, xs, training, with_state):
         pad = self.weights.padding_idx
-        return [with_weights(rc, self.weights, lambda t: F.embedding(xs[0], t["weight"], pad))]
+        y = with_weights(rc, self.weights, lambda t: F.embedding(xs[0], t["weight"], pad))
+        if rc.mixed:  # the lookup in the table's float32, the activations float16
+            y = F.cast(y, np.float16)
+        return [y]
 
     def saved(self):
         return [("in", 0)]
 
     def backward(self, rc, gouts, saved, need):
         pad = self.weights.padding_idx
-        _, gw = with_weights(rc, self.weights,
-                             lambda t: F.embedding_backward(gouts[0], saved[0], t["weight"], pad))
+
+        def grad(t: dict) -> tuple:
+            g = gouts[0]
+            if g.dtype != t["weight"].dtype:  # mixed precision: accumulate rows in float32
+                g = F.cast(g, t["weight"].dtype)
+            return F.embedding_backward(g, saved[0], t["weight"], pad)
+
+        _, gw = with_weights(rc, self.weights, grad)
         return [None], [gw]

@@ -62,6 +62,7 @@ class FullyConnectedNode(FilterNode):
         w, b = rc.acquire(self.weights)
         g = gouts[0].reshape(-1, w.shape[0]) if self.per_step else gouts[0]
         if not need[0] and rc.skip_dead:
-            return self.weight_grads_only(rc, *F.linear_weight_grad(g, x2, w, b))
-        gx, gw, gb = F.linear_backward(g, x2, w, b)
+            return self.weight_grads_only(rc, *F.linear_weight_grad(g, x2, w, b,
+                                                                     **rc.accumulate()))
+        gx, gw, gb = F.linear_backward(g, x2, w, b, **rc.accumulate())
         return [gx.reshape(x.shape) if need[0] else None], _param_grads(gw, gb)

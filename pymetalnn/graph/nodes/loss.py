@@ -90,20 +90,24 @@ class LossNode(FilterNode):
         return i == 0
 
     def forward(self, rc, xs, training, with_state):
-        return [LOSSES[self.loss][0](xs[0], xs[1], reduction="per_sample", **self.options)]
+        return [LOSSES[self.loss][0](rc.loss_input(xs[0]), xs[1], reduction="per_sample",
+                                     **self.options)]
 
     def saved(self):
         return [("in", 0), ("in", 1)]
 
     def backward(self, rc, gouts, saved, need):
-        x, t = saved
+        x0, t = saved
+        x = rc.loss_input(x0)  # mixed precision: the loss in float, its gradient cast back
         if self.reduction == "elementwise_mean":  # the op's own (torch's) mean
-            gx, _ = LOSSES[self.loss][1](1.0, x, t, reduction="mean", target_grad=False,
+            gx, _ = LOSSES[self.loss][1](rc.loss_unit(x.device), x, t, reduction="mean",
+                                         target_grad=False, **self.options)
+        else:
+            g = rc.loss_scale(x.shape[0], self.reduction, x.device)
+            gx, _ = LOSSES[self.loss][1](g, x, t, reduction="per_sample", target_grad=False,
                                          **self.options)
-            return [gx, None], []
-        g = rc.loss_scale(x.shape[0], self.reduction, x.device)
-        gx, _ = LOSSES[self.loss][1](g, x, t, reduction="per_sample", target_grad=False,
-                                     **self.options)
+        if gx.dtype != x0.dtype:
+            gx = F.cast(gx, x0.dtype)
         return [gx, None], []
 
 

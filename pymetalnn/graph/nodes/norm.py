@@ -179,9 +179,10 @@ class LayerNormalizationNode(FilterNode):
         return [(x, _floats(dtypes))]
 
     def forward(self, rc, xs, training, with_state):
+        # the input's dtype (float16 copies in mixed precision)
         ns, eps = self.weights.normalized_shape, self.weights.eps
         return [with_weights(rc, self.weights, lambda t: F.layer_norm(
-            xs[0], ns, t.get("weight"), t.get("bias"), eps))]
+            xs[0], ns, t.get("weight"), t.get("bias"), eps), math=True)]
 
     def saved(self):
         return [("in", 0)]
@@ -189,5 +190,5 @@ class LayerNormalizationNode(FilterNode):
     def backward(self, rc, gouts, saved, need):
         ns, eps = self.weights.normalized_shape, self.weights.eps
         gx, gw, gb = with_weights(rc, self.weights, lambda t: F.layer_norm_backward(
-            gouts[0], saved[0], ns, t.get("weight"), t.get("bias"), eps))
+            gouts[0], saved[0], ns, t.get("weight"), t.get("bias"), eps), math=True)
         return [gx], [g for g in (gw, gb) if g is not None]

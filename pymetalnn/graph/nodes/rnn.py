@@ -71,7 +71,7 @@ class _RecurrentNode(FilterNode):
 
     def forward(self, rc, xs, training, with_state):
         ws = self.weights
-        t = rc.acquire_dict(ws)
+        t = rc.math_weights(ws)  # float16 copies in a mixed-precision graph
         kw = dict(num_layers=ws.num_layers, bias=ws.has_bias, bidirectional=ws.bidirectional,
                   training=bool(with_state))
         if self.mode.startswith("rnn_"):
