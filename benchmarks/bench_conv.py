@@ -37,6 +37,7 @@ import common  # noqa: E402
 import pymetalnn  # noqa: E402
 from pymetalnn import accuracy  # noqa: E402
 from pymetalnn.ops import conv as ops  # noqa: E402
+from pymetalnn.ops import conv_transpose  # noqa: E402
 
 # name, N, C, K, H, W, (KH, KW), stride, padding (ph, pw)
 SHAPES = [
@@ -90,7 +91,7 @@ class Problem:
             "weight_grad": pymetalnn.empty((k, c, kh, kw), dtype, dev),
             "conv_transpose2d": pymetalnn.empty((n, c, h, w), dtype, dev),
         }
-        tgeo = ops._transpose_args(t["gy"], t["w"], None, st, (ph, pw), self.opad, 1, 1, _acc)[4]
+        tgeo = conv_transpose._transpose_args(t["gy"], t["w"], None, st, (ph, pw), self.opad, 1, 1, _acc)[4]
         self.plans = {
             "fwd": ops.forward_plan(dev, prec, g, t["x"], t["w"], t["b"], self.out["fwd"], source),
             "input_grad": ops.input_grad_plan(dev, prec, g, t["gy"], t["w"], None,

@@ -46,20 +46,26 @@ def cases(dev: pymetalnn.Device, quick: bool, dtype) -> list[dict]:
 
         tx = common.torch_view(dev, x)
         _, mask = torch.ops.aten.native_dropout(tx, P, True)
+        # dropout2d's gradient in torch's autograd: grad times the saved per-channel mask * scale
+        m2 = ((torch.rand(shape[:2] + (1, 1), device=tx.device) >= P) / (1 - P)).to(tx.dtype)
+        o2 = torch.empty_like(tx)
         peers = {
             "dropout": lambda: torch.ops.aten.native_dropout(tx, P, True),
             "dropout_bwd": lambda: torch.ops.aten.native_dropout_backward(tx, mask, 1 / (1 - P)),
             "dropout2d": lambda: torch.nn.functional.dropout2d(tx, P, training=True),
+            "dropout2d_bwd": lambda: torch.mul(tx, m2, out=o2),
         }
         peer_name = "torch"
     elif dev.name == "cpu":
         rng = np.random.default_rng(1)
         keep = rng.random(shape) >= P
         scale = dtype(1 / (1 - P))
+        keep2d = ((rng.random(shape[:2] + (1, 1)) >= P) * scale).astype(dtype)
         peers = {
             "dropout": lambda: np.where(rng.random(shape) >= P, x_np * scale, dtype(0)),
             "dropout_bwd": lambda: np.where(keep, x_np * scale, dtype(0)),
             "dropout2d": lambda: x_np * ((rng.random(shape[:2] + (1, 1)) >= P) * scale).astype(dtype),
+            "dropout2d_bwd": lambda: x_np * keep2d,
         }
         peer_name = "numpy"
     return [membound.case(dev, name, dtype, shape, 2 * n * isz, copy, fn, peers.get(name), peer_name)

@@ -222,7 +222,8 @@ def main() -> int:
     common.disable_tf32()
     if dev.name == "cuda":
         bn_shapes = [(8, 64, 56, 56), (256, 1024)] if args.quick else \
-            [(32, 256, 56, 56), (32, 64, 112, 112), (256, 1024)]
+            [(32, 256, 56, 56), (32, 64, 112, 112), (32, 288, 35, 35), (32, 768, 17, 17),
+             (256, 1024)]  # ResNet, InceptionV3 (odd planes), (N, C)
         gn_shape = (8, 64, 56, 56) if args.quick else (32, 256, 56, 56)
     else:
         bn_shapes = [(4, 16, 14, 14), (64, 256)] if args.quick else [(8, 64, 28, 28), (256, 1024)]

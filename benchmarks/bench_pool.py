@@ -75,11 +75,12 @@ def cases(dev: pymetalnn.Device, x: pymetalnn.Tensor, x_np: np.ndarray) -> list[
         y, idx = P.max_pool2d(x, **w, return_indices=True)
         g = pymetalnn.tensor(np.ones(y.shape, x.dtype), dev)
         m = y.size
-        t_fwd = t_bwd = t_bwd_idx = t_afwd = t_abwd = None
+        t_fwd = t_fwd_idx = t_bwd = t_bwd_idx = t_afwd = t_abwd = None
         if tx is not None:
             tg = common.torch_view(dev, g)
             _, ti = F.max_pool2d(tx, k, s, p, return_indices=True)
             t_fwd = lambda tx=tx, k=k, s=s, p=p: F.max_pool2d(tx, k, s, p)
+            t_fwd_idx = lambda tx=tx, k=k, s=s, p=p: F.max_pool2d(tx, k, s, p, return_indices=True)
             t_bwd = t_bwd_idx = lambda tg=tg, tx=tx, ti=ti, k=k, s=s, p=p: \
                 aten.max_pool2d_with_indices_backward(tg, tx, [k, k], [s, s], [p, p], [1, 1], False, ti)
             t_afwd = lambda tx=tx, k=k, s=s, p=p: F.avg_pool2d(tx, k, s, p)
@@ -92,7 +93,7 @@ def cases(dev: pymetalnn.Device, x: pymetalnn.Tensor, x_np: np.ndarray) -> list[
         out.append(Case(f"max_pool2d {wname} +indices",
                         lambda w=w: P.max_pool2d(x, **w, return_indices=True),
                         lambda g=g, w=w, idx=idx: P.max_pool2d_backward(g, x, **w, indices=idx),
-                        (n + m) * isz + 4 * m, (m + n) * isz + 4 * m, None, t_bwd_idx))
+                        (n + m) * isz + 4 * m, (m + n) * isz + 4 * m, t_fwd_idx, t_bwd_idx))
         out.append(Case(f"avg_pool2d {wname}", lambda w=w: P.avg_pool2d(x, **w),
                         lambda g=g, w=w: P.avg_pool2d_backward(g, x, **w),
                         (n + m) * isz, (m + n) * isz, t_afwd, t_abwd,
@@ -101,16 +102,24 @@ def cases(dev: pymetalnn.Device, x: pymetalnn.Tensor, x_np: np.ndarray) -> list[
     x1 = x.reshape(x.shape[0], x.shape[1] * x.shape[2], x.shape[3])
     y1 = P.max_pool1d(x1, 3, 2, 1)
     g1 = pymetalnn.tensor(np.ones(y1.shape, x.dtype), dev)
-    t1f = t1b = None
+    t1f = t1b = ta1b = None
     if tx is not None:
         tx1 = tx.view(x1.shape)
         t1f = lambda: F.max_pool1d(tx1, 3, 2, 1)
+        # torch's 1-d pooling gradients are its 2-d ones on (N, C, 1, L)
+        tg1, tx14 = common.torch_view(dev, g1).unsqueeze(2), tx1.unsqueeze(2)
+        ti1 = F.max_pool1d(tx1, 3, 2, 1, return_indices=True)[1].unsqueeze(2)
+        t1b = lambda: aten.max_pool2d_with_indices_backward(tg1, tx14, [1, 3], [1, 2], [0, 1],
+                                                           [1, 1], False, ti1)
+        ta1b = lambda: aten.avg_pool2d_backward(tg1, tx14, [1, 3], [1, 2], [0, 1], False, True,
+                                                None)
     out.append(Case("max_pool1d k3s2p1", lambda: P.max_pool1d(x1, 3, 2, 1),
                     lambda: P.max_pool1d_backward(g1, x1, 3, 2, 1), (n + y1.size) * isz,
                     (y1.size + 2 * n) * isz, t1f, t1b))
     out.append(Case("avg_pool1d k3s2p1", lambda: P.avg_pool1d(x1, 3, 2, 1),
                     lambda: P.avg_pool1d_backward(g1, x1, 3, 2, 1), (n + y1.size) * isz,
-                    (y1.size + n) * isz, (lambda: F.avg_pool1d(tx1, 3, 2, 1)) if tx is not None else None))
+                    (y1.size + n) * isz, (lambda: F.avg_pool1d(tx1, 3, 2, 1)) if tx is not None else None,
+                    ta1b))
     for name, osz in (("adaptive_avg_pool2d 7x7", 7), ("global_avg_pool2d", 1)):
         ya = P.adaptive_avg_pool2d(x, osz)
         ga = pymetalnn.tensor(np.ones(ya.shape, x.dtype), dev)

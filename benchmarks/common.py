@@ -40,9 +40,15 @@ def time_host(fn: Callable[[], Any], sync: Callable[[], Any], warmup: int = 2, r
 
 
 def time_cuda(fn: Callable[[], Any], warmup: int = 3, reps: int = 20) -> tuple[float, float]:
-    """Median seconds of fn() between CUDA events on the default stream."""
+    """Median seconds of fn() between CUDA events on the default stream.
+
+    One call per sample by default, the GPU idle before it: the host's launch latency is inside
+    the figure. PYMETALNN_BENCH_BATCH=k times k calls back to back per sample and divides by k:
+    the device's throughput, the host's cost hidden behind the previous call's kernels unless it
+    exceeds them (then the figure is the host's time per call: launch-bound)."""
     import cupy as cp
 
+    batch = max(1, int(os.environ.get("PYMETALNN_BENCH_BATCH", "1")))
     for _ in range(warmup):
         fn()
     cp.cuda.runtime.deviceSynchronize()
@@ -50,10 +56,11 @@ def time_cuda(fn: Callable[[], Any], warmup: int = 3, reps: int = 20) -> tuple[f
     for _ in range(reps):
         start, end = cp.cuda.Event(), cp.cuda.Event()
         start.record()
-        fn()
+        for _ in range(batch):
+            fn()
         end.record()
         end.synchronize()
-        samples.append(cp.cuda.get_elapsed_time(start, end) / 1e3)
+        samples.append(cp.cuda.get_elapsed_time(start, end) / 1e3 / batch)
     return median_spread(samples)
 
 

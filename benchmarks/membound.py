@@ -8,6 +8,7 @@ for the same op on the same data (PyTorch on the same GPU; numpy on cpu) and `sp
 """
 from __future__ import annotations
 
+import os
 import time
 from typing import Any, Callable
 
@@ -63,5 +64,9 @@ def run_dtypes(name: str, doc: str | None,
     args = common.parser(doc).parse_args()
     dev = pymetalnn.device(args.backend)
     rows = [r for dtype in (np.float32, np.float16) for r in cases(dev, args.quick, dtype)]
-    common.report(rows, COLUMNS_HOST, f"{name}_{dev.name}", f"# {name} on {common.device_label(dev)}")
+    batch = os.environ.get("PYMETALNN_BENCH_BATCH", "1")
+    how = f"; {batch} calls back to back per timing sample" if batch != "1" and dev.name == "cuda" \
+        else ""
+    common.report(rows, COLUMNS_HOST, f"{name}_{dev.name}",
+                  f"# {name} on {common.device_label(dev)}{how}")
     return 0

@@ -11,6 +11,11 @@
 // Flat fast path (arith_flat, and arith_bwd): when every operand is contiguous with the output's
 // shape or a single element (same-shape ops, tensor op number), no index math at all: the
 // stream.h shape (two coalesced 16-byte chunks per thread, half included, one pass, scalar tail).
+// Channel path (arith_chan): output [N, C, HW] (HW >= the chunk) and every operand contiguous
+// with it or one value per channel (x * w[c], x + b[c]): the stream.h shape too, one plane
+// lookup per 16-byte chunk where the general kernel spends ndim - 1 divisions per 4 outputs.
+// Forward ops apply an optional activation to the result in the same pass (p.act, neuron.h: a
+// residual add + relu).
 //
 // Reductions out[t] = alpha * sum_r op(x0, x1, x2) (op: identity, g * other, g / b, -g a / b^2)
 // come in two shapes, chosen by the host:
@@ -23,8 +28,11 @@
 // reduced range is cut into splits (enough loads in flight to cover memory latency) that write
 // float partials, and a finish kernel adds the partials of each output in a fixed order:
 // deterministic, no atomics. Every sum is accumulated in float whatever the storage type.
+// The reduction loops issue RED_UN steps' loads (8 in the finish kernel) before adding them, in
+// the same order as one at a time: more bytes in flight per thread, the same sums.
 #include <metal_stdlib>
 #include "params.h"
+#include "neuron.h"
 #include "stream.h"
 using namespace metal;
 
@@ -44,6 +52,18 @@ inline V arith_apply(V a, V b, V c, float alpha) {
     if (OP == OP_DIV) return a / b;
     if (OP == OP_SCALE) return a * alpha;
     return -(a * (b / c)) / c;  // divide before squaring: b * b overflows float for |b| > 1.8e19
+}
+
+// The forward ops' fused activation of the result (p.act of neuron.h, 0 = none: the value
+// untouched), e.g. a residual add + relu in one pass (F.add(..., activation=)).
+inline float arith_act(float v, constant ArithParams& p) {
+    return p.act ? nn_activation(v, p.act, p.act_alpha) : v;
+}
+inline float4 arith_act(float4 v, constant ArithParams& p) {
+    if (p.act) {
+        for (int j = 0; j < 4; ++j) v[j] = nn_activation(v[j], p.act, p.act_alpha);
+    }
+    return v;
 }
 
 // How many operands an op reads; the others are never loaded.
@@ -97,12 +117,13 @@ kernel void arith_ew(device const T* x0 [[buffer(0)]],
             const float4 a = load4(x0, o0, p.stride0[last]);
             const float4 b = k >= 2 ? load4(x1, o1, p.stride1[last]) : float4(0.0f);
             const float4 c = k >= 3 ? load4(x2, o2, p.stride2[last]) : float4(1.0f);
-            *((device vec<T, 4>*)(out + e)) = vec<T, 4>(arith_apply<OP>(a, b, c, p.alpha));
+            const float4 r = arith_act(arith_apply<OP>(a, b, c, p.alpha), p);
+            *((device vec<T, 4>*)(out + e)) = vec<T, 4>(r);
         } else {
             const float a = float(x0[o0]);
             const float b = k >= 2 ? float(x1[o1]) : 0.0f;
             const float c = k >= 3 ? float(x2[o2]) : 1.0f;
-            out[e] = T(arith_apply<OP>(a, b, c, p.alpha));
+            out[e] = T(arith_act(arith_apply<OP>(a, b, c, p.alpha), p));
         }
     }
 }
@@ -146,8 +167,8 @@ kernel void arith_flat(device const T* x0 [[buffer(0)]],
             const uint ch = stream_chunk(gid, u);
             if (ch < nvec) {
                 for (int e = 0; e < int(16 / sizeof(T)); ++e) {
-                    a[u][e] = arith_apply<OP>(a[u][e], k >= 2 ? b[u][e] : 0.0f,
-                                              k >= 3 ? c[u][e] : 1.0f, alpha);
+                    a[u][e] = arith_act(arith_apply<OP>(a[u][e], k >= 2 ? b[u][e] : 0.0f,
+                                                        k >= 3 ? c[u][e] : 1.0f, alpha), p);
                 }
                 stream_store<16 / sizeof(T)>(out, ch, a[u]);
             }
@@ -158,7 +179,74 @@ kernel void arith_flat(device const T* x0 [[buffer(0)]],
             const float a = float(x0[s0 * i]);
             const float b = k >= 2 ? float(x1[s1 * i]) : 0.0f;
             const float c = k >= 3 ? float(x2[s2 * i]) : 1.0f;
-            out[i] = T(arith_apply<OP>(a, b, c, alpha));
+            out[i] = T(arith_act(arith_apply<OP>(a, b, c, alpha), p));
+        }
+    }
+}
+
+// ---- channel broadcast: out [N, C, HW], operand i contiguous (p.stride<i>[0] = 1) or per channel
+// (0, x[c]); p.n elements, p.vec = nvec chunks of W = 16 / sizeof(T), p.shape[0] = C,
+// p.shape[1] = HW >= W, so a chunk meets at most two planes q and q + 1 (the first in_q elements
+// in q). Per element the same arith_apply as arith_ew.
+template <int W, typename T>
+inline void arith_load_chan(device const T* x, uint s, uint ch, float a0, float a1, uint in_q,
+                            thread float* v) {
+    if (s == 0u) {
+        for (int e = 0; e < W; ++e) v[e] = uint(e) < in_q ? a0 : a1;
+    } else {
+        stream_load<W>(x, ch, v);
+    }
+}
+
+template <int OP, typename T>
+[[max_total_threads_per_threadgroup(256)]]
+kernel void arith_chan(device const T* x0 [[buffer(0)]],
+                       device const T* x1 [[buffer(1)]],
+                       device const T* x2 [[buffer(2)]],
+                       device T* out [[buffer(3)]],
+                       constant ArithParams& p [[buffer(4)]],
+                       uint gid [[thread_position_in_grid]]) {
+    const int k = arith_arity<OP>();
+    const uint W = 16u / sizeof(T);
+    const uint nvec = p.vec, C = p.shape[0], HW = p.shape[1];
+    const uint s0 = p.stride0[0], s1 = p.stride1[0], s2 = p.stride2[0];
+    const float alpha = p.alpha;
+    const uint vthreads = stream_vthreads(nvec);
+    if (gid < vthreads) {
+        float a[STREAM_U][16 / sizeof(T)], b[STREAM_U][16 / sizeof(T)], c[STREAM_U][16 / sizeof(T)];
+        for (uint u = 0; u < STREAM_U; ++u) {
+            const uint ch = stream_clamp(stream_chunk(gid, u), nvec);
+            const uint i0 = ch * W, q = i0 / HW, in_q = (q + 1u) * HW - i0;
+            const uint c0 = q % C, c1 = (q + 1u) % C;
+            arith_load_chan<16 / sizeof(T)>(x0, s0, ch, s0 ? 0.0f : float(x0[c0]),
+                                            s0 ? 0.0f : float(x0[c1]), in_q, a[u]);
+            if (k >= 2) {
+                arith_load_chan<16 / sizeof(T)>(x1, s1, ch, s1 ? 0.0f : float(x1[c0]),
+                                                s1 ? 0.0f : float(x1[c1]), in_q, b[u]);
+            }
+            if (k >= 3) {
+                arith_load_chan<16 / sizeof(T)>(x2, s2, ch, s2 ? 0.0f : float(x2[c0]),
+                                                s2 ? 0.0f : float(x2[c1]), in_q, c[u]);
+            }
+        }
+        for (uint u = 0; u < STREAM_U; ++u) {
+            const uint ch = stream_chunk(gid, u);
+            if (ch < nvec) {
+                for (uint e = 0; e < W; ++e) {
+                    a[u][e] = arith_act(arith_apply<OP>(a[u][e], k >= 2 ? b[u][e] : 0.0f,
+                                                        k >= 3 ? c[u][e] : 1.0f, alpha), p);
+                }
+                stream_store<16 / sizeof(T)>(out, ch, a[u]);
+            }
+        }
+    } else {
+        const uint i = nvec * W + (gid - vthreads);
+        if (i < p.n) {
+            const uint cc = (i / HW) % C;
+            const float a = float(x0[s0 ? i : cc]);
+            const float b = k >= 2 ? float(x1[s1 ? i : cc]) : 0.0f;
+            const float c = k >= 3 ? float(x2[s2 ? i : cc]) : 1.0f;
+            out[i] = T(arith_act(arith_apply<OP>(a, b, c, alpha), p));
         }
     }
 }
@@ -286,6 +374,8 @@ inline void odometer_init(uint r, thread uint* c, constant ReduceParams& p, thre
     }
 }
 
+#define RED_UN 4  // reduce_outer / reduce_inner: steps whose loads a thread issues together
+
 // outer: one thread per (output t, split s), or per (4 consecutive outputs, split) when vec == 4
 // (the innermost kept dim is then a multiple of 4 and x0 is contiguous along it); the odometer
 // c[] walks the reduced dims.
@@ -312,23 +402,46 @@ kernel void reduce_outer(device const T* x0 [[buffer(0)]],
         const uint r1 = min(p.n_red, r0 + p.chunk);
         uint c[8];
         odometer_init(r0, c, p, o0, o1, o2);
-        if (p.vec == 4) {
-            float4 acc = float4(0.0f);
-            for (uint r = r0; r < r1; ++r) {
-                acc += reduce_term4<OP>(x0, x1, x2, o0, o1, o2, p.kstride0[kl], p.kstride1[kl],
-                                        p.kstride2[kl]);
-                odometer_next(c, p, o0, o1, o2);
+        // RED_UN steps per round: their loads first, then the terms added in step order (the
+        // same sums as one step at a time, which left a thread one load in flight)
+        const int k = arith_arity<OP>();
+        const bool v4 = p.vec == 4;
+        float4 acc = float4(0.0f);
+        for (uint r = r0; r < r1;) {
+            float4 va[RED_UN], vb[RED_UN], vc[RED_UN];
+            bool ok[RED_UN];
+            for (int u = 0; u < RED_UN; ++u) {
+                ok[u] = r < r1;
+                va[u] = float4(0.0f);
+                vb[u] = float4(0.0f);
+                vc[u] = float4(1.0f);
+                if (ok[u]) {
+                    if (v4) {
+                        va[u] = load4(x0, o0, p.kstride0[kl]);
+                        if (k >= 2) vb[u] = load4(x1, o1, p.kstride1[kl]);
+                        if (k >= 3) vc[u] = load4(x2, o2, p.kstride2[kl]);
+                    } else {
+                        va[u].x = float(x0[o0]);
+                        if (k >= 2) vb[u].x = float(x1[o1]);
+                        if (k >= 3) vc[u].x = float(x2[o2]);
+                    }
+                    odometer_next(c, p, o0, o1, o2);
+                    ++r;
+                }
             }
+            for (int u = 0; u < RED_UN; ++u) {
+                if (ok[u]) {
+                    if (v4) acc += arith_apply<OP>(va[u], vb[u], vc[u], 1.0f);
+                    else acc.x += arith_apply<OP>(va[u].x, vb[u].x, vc[u].x, 1.0f);
+                }
+            }
+        }
+        if (v4) {
             if (p.splits == 1) *((device vec<T, 4>*)(out + t)) = vec<T, 4>(acc * p.alpha);
             else *((device float4*)(partial + s * p.n_out + t)) = acc;
         } else {
-            float acc = 0.0f;
-            for (uint r = r0; r < r1; ++r) {
-                acc += reduce_term<OP>(x0, x1, x2, o0, o1, o2);
-                odometer_next(c, p, o0, o1, o2);
-            }
-            if (p.splits == 1) out[t] = T(acc * p.alpha);
-            else partial[s * p.n_out + t] = acc;
+            if (p.splits == 1) out[t] = T(acc.x * p.alpha);
+            else partial[s * p.n_out + t] = acc.x;
         }
     }
 }
@@ -366,21 +479,48 @@ kernel void reduce_inner(device const T* x0 [[buffer(0)]],
             uint col = r % p.inner;
             uint c[8];
             odometer_init(r / p.inner, c, p, b0, b1, b2);
-            for (; r < r1; r += advance) {
-                const uint o0 = b0 + col * p.istride0;
-                const uint o1 = b1 + col * p.istride1;
-                const uint o2 = b2 + col * p.istride2;
-                if (p.vec == 4) {
-                    const float4 v = reduce_term4<OP>(x0, x1, x2, o0, o1, o2, p.istride0, p.istride1,
-                                                      p.istride2);
-                    acc += (v.x + v.y) + (v.z + v.w);
-                } else {
-                    acc += reduce_term<OP>(x0, x1, x2, o0, o1, o2);
+            // RED_UN steps per round: their loads first, then the terms added in step order
+            // (the same sums as one step at a time, which left a lane one load in flight)
+            const int k = arith_arity<OP>();
+            while (r < r1) {
+                float4 va[RED_UN], vb[RED_UN], vc[RED_UN];
+                bool ok[RED_UN];
+                for (int u = 0; u < RED_UN; ++u) {
+                    ok[u] = r < r1;
+                    va[u] = float4(0.0f);
+                    vb[u] = float4(0.0f);
+                    vc[u] = float4(1.0f);
+                    if (ok[u]) {
+                        const uint o0 = b0 + col * p.istride0;
+                        const uint o1 = b1 + col * p.istride1;
+                        const uint o2 = b2 + col * p.istride2;
+                        if (p.vec == 4) {
+                            va[u] = load4(x0, o0, p.istride0);
+                            if (k >= 2) vb[u] = load4(x1, o1, p.istride1);
+                            if (k >= 3) vc[u] = load4(x2, o2, p.istride2);
+                        } else {
+                            va[u].x = float(x0[o0]);
+                            if (k >= 2) vb[u].x = float(x1[o1]);
+                            if (k >= 3) vc[u].x = float(x2[o2]);
+                        }
+                        col += advance;
+                        // next row (at most once if inner >= advance)
+                        while (col >= p.inner && r + advance < r1) {
+                            col -= p.inner;
+                            odometer_next(c, p, b0, b1, b2);
+                        }
+                        r += advance;
+                    }
                 }
-                col += advance;
-                while (col >= p.inner && r + advance < r1) {  // next row (at most once if inner >= advance)
-                    col -= p.inner;
-                    odometer_next(c, p, b0, b1, b2);
+                for (int u = 0; u < RED_UN; ++u) {
+                    if (ok[u]) {
+                        if (p.vec == 4) {
+                            const float4 v = arith_apply<OP>(va[u], vb[u], vc[u], 1.0f);
+                            acc += (v.x + v.y) + (v.z + v.w);
+                        } else {
+                            acc += arith_apply<OP>(va[u].x, vb[u].x, vc[u].x, 1.0f);
+                        }
+                    }
                 }
             }
         }
@@ -405,7 +545,16 @@ kernel void reduce_finish(device const float* partial [[buffer(0)]],
     const uint n_sg = tg_size * n_groups / 32u;
     for (uint t = gid / 32u; t < p.n_out; t += n_sg) {
         float acc = 0.0f;
-        for (uint s = lane; s < p.splits; s += 32u) acc += partial[s * p.n_out + t];
+        // 8 loads issued before they are added, in the same order (a full reduction has up to
+        // MAX_SPLITS partials for one simdgroup: one load in flight at a time made it
+        // latency-bound)
+        uint s = lane;
+        for (; s + 7u * 32u < p.splits; s += 8u * 32u) {
+            float v[8];
+            for (uint u = 0; u < 8u; ++u) v[u] = partial[(s + 32u * u) * p.n_out + t];
+            for (uint u = 0; u < 8u; ++u) acc += v[u];
+        }
+        for (; s < p.splits; s += 32u) acc += partial[s * p.n_out + t];
         acc = simd_sum(acc);
         if (lane == 0) out[t] = T(acc * p.alpha);
     }
@@ -418,6 +567,8 @@ kernel void reduce_finish(device const float* partial [[buffer(0)]],
         arith_flat<OP, T, false>;                                                              \
     template [[host_name(name "_splat")]] [[kernel]] decltype(arith_flat<OP, T, true>)         \
         arith_flat<OP, T, true>;
+#define instantiate_chan(name, OP, T) \
+    template [[host_name(name)]] [[kernel]] decltype(arith_chan<OP, T>) arith_chan<OP, T>;
 #define instantiate_bwd(name, OP, T) \
     template [[host_name(name)]] [[kernel]] decltype(arith_bwd<OP, T>) arith_bwd<OP, T>;
 #define instantiate_reduce(name, kind, OP, T) \
@@ -436,6 +587,12 @@ kernel void reduce_finish(device const float* partial [[buffer(0)]],
     instantiate_flat("div_fwd_flat_" #T, OP_DIV, T)                                   \
     instantiate_flat("scale_fwd_flat_" #T, OP_SCALE, T)                               \
     instantiate_flat("div_bwd_rhs_flat_" #T, OP_DIVRHS, T)                            \
+    instantiate_chan("add_fwd_chan_" #T, OP_ADD, T)                                   \
+    instantiate_chan("sub_fwd_chan_" #T, OP_SUB, T)                                   \
+    instantiate_chan("mul_fwd_chan_" #T, OP_MUL, T)                                   \
+    instantiate_chan("div_fwd_chan_" #T, OP_DIV, T)                                   \
+    instantiate_chan("scale_fwd_chan_" #T, OP_SCALE, T)                               \
+    instantiate_chan("div_bwd_rhs_chan_" #T, OP_DIVRHS, T)                            \
     instantiate_bwd("add_bwd_" #T, OP_ADD, T)                                         \
     instantiate_bwd("sub_bwd_" #T, OP_SUB, T)                                         \
     instantiate_bwd("mul_bwd_" #T, OP_MUL, T)                                         \

@@ -16,8 +16,9 @@
 //  - copy_flat: one contiguous run (copy, cast, any block whose pitches equal its width): the
 //    stream.h shape, two coalesced 16-byte chunks per thread (a cast reads / writes 32 bytes of
 //    float per 16 of half), one pass, a scalar tail.
-// All but transpose and copy_flat move 4 elements per thread (128-bit fp32 accesses) whenever the widths,
-// pitches and offsets are multiples of 4.
+// All but transpose and copy_flat move 16 bytes per thread (4 float, 8 half: raw uint4 words for
+// a same-type copy) whenever the widths, pitches and offsets are multiples of that many elements
+// and the buffers 16-byte aligned; else 4 elements (8 bytes of half) when they are multiples of 4.
 #include <metal_stdlib>
 #include "params.h"
 #include "stream.h"
@@ -37,7 +38,9 @@ kernel void copy_block(device const Tin* src [[buffer(0)]],
         const uint c = (item - r * per_row) * p.vec;
         const uint s = p.src_off + r * p.src_pitch + c;
         const uint d = p.dst_off + r * p.dst_pitch + c;
-        if (p.vec == 4) {
+        if (sizeof(Tin) == sizeof(Tout) && p.vec * sizeof(Tin) == 16u) {  // raw 16-byte words
+            *((device uint4*)(dst + d)) = *((device const uint4*)(src + s));
+        } else if (p.vec == 4) {
             *((device vec<Tout, 4>*)(dst + d)) = vec<Tout, 4>(*((device const vec<Tin, 4>*)(src + s)));
         } else {
             dst[d] = Tout(src[s]);
@@ -132,7 +135,8 @@ kernel void concat8(device const T* s0 [[buffer(0)]], device const T* s1 [[buffe
         const uint c = (local - r * per_row) * p.vec;
         device const T* src = pick8(i, s0, s1, s2, s3, s4, s5, s6, s7) + r * p.cols[i] + c;
         device T* d = dst + r * p.pitch + p.off[i] + c;
-        if (p.vec == 4) *((device vec<T, 4>*)d) = *((device const vec<T, 4>*)src);
+        if (p.vec * sizeof(T) == 16u) *((device uint4*)d) = *((device const uint4*)src);
+        else if (p.vec == 4) *((device vec<T, 4>*)d) = *((device const vec<T, 4>*)src);
         else *d = *src;
     }
 }
@@ -156,7 +160,8 @@ kernel void split8(device const T* src [[buffer(0)]],
         const uint c = (local - r * per_row) * p.vec;
         device const T* s = src + r * p.pitch + p.off[i] + c;
         device T* d = pick8w(i, d0, d1, d2, d3, d4, d5, d6, d7) + r * p.cols[i] + c;
-        if (p.vec == 4) *((device vec<T, 4>*)d) = *((device const vec<T, 4>*)s);
+        if (p.vec * sizeof(T) == 16u) *((device uint4*)d) = *((device const uint4*)s);
+        else if (p.vec == 4) *((device vec<T, 4>*)d) = *((device const vec<T, 4>*)s);
         else *d = *s;
     }
 }

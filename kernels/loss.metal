@@ -13,6 +13,8 @@
 //    (tile_reduce.h): the logits are read once into threadgroup memory when the tile fits, the
 //    max and the shifted sums come from two tile reductions, and the term's value, weight and
 //    counts are written per position (N*H*W values, 1/C of the input) for loss_reduce.
+//    Softmax cross-entropy on (N, C) logits with integer labels has row kernels too (ce_rows_*,
+//    softmax.metal's row layout: one simdgroup per row, the row in registers).
 // Softmax cross-entropy works from the max-shifted logits (log s - sum t' (x - m)), never from
 // lse * sum(t') - sum(t' x), which cancels catastrophically for large logits.
 // A term whose weight is 0 (or whose label is ignore_index) contributes exactly 0 to the loss and
@@ -28,6 +30,7 @@
 // Storage float or half; every sum and every loss is computed in float, losses are stored float.
 #include <metal_stdlib>
 #include "params.h"
+#include "stream.h"
 #include "tile_reduce.h"
 using namespace metal;
 
@@ -198,11 +201,112 @@ kernel void loss_pw_bwd(device const float* g [[buffer(0)]],
     }
 }
 
+// loss_pw_bwd in the stream.h shape (host: M >= W = 16 / sizeof(T), every
+// buffer read or written per element 16-byte aligned; p.reduce carries nvec here): 16-byte chunks
+// of x and t (and of the per-element weights, pos_weight and per-term g when present), STREAM_U
+// per thread, one sample lookup (division) per chunk instead of per element: a chunk meets at
+// most two samples n0 and n0 + 1 (the first in_n elements in n0). Per element the same
+// arithmetic as loss_pw_bwd, so the same bits; a scalar tail.
+template <typename T, int K>
+[[max_total_threads_per_threadgroup(256)]]
+kernel void loss_pw_bwd_vec(device const float* g [[buffer(0)]],
+                            device const T* x [[buffer(1)]],
+                            device const T* t [[buffer(2)]],
+                            device const float* sw [[buffer(3)]],
+                            device T* dx [[buffer(4)]],
+                            device const float* pw [[buffer(5)]],
+                            device T* dt [[buffer(6)]],
+                            constant LossParams& p [[buffer(7)]],
+                            uint gid [[thread_position_in_grid]]) {
+    const uint W = 16u / sizeof(T);
+    const uint nvec = p.reduce;
+    const uint vthreads = stream_vthreads(nvec);
+    if (gid >= vthreads) {  // tail: element W nvec + j, as loss_pw_bwd
+        const uint i = nvec * W + (gid - vthreads);
+        if (i < p.total) {
+            uint n = i / p.M;
+            float w = p.has_weight ? sw[p.elem_weight ? i : n] : 1.0f;
+            float r = 0.0f, rt = 0.0f;
+            if (w != 0.0f) {
+                float c = p.gmode == LOSS_G_SCALAR ? g[0]
+                        : (p.gmode == LOSS_G_PER_SAMPLE ? g[n] : g[i]);
+                float xi = float(x[i]), ti = float(t[i]), pwi = p.has_pos_weight ? pw[i] : 1.0f;
+                r = c * w * pw_grad(K, xi, ti, pwi, p);
+                if (p.target_grad) rt = c * w * pw_grad_target(K, xi, ti, pwi, p);
+            }
+            dx[i] = T(r);
+            if (p.target_grad) dt[i] = T(rt);
+        }
+        return;
+    }
+    const bool ew = p.has_weight && p.elem_weight;
+    const bool gt = p.gmode != LOSS_G_SCALAR && p.gmode != LOSS_G_PER_SAMPLE;
+    float xv[STREAM_U][16 / sizeof(T)], tv[STREAM_U][16 / sizeof(T)];
+    float wv[STREAM_U][16 / sizeof(T)], pv[STREAM_U][16 / sizeof(T)], gv[STREAM_U][16 / sizeof(T)];
+#pragma unroll
+    for (uint s = 0; s < STREAM_U; ++s) {
+        const uint ch = stream_clamp(stream_chunk(gid, s), nvec);
+        stream_load<16 / sizeof(T)>(x, ch, xv[s]);
+        stream_load<16 / sizeof(T)>(t, ch, tv[s]);
+        if (ew) stream_load<16 / sizeof(T)>(sw, ch, wv[s]);
+        if (p.has_pos_weight) stream_load<16 / sizeof(T)>(pw, ch, pv[s]);
+        if (gt) stream_load<16 / sizeof(T)>(g, ch, gv[s]);
+    }
+#pragma unroll
+    for (uint s = 0; s < STREAM_U; ++s) {
+        const uint ch = stream_chunk(gid, s);
+        if (ch < nvec) {
+            const uint i0 = ch * W, n0 = i0 / p.M, in_n = (n0 + 1u) * p.M - i0;
+            float r[16 / sizeof(T)], rt[16 / sizeof(T)];
+#pragma unroll
+            for (uint e = 0; e < W; ++e) {
+                const uint n = e < in_n ? n0 : n0 + 1u;
+                float w = p.has_weight ? (p.elem_weight ? wv[s][e] : sw[n]) : 1.0f;
+                r[e] = 0.0f;
+                rt[e] = 0.0f;
+                if (w != 0.0f) {
+                    float c = p.gmode == LOSS_G_SCALAR ? g[0]
+                            : (p.gmode == LOSS_G_PER_SAMPLE ? g[n] : gv[s][e]);
+                    float pwi = p.has_pos_weight ? pv[s][e] : 1.0f;
+                    r[e] = c * w * pw_grad(K, xv[s][e], tv[s][e], pwi, p);
+                    if (p.target_grad) rt[e] = c * w * pw_grad_target(K, xv[s][e], tv[s][e], pwi, p);
+                }
+            }
+            stream_store<16 / sizeof(T)>(dx, ch, r);
+            if (p.target_grad) stream_store<16 / sizeof(T)>(dt, ch, rt);
+        }
+    }
+}
+
 // ---- class-axis -----------------------------------------------------------------------------
 // Smoothed target of class c: labels give (1 - eps) [c == y] + eps / C, probabilities
 // t (1 - eps) + eps / C.
 inline float smooth_label(uint c, int y, float eps, float C) {
     return (int(c) == y ? 1.0f - eps : 0.0f) + eps / C;
+}
+
+// The max over a tile's slice of the class axis (x at off + l * inner, l = t.s, t.s + t.S, ...),
+// the values cached when q.cached. Four loads are issued before they are used (one at a time
+// left a thread one load in flight), taken in the same order: the same result.
+template <typename T>
+inline float cls_max_pass(device const T* x, uint off, uint inner, uint C, TilePos t,
+                          constant SoftmaxParams& q, threadgroup float* cp) {
+    float m = -INFINITY;
+    uint l = t.s;
+    for (; l + 3u * t.S < C; l += 4u * t.S) {
+        float v[4];
+        for (uint u = 0; u < 4u; ++u) v[u] = float(x[off + (l + u * t.S) * inner]);
+        for (uint u = 0; u < 4u; ++u) {
+            if (q.cached) cp[(l + u * t.S) * q.W] = v[u];
+            m = max(m, v[u]);
+        }
+    }
+    for (; l < C; l += t.S) {
+        float v = float(x[off + l * inner]);
+        if (q.cached) cp[l * q.W] = v;
+        m = max(m, v);
+    }
+    return m;
 }
 
 // LABELS: 1 = int labels (N, H*W), 0 = probability targets shaped like x. terms[k], cnt[k] per
@@ -247,13 +351,7 @@ kernel void loss_cls_fwd(device const T* x [[buffer(0)]],
         float m = 0.0f;
         if (K == L_CE) {
             m = -INFINITY;
-            if (col) {
-                for (uint l = t.s; l < C; l += t.S) {
-                    float v = float(x[off + l * inner]);
-                    if (q.cached) cp[l * q.W] = v;
-                    m = max(m, v);
-                }
-            }
+            if (col) m = cls_max_pass(x, off, inner, C, t, q, cp);
             m = tile_reduce(m, TR_MAX, q.W, q.SW, lane, sg, scratch);
             if (col) {
                 for (uint l = t.s; l < C; l += t.S) {
@@ -366,13 +464,7 @@ kernel void loss_cls_bwd(device const float* g [[buffer(0)]],
         }
         if (K == L_CE) {
             float m = -INFINITY;
-            if (col) {
-                for (uint l = t.s; l < C; l += t.S) {
-                    float v = float(x[off + l * inner]);
-                    if (q.cached) cp[l * q.W] = v;
-                    m = max(m, v);
-                }
-            }
+            if (col) m = cls_max_pass(x, off, inner, C, t, q, cp);
             m = tile_reduce(m, TR_MAX, q.W, q.SW, lane, sg, scratch);
             float4 acc = float4(0.0f);  // (sum exp(x - m), sum w t' (probabilities) or sum w)
             if (col) {
@@ -515,11 +607,142 @@ kernel void loss_scale_bwd_float(device const int* labels [[buffer(0)]],
 }
 
 // ---- instantiations -------------------------------------------------------------------------
+// ---- softmax cross-entropy on (N, C) logits with integer labels: one simdgroup per row ------
+// The host takes these for 2-d logits (one position per sample) whose C is a multiple of W =
+// 16 / sizeof(T) and at most 32 SM_ROW_CHUNKS W, the buffers 16-byte aligned: each lane loads
+// its SM_ROW_CHUNKS 16-byte chunks of the row at once and keeps them in registers, the row's max
+// and sums are simd reductions (softmax.metal's row kernels), no threadgroup memory or barrier.
+// Same params, buffers, per-term formulas and outputs as loss_cls_fwd / loss_cls_bwd (K = L_CE,
+// LABELS = 1): terms and counts per sample for loss_reduce, dx per element.
+template <typename T>
+[[max_total_threads_per_threadgroup(256)]]
+kernel void ce_rows_fwd(device const T* x [[buffer(0)]],
+                        device const T* tp [[buffer(1)]],
+                        device const int* labels [[buffer(2)]],
+                        device const float* sw [[buffer(3)]],
+                        device float* terms [[buffer(4)]],
+                        device uint2* cnt [[buffer(5)]],
+                        constant LossParams& p [[buffer(6)]],
+                        constant SoftmaxParams& q [[buffer(7)]],
+                        device const float* cw [[buffer(8)]],
+                        uint gid [[thread_position_in_grid]],
+                        uint lane [[thread_index_in_simdgroup]]) {
+    const uint W = 16u / sizeof(T);
+    const uint o = gid / 32u;  // the sample (row), uniform across the simdgroup
+    if (o >= q.outer) return;
+    const uint C = q.len, nv = C / W, off = o * C;
+    const float Cf = float(C), eps = p.smoothing;
+    const int y = labels[o];
+    const bool valid = y != p.ignore_index;
+    float v[SM_ROW_CHUNKS][16 / sizeof(T)];
+    for (uint c = 0; c < SM_ROW_CHUNKS; ++c) {
+        stream_load<16 / sizeof(T)>(x, o * nv + min(lane + 32u * c, nv - 1u), v[c]);
+    }
+    float m = -INFINITY;
+    for (uint c = 0; c < SM_ROW_CHUNKS; ++c) {
+        if (lane + 32u * c < nv) {
+            for (uint e = 0; e < W; ++e) m = max(m, v[c][e]);
+        }
+    }
+    m = simd_max(m);
+    float4 acc = float4(0.0f);
+    for (uint c = 0; c < SM_ROW_CHUNKS; ++c) {
+        if (lane + 32u * c < nv) {
+            for (uint e = 0; e < W; ++e) {
+                const float d = v[c][e] - m;
+                const float wc = p.has_class_weight ? cw[(lane + 32u * c) * W + e] : 1.0f;
+                acc.w += precise::exp(d);
+                acc.x += wc * d;  // sum w (x - m), for smoothing
+                acc.y += wc;      // sum w
+            }
+        }
+    }
+    acc = float4(simd_sum(acc.x), simd_sum(acc.y), 0.0f, simd_sum(acc.w));
+    if (lane == 0u) {
+        const float ls = precise::log(acc.w);
+        const float wy = (p.has_class_weight && valid) ? cw[y] : 1.0f;
+        float loss = valid ? (1.0f - eps) * wy * (ls - (float(x[off + uint(y)]) - m)) : 0.0f;
+        if (valid && eps != 0.0f) loss += eps / Cf * (ls * acc.y - acc.x);
+        const float w = p.has_weight ? sw[o] : 1.0f;
+        const bool nz = valid && w != 0.0f;
+        terms[o] = nz ? w * loss : 0.0f;
+        cnt[o] = uint2(valid ? 1u : 0u, nz ? 1u : 0u);
+    }
+}
+
+template <typename T>
+[[max_total_threads_per_threadgroup(256)]]
+kernel void ce_rows_bwd(device const float* g [[buffer(0)]],
+                        device const T* x [[buffer(1)]],
+                        device const T* tp [[buffer(2)]],
+                        device const int* labels [[buffer(3)]],
+                        device const float* sw [[buffer(4)]],
+                        device T* dx [[buffer(5)]],
+                        constant LossParams& p [[buffer(6)]],
+                        constant SoftmaxParams& q [[buffer(7)]],
+                        device const float* cw [[buffer(8)]],
+                        device T* dt [[buffer(9)]],
+                        uint gid [[thread_position_in_grid]],
+                        uint lane [[thread_index_in_simdgroup]]) {
+    const uint W = 16u / sizeof(T);
+    const uint o = gid / 32u;
+    if (o >= q.outer) return;
+    const uint C = q.len, nv = C / W;
+    const float Cf = float(C), eps = p.smoothing;
+    const int y = labels[o];
+    const bool valid = y != p.ignore_index;
+    float coef = 0.0f;
+    if (valid) {
+        const float w = p.has_weight ? sw[o] : 1.0f;
+        if (w != 0.0f) coef = w * (p.gmode == LOSS_G_SCALAR ? g[0] : g[o]);
+    }
+    float v[SM_ROW_CHUNKS][16 / sizeof(T)];
+    for (uint c = 0; c < SM_ROW_CHUNKS; ++c) {
+        stream_load<16 / sizeof(T)>(x, o * nv + min(lane + 32u * c, nv - 1u), v[c]);
+    }
+    float m = -INFINITY;
+    for (uint c = 0; c < SM_ROW_CHUNKS; ++c) {
+        if (lane + 32u * c < nv) {
+            for (uint e = 0; e < W; ++e) m = max(m, v[c][e]);
+        }
+    }
+    m = simd_max(m);
+    float sx = 0.0f, sy = 0.0f;  // sum exp(x - m), sum w
+    for (uint c = 0; c < SM_ROW_CHUNKS; ++c) {
+        if (lane + 32u * c < nv) {
+            for (uint e = 0; e < W; ++e) {
+                sx += precise::exp(v[c][e] - m);
+                sy += p.has_class_weight ? cw[(lane + 32u * c) * W + e] : 1.0f;
+            }
+        }
+    }
+    sx = simd_sum(sx);
+    sy = simd_sum(sy);
+    const float inv = 1.0f / sx;
+    // sum_c w_c t'_c = (1 - eps) w_y + eps / C sum_c w_c
+    const float wsum = (1.0f - eps) * ((p.has_class_weight && valid) ? cw[y] : 1.0f) + eps / Cf * sy;
+    for (uint c = 0; c < SM_ROW_CHUNKS; ++c) {
+        const uint ch = lane + 32u * c;
+        if (ch < nv) {
+            for (uint e = 0; e < W; ++e) {
+                const uint l = ch * W + e;
+                const float wc = p.has_class_weight ? cw[l] : 1.0f;
+                const float pr = precise::exp(v[c][e] - m) * inv;
+                const float r = pr * wsum - wc * smooth_label(l, y, eps, Cf);
+                v[c][e] = coef == 0.0f ? 0.0f : coef * r;
+            }
+            stream_store<16 / sizeof(T)>(dx, o * nv + ch, v[c]);
+        }
+    }
+}
+
 #define LOSS_PW(NAME, K, T)                                                                    \
     template [[host_name(#NAME "_fwd_" #T)]] [[kernel]] decltype(loss_pw_fwd<T, K>)             \
         loss_pw_fwd<T, K>;                                                                     \
     template [[host_name(#NAME "_bwd_" #T)]] [[kernel]] decltype(loss_pw_bwd<T, K>)             \
-        loss_pw_bwd<T, K>;
+        loss_pw_bwd<T, K>;                                                                     \
+    template [[host_name(#NAME "_bwd_vec_" #T)]] [[kernel]] decltype(loss_pw_bwd_vec<T, K>)     \
+        loss_pw_bwd_vec<T, K>;
 #define LOSS_CLS(NAME, K, LB, VARIANT, T)                                                      \
     template [[host_name(#NAME "_fwd_" VARIANT #T)]] [[kernel]]                                \
         decltype(loss_cls_fwd<T, K, LB>) loss_cls_fwd<T, K, LB>;                               \
@@ -538,7 +761,11 @@ kernel void loss_scale_bwd_float(device const int* labels [[buffer(0)]],
     LOSS_CLS(cross_entropy, L_CE, 0, "probs_", T)                                              \
     LOSS_CLS(categorical_cross_entropy, L_CCE, 1, "labels_", T)                                \
     LOSS_CLS(categorical_cross_entropy, L_CCE, 0, "probs_", T)                                 \
-    LOSS_CLS(cosine_distance, L_COS, 0, "", T)
+    LOSS_CLS(cosine_distance, L_COS, 0, "", T)                                                 \
+    template [[host_name("cross_entropy_fwd_labels_rows_" #T)]] [[kernel]]                     \
+        decltype(ce_rows_fwd<T>) ce_rows_fwd<T>;                                               \
+    template [[host_name("cross_entropy_bwd_labels_rows_" #T)]] [[kernel]]                     \
+        decltype(ce_rows_bwd<T>) ce_rows_bwd<T>;
 
 LOSS_ALL(float)
 LOSS_ALL(half)

@@ -28,6 +28,11 @@
 // neither a concat nor a split kernel copies them. Only the images move: an image's C*HW
 // elements stay contiguous, so the per-element index is i + n (stride - C*HW), n = i / (C*HW),
 // and the walks above are unchanged (x, dx and the statistics stay contiguous).
+// Memory traffic: the row-mode partials and the apply kernels have 16-byte-chunk forms
+// (norm_part_vec, norm_apply_vec: 4 float / 8 half per access, one plane lookup per chunk), which
+// the host takes when the layout allows (aligned buffers; runs of a row, resp. planes, that fit
+// whole chunks); the scalar partials issue 8 loads per thread before using them and merge them
+// as one Welford block. The apply kernels give the same bits in either form.
 // Layer norm (layer_norm_*, its own kernels): rows of D contiguous elements, each normalized by
 // one tile of SW threads (two passes over the row: a mean, then the variance and a correction of
 // the mean around it, ln_stats); the backward recomputes the row's statistics the same way (the
@@ -37,6 +42,7 @@
 #include <metal_stdlib>
 #include "params.h"
 #include "neuron.h"
+#include "stream.h"
 #include "tile_reduce.h"
 using namespace metal;
 
@@ -65,7 +71,12 @@ inline uint norm_strided(constant NormParams& p, uint i, uint ns) {
 // BWD = 0: Welford partial of x. BWD = 1: (sum dy, sum dy (x - mean[row]), 0, 0). BWD = 2
 // (batch norm with a fused activation): the same sums of g = act'(z) dy, z the forward's
 // pre-activation of x (needs invstd, weight, bias; the other variants get dummies).
-template <typename T, int BWD>
+// UN elements per thread per step (production UN = 8; UN = 1 is the earlier kernel, kept for
+// benchmarks/dev_membound.py): their loads are issued together before any is used (one load in
+// flight per thread made the kernel latency-bound), and Welford takes them as one block, its own
+// mean and M2 from registers joined by one Chan merge, instead of a division per element (more
+// instructions per element than fp16's share of the memory bandwidth allows).
+template <typename T, int BWD, int UN>
 [[max_total_threads_per_threadgroup(256)]]
 kernel void norm_part(device const T* x [[buffer(0)]],
                       device const T* dy [[buffer(1)]],
@@ -92,23 +103,139 @@ kernel void norm_part(device const T* x [[buffer(0)]],
         // group norm row is one contiguous run
         uint n = e / p.inner_len, h = e % p.inner_len;
         const uint dy_outer = p.dy_nstride ? p.dy_nstride : p.outer_stride;
-        for (; e < e1; e += TR_TG) {
-            uint idx = p.outer_stride == 0u ? row * p.row_stride + e
-                                            : n * p.outer_stride + row * p.row_stride + h;
-            if (BWD) {
-                uint di = p.outer_stride == 0u ? idx : n * dy_outer + row * p.row_stride + h;
-                float g1 = float(dy[di]), xv = float(x[idx]);
-                if (BWD == 2) g1 = nn_activation_bwd(g1, norm_pre(k, xv), p.act, p.act_alpha);
-                acc.x += g1;
-                acc.y += g1 * (xv - mu);
-            } else {
-                acc = welford_push(acc, float(x[idx]));
+        for (; e < e1; e += uint(UN) * TR_TG) {
+            float xv[UN], gv[UN];
+            for (int u = 0; u < UN; ++u) {
+                const bool ok = e + uint(u) * TR_TG < e1;
+                const uint idx = p.outer_stride == 0u ? row * p.row_stride + e + uint(u) * TR_TG
+                                                      : n * p.outer_stride + row * p.row_stride + h;
+                xv[u] = ok ? float(x[idx]) : 0.0f;
+                if (BWD) {
+                    const uint di = p.outer_stride == 0u ? idx
+                                                         : n * dy_outer + row * p.row_stride + h;
+                    gv[u] = ok ? float(dy[di]) : 0.0f;
+                }
+                if (p.outer_stride != 0u) {
+                    h += TR_TG;
+                    while (h >= p.inner_len) {
+                        h -= p.inner_len;
+                        n += 1u;
+                    }
+                }
             }
-            if (p.outer_stride != 0u) {
-                h += TR_TG;
-                while (h >= p.inner_len) {
-                    h -= p.inner_len;
-                    n += 1u;
+            // elements of this step: a prefix of the UN (e < e1 here)
+            const int cnt = min(UN, int((e1 - e + TR_TG - 1u) / TR_TG));
+            if (BWD) {
+                for (int u = 0; u < cnt; ++u) {
+                    float g1 = gv[u];
+                    if (BWD == 2) g1 = nn_activation_bwd(g1, norm_pre(k, xv[u]), p.act, p.act_alpha);
+                    acc.x += g1;
+                    acc.y += g1 * (xv[u] - mu);
+                }
+            } else if (UN == 1) {
+                acc = welford_push(acc, xv[0]);
+            } else {
+                float s = 0.0f;
+                for (int u = 0; u < cnt; ++u) s += xv[u];
+                const float m = s / float(cnt);
+                float q = 0.0f;
+                for (int u = 0; u < cnt; ++u) {
+                    const float d = xv[u] - m;
+                    q = fma(d, d, q);
+                }
+                acc = chan_merge(acc, float4(float(cnt), m, q, 0.0f));
+            }
+        }
+        if (BWD) {
+            acc = tile_reduce(acc, TR_SUM, 1u, TR_TG, lane, sg, scratch);
+        } else {
+            acc = tile_welford(acc, 1u, TR_TG, lane, sg, scratch);
+        }
+        if (tid == 0) part[g] = acc;
+    }
+}
+
+// norm_part over 16-byte chunks of W = 16 / sizeof(T) elements (host: the contiguous runs of a
+// row, HW for batch norm or the whole row for group norm, and dy's image stride are multiples of
+// W, the buffers 16-byte aligned; same chunks, partial layout and finalize as norm_part). The
+// scalar kernel spends a division per element (Welford's update) and loads 2 or 4 bytes at a
+// time, more instructions than fp16's memory budget per element; here a chunk's own (W, mean,
+// M2) comes from registers and joins the thread's partial with one Chan merge, the backward sums
+// add W terms per chunk, and each thread issues STREAM_U chunk loads per stream before using any.
+template <int W>
+inline float4 chunk_welford(thread const float* v) {
+    float s = 0.0f;
+    for (int e = 0; e < W; ++e) s += v[e];
+    const float m = s * (1.0f / float(W));
+    float q = 0.0f;
+    for (int e = 0; e < W; ++e) {
+        const float d = v[e] - m;
+        q = fma(d, d, q);
+    }
+    return float4(float(W), m, q, 0.0f);
+}
+
+// Element offset of chunk cc (in chunks) of statistics row `row`; dy's when DY.
+inline uint norm_chunk_elem(constant NormParams& p, uint row, uint cc, uint W, bool dy) {
+    if (p.outer_stride == 0u) return row * p.row_stride + cc * W;
+    const uint cpr = p.inner_len / W;
+    const uint n = cc / cpr, h = cc - n * cpr;
+    const uint outer = (dy && p.dy_nstride) ? p.dy_nstride : p.outer_stride;
+    return n * outer + row * p.row_stride + h * W;
+}
+
+template <typename T, int BWD>
+[[max_total_threads_per_threadgroup(256)]]
+kernel void norm_part_vec(device const T* x [[buffer(0)]],
+                          device const T* dy [[buffer(1)]],
+                          device const float* mean [[buffer(2)]],
+                          device const float* invstd [[buffer(3)]],
+                          device const float* weight [[buffer(4)]],
+                          device const float* bias [[buffer(5)]],
+                          device float4* part [[buffer(6)]],
+                          constant NormParams& p [[buffer(7)]],
+                          uint tid [[thread_position_in_threadgroup]],
+                          uint tg [[threadgroup_position_in_grid]],
+                          uint ntg [[threadgroups_per_grid]],
+                          uint lane [[thread_index_in_simdgroup]],
+                          uint sg [[simdgroup_index_in_threadgroup]]) {
+    threadgroup float4 scratch[TR_TG];
+    const uint W = 16u / sizeof(T);
+    for (uint g = tg; g < p.rows * p.chunks; g += ntg) {
+        const uint row = g / p.chunks, ck = g % p.chunks;
+        const uint c0 = ck * (p.chunk / W);
+        const uint c1 = min(c0 + p.chunk / W, p.row_len / W);
+        const float mu = BWD ? mean[row] : 0.0f;
+        const float4 k = BWD == 2 ? bn_coef_fwd(p, weight, bias, mu, invstd[row], row)
+                                  : float4(0.0f);
+        float4 acc = float4(0.0f);
+        for (uint c = c0 + tid; c < c1; c += STREAM_U * TR_TG) {
+            float xv[STREAM_U][16 / sizeof(T)], gv[STREAM_U][16 / sizeof(T)];
+            for (uint s = 0; s < STREAM_U; ++s) {
+                const uint cc = min(c + s * TR_TG, c1 - 1u);
+                stream_load<16 / sizeof(T)>(x, norm_chunk_elem(p, row, cc, W, false) / W, xv[s]);
+                if (BWD) {
+                    stream_load<16 / sizeof(T)>(dy, norm_chunk_elem(p, row, cc, W, true) / W,
+                                                gv[s]);
+                }
+            }
+#pragma unroll
+            for (uint s = 0; s < STREAM_U; ++s) {
+                if (c + s * TR_TG < c1) {
+                    if (BWD) {
+#pragma unroll
+                        for (uint e = 0; e < W; ++e) {
+                            float g1 = gv[s][e];
+                            if (BWD == 2) {
+                                g1 = nn_activation_bwd(g1, norm_pre(k, xv[s][e]), p.act,
+                                                       p.act_alpha);
+                            }
+                            acc.x += g1;
+                            acc.y += g1 * (xv[s][e] - mu);
+                        }
+                    } else {
+                        acc = chan_merge(acc, chunk_welford<16 / sizeof(T)>(xv[s]));
+                    }
                 }
             }
         }
@@ -272,6 +399,30 @@ kernel void group_norm_coef_fwd_float(device const float* weight [[buffer(0)]],
 // forward's coefficients, stored after the backward's (coef[planes + plane]).
 // Coefficients per plane (i / HW) % planes. Batch norm: u = dy read with p.dy_nstride (TWO > 0),
 // out = y written with p.out_nstride (TWO = 0); x and dx contiguous.
+// One element of norm_apply: uv = u's element (x or dy), xv = x's (TWO > 0), k its plane's
+// coefficients, kf the forward's (TWO == 2).
+template <int TWO>
+inline float norm_apply_one(float uv, float xv, float4 k, float4 kf, constant NormParams& p) {
+    if (TWO) {
+        float g = uv;
+        if (TWO == 2) g = nn_activation_bwd(g, norm_pre(kf, xv), p.act, p.act_alpha);
+        return k.x * g + k.y * (xv - k.z) + k.w;
+    }
+    return nn_activation(norm_pre(k, uv), p.act, p.act_alpha);
+}
+
+// Element i of norm_apply (the scalar kernel, and the vector kernel's tail).
+template <typename T, int TWO>
+inline void norm_apply_elem(device const T* u, device const T* v, device const float4* coef,
+                            device T* out, constant NormParams& p, uint i) {
+    uint pl = (i / p.HW) % p.planes;
+    float4 k = coef[pl];
+    float4 kf = TWO == 2 ? coef[p.planes + pl] : k;
+    float uv = float(u[TWO ? norm_strided(p, i, p.dy_nstride) : i]);
+    float r = norm_apply_one<TWO>(uv, TWO ? float(v[i]) : 0.0f, k, kf, p);
+    out[TWO ? i : norm_strided(p, i, p.out_nstride)] = T(r);
+}
+
 template <typename T, int TWO>
 kernel void norm_apply(device const T* u [[buffer(0)]],
                        device const T* v [[buffer(1)]],
@@ -281,19 +432,61 @@ kernel void norm_apply(device const T* u [[buffer(0)]],
                        uint gid [[thread_position_in_grid]],
                        uint ntg [[threadgroups_per_grid]],
                        uint tgs [[threads_per_threadgroup]]) {
-    for (uint i = gid; i < p.total; i += ntg * tgs) {
-        uint pl = (i / p.HW) % p.planes;
-        float4 k = coef[pl];
-        float r;
-        if (TWO) {
-            float g = float(u[norm_strided(p, i, p.dy_nstride)]), xv = float(v[i]);
-            if (TWO == 2) g = nn_activation_bwd(g, norm_pre(coef[p.planes + pl], xv), p.act,
-                                                p.act_alpha);
-            r = k.x * g + k.y * (xv - k.z) + k.w;
-        } else {
-            r = nn_activation(norm_pre(k, float(u[i])), p.act, p.act_alpha);
+    for (uint i = gid; i < p.total; i += ntg * tgs) norm_apply_elem<T, TWO>(u, v, coef, out, p, i);
+}
+
+// norm_apply in the stream.h shape: 16-byte chunks of W = 16 / sizeof(T) elements, STREAM_U
+// per thread, loads issued before any result is used, one plane lookup (division) per chunk
+// instead of per element: the scalar kernel is bound by its integer divisions and 2-byte loads
+// (fp16 ran no faster than fp32), then a scalar tail (total - W nvec elements, one thread
+// each). A chunk meets at most two planes (host: HW >= W), q and q + 1, the first b elements in
+// q. Strided images (p.out_nstride, p.dy_nstride) need chunks that stay in one image, aligned
+// in the strided tensor (host: C HW and the stride multiples of W); every buffer is 16-byte
+// aligned. Per element the same norm_apply_one as the scalar kernel, so the same bits.
+template <typename T, int TWO>
+[[max_total_threads_per_threadgroup(256)]]
+kernel void norm_apply_vec(device const T* u [[buffer(0)]],
+                           device const T* v [[buffer(1)]],
+                           device const float4* coef [[buffer(2)]],
+                           device T* out [[buffer(3)]],
+                           constant NormParams& p [[buffer(4)]],
+                           uint gid [[thread_position_in_grid]]) {
+    const uint W = 16u / sizeof(T);
+    const uint nvec = p.total / W;
+    const uint vthreads = stream_vthreads(nvec);
+    if (gid >= vthreads) {
+        const uint i = nvec * W + (gid - vthreads);
+        if (i < p.total) norm_apply_elem<T, TWO>(u, v, coef, out, p, i);
+        return;
+    }
+    float a[STREAM_U][16 / sizeof(T)], b[STREAM_U][16 / sizeof(T)];
+    for (uint s = 0; s < STREAM_U; ++s) {
+        const uint ch = stream_clamp(stream_chunk(gid, s), nvec);
+        stream_load<16 / sizeof(T)>(u, TWO ? norm_strided(p, ch * W, p.dy_nstride) / W : ch, a[s]);
+        if (TWO) stream_load<16 / sizeof(T)>(v, ch, b[s]);
+    }
+#pragma unroll
+    for (uint s = 0; s < STREAM_U; ++s) {
+        const uint ch = stream_chunk(gid, s);
+        if (ch < nvec) {
+            const uint i0 = ch * W, q = i0 / p.HW;
+            const uint in_q = (q + 1u) * p.HW - i0;  // elements of the chunk in plane q
+            const uint pl0 = q % p.planes, pl1 = (q + 1u) % p.planes;
+            const float4 k0 = coef[pl0];
+            const float4 k1 = in_q < W ? coef[pl1] : k0;
+            const float4 f0 = TWO == 2 ? coef[p.planes + pl0] : k0;
+            const float4 f1 = TWO == 2 && in_q < W ? coef[p.planes + pl1] : f0;
+            // unrolled: the chunk's elements stay in registers (a loop left rolled around the
+            // activation's branches would index them dynamically, through local memory)
+#pragma unroll
+            for (uint e = 0; e < W; ++e) {
+                const bool first = e < in_q;
+                a[s][e] = norm_apply_one<TWO>(a[s][e], TWO ? b[s][e] : 0.0f, first ? k0 : k1,
+                                              first ? f0 : f1, p);
+            }
+            stream_store<16 / sizeof(T)>(out, TWO ? ch : norm_strided(p, i0, p.out_nstride) / W,
+                                         a[s]);
         }
-        out[TWO ? i : norm_strided(p, i, p.out_nstride)] = T(r);
     }
 }
 
@@ -363,7 +556,17 @@ kernel void group_norm_sums(device const T* dy [[buffer(0)]],
         if (ok) {
             uint n = pl / p.C, c = pl % p.C;
             float mu = mean[n * p.G + c / (p.C / p.G)];
-            for (uint l = t.s; l < p.HW; l += t.S) {
+            // 4 elements' loads issued together, summed in the same order as one at a time
+            uint l = t.s;
+            for (; l + 3u * t.S < p.HW; l += 4u * t.S) {
+                float gv[4], xv[4];
+                for (uint u = 0; u < 4u; ++u) {
+                    gv[u] = float(dy[pl * p.HW + l + u * t.S]);
+                    xv[u] = float(x[pl * p.HW + l + u * t.S]);
+                }
+                for (uint u = 0; u < 4u; ++u) acc += float2(gv[u], gv[u] * (xv[u] - mu));
+            }
+            for (; l < p.HW; l += t.S) {
                 float g1 = float(dy[pl * p.HW + l]);
                 acc += float2(g1, g1 * (float(x[pl * p.HW + l]) - mu));
             }
@@ -570,10 +773,16 @@ LAYER_NORM_INSTANTIATE(float)
 LAYER_NORM_INSTANTIATE(half)
 
 #define NORM_INSTANTIATE(T)                                                                    \
-    template [[host_name("norm_stats_fwd_" #T)]] [[kernel]] decltype(norm_part<T, 0>)          \
-        norm_part<T, 0>;                                                                       \
-    template [[host_name("norm_stats_bwd_" #T)]] [[kernel]] decltype(norm_part<T, 1>)          \
-        norm_part<T, 1>;                                                                       \
+    template [[host_name("norm_stats_fwd_" #T)]] [[kernel]] decltype(norm_part<T, 0, 8>)       \
+        norm_part<T, 0, 8>;                                                                    \
+    template [[host_name("norm_stats_bwd_" #T)]] [[kernel]] decltype(norm_part<T, 1, 8>)       \
+        norm_part<T, 1, 8>;                                                                    \
+    template [[host_name("norm_stats_fwd_u1_" #T)]] [[kernel]] decltype(norm_part<T, 0, 1>)    \
+        norm_part<T, 0, 1>;                                                                    \
+    template [[host_name("norm_stats_bwd_u1_" #T)]] [[kernel]] decltype(norm_part<T, 1, 1>)    \
+        norm_part<T, 1, 1>;                                                                    \
+    template [[host_name("norm_stats_bwd_act_u1_" #T)]] [[kernel]] decltype(norm_part<T, 2, 1>) \
+        norm_part<T, 2, 1>;                                                                    \
     template [[host_name("norm_stats_fwd_cols_" #T)]] [[kernel]]                               \
         decltype(norm_part_cols<T, 0>) norm_part_cols<T, 0>;                                   \
     template [[host_name("norm_stats_bwd_cols_" #T)]] [[kernel]]                               \
@@ -582,12 +791,24 @@ LAYER_NORM_INSTANTIATE(half)
         norm_apply<T, 0>;                                                                      \
     template [[host_name("norm_apply_bwd_" #T)]] [[kernel]] decltype(norm_apply<T, 1>)         \
         norm_apply<T, 1>;                                                                      \
-    template [[host_name("norm_stats_bwd_act_" #T)]] [[kernel]] decltype(norm_part<T, 2>)      \
-        norm_part<T, 2>;                                                                       \
+    template [[host_name("norm_stats_bwd_act_" #T)]] [[kernel]] decltype(norm_part<T, 2, 8>)   \
+        norm_part<T, 2, 8>;                                                                    \
     template [[host_name("norm_stats_bwd_cols_act_" #T)]] [[kernel]]                           \
         decltype(norm_part_cols<T, 2>) norm_part_cols<T, 2>;                                   \
     template [[host_name("norm_apply_bwd_act_" #T)]] [[kernel]] decltype(norm_apply<T, 2>)     \
         norm_apply<T, 2>;                                                                      \
+    template [[host_name("norm_stats_fwd_vec_" #T)]] [[kernel]] decltype(norm_part_vec<T, 0>)  \
+        norm_part_vec<T, 0>;                                                                   \
+    template [[host_name("norm_stats_bwd_vec_" #T)]] [[kernel]] decltype(norm_part_vec<T, 1>)  \
+        norm_part_vec<T, 1>;                                                                   \
+    template [[host_name("norm_stats_bwd_act_vec_" #T)]] [[kernel]]                            \
+        decltype(norm_part_vec<T, 2>) norm_part_vec<T, 2>;                                     \
+    template [[host_name("norm_apply_fwd_vec_" #T)]] [[kernel]] decltype(norm_apply_vec<T, 0>) \
+        norm_apply_vec<T, 0>;                                                                  \
+    template [[host_name("norm_apply_bwd_vec_" #T)]] [[kernel]] decltype(norm_apply_vec<T, 1>) \
+        norm_apply_vec<T, 1>;                                                                  \
+    template [[host_name("norm_apply_bwd_act_vec_" #T)]] [[kernel]]                            \
+        decltype(norm_apply_vec<T, 2>) norm_apply_vec<T, 2>;                                   \
     template [[host_name("group_norm_sums_bwd_" #T)]] [[kernel]] decltype(group_norm_sums<T>)  \
         group_norm_sums<T>;
 

@@ -23,6 +23,7 @@
 // floats of row cache per threadgroup (16 KB) of softmax.metal and loss.metal.
 #define TR_TG 256
 #define SM_CACHE 4096
+#define SM_ROW_CHUNKS 8  // softmax.metal row kernels: 16-byte chunks per lane (rows up to 32x that)
 
 // ---- conv / gemm (conv.metal, gemm.metal) -------------------------------------------------
 // Conv2dParams: one struct for every conv2d / conv_transpose2d kernel (conv.metal). Geometry is
@@ -147,6 +148,8 @@ struct ArithParams {
     uint stride0[8];   // element strides of x0 per output dimension (0 = broadcast)
     uint stride1[8];
     uint stride2[8];
+    uint act;          // forward ops: fused activation NN_ACT_* of the result (0 = none)
+    float act_alpha;   // its scalar (leaky relu: negative_slope)
 };
 // ReduceParams (arith.metal): out[t] = alpha * sum over the reduced index space of op(x0, x1, x2).
 struct ReduceParams {
@@ -243,7 +246,8 @@ struct LossParams {
     uint chunks;       // pointwise forward: chunks per segment
     uint seglen;       // pointwise forward: elements per segment (M per sample, or total)
     uint ngroups;      // pointwise forward: segments * chunks
-    uint reduce;       // forward: 1 = partial sums per chunk, 0 = per-term losses
+    uint reduce;       // forward: 1 = partial sums per chunk, 0 = per-term losses;
+                       // pointwise backward (loss_pw_bwd_vec): its 16-byte chunks (nvec)
     uint gmode;        // backward: LOSS_G_*
     uint has_weight;   // per-sample weights given
     int ignore_index;  // class-axis kernels with integer labels

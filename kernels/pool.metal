@@ -408,14 +408,31 @@ kernel void global_avg_pool2d_fwd(device const T* x [[buffer(0)]],
     uint n = q.IH * q.IW;
     device const T* xp = x + plane * n;
     float sum = 0.0f;
+    // 4 loads per lane issued before they are added, in the same order as one at a time (the
+    // same sum; a lane had one load in flight)
     if (q.vec != 0u) {
         device const vec<T, 4>* xv = (device const vec<T, 4>*)xp;
-        for (uint i = lane; i < n / 4u; i += 32u) {
+        const uint nv = n / 4u;
+        uint i = lane;
+        for (; i + 96u < nv; i += 128u) {
+            vec<T, 4> v[4];
+            for (uint u = 0; u < 4u; ++u) v[u] = xv[i + 32u * u];
+            for (uint u = 0; u < 4u; ++u) {
+                sum += (float(v[u].x) + float(v[u].y)) + (float(v[u].z) + float(v[u].w));
+            }
+        }
+        for (; i < nv; i += 32u) {
             vec<T, 4> v = xv[i];
             sum += (float(v.x) + float(v.y)) + (float(v.z) + float(v.w));
         }
     } else {
-        for (uint i = lane; i < n; i += 32u) sum += float(xp[i]);
+        uint i = lane;
+        for (; i + 96u < n; i += 128u) {
+            float v[4];
+            for (uint u = 0; u < 4u; ++u) v[u] = float(xp[i + 32u * u]);
+            for (uint u = 0; u < 4u; ++u) sum += v[u];
+        }
+        for (; i < n; i += 32u) sum += float(xp[i]);
     }
     sum = simd_sum(sum);
     if (lane == 0u) y[plane] = T(sum / float(n));

@@ -11,13 +11,19 @@
 // Backward takes the forward's OUTPUT y (as PyTorch's autograd does):
 //   softmax:     dx = y * (dy - sum(dy * y))
 //   log_softmax: dx = dy - exp(y) * sum(dy)
+// Rows (the axis innermost, e.g. (N, classes) logits) of up to 32 SM_ROW_CHUNKS 16-byte chunks
+// take the row kernels instead (end of file): one simdgroup per row, the row in registers.
 // Storage is float or half; every reduction and all arithmetic run in float.
 #include <metal_stdlib>
 #include "params.h"
+#include "stream.h"
 #include "tile_reduce.h"
 using namespace metal;
 
 // SM_CACHE (params.h): floats of tile cache per threadgroup (16 KB)
+// The tile kernels' first pass issues SM_UN loads per thread before using them (a thread had
+// one load in flight at a time), accumulating in the same order: the same results.
+#define SM_UN 4u
 
 // Forward. LOG = 0: y = exp(x - m) / sum; LOG = 1: y = x - m - log(sum).
 template <typename T, int LOG>
@@ -44,7 +50,17 @@ kernel void softmax_fwd(device const T* x [[buffer(0)]],
         uint off = o * L * inner + i;
         float m = -INFINITY;
         if (col) {
-            for (uint l = t.s; l < L; l += t.S) {
+            // SM_UN loads issued together, then used in the same order as one at a time
+            uint l = t.s;
+            for (; l + (SM_UN - 1u) * t.S < L; l += SM_UN * t.S) {
+                float v[SM_UN];
+                for (uint u = 0; u < SM_UN; ++u) v[u] = float(x[off + (l + u * t.S) * inner]);
+                for (uint u = 0; u < SM_UN; ++u) {
+                    if (p.cached) cp[(l + u * t.S) * p.W] = v[u];
+                    m = max(m, v[u]);
+                }
+            }
+            for (; l < L; l += t.S) {
                 float v = float(x[off + l * inner]);
                 if (p.cached) cp[l * p.W] = v;
                 m = max(m, v);
@@ -106,7 +122,25 @@ kernel void softmax_bwd(device const T* dy [[buffer(0)]],
         uint off = o * L * inner + i;
         float acc = 0.0f;
         if (col) {
-            for (uint l = t.s; l < L; l += t.S) {
+            uint l = t.s;
+            for (; l + (SM_UN - 1u) * t.S < L; l += SM_UN * t.S) {
+                float gv[SM_UN], yv[SM_UN];
+                for (uint u = 0; u < SM_UN; ++u) {
+                    gv[u] = float(dy[off + (l + u * t.S) * inner]);
+                    if (!LOG) yv[u] = float(y[off + (l + u * t.S) * inner]);
+                }
+                for (uint u = 0; u < SM_UN; ++u) {
+                    const uint lu = l + u * t.S;
+                    if (LOG) {
+                        acc += gv[u];
+                    } else {
+                        acc += gv[u] * yv[u];
+                        if (p.cached) cy[lu * p.W] = yv[u];
+                    }
+                    if (p.cached) cg[lu * p.W] = gv[u];
+                }
+            }
+            for (; l < L; l += t.S) {
                 float g = float(dy[off + l * inner]);
                 if (LOG) {
                     acc += g;
@@ -135,6 +169,91 @@ kernel void softmax_bwd(device const T* dy [[buffer(0)]],
     }
 }
 
+// ---- contiguous rows (inner == 1): one simdgroup per row --------------------------------------
+// The host takes these when the axis is the innermost (e.g. (N, classes) logits), its length a
+// multiple of W = 16 / sizeof(T) and at most 32 SM_ROW_CHUNKS W (1024 float, 2048 half), and the
+// buffers are 16-byte aligned: each lane loads its SM_ROW_CHUNKS 16-byte chunks at once and keeps
+// them in registers, and the reductions are simd_max / simd_sum: no threadgroup memory, no
+// barrier, and every load of the row in flight together (the tile kernels above run a 256-thread
+// tile per row through threadgroup memory with four barriers, a few scalar loads per thread).
+// One simdgroup per row: params outer = rows, len; launched with rows * 32 threads.
+
+template <typename T, int LOG>
+[[max_total_threads_per_threadgroup(256)]]
+kernel void softmax_rows_fwd(device const T* x [[buffer(0)]],
+                             device T* y [[buffer(1)]],
+                             constant SoftmaxParams& p [[buffer(2)]],
+                             uint gid [[thread_position_in_grid]],
+                             uint lane [[thread_index_in_simdgroup]]) {
+    const uint W = 16u / sizeof(T);
+    const uint row = gid / 32u;  // uniform across the simdgroup
+    if (row >= p.outer) return;
+    const uint nv = p.len / W, base = row * nv;
+    float v[SM_ROW_CHUNKS][16 / sizeof(T)];
+    for (uint c = 0; c < SM_ROW_CHUNKS; ++c) stream_load<16 / sizeof(T)>(x, base + min(lane + 32u * c, nv - 1u), v[c]);
+    float m = -INFINITY;
+    for (uint c = 0; c < SM_ROW_CHUNKS; ++c) {
+        if (lane + 32u * c < nv) {
+            for (uint e = 0; e < W; ++e) m = max(m, v[c][e]);
+        }
+    }
+    m = simd_max(m);
+    float s = 0.0f;
+    for (uint c = 0; c < SM_ROW_CHUNKS; ++c) {
+        if (lane + 32u * c < nv) {
+            for (uint e = 0; e < W; ++e) {
+                const float ex = precise::exp(v[c][e] - m);
+                if (!LOG) v[c][e] = ex;
+                s += ex;
+            }
+        }
+    }
+    s = simd_sum(s);
+    const float k = LOG ? precise::log(s) : 1.0f / s;
+    for (uint c = 0; c < SM_ROW_CHUNKS; ++c) {
+        if (lane + 32u * c < nv) {
+            for (uint e = 0; e < W; ++e) v[c][e] = LOG ? (v[c][e] - m) - k : v[c][e] * k;
+            stream_store<16 / sizeof(T)>(y, base + lane + 32u * c, v[c]);
+        }
+    }
+}
+
+// Backward from the output y: softmax dx = y (dy - sum dy y); log_softmax dx = dy - exp(y) sum dy.
+template <typename T, int LOG>
+[[max_total_threads_per_threadgroup(256)]]
+kernel void softmax_rows_bwd(device const T* dy [[buffer(0)]],
+                             device const T* y [[buffer(1)]],
+                             device T* dx [[buffer(2)]],
+                             constant SoftmaxParams& p [[buffer(3)]],
+                             uint gid [[thread_position_in_grid]],
+                             uint lane [[thread_index_in_simdgroup]]) {
+    const uint W = 16u / sizeof(T);
+    const uint row = gid / 32u;
+    if (row >= p.outer) return;
+    const uint nv = p.len / W, base = row * nv;
+    float g[SM_ROW_CHUNKS][16 / sizeof(T)], v[SM_ROW_CHUNKS][16 / sizeof(T)];
+    for (uint c = 0; c < SM_ROW_CHUNKS; ++c) {
+        const uint ch = base + min(lane + 32u * c, nv - 1u);
+        stream_load<16 / sizeof(T)>(dy, ch, g[c]);
+        stream_load<16 / sizeof(T)>(y, ch, v[c]);
+    }
+    float s = 0.0f;
+    for (uint c = 0; c < SM_ROW_CHUNKS; ++c) {
+        if (lane + 32u * c < nv) {
+            for (uint e = 0; e < W; ++e) s += LOG ? g[c][e] : g[c][e] * v[c][e];
+        }
+    }
+    s = simd_sum(s);
+    for (uint c = 0; c < SM_ROW_CHUNKS; ++c) {
+        if (lane + 32u * c < nv) {
+            for (uint e = 0; e < W; ++e) {
+                g[c][e] = LOG ? g[c][e] - precise::exp(v[c][e]) * s : v[c][e] * (g[c][e] - s);
+            }
+            stream_store<16 / sizeof(T)>(dx, base + lane + 32u * c, g[c]);
+        }
+    }
+}
+
 #define SM_INSTANTIATE(T)                                                                     \
     template [[host_name("softmax_fwd_" #T)]] [[kernel]] decltype(softmax_fwd<T, 0>)          \
         softmax_fwd<T, 0>;                                                                    \
@@ -143,7 +262,15 @@ kernel void softmax_bwd(device const T* dy [[buffer(0)]],
     template [[host_name("softmax_bwd_" #T)]] [[kernel]] decltype(softmax_bwd<T, 0>)          \
         softmax_bwd<T, 0>;                                                                    \
     template [[host_name("log_softmax_bwd_" #T)]] [[kernel]] decltype(softmax_bwd<T, 1>)      \
-        softmax_bwd<T, 1>;
+        softmax_bwd<T, 1>;                                                                    \
+    template [[host_name("softmax_fwd_rows_" #T)]] [[kernel]] decltype(softmax_rows_fwd<T, 0>) \
+        softmax_rows_fwd<T, 0>;                                                               \
+    template [[host_name("log_softmax_fwd_rows_" #T)]] [[kernel]]                             \
+        decltype(softmax_rows_fwd<T, 1>) softmax_rows_fwd<T, 1>;                              \
+    template [[host_name("softmax_bwd_rows_" #T)]] [[kernel]] decltype(softmax_rows_bwd<T, 0>) \
+        softmax_rows_bwd<T, 0>;                                                               \
+    template [[host_name("log_softmax_bwd_rows_" #T)]] [[kernel]]                             \
+        decltype(softmax_rows_bwd<T, 1>) softmax_rows_bwd<T, 1>;
 
 SM_INSTANTIATE(float)
 SM_INSTANTIATE(half)

@@ -9,6 +9,8 @@ normalized into one table: family, kernel, shape/variant, time (s), throughput (
 GB/s), peer time (s), ratio (ours vs the peer: > 1 is faster when a speedup, or a fraction of
 copy bandwidth). Written to `<out>/bench.json` (normalized rows, each with its raw row),
 `<out>/bench.md` (Markdown report) and `<out>/bench_ratios.png` (matplotlib, if importable).
+The peer of the cpu rows is PyTorch on the CPU in the same process and run, with as many threads
+as the cpu backend's pool (OMP_NUM_THREADS, unless set).
 """
 from __future__ import annotations
 
@@ -26,6 +28,18 @@ from .runtime.core import PACKAGE_DIR, data_dir
 BENCH_DIR = data_dir("benchmarks")
 FIELDS = ["family", "kernel", "variant", "time_s", "throughput", "unit", "peer_time_s", "ratio",
           "ratio_kind", "backend"]
+
+
+def cpu_threads() -> int:
+    """Worker threads of the cpu backend: PYMETALNN_CPU_THREADS, else the usable cores (as the
+    runtime counts them)."""
+    v = os.environ.get("PYMETALNN_CPU_THREADS", "")
+    if v.isdigit() and int(v) > 0:
+        return int(v)
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
 
 
 def families(bench_dir: str = BENCH_DIR) -> list[str]:
@@ -88,6 +102,8 @@ def run_family(family: str, backend: str | None, quick: bool, raw_dir: str,
     env = dict(os.environ, PYMETALNN_RESULTS=os.path.abspath(raw_dir))
     # the scripts import this very pymetalnn (checkout or installed)
     env["PYTHONPATH"] = os.path.dirname(PACKAGE_DIR) + os.pathsep + env.get("PYTHONPATH", "")
+    # PyTorch on the CPU (the cpu rows' peer) gets as many threads as the cpu backend's pool
+    env.setdefault("OMP_NUM_THREADS", str(cpu_threads()))
     log = os.path.join(raw_dir, f"{family}.log")
     t0 = time.perf_counter()
     try:
@@ -201,6 +217,7 @@ def main(argv: list[str] | None = None) -> dict:
     print()
     print_table(rows)
     meta = {"backend": args.backend, "quick": args.quick, "date": time.strftime("%Y-%m-%d %H:%M"),
+            "peer_cpu_threads": os.environ.get("OMP_NUM_THREADS") or str(cpu_threads()),
             "python": sys.version.split()[0], "families": status}
     os.makedirs(args.out, exist_ok=True)
     jpath = os.path.join(args.out, "bench.json")

@@ -33,6 +33,12 @@ SHAPES = [
     ((1, 32, 4), (1, 1, 4)),
     ((2, 1, 3, 1, 5), (1, 4, 1, 2, 1)),
     ((2, 3, 2, 1, 2, 3), (3,)),
+    # per-channel operands (arith_chan: [N, C, HW] with HW >= a 16-byte chunk, chunks that
+    # straddle planes, a scalar tail; HW = 7 is below half's chunk: the general kernel there)
+    ((4, 5, 7, 9), (1, 5, 1, 1)),
+    ((3, 1, 1), (2, 3, 8, 8)),
+    ((2, 4, 7), (4, 1)),
+    ((3, 6, 5, 5), (6, 1, 1)),
 ]
 
 
@@ -283,3 +289,42 @@ def test_bad_input(dev) -> None:
         F.sum_backward(pm.tensor(np.zeros((2, 1), np.float32), dev), a, 1, keepdim=False)
     with pytest.raises(ValueError, match="^x: dtype"):
         F.sum(pm.tensor(np.zeros(3, np.int32), dev))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_sum_many_splits(dev, dtype):
+    """A full reduction split into more partials than the finish kernel's unrolled step (8 x 32)
+    covers: the unrolled loop and its remainder, against float64."""
+    x = rnd((300001,), dtype, 91)
+    got = float(F.sum(dt(x, dev)).numpy())
+    want = float(x.astype(np.float64).sum())
+    assert abs(got - want) <= (1e-5 if dtype == np.float32 else 2e-3) * \
+        np.abs(x.astype(np.float64)).sum()
+    y = x[:300000].reshape(3, 100000)
+    got = F.mean(dt(y, dev), 1).numpy().astype(np.float64)
+    np.testing.assert_allclose(got, y.astype(np.float64).mean(1), atol=1e-3)
+
+
+# (a, b): same shape (the flat kernel), a per-channel operand (the channel kernel), a general
+# broadcast (the index-walking kernel)
+ACT_SHAPES = [((3, 37), (3, 37)), ((2, 4, 5, 6), (1, 4, 1, 1)), ((5, 1, 7), (1, 4, 1))]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("op", OPS)
+def test_binary_activation(dev, op, dtype):
+    """activation= applies relu / leaky relu / sigmoid / tanh to the result in the same pass:
+    against numpy, every kernel path."""
+    fn = getattr(F, op)
+    npop = {"add": np.add, "sub": np.subtract, "mul": np.multiply, "div": np.divide}[op]
+    acts = [("relu", lambda z: np.maximum(z, 0)), ("sigmoid", lambda z: 1 / (1 + np.exp(-z))),
+            ("tanh", np.tanh),
+            (("leaky_relu", {"negative_slope": 0.2}), lambda z: np.where(z > 0, z, 0.2 * z))]
+    for k, (sa, sb) in enumerate(ACT_SHAPES):
+        a, b = rnd(sa, dtype, 100 + k), rnd(sb, dtype, 200 + k, positive=True)
+        z = npop(a.astype(np.float64), b.astype(np.float64))
+        for act, act_ref in acts:
+            got = fn(dt(a, dev), dt(b, dev), activation=act).numpy()
+            check(got, act_ref(z), dtype, scale=max(1.0, float(np.abs(z).max())))
+        check(fn(dt(a, dev), dt(b, dev), activation=None).numpy(), z, dtype,
+              scale=max(1.0, float(np.abs(z).max())))

@@ -5,7 +5,8 @@ Errors are measured against the scale of each output's sum: |got - ref| <= tol *
 accumulation; float16 storage with float accumulation (one final fp16 rounding); float16 with
 fp16 accumulation (one rounding per term: the tolerance grows as sqrt of the terms per sum).
 float16 inputs are rounded before the reference sees them, so only the kernel's arithmetic is
-measured. Both algorithms (direct, tiled) run on every configuration.
+measured. Every algorithm (direct, tiled; im2col, GEMMs over the unfolded input, for float32)
+runs on every configuration.
 """
 from __future__ import annotations
 
@@ -31,6 +32,8 @@ def force(algo: str, i: int) -> dict:
     tile shapes cycling over the cases so that each instantiation meets several shapes."""
     if algo == "direct":
         return {"fwd": "direct", "data": "direct", "weight": WEIGHT_TILES[i % len(WEIGHT_TILES)]}
+    if algo == "im2col":  # GEMMs over the unfolded input (float32, one group; else the default)
+        return {"fwd": "im2col", "data": "im2col", "weight": "im2col"}
     if algo == "mma":  # the simdgroup-matrix tiles (fp16), on every device
         return {"fwd": MMA_FWD_TILES[i % len(MMA_FWD_TILES)],
                 "data": MMA_FWD_TILES[(i + 1) % len(MMA_FWD_TILES)],
@@ -39,7 +42,7 @@ def force(algo: str, i: int) -> dict:
             "weight": WEIGHT_TILES[(i + 1) % len(WEIGHT_TILES)]}
 
 
-@pytest.fixture(params=["direct", "tiled"])
+@pytest.fixture(params=["direct", "tiled", "im2col"])
 def algo(request) -> str:
     return request.param
 
@@ -100,7 +103,7 @@ def run_conv2d_case(case, prec: str, seed: int = 0) -> None:
 
 # (algorithm, precision) pairs: the simdgroup-matrix kernels exist for fp16 storage only
 ALGO_PRECS = [pytest.param(a, p, id=f"{a}-{p}") for a in ("direct", "tiled", "mma") for p in PRECISIONS
-              if not (a == "mma" and p == "float")]
+              if not (a == "mma" and p == "float")] + [pytest.param("im2col", "float", id="im2col-float")]
 
 
 @pytest.mark.parametrize("algo,prec", ALGO_PRECS)
@@ -246,8 +249,10 @@ def test_weight_grad_huge_batch(dev, prec):
 def test_dedicated_kernels(dev, monkeypatch):
     """Backward passes dispatch the input-, weight- and bias-gradient kernels (not forward calls);
     conv_transpose2d runs the input-gradient kernel, its backward the forward and weight kernels.
-    (The tiled path: Winograd, which takes this 3x3 conv on cuda, is checked in its own tests.)"""
+    (The tiled path: Winograd, which takes this 3x3 conv on cuda, and the unfolded GEMMs, which
+    take it on cpu, are checked in their own tests.)"""
     monkeypatch.setattr(ops, "WINOGRAD", {"fwd": {}, "data": {}, "weight": {}})
+    monkeypatch.setattr(ops.im2col, "eligible", lambda *a, **k: False)
     rng = np.random.default_rng(4)
     x, wt, b = rand(rng, (1, 32, 5, 5), np.float32), rand(rng, (32, 32, 3, 3), np.float32), \
         rand(rng, (32,), np.float32)
@@ -270,6 +275,50 @@ def test_dedicated_kernels(dev, monkeypatch):
     F.conv_transpose2d_backward(rand(rng, (1, 32, 5, 5), np.float32), x, wt, b, padding=1)
     assert {n.split("_t")[0] for n in dev.dispatch_counts} == {
         "conv2d_fwd", "conv2d_bwd_weight", "conv2d_bwd_bias_float", "conv2d_bwd_reduce_float", pack}
+
+
+def test_im2col_chunks(dev, monkeypatch):
+    """The unfolded-GEMM path (the cpu backend's default for ungrouped float32 convs) in chunks
+    of images smaller than the batch (the last one partial): forward with bias and activation,
+    input gradient, weight gradient accumulated over the chunks, conv_transpose2d with bias;
+    on cpu the default dispatch is this path (no tiled conv kernel runs)."""
+    monkeypatch.setattr(ops, "FORCE", {"fwd": "im2col", "data": "im2col", "weight": "im2col"})
+    rng = np.random.default_rng(12)
+    n, c, h, w, k = 5, 3, 9, 7, 4
+    x, wt, b = rand(rng, (n, c, h, w), np.float32), rand(rng, (k, c, 3, 2), np.float32), \
+        rand(rng, (k,), np.float32)
+    kw = dict(stride=(2, 1), padding=(1, 1), dilation=(1, 2))
+    kw_ref = dict(stride=(2, 1), pad=(1, 1, 1, 1), dilation=(1, 2), groups=1)
+    per = c * 3 * 2 * 5 * 5 * 4  # one image's columns (OH = OW = 5)
+    monkeypatch.setattr(ops.im2col, "COL_BYTES", 2 * per)  # chunks of 2, 2, 1 images
+    dev.reset_counts()
+    y = F.conv2d(x, wt, b, activation="relu", **kw).numpy()
+    want = np.maximum(ref.conv2d(x, wt, b, **kw_ref), 0)
+    scale = ref.conv2d(np.abs(x), np.abs(wt), np.abs(b), **kw_ref)
+    assert_close("y", y, want, scale, tol("float", c * 6))
+    gy = rand(rng, want.shape, np.float32)
+    gx, gw, gb = F.conv2d_backward(gy, x, wt, b, **kw)
+    rx, rw, rb = ref.conv2d_backward(gy, x, wt, True, **kw_ref)
+    sx, sw, _ = ref.conv2d_backward(np.abs(gy), np.abs(x), np.abs(wt), True, **kw_ref)
+    assert_close("grad_x", gx.numpy(), rx, sx, tol("float", k * 6))
+    assert_close("grad_w", gw.numpy(), rw, sw, tol("float", n * 25))
+    assert_close("grad_b", gb.numpy(), rb, np.abs(rb) + 1, tol("float", n * 25))
+    names = set(dev.dispatch_counts)
+    assert {"conv2d_im2col_float", "conv2d_col2im_float", "conv2d_bias_fill_float"} <= names
+    assert not any(s.startswith(("conv2d_fwd", "conv2d_bwd_data", "conv2d_bwd_weight")) for s in names)
+    # conv_transpose2d (the input gradient's plan) with its bias
+    xt = rand(rng, (n, k, 5, 5), np.float32)
+    bt = rand(rng, (c,), np.float32)
+    yt = F.conv_transpose2d(xt, wt, bt, stride=(2, 1), padding=(1, 1), dilation=(1, 2),
+                            output_padding=(0, 0)).numpy()
+    g_ref = ref.conv2d_backward(xt, np.zeros((n, c, 9, 5)), wt, False, **kw_ref)[0] + bt[:, None, None]
+    assert_close("conv_transpose2d", yt, g_ref, np.abs(g_ref) + 1, tol("float", k * 6))
+    if dev.name == "cpu":  # the default there
+        monkeypatch.setattr(ops, "FORCE", {})
+        dev.reset_counts()
+        F.conv2d(x, wt, b, **kw).numpy()
+        assert "conv2d_im2col_float" in dev.dispatch_counts
+        assert not any(s.startswith("conv2d_fwd") for s in dev.dispatch_counts)
 
 
 # ---- the references themselves ------------------------------------------------------------------
@@ -670,8 +719,9 @@ def _budget_shape(name: str, op: str) -> tuple:
 @pytest.mark.parametrize("name,op", BUDGET_RUNS)
 def test_conv2d_fp32_budget(dev, monkeypatch, name, op):
     """float32 on bench_conv's shapes against float64: the direct/tiled kernels within the
-    ceiling, and the Winograd variant the default selection ("budget") runs on cuda, if any,
-    within min(10x the tiled kernels' error on the same inputs, ceiling). (Every variant, opt-in
+    ceiling; the unfolded GEMMs (im2col) and the Winograd variant the default selection
+    ("budget") runs on cuda, if any, within min(10x the tiled kernels' error on the same inputs,
+    ceiling). (Every variant, opt-in
     ones included: benchmarks/dev_accuracy.py.)"""
     from pymetalnn import accuracy
     from pymetalnn.ops import conv_winograd as wino
@@ -696,8 +746,16 @@ def test_conv2d_fp32_budget(dev, monkeypatch, name, op):
         return ops._weight_grad(dev, "float", geo, gyt, xt, np.float32).numpy()
 
     monkeypatch.setattr(ops, "WINOGRAD", ops.WINOGRAD_MODES["off"])
+    eligible = ops.im2col.eligible
+    monkeypatch.setattr(ops.im2col, "eligible", lambda *a, **k: False)  # the tiled kernels
     direct = accuracy.rel_err(run(), want)
     assert direct <= accuracy.CEILING, f"direct/tiled kernels: error {direct:.3g}"
+    # the unfolded GEMMs (the cpu backend's default) within the same budget as Winograd
+    monkeypatch.setattr(ops.im2col, "eligible", eligible)
+    monkeypatch.setattr(ops, "FORCE", {"fwd": "im2col", "data": "im2col", "weight": "im2col"})
+    err = accuracy.rel_err(run(), want)
+    assert accuracy.within(err, direct), f"im2col {op}: error {err:.3g} (tiled {direct:.3g})"
+    monkeypatch.setattr(ops, "FORCE", {})
     m = ops.WINOGRAD_MODES["budget"][op].get(kh, 0)
     if not (m and wino.eligible(geo, "float", m)):
         return

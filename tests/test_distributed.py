@@ -141,8 +141,12 @@ def test_failed_gradients_on_one_rank_fail_every_rank():
     p = _launch(2, "--fail-async", "3", timeout=180)
     out = p.stdout + p.stderr
     assert p.returncode != 0
-    assert "all-reduce (mean) of" in out, out[-3000:]
-    assert "rank(s) failed" in out or "this rank's input failed" in out, out[-3000:]
+    # which error ends the job first is a race: rank 0's averaged gradients failing (the
+    # all-reduce names the failed peer), or rank 1 reading its own failure and aborting all ranks
+    named_by_reduce = "all-reduce (mean) of" in out and (
+        "rank(s) failed" in out or "this rank's input failed" in out)
+    named_by_abort = "injected kernel failure" in out and "aborting all ranks" in out
+    assert named_by_reduce or named_by_abort, out[-3000:]
 
 
 def test_stuck_rank_makes_the_others_fail_not_hang():

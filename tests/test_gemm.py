@@ -137,7 +137,8 @@ def test_gemm_split_k(dev, variant, ta, tb) -> None:
     """K split over several threadgroups, including more splits than slices (empty parts)."""
     dtype, accumulate = VARIANTS[variant]
     for i, (m, n, k, tile, splits) in enumerate([(31, 33, 65, "128x128", 3), (65, 32, 200, "64x64", 4),
-                                                 (3, 5, 9, "64x64", 4), (130, 70, 100, "128x128k16", 3)]):
+                                                 (3, 5, 9, "64x64", 4), (130, 70, 100, "128x128k16", 3),
+                                                 (37, 70, 100, "cpu512x128", 3)]):
         if not ops.TILES[tile].supports(variant) or not fits(dev, tile, variant):
             continue
         a, b = rand(stored(m, k, ta), dtype, 10 + i), rand(stored(k, n, tb), dtype, 20 + i)
@@ -149,7 +150,7 @@ def test_gemm_split_k(dev, variant, ta, tb) -> None:
 
 def test_gemm_many_tiles(dev) -> None:
     """More tile-rows than one swizzle group (8), partial last tiles in both directions."""
-    for tile, m in (("64x64", 9 * 64 + 5), ("128x128", 9 * 128 + 1)):
+    for tile, m in (("64x64", 9 * 64 + 5), ("128x128", 9 * 128 + 1), ("cpu128x512", 9 * 128 + 1)):
         n, k = 130, 9
         a, b = rand((m, k), np.float32, 5), rand((k, n), np.float32, 6)
         out = pm.empty((m, n), np.float32, dev)

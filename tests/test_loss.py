@@ -16,7 +16,9 @@ from pymetalnn import functional as F
 
 RED = ["none", "per_sample", "sum", "mean", "sum_by_nonzero_weights"]
 PW_SHAPES = [(1, 1), (1, 31), (3, 33), (2, 3, 5, 7), (2, 4100)]
-CLS_SHAPES = [(1, 1), (5, 3), (3, 33), (4, 1000), (2, 31, 3, 5), (1, 32, 2, 2), (2, 5000)]
+# (N, C) with C a multiple of 8 up to 1024 (4, 1000), (3, 64): cross-entropy's row kernels
+CLS_SHAPES = [(1, 1), (5, 3), (3, 33), (4, 1000), (3, 64), (2, 31, 3, 5), (1, 32, 2, 2),
+              (2, 5000)]
 
 # name -> (forward, backward, options passed to both, reference options)
 POINTWISE = {
@@ -455,7 +457,7 @@ def _fd(f, x, eps=1e-6):
     return g
 
 
-@pytest.mark.parametrize("shape", [(5, 3), (1, 33), (2, 4, 3, 5), (3,)])
+@pytest.mark.parametrize("shape", [(5, 3), (1, 33), (6, 40), (2, 4, 3, 5), (3,)])
 def test_cross_entropy_class_weight(dev, shape):
     """weight= per class, labels (with an ignored one) and probabilities, with and without label
     smoothing, every torch reduction: numpy reference, its gradients by finite differences, ours
@@ -573,3 +575,40 @@ def test_cross_entropy_float16_class_weight_like_torch(dev):
     np.testing.assert_allclose(np.float32(got.numpy()), float(want), rtol=1e-2, atol=1e-2)
     dx = F.cross_entropy_backward(np.float16(1.0), pm.tensor(x, dev), y, pm.tensor(w, dev))[0]
     np.testing.assert_allclose(dx.numpy().astype(np.float32), gx.float().numpy(), rtol=1e-2, atol=1e-2)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float16])
+def test_pointwise_backward_chunks_match_scalar(dev, dtype):
+    """The pointwise backwards' 16-byte-chunk kernel (aligned tensors, samples of at least one
+    chunk, chunks straddling two samples) gives the bits of the per-element kernel (a view at an
+    unaligned offset): per-sample and per-element weights, pos_weight, every reduction, d/dt."""
+    if not dev.supports_views:
+        pytest.skip(f"{dev.name} binds whole buffers only")
+    rng = np.random.default_rng(12)
+    shape = (3, 37)
+    x = rng.standard_normal(shape).astype(dtype)
+    t = rng.uniform(0, 1, shape).astype(dtype)
+    def view(a):
+        buf = dev.buffer(np.concatenate([np.zeros(1, a.dtype), a.ravel()]))
+        return pm.Tensor(buf.view(a.dtype.itemsize, a.nbytes), a.shape, a.dtype)
+
+    sw = rng.uniform(0, 2, 3).astype(np.float32)
+    ew = rng.uniform(0, 2, shape).astype(np.float32)
+    pwt = rng.uniform(0.5, 2, shape).astype(np.float32)
+    cases = [
+        (F.mse_loss_backward, {"sample_weight": sw}),
+        (F.huber_loss_backward, {"delta": 0.7}),
+        (F.binary_cross_entropy_with_logits_backward, {"weight": ew, "pos_weight": pwt}),
+    ]
+    for bwd, kw in cases:
+        for red in ("none", "per_sample", "sum", "mean"):
+            if red == "per_sample" and "weight" in kw:  # refused with element weights
+                continue
+            gshape = shape if red == "none" else (3,) if red == "per_sample" else ()
+            g = rng.standard_normal(gshape).astype(np.float32) if gshape else 1.3
+            fast = bwd(g, pm.tensor(x, dev), pm.tensor(t, dev), reduction=red, **kw)
+            slow = bwd(g, view(x), view(t), reduction=red, **kw)
+            for a, b in zip(fast, slow):
+                if a is not None:
+                    np.testing.assert_array_equal(a.numpy(), b.numpy(),
+                                                  err_msg=f"{bwd.__name__} {red}")

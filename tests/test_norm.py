@@ -834,6 +834,78 @@ def test_layer_norm_torch_and_bad_input(dev):
                                rtol=1e-5, atol=1e-5)
 
 
+# ---- 16-byte-chunk kernels (norm_apply_vec, norm_part_vec) against the scalar ones -------------
+# Views at an element offset that is not 16-byte aligned take the scalar kernels; the apply step
+# must give the same bits either way (the same per-element math), planes of any size (chunks that
+# straddle two planes: HW = 5, 49, 289): batch norm in inference (no statistics), forward and
+# backward; group norm (statistics too) to the tolerance.
+def _bn_eval_relu(xt, gt, dev, rm, rv, w, b):
+    """(batch_norm eval + relu, its input gradient, group_norm with one group) as numpy."""
+    y = F.batch_norm(xt, pm.tensor(rm, dev), pm.tensor(rv, dev), w, b, False, activation="relu")
+    dx = F.batch_norm_backward(gt, xt, pm.tensor(rm, dev), pm.tensor(rv, dev), w, b, False,
+                               activation="relu")[0]
+    gn = F.group_norm(xt, 1, w, b) if xt.ndim > 2 else y
+    return y.numpy(), dx.numpy(), gn.numpy()
+
+
+VEC_SHAPES = [(2, 3, 7, 7), (3, 5, 17, 17), (1, 4, 5), (2, 6, 8, 8), (5, 3, 3, 3), (2, 2, 31)]
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float16])
+def test_norm_apply_chunks_match_scalar(dev, dtype):
+    if not dev.supports_views:
+        pytest.skip(f"{dev.name} binds whole buffers only")
+    isz = np.dtype(dtype).itemsize
+
+    def view(a):
+        buf = dev.buffer(np.concatenate([np.zeros(1, dtype), a.ravel()]))
+        return pm.Tensor(buf.view(isz, a.nbytes), a.shape, dtype)
+
+    for k, shape in enumerate(VEC_SHAPES):
+        c = shape[1]
+        x, g = _data(shape, dtype, 10 + k), _data(shape, dtype, 20 + k)
+        w, b = _params(c, 30 + k)
+        rm = np.linspace(-0.5, 0.5, c).astype(np.float32)
+        rv = np.linspace(0.5, 2.0, c).astype(np.float32)
+
+        args = (dev, rm, rv, w, b)
+        fast = _bn_eval_relu(pm.tensor(x, dev), pm.tensor(g, dev), *args)
+        slow = _bn_eval_relu(view(x), view(g), *args)
+        np.testing.assert_array_equal(fast[0], slow[0], err_msg=str(shape))
+        np.testing.assert_array_equal(fast[1], slow[1], err_msg=str(shape))
+        # group norm's statistics come from different partial kernels: same values, not bits
+        np.testing.assert_allclose(fast[2], slow[2], **_tol(dtype))
+        want = np_act(ref.batch_norm_eval(x, rm, rv, w, b), "relu")[0]
+        np.testing.assert_allclose(fast[0].astype(np.float64), want, **_tol(dtype))
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float16])
+def test_norm_stats_chunks(dev, dtype):
+    """Training statistics from the 16-byte-chunk partials (aligned input, HW a multiple of the
+    chunk) and from the scalar ones (a misaligned view) both match float64, data offset far from
+    zero included (the chunk Welford merge keeps the variance)."""
+    if not dev.supports_views:
+        pytest.skip(f"{dev.name} binds whole buffers only")
+    isz = np.dtype(dtype).itemsize
+    for k, (shape, off) in enumerate([((4, 3, 8, 8), 0.0), ((3, 5, 4, 16), 50.0),
+                                      ((2, 33, 16), 0.0), ((40, 2, 8, 8), 0.0)]):
+        c = shape[1]
+        x = _data(shape, dtype, 40 + k, offset=off)
+        w, b = _params(c, 50 + k)
+        buf = dev.buffer(np.concatenate([np.zeros(1, dtype), x.ravel()]))
+        for xt in (pm.tensor(x, dev), pm.Tensor(buf.view(isz, x.nbytes), shape, dtype)):
+            y, mean, invstd = F.batch_norm_with_stats(xt, None, None, w, b, True)
+            xf = x.astype(np.float64)
+            axes = (0,) + tuple(range(2, len(shape)))
+            np.testing.assert_allclose(mean.numpy(), xf.mean(axes), rtol=1e-5,
+                                       atol=1e-5 * (1 + off))
+            np.testing.assert_allclose(1 / invstd.numpy() ** 2 - 1e-5, xf.var(axes),
+                                       rtol=1e-3 if dtype == np.float32 else 3e-3)
+            want = ref.batch_norm_train(xf, w, b)[0]
+            np.testing.assert_allclose(y.numpy().astype(np.float64), want,
+                                       **_tol(dtype, offset=off, w=w))
+
+
 def test_empty_inputs_and_torch_ranges(dev):
     """As torch: empty inputs give empty results and zero weight gradients (no dispatch); eps may
     be negative (NaN where var + eps < 0) and momentum outside [0, 1]. Against torch on the CPU."""

@@ -263,7 +263,9 @@ def test_unbatched_2d(dev):
 
 ADAPTIVE = [((2, 3, 7, 9), (3, 4)), ((1, 33, 5, 5), 5), ((2, 2, 10, 7), (4, 3)),
             ((1, 3, 3, 3), (5, 4)), ((2, 3, 4, 4), 1), ((1, 5, 3, 3), 1), ((1, 2, 20, 21), 1),
-            ((1, 32, 16, 16), 1), ((1, 2, 6, 8), (None, 3))]
+            ((1, 32, 16, 16), 1), ((1, 2, 6, 8), (None, 3)),
+            # global pooling past its 4-load rounds per lane: vector and scalar loads
+            ((1, 3, 29, 32), 1), ((1, 2, 23, 25), 1)]
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float16])
@@ -459,6 +461,33 @@ def test_adaptive_avg_pool1d(dev, shape, out):
     gx = P.adaptive_avg_pool1d_backward(_t(g, dev), _t(x, dev), out)
     rg = ref.adaptive_avg_pool2d_backward(g.reshape(x4.shape[:2] + (1, o)).astype(np.float64), x4, (1, o))
     np.testing.assert_allclose(gx.numpy(), rg.reshape(shape), rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float16])
+@pytest.mark.parametrize("case", MAX_BWD_CASES, ids=_ids(MAX_BWD_CASES))
+def test_max_pool2d_backward_without_indices(dev, case, dtype, monkeypatch):
+    """Without the forward's indices the backward makes them first (the forward kernel into a
+    temporary) and takes the indices kernels: the reference's values, and bitwise the sums of
+    the kernel that recomputes every candidate window's argmax (ties and NaN included)."""
+    shape, k, s, p, d, ceil, variant = case
+    for integers in (False, True):
+        x = _data(shape, dtype, seed=4, integers=integers)
+        if not integers:
+            x.reshape(-1)[3] = np.nan
+        y_ref, _ = ref.max_pool2d(x, k, s, p, d, ceil)
+        g = _data(y_ref.shape, dtype, seed=9)
+        dev.reset_counts()
+        dx = P.max_pool2d_backward(_t(g, dev), _t(x, dev), k, s, p, d, ceil)
+        sfx = "float" if dtype == np.float32 else "half"
+        assert set(dev.dispatch_counts) == {
+            f"max_pool2d_fwd_{sfx}", f"max_pool2d_bwd_idx_{variant + '_' if variant else ''}{sfx}"}
+        if integers:
+            np.testing.assert_allclose(dx.numpy(), ref.max_pool2d_backward(g, x, k, s, p, d, ceil),
+                                       **TOL[dtype])
+        monkeypatch.setattr(P, "MAX_BWD_VIA_INDICES", False)
+        recomputed = P.max_pool2d_backward(_t(g, dev), _t(x, dev), k, s, p, d, ceil)
+        monkeypatch.setattr(P, "MAX_BWD_VIA_INDICES", True)
+        np.testing.assert_array_equal(dx.numpy(), recomputed.numpy())
 
 
 @pytest.mark.parametrize("padding, ceil", [(0, False), (1, True)])

@@ -1,7 +1,8 @@
 """softmax / log_softmax (kernels/softmax.metal) against the float64 numpy references.
 
-Shapes cover every tile plan the host can pick: rows (inner = 1) with one simdgroup or a whole
-threadgroup per row, strided axes with W = 2..32 columns, cached and uncached tiles (5000 classes
+Shapes cover every kernel the host can pick: the row kernels (innermost axis whose length is a
+multiple of the 16-byte chunk, up to 1024 float / 2048 half), rows (inner = 1) with one simdgroup
+or a whole threadgroup per row, strided axes with W = 2..32 columns, cached and uncached tiles (5000 classes
 exceed the threadgroup cache), batch 1, 1/31/32/33/1000 classes, odd spatial sizes.
 """
 from __future__ import annotations
@@ -30,10 +31,56 @@ CASES = [
     ((2, 3, 4, 5), 2),
     ((2, 3, 4, 5), -1),
     ((1, 300, 9, 9), 1),   # W shrinks to fit the cache
+    # row kernels (innermost axis, a multiple of the 16-byte chunk, up to 32 x 8 chunks): one
+    # chunk, a partial and a whole last lane round, the longest fp32 row, one past it (tiles)
+    ((3, 8), 1),
+    ((4, 520), 1),
+    ((2, 3, 5, 16), 3),
+    ((3, 1024), 1),
+    ((2, 1032), -1),
+    ((2, 2048), 1),
 ]
 # backward: the reference builds each position's full Jacobian, so 5000 classes are left to the
 # forward; 2100 classes still overflow the cache of the backward (two cached arrays)
 BWD_CASES = [(s, d) for s, d in CASES if s[d] <= 2100] + [((2, 2100), 1)]
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float16])
+@pytest.mark.parametrize("log", [False, True])
+def test_row_kernels(dev, log, dtype):
+    """Innermost-axis rows take the row kernels (one simdgroup per row); a view at an offset that
+    is not 16-byte aligned takes the tile kernels: both match the reference, forward and
+    backward."""
+    if not dev.supports_views:
+        pytest.skip(f"{dev.name} binds whole buffers only")
+    isz = np.dtype(dtype).itemsize
+    fwd, bwd = (F.log_softmax, F.log_softmax_backward_from_output) if log else \
+        (F.softmax, F.softmax_backward_from_output)
+    rf = ref.log_softmax if log else ref.softmax
+    for k, shape in enumerate([(5, 1000), (33, 64), (2, 1024)]):
+        x, g = _data(shape, dtype, 60 + k), _data(shape, dtype, 70 + k, 1.0)
+        want = rf(x.astype(np.float64), 1)
+        tol = dict(TOL[dtype], atol=TOL[dtype]["atol"] * (10 if log else 1))
+        for view in (False, True):
+            if view:
+                buf = dev.buffer(np.concatenate([np.zeros(1, dtype), x.ravel()]))
+                xt = pm.Tensor(buf.view(isz, x.nbytes), shape, dtype)
+            else:
+                xt = pm.tensor(x, dev)
+            before = dict(dev.dispatch_counts)
+            y = fwd(xt, 1)
+            names = [n for n, v in dev.dispatch_counts.items() if v != before.get(n, 0)]
+            assert all(("_rows_" in n) != view for n in names), (view, names)
+            np.testing.assert_allclose(y.numpy().astype(np.float64), want, **tol)
+            yn = y.numpy()
+            dx = bwd(pm.tensor(g, dev), y, 1).numpy().astype(np.float64)
+            yf, gf = yn.astype(np.float64), g.astype(np.float64)
+            dwant = gf - np.exp(yf) * gf.sum(1, keepdims=True) if log else \
+                yf * (gf - (gf * yf).sum(1, keepdims=True))
+            np.testing.assert_allclose(dx, dwant, rtol=TOL[dtype]["rtol"] * 5,
+                                       atol=TOL[dtype]["atol"] * 5)
+
+
 TOL = {np.float32: dict(rtol=2e-5, atol=1e-6), np.float16: dict(rtol=2e-3, atol=2e-3)}
 
 

@@ -3,9 +3,10 @@
 fuse        graph rewrites that replace a chain of nodes by one node calling fewer kernels:
             softmax + categorical cross-entropy -> softmax cross-entropy on the logits (the
             softmax forward and gradient disappear); convolution / fully connected / batch norm
-            + neuron -> one call with `activation=` (the activation in the op's store epilogue:
-            one dispatch instead of two) for the activations the ops fuse (relu, leaky relu,
-            sigmoid, tanh: pymetalnn.functional.ACTIVATIONS); the gradient is taken from the fused
+            / element-wise arithmetic (a residual add) + neuron -> one call with `activation=`
+            (the activation in the op's store epilogue: one dispatch instead of two) for the
+            activations the ops fuse (relu, leaky relu, sigmoid, tanh:
+            pymetalnn.functional.ACTIVATIONS); the gradient is taken from the fused
             output (`<neuron>_backward_from_output`), or for batch norm inside
             batch_norm_backward(..., activation=) (act' recomputed from the bn input: no extra
             kernel, the output not kept), so training fuses them too (leaky relu needs a slope
@@ -38,21 +39,26 @@ from ..tensor import Tensor
 from . import memory as M
 from .nodes import (
     NEURONS,
+    AdditionNode,
     BatchNormalizationNode,
     ConcatenationNode,
     ConvolutionNode,
+    DivisionNode,
     FilterNode,
     FullyConnectedNode,
     LossNode,
+    MultiplicationNode,
     NeuronNode,
     SoftMaxNode,
+    SubtractionNode,
     Value,
 )
 
 STRATEGY: str | None = None  # force "arena" or "registers" (tests); None: arena where views exist
 # base node -> its op (named in the log): the ops that take activation= (a fused neuron)
 FUSABLE_NEURON = {ConvolutionNode: "conv2d", FullyConnectedNode: "linear",
-                  BatchNormalizationNode: "batch_norm_with_stats"}
+                  BatchNormalizationNode: "batch_norm_with_stats", AdditionNode: "add",
+                  SubtractionNode: "sub", MultiplicationNode: "mul", DivisionNode: "div"}
 
 
 class FusedNeuronNode(FilterNode):

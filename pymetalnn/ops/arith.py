@@ -35,8 +35,12 @@ from ._common import (
     tensor_arg,
     vec4_aligned,
 )
+from .neuron import activation_code
 
 SOURCE = "arith.metal"
+# "auto": the channel path (arith_chan) where it applies; "general": arith_ew there instead (the
+# earlier production, for benchmarks/dev_membound.py's comparison)
+KERNELS = "auto"
 GRID_CAP = 1 << 22         # threads per launch; kernels loop (grid-stride) past it
 # Reductions split the reduced range until there is enough memory traffic in flight to cover the
 # GPU's latency: about this many threads (outer) or simdgroups (inner), each split >= MIN_CHUNK.
@@ -137,8 +141,10 @@ def _operands(xs: Sequence[Tensor], out_shape: tuple[int, ...], in_shape: tuple[
     return out, xs, [bcast_strides(x.shape, in_shape) for x in xs]
 
 
-def _ew(name: str, out_shape: tuple[int, ...], xs: Sequence[Tensor], alpha: float = 1.0) -> Tensor:
-    """out = name(xs[0], xs[1], xs[2]) elementwise, each x broadcast to out_shape."""
+def _ew(name: str, out_shape: tuple[int, ...], xs: Sequence[Tensor], alpha: float = 1.0,
+        act: tuple[int, float] = (0, 0.0)) -> Tensor:
+    """out = act(name(xs[0], xs[1], xs[2])) elementwise, each x broadcast to out_shape; act =
+    (NN_ACT_*, its scalar) of neuron.activation_code, (0, 0) for none."""
     out, xs, strides = _operands(xs, out_shape, out_shape)
     if out.size == 0:
         return out
@@ -147,11 +153,14 @@ def _ew(name: str, out_shape: tuple[int, ...], xs: Sequence[Tensor], alpha: floa
     if len(dims) > MAXD:
         raise ValueError(f"shape: broadcasting {[x.shape for x in xs]} needs {len(dims)} dimensions "
                          f"after merging, the kernels take {MAXD}")
-    k = _flat_kernel(dev, name, dt, dims, xs, out, alpha)
+    k = _flat_kernel(dev, name, dt, dims, xs, out, alpha, act)
+    if k is None:
+        k = _chan_kernel(dev, name, dt, dims, xs, out, alpha, act)
     if k is not None:
         return out
     vec = 4 if dims[-1][0] % 4 == 0 and all(vec4_aligned(x) for x in xs) else 1
-    p = ArithParams(n=out.size // vec, ndim=len(dims), vec=vec, alpha=float(alpha))
+    p = ArithParams(n=out.size // vec, ndim=len(dims), vec=vec, alpha=float(alpha), act=act[0],
+                    act_alpha=act[1])
     for d, (n, _, st) in enumerate(dims):
         p.shape[d] = n
         p.stride0[d], p.stride1[d], p.stride2[d] = st
@@ -162,7 +171,7 @@ def _ew(name: str, out_shape: tuple[int, ...], xs: Sequence[Tensor], alpha: floa
 
 
 def _flat_kernel(dev: Device, name: str, dt: Any, dims: list, xs: Sequence[Tensor], out: Tensor,
-                 alpha: float) -> Kernel | None:
+                 alpha: float, act: tuple[int, float]) -> Kernel | None:
     """The fast path of _ew (arith_flat, kernels/stream.h): after merging, one dimension along
     which every operand is contiguous (stride 1) or a single element (stride 0), e.g. same-shape
     operands or tensor op number (the `_splat` kernels): no index math, 16-byte accesses.
@@ -177,9 +186,47 @@ def _flat_kernel(dev: Device, name: str, dt: Any, dims: list, xs: Sequence[Tenso
     count = stream_count(n, w, nvec)
     if count > MAX_GRID_THREADS:
         return None
-    p = ArithParams(n=n, ndim=1, vec=nvec, alpha=float(alpha))
+    p = ArithParams(n=n, ndim=1, vec=nvec, alpha=float(alpha), act=act[0], act_alpha=act[1])
     p.shape[0] = n
     p.stride0[0], p.stride1[0], p.stride2[0] = dims[0][2]
+    k(count, xs[0].buffer, xs[1].buffer, xs[2].buffer, out.buffer, p)
+    return k
+
+
+def _chan_kernel(dev: Device, name: str, dt: Any, dims: list, xs: Sequence[Tensor], out: Tensor,
+                 alpha: float, act: tuple[int, float]) -> Kernel | None:
+    """The channel path of _ew (arith_chan): after merging, [N, C, HW] or [C, HW] with HW at
+    least a 16-byte chunk, every operand contiguous with the output or one value per channel
+    (x * w[c], x + b[c]), the contiguous ones 16-byte aligned. Launches it and returns the kernel,
+    or None where it does not apply."""
+    if len(dims) not in (2, 3) or KERNELS != "auto":
+        return None
+    c, hw = dims[-2][0], dims[-1][0]
+    n = out.size
+    full = [c * hw, hw, 1][-len(dims):]
+    chan = [0, 1, 0][-len(dims):]
+    kinds = []
+    for i in range(3):
+        st = [d[2][i] for d in dims]
+        if st == full:
+            kinds.append(1)
+        elif st == chan:
+            kinds.append(0)
+        else:
+            return None
+    w = stream_chunk(dt.itemsize)
+    if hw < w or 1 not in kinds or any(x.buffer.offset % 16 for x, s in zip(xs, kinds) if s) \
+            or out.buffer.offset % 16:
+        return None
+    nvec = n // w
+    count = stream_count(n, w, nvec)
+    if count > MAX_GRID_THREADS:
+        return None
+    k = kernel(dev, SOURCE, f"{name}_chan_{suffix(dt)}")
+    p = ArithParams(n=n, ndim=len(dims), vec=nvec, alpha=float(alpha), act=act[0],
+                    act_alpha=act[1])
+    p.shape[0], p.shape[1] = c, hw
+    p.stride0[0], p.stride1[0], p.stride2[0] = kinds
     k(count, xs[0].buffer, xs[1].buffer, xs[2].buffer, out.buffer, p)
     return k
 
@@ -242,29 +289,33 @@ def _reduce(name: str, in_shape: tuple[int, ...], target: tuple[int, ...], xs: S
 
 
 # ---- binary ops -------------------------------------------------------------------------------
-def _binary(op: str, a: Operand, b: Operand) -> Tensor:
+def _binary(op: str, a: Operand, b: Operand, activation: Any = None) -> Tensor:
     a_t, b_t, _, _, _ = _binary_args(a, b)
-    return _ew(f"{op}_fwd", broadcast_shapes(a_t.shape, b_t.shape), [a_t, b_t])
+    return _ew(f"{op}_fwd", broadcast_shapes(a_t.shape, b_t.shape), [a_t, b_t],
+               act=activation_code(activation))
 
 
-def add(a: Operand, b: Operand) -> Tensor:
-    """out = a + b, broadcast as numpy/torch (either operand may be a Python number)."""
-    return _binary("add", a, b)
+# activation= (as conv2d / linear / batch_norm take it): the result goes through relu, leaky relu
+# (slope in ("leaky_relu", {"negative_slope": s})), sigmoid or tanh in the same pass, e.g. a
+# residual add + relu; the gradient: <neuron>_backward_from_output of the result, then the op's.
+def add(a: Operand, b: Operand, activation: Any = None) -> Tensor:
+    """out = act(a + b), broadcast as numpy/torch (either operand may be a Python number)."""
+    return _binary("add", a, b, activation)
 
 
-def sub(a: Operand, b: Operand) -> Tensor:
-    """out = a - b, broadcast as numpy/torch."""
-    return _binary("sub", a, b)
+def sub(a: Operand, b: Operand, activation: Any = None) -> Tensor:
+    """out = act(a - b), broadcast as numpy/torch."""
+    return _binary("sub", a, b, activation)
 
 
-def mul(a: Operand, b: Operand) -> Tensor:
-    """out = a * b, broadcast as numpy/torch."""
-    return _binary("mul", a, b)
+def mul(a: Operand, b: Operand, activation: Any = None) -> Tensor:
+    """out = act(a * b), broadcast as numpy/torch."""
+    return _binary("mul", a, b, activation)
 
 
-def div(a: Operand, b: Operand) -> Tensor:
-    """out = a / b, broadcast as numpy/torch (IEEE: x / 0 is +-inf or nan)."""
-    return _binary("div", a, b)
+def div(a: Operand, b: Operand, activation: Any = None) -> Tensor:
+    """out = act(a / b), broadcast as numpy/torch (IEEE: x / 0 is +-inf or nan)."""
+    return _binary("div", a, b, activation)
 
 
 def _binary_backward(op: str, grad_out: TensorLike, a: Operand, b: Operand

@@ -33,6 +33,7 @@ import numpy as np
 from ..params import CONST, Conv2dParams
 from ..runtime import Device
 from ..tensor import Tensor, TensorLike
+from . import conv_im2col as im2col
 from . import conv_winograd as wino
 from ._common import (
     FLOATS,
@@ -95,7 +96,8 @@ WORKSPACE_BYTES = 1 << 28  # bound on a split reduction's float partials
 MAX_ELEMS = 2**31        # kernels use 32-bit offsets
 # Tests and benchmarks force a path: {"fwd"|"data": "direct" or a tile name, "weight": a tile;
 # any of the three: "wino2" / "wino4" (Winograd F(2x2, 3x3) / F(4x4, 3x3) where the conv is
-# eligible, the tiled kernels otherwise)}.
+# eligible, the tiled kernels otherwise) or "im2col" (ops/conv_im2col.py where eligible, on any
+# backend; the cpu backend's default for eligible convs)}.
 FORCE: dict[str, str] = {}
 # Winograd F(M x M, R x R) for stride-1 undilated ungrouped float32 convs with square kernels:
 # per op and kernel size R, the output tile M used on cuda when the conv is eligible (absent:
@@ -360,7 +362,7 @@ def _pick_tile(kind: str, dev: Device, rows: int, cols: int, batches: int, prec:
     padded tile area / the tile's throughput. Weight gradients split their reduction to fill the
     device, so only their padding counts."""
     forced = FORCE.get(kind)
-    if forced is not None and not forced.startswith("wino"):
+    if forced is not None and not forced.startswith("wino") and forced != "im2col":
         return forced
     table = MMA_TILES[kind] if prec != "float" and matrix_hw(dev) else TILES[kind]
     sms = _sms(dev)
@@ -386,9 +388,19 @@ def _pick_tile(kind: str, dev: Device, rows: int, cols: int, batches: int, prec:
 _TILE_MEMO: dict[tuple, tuple[dict, str]] = {}
 
 
+def _im2col(kind: str, dev: Device, geo: ConvGeometry, prec: str, source: str) -> bool:
+    """The GEMM-over-unfolded-input path (ops/conv_im2col.py): the cpu backend's choice unless
+    another path is forced; forced ("im2col") on any backend where the conv is eligible. Never
+    for other kernel sources (benchmarks' candidates)."""
+    forced = FORCE.get(kind)
+    if source != SOURCE or forced not in (None, "im2col"):
+        return False
+    return im2col.eligible(dev, geo, prec, any_device=forced == "im2col")
+
+
 def _use_direct(kind: str, width: int) -> bool:
     forced = FORCE.get(kind)
-    if forced is not None and not forced.startswith("wino"):
+    if forced is not None and not forced.startswith("wino") and forced != "im2col":
         return forced == "direct"
     return width < DIRECT_BELOW
 
@@ -402,6 +414,8 @@ def forward_plan(dev: Device, prec: str, geo: ConvGeometry, x: Tensor, w: Tensor
     p.act, p.act_alpha = act
     p.out_nstride = out_nstride
     args = (x.buffer, w.buffer, b.buffer if b is not None else dummy(dev), y.buffer, p)
+    if _im2col("fwd", dev, geo, prec, source) and not out_nstride:
+        return im2col.forward_plan(dev, geo, x, w, b, y, act)
     if _use_direct("fwd", geo.Kg):
         return [(kernel(dev, source, f"conv2d_fwd_direct_{prec}"), min(y.size, MAX_GROUPS * THREADS),
                  args)]
@@ -433,6 +447,8 @@ def input_grad_plan(dev: Device, prec: str, geo: ConvGeometry, dy: Tensor, w: Te
     """dx of the conv `geo` (b: conv_transpose2d's bias, added to every dx[:, c])."""
     p = geo.params(has_bias=b is not None)
     args = (dy.buffer, w.buffer, b.buffer if b is not None else dummy(dev), dx.buffer, p)
+    if _im2col("data", dev, geo, prec, source):
+        return im2col.input_grad_plan(dev, geo, dy, w, b, dx)
     if _use_direct("data", geo.Cg):
         return [(kernel(dev, source, f"conv2d_bwd_data_direct_{prec}"),
                  min(dx.size, MAX_GROUPS * THREADS), args)]
@@ -480,6 +496,8 @@ def _reduce_launch(dev: Device, ws: Any, out: Tensor, splits: int, source: str) 
 def weight_grad_plan(dev: Device, prec: str, geo: ConvGeometry, dy: Tensor, x: Tensor, dw: Tensor,
                      source: str = SOURCE) -> list[Launch]:
     """dw of the conv `geo`: float partials over chunks of (n, oh, ow), then their ordered sum."""
+    if _im2col("weight", dev, geo, prec, source):
+        return im2col.weight_grad_plan(dev, geo, dy, x, dw)
     m = _winograd("weight", dev, geo, prec)
     if m:
         return wino.weight_grad_plan(dev, m, geo, dy, x, dw)

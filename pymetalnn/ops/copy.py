@@ -81,6 +81,17 @@ def _flat(src: Tensor, dst: Tensor, n: int, src_off: int, dst_off: int) -> bool:
     return True
 
 
+def _vec(counts: tuple, ts: tuple, wide: int) -> int:
+    """Elements per access of copy_block / concat8 / split8: `wide` (16 bytes) when every width,
+    pitch and offset in `counts` is a multiple of it and the tensors start 16-byte aligned, else 4
+    when they are multiples of 4 (4-element aligned), else 1."""
+    if all(v % wide == 0 for v in counts) and all(t.buffer.offset % 16 == 0 for t in ts):
+        return wide
+    if all(v % 4 == 0 for v in counts) and all(vec4_aligned(t) for t in ts):
+        return 4
+    return 1
+
+
 def _block(src: Tensor, dst: Tensor, rows: int, cols: int, src_pitch: int, dst_pitch: int,
            src_off: int, dst_off: int) -> None:
     """dst[dst_off + r * dst_pitch + c] = src[src_off + r * src_pitch + c] (cast to dst's type)."""
@@ -89,8 +100,8 @@ def _block(src: Tensor, dst: Tensor, rows: int, cols: int, src_pitch: int, dst_p
     if (rows == 1 or src_pitch == dst_pitch == cols) and _flat(src, dst, rows * cols, src_off,
                                                                dst_off):
         return
-    vec = 4 if all(v % 4 == 0 for v in (cols, src_pitch, dst_pitch, src_off, dst_off)) \
-        and vec4_aligned(src) and vec4_aligned(dst) else 1
+    vec = _vec((cols, src_pitch, dst_pitch, src_off, dst_off), (src, dst),
+               16 // src.dtype.itemsize if src.dtype == dst.dtype else 4)
     p = CopyParams(n=rows * cols // vec, rows=rows, cols=cols, vec=vec, src_pitch=src_pitch,
                    dst_pitch=dst_pitch, src_off=src_off, dst_off=dst_off)
     if src.dtype == dst.dtype:
@@ -118,8 +129,8 @@ def _parts(op: str, whole: Tensor, rows: int, pitch: int, parts: list[tuple[Tens
     parts = [pt for pt in parts if pt[1] and rows]
     for g in range(0, len(parts), 8):
         group = parts[g: g + 8]
-        vec = 4 if pitch % 4 == 0 and vec4_aligned(whole) and \
-            all(c % 4 == 0 and o % 4 == 0 and vec4_aligned(t) for t, c, o in group) else 1
+        vec = _vec((pitch, *(c for _, c, _ in group), *(o for _, _, o in group)),
+                   (whole, *(t for t, _, _ in group)), 16 // whole.dtype.itemsize)
         p = ConcatParams(parts=len(group), rows=rows, vec=vec, pitch=pitch)
         n = 0
         for i, (_, c, o) in enumerate(group):

@@ -68,6 +68,7 @@ class Tile:
     variants: tuple[str, ...] | None = None  # instantiated only for these (None: all)
     fixed_k: int = 0
     matrix: bool = False  # runs on simdgroup matrices (gemm_mma): only where matrix_hw(dev)
+    cpu: bool = False  # gemm_blocked: the automatic choice on the cpu backend (only there)
 
     def supports(self, variant: str) -> bool:
         return self.variants is None or variant in self.variants
@@ -86,13 +87,21 @@ class Tile:
 # loads (ncu, 2026-12-06: 28% issue-slot use, 24 TFLOP/s at 4096^3), and more resident
 # threadgroups hide that latency (benchmarks/dev_gemm_mma.py sweeps them).
 _HALF = ("half", "hacc_half")
+# The cpu backend runs gemm_blocked (per-thread register blocks read straight from memory, no
+# threadgroup tiles or barriers: a thread's rank-1 updates vectorize) for float32: CPU time per
+# core 256^3 5.4 -> 0.9 ms, 32x512x512 4.7 -> 0.5 ms against gemm_tiled as work-item loops (2-core
+# Xeon, 2026-12-06). fp16 storage keeps the tiled kernels: its software fp16 -> float conversions
+# in the blocked kernel's inner loop made it 3x slower than they are.
+_CPU = ("float",)
 TILES = {t.name: t for t in (Tile("128x128", 128, 128, 8, 1.0), Tile("64x64", 64, 64, 16, 0.6),
                              Tile("128x128k16", 128, 128, 16, 1.11, variants=("float", "hacc_half"),
                                   fixed_k=38),
                              Tile("mma128x128", 128, 128, 16, 3.0, variants=_HALF, matrix=True),
                              Tile("mma64x64", 64, 64, 16, 3.4, variants=_HALF, matrix=True),
                              Tile("mma64x64k32", 64, 64, 32, 4.0, variants=_HALF, matrix=True),
-                             Tile("mma128x64", 128, 64, 32, 3.6, variants=_HALF, matrix=True))}
+                             Tile("mma128x64", 128, 64, 32, 3.6, variants=_HALF, matrix=True),
+                             Tile("cpu512x128", 512, 128, 16, 1.0, variants=_CPU, cpu=True),
+                             Tile("cpu128x512", 128, 512, 16, 1.0, variants=_CPU, cpu=True))}
 MAX_SPLITS = 16
 MIN_SPLIT_SLICES = 16  # a split-K part covers at least this many BK slices
 
@@ -140,6 +149,11 @@ def plan(dev: Device, m: int, n: int, k: int, batch: int, reduce_batch: bool,
         hw = matrix_hw(dev)
         cands = [t for t in TILES.values() if t.supports(var) and (hw or not t.matrix)
                  and tile_fits(dev, t, var)]
+        # the cpu backend: blocked tiles (or simdgroup-matrix ones where a device reports them)
+        if dev.name == "cpu" and any(t.cpu for t in cands):
+            cands = [t for t in cands if t.cpu or t.matrix]
+        else:
+            cands = [t for t in cands if not t.cpu]
     else:
         cands = [tile if isinstance(tile, Tile) else TILES[tile]]
     best: tuple[float, Tile, int] | None = None
@@ -153,7 +167,9 @@ def plan(dev: Device, m: int, n: int, k: int, batch: int, reduce_batch: bool,
             splits = list(range(1, most + 1))
         for s in splits:
             waves = math.ceil(tiles * s / units)
-            cost = waves * t.bm * t.bn * (t.bk * math.ceil(slices / s) + t.fixed_k) / t.efficiency
+            # gemm_blocked's threads past M or N return at once: a tile costs what it covers
+            area = min(t.bm, m) * min(t.bn, n) if t.cpu else t.bm * t.bn
+            cost = waves * area * (t.bk * math.ceil(slices / s) + t.fixed_k) / t.efficiency
             if s > 1:
                 cost += 0.25 * (s + 2) * m * n * nb + 2**19
             if best is None or cost < best[0]:

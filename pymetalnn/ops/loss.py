@@ -72,10 +72,11 @@ from ._common import (
     kernel,
     number,
     pick_device,
+    stream_count,
     suffix,
     tensor_arg,
 )
-from .softmax import TG, tile_groups, tile_plan
+from .softmax import TG, row_plan, tile_groups, tile_plan
 
 SOURCE = "loss.metal"
 REDUCTIONS = ("none", "per_sample", "sum", "mean", "sum_by_nonzero_weights")
@@ -384,10 +385,21 @@ def _pointwise_backward(stem: str, grad: Any, input: Any, target: Any, sample_we
                    target_grad=int(tgrad))
     dx = empty(x.shape, x.dtype, dev)
     dt = empty(x.shape, x.dtype, dev) if tgrad else None
-    groups = min(cdiv(x.size, TG), MAX_GROUPS)
     d = dummy(dev)
-    kernel(dev, SOURCE, f"{stem}_bwd_{suffix(x.dtype)}")(
-        groups * TG, g.buffer, x.buffer, t.buffer, w.buffer if w is not None else d,
+    # 16-byte chunks (loss_pw_bwd_vec) when a chunk meets at most two samples and every buffer
+    # read or written per element starts 16-byte aligned
+    wch = 16 // x.dtype.itemsize
+    per_elem = [x, t, dx] + [v for v in (dt, pw, w if elem else None,
+                                         g if gmode not in (G_SCALAR, G_PER_SAMPLE) else None)
+                            if v is not None]
+    if p.M >= wch and all(v.buffer.offset % 16 == 0 for v in per_elem):
+        nvec = x.size // wch
+        p.reduce = nvec  # the vector kernel's chunk count
+        name, count = f"{stem}_bwd_vec_{suffix(x.dtype)}", stream_count(x.size, wch, nvec)
+    else:
+        name, count = f"{stem}_bwd_{suffix(x.dtype)}", min(cdiv(x.size, TG), MAX_GROUPS) * TG
+    kernel(dev, SOURCE, name)(
+        count, g.buffer, x.buffer, t.buffer, w.buffer if w is not None else d,
         dx.buffer, pw.buffer if pw is not None else d, dt.buffer if dt is not None else d, p)
     return dx.reshape(shape0), (dt.reshape(shape0) if dt is not None else None)
 
@@ -420,7 +432,9 @@ def _class_forward(stem: str, input: Any, target: Any, sample_weight: Any, reduc
     unbatched = (input.ndim if isinstance(input, Tensor) else np.ndim(input)) == 1
     dev, x, t, labels, w, n, m = _class_prep(input, target, sample_weight, ignore_index, allow_labels)
     cw = _class_weight(weight, dev, x.shape[1])
-    q = tile_plan(n, x.shape[1], m, cache_arrays=cache)
+    # softmax cross-entropy on (N, C) logits with labels: the row kernels where they apply
+    rq = row_plan(n, x.shape[1], m, x.dtype, x) if stem == "cross_entropy" and labels else None
+    q = rq or tile_plan(n, x.shape[1], m, cache_arrays=cache)
     p = LossParams(N=n, M=m, has_weight=int(w is not None),
                    ignore_index=int(ignore_index) if labels else 0, smoothing=smoothing, a=a,
                    has_class_weight=int(cw is not None))
@@ -428,8 +442,8 @@ def _class_forward(stem: str, input: Any, target: Any, sample_weight: Any, reduc
     terms = empty((n,) + x.shape[2:], float32, dev)
     cnt = dev.buffer(8 * n * m)
     d = dummy(dev)
-    kernel(dev, SOURCE, f"{stem}_fwd_{variant}{suffix(x.dtype)}")(
-        tile_groups(q) * TG, x.buffer, d if labels else t.buffer, t.buffer if labels else d,
+    kernel(dev, SOURCE, f"{stem}_fwd_{variant}{'rows_' if rq else ''}{suffix(x.dtype)}")(
+        n * 32 if rq else tile_groups(q) * TG, x.buffer, d if labels else t.buffer, t.buffer if labels else d,
         w.buffer if w is not None else d, terms.buffer, cnt, p, q, cw.buffer if cw is not None else d)
     if reduction == "none":
         return terms.reshape(()) if unbatched else terms
@@ -463,16 +477,18 @@ def _class_backward(stem: str, grad: Any, input: Any, target: Any, sample_weight
         else:
             g = _scale(dev, g, reduction, n, None, w, n, 1, m, 0)
     tgrad = stem == "cross_entropy" and not labels and boolean(target_grad, "target_grad")
-    q = tile_plan(n, x.shape[1], m, cache_arrays=cache)
+    dx = empty(x.shape, x.dtype, dev)
+    rq = row_plan(n, x.shape[1], m, x.dtype, x, dx) if stem == "cross_entropy" and labels \
+        else None
+    q = rq or tile_plan(n, x.shape[1], m, cache_arrays=cache)
     p = LossParams(N=n, M=m, gmode=gmode, has_weight=int(w is not None),
                    ignore_index=int(ignore_index) if labels else 0, smoothing=smoothing, a=a,
                    has_class_weight=int(cw is not None), target_grad=int(tgrad))
     variant = ("labels_" if labels else "probs_") if allow_labels else ""
-    dx = empty(x.shape, x.dtype, dev)
     dt = empty(x.shape, x.dtype, dev) if tgrad else None
     d = dummy(dev)
-    kernel(dev, SOURCE, f"{stem}_bwd_{variant}{suffix(x.dtype)}")(
-        tile_groups(q) * TG, g.buffer, x.buffer, d if labels else t.buffer,
+    kernel(dev, SOURCE, f"{stem}_bwd_{variant}{'rows_' if rq else ''}{suffix(x.dtype)}")(
+        n * 32 if rq else tile_groups(q) * TG, g.buffer, x.buffer, d if labels else t.buffer,
         t.buffer if labels else d, w.buffer if w is not None else d, dx.buffer, p, q,
         cw.buffer if cw is not None else d, dt.buffer if dt is not None else d)
     return dx.reshape(shape0), (dt.reshape(shape0) if dt is not None else None)

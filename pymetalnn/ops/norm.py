@@ -46,6 +46,7 @@ from ._common import (
     kernel,
     number,
     pick_device,
+    stream_vthreads,
     strided_out,
     suffix,
     tensor_arg,
@@ -58,6 +59,11 @@ SOURCE = "norm.metal"
 MAX_ELEMENTS = 2**32 - 1
 TARGET_GROUPS = 1024  # partial-making threadgroups to aim for (fills a large GPU)
 COLUMN_MODE_HW = 32   # batch norm with fewer positions per plane reads columns
+# Kernel choice, for benchmarks/dev_membound.py's comparisons: "auto" (the 16-byte-chunk
+# kernels norm_part_vec / norm_apply_vec where the layout allows, else the scalar ones), "scalar"
+# (the scalar kernels everywhere), "scalar_u1" (the scalar kernels with the statistics loop of
+# one element per step, the earlier production).
+KERNELS = "auto"
 
 # ---- validation ------------------------------------------------------------------------------
 
@@ -240,7 +246,13 @@ def _partials(dev: Device, p: NormParams, x: Tensor, dy: Tensor | None, mean: Te
         name = f"norm_stats_{'bwd' if bwd else 'fwd'}_cols{act}_{suffix(x.dtype)}"
     else:
         count = groups = p.rows * p.chunks
-        name = f"norm_stats_{'bwd' if bwd else 'fwd'}{act}_{suffix(x.dtype)}"
+        w = 16 // x.dtype.itemsize
+        # 16-byte chunks (norm_part_vec) when no chunk straddles two runs of a row and every
+        # chunk is aligned
+        vec = KERNELS == "auto" and p.inner_len % w == 0 and p.dy_nstride % w == 0 and \
+            x.buffer.offset % 16 == 0 and (dy is None or dy.buffer.offset % 16 == 0)
+        form = "_vec" if vec else ("_u1" if KERNELS == "scalar_u1" else "")
+        name = f"norm_stats_{'bwd' if bwd else 'fwd'}{act}{form}_{suffix(x.dtype)}"
     part = empty((count, 4), float32, dev)
     d = dummy(dev)
     fb = [t.buffer if t is not None else d for t in (fwd or (None, None, None))]
@@ -278,9 +290,21 @@ def _apply(dev: Device, p: NormParams, u: Tensor, v: Tensor | None, coef: Tensor
     if out is None:
         out = empty(u.shape, u.dtype, dev)
     act = "_act" if v is not None and p.act else ""
-    name = f"norm_apply_{'bwd' if v is not None else 'fwd'}{act}_{suffix(u.dtype)}"
-    groups = min(-(-u.size // (TG * 4)), MAX_GROUPS)  # 4 elements per thread
-    kernel(dev, SOURCE, name)(groups * TG, u.buffer, v.buffer if v is not None else dummy(dev),
+    kind = f"{'bwd' if v is not None else 'fwd'}{act}"
+    w = 16 // u.dtype.itemsize
+    strided = p.out_nstride or p.dy_nstride
+    if KERNELS == "auto" and (p.HW % w == 0 or p.HW >= w) and \
+            (not strided or ((p.C * p.HW) % w == 0 and p.out_nstride % w == 0
+                             and p.dy_nstride % w == 0)) and \
+            all(t.buffer.offset % 16 == 0 for t in (u, v, out) if t is not None):
+        # 16-byte chunks, STREAM_U per thread, then a scalar tail (norm.metal norm_apply_vec)
+        nvec = p.total // w
+        count = stream_vthreads(nvec) + p.total - w * nvec
+        name = f"norm_apply_{kind}_vec_{suffix(u.dtype)}"
+    else:
+        count = min(-(-u.size // (TG * 4)), MAX_GROUPS) * TG  # 4 elements per thread
+        name = f"norm_apply_{kind}_{suffix(u.dtype)}"
+    kernel(dev, SOURCE, name)(count, u.buffer, v.buffer if v is not None else dummy(dev),
                               coef.buffer, out.buffer, p)
     return out
 

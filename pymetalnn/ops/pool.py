@@ -27,6 +27,7 @@ from ._common import (
     out_like,
     pick_device,
     positive_ints,
+    scratch,
     strided_out,
     suffix,
     tensor_arg,
@@ -40,6 +41,11 @@ POOL_WRITE_INDICES, POOL_COUNT_PAD = CONST["POOL_WRITE_INDICES"], CONST["POOL_CO
 MAX_ELEMENTS = 2**31 - 1  # pool.metal's magic_div needs numerators < 2^31
 AVG_ROWS = CONST["POOL_AVG_ROWS"]  # input rows per thread of avg_pool2d_bwd_const
 MAX_TILES = {(2, 2): "s2x2", (1, 2): "s1x2"}  # (SH, SW) -> max_pool2d_bwd_idx_tile instantiation
+# max pooling's backward without the forward's indices: True makes them first (the forward
+# kernel with POOL_WRITE_INDICES into scratch: one read of x) and runs the indices gradient, the
+# same terms in the same order as recomputing every candidate window's argmax from x (False:
+# max_pool2d_bwd, KH * KW reads per candidate window, e.g. 36 per element for 3x3 / stride 2)
+MAX_BWD_VIA_INDICES = True
 
 
 def _magic(d: int) -> tuple[int, int]:
@@ -184,6 +190,13 @@ def _max_bwd(grad_out: TensorLike, x: TensorLike, one_d: bool, kernel_size: Any,
     dx = out_like(x4.shape, x4.dtype, dev)
     if dx.size:
         sfx = suffix(x4.dtype)
+        if idx is None and MAX_BWD_VIA_INDICES and g.size:
+            n_out = g.size
+            ybuf, ibuf = scratch(dev, [n_out * x4.dtype.itemsize, n_out * 4], "max_pool_indices")
+            q.flags = POOL_WRITE_INDICES
+            kernel(dev, SOURCE, f"max_pool2d_fwd_{sfx}")(n_out, x4.buffer, ybuf, ibuf, q)
+            q.flags = 0
+            idx = Tensor(ibuf, shape, np.int32)
         tile = MAX_TILES.get((q.SH, q.SW))
         if idx is not None and tile:  # one thread per stride x stride tile
             kernel(dev, SOURCE, f"max_pool2d_bwd_idx_{tile}_{sfx}")(
@@ -215,7 +228,8 @@ def max_pool2d_backward(grad_out: Any, input: Any, kernel_size: Any, stride: Any
                         padding: Any = 0, dilation: Any = 1, ceil_mode: bool = False,
                         return_indices: bool = False, indices: Any = None) -> Tensor:
     """grad_x[n, c, h, w] = sum of grad_out over the outputs whose argmax is (h, w). Uses
-    `indices` from max_pool2d(..., return_indices=True) when given, else recomputes from x.
+    `indices` from max_pool2d(..., return_indices=True) when given, else makes them from x first
+    (one forward pass into a temporary) and uses those.
     return_indices: the forward's option, accepted for the shared calling convention (unused)."""
     x = input
     return _max_bwd(grad_out, x, False, kernel_size, stride, padding, dilation, ceil_mode, indices)

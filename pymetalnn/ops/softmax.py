@@ -27,6 +27,7 @@ SOURCE = "softmax.metal"
 TG = CONST["TR_TG"]  # threads per threadgroup of tile_reduce.h's kernels
 CACHE_FLOATS = CONST["SM_CACHE"]  # row cache per threadgroup (softmax.metal, loss.metal)
 MAX_ELEMENTS = 2**32 - 1  # kernels index with 32-bit uints
+ROW_CHUNKS = CONST["SM_ROW_CHUNKS"]  # 16-byte chunks per lane of the row kernels
 
 
 def _pow2_floor(n: int) -> int:
@@ -105,6 +106,19 @@ def _torch_dim(dim: Any, ndim: int) -> Any:
     return (0 if ndim in (0, 1, 3) else 1) if dim is None else dim
 
 
+def row_plan(outer: int, length: int, inner: int, dtype: Any, *ts: Tensor
+             ) -> SoftmaxParams | None:
+    """The params of the row kernels (softmax.metal's, loss.metal's cross-entropy ones: one
+    simdgroup per row, the row in registers) when they apply: the axis innermost, its length a
+    multiple of the 16-byte chunk and at most 32 * ROW_CHUNKS chunks, every buffer 16-byte
+    aligned; else None (the tile kernels)."""
+    w = 16 // np.dtype(dtype).itemsize
+    if inner != 1 or length % w or length > 32 * ROW_CHUNKS * w or outer * 32 > 2**31 or \
+            any(t.buffer.offset % 16 for t in ts):
+        return None
+    return SoftmaxParams(outer=outer, len=length, inner=1)
+
+
 def _forward(x: Any, dim: Any, log: bool) -> Tensor:
     dev = pick_device(x)
     xt = tensor_arg(x, dev, "input", FLOATS)
@@ -113,9 +127,15 @@ def _forward(x: Any, dim: Any, log: bool) -> Tensor:
     y = empty(xt.shape, xt.dtype, dev)
     if xt.size == 0:
         return y
-    p = tile_plan(*split_shape(xt.shape or (1,), d), cache_arrays=1)
-    name = f"{'log_softmax' if log else 'softmax'}_fwd_{suffix(xt.dtype)}"
-    kernel(dev, SOURCE, name)(tile_groups(p) * TG, xt.buffer, y.buffer, p)
+    geom = split_shape(xt.shape or (1,), d)
+    stem = "log_softmax" if log else "softmax"
+    rp = row_plan(*geom, xt.dtype, xt, y)
+    if rp is not None:
+        kernel(dev, SOURCE, f"{stem}_fwd_rows_{suffix(xt.dtype)}")(rp.outer * 32, xt.buffer,
+                                                                   y.buffer, rp)
+        return y
+    p = tile_plan(*geom, cache_arrays=1)
+    kernel(dev, SOURCE, f"{stem}_fwd_{suffix(xt.dtype)}")(tile_groups(p) * TG, xt.buffer, y.buffer, p)
     return y
 
 
@@ -130,9 +150,16 @@ def _backward(grad_out: Any, output: Any, dim: Any, log: bool) -> Tensor:
     dx = empty(yt.shape, yt.dtype, dev)
     if yt.size == 0:
         return dx
-    p = tile_plan(*split_shape(yt.shape or (1,), d), cache_arrays=1 if log else 2)
-    name = f"{'log_softmax' if log else 'softmax'}_bwd_{suffix(yt.dtype)}"
-    kernel(dev, SOURCE, name)(tile_groups(p) * TG, gt.buffer, yt.buffer, dx.buffer, p)
+    geom = split_shape(yt.shape or (1,), d)
+    stem = "log_softmax" if log else "softmax"
+    rp = row_plan(*geom, yt.dtype, gt, yt, dx)
+    if rp is not None:
+        kernel(dev, SOURCE, f"{stem}_bwd_rows_{suffix(yt.dtype)}")(rp.outer * 32, gt.buffer,
+                                                                   yt.buffer, dx.buffer, rp)
+        return dx
+    p = tile_plan(*geom, cache_arrays=1 if log else 2)
+    kernel(dev, SOURCE, f"{stem}_bwd_{suffix(yt.dtype)}")(tile_groups(p) * TG, gt.buffer, yt.buffer,
+                                                          dx.buffer, p)
     return dx
 
 

@@ -3,7 +3,7 @@ one kernel per case, against numpy references written from Metal's rules: every 
 not returned reaches each barrier; a SIMD-group function covers the lanes of the simdgroup that
 execute it (the active lanes).
 
-On the cpu backend these kernels run as work-item loops (pymetalnn/runtime/lockstep.py) rather
+On the cpu backend these kernels run as work-item loops (pymetalnn/runtime/lockstep*.py) rather
 than a fiber per thread; `test_cpu_runs_them_without_fibers` checks that they do, and that a
 kernel outside the transform keeps fibers and says why.
 """
@@ -141,6 +141,32 @@ def test_simd_functions_in_divergent_control_flow(load) -> None:
     x = rng(6).integers(-50, 200, n).astype(np.int32)
     (got,) = _run(load, "ls_simd_divergent", n, x, outs=(np.int32,), width=4)
     np.testing.assert_array_equal(got.reshape(-1, 4), _simd_divergent_ref(x))
+
+
+def test_simd_shuffles_and_reductions(load) -> None:
+    """Every lane active: reductions, prefix sum, the shuffles (an out-of-range source keeps the
+    lane's own value), broadcast; results kept across a barrier; a butterfly in a loop."""
+    n = 2 * TG
+    x = rng(9).integers(-1000, 1000, n).astype(np.int32)
+    (got,) = _run(load, "ls_simd_convergent", n, x, outs=(np.int32,), width=10)
+    want = np.zeros((n, 10), np.int64)
+    lanes = np.arange(32)
+    sums = x.astype(np.int64).reshape(-1, 32).sum(axis=1)
+    for g in range(n // 32):
+        v = x[32 * g:32 * g + 32].astype(np.int64)
+        w = want[32 * g:32 * g + 32]
+        w[:, 0] = v.sum()
+        w[:, 1] = v.max()
+        w[:, 2] = np.cumsum(v)
+        w[:, 3] = v[(lanes * 7 + 3) % 32]
+        w[:, 4] = v[lanes ^ 5]
+        w[:, 5] = np.where(lanes >= 3, v[np.maximum(lanes - 3, 0)], v)
+        w[:, 6] = np.where(lanes + 2 < 32, v[np.minimum(lanes + 2, 31)], v)
+        w[:, 7] = v[17]
+        w[:, 9] = v.sum()
+    lid = np.arange(n) % TG
+    want[:, 8] = sums[(np.arange(n) // TG) * (TG // 32) + (TG - 1 - lid) // 32]
+    np.testing.assert_array_equal(got.reshape(-1, 10), want.astype(np.int32))
 
 
 @pytest.mark.parametrize("rounds", [1, 2])

@@ -6,7 +6,7 @@ from typing import Any, Callable
 import numpy as np
 
 from ... import functional as F
-from .base import FilterNode, _floats
+from .base import FilterNode, _act, _floats
 
 
 class _ArithmeticNode(FilterNode):
@@ -26,8 +26,10 @@ class _ArithmeticNode(FilterNode):
             raise ValueError(f"sources of shapes {shapes[0]} and {shapes[1]} do not broadcast") from None
         return [(out, _floats(dtypes))]
 
-    def forward(self, rc, xs, training, with_state):
-        return [self.ops[0](xs[0], xs[1])]
+    def forward(self, rc, xs, training, with_state, activation=None):
+        # activation: fused with a following neuron (optimize.FusedNeuronNode), e.g. a residual
+        # add + relu in one pass
+        return [self.ops[0](xs[0], xs[1], **_act(activation))]
 
     def _same(self) -> bool:
         return self.sources[0].shape == self.sources[1].shape == self.result.shape

@@ -159,6 +159,42 @@ kernel void ls_simd_divergent(device const int* x [[buffer(0)]],
     out[gid * 4u + 3u] = d;
 }
 
+// SIMD shuffles and reductions with every lane active, their results kept across a barrier
+// (per-thread values in the work-item loops), and a shuffle in a loop every lane runs.
+[[max_total_threads_per_threadgroup(64)]]
+kernel void ls_simd_convergent(device const int* x [[buffer(0)]],
+                               device int* out [[buffer(1)]],
+                               uint lid [[thread_position_in_threadgroup]],
+                               uint gid [[thread_position_in_grid]],
+                               uint lane [[thread_index_in_simdgroup]]) {
+    threadgroup int t[TG];
+    int v = x[gid];
+    int s = simd_sum(v);
+    int mx = simd_max(v);
+    int pre = simd_prefix_inclusive_sum(v);
+    int sh = simd_shuffle(v, ushort((lane * 7u + 3u) % 32u));
+    int sx = simd_shuffle_xor(v, ushort(5));
+    int su = simd_shuffle_up(v, ushort(3));
+    int sd = simd_shuffle_down(v, ushort(2));
+    int bc = simd_broadcast(v, ushort(17));
+    t[lid] = s;
+    threadgroup_barrier(mem_flags::mem_threadgroup);
+    int other = t[TG - 1u - lid];  // the other simdgroup's sum
+    int r = v;
+    for (uint i = 0; i < 5u; ++i) r += simd_shuffle_xor(r, ushort(1u << i));  // butterfly sum
+    device int* o = out + gid * 10u;
+    o[0] = s;
+    o[1] = mx;
+    o[2] = pre;
+    o[3] = sh;
+    o[4] = sx;
+    o[5] = su;
+    o[6] = sd;
+    o[7] = bc;
+    o[8] = other;
+    o[9] = r;
+}
+
 // A helper with barriers and a SIMD-group reduction (inlined by the work-item loops), called
 // twice in a loop, with an early return inside the helper.
 template <typename T>
