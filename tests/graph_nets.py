@@ -145,6 +145,15 @@ def dispatches(dev):
     return sum(dev.dispatch_counts.values())
 
 
+def step_launches(dev, tg, X, Y) -> dict:
+    """Kernel name -> launches of one encoded training step of tg (after a warm-up step)."""
+    tg.encode(X, Y).wait()
+    before = dict(dev.dispatch_counts)
+    tg.encode(X, Y).wait()
+    return {k: v - before.get(k, 0) for k, v in dev.dispatch_counts.items()
+            if v != before.get(k, 0)}
+
+
 # ---- data sources --------------------------------------------------------------------------------
 
 class Events:
