@@ -14,6 +14,13 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
+def smoke_caps(args: Any, **caps: Any) -> None:
+    """--smoke: the cpu backend unless one is named, and every option in `caps` at most its cap."""
+    args.backend = args.backend or "cpu"
+    for k, cap in caps.items():
+        setattr(args, k, min(getattr(args, k), cap))
+
+
 # 3x5 bitmaps of 0-9, rows top to bottom, 3 bits each
 _FONT = {0: "111101101101111", 1: "010110010010111", 2: "111001111100111", 3: "111001111001111",
          4: "101101111001001", 5: "111100111001111", 6: "111100111101111", 7: "111001010010010",

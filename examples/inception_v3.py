@@ -28,12 +28,17 @@ images over the slowest rank's time; the PyTorch peer is not run.
 from __future__ import annotations
 
 import argparse
+import os
+import sys
 import time
 from typing import Any, Callable
 
 import numpy as np
 
-import pymetalnn as pm
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import _common  # noqa: E402
+
+import pymetalnn as pm  # noqa: E402
 from pymetalnn import graph as G  # noqa: E402
 from pymetalnn import optim  # noqa: E402
 
@@ -343,13 +348,10 @@ def main(argv: list[str] | None = None) -> dict:
                     "statistics over all ranks' images")
     args = ap.parse_args(argv)
     if args.smoke:
-        args.backend = args.backend or "cpu"
-        args.image_size = min(args.image_size, 75)
         # batch 4, not 2: batch norm over the 1x1 tail at batch 2 normalizes two values, which makes the
         # gradients chaotic (float32 and float64 torch disagree by 100x there; at 4 they agree to 1e-3)
-        args.batch, args.iters, args.warmup = min(args.batch, 4), min(args.iters, 3), 1
-        args.width = min(args.width, 0.0625)
-        args.classes = min(args.classes, 10)
+        _common.smoke_caps(args, image_size=75, batch=4, iters=3, width=0.0625, classes=10)
+        args.warmup = 1
         args.no_torch = True
         if args.precision == "mixed":
             # this narrow random-init net's weight gradients reach ~5e3: a few steps cannot

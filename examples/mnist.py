@@ -111,12 +111,8 @@ def main(argv: list[str] | None = None) -> dict:
                     "mpiexec -n N (pymetalnn.distributed; --batch is per rank)")
     args = ap.parse_args(argv)
     if args.smoke:
-        args.backend = args.backend or "cpu"
-        args.width = min(args.width, 0.25)
-        args.batch = min(args.batch, 16)
-        args.epochs = min(args.epochs, 2)
         # a few steps cannot afford GradScaler's first backoffs (overflowed steps are skipped)
-        args.init_scale = min(args.init_scale, 2.0**8)
+        _common.smoke_caps(args, width=0.25, batch=16, epochs=2, init_scale=2.0**8)
     pg = None
     if args.distributed:
         from pymetalnn import distributed

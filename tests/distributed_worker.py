@@ -22,7 +22,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from graph_nets import lenet  # noqa: E402
+from graph_nets import lenet, torch_lenet  # noqa: E402
 
 from pymetalnn import distributed, optim  # noqa: E402
 from pymetalnn import graph as G  # noqa: E402
@@ -64,27 +64,7 @@ def torch_tiny(torch, sd: dict, hw: int = 4):
 
 
 def torch_net(torch, sd: dict, bn: bool, fc_in: int):
-    nn = torch.nn
-
-    class Net(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.conv1 = nn.Conv2d(1, 4, 3, padding=1)
-            if bn:
-                self.bn1 = nn.BatchNorm2d(4)
-            self.conv2 = nn.Conv2d(4, 6, 3)
-            self.fc1 = nn.Linear(fc_in, 16)
-            self.fc2 = nn.Linear(16, CLASSES)
-
-        def forward(self, x):
-            h = self.conv1(x)
-            if bn:
-                h = self.bn1(h)
-            h = torch.max_pool2d(torch.relu(h), 2)
-            h = torch.max_pool2d(torch.relu(self.conv2(h)), 2).flatten(1)
-            return self.fc2(torch.relu(self.fc1(h)))
-
-    net = Net().double()
+    net = torch_lenet(torch, bn, fc_in, CLASSES)
     with torch.no_grad():
         for name, p in net.named_parameters():
             p.copy_(torch.from_numpy(sd[name].astype(np.float64)))

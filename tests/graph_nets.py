@@ -64,6 +64,35 @@ def lenet(bn: bool = True, lr: float = 0.1, record: bool = True, dropout: bool =
     return x, loss, ds
 
 
+def torch_lenet(torch, bn: bool, fc_in: int, classes: int):
+    """graph's lenet() in PyTorch, float64 (weights still to be copied in): conv, optional batch
+    norm, relu, pool, conv, relu, pool, fc, relu, fc. forward(x, mask) multiplies the flattened
+    features by `mask` where given (the graph's dropout, replayed)."""
+    nn = torch.nn
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv1 = nn.Conv2d(1, 4, 3, padding=1)
+            if bn:
+                self.bn1 = nn.BatchNorm2d(4)
+            self.conv2 = nn.Conv2d(4, 6, 3)
+            self.fc1 = nn.Linear(fc_in, 16)
+            self.fc2 = nn.Linear(16, classes)
+
+        def forward(self, x, mask=None):
+            h = self.conv1(x)
+            if bn:
+                h = self.bn1(h)
+            h = torch.max_pool2d(torch.relu(h), 2)
+            h = torch.max_pool2d(torch.relu(self.conv2(h)), 2).flatten(1)
+            if mask is not None:
+                h = h * mask
+            return self.fc2(torch.relu(self.fc1(h)))
+
+    return Net().double()
+
+
 def sgd(lr):
     return lambda params: optim.SGD(params, lr=lr)
 
@@ -114,6 +143,15 @@ def train_weights(tg, X, Y, steps):
 
 def dispatches(dev):
     return sum(dev.dispatch_counts.values())
+
+
+def step_launches(dev, tg, X, Y) -> dict:
+    """Kernel name -> launches of one encoded training step of tg (after a warm-up step)."""
+    tg.encode(X, Y).wait()
+    before = dict(dev.dispatch_counts)
+    tg.encode(X, Y).wait()
+    return {k: v - before.get(k, 0) for k, v in dev.dispatch_counts.items()
+            if v != before.get(k, 0)}
 
 
 # ---- data sources --------------------------------------------------------------------------------

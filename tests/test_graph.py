@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import threading
 
+import graph_nets
 import numpy as np
 import pytest
 from graph_nets import DROP_SEED, P_DROP, Events, close, data, lenet, recorded, sgd, small_net
@@ -21,28 +22,7 @@ def drop_mask(dev, shape, step):
 
 
 def torch_lenet(torch, ds, bn):
-    nn = torch.nn
-
-    class Net(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.conv1 = nn.Conv2d(1, 4, 3, padding=1)
-            if bn:
-                self.bn1 = nn.BatchNorm2d(4)
-            self.conv2 = nn.Conv2d(4, 6, 3)
-            self.fc1 = nn.Linear(ds["fc1"].in_features, 16)
-            self.fc2 = nn.Linear(16, ds["fc2"].out_features)
-
-        def forward(self, x, mask):
-            h = self.conv1(x)
-            if bn:
-                h = self.bn1(h)
-            h = torch.max_pool2d(torch.relu(h), 2)
-            h = torch.max_pool2d(torch.relu(self.conv2(h)), 2).flatten(1)
-            h = h * mask
-            return self.fc2(torch.relu(self.fc1(h)))
-
-    net = Net().double()
+    net = graph_nets.torch_lenet(torch, bn, ds["fc1"].in_features, ds["fc2"].out_features)
     with torch.no_grad():
         for name, d in ds.items():
             for k, v in d.state_dict().items():

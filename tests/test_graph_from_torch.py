@@ -62,23 +62,8 @@ def test_tiny_resnet_trains_like_torch(dev):
     rng = np.random.default_rng(0)
     X = rng.standard_normal((4, 3, 12, 12)).astype(np.float32)
     Y = np.array([0, 3, 1, 4], np.int32)
-    tg = G.from_torch(net, X, loss="cross_entropy", optimizer=lambda p: optim.SGD(p, lr=0.1), device=dev)
-    assert set(tg.state_dict()) == set(net.state_dict())
-    opt = torch.optim.SGD(net.parameters(), lr=0.1)
-    for step in range(3):
-        h = tg.encode(X, Y)
-        opt.zero_grad()
-        per = nn.functional.cross_entropy(net(torch.from_numpy(X)), torch.from_numpy(Y).long(),
-                                          reduction="none")
-        per.mean().backward()
-        opt.step()
-        _close(h.losses, per, 1e-3, f"step {step} losses")
+    tg = _train_like_torch(net, X, Y, dev, 0.1, "tiny resnet")
     sd = tg.state_dict()
-    for k, v in net.state_dict().items():
-        if k.endswith("num_batches_tracked"):
-            assert int(sd[k]) == int(v), k
-        else:
-            _close(sd[k], v, 1e-3, f"{k} after 3 steps")
     # the graph's state_dict loads into the torch module (strict), and back into the graph
     net2 = TinyResNet()
     net2.load_state_dict({k: torch.from_numpy(np.asarray(v)) for k, v in sd.items()})
@@ -135,19 +120,7 @@ def test_embedding_layer_norm_nodes_train_like_torch(dev):
     X = rng.integers(0, 11, (6, 5)).astype(np.int64)
     X[0, :2] = 0  # the padding row: no gradient
     Y = rng.integers(0, 3, 6).astype(np.int32)
-    tg = G.from_torch(net, X, optimizer=lambda p: optim.SGD(p, lr=0.2), device=dev)
-    opt = torch.optim.SGD(net.parameters(), lr=0.2)
-    for step in range(3):
-        h = tg.encode(X.astype(np.int32), Y)
-        opt.zero_grad()
-        per = nn.functional.cross_entropy(net(torch.from_numpy(X)), torch.from_numpy(Y).long(),
-                                          reduction="none")
-        per.mean().backward()
-        opt.step()
-        _close(h.losses, per, 1e-3, f"step {step} losses")
-    sd = tg.state_dict()
-    for k, v in net.state_dict().items():
-        _close(sd[k], v, 1e-3, f"{k} after 3 steps")
+    _train_like_torch(net, X, Y, dev, 0.2, "token net")
 
 
 def _train_like_torch(net, X, Y, dev, lr, what, steps=3, tol=1e-3, labels_per_sample=False):

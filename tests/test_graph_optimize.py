@@ -6,7 +6,7 @@ import gc
 
 import numpy as np
 import pytest
-from graph_nets import data, dispatches, inception, lenet, sgd, train_weights
+from graph_nets import data, dispatches, inception, lenet, sgd, step_launches, train_weights
 
 from pymetalnn import functional as F
 from pymetalnn import graph as G
@@ -226,11 +226,7 @@ def test_residual_add_neuron_fused(dev, kind):
     for fuse in (True, False):
         tg = G.TrainingGraph(net(), optimizer=sgd(0.1), device=dev, optimize={"fuse": fuse})
         assert any("fuse: res + act -> " in m for m in tg.log) == fuse, tg.log
-        tg.encode(X, Y).wait()
-        before = dict(dev.dispatch_counts)
-        tg.encode(X, Y).wait()
-        launched[fuse] = {k: v - before.get(k, 0) for k, v in dev.dispatch_counts.items()
-                          if v != before.get(k, 0)}
+        launched[fuse] = step_launches(dev, tg, X, Y)
         res[fuse] = train_weights(tg, X, Y, 2)
     fwd = f"{kind}_fwd_float"
     assert launched[False].get(fwd) == 1 and fwd not in launched[True], launched
@@ -280,11 +276,7 @@ def test_batch_norm_neuron_fused_backward(dev, kind):
             fwd = bn[0].node.forward
             assert fwd.results[0] not in bn[0].ins
             assert all(st.node.forward.results[0] in st.ins for st in fused if st is not bn[0])
-        tg.encode(X, Y).wait()
-        before = dict(dev.dispatch_counts)
-        tg.encode(X, Y).wait()
-        launched[fuse] = {k: v - before.get(k, 0) for k, v in dev.dispatch_counts.items()
-                          if v != before.get(k, 0)}
+        launched[fuse] = step_launches(dev, tg, X, Y)
         res[fuse] = train_weights(tg, X, Y, 2)
     bwdy = {k: v for k, v in launched[True].items() if "_bwdy_" in k}
     # conv2 + relu2 and fc1 + relu3 only; bn1 + relu1's mask rides in the norm kernels

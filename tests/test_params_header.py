@@ -1,6 +1,7 @@
 """kernels/params.h against pymetalnn/params.py: every struct has a ctypes mirror with the same
-fields (arrays of 4-byte fields included) and back; every shared constant has one definition, in
-params.h, and a kernel compiled by the backend sees the value the host reads (params.CONST)."""
+fields (arrays of 4-byte fields included; params.layout reads them from the header) and back;
+every shared constant has one definition, in params.h, and a kernel compiled by the backend sees
+the value the host reads (params.CONST)."""
 from __future__ import annotations
 
 import ctypes
@@ -9,8 +10,9 @@ import os
 import re
 
 import numpy as np
+import pytest
 
-from pymetalnn.params import CONST, Params, parse_constants, parse_header
+from pymetalnn.params import CONST, Params, layout, parse_constants, parse_header
 from pymetalnn.runtime.core import KERNEL_DIR
 
 C_TYPES = {"uint": ctypes.c_uint32, "int": ctypes.c_int32, "float": ctypes.c_float}
@@ -58,6 +60,18 @@ def test_parse_constants_literals(tmp_path) -> None:
     h.write_text("#define A 12u\n#define B 0x10  // sixteen\n  #  define C 7\n#define D(x) x\n"
                  "#define E SOMETHING\n#define F 3.5f\n")
     assert parse_constants(str(h)) == {"A": 12, "B": 16, "C": 7}
+
+
+def test_layout_reads_fields_arrays_and_refuses_other_types(tmp_path) -> None:
+    h = tmp_path / "h.h"
+    h.write_text("struct P {\n  uint n, m;  // two\n  float a;\n  int off[3];\n};\n"
+                 "struct Q { double d; };\n")
+    got = [(n, ctypes.sizeof(t), t._type_ if hasattr(t, "_length_") else t)
+           for n, t in layout("P", str(h))]
+    assert got == [("n", 4, ctypes.c_uint32), ("m", 4, ctypes.c_uint32), ("a", 4, ctypes.c_float),
+                   ("off", 12, ctypes.c_int32)]
+    with pytest.raises(TypeError, match="Q.d: double is not a 4-byte field type"):
+        layout("Q", str(h))
 
 
 def test_kernels_see_the_host_constants(dev, tmp_path) -> None:

@@ -29,7 +29,7 @@ from typing import Any
 
 import numpy as np
 
-from ..params import LossReduceParams, NmsParams, YoloParams
+from ..params import NmsParams, YoloParams
 from ..runtime import Device
 from ..tensor import Tensor, float32, int32
 from ._common import (
@@ -37,6 +37,7 @@ from ._common import (
     MAX_GROUPS,
     as_tensor,
     boolean,
+    cdiv,
     dummy,
     empty,
     kernel,
@@ -45,6 +46,7 @@ from ._common import (
     suffix,
     tensor_arg,
 )
+from .loss import _MODE, _reduce
 
 SOURCE = "detection.metal"
 TG = 256
@@ -220,10 +222,9 @@ def yolo_loss(input: Any, target: Any, anchors: Any, *, coord_scale: float = 1.0
         per.buffer, p)
     if reduction == "per_sample":
         return per
-    out = empty((), float32, dev)
-    rp = LossReduceParams(nseg=1, seglen=n, mode=3 if reduction == "mean" else 0, denom=float(n))
-    kernel(dev, "loss.metal", "loss_reduce_fwd_float")(TG, per.buffer, dummy(dev), out.buffer, rp)
-    return out
+    # the sum of the per-sample losses, or for "mean" the sum / N (loss.metal's "batchmean" mode)
+    mode = _MODE["batchmean" if reduction == "mean" else "sum"]
+    return _reduce(dev, per, dummy(dev), 1, n, mode, float(n), ())
 
 
 def yolo_loss_backward(grad: Any, input: Any, target: Any, anchors: Any, *,
@@ -280,7 +281,7 @@ def yolo_decode(input: Any, anchors: Any) -> tuple[Tensor, Tensor]:
     boxes = empty((n, P, 4), float32, dev)
     scores = empty((n, P, c), float32, dev)
     p = YoloParams(N=n, A=a, C=c, GH=gh, GW=gw)
-    groups = min(-(-(n * P) // TG), MAX_GROUPS)
+    groups = min(cdiv(n * P, TG), MAX_GROUPS)
     kernel(dev, SOURCE, f"yolo_decode_fwd_{suffix(x.dtype)}")(
         groups * TG, x.buffer, at.buffer, boxes.buffer, scores.buffer, p)
     return boxes, scores

@@ -53,7 +53,7 @@ as in training: the kernel then skips writing it).
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
@@ -65,6 +65,7 @@ from ._common import (
     MAX_GROUPS,
     as_tensor,
     boolean,
+    cdiv,
     dummy,
     empty,
     float32_arg,
@@ -344,7 +345,7 @@ def _pointwise(stem: str, input: Any, target: Any, sample_weight: Any, reduction
     total, m = x.size, x.size // n
     per_sample = reduction == "per_sample"
     seglen = m if per_sample else total
-    chunks = -(-seglen // CHUNK)
+    chunks = cdiv(seglen, CHUNK)
     ngroups = (n if per_sample else 1) * chunks
     p = LossParams(N=n, M=m, total=total, chunk=CHUNK, chunks=chunks, seglen=seglen,
                    ngroups=ngroups, reduce=int(reduction != "none"), has_weight=int(w is not None),
@@ -396,7 +397,7 @@ def _pointwise_backward(stem: str, grad: Any, input: Any, target: Any, sample_we
         p.reduce = nvec  # the vector kernel's chunk count
         name, count = f"{stem}_bwd_vec_{suffix(x.dtype)}", stream_count(x.size, wch, nvec)
     else:
-        name, count = f"{stem}_bwd_{suffix(x.dtype)}", min(-(-x.size // TG), MAX_GROUPS) * TG
+        name, count = f"{stem}_bwd_{suffix(x.dtype)}", min(cdiv(x.size, TG), MAX_GROUPS) * TG
     kernel(dev, SOURCE, name)(
         count, g.buffer, x.buffer, t.buffer, w.buffer if w is not None else d,
         dx.buffer, pw.buffer if pw is not None else d, dt.buffer if dt is not None else d, p)
@@ -589,30 +590,29 @@ def binary_cross_entropy_with_logits_backward(grad: Any, input: Any, target: Any
                                pos_weight=pos_weight, target_grad=target_grad)
 
 
-def mse_loss(input: TensorLike, target: TensorLike, *, sample_weight: TensorLike | None = None,
+def _parameterless(stem: str, doc: str, grad_doc: str) -> tuple[Callable, Callable]:
+    """A pointwise loss without parameters of its own (`stem`'s kernels) and its backward."""
+
+    def loss(input: TensorLike, target: TensorLike, *, sample_weight: TensorLike | None = None,
              reduction: str = "mean") -> Tensor:
-    """l = (x - t)^2 (F.mse_loss)."""
-    return _pointwise("mse_loss", input, target, sample_weight, reduction)
+        return _pointwise(stem, input, target, sample_weight, reduction)
+
+    def backward(grad: Any, input: Any, target: Any, *, sample_weight: Any = None,
+                 reduction: str = "mean", target_grad: bool = True) -> tuple[Tensor, Tensor | None]:
+        return _pointwise_backward(stem, grad, input, target, sample_weight, reduction,
+                                   target_grad=target_grad)
+
+    for f, name, d in ((loss, stem, doc), (backward, f"{stem}_backward", grad_doc)):
+        f.__name__ = f.__qualname__ = name
+        f.__doc__ = d
+    return loss, backward
 
 
-def mse_loss_backward(grad: Any, input: Any, target: Any, *, sample_weight: Any = None,
-                      reduction: str = "mean", target_grad: bool = True) -> tuple[Tensor, Tensor | None]:
-    """(d/dx, d/dt): 2 g w (x - t) and its negation."""
-    return _pointwise_backward("mse_loss", grad, input, target, sample_weight, reduction,
-                               target_grad=target_grad)
-
-
-def l1_loss(input: TensorLike, target: TensorLike, *, sample_weight: TensorLike | None = None,
-            reduction: str = "mean") -> Tensor:
-    """l = |x - t| (F.l1_loss; MPS's mean absolute error)."""
-    return _pointwise("l1_loss", input, target, sample_weight, reduction)
-
-
-def l1_loss_backward(grad: Any, input: Any, target: Any, *, sample_weight: Any = None,
-                     reduction: str = "mean", target_grad: bool = True) -> tuple[Tensor, Tensor | None]:
-    """(d/dx, d/dt): g w sign(x - t) (0 where x == t, as PyTorch) and its negation."""
-    return _pointwise_backward("l1_loss", grad, input, target, sample_weight, reduction,
-                               target_grad=target_grad)
+mse_loss, mse_loss_backward = _parameterless(
+    "mse_loss", "l = (x - t)^2 (F.mse_loss).", "(d/dx, d/dt): 2 g w (x - t) and its negation.")
+l1_loss, l1_loss_backward = _parameterless(
+    "l1_loss", "l = |x - t| (F.l1_loss; MPS's mean absolute error).",
+    "(d/dx, d/dt): g w sign(x - t) (0 where x == t, as PyTorch) and its negation.")
 
 
 def huber_loss(input: TensorLike, target: TensorLike, *, sample_weight: TensorLike | None = None,
@@ -631,18 +631,10 @@ def huber_loss_backward(grad: Any, input: Any, target: Any, *, sample_weight: An
                                target_grad=target_grad)
 
 
-def hinge_loss(input: TensorLike, target: TensorLike, *, sample_weight: TensorLike | None = None,
-               reduction: str = "mean") -> Tensor:
-    """l = max(0, 1 - (2 t - 1) x): targets in {0, 1} map to {-1, +1} (MPS / tf.losses.hinge_loss;
-    PyTorch has no such loss)."""
-    return _pointwise("hinge_loss", input, target, sample_weight, reduction)
-
-
-def hinge_loss_backward(grad: Any, input: Any, target: Any, *, sample_weight: Any = None,
-                        reduction: str = "mean", target_grad: bool = True) -> tuple[Tensor, Tensor | None]:
-    """(d/dx, None): -g w (2 t - 1) where 1 - (2 t - 1) x > 0, else 0."""
-    return _pointwise_backward("hinge_loss", grad, input, target, sample_weight, reduction,
-                               target_grad=target_grad)
+hinge_loss, hinge_loss_backward = _parameterless(
+    "hinge_loss", "l = max(0, 1 - (2 t - 1) x): targets in {0, 1} map to {-1, +1} (MPS / "
+    "tf.losses.hinge_loss; PyTorch has no such loss).",
+    "(d/dx, None): -g w (2 t - 1) where 1 - (2 t - 1) x > 0, else 0.")
 
 
 def kl_div(input: TensorLike, target: TensorLike, *, sample_weight: TensorLike | None = None,

@@ -9,6 +9,7 @@ from ... import functional as F
 from ...tensor import float32, int32
 from ..datasource import EmbeddingDataSource
 from .base import FilterNode, _weights_of
+from .weighted import with_weights
 
 
 class EmbeddingNode(FilterNode):
@@ -32,9 +33,8 @@ class EmbeddingNode(FilterNode):
         return False
 
     def forward(self, rc, xs, training, with_state):
-        t = rc.acquire_dict(self.weights)
-        y = F.embedding(xs[0], t["weight"], self.weights.padding_idx)
-        rc.release(self.weights)
+        pad = self.weights.padding_idx
+        y = with_weights(rc, self.weights, lambda t: F.embedding(xs[0], t["weight"], pad))
         if rc.mixed:  # the lookup in the table's float32, the activations float16
             y = F.cast(y, np.float16)
         return [y]
@@ -43,11 +43,13 @@ class EmbeddingNode(FilterNode):
         return [("in", 0)]
 
     def backward(self, rc, gouts, saved, need):
-        t = rc.acquire_dict(self.weights)
-        g = gouts[0]
-        if g.dtype != t["weight"].dtype:  # mixed precision: accumulate rows in float32
-            g = F.cast(g, t["weight"].dtype)
-        _, gw = F.embedding_backward(g, saved[0], t["weight"],
-                                               self.weights.padding_idx)
-        rc.release(self.weights)
+        pad = self.weights.padding_idx
+
+        def grad(t: dict) -> tuple:
+            g = gouts[0]
+            if g.dtype != t["weight"].dtype:  # mixed precision: accumulate rows in float32
+                g = F.cast(g, t["weight"].dtype)
+            return F.embedding_backward(g, saved[0], t["weight"], pad)
+
+        _, gw = with_weights(rc, self.weights, grad)
         return [None], [gw]

@@ -9,6 +9,7 @@ from ... import functional as F
 from ...tensor import float16, float32, int32
 from ..errors import GraphError
 from .base import FilterNode, LabelsNode, Value, _floats, as_value
+from .kinds import kind_class
 
 LOSSES = {  # kind -> (forward op, backward op, class labels allowed)
     "cross_entropy": (F.cross_entropy, F.cross_entropy_backward, True),
@@ -111,12 +112,7 @@ class LossNode(FilterNode):
 
 
 def _loss_class(kind: str, doc: str) -> type:
-    def __init__(self, source, *, labels=None, reduction="mean", name=None, register=True, **opt):
-        LossNode.__init__(self, source, kind, labels=labels, reduction=reduction, name=name,
-                          register=register, **opt)
-
-    cls = "".join(p.capitalize() for p in kind.split("_"))
-    return type(f"{cls}LossNode", (LossNode,), {"__init__": __init__, "loss": kind, "__doc__": doc})
+    return kind_class(LossNode, "loss", kind, "LossNode", doc)
 
 
 SoftmaxCrossEntropyLossNode = _loss_class("cross_entropy", "Softmax cross-entropy on logits.")

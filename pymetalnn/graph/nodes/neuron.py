@@ -7,6 +7,7 @@ from typing import Any, Callable
 from ... import functional as F
 from ..errors import GraphError
 from .base import FilterNode, _auto_name, _floats
+from .kinds import kind_class
 
 
 @dataclass(frozen=True)
@@ -96,12 +97,7 @@ class NeuronNode(FilterNode):
 
 
 def _neuron_class(kind: str, doc: str) -> type:
-    def __init__(self, source, *, name=None, register=True, **params):
-        NeuronNode.__init__(self, source, kind, name=name, register=register, **params)
-
-    cls_name = "".join(p.capitalize() for p in kind.split("_"))
-    return type(f"{cls_name}Node", (NeuronNode,), {"__init__": __init__, "kind": kind,
-                                                    "prefix": kind, "__doc__": doc})
+    return kind_class(NeuronNode, "kind", kind, "Node", doc, prefix=kind)
 
 
 ReLUNode = _neuron_class("relu", "max(x, 0)")

@@ -6,6 +6,7 @@ from typing import Any
 from ... import functional as F
 from ..datasource import NormalizationDataSource
 from .base import FilterNode, _act, _expect_ndim, _floats, _weights_of
+from .weighted import with_weights
 
 
 class _NormNode(FilterNode):
@@ -102,19 +103,17 @@ class InstanceNormalizationNode(_NormNode):
     prefix = "in"
 
     def forward(self, rc, xs, training, with_state):
-        t = rc.acquire_dict(self.weights)
-        y = F.instance_norm(xs[0], None, None, t.get("weight"), t.get("bias"),
-                            eps=self.weights.eps)
-        rc.release(self.weights)
-        return [y]
+        eps = self.weights.eps
+        return [with_weights(rc, self.weights, lambda t: F.instance_norm(
+            xs[0], None, None, t.get("weight"), t.get("bias"), eps=eps))]
 
     def saved(self):
         return [("in", 0)]
 
     def backward(self, rc, gouts, saved, need):
-        t = rc.acquire_dict(self.weights)
-        gx, _, _, gw, gb = F.instance_norm_backward(
-            gouts[0], saved[0], None, None, t.get("weight"), t.get("bias"), eps=self.weights.eps)
+        eps = self.weights.eps
+        gx, _, _, gw, gb = with_weights(rc, self.weights, lambda t: F.instance_norm_backward(
+            gouts[0], saved[0], None, None, t.get("weight"), t.get("bias"), eps=eps))
         return [gx], ([gw, gb] if self.weights.affine else [])
 
 
@@ -180,19 +179,16 @@ class LayerNormalizationNode(FilterNode):
         return [(x, _floats(dtypes))]
 
     def forward(self, rc, xs, training, with_state):
-        t = rc.math_weights(self.weights)  # the input's dtype (float16 copies in mixed precision)
-        y = F.layer_norm(xs[0], self.weights.normalized_shape, t.get("weight"),
-                                   t.get("bias"), self.weights.eps)
-        rc.release(self.weights)
-        return [y]
+        # the input's dtype (float16 copies in mixed precision)
+        ns, eps = self.weights.normalized_shape, self.weights.eps
+        return [with_weights(rc, self.weights, lambda t: F.layer_norm(
+            xs[0], ns, t.get("weight"), t.get("bias"), eps), math=True)]
 
     def saved(self):
         return [("in", 0)]
 
     def backward(self, rc, gouts, saved, need):
-        t = rc.math_weights(self.weights)
-        gx, gw, gb = F.layer_norm_backward(
-            gouts[0], saved[0], self.weights.normalized_shape, t.get("weight"), t.get("bias"),
-            self.weights.eps)
-        rc.release(self.weights)
+        ns, eps = self.weights.normalized_shape, self.weights.eps
+        gx, gw, gb = with_weights(rc, self.weights, lambda t: F.layer_norm_backward(
+            gouts[0], saved[0], ns, t.get("weight"), t.get("bias"), eps), math=True)
         return [gx], [g for g in (gw, gb) if g is not None]

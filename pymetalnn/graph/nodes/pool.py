@@ -205,56 +205,60 @@ class PoolingAverage1dNode(_Pool1d, PoolingAverageNode):
                          count_include_pad=count_include_pad, name=name, register=register)
 
 
-class AdaptiveAveragePoolingNode(FilterNode):
+class _AdaptiveAvgPoolNode(FilterNode):
+    """Adaptive average pooling of the dims after (N, C) to output_size; `ops`: the functional
+    (forward, backward), `_size` validates output_size."""
+
+    ops: tuple = ()
+    ndim, what = 4, "source"  # the source's dimensions, how an error names them
+
+    def __init__(self, source: Any, output_size: Any, *, name: str | None = None,
+                 register: bool = True):
+        self.output_size = self._size(output_size)
+        super().__init__([source], name, register)
+
+    def _size(self, output_size: Any) -> Any:
+        raise NotImplementedError
+
+    def infer(self, shapes, dtypes):
+        (x,) = shapes
+        _expect_ndim(x, self.ndim, self.what)
+        out = self.output_size if isinstance(self.output_size, tuple) else (self.output_size,)
+        return [((x[0], x[1], *out), _floats(dtypes))]
+
+    def forward(self, rc, xs, training, with_state):
+        return [self.ops[0](xs[0], self.output_size)]
+
+    def saved(self):
+        return [("in", 0)]
+
+    def backward(self, rc, gouts, saved, need):
+        return [self.ops[1](gouts[0], saved[0], self.output_size)], []
+
+
+class AdaptiveAveragePoolingNode(_AdaptiveAvgPoolNode):
     """Adaptive average pooling to output_size (torch.nn.AdaptiveAvgPool2d): cell i of an axis of
     length n averages [floor(i n / o), ceil((i + 1) n / o)); (N, C, H, W) -> (N, C, oh, ow)."""
 
     prefix = "adaptiveavgpool"
+    ops = (F.adaptive_avg_pool2d, F.adaptive_avg_pool2d_backward)
 
-    def __init__(self, source: Any, output_size: Any, *, name: str | None = None,
-                 register: bool = True):
-        self.output_size = _pair(output_size, "output_size")
-        if min(self.output_size) < 1:
+    def _size(self, output_size: Any) -> tuple[int, int]:
+        size = _pair(output_size, "output_size")
+        if min(size) < 1:
             raise ValueError(f"output_size: sizes must be positive, got {output_size!r}")
-        super().__init__([source], name, register)
-
-    def infer(self, shapes, dtypes):
-        (x,) = shapes
-        _expect_ndim(x, 4)
-        return [((x[0], x[1], *self.output_size), _floats(dtypes))]
-
-    def forward(self, rc, xs, training, with_state):
-        return [F.adaptive_avg_pool2d(xs[0], self.output_size)]
-
-    def saved(self):
-        return [("in", 0)]
-
-    def backward(self, rc, gouts, saved, need):
-        return [F.adaptive_avg_pool2d_backward(gouts[0], saved[0], self.output_size)], []
+        return size
 
 
-class AdaptiveAveragePooling1dNode(FilterNode):
+class AdaptiveAveragePooling1dNode(_AdaptiveAvgPoolNode):
     """Adaptive average pooling of (N, C, L) to (N, C, output_size) (torch.nn.AdaptiveAvgPool1d)."""
 
     prefix = "adaptiveavgpool1d"
+    ops = (F.adaptive_avg_pool1d, F.adaptive_avg_pool1d_backward)
+    ndim, what = 3, "source (N, C, L)"
 
-    def __init__(self, source: Any, output_size: Any, *, name: str | None = None,
-                 register: bool = True):
-        self.output_size = _int1(output_size, "output_size")
-        if self.output_size < 1:
+    def _size(self, output_size: Any) -> int:
+        size = _int1(output_size, "output_size")
+        if size < 1:
             raise ValueError(f"output_size: must be positive, got {output_size!r}")
-        super().__init__([source], name, register)
-
-    def infer(self, shapes, dtypes):
-        (x,) = shapes
-        _expect_ndim(x, 3, "source (N, C, L)")
-        return [((x[0], x[1], self.output_size), _floats(dtypes))]
-
-    def forward(self, rc, xs, training, with_state):
-        return [F.adaptive_avg_pool1d(xs[0], self.output_size)]
-
-    def saved(self):
-        return [("in", 0)]
-
-    def backward(self, rc, gouts, saved, need):
-        return [F.adaptive_avg_pool1d_backward(gouts[0], saved[0], self.output_size)], []
+        return size
