@@ -322,6 +322,15 @@ def stream_count(n: int, w: int, nvec: int) -> int:
     return stream_vthreads(nvec) + (n - w * nvec)
 
 
+def stream_launch(n: int, itemsize: int, tensors: Iterable[Tensor], vector: bool = True
+                  ) -> tuple[int, int]:
+    """(nvec, threads) of a stream.h kernel over n elements of one itemsize: 16-byte chunks where
+    `vector` and every tensor is aligned (stream_nvec), else all through the scalar tail."""
+    w = stream_chunk(itemsize)
+    nvec = stream_nvec(n, w, tensors) if vector else 0
+    return nvec, stream_count(n, w, nvec)
+
+
 def matrix_hw(dev: Device) -> bool:
     """Whether ops pick their kernels on simdgroup matrices for `dev`: Apple GPUs from Apple7
     (M1, A14) on and every NVIDIA GPU we compile for (sm_80+ tensor cores) have matrix hardware;

@@ -30,7 +30,7 @@ from ._common import (
     pick_device,
     stream_chunk,
     stream_count,
-    stream_nvec,
+    stream_launch,
     suffix,
     tensor_arg,
     vec4_aligned,
@@ -179,11 +179,9 @@ def _flat_kernel(dev: Device, name: str, dt: Any, dims: list, xs: Sequence[Tenso
     if len(dims) != 1 or any(s not in (0, 1) for s in dims[0][2]):
         return None
     n = out.size
-    w = stream_chunk(dt.itemsize)
-    nvec = stream_nvec(n, w, [out, *(x for x, s in zip(xs, dims[0][2]) if s)])
+    nvec, count = stream_launch(n, dt.itemsize, [out, *(x for x, s in zip(xs, dims[0][2]) if s)])
     splat = "_splat" if 0 in dims[0][2] else ""
     k = kernel(dev, SOURCE, f"{name}_flat_{suffix(dt)}{splat}")
-    count = stream_count(n, w, nvec)
     if count > MAX_GRID_THREADS:
         return None
     p = ArithParams(n=n, ndim=1, vec=nvec, alpha=float(alpha), act=act[0], act_alpha=act[1])
@@ -332,9 +330,7 @@ def _binary_backward(op: str, grad_out: TensorLike, a: Operand, b: Operand
         # both gradients in one pass over g, a, b (kernels/stream.h shape)
         ga, gb = out_like(a_t.shape, g.dtype, dev), out_like(b_t.shape, g.dtype, dev)
         k = kernel(dev, SOURCE, f"{op}_bwd_{suffix(g.dtype)}")
-        w = stream_chunk(g.dtype.itemsize)
-        nvec = stream_nvec(n, w, [g, a_t, b_t, ga, gb])
-        count = stream_count(n, w, nvec)
+        nvec, count = stream_launch(n, g.dtype.itemsize, [g, a_t, b_t, ga, gb])
         if count <= MAX_GRID_THREADS:
             p = ArithParams(n=n, ndim=1, vec=nvec, alpha=1.0)
             k(count, g.buffer, a_t.buffer, b_t.buffer, ga.buffer, gb.buffer, p)
