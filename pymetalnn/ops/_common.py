@@ -216,10 +216,14 @@ def cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
-def check_u32_size(t: Tensor, name: str) -> None:
-    """`t` within the MAX_ELEMS_U32 elements the 32-bit-offset kernels address."""
+def tensor_arg_u32(x: TensorLike, dev: Device, name: str, dtypes: Iterable[Any] | None = None,
+                   ndim: int | tuple[int, ...] | None = None) -> Tensor:
+    """tensor_arg for a kernel with 32-bit offsets: also refuses more than MAX_ELEMS_U32
+    elements (check_elems names the op)."""
+    t = tensor_arg(x, dev, name, dtypes, ndim)
     if t.size > MAX_ELEMS_U32:
         check_elems(t.size, name, t.shape)
+    return t
 
 
 def vec4_aligned(t: Tensor) -> bool:

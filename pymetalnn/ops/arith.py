@@ -24,7 +24,6 @@ from ..tensor import Tensor, TensorLike, tensor
 from ._common import (
     FLOATS,
     MAX_ELEMS_U32,
-    check_u32_size,
     kernel,
     out_like,
     pick_device,
@@ -33,6 +32,7 @@ from ._common import (
     stream_launch,
     suffix,
     tensor_arg,
+    tensor_arg_u32,
     vec4_aligned,
 )
 from .neuron import activation_code
@@ -107,9 +107,7 @@ def _operand(x: TensorLike, dev: Device, name: str, dtype: Any = None) -> Tensor
         raise ValueError(f"{name}: bool is not a number operand here")
     if isinstance(x, (int, float, np.integer, np.floating)):
         return None
-    t = tensor_arg(x, dev, name, FLOATS)
-    check_u32_size(t, name)
-    return t
+    return tensor_arg_u32(x, dev, name, FLOATS)
 
 
 def _binary_args(a: Operand, b: Operand) -> tuple[Tensor, Tensor, bool, bool, Device]:
@@ -409,8 +407,7 @@ def _reduced_shape(shape: tuple[int, ...], axes: tuple[int, ...], keepdim: bool)
 
 def _sum(x: TensorLike, dim: Dims, keepdim: bool, mean: bool) -> Tensor:
     dev = pick_device(x)
-    x = tensor_arg(x, dev, "x", FLOATS)
-    check_u32_size(x, "x")
+    x = tensor_arg_u32(x, dev, "x", FLOATS)
     axes = normalize_dims(dim, x.ndim)
     count = math.prod(x.shape[d] for d in axes if d < x.ndim)
     alpha = (1.0 / count if count else math.nan) if mean else 1.0
