@@ -1,9 +1,10 @@
 """ResNet-18 training step (64x64 inputs, batch 2, 10 classes, SGD) on pymetalnn and on PyTorch
 eager on the same device, same run.
 
-The model is torchvision's ResNet-18 layout written out here (torchvision is not a dependency):
-conv 7x7/2 + BN + ReLU + max pool 3/2, four stages of two basic blocks (64, 128, 256, 512
-channels, strided 1x1 shortcuts), global average pool, linear. pymetalnn runs it converted with
+The model is torchvision's ResNet-18 (architecture and initialisation) as
+pymetalnn.testing.torch_models writes it out (torchvision is not a dependency): conv 7x7/2 + BN +
+ReLU + max pool 3/2, four stages of two basic blocks (64, 128, 256, 512 channels, strided 1x1
+shortcuts), global average pool, linear. pymetalnn runs it converted with
 graph.from_torch (cross entropy, SGD lr 0.01); the first step's loss is checked against torch's.
 Each figure is the median over `--reps` steps of the wall clock from encode to the step's losses
 being readable (host overhead included); torch: forward, backward, optimizer.step. The process
@@ -32,46 +33,7 @@ import common  # noqa: E402
 import pymetalnn as pm  # noqa: E402
 from pymetalnn import graph as G  # noqa: E402
 from pymetalnn import optim  # noqa: E402
-
-
-def resnet18(torch, classes: int):
-    nn = torch.nn
-
-    class Block(nn.Module):
-        def __init__(self, cin: int, cout: int, stride: int):
-            super().__init__()
-            self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
-            self.bn1 = nn.BatchNorm2d(cout)
-            self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
-            self.bn2 = nn.BatchNorm2d(cout)
-            self.down = None
-            if stride != 1 or cin != cout:
-                self.down = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
-
-        def forward(self, x):
-            y = torch.relu(self.bn1(self.conv1(x)))
-            y = self.bn2(self.conv2(y))
-            return torch.relu(y + (x if self.down is None else self.down(x)))
-
-    class Net(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.conv1 = nn.Conv2d(3, 64, 7, 2, 3, bias=False)
-            self.bn1 = nn.BatchNorm2d(64)
-            self.relu = nn.ReLU()
-            self.pool = nn.MaxPool2d(3, 2, 1)
-            chans = [(64, 64, 1), (64, 128, 2), (128, 256, 2), (256, 512, 2)]
-            self.layer1, self.layer2, self.layer3, self.layer4 = (
-                nn.Sequential(Block(a, b, s), Block(b, b, 1)) for a, b, s in chans)
-            self.avgpool = nn.AdaptiveAvgPool2d((1, 1))
-            self.fc = nn.Linear(512, classes)
-
-        def forward(self, x):
-            x = self.pool(self.relu(self.bn1(self.conv1(x))))
-            x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
-            return self.fc(torch.flatten(self.avgpool(x), 1))
-
-    return Net()
+from pymetalnn.testing.torch_models import resnet18  # noqa: E402
 
 
 def main() -> None:
@@ -89,7 +51,7 @@ def main() -> None:
         torch.set_num_threads(args.threads or os.cpu_count() or 1)
     tdev = "cuda" if dev.name == "cuda" else "cpu"
     torch.manual_seed(0)
-    net = resnet18(torch, 10)
+    net = resnet18(10)
     rng = np.random.default_rng(0)
     X = rng.standard_normal((args.batch, 3, args.size, args.size)).astype(np.float32)
     Y = rng.integers(0, 10, args.batch).astype(np.int32)

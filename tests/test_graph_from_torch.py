@@ -10,44 +10,10 @@ import pytest
 
 from pymetalnn import graph as G
 from pymetalnn import optim
+from pymetalnn.testing.torch_models import resnet18, tiny_resnet
 
 torch = pytest.importorskip("torch")
 nn = torch.nn
-
-
-class Block(nn.Module):
-    def __init__(self, cin: int, cout: int, stride: int):
-        super().__init__()
-        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(cout)
-        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
-        self.bn2 = nn.BatchNorm2d(cout)
-        self.down = None
-        if stride != 1 or cin != cout:
-            self.down = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
-
-    def forward(self, x):
-        y = torch.relu(self.bn1(self.conv1(x)))
-        y = self.bn2(self.conv2(y))
-        return torch.relu(y + (x if self.down is None else self.down(x)))
-
-
-class TinyResNet(nn.Module):
-    def __init__(self, classes: int = 5):
-        super().__init__()
-        self.conv1 = nn.Conv2d(3, 8, 3, 1, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(8)
-        self.relu = nn.ReLU()
-        self.pool = nn.MaxPool2d(3, 2, 1)
-        self.layer1 = Block(8, 8, 1)
-        self.layer2 = Block(8, 16, 2)
-        self.avgpool = nn.AdaptiveAvgPool2d((1, 1))
-        self.fc = nn.Linear(16, classes)
-
-    def forward(self, x):
-        x = self.pool(self.relu(self.bn1(self.conv1(x))))
-        x = self.layer2(self.layer1(x))
-        return self.fc(torch.flatten(self.avgpool(x), 1))
 
 
 def _close(a, b, tol, what):
@@ -58,14 +24,14 @@ def _close(a, b, tol, what):
 
 def test_tiny_resnet_trains_like_torch(dev):
     torch.manual_seed(0)
-    net = TinyResNet()
+    net = tiny_resnet()
     rng = np.random.default_rng(0)
     X = rng.standard_normal((4, 3, 12, 12)).astype(np.float32)
     Y = np.array([0, 3, 1, 4], np.int32)
     tg = _train_like_torch(net, X, Y, dev, 0.1, "tiny resnet")
     sd = tg.state_dict()
     # the graph's state_dict loads into the torch module (strict), and back into the graph
-    net2 = TinyResNet()
+    net2 = tiny_resnet()
     net2.load_state_dict({k: torch.from_numpy(np.asarray(v)) for k, v in sd.items()})
     assert sorted(tg.load_state_dict(G.torch_state_dict(net2))) == sorted(sd)
 
@@ -244,78 +210,12 @@ def test_conv1d_pool1d_nodes_train_like_torch(dev):
     _train_like_torch(net, X, Y, dev, 0.5, "conv1d stack")
 
 
-# ---- ResNet-18 ----------------------------------------------------------------------------------
-# torchvision.models.resnet18's architecture written out with torch.nn (torchvision's PyPI wheels
-# are built against CUDA torch and do not import next to the CPU torch this suite runs with): the
-# same modules, names, forward (BasicBlock's `out += identity`, one in-place ReLU module reused),
-# and initialisation (kaiming_normal_ fan_out convolutions, BN weight 1 / bias 0). Where
-# torchvision imports, test_resnet18_matches_torchvision checks the two are the same network.
-
-class BasicBlock(nn.Module):
-    expansion = 1
-
-    def __init__(self, inplanes, planes, stride=1, downsample=None):
-        super().__init__()
-        self.conv1 = nn.Conv2d(inplanes, planes, 3, stride, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(planes)
-        self.relu = nn.ReLU(inplace=True)
-        self.conv2 = nn.Conv2d(planes, planes, 3, 1, 1, bias=False)
-        self.bn2 = nn.BatchNorm2d(planes)
-        self.downsample = downsample
-        self.stride = stride
-
-    def forward(self, x):
-        identity = x
-        out = self.relu(self.bn1(self.conv1(x)))
-        out = self.bn2(self.conv2(out))
-        if self.downsample is not None:
-            identity = self.downsample(x)
-        out += identity
-        return self.relu(out)
-
-
-class ResNet18(nn.Module):
-    def __init__(self, num_classes=1000):
-        super().__init__()
-        self.inplanes = 64
-        self.conv1 = nn.Conv2d(3, 64, 7, 2, 3, bias=False)
-        self.bn1 = nn.BatchNorm2d(64)
-        self.relu = nn.ReLU(inplace=True)
-        self.maxpool = nn.MaxPool2d(kernel_size=3, stride=2, padding=1)
-        self.layer1 = self._make_layer(64, 2)
-        self.layer2 = self._make_layer(128, 2, stride=2)
-        self.layer3 = self._make_layer(256, 2, stride=2)
-        self.layer4 = self._make_layer(512, 2, stride=2)
-        self.avgpool = nn.AdaptiveAvgPool2d((1, 1))
-        self.fc = nn.Linear(512, num_classes)
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-            elif isinstance(m, nn.BatchNorm2d):
-                nn.init.constant_(m.weight, 1)
-                nn.init.constant_(m.bias, 0)
-
-    def _make_layer(self, planes, blocks, stride=1):
-        downsample = None
-        if stride != 1 or self.inplanes != planes:
-            downsample = nn.Sequential(nn.Conv2d(self.inplanes, planes, 1, stride, bias=False),
-                                       nn.BatchNorm2d(planes))
-        layers = [BasicBlock(self.inplanes, planes, stride, downsample)]
-        self.inplanes = planes
-        layers += [BasicBlock(planes, planes) for _ in range(1, blocks)]
-        return nn.Sequential(*layers)
-
-    def forward(self, x):
-        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
-        x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
-        x = torch.flatten(self.avgpool(x), 1)
-        return self.fc(x)
-
+# ---- ResNet-18 (pymetalnn.testing.torch_models: torchvision's architecture written out) --------
 
 def test_resnet18_matches_torchvision():
     tv = pytest.importorskip("torchvision")
     ref = tv.models.resnet18()
-    ours = ResNet18()
+    ours = resnet18()
     assert [(k, tuple(v.shape)) for k, v in ours.state_dict().items()] == \
         [(k, tuple(v.shape)) for k, v in ref.state_dict().items()]
     ours.load_state_dict(ref.state_dict())
@@ -334,7 +234,7 @@ def test_resnet18_trains_like_torch(dev):
     both are within 3e-5 of float64. lr 0.001: at 0.01 two samples are memorised so fast (loss
     7.2 -> 1.5 in 2 steps) that step 3's gradients of float32 and float64 torch differ by 17%."""
     torch.manual_seed(5)
-    net = ResNet18()
+    net = resnet18()
     rng = np.random.default_rng(5)
     X = rng.standard_normal((2, 3, 48, 48)).astype(np.float32)
     Y = np.array([3, 998], np.int32)
@@ -345,7 +245,7 @@ def test_readable_gradients_with_grouped_updates(dev):
     """keep_gradients(): after each step, gradients() gives every weight gradient (torch's keys)
     while the grouped multi-tensor update still runs; they match torch's for 2 steps."""
     torch.manual_seed(3)
-    net = TinyResNet()
+    net = tiny_resnet()
     rng = np.random.default_rng(3)
     X = rng.standard_normal((2, 3, 10, 10)).astype(np.float32)
     Y = np.array([1, 4], np.int32)

@@ -216,10 +216,14 @@ def cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
-def check_u32_size(t: Tensor, name: str) -> None:
-    """`t` within the MAX_ELEMS_U32 elements the 32-bit-offset kernels address."""
+def tensor_arg_u32(x: TensorLike, dev: Device, name: str, dtypes: Iterable[Any] | None = None,
+                   ndim: int | tuple[int, ...] | None = None) -> Tensor:
+    """tensor_arg for a kernel with 32-bit offsets: also refuses more than MAX_ELEMS_U32
+    elements (check_elems names the op)."""
+    t = tensor_arg(x, dev, name, dtypes, ndim)
     if t.size > MAX_ELEMS_U32:
         check_elems(t.size, name, t.shape)
+    return t
 
 
 def vec4_aligned(t: Tensor) -> bool:
@@ -320,6 +324,15 @@ def stream_count(n: int, w: int, nvec: int) -> int:
     """Threads a stream.h kernel is launched with: the chunk owners, then one thread per tail
     element (n - w nvec)."""
     return stream_vthreads(nvec) + (n - w * nvec)
+
+
+def stream_launch(n: int, itemsize: int, tensors: Iterable[Tensor], vector: bool = True
+                  ) -> tuple[int, int]:
+    """(nvec, threads) of a stream.h kernel over n elements of one itemsize: 16-byte chunks where
+    `vector` and every tensor is aligned (stream_nvec), else all through the scalar tail."""
+    w = stream_chunk(itemsize)
+    nvec = stream_nvec(n, w, tensors) if vector else 0
+    return nvec, stream_count(n, w, nvec)
 
 
 def matrix_hw(dev: Device) -> bool:

@@ -24,15 +24,15 @@ from ..tensor import Tensor, TensorLike, tensor
 from ._common import (
     FLOATS,
     MAX_ELEMS_U32,
-    check_u32_size,
     kernel,
     out_like,
     pick_device,
     stream_chunk,
     stream_count,
-    stream_nvec,
+    stream_launch,
     suffix,
     tensor_arg,
+    tensor_arg_u32,
     vec4_aligned,
 )
 from .neuron import activation_code
@@ -107,9 +107,7 @@ def _operand(x: TensorLike, dev: Device, name: str, dtype: Any = None) -> Tensor
         raise ValueError(f"{name}: bool is not a number operand here")
     if isinstance(x, (int, float, np.integer, np.floating)):
         return None
-    t = tensor_arg(x, dev, name, FLOATS)
-    check_u32_size(t, name)
-    return t
+    return tensor_arg_u32(x, dev, name, FLOATS)
 
 
 def _binary_args(a: Operand, b: Operand) -> tuple[Tensor, Tensor, bool, bool, Device]:
@@ -179,11 +177,9 @@ def _flat_kernel(dev: Device, name: str, dt: Any, dims: list, xs: Sequence[Tenso
     if len(dims) != 1 or any(s not in (0, 1) for s in dims[0][2]):
         return None
     n = out.size
-    w = stream_chunk(dt.itemsize)
-    nvec = stream_nvec(n, w, [out, *(x for x, s in zip(xs, dims[0][2]) if s)])
+    nvec, count = stream_launch(n, dt.itemsize, [out, *(x for x, s in zip(xs, dims[0][2]) if s)])
     splat = "_splat" if 0 in dims[0][2] else ""
     k = kernel(dev, SOURCE, f"{name}_flat_{suffix(dt)}{splat}")
-    count = stream_count(n, w, nvec)
     if count > MAX_GRID_THREADS:
         return None
     p = ArithParams(n=n, ndim=1, vec=nvec, alpha=float(alpha), act=act[0], act_alpha=act[1])
@@ -332,9 +328,7 @@ def _binary_backward(op: str, grad_out: TensorLike, a: Operand, b: Operand
         # both gradients in one pass over g, a, b (kernels/stream.h shape)
         ga, gb = out_like(a_t.shape, g.dtype, dev), out_like(b_t.shape, g.dtype, dev)
         k = kernel(dev, SOURCE, f"{op}_bwd_{suffix(g.dtype)}")
-        w = stream_chunk(g.dtype.itemsize)
-        nvec = stream_nvec(n, w, [g, a_t, b_t, ga, gb])
-        count = stream_count(n, w, nvec)
+        nvec, count = stream_launch(n, g.dtype.itemsize, [g, a_t, b_t, ga, gb])
         if count <= MAX_GRID_THREADS:
             p = ArithParams(n=n, ndim=1, vec=nvec, alpha=1.0)
             k(count, g.buffer, a_t.buffer, b_t.buffer, ga.buffer, gb.buffer, p)
@@ -413,8 +407,7 @@ def _reduced_shape(shape: tuple[int, ...], axes: tuple[int, ...], keepdim: bool)
 
 def _sum(x: TensorLike, dim: Dims, keepdim: bool, mean: bool) -> Tensor:
     dev = pick_device(x)
-    x = tensor_arg(x, dev, "x", FLOATS)
-    check_u32_size(x, "x")
+    x = tensor_arg_u32(x, dev, "x", FLOATS)
     axes = normalize_dims(dim, x.ndim)
     count = math.prod(x.shape[d] for d in axes if d < x.ndim)
     alpha = (1.0 / count if count else math.nan) if mean else 1.0

@@ -28,14 +28,13 @@ from ..runtime import Device
 from ..runtime.core import MAX_GRID_THREADS
 from ..tensor import Tensor, TensorLike
 from ._common import (
-    check_u32_size,
     kernel,
     out_like,
     pick_device,
     stream_chunk,
     stream_count,
     suffix,
-    tensor_arg,
+    tensor_arg_u32,
     vec4_aligned,
 )
 from .arith import GRID_CAP, merge_dims
@@ -47,9 +46,7 @@ SplitArg = Union[int, Sequence[int]]
 
 # ---- helpers ----------------------------------------------------------------------------------
 def _arg(x: TensorLike, dev: Device, name: str, dtypes: Any = MOVABLE) -> Tensor:
-    t = tensor_arg(x, dev, name, dtypes)
-    check_u32_size(t, name)
-    return t
+    return tensor_arg_u32(x, dev, name, dtypes)
 
 
 def _dim(dim: Any, ndim: int, name: str = "dim") -> int:

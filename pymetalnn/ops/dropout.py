@@ -27,7 +27,6 @@ from ..tensor import Tensor, TensorLike
 from ._common import (
     FLOATS,
     MAX_ELEMS_U32,
-    check_u32_size,
     kernel,
     out_like,
     pick_device,
@@ -35,7 +34,7 @@ from ._common import (
     stream_nvec,
     stream_vthreads,
     suffix,
-    tensor_arg,
+    tensor_arg_u32,
 )
 from .arith import GRID_CAP
 from .copy import copy
@@ -111,8 +110,7 @@ def _run(name: str, x: Tensor, p: float, seed: int, offset: int, inner: int | No
 
 def _check(x: TensorLike, dev: Device, name: str, p: Any, seed: Any, offset: Any, spatial: bool
            ) -> tuple[Tensor, float, int, int]:
-    t = tensor_arg(x, dev, name, FLOATS, 4 if spatial else None)
-    check_u32_size(t, name)
+    t = tensor_arg_u32(x, dev, name, FLOATS, 4 if spatial else None)
     return t, _p(p), _u64(seed, "seed"), _u64(offset, "offset")
 
 

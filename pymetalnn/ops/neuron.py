@@ -29,9 +29,7 @@ from ._common import (
     kernel,
     out_like,
     pick_device,
-    stream_chunk,
-    stream_count,
-    stream_nvec,
+    stream_launch,
     strided_out,
     suffix,
     tensor_arg,
@@ -57,9 +55,9 @@ def _params(k: Any, n: int, a: float, b: float, *tensors: Tensor, inner: int = 0
     """Launch count and params (kernels/stream.h). The vector path needs each buffer 16-byte
     aligned, true of every fresh tensor; a view at another offset (e.g. a piece of split) runs
     all-scalar instead, and so does a strided x or y (images x_nstride / y_nstride apart)."""
-    w = stream_chunk(tensors[0].dtype.itemsize)
-    nvec = 0 if (x_nstride or y_nstride) else stream_nvec(n, w, tensors)
-    return stream_count(n, w, nvec), NeuronParams(
+    nvec, count = stream_launch(n, tensors[0].dtype.itemsize, tensors,
+                                vector=not (x_nstride or y_nstride))
+    return count, NeuronParams(
         n=n, nvec=nvec, a=a, b=b, inner=inner, x_nstride=x_nstride, y_nstride=y_nstride)
 
 

@@ -119,15 +119,30 @@ def row_plan(outer: int, length: int, inner: int, dtype: Any, *ts: Tensor
     return SoftmaxParams(outer=outer, len=length, inner=1)
 
 
+def _result_and_geometry(t: Tensor, name: str, dim: Any) -> tuple[Tensor, tuple[int, int, int]]:
+    """A result like `t` (the forward's output, the backward's grad_input) and (outer, len, inner)
+    around `dim`; `dim` and t's size are checked first."""
+    d = check_dim(_torch_dim(dim, t.ndim), max(t.ndim, 1))
+    check_size(t, name)
+    return empty(t.shape, t.dtype, t.device), split_shape(t.shape or (1,), d)
+
+
+def _with_grad_out(grad_out: Any, t: Any, name: str) -> tuple[Tensor, Tensor]:
+    """(t, grad_out) as tensors on one device, grad_out of t's dtype and shape."""
+    dev = pick_device(grad_out, t)
+    tt = tensor_arg(t, dev, name, FLOATS)
+    gt = tensor_arg(grad_out, dev, "grad_out", (tt.dtype,))
+    if gt.shape != tt.shape:
+        raise ValueError(f"grad_out: shape {gt.shape} does not match {name}'s {tt.shape}")
+    return tt, gt
+
+
 def _forward(x: Any, dim: Any, log: bool) -> Tensor:
     dev = pick_device(x)
     xt = tensor_arg(x, dev, "input", FLOATS)
-    d = check_dim(_torch_dim(dim, xt.ndim), max(xt.ndim, 1))
-    check_size(xt, "input")
-    y = empty(xt.shape, xt.dtype, dev)
+    y, geom = _result_and_geometry(xt, "input", dim)
     if xt.size == 0:
         return y
-    geom = split_shape(xt.shape or (1,), d)
     stem = "log_softmax" if log else "softmax"
     rp = row_plan(*geom, xt.dtype, xt, y)
     if rp is not None:
@@ -140,17 +155,11 @@ def _forward(x: Any, dim: Any, log: bool) -> Tensor:
 
 
 def _backward(grad_out: Any, output: Any, dim: Any, log: bool) -> Tensor:
-    dev = pick_device(grad_out, output)
-    yt = tensor_arg(output, dev, "output", FLOATS)
-    gt = tensor_arg(grad_out, dev, "grad_out", (yt.dtype,))
-    if gt.shape != yt.shape:
-        raise ValueError(f"grad_out: shape {gt.shape} does not match output's {yt.shape}")
-    d = check_dim(_torch_dim(dim, yt.ndim), max(yt.ndim, 1))
-    check_size(yt, "output")
-    dx = empty(yt.shape, yt.dtype, dev)
+    yt, gt = _with_grad_out(grad_out, output, "output")
+    dev = yt.device
+    dx, geom = _result_and_geometry(yt, "output", dim)
     if yt.size == 0:
         return dx
-    geom = split_shape(yt.shape or (1,), d)
     stem = "log_softmax" if log else "softmax"
     rp = row_plan(*geom, yt.dtype, gt, yt, dx)
     if rp is not None:
@@ -166,12 +175,7 @@ def _backward(grad_out: Any, output: Any, dim: Any, log: bool) -> Tensor:
 def _input_for(grad_out: Any, input: Any) -> Tensor:
     """input, checked against grad_out before the forward is recomputed (nothing dispatched on
     bad arguments)."""
-    dev = pick_device(grad_out, input)
-    xt = tensor_arg(input, dev, "input", FLOATS)
-    gt = tensor_arg(grad_out, dev, "grad_out", (xt.dtype,))
-    if gt.shape != xt.shape:
-        raise ValueError(f"grad_out: shape {gt.shape} does not match input's {xt.shape}")
-    return xt
+    return _with_grad_out(grad_out, input, "input")[0]
 
 
 def softmax(input: Any, dim: int | None = None) -> Tensor:

@@ -11,7 +11,9 @@ import os
 import re
 from dataclasses import dataclass, field
 
+from .errors import MSLError
 from .preprocess import Token
+from .tokens import match_bracket, split_commas
 
 SIMD_NAMES = set("""simd_sum simd_product simd_max simd_min simd_prefix_exclusive_sum
 simd_prefix_inclusive_sum simd_prefix_exclusive_product simd_prefix_inclusive_product simd_shuffle
@@ -52,19 +54,11 @@ class Unsupported(Exception):
 # ---- token helpers ---------------------------------------------------------------------------
 
 def _match(toks: list[Token], i: int) -> int:
-    pairs = {"(": ")", "[": "]", "{": "}"}
-    o, c = toks[i].text, pairs[toks[i].text]
-    d = 0
-    for j in range(i, len(toks)):
-        if toks[j].kind != "punct":
-            continue
-        if toks[j].text == o:
-            d += 1
-        elif toks[j].text == c:
-            d -= 1
-            if d == 0:
-                return j
-    raise Unsupported(f"unbalanced '{o}'")
+    """tokens.match_bracket, an unbalanced bracket raising Unsupported (the kernel keeps fibers)."""
+    try:
+        return match_bracket(toks, i)
+    except MSLError as e:
+        raise Unsupported(f"unbalanced '{toks[i].text}'") from e
 
 
 def _match_angle(toks: list[Token], i: int) -> int:
@@ -99,24 +93,6 @@ def _split_top(toks: list[Token], sep: str) -> list[list[Token]]:
         else:
             parts[-1].append(t)
     return parts
-
-
-def _split_args(toks: list[Token]) -> list[list[Token]]:
-    """Split on top-level commas, template angle brackets included."""
-    parts: list[list[Token]] = [[]]
-    d = 0
-    for t in toks:
-        if t.text in ("(", "[", "{", "<"):
-            d += 1
-        elif t.text in (")", "]", "}", ">"):
-            d -= 1
-        elif t.text == ">>":
-            d -= 2
-        if t.text == "," and d == 0:
-            parts.append([])
-        else:
-            parts[-1].append(t)
-    return [p for p in parts if p]
 
 
 def _split_call_args(toks: list[Token]) -> list[list[Token]]:
@@ -491,7 +467,7 @@ def _make_func(head: list[Token], name_tok: Token, params: list[Token], body: li
     if head and head[0].text == "template" and len(head) > 1 and head[1].text == "<":
         e = _match_angle(head, 1)
         theader = head[: e + 1]
-        for p in _split_args(head[2:e]):
+        for p in split_commas(head[2:e]):
             eq = [k for k, x in enumerate(p) if x.text == "="]
             decl = p[: eq[0]] if eq else p
             ids = [x for x in decl if x.kind == "id"]
@@ -500,7 +476,7 @@ def _make_func(head: list[Token], name_tok: Token, params: list[Token], body: li
         h = e + 1
     ret = [x for x in head[h:] if x.text not in ("inline", "static", "PMN_KERNEL_IMPL",
                                                  "constexpr", "__attribute__")]
-    return Func(name_tok.text, tparams, theader, ret, _split_args(params) if params else [], body,
+    return Func(name_tok.text, tparams, theader, ret, split_commas(params) if params else [], body,
                 name_tok)
 
 
