@@ -114,22 +114,25 @@ def _install_abort_hooks(pg: ProcessGroup) -> None:
     prev_sys, prev_thread = sys.excepthook, threading.excepthook
 
     def abort(kind: str, tb_print: Any) -> None:
+        # the one-line summary goes first: once any rank aborts, mpiexec may end this process
+        # while the traceback is still being written
         try:
-            tb_print()
             sys.stderr.write(f"pymetalnn.distributed: rank {pg.rank} of {pg.size}: {kind}; "
                              "aborting all ranks (MPI_Abort)\n")
+            sys.stderr.flush()
+            tb_print()
             sys.stderr.flush()
         finally:
             pg.world.Abort(1)
 
     def sys_hook(tp: Any, val: Any, tb: Any) -> None:
-        abort(f"uncaught {tp.__name__}", lambda: prev_sys(tp, val, tb))
+        abort(f"uncaught {tp.__name__}: {val}", lambda: prev_sys(tp, val, tb))
 
     def thread_hook(args: Any) -> None:
         if args.exc_type is SystemExit:
             return
         abort(f"uncaught {args.exc_type.__name__} in thread "
-              f"{getattr(args.thread, 'name', '?')}", lambda: prev_thread(args))
+              f"{getattr(args.thread, 'name', '?')}: {args.exc_value}", lambda: prev_thread(args))
 
     sys.excepthook = sys_hook
     threading.excepthook = thread_hook
