@@ -44,8 +44,10 @@ WGRAD_SPLIT_TERMS = 256
 def eligible(dev: Device, geo: ConvGeometry, prec: str, any_device: bool = False) -> bool:
     """Whether the conv runs here: the cpu backend (any_device: every backend, when forced),
     float32, one group, and every operand (one image's columns included) within the kernels'
-    32-bit offsets."""
-    if (dev.name != "cpu" and not any_device) or prec != "float" or geo.G != 1:
+    32-bit offsets; never without buffer views (metal binds whole buffers: the chunks and the
+    weight matrix are views)."""
+    if (dev.name != "cpu" and not any_device) or prec != "float" or geo.G != 1 \
+            or not dev.supports_views:
         return False
     crs, ohw = geo.C * geo.KH * geo.KW, geo.OH * geo.OW
     return max(crs * ohw, geo.K * crs, geo.N * geo.C * geo.H * geo.W,
