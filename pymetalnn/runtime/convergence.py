@@ -10,14 +10,15 @@ part of the group: silently wrong sums, maxima and shuffles (found by
 tests/dialect/test_lockstep.py's divergent-loop kernel).
 
 So, on cuda, every loop whose body calls a SIMD-group function (directly or through a helper that
-does) is emitted with `#pragma unroll 1`, unless the source already has an unroll pragma in front
-of it: an explicit `#pragma unroll` asks for full unrolling of a constant trip count, which keeps
-one copy of the call per iteration and is therefore safe; partial unrolling is what splits them.
+does, by the translator's call graph: Translator.simd_funcs) is emitted with `#pragma unroll 1`,
+unless the source already has an unroll pragma in front of it: an explicit `#pragma unroll` asks
+for full unrolling of a constant trip count, which keeps one copy of the call per iteration and
+is therefore safe; partial unrolling is what splits them.
 """
 from __future__ import annotations
 
 from .preprocess import Token
-from .tokens import match_bracket, match_open
+from .tokens import match_bracket
 
 LOOP_WORDS = ("for", "while", "do")
 
@@ -86,33 +87,3 @@ def pin_simd_loops(toks: list[Token], simd_names: set[str]) -> tuple[list[Token]
         out.append(t)
     return out, len(marks)
 
-
-def simd_helpers(toks: list[Token], simd_names: set[str]) -> set[str]:
-    """Names of the functions defined in `toks` that call a SIMD-group function, directly or
-    through another such function (a call inside a pinned loop's body counts like the function)."""
-    bodies: dict[str, set[str]] = {}
-    depth = 0
-    i = 0
-    while i < len(toks):
-        t = toks[i]
-        if t.text == "{" and depth == 0:
-            # a function body: `name ( ... ) [const] {`
-            j = i - 1
-            while j >= 0 and toks[j].kind == "id" and toks[j].text in ("const", "thread"):
-                j -= 1
-            if j >= 0 and toks[j].text == ")":
-                k = match_open(toks, j)
-                if k > 0 and toks[k - 1].kind == "id":
-                    end = _match(toks, i)
-                    bodies.setdefault(toks[k - 1].text, set()).update(
-                        x.text for x in toks[i:end] if x.kind == "id")
-                    i = end + 1
-                    continue
-        depth += (t.text == "{") - (t.text == "}")
-        i += 1
-    found = {n for n, ids in bodies.items() if ids & simd_names}
-    while True:
-        more = {n for n, ids in bodies.items() if n not in found and ids & found}
-        if not more:
-            return found
-        found |= more

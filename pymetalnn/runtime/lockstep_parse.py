@@ -62,6 +62,9 @@ def _match(toks: list[Token], i: int) -> int:
 
 
 def _match_angle(toks: list[Token], i: int) -> int:
+    """The '>' closing toks[i] == '<' if it is a template bracket, -1 where a '(', '[', '{' or
+    ';' comes first (then it is a comparison): unlike tokens.match_angle, which is told the '<'
+    opens a template."""
     d = 0
     for j in range(i, len(toks)):
         t = toks[j].text

@@ -17,7 +17,9 @@ entry points in `msl_emit.py`, bracket matching in `tokens.py` (shared with the 
 """
 from __future__ import annotations
 
-from .convergence import pin_simd_loops, simd_helpers
+from typing import Callable
+
+from .convergence import pin_simd_loops
 from .errors import MSLError
 from .lockstep import build as build_lockstep
 from .msl_dialect import (
@@ -77,6 +79,7 @@ class Translator:
         self.kernels: dict[str, KernelInfo] = {}
         self.user_funcs: set[str] = set()
         self.sync_funcs: set[str] = set()  # functions that synchronize, directly or by a call
+        self.simd_funcs: set[str] = set()  # those that call a SIMD-group function, likewise
 
     # ---- entry
     def translate(self, toks: list[Token]) -> tuple[list[Token], dict[str, KernelInfo]]:
@@ -377,7 +380,7 @@ class Translator:
                             fname = out[q - 1].text if q > 0 else "?"
                             stack.append("func")
                             cur_func.append(fname)
-                            bodies.setdefault(fname, {"calls": set(), "sync": False})
+                            bodies.setdefault(fname, {"calls": set(), "sync": False, "simd": False})
                         else:
                             stack.append("other")
                     out.append(t)
@@ -605,6 +608,7 @@ class Translator:
         out.append(t)
         if cur_func and (name in SIMD_FUNCS or name == "threadgroup_barrier"):
             bodies[cur_func[-1]]["sync"] = True
+            bodies[cur_func[-1]]["simd"] |= name in SIMD_FUNCS
         if name not in SIMD_FUNCS:
             return i + 1
         if i + 1 >= len(toks) or toks[i + 1].text != "(":
@@ -617,21 +621,26 @@ class Translator:
         return i + 2
 
     def _mark_fibers(self, bodies: dict[str, dict]) -> None:
-        memo: dict[str, bool] = {}
+        def closure(flag: str) -> Callable[[str], bool]:
+            """Whether a function has `flag` itself or through a call (over the call graph)."""
+            memo: dict[str, bool] = {}
 
-        def needs(fn: str, seen: frozenset) -> bool:
-            if fn in memo:
-                return memo[fn]
-            b = bodies.get(fn)
-            if b is None or fn in seen:
-                return False
-            r = b["sync"] or any(needs(c, seen | {fn}) for c in b["calls"])
-            memo[fn] = r
-            return r
+            def has(fn: str, seen: frozenset = frozenset()) -> bool:
+                if fn in memo:
+                    return memo[fn]
+                b = bodies.get(fn)
+                if b is None or fn in seen:
+                    return False
+                r = b[flag] or any(has(c, seen | {fn}) for c in b["calls"])
+                memo[fn] = r
+                return r
+            return has
 
+        syncs, simds = closure("sync"), closure("simd")
         for k in self.kernels.values():
-            k.needs_fibers = needs(k.impl_name, frozenset())
-        self.sync_funcs = {fn for fn in bodies if needs(fn, frozenset())}
+            k.needs_fibers = syncs(k.impl_name)
+        self.sync_funcs = {fn for fn in bodies if syncs(fn)}
+        self.simd_funcs = {fn for fn in bodies if simds(fn)}
 
 
 def translate_file(path: str, target: str, defines: dict | None = None,
@@ -673,8 +682,7 @@ def translate_file(path: str, target: str, defines: dict | None = None,
             if k.needs_fibers:
                 k.fiber_reason = "validation mode" if tr.validate else "work-item loops turned off"
     if target == "cuda":  # see convergence.py: one program point per SIMD-group call
-        names = SIMD_FUNCS | simd_helpers(out, SIMD_FUNCS)
-        out, _ = pin_simd_loops(out, names)
+        out, _ = pin_simd_loops(out, SIMD_FUNCS | tr.simd_funcs)
     parts.append(_emit(out))
     parts.append(f'#line 1 "{GENERATED}"\n')
     for k in kernels.values():
