@@ -232,10 +232,15 @@ def test_resnet18_trains_like_torch(dev):
     eps/var ~ 1e-5 of the terms it is the difference of; float32 torch itself is then 3.5% off
     float64 torch (pymetalnn 20%), so no float32 comparison means anything. At 48x48 (2x2 maps)
     both are within 3e-5 of float64. lr 0.001: at 0.01 two samples are memorised so fast (loss
-    7.2 -> 1.5 in 2 steps) that step 3's gradients of float32 and float64 torch differ by 17%."""
-    torch.manual_seed(5)
+    7.2 -> 1.5 in 2 steps) that step 3's gradients of float32 and float64 torch differ by 17%.
+    Seed 10: a ReLU input that float32 rounding can move across 0 flips that element's gradient
+    in one implementation and not in the other, and with 8 values per channel at layer4 one
+    element moves a layer's gradients by ~2% (seed 5 had a block output of 8.4e-6 in the second step,
+    against float32 errors of ~2e-5 there). Seed 10's smallest ReLU inputs in layer3/layer4
+    over the 3 steps are 4.1e-5 / 6.3e-5 (float64 torch), the largest margin of seeds 0-11."""
+    torch.manual_seed(10)
     net = resnet18()
-    rng = np.random.default_rng(5)
+    rng = np.random.default_rng(10)
     X = rng.standard_normal((2, 3, 48, 48)).astype(np.float32)
     Y = np.array([3, 998], np.int32)
     _train_like_torch(net, X, Y, dev, 0.001, "resnet18")
