@@ -151,6 +151,16 @@ def dropout2d_backward(grad_out: TensorLike, p: float = 0.5, seed: int = 0, offs
         else copy(g)
 
 
+def dropout_offset_advance(offset_tensor: Tensor) -> None:
+    """offset_tensor's 64-bit value (2 words: lo, hi) += 1 on the device, in queue order (no host
+    read or write): a graph's step counter moved on at the end of a training step, so a replayed
+    capture draws the next step's masks, as a newly encoded step would."""
+    if not isinstance(offset_tensor, Tensor):
+        raise ValueError(f"offset_tensor: expected a Tensor, got {type(offset_tensor).__name__}")
+    dev = offset_tensor.device
+    kernel(dev, SOURCE, "dropout_offset_advance")(1, _base(dev, offset_tensor))
+
+
 def philox_stream(n: int, seed: int, offset: int = 0, device: Device | None = None) -> np.ndarray:
     """The first n uint32 words of the stream dropout draws from (seed, offset), computed on the
     device: word 4b + j = word j of Philox4x32-10(counter (b, 0, offset lo, offset hi), seed)."""
