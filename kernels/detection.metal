@@ -40,8 +40,6 @@
 #include "tile_reduce.h"
 using namespace metal;
 
-#define YOLO_MAXB 256  // target rows per sample cached in threadgroup memory (host-checked)
-
 inline float sigm(float x) {
     if (x >= 0.0f) return 1.0f / (1.0f + precise::exp(-x));
     float e = precise::exp(x);

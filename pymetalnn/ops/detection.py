@@ -29,7 +29,7 @@ from typing import Any
 
 import numpy as np
 
-from ..params import NmsParams, YoloParams
+from ..params import CONST, NmsParams, YoloParams
 from ..runtime import Device
 from ..tensor import Tensor, float32, int32
 from ._common import (
@@ -50,7 +50,7 @@ from .loss import _MODE, _reduce
 
 SOURCE = "detection.metal"
 TG = 256
-MAX_BOXES = 256  # target rows per image: kernels/detection.metal YOLO_MAXB
+MAX_BOXES = CONST["YOLO_MAXB"]  # target rows per image (cached in threadgroup memory)
 REDUCTIONS = ("per_sample", "sum", "mean")
 MAX_ELEMENTS = 2**31 - 1
 
