@@ -114,7 +114,7 @@ def _check(x: TensorLike, dev: Device, name: str, p: Any, seed: Any, offset: Any
     return t, _p(p), _u64(seed, "seed"), _u64(offset, "offset")
 
 
-def dropout(input: Any, p: float = 0.5, seed: int = 0, offset: int = 0, training: bool = True, *,
+def dropout(input: TensorLike, p: float = 0.5, seed: int = 0, offset: int = 0, training: bool = True, *,
             offset_tensor: Tensor | None = None) -> Tensor:
     """Zero each element with probability p, scale the rest by 1 / (1 - p); identity (a copy)
     when not training."""
@@ -131,7 +131,7 @@ def dropout_backward(grad_out: TensorLike, p: float = 0.5, seed: int = 0, offset
     return _run("dropout_bwd", g, p, seed, offset, None, offset_tensor) if training else copy(g)
 
 
-def dropout2d(input: Any, p: float = 0.5, seed: int = 0, offset: int = 0, training: bool = True, *,
+def dropout2d(input: TensorLike, p: float = 0.5, seed: int = 0, offset: int = 0, training: bool = True, *,
               offset_tensor: Tensor | None = None) -> Tensor:
     """Spatial dropout of x (N, C, H, W): zero whole channels with probability p (one draw per
     (n, c)), scale the rest by 1 / (1 - p)."""
