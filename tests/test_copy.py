@@ -281,7 +281,7 @@ def test_copy_cast_out(dev, n) -> None:
         F.copy(tx, out=o16)
     with pytest.raises(ValueError, match="^out: dtype float32, expected float16"):
         F.cast(tx, np.float16, out=o32)
-    with pytest.raises(ValueError, match=r"^out: shape \(1, %d\), expected \(%d,\)" % (n, n)):
+    with pytest.raises(ValueError, match=rf"^out: shape \(1, {n}\), expected \({n},\)"):
         F.copy(tx, out=pm.tensor(np.zeros((1, n), np.float32), dev))
     other = pm.device("cpu") if dev.name != "cpu" else None
     if other is not None:
