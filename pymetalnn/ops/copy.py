@@ -444,7 +444,8 @@ def _permute(x: Tensor, p: tuple[int, ...]) -> Tensor:
             tp = TransposeParams(batch=batch, rows=b, cols=a, tiles_r=tr, tiles_c=tc,
                                  n_tiles=batch * tr * tc)
             k = kernel(x.device, SOURCE, f"transpose_fwd_{suffix(x.dtype)}")
-            k(min(tp.n_tiles, GRID_CAP // 256) * 256, x.buffer, out.buffer, tp)
+            tg = k.threadgroup_size  # one threadgroup per tile (grid-stride past GRID_CAP)
+            k(min(tp.n_tiles, GRID_CAP // tg) * tg, x.buffer, out.buffer, tp)
             return out
     if len(dims) > MAXD:
         raise ValueError(f"dims: permuting {x.shape} needs {len(dims)} dimensions after merging, "

@@ -49,7 +49,7 @@ from ._common import (
 from .loss import _MODE, _reduce
 
 SOURCE = "detection.metal"
-TG = 256
+TG = CONST["TR_TG"]  # threads per threadgroup (the kernels stride by TR_TG: tile_reduce.h)
 MAX_BOXES = CONST["YOLO_MAXB"]  # target rows per image (cached in threadgroup memory)
 REDUCTIONS = ("per_sample", "sum", "mean")
 MAX_ELEMENTS = 2**31 - 1
