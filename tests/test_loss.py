@@ -370,6 +370,47 @@ def test_bad_input(dev):
     assert sum(dev.dispatch_counts.values()) == 0
 
 
+_LOSSES = ("cross_entropy", "categorical_cross_entropy", "cosine_distance",
+           "binary_cross_entropy_with_logits", "mse_loss", "l1_loss", "huber_loss", "hinge_loss",
+           "kl_div", "log_loss", "smooth_l1_loss")
+
+
+@pytest.mark.parametrize("shape", [(0, 3), (2, 0), (0, 3, 4)])
+def test_empty_inputs_refused(dev, shape, no_dispatch):
+    """Every loss and its backward refuse an empty input (a batch of 0, an empty class axis)
+    naming `input`, before anything is dispatched: torch's 'mean' over no terms is NaN, a value
+    that in a training step only hides a data pipeline's empty batch."""
+    x = pm.tensor(np.zeros(shape, np.float32), dev)
+    t = np.zeros(shape, np.float32)
+    labels = np.zeros((shape[0],) + shape[2:], np.int32)
+    with no_dispatch(dev):
+        for name in _LOSSES:
+            for tgt in ((t, labels) if name == "cross_entropy" else (t,)):
+                with pytest.raises(ValueError, match=r"input: empty tensor"):
+                    getattr(F, name)(x, tgt)
+                with pytest.raises(ValueError, match=r"input: empty tensor"):
+                    getattr(F, name + "_backward")(1.0, x, tgt)
+    torch = pytest.importorskip("torch")
+    if shape[0] == 0:  # what a value would have to match: torch's NaN mean
+        assert torch.isnan(torch.nn.functional.mse_loss(torch.zeros(shape), torch.zeros(shape)))
+
+
+def test_empty_batch_refused_by_graph(dev, no_dispatch):
+    """A training step with a batch of 0 is refused naming the input, nothing dispatched; the
+    next step with samples runs."""
+    from graph_nets import data, lenet, sgd
+
+    from pymetalnn import graph as G
+
+    x, loss, _ = lenet(bn=False, record=False, dropout=False)
+    tg = G.TrainingGraph(loss, optimizer=sgd(0.1), device=dev)
+    X, Y = data(2)
+    tg.encode(X, Y).wait()
+    with no_dispatch(dev), pytest.raises(G.GraphError, match="'x'.*batch of 0"):
+        tg.encode(X[:0], Y[:0])
+    assert np.isfinite(tg.encode(X, Y).losses).all()
+
+
 def test_class_labels(dev):
     """Labels checked once by class_labels are used without a re-check for the same class count
     and ignore_index, and re-checked otherwise."""

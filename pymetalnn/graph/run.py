@@ -464,6 +464,9 @@ class GraphRunner:
             t = env[v]
             if t.ndim > v.batch_dim:
                 n = t.shape[v.batch_dim]
+                if n == 0:  # every loss refuses empty inputs (ops/loss.py), so the step does too
+                    raise GraphError(v, f"a batch of 0 (shape {t.shape}); a step needs at least "
+                                        "one sample")
                 n0, v0 = first.setdefault(v.batch_dim, (n, v))
                 if n != n0:
                     raise GraphError(v, f"batch of {n}, but {v0.name} has a batch of {n0}")

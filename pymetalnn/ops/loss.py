@@ -38,6 +38,10 @@ combine. reduction:
   'sum_by_nonzero_weights'  that sum / the number of terms of nonzero weight (0 if there are none)
   'batchmean'   (kl_div only) that sum / N
 'mean' with every label ignored is NaN, as in PyTorch (its gradient is 0).
+An empty input (a batch of 0 or an empty class axis) is refused (ValueError naming `input`,
+nothing dispatched) by every loss and backward, where PyTorch returns NaN for 'mean' (0 / 0),
+0 for 'sum' and an empty tensor for 'none': in a training step such a value only hides an empty
+batch from the data pipeline, and graphs refuse a batch of 0 likewise (graph/run.py).
 Losses are float32 whatever the input's storage; gradients have the input's dtype.
 
 Integer labels are range-checked on the host before anything is dispatched, which for a device
