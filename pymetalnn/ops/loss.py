@@ -44,9 +44,15 @@ nothing dispatched) by every loss and backward, where PyTorch returns NaN for 'm
 batch from the data pipeline, and graphs refuse a batch of 0 likewise (graph/run.py).
 Losses are float32 whatever the input's storage; gradients have the input's dtype.
 
-Integer labels are range-checked on the host before anything is dispatched, which for a device
-Tensor means reading it back; `class_labels(target, num_classes)` checks them once and returns
-labels the class-axis losses then use without a second check (and without a queue sync).
+Integer labels given from the host (numpy, lists) are range-checked there before anything is
+dispatched (ValueError naming `target`). Labels in a device Tensor are checked by the kernels,
+which costs no read-back or queue sync: a label outside [0, C) that is not ignore_index is
+treated as ignored and recorded in the device's status words, and the call fails with an
+AsyncError naming `target` and the label (see docs/errors.md, "Checks made by kernels"): on cpu
+at the first read of its result or of anything computed from it, on metal and cuda at the next
+synchronization (every read or wait); the next call runs normally. `class_labels(target,
+num_classes)` checks labels once on the host and returns labels the class-axis losses then use
+without any check.
 
 Every `<loss>_backward(grad, input, target, <same options>)` takes grad shaped like the loss
 (a number or one-element tensor for the scalar reductions) and returns (d/d input, d/d target) of

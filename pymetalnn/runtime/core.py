@@ -325,6 +325,13 @@ class Library:
 STATUS_WORDS = 4  # Device.status_buffer: int32 words
 
 
+def _pend(pending: list[tuple], chk: tuple) -> None:
+    """Add a check_status entry: one per (status buffer, kernel), which are read once per
+    synchronization anyway (a loop that never waits does not grow the list)."""
+    if not any(c[0] is chk[0] and c[2] == chk[2] for c in pending):
+        pending.append(chk)
+
+
 class Recording:
     """Launches captured by `Device.capture()`; `replay()` queues them again, in order."""
 
@@ -337,7 +344,8 @@ class Recording:
 
     def replay(self) -> None:
         self.device._replay(self)
-        self.device._checks.extend(self.checks)
+        for chk in self.checks:
+            _pend(self.device._checks, chk)
         for n in self.names:
             self.device.dispatch_counts[n] += 1
 
@@ -468,10 +476,7 @@ class Device:
         run normally. Recorded by capture() like a launch. The metal and cuda backends check at
         their next synchronization (every read and wait synchronizes there)."""
         chk = (self.status_buffer(), message, kernel)
-        if self._recording is not None:
-            self._recording.checks.append(chk)
-        else:
-            self._checks.append(chk)
+        _pend(self._recording.checks if self._recording is not None else self._checks, chk)
 
     def _status_failure(self, checks: list[tuple] | None = None) -> AsyncError | None:
         """Once the work before them is done: the first of `checks` (default: every pending
@@ -480,11 +485,15 @@ class Device:
         if checks is None:
             checks, self._checks = self._checks, []
         err = None
+        read: set[int] = set()
         for status, message, kernel in checks:
+            if id(status) in read:  # one read per status buffer: what it holds, the first
+                continue            # check that may have set it reports
+            read.add(id(status))
             words = self._peek_status(status)
-            if words[0] and err is None:
+            if words[0]:
                 self._clear_status(status)
-                err = AsyncError(message(words), kernel)
+                err = err or AsyncError(message(words), kernel)
         return err
 
     def _peek_status(self, status: Buffer) -> np.ndarray:
