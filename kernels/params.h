@@ -275,6 +275,7 @@ struct LossReduceParams {
     uint has_labels, has_weight;
     int ignore_index;
     uint has_class_weight;  // loss_scale mode 1: count sum_k cw[labels[k]] instead of valid terms
+    uint classes;      // loss_scale: labels must lie in [0, classes) (or be ignore_index)
 };
 // NormParams (norm.metal): input (N, C, HW). Statistics rows are channels (batch norm: a row's
 // element e is x[e / HW, c, e % HW]) or (sample, group) pairs (group / instance norm: rows of

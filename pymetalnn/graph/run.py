@@ -312,6 +312,13 @@ class GraphRunner:
         ii = loss.options.get("ignore_index", -100)
         if isinstance(x, F.Labels) and x.num_classes == c and x.ignore_index == ii:
             t, shape = x, x.shape
+        elif isinstance(x, Tensor):  # range-checked by the loss's kernels: no read-back
+            if x.dtype != int32:
+                raise GraphError(v, f"expected int32 class labels, got dtype {x.dtype}")
+            if x.device is not self.device:
+                raise GraphError(v, f"labels are on {x.device.name}, the graph on "
+                                    f"{self.device.name}")
+            t, shape = x, x.shape
         else:
             t, arr = None, x.numpy() if isinstance(x, Tensor) else np.asarray(x)
             if arr.dtype.kind not in "iu":
@@ -464,6 +471,9 @@ class GraphRunner:
             t = env[v]
             if t.ndim > v.batch_dim:
                 n = t.shape[v.batch_dim]
+                if n == 0:  # every loss refuses empty inputs (ops/loss.py), so the step does too
+                    raise GraphError(v, f"a batch of 0 (shape {t.shape}); a step needs at least "
+                                        "one sample")
                 n0, v0 = first.setdefault(v.batch_dim, (n, v))
                 if n != n0:
                     raise GraphError(v, f"batch of {n}, but {v0.name} has a batch of {n0}")

@@ -395,12 +395,6 @@ def _im2col(kind: str, dev: Device, geo: ConvGeometry, prec: str, source: str) -
     forced = FORCE.get(kind)
     if source != SOURCE or forced not in (None, "im2col"):
         return False
-    if kind == "fwd" and forced is None:
-        # not the default for the forward: inside a training graph it made the from_torch
-        # ResNet-18 test (tests/test_graph_from_torch.py) leave torch's weights after the first
-        # update on cpu, while the op alone matches float64 torch; until that is understood the
-        # forward keeps the tiled kernels (forced "im2col" still reaches it, for its tests)
-        return False
     return im2col.eligible(dev, geo, prec, any_device=forced == "im2col")
 
 
