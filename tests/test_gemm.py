@@ -313,8 +313,10 @@ def test_half_accumulation_is_half(dev) -> None:
     out = pm.empty((m, n), np.float16, dev)
     for tile in (t for t in ops.TILES if ops.TILES[t].supports("hacc_half")
                  and fits(dev, t, "hacc_half")):
-        # SIMD-FMA tiles round per k; simdgroup-matrix tiles once per 8-deep product
-        step = 8 if ops.TILES[tile].matrix else 1
+        # SIMD-FMA tiles round per k; simdgroup-matrix tiles once per 8-deep product, the tile
+        # products of gemm_mma2 once per 16-deep one on cuda (m16n8k16)
+        t = ops.TILES[tile]
+        step = (16 if t.mma_gen == 2 and dev.name == "cuda" else 8) if t.matrix else 1
         err_seq = np.abs(ref.half_accumulate_matmul(a, b, step) - exact).max()
         for splits in (1, 3):
             F.gemm(ta, tb, out, accumulate="float", tile="64x64", k_splits=splits)
