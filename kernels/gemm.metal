@@ -564,6 +564,64 @@ kernel void gemm_mma(device const T* A [[buffer(0)]], device const T* B [[buffer
     }
 }
 
+// ---- gemm_mma2's copy-in: gemm_fetch / gemm_stash_mma with the per-thread offsets computed once.
+// Vector i of a thread is vector tid + 256 i of the slice; when 256 is a multiple of the vectors
+// per row (BR / 4 along r, BK / 4 along k: every tile here), it sits a fixed stride past vector
+// tid: (1024 / BR) rows of k apart (r-contiguous) or (1024 / BK) rows of r (K-contiguous). So a
+// slice costs one address per vector and a single uniform branch (`fast`), not a bounds test
+// per vector. GemmOff holds, per operand: the thread's offset in the matrix relative to the
+// slice origin, that stride, its tile offset and the tile stride of its vectors.
+struct GemmOff {
+    uint src, src_step, dst, dst_step;
+};
+
+template <int BR, int BK, int P, bool KMAJOR>
+inline GemmOff gemm_offsets(uint ld, bool rc, uint tid) {
+    uint2 kr = gemm_slot<BR, BK>(tid, rc);
+    GemmOff o;
+    o.src = rc ? kr.x * ld + kr.y : kr.y * ld + kr.x;
+    o.src_step = uint(rc ? 1024 / BR : 1024 / BK) * ld;
+    o.dst = KMAJOR ? kr.x * uint(P) + kr.y : kr.y * uint(P) + kr.x;
+    o.dst_step = KMAJOR ? (rc ? uint(1024 / BR * P) : uint(1024 / BK))
+                        : (rc ? uint(1024 / BR) : uint(1024 / BK * P));
+    return o;
+}
+
+// Global -> registers for the slice at (r0, k0); `fast` as in gemm_fetch.
+template <typename T, int BR, int BK, int NL>
+inline void gemm_fetch_mma(thread vec<T, 4>* regs, device const T* X, uint ld, bool rc, bool fast,
+                           uint r0, uint k0, uint R, uint K, uint tid, GemmOff o) {
+    constexpr bool ALL = (BR * BK / 4) % int(GEMM_THREADS) == 0;
+    if (fast && ALL) {
+        device const T* src = X + (rc ? k0 * ld + r0 : r0 * ld + k0) + o.src;
+#pragma unroll
+        for (int i = 0; i < NL; ++i) regs[i] = *((device const vec<T, 4>*)(src + uint(i) * o.src_step));
+    } else {
+        gemm_fetch<T, BR, BK, NL>(regs, X, ld, rc, fast, r0, k0, R, K, tid);
+    }
+}
+
+// Registers -> threadgroup tile (layouts of gemm_stash_mma).
+template <typename T, int BR, int BK, int NL, int P, bool KMAJOR>
+inline void gemm_stash_mma2(threadgroup T* tile, thread const vec<T, 4>* regs, bool rc, uint tid,
+                            GemmOff o) {
+    constexpr bool ALL = (BR * BK / 4) % int(GEMM_THREADS) == 0;
+    if (!ALL) {
+        gemm_stash_mma<T, BR, BK, NL, P, KMAJOR>(tile, regs, rc, tid);
+    } else if (rc == KMAJOR) {  // the vectors run along the tile's rows: one 8-byte store each
+#pragma unroll
+        for (int i = 0; i < NL; ++i) {
+            *((threadgroup vec<T, 4>*)(tile + o.dst + uint(i) * o.dst_step)) = regs[i];
+        }
+    } else {
+#pragma unroll
+        for (int i = 0; i < NL; ++i) {
+            threadgroup T* t = tile + o.dst + uint(i) * o.dst_step;
+            for (int j = 0; j < 4; ++j) t[j * P] = regs[i][j];
+        }
+    }
+}
+
 // ---- gemm_mma2: gemm_mma with 16-deep tile products (kernels/simdgroup_tile.h). Each k16 step
 // of a simdgroup loads its A rows (FM x 2 blocks) and B columns (2 x FN blocks) as tiles and runs
 // one simdgroup_multiply_accumulate_tile: on cuda ldmatrix (4 blocks each) and full-rate
@@ -621,16 +679,18 @@ kernel void gemm_mma2(device const T* A [[buffer(0)]], device const T* B [[buffe
     vec<T, 4> ra[NLA];
     vec<T, 4> rb[NLB];
     bool fa = va && m0 + uint(BM) <= p.M, fb = vb && n0 + uint(BN) <= p.N;
+    GemmOff oa = gemm_offsets<BM, BK, PA, false>(p.lda, rca, tid);
+    GemmOff ob = gemm_offsets<BN, BK, PB, true>(p.ldb, rcb, tid);
 
     if (t0 < t1) {
         uint k0 = kt * uint(BK);
         bool fk = k0 + uint(BK) <= p.K;
-        gemm_fetch<T, BM, BK, NLA>(ra, A + (ulong)b * p.stride_a, p.lda, rca, fa && fk, m0, k0,
-                                   p.M, p.K, tid);
-        gemm_fetch<T, BN, BK, NLB>(rb, B + (ulong)b * p.stride_b, p.ldb, rcb, fb && fk, n0, k0,
-                                   p.N, p.K, tid);
-        gemm_stash_mma<T, BM, BK, NLA, PA, false>(As, ra, rca, tid);
-        gemm_stash_mma<T, BN, BK, NLB, PB, true>(Bs, rb, rcb, tid);
+        gemm_fetch_mma<T, BM, BK, NLA>(ra, A + (ulong)b * p.stride_a, p.lda, rca, fa && fk, m0,
+                                       k0, p.M, p.K, tid, oa);
+        gemm_fetch_mma<T, BN, BK, NLB>(rb, B + (ulong)b * p.stride_b, p.ldb, rcb, fb && fk, n0,
+                                       k0, p.N, p.K, tid, ob);
+        gemm_stash_mma2<T, BM, BK, NLA, PA, false>(As, ra, rca, tid, oa);
+        gemm_stash_mma2<T, BN, BK, NLB, PB, true>(Bs, rb, rcb, tid, ob);
     }
     threadgroup_barrier(mem_flags::mem_threadgroup);
 
@@ -644,10 +704,10 @@ kernel void gemm_mma2(device const T* A [[buffer(0)]], device const T* B [[buffe
             }
             uint k0 = kt * uint(BK);
             bool fk = k0 + uint(BK) <= p.K;
-            gemm_fetch<T, BM, BK, NLA>(ra, A + (ulong)b * p.stride_a, p.lda, rca, fa && fk, m0,
-                                       k0, p.M, p.K, tid);
-            gemm_fetch<T, BN, BK, NLB>(rb, B + (ulong)b * p.stride_b, p.ldb, rcb, fb && fk, n0,
-                                       k0, p.N, p.K, tid);
+            gemm_fetch_mma<T, BM, BK, NLA>(ra, A + (ulong)b * p.stride_a, p.lda, rca, fa && fk,
+                                           m0, k0, p.M, p.K, tid, oa);
+            gemm_fetch_mma<T, BN, BK, NLB>(rb, B + (ulong)b * p.stride_b, p.ldb, rcb, fb && fk,
+                                           n0, k0, p.N, p.K, tid, ob);
         }
         threadgroup const T* sa = As + cur * uint(BM * PA) + wm0 * uint(PA);
         threadgroup const T* sb = Bs + cur * uint(BK * PB) + wn0;
@@ -660,8 +720,10 @@ kernel void gemm_mma2(device const T* A [[buffer(0)]], device const T* B [[buffe
             simdgroup_multiply_accumulate_tile<FM, FN>(acc, ma, mb);
         }
         if (more) {
-            gemm_stash_mma<T, BM, BK, NLA, PA, false>(As + (cur ^ 1u) * uint(BM * PA), ra, rca, tid);
-            gemm_stash_mma<T, BN, BK, NLB, PB, true>(Bs + (cur ^ 1u) * uint(BK * PB), rb, rcb, tid);
+            gemm_stash_mma2<T, BM, BK, NLA, PA, false>(As + (cur ^ 1u) * uint(BM * PA), ra, rca,
+                                                       tid, oa);
+            gemm_stash_mma2<T, BN, BK, NLB, PB, true>(Bs + (cur ^ 1u) * uint(BK * PB), rb, rcb,
+                                                      tid, ob);
         }
         threadgroup_barrier(mem_flags::mem_threadgroup);
         cur ^= 1u;

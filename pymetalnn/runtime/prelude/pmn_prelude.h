@@ -1670,15 +1670,22 @@ PMN_FN void simdgroup_load_tile(simdgroup_matrix<T, 8, 8>* d, const typename det
 #ifdef PMN_CUDA
   if constexpr (sizeof(T) == 2 && (R * C) % 4 == 0) {
     const unsigned long long at = reinterpret_cast<unsigned long long>(src);
-    const bool ok = __isShared(src) && ((at | (elements_per_row * 2u)) & 15u) == 0;
+    unsigned shared, s;
+    asm("{ .reg .pred p; isspacep.shared p, %1; selp.u32 %0, 1, 0, p; }" : "=r"(shared) : "l"(at));
+    asm("cvt.u32.u64 %0, %1;" : "=r"(s) : "l"(at));  // low bits: alignment only
+    const bool ok = shared != 0u && ((s | unsigned(elements_per_row * 2u)) & 15u) == 0;
     if (__all_sync(0xffffffffu, ok)) {
       // lanes 8q..8q+7 give the row addresses of block m + q (row l % 8); register q receives it.
       // The lane's part of the offset is the same for every m (m is a multiple of 4 and so is C,
       // or C < 4 divides 4): one constant per instruction on top of it.
       static_assert(C % 4 == 0 || 4 % C == 0, "simdgroup_load_tile: C must divide 4 or be a multiple of 4");
-      const unsigned l = detail::lane_id(), q = l >> 3, rr = l & 7u, ld = unsigned(elements_per_row);
+      // threadIdx.x & 31 (1-D threadgroups, as the translator's thread_index_in_simdgroup): a plain
+      // register read that the compiler hoists, unlike %laneid
+      const unsigned l = threadIdx.x & 31u, q = l >> 3, rr = l & 7u, ld = unsigned(elements_per_row);
       const unsigned lane_off = C % 4 == 0 ? rr * ld + q * 8u : ((q / unsigned(C)) * 8u + rr) * ld + (q % unsigned(C)) * 8u;
-      const unsigned s = (unsigned)__cvta_generic_to_shared(src) + lane_off * 2u;
+      unsigned long long sa;
+      asm("cvta.to.shared.u64 %0, %1;" : "=l"(sa) : "l"(at));
+      s = unsigned(sa) + lane_off * 2u;
 #pragma unroll
       for (int m = 0; m < R * C; m += 4) {
         const unsigned addr = s + ((unsigned(m / C) * 8u) * ld + unsigned(m % C) * 8u) * 2u;
