@@ -1622,6 +1622,125 @@ PMN_FN void simdgroup_multiply(simdgroup_matrix<TD, 8, 8>& d, const simdgroup_ma
   simdgroup_multiply_accumulate(d, a, b, make_filled_simdgroup_matrix<TD, 8, 8>(TD(0)));
 }
 
+// --------------------------------------------------------------------------------------------
+// Tiles of simdgroup matrices: a pymetalnn extension whose Metal definition is plain MSL 2.3
+// (kernels/simdgroup_tile.h; the contract is in docs/dialect.md). Matrix arrays are row-major
+// grids of 8x8 blocks.
+//  * simdgroup_load_tile<R, C>(d, src, elements_per_row): d[r * C + c] = the block at rows 8r,
+//    columns 8c of src (threadgroup memory): R * C simdgroup_loads.
+//  * simdgroup_multiply_accumulate_tile<FM, FN>(c, a, b): a 16-deep product, A an FM x 2 grid,
+//    B 2 x FN, C FM x FN: c[i][j] = a[i][0] * b[0][j] + c[i][j], then a[i][1] * b[1][j] + that.
+// Why: each 8x8 operation alone maps to half a tensor-core instruction (m16n8k8 with rows 8..15
+// zeroed) and a transpose of B per product. With the whole tile in view, cuda issues one
+// mma.sync.m16n8k16 per two row blocks x one column block (the a0..a3 fragment of m16n8k16 is
+// exactly the four half pairs of a[2p][0], a[2p+1][0], a[2p][1], a[2p+1][1] in our layout; C's
+// c0c1 / c2c3 are c[2p][j] and c[2p+1][j]), transposes each B block once, and loads four
+// blocks per ldmatrix where the rows are 16-byte aligned shared memory (one warp-uniform check
+// per tile instead of one alignment branch per block). Float accumulators: the tensor core's
+// order of the 16 sums. Half accumulators: one rounding to half per 16-deep product instead of
+// two (at least as accurate). Other operand types and the cpu run the 8x8 operations.
+// In pmn::ext (the translator qualifies the calls): a source compiled as Metal sees (fake metal
+// backend: the cpu translator without __PYMETALNN__) defines the same names itself.
+// --------------------------------------------------------------------------------------------
+namespace ext {
+template <int R, int C, class T>
+PMN_FN void simdgroup_load_tile(simdgroup_matrix<T, 8, 8>* d, const typename detail::ident<T>::type* src,
+                                pmn_ulong elements_per_row) {
+#ifdef PMN_CUDA
+  if constexpr (sizeof(T) == 2 && (R * C) % 4 == 0) {
+    const unsigned long long at = reinterpret_cast<unsigned long long>(src);
+    unsigned shared, s;
+    asm("{ .reg .pred p; isspacep.shared p, %1; selp.u32 %0, 1, 0, p; }" : "=r"(shared) : "l"(at));
+    asm("cvt.u32.u64 %0, %1;" : "=r"(s) : "l"(at));  // low bits: alignment only
+    const bool ok = shared != 0u && ((s | unsigned(elements_per_row * 2u)) & 15u) == 0;
+    if (__all_sync(0xffffffffu, ok)) {
+      // lanes 8q..8q+7 give the row addresses of block m + q (row l % 8); register q receives it.
+      // The lane's part of the offset is the same for every m (m is a multiple of 4 and so is C,
+      // or C < 4 divides 4): one constant per instruction on top of it.
+      static_assert(C % 4 == 0 || 4 % C == 0, "simdgroup_load_tile: C must divide 4 or be a multiple of 4");
+      // threadIdx.x & 31 (1-D threadgroups, as the translator's thread_index_in_simdgroup): a plain
+      // register read that the compiler hoists, unlike %laneid
+      const unsigned l = threadIdx.x & 31u, q = l >> 3, rr = l & 7u, ld = unsigned(elements_per_row);
+      const unsigned lane_off = C % 4 == 0 ? rr * ld + q * 8u : ((q / unsigned(C)) * 8u + rr) * ld + (q % unsigned(C)) * 8u;
+      unsigned long long sa;
+      asm("cvta.to.shared.u64 %0, %1;" : "=l"(sa) : "l"(at));
+      s = unsigned(sa) + lane_off * 2u;
+#pragma unroll
+      for (int m = 0; m < R * C; m += 4) {
+        const unsigned addr = s + ((unsigned(m / C) * 8u) * ld + unsigned(m % C) * 8u) * 2u;
+        unsigned r0, r1, r2, r3;
+        asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];"
+                     : "=r"(r0), "=r"(r1), "=r"(r2), "=r"(r3)
+                     : "r"(addr));
+        memcpy(d[m].e, &r0, 4);
+        memcpy(d[m + 1].e, &r1, 4);
+        memcpy(d[m + 2].e, &r2, 4);
+        memcpy(d[m + 3].e, &r3, 4);
+      }
+      return;
+    }
+  }
+#endif
+  for (int r = 0; r < R; ++r)
+    for (int c = 0; c < C; ++c)
+      simdgroup_load(d[r * C + c], src + pmn_ulong(8 * r) * elements_per_row + pmn_ulong(8 * c), elements_per_row);
+}
+
+template <int FM, int FN, class TC, class T>
+PMN_FN void simdgroup_multiply_accumulate_tile(simdgroup_matrix<TC, 8, 8>* c, const simdgroup_matrix<T, 8, 8>* a,
+                                               const simdgroup_matrix<T, 8, 8>* b) {
+#ifdef PMN_CUDA
+  using detail::same_;
+  if constexpr (same_<T, half>::value && (same_<TC, float>::value || same_<TC, half>::value)) {
+    unsigned bt[2 * FN];  // B in the m16n8k16 B-fragment layout: b0 = k 0..7, b1 = k 8..15
+#pragma unroll
+    for (int j = 0; j < 2 * FN; ++j) bt[j] = detail::transpose_h2(detail::pair_bits(b[j].e));
+#pragma unroll
+    for (int i = 0; i < FM; i += 2) {
+      const bool two = i + 1 < FM;  // an odd last row block runs with rows 8..15 zero
+      const unsigned a0 = detail::pair_bits(a[2 * i].e), a2 = detail::pair_bits(a[2 * i + 1].e);
+      const unsigned a1 = two ? detail::pair_bits(a[2 * i + 2].e) : 0u;
+      const unsigned a3 = two ? detail::pair_bits(a[2 * i + 3].e) : 0u;
+#pragma unroll
+      for (int j = 0; j < FN; ++j) {
+        simdgroup_matrix<TC, 8, 8>& lo = c[i * FN + j];
+        simdgroup_matrix<TC, 8, 8>& hi = c[(two ? i + 1 : i) * FN + j];
+        if constexpr (same_<TC, float>::value) {
+          float d0, d1, d2, d3;
+          asm("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
+              "{%8,%9}, {%10,%11,%12,%13};"
+              : "=f"(d0), "=f"(d1), "=f"(d2), "=f"(d3)
+              : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(bt[j]), "r"(bt[FN + j]), "f"(lo.e[0]), "f"(lo.e[1]),
+                "f"(two ? hi.e[0] : 0.f), "f"(two ? hi.e[1] : 0.f));
+          lo.e[0] = d0;
+          lo.e[1] = d1;
+          if (two) {
+            hi.e[0] = d2;
+            hi.e[1] = d3;
+          }
+        } else {
+          unsigned d0, d1;
+          asm("mma.sync.aligned.m16n8k16.row.col.f16.f16.f16.f16 {%0,%1}, {%2,%3,%4,%5}, {%6,%7}, "
+              "{%8,%9};"
+              : "=r"(d0), "=r"(d1)
+              : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(bt[j]), "r"(bt[FN + j]), "r"(detail::pair_bits(lo.e)),
+                "r"(two ? detail::pair_bits(hi.e) : 0u));
+          memcpy(lo.e, &d0, 4);
+          if (two) memcpy(hi.e, &d1, 4);
+        }
+      }
+    }
+    return;
+  }
+#endif
+  for (int i = 0; i < FM; ++i)
+    for (int j = 0; j < FN; ++j) {
+      simdgroup_multiply_accumulate(c[i * FN + j], a[2 * i], b[j], c[i * FN + j]);
+      simdgroup_multiply_accumulate(c[i * FN + j], a[2 * i + 1], b[FN + j], c[i * FN + j]);
+    }
+}
+}  // namespace ext
+
 // ============================================================================================
 // Atomics. 4-byte objects; functions take `volatile A*` so plain and volatile pointers both
 // bind. Metal only guarantees memory_order_relaxed; stronger orders add fences (cuda) or map to
