@@ -213,3 +213,22 @@ def test_cpu_runs_them_without_fibers(load) -> None:
     for name in ("ls_barrier_loop", "ls_simd_divergent", "ls_helper", "ls_early_return",
                  "ls_mixed_decl"):
         assert not lib.kernel(name).uses_fibers
+
+
+def test_package_kernels_transform_without_fibers() -> None:
+    """Every kernel of the package's own sources (kernels/*.metal) that synchronizes translates
+    to work-item loops on cpu (a translation check: fast, no compiler): a parser regression
+    otherwise sends whole libraries back to a fiber per thread without failing a test (once:
+    generated code held in one token, read as a declaration, put softmax, norm and loss there)."""
+    import glob
+    import os
+
+    from pymetalnn.runtime.core import KERNEL_DIR
+    from pymetalnn.runtime.msl import translate_file
+
+    fibers = {}
+    for path in sorted(glob.glob(os.path.join(KERNEL_DIR, "*.metal"))):
+        tr = translate_file(path, "cpu", {}, [KERNEL_DIR], lockstep=True)
+        fibers.update({f"{os.path.basename(path)}: {k}": v.fiber_reason
+                       for k, v in tr.kernels.items() if v.needs_fibers})
+    assert not fibers, fibers
