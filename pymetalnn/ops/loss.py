@@ -461,7 +461,7 @@ def _class_forward(stem: str, input: Any, target: Any, sample_weight: Any, reduc
     cw = _class_weight(weight, dev, x.shape[1])
     # softmax cross-entropy on (N, C) logits with labels: the row kernels where they apply
     rq = row_plan(n, x.shape[1], m, x.dtype, x) if stem == "cross_entropy" and labels else None
-    q = rq or tile_plan(n, x.shape[1], m, cache_arrays=cache)
+    q = rq or tile_plan(n, x.shape[1], m, cache_arrays=cache, dev=x.device)
     p = LossParams(N=n, M=m, has_weight=int(w is not None),
                    ignore_index=int(ignore_index) if labels else 0, smoothing=smoothing, a=a,
                    has_class_weight=int(cw is not None))
@@ -517,7 +517,7 @@ def _class_backward(stem: str, grad: Any, input: Any, target: Any, sample_weight
     dx = empty(x.shape, x.dtype, dev)
     rq = row_plan(n, x.shape[1], m, x.dtype, x, dx) if stem == "cross_entropy" and labels \
         else None
-    q = rq or tile_plan(n, x.shape[1], m, cache_arrays=cache)
+    q = rq or tile_plan(n, x.shape[1], m, cache_arrays=cache, dev=x.device)
     p = LossParams(N=n, M=m, gmode=gmode, has_weight=int(w is not None),
                    ignore_index=int(ignore_index) if labels else 0, smoothing=smoothing, a=a,
                    has_class_weight=int(cw is not None), target_grad=int(tgrad))

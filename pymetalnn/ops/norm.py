@@ -546,7 +546,7 @@ def _group_norm_backward(dev: Device, g: Tensor, x: Tensor, groups: int, w: Tens
     else:
         mean, invstd = _stats(dev, p, x)
     n, c, hw = _geometry(x)
-    q = tile_plan(n * c, hw, 1, cache_arrays=0)
+    q = tile_plan(n * c, hw, 1, cache_arrays=0, dev=x.device)
     sums = empty((n * c, 2), float32, dev)
     kernel(dev, SOURCE, f"group_norm_sums_bwd_{suffix(x.dtype)}")(
         tile_groups(q) * TG, g.buffer, x.buffer, mean.buffer, sums.buffer, p, q)
