@@ -19,8 +19,10 @@ Versions (see kernels/dev/membound.metal's note):
   mul_bias   prod (arith.metal arith_chan: stream.h chunks, one plane lookup per chunk)
              v1 (arith_ew, the earlier production: divisions per 4 outputs, 8-byte half loads)
              v2 chan_affine (kernels/dev: the same layout, multiply-add and activation fused)
-  bias_relu  prod (F.add then F.relu, two passes)  v1 (with arith_ew)  v2 chan_affine with the
-             activation (one pass)
+  bias_relu  prod F.add(x, b, activation="relu"): arith_chan with the activation fused, one pass
+             (what the graph's bias + neuron fusion calls)  v0 F.relu(F.add(x, b)): two passes
+             (the row measured as prod before)  v1 (v0 with arith_ew)  v2 chan_affine with the
+             activation (kernels/dev, one pass)
   add_relu   prod F.add(a, b, activation="relu") (one pass; the graph's fused residual add + relu)
              v1 F.relu(F.add(a, b)) (two passes)
   sum_bias   prod (reduce_inner + finish)  v2/v3 chan_sum (16-byte loads, 1/2 chunks in flight)
@@ -40,7 +42,12 @@ Versions (see kernels/dev/membound.metal's note):
              thread sharing row sums (kernels/dev)
   cross_entropy_fwd_bwd (4096 x 1000, labels)  prod: loss.metal's row kernels (one simdgroup
              per row)  v1: the tile kernels (earlier production)
-  add, relu, copy, cast, dropout (fwd+bwd, labels checked
+  concat_c   prod concat_stream (copy.metal: stream.h chunks, STREAM_U per thread, one pass)
+             v1 concat8 (the earlier production: grid-stride, one 16-byte access in flight)
+  cast       prod (float16 input: cast_flat_h2f, lanes on consecutive 4-element quads: dense
+             float stores)  v1 copy_flat (8 elements per lane, two float4 stores 32 bytes apart;
+             the earlier production; a float32 input: the same kernel as prod)
+  add, relu, copy, dropout (fwd+bwd, labels checked
   on the device), max_pool2d/avg_pool2d fwd+bwd, group_norm fwd/bwd: prod (diagnostic: device
   time vs eager time vs torch)
 
@@ -143,6 +150,33 @@ def general_arith(fn: Callable[[], Any]) -> Any:
         return fn()
     finally:
         ar.KERNELS = "auto"
+
+
+def general_copy(fn: Callable[[], Any]) -> Any:
+    """fn() with copy.py's stream concat / split off (concat8 / split8, the earlier production)."""
+    from pymetalnn.ops import copy as cp
+
+    cp.KERNELS = "general"
+    try:
+        return fn()
+    finally:
+        cp.KERNELS = "auto"
+
+
+def cast_v1(dev: pm.Device, ctx: dict, to: Any) -> pm.Tensor:
+    """half -> float through copy_flat (8-element chunks per lane, the earlier production); a
+    float input is cast by the production op (the same kernel as prod)."""
+    if ctx["dtype"] != np.float16:
+        return F.cast(ctx["x"], to)
+    from pymetalnn.params import CopyParams
+
+    n = int(np.prod(ctx["shape"]))
+    out = ctx.setdefault("cast_out", pm.empty(ctx["shape"], np.float32, dev))
+    nvec = n // 8
+    p = CopyParams(n=n, rows=1, cols=n, vec=nvec, src_pitch=n, dst_pitch=n, src_off=0, dst_off=0)
+    dev.library("copy.metal").kernel("cast_fwd_tofloat_half_flat_v1")(
+        oc.stream_count(n, 8, nvec), ctx["x"].buffer, out.buffer, p)
+    return out
 
 
 def bn_params(shape: tuple, **kw: Any) -> NormParams:
@@ -452,7 +486,8 @@ def families(dev: pm.Device, torch: Any) -> list[Family]:
 
     fams.append(Family(
         "cast", _img, lambda c: c["x_np"].astype(cast_other(c)),
-        {"prod": lambda d, c: F.cast(c["x"], cast_other(c))},
+        {"prod": lambda d, c: F.cast(c["x"], cast_other(c)),
+         "v1": lambda d, c: cast_v1(d, c, cast_other(c))},
         (lambda c, t: _t_cast(T, c, t))
         if T and dev.name == "cuda" else None,
         lambda c: n_of(c) * (isz(c) + np.dtype(cast_other(c)).itemsize), img_small, img_large))
@@ -467,7 +502,8 @@ def families(dev: pm.Device, torch: Any) -> list[Family]:
 
     fams.append(Family(
         "concat_c", concat_ctx, lambda c: c["x_np"],
-        {"prod": lambda d, c: F.concat([c["a"], c["b2"]], 1)},
+        {"prod": lambda d, c: F.concat([c["a"], c["b2"]], 1),
+         "v1": lambda d, c: general_copy(lambda: F.concat([c["a"], c["b2"]], 1))},
         (lambda c, t: (lambda: T.cat([t["a"], t["b2"]], 1, out=t["out"]))) if T else None,
         lambda c: 2 * n_of(c) * isz(c), (3, 16, 12, 12), img_large))
     fams.append(Family(
@@ -490,7 +526,8 @@ def families(dev: pm.Device, torch: Any) -> list[Family]:
     fams.append(Family(
         "bias_relu", _img,
         lambda c: np.maximum(_f32(c["x_np"]) + _f32(c["b_np"]), 0).astype(c["dtype"]),
-        {"prod": lambda d, c: F.relu(F.add(c["x"], c["b"])),
+        {"prod": lambda d, c: F.add(c["x"], c["b"], activation="relu"),
+         "v0": lambda d, c: F.relu(F.add(c["x"], c["b"])),
          "v1": lambda d, c: general_arith(lambda: F.relu(F.add(c["x"], c["b"]))),
          "v2": lambda d, c: chan_affine(d, c, relu_code, False, True)},
         (lambda c, t: (lambda: T.relu_(T.add(t["x"], t["b"], out=t["out"])))) if T else None,
