@@ -42,6 +42,9 @@ Versions (see kernels/dev/membound.metal's note):
              thread sharing row sums (kernels/dev)
   cross_entropy_fwd_bwd (4096 x 1000, labels)  prod: loss.metal's row kernels (one simdgroup
              per row)  v1: the tile kernels (earlier production)
+  mse_loss_bwd  prod loss_pw_bwd_plain (no weights, scalar gradient: g read once, x and t
+             chunks loaded together, no per-element branch)  v1 loss_pw_bwd_vec (the earlier
+             production)
   concat_c   prod concat_stream (copy.metal: stream.h chunks, STREAM_U per thread, one pass)
              v1 concat8 (the earlier production: grid-stride, one 16-byte access in flight)
   cast       prod (float16 input: cast_flat_h2f, lanes on consecutive 4-element quads: dense
@@ -161,6 +164,17 @@ def general_copy(fn: Callable[[], Any]) -> Any:
         return fn()
     finally:
         cp.KERNELS = "auto"
+
+
+def general_loss(fn: Callable[[], Any]) -> Any:
+    """fn() with loss.py's plain pointwise backward off (loss_pw_bwd_vec, the earlier production)."""
+    from pymetalnn.ops import loss as lo
+
+    lo.KERNELS = "general"
+    try:
+        return fn()
+    finally:
+        lo.KERNELS = "auto"
 
 
 def cast_v1(dev: pm.Device, ctx: dict, to: Any) -> pm.Tensor:
@@ -473,7 +487,10 @@ def families(dev: pm.Device, torch: Any) -> list[Family]:
         "mse_loss_bwd", _img, lambda c: 2 * (_f32(c["x_np"]) - _f32(c["y_np"])) / c["x_np"].size,
         {"prod": lambda d, c: F.mse_loss_backward(
             c.setdefault("one", pm.tensor(np.ones(1, np.float32), d)), c["x"], c["y"],
-            target_grad=False)[0]},
+            target_grad=False)[0],
+         "v1": lambda d, c: general_loss(lambda: F.mse_loss_backward(
+             c.setdefault("one", pm.tensor(np.ones(1, np.float32), d)), c["x"], c["y"],
+             target_grad=False)[0])},
         (lambda c, t: _t_mse_bwd(T, t)) if T and dev.name == "cuda" else None,
         lambda c: 3 * n_of(c) * isz(c), img_small, img_large))
     fams.append(Family(
