@@ -25,7 +25,13 @@ Versions (see kernels/dev/membound.metal's note):
              activation (kernels/dev, one pass)
   add_relu   prod F.add(a, b, activation="relu") (one pass; the graph's fused residual add + relu)
              v1 F.relu(F.add(a, b)) (two passes)
-  sum_bias   prod (reduce_inner + finish)  v2/v3 chan_sum (16-byte loads, 1/2 chunks in flight)
+  sum_bias   prod sum_rows_part + sum_rows_finish (arith.metal: v3's kernel, float partials;
+             4 chunks per thread, so 8192 elements per threadgroup in float16 where v3 had 4096)
+             v1 reduce_inner + finish (the earlier production)  v2/v3 chan_sum (kernels/dev:
+             16-byte loads, 1/2 chunks in flight)
+  mean_all   prod sum_rows_* as one row (8 chunks per thread, 3136 float32 partials added by
+             one threadgroup, 8 loads in flight per thread)  v1 reduce_inner + finish (the earlier
+             production: up to 8192 partials added by one simdgroup)
   bn_train_fwd, bn_bwd, bn_bwd_relu (ResNet 56x56 planes; InceptionV3 35x35, 17x17)
              prod: norm_part_vec / norm_apply_vec where the layout allows, else norm_part with 8
              elements per step;  v1: the earlier production (scalar, one element per step,
@@ -550,18 +556,22 @@ def families(dev: pm.Device, torch: Any) -> list[Family]:
         (lambda c, t: (lambda: T.relu_(T.add(t["x"], t["b"], out=t["out"])))) if T else None,
         lambda c: 2 * n_of(c) * isz(c), img_small, img_large))
 
-    # per-channel reduction (a bias gradient)
+    # per-channel reduction (a bias gradient); the check shape's rows (3 x 40 x 40 elements) are
+    # long enough for the chunked sums (arith.py MIN_ROW_ELEMS)
+    sum_small = (3, 5, 40, 40)
     fams.append(Family(
         "sum_bias", _img, lambda c: c["x_np"].astype(np.float64).sum((0, 2, 3), keepdims=True),
         {"prod": lambda d, c: F.sum(c["x"], (0, 2, 3), keepdim=True),
+         "v1": lambda d, c: general_arith(lambda: F.sum(c["x"], (0, 2, 3), keepdim=True)),
          "v2": lambda d, c: chan_sum(d, c, "v2"), "v3": lambda d, c: chan_sum(d, c, "v3")},
         (lambda c, t: (lambda: t["x"].sum((0, 2, 3), keepdim=True))) if T else None,
-        lambda c: n_of(c) * isz(c), img_small, img_large))
+        lambda c: n_of(c) * isz(c), sum_small, img_large))
     fams.append(Family(
         "mean_all", _img, lambda c: np.array(c["x_np"].astype(np.float64).mean()),
-        {"prod": lambda d, c: F.mean(c["x"])},
+        {"prod": lambda d, c: F.mean(c["x"]),
+         "v1": lambda d, c: general_arith(lambda: F.mean(c["x"]))},
         (lambda c, t: (lambda: t["x"].mean())) if T else None,
-        lambda c: n_of(c) * isz(c), img_small, img_large))
+        lambda c: n_of(c) * isz(c), sum_small, img_large))
 
     # batch norm
     def t_bn(c: dict, t: dict, training: bool) -> Callable:
