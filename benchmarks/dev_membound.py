@@ -37,6 +37,9 @@ Versions (see kernels/dev/membound.metal's note):
              elements per step;  v1: the earlier production (scalar, one element per step,
              norm.KERNELS = "scalar_u1");  v1b: the scalar kernels of now (KERNELS = "scalar");
              v2/v3 (56x56): chan_stats (kernels/dev) + norm finalize + norm_apply_vec
+             bn_train_fwd 17x17: prod's statistics are norm_part_planes (one simdgroup per
+             plane over the aligned 16-byte chunks covering it, neighbours masked; HW = 289 is
+             not whole chunks), v1b's the scalar norm_part (the earlier production there)
   bn_eval    prod  v1 norm_apply (scalar)  v2 norm_apply_vec (production from this version)
   group_norm_fwd  prod  v1 (earlier production)
   softmax_fwd/bwd, log_softmax_fwd/bwd (4096 x 1000)  prod: softmax.metal's row kernels (one

@@ -249,6 +249,68 @@ kernel void norm_part_vec(device const T* x [[buffer(0)]],
     }
 }
 
+// Batch norm forward statistics for planes whose HW is not a whole number of 16-byte chunks
+// (InceptionV3's 17x17, ResNet's 7x7 in float32), where norm_part_vec does not apply and
+// norm_part loads 2 or 4 bytes per access: one simdgroup per plane (n, c), its lanes on the
+// aligned 16-byte chunks that cover the plane (PLANE_U per lane per step, loads issued together),
+// the elements of the neighbouring planes masked out; a chunk's own (count, mean, M2) from
+// registers joins the lane's partial with one Chan merge, a simdgroup butterfly (no threadgroup
+// round, no barrier) makes the plane's partial. Partial of plane (n, c) at c N + n, so the
+// finalize reads row c's N partials as row mode's chunks (host: p.chunks = p.parts = N). Host:
+// x 16-byte aligned, total a multiple of W (the last plane's chunks stay inside x).
+#define PLANE_U 4
+template <typename T>
+[[max_total_threads_per_threadgroup(256)]]
+kernel void norm_part_planes(device const T* x [[buffer(0)]],
+                             device const T* dy [[buffer(1)]],
+                             device const float* mean [[buffer(2)]],
+                             device const float* invstd [[buffer(3)]],
+                             device const float* weight [[buffer(4)]],
+                             device const float* bias [[buffer(5)]],
+                             device float4* part [[buffer(6)]],
+                             constant NormParams& p [[buffer(7)]],
+                             uint gid [[thread_position_in_grid]],
+                             uint tg_size [[threads_per_threadgroup]],
+                             uint n_groups [[threadgroups_per_grid]],
+                             uint lane [[thread_index_in_simdgroup]],
+                             uint sg [[simdgroup_index_in_threadgroup]]) {
+    threadgroup float4 scratch[TR_TG];  // unused: a 32-thread tile has no threadgroup round
+    const uint W = 16u / sizeof(T);
+    const uint nsg = tg_size * n_groups / 32u;
+    for (uint q = gid / 32u; q < p.N * p.C; q += nsg) {
+        const uint c = q / p.N, n = q - c * p.N;
+        const uint start = (n * p.C + c) * p.HW, end = start + p.HW;
+        const uint a0 = start / W, a1 = (end - 1u) / W + 1u;
+        float4 acc = float4(0.0f);
+        for (uint a = a0 + lane; a < a1; a += PLANE_U * 32u) {
+            float v[PLANE_U][16 / sizeof(T)];
+            for (uint u = 0; u < PLANE_U; ++u) {
+                stream_load<16 / sizeof(T)>(x, min(a + u * 32u, a1 - 1u), v[u]);
+            }
+            for (uint u = 0; u < PLANE_U; ++u) {
+                const uint i0 = (a + u * 32u) * W;
+                if (a + u * 32u < a1) {
+                    float s = 0.0f, cnt = 0.0f;
+                    for (uint e = 0; e < W; ++e) {
+                        const bool in = i0 + e >= start && i0 + e < end;
+                        s += in ? v[u][e] : 0.0f;
+                        cnt += in ? 1.0f : 0.0f;
+                    }
+                    const float m = s / cnt;
+                    float m2 = 0.0f;
+                    for (uint e = 0; e < W; ++e) {
+                        const float d = v[u][e] - m;
+                        m2 = (i0 + e >= start && i0 + e < end) ? fma(d, d, m2) : m2;
+                    }
+                    acc = chan_merge(acc, float4(cnt, m, m2, 0.0f));
+                }
+            }
+        }
+        acc = tile_welford(acc, 1u, 32u, lane, sg, scratch);
+        if (lane == 0) part[q] = acc;
+    }
+}
+
 // Column mode: 32 columns x 8 slices over the samples of a chunk; one partial per column.
 template <typename T, int BWD>
 [[max_total_threads_per_threadgroup(256)]]
@@ -781,6 +843,7 @@ LAYER_NORM_INSTANTIATE(half)
     INSTANTIATE("norm_stats_bwd_cols_act_" #T, norm_part_cols, T, 2)                           \
     INSTANTIATE("norm_apply_bwd_act_" #T, norm_apply, T, 2)                                    \
     INSTANTIATE("norm_stats_fwd_vec_" #T, norm_part_vec, T, 0)                                 \
+    INSTANTIATE("norm_stats_fwd_planes_" #T, norm_part_planes, T)                              \
     INSTANTIATE("norm_stats_bwd_vec_" #T, norm_part_vec, T, 1)                                 \
     INSTANTIATE("norm_stats_bwd_act_vec_" #T, norm_part_vec, T, 2)                             \
     INSTANTIATE("norm_apply_fwd_vec_" #T, norm_apply_vec, T, 0)                                \
