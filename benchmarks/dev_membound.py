@@ -37,6 +37,10 @@ Versions (see kernels/dev/membound.metal's note):
              elements per step;  v1: the earlier production (scalar, one element per step,
              norm.KERNELS = "scalar_u1");  v1b: the scalar kernels of now (KERNELS = "scalar");
              v2/v3 (56x56): chan_stats (kernels/dev) + norm finalize + norm_apply_vec
+             bn_train_fwd v1c: the earlier production (norm.KERNELS = "vec_welford":
+             norm_part_vec's statistics as a Welford block per chunk, a Welford threadgroup
+             reduction; scalar norm_part for 17x17); prod's norm_part_vec statistics are
+             shifted sums (d = x - K, K the chunk's first element) reduced as plain sums
              bn_train_fwd 17x17: prod's statistics are norm_part_planes (one simdgroup per
              plane over the aligned 16-byte chunks covering it, neighbours masked; HW = 289 is
              not whole chunks), v1b's the scalar norm_part (the earlier production there)
@@ -143,7 +147,8 @@ def torch_of(dev: pm.Device) -> Any:
 
 def scalar_norm(fn: Callable[[], Any], kind: str = "scalar_u1") -> Any:
     """fn() with norm.py's kernel choice set to `kind` ("scalar_u1": the production before the
-    16-byte-chunk kernels and the unrolled statistics; "scalar": the scalar kernels of now)."""
+    16-byte-chunk kernels and the unrolled statistics; "scalar": the scalar kernels of now;
+    "vec_welford": the production before the shifted-sum and per-plane statistics)."""
     from pymetalnn.ops import norm as nm
 
     nm.KERNELS = kind
@@ -597,6 +602,9 @@ def families(dev: pm.Device, torch: Any) -> list[Family]:
                                                                  c["bb"], True)),
              "v1b": lambda d, c: scalar_norm(lambda: F.batch_norm(c["x"], c["rm"], c["rv"],
                                                                   c["bw"], c["bb"], True), "scalar"),
+             "v1c": lambda d, c: scalar_norm(lambda: F.batch_norm(c["x"], c["rm"], c["rv"],
+                                                                  c["bw"], c["bb"], True),
+                                             "vec_welford"),
              **({"v2": lambda d, c: bn_train_fwd_dev(d, c, "v2"),
                  "v3": lambda d, c: bn_train_fwd_dev(d, c, "v3")} if not tag else {})},
             (lambda c, t: t_bn(c, t, True)) if T else None,

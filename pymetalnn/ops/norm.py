@@ -67,7 +67,9 @@ PLANES_MAX_CHUNKS = 126
 # kernels norm_part_vec / norm_apply_vec where the layout allows, norm_part_planes for the
 # forward statistics of short planes that are not whole chunks, else the scalar ones), "scalar"
 # (the scalar kernels everywhere), "scalar_u1" (the scalar kernels with the statistics loop of
-# one element per step, the earlier production).
+# one element per step, the earlier production), "vec_welford" (the production before the
+# shifted sums and norm_part_planes: norm_part_vec's forward statistics as a Welford block per
+# chunk, the scalar norm_part for planes that are not whole chunks).
 KERNELS = "auto"
 
 # ---- validation ------------------------------------------------------------------------------
@@ -255,9 +257,11 @@ def _partials(dev: Device, p: NormParams, x: Tensor, dy: Tensor | None, mean: Te
         w = 16 // x.dtype.itemsize
         # 16-byte chunks (norm_part_vec) when no chunk straddles two runs of a row and every
         # chunk is aligned
-        vec = KERNELS == "auto" and p.inner_len % w == 0 and p.dy_nstride % w == 0 and \
+        vec = KERNELS in ("auto", "vec_welford") and p.inner_len % w == 0 and p.dy_nstride % w == 0 and \
             x.buffer.offset % 16 == 0 and (dy is None or dy.buffer.offset % 16 == 0)
         form = "_vec" if vec else ("_u1" if KERNELS == "scalar_u1" else "")
+        if vec and not bwd and KERNELS == "vec_welford":
+            form = "_vec_welford"
         # batch norm forward, planes of a few chunks that are not whole chunks (17x17, 7x7):
         # one simdgroup per plane over the aligned chunks covering it (norm_part_planes); its
         # N partials per channel are the finalize's chunks
@@ -309,7 +313,7 @@ def _apply(dev: Device, p: NormParams, u: Tensor, v: Tensor | None, coef: Tensor
     kind = f"{'bwd' if v is not None else 'fwd'}{act}"
     w = 16 // u.dtype.itemsize
     strided = p.out_nstride or p.dy_nstride
-    if KERNELS == "auto" and (p.HW % w == 0 or p.HW >= w) and \
+    if KERNELS in ("auto", "vec_welford") and (p.HW % w == 0 or p.HW >= w) and \
             (not strided or ((p.C * p.HW) % w == 0 and p.out_nstride % w == 0
                              and p.dy_nstride % w == 0)) and \
             all(t.buffer.offset % 16 == 0 for t in (u, v, out) if t is not None):
