@@ -594,7 +594,9 @@ def families(dev: pm.Device, torch: Any) -> list[Family]:
 
     # ResNet stage 1 (HW a multiple of the chunk), InceptionV3 35x35 and 17x17 (odd planes)
     for tag, large in (("", img_large), (" 35x35", (32, 288, 35, 35)), (" 17x17", (32, 768, 17, 17))):
-        small = img_small if not tag else (3, 5, 7, 7)
+        # check shape: 7x7 planes (not whole 16-byte chunks), 8 x 5 planes: a multiple of the
+        # chunk in all, as norm_part_planes needs
+        small = img_small if not tag else (8, 5, 7, 7)
         fams.append(Family(
             "bn_train_fwd" + tag, _bn_ctx, _bn_ref,
             {"prod": lambda d, c: F.batch_norm(c["x"], c["rm"], c["rv"], c["bw"], c["bb"], True),
