@@ -398,6 +398,7 @@ class Device:
         self._recording: Recording | None = None
         self._profiler: Profile | None = None
         self._checks: list[tuple] = []  # check_status calls not yet checked (metal, cuda)
+        self._cb_error: BaseException | None = None  # raised by a signal() callback (metal, cuda)
         self._status: Buffer | None = None
         self._hook = threading.local()  # allocation_hook, per thread
         self._mem_live = 0  # bytes of live Buffers (views excluded), for the memory statistics
@@ -495,6 +496,18 @@ class Device:
                 self._clear_status(status)
                 err = err or AsyncError(message(words), kernel)
         return err
+
+    def _raise_deferred(self) -> None:
+        """At a synchronization, the queue drained (metal, cuda): the first failed kernel check
+        (status words), else what a signal() callback raised, as an AsyncError; each reported
+        once."""
+        if self._checks:
+            serr = self._status_failure()
+            if serr is not None:
+                raise serr
+        err, self._cb_error = self._cb_error, None
+        if err is not None:
+            raise AsyncError(f"a queued callback failed: {err.__class__.__name__}: {err}") from err
 
     def _peek_status(self, status: Buffer) -> np.ndarray:
         raise NotImplementedError
