@@ -34,13 +34,15 @@
 // The forward kernels end with an optional activation (p.act, neuron.h's nn_activation) applied
 // in float after the bias: conv2d(..., activation=) + neuron in one dispatch.
 // fp16 convs on matrix hardware (Apple7+ GPUs, NVIDIA tensor cores) run the same tiled kernels
-// with MMA = true: slices in half, products on 8x8 simdgroup matrices (see "Simdgroup-matrix
-// variant" below; pymetalnn/ops/conv.py's MMA_TILES).
+// with MMA = 1: slices in half, products on 8x8 simdgroup matrices (see "Simdgroup-matrix
+// variant" below; pymetalnn/ops/conv.py's MMA_TILES), or MMA = 2: the same as 16-deep tile
+// products (simdgroup_tile.h: full-rate tensor-core instructions on cuda).
 // 3x3 and 5x5 stride-1 float32 convs take another algorithm on cuda: Winograd minimal filtering
 // (conv_winograd.metal), with fewer multiply-adds than any tiling of the direct sum here.
 #include <metal_stdlib>
 #include "params.h"
 #include "neuron.h"
+#include "simdgroup_tile.h"
 #include "instantiate.h"
 using namespace metal;
 
@@ -262,6 +264,7 @@ inline void tile_fma(threadgroup const vec<A, 4>* As, threadgroup const vec<A, 4
 // MSL 2.3 has no `if constexpr`: the two variants' code is picked by tag overloads.
 // ============================================================================================
 template <bool B> struct conv_tag {};
+template <int G> struct conv_gen {};  // 0: SIMD FMAs, 1: 8x8 matrix products, 2: 16-deep tiles
 template <bool MMA, typename T, typename A> struct conv_tile_t { typedef A type; };
 template <typename T, typename A> struct conv_tile_t<true, T, A> { typedef T type; };
 
@@ -289,7 +292,7 @@ inline void conv_mma_zero(conv_tag<true>, thread simdgroup_matrix<A, 8, 8> (&mac
 
 // One BK-deep slice (buffer `buf`) into the accumulators.
 template <typename TT, typename A, int BM, int BN, int BK, int TM, int TN, int SA, int SB>
-inline void conv_slice(conv_tag<false>, threadgroup const TT* As, threadgroup const TT* Bs,
+inline void conv_slice(conv_gen<0>, threadgroup const TT* As, threadgroup const TT* Bs,
                        uint buf, thread A (&acc)[TM][TN],
                        thread simdgroup_matrix<A, 8, 8> (&)[BM / 32][BN / 16], uint tm, uint tn,
                        uint) {
@@ -298,7 +301,7 @@ inline void conv_slice(conv_tag<false>, threadgroup const TT* As, threadgroup co
                                             tm, tn);
 }
 template <typename TT, typename A, int BM, int BN, int BK, int TM, int TN, int SA, int SB>
-inline void conv_slice(conv_tag<true>, threadgroup const TT* As, threadgroup const TT* Bs,
+inline void conv_slice(conv_gen<1>, threadgroup const TT* As, threadgroup const TT* Bs,
                        uint buf, thread A (&)[TM][TN],
                        thread simdgroup_matrix<A, 8, 8> (&macc)[BM / 32][BN / 16], uint, uint,
                        uint sg) {
@@ -318,6 +321,26 @@ inline void conv_slice(conv_tag<true>, threadgroup const TT* As, threadgroup con
 #pragma unroll
             for (int j = 0; j < FN; ++j)
                 simdgroup_multiply_accumulate(macc[i][j], ma[i], mb[j], macc[i][j]);
+    }
+}
+// The same slice product as 16-deep tiles (kernels/simdgroup_tile.h): on cuda ldmatrix and full-rate
+// mma.sync.m16n8k16 (BK is a multiple of 16; slice rows 16-byte aligned: float4 smem, pitches
+// BK + 8 and BN + 8 multiples of 8).
+template <typename TT, typename A, int BM, int BN, int BK, int TM, int TN, int SA, int SB>
+inline void conv_slice(conv_gen<2>, threadgroup const TT* As, threadgroup const TT* Bs,
+                       uint buf, thread A (&)[TM][TN],
+                       thread simdgroup_matrix<A, 8, 8> (&macc)[BM / 32][BN / 16], uint, uint,
+                       uint sg) {
+    constexpr int FM = BM / 32, FN = BN / 16, PA = BK + 8, PB = BN + 8;
+    threadgroup const TT* sa = As + buf * uint(BM * PA) + (sg / 2u) * uint(BM / 4 * PA);
+    threadgroup const TT* sb = Bs + buf * uint(BK * PB) + (sg % 2u) * uint(BN / 2);
+#pragma unroll
+    for (int kk = 0; kk < BK; kk += 16) {
+        simdgroup_matrix<TT, 8, 8> ma[FM * 2];
+        simdgroup_matrix<TT, 8, 8> mb[2 * FN];
+        simdgroup_load_tile<FM, 2>(ma, sa + kk, PA);
+        simdgroup_load_tile<2, FN>(mb, sb + kk * PB, PB);
+        simdgroup_multiply_accumulate_tile<FM, FN>(&macc[0][0], ma, mb);
     }
 }
 
@@ -355,7 +378,7 @@ inline void conv_unstage(conv_tag<true>, threadgroup A* stage,
 // Slice (r, s, c0): As[kk][m] = x[n, g*Cg + c0 + kk, oh*SH - PH + r*DH, ow*SW - PW + s*DW],
 // Bs[kk][k] = w[g*Kg + k, c0 + kk, r, s]. Thread t loads row m = t % BM of As at depths
 // t / BM + j * (256 / BM), and column t % BN of Bs at depths t / BN + j * (256 / BN).
-template <typename T, typename A, int BM, int BN, int BK, int TM, int TN, bool PACKED, bool MMA>
+template <typename T, typename A, int BM, int BN, int BK, int TM, int TN, bool PACKED, int MMA>
 [[max_total_threads_per_threadgroup(256)]]
 kernel void conv2d_fwd_tiled(device const T* x [[buffer(0)]],
                              device const T* w [[buffer(1)]],
@@ -372,11 +395,13 @@ kernel void conv2d_fwd_tiled(device const T* x [[buffer(0)]],
     constexpr int LA = BM * BK / CONV_THREADS, LB = BN * BK / CONV_THREADS;
     constexpr int DA = CONV_THREADS / BM, DB = CONV_THREADS / BN;
     constexpr int SA = BM / 4, SB = BN / 4;
-    typedef typename conv_tile_t<MMA, T, A>::type TT;
-    constexpr int TA = 2 * (MMA ? BM * (BK + 8) : BK * 4 * SA);  // slice elements (TT)
-    constexpr int TB = 2 * BK * conv_pb<MMA, BN, SB>();
-    constexpr int TS = MMA ? BM * BN * int(sizeof(A)) / int(sizeof(TT)) : 0;  // MMA staging
-    threadgroup vec<TT, 4> smem[((TA + TB > TS ? TA + TB : TS) + 3) / 4];
+    constexpr bool MM = MMA != 0;  // slices in T, products on simdgroup matrices
+    typedef typename conv_tile_t<MM, T, A>::type TT;
+    constexpr int TA = 2 * (MM ? BM * (BK + 8) : BK * 4 * SA);  // slice elements (TT)
+    constexpr int TB = 2 * BK * conv_pb<MM, BN, SB>();
+    constexpr int TS = MM ? BM * BN * int(sizeof(A)) / int(sizeof(TT)) : 0;  // MMA staging
+    // float4: 16-byte aligned slice rows (simdgroup_load_tile's ldmatrix on cuda)
+    threadgroup float4 smem[((TA + TB > TS ? TA + TB : TS) * int(sizeof(TT)) + 15) / 16];
     threadgroup TT* As = (threadgroup TT*)smem;
     threadgroup TT* Bs = As + TA;
 
@@ -411,7 +436,7 @@ kernel void conv2d_fwd_tiled(device const T* x [[buffer(0)]],
 #pragma unroll
             for (int j = 0; j < TN; ++j) acc[i][j] = A(0);
         simdgroup_matrix<A, 8, 8> macc[BM / 32][BN / 16];
-        conv_mma_zero<A, BM, BN>(conv_tag<MMA>(), macc);
+        conv_mma_zero<A, BM, BN>(conv_tag<MM>(), macc);
 
         A ra[LA], rb[LB];
         uint r = 0, s = 0, c0 = 0;  // slice being loaded
@@ -439,20 +464,20 @@ kernel void conv2d_fwd_tiled(device const T* x [[buffer(0)]],
             }
             if (kstep > 0) {  // FMAs on slice kstep - 1 while the loads above are in flight
                 uint buf = (kstep - 1) & 1;
-                conv_slice<TT, A, BM, BN, BK, TM, TN, SA, SB>(conv_tag<MMA>(), As, Bs, buf, acc, macc,
+                conv_slice<TT, A, BM, BN, BK, TM, TN, SA, SB>(conv_gen<MMA>(), As, Bs, buf, acc, macc,
                                                               tm, tn, sg);
             }
             if (kstep < nsteps) {
                 uint buf = kstep & 1;
 #pragma unroll
-                for (int j = 0; j < LA; ++j) As[conv_ia<MMA, BM, BK, SA>(buf, ak + j * DA, am)] = TT(ra[j]);
+                for (int j = 0; j < LA; ++j) As[conv_ia<MM, BM, BK, SA>(buf, ak + j * DA, am)] = TT(ra[j]);
 #pragma unroll
-                for (int j = 0; j < LB; ++j) Bs[conv_ib<MMA, BN, BK, SB>(buf, bk + j * DB, bn)] = TT(rb[j]);
+                for (int j = 0; j < LB; ++j) Bs[conv_ib<MM, BN, BK, SB>(buf, bk + j * DB, bn)] = TT(rb[j]);
             }
             threadgroup_barrier(mem_flags::mem_threadgroup);
         }
 
-        conv_unstage<A, BM, BN, TM, TN>(conv_tag<MMA>(), (threadgroup A*)smem, macc, acc, tm, tn, sg);
+        conv_unstage<A, BM, BN, TM, TN>(conv_tag<MM>(), (threadgroup A*)smem, macc, acc, tm, tn, sg);
         constexpr int RM = TM / 4, RN = TN / 4;
 #pragma unroll
         for (int i = 0; i < RM; ++i) {
@@ -502,7 +527,7 @@ inline uint conv_first_tap(uint ph, int pad, uint d, uint st, uint k) {
     return k;
 }
 
-template <typename T, typename A, int BM, int BN, int BK, int TM, int TN, bool PACKED, bool MMA>
+template <typename T, typename A, int BM, int BN, int BK, int TM, int TN, bool PACKED, int MMA>
 [[max_total_threads_per_threadgroup(256)]]
 kernel void conv2d_bwd_data_tiled(device const T* dy [[buffer(0)]],
                                   device const T* w [[buffer(1)]],
@@ -519,11 +544,13 @@ kernel void conv2d_bwd_data_tiled(device const T* dy [[buffer(0)]],
     constexpr int LA = BM * BK / CONV_THREADS, LB = BN * BK / CONV_THREADS;
     constexpr int DA = CONV_THREADS / BM, DB = CONV_THREADS / BN;
     constexpr int SA = BM / 4, SB = BN / 4;
-    typedef typename conv_tile_t<MMA, T, A>::type TT;
-    constexpr int TA = 2 * (MMA ? BM * (BK + 8) : BK * 4 * SA);  // slice elements (TT)
-    constexpr int TB = 2 * BK * conv_pb<MMA, BN, SB>();
-    constexpr int TS = MMA ? BM * BN * int(sizeof(A)) / int(sizeof(TT)) : 0;  // MMA staging
-    threadgroup vec<TT, 4> smem[((TA + TB > TS ? TA + TB : TS) + 3) / 4];
+    constexpr bool MM = MMA != 0;  // slices in T, products on simdgroup matrices
+    typedef typename conv_tile_t<MM, T, A>::type TT;
+    constexpr int TA = 2 * (MM ? BM * (BK + 8) : BK * 4 * SA);  // slice elements (TT)
+    constexpr int TB = 2 * BK * conv_pb<MM, BN, SB>();
+    constexpr int TS = MM ? BM * BN * int(sizeof(A)) / int(sizeof(TT)) : 0;  // MMA staging
+    // float4: 16-byte aligned slice rows (simdgroup_load_tile's ldmatrix on cuda)
+    threadgroup float4 smem[((TA + TB > TS ? TA + TB : TS) * int(sizeof(TT)) + 15) / 16];
     threadgroup TT* As = (threadgroup TT*)smem;
     threadgroup TT* Bs = As + TA;
 
@@ -570,7 +597,7 @@ kernel void conv2d_bwd_data_tiled(device const T* dy [[buffer(0)]],
 #pragma unroll
             for (int j = 0; j < TN; ++j) acc[i][j] = A(0);
         simdgroup_matrix<A, 8, 8> macc[BM / 32][BN / 16];
-        conv_mma_zero<A, BM, BN>(conv_tag<MMA>(), macc);
+        conv_mma_zero<A, BM, BN>(conv_tag<MM>(), macc);
 
         A ra[LA], rb[LB];
         uint r = r0, s = s0, k0 = 0;
@@ -601,20 +628,20 @@ kernel void conv2d_bwd_data_tiled(device const T* dy [[buffer(0)]],
             }
             if (kstep > 0) {
                 uint buf = (kstep - 1) & 1;
-                conv_slice<TT, A, BM, BN, BK, TM, TN, SA, SB>(conv_tag<MMA>(), As, Bs, buf, acc, macc,
+                conv_slice<TT, A, BM, BN, BK, TM, TN, SA, SB>(conv_gen<MMA>(), As, Bs, buf, acc, macc,
                                                               tm, tn, sg);
             }
             if (kstep < nsteps) {
                 uint buf = kstep & 1;
 #pragma unroll
-                for (int j = 0; j < LA; ++j) As[conv_ia<MMA, BM, BK, SA>(buf, ak + j * DA, am)] = TT(ra[j]);
+                for (int j = 0; j < LA; ++j) As[conv_ia<MM, BM, BK, SA>(buf, ak + j * DA, am)] = TT(ra[j]);
 #pragma unroll
-                for (int j = 0; j < LB; ++j) Bs[conv_ib<MMA, BN, BK, SB>(buf, bk + j * DB, bn)] = TT(rb[j]);
+                for (int j = 0; j < LB; ++j) Bs[conv_ib<MM, BN, BK, SB>(buf, bk + j * DB, bn)] = TT(rb[j]);
             }
             threadgroup_barrier(mem_flags::mem_threadgroup);
         }
 
-        conv_unstage<A, BM, BN, TM, TN>(conv_tag<MMA>(), (threadgroup A*)smem, macc, acc, tm, tn, sg);
+        conv_unstage<A, BM, BN, TM, TN>(conv_tag<MM>(), (threadgroup A*)smem, macc, acc, tm, tn, sg);
         constexpr int RM = TM / 4, RN = TN / 4;
 #pragma unroll
         for (int i = 0; i < RM; ++i) {
@@ -649,7 +676,7 @@ kernel void conv2d_bwd_data_tiled(device const T* dy [[buffer(0)]],
 // t % BK (consecutive threads read consecutive pixels) of rows/columns t / BK + j * (256 / BK).
 // Threadgroup rows are padded by one vector so those column-wise stores do not all hit one bank.
 // Output: ws[split][g*Kg + k][col] (float partials, the layout of w).
-template <typename T, typename A, int BM, int BN, int BK, int TM, int TN, bool MMA>
+template <typename T, typename A, int BM, int BN, int BK, int TM, int TN, int MMA>
 [[max_total_threads_per_threadgroup(256)]]
 kernel void conv2d_bwd_weight_tiled(device const T* dy [[buffer(0)]],
                                     device const T* x [[buffer(1)]],
@@ -665,11 +692,13 @@ kernel void conv2d_bwd_weight_tiled(device const T* dy [[buffer(0)]],
     constexpr int DL = CONV_THREADS / BK;  // rows/columns between one thread's loads
     constexpr int LA = BM / DL, LB = BN / DL;
     constexpr int SA = BM / 4 + 1, SB = BN / 4 + 1;
-    typedef typename conv_tile_t<MMA, T, A>::type TT;
-    constexpr int TA = 2 * (MMA ? BM * (BK + 8) : BK * 4 * SA);  // slice elements (TT)
-    constexpr int TB = 2 * BK * conv_pb<MMA, BN, SB>();
-    constexpr int TS = MMA ? BM * BN * int(sizeof(A)) / int(sizeof(TT)) : 0;  // MMA staging
-    threadgroup vec<TT, 4> smem[((TA + TB > TS ? TA + TB : TS) + 3) / 4];
+    constexpr bool MM = MMA != 0;  // slices in T, products on simdgroup matrices
+    typedef typename conv_tile_t<MM, T, A>::type TT;
+    constexpr int TA = 2 * (MM ? BM * (BK + 8) : BK * 4 * SA);  // slice elements (TT)
+    constexpr int TB = 2 * BK * conv_pb<MM, BN, SB>();
+    constexpr int TS = MM ? BM * BN * int(sizeof(A)) / int(sizeof(TT)) : 0;  // MMA staging
+    // float4: 16-byte aligned slice rows (simdgroup_load_tile's ldmatrix on cuda)
+    threadgroup float4 smem[((TA + TB > TS ? TA + TB : TS) * int(sizeof(TT)) + 15) / 16];
     threadgroup TT* As = (threadgroup TT*)smem;
     threadgroup TT* Bs = As + TA;
 
@@ -712,7 +741,7 @@ kernel void conv2d_bwd_weight_tiled(device const T* dy [[buffer(0)]],
 #pragma unroll
             for (int j = 0; j < TN; ++j) acc[i][j] = A(0);
         simdgroup_matrix<A, 8, 8> macc[BM / 32][BN / 16];
-        conv_mma_zero<A, BM, BN>(conv_tag<MMA>(), macc);
+        conv_mma_zero<A, BM, BN>(conv_tag<MM>(), macc);
 
         // (img, oh, ow) of this thread's pixel m = mbeg + kstep * BK + lk, decoded once and then
         // advanced by BK per slice: the two runtime divisions and remainders a full decode
@@ -755,20 +784,20 @@ kernel void conv2d_bwd_weight_tiled(device const T* dy [[buffer(0)]],
             }
             if (kstep > 0) {
                 uint buf = (kstep - 1) & 1;
-                conv_slice<TT, A, BM, BN, BK, TM, TN, SA, SB>(conv_tag<MMA>(), As, Bs, buf, acc, macc,
+                conv_slice<TT, A, BM, BN, BK, TM, TN, SA, SB>(conv_gen<MMA>(), As, Bs, buf, acc, macc,
                                                               tm, tn, sg);
             }
             if (kstep < nsteps) {
                 uint buf = kstep & 1;
 #pragma unroll
-                for (int j = 0; j < LA; ++j) As[conv_ia<MMA, BM, BK, SA>(buf, lk, lr + j * DL)] = TT(ra[j]);
+                for (int j = 0; j < LA; ++j) As[conv_ia<MM, BM, BK, SA>(buf, lk, lr + j * DL)] = TT(ra[j]);
 #pragma unroll
-                for (int j = 0; j < LB; ++j) Bs[conv_ib<MMA, BN, BK, SB>(buf, lk, lr + j * DL)] = TT(rb[j]);
+                for (int j = 0; j < LB; ++j) Bs[conv_ib<MM, BN, BK, SB>(buf, lk, lr + j * DL)] = TT(rb[j]);
             }
             threadgroup_barrier(mem_flags::mem_threadgroup);
         }
 
-        conv_unstage<A, BM, BN, TM, TN>(conv_tag<MMA>(), (threadgroup A*)smem, macc, acc, tm, tn, sg);
+        conv_unstage<A, BM, BN, TM, TN>(conv_tag<MM>(), (threadgroup A*)smem, macc, acc, tm, tn, sg);
         constexpr int RM = TM / 4, RN = TN / 4;
         device float* out = wsum + split * wsize + g * p.Kg * CRS;
 #pragma unroll
@@ -825,6 +854,17 @@ kernel void conv2d_bwd_weight_tiled(device const T* dy [[buffer(0)]],
     INSTANTIATE("conv2d_bwd_weight_m64x64_" NAME, conv2d_bwd_weight_tiled, T, A, 64, 64, 32, 4, 4, true)     \
     INSTANTIATE("conv2d_bwd_weight_m64x128_" NAME, conv2d_bwd_weight_tiled, T, A, 64, 128, 32, 4, 8, true)
 
+// the same tiles on 16-deep tile products (conv_gen<2>): "n*" names (ops/conv.py's MMA_GEN)
+#define CONV_INST_MMA2(NAME, T, A)                                                                 \
+    INSTANTIATE("conv2d_fwd_n128x64_" NAME, conv2d_fwd_tiled, T, A, 128, 64, 32, 8, 4, true, 2)         \
+    INSTANTIATE("conv2d_fwd_n64x64_" NAME, conv2d_fwd_tiled, T, A, 64, 64, 32, 4, 4, true, 2)           \
+    INSTANTIATE("conv2d_fwd_n128x32_" NAME, conv2d_fwd_tiled, T, A, 128, 32, 32, 4, 4, true, 2)         \
+    INSTANTIATE("conv2d_bwd_data_n128x64_" NAME, conv2d_bwd_data_tiled, T, A, 128, 64, 32, 8, 4, true, 2) \
+    INSTANTIATE("conv2d_bwd_data_n64x64_" NAME, conv2d_bwd_data_tiled, T, A, 64, 64, 32, 4, 4, true, 2)   \
+    INSTANTIATE("conv2d_bwd_data_n128x32_" NAME, conv2d_bwd_data_tiled, T, A, 128, 32, 32, 4, 4, true, 2) \
+    INSTANTIATE("conv2d_bwd_weight_n64x64_" NAME, conv2d_bwd_weight_tiled, T, A, 64, 64, 32, 4, 4, 2)     \
+    INSTANTIATE("conv2d_bwd_weight_n64x128_" NAME, conv2d_bwd_weight_tiled, T, A, 64, 128, 32, 4, 8, 2)
+
 #define CONV_INST_STORAGE(NAME, T)                                                                 \
     INSTANTIATE("conv2d_bwd_reduce_" NAME, conv2d_bwd_reduce, T)                                   \
     INSTANTIATE("conv2d_bwd_bias_" NAME, conv2d_bwd_bias, T)                                       \
@@ -836,6 +876,8 @@ CONV_INST_PREC("half", half, float)
 CONV_INST_PREC("hacc_half", half, half)
 CONV_INST_MMA("half", half, float)
 CONV_INST_MMA("hacc_half", half, half)
+CONV_INST_MMA2("half", half, float)
+CONV_INST_MMA2("hacc_half", half, half)
 CONV_INST_STORAGE("float", float)
 CONV_INST_STORAGE("half", half)
 #endif

@@ -50,6 +50,7 @@
 #include "params.h"
 #include "neuron.h"
 #include "instantiate.h"
+#include "simdgroup_tile.h"
 using namespace metal;
 
 // GemmParams.flags GEMM_*, GEMM_THREADS: params.h
@@ -563,6 +564,193 @@ kernel void gemm_mma(device const T* A [[buffer(0)]], device const T* B [[buffer
     }
 }
 
+// ---- gemm_mma2's copy-in: gemm_fetch / gemm_stash_mma with the per-thread offsets computed once.
+// Vector i of a thread is vector tid + 256 i of the slice; when 256 is a multiple of the vectors
+// per row (BR / 4 along r, BK / 4 along k: every tile here), it sits a fixed stride past vector
+// tid: (1024 / BR) rows of k apart (r-contiguous) or (1024 / BK) rows of r (K-contiguous). So a
+// slice costs one address per vector and a single uniform branch (`fast`), not a bounds test
+// per vector. GemmOff holds, per operand: the thread's offset in the matrix relative to the
+// slice origin, that stride, its tile offset and the tile stride of its vectors.
+struct GemmOff {
+    uint src, src_step, dst, dst_step;
+};
+
+template <int BR, int BK, int P, bool KMAJOR>
+inline GemmOff gemm_offsets(uint ld, bool rc, uint tid) {
+    uint2 kr = gemm_slot<BR, BK>(tid, rc);
+    GemmOff o;
+    o.src = rc ? kr.x * ld + kr.y : kr.y * ld + kr.x;
+    o.src_step = uint(rc ? 1024 / BR : 1024 / BK) * ld;
+    o.dst = KMAJOR ? kr.x * uint(P) + kr.y : kr.y * uint(P) + kr.x;
+    o.dst_step = KMAJOR ? (rc ? uint(1024 / BR * P) : uint(1024 / BK))
+                        : (rc ? uint(1024 / BR) : uint(1024 / BK * P));
+    return o;
+}
+
+// Global -> registers for the slice at (r0, k0); `fast` as in gemm_fetch.
+template <typename T, int BR, int BK, int NL>
+inline void gemm_fetch_mma(thread vec<T, 4>* regs, device const T* X, uint ld, bool rc, bool fast,
+                           uint r0, uint k0, uint R, uint K, uint tid, GemmOff o) {
+    constexpr bool ALL = (BR * BK / 4) % int(GEMM_THREADS) == 0;
+    if (fast && ALL) {
+        device const T* src = X + (rc ? k0 * ld + r0 : r0 * ld + k0) + o.src;
+#pragma unroll
+        for (int i = 0; i < NL; ++i) regs[i] = *((device const vec<T, 4>*)(src + uint(i) * o.src_step));
+    } else {
+        gemm_fetch<T, BR, BK, NL>(regs, X, ld, rc, fast, r0, k0, R, K, tid);
+    }
+}
+
+// Registers -> threadgroup tile (layouts of gemm_stash_mma).
+template <typename T, int BR, int BK, int NL, int P, bool KMAJOR>
+inline void gemm_stash_mma2(threadgroup T* tile, thread const vec<T, 4>* regs, bool rc, uint tid,
+                            GemmOff o) {
+    constexpr bool ALL = (BR * BK / 4) % int(GEMM_THREADS) == 0;
+    if (!ALL) {
+        gemm_stash_mma<T, BR, BK, NL, P, KMAJOR>(tile, regs, rc, tid);
+    } else if (rc == KMAJOR) {  // the vectors run along the tile's rows: one 8-byte store each
+#pragma unroll
+        for (int i = 0; i < NL; ++i) {
+            *((threadgroup vec<T, 4>*)(tile + o.dst + uint(i) * o.dst_step)) = regs[i];
+        }
+    } else {
+#pragma unroll
+        for (int i = 0; i < NL; ++i) {
+            threadgroup T* t = tile + o.dst + uint(i) * o.dst_step;
+            for (int j = 0; j < 4; ++j) t[j * P] = regs[i][j];
+        }
+    }
+}
+
+// ---- gemm_mma2: gemm_mma with 16-deep tile products (kernels/simdgroup_tile.h). Each k16 step
+// of a simdgroup loads its A rows (FM x 2 blocks) and B columns (2 x FN blocks) as tiles and runs
+// one simdgroup_multiply_accumulate_tile: on cuda ldmatrix (4 blocks each) and full-rate
+// mma.sync.m16n8k16 with no per-block alignment branches, on Metal and cpu the same 8x8
+// operations as gemm_mma. The threadgroup's 8 simdgroups form a WGM x (8 / WGM) grid, each
+// owning a (BM / WGM) x (BN / (8 / WGM)) block of C; tile rows are 16-byte aligned (ldmatrix):
+// the slices live in a float4 array, and the pitches BK + 8, BN + 8 are multiples of 8 halves.
+template <typename T, typename ACC, typename TC, int BM, int BN, int BK, int WGM>
+[[max_total_threads_per_threadgroup(256)]]
+kernel void gemm_mma2(device const T* A [[buffer(0)]], device const T* B [[buffer(1)]],
+                      device TC* C [[buffer(2)]], device const T* bias [[buffer(3)]],
+                      constant GemmParams& p [[buffer(4)]],
+                      uint tid [[thread_position_in_threadgroup]],
+                      uint group [[threadgroup_position_in_grid]],
+                      uint sg [[simdgroup_index_in_threadgroup]],
+                      uint lane [[thread_index_in_simdgroup]]) {
+    constexpr int WGN = 8 / WGM;
+    constexpr int WM = BM / WGM, WN = BN / WGN;      // per-simdgroup block of C
+    constexpr int FM = WM / 8, FN = WN / 8;          // its 8x8 accumulators
+    constexpr int PA = BK + 8, PB = BN + 8;
+    constexpr int NLA = (BM * BK / 4 + 255) / 256, NLB = (BN * BK / 4 + 255) / 256;
+    constexpr int TILE_T = 2 * BM * PA + 2 * BK * PB;
+    constexpr int STAGE_T = 8 * 8 * WN * int(sizeof(ACC)) / int(sizeof(T));
+    constexpr int MEM_T = TILE_T > STAGE_T ? TILE_T : STAGE_T;
+    threadgroup float4 smem[(MEM_T * int(sizeof(T)) + 15) / 16];
+    threadgroup T* As = (threadgroup T*)smem;
+    threadgroup T* Bs = As + 2 * BM * PA;
+    threadgroup ACC* Cs = (threadgroup ACC*)smem;
+
+    uint tiles = p.tiles_m * p.tiles_n;
+    uint nb = p.reduce_batch ? 1u : p.batch;
+    uint tile = group % tiles, rest = group / tiles;
+    uint bo = rest % nb, split = rest / nb;
+    uint width = GEMM_GROUP_M * p.tiles_n;
+    uint first = (tile / width) * GEMM_GROUP_M;
+    uint gsize = min(p.tiles_m - first, GEMM_GROUP_M);
+    uint m0 = (first + (tile % width) % gsize) * uint(BM);
+    uint n0 = ((tile % width) / gsize) * uint(BN);
+
+    uint kt_n = (p.K + uint(BK) - 1u) / uint(BK);
+    ulong total = (ulong)kt_n * (p.reduce_batch ? p.batch : 1u);
+    uint t0 = uint((ulong)split * total / p.k_splits);
+    uint t1 = uint((ulong)(split + 1u) * total / p.k_splits);
+    uint b = p.reduce_batch ? t0 / kt_n : bo;
+    uint kt = t0 % kt_n;
+
+    bool rca = (p.flags & GEMM_TRANS_A) != 0u;
+    bool rcb = (p.flags & GEMM_TRANS_B) == 0u;
+    bool va = (p.flags & GEMM_VEC_A) != 0u, vb = (p.flags & GEMM_VEC_B) != 0u;
+    uint wm0 = (sg / uint(WGN)) * uint(WM), wn0 = (sg % uint(WGN)) * uint(WN);
+
+    simdgroup_matrix<ACC, 8, 8> acc[FM * FN];
+#pragma unroll
+    for (int i = 0; i < FM * FN; ++i) acc[i] = make_filled_simdgroup_matrix<ACC, 8, 8>(ACC(0));
+    vec<T, 4> ra[NLA];
+    vec<T, 4> rb[NLB];
+    bool fa = va && m0 + uint(BM) <= p.M, fb = vb && n0 + uint(BN) <= p.N;
+    GemmOff oa = gemm_offsets<BM, BK, PA, false>(p.lda, rca, tid);
+    GemmOff ob = gemm_offsets<BN, BK, PB, true>(p.ldb, rcb, tid);
+
+    if (t0 < t1) {
+        uint k0 = kt * uint(BK);
+        bool fk = k0 + uint(BK) <= p.K;
+        gemm_fetch_mma<T, BM, BK, NLA>(ra, A + (ulong)b * p.stride_a, p.lda, rca, fa && fk, m0,
+                                       k0, p.M, p.K, tid, oa);
+        gemm_fetch_mma<T, BN, BK, NLB>(rb, B + (ulong)b * p.stride_b, p.ldb, rcb, fb && fk, n0,
+                                       k0, p.N, p.K, tid, ob);
+        gemm_stash_mma2<T, BM, BK, NLA, PA, false>(As, ra, rca, tid, oa);
+        gemm_stash_mma2<T, BN, BK, NLB, PB, true>(Bs, rb, rcb, tid, ob);
+    }
+    threadgroup_barrier(mem_flags::mem_threadgroup);
+
+    uint cur = 0;
+    for (uint t = t0; t < t1; ++t) {
+        bool more = t + 1u < t1;
+        if (more) {
+            if (++kt == kt_n) {
+                kt = 0;
+                ++b;
+            }
+            uint k0 = kt * uint(BK);
+            bool fk = k0 + uint(BK) <= p.K;
+            gemm_fetch_mma<T, BM, BK, NLA>(ra, A + (ulong)b * p.stride_a, p.lda, rca, fa && fk,
+                                           m0, k0, p.M, p.K, tid, oa);
+            gemm_fetch_mma<T, BN, BK, NLB>(rb, B + (ulong)b * p.stride_b, p.ldb, rcb, fb && fk,
+                                           n0, k0, p.N, p.K, tid, ob);
+        }
+        threadgroup const T* sa = As + cur * uint(BM * PA) + wm0 * uint(PA);
+        threadgroup const T* sb = Bs + cur * uint(BK * PB) + wn0;
+#pragma unroll
+        for (int kk = 0; kk < BK; kk += 16) {
+            simdgroup_matrix<T, 8, 8> ma[FM * 2];
+            simdgroup_matrix<T, 8, 8> mb[2 * FN];
+            simdgroup_load_tile<FM, 2>(ma, sa + kk, PA);
+            simdgroup_load_tile<2, FN>(mb, sb + kk * PB, PB);
+            simdgroup_multiply_accumulate_tile<FM, FN>(acc, ma, mb);
+        }
+        if (more) {
+            gemm_stash_mma2<T, BM, BK, NLA, PA, false>(As + (cur ^ 1u) * uint(BM * PA), ra, rca,
+                                                       tid, oa);
+            gemm_stash_mma2<T, BN, BK, NLB, PB, true>(Bs + (cur ^ 1u) * uint(BK * PB), rb, rcb,
+                                                      tid, ob);
+        }
+        threadgroup_barrier(mem_flags::mem_threadgroup);
+        cur ^= 1u;
+    }
+
+    bool vc = (p.flags & GEMM_VEC_C) != 0u;
+    device TC* c0 = C + (ulong)(split * nb + bo) * p.stride_c;
+    threadgroup ACC* cs = Cs + sg * uint(8 * WN);
+#pragma unroll
+    for (int i = 0; i < FM; ++i) {
+#pragma unroll
+        for (int j = 0; j < FN; ++j) simdgroup_store(acc[i * FN + j], cs + 8u * uint(j), WN);
+        simdgroup_barrier(mem_flags::mem_threadgroup);
+        for (uint q = lane; q < uint(8 * WN / 4); q += 32u) {
+            uint r = q / uint(WN / 4), cq = (q % uint(WN / 4)) * 4u;
+            uint m = m0 + wm0 + 8u * uint(i) + r, n = n0 + wn0 + cq;
+            if (m < p.M && n < p.N) {
+                threadgroup const ACC* v = cs + r * uint(WN) + cq;
+                gemm_store_quad<TC, ACC, T>(c0 + m * p.ldc + n, bias, p.alpha, p.beta, p.flags,
+                                            p.N, vec<ACC, 4>(v[0], v[1], v[2], v[3]), n, vc,
+                                            p.act, p.act_alpha);
+            }
+        }
+        simdgroup_barrier(mem_flags::mem_threadgroup);
+    }
+}
+
 // Split-K sum: C = act(alpha * (sum of the k_splits partials, in split order) + bias + beta * C).
 // One thread per element of C.
 template <typename T, typename ACC>
@@ -645,6 +833,18 @@ GEMM_MMA_INST(mma128x128, 128, 128, 16)
 GEMM_MMA_INST(mma64x64, 64, 64, 16)
 GEMM_MMA_INST(mma64x64k32, 64, 64, 32)
 GEMM_MMA_INST(mma128x64, 128, 64, 32)
+
+// gemm_mma2 tiles: gemm_fwd_mma2_<BM>x<BN>k<BK>[w<WGM>]_<variant> (WGM: simdgroup rows, 4 unless
+// named). Threadgroup memory past Apple's 32 KiB (128x128k32: 37 KB) only runs on cuda (tile_fits).
+#define GEMM_MMA2_INST(TILE, BM, BN, BK, WGM)                                                    \
+    GEMM_KERNEL(gemm_fwd_##TILE##_half, gemm_mma2, half, float, half, BM, BN, BK, WGM)           \
+    GEMM_KERNEL(gemm_fwd_##TILE##_hacc_half, gemm_mma2, half, half, half, BM, BN, BK, WGM)       \
+    GEMM_KERNEL(gemm_fwd_##TILE##_splitk_half, gemm_mma2, half, float, float, BM, BN, BK, WGM)
+GEMM_MMA2_INST(mma2_128x128k16, 128, 128, 16, 4)
+GEMM_MMA2_INST(mma2_128x128k32, 128, 128, 32, 4)
+GEMM_MMA2_INST(mma2_64x64k32, 64, 64, 32, 4)
+GEMM_MMA2_INST(mma2_128x64k32, 128, 64, 32, 4)
+GEMM_MMA2_INST(mma2_128x256k16w2, 128, 256, 16, 2)
 
 #define GEMM_INST_PREC(VARIANT, T, ACC)                                \
     GEMM_KERNEL(gemm_fwd_splitk_sum_##VARIANT, gemm_splitk_sum, T, ACC)\

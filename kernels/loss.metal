@@ -30,6 +30,7 @@
 // Storage float or half; every sum and every loss is computed in float, losses are stored float.
 #include <metal_stdlib>
 #include "params.h"
+#include "instantiate.h"
 #include "stream.h"
 #include "tile_reduce.h"
 using namespace metal;
@@ -757,17 +758,12 @@ kernel void ce_rows_bwd(device const float* g [[buffer(0)]],
 }
 
 #define LOSS_PW(NAME, K, T)                                                                    \
-    template [[host_name(#NAME "_fwd_" #T)]] [[kernel]] decltype(loss_pw_fwd<T, K>)             \
-        loss_pw_fwd<T, K>;                                                                     \
-    template [[host_name(#NAME "_bwd_" #T)]] [[kernel]] decltype(loss_pw_bwd<T, K>)             \
-        loss_pw_bwd<T, K>;                                                                     \
-    template [[host_name(#NAME "_bwd_vec_" #T)]] [[kernel]] decltype(loss_pw_bwd_vec<T, K>)     \
-        loss_pw_bwd_vec<T, K>;
+    INSTANTIATE(#NAME "_fwd_" #T, loss_pw_fwd, T, K)                                           \
+    INSTANTIATE(#NAME "_bwd_" #T, loss_pw_bwd, T, K)                                           \
+    INSTANTIATE(#NAME "_bwd_vec_" #T, loss_pw_bwd_vec, T, K)
 #define LOSS_CLS(NAME, K, LB, VARIANT, T)                                                      \
-    template [[host_name(#NAME "_fwd_" VARIANT #T)]] [[kernel]]                                \
-        decltype(loss_cls_fwd<T, K, LB>) loss_cls_fwd<T, K, LB>;                               \
-    template [[host_name(#NAME "_bwd_" VARIANT #T)]] [[kernel]]                                \
-        decltype(loss_cls_bwd<T, K, LB>) loss_cls_bwd<T, K, LB>;
+    INSTANTIATE(#NAME "_fwd_" VARIANT #T, loss_cls_fwd, T, K, LB)                              \
+    INSTANTIATE(#NAME "_bwd_" VARIANT #T, loss_cls_bwd, T, K, LB)
 #define LOSS_ALL(T)                                                                            \
     LOSS_PW(mse_loss, L_MSE, T)                                                                \
     LOSS_PW(l1_loss, L_L1, T)                                                                  \
@@ -782,10 +778,8 @@ kernel void ce_rows_bwd(device const float* g [[buffer(0)]],
     LOSS_CLS(categorical_cross_entropy, L_CCE, 1, "labels_", T)                                \
     LOSS_CLS(categorical_cross_entropy, L_CCE, 0, "probs_", T)                                 \
     LOSS_CLS(cosine_distance, L_COS, 0, "", T)                                                 \
-    template [[host_name("cross_entropy_fwd_labels_rows_" #T)]] [[kernel]]                     \
-        decltype(ce_rows_fwd<T>) ce_rows_fwd<T>;                                               \
-    template [[host_name("cross_entropy_bwd_labels_rows_" #T)]] [[kernel]]                     \
-        decltype(ce_rows_bwd<T>) ce_rows_bwd<T>;
+    INSTANTIATE("cross_entropy_fwd_labels_rows_" #T, ce_rows_fwd, T)                           \
+    INSTANTIATE("cross_entropy_bwd_labels_rows_" #T, ce_rows_bwd, T)
 
 LOSS_ALL(float)
 LOSS_ALL(half)

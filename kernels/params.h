@@ -468,8 +468,8 @@ struct RMSPropParams {
     uint centered;
     float weight_decay;
 };
-// YoloParams (detection.metal): YOLO v2 loss and box decoding over x (N, A*(5+C), GH, GW) and
-// targets (N, B, 5).
+// YoloParams (detection.metal): YOLO v2 over x (N, A*(5+C), GH, GW) and targets (N, B, 5).
+#define YOLO_MAXB 256  // B at most: a sample's target rows are cached in threadgroup memory
 struct YoloParams {
     uint N, A, C, GH, GW;
     uint B;                // target rows per sample

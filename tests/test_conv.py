@@ -23,8 +23,9 @@ from pymetalnn.ops import conv as ops
 
 FWD_TILES = list(ops.TILES["fwd"])
 WEIGHT_TILES = list(ops.TILES["weight"])
-MMA_FWD_TILES = list(ops.MMA_TILES["fwd"])
-MMA_WEIGHT_TILES = list(ops.MMA_TILES["weight"])
+# per generation: "m*" 8x8 matrix products ("mma"), "n*" 16-deep tile products ("mma2")
+MMA_FWD_TILES = {g: [t for t in ops.MMA_TILES["fwd"] if t[0] == g[0]] for g in ("m", "n")}
+MMA_WEIGHT_TILES = {g: [t for t in ops.MMA_TILES["weight"] if t[0] == g[0]] for g in ("m", "n")}
 
 
 def force(algo: str, i: int) -> dict:
@@ -34,10 +35,10 @@ def force(algo: str, i: int) -> dict:
         return {"fwd": "direct", "data": "direct", "weight": WEIGHT_TILES[i % len(WEIGHT_TILES)]}
     if algo == "im2col":  # GEMMs over the unfolded input (float32, one group; else the default)
         return {"fwd": "im2col", "data": "im2col", "weight": "im2col"}
-    if algo == "mma":  # the simdgroup-matrix tiles (fp16), on every device
-        return {"fwd": MMA_FWD_TILES[i % len(MMA_FWD_TILES)],
-                "data": MMA_FWD_TILES[(i + 1) % len(MMA_FWD_TILES)],
-                "weight": MMA_WEIGHT_TILES[(i + 1) % len(MMA_WEIGHT_TILES)]}
+    if algo in ("mma", "mma2"):  # the simdgroup-matrix tiles (fp16), on every device
+        fwd, weight = (t["m" if algo == "mma" else "n"] for t in (MMA_FWD_TILES, MMA_WEIGHT_TILES))
+        return {"fwd": fwd[i % len(fwd)], "data": fwd[(i + 1) % len(fwd)],
+                "weight": weight[(i + 1) % len(weight)]}
     return {"fwd": FWD_TILES[i % len(FWD_TILES)], "data": FWD_TILES[(i + 1) % len(FWD_TILES)],
             "weight": WEIGHT_TILES[(i + 1) % len(WEIGHT_TILES)]}
 
@@ -102,8 +103,9 @@ def run_conv2d_case(case, prec: str, seed: int = 0) -> None:
 
 
 # (algorithm, precision) pairs: the simdgroup-matrix kernels exist for fp16 storage only
-ALGO_PRECS = [pytest.param(a, p, id=f"{a}-{p}") for a in ("direct", "tiled", "mma") for p in PRECISIONS
-              if not (a == "mma" and p == "float")] + [pytest.param("im2col", "float", id="im2col-float")]
+ALGO_PRECS = [pytest.param(a, p, id=f"{a}-{p}") for a in ("direct", "tiled", "mma", "mma2")
+              for p in PRECISIONS if not (a.startswith("mma") and p == "float")] + \
+    [pytest.param("im2col", "float", id="im2col-float")]
 
 
 @pytest.mark.parametrize("algo,prec", ALGO_PRECS)

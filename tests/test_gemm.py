@@ -158,6 +158,36 @@ def test_gemm_many_tiles(dev) -> None:
         check("float", out.numpy(), ref.gemm(a, b, None), k, ref.abs_product(a, b))
 
 
+MATRIX_TILES = [t for t in ops.TILES if ops.TILES[t].matrix]
+
+
+@pytest.mark.parametrize("tile", MATRIX_TILES)
+def test_gemm_matrix_whole_tiles(dev, tile) -> None:
+    """The matrix tiles' unguarded paths: operands covering whole BM x BN tiles and whole
+    BK slices (plus a partial last slice), every layout, split K, and a batch summed into one
+    output (a K walk that crosses batch entries); edges in the last tile row / column."""
+    t = ops.TILES[tile]
+    for variant in ("half", "hacc_half"):
+        if not fits(dev, tile, variant):
+            continue
+        dtype, accumulate = VARIANTS[variant]
+        m, n, k = 2 * t.bm + 8, t.bn, 3 * t.bk + 8
+        for j, (ta, tb) in enumerate(LAYOUTS):
+            a = rand(stored(m, k, ta), dtype, 7 + j)
+            b = rand(stored(k, n, tb), dtype, 70 + j)
+            out = pm.empty((m, n), dtype, dev)
+            F.gemm(pm.tensor(a, dev), pm.tensor(b, dev), out, transpose_a=ta, transpose_b=tb,
+                   accumulate=accumulate, tile=tile, k_splits=1 + j % 2)
+            check(variant, out.numpy(), ref.gemm(a, b, None, ta, tb), k,
+                  ref.abs_product(a, b, ta, tb))
+        a, b = rand((2, t.bm, k), dtype, 5), rand((2, k, t.bn + 4), dtype, 6)
+        out = pm.empty((t.bm, t.bn + 4), dtype, dev)
+        F.gemm(pm.tensor(a, dev), pm.tensor(b, dev), out, accumulate=accumulate, tile=tile,
+               k_splits=2)
+        check(variant, out.numpy(), ref.gemm(a, b, np.zeros(out.shape)), 2 * k,
+              ref.abs_product(a, b, False, False, reduce_batch=True))
+
+
 # ---- batches ------------------------------------------------------------------------------------
 
 BATCH_CASES = [  # (a batch, b batch, out 2-D: sum over the batch)
@@ -313,8 +343,10 @@ def test_half_accumulation_is_half(dev) -> None:
     out = pm.empty((m, n), np.float16, dev)
     for tile in (t for t in ops.TILES if ops.TILES[t].supports("hacc_half")
                  and fits(dev, t, "hacc_half")):
-        # SIMD-FMA tiles round per k; simdgroup-matrix tiles once per 8-deep product
-        step = 8 if ops.TILES[tile].matrix else 1
+        # SIMD-FMA tiles round per k; simdgroup-matrix tiles once per 8-deep product, the tile
+        # products of gemm_mma2 once per 16-deep one on cuda (m16n8k16)
+        t = ops.TILES[tile]
+        step = (16 if t.gen == 2 and dev.name == "cuda" else 8) if t.matrix else 1
         err_seq = np.abs(ref.half_accumulate_matmul(a, b, step) - exact).max()
         for splits in (1, 3):
             F.gemm(ta, tb, out, accumulate="float", tile="64x64", k_splits=splits)

@@ -557,10 +557,8 @@ class GraphRunner:
                 for v in self.free_after[i]:
                     env.pop(v, None)
         if advance:  # the next step draws the next masks: advanced on the device, in the step
-            from ..ops._common import kernel
-
             assert self._step_ctr is not None
-            kernel(self.device, "dropout.metal", "dropout_offset_advance")(1, self._step_ctr.buffer)
+            F.dropout_offset_advance(self._step_ctr)
         if calibrate:
             from .optimize import plan_memory as _plan
 
@@ -660,7 +658,6 @@ class GraphRunner:
         return out
 
     def _keep_grads(self, ds: Any, grads: list[Any]) -> None:
-        from ..ops.copy import _block
         from ..tensor import tensor
 
         store = self._grad_store.get(ds)
@@ -668,7 +665,7 @@ class GraphRunner:
             store = self._grad_store[ds] = [tensor(np.zeros(g.shape, g.dtype), g.device) for g in grads]
         for g, t in zip(grads, store):
             if g is not None and g.size:
-                _block(g, t, 1, g.size, g.size, g.size, 0, 0)
+                F.copy(g, out=t)
 
     def _after_step(self, st: Step, rc: RunContext) -> None:
         if not self.low_memory:

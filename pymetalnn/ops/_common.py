@@ -354,6 +354,19 @@ def matrix_hw(dev: Device) -> bool:
     return dev.name == "cuda"
 
 
+def mma_gen(default: int) -> int:
+    """Which generation of simdgroup-matrix kernels the automatic tile choices of ops.gemm and
+    ops.conv take (their MMA_GEN): 1, 8x8 matrix products; 2, 16-deep tile products
+    (kernels/simdgroup_tile.h). PYMETALNN_MMA_GEN=1|2, read at import, overrides `default`, so
+    both can be timed on one checkout."""
+    env = os.environ.get("PYMETALNN_MMA_GEN")
+    if env is None:
+        return default
+    if env not in ("1", "2"):
+        raise ValueError(f"PYMETALNN_MMA_GEN: expected 1 or 2, got {env!r}")
+    return int(env)
+
+
 def fits_threadgroup_memory(dev: Device, k: Kernel) -> bool:
     """Whether kernel `k`'s threadgroup memory fits `dev`: Apple GPUs have 32 KiB, and the metal
     backend knows each kernel's (pipeline creation fails past it); elsewhere always."""

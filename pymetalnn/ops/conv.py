@@ -43,6 +43,7 @@ from ._common import (
     dummy,
     kernel,
     matrix_hw,
+    mma_gen,
     out_like,
     pick_device,
     positive_ints,
@@ -88,6 +89,12 @@ MMA_TILES: dict[str, dict[str, tuple[int, int, int, int, int, float]]] = {
              "m128x32": (128, 32, 32, 4, 4, 2.4)},
     "weight": {"m64x64": (64, 64, 32, 4, 4, 3.0), "m64x128": (64, 128, 32, 4, 8, 3.2)},
 }
+# The same tiles on 16-deep simdgroup tile products (conv.metal's MMA = 2: ldmatrix and full-rate
+# mma.sync.m16n8k16 on cuda), named "n*". MMA_GEN picks which generation the automatic choice
+# takes (1: "m*", 2: "n*"); both stay callable through FORCE and are tested.
+for _kind, _table in list(MMA_TILES.items()):
+    _table.update({"n" + name[1:]: v for name, v in list(_table.items())})
+MMA_GEN = mma_gen(1)
 DIRECT_BELOW = 16        # GEMM column widths below this use the direct kernels
 TARGET_GROUPS = 512      # threadgroups a split reduction aims for off cuda
 SPLIT_GROUPS_PER_SM = 6  # ... and per SM on cuda (two waves of three resident threadgroups)
@@ -355,6 +362,20 @@ def tile_shape(kind: str, tile: str) -> tuple[int, int, int, int, int, float]:
     return TILES[kind][tile] if tile in TILES[kind] else MMA_TILES[kind][tile]
 
 
+def _mma_table(kind: str) -> dict[str, tuple[int, int, int, int, int, float]]:
+    """MMA_TILES[kind]'s tiles of generation MMA_GEN (one dict object per kind and generation:
+    _TILE_MEMO tells tables apart by identity)."""
+    key = (kind, MMA_GEN)
+    t = _MMA_TABLES.get(key)
+    if t is None:
+        prefix = "m" if MMA_GEN == 1 else "n"
+        t = _MMA_TABLES[key] = {k: v for k, v in MMA_TILES[kind].items() if k.startswith(prefix)}
+    return t
+
+
+_MMA_TABLES: dict[tuple[str, int], dict[str, tuple[int, int, int, int, int, float]]] = {}
+
+
 def _pick_tile(kind: str, dev: Device, rows: int, cols: int, batches: int, prec: str = "float"
                ) -> str:
     """The tile of TILES[kind] (MMA_TILES[kind] for fp16 on matrix hardware) with the least
@@ -364,7 +385,7 @@ def _pick_tile(kind: str, dev: Device, rows: int, cols: int, batches: int, prec:
     forced = FORCE.get(kind)
     if forced is not None and not forced.startswith("wino") and forced != "im2col":
         return forced
-    table = MMA_TILES[kind] if prec != "float" and matrix_hw(dev) else TILES[kind]
+    table = _mma_table(kind) if prec != "float" and matrix_hw(dev) else TILES[kind]
     sms = _sms(dev)
     key = (kind, sms, rows, cols, batches)
     hit = _TILE_MEMO.get(key)
@@ -588,9 +609,10 @@ def _as_1d(t: Tensor) -> Tensor:
     return t.reshape(t.shape[0], t.shape[1], t.shape[3])
 
 
-def conv2d(input: Any, weight: Any, bias: Any = None, stride: Any = 1, padding: Padding = 0,
+def conv2d(input: TensorLike, weight: TensorLike, bias: TensorLike | None = None, stride: Any = 1,
+           padding: Padding = 0,
            dilation: Any = 1, groups: int = 1, accumulate: str | None = None, activation: Any = None,
-           out: Any = None, out_batch_stride: int | None = None) -> Tensor:
+           out: Tensor | None = None, out_batch_stride: int | None = None) -> Tensor:
     """2-D convolution (cross-correlation, as torch.nn.functional.conv2d), NCHW.
 
         y[n, k, oh, ow] = b[k] + sum_{c < C/G, r < KH, s < KW}
@@ -620,9 +642,10 @@ def conv2d(input: Any, weight: Any, bias: Any = None, stride: Any = 1, padding: 
     return _unbatched(_forward(dev, prec, geo, x, w, b, x.dtype, act, out, out_batch_stride), unb)
 
 
-def conv2d_backward(grad_out: Any, input: Any, weight: Any, bias: Any = None, stride: Any = 1,
+def conv2d_backward(grad_out: TensorLike, input: TensorLike, weight: TensorLike,
+                    bias: TensorLike | None = None, stride: Any = 1,
                     padding: Padding = 0, dilation: Any = 1, groups: int = 1,
-                    accumulate: str | None = None, activation: Any = None, y: Any = None
+                    accumulate: str | None = None, activation: Any = None, y: TensorLike | None = None
                     ) -> tuple[Tensor, Tensor, Tensor | None]:
     """Gradients of conv2d: (dL/dx, dL/dw, dL/db or None when b is None), given dL/dy.
 
@@ -686,7 +709,8 @@ def _conv1d_args(x: TensorLike, w: TensorLike, stride: Any, padding: Padding, di
     return _as_2d(x), _as_2d(w), (1, st[0]), pad2, (1, dil[0])
 
 
-def conv1d(input: Any, weight: Any, bias: Any = None, stride: Any = 1, padding: Padding = 0,
+def conv1d(input: TensorLike, weight: TensorLike, bias: TensorLike | None = None, stride: Any = 1,
+           padding: Padding = 0,
            dilation: Any = 1, groups: int = 1, accumulate: str | None = None) -> Tensor:
     """1-D convolution, x (N, C, L), w (K, C/groups, KL) -> (N, K, OL):
 
@@ -701,7 +725,8 @@ def conv1d(input: Any, weight: Any, bias: Any = None, stride: Any = 1, padding: 
     return _unbatched(_as_1d(conv2d(x4, w4, b, st, pad, dil, groups, accumulate)), unb)
 
 
-def conv1d_backward(grad_out: Any, input: Any, weight: Any, bias: Any = None, stride: Any = 1,
+def conv1d_backward(grad_out: TensorLike, input: TensorLike, weight: TensorLike,
+                    bias: TensorLike | None = None, stride: Any = 1,
                     padding: Padding = 0, dilation: Any = 1, groups: int = 1,
                     accumulate: str | None = None) -> tuple[Tensor, Tensor, Tensor | None]:
     """Gradients of conv1d: (dL/dx, dL/dw, dL/db or None), the conv2d_backward kernels with H = 1."""

@@ -30,6 +30,7 @@ from ._common import (
     kernel,
     matrix_capable,
     matrix_hw,
+    mma_gen,
     number,
     out_like,
     pick_device,
@@ -68,6 +69,7 @@ class Tile:
     variants: tuple[str, ...] | None = None  # instantiated only for these (None: all)
     fixed_k: int = 0
     matrix: bool = False  # runs on simdgroup matrices (gemm_mma): only where matrix_hw(dev)
+    gen: int = 1  # matrix tiles: 1 gemm_mma (8x8 products), 2 gemm_mma2 (16-deep tile products)
     cpu: bool = False  # gemm_blocked: the automatic choice on the cpu backend (only there)
 
     def supports(self, variant: str) -> bool:
@@ -93,6 +95,10 @@ _HALF = ("half", "hacc_half")
 # Xeon, 2026-12-06). fp16 storage keeps the tiled kernels: its software fp16 -> float conversions
 # in the blocked kernel's inner loop made it 3x slower than they are.
 _CPU = ("float",)
+# Which generation of matrix tiles the automatic choice (plan) considers; the others stay callable
+# by name (tile=) and swept by benchmarks/dev_gemm_mma.py. gemm_mma2 (simdgroup_multiply_accumulate_tile:
+# full-rate mma.sync.m16n8k16 and ldmatrix on cuda) is the candidate successor of gemm_mma.
+MMA_GEN = mma_gen(1)
 TILES = {t.name: t for t in (Tile("128x128", 128, 128, 8, 1.0), Tile("64x64", 64, 64, 16, 0.6),
                              Tile("128x128k16", 128, 128, 16, 1.11, variants=("float", "hacc_half"),
                                   fixed_k=38),
@@ -100,6 +106,17 @@ TILES = {t.name: t for t in (Tile("128x128", 128, 128, 8, 1.0), Tile("64x64", 64
                              Tile("mma64x64", 64, 64, 16, 3.4, variants=_HALF, matrix=True),
                              Tile("mma64x64k32", 64, 64, 32, 4.0, variants=_HALF, matrix=True),
                              Tile("mma128x64", 128, 64, 32, 3.6, variants=_HALF, matrix=True),
+                             # gemm_mma2: efficiencies are estimates until timed (dev_gemm_mma.py)
+                             Tile("mma2_128x128k16", 128, 128, 16, 4.0, variants=_HALF, matrix=True,
+                                  gen=2),
+                             Tile("mma2_128x128k32", 128, 128, 32, 4.4, variants=_HALF, matrix=True,
+                                  gen=2),
+                             Tile("mma2_64x64k32", 64, 64, 32, 3.6, variants=_HALF, matrix=True,
+                                  gen=2),
+                             Tile("mma2_128x64k32", 128, 64, 32, 4.0, variants=_HALF, matrix=True,
+                                  gen=2),
+                             Tile("mma2_128x256k16w2", 128, 256, 16, 4.4, variants=_HALF,
+                                  matrix=True, gen=2),
                              Tile("cpu512x128", 512, 128, 16, 1.0, variants=_CPU, cpu=True),
                              Tile("cpu128x512", 128, 512, 16, 1.0, variants=_CPU, cpu=True))}
 MAX_SPLITS = 16
@@ -147,7 +164,8 @@ def plan(dev: Device, m: int, n: int, k: int, batch: int, reduce_batch: bool,
     nb = 1 if reduce_batch else batch
     if tile is None:
         hw = matrix_hw(dev)
-        cands = [t for t in TILES.values() if t.supports(var) and (hw or not t.matrix)
+        cands = [t for t in TILES.values() if t.supports(var)
+                 and (not t.matrix or (hw and t.gen == MMA_GEN))
                  and tile_fits(dev, t, var)]
         # the cpu backend: blocked tiles (or simdgroup-matrix ones where a device reports them)
         if dev.name == "cpu" and any(t.cpu for t in cands):
@@ -509,7 +527,7 @@ def _matmul_operands(input: Any, other: Any, grad_out: Any = None
             tensor_arg(other, dev, "other", (float32, float16)))
 
 
-def matmul(input: Any, other: Any, transpose_a: bool = False, transpose_b: bool = False,
+def matmul(input: TensorLike, other: TensorLike, transpose_a: bool = False, transpose_b: bool = False,
            accumulate: str | None = None, activation: Any = None) -> Tensor:
     """torch.matmul(input, other) with op(x) = x or x^T (of the last two dimensions):
 
@@ -530,7 +548,7 @@ def matmul(input: Any, other: Any, transpose_a: bool = False, transpose_b: bool 
     return plan.result(y)
 
 
-def matmul_backward(grad_out: Any, input: Any, other: Any, transpose_a: bool = False,
+def matmul_backward(grad_out: TensorLike, input: TensorLike, other: TensorLike, transpose_a: bool = False,
                     transpose_b: bool = False, accumulate: str | None = None
                     ) -> tuple[Tensor, Tensor]:
     """Gradients (grad_input, grad_other) of C = matmul(input, other) given G = dL/dC, each
@@ -575,7 +593,8 @@ def _linear_args(x: Any, w: Any, b: Any, dev: Device) -> tuple[Tensor, Tensor, T
     return x, w, b
 
 
-def linear(input: Any, weight: Any, bias: Any = None, accumulate: str | None = None, activation: Any = None
+def linear(input: TensorLike, weight: TensorLike, bias: TensorLike | None = None,
+           accumulate: str | None = None, activation: Any = None
            ) -> Tensor:
     """y = x w^T + b (torch.nn.functional.linear): x (..., in), w (out, in), b (out,) or None;
     y (..., out), y[..., o] = sum_i x[..., i] w[o, i] + b[o]. activation: None, "relu",

@@ -541,7 +541,8 @@ def _smoothing(label_smoothing: Any) -> float:
 
 # ---- public API ------------------------------------------------------------------------------
 
-def cross_entropy(input: Any, target: Any, weight: Any = None, *, sample_weight: Any = None,
+def cross_entropy(input: TensorLike, target: TensorLike, weight: TensorLike | None = None, *,
+                  sample_weight: TensorLike | None = None,
                   ignore_index: int = -100, reduction: str = "mean",
                   label_smoothing: float = 0.0) -> Tensor:
     """Softmax cross-entropy on logits (N, C[, d1, ...]) or one unbatched sample (C,), class axis
@@ -557,8 +558,9 @@ def cross_entropy(input: Any, target: Any, weight: Any = None, *, sample_weight:
                           s, cache=1, weight=weight)
 
 
-def cross_entropy_backward(grad: Any, input: Any, target: Any, weight: Any = None, *,
-                           sample_weight: Any = None, ignore_index: int = -100,
+def cross_entropy_backward(grad: TensorLike, input: TensorLike, target: TensorLike,
+                           weight: TensorLike | None = None, *,
+                           sample_weight: TensorLike | None = None, ignore_index: int = -100,
                            reduction: str = "mean", label_smoothing: float = 0.0,
                            target_grad: bool = True) -> tuple[Tensor, Tensor | None]:
     """(d/dx, d/dt) of cross_entropy: dx = g (softmax(x) sum_c w_c t'_c - w t') per term;
@@ -578,8 +580,8 @@ def categorical_cross_entropy(input: TensorLike, target: TensorLike, *,
                           ignore_index, s)
 
 
-def categorical_cross_entropy_backward(grad: Any, input: Any, target: Any, *,
-                                       sample_weight: Any = None, ignore_index: int = -100,
+def categorical_cross_entropy_backward(grad: TensorLike, input: TensorLike, target: TensorLike, *,
+                                       sample_weight: TensorLike | None = None, ignore_index: int = -100,
                                        reduction: str = "mean",
                                        label_smoothing: float = 0.0,
                                        target_grad: bool = True) -> tuple[Tensor, Tensor | None]:
@@ -599,7 +601,8 @@ def cosine_distance(input: TensorLike, target: TensorLike, *,
                           allow_labels=False)
 
 
-def cosine_distance_backward(grad: Any, input: Any, target: Any, *, sample_weight: Any = None,
+def cosine_distance_backward(grad: TensorLike, input: TensorLike, target: TensorLike, *,
+                             sample_weight: TensorLike | None = None,
                              reduction: str = "mean", eps: float = 1e-8,
                              target_grad: bool = True) -> tuple[Tensor, Tensor | None]:
     """(d/dx, None) of cosine_distance: g w (cos x / |x|^2 - t / D), D = |x| |t| (or -g w t / eps
@@ -609,9 +612,11 @@ def cosine_distance_backward(grad: Any, input: Any, target: Any, *, sample_weigh
                            allow_labels=False, cache=1, target_grad=target_grad)
 
 
-def binary_cross_entropy_with_logits(input: Any, target: Any, weight: Any = None, *,
-                                     sample_weight: Any = None, reduction: str = "mean",
-                                     pos_weight: Any = None, label_smoothing: float = 0.0) -> Tensor:
+def binary_cross_entropy_with_logits(input: TensorLike, target: TensorLike,
+                                     weight: TensorLike | None = None, *,
+                                     sample_weight: TensorLike | None = None, reduction: str = "mean",
+                                     pos_weight: TensorLike | None = None,
+                                     label_smoothing: float = 0.0) -> Tensor:
     """Sigmoid cross-entropy on logits: l = w ((1 - t') x + (1 + (p - 1) t') softplus(-x)), which
     is max(x, 0) - x t' + log(1 + exp(-|x|)) for p = 1; weight w and pos_weight p broadcast to
     the input (PyTorch's); t' = t (1 - s) + s / 2 (label smoothing as MPS / TF; s = 0 is
@@ -620,9 +625,12 @@ def binary_cross_entropy_with_logits(input: Any, target: Any, weight: Any = None
                       smoothing=_smoothing(label_smoothing), weight=weight, pos_weight=pos_weight)
 
 
-def binary_cross_entropy_with_logits_backward(grad: Any, input: Any, target: Any, weight: Any = None,
-                                              *, sample_weight: Any = None, reduction: str = "mean",
-                                              pos_weight: Any = None, label_smoothing: float = 0.0,
+def binary_cross_entropy_with_logits_backward(grad: TensorLike, input: TensorLike, target: TensorLike,
+                                              weight: TensorLike | None = None,
+                                              *, sample_weight: TensorLike | None = None,
+                                              reduction: str = "mean",
+                                              pos_weight: TensorLike | None = None,
+                                              label_smoothing: float = 0.0,
                                               target_grad: bool = True) -> tuple[Tensor, Tensor]:
     """(d/dx, d/dt): dx = g w ((1 + (p - 1) t') sigmoid(x) - p t'),
     dt = g w (1 - s) (-x + (p - 1) softplus(-x))."""
@@ -663,7 +671,8 @@ def huber_loss(input: TensorLike, target: TensorLike, *, sample_weight: TensorLi
     return _pointwise("huber_loss", input, target, sample_weight, reduction, a=dl)
 
 
-def huber_loss_backward(grad: Any, input: Any, target: Any, *, sample_weight: Any = None,
+def huber_loss_backward(grad: TensorLike, input: TensorLike, target: TensorLike, *,
+                        sample_weight: TensorLike | None = None,
                         reduction: str = "mean", delta: float = 1.0,
                         target_grad: bool = True) -> tuple[Tensor, Tensor | None]:
     """(d/dx, d/dt): g w clamp(x - t, -delta, delta) and its negation."""
@@ -687,7 +696,8 @@ def kl_div(input: TensorLike, target: TensorLike, *, sample_weight: TensorLike |
                       extra=("batchmean",))
 
 
-def kl_div_backward(grad: Any, input: Any, target: Any, *, sample_weight: Any = None,
+def kl_div_backward(grad: TensorLike, input: TensorLike, target: TensorLike, *,
+                    sample_weight: TensorLike | None = None,
                     reduction: str = "mean", log_target: bool = False,
                     target_grad: bool = True) -> tuple[Tensor, Tensor | None]:
     """(d/dx, d/dt): -g w t and g w (log t + 1 - x) (NaN at t = 0, as PyTorch); with log_target
@@ -705,7 +715,8 @@ def log_loss(input: TensorLike, target: TensorLike, *, sample_weight: TensorLike
     return _pointwise("log_loss", input, target, sample_weight, reduction, a=e)
 
 
-def log_loss_backward(grad: Any, input: Any, target: Any, *, sample_weight: Any = None,
+def log_loss_backward(grad: TensorLike, input: TensorLike, target: TensorLike, *,
+                      sample_weight: TensorLike | None = None,
                       reduction: str = "mean", epsilon: float = 1e-7,
                       target_grad: bool = True) -> tuple[Tensor, Tensor | None]:
     """(d/dx, None): g w (-t / (x + eps) + (1 - t) / (1 - x + eps))."""
@@ -714,7 +725,8 @@ def log_loss_backward(grad: Any, input: Any, target: Any, *, sample_weight: Any 
                                target_grad=target_grad)
 
 
-def smooth_l1_loss(input: Any, target: Any, *, sample_weight: Any = None, reduction: str = "mean",
+def smooth_l1_loss(input: TensorLike, target: TensorLike, *, sample_weight: TensorLike | None = None,
+                   reduction: str = "mean",
                    beta: float = 1.0) -> Tensor:
     """l = d^2 / (2 beta) if |d| < beta else |d| - beta / 2, d = x - t (F.smooth_l1_loss; beta = 0
     is l1_loss, as PyTorch)."""
@@ -724,7 +736,8 @@ def smooth_l1_loss(input: Any, target: Any, *, sample_weight: Any = None, reduct
     return _pointwise("smooth_l1_loss", input, target, sample_weight, reduction, a=b)
 
 
-def smooth_l1_loss_backward(grad: Any, input: Any, target: Any, *, sample_weight: Any = None,
+def smooth_l1_loss_backward(grad: TensorLike, input: TensorLike, target: TensorLike, *,
+                            sample_weight: TensorLike | None = None,
                             reduction: str = "mean", beta: float = 1.0,
                             target_grad: bool = True) -> tuple[Tensor, Tensor]:
     """(d/dx, d/dt): g w (d / beta if |d| < beta else sign(d)) and its negation."""

@@ -34,6 +34,7 @@ from .msl_dialect import (
     REJECT_IDS,
     SIMD_FUNCS,
     TEMPLATE_FUNCS,
+    TILE_FUNCS,
     TYPE_MAP,
     KernelArg,
     KernelInfo,
@@ -601,6 +602,8 @@ class Translator:
         t = toks[i]
         name = t.text
         out.extend([_tok("pmn", like=t), _tok("::", "punct", like=t)])
+        if name in TILE_FUNCS:  # pmn::ext: out of the unqualified scope, where Metal's
+            ns = ["ext", *ns]   # definitions (simdgroup_tile.h without __PYMETALNN__) live
         for s in ns:
             out.extend([_tok(s, like=t), _tok("::", "punct", like=t)])
         if self.validate and name == "threadgroup_barrier":  # counts barriers per thread

@@ -43,7 +43,11 @@ atomic_fetch_or_explicit atomic_fetch_xor_explicit""".split())
 # matrix, see the prelude), so they need no call-site id and no fiber.
 MATRIX_FUNCS = set("""make_filled_simdgroup_matrix simdgroup_load simdgroup_store simdgroup_multiply
 simdgroup_multiply_accumulate""".split())
-TEMPLATE_FUNCS = {"as_type", "make_filled_simdgroup_matrix"}  # called as f<...>(...)
+# tiles of simdgroup matrices: pymetalnn's extension, plain MSL in kernels/simdgroup_tile.h for
+# Metal (where __PYMETALNN__ is undefined), the prelude's fused versions here
+TILE_FUNCS = {"simdgroup_load_tile", "simdgroup_multiply_accumulate_tile"}
+MATRIX_FUNCS |= TILE_FUNCS
+TEMPLATE_FUNCS = {"as_type", "make_filled_simdgroup_matrix"} | TILE_FUNCS  # called as f<...>(...)
 # library defines that configure the prelude: PMN_MATRIX_TF32 lets float simdgroup matrices use
 # TF32 tensor cores on cuda (an explicit opt-in; see docs/dialect.md)
 PRELUDE_DEFINES = {"PMN_MATRIX_TF32"}

@@ -519,40 +519,30 @@ PMN_FN vec<R, 4> vzip3(const vec<T, 4>& a, const vec<U, 4>& b, const vec<V, 4>& 
 }
 }  // namespace detail
 
-// ---- vector operators: vec op vec, vec op scalar, scalar op vec (the scalar converts to T).
-#define PMN_V_BIN(op)                                                                        \
+// ---- vector operators: vec op vec, vec op scalar, scalar op vec (the scalar converts to T); the
+// result's elements are R: T for arithmetic and bitwise operators, bool for comparisons.
+#define PMN_V_OP(op, R)                                                                      \
   template <class T, int N>                                                                  \
-  PMN_FN vec<T, N> operator op(const vec<T, N>& a, const vec<T, N>& b) {                     \
-    return detail::vzip<T>(a, b, [](const T& p, const T& q) { return p op q; });             \
+  PMN_FN vec<R, N> operator op(const vec<T, N>& a, const vec<T, N>& b) {                     \
+    return detail::vzip<R>(a, b, [](const T& p, const T& q) { return p op q; });             \
   }                                                                                          \
   template <class T, int N>                                                                  \
-  PMN_FN vec<T, N> operator op(const vec<T, N>& a, const typename detail::ident<T>::type& b) { \
+  PMN_FN vec<R, N> operator op(const vec<T, N>& a, const typename detail::ident<T>::type& b) { \
     return a op vec<T, N>(b);                                                                \
   }                                                                                          \
   template <class T, int N>                                                                  \
-  PMN_FN vec<T, N> operator op(const typename detail::ident<T>::type& a, const vec<T, N>& b) { \
+  PMN_FN vec<R, N> operator op(const typename detail::ident<T>::type& a, const vec<T, N>& b) { \
     return vec<T, N>(a) op b;                                                                \
   }
+#define PMN_V_BIN(op) PMN_V_OP(op, T)
+#define PMN_V_CMP(op) PMN_V_OP(op, bool)
 PMN_V_BIN(+) PMN_V_BIN(-) PMN_V_BIN(*) PMN_V_BIN(/) PMN_V_BIN(%)
 PMN_V_BIN(&) PMN_V_BIN(|) PMN_V_BIN(^) PMN_V_BIN(<<) PMN_V_BIN(>>)
-#undef PMN_V_BIN
-
-#define PMN_V_CMP(op)                                                                        \
-  template <class T, int N>                                                                  \
-  PMN_FN vec<bool, N> operator op(const vec<T, N>& a, const vec<T, N>& b) {                  \
-    return detail::vzip<bool>(a, b, [](const T& p, const T& q) { return p op q; });          \
-  }                                                                                          \
-  template <class T, int N>                                                                  \
-  PMN_FN vec<bool, N> operator op(const vec<T, N>& a, const typename detail::ident<T>::type& b) { \
-    return a op vec<T, N>(b);                                                                \
-  }                                                                                          \
-  template <class T, int N>                                                                  \
-  PMN_FN vec<bool, N> operator op(const typename detail::ident<T>::type& a, const vec<T, N>& b) { \
-    return vec<T, N>(a) op b;                                                                \
-  }
 PMN_V_CMP(==) PMN_V_CMP(!=) PMN_V_CMP(<) PMN_V_CMP(<=) PMN_V_CMP(>) PMN_V_CMP(>=)
 PMN_V_CMP(&&) PMN_V_CMP(||)
+#undef PMN_V_BIN
 #undef PMN_V_CMP
+#undef PMN_V_OP
 
 template <class T, int N> PMN_FN vec<T, N> operator-(const vec<T, N>& a) {
   return detail::vmap<T>(a, [](const T& p) { return -p; });
@@ -768,22 +758,14 @@ template <class T, int N> PMN_FN vec<T, N> min_(const vec<T, N>& a, const vec<T,
 }
 }  // namespace detail
 
-template <class A, class B> PMN_FN detail::promote_t<A, B> max(const A& a, const B& b) {
-  typedef detail::promote_t<A, B> R;
-  return detail::max_(R(a), R(b));
-}
-template <class A, class B> PMN_FN detail::promote_t<A, B> min(const A& a, const B& b) {
-  typedef detail::promote_t<A, B> R;
-  return detail::min_(R(a), R(b));
-}
-template <class A, class B> PMN_FN detail::promote_t<A, B> fmax(const A& a, const B& b) {
-  typedef detail::promote_t<A, B> R;
-  return detail::max_(R(a), R(b));
-}
-template <class A, class B> PMN_FN detail::promote_t<A, B> fmin(const A& a, const B& b) {
-  typedef detail::promote_t<A, B> R;
-  return detail::min_(R(a), R(b));
-}
+// max / min and fmax / fmin (the same functions here) of a and b in their promoted common type.
+#define PMN_MINMAX(name, impl)                                                             \
+  template <class A, class B> PMN_FN detail::promote_t<A, B> name(const A& a, const B& b) { \
+    typedef detail::promote_t<A, B> R;                                                      \
+    return detail::impl(R(a), R(b));                                                        \
+  }
+PMN_MINMAX(max, max_) PMN_MINMAX(min, min_) PMN_MINMAX(fmax, max_) PMN_MINMAX(fmin, min_)
+#undef PMN_MINMAX
 template <class A, class B, class C>
 PMN_FN detail::promote3_t<A, B, C> clamp(const A& x, const B& lo, const C& hi) {
   typedef detail::promote3_t<A, B, C> R;
@@ -947,26 +929,18 @@ using namespace ::pmn;
 namespace fast {
 using namespace ::pmn;
 #ifdef PMN_CUDA
-PMN_FN float ex2_approx(float x) {
-  float r;
-  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(r) : "f"(x));
-  return r;
-}
-PMN_FN float lg2_approx(float x) {
-  float r;
-  asm("lg2.approx.ftz.f32 %0, %1;" : "=f"(r) : "f"(x));
-  return r;
-}
-PMN_FN float tanh_approx(float x) {
-  float r;
-  asm("tanh.approx.f32 %0, %1;" : "=f"(r) : "f"(x));
-  return r;
-}
-PMN_FN float sqrt_approx(float x) {
-  float r;
-  asm("sqrt.approx.f32 %0, %1;" : "=f"(r) : "f"(x));
-  return r;
-}
+// One PTX instruction on a float (the approximations fast:: maps to).
+#define PMN_PTX_F1(name, insn)                      \
+  PMN_FN float name(float x) {                      \
+    float r;                                        \
+    asm(insn : "=f"(r) : "f"(x));                   \
+    return r;                                       \
+  }
+PMN_PTX_F1(ex2_approx, "ex2.approx.ftz.f32 %0, %1;")
+PMN_PTX_F1(lg2_approx, "lg2.approx.ftz.f32 %0, %1;")
+PMN_PTX_F1(tanh_approx, "tanh.approx.f32 %0, %1;")
+PMN_PTX_F1(sqrt_approx, "sqrt.approx.f32 %0, %1;")
+#undef PMN_PTX_F1
 PMN_UNARY_F(::pmn::fast, exp, ::__expf(x))
 PMN_UNARY_F(::pmn::fast, exp2, ex2_approx(x))
 PMN_UNARY_F(::pmn::fast, exp10, ::__exp10f(x))
@@ -1012,13 +986,13 @@ struct site_t {
   unsigned id;  // per-file call-site id assigned by the front end, increasing in source order
 };
 
-enum class mem_flags : unsigned {
+enum class mem_flags : unsigned {  // bit flags, combined with | and tested with &
   mem_none = 0,
-  mem_device = 1,
-  mem_threadgroup = 2,
-  mem_texture = 4,
-  mem_threadgroup_imageblock = 8,
-  mem_object_data = 16,
+  mem_device = 1u << 0,
+  mem_threadgroup = 1u << 1,
+  mem_texture = 1u << 2,
+  mem_threadgroup_imageblock = 1u << 3,
+  mem_object_data = 1u << 4,
 };
 PMN_FN constexpr mem_flags operator|(mem_flags a, mem_flags b) {
   return mem_flags((unsigned)a | (unsigned)b);
@@ -1372,22 +1346,27 @@ template <class T> PMN_FN T simd_broadcast_first(site_t s, const T& v) {
 }
 #endif
 
-PMN_SIMD_REDUCE(simd_sum, op_add)
-PMN_SIMD_REDUCE(simd_product, op_mul)
-PMN_SIMD_REDUCE(simd_max, op_max)
-PMN_SIMD_REDUCE(simd_min, op_min)
-PMN_SIMD_REDUCE(simd_and, op_and)
-PMN_SIMD_REDUCE(simd_or, op_or)
-PMN_SIMD_REDUCE(simd_xor, op_xor)
-PMN_SIMD_SCAN(simd_prefix_inclusive_sum, op_add, false)
-PMN_SIMD_SCAN(simd_prefix_exclusive_sum, op_add, true)
-PMN_SIMD_SCAN(simd_prefix_inclusive_product, op_mul, false)
-PMN_SIMD_SCAN(simd_prefix_exclusive_product, op_mul, true)
-PMN_SIMD_SHUFFLE(simd_shuffle, SH_IDX)
-PMN_SIMD_SHUFFLE(simd_broadcast, SH_IDX)
-PMN_SIMD_SHUFFLE(simd_shuffle_xor, SH_XOR)
-PMN_SIMD_SHUFFLE(simd_shuffle_up, SH_UP)
-PMN_SIMD_SHUFFLE(simd_shuffle_down, SH_DOWN)
+// The reductions, scans and shuffles with their combining functions (detail::op_*, shuffle
+// modes), listed once: expanded here into each target's functions and, for the cpu's work-item
+// loops, in pmn_lockstep.h into their first steps.
+#define PMN_SIMD_FUNCTIONS(REDUCE, SCAN, SHUFFLE)    \
+  REDUCE(simd_sum, op_add)                           \
+  REDUCE(simd_product, op_mul)                       \
+  REDUCE(simd_max, op_max)                           \
+  REDUCE(simd_min, op_min)                           \
+  REDUCE(simd_and, op_and)                           \
+  REDUCE(simd_or, op_or)                             \
+  REDUCE(simd_xor, op_xor)                           \
+  SCAN(simd_prefix_inclusive_sum, op_add, false)     \
+  SCAN(simd_prefix_exclusive_sum, op_add, true)      \
+  SCAN(simd_prefix_inclusive_product, op_mul, false) \
+  SCAN(simd_prefix_exclusive_product, op_mul, true)  \
+  SHUFFLE(simd_shuffle, SH_IDX)                      \
+  SHUFFLE(simd_broadcast, SH_IDX)                    \
+  SHUFFLE(simd_shuffle_xor, SH_XOR)                  \
+  SHUFFLE(simd_shuffle_up, SH_UP)                    \
+  SHUFFLE(simd_shuffle_down, SH_DOWN)
+PMN_SIMD_FUNCTIONS(PMN_SIMD_REDUCE, PMN_SIMD_SCAN, PMN_SIMD_SHUFFLE)
 #undef PMN_SIMD_REDUCE
 #undef PMN_SIMD_SCAN
 #undef PMN_SIMD_SHUFFLE
@@ -1643,6 +1622,125 @@ PMN_FN void simdgroup_multiply(simdgroup_matrix<TD, 8, 8>& d, const simdgroup_ma
   simdgroup_multiply_accumulate(d, a, b, make_filled_simdgroup_matrix<TD, 8, 8>(TD(0)));
 }
 
+// --------------------------------------------------------------------------------------------
+// Tiles of simdgroup matrices: a pymetalnn extension whose Metal definition is plain MSL 2.3
+// (kernels/simdgroup_tile.h; the contract is in docs/dialect.md). Matrix arrays are row-major
+// grids of 8x8 blocks.
+//  * simdgroup_load_tile<R, C>(d, src, elements_per_row): d[r * C + c] = the block at rows 8r,
+//    columns 8c of src (threadgroup memory): R * C simdgroup_loads.
+//  * simdgroup_multiply_accumulate_tile<FM, FN>(c, a, b): a 16-deep product, A an FM x 2 grid,
+//    B 2 x FN, C FM x FN: c[i][j] = a[i][0] * b[0][j] + c[i][j], then a[i][1] * b[1][j] + that.
+// Why: each 8x8 operation alone maps to half a tensor-core instruction (m16n8k8 with rows 8..15
+// zeroed) and a transpose of B per product. With the whole tile in view, cuda issues one
+// mma.sync.m16n8k16 per two row blocks x one column block (the a0..a3 fragment of m16n8k16 is
+// exactly the four half pairs of a[2p][0], a[2p+1][0], a[2p][1], a[2p+1][1] in our layout; C's
+// c0c1 / c2c3 are c[2p][j] and c[2p+1][j]), transposes each B block once, and loads four
+// blocks per ldmatrix where the rows are 16-byte aligned shared memory (one warp-uniform check
+// per tile instead of one alignment branch per block). Float accumulators: the tensor core's
+// order of the 16 sums. Half accumulators: one rounding to half per 16-deep product instead of
+// two (at least as accurate). Other operand types and the cpu run the 8x8 operations.
+// In pmn::ext (the translator qualifies the calls): a source compiled as Metal sees (fake metal
+// backend: the cpu translator without __PYMETALNN__) defines the same names itself.
+// --------------------------------------------------------------------------------------------
+namespace ext {
+template <int R, int C, class T>
+PMN_FN void simdgroup_load_tile(simdgroup_matrix<T, 8, 8>* d, const typename detail::ident<T>::type* src,
+                                pmn_ulong elements_per_row) {
+#ifdef PMN_CUDA
+  if constexpr (sizeof(T) == 2 && (R * C) % 4 == 0) {
+    const unsigned long long at = reinterpret_cast<unsigned long long>(src);
+    unsigned shared, s;
+    asm("{ .reg .pred p; isspacep.shared p, %1; selp.u32 %0, 1, 0, p; }" : "=r"(shared) : "l"(at));
+    asm("cvt.u32.u64 %0, %1;" : "=r"(s) : "l"(at));  // low bits: alignment only
+    const bool ok = shared != 0u && ((s | unsigned(elements_per_row * 2u)) & 15u) == 0;
+    if (__all_sync(0xffffffffu, ok)) {
+      // lanes 8q..8q+7 give the row addresses of block m + q (row l % 8); register q receives it.
+      // The lane's part of the offset is the same for every m (m is a multiple of 4 and so is C,
+      // or C < 4 divides 4): one constant per instruction on top of it.
+      static_assert(C % 4 == 0 || 4 % C == 0, "simdgroup_load_tile: C must divide 4 or be a multiple of 4");
+      // threadIdx.x & 31 (1-D threadgroups, as the translator's thread_index_in_simdgroup): a plain
+      // register read that the compiler hoists, unlike %laneid
+      const unsigned l = threadIdx.x & 31u, q = l >> 3, rr = l & 7u, ld = unsigned(elements_per_row);
+      const unsigned lane_off = C % 4 == 0 ? rr * ld + q * 8u : ((q / unsigned(C)) * 8u + rr) * ld + (q % unsigned(C)) * 8u;
+      unsigned long long sa;
+      asm("cvta.to.shared.u64 %0, %1;" : "=l"(sa) : "l"(at));
+      s = unsigned(sa) + lane_off * 2u;
+#pragma unroll
+      for (int m = 0; m < R * C; m += 4) {
+        const unsigned addr = s + ((unsigned(m / C) * 8u) * ld + unsigned(m % C) * 8u) * 2u;
+        unsigned r0, r1, r2, r3;
+        asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];"
+                     : "=r"(r0), "=r"(r1), "=r"(r2), "=r"(r3)
+                     : "r"(addr));
+        memcpy(d[m].e, &r0, 4);
+        memcpy(d[m + 1].e, &r1, 4);
+        memcpy(d[m + 2].e, &r2, 4);
+        memcpy(d[m + 3].e, &r3, 4);
+      }
+      return;
+    }
+  }
+#endif
+  for (int r = 0; r < R; ++r)
+    for (int c = 0; c < C; ++c)
+      simdgroup_load(d[r * C + c], src + pmn_ulong(8 * r) * elements_per_row + pmn_ulong(8 * c), elements_per_row);
+}
+
+template <int FM, int FN, class TC, class T>
+PMN_FN void simdgroup_multiply_accumulate_tile(simdgroup_matrix<TC, 8, 8>* c, const simdgroup_matrix<T, 8, 8>* a,
+                                               const simdgroup_matrix<T, 8, 8>* b) {
+#ifdef PMN_CUDA
+  using detail::same_;
+  if constexpr (same_<T, half>::value && (same_<TC, float>::value || same_<TC, half>::value)) {
+    unsigned bt[2 * FN];  // B in the m16n8k16 B-fragment layout: b0 = k 0..7, b1 = k 8..15
+#pragma unroll
+    for (int j = 0; j < 2 * FN; ++j) bt[j] = detail::transpose_h2(detail::pair_bits(b[j].e));
+#pragma unroll
+    for (int i = 0; i < FM; i += 2) {
+      const bool two = i + 1 < FM;  // an odd last row block runs with rows 8..15 zero
+      const unsigned a0 = detail::pair_bits(a[2 * i].e), a2 = detail::pair_bits(a[2 * i + 1].e);
+      const unsigned a1 = two ? detail::pair_bits(a[2 * i + 2].e) : 0u;
+      const unsigned a3 = two ? detail::pair_bits(a[2 * i + 3].e) : 0u;
+#pragma unroll
+      for (int j = 0; j < FN; ++j) {
+        simdgroup_matrix<TC, 8, 8>& lo = c[i * FN + j];
+        simdgroup_matrix<TC, 8, 8>& hi = c[(two ? i + 1 : i) * FN + j];
+        if constexpr (same_<TC, float>::value) {
+          float d0, d1, d2, d3;
+          asm("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
+              "{%8,%9}, {%10,%11,%12,%13};"
+              : "=f"(d0), "=f"(d1), "=f"(d2), "=f"(d3)
+              : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(bt[j]), "r"(bt[FN + j]), "f"(lo.e[0]), "f"(lo.e[1]),
+                "f"(two ? hi.e[0] : 0.f), "f"(two ? hi.e[1] : 0.f));
+          lo.e[0] = d0;
+          lo.e[1] = d1;
+          if (two) {
+            hi.e[0] = d2;
+            hi.e[1] = d3;
+          }
+        } else {
+          unsigned d0, d1;
+          asm("mma.sync.aligned.m16n8k16.row.col.f16.f16.f16.f16 {%0,%1}, {%2,%3,%4,%5}, {%6,%7}, "
+              "{%8,%9};"
+              : "=r"(d0), "=r"(d1)
+              : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(bt[j]), "r"(bt[FN + j]), "r"(detail::pair_bits(lo.e)),
+                "r"(two ? detail::pair_bits(hi.e) : 0u));
+          memcpy(lo.e, &d0, 4);
+          if (two) memcpy(hi.e, &d1, 4);
+        }
+      }
+    }
+    return;
+  }
+#endif
+  for (int i = 0; i < FM; ++i)
+    for (int j = 0; j < FN; ++j) {
+      simdgroup_multiply_accumulate(c[i * FN + j], a[2 * i], b[j], c[i * FN + j]);
+      simdgroup_multiply_accumulate(c[i * FN + j], a[2 * i + 1], b[FN + j], c[i * FN + j]);
+    }
+}
+}  // namespace ext
+
 // ============================================================================================
 // Atomics. 4-byte objects; functions take `volatile A*` so plain and volatile pointers both
 // bind. Metal only guarantees memory_order_relaxed; stronger orders add fences (cuda) or map to
@@ -1777,13 +1875,19 @@ PMN_FN bool atomic_compare_exchange_weak_explicit(
 #endif
 }
 
-#ifdef PMN_CUDA
-#define PMN_ATOMIC_RMW(name, cuda_int, cuda_float)                                          \
+// atomic_fetch_<op>_explicit(object o, operand d, order ord) with a body (the rest of the
+// arguments) in which T is the value type: the definition both targets share.
+#define PMN_ATOMIC_RMW_DEF(name, ...)                                                      \
   template <class A>                                                                       \
   PMN_FN detail::atom_t<A> name(volatile A* o,                                             \
                                 typename detail::ident<detail::atom_t<A>>::type d,         \
                                 memory_order ord) {                                        \
     typedef detail::atom_t<A> T;                                                           \
+    __VA_ARGS__                                                                            \
+  }
+#ifdef PMN_CUDA
+#define PMN_ATOMIC_RMW(name, cuda_int, cuda_float)                                          \
+  PMN_ATOMIC_RMW_DEF(name,                                                                 \
     detail::fence_before(ord);                                                             \
     T r;                                                                                   \
     if constexpr (detail::same_<T, float>::value) {                                        \
@@ -1792,8 +1896,7 @@ PMN_FN bool atomic_compare_exchange_weak_explicit(
       r = cuda_int(detail::ptr(o), d);                                                     \
     }                                                                                      \
     detail::fence_after(ord);                                                              \
-    return r;                                                                              \
-  }
+    return r;)
 #define PMN_NO_FLOAT r = detail::no_float<T>()
 PMN_ATOMIC_RMW(atomic_fetch_add_explicit, atomicAdd, r = atomicAdd(detail::ptr(o), d))
 PMN_ATOMIC_RMW(atomic_fetch_sub_explicit, atomicSub, r = atomicAdd(detail::ptr(o), -d))
@@ -1804,18 +1907,13 @@ PMN_ATOMIC_RMW(atomic_fetch_or_explicit, atomicOr, PMN_NO_FLOAT)
 PMN_ATOMIC_RMW(atomic_fetch_xor_explicit, atomicXor, PMN_NO_FLOAT)
 #else
 #define PMN_ATOMIC_RMW(name, int_expr, float_fn)                                            \
-  template <class A>                                                                       \
-  PMN_FN detail::atom_t<A> name(volatile A* o,                                             \
-                                typename detail::ident<detail::atom_t<A>>::type d,         \
-                                memory_order ord) {                                        \
-    typedef detail::atom_t<A> T;                                                           \
+  PMN_ATOMIC_RMW_DEF(name,                                                                 \
     if constexpr (detail::same_<T, float>::value) {                                        \
       return detail::cas_float(o, ord, [d](float x) { return float_fn; });                 \
     } else {                                                                               \
       T* p = detail::ptr(o);                                                               \
       return int_expr;                                                                     \
-    }                                                                                      \
-  }
+    })
 #define PMN_NO_FLOAT detail::no_float<T>()
 // min/max for integers: CAS loop via __atomic (no fetch_min builtin before GCC 13).
 namespace detail {
@@ -1839,6 +1937,7 @@ PMN_ATOMIC_RMW(atomic_fetch_or_explicit, __atomic_fetch_or(p, d, detail::mo(ord)
 PMN_ATOMIC_RMW(atomic_fetch_xor_explicit, __atomic_fetch_xor(p, d, detail::mo(ord)), PMN_NO_FLOAT)
 #endif
 #undef PMN_ATOMIC_RMW
+#undef PMN_ATOMIC_RMW_DEF
 #undef PMN_NO_FLOAT
 
 }  // namespace pmn
