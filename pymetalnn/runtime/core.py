@@ -464,8 +464,8 @@ class Device:
         check reports; e.g. loss.metal's label check): zero while nothing failed. A kernel that
         finds bad input sets them instead of reading out of bounds; check_status, queued after
         it, turns them into an AsyncError and clears them. Made once, before any capture."""
-        if self._status is None:
-            self._status = self.buffer(nbytes=STATUS_WORDS * 4)
+        if self._status is None:  # not through the allocation hook: no op's output
+            self._status = self._new_buffer(STATUS_WORDS * 4, zero=True)
         return self._status
 
     def check_status(self, message: Callable[[np.ndarray], str], kernel: str,
@@ -605,6 +605,7 @@ class Device:
     def _begin_capture(self, rec: Recording) -> None:
         if self._recording is not None:
             raise RuntimeError("capture: already capturing")
+        self.status_buffer()  # allocated (and zeroed) outside the recording
         self._recording = rec
 
     def _end_capture(self, rec: Recording) -> None:
