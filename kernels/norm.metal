@@ -32,7 +32,10 @@
 // (norm_part_vec, norm_apply_vec: 4 float / 8 half per access, one plane lookup per chunk), which
 // the host takes when the layout allows (aligned buffers; runs of a row, resp. planes, that fit
 // whole chunks); the scalar partials issue 8 loads per thread before using them and merge them
-// as one Welford block. The apply kernels give the same bits in either form.
+// as one Welford block. The apply kernels give the same bits in either form. The forward's
+// 16-byte-chunk statistics are shifted sums (sum of x - K and its square, K a value of the same
+// row) rather than Welford merges, and batch norm planes that are short and not whole chunks
+// (17x17) get one simdgroup per plane over the aligned chunks covering it (norm_part_planes).
 // Layer norm (layer_norm_*, its own kernels): rows of D contiguous elements, each normalized by
 // one tile of SW threads (two passes over the row: a mean, then the variance and a correction of
 // the mean around it, ln_stats); the backward recomputes the row's statistics the same way (the
