@@ -18,7 +18,9 @@ from pymetalnn import functional as F
 from pymetalnn.ops import norm as ops
 
 BN_SHAPES = [(2, 3), (5, 33), (70, 5), (1, 32, 5, 7), (3, 31, 4, 9), (2, 33, 3, 3), (4, 5, 40),
-             (4, 3, 10, 10), (7, 1, 2, 3)]
+             (4, 3, 10, 10), (7, 1, 2, 3),
+             # planes that are not whole 16-byte chunks, short enough for norm_part_planes
+             (8, 3, 17, 17), (2, 4, 7, 7)]
 
 
 def _tol(dtype, scale=1.0, offset=0.0, w=None):
@@ -489,13 +491,14 @@ def test_norm_apply_chunks_match_scalar(dev, dtype):
 @pytest.mark.parametrize("dtype", [np.float32, np.float16])
 def test_norm_stats_chunks(dev, dtype):
     """Training statistics from the 16-byte-chunk partials (aligned input, HW a multiple of the
-    chunk) and from the scalar ones (a misaligned view) both match float64, data offset far from
-    zero included (the chunk Welford merge keeps the variance)."""
+    chunk; per plane, masked, for 17x17) and from the scalar ones (a misaligned view) both match
+    float64, data offset far from zero included (the chunk Welford merge keeps the variance)."""
     if not dev.supports_views:
         pytest.skip(f"{dev.name} binds whole buffers only")
     isz = np.dtype(dtype).itemsize
     for k, (shape, off) in enumerate([((4, 3, 8, 8), 0.0), ((3, 5, 4, 16), 50.0),
-                                      ((2, 33, 16), 0.0), ((40, 2, 8, 8), 0.0)]):
+                                      ((2, 33, 16), 0.0), ((40, 2, 8, 8), 0.0),
+                                      ((8, 3, 17, 17), 50.0)]):
         c = shape[1]
         x = _data(shape, dtype, 40 + k, offset=off)
         w, b = _params(c, 50 + k)

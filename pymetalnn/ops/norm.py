@@ -71,10 +71,17 @@ CPU_ITEMS = 64
 # loops: 256x1000 forward 8.7 -> 2.0 ms, backward 13 -> 3.0 ms on one worker). 0: the GPU rule.
 CPU_LN_SW = 32
 COLUMN_MODE_HW = 32   # batch norm with fewer positions per plane reads columns
+# norm_part_planes (batch norm forward statistics, HW not a multiple of the 16-byte chunk): planes
+# of fewer than this many chunks, which one step of PLANE_U chunks per lane covers; longer planes
+# (35x35) keep norm_part's threadgroup chunks
+PLANES_MAX_CHUNKS = 126
 # Kernel choice, for benchmarks/dev_membound.py's comparisons: "auto" (the 16-byte-chunk
-# kernels norm_part_vec / norm_apply_vec where the layout allows, else the scalar ones), "scalar"
+# kernels norm_part_vec / norm_apply_vec where the layout allows, norm_part_planes for the
+# forward statistics of short planes that are not whole chunks, else the scalar ones), "scalar"
 # (the scalar kernels everywhere), "scalar_u1" (the scalar kernels with the statistics loop of
-# one element per step, the earlier production).
+# one element per step, the earlier production), "vec_welford" (the production before the
+# shifted sums and norm_part_planes: norm_part_vec's forward statistics as a Welford block per
+# chunk, the scalar norm_part for planes that are not whole chunks).
 KERNELS = "auto"
 
 # ---- validation ------------------------------------------------------------------------------
@@ -261,7 +268,8 @@ def _partials(dev: Device, p: NormParams, x: Tensor, dy: Tensor | None, mean: Te
               fwd: tuple[Tensor, Tensor | None, Tensor | None] | None = None) -> Tensor:
     """norm_stats_{fwd,bwd}[_cols][_act]: Welford partials of x, or (sum g, sum g (x - mean))
     with g = dy, or g = act'(z) dy when p.act and fwd = (invstd, weight, bias) give the forward's
-    pre-activation z (batch norm's fused activation)."""
+    pre-activation z (batch norm's fused activation). Sets p.chunks = p.parts = N where it picks
+    norm_part_planes (one partial per plane, the finalize's layout)."""
     bwd = dy is not None
     act = "_act" if bwd and p.act else ""
     if p.cols:
@@ -273,9 +281,20 @@ def _partials(dev: Device, p: NormParams, x: Tensor, dy: Tensor | None, mean: Te
         w = 16 // x.dtype.itemsize
         # 16-byte chunks (norm_part_vec) when no chunk straddles two runs of a row and every
         # chunk is aligned
-        vec = KERNELS == "auto" and p.inner_len % w == 0 and p.dy_nstride % w == 0 and \
+        vec = KERNELS in ("auto", "vec_welford") and p.inner_len % w == 0 and p.dy_nstride % w == 0 and \
             x.buffer.offset % 16 == 0 and (dy is None or dy.buffer.offset % 16 == 0)
         form = "_vec" if vec else ("_u1" if KERNELS == "scalar_u1" else "")
+        if vec and not bwd and KERNELS == "vec_welford":
+            form = "_vec_welford"
+        # batch norm forward, planes of a few chunks that are not whole chunks (17x17, 7x7):
+        # one simdgroup per plane over the aligned chunks covering it (norm_part_planes); its
+        # N partials per channel are the finalize's chunks
+        if not vec and not bwd and KERNELS == "auto" and p.outer_stride and \
+                p.HW < PLANES_MAX_CHUNKS * w and p.total % w == 0 and x.buffer.offset % 16 == 0:
+            form = "_planes"
+            p.chunks = p.parts = p.N
+            count = p.N * p.C
+            groups = -(-count * 32 // TG)
         name = f"norm_stats_{'bwd' if bwd else 'fwd'}{act}{form}_{suffix(x.dtype)}"
     part = empty((count, 4), float32, dev)
     d = dummy(dev)
@@ -292,6 +311,7 @@ def _stats(dev: Device, p: NormParams, x: Tensor, running_mean: Tensor | None = 
     """Per statistics row: (mean, invstd); updates running estimates when p.has_running.
     bn_coef = (weight, bias, coef): batch norm, whose forward coefficients per channel are
     written into coef by the same kernel (batch_norm_finalize_fwd)."""
+    p = type(p).from_buffer_copy(p)  # _partials may re-plan the chunks for its kernel
     part = _partials(dev, p, x, None, None)
     mean, invstd = empty((p.rows,), float32, dev), empty((p.rows,), float32, dev)
     d = dummy(dev)
@@ -317,7 +337,7 @@ def _apply(dev: Device, p: NormParams, u: Tensor, v: Tensor | None, coef: Tensor
     kind = f"{'bwd' if v is not None else 'fwd'}{act}"
     w = 16 // u.dtype.itemsize
     strided = p.out_nstride or p.dy_nstride
-    if KERNELS == "auto" and (p.HW % w == 0 or p.HW >= w) and \
+    if KERNELS in ("auto", "vec_welford") and (p.HW % w == 0 or p.HW >= w) and \
             (not strided or ((p.C * p.HW) % w == 0 and p.out_nstride % w == 0
                              and p.dy_nstride % w == 0)) and \
             all(t.buffer.offset % 16 == 0 for t in (u, v, out) if t is not None):
