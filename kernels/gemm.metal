@@ -629,7 +629,66 @@ inline void gemm_stash_mma2(threadgroup T* tile, thread const vec<T, 4>* regs, b
 // operations as gemm_mma. The threadgroup's 8 simdgroups form a WGM x (8 / WGM) grid, each
 // owning a (BM / WGM) x (BN / (8 / WGM)) block of C; tile rows are 16-byte aligned (ldmatrix):
 // the slices live in a float4 array, and the pitches BK + 8, BN + 8 are multiples of 8 halves.
-template <typename T, typename ACC, typename TC, int BM, int BN, int BK, int WGM>
+// PF: how many slices ahead the global loads run. PF = 1 is gemm_mma's double buffering; PF = 2
+// keeps two register sets in flight (the loop is unrolled by two so that each set has fixed
+// registers), so a load has two slices of products to arrive in, not one: on a GPU with one or
+// two threadgroups per core that is what hides global memory latency.
+
+// Global -> registers for slice (kt, b) of the walk (batch entry b, K slice kt).
+template <typename T, int BM, int BN, int BK, int NLA, int NLB>
+inline void gemm_mma2_fetch(thread vec<T, 4>* ra, thread vec<T, 4>* rb, device const T* A,
+                            device const T* B, constant GemmParams& p, uint kt, uint b, bool rca,
+                            bool rcb, bool fa, bool fb, uint m0, uint n0, uint tid, GemmOff oa,
+                            GemmOff ob) {
+    uint k0 = kt * uint(BK);
+    bool fk = k0 + uint(BK) <= p.K;
+    gemm_fetch_mma<T, BM, BK, NLA>(ra, A + (ulong)b * p.stride_a, p.lda, rca, fa && fk, m0, k0,
+                                   p.M, p.K, tid, oa);
+    gemm_fetch_mma<T, BN, BK, NLB>(rb, B + (ulong)b * p.stride_b, p.ldb, rcb, fb && fk, n0, k0,
+                                   p.N, p.K, tid, ob);
+}
+
+// The products of one BK-deep slice (buffer at sa, sb: the simdgroup's rows / columns).
+template <typename T, typename ACC, int BK, int FM, int FN, int PA, int PB>
+inline void gemm_mma2_slice(thread simdgroup_matrix<ACC, 8, 8>* acc, threadgroup const T* sa,
+                            threadgroup const T* sb) {
+#pragma unroll
+    for (int kk = 0; kk < BK; kk += 16) {
+        simdgroup_matrix<T, 8, 8> ma[FM * 2];
+        simdgroup_matrix<T, 8, 8> mb[2 * FN];
+        simdgroup_load_tile<FM, 2>(ma, sa + kk, PA);
+        simdgroup_load_tile<2, FN>(mb, sb + kk * PB, PB);
+        simdgroup_multiply_accumulate_tile<FM, FN>(acc, ma, mb);
+    }
+}
+
+// Slice u of the loop, up to its barrier: fetch slice u + PF (at cursor kt, b, when `fetch`; into
+// fa_set / fb_set), products on buffer `cur`, stash slice u + 1 (from sa_set / sb_set) into
+// buffer cur ^ 1 (when `stash`).
+template <typename T, typename ACC, int BM, int BN, int BK, int FM, int FN, int PA, int PB,
+          int NLA, int NLB>
+inline void gemm_mma2_step(thread simdgroup_matrix<ACC, 8, 8>* acc, thread vec<T, 4>* fa_set,
+                           thread vec<T, 4>* fb_set, thread const vec<T, 4>* sa_set,
+                           thread const vec<T, 4>* sb_set, threadgroup T* As, threadgroup T* Bs,
+                           threadgroup const T* sa0, threadgroup const T* sb0, uint cur,
+                           bool fetch, bool stash, device const T* A, device const T* B,
+                           constant GemmParams& p, uint kt, uint b, bool rca, bool rcb, bool fa,
+                           bool fb, uint m0, uint n0, uint tid, GemmOff oa, GemmOff ob) {
+    if (fetch) {
+        gemm_mma2_fetch<T, BM, BN, BK, NLA, NLB>(fa_set, fb_set, A, B, p, kt, b, rca, rcb, fa, fb,
+                                                 m0, n0, tid, oa, ob);
+    }
+    gemm_mma2_slice<T, ACC, BK, FM, FN, PA, PB>(acc, sa0 + cur * uint(BM * PA),
+                                                sb0 + cur * uint(BK * PB));
+    if (stash) {
+        gemm_stash_mma2<T, BM, BK, NLA, PA, false>(As + (cur ^ 1u) * uint(BM * PA), sa_set, rca,
+                                                   tid, oa);
+        gemm_stash_mma2<T, BN, BK, NLB, PB, true>(Bs + (cur ^ 1u) * uint(BK * PB), sb_set, rcb,
+                                                  tid, ob);
+    }
+}
+
+template <typename T, typename ACC, typename TC, int BM, int BN, int BK, int WGM, int PF>
 [[max_total_threads_per_threadgroup(256)]]
 kernel void gemm_mma2(device const T* A [[buffer(0)]], device const T* B [[buffer(1)]],
                       device TC* C [[buffer(2)]], device const T* bias [[buffer(3)]],
@@ -676,57 +735,63 @@ kernel void gemm_mma2(device const T* A [[buffer(0)]], device const T* B [[buffe
     simdgroup_matrix<ACC, 8, 8> acc[FM * FN];
 #pragma unroll
     for (int i = 0; i < FM * FN; ++i) acc[i] = make_filled_simdgroup_matrix<ACC, 8, 8>(ACC(0));
-    vec<T, 4> ra[NLA];
-    vec<T, 4> rb[NLB];
+    vec<T, 4> ra0[NLA], ra1[NLA];  // register sets: PF = 1 uses the first only
+    vec<T, 4> rb0[NLB], rb1[NLB];
     bool fa = va && m0 + uint(BM) <= p.M, fb = vb && n0 + uint(BN) <= p.N;
     GemmOff oa = gemm_offsets<BM, BK, PA, false>(p.lda, rca, tid);
     GemmOff ob = gemm_offsets<BN, BK, PB, true>(p.ldb, rcb, tid);
 
     if (t0 < t1) {
-        uint k0 = kt * uint(BK);
-        bool fk = k0 + uint(BK) <= p.K;
-        gemm_fetch_mma<T, BM, BK, NLA>(ra, A + (ulong)b * p.stride_a, p.lda, rca, fa && fk, m0,
-                                       k0, p.M, p.K, tid, oa);
-        gemm_fetch_mma<T, BN, BK, NLB>(rb, B + (ulong)b * p.stride_b, p.ldb, rcb, fb && fk, n0,
-                                       k0, p.N, p.K, tid, ob);
-        gemm_stash_mma2<T, BM, BK, NLA, PA, false>(As, ra, rca, tid, oa);
-        gemm_stash_mma2<T, BN, BK, NLB, PB, true>(Bs, rb, rcb, tid, ob);
-    }
-    threadgroup_barrier(mem_flags::mem_threadgroup);
-
-    uint cur = 0;
-    for (uint t = t0; t < t1; ++t) {
-        bool more = t + 1u < t1;
-        if (more) {
+        gemm_mma2_fetch<T, BM, BN, BK, NLA, NLB>(ra0, rb0, A, B, p, kt, b, rca, rcb, fa, fb, m0,
+                                                 n0, tid, oa, ob);
+        gemm_stash_mma2<T, BM, BK, NLA, PA, false>(As, ra0, rca, tid, oa);
+        gemm_stash_mma2<T, BN, BK, NLB, PB, true>(Bs, rb0, rcb, tid, ob);
+        if (PF == 2 && t0 + 1u < t1) {
             if (++kt == kt_n) {
                 kt = 0;
                 ++b;
             }
-            uint k0 = kt * uint(BK);
-            bool fk = k0 + uint(BK) <= p.K;
-            gemm_fetch_mma<T, BM, BK, NLA>(ra, A + (ulong)b * p.stride_a, p.lda, rca, fa && fk,
-                                           m0, k0, p.M, p.K, tid, oa);
-            gemm_fetch_mma<T, BN, BK, NLB>(rb, B + (ulong)b * p.stride_b, p.ldb, rcb, fb && fk,
-                                           n0, k0, p.N, p.K, tid, ob);
+            gemm_mma2_fetch<T, BM, BN, BK, NLA, NLB>(ra1, rb1, A, B, p, kt, b, rca, rcb, fa, fb,
+                                                     m0, n0, tid, oa, ob);
         }
-        threadgroup const T* sa = As + cur * uint(BM * PA) + wm0 * uint(PA);
-        threadgroup const T* sb = Bs + cur * uint(BK * PB) + wn0;
-#pragma unroll
-        for (int kk = 0; kk < BK; kk += 16) {
-            simdgroup_matrix<T, 8, 8> ma[FM * 2];
-            simdgroup_matrix<T, 8, 8> mb[2 * FN];
-            simdgroup_load_tile<FM, 2>(ma, sa + kk, PA);
-            simdgroup_load_tile<2, FN>(mb, sb + kk * PB, PB);
-            simdgroup_multiply_accumulate_tile<FM, FN>(acc, ma, mb);
+    }
+    threadgroup_barrier(mem_flags::mem_threadgroup);
+
+    // slice t: fetch slice t + PF into one register set, products on buffer `cur`, stash slice
+    // t + 1 (the other set for PF = 2, the same one for PF = 1) into buffer cur ^ 1. (kt, b):
+    // the last slice fetched, stepped before each fetch.
+    uint cur = 0;
+    threadgroup const T* sa0 = As + wm0 * uint(PA);
+    threadgroup const T* sb0 = Bs + wn0;
+    for (uint t = t0; t < t1; t += uint(PF)) {
+        bool fetch = t + uint(PF) < t1;
+        if (fetch && ++kt == kt_n) {
+            kt = 0;
+            ++b;
         }
-        if (more) {
-            gemm_stash_mma2<T, BM, BK, NLA, PA, false>(As + (cur ^ 1u) * uint(BM * PA), ra, rca,
-                                                       tid, oa);
-            gemm_stash_mma2<T, BN, BK, NLB, PB, true>(Bs + (cur ^ 1u) * uint(BK * PB), rb, rcb,
-                                                      tid, ob);
+        if (PF == 1) {
+            gemm_mma2_step<T, ACC, BM, BN, BK, FM, FN, PA, PB, NLA, NLB>(
+                acc, ra0, rb0, ra0, rb0, As, Bs, sa0, sb0, cur, fetch, t + 1u < t1, A, B, p, kt,
+                b, rca, rcb, fa, fb, m0, n0, tid, oa, ob);
+        } else {
+            gemm_mma2_step<T, ACC, BM, BN, BK, FM, FN, PA, PB, NLA, NLB>(
+                acc, ra0, rb0, ra1, rb1, As, Bs, sa0, sb0, cur, fetch, t + 1u < t1, A, B, p, kt,
+                b, rca, rcb, fa, fb, m0, n0, tid, oa, ob);
         }
         threadgroup_barrier(mem_flags::mem_threadgroup);
         cur ^= 1u;
+        if (PF == 2 && t + 1u < t1) {
+            fetch = t + 3u < t1;
+            if (fetch && ++kt == kt_n) {
+                kt = 0;
+                ++b;
+            }
+            gemm_mma2_step<T, ACC, BM, BN, BK, FM, FN, PA, PB, NLA, NLB>(
+                acc, ra1, rb1, ra0, rb0, As, Bs, sa0, sb0, cur, fetch, t + 2u < t1, A, B, p, kt,
+                b, rca, rcb, fa, fb, m0, n0, tid, oa, ob);
+            threadgroup_barrier(mem_flags::mem_threadgroup);
+            cur ^= 1u;
+        }
     }
 
     bool vc = (p.flags & GEMM_VEC_C) != 0u;
@@ -834,17 +899,22 @@ GEMM_MMA_INST(mma64x64, 64, 64, 16)
 GEMM_MMA_INST(mma64x64k32, 64, 64, 32)
 GEMM_MMA_INST(mma128x64, 128, 64, 32)
 
-// gemm_mma2 tiles: gemm_fwd_mma2_<BM>x<BN>k<BK>[w<WGM>]_<variant> (WGM: simdgroup rows, 4 unless
-// named). Threadgroup memory past Apple's 32 KiB (128x128k32: 37 KB) only runs on cuda (tile_fits).
-#define GEMM_MMA2_INST(TILE, BM, BN, BK, WGM)                                                    \
-    GEMM_KERNEL(gemm_fwd_##TILE##_half, gemm_mma2, half, float, half, BM, BN, BK, WGM)           \
-    GEMM_KERNEL(gemm_fwd_##TILE##_hacc_half, gemm_mma2, half, half, half, BM, BN, BK, WGM)       \
-    GEMM_KERNEL(gemm_fwd_##TILE##_splitk_half, gemm_mma2, half, float, float, BM, BN, BK, WGM)
-GEMM_MMA2_INST(mma2_128x128k16, 128, 128, 16, 4)
-GEMM_MMA2_INST(mma2_128x128k32, 128, 128, 32, 4)
-GEMM_MMA2_INST(mma2_64x64k32, 64, 64, 32, 4)
-GEMM_MMA2_INST(mma2_128x64k32, 128, 64, 32, 4)
-GEMM_MMA2_INST(mma2_128x256k16w2, 128, 256, 16, 2)
+// gemm_mma2 tiles: gemm_fwd_mma2_<BM>x<BN>k<BK>[w<WGM>][p<PF>]_<variant> (WGM: simdgroup rows, 4
+// unless named; PF: slices of loads in flight, 1 unless named). Threadgroup memory past Apple's 32 KiB (128x128k32: 37 KB) only runs on cuda (tile_fits).
+#define GEMM_MMA2_INST(TILE, BM, BN, BK, WGM, PF)                                                \
+    GEMM_KERNEL(gemm_fwd_##TILE##_half, gemm_mma2, half, float, half, BM, BN, BK, WGM, PF)       \
+    GEMM_KERNEL(gemm_fwd_##TILE##_hacc_half, gemm_mma2, half, half, half, BM, BN, BK, WGM, PF)   \
+    GEMM_KERNEL(gemm_fwd_##TILE##_splitk_half, gemm_mma2, half, float, float, BM, BN, BK, WGM, PF)
+GEMM_MMA2_INST(mma2_128x128k16, 128, 128, 16, 4, 1)
+GEMM_MMA2_INST(mma2_128x128k32, 128, 128, 32, 4, 1)
+GEMM_MMA2_INST(mma2_64x64k32, 64, 64, 32, 4, 1)
+GEMM_MMA2_INST(mma2_128x64k32, 128, 64, 32, 4, 1)
+GEMM_MMA2_INST(mma2_128x256k16w2, 128, 256, 16, 2, 1)
+// p2: two slices of loads in flight
+GEMM_MMA2_INST(mma2_128x128k16p2, 128, 128, 16, 4, 2)
+GEMM_MMA2_INST(mma2_128x128k32p2, 128, 128, 32, 4, 2)
+GEMM_MMA2_INST(mma2_128x256k16w2p2, 128, 256, 16, 2, 2)
+GEMM_MMA2_INST(mma2_64x64k32p2, 64, 64, 32, 4, 2)
 
 #define GEMM_INST_PREC(VARIANT, T, ACC)                                \
     GEMM_KERNEL(gemm_fwd_splitk_sum_##VARIANT, gemm_splitk_sum, T, ACC)\

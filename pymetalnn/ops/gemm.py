@@ -117,6 +117,14 @@ TILES = {t.name: t for t in (Tile("128x128", 128, 128, 8, 1.0), Tile("64x64", 64
                                   gen=2),
                              Tile("mma2_128x256k16w2", 128, 256, 16, 4.4, variants=_HALF,
                                   matrix=True, gen=2),
+                             Tile("mma2_128x128k16p2", 128, 128, 16, 4.2, variants=_HALF,
+                                  matrix=True, gen=2),
+                             Tile("mma2_128x128k32p2", 128, 128, 32, 4.6, variants=_HALF,
+                                  matrix=True, gen=2),
+                             Tile("mma2_128x256k16w2p2", 128, 256, 16, 4.6, variants=_HALF,
+                                  matrix=True, gen=2),
+                             Tile("mma2_64x64k32p2", 64, 64, 32, 3.8, variants=_HALF,
+                                  matrix=True, gen=2),
                              Tile("cpu512x128", 512, 128, 16, 1.0, variants=_CPU, cpu=True),
                              Tile("cpu128x512", 128, 512, 16, 1.0, variants=_CPU, cpu=True))}
 MAX_SPLITS = 16
