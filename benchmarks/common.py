@@ -39,26 +39,28 @@ def time_host(fn: Callable[[], Any], sync: Callable[[], Any], warmup: int = 2, r
     return median_spread(samples)
 
 
-def time_cuda(fn: Callable[[], Any], warmup: int = 3, reps: int = 20) -> tuple[float, float]:
-    """Median seconds of fn() between CUDA events on the default stream.
+def time_cuda(fn: Callable[[], Any], warmup: int = 3, reps: int = 20, batch: int | None = None,
+              stream: Any = None) -> tuple[float, float]:
+    """Median seconds of fn() between CUDA events on `stream` (default: the current stream).
 
     One call per sample by default, the GPU idle before it: the host's launch latency is inside
-    the figure. PYMETALNN_BENCH_BATCH=k times k calls back to back per sample and divides by k:
-    the device's throughput, the host's cost hidden behind the previous call's kernels unless it
-    exceeds them (then the figure is the host's time per call: launch-bound)."""
+    the figure. batch=k (default PYMETALNN_BENCH_BATCH, else 1) times k calls back to back per
+    sample and divides by k: the device's throughput, the host's cost hidden behind the previous
+    call's kernels unless it exceeds them (then the figure is the host's time per call:
+    launch-bound)."""
     import cupy as cp
 
-    batch = max(1, int(os.environ.get("PYMETALNN_BENCH_BATCH", "1")))
+    batch = batch or max(1, int(os.environ.get("PYMETALNN_BENCH_BATCH", "1")))
     for _ in range(warmup):
         fn()
     cp.cuda.runtime.deviceSynchronize()
     samples = []
     for _ in range(reps):
         start, end = cp.cuda.Event(), cp.cuda.Event()
-        start.record()
+        start.record(stream)
         for _ in range(batch):
             fn()
-        end.record()
+        end.record(stream)
         end.synchronize()
         samples.append(cp.cuda.get_elapsed_time(start, end) / 1e3 / batch)
     return median_spread(samples)
@@ -72,14 +74,41 @@ def time_on(dev: pymetalnn.Device, fn: Callable[[], Any], quick: bool = False) -
     return time_host(fn, dev.synchronize, warmup=1, reps=3 if quick else 5)
 
 
-_COPY_GBS: dict[tuple[str, int], float] = {}
+def time_captured(dev: pymetalnn.Device, fn: Callable[[], Any], reps: int, batch: int
+                  ) -> tuple[float, float]:
+    """(seconds per call of fn's launches captured once (Device.capture, a CUDA graph) and
+    replayed, seconds per call of fn itself), each `batch` calls back to back per sample: the
+    kernels' device time without and with the Python wrapper's cost. Where the capture fails,
+    both are the eager time; off cuda, both are the host time of fn + synchronize."""
+    if dev.name != "cuda":
+        sec, _ = time_host(fn, dev.synchronize, warmup=1, reps=reps)
+        return sec, sec
+    stream = getattr(dev, "cp_stream", None)
+    eager = time_cuda(fn, 1, reps, batch, stream)[0]
+    fn()
+    dev.synchronize()
+    try:
+        with dev.capture() as rec:
+            keep = fn()  # noqa: F841 -- outputs stay referenced while the graph is replayed
+        graph = time_cuda(rec.replay, 1, reps, batch, stream)[0]
+    except Exception as e:  # report eager only
+        print(f"  capture failed ({type(e).__name__}: {str(e)[:80]}); eager time only")
+        try:
+            dev.synchronize()
+        except Exception:
+            pass
+        graph = eager
+    return graph, eager
 
 
-def copy_gbs(dev: pymetalnn.Device, nbytes: int) -> float:
+_COPY_GBS: dict[tuple[str, int, int | None], float] = {}
+
+
+def copy_gbs(dev: pymetalnn.Device, nbytes: int, batch: int | None = None, reps: int = 20) -> float:
     """The device's reference copy bandwidth for `nbytes` (bytes read + written / s / 1e9),
-    measured once per process and size: CuPy's device-to-device copy on cuda, numpy's copy
-    elsewhere. Memory-bound benchmarks report their GB/s as a ratio to this."""
-    key = (dev.name, nbytes)
+    measured once per process, size and batch (time_cuda's): CuPy's device-to-device copy on
+    cuda, numpy's copy elsewhere. Memory-bound benchmarks report their GB/s as a ratio to this."""
+    key = (dev.name, nbytes, batch)
     if key not in _COPY_GBS:
         n = nbytes // 4
         if dev.name == "cuda":
@@ -87,7 +116,8 @@ def copy_gbs(dev: pymetalnn.Device, nbytes: int) -> float:
 
             a = cp.ones(n, cp.float32)
             b = cp.empty_like(a)
-            sec, _ = time_cuda(lambda: b.data.copy_from_device(a.data, a.nbytes))
+            sec, _ = time_cuda(lambda: b.data.copy_from_device(a.data, a.nbytes), reps=reps,
+                               batch=batch)
         else:
             a = np.ones(n, np.float32)
             b = np.empty_like(a)

@@ -75,80 +75,15 @@ BATCH = 10  # calls between two events per sample
 
 # ---- timing ----------------------------------------------------------------------------------
 
-def _cuda_batched(fn: Callable[[], Any], stream: Any = None, reps: int = 10) -> float:
-    """Median seconds per call of BATCH back-to-back calls between two events."""
-    import cupy as cp
-
-    fn()
-    cp.cuda.runtime.deviceSynchronize()
-    samples = []
-    for _ in range(reps):
-        s, e = cp.cuda.Event(), cp.cuda.Event()
-        s.record(stream)
-        for _ in range(BATCH):
-            fn()
-        e.record(stream)
-        e.synchronize()
-        samples.append(cp.cuda.get_elapsed_time(s, e) / 1e3 / BATCH)
-    return float(np.median(samples))
-
-
-def time_ours(dev: pm.Device, fn: Callable[[], Any], quick: bool) -> tuple[float, float | None]:
-    """(device seconds per call of fn's launches replayed from a capture, seconds per call
-    eager back to back); cpu: host time of fn + synchronize, twice the same."""
-    if dev.name != "cuda":
-        sec, _ = common.time_host(fn, dev.synchronize, warmup=1, reps=2 if quick else 5)
-        return sec, sec
-    stream = getattr(dev, "cp_stream", None)
-    eager = _cuda_batched(fn, stream, 3 if quick else 10)
-    fn()
-    dev.synchronize()
-    try:
-        with dev.capture() as rec:
-            keep = fn()  # noqa: F841 -- outputs stay referenced while the graph is replayed
-        graph = _cuda_batched(rec.replay, stream, 3 if quick else 10)
-    except Exception as e:  # report eager only
-        print(f"  capture failed ({type(e).__name__}: {str(e)[:80]}); eager time only")
-        try:
-            dev.synchronize()
-        except Exception:
-            pass
-        graph = eager
-    return graph, eager
+def _reps(quick: bool) -> int:
+    return 3 if quick else 10
 
 
 def time_peer(dev: pm.Device, fn: Callable[[], Any], quick: bool) -> float:
     if dev.name == "cuda":
-        return _cuda_batched(fn, None, 3 if quick else 10)
+        return common.time_cuda(fn, 1, _reps(quick), BATCH)[0]
     sec, _ = common.time_host(fn, lambda: None, warmup=1, reps=2 if quick else 5)
     return sec
-
-
-def time_single(dev: pm.Device, fn: Callable[[], Any], quick: bool) -> float:
-    """The bench_* tables' method (common.time_on): one call between events."""
-    return common.time_on(dev, fn, quick)[0]
-
-
-_COPY: dict[int, float] = {}
-
-
-def copy_gbs(dev: pm.Device, nbytes: int, quick: bool) -> float:
-    """Copy bandwidth (read + write bytes / s) for `nbytes` moved, timed like the peers."""
-    if nbytes not in _COPY:
-        n = max(nbytes // 8, 1)  # n floats read + n written
-        if dev.name == "cuda":
-            import cupy as cp
-
-            a = cp.ones(n, cp.float32)
-            b = cp.empty_like(a)
-            sec = _cuda_batched(lambda: b.data.copy_from_device(a.data, a.nbytes), None,
-                                3 if quick else 10)
-        else:
-            a = np.ones(n, np.float32)
-            b = np.empty_like(a)
-            sec, _ = common.time_host(lambda: np.copyto(b, a), lambda: None, 1, 5)
-        _COPY[nbytes] = 2 * n * 4 / sec / 1e9
-    return _COPY[nbytes]
 
 
 # ---- helpers ---------------------------------------------------------------------------------
@@ -185,10 +120,6 @@ def torch_of(dev: pm.Device) -> Any:
 
     common.disable_tf32()
     return torch
-
-
-def tv(dev: pm.Device, t: pm.Tensor) -> Any:
-    return common.torch_view(dev, t)
 
 
 def scalar_norm(fn: Callable[[], Any], kind: str = "scalar_u1") -> Any:
@@ -789,11 +720,12 @@ def run_family(dev: pm.Device, fam: Family, dtype: Any, quick: bool, torch: Any)
     shape = fam.small if quick else fam.large
     ctx = fam.make(dev, shape, dtype)
     nbytes = fam.nbytes(ctx)
-    copy = copy_gbs(dev, nbytes, quick)
+    copy = common.copy_gbs(dev, nbytes // 2, BATCH, _reps(quick))  # nbytes: read + written
     peer_sec = None
     if fam.peer is not None:
         try:
-            views = {key: tv(dev, val) for key, val in ctx.items() if isinstance(val, pm.Tensor)}
+            views = {key: common.torch_view(dev, val) for key, val in ctx.items()
+                     if isinstance(val, pm.Tensor)}
             peer_sec = time_peer(dev, fam.peer(ctx, views), quick)
         except Exception as e:
             print(f"  {fam.name}: torch peer failed: {type(e).__name__}: {str(e)[:100]}")
@@ -804,7 +736,7 @@ def run_family(dev: pm.Device, fam: Family, dtype: Any, quick: bool, torch: Any)
             rows.append(row)
             continue
         try:
-            sec, eager = time_ours(dev, lambda fn=fn: fn(dev, ctx), quick)
+            sec, eager = common.time_captured(dev, lambda fn=fn: fn(dev, ctx), _reps(quick), BATCH)
         except Exception as e:
             row["check"] = f"ERROR {type(e).__name__}: {str(e)[:60]}"
             rows.append(row)
@@ -816,7 +748,7 @@ def run_family(dev: pm.Device, fam: Family, dtype: Any, quick: bool, torch: Any)
         if v == "prod":
             row["us_eager"] = eager * 1e6 if eager is not None else None
             try:
-                row["us_single"] = time_single(dev, lambda fn=fn: fn(dev, ctx), quick) * 1e6
+                row["us_single"] = common.time_on(dev, lambda fn=fn: fn(dev, ctx), quick)[0] * 1e6
             except Exception:
                 pass
         rows.append(row)

@@ -32,6 +32,7 @@
 // the same order as one at a time: more bytes in flight per thread, the same sums.
 #include <metal_stdlib>
 #include "params.h"
+#include "instantiate.h"
 #include "neuron.h"
 #include "stream.h"
 using namespace metal;
@@ -561,18 +562,16 @@ kernel void reduce_finish(device const float* partial [[buffer(0)]],
 }
 
 #define instantiate_ew(name, OP, T) \
-    template [[host_name(name)]] [[kernel]] decltype(arith_ew<OP, T>) arith_ew<OP, T>;
+    INSTANTIATE(name, arith_ew, OP, T)
 #define instantiate_flat(name, OP, T)                                                          \
-    template [[host_name(name)]] [[kernel]] decltype(arith_flat<OP, T, false>)                 \
-        arith_flat<OP, T, false>;                                                              \
-    template [[host_name(name "_splat")]] [[kernel]] decltype(arith_flat<OP, T, true>)         \
-        arith_flat<OP, T, true>;
+    INSTANTIATE(name, arith_flat, OP, T, false)                                                \
+    INSTANTIATE(name "_splat", arith_flat, OP, T, true)
 #define instantiate_chan(name, OP, T) \
-    template [[host_name(name)]] [[kernel]] decltype(arith_chan<OP, T>) arith_chan<OP, T>;
+    INSTANTIATE(name, arith_chan, OP, T)
 #define instantiate_bwd(name, OP, T) \
-    template [[host_name(name)]] [[kernel]] decltype(arith_bwd<OP, T>) arith_bwd<OP, T>;
+    INSTANTIATE(name, arith_bwd, OP, T)
 #define instantiate_reduce(name, kind, OP, T) \
-    template [[host_name(name)]] [[kernel]] decltype(reduce_##kind<OP, T>) reduce_##kind<OP, T>;
+    INSTANTIATE(name, reduce_##kind, OP, T)
 
 #define instantiate_all(T)                                                            \
     instantiate_ew("add_fwd_" #T, OP_ADD, T)                                          \
@@ -605,8 +604,7 @@ kernel void reduce_finish(device const float* partial [[buffer(0)]],
     instantiate_reduce("div_bwd_lhs_inner_" #T, inner, OP_DIV, T)                     \
     instantiate_reduce("div_bwd_rhs_outer_" #T, outer, OP_DIVRHS, T)                  \
     instantiate_reduce("div_bwd_rhs_inner_" #T, inner, OP_DIVRHS, T)                  \
-    template [[host_name("sum_fwd_finish_" #T)]] [[kernel]] decltype(reduce_finish<T>) \
-        reduce_finish<T>;
+    INSTANTIATE("sum_fwd_finish_" #T, reduce_finish, T)
 
 instantiate_all(float)
 instantiate_all(half)

@@ -21,6 +21,7 @@
 // and the buffers 16-byte aligned; else 4 elements (8 bytes of half) when they are multiples of 4.
 #include <metal_stdlib>
 #include "params.h"
+#include "instantiate.h"
 #include "stream.h"
 using namespace metal;
 
@@ -229,16 +230,14 @@ kernel void transpose_tiled(device const T* x [[buffer(0)]],
 }
 
 #define instantiate_copy(name, Tin, Tout) \
-    template [[host_name(name)]] [[kernel]] decltype(copy_block<Tin, Tout>) copy_block<Tin, Tout>; \
-    template [[host_name(name "_flat")]] [[kernel]] decltype(copy_flat<Tin, Tout>) copy_flat<Tin, Tout>;
+    INSTANTIATE(name, copy_block, Tin, Tout) \
+    INSTANTIATE(name "_flat", copy_flat, Tin, Tout)
 #define instantiate_move(T)                                                                 \
     instantiate_copy("copy_fwd_" #T, T, T)                                                  \
-    template [[host_name("permute_fwd_" #T)]] [[kernel]] decltype(permute_gather<T>)        \
-        permute_gather<T>;                                                                  \
-    template [[host_name("transpose_fwd_" #T)]] [[kernel]] decltype(transpose_tiled<T>)     \
-        transpose_tiled<T>;                                                                 \
-    template [[host_name("concat_fwd_" #T)]] [[kernel]] decltype(concat8<T>) concat8<T>;   \
-    template [[host_name("split_fwd_" #T)]] [[kernel]] decltype(split8<T>) split8<T>;
+    INSTANTIATE("permute_fwd_" #T, permute_gather, T)                                       \
+    INSTANTIATE("transpose_fwd_" #T, transpose_tiled, T)                                    \
+    INSTANTIATE("concat_fwd_" #T, concat8, T)                                               \
+    INSTANTIATE("split_fwd_" #T, split8, T)
 
 instantiate_move(float)
 instantiate_move(half)

@@ -37,10 +37,9 @@
 // Storage float or half for the network output; every computation is in float.
 #include <metal_stdlib>
 #include "params.h"
+#include "instantiate.h"
 #include "tile_reduce.h"
 using namespace metal;
-
-#define YOLO_MAXB 256  // target rows per sample cached in threadgroup memory (host-checked)
 
 inline float sigm(float x) {
     if (x >= 0.0f) return 1.0f / (1.0f + precise::exp(-x));
@@ -359,12 +358,9 @@ kernel void nms_fwd_float(device const float4* boxes [[buffer(0)]],
 
 // ---- instantiations -------------------------------------------------------------------------
 #define YOLO_ALL(T)                                                                            \
-    template [[host_name("yolo_loss_fwd_" #T)]] [[kernel]] decltype(yolo_loss_fwd<T>)          \
-        yolo_loss_fwd<T>;                                                                      \
-    template [[host_name("yolo_loss_bwd_" #T)]] [[kernel]] decltype(yolo_loss_bwd<T>)          \
-        yolo_loss_bwd<T>;                                                                      \
-    template [[host_name("yolo_decode_fwd_" #T)]] [[kernel]] decltype(yolo_decode_fwd<T>)      \
-        yolo_decode_fwd<T>;
+    INSTANTIATE("yolo_loss_fwd_" #T, yolo_loss_fwd, T)                                         \
+    INSTANTIATE("yolo_loss_bwd_" #T, yolo_loss_bwd, T)                                         \
+    INSTANTIATE("yolo_decode_fwd_" #T, yolo_decode_fwd, T)
 
 YOLO_ALL(float)
 YOLO_ALL(half)

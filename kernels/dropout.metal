@@ -22,6 +22,7 @@
 // Direct calls bind a zero base.
 #include <metal_stdlib>
 #include "params.h"
+#include "instantiate.h"
 #include "stream.h"
 using namespace metal;
 
@@ -184,12 +185,10 @@ kernel void dropout_channel(device const T* x [[buffer(0)]],
 }
 
 #define instantiate_dropout(T)                                                                \
-    template [[host_name("dropout_fwd_" #T)]] [[kernel]] decltype(dropout_elem<T>) dropout_elem<T>; \
-    template [[host_name("dropout_bwd_" #T)]] [[kernel]] decltype(dropout_elem<T>) dropout_elem<T>; \
-    template [[host_name("dropout2d_fwd_" #T)]] [[kernel]] decltype(dropout_channel<T>)          \
-        dropout_channel<T>;                                                                    \
-    template [[host_name("dropout2d_bwd_" #T)]] [[kernel]] decltype(dropout_channel<T>)          \
-        dropout_channel<T>;
+    INSTANTIATE("dropout_fwd_" #T, dropout_elem, T)                                           \
+    INSTANTIATE("dropout_bwd_" #T, dropout_elem, T)                                           \
+    INSTANTIATE("dropout2d_fwd_" #T, dropout_channel, T)                                      \
+    INSTANTIATE("dropout2d_bwd_" #T, dropout_channel, T)
 
 instantiate_dropout(float)
 instantiate_dropout(half)

@@ -13,6 +13,7 @@
 // Storage float or half; sums in float.
 #include <metal_stdlib>
 #include "params.h"
+#include "instantiate.h"
 using namespace metal;
 
 template <typename T>
@@ -73,12 +74,9 @@ kernel void embedding_renorm(device const int* rows [[buffer(0)]],
 }
 
 #define EMBEDDING_INSTANTIATE(T)                                                               \
-    template [[host_name("embedding_fwd_" #T)]] [[kernel]] decltype(embedding_fwd<T>)          \
-        embedding_fwd<T>;                                                                      \
-    template [[host_name("embedding_bwd_" #T)]] [[kernel]] decltype(embedding_bwd<T>)          \
-        embedding_bwd<T>;                                                                      \
-    template [[host_name("embedding_renorm_" #T)]] [[kernel]] decltype(embedding_renorm<T>)    \
-        embedding_renorm<T>;
+    INSTANTIATE("embedding_fwd_" #T, embedding_fwd, T)                                         \
+    INSTANTIATE("embedding_bwd_" #T, embedding_bwd, T)                                         \
+    INSTANTIATE("embedding_renorm_" #T, embedding_renorm, T)
 
 EMBEDDING_INSTANTIATE(float)
 EMBEDDING_INSTANTIATE(half)

@@ -30,6 +30,7 @@
 // Storage float or half; every sum and every loss is computed in float, losses are stored float.
 #include <metal_stdlib>
 #include "params.h"
+#include "instantiate.h"
 #include "stream.h"
 #include "tile_reduce.h"
 using namespace metal;
@@ -309,6 +310,19 @@ inline float cls_max_pass(device const T* x, uint off, uint inner, uint C, TileP
     return m;
 }
 
+// Labels are checked here, not by a host pass over them (which for labels on the device is a
+// read-back): a label outside [0, C) that is not ignore_index is recorded in `status` (flag 1,
+// the label, C, ignore_index; ops/loss.py's check reads and clears it after the kernel, and the
+// call fails naming the label) and treated as ignored, so no read leaves the logits or weights.
+inline bool label_in_range(int y, uint C, int ignore_index, device int* status) {
+    if (y >= 0 && uint(y) < C) return true;
+    status[1] = y;
+    status[2] = int(C);
+    status[3] = ignore_index;
+    status[0] = 1;
+    return false;
+}
+
 // LABELS: 1 = int labels (N, H*W), 0 = probability targets shaped like x. terms[k], cnt[k] per
 // position k = n * M + i: the weighted loss and (valid, valid with nonzero weight).
 template <typename T, int K, int LABELS>
@@ -322,6 +336,7 @@ kernel void loss_cls_fwd(device const T* x [[buffer(0)]],
                          constant LossParams& p [[buffer(6)]],
                          constant SoftmaxParams& q [[buffer(7)]],
                          device const float* cw [[buffer(8)]],
+                         device int* status [[buffer(9)]],
                          uint tid [[thread_position_in_threadgroup]],
                          uint tg [[threadgroup_position_in_grid]],
                          uint ntg [[threadgroups_per_grid]],
@@ -345,7 +360,7 @@ kernel void loss_cls_fwd(device const T* x [[buffer(0)]],
         bool valid = col;
         if (LABELS && col) {
             y = labels[k];
-            valid = y != p.ignore_index;
+            valid = y != p.ignore_index && label_in_range(y, C, p.ignore_index, status);
         }
         float4 acc = float4(0.0f);
         float m = 0.0f;
@@ -430,6 +445,7 @@ kernel void loss_cls_bwd(device const float* g [[buffer(0)]],
                          constant SoftmaxParams& q [[buffer(7)]],
                          device const float* cw [[buffer(8)]],
                          device T* dt [[buffer(9)]],
+                         device int* status [[buffer(10)]],
                          uint tid [[thread_position_in_threadgroup]],
                          uint tg [[threadgroup_position_in_grid]],
                          uint ntg [[threadgroups_per_grid]],
@@ -453,7 +469,7 @@ kernel void loss_cls_bwd(device const float* g [[buffer(0)]],
         bool valid = col;
         if (LABELS && col) {
             y = labels[k];
-            valid = y != p.ignore_index;
+            valid = y != p.ignore_index && label_in_range(y, C, p.ignore_index, status);
         }
         float coef = 0.0f;
         if (valid) {
@@ -578,6 +594,7 @@ kernel void loss_scale_bwd_float(device const int* labels [[buffer(0)]],
                                  device float* scale [[buffer(3)]],
                                  constant LossReduceParams& p [[buffer(4)]],
                                  device const float* cw [[buffer(5)]],
+                                 device int* status [[buffer(6)]],
                                  uint tid [[thread_position_in_threadgroup]],
                                  uint lane [[thread_index_in_simdgroup]],
                                  uint sg [[simdgroup_index_in_threadgroup]]) {
@@ -587,7 +604,9 @@ kernel void loss_scale_bwd_float(device const int* labels [[buffer(0)]],
     float wsum = 0.0f;  // sum of the class weights of the valid labels
     if (p.mode == LOSS_MODE_MEAN || p.mode == LOSS_MODE_NONZERO) {
         for (uint k = tid; k < p.terms; k += TR_TG) {
-            bool valid = p.has_labels ? labels[k] != p.ignore_index : true;
+            bool valid = p.has_labels ? labels[k] != p.ignore_index &&
+                                        label_in_range(labels[k], p.classes, p.ignore_index, status)
+                                      : true;
             bool nz = valid && (p.has_weight ? sw[k / p.per_sample] != 0.0f : true);
             c += uint2(valid ? 1u : 0u, nz ? 1u : 0u);
             if (p.has_class_weight && valid) wsum += cw[labels[k]];
@@ -625,6 +644,7 @@ kernel void ce_rows_fwd(device const T* x [[buffer(0)]],
                         constant LossParams& p [[buffer(6)]],
                         constant SoftmaxParams& q [[buffer(7)]],
                         device const float* cw [[buffer(8)]],
+                        device int* status [[buffer(9)]],
                         uint gid [[thread_position_in_grid]],
                         uint lane [[thread_index_in_simdgroup]]) {
     const uint W = 16u / sizeof(T);
@@ -633,7 +653,7 @@ kernel void ce_rows_fwd(device const T* x [[buffer(0)]],
     const uint C = q.len, nv = C / W, off = o * C;
     const float Cf = float(C), eps = p.smoothing;
     const int y = labels[o];
-    const bool valid = y != p.ignore_index;
+    const bool valid = y != p.ignore_index && label_in_range(y, C, p.ignore_index, status);
     float v[SM_ROW_CHUNKS][16 / sizeof(T)];
     for (uint c = 0; c < SM_ROW_CHUNKS; ++c) {
         stream_load<16 / sizeof(T)>(x, o * nv + min(lane + 32u * c, nv - 1u), v[c]);
@@ -682,6 +702,7 @@ kernel void ce_rows_bwd(device const float* g [[buffer(0)]],
                         constant SoftmaxParams& q [[buffer(7)]],
                         device const float* cw [[buffer(8)]],
                         device T* dt [[buffer(9)]],
+                        device int* status [[buffer(10)]],
                         uint gid [[thread_position_in_grid]],
                         uint lane [[thread_index_in_simdgroup]]) {
     const uint W = 16u / sizeof(T);
@@ -690,7 +711,7 @@ kernel void ce_rows_bwd(device const float* g [[buffer(0)]],
     const uint C = q.len, nv = C / W;
     const float Cf = float(C), eps = p.smoothing;
     const int y = labels[o];
-    const bool valid = y != p.ignore_index;
+    const bool valid = y != p.ignore_index && label_in_range(y, C, p.ignore_index, status);
     float coef = 0.0f;
     if (valid) {
         const float w = p.has_weight ? sw[o] : 1.0f;
@@ -737,17 +758,12 @@ kernel void ce_rows_bwd(device const float* g [[buffer(0)]],
 }
 
 #define LOSS_PW(NAME, K, T)                                                                    \
-    template [[host_name(#NAME "_fwd_" #T)]] [[kernel]] decltype(loss_pw_fwd<T, K>)             \
-        loss_pw_fwd<T, K>;                                                                     \
-    template [[host_name(#NAME "_bwd_" #T)]] [[kernel]] decltype(loss_pw_bwd<T, K>)             \
-        loss_pw_bwd<T, K>;                                                                     \
-    template [[host_name(#NAME "_bwd_vec_" #T)]] [[kernel]] decltype(loss_pw_bwd_vec<T, K>)     \
-        loss_pw_bwd_vec<T, K>;
+    INSTANTIATE(#NAME "_fwd_" #T, loss_pw_fwd, T, K)                                           \
+    INSTANTIATE(#NAME "_bwd_" #T, loss_pw_bwd, T, K)                                           \
+    INSTANTIATE(#NAME "_bwd_vec_" #T, loss_pw_bwd_vec, T, K)
 #define LOSS_CLS(NAME, K, LB, VARIANT, T)                                                      \
-    template [[host_name(#NAME "_fwd_" VARIANT #T)]] [[kernel]]                                \
-        decltype(loss_cls_fwd<T, K, LB>) loss_cls_fwd<T, K, LB>;                               \
-    template [[host_name(#NAME "_bwd_" VARIANT #T)]] [[kernel]]                                \
-        decltype(loss_cls_bwd<T, K, LB>) loss_cls_bwd<T, K, LB>;
+    INSTANTIATE(#NAME "_fwd_" VARIANT #T, loss_cls_fwd, T, K, LB)                              \
+    INSTANTIATE(#NAME "_bwd_" VARIANT #T, loss_cls_bwd, T, K, LB)
 #define LOSS_ALL(T)                                                                            \
     LOSS_PW(mse_loss, L_MSE, T)                                                                \
     LOSS_PW(l1_loss, L_L1, T)                                                                  \
@@ -762,10 +778,8 @@ kernel void ce_rows_bwd(device const float* g [[buffer(0)]],
     LOSS_CLS(categorical_cross_entropy, L_CCE, 1, "labels_", T)                                \
     LOSS_CLS(categorical_cross_entropy, L_CCE, 0, "probs_", T)                                 \
     LOSS_CLS(cosine_distance, L_COS, 0, "", T)                                                 \
-    template [[host_name("cross_entropy_fwd_labels_rows_" #T)]] [[kernel]]                     \
-        decltype(ce_rows_fwd<T>) ce_rows_fwd<T>;                                               \
-    template [[host_name("cross_entropy_bwd_labels_rows_" #T)]] [[kernel]]                     \
-        decltype(ce_rows_bwd<T>) ce_rows_bwd<T>;
+    INSTANTIATE("cross_entropy_fwd_labels_rows_" #T, ce_rows_fwd, T)                           \
+    INSTANTIATE("cross_entropy_bwd_labels_rows_" #T, ce_rows_bwd, T)
 
 LOSS_ALL(float)
 LOSS_ALL(half)

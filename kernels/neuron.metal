@@ -15,6 +15,7 @@
 // The scalar ops themselves (and torch's conventions at kinks and for NaN) are in neuron.h.
 #include <metal_stdlib>
 #include "params.h"
+#include "instantiate.h"
 #include "neuron.h"
 #include "stream.h"
 using namespace metal;
@@ -90,10 +91,8 @@ kernel void neuron_bwd(device const T* g [[buffer(0)]],
 
 // Host names <op>_<fwd|bwd>[_variant]_<dtype>; VARIANT is empty or "_tanh".
 #define NEURON_INSTANTIATE(name, VARIANT, Op, T)                                               \
-    template [[host_name(#name "_fwd" VARIANT "_" #T)]] [[kernel]]                             \
-        decltype(neuron_fwd<T, Op>) neuron_fwd<T, Op>;                                         \
-    template [[host_name(#name "_bwd" VARIANT "_" #T)]] [[kernel]]                             \
-        decltype(neuron_bwd<T, Op>) neuron_bwd<T, Op>;
+    INSTANTIATE(#name "_fwd" VARIANT "_" #T, neuron_fwd, T, Op)                                \
+    INSTANTIATE(#name "_bwd" VARIANT "_" #T, neuron_bwd, T, Op)
 #define NEURON_INSTANTIATE_ALL(T)                              \
     NEURON_INSTANTIATE(relu, "", Relu, T)                      \
     NEURON_INSTANTIATE(leaky_relu, "", LeakyRelu, T)           \
@@ -112,8 +111,7 @@ NEURON_INSTANTIATE_ALL(half)
 
 // Gradients from the output: <op>_bwdy_<dtype>(g, y, dx, p), the same kernel with y for x.
 #define NEURON_INSTANTIATE_Y(name, Op, T)                                                      \
-    template [[host_name(#name "_bwdy_" #T)]] [[kernel]]                                       \
-        decltype(neuron_bwd<T, Op>) neuron_bwd<T, Op>;
+    INSTANTIATE(#name "_bwdy_" #T, neuron_bwd, T, Op)
 #define NEURON_INSTANTIATE_Y_ALL(T)                                 \
     NEURON_INSTANTIATE_Y(relu, ReluFromOutput, T)                   \
     NEURON_INSTANTIATE_Y(leaky_relu, LeakyReluFromOutput, T)        \

@@ -41,6 +41,7 @@
 // Storage float or half; all statistics and arithmetic in float.
 #include <metal_stdlib>
 #include "params.h"
+#include "instantiate.h"
 #include "neuron.h"
 #include "stream.h"
 #include "tile_reduce.h"
@@ -347,10 +348,8 @@ kernel void norm_finalize_fwd(device const float4* part [[buffer(0)]],
         }
     }
 }
-template [[host_name("norm_finalize_fwd_float")]] [[kernel]] decltype(norm_finalize_fwd<false>)
-    norm_finalize_fwd<false>;
-template [[host_name("batch_norm_finalize_fwd_float")]] [[kernel]] decltype(norm_finalize_fwd<true>)
-    norm_finalize_fwd<true>;
+INSTANTIATE("norm_finalize_fwd_float", norm_finalize_fwd, false)
+INSTANTIATE("batch_norm_finalize_fwd_float", norm_finalize_fwd, true)
 
 // Batch norm forward coefficients per channel; in inference mode mean / invstd come from (and
 // are written from) the running estimates.
@@ -760,57 +759,34 @@ kernel void layer_norm_params_sum(device const float2* part [[buffer(0)]],
 }
 
 #define LAYER_NORM_INSTANTIATE(T)                                                              \
-    template [[host_name("layer_norm_fwd_" #T)]] [[kernel]] decltype(layer_norm_fwd<T>)        \
-        layer_norm_fwd<T>;                                                                     \
-    template [[host_name("layer_norm_bwd_" #T)]] [[kernel]] decltype(layer_norm_bwd<T>)        \
-        layer_norm_bwd<T>;                                                                     \
-    template [[host_name("layer_norm_bwd_params_" #T)]] [[kernel]]                             \
-        decltype(layer_norm_bwd_params<T>) layer_norm_bwd_params<T>;                           \
-    template [[host_name("layer_norm_params_sum_" #T)]] [[kernel]]                             \
-        decltype(layer_norm_params_sum<T>) layer_norm_params_sum<T>;
+    INSTANTIATE("layer_norm_fwd_" #T, layer_norm_fwd, T)                                       \
+    INSTANTIATE("layer_norm_bwd_" #T, layer_norm_bwd, T)                                       \
+    INSTANTIATE("layer_norm_bwd_params_" #T, layer_norm_bwd_params, T)                         \
+    INSTANTIATE("layer_norm_params_sum_" #T, layer_norm_params_sum, T)
 
 LAYER_NORM_INSTANTIATE(float)
 LAYER_NORM_INSTANTIATE(half)
 
 #define NORM_INSTANTIATE(T)                                                                    \
-    template [[host_name("norm_stats_fwd_" #T)]] [[kernel]] decltype(norm_part<T, 0, 8>)       \
-        norm_part<T, 0, 8>;                                                                    \
-    template [[host_name("norm_stats_bwd_" #T)]] [[kernel]] decltype(norm_part<T, 1, 8>)       \
-        norm_part<T, 1, 8>;                                                                    \
-    template [[host_name("norm_stats_fwd_u1_" #T)]] [[kernel]] decltype(norm_part<T, 0, 1>)    \
-        norm_part<T, 0, 1>;                                                                    \
-    template [[host_name("norm_stats_bwd_u1_" #T)]] [[kernel]] decltype(norm_part<T, 1, 1>)    \
-        norm_part<T, 1, 1>;                                                                    \
-    template [[host_name("norm_stats_bwd_act_u1_" #T)]] [[kernel]] decltype(norm_part<T, 2, 1>) \
-        norm_part<T, 2, 1>;                                                                    \
-    template [[host_name("norm_stats_fwd_cols_" #T)]] [[kernel]]                               \
-        decltype(norm_part_cols<T, 0>) norm_part_cols<T, 0>;                                   \
-    template [[host_name("norm_stats_bwd_cols_" #T)]] [[kernel]]                               \
-        decltype(norm_part_cols<T, 1>) norm_part_cols<T, 1>;                                   \
-    template [[host_name("norm_apply_fwd_" #T)]] [[kernel]] decltype(norm_apply<T, 0>)         \
-        norm_apply<T, 0>;                                                                      \
-    template [[host_name("norm_apply_bwd_" #T)]] [[kernel]] decltype(norm_apply<T, 1>)         \
-        norm_apply<T, 1>;                                                                      \
-    template [[host_name("norm_stats_bwd_act_" #T)]] [[kernel]] decltype(norm_part<T, 2, 8>)   \
-        norm_part<T, 2, 8>;                                                                    \
-    template [[host_name("norm_stats_bwd_cols_act_" #T)]] [[kernel]]                           \
-        decltype(norm_part_cols<T, 2>) norm_part_cols<T, 2>;                                   \
-    template [[host_name("norm_apply_bwd_act_" #T)]] [[kernel]] decltype(norm_apply<T, 2>)     \
-        norm_apply<T, 2>;                                                                      \
-    template [[host_name("norm_stats_fwd_vec_" #T)]] [[kernel]] decltype(norm_part_vec<T, 0>)  \
-        norm_part_vec<T, 0>;                                                                   \
-    template [[host_name("norm_stats_bwd_vec_" #T)]] [[kernel]] decltype(norm_part_vec<T, 1>)  \
-        norm_part_vec<T, 1>;                                                                   \
-    template [[host_name("norm_stats_bwd_act_vec_" #T)]] [[kernel]]                            \
-        decltype(norm_part_vec<T, 2>) norm_part_vec<T, 2>;                                     \
-    template [[host_name("norm_apply_fwd_vec_" #T)]] [[kernel]] decltype(norm_apply_vec<T, 0>) \
-        norm_apply_vec<T, 0>;                                                                  \
-    template [[host_name("norm_apply_bwd_vec_" #T)]] [[kernel]] decltype(norm_apply_vec<T, 1>) \
-        norm_apply_vec<T, 1>;                                                                  \
-    template [[host_name("norm_apply_bwd_act_vec_" #T)]] [[kernel]]                            \
-        decltype(norm_apply_vec<T, 2>) norm_apply_vec<T, 2>;                                   \
-    template [[host_name("group_norm_sums_bwd_" #T)]] [[kernel]] decltype(group_norm_sums<T>)  \
-        group_norm_sums<T>;
+    INSTANTIATE("norm_stats_fwd_" #T, norm_part, T, 0, 8)                                      \
+    INSTANTIATE("norm_stats_bwd_" #T, norm_part, T, 1, 8)                                      \
+    INSTANTIATE("norm_stats_fwd_u1_" #T, norm_part, T, 0, 1)                                   \
+    INSTANTIATE("norm_stats_bwd_u1_" #T, norm_part, T, 1, 1)                                   \
+    INSTANTIATE("norm_stats_bwd_act_u1_" #T, norm_part, T, 2, 1)                               \
+    INSTANTIATE("norm_stats_fwd_cols_" #T, norm_part_cols, T, 0)                               \
+    INSTANTIATE("norm_stats_bwd_cols_" #T, norm_part_cols, T, 1)                               \
+    INSTANTIATE("norm_apply_fwd_" #T, norm_apply, T, 0)                                        \
+    INSTANTIATE("norm_apply_bwd_" #T, norm_apply, T, 1)                                        \
+    INSTANTIATE("norm_stats_bwd_act_" #T, norm_part, T, 2, 8)                                  \
+    INSTANTIATE("norm_stats_bwd_cols_act_" #T, norm_part_cols, T, 2)                           \
+    INSTANTIATE("norm_apply_bwd_act_" #T, norm_apply, T, 2)                                    \
+    INSTANTIATE("norm_stats_fwd_vec_" #T, norm_part_vec, T, 0)                                 \
+    INSTANTIATE("norm_stats_bwd_vec_" #T, norm_part_vec, T, 1)                                 \
+    INSTANTIATE("norm_stats_bwd_act_vec_" #T, norm_part_vec, T, 2)                             \
+    INSTANTIATE("norm_apply_fwd_vec_" #T, norm_apply_vec, T, 0)                                \
+    INSTANTIATE("norm_apply_bwd_vec_" #T, norm_apply_vec, T, 1)                                \
+    INSTANTIATE("norm_apply_bwd_act_vec_" #T, norm_apply_vec, T, 2)                            \
+    INSTANTIATE("group_norm_sums_bwd_" #T, group_norm_sums, T)
 
 NORM_INSTANTIATE(float)
 NORM_INSTANTIATE(half)

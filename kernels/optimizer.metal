@@ -32,6 +32,7 @@
 // gnorm[0] themselves: no host round trip.
 #include <metal_stdlib>
 #include "optimizer.h"
+#include "instantiate.h"
 using namespace metal;
 
 // expm1 to a few ulp in float (Kahan's trick: the rounding error of exp(x) cancels in
@@ -435,39 +436,31 @@ kernel void amp_update(device float* amp [[buffer(0)]], constant AmpParams& p [[
 }
 
 // the gradients' bits: uint for float, ushort for half
-template [[host_name("amp_check_float")]] [[kernel]] decltype(amp_check<uint>) amp_check<uint>;
-template [[host_name("amp_check_half")]] [[kernel]] decltype(amp_check<ushort>) amp_check<ushort>;
-template [[host_name("amp_check_multi_float")]] [[kernel]] decltype(amp_check_multi<uint>)
-    amp_check_multi<uint>;
-template [[host_name("amp_check_multi_half")]] [[kernel]] decltype(amp_check_multi<ushort>)
-    amp_check_multi<ushort>;
+INSTANTIATE("amp_check_float", amp_check, uint)
+INSTANTIATE("amp_check_half", amp_check, ushort)
+INSTANTIATE("amp_check_multi_float", amp_check_multi, uint)
+INSTANTIATE("amp_check_multi_half", amp_check_multi, ushort)
 
 // <rule>_step_<T>: T parameters and gradients; <rule>_step_hgrad_float: float32 parameters with
 // float16 gradients (a mixed-precision graph's fp32 master weights, updated from fp16 gradients).
 #define OPTIM_INSTANTIATE(T, G, S)                                                                \
-  template [[host_name("sgd_step_" #S)]] [[kernel]] decltype(sgd_step<T, G>) sgd_step<T, G>;     \
-  template [[host_name("adam_step_" #S)]] [[kernel]] decltype(adam_step<T, G>) adam_step<T, G>;  \
-  template [[host_name("rmsprop_step_" #S)]] [[kernel]] decltype(rmsprop_step<T, G>)              \
-      rmsprop_step<T, G>;
+  INSTANTIATE("sgd_step_" #S, sgd_step, T, G)                                                     \
+  INSTANTIATE("adam_step_" #S, adam_step, T, G)                                                   \
+  INSTANTIATE("rmsprop_step_" #S, rmsprop_step, T, G)
 
 OPTIM_INSTANTIATE(float, float, float)
 OPTIM_INSTANTIATE(half, half, half)
 OPTIM_INSTANTIATE(float, half, hgrad_float)
 
-template [[host_name("optim_sumsq_float")]] [[kernel]] decltype(optim_sumsq<float>)
-    optim_sumsq<float>;
-template [[host_name("optim_sumsq_half")]] [[kernel]] decltype(optim_sumsq<half>)
-    optim_sumsq<half>;
+INSTANTIATE("optim_sumsq_float", optim_sumsq, float)
+INSTANTIATE("optim_sumsq_half", optim_sumsq, half)
 
 // multi-tensor updates: float32 parameters (the graph's flat weight buffers), float32 or float16
 // gradients
 #define OPTIM_INSTANTIATE_MULTI(G, S)                                                             \
-  template [[host_name("sgd_step_multi_" #S)]] [[kernel]] decltype(sgd_step_multi<G>)            \
-      sgd_step_multi<G>;                                                                          \
-  template [[host_name("adam_step_multi_" #S)]] [[kernel]] decltype(adam_step_multi<G>)          \
-      adam_step_multi<G>;                                                                         \
-  template [[host_name("rmsprop_step_multi_" #S)]] [[kernel]] decltype(rmsprop_step_multi<G>)    \
-      rmsprop_step_multi<G>;
+  INSTANTIATE("sgd_step_multi_" #S, sgd_step_multi, G)                                            \
+  INSTANTIATE("adam_step_multi_" #S, adam_step_multi, G)                                          \
+  INSTANTIATE("rmsprop_step_multi_" #S, rmsprop_step_multi, G)
 
 OPTIM_INSTANTIATE_MULTI(float, float)
 OPTIM_INSTANTIATE_MULTI(half, hgrad_float)

@@ -275,6 +275,7 @@ struct LossReduceParams {
     uint has_labels, has_weight;
     int ignore_index;
     uint has_class_weight;  // loss_scale mode 1: count sum_k cw[labels[k]] instead of valid terms
+    uint classes;      // loss_scale: labels must lie in [0, classes) (or be ignore_index)
 };
 // NormParams (norm.metal): input (N, C, HW). Statistics rows are channels (batch norm: a row's
 // element e is x[e / HW, c, e % HW]) or (sample, group) pairs (group / instance norm: rows of
@@ -467,8 +468,8 @@ struct RMSPropParams {
     uint centered;
     float weight_decay;
 };
-// YoloParams (detection.metal): YOLO v2 loss and box decoding over x (N, A*(5+C), GH, GW) and
-// targets (N, B, 5).
+// YoloParams (detection.metal): YOLO v2 over x (N, A*(5+C), GH, GW) and targets (N, B, 5).
+#define YOLO_MAXB 256  // B at most: a sample's target rows are cached in threadgroup memory
 struct YoloParams {
     uint N, A, C, GH, GW;
     uint B;                // target rows per sample

@@ -38,6 +38,7 @@
 // < 2^31: the host limits tensors to 2^31 - 1 elements.
 #include <metal_stdlib>
 #include "params.h"
+#include "instantiate.h"
 using namespace metal;
 
 // Pool2dParams.flags: POOL_WRITE_INDICES, POOL_COUNT_PAD (params.h)
@@ -439,28 +440,17 @@ kernel void global_avg_pool2d_fwd(device const T* x [[buffer(0)]],
 }
 
 #define POOL_INSTANTIATE(T)                                                                     \
-    template [[host_name("max_pool2d_fwd_" #T)]] [[kernel]] decltype(max_pool2d_fwd<T>)         \
-        max_pool2d_fwd<T>;                                                                      \
-    template [[host_name("max_pool2d_bwd_" #T)]] [[kernel]] decltype(max_pool2d_bwd<T>)         \
-        max_pool2d_bwd<T>;                                                                      \
-    template [[host_name("max_pool2d_bwd_idx_" #T)]] [[kernel]] decltype(max_pool2d_bwd_idx<T>) \
-        max_pool2d_bwd_idx<T>;                                                                  \
-    template [[host_name("max_pool2d_bwd_idx_s2x2_" #T)]] [[kernel]]                           \
-        decltype(max_pool2d_bwd_idx_tile<T, 2, 2>) max_pool2d_bwd_idx_tile<T, 2, 2>;             \
-    template [[host_name("max_pool2d_bwd_idx_s1x2_" #T)]] [[kernel]]                           \
-        decltype(max_pool2d_bwd_idx_tile<T, 1, 2>) max_pool2d_bwd_idx_tile<T, 1, 2>;             \
-    template [[host_name("avg_pool2d_bwd_const_" #T)]] [[kernel]]                              \
-        decltype(avg_pool2d_bwd_const<T>) avg_pool2d_bwd_const<T>;                              \
-    template [[host_name("avg_pool2d_fwd_" #T)]] [[kernel]] decltype(avg_pool2d_fwd<T>)         \
-        avg_pool2d_fwd<T>;                                                                      \
-    template [[host_name("avg_pool2d_bwd_" #T)]] [[kernel]] decltype(avg_pool2d_bwd<T>)         \
-        avg_pool2d_bwd<T>;                                                                      \
-    template [[host_name("adaptive_avg_pool2d_fwd_" #T)]] [[kernel]]                            \
-        decltype(adaptive_avg_pool2d_fwd<T>) adaptive_avg_pool2d_fwd<T>;                        \
-    template [[host_name("adaptive_avg_pool2d_bwd_" #T)]] [[kernel]]                            \
-        decltype(adaptive_avg_pool2d_bwd<T>) adaptive_avg_pool2d_bwd<T>;                        \
-    template [[host_name("global_avg_pool2d_fwd_" #T)]] [[kernel]]                              \
-        decltype(global_avg_pool2d_fwd<T>) global_avg_pool2d_fwd<T>;
+    INSTANTIATE("max_pool2d_fwd_" #T, max_pool2d_fwd, T)                                        \
+    INSTANTIATE("max_pool2d_bwd_" #T, max_pool2d_bwd, T)                                        \
+    INSTANTIATE("max_pool2d_bwd_idx_" #T, max_pool2d_bwd_idx, T)                                \
+    INSTANTIATE("max_pool2d_bwd_idx_s2x2_" #T, max_pool2d_bwd_idx_tile, T, 2, 2)                \
+    INSTANTIATE("max_pool2d_bwd_idx_s1x2_" #T, max_pool2d_bwd_idx_tile, T, 1, 2)                \
+    INSTANTIATE("avg_pool2d_bwd_const_" #T, avg_pool2d_bwd_const, T)                            \
+    INSTANTIATE("avg_pool2d_fwd_" #T, avg_pool2d_fwd, T)                                        \
+    INSTANTIATE("avg_pool2d_bwd_" #T, avg_pool2d_bwd, T)                                        \
+    INSTANTIATE("adaptive_avg_pool2d_fwd_" #T, adaptive_avg_pool2d_fwd, T)                      \
+    INSTANTIATE("adaptive_avg_pool2d_bwd_" #T, adaptive_avg_pool2d_bwd, T)                      \
+    INSTANTIATE("global_avg_pool2d_fwd_" #T, global_avg_pool2d_fwd, T)
 
 POOL_INSTANTIATE(float)
 POOL_INSTANTIATE(half)

@@ -16,6 +16,7 @@
 // Storage is float or half; every reduction and all arithmetic run in float.
 #include <metal_stdlib>
 #include "params.h"
+#include "instantiate.h"
 #include "stream.h"
 #include "tile_reduce.h"
 using namespace metal;
@@ -255,22 +256,14 @@ kernel void softmax_rows_bwd(device const T* dy [[buffer(0)]],
 }
 
 #define SM_INSTANTIATE(T)                                                                     \
-    template [[host_name("softmax_fwd_" #T)]] [[kernel]] decltype(softmax_fwd<T, 0>)          \
-        softmax_fwd<T, 0>;                                                                    \
-    template [[host_name("log_softmax_fwd_" #T)]] [[kernel]] decltype(softmax_fwd<T, 1>)      \
-        softmax_fwd<T, 1>;                                                                    \
-    template [[host_name("softmax_bwd_" #T)]] [[kernel]] decltype(softmax_bwd<T, 0>)          \
-        softmax_bwd<T, 0>;                                                                    \
-    template [[host_name("log_softmax_bwd_" #T)]] [[kernel]] decltype(softmax_bwd<T, 1>)      \
-        softmax_bwd<T, 1>;                                                                    \
-    template [[host_name("softmax_fwd_rows_" #T)]] [[kernel]] decltype(softmax_rows_fwd<T, 0>) \
-        softmax_rows_fwd<T, 0>;                                                               \
-    template [[host_name("log_softmax_fwd_rows_" #T)]] [[kernel]]                             \
-        decltype(softmax_rows_fwd<T, 1>) softmax_rows_fwd<T, 1>;                              \
-    template [[host_name("softmax_bwd_rows_" #T)]] [[kernel]] decltype(softmax_rows_bwd<T, 0>) \
-        softmax_rows_bwd<T, 0>;                                                               \
-    template [[host_name("log_softmax_bwd_rows_" #T)]] [[kernel]]                             \
-        decltype(softmax_rows_bwd<T, 1>) softmax_rows_bwd<T, 1>;
+    INSTANTIATE("softmax_fwd_" #T, softmax_fwd, T, 0)                                         \
+    INSTANTIATE("log_softmax_fwd_" #T, softmax_fwd, T, 1)                                     \
+    INSTANTIATE("softmax_bwd_" #T, softmax_bwd, T, 0)                                         \
+    INSTANTIATE("log_softmax_bwd_" #T, softmax_bwd, T, 1)                                     \
+    INSTANTIATE("softmax_fwd_rows_" #T, softmax_rows_fwd, T, 0)                               \
+    INSTANTIATE("log_softmax_fwd_rows_" #T, softmax_rows_fwd, T, 1)                           \
+    INSTANTIATE("softmax_bwd_rows_" #T, softmax_rows_bwd, T, 0)                               \
+    INSTANTIATE("log_softmax_bwd_rows_" #T, softmax_rows_bwd, T, 1)
 
 SM_INSTANTIATE(float)
 SM_INSTANTIATE(half)

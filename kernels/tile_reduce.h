@@ -41,40 +41,7 @@ inline TilePos tile_pos(uint W, uint SW, uint tid) {
 
 #define TR_SUM 0u
 #define TR_MAX 1u
-
-// op TR_SUM or TR_MAX (element-wise for vectors). The op is an argument rather than a template
-// parameter so that calls deduce every template argument: the cpu translator follows only calls
-// written `f(...)` when it decides which kernels need fibers (not `f<T>(...)`).
-template <typename T>
-inline T tr_op(T a, T b, uint op) {
-    return op == TR_SUM ? a + b : max(a, b);
-}
-
-// Reduce v over the slices of each tile column; every lane of the column gets the result.
-// scratch: TR_TG entries of threadgroup memory, free for the call.
-template <typename T>
-inline T tile_reduce(T v, uint op, uint W, uint SW, uint lane, uint sg, threadgroup T* scratch) {
-    if (W == 1u && SW >= 32u) {
-        v = op == TR_SUM ? simd_sum(v) : simd_max(v);
-    } else {
-        uint top = min(SW, 32u);
-        for (uint off = W; off < top; off <<= 1) {
-            v = tr_op(v, simd_shuffle_xor(v, ushort(off)), op);
-        }
-    }
-    if (SW > 32u) {
-        uint nsg = SW / 32u;
-        // the barrier before the store protects the previous call's readers of scratch
-        threadgroup_barrier(mem_flags::mem_threadgroup);
-        if (lane < W) scratch[sg * W + lane] = v;
-        threadgroup_barrier(mem_flags::mem_threadgroup);
-        uint first = (sg / nsg) * nsg;
-        uint w = lane % W;
-        v = scratch[first * W + w];
-        for (uint j = 1; j < nsg; ++j) v = tr_op(v, scratch[(first + j) * W + w], op);
-    }
-    return v;
-}
+#define TR_WELFORD 2u  // float4 Welford partials (chan_merge)
 
 // Welford / Chan: a partial is float4(count, mean, M2, 0). Merging in a fixed order keeps every
 // thread's copy of a result identical.
@@ -93,6 +60,51 @@ inline float4 welford_push(float4 a, float x) {
     return float4(n, mean, a.z + d * (x - mean), 0.0f);
 }
 
+// op TR_SUM or TR_MAX (element-wise for vectors), or TR_WELFORD on float4 partials. The op is an
+// argument rather than a template parameter so that calls deduce every template argument: the
+// cpu translator follows only calls written `f(...)` when it decides which kernels need fibers
+// (not `f<T>(...)`).
+template <typename T>
+inline T tr_op(T a, T b, uint op) {
+    return op == TR_SUM ? a + b : max(a, b);
+}
+inline float4 tr_op(float4 a, float4 b, uint op) {
+    return op == TR_WELFORD ? chan_merge(a, b) : op == TR_SUM ? a + b : max(a, b);
+}
+
+// The second stage of a tile that spans several simdgroups (SW > 32): each simdgroup's column
+// results, combined in simdgroup order through threadgroup memory; a no-op for SW <= 32.
+template <typename T>
+inline T tile_across(T v, uint op, uint W, uint SW, uint lane, uint sg, threadgroup T* scratch) {
+    if (SW > 32u) {
+        uint nsg = SW / 32u;
+        // the barrier before the store protects the previous call's readers of scratch
+        threadgroup_barrier(mem_flags::mem_threadgroup);
+        if (lane < W) scratch[sg * W + lane] = v;
+        threadgroup_barrier(mem_flags::mem_threadgroup);
+        uint first = (sg / nsg) * nsg;
+        uint w = lane % W;
+        v = scratch[first * W + w];
+        for (uint j = 1; j < nsg; ++j) v = tr_op(v, scratch[(first + j) * W + w], op);
+    }
+    return v;
+}
+
+// Reduce v over the slices of each tile column; every lane of the column gets the result.
+// scratch: TR_TG entries of threadgroup memory, free for the call.
+template <typename T>
+inline T tile_reduce(T v, uint op, uint W, uint SW, uint lane, uint sg, threadgroup T* scratch) {
+    if (W == 1u && SW >= 32u) {
+        v = op == TR_SUM ? simd_sum(v) : simd_max(v);
+    } else {
+        uint top = min(SW, 32u);
+        for (uint off = W; off < top; off <<= 1) {
+            v = tr_op(v, simd_shuffle_xor(v, ushort(off)), op);
+        }
+    }
+    return tile_across(v, op, W, SW, lane, sg, scratch);
+}
+
 // tile_reduce for Welford partials.
 inline float4 tile_welford(float4 v, uint W, uint SW, uint lane, uint sg,
                            threadgroup float4* scratch) {
@@ -102,15 +114,5 @@ inline float4 tile_welford(float4 v, uint W, uint SW, uint lane, uint sg,
         // merge in lane order so both partners compute the same value
         v = (lane & off) ? chan_merge(o, v) : chan_merge(v, o);
     }
-    if (SW > 32u) {
-        uint nsg = SW / 32u;
-        threadgroup_barrier(mem_flags::mem_threadgroup);
-        if (lane < W) scratch[sg * W + lane] = v;
-        threadgroup_barrier(mem_flags::mem_threadgroup);
-        uint first = (sg / nsg) * nsg;
-        uint w = lane % W;
-        v = scratch[first * W + w];
-        for (uint j = 1; j < nsg; ++j) v = chan_merge(v, scratch[(first + j) * W + w]);
-    }
-    return v;
+    return tile_across(v, TR_WELFORD, W, SW, lane, sg, scratch);
 }

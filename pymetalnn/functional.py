@@ -72,6 +72,7 @@ from .ops.dropout import (  # noqa: F401
     dropout2d,
     dropout2d_backward,
     dropout_backward,
+    dropout_offset_advance,
 )
 from .ops.embedding import embedding, embedding_backward  # noqa: F401
 from .ops.loss import (  # noqa: F401

@@ -283,7 +283,7 @@ def test_im2col_chunks(dev, monkeypatch):
     """The unfolded-GEMM path (the cpu backend's default for ungrouped float32 convs) in chunks
     of images smaller than the batch (the last one partial): forward with bias and activation,
     input gradient, weight gradient accumulated over the chunks, conv_transpose2d with bias;
-    on cpu the gradients' default dispatch is this path."""
+    on cpu every conv's default dispatch is this path."""
     if not dev.supports_views:
         pytest.skip("the unfolded path needs buffer views (metal binds whole buffers)")
     monkeypatch.setattr(ops, "FORCE", {"fwd": "im2col", "data": "im2col", "weight": "im2col"})
@@ -317,14 +317,15 @@ def test_im2col_chunks(dev, monkeypatch):
                             output_padding=(0, 0)).numpy()
     g_ref = ref.conv2d_backward(xt, np.zeros((n, c, 9, 5)), wt, False, **kw_ref)[0] + bt[:, None, None]
     assert_close("conv_transpose2d", yt, g_ref, np.abs(g_ref) + 1, tol("float", k * 6))
-    if dev.name == "cpu":  # the gradients' default there (the forward's is the tiled kernel)
+    if dev.name == "cpu":  # the default there for the forward and both gradients
         monkeypatch.setattr(ops, "FORCE", {})
         dev.reset_counts()
         F.conv2d_backward(gy, x, wt, b, **kw)[1].numpy()
         assert {"conv2d_col2im_float", "conv2d_im2col_t_float"} <= set(dev.dispatch_counts)
         dev.reset_counts()
         F.conv2d(x, wt, b, **kw).numpy()
-        assert "conv2d_im2col_float" not in dev.dispatch_counts
+        assert "conv2d_im2col_float" in dev.dispatch_counts
+        assert not any(s.startswith("conv2d_fwd") for s in dev.dispatch_counts)
 
 
 # ---- the references themselves ------------------------------------------------------------------

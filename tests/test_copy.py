@@ -260,6 +260,36 @@ def test_copy_cast_view_offsets(dev, lead, dtype) -> None:
         same(F.cast(v, other), x.astype(other), other)
 
 
+@pytest.mark.parametrize("n", [1, 33, 2 * 4096 + 5])
+def test_copy_cast_out(dev, n) -> None:
+    """out=: the result lands in the given tensor (overwriting what it held), returned as is;
+    a wrong type, dtype, shape or device is refused before anything is dispatched."""
+    x = rnd((n,), np.float32, 15) * np.float32(100)
+    tx = pm.tensor(x, dev)
+    o32 = pm.tensor(np.full(n, 7.0, np.float32), dev)
+    assert F.copy(tx, out=o32) is o32
+    same(o32.numpy(), x, np.float32)
+    o16 = pm.tensor(np.full(n, 7.0, np.float16), dev)
+    assert F.cast(tx, np.float16, out=o16) is o16
+    same(o16.numpy(), x.astype(np.float16), np.float16)
+    back = pm.tensor(np.zeros(n, np.float32), dev)
+    same(F.cast(o16, np.float32, out=back).numpy(), x.astype(np.float16).astype(np.float32),
+         np.float32)
+    with pytest.raises(TypeError, match="^out: expected a Tensor"):
+        F.copy(tx, out=np.zeros(n, np.float32))
+    with pytest.raises(ValueError, match="^out: dtype float16, expected float32"):
+        F.copy(tx, out=o16)
+    with pytest.raises(ValueError, match="^out: dtype float32, expected float16"):
+        F.cast(tx, np.float16, out=o32)
+    with pytest.raises(ValueError, match=rf"^out: shape \(1, {n}\), expected \({n},\)"):
+        F.copy(tx, out=pm.tensor(np.zeros((1, n), np.float32), dev))
+    other = pm.device("cpu") if dev.name != "cpu" else None
+    if other is not None:
+        with pytest.raises(ValueError, match="^out: on cpu"):
+            F.copy(tx, out=pm.tensor(np.zeros(n, np.float32), other))
+    same(o32.numpy(), x, np.float32)  # the refused calls wrote nothing
+
+
 def test_bad_input(dev) -> None:
     a = pm.tensor(np.zeros((2, 3, 4), np.float32), dev)
     b = pm.tensor(np.zeros((2, 5, 5), np.float32), dev)

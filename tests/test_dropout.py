@@ -198,6 +198,24 @@ def test_offset_tensor_adds_to_the_offset(dev, dtype, offset, base) -> None:
     np.testing.assert_array_equal(g2, F.dropout2d_backward(x, 0.5, 9, total).numpy())
 
 
+@pytest.mark.parametrize("base", [0, 5, 2**32 - 1, 2**33 + 2**32 - 1, 2**64 - 1])
+def test_dropout_offset_advance(dev, base) -> None:
+    """dropout_offset_advance: the tensor's 64-bit value + 1 (the low word's carry into the high
+    one, 2^64 - 1 wrapping to 0), so the next dropout draws the mask at the next offset."""
+    words = np.array([base & 0xFFFFFFFF, base >> 32], np.uint32).view(np.int32)
+    ot = pm.tensor(words, dev)
+    F.dropout_offset_advance(ot)
+    got = ot.numpy().view(np.uint32).astype(np.uint64)
+    assert int(got[0]) + (int(got[1]) << 32) == (base + 1) % 2**64
+    x = pm.tensor(rnd((3, 37), np.float32, 4), dev)
+    np.testing.assert_array_equal(F.dropout(x, 0.5, 9, 0, offset_tensor=ot).numpy(),
+                                  F.dropout(x, 0.5, 9, (base + 1) % 2**64).numpy())
+    with pytest.raises(ValueError, match="^offset_tensor: expected a Tensor"):
+        F.dropout_offset_advance(words)
+    with pytest.raises(ValueError, match="^offset_tensor: expected a 32-bit integer Tensor"):
+        F.dropout_offset_advance(pm.tensor(np.zeros(3, np.int32), dev))
+
+
 def test_offset_tensor_checked(dev) -> None:
     x = pm.tensor(np.ones(8, np.float32), dev)
     for bad in (np.zeros(2, np.int32), pm.tensor(np.zeros(3, np.int32), dev),

@@ -2,6 +2,8 @@
 replayed or grouped step computes exactly what encoded steps compute."""
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 import pytest
 from graph_nets import Events, data, dispatches, inception, lenet, sgd, small_net
@@ -201,3 +203,43 @@ def test_grouped_updates_leave_custom_data_sources_alone(dev):
         assert any("overrides load, purge, update" in m for m in tg.log)
     else:  # whole buffers only: no update is grouped
         assert any("not grouped (needs buffer views" in m for m in tg.log)
+
+
+@pytest.mark.parametrize("mode", ["encode", "replay"])
+def test_bad_device_labels_fail_the_step(dev, mode):
+    """Class labels given as a device Tensor are range-checked by the loss's kernels (no
+    read-back before the step): a bad one fails its step -- an encoded step or a replay of a
+    captured step whose label buffer was overwritten on the device -- at the handle's wait,
+    naming the label; as after any failed training step, the graph takes no further step until
+    its weights are loaded again, and then trains exactly as a graph that never saw the bad
+    labels."""
+    from pymetalnn.runtime.errors import AsyncError
+
+    X, Y = data(n=4)
+    Y = Y.astype(np.int32)
+    bad = Y.copy()
+    bad[2] = 10  # 10 classes: one past the last
+    res = {}
+    for run in ("bad", "clean"):
+        _, loss, _ = lenet(record=False, dropout=False)
+        tg = G.TrainingGraph(loss, optimizer=sgd(0.1), device=dev)
+        labels = pymetalnn.tensor(Y, dev)
+        if mode == "replay":
+            step = tg.capture(X, labels).run
+        else:
+            tg.encode(X, labels).wait()
+            step = functools.partial(tg.encode, X, labels)
+        sd = tg.training_state_dict()
+        if run == "bad":
+            labels.buffer.write(bad)
+            with pytest.raises(AsyncError, match=r"target: label 10 out of range \[0, 10\)"):
+                step().wait()
+            with pytest.raises(AsyncError, match="load a checkpoint"):
+                step()
+            tg.load_state_dict(sd)
+            labels.buffer.write(Y)
+        res[run] = [step().wait().losses.copy() for _ in range(2)], tg.training_state_dict()
+    for a, b in zip(res["bad"][0], res["clean"][0]):
+        np.testing.assert_array_equal(a, b)
+    for k, v in res["clean"][1].items():
+        np.testing.assert_array_equal(res["bad"][1][k], v, err_msg=k)

@@ -3,6 +3,7 @@
 // match it. Same interface as kernels/gemm.metal (GemmParams, GEMM_* flags) minus split-K.
 #include <metal_stdlib>
 #include "params.h"
+#include "instantiate.h"
 using namespace metal;
 
 template <typename T, typename ACC>
@@ -34,6 +35,6 @@ kernel void gemm_v1(device const T* A [[buffer(0)]], device const T* B [[buffer(
     *c = T(v);
 }
 
-template [[host_name("gemm_fwd_v1_float")]] [[kernel]] decltype(gemm_v1<float, float>) gemm_v1<float, float>;
-template [[host_name("gemm_fwd_v1_half")]] [[kernel]] decltype(gemm_v1<half, float>) gemm_v1<half, float>;
-template [[host_name("gemm_fwd_v1_hacc_half")]] [[kernel]] decltype(gemm_v1<half, half>) gemm_v1<half, half>;
+INSTANTIATE("gemm_fwd_v1_float", gemm_v1, float, float)
+INSTANTIATE("gemm_fwd_v1_half", gemm_v1, half, float)
+INSTANTIATE("gemm_fwd_v1_hacc_half", gemm_v1, half, half)

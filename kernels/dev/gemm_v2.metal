@@ -5,6 +5,7 @@
 // Same interface as kernels/gemm.metal (GemmParams, GEMM_* flags) minus split-K.
 #include <metal_stdlib>
 #include "params.h"
+#include "instantiate.h"
 using namespace metal;
 
 #define TS 16u
@@ -45,6 +46,6 @@ kernel void gemm_v2(device const T* A [[buffer(0)]], device const T* B [[buffer(
     *c = T(v);
 }
 
-template [[host_name("gemm_fwd_v2_float")]] [[kernel]] decltype(gemm_v2<float, float>) gemm_v2<float, float>;
-template [[host_name("gemm_fwd_v2_half")]] [[kernel]] decltype(gemm_v2<half, float>) gemm_v2<half, float>;
-template [[host_name("gemm_fwd_v2_hacc_half")]] [[kernel]] decltype(gemm_v2<half, half>) gemm_v2<half, half>;
+INSTANTIATE("gemm_fwd_v2_float", gemm_v2, float, float)
+INSTANTIATE("gemm_fwd_v2_half", gemm_v2, half, float)
+INSTANTIATE("gemm_fwd_v2_hacc_half", gemm_v2, half, half)

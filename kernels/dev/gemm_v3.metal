@@ -46,6 +46,7 @@
 //   32-bit; batch offsets are 64-bit.
 #include <metal_stdlib>
 #include "params.h"
+#include "instantiate.h"
 using namespace metal;
 
 // GemmParams.flags GEMM_*, GEMM_THREADS: params.h
@@ -259,7 +260,7 @@ kernel void gemm_tiled(device const T* A [[buffer(0)]], device const T* B [[buff
 #define GEMM_STR_(x) #x
 #define GEMM_STR(x) GEMM_STR_(x)
 #define GEMM_KERNEL(NAME, FN, ...) \
-    template [[host_name(GEMM_STR(NAME))]] [[kernel]] decltype(FN<__VA_ARGS__>) FN<__VA_ARGS__>;
+    INSTANTIATE(GEMM_STR(NAME), FN, __VA_ARGS__)
 
 #define GEMM_INST(TILE, BM, BN, BK)                                                \
     GEMM_KERNEL(gemm_fwd_v3_##TILE##_float, gemm_tiled, float, float, BM, BN, BK)     \

@@ -47,6 +47,7 @@
 //   32-bit; batch offsets are 64-bit.
 #include <metal_stdlib>
 #include "params.h"
+#include "instantiate.h"
 using namespace metal;
 
 // GemmParams.flags GEMM_*, GEMM_THREADS: params.h
@@ -325,7 +326,7 @@ kernel void linear_bias_grad(device const T* g [[buffer(0)]], device T* out [[bu
 #define GEMM_STR_(x) #x
 #define GEMM_STR(x) GEMM_STR_(x)
 #define GEMM_KERNEL(NAME, FN, ...) \
-    template [[host_name(GEMM_STR(NAME))]] [[kernel]] decltype(FN<__VA_ARGS__>) FN<__VA_ARGS__>;
+    INSTANTIATE(GEMM_STR(NAME), FN, __VA_ARGS__)
 
 #define GEMM_INST(TILE, BM, BN, BK)                                                              \
     GEMM_KERNEL(gemm_fwd_##TILE##_float, gemm_tiled, float, float, BM, BN, BK, false)            \

@@ -26,6 +26,7 @@
 // softmax_rows_*.)
 #include <metal_stdlib>
 #include "params.h"
+#include "instantiate.h"
 #include "neuron.h"
 #include "stream.h"
 #include "tile_reduce.h"
@@ -204,18 +205,12 @@ kernel void avg_pool3_s1_fwd(device const T* x [[buffer(0)]],
 }
 
 #define MEMBOUND_DEV(T)                                                                           \
-    template [[host_name("chan_stats_v2_" #T)]] [[kernel]] decltype(chan_part<T, 0, 1>)          \
-        chan_part<T, 0, 1>;                                                                       \
-    template [[host_name("chan_stats_v3_" #T)]] [[kernel]] decltype(chan_part<T, 0, 2>)          \
-        chan_part<T, 0, 2>;                                                                       \
-    template [[host_name("chan_sum_v2_" #T)]] [[kernel]] decltype(chan_part<T, 1, 1>)            \
-        chan_part<T, 1, 1>;                                                                       \
-    template [[host_name("chan_sum_v3_" #T)]] [[kernel]] decltype(chan_part<T, 1, 2>)            \
-        chan_part<T, 1, 2>;                                                                       \
-    template [[host_name("chan_sum_finish_" #T)]] [[kernel]] decltype(chan_sum_finish<T>)         \
-        chan_sum_finish<T>;                                                                       \
-    template [[host_name("chan_affine_v2_" #T)]] [[kernel]] decltype(chan_affine<T>) chan_affine<T>; \
-    template [[host_name("avg_pool3_s1_fwd_v2_" #T)]] [[kernel]] decltype(avg_pool3_s1_fwd<T>)     \
-        avg_pool3_s1_fwd<T>;
+    INSTANTIATE("chan_stats_v2_" #T, chan_part, T, 0, 1)                                          \
+    INSTANTIATE("chan_stats_v3_" #T, chan_part, T, 0, 2)                                          \
+    INSTANTIATE("chan_sum_v2_" #T, chan_part, T, 1, 1)                                            \
+    INSTANTIATE("chan_sum_v3_" #T, chan_part, T, 1, 2)                                            \
+    INSTANTIATE("chan_sum_finish_" #T, chan_sum_finish, T)                                        \
+    INSTANTIATE("chan_affine_v2_" #T, chan_affine, T)                                             \
+    INSTANTIATE("avg_pool3_s1_fwd_v2_" #T, avg_pool3_s1_fwd, T)
 MEMBOUND_DEV(float)
 MEMBOUND_DEV(half)

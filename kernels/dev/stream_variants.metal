@@ -11,6 +11,7 @@
 // Chunks are W = 16 / sizeof(T) elements; params: NeuronParams (n, nvec = chunks).
 #include <metal_stdlib>
 #include "params.h"
+#include "instantiate.h"
 #include "neuron.h"
 #include "stream.h"
 using namespace metal;
@@ -159,16 +160,16 @@ kernel void relu_bwd_gs(device const T* g [[buffer(0)]], device const T* x [[buf
 }
 
 #define STREAM_VARIANTS(T)                                                                      \
-    template [[host_name("relu_fwd_v1_" #T)]] [[kernel]] decltype(relu_v1<T>) relu_v1<T>;      \
-    template [[host_name("relu_bwd_v1_" #T)]] [[kernel]] decltype(relu_bwd_v1<T>) relu_bwd_v1<T>; \
-    template [[host_name("relu_fwd_v2_" #T)]] [[kernel]] decltype(relu_u<T, 1>) relu_u<T, 1>;  \
-    template [[host_name("relu_bwd_v2_" #T)]] [[kernel]] decltype(relu_bwd_u<T, 1>) relu_bwd_u<T, 1>; \
-    template [[host_name("relu_fwd_v3_" #T)]] [[kernel]] decltype(relu_u<T, 2>) relu_u<T, 2>;  \
-    template [[host_name("relu_bwd_v3_" #T)]] [[kernel]] decltype(relu_bwd_u<T, 2>) relu_bwd_u<T, 2>; \
-    template [[host_name("relu_fwd_v4_" #T)]] [[kernel]] decltype(relu_u<T, 4>) relu_u<T, 4>;  \
-    template [[host_name("relu_bwd_v4_" #T)]] [[kernel]] decltype(relu_bwd_u<T, 4>) relu_bwd_u<T, 4>; \
-    template [[host_name("relu_fwd_v5_" #T)]] [[kernel]] decltype(relu_gs<T>) relu_gs<T>;      \
-    template [[host_name("relu_bwd_v5_" #T)]] [[kernel]] decltype(relu_bwd_gs<T>) relu_bwd_gs<T>;
+    INSTANTIATE("relu_fwd_v1_" #T, relu_v1, T)                                                  \
+    INSTANTIATE("relu_bwd_v1_" #T, relu_bwd_v1, T)                                              \
+    INSTANTIATE("relu_fwd_v2_" #T, relu_u, T, 1)                                                \
+    INSTANTIATE("relu_bwd_v2_" #T, relu_bwd_u, T, 1)                                            \
+    INSTANTIATE("relu_fwd_v3_" #T, relu_u, T, 2)                                                \
+    INSTANTIATE("relu_bwd_v3_" #T, relu_bwd_u, T, 2)                                            \
+    INSTANTIATE("relu_fwd_v4_" #T, relu_u, T, 4)                                                \
+    INSTANTIATE("relu_bwd_v4_" #T, relu_bwd_u, T, 4)                                            \
+    INSTANTIATE("relu_fwd_v5_" #T, relu_gs, T)                                                  \
+    INSTANTIATE("relu_bwd_v5_" #T, relu_bwd_gs, T)
 
 STREAM_VARIANTS(float)
 STREAM_VARIANTS(half)

@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING, Any, Callable
 
 import numpy as np
 
+from ..runtime import Buffer
 from ..tensor import Tensor, int32
 from .errors import GraphError
 from .nodes import LabelsNode, Value
@@ -87,6 +88,9 @@ class CapturedStep:
         self.graph, self.recording = graph, rec
         self.inputs, self.labels, self.outputs = inputs, labels, outputs
         self._keep, self._env = keep, env  # every buffer the recorded launches touch
+        # what the recorded step allocated outside the memory plan (outputs, workspaces): fresh
+        # memory at every encoded step, so written there before it is read
+        self._fresh = [b for b in keep if isinstance(b, Buffer)]
         # batch norms whose running statistics (and counter) a training replay advances
         self._tracked = [ds for ds in graph.data_sources if graph.training and
                          hasattr(ds, "num_batches_tracked") and ds.running_stats]
@@ -118,6 +122,8 @@ class CapturedStep:
                     g._write(t, arr)
                 if self._arena is not None:  # a failed earlier replay does not fail this one
                     g.device.forget_failures(self._arena)
+                for b in self._fresh:  # nor the step's own allocations (outputs, workspaces)
+                    g.device.forget_failures(b)
                 self.recording.replay()
                 for ds in g.data_sources:
                     opt = ds.optimizer

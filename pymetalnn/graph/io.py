@@ -157,8 +157,29 @@ def load_graph_state(g: Any, d: Mapping[str, Any], strict: bool = True,
             used += [f"{name}.{k}" for k in per[name]]
         if opt[name]:
             used += [f"{name}.{OPT}.{k}" for k in opt[name]]
+    _forget_group_failures(g, sources, per, opt)
     g._failed_step = None  # fresh weights: a failed step no longer blocks training
     return used
+
+
+def _forget_group_failures(g: Any, sources: dict, per: dict, opt: dict) -> None:
+    """Grouped updates keep weights (and optimizer states) as views of flat buffers, which a
+    failed update marks failed as a whole; the load rewrites every view but not the alignment
+    gaps between them, so the flat buffers are declared clean once each member's weights (and
+    states) were loaded (docs/errors.md)."""
+    name_of = {ds: name for name, ds in sources.items()}
+    dev = g.device
+    for grp in getattr(g, "_update_groups", None) or []:
+        names = [name_of.get(ds) for ds in grp.members]
+        if grp.flat is None or None in names:
+            continue
+        if all(set(ds.trainable) <= set(per[n]) for ds, n in zip(grp.members, names)):
+            dev.forget_failures(grp.flat)
+        ms = grp.ms
+        if ms is not None and all(opt[n] or not ds.optimizer.STATE_NAMES
+                                  for ds, n in zip(grp.members, names)):
+            for b in list(ms.states.values()) + [ms.steps_flat]:
+                dev.forget_failures(b)
 
 
 def checkpoint_path(path: Any) -> str:

@@ -32,6 +32,7 @@ from typing import Any
 
 import numpy as np
 
+from .. import functional as F
 from ..params import AmpParams
 from ..runtime import Device
 from ..tensor import Tensor, float16, float32, tensor
@@ -226,8 +227,6 @@ def half_copies(g: Any, ds: Any, t: dict[str, Tensor], names: Any, rc: Any) -> d
     weights are views of a grouped update's flat buffer, ONE cast of the whole flat buffer per
     step refreshes the copies of every data source of the group (views of a flat float16
     buffer)."""
-    from ..ops.copy import _block
-
     key = ("half", id(ds))
     done = rc.state.get(key)
     if done is not None:
@@ -248,7 +247,7 @@ def half_copies(g: Any, ds: Any, t: dict[str, Tensor], names: Any, rc: Any) -> d
         if h is None or h.shape != x.shape:  # array-backed: outside the graph's memory plan
             h = store[k] = tensor(np.zeros(x.shape, np.float16), g.device)
         if x.size:
-            _block(x, h, 1, x.size, x.size, x.size, 0, 0)
+            F.cast(x, float16, out=h)
         out[k] = h
     rc.state[key] = out
     return out
@@ -257,8 +256,6 @@ def half_copies(g: Any, ds: Any, t: dict[str, Tensor], names: Any, rc: Any) -> d
 def _flat_half(g: Any, ds: Any, t: dict[str, Tensor], names: Any, rc: Any
                ) -> dict[str, Tensor] | None:
     """half_copies through the flat buffer of ds's update group, or None (not grouped)."""
-    from ..ops.copy import _block
-
     grp = next((u for u in g._update_groups or () if ds in u.layout), None)
     if grp is None or grp.flat is None:
         return None
@@ -273,7 +270,8 @@ def _flat_half(g: Any, ds: Any, t: dict[str, Tensor], names: Any, rc: Any
     base, half, views = hf
     if not rc.state.get(skey):
         n = grp.size
-        _block(Tensor(base, (n,), float32), half, 1, n, n, n, 0, 0)
+        if n:
+            F.cast(Tensor(base, (n,), float32), float16, out=half)
         rc.state[skey] = True
     out: dict[str, Tensor] = {}
     for k, x in ts.items():

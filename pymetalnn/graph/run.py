@@ -312,6 +312,13 @@ class GraphRunner:
         ii = loss.options.get("ignore_index", -100)
         if isinstance(x, F.Labels) and x.num_classes == c and x.ignore_index == ii:
             t, shape = x, x.shape
+        elif isinstance(x, Tensor):  # range-checked by the loss's kernels: no read-back
+            if x.dtype != int32:
+                raise GraphError(v, f"expected int32 class labels, got dtype {x.dtype}")
+            if x.device is not self.device:
+                raise GraphError(v, f"labels are on {x.device.name}, the graph on "
+                                    f"{self.device.name}")
+            t, shape = x, x.shape
         else:
             t, arr = None, x.numpy() if isinstance(x, Tensor) else np.asarray(x)
             if arr.dtype.kind not in "iu":
@@ -464,6 +471,9 @@ class GraphRunner:
             t = env[v]
             if t.ndim > v.batch_dim:
                 n = t.shape[v.batch_dim]
+                if n == 0:  # every loss refuses empty inputs (ops/loss.py), so the step does too
+                    raise GraphError(v, f"a batch of 0 (shape {t.shape}); a step needs at least "
+                                        "one sample")
                 n0, v0 = first.setdefault(v.batch_dim, (n, v))
                 if n != n0:
                     raise GraphError(v, f"batch of {n}, but {v0.name} has a batch of {n0}")
@@ -547,10 +557,8 @@ class GraphRunner:
                 for v in self.free_after[i]:
                     env.pop(v, None)
         if advance:  # the next step draws the next masks: advanced on the device, in the step
-            from ..ops._common import kernel
-
             assert self._step_ctr is not None
-            kernel(self.device, "dropout.metal", "dropout_offset_advance")(1, self._step_ctr.buffer)
+            F.dropout_offset_advance(self._step_ctr)
         if calibrate:
             from .optimize import plan_memory as _plan
 
@@ -650,7 +658,6 @@ class GraphRunner:
         return out
 
     def _keep_grads(self, ds: Any, grads: list[Any]) -> None:
-        from ..ops.copy import _block
         from ..tensor import tensor
 
         store = self._grad_store.get(ds)
@@ -658,7 +665,7 @@ class GraphRunner:
             store = self._grad_store[ds] = [tensor(np.zeros(g.shape, g.dtype), g.device) for g in grads]
         for g, t in zip(grads, store):
             if g is not None and g.size:
-                _block(g, t, 1, g.size, g.size, g.size, 0, 0)
+                F.copy(g, out=t)
 
     def _after_step(self, st: Step, rc: RunContext) -> None:
         if not self.low_memory:

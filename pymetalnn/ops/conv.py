@@ -416,12 +416,6 @@ def _im2col(kind: str, dev: Device, geo: ConvGeometry, prec: str, source: str) -
     forced = FORCE.get(kind)
     if source != SOURCE or forced not in (None, "im2col"):
         return False
-    if kind == "fwd" and forced is None:
-        # not the default for the forward: inside a training graph it made the from_torch
-        # ResNet-18 test (tests/test_graph_from_torch.py) leave torch's weights after the first
-        # update on cpu, while the op alone matches float64 torch; until that is understood the
-        # forward keeps the tiled kernels (forced "im2col" still reaches it, for its tests)
-        return False
     return im2col.eligible(dev, geo, prec, any_device=forced == "im2col")
 
 
@@ -615,9 +609,10 @@ def _as_1d(t: Tensor) -> Tensor:
     return t.reshape(t.shape[0], t.shape[1], t.shape[3])
 
 
-def conv2d(input: Any, weight: Any, bias: Any = None, stride: Any = 1, padding: Padding = 0,
+def conv2d(input: TensorLike, weight: TensorLike, bias: TensorLike | None = None, stride: Any = 1,
+           padding: Padding = 0,
            dilation: Any = 1, groups: int = 1, accumulate: str | None = None, activation: Any = None,
-           out: Any = None, out_batch_stride: int | None = None) -> Tensor:
+           out: Tensor | None = None, out_batch_stride: int | None = None) -> Tensor:
     """2-D convolution (cross-correlation, as torch.nn.functional.conv2d), NCHW.
 
         y[n, k, oh, ow] = b[k] + sum_{c < C/G, r < KH, s < KW}
@@ -647,9 +642,10 @@ def conv2d(input: Any, weight: Any, bias: Any = None, stride: Any = 1, padding: 
     return _unbatched(_forward(dev, prec, geo, x, w, b, x.dtype, act, out, out_batch_stride), unb)
 
 
-def conv2d_backward(grad_out: Any, input: Any, weight: Any, bias: Any = None, stride: Any = 1,
+def conv2d_backward(grad_out: TensorLike, input: TensorLike, weight: TensorLike,
+                    bias: TensorLike | None = None, stride: Any = 1,
                     padding: Padding = 0, dilation: Any = 1, groups: int = 1,
-                    accumulate: str | None = None, activation: Any = None, y: Any = None
+                    accumulate: str | None = None, activation: Any = None, y: TensorLike | None = None
                     ) -> tuple[Tensor, Tensor, Tensor | None]:
     """Gradients of conv2d: (dL/dx, dL/dw, dL/db or None when b is None), given dL/dy.
 
@@ -713,7 +709,8 @@ def _conv1d_args(x: TensorLike, w: TensorLike, stride: Any, padding: Padding, di
     return _as_2d(x), _as_2d(w), (1, st[0]), pad2, (1, dil[0])
 
 
-def conv1d(input: Any, weight: Any, bias: Any = None, stride: Any = 1, padding: Padding = 0,
+def conv1d(input: TensorLike, weight: TensorLike, bias: TensorLike | None = None, stride: Any = 1,
+           padding: Padding = 0,
            dilation: Any = 1, groups: int = 1, accumulate: str | None = None) -> Tensor:
     """1-D convolution, x (N, C, L), w (K, C/groups, KL) -> (N, K, OL):
 
@@ -728,7 +725,8 @@ def conv1d(input: Any, weight: Any, bias: Any = None, stride: Any = 1, padding: 
     return _unbatched(_as_1d(conv2d(x4, w4, b, st, pad, dil, groups, accumulate)), unb)
 
 
-def conv1d_backward(grad_out: Any, input: Any, weight: Any, bias: Any = None, stride: Any = 1,
+def conv1d_backward(grad_out: TensorLike, input: TensorLike, weight: TensorLike,
+                    bias: TensorLike | None = None, stride: Any = 1,
                     padding: Padding = 0, dilation: Any = 1, groups: int = 1,
                     accumulate: str | None = None) -> tuple[Tensor, Tensor, Tensor | None]:
     """Gradients of conv1d: (dL/dx, dL/dw, dL/db or None), the conv2d_backward kernels with H = 1."""

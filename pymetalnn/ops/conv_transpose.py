@@ -67,7 +67,8 @@ def _transpose_args(x: TensorLike, w: TensorLike, b: TensorLike | None, stride: 
     return dev, x, w, b, geo, _precision(x.dtype, accumulate)
 
 
-def conv_transpose2d(input: Any, weight: Any, bias: Any = None, stride: Any = 1, padding: Any = 0,
+def conv_transpose2d(input: TensorLike, weight: TensorLike, bias: TensorLike | None = None, stride: Any = 1,
+                     padding: Any = 0,
                      output_padding: Any = 0, groups: int = 1, dilation: Any = 1,
                      accumulate: str | None = None) -> Tensor:
     """Transposed 2-D convolution (torch.nn.functional.conv_transpose2d), NCHW: the input gradient
@@ -87,7 +88,8 @@ def conv_transpose2d(input: Any, weight: Any, bias: Any = None, stride: Any = 1,
     return _unbatched(_input_grad(dev, prec, geo, x, w, b, x.dtype), unb)
 
 
-def conv_transpose2d_backward(grad_out: Any, input: Any, weight: Any, bias: Any = None, stride: Any = 1,
+def conv_transpose2d_backward(grad_out: TensorLike, input: TensorLike, weight: TensorLike,
+                              bias: TensorLike | None = None, stride: Any = 1,
                               padding: Any = 0, output_padding: Any = 0, groups: int = 1,
                               dilation: Any = 1, accumulate: str | None = None
                               ) -> tuple[Tensor, Tensor, Tensor | None]:
@@ -123,7 +125,8 @@ def _transpose1d_args(x: Any, w: Any, stride: Any, padding: Any, output_padding:
     return _as_2d(x), _as_2d(w), (1, one[0]), (0, one[1]), (0, one[2]), (1, one[3])
 
 
-def conv_transpose1d(input: Any, weight: Any, bias: Any = None, stride: Any = 1, padding: Any = 0,
+def conv_transpose1d(input: TensorLike, weight: TensorLike, bias: TensorLike | None = None, stride: Any = 1,
+                     padding: Any = 0,
                      output_padding: Any = 0, groups: int = 1, dilation: Any = 1,
                      accumulate: str | None = None) -> Tensor:
     """Transposed 1-D convolution (torch.nn.functional.conv_transpose1d): x (N, C_in, L) or
@@ -141,7 +144,8 @@ def conv_transpose1d(input: Any, weight: Any, bias: Any = None, stride: Any = 1,
                                               accumulate)), unb)
 
 
-def conv_transpose1d_backward(grad_out: Any, input: Any, weight: Any, bias: Any = None,
+def conv_transpose1d_backward(grad_out: TensorLike, input: TensorLike, weight: TensorLike,
+                              bias: TensorLike | None = None,
                               stride: Any = 1, padding: Any = 0, output_padding: Any = 0,
                               groups: int = 1, dilation: Any = 1, accumulate: str | None = None
                               ) -> tuple[Tensor, Tensor, Tensor | None]:

@@ -149,16 +149,34 @@ def _around(shape: tuple[int, ...], d: int) -> tuple[int, int]:
 
 
 # ---- copy / cast ------------------------------------------------------------------------------
-def copy(x: TensorLike) -> Tensor:
-    """A new tensor with x's shape, dtype and values."""
+def _into(out: Tensor | None, shape: tuple[int, ...], dtype: np.dtype, dev: Device) -> Tensor:
+    """The destination of copy / cast: a new tensor, or `out=` checked (a Tensor on dev of the
+    result's shape and dtype), which the op overwrites in place."""
+    if out is None:
+        return out_like(shape, dtype, dev)
+    if not isinstance(out, Tensor):
+        raise TypeError(f"out: expected a Tensor, got {type(out).__name__}")
+    if out.device is not dev:
+        raise ValueError(f"out: on {out.device.name}, x on {dev.name}")
+    if out.dtype != dtype:
+        raise ValueError(f"out: dtype {out.dtype}, expected {dtype}")
+    if out.shape != shape:
+        raise ValueError(f"out: shape {out.shape}, expected {shape}")
+    return out
+
+
+def copy(x: TensorLike, out: Tensor | None = None) -> Tensor:
+    """A new tensor with x's shape, dtype and values; out= (a tensor of x's shape and dtype):
+    written in place of a new one (torch's out.copy_(x))."""
     x = _arg(x, pick_device(x), "x")
-    out = out_like(x.shape, x.dtype, x.device)
+    out = _into(out, x.shape, x.dtype, x.device)
     _block(x, out, 1, x.size, x.size, x.size, 0, 0)
     return out
 
 
-def cast(x: TensorLike, dtype: Any) -> Tensor:
-    """x converted to `dtype` (float32 <-> float16, round to nearest even; same dtype: a copy)."""
+def cast(x: TensorLike, dtype: Any, out: Tensor | None = None) -> Tensor:
+    """x converted to `dtype` (float32 <-> float16, round to nearest even; same dtype: a copy);
+    out= (a tensor of x's shape and that dtype): written in place of a new one."""
     dev = pick_device(x)
     x = _arg(x, dev, "x", (np.float32, np.float16))
     try:
@@ -167,7 +185,7 @@ def cast(x: TensorLike, dtype: Any) -> Tensor:
         raise ValueError(f"dtype: {dtype!r} is not a dtype") from None
     if dt not in (np.dtype(np.float32), np.dtype(np.float16)):
         raise ValueError(f"dtype: {dt} not supported here (float32, float16)")
-    out = out_like(x.shape, dt, dev)
+    out = _into(out, x.shape, dt, dev)
     _block(x, out, 1, x.size, x.size, x.size, 0, 0)
     return out
 
@@ -426,7 +444,8 @@ def _permute(x: Tensor, p: tuple[int, ...]) -> Tensor:
             tp = TransposeParams(batch=batch, rows=b, cols=a, tiles_r=tr, tiles_c=tc,
                                  n_tiles=batch * tr * tc)
             k = kernel(x.device, SOURCE, f"transpose_fwd_{suffix(x.dtype)}")
-            k(min(tp.n_tiles, GRID_CAP // 256) * 256, x.buffer, out.buffer, tp)
+            tg = k.threadgroup_size  # one threadgroup per tile (grid-stride past GRID_CAP)
+            k(min(tp.n_tiles, GRID_CAP // tg) * tg, x.buffer, out.buffer, tp)
             return out
     if len(dims) > MAXD:
         raise ValueError(f"dims: permuting {x.shape} needs {len(dims)} dimensions after merging, "

@@ -29,9 +29,9 @@ from typing import Any
 
 import numpy as np
 
-from ..params import NmsParams, YoloParams
+from ..params import CONST, NmsParams, YoloParams
 from ..runtime import Device
-from ..tensor import Tensor, float32, int32
+from ..tensor import Tensor, TensorLike, float32, int32
 from ._common import (
     FLOATS,
     MAX_GROUPS,
@@ -49,8 +49,8 @@ from ._common import (
 from .loss import _MODE, _reduce
 
 SOURCE = "detection.metal"
-TG = 256
-MAX_BOXES = 256  # target rows per image: kernels/detection.metal YOLO_MAXB
+TG = CONST["TR_TG"]  # threads per threadgroup (the kernels stride by TR_TG: tile_reduce.h)
+MAX_BOXES = CONST["YOLO_MAXB"]  # target rows per image (cached in threadgroup memory)
 REDUCTIONS = ("per_sample", "sum", "mean")
 MAX_ELEMENTS = 2**31 - 1
 
@@ -83,7 +83,7 @@ def _check_anchors(a: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(a, np.float32)
 
 
-def yolo_anchors(anchors: Any, device: Device | None = None) -> YoloAnchors:
+def yolo_anchors(anchors: TensorLike, device: Device | None = None) -> YoloAnchors:
     """Check (A, 2) anchors (finite widths and heights > 0, in grid cells) once and put them on
     the device; the detection ops then take them without a check (or a read-back)."""
     host = _check_anchors(anchors.numpy() if isinstance(anchors, Tensor) else np.asarray(anchors))
@@ -148,7 +148,7 @@ def check_targets(arr: np.ndarray, num_classes: int, name: str = "target") -> np
     return np.ascontiguousarray(a)
 
 
-def yolo_targets(target: Any, num_classes: int, device: Device | None = None) -> YoloTargets:
+def yolo_targets(target: TensorLike, num_classes: int, device: Device | None = None) -> YoloTargets:
     """Check target rows once (see check_targets) and put them on the device; the loss then
     uses them without a second check. They must not be modified afterwards."""
     if isinstance(num_classes, bool) or not isinstance(num_classes, (int, np.integer)) \
@@ -205,7 +205,7 @@ def _yolo_args(input: Any, target: Any, anchors: Any, reduction: Any, scales: tu
 
 # ---- YOLO v2 loss ------------------------------------------------------------------------------
 
-def yolo_loss(input: Any, target: Any, anchors: Any, *, coord_scale: float = 1.0,
+def yolo_loss(input: TensorLike, target: TensorLike, anchors: TensorLike, *, coord_scale: float = 1.0,
               object_scale: float = 5.0, noobject_scale: float = 1.0, class_scale: float = 1.0,
               ignore_thresh: float = 0.6, rescore: bool = True, reduction: str = "mean") -> Tensor:
     """The YOLO v2 loss (module docstring) of raw network output `input` (N, A*(5+C), GH, GW),
@@ -227,7 +227,7 @@ def yolo_loss(input: Any, target: Any, anchors: Any, *, coord_scale: float = 1.0
     return _reduce(dev, per, dummy(dev), 1, n, mode, float(n), ())
 
 
-def yolo_loss_backward(grad: Any, input: Any, target: Any, anchors: Any, *,
+def yolo_loss_backward(grad: TensorLike, input: TensorLike, target: TensorLike, anchors: TensorLike, *,
                        coord_scale: float = 1.0, object_scale: float = 5.0,
                        noobject_scale: float = 1.0, class_scale: float = 1.0,
                        ignore_thresh: float = 0.6, rescore: bool = True,
@@ -268,7 +268,7 @@ def _grad(grad: Any, dev: Device, shape: tuple[int, ...]) -> Tensor:
 
 # ---- decoding and NMS ------------------------------------------------------------------------
 
-def yolo_decode(input: Any, anchors: Any) -> tuple[Tensor, Tensor]:
+def yolo_decode(input: TensorLike, anchors: TensorLike) -> tuple[Tensor, Tensor]:
     """Boxes and scores of every prediction: boxes (N, P, 4) corners (x1, y1, x2, y2),
     image-relative, and scores (N, P, C) = sigmoid(to) softmax(c), float32, with
     P = A GH GW ordered (anchor, row, column)."""
@@ -287,7 +287,7 @@ def yolo_decode(input: Any, anchors: Any) -> tuple[Tensor, Tensor]:
     return boxes, scores
 
 
-def multiclass_nms(boxes: Any, scores: Any, iou_threshold: float, *,
+def multiclass_nms(boxes: TensorLike, scores: TensorLike, iou_threshold: float, *,
                    score_threshold: float = 0.0, max_det: int = 100) -> tuple[Tensor, Tensor]:
     """Greedy NMS per image and class: boxes (N, P, 4) corners, scores (N, P, C). For each (n, c),
     among the predictions with score > score_threshold, repeatedly keep the highest score
@@ -324,7 +324,7 @@ def multiclass_nms(boxes: Any, scores: Any, iou_threshold: float, *,
     return keep, count
 
 
-def nms(boxes: Any, scores: Any, iou_threshold: float) -> Tensor:
+def nms(boxes: TensorLike, scores: TensorLike, iou_threshold: float) -> Tensor:
     """torchvision.ops.nms: boxes (K, 4) corners, scores (K,); the indices (int32) of the boxes
     kept, in decreasing score. Reads the count back (a queue synchronization)."""
     dev = pick_device(boxes, scores)
@@ -341,7 +341,7 @@ def nms(boxes: Any, scores: Any, iou_threshold: float) -> Tensor:
     return as_tensor(keep.numpy()[0, 0, :m].copy(), dev, "keep")
 
 
-def yolo_detect(input: Any, anchors: Any, *, score_threshold: float = 0.05,
+def yolo_detect(input: TensorLike, anchors: TensorLike, *, score_threshold: float = 0.05,
                 iou_threshold: float = 0.45, max_det: int = 100) -> list[dict[str, np.ndarray]]:
     """Detections per image: decode (yolo_decode), per-class NMS (multiclass_nms), then the
     max_det highest scores over all classes. A list of N dicts of numpy arrays: boxes (K, 4)

@@ -114,7 +114,7 @@ def _check(x: TensorLike, dev: Device, name: str, p: Any, seed: Any, offset: Any
     return t, _p(p), _u64(seed, "seed"), _u64(offset, "offset")
 
 
-def dropout(input: Any, p: float = 0.5, seed: int = 0, offset: int = 0, training: bool = True, *,
+def dropout(input: TensorLike, p: float = 0.5, seed: int = 0, offset: int = 0, training: bool = True, *,
             offset_tensor: Tensor | None = None) -> Tensor:
     """Zero each element with probability p, scale the rest by 1 / (1 - p); identity (a copy)
     when not training."""
@@ -131,7 +131,7 @@ def dropout_backward(grad_out: TensorLike, p: float = 0.5, seed: int = 0, offset
     return _run("dropout_bwd", g, p, seed, offset, None, offset_tensor) if training else copy(g)
 
 
-def dropout2d(input: Any, p: float = 0.5, seed: int = 0, offset: int = 0, training: bool = True, *,
+def dropout2d(input: TensorLike, p: float = 0.5, seed: int = 0, offset: int = 0, training: bool = True, *,
               offset_tensor: Tensor | None = None) -> Tensor:
     """Spatial dropout of x (N, C, H, W): zero whole channels with probability p (one draw per
     (n, c)), scale the rest by 1 / (1 - p)."""
@@ -149,6 +149,16 @@ def dropout2d_backward(grad_out: TensorLike, p: float = 0.5, seed: int = 0, offs
     inner = g.shape[2] * g.shape[3]
     return _run("dropout2d_bwd", g, p, seed, offset, inner, offset_tensor) if training \
         else copy(g)
+
+
+def dropout_offset_advance(offset_tensor: Tensor) -> None:
+    """offset_tensor's 64-bit value (2 words: lo, hi) += 1 on the device, in queue order (no host
+    read or write): a graph's step counter moved on at the end of a training step, so a replayed
+    capture draws the next step's masks, as a newly encoded step would."""
+    if not isinstance(offset_tensor, Tensor):
+        raise ValueError(f"offset_tensor: expected a Tensor, got {type(offset_tensor).__name__}")
+    dev = offset_tensor.device
+    kernel(dev, SOURCE, "dropout_offset_advance")(1, _base(dev, offset_tensor))
 
 
 def philox_stream(n: int, seed: int, offset: int = 0, device: Device | None = None) -> np.ndarray:

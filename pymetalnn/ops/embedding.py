@@ -25,7 +25,7 @@ import numpy as np
 
 from ..params import EmbeddingParams
 from ..runtime import Device
-from ..tensor import Tensor, int32
+from ..tensor import Tensor, TensorLike, int32
 from ._common import (
     FLOATS,
     MAX_ELEMS_U32,
@@ -85,7 +85,7 @@ def _args(input: Any, weight: Any, padding_idx: Any, max_norm: Any, norm_type: A
     return dev, idx, w, arr, pad
 
 
-def embedding(input: Any, weight: Any, padding_idx: int | None = None, max_norm: Any = None,
+def embedding(input: TensorLike, weight: TensorLike, padding_idx: int | None = None, max_norm: Any = None,
               norm_type: float = 2.0, scale_grad_by_freq: bool = False, sparse: bool = False
               ) -> Tensor:
     """y = weight[input] (shape input.shape + (D,)); torch's positional order. max_norm: the
@@ -105,7 +105,8 @@ def embedding(input: Any, weight: Any, padding_idx: int | None = None, max_norm:
     return y
 
 
-def embedding_backward(grad_out: Any, input: Any, weight: Any, padding_idx: int | None = None,
+def embedding_backward(grad_out: TensorLike, input: TensorLike, weight: TensorLike,
+                       padding_idx: int | None = None,
                        max_norm: Any = None, norm_type: float = 2.0,
                        scale_grad_by_freq: bool = False, sparse: bool = False
                        ) -> tuple[None, Tensor]:

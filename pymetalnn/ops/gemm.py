@@ -535,7 +535,7 @@ def _matmul_operands(input: Any, other: Any, grad_out: Any = None
             tensor_arg(other, dev, "other", (float32, float16)))
 
 
-def matmul(input: Any, other: Any, transpose_a: bool = False, transpose_b: bool = False,
+def matmul(input: TensorLike, other: TensorLike, transpose_a: bool = False, transpose_b: bool = False,
            accumulate: str | None = None, activation: Any = None) -> Tensor:
     """torch.matmul(input, other) with op(x) = x or x^T (of the last two dimensions):
 
@@ -556,7 +556,7 @@ def matmul(input: Any, other: Any, transpose_a: bool = False, transpose_b: bool 
     return plan.result(y)
 
 
-def matmul_backward(grad_out: Any, input: Any, other: Any, transpose_a: bool = False,
+def matmul_backward(grad_out: TensorLike, input: TensorLike, other: TensorLike, transpose_a: bool = False,
                     transpose_b: bool = False, accumulate: str | None = None
                     ) -> tuple[Tensor, Tensor]:
     """Gradients (grad_input, grad_other) of C = matmul(input, other) given G = dL/dC, each
@@ -601,7 +601,8 @@ def _linear_args(x: Any, w: Any, b: Any, dev: Device) -> tuple[Tensor, Tensor, T
     return x, w, b
 
 
-def linear(input: Any, weight: Any, bias: Any = None, accumulate: str | None = None, activation: Any = None
+def linear(input: TensorLike, weight: TensorLike, bias: TensorLike | None = None,
+           accumulate: str | None = None, activation: Any = None
            ) -> Tensor:
     """y = x w^T + b (torch.nn.functional.linear): x (..., in), w (out, in), b (out,) or None;
     y (..., out), y[..., o] = sum_i x[..., i] w[o, i] + b[o]. activation: None, "relu",

@@ -38,11 +38,21 @@ combine. reduction:
   'sum_by_nonzero_weights'  that sum / the number of terms of nonzero weight (0 if there are none)
   'batchmean'   (kl_div only) that sum / N
 'mean' with every label ignored is NaN, as in PyTorch (its gradient is 0).
+An empty input (a batch of 0 or an empty class axis) is refused (ValueError naming `input`,
+nothing dispatched) by every loss and backward, where PyTorch returns NaN for 'mean' (0 / 0),
+0 for 'sum' and an empty tensor for 'none': in a training step such a value only hides an empty
+batch from the data pipeline, and graphs refuse a batch of 0 likewise (graph/run.py).
 Losses are float32 whatever the input's storage; gradients have the input's dtype.
 
-Integer labels are range-checked on the host before anything is dispatched, which for a device
-Tensor means reading it back; `class_labels(target, num_classes)` checks them once and returns
-labels the class-axis losses then use without a second check (and without a queue sync).
+Integer labels given from the host (numpy, lists) are range-checked there before anything is
+dispatched (ValueError naming `target`). Labels in a device Tensor are checked by the kernels,
+which costs no read-back or queue sync: a label outside [0, C) that is not ignore_index is
+treated as ignored and recorded in the device's status words, and the call fails with an
+AsyncError naming `target` and the label (see docs/errors.md, "Checks made by kernels"): on cpu
+at the first read of its result or of anything computed from it, on metal and cuda at the next
+synchronization (every read or wait); the next call runs normally. `class_labels(target,
+num_classes)` checks labels once on the host and returns labels the class-axis losses then use
+without any check.
 
 Every `<loss>_backward(grad, input, target, <same options>)` takes grad shaped like the loss
 (a number or one-element tensor for the scalar reductions) and returns (d/d input, d/d target) of
@@ -241,16 +251,17 @@ def class_labels(target: TensorLike, num_classes: int, ignore_index: int = -100,
 
 
 def _class_target(target: TensorLike, x: Tensor, dev: Device, ignore_index: Any,
-                  allow_labels: bool = True) -> tuple[Tensor, bool]:
-    """(target tensor, is_labels). Labels: int32 (N, *spatial) in [0, C) or ignore_index, checked
-    here on the host (unless made by class_labels for the same C and ignore_index);
+                  allow_labels: bool = True) -> tuple[Tensor, bool, bool]:
+    """(target tensor, is_labels, checked on the device). Labels: int32 (N, *spatial) in [0, C)
+    or ignore_index: host arrays checked here, a device Tensor by the kernels (no read-back;
+    see _label_check), labels made by class_labels for the same C and ignore_index not again;
     probabilities: x's shape and dtype."""
     is_tensor = isinstance(target, Tensor)
     if target is None:
         raise ValueError("target: got None")
     labels = (target.dtype == int32) if is_tensor else np.asarray(target).dtype.kind in "iu"
     if not labels:
-        return _float_target(target, x, dev), False
+        return _float_target(target, x, dev), False, False
     if not allow_labels:
         raise ValueError("target: integer labels are not accepted here; pass a float tensor "
                          "shaped like input")
@@ -263,11 +274,24 @@ def _class_target(target: TensorLike, x: Tensor, dev: Device, ignore_index: Any,
     if isinstance(target, Labels) and target.num_classes == c and target.ignore_index == ii:
         if target.device is not dev:
             raise ValueError(f"target: tensor is on {target.device.name}, expected {dev.name}")
-        return target, True
+        return target, True, False
+    if is_tensor and not isinstance(target, Labels):
+        return as_tensor(target, dev, "target"), True, True
+    # host labels; or labels checked by class_labels for another C / ignore_index: again here
     arr = target.numpy() if is_tensor else np.asarray(target)
     _check_label_values(arr, c, ii, "target")
     t = as_tensor(target, dev, "target") if is_tensor else as_tensor(arr.astype(np.int32), dev, "target")
-    return t, True
+    return t, True, False
+
+
+def _label_check(dev: Device, stem: str, kernel_name: str, *outputs: Tensor) -> None:
+    """After a call's kernels: the kernels' label check (label_in_range, loss.metal) fails the
+    call's results naming the first bad label they recorded (see Device.check_status)."""
+    def message(w: np.ndarray) -> str:
+        return (f"{stem}: target: label {int(w[1])} out of range [0, {int(w[2])}) "
+                f"(ignore_index={int(w[3])}), found by the kernels on the device")
+
+    dev.check_status(message, kernel_name, tuple(o.buffer for o in outputs))
 
 
 def _grad_arg(grad: TensorLike, dev: Device, shape: tuple[int, ...]) -> Tensor:
@@ -301,7 +325,7 @@ def _reduce(dev: Device, part: Tensor, cnt: Buffer, nseg: int, seglen: int, mode
 
 def _scale(dev: Device, g: Tensor, reduction: str, n: int, labels: Tensor | None,
            w: Tensor | None, terms: int, per_sample: int, mult: int, ignore_index: int,
-           cw: Tensor | None = None) -> Tensor:
+           cw: Tensor | None = None, classes: int = 0) -> Tensor:
     """The backward coefficient of a scalar reduction: g / count, on the device (a mean over
     labels with class weights cw: g / sum of cw[label] over the counted labels)."""
     if reduction == "sum":
@@ -310,11 +334,12 @@ def _scale(dev: Device, g: Tensor, reduction: str, n: int, labels: Tensor | None
     p = LossReduceParams(mode=_MODE[reduction], denom=float(n), terms=terms, per_sample=per_sample,
                          mult=mult, has_labels=int(labels is not None),
                          has_weight=int(w is not None), ignore_index=int(ignore_index),
-                         has_class_weight=int(cw is not None))
+                         has_class_weight=int(cw is not None), classes=classes)
     d = dummy(dev)
     kernel(dev, SOURCE, "loss_scale_bwd_float")(
         TG, labels.buffer if labels is not None else d,
-        w.buffer if w is not None else d, g.buffer, scale.buffer, p, cw.buffer if cw is not None else d)
+        w.buffer if w is not None else d, g.buffer, scale.buffer, p, cw.buffer if cw is not None else d,
+        dev.status_buffer())
     return scale
 
 
@@ -405,7 +430,8 @@ def _pointwise_backward(stem: str, grad: Any, input: Any, target: Any, sample_we
 
 
 def _class_prep(input: Any, target: Any, sample_weight: Any, ignore_index: Any,
-                allow_labels: bool) -> tuple[Device, Tensor, Tensor, bool, Tensor | None, int, int]:
+                allow_labels: bool
+                ) -> tuple[Device, Tensor, Tensor, bool, bool, Tensor | None, int, int]:
     """A 1-D input (C,) is one unbatched sample, as in PyTorch (its labels a 0-d int)."""
     dev = pick_device(input, target)
     if (input.ndim if isinstance(input, Tensor) else np.ndim(input)) == 1:
@@ -417,11 +443,11 @@ def _class_prep(input: Any, target: Any, sample_weight: Any, ignore_index: Any,
     dev, x = _pair(input, target, None)
     if x.ndim < 2:
         raise ValueError(f"input: expected (C,) or (N, C, ...), got shape {x.shape}")
-    t, labels = _class_target(target, x, dev, ignore_index, allow_labels)
+    t, labels, devcheck = _class_target(target, x, dev, ignore_index, allow_labels)
     n = x.shape[0]
     w = _weight(sample_weight, dev, n)
     m = x.size // (n * x.shape[1])
-    return dev, x, t, labels, w, n, m
+    return dev, x, t, labels, devcheck, w, n, m
 
 
 def _class_forward(stem: str, input: Any, target: Any, sample_weight: Any, reduction: str,
@@ -430,7 +456,8 @@ def _class_forward(stem: str, input: Any, target: Any, sample_weight: Any, reduc
     reduction = _check_reduction(reduction)
     _no_both(weight, sample_weight)
     unbatched = (input.ndim if isinstance(input, Tensor) else np.ndim(input)) == 1
-    dev, x, t, labels, w, n, m = _class_prep(input, target, sample_weight, ignore_index, allow_labels)
+    dev, x, t, labels, devcheck, w, n, m = _class_prep(input, target, sample_weight,
+                                                       ignore_index, allow_labels)
     cw = _class_weight(weight, dev, x.shape[1])
     # softmax cross-entropy on (N, C) logits with labels: the row kernels where they apply
     rq = row_plan(n, x.shape[1], m, x.dtype, x) if stem == "cross_entropy" and labels else None
@@ -442,18 +469,27 @@ def _class_forward(stem: str, input: Any, target: Any, sample_weight: Any, reduc
     terms = empty((n,) + x.shape[2:], float32, dev)
     cnt = dev.buffer(8 * n * m)
     d = dummy(dev)
-    kernel(dev, SOURCE, f"{stem}_fwd_{variant}{'rows_' if rq else ''}{suffix(x.dtype)}")(
+    name = f"{stem}_fwd_{variant}{'rows_' if rq else ''}{suffix(x.dtype)}"
+    kernel(dev, SOURCE, name)(
         n * 32 if rq else tile_groups(q) * TG, x.buffer, d if labels else t.buffer, t.buffer if labels else d,
-        w.buffer if w is not None else d, terms.buffer, cnt, p, q, cw.buffer if cw is not None else d)
+        w.buffer if w is not None else d, terms.buffer, cnt, p, q, cw.buffer if cw is not None else d,
+        dev.status_buffer())
     if reduction == "none":
-        return terms.reshape(()) if unbatched else terms
-    if reduction == "per_sample":
-        return _reduce(dev, terms, cnt, n, m, 0, 1.0, (n,))
-    if cw is not None and labels and reduction == "mean":
+        out = terms
+    elif reduction == "per_sample":
+        out = _reduce(dev, terms, cnt, n, m, 0, 1.0, (n,))
+    elif cw is not None and labels and reduction == "mean":
         # sum / sum of w[label] over the counted labels: loss_scale with the sum as its g
         total = _reduce(dev, terms, cnt, 1, n * m, _MODE["sum"], float(n), ())
-        return _scale(dev, total, "mean", n, t, None, n * m, m, 1, int(ignore_index), cw).reshape(())
-    return _reduce(dev, terms, cnt, 1, n * m, _MODE[reduction], float(n), ())
+        out = _scale(dev, total, "mean", n, t, None, n * m, m, 1, int(ignore_index), cw,
+                     x.shape[1])
+    else:
+        out = _reduce(dev, terms, cnt, 1, n * m, _MODE[reduction], float(n), ())
+    if devcheck:
+        _label_check(dev, stem, name, out)
+    if reduction == "none":
+        return out.reshape(()) if unbatched else out
+    return out if reduction == "per_sample" else out.reshape(())
 
 
 def _class_backward(stem: str, grad: Any, input: Any, target: Any, sample_weight: Any,
@@ -464,7 +500,8 @@ def _class_backward(stem: str, grad: Any, input: Any, target: Any, sample_weight
     _no_both(weight, sample_weight)
     shape0 = tuple(input.shape if isinstance(input, Tensor) else np.shape(input))
     unbatched = len(shape0) == 1
-    dev, x, t, labels, w, n, m = _class_prep(input, target, sample_weight, ignore_index, allow_labels)
+    dev, x, t, labels, devcheck, w, n, m = _class_prep(input, target, sample_weight,
+                                                       ignore_index, allow_labels)
     cw = _class_weight(weight, dev, x.shape[1])
     shape = (n,) + x.shape[2:] if reduction == "none" else (n,) if reduction == "per_sample" else ()
     if unbatched and reduction == "none":
@@ -473,7 +510,7 @@ def _class_backward(stem: str, grad: Any, input: Any, target: Any, sample_weight
     gmode = _gmode(reduction)
     if gmode == G_SCALAR:
         if labels:
-            g = _scale(dev, g, reduction, n, t, w, n * m, m, 1, int(ignore_index), cw)
+            g = _scale(dev, g, reduction, n, t, w, n * m, m, 1, int(ignore_index), cw, x.shape[1])
         else:
             g = _scale(dev, g, reduction, n, None, w, n, 1, m, 0)
     tgrad = stem == "cross_entropy" and not labels and boolean(target_grad, "target_grad")
@@ -487,10 +524,14 @@ def _class_backward(stem: str, grad: Any, input: Any, target: Any, sample_weight
     variant = ("labels_" if labels else "probs_") if allow_labels else ""
     dt = empty(x.shape, x.dtype, dev) if tgrad else None
     d = dummy(dev)
-    kernel(dev, SOURCE, f"{stem}_bwd_{variant}{'rows_' if rq else ''}{suffix(x.dtype)}")(
+    name = f"{stem}_bwd_{variant}{'rows_' if rq else ''}{suffix(x.dtype)}"
+    kernel(dev, SOURCE, name)(
         n * 32 if rq else tile_groups(q) * TG, g.buffer, x.buffer, d if labels else t.buffer,
         t.buffer if labels else d, w.buffer if w is not None else d, dx.buffer, p, q,
-        cw.buffer if cw is not None else d, dt.buffer if dt is not None else d)
+        cw.buffer if cw is not None else d, dt.buffer if dt is not None else d,
+        dev.status_buffer())
+    if devcheck:
+        _label_check(dev, stem, name, dx)
     return dx.reshape(shape0), (dt.reshape(shape0) if dt is not None else None)
 
 
@@ -500,7 +541,8 @@ def _smoothing(label_smoothing: Any) -> float:
 
 # ---- public API ------------------------------------------------------------------------------
 
-def cross_entropy(input: Any, target: Any, weight: Any = None, *, sample_weight: Any = None,
+def cross_entropy(input: TensorLike, target: TensorLike, weight: TensorLike | None = None, *,
+                  sample_weight: TensorLike | None = None,
                   ignore_index: int = -100, reduction: str = "mean",
                   label_smoothing: float = 0.0) -> Tensor:
     """Softmax cross-entropy on logits (N, C[, d1, ...]) or one unbatched sample (C,), class axis
@@ -516,8 +558,9 @@ def cross_entropy(input: Any, target: Any, weight: Any = None, *, sample_weight:
                           s, cache=1, weight=weight)
 
 
-def cross_entropy_backward(grad: Any, input: Any, target: Any, weight: Any = None, *,
-                           sample_weight: Any = None, ignore_index: int = -100,
+def cross_entropy_backward(grad: TensorLike, input: TensorLike, target: TensorLike,
+                           weight: TensorLike | None = None, *,
+                           sample_weight: TensorLike | None = None, ignore_index: int = -100,
                            reduction: str = "mean", label_smoothing: float = 0.0,
                            target_grad: bool = True) -> tuple[Tensor, Tensor | None]:
     """(d/dx, d/dt) of cross_entropy: dx = g (softmax(x) sum_c w_c t'_c - w t') per term;
@@ -537,8 +580,8 @@ def categorical_cross_entropy(input: TensorLike, target: TensorLike, *,
                           ignore_index, s)
 
 
-def categorical_cross_entropy_backward(grad: Any, input: Any, target: Any, *,
-                                       sample_weight: Any = None, ignore_index: int = -100,
+def categorical_cross_entropy_backward(grad: TensorLike, input: TensorLike, target: TensorLike, *,
+                                       sample_weight: TensorLike | None = None, ignore_index: int = -100,
                                        reduction: str = "mean",
                                        label_smoothing: float = 0.0,
                                        target_grad: bool = True) -> tuple[Tensor, Tensor | None]:
@@ -558,7 +601,8 @@ def cosine_distance(input: TensorLike, target: TensorLike, *,
                           allow_labels=False)
 
 
-def cosine_distance_backward(grad: Any, input: Any, target: Any, *, sample_weight: Any = None,
+def cosine_distance_backward(grad: TensorLike, input: TensorLike, target: TensorLike, *,
+                             sample_weight: TensorLike | None = None,
                              reduction: str = "mean", eps: float = 1e-8,
                              target_grad: bool = True) -> tuple[Tensor, Tensor | None]:
     """(d/dx, None) of cosine_distance: g w (cos x / |x|^2 - t / D), D = |x| |t| (or -g w t / eps
@@ -568,9 +612,11 @@ def cosine_distance_backward(grad: Any, input: Any, target: Any, *, sample_weigh
                            allow_labels=False, cache=1, target_grad=target_grad)
 
 
-def binary_cross_entropy_with_logits(input: Any, target: Any, weight: Any = None, *,
-                                     sample_weight: Any = None, reduction: str = "mean",
-                                     pos_weight: Any = None, label_smoothing: float = 0.0) -> Tensor:
+def binary_cross_entropy_with_logits(input: TensorLike, target: TensorLike,
+                                     weight: TensorLike | None = None, *,
+                                     sample_weight: TensorLike | None = None, reduction: str = "mean",
+                                     pos_weight: TensorLike | None = None,
+                                     label_smoothing: float = 0.0) -> Tensor:
     """Sigmoid cross-entropy on logits: l = w ((1 - t') x + (1 + (p - 1) t') softplus(-x)), which
     is max(x, 0) - x t' + log(1 + exp(-|x|)) for p = 1; weight w and pos_weight p broadcast to
     the input (PyTorch's); t' = t (1 - s) + s / 2 (label smoothing as MPS / TF; s = 0 is
@@ -579,9 +625,12 @@ def binary_cross_entropy_with_logits(input: Any, target: Any, weight: Any = None
                       smoothing=_smoothing(label_smoothing), weight=weight, pos_weight=pos_weight)
 
 
-def binary_cross_entropy_with_logits_backward(grad: Any, input: Any, target: Any, weight: Any = None,
-                                              *, sample_weight: Any = None, reduction: str = "mean",
-                                              pos_weight: Any = None, label_smoothing: float = 0.0,
+def binary_cross_entropy_with_logits_backward(grad: TensorLike, input: TensorLike, target: TensorLike,
+                                              weight: TensorLike | None = None,
+                                              *, sample_weight: TensorLike | None = None,
+                                              reduction: str = "mean",
+                                              pos_weight: TensorLike | None = None,
+                                              label_smoothing: float = 0.0,
                                               target_grad: bool = True) -> tuple[Tensor, Tensor]:
     """(d/dx, d/dt): dx = g w ((1 + (p - 1) t') sigmoid(x) - p t'),
     dt = g w (1 - s) (-x + (p - 1) softplus(-x))."""
@@ -622,7 +671,8 @@ def huber_loss(input: TensorLike, target: TensorLike, *, sample_weight: TensorLi
     return _pointwise("huber_loss", input, target, sample_weight, reduction, a=dl)
 
 
-def huber_loss_backward(grad: Any, input: Any, target: Any, *, sample_weight: Any = None,
+def huber_loss_backward(grad: TensorLike, input: TensorLike, target: TensorLike, *,
+                        sample_weight: TensorLike | None = None,
                         reduction: str = "mean", delta: float = 1.0,
                         target_grad: bool = True) -> tuple[Tensor, Tensor | None]:
     """(d/dx, d/dt): g w clamp(x - t, -delta, delta) and its negation."""
@@ -646,7 +696,8 @@ def kl_div(input: TensorLike, target: TensorLike, *, sample_weight: TensorLike |
                       extra=("batchmean",))
 
 
-def kl_div_backward(grad: Any, input: Any, target: Any, *, sample_weight: Any = None,
+def kl_div_backward(grad: TensorLike, input: TensorLike, target: TensorLike, *,
+                    sample_weight: TensorLike | None = None,
                     reduction: str = "mean", log_target: bool = False,
                     target_grad: bool = True) -> tuple[Tensor, Tensor | None]:
     """(d/dx, d/dt): -g w t and g w (log t + 1 - x) (NaN at t = 0, as PyTorch); with log_target
@@ -664,7 +715,8 @@ def log_loss(input: TensorLike, target: TensorLike, *, sample_weight: TensorLike
     return _pointwise("log_loss", input, target, sample_weight, reduction, a=e)
 
 
-def log_loss_backward(grad: Any, input: Any, target: Any, *, sample_weight: Any = None,
+def log_loss_backward(grad: TensorLike, input: TensorLike, target: TensorLike, *,
+                      sample_weight: TensorLike | None = None,
                       reduction: str = "mean", epsilon: float = 1e-7,
                       target_grad: bool = True) -> tuple[Tensor, Tensor | None]:
     """(d/dx, None): g w (-t / (x + eps) + (1 - t) / (1 - x + eps))."""
@@ -673,7 +725,8 @@ def log_loss_backward(grad: Any, input: Any, target: Any, *, sample_weight: Any 
                                target_grad=target_grad)
 
 
-def smooth_l1_loss(input: Any, target: Any, *, sample_weight: Any = None, reduction: str = "mean",
+def smooth_l1_loss(input: TensorLike, target: TensorLike, *, sample_weight: TensorLike | None = None,
+                   reduction: str = "mean",
                    beta: float = 1.0) -> Tensor:
     """l = d^2 / (2 beta) if |d| < beta else |d| - beta / 2, d = x - t (F.smooth_l1_loss; beta = 0
     is l1_loss, as PyTorch)."""
@@ -683,7 +736,8 @@ def smooth_l1_loss(input: Any, target: Any, *, sample_weight: Any = None, reduct
     return _pointwise("smooth_l1_loss", input, target, sample_weight, reduction, a=b)
 
 
-def smooth_l1_loss_backward(grad: Any, input: Any, target: Any, *, sample_weight: Any = None,
+def smooth_l1_loss_backward(grad: TensorLike, input: TensorLike, target: TensorLike, *,
+                            sample_weight: TensorLike | None = None,
                             reduction: str = "mean", beta: float = 1.0,
                             target_grad: bool = True) -> tuple[Tensor, Tensor]:
     """(d/dx, d/dt): g w (d / beta if |d| < beta else sign(d)) and its negation."""

@@ -161,7 +161,7 @@ def activation_code(activation: Any) -> tuple[int, float]:
     return ACTIVATIONS[name], alpha
 
 
-def activation_backward_from_output(grad_out: Any, y: Any, activation: Any) -> Any:
+def activation_backward_from_output(grad_out: TensorLike, y: TensorLike, activation: Any) -> Any:
     """The pre-activation gradient of a fused op's output y = act(z): grad_out * act'(z), from y
     (`<act>_backward_from_output`); grad_out itself when activation is None."""
     name, params = _activation(activation)
@@ -202,7 +202,7 @@ def tanh_backward_from_output(grad_out: TensorLike, y: TensorLike, y_batch_strid
     return _bwd("tanh", grad_out, y, variant="y", x_batch_stride=y_batch_stride)
 
 
-def relu(input: Any, out: Any = None, out_batch_stride: int | None = None) -> Tensor:
+def relu(input: TensorLike, out: Tensor | None = None, out_batch_stride: int | None = None) -> Tensor:
     """relu(x) = max(x, 0) (NaN stays NaN). out=, out_batch_stride= (relu, leaky_relu, sigmoid,
     tanh): write y into out, images that many elements apart (a channel slice of a larger
     tensor; see pymetalnn.ops._common.strided_out)."""
@@ -210,13 +210,13 @@ def relu(input: Any, out: Any = None, out_batch_stride: int | None = None) -> Te
     return _fwd("relu", x, out=out, out_batch_stride=out_batch_stride)
 
 
-def relu_backward(grad_out: Any, input: Any) -> Tensor:
+def relu_backward(grad_out: TensorLike, input: TensorLike) -> Tensor:
     """grad_x = grad_out where x > 0, else 0 (0 at x = 0, as torch)."""
     x = input
     return _bwd("relu", grad_out, x)
 
 
-def leaky_relu(input: Any, negative_slope: float = 0.01, out: Any = None,
+def leaky_relu(input: TensorLike, negative_slope: float = 0.01, out: Tensor | None = None,
                out_batch_stride: int | None = None) -> Tensor:
     """leaky_relu(x) = x if x > 0 else negative_slope * x."""
     x = input
@@ -224,55 +224,55 @@ def leaky_relu(input: Any, negative_slope: float = 0.01, out: Any = None,
                 out_batch_stride=out_batch_stride)
 
 
-def leaky_relu_backward(grad_out: Any, input: Any, negative_slope: float = 0.01) -> Tensor:
+def leaky_relu_backward(grad_out: TensorLike, input: TensorLike, negative_slope: float = 0.01) -> Tensor:
     """grad_x = grad_out if x > 0 else negative_slope * grad_out."""
     x = input
     return _bwd("leaky_relu", grad_out, x, _scalar(negative_slope, "negative_slope"))
 
 
-def elu(input: Any, alpha: float = 1.0) -> Tensor:
+def elu(input: TensorLike, alpha: float = 1.0) -> Tensor:
     """elu(x) = x if x > 0 else alpha * (exp(x) - 1)."""
     x = input
     return _fwd("elu", x, _scalar(alpha, "alpha"))
 
 
-def elu_backward(grad_out: Any, input: Any, alpha: float = 1.0) -> Tensor:
+def elu_backward(grad_out: TensorLike, input: TensorLike, alpha: float = 1.0) -> Tensor:
     """grad_x = grad_out if x > 0 else grad_out * alpha * exp(x)."""
     x = input
     return _bwd("elu", grad_out, x, _scalar(alpha, "alpha"))
 
 
-def sigmoid(input: Any, out: Any = None, out_batch_stride: int | None = None) -> Tensor:
+def sigmoid(input: TensorLike, out: Tensor | None = None, out_batch_stride: int | None = None) -> Tensor:
     """sigmoid(x) = 1 / (1 + exp(-x))."""
     x = input
     return _fwd("sigmoid", x, out=out, out_batch_stride=out_batch_stride)
 
 
-def sigmoid_backward(grad_out: Any, input: Any) -> Tensor:
+def sigmoid_backward(grad_out: TensorLike, input: TensorLike) -> Tensor:
     """grad_x = grad_out * s (1 - s), s = sigmoid(x)."""
     x = input
     return _bwd("sigmoid", grad_out, x)
 
 
-def tanh(input: Any, out: Any = None, out_batch_stride: int | None = None) -> Tensor:
+def tanh(input: TensorLike, out: Tensor | None = None, out_batch_stride: int | None = None) -> Tensor:
     """tanh(x)."""
     x = input
     return _fwd("tanh", x, out=out, out_batch_stride=out_batch_stride)
 
 
-def tanh_backward(grad_out: Any, input: Any) -> Tensor:
+def tanh_backward(grad_out: TensorLike, input: TensorLike) -> Tensor:
     """grad_x = grad_out * (1 - tanh(x)^2)."""
     x = input
     return _bwd("tanh", grad_out, x)
 
 
-def softplus(input: Any, beta: float = 1.0, threshold: float = 20.0) -> Tensor:
+def softplus(input: TensorLike, beta: float = 1.0, threshold: float = 20.0) -> Tensor:
     """softplus(x) = log(1 + exp(beta x)) / beta, or x where beta x > threshold (as torch)."""
     x = input
     return _fwd("softplus", x, _scalar(beta, "beta", nonzero=True), _scalar(threshold, "threshold"))
 
 
-def softplus_backward(grad_out: Any, input: Any, beta: float = 1.0, threshold: float = 20.0
+def softplus_backward(grad_out: TensorLike, input: TensorLike, beta: float = 1.0, threshold: float = 20.0
                       ) -> Tensor:
     """grad_x = grad_out * sigmoid(beta x), or grad_out where beta x > threshold."""
     x = input
@@ -286,14 +286,14 @@ def _gelu_variant(approximate: Any) -> str:
     return "" if approximate == "none" else "_tanh"
 
 
-def gelu(input: Any, approximate: str = "none") -> Tensor:
+def gelu(input: TensorLike, approximate: str = "none") -> Tensor:
     """gelu(x) = x Phi(x) = x (1 + erf(x / sqrt 2)) / 2; approximate='tanh':
     x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))) / 2."""
     x = input
     return _fwd("gelu", x, variant=_gelu_variant(approximate))
 
 
-def gelu_backward(grad_out: Any, input: Any, approximate: str = "none") -> Tensor:
+def gelu_backward(grad_out: TensorLike, input: TensorLike, approximate: str = "none") -> Tensor:
     """grad_x = grad_out * (Phi(x) + x phi(x)), phi(x) = exp(-x^2/2) / sqrt(2 pi); for 'tanh',
     the derivative of the tanh form (t = tanh(u), u = k (x + c x^3)):
     (1 + t)/2 + x (1 - t^2) k (1 + 3 c x^2) / 2."""
@@ -301,39 +301,39 @@ def gelu_backward(grad_out: Any, input: Any, approximate: str = "none") -> Tenso
     return _bwd("gelu", grad_out, x, variant=_gelu_variant(approximate))
 
 
-def hardsigmoid(input: Any) -> Tensor:
+def hardsigmoid(input: TensorLike) -> Tensor:
     """torch's hardsigmoid: relu6(x + 3) / 6 = clamp(x/6 + 1/2, 0, 1)."""
     x = input
     return _fwd("hardsigmoid", x)
 
 
-def hardsigmoid_backward(grad_out: Any, input: Any) -> Tensor:
+def hardsigmoid_backward(grad_out: TensorLike, input: TensorLike) -> Tensor:
     """grad_x = grad_out / 6 for -3 < x < 3, else 0."""
     x = input
     return _bwd("hardsigmoid", grad_out, x)
 
 
-def hard_sigmoid(input: Any, a: float = 0.2, b: float = 0.5) -> Tensor:
+def hard_sigmoid(input: TensorLike, a: float = 0.2, b: float = 0.5) -> Tensor:
     """MPS's hard sigmoid (MPSCNNNeuronHardSigmoid): clamp(a x + b, 0, 1).
     torch's hardsigmoid is the case a = 1/6, b = 1/2 (use `hardsigmoid` for its exact rounding)."""
     x = input
     return _fwd("hard_sigmoid", x, _scalar(a, "a"), _scalar(b, "b"))
 
 
-def hard_sigmoid_backward(grad_out: Any, input: Any, a: float = 0.2, b: float = 0.5) -> Tensor:
+def hard_sigmoid_backward(grad_out: TensorLike, input: TensorLike, a: float = 0.2, b: float = 0.5) -> Tensor:
     """grad_x = a * grad_out where 0 < a x + b < 1, else 0."""
     x = input
     return _bwd("hard_sigmoid", grad_out, x, _scalar(a, "a"), _scalar(b, "b"))
 
 
-def linear_neuron(input: Any, a: float = 1.0, b: float = 0.0) -> Tensor:
+def linear_neuron(input: TensorLike, a: float = 1.0, b: float = 0.0) -> Tensor:
     """MPS's linear neuron (MPSCNNNeuronLinear): a x + b (one fused multiply-add).
     Named apart from torch's `linear` (the fully connected layer)."""
     x = input
     return _fwd("linear_neuron", x, _scalar(a, "a"), _scalar(b, "b"))
 
 
-def linear_neuron_backward(grad_out: Any, input: Any, a: float = 1.0, b: float = 0.0) -> Tensor:
+def linear_neuron_backward(grad_out: TensorLike, input: TensorLike, a: float = 1.0, b: float = 0.0) -> Tensor:
     """grad_x = a * grad_out (x only fixes shape and dtype)."""
     x = input
     return _bwd("linear_neuron", grad_out, x, _scalar(a, "a"), _scalar(b, "b"))

@@ -653,7 +653,8 @@ def _ln_groups(p: LayerNormParams) -> int:
     return max(1, min(-(-p.rows // (TG // p.SW)), MAX_GROUPS))
 
 
-def layer_norm(input: Any, normalized_shape: Any, weight: Any = None, bias: Any = None,
+def layer_norm(input: TensorLike, normalized_shape: Any, weight: TensorLike | None = None,
+               bias: TensorLike | None = None,
                eps: float = 1e-5) -> Tensor:
     """torch.nn.functional.layer_norm: over the trailing `normalized_shape` dimensions of each
     row, y = (x - mean) / sqrt(var + eps) * weight + bias (biased variance); weight and bias
@@ -669,8 +670,9 @@ def layer_norm(input: Any, normalized_shape: Any, weight: Any = None, bias: Any 
     return y
 
 
-def layer_norm_backward(grad_out: Any, input: Any, normalized_shape: Any, weight: Any = None,
-                        bias: Any = None, eps: float = 1e-5
+def layer_norm_backward(grad_out: TensorLike, input: TensorLike, normalized_shape: Any,
+                        weight: TensorLike | None = None,
+                        bias: TensorLike | None = None, eps: float = 1e-5
                         ) -> tuple[Tensor, Tensor | None, Tensor | None]:
     """(dL/dx, dL/dweight or None, dL/dbias or None) of layer_norm, the row statistics
     recomputed from the input:

@@ -209,8 +209,8 @@ def _max_bwd(grad_out: TensorLike, x: TensorLike, one_d: bool, kernel_size: Any,
     return dx.reshape(xshape)
 
 
-def max_pool2d(input: Any, kernel_size: Any, stride: Any = None, padding: Any = 0, dilation: Any = 1,
-               ceil_mode: bool = False, return_indices: bool = False, out: Any = None,
+def max_pool2d(input: TensorLike, kernel_size: Any, stride: Any = None, padding: Any = 0, dilation: Any = 1,
+               ceil_mode: bool = False, return_indices: bool = False, out: Tensor | None = None,
                out_batch_stride: int | None = None) -> Tensor | tuple[Tensor, Tensor]:
     """y[n, c, oh, ow] = max over r < kH, s < kW of x[n, c, oh*sH - pH + r*dH, ow*sW - pW + s*dW]
     (taps in the padding skipped). x is (N, C, H, W) or (C, H, W); stride defaults to kernel_size.
@@ -224,9 +224,9 @@ def max_pool2d(input: Any, kernel_size: Any, stride: Any = None, padding: Any = 
                     out, out_batch_stride)
 
 
-def max_pool2d_backward(grad_out: Any, input: Any, kernel_size: Any, stride: Any = None,
+def max_pool2d_backward(grad_out: TensorLike, input: TensorLike, kernel_size: Any, stride: Any = None,
                         padding: Any = 0, dilation: Any = 1, ceil_mode: bool = False,
-                        return_indices: bool = False, indices: Any = None) -> Tensor:
+                        return_indices: bool = False, indices: TensorLike | None = None) -> Tensor:
     """grad_x[n, c, h, w] = sum of grad_out over the outputs whose argmax is (h, w). Uses
     `indices` from max_pool2d(..., return_indices=True) when given, else makes them from x first
     (one forward pass into a temporary) and uses those.
@@ -235,7 +235,7 @@ def max_pool2d_backward(grad_out: Any, input: Any, kernel_size: Any, stride: Any
     return _max_bwd(grad_out, x, False, kernel_size, stride, padding, dilation, ceil_mode, indices)
 
 
-def max_pool1d(input: Any, kernel_size: Any, stride: Any = None, padding: Any = 0, dilation: Any = 1,
+def max_pool1d(input: TensorLike, kernel_size: Any, stride: Any = None, padding: Any = 0, dilation: Any = 1,
                ceil_mode: bool = False, return_indices: bool = False
                ) -> Tensor | tuple[Tensor, Tensor]:
     """y[n, c, o] = max over r < k of x[n, c, o*s - p + r*d]; x is (N, C, L) or (C, L)."""
@@ -243,9 +243,9 @@ def max_pool1d(input: Any, kernel_size: Any, stride: Any = None, padding: Any = 
     return _max_fwd(x, True, kernel_size, stride, padding, dilation, ceil_mode, return_indices)
 
 
-def max_pool1d_backward(grad_out: Any, input: Any, kernel_size: Any, stride: Any = None,
+def max_pool1d_backward(grad_out: TensorLike, input: TensorLike, kernel_size: Any, stride: Any = None,
                         padding: Any = 0, dilation: Any = 1, ceil_mode: bool = False,
-                        return_indices: bool = False, indices: Any = None) -> Tensor:
+                        return_indices: bool = False, indices: TensorLike | None = None) -> Tensor:
     """grad_x[n, c, l] = sum of grad_out over the outputs whose argmax is l."""
     x = input
     return _max_bwd(grad_out, x, True, kernel_size, stride, padding, dilation, ceil_mode, indices)
@@ -310,7 +310,7 @@ def _avg_bwd(grad_out: TensorLike, x: TensorLike, one_d: bool, kernel_size: Any,
     return dx.reshape(xshape)
 
 
-def avg_pool2d(input: Any, kernel_size: Any, stride: Any = None, padding: Any = 0,
+def avg_pool2d(input: TensorLike, kernel_size: Any, stride: Any = None, padding: Any = 0,
                ceil_mode: bool = False, count_include_pad: bool = True,
                divisor_override: int | None = None, out: Tensor | None = None,
                out_batch_stride: int | None = None) -> Tensor:
@@ -323,7 +323,7 @@ def avg_pool2d(input: Any, kernel_size: Any, stride: Any = None, padding: Any = 
                     divisor_override, out, out_batch_stride)
 
 
-def avg_pool2d_backward(grad_out: Any, input: Any, kernel_size: Any, stride: Any = None,
+def avg_pool2d_backward(grad_out: TensorLike, input: TensorLike, kernel_size: Any, stride: Any = None,
                         padding: Any = 0, ceil_mode: bool = False, count_include_pad: bool = True,
                         divisor_override: int | None = None) -> Tensor:
     """grad_x[n, c, h, w] = sum over the windows containing (h, w) of grad_out / divisor
@@ -333,14 +333,14 @@ def avg_pool2d_backward(grad_out: Any, input: Any, kernel_size: Any, stride: Any
                     divisor_override)
 
 
-def avg_pool1d(input: Any, kernel_size: Any, stride: Any = None, padding: Any = 0,
+def avg_pool1d(input: TensorLike, kernel_size: Any, stride: Any = None, padding: Any = 0,
                ceil_mode: bool = False, count_include_pad: bool = True) -> Tensor:
     """y[n, c, o] = (sum of x over the window clipped to the input) / divisor (as avg_pool2d)."""
     x = input
     return _avg_fwd(x, True, kernel_size, stride, padding, ceil_mode, count_include_pad, None)
 
 
-def avg_pool1d_backward(grad_out: Any, input: Any, kernel_size: Any, stride: Any = None,
+def avg_pool1d_backward(grad_out: TensorLike, input: TensorLike, kernel_size: Any, stride: Any = None,
                         padding: Any = 0, ceil_mode: bool = False, count_include_pad: bool = True
                         ) -> Tensor:
     """grad_x[n, c, l] = sum over the windows containing l of grad_out / divisor."""
@@ -397,7 +397,7 @@ def _adaptive_bwd(grad_out: TensorLike, x: TensorLike, output_size: Any) -> Tens
     return dx.reshape(xshape)
 
 
-def adaptive_avg_pool2d(input: Any, output_size: Any) -> Tensor:
+def adaptive_avg_pool2d(input: TensorLike, output_size: Any) -> Tensor:
     """y[n, c, i, j] = mean of x[n, c, h, w] over h in [floor(i H / OH), ceil((i + 1) H / OH)),
     w likewise; output_size is an int or (OH, OW) (None keeps that input size)."""
     x = input
@@ -406,7 +406,7 @@ def adaptive_avg_pool2d(input: Any, output_size: Any) -> Tensor:
     return _adaptive_fwd(x4, prefix, _adaptive_params(x4, output_size), dev)
 
 
-def adaptive_avg_pool2d_backward(grad_out: Any, input: Any, output_size: Any) -> Tensor:
+def adaptive_avg_pool2d_backward(grad_out: TensorLike, input: TensorLike, output_size: Any) -> Tensor:
     """grad_x[n, c, h, w] = sum over the cells (i, j) containing (h, w) of grad_out / cell size."""
     x = input
     return _adaptive_bwd(grad_out, x, output_size)
@@ -420,7 +420,7 @@ def _adaptive1d_size(output_size: Any) -> tuple[int, Any]:
     return (1, output_size)
 
 
-def adaptive_avg_pool1d(input: Any, output_size: Any) -> Tensor:
+def adaptive_avg_pool1d(input: TensorLike, output_size: Any) -> Tensor:
     """y[n, c, i] = mean of x[n, c, l] over l in [floor(i L / O), ceil((i + 1) L / O)); x is
     (N, C, L) or (C, L) (torch.nn.functional.adaptive_avg_pool1d). The 2-D kernels with H = 1."""
     dev = pick_device(input)
@@ -429,7 +429,7 @@ def adaptive_avg_pool1d(input: Any, output_size: Any) -> Tensor:
     return y.reshape(*prefix, y.shape[-1])
 
 
-def adaptive_avg_pool1d_backward(grad_out: Any, input: Any, output_size: Any) -> Tensor:
+def adaptive_avg_pool1d_backward(grad_out: TensorLike, input: TensorLike, output_size: Any) -> Tensor:
     """grad_x[n, c, l] = sum over the cells i containing l of grad_out / cell size."""
     dev = pick_device(grad_out, input)
     x4, prefix, xshape = _as_4d(input, dev, "input", True)
@@ -439,13 +439,13 @@ def adaptive_avg_pool1d_backward(grad_out: Any, input: Any, output_size: Any) ->
                          _adaptive1d_size(output_size)).reshape(xshape)
 
 
-def global_avg_pool2d(input: Any) -> Tensor:
+def global_avg_pool2d(input: TensorLike) -> Tensor:
     """y[n, c, 0, 0] = mean of x[n, c] over H and W (adaptive_avg_pool2d(x, 1))."""
     x = input
     return adaptive_avg_pool2d(x, 1)
 
 
-def global_avg_pool2d_backward(grad_out: Any, input: Any) -> Tensor:
+def global_avg_pool2d_backward(grad_out: TensorLike, input: TensorLike) -> Tensor:
     """grad_x[n, c, h, w] = grad_out[n, c, 0, 0] / (H W)."""
     x = input
     return _adaptive_bwd(grad_out, x, 1)

@@ -589,7 +589,8 @@ def _backward(mode: str, grad_output: TensorLike | None, grad_h_n: TensorLike | 
 
 
 # ---- public ---------------------------------------------------------------------------------
-def lstm(input: TensorLike, weights: Any, hx: Any = None, num_layers: int = 1, bias: bool = True,
+def lstm(input: TensorLike, weights: Any, hx: TensorLike | None = None, num_layers: int = 1,
+         bias: bool = True,
          bidirectional: bool = False, training: bool = True
          ) -> tuple[Any, tuple[Tensor, Tensor], RNNWorkspace | None]:
     """Multi-layer LSTM over a sequence (torch.nn.LSTM, batch_first=False).
@@ -639,7 +640,7 @@ def lstm_backward(grad_output: TensorLike | None, grad_h_n: TensorLike | None,
     return gx, (dh0, dc0), gw
 
 
-def gru(input: TensorLike, weights: Any, hx: Any = None, num_layers: int = 1, bias: bool = True,
+def gru(input: TensorLike, weights: Any, hx: TensorLike | None = None, num_layers: int = 1, bias: bool = True,
         bidirectional: bool = False, training: bool = True
         ) -> tuple[Any, Tensor, RNNWorkspace | None]:
     """Multi-layer GRU (torch.nn.GRU, batch_first=False); blocks (r, z, n):
@@ -670,7 +671,7 @@ def _mode(nonlinearity: Any) -> str:
     return f"rnn_{nonlinearity}"
 
 
-def rnn(input: TensorLike, weights: Any, hx: Any = None, num_layers: int = 1,
+def rnn(input: TensorLike, weights: Any, hx: TensorLike | None = None, num_layers: int = 1,
         nonlinearity: str = "tanh", bias: bool = True, bidirectional: bool = False,
         training: bool = True) -> tuple[Any, Tensor, RNNWorkspace | None]:
     """Multi-layer Elman RNN (torch.nn.RNN, batch_first=False):

@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 
 from ..params import CONST, SoftmaxParams
-from ..tensor import Tensor
+from ..tensor import Tensor, TensorLike
 from ._common import FLOATS, MAX_GROUPS, empty, kernel, pick_device, suffix, tensor_arg
 
 SOURCE = "softmax.metal"
@@ -178,37 +178,38 @@ def _input_for(grad_out: Any, input: Any) -> Tensor:
     return _with_grad_out(grad_out, input, "input")[0]
 
 
-def softmax(input: Any, dim: int | None = None) -> Tensor:
+def softmax(input: TensorLike, dim: int | None = None) -> Tensor:
     """y = exp(x - max_d x) / sum_d exp(x - max_d x) along axis `dim` of a tensor of any rank
     (negative dims count from the end; None: torch's implicit choice, 0 for 0-, 1- and 3-D
     inputs, else 1). float32 or float16 storage, float arithmetic."""
     return _forward(input, dim, log=False)
 
 
-def log_softmax(input: Any, dim: int | None = None) -> Tensor:
+def log_softmax(input: TensorLike, dim: int | None = None) -> Tensor:
     """y = x - max_d x - log(sum_d exp(x - max_d x)) along axis `dim` (as softmax)."""
     return _forward(input, dim, log=True)
 
 
-def softmax_backward(grad_out: Any, input: Any, dim: int | None = None) -> Tensor:
+def softmax_backward(grad_out: TensorLike, input: TensorLike, dim: int | None = None) -> Tensor:
     """Gradient of softmax w.r.t. its input x: with y = softmax(x, dim) (recomputed),
     dx = y * (dy - sum_d(dy * y))."""
     return _backward(grad_out, _forward(_input_for(grad_out, input), dim, log=False), dim, log=False)
 
 
-def log_softmax_backward(grad_out: Any, input: Any, dim: int | None = None) -> Tensor:
+def log_softmax_backward(grad_out: TensorLike, input: TensorLike, dim: int | None = None) -> Tensor:
     """Gradient of log_softmax w.r.t. its input x: with y = log_softmax(x, dim) (recomputed),
     dx = dy - exp(y) * sum_d dy."""
     return _backward(grad_out, _forward(_input_for(grad_out, input), dim, log=True), dim, log=True)
 
 
-def softmax_backward_from_output(grad_out: Any, output: Any, dim: int | None = None) -> Tensor:
+def softmax_backward_from_output(grad_out: TensorLike, output: TensorLike, dim: int | None = None) -> Tensor:
     """Gradient of softmax from the forward's OUTPUT y = softmax(x, dim):
     dx = y * (dy - sum_d(dy * y))."""
     return _backward(grad_out, output, dim, log=False)
 
 
-def log_softmax_backward_from_output(grad_out: Any, output: Any, dim: int | None = None) -> Tensor:
+def log_softmax_backward_from_output(grad_out: TensorLike, output: TensorLike,
+                                     dim: int | None = None) -> Tensor:
     """Gradient of log_softmax from the forward's OUTPUT y = log_softmax(x, dim):
     dx = dy - exp(y) * sum_d dy."""
     return _backward(grad_out, output, dim, log=True)

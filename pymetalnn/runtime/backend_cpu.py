@@ -385,9 +385,13 @@ class CpuDevice(Device):
         return None
 
     def _mark(self, spans: Any, f: _Failure) -> None:
+        # the status words (Device.status_buffer) are no result: a skipped kernel that could
+        # have set them does not make every later kernel that may set them fail
+        st = self._status
+        slo = self._addr(st) + st.offset if st is not None else -1
         with self._lock:
             for lo, hi, writes in spans:
-                if writes and hi > lo:
+                if writes and hi > lo and lo != slo:
                     self._poison = [p for p in self._poison if not (lo <= p[0] and p[1] <= hi)]
                     self._poison.append((lo, hi, f))
 
@@ -409,10 +413,36 @@ class CpuDevice(Device):
             raise hit.error(f" (raised by a read of {nbytes} bytes computed from its result)")
 
     def forget_failures(self, buffer: Buffer) -> None:
-        if self._poison:  # nothing to forget otherwise: no queue item in the common case
-            lo = self._addr(buffer.base) + buffer.offset
-            hi = lo + buffer.nbytes
+        lo = self._addr(buffer.base) + buffer.offset
+        hi = lo + buffer.nbytes
+        if self._recording is not None:
+            # recorded like a launch (an op's scratch is declared when its launches are made,
+            # which a replay does not repeat): a failed replay must not fail the next one
+            self._recording.jobs.append(
+                (lambda: self._poison and self._forget(lo, hi), None, None, None))
+        elif self._poison:  # nothing to forget otherwise: no queue item in the common case
             self._put((lambda: self._forget(lo, hi), None, None, None))
+
+    def check_status(self, message: Any, kernel: str, outputs: tuple = ()) -> None:
+        # a queue job right after the kernels: fails (marking `outputs` failed, as a failed
+        # launch marks what it writes) when the status words are set, clearing them
+        status = self.status_buffer()
+        words = status.handle[status.offset : status.offset + status.nbytes].view(np.int32)
+        flat: list[int] = []
+        for b in outputs:
+            flat += [self._addr(b) + b.offset, b.nbytes]
+
+        def job() -> None:
+            if words[0]:
+                got = words.copy()
+                words[:] = 0
+                raise AsyncError(message(got), kernel)
+
+        item = (job, flat, kernel, (True,) * len(outputs))
+        if self._recording is not None:
+            self._recording.jobs.append(item)
+        else:
+            self._put(item)
 
     def _put(self, item: tuple) -> None:
         with self._lock:

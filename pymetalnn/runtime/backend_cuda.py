@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from .core import KERNEL_DIR, PRELUDE_DIR, Buffer, Device, Kernel, Library
+from .core import KERNEL_DIR, PRELUDE_DIR, STATUS_WORDS, Buffer, Device, Kernel, Library
 from .errors import AsyncError, BackendUnavailable, CompileError, DispatchError, unavailable_reason
 from .msl import translate_file
 
@@ -84,6 +84,10 @@ class CudaDevice(Device):
             raise self._async_error(e) from e
         if self._watch is not None:
             self._watch.join()
+        if self._checks:
+            serr = self._status_failure()
+            if serr is not None:
+                raise serr
         err, self._cb_error = self._cb_error, None
         if err is not None:
             raise AsyncError(f"a queued callback failed: {err.__class__.__name__}: {err}") from err
@@ -106,11 +110,14 @@ class CudaDevice(Device):
 
             def watcher() -> None:
                 while True:
-                    ev, cb, pass_err, err = self._watch.get()
+                    ev, cb, pass_err, err, checks = self._watch.get()
                     try:
                         try:
                             if ev is not None:
                                 ev.synchronize()
+                            if checks and err is None:  # the kernels they follow are done
+                                with self.cp.cuda.Device(self.ordinal):
+                                    err = self._status_failure(checks)
                         except Exception as e:  # noqa: BLE001 -- handed to the callback
                             err = self._async_error(e)
                         if pass_err:
@@ -125,12 +132,14 @@ class CudaDevice(Device):
                         self._watch.task_done()
 
             threading.Thread(target=watcher, name="pymetalnn-cuda-signal", daemon=True).start()
+        # the checks queued so far are this signal's: checked once its event has completed
+        checks, self._checks = self._checks, []
         try:
             ev = self.cp.cuda.Event(block=False, disable_timing=True)
             ev.record(self.cp_stream)
-            self._watch.put((ev, callback, with_error, None))
+            self._watch.put((ev, callback, with_error, None, checks))
         except self.cp.cuda.runtime.CUDARuntimeError as e:  # a fault already reported
-            self._watch.put((None, callback, with_error, self._async_error(e)))
+            self._watch.put((None, callback, with_error, self._async_error(e), checks))
 
     def _begin_capture(self, rec: Any) -> None:
         super()._begin_capture(rec)
@@ -151,6 +160,14 @@ class CudaDevice(Device):
         if zero:
             mem.memset_async(0, nbytes, self.cp_stream)
         return mem
+
+    def _peek_status(self, status: Buffer) -> np.ndarray:
+        out = np.empty(STATUS_WORDS, dtype=np.int32)
+        (status.handle + status.offset).copy_to_host(out.ctypes.data, out.nbytes)
+        return out
+
+    def _clear_status(self, status: Buffer) -> None:
+        (status.handle + status.offset).memset(0, status.nbytes)
 
     def _read(self, buf: Buffer, offset: int, nbytes: int) -> np.ndarray:
         out = np.empty(nbytes, dtype=np.uint8)

@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from .core import KERNEL_DIR, Buffer, Device, Kernel, Library
+from .core import KERNEL_DIR, STATUS_WORDS, Buffer, Device, Kernel, Library
 from .errors import AsyncError, BackendUnavailable, CompileError, unavailable_reason
 from .metal_memory import MAX_THREADGROUP_MEMORY, source_layouts, threadgroup_memory, value_arg_sizes
 from .msl import translate_file
@@ -81,6 +81,10 @@ class MetalDevice(Device):
 
     def synchronize(self) -> None:
         self._drain()
+        if self._checks:
+            serr = self._status_failure()
+            if serr is not None:
+                raise serr
         err, self._cb_error = self._cb_error, None
         if err is not None:
             raise AsyncError(f"a queued callback failed: {err.__class__.__name__}: {err}") from err
@@ -92,6 +96,7 @@ class MetalDevice(Device):
         err = None
         try:
             self._drain()
+            err = self._status_failure() if self._checks else None
         except Exception as e:  # noqa: BLE001 -- handed to the callback
             err = e
         if with_error and err is None and self._cb_error is not None:
@@ -122,6 +127,12 @@ class MetalDevice(Device):
             return self.dev.buffer(nbytes)  # metalcompute zero-fills new buffers
         except self.mc.error as e:  # metalcompute says only "Could not make buffer"
             raise MemoryError(f"Metal could not allocate a buffer of {nbytes} bytes ({e})") from None
+
+    def _peek_status(self, status: Buffer) -> np.ndarray:
+        return np.frombuffer(status.handle, dtype=np.int32)[:STATUS_WORDS].copy()
+
+    def _clear_status(self, status: Buffer) -> None:
+        np.frombuffer(status.handle, dtype=np.uint8)[: status.nbytes] = 0
 
     def _read(self, buf: Buffer, offset: int, nbytes: int) -> np.ndarray:
         self.synchronize()

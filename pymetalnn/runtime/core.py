@@ -16,7 +16,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from .errors import ArgumentTypeError, DispatchError
+from .errors import ArgumentTypeError, AsyncError, DispatchError
 from .msl import KernelArg, KernelInfo
 
 PACKAGE_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -322,6 +322,16 @@ class Library:
         return self.kernel(name)
 
 
+STATUS_WORDS = 4  # Device.status_buffer: int32 words
+
+
+def _pend(pending: list[tuple], chk: tuple) -> None:
+    """Add a check_status entry: one per (status buffer, kernel), which are read once per
+    synchronization anyway (a loop that never waits does not grow the list)."""
+    if not any(c[0] is chk[0] and c[2] == chk[2] for c in pending):
+        pending.append(chk)
+
+
 class Recording:
     """Launches captured by `Device.capture()`; `replay()` queues them again, in order."""
 
@@ -330,9 +340,12 @@ class Recording:
         self.jobs: list[Callable[[], Any]] = []  # cpu/metal: one closure per launch
         self.graph: Any = None  # cuda: the captured CUDA graph
         self.names: list[str] = []
+        self.checks: list[tuple] = []  # metal/cuda: Device.check_status calls, checked at the sync
 
     def replay(self) -> None:
         self.device._replay(self)
+        for chk in self.checks:
+            _pend(self.device._checks, chk)
         for n in self.names:
             self.device.dispatch_counts[n] += 1
 
@@ -384,6 +397,8 @@ class Device:
         self._libraries: dict[tuple, Library] = {}
         self._recording: Recording | None = None
         self._profiler: Profile | None = None
+        self._checks: list[tuple] = []  # check_status calls not yet checked (metal, cuda)
+        self._status: Buffer | None = None
         self._hook = threading.local()  # allocation_hook, per thread
         self._mem_live = 0  # bytes of live Buffers (views excluded), for the memory statistics
         self._mem_peak = 0
@@ -440,6 +455,51 @@ class Device:
         command-buffer completion handler). It always runs, also after failed work; with
         `with_error`, it is called as `callback(error)`: an AsyncError for work that failed since
         the previous signal, else None. Exceptions it raises surface at synchronize()."""
+        raise NotImplementedError
+
+    # ---- checks made by kernels: a status word on the device
+    def status_buffer(self) -> Buffer:
+        """The device's status words for checks made inside kernels (int32: flag, then what the
+        check reports; e.g. loss.metal's label check): zero while nothing failed. A kernel that
+        finds bad input sets them instead of reading out of bounds; check_status, queued after
+        it, turns them into an AsyncError and clears them. Made once, before any capture."""
+        if self._status is None:
+            self._status = self.buffer(nbytes=STATUS_WORDS * 4)
+        return self._status
+
+    def check_status(self, message: Callable[[np.ndarray], str], kernel: str,
+                     outputs: tuple[Buffer, ...] = ()) -> None:
+        """After the kernels queued so far: if the status words are set, the work fails like a
+        failed launch of `kernel`, with AsyncError(message(words)) -- at the first read or wait
+        of anything computed from `outputs` (cpu: those buffers are marked failed), at
+        synchronize(), and at a graph step's wait -- and the words are cleared, so later calls
+        run normally. Recorded by capture() like a launch. The metal and cuda backends check at
+        their next synchronization (every read and wait synchronizes there)."""
+        chk = (self.status_buffer(), message, kernel)
+        _pend(self._recording.checks if self._recording is not None else self._checks, chk)
+
+    def _status_failure(self, checks: list[tuple] | None = None) -> AsyncError | None:
+        """Once the work before them is done: the first of `checks` (default: every pending
+        one, taken over) whose status words are set (cleared here), as an AsyncError; None when
+        none is."""
+        if checks is None:
+            checks, self._checks = self._checks, []
+        err = None
+        read: set[int] = set()
+        for status, message, kernel in checks:
+            if id(status) in read:  # one read per status buffer: what it holds, the first
+                continue            # check that may have set it reports
+            read.add(id(status))
+            words = self._peek_status(status)
+            if words[0]:
+                self._clear_status(status)
+                err = err or AsyncError(message(words), kernel)
+        return err
+
+    def _peek_status(self, status: Buffer) -> np.ndarray:
+        raise NotImplementedError
+
+    def _clear_status(self, status: Buffer) -> None:
         raise NotImplementedError
 
     def forget_failures(self, buffer: Buffer) -> None:

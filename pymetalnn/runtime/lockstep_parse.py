@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 from .errors import MSLError
 from .preprocess import Token
-from .tokens import match_bracket, split_commas
+from .tokens import match_angle, match_bracket, split_commas
 
 SIMD_NAMES = set("""simd_sum simd_product simd_max simd_min simd_prefix_exclusive_sum
 simd_prefix_inclusive_sum simd_prefix_exclusive_product simd_prefix_inclusive_product simd_shuffle
@@ -62,25 +62,8 @@ def _match(toks: list[Token], i: int) -> int:
 
 
 def _match_angle(toks: list[Token], i: int) -> int:
-    """The '>' closing toks[i] == '<' if it is a template bracket, -1 where a '(', '[', '{' or
-    ';' comes first (then it is a comparison): unlike tokens.match_angle, which is told the '<'
-    opens a template."""
-    d = 0
-    for j in range(i, len(toks)):
-        t = toks[j].text
-        if t in ("(", "[", "{"):
-            return -1
-        if t == "<":
-            d += 1
-        elif t == ">":
-            d -= 1
-        elif t == ">>":
-            d -= 2
-        if d <= 0 and t in (">", ">>"):
-            return j
-        if t == ";":
-            return -1
-    return -1
+    """The '>' closing toks[i] == '<' if it is a template bracket, -1 where it is a comparison."""
+    return match_angle(toks, i, probe=True)
 
 
 def _split_top(toks: list[Token], sep: str) -> list[list[Token]]:

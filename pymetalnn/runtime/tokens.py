@@ -45,8 +45,12 @@ def match_open(toks: list[Token], i: int) -> int:
     return -1
 
 
-def match_angle(toks: list[Token], i: int, strict: bool = True) -> int:
-    """Index of the '>' closing the template bracket toks[i] == '<' ('>>' closes two)."""
+def match_angle(toks: list[Token], i: int, strict: bool = True, probe: bool = False) -> int:
+    """Index of the '>' closing the template bracket toks[i] == '<' ('>>' closes two).
+
+    probe: the '<' may be a comparison (the work-item-loop parser asks): -1 where a '(', '[',
+    '{' or ';' or the end of the stream comes before a close, in place of the strict or lenient
+    answer."""
     depth = 0
     for j in range(i, len(toks)):
         t = toks[j].text
@@ -56,6 +60,8 @@ def match_angle(toks: list[Token], i: int, strict: bool = True) -> int:
             depth -= 1
         elif t == ">>":
             depth -= 2
+        elif probe and t in ("(", "[", "{", ";"):
+            return -1
         elif t == ";":
             if strict:
                 break
@@ -64,6 +70,8 @@ def match_angle(toks: list[Token], i: int, strict: bool = True) -> int:
             return j  # a body begins: the check reads on from there
         if depth <= 0 and t in (">", ">>"):
             return j
+    if probe:
+        return -1
     if strict:
         raise MSLError(toks[i].file, toks[i].line, "unbalanced '<'")
     return len(toks) - 1

@@ -95,22 +95,7 @@ inline void simdgroup_barrier(pmn_simd_slot& s, pmn_simd_fn& fn, mem_flags) {
     put(s, v, a);                                                               \
     fn = &detail::fn_shuffle<detail::mode>;                                     \
   }
-PMN_GRP_REDUCE(simd_sum, op_add)
-PMN_GRP_REDUCE(simd_product, op_mul)
-PMN_GRP_REDUCE(simd_max, op_max)
-PMN_GRP_REDUCE(simd_min, op_min)
-PMN_GRP_REDUCE(simd_and, op_and)
-PMN_GRP_REDUCE(simd_or, op_or)
-PMN_GRP_REDUCE(simd_xor, op_xor)
-PMN_GRP_SCAN(simd_prefix_inclusive_sum, op_add, false)
-PMN_GRP_SCAN(simd_prefix_exclusive_sum, op_add, true)
-PMN_GRP_SCAN(simd_prefix_inclusive_product, op_mul, false)
-PMN_GRP_SCAN(simd_prefix_exclusive_product, op_mul, true)
-PMN_GRP_SHUFFLE(simd_shuffle, SH_IDX)
-PMN_GRP_SHUFFLE(simd_broadcast, SH_IDX)
-PMN_GRP_SHUFFLE(simd_shuffle_xor, SH_XOR)
-PMN_GRP_SHUFFLE(simd_shuffle_up, SH_UP)
-PMN_GRP_SHUFFLE(simd_shuffle_down, SH_DOWN)
+PMN_SIMD_FUNCTIONS(PMN_GRP_REDUCE, PMN_GRP_SCAN, PMN_GRP_SHUFFLE)  // the prelude's list
 template <class T> inline void simd_broadcast_first(pmn_simd_slot& s, pmn_simd_fn& fn, const T& v) {
   put(s, v, 0);
   fn = &detail::fn_shuffle<detail::SH_FIRST>;

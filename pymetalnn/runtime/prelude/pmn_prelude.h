@@ -519,40 +519,30 @@ PMN_FN vec<R, 4> vzip3(const vec<T, 4>& a, const vec<U, 4>& b, const vec<V, 4>& 
 }
 }  // namespace detail
 
-// ---- vector operators: vec op vec, vec op scalar, scalar op vec (the scalar converts to T).
-#define PMN_V_BIN(op)                                                                        \
+// ---- vector operators: vec op vec, vec op scalar, scalar op vec (the scalar converts to T); the
+// result's elements are R: T for arithmetic and bitwise operators, bool for comparisons.
+#define PMN_V_OP(op, R)                                                                      \
   template <class T, int N>                                                                  \
-  PMN_FN vec<T, N> operator op(const vec<T, N>& a, const vec<T, N>& b) {                     \
-    return detail::vzip<T>(a, b, [](const T& p, const T& q) { return p op q; });             \
+  PMN_FN vec<R, N> operator op(const vec<T, N>& a, const vec<T, N>& b) {                     \
+    return detail::vzip<R>(a, b, [](const T& p, const T& q) { return p op q; });             \
   }                                                                                          \
   template <class T, int N>                                                                  \
-  PMN_FN vec<T, N> operator op(const vec<T, N>& a, const typename detail::ident<T>::type& b) { \
+  PMN_FN vec<R, N> operator op(const vec<T, N>& a, const typename detail::ident<T>::type& b) { \
     return a op vec<T, N>(b);                                                                \
   }                                                                                          \
   template <class T, int N>                                                                  \
-  PMN_FN vec<T, N> operator op(const typename detail::ident<T>::type& a, const vec<T, N>& b) { \
+  PMN_FN vec<R, N> operator op(const typename detail::ident<T>::type& a, const vec<T, N>& b) { \
     return vec<T, N>(a) op b;                                                                \
   }
+#define PMN_V_BIN(op) PMN_V_OP(op, T)
+#define PMN_V_CMP(op) PMN_V_OP(op, bool)
 PMN_V_BIN(+) PMN_V_BIN(-) PMN_V_BIN(*) PMN_V_BIN(/) PMN_V_BIN(%)
 PMN_V_BIN(&) PMN_V_BIN(|) PMN_V_BIN(^) PMN_V_BIN(<<) PMN_V_BIN(>>)
-#undef PMN_V_BIN
-
-#define PMN_V_CMP(op)                                                                        \
-  template <class T, int N>                                                                  \
-  PMN_FN vec<bool, N> operator op(const vec<T, N>& a, const vec<T, N>& b) {                  \
-    return detail::vzip<bool>(a, b, [](const T& p, const T& q) { return p op q; });          \
-  }                                                                                          \
-  template <class T, int N>                                                                  \
-  PMN_FN vec<bool, N> operator op(const vec<T, N>& a, const typename detail::ident<T>::type& b) { \
-    return a op vec<T, N>(b);                                                                \
-  }                                                                                          \
-  template <class T, int N>                                                                  \
-  PMN_FN vec<bool, N> operator op(const typename detail::ident<T>::type& a, const vec<T, N>& b) { \
-    return vec<T, N>(a) op b;                                                                \
-  }
 PMN_V_CMP(==) PMN_V_CMP(!=) PMN_V_CMP(<) PMN_V_CMP(<=) PMN_V_CMP(>) PMN_V_CMP(>=)
 PMN_V_CMP(&&) PMN_V_CMP(||)
+#undef PMN_V_BIN
 #undef PMN_V_CMP
+#undef PMN_V_OP
 
 template <class T, int N> PMN_FN vec<T, N> operator-(const vec<T, N>& a) {
   return detail::vmap<T>(a, [](const T& p) { return -p; });
@@ -768,22 +758,14 @@ template <class T, int N> PMN_FN vec<T, N> min_(const vec<T, N>& a, const vec<T,
 }
 }  // namespace detail
 
-template <class A, class B> PMN_FN detail::promote_t<A, B> max(const A& a, const B& b) {
-  typedef detail::promote_t<A, B> R;
-  return detail::max_(R(a), R(b));
-}
-template <class A, class B> PMN_FN detail::promote_t<A, B> min(const A& a, const B& b) {
-  typedef detail::promote_t<A, B> R;
-  return detail::min_(R(a), R(b));
-}
-template <class A, class B> PMN_FN detail::promote_t<A, B> fmax(const A& a, const B& b) {
-  typedef detail::promote_t<A, B> R;
-  return detail::max_(R(a), R(b));
-}
-template <class A, class B> PMN_FN detail::promote_t<A, B> fmin(const A& a, const B& b) {
-  typedef detail::promote_t<A, B> R;
-  return detail::min_(R(a), R(b));
-}
+// max / min and fmax / fmin (the same functions here) of a and b in their promoted common type.
+#define PMN_MINMAX(name, impl)                                                             \
+  template <class A, class B> PMN_FN detail::promote_t<A, B> name(const A& a, const B& b) { \
+    typedef detail::promote_t<A, B> R;                                                      \
+    return detail::impl(R(a), R(b));                                                        \
+  }
+PMN_MINMAX(max, max_) PMN_MINMAX(min, min_) PMN_MINMAX(fmax, max_) PMN_MINMAX(fmin, min_)
+#undef PMN_MINMAX
 template <class A, class B, class C>
 PMN_FN detail::promote3_t<A, B, C> clamp(const A& x, const B& lo, const C& hi) {
   typedef detail::promote3_t<A, B, C> R;
@@ -947,26 +929,18 @@ using namespace ::pmn;
 namespace fast {
 using namespace ::pmn;
 #ifdef PMN_CUDA
-PMN_FN float ex2_approx(float x) {
-  float r;
-  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(r) : "f"(x));
-  return r;
-}
-PMN_FN float lg2_approx(float x) {
-  float r;
-  asm("lg2.approx.ftz.f32 %0, %1;" : "=f"(r) : "f"(x));
-  return r;
-}
-PMN_FN float tanh_approx(float x) {
-  float r;
-  asm("tanh.approx.f32 %0, %1;" : "=f"(r) : "f"(x));
-  return r;
-}
-PMN_FN float sqrt_approx(float x) {
-  float r;
-  asm("sqrt.approx.f32 %0, %1;" : "=f"(r) : "f"(x));
-  return r;
-}
+// One PTX instruction on a float (the approximations fast:: maps to).
+#define PMN_PTX_F1(name, insn)                      \
+  PMN_FN float name(float x) {                      \
+    float r;                                        \
+    asm(insn : "=f"(r) : "f"(x));                   \
+    return r;                                       \
+  }
+PMN_PTX_F1(ex2_approx, "ex2.approx.ftz.f32 %0, %1;")
+PMN_PTX_F1(lg2_approx, "lg2.approx.ftz.f32 %0, %1;")
+PMN_PTX_F1(tanh_approx, "tanh.approx.f32 %0, %1;")
+PMN_PTX_F1(sqrt_approx, "sqrt.approx.f32 %0, %1;")
+#undef PMN_PTX_F1
 PMN_UNARY_F(::pmn::fast, exp, ::__expf(x))
 PMN_UNARY_F(::pmn::fast, exp2, ex2_approx(x))
 PMN_UNARY_F(::pmn::fast, exp10, ::__exp10f(x))
@@ -1012,13 +986,13 @@ struct site_t {
   unsigned id;  // per-file call-site id assigned by the front end, increasing in source order
 };
 
-enum class mem_flags : unsigned {
+enum class mem_flags : unsigned {  // bit flags, combined with | and tested with &
   mem_none = 0,
-  mem_device = 1,
-  mem_threadgroup = 2,
-  mem_texture = 4,
-  mem_threadgroup_imageblock = 8,
-  mem_object_data = 16,
+  mem_device = 1u << 0,
+  mem_threadgroup = 1u << 1,
+  mem_texture = 1u << 2,
+  mem_threadgroup_imageblock = 1u << 3,
+  mem_object_data = 1u << 4,
 };
 PMN_FN constexpr mem_flags operator|(mem_flags a, mem_flags b) {
   return mem_flags((unsigned)a | (unsigned)b);
@@ -1372,22 +1346,27 @@ template <class T> PMN_FN T simd_broadcast_first(site_t s, const T& v) {
 }
 #endif
 
-PMN_SIMD_REDUCE(simd_sum, op_add)
-PMN_SIMD_REDUCE(simd_product, op_mul)
-PMN_SIMD_REDUCE(simd_max, op_max)
-PMN_SIMD_REDUCE(simd_min, op_min)
-PMN_SIMD_REDUCE(simd_and, op_and)
-PMN_SIMD_REDUCE(simd_or, op_or)
-PMN_SIMD_REDUCE(simd_xor, op_xor)
-PMN_SIMD_SCAN(simd_prefix_inclusive_sum, op_add, false)
-PMN_SIMD_SCAN(simd_prefix_exclusive_sum, op_add, true)
-PMN_SIMD_SCAN(simd_prefix_inclusive_product, op_mul, false)
-PMN_SIMD_SCAN(simd_prefix_exclusive_product, op_mul, true)
-PMN_SIMD_SHUFFLE(simd_shuffle, SH_IDX)
-PMN_SIMD_SHUFFLE(simd_broadcast, SH_IDX)
-PMN_SIMD_SHUFFLE(simd_shuffle_xor, SH_XOR)
-PMN_SIMD_SHUFFLE(simd_shuffle_up, SH_UP)
-PMN_SIMD_SHUFFLE(simd_shuffle_down, SH_DOWN)
+// The reductions, scans and shuffles with their combining functions (detail::op_*, shuffle
+// modes), listed once: expanded here into each target's functions and, for the cpu's work-item
+// loops, in pmn_lockstep.h into their first steps.
+#define PMN_SIMD_FUNCTIONS(REDUCE, SCAN, SHUFFLE)    \
+  REDUCE(simd_sum, op_add)                           \
+  REDUCE(simd_product, op_mul)                       \
+  REDUCE(simd_max, op_max)                           \
+  REDUCE(simd_min, op_min)                           \
+  REDUCE(simd_and, op_and)                           \
+  REDUCE(simd_or, op_or)                             \
+  REDUCE(simd_xor, op_xor)                           \
+  SCAN(simd_prefix_inclusive_sum, op_add, false)     \
+  SCAN(simd_prefix_exclusive_sum, op_add, true)      \
+  SCAN(simd_prefix_inclusive_product, op_mul, false) \
+  SCAN(simd_prefix_exclusive_product, op_mul, true)  \
+  SHUFFLE(simd_shuffle, SH_IDX)                      \
+  SHUFFLE(simd_broadcast, SH_IDX)                    \
+  SHUFFLE(simd_shuffle_xor, SH_XOR)                  \
+  SHUFFLE(simd_shuffle_up, SH_UP)                    \
+  SHUFFLE(simd_shuffle_down, SH_DOWN)
+PMN_SIMD_FUNCTIONS(PMN_SIMD_REDUCE, PMN_SIMD_SCAN, PMN_SIMD_SHUFFLE)
 #undef PMN_SIMD_REDUCE
 #undef PMN_SIMD_SCAN
 #undef PMN_SIMD_SHUFFLE
@@ -1896,13 +1875,19 @@ PMN_FN bool atomic_compare_exchange_weak_explicit(
 #endif
 }
 
-#ifdef PMN_CUDA
-#define PMN_ATOMIC_RMW(name, cuda_int, cuda_float)                                          \
+// atomic_fetch_<op>_explicit(object o, operand d, order ord) with a body (the rest of the
+// arguments) in which T is the value type: the definition both targets share.
+#define PMN_ATOMIC_RMW_DEF(name, ...)                                                      \
   template <class A>                                                                       \
   PMN_FN detail::atom_t<A> name(volatile A* o,                                             \
                                 typename detail::ident<detail::atom_t<A>>::type d,         \
                                 memory_order ord) {                                        \
     typedef detail::atom_t<A> T;                                                           \
+    __VA_ARGS__                                                                            \
+  }
+#ifdef PMN_CUDA
+#define PMN_ATOMIC_RMW(name, cuda_int, cuda_float)                                          \
+  PMN_ATOMIC_RMW_DEF(name,                                                                 \
     detail::fence_before(ord);                                                             \
     T r;                                                                                   \
     if constexpr (detail::same_<T, float>::value) {                                        \
@@ -1911,8 +1896,7 @@ PMN_FN bool atomic_compare_exchange_weak_explicit(
       r = cuda_int(detail::ptr(o), d);                                                     \
     }                                                                                      \
     detail::fence_after(ord);                                                              \
-    return r;                                                                              \
-  }
+    return r;)
 #define PMN_NO_FLOAT r = detail::no_float<T>()
 PMN_ATOMIC_RMW(atomic_fetch_add_explicit, atomicAdd, r = atomicAdd(detail::ptr(o), d))
 PMN_ATOMIC_RMW(atomic_fetch_sub_explicit, atomicSub, r = atomicAdd(detail::ptr(o), -d))
@@ -1923,18 +1907,13 @@ PMN_ATOMIC_RMW(atomic_fetch_or_explicit, atomicOr, PMN_NO_FLOAT)
 PMN_ATOMIC_RMW(atomic_fetch_xor_explicit, atomicXor, PMN_NO_FLOAT)
 #else
 #define PMN_ATOMIC_RMW(name, int_expr, float_fn)                                            \
-  template <class A>                                                                       \
-  PMN_FN detail::atom_t<A> name(volatile A* o,                                             \
-                                typename detail::ident<detail::atom_t<A>>::type d,         \
-                                memory_order ord) {                                        \
-    typedef detail::atom_t<A> T;                                                           \
+  PMN_ATOMIC_RMW_DEF(name,                                                                 \
     if constexpr (detail::same_<T, float>::value) {                                        \
       return detail::cas_float(o, ord, [d](float x) { return float_fn; });                 \
     } else {                                                                               \
       T* p = detail::ptr(o);                                                               \
       return int_expr;                                                                     \
-    }                                                                                      \
-  }
+    })
 #define PMN_NO_FLOAT detail::no_float<T>()
 // min/max for integers: CAS loop via __atomic (no fetch_min builtin before GCC 13).
 namespace detail {
@@ -1958,6 +1937,7 @@ PMN_ATOMIC_RMW(atomic_fetch_or_explicit, __atomic_fetch_or(p, d, detail::mo(ord)
 PMN_ATOMIC_RMW(atomic_fetch_xor_explicit, __atomic_fetch_xor(p, d, detail::mo(ord)), PMN_NO_FLOAT)
 #endif
 #undef PMN_ATOMIC_RMW
+#undef PMN_ATOMIC_RMW_DEF
 #undef PMN_NO_FLOAT
 
 }  // namespace pmn
