@@ -623,10 +623,11 @@ inline void gemm_stash_mma2(threadgroup T* tile, thread const vec<T, 4>* regs, b
 }
 
 // ---- gemm_mma2: gemm_mma with 16-deep tile products (kernels/simdgroup_tile.h). Each k16 step
-// of a simdgroup loads its A rows (FM x 2 blocks) and B columns (2 x FN blocks) as tiles and runs
-// one simdgroup_multiply_accumulate_tile: on cuda ldmatrix (4 blocks each) and full-rate
-// mma.sync.m16n8k16 with no per-block alignment branches, on Metal and cpu the same 8x8
-// operations as gemm_mma. The threadgroup's 8 simdgroups form a WGM x (8 / WGM) grid, each
+// of a simdgroup loads its A rows (FM x 2 blocks) as a tile and runs one
+// simdgroup_multiply_accumulate_tile with its B columns (2 x FN blocks) read from threadgroup
+// memory: on cuda ldmatrix (4 blocks each; .trans for B, straight into the tensor-core layout)
+// and full-rate mma.sync.m16n8k16 with no per-block alignment branches, on Metal and cpu the
+// same 8x8 operations as gemm_mma. The threadgroup's 8 simdgroups form a WGM x (8 / WGM) grid, each
 // owning a (BM / WGM) x (BN / (8 / WGM)) block of C; tile rows are 16-byte aligned (ldmatrix):
 // the slices live in a float4 array, and the pitches BK + 8, BN + 8 are multiples of 8 halves.
 // PF: how many slices ahead the global loads run. PF = 1 is gemm_mma's double buffering; PF = 2
@@ -655,10 +656,8 @@ inline void gemm_mma2_slice(thread simdgroup_matrix<ACC, 8, 8>* acc, threadgroup
 #pragma unroll
     for (int kk = 0; kk < BK; kk += 16) {
         simdgroup_matrix<T, 8, 8> ma[FM * 2];
-        simdgroup_matrix<T, 8, 8> mb[2 * FN];
         simdgroup_load_tile<FM, 2>(ma, sa + kk, PA);
-        simdgroup_load_tile<2, FN>(mb, sb + kk * PB, PB);
-        simdgroup_multiply_accumulate_tile<FM, FN>(acc, ma, mb);
+        simdgroup_multiply_accumulate_tile<FM, FN>(acc, ma, sb + kk * PB, PB);  // B from memory
     }
 }
 
