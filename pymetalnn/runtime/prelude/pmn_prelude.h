@@ -1651,14 +1651,11 @@ namespace tile {
 // and every row 16-byte aligned, in every lane (the check is warp-uniform, as ldmatrix must be).
 // `s`: src's shared-window address.
 PMN_FN bool ldsm_ok(const void* src, pmn_ulong elements_per_row, unsigned& s) {
-  const unsigned long long at = reinterpret_cast<unsigned long long>(src);
-  unsigned shared, low;
-  asm("{ .reg .pred p; isspacep.shared p, %1; selp.u32 %0, 1, 0, p; }" : "=r"(shared) : "l"(at));
-  asm("cvt.u32.u64 %0, %1;" : "=r"(low) : "l"(at));  // low bits: alignment only
-  const bool ok = shared != 0u && ((low | unsigned(elements_per_row * 2u)) & 15u) == 0;
-  unsigned long long sa;
-  asm("cvta.to.shared.u64 %0, %1;" : "=l"(sa) : "l"(at));
-  s = unsigned(sa);
+  // the builtins (not inline PTX), so that the compiler sees through the generic <-> shared
+  // conversions of a threadgroup array's address: for the tiles of a kernel whose offsets are
+  // multiples of 16 bytes the test then folds to true at compile time
+  s = unsigned(__cvta_generic_to_shared(src));
+  const bool ok = __isShared(src) && ((s | unsigned(elements_per_row * 2u)) & 15u) == 0;
   return __all_sync(0xffffffffu, ok);
 }
 // The lane index as threadIdx.x & 31 (1-D threadgroups, as the translator's
