@@ -44,8 +44,9 @@ SOURCE = "gemm.metal"
 THREADS = CONST["GEMM_THREADS"]  # every kernel of gemm.metal
 
 # GemmParams.flags (kernels/params.h GEMM_*)
-TRANS_A, TRANS_B, VEC_A, VEC_B, VEC_C, BIAS, BETA = (
-    CONST[f"GEMM_{f}"] for f in ("TRANS_A", "TRANS_B", "VEC_A", "VEC_B", "VEC_C", "BIAS", "BETA"))
+TRANS_A, TRANS_B, VEC_A, VEC_B, VEC_C, BIAS, BETA, VEC8_A, VEC8_B = (
+    CONST[f"GEMM_{f}"] for f in ("TRANS_A", "TRANS_B", "VEC_A", "VEC_B", "VEC_C", "BIAS", "BETA",
+                                 "VEC8_A", "VEC8_B"))
 
 _MAX_MATRIX = 2**31  # elements per matrix: in-matrix offsets are 32-bit in the kernels
 _MAX_THREADS = 2**32 - 1024
@@ -124,6 +125,12 @@ TILES = {t.name: t for t in (Tile("128x128", 128, 128, 8, 1.0), Tile("64x64", 64
                              Tile("mma2_128x256k16w2p2", 128, 256, 16, 4.6, variants=_HALF,
                                   matrix=True, gen=2),
                              Tile("mma2_64x64k32p2", 64, 64, 32, 3.8, variants=_HALF,
+                                  matrix=True, gen=2),
+                             Tile("mma2_128x128k16v8", 128, 128, 16, 4.1, variants=_HALF,
+                                  matrix=True, gen=2),
+                             Tile("mma2_128x256k16w2v8", 128, 256, 16, 4.5, variants=_HALF,
+                                  matrix=True, gen=2),
+                             Tile("mma2_128x128k32p2v8", 128, 128, 32, 4.7, variants=_HALF,
                                   matrix=True, gen=2),
                              Tile("cpu512x128", 512, 128, 16, 1.0, variants=_CPU, cpu=True),
                              Tile("cpu128x512", 128, 512, 16, 1.0, variants=_CPU, cpu=True))}
@@ -219,6 +226,12 @@ def _vec_ok(t: Tensor, pitch: int, stride: int) -> bool:
     """Aligned 4-vector access is legal: row pitch, batch stride and base are multiples of 4
     elements."""
     return pitch % 4 == 0 and stride % 4 == 0 and vec4_aligned(t)
+
+
+def _vec8_ok(t: Tensor, pitch: int, stride: int) -> bool:
+    """Aligned 8-vector (16-byte fp16) access is legal: row pitch, batch stride and base are
+    multiples of 8 elements."""
+    return pitch % 8 == 0 and stride % 8 == 0 and t.buffer.offset % (8 * t.dtype.itemsize) == 0
 
 
 def _float(v: Any, name: str) -> float:
@@ -364,6 +377,8 @@ def _launches(dev: Device, a: Tensor, b: Tensor, out: Tensor, m: int, n: int, k:
                | (VEC_A if _vec_ok(a, p.lda, p.stride_a) else 0)
                | (VEC_B if _vec_ok(b, p.ldb, p.stride_b) else 0)
                | (VEC_C if _vec_ok(out, p.ldc, p.stride_c) else 0)
+               | (VEC8_A if _vec8_ok(a, p.lda, p.stride_a) else 0)
+               | (VEC8_B if _vec8_ok(b, p.ldb, p.stride_b) else 0)
                | (BIAS if bias is not None else 0) | (BETA if beta != 0.0 else 0))
     p.alpha, p.beta = alpha, beta
     p.act, p.act_alpha = act
