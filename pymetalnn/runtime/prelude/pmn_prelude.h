@@ -1751,14 +1751,15 @@ PMN_FN void simdgroup_multiply_accumulate_tile(simdgroup_matrix<TC, 8, 8>* c, co
 #pragma unroll
     for (int j = 0; j < 2 * FN; ++j) bt[j] = detail::transpose_h2(detail::pair_bits(b[j].e));
     tile::mma_k16<FM, FN>(c, a, bt);
-    return;
-  }
+  } else
 #endif
-  for (int i = 0; i < FM; ++i)
-    for (int j = 0; j < FN; ++j) {
-      simdgroup_multiply_accumulate(c[i * FN + j], a[2 * i], b[j], c[i * FN + j]);
-      simdgroup_multiply_accumulate(c[i * FN + j], a[2 * i + 1], b[FN + j], c[i * FN + j]);
-    }
+  {
+    for (int i = 0; i < FM; ++i)
+      for (int j = 0; j < FN; ++j) {
+        simdgroup_multiply_accumulate(c[i * FN + j], a[2 * i], b[j], c[i * FN + j]);
+        simdgroup_multiply_accumulate(c[i * FN + j], a[2 * i + 1], b[FN + j], c[i * FN + j]);
+      }
+  }
 }
 
 // B straight from threadgroup memory (the 16 x 8FN region at b): on cuda ldmatrix.trans yields
