@@ -998,6 +998,10 @@ GEMM_MMA2_INST(mma2_64x64k32p2, 64, 64, 32, 4, 2, 4)
 GEMM_MMA2_INST(mma2_128x128k16v8, 128, 128, 16, 4, 1, 8)
 GEMM_MMA2_INST(mma2_128x256k16w2v8, 128, 256, 16, 2, 1, 8)
 GEMM_MMA2_INST(mma2_128x128k32p2v8, 128, 128, 32, 4, 2, 8)
+// smaller accumulators (32 x 32 per simdgroup) with two slices in flight: room for two
+// threadgroups per core with float accumulation
+GEMM_MMA2_INST(mma2_128x64k32p2v8, 128, 64, 32, 4, 2, 8)
+GEMM_MMA2_INST(mma2_64x128k32w2p2v8, 64, 128, 32, 2, 2, 8)
 
 #define GEMM_INST_PREC(VARIANT, T, ACC)                                \
     GEMM_KERNEL(gemm_fwd_splitk_sum_##VARIANT, gemm_splitk_sum, T, ACC)\

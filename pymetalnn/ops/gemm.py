@@ -132,6 +132,10 @@ TILES = {t.name: t for t in (Tile("128x128", 128, 128, 8, 1.0), Tile("64x64", 64
                                   matrix=True, gen=2),
                              Tile("mma2_128x128k32p2v8", 128, 128, 32, 4.7, variants=_HALF,
                                   matrix=True, gen=2),
+                             Tile("mma2_128x64k32p2v8", 128, 64, 32, 4.2, variants=_HALF,
+                                  matrix=True, gen=2),
+                             Tile("mma2_64x128k32w2p2v8", 64, 128, 32, 4.2, variants=_HALF,
+                                  matrix=True, gen=2),
                              Tile("cpu512x128", 512, 128, 16, 1.0, variants=_CPU, cpu=True),
                              Tile("cpu128x512", 128, 512, 16, 1.0, variants=_CPU, cpu=True))}
 MAX_SPLITS = 16
