@@ -71,10 +71,16 @@ class Tile:
     fixed_k: int = 0
     matrix: bool = False  # runs on simdgroup matrices (gemm_mma): only where matrix_hw(dev)
     gen: int = 1  # matrix tiles: 1 gemm_mma (8x8 products), 2 gemm_mma2 (16-deep tile products)
+    hacc_efficiency: float | None = None  # hacc_half's, where it differs (fewer registers)
     cpu: bool = False  # gemm_blocked: the automatic choice on the cpu backend (only there)
 
     def supports(self, variant: str) -> bool:
         return self.variants is None or variant in self.variants
+
+    def efficiency_of(self, variant: str) -> float:
+        if variant == "hacc_half" and self.hacc_efficiency is not None:
+            return self.hacc_efficiency
+        return self.efficiency
 
 
 # 128x128k16 (BK = 16: half the slices' loop / barrier overhead) from the H200 sweep of
@@ -206,7 +212,7 @@ def plan(dev: Device, m: int, n: int, k: int, batch: int, reduce_batch: bool,
             waves = math.ceil(tiles * s / units)
             # gemm_blocked's threads past M or N return at once: a tile costs what it covers
             area = min(t.bm, m) * min(t.bn, n) if t.cpu else t.bm * t.bn
-            cost = waves * area * (t.bk * math.ceil(slices / s) + t.fixed_k) / t.efficiency
+            cost = waves * area * (t.bk * math.ceil(slices / s) + t.fixed_k) / t.efficiency_of(var)
             if s > 1:
                 cost += 0.25 * (s + 2) * m * n * nb + 2**19
             if best is None or cost < best[0]:
