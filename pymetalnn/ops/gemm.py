@@ -103,9 +103,11 @@ _HALF = ("half", "hacc_half")
 # in the blocked kernel's inner loop made it 3x slower than they are.
 _CPU = ("float",)
 # Which generation of matrix tiles the automatic choice (plan) considers; the others stay callable
-# by name (tile=) and swept by benchmarks/dev_gemm_mma.py. gemm_mma2 (simdgroup_multiply_accumulate_tile:
-# full-rate mma.sync.m16n8k16 and ldmatrix on cuda) is the candidate successor of gemm_mma.
-MMA_GEN = mma_gen(1)
+# by name (tile=) and swept by benchmarks/dev_gemm_mma.py. 2: gemm_mma2 (16-deep tile products,
+# simdgroup_tile.h: full-rate mma.sync.m16n8k16 and ldmatrix on cuda); 1: gemm_mma (8x8 products).
+# H100, 2026-12-06 22:45 UTC (dev_gemm_mma.py, fp16 8192^3): gemm_mma2 93.5 TFLOP/s with float
+# accumulation (128x128k16), 125 with half accumulation (128x128k32); gemm_mma 48 at best.
+MMA_GEN = mma_gen(2)
 TILES = {t.name: t for t in (Tile("128x128", 128, 128, 8, 1.0), Tile("64x64", 64, 64, 16, 0.6),
                              Tile("128x128k16", 128, 128, 16, 1.11, variants=("float", "hacc_half"),
                                   fixed_k=38),
@@ -113,34 +115,40 @@ TILES = {t.name: t for t in (Tile("128x128", 128, 128, 8, 1.0), Tile("64x64", 64
                              Tile("mma64x64", 64, 64, 16, 3.4, variants=_HALF, matrix=True),
                              Tile("mma64x64k32", 64, 64, 32, 4.0, variants=_HALF, matrix=True),
                              Tile("mma128x64", 128, 64, 32, 3.6, variants=_HALF, matrix=True),
-                             # gemm_mma2: efficiencies are estimates until timed (dev_gemm_mma.py)
-                             Tile("mma2_128x128k16", 128, 128, 16, 4.0, variants=_HALF, matrix=True,
-                                  gen=2),
-                             Tile("mma2_128x128k32", 128, 128, 32, 4.4, variants=_HALF, matrix=True,
-                                  gen=2),
-                             Tile("mma2_64x64k32", 64, 64, 32, 3.6, variants=_HALF, matrix=True,
-                                  gen=2),
-                             Tile("mma2_128x64k32", 128, 64, 32, 4.0, variants=_HALF, matrix=True,
-                                  gen=2),
-                             Tile("mma2_128x256k16w2", 128, 256, 16, 4.4, variants=_HALF,
+                             # gemm_mma2. Efficiencies: TFLOP/s / 32 (the fp32 128x128 rate), mean of
+                             # 4096^3 and 8192^3 on an H100 (2026-12-06 22:45 UTC, gemm_mma2 with B
+                             # transposed by movmatrix): float accumulation first, half accumulation
+                             # (hacc_efficiency) where it differs. The tiles that run two threadgroups
+                             # per SM (<= 128 registers) lead: 128x128k16 (float), 128x128k32 (half).
+                             Tile("mma2_128x128k16", 128, 128, 16, 2.62, variants=_HALF, matrix=True,
+                                  gen=2, hacc_efficiency=2.87),
+                             Tile("mma2_128x128k32", 128, 128, 32, 2.08, variants=_HALF, matrix=True,
+                                  gen=2, hacc_efficiency=3.89),
+                             Tile("mma2_64x64k32", 64, 64, 32, 1.48, variants=_HALF, matrix=True,
+                                  gen=2, hacc_efficiency=2.33),
+                             Tile("mma2_128x64k32", 128, 64, 32, 2.17, variants=_HALF, matrix=True,
+                                  gen=2, hacc_efficiency=2.21),
+                             Tile("mma2_128x256k16w2", 128, 256, 16, 2.46, variants=_HALF,
+                                  matrix=True, gen=2, hacc_efficiency=2.45),
+                             # not yet timed (p2: two slices of loads in flight; v8: 16-byte loads):
+                             # below the timed leaders until dev_gemm_mma.py says otherwise
+                             Tile("mma2_128x128k16p2", 128, 128, 16, 2.0, variants=_HALF,
                                   matrix=True, gen=2),
-                             Tile("mma2_128x128k16p2", 128, 128, 16, 4.2, variants=_HALF,
+                             Tile("mma2_128x128k32p2", 128, 128, 32, 2.0, variants=_HALF,
                                   matrix=True, gen=2),
-                             Tile("mma2_128x128k32p2", 128, 128, 32, 4.6, variants=_HALF,
+                             Tile("mma2_128x256k16w2p2", 128, 256, 16, 2.0, variants=_HALF,
                                   matrix=True, gen=2),
-                             Tile("mma2_128x256k16w2p2", 128, 256, 16, 4.6, variants=_HALF,
+                             Tile("mma2_64x64k32p2", 64, 64, 32, 1.4, variants=_HALF,
                                   matrix=True, gen=2),
-                             Tile("mma2_64x64k32p2", 64, 64, 32, 3.8, variants=_HALF,
+                             Tile("mma2_128x128k16v8", 128, 128, 16, 2.0, variants=_HALF,
                                   matrix=True, gen=2),
-                             Tile("mma2_128x128k16v8", 128, 128, 16, 4.1, variants=_HALF,
+                             Tile("mma2_128x256k16w2v8", 128, 256, 16, 2.0, variants=_HALF,
                                   matrix=True, gen=2),
-                             Tile("mma2_128x256k16w2v8", 128, 256, 16, 4.5, variants=_HALF,
+                             Tile("mma2_128x128k32p2v8", 128, 128, 32, 2.0, variants=_HALF,
                                   matrix=True, gen=2),
-                             Tile("mma2_128x128k32p2v8", 128, 128, 32, 4.7, variants=_HALF,
+                             Tile("mma2_128x64k32p2v8", 128, 64, 32, 2.0, variants=_HALF,
                                   matrix=True, gen=2),
-                             Tile("mma2_128x64k32p2v8", 128, 64, 32, 4.2, variants=_HALF,
-                                  matrix=True, gen=2),
-                             Tile("mma2_64x128k32w2p2v8", 64, 128, 32, 4.2, variants=_HALF,
+                             Tile("mma2_64x128k32w2p2v8", 64, 128, 32, 2.0, variants=_HALF,
                                   matrix=True, gen=2),
                              Tile("cpu512x128", 512, 128, 16, 1.0, variants=_CPU, cpu=True),
                              Tile("cpu128x512", 128, 512, 16, 1.0, variants=_CPU, cpu=True))}
