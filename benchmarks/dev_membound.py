@@ -19,16 +19,31 @@ Versions (see kernels/dev/membound.metal's note):
   mul_bias   prod (arith.metal arith_chan: stream.h chunks, one plane lookup per chunk)
              v1 (arith_ew, the earlier production: divisions per 4 outputs, 8-byte half loads)
              v2 chan_affine (kernels/dev: the same layout, multiply-add and activation fused)
-  bias_relu  prod (F.add then F.relu, two passes)  v1 (with arith_ew)  v2 chan_affine with the
-             activation (one pass)
+  bias_relu  prod F.add(x, b, activation="relu"): arith_chan with the activation fused, one pass
+             (what the graph's bias + neuron fusion calls)  v0 F.relu(F.add(x, b)): two passes
+             (the row measured as prod before)  v1 (v0 with arith_ew)  v2 chan_affine with the
+             activation (kernels/dev, one pass)
   add_relu   prod F.add(a, b, activation="relu") (one pass; the graph's fused residual add + relu)
              v1 F.relu(F.add(a, b)) (two passes)
-  sum_bias   prod (reduce_inner + finish)  v2/v3 chan_sum (16-byte loads, 1/2 chunks in flight)
+  sum_bias   prod sum_rows_part + sum_rows_finish (arith.metal: v3's kernel, float partials;
+             4 chunks per thread, so 8192 elements per threadgroup in float16 where v3 had 4096)
+             v1 reduce_inner + finish (the earlier production)  v2/v3 chan_sum (kernels/dev:
+             16-byte loads, 1/2 chunks in flight)
+  mean_all   prod sum_rows_* as one row (8 chunks per thread, 3136 float32 partials added by
+             one threadgroup, 8 loads in flight per thread)  v1 reduce_inner + finish (the earlier
+             production: up to 8192 partials added by one simdgroup)
   bn_train_fwd, bn_bwd, bn_bwd_relu (ResNet 56x56 planes; InceptionV3 35x35, 17x17)
              prod: norm_part_vec / norm_apply_vec where the layout allows, else norm_part with 8
              elements per step;  v1: the earlier production (scalar, one element per step,
              norm.KERNELS = "scalar_u1");  v1b: the scalar kernels of now (KERNELS = "scalar");
              v2/v3 (56x56): chan_stats (kernels/dev) + norm finalize + norm_apply_vec
+             bn_train_fwd v1c: the earlier production (norm.KERNELS = "vec_welford":
+             norm_part_vec's statistics as a Welford block per chunk, a Welford threadgroup
+             reduction; scalar norm_part for 17x17); prod's norm_part_vec statistics are
+             shifted sums (d = x - K, K the chunk's first element) reduced as plain sums
+             bn_train_fwd 17x17: prod's statistics are norm_part_planes (one simdgroup per
+             plane over the aligned 16-byte chunks covering it, neighbours masked; HW = 289 is
+             not whole chunks), v1b's the scalar norm_part (the earlier production there)
   bn_eval    prod  v1 norm_apply (scalar)  v2 norm_apply_vec (production from this version)
   group_norm_fwd  prod  v1 (earlier production)
   softmax_fwd/bwd, log_softmax_fwd/bwd (4096 x 1000)  prod: softmax.metal's row kernels (one
@@ -40,7 +55,15 @@ Versions (see kernels/dev/membound.metal's note):
              thread sharing row sums (kernels/dev)
   cross_entropy_fwd_bwd (4096 x 1000, labels)  prod: loss.metal's row kernels (one simdgroup
              per row)  v1: the tile kernels (earlier production)
-  add, relu, copy, cast, dropout (fwd+bwd, labels checked
+  mse_loss_bwd  prod loss_pw_bwd_plain (no weights, scalar gradient: g read once, x and t
+             chunks loaded together, no per-element branch)  v1 loss_pw_bwd_vec (the earlier
+             production)
+  concat_c   prod concat_stream (copy.metal: stream.h chunks, STREAM_U per thread, one pass)
+             v1 concat8 (the earlier production: grid-stride, one 16-byte access in flight)
+  cast       prod (float16 input: cast_flat_h2f, lanes on consecutive 4-element quads: dense
+             float stores)  v1 copy_flat (8 elements per lane, two float4 stores 32 bytes apart;
+             the earlier production; a float32 input: the same kernel as prod)
+  add, relu, copy, dropout (fwd+bwd, labels checked
   on the device), max_pool2d/avg_pool2d fwd+bwd, group_norm fwd/bwd: prod (diagnostic: device
   time vs eager time vs torch)
 
@@ -124,7 +147,8 @@ def torch_of(dev: pm.Device) -> Any:
 
 def scalar_norm(fn: Callable[[], Any], kind: str = "scalar_u1") -> Any:
     """fn() with norm.py's kernel choice set to `kind` ("scalar_u1": the production before the
-    16-byte-chunk kernels and the unrolled statistics; "scalar": the scalar kernels of now)."""
+    16-byte-chunk kernels and the unrolled statistics; "scalar": the scalar kernels of now;
+    "vec_welford": the production before the shifted-sum and per-plane statistics)."""
     from pymetalnn.ops import norm as nm
 
     nm.KERNELS = kind
@@ -143,6 +167,44 @@ def general_arith(fn: Callable[[], Any]) -> Any:
         return fn()
     finally:
         ar.KERNELS = "auto"
+
+
+def general_copy(fn: Callable[[], Any]) -> Any:
+    """fn() with copy.py's stream concat / split off (concat8 / split8, the earlier production)."""
+    from pymetalnn.ops import copy as cp
+
+    cp.KERNELS = "general"
+    try:
+        return fn()
+    finally:
+        cp.KERNELS = "auto"
+
+
+def general_loss(fn: Callable[[], Any]) -> Any:
+    """fn() with loss.py's plain pointwise backward off (loss_pw_bwd_vec, the earlier production)."""
+    from pymetalnn.ops import loss as lo
+
+    lo.KERNELS = "general"
+    try:
+        return fn()
+    finally:
+        lo.KERNELS = "auto"
+
+
+def cast_v1(dev: pm.Device, ctx: dict, to: Any) -> pm.Tensor:
+    """half -> float through copy_flat (8-element chunks per lane, the earlier production); a
+    float input is cast by the production op (the same kernel as prod)."""
+    if ctx["dtype"] != np.float16:
+        return F.cast(ctx["x"], to)
+    from pymetalnn.params import CopyParams
+
+    n = int(np.prod(ctx["shape"]))
+    out = ctx.setdefault("cast_out", pm.empty(ctx["shape"], np.float32, dev))
+    nvec = n // 8
+    p = CopyParams(n=n, rows=1, cols=n, vec=nvec, src_pitch=n, dst_pitch=n, src_off=0, dst_off=0)
+    dev.library("copy.metal").kernel("cast_fwd_tofloat_half_flat_v1")(
+        oc.stream_count(n, 8, nvec), ctx["x"].buffer, out.buffer, p)
+    return out
 
 
 def bn_params(shape: tuple, **kw: Any) -> NormParams:
@@ -439,7 +501,10 @@ def families(dev: pm.Device, torch: Any) -> list[Family]:
         "mse_loss_bwd", _img, lambda c: 2 * (_f32(c["x_np"]) - _f32(c["y_np"])) / c["x_np"].size,
         {"prod": lambda d, c: F.mse_loss_backward(
             c.setdefault("one", pm.tensor(np.ones(1, np.float32), d)), c["x"], c["y"],
-            target_grad=False)[0]},
+            target_grad=False)[0],
+         "v1": lambda d, c: general_loss(lambda: F.mse_loss_backward(
+             c.setdefault("one", pm.tensor(np.ones(1, np.float32), d)), c["x"], c["y"],
+             target_grad=False)[0])},
         (lambda c, t: _t_mse_bwd(T, t)) if T and dev.name == "cuda" else None,
         lambda c: 3 * n_of(c) * isz(c), img_small, img_large))
     fams.append(Family(
@@ -452,7 +517,8 @@ def families(dev: pm.Device, torch: Any) -> list[Family]:
 
     fams.append(Family(
         "cast", _img, lambda c: c["x_np"].astype(cast_other(c)),
-        {"prod": lambda d, c: F.cast(c["x"], cast_other(c))},
+        {"prod": lambda d, c: F.cast(c["x"], cast_other(c)),
+         "v1": lambda d, c: cast_v1(d, c, cast_other(c))},
         (lambda c, t: _t_cast(T, c, t))
         if T and dev.name == "cuda" else None,
         lambda c: n_of(c) * (isz(c) + np.dtype(cast_other(c)).itemsize), img_small, img_large))
@@ -467,7 +533,8 @@ def families(dev: pm.Device, torch: Any) -> list[Family]:
 
     fams.append(Family(
         "concat_c", concat_ctx, lambda c: c["x_np"],
-        {"prod": lambda d, c: F.concat([c["a"], c["b2"]], 1)},
+        {"prod": lambda d, c: F.concat([c["a"], c["b2"]], 1),
+         "v1": lambda d, c: general_copy(lambda: F.concat([c["a"], c["b2"]], 1))},
         (lambda c, t: (lambda: T.cat([t["a"], t["b2"]], 1, out=t["out"]))) if T else None,
         lambda c: 2 * n_of(c) * isz(c), (3, 16, 12, 12), img_large))
     fams.append(Family(
@@ -490,24 +557,29 @@ def families(dev: pm.Device, torch: Any) -> list[Family]:
     fams.append(Family(
         "bias_relu", _img,
         lambda c: np.maximum(_f32(c["x_np"]) + _f32(c["b_np"]), 0).astype(c["dtype"]),
-        {"prod": lambda d, c: F.relu(F.add(c["x"], c["b"])),
+        {"prod": lambda d, c: F.add(c["x"], c["b"], activation="relu"),
+         "v0": lambda d, c: F.relu(F.add(c["x"], c["b"])),
          "v1": lambda d, c: general_arith(lambda: F.relu(F.add(c["x"], c["b"]))),
          "v2": lambda d, c: chan_affine(d, c, relu_code, False, True)},
         (lambda c, t: (lambda: T.relu_(T.add(t["x"], t["b"], out=t["out"])))) if T else None,
         lambda c: 2 * n_of(c) * isz(c), img_small, img_large))
 
-    # per-channel reduction (a bias gradient)
+    # per-channel reduction (a bias gradient); the check shape's rows (3 x 40 x 40 elements) are
+    # long enough for the chunked sums (arith.py MIN_ROW_ELEMS)
+    sum_small = (3, 5, 40, 40)
     fams.append(Family(
         "sum_bias", _img, lambda c: c["x_np"].astype(np.float64).sum((0, 2, 3), keepdims=True),
         {"prod": lambda d, c: F.sum(c["x"], (0, 2, 3), keepdim=True),
+         "v1": lambda d, c: general_arith(lambda: F.sum(c["x"], (0, 2, 3), keepdim=True)),
          "v2": lambda d, c: chan_sum(d, c, "v2"), "v3": lambda d, c: chan_sum(d, c, "v3")},
         (lambda c, t: (lambda: t["x"].sum((0, 2, 3), keepdim=True))) if T else None,
-        lambda c: n_of(c) * isz(c), img_small, img_large))
+        lambda c: n_of(c) * isz(c), sum_small, img_large))
     fams.append(Family(
         "mean_all", _img, lambda c: np.array(c["x_np"].astype(np.float64).mean()),
-        {"prod": lambda d, c: F.mean(c["x"])},
+        {"prod": lambda d, c: F.mean(c["x"]),
+         "v1": lambda d, c: general_arith(lambda: F.mean(c["x"]))},
         (lambda c, t: (lambda: t["x"].mean())) if T else None,
-        lambda c: n_of(c) * isz(c), img_small, img_large))
+        lambda c: n_of(c) * isz(c), sum_small, img_large))
 
     # batch norm
     def t_bn(c: dict, t: dict, training: bool) -> Callable:
@@ -522,7 +594,9 @@ def families(dev: pm.Device, torch: Any) -> list[Family]:
 
     # ResNet stage 1 (HW a multiple of the chunk), InceptionV3 35x35 and 17x17 (odd planes)
     for tag, large in (("", img_large), (" 35x35", (32, 288, 35, 35)), (" 17x17", (32, 768, 17, 17))):
-        small = img_small if not tag else (3, 5, 7, 7)
+        # check shape: 7x7 planes (not whole 16-byte chunks), 8 x 5 planes: a multiple of the
+        # chunk in all, as norm_part_planes needs
+        small = img_small if not tag else (8, 5, 7, 7)
         fams.append(Family(
             "bn_train_fwd" + tag, _bn_ctx, _bn_ref,
             {"prod": lambda d, c: F.batch_norm(c["x"], c["rm"], c["rv"], c["bw"], c["bb"], True),
@@ -530,6 +604,9 @@ def families(dev: pm.Device, torch: Any) -> list[Family]:
                                                                  c["bb"], True)),
              "v1b": lambda d, c: scalar_norm(lambda: F.batch_norm(c["x"], c["rm"], c["rv"],
                                                                   c["bw"], c["bb"], True), "scalar"),
+             "v1c": lambda d, c: scalar_norm(lambda: F.batch_norm(c["x"], c["rm"], c["rv"],
+                                                                  c["bw"], c["bb"], True),
+                                             "vec_welford"),
              **({"v2": lambda d, c: bn_train_fwd_dev(d, c, "v2"),
                  "v3": lambda d, c: bn_train_fwd_dev(d, c, "v3")} if not tag else {})},
             (lambda c, t: t_bn(c, t, True)) if T else None,

@@ -30,11 +30,14 @@
 // deterministic, no atomics. Every sum is accumulated in float whatever the storage type.
 // The reduction loops issue RED_UN steps' loads (8 in the finish kernel) before adding them, in
 // the same order as one at a time: more bytes in flight per thread, the same sums.
+// Sums over whole 16-byte chunks (sum_rows_*: a full sum, a per-channel sum of NCHW) have their
+// own kernels, below.
 #include <metal_stdlib>
 #include "params.h"
 #include "instantiate.h"
 #include "neuron.h"
 #include "stream.h"
+#include "tile_reduce.h"
 using namespace metal;
 
 #define OP_ADD 0
@@ -561,6 +564,84 @@ kernel void reduce_finish(device const float* partial [[buffer(0)]],
     }
 }
 
+// ---- sums over whole 16-byte chunks: a full sum (mean_all) and a per-channel sum of (N, C, HW)
+// (a bias gradient), both as rows of N runs of HW contiguous elements (HW % W == 0, W = 16 /
+// sizeof(T), x 16-byte aligned): row r = channel r, run n at chunk (n C + r) HW / W; a full sum
+// is one row of one run. A threadgroup owns p.chunk elements of a row (split s of p.splits):
+// STREAM_U chunks per thread per step, their loads issued together, one division per chunk
+// (its run), one threadgroup reduction, one float partial per (row, split); sum_rows_finish adds
+// a row's partials in a fixed order (8 loads in flight per thread) and scales by alpha. The plan
+// (arith.py _sum_rows) depends on the shape only: the same sums on every backend and device.
+// reduce_inner's simdgroup per (output, split) read 4 elements per lane per step and, for a full
+// sum, left up to 8192 partials to one simdgroup (latency-bound: 0.57 of the copy bandwidth on an
+// H100); this is the measured chan_sum v3 of kernels/dev/membound.metal (0.96 for the bias sum).
+// ReduceParams: n_out = C (rows), n_red = N HW, inner = HW, splits, chunk (elements), alpha.
+template <typename T>
+[[max_total_threads_per_threadgroup(256)]]
+kernel void sum_rows_part(device const T* x [[buffer(0)]],
+                          device float* part [[buffer(1)]],
+                          constant ReduceParams& p [[buffer(2)]],
+                          uint tid [[thread_position_in_threadgroup]],
+                          uint tg [[threadgroup_position_in_grid]],
+                          uint ntg [[threadgroups_per_grid]],
+                          uint lane [[thread_index_in_simdgroup]],
+                          uint sg [[simdgroup_index_in_threadgroup]]) {
+    threadgroup float scratch[TR_TG];
+    const uint W = 16u / uint(sizeof(T));
+    const uint cpr = p.inner / W;  // chunks per run
+    const uint cps = p.chunk / W;  // chunks per split
+    const uint row_chunks = p.n_red / W;
+    for (uint g = tg; g < p.n_out * p.splits; g += ntg) {
+        const uint row = g / p.splits, s = g - row * p.splits;
+        const uint c0 = s * cps, c1 = min(c0 + cps, row_chunks);
+        float acc = 0.0f;
+        for (uint c = c0 + tid; c < c1; c += STREAM_U * TR_TG) {
+            float v[STREAM_U][16 / sizeof(T)];
+            for (uint u = 0; u < STREAM_U; ++u) {
+                const uint cc = min(c + u * TR_TG, c1 - 1u);
+                const uint n = cc / cpr, h = cc - n * cpr;
+                stream_load<16 / sizeof(T)>(x, (n * p.n_out + row) * cpr + h, v[u]);
+            }
+            for (uint u = 0; u < STREAM_U; ++u) {
+                if (c + u * TR_TG < c1) {
+                    float t = 0.0f;
+                    for (uint e = 0; e < W; ++e) t += v[u][e];
+                    acc += t;
+                }
+            }
+        }
+        acc = tile_reduce(acc, TR_SUM, 1u, TR_TG, lane, sg, scratch);
+        if (tid == 0) part[g] = acc;
+    }
+}
+
+template <typename T>
+[[max_total_threads_per_threadgroup(256)]]
+kernel void sum_rows_finish(device const float* part [[buffer(0)]],
+                            device T* out [[buffer(1)]],
+                            constant ReduceParams& p [[buffer(2)]],
+                            uint tid [[thread_position_in_threadgroup]],
+                            uint tg [[threadgroup_position_in_grid]],
+                            uint ntg [[threadgroups_per_grid]],
+                            uint lane [[thread_index_in_simdgroup]],
+                            uint sg [[simdgroup_index_in_threadgroup]]) {
+    threadgroup float scratch[TR_TG];
+    for (uint r = tg; r < p.n_out; r += ntg) {
+        device const float* q = part + r * p.splits;
+        float acc = 0.0f;
+        for (uint k = tid; k < p.splits; k += 8u * TR_TG) {
+            float v[8];
+            for (uint u = 0; u < 8u; ++u) {
+                const uint i = k + u * TR_TG;
+                v[u] = i < p.splits ? q[i] : 0.0f;
+            }
+            for (uint u = 0; u < 8u; ++u) acc += v[u];
+        }
+        acc = tile_reduce(acc, TR_SUM, 1u, TR_TG, lane, sg, scratch);
+        if (tid == 0) out[r] = T(acc * p.alpha);
+    }
+}
+
 #define instantiate_ew(name, OP, T) \
     INSTANTIATE(name, arith_ew, OP, T)
 #define instantiate_flat(name, OP, T)                                                          \
@@ -604,7 +685,9 @@ kernel void reduce_finish(device const float* partial [[buffer(0)]],
     instantiate_reduce("div_bwd_lhs_inner_" #T, inner, OP_DIV, T)                     \
     instantiate_reduce("div_bwd_rhs_outer_" #T, outer, OP_DIVRHS, T)                  \
     instantiate_reduce("div_bwd_rhs_inner_" #T, inner, OP_DIVRHS, T)                  \
-    INSTANTIATE("sum_fwd_finish_" #T, reduce_finish, T)
+    INSTANTIATE("sum_fwd_finish_" #T, reduce_finish, T)                              \
+    INSTANTIATE("sum_rows_part_" #T, sum_rows_part, T)                                \
+    INSTANTIATE("sum_rows_finish_" #T, sum_rows_finish, T)
 
 instantiate_all(float)
 instantiate_all(half)

@@ -2,7 +2,8 @@
 // NHWC, batch-first <-> time-major) and batched matrix transposes.
 //
 // Everything here moves bytes and computes nothing, so the only goal is copy bandwidth:
-//  - concat8 / split8: a tensor viewed around the axis is a matrix (prod(dims before the axis),
+//  - concat8 / split8 (concat_stream / split_stream where every width is whole 16-byte chunks):
+//    a tensor viewed around the axis is a matrix (prod(dims before the axis),
 //    axis * prod(dims after)); each operand of a concat (piece of a split) is a block of its
 //    columns. Up to 8 operands per launch (buffers are bound one by one: the metal backend has no
 //    views), so an LSTM's 64 time steps take 8 launches, not 64.
@@ -15,7 +16,8 @@
 //    column reads free of bank conflicts), so reads and writes are both coalesced.
 //  - copy_flat: one contiguous run (copy, cast, any block whose pitches equal its width): the
 //    stream.h shape, two coalesced 16-byte chunks per thread (a cast reads / writes 32 bytes of
-//    float per 16 of half), one pass, a scalar tail.
+//    float per 16 of half), one pass, a scalar tail; half -> float (cast_flat_h2f) moves the same
+//    chunks as 4-element quads so that its float stores are dense across the lanes.
 // All but transpose and copy_flat move 16 bytes per thread (4 float, 8 half: raw uint4 words for
 // a same-type copy) whenever the widths, pitches and offsets are multiples of that many elements
 // and the buffers 16-byte aligned; else 4 elements (8 bytes of half) when they are multiples of 4.
@@ -94,6 +96,44 @@ kernel void copy_flat(device const Tin* src [[buffer(0)]],
     }
 }
 
+// half -> float, the same chunks and grid as copy_flat<half, float> (nvec chunks of 8, STREAM_U
+// runs of STREAM_TG chunks per block), but each run is moved as 2 STREAM_TG quads of 4 elements,
+// lane l taking quads l and l + STREAM_TG: 8-byte loads and 16-byte stores at consecutive
+// addresses across the lanes. copy_flat's chunk of 8 per lane wrote two float4 32 bytes apart,
+// every store instruction then covering half of each 32-byte sector (0.78 of the copy bandwidth
+// on an H100, where the float -> half direction, strided loads and dense stores, reached 1.0).
+template <typename T>  // half
+[[max_total_threads_per_threadgroup(256)]]
+kernel void cast_flat_h2f(device const T* src [[buffer(0)]],
+                          device float* dst [[buffer(1)]],
+                          constant CopyParams& p [[buffer(2)]],
+                          uint gid [[thread_position_in_grid]]) {
+    device const uint2* s = (device const uint2*)(src + p.src_off);
+    device float4* d = (device float4*)(dst + p.dst_off);
+    const uint nvec = p.vec, nquad = 2u * p.vec;
+    const uint vthreads = stream_vthreads(nvec);
+    if (gid < vthreads) {
+        const uint lane = gid % STREAM_TG;
+        uint q[2 * STREAM_U];
+        uint2 v[2 * STREAM_U];
+        for (uint u = 0; u < STREAM_U; ++u) {
+            const uint base = 2u * (stream_chunk(gid, u) - lane);  // first quad of the run
+            q[2u * u] = base + lane;
+            q[2u * u + 1u] = base + lane + STREAM_TG;
+        }
+        for (uint j = 0; j < 2u * STREAM_U; ++j) v[j] = s[min(q[j], nquad - 1u)];
+        for (uint j = 0; j < 2u * STREAM_U; ++j) {
+            if (q[j] < nquad) {
+                const half2 lo = as_type<half2>(v[j].x), hi = as_type<half2>(v[j].y);
+                d[q[j]] = float4(float(lo.x), float(lo.y), float(hi.x), float(hi.y));
+            }
+        }
+    } else {
+        const uint i = nvec * 8u + (gid - vthreads);
+        if (i < p.n) dst[p.dst_off + i] = float(src[p.src_off + i]);
+    }
+}
+
 // Up to 8 parts per launch (an LSTM's T steps, a channel concat): the item's part is found by
 // comparing against the parts' first items, then it is a block copy.
 inline uint concat_part(uint item, constant ConcatParams& p) {
@@ -167,6 +207,82 @@ kernel void split8(device const T* src [[buffer(0)]],
     }
 }
 
+// concat / split in the stream.h shape, for groups whose widths, offsets and pitch are whole
+// 16-byte chunks (W = 16 / sizeof(T) elements) and buffers 16-byte aligned: the group's columns
+// of the joined matrix are rows x span chunks, chunk ch = (r, c) with one division per chunk;
+// part i owns the chunk columns [start[i], start[i] + cols[i] / W); STREAM_U chunks per thread,
+// their loads issued before any store, one pass (no grid-stride loop). Host: p.n = rows * span,
+// p.vec = W. concat8 / split8 spent a division per 16 bytes too, but looped over a grid capped
+// at GRID_CAP threads with one 16-byte load in flight per thread (0.31 of the copy bandwidth on
+// an H100 for a channel concat of two 32x128x56x56 float tensors).
+struct ConcatChunk {
+    uint part;
+    uint part_chunk;   // chunk index in the part's (rows, cols[i]) matrix
+    uint whole_chunk;  // chunk index in the joined (rows, pitch) matrix
+};
+
+template <typename T>
+inline ConcatChunk concat_chunk(uint ch, constant ConcatParams& p) {
+    const uint W = 16u / uint(sizeof(T));
+    const uint span = p.start[p.parts - 1u] + p.cols[p.parts - 1u] / W;
+    const uint r = ch / span, c = ch - r * span;
+    uint i = 0;
+    for (uint j = 1; j < p.parts; ++j) i = c >= p.start[j] ? j : i;
+    const uint local = c - p.start[i];
+    ConcatChunk k;
+    k.part = i;
+    k.part_chunk = r * (p.cols[i] / W) + local;
+    k.whole_chunk = (r * p.pitch + p.off[i]) / W + local;
+    return k;
+}
+
+template <typename T>
+[[max_total_threads_per_threadgroup(256)]]
+kernel void concat_stream(device const T* s0 [[buffer(0)]], device const T* s1 [[buffer(1)]],
+                          device const T* s2 [[buffer(2)]], device const T* s3 [[buffer(3)]],
+                          device const T* s4 [[buffer(4)]], device const T* s5 [[buffer(5)]],
+                          device const T* s6 [[buffer(6)]], device const T* s7 [[buffer(7)]],
+                          device T* dst [[buffer(8)]],
+                          constant ConcatParams& p [[buffer(9)]],
+                          uint gid [[thread_position_in_grid]]) {
+    const uint nvec = p.n;
+    if (gid >= stream_vthreads(nvec)) return;
+    uint4 v[STREAM_U];
+    uint to[STREAM_U];
+    for (uint u = 0; u < STREAM_U; ++u) {
+        const ConcatChunk k = concat_chunk<T>(stream_clamp(stream_chunk(gid, u), nvec), p);
+        v[u] = ((device const uint4*)pick8(k.part, s0, s1, s2, s3, s4, s5, s6, s7))[k.part_chunk];
+        to[u] = k.whole_chunk;
+    }
+    for (uint u = 0; u < STREAM_U; ++u) {
+        if (stream_chunk(gid, u) < nvec) ((device uint4*)dst)[to[u]] = v[u];
+    }
+}
+
+template <typename T>
+[[max_total_threads_per_threadgroup(256)]]
+kernel void split_stream(device const T* src [[buffer(0)]],
+                         device T* d0 [[buffer(1)]], device T* d1 [[buffer(2)]],
+                         device T* d2 [[buffer(3)]], device T* d3 [[buffer(4)]],
+                         device T* d4 [[buffer(5)]], device T* d5 [[buffer(6)]],
+                         device T* d6 [[buffer(7)]], device T* d7 [[buffer(8)]],
+                         constant ConcatParams& p [[buffer(9)]],
+                         uint gid [[thread_position_in_grid]]) {
+    const uint nvec = p.n;
+    if (gid >= stream_vthreads(nvec)) return;
+    uint4 v[STREAM_U];
+    ConcatChunk k[STREAM_U];
+    for (uint u = 0; u < STREAM_U; ++u) {
+        k[u] = concat_chunk<T>(stream_clamp(stream_chunk(gid, u), nvec), p);
+        v[u] = ((device const uint4*)src)[k[u].whole_chunk];
+    }
+    for (uint u = 0; u < STREAM_U; ++u) {
+        if (stream_chunk(gid, u) < nvec) {
+            ((device uint4*)pick8w(k[u].part, d0, d1, d2, d3, d4, d5, d6, d7))[k[u].part_chunk] = v[u];
+        }
+    }
+}
+
 template <typename T>
 kernel void permute_gather(device const T* x [[buffer(0)]],
                            device T* out [[buffer(1)]],
@@ -237,10 +353,15 @@ kernel void transpose_tiled(device const T* x [[buffer(0)]],
     INSTANTIATE("permute_fwd_" #T, permute_gather, T)                                       \
     INSTANTIATE("transpose_fwd_" #T, transpose_tiled, T)                                    \
     INSTANTIATE("concat_fwd_" #T, concat8, T)                                               \
-    INSTANTIATE("split_fwd_" #T, split8, T)
+    INSTANTIATE("split_fwd_" #T, split8, T)                                                 \
+    INSTANTIATE("concat_stream_fwd_" #T, concat_stream, T)                                  \
+    INSTANTIATE("split_stream_fwd_" #T, split_stream, T)
 
 instantiate_move(float)
 instantiate_move(half)
 instantiate_move(int)
 instantiate_copy("cast_fwd_tohalf_float", float, half)
-instantiate_copy("cast_fwd_tofloat_half", half, float)
+INSTANTIATE("cast_fwd_tofloat_half", copy_block, half, float)
+INSTANTIATE("cast_fwd_tofloat_half_flat", cast_flat_h2f, half)
+// the earlier production of the flat half -> float cast (benchmarks/dev_membound.py cast v1)
+INSTANTIATE("cast_fwd_tofloat_half_flat_v1", copy_flat, half, float)

@@ -214,6 +214,10 @@ SUMS = [
     # vector (4-wide) paths: kept innermost dim % 4 == 0 (outer), reduced one (inner, rows
     # shorter than a simdgroup's stride, splits)
     ((4100, 8), 0), ((5, 12), 0), ((2, 3, 32), (0, 2)), ((64, 40), None), ((5, 3, 20), (0, 2)),
+    # chunked sums (sum_rows_*: rows of >= 4096 elements in whole 16-byte chunks): per channel
+    # of NCHW, batch 1 ([C, HW]), a full sum, several splits with a partial last one
+    ((5, 3, 50, 48), (0, 2, 3)), ((1, 6, 72, 72), (0, 2, 3)), ((3, 7, 40, 40), None),
+    ((4, 2, 2, 2048), (0, 2, 3)), ((3, 4104), 1),
 ]
 
 

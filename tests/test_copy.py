@@ -39,6 +39,8 @@ CONCATS = [
     ([(7,), (9,)], 0),
     ([(2, k, 2, 2) for k in range(1, 12)], 1),  # > 8 parts: two launches, vector path
     ([(3, k) for k in range(1, 11)], 1),  # odd widths: scalar path
+    # whole 16-byte chunks in float16 too (concat_stream / split_stream), 3 rows
+    ([(3, 2, 4, 4), (3, 6, 4, 4), (3, 1, 4, 4), (3, 4, 4, 4)], 1),
 ]
 
 

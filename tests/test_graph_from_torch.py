@@ -22,6 +22,17 @@ def _close(a, b, tol, what):
     np.testing.assert_allclose(a, b, rtol=tol, atol=tol * max(1.0, float(np.abs(b).max())), err_msg=what)
 
 
+def _close_state(tg, module, tol, what):
+    """The graph's state_dict against the torch module's: every entry within tol, the batch
+    norms' num_batches_tracked exactly."""
+    sd = tg.state_dict()
+    for k, v in module.state_dict().items():
+        if k.endswith("num_batches_tracked"):
+            assert int(sd[k]) == int(v), k
+        else:
+            _close(sd[k], v, tol, f"{what}: {k}")
+
+
 def test_tiny_resnet_trains_like_torch(dev):
     torch.manual_seed(0)
     net = tiny_resnet()
@@ -110,12 +121,7 @@ def _train_like_torch(net, X, Y, dev, lr, what, steps=3, tol=1e-3, labels_per_sa
         for k, p in net.named_parameters():
             _close(grads[k], p.grad, tol, f"{what} step {step} grad {k}")
         opt.step()
-    sd = tg.state_dict()
-    for k, v in net.state_dict().items():
-        if k.endswith("num_batches_tracked"):
-            assert int(sd[k]) == int(v), k
-        else:
-            _close(sd[k], v, tol, f"{what} {k} after {steps} steps")
+    _close_state(tg, net, tol, f"{what} after {steps} steps")
     return tg
 
 
@@ -290,12 +296,7 @@ def _train_like_float64_on_graph_masks(net, X, Y, dev, lr, what, steps=3, tol=1e
         for k, p in ref.named_parameters():
             _close(grads[k], p.grad, tol, f"{what} step {step} grad {k}")
         opt.step()
-    sd = tg.state_dict()
-    for k, v in ref.state_dict().items():
-        if k.endswith("num_batches_tracked"):
-            assert int(sd[k]) == int(v), k
-        else:
-            _close(sd[k], v, tol, f"{what} {k} after {steps} steps")
+    _close_state(tg, ref, tol, f"{what} after {steps} steps")
 
 
 @pytest.mark.parametrize("seed", [5, 0])

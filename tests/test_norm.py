@@ -18,7 +18,9 @@ from pymetalnn import functional as F
 from pymetalnn.ops import norm as ops
 
 BN_SHAPES = [(2, 3), (5, 33), (70, 5), (1, 32, 5, 7), (3, 31, 4, 9), (2, 33, 3, 3), (4, 5, 40),
-             (4, 3, 10, 10), (7, 1, 2, 3)]
+             (4, 3, 10, 10), (7, 1, 2, 3),
+             # planes that are not whole 16-byte chunks, short enough for norm_part_planes
+             (8, 3, 17, 17), (2, 4, 7, 7)]
 
 
 def _tol(dtype, scale=1.0, offset=0.0, w=None):
@@ -31,7 +33,23 @@ def _tol(dtype, scale=1.0, offset=0.0, w=None):
     return dict(rtol=2e-5, atol=2e-5 * scale + extra)
 
 
-def test_plans_cover_both_modes():
+@pytest.fixture(params=["device", "gpu"])
+def tiling(request, dev, monkeypatch):
+    """The statistics tiling of the device; on cpu also a GPU's (ops._target: ~1024 groups of
+    few elements per thread; layer norm's lanes per row up to 256), so that the multi-chunk
+    merges and multi-simdgroup rows of the shapes below run there too (the cpu's own tiling
+    keeps them in one chunk, one simdgroup per row)."""
+    if request.param == "gpu":
+        if dev.name != "cpu":
+            pytest.skip("the device's own tiling is a GPU's")
+        monkeypatch.setattr(ops, "_target", lambda d: (ops.TARGET_GROUPS, 16))
+        monkeypatch.setattr(ops, "CPU_LN_SW", 0)  # layer norm: up to 256 lanes per row
+    return request.param
+
+
+def test_plans_cover_both_modes(monkeypatch):
+    """BN_SHAPES reach multi-chunk partials in both modes under a GPU's tiling."""
+    monkeypatch.setattr(ops, "_target", lambda d: (ops.TARGET_GROUPS, 16))
     modes = set()
     chunks = set()
     for s in BN_SHAPES:
@@ -44,7 +62,7 @@ def test_plans_cover_both_modes():
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float16])
-def test_batch_norm_train(dev, dtype):
+def test_batch_norm_train(dev, dtype, tiling):
     for k, shape in enumerate(BN_SHAPES):
         c = shape[1]
         # a large mean next to the spread, in float32 only (half cannot hold it precisely)
@@ -127,7 +145,7 @@ GN_CASES = [((2, 6, 5, 5), 1), ((2, 6, 5, 5), 2), ((2, 6, 5, 5), 6), ((1, 32, 3,
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float16])
-def test_group_norm(dev, dtype):
+def test_group_norm(dev, dtype, tiling):
     for k, (shape, groups) in enumerate(GN_CASES):
         c = shape[1]
         off = 300.0 if dtype == np.float32 and k % 2 else 0.0
@@ -319,7 +337,7 @@ LN_CASES = [((4, 7), (7,)), ((2, 3, 300), (300,)), ((2, 3, 4, 5), (4, 5)), ((5,)
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float16])
 @pytest.mark.parametrize("affine", [True, False])
-def test_layer_norm(dev, dtype, affine):
+def test_layer_norm(dev, dtype, affine, tiling):
     """Forward and gradients against the float64 reference (its gradients checked by finite
     differences below), rows of 1 to 1025 elements, large offsets (mean >> spread)."""
     for k, (shape, ns) in enumerate(LN_CASES):
@@ -473,13 +491,14 @@ def test_norm_apply_chunks_match_scalar(dev, dtype):
 @pytest.mark.parametrize("dtype", [np.float32, np.float16])
 def test_norm_stats_chunks(dev, dtype):
     """Training statistics from the 16-byte-chunk partials (aligned input, HW a multiple of the
-    chunk) and from the scalar ones (a misaligned view) both match float64, data offset far from
-    zero included (the chunk Welford merge keeps the variance)."""
+    chunk; per plane, masked, for 17x17) and from the scalar ones (a misaligned view) both match
+    float64, data offset far from zero included (the chunk Welford merge keeps the variance)."""
     if not dev.supports_views:
         pytest.skip(f"{dev.name} binds whole buffers only")
     isz = np.dtype(dtype).itemsize
     for k, (shape, off) in enumerate([((4, 3, 8, 8), 0.0), ((3, 5, 4, 16), 50.0),
-                                      ((2, 33, 16), 0.0), ((40, 2, 8, 8), 0.0)]):
+                                      ((2, 33, 16), 0.0), ((40, 2, 8, 8), 0.0),
+                                      ((8, 3, 17, 17), 50.0)]):
         c = shape[1]
         x = _data(shape, dtype, 40 + k, offset=off)
         w, b = _params(c, 50 + k)

@@ -40,6 +40,19 @@ CASES = [
     ((2, 1032), -1),
     ((2, 2048), 1),
 ]
+
+
+@pytest.fixture(params=["device", "gpu"])
+def tiling(request, dev, monkeypatch):
+    """The device's tile plans; on cpu also a GPU's (several slices of a tile's column: the
+    slice reductions run there too; the cpu's own plans use one simdgroup of lanes per tile)."""
+    if request.param == "gpu":
+        if dev.name != "cpu":
+            pytest.skip("the device's own plans are a GPU's")
+        monkeypatch.setattr(ops, "CPU_ONE_SLICE", False)
+    return request.param
+
+
 # backward: the reference builds each position's full Jacobian, so 5000 classes are left to the
 # forward; 2100 classes still overflow the cache of the backward (two cached arrays)
 BWD_CASES = [(s, d) for s, d in CASES if s[d] <= 2100] + [((2, 2100), 1)]
@@ -91,7 +104,7 @@ def _data(shape, dtype, seed, scale=3.0):
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float16])
 @pytest.mark.parametrize("log", [False, True])
-def test_forward(dev, log, dtype):
+def test_forward(dev, log, dtype, tiling):
     for k, (shape, dim) in enumerate(CASES):
         x = _data(shape, dtype, k)
         fn, rf = (F.log_softmax, ref.log_softmax) if log else (F.softmax, ref.softmax)
@@ -108,7 +121,7 @@ def test_forward(dev, log, dtype):
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float16])
 @pytest.mark.parametrize("log", [False, True])
-def test_backward(dev, log, dtype):
+def test_backward(dev, log, dtype, tiling):
     for k, (shape, dim) in enumerate(BWD_CASES):
         x = _data(shape, dtype, 100 + k)
         dy = _data(shape, dtype, 200 + k, scale=1.0)

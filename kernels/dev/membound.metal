@@ -9,12 +9,14 @@
 //     v2  16-byte loads (4 float / 8 half), one chunk's mean and M2 from registers, then one
 //         Chan merge per chunk (one division per 4 or 8 elements); same partial layout as v1, so
 //         norm_finalize reads it. Needs HW % W == 0 (a chunk never straddles two images).
-//     v3  v2 with two chunks in flight per thread per iteration
+//     v3  v2 with two chunks in flight per thread per iteration (the sum: promoted as
+//         arith.metal sum_rows_part / sum_rows_finish, float partials, for full sums too)
 //   channel broadcast  y = act(x * w[c] (+ b[c]))  (mul_bias; a conv's bias + activation)
 //     v1  arith.metal arith_ew: the generic broadcast walk, ndim - 1 divisions per 4 outputs,
 //         8-byte half loads
 //     v2  the stream.h chunk layout: one division per 16-byte chunk for its channel, STREAM_U
-//         chunks per thread, bias and activation fused in the same pass
+//         chunks per thread, bias and activation fused in the same pass (arith_chan has the
+//         same layout and fuses the activation: F.add(x, b, activation=) is the production form)
 //   avg_pool2d forward, 3x3 windows at stride 1 (InceptionV3's 3x3 / 1 / pad 1 pooling)
 //     v1  pool.metal avg_pool2d_fwd: one thread per output, 9 loads and the window's divisor
 //     v2  a thread owns a strip of AP_ROWS outputs of one column: each of the AP_ROWS + 2 input

@@ -24,6 +24,8 @@ from ..tensor import Tensor, TensorLike, tensor
 from ._common import (
     FLOATS,
     MAX_ELEMS_U32,
+    MAX_GROUPS,
+    STREAM_TG,
     kernel,
     out_like,
     pick_device,
@@ -38,8 +40,9 @@ from ._common import (
 from .neuron import activation_code
 
 SOURCE = "arith.metal"
-# "auto": the channel path (arith_chan) where it applies; "general": arith_ew there instead (the
-# earlier production, for benchmarks/dev_membound.py's comparison)
+# "auto": the channel path (arith_chan) and the chunked sums (sum_rows_*) where they apply;
+# "general": arith_ew and reduce_inner / reduce_outer there instead (the earlier production, for
+# benchmarks/dev_membound.py's comparison)
 KERNELS = "auto"
 GRID_CAP = 1 << 22         # threads per launch; kernels loop (grid-stride) past it
 # Reductions split the reduced range until there is enough memory traffic in flight to cover the
@@ -49,6 +52,11 @@ INNER_SIMDGROUPS = 1 << 13
 MIN_CHUNK = 256
 MAX_SPLITS = 8192
 INNER_MIN = 16             # innermost reduced run from which the simdgroup kernel pays off
+# sum_rows_* (full sums, per-channel sums of NCHW): rows of at least this many elements (shorter
+# rows leave a 256-thread group most idle: reduce_inner's simdgroup per row then), and at least
+# this many threadgroups before a thread takes fewer than 4 chunks
+MIN_ROW_ELEMS = 4096
+SUM_ROWS_GROUPS = 1024
 
 Operand = Union[Tensor, np.ndarray, float, int]
 Dims = Union[int, Sequence[int], None]
@@ -243,6 +251,8 @@ def _reduce(name: str, in_shape: tuple[int, ...], target: tuple[int, ...], xs: S
     n_red = math.prod(d[0] for d in red)
     if n_red == 0:  # an empty sum: 0 (alpha * 0, so a mean's nan), and no 0-size dims in kernels
         return tensor(np.full(target, 0.0 * alpha, dtype=dt), dev).reshape(target)
+    if name == "sum_fwd" and KERNELS == "auto" and _sum_rows(dims, xs[0], out, alpha):
+        return out
     inner = bool(dims) and dims[-1][1] and dims[-1][0] >= INNER_MIN
     rdims = red[:-1] if inner else red
     if len(kept) > MAXD or len(rdims) > MAXD:
@@ -282,6 +292,53 @@ def _reduce(name: str, in_shape: tuple[int, ...], target: tuple[int, ...], xs: S
     if splits > 1:
         kernel(dev, SOURCE, f"sum_fwd_finish_{sfx}")(min(32 * n_out, GRID_CAP), partial, out.buffer, p)
     return out
+
+
+def _sum_rows(dims: list, x: Tensor, out: Tensor, alpha: float) -> bool:
+    """sum_rows_part / sum_rows_finish (kernels/arith.metal) for a full sum of x, or the
+    per-channel sum of an (N, C, HW) layout (merged dims [HW], [C, HW] or [N, C, HW] with HW
+    reduced, C kept), HW a whole number of 16-byte chunks and x 16-byte aligned, at least
+    MIN_ROW_ELEMS per row. The plan depends on the shape only. False where it does not apply."""
+    if not dims or not all(st[0] == st_full for (_, _, st), st_full in
+                           zip(dims, _contiguous_strides([d[0] for d in dims]))):
+        return False
+    flags = [f for _, f, _ in dims]
+    if flags == [True]:
+        n, c, hw = 1, 1, dims[0][0]
+    elif flags == [False, True]:
+        n, c, hw = 1, dims[0][0], dims[1][0]
+    elif flags == [True, False, True]:
+        n, c, hw = dims[0][0], dims[1][0], dims[2][0]
+    else:
+        return False
+    w = stream_chunk(x.dtype.itemsize)
+    row = n * hw
+    if hw % w or x.buffer.offset % 16 or row < MIN_ROW_ELEMS:
+        return False
+    # chunks per thread: 4 (64 bytes; 8 for a full sum, whose partials one threadgroup adds up:
+    # half as many), halved while fewer than SUM_ROWS_GROUPS threadgroups
+    q = 8 if c == 1 else 4
+    while q > 1 and c * -(-row // (STREAM_TG * q * w)) < SUM_ROWS_GROUPS:
+        q //= 2
+    chunk = STREAM_TG * q * w
+    splits = -(-row // chunk)
+    p = ReduceParams(n_out=c, n_red=row, inner=hw, splits=splits, chunk=chunk, alpha=float(alpha),
+                     vec=w)
+    dev, sfx = x.device, suffix(x.dtype)
+    part = out_like((c * splits,), np.float32, dev)
+    groups = min(c * splits, MAX_GROUPS)
+    kernel(dev, SOURCE, f"sum_rows_part_{sfx}")(groups * STREAM_TG, x.buffer, part.buffer, p)
+    kernel(dev, SOURCE, f"sum_rows_finish_{sfx}")(min(c, MAX_GROUPS) * STREAM_TG, part.buffer,
+                                                 out.buffer, p)
+    return True
+
+
+def _contiguous_strides(sizes: list[int]) -> list[int]:
+    out, s = [], 1
+    for n in reversed(sizes):
+        out.append(s)
+        s *= n
+    return out[::-1]
 
 
 # ---- binary ops -------------------------------------------------------------------------------

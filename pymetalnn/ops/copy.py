@@ -28,11 +28,13 @@ from ..runtime import Device
 from ..runtime.core import MAX_GRID_THREADS
 from ..tensor import Tensor, TensorLike
 from ._common import (
+    MAX_ELEMS_U32,
     kernel,
     out_like,
     pick_device,
     stream_chunk,
     stream_count,
+    stream_vthreads,
     suffix,
     tensor_arg_u32,
     vec4_aligned,
@@ -42,6 +44,9 @@ from .arith import GRID_CAP, merge_dims
 SOURCE = "copy.metal"
 MOVABLE = (np.float32, np.float16, np.int32)
 SplitArg = Union[int, Sequence[int]]
+# "auto": concat / split groups of whole 16-byte chunks through concat_stream / split_stream;
+# "general": concat8 / split8 there too (the earlier production, for benchmarks/dev_membound.py)
+KERNELS = "auto"
 
 
 # ---- helpers ----------------------------------------------------------------------------------
@@ -126,8 +131,11 @@ def _parts(op: str, whole: Tensor, rows: int, pitch: int, parts: list[tuple[Tens
     parts = [pt for pt in parts if pt[1] and rows]
     for g in range(0, len(parts), 8):
         group = parts[g: g + 8]
+        wide = 16 // whole.dtype.itemsize
         vec = _vec((pitch, *(c for _, c, _ in group), *(o for _, _, o in group)),
-                   (whole, *(t for t, _, _ in group)), 16 // whole.dtype.itemsize)
+                   (whole, *(t for t, _, _ in group)), wide)
+        if vec == wide and KERNELS == "auto" and _parts_stream(op, whole, rows, pitch, group):
+            continue
         p = ConcatParams(parts=len(group), rows=rows, vec=vec, pitch=pitch)
         n = 0
         for i, (_, c, o) in enumerate(group):
@@ -141,6 +149,30 @@ def _parts(op: str, whole: Tensor, rows: int, pitch: int, parts: list[tuple[Tens
             k(min(n, GRID_CAP), *bufs, whole.buffer, p)
         else:
             k(min(n, GRID_CAP), whole.buffer, *bufs, p)
+
+
+def _parts_stream(op: str, whole: Tensor, rows: int, pitch: int,
+                  group: list[tuple[Tensor, int, int]]) -> bool:
+    """concat_stream / split_stream (stream.h shape) for one group of consecutive parts whose
+    widths, offsets and pitch are whole 16-byte chunks; False where the grid would be too wide."""
+    w = 16 // whole.dtype.itemsize
+    p = ConcatParams(parts=len(group), rows=rows, vec=w, pitch=pitch)
+    span = 0
+    for i, (_, c, o) in enumerate(group):
+        p.start[i], p.cols[i], p.off[i] = span, c, o
+        span += c // w
+    p.n = rows * span
+    count = stream_vthreads(p.n)
+    if count > MAX_GRID_THREADS or rows * pitch > MAX_ELEMS_U32:
+        return False
+    bufs = [t.buffer for t, _, _ in group]
+    bufs += [bufs[0]] * (8 - len(bufs))
+    k = kernel(whole.device, SOURCE, f"{op}_stream_fwd_{suffix(whole.dtype)}")
+    if op == "concat":
+        k(count, *bufs, whole.buffer, p)
+    else:
+        k(count, whole.buffer, *bufs, p)
+    return True
 
 
 def _around(shape: tuple[int, ...], d: int) -> tuple[int, int]:

@@ -89,6 +89,9 @@ from ._common import (
 from .softmax import TG, row_plan, tile_groups, tile_plan
 
 SOURCE = "loss.metal"
+# "auto": unweighted pointwise backwards with a scalar gradient through loss_pw_bwd_plain;
+# "general": loss_pw_bwd_vec there too (the earlier production, for benchmarks/dev_membound.py)
+KERNELS = "auto"
 REDUCTIONS = ("none", "per_sample", "sum", "mean", "sum_by_nonzero_weights")
 _MODE = {k: CONST[f"LOSS_MODE_{m}"] for k, m in (  # LossReduceParams.mode per reduction
     ("sum", "SUM"), ("mean", "MEAN"), ("sum_by_nonzero_weights", "NONZERO"), ("batchmean", "DENOM"),
@@ -420,7 +423,10 @@ def _pointwise_backward(stem: str, grad: Any, input: Any, target: Any, sample_we
     if p.M >= wch and all(v.buffer.offset % 16 == 0 for v in per_elem):
         nvec = x.size // wch
         p.reduce = nvec  # the vector kernel's chunk count
-        name, count = f"{stem}_bwd_vec_{suffix(x.dtype)}", stream_count(x.size, wch, nvec)
+        # no weights and one scalar gradient: the plain kernel (no per-element branches)
+        plain = w is None and pw is None and gmode == G_SCALAR and KERNELS == "auto"
+        name = f"{stem}_bwd_{'plain' if plain else 'vec'}_{suffix(x.dtype)}"
+        count = stream_count(x.size, wch, nvec)
     else:
         name, count = f"{stem}_bwd_{suffix(x.dtype)}", min(cdiv(x.size, TG), MAX_GROUPS) * TG
     kernel(dev, SOURCE, name)(
@@ -461,7 +467,7 @@ def _class_forward(stem: str, input: Any, target: Any, sample_weight: Any, reduc
     cw = _class_weight(weight, dev, x.shape[1])
     # softmax cross-entropy on (N, C) logits with labels: the row kernels where they apply
     rq = row_plan(n, x.shape[1], m, x.dtype, x) if stem == "cross_entropy" and labels else None
-    q = rq or tile_plan(n, x.shape[1], m, cache_arrays=cache)
+    q = rq or tile_plan(n, x.shape[1], m, cache_arrays=cache, dev=x.device)
     p = LossParams(N=n, M=m, has_weight=int(w is not None),
                    ignore_index=int(ignore_index) if labels else 0, smoothing=smoothing, a=a,
                    has_class_weight=int(cw is not None))
@@ -517,7 +523,7 @@ def _class_backward(stem: str, grad: Any, input: Any, target: Any, sample_weight
     dx = empty(x.shape, x.dtype, dev)
     rq = row_plan(n, x.shape[1], m, x.dtype, x, dx) if stem == "cross_entropy" and labels \
         else None
-    q = rq or tile_plan(n, x.shape[1], m, cache_arrays=cache)
+    q = rq or tile_plan(n, x.shape[1], m, cache_arrays=cache, dev=x.device)
     p = LossParams(N=n, M=m, gmode=gmode, has_weight=int(w is not None),
                    ignore_index=int(ignore_index) if labels else 0, smoothing=smoothing, a=a,
                    has_class_weight=int(cw is not None), target_grad=int(tgrad))

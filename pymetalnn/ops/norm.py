@@ -11,8 +11,9 @@ group's channels and positions; instance norm: group norm with one channel per g
 Design: statistics are Welford partials per threadgroup merged per row (norm.metal's note), then
 every element is one multiply-add with per-plane coefficients; the host only chooses the tiling
 (`_row_plan`, `_col_plan`) so that at least ~1024 threadgroups make partials when the tensor
-allows. Inputs are float32 or float16; weight, bias and running statistics float32 (as PyTorch's
-mixed-precision batch norm keeps them).
+allows (on the cpu backend a few per worker thread: `_target`). Inputs are float32 or float16;
+weight, bias and running statistics float32 (as PyTorch's mixed-precision batch norm keeps
+them).
 
 Backward functions follow the functional convention (the gradients of the forward's tensor
 arguments, in order, None for running statistics and absent weight/bias). The batch statistics of
@@ -58,11 +59,29 @@ from .softmax import TG, check_size, tile_groups, tile_plan
 SOURCE = "norm.metal"
 MAX_ELEMENTS = 2**32 - 1
 TARGET_GROUPS = 1024  # partial-making threadgroups to aim for (fills a large GPU)
+# The cpu backend runs a threadgroup's 256 threads as work-item loops and pays each group's
+# reduction tail (barriers, SIMD-group reductions, the finalize over its partials) in full: there
+# ~1024 groups of a few elements per thread cost more than the elements (batch norm training
+# forward on 8x64x28x28, one worker: 171 ms at 1024 groups, 14 ms at 16). So on cpu: a few
+# groups per worker thread and up to CPU_ITEMS elements per thread (`_target`).
+CPU_GROUPS_PER_WORKER = 4
+CPU_ITEMS = 64
+# Layer norm's lanes per row (SW): on a GPU ~4 elements per thread, up to 256 lanes; on the cpu
+# backend one simdgroup per row (fewer threadgroups, each paying its reduction tail as work-item
+# loops: 256x1000 forward 8.7 -> 2.0 ms, backward 13 -> 3.0 ms on one worker). 0: the GPU rule.
+CPU_LN_SW = 32
 COLUMN_MODE_HW = 32   # batch norm with fewer positions per plane reads columns
+# norm_part_planes (batch norm forward statistics, HW not a multiple of the 16-byte chunk): planes
+# of fewer than this many chunks, which one step of PLANE_U chunks per lane covers; longer planes
+# (35x35) keep norm_part's threadgroup chunks
+PLANES_MAX_CHUNKS = 126
 # Kernel choice, for benchmarks/dev_membound.py's comparisons: "auto" (the 16-byte-chunk
-# kernels norm_part_vec / norm_apply_vec where the layout allows, else the scalar ones), "scalar"
+# kernels norm_part_vec / norm_apply_vec where the layout allows, norm_part_planes for the
+# forward statistics of short planes that are not whole chunks, else the scalar ones), "scalar"
 # (the scalar kernels everywhere), "scalar_u1" (the scalar kernels with the statistics loop of
-# one element per step, the earlier production).
+# one element per step, the earlier production), "vec_welford" (the production before the
+# shifted sums and norm_part_planes: norm_part_vec's forward statistics as a Welford block per
+# chunk, the scalar norm_part for planes that are not whole chunks).
 KERNELS = "auto"
 
 # ---- validation ------------------------------------------------------------------------------
@@ -175,10 +194,22 @@ def _saved(mean: Any, invstd: Any, dev: Device, shape: tuple[int, ...],
 
 # ---- plans -----------------------------------------------------------------------------------
 
-def _items(blocks_for: Any, start: int = 16, floor: int = 1) -> int:
-    """Elements per thread: as many as keep >= TARGET_GROUPS threadgroups (at least `floor`)."""
+def _target(dev: Device | None) -> tuple[int, int]:
+    """(threadgroups to aim for, most elements per thread) of the partial-making kernels on
+    `dev` (None: a GPU's)."""
+    if dev is not None and dev.name == "cpu":
+        return CPU_GROUPS_PER_WORKER * max(1, getattr(dev, "num_workers", 1)), CPU_ITEMS
+    return TARGET_GROUPS, 16
+
+
+def _items(blocks_for: Any, dev: Device | None, start: int = 16, floor: int = 1) -> int:
+    """Elements per thread: as many as keep >= _target(dev)'s threadgroups (at least `floor`;
+    from max(start, its most elements per thread), a power of two times start)."""
+    target, most = _target(dev)
     items = start
-    while items > floor and blocks_for(items) < TARGET_GROUPS:
+    while items < most:
+        items *= 2
+    while items > floor and blocks_for(items) < target:
         items //= 2
     return items
 
@@ -188,20 +219,20 @@ def _geometry(x: Tensor) -> tuple[int, int, int]:
     return n, c, x.size // (n * c)
 
 
-def _row_plan(p: NormParams) -> None:
+def _row_plan(p: NormParams, dev: Device | None = None) -> None:
     """Row mode: chunks of each statistics row (fills chunk, chunks, parts)."""
-    items = _items(lambda it: p.rows * -(-p.row_len // (TG * it)))
+    items = _items(lambda it: p.rows * -(-p.row_len // (TG * it)), dev)
     p.chunk = TG * items
     p.chunks = -(-p.row_len // p.chunk)
     p.parts = p.chunks
     p.cols = 0
 
 
-def _col_plan(p: NormParams) -> None:
+def _col_plan(p: NormParams, dev: Device | None = None) -> None:
     """Column mode (batch norm, HW < 32): 32 columns x 8 sample slices per threadgroup."""
     cblocks = -(-p.cols // 32)
     # >= 64 samples per chunk keeps the 16-byte partials under 1/16 of the bytes read
-    items = _items(lambda it: cblocks * -(-p.N // (8 * it)), start=32, floor=8)
+    items = _items(lambda it: cblocks * -(-p.N // (8 * it)), dev, start=32, floor=8)
     p.col_rows = 8 * items
     p.col_chunks = -(-p.N // p.col_rows)
     p.parts = p.col_chunks * p.HW
@@ -215,9 +246,9 @@ def _bn_params(x: Tensor, eps: float, momentum: float, training: bool, has_w: bo
                    has_running=int(has_running), training=int(training), eps=eps, momentum=momentum)
     if hw < COLUMN_MODE_HW:
         p.cols = c * hw
-        _col_plan(p)
+        _col_plan(p, x.device)
     else:
-        _row_plan(p)
+        _row_plan(p, x.device)
     return p
 
 
@@ -227,7 +258,7 @@ def _gn_params(x: Tensor, groups: int, eps: float, has_w: bool, has_b: bool) -> 
     p = NormParams(N=n, C=c, HW=hw, G=groups, rows=n * groups, row_len=L, inner_len=L,
                    outer_stride=0, row_stride=L, planes=n * c, total=x.size, has_weight=int(has_w),
                    has_bias=int(has_b), eps=eps)
-    _row_plan(p)
+    _row_plan(p, x.device)
     return p
 
 
@@ -237,7 +268,8 @@ def _partials(dev: Device, p: NormParams, x: Tensor, dy: Tensor | None, mean: Te
               fwd: tuple[Tensor, Tensor | None, Tensor | None] | None = None) -> Tensor:
     """norm_stats_{fwd,bwd}[_cols][_act]: Welford partials of x, or (sum g, sum g (x - mean))
     with g = dy, or g = act'(z) dy when p.act and fwd = (invstd, weight, bias) give the forward's
-    pre-activation z (batch norm's fused activation)."""
+    pre-activation z (batch norm's fused activation). Sets p.chunks = p.parts = N where it picks
+    norm_part_planes (one partial per plane, the finalize's layout)."""
     bwd = dy is not None
     act = "_act" if bwd and p.act else ""
     if p.cols:
@@ -249,9 +281,20 @@ def _partials(dev: Device, p: NormParams, x: Tensor, dy: Tensor | None, mean: Te
         w = 16 // x.dtype.itemsize
         # 16-byte chunks (norm_part_vec) when no chunk straddles two runs of a row and every
         # chunk is aligned
-        vec = KERNELS == "auto" and p.inner_len % w == 0 and p.dy_nstride % w == 0 and \
+        vec = KERNELS in ("auto", "vec_welford") and p.inner_len % w == 0 and p.dy_nstride % w == 0 and \
             x.buffer.offset % 16 == 0 and (dy is None or dy.buffer.offset % 16 == 0)
         form = "_vec" if vec else ("_u1" if KERNELS == "scalar_u1" else "")
+        if vec and not bwd and KERNELS == "vec_welford":
+            form = "_vec_welford"
+        # batch norm forward, planes of a few chunks that are not whole chunks (17x17, 7x7):
+        # one simdgroup per plane over the aligned chunks covering it (norm_part_planes); its
+        # N partials per channel are the finalize's chunks
+        if not vec and not bwd and KERNELS == "auto" and p.outer_stride and \
+                p.HW < PLANES_MAX_CHUNKS * w and p.total % w == 0 and x.buffer.offset % 16 == 0:
+            form = "_planes"
+            p.chunks = p.parts = p.N
+            count = p.N * p.C
+            groups = -(-count * 32 // TG)
         name = f"norm_stats_{'bwd' if bwd else 'fwd'}{act}{form}_{suffix(x.dtype)}"
     part = empty((count, 4), float32, dev)
     d = dummy(dev)
@@ -268,6 +311,7 @@ def _stats(dev: Device, p: NormParams, x: Tensor, running_mean: Tensor | None = 
     """Per statistics row: (mean, invstd); updates running estimates when p.has_running.
     bn_coef = (weight, bias, coef): batch norm, whose forward coefficients per channel are
     written into coef by the same kernel (batch_norm_finalize_fwd)."""
+    p = type(p).from_buffer_copy(p)  # _partials may re-plan the chunks for its kernel
     part = _partials(dev, p, x, None, None)
     mean, invstd = empty((p.rows,), float32, dev), empty((p.rows,), float32, dev)
     d = dummy(dev)
@@ -293,7 +337,7 @@ def _apply(dev: Device, p: NormParams, u: Tensor, v: Tensor | None, coef: Tensor
     kind = f"{'bwd' if v is not None else 'fwd'}{act}"
     w = 16 // u.dtype.itemsize
     strided = p.out_nstride or p.dy_nstride
-    if KERNELS == "auto" and (p.HW % w == 0 or p.HW >= w) and \
+    if KERNELS in ("auto", "vec_welford") and (p.HW % w == 0 or p.HW >= w) and \
             (not strided or ((p.C * p.HW) % w == 0 and p.out_nstride % w == 0
                              and p.dy_nstride % w == 0)) and \
             all(t.buffer.offset % 16 == 0 for t in (u, v, out) if t is not None):
@@ -522,7 +566,7 @@ def _group_norm_backward(dev: Device, g: Tensor, x: Tensor, groups: int, w: Tens
     else:
         mean, invstd = _stats(dev, p, x)
     n, c, hw = _geometry(x)
-    q = tile_plan(n * c, hw, 1, cache_arrays=0)
+    q = tile_plan(n * c, hw, 1, cache_arrays=0, dev=x.device)
     sums = empty((n * c, 2), float32, dev)
     kernel(dev, SOURCE, f"group_norm_sums_bwd_{suffix(x.dtype)}")(
         tile_groups(q) * TG, g.buffer, x.buffer, mean.buffer, sums.buffer, p, q)
@@ -641,9 +685,9 @@ def _ln_args(input: Any, normalized_shape: Any, weight: Any, bias: Any, eps: Any
     d = int(np.prod(ns))
     rows = int(np.prod(x.shape[:x.ndim - len(ns)]))
     e = _finite(eps, "eps")
-    sw = 32
-    while sw < 256 and sw * 4 < d:  # ~4 elements per thread, a simdgroup at least
-        sw *= 2
+    sw = CPU_LN_SW if dev.name == "cpu" and CPU_LN_SW else 32
+    while sw < 256 and sw * 4 < d and not (dev.name == "cpu" and CPU_LN_SW):
+        sw *= 2  # ~4 elements per thread, a simdgroup at least
     p = LayerNormParams(rows=rows, D=d, SW=sw, has_weight=int(ps[0] is not None),
                         has_bias=int(ps[1] is not None), eps=e)
     return x, ps[0], ps[1], ns, p
@@ -700,7 +744,7 @@ def layer_norm_backward(grad_out: TensorLike, input: TensorLike, normalized_shap
         _ln_groups(p) * TG, g.buffer, x.buffer, w.buffer if w is not None else d, dx.buffer, stats, p)
     if need:
         # chunks of rows: enough columns x chunks to fill the device, each chunk >= 16 rows
-        p.splits = max(1, min(-(-p.rows // 16), -(-TARGET_GROUPS * TG // p.D)))
+        p.splits = max(1, min(-(-p.rows // 16), -(-_target(dev)[0] * TG // p.D)))
         p.chunk_rows = -(-p.rows // p.splits)
         p.splits = -(-p.rows // p.chunk_rows)
         part = dev.buffer(8 * p.splits * p.D)

@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 
 from ..params import CONST, SoftmaxParams
+from ..runtime import Device
 from ..tensor import Tensor, TensorLike
 from ._common import FLOATS, MAX_GROUPS, empty, kernel, pick_device, suffix, tensor_arg
 
@@ -28,6 +29,7 @@ TG = CONST["TR_TG"]  # threads per threadgroup of tile_reduce.h's kernels
 CACHE_FLOATS = CONST["SM_CACHE"]  # row cache per threadgroup (softmax.metal, loss.metal)
 MAX_ELEMENTS = 2**32 - 1  # kernels index with 32-bit uints
 ROW_CHUNKS = CONST["SM_ROW_CHUNKS"]  # 16-byte chunks per lane of the row kernels
+CPU_ONE_SLICE = True  # tile_plan on the cpu backend: one simdgroup of lanes per tile
 
 
 def _pow2_floor(n: int) -> int:
@@ -39,16 +41,22 @@ def _pow2_ceil(n: int) -> int:
 
 
 def tile_plan(outer: int, length: int, inner: int, cache_arrays: int = 1,
-              cache_floats: int = CACHE_FLOATS) -> SoftmaxParams:
+              cache_floats: int = CACHE_FLOATS, dev: Device | None = None) -> SoftmaxParams:
     """Tile geometry for reducing a (outer, length, inner) view over `length`.
 
     cache_arrays: how many float arrays of the tile the kernel keeps in threadgroup memory (0:
     none). `cached` is set when R tiles x length x W x cache_arrays floats fit `cache_floats`;
     when the widest W does not fit, narrower W (down to 8 columns = 32-byte segments) is tried.
+    On the cpu backend (`dev`, CPU_ONE_SLICE) a tile's threads are one simdgroup's worth (S =
+    32 / W slices, down to 1): more tiles per threadgroup, fewer threadgroups, each of which pays
+    its reduction tail as work-item loops (8x64x28x28 over dim 1, one worker: forward 5.8 ->
+    4.3 ms, backward 2.3 -> 1.1 ms).
     """
+    one = CPU_ONE_SLICE and dev is not None and dev.name == "cpu"
+
     def shape(w: int) -> tuple[int, int]:
         # S: enough slices for ~4 elements per thread; SW at least one simdgroup, at most the TG
-        s = _pow2_ceil(-(-length // 4))
+        s = 1 if one else _pow2_ceil(-(-length // 4))
         sw = min(TG, max(32, w * s))
         return sw, TG // sw
 
@@ -149,7 +157,7 @@ def _forward(x: Any, dim: Any, log: bool) -> Tensor:
         kernel(dev, SOURCE, f"{stem}_fwd_rows_{suffix(xt.dtype)}")(rp.outer * 32, xt.buffer,
                                                                    y.buffer, rp)
         return y
-    p = tile_plan(*geom, cache_arrays=1)
+    p = tile_plan(*geom, cache_arrays=1, dev=dev)
     kernel(dev, SOURCE, f"{stem}_fwd_{suffix(xt.dtype)}")(tile_groups(p) * TG, xt.buffer, y.buffer, p)
     return y
 
@@ -166,7 +174,7 @@ def _backward(grad_out: Any, output: Any, dim: Any, log: bool) -> Tensor:
         kernel(dev, SOURCE, f"{stem}_bwd_rows_{suffix(yt.dtype)}")(rp.outer * 32, gt.buffer,
                                                                    yt.buffer, dx.buffer, rp)
         return dx
-    p = tile_plan(*geom, cache_arrays=1 if log else 2)
+    p = tile_plan(*geom, cache_arrays=1 if log else 2, dev=dev)
     kernel(dev, SOURCE, f"{stem}_bwd_{suffix(yt.dtype)}")(tile_groups(p) * TG, gt.buffer, yt.buffer,
                                                           dx.buffer, p)
     return dx

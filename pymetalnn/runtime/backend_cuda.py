@@ -72,7 +72,6 @@ class CudaDevice(Device):
         self.cp_stream.use()
         self.stream = self.cp_stream.ptr
         self._watch: Any = None  # completion-callback queue, started by the first signal()
-        self._cb_error: BaseException | None = None
         self._last_kernel: str | None = None  # named by an asynchronous CUDA error
         with open(os.path.join(PRELUDE_DIR, "pmn_prelude.h"), encoding="utf-8") as f:
             self._prelude = '#line 1 "pmn_prelude.h"\n' + f.read() + "\n"
@@ -84,13 +83,7 @@ class CudaDevice(Device):
             raise self._async_error(e) from e
         if self._watch is not None:
             self._watch.join()
-        if self._checks:
-            serr = self._status_failure()
-            if serr is not None:
-                raise serr
-        err, self._cb_error = self._cb_error, None
-        if err is not None:
-            raise AsyncError(f"a queued callback failed: {err.__class__.__name__}: {err}") from err
+        self._raise_deferred()
 
     def _async_error(self, e: BaseException) -> AsyncError:
         # CUDA reports a kernel fault at the next synchronization, without naming the kernel,

@@ -71,7 +71,6 @@ class MetalDevice(Device):
         self.max_threadgroup_memory = MAX_THREADGROUP_MEMORY  # Apple GPUs; assumed for every Mac
         # handles of committed command buffers, oldest first; a handle keeps its buffers alive
         self._pending: collections.deque[Any] = collections.deque()
-        self._cb_error: BaseException | None = None  # raised by a signal() callback
 
     def _drain(self) -> None:
         pending = self._pending
@@ -81,13 +80,7 @@ class MetalDevice(Device):
 
     def synchronize(self) -> None:
         self._drain()
-        if self._checks:
-            serr = self._status_failure()
-            if serr is not None:
-                raise serr
-        err, self._cb_error = self._cb_error, None
-        if err is not None:
-            raise AsyncError(f"a queued callback failed: {err.__class__.__name__}: {err}") from err
+        self._raise_deferred()
 
     def signal(self, callback: Any, with_error: bool = False) -> None:
         # metalcompute offers no completion handler: wait, then call. The callback always runs;

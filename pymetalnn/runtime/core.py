@@ -398,6 +398,7 @@ class Device:
         self._recording: Recording | None = None
         self._profiler: Profile | None = None
         self._checks: list[tuple] = []  # check_status calls not yet checked (metal, cuda)
+        self._cb_error: BaseException | None = None  # raised by a signal() callback (metal, cuda)
         self._status: Buffer | None = None
         self._hook = threading.local()  # allocation_hook, per thread
         self._mem_live = 0  # bytes of live Buffers (views excluded), for the memory statistics
@@ -463,8 +464,8 @@ class Device:
         check reports; e.g. loss.metal's label check): zero while nothing failed. A kernel that
         finds bad input sets them instead of reading out of bounds; check_status, queued after
         it, turns them into an AsyncError and clears them. Made once, before any capture."""
-        if self._status is None:
-            self._status = self.buffer(nbytes=STATUS_WORDS * 4)
+        if self._status is None:  # not through the allocation hook: no op's output
+            self._status = self._new_buffer(STATUS_WORDS * 4, zero=True)
         return self._status
 
     def check_status(self, message: Callable[[np.ndarray], str], kernel: str,
@@ -495,6 +496,18 @@ class Device:
                 self._clear_status(status)
                 err = err or AsyncError(message(words), kernel)
         return err
+
+    def _raise_deferred(self) -> None:
+        """At a synchronization, the queue drained (metal, cuda): the first failed kernel check
+        (status words), else what a signal() callback raised, as an AsyncError; each reported
+        once."""
+        if self._checks:
+            serr = self._status_failure()
+            if serr is not None:
+                raise serr
+        err, self._cb_error = self._cb_error, None
+        if err is not None:
+            raise AsyncError(f"a queued callback failed: {err.__class__.__name__}: {err}") from err
 
     def _peek_status(self, status: Buffer) -> np.ndarray:
         raise NotImplementedError
@@ -592,6 +605,7 @@ class Device:
     def _begin_capture(self, rec: Recording) -> None:
         if self._recording is not None:
             raise RuntimeError("capture: already capturing")
+        self.status_buffer()  # allocated (and zeroed) outside the recording
         self._recording = rec
 
     def _end_capture(self, rec: Recording) -> None:

@@ -286,6 +286,9 @@ class Decl:
     decls: list[Declarator]
 
 
+_IDENT_RE = re.compile(r"[A-Za-z_]\w*(::[A-Za-z_]\w*)*$")
+
+
 def parse_decl(toks: list[Token], type_names: set[str]) -> Decl | None:
     """`toks` (a simple statement, ';' included) as a declaration, or None when it is not one."""
     toks = toks[:-1] if toks and toks[-1].text == ";" else toks
@@ -297,7 +300,9 @@ def parse_decl(toks: list[Token], type_names: set[str]) -> Decl | None:
     if i >= len(toks):
         return None
     t0 = toks[i]
-    if t0.kind != "id":
+    if t0.kind != "id" or not _IDENT_RE.match(t0.text):
+        # not a name: generated code held in one token (the inliner's `pmn_r13[pmn_l]`, whose
+        # pmn_ prefix would otherwise pass for a type)
         return None
     is_type = t0.text in CXX_TYPES or t0.text in type_names or t0.text.startswith("pmn_") or \
         t0.text.startswith("pmn::") or \

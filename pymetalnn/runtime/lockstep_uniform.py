@@ -148,16 +148,22 @@ class Uniformity:
         self.drop_assigned(toks)
 
     def _decl_ok(self, d: Decl, ctx_uni: bool) -> None:
+        # one declaration statement is emitted either as scalars or per thread as a whole
+        # (Lockstep.uniform_stmt), so one declarator that is not uniform drops all of them:
+        # `const uint C = q.len, off = o * C;` keeps C per thread, and so must what reads it
+        every = True
         for dc in d.decls:
             ok = ctx_uni and dc.init is not None and not dc.dims and \
                 not any(x.text == "&" for x in dc.prefix) and \
                 not (d.base and d.base[0].text == "auto") and self.expr(dc.init)
             if d.quals & {"constexpr", "PMN_THREADGROUP"}:
                 ok = True
-            if not ok:
-                self.U.discard(dc.name)
+            every = every and ok and dc.name in self.U
             if dc.init is not None:
                 self.drop_assigned(dc.init)
+        if not every:
+            for dc in d.decls:
+                self.U.discard(dc.name)
 
     def _walk(self, stmts: list[St], ctx_uni: bool) -> None:
         ls = self.ls

@@ -190,6 +190,17 @@ def test_fallback_kernel(load, mode) -> None:
     np.testing.assert_array_equal(got, x[::-1] if mode == 1 else x)
 
 
+@pytest.mark.parametrize("n", [1, 33, 64, 100])
+def test_mixed_uniform_declaration(load, n) -> None:
+    x = rng(9).standard_normal(n).astype(np.float32)
+    (got,) = _run(load, "ls_mixed_decl", n, x, params=LsParams(n, 0, 0, 0))
+    count = groups(n, TG) * TG
+    mine = np.minimum(np.arange(count), n - 1)
+    v = x[mine].reshape(-1, TG)
+    want = np.roll(v, -1, axis=1).reshape(-1) * np.float32(n) + mine.astype(np.float32)
+    np.testing.assert_array_equal(got, want)
+
+
 def test_cpu_runs_them_without_fibers(load) -> None:
     lib = load("lockstep")
     if lib.device.name != "cpu":
@@ -199,5 +210,25 @@ def test_cpu_runs_them_without_fibers(load) -> None:
     report = fiber_report(lib)
     assert set(report) == {"ls_fallback_switch"}, report
     assert "switch" in report["ls_fallback_switch"]
-    for name in ("ls_barrier_loop", "ls_simd_divergent", "ls_helper", "ls_early_return"):
+    for name in ("ls_barrier_loop", "ls_simd_divergent", "ls_helper", "ls_early_return",
+                 "ls_mixed_decl"):
         assert not lib.kernel(name).uses_fibers
+
+
+def test_package_kernels_transform_without_fibers() -> None:
+    """Every kernel of the package's own sources (kernels/*.metal) that synchronizes translates
+    to work-item loops on cpu (a translation check: fast, no compiler): a parser regression
+    otherwise sends whole libraries back to a fiber per thread without failing a test (once:
+    generated code held in one token, read as a declaration, put softmax, norm and loss there)."""
+    import glob
+    import os
+
+    from pymetalnn.runtime.core import KERNEL_DIR
+    from pymetalnn.runtime.msl import translate_file
+
+    fibers = {}
+    for path in sorted(glob.glob(os.path.join(KERNEL_DIR, "*.metal"))):
+        tr = translate_file(path, "cpu", {}, [KERNEL_DIR], lockstep=True)
+        fibers.update({f"{os.path.basename(path)}: {k}": v.fiber_reason
+                       for k, v in tr.kernels.items() if v.needs_fibers})
+    assert not fibers, fibers

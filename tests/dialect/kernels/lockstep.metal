@@ -224,6 +224,23 @@ kernel void ls_helper(device const float* x [[buffer(0)]],
     out[gid] = total;
 }
 
+// One declaration with a uniform declarator and a per-thread one (`n = p.n, mine = ...`), then
+// a value computed from the uniform one alone: the declaration is kept per thread as a whole,
+// so what reads n must be too (a scalar `nf` would name an n that exists only inside the loop).
+[[max_total_threads_per_threadgroup(64)]]
+kernel void ls_mixed_decl(device const float* x [[buffer(0)]],
+                          device float* out [[buffer(1)]],
+                          constant LsParams& p [[buffer(2)]],
+                          uint lid [[thread_position_in_threadgroup]],
+                          uint gid [[thread_position_in_grid]]) {
+    threadgroup float tile[TG];
+    const uint n = p.n, mine = gid < n ? gid : n - 1u;
+    const float nf = float(n);
+    tile[lid] = x[mine];
+    threadgroup_barrier(mem_flags::mem_threadgroup);
+    out[gid] = tile[(lid + 1u) % TG] * nf + float(mine);
+}
+
 // A barrier inside a switch: outside what the work-item loops take, so this kernel keeps
 // fibers on the cpu (reported) and must still be right.
 [[max_total_threads_per_threadgroup(64)]]
