@@ -43,7 +43,11 @@
 //   is computed in float and rounded once to T. Split-K partials never get the activation (the
 //   host clears act for the partial pass; gemm_splitk_sum applies it).
 // * fp16 on matrix hardware: gemm_mma below, the same structure with the products on 8x8
-//   simdgroup matrices (tensor cores on cuda), picked by pymetalnn/ops/gemm.py's mma* tiles.
+//   simdgroup matrices (tensor cores on cuda), picked by pymetalnn/ops/gemm.py's mma* tiles; and
+//   gemm_mma2, its successor (ops.gemm.MMA_GEN = 2, the mma2_* tiles): 16-deep tile products
+//   (simdgroup_tile.h), which cuda runs as ldmatrix + full-rate mma.sync.m16n8k16, a copy-in
+//   with per-thread offsets computed once, and optionally two slices of loads in flight (PF) or
+//   16-byte loads (V).
 // * Bounds: every matrix has fewer than 2^31 elements (host-checked), so in-matrix offsets are
 //   32-bit; batch offsets are 64-bit.
 #include <metal_stdlib>
