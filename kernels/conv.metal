@@ -337,10 +337,8 @@ inline void conv_slice(conv_gen<2>, threadgroup const TT* As, threadgroup const 
 #pragma unroll
     for (int kk = 0; kk < BK; kk += 16) {
         simdgroup_matrix<TT, 8, 8> ma[FM * 2];
-        simdgroup_matrix<TT, 8, 8> mb[2 * FN];
         simdgroup_load_tile<FM, 2>(ma, sa + kk, PA);
-        simdgroup_load_tile<2, FN>(mb, sb + kk * PB, PB);
-        simdgroup_multiply_accumulate_tile<FM, FN>(&macc[0][0], ma, mb);
+        simdgroup_multiply_accumulate_tile<FM, FN>(&macc[0][0], ma, sb + kk * PB, PB);
     }
 }
 

@@ -43,7 +43,11 @@
 //   is computed in float and rounded once to T. Split-K partials never get the activation (the
 //   host clears act for the partial pass; gemm_splitk_sum applies it).
 // * fp16 on matrix hardware: gemm_mma below, the same structure with the products on 8x8
-//   simdgroup matrices (tensor cores on cuda), picked by pymetalnn/ops/gemm.py's mma* tiles.
+//   simdgroup matrices (tensor cores on cuda), picked by pymetalnn/ops/gemm.py's mma* tiles; and
+//   gemm_mma2, its successor (ops.gemm.MMA_GEN = 2, the mma2_* tiles): 16-deep tile products
+//   (simdgroup_tile.h), which cuda runs as ldmatrix + full-rate mma.sync.m16n8k16, a copy-in
+//   with per-thread offsets computed once, and optionally two slices of loads in flight (PF) or
+//   16-byte loads (V).
 // * Bounds: every matrix has fewer than 2^31 elements (host-checked), so in-matrix offsets are
 //   32-bit; batch offsets are 64-bit.
 #include <metal_stdlib>
@@ -575,15 +579,16 @@ struct GemmOff {
     uint src, src_step, dst, dst_step;
 };
 
-template <int BR, int BK, int P, bool KMAJOR>
+template <int BR, int BK, int P, bool KMAJOR, int V>
 inline GemmOff gemm_offsets(uint ld, bool rc, uint tid) {
-    uint2 kr = gemm_slot<BR, BK>(tid, rc);
+    uint2 kr = rc ? uint2(tid / uint(BR / V), (tid % uint(BR / V)) * uint(V))
+                  : uint2((tid % uint(BK / V)) * uint(V), tid / uint(BK / V));  // gemm_slot
     GemmOff o;
     o.src = rc ? kr.x * ld + kr.y : kr.y * ld + kr.x;
-    o.src_step = uint(rc ? 1024 / BR : 1024 / BK) * ld;
+    o.src_step = uint(rc ? 256 * V / BR : 256 * V / BK) * ld;
     o.dst = KMAJOR ? kr.x * uint(P) + kr.y : kr.y * uint(P) + kr.x;
-    o.dst_step = KMAJOR ? (rc ? uint(1024 / BR * P) : uint(1024 / BK))
-                        : (rc ? uint(1024 / BR) : uint(1024 / BK * P));
+    o.dst_step = KMAJOR ? (rc ? uint(256 * V / BR * P) : uint(256 * V / BK))
+                        : (rc ? uint(256 * V / BR) : uint(256 * V / BK * P));
     return o;
 }
 
@@ -622,14 +627,149 @@ inline void gemm_stash_mma2(threadgroup T* tile, thread const vec<T, 4>* regs, b
     }
 }
 
+// 8-element vectors (V = 8 tiles: one 16-byte load and store per vector where the operand allows
+// it, GEMM_VEC8_*): vector i of a thread is held as regs[2i], regs[2i + 1]. Every V = 8 tile
+// covers its slices with whole vectors ((BR * BK / 8) % 256 == 0).
+template <typename T, int BR, int BK, int NL>
+inline void gemm_fetch_mma8(thread vec<T, 4>* regs, device const T* X, uint ld, bool rc, bool fast,
+                            uint r0, uint k0, uint R, uint K, uint tid, GemmOff o) {
+    if (fast) {
+        device const T* src = X + (rc ? k0 * ld + r0 : r0 * ld + k0) + o.src;
+#pragma unroll
+        for (int i = 0; i < NL / 2; ++i) {
+            uint4 u = *((device const uint4*)(src + uint(i) * o.src_step));
+            regs[2 * i] = as_type<vec<T, 4>>(uint2(u.x, u.y));
+            regs[2 * i + 1] = as_type<vec<T, 4>>(uint2(u.z, u.w));
+        }
+    } else {
+#pragma unroll
+        for (int i = 0; i < NL / 2; ++i) {
+            uint l = tid + uint(i) * GEMM_THREADS;
+            uint2 kr = rc ? uint2(l / uint(BR / 8), (l % uint(BR / 8)) * 8u)
+                          : uint2((l % uint(BK / 8)) * 8u, l / uint(BK / 8));
+            uint k = k0 + kr.x, r = r0 + kr.y;
+            device const T* src = X + (rc ? k * ld + r : r * ld + k);
+            vec<T, 4> v0 = vec<T, 4>(T(0)), v1 = vec<T, 4>(T(0));
+            for (uint j = 0; j < 8u; ++j) {
+                bool in = rc ? (k < K && r + j < R) : (r < R && k + j < K);
+                T x = in ? src[j] : T(0);
+                if (j < 4u) {
+                    v0[j] = x;
+                } else {
+                    v1[j - 4u] = x;
+                }
+            }
+            regs[2 * i] = v0;
+            regs[2 * i + 1] = v1;
+        }
+    }
+}
+
+template <typename T, int BR, int BK, int NL, int P, bool KMAJOR>
+inline void gemm_stash_mma8(threadgroup T* tile, thread const vec<T, 4>* regs, bool rc, GemmOff o) {
+    if (rc == KMAJOR) {  // along the tile's rows: one 16-byte store
+#pragma unroll
+        for (int i = 0; i < NL / 2; ++i) {
+            uint2 a = as_type<uint2>(regs[2 * i]), b = as_type<uint2>(regs[2 * i + 1]);
+            *((threadgroup uint4*)(tile + o.dst + uint(i) * o.dst_step)) = uint4(a.x, a.y, b.x, b.y);
+        }
+    } else {
+#pragma unroll
+        for (int i = 0; i < NL / 2; ++i) {
+            threadgroup T* t = tile + o.dst + uint(i) * o.dst_step;
+            for (int j = 0; j < 4; ++j) t[j * P] = regs[2 * i][j];
+            for (int j = 0; j < 4; ++j) t[(j + 4) * P] = regs[2 * i + 1][j];
+        }
+    }
+}
+
 // ---- gemm_mma2: gemm_mma with 16-deep tile products (kernels/simdgroup_tile.h). Each k16 step
-// of a simdgroup loads its A rows (FM x 2 blocks) and B columns (2 x FN blocks) as tiles and runs
-// one simdgroup_multiply_accumulate_tile: on cuda ldmatrix (4 blocks each) and full-rate
-// mma.sync.m16n8k16 with no per-block alignment branches, on Metal and cpu the same 8x8
-// operations as gemm_mma. The threadgroup's 8 simdgroups form a WGM x (8 / WGM) grid, each
+// of a simdgroup loads its A rows (FM x 2 blocks) as a tile and runs one
+// simdgroup_multiply_accumulate_tile with its B columns (2 x FN blocks) read from threadgroup
+// memory: on cuda ldmatrix (4 blocks each; .trans for B, straight into the tensor-core layout)
+// and full-rate mma.sync.m16n8k16 with no per-block alignment branches, on Metal and cpu the
+// same 8x8 operations as gemm_mma. The threadgroup's 8 simdgroups form a WGM x (8 / WGM) grid, each
 // owning a (BM / WGM) x (BN / (8 / WGM)) block of C; tile rows are 16-byte aligned (ldmatrix):
 // the slices live in a float4 array, and the pitches BK + 8, BN + 8 are multiples of 8 halves.
-template <typename T, typename ACC, typename TC, int BM, int BN, int BK, int WGM>
+// PF: how many slices ahead the global loads run. PF = 1 is gemm_mma's double buffering; PF = 2
+// keeps two register sets in flight (the loop is unrolled by two so that each set has fixed
+// registers), so a load has two slices of products to arrive in, not one: on a GPU with one or
+// two threadgroups per core that is what hides global memory latency.
+
+// Global -> registers for slice (kt, b) of the walk (batch entry b, K slice kt).
+template <typename T, int BM, int BN, int BK, int NLA, int NLB, int V>
+inline void gemm_mma2_fetch(thread vec<T, 4>* ra, thread vec<T, 4>* rb, device const T* A,
+                            device const T* B, constant GemmParams& p, uint kt, uint b, bool rca,
+                            bool rcb, bool fa, bool fb, uint m0, uint n0, uint tid, GemmOff oa,
+                            GemmOff ob) {
+    uint k0 = kt * uint(BK);
+    bool fk = k0 + uint(BK) <= p.K;
+    if (V == 8) {
+        gemm_fetch_mma8<T, BM, BK, NLA>(ra, A + (ulong)b * p.stride_a, p.lda, rca, fa && fk, m0,
+                                        k0, p.M, p.K, tid, oa);
+        gemm_fetch_mma8<T, BN, BK, NLB>(rb, B + (ulong)b * p.stride_b, p.ldb, rcb, fb && fk, n0,
+                                        k0, p.N, p.K, tid, ob);
+    } else {
+        gemm_fetch_mma<T, BM, BK, NLA>(ra, A + (ulong)b * p.stride_a, p.lda, rca, fa && fk, m0,
+                                       k0, p.M, p.K, tid, oa);
+        gemm_fetch_mma<T, BN, BK, NLB>(rb, B + (ulong)b * p.stride_b, p.ldb, rcb, fb && fk, n0,
+                                       k0, p.N, p.K, tid, ob);
+    }
+}
+
+// Registers -> the slice buffers at As, Bs.
+template <typename T, int BM, int BN, int BK, int NLA, int NLB, int PA, int PB, int V>
+inline void gemm_mma2_stash(threadgroup T* As, threadgroup T* Bs, thread const vec<T, 4>* ra,
+                            thread const vec<T, 4>* rb, bool rca, bool rcb, uint tid, GemmOff oa,
+                            GemmOff ob) {
+    if (V == 8) {
+        gemm_stash_mma8<T, BM, BK, NLA, PA, false>(As, ra, rca, oa);
+        gemm_stash_mma8<T, BN, BK, NLB, PB, true>(Bs, rb, rcb, ob);
+    } else {
+        gemm_stash_mma2<T, BM, BK, NLA, PA, false>(As, ra, rca, tid, oa);
+        gemm_stash_mma2<T, BN, BK, NLB, PB, true>(Bs, rb, rcb, tid, ob);
+    }
+}
+
+// The products of one BK-deep slice (buffer at sa, sb: the simdgroup's rows / columns).
+template <typename T, typename ACC, int BK, int FM, int FN, int PA, int PB>
+inline void gemm_mma2_slice(thread simdgroup_matrix<ACC, 8, 8>* acc, threadgroup const T* sa,
+                            threadgroup const T* sb) {
+#pragma unroll
+    for (int kk = 0; kk < BK; kk += 16) {
+        simdgroup_matrix<T, 8, 8> ma[FM * 2];
+        simdgroup_load_tile<FM, 2>(ma, sa + kk, PA);
+        simdgroup_multiply_accumulate_tile<FM, FN>(acc, ma, sb + kk * PB, PB);  // B from memory
+    }
+}
+
+// Slice u of the loop, up to its barrier: fetch slice u + PF (at cursor kt, b, when `fetch`; into
+// fa_set / fb_set), products on buffer `cur`, stash slice u + 1 (from sa_set / sb_set) into
+// buffer cur ^ 1 (when `stash`).
+template <typename T, typename ACC, int BM, int BN, int BK, int FM, int FN, int PA, int PB,
+          int NLA, int NLB, int V>
+inline void gemm_mma2_step(thread simdgroup_matrix<ACC, 8, 8>* acc, thread vec<T, 4>* fa_set,
+                           thread vec<T, 4>* fb_set, thread const vec<T, 4>* sa_set,
+                           thread const vec<T, 4>* sb_set, threadgroup T* As, threadgroup T* Bs,
+                           threadgroup const T* sa0, threadgroup const T* sb0, uint cur,
+                           bool fetch, bool stash, device const T* A, device const T* B,
+                           constant GemmParams& p, uint kt, uint b, bool rca, bool rcb, bool fa,
+                           bool fb, uint m0, uint n0, uint tid, GemmOff oa, GemmOff ob) {
+    if (fetch) {
+        gemm_mma2_fetch<T, BM, BN, BK, NLA, NLB, V>(fa_set, fb_set, A, B, p, kt, b, rca, rcb, fa,
+                                                    fb, m0, n0, tid, oa, ob);
+    }
+    gemm_mma2_slice<T, ACC, BK, FM, FN, PA, PB>(acc, sa0 + cur * uint(BM * PA),
+                                                sb0 + cur * uint(BK * PB));
+    if (stash) {
+        gemm_mma2_stash<T, BM, BN, BK, NLA, NLB, PA, PB, V>(As + (cur ^ 1u) * uint(BM * PA),
+                                                            Bs + (cur ^ 1u) * uint(BK * PB),
+                                                            sa_set, sb_set, rca, rcb, tid, oa,
+                                                            ob);
+    }
+}
+
+template <typename T, typename ACC, typename TC, int BM, int BN, int BK, int WGM, int PF, int V>
 [[max_total_threads_per_threadgroup(256)]]
 kernel void gemm_mma2(device const T* A [[buffer(0)]], device const T* B [[buffer(1)]],
                       device TC* C [[buffer(2)]], device const T* bias [[buffer(3)]],
@@ -670,63 +810,70 @@ kernel void gemm_mma2(device const T* A [[buffer(0)]], device const T* B [[buffe
 
     bool rca = (p.flags & GEMM_TRANS_A) != 0u;
     bool rcb = (p.flags & GEMM_TRANS_B) == 0u;
-    bool va = (p.flags & GEMM_VEC_A) != 0u, vb = (p.flags & GEMM_VEC_B) != 0u;
+    bool va = (p.flags & (V == 8 ? GEMM_VEC8_A : GEMM_VEC_A)) != 0u;
+    bool vb = (p.flags & (V == 8 ? GEMM_VEC8_B : GEMM_VEC_B)) != 0u;
     uint wm0 = (sg / uint(WGN)) * uint(WM), wn0 = (sg % uint(WGN)) * uint(WN);
 
     simdgroup_matrix<ACC, 8, 8> acc[FM * FN];
 #pragma unroll
     for (int i = 0; i < FM * FN; ++i) acc[i] = make_filled_simdgroup_matrix<ACC, 8, 8>(ACC(0));
-    vec<T, 4> ra[NLA];
-    vec<T, 4> rb[NLB];
+    vec<T, 4> ra0[NLA], ra1[NLA];  // register sets: PF = 1 uses the first only
+    vec<T, 4> rb0[NLB], rb1[NLB];
     bool fa = va && m0 + uint(BM) <= p.M, fb = vb && n0 + uint(BN) <= p.N;
-    GemmOff oa = gemm_offsets<BM, BK, PA, false>(p.lda, rca, tid);
-    GemmOff ob = gemm_offsets<BN, BK, PB, true>(p.ldb, rcb, tid);
+    GemmOff oa = gemm_offsets<BM, BK, PA, false, V>(p.lda, rca, tid);
+    GemmOff ob = gemm_offsets<BN, BK, PB, true, V>(p.ldb, rcb, tid);
 
     if (t0 < t1) {
-        uint k0 = kt * uint(BK);
-        bool fk = k0 + uint(BK) <= p.K;
-        gemm_fetch_mma<T, BM, BK, NLA>(ra, A + (ulong)b * p.stride_a, p.lda, rca, fa && fk, m0,
-                                       k0, p.M, p.K, tid, oa);
-        gemm_fetch_mma<T, BN, BK, NLB>(rb, B + (ulong)b * p.stride_b, p.ldb, rcb, fb && fk, n0,
-                                       k0, p.N, p.K, tid, ob);
-        gemm_stash_mma2<T, BM, BK, NLA, PA, false>(As, ra, rca, tid, oa);
-        gemm_stash_mma2<T, BN, BK, NLB, PB, true>(Bs, rb, rcb, tid, ob);
-    }
-    threadgroup_barrier(mem_flags::mem_threadgroup);
-
-    uint cur = 0;
-    for (uint t = t0; t < t1; ++t) {
-        bool more = t + 1u < t1;
-        if (more) {
+        gemm_mma2_fetch<T, BM, BN, BK, NLA, NLB, V>(ra0, rb0, A, B, p, kt, b, rca, rcb, fa, fb,
+                                                    m0, n0, tid, oa, ob);
+        gemm_mma2_stash<T, BM, BN, BK, NLA, NLB, PA, PB, V>(As, Bs, ra0, rb0, rca, rcb, tid, oa,
+                                                            ob);
+        if (PF == 2 && t0 + 1u < t1) {
             if (++kt == kt_n) {
                 kt = 0;
                 ++b;
             }
-            uint k0 = kt * uint(BK);
-            bool fk = k0 + uint(BK) <= p.K;
-            gemm_fetch_mma<T, BM, BK, NLA>(ra, A + (ulong)b * p.stride_a, p.lda, rca, fa && fk,
-                                           m0, k0, p.M, p.K, tid, oa);
-            gemm_fetch_mma<T, BN, BK, NLB>(rb, B + (ulong)b * p.stride_b, p.ldb, rcb, fb && fk,
-                                           n0, k0, p.N, p.K, tid, ob);
+            gemm_mma2_fetch<T, BM, BN, BK, NLA, NLB, V>(ra1, rb1, A, B, p, kt, b, rca, rcb, fa,
+                                                        fb, m0, n0, tid, oa, ob);
         }
-        threadgroup const T* sa = As + cur * uint(BM * PA) + wm0 * uint(PA);
-        threadgroup const T* sb = Bs + cur * uint(BK * PB) + wn0;
-#pragma unroll
-        for (int kk = 0; kk < BK; kk += 16) {
-            simdgroup_matrix<T, 8, 8> ma[FM * 2];
-            simdgroup_matrix<T, 8, 8> mb[2 * FN];
-            simdgroup_load_tile<FM, 2>(ma, sa + kk, PA);
-            simdgroup_load_tile<2, FN>(mb, sb + kk * PB, PB);
-            simdgroup_multiply_accumulate_tile<FM, FN>(acc, ma, mb);
+    }
+    threadgroup_barrier(mem_flags::mem_threadgroup);
+
+    // slice t: fetch slice t + PF into one register set, products on buffer `cur`, stash slice
+    // t + 1 (the other set for PF = 2, the same one for PF = 1) into buffer cur ^ 1. (kt, b):
+    // the last slice fetched, stepped before each fetch.
+    uint cur = 0;
+    threadgroup const T* sa0 = As + wm0 * uint(PA);
+    threadgroup const T* sb0 = Bs + wn0;
+    for (uint t = t0; t < t1; t += uint(PF)) {
+        bool fetch = t + uint(PF) < t1;
+        if (fetch && ++kt == kt_n) {
+            kt = 0;
+            ++b;
         }
-        if (more) {
-            gemm_stash_mma2<T, BM, BK, NLA, PA, false>(As + (cur ^ 1u) * uint(BM * PA), ra, rca,
-                                                       tid, oa);
-            gemm_stash_mma2<T, BN, BK, NLB, PB, true>(Bs + (cur ^ 1u) * uint(BK * PB), rb, rcb,
-                                                      tid, ob);
+        if (PF == 1) {
+            gemm_mma2_step<T, ACC, BM, BN, BK, FM, FN, PA, PB, NLA, NLB, V>(
+                acc, ra0, rb0, ra0, rb0, As, Bs, sa0, sb0, cur, fetch, t + 1u < t1, A, B, p, kt,
+                b, rca, rcb, fa, fb, m0, n0, tid, oa, ob);
+        } else {
+            gemm_mma2_step<T, ACC, BM, BN, BK, FM, FN, PA, PB, NLA, NLB, V>(
+                acc, ra0, rb0, ra1, rb1, As, Bs, sa0, sb0, cur, fetch, t + 1u < t1, A, B, p, kt,
+                b, rca, rcb, fa, fb, m0, n0, tid, oa, ob);
         }
         threadgroup_barrier(mem_flags::mem_threadgroup);
         cur ^= 1u;
+        if (PF == 2 && t + 1u < t1) {
+            fetch = t + 3u < t1;
+            if (fetch && ++kt == kt_n) {
+                kt = 0;
+                ++b;
+            }
+            gemm_mma2_step<T, ACC, BM, BN, BK, FM, FN, PA, PB, NLA, NLB, V>(
+                acc, ra1, rb1, ra0, rb0, As, Bs, sa0, sb0, cur, fetch, t + 2u < t1, A, B, p, kt,
+                b, rca, rcb, fa, fb, m0, n0, tid, oa, ob);
+            threadgroup_barrier(mem_flags::mem_threadgroup);
+            cur ^= 1u;
+        }
     }
 
     bool vc = (p.flags & GEMM_VEC_C) != 0u;
@@ -834,17 +981,31 @@ GEMM_MMA_INST(mma64x64, 64, 64, 16)
 GEMM_MMA_INST(mma64x64k32, 64, 64, 32)
 GEMM_MMA_INST(mma128x64, 128, 64, 32)
 
-// gemm_mma2 tiles: gemm_fwd_mma2_<BM>x<BN>k<BK>[w<WGM>]_<variant> (WGM: simdgroup rows, 4 unless
-// named). Threadgroup memory past Apple's 32 KiB (128x128k32: 37 KB) only runs on cuda (tile_fits).
-#define GEMM_MMA2_INST(TILE, BM, BN, BK, WGM)                                                    \
-    GEMM_KERNEL(gemm_fwd_##TILE##_half, gemm_mma2, half, float, half, BM, BN, BK, WGM)           \
-    GEMM_KERNEL(gemm_fwd_##TILE##_hacc_half, gemm_mma2, half, half, half, BM, BN, BK, WGM)       \
-    GEMM_KERNEL(gemm_fwd_##TILE##_splitk_half, gemm_mma2, half, float, float, BM, BN, BK, WGM)
-GEMM_MMA2_INST(mma2_128x128k16, 128, 128, 16, 4)
-GEMM_MMA2_INST(mma2_128x128k32, 128, 128, 32, 4)
-GEMM_MMA2_INST(mma2_64x64k32, 64, 64, 32, 4)
-GEMM_MMA2_INST(mma2_128x64k32, 128, 64, 32, 4)
-GEMM_MMA2_INST(mma2_128x256k16w2, 128, 256, 16, 2)
+// gemm_mma2 tiles: gemm_fwd_mma2_<BM>x<BN>k<BK>[w<WGM>][p<PF>][v<V>]_<variant> (WGM: simdgroup
+// rows, 4 unless named; PF: slices of loads in flight, 1 unless named; V: elements per global
+// load, 4 unless named). Threadgroup memory past Apple's 32 KiB (128x128k32: 37 KB) only runs on cuda (tile_fits).
+#define GEMM_MMA2_INST(TILE, BM, BN, BK, WGM, PF, V)                                             \
+    GEMM_KERNEL(gemm_fwd_##TILE##_half, gemm_mma2, half, float, half, BM, BN, BK, WGM, PF, V)    \
+    GEMM_KERNEL(gemm_fwd_##TILE##_hacc_half, gemm_mma2, half, half, half, BM, BN, BK, WGM, PF, V) \
+    GEMM_KERNEL(gemm_fwd_##TILE##_splitk_half, gemm_mma2, half, float, float, BM, BN, BK, WGM, PF, V)
+GEMM_MMA2_INST(mma2_128x128k16, 128, 128, 16, 4, 1, 4)
+GEMM_MMA2_INST(mma2_128x128k32, 128, 128, 32, 4, 1, 4)
+GEMM_MMA2_INST(mma2_64x64k32, 64, 64, 32, 4, 1, 4)
+GEMM_MMA2_INST(mma2_128x64k32, 128, 64, 32, 4, 1, 4)
+GEMM_MMA2_INST(mma2_128x256k16w2, 128, 256, 16, 2, 1, 4)
+// p2: two slices of loads in flight
+GEMM_MMA2_INST(mma2_128x128k16p2, 128, 128, 16, 4, 2, 4)
+GEMM_MMA2_INST(mma2_128x128k32p2, 128, 128, 32, 4, 2, 4)
+GEMM_MMA2_INST(mma2_128x256k16w2p2, 128, 256, 16, 2, 2, 4)
+GEMM_MMA2_INST(mma2_64x64k32p2, 64, 64, 32, 4, 2, 4)
+// v8: 16-byte global loads and threadgroup stores (operands with 8-element aligned rows)
+GEMM_MMA2_INST(mma2_128x128k16v8, 128, 128, 16, 4, 1, 8)
+GEMM_MMA2_INST(mma2_128x256k16w2v8, 128, 256, 16, 2, 1, 8)
+GEMM_MMA2_INST(mma2_128x128k32p2v8, 128, 128, 32, 4, 2, 8)
+// smaller accumulators (32 x 32 per simdgroup) with two slices in flight: room for two
+// threadgroups per core with float accumulation
+GEMM_MMA2_INST(mma2_128x64k32p2v8, 128, 64, 32, 4, 2, 8)
+GEMM_MMA2_INST(mma2_64x128k32w2p2v8, 64, 128, 32, 2, 2, 8)
 
 #define GEMM_INST_PREC(VARIANT, T, ACC)                                \
     GEMM_KERNEL(gemm_fwd_splitk_sum_##VARIANT, gemm_splitk_sum, T, ACC)\

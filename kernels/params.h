@@ -71,6 +71,8 @@ struct WinogradParams {
 #define GEMM_VEC_C 16u
 #define GEMM_BIAS 32u      // add bias[n]
 #define GEMM_BETA 64u      // read C (beta != 0; beta == 0 never reads C, as BLAS)
+#define GEMM_VEC8_A 128u   // A: ... aligned 8-vector (16-byte fp16) loads (gemm_mma2's V = 8 tiles)
+#define GEMM_VEC8_B 256u
 struct GemmParams {
     uint M, N, K;                       // op(A) is M x K, op(B) is K x N, C is M x N
     uint lda, ldb, ldc;                 // row pitch (elements) of A, B, C as stored

@@ -6,6 +6,9 @@
 //   simdgroup_multiply_accumulate_tile<FM, FN>(c, a, b)
 //       a 16-deep product, A an FM x 2 grid, B 2 x FN, C FM x FN:
 //       c[i][j] = a[i][0] * b[0][j] + c[i][j], then c[i][j] = a[i][1] * b[1][j] + c[i][j]
+//   simdgroup_multiply_accumulate_tile<FM, FN>(c, a, b, elements_per_row)
+//       the same with B read from threadgroup memory: the 16 x 8FN region at b (what
+//       simdgroup_load_tile<2, FN> loads), which lets cuda load B in its tensor-core layout
 //
 // Why: MSL 2.3 offers 8x8 operations only, while NVIDIA's tensor cores run 16x8x16 blocks; the
 // cuda backend implements these two functions in its prelude with ldmatrix (4 blocks per
@@ -38,6 +41,20 @@ inline void simdgroup_multiply_accumulate_tile(thread simdgroup_matrix<TC, 8, 8>
         for (int j = 0; j < FN; ++j) {
             simdgroup_multiply_accumulate(c[i * FN + j], a[2 * i], b[j], c[i * FN + j]);
             simdgroup_multiply_accumulate(c[i * FN + j], a[2 * i + 1], b[FN + j], c[i * FN + j]);
+        }
+    }
+}
+
+template <int FM, int FN, typename TC, typename T>
+inline void simdgroup_multiply_accumulate_tile(thread simdgroup_matrix<TC, 8, 8>* c,
+                                               thread const simdgroup_matrix<T, 8, 8>* a,
+                                               threadgroup const T* b, ulong elements_per_row) {
+    simdgroup_matrix<T, 8, 8> mb[2 * FN];
+    simdgroup_load_tile<2, FN>(mb, b, elements_per_row);
+    for (int i = 0; i < FM; ++i) {
+        for (int j = 0; j < FN; ++j) {
+            simdgroup_multiply_accumulate(c[i * FN + j], a[2 * i], mb[j], c[i * FN + j]);
+            simdgroup_multiply_accumulate(c[i * FN + j], a[2 * i + 1], mb[FN + j], c[i * FN + j]);
         }
     }
 }

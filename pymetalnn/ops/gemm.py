@@ -44,8 +44,9 @@ SOURCE = "gemm.metal"
 THREADS = CONST["GEMM_THREADS"]  # every kernel of gemm.metal
 
 # GemmParams.flags (kernels/params.h GEMM_*)
-TRANS_A, TRANS_B, VEC_A, VEC_B, VEC_C, BIAS, BETA = (
-    CONST[f"GEMM_{f}"] for f in ("TRANS_A", "TRANS_B", "VEC_A", "VEC_B", "VEC_C", "BIAS", "BETA"))
+TRANS_A, TRANS_B, VEC_A, VEC_B, VEC_C, BIAS, BETA, VEC8_A, VEC8_B = (
+    CONST[f"GEMM_{f}"] for f in ("TRANS_A", "TRANS_B", "VEC_A", "VEC_B", "VEC_C", "BIAS", "BETA",
+                                 "VEC8_A", "VEC8_B"))
 
 _MAX_MATRIX = 2**31  # elements per matrix: in-matrix offsets are 32-bit in the kernels
 _MAX_THREADS = 2**32 - 1024
@@ -70,10 +71,16 @@ class Tile:
     fixed_k: int = 0
     matrix: bool = False  # runs on simdgroup matrices (gemm_mma): only where matrix_hw(dev)
     gen: int = 1  # matrix tiles: 1 gemm_mma (8x8 products), 2 gemm_mma2 (16-deep tile products)
+    hacc_efficiency: float | None = None  # hacc_half's, where it differs (fewer registers)
     cpu: bool = False  # gemm_blocked: the automatic choice on the cpu backend (only there)
 
     def supports(self, variant: str) -> bool:
         return self.variants is None or variant in self.variants
+
+    def efficiency_of(self, variant: str) -> float:
+        if variant == "hacc_half" and self.hacc_efficiency is not None:
+            return self.hacc_efficiency
+        return self.efficiency
 
 
 # 128x128k16 (BK = 16: half the slices' loop / barrier overhead) from the H200 sweep of
@@ -96,9 +103,11 @@ _HALF = ("half", "hacc_half")
 # in the blocked kernel's inner loop made it 3x slower than they are.
 _CPU = ("float",)
 # Which generation of matrix tiles the automatic choice (plan) considers; the others stay callable
-# by name (tile=) and swept by benchmarks/dev_gemm_mma.py. gemm_mma2 (simdgroup_multiply_accumulate_tile:
-# full-rate mma.sync.m16n8k16 and ldmatrix on cuda) is the candidate successor of gemm_mma.
-MMA_GEN = mma_gen(1)
+# by name (tile=) and swept by benchmarks/dev_gemm_mma.py. 2: gemm_mma2 (16-deep tile products,
+# simdgroup_tile.h: full-rate mma.sync.m16n8k16 and ldmatrix on cuda); 1: gemm_mma (8x8 products).
+# H100, 2026-12-06 22:45 UTC (dev_gemm_mma.py, fp16 8192^3): gemm_mma2 93.5 TFLOP/s with float
+# accumulation (128x128k16), 125 with half accumulation (128x128k32); gemm_mma 48 at best.
+MMA_GEN = mma_gen(2)
 TILES = {t.name: t for t in (Tile("128x128", 128, 128, 8, 1.0), Tile("64x64", 64, 64, 16, 0.6),
                              Tile("128x128k16", 128, 128, 16, 1.11, variants=("float", "hacc_half"),
                                   fixed_k=38),
@@ -106,16 +115,40 @@ TILES = {t.name: t for t in (Tile("128x128", 128, 128, 8, 1.0), Tile("64x64", 64
                              Tile("mma64x64", 64, 64, 16, 3.4, variants=_HALF, matrix=True),
                              Tile("mma64x64k32", 64, 64, 32, 4.0, variants=_HALF, matrix=True),
                              Tile("mma128x64", 128, 64, 32, 3.6, variants=_HALF, matrix=True),
-                             # gemm_mma2: efficiencies are estimates until timed (dev_gemm_mma.py)
-                             Tile("mma2_128x128k16", 128, 128, 16, 4.0, variants=_HALF, matrix=True,
-                                  gen=2),
-                             Tile("mma2_128x128k32", 128, 128, 32, 4.4, variants=_HALF, matrix=True,
-                                  gen=2),
-                             Tile("mma2_64x64k32", 64, 64, 32, 3.6, variants=_HALF, matrix=True,
-                                  gen=2),
-                             Tile("mma2_128x64k32", 128, 64, 32, 4.0, variants=_HALF, matrix=True,
-                                  gen=2),
-                             Tile("mma2_128x256k16w2", 128, 256, 16, 4.4, variants=_HALF,
+                             # gemm_mma2. Efficiencies: TFLOP/s / 32 (the fp32 128x128 rate), mean of
+                             # 4096^3 and 8192^3 on an H100 (2026-12-06 22:45 UTC, gemm_mma2 with B
+                             # transposed by movmatrix): float accumulation first, half accumulation
+                             # (hacc_efficiency) where it differs. The tiles that run two threadgroups
+                             # per SM (<= 128 registers) lead: 128x128k16 (float), 128x128k32 (half).
+                             Tile("mma2_128x128k16", 128, 128, 16, 2.62, variants=_HALF, matrix=True,
+                                  gen=2, hacc_efficiency=2.87),
+                             Tile("mma2_128x128k32", 128, 128, 32, 2.08, variants=_HALF, matrix=True,
+                                  gen=2, hacc_efficiency=3.89),
+                             Tile("mma2_64x64k32", 64, 64, 32, 1.48, variants=_HALF, matrix=True,
+                                  gen=2, hacc_efficiency=2.33),
+                             Tile("mma2_128x64k32", 128, 64, 32, 2.17, variants=_HALF, matrix=True,
+                                  gen=2, hacc_efficiency=2.21),
+                             Tile("mma2_128x256k16w2", 128, 256, 16, 2.46, variants=_HALF,
+                                  matrix=True, gen=2, hacc_efficiency=2.45),
+                             # not yet timed (p2: two slices of loads in flight; v8: 16-byte loads):
+                             # below the timed leaders until dev_gemm_mma.py says otherwise
+                             Tile("mma2_128x128k16p2", 128, 128, 16, 2.0, variants=_HALF,
+                                  matrix=True, gen=2),
+                             Tile("mma2_128x128k32p2", 128, 128, 32, 2.0, variants=_HALF,
+                                  matrix=True, gen=2),
+                             Tile("mma2_128x256k16w2p2", 128, 256, 16, 2.0, variants=_HALF,
+                                  matrix=True, gen=2),
+                             Tile("mma2_64x64k32p2", 64, 64, 32, 1.4, variants=_HALF,
+                                  matrix=True, gen=2),
+                             Tile("mma2_128x128k16v8", 128, 128, 16, 2.0, variants=_HALF,
+                                  matrix=True, gen=2),
+                             Tile("mma2_128x256k16w2v8", 128, 256, 16, 2.0, variants=_HALF,
+                                  matrix=True, gen=2),
+                             Tile("mma2_128x128k32p2v8", 128, 128, 32, 2.0, variants=_HALF,
+                                  matrix=True, gen=2),
+                             Tile("mma2_128x64k32p2v8", 128, 64, 32, 2.0, variants=_HALF,
+                                  matrix=True, gen=2),
+                             Tile("mma2_64x128k32w2p2v8", 64, 128, 32, 2.0, variants=_HALF,
                                   matrix=True, gen=2),
                              Tile("cpu512x128", 512, 128, 16, 1.0, variants=_CPU, cpu=True),
                              Tile("cpu128x512", 128, 512, 16, 1.0, variants=_CPU, cpu=True))}
@@ -187,7 +220,7 @@ def plan(dev: Device, m: int, n: int, k: int, batch: int, reduce_batch: bool,
             waves = math.ceil(tiles * s / units)
             # gemm_blocked's threads past M or N return at once: a tile costs what it covers
             area = min(t.bm, m) * min(t.bn, n) if t.cpu else t.bm * t.bn
-            cost = waves * area * (t.bk * math.ceil(slices / s) + t.fixed_k) / t.efficiency
+            cost = waves * area * (t.bk * math.ceil(slices / s) + t.fixed_k) / t.efficiency_of(var)
             if s > 1:
                 cost += 0.25 * (s + 2) * m * n * nb + 2**19
             if best is None or cost < best[0]:
@@ -211,6 +244,12 @@ def _vec_ok(t: Tensor, pitch: int, stride: int) -> bool:
     """Aligned 4-vector access is legal: row pitch, batch stride and base are multiples of 4
     elements."""
     return pitch % 4 == 0 and stride % 4 == 0 and vec4_aligned(t)
+
+
+def _vec8_ok(t: Tensor, pitch: int, stride: int) -> bool:
+    """Aligned 8-vector (16-byte fp16) access is legal: row pitch, batch stride and base are
+    multiples of 8 elements."""
+    return pitch % 8 == 0 and stride % 8 == 0 and t.buffer.offset % (8 * t.dtype.itemsize) == 0
 
 
 def _float(v: Any, name: str) -> float:
@@ -356,6 +395,8 @@ def _launches(dev: Device, a: Tensor, b: Tensor, out: Tensor, m: int, n: int, k:
                | (VEC_A if _vec_ok(a, p.lda, p.stride_a) else 0)
                | (VEC_B if _vec_ok(b, p.ldb, p.stride_b) else 0)
                | (VEC_C if _vec_ok(out, p.ldc, p.stride_c) else 0)
+               | (VEC8_A if _vec8_ok(a, p.lda, p.stride_a) else 0)
+               | (VEC8_B if _vec8_ok(b, p.ldb, p.stride_b) else 0)
                | (BIAS if bias is not None else 0) | (BETA if beta != 0.0 else 0))
     p.alpha, p.beta = alpha, beta
     p.act, p.act_alpha = act

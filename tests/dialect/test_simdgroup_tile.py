@@ -1,8 +1,8 @@
 """simdgroup_load_tile / simdgroup_multiply_accumulate_tile (kernels/simdgroup_tile.h, pymetalnn's
 tile extension of MSL 2.3 simdgroup matrices) against numpy float64 references: tiles staged in
 threadgroup memory at 16-byte aligned and unaligned row pitches and offsets (cuda takes ldmatrix
-for the former, 8x8 loads for the latter), even and odd row grids, half x half into float and
-half, float x float.
+for the former, 8x8 loads for the latter), B loaded as matrices or read by the product itself,
+even and odd row grids and column counts, half x half into float and half, float x float.
 
 Tolerances from unit roundoff: products of halves are exact in float, so a float accumulator
 is within ~(K + 2) * 2^-24 * sum|a||b| of float64 (2^-23 here: the tensor core's own order and
@@ -20,7 +20,7 @@ from helpers import rng
 
 class TileParams(ctypes.Structure):
     _fields_ = [("ksteps", ctypes.c_uint32), ("pa", ctypes.c_uint32), ("pb", ctypes.c_uint32),
-                ("offset", ctypes.c_uint32)]
+                ("offset", ctypes.c_uint32), ("b_direct", ctypes.c_uint32)]
 
 
 DT = {"f": np.float32, "h": np.float16}
@@ -30,7 +30,8 @@ KERNELS = [("hf", 2, 4), ("hf", 3, 2), ("hf", 4, 1), ("hh", 2, 4), ("hh", 3, 2),
 @pytest.mark.parametrize("variant,fm,fn", KERNELS, ids=[f"{v}_{m}x{n}" for v, m, n in KERNELS])
 @pytest.mark.parametrize("ksteps", [1, 2])
 @pytest.mark.parametrize("layout", ["aligned", "odd_pitch", "offset"])
-def test_tile_multiply_accumulate(dev, load, variant, fm, fn, ksteps, layout):
+@pytest.mark.parametrize("b_direct", [0, 1], ids=["b_loaded", "b_from_memory"])
+def test_tile_multiply_accumulate(dev, load, variant, fm, fn, ksteps, layout, b_direct):
     tab, tc = DT[variant[0]], DT[variant[1]]
     groups, kk, rows, cols = 3, 16 * ksteps, 8 * fm, 8 * fn
     pa, pb, offset = kk + 8, cols + 8, 0  # rows of 16-byte multiples (half)
@@ -46,7 +47,7 @@ def test_tile_multiply_accumulate(dev, load, variant, fm, fn, ksteps, layout):
     lib = load("simdgroup_tile")
     lib.kernel(f"tile_mac_{variant}_{fm}x{fn}")(groups * 32, dev.buffer(a), dev.buffer(b),
                                                 dev.buffer(c), d,
-                                                TileParams(ksteps, pa, pb, offset))
+                                                TileParams(ksteps, pa, pb, offset, b_direct))
     got = d.numpy(tc).reshape(c.shape).astype(np.float64)
     a64, b64, c64 = a.astype(np.float64), b.astype(np.float64), c.astype(np.float64)
     want = np.einsum("gik,gkj->gij", a64, b64) + c64
@@ -74,7 +75,7 @@ def test_tile_matches_8x8_operations_on_cpu(dev, load):
     d = dev.buffer(c.nbytes)
     load("simdgroup_tile").kernel("tile_mac_hf_2x4")(groups * 32, dev.buffer(a), dev.buffer(b),
                                                      dev.buffer(c), d,
-                                                     TileParams(ksteps, kk + 8, cols + 8, 0))
+                                                     TileParams(ksteps, kk + 8, cols + 8, 0, 1))
     got = d.numpy(np.float32).reshape(c.shape)
     want = c.copy()
     for k in range(kk):  # 8-deep blocks in k order, each summed in k order by fma

@@ -1630,6 +1630,8 @@ PMN_FN void simdgroup_multiply(simdgroup_matrix<TD, 8, 8>& d, const simdgroup_ma
 //    columns 8c of src (threadgroup memory): R * C simdgroup_loads.
 //  * simdgroup_multiply_accumulate_tile<FM, FN>(c, a, b): a 16-deep product, A an FM x 2 grid,
 //    B 2 x FN, C FM x FN: c[i][j] = a[i][0] * b[0][j] + c[i][j], then a[i][1] * b[1][j] + that.
+//    (c, a, b, elements_per_row): the same with B read from threadgroup memory (the 16 x 8FN
+//    region at b), as simdgroup_load_tile<2, FN> would.
 // Why: each 8x8 operation alone maps to half a tensor-core instruction (m16n8k8 with rows 8..15
 // zeroed) and a transpose of B per product. With the whole tile in view, cuda issues one
 // mma.sync.m16n8k16 per two row blocks x one column block (the a0..a3 fragment of m16n8k16 is
@@ -1643,28 +1645,81 @@ PMN_FN void simdgroup_multiply(simdgroup_matrix<TD, 8, 8>& d, const simdgroup_ma
 // backend: the cpu translator without __PYMETALNN__) defines the same names itself.
 // --------------------------------------------------------------------------------------------
 namespace ext {
+#ifdef PMN_CUDA
+namespace tile {
+// Whether ldmatrix may read 8x8 blocks of halves at src with this row pitch: src in shared memory
+// and every row 16-byte aligned, in every lane (the check is warp-uniform, as ldmatrix must be).
+// `s`: src's shared-window address.
+PMN_FN bool ldsm_ok(const void* src, pmn_ulong elements_per_row, unsigned& s) {
+  // the builtins (not inline PTX), so that the compiler sees through the generic <-> shared
+  // conversions of a threadgroup array's address: for the tiles of a kernel whose offsets are
+  // multiples of 16 bytes the test then folds to true at compile time
+  s = unsigned(__cvta_generic_to_shared(src));
+  const bool ok = __isShared(src) && ((s | unsigned(elements_per_row * 2u)) & 15u) == 0;
+  return __all_sync(0xffffffffu, ok);
+}
+// The lane index as threadIdx.x & 31 (1-D threadgroups, as the translator's
+// thread_index_in_simdgroup): a plain register read that the compiler hoists, unlike %laneid.
+PMN_FN unsigned lane() { return threadIdx.x & 31u; }
+
+// c[i][j] += A(rows 16p..) x B(column block j) over 16 k: one mma.sync.m16n8k16 per row-block pair
+// and column block. a: FM x 2 grid in our layout (the A fragment's a0..a3 as they are); bt[j],
+// bt[FN + j]: column block j's b0, b1 (the B fragment layout: B^T in ours).
+template <int FM, int FN, class TC>
+PMN_FN void mma_k16(simdgroup_matrix<TC, 8, 8>* c, const simdgroup_matrix<half, 8, 8>* a, const unsigned* bt) {
+#pragma unroll
+  for (int i = 0; i < FM; i += 2) {
+    const bool two = i + 1 < FM;  // an odd last row block runs with rows 8..15 zero
+    const unsigned a0 = detail::pair_bits(a[2 * i].e), a2 = detail::pair_bits(a[2 * i + 1].e);
+    const unsigned a1 = two ? detail::pair_bits(a[2 * i + 2].e) : 0u;
+    const unsigned a3 = two ? detail::pair_bits(a[2 * i + 3].e) : 0u;
+#pragma unroll
+    for (int j = 0; j < FN; ++j) {
+      simdgroup_matrix<TC, 8, 8>& lo = c[i * FN + j];
+      simdgroup_matrix<TC, 8, 8>& hi = c[(two ? i + 1 : i) * FN + j];
+      if constexpr (detail::same_<TC, float>::value) {
+        float d0, d1, d2, d3;
+        asm("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
+            "{%8,%9}, {%10,%11,%12,%13};"
+            : "=f"(d0), "=f"(d1), "=f"(d2), "=f"(d3)
+            : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(bt[j]), "r"(bt[FN + j]), "f"(lo.e[0]), "f"(lo.e[1]),
+              "f"(two ? hi.e[0] : 0.f), "f"(two ? hi.e[1] : 0.f));
+        lo.e[0] = d0;
+        lo.e[1] = d1;
+        if (two) {
+          hi.e[0] = d2;
+          hi.e[1] = d3;
+        }
+      } else {
+        unsigned d0, d1;
+        asm("mma.sync.aligned.m16n8k16.row.col.f16.f16.f16.f16 {%0,%1}, {%2,%3,%4,%5}, {%6,%7}, "
+            "{%8,%9};"
+            : "=r"(d0), "=r"(d1)
+            : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(bt[j]), "r"(bt[FN + j]), "r"(detail::pair_bits(lo.e)),
+              "r"(two ? detail::pair_bits(hi.e) : 0u));
+        memcpy(lo.e, &d0, 4);
+        if (two) memcpy(hi.e, &d1, 4);
+      }
+    }
+  }
+}
+}  // namespace tile
+#endif
+
 template <int R, int C, class T>
 PMN_FN void simdgroup_load_tile(simdgroup_matrix<T, 8, 8>* d, const typename detail::ident<T>::type* src,
                                 pmn_ulong elements_per_row) {
 #ifdef PMN_CUDA
   if constexpr (sizeof(T) == 2 && (R * C) % 4 == 0) {
-    const unsigned long long at = reinterpret_cast<unsigned long long>(src);
-    unsigned shared, s;
-    asm("{ .reg .pred p; isspacep.shared p, %1; selp.u32 %0, 1, 0, p; }" : "=r"(shared) : "l"(at));
-    asm("cvt.u32.u64 %0, %1;" : "=r"(s) : "l"(at));  // low bits: alignment only
-    const bool ok = shared != 0u && ((s | unsigned(elements_per_row * 2u)) & 15u) == 0;
-    if (__all_sync(0xffffffffu, ok)) {
+    static_assert(C % 4 == 0 || 4 % C == 0, "simdgroup_load_tile: C must divide 4 or be a multiple of 4");
+    unsigned s;
+    if (tile::ldsm_ok(src, elements_per_row, s)) {
       // lanes 8q..8q+7 give the row addresses of block m + q (row l % 8); register q receives it.
       // The lane's part of the offset is the same for every m (m is a multiple of 4 and so is C,
       // or C < 4 divides 4): one constant per instruction on top of it.
-      static_assert(C % 4 == 0 || 4 % C == 0, "simdgroup_load_tile: C must divide 4 or be a multiple of 4");
-      // threadIdx.x & 31 (1-D threadgroups, as the translator's thread_index_in_simdgroup): a plain
-      // register read that the compiler hoists, unlike %laneid
-      const unsigned l = threadIdx.x & 31u, q = l >> 3, rr = l & 7u, ld = unsigned(elements_per_row);
+      const unsigned l = tile::lane(), q = l >> 3, rr = l & 7u, ld = unsigned(elements_per_row);
       const unsigned lane_off = C % 4 == 0 ? rr * ld + q * 8u : ((q / unsigned(C)) * 8u + rr) * ld + (q % unsigned(C)) * 8u;
-      unsigned long long sa;
-      asm("cvta.to.shared.u64 %0, %1;" : "=l"(sa) : "l"(at));
-      s = unsigned(sa) + lane_off * 2u;
+      s += lane_off * 2u;
 #pragma unroll
       for (int m = 0; m < R * C; m += 4) {
         const unsigned addr = s + ((unsigned(m / C) * 8u) * ld + unsigned(m % C) * 8u) * 2u;
@@ -1695,49 +1750,48 @@ PMN_FN void simdgroup_multiply_accumulate_tile(simdgroup_matrix<TC, 8, 8>* c, co
     unsigned bt[2 * FN];  // B in the m16n8k16 B-fragment layout: b0 = k 0..7, b1 = k 8..15
 #pragma unroll
     for (int j = 0; j < 2 * FN; ++j) bt[j] = detail::transpose_h2(detail::pair_bits(b[j].e));
-#pragma unroll
-    for (int i = 0; i < FM; i += 2) {
-      const bool two = i + 1 < FM;  // an odd last row block runs with rows 8..15 zero
-      const unsigned a0 = detail::pair_bits(a[2 * i].e), a2 = detail::pair_bits(a[2 * i + 1].e);
-      const unsigned a1 = two ? detail::pair_bits(a[2 * i + 2].e) : 0u;
-      const unsigned a3 = two ? detail::pair_bits(a[2 * i + 3].e) : 0u;
-#pragma unroll
+    tile::mma_k16<FM, FN>(c, a, bt);
+  } else
+#endif
+  {
+    for (int i = 0; i < FM; ++i)
       for (int j = 0; j < FN; ++j) {
-        simdgroup_matrix<TC, 8, 8>& lo = c[i * FN + j];
-        simdgroup_matrix<TC, 8, 8>& hi = c[(two ? i + 1 : i) * FN + j];
-        if constexpr (same_<TC, float>::value) {
-          float d0, d1, d2, d3;
-          asm("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
-              "{%8,%9}, {%10,%11,%12,%13};"
-              : "=f"(d0), "=f"(d1), "=f"(d2), "=f"(d3)
-              : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(bt[j]), "r"(bt[FN + j]), "f"(lo.e[0]), "f"(lo.e[1]),
-                "f"(two ? hi.e[0] : 0.f), "f"(two ? hi.e[1] : 0.f));
-          lo.e[0] = d0;
-          lo.e[1] = d1;
-          if (two) {
-            hi.e[0] = d2;
-            hi.e[1] = d3;
-          }
-        } else {
-          unsigned d0, d1;
-          asm("mma.sync.aligned.m16n8k16.row.col.f16.f16.f16.f16 {%0,%1}, {%2,%3,%4,%5}, {%6,%7}, "
-              "{%8,%9};"
-              : "=r"(d0), "=r"(d1)
-              : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(bt[j]), "r"(bt[FN + j]), "r"(detail::pair_bits(lo.e)),
-                "r"(two ? detail::pair_bits(hi.e) : 0u));
-          memcpy(lo.e, &d0, 4);
-          if (two) memcpy(hi.e, &d1, 4);
-        }
+        simdgroup_multiply_accumulate(c[i * FN + j], a[2 * i], b[j], c[i * FN + j]);
+        simdgroup_multiply_accumulate(c[i * FN + j], a[2 * i + 1], b[FN + j], c[i * FN + j]);
       }
+  }
+}
+
+// B straight from threadgroup memory (the 16 x 8FN region at b): on cuda ldmatrix.trans yields
+// the B fragments themselves, so B needs no transpose and no registers in our layout.
+template <int FM, int FN, class TC, class T>
+PMN_FN void simdgroup_multiply_accumulate_tile(simdgroup_matrix<TC, 8, 8>* c, const simdgroup_matrix<T, 8, 8>* a,
+                                               const typename detail::ident<T>::type* b,
+                                               pmn_ulong elements_per_row) {
+#ifdef PMN_CUDA
+  using detail::same_;
+  if constexpr (same_<T, half>::value && (same_<TC, float>::value || same_<TC, half>::value) && FN % 2 == 0) {
+    unsigned s;
+    if (tile::ldsm_ok(b, elements_per_row, s)) {
+      // x4.trans: matrices (k block 0, column j), (1, j), (0, j + 1), (1, j + 1) -> b0, b1 of
+      // columns j and j + 1; lanes 8q..8q+7 address matrix q's rows
+      const unsigned l = tile::lane(), q = l >> 3, ld = unsigned(elements_per_row);
+      s += (((q & 1u) * 8u + (l & 7u)) * ld + (q >> 1) * 8u) * 2u;
+      unsigned bt[2 * FN];
+#pragma unroll
+      for (int j = 0; j < FN; j += 2) {
+        asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];"
+                     : "=r"(bt[j]), "=r"(bt[FN + j]), "=r"(bt[j + 1]), "=r"(bt[FN + j + 1])
+                     : "r"(s + unsigned(j) * 16u));
+      }
+      tile::mma_k16<FM, FN>(c, a, bt);
+      return;
     }
-    return;
   }
 #endif
-  for (int i = 0; i < FM; ++i)
-    for (int j = 0; j < FN; ++j) {
-      simdgroup_multiply_accumulate(c[i * FN + j], a[2 * i], b[j], c[i * FN + j]);
-      simdgroup_multiply_accumulate(c[i * FN + j], a[2 * i + 1], b[FN + j], c[i * FN + j]);
-    }
+  simdgroup_matrix<T, 8, 8> mb[2 * FN];
+  simdgroup_load_tile<2, FN>(mb, b, elements_per_row);
+  simdgroup_multiply_accumulate_tile<FM, FN>(c, a, mb);
 }
 }  // namespace ext
 

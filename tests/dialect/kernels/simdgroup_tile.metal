@@ -12,6 +12,7 @@ struct TileParams {
   uint pa;      // row pitch of A in threadgroup memory (elements)
   uint pb;      // row pitch of B
   uint offset;  // elements before A's and B's first row (alignment of the tiles)
+  uint b_direct;  // 1: the product reads B from threadgroup memory itself
 };
 
 #define MAXK 32
@@ -47,10 +48,14 @@ template <typename TAB, typename TC, int FM, int FN>
   }
   for (uint s = 0; s < p.ksteps; ++s) {
     simdgroup_matrix<TAB, 8, 8> ma[FM * 2];
-    simdgroup_matrix<TAB, 8, 8> mb[2 * FN];
     simdgroup_load_tile<FM, 2>(ma, sa + p.offset + 16 * s, p.pa);
-    simdgroup_load_tile<2, FN>(mb, sb + p.offset + 16 * s * p.pb, p.pb);
-    simdgroup_multiply_accumulate_tile<FM, FN>(acc, ma, mb);
+    if (p.b_direct != 0) {
+      simdgroup_multiply_accumulate_tile<FM, FN>(acc, ma, sb + p.offset + 16 * s * p.pb, p.pb);
+    } else {
+      simdgroup_matrix<TAB, 8, 8> mb[2 * FN];
+      simdgroup_load_tile<2, FN>(mb, sb + p.offset + 16 * s * p.pb, p.pb);
+      simdgroup_multiply_accumulate_tile<FM, FN>(acc, ma, mb);
+    }
   }
   for (int i = 0; i < FM; ++i) {
     for (int j = 0; j < FN; ++j) {
