@@ -33,7 +33,7 @@ from typing import Any
 import numpy as np
 
 from .. import functional as F
-from ..params import AmpParams
+from ..optim.amp import amp_non_finite_check_, amp_scaled_fill, amp_state, amp_update_scale_
 from ..runtime import Device
 from ..tensor import Tensor, float16, float32, tensor
 
@@ -41,7 +41,6 @@ PRECISIONS = ("float32", "mixed")
 SCALER_DEFAULTS: dict[str, Any] = {"init_scale": 2.0**16, "growth_factor": 2.0,
                                    "backoff_factor": 0.5, "growth_interval": 2000,
                                    "enabled": True}
-CHECK_TG, CHECK_MAX_GROUPS = 256, 1024
 
 
 def check_precision(precision: Any, accumulate: Any) -> tuple[str, str]:
@@ -79,13 +78,10 @@ class GradScaler:
         self.growth_interval = int(growth_interval)
         self.enabled = bool(enabled)
         s = _positive(init_scale, "grad_scaler['init_scale']") if self.enabled else 1.0
-        self.buffer = device.buffer(np.array([s, 1.0 / s, 0.0, 0.0], np.float32))
-        lib = device.library("optimizer.metal")
-        self._k = {n: lib.kernel(n) for n in ("amp_begin", "amp_seed", "amp_check_float",
-                                              "amp_check_half", "amp_check_multi_float",
-                                              "amp_check_multi_half", "amp_update")}
+        self.state = amp_state(device, s)  # [scale, 1 / scale, found_inf, growth tracker]
+        self.buffer = self.state.buffer  # what the optimizers' update kernels read (opt.amp)
         self._seeds: dict[tuple[int, float], Tensor] = {}
-        self._tables: dict[tuple, tuple[Any, int]] = {}
+        self._tables: dict = {}  # check's chunk tables per gradient layout
         self.launches = 0  # check launches of the last step (for logs and tests)
 
     # ---- the step's kernels (queued, never waited for)
@@ -97,69 +93,23 @@ class GradScaler:
         if t is None:  # an array-backed buffer: outside the graph's memory plan
             t = self._seeds[key] = tensor(np.full(max(n, 1), base, np.float32), self.device)
         if self.enabled:
-            self._k["amp_seed"](max(n, 1), t.buffer, self.buffer, AmpParams(n=n, base=base))
+            amp_scaled_fill(t, self.state, base)
         return t
 
     def check(self, grads: list[Any]) -> None:
         """Clear the overflow flag, then set it if any of `grads` holds an inf or NaN: one
         launch per (base buffer, dtype) holding several of them (the memory plan's arena), one
         per gradient otherwise."""
-        if not self.enabled:
-            return
-        self._k["amp_begin"](1, self.buffer)
-        self.launches = 1
-        by_base: dict[tuple[int, Any], list[Tensor]] = {}
-        for g in grads:
-            if isinstance(g, Tensor) and g.size:
-                by_base.setdefault((id(g.buffer.base), g.dtype), []).append(g)
-        for (_, dt), ts in by_base.items():
-            sfx = "half" if dt == float16 else "float"
-            whole = [t for t in ts if t.buffer.offset % dt.itemsize == 0]
-            hit = self._table(whole) if len(whole) >= 2 else None
-            if hit is not None:
-                table, rows = hit
-                k = self._k[f"amp_check_multi_{sfx}"]
-                k(rows * k.threadgroup_size, whole[0].buffer.base, self.buffer, table)
-                self.launches += 1
-                ts = [t for t in ts if t not in whole]
-            for g in ts:
-                groups = min(-(-g.size // CHECK_TG), CHECK_MAX_GROUPS)
-                self._k[f"amp_check_{sfx}"](groups * CHECK_TG, g.buffer, self.buffer,
-                                            AmpParams(n=g.size))
-                self.launches += 1
-
-    def _table(self, ts: list[Tensor]) -> tuple[Any, int] | None:
-        """The chunk table (element offset, n <= OPTIM_CHUNK rows) of tensors in one base
-        buffer, cached per layout: made at the first step of a layout (an array-backed buffer,
-        outside the memory plan); None while a capture records (no upload there: a graph runs
-        a planned step before it records, so the table is cached by then)."""
-        from ..params import OPTIM_CHUNK
-
-        key = tuple((id(t.buffer.base), t.buffer.offset, t.size, t.dtype.str) for t in ts)
-        hit = self._tables.get(key)
-        if hit is not None:
-            return hit
-        if getattr(self.device, "_recording", None) is not None:
-            return None
-        rows = []
-        for t in ts:
-            off = t.buffer.offset // t.dtype.itemsize
-            rows += [(off + s, min(OPTIM_CHUNK, t.size - s)) for s in range(0, t.size, OPTIM_CHUNK)]
-        arr = np.array(rows, np.uint32).reshape(-1, 2)
-        if len(self._tables) >= 64:
-            self._tables.pop(next(iter(self._tables)))
-        hit = self._tables[key] = (self.device.buffer(arr), len(rows))
-        return hit
+        if self.enabled:
+            self.launches = amp_non_finite_check_(
+                [g for g in grads if isinstance(g, Tensor)], self.state, tables=self._tables)
 
     def update(self) -> None:
         """GradScaler.update(): back off after an overflow, grow after growth_interval clean
         steps."""
         if self.enabled:
-            self._k["amp_update"](1, self.buffer, self._params())
-
-    def _params(self) -> AmpParams:
-        return AmpParams(growth_factor=self.growth_factor, backoff_factor=self.backoff_factor,
-                         growth_interval=self.growth_interval)
+            amp_update_scale_(self.state, self.growth_factor, self.backoff_factor,
+                              self.growth_interval)
 
     # ---- host views
     def _read(self) -> np.ndarray:
