@@ -20,8 +20,8 @@ amp_state, amp_scaled_fill, amp_non_finite_check_, amp_update_scale_; an optimiz
 from __future__ import annotations
 
 from ._base import Optimizer
-from .amp import amp_non_finite_check_, amp_scaled_fill, amp_state, amp_update_scale_
 from .adam import Adam, AdamW
+from .amp import amp_non_finite_check_, amp_scaled_fill, amp_state, amp_update_scale_
 from .custom import CustomOptimizer, hyper_struct
 from .multi import MultiTensorStep, why_not_multi
 from .rmsprop import RMSProp

@@ -63,10 +63,6 @@ def amp_non_finite_check_(grads: Sequence[Any], state: Tensor, reset: bool = Tru
     each). Returns the number of launches."""
     _check_state(state)
     dev = state.device
-    launches = 0
-    if reset:
-        kernel(dev, SOURCE, "amp_begin")(1, state.buffer)
-        launches = 1
     by_base: dict[tuple[int, Any], list[Tensor]] = {}
     for i, g in enumerate(grads):
         if g is None:
@@ -75,6 +71,10 @@ def amp_non_finite_check_(grads: Sequence[Any], state: Tensor, reset: bool = Tru
             raise ValueError(f"grads[{i}]: expected a float32 or float16 Tensor, got {_desc(g)}")
         if g.size:
             by_base.setdefault((id(g.buffer.base), g.dtype), []).append(g)
+    launches = 0
+    if reset:
+        kernel(dev, SOURCE, "amp_begin")(1, state.buffer)
+        launches = 1
     for (_, dt), ts in by_base.items():
         sfx = "half" if dt == float16 else "float"
         whole = [t for t in ts if t.buffer.offset % dt.itemsize == 0]
