@@ -22,7 +22,7 @@ from .ops.gemm import (  # noqa: E402, F401, I001
 )
 
 # ---- other CNN ops (ops/pool.py, ops/neuron.py, ops/softmax.py, ops/loss.py, ops/dropout.py,
-#      ops/norm.py, ops/arith.py, ops/copy.py) ----
+#      ops/norm.py, ops/norm_sync.py, ops/arith.py, ops/copy.py) ----
 from .ops.arith import (  # noqa: F401
     add,
     add_backward,
@@ -141,6 +141,7 @@ from .ops.norm import (  # noqa: F401
     layer_norm,
     layer_norm_backward,
 )
+from .ops.norm_sync import sync_batch_norm_backward, sync_batch_norm_with_stats  # noqa: F401
 from .ops.pool import (  # noqa: F401
     adaptive_avg_pool1d,
     adaptive_avg_pool1d_backward,
