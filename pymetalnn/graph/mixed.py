@@ -33,7 +33,7 @@ from typing import Any
 import numpy as np
 
 from .. import functional as F
-from ..optim.amp import amp_non_finite_check_, amp_scaled_fill, amp_state, amp_update_scale_
+from ..optim import amp_non_finite_check_, amp_scaled_fill, amp_state, amp_update_scale_
 from ..runtime import Device
 from ..tensor import Tensor, float16, float32, tensor
 
