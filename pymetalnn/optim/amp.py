@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from ..ops._common import kernel
+from ..ops._common import kernel, number
 from ..params import OPTIM_CHUNK, AmpParams
 from ..runtime import Device
 from ..tensor import Tensor, float16, float32, tensor
@@ -144,10 +144,7 @@ def _desc(x: Any) -> str:
 
 
 def _positive(v: Any, name: str) -> float:
-    try:
-        x = float(v)
-    except (TypeError, ValueError):
-        raise ValueError(f"{name}: expected a positive number, got {v!r}") from None
-    if isinstance(v, bool) or not math.isfinite(x) or x <= 0:
+    x = number(v, name)
+    if not math.isfinite(x) or x <= 0:
         raise ValueError(f"{name}: expected a finite positive number, got {v!r}")
     return x
