@@ -48,7 +48,10 @@ class Uniformity:
     uniform when every assignment to it -- its initializer included -- happens at the level of
     the synchronizing statements (not inside a thread loop's own control flow), under uniform
     control flow, from an expression of uniform names that reads no memory ('[', unary '*',
-    '->') and calls only the prelude's math functions. Computed as a greatest fixed point:
+    '->') and calls only the prelude's math functions; and nothing writes it otherwise (a
+    reference to non-const bound to it -- a helper's `thread T&` parameter, a local
+    `thread T& r = x` --, its address taken, a member function called on it): such a write runs
+    in a thread loop, once per thread, on the one scalar. Computed as a greatest fixed point:
     start from every candidate and drop those that break the rule until nothing changes."""
 
     def __init__(self, ls: Lockstep, base: set[str]):
