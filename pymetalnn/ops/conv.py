@@ -96,7 +96,10 @@ MMA_TILES: dict[str, dict[str, tuple[int, int, int, int, int, float]]] = {
 # forward 0.230 -> 0.182 ms, input gradient 0.280 -> 0.177), within noise on the others.
 for _kind, _table in list(MMA_TILES.items()):
     _table.update({"n" + name[1:]: v for name, v in list(_table.items())})
-MMA_GEN = mma_gen(2)
+# Default 1 until generation 2 as merged (B read by the product through ldmatrix.trans, 16-byte
+# tile loads) has run on a GPU: those cuda-only prelude paths have not, and a wrong tensor-core
+# fragment would be silently wrong numbers. PYMETALNN_MMA_GEN=2 opts in.
+MMA_GEN = mma_gen(1)
 DIRECT_BELOW = 16        # GEMM column widths below this use the direct kernels
 TARGET_GROUPS = 512      # threadgroups a split reduction aims for off cuda
 SPLIT_GROUPS_PER_SM = 6  # ... and per SM on cuda (two waves of three resident threadgroups)

@@ -60,6 +60,14 @@ from .lockstep_parse import (
 )
 from .lockstep_uniform import ASSIGN_OPS, Ctx, Uniformity, _copy_info, _maybe_written, _returns
 
+# the prelude's functions (not in the translation's tokens) that write an argument through a
+# reference to non-const: which arguments
+PRELUDE_REF_PARAMS: dict[str, set[int]] = {
+    "simdgroup_load": {0}, "simdgroup_store": set(), "simdgroup_multiply_accumulate": {0},
+    "simdgroup_multiply": {0}, "simdgroup_load_tile": set(),
+    "simdgroup_multiply_accumulate_tile": set(), "ldsm_ok": {2},
+}
+
 
 class Lockstep(InlineHelpers):
     """Builds the work-item-loop version of the kernels of one translation unit."""
@@ -71,6 +79,25 @@ class Lockstep(InlineHelpers):
         self.sync_funcs = sync_funcs
         self.type_names = type_names
         self.deduce: dict[str, list[Token]] = {}  # helper -> declarations emitted before use
+        self._ref_params: dict[str, set[int] | None] = {}
+
+    def writes_arg(self, fname: str, idx: int) -> bool:
+        """Whether a call of `fname` may write its argument number `idx` (a parameter that is a
+        reference to non-const in some overload); True for a function not defined in this
+        translation (a struct's member, the prelude), whose parameters are not known."""
+        if fname not in self._ref_params:
+            overloads = find_functions(self.toks, {fname}).get(fname)
+            refs: set[int] | None = PRELUDE_REF_PARAMS.get(fname)
+            if overloads:
+                refs = set()
+                for f in overloads:
+                    for i, p in enumerate(f.params):
+                        amp = [j for j, x in enumerate(p) if x.text in ("&", "&&")]
+                        if amp and not any(x.text == "const" for x in p[:amp[0]]):
+                            refs.add(i)
+            self._ref_params[fname] = refs
+        refs = self._ref_params[fname]
+        return refs is None or idx in refs
 
     # -- small emitters
     def uid(self, base: str) -> str:

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING
 
 from .lockstep_parse import (
     CXX_TYPES,
+    SIMD_NAMES,
     Decl,
     St,
     Token,
@@ -33,6 +34,9 @@ acos atan atan2 abs fabs min max fmin fmax clamp fma mad mix select floor ceil r
 fmod isnan isinf isfinite sign step smoothstep dot length normalize cross copysign saturate
 as_type""".split())
 ASSIGN_OPS = {"=", "+=", "-=", "*=", "/=", "%=", "&=", "|=", "^=", "<<=", ">>="}
+# keywords and operators that look like calls and write none of their operands
+NO_WRITE_CALLS = {"if", "while", "for", "switch", "return", "sizeof", "alignof", "decltype",
+                  "static_cast", "reinterpret_cast", "const_cast", "bit_cast", "as_type"}
 PURE_IDS = {"true", "false", "sizeof", "precise", "fast", "metal"}
 
 
@@ -44,7 +48,10 @@ class Uniformity:
     uniform when every assignment to it -- its initializer included -- happens at the level of
     the synchronizing statements (not inside a thread loop's own control flow), under uniform
     control flow, from an expression of uniform names that reads no memory ('[', unary '*',
-    '->') and calls only the prelude's math functions. Computed as a greatest fixed point:
+    '->') and calls only the prelude's math functions; and nothing writes it otherwise (a
+    reference to non-const bound to it -- a helper's `thread T&` parameter, a local
+    `thread T& r = x` --, its address taken, a member function called on it): such a write runs
+    in a thread loop, once per thread, on the one scalar. Computed as a greatest fixed point:
     start from every candidate and drop those that break the rule until nothing changes."""
 
     def __init__(self, ls: Lockstep, base: set[str]):
@@ -124,6 +131,14 @@ class Uniformity:
             nxt = toks[k + 1].text if k + 1 < len(toks) else ""
             if nxt in ASSIGN_OPS or nxt in ("++", "--") or prev in ("++", "--", "&"):
                 self.U.discard(t.text)
+            elif prev in ("=", "{") and k >= 3 and toks[k - 2].kind == "id" and \
+                    toks[k - 3].text in ("&", "&&"):
+                # `thread T& r = x;`: writes through r write x
+                self.U.discard(t.text)
+            elif prev in ("(", ",") and self._call_arg_written(toks, k):
+                # f(x) with `thread T& x`: the call writes x, and where it runs in a thread loop
+                # each thread's call would write the one scalar
+                self.U.discard(t.text)
             elif nxt in ("[", ".") and t.text not in self.base:
                 # x[i] = ..., x.f += ...: a write into the variable (array or struct) itself
                 j = k + 1
@@ -132,6 +147,60 @@ class Uniformity:
                 if prev in ("++", "--") or (j < len(toks) and (toks[j].text in ASSIGN_OPS or
                                                               toks[j].text in ("++", "--"))):
                     self.U.discard(t.text)
+                elif j < len(toks) and toks[j].text == "(" and toks[j - 2].text == ".":
+                    self.U.discard(t.text)  # x.f(...): a member function may modify x
+
+    def _call_arg_written(self, toks: list[Token], k: int) -> bool:
+        """Whether toks[k] (preceded by '(' or ',') starts an lvalue argument of a call --
+        `f(x)`, `f(a, x.m)`, `f(x[i])` -- that the callee may write (Lockstep.writes_arg)."""
+        while True:
+            j = _match(toks, k) + 1 if toks[k].text == "(" else k + 1
+            while j < len(toks) and toks[j].text in (".", "["):
+                j = _match(toks, j) + 1 if toks[j].text == "[" else j + 2
+            if j >= len(toks) or toks[j].text not in (",", ")"):
+                return False
+            # the call's '(' and the argument's position
+            d, idx, q = 0, 0, k - 1
+            while q >= 0:
+                x = toks[q].text
+                if x in (")", "]", "}"):
+                    d += 1
+                elif x in ("(", "[", "{"):
+                    if d == 0:
+                        break
+                    d -= 1
+                elif x == "," and d == 0:
+                    idx += 1
+                q -= 1
+            if q < 1 or toks[q].text != "(":
+                return False
+            if q == k - 1 and toks[j].text == ")" and toks[q - 1].text in ("(", ","):
+                k = q  # f((x)): the parenthesized lvalue is the argument
+                continue
+            break
+        c = q - 1
+        if toks[c].text == ">":  # f<T>(x): the name before the template arguments
+            d = 0
+            while c >= 0:
+                if toks[c].text == ">":
+                    d += 1
+                elif toks[c].text == "<":
+                    d -= 1
+                    if d == 0:
+                        break
+                c -= 1
+            c -= 1
+            if c < 0:
+                return True
+        f = toks[c]
+        if f.kind != "id":
+            return False  # a parenthesized expression
+        if f.text in NO_WRITE_CALLS or f.text in MATH_FUNCS or f.text in SIMD_NAMES or \
+                f.text in CXX_TYPES or f.text in self.ls.type_names or f.text.startswith("pmn_"):
+            return False  # by value: keywords, math and SIMD-group functions, casts
+        if c and toks[c - 1].text in (".", "->"):
+            return True  # a member function: its parameters are not known
+        return self.ls.writes_arg(f.text, idx)
 
     def _stmt_ok(self, toks: list[Token], ctx_uni: bool) -> None:
         """A statement at the synchronizing level: `x op= e;`, `x++;` keep x uniform when the
@@ -288,7 +357,7 @@ def _copy_info(stmts: list[St], toks: list[Token], type_names: set[str]) -> tupl
 
 def _maybe_written(toks: list[Token], name: str) -> bool:
     """Whether `name` (a scalar or struct) may be modified by `toks`: assigned, incremented, a
-    member assigned, or passed to a call (a reference parameter)."""
+    member assigned, passed to a call (a reference parameter) or bound to a reference."""
     for k, t in enumerate(toks):
         if t.kind == "id" and " " in t.text and name in _words(t.text):
             return True  # inside generated code: assume so
@@ -305,6 +374,9 @@ def _maybe_written(toks: list[Token], name: str) -> bool:
             return True
         if prev in ("(", ",") and nxt in (",", ")"):
             return True
+        if prev in ("=", "{") and k >= 3 and toks[k - 2].kind == "id" and \
+                toks[k - 3].text in ("&", "&&"):
+            return True  # `thread T& r = x;`: r may write x
         if nxt == "(" and j > k + 1:  # x.f(...): a member function may modify x
             return True
     return False

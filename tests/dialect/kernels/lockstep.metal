@@ -262,3 +262,106 @@ kernel void ls_fallback_switch(device const float* x [[buffer(0)]],
     }
     out[gid] = v;
 }
+
+// A counter with one value for the whole threadgroup (same initializer, same updates in every
+// thread) that is written through a reference: by a helper's `thread uint&` parameter, by a
+// local reference, or inside a helper that synchronizes. Each thread owns its counter; were it
+// one scalar for the threadgroup, every thread's update would land on it (64 steps a round).
+inline void ls_step(thread uint& k, uint m) {
+    if (++k == m) k = 0u;
+}
+
+inline void ls_step_sync(thread uint& k, uint m, threadgroup float* tile, uint lid, float v) {
+    if (++k == m) k = 0u;
+    tile[lid] = v + float(k);
+    threadgroup_barrier(mem_flags::mem_threadgroup);
+}
+
+// The barriers inside an inner unrolled loop of PF steps (a prefetch-depth pattern); out holds
+// `rounds` rows of the right neighbour's x + k after the round's step (k mod p.mode + 2).
+template <int PF>
+kernel void ls_ref_param(device const float* x [[buffer(0)]],
+                         device float* out [[buffer(1)]],
+                         constant LsParams& p [[buffer(2)]],
+                         uint lid [[thread_position_in_threadgroup]],
+                         uint gid [[thread_position_in_grid]],
+                         uint ng [[threadgroups_per_grid]]) {
+    threadgroup float tile[TG];
+    const float v = gid < p.n ? x[gid] : 0.0f;
+    uint k = 0u;
+    for (uint t = 0; t < p.rounds; t += uint(PF)) {
+#pragma unroll
+        for (int h = 0; h < PF; ++h) {
+            const uint u = t + uint(h);
+            if (u < p.rounds) {
+                ls_step(k, p.mode + 2u);
+                tile[lid] = v + float(k);
+                threadgroup_barrier(mem_flags::mem_threadgroup);
+                if (gid < p.n) out[u * ng * TG + gid] = tile[(lid + 1u) % TG];
+                threadgroup_barrier(mem_flags::mem_threadgroup);
+            }
+        }
+    }
+}
+template [[host_name("ls_ref_param1")]] [[max_total_threads_per_threadgroup(64)]]
+kernel void ls_ref_param<1>(device const float*, device float*, constant LsParams&, uint, uint, uint);
+template [[host_name("ls_ref_param2")]] [[max_total_threads_per_threadgroup(64)]]
+kernel void ls_ref_param<2>(device const float*, device float*, constant LsParams&, uint, uint, uint);
+
+// The same counter stepped through a local reference, and inside a helper with a barrier.
+[[max_total_threads_per_threadgroup(64)]]
+kernel void ls_ref_local(device const float* x [[buffer(0)]],
+                         device float* out [[buffer(1)]],
+                         constant LsParams& p [[buffer(2)]],
+                         uint lid [[thread_position_in_threadgroup]],
+                         uint gid [[thread_position_in_grid]],
+                         uint ng [[threadgroups_per_grid]]) {
+    threadgroup float tile[TG];
+    const float v = gid < p.n ? x[gid] : 0.0f;
+    uint k = 0u, j = 0u;
+    for (uint r = 0; r < p.rounds; ++r) {
+        {
+            thread uint& q = k;
+            if (++q == p.mode + 2u) q = 0u;
+        }
+        threadgroup_barrier(mem_flags::mem_threadgroup);  // k is written only through q here
+        tile[lid] = v + float(k);
+        threadgroup_barrier(mem_flags::mem_threadgroup);
+        float a = tile[(lid + 1u) % TG];
+        threadgroup_barrier(mem_flags::mem_threadgroup);
+        ls_step_sync(j, p.mode + 2u, tile, lid, v);
+        a += 10.0f * tile[(lid + 1u) % TG];
+        threadgroup_barrier(mem_flags::mem_threadgroup);
+        if (gid < p.n) out[r * ng * TG + gid] = a;
+    }
+}
+
+// The counter as a struct stepped by a member function, and stepped by a helper through a
+// parenthesized argument (`ls_step((j), m)` binds j itself).
+struct LsCounter {
+    uint k;
+    void advance(uint m) {
+        if (++k == m) k = 0u;
+    }
+};
+
+[[max_total_threads_per_threadgroup(64)]]
+kernel void ls_ref_member(device const float* x [[buffer(0)]],
+                          device float* out [[buffer(1)]],
+                          constant LsParams& p [[buffer(2)]],
+                          uint lid [[thread_position_in_threadgroup]],
+                          uint gid [[thread_position_in_grid]],
+                          uint ng [[threadgroups_per_grid]]) {
+    threadgroup float tile[TG];
+    const float v = gid < p.n ? x[gid] : 0.0f;
+    LsCounter c = {0u};
+    uint j = 0u;
+    for (uint r = 0; r < p.rounds; ++r) {
+        c.advance(p.mode + 2u);
+        ls_step((j), p.mode + 2u);
+        tile[lid] = v + float(c.k) + 10.0f * float(j);
+        threadgroup_barrier(mem_flags::mem_threadgroup);
+        if (gid < p.n) out[r * ng * TG + gid] = tile[(lid + 1u) % TG];
+        threadgroup_barrier(mem_flags::mem_threadgroup);
+    }
+}
