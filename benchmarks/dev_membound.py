@@ -86,6 +86,7 @@ sys.path.insert(0, HERE)
 sys.path.insert(0, os.path.dirname(HERE))
 
 import common  # noqa: E402
+import membound_refs as ref  # noqa: E402
 
 import pymetalnn as pm  # noqa: E402
 from pymetalnn import functional as F  # noqa: E402
@@ -145,50 +146,38 @@ def torch_of(dev: pm.Device) -> Any:
     return torch
 
 
+def _with_kernels(module: str, kind: str, fn: Callable[[], Any]) -> Any:
+    """fn() with pymetalnn.ops.<module>.KERNELS = kind, then back to "auto"."""
+    import importlib
+
+    mod = importlib.import_module(f"pymetalnn.ops.{module}")
+    mod.KERNELS = kind
+    try:
+        return fn()
+    finally:
+        mod.KERNELS = "auto"
+
+
 def scalar_norm(fn: Callable[[], Any], kind: str = "scalar_u1") -> Any:
     """fn() with norm.py's kernel choice set to `kind` ("scalar_u1": the production before the
     16-byte-chunk kernels and the unrolled statistics; "scalar": the scalar kernels of now;
     "vec_welford": the production before the shifted-sum and per-plane statistics)."""
-    from pymetalnn.ops import norm as nm
-
-    nm.KERNELS = kind
-    try:
-        return fn()
-    finally:
-        nm.KERNELS = "auto"
+    return _with_kernels("norm", kind, fn)
 
 
 def general_arith(fn: Callable[[], Any]) -> Any:
     """fn() with arith.py's channel path off (arith_ew, the earlier production)."""
-    from pymetalnn.ops import arith as ar
-
-    ar.KERNELS = "general"
-    try:
-        return fn()
-    finally:
-        ar.KERNELS = "auto"
+    return _with_kernels("arith", "general", fn)
 
 
 def general_copy(fn: Callable[[], Any]) -> Any:
     """fn() with copy.py's stream concat / split off (concat8 / split8, the earlier production)."""
-    from pymetalnn.ops import copy as cp
-
-    cp.KERNELS = "general"
-    try:
-        return fn()
-    finally:
-        cp.KERNELS = "auto"
+    return _with_kernels("copy", "general", fn)
 
 
 def general_loss(fn: Callable[[], Any]) -> Any:
     """fn() with loss.py's plain pointwise backward off (loss_pw_bwd_vec, the earlier production)."""
-    from pymetalnn.ops import loss as lo
-
-    lo.KERNELS = "general"
-    try:
-        return fn()
-    finally:
-        lo.KERNELS = "auto"
+    return _with_kernels("loss", "general", fn)
 
 
 def cast_v1(dev: pm.Device, ctx: dict, to: Any) -> pm.Tensor:
@@ -245,10 +234,6 @@ def _img(dev: pm.Device, shape: tuple, dtype: Any, seed: int = 0) -> dict:
         ctx[key] = pm.tensor(ctx[key + "_np"], dev)
     ctx["out"] = pm.empty(shape, dtype, dev)
     return ctx
-
-
-def _f32(a: np.ndarray) -> np.ndarray:
-    return a.astype(np.float32)
 
 
 def chan_affine(dev: pm.Device, ctx: dict, act: int, has_w: bool, has_b: bool) -> pm.Tensor:
@@ -309,24 +294,6 @@ def _bn_ctx(dev: pm.Device, shape: tuple, dtype: Any) -> dict:
     return ctx
 
 
-def _bn_ref(ctx: dict) -> np.ndarray:
-    x = ctx["x_np"].astype(np.float64)
-    m = x.mean((0, 2, 3), keepdims=True)
-    v = x.var((0, 2, 3), keepdims=True)
-    w = ctx["bw_np"].reshape(1, -1, 1, 1)
-    b = ctx["bb_np"].reshape(1, -1, 1, 1)
-    return (x - m) / np.sqrt(v + 1e-5) * w + b
-
-
-def _bn_eval_ref(ctx: dict) -> np.ndarray:
-    x = ctx["x_np"].astype(np.float64)
-    w = ctx["bw_np"].reshape(1, -1, 1, 1)
-    b = ctx["bb_np"].reshape(1, -1, 1, 1)
-    rm = ctx["rm"].numpy().astype(np.float64).reshape(1, -1, 1, 1)
-    rv = ctx["rv"].numpy().astype(np.float64).reshape(1, -1, 1, 1)
-    return (x - rm) / np.sqrt(rv + 1e-5) * w + b
-
-
 def bn_eval_apply(dev: pm.Device, ctx: dict, vec: bool) -> pm.Tensor:
     shape, dtype = ctx["shape"], ctx["dtype"]
     c = shape[1]
@@ -346,18 +313,6 @@ def bn_eval_apply(dev: pm.Device, ctx: dict, vec: bool) -> pm.Tensor:
         kp(dev, f"norm_apply_fwd_{sfx(dtype)}")(groups * 256, ctx["x"].buffer, oc.dummy(dev),
                                                 coef.buffer, ctx["out"].buffer, p)
     return ctx["out"]
-
-
-def _bn_bwd_ref(ctx: dict) -> np.ndarray:
-    x = ctx["x_np"].astype(np.float64)
-    g = (ctx["x_np"] * 0.5 + 0.1).astype(ctx["dtype"]).astype(np.float64)
-    ax = (0, 2, 3)
-    m = x.mean(ax, keepdims=True)
-    inv = 1 / np.sqrt(x.var(ax, keepdims=True) + 1e-5)
-    xh = (x - m) * inv
-    w = ctx["bw_np"].reshape(1, -1, 1, 1)
-    cnt = x.size / x.shape[1]
-    return w * inv * (g - g.sum(ax, keepdims=True) / cnt - xh * (g * xh).sum(ax, keepdims=True) / cnt)
 
 
 def _softmax_ctx(dev: pm.Device, shape: tuple, dtype: Any) -> dict:
@@ -391,28 +346,6 @@ def softmax_tiles(dev: pm.Device, ctx: dict, log: bool, bwd: bool) -> pm.Tensor:
     return ctx["out"]
 
 
-def _softmax_bwd_ref(ctx: dict, log: bool) -> np.ndarray:
-    g = ctx["g_np"].astype(np.float64)
-    if log:
-        return g - np.exp(ctx["ly_np"].astype(np.float64)) * g.sum(1, keepdims=True)
-    y = ctx["y_np"].astype(np.float64)
-    return y * (g - (g * y).sum(1, keepdims=True))
-
-
-def _softmax_ref(ctx: dict) -> np.ndarray:
-    x = ctx["x_np"].astype(np.float64)
-    e = np.exp(x - x.max(1, keepdims=True))
-    return e / e.sum(1, keepdims=True)
-
-
-def _ce_ref(ctx: dict) -> np.ndarray:
-    s = _softmax_ref(ctx)
-    n = s.shape[0]
-    oh = np.zeros_like(s)
-    oh[np.arange(n), ctx["lab_np"]] = 1
-    return (s - oh) / n
-
-
 def ce_fwd_bwd(c: dict, tiles: bool = False) -> Any:
     """cross_entropy then its backward (labels checked once); tiles: loss.metal's tile kernels
     (the earlier production) instead of the row kernels."""
@@ -426,20 +359,6 @@ def ce_fwd_bwd(c: dict, tiles: bool = False) -> Any:
                 F.cross_entropy_backward(c["one"], c["x"], c["lab"], target_grad=False))[1]
     finally:
         lo.row_plan = keep
-
-
-def _pool_ref(x: np.ndarray, kk: int, s: int, pad: int, mode: str) -> np.ndarray:
-    n, c, h, w = x.shape
-    oh, ow = (h + 2 * pad - kk) // s + 1, (w + 2 * pad - kk) // s + 1
-    fill = -np.inf if mode == "max" else 0.0
-    xp = np.full((n, c, h + 2 * pad, w + 2 * pad), fill)
-    xp[:, :, pad:pad + h, pad:pad + w] = x
-    out = np.full((n, c, oh, ow), fill) if mode == "max" else np.zeros((n, c, oh, ow))
-    for i in range(kk):
-        for j in range(kk):
-            win = xp[:, :, i:i + s * oh:s, j:j + s * ow:s]
-            out = np.maximum(out, win) if mode == "max" else out + win
-    return out if mode == "max" else out / (kk * kk)
 
 
 def _t_cast(T: Any, c: dict, t: dict) -> Callable:
@@ -481,7 +400,7 @@ def families(dev: pm.Device, torch: Any) -> list[Family]:
 
     # element-wise, same shape
     fams.append(Family(
-        "add", _img, lambda c: _f32(c["x_np"]) + _f32(c["y_np"]),
+        "add", _img, lambda c: ref.f32(c["x_np"]) + ref.f32(c["y_np"]),
         {"prod": lambda d, c: F.add(c["x"], c["y"])},
         (lambda c, t: (lambda: T.add(t["x"], t["y"], out=t["out"]))) if T else None,
         lambda c: 3 * n_of(c) * isz(c), img_small, img_large))
@@ -492,13 +411,13 @@ def families(dev: pm.Device, torch: Any) -> list[Family]:
         if T else None,
         lambda c: 2 * n_of(c) * isz(c), img_small, img_large))
     fams.append(Family(
-        "add_relu", _img, lambda c: np.maximum(_f32(c["x_np"]) + _f32(c["y_np"]), 0),
+        "add_relu", _img, lambda c: np.maximum(ref.f32(c["x_np"]) + ref.f32(c["y_np"]), 0),
         {"prod": lambda d, c: F.add(c["x"], c["y"], activation="relu"),
          "v1": lambda d, c: F.relu(F.add(c["x"], c["y"]))},
         (lambda c, t: (lambda: T.relu_(T.add(t["x"], t["y"], out=t["out"])))) if T else None,
         lambda c: 3 * n_of(c) * isz(c), img_small, img_large))
     fams.append(Family(
-        "mse_loss_bwd", _img, lambda c: 2 * (_f32(c["x_np"]) - _f32(c["y_np"])) / c["x_np"].size,
+        "mse_loss_bwd", _img, lambda c: 2 * (ref.f32(c["x_np"]) - ref.f32(c["y_np"])) / c["x_np"].size,
         {"prod": lambda d, c: F.mse_loss_backward(
             c.setdefault("one", pm.tensor(np.ones(1, np.float32), d)), c["x"], c["y"],
             target_grad=False)[0],
@@ -545,7 +464,7 @@ def families(dev: pm.Device, torch: Any) -> list[Family]:
 
     # channel broadcast
     fams.append(Family(
-        "mul_bias", _img, lambda c: _f32(c["x_np"]) * _f32(c["w_np"]),
+        "mul_bias", _img, lambda c: ref.f32(c["x_np"]) * ref.f32(c["w_np"]),
         {"prod": lambda d, c: F.mul(c["x"], c["w"]),
          "v1": lambda d, c: general_arith(lambda: F.mul(c["x"], c["w"])),
          "v2": lambda d, c: chan_affine(d, c, 0, True, False)},
@@ -556,7 +475,7 @@ def families(dev: pm.Device, torch: Any) -> list[Family]:
     relu_code = int(CONST.get("NN_ACT_RELU", relu_code))
     fams.append(Family(
         "bias_relu", _img,
-        lambda c: np.maximum(_f32(c["x_np"]) + _f32(c["b_np"]), 0).astype(c["dtype"]),
+        lambda c: np.maximum(ref.f32(c["x_np"]) + ref.f32(c["b_np"]), 0).astype(c["dtype"]),
         {"prod": lambda d, c: F.add(c["x"], c["b"], activation="relu"),
          "v0": lambda d, c: F.relu(F.add(c["x"], c["b"])),
          "v1": lambda d, c: general_arith(lambda: F.relu(F.add(c["x"], c["b"]))),
@@ -598,7 +517,7 @@ def families(dev: pm.Device, torch: Any) -> list[Family]:
         # chunk in all, as norm_part_planes needs
         small = img_small if not tag else (8, 5, 7, 7)
         fams.append(Family(
-            "bn_train_fwd" + tag, _bn_ctx, _bn_ref,
+            "bn_train_fwd" + tag, _bn_ctx, ref.bn_train,
             {"prod": lambda d, c: F.batch_norm(c["x"], c["rm"], c["rv"], c["bw"], c["bb"], True),
              "v1": lambda d, c: scalar_norm(lambda: F.batch_norm(c["x"], c["rm"], c["rv"], c["bw"],
                                                                  c["bb"], True)),
@@ -612,7 +531,7 @@ def families(dev: pm.Device, torch: Any) -> list[Family]:
             (lambda c, t: t_bn(c, t, True)) if T else None,
             lambda c: 2 * n_of(c) * isz(c), small, large))
         fams.append(Family(
-            "bn_eval" + tag, _bn_ctx, _bn_eval_ref,
+            "bn_eval" + tag, _bn_ctx, ref.bn_eval,
             {"prod": lambda d, c: F.batch_norm(c["x"], c["rm"], c["rv"], c["bw"], c["bb"], False),
              "v1": lambda d, c: bn_eval_apply(d, c, False),
              **({"v2": lambda d, c: bn_eval_apply(d, c, True)} if not tag else {})},
@@ -629,7 +548,7 @@ def families(dev: pm.Device, torch: Any) -> list[Family]:
                                          activation="relu")[0]
 
         fams.append(Family(
-            "bn_bwd" + tag, _bn_ctx, _bn_bwd_ref,
+            "bn_bwd" + tag, _bn_ctx, ref.bn_bwd,
             {"prod": lambda d, c: bn_bwd(c), "v1": lambda d, c: scalar_norm(lambda: bn_bwd(c)),
              "v1b": lambda d, c: scalar_norm(lambda: bn_bwd(c), "scalar")},
             t_bn_bwd if T and dev.name == "cuda" else None,
@@ -679,14 +598,14 @@ def families(dev: pm.Device, torch: Any) -> list[Family]:
         tf = T.log_softmax if T else None
         fams.append(Family(
             f"{nm}_fwd", _softmax_ctx,
-            (lambda c, log=log: np.log(_softmax_ref(c)) if log else _softmax_ref(c)),
+            (lambda c, log=log: np.log(ref.softmax(c)) if log else ref.softmax(c)),
             {"prod": lambda d, c, f=fwd_op: f(c["x"], 1),
              "v1": lambda d, c, log=log: softmax_tiles(d, c, log, False)},
             (lambda c, t, log=log: (lambda: (T.log_softmax if log else T.softmax)(t["x"], 1)))
             if tf else None,
             lambda c: 2 * n_of(c) * isz(c), sm_small, sm_large))
         fams.append(Family(
-            f"{nm}_bwd", _softmax_ctx, (lambda c, log=log: _softmax_bwd_ref(c, log)),
+            f"{nm}_bwd", _softmax_ctx, (lambda c, log=log: ref.softmax_bwd(c, log)),
             {"prod": lambda d, c, f=bwd_op, log=log: f(c["g"], c["ly" if log else "y"], 1),
              "v1": lambda d, c, log=log: softmax_tiles(d, c, log, True)},
             (lambda c, t, log=log: (lambda: T.ops.aten._log_softmax_backward_data(
@@ -705,7 +624,7 @@ def families(dev: pm.Device, torch: Any) -> list[Family]:
         return f
 
     fams.append(Family(
-        "cross_entropy_fwd_bwd", _softmax_ctx, _ce_ref,
+        "cross_entropy_fwd_bwd", _softmax_ctx, ref.cross_entropy,
         {"prod": lambda d, c: ce_fwd_bwd(c),
          "v1": lambda d, c: ce_fwd_bwd(c, tiles=True)},
         t_ce if T else None,
@@ -719,12 +638,12 @@ def families(dev: pm.Device, torch: Any) -> list[Family]:
 
     pl_large, pl_small = (32, 64, 112, 112), (2, 3, 13, 11)
     fams.append(Family(
-        "max_pool2d_fwd", pool_ctx, lambda c: _pool_ref(c["x_np"].astype(np.float64), 3, 2, 1, "max"),
+        "max_pool2d_fwd", pool_ctx, lambda c: ref.pool(c["x_np"].astype(np.float64), 3, 2, 1, "max"),
         {"prod": lambda d, c: F.max_pool2d(c["x"], 3, 2, 1)},
         (lambda c, t: (lambda: T.nn.functional.max_pool2d(t["x"], 3, 2, 1))) if T else None,
         lambda c: n_of(c) * isz(c) * 5 // 4, pl_small, pl_large))
     fams.append(Family(
-        "avg_pool2d_fwd", pool_ctx, lambda c: _pool_ref(c["x_np"].astype(np.float64), 3, 2, 1, "avg"),
+        "avg_pool2d_fwd", pool_ctx, lambda c: ref.pool(c["x_np"].astype(np.float64), 3, 2, 1, "avg"),
         {"prod": lambda d, c: F.avg_pool2d(c["x"], 3, 2, 1)},
         (lambda c, t: (lambda: T.nn.functional.avg_pool2d(t["x"], 3, 2, 1))) if T else None,
         lambda c: n_of(c) * isz(c) * 5 // 4, pl_small, pl_large))
@@ -775,7 +694,7 @@ def families(dev: pm.Device, torch: Any) -> list[Family]:
         lambda c: n_of(c) * isz(c) * 5 // 4, pl_small, pl_large))
     fams.append(Family(
         "avg_pool2d_3x3s1", pool_ctx,
-        lambda c: _pool_ref(c["x_np"].astype(np.float64), 3, 1, 1, "avg"),
+        lambda c: ref.pool(c["x_np"].astype(np.float64), 3, 1, 1, "avg"),
         {"prod": lambda d, c: F.avg_pool2d(c["x"], 3, 1, 1), "v2": avg_pool3_v2},
         (lambda c, t: (lambda: T.nn.functional.avg_pool2d(t["x"], 3, 1, 1))) if T else None,
         lambda c: 2 * n_of(c) * isz(c), (2, 3, 13, 11), (32, 192, 35, 35)))

@@ -135,24 +135,18 @@ TILES = {t.name: t for t in (Tile("128x128", 128, 128, 8, 1.0), Tile("64x64", 64
                                   matrix=True, gen=2, hacc_efficiency=2.45),
                              # not yet timed (p2: two slices of loads in flight; v8: 16-byte loads):
                              # below the timed leaders until dev_gemm_mma.py says otherwise
-                             Tile("mma2_128x128k16p2", 128, 128, 16, 2.0, variants=_HALF,
-                                  matrix=True, gen=2),
-                             Tile("mma2_128x128k32p2", 128, 128, 32, 2.0, variants=_HALF,
-                                  matrix=True, gen=2),
-                             Tile("mma2_128x256k16w2p2", 128, 256, 16, 2.0, variants=_HALF,
-                                  matrix=True, gen=2),
-                             Tile("mma2_64x64k32p2", 64, 64, 32, 1.4, variants=_HALF,
-                                  matrix=True, gen=2),
-                             Tile("mma2_128x128k16v8", 128, 128, 16, 2.0, variants=_HALF,
-                                  matrix=True, gen=2),
-                             Tile("mma2_128x256k16w2v8", 128, 256, 16, 2.0, variants=_HALF,
-                                  matrix=True, gen=2),
-                             Tile("mma2_128x128k32p2v8", 128, 128, 32, 2.0, variants=_HALF,
-                                  matrix=True, gen=2),
-                             Tile("mma2_128x64k32p2v8", 128, 64, 32, 2.0, variants=_HALF,
-                                  matrix=True, gen=2),
-                             Tile("mma2_64x128k32w2p2v8", 64, 128, 32, 2.0, variants=_HALF,
-                                  matrix=True, gen=2),
+                             *(Tile("mma2_" + name, bm, bn, bk, eff, variants=_HALF, matrix=True,
+                                    gen=2)
+                               for name, bm, bn, bk, eff in (
+                                   ("128x128k16p2", 128, 128, 16, 2.0),
+                                   ("128x128k32p2", 128, 128, 32, 2.0),
+                                   ("128x256k16w2p2", 128, 256, 16, 2.0),
+                                   ("64x64k32p2", 64, 64, 32, 1.4),
+                                   ("128x128k16v8", 128, 128, 16, 2.0),
+                                   ("128x256k16w2v8", 128, 256, 16, 2.0),
+                                   ("128x128k32p2v8", 128, 128, 32, 2.0),
+                                   ("128x64k32p2v8", 128, 64, 32, 2.0),
+                                   ("64x128k32w2p2v8", 64, 128, 32, 2.0))),
                              Tile("cpu512x128", 512, 128, 16, 1.0, variants=_CPU, cpu=True),
                              Tile("cpu128x512", 128, 512, 16, 1.0, variants=_CPU, cpu=True))}
 MAX_SPLITS = 16

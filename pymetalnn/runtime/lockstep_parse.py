@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 from .errors import MSLError
 from .preprocess import Token
-from .tokens import match_angle, match_bracket, split_commas
+from .tokens import match_angle, match_bracket, match_open, split_commas
 
 SIMD_NAMES = set("""simd_sum simd_product simd_max simd_min simd_prefix_exclusive_sum
 simd_prefix_inclusive_sum simd_prefix_exclusive_product simd_prefix_inclusive_product simd_shuffle
@@ -422,16 +422,8 @@ def find_functions(toks: list[Token], names: set[str]) -> dict[str, list[Func]]:
                     p -= 1
                 e = _match(toks, i)
                 if p >= 0 and toks[p].text == ")":
-                    dd = 0
-                    q = p
-                    while q >= start:
-                        if toks[q].text == ")":
-                            dd += 1
-                        elif toks[q].text == "(":
-                            dd -= 1
-                            if dd == 0:
-                                break
-                        q -= 1
+                    q = match_open(toks, p, start)
+                    q = q if q >= 0 else start - 1
                     name = toks[q - 1].text if q > start else ""
                     if name in names:
                         found.setdefault(name, []).append(

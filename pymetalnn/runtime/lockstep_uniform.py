@@ -23,6 +23,7 @@ from .lockstep_parse import (
     parse_decl,
     to_tokens,
 )
+from .tokens import match_open
 
 if TYPE_CHECKING:
     from .lockstep import Lockstep
@@ -180,16 +181,7 @@ class Uniformity:
             break
         c = q - 1
         if toks[c].text == ">":  # f<T>(x): the name before the template arguments
-            d = 0
-            while c >= 0:
-                if toks[c].text == ">":
-                    d += 1
-                elif toks[c].text == "<":
-                    d -= 1
-                    if d == 0:
-                        break
-                c -= 1
-            c -= 1
+            c = match_open(toks, c) - 1
             if c < 0:
                 return True
         f = toks[c]

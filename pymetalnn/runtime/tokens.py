@@ -32,13 +32,19 @@ def match_bracket(toks: list[Token], i: int, strict: bool = True) -> int:
     return len(toks) - 1
 
 
-def match_open(toks: list[Token], i: int) -> int:
-    """Index of the '(' opening the ')' at toks[i], searching backwards; -1 if there is none."""
+_OPENER = {")": "(", "]": "[", "}": "{", ">": "<"}
+
+
+def match_open(toks: list[Token], i: int, lo: int = 0) -> int:
+    """Index of the bracket opening the ')' (or ']', '}', '>') at toks[i], searching backwards
+    no further than toks[lo]; -1 if there is none."""
+    close = toks[i].text
+    open_ = _OPENER[close]
     depth = 0
-    for q in range(i, -1, -1):
-        if toks[q].text == ")":
+    for q in range(i, lo - 1, -1):
+        if toks[q].text == close:
             depth += 1
-        elif toks[q].text == "(":
+        elif toks[q].text == open_:
             depth -= 1
             if depth == 0:
                 return q

@@ -240,52 +240,39 @@ def _counter(rounds: int, mode: int) -> np.ndarray:
     return (np.arange(1, rounds + 1) % (mode + 2)).astype(np.float32)
 
 
-@pytest.mark.parametrize("name", ["ls_ref_param1", "ls_ref_param2"])
-@pytest.mark.parametrize("n,rounds,mode", [(1, 1, 0), (64, 4, 5), (100, 5, 3), (33, 7, 1)])
-def test_reference_parameter_across_barriers(load, name, n, rounds, mode) -> None:
-    """A counter stepped through a helper's `thread uint&` parameter, inside a loop whose inner
-    loop holds the barriers: each thread steps its own counter once a round."""
-    x = rng(10).standard_normal(n).astype(np.float32)
+def _ref_kernel(load, name: str, n: int, rounds: int, mode: int, seed: int, want):
+    """Runs a reference-counter kernel; want(nxt, k): the expected (rounds, count) values from
+    each thread's right neighbour's input nxt (row) and the counter per round k (column)."""
+    x = rng(seed).standard_normal(n).astype(np.float32)
     count = groups(n, TG) * TG
     (got,) = _run(load, name, n, x, outs=(np.float32,), width=max(rounds, 1),
                   params=LsParams(n, rounds, mode, 0))
     v = np.zeros(count, np.float32)
     v[:n] = x
-    nxt = np.roll(v.reshape(-1, TG), -1, axis=1).reshape(-1)
-    want = nxt[None, :] + _counter(rounds, mode)[:, None]
-    got = got.reshape(rounds, count)
-    np.testing.assert_array_equal(got[:, :n], want[:, :n])
+    nxt = np.roll(v.reshape(-1, TG), -1, axis=1).reshape(-1)[None, :]
+    expected = want(nxt, _counter(rounds, mode)[:, None])
+    np.testing.assert_array_equal(got.reshape(rounds, count)[:, :n], expected[:, :n])
+
+
+@pytest.mark.parametrize("name", ["ls_ref_param1", "ls_ref_param2"])
+@pytest.mark.parametrize("n,rounds,mode", [(1, 1, 0), (64, 4, 5), (100, 5, 3), (33, 7, 1)])
+def test_reference_parameter_across_barriers(load, name, n, rounds, mode) -> None:
+    """A counter stepped through a helper's `thread uint&` parameter, inside a loop whose inner
+    loop holds the barriers: each thread steps its own counter once a round."""
+    _ref_kernel(load, name, n, rounds, mode, 10, lambda nxt, k: nxt + k)
 
 
 @pytest.mark.parametrize("n,rounds,mode", [(1, 2, 0), (64, 3, 4), (100, 6, 2)])
 def test_reference_local_and_synchronizing_helper(load, n, rounds, mode) -> None:
     """The same counter stepped through a local `thread uint&`, and a second one inside a
     helper with a barrier (inlined by the work-item loops)."""
-    x = rng(11).standard_normal(n).astype(np.float32)
-    count = groups(n, TG) * TG
-    (got,) = _run(load, "ls_ref_local", n, x, outs=(np.float32,), width=rounds,
-                  params=LsParams(n, rounds, mode, 0))
-    v = np.zeros(count, np.float32)
-    v[:n] = x
-    nxt = np.roll(v.reshape(-1, TG), -1, axis=1).reshape(-1)
-    k = _counter(rounds, mode)[:, None]
-    want = (nxt[None, :] + k) + np.float32(10) * (nxt[None, :] + k)
-    got = got.reshape(rounds, count)
-    np.testing.assert_array_equal(got[:, :n], want[:, :n])
+    _ref_kernel(load, "ls_ref_local", n, rounds, mode, 11,
+                lambda nxt, k: (nxt + k) + np.float32(10) * (nxt + k))
 
 
 @pytest.mark.parametrize("n,rounds,mode", [(1, 1, 0), (64, 3, 4), (100, 6, 2)])
 def test_member_function_and_parenthesized_reference(load, n, rounds, mode) -> None:
     """The counter as a struct stepped by its member function, and by a helper's reference
     parameter bound through a parenthesized argument."""
-    x = rng(12).standard_normal(n).astype(np.float32)
-    count = groups(n, TG) * TG
-    (got,) = _run(load, "ls_ref_member", n, x, outs=(np.float32,), width=rounds,
-                  params=LsParams(n, rounds, mode, 0))
-    v = np.zeros(count, np.float32)
-    v[:n] = x
-    nxt = np.roll(v.reshape(-1, TG), -1, axis=1).reshape(-1)
-    k = _counter(rounds, mode)[:, None]
-    want = nxt[None, :] + k + np.float32(10) * k
-    got = got.reshape(rounds, count)
-    np.testing.assert_array_equal(got[:, :n], want[:, :n])
+    _ref_kernel(load, "ls_ref_member", n, rounds, mode, 12,
+                lambda nxt, k: nxt + k + np.float32(10) * k)
