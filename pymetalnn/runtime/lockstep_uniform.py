@@ -140,6 +140,9 @@ class Uniformity:
                 # f(x) with `thread T& x`: the call writes x, and where it runs in a thread loop
                 # each thread's call would write the one scalar
                 self.U.discard(t.text)
+            elif prev in ("?", ":") and self._call_arg_written(toks, k, whole=False):
+                # f(c ? x : y) with `thread T& x`: either branch may be the lvalue written
+                self.U.discard(t.text)
             elif nxt in ("[", ".") and t.text not in self.base:
                 # x[i] = ..., x.f += ...: a write into the variable (array or struct) itself
                 j = k + 1
@@ -151,14 +154,15 @@ class Uniformity:
                 elif j < len(toks) and toks[j].text == "(" and toks[j - 2].text == ".":
                     self.U.discard(t.text)  # x.f(...): a member function may modify x
 
-    def _call_arg_written(self, toks: list[Token], k: int) -> bool:
+    def _call_arg_written(self, toks: list[Token], k: int, whole: bool = True) -> bool:
         """Whether toks[k] (preceded by '(' or ',') starts an lvalue argument of a call --
-        `f(x)`, `f(a, x.m)`, `f(x[i])` -- that the callee may write (Lockstep.writes_arg)."""
+        `f(x)`, `f(a, x.m)`, `f(x[i])` -- that the callee may write (Lockstep.writes_arg).
+        whole=False: toks[k] is anywhere inside the argument (a branch of `c ? x : y`)."""
         while True:
             j = _match(toks, k) + 1 if toks[k].text == "(" else k + 1
             while j < len(toks) and toks[j].text in (".", "["):
                 j = _match(toks, j) + 1 if toks[j].text == "[" else j + 2
-            if j >= len(toks) or toks[j].text not in (",", ")"):
+            if whole and (j >= len(toks) or toks[j].text not in (",", ")")):
                 return False
             # the call's '(' and the argument's position
             d, idx, q = 0, 0, k - 1
@@ -172,6 +176,8 @@ class Uniformity:
                     d -= 1
                 elif x == "," and d == 0:
                     idx += 1
+                elif x == ";" and d == 0:
+                    return False  # the statement began: not inside a call's arguments
                 q -= 1
             if q < 1 or toks[q].text != "(":
                 return False

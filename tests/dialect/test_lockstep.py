@@ -212,7 +212,7 @@ def test_cpu_runs_them_without_fibers(load) -> None:
     assert "switch" in report["ls_fallback_switch"]
     for name in ("ls_barrier_loop", "ls_simd_divergent", "ls_helper", "ls_early_return",
                  "ls_mixed_decl", "ls_ref_param1", "ls_ref_param2", "ls_ref_local",
-                 "ls_ref_member"):
+                 "ls_ref_member", "ls_ref_ternary"):
         assert not lib.kernel(name).uses_fibers
 
 
@@ -254,7 +254,7 @@ def _ref_kernel(load, name: str, n: int, rounds: int, mode: int, seed: int, want
     np.testing.assert_array_equal(got.reshape(rounds, count)[:, :n], expected[:, :n])
 
 
-@pytest.mark.parametrize("name", ["ls_ref_param1", "ls_ref_param2"])
+@pytest.mark.parametrize("name", ["ls_ref_param1", "ls_ref_param2", "ls_ref_ternary"])
 @pytest.mark.parametrize("n,rounds,mode", [(1, 1, 0), (64, 4, 5), (100, 5, 3), (33, 7, 1)])
 def test_reference_parameter_across_barriers(load, name, n, rounds, mode) -> None:
     """A counter stepped through a helper's `thread uint&` parameter, inside a loop whose inner

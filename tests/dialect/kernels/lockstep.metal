@@ -308,6 +308,26 @@ kernel void ls_ref_param<1>(device const float*, device float*, constant LsParam
 template [[host_name("ls_ref_param2")]] [[max_total_threads_per_threadgroup(64)]]
 kernel void ls_ref_param<2>(device const float*, device float*, constant LsParams&, uint, uint, uint);
 
+// The counter passed as one branch of a uniform `?:` to the reference parameter.
+[[max_total_threads_per_threadgroup(64)]]
+kernel void ls_ref_ternary(device const float* x [[buffer(0)]],
+                           device float* out [[buffer(1)]],
+                           constant LsParams& p [[buffer(2)]],
+                           uint lid [[thread_position_in_threadgroup]],
+                           uint gid [[thread_position_in_grid]],
+                           uint ng [[threadgroups_per_grid]]) {
+    threadgroup float tile[TG];
+    const float v = gid < p.n ? x[gid] : 0.0f;
+    uint k = 0u, spare = 0u;
+    for (uint u = 0; u < p.rounds; ++u) {
+        ls_step(p.rounds > 0u ? k : spare, p.mode + 2u);
+        tile[lid] = v + float(k) + float(spare);
+        threadgroup_barrier(mem_flags::mem_threadgroup);
+        if (gid < p.n) out[u * ng * TG + gid] = tile[(lid + 1u) % TG];
+        threadgroup_barrier(mem_flags::mem_threadgroup);
+    }
+}
+
 // The same counter stepped through a local reference, and inside a helper with a barrier.
 [[max_total_threads_per_threadgroup(64)]]
 kernel void ls_ref_local(device const float* x [[buffer(0)]],
