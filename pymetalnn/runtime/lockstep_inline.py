@@ -7,18 +7,8 @@ the same parameters (emitted once before the kernels).
 """
 from __future__ import annotations
 
-from .lockstep_parse import (
-    Func,
-    Parser,
-    St,
-    Token,
-    Unsupported,
-    _ids,
-    _match,
-    _match_angle,
-    _split_call_args,
-    parse_decl,
-)
+from . import lockstep_parse as lp
+from .lockstep_parse import Func, Parser, St, Token, Unsupported, parse_decl
 from .lockstep_uniform import Ctx, Uniformity, _copy_info, _declared_names, _returns
 
 
@@ -40,11 +30,11 @@ class InlineHelpers:
         j = k + 1
         targs: list[Token] = []
         if toks[j].text == "<":
-            e = _match_angle(toks, j)
+            e = lp._match_angle(toks, j)
             targs = toks[j : e + 1]
             j = e + 1
-        pc = _match(toks, j)
-        args = _split_call_args(toks[j + 1 : pc])
+        pc = lp._match(toks, j)
+        args = lp._split_call_args(toks[j + 1 : pc])
         if any(len(args) != len(g.params) for g in overloads):
             raise Unsupported(f"call of '{name}' with default arguments")
         void = [x.text for x in f.ret] == ["void"]
@@ -58,7 +48,7 @@ class InlineHelpers:
             for n_, g in enumerate(overloads):
                 self._deduce_decl(g, n_)
             # names visible to overload resolution: the per-thread values it needs, of thread 0
-            used = set().union(*(_ids(a) for a in args)) if args else set()
+            used = set().union(*(lp._ids(a) for a in args)) if args else set()
             binds = [f"auto& {n} = {a}[0]; (void){n};" for n, a in ctx.visible() if n in used]
             binds += [f"const {ty} {n} = 0; (void){n};" for ty, n, _ in ctx.lane_builtins
                       if n in used]
@@ -168,7 +158,7 @@ class InlineHelpers:
         declared = {n for n, _ in pframe} | uni_names
         _declared_names(stmts, self.type_names, declared)
         caller = set(ctx.uni) | {n for _, n, _ in ctx.lane_builtins} | {n for n, _ in ctx.visible()}
-        clash = (_ids(body) - declared) & caller
+        clash = (lp._ids(body) - declared) & caller
         if clash:
             raise Unsupported(f"helper '{name}' uses '{sorted(clash)[0]}', also a local of the caller")
         fctx.uni = Uniformity(self, uni_names).run(stmts)
