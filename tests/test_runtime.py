@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 import pymetalnn
+from pymetalnn.runtime import backend_cpu
 
 SCALE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples",
                      "scale.metal")
@@ -210,3 +211,92 @@ def test_profile_times_each_launch(dev) -> None:
     assert rows[0][2] > 0 and prof.total == pytest.approx(rows[0][2])
     assert "scale_float" in prof.table()
     np.testing.assert_array_equal(buf.numpy(np.float32), np.full(n, 8.0, np.float32))
+
+
+def _host_addr(buf) -> int:
+    return buf.handle.ctypes.data
+
+
+@pytest.fixture
+def cpu_dev():
+    if backend_cpu.probe() is not None:
+        pytest.skip("no C++ compiler")
+    return pymetalnn.device("cpu")
+
+
+def test_cpu_pool_reuses_freed_memory_zeroed(cpu_dev) -> None:
+    """A freed allocation of a size class comes back for the next of that class (no first-touch
+    page faults), zero-filled when asked; small allocations and other classes get fresh memory."""
+    import gc
+
+    dev = cpu_dev
+    dev.empty_cache()
+    n = 300_000  # class 327680 bytes: 301_000 shares it, 400_000 does not
+    a = dev.buffer(np.full(n // 4, 7.0, np.float32))
+    addr = _host_addr(a)
+    del a
+    gc.collect()
+    dev.synchronize()
+    b = dev.buffer(301_000)  # zero-filled by default
+    assert _host_addr(b) == addr
+    assert not b.numpy(np.uint8).any()
+    b.write(np.full(301_000, 3, np.uint8))
+    del b
+    gc.collect()
+    c = dev.buffer(400_000, zero=False)
+    assert _host_addr(c) != addr
+    d = dev.buffer(300_500, zero=False)  # not zeroed: what the last user left
+    assert _host_addr(d) == addr
+    assert (d.numpy(np.uint8) == 3).all()
+
+
+def test_cpu_pool_keeps_memory_a_view_or_a_capture_still_uses(cpu_dev) -> None:
+    """Memory goes back to the pool only once nothing refers to it: not while a numpy view taken
+    from the buffer's handle lives, not while a captured launch list that writes it lives."""
+    import gc
+
+    dev = cpu_dev
+    dev.empty_cache()
+    k = dev.library(SCALE).kernel("scale_float")
+    n = 1 << 16
+    a = dev.buffer(np.ones(n, np.float32))
+    view = a.handle[:16].view(np.float32)  # a view's base is the owning array, not the handle
+    addr = _host_addr(a)
+    del a
+    gc.collect()
+    b = dev.buffer(np.full(n, 2.0, np.float32))
+    assert _host_addr(b) != addr
+    np.testing.assert_array_equal(view, np.ones(4, np.float32))
+
+    c = dev.buffer(np.ones(n, np.float32))
+    caddr = _host_addr(c)
+    with dev.capture() as rec:
+        k(n, c, ScaleParams(n, 3.0))
+    del c
+    gc.collect()
+    d = dev.buffer(np.full(n, 5.0, np.float32))
+    assert _host_addr(d) not in (addr, caddr)
+    rec.replay()
+    np.testing.assert_array_equal(d.numpy(np.float32), np.full(n, 5.0, np.float32))
+
+
+def test_cpu_pool_cap_and_empty_cache(cpu_dev, monkeypatch) -> None:
+    """PYMETALNN_CPU_CACHE_MB bounds what is kept (0: nothing); empty_cache lets all of it go."""
+    import gc
+
+    monkeypatch.setenv("PYMETALNN_CPU_CACHE_MB", "0")
+    dev = backend_cpu.CpuDevice()
+    a = dev.buffer(1 << 20)
+    del a
+    gc.collect()
+    dev.synchronize()
+    assert dev._pool.cached == 0
+    monkeypatch.delenv("PYMETALNN_CPU_CACHE_MB")
+    dev = cpu_dev
+    bufs = [dev.buffer(1 << 20) for _ in range(3)]
+    del bufs
+    gc.collect()
+    dev.synchronize()
+    assert dev._pool.cached >= 3 << 20
+    dev.empty_cache()
+    assert dev._pool.cached == 0

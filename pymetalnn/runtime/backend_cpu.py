@@ -20,6 +20,7 @@ import sys
 import tempfile
 import threading
 import warnings
+import weakref
 from typing import Any
 
 import numpy as np
@@ -89,8 +90,10 @@ _ERR_LINE = re.compile(r"^(.+?):(\d+):(?:\d+:)?\s*(?:fatal )?error:\s*(.*)$", re
 def kernel_flags() -> list[str]:
     """Flags of the kernel libraries: CXXFLAGS at -O3, tuned for this host's CPU where the
     compiler can tell which it is (the flags, and so the cache key, then name that CPU)."""
-    # -fopenmp-simd: honour the work-item loops' `omp simd` (no OpenMP runtime involved)
-    flags = [f for f in CXXFLAGS if f != "-O2"] + ["-O3", "-fopenmp-simd"]
+    # -fopenmp-simd: honour the work-item loops' `omp simd` (no OpenMP runtime involved);
+    # -fno-trapping-math: nothing reads the floating-point exception flags, and without it g++
+    # keeps every float compare a branch, so no loop with a select (a ?: of floats) vectorizes
+    flags = [f for f in CXXFLAGS if f != "-O2"] + ["-O3", "-fopenmp-simd", "-fno-trapping-math"]
     if os.environ.get("PYMETALNN_CPU_NATIVE", "1") not in ("0", ""):
         cpu = _host_cpu()
         if cpu:
@@ -280,6 +283,66 @@ class _Failure:
         return e
 
 
+class _HostPool:
+    """Freed host allocations kept for reuse, by size class, as a GPU framework's caching
+    allocator keeps device memory: a fresh allocation of a few hundred KB or more costs a page
+    fault per 4 KB page on first touch (about half the time of an element-wise kernel over
+    it), a reused one none.
+
+    Allocations of at least MIN bytes are rounded up to a size class (four per power of two:
+    at most 25% unused) and handed out as a 64-byte aligned view of a larger array. When that
+    view dies (weakref.finalize: every queued job holding it has finished) the array goes to its
+    class's free list, unless CAP bytes are already cached. An array is reused only while
+    nothing else refers to it: a view taken from a handle (numpy views refer to the array that
+    owns the memory, not to the view they were taken from) keeps its array out of the pool."""
+
+    MIN = 1 << 15
+
+    def __init__(self, cap: int) -> None:
+        self.cap = cap
+        self.cached = 0
+        self.free: dict[int, list[np.ndarray]] = {}
+        self.lock = threading.Lock()  # finalizers run on whichever thread drops the last view
+
+    @staticmethod
+    def size_class(nbytes: int) -> int:
+        step = 1 << max(nbytes.bit_length() - 3, 0)
+        return -(-nbytes // step) * step
+
+    def take(self, cls: int) -> np.ndarray | None:
+        with self.lock:
+            lst = self.free.get(cls)
+            while lst:
+                raw = lst.pop()
+                self.cached -= cls
+                if sys.getrefcount(raw) == 2:  # this frame's name and getrefcount's argument
+                    return raw
+        return None
+
+    def give(self, raw: np.ndarray, cls: int) -> None:
+        with self.lock:
+            if self.cached + cls <= self.cap:
+                self.free.setdefault(cls, []).append(raw)
+                self.cached += cls
+
+    def clear(self) -> None:
+        with self.lock:
+            self.free.clear()
+            self.cached = 0
+
+
+def _pool_cap() -> int:
+    """PYMETALNN_CPU_CACHE_MB, else an eighth of the machine's memory, at most 2 GiB."""
+    env = os.environ.get("PYMETALNN_CPU_CACHE_MB")
+    if env is not None:
+        return int(env) << 20
+    try:
+        phys = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        phys = 8 << 30
+    return min(phys // 8, 2 << 30)
+
+
 class CpuDevice(Device):
     name = "cpu"
 
@@ -294,6 +357,7 @@ class CpuDevice(Device):
         self.validate = os.environ.get("PYMETALNN_VALIDATE", "") not in ("", "0")
         if self.validate:
             self._launch = self._launch_validated  # type: ignore[method-assign]
+        self._pool = _HostPool(_pool_cap())
         self._start_queue()
         _live_devices.append(self)
 
@@ -486,13 +550,30 @@ class CpuDevice(Device):
     def _alloc(self, nbytes: int, zero: bool) -> np.ndarray:
         return self._alloc_at(nbytes, zero)[0]
 
-    @staticmethod
-    def _alloc_at(nbytes: int, zero: bool) -> tuple[np.ndarray, int]:
-        """(the 64-byte aligned array, its address)."""
-        raw = (np.zeros if zero else np.empty)(nbytes + 64, dtype=np.uint8)
+    def _alloc_at(self, nbytes: int, zero: bool) -> tuple[np.ndarray, int]:
+        """(the 64-byte aligned array, its address): from the pool when one of its size class
+        is free (zero-filled here when asked), else fresh."""
+        if nbytes < _HostPool.MIN:
+            raw = (np.zeros if zero else np.empty)(nbytes + 64, dtype=np.uint8)
+            cls = 0
+        else:
+            cls = _HostPool.size_class(nbytes)
+            raw = self._pool.take(cls)
+            if raw is None:
+                raw = (np.zeros if zero else np.empty)(cls + 64, dtype=np.uint8)
+                zero = False
         addr = raw.ctypes.data
         off = (-addr) % 64
-        return raw[off : off + nbytes], addr + off
+        view = raw[off : off + nbytes]
+        if cls:
+            if zero:
+                view.fill(0)
+            weakref.finalize(view, self._pool.give, raw, cls)
+        return view, addr + off
+
+    def empty_cache(self) -> None:
+        """Let go of the freed host memory kept for reuse (as torch.cuda.empty_cache)."""
+        self._pool.clear()
 
     def _new_buffer(self, nbytes: int, zero: bool) -> Buffer:
         handle, addr = self._alloc_at(max(nbytes, 1), zero)

@@ -148,6 +148,10 @@ class CudaDevice(Device):
         rec.graph.launch(self.cp_stream)
 
     # ---- memory (CuPy's pool)
+    def empty_cache(self) -> None:
+        self.synchronize()
+        self.cp.get_default_memory_pool().free_all_blocks()
+
     def _alloc(self, nbytes: int, zero: bool) -> Any:
         mem = self.cp.cuda.alloc(nbytes)
         if zero:

@@ -588,6 +588,10 @@ class Device:
     def reset_peak_memory(self) -> None:
         self._mem_peak = self._mem_live
 
+    def empty_cache(self) -> None:
+        """Hand freed memory kept for reuse back to the system (torch.cuda.empty_cache): the cuda
+        backend's CuPy pool, the cpu backend's host pool; nothing to do on metal."""
+
     def _track(self, buf: Buffer) -> None:
         # Buffer.__del__ gives the bytes back (cheaper than a weakref.finalize per buffer)
         buf._tracked = buf.nbytes

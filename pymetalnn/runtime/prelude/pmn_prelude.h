@@ -631,6 +631,82 @@ namespace detail {
 PMN_FN constexpr bool isnan_f(float x) { return (f2u(x) & 0x7fffffffu) > 0x7f800000u; }
 PMN_FN constexpr bool isinf_f(float x) { return (f2u(x) & 0x7fffffffu) == 0x7f800000u; }
 
+#ifndef PMN_CUDA
+// exp, log and tanh of float for the cpu, branch-free and evaluated in double: glibc's expf,
+// logf and tanhf are opaque calls, so a loop over them stays scalar, while these inline into
+// the kernels' element loops and vectorize (the cpu's softmax, sigmoid, tanh, LSTM and loss
+// kernels spend most of their time here). Each result is a double with a relative error below
+// 1e-12 rounded once to float: within 0.5 ulp + 1e-4 ulp of the exact value, as accurate as
+// glibc's (tests/dialect/test_math.py checks every float range and the special values).
+PMN_FN double pow2i_(double k) {  // 2^k, k integral in [-1022, 1023]: k lands in the low bits
+  const unsigned long long b = __builtin_bit_cast(unsigned long long, k + 0x1.8p52);
+  return __builtin_bit_cast(double, (b + 1023ull) << 52);
+}
+// a b + c: fused where the hardware has it (one rounding fewer, half the latency), else two
+// operations; either is far inside the double margin these functions keep
+PMN_FN double fma_d_(double a, double b, double c) {
+#if defined(__FMA__) || defined(__aarch64__)
+  return __builtin_fma(a, b, c);
+#else
+  return a * b + c;
+#endif
+}
+// e^y - 1 = s q + (s - 1) with s = 2^k, k = round(y / ln 2), q = e^r - 1, r = y - k ln 2 in
+// [-0.35, 0.35]. q = r P(r), P a degree-6 fit of (e^r - 1) / r on that interval (Chebyshev
+// nodes; relative error < 3e-10), evaluated in Estrin's order (a short dependency chain for
+// the scalar case); q keeps its sign and relative accuracy near 0, so s q + (s - 1) is an
+// accurate expm1 where k = 0.
+PMN_FN double expm1_parts_(double y, double& s) {
+  const double k = __builtin_rint(y * 1.4426950408889634);
+  const double r = y - k * 0.6931471805599453;
+  const double r2 = r * r;
+  const double p01 = fma_d_(0.50000000471573, r, 0.9999999999955039);
+  const double p23 = fma_d_(0.04166635273369443, r, 0.16666666786398743);
+  const double p45 = fma_d_(0.001394112138739507, r, 0.008333283514712015);
+  const double p46 = fma_d_(0.00019907584839315458, r2, p45);
+  s = pow2i_(k);
+  return r * fma_d_(fma_d_(p46, r2, p23), r2, p01);
+}
+// exp: inputs clamped to [-104, 89] (beyond, the float result is 0 or inf already)
+PMN_FN float exp_f(float x) {
+  const double y = x != x ? 0.0 : (x < -104.0f ? -104.0 : (x > 89.0f ? 89.0 : double(x)));
+  double s;
+  const double q = expm1_parts_(y, s);
+  const float e = float(s * q + s);
+  return x != x ? x : e;
+}
+// tanh = (e^2x - 1) / (e^2x + 1), from expm1 so small |x| keeps its relative accuracy; |x| >= 20
+// rounds to +-1; odd, so the sign (and -0) is x's
+PMN_FN float tanh_f(float x) {
+  const double y = x != x ? 0.0 : (x < -20.0f ? -40.0 : (x > 20.0f ? 40.0 : 2.0 * double(x)));
+  double s;
+  const double q = expm1_parts_(y, s);
+  const double em1 = s * q + (s - 1.0);
+  const float t = float(__builtin_copysign(em1 / (em1 + 2.0), double(x)));
+  return x != x ? x : t;
+}
+// log: x = m 2^e with m in [sqrt(1/2), sqrt(2)) (from the double's bits: subnormal floats are
+// normal doubles), log m = 2 atanh(t), t = (m - 1) / (m + 1), |t| < 0.172
+PMN_FN float log_f(float x) {
+  const double d = x > 0.0f ? double(x) : 1.0;
+  const unsigned long long b = __builtin_bit_cast(unsigned long long, d);
+  const unsigned long long mb = (b & 0x000fffffffffffffull) | 0x3ff0000000000000ull;
+  const bool hi = mb > 0x3ff6a09e667f3bcdull;  // m > sqrt(2): use m / 2, e + 1
+  const double m = __builtin_bit_cast(double, mb) * (hi ? 0.5 : 1.0);
+  // the biased exponent as a double, exactly, by the same low-bits trick as pow2i_
+  const double e = __builtin_bit_cast(double, (b >> 52) | 0x4330000000000000ull) -
+                   (0x1.0p52 + 1023.0) + (hi ? 1.0 : 0.0);
+  // 2 atanh(t) / t as a degree-4 polynomial in z = t^2 (Chebyshev fit, relative error < 5e-12)
+  const double t = (m - 1.0) / (m + 1.0), z = t * t, z2 = z * z;
+  const double p = fma_d_(fma_d_(0.11808780676139193, z2,
+                                 fma_d_(0.14267491217394992, z, 0.20000192947069045)), z2,
+                          fma_d_(0.3333333262026784, z, 1.0000000000042106));
+  const float r = float(e * 0.6931471805599453 + 2.0 * t * p);
+  return x > 0.0f ? (x == __builtin_inff() ? x : r)
+                  : (x == 0.0f ? -__builtin_inff() : __builtin_nanf(""));
+}
+#endif
+
 // min/max with Metal's NaN rule (a NaN argument yields the other one). cuda uses the hardware
 // min/max; the cpu version reproduces its signed-zero and NaN results bit for bit
 // (max(-0, +0) = +0, min(-0, +0) = -0, both NaN -> canonical NaN).
@@ -661,7 +737,15 @@ PMN_FN float fmin_(float a, float b) {
     return ::pmn::detail::vmap<T>(v, [](const T& e) { return ns::name(e); });               \
   }
 
+#ifdef PMN_CUDA
 PMN_UNARY_F(::pmn, exp, PMN_LIBM(exp)(x))
+PMN_UNARY_F(::pmn, log, PMN_LIBM(log)(x))
+PMN_UNARY_F(::pmn, tanh, PMN_LIBM(tanh)(x))
+#else
+PMN_UNARY_F(::pmn, exp, detail::exp_f(x))
+PMN_UNARY_F(::pmn, log, detail::log_f(x))
+PMN_UNARY_F(::pmn, tanh, detail::tanh_f(x))
+#endif
 PMN_UNARY_F(::pmn, exp2, PMN_LIBM(exp2)(x))
 #ifdef PMN_CUDA
 PMN_UNARY_F(::pmn, exp10, ::exp10f(x))
@@ -670,11 +754,9 @@ PMN_UNARY_F(::pmn, rsqrt, ::rsqrtf(x))
 PMN_UNARY_F(::pmn, exp10, std::pow(10.0f, x))
 PMN_UNARY_F(::pmn, rsqrt, 1.0f / std::sqrt(x))
 #endif
-PMN_UNARY_F(::pmn, log, PMN_LIBM(log)(x))
 PMN_UNARY_F(::pmn, log2, PMN_LIBM(log2)(x))
 PMN_UNARY_F(::pmn, log10, PMN_LIBM(log10)(x))
 PMN_UNARY_F(::pmn, sqrt, PMN_LIBM(sqrt)(x))
-PMN_UNARY_F(::pmn, tanh, PMN_LIBM(tanh)(x))
 PMN_UNARY_F(::pmn, sinh, PMN_LIBM(sinh)(x))
 PMN_UNARY_F(::pmn, cosh, PMN_LIBM(cosh)(x))
 PMN_UNARY_F(::pmn, sin, PMN_LIBM(sin)(x))

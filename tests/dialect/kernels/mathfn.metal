@@ -51,6 +51,18 @@ kernel void math_fast(MATH_PARAMS) { MATH_LOAD TRANSCENDENTALS(fast::) }
 kernel void math_metal_ns(MATH_PARAMS) { MATH_LOAD TRANSCENDENTALS(metal::) }
 kernel void math_metal_precise_ns(MATH_PARAMS) { MATH_LOAD TRANSCENDENTALS(metal::precise::) }
 
+// exp, log and tanh over any float (the cpu computes them inline, tests/dialect/test_math.py)
+kernel void math_exp_log_tanh(device const float* X [[buffer(0)]],
+                              device float* out [[buffer(1)]],
+                              constant uint& n [[buffer(2)]],
+                              uint gid [[thread_position_in_grid]]) {
+    if (gid >= n) return;
+    const float x = X[gid];
+    out[3 * gid] = exp(x);
+    out[3 * gid + 1] = log(x);
+    out[3 * gid + 2] = tanh(x);
+}
+
 #define NM 40  // other outputs per thread
 
 kernel void math_misc(device const float* A [[buffer(0)]],
