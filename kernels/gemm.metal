@@ -340,7 +340,11 @@ kernel void gemm_blocked(device const T* A [[buffer(0)]], device const T* B [[bu
         uint k0 = kt * uint(BK);
         uint kn = min(uint(BK), p.K - k0);
         bool direct = rcb && full_n && kn == uint(BK);
-        for (uint kk = 0; kk < uint(BK); ++kk) {
+        // op(A) stored K x M (A^T) holds the thread's TM rows contiguously as well: both
+        // operands are then read in place (each A value broadcast from memory into its row's
+        // FMAs), with no copy at all
+        bool direct_a = direct && rca && full_m;
+        for (uint kk = 0; kk < (direct_a ? 0u : uint(BK)); ++kk) {
             uint k = k0 + min(kk, kn - 1u);
             if (rca && full_m) {
                 for (int i = 0; i < TM; ++i) as[kk][i] = ACC(Ab[k * p.lda + mt + uint(i)]);
@@ -361,7 +365,18 @@ kernel void gemm_blocked(device const T* A [[buffer(0)]], device const T* B [[bu
                 for (int j = 0; j < TN; ++j) bs[kk][j] = ACC(0);
             }
         }
-        if (direct) {  // B's rows read in place: the accumulators stay in registers
+        if (direct_a) {
+            device const T* arow = Ab + k0 * p.lda + mt;
+            device const T* brow = Bb + k0 * p.ldb + nt;
+            for (int kk = 0; kk < BK; ++kk) {
+                for (int i = 0; i < TM; ++i) {
+                    const ACC av = ACC(arow[i]);
+                    for (int j = 0; j < TN; ++j) acc[i][j] = fma(av, ACC(brow[j]), acc[i][j]);
+                }
+                arow += p.lda;
+                brow += p.ldb;
+            }
+        } else if (direct) {  // B's rows read in place: the accumulators stay in registers
             device const T* brow = Bb + k0 * p.ldb + nt;
             for (int kk = 0; kk < BK; ++kk) {
                 for (int i = 0; i < TM; ++i) {

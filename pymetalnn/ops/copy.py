@@ -455,6 +455,18 @@ def _perm(dims: Any, ndim: int) -> tuple[int, ...]:
     return p
 
 
+def transpose_launch(dev: Device, src: Any, dst: Any, batch: int, rows: int, cols: int,
+                     dtype: np.dtype) -> tuple:
+    """The launch (kernel, threads, args) writing dst (batch, cols, rows) = src (batch, rows,
+    cols) transposed: one threadgroup per 32 x 32 tile (grid-stride past GRID_CAP)."""
+    tr, tc = -(-rows // 32), -(-cols // 32)
+    tp = TransposeParams(batch=batch, rows=rows, cols=cols, tiles_r=tr, tiles_c=tc,
+                         n_tiles=batch * tr * tc)
+    k = kernel(dev, SOURCE, f"transpose_fwd_{suffix(dtype)}")
+    tg = k.threadgroup_size
+    return k, min(tp.n_tiles, GRID_CAP // tg) * tg, (src, dst, tp)
+
+
 def _permute(x: Tensor, p: tuple[int, ...]) -> Tensor:
     out_shape = tuple(x.shape[d] for d in p)
     out = out_like(out_shape, x.dtype, x.device)
@@ -472,12 +484,8 @@ def _permute(x: Tensor, p: tuple[int, ...]) -> Tensor:
         a, b = sizes[-2], sizes[-1]  # out (batch, a, b) from x (batch, b, a)
         if len(dims) <= 3 and strides[-2] == 1 and strides[-1] == a and \
                 (len(dims) == 2 or strides[0] == a * b):
-            tr, tc = -(-b // 32), -(-a // 32)
-            tp = TransposeParams(batch=batch, rows=b, cols=a, tiles_r=tr, tiles_c=tc,
-                                 n_tiles=batch * tr * tc)
-            k = kernel(x.device, SOURCE, f"transpose_fwd_{suffix(x.dtype)}")
-            tg = k.threadgroup_size  # one threadgroup per tile (grid-stride past GRID_CAP)
-            k(min(tp.n_tiles, GRID_CAP // tg) * tg, x.buffer, out.buffer, tp)
+            k, count, args = transpose_launch(x.device, x.buffer, out.buffer, batch, b, a, x.dtype)
+            k(count, *args)
             return out
     if len(dims) > MAXD:
         raise ValueError(f"dims: permuting {x.shape} needs {len(dims)} dimensions after merging, "
