@@ -47,6 +47,14 @@ def tiling(request, dev, monkeypatch):
     return request.param
 
 
+@pytest.fixture(params=["auto", "tree", "rows"])
+def finalize(request, monkeypatch):
+    """The statistics' finalize kernel: the device's choice, and each one forced (a threadgroup
+    per row on the cpu, a thread per row on a GPU, where "auto" would not pick them)."""
+    monkeypatch.setattr(ops, "FINALIZE", request.param)
+    return request.param
+
+
 def test_plans_cover_both_modes(monkeypatch):
     """BN_SHAPES reach multi-chunk partials in both modes under a GPU's tiling."""
     monkeypatch.setattr(ops, "_target", lambda d: (ops.TARGET_GROUPS, 16))
@@ -62,7 +70,7 @@ def test_plans_cover_both_modes(monkeypatch):
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float16])
-def test_batch_norm_train(dev, dtype, tiling):
+def test_batch_norm_train(dev, dtype, tiling, finalize):
     for k, shape in enumerate(BN_SHAPES):
         c = shape[1]
         # a large mean next to the spread, in float32 only (half cannot hold it precisely)
@@ -145,7 +153,7 @@ GN_CASES = [((2, 6, 5, 5), 1), ((2, 6, 5, 5), 2), ((2, 6, 5, 5), 6), ((1, 32, 3,
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float16])
-def test_group_norm(dev, dtype, tiling):
+def test_group_norm(dev, dtype, tiling, finalize):
     for k, (shape, groups) in enumerate(GN_CASES):
         c = shape[1]
         off = 300.0 if dtype == np.float32 and k % 2 else 0.0
@@ -308,8 +316,9 @@ def test_batch_norm_training_forward_launches(dev):
     dev.reset_counts()
     y = F.batch_norm(x, rm, rv, w, b, training=True)
     names = dict(dev.dispatch_counts)
-    assert names.get("batch_norm_finalize_fwd_float") == 1 and \
-        "batch_norm_coef_fwd_float" not in names, names
+    fin = "batch_norm_finalize_rows_fwd_float" if dev.name == "cpu" else \
+        "batch_norm_finalize_fwd_float"  # ops.FINALIZE "auto"
+    assert names.get(fin) == 1 and "batch_norm_coef_fwd_float" not in names, names
     assert sum(names.values()) == 3, names
     xn = x.numpy()
     mu, var = xn.mean(axis=(0, 2, 3)), xn.var(axis=(0, 2, 3))

@@ -40,6 +40,10 @@ MAX_ELEMS = 2**31  # 32-bit offsets in the kernels
 # float partial sum covers about this many terms (up to gemm.MAX_SPLITS splits), keeping the
 # error near the tiled kernels' (which sum short chunks; test_conv2d_fp32_budget)
 WGRAD_SPLIT_TERMS = 256
+# The forward transposes w once when its GEMM would read it at least this many times (images x
+# 32-column blocks of a plane): measured break-even on the 2-core test box lies between 2
+# (ResNet-18 at batch 2, 4x4 planes: transposing cost 11 ms of a 217 ms step) and 448 (MNIST).
+TRANSPOSE_W_READS = 8
 
 
 def eligible(dev: Device, geo: ConvGeometry, prec: str, any_device: bool = False) -> bool:
@@ -94,17 +98,22 @@ def _gemm(a: Tensor, b: Tensor, out: Tensor, transpose_a: bool = False, transpos
 
 def forward_plan(dev: Device, geo: ConvGeometry, x: Tensor, w: Tensor, b: Tensor | None,
                  y: Tensor, act: tuple[int, float]) -> list[tuple]:
-    """y = act(conv(x, w) + b), y contiguous NCHW. The GEMM takes the weight transposed (w^T,
-    C*KH*KW x K, written first into the scratch): gemm_blocked then reads both operands in place
-    (64 x 12544 x 800 on the 2-core test box: 133 -> 178 GFLOP/s) instead of copying a
-    thread's rows of w per slice."""
+    """y = act(conv(x, w) + b), y contiguous NCHW. Where w would be read many times (images x
+    32-column blocks of OH*OW >= TRANSPOSE_W_READS), the GEMM takes it transposed (w^T, C*KH*KW
+    x K, written first into the scratch): gemm_blocked then reads both operands in place
+    (64 x 12544 x 800 on the 2-core test box: 133 -> 178 GFLOP/s) instead of copying a thread's
+    rows of w per slice; below that the transpose would cost more than those copies (ResNet-18's
+    512-channel layers at batch 2 read w twice)."""
     crs, ohw = geo.C * geo.KH * geo.KW, geo.OH * geo.OW
     out: list[tuple] = []
+    transpose = geo.N * cdiv(ohw, 32) >= TRANSPOSE_W_READS
+    wm: Tensor = Tensor(w.buffer, (geo.K, crs), w.dtype)
     wt: Tensor | None = None
     for n0, n in _chunks(geo):
         # w^T first: its offset in the scratch is the same for every chunk
-        wt_buf, col_buf = scratch(dev, [geo.K * crs * 4, n * crs * ohw * 4], SCRATCH_TAG)
-        if wt is None:
+        wt_buf, col_buf = scratch(dev, [geo.K * crs * 4 if transpose else 0, n * crs * ohw * 4],
+                                  SCRATCH_TAG)
+        if transpose and wt is None:
             wt = Tensor(wt_buf, (crs, geo.K), w.dtype)
             out.append(transpose_launch(dev, w.buffer, wt_buf, 1, geo.K, crs, w.dtype))
         col = Tensor(col_buf, (n, crs, ohw), np.float32)
@@ -114,7 +123,8 @@ def forward_plan(dev: Device, geo: ConvGeometry, x: Tensor, w: Tensor, b: Tensor
                            col.buffer, p))
         if b is not None:
             out.append(_unfold(dev, "bias_fill", n * geo.K, b.buffer, ys.buffer, p))
-        out += _gemm(wt, col, ys, transpose_a=True, beta=1.0 if b is not None else 0.0, act=act)
+        out += _gemm(wt if wt is not None else wm, col, ys, transpose_a=wt is not None,
+                     beta=1.0 if b is not None else 0.0, act=act)
     return out
 
 

@@ -83,6 +83,10 @@ PLANES_MAX_CHUNKS = 126
 # shifted sums and norm_part_planes: norm_part_vec's forward statistics as a Welford block per
 # chunk, the scalar norm_part for planes that are not whole chunks).
 KERNELS = "auto"
+# The statistics' finalize: "tree" (a threadgroup per row, norm_finalize_fwd), "rows" (a thread
+# per row, norm_finalize_rows_fwd), "auto" (rows on the cpu backend, where a tree per row costs
+# its barriers as work-item loops; tree elsewhere).
+FINALIZE = "auto"
 
 # ---- validation ------------------------------------------------------------------------------
 
@@ -316,9 +320,11 @@ def _stats(dev: Device, p: NormParams, x: Tensor, running_mean: Tensor | None = 
     mean, invstd = empty((p.rows,), float32, dev), empty((p.rows,), float32, dev)
     d = dummy(dev)
     w, b, coef = bn_coef if bn_coef is not None else (None, None, None)
-    name = "batch_norm_finalize_fwd_float" if bn_coef is not None else "norm_finalize_fwd_float"
+    rows = FINALIZE == "rows" or (FINALIZE == "auto" and dev.name == "cpu")
+    name = ("batch_norm_" if bn_coef is not None else "norm_") + \
+        ("finalize_rows_fwd_float" if rows else "finalize_fwd_float")
     kernel(dev, SOURCE, name)(
-        min(p.rows, MAX_GROUPS) * TG, part.buffer,
+        p.rows if rows else min(p.rows, MAX_GROUPS) * TG, part.buffer,
         running_mean.buffer if running_mean is not None else d,
         running_var.buffer if running_var is not None else d, mean.buffer, invstd.buffer, p,
         w.buffer if w is not None else d, b.buffer if b is not None else d,
