@@ -291,6 +291,9 @@ def test_cpu_pool_cap_and_empty_cache(cpu_dev, monkeypatch) -> None:
     gc.collect()
     dev.synchronize()
     assert dev._pool.cached == 0
+    monkeypatch.setenv("PYMETALNN_CPU_CACHE_MB", "lots")
+    with pytest.raises(ValueError, match="PYMETALNN_CPU_CACHE_MB"):
+        backend_cpu.CpuDevice()
     monkeypatch.delenv("PYMETALNN_CPU_CACHE_MB")
     dev = cpu_dev
     bufs = [dev.buffer(1 << 20) for _ in range(3)]

@@ -341,7 +341,11 @@ def _pool_cap() -> int:
     """PYMETALNN_CPU_CACHE_MB, else an eighth of the machine's memory, at most 2 GiB."""
     env = os.environ.get("PYMETALNN_CPU_CACHE_MB")
     if env is not None:
-        return int(env) << 20
+        try:
+            return max(int(env), 0) << 20
+        except ValueError:
+            raise ValueError(f"PYMETALNN_CPU_CACHE_MB: expected a whole number of MiB, got {env!r}"
+                             ) from None
     try:
         phys = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
     except (ValueError, OSError, AttributeError):
@@ -574,7 +578,7 @@ class CpuDevice(Device):
         if cls:
             if zero:
                 view.fill(0)
-            weakref.finalize(view, self._pool.give, raw, cls)
+            weakref.finalize(view, self._pool.give, raw, cls).atexit = False
         return view, addr + off
 
     def empty_cache(self) -> None:
