@@ -737,15 +737,16 @@ PMN_FN float fmin_(float a, float b) {
     return ::pmn::detail::vmap<T>(v, [](const T& e) { return ns::name(e); });               \
   }
 
+// exp, log, tanh: the cpu's own vectorizable versions (detail::exp_f, ...), libm on cuda
 #ifdef PMN_CUDA
-PMN_UNARY_F(::pmn, exp, PMN_LIBM(exp)(x))
-PMN_UNARY_F(::pmn, log, PMN_LIBM(log)(x))
-PMN_UNARY_F(::pmn, tanh, PMN_LIBM(tanh)(x))
+#define PMN_OWN_F(fn) PMN_LIBM(fn)
 #else
-PMN_UNARY_F(::pmn, exp, detail::exp_f(x))
-PMN_UNARY_F(::pmn, log, detail::log_f(x))
-PMN_UNARY_F(::pmn, tanh, detail::tanh_f(x))
+#define PMN_OWN_F(fn) detail::fn##_f
 #endif
+PMN_UNARY_F(::pmn, exp, PMN_OWN_F(exp)(x))
+PMN_UNARY_F(::pmn, log, PMN_OWN_F(log)(x))
+PMN_UNARY_F(::pmn, tanh, PMN_OWN_F(tanh)(x))
+#undef PMN_OWN_F
 PMN_UNARY_F(::pmn, exp2, PMN_LIBM(exp2)(x))
 #ifdef PMN_CUDA
 PMN_UNARY_F(::pmn, exp10, ::exp10f(x))
@@ -754,22 +755,13 @@ PMN_UNARY_F(::pmn, rsqrt, ::rsqrtf(x))
 PMN_UNARY_F(::pmn, exp10, std::pow(10.0f, x))
 PMN_UNARY_F(::pmn, rsqrt, 1.0f / std::sqrt(x))
 #endif
-PMN_UNARY_F(::pmn, log2, PMN_LIBM(log2)(x))
-PMN_UNARY_F(::pmn, log10, PMN_LIBM(log10)(x))
-PMN_UNARY_F(::pmn, sqrt, PMN_LIBM(sqrt)(x))
-PMN_UNARY_F(::pmn, sinh, PMN_LIBM(sinh)(x))
-PMN_UNARY_F(::pmn, cosh, PMN_LIBM(cosh)(x))
-PMN_UNARY_F(::pmn, sin, PMN_LIBM(sin)(x))
-PMN_UNARY_F(::pmn, cos, PMN_LIBM(cos)(x))
-PMN_UNARY_F(::pmn, tan, PMN_LIBM(tan)(x))
-PMN_UNARY_F(::pmn, asin, PMN_LIBM(asin)(x))
-PMN_UNARY_F(::pmn, acos, PMN_LIBM(acos)(x))
-PMN_UNARY_F(::pmn, atan, PMN_LIBM(atan)(x))
-PMN_UNARY_F(::pmn, floor, PMN_LIBM(floor)(x))
-PMN_UNARY_F(::pmn, ceil, PMN_LIBM(ceil)(x))
-PMN_UNARY_F(::pmn, round, PMN_LIBM(round)(x))  // halfway cases away from zero
-PMN_UNARY_F(::pmn, rint, PMN_LIBM(rint)(x))    // halfway cases to even
-PMN_UNARY_F(::pmn, trunc, PMN_LIBM(trunc)(x))
+// the rest: each target's C library (round: halfway cases away from zero; rint: to even)
+#define PMN_LIBM_UNARY(fn) PMN_UNARY_F(::pmn, fn, PMN_LIBM(fn)(x))
+PMN_LIBM_UNARY(log2) PMN_LIBM_UNARY(log10) PMN_LIBM_UNARY(sqrt) PMN_LIBM_UNARY(sinh)
+PMN_LIBM_UNARY(cosh) PMN_LIBM_UNARY(sin) PMN_LIBM_UNARY(cos) PMN_LIBM_UNARY(tan)
+PMN_LIBM_UNARY(asin) PMN_LIBM_UNARY(acos) PMN_LIBM_UNARY(atan) PMN_LIBM_UNARY(floor)
+PMN_LIBM_UNARY(ceil) PMN_LIBM_UNARY(round) PMN_LIBM_UNARY(rint) PMN_LIBM_UNARY(trunc)
+#undef PMN_LIBM_UNARY
 PMN_FN float fabs(float x) { return detail::u2f(detail::f2u(x) & 0x7fffffffu); }
 PMN_FN half fabs(half x) { return half::from_bits((unsigned short)(x.bits & 0x7fffu)); }
 template <class T, int N> PMN_FN vec<T, N> fabs(const vec<T, N>& v) {
