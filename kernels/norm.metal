@@ -456,11 +456,15 @@ INSTANTIATE("batch_norm_finalize_fwd_float", norm_finalize_fwd, true)
 // step, against a few microseconds here).
 template <bool BN>
 [[max_total_threads_per_threadgroup(256)]]
-kernel void norm_finalize_rows_fwd(NORM_FINALIZE_ARGS, uint r [[thread_position_in_grid]]) {
-    if (r >= p.rows) return;
-    float4 acc = float4(0.0f);
-    for (uint k = 0; k < p.parts; ++k) acc = chan_merge(acc, part[part_index(p, r, k)]);
-    norm_finalize_row<BN>(acc, r, p, running_mean, running_var, mean, invstd, weight, bias, coef);
+kernel void norm_finalize_rows_fwd(NORM_FINALIZE_ARGS, uint gid [[thread_position_in_grid]],
+                                   uint tg_size [[threads_per_threadgroup]],
+                                   uint ntg [[threadgroups_per_grid]]) {
+    for (uint r = gid; r < p.rows; r += tg_size * ntg) {  // grid-stride past MAX_GROUPS groups
+        float4 acc = float4(0.0f);
+        for (uint k = 0; k < p.parts; ++k) acc = chan_merge(acc, part[part_index(p, r, k)]);
+        norm_finalize_row<BN>(acc, r, p, running_mean, running_var, mean, invstd, weight, bias,
+                              coef);
+    }
 }
 INSTANTIATE("norm_finalize_rows_fwd_float", norm_finalize_rows_fwd, false)
 INSTANTIATE("batch_norm_finalize_rows_fwd_float", norm_finalize_rows_fwd, true)

@@ -55,6 +55,19 @@ def finalize(request, monkeypatch):
     return request.param
 
 
+def test_finalize_rows_grid_stride(dev, monkeypatch):
+    """The per-row finalize strides over rows past its grid (one threadgroup here: 300 rows)."""
+    monkeypatch.setattr(ops, "FINALIZE", "rows")
+    monkeypatch.setattr(ops, "MAX_GROUPS", 1)
+    x = _data((3, 300, 5), np.float32, 7)
+    y, mean, invstd = F.batch_norm_with_stats(pm.tensor(x, dev), None, None, None, None, True,
+                                              0.1, 1e-5)
+    ry, rmean, rvar, _ = ref.batch_norm_train(x, None, None, 1e-5)
+    np.testing.assert_allclose(mean.numpy(), rmean, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(invstd.numpy(), 1 / np.sqrt(rvar + 1e-5), rtol=1e-4)
+    np.testing.assert_allclose(y.numpy(), ry, rtol=1e-4, atol=1e-4)
+
+
 def test_plans_cover_both_modes(monkeypatch):
     """BN_SHAPES reach multi-chunk partials in both modes under a GPU's tiling."""
     monkeypatch.setattr(ops, "_target", lambda d: (ops.TARGET_GROUPS, 16))

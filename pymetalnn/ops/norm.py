@@ -41,6 +41,7 @@ from ._common import (
     FLOATS,
     MAX_GROUPS,
     boolean,
+    cdiv,
     dummy,
     empty,
     float32_arg,
@@ -324,7 +325,7 @@ def _stats(dev: Device, p: NormParams, x: Tensor, running_mean: Tensor | None = 
     name = ("batch_norm_" if bn_coef is not None else "norm_") + \
         ("finalize_rows_fwd_float" if rows else "finalize_fwd_float")
     kernel(dev, SOURCE, name)(
-        p.rows if rows else min(p.rows, MAX_GROUPS) * TG, part.buffer,
+        min(cdiv(p.rows, TG) if rows else p.rows, MAX_GROUPS) * TG, part.buffer,
         running_mean.buffer if running_mean is not None else d,
         running_var.buffer if running_var is not None else d, mean.buffer, invstd.buffer, p,
         w.buffer if w is not None else d, b.buffer if b is not None else d,
