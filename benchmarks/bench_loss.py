@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import os
 import sys
-from typing import Any
 
 import numpy as np
 
@@ -25,16 +24,6 @@ import membound  # noqa: E402
 
 import pymetalnn as pm  # noqa: E402
 from pymetalnn import functional as F  # noqa: E402
-
-
-def _torch_backward_time(dev: pm.Device, loss: Any, xr: Any, quick: bool) -> float:
-    """torch's backward alone: the gradient of one recorded forward, its graph kept between
-    repetitions (a difference of two separately timed medians, fwd+bwd - fwd, can come out at or
-    below zero on a busy machine)."""
-    import torch
-
-    return common.time_on(dev, lambda: torch.autograd.grad(loss, xr, retain_graph=True),
-                          quick)[0]
 
 
 def _np_ce(x: np.ndarray, y: np.ndarray, grad: bool) -> np.ndarray:
@@ -89,7 +78,7 @@ def bench_cross_entropy(dev: pm.Device, shape: tuple, dtype, quick: bool) -> lis
             peer = "torch F.cross_entropy"
             pf, _ = common.time_on(dev, lambda: torch.nn.functional.cross_entropy(xr, yl), quick)
             pfb, _ = common.time_on(dev, t_both, quick)
-            pb = _torch_backward_time(dev, torch.nn.functional.cross_entropy(xr, yl), xr, quick)
+            pb = common.torch_backward_time(dev, torch.nn.functional.cross_entropy(xr, yl), xr, quick)
     else:
         xf = x_np.astype(np.float32)
         assert abs(_np_ce(xf, y_np, False) - float(fwd().numpy())) < 1e-3
@@ -137,7 +126,7 @@ def bench_pointwise(dev: pm.Device, name: str, shape: tuple, dtype, quick: bool)
             peer = "torch"
             pf, _ = common.time_on(dev, lambda: f(xr, tt), quick)
             pfb, _ = common.time_on(dev, t_both, quick)
-            pb = _torch_backward_time(dev, f(xr, tt), xr, quick)
+            pb = common.torch_backward_time(dev, f(xr, tt), xr, quick)
     else:
         xf, tf32 = x_np.astype(np.float32), t_np.astype(np.float32)
         if name == "bce":

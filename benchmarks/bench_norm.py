@@ -103,13 +103,14 @@ def bench_batch_norm(dev: pm.Device, shape: tuple, dtype, quick: bool) -> list[d
                 y = tf.batch_norm(xr, trm, trv, wt, bt, True)
                 torch.autograd.grad(y, (xr, wt, bt), gt)
 
-            peer = "torch (cuDNN)"
+            peer = "torch (cuDNN)" if dev.name == "cuda" else "torch"
             with torch.no_grad():
                 pt["fwd"], _ = common.time_on(dev, lambda: tf.batch_norm(xt, trm, trv, wt, bt, True), quick)
                 pt["eval"], _ = common.time_on(dev, lambda: tf.batch_norm(xt, trm, trv, wt, bt, False),
                                                 quick)
             pt["fwd+bwd"], _ = common.time_on(dev, t_both, quick)
-            pt["bwd"] = max(pt["fwd+bwd"] - pt["fwd"], 1e-9)
+            pt["bwd"] = common.torch_backward_time(
+                dev, tf.batch_norm(xr, trm, trv, wt, bt, True), (xr, wt, bt), quick, gt)
     else:
         xf, gf = x_np.astype(np.float32), g_np.astype(np.float32)
         assert np.abs(_np_bn(xf, w_np, b_np) - F.batch_norm(x, pm.tensor(np.zeros(c, np.float32), dev),
@@ -154,7 +155,8 @@ def bench_group_norm(dev: pm.Device, shape: tuple, groups: int, dtype, quick: bo
             with torch.no_grad():
                 pf, _ = common.time_on(dev, lambda: tf.group_norm(xt, groups, wt, bt), quick)
             pfb, _ = common.time_on(dev, t_both, quick)
-            pb = max(pfb - pf, 1e-9)
+            pb = common.torch_backward_time(dev, tf.group_norm(xr, groups, wt, bt), (xr, wt, bt),
+                                            quick, gt)
     else:
         xf = x_np.astype(np.float32)
 
@@ -202,7 +204,8 @@ def bench_layer_norm(dev: pm.Device, shape: tuple, dtype, quick: bool) -> list[d
             with torch.no_grad():
                 pf, _ = common.time_on(dev, lambda: tf.layer_norm(xt, (d,), wt, bt), quick)
             pfb, _ = common.time_on(dev, t_both, quick)
-            pb = max(pfb - pf, 1e-9)
+            pb = common.torch_backward_time(dev, tf.layer_norm(xr, (d,), wt, bt), (xr, wt, bt),
+                                            quick, gt)
     else:
         xf = x_np.astype(np.float32)
 

@@ -74,6 +74,17 @@ def time_on(dev: pymetalnn.Device, fn: Callable[[], Any], quick: bool = False) -
     return time_host(fn, dev.synchronize, warmup=1, reps=3 if quick else 5)
 
 
+def torch_backward_time(dev: pymetalnn.Device, out: Any, inputs: Any, quick: bool = False,
+                        grad_out: Any = None) -> float:
+    """Median seconds of torch's backward alone: the gradients of `inputs` from one recorded
+    forward `out` (graph retained between repetitions). A difference of two separately timed
+    medians (fwd+bwd - fwd) can come out at or below zero on a busy machine."""
+    import torch
+
+    return time_on(dev, lambda: torch.autograd.grad(out, inputs, grad_out, retain_graph=True),
+                   quick)[0]
+
+
 def time_captured(dev: pymetalnn.Device, fn: Callable[[], Any], reps: int, batch: int
                   ) -> tuple[float, float]:
     """(seconds per call of fn's launches captured once (Device.capture, a CUDA graph) and
