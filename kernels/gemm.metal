@@ -299,6 +299,13 @@ kernel void gemm_tiled(device const T* A [[buffer(0)]], device const T* B [[buff
 // Xeon: 15 GFLOP/s per core against 3 for gemm_tiled as work-item loops). Each output still
 // accumulates its K terms one at a time in order, with fma, as gemm_tiled does (split-K: per
 // split). Threads whose block starts past M or N return at once.
+// Element (r, k) of an operand stored r-major (x[r * ld + k]) or, kmajor, k-major
+// (x[k * ld + r]), widened to float.
+template <typename T>
+inline float gemm_at(device const T* x, bool kmajor, uint ld, uint r, uint k) {
+    return float(kmajor ? x[k * ld + r] : x[r * ld + k]);
+}
+
 template <typename T, typename ACC, typename TC, int TM, int TN, int TX, int BK>
 [[max_total_threads_per_threadgroup(256)]]
 kernel void gemm_blocked(device const T* A [[buffer(0)]], device const T* B [[buffer(1)]],
@@ -332,38 +339,47 @@ kernel void gemm_blocked(device const T* A [[buffer(0)]], device const T* B [[bu
     for (int i = 0; i < TM; ++i) {
         for (int j = 0; j < TN; ++j) acc[i][j] = ACC(0);
     }
+    // Rows past M and columns past N are never stored: only the valid ones are copied (tiny
+    // N, as a 2x2 plane's conv, would otherwise copy 32 clamped columns to use a few), the
+    // rest stay 0 from here
+    const uint mv = min(uint(TM), p.M - mt), nv = min(uint(TN), p.N - nt);
     ACC as[BK][TM];
     ACC bs[BK][TN];
+    for (int kk = 0; kk < BK; ++kk) {
+        for (int i = 0; i < TM; ++i) as[kk][i] = ACC(0);
+        for (int j = 0; j < TN; ++j) bs[kk][j] = ACC(0);
+    }
     for (uint t = t0; t < t1; ++t) {
         device const T* Ab = A + (ulong)b * p.stride_a;
         device const T* Bb = B + (ulong)b * p.stride_b;
         uint k0 = kt * uint(BK);
         uint kn = min(uint(BK), p.K - k0);
-        bool direct = rcb && full_n && kn == uint(BK);
+        // B in place where its rows hold the thread's TN columns; the BK-step loops (constant
+        // trip count: unrolled) take whole slices, a short one (K % BK, or the few terms per
+        // batch entry of a weight gradient) runs its kn steps
+        bool b_in_place = rcb && full_n;
+        bool direct = b_in_place && kn == uint(BK);
         // op(A) stored K x M (A^T) holds the thread's TM rows contiguously as well: both
         // operands are then read in place (each A value broadcast from memory into its row's
         // FMAs), with no copy at all
         bool direct_a = direct && rca && full_m;
-        for (uint kk = 0; kk < (direct_a ? 0u : uint(BK)); ++kk) {
-            uint k = k0 + min(kk, kn - 1u);
-            if (rca && full_m) {
-                for (int i = 0; i < TM; ++i) as[kk][i] = ACC(Ab[k * p.lda + mt + uint(i)]);
+        for (uint kk = 0; kk < (direct_a ? 0u : kn); ++kk) {
+            uint k = k0 + kk;
+            // whole blocks keep constant trip counts (unrolled, vectorized copies)
+            if (full_m) {
+                for (int i = 0; i < TM; ++i) as[kk][i] = gemm_at(Ab, rca, p.lda, mt + uint(i), k);
             } else {
-                for (int i = 0; i < TM; ++i) {
-                    uint m = min(mt + uint(i), p.M - 1u);
-                    as[kk][i] = ACC(rca ? Ab[k * p.lda + m] : Ab[m * p.lda + k]);
-                }
+                for (uint i = 0; i < mv; ++i) as[kk][i] = gemm_at(Ab, rca, p.lda, mt + i, k);
             }
-            if (!direct) {
-                for (int j = 0; j < TN; ++j) {
-                    uint n = min(nt + uint(j), p.N - 1u);
-                    bs[kk][j] = ACC(rcb ? Bb[k * p.ldb + n] : Bb[n * p.ldb + k]);
-                }
+            if (!b_in_place && full_n) {
+                for (int j = 0; j < TN; ++j) bs[kk][j] = gemm_at(Bb, rcb, p.ldb, nt + uint(j), k);
+            } else if (!b_in_place) {
+                for (uint j = 0; j < nv; ++j) bs[kk][j] = gemm_at(Bb, rcb, p.ldb, nt + j, k);
             }
-            if (kk >= kn) {
-                for (int i = 0; i < TM; ++i) as[kk][i] = ACC(0);
-                for (int j = 0; j < TN; ++j) bs[kk][j] = ACC(0);
-            }
+        }
+        for (uint kk = kn; kk < (b_in_place ? 0u : uint(BK)); ++kk) {  // a short slice's rest: 0
+            for (int i = 0; i < TM; ++i) as[kk][i] = ACC(0);
+            for (int j = 0; j < TN; ++j) bs[kk][j] = ACC(0);
         }
         if (direct_a) {
             device const T* arow = Ab + k0 * p.lda + mt;
@@ -383,6 +399,14 @@ kernel void gemm_blocked(device const T* A [[buffer(0)]], device const T* B [[bu
                     for (int j = 0; j < TN; ++j) {
                         acc[i][j] = fma(as[kk][i], ACC(brow[j]), acc[i][j]);
                     }
+                }
+                brow += p.ldb;
+            }
+        } else if (b_in_place) {
+            device const T* brow = Bb + k0 * p.ldb + nt;
+            for (uint kk = 0; kk < kn; ++kk) {
+                for (int i = 0; i < TM; ++i) {
+                    for (int j = 0; j < TN; ++j) acc[i][j] = fma(as[kk][i], ACC(brow[j]), acc[i][j]);
                 }
                 brow += p.ldb;
             }
