@@ -251,7 +251,8 @@ def _reduce(name: str, in_shape: tuple[int, ...], target: tuple[int, ...], xs: S
     n_red = math.prod(d[0] for d in red)
     if n_red == 0:  # an empty sum: 0 (alpha * 0, so a mean's nan), and no 0-size dims in kernels
         return tensor(np.full(target, 0.0 * alpha, dtype=dt), dev).reshape(target)
-    if name == "sum_fwd" and KERNELS == "auto" and _sum_rows(dims, xs[0], out, alpha):
+    if name == "sum_fwd" and KERNELS == "auto" and xs[0].shape == tuple(in_shape) and \
+            _sum_rows(dims, xs[0], out, alpha):
         return out
     inner = bool(dims) and dims[-1][1] and dims[-1][0] >= INNER_MIN
     rdims = red[:-1] if inner else red
@@ -298,9 +299,9 @@ def _sum_rows(dims: list, x: Tensor, out: Tensor, alpha: float) -> bool:
     """sum_rows_part / sum_rows_finish (kernels/arith.metal) for a full sum of x, or the
     per-channel sum of an (N, C, HW) layout (merged dims [HW], [C, HW] or [N, C, HW] with HW
     reduced, C kept), HW a whole number of 16-byte chunks and x 16-byte aligned, at least
-    MIN_ROW_ELEMS per row. The plan depends on the shape only. False where it does not apply."""
-    if not dims or not all(st[0] == st_full for (_, _, st), st_full in
-                           zip(dims, _contiguous_strides([d[0] for d in dims]))):
+    MIN_ROW_ELEMS per row; x itself, not broadcast (so its merged dims are contiguous). The plan
+    depends on the shape only. False where it does not apply."""
+    if not dims:
         return False
     flags = [f for _, f, _ in dims]
     if flags == [True]:
@@ -331,14 +332,6 @@ def _sum_rows(dims: list, x: Tensor, out: Tensor, alpha: float) -> bool:
     kernel(dev, SOURCE, f"sum_rows_finish_{sfx}")(min(c, MAX_GROUPS) * STREAM_TG, part.buffer,
                                                  out.buffer, p)
     return True
-
-
-def _contiguous_strides(sizes: list[int]) -> list[int]:
-    out, s = [], 1
-    for n in reversed(sizes):
-        out.append(s)
-        s *= n
-    return out[::-1]
 
 
 # ---- binary ops -------------------------------------------------------------------------------
