@@ -452,8 +452,8 @@ INSTANTIATE("batch_norm_finalize_fwd_float", norm_finalize_fwd, true)
 
 // A thread per row, merging its partials in order. The cpu backend's plans leave a few
 // partials per row, where the tree above pays its barriers and SIMD-group steps as work-item
-// loops for every row (ResNet-18 at batch 2: 1.6 ms per 512-channel layer, 15% of a training
-// step, against a few microseconds here).
+// loops for every row (ResNet-18 at batch 2 on a 2-core Xeon: 33 ms of a training step for its
+// 20 batch norms, 15%; under 1 ms here).
 template <bool BN>
 [[max_total_threads_per_threadgroup(256)]]
 kernel void norm_finalize_rows_fwd(NORM_FINALIZE_ARGS, uint gid [[thread_position_in_grid]],
