@@ -303,3 +303,31 @@ def test_cpu_pool_cap_and_empty_cache(cpu_dev, monkeypatch) -> None:
     assert dev._pool.cached >= 3 << 20
     dev.empty_cache()
     assert dev._pool.cached == 0
+
+
+def test_automatic_choice_probes_an_unavailable_backend_once(monkeypatch) -> None:
+    # with no backend named, a backend that cannot run is skipped without trying it again (a
+    # failed import costs ~80 us per attempt, paid by every op that takes the default device)
+    from pymetalnn import runtime
+
+    calls: list[str] = []
+    sentinel = object()
+
+    def fake_make(name: str):
+        calls.append(name)
+        if name != "cpu":
+            raise runtime.BackendUnavailable(f"{name}: not here")
+        return sentinel
+
+    monkeypatch.delenv("PYMETALNN_BACKEND", raising=False)
+    monkeypatch.setattr(runtime, "_make", fake_make)
+    monkeypatch.setattr(runtime, "_devices", {})
+    monkeypatch.setattr(runtime, "_unavailable", {})
+    assert runtime.device() is sentinel
+    assert runtime.device() is sentinel
+    assert calls == ["metal", "cuda", "cpu"]
+    assert "not here" in str(runtime._unavailable["cuda"])
+    # a backend named explicitly is still tried (and its reason raised) every time
+    with pytest.raises(runtime.BackendUnavailable, match="metal: not here"):
+        runtime.device("metal")
+    assert calls[-1] == "metal"

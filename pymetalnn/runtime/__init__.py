@@ -23,6 +23,9 @@ from .errors import (
 
 BACKENDS = ("metal", "cuda", "cpu")
 _devices: dict[str, Device] = {}
+# backends the automatic choice found unable to run, with the reason: probed once per process, as
+# a failed import is retried by Python on every attempt (~80 us each, on every default-device op)
+_unavailable: dict[str, BackendUnavailable] = {}
 _lock = threading.Lock()
 
 
@@ -55,11 +58,13 @@ def device(name: str | None = None) -> Device:
         for cand in BACKENDS:
             if cand in _devices:
                 return _devices[cand]
+            if cand in _unavailable:
+                continue
             try:
                 _devices[cand] = _make(cand)
                 return _devices[cand]
-            except BackendUnavailable:
-                continue
+            except BackendUnavailable as e:
+                _unavailable[cand] = e
     raise BackendUnavailable("no backend can run here: " + "; ".join(
         f"{b}: {r}" for b, r in availability().items() if r))
 
