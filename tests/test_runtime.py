@@ -331,3 +331,49 @@ def test_automatic_choice_probes_an_unavailable_backend_once(monkeypatch) -> Non
     with pytest.raises(runtime.BackendUnavailable, match="metal: not here"):
         runtime.device("metal")
     assert calls[-1] == "metal"
+
+
+def test_cpu_launch_runs_inline_only_when_nothing_is_queued(cpu_dev) -> None:
+    """A kernel without work-item loops runs on the launching thread when the queue is idle
+    (no queue round trip); queued work before it keeps it queued, in order; a launch from a
+    completion callback (the queue thread, mid-job) is queued, not deadlocked."""
+    k = cpu_dev.library(SCALE).kernel("scale_float")
+    assert k._inline
+    cpu_dev.synchronize()
+    x = np.arange(1, 8, dtype=np.float32)
+    buf = cpu_dev.buffer(x)
+    view = buf.handle[: x.nbytes].view(np.float32)  # the memory itself, read without waiting
+    k(x.size, buf, ScaleParams(x.size, 2.0))
+    np.testing.assert_array_equal(view, x * 2)  # done on return: it ran here
+    gate = threading.Event()
+    cpu_dev.signal(lambda: gate.wait(10))
+    k(x.size, buf, ScaleParams(x.size, 3.0))  # behind the blocked callback: must wait its turn
+    np.testing.assert_array_equal(view, x * 2)
+    gate.set()
+    cpu_dev.synchronize()
+    np.testing.assert_array_equal(view, x * 6)
+    cpu_dev.signal(lambda: k(x.size, buf, ScaleParams(x.size, 0.5)))
+    cpu_dev.synchronize()
+    np.testing.assert_array_equal(buf.numpy(np.float32), x * 3)
+
+
+def test_cpu_launches_from_several_threads(cpu_dev) -> None:
+    k = cpu_dev.library(SCALE).kernel("scale_float")
+    n, steps = 1000, 60
+    bufs = [cpu_dev.buffer(np.full(n, t + 1, np.float32)) for t in range(4)]
+
+    def work(t: int) -> None:
+        for i in range(steps):
+            k(n, bufs[t], ScaleParams(n, 2.0 if i % 2 == 0 else 0.75))
+
+    threads = [threading.Thread(target=work, args=(t,)) for t in range(4)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    cpu_dev.synchronize()
+    for t in range(4):
+        want = np.float32(t + 1)
+        for i in range(steps):  # the same float32 roundings, in the launches' order
+            want = np.float32(want * np.float32(2.0 if i % 2 == 0 else 0.75))
+        np.testing.assert_array_equal(bufs[t].numpy(np.float32), np.full(n, want, np.float32))

@@ -386,11 +386,14 @@ class CpuDevice(Device):
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
         self._lock = threading.Lock()
         self._idle = threading.Condition(self._lock)
+        # held by whichever thread runs a job: the queue thread, or a launching thread that runs
+        # its kernel itself (_launch) -- jobs stay one at a time and in order
+        self._exec = threading.Lock()
         self._unfinished = 0  # jobs put and not yet done, under _lock
         self._poison: list[tuple[int, int, _Failure]] = []  # (first byte, end, failure)
         self._failures: list[_Failure] = []  # for synchronize(), under _lock
-        self._epoch: list[_Failure] = []  # failures since the last signal (queue thread only)
-        self._errbuf = ctypes.create_string_buffer(512)  # launch errors, written by the queue thread
+        self._epoch: list[_Failure] = []  # failures since the last signal (under _exec)
+        self._errbuf = ctypes.create_string_buffer(512)  # launch errors, written under _exec
         # the queue thread runs threadgroups too: the same big stack as the runtime's pool
         # threads (work-item-loop kernels keep per-thread arrays on the stack)
         old_stack = threading.stack_size()
@@ -415,7 +418,8 @@ class CpuDevice(Device):
         while True:
             item = self._queue.get()
             try:
-                self._run_job(item)
+                with self._exec:
+                    self._run_job(item)
             except BaseException:  # noqa: BLE001 -- the queue thread must survive anything
                 pass
             finally:
@@ -447,6 +451,10 @@ class CpuDevice(Device):
                 self._failures.append(f)
             if flat:
                 self._mark(spans or _spans(flat, written), f)
+            if isinstance(e, KeyboardInterrupt) and threading.current_thread() is not self._thread:
+                # a Ctrl-C during a kernel run inline (_run_inline) stops the program as ever;
+                # what the kernel writes is marked failed (it may not have run)
+                raise
             return
         if flat and self._poison:
             self._clean(spans or _spans(flat, written))
@@ -652,6 +660,7 @@ class CpuDevice(Device):
             k = kernels[name] = Kernel(library, info, (lib, thread_fn, loop_fn, ptr_array,
                                                        1 if info.needs_fibers else 0), sizes)
             k._writes = tuple(not a.const for a in k.args if a.kind == "buffer")
+            k._inline = not info.lockstep and not info.needs_fibers  # see _run_inline
             if self.validate:
                 k._vstate = ((ctypes.c_ulonglong * 64).in_dll(lib, "pmn_v_sizes"),
                              ctypes.c_int.in_dll(lib, "pmn_v_failed"),
@@ -701,8 +710,33 @@ class CpuDevice(Device):
         item = self._item(kernel, groups, args)
         if self._recording is not None:
             self._recording.jobs.append(item)
-        else:
+        elif not (kernel._inline and self._run_inline(item)):
             self._put(item)
+
+    def _run_inline(self, item: tuple) -> bool:
+        """Run a launch on the calling thread when nothing is queued before it (False: queue it).
+        A queue round trip costs more than a small kernel (relu over 256 floats: ~25 us per call
+        queued, ~17 inline, the handoff of the GIL to and from the queue thread): with the queue
+        idle, running it here keeps the order and the failure handling of _run_job. Only kernels
+        without work-item loops come here: those keep per-thread arrays on the stack, which the
+        queue thread has room for (QUEUE_STACK) and a caller's thread may not."""
+        if not self._exec.acquire(blocking=False):
+            return False
+        try:
+            with self._lock:
+                if self._unfinished:
+                    return False
+                self._unfinished += 1  # a synchronize() on another thread waits for it
+            try:
+                self._run_job(item)
+            finally:
+                with self._lock:
+                    self._unfinished -= 1
+                    if not self._unfinished:
+                        self._idle.notify_all()
+        finally:
+            self._exec.release()
+        return True
 
     def _item(self, kernel: Kernel, groups: int, args: list[Any]) -> tuple:
         """The queue item of one launch: (run, spans, kernel name, written); see _run_job."""
@@ -732,7 +766,7 @@ class CpuDevice(Device):
         def job(_keep: list[Any] = keep) -> None:
             # `ptrs` (the constants' bytes) and `_keep` (the buffers' memory) hold what the
             # pointers point to for as long as this closure lives; `err` is shared: jobs run one
-            # at a time, on the queue thread only
+            # at a time, under _exec
             rc = rt.pmn_cpu_launch(ptrs, groups, tg, fibers, thread_fn, loop_fn, err, 512)
             if rc != 0:
                 raise AsyncError(f"kernel '{kernel.name}' failed: {err.value.decode()}",
