@@ -423,8 +423,29 @@ kernel void gemm_blocked(device const T* A [[buffer(0)]], device const T* B [[bu
         }
     }
 
-    bool vc = (p.flags & GEMM_VEC_C) != 0u;
     device TC* c0 = C + (ulong)(split * nb + bo) * p.stride_c;
+    if (full_m && full_n) {
+        // a whole block: the epilogue's per-quad branches (bias, beta, vector alignment, the
+        // activation switch) hoisted out of the element loops, which then vectorize; at K = 64
+        // the quad-by-quad epilogue cost as much as the FMAs. The same operations in the same
+        // order as gemm_store_quad: bitwise its results.
+        const bool has_bias = (p.flags & GEMM_BIAS) != 0u, has_beta = (p.flags & GEMM_BETA) != 0u;
+        for (int i = 0; i < TM; ++i) {
+            device TC* crow = c0 + (mt + uint(i)) * p.ldc + nt;
+            if (!has_bias && !has_beta && p.act == NN_ACT_NONE) {
+                for (int j = 0; j < TN; ++j) crow[j] = TC(p.alpha * float(acc[i][j]));
+            } else {
+                for (int j = 0; j < TN; ++j) {
+                    float v = p.alpha * float(acc[i][j]);
+                    if (has_bias) v += float(bias[nt + uint(j)]);
+                    if (has_beta) v += p.beta * float(crow[j]);
+                    crow[j] = TC(nn_activation(v, p.act, p.act_alpha));
+                }
+            }
+        }
+        return;
+    }
+    bool vc = (p.flags & GEMM_VEC_C) != 0u;
     for (int i = 0; i < TM; ++i) {
         uint m = mt + uint(i);
         if (m >= p.M) break;
