@@ -77,8 +77,11 @@ kernel void conv2d_im2col_t(device const T* x [[buffer(0)]], device T* colt [[bu
 }
 
 // dx[n, c, h, w] = sum over (r, s) of dcol[n][(c, r, s)][(oh, ow)] where h = oh * SH - PH + r * DH
-// and w = ow * SW - PW + s * DW (+ b[c], conv_transpose2d's bias, if p.has_bias). One thread per
-// element of dx, grid-stride; the terms are added in (r, s) order.
+// and w = ow * SW - PW + s * DW (+ b[c], conv_transpose2d's bias, if p.has_bias); the terms are
+// added in (r, s) order. One thread per CONV_COL2IM_W consecutive elements of a dx row, grid-
+// stride: at stride 1 each tap (r, s) adds a contiguous run of a dcol row to the thread's
+// accumulators, a loop a CPU vectorizes (one element per thread with a branch per tap: 9.5 ms
+// for MNIST's 64x32x14x14 5x5 input gradient on the 2-core test box; this way 3.9 ms).
 template <typename T>
 [[max_total_threads_per_threadgroup(256)]]
 kernel void conv2d_col2im(device const T* dcol [[buffer(0)]], device const T* b [[buffer(1)]],
@@ -86,12 +89,16 @@ kernel void conv2d_col2im(device const T* dcol [[buffer(0)]], device const T* b 
                           uint gid [[thread_position_in_grid]],
                           uint tpg [[threads_per_threadgroup]],
                           uint ntg [[threadgroups_per_grid]]) {
-    const uint total = p.N * p.C * p.H * p.W;
+    const uint chunks = (p.W + CONV_COL2IM_W - 1u) / CONV_COL2IM_W;
+    const uint units = p.N * p.C * p.H * chunks;
     const uint OHW = p.OH * p.OW;
-    for (uint i = gid; i < total; i += tpg * ntg) {
-        uint w = i % p.W, t = i / p.W;
+    for (uint u = gid; u < units; u += tpg * ntg) {
+        uint w0 = (u % chunks) * CONV_COL2IM_W, t = u / chunks;
         uint h = t % p.H, nc = t / p.H;
-        float acc = p.has_bias ? float(b[nc % p.C]) : 0.0f;
+        const int wn = int(min(CONV_COL2IM_W, p.W - w0));
+        float acc[CONV_COL2IM_W];
+        const float b0 = p.has_bias ? float(b[nc % p.C]) : 0.0f;
+        for (uint j = 0; j < CONV_COL2IM_W; ++j) acc[j] = b0;
         device const T* src = dcol + nc * p.KH * p.KW * OHW;
         if (p.SH == 1u && p.SW == 1u) {  // no divisibility tests (no integer division per tap)
             for (uint r = 0; r < p.KH; ++r) {
@@ -99,26 +106,33 @@ kernel void conv2d_col2im(device const T* dcol [[buffer(0)]], device const T* b 
                 if (oh >= p.OH) continue;
                 device const T* row = src + r * p.KW * OHW + oh * p.OW;
                 for (uint s = 0; s < p.KW; ++s) {
-                    uint ow = w + uint(p.PW) - s * p.DW;
-                    if (ow < p.OW) acc += float(row[s * OHW + ow]);
+                    // element j takes ow = w0 + j + off where that lies in [0, OW)
+                    const int off = int(w0) + p.PW - int(s * p.DW);
+                    const int lo = max(0, -off), hi = min(wn, int(p.OW) - off);
+                    device const T* q = row + s * OHW;
+                    for (int j = lo; j < hi; ++j) acc[j] += float(q[off + j]);
                 }
             }
         } else {
-            for (uint r = 0; r < p.KH; ++r) {
-                int ohs = int(h) + p.PH - int(r * p.DH);
-                if (ohs < 0 || uint(ohs) % p.SH != 0u) continue;
-                uint oh = uint(ohs) / p.SH;
-                if (oh >= p.OH) continue;
-                for (uint s = 0; s < p.KW; ++s) {
-                    int ows = int(w) + p.PW - int(s * p.DW);
-                    if (ows < 0 || uint(ows) % p.SW != 0u) continue;
-                    uint ow = uint(ows) / p.SW;
-                    if (ow >= p.OW) continue;
-                    acc += float(src[(r * p.KW + s) * OHW + oh * p.OW + ow]);
+            for (int j = 0; j < wn; ++j) {
+                const uint w = w0 + uint(j);
+                for (uint r = 0; r < p.KH; ++r) {
+                    int ohs = int(h) + p.PH - int(r * p.DH);
+                    if (ohs < 0 || uint(ohs) % p.SH != 0u) continue;
+                    uint oh = uint(ohs) / p.SH;
+                    if (oh >= p.OH) continue;
+                    for (uint s = 0; s < p.KW; ++s) {
+                        int ows = int(w) + p.PW - int(s * p.DW);
+                        if (ows < 0 || uint(ows) % p.SW != 0u) continue;
+                        uint ow = uint(ows) / p.SW;
+                        if (ow >= p.OW) continue;
+                        acc[j] += float(src[(r * p.KW + s) * OHW + oh * p.OW + ow]);
+                    }
                 }
             }
         }
-        dx[i] = T(acc);
+        device T* out = dx + (nc * p.H + h) * p.W + w0;
+        for (int j = 0; j < wn; ++j) out[j] = T(acc[j]);
     }
 }
 

@@ -30,6 +30,7 @@
 // always the conv's: x (N, C, H, W) -> y (N, K, OH, OW), weights (K, C/G, KH, KW), where
 // conv_transpose2d runs as the input gradient of the conv whose input is its output.
 #define CONV_THREADS 256  // threads per threadgroup of every conv.metal kernel
+#define CONV_COL2IM_W 16  // dx elements of a row per conv2d_col2im thread (conv_im2col.metal)
 struct Conv2dParams {
     uint N, C, H, W;      // conv input
     uint K, OH, OW;       // conv output channels and size

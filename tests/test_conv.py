@@ -328,6 +328,36 @@ def test_im2col_chunks(dev, monkeypatch):
         assert not any(s.startswith("conv2d_fwd") for s in dev.dispatch_counts)
 
 
+@pytest.mark.parametrize("w, pad, dil", [(37, (1, 3), (1, 2)), (16, (0, 0), (1, 1)),
+                                          (1, (1, 2), (2, 1)), (33, (2, 0), (1, 3))])
+def test_im2col_input_grad_stride1_row_chunks(dev, monkeypatch, w, pad, dil) -> None:
+    """At stride 1 col2im adds whole runs of a row per tap (CONV_COL2IM_W elements per thread):
+    widths below, at and past one chunk, taps that fall off either edge, dilation."""
+    if not dev.supports_views:
+        pytest.skip("the unfolded path needs buffer views (metal binds whole buffers)")
+    monkeypatch.setattr(ops, "FORCE", {"fwd": "im2col", "data": "im2col", "weight": "im2col"})
+    rng = np.random.default_rng(13)
+    n, c, h, k = 2, 3, 5, 4
+    x, wt = rand(rng, (n, c, h, w), np.float32), rand(rng, (k, c, 3, 5), np.float32)
+    kw = dict(stride=1, padding=pad, dilation=dil)
+    kw_ref = dict(stride=(1, 1), pad=(pad[0], pad[0], pad[1], pad[1]), dilation=dil, groups=1)
+    oh = h + 2 * pad[0] - dil[0] * 2
+    ow = w + 2 * pad[1] - dil[1] * 4
+    if oh < 1 or ow < 1:
+        pytest.skip("no output")
+    gy = rand(rng, (n, k, oh, ow), np.float32)
+    dev.reset_counts()
+    gx = F.conv2d_backward(gy, x, wt, None, **kw)[0].numpy()
+    assert "conv2d_col2im_float" in dev.dispatch_counts
+    rx = ref.conv2d_backward(gy, x, wt, False, **kw_ref)[0]
+    sx = ref.conv2d_backward(np.abs(gy), np.abs(x), np.abs(wt), False, **kw_ref)[0]
+    assert_close("grad_x", gx, rx, sx, tol("float", k * 15))
+    bt = rand(rng, (c,), np.float32)  # conv_transpose2d: the same kernel with a bias
+    yt = F.conv_transpose2d(gy, wt, bt, stride=1, padding=pad, dilation=dil).numpy()
+    assert_close("conv_transpose2d", yt, rx + bt[:, None, None], sx + np.abs(bt)[:, None, None],
+                 tol("float", k * 15))
+
+
 # ---- the references themselves ------------------------------------------------------------------
 
 def _fd_check(f, args, grads, seed=0, eps=1e-6):

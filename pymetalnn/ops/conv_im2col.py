@@ -44,6 +44,7 @@ WGRAD_SPLIT_TERMS = 256
 # 32-column blocks of a plane): measured break-even on the 2-core test box lies between 2
 # (ResNet-18 at batch 2, 4x4 planes: transposing cost 11 ms of a 217 ms step) and 448 (MNIST).
 TRANSPOSE_W_READS = 8
+COL2IM_W = CONST["CONV_COL2IM_W"]  # dx elements of a row per col2im thread
 
 
 def eligible(dev: Device, geo: ConvGeometry, prec: str, any_device: bool = False) -> bool:
@@ -139,7 +140,7 @@ def input_grad_plan(dev: Device, geo: ConvGeometry, dy: Tensor, w: Tensor, b: Te
         dys = _view(dy, n0, n, (n, geo.K, ohw))
         dxs = _view(dx, n0, n, (n, *dx.shape[1:]))
         out += _gemm(wm, dys, dcol, transpose_a=True)
-        out.append(_unfold(dev, "col2im", n * geo.C * geo.H * geo.W, dcol.buffer,
+        out.append(_unfold(dev, "col2im", n * geo.C * geo.H * cdiv(geo.W, COL2IM_W), dcol.buffer,
                            b.buffer if b is not None else dcol.buffer, dxs.buffer,
                            _params(geo, n, b is not None)))
     return out
