@@ -169,13 +169,22 @@ kernel void conv2d_bwd_bias(device const T* dy [[buffer(0)]],
                             uint sid [[simdgroup_index_in_threadgroup]]) {
     threadgroup float part[CONV_THREADS / 32];
     const uint OHW = p.OH * p.OW, M = p.N * OHW;
+    const uint step_n = CONV_THREADS / OHW, step_r = CONV_THREADS % OHW;
     for (uint job = tgid; job < p.splits * p.K; job += ntg) {
         uint k = job % p.K, split = job / p.K;
         uint m0 = split * p.chunk, m1 = min(m0 + p.chunk, M);
         float acc = 0.0f;
-        for (uint m = m0 + lid; m < m1; m += CONV_THREADS) {
-            uint n = m / OHW;
-            acc += float(dy[(n * p.K + k) * OHW + (m - n * OHW)]);
+        // (image, position) of m carried from step to step: no integer division per element
+        // (on a CPU it cost more than the rest of the loop)
+        uint m = m0 + lid, n = m / OHW, r = m - n * OHW;
+        for (; m < m1; m += CONV_THREADS) {
+            acc += float(dy[(n * p.K + k) * OHW + r]);
+            r += step_r;
+            n += step_n;
+            if (r >= OHW) {
+                r -= OHW;
+                ++n;
+            }
         }
         acc = simd_sum(acc);
         if (lane == 0) part[sid] = acc;
