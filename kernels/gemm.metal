@@ -292,7 +292,9 @@ kernel void gemm_tiled(device const T* A [[buffer(0)]], device const T* B [[buff
 // column, never stored), then does the BK * TM * TN FMAs as rank-1 updates. Where B's rows
 // hold the thread's TN columns contiguously and the slice is whole, the updates read them in
 // place instead: g++ then keeps the accumulators in registers (3x the FMA rate in a C++ model
-// of the loop; with the copy it keeps them in memory). TN = 32 keeps the
+// of the loop; with the copy it keeps them in memory); a block past N's end reads its valid
+// columns of each row into a zero-padded row per step (ResNet-18's 2x2-plane GEMMs, N = 4:
+// 4.8 -> 9.2 GFLOP/s on the 2-core test box). TN = 32 keeps the
 // C++ compiler from unrolling the column loop before vectorizing it (GCC peels loops of up to 16
 // iterations completely; at TN = 16 it then emitted scalar FMAs), so each row update is a few
 // SIMD FMAs. 8 x 32 measured best of 4..8 x 16..64 in a C++ model of the loop (g++ 12, AVX-512
@@ -358,6 +360,7 @@ kernel void gemm_blocked(device const T* A [[buffer(0)]], device const T* B [[bu
         // trip count: unrolled) take whole slices, a short one (K % BK, or the few terms per
         // batch entry of a weight gradient) runs its kn steps
         bool b_in_place = rcb && full_n;
+        bool b_short = rcb && !full_n;  // B's rows in place, only the block's valid columns
         bool direct = b_in_place && kn == uint(BK);
         // op(A) stored K x M (A^T) holds the thread's TM rows contiguously as well: both
         // operands are then read in place (each A value broadcast from memory into its row's
@@ -373,11 +376,11 @@ kernel void gemm_blocked(device const T* A [[buffer(0)]], device const T* B [[bu
             }
             if (!b_in_place && full_n) {
                 for (int j = 0; j < TN; ++j) bs[kk][j] = gemm_at(Bb, rcb, p.ldb, nt + uint(j), k);
-            } else if (!b_in_place) {
+            } else if (!b_in_place && !b_short) {
                 for (uint j = 0; j < nv; ++j) bs[kk][j] = gemm_at(Bb, rcb, p.ldb, nt + j, k);
             }
         }
-        for (uint kk = kn; kk < (b_in_place ? 0u : uint(BK)); ++kk) {  // a short slice's rest: 0
+        for (uint kk = kn; kk < (b_in_place || b_short ? 0u : uint(BK)); ++kk) {  // a short slice's rest: 0
             for (int i = 0; i < TM; ++i) as[kk][i] = ACC(0);
             for (int j = 0; j < TN; ++j) bs[kk][j] = ACC(0);
         }
@@ -407,6 +410,16 @@ kernel void gemm_blocked(device const T* A [[buffer(0)]], device const T* B [[bu
             for (uint kk = 0; kk < kn; ++kk) {
                 for (int i = 0; i < TM; ++i) {
                     for (int j = 0; j < TN; ++j) acc[i][j] = fma(as[kk][i], ACC(brow[j]), acc[i][j]);
+                }
+                brow += p.ldb;
+            }
+        } else if (b_short) {
+            device const T* brow = Bb + k0 * p.ldb + nt;
+            for (uint kk = 0; kk < kn; ++kk) {
+                ACC bk[TN];
+                for (int j = 0; j < TN; ++j) bk[j] = uint(j) < nv ? ACC(brow[j]) : ACC(0);
+                for (int i = 0; i < TM; ++i) {
+                    for (int j = 0; j < TN; ++j) acc[i][j] = fma(as[kk][i], bk[j], acc[i][j]);
                 }
                 brow += p.ldb;
             }
