@@ -380,7 +380,8 @@ kernel void gemm_blocked(device const T* A [[buffer(0)]], device const T* B [[bu
                 for (uint j = 0; j < nv; ++j) bs[kk][j] = gemm_at(Bb, rcb, p.ldb, nt + j, k);
             }
         }
-        for (uint kk = kn; kk < (b_in_place || b_short ? 0u : uint(BK)); ++kk) {  // a short slice's rest: 0
+        // a short slice's rest: 0 (the in-place paths run only its kn steps)
+        for (uint kk = kn; kk < (b_in_place || b_short ? 0u : uint(BK)); ++kk) {
             for (int i = 0; i < TM; ++i) as[kk][i] = ACC(0);
             for (int j = 0; j < TN; ++j) bs[kk][j] = ACC(0);
         }
