@@ -245,6 +245,21 @@ kernel void sgd_step_multi(device float* param [[buffer(0)]], const device G* gr
   uint po = row[0], go = row[1], so = row[2], n = row[3], vec4 = row[4];
   float inv = optim_inv_scale(amp);
   float coef = optim_clip_coef_amp(gnorm, inv, c);
+  if (h.momentum == 0.0f && h.weight_decay == 0.0f && c.clip_value == 0u && c.maximize == 0u &&
+      c.reg_type == 0u) {
+    // plain SGD (torch.optim.SGD's defaults): sgd_block's arithmetic with its per-element
+    // branches on uniform options gone, a loop a CPU vectorizes (ResNet-18's 11.7M weights:
+    // 25 ms a step on the 2-core test box the general way)
+    device float* w = param + po;
+    const device G* g = grad + go;
+    for (uint i0 = lid * 4u; i0 < n; i0 += tg_size * 4u) {
+      const uint e = min(i0 + 4u, n);
+      for (uint i = i0; i < e; ++i) {
+        w[i] = w[i] - c.lr * (((float(g[i]) * inv) * c.grad_rescale) * coef);
+      }
+    }
+    return;
+  }
   for (uint i0 = lid * 4u; i0 < n; i0 += tg_size * 4u) {
     sgd_block(param + po, grad + go, master + so, momentum_buffer + so, i0, n, vec4, coef, inv, c,
               h);

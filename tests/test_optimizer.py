@@ -526,6 +526,7 @@ def test_zero_state_restarts(dev):
 MULTI_SIZES = [1, 3, 4097, 2 * 16384 + 5, 31, 8]
 MULTI_CASES = [
     ("SGD", dict(lr=0.05)),
+    ("SGD", dict(lr=0.1, grad_rescale=0.7)),  # plain SGD (no momentum), a gradient scale
     ("SGD", dict(lr=0.05, momentum=0.9, dampening=0.3, weight_decay=0.02)),
     ("SGD", dict(lr=0.05, momentum=0.8, nesterov=True, weight_decay=0.01, maximize=True)),
     ("Adam", dict(lr=0.01, amsgrad=True, weight_decay=0.05)),
