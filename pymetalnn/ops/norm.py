@@ -84,10 +84,17 @@ PLANES_MAX_CHUNKS = 126
 # shifted sums and norm_part_planes: norm_part_vec's forward statistics as a Welford block per
 # chunk, the scalar norm_part for planes that are not whole chunks).
 KERNELS = "auto"
-# The statistics' finalize: "tree" (a threadgroup per row, norm_finalize_fwd), "rows" (a thread
-# per row, norm_finalize_rows_fwd), "auto" (rows on the cpu backend, where a tree per row costs
-# its barriers as work-item loops; tree elsewhere).
+# The statistics' finalize and batch norm backward's per-channel sums: "tree" (a threadgroup per
+# row, norm_finalize_fwd / batch_norm_grad_bwd), "rows" (a thread per row, norm_finalize_rows_fwd
+# / batch_norm_grad_rows_bwd), "auto" (rows on the cpu backend, where a tree per row costs its
+# barriers as work-item loops; tree elsewhere).
 FINALIZE = "auto"
+
+
+def _rows(dev: Device) -> bool:
+    """Whether a per-row reduction of partials (the forward's finalize, batch norm backward's
+    per-channel sums) runs a thread per row (else a threadgroup per row): see FINALIZE."""
+    return FINALIZE == "rows" or (FINALIZE == "auto" and dev.name == "cpu")
 
 # ---- validation ------------------------------------------------------------------------------
 
@@ -321,7 +328,7 @@ def _stats(dev: Device, p: NormParams, x: Tensor, running_mean: Tensor | None = 
     mean, invstd = empty((p.rows,), float32, dev), empty((p.rows,), float32, dev)
     d = dummy(dev)
     w, b, coef = bn_coef if bn_coef is not None else (None, None, None)
-    rows = FINALIZE == "rows" or (FINALIZE == "auto" and dev.name == "cpu")
+    rows = _rows(dev)
     name = ("batch_norm_" if bn_coef is not None else "norm_") + \
         ("finalize_rows_fwd_float" if rows else "finalize_fwd_float")
     kernel(dev, SOURCE, name)(
@@ -520,8 +527,10 @@ def batch_norm_backward(grad_out: TensorLike, input: TensorLike, running_mean: T
     dw = empty((c,), float32, dev) if w is not None else None
     db = empty((c,), float32, dev) if b is not None else None
     coef = empty((2 * c if p.act else c, 4), float32, dev)
-    kernel(dev, SOURCE, "batch_norm_grad_bwd_float")(
-        min(c, MAX_GROUPS) * TG, part.buffer, w.buffer if w is not None else d,
+    rows = _rows(dev)
+    kernel(dev, SOURCE, "batch_norm_grad_rows_bwd_float" if rows else "batch_norm_grad_bwd_float")(
+        min(cdiv(c, TG) if rows else c, MAX_GROUPS) * TG, part.buffer,
+        w.buffer if w is not None else d,
         b.buffer if b is not None else d, mean.buffer, invstd.buffer,
         dw.buffer if dw is not None else d, db.buffer if db is not None else d, coef.buffer, p)
     return _apply(dev, p, g, x, coef), None, None, _grad_like(dw, weight), _grad_like(db, bias)
