@@ -337,17 +337,42 @@ kernel void norm_part_planes(device const T* x [[buffer(0)]],
     }
 }
 
-// Column mode: 32 columns x 8 slices over the samples of a chunk; one partial per column.
+// Column mode: the partial of column j (of p.cols = C * HW) over samples n0, n0 + step, ... < n1:
+// Welford (BWD 0) or (sum g, sum g (x - mean)), g = dy (1) or act'(z) dy (2).
+template <typename T, int BWD>
+inline float4 norm_cols_acc(device const T* x, device const T* dy, device const float* mean,
+                            device const float* invstd, device const float* weight,
+                            device const float* bias, constant NormParams& p, uint j, uint n0,
+                            uint n1, uint step) {
+    float mu = BWD ? mean[j / p.HW] : 0.0f;
+    float4 k = BWD == 2 ? bn_coef_fwd(p, weight, bias, mu, invstd[j / p.HW], j / p.HW)
+                        : float4(0.0f);
+    float4 acc = float4(0.0f);
+    const uint dy_row = p.dy_nstride ? p.dy_nstride : p.cols;
+    for (uint n = n0; n < n1; n += step) {
+        uint idx = n * p.cols + j;
+        if (BWD) {
+            float g1 = float(dy[n * dy_row + j]), xv = float(x[idx]);
+            if (BWD == 2) g1 = nn_activation_bwd(g1, norm_pre(k, xv), p.act, p.act_alpha);
+            acc.x += g1;
+            acc.y += g1 * (xv - mu);
+        } else {
+            acc = welford_push(acc, float(x[idx]));
+        }
+    }
+    return acc;
+}
+
+#define NORM_COLS_ARGS                                                                             \
+    device const T* x [[buffer(0)]], device const T* dy [[buffer(1)]],                           \
+        device const float* mean [[buffer(2)]], device const float* invstd [[buffer(3)]],        \
+        device const float* weight [[buffer(4)]], device const float* bias [[buffer(5)]],        \
+        device float4* part [[buffer(6)]], constant NormParams& p [[buffer(7)]]
+
+// 32 columns x 8 slices over the samples of a chunk per threadgroup; one partial per column.
 template <typename T, int BWD>
 [[max_total_threads_per_threadgroup(256)]]
-kernel void norm_part_cols(device const T* x [[buffer(0)]],
-                           device const T* dy [[buffer(1)]],
-                           device const float* mean [[buffer(2)]],
-                           device const float* invstd [[buffer(3)]],
-                           device const float* weight [[buffer(4)]],
-                           device const float* bias [[buffer(5)]],
-                           device float4* part [[buffer(6)]],
-                           constant NormParams& p [[buffer(7)]],
+kernel void norm_part_cols(NORM_COLS_ARGS,
                            uint tid [[thread_position_in_threadgroup]],
                            uint tg [[threadgroup_position_in_grid]],
                            uint ntg [[threadgroups_per_grid]],
@@ -361,30 +386,32 @@ kernel void norm_part_cols(device const T* x [[buffer(0)]],
         uint j = cb * 32u + w;
         bool ok = j < p.cols;
         uint n1 = min(nc * p.col_rows + p.col_rows, p.N);
-        float mu = (BWD && ok) ? mean[j / p.HW] : 0.0f;
-        float4 k = (BWD == 2 && ok) ? bn_coef_fwd(p, weight, bias, mu, invstd[j / p.HW], j / p.HW)
-                                    : float4(0.0f);
-        float4 acc = float4(0.0f);
-        if (ok) {
-            const uint dy_row = p.dy_nstride ? p.dy_nstride : p.cols;
-            for (uint n = nc * p.col_rows + s; n < n1; n += 8u) {
-                uint idx = n * p.cols + j;
-                if (BWD) {
-                    float g1 = float(dy[n * dy_row + j]), xv = float(x[idx]);
-                    if (BWD == 2) g1 = nn_activation_bwd(g1, norm_pre(k, xv), p.act, p.act_alpha);
-                    acc.x += g1;
-                    acc.y += g1 * (xv - mu);
-                } else {
-                    acc = welford_push(acc, float(x[idx]));
-                }
-            }
-        }
+        float4 acc = ok ? norm_cols_acc<T, BWD>(x, dy, mean, invstd, weight, bias, p, j,
+                                                nc * p.col_rows + s, n1, 8u)
+                        : float4(0.0f);
         if (BWD) {
             acc = tile_reduce(acc, TR_SUM, 32u, TR_TG, lane, sg, scratch);
         } else {
             acc = tile_welford(acc, 32u, TR_TG, lane, sg, scratch);
         }
         if (ok && s == 0) part[nc * p.cols + j] = acc;
+    }
+}
+
+// The same partials a thread per (column, chunk), the chunk's samples in order: on a CPU the
+// tree's barriers (work-item loops) and its empty slices (batch 2 fills 2 of 8) cost more than
+// the samples (ResNet-18 at batch 2: 10 ms of a step in the forward's 2x2 .. 8x8 planes).
+// ops.norm.FINALIZE picks, as for the finalize.
+template <typename T, int BWD>
+[[max_total_threads_per_threadgroup(256)]]
+kernel void norm_part_colrows(NORM_COLS_ARGS, uint gid [[thread_position_in_grid]],
+                              uint tg_size [[threads_per_threadgroup]],
+                              uint ntg [[threadgroups_per_grid]]) {
+    for (uint q = gid; q < p.cols * p.col_chunks; q += tg_size * ntg) {
+        uint j = q % p.cols, nc = q / p.cols;
+        uint n1 = min(nc * p.col_rows + p.col_rows, p.N);
+        part[nc * p.cols + j] = norm_cols_acc<T, BWD>(x, dy, mean, invstd, weight, bias, p, j,
+                                                      nc * p.col_rows, n1, 1u);
     }
 }
 
@@ -917,6 +944,9 @@ LAYER_NORM_INSTANTIATE(half)
     INSTANTIATE("norm_apply_bwd_" #T, norm_apply, T, 1)                                        \
     INSTANTIATE("norm_stats_bwd_act_" #T, norm_part, T, 2, 8)                                  \
     INSTANTIATE("norm_stats_bwd_cols_act_" #T, norm_part_cols, T, 2)                           \
+    INSTANTIATE("norm_stats_fwd_colrows_" #T, norm_part_colrows, T, 0)                         \
+    INSTANTIATE("norm_stats_bwd_colrows_" #T, norm_part_colrows, T, 1)                         \
+    INSTANTIATE("norm_stats_bwd_colrows_act_" #T, norm_part_colrows, T, 2)                     \
     INSTANTIATE("norm_apply_bwd_act_" #T, norm_apply, T, 2)                                    \
     INSTANTIATE("norm_stats_fwd_vec_" #T, norm_part_vec, T, 0, true)                           \
     INSTANTIATE("norm_stats_fwd_vec_welford_" #T, norm_part_vec, T, 0, false)                  \

@@ -84,9 +84,10 @@ PLANES_MAX_CHUNKS = 126
 # shifted sums and norm_part_planes: norm_part_vec's forward statistics as a Welford block per
 # chunk, the scalar norm_part for planes that are not whole chunks).
 KERNELS = "auto"
-# The statistics' finalize and batch norm backward's per-channel sums: "tree" (a threadgroup per
-# row, norm_finalize_fwd / batch_norm_grad_bwd), "rows" (a thread per row, norm_finalize_rows_fwd
-# / batch_norm_grad_rows_bwd), "auto" (rows on the cpu backend, where a tree per row costs its
+# The statistics' finalize, batch norm backward's per-channel sums and the column-mode partials:
+# "tree" (a threadgroup per row, norm_finalize_fwd / batch_norm_grad_bwd / norm_stats_*_cols_*),
+# "rows" (a thread per row, norm_finalize_rows_fwd / batch_norm_grad_rows_bwd /
+# norm_stats_*_colrows_*), "auto" (rows on the cpu backend, where a tree per row costs its
 # barriers as work-item loops; tree elsewhere).
 FINALIZE = "auto"
 
@@ -286,8 +287,10 @@ def _partials(dev: Device, p: NormParams, x: Tensor, dy: Tensor | None, mean: Te
     act = "_act" if bwd and p.act else ""
     if p.cols:
         count = p.col_chunks * p.cols
-        groups = -(-p.cols // 32) * p.col_chunks
-        name = f"norm_stats_{'bwd' if bwd else 'fwd'}_cols{act}_{suffix(x.dtype)}"
+        rows = _rows(dev)  # a thread per (column, chunk), else 32 columns per threadgroup
+        groups = -(-count // TG) if rows else -(-p.cols // 32) * p.col_chunks
+        name = f"norm_stats_{'bwd' if bwd else 'fwd'}_{'colrows' if rows else 'cols'}{act}_" \
+            f"{suffix(x.dtype)}"
     else:
         count = groups = p.rows * p.chunks
         w = 16 // x.dtype.itemsize
