@@ -49,8 +49,9 @@ def tiling(request, dev, monkeypatch):
 
 @pytest.fixture(params=["auto", "tree", "rows"])
 def finalize(request, monkeypatch):
-    """The statistics' finalize kernel: the device's choice, and each one forced (a threadgroup
-    per row on the cpu, a thread per row on a GPU, where "auto" would not pick them)."""
+    """The per-row reductions (finalize, batch norm backward's per-channel sums, column-mode
+    partials): the device's choice, and each form forced (a threadgroup per row on the cpu, a
+    thread per row on a GPU, where "auto" would not pick them)."""
     monkeypatch.setattr(ops, "FINALIZE", request.param)
     return request.param
 

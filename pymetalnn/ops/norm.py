@@ -93,8 +93,8 @@ FINALIZE = "auto"
 
 
 def _rows(dev: Device) -> bool:
-    """Whether a per-row reduction of partials (the forward's finalize, batch norm backward's
-    per-channel sums) runs a thread per row (else a threadgroup per row): see FINALIZE."""
+    """Whether the per-row reductions (the forward's finalize, batch norm backward's per-channel
+    sums, the column-mode partials) run a thread per row (else a threadgroup): see FINALIZE."""
     return FINALIZE == "rows" or (FINALIZE == "auto" and dev.name == "cpu")
 
 # ---- validation ------------------------------------------------------------------------------
