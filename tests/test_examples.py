@@ -27,6 +27,32 @@ def test_mnist_smoke(tmp_path):
     assert (tmp_path / "digits.npz").exists() and (tmp_path / "digits.png").exists()
 
 
+def test_mnist_random_shift():
+    """--shift's augmentation: each image moved by (dy, dx) with |dy|, |dx| <= n, the uncovered
+    border zero, the rest the image itself; the smoke run trains with it."""
+    import numpy as np
+
+    shift = load_example("mnist").random_shift(2)
+    rng = np.random.default_rng(0)
+    x = rng.random((64, 1, 9, 11)).astype(np.float32) + 1.0  # no zeros of its own
+    out = shift(x, np.random.default_rng(5))
+    assert out.shape == x.shape and out.dtype == x.dtype
+    moves = set()
+    for a, b in zip(x, out):
+        found = [(dy, dx) for dy in range(-2, 3) for dx in range(-2, 3)
+                 if np.array_equal(b, np.pad(a, ((0, 0), (2, 2), (2, 2)))[
+                     :, 2 + dy:2 + dy + 9, 2 + dx:2 + dx + 11])]
+        assert len(found) == 1
+        moves.add(found[0])
+    assert len(moves) > 10  # the moves vary
+
+
+def test_mnist_smoke_with_shift(tmp_path):
+    r = load_example("mnist").main(["--smoke", "--backend", BACKEND, "--quiet", "--smoke-n", "120",
+                                "--out", str(tmp_path), "--shift", "2"])
+    assert r["last_loss"] < r["first_loss"]
+
+
 def test_mnist_smoke_mixed_precision(tmp_path):
     r = load_example("mnist").main(["--smoke", "--backend", BACKEND, "--quiet", "--smoke-n", "120",
                                 "--out", str(tmp_path), "--precision", "mixed"])

@@ -445,6 +445,38 @@ def test_small_cnn_learns_two_classes(dev, tmp_path):
         assert (tmp_path / "h.png").exists()
 
 
+def test_fit_transform_augments_each_training_batch(dev):
+    """fit(transform=): every training batch goes through transform(images, rng) before it is
+    encoded, with a generator that repeats for the same seed; the test set is not transformed.
+    A transform that wipes the images leaves nothing to learn: chance accuracy."""
+    rng = np.random.default_rng(1)
+    train, test = bars(96, rng), bars(64, rng)
+
+    def make():
+        x = G.ImageNode((1, 8, 8))
+        logits = G.FullyConnectedNode(x, G.FullyConnectedDataSource(64, 2, seed=1), name="fc")
+        return G.TrainingGraph(G.SoftmaxCrossEntropyLossNode(logits, name="loss"),
+                               optimizer=lambda p: optim.SGD(p, lr=0.1), device=dev)
+
+    seen: list[tuple[np.ndarray, float]] = []
+
+    def record(xb: np.ndarray, g: np.random.Generator) -> np.ndarray:
+        seen.append((xb.copy(), float(g.random())))
+        return xb
+
+    hist = G.fit(make(), train, epochs=2, batch_size=16, progress=False, seed=3, transform=record)
+    assert len(seen) == len(hist.step_loss) == 12
+    pool = {a.tobytes() for a in train[0]}
+    assert all(b.shape == (16, 1, 8, 8) and all(a.tobytes() in pool for a in b) for b, _ in seen)
+    draws = [d for _, d in seen]
+    seen.clear()
+    G.fit(make(), train, epochs=2, batch_size=16, progress=False, seed=3, transform=record)
+    assert [d for _, d in seen] == draws  # the same seed, the same augmentation stream
+    hist = G.fit(make(), train, epochs=3, batch_size=16, test=test, progress=False,
+                 transform=lambda xb, g: np.zeros_like(xb))
+    assert all(abs(a - 0.5) < 0.2 for a in hist.accuracy), hist.accuracy
+
+
 def test_manual_gradient_nodes_and_loss_labels(dev):
     """One line per gradient node, assembled by hand, gives the training graph's gradients; loss
     labels come back holding the per-sample losses."""

@@ -137,7 +137,9 @@ def fit(tg: TrainingGraph, train: tuple[np.ndarray, np.ndarray], *, epochs: int 
         shuffle: bool = True, progress: bool = True, out: TextIO | None = None,
         inference: Graph | None = None,
         on_epoch: Callable[[int, History], Any] | None = None,
-        nonfinite: str = "raise", distributed: Any = None) -> History:
+        nonfinite: str = "raise", distributed: Any = None,
+        transform: Callable[[np.ndarray, np.random.Generator], np.ndarray] | None = None
+        ) -> History:
     """Train `tg` on (images, labels): `epochs` passes of shuffled batches (the last partial
     batch dropped), at most `max_steps` steps in all; after each epoch, the accuracy of an
     inference graph sharing the weights on `test`, stopping once it reaches `target_accuracy`.
@@ -151,12 +153,18 @@ def fit(tg: TrainingGraph, train: tuple[np.ndarray, np.ndarray], *, epochs: int 
     rank), `batch_size` per rank; the history's losses are the means over the ranks, the test
     accuracy is over the whole test set (each rank scores its share, running statistics
     averaged first), and only rank 0 shows progress.
+
+    transform: data augmentation, `transform(images, rng) -> images` applied to each training
+    batch on the host before it is encoded (the images as a (batch, ...) array of the training
+    set's dtype; rng a numpy Generator seeded from `seed` and the rank, so runs repeat). The test
+    set is never transformed.
     """
     if nonfinite not in ("raise", "ignore"):
         raise ValueError(f"nonfinite: expected 'raise' or 'ignore', got {nonfinite!r}")
     x, y = train
     hist = History()
     rng = np.random.default_rng(seed) if shuffle else None
+    aug_rng = np.random.default_rng([seed, 1 + (0 if distributed is None else distributed.rank)])
     inf = inference
     if test is not None and inf is None:
         inf = tg.inference_graph()
@@ -189,7 +197,8 @@ def fit(tg: TrainingGraph, train: tuple[np.ndarray, np.ndarray], *, epochs: int 
         for i, idx in enumerate(epoch_batches):
             if i >= nb:
                 break
-            handles.append(tg.encode(x[idx], y[idx]))
+            xb = x[idx] if transform is None else transform(x[idx], aug_rng)
+            handles.append(tg.encode(xb, y[idx]))
             bar.update(i + 1)
             if nonfinite == "raise" and len(handles) - checked > CHECK_EVERY:
                 # all but the newest step (it may still be running)
