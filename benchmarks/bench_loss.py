@@ -119,13 +119,8 @@ def bench_pointwise(dev: pm.Device, name: str, shape: tuple, dtype, quick: bool)
             tf = torch.nn.functional
             f = tf.binary_cross_entropy_with_logits if name == "bce" else tf.mse_loss
             xr = xt.detach().clone().requires_grad_(True)
-
-            def t_both() -> None:
-                torch.autograd.grad(f(xr, tt), xr)
-
             peer = "torch"
             pf, _ = common.time_on(dev, lambda: f(xr, tt), quick)
-            pfb, _ = common.time_on(dev, t_both, quick)
             pb = common.torch_backward_time(dev, f(xr, tt), xr, quick)
     else:
         xf, tf32 = x_np.astype(np.float32), t_np.astype(np.float32)

@@ -147,14 +147,9 @@ def bench_group_norm(dev: pm.Device, shape: tuple, groups: int, dtype, quick: bo
             wt = common.torch_view(dev, w).to(xt.dtype).requires_grad_(True)
             bt = common.torch_view(dev, b).to(xt.dtype).requires_grad_(True)
             xr = xt.detach().clone().requires_grad_(True)
-
-            def t_both() -> None:
-                torch.autograd.grad(tf.group_norm(xr, groups, wt, bt), (xr, wt, bt), gt)
-
             peer = "torch"
             with torch.no_grad():
                 pf, _ = common.time_on(dev, lambda: tf.group_norm(xt, groups, wt, bt), quick)
-            pfb, _ = common.time_on(dev, t_both, quick)
             pb = common.torch_backward_time(dev, tf.group_norm(xr, groups, wt, bt), (xr, wt, bt),
                                             quick, gt)
     else:
@@ -196,14 +191,9 @@ def bench_layer_norm(dev: pm.Device, shape: tuple, dtype, quick: bool) -> list[d
             wt = common.torch_view(dev, w).clone().requires_grad_(True)
             bt = common.torch_view(dev, b).clone().requires_grad_(True)
             xr = xt.detach().clone().requires_grad_(True)
-
-            def t_both() -> None:
-                torch.autograd.grad(tf.layer_norm(xr, (d,), wt, bt), (xr, wt, bt), gt)
-
             peer = "torch"
             with torch.no_grad():
                 pf, _ = common.time_on(dev, lambda: tf.layer_norm(xt, (d,), wt, bt), quick)
-            pfb, _ = common.time_on(dev, t_both, quick)
             pb = common.torch_backward_time(dev, tf.layer_norm(xr, (d,), wt, bt), (xr, wt, bt),
                                             quick, gt)
     else:
