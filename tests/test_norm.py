@@ -57,16 +57,27 @@ def finalize(request, monkeypatch):
 
 
 def test_finalize_rows_grid_stride(dev, monkeypatch):
-    """The per-row finalize strides over rows past its grid (one threadgroup here: 300 rows)."""
+    """The thread-per-row kernels stride past their grid (one threadgroup here): the finalize
+    over 300 rows, the column-mode partials over 1500 columns, batch norm backward's sums over
+    300 channels."""
     monkeypatch.setattr(ops, "FINALIZE", "rows")
     monkeypatch.setattr(ops, "MAX_GROUPS", 1)
     x = _data((3, 300, 5), np.float32, 7)
-    y, mean, invstd = F.batch_norm_with_stats(pm.tensor(x, dev), None, None, None, None, True,
+    w, b = _params(300, 7)
+    y, mean, invstd = F.batch_norm_with_stats(pm.tensor(x, dev), None, None, w, b, True,
                                               0.1, 1e-5)
-    ry, rmean, rvar, _ = ref.batch_norm_train(x, None, None, 1e-5)
+    ry, rmean, rvar, _ = ref.batch_norm_train(x, w, b, 1e-5)
     np.testing.assert_allclose(mean.numpy(), rmean, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(invstd.numpy(), 1 / np.sqrt(rvar + 1e-5), rtol=1e-4)
     np.testing.assert_allclose(y.numpy(), ry, rtol=1e-4, atol=1e-4)
+    dy = _data(x.shape, np.float32, 8)
+    dev.reset_counts()
+    dx, _, _, dw, db = F.batch_norm_backward(dy, x, None, None, w, b, True, 0.1, 1e-5)
+    assert "batch_norm_grad_rows_bwd_float" in dev.dispatch_counts
+    rdx, rdw, rdb = ref.batch_norm_train_backward(dy, x, w, 1e-5)
+    np.testing.assert_allclose(dx.numpy(), rdx, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(dw.numpy(), rdw, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(db.numpy(), rdb, rtol=1e-4, atol=1e-4)
 
 
 def test_plans_cover_both_modes(monkeypatch):
