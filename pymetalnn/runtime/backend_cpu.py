@@ -423,10 +423,13 @@ class CpuDevice(Device):
             except BaseException:  # noqa: BLE001 -- the queue thread must survive anything
                 pass
             finally:
-                with self._lock:
-                    self._unfinished -= 1
-                    if not self._unfinished:
-                        self._idle.notify_all()
+                self._job_done()
+
+    def _job_done(self) -> None:
+        with self._lock:
+            self._unfinished -= 1
+            if not self._unfinished:
+                self._idle.notify_all()
 
     def _run_job(self, item: tuple) -> None:
         run, flat, name, written = item
@@ -730,10 +733,7 @@ class CpuDevice(Device):
             try:
                 self._run_job(item)
             finally:
-                with self._lock:
-                    self._unfinished -= 1
-                    if not self._unfinished:
-                        self._idle.notify_all()
+                self._job_done()
         finally:
             self._exec.release()
         return True
