@@ -359,9 +359,7 @@ kernel void gemm_blocked(device const T* A [[buffer(0)]], device const T* B [[bu
         // B in place where its rows hold the thread's TN columns; the BK-step loops (constant
         // trip count: unrolled) take whole slices, a short one (K % BK, or the few terms per
         // batch entry of a weight gradient) runs its kn steps
-        bool b_in_place = rcb && full_n;
-        bool b_short = rcb && !full_n;  // B's rows in place, only the block's valid columns
-        bool direct = b_in_place && kn == uint(BK);
+        bool direct = rcb && full_n && kn == uint(BK);
         // op(A) stored K x M (A^T) holds the thread's TM rows contiguously as well: both
         // operands are then read in place (each A value broadcast from memory into its row's
         // FMAs), with no copy at all
@@ -374,14 +372,14 @@ kernel void gemm_blocked(device const T* A [[buffer(0)]], device const T* B [[bu
             } else {
                 for (uint i = 0; i < mv; ++i) as[kk][i] = gemm_at(Ab, rca, p.lda, mt + i, k);
             }
-            if (!b_in_place && full_n) {
+            if (!rcb && full_n) {
                 for (int j = 0; j < TN; ++j) bs[kk][j] = gemm_at(Bb, rcb, p.ldb, nt + uint(j), k);
-            } else if (!b_in_place && !b_short) {
+            } else if (!rcb) {
                 for (uint j = 0; j < nv; ++j) bs[kk][j] = gemm_at(Bb, rcb, p.ldb, nt + j, k);
             }
         }
         // a short slice's rest: 0 (the in-place paths run only its kn steps)
-        for (uint kk = kn; kk < (b_in_place || b_short ? 0u : uint(BK)); ++kk) {
+        for (uint kk = kn; kk < (rcb ? 0u : uint(BK)); ++kk) {
             for (int i = 0; i < TM; ++i) as[kk][i] = ACC(0);
             for (int j = 0; j < TN; ++j) bs[kk][j] = ACC(0);
         }
@@ -406,15 +404,7 @@ kernel void gemm_blocked(device const T* A [[buffer(0)]], device const T* B [[bu
                 }
                 brow += p.ldb;
             }
-        } else if (b_in_place) {
-            device const T* brow = Bb + k0 * p.ldb + nt;
-            for (uint kk = 0; kk < kn; ++kk) {
-                for (int i = 0; i < TM; ++i) {
-                    for (int j = 0; j < TN; ++j) acc[i][j] = fma(as[kk][i], ACC(brow[j]), acc[i][j]);
-                }
-                brow += p.ldb;
-            }
-        } else if (b_short) {
+        } else if (rcb) {  // a short slice or a block past N: B's rows in place, valid columns
             device const T* brow = Bb + k0 * p.ldb + nt;
             for (uint kk = 0; kk < kn; ++kk) {
                 ACC bk[TN];
