@@ -400,7 +400,7 @@ kernel void norm_part_cols(NORM_COLS_ARGS,
 
 // The same partials a thread per (column, chunk), the chunk's samples in order: on a CPU the
 // tree's barriers (work-item loops) and its empty slices (batch 2 fills 2 of 8) cost more than
-// the samples (ResNet-18 at batch 2: 10 ms of a step in the forward's 2x2 .. 8x8 planes).
+// the samples (ResNet-18 at batch 2: 6-10 ms of a step in the forward's 2x2 .. 8x8 planes).
 // ops.norm.FINALIZE picks, as for the finalize.
 template <typename T, int BWD>
 [[max_total_threads_per_threadgroup(256)]]
