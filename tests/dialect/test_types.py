@@ -124,6 +124,57 @@ def test_conversions(lib) -> None:
         assert_bits_equal(ho[:, 2], (h.astype(F32) * F32(3)).astype(F16), "half(float(h) * 3)")
 
 
+def fma_double_rounding_cases(r: np.random.Generator, n: int):
+    """Halves a, b, c whose exact a*b + c rounds to a different half when first rounded to
+    float: they catch an fma that rounds twice."""
+    a = r.uniform(-4, 4, 2_000_000).astype(F16)
+    b = r.uniform(-4, 4, a.size).astype(F16)
+    c = (r.uniform(-1, 1, a.size) * 2.0 ** r.integers(-24, 3, a.size)).astype(F16)
+    d = a.astype(np.float64) * b.astype(np.float64) + c.astype(np.float64)
+    hard = np.flatnonzero(d.astype(F16).view(np.uint16) != d.astype(F32).astype(F16).view(np.uint16))
+    assert hard.size >= n
+    return a[hard[:n]], b[hard[:n]], c[hard[:n]]
+
+
+def test_half_conversions_exhaustive(lib) -> None:
+    """All 65,536 halves to float and through fma(h, h, h) (exact in double, so one rounding to
+    half is the reference), fmas that a double rounding gets wrong, and floats around every half
+    tie, past HALF_MAX and with NaN payloads to half. NaN results must be the canonical NaN bit
+    for bit (half 0x7fff, float 0x7fffffff), whatever conversion instructions the backend uses."""
+    dev = lib.device
+    hb = np.arange(65536, dtype=np.uint32).astype(np.uint16)
+    h = hb.view(F16)
+    r = rng(7)
+    with np.errstate(all="ignore"):
+        # midpoints between neighbouring halves and one float ulp either side of them
+        fin = np.isfinite(h) & (hb != 0x7BFF) & (hb != 0xFBFF)
+        up = np.nextafter(h, F16(np.inf))
+        mid = ((h[fin].astype(np.float64) + up[fin].astype(np.float64)) / 2).astype(F32)
+    ties = np.concatenate([mid, np.nextafter(mid, F32(np.inf)), np.nextafter(mid, F32(-np.inf))])
+    nan_bits = (r.integers(1, 2**23, 2048, dtype=np.uint64)
+                | (r.integers(0, 2, 2048, dtype=np.uint64) << np.uint64(31))
+                | np.uint64(0x7F800000)).astype(np.uint32)
+    f = np.concatenate([ties, nan_bits.view(F32), r.uniform(-7e4, 7e4, 4096).astype(F32),
+                        np.array([np.inf, -np.inf, 0.0, -0.0, 1e-40, -1e-45, 65520.0, -65519.99,
+                                  2.0**-25, 2.0**-25 * 1.0000001], F32)]).astype(F32)
+    ha, hb2, hc = fma_double_rounding_cases(r, 200)
+    fa, fb, fc = (np.concatenate([h, x]) for x in (ha, hb2, hc))
+    n = max(h.size, f.size, fa.size)
+    f, hbits = np.resize(f, n), np.resize(hb, n)
+    fa, fb, fc = np.resize(fa, n), np.resize(fb, n), np.resize(fc, n)
+    out = [dev.buffer(np.zeros(n, t)) for t in (F32, F16, F16)]
+    lib.kernel("half_convert_all")(n, dev.buffer(hbits), dev.buffer(f), dev.buffer(fa),
+                                   dev.buffer(fb), dev.buffer(fc), *out, n)
+    hn = hbits.view(F16)
+    with np.errstate(all="ignore"):
+        want_h2f = np.where(np.isnan(hn), np.uint32(0x7FFFFFFF), hn.astype(F32).view(np.uint32))
+        want_f2h = np.where(np.isnan(f), np.uint16(0x7FFF), f.astype(F16).view(np.uint16))
+        exact = fa.astype(np.float64) * fb.astype(np.float64) + fc.astype(np.float64)
+        want_fma = np.where(np.isnan(exact), np.uint16(0x7FFF), exact.astype(F16).view(np.uint16))
+    np.testing.assert_array_equal(out[0].numpy(np.uint32), want_h2f, err_msg="half -> float bits")
+    np.testing.assert_array_equal(out[1].numpy(np.uint16), want_f2h, err_msg="float -> half bits")
+    np.testing.assert_array_equal(out[2].numpy(np.uint16), want_fma, err_msg="fma bits")
+
 def test_vector_float4(lib) -> None:
     dev = lib.device
     r = rng(3)

@@ -13,7 +13,8 @@
 // * Results that Metal defines exactly are bit-identical on both targets. half is IEEE binary16
 //   stored in 16 bits; + - * / fma round once to nearest-even. cuda uses native f16 PTX
 //   (add/sub/mul/fma.rn.f16, no contraction); cpu computes in float (double for fma) and rounds
-//   in software -- exact, because float has >= 2*11+2 significand bits. A NaN becomes the
+//   with x86 F16C where the host has it, in software elsewhere -- exact, because float has
+//   >= 2*11+2 significand bits (tests/dialect/test_types.py checks every half). A NaN becomes the
 //   canonical NaN (half 0x7fff, float 0x7fffffff from half) as the PTX cvt/f16 instructions do.
 //   float min/max reproduce the GPU's NaN and signed-zero results on the cpu.
 // * SIMD-group reductions and scans use one fixed combination order (documented at
@@ -49,6 +50,9 @@
 #include <cstdint>
 #include <cstring>
 #include "pmn_cpu_abi.h"
+#ifdef __F16C__
+#include <immintrin.h>
+#endif
 #define PMN_FN inline
 #define PMN_MEMCPY std::memcpy
 #define PMN_THREADGROUP static thread_local
@@ -244,20 +248,50 @@ PMN_FN float h2f_hw(unsigned short h) {
 }
 #endif
 
+#if defined(PMN_CPU) && defined(__F16C__)
+// x86 F16C (every x86-64 CPU since 2012; the kernels are built for the host with -march). The
+// instructions round to nearest-even with the immediate 0 whatever MXCSR says and handle
+// subnormals and overflow as IEEE does, so they equal f2h_soft/h2f_soft except for NaN: they keep
+// a NaN's sign and payload where PTX gives the canonical NaN, hence the selects.
+#define PMN_HALF_HW 1
+PMN_FN unsigned short f2h_hw(float f) {
+  unsigned short r = (unsigned short)_cvtss_sh(f, 0);
+  return (r & 0x7fffu) > 0x7c00u ? kHalfNaN : r;
+}
+PMN_FN float h2f_hw(unsigned short h) {
+  return (h & 0x7fffu) > 0x7c00u ? u2f(0x7fffffffu) : _cvtsh_ss(h);
+}
+// double -> half in one rounding: round to float towards odd (truncate, then set the last bit if
+// anything was dropped), then to half. Float keeps 13 bits more than half, so the sticky bit
+// decides every half tie exactly as the full double would (the round-to-odd theorem).
+PMN_FN unsigned short d2h_hw(double d) {
+  if (d != d) return kHalfNaN;
+  float f = (float)d;
+  if ((double)f != d) {
+    unsigned u = f2u(f);
+    if (__builtin_fabs((double)f) > __builtin_fabs(d)) --u;  // rounded away from zero: step back
+    f = u2f(u | 1u);
+  }
+  return f2h_hw(f);
+}
+#elif defined(PMN_CUDA)
+#define PMN_HALF_HW 1
+#endif
+
 PMN_FN constexpr unsigned short f2h(float f) {
-#ifdef PMN_CUDA
+#ifdef PMN_HALF_HW
   if (!__builtin_is_constant_evaluated()) return f2h_hw(f);
 #endif
   return f2h_soft(f);
 }
 PMN_FN constexpr unsigned short d2h(double d) {
-#ifdef PMN_CUDA
+#ifdef PMN_HALF_HW
   if (!__builtin_is_constant_evaluated()) return d2h_hw(d);
 #endif
   return d2h_soft(d);
 }
 PMN_FN constexpr float h2f(unsigned short h) {
-#ifdef PMN_CUDA
+#ifdef PMN_HALF_HW
   if (!__builtin_is_constant_evaluated()) return h2f_hw(h);
 #endif
   return h2f_soft(h);

@@ -78,6 +78,25 @@ kernel void conversions(device const float* f [[buffer(0)]],
     ho[2] = half(float(hv) * 3.0f);
 }
 
+// Every half to float, floats (NaN payloads, ties, overflow) to half, and fma over halves
+// chosen by the test: a NaN result is the canonical NaN on every backend, whatever instructions
+// convert.
+kernel void half_convert_all(device const ushort* hb [[buffer(0)]],
+                             device const float* f [[buffer(1)]],
+                             device const half* fa [[buffer(2)]],
+                             device const half* fb [[buffer(3)]],
+                             device const half* fc [[buffer(4)]],
+                             device float* h2f [[buffer(5)]],
+                             device half* f2h [[buffer(6)]],
+                             device half* hfma [[buffer(7)]],
+                             constant uint& n [[buffer(8)]],
+                             uint gid [[thread_position_in_grid]]) {
+    if (gid >= n) return;
+    h2f[gid] = float(as_type<half>(hb[gid]));
+    f2h[gid] = half(f[gid]);
+    hfma[gid] = fma(fa[gid], fb[gid], fc[gid]);
+}
+
 // Vector constructors, arithmetic, comparison and component access.
 kernel void vec_float(device const float4* a [[buffer(0)]],
                       device const float4* b [[buffer(1)]],
