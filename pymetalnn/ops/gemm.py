@@ -99,9 +99,12 @@ _HALF = ("half", "hacc_half")
 # The cpu backend runs gemm_blocked (per-thread register blocks read straight from memory, no
 # threadgroup tiles or barriers: a thread's rank-1 updates vectorize) for float32: CPU time per
 # core 256^3 5.4 -> 0.9 ms, 32x512x512 4.7 -> 0.5 ms against gemm_tiled as work-item loops (2-core
-# Xeon, 2026-12-06). fp16 storage keeps the tiled kernels: its software fp16 -> float conversions
-# in the blocked kernel's inner loop made it 3x slower than they are.
-_CPU = ("float",)
+# Xeon, 2026-12-06); and for fp16 storage with float accumulation (half) since the cpu prelude's
+# half -> float conversion is branch-free and vectorizes in its row updates: 256^3 0.75-1.2 ms
+# against 3.5-8.7 ms for the tiled kernel (same box, 2026-12-07; with scalar conversions the
+# blocked kernel had been 3x slower than the tiled one). hacc_half keeps the tiled kernels: a
+# half-accumulating FMA rounds each term to half, which does not vectorize.
+_CPU = ("float", "half")
 # Which generation of matrix tiles the automatic choice (plan) considers; the others stay callable
 # by name (tile=) and swept by benchmarks/dev_gemm_mma.py. 2: gemm_mma2 (16-deep tile products,
 # simdgroup_tile.h: full-rate mma.sync.m16n8k16 and ldmatrix on cuda); 1: gemm_mma (8x8 products).

@@ -13,8 +13,8 @@
 // * Results that Metal defines exactly are bit-identical on both targets. half is IEEE binary16
 //   stored in 16 bits; + - * / fma round once to nearest-even. cuda uses native f16 PTX
 //   (add/sub/mul/fma.rn.f16, no contraction); cpu computes in float (double for fma) and rounds
-//   with x86 F16C where the host has it, in software elsewhere -- exact, because float has
-//   >= 2*11+2 significand bits (tests/dialect/test_types.py checks every half). A NaN becomes the
+//   with branch-free conversions that vectorize -- exact, because float has >= 2*11+2 significand
+//   bits (tests/dialect/test_types.py checks every half). A NaN becomes the
 //   canonical NaN (half 0x7fff, float 0x7fffffff from half) as the PTX cvt/f16 instructions do.
 //   float min/max reproduce the GPU's NaN and signed-zero results on the cpu.
 // * SIMD-group reductions and scans use one fixed combination order (documented at
@@ -151,19 +151,17 @@ PMN_FN constexpr unsigned long long d2u(double d) {
 }
 
 // ============================================================================================
-// float/double <-> binary16 in software. Used for all cpu conversions and for constant
-// evaluation on cuda (a __constant__ half needs a constant initializer).
+// float/double <-> binary16. cuda: PTX cvt at run time, and in software (integer arithmetic,
+// exact) for constant evaluation (a __constant__ half needs a constant initializer). cpu: the
+// branch-free forms below, at run time and in constant evaluation alike.
 // ============================================================================================
 constexpr unsigned short kHalfNaN = 0x7fff;  // canonical NaN of PTX f16 arithmetic
 
+#ifdef PMN_CUDA
 PMN_FN constexpr int bit_length(unsigned long long m) {
-#ifdef PMN_CPU
-  return m ? 64 - __builtin_clzll(m) : 0;
-#else
-  int n = 0;  // only reached in constant evaluation on cuda
+  int n = 0;  // only reached in constant evaluation
   for (; m; m >>= 1) ++n;
   return n;
-#endif
 }
 
 // Rounds M * 2^E (M != 0, up to 63 bits) to half, nearest-even, with subnormals and overflow.
@@ -230,7 +228,6 @@ PMN_FN constexpr float h2f_soft(unsigned short h) {
   return u2f(sign | ((e + 112) << 23) | (m << 13));
 }
 
-#ifdef PMN_CUDA
 PMN_FN unsigned short f2h_hw(float f) {
   unsigned short r;
   asm("cvt.rn.f16.f32 %0, %1;" : "=h"(r) : "f"(f));
@@ -246,55 +243,79 @@ PMN_FN float h2f_hw(unsigned short h) {
   asm("cvt.f32.f16 %0, %1;" : "=f"(r) : "h"(h));
   return r;
 }
-#endif
-
-#if defined(PMN_CPU) && defined(__F16C__)
-// x86 F16C (every x86-64 CPU since 2012; the kernels are built for the host with -march). The
-// instructions round to nearest-even with the immediate 0 whatever MXCSR says and handle
-// subnormals and overflow as IEEE does, so they equal f2h_soft/h2f_soft except for NaN: they keep
-// a NaN's sign and payload where PTX gives the canonical NaN, hence the selects.
-#define PMN_HALF_HW 1
-PMN_FN unsigned short f2h_hw(float f) {
-  unsigned short r = (unsigned short)_cvtss_sh(f, 0);
-  return (r & 0x7fffu) > 0x7c00u ? kHalfNaN : r;
+#else
+// cpu: branch-free conversions (selects instead of branches, float arithmetic for the rounding),
+// so a loop over them vectorizes: g++ 12 vectorizes neither the F16C intrinsics nor _Float16
+// casts (a loop of those stays scalar, ~1-2 ns an element against ~0.3). half -> float is always
+// the branch-free form (a few operations: gemm_blocked's half row updates run 4-8x faster with it
+// than with scalar F16C); float -> half takes F16C's single instruction where the host has it
+// (f2h below: the element-wise kernels' stores do not vectorize, and there the branch-free form
+// cost 2x) and the branch-free form elsewhere. Both exact on every host: the float adds round to
+// nearest-even as IEEE requires and the cpu keeps float subnormals (no FTZ/DAZ); F16C rounds to
+// nearest-even with immediate 0 whatever MXCSR says. tests/dialect/test_types.py checks every
+// half and every tie, bit for bit.
+// float -> half: normal halves by rebiasing the exponent and rounding the 13 dropped bits to
+// nearest-even in integer arithmetic; subnormal halves by adding 0.5, whose float ulp is the
+// half subnormal step 2^-24, so the float adder does the rounding.
+PMN_FN constexpr unsigned short f2h_bf(float f) {
+  unsigned x = f2u(f);
+  unsigned sign = (x >> 16) & 0x8000u, a = x & 0x7fffffffu;
+  unsigned r = a - 0x38000000u;
+  r += 0xfffu + ((r >> 13) & 1u);
+  unsigned sub = f2u(u2f(a) + 0.5f) - 0x3f000000u;
+  unsigned o = a < 0x38800000u ? sub : (r >> 13);
+  o = a >= 0x477ff000u ? 0x7c00u : o;  // >= 65520 rounds to inf
+  return (unsigned short)(a > 0x7f800000u ? unsigned(kHalfNaN) : (o | sign));
 }
-PMN_FN float h2f_hw(unsigned short h) {
-  return (h & 0x7fffu) > 0x7c00u ? u2f(0x7fffffffu) : _cvtsh_ss(h);
+// half -> float: the exponent and mantissa bits shifted into place are the value times 2^-112
+// (a subnormal half lands on a float subnormal), so one exact multiply rebiases both kinds.
+PMN_FN constexpr float h2f_bf(unsigned short h) {
+  unsigned em = h & 0x7fffu;
+  unsigned o = f2u(u2f(em << 13) * 0x1p112f);
+  o = em >= 0x7c00u ? (0x7f800000u | (em << 13)) : o;
+  return u2f(em > 0x7c00u ? 0x7fffffffu : (o | ((unsigned)(h & 0x8000u) << 16)));
 }
-// double -> half in one rounding: round to float towards odd (truncate, then set the last bit if
-// anything was dropped), then to half. Float keeps 13 bits more than half, so the sticky bit
-// decides every half tie exactly as the full double would (the round-to-odd theorem).
-PMN_FN unsigned short d2h_hw(double d) {
-  if (d != d) return kHalfNaN;
+// double -> half in one rounding: to float towards odd (truncated, the last bit set if anything
+// was dropped), then to half. Float keeps 13 bits more than half, so that sticky bit decides
+// every half tie as the full double would (the round-to-odd theorem); a NaN stays a NaN.
+PMN_FN constexpr unsigned short d2h_bf(double d) {
   float f = (float)d;
-  if ((double)f != d) {
-    unsigned u = f2u(f);
-    if (__builtin_fabs((double)f) > __builtin_fabs(d)) --u;  // rounded away from zero: step back
-    f = u2f(u | 1u);
-  }
-  return f2h_hw(f);
+  unsigned u = f2u(f);
+  bool away = __builtin_fabs((double)f) > __builtin_fabs(d);  // rounded away from zero
+  u = (double)f != d ? ((u - (away ? 1u : 0u)) | 1u) : u;
+  return f2h_bf(u2f(u));
 }
-#elif defined(PMN_CUDA)
-#define PMN_HALF_HW 1
-#endif
+#endif  // PMN_CUDA / PMN_CPU
 
 PMN_FN constexpr unsigned short f2h(float f) {
-#ifdef PMN_HALF_HW
-  if (!__builtin_is_constant_evaluated()) return f2h_hw(f);
+#ifdef PMN_CPU
+#ifdef __F16C__
+  if (!__builtin_is_constant_evaluated()) {  // F16C keeps a NaN's payload; PTX's is canonical
+    unsigned short r = (unsigned short)_cvtss_sh(f, 0);
+    return (r & 0x7fffu) > 0x7c00u ? kHalfNaN : r;
+  }
 #endif
+  return f2h_bf(f);
+#else
+  if (!__builtin_is_constant_evaluated()) return f2h_hw(f);
   return f2h_soft(f);
+#endif
 }
 PMN_FN constexpr unsigned short d2h(double d) {
-#ifdef PMN_HALF_HW
+#ifdef PMN_CPU
+  return d2h_bf(d);
+#else
   if (!__builtin_is_constant_evaluated()) return d2h_hw(d);
-#endif
   return d2h_soft(d);
+#endif
 }
 PMN_FN constexpr float h2f(unsigned short h) {
-#ifdef PMN_HALF_HW
+#ifdef PMN_CPU
+  return h2f_bf(h);
+#else
   if (!__builtin_is_constant_evaluated()) return h2f_hw(h);
-#endif
   return h2f_soft(h);
+#endif
 }
 struct bits_tag {};
 struct splat_tag {};
