@@ -1032,7 +1032,8 @@ GEMM_KERNEL(gemm_fwd_128x128k16_hacc_half, gemm_tiled, half, half, half, 128, 12
 #define GEMM_CPU_INST(TILE, TM, TN, TX, BK)                                                      \
     GEMM_KERNEL(gemm_fwd_##TILE##_float, gemm_blocked, float, float, float, TM, TN, TX, BK)      \
     GEMM_KERNEL(gemm_fwd_##TILE##_half, gemm_blocked, half, float, half, TM, TN, TX, BK)         \
-    GEMM_KERNEL(gemm_fwd_##TILE##_splitk_half, gemm_blocked, half, float, float, TM, TN, TX, BK)
+    GEMM_KERNEL(gemm_fwd_##TILE##_splitk_half, gemm_blocked, half, float, float, TM, TN, TX, BK) \
+    GEMM_KERNEL(gemm_fwd_##TILE##_hacc_half, gemm_blocked, half, half, half, TM, TN, TX, BK)
 GEMM_CPU_INST(cpu512x128, 8, 32, 4, 16)
 GEMM_CPU_INST(cpu128x512, 8, 32, 16, 16)
 

@@ -29,6 +29,9 @@ import tempfile
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PRELUDE_DIR = os.path.join(ROOT, "pymetalnn", "runtime", "prelude")
 CPU_DIR = os.path.join(ROOT, "pymetalnn", "runtime", "cpu")
+sys.path.insert(0, ROOT)
+from pymetalnn.runtime.backend_cpu import kernel_flags  # noqa: E402
+
 CPU_RT = os.path.join(CPU_DIR, "pmn_cpu_rt.cpp")
 NVRTC_CHECK = os.path.join(ROOT, "tools", "nvrtc_check.py")
 # the C++ and CUDA sources: prelude_test.cpp (cpu program; mock_rt.h or real_rt.h), xk.h (the
@@ -41,11 +44,12 @@ def _run(cmd: list[str], **kw) -> subprocess.CompletedProcess:
     return subprocess.run(cmd, capture_output=True, text=True, **kw)
 
 
-def _compile_cpu(cxx: str, work: str, name: str, mock: bool, link: list[str]) -> str | None:
+def _compile_cpu(cxx: str, work: str, name: str, mock: bool, link: list[str],
+                 isa: list[str]) -> str | None:
     exe = os.path.join(work, name)
     cmd = [cxx, "-std=c++17", "-O2", "-Wall", "-Wextra", "-Werror", "-DPMN_CPU=1", "-pthread",
            f"-DPMN_TEST_MOCK_RT={int(mock)}", "-I", PRELUDE_DIR, "-I", CPU_DIR, "-I", TESTS_DIR,
-           CPU_TEST, *link, "-o", exe]
+           *isa, CPU_TEST, *link, "-o", exe]
     r = _run(cmd)
     if r.returncode != 0:
         print(f"[cpu] compile of {name} FAILED:\n{r.stdout}{r.stderr}")
@@ -58,18 +62,23 @@ def _compile_cpu(cxx: str, work: str, name: str, mock: bool, link: list[str]) ->
 def run_cpu(cxx: str, work: str, dump: str | None) -> bool:
     ok = True
     dumps = []
-    variants = [("prelude_test_mock", True, [])]
+    variants = [("prelude_test_mock", True, [], [])]
     if os.path.exists(CPU_RT):
-        variants.append(("prelude_test_rt", False, [CPU_RT]))
+        variants.append(("prelude_test_rt", False, [CPU_RT], []))
     else:
         print(f"[cpu] {CPU_RT} not found: SIMD tests run on the mock runtime only")
-    for i, (name, mock, link) in enumerate(variants):
-        exe = _compile_cpu(cxx, work, name, mock, link)
+    # the kernels' instruction set (-march for this host, where known): the prelude's F16C and
+    # AVX512-FP16 paths, which must give the portable build's results bit for bit
+    isa = [f for f in kernel_flags() if f.startswith(("-march=", "-mavx", "-mf16c", "-ffp-contract"))]
+    if isa:
+        variants.append(("prelude_test_host", True, [], isa))
+    for name, mock, link, flags in variants:
+        exe = _compile_cpu(cxx, work, name, mock, link, flags)
         if exe is None:
             ok = False
             continue
         d = os.path.join(work, name + ".xk.bin")
-        args = [exe, "--dump", d] + (["--xk-only"] if i > 0 else [])
+        args = [exe, "--dump", d] + (["--xk-only"] if name == "prelude_test_rt" else [])
         r = _run(args, timeout=900)
         print(f"[cpu] {name}: {r.stdout.strip().splitlines()[-1] if r.stdout.strip() else '(no output)'}")
         if r.returncode != 0:
@@ -77,13 +86,15 @@ def run_cpu(cxx: str, work: str, dump: str | None) -> bool:
             ok = False
         elif os.path.exists(d):
             dumps.append(d)
-    if len(dumps) == 2:
-        a, b = (open(p, "rb").read() for p in dumps)
-        if a != b:
-            print("[cpu] FAIL: mock runtime and real runtime give different cross-check results")
+    if len(dumps) >= 2:
+        first = open(dumps[0], "rb").read()
+        if any(open(p, "rb").read() != first for p in dumps[1:]):
+            print("[cpu] FAIL: the builds (mock runtime, real runtime, host instruction set) give "
+                  "different cross-check results")
             ok = False
         else:
-            print("[cpu] mock and real runtime agree bit for bit on the cross-check kernel")
+            print(f"[cpu] {len(dumps)} builds (mock runtime, real runtime, host instruction set) "
+                  "agree bit for bit on the cross-check kernel")
     if dump and dumps:
         shutil.copyfile(dumps[0], dump)
     return ok

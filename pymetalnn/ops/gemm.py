@@ -104,7 +104,7 @@ _HALF = ("half", "hacc_half")
 # against 3.5-8.7 ms for the tiled kernel (same box, 2026-12-07; with scalar conversions the
 # blocked kernel had been 3x slower than the tiled one). hacc_half keeps the tiled kernels: a
 # half-accumulating FMA rounds each term to half, which does not vectorize.
-_CPU = ("float", "half")
+_CPU = ("float", "half", "hacc_half")
 # Which generation of matrix tiles the automatic choice (plan) considers; the others stay callable
 # by name (tile=) and swept by benchmarks/dev_gemm_mma.py. 2: gemm_mma2 (16-deep tile products,
 # simdgroup_tile.h: full-rate mma.sync.m16n8k16 and ldmatrix on cuda); 1: gemm_mma (8x8 products).

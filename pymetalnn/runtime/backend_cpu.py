@@ -103,32 +103,38 @@ def kernel_flags() -> list[str]:
             # blocked GEMM's 8 x 32 accumulator tile then fits the 32 registers instead of
             # spilling (float GEMM 84 -> 96-109 GFLOP/s on a 2-core AVX-512 Xeon; relu, tanh,
             # sigmoid and elu measured unchanged there)
-            flags += [f"-march={cpu}", "-ffp-contract=off"]
+            flags += [f"-march={cpu}", *_HOST_CPU[1], "-ffp-contract=off"]
             if platform.machine().lower() in ("x86_64", "amd64"):
                 flags.append("-mprefer-vector-width=512")
     return flags
 
 
-_HOST_CPU: list[str] = []
+# Instruction sets the prelude uses when the compiler defines them (pmn_prelude.h: native half
+# arithmetic), added by name where -march=native enables them but the CPU name it reports does
+# not imply them (g++ 12 calls a Sapphire Rapids part "cooperlake", which has no AVX512-FP16).
+_PRELUDE_ISA = ("avx512fp16",)
+_HOST_CPU: list[Any] = []  # [the -march name, [the extra -m flags]], once known
 
 
 def _host_cpu() -> str:
     """The -march value the compiler picks for -march=native (e.g. "skylake-avx512"), or ""
     when it cannot tell: spelled out so that a cache shared between machines never hands one
-    CPU's instructions to another."""
+    CPU's instructions to another (the extra _PRELUDE_ISA flags, in _HOST_CPU[1], likewise)."""
     if not _HOST_CPU:
-        cpu = ""
+        cpu, extra = "", []
         try:
             r = subprocess.run([*find_compiler().split(), "-march=native", "-Q", "--help=target"],
                                capture_output=True, text=True, timeout=60)
             for line in r.stdout.splitlines():
                 parts = line.split()
-                if len(parts) >= 2 and parts[0] == "-march=":
+                if len(parts) >= 2 and parts[0] == "-march=" and not cpu:
                     cpu = parts[1]
-                    break
+                elif len(parts) >= 2 and parts[0][2:] in _PRELUDE_ISA and parts[1] == "[enabled]":
+                    extra.append(parts[0])
         except (OSError, subprocess.SubprocessError):
             cpu = ""
-        _HOST_CPU.append(cpu if cpu not in ("native", "") else "")
+        cpu = cpu if cpu not in ("native", "") else ""
+        _HOST_CPU.extend([cpu, extra if cpu else []])
     return _HOST_CPU[0]
 
 

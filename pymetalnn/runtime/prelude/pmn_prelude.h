@@ -357,6 +357,20 @@ PMN_FN half hfma(half a, half b, half c) {
   asm("fma.rn.f16 %0, %1, %2, %3;" : "=h"(r.bits) : "h"(a.bits), "h"(b.bits), "h"(c.bits));
   return r;
 }
+#elif defined(__AVX512FP16__)
+// x86 AVX512-FP16: native half + - * fma, single rounding to nearest-even as IEEE defines them
+// (these instructions always keep subnormals, whatever MXCSR's DAZ/FTZ say), and vectorized by
+// g++ in loops of them (a half-accumulating GEMM's row updates). A NaN result keeps an input's
+// payload or is x86's negative default NaN: made the canonical NaN of the PTX instructions.
+PMN_FN _Float16 hnat(half a) { return __builtin_bit_cast(_Float16, a.bits); }
+PMN_FN half hcanon(_Float16 r) {
+  unsigned short u = __builtin_bit_cast(unsigned short, r);
+  return half::from_bits((u & 0x7fffu) > 0x7c00u ? kHalfNaN : u);
+}
+PMN_FN half hadd(half a, half b) { return hcanon(hnat(a) + hnat(b)); }
+PMN_FN half hsub(half a, half b) { return hcanon(hnat(a) - hnat(b)); }
+PMN_FN half hmul(half a, half b) { return hcanon(hnat(a) * hnat(b)); }
+PMN_FN half hfma(half a, half b, half c) { return hcanon(__builtin_fmaf16(hnat(a), hnat(b), hnat(c))); }
 #else
 PMN_FN half hadd(half a, half b) { return half(float(a) + float(b)); }
 PMN_FN half hsub(half a, half b) { return half(float(a) - float(b)); }
