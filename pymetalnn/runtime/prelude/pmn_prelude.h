@@ -12,9 +12,10 @@
 // Principles:
 // * Results that Metal defines exactly are bit-identical on both targets. half is IEEE binary16
 //   stored in 16 bits; + - * / fma round once to nearest-even. cuda uses native f16 PTX
-//   (add/sub/mul/fma.rn.f16, no contraction); cpu computes in float (double for fma) and rounds
-//   with branch-free conversions that vectorize -- exact, because float has >= 2*11+2 significand
-//   bits (tests/dialect/test_types.py checks every half). A NaN becomes the
+//   (add/sub/mul/fma.rn.f16, no contraction); cpu uses native half instructions where the host
+//   has AVX512-FP16, else computes in float (double for fma) and rounds once -- exact, because
+//   float has >= 2*11+2 significand bits (tests/dialect/test_types.py checks every half; the
+//   conversions are branch-free so that they vectorize, or F16C). A NaN becomes the
 //   canonical NaN (half 0x7fff, float 0x7fffffff from half) as the PTX cvt/f16 instructions do.
 //   float min/max reproduce the GPU's NaN and signed-zero results on the cpu.
 // * SIMD-group reductions and scans use one fixed combination order (documented at
