@@ -96,10 +96,11 @@ MMA_TILES: dict[str, dict[str, tuple[int, int, int, int, int, float]]] = {
 # forward 0.230 -> 0.182 ms, input gradient 0.280 -> 0.177), within noise on the others.
 for _kind, _table in list(MMA_TILES.items()):
     _table.update({"n" + name[1:]: v for name, v in list(_table.items())})
-# Default 1 until generation 2 as merged (B read by the product through ldmatrix.trans, 16-byte
-# tile loads) has run on a GPU: those cuda-only prelude paths have not, and a wrong tensor-core
-# fragment would be silently wrong numbers. PYMETALNN_MMA_GEN=2 opts in.
-MMA_GEN = mma_gen(1)
+# Default 2 since the merged generation 2 (B read by the product through ldmatrix.trans, 16-byte
+# tile loads) ran the cuda suite and compute-sanitizer (H100, 2026-12-07): "n*" faster on all 24
+# rows of bench_conv.py --precision half, the same errors as "m*" (resnet-3x3 input gradient
+# 0.22 -> 0.41 of cuDNN fp16). PYMETALNN_MMA_GEN=1 keeps generation 1.
+MMA_GEN = mma_gen(2)
 DIRECT_BELOW = 16        # GEMM column widths below this use the direct kernels
 TARGET_GROUPS = 512      # threadgroups a split reduction aims for off cuda
 SPLIT_GROUPS_PER_SM = 6  # ... and per SM on cuda (two waves of three resident threadgroups)

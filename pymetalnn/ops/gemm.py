@@ -110,10 +110,9 @@ _CPU = ("float", "half", "hacc_half")
 # simdgroup_tile.h: full-rate mma.sync.m16n8k16 and ldmatrix on cuda); 1: gemm_mma (8x8 products).
 # H100, 2026-12-06 22:45 UTC (dev_gemm_mma.py, fp16 8192^3): gemm_mma2 93.5 TFLOP/s with float
 # accumulation (128x128k16), 125 with half accumulation (128x128k32); gemm_mma 48 at best.
-# Default 1 until generation 2 as merged (B read by the product through ldmatrix.trans, 16-byte
-# tile loads) has run on a GPU: those cuda-only prelude paths have not, and a wrong tensor-core
-# fragment would be silently wrong numbers. PYMETALNN_MMA_GEN=2 opts in.
-MMA_GEN = mma_gen(1)
+# Default 2 since the merged generation 2 ran the cuda suite and compute-sanitizer (H100,
+# 2026-12-07; ops/conv.py's MMA_GEN note). PYMETALNN_MMA_GEN=1 keeps generation 1.
+MMA_GEN = mma_gen(2)
 TILES = {t.name: t for t in (Tile("128x128", 128, 128, 8, 1.0), Tile("64x64", 64, 64, 16, 0.6),
                              Tile("128x128k16", 128, 128, 16, 1.11, variants=("float", "hacc_half"),
                                   fixed_k=38),
