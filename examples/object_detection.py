@@ -246,6 +246,13 @@ def time_torch(args: argparse.Namespace, dev: Any, x: np.ndarray, b: np.ndarray,
     tdev = torch.device("cuda" if want_cuda and torch.cuda.is_available() else "cpu")
     torch.manual_seed(0)
     net = torch_tiny_yolo(anchors, len(CLASSES), args.width).to(tdev)
+    # --precision mixed: what a PyTorch user runs for speed, AMP (float16 autocast, dynamic loss
+    # scaling) with channels-last activations, the loss in float32 as ours; float32 otherwise
+    # (PyTorch's defaults: TF32 convolutions on GPUs that have it)
+    amp = args.precision == "mixed"
+    if amp:
+        net = net.to(memory_format=torch.channels_last)
+    scaler = torch.amp.GradScaler(tdev.type, enabled=amp)
     opt = torch.optim.Adam(net.parameters(), lr=args.lr)
     at = torch.tensor(anchors, device=tdev)
     rng = np.random.default_rng(1)
@@ -256,9 +263,12 @@ def time_torch(args: argparse.Namespace, dev: Any, x: np.ndarray, b: np.ndarray,
 
     def step(xb, bb):
         opt.zero_grad(set_to_none=True)
-        loss = torch_yolo_loss(net(xb), bb, at, **LOSS_OPTS).mean()
-        loss.backward()
-        opt.step()
+        with torch.autocast(tdev.type, dtype=torch.float16, enabled=amp):
+            out = net(xb.contiguous(memory_format=torch.channels_last) if amp else xb)
+        loss = torch_yolo_loss(out.float(), bb, at, **LOSS_OPTS).mean()
+        scaler.scale(loss).backward()
+        scaler.step(opt)
+        scaler.update()
         return loss
 
     sync = torch.cuda.synchronize if tdev.type == "cuda" else (lambda: None)
@@ -271,7 +281,8 @@ def time_torch(args: argparse.Namespace, dev: Any, x: np.ndarray, b: np.ndarray,
         loss = step(xb, bb)
     sync()
     dt = time.perf_counter() - t0
-    return {"device": str(tdev), "images_per_s": steps * args.batch / dt, "loss": float(loss.detach())}
+    return {"device": str(tdev), "images_per_s": steps * args.batch / dt, "loss": float(loss.detach()),
+            "precision": "AMP float16, channels-last" if amp else "float32"}
 
 
 def time_ours(tg: G.TrainingGraph, x: np.ndarray, b: np.ndarray, batch: int, steps: int) -> float:
@@ -393,13 +404,14 @@ def main(argv: list[str] | None = None) -> dict:
             raise SystemExit("--torch on: torch does not import")
         if peer is not None:
             result["torch"] = peer
-            line += (f"; PyTorch eager {peer['images_per_s']:.1f} images/s on {peer['device']} "
-                     f"(ratio {ours / peer['images_per_s']:.2f}x)")
+            line += (f"; PyTorch eager ({peer['precision']}) {peer['images_per_s']:.1f} images/s "
+                     f"on {peer['device']} (ratio {ours / peer['images_per_s']:.2f}x)")
     print(line)
-    first = float(np.mean(step_loss[:2]))
-    lastl = float(np.mean(step_loss[-2:]))
-    print(f"loss: first steps {first:.4f}, last steps {lastl:.4f}")
-    result.update(first_loss=first, last_loss=lastl)
+    if step_loss:  # --epochs 0 times the step without training
+        first = float(np.mean(step_loss[:2]))
+        lastl = float(np.mean(step_loss[-2:]))
+        print(f"loss: first steps {first:.4f}, last steps {lastl:.4f}")
+        result.update(first_loss=first, last_loss=lastl)
     if args.smoke and not lastl < first:
         raise SystemExit(f"smoke: the loss did not go down ({first:.4f} -> {lastl:.4f})")
     return result

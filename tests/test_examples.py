@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 
+import numpy as np
 import pytest
 from example_loader import load_example
 
@@ -88,6 +89,19 @@ def test_inception_smoke_mixed_precision_replay():
     ls = r["ours"]["losses"]
     assert ls[-1] < ls[0] and r["ours"]["replay"]["launches"] > 0
     assert r["ours"]["loss_scale"] is not None
+
+
+def test_object_detection_torch_peer_mixed(tmp_path):
+    """--precision mixed times PyTorch under AMP (float16 autocast, loss scaling, channels-last),
+    the comparison the example prints; no training steps (--epochs 0), no loss line."""
+    pytest.importorskip("torch")
+    r = load_example("object_detection").main([
+        "--backend", "cpu", "--quiet", "--size", "64", "--width", "0.25", "--train", "8",
+        "--test", "4", "--batch", "4", "--epochs", "0", "--time-steps", "2", "--torch", "on",
+        "--precision", "mixed", "--out", str(tmp_path)])
+    assert r["torch"]["precision"] == "AMP float16, channels-last"
+    assert r["torch"]["images_per_s"] > 0 and np.isfinite(r["torch"]["loss"])
+    assert r["steps"] == 0 and "first_loss" not in r
 
 
 def test_object_detection_smoke(tmp_path):
