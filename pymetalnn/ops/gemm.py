@@ -121,34 +121,28 @@ TILES = {t.name: t for t in (Tile("128x128", 128, 128, 8, 1.0), Tile("64x64", 64
                              Tile("mma64x64k32", 64, 64, 32, 4.0, variants=_HALF, matrix=True),
                              Tile("mma128x64", 128, 64, 32, 3.6, variants=_HALF, matrix=True),
                              # gemm_mma2. Efficiencies: TFLOP/s / 32 (the fp32 128x128 rate), mean of
-                             # 4096^3 and 8192^3 on an H100 (2026-12-06 22:45 UTC, gemm_mma2 with B
-                             # transposed by movmatrix): float accumulation first, half accumulation
-                             # (hacc_efficiency) where it differs. The tiles that run two threadgroups
-                             # per SM (<= 128 registers) lead: 128x128k16 (float), 128x128k32 (half).
-                             Tile("mma2_128x128k16", 128, 128, 16, 2.62, variants=_HALF, matrix=True,
-                                  gen=2, hacc_efficiency=2.87),
-                             Tile("mma2_128x128k32", 128, 128, 32, 2.08, variants=_HALF, matrix=True,
-                                  gen=2, hacc_efficiency=3.89),
-                             Tile("mma2_64x64k32", 64, 64, 32, 1.48, variants=_HALF, matrix=True,
-                                  gen=2, hacc_efficiency=2.33),
-                             Tile("mma2_128x64k32", 128, 64, 32, 2.17, variants=_HALF, matrix=True,
-                                  gen=2, hacc_efficiency=2.21),
-                             Tile("mma2_128x256k16w2", 128, 256, 16, 2.46, variants=_HALF,
-                                  matrix=True, gen=2, hacc_efficiency=2.45),
-                             # not yet timed (p2: two slices of loads in flight; v8: 16-byte loads):
-                             # below the timed leaders until dev_gemm_mma.py says otherwise
+                             # 4096^3 and 8192^3 on an H100 (2026-12-07, the merged generation 2,
+                             # docs/results/h100-2026-12-07/dev_gemm_mma_conv.log): float
+                             # accumulation, then half accumulation (hacc_efficiency). p2: two
+                             # slices of loads in flight; v8: 16-byte loads. Leaders: 128x128k16v8
+                             # (float, 94-99 TFLOP/s), 128x128k32 (half, 125-138 TFLOP/s).
                              *(Tile("mma2_" + name, bm, bn, bk, eff, variants=_HALF, matrix=True,
-                                    gen=2)
-                               for name, bm, bn, bk, eff in (
-                                   ("128x128k16p2", 128, 128, 16, 2.0),
-                                   ("128x128k32p2", 128, 128, 32, 2.0),
-                                   ("128x256k16w2p2", 128, 256, 16, 2.0),
-                                   ("64x64k32p2", 64, 64, 32, 1.4),
-                                   ("128x128k16v8", 128, 128, 16, 2.0),
-                                   ("128x256k16w2v8", 128, 256, 16, 2.0),
-                                   ("128x128k32p2v8", 128, 128, 32, 2.0),
-                                   ("128x64k32p2v8", 128, 64, 32, 2.0),
-                                   ("64x128k32w2p2v8", 64, 128, 32, 2.0))),
+                                    gen=2, hacc_efficiency=heff)
+                               for name, bm, bn, bk, eff, heff in (
+                                   ("128x128k16", 128, 128, 16, 2.82, 3.10),
+                                   ("128x128k32", 128, 128, 32, 2.27, 4.11),
+                                   ("64x64k32", 64, 64, 32, 1.64, 2.69),
+                                   ("128x64k32", 128, 64, 32, 2.29, 2.36),
+                                   ("128x256k16w2", 128, 256, 16, 2.57, 2.64),
+                                   ("128x128k16p2", 128, 128, 16, 1.65, 2.92),
+                                   ("128x128k32p2", 128, 128, 32, 2.31, 2.33),
+                                   ("128x256k16w2p2", 128, 256, 16, 2.61, 2.61),
+                                   ("64x64k32p2", 64, 64, 32, 1.53, 2.05),
+                                   ("128x128k16v8", 128, 128, 16, 3.02, 3.41),
+                                   ("128x256k16w2v8", 128, 256, 16, 2.64, 2.75),
+                                   ("128x128k32p2v8", 128, 128, 32, 2.49, 2.55),
+                                   ("128x64k32p2v8", 128, 64, 32, 2.27, 2.57),
+                                   ("64x128k32w2p2v8", 64, 128, 32, 2.42, 2.68))),
                              Tile("cpu512x128", 512, 128, 16, 1.0, variants=_CPU, cpu=True),
                              Tile("cpu128x512", 128, 512, 16, 1.0, variants=_CPU, cpu=True))}
 MAX_SPLITS = 16
