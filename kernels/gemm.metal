@@ -1027,8 +1027,7 @@ GEMM_INST(64x64, 64, 64, 16)
 GEMM_KERNEL(gemm_fwd_128x128k16_float, gemm_tiled, float, float, float, 128, 128, 16)
 GEMM_KERNEL(gemm_fwd_128x128k16_hacc_half, gemm_tiled, half, half, half, 128, 128, 16)
 
-// blocked tiles for CPUs: gemm_fwd_cpu<BM>x<BN>_<float | half | splitk_half> (fp16 storage with
-// half accumulation keeps the tiled kernels)
+// blocked tiles for CPUs: gemm_fwd_cpu<BM>x<BN>_<float | half | splitk_half | hacc_half>
 #define GEMM_CPU_INST(TILE, TM, TN, TX, BK)                                                      \
     GEMM_KERNEL(gemm_fwd_##TILE##_float, gemm_blocked, float, float, float, TM, TN, TX, BK)      \
     GEMM_KERNEL(gemm_fwd_##TILE##_half, gemm_blocked, half, float, half, TM, TN, TX, BK)         \

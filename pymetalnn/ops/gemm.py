@@ -102,8 +102,10 @@ _HALF = ("half", "hacc_half")
 # Xeon, 2026-12-06); and for fp16 storage with float accumulation (half) since the cpu prelude's
 # half -> float conversion is branch-free and vectorizes in its row updates: 256^3 0.75-1.2 ms
 # against 3.5-8.7 ms for the tiled kernel (same box, 2026-12-07; with scalar conversions the
-# blocked kernel had been 3x slower than the tiled one). hacc_half keeps the tiled kernels: a
-# half-accumulating FMA rounds each term to half, which does not vectorize.
+# blocked kernel had been 3x slower than the tiled one); and for half accumulation (hacc_half),
+# whose per-term half FMA is a native instruction where the host has AVX512-FP16: 256^3 2.3 ms
+# against 132-148 ms tiled (built without host tuning, PYMETALNN_CPU_NATIVE=0: 167 against
+# 193 ms).
 _CPU = ("float", "half", "hacc_half")
 # Which generation of matrix tiles the automatic choice (plan) considers; the others stay callable
 # by name (tile=) and swept by benchmarks/dev_gemm_mma.py. 2: gemm_mma2 (16-deep tile products,
