@@ -8,6 +8,7 @@ preparing the next launch while the cores run this one, as on a GPU queue.
 from __future__ import annotations
 
 import ctypes
+import functools
 import hashlib
 import os
 import platform
@@ -95,15 +96,15 @@ def kernel_flags() -> list[str]:
     # keeps every float compare a branch, so no loop with a select (a ?: of floats) vectorizes
     flags = [f for f in CXXFLAGS if f != "-O2"] + ["-O3", "-fopenmp-simd", "-fno-trapping-math"]
     if os.environ.get("PYMETALNN_CPU_NATIVE", "1") not in ("0", ""):
-        cpu = _host_cpu()
-        if cpu:
+        host = _host_flags()
+        if host:
             # no contraction of a*b+c into fma: results stay those of the source's roundings,
             # the same on every host (g++ contracts by default once -march offers FMA).
             # 512-bit vectors where the host has them (g++ prefers 256 on AVX-512 parts): the
             # blocked GEMM's 8 x 32 accumulator tile then fits the 32 registers instead of
             # spilling (float GEMM 84 -> 96-109 GFLOP/s on a 2-core AVX-512 Xeon; relu, tanh,
             # sigmoid and elu measured unchanged there)
-            flags += [f"-march={cpu}", *_HOST_CPU[1], "-ffp-contract=off"]
+            flags += [*host, "-ffp-contract=off"]
             if platform.machine().lower() in ("x86_64", "amd64"):
                 flags.append("-mprefer-vector-width=512")
     return flags
@@ -113,29 +114,28 @@ def kernel_flags() -> list[str]:
 # arithmetic), added by name where -march=native enables them but the CPU name it reports does
 # not imply them (g++ 12 calls a Sapphire Rapids part "cooperlake", which has no AVX512-FP16).
 _PRELUDE_ISA = ("avx512fp16",)
-_HOST_CPU: list[Any] = []  # [the -march name, [the extra -m flags]], once known
 
 
-def _host_cpu() -> str:
-    """The -march value the compiler picks for -march=native (e.g. "skylake-avx512"), or ""
-    when it cannot tell: spelled out so that a cache shared between machines never hands one
-    CPU's instructions to another (the extra _PRELUDE_ISA flags, in _HOST_CPU[1], likewise)."""
-    if not _HOST_CPU:
-        cpu, extra = "", []
-        try:
-            r = subprocess.run([*find_compiler().split(), "-march=native", "-Q", "--help=target"],
-                               capture_output=True, text=True, timeout=60)
-            for line in r.stdout.splitlines():
-                parts = line.split()
-                if len(parts) >= 2 and parts[0] == "-march=" and not cpu:
-                    cpu = parts[1]
-                elif len(parts) >= 2 and parts[0][2:] in _PRELUDE_ISA and parts[1] == "[enabled]":
-                    extra.append(parts[0])
-        except (OSError, subprocess.SubprocessError):
-            cpu = ""
-        cpu = cpu if cpu not in ("native", "") else ""
-        _HOST_CPU.extend([cpu, extra if cpu else []])
-    return _HOST_CPU[0]
+@functools.cache
+def _host_flags() -> tuple[str, ...]:
+    """("-march=<the CPU the compiler picks for -march=native>", the _PRELUDE_ISA flags it
+    enables), or () when it cannot tell: spelled out so that a cache shared between machines
+    never hands one CPU's instructions to another."""
+    cpu, extra = "", []
+    try:
+        r = subprocess.run([*find_compiler().split(), "-march=native", "-Q", "--help=target"],
+                           capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.SubprocessError):
+        return ()
+    for line in r.stdout.splitlines():
+        parts = line.split()
+        if len(parts) < 2:
+            continue
+        if parts[0] == "-march=" and not cpu:
+            cpu = parts[1]
+        elif parts[0][2:] in _PRELUDE_ISA and parts[1] == "[enabled]":
+            extra.append(parts[0])
+    return () if cpu in ("native", "") else (f"-march={cpu}", *extra)
 
 
 def fiber_report(library: Library) -> dict[str, str]:
