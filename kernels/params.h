@@ -74,6 +74,9 @@ struct WinogradParams {
 #define GEMM_BETA 64u      // read C (beta != 0; beta == 0 never reads C, as BLAS)
 #define GEMM_VEC8_A 128u   // A: ... aligned 8-vector (16-byte fp16) loads (gemm_mma2's V = 8 tiles)
 #define GEMM_VEC8_B 256u
+#define GEMM_TRANS_C 512u  // C stored N x M: element (m, n) at n * ldc + m, bias[m] (gemm_blocked and
+                           // gemm_splitk_sum only: the host runs a narrow C = op(A) op(B) as
+                           // C^T = op(B)^T op(A)^T, so that the blocked tiles' wide side is C's long one)
 struct GemmParams {
     uint M, N, K;                       // op(A) is M x K, op(B) is K x N, C is M x N
     uint lda, ldb, ldc;                 // row pitch (elements) of A, B, C as stored

@@ -158,6 +158,49 @@ def test_gemm_many_tiles(dev) -> None:
         check("float", out.numpy(), ref.gemm(a, b, None), k, ref.abs_product(a, b))
 
 
+CPU_TILES = [t for t in ops.TILES if ops.TILES[t].cpu]
+# narrow C (m x n): the blocked tiles run it transposed (GEMM_TRANS_C); batch shapes as BATCH_CASES
+NARROW_CASES = [(130, 4, 37, None, None, False), (257, 1, 20, 2, 2, False), (64, 12, 33, None, 3, False),
+                (96, 16, 18, 3, 3, True), (40, 2, 70, 2, None, True)]
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+@pytest.mark.parametrize("tile", CPU_TILES)
+def test_gemm_blocked_narrow_transposed(dev, monkeypatch, variant, tile) -> None:
+    """A narrow C through the blocked tiles runs as C^T = op(B)^T op(A)^T: against the float64
+    reference with every layout, batches (broadcast and summed), split K, alpha, beta, bias and
+    an activation; and bit for bit what the untransposed run gives (the same K order, fma)."""
+    dtype, accumulate = VARIANTS[variant]
+    rule = ops._cpu_transposed
+    for i, (m, n, k, ba, bb, summed) in enumerate(NARROW_CASES):
+        assert rule(m, n) and not rule(n, m)
+        ta, tb = LAYOUTS[i % 4]
+        batch = ba or bb
+        a = rand(((ba,) if ba else ()) + stored(m, k, ta), dtype, 30 + i)
+        b = rand(((bb,) if bb else ()) + stored(k, n, tb), dtype, 40 + i)
+        oshape = (m, n) if summed or not batch else (batch, m, n)
+        c = rand(oshape, dtype, 50 + i)
+        bias = rand(n, dtype, 60 + i)
+        alpha, beta = (0.5, -0.75) if i % 2 else (1.0, 0.0)
+        got = []
+        for transposed in (True, False):
+            monkeypatch.setattr(ops, "_cpu_transposed", lambda m, n, t=transposed: t)
+            for splits, act in ((1, None), (3, "relu")):
+                out = pm.tensor(c, dev)
+                F.gemm(pm.tensor(a, dev), pm.tensor(b, dev), out, transpose_a=ta, transpose_b=tb,
+                       alpha=alpha, beta=beta, bias=pm.tensor(bias, dev), accumulate=accumulate,
+                       tile=tile, k_splits=splits, activation=act)
+                got.append(out.numpy())
+        want = ref.gemm(a, b, c, ta, tb, alpha, beta, bias)
+        kk = k * (batch if summed and batch else 1)
+        scale = abs(alpha) * ref.abs_product(a, b, ta, tb, reduce_batch=summed)
+        out_scale = scale + abs(beta) * np.abs(c.astype(np.float64)) + np.abs(bias.astype(np.float64))
+        check(variant, got[0], want, kk, scale, out_scale)
+        check(variant, got[1], np.maximum(want, 0), kk, scale, out_scale)
+        for j in range(2):
+            np.testing.assert_array_equal(got[j], got[j + 2], err_msg=f"case {i}, split {j}")
+
+
 MATRIX_TILES = [t for t in ops.TILES if ops.TILES[t].matrix]
 
 

@@ -44,9 +44,9 @@ SOURCE = "gemm.metal"
 THREADS = CONST["GEMM_THREADS"]  # every kernel of gemm.metal
 
 # GemmParams.flags (kernels/params.h GEMM_*)
-TRANS_A, TRANS_B, VEC_A, VEC_B, VEC_C, BIAS, BETA, VEC8_A, VEC8_B = (
+TRANS_A, TRANS_B, VEC_A, VEC_B, VEC_C, BIAS, BETA, VEC8_A, VEC8_B, TRANS_C = (
     CONST[f"GEMM_{f}"] for f in ("TRANS_A", "TRANS_B", "VEC_A", "VEC_B", "VEC_C", "BIAS", "BETA",
-                                 "VEC8_A", "VEC8_B"))
+                                 "VEC8_A", "VEC8_B", "TRANS_C"))
 
 _MAX_MATRIX = 2**31  # elements per matrix: in-matrix offsets are 32-bit in the kernels
 _MAX_THREADS = 2**32 - 1024
@@ -148,6 +148,8 @@ TILES = {t.name: t for t in (Tile("128x128", 128, 128, 8, 1.0), Tile("64x64", 64
                              Tile("cpu512x128", 512, 128, 16, 1.0, variants=_CPU, cpu=True),
                              Tile("cpu128x512", 128, 512, 16, 1.0, variants=_CPU, cpu=True))}
 MAX_SPLITS = 16
+# gemm_blocked's block per thread in every cpu tile (GEMM_CPU_INST's TM, TN)
+CPU_TM, CPU_TN = 8, 32
 MIN_SPLIT_SLICES = 16  # a split-K part covers at least this many BK slices
 
 
@@ -222,6 +224,18 @@ def plan(dev: Device, m: int, n: int, k: int, batch: int, reduce_batch: bool,
                 best = (cost, t, s)
     assert best is not None
     return best[1], best[2]
+
+
+def _cpu_transposed(m: int, n: int) -> bool:
+    """Whether gemm_blocked runs C (m x n) as C^T = op(B)^T op(A)^T (GEMM_TRANS_C). A thread
+    does the FMAs of its whole CPU_TM x CPU_TN block however little of it lies inside C, so a
+    narrow C wastes most of them (ResNet-18 at batch 2: N = 4 for the 2x2-plane convs, 8x the
+    useful work); transposed, C's long side runs along the vectorized columns. Taken where it
+    at least halves the padded work; each output still sums its K terms in order with fma, so
+    the result is the same bits either way."""
+    def padded(r: int, c: int) -> int:
+        return math.ceil(r / CPU_TM) * CPU_TM * math.ceil(c / CPU_TN) * CPU_TN
+    return 2 * padded(n, m) <= padded(m, n)
 
 
 def _span(t: Tensor) -> tuple[int, int, int]:
@@ -373,12 +387,19 @@ def _launches(dev: Device, a: Tensor, b: Tensor, out: Tensor, m: int, n: int, k:
               reduce_batch: bool, transpose_a: bool, transpose_b: bool, alpha: float, beta: float,
               bias: Tensor | None, var: str, tile: Any, k_splits: int | None,
               act: tuple[int, float]) -> list[tuple]:
+    t, splits = plan(dev, m, n, k, batch, reduce_batch, tile, k_splits, var)
+    ldc = n
+    tc = t.cpu and _cpu_transposed(m, n)
+    if tc:
+        a, b, m, n = b, a, n, m
+        transpose_a, transpose_b = not transpose_b, not transpose_a
+        if tile is None:
+            t, splits = plan(dev, m, n, k, batch, reduce_batch, None, k_splits, var)
     ar, ac = a.shape[-2:]
     br, bc = b.shape[-2:]
-    t, splits = plan(dev, m, n, k, batch, reduce_batch, tile, k_splits, var)
     p = GemmParams()
     p.M, p.N, p.K = m, n, k
-    p.lda, p.ldb, p.ldc = ac, bc, n
+    p.lda, p.ldb, p.ldc = ac, bc, ldc
     p.batch = batch
     p.stride_a = ar * ac if a.ndim == 3 else 0
     p.stride_b = br * bc if b.ndim == 3 else 0
@@ -389,7 +410,7 @@ def _launches(dev: Device, a: Tensor, b: Tensor, out: Tensor, m: int, n: int, k:
     p.flags = ((TRANS_A if transpose_a else 0) | (TRANS_B if transpose_b else 0)
                | (VEC_A if _vec_ok(a, p.lda, p.stride_a) else 0)
                | (VEC_B if _vec_ok(b, p.ldb, p.stride_b) else 0)
-               | (VEC_C if _vec_ok(out, p.ldc, p.stride_c) else 0)
+               | (TRANS_C if tc else VEC_C if _vec_ok(out, p.ldc, p.stride_c) else 0)
                | (VEC8_A if _vec8_ok(a, p.lda, p.stride_a) else 0)
                | (VEC8_B if _vec8_ok(b, p.ldb, p.stride_b) else 0)
                | (BIAS if bias is not None else 0) | (BETA if beta != 0.0 else 0))
@@ -409,7 +430,7 @@ def _launches(dev: Device, a: Tensor, b: Tensor, out: Tensor, m: int, n: int, k:
     work = scratch(dev, [splits * nb * m * n * (2 if var == "hacc_half" else 4)], "gemm")[0]
     pp = GemmParams.from_buffer_copy(p)
     pp.ldc, pp.stride_c, pp.alpha, pp.beta, pp.act = n, m * n, 1.0, 0.0, 0
-    pp.flags = (p.flags & ~(BIAS | BETA | VEC_C)) | (VEC_C if n % 4 == 0 else 0)
+    pp.flags = (p.flags & ~(BIAS | BETA | VEC_C | TRANS_C)) | (VEC_C if n % 4 == 0 else 0)
     name = f"gemm_fwd_{t.name}_splitk_half" if var == "half" else f"gemm_fwd_{t.name}_{var}"
     return [(kernel(dev, t.source, name), groups * THREADS, (a.buffer, b.buffer, work, bias_buf, pp)),
             (kernel(dev, t.source, f"gemm_fwd_splitk_sum_{var}"), nb * m * n,
