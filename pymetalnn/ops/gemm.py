@@ -393,8 +393,9 @@ def _launches(dev: Device, a: Tensor, b: Tensor, out: Tensor, m: int, n: int, k:
     if tc:
         a, b, m, n = b, a, n, m
         transpose_a, transpose_b = not transpose_b, not transpose_a
-        if tile is None:
-            t, splits = plan(dev, m, n, k, batch, reduce_batch, None, k_splits, var)
+        if tile is None:  # the blocked tile that suits the transposed shape (TRANS_C is theirs)
+            t2, s2 = plan(dev, m, n, k, batch, reduce_batch, None, k_splits, var)
+            t, splits = (t2, s2) if t2.cpu else (t, splits)
     ar, ac = a.shape[-2:]
     br, bc = b.shape[-2:]
     p = GemmParams()
