@@ -7,7 +7,10 @@
 //   std::threads. With N == 1 nothing is spawned and a launch is a plain loop on the caller.
 //   Workers spin briefly after a launch before sleeping on their own condition variable: back-to-
 //   back launches from Python then start without a futex wake, and a launch that needs only k
-//   threads wakes only k-1 workers (no thundering herd on a many-core box).
+//   threads wakes only k-1 workers (no thundering herd on a many-core box). A helper joins a
+//   launch before touching it and the caller, once every chunk is taken, shuts out helpers that
+//   have not joined: a worker asleep in a VM can take hundreds of microseconds to run again, and
+//   a small launch must not wait for it (relu over 51,200 floats after 10 ms idle: 450 us).
 // * Work split. A launch uses min(N, n_groups) threads (a 1-group grid never wakes anyone), and
 //   each grabs chunks with one atomic fetch_add, "guided": chunk = remaining / (2 * threads). Big
 //   grids therefore cost O(threads * log n_groups) atomics yet still balance at the end, where
@@ -530,7 +533,11 @@ struct Pool {
   Worker** w = nullptr;      // n entries
   uint64_t gen = 0;          // launches published (guarded by g_launch_mu)
   std::atomic<uint64_t> ticket{0};  // (gen << 32) | participants
-  std::atomic<uint32_t> pending{0};  // helpers that have not finished the current launch
+  // Helpers join a launch before they touch it: gate = (gen << 32) | closed << 31 | joined. The
+  // caller closes the gate once it has grabbed the last chunk and waits only for the helpers
+  // that joined (finished == joined); a helper that wakes after that skips the launch.
+  std::atomic<uint64_t> gate{0};
+  std::atomic<uint32_t> finished{0};
   std::mutex done_m;
   std::condition_variable done_cv;
   // current launch (written before the ticket is published, read-only while it runs)
@@ -552,6 +559,7 @@ std::atomic<uint32_t> g_pool_threads{0};  // g_pool->n once created, for pmn_cpu
 bool g_atfork = false;
 
 constexpr auto kSpin = std::chrono::microseconds(50);
+constexpr uint64_t kGateClosed = (uint64_t)1 << 31;
 
 bool grab(Pool* p, uint64_t& b, uint64_t& e) {
   const uint64_t n = p->n_groups;
@@ -627,8 +635,19 @@ void worker_main(Pool* p, uint32_t idx) {
     }
     seen = t >> 32;
     if (idx >= (uint32_t)t) continue;  // not needed for this launch
+    uint64_t g = p->gate.load(std::memory_order_acquire);
+    bool joined = false;
+    while ((g >> 32) == seen && !(g & kGateClosed)) {
+      if (p->gate.compare_exchange_weak(g, g + 1, std::memory_order_acq_rel,
+                                        std::memory_order_acquire)) {
+        joined = true;
+        break;
+      }
+    }
+    if (!joined) continue;  // the caller ran the whole launch (or a newer one began)
     run_participant(p, idx);
-    if (p->pending.fetch_sub(1, std::memory_order_acq_rel) == 1) {
+    p->finished.fetch_add(1, std::memory_order_acq_rel);
+    {
       std::lock_guard<std::mutex> lk(p->done_m);
       p->done_cv.notify_one();
     }
@@ -768,8 +787,9 @@ extern "C" int pmn_cpu_launch(void* const* args, uint32_t n_groups, uint32_t tg_
     p->has_err = false;
     p->err[0] = 0;
     if (parts > 1) {
-      p->pending.store(parts - 1, std::memory_order_relaxed);
-      p->ticket.store((++p->gen << 32) | parts, std::memory_order_seq_cst);
+      p->finished.store(0, std::memory_order_relaxed);
+      p->gate.store(++p->gen << 32, std::memory_order_release);
+      p->ticket.store((p->gen << 32) | parts, std::memory_order_seq_cst);
       for (uint32_t i = 1; i < parts; ++i) {
         Worker* w = p->w[i];
         bool wake;
@@ -783,13 +803,23 @@ extern "C" int pmn_cpu_launch(void* const* args, uint32_t n_groups, uint32_t tg_
     tl_in_launch = true;
     run_participant(p, 0);
     tl_in_launch = false;
-    if (parts > 1 && p->pending.load(std::memory_order_acquire) != 0) {
+    // every chunk is taken: helpers that have not joined yet (a sleeping thread's wake-up can
+    // take far longer than a small launch) are shut out, those that joined are waited for. If
+    // this thread gave up its share (no fiber stacks), every helper is let in to take it.
+    while (parts > 1 && p->next.load(std::memory_order_relaxed) < n_groups &&
+           (p->gate.load(std::memory_order_acquire) & (kGateClosed - 1)) < parts - 1)
+      std::this_thread::yield();
+    const uint32_t joined = parts > 1 ? (uint32_t)(p->gate.fetch_or(kGateClosed,
+                                                                    std::memory_order_acq_rel) &
+                                                   (kGateClosed - 1))
+                                      : 0;
+    if (joined && p->finished.load(std::memory_order_acquire) != joined) {
       auto deadline = std::chrono::steady_clock::now() + kSpin;
-      for (unsigned i = 1; p->pending.load(std::memory_order_acquire) != 0; ++i) {
+      for (unsigned i = 1; p->finished.load(std::memory_order_acquire) != joined; ++i) {
         cpu_relax();
         if ((i & 63) == 0 && std::chrono::steady_clock::now() > deadline) {
           std::unique_lock<std::mutex> dl(p->done_m);
-          while (p->pending.load(std::memory_order_acquire) != 0) p->done_cv.wait(dl);
+          while (p->finished.load(std::memory_order_acquire) != joined) p->done_cv.wait(dl);
           break;
         }
       }

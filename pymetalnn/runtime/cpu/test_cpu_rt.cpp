@@ -183,6 +183,41 @@ static void test_loop_cover() {
   report("loop mode: every thread once (ng 1..257, tg 1/48/64/1024)", ok);
 }
 
+// 1b. helpers that wake late: small launches separated by idle gaps of 0-200 us, so that pool
+// threads fall asleep and wake in the middle of (or after) a launch. Each launch runs every
+// thread exactly once, and nothing touches a launch's memory after pmn_cpu_launch returned
+// (a late helper is shut out, or waited for once it joined).
+static void loop_cover_slow(void* const* args, uint32_t tgid, uint32_t tg, uint32_t ng) {
+  loop_cover(args, tgid, tg, ng);
+  if (tgid % 3 == 1) std::this_thread::sleep_for(std::chrono::microseconds(20));
+}
+static void test_late_helpers() {
+  const uint32_t gaps_us[] = {0, 5, 40, 70, 120, 200};
+  std::vector<std::vector<std::atomic<uint32_t>>> prev;
+  bool ok = true;
+  for (uint32_t it = 0; it < 600 && ok; ++it) {
+    const uint32_t ng = 1 + it % 9, tg = 32;
+    std::this_thread::sleep_for(std::chrono::microseconds(gaps_us[it % 6]));
+    prev.emplace_back((size_t)ng * tg);
+    auto& hits = prev.back();
+    for (auto& h : hits) h = 0;
+    CoverArgs a{hits.data(), ng};
+    void* args[] = {&a};
+    if (!launch(args, ng, tg, 0, nullptr, it % 2 ? loop_cover_slow : loop_cover)) return;
+    // this launch's threads once each, and the earlier launches' memory left as it was
+    for (size_t k = prev.size() > 4 ? prev.size() - 4 : 0; k < prev.size() && ok; ++k)
+      for (size_t i = 0; i < prev[k].size(); ++i)
+        if (prev[k][i] != 1) {
+          std::printf("    launch %zu (checked after %u): thread %zu ran %u times\n", k, it, i,
+                      prev[k][i].load());
+          ok = false;
+          break;
+        }
+    if (prev.size() > 8) prev.erase(prev.begin());
+  }
+  report("loop mode: small launches after idle gaps, late helpers (600 launches)", ok);
+}
+
 // ------------------------------------------------------------------------------------------------
 // 2. fiber mode covers every thread once with the right built-ins
 // ------------------------------------------------------------------------------------------------
@@ -635,6 +670,7 @@ static int run_child() {
   std::printf("pmn_cpu_num_workers() = %d, pmn_cpu_stack_size() = %zu\n", pmn_cpu_num_workers(),
               pmn_cpu_stack_size());
   test_loop_cover();
+  test_late_helpers();
   test_fiber_cover();
   test_tiled();
   test_simd();
