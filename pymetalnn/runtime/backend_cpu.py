@@ -669,7 +669,7 @@ class CpuDevice(Device):
             k = kernels[name] = Kernel(library, info, (lib, thread_fn, loop_fn, ptr_array,
                                                        1 if info.needs_fibers else 0), sizes)
             k._writes = tuple(not a.const for a in k.args if a.kind == "buffer")
-            k._inline = not info.lockstep and not info.needs_fibers  # see _run_inline
+            k._inline = not info.needs_fibers  # see _run_inline
             if self.validate:
                 k._vstate = ((ctypes.c_ulonglong * 64).in_dll(lib, "pmn_v_sizes"),
                              ctypes.c_int.in_dll(lib, "pmn_v_failed"),
@@ -725,10 +725,12 @@ class CpuDevice(Device):
     def _run_inline(self, item: tuple) -> bool:
         """Run a launch on the calling thread when nothing is queued before it (False: queue it).
         A queue round trip costs more than a small kernel (relu over 256 floats: ~25 us per call
-        queued, ~17 inline, the handoff of the GIL to and from the queue thread): with the queue
-        idle, running it here keeps the order and the failure handling of _run_job. Only kernels
-        without work-item loops come here: those keep per-thread arrays on the stack, which the
-        queue thread has room for (QUEUE_STACK) and a caller's thread may not."""
+        queued, ~17 inline, the handoff of the GIL to and from the queue thread; a softmax over
+        64 x 100 1 ms after idle, when the queue thread must be woken: 390 us queued): with the
+        queue idle, running it here keeps the order and the failure handling of _run_job.
+        Work-item-loop kernels keep per-thread arrays on the stack: the runtime runs the calling
+        thread's share on a launch stack of its own (pmn_cpu_rt.cpp, BigStack), so they come here
+        too; fiber kernels (needs_fibers) keep the queue."""
         if not self._exec.acquire(blocking=False):
             return False
         try:

@@ -386,6 +386,10 @@ void fiber_main(Fiber* f) {
 void uc_entry(unsigned hi, unsigned lo) {
   fiber_main((Fiber*)(uintptr_t)(((uint64_t)hi << 32) | (uint64_t)lo));
 }
+void big_main(Fiber* f);
+void uc_entry_big(unsigned hi, unsigned lo) {
+  big_main((Fiber*)(uintptr_t)(((uint64_t)hi << 32) | (uint64_t)lo));
+}
 #endif
 
 uint64_t read_fpctl() {
@@ -404,7 +408,7 @@ uint64_t read_fpctl() {
 #endif
 }
 
-inline void ctx_init(Worker* w, Fiber* f) {
+inline void ctx_init(Worker* w, Fiber* f, void (*entry)(Fiber*) = &fiber_main) {
 #if PMN_CTX_X86_64
   uint64_t* sp = (uint64_t*)(f->stack_top - 16 - 8 * 8);
   sp[0] = w->fpctl;
@@ -412,14 +416,14 @@ inline void ctx_init(Worker* w, Fiber* f) {
   sp[2] = 0;                                   // r14
   sp[3] = 0;                                   // r13
   sp[4] = (uint64_t)(uintptr_t)f;              // r12
-  sp[5] = (uint64_t)(uintptr_t)&fiber_main;    // rbx
+  sp[5] = (uint64_t)(uintptr_t)entry;          // rbx
   sp[6] = 0;                                   // rbp
   sp[7] = (uint64_t)(uintptr_t)&pmn_cpu_rt_fiber_start;
   f->ctx.sp = sp;
 #elif PMN_CTX_AARCH64
   uint64_t* sp = (uint64_t*)(f->stack_top - 16 - 176);
   sp[0] = (uint64_t)(uintptr_t)f;              // x19
-  sp[1] = (uint64_t)(uintptr_t)&fiber_main;    // x20
+  sp[1] = (uint64_t)(uintptr_t)entry;          // x20
   for (int i = 2; i < 20; ++i) sp[i] = 0;      // x21..x29, d8..d15
   sp[11] = (uint64_t)(uintptr_t)&pmn_cpu_rt_fiber_start;  // x30
   sp[20] = w->fpctl;                           // fpcr
@@ -431,7 +435,8 @@ inline void ctx_init(Worker* w, Fiber* f) {
   f->ctx.uc.uc_stack.ss_size = (size_t)(f->stack_top - f->stack_lo) - 16;
   f->ctx.uc.uc_link = nullptr;
   const uint64_t p = (uint64_t)(uintptr_t)f;
-  makecontext(&f->ctx.uc, (void (*)())uc_entry, 2, (unsigned)(p >> 32), (unsigned)p);
+  makecontext(&f->ctx.uc, entry == &fiber_main ? (void (*)())uc_entry : (void (*)())uc_entry_big, 2,
+              (unsigned)(p >> 32), (unsigned)p);
 #endif
 }
 
@@ -743,6 +748,68 @@ Pool* get_pool() {
   return p;
 }
 
+// The calling thread runs its share of a work-item-loop launch on a stack of its own: those
+// kernels keep per-thread arrays of the threadgroup's size on the stack (up to a few MiB for the
+// largest tiles), more than a caller's thread may have (512 KiB for a macOS secondary thread).
+// So every launch can run on the thread that makes it, without the hand-off to a queue thread
+// (whose wake-up after idle costs hundreds of microseconds in a VM). The stack is a fiber of
+// this thread, entered and left once per launch (two context switches, tens of nanoseconds),
+// reserved once (kPoolStack, pages touched on demand) and kept for the thread's life.
+struct BigStack {
+  Fiber f;  // first member: the entry is handed the Fiber*
+  Ctx back;
+  Pool* p = nullptr;
+};
+thread_local BigStack* tl_big = nullptr;
+
+void big_main(Fiber* f) {
+  BigStack* b = (BigStack*)f;
+  for (;;) {
+    try {
+      run_participant(b->p, 0);
+    } catch (const std::exception& e) {  // never across the context switch
+      std::lock_guard<std::mutex> lk(b->p->err_m);
+      if (!b->p->has_err) {
+        b->p->has_err = true;
+        std::snprintf(b->p->err, sizeof b->p->err, "cpu runtime: %s", e.what());
+      }
+    }
+    ctx_switch(&b->f.ctx, &b->back);
+  }
+}
+
+// Participant 0 of the current launch on this thread's big stack; false when the stack cannot
+// be had (out of address space: the caller then runs on its own stack, as before).
+bool run_on_big_stack(Pool* p) {
+  if (!tl_big) {
+    const size_t guard = page_size() > 65536 ? page_size() : 65536;
+    int flags = MAP_PRIVATE | MAP_ANONYMOUS;
+#ifdef MAP_NORESERVE
+    flags |= MAP_NORESERVE;
+#endif
+#ifdef MAP_STACK
+    flags |= MAP_STACK;
+#endif
+    void* mem = mmap(nullptr, kPoolStack + guard, PROT_READ | PROT_WRITE, flags, -1, 0);
+    if (mem == MAP_FAILED) return false;
+    BigStack* b = new (std::nothrow) BigStack();
+    if (!b || mprotect(mem, guard, PROT_NONE) != 0) {
+      delete b;
+      munmap(mem, kPoolStack + guard);
+      return false;
+    }
+    b->f.stack_lo = (char*)mem + guard;
+    b->f.stack_top = b->f.stack_lo + kPoolStack - 64;
+    Worker* w0 = p->w[0];
+    w0->fpctl = read_fpctl();
+    ctx_init(w0, &b->f, &big_main);
+    tl_big = b;
+  }
+  tl_big->p = p;
+  ctx_switch(&tl_big->back, &tl_big->f.ctx);
+  return true;
+}
+
 }  // namespace
 
 // ---------------------------------------------------------------------------------------------
@@ -801,7 +868,7 @@ extern "C" int pmn_cpu_launch(void* const* args, uint32_t n_groups, uint32_t tg_
       }
     }
     tl_in_launch = true;
-    run_participant(p, 0);
+    if (use_fibers || !run_on_big_stack(p)) run_participant(p, 0);
     tl_in_launch = false;
     // every chunk is taken: helpers that have not joined yet (a sleeping thread's wake-up can
     // take far longer than a small launch) are shut out, those that joined are waited for. If

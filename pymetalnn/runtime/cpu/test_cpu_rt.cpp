@@ -22,6 +22,7 @@
 #include <vector>
 
 #include <fcntl.h>
+#include <pthread.h>
 #include <signal.h>
 #include <sys/wait.h>
 #include <unistd.h>
@@ -191,6 +192,34 @@ static void loop_cover_slow(void* const* args, uint32_t tgid, uint32_t tg, uint3
   loop_cover(args, tgid, tg, ng);
   if (tgid % 3 == 1) std::this_thread::sleep_for(std::chrono::microseconds(20));
 }
+// 1c. a work-item-loop kernel with a 4 MiB frame launched from a thread with a 256 KiB stack:
+// the caller's share runs on the runtime's launch stack, not the thread's own.
+static void loop_big_frame(void* const* args, uint32_t tgid, uint32_t tg, uint32_t) {
+  volatile char buf[4 << 20];
+  buf[(tgid * 4099u) % sizeof buf] = (char)tgid;
+  std::atomic<uint32_t>* hits = (std::atomic<uint32_t>*)args[0];
+  for (uint32_t i = 0; i < tg; ++i) hits[(size_t)tgid * tg + i].fetch_add(1 + buf[(tgid * 4099u) % sizeof buf] * 0);
+}
+static void* small_stack_launch(void* arg) {
+  std::vector<std::atomic<uint32_t>>& hits = *(std::vector<std::atomic<uint32_t>>*)arg;
+  void* args[] = {hits.data()};
+  for (int rep = 0; rep < 3; ++rep) launch(args, 3, 8, 0, nullptr, loop_big_frame);
+  return nullptr;
+}
+static void test_small_caller_stack() {
+  std::vector<std::atomic<uint32_t>> hits(3 * 8);
+  for (auto& h : hits) h = 0;
+  pthread_attr_t attr;
+  pthread_attr_init(&attr);
+  pthread_attr_setstacksize(&attr, 256 << 10);
+  pthread_t th;
+  bool ok = pthread_create(&th, &attr, small_stack_launch, &hits) == 0;
+  pthread_attr_destroy(&attr);
+  if (ok) pthread_join(th, nullptr);
+  for (auto& h : hits) ok = ok && h == 3;
+  report("loop mode: a 4 MiB kernel frame launched from a 256 KiB thread stack", ok);
+}
+
 static void test_late_helpers() {
   const uint32_t gaps_us[] = {0, 5, 40, 70, 120, 200};
   std::vector<std::vector<std::atomic<uint32_t>>> prev;
@@ -671,6 +700,7 @@ static int run_child() {
               pmn_cpu_stack_size());
   test_loop_cover();
   test_late_helpers();
+  test_small_caller_stack();
   test_fiber_cover();
   test_tiled();
   test_simd();
