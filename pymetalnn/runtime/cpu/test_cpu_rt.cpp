@@ -195,10 +195,11 @@ static void loop_cover_slow(void* const* args, uint32_t tgid, uint32_t tg, uint3
 // 1c. a work-item-loop kernel with a 4 MiB frame launched from a thread with a 256 KiB stack:
 // the caller's share runs on the runtime's launch stack, not the thread's own.
 static void loop_big_frame(void* const* args, uint32_t tgid, uint32_t tg, uint32_t) {
-  volatile char buf[4 << 20];
-  buf[(tgid * 4099u) % sizeof buf] = (char)tgid;
+  volatile char buf[4 << 20];  // volatile: the frame stays, and its far end is touched
+  buf[0] = (char)tgid;
+  buf[sizeof buf - 1] = buf[0];
   std::atomic<uint32_t>* hits = (std::atomic<uint32_t>*)args[0];
-  for (uint32_t i = 0; i < tg; ++i) hits[(size_t)tgid * tg + i].fetch_add(1 + buf[(tgid * 4099u) % sizeof buf] * 0);
+  for (uint32_t i = 0; i < tg; ++i) hits[(size_t)tgid * tg + i].fetch_add(1);
 }
 static void* small_stack_launch(void* arg) {
   std::vector<std::atomic<uint32_t>>& hits = *(std::vector<std::atomic<uint32_t>>*)arg;
