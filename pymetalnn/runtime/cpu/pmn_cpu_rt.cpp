@@ -759,7 +759,22 @@ struct BigStack {
   Fiber f;  // first member: the entry is handed the Fiber*
   Ctx back;
   Pool* p = nullptr;
+  void* mem = nullptr;  // the mapping: guard + stack
+  size_t len = 0;
 };
+// Owns the thread's launch stack: unmapped when the thread exits (a program that launches from
+// many short-lived threads keeps no stacks of dead ones). Between launches the stack's fiber is
+// parked after its switch back, so nothing runs on it then.
+struct BigStackOwner {
+  BigStack* b = nullptr;
+  ~BigStackOwner() {
+    if (b) {
+      munmap(b->mem, b->len);
+      delete b;
+    }
+  }
+};
+thread_local BigStackOwner tl_big_owner;
 thread_local BigStack* tl_big = nullptr;
 
 void big_main(Fiber* f) {
@@ -798,6 +813,9 @@ bool run_on_big_stack(Pool* p) {
       munmap(mem, kPoolStack + guard);
       return false;
     }
+    b->mem = mem;
+    b->len = kPoolStack + guard;
+    tl_big_owner.b = b;
     b->f.stack_lo = (char*)mem + guard;
     b->f.stack_top = b->f.stack_lo + kPoolStack - 64;
     Worker* w0 = p->w[0];
