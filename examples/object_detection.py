@@ -412,8 +412,8 @@ def main(argv: list[str] | None = None) -> dict:
         lastl = float(np.mean(step_loss[-2:]))
         print(f"loss: first steps {first:.4f}, last steps {lastl:.4f}")
         result.update(first_loss=first, last_loss=lastl)
-    if args.smoke and not lastl < first:
-        raise SystemExit(f"smoke: the loss did not go down ({first:.4f} -> {lastl:.4f})")
+        if args.smoke and not lastl < first:
+            raise SystemExit(f"smoke: the loss did not go down ({first:.4f} -> {lastl:.4f})")
     return result
 
 

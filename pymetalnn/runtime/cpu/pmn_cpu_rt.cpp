@@ -287,15 +287,11 @@ size_t page_size() {
   return ps;
 }
 
-// Stack allocation: one mmap per growth step, each stack preceded by a PROT_NONE guard region.
-// Never freed (the pool lives as long as the process).
-bool grow_stacks(Worker* w, uint32_t need, char* err, size_t errlen) {
-  if (w->n_stacks >= need) return true;
-  const size_t guard = page_size() > 65536 ? page_size() : 65536;
-  const size_t ss = pmn_cpu_stack_size();
-  const size_t per = ss + guard;
-  const uint32_t cnt = need - w->n_stacks;
-  const size_t len = per * cnt;
+// Bytes of PROT_NONE below every stack we map (fiber stacks and launch stacks).
+size_t guard_size() { return page_size() > 65536 ? page_size() : 65536; }
+
+// Address space for stacks: pages are committed only when touched.
+void* map_stacks(size_t len) {
   int flags = MAP_PRIVATE | MAP_ANONYMOUS;
 #ifdef MAP_NORESERVE
   flags |= MAP_NORESERVE;
@@ -303,7 +299,19 @@ bool grow_stacks(Worker* w, uint32_t need, char* err, size_t errlen) {
 #ifdef MAP_STACK
   flags |= MAP_STACK;
 #endif
-  void* mem = mmap(nullptr, len, PROT_READ | PROT_WRITE, flags, -1, 0);
+  return mmap(nullptr, len, PROT_READ | PROT_WRITE, flags, -1, 0);
+}
+
+// Stack allocation: one mmap per growth step, each stack preceded by a PROT_NONE guard region.
+// Never freed (the pool lives as long as the process).
+bool grow_stacks(Worker* w, uint32_t need, char* err, size_t errlen) {
+  if (w->n_stacks >= need) return true;
+  const size_t guard = guard_size();
+  const size_t ss = pmn_cpu_stack_size();
+  const size_t per = ss + guard;
+  const uint32_t cnt = need - w->n_stacks;
+  const size_t len = per * cnt;
+  void* mem = map_stacks(len);
   if (mem == MAP_FAILED) {
     set_err(err, errlen, "cpu runtime: mmap of %u fiber stacks (%zu bytes) failed: %s", cnt, len,
             std::strerror(errno));
@@ -774,8 +782,7 @@ struct BigStackOwner {
     }
   }
 };
-thread_local BigStackOwner tl_big_owner;
-thread_local BigStack* tl_big = nullptr;
+thread_local BigStackOwner tl_big;
 
 void big_main(Fiber* f) {
   BigStack* b = (BigStack*)f;
@@ -796,16 +803,9 @@ void big_main(Fiber* f) {
 // Participant 0 of the current launch on this thread's big stack; false when the stack cannot
 // be had (out of address space: the caller then runs on its own stack, as before).
 bool run_on_big_stack(Pool* p) {
-  if (!tl_big) {
-    const size_t guard = page_size() > 65536 ? page_size() : 65536;
-    int flags = MAP_PRIVATE | MAP_ANONYMOUS;
-#ifdef MAP_NORESERVE
-    flags |= MAP_NORESERVE;
-#endif
-#ifdef MAP_STACK
-    flags |= MAP_STACK;
-#endif
-    void* mem = mmap(nullptr, kPoolStack + guard, PROT_READ | PROT_WRITE, flags, -1, 0);
+  if (!tl_big.b) {
+    const size_t guard = guard_size();
+    void* mem = map_stacks(kPoolStack + guard);
     if (mem == MAP_FAILED) return false;
     BigStack* b = new (std::nothrow) BigStack();
     if (!b || mprotect(mem, guard, PROT_NONE) != 0) {
@@ -815,16 +815,15 @@ bool run_on_big_stack(Pool* p) {
     }
     b->mem = mem;
     b->len = kPoolStack + guard;
-    tl_big_owner.b = b;
     b->f.stack_lo = (char*)mem + guard;
     b->f.stack_top = b->f.stack_lo + kPoolStack - 64;
     Worker* w0 = p->w[0];
     w0->fpctl = read_fpctl();
     ctx_init(w0, &b->f, &big_main);
-    tl_big = b;
+    tl_big.b = b;
   }
-  tl_big->p = p;
-  ctx_switch(&tl_big->back, &tl_big->f.ctx);
+  tl_big.b->p = p;
+  ctx_switch(&tl_big.b->back, &tl_big.b->f.ctx);
   return true;
 }
 
