@@ -6,7 +6,8 @@ Versions (kernels/conv.metal templates, instantiated in kernels/dev/conv_tiles.m
   (weights read in place); tiled with packed weights t<BM>x<BN>, BK = 8 (t128x64, t128x128,
   t64x64, t128x32) and BK = 16 (...k16; t128x64k16 and t128x32k16 are production tiles since the
   H200 sweep of 2026-11-26); and `auto` (what the op picks).
-  weight gradient: t64x64, t64x128, t128x128 (BK 16, 16, 8), t64x64k8, t128x128k16, auto.
+  weight gradient: t64x64, t64x128, t128x128 (BK 16, 16, 8), t64x64k8, t128x128k16, rows (the
+  row-staged kernel, float32 with horizontal stride 1; the default tiles elsewhere), auto.
 conv_transpose2d forward runs the input-gradient kernel, so its versions are those.
 Each version is first checked on batch 1 of the shape against the float64 reference (a failing
 version prints FAIL and is not timed), then timed on the full shape.
@@ -44,7 +45,7 @@ DEV_TILES = {
 }
 FWD_VERSIONS = ["direct", "t128x64u", "t128x64", "t128x128", "t64x64", "t128x32", "t128x64k16", "t128x128k16",
                 "t128x32k16", "auto"]
-WEIGHT_VERSIONS = ["t64x64", "t64x128", "t128x128", "t64x64k8", "t128x128k16", "auto"]
+WEIGHT_VERSIONS = ["t64x64", "t64x128", "t128x128", "t64x64k8", "t128x128k16", "rows", "auto"]
 KIND = {"fwd": "fwd", "input_grad": "data", "conv_transpose2d": "data", "weight_grad": "weight"}
 TOL = {"float": 1e-5, "half": 2e-3, "hacc_half": 5e-2}  # relative to each output's |terms| sum
 

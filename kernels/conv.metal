@@ -23,6 +23,8 @@
 // `splits` chunks of `chunk` elements, each threadgroup writes a float partial sum to a
 // workspace, and conv2d_bwd_reduce adds the partials in a fixed order (deterministic). The same
 // scheme serves the bias gradient.
+// Weight gradients with horizontal stride and dilation 1 can instead stage whole input rows and
+// slide a KW-wide window along them (conv2d_bwd_weight_rows: no per-element gather math).
 // Small GEMM widths (depthwise, Kg or Cg below 16) waste most of a 64-wide tile: the *_direct
 // kernels compute one output per thread instead.
 // Precision: T is the storage type, A the accumulation (and threadgroup tile) type:
@@ -826,6 +828,152 @@ kernel void conv2d_bwd_weight_tiled(device const T* dy [[buffer(0)]],
     }
 }
 
+// ---- weight gradient, row-staged (horizontal stride and dilation 1) ---------------------------
+// With SW = DW = 1 the KW im2col columns (c, r, 0..KW-1) of pixel (n, oh, ow) are KW neighbours
+// x[n, c, ih, ow - PW + s] of one input row ih = oh*SH - PH + r*DH: a sliding window. A
+// threadgroup owns RK output channels x RQ (c, r) pairs x all KW taps; a reduction step is one
+// output-row segment (n, oh, ow0 .. ow0 + RSEG - 1). It stages dy[n, k, oh, segment] for its
+// channels (as [pixel][k], so a thread's 8 channels are two float4 loads, the same address for a
+// whole simdgroup) and, per pair, the input row under the segment with the KW - 1 halo (zeros
+// outside the image). Thread (kg, q) then walks the segment keeping x's KW-wide window in
+// registers: per pixel 2 broadcast float4 loads, one load of x and 8*KW FMAs, with no per-element
+// address math -- the tiled kernel gathers every im2col element with its own bounds check, which
+// held LeNet's 5x5 weight gradient to half of cuDNN. Same split/partial scheme as the tiled
+// kernel: p.chunk counts segments; ws[split] holds float partials in w's layout.
+// Each dw is a sum in (n, oh, ow) order within a split, then over splits: the tiled kernel's
+// order of terms, so the error is the same.
+template <typename T, typename A, int KW>
+[[max_total_threads_per_threadgroup(256)]]
+kernel void conv2d_bwd_weight_rows(device const T* dy [[buffer(0)]],
+                                   device const T* x [[buffer(1)]],
+                                   device float* wsum [[buffer(2)]],
+                                   constant Conv2dParams& p [[buffer(3)]],
+                                   uint lid [[thread_position_in_threadgroup]],
+                                   uint tgid [[threadgroup_position_in_grid]],
+                                   uint ntg [[threadgroups_per_grid]]) {
+    // RK x RQ x SEG mirrored by ROWS_TILE in pymetalnn/ops/conv.py
+    constexpr int RK = 64, RQ = 32, SEG = 32;
+    constexpr int KT = RK * RQ / CONV_THREADS;       // channels per thread (8)
+    constexpr int DP = RK + 4;                       // dy row pitch: float4-aligned, 4 banks apart
+    constexpr int XW = SEG + KW - 1, XP = XW | 1;    // staged x row, odd pitch: no bank conflicts
+    constexpr int LD = RK * SEG / CONV_THREADS;      // dy loads per thread and step
+    constexpr int LX = (RQ * XW + CONV_THREADS - 1) / CONV_THREADS;
+    static_assert(KT == 8 && RK * SEG % CONV_THREADS == 0, "row tile does not fit 256 threads");
+    threadgroup vec<A, 4> dys4[2 * SEG * DP / 4];
+    threadgroup A xs[2 * RQ * XP];
+    threadgroup A* dys = (threadgroup A*)dys4;
+
+    const uint OHW = p.OH * p.OW, HW = p.H * p.W, KHW = p.KH * p.KW;
+    const uint CRS = p.Cg * KHW, pairs = p.Cg * p.KH;
+    const uint nseg = (p.OW + SEG - 1) / SEG, rows = p.N * p.OH * nseg;
+    const uint tiles_k = (p.Kg + RK - 1) / RK, tiles_q = (pairs + RQ - 1) / RQ;
+    const uint wsize = p.K * CRS;
+    const uint kg = lid / RQ, q = lid % RQ;  // a simdgroup: one channel group, 32 pairs
+
+    for (uint tile = tgid; tile < p.splits * p.G * tiles_k * tiles_q; tile += ntg) {
+        const uint tq = tile % tiles_q;
+        uint tmp = tile / tiles_q;
+        const uint tk = tmp % tiles_k;
+        tmp /= tiles_k;
+        const uint g = tmp % p.G, split = tmp / p.G;
+        const uint k0 = tk * RK, q0 = tq * RQ;
+        const uint sbeg = split * p.chunk, send = min(sbeg + p.chunk, rows);
+
+        // this thread's staged x elements: pair, column, and the pair's channel offset / row
+        uint xoff[LX], xcol[LX], xq[LX];
+        int xrow[LX];
+        bool xok[LX];
+#pragma unroll
+        for (int j = 0; j < LX; ++j) {
+            uint e = lid + uint(j * CONV_THREADS);
+            uint pq = e / uint(XW), pr = q0 + pq;
+            xok[j] = e < uint(RQ * XW) && pr < pairs;
+            uint pc = xok[j] ? pr : 0;
+            xq[j] = pq;
+            xcol[j] = e % uint(XW);
+            xoff[j] = (g * p.Cg + pc / p.KH) * HW;
+            xrow[j] = int((pc % p.KH) * p.DH) - p.PH;
+        }
+
+        A acc[KT][KW];
+#pragma unroll
+        for (int i = 0; i < KT; ++i)
+#pragma unroll
+            for (int s = 0; s < KW; ++s) acc[i][s] = A(0);
+
+        A rd[LD], rx[LX];
+        uint len = 0;  // pixels of the segment staged in the buffer being computed
+        for (uint st = sbeg; st <= send; ++st) {
+            uint nlen = 0;
+            if (st < send) {  // fetch segment st into registers
+                uint si = st % nseg, row = st / nseg;
+                uint img = row / p.OH, oh = row % p.OH, ow0 = si * uint(SEG);
+                nlen = min(uint(SEG), p.OW - ow0);
+                device const T* dyp = dy + (img * p.K + g * p.Kg) * OHW + oh * p.OW + ow0;
+#pragma unroll
+                for (int j = 0; j < LD; ++j) {
+                    uint e = lid + uint(j * CONV_THREADS), o = e % uint(SEG), k = k0 + e / uint(SEG);
+                    rd[j] = o < nlen && k < p.Kg ? A(dyp[k * OHW + o]) : A(0);
+                }
+                device const T* xp = x + img * p.C * HW;
+                int ih0 = int(oh * p.SH), iw0 = int(ow0) - p.PW;
+#pragma unroll
+                for (int j = 0; j < LX; ++j) {
+                    int ih = ih0 + xrow[j], iw = iw0 + int(xcol[j]);
+                    bool ok = xok[j] && xcol[j] < nlen + uint(KW - 1) && uint(ih) < p.H && uint(iw) < p.W;
+                    rx[j] = ok ? A(xp[xoff[j] + uint(ih) * p.W + uint(iw)]) : A(0);
+                }
+            }
+            if (st > sbeg) {  // segment st - 1 from threadgroup memory
+                threadgroup const A* xr = xs + ((st - 1) & 1) * uint(RQ * XP) + q * uint(XP);
+                threadgroup const vec<A, 4>* dr =
+                    (threadgroup const vec<A, 4>*)(dys + ((st - 1) & 1) * uint(SEG * DP) + kg * uint(KT));
+                A win[KW];
+#pragma unroll
+                for (int s = 0; s < KW - 1; ++s) win[s] = xr[s];
+                for (uint o = 0; o < len; ++o) {
+                    win[KW - 1] = xr[o + uint(KW - 1)];
+                    vec<A, 4> d0 = dr[o * uint(DP / 4)], d1 = dr[o * uint(DP / 4) + 1];
+                    A d[KT] = {d0.x, d0.y, d0.z, d0.w, d1.x, d1.y, d1.z, d1.w};
+#pragma unroll
+                    for (int i = 0; i < KT; ++i)
+#pragma unroll
+                        for (int s = 0; s < KW; ++s) acc[i][s] = fma(d[i], win[s], acc[i][s]);
+#pragma unroll
+                    for (int s = 0; s < KW - 1; ++s) win[s] = win[s + 1];
+                }
+            }
+            if (st < send) {  // registers into the other buffer
+                uint buf = st & 1;
+#pragma unroll
+                for (int j = 0; j < LD; ++j) {
+                    uint e = lid + uint(j * CONV_THREADS);
+                    dys[buf * uint(SEG * DP) + (e % uint(SEG)) * uint(DP) + e / uint(SEG)] = rd[j];
+                }
+#pragma unroll
+                for (int j = 0; j < LX; ++j)
+                    if (lid + uint(j * CONV_THREADS) < uint(RQ * XW))
+                        xs[buf * uint(RQ * XP) + xq[j] * uint(XP) + xcol[j]] = rx[j];
+            }
+            len = nlen;
+            threadgroup_barrier(mem_flags::mem_threadgroup);
+        }
+
+        const uint pr = q0 + q;
+        if (pr < pairs) {
+            device float* out = wsum + split * wsize + (g * p.Kg) * CRS + pr * uint(KW);
+#pragma unroll
+            for (int i = 0; i < KT; ++i) {
+                uint k = k0 + kg * uint(KT) + uint(i);
+                if (k < p.Kg) {
+#pragma unroll
+                    for (int s = 0; s < KW; ++s) out[k * CRS + uint(s)] = float(acc[i][s]);
+                }
+            }
+        }
+    }
+}
+
 // ============================================================================================
 // Instantiations: conv2d_<op>[_<tile>]_<precision>. Tile names and shapes (BM x BN, BK, TM x TN)
 // must match TILES in pymetalnn/ops/conv.py. kernels/dev/ includes this file with
@@ -849,6 +997,13 @@ kernel void conv2d_bwd_weight_tiled(device const T* dy [[buffer(0)]],
     INSTANTIATE("conv2d_bwd_weight_t64x64_" NAME, conv2d_bwd_weight_tiled, T, A, 64, 64, 16, 4, 4, false) \
     INSTANTIATE("conv2d_bwd_weight_t64x128_" NAME, conv2d_bwd_weight_tiled, T, A, 64, 128, 16, 4, 8, false) \
     INSTANTIATE("conv2d_bwd_weight_t128x128_" NAME, conv2d_bwd_weight_tiled, T, A, 128, 128, 8, 8, 8, false)
+
+// row-staged weight gradients (stride-1 columns), fp32 only: fp16 has the matrix tiles; names
+// conv2d_bwd_weight_rows<KW>_<prec> (ops/conv.py's ROWS_KW)
+#define CONV_INST_ROWS(NAME, T, A)                                                                 \
+    INSTANTIATE("conv2d_bwd_weight_rows3_" NAME, conv2d_bwd_weight_rows, T, A, 3)                  \
+    INSTANTIATE("conv2d_bwd_weight_rows5_" NAME, conv2d_bwd_weight_rows, T, A, 5)                  \
+    INSTANTIATE("conv2d_bwd_weight_rows7_" NAME, conv2d_bwd_weight_rows, T, A, 7)
 
 // simdgroup-matrix tiles (fp16 storage only; TILES' "m*" entries), BK = 32
 #define CONV_INST_MMA(NAME, T, A)                                                                  \
@@ -879,6 +1034,7 @@ kernel void conv2d_bwd_weight_tiled(device const T* dy [[buffer(0)]],
 
 #ifndef CONV_NO_INSTANCES
 CONV_INST_PREC("float", float, float)
+CONV_INST_ROWS("float", float, float)
 CONV_INST_PREC("half", half, float)
 CONV_INST_PREC("hacc_half", half, half)
 CONV_INST_MMA("half", half, float)

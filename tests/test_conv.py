@@ -140,6 +140,53 @@ def test_conv2d_weight_grad(dev, case, with_bias):
         F.conv2d_weight_grad(gy[:, :1], x, wt, b, stride, padding, dilation, groups)
 
 
+# The row-staged weight gradient (horizontal stride and dilation 1, KW in ops.ROWS_KW): the
+# CONV_CASES it takes plus rows past one 32-pixel segment, vertical stride and dilation, pairs
+# (c, r) across 32-pair tiles, channels across 64-channel tiles, and a chunk of one segment
+ROWS_CASES = {name: c for name, c in CONV_CASES.items()
+              if _pair(c[7])[1] == 1 and _pair(c[9])[1] == 1 and c[6] in ops.ROWS_KW}
+ROWS_CASES.update({
+    "rows-wide-70": (1, 3, 4, 70, 5, 3, 5, 1, (1, 2), 1, 1),
+    "rows-33-sh2-dh2": (2, 5, 9, 33, 9, 5, 5, (2, 1), 2, (2, 1), 1),
+    "rows-pairs-99-k70": (1, 33, 5, 31, 70, 3, 3, 1, 1, 1, 1),
+    "rows-groups3-1x7": (2, 6, 3, 9, 9, 1, 7, 1, (0, 3), 1, 3),
+    "rows-pad>kernel": (1, 2, 3, 5, 3, 3, 5, 1, (2, 5), 1, 1),
+})
+
+
+@pytest.mark.parametrize("case", list(ROWS_CASES))
+def test_conv2d_weight_grad_rows(dev, monkeypatch, case):
+    """conv2d_bwd_weight_rows<KW> against the reference: it runs (forced) and matches."""
+    n, c, h, w, k, kh, kw, stride, padding, dilation, groups = ROWS_CASES[case]
+    rng = np.random.default_rng(7)
+    x, wt = rand(rng, (n, c, h, w), np.float32), rand(rng, (k, c // groups, kh, kw), np.float32)
+    st, dil = _pair(stride), _pair(dilation)
+    kw_ref = dict(stride=st, pad=ref_pads(padding, h, w, kh, kw, st, dil), dilation=dil,
+                  groups=groups)
+    gy = rand(rng, ref.conv2d(x, wt, None, **kw_ref).shape, np.float32)
+    monkeypatch.setattr(ops, "FORCE", {"weight": "rows"})
+    before = dev.dispatch_counts.get(f"conv2d_bwd_weight_rows{kw}_float", 0)
+    gw, _ = F.conv2d_weight_grad(gy, x, wt, None, stride, padding, dilation, groups)
+    assert dev.dispatch_counts.get(f"conv2d_bwd_weight_rows{kw}_float", 0) == before + 1
+    _, rw, _ = ref.conv2d_backward(gy, x, wt, False, **kw_ref)
+    _, sw, _ = ref.conv2d_backward(np.abs(gy), np.abs(x), np.abs(wt), False, **kw_ref)
+    assert_close("grad_w", gw, rw, sw, tol("float", n * gy.shape[2] * gy.shape[3]))
+
+
+def test_conv2d_weight_grad_rows_choice(dev, monkeypatch):
+    """Where the row kernel cannot run (horizontal stride 2, fp16) a forced "rows" falls back to
+    the tiled kernels; by default only cuda takes it, for ROWS_DEFAULT_KW and Kg >= ROWS_MIN_K."""
+    geo = ops._conv_geometry((2, 32, 14, 14), (64, 32, 5, 5), 1, 2, 1, 1)
+    s2 = ops._conv_geometry((2, 32, 14, 14), (64, 32, 5, 5), (1, 2), 2, 1, 1)
+    narrow = ops._conv_geometry((2, 32, 14, 14), (6, 32, 5, 5), 1, 2, 1, 1)
+    monkeypatch.setattr(ops, "FORCE", {"weight": "rows"})
+    assert ops._use_rows(dev, geo, "float") and ops._use_rows(dev, narrow, "float")
+    assert not ops._use_rows(dev, s2, "float") and not ops._use_rows(dev, geo, "half")
+    monkeypatch.setattr(ops, "FORCE", {})
+    assert ops._use_rows(dev, geo, "float") == (dev.name == "cuda" and 5 in ops.ROWS_DEFAULT_KW)
+    assert not ops._use_rows(dev, narrow, "float")
+
+
 # (N, C_in, H, W, C_out, KH, KW, stride, padding, output_padding, dilation, groups)
 TRANSPOSE_CASES = {
     "all-ones-1x1": (1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 1, 1),
@@ -792,6 +839,10 @@ def test_conv2d_fp32_budget(dev, monkeypatch, name, op):
     monkeypatch.setattr(ops, "FORCE", {"fwd": "im2col", "data": "im2col", "weight": "im2col"})
     err = accuracy.rel_err(run(), want)
     assert accuracy.within(err, direct), f"im2col {op}: error {err:.3g} (tiled {direct:.3g})"
+    if op == "weight" and st == 1 and kw in ops.ROWS_KW:  # the row-staged kernel, cuda's 5x5 default
+        monkeypatch.setattr(ops, "FORCE", {"weight": "rows"})
+        err = accuracy.rel_err(run(), want)
+        assert accuracy.within(err, direct), f"rows{kw}: error {err:.3g} (tiled {direct:.3g})"
     monkeypatch.setattr(ops, "FORCE", {})
     m = ops.WINOGRAD_MODES["budget"][op].get(kh, 0)
     if not (m and wino.eligible(geo, "float", m)):

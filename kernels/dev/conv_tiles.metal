@@ -22,6 +22,7 @@
     INSTANTIATE("conv2d_bwd_weight_t64x64k32_" NAME, conv2d_bwd_weight_tiled, T, A, 64, 64, 32, 4, 4, false)
 
 CONV_DEV_PREC("float", float, float)
+CONV_INST_ROWS("float", float, float)
 CONV_DEV_PREC("half", half, float)
 CONV_DEV_PREC("hacc_half", half, half)
 CONV_INST_STORAGE("float", float)

@@ -107,6 +107,18 @@ SPLIT_GROUPS_PER_SM = 6  # ... and per SM on cuda (two waves of three resident t
 HACC_CHUNK = 512         # reduction terms per fp16 partial sum of the half-accumulating dw
 WORKSPACE_BYTES = 1 << 28  # bound on a split reduction's float partials
 MAX_ELEMS = 2**31        # kernels use 32-bit offsets
+# Row-staged fp32 weight gradient (conv.metal's conv2d_bwd_weight_rows<KW>): output channels x
+# (c, r) pairs per threadgroup and output pixels per reduction step (the kernel's RK, RQ, SEG),
+# for convs with horizontal stride and dilation 1 and KW in ROWS_KW. The tiled kernel spends
+# most of its issue slots on the im2col gather's per-element index math and bounds checks; the
+# row kernel slides a KW-wide register window along staged input rows instead.
+ROWS_TILE = (64, 32, 32)
+ROWS_KW = (3, 5, 7)
+# Where cuda takes it by default (float32, Kg >= ROWS_MIN_K so the 64-channel tile is not mostly
+# padding); elsewhere only when forced (FORCE["weight"] = "rows"). See ROWS_DEFAULT_KW's note.
+ROWS_DEFAULT_KW = (5,)
+ROWS_MIN_K = 32
+ROWS_GROUPS_PER_SM = 2   # split target: fewer, longer chunks than the tiled kernel's (float partials)
 # Tests and benchmarks force a path: {"fwd"|"data": "direct" or a tile name, "weight": a tile;
 # any of the three: "wino2" / "wino4" (Winograd F(2x2, 3x3) / F(4x4, 3x3) where the conv is
 # eligible, the tiled kernels otherwise) or "im2col" (ops/conv_im2col.py where eligible, on any
@@ -389,7 +401,7 @@ def _pick_tile(kind: str, dev: Device, rows: int, cols: int, batches: int, prec:
     padded tile area / the tile's throughput. Weight gradients split their reduction to fill the
     device, so only their padding counts."""
     forced = FORCE.get(kind)
-    if forced is not None and not forced.startswith("wino") and forced != "im2col":
+    if forced is not None and not forced.startswith("wino") and forced not in ("im2col", "rows"):
         return forced
     table = _mma_table(kind) if prec != "float" and matrix_hw(dev) else TILES[kind]
     sms = _sms(dev)
@@ -528,6 +540,8 @@ def weight_grad_plan(dev: Device, prec: str, geo: ConvGeometry, dy: Tensor, x: T
     m = _winograd("weight", dev, geo, prec)
     if m:
         return wino.weight_grad_plan(dev, m, geo, dy, x, dw)
+    if _use_rows(dev, geo, prec):
+        return _rows_weight_plan(dev, geo, dy, x, dw, source)
     crs = geo.Cg * geo.KH * geo.KW
     tile = _pick_tile("weight", dev, geo.Kg, crs, geo.G, prec)
     bm, bn, bk = tile_shape("weight", tile)[:3]
@@ -536,6 +550,31 @@ def weight_grad_plan(dev: Device, prec: str, geo: ConvGeometry, dy: Tensor, x: T
                             HACC_CHUNK if prec == "hacc_half" else None, dw.size)
     ws = scratch(dev, [splits * dw.size * 4], SOURCE)[0]
     k = kernel(dev, source, f"conv2d_bwd_weight_{tile}_{prec}")
+    return [(k, _groups(base * splits), (dy.buffer, x.buffer, ws, geo.params(splits=splits, chunk=chunk))),
+            _reduce_launch(dev, ws, dw, splits, source)]
+
+
+def _use_rows(dev: Device, geo: ConvGeometry, prec: str) -> bool:
+    """The row-staged weight-gradient kernel: float32 with horizontal stride and dilation 1 and
+    an instantiated KW; by default on cuda for ROWS_DEFAULT_KW, anywhere when forced."""
+    if prec != "float" or geo.SW != 1 or geo.DW != 1 or geo.KW not in ROWS_KW:
+        return False
+    forced = FORCE.get("weight")
+    if forced is not None:
+        return forced == "rows"
+    return dev.name == "cuda" and geo.KW in ROWS_DEFAULT_KW and geo.Kg >= ROWS_MIN_K
+
+
+def _rows_weight_plan(dev: Device, geo: ConvGeometry, dy: Tensor, x: Tensor, dw: Tensor,
+                      source: str) -> list[Launch]:
+    """dw through conv2d_bwd_weight_rows<KW>: float partials over chunks of output-row
+    segments (n, oh, SEG pixels), then their ordered sum."""
+    rk, rq, seg = ROWS_TILE
+    base = geo.G * cdiv(geo.Kg, rk) * cdiv(geo.Cg * geo.KH, rq)
+    target = ROWS_GROUPS_PER_SM * _sms(dev) if dev.name == "cuda" else TARGET_GROUPS
+    splits, chunk = _splits(geo.N * geo.OH * cdiv(geo.OW, seg), base, 1, target, None, dw.size)
+    ws = scratch(dev, [splits * dw.size * 4], SOURCE)[0]
+    k = kernel(dev, source, f"conv2d_bwd_weight_rows{geo.KW}_float")
     return [(k, _groups(base * splits), (dy.buffer, x.buffer, ws, geo.params(splits=splits, chunk=chunk))),
             _reduce_launch(dev, ws, dw, splits, source)]
 
