@@ -837,11 +837,11 @@ kernel void conv2d_bwd_weight_tiled(device const T* dy [[buffer(0)]],
 // whole simdgroup) and, per pair, the input row under the segment with the KW - 1 halo (zeros
 // outside the image). Thread (kg, q) then walks the segment keeping x's KW-wide window in
 // registers: per pixel 2 broadcast float4 loads, one load of x and 8*KW FMAs, with no per-element
-// address math -- the tiled kernel gathers every im2col element with its own bounds check, which
-// held LeNet's 5x5 weight gradient to half of cuDNN. Same split/partial scheme as the tiled
-// kernel: p.chunk counts segments; ws[split] holds float partials in w's layout.
-// Each dw is a sum in (n, oh, ow) order within a split, then over splits: the tiled kernel's
-// order of terms, so the error is the same.
+// address math (the tiled kernel, at half of cuDNN on LeNet's 5x5 weight gradient, gathers every
+// im2col element with its own bounds check). Same split/partial scheme as the tiled kernel:
+// p.chunk counts segments; ws[split] holds float partials in w's layout. Each dw is a sequential
+// sum in (n, oh, ow) order within a split, then over splits, as in the tiled kernel: errors of
+// the same size.
 template <typename T, typename A, int KW>
 [[max_total_threads_per_threadgroup(256)]]
 kernel void conv2d_bwd_weight_rows(device const T* dy [[buffer(0)]],

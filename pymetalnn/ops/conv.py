@@ -109,13 +109,14 @@ WORKSPACE_BYTES = 1 << 28  # bound on a split reduction's float partials
 MAX_ELEMS = 2**31        # kernels use 32-bit offsets
 # Row-staged fp32 weight gradient (conv.metal's conv2d_bwd_weight_rows<KW>): output channels x
 # (c, r) pairs per threadgroup and output pixels per reduction step (the kernel's RK, RQ, SEG),
-# for convs with horizontal stride and dilation 1 and KW in ROWS_KW. The tiled kernel spends
-# most of its issue slots on the im2col gather's per-element index math and bounds checks; the
-# row kernel slides a KW-wide register window along staged input rows instead.
+# for convs with horizontal stride and dilation 1 and KW in ROWS_KW. The tiled kernel gathers
+# every im2col element with its own index math and bounds check; the row kernel slides a
+# KW-wide register window along staged input rows instead.
 ROWS_TILE = (64, 32, 32)
 ROWS_KW = (3, 5, 7)
 # Where cuda takes it by default (float32, Kg >= ROWS_MIN_K so the 64-channel tile is not mostly
-# padding); elsewhere only when forced (FORCE["weight"] = "rows"). See ROWS_DEFAULT_KW's note.
+# padding); elsewhere only when forced (FORCE["weight"] = "rows"). 3x3 weight gradients run
+# Winograd F(2x2, 3x3) before this is asked; 1x7-style (KW = 7) ones keep the tiled kernel.
 ROWS_DEFAULT_KW = (5,)
 ROWS_MIN_K = 32
 ROWS_GROUPS_PER_SM = 2   # split target: fewer, longer chunks than the tiled kernel's (float partials)
