@@ -208,32 +208,43 @@ kernel void split8(device const T* src [[buffer(0)]],
 }
 
 // concat / split in the stream.h shape, for groups whose widths, offsets and pitch are whole
-// 16-byte chunks (W = 16 / sizeof(T) elements) and buffers 16-byte aligned: the group's columns
-// of the joined matrix are rows x span chunks, chunk ch = (r, c) with one division per chunk;
-// part i owns the chunk columns [start[i], start[i] + cols[i] / W); STREAM_U chunks per thread,
-// their loads issued before any store, one pass (no grid-stride loop). Host: p.n = rows * span,
-// p.vec = W. concat8 / split8 spent a division per 16 bytes too, but looped over a grid capped
-// at GRID_CAP threads with one 16-byte load in flight per thread (0.31 of the copy bandwidth on
-// an H100 for a channel concat of two 32x128x56x56 float tensors).
-struct ConcatChunk {
+// 16-byte chunks (W = 16 / sizeof(T) elements) and buffers 16-byte aligned. Every block of
+// STREAM_TG consecutive threads (gid / STREAM_TG) serves one part: part i owns blocks
+// [start[i], start[i + 1]) and, in them, the chunks of its own (rows, cols[i] / W) matrix in the
+// stream.h order (STREAM_U chunks per thread, their loads issued before any store, one pass).
+// The part and its geometry are looked up once per thread; a chunk costs one division (its row).
+// Host: p.start[i] = first block of part i, p.n = blocks in all, p.vec = W, launch p.n *
+// STREAM_TG threads. The earlier layout (chunks of the joined matrix, part found per chunk)
+// read ConcatParams' arrays for every 16 bytes: on an H100 the load queue, not DRAM, bounded a
+// channel concat of two 32x128x56x56 float tensors at 0.35 of the copy bandwidth (ncu: 54 of
+// 126 stall cycles per instruction waiting for the LG queue, L1 hit rate 38%).
+struct ConcatPart {
     uint part;
-    uint part_chunk;   // chunk index in the part's (rows, cols[i]) matrix
-    uint whole_chunk;  // chunk index in the joined (rows, pitch) matrix
+    uint per_row;  // chunks per row of the part
+    uint count;    // chunks of the part
+    uint first;    // this thread's first chunk in the part
+    uint off;      // the part's first column in the joined matrix, in chunks
 };
 
 template <typename T>
-inline ConcatChunk concat_chunk(uint ch, constant ConcatParams& p) {
+inline ConcatPart concat_part_of(uint gid, constant ConcatParams& p) {
     const uint W = 16u / uint(sizeof(T));
-    const uint span = p.start[p.parts - 1u] + p.cols[p.parts - 1u] / W;
-    const uint r = ch / span, c = ch - r * span;
+    const uint blk = gid / STREAM_TG;
     uint i = 0;
-    for (uint j = 1; j < p.parts; ++j) i = c >= p.start[j] ? j : i;
-    const uint local = c - p.start[i];
-    ConcatChunk k;
-    k.part = i;
-    k.part_chunk = r * (p.cols[i] / W) + local;
-    k.whole_chunk = (r * p.pitch + p.off[i]) / W + local;
-    return k;
+    for (uint j = 1; j < p.parts; ++j) i = blk >= p.start[j] ? j : i;
+    ConcatPart q;
+    q.part = i;
+    q.per_row = p.cols[i] / W;
+    q.count = p.rows * q.per_row;
+    q.first = (blk - p.start[i]) * (STREAM_U * STREAM_TG) + gid % STREAM_TG;
+    q.off = p.off[i] / W;
+    return q;
+}
+
+// chunk lc of the part's matrix -> its chunk in the joined matrix (pitch in chunks)
+inline uint concat_whole_chunk(uint lc, thread const ConcatPart& q, uint pitch) {
+    const uint r = lc / q.per_row;
+    return r * pitch + q.off + (lc - r * q.per_row);
 }
 
 template <typename T>
@@ -245,17 +256,15 @@ kernel void concat_stream(device const T* s0 [[buffer(0)]], device const T* s1 [
                           device T* dst [[buffer(8)]],
                           constant ConcatParams& p [[buffer(9)]],
                           uint gid [[thread_position_in_grid]]) {
-    const uint nvec = p.n;
-    if (gid >= stream_vthreads(nvec)) return;
+    if (gid / STREAM_TG >= p.n) return;
+    const ConcatPart q = concat_part_of<T>(gid, p);
+    const uint pitch = p.pitch / (16u / uint(sizeof(T)));
+    device const uint4* src = (device const uint4*)pick8(q.part, s0, s1, s2, s3, s4, s5, s6, s7);
     uint4 v[STREAM_U];
-    uint to[STREAM_U];
+    for (uint u = 0; u < STREAM_U; ++u) v[u] = src[min(q.first + u * STREAM_TG, q.count - 1u)];
     for (uint u = 0; u < STREAM_U; ++u) {
-        const ConcatChunk k = concat_chunk<T>(stream_clamp(stream_chunk(gid, u), nvec), p);
-        v[u] = ((device const uint4*)pick8(k.part, s0, s1, s2, s3, s4, s5, s6, s7))[k.part_chunk];
-        to[u] = k.whole_chunk;
-    }
-    for (uint u = 0; u < STREAM_U; ++u) {
-        if (stream_chunk(gid, u) < nvec) ((device uint4*)dst)[to[u]] = v[u];
+        const uint lc = q.first + u * STREAM_TG;
+        if (lc < q.count) ((device uint4*)dst)[concat_whole_chunk(lc, q, pitch)] = v[u];
     }
 }
 
@@ -268,18 +277,16 @@ kernel void split_stream(device const T* src [[buffer(0)]],
                          device T* d6 [[buffer(7)]], device T* d7 [[buffer(8)]],
                          constant ConcatParams& p [[buffer(9)]],
                          uint gid [[thread_position_in_grid]]) {
-    const uint nvec = p.n;
-    if (gid >= stream_vthreads(nvec)) return;
+    if (gid / STREAM_TG >= p.n) return;
+    const ConcatPart q = concat_part_of<T>(gid, p);
+    const uint pitch = p.pitch / (16u / uint(sizeof(T)));
     uint4 v[STREAM_U];
-    ConcatChunk k[STREAM_U];
+    for (uint u = 0; u < STREAM_U; ++u)
+        v[u] = ((device const uint4*)src)[concat_whole_chunk(min(q.first + u * STREAM_TG, q.count - 1u), q, pitch)];
+    device uint4* out = (device uint4*)pick8w(q.part, d0, d1, d2, d3, d4, d5, d6, d7);
     for (uint u = 0; u < STREAM_U; ++u) {
-        k[u] = concat_chunk<T>(stream_clamp(stream_chunk(gid, u), nvec), p);
-        v[u] = ((device const uint4*)src)[k[u].whole_chunk];
-    }
-    for (uint u = 0; u < STREAM_U; ++u) {
-        if (stream_chunk(gid, u) < nvec) {
-            ((device uint4*)pick8w(k[u].part, d0, d1, d2, d3, d4, d5, d6, d7))[k[u].part_chunk] = v[u];
-        }
+        const uint lc = q.first + u * STREAM_TG;
+        if (lc < q.count) out[lc] = v[u];
     }
 }
 

@@ -41,6 +41,8 @@ CONCATS = [
     ([(3, k) for k in range(1, 11)], 1),  # odd widths: scalar path
     # whole 16-byte chunks in float16 too (concat_stream / split_stream), 3 rows
     ([(3, 2, 4, 4), (3, 6, 4, 4), (3, 1, 4, 4), (3, 4, 4, 4)], 1),
+    # parts of several stream blocks (STREAM_U * STREAM_TG chunks), the last one partial
+    ([(3, 40, 8, 9), (3, 24, 8, 9), (3, 1, 8, 9), (3, 4, 8, 9)], 1),
 ]
 
 
@@ -63,6 +65,25 @@ def test_concat_split(dev, case, dtype) -> None:
         same(got, want, dtype)
     gs = [rnd(s, dtype, 50 + i) for i, s in enumerate(shapes)]
     same(F.split_backward([pm.tensor(v, dev) for v in gs], out, sizes, dim), ref.concat(gs, d), dtype)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float16], ids=["float32", "float16"])
+def test_concat_split_stream_kernels(dev, dtype) -> None:
+    """Parts of whole 16-byte chunks run concat_stream / split_stream (one part per block of
+    STREAM_TG threads): a part of several blocks, one far shorter than a block, rows of the
+    joined matrix that cross blocks; values against numpy."""
+    shapes = [(2, 40, 72), (2, 1, 72), (2, 16, 72)]
+    xs = [rnd(s, dtype, i) for i, s in enumerate(shapes)]
+    name = "float" if dtype == np.float32 else "half"
+    counts = dev.dispatch_counts
+    before = (counts.get(f"concat_stream_fwd_{name}", 0), counts.get(f"split_stream_fwd_{name}", 0))
+    out = F.concat([pm.tensor(x, dev) for x in xs], 1)
+    same(out, ref.concat(xs, 1), dtype)
+    pieces = F.split(out, [s[1] for s in shapes], 1)
+    for p, want in zip(pieces, xs):
+        same(p, want, dtype)
+    assert (counts.get(f"concat_stream_fwd_{name}", 0), counts.get(f"split_stream_fwd_{name}", 0)) \
+        == (before[0] + 1, before[1] + 1)
 
 
 @pytest.mark.parametrize("split_size", [1, 2, 5, 7])

@@ -29,12 +29,13 @@ from ..runtime.core import MAX_GRID_THREADS
 from ..tensor import Tensor, TensorLike
 from ._common import (
     MAX_ELEMS_U32,
+    STREAM_TG,
+    STREAM_U,
     kernel,
     out_like,
     pick_device,
     stream_chunk,
     stream_count,
-    stream_vthreads,
     suffix,
     tensor_arg_u32,
     vec4_aligned,
@@ -153,16 +154,18 @@ def _parts(op: str, whole: Tensor, rows: int, pitch: int, parts: list[tuple[Tens
 
 def _parts_stream(op: str, whole: Tensor, rows: int, pitch: int,
                   group: list[tuple[Tensor, int, int]]) -> bool:
-    """concat_stream / split_stream (stream.h shape) for one group of consecutive parts whose
-    widths, offsets and pitch are whole 16-byte chunks; False where the grid would be too wide."""
+    """concat_stream / split_stream (stream.h shape, one part per block of STREAM_TG threads) for
+    one group of consecutive parts whose widths, offsets and pitch are whole 16-byte chunks; False
+    where the grid would be too wide."""
     w = 16 // whole.dtype.itemsize
+    per_block = STREAM_U * STREAM_TG  # chunks of one block
     p = ConcatParams(parts=len(group), rows=rows, vec=w, pitch=pitch)
-    span = 0
+    blocks = 0
     for i, (_, c, o) in enumerate(group):
-        p.start[i], p.cols[i], p.off[i] = span, c, o
-        span += c // w
-    p.n = rows * span
-    count = stream_vthreads(p.n)
+        p.start[i], p.cols[i], p.off[i] = blocks, c, o
+        blocks += -(-rows * (c // w) // per_block)
+    p.n = blocks
+    count = blocks * STREAM_TG
     if count > MAX_GRID_THREADS or rows * pitch > MAX_ELEMS_U32:
         return False
     bufs = [t.buffer for t, _, _ in group]
