@@ -174,17 +174,18 @@ def test_conv2d_weight_grad_rows(dev, monkeypatch, case):
 
 
 def test_conv2d_weight_grad_rows_choice(dev, monkeypatch):
-    """Where the row kernel cannot run (horizontal stride 2, fp16) a forced "rows" falls back to
-    the tiled kernels; by default only cuda takes it, for ROWS_DEFAULT_KW and Kg >= ROWS_MIN_K."""
+    """Where the row kernel cannot run (horizontal stride or dilation 2, fp16, KW = 1) a forced
+    "rows" falls back to the tiled kernels; by default only cuda takes it, for ROWS_DEFAULT_KW."""
     geo = ops._conv_geometry((2, 32, 14, 14), (64, 32, 5, 5), 1, 2, 1, 1)
     s2 = ops._conv_geometry((2, 32, 14, 14), (64, 32, 5, 5), (1, 2), 2, 1, 1)
-    narrow = ops._conv_geometry((2, 32, 14, 14), (6, 32, 5, 5), 1, 2, 1, 1)
+    d2 = ops._conv_geometry((2, 32, 14, 14), (64, 32, 5, 5), 1, 2, (1, 2), 1)
+    k1 = ops._conv_geometry((2, 32, 14, 14), (64, 32, 7, 1), 1, (3, 0), 1, 1)
     monkeypatch.setattr(ops, "FORCE", {"weight": "rows"})
-    assert ops._use_rows(dev, geo, "float") and ops._use_rows(dev, narrow, "float")
-    assert not ops._use_rows(dev, s2, "float") and not ops._use_rows(dev, geo, "half")
+    assert ops._use_rows(dev, geo, "float")
+    assert not any(ops._use_rows(dev, g, "float") for g in (s2, d2, k1))
+    assert not ops._use_rows(dev, geo, "half")
     monkeypatch.setattr(ops, "FORCE", {})
     assert ops._use_rows(dev, geo, "float") == (dev.name == "cuda" and 5 in ops.ROWS_DEFAULT_KW)
-    assert not ops._use_rows(dev, narrow, "float")
 
 
 # (N, C_in, H, W, C_out, KH, KW, stride, padding, output_padding, dilation, groups)

@@ -114,11 +114,14 @@ MAX_ELEMS = 2**31        # kernels use 32-bit offsets
 # KW-wide register window along staged input rows instead.
 ROWS_TILE = (64, 32, 32)
 ROWS_KW = (3, 5, 7)
-# Where cuda takes it by default (float32, Kg >= ROWS_MIN_K so the 64-channel tile is not mostly
-# padding); elsewhere only when forced (FORCE["weight"] = "rows"). 3x3 weight gradients run
-# Winograd F(2x2, 3x3) before this is asked; 1x7-style (KW = 7) ones keep the tiled kernel.
-ROWS_DEFAULT_KW = (5,)
-ROWS_MIN_K = 32
+# Where cuda takes it by default (float32); elsewhere only when forced (FORCE["weight"] =
+# "rows"; 3x3 weight gradients run Winograd F(2x2, 3x3) before this is asked). H100, 2026-12-07
+# (docs/results/h100-2026-12-07c/rows_sweep.log), ms tiled -> rows at 2 threadgroups per SM:
+# LeNet conv2 (N64, 32->64, 14x14, 5x5) 0.0822 -> 0.0689, LeNet conv1 (N64, 1->6, 28x28)
+# 0.0667 -> 0.0532, InceptionV3's 5x5 (N32, 48->64, 35x35) 0.267 -> 0.249, 5x5 128->128 17x17
+# 0.355 -> 0.320, InceptionV3's 1x7 (N32, 128->128, 17x17) 0.1115 -> 0.1040; split targets of
+# 1, 3, 4, 6 and 8 per SM were slower on the LeNet and 1x7 shapes (4 won by 6% on 5x5 128->128).
+ROWS_DEFAULT_KW = (5, 7)
 ROWS_GROUPS_PER_SM = 2   # split target: fewer, longer chunks than the tiled kernel's (float partials)
 # Tests and benchmarks force a path: {"fwd"|"data": "direct" or a tile name, "weight": a tile;
 # any of the three: "wino2" / "wino4" (Winograd F(2x2, 3x3) / F(4x4, 3x3) where the conv is
@@ -563,7 +566,7 @@ def _use_rows(dev: Device, geo: ConvGeometry, prec: str) -> bool:
     forced = FORCE.get("weight")
     if forced is not None:
         return forced == "rows"
-    return dev.name == "cuda" and geo.KW in ROWS_DEFAULT_KW and geo.Kg >= ROWS_MIN_K
+    return dev.name == "cuda" and geo.KW in ROWS_DEFAULT_KW
 
 
 def _rows_weight_plan(dev: Device, geo: ConvGeometry, dy: Tensor, x: Tensor, dw: Tensor,
