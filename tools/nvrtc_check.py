@@ -25,7 +25,7 @@ ARCH = "-arch=compute_90"
 def _lib() -> ctypes.CDLL:
     cands = glob.glob(os.path.join(sys.prefix, "lib", "python3*", "site-packages", "nvidia",
                                    "cuda_nvrtc", "lib", "libnvrtc.so*"))
-    cands = [c for c in cands if ".alt." not in c] or ["libnvrtc.so"]
+    cands = [c for c in cands if ".alt." not in c] or [os.environ.get("PMN_NVRTC", "libnvrtc.so")]
     return ctypes.CDLL(cands[0])
 
 
