@@ -38,6 +38,7 @@
 #include "neuron.h"
 #include "stream.h"
 #include "tile_reduce.h"
+#include "args.h"
 using namespace metal;
 
 #define OP_ADD 0
@@ -316,16 +317,21 @@ kernel void arith_bwd(device const T* g [[buffer(0)]],
 }
 
 // ---- reductions ----
+// The loops over dimensions below run d = 7 .. 0 unrolled, guarded by the run-time count, so
+// that ReduceParams' arrays and the coordinates c[] are read at constant indices (args.h).
 inline uint kept_offset(uint t, constant ReduceParams& p, thread uint& o1, thread uint& o2) {
     uint o0 = 0;
     o1 = 0;
     o2 = 0;
-    for (int d = int(p.nk) - 1; d >= 0; --d) {
-        const uint c = t % p.ksize[d];
-        t /= p.ksize[d];
-        o0 += c * p.kstride0[d];
-        o1 += c * p.kstride1[d];
-        o2 += c * p.kstride2[d];
+#pragma unroll
+    for (int d = 7; d >= 0; --d) {
+        if (d < int(p.nk)) {
+            const uint c = t % p.ksize[d];
+            t /= p.ksize[d];
+            o0 += c * p.kstride0[d];
+            o1 += c * p.kstride1[d];
+            o2 += c * p.kstride2[d];
+        }
     }
     return o0;
 }
@@ -355,26 +361,33 @@ inline float4 reduce_term4(device const T* x0, device const T* x1, device const 
 // Odometer step over the reduced dims c[0..nr): offsets o* follow the coordinates.
 inline void odometer_next(thread uint* c, constant ReduceParams& p, thread uint& o0, thread uint& o1,
                           thread uint& o2) {
-    for (int d = int(p.nr) - 1; d >= 0; --d) {
-        o0 += p.rstride0[d];
-        o1 += p.rstride1[d];
-        o2 += p.rstride2[d];
-        if (++c[d] < p.rsize[d]) return;
-        c[d] = 0;
-        o0 -= p.rsize[d] * p.rstride0[d];
-        o1 -= p.rsize[d] * p.rstride1[d];
-        o2 -= p.rsize[d] * p.rstride2[d];
+#pragma unroll
+    for (int d = 7; d >= 0; --d) {
+        if (d < int(p.nr)) {
+            o0 += p.rstride0[d];
+            o1 += p.rstride1[d];
+            o2 += p.rstride2[d];
+            if (++c[d] < p.rsize[d]) return;
+            c[d] = 0;
+            o0 -= p.rsize[d] * p.rstride0[d];
+            o1 -= p.rsize[d] * p.rstride1[d];
+            o2 -= p.rsize[d] * p.rstride2[d];
+        }
     }
 }
 
 inline void odometer_init(uint r, thread uint* c, constant ReduceParams& p, thread uint& o0,
                           thread uint& o1, thread uint& o2) {
-    for (int d = int(p.nr) - 1; d >= 0; --d) {
-        c[d] = r % p.rsize[d];
-        r /= p.rsize[d];
-        o0 += c[d] * p.rstride0[d];
-        o1 += c[d] * p.rstride1[d];
-        o2 += c[d] * p.rstride2[d];
+#pragma unroll
+    for (int d = 7; d >= 0; --d) {
+        c[d] = 0;
+        if (d < int(p.nr)) {
+            c[d] = r % p.rsize[d];
+            r /= p.rsize[d];
+            o0 += c[d] * p.rstride0[d];
+            o1 += c[d] * p.rstride1[d];
+            o2 += c[d] * p.rstride2[d];
+        }
     }
 }
 
@@ -396,7 +409,10 @@ kernel void reduce_outer(device const T* x0 [[buffer(0)]],
     const uint grid = tg_size * n_groups;
     const uint per_split = p.n_out / p.vec;
     const uint total = per_split * p.splits;
-    const int kl = int(p.nk) - 1;
+    // the innermost kept dim's strides (vec == 4 implies nk >= 1)
+    const uint kl = p.nk > 0u ? p.nk - 1u : 0u;
+    const uint ks0 = arg_pick8(kl, p.kstride0), ks1 = arg_pick8(kl, p.kstride1),
+               ks2 = arg_pick8(kl, p.kstride2);
     for (uint item = gid; item < total; item += grid) {
         const uint s = item / per_split;
         const uint t = (item - s * per_split) * p.vec;
@@ -421,9 +437,9 @@ kernel void reduce_outer(device const T* x0 [[buffer(0)]],
                 vc[u] = float4(1.0f);
                 if (ok[u]) {
                     if (v4) {
-                        va[u] = load4(x0, o0, p.kstride0[kl]);
-                        if (k >= 2) vb[u] = load4(x1, o1, p.kstride1[kl]);
-                        if (k >= 3) vc[u] = load4(x2, o2, p.kstride2[kl]);
+                        va[u] = load4(x0, o0, ks0);
+                        if (k >= 2) vb[u] = load4(x1, o1, ks1);
+                        if (k >= 3) vc[u] = load4(x2, o2, ks2);
                     } else {
                         va[u].x = float(x0[o0]);
                         if (k >= 2) vb[u].x = float(x1[o1]);

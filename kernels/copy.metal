@@ -25,6 +25,7 @@
 #include "params.h"
 #include "instantiate.h"
 #include "stream.h"
+#include "args.h"
 using namespace metal;
 
 template <typename Tin, typename Tout>
@@ -136,14 +137,6 @@ kernel void cast_flat_h2f(device const T* src [[buffer(0)]],
 
 // Up to 8 parts per launch (an LSTM's T steps, a channel concat): the item's part is found by
 // comparing against the parts' first items, then it is a block copy.
-// a[i] of an 8-entry ConcatParams array read at constant indices only: indexed at run time, a
-// kernel-argument struct is copied to local memory by the cuda compiler in every thread (116
-// bytes written and read back per thread: the concat kernels ran at 0.35 of the copy bandwidth)
-inline uint concat_pick(uint i, constant uint* a) {
-    return i < 4u ? (i < 2u ? (i == 0u ? a[0] : a[1]) : (i == 2u ? a[2] : a[3]))
-                  : (i < 6u ? (i == 4u ? a[4] : a[5]) : (i == 6u ? a[6] : a[7]));
-}
-
 inline uint concat_part(uint item, constant ConcatParams& p) {
     uint i = 0;
 #pragma unroll
@@ -179,13 +172,13 @@ kernel void concat8(device const T* s0 [[buffer(0)]], device const T* s1 [[buffe
     const uint grid = tg_size * n_groups;
     for (uint item = gid; item < p.n; item += grid) {
         const uint i = concat_part(item, p);
-        const uint cols = concat_pick(i, p.cols);
+        const uint cols = arg_pick8(i, p.cols);
         const uint per_row = cols / p.vec;
-        const uint local = item - concat_pick(i, p.start);
+        const uint local = item - arg_pick8(i, p.start);
         const uint r = local / per_row;
         const uint c = (local - r * per_row) * p.vec;
         device const T* src = pick8(i, s0, s1, s2, s3, s4, s5, s6, s7) + r * cols + c;
-        device T* d = dst + r * p.pitch + concat_pick(i, p.off) + c;
+        device T* d = dst + r * p.pitch + arg_pick8(i, p.off) + c;
         if (p.vec * sizeof(T) == 16u) *((device uint4*)d) = *((device const uint4*)src);
         else if (p.vec == 4) *((device vec<T, 4>*)d) = *((device const vec<T, 4>*)src);
         else *d = *src;
@@ -205,12 +198,12 @@ kernel void split8(device const T* src [[buffer(0)]],
     const uint grid = tg_size * n_groups;
     for (uint item = gid; item < p.n; item += grid) {
         const uint i = concat_part(item, p);
-        const uint cols = concat_pick(i, p.cols);
+        const uint cols = arg_pick8(i, p.cols);
         const uint per_row = cols / p.vec;
-        const uint local = item - concat_pick(i, p.start);
+        const uint local = item - arg_pick8(i, p.start);
         const uint r = local / per_row;
         const uint c = (local - r * per_row) * p.vec;
-        device const T* s = src + r * p.pitch + concat_pick(i, p.off) + c;
+        device const T* s = src + r * p.pitch + arg_pick8(i, p.off) + c;
         device T* d = pick8w(i, d0, d1, d2, d3, d4, d5, d6, d7) + r * cols + c;
         if (p.vec * sizeof(T) == 16u) *((device uint4*)d) = *((device const uint4*)s);
         else if (p.vec == 4) *((device vec<T, 4>*)d) = *((device const vec<T, 4>*)s);
@@ -246,10 +239,10 @@ inline ConcatPart concat_part_of(uint gid, constant ConcatParams& p) {
     for (uint j = 1; j < 8u; ++j) i = j < p.parts && blk >= p.start[j] ? j : i;
     ConcatPart q;
     q.part = i;
-    q.per_row = concat_pick(i, p.cols) / W;
+    q.per_row = arg_pick8(i, p.cols) / W;
     q.count = p.rows * q.per_row;
-    q.first = (blk - concat_pick(i, p.start)) * (STREAM_U * STREAM_TG) + gid % STREAM_TG;
-    q.off = concat_pick(i, p.off) / W;
+    q.first = (blk - arg_pick8(i, p.start)) * (STREAM_U * STREAM_TG) + gid % STREAM_TG;
+    q.off = arg_pick8(i, p.off) / W;
     return q;
 }
 
@@ -314,7 +307,7 @@ kernel void permute_gather(device const T* x [[buffer(0)]],
         const uint e = item * p.vec;
         uint rest = e;
         uint o = 0;
-        // constant indices (unrolled, guarded by ndim): see concat_pick
+        // constant indices (unrolled, guarded by ndim): args.h
 #pragma unroll
         for (int d = 7; d > 0; --d) {
             if (d < int(p.ndim)) {

@@ -311,16 +311,22 @@ kernel void loss_pw_bwd_plain(device const float* g [[buffer(0)]],
         }
         return;
     }
+    // every loop unrolled: the per-element arrays stay in registers (a loss with exp / log in
+    // its gradient was too large for the cuda compiler to unroll on its own, and indexed them
+    // in local memory)
     float xv[STREAM_U][16 / sizeof(T)], tv[STREAM_U][16 / sizeof(T)];
+#pragma unroll
     for (uint s = 0; s < STREAM_U; ++s) {
         const uint ch = stream_clamp(stream_chunk(gid, s), nvec);
         stream_load<16 / sizeof(T)>(x, ch, xv[s]);
         stream_load<16 / sizeof(T)>(t, ch, tv[s]);
     }
+#pragma unroll
     for (uint s = 0; s < STREAM_U; ++s) {
         const uint ch = stream_chunk(gid, s);
         if (ch < nvec) {
             float r[16 / sizeof(T)], rt[16 / sizeof(T)];
+#pragma unroll
             for (uint e = 0; e < W; ++e) {
                 r[e] = c * pw_grad(K, xv[s][e], tv[s][e], 1.0f, p);
                 rt[e] = tg ? c * pw_grad_target(K, xv[s][e], tv[s][e], 1.0f, p) : 0.0f;

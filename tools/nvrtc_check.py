@@ -5,8 +5,9 @@ Usage:
   python tools/nvrtc_check.py --metal kernels/neuron.metal [--ptx OUT.ptx] [--match SUBSTR] ...
       translate a kernel source as the cuda backend does (prelude pasted in, -arch=compute_90),
       compile it to PTX and print, per kernel whose name contains a --match string (all when
-      none), the global load/store instructions by width (ld.global.v4.b32 and so on): the
-      check that a memory-bound kernel moves 16 bytes per access. --ptx also writes the PTX.
+      none), the global and local load/store instructions by width (ld.global.v4.b32 and so
+      on): the check that a memory-bound kernel moves 16 bytes per access and touches no local
+      memory. --ptx also writes the PTX. PMN_NVRTC names libnvrtc if it is elsewhere.
 Needs libnvrtc (pip install nvidia-cuda-nvrtc-cu12).
 """
 from __future__ import annotations
@@ -72,11 +73,13 @@ def metal_ptx(path: str, defines: dict | None = None) -> str:
 
 
 _ENTRY = re.compile(r"^\.visible \.entry (\w+)\(", re.M)
-_MEM = re.compile(r"\b((?:ld|st)\.global(?:\.\w+)*?)\s", re.M)
+_MEM = re.compile(r"\b((?:ld|st)\.(?:global|local)(?:\.\w+)*?)\s", re.M)
 
 
 def access_summary(ptx: str) -> dict[str, collections.Counter]:
-    """kernel name -> Counter of global load/store opcodes (ld.global.nc.v4.u32, ...)."""
+    """kernel name -> Counter of global and local load/store opcodes (ld.global.nc.v4.u32,
+    st.local.u32, ...). Local accesses in a kernel with no per-thread arrays mean an argument
+    struct or an array indexed at run time was copied to local memory (kernels/args.h)."""
     out: dict[str, collections.Counter] = {}
     starts = [(m.start(), m.group(1)) for m in _ENTRY.finditer(ptx)] + [(len(ptx), "")]
     for (a, name), (b, _) in zip(starts, starts[1:]):
