@@ -7,7 +7,8 @@ Versions (kernels/conv.metal templates, instantiated in kernels/dev/conv_tiles.m
   t64x64, t128x32) and BK = 16 (...k16; t128x64k16 and t128x32k16 are production tiles since the
   H200 sweep of 2026-11-26); and `auto` (what the op picks).
   weight gradient: t64x64, t64x128, t128x128 (BK 16, 16, 8), t64x64k8, t128x128k16, rows (the
-  row-staged kernel, float32 with horizontal stride 1; the default tiles elsewhere), auto.
+  row-staged kernel, float32 with horizontal stride 1; the default tiles elsewhere), rows_v2
+  (kernels/dev/conv_rows.metal: its pixel loop unrolled by KW), auto.
 conv_transpose2d forward runs the input-gradient kernel, so its versions are those.
 Each version is first checked on batch 1 of the shape against the float64 reference (a failing
 version prints FAIL and is not timed), then timed on the full shape.
@@ -45,7 +46,7 @@ DEV_TILES = {
 }
 FWD_VERSIONS = ["direct", "t128x64u", "t128x64", "t128x128", "t64x64", "t128x32", "t128x64k16", "t128x128k16",
                 "t128x32k16", "auto"]
-WEIGHT_VERSIONS = ["t64x64", "t64x128", "t128x128", "t64x64k8", "t128x128k16", "rows", "auto"]
+WEIGHT_VERSIONS = ["t64x64", "t64x128", "t128x128", "t64x64k8", "t128x128k16", "rows", "rows_v2", "auto"]
 KIND = {"fwd": "fwd", "input_grad": "data", "conv_transpose2d": "data", "weight_grad": "weight"}
 TOL = {"float": 1e-5, "half": 2e-3, "hacc_half": 5e-2}  # relative to each output's |terms| sum
 
@@ -56,9 +57,11 @@ ALL_TILES = {kind: {**tiles, **DEV_TILES.get("fwd" if kind == "data" else kind, 
 
 
 def use_version(kind: str, v: str) -> None:
-    """Force version v of the `kind` kernels (auto: the production tiles and choice)."""
+    """Force version v of the `kind` kernels (auto: the production tiles and choice; rows_vN:
+    version N of the row-staged weight gradient, kernels/dev/conv_rows.metal)."""
     ops.TILES = PROD_TILES if v == "auto" else ALL_TILES
-    ops.FORCE = {} if v == "auto" else {kind: v}
+    ops.ROWS_DEV = v[len("rows_"):] if v.startswith("rows_") else ""
+    ops.FORCE = {} if v == "auto" else {kind: "rows" if v.startswith("rows") else v}
 
 
 def references(s: tuple, prec: str) -> tuple[bench_conv.Problem, dict, dict]:

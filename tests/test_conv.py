@@ -154,9 +154,11 @@ ROWS_CASES.update({
 })
 
 
+@pytest.mark.parametrize("version", ["", "v2"], ids=["rows", "rows_v2"])
 @pytest.mark.parametrize("case", list(ROWS_CASES))
-def test_conv2d_weight_grad_rows(dev, monkeypatch, case):
-    """conv2d_bwd_weight_rows<KW> against the reference: it runs (forced) and matches."""
+def test_conv2d_weight_grad_rows(dev, monkeypatch, case, version):
+    """conv2d_bwd_weight_rows<KW> (and its numbered dev versions, kernels/dev/conv_rows.metal)
+    against the reference: it runs (forced) and matches."""
     n, c, h, w, k, kh, kw, stride, padding, dilation, groups = ROWS_CASES[case]
     rng = np.random.default_rng(7)
     x, wt = rand(rng, (n, c, h, w), np.float32), rand(rng, (k, c // groups, kh, kw), np.float32)
@@ -165,9 +167,11 @@ def test_conv2d_weight_grad_rows(dev, monkeypatch, case):
                   groups=groups)
     gy = rand(rng, ref.conv2d(x, wt, None, **kw_ref).shape, np.float32)
     monkeypatch.setattr(ops, "FORCE", {"weight": "rows"})
-    before = dev.dispatch_counts.get(f"conv2d_bwd_weight_rows{kw}_float", 0)
+    monkeypatch.setattr(ops, "ROWS_DEV", version)
+    name = f"conv2d_bwd_weight_rows{kw}{version}_float"
+    before = dev.dispatch_counts.get(name, 0)
     gw, _ = F.conv2d_weight_grad(gy, x, wt, None, stride, padding, dilation, groups)
-    assert dev.dispatch_counts.get(f"conv2d_bwd_weight_rows{kw}_float", 0) == before + 1
+    assert dev.dispatch_counts.get(name, 0) == before + 1
     _, rw, _ = ref.conv2d_backward(gy, x, wt, False, **kw_ref)
     _, sw, _ = ref.conv2d_backward(np.abs(gy), np.abs(x), np.abs(wt), False, **kw_ref)
     assert_close("grad_w", gw, rw, sw, tol("float", n * gy.shape[2] * gy.shape[3]))

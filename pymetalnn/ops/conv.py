@@ -123,6 +123,7 @@ ROWS_KW = (3, 5, 7)
 # 1, 3, 4, 6 and 8 per SM were slower on the LeNet and 1x7 shapes (4 won by 6% on 5x5 128->128).
 ROWS_DEFAULT_KW = (5, 7)
 ROWS_GROUPS_PER_SM = 2   # split target: fewer, longer chunks than the tiled kernel's (float partials)
+ROWS_DEV = ""  # a numbered version of kernels/dev/conv_rows.metal ("v2"), set by dev_conv.py
 # Tests and benchmarks force a path: {"fwd"|"data": "direct" or a tile name, "weight": a tile;
 # any of the three: "wino2" / "wino4" (Winograd F(2x2, 3x3) / F(4x4, 3x3) where the conv is
 # eligible, the tiled kernels otherwise) or "im2col" (ops/conv_im2col.py where eligible, on any
@@ -578,7 +579,9 @@ def _rows_weight_plan(dev: Device, geo: ConvGeometry, dy: Tensor, x: Tensor, dw:
     target = ROWS_GROUPS_PER_SM * _sms(dev) if dev.name == "cuda" else TARGET_GROUPS
     splits, chunk = _splits(geo.N * geo.OH * cdiv(geo.OW, seg), base, 1, target, None, dw.size)
     ws = scratch(dev, [splits * dw.size * 4], SOURCE)[0]
-    k = kernel(dev, source, f"conv2d_bwd_weight_rows{geo.KW}_float")
+    if ROWS_DEV:
+        source = "dev/conv_rows.metal"
+    k = kernel(dev, source, f"conv2d_bwd_weight_rows{geo.KW}{ROWS_DEV}_float")
     return [(k, _groups(base * splits), (dy.buffer, x.buffer, ws, geo.params(splits=splits, chunk=chunk))),
             _reduce_launch(dev, ws, dw, splits, source)]
 
