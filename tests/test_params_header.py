@@ -87,3 +87,32 @@ def test_kernels_see_the_host_constants(dev, tmp_path) -> None:
     dev.library(str(src)).kernel("params_constants")(len(names), buf)
     got = buf.numpy(np.uint32, (len(names),))
     assert dict(zip(names, got.tolist())) == {n: CONST[n] for n in names}
+
+
+# The memory-bound families: their kernels have no per-thread arrays that belong in local memory,
+# so a local access in their PTX is an argument struct indexed at run time (kernels/args.h).
+MEMORY_BOUND = ["arith", "copy", "dropout", "embedding", "loss", "neuron", "norm", "optimizer",
+                "pool", "softmax", "detection", "rnn"]
+
+
+@pytest.mark.parametrize("name", MEMORY_BOUND)
+def test_argument_structs_stay_out_of_local_memory(name: str) -> None:
+    """cuda: no kernel of kernels/<name>.metal loads or stores local memory (PTX from NVRTC,
+    translated as backend_cuda does; skipped where libnvrtc is not installed). A run-time index
+    into a kernel-argument array copies the whole struct to local memory in every thread."""
+    import sys
+
+    tools = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tools")
+    sys.path.insert(0, tools)
+    try:
+        import nvrtc_check
+    finally:
+        sys.path.remove(tools)
+    try:
+        nvrtc_check._lib()
+    except OSError as e:
+        pytest.skip(f"libnvrtc is not installed ({e}); PMN_NVRTC names it")
+    ptx = nvrtc_check.metal_ptx(os.path.join(KERNEL_DIR, f"{name}.metal"))
+    bad = {k: dict(c) for k, c in nvrtc_check.access_summary(ptx).items()
+           if any(".local" in op for op in c)}
+    assert not bad, f"kernels/{name}.metal: local memory in {bad}"

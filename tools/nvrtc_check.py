@@ -26,8 +26,9 @@ ARCH = "-arch=compute_90"
 def _lib() -> ctypes.CDLL:
     cands = glob.glob(os.path.join(sys.prefix, "lib", "python3*", "site-packages", "nvidia",
                                    "cuda_nvrtc", "lib", "libnvrtc.so*"))
-    cands = [c for c in cands if ".alt." not in c] or [os.environ.get("PMN_NVRTC", "libnvrtc.so")]
-    return ctypes.CDLL(cands[0])
+    cands += sorted(glob.glob("/usr/local/cuda*/lib64/libnvrtc.so*"))
+    cands = [c for c in cands if ".alt." not in c] or ["libnvrtc.so"]
+    return ctypes.CDLL(os.environ.get("PMN_NVRTC") or cands[0])
 
 
 def compile_source(src: str, name: str = "k.cu", options: list[str] | None = None,
