@@ -124,8 +124,8 @@ def _install_abort_hooks(pg: ProcessGroup) -> None:
             tb_print()
             sys.stderr.flush()
             # mpiexec forwards a rank's stderr asynchronously and MPI_Abort ends its forwarding
-            # too: without a pause the message was lost now and then (the run ended with no
-            # output at all, about 1 in 40 on a 2-core machine)
+            # too: without a pause the message was lost now and then (a 2-core CI replica's run
+            # of test_exception_on_one_rank_ends_all ended with no output at all)
             time.sleep(ABORT_GRACE_S)
         finally:
             pg.world.Abort(1)

@@ -525,10 +525,10 @@ def _splits(red: int, base: int, step: int, target: int, cap: int | None = None,
     return cdiv(red, chunk), chunk
 
 
-def _target_groups(dev: Device) -> int:
-    # SPLIT_GROUPS_PER_SM threadgroups per SM on a GPU; a fixed count elsewhere so that cpu
-    # tests split the same way
-    return SPLIT_GROUPS_PER_SM * _sms(dev) if dev.name == "cuda" else TARGET_GROUPS
+def _target_groups(dev: Device, per_sm: int = SPLIT_GROUPS_PER_SM) -> int:
+    # per_sm threadgroups per SM on a GPU; a fixed count elsewhere so that cpu tests split the
+    # same way
+    return per_sm * _sms(dev) if dev.name == "cuda" else TARGET_GROUPS
 
 
 def _reduce_launch(dev: Device, ws: Any, out: Tensor, splits: int, source: str) -> Launch:
@@ -576,8 +576,8 @@ def _rows_weight_plan(dev: Device, geo: ConvGeometry, dy: Tensor, x: Tensor, dw:
     segments (n, oh, SEG pixels), then their ordered sum."""
     rk, rq, seg = ROWS_TILE
     base = geo.G * cdiv(geo.Kg, rk) * cdiv(geo.Cg * geo.KH, rq)
-    target = ROWS_GROUPS_PER_SM * _sms(dev) if dev.name == "cuda" else TARGET_GROUPS
-    splits, chunk = _splits(geo.N * geo.OH * cdiv(geo.OW, seg), base, 1, target, None, dw.size)
+    splits, chunk = _splits(geo.N * geo.OH * cdiv(geo.OW, seg), base, 1,
+                            _target_groups(dev, ROWS_GROUPS_PER_SM), None, dw.size)
     ws = scratch(dev, [splits * dw.size * 4], SOURCE)[0]
     if ROWS_DEV:
         source = "dev/conv_rows.metal"
