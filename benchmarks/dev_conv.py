@@ -8,13 +8,15 @@ Versions (kernels/conv.metal templates, instantiated in kernels/dev/conv_tiles.m
   H200 sweep of 2026-11-26); and `auto` (what the op picks).
   weight gradient: t64x64, t64x128, t128x128 (BK 16, 16, 8), t64x64k8, t128x128k16, rows (the
   row-staged kernel, float32 with horizontal stride 1; the default tiles elsewhere), rows_v2
-  (kernels/dev/conv_rows.metal: its pixel loop unrolled by KW), auto.
+  (kernels/dev/conv_rows.metal: its pixel loop unrolled by KW), rows_v3 (v2 with narrow output
+  rows packed several to a segment), auto.
 conv_transpose2d forward runs the input-gradient kernel, so its versions are those.
 Each version is first checked on batch 1 of the shape against the float64 reference (a failing
 version prints FAIL and is not timed), then timed on the full shape.
 
     PYTHONPATH=. python benchmarks/dev_conv.py [--backend cuda] [--quick] [--precision float ...]
-                                               [--shape resnet-3x3 ...]
+                                               [--shape resnet-3x3 ...] [--op weight_grad ...]
+                                               [--versions rows rows_v3 ...]
 
 Output: one row per (shape, op, precision) with GFLOP/s of each version, the best version, and
 PyTorch's GFLOP/s and the best ratio; results/dev_conv_<backend>.json has every timing. To
@@ -46,7 +48,8 @@ DEV_TILES = {
 }
 FWD_VERSIONS = ["direct", "t128x64u", "t128x64", "t128x128", "t64x64", "t128x32", "t128x64k16", "t128x128k16",
                 "t128x32k16", "auto"]
-WEIGHT_VERSIONS = ["t64x64", "t64x128", "t128x128", "t64x64k8", "t128x128k16", "rows", "rows_v2", "auto"]
+WEIGHT_VERSIONS = ["t64x64", "t64x128", "t128x128", "t64x64k8", "t128x128k16", "rows", "rows_v2", "rows_v3",
+                   "auto"]
 KIND = {"fwd": "fwd", "input_grad": "data", "conv_transpose2d": "data", "weight_grad": "weight"}
 TOL = {"float": 1e-5, "half": 2e-3, "hacc_half": 5e-2}  # relative to each output's |terms| sum
 
@@ -102,6 +105,8 @@ def main() -> int:
     ap.add_argument("--precision", nargs="*", default=list(bench_conv.PRECISIONS),
                     choices=list(bench_conv.PRECISIONS))
     ap.add_argument("--shape", nargs="*", default=None)
+    ap.add_argument("--op", nargs="*", default=list(bench_conv.OPS), choices=list(bench_conv.OPS))
+    ap.add_argument("--versions", nargs="*", default=None, help="only these versions (and auto)")
     args = ap.parse_args()
     dev = pymetalnn.device(args.backend)
     shapes = [bench_conv.quick_shape(s) if args.quick else s for s in bench_conv.SHAPES
@@ -112,8 +117,9 @@ def main() -> int:
         fl = bench_conv.flops(s)
         for prec in args.precision:
             arrays, want, scale = references(s, prec)
-            for op in bench_conv.OPS:
+            for op in args.op:
                 versions = WEIGHT_VERSIONS if op == "weight_grad" else FWD_VERSIONS
+                versions = [v for v in versions if args.versions is None or v in args.versions]
                 line = {"shape": s[0], "op": op, "prec": prec}
                 best, best_sec = None, float("inf")
                 for v in versions:

@@ -570,13 +570,23 @@ def _use_rows(dev: Device, geo: ConvGeometry, prec: str) -> bool:
     return dev.name == "cuda" and geo.KW in ROWS_DEFAULT_KW
 
 
+def _rows_per_segment(geo: ConvGeometry) -> int:
+    """Output rows per segment of the row kernel (its rows_per_segment): as many whole rows as
+    fit SEG pixels and SEG + KW - 1 staged inputs, 1 for rows wider than SEG."""
+    seg = ROWS_TILE[2]
+    if geo.OW > seg:
+        return 1
+    return min(seg // geo.OW, (seg + geo.KW - 1) // (geo.OW + geo.KW - 1))
+
+
 def _rows_weight_plan(dev: Device, geo: ConvGeometry, dy: Tensor, x: Tensor, dw: Tensor,
                       source: str) -> list[Launch]:
     """dw through conv2d_bwd_weight_rows<KW>: float partials over chunks of output-row
     segments (n, oh, SEG pixels), then their ordered sum."""
     rk, rq, seg = ROWS_TILE
     base = geo.G * cdiv(geo.Kg, rk) * cdiv(geo.Cg * geo.KH, rq)
-    splits, chunk = _splits(geo.N * geo.OH * cdiv(geo.OW, seg), base, 1,
+    r = _rows_per_segment(geo) if ROWS_DEV == "v3" else 1
+    splits, chunk = _splits(geo.N * cdiv(geo.OH, r) * cdiv(geo.OW, seg), base, 1,
                             _target_groups(dev, ROWS_GROUPS_PER_SM), None, dw.size)
     ws = scratch(dev, [splits * dw.size * 4], SOURCE)[0]
     if ROWS_DEV:
