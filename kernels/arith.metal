@@ -171,9 +171,15 @@ kernel void arith_flat(device const T* x0 [[buffer(0)]],
         for (uint u = 0; u < STREAM_U; ++u) {
             const uint ch = stream_chunk(gid, u);
             if (ch < nvec) {
+                // the activation in a loop of its own: the arithmetic's loop then has no branch
+                // and is one vector operation on cpu (no chunk through the stack)
                 for (int e = 0; e < int(16 / sizeof(T)); ++e) {
-                    a[u][e] = arith_act(arith_apply<OP>(a[u][e], k >= 2 ? b[u][e] : 0.0f,
-                                                        k >= 3 ? c[u][e] : 1.0f, alpha), p);
+                    a[u][e] = arith_apply<OP>(a[u][e], k >= 2 ? b[u][e] : 0.0f,
+                                              k >= 3 ? c[u][e] : 1.0f, alpha);
+                }
+                if (p.act) {
+                    for (int e = 0; e < int(16 / sizeof(T)); ++e)
+                        a[u][e] = nn_activation(a[u][e], p.act, p.act_alpha);
                 }
                 stream_store<16 / sizeof(T)>(out, ch, a[u]);
             }
