@@ -7,16 +7,16 @@ Versions (kernels/conv.metal templates, instantiated in kernels/dev/conv_tiles.m
   t64x64, t128x32) and BK = 16 (...k16; t128x64k16 and t128x32k16 are production tiles since the
   H200 sweep of 2026-11-26); and `auto` (what the op picks).
   weight gradient: t64x64, t64x128, t128x128 (BK 16, 16, 8), t64x64k8, t128x128k16, rows (the
-  row-staged kernel, float32 with horizontal stride 1; the default tiles elsewhere), rows_v2
-  (kernels/dev/conv_rows.metal: its pixel loop unrolled by KW), rows_v3 (v2 with narrow output
-  rows packed several to a segment), auto.
+  row-staged kernel, float32 with horizontal stride 1, version 3: narrow output rows packed
+  several to a segment; the default tiles elsewhere), rows_v1 / rows_v2 (kernels/dev/
+  conv_rows.metal: one row per segment; v2 with its pixel loop unrolled by KW), auto.
 conv_transpose2d forward runs the input-gradient kernel, so its versions are those.
 Each version is first checked on batch 1 of the shape against the float64 reference (a failing
 version prints FAIL and is not timed), then timed on the full shape.
 
     PYTHONPATH=. python benchmarks/dev_conv.py [--backend cuda] [--quick] [--precision float ...]
                                                [--shape resnet-3x3 ...] [--op weight_grad ...]
-                                               [--versions rows rows_v3 ...]
+                                               [--versions rows rows_v1 ...]
 
 Output: one row per (shape, op, precision) with GFLOP/s of each version, the best version, and
 PyTorch's GFLOP/s and the best ratio; results/dev_conv_<backend>.json has every timing. To
@@ -48,8 +48,8 @@ DEV_TILES = {
 }
 FWD_VERSIONS = ["direct", "t128x64u", "t128x64", "t128x128", "t64x64", "t128x32", "t128x64k16", "t128x128k16",
                 "t128x32k16", "auto"]
-WEIGHT_VERSIONS = ["t64x64", "t64x128", "t128x128", "t64x64k8", "t128x128k16", "rows", "rows_v2", "rows_v3",
-                   "auto"]
+WEIGHT_VERSIONS = ["t64x64", "t64x128", "t128x128", "t64x64k8", "t128x128k16", "rows", "rows_v1",
+                   "rows_v2", "auto"]
 KIND = {"fwd": "fwd", "input_grad": "data", "conv_transpose2d": "data", "weight_grad": "weight"}
 TOL = {"float": 1e-5, "half": 2e-3, "hacc_half": 5e-2}  # relative to each output's |terms| sum
 

@@ -832,16 +832,27 @@ kernel void conv2d_bwd_weight_tiled(device const T* dy [[buffer(0)]],
 // With SW = DW = 1 the KW im2col columns (c, r, 0..KW-1) of pixel (n, oh, ow) are KW neighbours
 // x[n, c, ih, ow - PW + s] of one input row ih = oh*SH - PH + r*DH: a sliding window. A
 // threadgroup owns RK output channels x RQ (c, r) pairs x all KW taps; a reduction step is one
-// output-row segment (n, oh, ow0 .. ow0 + RSEG - 1). It stages dy[n, k, oh, segment] for its
-// channels (as [pixel][k], so a thread's 8 channels are two float4 loads, the same address for a
-// whole simdgroup) and, per pair, the input row under the segment with the KW - 1 halo (zeros
-// outside the image). Thread (kg, q) then walks the segment keeping x's KW-wide window in
-// registers: per pixel 2 broadcast float4 loads, one load of x and 8*KW FMAs, with no per-element
-// address math (the tiled kernel, at half of cuDNN on LeNet's 5x5 weight gradient, gathers every
-// im2col element with its own bounds check). Same split/partial scheme as the tiled kernel:
-// p.chunk counts segments; ws[split] holds float partials in w's layout. Each dw is a sequential
-// sum in (n, oh, ow) order within a split, then over splits, as in the tiled kernel: errors of
-// the same size.
+// segment of SEG pixel slots: R whole output rows (n, oh0 .. oh0 + R - 1) of one image where a
+// row is narrow (R = rows_per_segment: LeNet's 14-pixel rows at KW 5 go two to a segment and fill
+// 28 slots, so the staging, barrier and partial-sum work per pixel halves), else a piece of up to
+// SEG pixels of one row. It stages dy for its channels (as [slot][k], so a thread's 8 channels
+// are two float4 loads, the same address for a whole simdgroup) and, per pair and row, the input
+// row under the segment with the KW - 1 halo (zeros outside the image). Thread (kg, q) then walks
+// each row keeping x's KW-wide window in registers, KW pixels per round with the window's slots
+// rotating by constant indices (no register moves): per pixel 2 broadcast float4 loads, one load
+// of x and 8*KW FMAs, with no per-element address math (the tiled kernel, at half of cuDNN on
+// LeNet's 5x5 weight gradient, gathers every im2col element with its own bounds check). Same
+// split/partial scheme as the tiled kernel: p.chunk counts segments; ws[split] holds float
+// partials in w's layout. Each dw is a sequential sum in (n, oh, ow) order within a split, then
+// over splits, as in the tiled kernel: errors of the same size. Earlier versions:
+// kernels/dev/conv_rows.metal.
+// Output rows per segment: as many whole rows as fit SEG slots and SEG + KW - 1 staged inputs;
+// 1 for rows wider than SEG (mirrored by ops.conv._rows_per_segment).
+template <int SEG, int KW>
+inline uint rows_per_segment(uint OW) {
+    return OW > uint(SEG) ? 1u : min(uint(SEG) / OW, uint(SEG + KW - 1) / (OW + uint(KW - 1)));
+}
+
 template <typename T, typename A, int KW>
 [[max_total_threads_per_threadgroup(256)]]
 kernel void conv2d_bwd_weight_rows(device const T* dy [[buffer(0)]],
@@ -855,20 +866,28 @@ kernel void conv2d_bwd_weight_rows(device const T* dy [[buffer(0)]],
     constexpr int RK = 64, RQ = 32, SEG = 32;
     constexpr int KT = RK * RQ / CONV_THREADS;       // channels per thread (8)
     constexpr int DP = RK + 4;                       // dy row pitch: float4-aligned, 4 banks apart
-    constexpr int XW = SEG + KW - 1, XP = XW | 1;    // staged x row, odd pitch: no bank conflicts
+    constexpr int XW = SEG + KW - 1, XP = XW | 1;    // staged x row(s), odd pitch
     constexpr int LD = RK * SEG / CONV_THREADS;      // dy loads per thread and step
     constexpr int LX = (RQ * XW + CONV_THREADS - 1) / CONV_THREADS;
-    static_assert(KT == 8 && RK * SEG % CONV_THREADS == 0, "row tile does not fit 256 threads");
+    static_assert(KT == 8 && RK * SEG % CONV_THREADS == 0 && CONV_THREADS % SEG == 0,
+                  "row tile does not fit 256 threads");
     threadgroup vec<A, 4> dys4[2 * SEG * DP / 4];
     threadgroup A xs[2 * RQ * XP];
     threadgroup A* dys = (threadgroup A*)dys4;
 
     const uint OHW = p.OH * p.OW, HW = p.H * p.W, KHW = p.KH * p.KW;
     const uint CRS = p.Cg * KHW, pairs = p.Cg * p.KH;
-    const uint nseg = (p.OW + SEG - 1) / SEG, rows = p.N * p.OH * nseg;
+    const uint R = rows_per_segment<SEG, KW>(p.OW);
+    const uint PWD = min(p.OW, uint(SEG));           // pixels of one row in a segment (at most)
+    const uint XR = PWD + uint(KW - 1);              // staged x per row
+    const uint npiece = (p.OW + SEG - 1) / SEG, ngrp = (p.OH + R - 1) / R;
+    const uint nsegs = p.N * ngrp * npiece;
     const uint tiles_k = (p.Kg + RK - 1) / RK, tiles_q = (pairs + RQ - 1) / RQ;
     const uint wsize = p.K * CRS;
     const uint kg = lid / RQ, q = lid % RQ;  // a simdgroup: one channel group, 32 pairs
+    // this thread's dy loads: slot dslot (the same for all LD: 256 is a multiple of SEG) = row dj,
+    // pixel do_ of the segment; channels dk + j * 256 / SEG
+    const uint dslot = lid % uint(SEG), dj = dslot / PWD, do_ = dslot % PWD, dk = lid / uint(SEG);
 
     for (uint tile = tgid; tile < p.splits * p.G * tiles_k * tiles_q; tile += ntg) {
         const uint tq = tile % tiles_q;
@@ -877,22 +896,21 @@ kernel void conv2d_bwd_weight_rows(device const T* dy [[buffer(0)]],
         tmp /= tiles_k;
         const uint g = tmp % p.G, split = tmp / p.G;
         const uint k0 = tk * RK, q0 = tq * RQ;
-        const uint sbeg = split * p.chunk, send = min(sbeg + p.chunk, rows);
+        const uint sbeg = split * p.chunk, send = min(sbeg + p.chunk, nsegs);
 
-        // this thread's staged x elements: pair, column, and the pair's channel offset / row
-        uint xoff[LX], xcol[LX], xq[LX];
+        // per staged x element: channel offset, row offset (-2^30 for an invalid pair: never
+        // inside the image), and (segment row << 16 | column within that row's staging)
+        uint xoff[LX], xsel[LX];
         int xrow[LX];
-        bool xok[LX];
 #pragma unroll
         for (int j = 0; j < LX; ++j) {
             uint e = lid + uint(j * CONV_THREADS);
-            uint pq = e / uint(XW), pr = q0 + pq;
-            xok[j] = e < uint(RQ * XW) && pr < pairs;
-            uint pc = xok[j] ? pr : 0;
-            xq[j] = pq;
-            xcol[j] = e % uint(XW);
+            uint pr = q0 + e / uint(XW), col = e % uint(XW);
+            bool ok = e < uint(RQ * XW) && pr < pairs && col / XR < R;
+            uint pc = ok ? pr : 0;
             xoff[j] = (g * p.Cg + pc / p.KH) * HW;
-            xrow[j] = int((pc % p.KH) * p.DH) - p.PH;
+            xrow[j] = ok ? int((pc % p.KH) * p.DH) - p.PH : -(1 << 30);
+            xsel[j] = ((col / XR) << 16) | (col % XR);
         }
 
         A acc[KT][KW];
@@ -902,60 +920,79 @@ kernel void conv2d_bwd_weight_rows(device const T* dy [[buffer(0)]],
             for (int s = 0; s < KW; ++s) acc[i][s] = A(0);
 
         A rd[LD], rx[LX];
-        uint len = 0;  // pixels of the segment staged in the buffer being computed
+        uint len = 0, nrow = 0;  // pixels per row and rows of the segment being computed
         for (uint st = sbeg; st <= send; ++st) {
-            uint nlen = 0;
+            uint nlen = 0, nnrow = 0;
             if (st < send) {  // fetch segment st into registers
-                uint si = st % nseg, row = st / nseg;
-                uint img = row / p.OH, oh = row % p.OH, ow0 = si * uint(SEG);
+                uint si = st % npiece, tmp2 = st / npiece;
+                uint img = tmp2 / ngrp, oh0 = (tmp2 % ngrp) * R, ow0 = si * uint(SEG);
                 nlen = min(uint(SEG), p.OW - ow0);
-                device const T* dyp = dy + (img * p.K + g * p.Kg) * OHW + oh * p.OW + ow0;
+                nnrow = min(R, p.OH - oh0);
+                uint oh = oh0 + dj;
+                bool dok = dj < nnrow && do_ < nlen;
+                device const T* dyp = dy + (img * p.K + g * p.Kg + k0 + dk) * OHW + oh * p.OW + ow0 + do_;
 #pragma unroll
                 for (int j = 0; j < LD; ++j) {
-                    uint e = lid + uint(j * CONV_THREADS), o = e % uint(SEG), k = k0 + e / uint(SEG);
-                    rd[j] = o < nlen && k < p.Kg ? A(dyp[k * OHW + o]) : A(0);
+                    uint k = k0 + dk + uint(j * (CONV_THREADS / SEG));
+                    rd[j] = dok && k < p.Kg ? A(dyp[uint(j * (CONV_THREADS / SEG)) * OHW]) : A(0);
                 }
                 device const T* xp = x + img * p.C * HW;
-                int ih0 = int(oh * p.SH), iw0 = int(ow0) - p.PW;
+                int iw0 = int(ow0) - p.PW;
 #pragma unroll
                 for (int j = 0; j < LX; ++j) {
-                    int ih = ih0 + xrow[j], iw = iw0 + int(xcol[j]);
-                    bool ok = xok[j] && xcol[j] < nlen + uint(KW - 1) && uint(ih) < p.H && uint(iw) < p.W;
+                    uint xj = xsel[j] >> 16, col = xsel[j] & 0xffffu;
+                    int ih = int((oh0 + xj) * p.SH) + xrow[j], iw = iw0 + int(col);
+                    bool ok = xj < nnrow && col < nlen + uint(KW - 1) && uint(ih) < p.H && uint(iw) < p.W;
                     rx[j] = ok ? A(xp[xoff[j] + uint(ih) * p.W + uint(iw)]) : A(0);
                 }
             }
             if (st > sbeg) {  // segment st - 1 from threadgroup memory
-                threadgroup const A* xr = xs + ((st - 1) & 1) * uint(RQ * XP) + q * uint(XP);
-                threadgroup const vec<A, 4>* dr =
-                    (threadgroup const vec<A, 4>*)(dys + ((st - 1) & 1) * uint(SEG * DP) + kg * uint(KT));
-                A win[KW];
+                for (uint r = 0; r < nrow; ++r) {
+                    threadgroup const A* xr = xs + ((st - 1) & 1) * uint(RQ * XP) + q * uint(XP) + r * XR;
+                    threadgroup const vec<A, 4>* dr = (threadgroup const vec<A, 4>*)(
+                        dys + ((st - 1) & 1) * uint(SEG * DP) + r * PWD * uint(DP) + kg * uint(KT));
+                    A win[KW];
 #pragma unroll
-                for (int s = 0; s < KW - 1; ++s) win[s] = xr[s];
-                for (uint o = 0; o < len; ++o) {
-                    win[KW - 1] = xr[o + uint(KW - 1)];
-                    vec<A, 4> d0 = dr[o * uint(DP / 4)], d1 = dr[o * uint(DP / 4) + 1];
-                    A d[KT] = {d0.x, d0.y, d0.z, d0.w, d1.x, d1.y, d1.z, d1.w};
+                    for (int s = 0; s < KW - 1; ++s) win[s] = xr[s];
+                    uint o = 0;
+                    for (; o + uint(KW) <= len; o += uint(KW)) {
 #pragma unroll
-                    for (int i = 0; i < KT; ++i)
+                        for (int j = 0; j < KW; ++j) {
+                            win[(j + KW - 1) % KW] = xr[o + uint(j + KW - 1)];
+                            vec<A, 4> d0 = dr[(o + uint(j)) * uint(DP / 4)], d1 = dr[(o + uint(j)) * uint(DP / 4) + 1];
+                            A d[KT] = {d0.x, d0.y, d0.z, d0.w, d1.x, d1.y, d1.z, d1.w};
 #pragma unroll
-                        for (int s = 0; s < KW; ++s) acc[i][s] = fma(d[i], win[s], acc[i][s]);
+                            for (int i = 0; i < KT; ++i)
 #pragma unroll
-                    for (int s = 0; s < KW - 1; ++s) win[s] = win[s + 1];
+                                for (int s = 0; s < KW; ++s) acc[i][s] = fma(d[i], win[(j + s) % KW], acc[i][s]);
+                        }
+                    }
+                    for (; o < len; ++o) {
+                        win[KW - 1] = xr[o + uint(KW - 1)];
+                        vec<A, 4> d0 = dr[o * uint(DP / 4)], d1 = dr[o * uint(DP / 4) + 1];
+                        A d[KT] = {d0.x, d0.y, d0.z, d0.w, d1.x, d1.y, d1.z, d1.w};
+#pragma unroll
+                        for (int i = 0; i < KT; ++i)
+#pragma unroll
+                            for (int s = 0; s < KW; ++s) acc[i][s] = fma(d[i], win[s], acc[i][s]);
+#pragma unroll
+                        for (int s = 0; s < KW - 1; ++s) win[s] = win[s + 1];
+                    }
                 }
             }
             if (st < send) {  // registers into the other buffer
                 uint buf = st & 1;
 #pragma unroll
-                for (int j = 0; j < LD; ++j) {
-                    uint e = lid + uint(j * CONV_THREADS);
-                    dys[buf * uint(SEG * DP) + (e % uint(SEG)) * uint(DP) + e / uint(SEG)] = rd[j];
-                }
+                for (int j = 0; j < LD; ++j)
+                    dys[buf * uint(SEG * DP) + dslot * uint(DP) + dk + uint(j * (CONV_THREADS / SEG))] = rd[j];
 #pragma unroll
-                for (int j = 0; j < LX; ++j)
-                    if (lid + uint(j * CONV_THREADS) < uint(RQ * XW))
-                        xs[buf * uint(RQ * XP) + xq[j] * uint(XP) + xcol[j]] = rx[j];
+                for (int j = 0; j < LX; ++j) {
+                    uint e = lid + uint(j * CONV_THREADS);
+                    if (e < uint(RQ * XW)) xs[buf * uint(RQ * XP) + (e / uint(XW)) * uint(XP) + e % uint(XW)] = rx[j];
+                }
             }
             len = nlen;
+            nrow = nnrow;
             threadgroup_barrier(mem_flags::mem_threadgroup);
         }
 

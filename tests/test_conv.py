@@ -151,15 +151,15 @@ ROWS_CASES.update({
     "rows-pairs-99-k70": (1, 33, 5, 31, 70, 3, 3, 1, 1, 1, 1),
     "rows-groups3-1x7": (2, 6, 3, 9, 9, 1, 7, 1, (0, 3), 1, 3),
     "rows-pad>kernel": (1, 2, 3, 5, 3, 3, 5, 1, (2, 5), 1, 1),
-    # narrow rows, several to a segment (v3): 2 of 14 (13 rows: the last segment holds one),
-    # 4 of 6 with vertical stride, 11 of 1 across two images
+    # narrow rows, several to a segment (the production version): 2 of 14 (13 rows: the last
+    # segment of an image holds one), 4 of 6 with vertical stride, 11 of 1 (a whole image)
     "rows-2x14-oh13": (2, 3, 13, 14, 5, 5, 5, 1, 2, 1, 1),
     "rows-4x6-sh2": (3, 4, 7, 6, 5, 3, 3, (2, 1), 1, 1, 1),
     "rows-11x1": (2, 3, 11, 1, 4, 1, 3, 1, (0, 1), 1, 1),
 })
 
 
-@pytest.mark.parametrize("version", ["", "v2", "v3"], ids=["rows", "rows_v2", "rows_v3"])
+@pytest.mark.parametrize("version", ["", "v1", "v2"], ids=["rows", "rows_v1", "rows_v2"])
 @pytest.mark.parametrize("case", list(ROWS_CASES))
 def test_conv2d_weight_grad_rows(dev, monkeypatch, case, version):
     """conv2d_bwd_weight_rows<KW> (and its numbered dev versions, kernels/dev/conv_rows.metal)

@@ -123,7 +123,7 @@ ROWS_KW = (3, 5, 7)
 # 1, 3, 4, 6 and 8 per SM were slower on the LeNet and 1x7 shapes (4 won by 6% on 5x5 128->128).
 ROWS_DEFAULT_KW = (5, 7)
 ROWS_GROUPS_PER_SM = 2   # split target: fewer, longer chunks than the tiled kernel's (float partials)
-ROWS_DEV = ""  # a numbered version of kernels/dev/conv_rows.metal ("v2"), set by dev_conv.py
+ROWS_DEV = ""  # a numbered version of kernels/dev/conv_rows.metal ("v1", "v2"), set by dev_conv.py
 # Tests and benchmarks force a path: {"fwd"|"data": "direct" or a tile name, "weight": a tile;
 # any of the three: "wino2" / "wino4" (Winograd F(2x2, 3x3) / F(4x4, 3x3) where the conv is
 # eligible, the tiled kernels otherwise) or "im2col" (ops/conv_im2col.py where eligible, on any
@@ -585,7 +585,7 @@ def _rows_weight_plan(dev: Device, geo: ConvGeometry, dy: Tensor, x: Tensor, dw:
     segments (n, oh, SEG pixels), then their ordered sum."""
     rk, rq, seg = ROWS_TILE
     base = geo.G * cdiv(geo.Kg, rk) * cdiv(geo.Cg * geo.KH, rq)
-    r = _rows_per_segment(geo) if ROWS_DEV == "v3" else 1
+    r = 1 if ROWS_DEV else _rows_per_segment(geo)  # the dev versions take one row a segment
     splits, chunk = _splits(geo.N * cdiv(geo.OH, r) * cdiv(geo.OW, seg), base, 1,
                             _target_groups(dev, ROWS_GROUPS_PER_SM), None, dw.size)
     ws = scratch(dev, [splits * dw.size * 4], SOURCE)[0]
