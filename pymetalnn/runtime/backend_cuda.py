@@ -13,6 +13,7 @@ import ctypes
 import ctypes.util
 import os
 import re
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import numpy as np
@@ -20,8 +21,10 @@ import numpy as np
 from .core import KERNEL_DIR, PRELUDE_DIR, STATUS_WORDS, Buffer, Device, Kernel, Library
 from .errors import AsyncError, BackendUnavailable, CompileError, DispatchError, unavailable_reason
 from .msl import translate_file
+from .msl_emit import cuda_entry
 
 NVRTC_OPTIONS = ("-std=c++17", "-default-device")
+NVRTC_ERROR_COMPILATION = 6  # nvrtcResult: the source has errors (others: options, NVRTC itself)
 
 
 def _import_cupy() -> Any:
@@ -207,36 +210,68 @@ class CudaDevice(Device):
         return self.cp.ndarray(shape, dtype, buf.handle + buf.offset)
 
     # ---- compile
+    # A library compiles in three steps, so that a process pays only for the kernels it runs
+    # (gemm.metal's 78 instantiations took about 105 s through NVRTC and ptxas on a 2-core host,
+    # one of them about 1 s): (1) the whole translation through NVRTC's front end only
+    # (-fdevice-syntax-only, templates instantiated, no code generated; a fraction of a second):
+    # every error of the source surfaces when the library loads, with its .metal line, as
+    # before; (2) one module with every kernel's argument-size table and no kernel code, read
+    # once; (3) each kernel, on first lookup, a module of its own: the source without the other
+    # kernels' instantiations (CuPy caches each on disk).
     def _compile(self, path: str, defines: dict) -> Library:
         tr = translate_file(path, "cuda", defines, [KERNEL_DIR], prelude=self._prelude)
-        try:
-            mod = self.cp.RawModule(code=tr.source, options=NVRTC_OPTIONS, backend="nvrtc")
-            funcs = {name: mod.get_function(name) for name in tr.kernels}
-        except self.cp.cuda.compiler.CompileException as e:
-            # lead with the first error's file(line) (the .metal line, through #line)
-            m = re.search(r"^(.+?)\((\d+)\): (?:catastrophic )?error:\s*(.*)$", str(e), re.M)
-            head = (f"{os.path.basename(m.group(1))}:{m.group(2)}: error: {m.group(3)}" if m
-                    else f"NVRTC failed on {os.path.basename(path)}")
-            raise CompileError(f"{head}\n\nNVRTC output:\n{e}") from None
-        kernels: dict[str, Kernel] = {}
-        library = Library(self, path, defines, kernels)
-        for name, info in tr.kernels.items():
-            n = len(info.args)
-            sizes = [0] * n
-            if n:
-                g = mod.get_global(f"pmn_argsizes_{name}")
-                host = np.empty(n, dtype=np.uint32)
-                g.copy_to_host(host.ctypes.data, 4 * n)
-                sizes = [int(s) for s in host]
-            stores: list[Any] = []
-            for a, sz in zip(sorted(info.args, key=lambda a: a.index), sizes):
-                stores.append(ctypes.c_void_p() if a.kind == "buffer" else
-                              ctypes.create_string_buffer(sz))
-            params = (ctypes.c_void_p * max(n, 1))(*[ctypes.addressof(s) for s in stores])
-            kernels[name] = Kernel(library, info, (funcs[name], funcs[name].kernel.ptr, stores, params),
-                                   sizes)
-        library._module = mod  # keeps the CUmodule alive
+        self._syntax_check(tr.source, path)
+        entries = {name: cuda_entry(info) for name, info in tr.kernels.items()}
+        with self.cp.cuda.Device(self.ordinal):
+            mod = self._module(tr.head + "".join(e[1] for e in entries.values()), path)
+            sizes = {}
+            for name, info in tr.kernels.items():
+                n = len(info.args)
+                host = np.zeros(max(n, 1), dtype=np.uint32)
+                if n:
+                    mod.get_global(f"pmn_argsizes_{name}").copy_to_host(host.ctypes.data, 4 * n)
+                sizes[name] = [int(v) for v in host[:n]]
+        library = Library(self, path, defines, {})
+        library.kernels = _LazyKernels(self, library, tr, entries, sizes)
         return library
+
+    def _module(self, source: str, path: str) -> Any:
+        """A RawModule of `source`, compiled now (CuPy compiles on first use otherwise)."""
+        try:
+            mod = self.cp.RawModule(code=source, options=NVRTC_OPTIONS, backend="nvrtc")
+            mod.compile()
+        except self.cp.cuda.compiler.CompileException as e:
+            raise _compile_error(path, str(e)) from None
+        return mod
+
+    def _syntax_check(self, source: str, path: str) -> None:
+        try:
+            from cupy_backends.cuda.libs import nvrtc  # noqa: PLC0415
+        except ImportError:  # no such binding: errors then surface when a kernel compiles
+            return
+        cc = self.cp.cuda.Device(self.ordinal).compute_capability
+        prog = nvrtc.createProgram(source, os.path.basename(path) + ".cu", [], [])
+        try:
+            nvrtc.compileProgram(prog, [*NVRTC_OPTIONS, f"-arch=compute_{cc}", "-fdevice-syntax-only"])
+        except nvrtc.NVRTCError as e:
+            if e.status != NVRTC_ERROR_COMPILATION:  # e.g. an NVRTC without the option
+                return
+            raise _compile_error(path, nvrtc.getProgramLog(prog)) from None
+        finally:
+            nvrtc.destroyProgram(prog)
+
+    def _load_kernel(self, library: Library, tr: Any, name: str, wrapper: str, sizes: list[int]
+                     ) -> Kernel:
+        info = tr.kernels[name]
+        with self.cp.cuda.Device(self.ordinal):
+            mod = self._module(tr.head + wrapper, library.path)
+            func = mod.get_function(name)
+        stores: list[Any] = []
+        for a, sz in zip(sorted(info.args, key=lambda a: a.index), sizes):
+            stores.append(ctypes.c_void_p() if a.kind == "buffer" else ctypes.create_string_buffer(sz))
+        params = (ctypes.c_void_p * max(len(info.args), 1))(*[ctypes.addressof(s) for s in stores])
+        # the handle keeps func (and through it the module) alive
+        return Kernel(library, info, (func, func.kernel.ptr, stores, params), sizes)
 
     # ---- launch
     def _launch(self, kernel: Kernel, groups: int, args: list[Any]) -> None:
@@ -261,6 +296,39 @@ class CudaDevice(Device):
             raise RuntimeError(f"cuLaunchKernel failed for '{kernel.name}' (CUresult {rc})")
 
 
+def _compile_error(path: str, log: str) -> CompileError:
+    """NVRTC's log as a CompileError led by the first error's file(line) (the .metal line,
+    through #line)."""
+    m = re.search(r"^(.+?)\((\d+)\): (?:catastrophic )?error:\s*(.*)$", log, re.M)
+    head = (f"{os.path.basename(m.group(1))}:{m.group(2)}: error: {m.group(3)}" if m
+            else f"NVRTC failed on {os.path.basename(path)}")
+    return CompileError(f"{head}\n\nNVRTC output:\n{log}")
+
+
+class _LazyKernels(Mapping):
+    """A cuda library's kernels by name, each compiled (CudaDevice._load_kernel) on first lookup."""
+
+    def __init__(self, dev: CudaDevice, library: Library, tr: Any, entries: dict, sizes: dict):
+        self._dev, self._library, self._tr = dev, library, tr
+        self._entries, self._sizes = entries, sizes
+        self._loaded: dict[str, Kernel] = {}
+
+    def __getitem__(self, name: str) -> Kernel:
+        k = self._loaded.get(name)
+        if k is None:
+            if name not in self._entries:
+                raise KeyError(name)
+            k = self._loaded[name] = self._dev._load_kernel(self._library, self._tr, name,
+                                                            self._entries[name][0], self._sizes[name])
+        return k
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._entries)
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+
 _FORKED = ("the cuda backend cannot be used in a process forked after CUDA was initialized; "
            "start workers with multiprocessing's 'spawn' or 'forkserver' method")
 
@@ -274,7 +342,8 @@ class _ForkedCudaDevice(CudaDevice):
     survive fork()); buffers can still be garbage-collected."""
 
     synchronize = signal = pointer = as_cupy = _forked
-    _launch = _alloc = _new_buffer = _read = _write = _write_async = _compile = _replay = _forked
+    _launch = _alloc = _new_buffer = _read = _write = _write_async = _compile = _load_kernel = _replay = \
+        _forked
     _begin_capture = _profiled_launch = _forked
 
 

@@ -688,6 +688,6 @@ def translate_file(path: str, target: str, defines: dict | None = None,
         out, _ = pin_simd_loops(out, SIMD_FUNCS | tr.simd_funcs)
     parts.append(_emit(out))
     parts.append(f'#line 1 "{GENERATED}"\n')
-    for k in kernels.values():
-        parts.append(_entry_points(k, target, tr.validate))
-    return Translation(target, "".join(parts), kernels, pp.files)
+    head = "".join(parts)
+    entries = "".join(_entry_points(k, target, tr.validate) for k in kernels.values())
+    return Translation(target, head + entries, kernels, pp.files, head)

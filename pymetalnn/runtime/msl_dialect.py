@@ -131,6 +131,7 @@ class KernelInfo:
 @dataclass
 class Translation:
     cuda_or_cpu: str
-    source: str
+    source: str  # head + every kernel's entry points
     kernels: dict[str, KernelInfo]
     files: list[str] = field(default_factory=list)
+    head: str = ""  # the source without the entry points (no kernel instantiated)

@@ -40,25 +40,34 @@ def _emit(toks: list[Token]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _entry_points(k: KernelInfo, target: str, validate: bool = False) -> str:
+def _arg_sizes(byidx: list) -> str:
+    return ", ".join("0u" if a.kind == "buffer" else f"(unsigned)sizeof({a.ctype})" for a in byidx) \
+        or "0u"
+
+
+def cuda_entry(k: KernelInfo) -> tuple[str, str]:
+    """A kernel's two cuda lines: its extern "C" __global__ wrapper (the one instantiation of its
+    template), and its argument-size table pmn_argsizes_<name> (bytes of each constant argument,
+    0 for buffers). Apart because backend_cuda compiles the tables of a whole library at once
+    (cheap: no kernel code) and each wrapper into a module of its own on first use."""
     call_args = []
     for kind, j in k.params_order:
         if kind == "arg":
-            a = k.args[j]
-            call_args.append(f"a{a.index}")
+            call_args.append(f"a{k.args[j].index}")
         else:
-            attr = k.builtins[j][1]
-            call_args.append(BUILTINS[attr][0 if target == "cuda" else 1])
+            call_args.append(BUILTINS[k.builtins[j][1]][0])
     byidx = sorted(k.args, key=lambda a: a.index)
-    sizes = ", ".join("0u" if a.kind == "buffer" else f"(unsigned)sizeof({a.ctype})" for a in byidx) \
-        or "0u"
+    params = ", ".join(f"{a.ctype} a{a.index}" for a in byidx)
+    return (f'extern "C" __global__ void __launch_bounds__({k.threadgroup_size}) '
+            f"{k.name}({params}) {{ {k.impl}({', '.join(call_args)}); }}\n",
+            f'extern "C" __device__ unsigned pmn_argsizes_{k.name}[] = {{{_arg_sizes(byidx)}}};\n')
+
+
+def _entry_points(k: KernelInfo, target: str, validate: bool = False) -> str:
+    byidx = sorted(k.args, key=lambda a: a.index)
+    sizes = _arg_sizes(byidx)
     if target == "cuda":
-        params = ", ".join(f"{a.ctype} a{a.index}" for a in byidx)
-        return (
-            f'extern "C" __global__ void __launch_bounds__({k.threadgroup_size}) '
-            f"{k.name}({params}) {{ {k.impl}({', '.join(call_args)}); }}\n"
-            f'extern "C" __device__ unsigned pmn_argsizes_{k.name}[] = {{{sizes}}};\n'
-        )
+        return "".join(cuda_entry(k))
     unpack = []
     for a in byidx:
         if a.kind == "buffer" and validate and a.device:

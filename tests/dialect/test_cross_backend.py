@@ -59,10 +59,8 @@ def case_atomics(dev):
     xi = r.integers(-10**6, 10**6, n, dtype=np.int32)
     ci = dev.buffer(np.array([0, 2**31 - 1, -2**31, 1000], np.int32))
     cu = dev.buffer(np.array([0, 0, 0xFFFFFFFF, 0, 0, 0xFFFFFFFF, 7], np.uint32))
-    cf = dev.buffer(np.zeros(2, np.float32))
     old = dev.buffer(np.zeros(n, np.int32))
-    lib(dev, "atomics").kernel("atomic_contention")(
-        n, ci, cu, cf, old, dev.buffer(np.zeros(n, np.float32)), dev.buffer(xi), n)
+    lib(dev, "atomics").kernel("atomic_contention")(n, ci, cu, old, dev.buffer(xi), n)
     return {"ci": ci.numpy(np.int32), "cu": cu.numpy(np.uint32),
             "old_sorted": np.sort(old.numpy(np.int32))}
 
