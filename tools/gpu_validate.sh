@@ -8,9 +8,20 @@ mkdir -p "$OUT"
 export PYTHONPATH=. PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader | tee "$LOG/gpu.txt"
 if [ "${SKIP_TESTS:-0}" != 1 ]; then
-  PYMETALNN_BACKEND=cuda timeout "${TEST_TIMEOUT:-300}" python -m pytest -q -p no:cacheprovider \
-    -o addopts="" ${TESTS:-} > "$LOG/tests_cuda.log" 2>&1
-  echo "tests rc=$?"; tail -3 "$LOG/tests_cuda.log"
+  # the suite in $SHARDS processes side by side (test files dealt by size; each compiles the
+  # kernels it runs), or $TESTS in one
+  if [ -n "${TESTS:-}" ]; then files=("$TESTS"); else
+    mapfile -t all < <(ls -S tests/test_*.py tests/dialect/test_*.py)
+    n=${SHARDS:-6}; files=()
+    for i in "${!all[@]}"; do files[$((i % n))]+=" ${all[$i]}"; done
+  fi
+  for j in "${!files[@]}"; do
+    ( PYMETALNN_BACKEND=cuda timeout "${TEST_TIMEOUT:-300}" python -m pytest -q -p no:cacheprovider \
+        -o addopts="" ${files[$j]} > "$LOG/tests_cuda_$j.log" 2>&1
+      echo "tests shard $j rc=$?: $(tail -1 "$LOG/tests_cuda_$j.log")" ) &
+  done
+  wait
+  grep -h -E "^(FAILED|ERROR)" "$LOG"/tests_cuda_*.log | head -40
   # cpu and cuda side by side: bit-identity of exact results (needs both backends selected)
   timeout 200 python -m pytest -q -p no:cacheprovider -o addopts="" tests/dialect/test_cross_backend.py \
     > "$LOG/tests_cross.log" 2>&1

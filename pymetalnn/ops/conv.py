@@ -116,7 +116,9 @@ ROWS_TILE = (64, 32, 32)
 ROWS_KW = (3, 5, 7)
 # Where cuda takes it by default (float32); elsewhere only when forced (FORCE["weight"] =
 # "rows"; 3x3 weight gradients run Winograd F(2x2, 3x3) before this is asked). H100, 2026-12-07
-# (docs/results/h100-2026-12-07c/rows_sweep.log), ms tiled -> rows at 2 threadgroups per SM:
+# (docs/results/h100-2026-12-07c/rows_sweep.log), ms tiled -> rows (version 1, now
+# kernels/dev/conv_rows.metal's v1; version 3, which packs narrow rows, is not yet timed on a
+# GPU: benchmarks/dev_conv.py --op weight_grad --versions rows rows_v1) at 2 threadgroups per SM:
 # LeNet conv2 (N64, 32->64, 14x14, 5x5) 0.0822 -> 0.0689, LeNet conv1 (N64, 1->6, 28x28)
 # 0.0667 -> 0.0532, InceptionV3's 5x5 (N32, 48->64, 35x35) 0.267 -> 0.249, 5x5 128->128 17x17
 # 0.355 -> 0.320, InceptionV3's 1x7 (N32, 128->128, 17x17) 0.1115 -> 0.1040; split targets of
