@@ -133,6 +133,22 @@ kernel void arith_ew(device const T* x0 [[buffer(0)]],
     }
 }
 
+// One chunk's W results into a: the arithmetic in a loop of its own, then the activation in
+// another. A loop without a branch is one vector operation on cpu and the chunk stays in
+// registers (with the activation's switch inside, each element went through the stack: add
+// over 1M floats 2.24 -> 1.27 ms on one cpu worker); on a GPU the branch is uniform.
+template <int OP, int W>
+inline void arith_chunk(thread float* a, thread const float* b, thread const float* c, float alpha,
+                        constant ArithParams& p) {
+    const int k = arith_arity<OP>();
+    for (int e = 0; e < W; ++e) {
+        a[e] = arith_apply<OP>(a[e], k >= 2 ? b[e] : 0.0f, k >= 3 ? c[e] : 1.0f, alpha);
+    }
+    if (p.act) {
+        for (int e = 0; e < W; ++e) a[e] = nn_activation(a[e], p.act, p.act_alpha);
+    }
+}
+
 // ---- flat: every operand contiguous over the whole output, or one element (splat) ----
 // p.n = elements, p.vec = nvec (16-byte chunks, kernels/stream.h; 0: all through the tail),
 // p.stride<i>[0] = 1 (contiguous) or 0 (operand i is one element).
@@ -171,16 +187,7 @@ kernel void arith_flat(device const T* x0 [[buffer(0)]],
         for (uint u = 0; u < STREAM_U; ++u) {
             const uint ch = stream_chunk(gid, u);
             if (ch < nvec) {
-                // the activation in a loop of its own: the arithmetic's loop then has no branch
-                // and is one vector operation on cpu (no chunk through the stack)
-                for (int e = 0; e < int(16 / sizeof(T)); ++e) {
-                    a[u][e] = arith_apply<OP>(a[u][e], k >= 2 ? b[u][e] : 0.0f,
-                                              k >= 3 ? c[u][e] : 1.0f, alpha);
-                }
-                if (p.act) {
-                    for (int e = 0; e < int(16 / sizeof(T)); ++e)
-                        a[u][e] = nn_activation(a[u][e], p.act, p.act_alpha);
-                }
+                arith_chunk<OP, 16 / sizeof(T)>(a[u], b[u], c[u], alpha, p);
                 stream_store<16 / sizeof(T)>(out, ch, a[u]);
             }
         }
@@ -243,10 +250,7 @@ kernel void arith_chan(device const T* x0 [[buffer(0)]],
         for (uint u = 0; u < STREAM_U; ++u) {
             const uint ch = stream_chunk(gid, u);
             if (ch < nvec) {
-                for (uint e = 0; e < W; ++e) {
-                    a[u][e] = arith_act(arith_apply<OP>(a[u][e], k >= 2 ? b[u][e] : 0.0f,
-                                                        k >= 3 ? c[u][e] : 1.0f, alpha), p);
-                }
+                arith_chunk<OP, 16 / sizeof(T)>(a[u], b[u], c[u], alpha, p);
                 stream_store<16 / sizeof(T)>(out, ch, a[u]);
             }
         }
