@@ -58,19 +58,23 @@ def tiling(request, dev, monkeypatch):
 BWD_CASES = [(s, d) for s, d in CASES if s[d] <= 2100] + [((2, 2100), 1)]
 
 
+@pytest.mark.parametrize("seq", ["off", "all"], ids=["rows", "seq"])
 @pytest.mark.parametrize("dtype", [np.float32, np.float16])
 @pytest.mark.parametrize("log", [False, True])
-def test_row_kernels(dev, log, dtype):
-    """Innermost-axis rows take the row kernels (one simdgroup per row); a view at an offset that
-    is not 16-byte aligned takes the tile kernels: both match the reference, forward and
-    backward."""
+def test_row_kernels(dev, monkeypatch, log, dtype, seq):
+    """Innermost-axis rows take the row kernels (one simdgroup per row; with SEQ_ROWS, the
+    one-thread-per-row kernels, the cpu backend's default); a view at an offset that is not
+    16-byte aligned takes the tile kernels: all match the reference, forward and backward."""
     if not dev.supports_views:
         pytest.skip(f"{dev.name} binds whole buffers only")
+    monkeypatch.setattr(ops, "SEQ_ROWS", seq)
+    kind = "_seq_" if seq == "all" else "_rows_"
     isz = np.dtype(dtype).itemsize
     fwd, bwd = (F.log_softmax, F.log_softmax_backward_from_output) if log else \
         (F.softmax, F.softmax_backward_from_output)
     rf = ref.log_softmax if log else ref.softmax
-    for k, shape in enumerate([(5, 1000), (33, 64), (2, 1024)]):
+    shapes = [(5, 1000), (33, 64), (2, 1024)] + ([(3, 4104), (1, 8), (257, 24)] if seq == "all" else [])
+    for k, shape in enumerate(shapes):
         x, g = _data(shape, dtype, 60 + k), _data(shape, dtype, 70 + k, 1.0)
         want = rf(x.astype(np.float64), 1)
         tol = dict(TOL[dtype], atol=TOL[dtype]["atol"] * (10 if log else 1))
@@ -83,7 +87,7 @@ def test_row_kernels(dev, log, dtype):
             before = dict(dev.dispatch_counts)
             y = fwd(xt, 1)
             names = [n for n, v in dev.dispatch_counts.items() if v != before.get(n, 0)]
-            assert all(("_rows_" in n) != view for n in names), (view, names)
+            assert names and all((kind in n) != view for n in names), (view, names)
             np.testing.assert_allclose(y.numpy().astype(np.float64), want, **tol)
             yn = y.numpy()
             dx = bwd(pm.tensor(g, dev), y, 1).numpy().astype(np.float64)
