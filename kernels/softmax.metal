@@ -12,7 +12,8 @@
 //   softmax:     dx = y * (dy - sum(dy * y))
 //   log_softmax: dx = dy - exp(y) * sum(dy)
 // Rows (the axis innermost, e.g. (N, classes) logits) of up to 32 SM_ROW_CHUNKS 16-byte chunks
-// take the row kernels instead (end of file): one simdgroup per row, the row in registers.
+// take the row kernels instead (end of file): one simdgroup per row, the row in registers. On
+// the cpu backend, float32 rows take softmax_seq_* (one thread per row, any length) instead.
 // Storage is float or half; every reduction and all arithmetic run in float.
 #include <metal_stdlib>
 #include "params.h"
