@@ -67,19 +67,20 @@ inline float nn_phi(float x) {
 
 // exp(x) - 1 and log(1 + x) accurate near 0 (Kahan's / Goldberg's tricks: the rounding error of
 // u = exp(x) or 1 + x cancels in the ratio).
+// The special cases are selects over the general formula, not early returns: the same values
+// (the general formula's result in those cases is discarded), and no branch per element on cpu.
 inline float nn_expm1(float x) {
-    float u = precise::exp(x);
-    if (u == 1.0f) return x;
-    float um1 = u - 1.0f;
-    if (um1 == -1.0f) return -1.0f;
-    if (isinf(u)) return u;
-    return um1 * x / precise::log(u);
+    const float u = precise::exp(x), um1 = u - 1.0f;
+    float r = um1 * x / precise::log(u);
+    r = isinf(u) ? u : r;
+    r = um1 == -1.0f ? -1.0f : r;
+    return u == 1.0f ? x : r;
 }
 inline float nn_log1p(float x) {
-    float u = 1.0f + x;
-    if (u == 1.0f) return x;
-    if (isinf(u)) return u;
-    return precise::log(u) * x / (u - 1.0f);
+    const float u = 1.0f + x;
+    float r = precise::log(u) * x / (u - 1.0f);
+    r = isinf(u) ? u : r;
+    return u == 1.0f ? x : r;
 }
 
 // clamp(v, 0, hi) that keeps NaN (Metal's min/max would drop it, torch keeps it).
@@ -118,9 +119,10 @@ struct Tanh {
 // max(bx, 0) + log1p(exp(-|bx|)), which never overflows; the gradient is sigmoid(bx).
 struct Softplus {  // a = beta, b = threshold
     static float fwd(float x, NeuronParams p) {
-        float z = x * p.a;
-        if (z > p.b) return x;
-        return (max(z, 0.0f) + nn_log1p(precise::exp(-fabs(z)))) / p.a;
+        // selects (as nn_log1p); z > 0 ? z : 0 is max(z, 0) here, NaN included (0 both ways)
+        const float z = x * p.a;
+        const float r = ((z > 0.0f ? z : 0.0f) + nn_log1p(precise::exp(-fabs(z)))) / p.a;
+        return z > p.b ? x : r;
     }
     static float bwd(float g, float x, NeuronParams p) {
         float z = x * p.a;
