@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# One call on a GPU machine: the whole suite on the cuda backend, then the benchmarks named in
-# $BENCHES (default: all), logs under $OUT (or results/). Used by the lead for issue closing notes.
+# One call on a GPU machine: the whole suite on the cuda backend ($SHARDS processes), the tests
+# in $SANITIZE under compute-sanitizer, then the benchmarks named in $BENCHES (default: all),
+# logs under $OUT (or results/). Used for issue closing notes.
 set -u
 OUT=${OUT:-results}
 LOG=$(mktemp -d)  # many logs; only a few files may come back from the device, so they travel as one tarball
@@ -22,6 +23,17 @@ if [ "${SKIP_TESTS:-0}" != 1 ]; then
   done
   wait
   grep -h -E "^(FAILED|ERROR)" "$LOG"/tests_cuda_*.log | head -40
+  # $SANITIZE (pytest arguments, e.g. "tests/test_softmax.py -k seq"): those tests under
+  # compute-sanitizer memcheck and racecheck, side by side
+  if [ -n "${SANITIZE:-}" ]; then
+    for tool in memcheck racecheck; do
+      ( PYMETALNN_BACKEND=cuda timeout "${TEST_TIMEOUT:-300}" compute-sanitizer --tool $tool \
+          --error-exitcode 9 --print-limit 5 python -m pytest -q -p no:cacheprovider -o addopts="" \
+          $SANITIZE > "$LOG/sanitize_$tool.log" 2>&1
+        echo "sanitize $tool rc=$?: $(grep -E 'ERROR SUMMARY|RACECHECK SUMMARY' "$LOG/sanitize_$tool.log")" ) &
+    done
+    wait
+  fi
   # cpu and cuda side by side: bit-identity of exact results (needs both backends selected)
   timeout 200 python -m pytest -q -p no:cacheprovider -o addopts="" tests/dialect/test_cross_backend.py \
     > "$LOG/tests_cross.log" 2>&1
