@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One call on a GPU machine: the whole suite on the cuda backend ($SHARDS processes), the tests
 # in $SANITIZE under compute-sanitizer, then the benchmarks named in $BENCHES (default: all),
-# logs under $OUT (or results/). Used for issue closing notes.
+# logs under $OUT (or results/); BENCHES="" runs none. Used for issue closing notes.
 set -u
 OUT=${OUT:-results}
 LOG=$(mktemp -d)  # many logs; only a few files may come back from the device, so they travel as one tarball
@@ -39,7 +39,7 @@ if [ "${SKIP_TESTS:-0}" != 1 ]; then
     > "$LOG/tests_cross.log" 2>&1
   echo "cross rc=$?"; tail -1 "$LOG/tests_cross.log"
 fi
-for b in ${BENCHES:-runtime gemm conv neuron pool arith copy dropout softmax loss norm optimizer rnn graph}; do
+for b in ${BENCHES-runtime gemm conv neuron pool arith copy dropout softmax loss norm optimizer rnn graph}; do
   timeout "${BENCH_TIMEOUT:-150}" python "benchmarks/bench_$b.py" --backend cuda > "$LOG/bench_$b.log" 2>&1
   echo "bench_$b rc=$?"
 done
