@@ -136,7 +136,7 @@ kernel void cast_flat_h2f(device const T* src [[buffer(0)]],
 }
 
 // Up to 8 parts per launch (an LSTM's T steps, a channel concat): the item's part is found by
-// comparing against the parts' first items, then it is a block copy.
+// comparing against the parts' first items (first blocks, for the stream kernels), then it is a block copy.
 inline uint concat_part(uint item, constant ConcatParams& p) {
     uint i = 0;
 #pragma unroll
@@ -237,9 +237,7 @@ template <typename T>
 inline ConcatPart concat_part_of(uint gid, constant ConcatParams& p) {
     const uint W = 16u / uint(sizeof(T));
     const uint blk = gid / STREAM_TG;
-    uint i = 0;
-#pragma unroll
-    for (uint j = 1; j < 8u; ++j) i = j < p.parts && blk >= p.start[j] ? j : i;
+    const uint i = concat_part(blk, p);  // p.start counts blocks here
     ConcatPart q;
     q.part = i;
     q.per_row = arg_pick8(i, p.cols) / W;
@@ -289,8 +287,10 @@ kernel void split_stream(device const T* src [[buffer(0)]],
     const ConcatPart q = concat_part_of<T>(gid, p);
     const uint pitch = p.pitch / (16u / uint(sizeof(T)));
     uint4 v[STREAM_U];
-    for (uint u = 0; u < STREAM_U; ++u)
-        v[u] = ((device const uint4*)src)[concat_whole_chunk(min(q.first + u * STREAM_TG, q.count - 1u), q, pitch)];
+    for (uint u = 0; u < STREAM_U; ++u) {
+        const uint lc = min(q.first + u * STREAM_TG, q.count - 1u);
+        v[u] = ((device const uint4*)src)[concat_whole_chunk(lc, q, pitch)];
+    }
     device uint4* out = (device uint4*)pick8w(q.part, d0, d1, d2, d3, d4, d5, d6, d7);
     for (uint u = 0; u < STREAM_U; ++u) {
         const uint lc = q.first + u * STREAM_TG;
