@@ -136,7 +136,8 @@ kernel void cast_flat_h2f(device const T* src [[buffer(0)]],
 }
 
 // Up to 8 parts per launch (an LSTM's T steps, a channel concat): the item's part is found by
-// comparing against the parts' first items (first blocks, for the stream kernels), then it is a block copy.
+// comparing against the parts' first items (first blocks, for the stream kernels), then it is a
+// block copy.
 inline uint concat_part(uint item, constant ConcatParams& p) {
     uint i = 0;
 #pragma unroll
