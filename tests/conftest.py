@@ -84,3 +84,22 @@ def _metal_stand_in_faults():
     yield
     faults = fake_metalcompute.pop_faults()
     assert not faults, "kernel faults under the metal stand-in:\n" + "\n".join(faults)
+
+
+@pytest.fixture
+def nvrtc():
+    """tools/nvrtc_check.py (NVRTC without a GPU), or a skip where libnvrtc is not installed
+    (PMN_NVRTC names it)."""
+    import sys
+
+    tools = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tools")
+    sys.path.insert(0, tools)
+    try:
+        import nvrtc_check
+    finally:
+        sys.path.remove(tools)
+    try:
+        nvrtc_check._lib()
+    except OSError as e:
+        pytest.skip(f"libnvrtc is not installed ({e}); PMN_NVRTC names it")
+    return nvrtc_check

@@ -7,18 +7,16 @@ from __future__ import annotations
 
 import glob
 import os
-import sys
 
 import numpy as np
 import pytest
 
 import pymetalnn
-from pymetalnn.runtime.core import KERNEL_DIR, PRELUDE_DIR
+from pymetalnn.runtime.core import KERNEL_DIR
 from pymetalnn.runtime.errors import CompileError
 from pymetalnn.runtime.msl import translate_file
 from pymetalnn.runtime.msl_emit import cuda_entry
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LIBRARIES = sorted(os.path.relpath(p, KERNEL_DIR) for p in glob.glob(os.path.join(KERNEL_DIR, "*.metal")))
 
 # an error only an instantiation of f<float> reveals, on line 6
@@ -28,27 +26,9 @@ TEMPLATE_ERROR = ("#include <metal_stdlib>\nusing namespace metal;\n\n"
                   'template [[host_name("k_float")]] kernel void k<float>(device float*);\n')
 
 
-def _prelude() -> str:
-    with open(os.path.join(PRELUDE_DIR, "pmn_prelude.h"), encoding="utf-8") as f:
-        return '#line 1 "pmn_prelude.h"\n' + f.read() + "\n"
-
-
-def _nvrtc():
-    sys.path.insert(0, os.path.join(ROOT, "tools"))
-    try:
-        import nvrtc_check
-    finally:
-        sys.path.pop(0)
-    try:
-        nvrtc_check._lib()
-    except OSError as e:
-        pytest.skip(f"libnvrtc is not installed ({e}); PMN_NVRTC names it")
-    return nvrtc_check
-
-
 @pytest.mark.parametrize("name", LIBRARIES)
 def test_translation_is_head_plus_one_entry_per_kernel(name: str) -> None:
-    tr = translate_file(os.path.join(KERNEL_DIR, name), "cuda", {}, [KERNEL_DIR], prelude=_prelude())
+    tr = translate_file(os.path.join(KERNEL_DIR, name), "cuda", {}, [KERNEL_DIR])
     entries = [cuda_entry(k) for k in tr.kernels.values()]
     assert tr.source == tr.head + "".join(w + s for w, s in entries)
     assert 'extern "C" __global__' not in tr.head
@@ -58,34 +38,27 @@ def test_translation_is_head_plus_one_entry_per_kernel(name: str) -> None:
 
 
 @pytest.mark.parametrize("name", ["gemm.metal", "conv.metal", "loss.metal"])
-def test_each_kernel_compiles_alone(name: str) -> None:
+def test_each_kernel_compiles_alone(nvrtc, name: str) -> None:
     """The whole source passes the front-end check; the head with one kernel's wrapper compiles
     to PTX holding that kernel alone (first, middle and last of the library)."""
-    nc = _nvrtc()
-    from pymetalnn.runtime.backend_cuda import NVRTC_OPTIONS
-
-    opts = [*NVRTC_OPTIONS, nc.ARCH]
-    tr = translate_file(os.path.join(KERNEL_DIR, name), "cuda", {}, [KERNEL_DIR], prelude=_prelude())
-    ok, log = nc.compile_source(tr.source, name, [*opts, "-fdevice-syntax-only"])
+    tr = nvrtc.translate(os.path.join(KERNEL_DIR, name))
+    ok, log = nvrtc.compile_source(tr.source, name, [*nvrtc.options(), "-fdevice-syntax-only"])
     assert ok, log
     names = list(tr.kernels)
     for k in (names[0], names[len(names) // 2], names[-1]):
-        ok, log, ptx = nc.compile_source(tr.head + cuda_entry(tr.kernels[k])[0], name, opts, want_ptx=True)
+        ok, log, ptx = nvrtc.compile_source(tr.head + cuda_entry(tr.kernels[k])[0], name,
+                                            nvrtc.options(), want_ptx=True)
         assert ok, log
-        assert nc._ENTRY.findall(ptx) == [k]
+        assert nvrtc._ENTRY.findall(ptx) == [k]
 
 
-def test_front_end_check_finds_errors_inside_templates(tmp_path) -> None:
+def test_front_end_check_finds_errors_inside_templates(nvrtc, tmp_path) -> None:
     """-fdevice-syntax-only instantiates templates: an error that only an instantiation reveals
     is reported, with its .metal line (what makes loading a library report every error)."""
-    nc = _nvrtc()
-    from pymetalnn.runtime.backend_cuda import NVRTC_OPTIONS
-
     src = tmp_path / "tmpl_err.metal"
     src.write_text(TEMPLATE_ERROR)
-    tr = translate_file(str(src), "cuda", {}, [KERNEL_DIR], prelude=_prelude())
-    ok, log = nc.compile_source(tr.source, "tmpl_err.metal",
-                                [*NVRTC_OPTIONS, nc.ARCH, "-fdevice-syntax-only"])
+    tr = nvrtc.translate(str(src))
+    ok, log = nvrtc.compile_source(tr.source, "tmpl_err.metal", [*nvrtc.options(), "-fdevice-syntax-only"])
     assert not ok
     assert "tmpl_err.metal(6): error" in log, log
 

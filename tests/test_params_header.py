@@ -96,23 +96,11 @@ MEMORY_BOUND = ["arith", "copy", "dropout", "embedding", "loss", "neuron", "norm
 
 
 @pytest.mark.parametrize("name", MEMORY_BOUND)
-def test_argument_structs_stay_out_of_local_memory(name: str) -> None:
+def test_argument_structs_stay_out_of_local_memory(nvrtc, name: str) -> None:
     """cuda: no kernel of kernels/<name>.metal loads or stores local memory (PTX from NVRTC,
     translated as backend_cuda does; skipped where libnvrtc is not installed). A run-time index
     into a kernel-argument array copies the whole struct to local memory in every thread."""
-    import sys
-
-    tools = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tools")
-    sys.path.insert(0, tools)
-    try:
-        import nvrtc_check
-    finally:
-        sys.path.remove(tools)
-    try:
-        nvrtc_check._lib()
-    except OSError as e:
-        pytest.skip(f"libnvrtc is not installed ({e}); PMN_NVRTC names it")
-    ptx = nvrtc_check.metal_ptx(os.path.join(KERNEL_DIR, f"{name}.metal"))
-    bad = {k: dict(c) for k, c in nvrtc_check.access_summary(ptx).items()
+    ptx = nvrtc.metal_ptx(os.path.join(KERNEL_DIR, f"{name}.metal"))
+    bad = {k: dict(c) for k, c in nvrtc.access_summary(ptx).items()
            if any(".local" in op for op in c)}
     assert not bad, f"kernels/{name}.metal: local memory in {bad}"

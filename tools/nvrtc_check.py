@@ -56,18 +56,30 @@ def compile_source(src: str, name: str = "k.cu", options: list[str] | None = Non
     return rc == 0, buf.value.decode(errors="replace")
 
 
-def metal_ptx(path: str, defines: dict | None = None) -> str:
-    """PTX of a .metal source translated as backend_cuda does (prelude pasted in)."""
+def translate(path: str, defines: dict | None = None):
+    """The cuda translation of a .metal source as backend_cuda makes it (prelude pasted in);
+    needs no libnvrtc."""
     sys.path.insert(0, ROOT)
-    from pymetalnn.runtime.backend_cuda import NVRTC_OPTIONS
     from pymetalnn.runtime.core import KERNEL_DIR, PRELUDE_DIR
     from pymetalnn.runtime.msl import translate_file
 
     with open(os.path.join(PRELUDE_DIR, "pmn_prelude.h"), encoding="utf-8") as f:
         prelude = '#line 1 "pmn_prelude.h"\n' + f.read() + "\n"
-    tr = translate_file(path, "cuda", defines or {}, [KERNEL_DIR], prelude=prelude)
-    ok, log, ptx = compile_source(tr.source, os.path.basename(path),
-                                  [*NVRTC_OPTIONS, ARCH], want_ptx=True)
+    return translate_file(path, "cuda", defines or {}, [KERNEL_DIR], prelude=prelude)
+
+
+def options() -> list[str]:
+    """backend_cuda's NVRTC options with this tool's architecture."""
+    sys.path.insert(0, ROOT)
+    from pymetalnn.runtime.backend_cuda import NVRTC_OPTIONS
+
+    return [*NVRTC_OPTIONS, ARCH]
+
+
+def metal_ptx(path: str, defines: dict | None = None) -> str:
+    """PTX of a .metal source translated as backend_cuda does (prelude pasted in)."""
+    tr = translate(path, defines)
+    ok, log, ptx = compile_source(tr.source, os.path.basename(path), options(), want_ptx=True)
     if not ok:
         raise SystemExit(f"NVRTC failed on {path}:\n{log}")
     return ptx
