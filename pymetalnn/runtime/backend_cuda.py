@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import hashlib
 import os
 import re
 from collections.abc import Iterator, Mapping
@@ -18,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from .core import KERNEL_DIR, PRELUDE_DIR, STATUS_WORDS, Buffer, Device, Kernel, Library
+from .core import KERNEL_DIR, PRELUDE_DIR, STATUS_WORDS, Buffer, Device, Kernel, Library, cache_dir
 from .errors import AsyncError, BackendUnavailable, CompileError, DispatchError, unavailable_reason
 from .msl import translate_file
 from .msl_emit import cuda_entry
@@ -245,20 +246,30 @@ class CudaDevice(Device):
         return mod
 
     def _syntax_check(self, source: str, path: str) -> None:
+        # a source that passed once leaves a marker in the kernel cache (keyed by the source,
+        # options, architecture and NVRTC version), so a later process skips the check, as it
+        # skips compiles through CuPy's cache
         try:
             from cupy_backends.cuda.libs import nvrtc  # noqa: PLC0415
         except ImportError:  # no such binding: errors then surface when a kernel compiles
             return
-        cc = self.cp.cuda.Device(self.ordinal).compute_capability
+        opts = [*NVRTC_OPTIONS, f"-arch=compute_{self.cp.cuda.Device(self.ordinal).compute_capability}",
+                "-fdevice-syntax-only"]
+        h = hashlib.sha256("\0".join([source, *opts, str(nvrtc.getVersion())]).encode())
+        marker = os.path.join(cache_dir(), f"cuda-syntax-{h.hexdigest()[:24]}.ok")
+        if os.path.exists(marker):
+            return
         prog = nvrtc.createProgram(source, os.path.basename(path) + ".cu", [], [])
         try:
-            nvrtc.compileProgram(prog, [*NVRTC_OPTIONS, f"-arch=compute_{cc}", "-fdevice-syntax-only"])
+            nvrtc.compileProgram(prog, opts)
         except nvrtc.NVRTCError as e:
             if e.status != NVRTC_ERROR_COMPILATION:  # e.g. an NVRTC without the option
                 return
             raise _compile_error(path, nvrtc.getProgramLog(prog)) from None
         finally:
             nvrtc.destroyProgram(prog)
+        with open(marker, "w"):
+            pass
 
     def _load_kernel(self, library: Library, tr: Any, name: str, wrapper: str, sizes: list[int]
                      ) -> Kernel:
