@@ -128,10 +128,16 @@ def row_plan(outer: int, length: int, inner: int, dtype: Any, *ts: Tensor
     multiple of the 16-byte chunk and at most 32 * ROW_CHUNKS chunks, every buffer 16-byte
     aligned; else None (the tile kernels)."""
     w = 16 // np.dtype(dtype).itemsize
-    if inner != 1 or length % w or length > 32 * ROW_CHUNKS * w or outer * 32 > 2**31 or \
-            any(t.buffer.offset % 16 for t in ts):
+    if not _chunked_rows(length, inner, dtype, ts) or length > 32 * ROW_CHUNKS * w or outer * 32 > 2**31:
         return None
     return SoftmaxParams(outer=outer, len=length, inner=1)
+
+
+def _chunked_rows(length: int, inner: int, dtype: Any, ts: tuple[Tensor, ...]) -> bool:
+    """The axis innermost, its length whole 16-byte chunks, every buffer 16-byte aligned: what
+    both row-kernel families need."""
+    return inner == 1 and length % (16 // np.dtype(dtype).itemsize) == 0 and \
+        not any(t.buffer.offset % 16 for t in ts)
 
 
 def _seq(dev: Device, outer: int, length: int, inner: int, dtype: Any, *ts: Tensor) -> bool:
@@ -140,8 +146,7 @@ def _seq(dev: Device, outer: int, length: int, inner: int, dtype: Any, *ts: Tens
     registers per lane to fit)."""
     if SEQ_ROWS == "off" or (SEQ_ROWS == "cpu" and (dev.name != "cpu" or np.dtype(dtype) != np.float32)):
         return False
-    w = 16 // np.dtype(dtype).itemsize
-    return inner == 1 and length % w == 0 and not any(t.buffer.offset % 16 for t in ts)
+    return _chunked_rows(length, inner, dtype, ts)
 
 
 def _result_and_geometry(t: Tensor, name: str, dim: Any) -> tuple[Tensor, tuple[int, int, int]]:
