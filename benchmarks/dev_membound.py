@@ -43,7 +43,9 @@ Versions (see kernels/dev/membound.metal's note):
              shifted sums (d = x - K, K the chunk's first element) reduced as plain sums
              bn_train_fwd 17x17: prod's statistics are norm_part_planes (one simdgroup per
              plane over the aligned 16-byte chunks covering it, neighbours masked; HW = 289 is
-             not whole chunks), v1b's the scalar norm_part (the earlier production there)
+             not whole chunks), v1b's the scalar norm_part (the earlier production there);
+             prod there is batch_norm_fwd_res (the channel in registers, one kernel), v4 the
+             three kernels (norm_part_planes, finalize, norm_apply_vec: the production before)
   bn_eval    prod  v1 norm_apply (scalar)  v2 norm_apply_vec (production from this version)
   group_norm_fwd  prod  v1 (earlier production)
   softmax_fwd/bwd, log_softmax_fwd/bwd (4096 x 1000)  prod: softmax.metal's row kernels (one
@@ -163,6 +165,18 @@ def scalar_norm(fn: Callable[[], Any], kind: str = "scalar_u1") -> Any:
     16-byte-chunk kernels and the unrolled statistics; "scalar": the scalar kernels of now;
     "vec_welford": the production before the shifted-sum and per-plane statistics)."""
     return _with_kernels("norm", kind, fn)
+
+
+def split_bn(fn: Callable[[], Any]) -> Any:
+    """fn() with batch norm's one-kernel training forward off (norm.RESIDENT = "off": the
+    partials, finalize and apply kernels, the production before batch_norm_fwd_res)."""
+    from pymetalnn.ops import norm
+
+    norm.RESIDENT = "off"
+    try:
+        return fn()
+    finally:
+        norm.RESIDENT = "gpu"
 
 
 def general_arith(fn: Callable[[], Any]) -> Any:
@@ -531,7 +545,10 @@ def families(dev: pm.Device, torch: Any) -> list[Family]:
                                                                   c["bw"], c["bb"], True),
                                              "vec_welford"),
              **({"v2": lambda d, c: bn_train_fwd_dev(d, c, "v2"),
-                 "v3": lambda d, c: bn_train_fwd_dev(d, c, "v3")} if not tag else {})},
+                 "v3": lambda d, c: bn_train_fwd_dev(d, c, "v3")} if not tag else {}),
+             **({"v4": lambda d, c: split_bn(lambda: F.batch_norm(c["x"], c["rm"], c["rv"],
+                                                                 c["bw"], c["bb"], True))}
+                if tag == " 17x17" else {})},
             (lambda c, t: t_bn(c, t, True)) if T else None,
             lambda c: 2 * n_of(c) * isz(c), small, large))
         fams.append(Family(

@@ -96,7 +96,33 @@ def test_plans_cover_both_modes(monkeypatch):
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float16])
 def test_batch_norm_train(dev, dtype, tiling, finalize):
-    for k, shape in enumerate(BN_SHAPES):
+    _check_batch_norm_train(dev, dtype, BN_SHAPES)
+
+
+# batch_norm_fwd_res's steps: a channel of 2048 = 8 x 256 elements (RU 8) and 2049 (RU 16),
+# planes longer than the threadgroup (17x17, 2048) and shorter (6x6: several images per step),
+# batch 1, the largest channel it holds (12288 = 48 x 256) and one past it (the three kernels)
+RES_SHAPES = [(2, 3, 17, 17), (8, 5, 7, 7), (1, 2, 2048), (1, 2, 2049), (32, 4, 17, 17),
+              (7, 3, 6, 6), (1, 1, 12288), (1, 2, 12289), (5, 33, 35)]
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float16])
+def test_batch_norm_train_resident(dev, dtype, monkeypatch):
+    """The one-kernel training forward (a channel per threadgroup, held in registers), forced
+    on every backend: the float64 reference as the three-kernel path, in one launch where the
+    channel fits and three where it does not."""
+    monkeypatch.setattr(ops, "RESIDENT", "all")
+    launches = _check_batch_norm_train(dev, dtype, RES_SHAPES)
+    for shape, n in zip(RES_SHAPES, launches):
+        fits = shape[0] * int(np.prod(shape[2:])) <= max(ops.RES_UNROLLS) * 256
+        assert n == (1 if fits else 3), (shape, n)
+
+
+def _check_batch_norm_train(dev, dtype, shapes):
+    """Training forward (y, saved statistics, running estimates) and backward of each shape
+    against the float64 reference; returns each forward's launch count."""
+    launches = []
+    for k, shape in enumerate(shapes):
         c = shape[1]
         # a large mean next to the spread, in float32 only (half cannot hold it precisely)
         off = 1000.0 if dtype == np.float32 and k % 2 else 0.5
@@ -104,8 +130,10 @@ def test_batch_norm_train(dev, dtype, tiling, finalize):
         w, b = _params(c, k)
         rm0 = np.random.default_rng(k).uniform(-1, 1, c).astype(np.float32)
         rv0 = np.random.default_rng(k).uniform(0.5, 2, c).astype(np.float32)
-        rm, rv = pm.tensor(rm0, dev), pm.tensor(rv0, dev)
-        y, sm, si = F.batch_norm_with_stats(pm.tensor(x, dev), rm, rv, w, b, True, 0.2, 1e-5)
+        rm, rv, xt = pm.tensor(rm0, dev), pm.tensor(rv0, dev), pm.tensor(x, dev)
+        dev.reset_counts()
+        y, sm, si = F.batch_norm_with_stats(xt, rm, rv, w, b, True, 0.2, 1e-5)
+        launches.append(sum(dev.dispatch_counts.values()))
         ry, mean, var, uvar = ref.batch_norm_train(x, w, b, 1e-5)
         tol = _tol(dtype, 4, off, w)
         np.testing.assert_allclose(y.numpy().astype(np.float64), ry, **tol, err_msg=str(shape))
@@ -126,6 +154,7 @@ def test_batch_norm_train(dev, dtype, tiling, finalize):
             np.testing.assert_allclose(db.numpy(), rdb, rtol=1e-4, atol=1e-4 * np.sqrt(x.size))
         # the backward leaves the running statistics alone
         np.testing.assert_allclose(rm.numpy(), erm, rtol=1e-5, atol=1e-5)
+    return launches
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float16])

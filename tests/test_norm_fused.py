@@ -13,6 +13,16 @@ from reference._common import activation as np_act
 
 import pymetalnn as pm
 from pymetalnn import functional as F
+from pymetalnn.ops import norm as ops
+
+
+@pytest.fixture(params=["gpu", "all"])
+def resident(request, monkeypatch):
+    """The training forward as the device picks it, and in one kernel (batch_norm_fwd_res)
+    forced wherever a channel fits: its fused activation, strided y and relu mask (which the
+    backward recomputes from the saved statistics) must hold as the three kernels' do."""
+    monkeypatch.setattr(ops, "RESIDENT", request.param)
+    return request.param
 
 # ---- fused activation (batch_norm(..., activation=)) ----------------------------------------------
 
@@ -22,7 +32,7 @@ ACT_IDS = ["none", "relu", "leaky_relu", "sigmoid", "tanh"]
 
 @pytest.mark.parametrize("training", [True, False])
 @pytest.mark.parametrize("act", ACTS, ids=ACT_IDS)
-def test_batch_norm_fused_activation(dev, act, training):
+def test_batch_norm_fused_activation(dev, act, training, resident):
     """batch_norm(_with_stats)(..., activation=) == act(batch_norm(...)) with no extra kernel;
     batch_norm_backward(..., activation=, y=) == batch_norm_backward of grad_out * act'."""
     for k, shape in enumerate([(5, 33), (3, 31, 4, 9), (2, 3, 10, 10)]):
@@ -162,7 +172,7 @@ def test_batch_norm_backward_relu_equals_from_output_path(dev, dtype):
 
 @pytest.mark.parametrize("act", ["relu", ("leaky_relu", {"negative_slope": 0.1})],
                          ids=["relu", "leaky_relu"])
-def test_batch_norm_backward_activation_kinks(dev, act):
+def test_batch_norm_backward_activation_kinks(dev, act, resident):
     """Pre-activations exactly 0 (relu'(0) = 0, leaky_relu'(0) = slope) and whole channels
     below 0 (relu: every gradient of the channel 0), in row and column mode."""
     slope = 0.0 if act == "relu" else 0.1
@@ -296,7 +306,7 @@ def _where(c, ctot):
 @pytest.mark.parametrize("training", [True, False])
 @pytest.mark.parametrize("act", [None, "relu", "tanh"], ids=["none", "relu", "tanh"])
 @pytest.mark.parametrize("dtype", [np.float32, np.float16])
-def test_batch_norm_strided_out(dev, dtype, act, training):
+def test_batch_norm_strided_out(dev, dtype, act, training, resident):
     """out= a view at channel c0 of a larger tensor, out_batch_stride=: the slice holds exactly
     the contiguous result, the running statistics move the same, nothing else is written."""
     if not dev.supports_views:

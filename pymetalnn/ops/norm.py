@@ -84,6 +84,14 @@ PLANES_MAX_CHUNKS = 126
 # shifted sums and norm_part_planes: norm_part_vec's forward statistics as a Welford block per
 # chunk, the scalar norm_part for planes that are not whole chunks).
 KERNELS = "auto"
+# Batch norm training forward in one kernel (batch_norm_fwd_res<RU>: a threadgroup holds a
+# channel of N HW <= RU * TG elements in registers, reads it once): "gpu" (not on the cpu
+# backend, and only with RES_MIN_CHANNELS channels or more, so that a large GPU gets enough
+# threadgroups), "all" (every eligible shape on every backend: tests), "off" (the partials,
+# finalize and apply kernels).
+RESIDENT = "gpu"
+RES_UNROLLS = (8, 16, 24, 32, 40, 48)  # the instantiated RU, ascending
+RES_MIN_CHANNELS = 64
 # The statistics' finalize, batch norm backward's per-channel sums and the column-mode partials:
 # "tree" (a threadgroup per row, norm_finalize_fwd / batch_norm_grad_bwd / norm_stats_*_cols_*),
 # "rows" (a thread per row, norm_finalize_rows_fwd / batch_norm_grad_rows_bwd /
@@ -370,6 +378,15 @@ def _apply(dev: Device, p: NormParams, u: Tensor, v: Tensor | None, coef: Tensor
     return out
 
 
+def _resident(dev: Device, p: NormParams) -> int:
+    """RU of the batch_norm_fwd_res kernel that holds a channel (0: none, see RESIDENT). Column
+    mode (HW < 32) stays out: a thread's elements would be a channel stride apart, uncoalesced."""
+    if RESIDENT == "off" or KERNELS != "auto" or p.cols or \
+            (RESIDENT == "gpu" and (dev.name == "cpu" or p.C < RES_MIN_CHANNELS)):
+        return 0
+    return next((u for u in RES_UNROLLS if u * TG >= p.row_len), 0)
+
+
 def _threads(n: int) -> int:
     return max(n, 1)
 
@@ -433,6 +450,16 @@ def batch_norm_with_stats(input: TensorLike, running_mean: TensorLike | None,
     c = x.shape[1]
     d = dummy(dev)
     coef = empty((c, 4), float32, dev)
+    ru = _resident(dev, p) if training else 0
+    if ru:  # statistics, running estimates and y in one kernel
+        mean, invstd = empty((c,), float32, dev), empty((c,), float32, dev)
+        kernel(dev, SOURCE, f"batch_norm_fwd_res{ru}_{suffix(x.dtype)}")(
+            min(c, MAX_GROUPS) * TG, x.buffer, y.buffer, rm.buffer if rm is not None else d,
+            rv.buffer if rv is not None else d, mean.buffer, invstd.buffer, p,
+            w.buffer if w is not None else d, b.buffer if b is not None else d, coef.buffer)
+        _write_back(running_mean, rm)
+        _write_back(running_var, rv)
+        return y, mean, invstd
     if training:  # statistics and coefficients in one kernel
         mean, invstd = _stats(dev, p, x, rm, rv, (w, b, coef))
         _write_back(running_mean, rm)
