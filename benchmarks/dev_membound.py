@@ -55,6 +55,9 @@ Versions (see kernels/dev/membound.metal's note):
              candidate window (earlier production)  idx: with the forward's indices
   avg_pool2d_3x3s1 (InceptionV3 32x192x35x35)  prod: pool.metal  v2: strips of 4 outputs per
              thread sharing row sums (kernels/dev)
+  max_pool2d_fwd, avg_pool2d_fwd, avg_pool2d_3x3s1  prod: the fixed-window kernels (*_fwd_k3x3:
+             every tap loaded before the first comparison)  v1: the generic window loops (earlier
+             production); max_pool2d_bwd_noidx v1b: its indices made by the generic forward
   cross_entropy_fwd_bwd (4096 x 1000, labels)  prod: loss.metal's row kernels (one simdgroup
              per row)  v1: the tile kernels (earlier production)
   mse_loss_bwd  prod loss_pw_bwd_plain (no weights, scalar gradient: g read once, x and t
@@ -177,6 +180,19 @@ def split_bn(fn: Callable[[], Any]) -> Any:
         return fn()
     finally:
         norm.RESIDENT = "gpu"
+
+
+def generic_pool(fn: Callable[[], Any]) -> Any:
+    """fn() with pool.py's fixed-window forward kernels off (FIXED_WINDOWS = (): the generic
+    loops, one load in flight per thread, the production before max/avg_pool2d_fwd_k*)."""
+    from pymetalnn.ops import pool
+
+    saved = pool.FIXED_WINDOWS
+    pool.FIXED_WINDOWS = ()
+    try:
+        return fn()
+    finally:
+        pool.FIXED_WINDOWS = saved
 
 
 def general_arith(fn: Callable[[], Any]) -> Any:
@@ -660,12 +676,14 @@ def families(dev: pm.Device, torch: Any) -> list[Family]:
     pl_large, pl_small = (32, 64, 112, 112), (2, 3, 13, 11)
     fams.append(Family(
         "max_pool2d_fwd", pool_ctx, lambda c: ref.pool(c["x_np"].astype(np.float64), 3, 2, 1, "max"),
-        {"prod": lambda d, c: F.max_pool2d(c["x"], 3, 2, 1)},
+        {"prod": lambda d, c: F.max_pool2d(c["x"], 3, 2, 1),
+         "v1": lambda d, c: generic_pool(lambda: F.max_pool2d(c["x"], 3, 2, 1))},
         (lambda c, t: (lambda: T.nn.functional.max_pool2d(t["x"], 3, 2, 1))) if T else None,
         lambda c: n_of(c) * isz(c) * 5 // 4, pl_small, pl_large))
     fams.append(Family(
         "avg_pool2d_fwd", pool_ctx, lambda c: ref.pool(c["x_np"].astype(np.float64), 3, 2, 1, "avg"),
-        {"prod": lambda d, c: F.avg_pool2d(c["x"], 3, 2, 1)},
+        {"prod": lambda d, c: F.avg_pool2d(c["x"], 3, 2, 1),
+         "v1": lambda d, c: generic_pool(lambda: F.avg_pool2d(c["x"], 3, 2, 1))},
         (lambda c, t: (lambda: T.nn.functional.avg_pool2d(t["x"], 3, 2, 1))) if T else None,
         lambda c: n_of(c) * isz(c) * 5 // 4, pl_small, pl_large))
     def max_bwd_ctx(d: pm.Device, shape: tuple, dtype: Any) -> dict:
@@ -708,6 +726,7 @@ def families(dev: pm.Device, torch: Any) -> list[Family]:
         "max_pool2d_bwd_noidx", max_bwd_ctx, max_bwd_ref,
         {"prod": lambda d, c: F.max_pool2d_backward(c["g"], c["x"], 3, 2, 1),
          "v1": lambda d, c: recompute_max_bwd(c),
+         "v1b": lambda d, c: generic_pool(lambda: F.max_pool2d_backward(c["g"], c["x"], 3, 2, 1)),
          "idx": lambda d, c: F.max_pool2d_backward(c["g"], c["x"], 3, 2, 1, indices=c["idx"])},
         (lambda c, t: (lambda: T.ops.aten.max_pool2d_with_indices_backward(
             t["g"], t["x"], [3, 3], [2, 2], [1, 1], [1, 1], False, t["idx"].long())))
@@ -716,7 +735,8 @@ def families(dev: pm.Device, torch: Any) -> list[Family]:
     fams.append(Family(
         "avg_pool2d_3x3s1", pool_ctx,
         lambda c: ref.pool(c["x_np"].astype(np.float64), 3, 1, 1, "avg"),
-        {"prod": lambda d, c: F.avg_pool2d(c["x"], 3, 1, 1), "v2": avg_pool3_v2},
+        {"prod": lambda d, c: F.avg_pool2d(c["x"], 3, 1, 1), "v2": avg_pool3_v2,
+         "v1": lambda d, c: generic_pool(lambda: F.avg_pool2d(c["x"], 3, 1, 1))},
         (lambda c, t: (lambda: T.nn.functional.avg_pool2d(t["x"], 3, 1, 1))) if T else None,
         lambda c: 2 * n_of(c) * isz(c), (2, 3, 13, 11), (32, 192, 35, 35)))
     return fams

@@ -99,6 +99,46 @@ def test_max_pool2d_nan_and_inf(dev):
     assert i_ref[0, 0, 0, 0] == 5 and i_ref[0, 0, 1, 0] == 8  # NaN; first of the -inf
 
 
+# The fixed-window forward kernels (2x2, 3x3: every tap loaded first) against the generic ones:
+# the same bits, indices included, on ties (integer data), NaN and -inf, windows in the padding,
+# ceil_mode's last window, dilation and stride > kernel.
+FIXED_CASES = [((2, 3, 7, 9), 2, None, 0, 1, False), ((1, 5, 8, 8), 3, 2, 1, 1, False),
+               ((2, 3, 9, 7), 3, 1, 1, 1, True), ((1, 31, 10, 11), 2, 3, 1, 1, True),
+               ((3, 2, 11, 10), 3, 2, 1, 2, True), ((1, 2, 6, 6), 3, 2, 1, 1, True),
+               ((1, 1, 2, 2), 3, 1, 1, 1, False)]
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float16])
+@pytest.mark.parametrize("case", FIXED_CASES, ids=_ids(FIXED_CASES))
+def test_fixed_window_kernels_match_generic(dev, case, dtype, monkeypatch):
+    shape, k, s, p, d, ceil = case
+    x = _data(shape, dtype, seed=3, integers=True)
+    x.flat[::7] = np.nan
+    x.flat[3::11] = -np.inf
+
+    def run():
+        dev.reset_counts()
+        mx, idx = P.max_pool2d(_t(x, dev), k, s, p, d, ceil, return_indices=True)
+        av = [P.avg_pool2d(_t(x, dev), k, s, p, ceil, cip, div).numpy()
+              for cip, div in ((True, None), (False, None), (True, 3))] if d == 1 else []
+        return mx.numpy(), idx.numpy(), av, set(dev.dispatch_counts)
+
+    mx, idx, av, names = run()
+    kk = f"{k}x{k}"
+    assert f"max_pool2d_fwd_k{kk}_{'float' if dtype == np.float32 else 'half'}" in names, names
+    y_ref, i_ref = ref.max_pool2d(x, k, s, p, d, ceil)
+    np.testing.assert_array_equal(idx, i_ref)
+    np.testing.assert_array_equal(mx, y_ref.astype(dtype))
+    monkeypatch.setattr(P, "FIXED_WINDOWS", ())
+    gmx, gidx, gav, gnames = run()
+    assert not any("_fwd_k" in n for n in gnames), gnames
+    np.testing.assert_array_equal(mx.view(np.uint16 if dtype == np.float16 else np.uint32),
+                                  gmx.view(np.uint16 if dtype == np.float16 else np.uint32))
+    np.testing.assert_array_equal(idx, gidx)
+    for a, b in zip(av, gav):
+        np.testing.assert_array_equal(a, b)
+
+
 @pytest.mark.parametrize("dtype", [np.float32, np.float16])
 @pytest.mark.parametrize("case", AVG_CASES, ids=_ids(AVG_CASES))
 def test_avg_pool2d(dev, case, dtype):
@@ -479,8 +519,10 @@ def test_max_pool2d_backward_without_indices(dev, case, dtype, monkeypatch):
         dev.reset_counts()
         dx = P.max_pool2d_backward(_t(g, dev), _t(x, dev), k, s, p, d, ceil)
         sfx = "float" if dtype == np.float32 else "half"
+        kh, kw = (k, k) if isinstance(k, int) else k
+        fwd = f"_k{kh}x{kw}" if (kh, kw) in P.FIXED_WINDOWS else ""
         assert set(dev.dispatch_counts) == {
-            f"max_pool2d_fwd_{sfx}", f"max_pool2d_bwd_idx_{variant + '_' if variant else ''}{sfx}"}
+            f"max_pool2d_fwd{fwd}_{sfx}", f"max_pool2d_bwd_idx_{variant + '_' if variant else ''}{sfx}"}
         if integers:
             np.testing.assert_allclose(dx.numpy(), ref.max_pool2d_backward(g, x, k, s, p, d, ceil),
                                        **TOL[dtype])

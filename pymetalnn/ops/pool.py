@@ -46,6 +46,16 @@ MAX_TILES = {(2, 2): "s2x2", (1, 2): "s1x2"}  # (SH, SW) -> max_pool2d_bwd_idx_t
 # same terms in the same order as recomputing every candidate window's argmax from x (False:
 # max_pool2d_bwd, KH * KW reads per candidate window, e.g. 36 per element for 3x3 / stride 2)
 MAX_BWD_VIA_INDICES = True
+# windows with forward kernels of their own (max_pool2d_fwd_k<KH>x<KW>, avg_pool2d_fwd_k...: the
+# taps unrolled, every load issued before the first comparison; the same bits as the generic
+# kernels); () runs the generic kernels everywhere (benchmarks/dev_membound.py's v1)
+FIXED_WINDOWS = ((2, 2), (3, 3))
+
+
+def _fwd_name(op: str, q: Any, dtype: Any) -> str:
+    """The forward kernel for q's window: a fixed-window one where FIXED_WINDOWS has it."""
+    k = f"_k{q.KH}x{q.KW}" if (q.KH, q.KW) in FIXED_WINDOWS else ""
+    return f"{op}_pool2d_fwd{k}_{suffix(dtype)}"
 
 
 def _magic(d: int) -> tuple[int, int]:
@@ -157,8 +167,8 @@ def _max_fwd(x: TensorLike, one_d: bool, kernel_size: Any, stride: Any, padding:
     idx = out_like(shape if return_indices else (1,), np.int32, dev)
     q.flags = POOL_WRITE_INDICES if return_indices else 0
     if y.size:
-        kernel(dev, SOURCE, f"max_pool2d_fwd_{suffix(x4.dtype)}")(y.size, x4.buffer, y.buffer,
-                                                                  idx.buffer, q)
+        kernel(dev, SOURCE, _fwd_name("max", q, x4.dtype))(y.size, x4.buffer, y.buffer,
+                                                            idx.buffer, q)
     return (y, idx) if return_indices else y
 
 
@@ -194,7 +204,7 @@ def _max_bwd(grad_out: TensorLike, x: TensorLike, one_d: bool, kernel_size: Any,
             n_out = g.size
             ybuf, ibuf = scratch(dev, [n_out * x4.dtype.itemsize, n_out * 4], "max_pool_indices")
             q.flags = POOL_WRITE_INDICES
-            kernel(dev, SOURCE, f"max_pool2d_fwd_{sfx}")(n_out, x4.buffer, ybuf, ibuf, q)
+            kernel(dev, SOURCE, _fwd_name("max", q, x4.dtype))(n_out, x4.buffer, ybuf, ibuf, q)
             q.flags = 0
             idx = Tensor(ibuf, shape, np.int32)
         tile = MAX_TILES.get((q.SH, q.SW))
@@ -286,7 +296,7 @@ def _avg_fwd(x: TensorLike, one_d: bool, kernel_size: Any, stride: Any, padding:
                       divisor_override)
     y = _pool_out(out, out_batch_stride, _out_shape(prefix, q, one_d), x4, q, one_d, dev)
     if y.size:
-        kernel(dev, SOURCE, f"avg_pool2d_fwd_{suffix(x4.dtype)}")(y.size, x4.buffer, y.buffer, q)
+        kernel(dev, SOURCE, _fwd_name("avg", q, x4.dtype))(y.size, x4.buffer, y.buffer, q)
     return y
 
 
