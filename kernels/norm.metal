@@ -36,6 +36,9 @@
 // 16-byte-chunk statistics are shifted sums (sum of x - K and its square, K a value of the same
 // row) rather than Welford merges, and batch norm planes that are short and not whole chunks
 // (17x17) get one simdgroup per plane over the aligned chunks covering it (norm_part_planes).
+// Batch norm training forward on channels that fit one threadgroup's registers (N HW <=
+// 48 x 256: InceptionV3's 17x17 and 8x8, ResNet's 7x7 at batch 32) runs as one kernel
+// (batch_norm_fwd_res): x read once, statistics and y from registers.
 // Layer norm (layer_norm_*, its own kernels): rows of D contiguous elements, each normalized by
 // one tile of SW threads (two passes over the row: a mean, then the variance and a correction of
 // the mean around it, ln_stats); the backward recomputes the row's statistics the same way (the
