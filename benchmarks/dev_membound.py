@@ -57,7 +57,9 @@ Versions (see kernels/dev/membound.metal's note):
              thread sharing row sums (kernels/dev)
   max_pool2d_fwd, avg_pool2d_fwd, avg_pool2d_3x3s1  prod: the fixed-window kernels (*_fwd_k3x3:
              every tap loaded before the first comparison)  v1: the generic window loops (earlier
-             production); max_pool2d_bwd_noidx v1b: its indices made by the generic forward
+             production); max_pool2d_bwd_noidx v1b: the earlier production (indices by the
+             generic forward, the s2x2 tile gradient's runtime candidate loops; prod's _c2x2
+             loads its 2 x 2 candidates together)
   cross_entropy_fwd_bwd (4096 x 1000, labels)  prod: loss.metal's row kernels (one simdgroup
              per row)  v1: the tile kernels (earlier production)
   mse_loss_bwd  prod loss_pw_bwd_plain (no weights, scalar gradient: g read once, x and t
@@ -183,16 +185,17 @@ def split_bn(fn: Callable[[], Any]) -> Any:
 
 
 def generic_pool(fn: Callable[[], Any]) -> Any:
-    """fn() with pool.py's fixed-window forward kernels off (FIXED_WINDOWS = (): the generic
-    loops, one load in flight per thread, the production before max/avg_pool2d_fwd_k*)."""
+    """fn() with pool.py's fixed-window forward kernels and the tile gradient's unrolled
+    candidates off (FIXED_WINDOWS = (), UNROLLED_CANDIDATES = False: the runtime loops, one load
+    in flight per thread, the production before max/avg_pool2d_fwd_k* and _c2x2)."""
     from pymetalnn.ops import pool
 
     saved = pool.FIXED_WINDOWS
-    pool.FIXED_WINDOWS = ()
+    pool.FIXED_WINDOWS, pool.UNROLLED_CANDIDATES = (), False
     try:
         return fn()
     finally:
-        pool.FIXED_WINDOWS = saved
+        pool.FIXED_WINDOWS, pool.UNROLLED_CANDIDATES = saved, True
 
 
 def general_arith(fn: Callable[[], Any]) -> Any:

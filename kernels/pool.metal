@@ -209,7 +209,12 @@ kernel void max_pool2d_bwd_idx(device const T* g [[buffer(0)]],
 // matching outputs are still added in row-major output order, so the sums are bitwise those of
 // max_pool2d_bwd_idx (a non-matching candidate adds +0). Consecutive threads read consecutive
 // outputs (coalesced), and the index arithmetic is done once per tile.
-template <typename T, int TH, int TW>
+// CH x CW > 0 (host: the tile's candidate ranges are at most CH rows and CW columns, 2 x 2 for
+// 3x3 windows at stride 2): the candidates' index and gradient loads are unrolled and issued
+// together (one load in flight at a time left the runtime loops latency-bound, as the forward),
+// the ones past the range masked (index -3, never a target: they add +0 as a non-matching
+// candidate does), so the sums stay bitwise those of the loops.
+template <typename T, int TH, int TW, int CH, int CW>
 [[max_total_threads_per_threadgroup(256)]]
 kernel void max_pool2d_bwd_idx_tile(device const T* g [[buffer(0)]],
                                     device const int* indices [[buffer(1)]],
@@ -235,12 +240,27 @@ kernel void max_pool2d_bwd_idx_tile(device const T* g [[buffer(0)]],
             acc[r * TW + c] = 0.0f;
         }
     uint base = t.x * (q.OH * q.OW);
-    for (int oh = lo_h; oh <= hi_h; ++oh) {
-        uint row = base + uint(oh) * q.OW;
-        for (int ow = lo_w; ow <= hi_w; ++ow) {
-            int i = indices[row + uint(ow)];
-            float v = float(g[row + uint(ow)]);
-            for (int k = 0; k < TH * TW; ++k) acc[k] += i == target[k] ? v : 0.0f;
+    if (CH > 0) {
+        int ci[CH > 0 ? CH * CW : 1];
+        float cv[CH > 0 ? CH * CW : 1];
+        for (int a = 0; a < CH; ++a) {
+            for (int b = 0; b < CW; ++b) {
+                const bool ok = lo_h + a <= hi_h && lo_w + b <= hi_w;
+                const uint o = ok ? base + uint(lo_h + a) * q.OW + uint(lo_w + b) : base;
+                ci[a * CW + b] = ok ? indices[o] : -3;
+                cv[a * CW + b] = float(g[o]);
+            }
+        }
+        for (int c = 0; c < CH * CW; ++c)
+            for (int k = 0; k < TH * TW; ++k) acc[k] += ci[c] == target[k] ? cv[c] : 0.0f;
+    } else {
+        for (int oh = lo_h; oh <= hi_h; ++oh) {
+            uint row = base + uint(oh) * q.OW;
+            for (int ow = lo_w; ow <= hi_w; ++ow) {
+                int i = indices[row + uint(ow)];
+                float v = float(g[row + uint(ow)]);
+                for (int k = 0; k < TH * TW; ++k) acc[k] += i == target[k] ? v : 0.0f;
+            }
         }
     }
     device T* d = dx + t.x * (q.IH * q.IW) + uint(me);
@@ -525,8 +545,10 @@ kernel void global_avg_pool2d_fwd(device const T* x [[buffer(0)]],
     INSTANTIATE("max_pool2d_fwd_" #T, max_pool2d_fwd, T)                                        \
     INSTANTIATE("max_pool2d_bwd_" #T, max_pool2d_bwd, T)                                        \
     INSTANTIATE("max_pool2d_bwd_idx_" #T, max_pool2d_bwd_idx, T)                                \
-    INSTANTIATE("max_pool2d_bwd_idx_s2x2_" #T, max_pool2d_bwd_idx_tile, T, 2, 2)                \
-    INSTANTIATE("max_pool2d_bwd_idx_s1x2_" #T, max_pool2d_bwd_idx_tile, T, 1, 2)                \
+    INSTANTIATE("max_pool2d_bwd_idx_s2x2_" #T, max_pool2d_bwd_idx_tile, T, 2, 2, 0, 0)          \
+    INSTANTIATE("max_pool2d_bwd_idx_s1x2_" #T, max_pool2d_bwd_idx_tile, T, 1, 2, 0, 0)          \
+    INSTANTIATE("max_pool2d_bwd_idx_s2x2_c2x2_" #T, max_pool2d_bwd_idx_tile, T, 2, 2, 2, 2)     \
+    INSTANTIATE("max_pool2d_bwd_idx_s1x2_c3x2_" #T, max_pool2d_bwd_idx_tile, T, 1, 2, 3, 2)     \
     INSTANTIATE("avg_pool2d_bwd_const_" #T, avg_pool2d_bwd_const, T)                            \
     INSTANTIATE("avg_pool2d_fwd_" #T, avg_pool2d_fwd, T)                                        \
     INSTANTIATE("avg_pool2d_bwd_" #T, avg_pool2d_bwd, T)                                        \

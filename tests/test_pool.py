@@ -197,16 +197,18 @@ def test_avg_pool2d_backward_variants(dev, case, dtype, monkeypatch):
 
 
 # (shape, kernel_size, stride, padding, dilation, ceil_mode, variant); integer data (ties) for some
+# (the tile kernels' unrolled form _c<CH>x<CW> where a tile meets at most CH x CW windows; the
+# dilated 3x3 window spans 5 rows, 3 candidates per tile: the runtime loops)
 MAX_BWD_CASES = [
-    ((1, 2, 35, 35), 3, 2, 0, 1, False, "s2x2"),              # InceptionV3's reductions
-    ((2, 3, 33, 31), 3, 2, 1, 1, True, "s2x2"),
-    ((1, 2, 32, 32), 2, 2, 0, 1, False, "s2x2"),
-    ((1, 2, 10, 11), 1, 2, 0, 1, False, "s2x2"),              # stride > kernel: gaps
-    ((1, 1, 1, 9), (1, 3), 2, (0, 1), 1, True, "s2x2"),       # H = 1
-    ((1, 2, 9, 1), (3, 1), 2, 0, 1, False, "s2x2"),           # W = 1
+    ((1, 2, 35, 35), 3, 2, 0, 1, False, "s2x2_c2x2"),         # InceptionV3's reductions
+    ((2, 3, 33, 31), 3, 2, 1, 1, True, "s2x2_c2x2"),
+    ((1, 2, 32, 32), 2, 2, 0, 1, False, "s2x2_c2x2"),
+    ((1, 2, 10, 11), 1, 2, 0, 1, False, "s2x2_c2x2"),         # stride > kernel: gaps
+    ((1, 1, 1, 9), (1, 3), 2, (0, 1), 1, True, "s2x2_c2x2"),  # H = 1
+    ((1, 2, 9, 1), (3, 1), 2, 0, 1, False, "s2x2_c2x2"),      # W = 1
     ((2, 2, 11, 10), 3, 2, 1, 2, True, "s2x2"),               # dilation
-    ((1, 3, 7, 9), 3, (1, 2), 1, 1, False, "s1x2"),
-    ((1, 3, 7, 33), (2, 3), (1, 2), (1, 1), 1, True, "s1x2"),
+    ((1, 3, 7, 9), 3, (1, 2), 1, 1, False, "s1x2_c3x2"),
+    ((1, 3, 7, 33), (2, 3), (1, 2), (1, 1), 1, True, "s1x2_c3x2"),
     ((1, 3, 7, 9), 3, 3, 1, 1, False, ""),
 ]
 
@@ -227,6 +229,12 @@ def test_max_pool2d_backward_indices_variants(dev, case, dtype, integers, monkey
     np.testing.assert_allclose(dx.numpy(), ref.max_pool2d_backward(g, x, k, s, p, d, ceil),
                                **TOL[dtype])
     if variant:  # the same sums in the same order as the per-element kernel: bitwise equal
+        if "_c" in variant:  # and as the tile kernel's runtime loops
+            monkeypatch.setattr(P, "UNROLLED_CANDIDATES", False)
+            dev.reset_counts()
+            loops = P.max_pool2d_backward(_t(g, dev), _t(x, dev), k, s, p, d, ceil, indices=idx)
+            assert set(dev.dispatch_counts) == {f"max_pool2d_bwd_idx_{variant[:4]}_{sfx}"}
+            np.testing.assert_array_equal(dx.numpy(), loops.numpy())
         monkeypatch.setattr(P, "MAX_TILES", {})
         generic = P.max_pool2d_backward(_t(g, dev), _t(x, dev), k, s, p, d, ceil, indices=idx)
         np.testing.assert_array_equal(dx.numpy(), generic.numpy())
@@ -241,7 +249,7 @@ def test_pool1d_backward_variants(dev):
     g = _data(y.shape, np.float32, seed=2)
     dev.reset_counts()
     dx = P.max_pool1d_backward(_t(g, dev), _t(x, dev), 3, 2, 1, indices=idx)
-    assert set(dev.dispatch_counts) == {"max_pool2d_bwd_idx_s1x2_float"}
+    assert set(dev.dispatch_counts) == {"max_pool2d_bwd_idx_s1x2_c3x2_float"}
     np.testing.assert_allclose(dx.numpy(), ref.max_pool2d_backward(
         g.reshape(2, 3, 1, -1), x4, (1, 3), (1, 2), (0, 1)).reshape(x.shape), rtol=2e-6, atol=1e-6)
     ga = _data((2, 3, 33), np.float32, seed=4)

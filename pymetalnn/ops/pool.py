@@ -41,6 +41,10 @@ POOL_WRITE_INDICES, POOL_COUNT_PAD = CONST["POOL_WRITE_INDICES"], CONST["POOL_CO
 MAX_ELEMENTS = 2**31 - 1  # pool.metal's magic_div needs numerators < 2^31
 AVG_ROWS = CONST["POOL_AVG_ROWS"]  # input rows per thread of avg_pool2d_bwd_const
 MAX_TILES = {(2, 2): "s2x2", (1, 2): "s1x2"}  # (SH, SW) -> max_pool2d_bwd_idx_tile instantiation
+# each tile kernel's form with its candidate loads unrolled (suffix _c<CH>x<CW>) and the most
+# candidate rows / columns it takes; False: the runtime loops everywhere (dev_membound's v1b)
+TILE_CANDIDATES = {"s2x2": (2, 2), "s1x2": (3, 2)}
+UNROLLED_CANDIDATES = True
 # max pooling's backward without the forward's indices: True makes them first (the forward
 # kernel with POOL_WRITE_INDICES into scratch: one read of x) and runs the indices gradient, the
 # same terms in the same order as recomputing every candidate window's argmax from x (False:
@@ -184,6 +188,14 @@ def _pool_out(out: Any, out_batch_stride: Any, shape: tuple[int, ...], x4: Tenso
     return y
 
 
+def _candidate_form(q: Any, tile: str) -> str:
+    """"_c<CH>x<CW>" where the tile kernel's unrolled form covers q: a tile of S rows (columns)
+    meets at most (S + E - 2) // S + 1 windows along it, E = (K - 1) D + 1 the window's extent."""
+    ch, cw = TILE_CANDIDATES[tile]
+    need = [(st + (k - 1) * d - 1) // st + 1 for k, st, d in ((q.KH, q.SH, q.DH), (q.KW, q.SW, q.DW))]
+    return f"_c{ch}x{cw}" if UNROLLED_CANDIDATES and need[0] <= ch and need[1] <= cw else ""
+
+
 def _max_bwd(grad_out: TensorLike, x: TensorLike, one_d: bool, kernel_size: Any, stride: Any,
              padding: Any, dilation: Any, ceil_mode: bool, indices: TensorLike | None) -> Tensor:
     dev = pick_device(grad_out, x, indices)
@@ -209,6 +221,7 @@ def _max_bwd(grad_out: TensorLike, x: TensorLike, one_d: bool, kernel_size: Any,
             idx = Tensor(ibuf, shape, np.int32)
         tile = MAX_TILES.get((q.SH, q.SW))
         if idx is not None and tile:  # one thread per stride x stride tile
+            tile += _candidate_form(q, tile)
             kernel(dev, SOURCE, f"max_pool2d_bwd_idx_{tile}_{sfx}")(
                 _tiles(q, q.SH, q.SW), g.buffer, idx.buffer, dx.buffer, q)
         elif idx is not None:
