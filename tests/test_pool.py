@@ -240,6 +240,27 @@ def test_max_pool2d_backward_indices_variants(dev, case, dtype, integers, monkey
         np.testing.assert_array_equal(dx.numpy(), generic.numpy())
 
 
+def test_tile_candidate_bound():
+    """The unrolled tile gradient's premise, by brute force over geometries: a tile of S input
+    rows lies in the span [o S - P, o S - P + (K - 1) D] (the kernel's out_range) of at most as
+    many windows as pool._tile_candidates says (else a candidate would be dropped)."""
+    for k in range(1, 6):
+        for st in (1, 2, 3):
+            for d in (1, 2):
+                for p in range(0, k // 2 + 1):
+                    for n in (1, 5, 8, 13):
+                        for ceil in (False, True):
+                            o = P._out_size(n, k, st, p, d, ceil)
+                            if o < 1:
+                                continue
+                            bound = P._tile_candidates(k, st, d)
+                            for h in range(0, n, st):  # tiles of st rows
+                                hl = min(h + st, n) - 1
+                                meet = [oh for oh in range(o)
+                                        if oh * st - p <= hl and oh * st - p + (k - 1) * d >= h]
+                                assert len(meet) <= bound, (k, st, d, p, n, ceil, h, meet)
+
+
 def test_pool1d_backward_variants(dev):
     """1-d pooling reaches the variants too: stride 2 takes the (1, 2) tiles, average the
     constant divisor."""

@@ -188,12 +188,17 @@ def _pool_out(out: Any, out_batch_stride: Any, shape: tuple[int, ...], x4: Tenso
     return y
 
 
+def _tile_candidates(k: int, st: int, d: int) -> int:
+    """Most windows whose span [o st - p, o st - p + E - 1] (E = (k - 1) d + 1, the window's
+    extent) meets a tile of st consecutive inputs along one axis: (st + E - 2) // st + 1."""
+    return (st + (k - 1) * d - 1) // st + 1
+
+
 def _candidate_form(q: Any, tile: str) -> str:
-    """"_c<CH>x<CW>" where the tile kernel's unrolled form covers q: a tile of S rows (columns)
-    meets at most (S + E - 2) // S + 1 windows along it, E = (K - 1) D + 1 the window's extent."""
+    """"_c<CH>x<CW>" where the tile kernel's unrolled form covers q's candidate ranges."""
     ch, cw = TILE_CANDIDATES[tile]
-    need = [(st + (k - 1) * d - 1) // st + 1 for k, st, d in ((q.KH, q.SH, q.DH), (q.KW, q.SW, q.DW))]
-    return f"_c{ch}x{cw}" if UNROLLED_CANDIDATES and need[0] <= ch and need[1] <= cw else ""
+    fits = _tile_candidates(q.KH, q.SH, q.DH) <= ch and _tile_candidates(q.KW, q.SW, q.DW) <= cw
+    return f"_c{ch}x{cw}" if UNROLLED_CANDIDATES and fits else ""
 
 
 def _max_bwd(grad_out: TensorLike, x: TensorLike, one_d: bool, kernel_size: Any, stride: Any,
