@@ -6,6 +6,9 @@ set -u
 OUT=${OUT:-results}
 LOG=$(mktemp -d)  # many logs; only a few files may come back from the device, so they travel as one tarball
 mkdir -p "$OUT"
+# the tarball is rewritten after every stage: a run cut at the device's time limit still returns
+# what finished (files under $OUT come back even then)
+pack() { tar -C "$LOG" -czf "$OUT/logs.tmp.tgz" . && mv "$OUT/logs.tmp.tgz" "$OUT/logs.tgz"; }
 export PYTHONPATH=. PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader | tee "$LOG/gpu.txt"
 if [ "${SKIP_TESTS:-0}" != 1 ]; then
@@ -23,6 +26,7 @@ if [ "${SKIP_TESTS:-0}" != 1 ]; then
   done
   wait
   grep -h -E "^(FAILED|ERROR)" "$LOG"/tests_cuda_*.log | head -40
+  pack
   # $SANITIZE (pytest arguments, e.g. "tests/test_softmax.py -k seq"): those tests under
   # compute-sanitizer memcheck and racecheck, side by side
   if [ -n "${SANITIZE:-}" ]; then
@@ -33,14 +37,17 @@ if [ "${SKIP_TESTS:-0}" != 1 ]; then
         echo "sanitize $tool rc=$?: $(grep -E 'ERROR SUMMARY|RACECHECK SUMMARY' "$LOG/sanitize_$tool.log")" ) &
     done
     wait
+    pack
   fi
   # cpu and cuda side by side: bit-identity of exact results (needs both backends selected)
   timeout 200 python -m pytest -q -p no:cacheprovider -o addopts="" tests/dialect/test_cross_backend.py \
     > "$LOG/tests_cross.log" 2>&1
   echo "cross rc=$?"; tail -1 "$LOG/tests_cross.log"
+  pack
 fi
 for b in ${BENCHES-runtime gemm conv neuron pool arith copy dropout softmax loss norm optimizer rnn graph}; do
   timeout "${BENCH_TIMEOUT:-150}" python "benchmarks/bench_$b.py" --backend cuda > "$LOG/bench_$b.log" 2>&1
   echo "bench_$b rc=$?"
+  pack
 done
-tar -C "$LOG" -czf "$OUT/logs.tgz" .
+pack
