@@ -655,8 +655,8 @@ class CpuDevice(Device):
         kernels: dict[str, Kernel] = {}
         library = Library(self, path, defines, kernels)
         for name, info in tr.kernels.items():
-            # a kernel that runs as work-item loops has no fiber entry (lockstep.py)
-            thread_fn = None if info.lockstep else \
+            # only a kernel that runs on fibers has a fiber entry (msl_emit._entry_points)
+            thread_fn = None if not info.needs_fibers else \
                 ctypes.cast(getattr(lib, f"pmn_thread_{name}"), ctypes.c_void_p).value
             loop_fn = ctypes.cast(getattr(lib, f"pmn_loop_{name}"), ctypes.c_void_p).value
             argsize = getattr(lib, f"pmn_argsize_{name}")

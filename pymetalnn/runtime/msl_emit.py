@@ -97,11 +97,14 @@ def _entry_points(k: KernelInfo, target: str, validate: bool = False) -> str:
             grp + f"<{k.threadgroup_size}u>"
         gargs = [unpack[k.args[j].index] for kind, j in k.params_order if kind == "arg"]
         loop = f"(void)ti; {grp}({', '.join(gargs + ['tgid', 'n_groups'])});"
+    # the fiber entry only where the kernel runs on fibers: a second copy of every inlined body
+    # in the library used up g++'s budget for the library's growth, and the small helpers
+    # (stream_store, ...) stayed calls through the PLT inside the element loops
     fiber = "" if k.lockstep else (
         f"static inline __attribute__((always_inline)) void pmn_body_{k.name}(void* const* args, "
-        f"const pmn_tinfo& ti) {{ (void)args; (void)ti; {body} }}\n"
-        f'extern "C" void pmn_thread_{k.name}(void* const* args, const pmn_tinfo* ti) '
-        f"{{ pmn_body_{k.name}(args, *ti); }}\n")
+        f"const pmn_tinfo& ti) {{ (void)args; (void)ti; {body} }}\n" + (
+            f'extern "C" void pmn_thread_{k.name}(void* const* args, const pmn_tinfo* ti) '
+            f"{{ pmn_body_{k.name}(args, *ti); }}\n" if k.needs_fibers else ""))
     return (
         fiber +
         f'extern "C" void pmn_loop_{k.name}(void* const* args, uint32_t tgid, uint32_t tg_size, '
