@@ -116,6 +116,9 @@ def test_batch_norm_train_resident(dev, dtype, monkeypatch):
     for shape, n in zip(RES_SHAPES, launches):
         fits = shape[0] * int(np.prod(shape[2:])) <= max(ops.RES_UNROLLS) * 256
         assert n == (1 if fits else 3), (shape, n)
+    # one threadgroup for every channel: its loop over channels reuses the reduction scratch
+    monkeypatch.setattr(ops, "MAX_GROUPS", 1)
+    assert _check_batch_norm_train(dev, dtype, [(3, 7, 6, 6), (2, 33, 35)]) == [1, 1]
 
 
 def _check_batch_norm_train(dev, dtype, shapes):
