@@ -153,16 +153,24 @@ def torch_of(dev: pm.Device) -> Any:
     return torch
 
 
-def _with_kernels(module: str, kind: str, fn: Callable[[], Any]) -> Any:
-    """fn() with pymetalnn.ops.<module>.KERNELS = kind, then back to "auto"."""
+def _with(module: str, fn: Callable[[], Any], **values: Any) -> Any:
+    """fn() with the module settings pymetalnn.ops.<module>.<name> = value, then as before."""
     import importlib
 
     mod = importlib.import_module(f"pymetalnn.ops.{module}")
-    mod.KERNELS = kind
+    saved = {k: getattr(mod, k) for k in values}
+    for k, v in values.items():
+        setattr(mod, k, v)
     try:
         return fn()
     finally:
-        mod.KERNELS = "auto"
+        for k, v in saved.items():
+            setattr(mod, k, v)
+
+
+def _with_kernels(module: str, kind: str, fn: Callable[[], Any]) -> Any:
+    """fn() with pymetalnn.ops.<module>.KERNELS = kind."""
+    return _with(module, fn, KERNELS=kind)
 
 
 def scalar_norm(fn: Callable[[], Any], kind: str = "scalar_u1") -> Any:
@@ -175,27 +183,14 @@ def scalar_norm(fn: Callable[[], Any], kind: str = "scalar_u1") -> Any:
 def split_bn(fn: Callable[[], Any]) -> Any:
     """fn() with batch norm's one-kernel training forward off (norm.RESIDENT = "off": the
     partials, finalize and apply kernels, the production before batch_norm_fwd_res)."""
-    from pymetalnn.ops import norm
-
-    norm.RESIDENT = "off"
-    try:
-        return fn()
-    finally:
-        norm.RESIDENT = "gpu"
+    return _with("norm", fn, RESIDENT="off")
 
 
 def generic_pool(fn: Callable[[], Any]) -> Any:
     """fn() with pool.py's fixed-window forward kernels and the tile gradient's unrolled
     candidates off (FIXED_WINDOWS = (), UNROLLED_CANDIDATES = False: the runtime loops, one load
     in flight per thread, the production before max/avg_pool2d_fwd_k* and _c2x2)."""
-    from pymetalnn.ops import pool
-
-    saved = pool.FIXED_WINDOWS
-    pool.FIXED_WINDOWS, pool.UNROLLED_CANDIDATES = (), False
-    try:
-        return fn()
-    finally:
-        pool.FIXED_WINDOWS, pool.UNROLLED_CANDIDATES = saved, True
+    return _with("pool", fn, FIXED_WINDOWS=(), UNROLLED_CANDIDATES=False)
 
 
 def general_arith(fn: Callable[[], Any]) -> Any:

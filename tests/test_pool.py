@@ -129,6 +129,8 @@ def test_fixed_window_kernels_match_generic(dev, case, dtype, monkeypatch):
     y_ref, i_ref = ref.max_pool2d(x, k, s, p, d, ceil)
     np.testing.assert_array_equal(idx, i_ref)
     np.testing.assert_array_equal(mx, y_ref.astype(dtype))
+    for a, (cip, div) in zip(av, ((True, None), (False, None), (True, 3))):
+        np.testing.assert_allclose(a, ref.avg_pool2d(x, k, s, p, ceil, cip, div), **TOL[dtype])
     monkeypatch.setattr(P, "FIXED_WINDOWS", ())
     gmx, gidx, gav, gnames = run()
     assert not any("_fwd_k" in n for n in gnames), gnames

@@ -87,8 +87,8 @@ KERNELS = "auto"
 # Batch norm training forward in one kernel (batch_norm_fwd_res<RU>: a threadgroup holds a
 # channel of N HW <= RU * TG elements in registers, reads it once): "gpu" (not on the cpu
 # backend, and only with RES_MIN_CHANNELS channels or more, so that a large GPU gets enough
-# threadgroups), "all" (every eligible shape on every backend: tests), "off" (the partials,
-# finalize and apply kernels).
+# threadgroups: 64 is a guess, not yet measured on a GPU), "all" (every eligible shape on every
+# backend: tests), "off" (the partials, finalize and apply kernels).
 RESIDENT = "gpu"
 RES_UNROLLS = (8, 16, 24, 32, 40, 48)  # the instantiated RU, ascending
 RES_MIN_CHANNELS = 64
@@ -451,17 +451,15 @@ def batch_norm_with_stats(input: TensorLike, running_mean: TensorLike | None,
     d = dummy(dev)
     coef = empty((c, 4), float32, dev)
     ru = _resident(dev, p) if training else 0
-    if ru:  # statistics, running estimates and y in one kernel
+    if ru:  # statistics, running estimates, coefficients and y in one kernel
         mean, invstd = empty((c,), float32, dev), empty((c,), float32, dev)
         kernel(dev, SOURCE, f"batch_norm_fwd_res{ru}_{suffix(x.dtype)}")(
             min(c, MAX_GROUPS) * TG, x.buffer, y.buffer, rm.buffer if rm is not None else d,
             rv.buffer if rv is not None else d, mean.buffer, invstd.buffer, p,
             w.buffer if w is not None else d, b.buffer if b is not None else d, coef.buffer)
-        _write_back(running_mean, rm)
-        _write_back(running_var, rv)
-        return y, mean, invstd
-    if training:  # statistics and coefficients in one kernel
+    elif training:  # statistics and coefficients in one kernel
         mean, invstd = _stats(dev, p, x, rm, rv, (w, b, coef))
+    if training:
         _write_back(running_mean, rm)
         _write_back(running_var, rv)
     else:
@@ -472,7 +470,7 @@ def batch_norm_with_stats(input: TensorLike, running_mean: TensorLike | None,
             invstd.buffer, coef.buffer, p)
     # y is the destination either way (out= or a fresh tensor): a second allocation would shift
     # the graph memory planner's keys of same-size requests (e.g. float16 y beside float32 stats)
-    return _apply(dev, p, x, None, coef, y), mean, invstd
+    return (y if ru else _apply(dev, p, x, None, coef, y)), mean, invstd
 
 
 def batch_norm(input: TensorLike, running_mean: TensorLike | None, running_var: TensorLike | None,
