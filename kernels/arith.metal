@@ -50,7 +50,7 @@ using namespace metal;
 
 // V is float or float4; c is used by OP_DIVRHS only.
 template <int OP, typename V>
-inline V arith_apply(V a, V b, V c, float alpha) {
+METAL_FUNC V arith_apply(V a, V b, V c, float alpha) {
     if (OP == OP_ADD) return a + b;
     if (OP == OP_SUB) return a - b;
     if (OP == OP_MUL) return a * b;
@@ -73,7 +73,7 @@ inline float4 arith_act(float4 v, constant ArithParams& p) {
 
 // How many operands an op reads; the others are never loaded.
 template <int OP>
-inline int arith_arity() {
+METAL_FUNC int arith_arity() {
     return OP == OP_SCALE ? 1 : (OP == OP_DIVRHS ? 3 : 2);
 }
 
@@ -138,7 +138,7 @@ kernel void arith_ew(device const T* x0 [[buffer(0)]],
 // registers (with the activation's switch inside, each element went through the stack: add
 // over 1M floats 2.24 -> 1.27 ms on one cpu worker); on a GPU the branch is uniform.
 template <int OP, int W>
-inline void arith_chunk(thread float* a, thread const float* b, thread const float* c, float alpha,
+METAL_FUNC void arith_chunk(thread float* a, thread const float* b, thread const float* c, float alpha,
                         constant ArithParams& p) {
     const int k = arith_arity<OP>();
     for (int e = 0; e < W; ++e) {
@@ -153,7 +153,7 @@ inline void arith_chunk(thread float* a, thread const float* b, thread const flo
 // p.n = elements, p.vec = nvec (16-byte chunks, kernels/stream.h; 0: all through the tail),
 // p.stride<i>[0] = 1 (contiguous) or 0 (operand i is one element).
 template <int W, bool SPLAT, typename T>
-inline void arith_load_flat(device const T* x, uint s, uint c, thread float* v) {
+METAL_FUNC void arith_load_flat(device const T* x, uint s, uint c, thread float* v) {
     if (SPLAT && s == 0u) {
         const float a = float(x[0]);
         for (int e = 0; e < W; ++e) v[e] = a;
@@ -178,12 +178,14 @@ kernel void arith_flat(device const T* x0 [[buffer(0)]],
     const uint vthreads = stream_vthreads(nvec);
     if (gid < vthreads) {
         float a[STREAM_U][16 / sizeof(T)], b[STREAM_U][16 / sizeof(T)], c[STREAM_U][16 / sizeof(T)];
+#pragma unroll 2  // STREAM_U
         for (uint u = 0; u < STREAM_U; ++u) {
             const uint ch = stream_clamp(stream_chunk(gid, u), nvec);
             arith_load_flat<16 / sizeof(T), SPLAT>(x0, s0, ch, a[u]);
             if (k >= 2) arith_load_flat<16 / sizeof(T), SPLAT>(x1, s1, ch, b[u]);
             if (k >= 3) arith_load_flat<16 / sizeof(T), SPLAT>(x2, s2, ch, c[u]);
         }
+#pragma unroll 2  // STREAM_U
         for (uint u = 0; u < STREAM_U; ++u) {
             const uint ch = stream_chunk(gid, u);
             if (ch < nvec) {
@@ -207,7 +209,7 @@ kernel void arith_flat(device const T* x0 [[buffer(0)]],
 // p.shape[1] = HW >= W, so a chunk meets at most two planes q and q + 1 (the first in_q elements
 // in q). Per element the same arith_apply as arith_ew.
 template <int W, typename T>
-inline void arith_load_chan(device const T* x, uint s, uint ch, float a0, float a1, uint in_q,
+METAL_FUNC void arith_load_chan(device const T* x, uint s, uint ch, float a0, float a1, uint in_q,
                             thread float* v) {
     if (s == 0u) {
         for (int e = 0; e < W; ++e) v[e] = uint(e) < in_q ? a0 : a1;
@@ -232,6 +234,7 @@ kernel void arith_chan(device const T* x0 [[buffer(0)]],
     const uint vthreads = stream_vthreads(nvec);
     if (gid < vthreads) {
         float a[STREAM_U][16 / sizeof(T)], b[STREAM_U][16 / sizeof(T)], c[STREAM_U][16 / sizeof(T)];
+#pragma unroll 2  // STREAM_U
         for (uint u = 0; u < STREAM_U; ++u) {
             const uint ch = stream_clamp(stream_chunk(gid, u), nvec);
             const uint i0 = ch * W, q = i0 / HW, in_q = (q + 1u) * HW - i0;
@@ -247,6 +250,7 @@ kernel void arith_chan(device const T* x0 [[buffer(0)]],
                                                 s2 ? 0.0f : float(x2[c1]), in_q, c[u]);
             }
         }
+#pragma unroll 2  // STREAM_U
         for (uint u = 0; u < STREAM_U; ++u) {
             const uint ch = stream_chunk(gid, u);
             if (ch < nvec) {
@@ -269,7 +273,7 @@ kernel void arith_chan(device const T* x0 [[buffer(0)]],
 // ---- both gradients of a same-shape binary op in one pass: g, a, b read once ----
 // p.n is the element count, p.vec = nvec: the stream.h shape as arith_flat.
 template <int OP>
-inline void arith_bwd_pair(float gv, float av, float bv, thread float& ra, thread float& rb) {
+METAL_FUNC void arith_bwd_pair(float gv, float av, float bv, thread float& ra, thread float& rb) {
     if (OP == OP_ADD || OP == OP_SUB) {
         ra = gv;
         rb = OP == OP_ADD ? gv : -gv;
@@ -294,6 +298,7 @@ kernel void arith_bwd(device const T* g [[buffer(0)]],
     if (gid < vthreads) {
         float gv[STREAM_U][16 / sizeof(T)], av[STREAM_U][16 / sizeof(T)],
             bv[STREAM_U][16 / sizeof(T)];
+#pragma unroll 2  // STREAM_U
         for (uint u = 0; u < STREAM_U; ++u) {
             const uint ch = stream_clamp(stream_chunk(gid, u), nvec);
             stream_load<16 / sizeof(T)>(g, ch, gv[u]);
@@ -302,6 +307,7 @@ kernel void arith_bwd(device const T* g [[buffer(0)]],
                 stream_load<16 / sizeof(T)>(b, ch, bv[u]);
             }
         }
+#pragma unroll 2  // STREAM_U
         for (uint u = 0; u < STREAM_U; ++u) {
             const uint ch = stream_chunk(gid, u);
             if (ch < nvec) {
@@ -623,11 +629,13 @@ kernel void sum_rows_part(device const T* x [[buffer(0)]],
         float acc = 0.0f;
         for (uint c = c0 + tid; c < c1; c += STREAM_U * TR_TG) {
             float v[STREAM_U][16 / sizeof(T)];
+#pragma unroll 2  // STREAM_U
             for (uint u = 0; u < STREAM_U; ++u) {
                 const uint cc = min(c + u * TR_TG, c1 - 1u);
                 const uint n = cc / cpr, h = cc - n * cpr;
                 stream_load<16 / sizeof(T)>(x, (n * p.n_out + row) * cpr + h, v[u]);
             }
+#pragma unroll 2  // STREAM_U
             for (uint u = 0; u < STREAM_U; ++u) {
                 if (c + u * TR_TG < c1) {
                     float t = 0.0f;

@@ -117,6 +117,7 @@ kernel void cast_flat_h2f(device const T* src [[buffer(0)]],
         const uint lane = gid % STREAM_TG;
         uint q[2 * STREAM_U];
         uint2 v[2 * STREAM_U];
+#pragma unroll 2  // STREAM_U
         for (uint u = 0; u < STREAM_U; ++u) {
             const uint base = 2u * (stream_chunk(gid, u) - lane);  // first quad of the run
             q[2u * u] = base + lane;
@@ -268,7 +269,9 @@ kernel void concat_stream(device const T* s0 [[buffer(0)]], device const T* s1 [
     const uint pitch = p.pitch / (16u / uint(sizeof(T)));
     device const uint4* src = (device const uint4*)pick8(q.part, s0, s1, s2, s3, s4, s5, s6, s7);
     uint4 v[STREAM_U];
+#pragma unroll 2  // STREAM_U
     for (uint u = 0; u < STREAM_U; ++u) v[u] = src[min(q.first + u * STREAM_TG, q.count - 1u)];
+#pragma unroll 2  // STREAM_U
     for (uint u = 0; u < STREAM_U; ++u) {
         const uint lc = q.first + u * STREAM_TG;
         if (lc < q.count) ((device uint4*)dst)[concat_whole_chunk(lc, q, pitch)] = v[u];
@@ -288,11 +291,13 @@ kernel void split_stream(device const T* src [[buffer(0)]],
     const ConcatPart q = concat_part_of<T>(gid, p);
     const uint pitch = p.pitch / (16u / uint(sizeof(T)));
     uint4 v[STREAM_U];
+#pragma unroll 2  // STREAM_U
     for (uint u = 0; u < STREAM_U; ++u) {
         const uint lc = min(q.first + u * STREAM_TG, q.count - 1u);
         v[u] = ((device const uint4*)src)[concat_whole_chunk(lc, q, pitch)];
     }
     device uint4* out = (device uint4*)pick8w(q.part, d0, d1, d2, d3, d4, d5, d6, d7);
+#pragma unroll 2  // STREAM_U
     for (uint u = 0; u < STREAM_U; ++u) {
         const uint lc = q.first + u * STREAM_TG;
         if (lc < q.count) out[lc] = v[u];

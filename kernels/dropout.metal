@@ -111,9 +111,11 @@ kernel void dropout_elem(device const T* x [[buffer(0)]],
         const uint vthreads = stream_vthreads(nvec);
         if (gid < vthreads) {
             float v[STREAM_U][16 / sizeof(T)];
+#pragma unroll 2  // STREAM_U
             for (uint u = 0; u < STREAM_U; ++u) {
                 stream_load<16 / sizeof(T)>(x, stream_clamp(stream_chunk(gid, u), nvec), v[u]);
             }
+#pragma unroll 2  // STREAM_U
             for (uint u = 0; u < STREAM_U; ++u) {
                 const uint ch = stream_chunk(gid, u);
                 if (ch < nvec) {
@@ -157,9 +159,11 @@ kernel void dropout_channel(device const T* x [[buffer(0)]],
     const uint2 off = dropout_offset(p, base);
     if (nvec > 0u) {
         float v[STREAM_U][16 / sizeof(T)];
+#pragma unroll 2  // STREAM_U
         for (uint u = 0; u < STREAM_U; ++u) {
             stream_load<16 / sizeof(T)>(x, stream_clamp(stream_chunk(gid, u), nvec), v[u]);
         }
+#pragma unroll 2  // STREAM_U
         for (uint u = 0; u < STREAM_U; ++u) {
             const uint ch = stream_chunk(gid, u);
             if (ch < nvec) {

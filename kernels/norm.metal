@@ -227,6 +227,7 @@ kernel void norm_part_vec(device const T* x [[buffer(0)]],
         float4 acc = float4(0.0f);
         for (uint c = c0 + tid; c < c1; c += STREAM_U * TR_TG) {
             float xv[STREAM_U][16 / sizeof(T)], gv[STREAM_U][16 / sizeof(T)];
+#pragma unroll 2  // STREAM_U
             for (uint s = 0; s < STREAM_U; ++s) {
                 const uint cc = min(c + s * TR_TG, c1 - 1u);
                 stream_load<16 / sizeof(T)>(x, norm_chunk_elem(p, row, cc, W, false) / W, xv[s]);
@@ -706,6 +707,7 @@ kernel void norm_apply_vec(device const T* u [[buffer(0)]],
         return;
     }
     float a[STREAM_U][16 / sizeof(T)], b[STREAM_U][16 / sizeof(T)];
+#pragma unroll 2  // STREAM_U
     for (uint s = 0; s < STREAM_U; ++s) {
         const uint ch = stream_clamp(stream_chunk(gid, s), nvec);
         stream_load<16 / sizeof(T)>(u, TWO ? norm_strided(p, ch * W, p.dy_nstride) / W : ch, a[s]);

@@ -16,7 +16,8 @@
 #define NN_ACT_SIGMOID 3u
 #define NN_ACT_TANH 4u
 // Element streams (stream.h): chunks per thread and threads per block of chunks (not the
-// dispatch's threadgroup size).
+// dispatch's threadgroup size). Loops over STREAM_U chunks carry `#pragma unroll 2` (a literal:
+// pragma arguments are not macro-expanded alike on every target); change both together.
 #define STREAM_U 2u
 #define STREAM_TG 256u
 // Tiled row reductions (tile_reduce.h; softmax, loss, norm): threads per threadgroup, and the

@@ -25,13 +25,13 @@ using namespace metal;
 // kernels' 256-thread groups on cuda and cpu.
 
 // Threads that own chunks (a whole number of STREAM_TG blocks).
-inline uint stream_vthreads(uint nvec) {
+METAL_FUNC uint stream_vthreads(uint nvec) {
     return (nvec + STREAM_U * STREAM_TG - 1u) / (STREAM_U * STREAM_TG) * STREAM_TG;
 }
 
 // Chunk u of thread gid (valid when < nvec): block gid / STREAM_TG owns STREAM_U runs of
 // STREAM_TG consecutive chunks, lane gid % STREAM_TG takes one of each.
-inline uint stream_chunk(uint gid, uint u) {
+METAL_FUNC uint stream_chunk(uint gid, uint u) {
     return ((gid / STREAM_TG) * STREAM_U + u) * STREAM_TG + gid % STREAM_TG;
 }
 
@@ -39,13 +39,13 @@ inline uint stream_chunk(uint gid, uint u) {
 // thread owns chunks). Kernels load every chunk unconditionally from the clamped index and guard
 // only the stores: the loads then sit in one basic block and are all issued before the first
 // result is used (under `if (c < nvec)` guards the second load waited for the first).
-inline uint stream_clamp(uint c, uint nvec) {
+METAL_FUNC uint stream_clamp(uint c, uint nvec) {
     return min(c, nvec - 1u);
 }
 
 // W elements of chunk c (W / 4 float4 loads) widened to float.
 template <int W>
-inline void stream_load(device const float* p, uint c, thread float* v) {
+METAL_FUNC void stream_load(device const float* p, uint c, thread float* v) {
     device const float4* q = (device const float4*)p + c * uint(W / 4);
     for (int k = 0; k < W / 4; ++k) {
         const float4 a = q[k];
@@ -58,7 +58,7 @@ inline void stream_load(device const float* p, uint c, thread float* v) {
 
 // W elements of half (W / 8 16-byte loads).
 template <int W>
-inline void stream_load(device const half* p, uint c, thread float* v) {
+METAL_FUNC void stream_load(device const half* p, uint c, thread float* v) {
     device const uint4* q = (device const uint4*)p + c * uint(W / 8);
     for (int k = 0; k < W / 8; ++k) {
         const uint4 u = q[k];
@@ -71,7 +71,7 @@ inline void stream_load(device const half* p, uint c, thread float* v) {
 }
 
 template <int W>
-inline void stream_store(device float* p, uint c, thread const float* v) {
+METAL_FUNC void stream_store(device float* p, uint c, thread const float* v) {
     device float4* q = (device float4*)p + c * uint(W / 4);
     for (int k = 0; k < W / 4; ++k) {
         q[k] = float4(v[4 * k], v[4 * k + 1], v[4 * k + 2], v[4 * k + 3]);
@@ -80,7 +80,7 @@ inline void stream_store(device float* p, uint c, thread const float* v) {
 
 // Rounds each float to half once, stores W / 8 16-byte words.
 template <int W>
-inline void stream_store(device half* p, uint c, thread const float* v) {
+METAL_FUNC void stream_store(device half* p, uint c, thread const float* v) {
     device uint4* q = (device uint4*)p + c * uint(W / 8);
     for (int k = 0; k < W / 8; ++k) {
         uint4 u;

@@ -457,7 +457,7 @@ def _make_func(head: list[Token], name_tok: Token, params: list[Token], body: li
             kind = "type" if decl[0].text in ("typename", "class") else "value"
             tparams.append((kind, ids[-1].text, decl))
         h = e + 1
-    ret = [x for x in head[h:] if x.text not in ("inline", "static", "PMN_KERNEL_IMPL",
+    ret = [x for x in head[h:] if x.text not in ("inline", "PMN_INLINE", "static", "PMN_KERNEL_IMPL",
                                                  "constexpr", "__attribute__")]
     return Func(name_tok.text, tparams, theader, ret, split_commas(params) if params else [], body,
                 name_tok)

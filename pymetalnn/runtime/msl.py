@@ -17,6 +17,7 @@ entry points in `msl_emit.py`, bracket matching in `tokens.py` (shared with the 
 """
 from __future__ import annotations
 
+import re
 from typing import Callable
 
 from .convergence import pin_simd_loops
@@ -46,6 +47,9 @@ from .tokens import match_angle as _match_angle
 from .tokens import match_bracket as _match
 from .tokens import match_open
 from .tokens import split_commas as _split_commas
+
+# `#pragma unroll N`, `#pragma unroll(N)` (Metal and NVRTC read both)
+_UNROLL_RE = re.compile(r"unroll(?:\s+(\d+)|\s*\(\s*(\d+)\s*\))")
 
 
 def _tok(text: str, kind: str = "id", like: Token | None = None) -> Token:
@@ -363,7 +367,14 @@ class Translator:
             nxt = toks[i + 1] if i + 1 < n else None
             in_func = "func" in stack
             if t.kind == "pragma":
-                out.append(t)
+                m = _UNROLL_RE.fullmatch(t.text.strip()) if self.target == "cpu" else None
+                # g++ knows only its own spelling (and ignores the others silently); a loop over
+                # a chunk array unrolled keeps the chunks in registers (add over 1M floats on
+                # one cpu worker 0.75 -> 0.55 ns per element). A bare `#pragma unroll` stays
+                # g++'s choice: as `GCC unroll 64`, conv.metal's nested ones took 42 -> 508 s
+                # to compile.
+                out.append(_tok(f"GCC unroll {m.group(1) or m.group(2)}", "pragma", like=t)
+                           if m else t)
                 i += 1
                 continue
             if t.kind == "punct":
@@ -462,6 +473,17 @@ class Translator:
                                "the supported dialect (docs/dialect.md lists what is)")
             if s in TYPE_MAP:
                 out.append(_tok(TYPE_MAP[s], like=t))
+                i += 1
+                continue
+            if s == "PMN_METAL_FUNC":
+                # METAL_FUNC (<metal_stdlib>: inline, always inlined). Honoured on cpu
+                # (PMN_INLINE, msl_emit.PREAMBLE): past g++'s budget for a unit's growth, small
+                # helpers (stream_store, ...) stayed calls inside the element loops, their
+                # chunks passed through the stack (add over 1M floats on one cpu worker
+                # 1.1-1.2 -> 0.75 ns per element). Plain `inline` stays g++'s choice: forced
+                # on every helper, gelu's loop got slower (6.8 -> 9.3 ns per element) and
+                # gemm.metal took 31.8 -> 70.6 s to compile.
+                out.append(_tok("PMN_INLINE" if self.target == "cpu" else "inline", like=t))
                 i += 1
                 continue
             if s == "vec" and nxt is not None and nxt.text == "<":

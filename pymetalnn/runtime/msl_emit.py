@@ -121,6 +121,7 @@ PREAMBLE = {
             "#define PMN_INFINITY __int_as_float(0x7f800000)\n"
             "#define PMN_NAN __int_as_float(0x7fffffff)\n",
     "cpu": "#define PMN_CPU 1\n#define PMN_KERNEL_IMPL static inline __attribute__((always_inline))\n"
+           "#define PMN_INLINE inline __attribute__((always_inline))\n"
            "#define PMN_INFINITY __builtin_inff()\n#define PMN_NAN __builtin_nanf(\"\")\n",
 }
 

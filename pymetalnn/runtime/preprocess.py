@@ -119,7 +119,8 @@ METAL_CONSTANTS = {
     "INT_MAX": "2147483647", "INT_MIN": "(-2147483647 - 1)", "UINT_MAX": "4294967295u",
     "SHRT_MAX": "32767", "SHRT_MIN": "(-32768)", "USHRT_MAX": "65535", "CHAR_MAX": "127",
     "CHAR_MIN": "(-128)", "UCHAR_MAX": "255",
-    "METAL_FUNC": "inline", "METAL_INTERNAL": "",
+    # <metal_stdlib>'s always-inlined helper: the front end makes it PMN_INLINE on cpu
+    "METAL_FUNC": "PMN_METAL_FUNC", "METAL_INTERNAL": "",
 }
 
 
