@@ -47,6 +47,7 @@ kernel void neuron_fwd(device const T* x [[buffer(0)]],
         float a[16 / sizeof(T)], b[16 / sizeof(T)];
         stream_load<16 / sizeof(T)>(x, stream_clamp(c0, nvec), a);
         stream_load<16 / sizeof(T)>(x, stream_clamp(c1, nvec), b);
+#pragma clang loop vectorize(enable)  // independent elements; see docs/dialect.md
         for (int k = 0; k < int(16 / sizeof(T)); ++k) {
             a[k] = Op::fwd(a[k], q);
             b[k] = Op::fwd(b[k], q);
@@ -77,6 +78,7 @@ kernel void neuron_bwd(device const T* g [[buffer(0)]],
         stream_load<16 / sizeof(T)>(x, l0, xa);
         stream_load<16 / sizeof(T)>(g, l1, gb);
         stream_load<16 / sizeof(T)>(x, l1, xb);
+#pragma clang loop vectorize(enable)  // independent elements; see docs/dialect.md
         for (int k = 0; k < int(16 / sizeof(T)); ++k) {
             ga[k] = Op::bwd(ga[k], xa[k], q);
             gb[k] = Op::bwd(gb[k], xb[k], q);

@@ -1,6 +1,6 @@
-// Loops under `#pragma unroll` (its three spellings) and helpers both METAL_FUNC and plain
-// inline: the cpu target rewrites the pragma for g++ and always inlines the METAL_FUNC one
-// (docs/dialect.md); results must not depend on either.
+// Loops under `#pragma unroll` (its three spellings) and `#pragma clang loop vectorize(enable)`,
+// helpers both METAL_FUNC and plain inline: the cpu target rewrites the pragmas for g++ and
+// always inlines the METAL_FUNC one (docs/dialect.md); results must not depend on any of it.
 #include <metal_stdlib>
 using namespace metal;
 
@@ -30,8 +30,8 @@ inline float poly(float x) {
     return r + s;
 }
 
-// out[4 gid + e] = poly(a x + b) over two 4-element chunks per thread, then a running sum
-// over three steps (`unroll(3)`) and a loop kept rolled (`unroll 1`)
+// out[4 gid + e] = poly(2 relu(a x + b)) over two 4-element chunks per thread, plus a running
+// sum over three steps (`unroll(3)`) on the last element, in a loop kept rolled (`unroll 1`)
 kernel void unroll_inline(device const float* x [[buffer(0)]],
                           device float* out [[buffer(1)]],
                           constant uint& n [[buffer(2)]],
@@ -50,6 +50,8 @@ kernel void unroll_inline(device const float* x [[buffer(0)]],
         float acc = 0.0f;
 #pragma unroll(3)
         for (int k = 0; k < 3; ++k) acc += v[u][k] * float(k + 1);
+#pragma clang loop vectorize(enable)
+        for (int e = 0; e < 4; ++e) v[u][e] = v[u][e] <= 0.0f ? 0.0f : v[u][e] * 2.0f;
 #pragma unroll 1
         for (int e = 0; e < 4; ++e) {
             const uint i = (2u * gid + u) * 4u + uint(e);
