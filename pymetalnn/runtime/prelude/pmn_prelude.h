@@ -738,23 +738,34 @@ PMN_FN double expm1_parts_(double y, double& s) {
   s = pow2i_(k);
   return r * fma_d_(fma_d_(p46, r2, p23), r2, p01);
 }
+// The clamps below are flat selects, one after another, not nested ?: : nested, g++'s partial
+// redundancy elimination left the element loop of a kernel's thread loop with control flow its
+// vectorizer refuses (tanh over a 4-float chunk stayed scalar; same results either way).
 // exp: inputs clamped to [-104, 89] (beyond, the float result is 0 or inf already)
 PMN_FN float exp_f(float x) {
-  const double y = x != x ? 0.0 : (x < -104.0f ? -104.0 : (x > 89.0f ? 89.0 : double(x)));
+  const bool nan = x != x;
+  double y = double(x);
+  y = y < -104.0 ? -104.0 : y;
+  y = y > 89.0 ? 89.0 : y;
+  y = nan ? 0.0 : y;
   double s;
   const double q = expm1_parts_(y, s);
   const float e = float(s * q + s);
-  return x != x ? x : e;
+  return nan ? x : e;
 }
 // tanh = (e^2x - 1) / (e^2x + 1), from expm1 so small |x| keeps its relative accuracy; |x| >= 20
 // rounds to +-1; odd, so the sign (and -0) is x's
 PMN_FN float tanh_f(float x) {
-  const double y = x != x ? 0.0 : (x < -20.0f ? -40.0 : (x > 20.0f ? 40.0 : 2.0 * double(x)));
+  const bool nan = x != x;
+  double y = 2.0 * double(x);  // exact
+  y = y < -40.0 ? -40.0 : y;
+  y = y > 40.0 ? 40.0 : y;
+  y = nan ? 0.0 : y;
   double s;
   const double q = expm1_parts_(y, s);
   const double em1 = s * q + (s - 1.0);
   const float t = float(__builtin_copysign(em1 / (em1 + 2.0), double(x)));
-  return x != x ? x : t;
+  return nan ? x : t;
 }
 // log: x = m 2^e with m in [sqrt(1/2), sqrt(2)) (from the double's bits: subnormal floats are
 // normal doubles), log m = 2 atanh(t), t = (m - 1) / (m + 1), |t| < 0.172
@@ -772,9 +783,10 @@ PMN_FN float log_f(float x) {
   const double p = fma_d_(fma_d_(0.11808780676139193, z2,
                                  fma_d_(0.14267491217394992, z, 0.20000192947069045)), z2,
                           fma_d_(0.3333333262026784, z, 1.0000000000042106));
-  const float r = float(e * 0.6931471805599453 + 2.0 * t * p);
-  return x > 0.0f ? (x == __builtin_inff() ? x : r)
-                  : (x == 0.0f ? -__builtin_inff() : __builtin_nanf(""));
+  float r = float(e * 0.6931471805599453 + 2.0 * t * p);
+  r = x == __builtin_inff() ? x : r;
+  r = x == 0.0f ? -__builtin_inff() : r;
+  return x < 0.0f || x != x ? __builtin_nanf("") : r;
 }
 #endif
 
