@@ -738,9 +738,9 @@ PMN_FN double expm1_parts_(double y, double& s) {
   s = pow2i_(k);
   return r * fma_d_(fma_d_(p46, r2, p23), r2, p01);
 }
-// The clamps below are flat selects, one after another, not nested ?: : nested, g++'s partial
-// redundancy elimination left the element loop of a kernel's thread loop with control flow its
-// vectorizer refuses (tanh over a 4-float chunk stayed scalar; same results either way).
+// The clamps below are a row of flat selects: written as nested ?: they left, after g++'s
+// partial redundancy elimination, control flow in the element loop of a kernel's thread loop,
+// which its vectorizer refuses (tanh over a 4-float chunk stayed scalar; same results either way).
 // exp: inputs clamped to [-104, 89] (beyond, the float result is 0 or inf already)
 PMN_FN float exp_f(float x) {
   const bool nan = x != x;
