@@ -43,17 +43,16 @@ kernel void neuron_fwd(device const T* x [[buffer(0)]],
     const uint nvec = q.nvec;
     const uint vthreads = stream_vthreads(nvec);
     if (gid < vthreads) {
-        const uint c0 = stream_chunk(gid, 0u), c1 = stream_chunk(gid, 1u);
-        float a[16 / sizeof(T)], b[16 / sizeof(T)];
-        stream_load<16 / sizeof(T)>(x, stream_clamp(c0, nvec), a);
-        stream_load<16 / sizeof(T)>(x, stream_clamp(c1, nvec), b);
+        const uint W = 16 / sizeof(T), c0 = stream_chunk(gid, 0u), c1 = stream_chunk(gid, 1u);
+        // both chunks in one array, one loop over their 2 W elements: on cpu one vector loop of
+        // 8 lanes where two of 4 were (tanh over 1M floats on one worker 3.5 -> 1.9-2.8 ns)
+        float v[2 * (16 / sizeof(T))];
+        stream_load<16 / sizeof(T)>(x, stream_clamp(c0, nvec), v);
+        stream_load<16 / sizeof(T)>(x, stream_clamp(c1, nvec), v + W);
 #pragma clang loop vectorize(enable)  // independent elements; see docs/dialect.md
-        for (int k = 0; k < int(16 / sizeof(T)); ++k) {
-            a[k] = Op::fwd(a[k], q);
-            b[k] = Op::fwd(b[k], q);
-        }
-        if (c0 < nvec) stream_store<16 / sizeof(T)>(y, c0, a);
-        if (c1 < nvec) stream_store<16 / sizeof(T)>(y, c1, b);
+        for (uint k = 0; k < 2u * W; ++k) v[k] = Op::fwd(v[k], q);
+        if (c0 < nvec) stream_store<16 / sizeof(T)>(y, c0, v);
+        if (c1 < nvec) stream_store<16 / sizeof(T)>(y, c1, v + W);
     } else {
         const uint i = nvec * uint(16 / sizeof(T)) + (gid - vthreads);
         if (i < q.n) y[nn_strided(i, q.inner, q.y_nstride)] = T(Op::fwd(float(x[i]), q));
@@ -71,20 +70,17 @@ kernel void neuron_bwd(device const T* g [[buffer(0)]],
     const uint nvec = q.nvec;
     const uint vthreads = stream_vthreads(nvec);
     if (gid < vthreads) {
-        const uint c0 = stream_chunk(gid, 0u), c1 = stream_chunk(gid, 1u);
-        float ga[16 / sizeof(T)], gb[16 / sizeof(T)], xa[16 / sizeof(T)], xb[16 / sizeof(T)];
+        const uint W = 16 / sizeof(T), c0 = stream_chunk(gid, 0u), c1 = stream_chunk(gid, 1u);
+        float gv[2 * (16 / sizeof(T))], xv[2 * (16 / sizeof(T))];  // as neuron_fwd's v
         const uint l0 = stream_clamp(c0, nvec), l1 = stream_clamp(c1, nvec);
-        stream_load<16 / sizeof(T)>(g, l0, ga);
-        stream_load<16 / sizeof(T)>(x, l0, xa);
-        stream_load<16 / sizeof(T)>(g, l1, gb);
-        stream_load<16 / sizeof(T)>(x, l1, xb);
+        stream_load<16 / sizeof(T)>(g, l0, gv);
+        stream_load<16 / sizeof(T)>(x, l0, xv);
+        stream_load<16 / sizeof(T)>(g, l1, gv + W);
+        stream_load<16 / sizeof(T)>(x, l1, xv + W);
 #pragma clang loop vectorize(enable)  // independent elements; see docs/dialect.md
-        for (int k = 0; k < int(16 / sizeof(T)); ++k) {
-            ga[k] = Op::bwd(ga[k], xa[k], q);
-            gb[k] = Op::bwd(gb[k], xb[k], q);
-        }
-        if (c0 < nvec) stream_store<16 / sizeof(T)>(dx, c0, ga);
-        if (c1 < nvec) stream_store<16 / sizeof(T)>(dx, c1, gb);
+        for (uint k = 0; k < 2u * W; ++k) gv[k] = Op::bwd(gv[k], xv[k], q);
+        if (c0 < nvec) stream_store<16 / sizeof(T)>(dx, c0, gv);
+        if (c1 < nvec) stream_store<16 / sizeof(T)>(dx, c1, gv + W);
     } else {
         const uint i = nvec * uint(16 / sizeof(T)) + (gid - vthreads);
         if (i < q.n) dx[i] = T(Op::bwd(float(g[i]), float(x[nn_strided(i, q.inner, q.x_nstride)]), q));
