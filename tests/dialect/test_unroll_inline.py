@@ -1,6 +1,6 @@
 """`#pragma unroll` in its three spellings, `#pragma clang loop vectorize(enable)`, METAL_FUNC
-and plain inline helpers (kernels/unroll_inline.metal): the values against numpy on the device under test, and what the cpu
-target makes of them (docs/dialect.md, "Source organization")."""
+and plain inline helpers (kernels/unroll_inline.metal): the values against numpy on the device
+under test, and what the cpu target makes of them (docs/dialect.md, "Source organization")."""
 from __future__ import annotations
 
 import numpy as np
