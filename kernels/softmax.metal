@@ -287,16 +287,25 @@ kernel void softmax_seq_fwd(device const T* x [[buffer(0)]],
     }
     float m = mw[0];
     for (int e = 1; e < W; ++e) m = max(m, mw[e]);
+    // float softmax keeps each exp in y and scales it in the last pass (one exp per element, not
+    // two: y holds the float exactly, so the same results); half would round it there
+    const bool keep = !LOG && sizeof(T) == 4;
     for (uint c = 0; c < nv; ++c) {
         stream_load<W>(x, base + c, v);
-        for (int e = 0; e < W; ++e) sw[e] += precise::exp(v[e] - m);
+        for (int e = 0; e < W; ++e) {
+            v[e] = precise::exp(v[e] - m);
+            sw[e] += v[e];
+        }
+        if (keep) stream_store<W>(y, base + c, v);
     }
     float s = sw[0];
     for (int e = 1; e < W; ++e) s += sw[e];
     const float k = LOG ? precise::log(s) : 1.0f / s;
     for (uint c = 0; c < nv; ++c) {
-        stream_load<W>(x, base + c, v);
-        for (int e = 0; e < W; ++e) v[e] = LOG ? (v[e] - m) - k : precise::exp(v[e] - m) * k;
+        stream_load<W>(keep ? (device const T*)y : x, base + c, v);
+        for (int e = 0; e < W; ++e) {
+            v[e] = keep ? v[e] * k : (LOG ? (v[e] - m) - k : precise::exp(v[e] - m) * k);
+        }
         stream_store<W>(y, base + c, v);
     }
 }
