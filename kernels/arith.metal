@@ -138,8 +138,8 @@ kernel void arith_ew(device const T* x0 [[buffer(0)]],
 // registers (with the activation's switch inside, each element went through the stack: add
 // over 1M floats 2.24 -> 1.27 ms on one cpu worker); on a GPU the branch is uniform.
 template <int OP, int W>
-METAL_FUNC void arith_chunk(thread float* a, thread const float* b, thread const float* c, float alpha,
-                        constant ArithParams& p) {
+METAL_FUNC void arith_chunk(thread float* a, thread const float* b, thread const float* c,
+                            float alpha, constant ArithParams& p) {
     const int k = arith_arity<OP>();
     for (int e = 0; e < W; ++e) {
         a[e] = arith_apply<OP>(a[e], k >= 2 ? b[e] : 0.0f, k >= 3 ? c[e] : 1.0f, alpha);
@@ -209,8 +209,8 @@ kernel void arith_flat(device const T* x0 [[buffer(0)]],
 // p.shape[1] = HW >= W, so a chunk meets at most two planes q and q + 1 (the first in_q elements
 // in q). Per element the same arith_apply as arith_ew.
 template <int W, typename T>
-METAL_FUNC void arith_load_chan(device const T* x, uint s, uint ch, float a0, float a1, uint in_q,
-                            thread float* v) {
+METAL_FUNC void arith_load_chan(device const T* x, uint s, uint ch, float a0, float a1,
+                                uint in_q, thread float* v) {
     if (s == 0u) {
         for (int e = 0; e < W; ++e) v[e] = uint(e) < in_q ? a0 : a1;
     } else {

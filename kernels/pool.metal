@@ -124,11 +124,12 @@ kernel void max_pool2d_fwd(device const T* x [[buffer(0)]],
 // The generic forward kernels walk the window in loops whose bounds and breaks depend on the
 // border, so a thread has one load in flight at a time: the likely reason for their speed (H100,
 // 32x64x112x112, 3x3 stride 2: max pooling at 0.62 (float) / 0.34 (half) of the copy bandwidth,
-// average pooling 0.76 / 0.43; these kernels not yet timed on a GPU). For the windows networks use (KH x KW = 2x2, 3x3: ResNet,
-// InceptionV3, VGG, LeNet) the taps are unrolled: every load is issued first (a tap outside
-// the input reads the plane's first element and is masked), then the comparisons or sums run
-// over the taps inside the input in row-major order, as the generic kernels visit them, so
-// both give the same bits (ties, NaNs and indices included).
+// average pooling 0.76 / 0.43; the kernels below not yet timed on a GPU). For the windows
+// networks use (KH x KW = 2x2, 3x3: ResNet, InceptionV3, VGG, LeNet) the taps are unrolled:
+// every load is issued first (a tap outside the input reads the plane's first element and is
+// masked), then the comparisons or sums run over the taps inside the input in row-major order,
+// as the generic kernels visit them, so both give the same bits (ties, NaNs and indices
+// included).
 template <typename T, int KH, int KW>
 inline void window_taps(device const T* xp, int h0, int w0, Pool2dParams p, thread float* v,
                         thread bool* in) {

@@ -494,8 +494,8 @@ class Translator:
                 # helpers (stream_store, ...) stayed calls inside the element loops, their
                 # chunks passed through the stack (add over 1M floats on one cpu worker
                 # 1.1-1.2 -> 0.75 ns per element). Plain `inline` stays g++'s choice: forced
-                # on every helper, gelu's loop got slower (6.8 -> 9.3 ns per element) and
-                # gemm.metal took 31.8 -> 70.6 s to compile.
+                # on every helper, gemm.metal took 31.8 -> 70.6 s to compile (the run-time
+                # effect was mixed: see docs/dialect.md).
                 out.append(_tok("PMN_INLINE" if self.target == "cpu" else "inline", like=t))
                 i += 1
                 continue
