@@ -13,11 +13,14 @@ export PYTHONPATH=. PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader | tee "$LOG/gpu.txt"
 if [ "${SKIP_TESTS:-0}" != 1 ]; then
   # the suite in $SHARDS processes side by side (test files dealt by size; each compiles the
-  # kernels it runs), or $TESTS in one
+  # kernels it runs) plus tests/dialect in a process of its own, or $TESTS in one. (The dialect
+  # files dealt among the others lost their conftest's fixtures on the GPU machine's pytest:
+  # "fixture 'load' not found" for those collected after a root file.)
   if [ -n "${TESTS:-}" ]; then files=("$TESTS"); else
-    mapfile -t all < <(ls -S tests/test_*.py tests/dialect/test_*.py)
+    mapfile -t all < <(ls -S tests/test_*.py)
     n=${SHARDS:-6}; files=()
     for i in "${!all[@]}"; do files[$((i % n))]+=" ${all[$i]}"; done
+    files+=("tests/dialect")
   fi
   for j in "${!files[@]}"; do
     ( PYMETALNN_BACKEND=cuda timeout "${TEST_TIMEOUT:-300}" python -m pytest -q -p no:cacheprovider \
