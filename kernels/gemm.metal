@@ -287,22 +287,25 @@ kernel void gemm_tiled(device const T* A [[buffer(0)]], device const T* B [[buff
 // threadgroup memory and no barriers: the group's threads form a (256 / TX) x TX grid, thread
 // (ty, tx) owns the TM x TN block of C at rows m0 + TM * ty, columns n0 + TN * tx, and reads its
 // operands straight from device memory (the caches hold the panels the group's threads share).
-// Per BK-deep slice a thread copies its BK x TM values of op(A) and BK x TN of op(B) into
-// k-major private arrays (widened to ACC, zero past K; past M / N it reads the last row /
-// column, never stored), then does the BK * TM * TN FMAs as rank-1 updates. Where B's rows
-// hold the thread's TN columns contiguously and the slice is whole, the updates read them in
-// place instead: g++ then keeps the accumulators in registers (3x the FMA rate in a C++ model
-// of the loop; with the copy it keeps them in memory); a block past N's end reads its valid
-// columns of each row into a zero-padded row per step (ResNet-18's 2x2-plane GEMMs, N = 4:
-// 4.8 -> 9.2 GFLOP/s on the 2-core test box). TN = 32 keeps the
-// C++ compiler from unrolling the column loop before vectorizing it (GCC peels loops of up to 16
-// iterations completely; at TN = 16 it then emitted scalar FMAs), so each row update is a few
-// SIMD FMAs. 8 x 32 measured best of 4..8 x 16..64 in a C++ model of the loop (g++ 12, AVX-512
-// Xeon: 15 GFLOP/s per core against 3 for gemm_tiled as work-item loops). Each output still
-// accumulates its K terms one at a time in order, with fma, as gemm_tiled does (split-K: per
-// split). Threads whose block starts past M or N return at once. A C narrower than TN runs
-// transposed (GEMM_TRANS_C: the host swaps the operands, ops/gemm.py _cpu_transposed), so that
-// its long side lies along the vectorized columns.
+// Per BK-deep slice a thread copies its TM x BK values of op(A) and BK x TN of op(B) into
+// private arrays (widened to ACC, zero past K; past M / N it reads the last row / column, never
+// stored), then does the BK * TM * TN FMAs as rank-1 updates. Where the block and slice are
+// whole and B's rows hold the thread's TN columns contiguously, the updates read B in place,
+// and A too where it is stored M x K (each row a run) or K x M (A^T: the block's TM rows side
+// by side): g++ then keeps the accumulators in registers (3x the FMA rate in a C++ model of the
+// loop; with the copies it keeps them in memory); a block past N's end reads its valid columns
+// of each row into a zero-padded row per step (ResNet-18's 2x2-plane GEMMs, N = 4: 4.8 -> 9.2
+// GFLOP/s on the 2-core test box). The column loops carry the vectorize hint: g++ peels loops of
+// up to 16 iterations completely before its vectorizer sees them, and at TN = 16 then emitted
+// scalar FMAs. Blocks: 8 x 32 where the host has 512-bit vectors (16 of its 32 registers; 8 x 32
+// measured best of 4..8 x 16..64 in a C++ model of the loop, g++ 12, AVX-512 Xeon: 15 GFLOP/s
+// per core against 3 for gemm_tiled as work-item loops), 6 x 16 elsewhere (12 of AVX2's 16
+// registers, where 8 x 32's 32 spill: 512^3 on a 2-core AVX2 EPYC 37-75 -> 144-150 GFLOP/s;
+// versions and the sweep: kernels/dev/gemm_cpu.metal, benchmarks/dev_gemm.py --versions cpu).
+// Each output still accumulates its K terms one at a time in order, with fma, as gemm_tiled
+// does (split-K: per split). Threads whose block starts past M or N return at once. A C
+// narrower than TN runs transposed (GEMM_TRANS_C: the host swaps the operands, ops/gemm.py
+// _cpu_transposed), so that its long side lies along the vectorized columns.
 // Element (r, k) of an operand stored r-major (x[r * ld + k]) or, kmajor, k-major
 // (x[k * ld + r]), widened to float.
 template <typename T>
@@ -347,10 +350,10 @@ kernel void gemm_blocked(device const T* A [[buffer(0)]], device const T* B [[bu
     // N, as a 2x2 plane's conv, would otherwise copy 32 clamped columns to use a few), the
     // rest stay 0 from here
     const uint mv = min(uint(TM), p.M - mt), nv = min(uint(TN), p.N - nt);
-    ACC as[BK][TM];
+    ACC as[TM][BK];
     ACC bs[BK][TN];
     for (int kk = 0; kk < BK; ++kk) {
-        for (int i = 0; i < TM; ++i) as[kk][i] = ACC(0);
+        for (int i = 0; i < TM; ++i) as[i][kk] = ACC(0);
         for (int j = 0; j < TN; ++j) bs[kk][j] = ACC(0);
     }
     for (uint t = t0; t < t1; ++t) {
@@ -362,17 +365,18 @@ kernel void gemm_blocked(device const T* A [[buffer(0)]], device const T* B [[bu
         // trip count: unrolled) take whole slices, a short one (K % BK, or the few terms per
         // batch entry of a weight gradient) runs its kn steps
         bool direct = rcb && full_n && kn == uint(BK);
-        // op(A) stored K x M (A^T) holds the thread's TM rows contiguously as well: both
-        // operands are then read in place (each A value broadcast from memory into its row's
-        // FMAs), with no copy at all
+        // with a whole block both operands are then read in place (each A value broadcast
+        // from memory into its row's FMAs), with no copy at all: op(A) stored K x M (A^T,
+        // direct_a: the thread's TM rows side by side) or M x K (direct_ar: TM runs along k)
         bool direct_a = direct && rca && full_m;
-        for (uint kk = 0; kk < (direct_a ? 0u : kn); ++kk) {
+        bool direct_ar = direct && !rca && full_m;
+        for (uint kk = 0; kk < (direct_a || direct_ar ? 0u : kn); ++kk) {
             uint k = k0 + kk;
             // whole blocks keep constant trip counts (unrolled, vectorized copies)
             if (full_m) {
-                for (int i = 0; i < TM; ++i) as[kk][i] = gemm_at(Ab, rca, p.lda, mt + uint(i), k);
+                for (int i = 0; i < TM; ++i) as[i][kk] = gemm_at(Ab, rca, p.lda, mt + uint(i), k);
             } else {
-                for (uint i = 0; i < mv; ++i) as[kk][i] = gemm_at(Ab, rca, p.lda, mt + i, k);
+                for (uint i = 0; i < mv; ++i) as[i][kk] = gemm_at(Ab, rca, p.lda, mt + i, k);
             }
             if (!rcb && !(full_n && kn == uint(BK))) {
                 for (uint j = 0; j < nv; ++j) bs[kk][j] = gemm_at(Bb, rcb, p.ldb, nt + j, k);
@@ -390,7 +394,7 @@ kernel void gemm_blocked(device const T* A [[buffer(0)]], device const T* B [[bu
         }
         // a short slice's rest: 0 (the in-place paths run only its kn steps)
         for (uint kk = kn; kk < (rcb ? 0u : uint(BK)); ++kk) {
-            for (int i = 0; i < TM; ++i) as[kk][i] = ACC(0);
+            for (int i = 0; i < TM; ++i) as[i][kk] = ACC(0);
             for (int j = 0; j < TN; ++j) bs[kk][j] = ACC(0);
         }
         if (direct_a) {
@@ -399,17 +403,30 @@ kernel void gemm_blocked(device const T* A [[buffer(0)]], device const T* B [[bu
             for (int kk = 0; kk < BK; ++kk) {
                 for (int i = 0; i < TM; ++i) {
                     const ACC av = ACC(arow[i]);
+#pragma clang loop vectorize(enable)
                     for (int j = 0; j < TN; ++j) acc[i][j] = fma(av, ACC(brow[j]), acc[i][j]);
                 }
                 arow += p.lda;
+                brow += p.ldb;
+            }
+        } else if (direct_ar) {
+            device const T* a0 = Ab + mt * p.lda + k0;
+            device const T* brow = Bb + k0 * p.ldb + nt;
+            for (int kk = 0; kk < BK; ++kk) {
+                for (int i = 0; i < TM; ++i) {
+                    const ACC av = ACC(a0[uint(i) * p.lda + uint(kk)]);
+#pragma clang loop vectorize(enable)
+                    for (int j = 0; j < TN; ++j) acc[i][j] = fma(av, ACC(brow[j]), acc[i][j]);
+                }
                 brow += p.ldb;
             }
         } else if (direct) {  // B's rows read in place: the accumulators stay in registers
             device const T* brow = Bb + k0 * p.ldb + nt;
             for (int kk = 0; kk < BK; ++kk) {
                 for (int i = 0; i < TM; ++i) {
+#pragma clang loop vectorize(enable)
                     for (int j = 0; j < TN; ++j) {
-                        acc[i][j] = fma(as[kk][i], ACC(brow[j]), acc[i][j]);
+                        acc[i][j] = fma(as[i][kk], ACC(brow[j]), acc[i][j]);
                     }
                 }
                 brow += p.ldb;
@@ -420,14 +437,14 @@ kernel void gemm_blocked(device const T* A [[buffer(0)]], device const T* B [[bu
                 ACC bk[TN];
                 for (int j = 0; j < TN; ++j) bk[j] = uint(j) < nv ? ACC(brow[j]) : ACC(0);
                 for (int i = 0; i < TM; ++i) {
-                    for (int j = 0; j < TN; ++j) acc[i][j] = fma(as[kk][i], bk[j], acc[i][j]);
+                    for (int j = 0; j < TN; ++j) acc[i][j] = fma(as[i][kk], bk[j], acc[i][j]);
                 }
                 brow += p.ldb;
             }
         } else {
             for (int kk = 0; kk < BK; ++kk) {
                 for (int i = 0; i < TM; ++i) {
-                    for (int j = 0; j < TN; ++j) acc[i][j] = fma(as[kk][i], bs[kk][j], acc[i][j]);
+                    for (int j = 0; j < TN; ++j) acc[i][j] = fma(as[i][kk], bs[kk][j], acc[i][j]);
                 }
             }
         }
@@ -1059,8 +1076,10 @@ GEMM_KERNEL(gemm_fwd_128x128k16_hacc_half, gemm_tiled, half, half, half, 128, 12
     GEMM_KERNEL(gemm_fwd_##TILE##_half, gemm_blocked, half, float, half, TM, TN, TX, BK)         \
     GEMM_KERNEL(gemm_fwd_##TILE##_splitk_half, gemm_blocked, half, float, float, TM, TN, TX, BK) \
     GEMM_KERNEL(gemm_fwd_##TILE##_hacc_half, gemm_blocked, half, half, half, TM, TN, TX, BK)
-GEMM_CPU_INST(cpu512x128, 8, 32, 4, 16)
+GEMM_CPU_INST(cpu512x128, 8, 32, 4, 16)   // 512-bit vectors
 GEMM_CPU_INST(cpu128x512, 8, 32, 16, 16)
+GEMM_CPU_INST(cpu384x64, 6, 16, 4, 16)    // narrower vectors
+GEMM_CPU_INST(cpu96x256, 6, 16, 16, 16)
 
 // simdgroup-matrix tiles (fp16 storage only): gemm_fwd_mma<BM>x<BN>[k<BK>]_<variant>, and the
 // split-K partial-sum kernel of the half variant (float partials). Every tile stays within the

@@ -160,8 +160,8 @@ def test_gemm_many_tiles(dev) -> None:
 
 CPU_TILES = [t for t in ops.TILES if ops.TILES[t].cpu]
 # narrow C (m x n): the blocked tiles run it transposed (GEMM_TRANS_C); batch shapes as BATCH_CASES
-NARROW_CASES = [(130, 4, 37, None, None, False), (257, 1, 20, 2, 2, False), (64, 12, 33, None, 3, False),
-                (96, 16, 18, 3, 3, True), (40, 2, 70, 2, None, True)]
+NARROW_CASES = [(130, 4, 37, None, None, False), (257, 1, 20, 2, 2, False), (64, 4, 33, None, 3, False),
+                (96, 3, 18, 3, 3, True), (40, 2, 70, 2, None, True)]
 
 
 @pytest.mark.parametrize("variant", list(VARIANTS))
@@ -173,7 +173,7 @@ def test_gemm_blocked_narrow_transposed(dev, monkeypatch, variant, tile) -> None
     dtype, accumulate = VARIANTS[variant]
     rule = ops._cpu_transposed
     for i, (m, n, k, ba, bb, summed) in enumerate(NARROW_CASES):
-        assert rule(m, n) and not rule(n, m)
+        assert rule(ops.TILES[tile], m, n) and not rule(ops.TILES[tile], n, m)
         ta, tb = LAYOUTS[i % 4]
         batch = ba or bb
         a = rand(((ba,) if ba else ()) + stored(m, k, ta), dtype, 30 + i)
@@ -184,7 +184,7 @@ def test_gemm_blocked_narrow_transposed(dev, monkeypatch, variant, tile) -> None
         alpha, beta = (0.5, -0.75) if i % 2 else (1.0, 0.0)
         got = []
         for transposed in (True, False):
-            monkeypatch.setattr(ops, "_cpu_transposed", lambda m, n, t=transposed: t)
+            monkeypatch.setattr(ops, "_cpu_transposed", lambda t, m, n, tr=transposed: tr)
             for splits, act in ((1, None), (3, "relu")):
                 out = pm.tensor(c, dev)
                 F.gemm(pm.tensor(a, dev), pm.tensor(b, dev), out, transpose_a=ta, transpose_b=tb,
@@ -199,6 +199,42 @@ def test_gemm_blocked_narrow_transposed(dev, monkeypatch, variant, tile) -> None
         check(variant, got[1], np.maximum(want, 0), kk, scale, out_scale)
         for j in range(2):
             np.testing.assert_array_equal(got[j], got[j + 2], err_msg=f"case {i}, split {j}")
+
+
+@pytest.mark.parametrize("tile", CPU_TILES)
+def test_gemm_blocked_whole_blocks(dev, tile) -> None:
+    """The blocked tiles' in-place paths (whole blocks and whole BK slices: A and B read where
+    they lie, no copy) beside the copying ones (a short last slice, the blocks at M's and N's
+    edges): every layout, float32 and fp16 storage, split K, a batch summed into one output."""
+    t = ops.TILES[tile]
+    tm, tn = t.block
+    m, n, k = 3 * tm * (256 * tn // t.bn) // 2 + 5, 3 * t.bn // 2 + 7, 3 * t.bk + 5
+    for variant in ("float", "half"):
+        dtype, accumulate = VARIANTS[variant]
+        for j, (ta, tb) in enumerate(LAYOUTS):
+            a = rand(stored(m, k, ta), dtype, 3 + j)
+            b = rand(stored(k, n, tb), dtype, 30 + j)
+            out = pm.empty((m, n), dtype, dev)
+            F.gemm(pm.tensor(a, dev), pm.tensor(b, dev), out, transpose_a=ta, transpose_b=tb,
+                   accumulate=accumulate, tile=tile, k_splits=1 + j % 2)
+            check(variant, out.numpy(), ref.gemm(a, b, None, ta, tb), k,
+                  ref.abs_product(a, b, ta, tb))
+    a, b = rand((3, 2 * tm, 2 * t.bk), np.float32, 8), rand((3, 2 * t.bk, 2 * tn), np.float32, 9)
+    out = pm.empty((2 * tm, 2 * tn), np.float32, dev)
+    F.gemm(pm.tensor(a, dev), pm.tensor(b, dev), out, tile=tile)
+    check("float", out.numpy(), ref.gemm(a, b, np.zeros(out.shape)), 6 * t.bk,
+          ref.abs_product(a, b, False, False, reduce_batch=True))
+
+
+def test_gemm_cpu_tiles_follow_vector_width(monkeypatch) -> None:
+    """On the cpu backend the automatic choice takes 8 x 32 blocks where the host has 512-bit
+    vectors (32 registers hold their accumulators), 6 x 16 elsewhere (16 registers)."""
+    dev = pm.device("cpu")
+    for bits, block in ((512, (8, 32)), (256, (6, 16)), (128, (6, 16))):
+        monkeypatch.setattr(ops, "vector_bits", lambda b=bits: b)
+        for m, n, k in ((512, 512, 512), (64, 3136, 256), (3, 5, 7)):
+            t, _ = ops.plan(dev, m, n, k, 1, False)
+            assert t.cpu and t.block == block, (bits, m, n, k, t.name)
 
 
 MATRIX_TILES = [t for t in ops.TILES if ops.TILES[t].matrix]

@@ -24,6 +24,7 @@ import numpy as np
 
 from ..params import CONST, GemmParams, LinearBiasGradParams
 from ..runtime import Device
+from ..runtime.backend_cpu import vector_bits
 from ..tensor import Tensor, TensorLike, float16, float32, tensor
 from ._common import (
     fits_threadgroup_memory,
@@ -73,6 +74,8 @@ class Tile:
     gen: int = 1  # matrix tiles: 1 gemm_mma (8x8 products), 2 gemm_mma2 (16-deep tile products)
     hacc_efficiency: float | None = None  # hacc_half's, where it differs (fewer registers)
     cpu: bool = False  # gemm_blocked: the automatic choice on the cpu backend (only there)
+    block: tuple[int, int] = (0, 0)  # gemm_blocked: a thread's TM x TN block of C
+    wide: bool = False  # gemm_blocked: for hosts with 512-bit vectors (else for narrower ones)
 
     def supports(self, variant: str) -> bool:
         return self.variants is None or variant in self.variants
@@ -145,11 +148,16 @@ TILES = {t.name: t for t in (Tile("128x128", 128, 128, 8, 1.0), Tile("64x64", 64
                                    ("128x128k32p2v8", 128, 128, 32, 2.49, 2.55),
                                    ("128x64k32p2v8", 128, 64, 32, 2.27, 2.57),
                                    ("64x128k32w2p2v8", 64, 128, 32, 2.42, 2.68))),
-                             Tile("cpu512x128", 512, 128, 16, 1.0, variants=_CPU, cpu=True),
-                             Tile("cpu128x512", 128, 512, 16, 1.0, variants=_CPU, cpu=True))}
+                             # gemm_blocked (GEMM_CPU_INST): 8 x 32 blocks where the host
+                             # has 512-bit vectors, 6 x 16 elsewhere (gemm.metal says why)
+                             *(Tile(name, bm, bn, 16, 1.0, variants=_CPU, cpu=True, block=blk,
+                                    wide=blk == (8, 32))
+                               for name, bm, bn, blk in (
+                                   ("cpu512x128", 512, 128, (8, 32)),
+                                   ("cpu128x512", 128, 512, (8, 32)),
+                                   ("cpu384x64", 384, 64, (6, 16)),
+                                   ("cpu96x256", 96, 256, (6, 16)))))}
 MAX_SPLITS = 16
-# gemm_blocked's block per thread in every cpu tile (GEMM_CPU_INST's TM, TN)
-CPU_TM, CPU_TN = 8, 32
 MIN_SPLIT_SLICES = 16  # a split-K part covers at least this many BK slices
 
 
@@ -199,7 +207,8 @@ def plan(dev: Device, m: int, n: int, k: int, batch: int, reduce_batch: bool,
                  and tile_fits(dev, t, var)]
         # the cpu backend: blocked tiles (or simdgroup-matrix ones where a device reports them)
         if dev.name == "cpu" and any(t.cpu for t in cands):
-            cands = [t for t in cands if t.cpu or t.matrix]
+            wide = vector_bits() >= 512
+            cands = [t for t in cands if (t.cpu and t.wide == wide) or t.matrix]
         else:
             cands = [t for t in cands if not t.cpu]
     else:
@@ -226,15 +235,16 @@ def plan(dev: Device, m: int, n: int, k: int, batch: int, reduce_batch: bool,
     return best[1], best[2]
 
 
-def _cpu_transposed(m: int, n: int) -> bool:
+def _cpu_transposed(t: Tile, m: int, n: int) -> bool:
     """Whether gemm_blocked runs C (m x n) as C^T = op(B)^T op(A)^T (GEMM_TRANS_C). A thread
-    does the FMAs of its whole CPU_TM x CPU_TN block however little of it lies inside C, so a
+    does the FMAs of its whole TM x TN block (t.block) however little of it lies inside C, so a
     narrow C wastes most of them (ResNet-18 at batch 2: N = 4 for the 2x2-plane convs, 8x the
     useful work); transposed, C's long side runs along the vectorized columns. Taken where it
     at least halves the padded work; each output still sums its K terms in order with fma, so
     the result is the same bits either way."""
     def padded(r: int, c: int) -> int:
-        return math.ceil(r / CPU_TM) * CPU_TM * math.ceil(c / CPU_TN) * CPU_TN
+        tm, tn = t.block
+        return math.ceil(r / tm) * tm * math.ceil(c / tn) * tn
     return 2 * padded(n, m) <= padded(m, n)
 
 
@@ -389,7 +399,7 @@ def _launches(dev: Device, a: Tensor, b: Tensor, out: Tensor, m: int, n: int, k:
               act: tuple[int, float]) -> list[tuple]:
     t, splits = plan(dev, m, n, k, batch, reduce_batch, tile, k_splits, var)
     ldc = n
-    tc = t.cpu and _cpu_transposed(m, n)
+    tc = t.cpu and _cpu_transposed(t, m, n)
     if tc:
         a, b, m, n = b, a, n, m
         transpose_a, transpose_b = not transpose_b, not transpose_a

@@ -95,47 +95,73 @@ def kernel_flags() -> list[str]:
     # -fno-trapping-math: nothing reads the floating-point exception flags, and without it g++
     # keeps every float compare a branch, so no loop with a select (a ?: of floats) vectorizes
     flags = [f for f in CXXFLAGS if f != "-O2"] + ["-O3", "-fopenmp-simd", "-fno-trapping-math"]
-    if os.environ.get("PYMETALNN_CPU_NATIVE", "1") not in ("0", ""):
-        host = _host_flags()
-        if host:
-            # no contraction of a*b+c into fma: results stay those of the source's roundings,
-            # the same on every host (g++ contracts by default once -march offers FMA).
-            # 512-bit vectors where the host has them (g++ prefers 256 on AVX-512 parts): the
-            # blocked GEMM's 8 x 32 accumulator tile then fits the 32 registers instead of
-            # spilling (float GEMM 84 -> 96-109 GFLOP/s on a 2-core AVX-512 Xeon; relu, tanh,
-            # sigmoid and elu measured unchanged there)
-            flags += [*host, "-ffp-contract=off"]
-            if platform.machine().lower() in ("x86_64", "amd64"):
-                flags.append("-mprefer-vector-width=512")
+    if kernel_flags_native():
+        # no contraction of a*b+c into fma: results stay those of the source's roundings,
+        # the same on every host (g++ contracts by default once -march offers FMA).
+        # 512-bit vectors where the host has them (g++ prefers 256 on AVX-512 parts): the
+        # blocked GEMM's 8 x 32 accumulator tile then fits the 32 registers instead of
+        # spilling (float GEMM 84 -> 96-109 GFLOP/s on a 2-core AVX-512 Xeon; relu, tanh,
+        # sigmoid and elu measured unchanged there)
+        flags += [*_host_flags(), "-ffp-contract=off"]
+        if platform.machine().lower() in ("x86_64", "amd64"):
+            flags.append("-mprefer-vector-width=512")
     return flags
 
 
-# Instruction sets the prelude uses when the compiler defines them (pmn_prelude.h: native half
-# arithmetic), added by name where -march=native enables them but the CPU name it reports does
-# not imply them (g++ 12 calls a Sapphire Rapids part "cooperlake", which has no AVX512-FP16).
-_PRELUDE_ISA = ("avx512fp16",)
-
-
-@functools.cache
-def _host_flags() -> tuple[str, ...]:
-    """("-march=<the CPU the compiler picks for -march=native>", the _PRELUDE_ISA flags it
-    enables), or () when it cannot tell: spelled out so that a cache shared between machines
-    never hands one CPU's instructions to another."""
-    cpu, extra = "", []
+def _target_options(march: str) -> tuple[str, frozenset[str]]:
+    """(the CPU name g++ reports for `march`, the -m options it enables), ("", {}) when the
+    compiler cannot tell."""
     try:
-        r = subprocess.run([*find_compiler().split(), "-march=native", "-Q", "--help=target"],
+        r = subprocess.run([*find_compiler().split(), march, "-Q", "--help=target"],
                            capture_output=True, text=True, timeout=60)
     except (OSError, subprocess.SubprocessError):
-        return ()
+        return "", frozenset()
+    cpu, enabled = "", set()
     for line in r.stdout.splitlines():
         parts = line.split()
         if len(parts) < 2:
             continue
         if parts[0] == "-march=" and not cpu:
             cpu = parts[1]
-        elif parts[0][2:] in _PRELUDE_ISA and parts[1] == "[enabled]":
-            extra.append(parts[0])
-    return () if cpu in ("native", "") else (f"-march={cpu}", *extra)
+        elif parts[1] == "[enabled]":
+            enabled.add(parts[0][2:])
+    return cpu, frozenset(enabled)
+
+
+@functools.cache
+def _native_target() -> tuple[str, frozenset[str], frozenset[str]]:
+    """(the CPU the compiler picks for -march=native, the -m options native enables, those of
+    them the CPU's name does not imply), ("", {}, {}) when it cannot tell. A compiler older
+    than the CPU names a predecessor: g++ 12 calls an AVX-512 Zen 4 "znver3" and a Sapphire
+    Rapids part (AVX512-FP16) "cooperlake", so the name alone builds for fewer instructions."""
+    cpu, native = _target_options("-march=native")
+    if cpu in ("native", ""):
+        return "", frozenset(), frozenset()
+    return cpu, native, native - _target_options(f"-march={cpu}")[1]
+
+
+def _host_flags() -> tuple[str, ...]:
+    """("-march=<the CPU the compiler picks for -march=native>", the instruction sets native
+    enables beyond that name's), or () when it cannot tell: spelled out so that a cache shared
+    between machines never hands one CPU's instructions to another."""
+    cpu, _, extra = _native_target()
+    return (f"-march={cpu}", *(f"-m{isa}" for isa in sorted(extra))) if cpu else ()
+
+
+def vector_bits() -> int:
+    """Width of the widest vector registers the kernel libraries are built for: 512 where they
+    target the host and it has AVX-512, 256 with AVX, else 128. Kernels whose best blocking
+    depends on the register file ask it (ops/gemm.py: gemm_blocked's block per thread)."""
+    if not kernel_flags_native():
+        return 128
+    enabled = _native_target()[1]
+    return 512 if "avx512f" in enabled else 256 if "avx" in enabled else 128
+
+
+def kernel_flags_native() -> bool:
+    """Whether the kernel libraries are built for this host's CPU (PYMETALNN_CPU_NATIVE, on by
+    default, and a compiler that can name it)."""
+    return os.environ.get("PYMETALNN_CPU_NATIVE", "1") not in ("0", "") and bool(_host_flags())
 
 
 def fiber_report(library: Library) -> dict[str, str]:
