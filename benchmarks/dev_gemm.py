@@ -14,7 +14,9 @@ Versions (kernels side by side, same GemmParams interface):
   tiles  kernels/dev/gemm_tiles.metal  the current kernel at other tile shapes / slice depths
                                        (128x128k16, 128x64k8, 64x128k8, 64x64k8; for hacc_half
                                        also 128x256k8, 256x128k8, 128x256k16)
-  v4, v5 and tiles are swept over k_splits (--splits).
+  cpu    kernels/dev/gemm_cpu.metal   gemm_blocked (the cpu backend's kernel): v1 beside the
+                                       current one, 8 x 32 and 6 x 16 blocks (float)
+  v4, v5, tiles and cpu are swept over k_splits (--splits).
   auto   kernels/gemm.metal            the current kernel through F.gemm with the host's plan
 
 Problems (default): the 4096x4096 linear layer at batch 256 -- forward (x w^T: nt, M=256 N=4096
@@ -67,6 +69,16 @@ OPS_VERSIONS = {
               (ops.Tile("256x128k8", 256, 128, 8, 1.0, _TILES), ("hacc_half",)),
               (ops.Tile("128x256k16", 128, 256, 16, 1.0, _TILES), ("hacc_half",))],
 }
+# cpu: gemm_blocked's versions (kernels/dev/gemm_cpu.metal: v1; gemm.metal: the current v2),
+# 8 x 32 and 6 x 16 blocks each
+_CPU = "dev/gemm_cpu.metal"
+OPS_VERSIONS["cpu"] = [
+    (ops.Tile(f"{name}{v}", bm, bn, 16, 1.0, _CPU if v else ops.SOURCE, ("float",), cpu=True,
+              block=blk), ("float",))
+    for v in ("v1", "") for name, bm, bn, blk in (("cpu512x128", 512, 128, (8, 32)),
+                                                   ("cpu128x512", 128, 512, (8, 32)),
+                                                   ("cpu384x64", 384, 64, (6, 16)),
+                                                   ("cpu96x256", 96, 256, (6, 16)))]
 V4_TILES = {"128x128": (128, 128), "64x64": (64, 64)}
 
 
