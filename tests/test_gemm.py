@@ -201,6 +201,20 @@ def test_gemm_blocked_narrow_transposed(dev, monkeypatch, variant, tile) -> None
             np.testing.assert_array_equal(got[j], got[j + 2], err_msg=f"case {i}, split {j}")
 
 
+def _every_layout(dev, tile: str, variant: str, m: int, n: int, k: int, seed_a: int,
+                  seed_b: int) -> None:
+    """op(a) op(b) (m x n x k) through `tile` in every layout, split K on every other one,
+    against the float64 reference."""
+    dtype, accumulate = VARIANTS[variant]
+    for j, (ta, tb) in enumerate(LAYOUTS):
+        a = rand(stored(m, k, ta), dtype, seed_a + j)
+        b = rand(stored(k, n, tb), dtype, seed_b + j)
+        out = pm.empty((m, n), dtype, dev)
+        F.gemm(pm.tensor(a, dev), pm.tensor(b, dev), out, transpose_a=ta, transpose_b=tb,
+               accumulate=accumulate, tile=tile, k_splits=1 + j % 2)
+        check(variant, out.numpy(), ref.gemm(a, b, None, ta, tb), k, ref.abs_product(a, b, ta, tb))
+
+
 @pytest.mark.parametrize("tile", CPU_TILES)
 def test_gemm_blocked_whole_blocks(dev, tile) -> None:
     """The blocked tiles' in-place paths (whole blocks and whole BK slices: A and B read where
@@ -210,15 +224,7 @@ def test_gemm_blocked_whole_blocks(dev, tile) -> None:
     tm, tn = t.block
     m, n, k = 3 * tm * (256 * tn // t.bn) // 2 + 5, 3 * t.bn // 2 + 7, 3 * t.bk + 5
     for variant in ("float", "half"):
-        dtype, accumulate = VARIANTS[variant]
-        for j, (ta, tb) in enumerate(LAYOUTS):
-            a = rand(stored(m, k, ta), dtype, 3 + j)
-            b = rand(stored(k, n, tb), dtype, 30 + j)
-            out = pm.empty((m, n), dtype, dev)
-            F.gemm(pm.tensor(a, dev), pm.tensor(b, dev), out, transpose_a=ta, transpose_b=tb,
-                   accumulate=accumulate, tile=tile, k_splits=1 + j % 2)
-            check(variant, out.numpy(), ref.gemm(a, b, None, ta, tb), k,
-                  ref.abs_product(a, b, ta, tb))
+        _every_layout(dev, tile, variant, m, n, k, 3, 30)
     a, b = rand((3, 2 * tm, 2 * t.bk), np.float32, 8), rand((3, 2 * t.bk, 2 * tn), np.float32, 9)
     out = pm.empty((2 * tm, 2 * tn), np.float32, dev)
     F.gemm(pm.tensor(a, dev), pm.tensor(b, dev), out, tile=tile)
@@ -287,15 +293,8 @@ def test_gemm_matrix_whole_tiles(dev, tile) -> None:
         if not fits(dev, tile, variant):
             continue
         dtype, accumulate = VARIANTS[variant]
-        m, n, k = 2 * t.bm + 8, t.bn, 3 * t.bk + 8
-        for j, (ta, tb) in enumerate(LAYOUTS):
-            a = rand(stored(m, k, ta), dtype, 7 + j)
-            b = rand(stored(k, n, tb), dtype, 70 + j)
-            out = pm.empty((m, n), dtype, dev)
-            F.gemm(pm.tensor(a, dev), pm.tensor(b, dev), out, transpose_a=ta, transpose_b=tb,
-                   accumulate=accumulate, tile=tile, k_splits=1 + j % 2)
-            check(variant, out.numpy(), ref.gemm(a, b, None, ta, tb), k,
-                  ref.abs_product(a, b, ta, tb))
+        k = 3 * t.bk + 8
+        _every_layout(dev, tile, variant, 2 * t.bm + 8, t.bn, k, 7, 70)
         a, b = rand((2, t.bm, k), dtype, 5), rand((2, k, t.bn + 4), dtype, 6)
         out = pm.empty((t.bm, t.bn + 4), dtype, dev)
         F.gemm(pm.tensor(a, dev), pm.tensor(b, dev), out, accumulate=accumulate, tile=tile,
