@@ -6,7 +6,8 @@ grad_w = g^T x, grad_b = sum_rows g), for fp32 (`float`), fp16 storage with floa
 TFLOP/s, and on cuda PyTorch on the same GPU in the same run (fp32 with TF32 off; fp16 through
 cuBLAS, which uses tensor cores -- shown for reference) with the ratio peer_time / our_time.
 Targets: fp32 forward >= 0.8x PyTorch fp32; hacc_half >= 1.8x our fp32 (x_ours_fp32).
-On cpu (--quick: batch 32, 512 -> 512) the peer is numpy float32.
+On cpu (--quick: batch 32, 512 -> 512) the peer is PyTorch on the CPU in float32 (numpy without
+torch).
 `err`: max|ours - ref| / max|ref| against float64 (backward: the largest of grad_x, grad_w,
 grad_b); float32 rows are marked against the fp32 accuracy budget (docs/accuracy.md: 1e-4).
 
@@ -120,15 +121,27 @@ def _peer(dev, torch, var, what, x, w, b, g, tx, tw, tb, tg, timeit):
         name = "torch fp32 (no TF32)" if var == "float" else "torch fp16 (tensor cores)"
         return name, timeit(fn)[0]
     if dev.name == "cpu":
+        # PyTorch on the CPU in float32 (its fp16 matmuls there are no meaningful peer), numpy
+        # where torch is not installed
         x32, w32, b32, g32 = (v.astype(np.float32) for v in (x, w, b, g))
+        try:
+            import torch as ctorch
+        except ImportError:
+            ctorch = None
+        if ctorch is not None:
+            xt, wt, bt, gt = (ctorch.from_numpy(v) for v in (x32, w32, b32, g32))
+            name, mm, lin = "torch CPU fp32", ctorch.matmul, ctorch.nn.functional.linear
+        else:
+            xt, wt, bt, gt = x32, w32, b32, g32
+            name, mm, lin = "numpy fp32", np.matmul, lambda a, m, c: a @ m.T + c
         if what == "forward":
-            fn = lambda: x32 @ w32.T + b32  # noqa: E731
+            fn = lambda: lin(xt, wt, bt)  # noqa: E731
         else:
             def fn():
-                g32 @ w32
-                g32.T @ x32
-                g32.sum(0)
-        return "numpy fp32", common.time_host(fn, lambda: None, warmup=1, reps=5)[0]
+                mm(gt, wt)
+                mm(gt.T, xt)
+                gt.sum(0)
+        return name, common.time_host(fn, lambda: None, warmup=1, reps=5)[0]
     return None
 
 

@@ -6,8 +6,9 @@ indices when returned; max backward from x: grad_out + x read, grad_x written; m
 indices: grad_out + indices read, grad_x written; average backward: grad_out read, grad_x
 written), gives GB/s, the device's copy bandwidth measured in the same run (CuPy device-to-device
 copy of x's bytes; numpy on cpu) and the ratio (target >= 0.85, reported, not asserted), and the
-same op in PyTorch on the same GPU (aten's *_backward kernels for the gradients; torch's max
-backward always uses its int64 indices) or numpy on cpu, with the speedup.
+same op in PyTorch on the same device (the GPU, or the CPU for the cpu backend; aten's
+*_backward kernels for the gradients; torch's max backward always uses its int64 indices), numpy's
+forward where torch is not installed, with the speedup.
 `seconds` reuses each op's output buffers across calls; `alloc_seconds` allocates fresh
 (zero-filled) ones each call, as bench_neuron.py explains.
 
@@ -57,12 +58,15 @@ class Case:
         self.fwd_bytes, self.bwd_bytes = fwd_bytes, bwd_bytes
         self.t_fwd, self.t_bwd, self.np_fwd = t_fwd, t_bwd, np_fwd
 
-    def peers(self, cuda: bool) -> tuple[str, Callable | None, Callable | None]:
-        return ("torch", self.t_fwd, self.t_bwd) if cuda else ("numpy", self.np_fwd, None)
+    def peers(self) -> tuple[str, Callable | None, Callable | None]:
+        """torch's ops where torch runs on this device (the GPU, or the CPU for the cpu
+        backend), numpy's forward without torch."""
+        return ("torch", self.t_fwd, self.t_bwd) if self.t_fwd is not None else \
+            ("numpy", self.np_fwd, None)
 
 
 def cases(dev: pymetalnn.Device, x: pymetalnn.Tensor, x_np: np.ndarray) -> list[Case]:
-    tx = common.torch_view(dev, x) if dev.name == "cuda" else None
+    tx = common.torch_view(dev, x) if dev.name in ("cuda", "cpu") else None
     if tx is not None:
         import torch
 
@@ -141,7 +145,7 @@ def bench(dev: pymetalnn.Device, dtype: Any, shape: tuple, quick: bool) -> list[
     copy = common.copy_gbs(dev, x.nbytes)
     rows = []
     for c in cases(dev, x, x_np):
-        peer, peer_fwd, peer_bwd = c.peers(dev.name == "cuda")
+        peer, peer_fwd, peer_bwd = c.peers()
         for direction, fn, nbytes, peer_fn in (("fwd", c.fwd, c.fwd_bytes, peer_fwd),
                                                ("bwd", c.bwd, c.bwd_bytes, peer_bwd)):
             fn()  # compile, warm
