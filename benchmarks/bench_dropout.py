@@ -1,6 +1,7 @@
 """Dropout benchmarks (kernels/dropout.metal): GB/s of x read + y written (the mask is recomputed,
 never stored), the ratio to copy bandwidth measured in the same run (target >= 0.85, reported, not
-asserted) and PyTorch's time for the same op on the same GPU (numpy on cpu). Peers store a mask
+asserted) and PyTorch's time for the same op on the same device (the GPU, or the CPU for the cpu
+backend; numpy without torch). Peers store a mask
 in the forward and read it in the backward (torch's native_dropout / native_dropout_backward);
 their extra bytes are not counted in our GB/s.
 

@@ -9,7 +9,8 @@ backward, at least as fast as PyTorch's fused F.cross_entropy; >= 85% of copy ba
 
     PYTHONPATH=. python benchmarks/bench_loss.py [--backend cpu|cuda] [--quick]
 
-On cpu the peer is numpy doing the same arithmetic.
+On cpu the peer is PyTorch on the CPU (numpy doing the same arithmetic where torch is not
+installed).
 """
 from __future__ import annotations
 

@@ -13,7 +13,8 @@ Targets (reported, not asserted): batch norm forward + backward at least as fast
 
     PYTHONPATH=. python benchmarks/bench_norm.py [--backend cpu|cuda] [--quick]
 
-On cpu the peer is numpy doing the same arithmetic.
+On cpu the peer is PyTorch on the CPU (numpy doing the same arithmetic where torch is not
+installed).
 """
 from __future__ import annotations
 
