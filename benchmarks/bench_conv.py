@@ -202,6 +202,14 @@ def torch_ops(dev: Any, p: Problem) -> dict[str, Callable[[], Any]] | None:
     }
 
 
+def peer_result(peer: dict[str, Callable[[], Any]], op: str) -> np.ndarray:
+    """PyTorch's result of `op` (torch_ops) as a float32 numpy array: convolution_backward's
+    grad_input / grad_weight where it returns both slots."""
+    theirs = peer[op]()
+    theirs = theirs[0] if op == "input_grad" else theirs[1] if op == "weight_grad" else theirs
+    return theirs.float().cpu().numpy()
+
+
 def timeit(dev: Any, fn: Callable[[], Any], quick: bool, sync: Callable[[], Any] | None = None
            ) -> tuple[float, float]:
     """Median seconds per call. On cuda, events around `inner` back-to-back calls so host
@@ -240,10 +248,7 @@ def bench_shape(dev: Any, s: tuple, precs: list[str], quick: bool) -> list[dict]
                 tsec, _ = timeit(dev, peer[op], quick, peer["_sync"])
                 row["torch_ms"] = tsec * 1e3
                 row["ratio"] = tsec / sec
-                theirs = peer[op]()
-                theirs = theirs[0] if op == "input_grad" else theirs[1] if op == "weight_grad" \
-                    else theirs
-                row["peer_err"] = accuracy.rel_err(theirs.float().cpu().numpy(), ref[op])
+                row["peer_err"] = accuracy.rel_err(peer_result(peer, op), ref[op])
             row["err"] = accuracy.rel_err(p.result(op), ref[op])
             if prec == "float":
                 row["budget"] = common.budget_mark(row["err"], direct.get(op, row["err"]))

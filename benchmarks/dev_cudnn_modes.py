@@ -38,9 +38,7 @@ def one(mode: str, shape: str, op: str) -> str:
     ref = bench_conv.reference64(dev, p)
     fl = bench_conv.flops(s)
     ts, _ = bench_conv.timeit(dev, peer[op], False, peer["_sync"])
-    theirs = peer[op]()
-    theirs = theirs[0] if op == "input_grad" else theirs[1] if op == "weight_grad" else theirs
-    peer_err = accuracy.rel_err(theirs.float().cpu().numpy(), ref[op])
+    peer_err = accuracy.rel_err(bench_conv.peer_result(peer, op), ref[op])
     ours, _ = bench_conv.timeit(dev, lambda: p.run(op), False)
     err = accuracy.rel_err(p.result(op), ref[op])
     return (f"{shape} {op} mode={mode}: torch {ts * 1e3:.4f} ms ({fl / ts / 1e12:.1f} TFLOP/s), "

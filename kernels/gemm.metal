@@ -300,7 +300,7 @@ kernel void gemm_tiled(device const T* A [[buffer(0)]], device const T* B [[buff
 // scalar FMAs. Blocks: 8 x 32 where the host has 512-bit vectors (16 of its 32 registers; 8 x 32
 // measured best of 4..8 x 16..64 in a C++ model of the loop, g++ 12, AVX-512 Xeon: 15 GFLOP/s
 // per core against 3 for gemm_tiled as work-item loops), 6 x 16 elsewhere (12 of AVX2's 16
-// registers, where 8 x 32's 32 spill: 512^3 on a 2-core AVX2 EPYC 37-75 -> 144-150 GFLOP/s;
+// registers, where 8 x 32's 32 spill: 512^3, AVX2 build, 2-core EPYC: 37-75 -> 144-150 GFLOP/s;
 // versions and the sweep: kernels/dev/gemm_cpu.metal, benchmarks/dev_gemm.py --versions cpu).
 // Each output still accumulates its K terms one at a time in order, with fma, as gemm_tiled
 // does (split-K: per split). Threads whose block starts past M or N return at once. A C

@@ -406,8 +406,8 @@ def _launches(dev: Device, a: Tensor, b: Tensor, out: Tensor, m: int, n: int, k:
     # thread row of the grid the same ones again (64 x 256 x 3136 on the 2-core EPYC: 45 GFLOP/s
     # against 150-188 for the layouts read in place). One operand is transposed into the scratch
     # first, the smaller: B (K x N) for C = A B, or A (K x M) for C^T = B A^T (GEMM_TRANS_C,
-    # below), both then read in place (same box: 2.2-2.9 -> 0.97 ms there, linear 512 -> 512 at
-    # batch 32 0.56-0.64 -> 0.15 ms; that B transpose alone took 0.32-0.37 ms). The layout is the
+    # below), both then read in place (same box: 2.2-2.9 -> 0.83 ms there, linear 512 -> 512 at
+    # batch 32 0.56-0.64 -> 0.28 ms; that B transpose alone took 0.32-0.37 ms). The layout is the
     # same after the swap, so the operand to transpose is then always B. Each output still sums
     # its K terms in order with fma: the same bits. Small products keep the copies (a launch).
     nt = t.cpu and transpose_b and not transpose_a and k >= t.bk and m * n * k >= NT_TRANSPOSE_WORK
@@ -418,11 +418,12 @@ def _launches(dev: Device, a: Tensor, b: Tensor, out: Tensor, m: int, n: int, k:
         if tile is None:  # the blocked tile that suits the transposed shape (TRANS_C is theirs)
             t2, s2 = plan(dev, m, n, k, batch, reduce_batch, None, k_splits, var)
             t, splits = (t2, s2) if t2.cpu else (t, splits)
-    work_bytes = 0
-    if splits > 1:
-        work_bytes = splits * (1 if reduce_batch else batch) * m * n * (2 if var == "hacc_half" else 4)
-    bt_buf, work = scratch(dev, [b.size * b.dtype.itemsize if nt else 0, work_bytes], "gemm")
     pre: list[tuple] = []
+    if nt or splits > 1:  # the scratch only where it is used (a lookup costs ~3.5 us per call)
+        nb_work = (1 if reduce_batch else batch) if splits > 1 else 0
+        bt_buf, work = scratch(dev, [b.size * b.dtype.itemsize if nt else 0,
+                                     splits * nb_work * m * n * (2 if var == "hacc_half" else 4)],
+                               "gemm")
     if nt:
         br, bc = b.shape[-2:]
         pre.append(transpose_launch(dev, b.buffer, bt_buf, b.shape[0] if b.ndim == 3 else 1, br,

@@ -151,8 +151,14 @@ def _host_flags() -> tuple[str, ...]:
 def vector_bits() -> int:
     """Width of the widest vector registers the kernel libraries are built for: 512 where they
     target the host and it has AVX-512, 256 with AVX, else 128. Kernels whose best blocking
-    depends on the register file ask it (ops/gemm.py: gemm_blocked's block per thread)."""
-    if not kernel_flags_native():
+    depends on the register file ask it (ops/gemm.py: gemm_blocked's block per thread, on every
+    call: hence the cache per PYMETALNN_CPU_NATIVE setting)."""
+    return _vector_bits(os.environ.get("PYMETALNN_CPU_NATIVE", "1") not in ("0", ""))
+
+
+@functools.cache
+def _vector_bits(native: bool) -> int:
+    if not (native and _host_flags()):
         return 128
     enabled = _native_target()[1]
     return 512 if "avx512f" in enabled else 256 if "avx" in enabled else 128
