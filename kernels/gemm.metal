@@ -295,7 +295,7 @@ kernel void gemm_tiled(device const T* A [[buffer(0)]], device const T* B [[buff
 // by side): g++ then keeps the accumulators in registers (3x the FMA rate in a C++ model of the
 // loop; with the copies it keeps them in memory); a block past N's end reads its valid columns
 // of each row into a zero-padded row per step (ResNet-18's 2x2-plane GEMMs, N = 4: 4.8 -> 9.2
-// GFLOP/s on the 2-core test box). The column loops carry the vectorize hint: g++ peels loops of
+// GFLOP/s on the 2-core test box). Their column loops carry the vectorize hint: g++ peels loops of
 // up to 16 iterations completely before its vectorizer sees them, and at TN = 16 then emitted
 // scalar FMAs. Blocks: 8 x 32 where the host has 512-bit vectors (16 of its 32 registers; 8 x 32
 // measured best of 4..8 x 16..64 in a C++ model of the loop, g++ 12, AVX-512 Xeon: 15 GFLOP/s
